@@ -1,0 +1,5 @@
+"""`python -m emrun` is the `emrun` command."""
+
+from .cli import main
+
+main()

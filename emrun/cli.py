@@ -1,0 +1,216 @@
+"""The `emrun` command line: one small function per command, wiring only."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+
+from . import __version__
+from .errors import NotImplementedYet, UserError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="emrun",
+    help="Recipe-driven training and chunked inference for 3D EM segmentation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+data_app = typer.Typer(help="Data tools: convert volumes, make synthetic EM, preview samples.",
+                       no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: data loading, model, trainer, inference, SNEMI3D.",
+                        no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--override", "-o", metavar="KEY.PATH=VALUE",
+                 help="Override a recipe value (VALUE is YAML); repeatable."),
+]
+ANY_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def guarded(fn: F) -> F:
+    """Map failures to exit codes: the user's mistakes 2 (message only), ours 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            for line in str(exc).splitlines():
+                err.print(f"[red]error:[/] {line}", markup=True)
+            raise typer.Exit(2) from None
+        except NotImplementedYet as exc:
+            err.print(f"{exc}")
+            raise typer.Exit(1) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if os.environ.get("EMRUN_DEBUG"):
+                traceback.print_exc()
+            err.print(f"internal error: {type(exc).__name__}: {exc}\n"
+                      "This is a bug in emrun; rerun with EMRUN_DEBUG=1 for a traceback "
+                      "and report it.", markup=False)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _pending(command: str, issue: str) -> None:
+    raise NotImplementedYet(f"emrun {command} is not implemented yet (planned: {issue}).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"emrun {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """emrun: declarative experiments for 3D electron-microscopy segmentation."""
+
+
+@app.command()
+@guarded
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    override: Overrides = None,
+    print_: Annotated[
+        bool, typer.Option("--print", help="Print the fully resolved recipe.")
+    ] = False,
+    no_data: Annotated[bool, typer.Option("--no-data", help="Do not open data volumes.")] = False,
+) -> None:
+    """Check a recipe (and, unless --no-data, the volumes it names); exit 2 on problems."""
+    from .recipe import RecipeError, load_recipe
+    from .recipe.loader import shown_path
+    from .summary import print_summary
+
+    loaded = load_recipe(recipe, override or [])
+    facts = None
+    if not no_data:
+        from .data.checks import check_data
+
+        facts, problems = check_data(loaded)
+        if problems:
+            raise RecipeError(problems)
+    if print_:
+        out.print(yaml.safe_dump(loaded.recipe.resolved(), sort_keys=False), end="", markup=False)
+        return
+    print_summary(out, loaded.recipe, facts, shown_path(recipe))
+
+
+@app.command()
+@guarded
+def schema(
+    output: Annotated[
+        Path, typer.Option("--output", help="Where to write the JSON Schema.")
+    ] = Path("schemas/recipe.schema.json"),
+) -> None:
+    """Write the recipe's JSON Schema (for editor completion and checking)."""
+    from .recipe.loader import shown_path
+    from .recipe.schema import recipe_schema_text
+
+    if output.is_dir():
+        raise UserError(f"{output} is a directory; give a file path")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(recipe_schema_text(), encoding="utf-8")
+    tmp.replace(output)
+    out.print(f"wrote {shown_path(output)}")
+
+
+@app.command()
+@guarded
+def recipes() -> None:
+    """List the shipped recipes with one-line descriptions."""
+    from .shipped import RECIPES, recipe_description, shipped_recipes
+
+    found = shipped_recipes()
+    if not found:
+        raise UserError(f"no shipped recipes found in {RECIPES}")
+    width = max(len(p.name) for p in found)
+    for path in found:
+        out.print(f"{path.name:<{width}}  {recipe_description(path)}", markup=False)
+    out.print(f"\n(in {RECIPES})", markup=False)
+
+
+@app.command(context_settings=ANY_ARGS)
+@guarded
+def train(ctx: typer.Context) -> None:
+    """Train a recipe (run directory, checkpoints, TensorBoard, exact resume)."""
+    _pending("train", "the trainer issue")
+
+
+@app.command(context_settings=ANY_ARGS)
+@guarded
+def infer(ctx: typer.Context) -> None:
+    """Predict a volume blockwise into a zarr (blended, resumable)."""
+    _pending("infer", "the inference-engine issue")
+
+
+@app.command(context_settings=ANY_ARGS)
+@guarded
+def segment(ctx: typer.Context) -> None:
+    """Affinities to a neuron segmentation (mutex watershed, waterz, components)."""
+    _pending("segment", "the segmentation issue")
+
+
+@app.command(context_settings=ANY_ARGS)
+@guarded
+def evaluate(ctx: typer.Context) -> None:
+    """Score a segmentation against ground truth (adapted Rand, VOI, CREMI score)."""
+    _pending("evaluate", "the segmentation issue")
+
+
+@app.command(context_settings=ANY_ARGS)
+@guarded
+def demo(ctx: typer.Context) -> None:
+    """Train, predict, segment and evaluate on synthetic data (CPU, minutes)."""
+    _pending("demo", "the trainer issue; meanwhile run `emrun validate recipes/demo.yaml`")
+
+
+def _pending_group(group: typer.Typer, prefix: str, commands: dict[str, tuple[str, str]]) -> None:
+    for name, (help_text, issue) in commands.items():
+        def command(ctx: typer.Context, _name: str = name, _issue: str = issue) -> None:
+            _pending(f"{prefix} {_name}", _issue)
+
+        group.command(name=name, help=help_text, context_settings=ANY_ARGS)(guarded(command))
+
+
+_pending_group(data_app, "data", {
+    "convert": ("Convert TIFF/HDF5/zarr to chunked OME-Zarr.", "the data issue"),
+    "synth": ("Write a synthetic EM volume with labels.", "the data issue"),
+    "preview": ("A PNG grid of augmented training samples.", "the augmentation issue"),
+})
+_pending_group(bench_app, "bench", {
+    "data": ("Loader throughput with the full augmentation stack.", "the data issue"),
+    "model": ("Forward+backward throughput of the recipe's model.", "the model issue"),
+    "train": ("Trainer overhead against a bare PyTorch loop.", "the trainer issue"),
+    "infer": ("Inference engine throughput and efficiency.", "the inference-engine issue"),
+    "snemi3d": ("Train, infer, segment and score on real SNEMI3D data.", "the segmentation issue"),
+})
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())

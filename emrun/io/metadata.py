@@ -1,0 +1,182 @@
+"""Voxel size and offset from the metadata conventions EM data uses.
+
+Two conventions are read: OME-Zarr `multiscales` on the parent group (0.4 at the top of
+the attributes, 0.5 under "ome") and funlib/gunpowder array attributes (`voxel_size` or
+`resolution`, `offset` in nm). Results are zyx: voxel size in nm, offset in voxels.
+Absent metadata gives None; present but inconsistent metadata is a `VolumeError`, since
+a silently wrong voxel size would corrupt everything downstream.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from emrun.io.volume import VolumeError
+
+Spatial = tuple[tuple[float, ...] | None, tuple[int, ...] | None]
+
+# Factors to nanometres for the unit names OME-NGFF (UDUNITS) and ImageJ use.
+UNIT_TO_NM = {
+    "": 1.0,
+    "nanometer": 1.0,
+    "nm": 1.0,
+    "angstrom": 0.1,
+    "micrometer": 1e3,
+    "micron": 1e3,
+    "um": 1e3,
+    "µm": 1e3,
+    "\\u00b5m": 1e3,
+    "millimeter": 1e6,
+    "mm": 1e6,
+}
+
+
+def spatial_metadata(
+    name: str,
+    ndim: int,
+    array_attrs: Mapping[str, Any],
+    group_attrs: Mapping[str, Any] | None = None,
+    array_name: str | None = None,
+) -> Spatial:
+    """OME-Zarr metadata on the parent group wins; else the array's own attributes."""
+    if group_attrs is not None and array_name is not None:
+        found = from_ome(name, ndim, group_attrs, array_name)
+        if found is not None:
+            return found
+    return from_attrs(name, ndim, array_attrs)
+
+
+def from_ome(name: str, ndim: int, attrs: Mapping[str, Any], array_name: str) -> Spatial | None:
+    """Read scale/translation of `array_name` from OME-Zarr 0.4 or 0.5 multiscales."""
+    ome = attrs.get("ome")
+    multiscales = attrs.get("multiscales")
+    if multiscales is None and isinstance(ome, Mapping):
+        multiscales = ome.get("multiscales")
+    if not isinstance(multiscales, Sequence) or isinstance(multiscales, str):
+        return None
+    for ms in multiscales:
+        if not isinstance(ms, Mapping):
+            continue
+        for ds in ms.get("datasets") or ():
+            if isinstance(ds, Mapping) and str(ds.get("path", "")).strip("/") == array_name:
+                return _ome_dataset(name, ndim, ms, ds)
+    return None
+
+
+def _ome_dataset(name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, Any]) -> Spatial:
+    scale, translation = _transforms(name, ndim, ds.get("coordinateTransformations"))
+    # Multiscale-level transforms apply after the dataset's own (OME-NGFF 0.4+).
+    g_scale, g_translation = _transforms(name, ndim, ms.get("coordinateTransformations"))
+    scale = [s * g for s, g in zip(scale, g_scale, strict=True)]
+    translation = [t * g + gt for t, g, gt in zip(translation, g_scale, g_translation, strict=True)]
+    axes = ms.get("axes")
+    spatial = _spatial_axes(axes, ndim)
+    factors = [_unit_factor(name, axes[i] if axes else None) for i in spatial]
+    voxel = tuple(_clean(scale[i] * f) for i, f in zip(spatial, factors, strict=True))
+    _check_voxel_size(name, voxel, "multiscales scale")
+    offset = tuple(
+        round(translation[i] * f / v) for i, f, v in zip(spatial, factors, voxel, strict=True)
+    )
+    return voxel, offset
+
+
+def _transforms(name: str, ndim: int, transforms: Any) -> tuple[list[float], list[float]]:
+    """Combined scale and translation of an OME transform list (identity when absent)."""
+    scale, translation = [1.0] * ndim, [0.0] * ndim
+    for t in transforms or ():
+        if not isinstance(t, Mapping) or t.get("type") not in ("scale", "translation"):
+            continue
+        kind = t["type"]
+        values = t.get(kind)
+        if not isinstance(values, Sequence) or len(values) != ndim:
+            raise VolumeError(
+                f"{name}: OME-Zarr {kind} {values!r} does not have one value per axis ({ndim})"
+            )
+        values = [_number(name, v, f"OME-Zarr {kind}") for v in values]
+        if kind == "scale":
+            scale = [a * b for a, b in zip(scale, values, strict=True)]
+            translation = [a * b for a, b in zip(translation, values, strict=True)]
+        else:
+            translation = [a + b for a, b in zip(translation, values, strict=True)]
+    return scale, translation
+
+
+def _spatial_axes(axes: Any, ndim: int) -> list[int]:
+    """Indices of the spatial axes; by declared type when given, else the last three."""
+    if isinstance(axes, Sequence) and len(axes) == ndim:
+        found = []
+        for i, axis in enumerate(axes):
+            if isinstance(axis, Mapping):
+                if axis.get("type") == "space" or (
+                    axis.get("type") is None and axis.get("name") in ("z", "y", "x")
+                ):
+                    found.append(i)
+            elif axis in ("z", "y", "x"):
+                found.append(i)
+        if found:
+            return found
+    return list(range(max(0, ndim - 3), ndim))
+
+
+def _unit_factor(name: str, axis: Any) -> float:
+    unit = axis.get("unit") if isinstance(axis, Mapping) else None
+    return unit_to_nm(name, unit)
+
+
+def unit_to_nm(name: str, unit: Any) -> float:
+    """Factor from a physical unit name to nanometres (None or "" means nm)."""
+    key = str(unit or "").strip().lower()
+    if key not in UNIT_TO_NM:
+        raise VolumeError(f"{name}: unknown spatial unit {unit!r}; expected one of nm, um, mm")
+    return UNIT_TO_NM[key]
+
+
+def from_attrs(name: str, ndim: int, attrs: Mapping[str, Any]) -> Spatial:
+    """funlib convention: `voxel_size`/`resolution` and `offset`, both in nm, zyx."""
+    raw_voxel = attrs.get("voxel_size", attrs.get("resolution"))
+    raw_offset = attrs.get("offset")
+    voxel = _vector(name, raw_voxel, "voxel_size", ndim) if raw_voxel is not None else None
+    if voxel is not None:
+        _check_voxel_size(name, voxel, "voxel_size")
+    if raw_offset is None:
+        return voxel, None
+    offset_nm = _vector(name, raw_offset, "offset", ndim)
+    divisor = voxel if voxel is not None else (1.0,) * len(offset_nm)
+    if len(divisor) != len(offset_nm):
+        raise VolumeError(
+            f"{name}: offset {list(offset_nm)} and voxel_size {list(divisor)} differ in length"
+        )
+    return voxel, tuple(round(o / v) for o, v in zip(offset_nm, divisor, strict=True))
+
+
+def _vector(name: str, value: Any, key: str, ndim: int) -> tuple[float, ...]:
+    values = value.tolist() if hasattr(value, "tolist") else value
+    if isinstance(values, (int, float)) or not isinstance(values, Sequence):
+        raise VolumeError(f"{name}: attribute {key} must be a list of numbers, got {value!r}")
+    out = tuple(_clean(_number(name, v, key)) for v in values)
+    if not 0 < len(out) <= ndim:
+        raise VolumeError(f"{name}: attribute {key} has {len(out)} values for a {ndim}-d array")
+    return out
+
+
+def _number(name: str, value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise VolumeError(f"{name}: {key} contains a non-number {value!r}") from None
+    if not math.isfinite(value):
+        raise VolumeError(f"{name}: {key} contains a non-finite value {value!r}")
+    return float(value)
+
+
+def _check_voxel_size(name: str, voxel: Sequence[float], key: str) -> None:
+    if any(v <= 0 for v in voxel):
+        raise VolumeError(f"{name}: {key} {list(voxel)} must be positive")
+
+
+def _clean(value: float) -> float:
+    """Round away float noise (e.g. 4.000000001 nm from rational TIFF tags or unit maths)."""
+    return float(round(value, 6))

@@ -1,0 +1,212 @@
+"""One read-only, lazy interface over the volume formats EM data comes in.
+
+`open_volume` inspects a path (cheaply: metadata only, no pixel data) and returns a
+`Volume` that knows its shape, dtype and physical metadata and reads regions on demand.
+Volumes hold paths, not open handles, so they pickle into data-loader worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from emrun.errors import UserError
+
+Roi = tuple[slice, ...]
+
+CONTAINER_SUFFIXES = (".zarr", ".h5", ".hdf5", ".hdf")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+TIFF_SUFFIXES = (".tif", ".tiff")
+ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+MAX_LISTED = 12  # names shown when listing what a container does hold
+SUPPORTED = ".zarr, .h5/.hdf5/.hdf, .tif/.tiff (a file or a folder of sections), .npy"
+
+
+class VolumeError(UserError):
+    """A user-facing problem with a volume (missing, unreadable, unsupported, inconsistent).
+
+    The message names the volume and what is wrong, in one line; as a UserError the CLI
+    prints it as is and exits with code 2.
+    """
+
+
+def one_line(exc: BaseException) -> str:
+    """Condense a library exception to one line, with its type, for a VolumeError message."""
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+@dataclass(frozen=True, kw_only=True)
+class Volume(ABC):
+    """A read-only n-d array on disk; axes z, y, x (channel first when present).
+
+    Subclasses implement `_read` for one format; `read` normalises the ROI and turns
+    library errors into `VolumeError`.
+    """
+
+    path: str
+    dataset: str | None
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    voxel_size: tuple[float, ...] | None = None
+    offset: tuple[int, ...] | None = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __str__(self) -> str:
+        return f"{self.path}/{self.dataset}" if self.dataset else self.path
+
+    def read(self, roi: Roi | None = None) -> np.ndarray:
+        """Read a region (numpy slicing semantics, step 1) into a new array.
+
+        Missing trailing slices mean "whole axis"; bounds are clipped like numpy does.
+        Only the data needed for the region is read from disk.
+        """
+        slices = self.normalise_roi(roi)
+        try:
+            data = self._read(slices)
+        except VolumeError:
+            raise
+        except Exception as exc:
+            raise VolumeError(
+                f"{self}: reading {format_roi(slices)} failed: {one_line(exc)}"
+            ) from exc
+        return np.asarray(data)
+
+    def normalise_roi(self, roi: Roi | None) -> Roi:
+        """Return one step-1 slice per axis with explicit, in-bounds start and stop."""
+        if roi is None:
+            roi = ()
+        elif isinstance(roi, slice):
+            roi = (roi,)
+        if len(roi) > self.ndim:
+            raise IndexError(f"{self}: ROI has {len(roi)} axes, volume has {self.ndim}")
+        out = []
+        for axis, size in enumerate(self.shape):
+            s = roi[axis] if axis < len(roi) else slice(None)
+            if not isinstance(s, slice):
+                raise TypeError(f"{self}: ROI must be a tuple of slices, got {s!r}")
+            start, stop, step = s.indices(size)
+            if step != 1:
+                raise ValueError(f"{self}: ROI slices must have step 1, got {s!r}")
+            out.append(slice(start, max(start, stop)))
+        return tuple(out)
+
+    @abstractmethod
+    def _read(self, roi: Roi) -> np.ndarray:
+        """Read a normalised ROI; may raise any library exception."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Drop cached handles (names starting with "_"); they are re-opened on demand.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def format_names(names: list[str]) -> str:
+    """Sorted, comma-separated names for an error message, capped at MAX_LISTED."""
+    if not names:
+        return "(none)"
+    names = sorted(names)
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown + (", ..." if len(names) > MAX_LISTED else "")
+
+
+def format_roi(roi: Roi) -> str:
+    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in roi) + "]"
+
+
+def split_volume_path(spec: str | os.PathLike[str]) -> tuple[str, str | None]:
+    """Split "a/vol.zarr/image" into ("a/vol.zarr", "image").
+
+    The container ends at the first path component whose name ends in .zarr, .h5, .hdf5 or
+    .hdf; anything after it is the array path inside. Other paths come back whole.
+    """
+    text = os.fspath(spec)
+    if os.sep != "/":
+        text = text.replace(os.sep, "/")
+    parts = text.split("/")
+    for i, part in enumerate(parts):
+        if part.lower().endswith(CONTAINER_SUFFIXES):
+            inner = "/".join(p for p in parts[i + 1 :] if p)
+            return "/".join(parts[: i + 1]), inner or None
+    return (text.rstrip("/") or text), None
+
+
+def open_volume(path: str | os.PathLike[str], dataset: str | None = None) -> Volume:
+    """Open a volume for lazy reading; reads metadata only.
+
+    `path` may carry the dataset ("vol.zarr/image"); an explicit `dataset` is appended to
+    whatever the path carries. Every problem comes out as a one-line `VolumeError`.
+    """
+    container, inner = split_volume_path(path)
+    if dataset is not None and dataset.strip("/"):
+        dataset = dataset.strip("/")
+        dataset = f"{inner}/{dataset}" if inner else dataset
+    else:
+        dataset = inner
+    name = f"{container}/{dataset}" if dataset else container
+
+    if not os.path.exists(container):
+        raise VolumeError(f"{container}: no such file or directory")
+    opener, kind = _choose_opener(container)
+    try:
+        return opener(container, dataset)
+    except VolumeError:
+        raise
+    except Exception as exc:
+        raise VolumeError(f"{name}: cannot open as {kind}: {one_line(exc)}") from exc
+
+
+def _choose_opener(container: str) -> tuple[Any, str]:
+    """Pick a format from the path; backends are imported lazily to keep startup fast."""
+    lower = container.lower().rstrip("/")
+    if os.path.isdir(container):
+        if lower.endswith(".zarr") or any(
+            os.path.exists(os.path.join(container, m)) for m in ZARR_MARKERS
+        ):
+            from emrun.io.zarr_volume import open_zarr
+
+            return open_zarr, "zarr"
+        from emrun.io.tiff_volume import has_tiffs, open_tiff_stack
+
+        if has_tiffs(container):
+            return _no_dataset(open_tiff_stack), "a folder of TIFF sections"
+        raise VolumeError(
+            f"{container}: folder is neither a zarr store (no zarr.json, .zarray or .zgroup) "
+            "nor a folder of .tif/.tiff sections"
+        )
+    if lower.endswith(HDF5_SUFFIXES):
+        from emrun.io.hdf5_volume import open_hdf5
+
+        return open_hdf5, "HDF5"
+    if lower.endswith(TIFF_SUFFIXES):
+        from emrun.io.tiff_volume import open_tiff
+
+        return _no_dataset(open_tiff), "TIFF"
+    if lower.endswith(".npy"):
+        from emrun.io.npy_volume import open_npy
+
+        return _no_dataset(open_npy), "numpy .npy"
+    if lower.endswith(".zarr"):
+        raise VolumeError(f"{container}: is a file, but a zarr store must be a folder")
+    suffix = os.path.splitext(lower)[1] or "(no extension)"
+    raise VolumeError(f"{container}: unsupported format {suffix}; supported: {SUPPORTED}")
+
+
+def _no_dataset(opener: Any) -> Any:
+    """Wrap a single-array format's opener so a stray inner path is a clear error."""
+
+    def open_single(container: str, dataset: str | None) -> Volume:
+        if dataset:
+            raise VolumeError(
+                f"{container}: holds a single array, there is no dataset {dataset!r} inside it"
+            )
+        return opener(container)
+
+    return open_single

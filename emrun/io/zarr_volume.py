@@ -1,0 +1,104 @@
+"""Zarr v2 and v3 directory stores, through the zarr 3 API (3.1 and later)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import zarr
+
+from emrun.io.metadata import spatial_metadata
+from emrun.io.volume import MAX_LISTED, Roi, Volume, VolumeError, format_names
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZarrVolume(Volume):
+    """An array in a zarr store; the zarr handle is opened once per process, on first read."""
+
+    @cached_property
+    def _array(self) -> Any:
+        node = zarr.open(self.path, mode="r")
+        return node[self.dataset] if self.dataset else node
+
+    def _read(self, roi: Roi) -> np.ndarray:
+        return np.asarray(self._array[roi])
+
+
+def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
+    """Open a group + array path or a bare array, with clear errors for wrong paths."""
+    try:
+        node = zarr.open(path, mode="r")
+    except FileNotFoundError:  # zarr's "no group/array found" errors subclass it
+        raise VolumeError(
+            f"{path}: not a zarr store (no zarr.json, .zarray or .zgroup metadata)"
+        ) from None
+
+    if not isinstance(node, zarr.Group):
+        if dataset:
+            raise VolumeError(f"{path}: is a single zarr array, it has no array {dataset!r}")
+        return _volume(path, None, node, None, None)
+
+    if not dataset:
+        raise VolumeError(
+            f"{path}: is a zarr group; name an array inside it ({path}/NAME); "
+            f"arrays: {list_arrays(node)}"
+        )
+    try:
+        array = node[dataset]
+    except KeyError:
+        raise VolumeError(f"{path} has no array {dataset!r}; arrays: {list_arrays(node)}") from None
+    if isinstance(array, zarr.Group):
+        raise VolumeError(
+            f"{path}/{dataset} is a zarr group, not an array; arrays in it: "
+            f"{list_arrays(array, prefix=dataset + '/')}"
+        )
+    parent_path, _, array_name = dataset.rpartition("/")
+    parent = node[parent_path] if parent_path else node
+    return _volume(path, dataset, array, dict(parent.attrs), array_name)
+
+
+def _volume(
+    path: str,
+    dataset: str | None,
+    array: Any,
+    group_attrs: dict[str, Any] | None,
+    array_name: str | None,
+) -> ZarrVolume:
+    name = f"{path}/{dataset}" if dataset else path
+    shape = tuple(int(n) for n in array.shape)
+    voxel_size, offset = spatial_metadata(
+        name, len(shape), dict(array.attrs), group_attrs, array_name
+    )
+    return ZarrVolume(
+        path=path,
+        dataset=dataset,
+        shape=shape,
+        dtype=numpy_dtype(array.dtype),
+        voxel_size=voxel_size,
+        offset=offset,
+    )
+
+
+def list_arrays(group: Any, prefix: str = "") -> str:
+    """Comma-separated array paths under `group` (recursive, sorted, capped for messages)."""
+    names: list[str] = []
+    _collect(group, "", names)
+    return format_names([prefix + n for n in names])
+
+
+def _collect(group: Any, prefix: str, out: list[str]) -> None:
+    # arrays()/groups() exist throughout zarr 3.x; walked by hand to stay version-neutral.
+    out.extend(prefix + name for name, _ in group.arrays())
+    for name, child in group.groups():
+        if len(out) > 10 * MAX_LISTED:  # enough to show; don't walk a huge store
+            return
+        _collect(child, f"{prefix}{name}/", out)
+
+
+def numpy_dtype(dtype: Any) -> np.dtype:
+    """zarr 3.1 returns numpy dtypes; accept its ZDType wrapper too, should that appear."""
+    if not isinstance(dtype, np.dtype) and hasattr(dtype, "to_native_dtype"):
+        dtype = dtype.to_native_dtype()
+    return np.dtype(dtype)

@@ -1,0 +1,99 @@
+"""Checks across sections that no single field can make, each naming the key it is about."""
+
+from __future__ import annotations
+
+from .recipe import Recipe
+from .tasks import AffinityTarget, BinaryTarget, SynapseTarget
+
+Path = tuple[str | int, ...]
+AXES = "zyx"
+
+
+def _divisibility(patch: tuple[int, int, int], divisor: tuple[int, int, int], model: str,
+                  levels: int) -> str | None:
+    bad = [a for a in range(3) if patch[a] % divisor[a]]
+    if not bad:
+        return None
+    axes = [AXES[a] for a in range(3) if divisor[a] > 1]
+    names = " and ".join(axes) if len(axes) <= 2 else "z, y and x"
+    divs = sorted({divisor[a] for a in range(3) if divisor[a] > 1})
+    by = " / ".join(str(d) for d in divs)
+    return (
+        f"{names} must be divisible by {by} for {model} with {levels} levels "
+        f"(got {list(patch)})"
+    )
+
+
+def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
+    """Every cross-section problem as (key path, message); empty when the recipe is coherent."""
+    problems: list[tuple[Path, str]] = []
+    model = recipe.model
+    divisor = model.divisor()
+    levels = len(model.widths)
+    patch = recipe.train.patch
+
+    for path, p in ((("train", "patch"), patch), (("infer", "patch"), recipe.infer.patch)):
+        if p is not None:
+            msg = _divisibility(p, divisor, model.type, levels)
+            if msg:
+                problems.append((path, msg))
+
+    if not any(task.weight > 0 for task in recipe.tasks.values()):
+        problems.append((("tasks",), "at least one task needs a weight above 0"))
+
+    for name, task in recipe.tasks.items():
+        target = task.target
+        if isinstance(target, AffinityTarget):
+            extent = target.extent()
+            patches = ((("train", "patch"), patch), (("infer", "patch"), recipe.infer_patch()))
+            for ppath, p in patches:
+                too_big = [AXES[a] for a in range(3) if extent[a] >= p[a]]
+                if too_big:
+                    problems.append((
+                        ("tasks", name, "target", "offsets"),
+                        f"offsets reach {list(extent)} voxels, not smaller than "
+                        f"{'.'.join(ppath)} {list(p)} in {', '.join(too_big)}",
+                    ))
+                    break
+        if isinstance(target, BinaryTarget | SynapseTarget):
+            for group in ("sources", "validation"):
+                for sname, source in getattr(recipe.data, group).items():
+                    if target.volume not in source.semantic_names():
+                        have = ", ".join(sorted(source.semantic_names())) or "none"
+                        problems.append((
+                            ("tasks", name, "target", "volume"),
+                            f"data.{group}.{sname} has no semantic volume {target.volume!r} "
+                            f"(it has: {have})",
+                        ))
+
+    for i, aug in enumerate(recipe.augment):
+        for msg in aug.patch_problems(patch):
+            problems.append((("augment", i), f"{msg} (train.patch {list(patch)})"))
+
+    ipatch = recipe.infer_patch()
+    stride = recipe.infer.resolved_stride(ipatch)
+    if any(s > p for s, p in zip(stride, ipatch, strict=True)):
+        problems.append((("infer", "stride"), f"stride {list(stride)} exceeds the patch "
+                         f"{list(ipatch)}: voxels between patches would never be predicted"))
+    for tname in recipe.infer.tta_reduce:
+        if tname not in recipe.tasks:
+            problems.append((("infer", "tta_reduce", tname),
+                             f"no task named {tname!r} (tasks: {', '.join(recipe.tasks)})"))
+    chunks, block = recipe.infer.chunks, recipe.infer.block
+    if chunks and block and any(b % c for b, c in zip(block, chunks, strict=True)):
+        problems.append((("infer", "block"), f"block {list(block)} is not a whole number of "
+                         f"chunks {list(chunks)}"))
+
+    for sname, source in recipe.data.sources.items():  # validation crops may be smaller
+        size = source.roi.shape if source.roi is not None else getattr(source, "shape", None)
+        key = "roi" if source.roi is not None else "shape"
+        if size is not None and any(s < p for s, p in zip(size, patch, strict=True)):
+            problems.append((("data", "sources", sname, key),
+                             f"{key} {list(size)} is smaller than train.patch {list(patch)}"))
+        shape = getattr(source, "shape", None)
+        if shape is not None and source.roi is not None:
+            end = [o + s for o, s in zip(source.roi.offset, source.roi.shape, strict=True)]
+            if any(e > s for e, s in zip(end, shape, strict=True)):
+                problems.append((("data", "sources", sname, "roi"),
+                                 f"roi ends at {end}, outside the synthetic shape {list(shape)}"))
+    return problems

@@ -1,0 +1,104 @@
+"""The `data` section: named training and validation sources and how to read them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..registry import Spec, sources
+from .types import IndexZyx, Name, Nanometres, Positive, Seed, Zyx
+
+VolumePath = str
+"""A volume inside a container, as on the command line: ``vol.zarr/image``, ``raw.h5/volumes/raw``,
+``stack.tif``, a folder of TIFF sections, or ``x.npy``. Relative paths are relative to the
+working directory."""
+
+SYNTHETIC_SEMANTIC = ("mito",)
+"""Semantic volumes a synthetic source generates alongside image and labels."""
+
+
+class Roi(Spec):
+    """A box in voxels: where inside the volume a source may be sampled."""
+
+    offset: IndexZyx = Field((0, 0, 0), description="First voxel of the box, z, y, x.")
+    shape: Zyx = Field(description="Size of the box in voxels, z, y, x (each > 0).")
+
+
+class Intensity(Spec):
+    """Global intensity normalisation: raw values in [low, high] map linearly to [0, 1]."""
+
+    low: float = Field(0.0, allow_inf_nan=False, description="Raw value that maps to 0.")
+    high: float = Field(255.0, allow_inf_nan=False, description="Raw value that maps to 1.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Intensity:
+        if self.high <= self.low:
+            raise ValueError(f"high ({self.high}) must be greater than low ({self.low})")
+        return self
+
+
+class SourceBase(Spec):
+    """What every source has: a mixture weight, an optional ROI and a voxel size."""
+
+    weight: Positive | None = Field(
+        None,
+        description="Relative sampling weight in the mixture; default: proportional to the "
+        "number of labelled voxels.",
+    )
+    roi: Roi | None = Field(None, description="Restrict sampling to this box (voxels).")
+    voxel_size: Nanometres | None = Field(
+        None, description="Voxel size in nm, z, y, x; default: from the volume's metadata."
+    )
+
+
+@sources.register("volume")
+class VolumeSource(SourceBase):
+    """Image and labels (plus optional mask and semantic volumes) read from files."""
+
+    type: Literal["volume"] = "volume"
+    image: VolumePath = Field(description="The EM image, e.g. `data/snemi3d.zarr/image`.")
+    labels: VolumePath | None = Field(
+        None, description="Dense neuron ids (0 = unlabelled/boundary), same shape as the image."
+    )
+    mask: VolumePath | None = Field(
+        None, description="Non-zero where samples may be centred and losses counted."
+    )
+    semantic: dict[Name, VolumePath] = Field(
+        default_factory=dict,
+        description="Named semantic volumes (e.g. mito, synapse) for binary and synapse tasks.",
+    )
+    intensity: Intensity | None = Field(
+        None,
+        description="Map raw values to [0, 1]; default: by dtype (uint8 / 255, uint16 / 65535; "
+        "float images must already be in [0, 1]).",
+    )
+
+    def semantic_names(self) -> set[str]:
+        return set(self.semantic)
+
+
+@sources.register("synthetic")
+class SyntheticSource(SourceBase):
+    """A synthetic EM-like volume with dense labels, generated from a seed: no files needed."""
+
+    type: Literal["synthetic"] = "synthetic"
+    shape: Zyx = Field((64, 256, 256), description="Volume size in voxels, z, y, x.")
+    seed: Seed = Field(0, description="Generator seed; the same seed gives the same volume.")
+
+    def semantic_names(self) -> set[str]:
+        return set(SYNTHETIC_SEMANTIC)
+
+
+Source = sources.spec_union(default="volume")
+
+
+class Data(Spec):
+    """Training sources (a weighted mixture) and validation sources, each by name."""
+
+    sources: dict[Name, Source] = Field(  # type: ignore[valid-type]
+        min_length=1, description="Training sources by name; at least one."
+    )
+    validation: dict[Name, Source] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Validation sources by name (may be empty)."
+    )

@@ -1,0 +1,51 @@
+"""Recipe problems that point at their source: ``file:line:col: key.path: message``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+KeyPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Mark:
+    """Where a value came from: a file position, or a command-line override."""
+
+    file: str
+    line: int = 0  # 1-based; 0 when unknown
+    col: int = 0
+
+    def __str__(self) -> str:
+        if self.line == 0:
+            return self.file
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a recipe."""
+
+    message: str
+    mark: Mark | None = None
+    path: KeyPath = ()
+
+    def __str__(self) -> str:
+        parts = [str(self.mark)] if self.mark else []
+        if self.path:
+            parts.append(dotted(self.path))
+        parts.append(self.message)
+        return ": ".join(parts)
+
+
+class RecipeError(UserError):
+    """A recipe the user must fix; carries every problem found, each located."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+def dotted(path: KeyPath) -> str:
+    return ".".join(str(p) for p in path)

@@ -1,0 +1,177 @@
+"""From a recipe file (plus `extends:` bases and `-o` overrides) to a validated Recipe.
+
+Every problem is reported with the file, line and column it came from; all problems that
+validation finds are reported together, not only the first.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .checks import cross_checks
+from .errors import KeyPath, Mark, Problem, RecipeError, dotted
+from .pydantic_errors import problem_from_error
+from .recipe import Recipe
+from .yamlsource import Located, parse, read_text
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A validated recipe and where it came from (for messages and provenance)."""
+
+    recipe: Recipe
+    source: Located
+    path: Path
+    files: tuple[Path, ...]  # the recipe file and every file it extends
+
+    def mark(self, path: KeyPath) -> Mark | None:
+        return self.source.mark(path)
+
+
+def shown_path(path: Path) -> str:
+    """A path as the user would write it: relative to the working directory when inside it."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> LoadedRecipe:
+    """Load, resolve and validate a recipe file; raises RecipeError listing every problem."""
+    file = Path(path)
+    files: list[Path] = []
+    located = _resolve(file, (), files, None)
+    if not isinstance(located.data, dict):
+        kind = type(located.data).__name__
+        raise RecipeError([Problem(f"a recipe must be a mapping of sections (name, data, model, "
+                                   f"tasks, train), not a {kind}", located.mark(()))])
+    for expr in overrides:
+        _apply_override(located, expr)
+    recipe = validate(located)
+    return LoadedRecipe(recipe, located, file, tuple(files))
+
+
+def validate(located: Located) -> Recipe:
+    """Validate located data; raises RecipeError with every problem, located."""
+    try:
+        recipe = Recipe.model_validate(located.data)
+    except ValidationError as exc:
+        problems = [problem_from_error(err, located) for err in exc.errors()]
+        raise RecipeError(_unique(problems)) from None
+    problems = [Problem(msg, located.mark(p), p) for p, msg in cross_checks(recipe)]
+    if problems:
+        raise RecipeError(_unique(problems))
+    return recipe
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    return list(dict.fromkeys(problems))
+
+
+def _resolve(file: Path, chain: tuple[Path, ...], files: list[Path],
+             referrer: Mark | None) -> Located:
+    """Parse ``file`` and deep-merge it onto the files it `extends`."""
+    real = file.resolve()
+    shown = shown_path(file)
+    if real in chain:
+        cycle = " -> ".join(shown_path(p) for p in (*chain, real))
+        raise RecipeError([Problem(f"`extends` cycle: {cycle}", referrer)])
+    if referrer is not None and not file.exists():
+        raise RecipeError([Problem(f"extends: no such file {shown!r}", referrer, ("extends",))])
+    files.append(real)
+    located = parse(read_text(file, shown), shown)
+    data = located.data
+    if not isinstance(data, dict) or "extends" not in data:
+        return located
+    bases = data.pop("extends")
+    mark = located.values.get(("extends",))
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
+        raise RecipeError([Problem("extends must be a file name or a list of file names",
+                                   mark, ("extends",))])
+    merged = Located({})
+    for base in bases:
+        base_file = file.parent / base
+        base_located = _resolve(base_file, (*chain, real), files, mark)
+        if not isinstance(base_located.data, dict):
+            raise RecipeError([Problem(f"extends: {base!r} is not a mapping", mark, ("extends",))])
+        merged = _merge(merged, base_located)
+    located.values.pop(("extends",), None)
+    located.keys.pop(("extends",), None)
+    return _merge(merged, located)
+
+
+def _merge(base: Located, child: Located) -> Located:
+    """Deep-merge ``child`` onto ``base``: mappings merge, everything else replaces."""
+    data = _merge_data(copy.deepcopy(base.data), child.data)
+    values = {p: m for p, m in base.values.items() if _exists(data, p)} | child.values
+    keys = {p: m for p, m in base.keys.items() if _exists(data, p)} | child.keys
+    return Located(data, values, keys)
+
+
+def _merge_data(base: Any, child: Any) -> Any:
+    if isinstance(base, dict) and isinstance(child, dict):
+        for key, value in child.items():
+            base[key] = _merge_data(base[key], value) if key in base else copy.deepcopy(value)
+        return base
+    return copy.deepcopy(child)
+
+
+def _exists(data: Any, path: KeyPath) -> bool:
+    for key in path:
+        if (isinstance(data, dict) and key in data) or (isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data)):
+            data = data[key]
+        else:
+            return False
+    return True
+
+
+def _apply_override(located: Located, expr: str) -> None:
+    """Apply one ``key.path=value`` override (value parsed as YAML) in place."""
+    where = Mark(f"override -o {expr}")
+    key, sep, text = expr.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError([Problem("an override is written key.path=value", where)])
+    parts = [p.strip() for p in key.split(".")]
+    if any(not p for p in parts) or parts[0] == "extends":
+        raise RecipeError([Problem(f"{key!r} is not a key path one can override", where)])
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError([Problem(f"the value is not valid YAML: {exc}", where)]) from None
+    node: Any = located.data
+    path: list[str | int] = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise RecipeError([Problem(f"{dotted(tuple(path))} is a list of {len(node)}; "
+                                           f"{part!r} is not an index in it", where)])
+            step: str | int = int(part) % len(node)
+        elif isinstance(node, dict):
+            step = part
+            if not last and not isinstance(node.get(step), dict | list):
+                node[step] = {}
+        else:
+            raise RecipeError([Problem(f"cannot set {key}: {dotted(tuple(path))} is not a "
+                                       "mapping", where)])
+        path.append(step)
+        if last:
+            node[step] = value
+        else:
+            node = node[step]
+    prefix = tuple(path)
+    for table in (located.values, located.keys):
+        for p in [p for p in table if p[: len(prefix)] == prefix]:
+            del table[p]
+        table[prefix] = where

@@ -1,0 +1,154 @@
+"""The `model` section: network architecture specs and the facts that follow from them.
+
+The parameter count is computed from the spec alone (no torch), so ``emrun validate`` can
+report it instantly; the model implementation is tested to match this formula.
+
+RSUNet layout (``L = len(widths)`` levels, ``w_i`` the width of level ``i``):
+
+- input conv ``in_channels -> w_0``, kernel ``input_kernel`` (1x5x5), with bias;
+- every conv after that is *pre-activated*: norm(c_in) -> activation -> conv with bias;
+- a level block ``c -> w``: conv ``c -> w``; a residual unit (two convs ``w -> w`` added to
+  their input); one more conv ``w -> w``. Kernel ``kernel`` (3x3x3), or 1x3x3 on
+  ``anisotropic_levels``;
+- encoder: level 0 is a block ``w_0 -> w_0``; level ``i > 0`` max-pools by ``downsample[i-1]``
+  and is a block ``w_{i-1} -> w_i``;
+- decoder, for ``i = L-2 .. 0``: upsample by ``downsample[i]`` (interpolation, no parameters,
+  or a transposed conv ``w_{i+1} -> w_{i+1}`` with kernel = stride = the factor), a 1x1x1 conv
+  ``w_{i+1} -> w_i``, sum with the level-``i`` skip, then a block ``w_i -> w_i``;
+- a final norm(w_0) and activation, then one 1x1x1 conv head ``w_0 -> channels`` per task.
+
+Norms are affine (2 parameters per channel; ``none`` has 0). So, with ``k`` the kernel volume
+of a level and ``n(c) = 2c`` (or 0 without norm)::
+
+    conv(a, b, k)  = a*b*k + b
+    block(a, w, k) = n(a) + conv(a, w, k) + 3 * (n(w) + conv(w, w, k))
+    params = conv(in, w_0, k_in) + sum_i block(in_i, w_i, k_i)            # encoder
+           + sum_{i<L-1} [up_i + conv(w_{i+1}, w_i, 1) + block(w_i, w_i, k_i)]  # decoder
+           + n(w_0) + sum_tasks conv(w_0, channels_t, 1)
+
+with ``up_i = conv(w_{i+1}, w_{i+1}, prod(downsample[i]))`` for transposed convs, 0 otherwise.
+``updown`` adds no parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..registry import Spec, models
+from .types import Size, Zyx
+
+Norm = Literal["batch", "group", "instance", "none"]
+Activation = Literal["relu", "elu", "leaky_relu", "gelu"]
+Factor = tuple[
+    Literal[1, 2, 3, 4], Literal[1, 2, 3, 4], Literal[1, 2, 3, 4]
+]  # pooling factors per axis, z, y, x
+
+
+class RSUNetBase(Spec):
+    """Residual symmetric U-Net parameters (DeepEM / Lee et al. 2017)."""
+
+    widths: list[Size] = Field(
+        [16, 32, 64, 128],
+        min_length=1,
+        max_length=8,
+        description="Channels per level, top to bottom (Lee 2017: [24, 32, 48, 72, 104]).",
+    )
+    downsample: list[Factor] | None = Field(
+        None,
+        description="Pooling factor between consecutive levels, z, y, x; one per level below "
+        "the top. Default (1, 2, 2) everywhere (anisotropic ssEM); use (2, 2, 2) for "
+        "isotropic data.",
+    )
+    kernel: Zyx = Field((3, 3, 3), description="Convolution kernel, z, y, x.")
+    anisotropic_levels: list[int] = Field(
+        [], description="Levels (0 = top) that use 1x3x3 kernels instead of `kernel`."
+    )
+    input_kernel: Zyx = Field((1, 5, 5), description="Kernel of the input convolution.")
+    in_channels: Size = Field(1, le=64, description="Input image channels.")
+    norm: Norm = Field("batch", description="Normalisation before each convolution.")
+    groups: Size = Field(8, le=1024, description="Groups for `norm: group`.")
+    activation: Activation = Field("elu", description="Activation after each normalisation.")
+    upsample: Literal["interp", "transpose"] = Field(
+        "interp", description="Upsampling: (tri/bi)linear interpolation or transposed conv."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RSUNetBase:
+        levels = len(self.widths)
+        if self.downsample is not None and len(self.downsample) != levels - 1:
+            raise ValueError(
+                f"downsample needs one factor per level below the top: {levels - 1} for "
+                f"{levels} widths (got {len(self.downsample)})"
+            )
+        bad = [lv for lv in self.anisotropic_levels if not 0 <= lv < levels]
+        if bad:
+            raise ValueError(f"anisotropic_levels {bad} outside 0..{levels - 1}")
+        if self.norm == "group":
+            odd = [w for w in self.widths if w % self.groups]
+            if odd:
+                raise ValueError(f"widths {odd} are not divisible by groups={self.groups}")
+        return self
+
+    def factors(self) -> list[tuple[int, int, int]]:
+        """Pooling factor between each pair of consecutive levels."""
+        if self.downsample is not None:
+            return [tuple(f) for f in self.downsample]  # type: ignore[misc]
+        return [(1, 2, 2)] * (len(self.widths) - 1)
+
+    def divisor(self) -> tuple[int, int, int]:
+        """Each input size must be a multiple of this, per axis, for the model to accept it."""
+        total = [1, 1, 1]
+        for f in self.factors():
+            total = [t * a for t, a in zip(total, f, strict=True)]
+        return (total[0], total[1], total[2])
+
+    def level_kernel(self, level: int) -> tuple[int, int, int]:
+        return (1, 3, 3) if level in self.anisotropic_levels else self.kernel
+
+    def parameter_count(self, head_channels: list[int]) -> int:
+        """Exact number of trainable parameters (see the module docstring for the formula)."""
+        norm = 0 if self.norm == "none" else 2
+
+        def conv(a: int, b: int, k: int) -> int:
+            return a * b * k + b
+
+        def block(a: int, w: int, k: int) -> int:
+            return norm * a + conv(a, w, k) + 3 * (norm * w + conv(w, w, k))
+
+        w = self.widths
+        kvol = [math.prod(self.level_kernel(i)) for i in range(len(w))]
+        total = conv(self.in_channels, w[0], math.prod(self.input_kernel))
+        for i in range(len(w)):
+            total += block(w[max(i - 1, 0)], w[i], kvol[i])
+        for i, factor in enumerate(self.factors()):
+            if self.upsample == "transpose":
+                total += conv(w[i + 1], w[i + 1], math.prod(factor))
+            total += conv(w[i + 1], w[i], 1) + block(w[i], w[i], kvol[i])
+        total += norm * w[0] + sum(conv(w[0], c, 1) for c in head_channels)
+        return total
+
+
+@models.register("rsunet")
+class RSUNet(RSUNetBase):
+    """Residual symmetric U-Net."""
+
+    type: Literal["rsunet"] = "rsunet"
+
+
+@models.register("updown")
+class UpDown(RSUNetBase):
+    """An RSUNet behind average pooling, with heads upsampled back to the input resolution:
+    runs a network trained at half resolution on full-resolution data."""
+
+    type: Literal["updown"] = "updown"
+    factor: Factor = Field((1, 2, 2), description="Pooling in front of the RSUNet, z, y, x.")
+
+    def divisor(self) -> tuple[int, int, int]:
+        inner = super().divisor()
+        return (inner[0] * self.factor[0], inner[1] * self.factor[1], inner[2] * self.factor[2])
+
+
+ModelSpec = models.spec_union()

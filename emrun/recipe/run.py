@@ -1,0 +1,192 @@
+"""The `train`, `infer` and `segment` sections: how to train, predict and segment."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..registry import Spec, blends, segmenters
+from .types import Count, NonNegative, Positive, PositiveCount, Size, Zyx
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class Adam(Spec):
+    """Adam (AdamW with `weight_decay` decoupled)."""
+
+    type: Literal["adam", "adamw"] = "adam"
+    lr: Positive = Field(1e-3, le=10, description="Base learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas, each in [0, 1).")
+    eps: Positive = Field(1e-8, le=1, description="Numerical epsilon.")
+    weight_decay: NonNegative = Field(0.0, le=1, description="Weight decay.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Adam:
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1) (got {list(self.betas)})")
+        return self
+
+
+class SGD(Spec):
+    """Stochastic gradient descent with momentum."""
+
+    type: Literal["sgd"] = "sgd"
+    lr: Positive = Field(1e-2, le=10, description="Base learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum.")
+    nesterov: bool = Field(False, description="Nesterov momentum.")
+    weight_decay: NonNegative = Field(0.0, le=1, description="Weight decay.")
+
+
+class Constant(Spec):
+    """The base learning rate throughout (after an optional warm-up)."""
+
+    type: Literal["constant"] = "constant"
+    warmup: Count = Field(0, description="Iterations of linear warm-up from 0.")
+
+
+class Step(Spec):
+    """Multiply the learning rate by `gamma` at each milestone."""
+
+    type: Literal["step"] = "step"
+    warmup: Count = Field(0, description="Iterations of linear warm-up from 0.")
+    milestones: list[PositiveCount] = Field(min_length=1, description="Iterations to decay at.")
+    gamma: float = Field(0.1, gt=0, le=1, description="Decay factor.")
+
+
+class Cosine(Spec):
+    """Cosine decay to `min_factor` x the base rate at the last iteration."""
+
+    type: Literal["cosine"] = "cosine"
+    warmup: Count = Field(0, description="Iterations of linear warm-up from 0.")
+    min_factor: float = Field(0.0, ge=0, le=1, description="Final rate as a fraction of base.")
+
+
+class Poly(Spec):
+    """Polynomial decay (1 - t/T)^power, as in nnU-Net."""
+
+    type: Literal["poly"] = "poly"
+    warmup: Count = Field(0, description="Iterations of linear warm-up from 0.")
+    power: Positive = Field(0.9, le=10, description="Exponent.")
+
+
+class Train(Spec):
+    """How to train: patch, batch, iterations, optimiser, schedule, precision, bookkeeping."""
+
+    patch: Zyx = Field(description="Network input size in voxels, z, y, x.")
+    batch_size: Size = Field(1, le=1024, description="Samples per step (per GPU).")
+    iterations: PositiveCount = Field(description="Optimiser steps in the whole run.")
+    optimizer: Adam | SGD = Field(
+        default_factory=lambda: Adam(), discriminator="type", description="adam, adamw or sgd."
+    )
+    schedule: Constant | Step | Cosine | Poly = Field(
+        default_factory=lambda: Constant(),
+        discriminator="type",
+        description="Learning-rate schedule: constant, step, cosine or poly.",
+    )
+    precision: Precision = Field("fp32", description="fp32, or bf16/fp16 autocast.")
+    compile: bool = Field(False, description="Compile the model with torch.compile.")
+    channels_last: bool = Field(True, description="Use channels_last_3d memory format on GPU.")
+    deterministic: bool = Field(
+        False, description="Deterministic kernels and data order: bitwise-reproducible runs."
+    )
+    grad_clip: Positive | None = Field(None, description="Clip the gradient norm to this.")
+    accumulate: Size = Field(1, le=1024, description="Batches per optimiser step.")
+    ema: float | None = Field(
+        None, gt=0, lt=1, description="Decay of an exponential moving average of the weights."
+    )
+    checkpoint_every: PositiveCount = Field(1000, description="Iterations between checkpoints.")
+    keep_checkpoints: Size = Field(3, le=10_000, description="Numbered checkpoints kept.")
+    validate_every: Count = Field(1000, description="Iterations between validations; 0: never.")
+    log_every: PositiveCount = Field(50, description="Iterations between log lines.")
+    image_every: Count = Field(1000, description="Iterations between TensorBoard images; 0: never.")
+    workers: int = Field(2, ge=0, le=256, description="Data-loader worker processes; 0: none.")
+
+
+@blends.register("bump")
+class Bump(Spec):
+    """DeepEM's bump window: smooth, zero at the patch border."""
+
+    type: Literal["bump"] = "bump"
+
+
+@blends.register("gaussian")
+class Gaussian(Spec):
+    """A Gaussian window, sigma = `sigma` x patch size per axis."""
+
+    type: Literal["gaussian"] = "gaussian"
+    sigma: float = Field(0.125, gt=0, le=1, description="Sigma as a fraction of the patch size.")
+
+
+Blend = blends.spec_union()
+
+
+class Infer(Spec):
+    """How to predict a volume: patch lattice, blending, TTA, precision, output layout."""
+
+    patch: Zyx | None = Field(None, description="Patch size, z, y, x; default: train.patch.")
+    stride: Zyx | None = Field(None, description="Patch step, z, y, x (excludes `overlap`).")
+    overlap: tuple[float, float, float] | None = Field(
+        None, description="Overlap as a fraction of the patch per axis, each in [0, 1); "
+        "default (0.25, 0.25, 0.25) when no stride is given.",
+    )
+    blend: Blend = Field(  # type: ignore[valid-type]
+        default_factory=lambda: Bump(), description="Blending window: bump or gaussian."
+    )
+    tta: Literal[1, 2, 4, 8, 16] = Field(1, description="Flip/transpose variants averaged.")
+    tta_reduce: dict[str, Literal["mean", "min"]] = Field(
+        default_factory=dict, description="Per task TTA reduction (default mean)."
+    )
+    batch_size: Size = Field(4, le=1024, description="Patches per forward pass.")
+    precision: Precision = Field("bf16", description="fp32, or bf16/fp16 autocast.")
+    dtype: Literal["uint8", "float16", "float32"] = Field(
+        "uint8", description="Output dtype; uint8 stores round(255 p)."
+    )
+    chunks: Zyx | None = Field(None, description="Output chunk size; default: tiles the block.")
+    block: Zyx | None = Field(None, description="Write-block size; default: chosen by the engine.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Infer:
+        if self.stride is not None and self.overlap is not None:
+            raise ValueError("give either stride or overlap, not both")
+        if self.overlap is not None and not all(0 <= o < 1 for o in self.overlap):
+            raise ValueError(f"overlap must be in [0, 1) per axis (got {list(self.overlap)})")
+        return self
+
+    def resolved_stride(self, patch: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The lattice step for ``patch``: the stride, or the patch less the overlap."""
+        if self.stride is not None:
+            return self.stride
+        overlap = self.overlap or (0.25, 0.25, 0.25)
+        return tuple(max(1, round(p * (1 - o))) for p, o in zip(patch, overlap, strict=True))  # type: ignore[return-value]
+
+
+@segmenters.register("mws")
+class MutexWatershed(Spec):
+    """Mutex watershed: long-range channels repulsive, nearest neighbours attractive."""
+
+    type: Literal["mws"] = "mws"
+    bias: float = Field(0.5, ge=0, le=1, description="Added to repulsive weights (more splits).")
+    min_size: Count = Field(0, description="Merge segments smaller than this into neighbours.")
+
+
+@segmenters.register("waterz")
+class Waterz(Spec):
+    """Watershed plus agglomeration by mean or 85th-percentile affinity (extra `waterz`)."""
+
+    type: Literal["waterz"] = "waterz"
+    thresholds: list[float] = Field([0.5], min_length=1, description="Merge thresholds.")
+    scoring: Literal["mean", "p85"] = Field("mean", description="Edge score.")
+    min_size: Count = Field(0, description="Merge segments smaller than this into neighbours.")
+
+
+@segmenters.register("cc")
+class ConnectedComponents(Spec):
+    """Connected components of thresholded nearest-neighbour affinities (baseline)."""
+
+    type: Literal["cc"] = "cc"
+    threshold: float = Field(0.5, gt=0, lt=1, description="Affinity above which voxels join.")
+    min_size: Count = Field(0, description="Merge segments smaller than this into neighbours.")
+
+
+Segmenter = segmenters.spec_union()

@@ -1,0 +1,130 @@
+"""The `tasks` section: what the network predicts (targets), how it is scored (losses), and
+how much each task weighs. The model gets one output head per task, with the target's
+channel count."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from ..registry import Spec, losses, targets
+from .types import NonNegative, Offset, Size
+
+NEAREST = [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]
+"""Nearest-neighbour affinity offsets, z, y, x (DeepEM/waterz convention)."""
+
+
+@targets.register("affinity")
+class AffinityTarget(Spec):
+    """Affinities: 1 where a voxel and the voxel at +offset share a non-zero label, 0 where
+    they differ, masked where either is unlabelled, outside the patch or outside the mask."""
+
+    type: Literal["affinity"] = "affinity"
+    offsets: list[Offset] = Field(
+        default_factory=lambda: list(NEAREST),
+        min_length=1,
+        max_length=64,
+        description="One channel per offset, z, y, x; nearest neighbours are (-1,0,0), "
+        "(0,-1,0), (0,0,-1); Lee 2017 adds z 2-4 and xy 3, 9, 27.",
+    )
+    relabel: bool = Field(
+        True,
+        description="Relabel connected components inside each patch first, so pieces of one id "
+        "that the crop disconnected become different ids.",
+    )
+
+    @field_validator("offsets")
+    @classmethod
+    def _nonzero_distinct(cls, offsets: list[Offset]) -> list[Offset]:
+        for i, off in enumerate(offsets):
+            if off == (0, 0, 0):
+                raise ValueError(f"offset {i} is (0, 0, 0); offsets must be non-zero")
+        if len(set(offsets)) != len(offsets):
+            raise ValueError("offsets contain duplicates")
+        return offsets
+
+    def channels(self) -> int:
+        return len(self.offsets)
+
+    def extent(self) -> tuple[int, int, int]:
+        """Largest |offset| per axis: the patch must be larger than this."""
+        return tuple(max(abs(o[a]) for o in self.offsets) for a in range(3))  # type: ignore[return-value]
+
+
+@targets.register("boundary")
+class BoundaryTarget(Spec):
+    """1 on voxels whose label differs from a neighbour's (or is 0), else 0."""
+
+    type: Literal["boundary"] = "boundary"
+    width: Size = Field(1, le=16, description="Boundary thickness in voxels (in-plane).")
+
+    def channels(self) -> int:
+        return 1
+
+
+@targets.register("binary")
+class BinaryTarget(Spec):
+    """Foreground (non-zero) of a named semantic volume, e.g. mitochondria."""
+
+    type: Literal["binary"] = "binary"
+    volume: str = Field(description="Name of a semantic volume every training source provides.")
+
+    def channels(self) -> int:
+        return 1
+
+
+@targets.register("synapse")
+class SynapseTarget(Spec):
+    """Synaptic clefts as a binary target, optionally dilated in-plane."""
+
+    type: Literal["synapse"] = "synapse"
+    volume: str = Field("synapse", description="Name of the semantic volume with the clefts.")
+    dilation: int = Field(0, ge=0, le=16, description="In-plane dilation in voxels.")
+
+    def channels(self) -> int:
+        return 1
+
+
+@losses.register("bce")
+class BCELoss(Spec):
+    """Masked binary cross-entropy on logits with DeepEM margins and class balancing."""
+
+    type: Literal["bce"] = "bce"
+    margin0: float = Field(0.0, ge=0, lt=0.5, description="Margin for negatives (target 0).")
+    margin1: float = Field(0.0, ge=0, lt=0.5, description="Margin for positives (target 1).")
+    margin_mode: Literal["mask", "inverse"] = Field(
+        "mask",
+        description="`mask`: drop voxels already right by the margin; `inverse`: soften "
+        "targets to margin0 / 1 - margin1 instead.",
+    )
+    balance: bool = Field(
+        False, description="Weight positives n0/(n0+n1) and negatives n1/(n0+n1) per channel."
+    )
+
+
+@losses.register("mse")
+class MSELoss(Spec):
+    """Masked mean squared error."""
+
+    type: Literal["mse"] = "mse"
+
+
+Target = targets.spec_union()
+Loss = losses.spec_union()
+
+
+class Task(Spec):
+    """One output of the network: its target, loss, weight in the total loss, activation."""
+
+    target: Target = Field(description="What to predict (`type:` affinity, boundary, ...).")  # type: ignore[valid-type]
+    loss: Loss = Field(  # type: ignore[valid-type]
+        default_factory=lambda: BCELoss(), description="How to score it (`type:` bce or mse)."
+    )
+    weight: NonNegative = Field(1.0, le=1e6, description="Weight of this task's loss.")
+    activation: Literal["sigmoid", "none", "tanh"] = Field(
+        "sigmoid", description="Output activation at inference (the loss works on logits)."
+    )
+
+    def channels(self) -> int:
+        return self.target.channels()  # type: ignore[no-any-return]

@@ -1,0 +1,178 @@
+"""Name -> implementation registries, the only bridge from recipe names to code.
+
+A recipe names things (`type: rsunet`); a registry maps each name to a pydantic *spec*
+(the parameters the recipe may give, validated strictly) and, once the implementing
+module is imported, to a *builder* that turns a validated spec into an object. Specs are
+registered by the recipe layer (no torch); builders by the layers that implement them.
+Nothing else turns recipe text into code, so a recipe cannot import or execute arbitrary
+code. Third-party packages add entries through the ``emrun.plugins`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Annotated, Any, Generic, TypeVar, Union, get_args
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+from .errors import NotImplementedYet
+
+T = TypeVar("T")
+S = TypeVar("S", bound=type["Spec"])
+
+PLUGIN_GROUP = "emrun.plugins"
+
+
+class Spec(BaseModel):
+    """Base of every recipe model: strict (unknown keys are errors) and immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+@dataclass
+class Entry(Generic[T]):
+    """One registered name: its parameter spec and, when available, its builder."""
+
+    name: str
+    spec: type[Spec]
+    builder: Callable[..., T] | None = None
+
+
+def suggest(word: str, choices: list[str]) -> list[str]:
+    """Choices close to ``word`` (typos, or a prefix such as 'flip' for 'flip_rotate')."""
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.6)
+    if close or len(word) < 3:
+        return close
+    return [c for c in choices if c.startswith(word[:4]) or word.startswith(c)][:3]
+
+
+class Registry(Generic[T]):
+    """Names of one kind (models, losses, ...) with their specs and builders.
+
+    ``implementations`` names the module whose import registers the builders, so that
+    ``build`` works without the caller knowing where implementations live.
+    """
+
+    def __init__(self, kind: str, implementations: str | None = None) -> None:
+        self.kind = kind
+        self._implementations = implementations
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str) -> Callable[[S], S]:
+        """Class decorator: register a spec under ``name`` (its ``type`` must be that literal)."""
+
+        def decorate(spec: S) -> S:
+            field = spec.model_fields.get("type")
+            if field is None or get_args(field.annotation) != (name,):
+                raise TypeError(f"{spec.__name__}.type must be Literal[{name!r}]")
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = Entry(name=name, spec=spec)
+            return spec
+
+        return decorate
+
+    def implement(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Decorator: attach the builder ``builder(spec, **context) -> T`` to ``name``."""
+
+        def decorate(builder: Callable[..., T]) -> Callable[..., T]:
+            self.entry(name).builder = builder
+            return builder
+
+        return decorate
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def entry(self, name: str) -> Entry[T]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(self.unknown_message(name)) from None
+
+    def suggest(self, name: str) -> list[str]:
+        """Registered names close to ``name``, best first (for "did you mean")."""
+        return suggest(str(name), self.names())
+
+    def unknown_message(self, name: object) -> str:
+        hint = self.suggest(str(name))
+        did_you_mean = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
+        known = ", ".join(self.names()) or "none"
+        return f"unknown {self.kind} type {name!r}{did_you_mean} (known: {known})"
+
+    def spec_union(self, default: str | None = None) -> Any:
+        """The discriminated union of all registered specs, for use as a field annotation.
+
+        With ``default``, a mapping without ``type`` is read as that type.
+        """
+        entries = list(self._entries.values())
+        if default is None:
+            specs = tuple(entry.spec for entry in entries)
+            if len(specs) == 1:
+                return specs[0]
+            return Annotated[Union[specs], Field(discriminator="type")]  # noqa: UP007
+
+        def tag(value: Any) -> str | None:
+            if isinstance(value, dict):
+                return value.get("type", default)
+            return getattr(value, "type", None)
+
+        tagged = tuple(Annotated[entry.spec, Tag(entry.name)] for entry in entries)
+        return Annotated[Union[tagged], Discriminator(tag)]  # noqa: UP007
+
+    def build(self, spec: Spec, **context: Any) -> T:
+        """Turn a validated spec into an object with its registered builder."""
+        name = spec.type  # type: ignore[attr-defined]
+        entry = self.entry(name)
+        if entry.builder is None and self._implementations:
+            importlib.import_module(self._implementations)
+        if entry.builder is None:
+            raise NotImplementedYet(f"{self.kind} {name!r} has no implementation yet")
+        return entry.builder(spec, **context)
+
+
+sources: Registry[Any] = Registry("source", "emrun.data")
+augmentations: Registry[Any] = Registry("augmentation", "emrun.data.augment")
+models: Registry[Any] = Registry("model", "emrun.models")
+targets: Registry[Any] = Registry("target", "emrun.data.targets")
+losses: Registry[Any] = Registry("loss", "emrun.losses")
+blends: Registry[Any] = Registry("blend window", "emrun.infer")
+segmenters: Registry[Any] = Registry("segmenter", "emrun.segment")
+
+ALL: dict[str, Registry[Any]] = {
+    "sources": sources,
+    "augmentations": augmentations,
+    "models": models,
+    "targets": targets,
+    "losses": losses,
+    "blends": blends,
+    "segmenters": segmenters,
+}
+
+_plugins_loaded = False
+
+
+def load_plugins() -> list[str]:
+    """Import every ``emrun.plugins`` entry point once; each registers its own entries.
+
+    An entry point may name a module (importing it registers) or a callable (called with no
+    arguments). Returns the names of the loaded plugins.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return []
+    _plugins_loaded = True
+    loaded = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        obj = ep.load()
+        if callable(obj):
+            obj()
+        loaded.append(ep.name)
+    return loaded

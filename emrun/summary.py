@@ -1,0 +1,61 @@
+"""The short rich summary `emrun validate` prints for a valid recipe."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .data.checks import SourceFacts
+from .recipe import Recipe
+
+
+def _zyx(values: tuple[float, ...] | tuple[int, ...] | None) -> str:
+    if values is None:
+        return "?"
+    return " x ".join(f"{v:g}" for v in values)
+
+
+def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | None,
+                  shown: str) -> None:
+    """Sources with shapes and weights, the model with its size, tasks with channels."""
+    console.print(f"[bold green]ok[/] {shown}: recipe [bold]{recipe.name}[/]"
+                  + (f" — {recipe.description}" if recipe.description else ""))
+
+    sources = Table(title="data", title_justify="left", box=None, pad_edge=False)
+    for col in ("group", "source", "kind", "shape (zyx)", "dtype", "voxel nm (zyx)", "weight"):
+        sources.add_column(col)
+    if facts is None:
+        for group in ("sources", "validation"):
+            for name, src in getattr(recipe.data, group).items():
+                shape = getattr(src, "shape", None)
+                kind = src.type
+                weight = "auto" if src.weight is None else f"{src.weight:g}"
+                sources.add_row(group, name, kind, _zyx(shape) if shape else "not opened",
+                                "", _zyx(src.voxel_size), weight)
+    else:
+        for f in facts:
+            weight = "auto" if f.weight is None else f"{f.weight:g}"
+            sources.add_row(f.group, f.name, f.kind, _zyx(f.shape), f.dtype or "?",
+                            _zyx(f.voxel_size), weight)
+    console.print(sources)
+
+    model = recipe.model
+    console.print(
+        f"[bold]model[/] {model.type}: widths {list(model.widths)}, norm {model.norm}, "
+        f"{model.activation}; {recipe.parameter_count():,} parameters; "
+        f"accepts sizes divisible by {_zyx(model.divisor())}"
+    )
+    tasks = Table(title="tasks", title_justify="left", box=None, pad_edge=False)
+    for col in ("task", "target", "channels", "loss", "weight"):
+        tasks.add_column(col)
+    for name, task in recipe.tasks.items():
+        tasks.add_row(name, task.target.type, str(task.channels()), task.loss.type,
+                      f"{task.weight:g}")
+    console.print(tasks)
+    train = recipe.train
+    console.print(
+        f"[bold]train[/] patch {_zyx(train.patch)}, batch {train.batch_size}, "
+        f"{train.iterations:,} iterations, {train.optimizer.type} lr {train.optimizer.lr:g}, "
+        f"{train.schedule.type} schedule, {train.precision}; "
+        f"{len(recipe.augment)} augmentations"
+    )
