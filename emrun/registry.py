@@ -61,11 +61,19 @@ class Registry(Generic[T]):
         self.kind = kind
         self._implementations = implementations
         self._entries: dict[str, Entry[T]] = {}
+        self._base: type[Spec] = Spec
+
+    def require(self, base: type[Spec]) -> None:
+        """Specs registered from now on must subclass ``base`` (the interface callers use)."""
+        self._base = base
 
     def register(self, name: str) -> Callable[[S], S]:
         """Class decorator: register a spec under ``name`` (its ``type`` must be that literal)."""
 
         def decorate(spec: S) -> S:
+            if not issubclass(spec, self._base):
+                raise TypeError(f"{self.kind} spec {spec.__name__} must subclass "
+                                f"{self._base.__module__}.{self._base.__qualname__}")
             field = spec.model_fields.get("type")
             if field is None or get_args(field.annotation) != (name,):
                 raise TypeError(f"{spec.__name__}.type must be Literal[{name!r}]")

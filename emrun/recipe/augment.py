@@ -8,7 +8,7 @@ small for its augmentations fails at validation time rather than inside a loader
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -31,6 +31,12 @@ class AugmentBase(Spec):
     def patch_problems(self, patch: tuple[int, int, int]) -> list[str]:
         """Reasons this augmentation cannot produce ``patch`` (z, y, x); empty when it can."""
         return []
+
+
+augmentations.require(AugmentBase)
+
+if TYPE_CHECKING:
+    AugmentSpec = AugmentBase  # at run time: the union of every registered spec (recipe.py)
 
 
 @augmentations.register("flip_rotate")
@@ -253,10 +259,6 @@ class Compose(AugmentBase):
     def patch_problems(self, patch: tuple[int, int, int]) -> list[str]:
         return [p for a in self.of for p in a.patch_problems(patch)]
 
-
-AugmentSpec = augmentations.spec_union()
-OneOf.model_rebuild()
-Compose.model_rebuild()
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
     # DeepEM's modern stack (flyem/pinky mip1 defaults); displacements are mip1 pixels.

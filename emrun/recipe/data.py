@@ -52,6 +52,14 @@ class SourceBase(Spec):
     )
 
 
+    def semantic_names(self) -> set[str]:
+        """Names of the semantic volumes (e.g. mito) this source provides."""
+        return set()
+
+
+sources.require(SourceBase)
+
+
 @sources.register("volume")
 class VolumeSource(SourceBase):
     """Image and labels (plus optional mask and semantic volumes) read from files."""
@@ -90,15 +98,3 @@ class SyntheticSource(SourceBase):
         return set(SYNTHETIC_SEMANTIC)
 
 
-Source = sources.spec_union(default="volume")
-
-
-class Data(Spec):
-    """Training sources (a weighted mixture) and validation sources, each by name."""
-
-    sources: dict[Name, Source] = Field(  # type: ignore[valid-type]
-        min_length=1, description="Training sources by name; at least one."
-    )
-    validation: dict[Name, Source] = Field(  # type: ignore[valid-type]
-        default_factory=dict, description="Validation sources by name (may be empty)."
-    )

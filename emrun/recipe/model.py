@@ -47,7 +47,23 @@ Factor = tuple[
 ]  # pooling factors per axis, z, y, x
 
 
-class RSUNetBase(Spec):
+class ModelBase(Spec):
+    """What every model spec tells without being built: accepted sizes and its size."""
+
+    widths: list[Size] = Field(min_length=1, max_length=8, description="Channels per level.")
+
+    def divisor(self) -> tuple[int, int, int]:
+        """Each input size must be a multiple of this, per axis."""
+        return (1, 1, 1)
+
+    def parameter_count(self, head_channels: list[int]) -> int:
+        raise NotImplementedError
+
+
+models.require(ModelBase)
+
+
+class RSUNetBase(ModelBase):
     """Residual symmetric U-Net parameters (DeepEM / Lee et al. 2017)."""
 
     widths: list[Size] = Field(
@@ -151,4 +167,3 @@ class UpDown(RSUNetBase):
         return (inner[0] * self.factor[0], inner[1] * self.factor[1], inner[2] * self.factor[2])
 
 
-ModelSpec = models.spec_union()

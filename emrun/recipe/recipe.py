@@ -1,18 +1,117 @@
-"""The whole recipe: one frozen pydantic model, sections as in DESIGN.md."""
+"""The whole recipe: the section models composed into one frozen pydantic model.
+
+The section modules (data, augment, model, tasks, run) define the registered specs; this
+module builds the discriminated unions over *all* registered specs, so it is imported only
+after plugins have registered theirs (see ``emrun.recipe.__init__``).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from ..registry import Spec, suggest
-from .augment import PRESETS, AugmentSpec
-from .data import Data
-from .model import ModelSpec
-from .run import Infer, MutexWatershed, Segmenter, Train
-from .tasks import Task
-from .types import Name, Seed
+from ..registry import (
+    Spec,
+    augmentations,
+    blends,
+    losses,
+    models,
+    segmenters,
+    sources,
+    suggest,
+    targets,
+)
+from . import data, model, tasks  # noqa: F401  (importing registers the built-in specs)
+from .augment import PRESETS, Compose, OneOf
+from .run import Bump, MutexWatershed, Precision, Train
+from .tasks import BCELoss
+from .types import Name, NonNegative, Seed, Size, Zyx
+
+Source = sources.spec_union(default="volume")
+
+
+class Data(Spec):
+    """Training sources (a weighted mixture) and validation sources, each by name."""
+
+    sources: dict[Name, Source] = Field(  # type: ignore[valid-type]
+        min_length=1, description="Training sources by name; at least one."
+    )
+    validation: dict[Name, Source] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Validation sources by name (may be empty)."
+    )
+
+AugmentSpec = augmentations.spec_union()
+OneOf.model_rebuild(_types_namespace={"AugmentSpec": AugmentSpec})
+Compose.model_rebuild(_types_namespace={"AugmentSpec": AugmentSpec})
+
+
+ModelSpec = models.spec_union()
+
+Target = targets.spec_union()
+Loss = losses.spec_union()
+
+
+class Task(Spec):
+    """One output of the network: its target, loss, weight in the total loss, activation."""
+
+    target: Target = Field(description="What to predict (`type:` affinity, boundary, ...).")  # type: ignore[valid-type]
+    loss: Loss = Field(  # type: ignore[valid-type]
+        default_factory=lambda: BCELoss(), description="How to score it (`type:` bce or mse)."
+    )
+    weight: NonNegative = Field(1.0, le=1e6, description="Weight of this task's loss.")
+    activation: Literal["sigmoid", "none", "tanh"] = Field(
+        "sigmoid", description="Output activation at inference (the loss works on logits)."
+    )
+
+    def channels(self) -> int:
+        return self.target.channels()  # type: ignore[no-any-return]
+
+Blend = blends.spec_union()
+
+
+class Infer(Spec):
+    """How to predict a volume: patch lattice, blending, TTA, precision, output layout."""
+
+    patch: Zyx | None = Field(None, description="Patch size, z, y, x; default: train.patch.")
+    stride: Zyx | None = Field(None, description="Patch step, z, y, x (excludes `overlap`).")
+    overlap: tuple[float, float, float] | None = Field(
+        None, description="Overlap as a fraction of the patch per axis, each in [0, 1); "
+        "default (0.25, 0.25, 0.25) when no stride is given.",
+    )
+    blend: Blend = Field(  # type: ignore[valid-type]
+        default_factory=lambda: Bump(), description="Blending window: bump or gaussian."
+    )
+    tta: Literal[1, 2, 4, 8, 16] = Field(1, description="Flip/transpose variants averaged.")
+    tta_reduce: dict[str, Literal["mean", "min"]] = Field(
+        default_factory=dict, description="Per task TTA reduction (default mean)."
+    )
+    batch_size: Size = Field(4, le=1024, description="Patches per forward pass.")
+    precision: Precision = Field("bf16", description="fp32, or bf16/fp16 autocast.")
+    dtype: Literal["uint8", "float16", "float32"] = Field(
+        "uint8", description="Output dtype; uint8 stores round(255 p)."
+    )
+    chunks: Zyx | None = Field(None, description="Output chunk size; default: tiles the block.")
+    block: Zyx | None = Field(None, description="Write-block size; default: chosen by the engine.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Infer:
+        if self.stride is not None and self.overlap is not None:
+            raise ValueError("give either stride or overlap, not both")
+        if self.overlap is not None and not all(0 <= o < 1 for o in self.overlap):
+            raise ValueError(f"overlap must be in [0, 1) per axis (got {list(self.overlap)})")
+        return self
+
+    def resolved_stride(self, patch: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The lattice step for ``patch``: the stride, or the patch less the overlap."""
+        if self.stride is not None:
+            return self.stride
+        overlap = self.overlap or (0.25, 0.25, 0.25)
+        return tuple(max(1, round(p * (1 - o))) for p, o in zip(patch, overlap, strict=True))  # type: ignore[return-value]
+
+
+
+Segmenter = segmenters.spec_union()
 
 
 def _schema_allows_presets(schema: dict[str, Any]) -> None:

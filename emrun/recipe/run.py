@@ -118,49 +118,6 @@ class Gaussian(Spec):
     sigma: float = Field(0.125, gt=0, le=1, description="Sigma as a fraction of the patch size.")
 
 
-Blend = blends.spec_union()
-
-
-class Infer(Spec):
-    """How to predict a volume: patch lattice, blending, TTA, precision, output layout."""
-
-    patch: Zyx | None = Field(None, description="Patch size, z, y, x; default: train.patch.")
-    stride: Zyx | None = Field(None, description="Patch step, z, y, x (excludes `overlap`).")
-    overlap: tuple[float, float, float] | None = Field(
-        None, description="Overlap as a fraction of the patch per axis, each in [0, 1); "
-        "default (0.25, 0.25, 0.25) when no stride is given.",
-    )
-    blend: Blend = Field(  # type: ignore[valid-type]
-        default_factory=lambda: Bump(), description="Blending window: bump or gaussian."
-    )
-    tta: Literal[1, 2, 4, 8, 16] = Field(1, description="Flip/transpose variants averaged.")
-    tta_reduce: dict[str, Literal["mean", "min"]] = Field(
-        default_factory=dict, description="Per task TTA reduction (default mean)."
-    )
-    batch_size: Size = Field(4, le=1024, description="Patches per forward pass.")
-    precision: Precision = Field("bf16", description="fp32, or bf16/fp16 autocast.")
-    dtype: Literal["uint8", "float16", "float32"] = Field(
-        "uint8", description="Output dtype; uint8 stores round(255 p)."
-    )
-    chunks: Zyx | None = Field(None, description="Output chunk size; default: tiles the block.")
-    block: Zyx | None = Field(None, description="Write-block size; default: chosen by the engine.")
-
-    @model_validator(mode="after")
-    def _check(self) -> Infer:
-        if self.stride is not None and self.overlap is not None:
-            raise ValueError("give either stride or overlap, not both")
-        if self.overlap is not None and not all(0 <= o < 1 for o in self.overlap):
-            raise ValueError(f"overlap must be in [0, 1) per axis (got {list(self.overlap)})")
-        return self
-
-    def resolved_stride(self, patch: tuple[int, int, int]) -> tuple[int, int, int]:
-        """The lattice step for ``patch``: the stride, or the patch less the overlap."""
-        if self.stride is not None:
-            return self.stride
-        overlap = self.overlap or (0.25, 0.25, 0.25)
-        return tuple(max(1, round(p * (1 - o))) for p, o in zip(patch, overlap, strict=True))  # type: ignore[return-value]
-
-
 @segmenters.register("mws")
 class MutexWatershed(Spec):
     """Mutex watershed: long-range channels repulsive, nearest neighbours attractive."""
@@ -189,4 +146,3 @@ class ConnectedComponents(Spec):
     min_size: Count = Field(0, description="Merge segments smaller than this into neighbours.")
 
 
-Segmenter = segmenters.spec_union()

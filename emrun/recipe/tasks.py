@@ -9,14 +9,24 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ..registry import Spec, losses, targets
-from .types import NonNegative, Offset, Size
+from .types import Offset, Size
 
 NEAREST = [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]
 """Nearest-neighbour affinity offsets, z, y, x (DeepEM/waterz convention)."""
 
 
+class TargetBase(Spec):
+    """What every target says: how many output channels it needs."""
+
+    def channels(self) -> int:
+        return 1
+
+
+targets.require(TargetBase)
+
+
 @targets.register("affinity")
-class AffinityTarget(Spec):
+class AffinityTarget(TargetBase):
     """Affinities: 1 where a voxel and the voxel at +offset share a non-zero label, 0 where
     they differ, masked where either is unlabelled, outside the patch or outside the mask."""
 
@@ -53,37 +63,28 @@ class AffinityTarget(Spec):
 
 
 @targets.register("boundary")
-class BoundaryTarget(Spec):
+class BoundaryTarget(TargetBase):
     """1 on voxels whose label differs from a neighbour's (or is 0), else 0."""
 
     type: Literal["boundary"] = "boundary"
     width: Size = Field(1, le=16, description="Boundary thickness in voxels (in-plane).")
 
-    def channels(self) -> int:
-        return 1
-
 
 @targets.register("binary")
-class BinaryTarget(Spec):
+class BinaryTarget(TargetBase):
     """Foreground (non-zero) of a named semantic volume, e.g. mitochondria."""
 
     type: Literal["binary"] = "binary"
     volume: str = Field(description="Name of a semantic volume every training source provides.")
 
-    def channels(self) -> int:
-        return 1
-
 
 @targets.register("synapse")
-class SynapseTarget(Spec):
+class SynapseTarget(TargetBase):
     """Synaptic clefts as a binary target, optionally dilated in-plane."""
 
     type: Literal["synapse"] = "synapse"
     volume: str = Field("synapse", description="Name of the semantic volume with the clefts.")
     dilation: int = Field(0, ge=0, le=16, description="In-plane dilation in voxels.")
-
-    def channels(self) -> int:
-        return 1
 
 
 @losses.register("bce")
@@ -110,21 +111,3 @@ class MSELoss(Spec):
     type: Literal["mse"] = "mse"
 
 
-Target = targets.spec_union()
-Loss = losses.spec_union()
-
-
-class Task(Spec):
-    """One output of the network: its target, loss, weight in the total loss, activation."""
-
-    target: Target = Field(description="What to predict (`type:` affinity, boundary, ...).")  # type: ignore[valid-type]
-    loss: Loss = Field(  # type: ignore[valid-type]
-        default_factory=lambda: BCELoss(), description="How to score it (`type:` bce or mse)."
-    )
-    weight: NonNegative = Field(1.0, le=1e6, description="Weight of this task's loss.")
-    activation: Literal["sigmoid", "none", "tanh"] = Field(
-        "sigmoid", description="Output activation at inference (the loss works on logits)."
-    )
-
-    def channels(self) -> int:
-        return self.target.channels()  # type: ignore[no-any-return]

@@ -1,0 +1,107 @@
+"""The command line as a user meets it: exit codes, summaries, the schema, listings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from conftest import MINIMAL, ROOT
+from typer.testing import CliRunner
+
+from emrun.cli import app
+from emrun.recipe.schema import recipe_schema_text
+
+runner = CliRunner()
+
+COMMANDS = ["validate", "train", "infer", "segment", "evaluate", "schema", "recipes", "data",
+            "bench", "demo"]
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert f"  {command} " in result.output
+
+
+@pytest.mark.parametrize("args", [["train", "recipes/demo.yaml"], ["infer"], ["segment"],
+                                  ["evaluate"], ["demo"], ["data", "convert", "x"],
+                                  ["bench", "model", "r.yaml", "--json"]])
+def test_pending_commands_say_so_and_exit_1(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert "not implemented yet" in result.output
+
+
+def test_validate_prints_summary(write):
+    result = runner.invoke(app, ["validate", str(write(MINIMAL))])
+    assert result.exit_code == 0, result.output
+    assert "recipe tiny" in result.output
+    assert "16 x 64 x 64" in result.output  # source shape
+    assert "parameters" in result.output
+    assert "affinity" in result.output
+
+
+def test_validate_print_gives_the_resolved_recipe(write):
+    result = runner.invoke(app, ["validate", str(write(MINIMAL)), "--print", "-o", "seed=5"])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["seed"] == 5
+    assert resolved["train"]["optimizer"]["type"] == "adam"  # defaults filled in
+
+
+def test_validate_checks_data_unless_no_data(write, tmp_path):
+    image = tmp_path / "image.npy"
+    np.save(image, np.zeros((16, 64, 64), np.uint8))
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros((16, 64, 60), np.uint32))
+    text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
+                           f"a: {{image: {image}, labels: {labels}, mask: {tmp_path}/nope.npy}}")
+    path = write(text)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}:4:" in result.stderr
+    assert "has shape [16, 64, 60] but the image" in result.stderr
+    assert "nope.npy" in result.stderr  # every problem, not only the first
+    assert runner.invoke(app, ["validate", str(path), "--no-data"]).exit_code == 0
+    np.save(labels, np.zeros((16, 64, 64), np.uint32))
+    result = runner.invoke(app, ["validate", str(path), "-o", "data.sources.a.mask=null"])
+    assert result.exit_code == 0, result.output
+    assert "16 x 64 x 64" in result.output
+
+
+def test_committed_schema_is_current():
+    committed = (ROOT / "schemas" / "recipe.schema.json").read_text(encoding="utf-8")
+    assert committed == recipe_schema_text(), "stale schema: run `emrun schema`"
+
+
+def test_schema_accepts_shipped_recipes_and_rejects_unknown_keys(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    out = tmp_path / "s.json"
+    assert runner.invoke(app, ["schema", "--output", str(out)]).exit_code == 0
+    schema = json.loads(out.read_text())
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+    bad = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+    bad["train"]["batch_sise"] = 2
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_recipes_lists_shipped_recipes():
+    result = runner.invoke(app, ["recipes"])
+    assert result.exit_code == 0
+    for name in ("demo.yaml", "snemi3d_aff.yaml", "cremi_aff.yaml", "multitask.yaml"):
+        assert name in result.output
+    assert "Lee 2017" in result.output
+
+
+def test_python_dash_m_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "emrun", "validate", "--no-data",
+                           str(ROOT / "recipes" / "demo.yaml")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "recipe demo" in done.stdout

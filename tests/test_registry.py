@@ -1,0 +1,89 @@
+"""The registry: names to specs and builders, suggestions, and third-party plugins."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Literal
+
+import pytest
+from conftest import MINIMAL
+
+from emrun.errors import NotImplementedYet
+from emrun.registry import ALL, Registry, Spec
+
+
+class Thing(Spec):
+    type: Literal["thing"] = "thing"
+    size: int = 1
+
+
+def test_register_build_and_list():
+    registry: Registry[tuple[str, int]] = Registry("widget")
+    registry.register("thing")(Thing)
+    assert registry.names() == ["thing"]
+    with pytest.raises(NotImplementedYet, match="widget 'thing' has no implementation"):
+        registry.build(Thing())
+
+    @registry.implement("thing")
+    def build(spec: Thing, scale: int = 1) -> tuple[str, int]:
+        return ("built", spec.size * scale)
+
+    assert registry.build(Thing(size=3), scale=2) == ("built", 6)
+
+
+def test_register_rejects_mismatched_and_duplicate_names():
+    registry: Registry[object] = Registry("widget")
+    with pytest.raises(TypeError, match="Literal"):
+        registry.register("other")(Thing)
+    registry.register("thing")(Thing)
+    with pytest.raises(ValueError, match="twice"):
+        registry.register("thing")(Thing)
+
+
+def test_unknown_names_get_suggestions():
+    models = ALL["models"]
+    assert models.suggest("rsunte") == ["rsunet"]
+    assert "did you mean 'flip_rotate'" in ALL["augmentations"].unknown_message("flip")
+    assert "did you mean" not in models.unknown_message("transformer")
+
+
+def test_every_kind_has_its_registry():
+    assert set(ALL) == {"sources", "augmentations", "models", "targets", "losses", "blends",
+                        "segmenters"}
+    assert {"rsunet", "updown"} <= set(ALL["models"].names())
+    assert {"bump", "gaussian"} == set(ALL["blends"].names())
+    assert {"mws", "waterz", "cc"} == set(ALL["segmenters"].names())
+
+
+def test_plugins_register_through_entry_points(tmp_path):
+    """A package exposing `emrun.plugins` adds an augmentation that recipes can name."""
+    (tmp_path / "my_emrun_plugin.py").write_text(textwrap.dedent("""
+        from typing import Literal
+        from emrun.recipe.augment import AugmentBase
+        from emrun.registry import augmentations
+
+        @augmentations.register("sparkle")
+        class Sparkle(AugmentBase):
+            type: Literal["sparkle"] = "sparkle"
+            amount: float = 0.1
+    """))
+    info = tmp_path / "my_emrun_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-emrun-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[emrun.plugins]\nsparkle = my_emrun_plugin\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(MINIMAL + "augment: [{type: sparkle, amount: 0.5}]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    command = [sys.executable, "-m", "emrun", "validate", "--no-data", str(recipe)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    recipe.write_text(MINIMAL + "augment: [{type: sparkle, amount: 0.5, colour: red}]\n")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert "augment.0.colour: unknown key 'colour'" in done.stderr
+    done = subprocess.run(command, capture_output=True, text=True)  # without the plugin
+    assert done.returncode == 2
+    assert "unknown augmentation type 'sparkle'" in done.stderr
