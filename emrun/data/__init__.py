@@ -1,0 +1,1 @@
+"""Data layer: sources, checks of referenced volumes, (later) sampling, targets and loading."""

@@ -1,0 +1,129 @@
+"""Open every volume a recipe references and check it can feed training as described.
+
+Reads metadata only (shape, dtype, voxel size), never voxel data, so it is fast on any size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..io import Volume, VolumeError, open_volume
+from ..recipe import LoadedRecipe, Problem
+from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
+from ..recipe.errors import KeyPath
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """What the checks learnt about one source, for the summary."""
+
+    group: str
+    name: str
+    kind: str
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    voxel_size: tuple[float, ...] | None
+    weight: float | None
+
+
+def check_data(loaded: LoadedRecipe) -> tuple[list[SourceFacts], list[Problem]]:
+    """Facts about every source and every problem found with its volumes."""
+    recipe = loaded.recipe
+    facts: list[SourceFacts] = []
+    problems: list[Problem] = []
+    for group in ("sources", "validation"):
+        for name, source in getattr(recipe.data, group).items():
+            path: KeyPath = ("data", group, name)
+            found: list[tuple[KeyPath, str]] = []
+            facts.append(_check_source(group, name, source, recipe.train.patch, path, found))
+            problems += [Problem(msg, loaded.mark(p), p) for p, msg in found]
+    return facts, problems
+
+
+def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, int, int],
+                  path: KeyPath, problems: list[tuple[KeyPath, str]]) -> SourceFacts:
+    if isinstance(source, SyntheticSource):
+        voxel = source.voxel_size or (30.0, 6.0, 6.0)
+        return SourceFacts(group, name, "synthetic", source.shape, "uint8", voxel, source.weight)
+    assert isinstance(source, VolumeSource)
+    image = _open(source.image, (*path, "image"), problems)
+    if image is None:
+        return SourceFacts(group, name, "volume", None, None, source.voxel_size, source.weight)
+    _check_image(image, source, (*path, "image"), problems)
+    others: dict[KeyPath, str] = {}
+    if source.labels:
+        others[(*path, "labels")] = source.labels
+    if source.mask:
+        others[(*path, "mask")] = source.mask
+    for sem, ref in source.semantic.items():
+        others[(*path, "semantic", sem)] = ref
+    for key, ref in others.items():
+        volume = _open(ref, key, problems)
+        if volume is not None:
+            _check_companion(volume, image, key, problems)
+    _check_roi(image, source, patch if group == "sources" else None, path, problems)
+    voxel = source.voxel_size or image.voxel_size
+    if source.voxel_size and image.voxel_size and not np.allclose(
+        source.voxel_size, image.voxel_size[-3:]
+    ):
+        problems.append(((*path, "voxel_size"), f"{list(source.voxel_size)} nm disagrees with "
+                         f"{image} metadata {list(image.voxel_size)} nm"))
+    return SourceFacts(group, name, "volume", image.shape, str(image.dtype), voxel, source.weight)
+
+
+def _open(ref: str, key: KeyPath, problems: list[tuple[KeyPath, str]]) -> Volume | None:
+    try:
+        return open_volume(ref)
+    except VolumeError as exc:
+        problems.append((key, str(exc)))
+        return None
+
+
+def _check_image(image: Volume, source: VolumeSource, key: KeyPath,
+                 problems: list[tuple[KeyPath, str]]) -> None:
+    if len(image.shape) != 3:
+        problems.append((key, f"{image} has shape {list(image.shape)}; an image must be 3D (z, y, x)"))
+    kind = image.dtype.kind
+    if kind not in "uif":
+        problems.append((key, f"{image} has dtype {image.dtype}; an image must be numeric"))
+    elif kind == "f" and source.intensity is None:
+        pass  # float images must already be in [0, 1]; the loader checks values as it reads
+    elif kind in "ui" and image.dtype.itemsize > 2 and source.intensity is None:
+        problems.append((key, f"{image} has dtype {image.dtype}; give `intensity: {{low, high}}` "
+                         "to map its values to [0, 1]"))
+
+
+def _check_companion(volume: Volume, image: Volume, key: KeyPath,
+                     problems: list[tuple[KeyPath, str]]) -> None:
+    what = str(key[-1]) if key[-2] != "semantic" else f"semantic volume {key[-1]!r}"
+    if volume.dtype.kind not in "uib":
+        problems.append((key, f"{volume} has dtype {volume.dtype}; {what} must hold integer ids "
+                         "(or booleans)"))
+    if tuple(volume.shape) != tuple(image.shape):
+        problems.append((key, f"{volume} has shape {list(volume.shape)} but the image "
+                         f"{image} has {list(image.shape)}"))
+    if volume.voxel_size and image.voxel_size and not np.allclose(
+        volume.voxel_size[-3:], image.voxel_size[-3:]
+    ):
+        problems.append((key, f"{volume} voxel size {list(volume.voxel_size)} nm disagrees with "
+                         f"the image's {list(image.voxel_size)} nm"))
+
+
+def _check_roi(image: Volume, source: VolumeSource, patch: tuple[int, int, int] | None,
+               path: KeyPath,
+               problems: list[tuple[KeyPath, str]]) -> None:
+    shape = tuple(image.shape[-3:])
+    if len(shape) != 3:
+        return
+    if source.roi is not None:
+        end = [o + s for o, s in zip(source.roi.offset, source.roi.shape, strict=True)]
+        if any(e > s for e, s in zip(end, shape, strict=True)):
+            problems.append(((*path, "roi"), f"roi {list(source.roi.offset)} + "
+                             f"{list(source.roi.shape)} ends at {end}, outside {image} "
+                             f"of shape {list(shape)}"))
+        return
+    if patch is not None and any(s < p for s, p in zip(shape, patch, strict=True)):
+        problems.append(((*path, "image"), f"{image} of shape {list(shape)} is smaller than "
+                         f"train.patch {list(patch)}"))
