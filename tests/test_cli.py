@@ -105,3 +105,12 @@ def test_python_dash_m_runs_the_cli():
                            str(ROOT / "recipes" / "demo.yaml")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "recipe demo" in done.stdout
+
+
+def test_every_schema_property_is_described():
+    schema = json.loads(recipe_schema_text())
+    models = {"Recipe": schema, **schema["$defs"]}
+    undescribed = [f"{name}.{prop}" for name, model in models.items()
+                   for prop, spec in model.get("properties", {}).items()
+                   if prop != "type" and not spec.get("description")]
+    assert undescribed == []
