@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import NotImplementedYet, UserError
@@ -54,7 +55,7 @@ def guarded(fn: F) -> F:
             return fn(*args, **kwargs)
         except UserError as exc:
             for line in str(exc).splitlines():
-                err.print(f"[red]error:[/] {line}", markup=True)
+                err.print(f"[red]error:[/] {escape(line)}", markup=True)
             raise typer.Exit(2) from None
         except NotImplementedYet as exc:
             err.print(f"{exc}")

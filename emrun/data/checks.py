@@ -84,7 +84,9 @@ def _open(ref: str, key: KeyPath, problems: list[tuple[KeyPath, str]]) -> Volume
 def _check_image(image: Volume, source: VolumeSource, key: KeyPath,
                  problems: list[tuple[KeyPath, str]]) -> None:
     if len(image.shape) != 3:
-        problems.append((key, f"{image} has shape {list(image.shape)}; an image must be 3D (z, y, x)"))
+        problems.append(
+            (key, f"{image} has shape {list(image.shape)}; an image must be 3D (z, y, x)")
+        )
     kind = image.dtype.kind
     if kind not in "uif":
         problems.append((key, f"{image} has dtype {image.dtype}; an image must be numeric"))

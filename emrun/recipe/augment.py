@@ -85,7 +85,7 @@ class MisalignBase(AugmentBase):
     def patch_problems(self, patch: tuple[int, int, int]) -> list[str]:
         problems = []
         if patch[0] < 2:
-            problems.append(f"{self.type} needs a patch of at least 2 sections (z)")
+            problems.append(f"{self.type} needs a patch of at least 2 sections (got {patch[0]})")
         if self.displacement[1] >= min(patch[1], patch[2]):
             problems.append(
                 f"{self.type}: displacement up to {self.displacement[1]} px is not smaller than "
@@ -118,7 +118,8 @@ class MisalignMissing(MisalignBase):
         problems = super().patch_problems(patch)
         if patch[0] < self.missing_max + 2:
             problems.append(
-                f"misalign_missing needs at least {self.missing_max + 2} sections (z)"
+                f"misalign_missing needs a patch of at least {self.missing_max + 2} sections "
+                f"(got {patch[0]})"
             )
         return problems
 
@@ -196,7 +197,8 @@ class Box(AugmentBase):
 
     def patch_problems(self, patch: tuple[int, int, int]) -> list[str]:
         if self.size[1] > min(patch[1], patch[2]):
-            return [f"box: size up to {self.size[1]} px exceeds the patch in y or x"]
+            return [f"box: size up to {self.size[1]} px exceeds the patch "
+                    f"({patch[1]}x{patch[2]} in y, x)"]
         return []
 
 

@@ -68,7 +68,7 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
 
     for i, aug in enumerate(recipe.augment):
         for msg in aug.patch_problems(patch):
-            problems.append((("augment", i), f"{msg} (train.patch {list(patch)})"))
+            problems.append((("augment", i), msg))
 
     ipatch = recipe.infer_patch()
     stride = recipe.infer.resolved_stride(ipatch)

@@ -85,10 +85,16 @@ def _resolve(file: Path, chain: tuple[Path, ...], files: list[Path],
     if real in chain:
         cycle = " -> ".join(shown_path(p) for p in (*chain, real))
         raise RecipeError([Problem(f"`extends` cycle: {cycle}", referrer)])
-    if referrer is not None and not file.exists():
-        raise RecipeError([Problem(f"extends: no such file {shown!r}", referrer, ("extends",))])
+    try:
+        text = read_text(file, shown)
+    except RecipeError as exc:
+        if referrer is None:
+            raise
+        # a base that cannot be read is a problem of the `extends:` line that names it
+        raise RecipeError([Problem(f"{shown!r}: {p.message}", referrer, ("extends",))
+                           for p in exc.problems]) from None
     files.append(real)
-    located = parse(read_text(file, shown), shown)
+    located = parse(text, shown)
     data = located.data
     if not isinstance(data, dict) or "extends" not in data:
         return located
@@ -97,14 +103,15 @@ def _resolve(file: Path, chain: tuple[Path, ...], files: list[Path],
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
-        raise RecipeError([Problem("extends must be a file name or a list of file names",
+        raise RecipeError([Problem("must be a file name or a list of file names",
                                    mark, ("extends",))])
     merged = Located({})
     for base in bases:
         base_file = file.parent / base
         base_located = _resolve(base_file, (*chain, real), files, mark)
         if not isinstance(base_located.data, dict):
-            raise RecipeError([Problem(f"extends: {base!r} is not a mapping", mark, ("extends",))])
+            raise RecipeError([Problem(f"{base!r} is not a mapping of recipe sections", mark,
+                                       ("extends",))])
         merged = _merge(merged, base_located)
     located.values.pop(("extends",), None)
     located.keys.pop(("extends",), None)
@@ -129,7 +136,9 @@ def _merge_data(base: Any, child: Any) -> Any:
 
 def _exists(data: Any, path: KeyPath) -> bool:
     for key in path:
-        if (isinstance(data, dict) and key in data) or (isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data)):
+        if (isinstance(data, dict) and key in data) or (
+            isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data)
+        ):
             data = data[key]
         else:
             return False
@@ -148,7 +157,10 @@ def _apply_override(located: Located, expr: str) -> None:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError([Problem(f"the value is not valid YAML: {exc}", where)]) from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (at character {mark.column + 1} of the value)" if mark and mark.line == 0 else ""
+        raise RecipeError([Problem(f"the value is not valid YAML: {problem}{at}", where)]) from None
     node: Any = located.data
     path: list[str | int] = []
     for i, part in enumerate(parts):
@@ -160,11 +172,11 @@ def _apply_override(located: Located, expr: str) -> None:
             step: str | int = int(part) % len(node)
         elif isinstance(node, dict):
             step = part
-            if not last and not isinstance(node.get(step), dict | list):
+            if not last and node.get(step) is None:
                 node[step] = {}
         else:
-            raise RecipeError([Problem(f"cannot set {key}: {dotted(tuple(path))} is not a "
-                                       "mapping", where)])
+            raise RecipeError([Problem(f"cannot set {key}: {dotted(tuple(path))} is "
+                                       f"{node!r}, not a mapping", where)])
         path.append(step)
         if last:
             node[step] = value

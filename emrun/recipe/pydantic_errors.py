@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import types
 import typing
 from typing import Any
@@ -14,42 +15,81 @@ from .errors import KeyPath, Problem
 from .recipe import Recipe
 from .yamlsource import Located
 
+NAME_PATTERNS = {
+    r"^[A-Za-z][A-Za-z0-9_\-]*$": "must start with a letter and use only letters, digits, "
+    "'_' and '-'",
+}
+"""Regular expressions of the recipe's string fields, in words."""
+
+MAPPING_ERRORS = ("dict_type", "model_type", "model_attributes_type")
+
 
 def problem_from_error(err: ErrorDetails, located: Located) -> Problem:
     """One pydantic error as a Problem at the right file position."""
     loc = tuple(err["loc"])
-    path = _data_path(located.data, loc)
     kind = err["type"]
+    path = _data_path(located.data, loc, missing=kind == "missing")
     message = _message(err, loc)
-    key_level = kind in ("extra_forbidden",)
+    if kind == "missing" and isinstance(loc[-1], int) and path[-1:] == loc[-1:]:
+        parent = _value_at(located.data, path[:-1])
+        if isinstance(parent, list):  # a tuple too short: pydantic calls item N "missing"
+            path = path[:-1]
+            message = f"should be {_sequence_words(loc[:-1])}, not {len(parent)}"
+    if kind == "union_tag_invalid" and isinstance(_value_at(located.data, path), dict):
+        path = (*path, "type")  # point at the misspelled name itself
+    key_level = kind in ("extra_forbidden",) or loc[-1:] == ("[key]",)
     return Problem(message, located.mark(path, key=key_level), path)
 
 
-def _data_path(data: Any, loc: tuple[Any, ...]) -> KeyPath:
-    """The key path in the user's data: pydantic's loc without union tags."""
+def _data_path(data: Any, loc: tuple[Any, ...], missing: bool = False) -> KeyPath:
+    """The key path in the user's data: pydantic's loc without union tags or '[key]'.
+
+    A step that is not in the data is a union tag (e.g. 'rsunet'), unless it is the last one
+    of a "missing" error: then it is the key that is missing.
+    """
     path: list[str | int] = []
     node = data
+    tp: Any = Recipe  # the type at this point of ``loc``, to tell union tags from keys
     for i, step in enumerate(loc):
-        if (isinstance(node, dict) and step in node) or (isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node)):
+        if isinstance(step, str) and step in _tags(tp):
+            tp = _descend(tp, step)
+            continue  # a union tag, even where the data has a key of the same name
+        tp = _descend(tp, step) if tp is not None else None
+        if (isinstance(node, dict) and step in node) or (
+            isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node)
+        ):
             node = node[step]
-        elif i == len(loc) - 1 or not isinstance(node, dict | list):
-            node = None  # a missing key (last) or a value that was expanded (e.g. a preset)
+        elif i == len(loc) - 1 and missing:
+            node = None
+        elif not isinstance(node, dict | list):
+            node = None  # a value that was expanded (e.g. a preset)
         else:
-            continue  # a union tag such as 'rsunet' or 'function-after[...]'
+            continue  # a union tag such as 'rsunet' or 'function-after[...]', or '[key]'
         path.append(step)
     return tuple(path)
+
+
+def _value_at(data: Any, path: KeyPath) -> Any:
+    """The value at ``path``, or None where the data has none."""
+    for step in path:
+        try:
+            data = data[step]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
 
 
 def _message(err: ErrorDetails, loc: tuple[Any, ...]) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
+    value = err.get("input")
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":
         key = str(loc[-1])
         known = _field_names(loc[:-1])
-        hint = suggest(key, known)[:1]
-        did = f"; did you mean {hint[0]!r}?" if hint else ""
+        hint = _close(key, known)
+        did = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
         allowed = f" (allowed: {', '.join(known)})" if known and not hint else ""
         return f"unknown key {key!r}{did}{allowed}"
     if kind == "union_tag_invalid":
@@ -57,28 +97,92 @@ def _message(err: ErrorDetails, loc: tuple[Any, ...]) -> str:
         registry = _registry_for(ctx.get("expected_tags", ""))
         if registry is not None:
             return registry.unknown_message(tag)
-        return f"unknown type {tag!r} (expected one of: {ctx.get('expected_tags')})"
+        options = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
+        hint = _close(str(tag), options)
+        did = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
+        what = f"{loc[-1]} type" if loc and isinstance(loc[-1], str) else "type"
+        return f"unknown {what} {tag!r}{did} (known: {', '.join(options)})"
     if kind == "union_tag_not_found":
-        registry = _registry_for(ctx.get("expected_tags", ""))
-        names = ", ".join(registry.names()) if registry else ctx.get("expected_tags", "")
-        return f"missing `type:` (one of: {names})"
-    message = err["msg"]
-    for prefix in ("Value error, ", "Assertion failed, "):
-        message = message.removeprefix(prefix)
-    if message:
-        message = message[0].lower() + message[1:]
-    value = err.get("input")
+        names = ", ".join(_union_tags(loc))
+        return f"missing `type:` (one of: {names})" if names else "missing `type:`"
+    if loc[-1:] == ("[key]",) and kind == "string_pattern_mismatch":
+        return f"the name {value!r} {NAME_PATTERNS.get(ctx.get('pattern'), 'is not allowed')}"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") in NAME_PATTERNS:
+        return f"{NAME_PATTERNS[ctx['pattern']]} (got {value!r})"
+    if kind in MAPPING_ERRORS:
+        if value is None:
+            return "is empty; it should be a mapping of keys to values"
+        message = "should be a mapping of keys to values"
+        if isinstance(value, str) and value in _union_tags(loc):
+            message += f"; write {{type: {value}}}"
+    elif kind == "tuple_type":
+        message = f"should be {_sequence_words(loc)}"
+    elif kind in ("too_short", "too_long") and "actual_length" in ctx:
+        actual = ctx["actual_length"]
+        if ctx.get("field_type") == "Tuple":
+            return f"should be {_sequence_words(loc)}, not {actual}"
+        dictionary = ctx.get("field_type") == "Dictionary"
+
+        def items(n: int) -> str:
+            if dictionary:
+                return f"{n} entr{'y' if n == 1 else 'ies'}"
+            return f"{n} item{'' if n == 1 else 's'}"
+
+        if kind == "too_long":
+            return f"has {items(actual)}; at most {ctx.get('max_length')} are allowed"
+        least = f"needs at least {items(ctx.get('min_length', 1))}"
+        return f"is empty; it {least}" if actual == 0 else f"has {items(actual)}; it {least}"
+    else:
+        message = err["msg"]
+        for prefix in ("Value error, ", "Assertion failed, "):
+            message = message.removeprefix(prefix)
+        if message:
+            message = message[0].lower() + message[1:]
     if kind == "literal_error" and isinstance(value, str):
-        options = [o.strip(" '") for o in str(ctx.get("expected", "")).replace(" or ", ",").split(",")]
-        hint = suggest(value, options)[:1]
+        expected = str(ctx.get("expected", "")).replace(" or ", ",")
+        options = [o.strip(" '") for o in expected.split(",")]
+        hint = _close(value, options)
         if hint:
-            message += f"; did you mean {hint[0]!r}?"
+            message += f"; did you mean {' or '.join(repr(h) for h in hint)}?"
     if isinstance(value, str | int | float | bool) and kind != "value_error":
         shown = repr(value)
         if len(shown) > 60:
             shown = shown[:57] + "..."
         message += f" (got {shown})"
     return message
+
+
+def _close(word: str, choices: list[str]) -> list[str]:
+    """The suggestions for ``word`` that are about equally close (at most two)."""
+    hints = suggest(word, choices)
+    if len(hints) < 2:
+        return hints
+    score = [difflib.SequenceMatcher(None, word, h).ratio() for h in hints]
+    best = max(score)
+    return sorted(h for h, r in zip(hints, score, strict=True) if r >= best - 0.05)[:2]
+
+
+def _sequence_words(loc: tuple[Any, ...]) -> str:
+    """'a list of 3 values (z, y, x)' for the tuple field at ``loc``."""
+    tp = _unwrap(_annotation_at(loc), None)
+    args = typing.get_args(tp) if typing.get_origin(tp) is tuple else ()
+    if not args or Ellipsis in args:
+        return "a list of values"
+    axes = " (z, y, x)" if len(args) == 3 else ""
+    return f"a list of {len(args)} values{axes}"
+
+
+def _union_tags(loc: tuple[Any, ...]) -> list[str]:
+    """The `type:` names a tagged union at ``loc`` accepts (empty when it is no union)."""
+    return _tags(_annotation_at(loc))
+
+
+def _tags(tp: Any) -> list[str]:
+    """The `type:` names of the members of union ``tp`` (empty when it is no union)."""
+    tp = _unwrap(tp, None)
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return []
+    return [tag for member in typing.get_args(tp) for tag in _type_tags(member)]
 
 
 def _registry_for(expected: str) -> Any:
@@ -89,14 +193,19 @@ def _registry_for(expected: str) -> Any:
     return None
 
 
-def _field_names(loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the model at ``loc`` (union tags pick the member)."""
+def _annotation_at(loc: tuple[Any, ...]) -> Any:
+    """The annotation of the field at ``loc`` (union tags pick the member); None if unknown."""
     tp: Any = Recipe
     for step in loc:
         tp = _descend(tp, step)
         if tp is None:
-            return []
-    tp = _unwrap(tp, None)
+            return None
+    return tp
+
+
+def _field_names(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model at ``loc`` (union tags pick the member)."""
+    tp = _unwrap(_annotation_at(loc), None)
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return list(tp.model_fields)
     return []
@@ -110,7 +219,7 @@ def _unwrap(tp: Any, tag: Any) -> Any:
             tp = typing.get_args(tp)[0]
         elif origin in (typing.Union, types.UnionType):
             members = [a for a in typing.get_args(tp) if a is not type(None)]
-            chosen = [m for m in members if tag is not None and _type_tag(m) == tag]
+            chosen = [m for m in members if tag is not None and tag in _type_tags(m)]
             if chosen:
                 return _unwrap(chosen[0], None)
             models = [m for m in members if isinstance(_unwrap(m, None), type)]
@@ -121,11 +230,12 @@ def _unwrap(tp: Any, tag: Any) -> Any:
             return tp
 
 
-def _type_tag(tp: Any) -> Any:
+def _type_tags(tp: Any) -> tuple[str, ...]:
+    """The `type:` values a model accepts (its Literal), empty for other types."""
     tp = _unwrap(tp, None)
     if isinstance(tp, type) and issubclass(tp, BaseModel) and "type" in tp.model_fields:
-        return tp.model_fields["type"].default
-    return None
+        return tuple(str(a) for a in typing.get_args(tp.model_fields["type"].annotation))
+    return ()
 
 
 def _descend(tp: Any, step: Any) -> Any:
@@ -134,7 +244,7 @@ def _descend(tp: Any, step: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         return tp_inner  # a tag step will pick the member next
     if isinstance(tp_inner, type) and issubclass(tp_inner, BaseModel):
-        if _type_tag(tp_inner) == step and step not in tp_inner.model_fields:
+        if step in _type_tags(tp_inner) and step not in tp_inner.model_fields:
             return tp_inner  # the union tag itself
         field = tp_inner.model_fields.get(step)
         return field.annotation if field else None

@@ -27,15 +27,25 @@ class Located:
     keys: dict[KeyPath, Mark] = field(default_factory=dict)
 
     def mark(self, path: KeyPath, key: bool = False) -> Mark | None:
-        """The mark of ``path`` or of its nearest marked ancestor."""
+        """The mark of ``path`` or of its nearest marked ancestor.
+
+        A value that starts on a later line than its key (a block mapping or list) is
+        reported at its key: ``train:`` rather than the first line inside it.
+        """
         table = self.keys if key else self.values
         for n in range(len(path), -1, -1):
             prefix = path[:n]
             if prefix in table:
-                return table[prefix]
+                return self._at_key(prefix, table[prefix])
             if prefix in self.values:
-                return self.values[prefix]
+                return self._at_key(prefix, self.values[prefix])
         return None
+
+    def _at_key(self, path: KeyPath, mark: Mark) -> Mark:
+        key = self.keys.get(path)
+        if key is not None and key.file == mark.file and key.line < mark.line:
+            return key
+        return mark
 
 
 def read_text(path: Path, shown: str) -> str:
@@ -48,11 +58,12 @@ def read_text(path: Path, shown: str) -> str:
     if path.is_dir():
         raise fail("is a directory, not a recipe file")
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as stream:  # bounded: a device or pipe must not read forever
+            raw = stream.read(MAX_BYTES + 1)
     except OSError as exc:
         raise fail(f"cannot read: {exc.strerror or exc}") from None
     if len(raw) > MAX_BYTES:
-        raise fail(f"is {len(raw)} bytes; a recipe is a small YAML text file")
+        raise fail(f"is larger than {MAX_BYTES // 2**20} MiB; a recipe is a small YAML text file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -65,44 +76,112 @@ def _mark(shown: str, node_mark: yaml.Mark) -> Mark:
 
 def parse(text: str, shown: str) -> Located:
     """Parse one YAML document into located plain data."""
-    loader = yaml.SafeLoader(text)
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)  # checks the characters already
         node = loader.get_single_node()
         if node is None:
             raise RecipeError([Problem("the file is empty; a recipe is a mapping with name, "
                                        "data, model, tasks and train", Mark(shown))])
         located = Located(None)
-        located.data = _convert(loader, node, (), located, shown)
+        located.data = _Converter(loader, located, shown).convert(node, ())
         return located
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        message = exc.problem or str(exc)
-        if "'\\t'" in message:
-            message += " (tabs are not allowed for indentation in YAML; use spaces)"
-        if exc.context and exc.problem:
-            message = f"{exc.context}: {message}"
         where = _mark(shown, mark) if mark else Mark(shown)
-        raise RecipeError([Problem(f"invalid YAML: {message}", where)]) from None
+        raise RecipeError([Problem(f"invalid YAML: {_yaml_message(exc)}", where)]) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise RecipeError([Problem(f"invalid YAML: character U+{exc.character:04X} is not "
+                                   "allowed in a YAML file", Mark(shown, line, col))]) from None
     except yaml.YAMLError as exc:
         raise RecipeError([Problem(f"invalid YAML: {exc}", Mark(shown))]) from None
     except RecursionError:
         raise RecipeError([Problem("YAML nested too deeply", Mark(shown))]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
-def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: KeyPath, out: Located,
-             shown: str) -> Any:
-    out.values[path] = _mark(shown, node.start_mark)
-    if isinstance(node, yaml.MappingNode):
+_CONTEXTS = {
+    "while parsing a flow sequence": "the [...] list",
+    "while parsing a flow mapping": "the {...} mapping",
+    "while scanning a quoted scalar": "the quoted string",
+    "while parsing a block mapping": "the block",
+    "while parsing a block collection": "the list",
+}
+
+
+def _yaml_message(exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML's problem in words a recipe author can act on."""
+    message = exc.problem or str(exc)
+    if "'\\t'" in message:
+        return "a tab character; YAML indentation must use spaces, not tabs"
+    if message.startswith("expected <block end>"):
+        message = "this line is not indented like the lines above it"
+    if message == "mapping values are not allowed here":
+        message += " (put a value that contains ': ' in quotes)"
+    if message == "but found another document":
+        return "a recipe is one YAML document, but another one starts here"
+    context, start, end = exc.context, exc.context_mark, exc.problem_mark
+    what = _CONTEXTS.get(context or "")
+    if what and start is not None and (end is None or start.line != end.line):
+        return f"{message} ({what} that starts on line {start.line + 1})"
+    if context:
+        return f"{context}: {message}"
+    return message
+
+
+MAX_EXPANDED = 100_000
+"""Values that YAML aliases may repeat in all: a recipe needs few; a 'billion laughs' many."""
+
+
+class _Converter:
+    """Plain data from a node tree, recording the marks of every key path."""
+
+    def __init__(self, loader: yaml.SafeLoader, out: Located, shown: str) -> None:
+        self.loader, self.out, self.shown = loader, out, shown
+        self.seen: set[int] = set()
+        self.open: set[int] = set()  # nodes being converted: a node inside itself is a cycle
+        self.repeated = 0
+
+    def convert(self, node: yaml.Node, path: KeyPath) -> Any:
+        shown = self.shown
+        if id(node) in self.open:
+            raise RecipeError([Problem("an alias refers to the value that contains it",
+                                       _mark(shown, node.start_mark), path)])
+        if id(node) in self.seen:
+            self.repeated += 1
+            if self.repeated > MAX_EXPANDED:
+                raise RecipeError([Problem(f"aliases repeat more than {MAX_EXPANDED:,} values; "
+                                           "a recipe is small", _mark(shown, node.start_mark),
+                                           path)])
+        self.seen.add(id(node))
+        self.out.values[path] = _mark(shown, node.start_mark)
+        if not isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            return self.loader.construct_object(node, deep=True)
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
+            return self._mapping(node, path)
+        finally:
+            self.open.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, path: KeyPath) -> dict[Any, Any]:
+        loader, shown = self.loader, self.shown
         own_keys: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise RecipeError([Problem("keys must be plain names, not a list or mapping",
+                                           _mark(shown, key_node.start_mark), path)])
             key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, str | int | float | bool) or key is None:
                 raise RecipeError([Problem(f"keys must be plain names, not {key!r}",
-                                           _mark(shown, key_node.start_mark))])
+                                           _mark(shown, key_node.start_mark), path)])
             if key in own_keys:
                 first = own_keys[key].start_mark.line + 1
                 raise RecipeError([Problem(
@@ -113,9 +192,6 @@ def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: KeyPath, out: Locat
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
-            out.keys[(*path, key)] = _mark(shown, key_node.start_mark)
-            result[key] = _convert(loader, value_node, (*path, key), out, shown)
+            self.out.keys[(*path, key)] = _mark(shown, key_node.start_mark)
+            result[key] = self.convert(value_node, (*path, key))
         return result
-    if isinstance(node, yaml.SequenceNode):
-        return [_convert(loader, item, (*path, i), out, shown) for i, item in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
