@@ -45,8 +45,8 @@ def check_data(loaded: LoadedRecipe) -> tuple[list[SourceFacts], list[Problem]]:
 def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, int, int],
                   path: KeyPath, problems: list[tuple[KeyPath, str]]) -> SourceFacts:
     if isinstance(source, SyntheticSource):
-        voxel = source.voxel_size or (30.0, 6.0, 6.0)
-        return SourceFacts(group, name, "synthetic", source.shape, "uint8", voxel, source.weight)
+        return SourceFacts(group, name, "synthetic", source.shape, "uint8", source.voxel_size,
+                           source.weight)
     assert isinstance(source, VolumeSource)
     image = _open(source.image, (*path, "image"), problems)
     if image is None:

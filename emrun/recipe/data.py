@@ -93,6 +93,9 @@ class SyntheticSource(SourceBase):
     type: Literal["synthetic"] = "synthetic"
     shape: Zyx = Field((64, 256, 256), description="Volume size in voxels, z, y, x.")
     seed: Seed = Field(0, description="Generator seed; the same seed gives the same volume.")
+    voxel_size: Nanometres | None = Field(
+        (30.0, 6.0, 6.0), description="Voxel size in nm, z, y, x (ssEM-like by default)."
+    )
 
     def semantic_names(self) -> set[str]:
         return set(SYNTHETIC_SEMANTIC)
