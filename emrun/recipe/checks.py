@@ -84,6 +84,11 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
         problems.append((("infer", "block"), f"block {list(block)} is not a whole number of "
                          f"chunks {list(chunks)}"))
 
+    weighted = [src.weight is not None for src in recipe.data.sources.values()]
+    if any(weighted) and not all(weighted):
+        unweighted = [n for n, s in recipe.data.sources.items() if s.weight is None]
+        problems.append((("data", "sources"), f"give a weight to every source or to none "
+                         f"(no weight: {', '.join(unweighted)})"))
     for sname, source in recipe.data.sources.items():  # validation crops may be smaller
         size = source.roi.shape if source.roi is not None else getattr(source, "shape", None)
         key = "roi" if source.roi is not None else "shape"

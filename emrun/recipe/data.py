@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..registry import Spec, sources
-from .types import IndexZyx, Name, Nanometres, Positive, Seed, Zyx
+from .types import IndexZyx, Name, Nanometres, Positive, Probability, Seed, Zyx
 
 VolumePath = str
 """A volume inside a container, as on the command line: ``vol.zarr/image``, ``raw.h5/volumes/raw``,

@@ -1,0 +1,1 @@
+"""Benchmarks behind `emrun bench ...`: each returns a dict the CLI prints (and as JSON)."""

@@ -1,0 +1,82 @@
+"""`emrun bench data`: how fast the training data pipeline delivers samples.
+
+Two measurements in one run: per-stage cost (sampling/reading, each augmentation, targets)
+in this process on one core, and end-to-end throughput with the requested worker count.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+from ..data.loader import train_batches
+from ..data.samples import SampleMaker, batch_rng
+from ..recipe import Recipe
+from ..recipe.data import SyntheticSource
+
+
+def with_synthetic_sources(recipe: Recipe) -> Recipe:
+    """The recipe with every source replaced by a synthetic volume large enough to sample."""
+    pz, py, px = recipe.train.patch
+    shape = (max(3 * pz, 64), max(2 * py, 512), max(2 * px, 512))
+    sources = {f"synthetic_{i}": SyntheticSource(shape=shape, seed=i, weight=1.0)
+               for i in range(len(recipe.data.sources))}
+    data = recipe.data.model_copy(update={"sources": sources, "validation": {}})
+    return recipe.model_copy(update={"data": data})
+
+
+def stage_costs(recipe: Recipe, samples: int) -> tuple[dict[str, float], list[float]]:
+    """Mean ms per sample of each stage, and each sample's total ms, in this process."""
+    maker = SampleMaker(recipe)
+    maker.sample(batch_rng(recipe.seed, 0, -1 % 2**31))  # warm-up: caches, first reads
+    maker.timings = {}
+    totals = []
+    for index in range(samples):
+        rng = batch_rng(recipe.seed, 0, index)
+        start = time.perf_counter()
+        maker.sample(rng)
+        totals.append((time.perf_counter() - start) * 1e3)
+    per_stage = {name: seconds * 1e3 / samples for name, seconds in maker.timings.items()}
+    return per_stage, totals
+
+
+def throughput(recipe: Recipe, workers: int, samples: int) -> float:
+    """Samples per second through the real loader after every worker made its first batch."""
+    batches = train_batches(recipe, workers=workers, pin_memory=False)
+    for _ in range(max(workers, 1)):  # warm-up: worker start, volume generation or opening
+        next(batches)
+    count = max(1, samples // recipe.train.batch_size)
+    start = time.perf_counter()
+    for _ in range(count):
+        next(batches)
+    elapsed = time.perf_counter() - start
+    del batches
+    return count * recipe.train.batch_size / elapsed
+
+
+def bench_data(recipe: Recipe, *, synthetic: bool, workers: int, samples: int) -> dict[str, Any]:
+    """The figures `emrun bench data` reports."""
+    if synthetic:
+        recipe = with_synthetic_sources(recipe)
+    per_stage, totals = stage_costs(recipe, samples)
+    augment_names = {a.type for a in recipe.augment}
+    per_aug = {k: round(v, 3) for k, v in per_stage.items() if k in augment_names}
+    rate = throughput(recipe, workers, samples) if workers > 0 else 1e3 / statistics.mean(totals)
+    return {
+        "recipe": recipe.name,
+        "patch": list(recipe.train.patch),
+        "channels": {name: task.channels() for name, task in recipe.tasks.items()},
+        "synthetic": synthetic,
+        "workers": workers,
+        "samples": samples,
+        "samples_per_s": round(rate, 3),
+        "ms_per_sample": round(1e3 / rate, 3),
+        "median_ms_per_sample_one_core": round(statistics.median(totals), 3),
+        "read_ms": round(per_stage.get("sample", 0.0), 3),
+        "targets_ms": round(per_stage.get("targets", 0.0), 3),
+        "per_augmentation_ms": per_aug,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+    }

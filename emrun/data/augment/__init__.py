@@ -1,0 +1,107 @@
+"""Augmentation pipeline with spec propagation.
+
+Before a sample is read, each augmentation, in reverse order, draws its random parameters
+for the requested output and says how large an input it needs (``prepare`` returns a
+``Step`` with ``in_shape``). The sampler reads that enlarged patch once; the steps then run
+forward, each cropping back to its output shape, so the last one yields exactly the patch.
+Implementations register builders with ``emrun.registry.augmentations``.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ...recipe.augment import AugmentBase
+from ...registry import augmentations
+
+Zyx = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sample inside the pipeline (no channel axis)."""
+
+    image: np.ndarray  # float32 in [0, 1], (z, y, x)
+    labels: np.ndarray | None  # integer ids
+    mask: np.ndarray | None  # non-zero = valid
+    semantic: dict[str, np.ndarray]
+
+    @property
+    def shape(self) -> Zyx:
+        return self.image.shape  # type: ignore[return-value]
+
+    def map_geometric(self, image: Callable[[np.ndarray], np.ndarray],
+                      other: Callable[[np.ndarray], np.ndarray]) -> Sample:
+        """Apply ``image`` to the image and ``other`` to labels, mask and semantic volumes."""
+        return replace(
+            self,
+            image=image(self.image),
+            labels=None if self.labels is None else other(self.labels),
+            mask=None if self.mask is None else other(self.mask),
+            semantic={k: other(v) for k, v in self.semantic.items()},
+        )
+
+
+@dataclass(frozen=True)
+class Step:
+    """An augmentation with its random parameters drawn for one sample."""
+
+    name: str
+    in_shape: Zyx
+    apply: Callable[[Sample], Sample]
+
+
+def identity(name: str, shape: Zyx) -> Step:
+    return Step(name, shape, lambda sample: sample)
+
+
+class Augmentation(ABC):
+    """A configured augmentation; ``plan`` draws parameters for one sample."""
+
+    def __init__(self, spec: AugmentBase) -> None:
+        self.spec = spec
+        self.name = spec.type  # type: ignore[attr-defined]
+
+    def prepare(self, rng: np.random.Generator, out_shape: Zyx) -> Step:
+        """Skip with probability 1 - p; otherwise draw the parameters."""
+        if rng.random() >= self.spec.p:
+            return identity(self.name, out_shape)
+        return self.plan(rng, out_shape)
+
+    @abstractmethod
+    def plan(self, rng: np.random.Generator, out_shape: Zyx) -> Step:
+        """Draw parameters; the Step must turn an ``in_shape`` sample into ``out_shape``."""
+
+
+class Pipeline:
+    """An ordered list of augmentations."""
+
+    def __init__(self, specs: Sequence[AugmentBase]) -> None:
+        self.augmentations: list[Augmentation] = [augmentations.build(s) for s in specs]
+
+    def prepare(self, rng: np.random.Generator, out_shape: Zyx) -> tuple[list[Step], Zyx]:
+        """Steps in forward order and the input shape the first one needs."""
+        steps: list[Step] = []
+        shape = out_shape
+        for aug in reversed(self.augmentations):
+            step = aug.prepare(rng, shape)
+            steps.append(step)
+            shape = step.in_shape
+        steps.reverse()
+        return steps, shape
+
+    @staticmethod
+    def apply(steps: list[Step], sample: Sample,
+              timings: dict[str, float] | None = None) -> Sample:
+        """Run the steps forward; add each one's seconds to ``timings`` when given."""
+        for step in steps:
+            start = time.perf_counter()
+            sample = step.apply(sample)
+            if timings is not None:
+                timings[step.name] = timings.get(step.name, 0.0) + time.perf_counter() - start
+        return sample

@@ -1,0 +1,116 @@
+"""Batches for the trainer: an endless training stream and a finite validation pass.
+
+Training batches come from worker processes (spawn-safe: a worker receives the recipe and
+opens its sources itself). Batch k is made whole by one worker from the random stream
+(seed, rank, k), and the DataLoader returns batches in worker order, so the stream is the
+same for any number of workers and a resumed run starts at batch ``start``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..recipe import Recipe
+from ..registry import targets
+from .samples import SampleMaker, stack
+from .sampler import read_crop
+from .sources import Source, open_sources
+from .targets import Patch
+
+
+def to_tensors(batch: Any) -> Any:
+    """Nested dicts of numpy arrays to the same of torch tensors (no copy)."""
+    if isinstance(batch, dict):
+        return {k: to_tensors(v) for k, v in batch.items()}
+    return torch.from_numpy(np.ascontiguousarray(batch))
+
+
+class TrainBatches(IterableDataset):  # type: ignore[type-arg]
+    """Endless training batches; each worker makes every W-th batch index."""
+
+    def __init__(self, recipe: Recipe, rank: int = 0, start: int = 0) -> None:
+        super().__init__()
+        self.recipe, self.rank, self.start = recipe, rank, start
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        maker = SampleMaker(self.recipe)
+        for index in itertools.count(self.start + worker, workers):
+            yield to_tensors(maker.batch(self.recipe.seed, self.rank, index))
+
+
+def train_batches(recipe: Recipe, *, rank: int = 0, start: int = 0,
+                  workers: int | None = None, pin_memory: bool | None = None,
+                  context: str | None = None) -> Iterator[dict[str, Any]]:
+    """The endless training stream from batch ``start`` on (``train.workers`` processes)."""
+    workers = recipe.train.workers if workers is None else workers
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    loader = DataLoader(
+        TrainBatches(recipe, rank, start),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin,
+        prefetch_factor=2 if workers else None,
+        persistent_workers=workers > 0,
+        multiprocessing_context=context if workers else None,
+    )
+    return iter(loader)
+
+
+def tile_corners(box_offset: tuple[int, ...], box_shape: tuple[int, ...],
+                 patch: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Corners of patches covering the box; the last patch per axis ends at the box end."""
+    axes = []
+    for o, b, p in zip(box_offset, box_shape, patch, strict=True):
+        if b <= p:
+            axes.append([o])
+            continue
+        starts = list(range(o, o + b - p + 1, p))
+        if starts[-1] != o + b - p:
+            starts.append(o + b - p)
+        axes.append(starts)
+    return [tuple(c) for c in itertools.product(*axes)]  # type: ignore[misc]
+
+
+def _validation_sample(source: Source, corner: tuple[int, int, int],
+                       patch: tuple[int, int, int], recipe: Recipe,
+                       built: dict[str, Any]) -> dict[str, Any]:
+    """One unaugmented patch; where the box is smaller than the patch, pad and mask out."""
+    (oz, oy, ox), shape = source.box
+    size = tuple(min(p, b) for p, b in zip(patch, shape, strict=True))
+    crop = read_crop(source, corner, size)  # type: ignore[arg-type]
+    pad = [(0, p - s) for p, s in zip(patch, size, strict=True)]
+    image = source.normalise(crop.image)
+    valid = np.ones(size, np.uint8) if crop.mask is None else (crop.mask != 0).astype(np.uint8)
+    if any(after for _, after in pad):
+        image = np.pad(image, pad, mode="reflect" if min(size) > 1 else "edge")
+        valid = np.pad(valid, pad)
+    labels = None if crop.labels is None else np.pad(crop.labels, pad)
+    semantic = {k: np.pad(v, pad) for k, v in crop.semantic.items()}
+    out: dict[str, Any] = {"image": image[None], "target": {}, "mask": {}}
+    patch_view = Patch(labels, valid, semantic)
+    for name, target in built.items():
+        out["target"][name], out["mask"][name] = target(patch_view)
+    return out
+
+
+def validation_batches(recipe: Recipe) -> Iterator[dict[str, Any]]:
+    """Every validation source tiled by train.patch, no augmentation, in a fixed order."""
+    patch = recipe.train.patch
+    built = {name: targets.build(task.target) for name, task in recipe.tasks.items()}
+    batch: list[dict[str, Any]] = []
+    for source in open_sources(recipe.data.validation):
+        for corner in tile_corners(*source.box, patch):
+            batch.append(_validation_sample(source, corner, patch, recipe, built))
+            if len(batch) == recipe.train.batch_size:
+                yield to_tensors(stack(batch))
+                batch = []
+    if batch:
+        yield to_tensors(stack(batch))

@@ -1,0 +1,74 @@
+"""One training sample, start to end: draw augmentation parameters, read the enlarged crop,
+normalise, augment, compute every task's target and mask. Batch k is a pure function of
+(seed, rank, k), so the stream does not depend on the number of workers and a resumed run
+continues it exactly by starting at the next batch index."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ..recipe import Recipe
+from ..registry import targets
+from .augment import Pipeline, Sample
+from .sampler import sample_crop
+from .sources import Source, mixture_weights, open_sources
+from .targets import Patch
+
+
+def batch_rng(seed: int, rank: int, index: int) -> np.random.Generator:
+    """The random stream of batch ``index`` on ``rank``."""
+    return np.random.default_rng([seed, rank, index])
+
+
+class SampleMaker:
+    """Makes training samples for a recipe; build it inside the process that uses it."""
+
+    def __init__(self, recipe: Recipe, sources: list[Source] | None = None) -> None:
+        self.recipe = recipe
+        self.patch = recipe.train.patch
+        self.sources = sources if sources is not None else open_sources(recipe.data.sources)
+        self.weights = mixture_weights(self.sources)
+        self.pipeline = Pipeline(recipe.augment)
+        self.targets = {name: targets.build(task.target) for name, task in recipe.tasks.items()}
+        self.timings: dict[str, float] | None = None  # seconds per stage, when measuring
+
+    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+        """One sample: image (1, z, y, x) and per task target and mask (c, z, y, x)."""
+        clock = time.perf_counter()
+        steps, in_shape = self.pipeline.prepare(rng, self.patch)
+        crop = sample_crop(rng, self.sources, self.weights, in_shape, self.patch)
+        source = next(s for s in self.sources if s.name == crop.source)
+        sample = Sample(source.normalise(crop.image), crop.labels, crop.mask, crop.semantic)
+        self._tick("sample", clock)
+        sample = Pipeline.apply(steps, sample, self.timings)
+        if sample.shape != self.patch:
+            raise RuntimeError(f"augmentations produced {sample.shape}, not {self.patch}")
+        clock = time.perf_counter()
+        patch = Patch(sample.labels, sample.mask, sample.semantic)
+        out: dict[str, Any] = {"image": sample.image[None].astype(np.float32, copy=False),
+                               "target": {}, "mask": {}}
+        for name, target in self.targets.items():
+            out["target"][name], out["mask"][name] = target(patch)
+        self._tick("targets", clock)
+        return out
+
+    def batch(self, seed: int, rank: int, index: int) -> dict[str, Any]:
+        """Batch ``index``: ``train.batch_size`` samples stacked on a new first axis."""
+        rng = batch_rng(seed, rank, index)
+        samples = [self.sample(rng) for _ in range(self.recipe.train.batch_size)]
+        return stack(samples)
+
+    def _tick(self, stage: str, since: float) -> None:
+        if self.timings is not None:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - since
+
+
+def stack(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack sample dicts (nested dicts of arrays) along a new batch axis."""
+    first = samples[0]
+    if isinstance(first, dict):
+        return {k: stack([s[k] for s in samples]) for k in first}
+    return np.stack(samples)

@@ -1,0 +1,142 @@
+"""Opened sources: the volumes of one recipe source, its sampling box and intensity scale.
+
+A source holds Volumes (paths, or a seed for synthetic data), never voxel data, so it
+pickles cheaply into data-loader worker processes; synthetic volumes are generated once per
+process on first read.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UserError
+from ..io import Volume, open_volume
+from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
+from ..registry import sources
+
+Box = tuple[tuple[int, int, int], tuple[int, int, int]]  # (offset, shape), voxels, zyx
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyntheticVolume(Volume):
+    """One array (image, labels or mito) of a synthetic volume, generated on first read."""
+
+    seed: int
+    part: str
+
+    def _read(self, slices: tuple[slice, ...]) -> np.ndarray:
+        return np.array(_synthetic(self.shape, self.seed, self.voxel_size)[self.part][slices])
+
+
+@functools.lru_cache(maxsize=8)
+def _synthetic(shape: tuple[int, ...], seed: int,
+               voxel_size: tuple[float, ...] | None) -> dict[str, np.ndarray]:
+    from ..synth import synthesize
+
+    vol = synthesize(shape, seed, voxel_size=voxel_size or (30.0, 6.0, 6.0))  # type: ignore[arg-type]
+    return {"image": vol.image, "labels": vol.labels, "mito": vol.mito}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A recipe source ready for sampling."""
+
+    name: str
+    image: Volume
+    labels: Volume | None
+    mask: Volume | None
+    semantic: dict[str, Volume]
+    box: Box  # where patches may be drawn from
+    low: float  # raw intensity that maps to 0
+    high: float  # raw intensity that maps to 1
+    weight: float | None
+    min_labelled: float
+    voxel_size: tuple[float, float, float] | None = field(default=None)
+
+    def normalise(self, raw: np.ndarray) -> np.ndarray:
+        """Raw image values to float32 in [0, 1] with this source's global scale."""
+        image = (raw.astype(np.float32) - np.float32(self.low)) / np.float32(self.high - self.low)
+        if raw.dtype.kind == "f" and self.low == 0.0 and self.high == 1.0:
+            lo, hi = float(image.min(initial=0.0)), float(image.max(initial=0.0))
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                raise UserError(
+                    f"source {self.name!r}: {self.image} is a float image with values in "
+                    f"[{lo:g}, {hi:g}], outside [0, 1]; give `intensity: {{low, high}}` "
+                    "in the recipe")
+        return np.clip(image, 0.0, 1.0, out=image)
+
+
+def _default_range(dtype: np.dtype) -> tuple[float, float]:
+    """uint8 / 255, uint16 / 65535, ...; float images are taken as already in [0, 1]."""
+    if dtype.kind in "ui":
+        return 0.0, float(np.iinfo(dtype).max)
+    return 0.0, 1.0
+
+
+def _box(spec: SourceBase, shape: tuple[int, ...]) -> Box:
+    if spec.roi is None:
+        return (0, 0, 0), tuple(shape[-3:])  # type: ignore[return-value]
+    return spec.roi.offset, spec.roi.shape
+
+
+@sources.implement("volume")
+def open_volume_source(spec: VolumeSource, name: str = "source") -> Source:
+    """Open the volumes a `volume` source names (metadata only)."""
+    image = open_volume(spec.image)
+    labels = open_volume(spec.labels) if spec.labels else None
+    mask = open_volume(spec.mask) if spec.mask else None
+    semantic = {key: open_volume(ref) for key, ref in spec.semantic.items()}
+    low, high = ((spec.intensity.low, spec.intensity.high) if spec.intensity
+                 else _default_range(image.dtype))
+    voxel = spec.voxel_size or (tuple(image.voxel_size[-3:]) if image.voxel_size else None)
+    return Source(name, image, labels, mask, semantic, _box(spec, image.shape), low, high,
+                  spec.weight, spec.min_labelled, voxel)  # type: ignore[arg-type]
+
+
+@sources.implement("synthetic")
+def open_synthetic_source(spec: SyntheticSource, name: str = "source") -> Source:
+    """A synthetic source: image, labels and a `mito` semantic volume from a seed."""
+    def part(key: str, dtype: str) -> Volume:
+        return SyntheticVolume(path=f"synthetic:{name}", dataset=key, shape=spec.shape,
+                               dtype=np.dtype(dtype), voxel_size=spec.voxel_size,
+                               seed=spec.seed, part=key)
+
+    return Source(name, part("image", "uint8"), part("labels", "uint32"), None,
+                  {"mito": part("mito", "uint32")}, _box(spec, spec.shape), 0.0, 255.0,
+                  spec.weight, spec.min_labelled, spec.voxel_size)  # type: ignore[arg-type]
+
+
+def open_sources(specs: dict[str, SourceBase]) -> list[Source]:
+    """Every source of a recipe section, opened."""
+    return [sources.build(spec, name=name) for name, spec in specs.items()]
+
+
+def labelled_fraction(source: Source, sections: int = 8) -> float:
+    """Fraction of labelled voxels in the box, estimated from a few evenly spaced sections."""
+    if source.labels is None:
+        return 1.0
+    (oz, oy, ox), (sz, sy, sx) = source.box
+    zs = np.unique(np.linspace(oz, oz + sz - 1, num=min(sections, sz)).round().astype(int))
+    counted = total = 0
+    for z in zs:
+        section = source.labels.read((slice(z, z + 1), slice(oy, oy + sy), slice(ox, ox + sx)))
+        counted += int(np.count_nonzero(section))
+        total += section.size
+    return counted / max(total, 1)
+
+
+def mixture_weights(opened: list[Source]) -> np.ndarray:
+    """Sampling probability per source: recipe weights, else proportional to labelled voxels."""
+    weights = []
+    for src in opened:
+        if src.weight is not None:
+            weights.append(src.weight)
+        else:
+            weights.append(float(np.prod(src.box[1])) * labelled_fraction(src))
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.isfinite(w).all() or w.sum() <= 0:
+        raise UserError("the training sources have no labelled voxels to sample from")
+    return w / w.sum()

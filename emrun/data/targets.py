@@ -1,0 +1,316 @@
+"""Training targets, computed per sample after augmentation from the augmented label patch.
+
+Every target is a callable ``target(patch) -> (target, mask)`` returning two float32 arrays of
+shape ``(channels, z, y, x)``: the values to learn and where they count in the loss (1) or are
+excluded (0). Builders are registered in :data:`emrun.registry.targets` at import, so
+``targets.build(spec)`` finds them (the registry imports this module lazily).
+
+Conventions (see DESIGN.md): axes z, y, x; label 0 means unlabelled; a patch mask is non-zero
+where voxels are valid, ``None`` meaning all valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import cc3d
+import numpy as np
+from scipy import ndimage
+
+from ..recipe.tasks import AffinityTarget, BinaryTarget, BoundaryTarget, SynapseTarget
+from ..registry import targets
+
+__all__ = [
+    "Affinity",
+    "Binary",
+    "Boundary",
+    "Patch",
+    "Synapse",
+    "Target",
+    "build_affinity",
+    "build_binary",
+    "build_boundary",
+    "build_synapse",
+    "relabel_components",
+]
+
+# In-plane (y/x) 3x3 neighbourhood, one section thick: dilation never crosses sections.
+_IN_PLANE = np.ones((1, 3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class Patch:
+    """What a target sees: one augmented sample, numpy, axes z, y, x.
+
+    ``labels``: integer ids, 0 = unlabelled. ``mask``: non-zero where voxels are valid
+    (``None`` = all valid). ``semantic``: named integer/bool volumes, e.g. 'mito', 'synapse'.
+    """
+
+    labels: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    semantic: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+class Target(Protocol):
+    """A training target: ``channels`` outputs, computed from a :class:`Patch`."""
+
+    channels: int
+
+    def __call__(self, patch: Patch) -> tuple[np.ndarray, np.ndarray]:
+        """``(target, mask)``, float32 ``(channels, z, y, x)``; mask 1 = counted in the loss."""
+        ...
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_3d(name: str, array: np.ndarray, shape: tuple[int, ...] | None = None) -> None:
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be a 3D (z, y, x) array, got shape {array.shape}")
+    if shape is not None and array.shape != shape:
+        raise ValueError(f"{name} has shape {array.shape}, expected {shape} (the patch shape)")
+
+
+def _labels(patch: Patch, what: str) -> np.ndarray:
+    """The patch's labels, checked: 3D, integer (or bool) ids."""
+    labels = patch.labels
+    if labels is None:
+        raise ValueError(f"{what} target needs labels, but the patch has none")
+    labels = np.asarray(labels)
+    _check_3d("labels", labels)
+    if labels.dtype.kind not in "biu":
+        raise ValueError(f"labels must be integer ids, got dtype {labels.dtype}")
+    return labels
+
+
+def _valid(patch: Patch, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The patch mask as bool (non-zero = valid), or None when every voxel is valid."""
+    if patch.mask is None:
+        return None
+    mask = np.asarray(patch.mask)
+    _check_3d("mask", mask, shape)
+    return mask if mask.dtype == bool else mask != 0
+
+
+def _semantic(patch: Patch, name: str, what: str) -> np.ndarray:
+    """The named semantic volume, checked against the patch shape."""
+    if name not in patch.semantic:
+        have = ", ".join(sorted(patch.semantic)) or "none"
+        raise ValueError(
+            f"{what} target needs the semantic volume {name!r}, but the patch has "
+            f"no such volume (has: {have})"
+        )
+    volume = np.asarray(patch.semantic[name])
+    shape = patch.labels.shape if patch.labels is not None else None
+    _check_3d(f"semantic volume {name!r}", volume, shape)
+    return volume
+
+
+def _mask_channel(valid: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """A (1, z, y, x) float32 loss mask from the patch mask."""
+    if valid is None:
+        return np.ones((1, *shape), dtype=np.float32)
+    return valid.astype(np.float32)[None]
+
+
+def _overlap(
+    shape: Sequence[int], offset: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """Slices ``(at_p, at_p_plus_offset)`` over the voxels p with p + offset in the patch.
+
+    None when no such voxel exists (|offset| >= size along some axis).
+    """
+    here, there = [], []
+    for n, d in zip(shape, offset, strict=True):
+        if abs(d) >= n:
+            return None
+        if d >= 0:
+            here.append(slice(0, n - d))
+            there.append(slice(d, n))
+        else:
+            here.append(slice(-d, n))
+            there.append(slice(0, n + d))
+    return tuple(here), tuple(there)
+
+
+def _zero_outside(array: np.ndarray, box: tuple[slice, ...]) -> None:
+    """Set ``array`` to 0 outside ``box`` (slices with explicit start and stop), in place."""
+    view = array
+    for axis, s in enumerate(box):
+        lead = (slice(None),) * axis
+        view[(*lead, slice(0, s.start))] = 0
+        view[(*lead, slice(s.stop, None))] = 0
+        view = view[(*lead, s)]
+
+
+def _compact(labels: np.ndarray, top: int | None = None) -> np.ndarray:
+    """The same ids in the narrowest of uint16/uint32 that holds them (comparisons read less
+    memory), or ``labels`` unchanged. ``top``: the largest id, when already known."""
+    if labels.dtype.itemsize <= 2 or labels.size == 0:
+        return labels
+    if top is None:
+        if labels.dtype.kind == "i" and labels.min() < 0:
+            return labels
+        top = int(labels.max())
+    if top < 2**16:
+        return labels.astype(np.uint16)
+    if top < 2**32 and labels.dtype.itemsize > 4:
+        return labels.astype(np.uint32)
+    return labels
+
+
+def relabel_components(labels: np.ndarray) -> np.ndarray:
+    """Connected components of each id (6-connectivity), numbered 1..N; 0 stays 0.
+
+    Two pieces of one id that touch only across an edge or a corner become different ids.
+    The output is uint16 when N < 2**16, else uint32 or uint64 (cc3d's choice).
+    """
+    components, n = cc3d.connected_components(labels, connectivity=6, return_N=True)
+    return _compact(components, top=int(n))
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Affinity:
+    """Affinities, one channel per zyx offset (DeepEM / waterz convention).
+
+    Channel c at voxel p: target 1 when ``labels[p] == labels[p + offset_c]``, 0 when they
+    differ; mask 1 only where both ends lie inside the patch, are labelled (non-zero) and
+    are valid in the patch mask. Where the mask is 0 the target is 0 too. With ``relabel``,
+    the labels are first replaced by their 6-connected components inside the patch (label 0
+    stays 0), so pieces of one id that the crop disconnected count as different objects.
+    """
+
+    offsets: tuple[tuple[int, int, int], ...]
+    relabel: bool = True
+
+    @property
+    def channels(self) -> int:
+        return len(self.offsets)
+
+    def __call__(self, patch: Patch) -> tuple[np.ndarray, np.ndarray]:
+        labels = _labels(patch, "affinity")
+        valid = _valid(patch, labels.shape)
+        labels = relabel_components(labels) if self.relabel else _compact(labels)
+        # A voxel may be an end of a counted pair when it is labelled and inside the mask.
+        usable = labels != 0
+        if valid is not None:
+            usable &= valid
+        shape = labels.shape
+        target = np.empty((self.channels, *shape), dtype=np.float32)
+        mask = np.empty((self.channels, *shape), dtype=np.float32)
+        # Per channel, build both maps as bool over the whole patch, then cast each once
+        # into its contiguous float32 channel (fewer passes over the large outputs).
+        counted = np.empty(shape, dtype=bool)
+        same = np.empty(shape, dtype=bool)
+        for c, offset in enumerate(self.offsets):
+            pair = _overlap(shape, offset)
+            if pair is None:  # p + offset is outside the patch everywhere
+                target[c] = 0
+                mask[c] = 0
+                continue
+            here, there = pair
+            _zero_outside(counted, here)
+            _zero_outside(same, here)
+            counted_here, same_here = counted[here], same[here]
+            np.logical_and(usable[here], usable[there], out=counted_here)
+            np.equal(labels[here], labels[there], out=same_here)
+            same_here &= counted_here
+            np.copyto(target[c], same)
+            np.copyto(mask[c], counted)
+        return target, mask
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Boundary map, one channel.
+
+    A voxel is boundary (target 1) when its label is 0, or when its label differs from that
+    of one of its 6 face neighbours (z +-1, y +-1, x +-1) that lies inside the patch; both
+    sides of an interface are therefore marked. With ``width`` w > 1 that map is then dilated
+    in-plane w - 1 times with a 1x3x3 (full square, single section) structure, so every voxel
+    within in-plane chessboard distance w - 1 of such a voxel is boundary too. Everything
+    else is 0. The mask is the patch mask (all 1 when it is None).
+    """
+
+    width: int = 1
+
+    @property
+    def channels(self) -> int:
+        return 1
+
+    def __call__(self, patch: Patch) -> tuple[np.ndarray, np.ndarray]:
+        labels = _labels(patch, "boundary")
+        valid = _valid(patch, labels.shape)
+        edge = labels == 0
+        for axis in range(3):
+            a = [slice(None)] * 3
+            b = [slice(None)] * 3
+            a[axis], b[axis] = slice(None, -1), slice(1, None)
+            differ = labels[tuple(a)] != labels[tuple(b)]
+            edge[tuple(a)] |= differ
+            edge[tuple(b)] |= differ
+        if self.width > 1:
+            edge = ndimage.binary_dilation(edge, structure=_IN_PLANE, iterations=self.width - 1)
+        return edge.astype(np.float32)[None], _mask_channel(valid, labels.shape)
+
+
+@dataclass(frozen=True)
+class Binary:
+    """Foreground of a named semantic volume: target = (volume != 0), optionally dilated
+    in-plane ``dilation`` times with a 1x3x3 structure; mask = the patch mask."""
+
+    volume: str
+    dilation: int = 0
+
+    kind: ClassVar[str] = "binary"
+
+    @property
+    def channels(self) -> int:
+        return 1
+
+    def __call__(self, patch: Patch) -> tuple[np.ndarray, np.ndarray]:
+        volume = _semantic(patch, self.volume, self.kind)
+        valid = _valid(patch, volume.shape)
+        fg = volume != 0
+        if self.dilation > 0:
+            fg = ndimage.binary_dilation(fg, structure=_IN_PLANE, iterations=self.dilation)
+        return fg.astype(np.float32)[None], _mask_channel(valid, volume.shape)
+
+
+@dataclass(frozen=True)
+class Synapse(Binary):
+    """Synaptic clefts: :class:`Binary` on the named volume (default 'synapse'), dilated
+    in-plane ``dilation`` times with a 1x3x3 structure."""
+
+    volume: str = "synapse"
+
+    kind: ClassVar[str] = "synapse"
+
+
+# --------------------------------------------------------------------------- builders
+
+
+@targets.implement("affinity")
+def build_affinity(spec: AffinityTarget, **context: Any) -> Affinity:
+    offsets = tuple((int(z), int(y), int(x)) for z, y, x in spec.offsets)
+    return Affinity(offsets=offsets, relabel=spec.relabel)
+
+
+@targets.implement("boundary")
+def build_boundary(spec: BoundaryTarget, **context: Any) -> Boundary:
+    return Boundary(width=spec.width)
+
+
+@targets.implement("binary")
+def build_binary(spec: BinaryTarget, **context: Any) -> Binary:
+    return Binary(volume=spec.volume)
+
+
+@targets.implement("synapse")
+def build_synapse(spec: SynapseTarget, **context: Any) -> Synapse:
+    return Synapse(volume=spec.volume, dilation=spec.dilation)
