@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..recipe import Recipe
 from ..registry import targets
-from .samples import SampleMaker, stack
 from .sampler import read_crop
+from .samples import SampleMaker, stack
 from .sources import Source, open_sources
 from .targets import Patch
 
@@ -83,7 +83,7 @@ def _validation_sample(source: Source, corner: tuple[int, int, int],
                        patch: tuple[int, int, int], recipe: Recipe,
                        built: dict[str, Any]) -> dict[str, Any]:
     """One unaugmented patch; where the box is smaller than the patch, pad and mask out."""
-    (oz, oy, ox), shape = source.box
+    shape = source.box[1]
     size = tuple(min(p, b) for p, b in zip(patch, shape, strict=True))
     crop = read_crop(source, corner, size)  # type: ignore[arg-type]
     pad = [(0, p - s) for p, s in zip(patch, size, strict=True)]

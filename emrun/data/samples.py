@@ -13,7 +13,7 @@ import numpy as np
 from ..recipe import Recipe
 from ..registry import targets
 from .augment import Pipeline, Sample
-from .sampler import sample_crop
+from .sampler import PatchSampler
 from .sources import Source, mixture_weights, open_sources
 from .targets import Patch
 
@@ -30,7 +30,7 @@ class SampleMaker:
         self.recipe = recipe
         self.patch = recipe.train.patch
         self.sources = sources if sources is not None else open_sources(recipe.data.sources)
-        self.weights = mixture_weights(self.sources)
+        self.sampler = PatchSampler(self.sources, mixture_weights(self.sources))
         self.pipeline = Pipeline(recipe.augment)
         self.targets = {name: targets.build(task.target) for name, task in recipe.tasks.items()}
         self.timings: dict[str, float] | None = None  # seconds per stage, when measuring
@@ -39,7 +39,7 @@ class SampleMaker:
         """One sample: image (1, z, y, x) and per task target and mask (c, z, y, x)."""
         clock = time.perf_counter()
         steps, in_shape = self.pipeline.prepare(rng, self.patch)
-        crop = sample_crop(rng, self.sources, self.weights, in_shape, self.patch)
+        crop = self.sampler.draw(rng, in_shape, self.patch)
         source = next(s for s in self.sources if s.name == crop.source)
         sample = Sample(source.normalise(crop.image), crop.labels, crop.mask, crop.semantic)
         self._tick("sample", clock)

@@ -50,7 +50,11 @@ class SourceBase(Spec):
     voxel_size: Nanometres | None = Field(
         None, description="Voxel size in nm, z, y, x; default: from the volume's metadata."
     )
-
+    min_labelled: Probability = Field(
+        0.0,
+        description="Redraw patches whose fraction of labelled (non-zero) voxels is below "
+        "this; a bounded number of tries, then an error.",
+    )
 
     def semantic_names(self) -> set[str]:
         """Names of the semantic volumes (e.g. mito) this source provides."""

@@ -1,0 +1,157 @@
+"""Sources, mixture sampling, samples and loaders, on small volumes made in code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emrun.data.loader import tile_corners, train_batches, validation_batches
+from emrun.data.sampler import PatchSampler
+from emrun.data.samples import SampleMaker
+from emrun.data.sources import mixture_weights, open_sources
+from emrun.errors import UserError
+from emrun.recipe import Recipe
+
+PATCH = (4, 16, 16)
+
+
+def volume(tmp_path: Path, name: str, shape=(12, 40, 40), seed=0, labelled=1.0) -> dict:
+    """Write image/labels .npy files; `labelled` is the fraction of non-zero label voxels."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    labels = (np.arange(np.prod(shape)).reshape(shape) // 50 + 1).astype(np.uint32)
+    labels[rng.random(shape) >= labelled] = 0
+    paths = {}
+    for key, array in (("image", image), ("labels", labels)):
+        paths[key] = str(tmp_path / f"{name}_{key}.npy")
+        np.save(paths[key], array)
+    return paths
+
+
+def recipe(sources: dict, validation: dict | None = None, **train) -> Recipe:
+    return Recipe.model_validate({
+        "name": "t", "seed": 3,
+        "data": {"sources": sources, "validation": validation or {}},
+        "model": {"type": "rsunet", "widths": [4, 8]},
+        "tasks": {"aff": {"target": {"type": "affinity",
+                                     "offsets": [[-1, 0, 0], [0, -1, 0], [0, 0, -3]]}}},
+        "train": {"patch": list(PATCH), "iterations": 1, "batch_size": 2, "workers": 0, **train},
+    })
+
+
+def test_mixture_frequencies_follow_the_weights(tmp_path):
+    a, b = volume(tmp_path, "a"), volume(tmp_path, "b", seed=1)
+    r = recipe({"a": {**a, "weight": 1.0}, "b": {**b, "weight": 3.0}})
+    opened = open_sources(r.data.sources)
+    sampler = PatchSampler(opened, mixture_weights(opened))
+    rng = np.random.default_rng(0)
+    picks = [sampler.draw(rng, PATCH, PATCH).source for _ in range(2000)]
+    assert abs(picks.count("b") / 2000 - 0.75) < 0.04
+
+
+def test_default_weights_are_proportional_to_labelled_voxels(tmp_path):
+    a = volume(tmp_path, "a", labelled=1.0)
+    b = volume(tmp_path, "b", shape=(12, 40, 80), labelled=0.5)
+    weights = mixture_weights(open_sources(recipe({"a": a, "b": b}).data.sources))
+    assert weights[0] == pytest.approx(0.5, abs=0.03)  # same labelled voxel count
+
+
+def test_crops_lie_in_the_roi_with_their_centre_in_the_mask(tmp_path):
+    a = volume(tmp_path, "a")
+    mask = np.zeros((12, 40, 40), np.uint8)
+    mask[6:8, 20:30, 14:16] = 1
+    np.save(tmp_path / "mask.npy", mask)
+    roi = {"offset": [2, 4, 4], "shape": [10, 36, 30]}
+    r = recipe({"a": {**a, "mask": str(tmp_path / "mask.npy"), "roi": roi}})
+    sampler = PatchSampler(open_sources(r.data.sources), np.array([1.0]))
+    rng = np.random.default_rng(1)
+    centres = set()
+    for _ in range(300):
+        crop = sampler.draw(rng, PATCH, PATCH)
+        z, y, x = crop.corner
+        assert z >= 2 and z + 4 <= 12 and y >= 4 and y + 16 <= 40 and x >= 4 and x + 16 <= 34
+        assert mask[z + 2, y + 8, x + 8] == 1
+        assert crop.mask is not None and crop.mask[2, 8, 8] == 1
+        centres.add(crop.corner)
+    assert len(centres) == 2 * 10 * 2  # every masked centre is reachable
+
+
+def test_min_labelled_redraws_and_gives_up_clearly(tmp_path):
+    a = volume(tmp_path, "a", labelled=0.5)
+    r = recipe({"a": {**a, "min_labelled": 0.45}})
+    sampler = PatchSampler(open_sources(r.data.sources), np.array([1.0]))
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        crop = sampler.draw(rng, PATCH, PATCH)
+        assert np.count_nonzero(crop.labels) >= 0.45 * crop.labels.size
+    r = recipe({"a": {**a, "min_labelled": 0.9}})
+    with pytest.raises(UserError, match="no acceptable patch"):
+        PatchSampler(open_sources(r.data.sources), np.array([1.0])).draw(rng, PATCH, PATCH)
+
+
+def test_float_image_outside_unit_range_needs_intensity(tmp_path):
+    a = volume(tmp_path, "a")
+    np.save(a["image"], np.full((12, 40, 40), 7.5, np.float32))
+    maker = SampleMaker(recipe({"a": a}))
+    with pytest.raises(UserError, match="outside \\[0, 1\\]"):
+        maker.batch(0, 0, 0)
+    maker = SampleMaker(recipe({"a": {**a, "intensity": {"low": 0, "high": 10}}}))
+    assert maker.batch(0, 0, 0)["image"].max() == pytest.approx(0.75)
+
+
+def test_batches_have_the_documented_shapes_and_are_reproducible(tmp_path):
+    r = recipe({"a": volume(tmp_path, "a")})
+    maker = SampleMaker(r)
+    batch = maker.batch(r.seed, 0, 5)
+    assert batch["image"].shape == (2, 1, *PATCH) and batch["image"].dtype == np.float32
+    assert batch["target"]["aff"].shape == (2, 3, *PATCH)
+    assert batch["mask"]["aff"].shape == (2, 3, *PATCH)
+    assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
+    again = SampleMaker(r).batch(r.seed, 0, 5)
+    np.testing.assert_array_equal(batch["image"], again["image"])
+    other = maker.batch(r.seed, 0, 6)
+    assert not np.array_equal(batch["image"], other["image"])
+    assert not np.array_equal(batch["image"], maker.batch(r.seed, 1, 5)["image"])  # per rank
+
+
+def _first(stream, n: int) -> list[torch.Tensor]:
+    return [next(stream)["image"] for _ in range(n)]
+
+
+def test_stream_is_the_same_for_any_worker_count_and_resumes_at_start(tmp_path):
+    r = recipe({"a": volume(tmp_path, "a")})
+    serial = _first(train_batches(r, workers=0), 5)
+    parallel = _first(train_batches(r, workers=2), 5)
+    for s, p in zip(serial, parallel, strict=True):
+        torch.testing.assert_close(s, p, rtol=0, atol=0)
+    resumed = _first(train_batches(r, workers=0, start=3), 2)
+    torch.testing.assert_close(resumed[0], serial[3], rtol=0, atol=0)
+
+
+def test_workers_start_with_spawn(tmp_path):
+    r = recipe({"a": volume(tmp_path, "a")})
+    spawned = _first(train_batches(r, workers=1, context="spawn"), 2)
+    torch.testing.assert_close(spawned[1], _first(train_batches(r, workers=0), 2)[1])
+
+
+def test_tile_corners_cover_the_box():
+    assert tile_corners((0, 0, 0), (10, 40, 16), (4, 16, 16)) == [
+        (z, y, 0) for z in (0, 4, 6) for y in (0, 16, 24)]
+    assert tile_corners((5, 0, 0), (3, 16, 16), (4, 16, 16)) == [(5, 0, 0)]
+
+
+def test_validation_batches_are_deterministic_and_mask_padding(tmp_path):
+    a = volume(tmp_path, "a")
+    val = {"v": {**a, "roi": {"offset": [9, 0, 0], "shape": [3, 40, 40]}}}
+    r = recipe({"a": a}, val)
+    first = list(validation_batches(r))
+    second = list(validation_batches(r))
+    assert sum(b["image"].shape[0] for b in first) == 9  # 1 x 3 x 3 tiles, z padded
+    for b1, b2 in zip(first, second, strict=True):
+        torch.testing.assert_close(b1["image"], b2["image"], rtol=0, atol=0)
+    mask = first[0]["mask"]["aff"]
+    assert mask[:, :, 3:].sum() == 0  # the padded section never counts
+    assert mask[:, 1:, :3].sum() > 0
