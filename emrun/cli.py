@@ -204,12 +204,42 @@ _pending_group(data_app, "data", {
     "preview": ("A PNG grid of augmented training samples.", "the augmentation issue"),
 })
 _pending_group(bench_app, "bench", {
-    "data": ("Loader throughput with the full augmentation stack.", "the data issue"),
     "model": ("Forward+backward throughput of the recipe's model.", "the model issue"),
     "train": ("Trainer overhead against a bare PyTorch loop.", "the trainer issue"),
     "infer": ("Inference engine throughput and efficiency.", "the inference-engine issue"),
     "snemi3d": ("Train, infer, segment and score on real SNEMI3D data.", "the segmentation issue"),
 })
+
+
+@bench_app.command("data")
+@guarded
+def bench_data(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    override: Overrides = None,
+    synthetic: Annotated[bool, typer.Option(
+        "--synthetic", help="Replace the recipe's sources by synthetic volumes.")] = False,
+    workers: Annotated[int | None, typer.Option(
+        min=0, help="Loader worker processes (default: train.workers; 0: in-process).")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Samples to time.")] = 50,
+    json_: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+) -> None:
+    """Training-data throughput with the recipe's full augmentation stack and targets."""
+    import json
+
+    from .bench.data import bench_data as run_bench
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, override or [])
+    workers = loaded.recipe.train.workers if workers is None else workers
+    result = run_bench(loaded.recipe, synthetic=synthetic, workers=workers, samples=samples)
+    out.print(f"[bold]{result['recipe']}[/]: patch {result['patch']}, {workers} workers, "
+              f"{result['samples_per_s']:.1f} samples/s ({result['ms_per_sample']:.1f} ms per "
+              f"sample); one core: median {result['median_ms_per_sample_one_core']:.1f} ms")
+    out.print(f"  read {result['read_ms']:.1f} ms, targets {result['targets_ms']:.1f} ms")
+    for name, ms in result["per_augmentation_ms"].items():
+        out.print(f"  {name}: {ms:.2f} ms", markup=False)
+    if json_:
+        print(json.dumps(result))
 
 
 def main() -> None:

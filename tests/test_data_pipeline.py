@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from emrun.data.loader import tile_corners, train_batches, validation_batches
+from emrun.data.loader import (
+    tile_corners,
+    to_tensors,
+    train_batches,
+    unpack,
+    validation_batches,
+)
 from emrun.data.sampler import PatchSampler
 from emrun.data.samples import SampleMaker
 from emrun.data.sources import mixture_weights, open_sources
@@ -105,16 +111,30 @@ def test_float_image_outside_unit_range_needs_intensity(tmp_path):
 def test_batches_have_the_documented_shapes_and_are_reproducible(tmp_path):
     r = recipe({"a": volume(tmp_path, "a")})
     maker = SampleMaker(r)
-    batch = maker.batch(r.seed, 0, 5)
-    assert batch["image"].shape == (2, 1, *PATCH) and batch["image"].dtype == np.float32
+    packed = maker.batch(r.seed, 0, 5)
+    assert packed["target"]["aff"].shape == (2, 3, *PATCH[:2], PATCH[2] // 8)  # bit-packed
+    batch = unpack(to_tensors(packed))
+    assert batch["image"].shape == (2, 1, *PATCH) and batch["image"].dtype == torch.float32
     assert batch["target"]["aff"].shape == (2, 3, *PATCH)
     assert batch["mask"]["aff"].shape == (2, 3, *PATCH)
+    assert set(batch["mask"]["aff"].unique().tolist()) == {0.0, 1.0}
     assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
     again = SampleMaker(r).batch(r.seed, 0, 5)
-    np.testing.assert_array_equal(batch["image"], again["image"])
+    np.testing.assert_array_equal(packed["image"], again["image"])
+    np.testing.assert_array_equal(packed["target"]["aff"], again["target"]["aff"])
     other = maker.batch(r.seed, 0, 6)
-    assert not np.array_equal(batch["image"], other["image"])
-    assert not np.array_equal(batch["image"], maker.batch(r.seed, 1, 5)["image"])  # per rank
+    assert not np.array_equal(packed["image"], other["image"])
+    assert not np.array_equal(packed["image"], maker.batch(r.seed, 1, 5)["image"])  # per rank
+
+
+def test_unpack_restores_targets_of_any_width():
+    bits = np.random.default_rng(0).integers(0, 2, (2, 3, 4, 5, 13), dtype=np.uint8)
+    packed = {"image": np.zeros((2, 1, 4, 5, 13), np.float32), "x": np.asarray(13),
+              "target": {"t": np.packbits(bits, axis=-1, bitorder="little")},
+              "mask": {"t": np.packbits(1 - bits, axis=-1, bitorder="little")}}
+    batch = unpack(to_tensors(packed))
+    np.testing.assert_array_equal(batch["target"]["t"].numpy(), bits)
+    np.testing.assert_array_equal(batch["mask"]["t"].numpy(), 1 - bits)
 
 
 def _first(stream, n: int) -> list[torch.Tensor]:
@@ -152,6 +172,6 @@ def test_validation_batches_are_deterministic_and_mask_padding(tmp_path):
     assert sum(b["image"].shape[0] for b in first) == 9  # 1 x 3 x 3 tiles, z padded
     for b1, b2 in zip(first, second, strict=True):
         torch.testing.assert_close(b1["image"], b2["image"], rtol=0, atol=0)
-    mask = first[0]["mask"]["aff"]
+    mask = unpack(first[0])["mask"]["aff"]
     assert mask[:, :, 3:].sum() == 0  # the padded section never counts
     assert mask[:, 1:, :3].sum() > 0

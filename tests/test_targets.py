@@ -76,7 +76,7 @@ def random_patch(seed, dtype=np.uint32, with_mask=True, shape=(6, 9, 10), ids=(0
 
 def check_shape(arrays, channels, shape):
     for array in arrays:
-        assert array.dtype == np.float32
+        assert array.dtype == np.uint8
         assert array.shape == (channels, *shape)
 
 

@@ -12,7 +12,7 @@ import statistics
 import time
 from typing import Any
 
-from ..data.loader import train_batches
+from ..data.loader import train_batches, unpack
 from ..data.samples import SampleMaker, batch_rng
 from ..recipe import Recipe
 from ..recipe.data import SyntheticSource
@@ -31,7 +31,7 @@ def with_synthetic_sources(recipe: Recipe) -> Recipe:
 def stage_costs(recipe: Recipe, samples: int) -> tuple[dict[str, float], list[float]]:
     """Mean ms per sample of each stage, and each sample's total ms, in this process."""
     maker = SampleMaker(recipe)
-    maker.sample(batch_rng(recipe.seed, 0, -1 % 2**31))  # warm-up: caches, first reads
+    maker.sample(batch_rng(recipe.seed, 1 << 20, 0))  # warm-up (another rank's stream)
     maker.timings = {}
     totals = []
     for index in range(samples):
@@ -43,18 +43,26 @@ def stage_costs(recipe: Recipe, samples: int) -> tuple[dict[str, float], list[fl
     return per_stage, totals
 
 
-def throughput(recipe: Recipe, workers: int, samples: int) -> float:
-    """Samples per second through the real loader after every worker made its first batch."""
+def throughput(recipe: Recipe, workers: int, samples: int) -> tuple[float, float]:
+    """Samples per second through the real loader (after every worker has made its first
+    batch), and the ms per sample to unpack targets to float on this CPU (on a GPU the
+    trainer does that on the device)."""
     batches = train_batches(recipe, workers=workers, pin_memory=False)
     for _ in range(max(workers, 1)):  # warm-up: worker start, volume generation or opening
         next(batches)
     count = max(1, samples // recipe.train.batch_size)
+    received = []
     start = time.perf_counter()
     for _ in range(count):
-        next(batches)
+        received.append(next(batches))
+        if len(received) > 2:
+            received.pop(0)
     elapsed = time.perf_counter() - start
     del batches
-    return count * recipe.train.batch_size / elapsed
+    start = time.perf_counter()
+    unpack(received[-1])
+    unpack_ms = (time.perf_counter() - start) * 1e3 / recipe.train.batch_size
+    return count * recipe.train.batch_size / elapsed, unpack_ms
 
 
 def bench_data(recipe: Recipe, *, synthetic: bool, workers: int, samples: int) -> dict[str, Any]:
@@ -64,7 +72,7 @@ def bench_data(recipe: Recipe, *, synthetic: bool, workers: int, samples: int) -
     per_stage, totals = stage_costs(recipe, samples)
     augment_names = {a.type for a in recipe.augment}
     per_aug = {k: round(v, 3) for k, v in per_stage.items() if k in augment_names}
-    rate = throughput(recipe, workers, samples) if workers > 0 else 1e3 / statistics.mean(totals)
+    rate, unpack_ms = throughput(recipe, workers, samples)
     return {
         "recipe": recipe.name,
         "patch": list(recipe.train.patch),
@@ -77,6 +85,7 @@ def bench_data(recipe: Recipe, *, synthetic: bool, workers: int, samples: int) -
         "median_ms_per_sample_one_core": round(statistics.median(totals), 3),
         "read_ms": round(per_stage.get("sample", 0.0), 3),
         "targets_ms": round(per_stage.get("targets", 0.0), 3),
+        "cpu_unpack_ms": round(unpack_ms, 3),
         "per_augmentation_ms": per_aug,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
     }

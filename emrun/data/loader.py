@@ -1,5 +1,9 @@
 """Batches for the trainer: an endless training stream and a finite validation pass.
 
+A batch holds the image (b, 1, z, y, x) as float16 and, per task, the target and mask
+bit-packed along x (see ``samples.pack``); ``unpack(batch, device)`` gives float32
+(b, c, z, y, x) tensors on the device.
+
 Training batches come from worker processes (spawn-safe: a worker receives the recipe and
 opens its sources itself). Batch k is made whole by one worker from the random stream
 (seed, rank, k), and the DataLoader returns batches in worker order, so the stream is the
@@ -19,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..recipe import Recipe
 from ..registry import targets
 from .sampler import read_crop
-from .samples import SampleMaker, stack
+from .samples import SampleMaker, pack, stack
 from .sources import Source, open_sources
 from .targets import Patch
 
@@ -29,6 +33,25 @@ def to_tensors(batch: Any) -> Any:
     if isinstance(batch, dict):
         return {k: to_tensors(v) for k, v in batch.items()}
     return torch.from_numpy(np.ascontiguousarray(batch))
+
+
+def unpack(batch: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A loader batch on ``device``: image, and per task target and mask as float32
+    (b, c, z, y, x); the bit-packed targets and masks are expanded on the device."""
+    device = torch.device(device)
+    x = int(batch["x"])
+    shifts = torch.arange(8, device=device, dtype=torch.uint8)
+
+    def expand(bits: torch.Tensor) -> torch.Tensor:
+        bits = bits.to(device, non_blocking=True)
+        full = (bits.unsqueeze(-1) >> shifts) & 1
+        return full.flatten(-2)[..., :x].to(torch.float32)
+
+    return {
+        "image": batch["image"].to(device, non_blocking=True).to(torch.float32),
+        "target": {k: expand(v) for k, v in batch["target"].items()},
+        "mask": {k: expand(v) for k, v in batch["mask"].items()},
+    }
 
 
 class TrainBatches(IterableDataset):  # type: ignore[type-arg]
@@ -110,7 +133,7 @@ def validation_batches(recipe: Recipe) -> Iterator[dict[str, Any]]:
         for corner in tile_corners(*source.box, patch):
             batch.append(_validation_sample(source, corner, patch, recipe, built))
             if len(batch) == recipe.train.batch_size:
-                yield to_tensors(stack(batch))
+                yield to_tensors(pack(stack(batch)))
                 batch = []
     if batch:
-        yield to_tensors(stack(batch))
+        yield to_tensors(pack(stack(batch)))

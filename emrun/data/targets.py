@@ -1,8 +1,9 @@
 """Training targets, computed per sample after augmentation from the augmented label patch.
 
-Every target is a callable ``target(patch) -> (target, mask)`` returning two float32 arrays of
-shape ``(channels, z, y, x)``: the values to learn and where they count in the loss (1) or are
-excluded (0). Builders are registered in :data:`emrun.registry.targets` at import, so
+Every target is a callable ``target(patch) -> (target, mask)`` returning two uint8 arrays of
+shape ``(channels, z, y, x)`` holding 0/1: the values to learn and where they count in the
+loss (1) or are excluded (0). uint8 keeps samples a quarter of float32's size on their way
+from loader workers to the trainer, which casts them to float on the device. Builders are registered in :data:`emrun.registry.targets` at import, so
 ``targets.build(spec)`` finds them (the registry imports this module lazily).
 
 Conventions (see DESIGN.md): axes z, y, x; label 0 means unlabelled; a patch mask is non-zero
@@ -59,7 +60,7 @@ class Target(Protocol):
     channels: int
 
     def __call__(self, patch: Patch) -> tuple[np.ndarray, np.ndarray]:
-        """``(target, mask)``, float32 ``(channels, z, y, x)``; mask 1 = counted in the loss."""
+        """``(target, mask)``, uint8 0/1 ``(channels, z, y, x)``; mask 1 = counted in the loss."""
         ...
 
 
@@ -109,10 +110,10 @@ def _semantic(patch: Patch, name: str, what: str) -> np.ndarray:
 
 
 def _mask_channel(valid: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-    """A (1, z, y, x) float32 loss mask from the patch mask."""
+    """A (1, z, y, x) uint8 loss mask from the patch mask."""
     if valid is None:
-        return np.ones((1, *shape), dtype=np.float32)
-    return valid.astype(np.float32)[None]
+        return np.ones((1, *shape), dtype=np.uint8)
+    return valid.astype(np.uint8)[None]
 
 
 def _overlap(
@@ -201,10 +202,10 @@ class Affinity:
         if valid is not None:
             usable &= valid
         shape = labels.shape
-        target = np.empty((self.channels, *shape), dtype=np.float32)
-        mask = np.empty((self.channels, *shape), dtype=np.float32)
-        # Per channel, build both maps as bool over the whole patch, then cast each once
-        # into its contiguous float32 channel (fewer passes over the large outputs).
+        target = np.empty((self.channels, *shape), dtype=np.uint8)
+        mask = np.empty((self.channels, *shape), dtype=np.uint8)
+        # Per channel, build both maps as bool over the whole patch, then copy each once
+        # into its contiguous uint8 channel (fewer passes over the large outputs).
         counted = np.empty(shape, dtype=bool)
         same = np.empty(shape, dtype=bool)
         for c, offset in enumerate(self.offsets):
@@ -256,7 +257,7 @@ class Boundary:
             edge[tuple(b)] |= differ
         if self.width > 1:
             edge = ndimage.binary_dilation(edge, structure=_IN_PLANE, iterations=self.width - 1)
-        return edge.astype(np.float32)[None], _mask_channel(valid, labels.shape)
+        return edge.astype(np.uint8)[None], _mask_channel(valid, labels.shape)
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,7 @@ class Binary:
         fg = volume != 0
         if self.dilation > 0:
             fg = ndimage.binary_dilation(fg, structure=_IN_PLANE, iterations=self.dilation)
-        return fg.astype(np.float32)[None], _mask_channel(valid, volume.shape)
+        return fg.astype(np.uint8)[None], _mask_channel(valid, volume.shape)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,48 @@
-"""Volume I/O: lazy, read-only access to zarr (v2/v3), HDF5, TIFF and .npy volumes."""
+"""Volume I/O: lazy reading of zarr (v2/v3), HDF5, TIFF and .npy volumes; writing and
+converting to emrun's layout, one OME-Zarr 0.5 image group per volume (`OUT.zarr/NAME`).
+
+The writing side (zarr, rich) is imported on first use, so reading-only callers and CLI
+startup stay fast. The converter is exported as `convert_volume`: the package attribute
+`convert` is the submodule `emrun.io.convert` (whose function is `convert`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from emrun.io.volume import Volume, VolumeError, open_volume, split_volume_path
 
-__all__ = ["Volume", "VolumeError", "open_volume", "split_volume_path"]
+if TYPE_CHECKING:
+    from emrun.io.convert import ConvertResult, convert_volume, guess_name
+    from emrun.io.write import create_volume, default_chunks, staged_volume, write_volume
+
+_LAZY = {
+    "ConvertResult": "emrun.io.convert",
+    "convert_volume": "emrun.io.convert",
+    "guess_name": "emrun.io.convert",
+    "create_volume": "emrun.io.write",
+    "default_chunks": "emrun.io.write",
+    "staged_volume": "emrun.io.write",
+    "write_volume": "emrun.io.write",
+}
+
+__all__ = [
+    "ConvertResult",
+    "Volume",
+    "VolumeError",
+    "convert_volume",
+    "create_volume",
+    "default_chunks",
+    "guess_name",
+    "open_volume",
+    "split_volume_path",
+    "staged_volume",
+    "write_volume",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,12 @@ Two conventions are read: OME-Zarr `multiscales` on the parent group (0.4 at the
 the attributes, 0.5 under "ome") and funlib/gunpowder array attributes (`voxel_size` or
 `resolution`, `offset` in nm). Results are zyx: voxel size in nm, offset in voxels.
 Absent metadata gives None; present but inconsistent metadata is a `VolumeError`, since
-a silently wrong voxel size would corrupt everything downstream.
+a silently wrong voxel size would corrupt everything downstream. OME axes of type space
+that declare no unit at all say "size unknown": the voxel size is None (the offset in
+voxels, translation / scale, needs no unit and is still read).
+
+One convention is written: `ome_image_attrs` builds the OME-Zarr 0.5 attributes of the
+image group emrun writes for every volume (see `emrun.io.write`).
 """
 
 from __future__ import annotations
@@ -50,19 +55,39 @@ def spatial_metadata(
 
 def from_ome(name: str, ndim: int, attrs: Mapping[str, Any], array_name: str) -> Spatial | None:
     """Read scale/translation of `array_name` from OME-Zarr 0.4 or 0.5 multiscales."""
-    ome = attrs.get("ome")
-    multiscales = attrs.get("multiscales")
-    if multiscales is None and isinstance(ome, Mapping):
-        multiscales = ome.get("multiscales")
-    if not isinstance(multiscales, Sequence) or isinstance(multiscales, str):
-        return None
-    for ms in multiscales:
+    multiscales = _multiscales(attrs)
+    for ms in multiscales or ():
         if not isinstance(ms, Mapping):
             continue
         for ds in ms.get("datasets") or ():
             if isinstance(ds, Mapping) and str(ds.get("path", "")).strip("/") == array_name:
                 return _ome_dataset(name, ndim, ms, ds)
     return None
+
+
+def multiscale_dataset(attrs: Mapping[str, Any]) -> str | None:
+    """Path of the first dataset (level 0) of the first multiscale in OME-Zarr group attributes.
+
+    None when the attributes carry no multiscales (the group is not an OME-Zarr image).
+    """
+    multiscales = _multiscales(attrs)
+    for ms in multiscales or ():
+        if not isinstance(ms, Mapping):
+            continue
+        for ds in ms.get("datasets") or ():
+            if isinstance(ds, Mapping) and str(ds.get("path", "")).strip("/"):
+                return str(ds["path"]).strip("/")
+    return None
+
+
+def _multiscales(attrs: Mapping[str, Any]) -> Sequence[Any] | None:
+    ome = attrs.get("ome")
+    multiscales = attrs.get("multiscales")
+    if multiscales is None and isinstance(ome, Mapping):
+        multiscales = ome.get("multiscales")
+    if not isinstance(multiscales, Sequence) or isinstance(multiscales, str):
+        return None
+    return multiscales
 
 
 def _ome_dataset(name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, Any]) -> Spatial:
@@ -73,12 +98,12 @@ def _ome_dataset(name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, A
     translation = [t * g + gt for t, g, gt in zip(translation, g_scale, g_translation, strict=True)]
     axes = ms.get("axes")
     spatial = _spatial_axes(axes, ndim)
+    _check_voxel_size(name, [scale[i] for i in spatial], "multiscales scale")
+    offset = tuple(round(translation[i] / scale[i]) for i in spatial)
+    if not any(_has_unit(axes[i] if axes else None) for i in spatial):
+        return None, offset  # scale in unknown units: a ratio, not a size
     factors = [_unit_factor(name, axes[i] if axes else None) for i in spatial]
     voxel = tuple(_clean(scale[i] * f) for i, f in zip(spatial, factors, strict=True))
-    _check_voxel_size(name, voxel, "multiscales scale")
-    offset = tuple(
-        round(translation[i] * f / v) for i, f, v in zip(spatial, factors, voxel, strict=True)
-    )
     return voxel, offset
 
 
@@ -118,6 +143,10 @@ def _spatial_axes(axes: Any, ndim: int) -> list[int]:
         if found:
             return found
     return list(range(max(0, ndim - 3), ndim))
+
+
+def _has_unit(axis: Any) -> bool:
+    return isinstance(axis, Mapping) and bool(str(axis.get("unit") or "").strip())
 
 
 def _unit_factor(name: str, axis: Any) -> float:
@@ -180,3 +209,48 @@ def _check_voxel_size(name: str, voxel: Sequence[float], key: str) -> None:
 def _clean(value: float) -> float:
     """Round away float noise (e.g. 4.000000001 nm from rational TIFF tags or unit maths)."""
     return float(round(value, 6))
+
+
+def ome_image_attrs(
+    name: str,
+    ndim: int,
+    voxel_size: Sequence[float] | None,
+    offset: Sequence[int] | None,
+    channel_axis: bool = False,
+) -> dict[str, Any]:
+    """OME-Zarr 0.5 attributes for an image group whose only level is the array "0".
+
+    Axes are z, y, x (type space, unit nanometer), after a leading channel axis c when
+    `channel_axis`. Scale is the voxel size in nm; the translation (written only when the
+    offset is non-zero) is offset * voxel size. An unknown voxel size is written as scale 1
+    with no unit on the axes, which reads back as "unknown" (None), not as 1 nm.
+    Values are trusted here; `emrun.io.write` validates them with user-facing messages.
+    """
+    spatial = ndim - 1 if channel_axis else ndim
+    if spatial != 3 or ndim not in (3, 4):
+        raise ValueError(
+            f"{name}: expected a 3-d (z, y, x) or, with a channel axis, 4-d (c, z, y, x) "
+            f"volume, got {ndim} axes"
+        )
+    voxel = [float(v) for v in voxel_size] if voxel_size is not None else [1.0, 1.0, 1.0]
+    shift = [int(o) for o in offset] if offset is not None else [0, 0, 0]
+    if len(voxel) != 3 or len(shift) != 3:
+        raise ValueError(f"{name}: voxel size and offset need 3 values (z, y, x)")
+
+    axes: list[dict[str, Any]] = [{"name": "c", "type": "channel"}] if channel_axis else []
+    for axis in "zyx":
+        entry: dict[str, Any] = {"name": axis, "type": "space"}
+        if voxel_size is not None:
+            entry["unit"] = "nanometer"
+        axes.append(entry)
+    lead = [1.0] if channel_axis else []
+    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": lead + voxel}]
+    if any(shift):
+        translation = [_clean(o * v) for o, v in zip(shift, voxel, strict=True)]
+        transforms.append({"type": "translation", "translation": [0.0] * len(lead) + translation})
+    multiscale = {
+        "axes": axes,
+        "datasets": [{"path": "0", "coordinateTransformations": transforms}],
+        "name": name,
+    }
+    return {"ome": {"version": "0.5", "multiscales": [multiscale]}}

@@ -1,4 +1,10 @@
-"""Zarr v2 and v3 directory stores, through the zarr 3 API (3.1 and later)."""
+"""Zarr v2 and v3 directory stores, through the zarr 3 API (3.1 and later).
+
+A path may name an array (`vol.zarr/raw/s0`, or a bare array store) or an OME-Zarr image
+group (`vol.zarr/image`, the layout emrun writes: the group carries `multiscales`, level 0
+is the array inside it); a group is opened at its first multiscale dataset and keeps the
+group's name (`str(volume) == "vol.zarr/image"`).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,27 @@ from typing import Any
 import numpy as np
 import zarr
 
-from emrun.io.metadata import spatial_metadata
+from emrun.io.metadata import multiscale_dataset, spatial_metadata
 from emrun.io.volume import MAX_LISTED, Roi, Volume, VolumeError, format_names
+
+PARTIAL_SUFFIX = ".partial"  # a volume being written (emrun.io.convert); not yet a volume
 
 
 @dataclass(frozen=True, kw_only=True)
 class ZarrVolume(Volume):
-    """An array in a zarr store; the zarr handle is opened once per process, on first read."""
+    """An array in a zarr store; the zarr handle is opened once per process, on first read.
+
+    `array_path` is where the array lies inside the store when `dataset` names an OME-Zarr
+    image group rather than the array itself (e.g. dataset "image", array_path "image/0").
+    """
+
+    array_path: str | None = None
 
     @cached_property
     def _array(self) -> Any:
         node = zarr.open(self.path, mode="r")
-        return node[self.dataset] if self.dataset else node
+        inner = self.array_path or self.dataset
+        return node[inner] if inner else node
 
     def _read(self, roi: Roi) -> np.ndarray:
         return np.asarray(self._array[roi])
@@ -41,6 +56,9 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
         return _volume(path, None, node, None, None)
 
     if not dataset:
+        level = multiscale_dataset(dict(node.attrs))
+        if level is not None:
+            return _open_image_group(path, None, node, level)
         raise VolumeError(
             f"{path}: is a zarr group; name an array inside it ({path}/NAME); "
             f"arrays: {list_arrays(node)}"
@@ -50,6 +68,9 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
     except KeyError:
         raise VolumeError(f"{path} has no array {dataset!r}; arrays: {list_arrays(node)}") from None
     if isinstance(array, zarr.Group):
+        level = multiscale_dataset(dict(array.attrs))
+        if level is not None:
+            return _open_image_group(path, dataset, array, level)
         raise VolumeError(
             f"{path}/{dataset} is a zarr group, not an array; arrays in it: "
             f"{list_arrays(array, prefix=dataset + '/')}"
@@ -59,12 +80,29 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
     return _volume(path, dataset, array, dict(parent.attrs), array_name)
 
 
+def _open_image_group(path: str, dataset: str | None, group: Any, level: str) -> ZarrVolume:
+    """Open an OME-Zarr image group at `level`, its first multiscale dataset."""
+    name = f"{path}/{dataset}" if dataset else path
+    try:
+        array = group[level]
+    except KeyError:
+        raise VolumeError(
+            f"{name}: OME-Zarr multiscales name dataset {level!r}, but the group has no such "
+            f"array; arrays in it: {list_arrays(group)}"
+        ) from None
+    if isinstance(array, zarr.Group):
+        raise VolumeError(f"{name}: OME-Zarr dataset {level!r} is a group, not an array")
+    inner = f"{dataset}/{level}" if dataset else level
+    return _volume(path, dataset, array, dict(group.attrs), level, array_path=inner)
+
+
 def _volume(
     path: str,
     dataset: str | None,
     array: Any,
     group_attrs: dict[str, Any] | None,
     array_name: str | None,
+    array_path: str | None = None,
 ) -> ZarrVolume:
     name = f"{path}/{dataset}" if dataset else path
     shape = tuple(int(n) for n in array.shape)
@@ -78,11 +116,16 @@ def _volume(
         dtype=numpy_dtype(array.dtype),
         voxel_size=voxel_size,
         offset=offset,
+        array_path=array_path,
     )
 
 
 def list_arrays(group: Any, prefix: str = "") -> str:
-    """Comma-separated array paths under `group` (recursive, sorted, capped for messages)."""
+    """Comma-separated volume paths under `group` (recursive, sorted, capped for messages).
+
+    An OME-Zarr image group counts as one volume (its name, not its levels); conversions
+    still in progress (`NAME.partial`) are left out.
+    """
     names: list[str] = []
     _collect(group, "", names)
     return format_names([prefix + n for n in names])
@@ -94,7 +137,12 @@ def _collect(group: Any, prefix: str, out: list[str]) -> None:
     for name, child in group.groups():
         if len(out) > 10 * MAX_LISTED:  # enough to show; don't walk a huge store
             return
-        _collect(child, f"{prefix}{name}/", out)
+        if name.endswith(PARTIAL_SUFFIX):
+            continue
+        if multiscale_dataset(dict(child.attrs)) is not None:
+            out.append(prefix + name)
+        else:
+            _collect(child, f"{prefix}{name}/", out)
 
 
 def numpy_dtype(dtype: Any) -> np.dtype:

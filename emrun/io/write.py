@@ -1,0 +1,322 @@
+"""Writing volumes: every volume emrun writes is an OME-Zarr 0.5 image group.
+
+Layout (one decision, used by conversion, inference and segmentation alike):
+
+    OUT.zarr/               zarr v3 group; several volumes live side by side in it
+      image/                zarr v3 group, attrs["ome"] = OME-Zarr 0.5 "multiscales"
+        0/                  level-0 array (z, y, x), or (c, z, y, x) with a channel axis
+      labels/
+        0/
+
+`open_volume("OUT.zarr/image")` opens the group's first multiscale level and reports the
+voxel size (nm, zyx) and offset (voxels) from its scale and translation.
+
+Compression is blosc zstd, level 5, with byte shuffle for every dtype. Measured on SNEMI3D
+(16 x 256 x 256 chunks), bitshuffle never won clearly: dense labels compress about 2x worse
+with it (uint16 25x vs 47x byte shuffle; uint64 102x vs 180x), because zstd already finds
+the long runs of equal ids that bit planes break up; raw uint8 EM gains 4% from it (1.11x
+vs 1.07x) while smooth uint8 predictions lose 25% (1.52x vs 2.04x); smooth uint16/float32
+data come out equal or better with byte shuffle. For uint8, byte shuffle is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from emrun.io.metadata import ome_image_attrs
+from emrun.io.volume import VolumeError
+from emrun.io.zarr_volume import PARTIAL_SUFFIX
+
+LEVEL = "0"  # the one multiscale level emrun writes
+CHUNK_ZYX = (16, 256, 256)  # default chunk: thin in z (anisotropic EM), wide in y and x
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def compressor() -> BloscCodec:
+    """The codec for every volume emrun writes (see the module docstring for the choice)."""
+    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+
+
+def native_dtype(dtype: Any) -> np.dtype:
+    """The same dtype in native byte order and canonical form (e.g. numpy's 'Q' -> 'L' for
+    uint64 on Linux: tifffile returns the former, zarr only knows the latter)."""
+    dtype = np.dtype(dtype).newbyteorder("=")
+    return np.dtype(dtype.str) if dtype.kind in "biufc" else dtype
+
+
+def default_chunks(shape: Sequence[int], channel_axis: bool = False) -> tuple[int, ...]:
+    """(min(z,16), min(y,256), min(x,256)), after all channels in one chunk when present."""
+    spatial = tuple(max(1, min(int(n), c)) for n, c in zip(shape[-3:], CHUNK_ZYX, strict=True))
+    return ((max(1, int(shape[0])),) if channel_axis else ()) + spatial
+
+
+def create_volume(
+    path: str | os.PathLike[str],
+    name: str,
+    shape: Sequence[int],
+    dtype: Any,
+    *,
+    chunks: Sequence[int] | None = None,
+    voxel_size: Sequence[float] | None = None,
+    offset: Sequence[int] | None = None,
+    channel_axis: bool = False,
+    attrs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> zarr.Array:
+    """Create the empty volume `path/name` (an OME-Zarr 0.5 image group) and return its array.
+
+    `path` is a zarr v3 group folder named *.zarr, created when missing. The array lies at
+    `path/name/0`, filled with zeros until written. `voxel_size` is in nm and `offset` in
+    voxels, both z, y, x (None: unknown voxel size, zero offset); `attrs` are extra
+    attributes for the image group (e.g. provenance). An existing `name` is a VolumeError
+    unless `overwrite`, which deletes it first. The volume is visible as soon as it is
+    created; use `write_volume` (or `staged_volume`) for all-or-nothing writes.
+    """
+    target = _prepare(path, name, overwrite)
+    spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs)
+    root = _open_root(target.parent)
+    if target.exists():
+        shutil.rmtree(target)
+    return _create(root, name, name, spec)
+
+
+def write_volume(
+    path: str | os.PathLike[str],
+    name: str,
+    array: np.ndarray,
+    *,
+    chunks: Sequence[int] | None = None,
+    voxel_size: Sequence[float] | None = None,
+    offset: Sequence[int] | None = None,
+    channel_axis: bool = False,
+    attrs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> zarr.Array:
+    """Write a (small) in-memory array as the volume `path/name`; all or nothing.
+
+    Same arguments as `create_volume`; shape and dtype come from `array`. Returns the
+    written array, opened for further writes.
+    """
+    data = np.asarray(array)
+    with staged_volume(
+        path,
+        name,
+        data.shape,
+        data.dtype,
+        chunks=chunks,
+        voxel_size=voxel_size,
+        offset=offset,
+        channel_axis=channel_axis,
+        attrs=attrs,
+        overwrite=overwrite,
+    ) as staged:
+        staged[...] = data
+    return zarr.open_array(str(Path(path) / name / LEVEL), mode="r+")
+
+
+@contextmanager
+def staged_volume(
+    path: str | os.PathLike[str],
+    name: str,
+    shape: Sequence[int],
+    dtype: Any,
+    *,
+    chunks: Sequence[int] | None = None,
+    voxel_size: Sequence[float] | None = None,
+    offset: Sequence[int] | None = None,
+    channel_axis: bool = False,
+    attrs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Iterator[zarr.Array]:
+    """Create `name` as `name.partial`, yield its array to fill, and rename it at the end.
+
+    A stale `name.partial` (from a killed run) is removed first. If the block raises, the
+    partial volume is removed and `name` is left as it was; a run killed outright leaves
+    only `name.partial`, which no reader takes for a volume. With `overwrite`, an existing
+    `name` is replaced only once the new one is complete.
+    """
+    target = _prepare(path, name, overwrite)
+    spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs)
+    root = _open_root(target.parent)
+    partial = target.with_name(target.name + PARTIAL_SUFFIX)
+    if partial.exists():
+        shutil.rmtree(partial)
+    try:
+        yield _create(root, partial.name, name, spec)
+        _commit(partial, target, overwrite)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _commit(partial: Path, target: Path, overwrite: bool) -> None:
+    """Rename the finished volume into place; an old one goes only once the new one is in."""
+    if not target.exists():
+        os.rename(partial, target)
+        return
+    if not overwrite:  # appeared while we were writing
+        raise VolumeError(f"{target}: appeared while it was being written; not replaced")
+    old = target.with_name(target.name + ".replaced" + PARTIAL_SUFFIX)
+    if old.exists():
+        shutil.rmtree(old)
+    os.rename(target, old)
+    try:
+        os.rename(partial, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- checks -------------------------------------------------------------------------------
+
+
+def _prepare(path: str | os.PathLike[str], name: str, overwrite: bool) -> Path:
+    """Check the output store and the volume name; return the volume's folder."""
+    root_path = Path(path)
+    _check_name(root_path, name)
+    _check_store(root_path)
+    target = root_path / name
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise VolumeError(f"{target}: already exists; choose another name or overwrite it")
+    return target
+
+
+def _open_root(root: Path) -> zarr.Group:
+    """Open (or create) the store's root group, once everything has been checked."""
+    try:
+        return zarr.open_group(str(root), mode="a", zarr_format=3)
+    except Exception as exc:
+        raise VolumeError(f"{root}: cannot open as a zarr v3 group for writing: {exc}") from exc
+
+
+def _check_name(root: Path, name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.startswith("__"):
+        raise VolumeError(
+            f"{root}: bad volume name {name!r}; use letters, digits, '_', '-' and '.', "
+            "starting with a letter, digit or '_' (one level: no '/')"
+        )
+    if name.endswith(PARTIAL_SUFFIX) or name.endswith(".replaced"):
+        raise VolumeError(f"{root}: bad volume name {name!r}; the suffix is reserved")
+
+
+def _check_store(root: Path) -> None:
+    """The output must be a *.zarr folder that is missing, empty or a zarr v3 group."""
+    if not root.name.lower().endswith(".zarr"):
+        raise VolumeError(f"{root}: an output store must be a folder whose name ends in .zarr")
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise VolumeError(f"{root}: exists and is not a folder; not writing a zarr store there")
+    meta = root / "zarr.json"
+    if meta.is_file():
+        try:
+            doc = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise VolumeError(f"{root}: unreadable zarr.json: {exc}") from exc
+        if not isinstance(doc, dict) or doc.get("node_type") != "group":
+            raise VolumeError(f"{root}: is a zarr array, not a group; volumes go into a group")
+        return
+    if (root / ".zgroup").exists() or (root / ".zarray").exists():
+        raise VolumeError(
+            f"{root}: is a zarr v2 store; emrun writes zarr v3 (OME-Zarr 0.5) volumes, "
+            "choose another .zarr path"
+        )
+    if any(root.iterdir()):
+        raise VolumeError(f"{root}: exists and is not a zarr store (no zarr.json); not writing")
+
+
+def _spec(
+    target: Path,
+    shape: Sequence[int],
+    dtype: Any,
+    chunks: Sequence[int] | None,
+    voxel_size: Sequence[float] | None,
+    offset: Sequence[int] | None,
+    channel_axis: bool,
+    attrs: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Validate what the volume will be; user-facing problems are VolumeErrors naming it."""
+    shape = tuple(_int(target, n, "shape") for n in shape)
+    expected = 4 if channel_axis else 3
+    if len(shape) != expected or any(n < 0 for n in shape):
+        axes = "(c, z, y, x)" if channel_axis else "(z, y, x)"
+        raise VolumeError(f"{target}: shape {list(shape)} is not a {expected}-d {axes} shape")
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise VolumeError(f"{target}: unsupported dtype {dtype!r}") from exc
+    if dt.kind not in "biuf":
+        raise VolumeError(f"{target}: unsupported dtype {dt}; expected bool, integer or float")
+    dt = native_dtype(dt)
+    if chunks is None:
+        chunks = default_chunks(shape, channel_axis)
+    chunks = tuple(_int(target, c, "chunks") for c in chunks)
+    if len(chunks) != len(shape) or any(c < 1 for c in chunks):
+        raise VolumeError(f"{target}: chunks {list(chunks)} must be {len(shape)} positive ints")
+    if voxel_size is not None:
+        voxel_size = tuple(voxel_size)
+        if len(voxel_size) != 3 or not all(
+            isinstance(v, int | float | np.integer | np.floating)
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and v > 0
+            for v in voxel_size
+        ):
+            raise VolumeError(
+                f"{target}: voxel size {list(voxel_size)} must be 3 positive numbers (nm, z y x)"
+            )
+        voxel_size = tuple(float(v) for v in voxel_size)
+    if offset is not None:
+        offset = tuple(_int(target, o, "offset") for o in offset)
+        if len(offset) != 3:
+            raise VolumeError(f"{target}: offset {list(offset)} must be 3 integers (voxels, zyx)")
+    extra = dict(attrs or {})
+    if "ome" in extra:
+        raise ValueError(f"{target}: attrs must not set 'ome'; it is written from the arguments")
+    return {
+        "shape": shape,
+        "dtype": dt,
+        "chunks": chunks,
+        "voxel_size": voxel_size,
+        "offset": offset,
+        "channel_axis": channel_axis,
+        "attrs": extra,
+    }
+
+
+def _int(target: Path, value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer | float | np.floating):
+        raise VolumeError(f"{target}: {key} must be integers, got {value!r}")
+    if int(value) != value:
+        raise VolumeError(f"{target}: {key} must be integers, got {value!r}")
+    return int(value)
+
+
+def _create(root: zarr.Group, node: str, name: str, spec: dict[str, Any]) -> zarr.Array:
+    """Create image group `node` (OME name `name`) and its level-0 array."""
+    ome = ome_image_attrs(
+        name, len(spec["shape"]), spec["voxel_size"], spec["offset"], spec["channel_axis"]
+    )
+    group = root.create_group(node, attributes={**spec["attrs"], **ome})
+    axes = ["c", "z", "y", "x"] if spec["channel_axis"] else ["z", "y", "x"]
+    return group.create_array(
+        name=LEVEL,
+        shape=spec["shape"],
+        dtype=spec["dtype"],
+        chunks=spec["chunks"],
+        compressors=[compressor()],
+        dimension_names=axes,
+    )
