@@ -199,8 +199,6 @@ def _pending_group(group: typer.Typer, prefix: str, commands: dict[str, tuple[st
 
 
 _pending_group(data_app, "data", {
-    "convert": ("Convert TIFF/HDF5/zarr to chunked OME-Zarr.", "the data issue"),
-    "synth": ("Write a synthetic EM volume with labels.", "the data issue"),
     "preview": ("A PNG grid of augmented training samples.", "the augmentation issue"),
 })
 _pending_group(bench_app, "bench", {
@@ -240,6 +238,61 @@ def bench_data(
         out.print(f"  {name}: {ms:.2f} ms", markup=False)
     if json_:
         print(json.dumps(result))
+
+
+Zyx = Annotated[tuple[int, int, int] | None, typer.Option(metavar="Z Y X")]
+Nm = Annotated[tuple[float, float, float] | None, typer.Option(metavar="Z Y X",
+                                                                help="Voxel size in nm.")]
+
+
+@data_app.command("convert")
+@guarded
+def data_convert(
+    source: Annotated[str, typer.Argument(help="TIFF file or folder, file.h5/dataset, "
+                                                "vol.zarr/array or .npy.")],
+    out: Annotated[Path, typer.Argument(help="Output zarr folder (created if missing).")],
+    voxel_size: Nm = None,
+    chunks: Zyx = None,
+    name: Annotated[str | None, typer.Option(
+        help="Array name in OUT (default: image for 8-bit/float, labels for wider ints).")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing array of that name.")
+    ] = False,
+) -> None:
+    """Convert a volume to zarr v3 with OME-Zarr 0.5 metadata, streamed section by section."""
+    from .io.convert import convert
+
+    result = convert(source, out, name=name, voxel_size=voxel_size, chunks=chunks,
+                     overwrite=overwrite)
+    voxel = "unknown" if result.voxel_size is None else " x ".join(
+        f"{v:g}" for v in result.voxel_size) + " nm"
+    print(f"wrote {out}/{result.name}: shape {list(result.shape)}, {result.dtype}, voxel "
+          f"{voxel}, chunks {list(result.chunks)}")
+
+
+@data_app.command("synth")
+@guarded
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Output zarr folder (created if missing).")],
+    shape: Zyx = (64, 256, 256),
+    seed: Annotated[int, typer.Option(min=0, help="Generator seed.")] = 0,
+    voxel_size: Nm = (30.0, 6.0, 6.0),
+    defects: Annotated[bool, typer.Option(help="Add missing/dim sections and a shift.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing arrays.")] = False,
+) -> None:
+    """Write a synthetic EM volume: arrays image, labels and mito, deterministic from SEED."""
+    from .io.write import write_volume
+    from .synth import synthesize
+
+    if shape is None or min(shape) < 1:
+        raise UserError("--shape needs three positive sizes")
+    volume = synthesize(shape, seed, voxel_size=voxel_size or (30.0, 6.0, 6.0),
+                        defects=defects)
+    for key in ("image", "labels", "mito"):
+        write_volume(out, key, getattr(volume, key), voxel_size=volume.voxel_size,
+                     overwrite=overwrite, attrs={"emrun": {"synthetic_seed": seed}})
+    print(f"wrote {out}/image, labels, mito: shape {list(shape)}, seed {seed}, "
+          f"{int(volume.labels.max())} cells")
 
 
 def main() -> None:

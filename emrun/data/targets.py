@@ -3,8 +3,9 @@
 Every target is a callable ``target(patch) -> (target, mask)`` returning two uint8 arrays of
 shape ``(channels, z, y, x)`` holding 0/1: the values to learn and where they count in the
 loss (1) or are excluded (0). uint8 keeps samples a quarter of float32's size on their way
-from loader workers to the trainer, which casts them to float on the device. Builders are registered in :data:`emrun.registry.targets` at import, so
-``targets.build(spec)`` finds them (the registry imports this module lazily).
+from loader workers to the trainer, which casts them to float on the device. Builders are
+registered in :data:`emrun.registry.targets` at import, so ``targets.build(spec)`` finds them
+(the registry imports this module lazily).
 
 Conventions (see DESIGN.md): axes z, y, x; label 0 means unlabelled; a patch mask is non-zero
 where voxels are valid, ``None`` meaning all valid.

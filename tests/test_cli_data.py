@@ -1,0 +1,55 @@
+"""`emrun data convert`, `emrun data synth` and `emrun bench data` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import tifffile
+from conftest import MINIMAL
+from typer.testing import CliRunner
+
+from emrun.cli import app
+from emrun.io import open_volume
+
+runner = CliRunner()
+
+
+def test_convert_tiff_to_ome_zarr_round_trips(tmp_path):
+    labels = np.random.default_rng(0).integers(0, 70000, (5, 20, 30)).astype(np.uint32)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    out = tmp_path / "vol.zarr"
+    args = ["data", "convert", str(tmp_path / "labels.tif"), str(out), "--voxel-size", "30",
+            "6", "6", "--chunks", "2", "16", "16"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "vol.zarr/labels" in result.stdout  # name guessed from the dtype
+    volume = open_volume(f"{out}/labels")
+    np.testing.assert_array_equal(volume.read(), labels)
+    assert volume.voxel_size == (30.0, 6.0, 6.0)
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    missing = runner.invoke(app, ["data", "convert", str(tmp_path / "nope.tif"), str(out)])
+    assert missing.exit_code == 2 and "nope.tif" in missing.stderr
+
+
+def test_synth_writes_image_labels_mito_deterministically(tmp_path):
+    for name in ("a.zarr", "b.zarr"):
+        result = runner.invoke(app, ["data", "synth", str(tmp_path / name), "--shape", "8", "64",
+                                     "64", "--seed", "4"])
+        assert result.exit_code == 0, result.output
+    for key in ("image", "labels", "mito"):
+        a = open_volume(f"{tmp_path}/a.zarr/{key}").read()
+        np.testing.assert_array_equal(a, open_volume(f"{tmp_path}/b.zarr/{key}").read())
+    assert open_volume(f"{tmp_path}/a.zarr/image").dtype == np.uint8
+    assert open_volume(f"{tmp_path}/a.zarr/labels").voxel_size == (30.0, 6.0, 6.0)
+
+
+def test_bench_data_ends_with_a_json_line(write):
+    result = runner.invoke(app, ["bench", "data", str(write(MINIMAL)), "--workers", "0",
+                                 "--samples", "3", "--json", "-o", "augment=none"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("samples_per_s", "ms_per_sample", "workers", "per_augmentation_ms"):
+        assert key in figures
+    assert figures["workers"] == 0 and figures["samples_per_s"] > 0
