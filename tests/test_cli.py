@@ -114,3 +114,17 @@ def test_every_schema_property_is_described():
                    for prop, spec in model.get("properties", {}).items()
                    if prop != "type" and not spec.get("description")]
     assert undescribed == []
+
+
+def test_validate_reads_values_float_range_and_empty_masks(write, tmp_path):
+    np.save(tmp_path / "image.npy", np.full((16, 64, 64), 3.0, np.float32))
+    np.save(tmp_path / "mask.npy", np.zeros((16, 64, 64), np.uint8))
+    text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
+                           f"a: {{image: {tmp_path}/image.npy, mask: {tmp_path}/mask.npy}}")
+    result = runner.invoke(app, ["validate", str(write(text))])
+    assert result.exit_code == 2
+    assert "outside [0, 1]; give `intensity: {low, high}`" in result.stderr
+    assert "mask.npy selects no voxel anywhere" in result.stderr
+    fixed = runner.invoke(app, ["validate", str(write(text)), "-o", "data.sources.a.mask=null",
+                                "-o", "data.sources.a.intensity={low: 0, high: 4}"])
+    assert fixed.exit_code == 0, fixed.output

@@ -59,11 +59,16 @@ def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, i
         others[(*path, "mask")] = source.mask
     for sem, ref in source.semantic.items():
         others[(*path, "semantic", sem)] = ref
+    opened: dict[KeyPath, Volume] = {}
     for key, ref in others.items():
         volume = _open(ref, key, problems)
         if volume is not None:
             _check_companion(volume, image, key, problems)
+            opened[key] = volume
+    before = len(problems)
     _check_roi(image, source, patch if group == "sources" else None, path, problems)
+    if len(problems) == before and len(image.shape) == 3:  # values: only where shapes fit
+        _check_values(image, source, opened.get((*path, "mask")), path, problems)
     voxel = source.voxel_size or image.voxel_size
     if source.voxel_size and image.voxel_size and not np.allclose(
         source.voxel_size, image.voxel_size[-3:]
@@ -71,6 +76,34 @@ def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, i
         problems.append(((*path, "voxel_size"), f"{list(source.voxel_size)} nm disagrees with "
                          f"{image} metadata {list(image.voxel_size)} nm"))
     return SourceFacts(group, name, "volume", image.shape, str(image.dtype), voxel, source.weight)
+
+
+def _check_values(image: Volume, source: VolumeSource, mask: Volume | None, path: KeyPath,
+                  problems: list[tuple[KeyPath, str]]) -> None:
+    """Float images must lie in [0, 1] unless an intensity range is given (checked on a few
+    sections); a mask must select something inside the sampled box (reads the mask once)."""
+    from .sampler import MaskIndex
+
+    if source.roi is not None:
+        offset, shape = source.roi.offset, source.roi.shape
+    else:
+        offset, shape = (0, 0, 0), tuple(image.shape)
+    if image.dtype.kind == "f" and source.intensity is None:
+        for z in np.unique(np.linspace(offset[0], offset[0] + shape[0] - 1, 4).round()):
+            section = image.read((slice(int(z), int(z) + 1), slice(offset[1], offset[1] + shape[1]),
+                                  slice(offset[2], offset[2] + shape[2])))
+            lo, hi = float(section.min()), float(section.max())
+            if lo < 0 or hi > 1:
+                problems.append(((*path, "image"), f"{image} is a float image with values in "
+                                 f"[{lo:g}, {hi:g}] (section {int(z)}), outside [0, 1]; give "
+                                 "`intensity: {low, high}` for this source"))
+                break
+    if mask is not None and tuple(mask.shape) == tuple(image.shape):
+        index = MaskIndex(mask, offset, shape)  # type: ignore[arg-type]
+        if len(index.blocks) == 0:
+            where = "inside its roi" if source.roi is not None else "anywhere"
+            problems.append(((*path, "mask"), f"{mask} selects no voxel {where}: nothing "
+                             "could be sampled"))
 
 
 def _open(ref: str, key: KeyPath, problems: list[tuple[KeyPath, str]]) -> Volume | None:
