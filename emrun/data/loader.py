@@ -66,7 +66,7 @@ class TrainBatches(IterableDataset):  # type: ignore[type-arg]
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         maker = SampleMaker(self.recipe)
         for index in itertools.count(self.start + worker, workers):
-            yield to_tensors(maker.batch(self.recipe.seed, self.rank, index))
+            yield maker.batch(self.recipe.seed, self.rank, index)
 
 
 def train_batches(recipe: Recipe, *, rank: int = 0, start: int = 0,
@@ -83,8 +83,15 @@ def train_batches(recipe: Recipe, *, rank: int = 0, start: int = 0,
         prefetch_factor=2 if workers else None,
         persistent_workers=workers > 0,
         multiprocessing_context=context if workers else None,
+        collate_fn=_as_is,
     )
-    return iter(loader)
+    return map(to_tensors, loader)
+
+
+def _as_is(batch: Any) -> Any:
+    """Keep numpy arrays: they travel pickled through a pipe, cheaper here than fresh
+    shared memory per tensor; tensors are made in the receiving process."""
+    return batch
 
 
 def tile_corners(box_offset: tuple[int, ...], box_shape: tuple[int, ...],
