@@ -106,9 +106,15 @@ class PatchSampler:
             self._masks[source.name] = MaskIndex(source.mask, *source.box)
         return self._masks[source.name]
 
-    def draw(self, rng: np.random.Generator, in_shape: Zyx, out_shape: Zyx) -> Crop:
-        """One crop of ``in_shape`` whose central ``out_shape`` passes the source's tests."""
-        source = self.sources[int(rng.choice(len(self.sources), p=self.weights))]
+    def pick(self, rng: np.random.Generator) -> Source:
+        """A source, by mixture weight."""
+        return self.sources[int(rng.choice(len(self.sources), p=self.weights))]
+
+    def draw(self, rng: np.random.Generator, in_shape: Zyx, out_shape: Zyx,
+             source: Source | None = None) -> Crop:
+        """One crop of ``in_shape`` whose central ``out_shape`` passes the source's tests,
+        from ``source`` (default: one picked by weight)."""
+        source = source or self.pick(rng)
         box_shape = source.box[1]
         room = [b - s for b, s in zip(box_shape, in_shape, strict=True)]
         if min(room) < 0:

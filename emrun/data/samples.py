@@ -12,7 +12,7 @@ import numpy as np
 
 from ..recipe import Recipe
 from ..registry import targets
-from .augment import Pipeline, Sample
+from .augment import Context, Pipeline, Sample
 from .sampler import PatchSampler
 from .sources import Source, mixture_weights, open_sources
 from .targets import Patch
@@ -38,9 +38,9 @@ class SampleMaker:
     def sample(self, rng: np.random.Generator) -> dict[str, Any]:
         """One sample: image (1, z, y, x) and per task target and mask (c, z, y, x)."""
         clock = time.perf_counter()
-        steps, in_shape = self.pipeline.prepare(rng, self.patch)
-        crop = self.sampler.draw(rng, in_shape, self.patch)
-        source = next(s for s in self.sources if s.name == crop.source)
+        source = self.sampler.pick(rng)
+        steps, in_shape = self.pipeline.prepare(rng, self.patch, Context(source.voxel_size))
+        crop = self.sampler.draw(rng, in_shape, self.patch, source)
         sample = Sample(source.normalise(crop.image), crop.labels, crop.mask, crop.semantic)
         self._tick("sample", clock)
         sample = Pipeline.apply(steps, sample, self.timings)

@@ -76,6 +76,11 @@ class MisalignBase(AugmentBase):
     displacement: PxRange = Field(
         (3, 15), description="Range of the in-plane shift in pixels (min, max)."
     )
+    voxel_reference: float | None = Field(
+        None, gt=0, le=10_000,
+        description="In-plane voxel size (nm) the displacement pixels refer to; they are "
+        "scaled to each source's voxel size. None: pixels as given.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Any:
@@ -263,14 +268,15 @@ class Compose(AugmentBase):
 
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
-    # DeepEM's modern stack (flyem/pinky mip1 defaults); displacements are mip1 pixels.
+    # DeepEM's modern stack (flyem/pinky mip1 defaults); displacements are mip1 (8 nm) pixels.
     "deepem": [
         {"type": "grayscale", "p": 0.7, "contrast": 0.5, "brightness": 0.5, "mode": "mix"},
         {
             "type": "one_of",
             "of": [
-                {"type": "misalign", "mode": "both", "displacement": [5, 25]},
-                {"type": "misalign_missing", "displacement": [3, 15]},
+                {"type": "misalign", "mode": "both", "displacement": [5, 25],
+                 "voxel_reference": 8.0},
+                {"type": "misalign_missing", "displacement": [3, 15], "voxel_reference": 8.0},
                 {"type": "missing_section", "max_sections": 7, "partial": True},
                 {"type": "lost_section", "max_sections": 1},
             ],

@@ -48,6 +48,13 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Context:
+    """What an augmentation may know when it draws parameters for one sample."""
+
+    voxel_size: tuple[float, float, float] | None = None  # nm, z, y, x, of the chosen source
+
+
+@dataclass(frozen=True)
 class Step:
     """An augmentation with its random parameters drawn for one sample."""
 
@@ -67,15 +74,17 @@ class Augmentation(ABC):
         self.spec = spec
         self.name = spec.type  # type: ignore[attr-defined]
 
-    def prepare(self, rng: np.random.Generator, out_shape: Zyx) -> Step:
+    def prepare(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
         """Skip with probability 1 - p; otherwise draw the parameters."""
         if rng.random() >= self.spec.p:
             return identity(self.name, out_shape)
-        return self.plan(rng, out_shape)
+        return self.plan(rng, out_shape, context)
 
     @abstractmethod
-    def plan(self, rng: np.random.Generator, out_shape: Zyx) -> Step:
-        """Draw parameters; the Step must turn an ``in_shape`` sample into ``out_shape``."""
+    def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
+        """Draw every random parameter now (bulk randomness: draw a seed here and make a
+        ``np.random.default_rng(seed)`` in ``apply``); the Step must turn a sample of
+        ``in_shape`` into one of exactly ``out_shape``."""
 
 
 class Pipeline:
@@ -84,12 +93,14 @@ class Pipeline:
     def __init__(self, specs: Sequence[AugmentBase]) -> None:
         self.augmentations: list[Augmentation] = [augmentations.build(s) for s in specs]
 
-    def prepare(self, rng: np.random.Generator, out_shape: Zyx) -> tuple[list[Step], Zyx]:
+    def prepare(self, rng: np.random.Generator, out_shape: Zyx,
+                context: Context | None = None) -> tuple[list[Step], Zyx]:
         """Steps in forward order and the input shape the first one needs."""
+        context = context or Context()
         steps: list[Step] = []
         shape = out_shape
         for aug in reversed(self.augmentations):
-            step = aug.prepare(rng, shape)
+            step = aug.prepare(rng, shape, context)
             steps.append(step)
             shape = step.in_shape
         steps.reverse()
