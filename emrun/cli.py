@@ -199,7 +199,6 @@ def _pending_group(group: typer.Typer, prefix: str, commands: dict[str, tuple[st
 
 
 _pending_group(data_app, "data", {
-    "preview": ("A PNG grid of augmented training samples.", "the augmentation issue"),
 })
 _pending_group(bench_app, "bench", {
     "model": ("Forward+backward throughput of the recipe's model.", "the model issue"),
@@ -268,6 +267,28 @@ def data_convert(
         f"{v:g}" for v in result.voxel_size) + " nm"
     print(f"wrote {out}/{result.name}: shape {list(result.shape)}, {result.dtype}, voxel "
           f"{voxel}, chunks {list(result.chunks)}")
+
+
+@data_app.command("preview")
+@guarded
+def data_preview(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    override: Overrides = None,
+    synthetic: Annotated[bool, typer.Option(
+        "--synthetic", help="Replace the recipe's sources by synthetic volumes.")] = False,
+    n: Annotated[int, typer.Option("--n", min=1, max=64, help="Samples (rows).")] = 8,
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("preview.png"),
+) -> None:
+    """A PNG grid of augmented samples: sections with label boundaries and each target."""
+    from .bench.data import with_synthetic_sources
+    from .preview import write_preview
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, override or [])
+    chosen = with_synthetic_sources(loaded.recipe) if synthetic else loaded.recipe
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; give a .png file path")
+    print(f"wrote {write_preview(chosen, out, n)}")
 
 
 @data_app.command("synth")

@@ -53,3 +53,14 @@ def test_bench_data_ends_with_a_json_line(write):
     for key in ("samples_per_s", "ms_per_sample", "workers", "per_augmentation_ms"):
         assert key in figures
     assert figures["workers"] == 0 and figures["samples_per_s"] > 0
+
+
+def test_preview_writes_a_png_grid(write, tmp_path):
+    out = tmp_path / "sub" / "preview.png"
+    result = runner.invoke(app, ["data", "preview", str(write(MINIMAL)), "--n", "2",
+                                 "--out", str(out), "-o", "augment=none"])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.parent.glob(".*.tmp"))
+    bad = runner.invoke(app, ["data", "preview", str(write(MINIMAL)), "--out", str(tmp_path)])
+    assert bad.exit_code == 2

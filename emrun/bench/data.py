@@ -65,12 +65,21 @@ def throughput(recipe: Recipe, workers: int, samples: int) -> tuple[float, float
     return count * recipe.train.batch_size / elapsed, unpack_ms
 
 
+def _names(specs: Any) -> list[str]:
+    """Every augmentation type in a stack, combinators' members included."""
+    names = []
+    for spec in specs:
+        names.append(spec.type)
+        names += _names(getattr(spec, "of", []))
+    return names
+
+
 def bench_data(recipe: Recipe, *, synthetic: bool, workers: int, samples: int) -> dict[str, Any]:
     """The figures `emrun bench data` reports."""
     if synthetic:
         recipe = with_synthetic_sources(recipe)
     per_stage, totals = stage_costs(recipe, samples)
-    augment_names = {a.type for a in recipe.augment}
+    augment_names = set(_names(recipe.augment))
     per_aug = {k: round(v, 3) for k, v in per_stage.items() if k in augment_names}
     rate, unpack_ms = throughput(recipe, workers, samples)
     return {

@@ -34,6 +34,7 @@ class SampleMaker:
         self.pipeline = Pipeline(recipe.augment)
         self.targets = {name: targets.build(task.target) for name, task in recipe.tasks.items()}
         self.timings: dict[str, float] | None = None  # seconds per stage, when measuring
+        self.last_labels: np.ndarray | None = None  # the last sample's augmented labels
 
     def sample(self, rng: np.random.Generator) -> dict[str, Any]:
         """One sample: image (1, z, y, x) and per task target and mask (c, z, y, x)."""
@@ -47,6 +48,7 @@ class SampleMaker:
         if sample.shape != self.patch:
             raise RuntimeError(f"augmentations produced {sample.shape}, not {self.patch}")
         clock = time.perf_counter()
+        self.last_labels = sample.labels
         patch = Patch(sample.labels, sample.mask, sample.semantic)
         out: dict[str, Any] = {"image": sample.image[None].astype(np.float32, copy=False),
                                "target": {}, "mask": {}}

@@ -56,11 +56,13 @@ class Context:
 
 @dataclass(frozen=True)
 class Step:
-    """An augmentation with its random parameters drawn for one sample."""
+    """An augmentation with its random parameters drawn for one sample; a combinator's step
+    lists the steps it runs in ``parts`` (so each is timed under its own name)."""
 
     name: str
     in_shape: Zyx
     apply: Callable[[Sample], Sample]
+    parts: tuple[Step, ...] = ()
 
 
 def identity(name: str, shape: Zyx) -> Step:
@@ -111,8 +113,14 @@ class Pipeline:
               timings: dict[str, float] | None = None) -> Sample:
         """Run the steps forward; add each one's seconds to ``timings`` when given."""
         for step in steps:
+            if step.parts:
+                sample = Pipeline.apply(list(step.parts), sample, timings)
+                continue
             start = time.perf_counter()
             sample = step.apply(sample)
             if timings is not None:
                 timings[step.name] = timings.get(step.name, 0.0) + time.perf_counter() - start
         return sample
+
+
+from . import combine  # noqa: E402,F401  (importing registers the builders)

@@ -1,0 +1,56 @@
+"""Combinators: `one_of` (exactly one alternative, or nothing) and `compose` (in order)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ...recipe.augment import Compose, OneOf
+from ...registry import augmentations
+from . import Augmentation, Context, Pipeline, Step, Zyx, identity
+
+
+class OneOfAugmentation(Augmentation):
+    """Picks one alternative by `probs` (default equal); the rest of the probability is
+    'nothing'. The chosen alternative then applies with its own `p`."""
+
+    def __init__(self, spec: OneOf) -> None:
+        super().__init__(spec)
+        self.alternatives = [augmentations.build(a) for a in spec.of]
+        probs = spec.probs or [1.0 / len(spec.of)] * len(spec.of)
+        self.probs = np.asarray([*probs, max(0.0, 1.0 - sum(probs))], dtype=np.float64)
+        self.probs /= self.probs.sum()
+
+    def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
+        choice = int(rng.choice(len(self.probs), p=self.probs))
+        if choice == len(self.alternatives):
+            return identity(self.name, out_shape)
+        step = self.alternatives[choice].prepare(rng, out_shape, context)
+        return Step(self.name, step.in_shape, step.apply, (step,))
+
+
+class ComposeAugmentation(Augmentation):
+    """Several augmentations in order, applied together with probability `p`."""
+
+    def __init__(self, spec: Compose) -> None:
+        super().__init__(spec)
+        self.inner = Pipeline(spec.of)
+
+    def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
+        steps, in_shape = self.inner.prepare(rng, out_shape, context)
+
+        def apply(sample: Any) -> Any:
+            return Pipeline.apply(steps, sample)
+
+        return Step(self.name, in_shape, apply, tuple(steps))
+
+
+@augmentations.implement("one_of")
+def build_one_of(spec: OneOf, **context: Any) -> Augmentation:
+    return OneOfAugmentation(spec)
+
+
+@augmentations.implement("compose")
+def build_compose(spec: Compose, **context: Any) -> Augmentation:
+    return ComposeAugmentation(spec)

@@ -1,0 +1,75 @@
+"""`emrun data preview`: a PNG grid of augmented training samples, so a person can see what
+the network sees (image sections with label boundaries, and every task's target)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .data.samples import SampleMaker, batch_rng
+from .recipe import Recipe
+
+
+def _boundaries(labels: np.ndarray) -> np.ndarray:
+    """Where a 2D label section changes from one pixel to the next (or is 0)."""
+    edge = labels == 0
+    edge[1:, :] |= labels[1:, :] != labels[:-1, :]
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    return edge
+
+
+def _target_view(target: np.ndarray, mask: np.ndarray, z: int) -> np.ndarray:
+    """One 2D picture of a task's target at section z: the mean over its channels, with
+    excluded voxels (mask 0 in every channel) set to NaN (drawn grey)."""
+    counted = mask[:, z].sum(axis=0)
+    view = np.where(counted > 0, (target[:, z] * mask[:, z]).sum(axis=0) / np.maximum(counted, 1),
+                    np.nan)
+    return view.astype(np.float32)
+
+
+def write_preview(recipe: Recipe, out: Path, samples: int = 8) -> Path:
+    """Draw ``samples`` augmented samples (the training stream's first ones) into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    maker = SampleMaker(recipe)
+    tasks = list(recipe.tasks)
+    columns = ["image z=0", "image mid-z + labels", "image z=last", *tasks]
+    fig, axes = plt.subplots(samples, len(columns), figsize=(2.2 * len(columns), 2.2 * samples),
+                             squeeze=False)
+    for row in range(samples):
+        sample = maker.sample(batch_rng(recipe.seed, 0, row))
+        image = sample["image"][0]
+        mid = image.shape[0] // 2
+        panels: list[tuple[np.ndarray, np.ndarray | None]] = [
+            (image[0], None), (image[mid], None), (image[-1], None)]
+        for ax, (picture, _) in zip(axes[row, :3], panels, strict=True):
+            ax.imshow(picture, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        labels = maker.last_labels
+        if labels is not None:
+            edges = np.ma.masked_where(~_boundaries(labels[mid]), np.ones(labels.shape[1:]))
+            axes[row, 1].imshow(edges, cmap="autumn", alpha=0.6, interpolation="nearest")
+        for col, name in enumerate(tasks, start=3):
+            view = _target_view(sample["target"][name], sample["mask"][name], mid)
+            cmap = plt.get_cmap("viridis").copy()
+            cmap.set_bad("0.5")
+            axes[row, col].imshow(np.ma.masked_invalid(view), cmap=cmap, vmin=0, vmax=1,
+                                  interpolation="nearest")
+        for col, ax in enumerate(axes[row]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(columns[col], fontsize=8)
+    fig.suptitle(f"{recipe.name}: {samples} augmented samples, patch "
+                 f"{list(recipe.train.patch)} (grey: excluded from the loss)", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
