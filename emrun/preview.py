@@ -55,8 +55,7 @@ def write_preview(recipe: Recipe, out: Path, samples: int = 8) -> Path:
             axes[row, 1].imshow(edges, cmap="autumn", alpha=0.6, interpolation="nearest")
         for col, name in enumerate(tasks, start=3):
             view = _target_view(sample["target"][name], sample["mask"][name], mid)
-            cmap = plt.get_cmap("viridis").copy()
-            cmap.set_bad("0.5")
+            cmap = plt.get_cmap("viridis").with_extremes(bad="0.5")
             axes[row, col].imshow(np.ma.masked_invalid(view), cmap=cmap, vmin=0, vmax=1,
                                   interpolation="nearest")
         for col, ax in enumerate(axes[row]):
