@@ -123,4 +123,4 @@ class Pipeline:
         return sample
 
 
-from . import combine, photometric  # noqa: E402,F401  (importing registers the builders)
+from . import combine, geometric, photometric  # noqa: E402,F401  (importing registers)
