@@ -53,7 +53,7 @@ def test_unknown_registry_name_suggests(write):
 def test_preset_expands_and_unknown_preset_suggests(write):
     recipe = load_recipe(write(MINIMAL + "augment: deepem\n")).recipe
     assert [a.type for a in recipe.augment][-1] == "flip_rotate"
-    assert recipe.resolved()["augment"][0]["type"] == "grayscale"
+    assert recipe.resolved()["augment"][0]["type"] == "one_of"
     [msg] = problems(write(MINIMAL + "augment: deepen\n"))
     assert "did you mean 'deepem'" in msg
 

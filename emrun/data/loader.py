@@ -39,7 +39,7 @@ def unpack(batch: dict[str, Any], device: torch.device | str = "cpu") -> dict[st
     """A loader batch on ``device``: image, and per task target and mask as float32
     (b, c, z, y, x); the bit-packed targets and masks are expanded on the device."""
     device = torch.device(device)
-    x = int(batch["x"])
+    x = int(batch["x"].reshape(-1)[0])  # the unpacked width (one per sample once stacked)
     shifts = torch.arange(8, device=device, dtype=torch.uint8)
 
     def expand(bits: torch.Tensor) -> torch.Tensor:
@@ -140,7 +140,7 @@ def validation_batches(recipe: Recipe) -> Iterator[dict[str, Any]]:
         for corner in tile_corners(*source.box, patch):
             batch.append(_validation_sample(source, corner, patch, recipe, built))
             if len(batch) == recipe.train.batch_size:
-                yield to_tensors(pack(stack(batch)))
+                yield to_tensors(stack([pack(b) for b in batch]))
                 batch = []
     if batch:
-        yield to_tensors(pack(stack(batch)))
+        yield to_tensors(stack([pack(b) for b in batch]))

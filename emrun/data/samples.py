@@ -60,8 +60,8 @@ class SampleMaker:
     def batch(self, seed: int, rank: int, index: int) -> dict[str, Any]:
         """Batch ``index``: ``train.batch_size`` samples stacked and packed (see `pack`)."""
         rng = batch_rng(seed, rank, index)
-        samples = [self.sample(rng) for _ in range(self.recipe.train.batch_size)]
-        return pack(stack(samples))
+        # pack each sample first: stacking then copies 8x fewer target bytes
+        return stack([pack(self.sample(rng)) for _ in range(self.recipe.train.batch_size)])
 
     def _tick(self, stage: str, since: float) -> None:
         if self.timings is not None:
@@ -80,7 +80,7 @@ def pack(batch: dict[str, Any]) -> dict[str, Any]:
     packed = {k: {name: np.packbits(v, axis=-1, bitorder="little") for name, v in batch[k].items()}
               for k in ("target", "mask")}
     return {"image": batch["image"].astype(np.float16), **packed,
-            "x": np.asarray(batch["image"].shape[-1], dtype=np.int64)}
+            "x": np.asarray(batch["image"].shape[-1], dtype=np.int64)}  # per sample or batch
 
 
 def stack(samples: list[dict[str, Any]]) -> dict[str, Any]:

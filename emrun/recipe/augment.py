@@ -270,7 +270,6 @@ class Compose(AugmentBase):
 PRESETS: dict[str, list[dict[str, Any]]] = {
     # DeepEM's modern stack (flyem/pinky mip1 defaults); displacements are mip1 (8 nm) pixels.
     "deepem": [
-        {"type": "grayscale", "p": 0.7, "contrast": 0.5, "brightness": 0.5, "mode": "mix"},
         {
             "type": "one_of",
             "of": [
@@ -281,8 +280,10 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
                 {"type": "lost_section", "max_sections": 1},
             ],
         },
-        {"type": "blurry_section", "max_sections": 7, "sigma_max": 5.0, "partial": True},
         {"type": "warp", "p": 0.7, "rot_max": 45.0},
+        # photometric after the warp: they then work on the output size, not the larger input
+        {"type": "grayscale", "p": 0.7, "contrast": 0.5, "brightness": 0.5, "mode": "mix"},
+        {"type": "blurry_section", "max_sections": 7, "sigma_max": 5.0, "partial": True},
         {"type": "box", "p": 0.9, "density": 0.3, "size": [5, 25], "modes": ["fill", "noise"]},
         {"type": "flip_rotate", "p": 1.0},
     ],
