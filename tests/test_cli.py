@@ -128,3 +128,12 @@ def test_validate_reads_values_float_range_and_empty_masks(write, tmp_path):
     fixed = runner.invoke(app, ["validate", str(write(text)), "-o", "data.sources.a.mask=null",
                                 "-o", "data.sources.a.intensity={low: 0, high: 4}"])
     assert fixed.exit_code == 0, fixed.output
+
+
+def test_validate_refuses_sources_too_small_for_the_augmented_read(write):
+    text = MINIMAL + "augment: [{type: warp, rot_max: 45}]\n"
+    result = runner.invoke(app, ["validate", str(write(text))])
+    assert result.exit_code == 2
+    assert "data.sources.a.shape: the augmentations may read crops up to" in result.stderr
+    assert runner.invoke(app, ["validate", str(write(text)), "-o",
+                               "data.sources.a.shape=[16, 96, 96]"]).exit_code == 0

@@ -13,6 +13,7 @@ from ..io import Volume, VolumeError, open_volume
 from ..recipe import LoadedRecipe, Problem
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
 from ..recipe.errors import KeyPath
+from .augment import Context, Pipeline
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,35 @@ def check_data(loaded: LoadedRecipe) -> tuple[list[SourceFacts], list[Problem]]:
     recipe = loaded.recipe
     facts: list[SourceFacts] = []
     problems: list[Problem] = []
+    pipeline = Pipeline(recipe.augment)
     for group in ("sources", "validation"):
         for name, source in getattr(recipe.data, group).items():
             path: KeyPath = ("data", group, name)
             found: list[tuple[KeyPath, str]] = []
-            facts.append(_check_source(group, name, source, recipe.train.patch, path, found))
+            fact = _check_source(group, name, source, recipe.train.patch, path, found)
+            if group == "sources" and not found and fact.shape is not None:
+                _check_augmented_read(pipeline, recipe.train.patch, source, fact, path, found)
+            facts.append(fact)
             problems += [Problem(msg, loaded.mark(p), p) for p, msg in found]
     return facts, problems
+
+
+def _check_augmented_read(pipeline: Pipeline, patch: tuple[int, int, int], source: SourceBase,
+                          fact: SourceFacts, path: KeyPath,
+                          problems: list[tuple[KeyPath, str]]) -> None:
+    """The augmentations read a larger crop than the patch (a warp its rotated bounding
+    box, a misalignment its shift): the sampled box must hold the largest one."""
+    voxel = tuple(fact.voxel_size[-3:]) if fact.voxel_size else None
+    largest = pipeline.largest_input(patch, Context(voxel))  # type: ignore[arg-type]
+    assert fact.shape is not None
+    box = source.roi.shape if source.roi is not None else tuple(fact.shape[-3:])
+    if any(b < n for b, n in zip(box, largest, strict=True)):
+        key = "roi" if source.roi is not None else (
+            "shape" if fact.kind == "synthetic" else "image")
+        problems.append(((*path, key), f"the augmentations may read crops up to {list(largest)} "
+                         f"for train.patch {list(patch)}, larger than this source's "
+                         f"{'roi' if source.roi is not None else 'volume'} {list(box)}; use a "
+                         "smaller patch, a larger roi, or milder augmentation (e.g. warp rot_max)"))
 
 
 def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, int, int],

@@ -82,6 +82,11 @@ class Augmentation(ABC):
             return identity(self.name, out_shape)
         return self.plan(rng, out_shape, context)
 
+    def largest_input(self, out_shape: Zyx, context: Context) -> Zyx:
+        """An upper bound of ``in_shape`` over every possible draw (checked against the
+        sources before training). Default: the output shape (photometric)."""
+        return out_shape
+
     @abstractmethod
     def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
         """Draw every random parameter now (bulk randomness: draw a seed here and make a
@@ -107,6 +112,13 @@ class Pipeline:
             shape = step.in_shape
         steps.reverse()
         return steps, shape
+
+    def largest_input(self, out_shape: Zyx, context: Context | None = None) -> Zyx:
+        """The largest crop any sample may need read for ``out_shape``."""
+        shape = out_shape
+        for aug in reversed(self.augmentations):
+            shape = aug.largest_input(shape, context or Context())
+        return shape
 
     @staticmethod
     def apply(steps: list[Step], sample: Sample,

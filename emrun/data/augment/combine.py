@@ -22,6 +22,10 @@ class OneOfAugmentation(Augmentation):
         self.probs = np.asarray([*probs, max(0.0, 1.0 - sum(probs))], dtype=np.float64)
         self.probs /= self.probs.sum()
 
+    def largest_input(self, out_shape: Zyx, context: Context) -> Zyx:
+        shapes = [a.largest_input(out_shape, context) for a in self.alternatives]
+        return tuple(max(s[a] for s in [out_shape, *shapes]) for a in range(3))  # type: ignore[return-value]
+
     def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
         choice = int(rng.choice(len(self.probs), p=self.probs))
         if choice == len(self.alternatives):
@@ -36,6 +40,9 @@ class ComposeAugmentation(Augmentation):
     def __init__(self, spec: Compose) -> None:
         super().__init__(spec)
         self.inner = Pipeline(spec.of)
+
+    def largest_input(self, out_shape: Zyx, context: Context) -> Zyx:
+        return self.inner.largest_input(out_shape, context)
 
     def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
         steps, in_shape = self.inner.prepare(rng, out_shape, context)

@@ -54,6 +54,12 @@ class FlipRotateAugment(Augmentation):
     def variants(self) -> int:
         return (len(_ALL_AXES) if self.spec.isotropic else len(_IN_PLANE)) * 8
 
+    def largest_input(self, out_shape: Zyx, context: Context) -> Zyx:
+        if self.spec.isotropic:
+            return (max(out_shape),) * 3  # type: ignore[return-value]
+        side = max(out_shape[1:])
+        return (out_shape[0], side, side)
+
     def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
         index = int(rng.integers(self.variants()))
         perms = _ALL_AXES if self.spec.isotropic else _IN_PLANE
@@ -104,6 +110,16 @@ class WarpAugment(Augmentation):
     """
 
     spec: WarpSpec
+
+    def largest_input(self, out_shape: Zyx, context: Context) -> Zyx:
+        """Bound: any corner maps within |M| |c| / q of the centre, with |M| <= (1 + shear)
+        / scale_min (rotation, shear, scale) and q >= 1 - sqrt(2) stretch (perspective)."""
+        s = self.spec
+        nz, h, w = out_shape
+        half_diagonal = math.hypot(h - 1, w - 1) / 2
+        reach = half_diagonal * (1 + s.shear_max) / s.scale[0] / (1 - math.sqrt(2) * s.stretch_max)
+        side = math.ceil(2 * reach) + 1 + 2 * MARGIN
+        return (nz, side, side)
 
     def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
         s = self.spec
@@ -289,6 +305,9 @@ class MisalignAugment(Augmentation):
 
     spec: Misalign
 
+    def largest_input(self, out_shape: Zyx, context: Context) -> Zyx:
+        return _largest_shift(self.spec, out_shape, context)
+
     def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
         nz = out_shape[0]
         if nz < 2:
@@ -310,6 +329,11 @@ class MisalignAugment(Augmentation):
         return _misalign_step(self.name, out_shape, shift, image_at, other_at)
 
 
+def _largest_shift(spec: MisalignBase, out_shape: Zyx, context: Context) -> Zyx:
+    reach = math.ceil(spec.displacement[1] * _pixel_scale(spec, context)) + 1
+    return (out_shape[0], out_shape[1] + reach, out_shape[2] + reach)
+
+
 class MisalignMissingAugment(Augmentation):
     """A misalignment step with n missing sections (1 <= n <= ``missing_max``, fewer when
     the patch has fewer than n + 2 sections) at the interface.
@@ -325,6 +349,9 @@ class MisalignMissingAugment(Augmentation):
     """
 
     spec: MisalignMissing
+
+    def largest_input(self, out_shape: Zyx, context: Context) -> Zyx:
+        return _largest_shift(self.spec, out_shape, context)
 
     def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
         nz = out_shape[0]
@@ -353,6 +380,9 @@ class LostSectionAugment(Augmentation):
     for a one-section patch the kept section is the first or the last)."""
 
     spec: LostSection
+
+    def largest_input(self, out_shape: Zyx, context: Context) -> Zyx:
+        return (out_shape[0] + self.spec.max_sections, out_shape[1], out_shape[2])
 
     def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
         nz, h, w = out_shape
