@@ -61,7 +61,7 @@ def test_random_compositions_give_exactly_the_patch(seed):
         for array in (out.image, out.labels, out.mask, out.semantic["mito"]):
             assert array.shape == out_shape
         assert set(np.unique(out.labels)) <= set(np.unique(source.labels)) | {0}
-        assert out.image.dtype == np.float32 and 0 <= out.image.min() and out.image.max() <= 1
+        assert out.image.dtype == np.float32 and out.image.min() >= 0 and out.image.max() <= 1
 
 
 def test_largest_input_bounds_the_deepem_preset():
