@@ -16,7 +16,8 @@ from emrun.recipe.recipe import AugmentSpec
 SPECS = TypeAdapter(list[AugmentSpec])
 SIMPLE = [
     {"type": "flip_rotate"}, {"type": "warp", "rot_max": 30, "twist_max": 5},
-    {"type": "misalign", "displacement": [1, 6]}, {"type": "misalign_missing", "displacement": [1, 4]},
+    {"type": "misalign", "displacement": [1, 6]},
+    {"type": "misalign_missing", "displacement": [1, 4]},
     {"type": "lost_section", "max_sections": 2}, {"type": "grayscale"},
     {"type": "missing_section", "max_sections": 2}, {"type": "blurry_section", "max_sections": 2},
     {"type": "box", "size": [2, 6], "z_size": [1, 2]}, {"type": "noise"},
