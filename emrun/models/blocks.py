@@ -1,0 +1,138 @@
+"""Building blocks of the residual symmetric U-Net: norms, activations, pre-activated convs.
+
+Every convolution after the input convolution is *pre-activated*: norm -> activation -> conv
+(with bias). A level block ``c -> w`` is one such conv ``c -> w``, a residual unit (two convs
+``w -> w`` whose result is added to the unit's input) and one more conv ``w -> w``.
+Convolutions use 'same' padding (``kernel // 2`` per axis), so a block keeps the spatial size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Kernel = tuple[int, int, int]
+
+
+def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
+    """An affine normalisation over ``channels`` (``none``: identity, no parameters)."""
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "group":
+        return nn.GroupNorm(groups, channels)
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r} (known: batch, group, instance, none)")
+
+
+def make_activation(kind: str) -> nn.Module:
+    """A fresh activation module (never in place: a residual unit still needs its input)."""
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "elu":
+        return nn.ELU()
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(0.01)
+    if kind == "gelu":
+        return nn.GELU()
+    raise ValueError(f"unknown activation {kind!r} (known: relu, elu, leaky_relu, gelu)")
+
+
+def same_padding(kernel: Sequence[int]) -> tuple[int, int, int] | str:
+    """Padding that keeps the size: ``k // 2`` per axis for odd kernels.
+
+    An even kernel cannot be padded symmetrically; PyTorch's ``'same'`` pads one more voxel
+    after than before (slower: it copies the input), which still keeps the size.
+    """
+    if all(k % 2 == 1 for k in kernel):
+        return (kernel[0] // 2, kernel[1] // 2, kernel[2] // 2)
+    return "same"
+
+
+def conv3d(c_in: int, c_out: int, kernel: Sequence[int]) -> nn.Conv3d:
+    """A stride-1, size-keeping 3D convolution with bias."""
+    k = (int(kernel[0]), int(kernel[1]), int(kernel[2]))
+    return nn.Conv3d(c_in, c_out, k, padding=same_padding(k), bias=True)
+
+
+class PreActConv(nn.Sequential):
+    """norm(c_in) -> activation -> conv ``c_in -> c_out`` (with bias, 'same' padding)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: Kernel, *, norm: str, activation: str,
+                 groups: int = 8) -> None:
+        super().__init__()
+        self.norm = make_norm(norm, c_in, groups)
+        self.act = make_activation(activation)
+        self.conv = conv3d(c_in, c_out, kernel)
+
+
+class ResidualUnit(nn.Module):
+    """Two pre-activated convs ``w -> w`` whose output is added to the unit's input."""
+
+    def __init__(self, width: int, kernel: Kernel, *, norm: str, activation: str,
+                 groups: int = 8) -> None:
+        super().__init__()
+        self.conv1 = PreActConv(width, width, kernel, norm=norm, activation=activation,
+                                groups=groups)
+        self.conv2 = PreActConv(width, width, kernel, norm=norm, activation=activation,
+                                groups=groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.conv1(x))
+
+
+class LevelBlock(nn.Sequential):
+    """One level's block ``c -> w``: a conv ``c -> w``, a residual unit, one more conv."""
+
+    def __init__(self, c_in: int, width: int, kernel: Kernel, *, norm: str, activation: str,
+                 groups: int = 8) -> None:
+        super().__init__()
+        opts = {"norm": norm, "activation": activation, "groups": groups}
+        self.pre = PreActConv(c_in, width, kernel, **opts)  # type: ignore[arg-type]
+        self.residual = ResidualUnit(width, kernel, **opts)  # type: ignore[arg-type]
+        self.post = PreActConv(width, width, kernel, **opts)  # type: ignore[arg-type]
+
+
+class Upsample(nn.Module):
+    """Upsampling between levels: trilinear interpolation (no parameters) or a transposed
+    conv ``c -> c`` with kernel = stride = the factor (with bias).
+
+    ``forward(x, size)`` returns ``x`` resized to the spatial ``size`` (the skip's size,
+    always ``factor`` times ``x``'s size for accepted inputs).
+    """
+
+    def __init__(self, channels: int, factor: Kernel, mode: str) -> None:
+        super().__init__()
+        self.factor = factor
+        self.mode = mode
+        if mode == "transpose":
+            self.conv: nn.Module | None = nn.ConvTranspose3d(
+                channels, channels, factor, stride=factor, bias=True)
+        elif mode == "interp":
+            self.conv = None
+        else:
+            raise ValueError(f"unknown upsample mode {mode!r} (known: interp, transpose)")
+
+    def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        if self.conv is not None:
+            return self.conv(x)  # type: ignore[no-any-return]
+        if self.factor == (1, 1, 1):
+            return x
+        return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}, mode={self.mode!r}"
+
+
+def init_weights(module: nn.Module) -> None:
+    """He (Kaiming) normal weights, fan-in, for every (transposed) conv; zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv3d | nn.ConvTranspose3d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
