@@ -58,11 +58,9 @@ def test_output_size_equals_input_size(spec, sizes):
                 assert out[task].shape == (2, channels, *size)
 
 
-@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-def test_even_kernels_keep_the_size():
-    model = build(RSUNet(widths=[4, 8], kernel=(2, 2, 3), input_kernel=(2, 4, 4))).eval()
-    with torch.no_grad():
-        assert model(image((1, 1, 3, 8, 6)))["affinity"].shape == (1, 3, 3, 8, 6)
+def test_even_kernels_are_refused_by_the_spec():
+    with pytest.raises(ValueError, match="kernel sizes must be odd"):
+        RSUNet(widths=[4, 8], kernel=(2, 2, 3))
 
 
 @pytest.mark.parametrize(("spec", "size", "divisor"), [
@@ -280,8 +278,8 @@ def test_receptive_field_of_a_two_level_rsunet_by_hand():
     RSUNet(widths=[16, 32, 64, 128]),
     RSUNet(widths=[4, 8, 16], upsample="transpose", anisotropic_levels=[0, 2]),
     RSUNet(widths=[4, 8, 16], downsample=[(3, 3, 1), (2, 2, 2)]),
-    RSUNet(widths=[4, 8, 16], downsample=[(4, 1, 2), (2, 3, 2)], kernel=(2, 3, 4),
-           input_kernel=(2, 4, 1)),
+    RSUNet(widths=[4, 8, 16], downsample=[(4, 1, 2), (2, 3, 2)], kernel=(1, 3, 5),
+           input_kernel=(3, 5, 1)),
     UpDown(widths=[4, 8, 16]),
     UpDown(widths=[4, 8], factor=(2, 2, 2), upsample="transpose"),
 ])

@@ -43,15 +43,11 @@ def make_activation(kind: str) -> nn.Module:
     raise ValueError(f"unknown activation {kind!r} (known: relu, elu, leaky_relu, gelu)")
 
 
-def same_padding(kernel: Sequence[int]) -> tuple[int, int, int] | str:
-    """Padding that keeps the size: ``k // 2`` per axis for odd kernels.
-
-    An even kernel cannot be padded symmetrically; PyTorch's ``'same'`` pads one more voxel
-    after than before (slower: it copies the input), which still keeps the size.
-    """
-    if all(k % 2 == 1 for k in kernel):
-        return (kernel[0] // 2, kernel[1] // 2, kernel[2] // 2)
-    return "same"
+def same_padding(kernel: Sequence[int]) -> tuple[int, int, int]:
+    """Padding that keeps the size: ``k // 2`` per axis (the recipe allows odd kernels only)."""
+    if any(k % 2 == 0 for k in kernel):
+        raise ValueError(f"kernel sizes must be odd (got {list(kernel)})")
+    return (kernel[0] // 2, kernel[1] // 2, kernel[2] // 2)
 
 
 def conv3d(c_in: int, c_out: int, kernel: Sequence[int]) -> nn.Conv3d:

@@ -17,6 +17,9 @@ RSUNet layout (``L = len(widths)`` levels, ``w_i`` the width of level ``i``):
   ``w_{i+1} -> w_i``, sum with the level-``i`` skip, then a block ``w_i -> w_i``;
 - a final norm(w_0) and activation, then one 1x1x1 conv head ``w_0 -> channels`` per task.
 
+The decoder's 1x1x1 conv after upsampling is a plain conv (no norm, no activation). Kernels
+are odd, padded by k // 2, so every accepted input size is kept.
+
 Norms are affine (2 parameters per channel; ``none`` has 0). So, with ``k`` the kernel volume
 of a level and ``n(c) = 2c`` (or 0 without norm)::
 
@@ -94,6 +97,10 @@ class RSUNetBase(ModelBase):
     @model_validator(mode="after")
     def _check(self) -> RSUNetBase:
         levels = len(self.widths)
+        for name in ("kernel", "input_kernel"):
+            if any(k % 2 == 0 for k in getattr(self, name)):
+                raise ValueError(f"{name} sizes must be odd so convolutions keep the size "
+                                 f"(got {list(getattr(self, name))})")
         if self.downsample is not None and len(self.downsample) != levels - 1:
             raise ValueError(
                 f"downsample needs one factor per level below the top: {levels - 1} for "
