@@ -117,7 +117,13 @@ def validate(
     if print_:
         out.print(yaml.safe_dump(loaded.recipe.resolved(), sort_keys=False), end="", markup=False)
         return
-    print_summary(out, loaded.recipe, facts, shown_path(recipe))
+    from .models import build_model
+    from .models.facts import model_facts
+
+    model = model_facts(build_model(loaded.recipe), loaded.recipe.model, loaded.recipe.train.patch)
+    line = (f"; {model.flops_per_voxel / 1e3:,.0f} kFLOP per output voxel; receptive field "
+            f"{' x '.join(str(v) for v in model.receptive_field)}")
+    print_summary(out, loaded.recipe, facts, shown_path(recipe), line)
 
 
 @app.command()
@@ -201,11 +207,44 @@ def _pending_group(group: typer.Typer, prefix: str, commands: dict[str, tuple[st
 _pending_group(data_app, "data", {
 })
 _pending_group(bench_app, "bench", {
-    "model": ("Forward+backward throughput of the recipe's model.", "the model issue"),
     "train": ("Trainer overhead against a bare PyTorch loop.", "the trainer issue"),
     "infer": ("Inference engine throughput and efficiency.", "the inference-engine issue"),
     "snemi3d": ("Train, infer, segment and score on real SNEMI3D data.", "the segmentation issue"),
 })
+
+
+@bench_app.command("model")
+@guarded
+def bench_model(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    override: Overrides = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda if any).")]
+    = None,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per configuration.")] = 5,
+    compile_: Annotated[bool, typer.Option(
+        "--compile/--no-compile", help="Also time torch.compile'd configurations.")] = True,
+    json_: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+) -> None:
+    """Forward+backward+optimizer step time of the recipe's model (fp32/bf16, eager/compiled,
+    channels_last_3d on/off) on random input of the recipe's patch and batch size."""
+    import json
+
+    from .bench.model import bench_model as run_bench
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, override or [])
+    result = run_bench(loaded.recipe, device=device, steps=steps, compile_=compile_)
+    out.print(f"[bold]{result['recipe']}[/] on {result['device']}: {result['model']}, "
+              f"{result['params']:,} parameters, {result['flops_per_voxel'] / 1e3:,.0f} kFLOP "
+              f"per voxel, receptive field {result['receptive_field']}, patch "
+              f"{result['patch']} x batch {result['batch_size']}")
+    for c in result["configs"]:
+        out.print(f"  {c['precision']:<5} {'compiled' if c['compiled'] else 'eager':<8} "
+                  f"{'channels_last' if c['channels_last'] else 'contiguous':<13} "
+                  f"{c['step_ms']:>10.1f} ms/step {c['voxels_per_s']:>14,.0f} voxels/s",
+                  markup=False)
+    if json_:
+        print(json.dumps(result))
 
 
 @bench_app.command("data")

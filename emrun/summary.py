@@ -16,7 +16,7 @@ def _zyx(values: tuple[float, ...] | tuple[int, ...] | None) -> str:
 
 
 def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | None,
-                  shown: str) -> None:
+                  shown: str, model_line: str = "") -> None:
     """Sources with shapes and weights, the model with its size, tasks with channels."""
     console.print(f"[bold green]ok[/] {shown}: recipe [bold]{recipe.name}[/]"
                   + (f" — {recipe.description}" if recipe.description else ""))
@@ -43,7 +43,7 @@ def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | N
     console.print(
         f"[bold]model[/] {model.type}: widths {list(model.widths)}, norm {model.norm}, "
         f"{model.activation}; {recipe.parameter_count():,} parameters; "
-        f"accepts sizes divisible by {_zyx(model.divisor())}"
+        f"accepts sizes divisible by {_zyx(model.divisor())}{model_line}"
     )
     tasks = Table(title="tasks", title_justify="left", box=None, pad_edge=False)
     for col in ("task", "target", "channels", "loss", "weight"):

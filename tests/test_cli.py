@@ -30,7 +30,7 @@ def test_help_lists_every_command():
 
 @pytest.mark.parametrize("args", [["train", "recipes/demo.yaml"], ["infer"], ["segment"],
                                   ["evaluate"], ["demo"],
-                                  ["bench", "model", "r.yaml", "--json"]])
+                                  ["bench", "train", "r.yaml", "--json"]])
 def test_pending_commands_say_so_and_exit_1(args):
     result = runner.invoke(app, args)
     assert result.exit_code == 1

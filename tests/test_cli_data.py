@@ -64,3 +64,15 @@ def test_preview_writes_a_png_grid(write, tmp_path):
     assert not list(out.parent.glob(".*.tmp"))
     bad = runner.invoke(app, ["data", "preview", str(write(MINIMAL)), "--out", str(tmp_path)])
     assert bad.exit_code == 2
+
+
+def test_bench_model_reports_facts_and_configurations(write):
+    result = runner.invoke(app, ["bench", "model", str(write(MINIMAL)), "--no-compile",
+                                 "--steps", "1", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["params"] == 9_851  # widths [4, 8], 3 affinity channels (the formula)
+    assert figures["receptive_field"] == [25, 40, 40]
+    assert figures["flops_per_voxel"] > 0 and figures["step_voxels_per_s"] > 0
+    assert {(c["precision"], c["channels_last"]) for c in figures["configs"]} == {
+        ("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)}
