@@ -161,11 +161,64 @@ def recipes() -> None:
     out.print(f"\n(in {RECIPES})", markup=False)
 
 
-@app.command(context_settings=ANY_ARGS)
+@app.command()
 @guarded
-def train(ctx: typer.Context) -> None:
-    """Train a recipe (run directory, checkpoints, TensorBoard, exact resume)."""
-    _pending("train", "the trainer issue")
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    override: Overrides = None,
+    run_dir: Annotated[Path | None, typer.Option(
+        "--run-dir", help="Run directory (default: runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run in the run directory from checkpoints/last.pt.")]
+    = False,
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", help="Start from this checkpoint's weights only (fine-tuning).")] = None,
+    gpus: Annotated[int | None, typer.Option(
+        min=1, help="Launch N processes with torchrun (distributed data parallel).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda if any).")]
+    = None,
+) -> None:
+    """Train a recipe: run directory, checkpoints, TensorBoard, events.jsonl, exact resume."""
+    if gpus is not None and gpus > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_launch_torchrun(gpus))
+    from .data.checks import check_data
+    from .recipe import RecipeError, load_recipe
+    from .train.trainer import Trainer
+
+    if resume and init_from is not None:
+        raise UserError("--resume continues a run; --init-from starts a new one: use one")
+    loaded = load_recipe(recipe, override or [])
+    _, problems = check_data(loaded)
+    if problems:
+        raise RecipeError(problems)
+    path = run_dir or Path("runs") / loaded.recipe.name
+    result = Trainer(loaded, path, resume=resume, init_from=init_from, device=device,
+                     console=out).fit()
+    if result.interrupted:
+        raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
+    out.print(f"done: {result.iteration} iterations in {path}", markup=False)
+
+
+def _launch_torchrun(processes: int) -> int:
+    """Re-run this command under torchrun with one process per GPU."""
+    import subprocess
+
+    args = sys.argv[1:]
+    cleaned = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--gpus":
+            skip = True
+            continue
+        if arg.startswith("--gpus="):
+            continue
+        cleaned.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", "-m", "emrun", *cleaned]
+    return subprocess.call(command)
 
 
 @app.command(context_settings=ANY_ARGS)
@@ -207,7 +260,6 @@ def _pending_group(group: typer.Typer, prefix: str, commands: dict[str, tuple[st
 _pending_group(data_app, "data", {
 })
 _pending_group(bench_app, "bench", {
-    "train": ("Trainer overhead against a bare PyTorch loop.", "the trainer issue"),
     "infer": ("Inference engine throughput and efficiency.", "the inference-engine issue"),
     "snemi3d": ("Train, infer, segment and score on real SNEMI3D data.", "the segmentation issue"),
 })
@@ -243,6 +295,31 @@ def bench_model(
                   f"{'channels_last' if c['channels_last'] else 'contiguous':<13} "
                   f"{c['step_ms']:>10.1f} ms/step {c['voxels_per_s']:>14,.0f} voxels/s",
                   markup=False)
+    if json_:
+        print(json.dumps(result))
+
+
+@bench_app.command("train")
+@guarded
+def bench_train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    override: Overrides = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda if any).")]
+    = None,
+    steps: Annotated[int, typer.Option(min=1, help="Timed iterations.")] = 30,
+    json_: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+) -> None:
+    """The trainer's time per iteration against a bare PyTorch loop on the same in-memory
+    batches (synthetic sources, the recipe's model, optimizer, precision and losses)."""
+    import json
+
+    from .bench.train import bench_train as run_bench
+    from .recipe import load_recipe
+
+    result = run_bench(load_recipe(recipe, override or []), device=device, steps=steps)
+    out.print(f"[bold]{result['recipe']}[/] on {result['device']} ({result['precision']}): "
+              f"emrun {result['emrun_step_ms']:.1f} ms/iteration, bare loop "
+              f"{result['bare_step_ms']:.1f} ms, overhead {100 * result['overhead']:+.1f} %")
     if json_:
         print(json.dumps(result))
 

@@ -1,0 +1,114 @@
+"""`emrun bench train`: the trainer's per-iteration time against a bare PyTorch loop.
+
+Both run the same model, optimizer, precision and losses on the same batches, already in
+memory, so the difference is what the trainer adds per iteration (bookkeeping, logging,
+checkpointing, loss checks), not data loading.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from ..data.loader import to_tensors, unpack
+from ..data.samples import SampleMaker
+from ..losses import total_loss
+from ..recipe import LoadedRecipe
+from ..registry import losses, models
+from ..train.optim import build_optimizer
+from ..train.trainer import Trainer, seed_everything
+from .data import with_synthetic_sources
+
+
+def _batches(loaded: LoadedRecipe, count: int) -> list[dict[str, Any]]:
+    maker = SampleMaker(loaded.recipe)
+    return [to_tensors(maker.batch(loaded.recipe.seed, 0, i)) for i in range(count)]
+
+
+def _bare_loop(loaded: LoadedRecipe, batches: list[dict[str, Any]], device: torch.device,
+               steps: int, warmup: int) -> float:
+    """Mean seconds per step of a hand-written loop (after ``warmup`` steps)."""
+    recipe = loaded.recipe
+    seed_everything(recipe.seed)
+    model = models.build(recipe.model, head_channels=recipe.head_channels()).to(device)
+    optimizer = build_optimizer(recipe.train.optimizer, model.parameters())
+    loss_fns = {name: losses.build(task.loss) for name, task in recipe.tasks.items()}
+    weights = {name: task.weight for name, task in recipe.tasks.items()}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.precision)
+    times = []
+    for i, packed in zip(range(warmup + steps), itertools.cycle(batches)):
+        start = time.perf_counter()
+        batch = unpack(packed, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            outputs = model(batch["image"])
+            results = {n: fn(outputs[n], batch["target"][n], batch["mask"][n])
+                       for n, fn in loss_fns.items()}
+        loss = total_loss(results, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.fmean(times)
+
+
+def _trainer_loop(loaded: LoadedRecipe, batches: list[dict[str, Any]], device: torch.device,
+                  steps: int, warmup: int) -> float:
+    """Seconds per iteration of the emrun trainer's own loop (logging and the final
+    checkpoint included), after ``warmup`` iterations."""
+    with tempfile.TemporaryDirectory(prefix="emrun-bench-") as tmp:
+        quiet = Console(file=io.StringIO())
+        trainer = Trainer(loaded, Path(tmp) / "run", device=str(device), console=quiet)
+        stream: Iterator[dict[str, Any]] = itertools.cycle(batches)
+        for _ in range(warmup):
+            trainer.step(stream)
+        trainer.iteration = warmup
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        trainer.fit(stream)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / steps
+
+
+def bench_train(loaded: LoadedRecipe, *, device: str | None = None, steps: int = 30,
+                warmup: int = 3, synthetic: bool = True) -> dict[str, Any]:
+    """The figures `emrun bench train` reports."""
+    recipe = with_synthetic_sources(loaded.recipe) if synthetic else loaded.recipe
+    train = recipe.train.model_copy(update={
+        "iterations": warmup + steps, "validate_every": 0, "image_every": 0,
+        "checkpoint_every": warmup + steps, "workers": 0, "compile": False})
+    recipe = recipe.model_copy(update={"train": train})
+    loaded = LoadedRecipe(recipe, loaded.source, loaded.path, loaded.files)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batches = _batches(loaded, 4)
+    bare = _bare_loop(loaded, batches, dev, steps, warmup)
+    emrun = _trainer_loop(loaded, batches, dev, steps, warmup)
+    voxels = recipe.train.batch_size * math.prod(recipe.train.patch)
+    return {
+        "recipe": recipe.name,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "precision": recipe.train.precision,
+        "patch": list(recipe.train.patch),
+        "batch_size": recipe.train.batch_size,
+        "steps": steps,
+        "emrun_step_ms": round(emrun * 1e3, 2),
+        "bare_step_ms": round(bare * 1e3, 2),
+        "overhead": round(emrun / bare - 1, 4),
+        "voxels_per_s": round(voxels / emrun, 1),
+        "params": sum(p.numel() for p in models.build(
+            recipe.model, head_channels=recipe.head_channels()).parameters()),
+    }

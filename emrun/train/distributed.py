@@ -1,0 +1,73 @@
+"""Distributed data parallel set-up under torchrun: who am I, and are the ranks in sync."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def setup(device_type: str) -> World:
+    """Join the process group torchrun describes in the environment (or run alone)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), size)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return world
+
+
+def teardown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """A hash of every parameter's bytes: equal on all ranks when they are in sync."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_in_sync(model: nn.Module, world: World) -> str:
+    """The parameter digest, after checking that every rank has the same one."""
+    mine = parameter_digest(model)
+    if not world.distributed:
+        return mine
+    digests: list[str | None] = [None] * world.size
+    dist.all_gather_object(digests, mine)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks are out of sync: parameter digests {digests}")
+    return mine
+
+
+def all_reduce_mean(values: torch.Tensor, world: World) -> torch.Tensor:
+    """The mean of ``values`` over ranks (for logging)."""
+    if world.distributed:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= world.size
+    return values

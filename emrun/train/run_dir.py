@@ -1,0 +1,89 @@
+"""The run directory: created once, never silently reused; resolved recipe and provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .. import __version__
+from ..errors import UserError
+from ..recipe import Recipe
+
+RESUME_KEYS = ("model", "tasks", "data")
+"""Recipe sections that must not change between a checkpoint and its resumption."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def prepare(run_dir: Path, resume: bool) -> None:
+    """Refuse to reuse a run directory without --resume; refuse --resume without one."""
+    has_run = (run_dir / "checkpoints").is_dir() or (run_dir / "recipe.yaml").exists()
+    if resume and not has_run:
+        raise UserError(f"{run_dir}: no run to resume here (no checkpoints); drop --resume to "
+                        "start a new run")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} already holds a run; use --resume to continue it, or "
+                        "--run-dir to start a new one elsewhere (nothing was overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path) -> None:
+    """The fully resolved recipe and where this run came from."""
+    atomic_write_text(run_dir / "recipe.yaml", recipe_text(recipe))
+    atomic_write_text(run_dir / "provenance.json",
+                      json.dumps(provenance(recipe_path), indent=2) + "\n")
+
+
+def recipe_text(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.resolved(), sort_keys=False)
+
+
+def provenance(recipe_path: Path) -> dict[str, Any]:
+    return {
+        "emrun": __version__,
+        "git": _git_revision(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "command": sys.argv,
+        "recipe": str(recipe_path),
+    }
+
+
+def _git_revision() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def check_resumable(saved_text: str, recipe: Recipe, checkpoint: Path, run_dir: Path) -> None:
+    """Refuse to resume when the model, tasks or data differ from the checkpoint's recipe."""
+    saved = yaml.safe_load(saved_text)
+    current = recipe.resolved()
+    changed = [key for key in RESUME_KEYS if saved.get(key) != current.get(key)]
+    if changed:
+        raise UserError(
+            f"cannot resume {checkpoint}: the recipe's {', '.join(changed)} changed since it was "
+            f"saved. Start a new run (--run-dir NEW), or fine-tune from its weights with "
+            f"--run-dir NEW --init-from {checkpoint}")

@@ -1,0 +1,370 @@
+"""The iteration-based multi-task trainer.
+
+One iteration: ``train.accumulate`` batches (forward under the recipe's precision, the
+weighted sum of task losses, backward), then gradient clipping, one optimizer step, the LR
+schedule and the EMA. Every random stream (python, numpy, torch, the data stream position)
+is saved with each checkpoint, so a resumed run continues bitwise-identically on a CPU with
+``train.deterministic``. Only rank 0 writes logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.loader import train_batches, unpack, validation_batches
+from ..errors import UserError
+from ..losses import LossResult, total_loss
+from ..recipe import LoadedRecipe, Recipe
+from ..registry import losses, models
+from . import distributed, run_dir
+from .checkpoint import CheckpointDir, load, rng_state, set_rng_state
+from .logging import RunLogger
+from .optim import EMA, build_optimizer, build_scheduler, clip_gradients
+
+MAX_NONFINITE_IN_A_ROW = 10
+STOP_AFTER_ENV = "EMRUN_TEST_SIGKILL_AFTER"  # tests: SIGKILL this process after that checkpoint
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a run ended."""
+
+    iteration: int
+    run_dir: Path
+    interrupted: str | None = None  # "SIGINT" / "SIGTERM" when stopped by a signal
+    nonfinite_steps: int = 0
+
+
+class _Signals:
+    """Turns SIGINT/SIGTERM into a flag checked between iterations (checkpoint, then exit)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _device(requested: str | None, world: distributed.World) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank)
+    return torch.device("cpu")
+
+
+def _configure_determinism(recipe: Recipe, device: torch.device) -> None:
+    if recipe.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+class Trainer:
+    """Trains a loaded recipe into a run directory."""
+
+    def __init__(self, loaded: LoadedRecipe, run_path: Path, *, resume: bool = False,
+                 init_from: Path | None = None, device: str | None = None,
+                 console: Any = None) -> None:
+        self.loaded = loaded
+        self.recipe: Recipe = loaded.recipe
+        self.train = self.recipe.train
+        self.run_path = run_path
+        self.resume = resume
+        self.init_from = init_from
+        self.world = distributed.setup(_device(device, distributed.World()).type)
+        self.device = _device(device, self.world)
+        self.console = console
+        _configure_determinism(self.recipe, self.device)
+
+        checkpoint = self._checkpoint_to_resume()
+        seed_everything(self.recipe.seed)  # identical initial weights on every rank
+        self.heads = self.recipe.head_channels()
+        self.model: nn.Module = models.build(self.recipe.model, head_channels=self.heads)
+        self.model.to(self.device)
+        if self.device.type == "cuda" and self.train.channels_last:
+            self.model.to(memory_format=torch.channels_last_3d)
+        if init_from is not None:
+            self._load_weights(init_from)
+        self.optimizer = build_optimizer(self.train.optimizer, self.model.parameters())
+        self.scheduler = build_scheduler(self.train.schedule, self.optimizer, self.train.iterations)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.train.precision == "fp16" and self.device.type == "cuda")
+        self.ema = EMA(self.model, self.train.ema) if self.train.ema else None
+        self.losses = {name: losses.build(task.loss) for name, task in self.recipe.tasks.items()}
+        self.weights = {name: task.weight for name, task in self.recipe.tasks.items()}
+        self.iteration = 0
+        self.batches_done = 0
+        self.nonfinite = 0
+        self.best: float | None = None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.forward_model: nn.Module = self.model
+        if self.train.compile:
+            self.forward_model = torch.compile(self.model)  # type: ignore[assignment]
+        if self.world.distributed:
+            self.forward_model = nn.parallel.DistributedDataParallel(
+                self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda"
+                else None)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            self.train.precision)
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def _checkpoint_to_resume(self) -> dict[str, Any] | None:
+        if self.world.main:
+            run_dir.prepare(self.run_path, self.resume)
+        if self.world.distributed:
+            torch.distributed.barrier()
+        self.checkpoints = CheckpointDir(self.run_path / "checkpoints", self.train.keep_checkpoints)
+        if not self.resume:
+            return None
+        last = self.checkpoints.last()
+        if last is None:
+            raise UserError(f"{self.run_path}: --resume, but there is no checkpoints/last.pt")
+        state = load(last)
+        run_dir.check_resumable(state.get("recipe", ""), self.recipe, last, self.run_path)
+        return state
+
+    def _load_weights(self, path: Path) -> None:
+        state = load(path)
+        try:
+            self.model.load_state_dict(state["model"])
+        except (RuntimeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise UserError(f"--init-from {path}: its weights do not fit this recipe's model "
+                            f"and tasks ({first})") from None
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.iteration = int(state["iteration"])
+        self.batches_done = int(state["data"]["batches"])
+        self.nonfinite = int(state.get("nonfinite", 0))
+        self.best = state.get("best")
+        set_rng_state(state["rng"])
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this run is."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "iteration": self.iteration,
+            "data": {"batches": self.batches_done},
+            "rng": rng_state(),
+            "nonfinite": self.nonfinite,
+            "best": self.best,
+            "recipe": run_dir.recipe_text(self.recipe),
+        }
+
+    # -- one iteration --------------------------------------------------------------------
+
+    def step(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
+        """One optimizer step over ``train.accumulate`` batches; None when it was skipped
+        because a loss was not finite. Returns the detached per-task losses and the batch."""
+        self.model.train()
+        accumulate = self.train.accumulate
+        sums: dict[str, torch.Tensor] = {}
+        finite = True
+        batch: dict[str, Any] = {}
+        for _ in range(accumulate):
+            batch = unpack(next(batches), self.device)
+            self.batches_done += 1
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
+                outputs = self.forward_model(batch["image"])
+                results = {name: fn(outputs[name], batch["target"][name], batch["mask"][name])
+                           for name, fn in self.losses.items()}
+            loss = total_loss(results, self.weights) / accumulate
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            self.scaler.scale(loss).backward()
+            for name, result in results.items():
+                sums[name] = sums.get(name, 0.0) + result.loss.detach() / accumulate
+            batch["outputs"] = outputs
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.scaler.unscale_(self.optimizer)
+        clip_gradients(self.model, self.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return {"losses": sums, "batch": batch}
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(self, batches: Iterator[dict[str, Any]] | None = None) -> TrainResult:
+        """Train until ``train.iterations``, a signal, or too many non-finite losses."""
+        if self.world.main:
+            run_dir.write_recipe_and_provenance(self.run_path, self.recipe, self.loaded.path)
+        if batches is None:
+            batches = train_batches(self.recipe, rank=self.world.rank, start=self.batches_done)
+        logger = RunLogger(self.run_path, total=self.train.iterations, enabled=self.world.main,
+                           console=self.console, start=self.iteration)
+        voxels = self.train.batch_size * math.prod(self.train.patch) * self.train.accumulate
+        in_a_row = 0
+        window_start, window_iters = time.perf_counter(), 0
+        pending: dict[str, torch.Tensor] = {}
+        try:
+            with _Signals() as signals:
+                while self.iteration < self.train.iterations and signals.received is None:
+                    result = self.step(batches)
+                    if result is None:
+                        self.nonfinite += 1
+                        in_a_row += 1
+                        logger.message(f"iteration {self.iteration + 1}: loss is not finite; "
+                                       f"step skipped ({in_a_row} in a row)")
+                        if in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                            raise UserError(
+                                f"{in_a_row} non-finite losses in a row at iteration "
+                                f"{self.iteration + 1}; stopping. The last good checkpoint is "
+                                f"{self.checkpoints.last()}; lower train.optimizer.lr, set "
+                                "train.grad_clip, or use precision fp32/bf16")
+                        continue
+                    in_a_row = 0
+                    self.iteration += 1
+                    window_iters += 1
+                    for name, value in result["losses"].items():
+                        pending[name] = pending.get(name, 0.0) + value
+                    if self.iteration % self.train.log_every == 0 or \
+                            self.iteration == self.train.iterations:
+                        elapsed = time.perf_counter() - window_start
+                        self._log(logger, pending, window_iters, elapsed, voxels)
+                        pending, window_iters = {}, 0
+                        window_start = time.perf_counter()
+                    if self.train.image_every and self.iteration % self.train.image_every == 0:
+                        self._images(logger, result["batch"])
+                    if self.train.validate_every and \
+                            self.iteration % self.train.validate_every == 0:
+                        self._validate(logger)
+                    if self.iteration % self.train.checkpoint_every == 0 or \
+                            self.iteration == self.train.iterations:
+                        self._checkpoint(logger)
+                if signals.received is not None:
+                    self._checkpoint(logger)
+                    logger.message(f"{signals.received}: checkpoint written at iteration "
+                                   f"{self.iteration}; continue with --resume")
+                return TrainResult(self.iteration, self.run_path, signals.received, self.nonfinite)
+        finally:
+            logger.close()
+            distributed.teardown(self.world)
+
+    def _log(self, logger: RunLogger, pending: dict[str, torch.Tensor], iters: int,
+             elapsed: float, voxels: int) -> None:
+        values = torch.stack([pending[n] / max(iters, 1) for n in self.losses]) if pending \
+            else torch.zeros(len(self.losses))
+        values = distributed.all_reduce_mean(values.float(), self.world).cpu().tolist()
+        metrics: dict[str, float] = {f"loss/{n}": v for n, v in zip(self.losses, values,
+                                                                    strict=True)}
+        metrics["loss/total"] = float(sum(self.weights[n] * v for n, v in zip(
+            self.losses, values, strict=True)))
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        rate = iters / elapsed if elapsed > 0 else 0.0
+        metrics["throughput/it_per_s"] = rate
+        metrics["throughput/samples_per_s"] = rate * self.train.batch_size * \
+            self.train.accumulate * self.world.size
+        metrics["throughput/voxels_per_s"] = rate * voxels * self.world.size
+        if self.device.type == "cuda":
+            metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(
+                self.device) / 2**30
+        metrics["nonfinite_steps"] = float(self.nonfinite)
+        logger.step(self.iteration, metrics)
+
+    def _images(self, logger: RunLogger, batch: dict[str, Any]) -> None:
+        if not self.world.main or "outputs" not in batch:
+            return
+        image = batch["image"][0, 0].float()
+        z = image.shape[0] // 2
+        panels = {"input": image[z].cpu().numpy()}
+        for name in self.losses:
+            pred = torch.sigmoid(batch["outputs"][name][0].detach().float())[:, z]
+            target = batch["target"][name][0][:, z].float()
+            mask = batch["mask"][name][0][:, z].float()
+            panels[f"{name}/prediction"] = pred.mean(0).cpu().numpy()
+            panels[f"{name}/target"] = target.mean(0).cpu().numpy()
+            panels[f"{name}/mask"] = mask.mean(0).cpu().numpy()
+        logger.images(self.iteration, panels)
+
+    def _validate(self, logger: RunLogger) -> None:
+        """Per-task losses over the validation sources (EMA weights when enabled)."""
+        if not self.recipe.data.validation:
+            return
+        model = self.model
+        if self.ema is not None:
+            model = models.build(self.recipe.model, head_channels=self.heads).to(self.device)
+            self.ema.copy_to(model)
+        model.eval()
+        sums = {name: 0.0 for name in self.losses}
+        counts = {name: 0.0 for name in self.losses}
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                             enabled=self.autocast_dtype is not None):
+            for packed in validation_batches(self.recipe):
+                batch = unpack(packed, self.device)
+                outputs = model(batch["image"])
+                for name, fn in self.losses.items():
+                    result: LossResult = fn(outputs[name], batch["target"][name],
+                                            batch["mask"][name])
+                    sums[name] += float(result.loss) * float(result.valid)
+                    counts[name] += float(result.valid)
+        metrics = {f"loss/{n}": sums[n] / counts[n] if counts[n] else 0.0 for n in self.losses}
+        metrics["loss/total"] = sum(self.weights[n] * metrics[f"loss/{n}"] for n in self.losses)
+        logger.validation(self.iteration, metrics)
+        if self.world.main and (self.best is None or metrics["loss/total"] < self.best):
+            self.best = metrics["loss/total"]
+            self.checkpoints.save_best(self.state())
+
+    def _checkpoint(self, logger: RunLogger) -> None:
+        digest = distributed.check_in_sync(self.model, self.world)
+        if not self.world.main:
+            return
+        path = self.checkpoints.save(self.iteration, self.state())
+        logger.message(f"checkpoint {path.name} (iteration {self.iteration}, parameters "
+                       f"{digest}{', ranks in sync' if self.world.distributed else ''})")
+        stop_after = os.environ.get(STOP_AFTER_ENV)
+        if stop_after and int(stop_after) == self.iteration:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch global generators from the recipe seed (before anything)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,169 @@
+"""The trainer end to end on a tiny recipe: run directory, exact resume after SIGKILL,
+refusals, signals, non-finite losses, and two-process DDP on the CPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = """\
+name: tiny_train
+seed: 4
+data:
+  sources:
+    a: {type: synthetic, shape: [12, 48, 48], seed: 1}
+  validation:
+    v: {type: synthetic, shape: [8, 32, 32], seed: 2}
+augment: [{type: flip_rotate}, {type: grayscale, p: 0.5}]
+model: {type: rsunet, widths: [4, 8], norm: group, groups: 2}
+tasks:
+  affinity:
+    target: {type: affinity}
+    loss: {type: bce, balance: true}
+train:
+  patch: [4, 16, 16]
+  batch_size: 2
+  iterations: 12
+  optimizer: {type: adam, lr: 0.01}
+  schedule: {type: cosine, warmup: 2}
+  deterministic: true
+  checkpoint_every: 3
+  keep_checkpoints: 2
+  validate_every: 6
+  image_every: 6
+  log_every: 3
+  workers: 0
+"""
+
+
+def emrun(*args: str, env: dict | None = None,
+          cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "emrun", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def test_run_directory_layout_and_refusals(recipe, tmp_path):
+    run = tmp_path / "run"
+    done = emrun("train", str(recipe), "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["best.pt", "iter_0000009.pt", "iter_0000012.pt", "last.pt"]  # keep 2
+    assert (run / "recipe.yaml").exists() and (run / "provenance.json").exists()
+    assert any((run / "tensorboard").iterdir())
+    events = (run / "events.jsonl").read_text().splitlines()
+    assert len([e for e in events if '"loss/affinity"' in e]) >= 4
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["iteration"] == 12 and {"model", "optimizer", "scheduler", "scaler", "ema",
+                                         "rng", "data"} <= set(state)
+    again = emrun("train", str(recipe), "--run-dir", str(run))
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert "Traceback" not in again.stderr
+    changed = emrun("train", str(recipe), "--run-dir", str(run), "--resume",
+                    "-o", "model.widths=[4, 16]")
+    assert changed.returncode == 2 and "the recipe's model changed" in changed.stderr
+    assert "--init-from" in changed.stderr
+    nothing = emrun("train", str(recipe), "--run-dir", str(tmp_path / "new"), "--resume")
+    assert nothing.returncode == 2 and "no run to resume" in nothing.stderr
+    (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    corrupt = emrun("train", str(recipe), "--run-dir", str(run), "--resume")
+    assert corrupt.returncode == 2 and "last.pt" in corrupt.stderr
+    assert "Traceback" not in corrupt.stderr
+
+
+def test_resume_after_sigkill_is_bitwise_identical(recipe, tmp_path):
+    straight = tmp_path / "straight"
+    assert emrun("train", str(recipe), "--run-dir", str(straight)).returncode == 0
+    killed = tmp_path / "killed"
+    first = emrun("train", str(recipe), "--run-dir", str(killed),
+                  env={"EMRUN_TEST_SIGKILL_AFTER": "6"})
+    assert first.returncode == -signal.SIGKILL
+    assert torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 6
+    resumed = emrun("train", str(recipe), "--run-dir", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = weights(straight), weights(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_init_from_loads_weights_into_a_new_run(recipe, tmp_path):
+    assert emrun("train", str(recipe), "--run-dir", str(tmp_path / "a"),
+                 "-o", "train.iterations=3").returncode == 0
+    done = emrun("train", str(recipe), "--run-dir", str(tmp_path / "b"), "-o",
+                 "train.iterations=3", "--init-from", str(tmp_path / "a/checkpoints/last.pt"))
+    assert done.returncode == 0, done.stderr
+    bad = emrun("train", str(recipe), "--run-dir", str(tmp_path / "c"), "-o",
+                "model.widths=[4, 16]", "--init-from", str(tmp_path / "a/checkpoints/last.pt"))
+    assert bad.returncode == 2 and "do not fit" in bad.stderr
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(recipe, tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "emrun", "train", str(recipe), "--run-dir", str(run), "-o",
+         "train.iterations=100000", "-o", "train.checkpoint_every=100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = run / "events.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (events.exists() and events.read_text().strip()):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert 3 <= state["iteration"] < 100000
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(recipe, tmp_path, monkeypatch):
+    from emrun.errors import UserError
+    from emrun.losses import LossResult
+    from emrun.recipe import load_recipe
+    from emrun.train.trainer import MAX_NONFINITE_IN_A_ROW, Trainer
+
+    loaded = load_recipe(recipe, ["train.iterations=40", "train.validate_every=0"])
+    trainer = Trainer(loaded, tmp_path / "run")
+    calls = {"n": 0}
+    real = trainer.losses["affinity"]
+
+    def flaky(logits, target, mask):
+        calls["n"] += 1
+        result = real(logits, target, mask)
+        if calls["n"] in (2, 3) or calls["n"] > 20:
+            return LossResult(result.loss * float("nan"), result.valid)
+        return result
+
+    trainer.losses["affinity"] = flaky
+    with pytest.raises(UserError, match="non-finite losses in a row"):
+        trainer.fit()
+    assert trainer.nonfinite == 2 + MAX_NONFINITE_IN_A_ROW
+    assert trainer.iteration == 20 - 2  # two skipped early, then the run stopped
+
+
+def test_two_cpu_processes_stay_in_sync(recipe, tmp_path):
+    run = tmp_path / "ddp"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "emrun", "train", str(recipe), "--run-dir", str(run), "--device", "cpu",
+         "-o", "train.iterations=6"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ranks in sync" in done.stdout + done.stderr
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 6
