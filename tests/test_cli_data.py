@@ -76,3 +76,16 @@ def test_bench_model_reports_facts_and_configurations(write):
     assert figures["flops_per_voxel"] > 0 and figures["step_voxels_per_s"] > 0
     assert {(c["precision"], c["channels_last"]) for c in figures["configs"]} == {
         ("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)}
+
+
+def test_demo_trains_and_draws_then_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "-o", "train.iterations=3", "-o", "train.log_every=1",
+            "-o", "train.validate_every=3", "-o", "train.checkpoint_every=3"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "run" / "checkpoints" / "last.pt").exists()
+    assert "stops after training" in result.stdout
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "not empty" in again.stderr

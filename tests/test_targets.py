@@ -26,7 +26,7 @@ MIXED = [(0, 2, -3), (3, 0, 0), (1, -1, 1), (-1, 2, 0), (0, 0, 1), (2, -4, 5)]
 OUTSIDE = [(0, 0, -27), (0, 0, 10), (-6, 0, 0), (0, 9, 0)]  # patch is 6x9x10: none fits
 
 
-def affinity_reference(labels, mask, offsets):
+def affinity_reference(labels, mask, offsets, zero="mask"):
     """The convention, voxel by voxel: slow and obvious."""
     shape = labels.shape
     target = np.zeros((len(offsets), *shape), np.float32)
@@ -39,13 +39,27 @@ def affinity_reference(labels, mask, offsets):
                     if not all(0 <= q[a] < shape[a] for a in range(3)):
                         continue
                     a, b = labels[z, y, x], labels[q]
-                    if a == 0 or b == 0:
+                    if zero == "mask" and (a == 0 or b == 0):
                         continue
                     if mask is not None and not (mask[z, y, x] and mask[q]):
                         continue
                     weight[c, z, y, x] = 1
-                    target[c, z, y, x] = float(a == b)
+                    target[c, z, y, x] = float(a == b and a != 0)
     return target, weight
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_affinity_zero_as_boundary_matches_the_loop(seed):
+    rng = np.random.default_rng(100 + seed)
+    labels = rng.integers(0, 4, (5, 7, 8)).astype(np.uint32)
+    mask = rng.random(labels.shape) > 0.2
+    offsets = ((-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, -3, 2), (2, 0, 0))
+    target, weight = Affinity(offsets=offsets, relabel=False, zero="boundary")(
+        Patch(labels, mask))
+    want_t, want_m = affinity_reference(labels, mask, offsets, zero="boundary")
+    np.testing.assert_array_equal(target, want_t)
+    np.testing.assert_array_equal(weight, want_m)
+    assert weight[(labels == 0)[None].repeat(len(offsets), 0) & (weight > 0)].size > 0
 
 
 def components_reference(labels):

@@ -182,13 +182,18 @@ class Affinity:
 
     Channel c at voxel p: target 1 when ``labels[p] == labels[p + offset_c]``, 0 when they
     differ; mask 1 only where both ends lie inside the patch, are labelled (non-zero) and
-    are valid in the patch mask. Where the mask is 0 the target is 0 too. With ``relabel``,
+    are valid in the patch mask. Where the mask is 0 the target is 0 too. With
+    ``zero="boundary"`` label 0 is membrane rather than unknown: pairs touching it count,
+    with target 0 (DeepEM's convention for data whose cells are separated by 0-labelled
+    gaps, like SNEMI3D; otherwise nearest-neighbour channels would see no negatives). With
+    ``relabel``,
     the labels are first replaced by their 6-connected components inside the patch (label 0
     stays 0), so pieces of one id that the crop disconnected count as different objects.
     """
 
     offsets: tuple[tuple[int, int, int], ...]
     relabel: bool = True
+    zero: str = "mask"
 
     @property
     def channels(self) -> int:
@@ -198,10 +203,13 @@ class Affinity:
         labels = _labels(patch, "affinity")
         valid = _valid(patch, labels.shape)
         labels = relabel_components(labels) if self.relabel else _compact(labels)
-        # A voxel may be an end of a counted pair when it is labelled and inside the mask.
-        usable = labels != 0
-        if valid is not None:
-            usable &= valid
+        labelled = labels != 0
+        # A voxel may be an end of a counted pair when it is inside the mask and, unless 0
+        # means membrane, labelled.
+        if self.zero == "boundary":
+            usable = np.ones(labels.shape, bool) if valid is None else valid.astype(bool)
+        else:
+            usable = labelled if valid is None else labelled & valid
         shape = labels.shape
         target = np.empty((self.channels, *shape), dtype=np.uint8)
         mask = np.empty((self.channels, *shape), dtype=np.uint8)
@@ -222,6 +230,8 @@ class Affinity:
             np.logical_and(usable[here], usable[there], out=counted_here)
             np.equal(labels[here], labels[there], out=same_here)
             same_here &= counted_here
+            if self.zero == "boundary":
+                same_here &= labelled[here]  # 0-0 pairs are membrane, not one object
             np.copyto(target[c], same)
             np.copyto(mask[c], counted)
         return target, mask
@@ -300,7 +310,7 @@ class Synapse(Binary):
 @targets.implement("affinity")
 def build_affinity(spec: AffinityTarget, **context: Any) -> Affinity:
     offsets = tuple((int(z), int(y), int(x)) for z, y, x in spec.offsets)
-    return Affinity(offsets=offsets, relabel=spec.relabel)
+    return Affinity(offsets=offsets, relabel=spec.relabel, zero=spec.zero)
 
 
 @targets.implement("boundary")

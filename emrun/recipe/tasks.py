@@ -38,6 +38,12 @@ class AffinityTarget(TargetBase):
         description="One channel per offset, z, y, x; nearest neighbours are (-1,0,0), "
         "(0,-1,0), (0,0,-1); Lee 2017 adds z 2-4 and xy 3, 9, 27.",
     )
+    zero: Literal["mask", "boundary"] = Field(
+        "mask",
+        description="What label 0 means: `mask` (unlabelled: pairs touching it are excluded) "
+        "or `boundary` (membrane: pairs touching it count as 'different', as DeepEM does for "
+        "data whose cells are separated by 0-labelled gaps, e.g. SNEMI3D).",
+    )
     relabel: bool = Field(
         True,
         description="Relabel connected components inside each patch first, so pieces of one id "
