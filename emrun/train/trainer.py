@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import signal
 import time
 from collections.abc import Iterator
@@ -303,6 +304,9 @@ class Trainer:
         if self.device.type == "cuda":
             metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(
                 self.device) / 2**30
+        else:
+            metrics["memory/max_rss_gib"] = resource.getrusage(
+                resource.RUSAGE_SELF).ru_maxrss / 2**20
         metrics["nonfinite_steps"] = float(self.nonfinite)
         logger.step(self.iteration, metrics)
 
