@@ -134,15 +134,13 @@ def schema(
     ] = Path("schemas/recipe.schema.json"),
 ) -> None:
     """Write the recipe's JSON Schema (for editor completion and checking)."""
+    from .atomic import write_text
     from .recipe.loader import shown_path
     from .recipe.schema import recipe_schema_text
 
     if output.is_dir():
         raise UserError(f"{output} is a directory; give a file path")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(recipe_schema_text(), encoding="utf-8")
-    tmp.replace(output)
+    write_text(output, recipe_schema_text())
     out.print(f"wrote {shown_path(output)}")
 
 

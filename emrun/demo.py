@@ -8,13 +8,13 @@ inference, segmentation and evaluation join the demo when those commands land.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .atomic import atomic_output
 from .errors import UserError
 from .recipe import load_recipe
 from .registry import models
@@ -67,10 +67,9 @@ def _figure(path: Path, image: np.ndarray, labels: np.ndarray, trained: np.ndarr
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=80)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None) -> Path:

@@ -3,11 +3,11 @@ the network sees (image sections with label boundaries, and every task's target)
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_output
 from .data.samples import SampleMaker, batch_rng
 from .recipe import Recipe
 
@@ -66,9 +66,7 @@ def write_preview(recipe: Recipe, out: Path, samples: int = 8) -> Path:
     fig.suptitle(f"{recipe.name}: {samples} augmented samples, patch "
                  f"{list(recipe.train.patch)} (grey: excluded from the loss)", fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=80)
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
-    tmp.replace(out)
     return out

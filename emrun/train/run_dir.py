@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import socket
 import subprocess
@@ -15,20 +14,12 @@ import torch
 import yaml
 
 from .. import __version__
+from ..atomic import write_text
 from ..errors import UserError
 from ..recipe import Recipe
 
 RESUME_KEYS = ("model", "tasks", "data")
 """Recipe sections that must not change between a checkpoint and its resumption."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def prepare(run_dir: Path, resume: bool) -> None:
@@ -45,8 +36,8 @@ def prepare(run_dir: Path, resume: bool) -> None:
 
 def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path) -> None:
     """The fully resolved recipe and where this run came from."""
-    atomic_write_text(run_dir / "recipe.yaml", recipe_text(recipe))
-    atomic_write_text(run_dir / "provenance.json",
+    write_text(run_dir / "recipe.yaml", recipe_text(recipe))
+    write_text(run_dir / "provenance.json",
                       json.dumps(provenance(recipe_path), indent=2) + "\n")
 
 
