@@ -44,6 +44,10 @@ Overrides = Annotated[
                  help="Override a recipe value (VALUE is YAML); repeatable."),
 ]
 ANY_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+Zyx = Annotated[tuple[int, int, int] | None, typer.Option(metavar="Z Y X")]
+Nm = Annotated[tuple[float, float, float] | None, typer.Option(metavar="Z Y X",
+                                                                help="Voxel size in nm.")]
+
 
 
 def guarded(fn: F) -> F:
@@ -219,11 +223,44 @@ def _launch_torchrun(processes: int) -> int:
     return subprocess.call(command)
 
 
-@app.command(context_settings=ANY_ARGS)
+@app.command()
 @guarded
-def infer(ctx: typer.Context) -> None:
-    """Predict a volume blockwise into a zarr (blended, resumable)."""
-    _pending("infer", "the inference-engine issue")
+def infer(
+    recipe: Annotated[Path, typer.Option("--recipe", help="Recipe YAML file.")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint (.pt).")],
+    input_: Annotated[str, typer.Option("--input", help="Volume to predict, e.g. vol.zarr/image.")],
+    output: Annotated[Path, typer.Option("--output", help="Output .zarr folder.")],
+    override: Overrides = None,
+    block: Zyx = None,
+    tta: Annotated[int | None, typer.Option(help="Flip/transpose variants: 1, 2, 4, 8, 16.")]
+    = None,
+    mask: Annotated[str | None, typer.Option(help="Predict only blocks where this is non-zero.")]
+    = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda if any).")]
+    = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted output.")]
+    = False,
+) -> None:
+    """Predict a volume blockwise into zarr: one array per task, blended, resumable."""
+    from .infer.engine import run_inference
+    from .recipe import load_recipe
+
+    if tta is not None and tta not in (1, 2, 4, 8, 16):
+        raise UserError(f"--tta must be 1, 2, 4, 8 or 16 (got {tta})")
+    loaded = load_recipe(recipe, override or [])
+
+    def report(p: Any) -> None:
+        rate = p.voxels / p.seconds if p.seconds else 0.0
+        left = (p.total - p.done - p.skipped) * (p.seconds / max(p.done, 1))
+        err.print(f"block {p.done + p.skipped}/{p.total}  {rate / 1e6:.2f} Mvoxel/s  "
+                  f"ETA {left:.0f}s", markup=False)
+
+    progress = run_inference(loaded.recipe, checkpoint, input_, output, block=block,
+                             device=device, tta=tta, resume=resume, mask_path=mask,
+                             on_block=report)
+    out.print(f"wrote {output}: {progress.done} blocks predicted, {progress.skipped} already "
+              f"done, {progress.voxels / max(progress.seconds, 1e-9) / 1e6:.2f} Mvoxel/s",
+              markup=False)
 
 
 @app.command(context_settings=ANY_ARGS)
@@ -364,9 +401,6 @@ def bench_data(
         print(json.dumps(result))
 
 
-Zyx = Annotated[tuple[int, int, int] | None, typer.Option(metavar="Z Y X")]
-Nm = Annotated[tuple[float, float, float] | None, typer.Option(metavar="Z Y X",
-                                                                help="Voxel size in nm.")]
 
 
 @data_app.command("convert")

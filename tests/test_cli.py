@@ -28,7 +28,7 @@ def test_help_lists_every_command():
         assert f"  {command} " in result.output
 
 
-@pytest.mark.parametrize("args", [["infer"], ["segment"], ["evaluate"],
+@pytest.mark.parametrize("args", [["segment"], ["evaluate"],
                                   ["bench", "infer", "r.yaml", "--json"]])
 def test_pending_commands_say_so_and_exit_1(args):
     result = runner.invoke(app, args)

@@ -1,0 +1,177 @@
+"""The inference engine: block-size independence, resume, refusals, masks, small inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from emrun.cli import app
+from emrun.errors import UserError
+from emrun.infer.engine import reflect_index, run_inference
+from emrun.infer.plan import Layout
+from emrun.io import open_volume
+from emrun.io.write import write_volume
+from emrun.recipe import Recipe
+from emrun.registry import blends, models
+
+OFFSETS = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, -5, 0]]
+
+
+def make_recipe(**infer) -> Recipe:
+    return Recipe.model_validate({
+        "name": "i", "data": {"sources": {"a": {"type": "synthetic", "shape": [16, 64, 64]}}},
+        "model": {"type": "rsunet", "widths": [4, 8]},
+        "tasks": {"aff": {"target": {"type": "affinity", "offsets": OFFSETS}},
+                  "mito": {"target": {"type": "binary", "volume": "mito"}}},
+        "train": {"patch": [4, 16, 16], "iterations": 1},
+        "infer": {"dtype": "float32", "overlap": [0.5, 0.25, 0.25], "batch_size": 3,
+                  "precision": "fp32", **infer},
+    })
+
+
+@pytest.fixture
+def setup(tmp_path):
+    recipe = make_recipe()
+    torch.manual_seed(0)
+    model = models.build(recipe.model, head_channels=recipe.head_channels())
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    torch.save({"model": model.state_dict(), "iteration": 1}, tmp_path / "c.pt")
+    volume = (np.random.default_rng(0).random((11, 37, 45)) * 255).astype(np.uint8)
+    write_volume(tmp_path / "in.zarr", "image", volume, voxel_size=(30, 6, 6))
+    return recipe, model.eval(), volume, tmp_path
+
+
+def read(path, task="aff"):
+    return zarr.open_array(str(path / task / "0"))[...]
+
+
+def reference(recipe, model, volume):
+    """Whole-volume sliding window, written independently of the engine."""
+    layout = Layout(volume.shape, (4, 16, 16), recipe.infer.resolved_stride((4, 16, 16)),
+                    (1, 1, 1), (1, 1, 1))
+    window = torch.from_numpy(blends.build(recipe.infer.blend, patch=(4, 16, 16)))
+    starts = [layout.starts(a) for a in range(3)]
+    lo = [s[0] for s in starts]
+    hi = [s[-1] + p for s, p in zip(starts, (4, 16, 16), strict=True)]
+    index = [reflect_index(np.arange(a, b), n) for a, b, n in zip(lo, hi, volume.shape,
+                                                                  strict=True)]
+    padded = torch.from_numpy(volume[np.ix_(*index)].astype(np.float32) / 255)
+    acc = torch.zeros((len(OFFSETS), *padded.shape))
+    weight = torch.zeros(padded.shape)
+    with torch.no_grad():
+        for z in starts[0]:
+            for y in starts[1]:
+                for x in starts[2]:
+                    s = (slice(z - lo[0], z - lo[0] + 4), slice(y - lo[1], y - lo[1] + 16),
+                         slice(x - lo[2], x - lo[2] + 16))
+                    out = torch.sigmoid(model(padded[s][None, None])["aff"][0])
+                    acc[(slice(None), *s)] += out * window
+                    weight[s] += window
+    core = tuple(slice(-a, -a + n) for a, n in zip(lo, volume.shape, strict=True))
+    return (acc[(slice(None), *core)] / weight[core]).numpy()
+
+
+def test_output_does_not_depend_on_the_block_size(setup):
+    recipe, model, volume, tmp = setup
+    want = reference(recipe, model, volume)
+    for i, block in enumerate([(4, 16, 16), (8, 32, 32), (12, 48, 48)]):
+        out = tmp / f"o{i}.zarr"
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=block)
+        np.testing.assert_allclose(read(out), want, atol=1e-5, rtol=0)
+    written = open_volume(f"{tmp}/o0.zarr/aff")
+    assert written.shape == (4, 11, 37, 45) and written.voxel_size == (30.0, 6.0, 6.0)
+    assert zarr.open_group(str(tmp / "o0.zarr/aff")).attrs["offsets"] == OFFSETS
+
+
+def test_uint8_output_is_rounded_probability(setup):
+    _, model, volume, tmp = setup
+    want = reference(make_recipe(), model, volume)
+    run_inference(make_recipe(dtype="uint8"), tmp / "c.pt", str(tmp / "in.zarr/image"),
+                  tmp / "u.zarr", block=(8, 32, 32))
+    got = read(tmp / "u.zarr")
+    assert got.dtype == np.uint8
+    assert np.abs(got.astype(np.int16) - np.rint(want * 255)).max() <= 1
+
+
+def test_interrupted_run_resumes_to_the_same_output(setup):
+    recipe, _, _, tmp = setup
+    straight = tmp / "straight.zarr"
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), straight, block=(4, 16, 16))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_five(progress):
+        if progress.done == 5:
+            raise Stop
+
+    out = tmp / "resumed.zarr"
+    with pytest.raises(Stop):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(4, 16, 16),
+                      on_block=stop_after_five)
+    with pytest.raises(UserError, match="already exists"):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(4, 16, 16))
+    with pytest.raises(UserError, match="another block layout"):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(8, 32, 32),
+                      resume=True)
+    progress = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
+                             block=(4, 16, 16), resume=True)
+    assert progress.skipped == 5 and progress.done == progress.total - 5
+    for task in ("aff", "mito"):
+        np.testing.assert_array_equal(read(out, task), read(straight, task))
+
+
+def test_masked_and_empty_blocks_are_zero(setup):
+    recipe, _, volume, tmp = setup
+    mask = np.zeros(volume.shape, np.uint8)
+    mask[:4, :16, :16] = 1
+    write_volume(tmp / "in.zarr", "mask", mask)
+    out = tmp / "m.zarr"
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(4, 16, 16),
+                  mask_path=str(tmp / "in.zarr/mask"))
+    got = read(out)
+    assert got[:, :4, :16, :16].any() and not got[:, 4:].any() and not got[:, :, 16:].any()
+    write_volume(tmp / "in.zarr", "zeros", np.zeros(volume.shape, np.uint8))
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/zeros"), tmp / "z.zarr")
+    assert not read(tmp / "z.zarr").any()
+
+
+def test_input_smaller_than_one_patch_works(setup):
+    recipe, _, _, tmp = setup
+    write_volume(tmp / "in.zarr", "tiny", np.full((2, 5, 7), 100, np.uint8))
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/tiny"), tmp / "t.zarr")
+    got = read(tmp / "t.zarr")
+    assert got.shape == (4, 2, 5, 7) and np.isfinite(got).all()
+
+
+def test_user_mistakes_exit_2(setup, tmp_path):
+    recipe, _, _, tmp = setup
+    path = tmp / "r.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe.resolved()))
+    np.save(tmp / "flat.npy", np.zeros((20, 20), np.uint8))
+    (tmp / "file.zarr").write_text("x")
+    torch.save({"model": {}, "iteration": 1}, tmp / "empty.pt")
+    base = ["infer", "--recipe", str(path), "--checkpoint", str(tmp / "c.pt")]
+    cases = [
+        (["--input", str(tmp / "flat.npy"), "--output", str(tmp / "a.zarr")], "3D"),
+        (["--input", str(tmp / "in.zarr/image"), "--output", str(tmp / "file.zarr")], "is a file"),
+        (["--input", str(tmp / "in.zarr/image"), "--output", str(tmp / "in.zarr")], "own"),
+        (["--input", str(tmp / "in.zarr/image"), "--output", str(tmp / "b.zarr"), "--tta", "3"],
+         "--tta"),
+    ]
+    runner = CliRunner()
+    for args, text in cases:
+        result = runner.invoke(app, base + args)
+        assert result.exit_code == 2, (args, result.output)
+        assert text in result.stderr and "Traceback" not in result.output
+    for ckpt, text in ((tmp / "empty.pt", "do not match"), (tmp / "nope.pt", "nope.pt")):
+        result = runner.invoke(app, ["infer", "--recipe", str(path), "--checkpoint", str(ckpt),
+                                     "--input", str(tmp / "in.zarr/image"), "--output",
+                                     str(tmp / "c.zarr")])
+        assert result.exit_code == 2 and text in result.stderr
