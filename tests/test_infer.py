@@ -175,3 +175,24 @@ def test_user_mistakes_exit_2(setup, tmp_path):
                                      "--input", str(tmp / "in.zarr/image"), "--output",
                                      str(tmp / "c.zarr")])
         assert result.exit_code == 2 and text in result.stderr
+
+
+def test_tta_needs_offsets_closed_under_its_transposes(setup):
+    recipe, _, _, tmp = setup
+    with pytest.raises(UserError, match=r"tasks.aff: .*\(0, 0, -5\)"):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "x.zarr", tta=8)
+
+
+@pytest.mark.parametrize("tta", [2, 4])
+def test_tta_runs_and_stays_a_probability(setup, tta):
+    recipe, _, _, tmp = setup
+    out = tmp / f"tta{tta}.zarr"
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, tta=tta,
+                  block=(8, 32, 32))
+    plain = tmp / "plain.zarr"
+    if not plain.exists():
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), plain,
+                      block=(8, 32, 32))
+    got = read(out)
+    assert np.isfinite(got).all() and got.min() >= 0 and got.max() <= 1
+    assert not np.allclose(got, read(plain))  # the variants did change something

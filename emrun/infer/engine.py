@@ -124,10 +124,16 @@ class Engine:
         if self.tta > 1:
             from .tta import check_offsets, variants
 
+            if self.tta >= 8 and self.patch[1] != self.patch[2]:
+                raise UserError(f"tta {self.tta} transposes y and x, which needs a square patch "
+                                f"in y/x (infer patch {list(self.patch)}); use tta 4 or less")
             self.variants = variants(self.tta, self.patch[1] == self.patch[2])
-            for task in self.tasks.values():
+            for name, task in self.tasks.items():
                 if isinstance(task.target, AffinityTarget):
-                    check_offsets(task.target.offsets, self.variants)
+                    try:
+                        check_offsets(task.target.offsets, self.variants)
+                    except ValueError as exc:
+                        raise UserError(f"tasks.{name}: {exc}") from None
 
     def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Activated predictions for a batch (b, 1, z, y, x), TTA-reduced when enabled."""
