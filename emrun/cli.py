@@ -306,7 +306,6 @@ def _pending_group(group: typer.Typer, prefix: str, commands: dict[str, tuple[st
 _pending_group(data_app, "data", {
 })
 _pending_group(bench_app, "bench", {
-    "infer": ("Inference engine throughput and efficiency.", "the inference-engine issue"),
     "snemi3d": ("Train, infer, segment and score on real SNEMI3D data.", "the segmentation issue"),
 })
 
@@ -366,6 +365,31 @@ def bench_train(
     out.print(f"[bold]{result['recipe']}[/] on {result['device']} ({result['precision']}): "
               f"emrun {result['emrun_step_ms']:.1f} ms/iteration, bare loop "
               f"{result['bare_step_ms']:.1f} ms, overhead {100 * result['overhead']:+.1f} %")
+    if json_:
+        print(json.dumps(result))
+
+
+@bench_app.command("infer")
+@guarded
+def bench_infer(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    override: Overrides = None,
+    shape: Zyx = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda if any).")]
+    = None,
+    json_: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+) -> None:
+    """Engine output voxels/s on a synthetic volume against model-only forward throughput."""
+    import json
+
+    from .bench.infer import bench_infer as run_bench
+    from .recipe import load_recipe
+
+    result = run_bench(load_recipe(recipe, override or []).recipe, shape=shape, device=device)
+    out.print(f"[bold]{result['recipe']}[/] on {result['device']} ({result['precision']}): "
+              f"engine {result['engine_voxels_per_s'] / 1e6:.3f} Mvoxel/s, model alone "
+              f"{result['model_voxels_per_s'] / 1e6:.3f} Mvoxel/s, overlap "
+              f"{result['overlap']:.2f}x, efficiency {result['efficiency']:.2f}")
     if json_:
         print(json.dumps(result))
 

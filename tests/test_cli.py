@@ -29,7 +29,7 @@ def test_help_lists_every_command():
 
 
 @pytest.mark.parametrize("args", [["segment"], ["evaluate"],
-                                  ["bench", "infer", "r.yaml", "--json"]])
+                                  ["bench", "snemi3d"]])
 def test_pending_commands_say_so_and_exit_1(args):
     result = runner.invoke(app, args)
     assert result.exit_code == 1

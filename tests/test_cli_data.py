@@ -89,3 +89,12 @@ def test_demo_trains_and_draws_then_refuses_to_overwrite(tmp_path):
     assert "stops after training" in result.stdout
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "not empty" in again.stderr
+
+
+def test_bench_infer_reports_efficiency(write):
+    result = runner.invoke(app, ["bench", "infer", str(write(MINIMAL)), "--shape", "8", "48",
+                                 "48", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("engine_voxels_per_s", "model_voxels_per_s", "efficiency"):
+        assert figures[key] > 0

@@ -83,9 +83,10 @@ class Layout:
 
 def choose_chunks_and_block(shape: Zyx, patch: Zyx, stride: Zyx, chunks: Zyx | None,
                             block: Zyx | None) -> tuple[Zyx, Zyx]:
-    """Default chunks tile the block; the default block is a few strides per axis."""
+    """Default chunks tile the block; the default block is 8 strides per axis (patches that
+    straddle a block border are predicted by both blocks: larger blocks waste less)."""
     if block is None:
-        block = tuple(min(n, max(s * 4, p)) for n, s, p in zip(shape, stride, patch, strict=True))  # type: ignore[assignment]
+        block = tuple(min(n, max(s * 8, p)) for n, s, p in zip(shape, stride, patch, strict=True))  # type: ignore[assignment]
     assert block is not None
     if chunks is None:
         chunks = tuple(_largest_divisor_at_most(b, 256 if a else 32) for a, b in enumerate(block))  # type: ignore[assignment]
