@@ -69,7 +69,7 @@ class Source:
         return np.clip(image, 0.0, 1.0, out=image)
 
 
-def _default_range(dtype: np.dtype) -> tuple[float, float]:
+def default_intensity(dtype: np.dtype) -> tuple[float, float]:
     """uint8 / 255, uint16 / 65535, ...; float images are taken as already in [0, 1]."""
     if dtype.kind in "ui":
         return 0.0, float(np.iinfo(dtype).max)
@@ -90,7 +90,7 @@ def open_volume_source(spec: VolumeSource, name: str = "source") -> Source:
     mask = open_volume(spec.mask) if spec.mask else None
     semantic = {key: open_volume(ref) for key, ref in spec.semantic.items()}
     low, high = ((spec.intensity.low, spec.intensity.high) if spec.intensity
-                 else _default_range(image.dtype))
+                 else default_intensity(image.dtype))
     voxel = spec.voxel_size or (tuple(image.voxel_size[-3:]) if image.voxel_size else None)
     return Source(name, image, labels, mask, semantic, _box(spec, image.shape), low, high,
                   spec.weight, spec.min_labelled, voxel)  # type: ignore[arg-type]

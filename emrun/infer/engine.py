@@ -24,6 +24,7 @@ import zarr
 from torch import nn
 
 from .. import __version__
+from ..data.sources import default_intensity
 from ..errors import UserError
 from ..io import Volume, open_volume
 from ..io.write import create_volume
@@ -63,9 +64,7 @@ def intensity_range(recipe: Recipe, volume: Volume) -> tuple[float, float]:
     for source in recipe.data.sources.values():
         if isinstance(source, VolumeSource) and source.intensity is not None:
             return source.intensity.low, source.intensity.high
-    if volume.dtype.kind in "ui":
-        return 0.0, float(np.iinfo(volume.dtype).max)
-    return 0.0, 1.0
+    return default_intensity(volume.dtype)
 
 
 def file_digest(path: Path) -> str:
