@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from volume_files import WRITERS, write_hdf5, write_npy, write_tiff
 
 from emrun.io import (
     ConvertResult,
@@ -42,41 +43,8 @@ def make(dtype: str, shape: tuple[int, ...] = SHAPE, seed: int = 0) -> np.ndarra
     return data
 
 
-def save_tiff(tmp: Path, data: np.ndarray) -> str:
-    tifffile.imwrite(tmp / "stack.tif", data)
-    return str(tmp / "stack.tif")
-
-
-def save_tiff_folder(tmp: Path, data: np.ndarray) -> str:
-    (tmp / "sections").mkdir()
-    for z, section in enumerate(data):
-        tifffile.imwrite(tmp / f"sections/s_{z}.tif", section)
-    return str(tmp / "sections")
-
-
-def save_hdf5(tmp: Path, data: np.ndarray) -> str:
-    with h5py.File(tmp / "src.h5", "w") as f:
-        f.create_dataset("volumes/raw", data=data, chunks=(3, 7, 7))
-    return str(tmp / "src.h5/volumes/raw")
-
-
-def save_npy(tmp: Path, data: np.ndarray) -> str:
-    np.save(tmp / "src.npy", data)
-    return str(tmp / "src.npy")
-
-
-def save_zarr(tmp: Path, data: np.ndarray) -> str:
-    g = zarr.open_group(tmp / "src.zarr", mode="w")
-    g.create_array("raw", shape=data.shape, chunks=(5, 6, 7), dtype=data.dtype)[:] = data
-    return str(tmp / "src.zarr/raw")
-
-
 SAVERS: dict[str, Callable[[Path, np.ndarray], str]] = {
-    "tiff": save_tiff,
-    "tiff-folder": save_tiff_folder,
-    "hdf5": save_hdf5,
-    "npy": save_npy,
-    "zarr": save_zarr,
+    name: WRITERS[name] for name in ("tiff", "tiff-folder", "hdf5", "npy", "zarr3")
 }
 
 
@@ -156,7 +124,7 @@ def test_guess_name() -> None:
 
 
 def test_ome_attributes_and_voxel_size(tmp_path: Path) -> None:
-    source = save_npy(tmp_path, make("uint8"))
+    source = write_npy(tmp_path, make("uint8"))
     out = tmp_path / "out.zarr"
     r = convert(source, out, voxel_size=(30, 6, 6), progress=False)
     assert r.voxel_size == (30.0, 6.0, 6.0)
@@ -225,8 +193,8 @@ def test_unknown_voxel_size_reads_back_as_unknown(tmp_path: Path) -> None:
 def test_several_volumes_in_one_store(tmp_path: Path) -> None:
     out = tmp_path / "vol.zarr"
     image, labels, mito = make("uint8"), make("uint64"), make("uint8", seed=2) > 200
-    convert(save_tiff(tmp_path, image), out, voxel_size=(30, 6, 6), progress=False)
-    convert(save_hdf5(tmp_path, labels), out, voxel_size=(30, 6, 6), progress=False)
+    convert(write_tiff(tmp_path, image), out, voxel_size=(30, 6, 6), progress=False)
+    convert(write_hdf5(tmp_path, labels), out, voxel_size=(30, 6, 6), progress=False)
     write_volume(out, "mito", mito, voxel_size=(30, 6, 6))
     for name, data in (("image", image), ("labels", labels), ("mito", mito)):
         vol = open_volume(f"{out}/{name}")
@@ -285,7 +253,7 @@ def test_create_volume_refuses_bad_arguments(tmp_path: Path, kwargs: dict, match
 
 
 def test_refuses_unsuitable_output(tmp_path: Path) -> None:
-    source = save_npy(tmp_path, make("uint8"))
+    source = write_npy(tmp_path, make("uint8"))
     (tmp_path / "file.zarr").write_text("x")
     (tmp_path / "plain.zarr").mkdir()
     (tmp_path / "plain.zarr/notes.txt").write_text("x")
@@ -307,7 +275,7 @@ def test_refuses_unsuitable_output(tmp_path: Path) -> None:
 def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
     out = tmp_path / "out.zarr"
     first, second = make("uint8"), make("uint8", seed=5)
-    convert(save_npy(tmp_path, first), out, progress=False)
+    convert(write_npy(tmp_path, first), out, progress=False)
     np.save(tmp_path / "second.npy", second)
     with pytest.raises(VolumeError, match=r"out\.zarr/image: already exists"):
         convert(tmp_path / "second.npy", out, progress=False)
@@ -341,7 +309,7 @@ def test_failed_conversion_leaves_nothing_that_looks_complete(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out.zarr"
-    source = save_npy(tmp_path, make("uint16"))
+    source = write_npy(tmp_path, make("uint16"))
     fail_after(monkeypatch, reads=1)
     with pytest.raises(Boom):
         convert(source, out, chunks=CHUNKS, progress=False)
@@ -356,7 +324,7 @@ def test_failed_overwrite_keeps_the_old_volume(
     out = tmp_path / "out.zarr"
     old = make("uint8")
     write_volume(out, "image", old)
-    source = save_npy(tmp_path, make("uint8", seed=3))
+    source = write_npy(tmp_path, make("uint8", seed=3))
     fail_after(monkeypatch, reads=2)
     with pytest.raises(Boom):
         convert(source, out, chunks=CHUNKS, overwrite=True, progress=False)
@@ -378,7 +346,7 @@ def test_partial_volume_is_invisible_and_replaced(
         open_volume(out)
     with pytest.raises(VolumeError, match="has no array 'image'"):
         open_volume(out / "image")
-    convert(save_npy(tmp_path, data), out, progress=False)
+    convert(write_npy(tmp_path, data), out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["image", "other", "zarr.json"]
     np.testing.assert_array_equal(open_volume(out / "image").read(), data)
 
@@ -423,12 +391,12 @@ def test_wide_slabs_are_cut_along_y_at_chunk_boundaries() -> None:
 
 def test_convert_with_tiny_slab_budget_is_exact(tmp_path: Path) -> None:
     data = make("uint64")
-    r = convert(save_npy(tmp_path, data), tmp_path / "o.zarr", chunks=CHUNKS, max_slab_bytes=1)
+    r = convert(write_npy(tmp_path, data), tmp_path / "o.zarr", chunks=CHUNKS, max_slab_bytes=1)
     np.testing.assert_array_equal(open_volume(r.path).read(), data)
 
 
 def test_progress_bar_off_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    r = convert_volume(save_npy(tmp_path, make("uint8")), tmp_path / "o.zarr", progress=True)
+    r = convert_volume(write_npy(tmp_path, make("uint8")), tmp_path / "o.zarr", progress=True)
     captured = capsys.readouterr()
     assert captured.out == ""  # the bar goes to stderr
     assert r.name == "image"
