@@ -43,6 +43,9 @@ Overrides = Annotated[
     typer.Option("--override", "-o", metavar="KEY.PATH=VALUE",
                  help="Override a recipe value (VALUE is YAML); repeatable."),
 ]
+RecipeFile = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
+Device = Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda if any).")]
+JsonLine = Annotated[bool, typer.Option("--json", help="End with one JSON line.")]
 ANY_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 Zyx = Annotated[tuple[int, int, int] | None, typer.Option(metavar="Z Y X")]
 Nm = Annotated[tuple[float, float, float] | None, typer.Option(metavar="Z Y X",
@@ -98,7 +101,7 @@ def _root(
 @app.command()
 @guarded
 def validate(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: RecipeFile,
     override: Overrides = None,
     print_: Annotated[
         bool, typer.Option("--print", help="Print the fully resolved recipe.")
@@ -166,7 +169,7 @@ def recipes() -> None:
 @app.command()
 @guarded
 def train(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: RecipeFile,
     override: Overrides = None,
     run_dir: Annotated[Path | None, typer.Option(
         "--run-dir", help="Run directory (default: runs/<recipe name>).")] = None,
@@ -177,8 +180,7 @@ def train(
         "--init-from", help="Start from this checkpoint's weights only (fine-tuning).")] = None,
     gpus: Annotated[int | None, typer.Option(
         min=1, help="Launch N processes with torchrun (distributed data parallel).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda if any).")]
-    = None,
+    device: Device = None,
 ) -> None:
     """Train a recipe: run directory, checkpoints, TensorBoard, events.jsonl, exact resume."""
     if gpus is not None and gpus > 1 and "WORLD_SIZE" not in os.environ:
@@ -236,8 +238,7 @@ def infer(
     = None,
     mask: Annotated[str | None, typer.Option(help="Predict only blocks where this is non-zero.")]
     = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda if any).")]
-    = None,
+    device: Device = None,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted output.")]
     = False,
 ) -> None:
@@ -313,14 +314,13 @@ _pending_group(bench_app, "bench", {
 @bench_app.command("model")
 @guarded
 def bench_model(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: RecipeFile,
     override: Overrides = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda if any).")]
-    = None,
+    device: Device = None,
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per configuration.")] = 5,
     compile_: Annotated[bool, typer.Option(
         "--compile/--no-compile", help="Also time torch.compile'd configurations.")] = True,
-    json_: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+    json_: JsonLine = False,
 ) -> None:
     """Forward+backward+optimizer step time of the recipe's model (fp32/bf16, eager/compiled,
     channels_last_3d on/off) on random input of the recipe's patch and batch size."""
@@ -347,12 +347,11 @@ def bench_model(
 @bench_app.command("train")
 @guarded
 def bench_train(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: RecipeFile,
     override: Overrides = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda if any).")]
-    = None,
+    device: Device = None,
     steps: Annotated[int, typer.Option(min=1, help="Timed iterations.")] = 30,
-    json_: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+    json_: JsonLine = False,
 ) -> None:
     """The trainer's time per iteration against a bare PyTorch loop on the same in-memory
     batches (synthetic sources, the recipe's model, optimizer, precision and losses)."""
@@ -372,12 +371,11 @@ def bench_train(
 @bench_app.command("infer")
 @guarded
 def bench_infer(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: RecipeFile,
     override: Overrides = None,
     shape: Zyx = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda if any).")]
-    = None,
-    json_: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+    device: Device = None,
+    json_: JsonLine = False,
 ) -> None:
     """Engine output voxels/s on a synthetic volume against model-only forward throughput."""
     import json
@@ -397,14 +395,14 @@ def bench_infer(
 @bench_app.command("data")
 @guarded
 def bench_data(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: RecipeFile,
     override: Overrides = None,
     synthetic: Annotated[bool, typer.Option(
         "--synthetic", help="Replace the recipe's sources by synthetic volumes.")] = False,
     workers: Annotated[int | None, typer.Option(
         min=0, help="Loader worker processes (default: train.workers; 0: in-process).")] = None,
     samples: Annotated[int, typer.Option(min=1, help="Samples to time.")] = 50,
-    json_: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+    json_: JsonLine = False,
 ) -> None:
     """Training-data throughput with the recipe's full augmentation stack and targets."""
     import json
@@ -455,7 +453,7 @@ def data_convert(
 @data_app.command("preview")
 @guarded
 def data_preview(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: RecipeFile,
     override: Overrides = None,
     synthetic: Annotated[bool, typer.Option(
         "--synthetic", help="Replace the recipe's sources by synthetic volumes.")] = False,
