@@ -241,24 +241,28 @@ def infer(
     device: Device = None,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted output.")]
     = False,
+    workers: Annotated[int | None, typer.Option(
+        help="Worker processes (default: one per GPU; one on a CPU).")] = None,
+    scheduler: Annotated[str, typer.Option(
+        help="local (worker processes here) or daisy (extra emrun[daisy]).")] = "local",
+    launch: Annotated[str | None, typer.Option(
+        help="daisy only: command that starts each worker, e.g. 'srun --gres=gpu:1'.")] = None,
 ) -> None:
     """Predict a volume blockwise into zarr: one array per task, blended, resumable."""
-    from .infer.engine import run_inference
+    from .infer.progress import block_progress
+    from .infer.schedule import run_inference
     from .recipe import load_recipe
 
     if tta is not None and tta not in (1, 2, 4, 8, 16):
         raise UserError(f"--tta must be 1, 2, 4, 8 or 16 (got {tta})")
+    if scheduler not in ("local", "daisy"):
+        raise UserError(f"--scheduler must be local or daisy (got {scheduler!r})")
     loaded = load_recipe(recipe, override or [])
-
-    def report(p: Any) -> None:
-        rate = p.voxels / p.seconds if p.seconds else 0.0
-        left = (p.total - p.done - p.skipped) * (p.seconds / max(p.done, 1))
-        err.print(f"block {p.done + p.skipped}/{p.total}  {rate / 1e6:.2f} Mvoxel/s  "
-                  f"ETA {left:.0f}s", markup=False)
-
-    progress = run_inference(loaded.recipe, checkpoint, input_, output, block=block,
-                             device=device, tta=tta, resume=resume, mask_path=mask,
-                             on_block=report)
+    with block_progress(err) as report:
+        progress = run_inference(loaded.recipe, checkpoint, input_, output, block=block,
+                                 device=device, tta=tta, resume=resume, mask_path=mask,
+                                 workers=workers, scheduler=scheduler,  # type: ignore[arg-type]
+                                 launch=launch, on_block=report)
     out.print(f"wrote {output}: {progress.done} blocks predicted, {progress.skipped} already "
               f"done, {progress.voxels / max(progress.seconds, 1e-9) / 1e6:.2f} Mvoxel/s",
               markup=False)
@@ -388,6 +392,11 @@ def bench_infer(
               f"engine {result['engine_voxels_per_s'] / 1e6:.3f} Mvoxel/s, model alone "
               f"{result['model_voxels_per_s'] / 1e6:.3f} Mvoxel/s, overlap "
               f"{result['overlap']:.2f}x, efficiency {result['efficiency']:.2f}")
+    if result["monai_voxels_per_s"] is None:
+        out.print("MONAI is not installed: no sliding_window_inference comparison")
+    else:
+        out.print(f"MONAI sliding_window_inference {result['monai_voxels_per_s'] / 1e6:.3f} "
+                  f"Mvoxel/s (engine / MONAI {result['engine_vs_monai']:.2f}x)")
     if json_:
         print(json.dumps(result))
 

@@ -96,5 +96,6 @@ def test_bench_infer_reports_efficiency(write):
                                  "48", "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["monai_voxels_per_s"] is None or figures["monai_voxels_per_s"] > 0
     for key in ("engine_voxels_per_s", "model_voxels_per_s", "efficiency"):
         assert figures[key] > 0

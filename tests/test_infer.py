@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from emrun.cli import app
 from emrun.errors import UserError
-from emrun.infer.engine import reflect_index, run_inference
+from emrun.infer.engine import reflect_index
 from emrun.infer.plan import Layout
+from emrun.infer.schedule import run_inference
 from emrun.io import open_volume
 from emrun.io.write import write_volume
 from emrun.recipe import Recipe
@@ -32,17 +33,22 @@ def make_recipe(**infer) -> Recipe:
     })
 
 
-@pytest.fixture
-def setup(tmp_path):
+def make_inputs(tmp_path, shape=(11, 37, 45)):
+    """A recipe, a checkpoint (c.pt) with lively random weights and a random input volume."""
     recipe = make_recipe()
     torch.manual_seed(0)
     model = models.build(recipe.model, head_channels=recipe.head_channels())
     for p in model.parameters():
         p.data.normal_(0, 0.3)
     torch.save({"model": model.state_dict(), "iteration": 1}, tmp_path / "c.pt")
-    volume = (np.random.default_rng(0).random((11, 37, 45)) * 255).astype(np.uint8)
+    volume = (np.random.default_rng(0).random(shape) * 255).astype(np.uint8)
     write_volume(tmp_path / "in.zarr", "image", volume, voxel_size=(30, 6, 6))
     return recipe, model.eval(), volume, tmp_path
+
+
+@pytest.fixture
+def setup(tmp_path):
+    return make_inputs(tmp_path)
 
 
 def read(path, task="aff"):

@@ -1,41 +1,34 @@
-"""The inference engine: blockwise, blended predictions into zarr, resumable.
+"""The inference engine: blended predictions of one block on one device.
 
 For each block (a whole number of output chunks) the engine reads the input its lattice
 patches need, once, padded by reflection about the volume's own borders (so padding does not
 depend on the block), predicts the patches in batches, accumulates ``window x prediction``
-and the window on the device in float32, divides, and writes the block's chunks. A block is
-done when an explicit marker for it exists under ``OUT.zarr/.emrun-done/<layout hash>/``;
-``resume`` skips those blocks. Nothing but the block's write region travels to the host.
+and the window on the device in float32 and divides. Only the block's write region travels
+back to the host, quantised on the device. Scheduling, IO overlap and done-markers live in
+``worker`` and ``job``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import zarr
 from torch import nn
 
-from .. import __version__
 from ..data.sources import default_intensity
 from ..errors import UserError
-from ..io import Volume, open_volume
-from ..io.write import create_volume
+from ..io import Volume
 from ..recipe import Recipe
 from ..recipe.data import VolumeSource
 from ..recipe.tasks import AffinityTarget
 from ..registry import blends, models
 from ..train.checkpoint import load
-from .plan import Layout, Zyx, choose_chunks_and_block
+from .plan import Layout, Zyx
 
-DONE = ".emrun-done"
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "none": lambda t: t}
 
@@ -88,17 +81,6 @@ def load_model(recipe: Recipe, checkpoint: Path, device: torch.device) -> nn.Mod
     return model.to(device).eval()
 
 
-@dataclass
-class Progress:
-    """Counts for the progress display."""
-
-    done: int = 0
-    skipped: int = 0
-    total: int = 0
-    voxels: int = 0
-    seconds: float = 0.0
-
-
 class Engine:
     """Predicts blocks of a volume with one model on one device."""
 
@@ -106,7 +88,6 @@ class Engine:
                  batch_size: int | None = None, precision: str | None = None,
                  tta: int | None = None) -> None:
         self.recipe = recipe
-        self.model = model
         self.device = device
         self.patch: Zyx = recipe.infer_patch()
         self.stride: Zyx = recipe.infer.resolved_stride(self.patch)
@@ -116,6 +97,10 @@ class Engine:
         if device.type == "cpu" and self.autocast is torch.float16:
             self.autocast = torch.bfloat16
         self.tasks = {name: task for name, task in recipe.tasks.items()}
+        self.channels_last = device.type == "cuda" and recipe.infer.channels_last
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        self.model = torch.compile(model) if recipe.infer.compile else model
         window = blends.build(recipe.infer.blend, patch=self.patch)
         self.window = torch.from_numpy(window).to(device)
         self.tta = tta or recipe.infer.tta
@@ -157,17 +142,21 @@ class Engine:
             how = self.recipe.infer.tta_reduce
             return {n: reduce(torch.stack(s), how.get(n, "mean")) for n, s in stacks.items()}
 
-    def predict_block(self, volume: Volume, layout: Layout, block: Zyx,
-                      scale: tuple[float, float]) -> dict[str, np.ndarray] | None:
-        """The blended prediction of the block's write region (float32, (c, z, y, x) per
-        task), or None when its input is entirely zero (nothing to predict)."""
+    def read_input(self, volume: Volume, layout: Layout, block: Zyx) -> np.ndarray | None:
+        """The raw input the block's patches need (host memory, the volume's dtype), or None
+        when it is entirely zero (nothing to predict). Runs in reader threads."""
         read_start, read_stop = layout.read_box(block)
         raw = read_reflected(volume, read_start, read_stop)
-        if not raw.any():
-            return None
+        return raw if raw.any() else None
+
+    def predict(self, raw: np.ndarray, layout: Layout, block: Zyx,
+                scale: tuple[float, float]) -> dict[str, torch.Tensor]:
+        """The blended prediction of the block's write region, on the device (float32,
+        (c, z, y, x) per task), from the input ``read_input`` returned."""
+        read_start, read_stop = layout.read_box(block)
         low, high = scale
-        image = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
-        image = ((image - low) / (high - low)).clamp_(0, 1).to(self.device)
+        image = torch.from_numpy(np.ascontiguousarray(raw)).to(self.device).float()
+        image = ((image - low) / (high - low)).clamp_(0, 1)
         size = tuple(b - a for a, b in zip(read_start, read_stop, strict=True))
         acc = {n: torch.zeros((self._channels(n), *size), device=self.device) for n in self.tasks}
         weight = torch.zeros(size, device=self.device)
@@ -177,6 +166,8 @@ class Engine:
             slices = [tuple(slice(p[a] - read_start[a], p[a] - read_start[a] + self.patch[a])
                             for a in range(3)) for p in group]
             batch = torch.stack([image[s] for s in slices])[:, None]
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last_3d)
             outputs = self._forward(batch)
             for i, s in enumerate(slices):
                 for name, out in outputs.items():
@@ -187,119 +178,25 @@ class Engine:
         start, stop = layout.write_box(block)
         core = tuple(slice(a - r, b - r) for a, b, r in zip(start, stop, read_start, strict=True))
         total = weight[core]
-        return {n: (acc[n][(slice(None), *core)] / total).cpu().numpy() for n in self.tasks}
+        return {n: acc[n][(slice(None), *core)] / total for n in self.tasks}
+
+    def predict_block(self, volume: Volume, layout: Layout, block: Zyx,
+                      scale: tuple[float, float]) -> dict[str, np.ndarray] | None:
+        """``read_input`` then ``predict``, on the host (float32), or None for an empty input."""
+        raw = self.read_input(volume, layout, block)
+        if raw is None:
+            return None
+        return {n: t.cpu().numpy() for n, t in self.predict(raw, layout, block, scale).items()}
 
     def _channels(self, name: str) -> int:
         return self.recipe.head_channels()[name]
 
 
-def quantise(values: np.ndarray, dtype: str) -> np.ndarray:
-    """uint8 stores round(255 p) of p clipped to [0, 1]; float types store values as is."""
+def quantise(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """On the device, then to the host: uint8 stores round(255 p) of p clipped to [0, 1]
+    (a quarter of the bytes travel); float types store values as is."""
     if dtype == "uint8":
-        return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return values.astype(dtype)
-
-
-def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
-                  block: Zyx | None = None, device: str | None = None, tta: int | None = None,
-                  resume: bool = False, mask_path: str | None = None,
-                  on_block: Callable[[Progress], None] | None = None) -> Progress:
-    """Predict ``input_path`` into ``output`` (one array per task); returns the counts."""
-    volume = open_volume(input_path)
-    if len(volume.shape) != 3:
-        raise UserError(f"{volume}: inference needs a 3D (z, y, x) volume, got shape "
-                        f"{list(volume.shape)}")
-    if volume.dtype.kind not in "uif":
-        raise UserError(f"{volume}: dtype {volume.dtype} is not a numeric image")
-    _refuse_same(volume, output)
-    mask = open_volume(mask_path) if mask_path else None
-    if mask is not None and tuple(mask.shape) != tuple(volume.shape):
-        raise UserError(f"{mask}: mask shape {list(mask.shape)} differs from the input's "
-                        f"{list(volume.shape)}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(recipe, checkpoint, dev)
-    engine = Engine(recipe, model, dev, tta=tta)
-    shape: Zyx = tuple(volume.shape)  # type: ignore[assignment]
-    chunks, block = choose_chunks_and_block(shape, engine.patch, engine.stride,
-                                            recipe.infer.chunks, block or recipe.infer.block)
-    layout = Layout(shape, engine.patch, engine.stride, chunks, block)
-    arrays = _open_outputs(recipe, layout, volume, output, checkpoint, input_path, resume)
-    done_dir = output / DONE / layout.digest()
-    done_dir.mkdir(parents=True, exist_ok=True)
-    scale = intensity_range(recipe, volume)
-    progress = Progress(total=len(layout.block_grid()))
-    started = time.perf_counter()
-    for index in layout.block_grid():
-        marker = done_dir / "_".join(str(i) for i in index)
-        if marker.exists():
-            progress.skipped += 1
-            continue
-        start, stop = layout.write_box(index)
-        region = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
-        skip = mask is not None and not mask.read(region).any()
-        predictions = None if skip else engine.predict_block(volume, layout, index, scale)
-        for name, array in arrays.items():
-            if predictions is None:
-                values = np.zeros((array.shape[0], *(b - a for a, b in zip(start, stop,
-                                                                              strict=True))),
-                                  dtype=array.dtype)
-            else:
-                values = quantise(predictions[name], recipe.infer.dtype)
-            array[(slice(None), *region)] = values
-        marker.touch()
-        progress.done += 1
-        progress.voxels += math.prod(b - a for a, b in zip(start, stop, strict=True))
-        progress.seconds = time.perf_counter() - started
-        if on_block is not None:
-            on_block(progress)
-    return progress
-
-
-def _refuse_same(volume: Volume, output: Path) -> None:
-    if Path(volume.path).resolve() == output.resolve():
-        raise UserError(f"--output {output} is the input's own container; write elsewhere")
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; give a new .zarr folder")
-
-
-def _open_outputs(recipe: Recipe, layout: Layout, volume: Volume, output: Path,
-                  checkpoint: Path, input_path: str, resume: bool) -> dict[str, zarr.Array]:
-    """Create (or, with resume, reopen and check) one output array per task."""
-    info = {"layout": layout.digest(), "patch": list(layout.patch),
-            "stride": list(layout.stride), "block": list(layout.block),
-            "chunks": list(layout.chunks)}
-    arrays: dict[str, zarr.Array] = {}
-    existing = output.exists() and any(output.iterdir())
-    if existing and not resume:
-        raise UserError(f"{output} already exists; use --resume to finish it, or another "
-                        "--output (nothing was overwritten)")
-    for name, task in recipe.tasks.items():
-        channels = task.channels()
-        if existing:
-            try:
-                array = zarr.open_array(str(output / name / "0"), mode="r+")
-            except Exception as exc:
-                raise UserError(f"{output}: cannot resume, no array for task {name!r} "
-                                f"({type(exc).__name__})") from None
-            saved = dict(zarr.open_group(str(output / name), mode="r").attrs).get("emrun", {})
-            if saved.get("layout") != layout.digest():
-                raise UserError(f"{output} was written with another block layout "
-                                f"({saved.get('layout')} vs {layout.digest()}: patch, stride, "
-                                "block or chunks differ); resume with the same settings or "
-                                "write a new output")
-            arrays[name] = array
-            continue
-        attrs: dict[str, Any] = {"emrun": {**info, "task": name}}
-        if isinstance(task.target, AffinityTarget):
-            attrs["offsets"] = [list(o) for o in task.target.offsets]
-        arrays[name] = create_volume(output, name, (channels, *layout.shape),
-                                     recipe.infer.dtype, chunks=(channels, *layout.chunks),
-                                     voxel_size=volume.voxel_size, channel_axis=True,
-                                     attrs=attrs)
-    if not existing:
-        group = zarr.open_group(str(output), mode="r+")
-        group.attrs["emrun"] = {
-            "version": __version__, "recipe": recipe.resolved(),
-            "checkpoint": str(checkpoint), "checkpoint_sha256": file_digest(checkpoint),
-            "input": input_path, "input_shape": list(volume.shape), **info}
-    return arrays
+        values = torch.round(values.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+    else:
+        values = values.to(getattr(torch, dtype))
+    return values.cpu().numpy()

@@ -93,6 +93,8 @@ class Infer(Spec):
     )
     chunks: Zyx | None = Field(None, description="Output chunk size; default: tiles the block.")
     block: Zyx | None = Field(None, description="Write-block size; default: chosen by the engine.")
+    compile: bool = Field(False, description="Compile the model with torch.compile.")
+    channels_last: bool = Field(True, description="Use channels_last_3d memory format on GPU.")
 
     @model_validator(mode="after")
     def _check(self) -> Infer:

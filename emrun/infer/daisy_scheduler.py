@@ -1,0 +1,132 @@
+"""The daisy scheduler (extra ``emrun[daisy]``): the same block worker, many machines.
+
+emrun's layout becomes one daisy task over the volume in voxels: daisy's write ROI is emrun's
+write block (read ROI the same: a worker reads its own context, and blocks never share a
+chunk, so there are no read/write conflicts). daisy asks ``_block_is_done`` before handing
+a block out, which reads emrun's own done-markers, and daisy's own tracking is off: so a job
+started with ``--scheduler local`` can be finished by daisy workers, and back.
+
+Each daisy worker is a process that builds the model once and serves blocks until daisy has
+none left. With ``launch`` (e.g. ``srun --gres=gpu:1 -c 8``) each worker is started through
+that command instead, on whatever node it lands, and connects back to this scheduler through
+the ``DAISY_CONTEXT`` environment variable daisy sets (the nodes must share the filesystem
+and the Python environment).
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .job import Job
+from .plan import Zyx
+from .schedule import Progress
+from .worker import BlockWorker
+
+
+def _daisy() -> Any:
+    try:
+        import daisy
+    except ImportError:
+        raise UserError("--scheduler daisy needs daisy >= 2: pip install 'emrun[daisy]'") from None
+    return daisy
+
+
+def run_daisy(job: Job, slots: list[tuple[str, int]], *, launch: str | None = None,
+              on_block: Callable[[Progress], None] | None = None) -> Progress:
+    """Run the job's pending blocks as a daisy blockwise task with ``len(slots)`` workers."""
+    daisy = _daisy()
+    from daisy.logging import set_log_basedir
+
+    job_file = job.save()
+    set_log_basedir(job.done_dir / "daisy-logs")  # not the user's working directory
+    grid = job.layout.block_grid()
+    before = {b for b in grid if job.is_done(b)}
+    device, threads = slots[0]
+    worker = functools.partial(_start_worker, str(job_file), device, threads, launch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # daisy frowns on check_function
+        task = daisy.Task(
+            "emrun-infer", total_roi=daisy.Roi((0, 0, 0), job.layout.shape),
+            read_roi=daisy.Roi((0, 0, 0), job.layout.block),
+            write_roi=daisy.Roi((0, 0, 0), job.layout.block),
+            process_function=worker,
+            check_function=functools.partial(_block_is_done, str(job_file)),
+            read_write_conflict=False, fit="shrink", max_workers=len(slots), max_retries=2)
+    started = time.perf_counter()
+    states = daisy.run_blockwise([task], progress=on_block is None, block_tracking=False,
+                                 return_states=True, summary=False)
+    progress = Progress(total=len(grid), skipped=len(before))
+    for block in grid:
+        if block not in before and job.is_done(block):
+            start, stop = job.layout.write_box(block)
+            progress.done += 1
+            progress.voxels += _volume(start, stop)
+    progress.seconds = time.perf_counter() - started
+    if on_block is not None:
+        on_block(progress)
+    missing = len(grid) - progress.done - progress.skipped
+    if missing:
+        state = states.get("emrun-infer")
+        error = getattr(state, "last_worker_error", None) or "no error reported"
+        raise RuntimeError(f"daisy finished with {missing} of {len(grid)} blocks not done "
+                           f"({error.strip().splitlines()[-1]}); finished blocks are kept: run "
+                           "again with --resume")
+    return progress
+
+
+def block_index(job: Job, offset: Any) -> Zyx:
+    """emrun's block index of the daisy block whose write ROI starts at ``offset``."""
+    return tuple(int(o) // b for o, b in zip(offset, job.layout.block, strict=True))  # type: ignore[return-value]
+
+
+@functools.cache
+def _job(job_file: str) -> Job:
+    return Job.from_json(Path(job_file).read_text())
+
+
+def _block_is_done(job_file: str, block: Any) -> bool:
+    job = _job(job_file)
+    return job.is_done(block_index(job, block.write_roi.offset))
+
+
+def _start_worker(job_file: str, device: str, threads: int, launch: str | None) -> None:
+    """daisy's worker function: serve blocks here, or start a server through ``launch``."""
+    if launch:
+        command = [*shlex.split(launch), sys.executable, "-m", "emrun.infer.daisy_scheduler",
+                   job_file, device, str(threads)]
+        subprocess.run(command, check=True)
+        return
+    serve(job_file, device, threads)
+
+
+def serve(job_file: str, device: str, threads: int) -> None:
+    """Build the model once, then predict the blocks daisy hands out until none are left."""
+    daisy = _daisy()
+    torch.set_num_threads(threads)
+    job = _job(job_file)
+    worker = BlockWorker(job, torch.device(device))
+    client = daisy.Client()
+    while True:
+        with client.acquire_block() as block:
+            if block is None:
+                return
+            worker.run([block_index(job, block.write_roi.offset)])
+
+
+def _volume(start: Zyx, stop: Zyx) -> int:
+    return (stop[0] - start[0]) * (stop[1] - start[1]) * (stop[2] - start[2])
+
+
+if __name__ == "__main__":  # a worker started through --launch
+    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]))

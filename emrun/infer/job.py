@@ -1,0 +1,169 @@
+"""One inference job: what to predict, where, on which block layout, and which blocks are done.
+
+The parent checks everything a user can get wrong (input, mask, output, checkpoint) and creates
+the output arrays before any worker starts; a worker, local or on another machine, needs only
+the job's JSON description. Done-markers are explicit files under
+``OUT.zarr/.emrun-done/<layout hash>/<bz>_<by>_<bx>``, written after a block's chunks: every
+scheduler reads and writes the same markers, so a job started by one can be finished by another.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import zarr
+
+from .. import __version__
+from ..errors import UserError
+from ..io import Volume, open_volume
+from ..io.write import create_volume
+from ..recipe import Recipe
+from ..recipe.tasks import AffinityTarget
+from .engine import Engine, file_digest, intensity_range, load_model
+from .plan import Layout, Zyx, choose_chunks_and_block
+
+DONE = ".emrun-done"
+JOB_FILE = "job.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs to predict any block of the output."""
+
+    recipe: Recipe
+    checkpoint: Path
+    input_path: str
+    output: Path
+    mask_path: str | None
+    layout: Layout
+    scale: tuple[float, float]
+    tta: int | None = None
+
+    @property
+    def done_dir(self) -> Path:
+        return self.output / DONE / self.layout.digest()
+
+    def marker(self, block: Zyx) -> Path:
+        return self.done_dir / "_".join(str(i) for i in block)
+
+    def is_done(self, block: Zyx) -> bool:
+        return self.marker(block).exists()
+
+    def pending(self) -> list[Zyx]:
+        """Blocks without a done-marker, z-major."""
+        return [b for b in self.layout.block_grid() if not self.is_done(b)]
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "recipe": self.recipe.resolved(), "checkpoint": str(self.checkpoint),
+            "input": self.input_path, "output": str(self.output), "mask": self.mask_path,
+            "layout": asdict(self.layout), "scale": list(self.scale), "tta": self.tta,
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        data = json.loads(text)
+        layout = {k: tuple(v) for k, v in data["layout"].items()}
+        return cls(recipe=Recipe.model_validate(data["recipe"]),
+                   checkpoint=Path(data["checkpoint"]), input_path=data["input"],
+                   output=Path(data["output"]), mask_path=data["mask"],
+                   layout=Layout(**layout),  # type: ignore[arg-type]
+                   scale=tuple(data["scale"]), tta=data["tta"])  # type: ignore[arg-type]
+
+    def save(self) -> Path:
+        """Write the job description next to its done-markers (for remote workers)."""
+        path = self.done_dir / JOB_FILE
+        path.write_text(self.to_json())
+        return path
+
+
+def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
+                block: Zyx | None = None, tta: int | None = None, resume: bool = False,
+                mask_path: str | None = None) -> Job:
+    """Check the inputs, create (or with ``resume`` reopen and check) the outputs."""
+    volume = open_volume(input_path)
+    if len(volume.shape) != 3:
+        raise UserError(f"{volume}: inference needs a 3D (z, y, x) volume, got shape "
+                        f"{list(volume.shape)}")
+    if volume.dtype.kind not in "uif":
+        raise UserError(f"{volume}: dtype {volume.dtype} is not a numeric image")
+    _refuse_same(volume, output)
+    if mask_path:
+        mask = open_volume(mask_path)
+        if tuple(mask.shape) != tuple(volume.shape):
+            raise UserError(f"{mask}: mask shape {list(mask.shape)} differs from the input's "
+                            f"{list(volume.shape)}")
+    # A bad checkpoint or TTA setting fails here, once, before any output exists.
+    Engine(recipe, load_model(recipe, checkpoint, torch.device("cpu")), torch.device("cpu"),
+           tta=tta)
+    patch = recipe.infer_patch()
+    stride = recipe.infer.resolved_stride(patch)
+    shape: Zyx = tuple(volume.shape)  # type: ignore[assignment]
+    chunks, block = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks,
+                                            block or recipe.infer.block)
+    layout = Layout(shape, patch, stride, chunks, block)
+    job = Job(recipe=recipe, checkpoint=checkpoint.resolve(), input_path=input_path,
+              output=output.resolve(), mask_path=mask_path, layout=layout,
+              scale=intensity_range(recipe, volume), tta=tta)
+    _open_outputs(job, volume, resume)
+    job.done_dir.mkdir(parents=True, exist_ok=True)
+    job.save()
+    return job
+
+
+def open_output_arrays(job: Job) -> dict[str, zarr.Array]:
+    """The job's output arrays, one per task, opened for writing."""
+    return {name: zarr.open_array(str(job.output / name / "0"), mode="r+")
+            for name in job.recipe.tasks}
+
+
+def _refuse_same(volume: Volume, output: Path) -> None:
+    if Path(volume.path).resolve() == output.resolve():
+        raise UserError(f"--output {output} is the input's own container; write elsewhere")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a new .zarr folder")
+
+
+def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
+    """Create the output arrays, or with ``resume`` check the existing ones match the job."""
+    layout, output, recipe = job.layout, job.output, job.recipe
+    info = {"layout": layout.digest(), "patch": list(layout.patch),
+            "stride": list(layout.stride), "block": list(layout.block),
+            "chunks": list(layout.chunks)}
+    existing = output.exists() and any(output.iterdir())
+    if existing and not resume:
+        raise UserError(f"{output} already exists; use --resume to finish it, or another "
+                        "--output (nothing was overwritten)")
+    for name, task in recipe.tasks.items():
+        if existing:
+            _check_existing(output, name, layout)
+            continue
+        attrs: dict[str, Any] = {"emrun": {**info, "task": name}}
+        if isinstance(task.target, AffinityTarget):
+            attrs["offsets"] = [list(o) for o in task.target.offsets]
+        create_volume(output, name, (task.channels(), *layout.shape), recipe.infer.dtype,
+                      chunks=(task.channels(), *layout.chunks), voxel_size=volume.voxel_size,
+                      channel_axis=True, attrs=attrs)
+    if not existing:
+        group = zarr.open_group(str(output), mode="r+")
+        group.attrs["emrun"] = {
+            "version": __version__, "recipe": recipe.resolved(),
+            "checkpoint": str(job.checkpoint), "checkpoint_sha256": file_digest(job.checkpoint),
+            "input": job.input_path, "input_shape": list(volume.shape), **info}
+
+
+def _check_existing(output: Path, name: str, layout: Layout) -> None:
+    try:
+        zarr.open_array(str(output / name / "0"), mode="r+")
+        saved = dict(zarr.open_group(str(output / name), mode="r").attrs).get("emrun", {})
+    except Exception as exc:
+        raise UserError(f"{output}: cannot resume, no array for task {name!r} "
+                        f"({type(exc).__name__})") from None
+    if saved.get("layout") != layout.digest():
+        raise UserError(f"{output} was written with another block layout "
+                        f"({saved.get('layout')} vs {layout.digest()}: patch, stride, block or "
+                        "chunks differ); resume with the same settings or write a new output")

@@ -1,0 +1,167 @@
+"""Running an inference job: in this process, in local worker processes, or under daisy.
+
+``local`` (the default) starts one worker process per device (each GPU; on a CPU, ``workers``
+processes sharing the cores) that loads the model once and pulls blocks from a queue; with a
+single worker it runs in this process. ``daisy`` hands the same worker to daisy's blockwise
+scheduler (see ``daisy_scheduler``). All of them skip blocks with a done-marker and write one
+after each finished block, so any of them can resume a job another started.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..errors import UserError
+from ..recipe import Recipe
+from .job import Job, prepare_job
+from .plan import Zyx
+from .worker import BlockDone, BlockWorker
+
+Scheduler = Literal["local", "daisy"]
+
+
+@dataclass
+class Progress:
+    """Counts for the progress display and the final summary."""
+
+    done: int = 0
+    skipped: int = 0
+    total: int = 0
+    voxels: int = 0
+    seconds: float = 0.0
+
+    def add(self, block: BlockDone, started: float) -> None:
+        self.done += 1
+        self.voxels += block.voxels
+        self.seconds = time.perf_counter() - started
+
+
+def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
+                  block: Zyx | None = None, device: str | None = None, tta: int | None = None,
+                  resume: bool = False, mask_path: str | None = None,
+                  workers: int | None = None, scheduler: Scheduler = "local",
+                  launch: str | None = None,
+                  on_block: Callable[[Progress], None] | None = None) -> Progress:
+    """Predict ``input_path`` into ``output`` (one array per task); returns the counts."""
+    job = prepare_job(recipe, checkpoint, input_path, output, block=block, tta=tta,
+                      resume=resume, mask_path=mask_path)
+    slots = worker_slots(device, workers)
+    if scheduler == "daisy":
+        from .daisy_scheduler import run_daisy
+
+        return run_daisy(job, slots, launch=launch, on_block=on_block)
+    if launch is not None:
+        raise UserError("--launch is for --scheduler daisy (workers started by a command)")
+    return run_local(job, slots, on_block=on_block)
+
+
+def worker_slots(device: str | None, workers: int | None) -> list[tuple[str, int]]:
+    """(device, CPU threads) for each worker: one per GPU by default, one on a CPU."""
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1 (got {workers})")
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"--device {name}: {exc}") from None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is visible")
+        gpus = [dev.index] if dev.index is not None else list(range(torch.cuda.device_count()))
+        count = workers or len(gpus)
+        threads = max(1, (cores or 1) // count)
+        return [(f"cuda:{gpus[i % len(gpus)]}", threads) for i in range(count)]
+    count = workers or 1
+    return [(str(dev), max(1, (cores or 1) // count))] * count
+
+
+def run_local(job: Job, slots: list[tuple[str, int]],
+              on_block: Callable[[Progress], None] | None = None) -> Progress:
+    """Predict the job's pending blocks with ``slots`` workers pulling from one queue."""
+    pending = job.pending()
+    progress = Progress(total=len(job.layout.block_grid()))
+    progress.skipped = progress.total - len(pending)
+    started = time.perf_counter()
+
+    def done(block: BlockDone) -> None:
+        progress.add(block, started)
+        if on_block is not None:
+            on_block(progress)
+
+    if len(slots) == 1 and pending:
+        BlockWorker(job, torch.device(slots[0][0])).run(pending, done)
+    elif pending:
+        _run_processes(job, slots, pending, done)
+    return progress
+
+
+def _run_processes(job: Job, slots: list[tuple[str, int]], pending: list[Zyx],
+                   done: Callable[[BlockDone], None]) -> None:
+    """Spawned workers pull blocks from a queue and report each finished block."""
+    context = mp.get_context("spawn")
+    tasks = context.Queue()
+    results = context.Queue()
+    for block in pending:
+        tasks.put(block)
+    for _ in slots:
+        tasks.put(None)
+    processes = [context.Process(target=_worker_main, daemon=True,
+                                 args=(job.to_json(), device, threads, tasks, results))
+                 for device, threads in slots]
+    for process in processes:
+        process.start()
+    finished = 0
+    try:
+        while finished < len(processes):
+            try:
+                kind, payload = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(
+                        f"an inference worker died (exit code {dead[0].exitcode}); finished "
+                        "blocks are kept: run again with --resume") from None
+                continue
+            if kind == "done":
+                done(payload)
+            elif kind == "exit":
+                finished += 1
+            elif kind == "user":
+                raise UserError(payload)
+            else:
+                raise RuntimeError(f"an inference worker failed:\n{payload}")
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+
+
+def _worker_main(job_json: str, device: str, threads: int, tasks: mp.Queue,
+                 results: mp.Queue) -> None:
+    """A worker process: build the model once, then take blocks until the queue says stop."""
+    torch.set_num_threads(threads)
+
+    def blocks():  # type: ignore[no-untyped-def]
+        while (block := tasks.get()) is not None:
+            yield tuple(block)
+
+    try:
+        worker = BlockWorker(Job.from_json(job_json), torch.device(device))
+        worker.run(blocks(), lambda block: results.put(("done", block)))
+        results.put(("exit", None))
+    except UserError as exc:
+        results.put(("user", str(exc)))
+    except BaseException:
+        results.put(("internal", traceback.format_exc()))

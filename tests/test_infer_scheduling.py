@@ -1,0 +1,188 @@
+"""Inference scheduling: worker processes, daisy, kill -9 and resume, disk full, memory."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+from test_infer import make_inputs, read
+from typer.testing import CliRunner
+
+from emrun.cli import app
+from emrun.errors import UserError
+from emrun.infer.job import Job, prepare_job
+from emrun.infer.schedule import run_inference, worker_slots
+
+BLOCK = (4, 16, 16)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    recipe, _, _, tmp = make_inputs(tmp_path, shape=(12, 40, 48))
+    straight = tmp / "straight.zarr"
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), straight, block=BLOCK)
+    return recipe, tmp, straight
+
+
+def same_output(a, b, recipe, atol=0.0):
+    """Equal outputs; ``atol`` where the runs used other CPU thread counts (float sums are
+    then added in another order)."""
+    for task in recipe.tasks:
+        np.testing.assert_allclose(read(a, task), read(b, task), atol=atol, rtol=0)
+
+
+def test_job_description_round_trips(inputs):
+    recipe, tmp, _ = inputs
+    job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "j.zarr",
+                      block=BLOCK, mask_path=None)
+    again = Job.from_json(job.to_json())
+    assert again == job
+    assert (job.done_dir / "job.json").exists() and len(job.pending()) == 3 * 3 * 3
+
+
+def test_two_worker_processes_write_the_same_output(inputs):
+    recipe, tmp, straight = inputs
+    out = tmp / "two.zarr"
+    progress = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
+                             block=BLOCK, workers=2, device="cpu")
+    assert progress.done == progress.total == 27
+    same_output(out, straight, recipe, atol=1e-6)
+
+
+def test_worker_slots():
+    assert worker_slots("cpu", None) == [("cpu", worker_slots("cpu", 1)[0][1])]
+    assert len(worker_slots("cpu", 3)) == 3
+    with pytest.raises(UserError, match="at least 1"):
+        worker_slots("cpu", 0)
+
+
+def test_disk_full_is_a_clear_error_and_the_run_resumes(inputs, monkeypatch):
+    recipe, tmp, straight = inputs
+    real = zarr.Array.__setitem__
+    calls = {"n": 0}
+
+    def fills_up(self, key, value):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, key, value)
+
+    out = tmp / "full.zarr"
+    monkeypatch.setattr(zarr.Array, "__setitem__", fills_up)
+    with pytest.raises(UserError, match=r"disk is full.*--resume"):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=BLOCK)
+    monkeypatch.setattr(zarr.Array, "__setitem__", real)
+    job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=BLOCK,
+                      resume=True)
+    marked = 27 - len(job.pending())
+    assert 1 <= marked < 4  # two arrays per block: the 4th block's first write failed
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=BLOCK,
+                  resume=True)
+    same_output(out, straight, recipe)
+
+
+def _recipe_file(recipe, tmp):
+    path = tmp / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe.resolved()))
+    return path
+
+
+def test_killed_at_any_moment_then_resumed_gives_the_uninterrupted_output(inputs):
+    recipe, tmp, straight = inputs
+    out = tmp / "killed.zarr"
+    command = [sys.executable, "-m", "emrun", "infer", "--recipe", str(_recipe_file(recipe, tmp)),
+               "--checkpoint", str(tmp / "c.pt"), "--input", str(tmp / "in.zarr/image"),
+               "--output", str(out), "--block", *map(str, BLOCK), "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    done_dir = None
+    while time.monotonic() < deadline and process.poll() is None:
+        dirs = list((out / ".emrun-done").glob("*")) if (out / ".emrun-done").exists() else []
+        done_dir = dirs[0] if dirs else None
+        if done_dir is not None and len(list(done_dir.glob("*_*_*"))) >= 4:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert done_dir is not None
+    finished = len(list(done_dir.glob("*_*_*")))
+    assert 4 <= finished < 27, "the run must be killed midway"
+    result = CliRunner().invoke(app, [*command[3:], "--resume"])
+    assert result.exit_code == 0, result.output
+    assert f"{finished} already done" in result.stdout
+    same_output(out, straight, recipe)
+
+
+def test_daisy_finishes_a_job_started_locally_and_back(inputs):
+    pytest.importorskip("daisy")
+    recipe, tmp, straight = inputs
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_three(progress):
+        if progress.done == 3:
+            raise Stop
+
+    out = tmp / "mixed.zarr"
+    args = (recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out)
+    with pytest.raises(Stop):
+        run_inference(*args, block=BLOCK, on_block=stop_after_three)
+    progress = run_inference(*args, block=BLOCK, resume=True, scheduler="daisy", workers=2,
+                             device="cpu", on_block=lambda p: None)
+    assert progress.skipped == 3 and progress.done == 24
+    same_output(out, straight, recipe, atol=1e-6)
+    # and back: a daisy-made output is finished (here: nothing left) by the local scheduler
+    again = run_inference(*args, block=BLOCK, resume=True)
+    assert again.skipped == 27 and again.done == 0
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    from pathlib import Path
+    from emrun.infer.schedule import run_inference
+    from emrun.recipe import Recipe
+    recipe = Recipe.model_validate(json.loads(sys.argv[1]))
+    run_inference(recipe, Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), device="cpu")
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+def test_peak_memory_does_not_grow_with_the_volume(tmp_path):
+    """A volume 8x larger (2x per axis) must peak within 10 % of the smaller one's memory:
+    memory is bounded by block and batch, never by the volume."""
+    import torch
+    from test_infer import make_recipe
+
+    from emrun.io.write import write_volume
+    from emrun.registry import models
+
+    recipe = make_recipe(overlap=[0, 0, 0], batch_size=2, block=[8, 128, 128])
+    recipe = recipe.model_copy(update={"train": recipe.train.model_copy(
+        update={"patch": (8, 64, 64)})})
+    model = models.build(recipe.model, head_channels=recipe.head_channels())
+    torch.save({"model": model.state_dict(), "iteration": 1}, tmp_path / "c.pt")
+    rng = np.random.default_rng(0)
+    peaks = []
+    for name, shape in (("small", (16, 256, 256)), ("large", (32, 512, 512))):
+        write_volume(tmp_path / f"{name}.zarr", "image",
+                     rng.integers(1, 255, shape, dtype=np.uint8))
+        result = subprocess.run(
+            [sys.executable, "-c", MEMORY_SCRIPT, json.dumps(recipe.resolved()),
+             str(tmp_path / "c.pt"), str(tmp_path / f"{name}.zarr/image"),
+             str(tmp_path / f"{name}-out.zarr")],
+            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            check=True)
+        peaks.append(int(result.stdout.split()[-1]))
+    small, large = peaks
+    assert large <= small * 1.10, f"peak RSS {small} kB -> {large} kB for a volume 8x larger"
