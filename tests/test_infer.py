@@ -126,7 +126,8 @@ def test_interrupted_run_resumes_to_the_same_output(setup):
                       resume=True)
     progress = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
                              block=(4, 16, 16), resume=True)
-    assert progress.skipped == 5 and progress.done == progress.total - 5
+    # a block written but not yet reported when the run stopped is done as well
+    assert progress.skipped >= 5 and progress.done == progress.total - progress.skipped
     for task in ("aff", "mito"):
         np.testing.assert_array_equal(read(out, task), read(straight, task))
 
