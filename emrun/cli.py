@@ -80,10 +80,6 @@ def guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _pending(command: str, issue: str) -> None:
-    raise NotImplementedYet(f"emrun {command} is not implemented yet (planned: {issue}).")
-
-
 def _version(value: bool) -> None:
     if value:
         out.print(f"emrun {__version__}")
@@ -247,6 +243,9 @@ def infer(
         help="local (worker processes here) or daisy (extra emrun[daisy]).")] = "local",
     launch: Annotated[str | None, typer.Option(
         help="daisy only: command that starts each worker, e.g. 'srun --gres=gpu:1'.")] = None,
+    roi: Annotated[str | None, typer.Option(
+        metavar="OFFSET/SHAPE", help="Predict only this box of the input, in voxels, e.g. "
+        "60,0,0/10,1024,1024 (the input around it still gives context).")] = None,
 ) -> None:
     """Predict a volume blockwise into zarr: one array per task, blended, resumable."""
     from .infer.progress import block_progress
@@ -257,29 +256,142 @@ def infer(
         raise UserError(f"--tta must be 1, 2, 4, 8 or 16 (got {tta})")
     if scheduler not in ("local", "daisy"):
         raise UserError(f"--scheduler must be local or daisy (got {scheduler!r})")
+    box = _parse_roi(roi)
     loaded = load_recipe(recipe, override or [])
     with block_progress(err) as report:
         progress = run_inference(loaded.recipe, checkpoint, input_, output, block=block,
                                  device=device, tta=tta, resume=resume, mask_path=mask,
                                  workers=workers, scheduler=scheduler,  # type: ignore[arg-type]
-                                 launch=launch, on_block=report)
+                                 launch=launch, roi=box, on_block=report)
     out.print(f"wrote {output}: {progress.done} blocks predicted, {progress.skipped} already "
               f"done, {progress.voxels / max(progress.seconds, 1e-9) / 1e6:.2f} Mvoxel/s",
               markup=False)
 
 
-@app.command(context_settings=ANY_ARGS)
+def _parse_roi(text: str | None) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+    """``z,y,x/z,y,x`` (offset/shape) to two triples."""
+    if text is None:
+        return None
+    try:
+        offset, shape = (tuple(int(v) for v in part.split(",")) for part in text.split("/"))
+        if len(offset) != 3 or len(shape) != 3:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--roi {text!r}: expected offset/shape as z,y,x/z,y,x, e.g. "
+                        "60,0,0/10,1024,1024") from None
+    return offset, shape  # type: ignore[return-value]
+
+
+@app.command()
 @guarded
-def segment(ctx: typer.Context) -> None:
+def segment(
+    affs: Annotated[str, typer.Argument(
+        help="Affinities (c, z, y, x), e.g. pred.zarr/affinity; uint8 (255 = 1) or float.")],
+    output: Annotated[Path, typer.Argument(help="Output .zarr folder (created if missing).")],
+    method: Annotated[str | None, typer.Option(
+        metavar="NAME", help="mws (default), waterz (extra emrun[waterz]) or cc.")] = None,
+    threshold: Annotated[list[str] | None, typer.Option(
+        metavar="T", help="cc: affinity above which voxels join; waterz: merge threshold. "
+                          "Repeat (or comma-separate) for one output per value, or values to "
+                          "--sweep.")] = None,
+    bias: Annotated[list[str] | None, typer.Option(
+        metavar="B", help="mws: long-range edges repel below this affinity (more splits as "
+                          "it rises). Repeat (or comma-separate) like --threshold.")] = None,
+    min_size: Annotated[int | None, typer.Option(
+        min=0, help="Merge segments smaller than this into their best neighbour.")] = None,
+    mask: Annotated[str | None, typer.Option(
+        help="Volume, non-zero where to segment; 0 outside in the output.")] = None,
+    offsets: Annotated[str | None, typer.Option(
+        help="Offsets if AFFS has no 'offsets' attribute: JSON "
+             "'[[-1,0,0],[0,-1,0],[0,0,-1]]' or '-1,0,0 0,-1,0 0,0,-1'.")] = None,
+    block: Annotated[tuple[int, int, int] | None, typer.Option(
+        metavar="Z Y X", help="Segment block by block with this block size (default: only "
+                              "volumes beyond 4 GiB of working memory, in blocks that fit "
+                              "it, at most 32 512 512).")] = None,
+    name: Annotated[str, typer.Option(help="Output volume name in OUT.")] = "segmentation",
+    sweep: Annotated[bool, typer.Option(
+        "--sweep", help="Try each --threshold/--bias (default 0.1 ... 0.9) against --truth; "
+                        "write the best by adapted Rand error.")] = False,
+    truth: Annotated[str | None, typer.Option(help="Ground-truth labels for --sweep.")] = None,
+    json_: JsonLine = False,
+) -> None:
     """Affinities to a neuron segmentation (mutex watershed, waterz, components)."""
-    _pending("segment", "the segmentation issue")
+    import json
+
+    from .segment.job import DEFAULT_METHOD, run_segment
+
+    def values(option: str, given: list[str] | None) -> list[float] | None:
+        if not given:
+            return None
+        try:
+            return [float(v) for item in given for v in item.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"{option} takes numbers (got {' '.join(given)})") from None
+
+    def report(stage: str, done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:  # about ten lines per pass
+            err.print(f"{stage}: block {done}/{total}", markup=False)
+
+    result = run_segment(affs, output, method=method or DEFAULT_METHOD,
+                         thresholds=values("--threshold", threshold),
+                         biases=values("--bias", bias), min_size=min_size, mask_path=mask,
+                         offsets_text=offsets, block=block, name=name, sweep_values=sweep,
+                         truth_path=truth, on_block=report)
+    if result.sweep:
+        parameter = result.sweep["parameter"]
+        for row in result.sweep["table"]:
+            out.print(f"  {parameter} {row[parameter]:<6g} arand {row['arand']:.4f}  voi split "
+                      f"{row['voi_split']:.3f} merge {row['voi_merge']:.3f}", markup=False)
+        out.print(f"best {parameter} {result.sweep['chosen']:g}", markup=False)
+    for item in result.outputs:
+        value = next(f"{k} {v:g}" for k, v in item.items() if k not in ("name", "segments"))
+        out.print(f"wrote {output}/{item['name']}: {item['segments']} segments ({result.method} "
+                  f"{value}, min_size {result.parameters['min_size']}; {result.mode}) in "
+                  f"{result.seconds:.1f} s", markup=False)
+    if json_:
+        print(json.dumps(result.as_dict()))
 
 
-@app.command(context_settings=ANY_ARGS)
+@app.command()
 @guarded
-def evaluate(ctx: typer.Context) -> None:
-    """Score a segmentation against ground truth (adapted Rand, VOI, CREMI score)."""
-    _pending("evaluate", "the segmentation issue")
+def evaluate(
+    seg: Annotated[str, typer.Argument(
+        metavar="SEG", help="Segmentation (with --binary: a foreground prediction), e.g. "
+        "seg.zarr/seg.")],
+    truth: Annotated[str, typer.Argument(
+        metavar="TRUTH", help="Ground truth, e.g. vol.zarr/labels; 0 is unlabelled, not scored.")],
+    mask: Annotated[str | None, typer.Option(metavar="MASK",
+                                             help="Score only where this is non-zero.")] = None,
+    binary: Annotated[bool, typer.Option(
+        "--binary", help="Score a foreground prediction: precision, recall, F1, IoU.")] = False,
+    threshold: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="With --binary: foreground above this probability "
+        "(uint8 predictions: above threshold x 255).")] = 0.5,
+    min_overlap: Annotated[int, typer.Option(
+        min=1, help="Voxels an overlap needs to count towards splits and merges.")] = 100,
+    json_: JsonLine = False,
+) -> None:
+    """Score a segmentation against ground truth (adapted Rand, VOI, CREMI score), streamed."""
+    import json
+
+    from .evaluate import binary_scores_volumes, score_volumes
+    from .evaluate.report import binary_lines, score_lines
+    from .io import open_volume
+
+    seg_vol, truth_vol = open_volume(seg), open_volume(truth)
+    mask_vol = open_volume(mask) if mask is not None else None
+    mask_name = str(mask_vol) if mask_vol is not None else None
+    if binary:
+        result = binary_scores_volumes(seg_vol, truth_vol, mask_vol, threshold=threshold)
+        lines = binary_lines(result, str(seg_vol), str(truth_vol), mask_name)
+    else:
+        result = score_volumes(seg_vol, truth_vol, mask_vol, min_overlap=min_overlap)
+        lines = score_lines(result, str(seg_vol), str(truth_vol), mask_name)
+    for line in lines:
+        out.print(line)
+    if json_:
+        print(json.dumps({"seg": str(seg_vol), "truth": str(truth_vol), "mask": mask_name,
+                          "mode": "binary" if binary else "segmentation", **result.as_dict()}))
 
 
 @app.command()
@@ -289,30 +401,47 @@ def demo(
     = Path("emrun-demo"),
     override: Overrides = None,
 ) -> None:
-    """Train on synthetic EM on the CPU (minutes) and draw what the network learnt."""
+    """Train on synthetic EM on the CPU (minutes), then infer, segment and score a test
+    volume with the trained and the untrained network."""
     from .demo import run_demo
 
-    figure = run_demo(out_dir, console=out, overrides=override or [])
-    out.print(f"wrote {figure} (input, true boundaries, untrained vs trained affinities, loss "
-              f"curve) and the run in {out_dir / 'run'}.\nThe demo stops after training for "
-              "now: blockwise inference, segmentation and evaluation (trained vs untrained "
-              "adapted Rand error) join it when `emrun infer`, `segment` and `evaluate` land.",
-              markup=False)
+    metrics = run_demo(out_dir, console=out, overrides=override or [])
+    for tag in ("untrained", "trained"):
+        m = metrics[tag]
+        out.print(f"{tag:>9}: adapted Rand error {m['arand']:.4f}  VOI split "
+                  f"{m['voi_split']:.3f} merge {m['voi_merge']:.3f}", markup=False)
+    out.print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'demo.png'} (input, true "
+              "boundaries, affinities, segments, loss curve), the run in "
+              f"{out_dir / 'run'} and the test volume, predictions and segmentations beside "
+              "them", markup=False)
 
 
-def _pending_group(group: typer.Typer, prefix: str, commands: dict[str, tuple[str, str]]) -> None:
-    for name, (help_text, issue) in commands.items():
-        def command(ctx: typer.Context, _name: str = name, _issue: str = issue) -> None:
-            _pending(f"{prefix} {_name}", _issue)
+@bench_app.command("snemi3d")
+@guarded
+def bench_snemi3d(
+    data: Annotated[Path | None, typer.Option(
+        help="Folder with SNEMI3D's train-input.tif and train-labels.tif (default: "
+        "../shared/data/snemi3d).")] = None,
+    iterations: Annotated[int | None, typer.Option(
+        min=1, help="Training iterations (default: the recipe's).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, run, results.")]
+    = Path("snemi3d-bench"),
+    override: Overrides = None,
+    device: Device = None,
+    json_: JsonLine = False,
+) -> None:
+    """Train, infer, segment and score recipes/snemi3d_aff.yaml on real SNEMI3D data."""
+    import json
 
-        group.command(name=name, help=help_text, context_settings=ANY_ARGS)(guarded(command))
+    from .bench.snemi3d import run_snemi3d
 
-
-_pending_group(data_app, "data", {
-})
-_pending_group(bench_app, "bench", {
-    "snemi3d": ("Train, infer, segment and score on real SNEMI3D data.", "the segmentation issue"),
-})
+    results = run_snemi3d(data, out_dir, iterations=iterations, device=device,
+                          overrides=override or [], console=out)
+    out.print((out_dir / "results.md").read_text(encoding="utf-8"), markup=False)
+    out.print(f"wrote {out_dir / 'results.json'}, results.md and figures (input.png, "
+              "affinities.png, segmentation.png, training.png)", markup=False)
+    if json_:
+        print(json.dumps(results))
 
 
 @bench_app.command("model")

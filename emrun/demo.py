@@ -1,8 +1,11 @@
 """`emrun demo`: the main job on the embedded default, on a CPU in minutes.
 
-Trains `recipes/demo.yaml` (synthetic EM volumes generated from seeds) and draws what it
-learnt on a held-out synthetic test volume next to the untrained network. Blockwise
-inference, segmentation and evaluation join the demo when those commands land.
+Trains `recipes/demo.yaml` (synthetic EM volumes generated from seeds), then runs the whole
+pipeline on a held-out synthetic test volume for the trained and the untrained network:
+blockwise inference (`emrun infer`'s engine), segmentation (the recipe's segmenter, as
+`emrun segment` does it) and evaluation against the test volume's labels (as
+`emrun evaluate`). Writes `metrics.json` (adapted Rand error and VOI, trained vs untrained)
+and `demo.png`.
 """
 
 from __future__ import annotations
@@ -14,56 +17,79 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_output
+from .atomic import atomic_output, write_text
 from .errors import UserError
-from .recipe import load_recipe
+from .evaluate import score_volumes
+from .infer.schedule import run_inference
+from .io import open_volume
+from .io.write import write_volume
+from .recipe import Recipe, load_recipe
 from .registry import models
+from .segment.job import run_segment
 from .shipped import RECIPES
 from .synth import synthesize
+from .train.seg_validation import affinity_task
 from .train.trainer import Trainer
 
 TEST_SEED = 99
 
 
-def _predict_boundaries(model: torch.nn.Module, image: np.ndarray, task: str) -> np.ndarray:
-    """Mean predicted nearest-neighbour affinity of the middle section (1 = same cell)."""
-    model.eval()
-    with torch.no_grad():
-        out = model(torch.from_numpy(image)[None, None])[task]
-    return torch.sigmoid(out[0, :3]).mean(0)[image.shape[0] // 2].numpy()
+def _segment_and_score(recipe: Recipe, checkpoint: Path, test: Path, out: Path,
+                       tag: str) -> dict[str, float]:
+    """Infer, segment and evaluate the test volume with one checkpoint; the scores."""
+    pred, seg = out / f"pred_{tag}.zarr", out / f"seg_{tag}.zarr"
+    run_inference(recipe, checkpoint, f"{test}/image", pred, device="cpu")
+    spec = recipe.segment
+    value = {"mws": "bias", "cc": "threshold"}.get(spec.type)
+    run_segment(f"{pred}/{affinity_task(recipe)}", seg, method=spec.type,
+                biases=[spec.bias] if value == "bias" else None,  # type: ignore[union-attr]
+                thresholds=([spec.threshold] if value == "threshold"  # type: ignore[union-attr]
+                            else getattr(spec, "thresholds", None)),
+                min_size=spec.min_size)
+    scores = score_volumes(open_volume(f"{seg}/segmentation"), open_volume(f"{test}/labels"))
+    return {k: round(v, 4) for k, v in scores.as_dict().items()
+            if k in ("arand", "voi_split", "voi_merge", "cremi_score")}
 
 
-def _figure(path: Path, image: np.ndarray, labels: np.ndarray, trained: np.ndarray,
-            untrained: np.ndarray, events: list[dict[str, Any]]) -> None:
+def _figure(path: Path, test: Path, out: Path, metrics: dict[str, dict[str, float]],
+            events: list[dict[str, Any]], task: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 5, figsize=(17, 3.6))
+    image = open_volume(f"{test}/image").read()
+    labels = open_volume(f"{test}/labels").read()
     mid = image.shape[0] // 2
-    axes[0].imshow(image[mid], cmap="gray", vmin=0, vmax=1)
+    fig, axes = plt.subplots(1, 6, figsize=(20, 3.6))
+    axes[0].imshow(image[mid], cmap="gray", vmin=0, vmax=255)
     axes[0].set_title("test input (middle section)")
-    edges = np.zeros(labels.shape[1:], bool)
     lab = labels[mid]
+    edges = np.zeros(lab.shape, bool)
     edges[1:] |= lab[1:] != lab[:-1]
     edges[:, 1:] |= lab[:, 1:] != lab[:, :-1]
     axes[1].imshow(edges | (lab == 0), cmap="gray_r")
     axes[1].set_title("true boundaries")
-    axes[2].imshow(untrained, cmap="gray", vmin=0, vmax=1)
-    axes[2].set_title("untrained: affinities")
-    axes[3].imshow(trained, cmap="gray", vmin=0, vmax=1)
-    axes[3].set_title("trained: affinities")
+    for ax, tag in zip(axes[2:4], ("untrained", "trained"), strict=True):
+        affs = open_volume(f"{out}/pred_{tag}.zarr/{task}").read((slice(0, 3), slice(mid, mid + 1)))
+        ax.imshow(affs[:, 0].mean(0), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{tag}: affinities")
+    seg = open_volume(f"{out}/seg_trained.zarr/segmentation").read((slice(mid, mid + 1),))[0]
+    colours = np.random.default_rng(0).random((int(seg.max()) + 1, 3))
+    axes[4].imshow(image[mid], cmap="gray", vmin=0, vmax=255)
+    axes[4].imshow(colours[seg % len(colours)], alpha=0.45)
+    axes[4].set_title(f"trained: segments (ARAND {metrics['trained']['arand']:.3f}; "
+                      f"untrained {metrics['untrained']['arand']:.3f})", fontsize=9)
     steps = [(e["iteration"], e["loss/total"]) for e in events if "loss/total" in e]
     vals = [(e["iteration"], e["validation"]["loss/total"]) for e in events if "validation" in e]
     if steps:
-        axes[4].plot(*zip(*steps, strict=True), label="training")
+        axes[5].plot(*zip(*steps, strict=True), label="training")
     if vals:
-        axes[4].plot(*zip(*vals, strict=True), "o-", label="validation")
-    axes[4].set_xlabel("iteration")
-    axes[4].set_title("loss")
-    axes[4].legend()
-    for ax in axes[:4]:
+        axes[5].plot(*zip(*vals, strict=True), "o-", label="validation")
+    axes[5].set_xlabel("iteration")
+    axes[5].set_title("loss")
+    axes[5].legend()
+    for ax in axes[:5]:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
@@ -72,8 +98,11 @@ def _figure(path: Path, image: np.ndarray, labels: np.ndarray, trained: np.ndarr
     plt.close(fig)
 
 
-def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None) -> Path:
-    """Train the demo recipe into ``out/run`` and draw ``out/demo.png``; returns the figure."""
+def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
+             ) -> dict[str, dict[str, float]]:
+    """Train the demo recipe into ``out/run``, run the pipeline on a test volume with the
+    trained and the untrained network, write ``out/metrics.json`` and ``out/demo.png``;
+    returns the metrics."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose another --out "
                         "(nothing was overwritten)")
@@ -83,16 +112,22 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None)
     untrained = models.build(recipe.model, head_channels=recipe.head_channels())
     untrained.load_state_dict(trainer.model.state_dict())
     trainer.fit()
+    untrained_checkpoint = out / "run" / "untrained.pt"
+    torch.save({"model": untrained.state_dict(), "iteration": 0}, untrained_checkpoint)
 
     patch = recipe.infer_patch()
-    test = synthesize((patch[0], 2 * patch[1], 2 * patch[2]), TEST_SEED)
-    image = test.image.astype(np.float32) / 255
-    task = next(n for n, t in recipe.tasks.items() if t.target.type == "affinity")
-    trained_model = trainer.model.cpu()
+    test = synthesize((2 * patch[0], 2 * patch[1], 2 * patch[2]), TEST_SEED)
+    test_path = out / "test.zarr"
+    write_volume(test_path, "image", test.image, voxel_size=(30.0, 6.0, 6.0))
+    write_volume(test_path, "labels", test.labels, voxel_size=(30.0, 6.0, 6.0))
+    metrics = {
+        "trained": _segment_and_score(recipe, out / "run" / "checkpoints" / "last.pt",
+                                      test_path, out, "trained"),
+        "untrained": _segment_and_score(recipe, untrained_checkpoint, test_path, out,
+                                        "untrained"),
+    }
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     events = [json.loads(line) for line in
               (out / "run" / "events.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    figure = out / "demo.png"
-    _figure(figure, image, test.labels,
-            _predict_boundaries(trained_model, image, task),
-            _predict_boundaries(untrained, image, task), events)
-    return figure
+    _figure(out / "demo.png", test_path, out, metrics, events, affinity_task(recipe) or "")
+    return metrics

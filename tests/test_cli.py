@@ -28,14 +28,6 @@ def test_help_lists_every_command():
         assert f"  {command} " in result.output
 
 
-@pytest.mark.parametrize("args", [["segment"], ["evaluate"],
-                                  ["bench", "snemi3d"]])
-def test_pending_commands_say_so_and_exit_1(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1
-    assert "not implemented yet" in result.output
-
-
 def test_validate_prints_summary(write):
     result = runner.invoke(app, ["validate", str(write(MINIMAL))])
     assert result.exit_code == 0, result.output

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import tifffile
+import zarr
 from conftest import MINIMAL
 from typer.testing import CliRunner
 
@@ -86,7 +88,13 @@ def test_demo_trains_and_draws_then_refuses_to_overwrite(tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "run" / "checkpoints" / "last.pt").exists()
-    assert "stops after training" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    for tag in ("trained", "untrained"):
+        assert {"arand", "voi_split", "voi_merge"} <= set(metrics[tag])
+        assert 0 <= metrics[tag]["arand"] <= 1
+    assert "adapted Rand error" in result.stdout
+    seg = zarr.open_array(str(out / "seg_trained.zarr" / "segmentation" / "0"))
+    assert seg.dtype == np.uint64 and seg.shape == (24, 128, 128) and seg[...].min() > 0
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "not empty" in again.stderr
 
@@ -99,3 +107,41 @@ def test_bench_infer_reports_efficiency(write):
     assert figures["monai_voxels_per_s"] is None or figures["monai_voxels_per_s"] > 0
     for key in ("engine_voxels_per_s", "model_voxels_per_s", "efficiency"):
         assert figures[key] > 0
+
+
+TINY_SNEMI = ["-o", "model.widths=[4, 8]", "-o", "model.norm=group", "-o", "model.groups=2",
+              "-o", "train.patch=[6, 32, 32]", "-o", "infer.patch=[6, 32, 32]",
+              "-o", "augment=[]", "-o", "train.workers=0", "-o", "train.log_every=1",
+              "-o", "infer.precision=fp32", "-o", "train.precision=fp32",
+              "-o", "train.schedule.warmup=0"]
+
+
+def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path):
+    """The real benchmark needs ../shared/data; its plumbing runs here on a synthetic
+    stand-in with SNEMI3D's 70 sections, a tiny model and two iterations."""
+    from emrun.synth import synthesize
+
+    data = tmp_path / "snemi"
+    data.mkdir()
+    vol = synthesize((70, 48, 48), 3)
+    tifffile.imwrite(data / "train-input.tif", vol.image)
+    tifffile.imwrite(data / "train-labels.tif", vol.labels.astype(np.uint16))
+    out = tmp_path / "bench"
+    args = ["bench", "snemi3d", "--data", str(data), "--out", str(out), "--iterations", "2",
+            "--device", "cpu", "--json", *TINY_SNEMI]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["iterations"] == 2 and figures["validation_sections"] == [60, 69]
+    assert 0 <= figures["arand"] <= 1 and figures["chosen"] in [r["bias"] for r in
+                                                                 figures["sweep"]]
+    assert min(r["arand"] for r in figures["sweep"]) == pytest.approx(figures["arand"], abs=1e-4)
+    for name in ("input.png", "affinities.png", "segmentation.png", "training.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    seg = open_volume(f"{out}/seg.zarr/segmentation")
+    assert seg.shape == (10, 48, 48) and seg.offset == (60, 0, 0)
+    assert "adapted Rand error" in (out / "results.md").read_text()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "finished benchmark" in again.stderr
+    missing = runner.invoke(app, ["bench", "snemi3d", "--data", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "train-input.tif" in missing.stderr

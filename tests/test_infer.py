@@ -55,16 +55,18 @@ def read(path, task="aff"):
     return zarr.open_array(str(path / task / "0"))[...]
 
 
-def reference(recipe, model, volume):
-    """Whole-volume sliding window, written independently of the engine."""
-    layout = Layout(volume.shape, (4, 16, 16), recipe.infer.resolved_stride((4, 16, 16)),
+def reference(recipe, model, volume, roi=None):
+    """Whole-volume (or whole-ROI: offset, shape) sliding window, written independently of
+    the engine; context outside a ROI comes from the volume, reflected at its borders."""
+    offset, shape = roi or ((0, 0, 0), volume.shape)
+    layout = Layout(shape, (4, 16, 16), recipe.infer.resolved_stride((4, 16, 16)),
                     (1, 1, 1), (1, 1, 1))
     window = torch.from_numpy(blends.build(recipe.infer.blend, patch=(4, 16, 16)))
     starts = [layout.starts(a) for a in range(3)]
     lo = [s[0] for s in starts]
     hi = [s[-1] + p for s, p in zip(starts, (4, 16, 16), strict=True)]
-    index = [reflect_index(np.arange(a, b), n) for a, b, n in zip(lo, hi, volume.shape,
-                                                                  strict=True)]
+    index = [reflect_index(np.arange(a, b) + o, n)
+             for a, b, o, n in zip(lo, hi, offset, volume.shape, strict=True)]
     padded = torch.from_numpy(volume[np.ix_(*index)].astype(np.float32) / 255)
     acc = torch.zeros((len(OFFSETS), *padded.shape))
     weight = torch.zeros(padded.shape)
@@ -77,7 +79,7 @@ def reference(recipe, model, volume):
                     out = torch.sigmoid(model(padded[s][None, None])["aff"][0])
                     acc[(slice(None), *s)] += out * window
                     weight[s] += window
-    core = tuple(slice(-a, -a + n) for a, n in zip(lo, volume.shape, strict=True))
+    core = tuple(slice(-a, -a + n) for a, n in zip(lo, shape, strict=True))
     return (acc[(slice(None), *core)] / weight[core]).numpy()
 
 
@@ -91,6 +93,25 @@ def test_output_does_not_depend_on_the_block_size(setup):
     written = open_volume(f"{tmp}/o0.zarr/aff")
     assert written.shape == (4, 11, 37, 45) and written.voxel_size == (30.0, 6.0, 6.0)
     assert zarr.open_group(str(tmp / "o0.zarr/aff")).attrs["offsets"] == OFFSETS
+
+
+def test_roi_predicts_a_box_with_the_volume_around_it_as_context(setup):
+    recipe, model, volume, tmp = setup
+    roi = ((3, 10, 5), (6, 20, 33))
+    want = reference(recipe, model, volume, roi)
+    out = tmp / "roi.zarr"
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(4, 16, 16),
+                  roi=roi)
+    np.testing.assert_allclose(read(out), want, atol=1e-5, rtol=0)
+    written = open_volume(f"{out}/aff")
+    assert written.shape == (4, 6, 20, 33) and written.offset[-3:] == (3, 10, 5)
+    with pytest.raises(UserError, match="does not lie inside"):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "bad.zarr",
+                      roi=((0, 0, 0), (12, 1, 1)))
+    for bad in ("1,2/3,4,5", "x"):
+        result = CliRunner().invoke(app, ["infer", "--recipe", "r.yaml", "--checkpoint", "c.pt",
+                                          "--input", "i", "--output", "o", "--roi", bad])
+        assert result.exit_code == 2 and "--roi" in result.stderr
 
 
 def test_uint8_output_is_rounded_probability(setup):

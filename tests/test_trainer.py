@@ -3,6 +3,7 @@ refusals, signals, non-finite losses, and two-process DDP on the CPU."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -70,6 +71,14 @@ def test_run_directory_layout_and_refusals(recipe, tmp_path):
     assert any((run / "tensorboard").iterdir())
     events = (run / "events.jsonl").read_text().splitlines()
     assert len([e for e in events if '"loss/affinity"' in e]) >= 4
+    # validation segments the labelled validation box and scores it; best.pt by ARAND
+    validations = [json.loads(e)["validation"] for e in events if '"validation"' in e]
+    assert len(validations) == 2
+    for v in validations:
+        assert 0 <= v["arand"] <= 1 and v["voi_split"] >= 0 and v["voi_merge"] >= 0
+        assert v["segment/bias"] in (0.3, 0.4, 0.5, 0.6, 0.7)
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert best["best"] == min(v["arand"] for v in validations)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["iteration"] == 12 and {"model", "optimizer", "scheduler", "scaler", "ema",
                                          "rng", "data"} <= set(state)

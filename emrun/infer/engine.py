@@ -86,7 +86,7 @@ class Engine:
 
     def __init__(self, recipe: Recipe, model: nn.Module, device: torch.device, *,
                  batch_size: int | None = None, precision: str | None = None,
-                 tta: int | None = None) -> None:
+                 tta: int | None = None, compile: bool | None = None) -> None:
         self.recipe = recipe
         self.device = device
         self.patch: Zyx = recipe.infer_patch()
@@ -100,7 +100,8 @@ class Engine:
         self.channels_last = device.type == "cuda" and recipe.infer.channels_last
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
-        self.model = torch.compile(model) if recipe.infer.compile else model
+        compile = recipe.infer.compile if compile is None else compile
+        self.model = torch.compile(model) if compile else model
         window = blends.build(recipe.infer.blend, patch=self.patch)
         self.window = torch.from_numpy(window).to(device)
         self.tta = tta or recipe.infer.tta
@@ -142,11 +143,13 @@ class Engine:
             how = self.recipe.infer.tta_reduce
             return {n: reduce(torch.stack(s), how.get(n, "mean")) for n, s in stacks.items()}
 
-    def read_input(self, volume: Volume, layout: Layout, block: Zyx) -> np.ndarray | None:
+    def read_input(self, volume: Volume, layout: Layout, block: Zyx,
+                   origin: Zyx = (0, 0, 0)) -> np.ndarray | None:
         """The raw input the block's patches need (host memory, the volume's dtype), or None
-        when it is entirely zero (nothing to predict). Runs in reader threads."""
+        when it is entirely zero (nothing to predict). ``origin``: where the layout's
+        (0, 0, 0) lies in ``volume`` (a ROI). Runs in reader threads."""
         read_start, read_stop = layout.read_box(block)
-        raw = read_reflected(volume, read_start, read_stop)
+        raw = read_reflected(volume, _add(read_start, origin), _add(read_stop, origin))
         return raw if raw.any() else None
 
     def predict(self, raw: np.ndarray, layout: Layout, block: Zyx,
@@ -190,6 +193,10 @@ class Engine:
 
     def _channels(self, name: str) -> int:
         return self.recipe.head_channels()[name]
+
+
+def _add(a: Zyx, b: Zyx) -> Zyx:
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
 
 
 def quantise(values: torch.Tensor, dtype: str) -> np.ndarray:

@@ -9,6 +9,7 @@ scheduler reads and writes the same markers, so a job started by one can be fini
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,10 +43,18 @@ class Job:
     layout: Layout
     scale: tuple[float, float]
     tta: int | None = None
+    roi_offset: Zyx = (0, 0, 0)  # where the layout's (0, 0, 0) lies in the input
+
+    def digest(self) -> str:
+        """The layout's hash, and the ROI's when there is one: done-markers are keyed by it."""
+        if self.roi_offset == (0, 0, 0):
+            return self.layout.digest()
+        return hashlib.sha256(f"{self.layout.digest()}@{self.roi_offset}".encode()
+                              ).hexdigest()[:16]
 
     @property
     def done_dir(self) -> Path:
-        return self.output / DONE / self.layout.digest()
+        return self.output / DONE / self.digest()
 
     def marker(self, block: Zyx) -> Path:
         return self.done_dir / "_".join(str(i) for i in block)
@@ -62,6 +71,7 @@ class Job:
             "recipe": self.recipe.resolved(), "checkpoint": str(self.checkpoint),
             "input": self.input_path, "output": str(self.output), "mask": self.mask_path,
             "layout": asdict(self.layout), "scale": list(self.scale), "tta": self.tta,
+            "roi_offset": list(self.roi_offset),
         })
 
     @classmethod
@@ -72,7 +82,8 @@ class Job:
                    checkpoint=Path(data["checkpoint"]), input_path=data["input"],
                    output=Path(data["output"]), mask_path=data["mask"],
                    layout=Layout(**layout),  # type: ignore[arg-type]
-                   scale=tuple(data["scale"]), tta=data["tta"])  # type: ignore[arg-type]
+                   scale=tuple(data["scale"]), tta=data["tta"],  # type: ignore[arg-type]
+                   roi_offset=tuple(data["roi_offset"]))  # type: ignore[arg-type]
 
     def save(self) -> Path:
         """Write the job description next to its done-markers (for remote workers)."""
@@ -83,8 +94,11 @@ class Job:
 
 def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
                 block: Zyx | None = None, tta: int | None = None, resume: bool = False,
-                mask_path: str | None = None) -> Job:
-    """Check the inputs, create (or with ``resume`` reopen and check) the outputs."""
+                mask_path: str | None = None, roi: tuple[Zyx, Zyx] | None = None) -> Job:
+    """Check the inputs, create (or with ``resume`` reopen and check) the outputs.
+
+    ``roi`` (offset, shape) predicts only that box of the input; the output has the box's
+    shape, and the input around the box still serves as context where it exists."""
     volume = open_volume(input_path)
     if len(volume.shape) != 3:
         raise UserError(f"{volume}: inference needs a 3D (z, y, x) volume, got shape "
@@ -102,17 +116,30 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
            tta=tta)
     patch = recipe.infer_patch()
     stride = recipe.infer.resolved_stride(patch)
-    shape: Zyx = tuple(volume.shape)  # type: ignore[assignment]
+    offset, shape = _check_roi(roi, volume)
     chunks, block = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks,
                                             block or recipe.infer.block)
     layout = Layout(shape, patch, stride, chunks, block)
     job = Job(recipe=recipe, checkpoint=checkpoint.resolve(), input_path=input_path,
               output=output.resolve(), mask_path=mask_path, layout=layout,
-              scale=intensity_range(recipe, volume), tta=tta)
+              scale=intensity_range(recipe, volume), tta=tta, roi_offset=offset)
     _open_outputs(job, volume, resume)
     job.done_dir.mkdir(parents=True, exist_ok=True)
     job.save()
     return job
+
+
+def _check_roi(roi: tuple[Zyx, Zyx] | None, volume: Volume) -> tuple[Zyx, Zyx]:
+    """(offset, shape) of the box to predict: the ROI, checked, or the whole volume."""
+    full: Zyx = tuple(volume.shape)  # type: ignore[assignment]
+    if roi is None:
+        return (0, 0, 0), full
+    offset, shape = roi
+    if any(s < 1 for s in shape) or any(o < 0 for o in offset) or \
+            any(o + s > n for o, s, n in zip(offset, shape, full, strict=True)):
+        raise UserError(f"--roi {list(offset)}/{list(shape)} does not lie inside {volume} "
+                        f"(shape {list(full)}); give offset/shape with shape >= 1")
+    return offset, shape
 
 
 def open_output_arrays(job: Job) -> dict[str, zarr.Array]:
@@ -131,7 +158,7 @@ def _refuse_same(volume: Volume, output: Path) -> None:
 def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
     """Create the output arrays, or with ``resume`` check the existing ones match the job."""
     layout, output, recipe = job.layout, job.output, job.recipe
-    info = {"layout": layout.digest(), "patch": list(layout.patch),
+    info = {"layout": job.digest(), "patch": list(layout.patch),
             "stride": list(layout.stride), "block": list(layout.block),
             "chunks": list(layout.chunks)}
     existing = output.exists() and any(output.iterdir())
@@ -140,30 +167,31 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
                         "--output (nothing was overwritten)")
     for name, task in recipe.tasks.items():
         if existing:
-            _check_existing(output, name, layout)
+            _check_existing(output, name, job.digest())
             continue
         attrs: dict[str, Any] = {"emrun": {**info, "task": name}}
         if isinstance(task.target, AffinityTarget):
             attrs["offsets"] = [list(o) for o in task.target.offsets]
         create_volume(output, name, (task.channels(), *layout.shape), recipe.infer.dtype,
                       chunks=(task.channels(), *layout.chunks), voxel_size=volume.voxel_size,
-                      channel_axis=True, attrs=attrs)
+                      offset=job.roi_offset, channel_axis=True, attrs=attrs)
     if not existing:
         group = zarr.open_group(str(output), mode="r+")
         group.attrs["emrun"] = {
             "version": __version__, "recipe": recipe.resolved(),
             "checkpoint": str(job.checkpoint), "checkpoint_sha256": file_digest(job.checkpoint),
-            "input": job.input_path, "input_shape": list(volume.shape), **info}
+            "input": job.input_path, "input_shape": list(volume.shape),
+            "roi_offset": list(job.roi_offset), **info}
 
 
-def _check_existing(output: Path, name: str, layout: Layout) -> None:
+def _check_existing(output: Path, name: str, digest: str) -> None:
     try:
         zarr.open_array(str(output / name / "0"), mode="r+")
         saved = dict(zarr.open_group(str(output / name), mode="r").attrs).get("emrun", {})
     except Exception as exc:
         raise UserError(f"{output}: cannot resume, no array for task {name!r} "
                         f"({type(exc).__name__})") from None
-    if saved.get("layout") != layout.digest():
+    if saved.get("layout") != digest:
         raise UserError(f"{output} was written with another block layout "
-                        f"({saved.get('layout')} vs {layout.digest()}: patch, stride, block or "
-                        "chunks differ); resume with the same settings or write a new output")
+                        f"({saved.get('layout')} vs {digest}: patch, stride, block, chunks or "
+                        "ROI differ); resume with the same settings or write a new output")

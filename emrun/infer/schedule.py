@@ -50,11 +50,12 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
                   block: Zyx | None = None, device: str | None = None, tta: int | None = None,
                   resume: bool = False, mask_path: str | None = None,
                   workers: int | None = None, scheduler: Scheduler = "local",
-                  launch: str | None = None,
+                  launch: str | None = None, roi: tuple[Zyx, Zyx] | None = None,
                   on_block: Callable[[Progress], None] | None = None) -> Progress:
-    """Predict ``input_path`` into ``output`` (one array per task); returns the counts."""
+    """Predict ``input_path`` (or its ``roi``: offset, shape) into ``output`` (one array
+    per task); returns the counts."""
     job = prepare_job(recipe, checkpoint, input_path, output, block=block, tta=tta,
-                      resume=resume, mask_path=mask_path)
+                      resume=resume, mask_path=mask_path, roi=roi)
     slots = worker_slots(device, workers)
     if scheduler == "daisy":
         from .daisy_scheduler import run_daisy

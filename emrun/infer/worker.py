@@ -88,13 +88,13 @@ class BlockWorker:
 
     def _read(self, block: Zyx) -> np.ndarray | None:
         """The block's input, or None when the mask excludes it or it is all zero."""
-        layout = self.job.layout
+        layout, origin = self.job.layout, self.job.roi_offset
         if self.mask is not None:
             start, stop = layout.write_box(block)
-            if not self.mask.read(tuple(slice(a, b) for a, b in zip(start, stop,
-                                                                   strict=True))).any():
+            if not self.mask.read(tuple(slice(a + o, b + o) for a, b, o in zip(
+                    start, stop, origin, strict=True))).any():
                 return None
-        return self.engine.read_input(self.volume, layout, block)
+        return self.engine.read_input(self.volume, layout, block, origin)
 
     def _predict(self, block: Zyx, raw: np.ndarray | None) -> dict[str, np.ndarray]:
         """Quantised predictions of the block's write region, or zeros when skipped."""

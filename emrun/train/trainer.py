@@ -32,6 +32,7 @@ from . import distributed, run_dir
 from .checkpoint import CheckpointDir, load, rng_state, set_rng_state
 from .logging import RunLogger
 from .optim import EMA, build_optimizer, build_scheduler, clip_gradients
+from .seg_validation import validate_segmentation
 
 MAX_NONFINITE_IN_A_ROW = 10
 STOP_AFTER_ENV = "EMRUN_TEST_SIGKILL_AFTER"  # tests: SIGKILL this process after that checkpoint
@@ -348,9 +349,16 @@ class Trainer:
                     counts[name] += float(result.valid)
         metrics = {f"loss/{n}": sums[n] / counts[n] if counts[n] else 0.0 for n in self.losses}
         metrics["loss/total"] = sum(self.weights[n] * metrics[f"loss/{n}"] for n in self.losses)
+        if not self.world.main:
+            return
+        if self.train.validate_segmentation:
+            scores = validate_segmentation(self.recipe, model, self.device)
+            metrics.update(scores or {})
+        model.train()
         logger.validation(self.iteration, metrics)
-        if self.world.main and (self.best is None or metrics["loss/total"] < self.best):
-            self.best = metrics["loss/total"]
+        key = "arand" if "arand" in metrics else "loss/total"  # lower is better for both
+        if self.best is None or metrics[key] < self.best:
+            self.best = metrics[key]
             self.checkpoints.save_best(self.state())
 
     def _checkpoint(self, logger: RunLogger) -> None:

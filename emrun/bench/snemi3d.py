@@ -1,0 +1,211 @@
+"""`emrun bench snemi3d`: the whole pipeline on real EM data, with its budget on the record.
+
+Converts the SNEMI3D training volume (70 sections; 0-59 train, 60-69 validate) to zarr,
+trains `recipes/snemi3d_aff.yaml` for the given number of iterations, predicts the validation
+sections with the inference engine (`--roi`: the training sections around them give context),
+segments them for each value of the segmenter's parameter (`segment --sweep`), keeps the value
+with the lowest adapted Rand error, and writes `results.json`, `results.md` and figures.
+
+The sweep is tuned and scored on the same validation sections, and these are not the
+SNEMI3D test sections (70-99, held out): figures are comparable between emrun runs, not with
+the challenge's leaderboard. An interrupted benchmark continues where it stopped when run
+again with the same ``--out``: conversion is kept, training resumes, inference resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_output, write_text
+from ..errors import UserError
+from ..evaluate import score
+from ..infer.schedule import run_inference
+from ..io import open_volume
+from ..io.convert import convert
+from ..io.write import write_volume
+from ..recipe import load_recipe
+from ..recipe.tasks import AffinityTarget
+from ..segment.affinities import to_float
+from ..segment.sweep import DEFAULT_VALUES, sweep
+from ..shipped import RECIPES
+from ..train.seg_validation import affinity_task
+from ..train.trainer import Trainer
+
+FILES = {"image": "train-input.tif", "labels": "train-labels.tif"}
+SECTIONS = 70
+TRAIN_SECTIONS = 60
+VOXEL_SIZE = (30.0, 6.0, 6.0)
+
+
+def find_data(data: Path | None) -> Path:
+    """The folder with SNEMI3D's train-input.tif and train-labels.tif."""
+    candidates = [data] if data is not None else [
+        Path("../shared/data/snemi3d"), RECIPES.parent.parent / "shared" / "data" / "snemi3d"]
+    for folder in candidates:
+        if folder is not None and all((folder / f).is_file() for f in FILES.values()):
+            return folder
+    where = " or ".join(str(c) for c in candidates)
+    raise UserError(f"SNEMI3D not found at {where}: give --data DIR with "
+                    f"{' and '.join(FILES.values())} (the 70 public training sections)")
+
+
+def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
+                device: str | None = None, overrides: list[str] | None = None,
+                console: Any = None) -> dict[str, Any]:
+    """Convert, train, infer, sweep-segment, evaluate; returns (and writes) the results."""
+    folder = find_data(data)
+    if (out / "results.json").exists():
+        raise UserError(f"{out} holds a finished benchmark (results.json); choose another "
+                        "--out (nothing was overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    volumes = out / "snemi3d.zarr"
+    for name, file in FILES.items():
+        if not (volumes / name).exists():
+            convert(folder / file, volumes, name=name, voxel_size=VOXEL_SIZE, progress=False)
+    shape = tuple(open_volume(f"{volumes}/image").shape)
+    if len(shape) != 3 or shape[0] != SECTIONS:
+        raise UserError(f"{folder / FILES['image']}: expected the {SECTIONS} SNEMI3D training "
+                        f"sections (70 x 1024 x 1024), found shape {list(shape)}")
+    validation = ((TRAIN_SECTIONS, 0, 0), (SECTIONS - TRAIN_SECTIONS, shape[1], shape[2]))
+    settings = [f"data.sources.snemi3d.image={volumes}/image",
+                f"data.sources.snemi3d.labels={volumes}/labels",
+                f"data.validation.snemi3d_val.image={volumes}/image",
+                f"data.validation.snemi3d_val.labels={volumes}/labels",
+                f"data.sources.snemi3d.roi.shape=[{TRAIN_SECTIONS}, {shape[1]}, {shape[2]}]",
+                f"data.validation.snemi3d_val.roi.shape={list(validation[1])}"]
+    if iterations is not None:
+        settings.append(f"train.iterations={iterations}")
+    loaded = load_recipe(RECIPES / "snemi3d_aff.yaml", settings + list(overrides or []))
+    recipe = loaded.recipe
+    task = affinity_task(recipe)
+    if task is None:
+        raise UserError("the recipe has no affinity task to segment")
+    run = out / "run"
+    started = time.perf_counter()
+    trainer = Trainer(loaded, run, resume=(run / "checkpoints" / "last.pt").exists(),
+                      device=device, console=console)
+    trainer.fit()
+    train_seconds = time.perf_counter() - started
+    device_name = _device_name(trainer.device)
+
+    started = time.perf_counter()
+    pred = out / "pred.zarr"
+    run_inference(recipe, run / "checkpoints" / "last.pt", f"{volumes}/image", pred,
+                  device=device, roi=validation, resume=pred.exists())
+    infer_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    (oz, oy, ox), (sz, sy, sx) = validation
+    box = (slice(oz, oz + sz), slice(oy, oy + sy), slice(ox, ox + sx))
+    truth = open_volume(f"{volumes}/labels").read(box)
+    affs = to_float(open_volume(f"{pred}/{task}").read(), f"{pred}/{task}")
+    target = recipe.tasks[task].target
+    assert isinstance(target, AffinityTarget)
+    result = sweep(affs, target.offsets, recipe.segment, DEFAULT_VALUES, truth)
+    segment_seconds = time.perf_counter() - started
+    seg_path = out / "seg.zarr"
+    write_volume(seg_path, "segmentation", result.segmentation.astype(np.uint64),
+                 voxel_size=VOXEL_SIZE, offset=validation[0], overwrite=True)
+    final = score(result.segmentation, truth)
+
+    results = {
+        "recipe": recipe.name, "data": str(folder),
+        "train_sections": [0, TRAIN_SECTIONS - 1],
+        "validation_sections": [oz, oz + sz - 1],
+        "iterations": trainer.iteration, "device": device_name,
+        "train_seconds": round(train_seconds, 1), "infer_seconds": round(infer_seconds, 1),
+        "segment_seconds": round(segment_seconds, 1),
+        "segmenter": recipe.segment.type, "parameter": result.parameter,
+        "chosen": result.best_value, "sweep": result.table(),
+        **{k: round(v, 4) if isinstance(v, float) else v for k, v in final.as_dict().items()},
+    }
+    _figures(out, open_volume(f"{volumes}/image").read(box), affs, result.segmentation, truth,
+             run)
+    write_text(out / "results.md", _table(results))
+    write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _table(r: dict[str, Any]) -> str:
+    """The results as a Markdown table (for results.md and the README)."""
+    rows = [
+        ("adapted Rand error", f"{r['arand']:.4f}"),
+        ("VOI split / merge (bits)", f"{r['voi_split']:.3f} / {r['voi_merge']:.3f}"),
+        ("CREMI score", f"{r['cremi_score']:.4f}"),
+        ("segmenter", f"{r['segmenter']}, {r['parameter']} {r['chosen']:g} (swept)"),
+        ("training", f"{r['iterations']} iterations, {r['train_seconds'] / 60:.1f} min on "
+                     f"{r['device']}"),
+        ("inference / segmentation", f"{r['infer_seconds']:.0f} s / {r['segment_seconds']:.0f} s"),
+        ("sections", f"train {r['train_sections'][0]}-{r['train_sections'][1]}, validate "
+                     f"{r['validation_sections'][0]}-{r['validation_sections'][1]}"),
+    ]
+    lines = ["| SNEMI3D validation | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _figures(out: Path, image: np.ndarray, affs: np.ndarray, seg: np.ndarray,
+             truth: np.ndarray, run: Path) -> None:
+    """input.png, affinities.png, segmentation.png (overlay), training.png (curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mid = image.shape[0] // 2
+    colours = np.random.default_rng(0).random((4096, 3))
+
+    def save(name: str, draw: Any, size: tuple[float, float] = (6, 6)) -> None:
+        fig, ax = plt.subplots(figsize=size)
+        draw(ax)
+        fig.tight_layout()
+        with atomic_output(out / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+        plt.close(fig)
+
+    def section(ax: Any) -> None:
+        ax.imshow(image[mid], cmap="gray")
+        ax.set_title(f"SNEMI3D section {TRAIN_SECTIONS + mid} (validation)")
+        ax.axis("off")
+
+    def affinities(ax: Any) -> None:
+        ax.imshow(affs[:3, mid].mean(0), cmap="gray", vmin=0, vmax=1)
+        ax.set_title("mean nearest-neighbour affinity")
+        ax.axis("off")
+
+    def overlay(ax: Any) -> None:
+        ax.imshow(image[mid], cmap="gray")
+        ax.imshow(colours[seg[mid] % len(colours)], alpha=0.45)
+        ax.set_title(f"segmentation ({len(np.unique(seg))} segments; truth "
+                     f"{len(np.unique(truth[truth > 0]))} objects)")
+        ax.axis("off")
+
+    def curves(ax: Any) -> None:
+        events = [json.loads(line) for line in
+                  (run / "events.jsonl").read_text(encoding="utf-8").splitlines() if line]
+        steps = [(e["iteration"], e["loss/total"]) for e in events if "loss/total" in e]
+        vals = [(e["iteration"], e["validation"]["loss/total"]) for e in events
+                if "validation" in e]
+        if steps:
+            ax.plot(*zip(*steps, strict=True), label="training loss")
+        if vals:
+            ax.plot(*zip(*vals, strict=True), "o-", label="validation loss")
+        ax.set_xlabel("iteration")
+        ax.legend()
+
+    save("input.png", section)
+    save("affinities.png", affinities)
+    save("segmentation.png", overlay)
+    save("training.png", curves, (7, 4))

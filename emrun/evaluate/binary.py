@@ -1,0 +1,119 @@
+"""Voxel-wise scores of a binary (semantic) prediction: precision, recall, F1, IoU.
+
+For semantic tasks (mitochondria, synapses, myelin) the prediction is a foreground map,
+not ids. Which voxels count as predicted foreground depends on the dtype:
+
+- bool: as is;
+- uint8: probabilities stored as 0..255 (what `emrun infer` writes): value > threshold * 255;
+- float: probabilities: value > threshold (NaN is background);
+- other integers (uint16, int32, uint64, ...): ids or a 0/1 mask: value != 0.
+
+A uint8 0/1 mask is therefore read as probabilities (all below 0.5); store such a mask as
+bool, or pass threshold 0. The truth's foreground is always truth != 0. Voxels where the
+mask is 0 are not counted. A ratio whose denominator is 0 (no truth foreground, no
+predicted foreground) is 1.0 when the numerator's ideal is met trivially (nothing to find
+and nothing found) and 0.0 otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from emrun.evaluate.checks import check_inputs
+
+
+@dataclass(frozen=True)
+class BinaryCounts:
+    """Confusion counts over the scored voxels; they add up across blocks."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def __add__(self, other: BinaryCounts) -> BinaryCounts:
+        return BinaryCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn,
+                            self.tn + other.tn)
+
+
+@dataclass(frozen=True)
+class BinaryScores:
+    """Precision, recall, F1 and IoU of the foreground, with the counts behind them."""
+
+    precision: float
+    recall: float
+    f1: float
+    iou: float
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+    voxels: int
+    threshold: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def foreground(pred: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """The predicted foreground of a block, by the dtype rules in the module docstring."""
+    if pred.dtype == np.bool_:
+        return pred
+    if pred.dtype == np.uint8:
+        return pred > threshold * 255
+    if pred.dtype.kind == "f":
+        return pred > threshold
+    return pred != 0
+
+
+def count_binary(
+    pred: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None, threshold: float = 0.5
+) -> BinaryCounts:
+    """Confusion counts of one block."""
+    p = np.ravel(foreground(pred, threshold))
+    t = np.ravel(truth) != 0
+    if mask is not None:
+        keep = np.ravel(mask) != 0
+        p, t = p[keep], t[keep]
+    tp = int(np.count_nonzero(p & t))
+    predicted, true = int(np.count_nonzero(p)), int(np.count_nonzero(t))
+    return BinaryCounts(tp=tp, fp=predicted - tp, fn=true - tp,
+                        tn=int(p.size) - predicted - true + tp)
+
+
+def scores_from_counts(counts: BinaryCounts, threshold: float = 0.5) -> BinaryScores:
+    """The ratios, with the 0/0 convention of the module docstring."""
+    tp, fp, fn, tn = counts.tp, counts.fp, counts.fn, counts.tn
+    return BinaryScores(
+        precision=_ratio(tp, tp + fp, perfect=fn == 0),
+        recall=_ratio(tp, tp + fn, perfect=fp == 0),
+        f1=_ratio(2 * tp, 2 * tp + fp + fn, perfect=True),
+        iou=_ratio(tp, tp + fp + fn, perfect=True),
+        tp=tp,
+        fp=fp,
+        fn=fn,
+        tn=tn,
+        voxels=tp + fp + fn + tn,
+        threshold=float(threshold),
+    )
+
+
+def binary_scores(
+    pred: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None, threshold: float = 0.5
+) -> BinaryScores:
+    """Score an in-memory foreground prediction against its truth."""
+    named = [("prediction", "pred", pred.shape, pred.dtype),
+             ("truth", "truth", truth.shape, truth.dtype)]
+    if mask is not None:
+        named.append(("mask", "mask", mask.shape, mask.dtype))
+    check_inputs(named, binary=True)
+    return scores_from_counts(count_binary(pred, truth, mask, threshold), threshold)
+
+
+def _ratio(numerator: int, denominator: int, perfect: bool) -> float:
+    if denominator:
+        return numerator / denominator
+    return 1.0 if perfect else 0.0

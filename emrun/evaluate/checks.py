@@ -1,0 +1,51 @@
+"""What evaluate accepts: the user-facing checks on the volumes it is given.
+
+Each check raises `EvaluationError` (a `UserError`: the CLI prints it and exits 2) with a
+message naming the volume and what is wrong, before any voxel is scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from emrun.errors import UserError
+
+
+class EvaluationError(UserError):
+    """Inputs that cannot be scored: wrong shape, wrong dtype, nothing to score."""
+
+
+def check_inputs(
+    named: Sequence[tuple[str, str, tuple[int, ...], np.dtype]], binary: bool = False
+) -> None:
+    """Check (role, name, shape, dtype) of seg/pred, truth and optionally mask.
+
+    Volumes are 2-d (y, x) or 3-d (z, y, x); a channel axis is refused rather than guessed
+    away. Segmentations and their truth need integer ids; with `binary` the prediction
+    may be bool, integer or float (probabilities) and the truth any of these.
+    """
+    for role, name, shape, dtype in named:
+        if len(shape) not in (2, 3):
+            raise EvaluationError(
+                f"{name}: {role} has {len(shape)} axes (shape {list(shape)}); evaluate needs "
+                "a 3-d (z, y, x) or 2-d (y, x) volume, or one channel (1, z, y, x)"
+            )
+        if role == "mask" or binary:
+            if dtype.kind not in "biuf":
+                raise EvaluationError(
+                    f"{name}: {role} has dtype {dtype}; expected bool, integer or float"
+                )
+        elif dtype.kind not in "iu":
+            hint = "; to score probabilities or a mask, use --binary" if dtype.kind in "fb" else ""
+            raise EvaluationError(
+                f"{name}: {role} has dtype {dtype}, not integer ids; a segmentation and its "
+                f"truth need integer labels{hint}"
+            )
+    (_, first, shape, _), *rest = named
+    for role, name, other, _ in rest:
+        if other != shape:
+            raise EvaluationError(
+                f"{name}: {role} has shape {list(other)} but {first} has shape {list(shape)}"
+            )

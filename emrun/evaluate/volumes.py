@@ -1,0 +1,125 @@
+"""Scoring volumes on disk, streamed in slabs so memory is bounded by the slab, not the volume.
+
+Slabs follow the storage chunks (a whole number of z-chunks deep, cut along y into bands of
+whole y-chunks when a slab would exceed `slab_voxels`), so each chunk is decoded once.
+Per-slab contingency tables (or confusion counts) are merged exactly, so the scores equal
+the in-memory ones for any slab size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from emrun.evaluate.binary import BinaryCounts, BinaryScores, count_binary, scores_from_counts
+from emrun.evaluate.checks import EvaluationError, check_inputs
+from emrun.evaluate.contingency import TableAccumulator, count_pairs
+from emrun.evaluate.metrics import MIN_OVERLAP, Scores, scores_from_table
+from emrun.io.volume import Roi, Volume
+
+SLAB_VOXELS = 8_000_000  # ~0.1 GB of working memory for two uint32 volumes
+
+
+def score_volumes(
+    seg: Volume,
+    truth: Volume,
+    mask: Volume | None = None,
+    min_overlap: int = MIN_OVERLAP,
+    slab_voxels: int = SLAB_VOXELS,
+) -> Scores:
+    """Score a segmentation volume against its truth (see `emrun.evaluate.metrics`)."""
+    volumes = _checked([("segmentation", seg), ("truth", truth), ("mask", mask)])
+    table = TableAccumulator()
+    for roi in slabs(volumes, slab_voxels):
+        table.add(count_pairs(*(v.read(roi) for v in volumes)))
+    result = table.result()
+    if len(result) == 0:
+        where = f" inside the mask {mask}" if mask is not None else ""
+        raise EvaluationError(f"{truth}: the truth has no labelled voxel (all 0){where}; "
+                              "nothing to score")
+    return scores_from_table(result, min_overlap)
+
+
+def binary_scores_volumes(
+    pred: Volume,
+    truth: Volume,
+    mask: Volume | None = None,
+    threshold: float = 0.5,
+    slab_voxels: int = SLAB_VOXELS,
+) -> BinaryScores:
+    """Precision, recall, F1, IoU of a foreground prediction (see `emrun.evaluate.binary`)."""
+    volumes = _checked([("prediction", pred), ("truth", truth), ("mask", mask)], binary=True)
+    counts = BinaryCounts()
+    for roi in slabs(volumes, slab_voxels):
+        counts += count_binary(*(v.read(roi) for v in volumes[:2]),
+                               volumes[2].read(roi) if mask is not None else None, threshold)
+    if counts == BinaryCounts():
+        what = f"{mask}: the mask is 0 everywhere" if mask is not None else f"{pred}: no voxels"
+        raise EvaluationError(f"{what}; nothing to score")
+    return scores_from_counts(counts, threshold)
+
+
+def slabs(volumes: Sequence[Volume], slab_voxels: int = SLAB_VOXELS) -> Iterator[Roi]:
+    """ROIs covering the (common) shape, aligned to every volume's chunks where known."""
+    shape = volumes[0].shape
+    depth, band = 1, 1
+    for volume in volumes:
+        chunks = storage_chunks(volume)
+        if chunks is not None:
+            depth, band = max(depth, chunks[0]), max(band, chunks[1])
+    section = int(np.prod(shape[1:]))
+    row = int(np.prod(shape[2:]))
+    depth *= max(1, slab_voxels // max(1, depth * section))
+    rows = max(band, slab_voxels // max(1, depth * row) // band * band)
+    for z in range(0, shape[0], depth):
+        for y in range(0, shape[1], rows):
+            yield (slice(z, min(z + depth, shape[0])), slice(y, min(y + rows, shape[1])))
+
+
+def storage_chunks(volume: Volume) -> tuple[int, ...] | None:
+    """The chunk shape of a zarr array or chunked HDF5 dataset; None when unknown."""
+    from emrun.io.hdf5_volume import Hdf5Volume
+    from emrun.io.zarr_volume import ZarrVolume
+
+    if isinstance(volume, OneChannel):
+        inner = storage_chunks(volume.inner)
+        return inner[1:] if inner else None
+    if isinstance(volume, ZarrVolume):
+        chunks = volume._array.chunks  # the handle each read uses, opened once
+    elif isinstance(volume, Hdf5Volume):
+        import h5py
+
+        with h5py.File(volume.path, "r") as f:
+            chunks = f[volume.dataset].chunks
+    else:
+        return None
+    return tuple(int(c) for c in chunks) if chunks else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OneChannel(Volume):
+    """A (1, z, y, x) volume read as (z, y, x): inference writes single-channel tasks (mito,
+    boundary) with their channel axis, and scoring them should not need a conversion."""
+
+    inner: Volume
+
+    @classmethod
+    def of(cls, volume: Volume) -> OneChannel:
+        return cls(inner=volume, path=volume.path, dataset=volume.dataset,
+                   shape=tuple(volume.shape[1:]), dtype=volume.dtype)
+
+    def _read(self, roi: Roi) -> np.ndarray:
+        return self.inner.read((slice(0, 1), *roi))[0]
+
+
+def _checked(
+    roles: Sequence[tuple[str, Volume | None]], binary: bool = False
+) -> list[Volume]:
+    """The given volumes, after `check_inputs` on their shapes and dtypes."""
+    given = [(role, OneChannel.of(v) if len(v.shape) == 4 and v.shape[0] == 1 else v)
+             for role, v in roles if v is not None]
+    check_inputs([(role, str(v), tuple(v.shape), np.dtype(v.dtype)) for role, v in given],
+                 binary=binary)
+    return [v for _, v in given]

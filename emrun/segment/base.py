@@ -1,0 +1,110 @@
+"""What every segmenter provides, so that one driver (emrun.segment.blocks) can run any of
+them in memory or block by block, and one sweep can vary any of them.
+
+A segmenter turns float32 affinities (c, z, y, x) of one region into *fragments*: integer
+ids, 0 where it assigned nothing (masked voxels, or voxels it left alone). The driver does
+the rest the same way for all: unique ids for unassigned voxels, stitching across blocks,
+merging small segments, compact ids.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import ValidationError
+
+from ..errors import UserError
+from ..registry import Spec
+from .affinities import Offset, edge_slices
+from .graph import Edges
+
+__all__ = ["Segmenter", "edge_valid", "respec"]
+
+
+def respec(spec: Spec, **changes: Any) -> Spec:
+    """``spec`` with some parameters changed, validated like the recipe's (a value out of
+    range is a UserError naming the parameter)."""
+    try:
+        return type(spec).model_validate({**spec.model_dump(), **changes})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} "
+                             f"(got {e.get('input')!r})" for e in exc.errors())
+        raise UserError(f"segmenter {spec.type}: {problems}") from None  # type: ignore[attr-defined]
+
+
+def edge_valid(mask: np.ndarray | None, offset: Offset) -> np.ndarray | None:
+    """Over the voxels v of ``mask`` with v + offset inside it: True where both ends are
+    inside the mask (None: no mask, everything valid)."""
+    if mask is None:
+        return None
+    pair = edge_slices(mask.shape, offset)
+    if pair is None:
+        return np.zeros((0, 0, 0), bool)
+    here, there = pair
+    return mask[here] & mask[there]
+
+
+@dataclass(frozen=True)
+class Segmenter(ABC):
+    """A segmentation method with its validated recipe spec.
+
+    ``parameter`` is the spec field a sweep varies (``value_name``: one value of it);
+    ``exact_stitching`` says whether block
+    results stitched with :meth:`stitch` equal the whole-volume result (up to ids).
+    """
+
+    spec: Any
+    parameter: ClassVar[str]
+    value_name: ClassVar[str]
+    exact_stitching: ClassVar[bool] = False
+    blockwise: ClassVar[bool] = True
+
+    @property
+    def min_size(self) -> int:
+        return int(self.spec.min_size)
+
+    @property
+    def value(self) -> float:
+        """The current value of the swept parameter."""
+        value = getattr(self.spec, self.parameter)
+        return float(value[0] if isinstance(value, list) else value)
+
+    def with_value(self, value: float) -> Segmenter:
+        """The same segmenter with the swept parameter set to ``value``."""
+        return type(self)(respec(self.spec, **{self.parameter: float(value)}))
+
+    @abstractmethod
+    def fragments(self, affs: np.ndarray, offsets: Sequence[Offset],
+                  mask: np.ndarray | None) -> np.ndarray:
+        """Integer ids for one region, 0 where nothing was assigned; ``mask`` is bool or
+        None (everything inside)."""
+
+    def fragments_for(self, values: Sequence[float], affs: np.ndarray,
+                      offsets: Sequence[Offset], mask: np.ndarray | None
+                      ) -> Iterator[np.ndarray]:
+        """Fragments for each value of the swept parameter, in the order given (methods
+        that can share work between values override this)."""
+        for value in values:
+            yield self.with_value(value).fragments(affs, offsets, mask)
+
+    def halo(self, offsets: Sequence[Offset]) -> tuple[int, int, int]:
+        """Context read around each block (voxels per axis), cropped after segmenting."""
+        return (0, 0, 0)
+
+    def bytes_per_voxel(self, channels: int) -> int:
+        """Rough peak memory per voxel of a region, for choosing in memory vs blockwise."""
+        return 5 * channels + 48
+
+    @abstractmethod
+    def face_edges(self, u: np.ndarray, v: np.ndarray, p: np.ndarray,
+                   offset: Offset) -> Edges:
+        """Reduce voxel pairs (ids u, v; affinity p of channel ``offset``) that cross a block
+        face to the id pairs :meth:`stitch` needs."""
+
+    @abstractmethod
+    def stitch(self, edges: Edges, count: int) -> np.ndarray:
+        """A table mapping ids 0..count to representatives, joining blocks' segments."""

@@ -1,0 +1,152 @@
+"""Segmenting volumes larger than memory, block by block, into an output array on disk.
+
+Three passes over a grid of blocks (memory is bounded by one block plus its halo):
+
+1. Segment: each block is read with the segmenter's halo (context), segmented, cropped to
+   the block, given provisional ids unique across blocks, and written to the output.
+2. Edges: for each block, the provisional ids of the block and a margin around it (as deep
+   as the longest offset) are read back with the block's affinities. Affinity edges that
+   cross the block's faces go to the segmenter's stitching rule; nearest-neighbour edges
+   between different ids (inside and across faces) form the region graph for merging small
+   segments. Both are reduced to id pairs per block, so only ids travel between blocks.
+3. Relabel: stitching joins ids across blocks (connected components: exact, cc's rule,
+   or a mutex watershed on the block graph: mws's approximation), small segments are merged
+   on the region graph of the stitched ids, ids are numbered 1..K, and each block of the
+   output is rewritten through that table.
+
+Every pair crosses a face exactly once (it belongs to the block of its first voxel), so no
+pair is counted twice. See emrun.segment.cc and emrun.segment.mws for the stitching rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from .affinities import Box, Offset, to_float
+from .base import Segmenter
+from .boxes import crossing, grid, grow, local, shift
+from .graph import Edges, compact_lut, merge_small
+from .pipeline import provisional, region_edges
+
+__all__ = ["BlockwiseResult", "segment_into"]
+
+
+@dataclass(frozen=True)
+class BlockwiseResult:
+    """What a blockwise run did: grid, fragments before and segments after stitching."""
+
+    block: tuple[int, int, int]
+    halo: tuple[int, int, int]
+    blocks: int
+    fragments: int
+    segments: int
+
+
+class _Source:
+    """Reads float32 affinities (and a bool mask) of a box from arrays or volumes."""
+
+    def __init__(self, affs: Any, mask: Any | None) -> None:
+        self.affs, self.mask = affs, mask
+
+    def read(self, box: Box, with_mask: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        affs = to_float(np.asarray(_read(self.affs, (slice(None), *box))))
+        if self.mask is None or not with_mask:
+            return affs, None
+        return affs, np.asarray(_read(self.mask, box)) != 0
+
+
+def _read(array: Any, roi: tuple[slice, ...]) -> np.ndarray:
+    return array.read(roi) if hasattr(array, "read") else array[roi]
+
+
+def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segmenter, *,
+                 mask: Any | None = None, block: tuple[int, int, int],
+                 on_block: Callable[[str, int, int], None] | None = None) -> BlockwiseResult:
+    """Segment ``affs`` (c, z, y, x; an array or a Volume, uint8 or float) block by block
+    into ``out`` (z, y, x uint64; a numpy or zarr array, written in place).
+
+    ``mask`` (z, y, x, non-zero inside; array or Volume) or None. ``on_block(pass, done,
+    total)`` reports progress.
+    """
+    shape = tuple(int(n) for n in affs.shape[1:])
+    block = tuple(max(1, min(int(b), n)) for b, n in zip(block, shape, strict=True))  # type: ignore[assignment]
+    blocks = grid(shape, block)
+    if len(blocks) > 1 and not segmenter.blockwise:
+        raise UserError(f"segmenter {segmenter.spec.type} runs in memory only; this volume "
+                        f"needs {len(blocks)} blocks of {list(block)}: use mws or cc")
+    halo = segmenter.halo(offsets) if len(blocks) > 1 else (0, 0, 0)
+    source = _Source(affs, mask)
+
+    sizes = [np.zeros(1, np.int64)]
+    count = 0
+    for i, core in enumerate(blocks):
+        ext = grow(core, halo, shape)
+        block_affs, block_mask = source.read(ext)
+        raw = segmenter.fragments(block_affs, offsets, block_mask)
+        crop = local(core, ext)
+        labels, k = provisional(raw[crop], None if block_mask is None else block_mask[crop])
+        sizes.append(np.bincount(labels.ravel().astype(np.int64), minlength=k + 1)[1:])
+        labels[labels != 0] += np.uint64(count)
+        out[core] = labels
+        count += k
+        _report(on_block, "segment", i + 1, len(blocks))
+    fragments = count
+    size = np.concatenate(sizes)
+
+    graph = segmenter.min_size > 1
+    faces = len(blocks) > 1
+    region_parts: list[Edges] = []
+    face_parts: list[Edges] = []
+    if graph or faces:
+        margin = tuple(max(abs(o[a]) for o in offsets) for a in range(3))
+        for i, core in enumerate(blocks):
+            region = grow(core, margin, shape)
+            labels = np.asarray(out[region])
+            block_affs, _ = source.read(core, with_mask=False)
+            if graph:
+                region_parts.append(region_edges(labels, region, core, block_affs, offsets))
+            if faces:
+                face_parts.extend(_face_edges(segmenter, labels, region, core, block_affs,
+                                              offsets, shape))
+            _report(on_block, "edges", i + 1, len(blocks))
+
+    table = (segmenter.stitch(Edges.concat(face_parts), count) if faces
+             else np.arange(count + 1, dtype=np.int64))
+    if graph:
+        root_sizes = np.bincount(table, weights=size, minlength=count + 1).astype(np.int64)
+        merged = merge_small(root_sizes, Edges.concat(region_parts).mapped(table),
+                             segmenter.min_size)
+        table = merged[table]
+    final = compact_lut(table[1:], count)[table].astype(np.uint64)
+    for i, core in enumerate(blocks):
+        out[core] = final[np.asarray(out[core])]
+        _report(on_block, "relabel", i + 1, len(blocks))
+    return BlockwiseResult(block=block, halo=halo, blocks=len(blocks),  # type: ignore[arg-type]
+                           fragments=fragments, segments=int(final.max(initial=0)))
+
+
+def _report(on_block: Callable[[str, int, int], None] | None, stage: str, done: int,
+            total: int) -> None:
+    if on_block is not None:
+        on_block(stage, done, total)
+
+
+def _face_edges(segmenter: Segmenter, labels: np.ndarray, region: Box, core: Box,
+                affs: np.ndarray, offsets: Sequence[Offset], shape: Sequence[int]
+                ) -> list[Edges]:
+    """The segmenter's reduction of the affinity edges leaving ``core`` through its faces."""
+    parts = []
+    for c, offset in enumerate(offsets):
+        for piece in crossing(core, offset, shape):
+            u = labels[local(piece, region)].ravel()
+            v = labels[local(shift(piece, offset), region)].ravel()
+            p = affs[c][local(piece, core)].ravel()
+            keep = (u != 0) & (v != 0)
+            if keep.any():
+                parts.append(segmenter.face_edges(u[keep], v[keep], p[keep], offset))
+    return parts

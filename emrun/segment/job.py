@@ -1,0 +1,342 @@
+"""The work of `emrun segment`: affinities on disk -> a uint64 segmentation written atomically
+as an OME-Zarr image group `OUT.zarr/NAME`, voxel size carried over.
+
+Checks come first, before any voxel is read: method and parameters, the output (no file
+in the way, nothing overwritten), the affinities (c, z, y, x; uint8 or float; one offset
+per channel, from the `offsets` attribute or ``--offsets``), mask and truth shapes.
+
+A volume whose working set fits ``MEMORY_BYTES`` is segmented in one piece; a larger one
+(or any, given ``block``) block by block (emrun.segment.blockwise), writing straight into
+the output. Sweeps run in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import UserError
+from ..io import Volume, open_volume
+from ..recipe.recipe import Recipe
+from ..registry import Spec, segmenters
+from .affinities import Offset, check_offsets, parse_offsets, to_float
+from .base import Segmenter, respec
+
+__all__ = ["DEFAULT_BLOCK", "DEFAULT_METHOD", "MEMORY_BYTES", "SegmentResult", "default_block",
+           "run_segment"]
+
+DEFAULT_METHOD: str = Recipe.model_fields["segment"].default_factory().type  # type: ignore[misc]
+"""The recipe's default segmenter (mws), also the command's."""
+
+MEMORY_BYTES = 4 * 2**30
+"""Working-set limit (estimated by the segmenter) below which a volume is done in memory."""
+
+DEFAULT_BLOCK = (32, 512, 512)
+"""Largest blockwise block when none is given (whole output chunks of (16, 256, 256)); it
+is halved, y and x first, until a block with its halo fits ``MEMORY_BYTES``."""
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+@dataclass
+class SegmentResult:
+    """What was written, for the command's report and its JSON line."""
+
+    input: str
+    output: str
+    method: str
+    parameters: dict[str, Any]
+    mode: str
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    block: list[int] | None = None
+    seconds: float = 0.0
+    sweep: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def make_segmenter(method: str, thresholds: Sequence[float] | None,
+                   biases: Sequence[float] | None, min_size: int | None,
+                   spec: Spec | None = None) -> tuple[Segmenter, list[float] | None]:
+    """The segmenter from ``spec`` (default: the method's spec defaults) and the command's
+    overrides, and the values of its parameter to run (None: the spec's own)."""
+    if spec is not None:
+        method = spec.type  # type: ignore[attr-defined]
+    elif method not in segmenters:
+        raise UserError(f"--method: {segmenters.unknown_message(method)}")
+    else:
+        spec = segmenters.entry(method).spec()
+    segmenter = segmenters.build(spec)
+    if min_size is not None:
+        segmenter = type(segmenter)(respec(spec, min_size=min_size))
+    parameter = segmenter.value_name
+    wrong = "--bias" if biases and parameter != "bias" else (
+        "--threshold" if thresholds and parameter != "threshold" else None)
+    if wrong:
+        raise UserError(f"{wrong} does not apply to --method {method}; it takes "
+                        f"--{parameter}")
+    values = list(biases or thresholds or []) or None
+    for value in values or []:
+        segmenter.with_value(value)  # a value out of range fails here, before any work
+    if values and len(values) == 1:
+        segmenter, values = segmenter.with_value(values[0]), None
+    return segmenter, values
+
+
+def stored_offsets(volume: Volume) -> Any:
+    """The `offsets` attribute of the affinity array or its image group, if any."""
+    try:
+        if volume.path.lower().endswith(".zarr") or volume.dataset is None:
+            import zarr
+
+            root = zarr.open(volume.path, mode="r")
+            nodes = [root] if volume.dataset is None else [root[volume.dataset]]
+            if volume.dataset and "/" in volume.dataset:
+                nodes.append(root[volume.dataset.rpartition("/")[0]])
+            for node in nodes:
+                if "offsets" in node.attrs:
+                    return node.attrs["offsets"]
+        elif volume.dataset:
+            import h5py
+
+            with h5py.File(volume.path, "r") as f:
+                value = f[volume.dataset].attrs.get("offsets")
+                return None if value is None else np.asarray(value).tolist()
+    except Exception:
+        return None
+    return None
+
+
+def find_affinities(path: str) -> str | None:
+    """In a zarr group such as an inference output (``pred.zarr``), the one volume with an
+    `offsets` attribute, as ``path/NAME``; None if there is not exactly one."""
+    try:
+        import zarr
+
+        node = zarr.open(path, mode="r")
+        if not isinstance(node, zarr.Group):
+            return None
+        found = [name for name, child in node.members(max_depth=0)
+                 if "offsets" in child.attrs and not name.endswith(".partial")]
+    except Exception:
+        return None
+    return f"{path.rstrip('/')}/{found[0]}" if len(found) == 1 else None
+
+
+def open_affinities(path: str, offsets_text: str | None) -> tuple[Volume, tuple[Offset, ...]]:
+    """The affinity volume and its offsets, checked. A zarr group holding exactly one
+    volume with offsets (an inference output) stands for that volume."""
+    try:
+        volume = open_volume(path)
+    except UserError:
+        inner = find_affinities(path)
+        if inner is None:
+            raise
+        volume = open_volume(inner)
+    if volume.ndim != 4:
+        what = "a 3D (z, y, x) volume" if volume.ndim == 3 else f"{volume.ndim}-d"
+        raise UserError(f"{volume}: is {what}, not affinities; expected (c, z, y, x) with one "
+                        "channel per offset")
+    if not (volume.dtype == np.uint8 or volume.dtype.kind in "fb"):
+        raise UserError(f"{volume}: dtype {volume.dtype} is not affinities; expected uint8 "
+                        "(255 = 1) or float probabilities")
+    if offsets_text is not None:
+        offsets = parse_offsets(offsets_text, "--offsets")
+    else:
+        stored = stored_offsets(volume)
+        if stored is None:
+            raise UserError(f"{volume}: no 'offsets' attribute says which voxel pairs the "
+                            f"{volume.shape[0]} channels connect; pass --offsets, e.g. "
+                            "'[[-1,0,0],[0,-1,0],[0,0,-1]]'")
+        offsets = parse_offsets(stored, f"{volume}: attribute 'offsets'")
+    check_offsets(offsets, volume.shape[0], str(volume))
+    return volume, offsets
+
+
+def open_spatial(path: str, shape: Sequence[int], what: str,
+                 integer: bool = False) -> Volume:
+    """A mask or truth volume that must match the affinities' z, y, x shape."""
+    volume = open_volume(path)
+    if tuple(volume.shape) != tuple(shape):
+        raise UserError(f"{what} {volume}: shape {list(volume.shape)} differs from the "
+                        f"affinities' volume {list(shape)}")
+    if integer and volume.dtype.kind not in "biu":
+        raise UserError(f"{what} {volume}: dtype {volume.dtype}; expected integer ids")
+    return volume
+
+
+def check_output(output: Path, names: Sequence[str]) -> None:
+    """Refuse early what writing would refuse late: a file in the way, an existing
+    volume (never overwritten), a bad name."""
+    if not output.name.lower().endswith(".zarr"):
+        raise UserError(f"{output}: the output must be a folder whose name ends in .zarr")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output}: exists and is a file; give a new or existing .zarr folder")
+    for name in names:
+        if not _NAME.fullmatch(name) or name.endswith(".partial"):
+            raise UserError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
+        if (output / name).exists():
+            raise UserError(f"{output / name}: already exists; not overwriting it (choose "
+                            "another --name or output)")
+
+
+def default_block(segmenter: Segmenter, offsets: Sequence[Offset],
+                  channels: int) -> tuple[int, int, int]:
+    """The largest block up to ``DEFAULT_BLOCK`` whose working set, halo included, fits
+    ``MEMORY_BYTES`` (blocks never shrink below 8 x 64 x 64)."""
+    halo = segmenter.halo(offsets)
+    block = list(DEFAULT_BLOCK)
+
+    def need() -> int:
+        return math.prod(b + 2 * h for b, h in zip(block, halo, strict=True)) * \
+            segmenter.bytes_per_voxel(channels)
+
+    while need() > MEMORY_BYTES:
+        if max(block[1], block[2]) > 64:
+            block[1 if block[1] >= block[2] else 2] //= 2
+        elif block[0] > 8:
+            block[0] //= 2
+        else:
+            break
+    return tuple(block)  # type: ignore[return-value]
+
+
+def run_segment(affs_path: str, output: Path, *, method: str = DEFAULT_METHOD,
+                thresholds: Sequence[float] | None = None,
+                biases: Sequence[float] | None = None, min_size: int | None = None,
+                mask_path: str | None = None, offsets_text: str | None = None,
+                block: Sequence[int] | None = None, name: str = "segmentation",
+                sweep_values: bool = False, truth_path: str | None = None,
+                on_block: Callable[[str, int, int], None] | None = None,
+                spec: Spec | None = None) -> SegmentResult:
+    """Segment ``affs_path`` into ``output``/``name`` (or one volume per value, or the
+    sweep's best); see the module docstring. ``spec`` (e.g. a recipe's ``segment``)
+    replaces ``method`` and the spec defaults; the other arguments still override it."""
+    start = time.perf_counter()
+    segmenter, values = make_segmenter(method, thresholds, biases, min_size, spec)
+    method = segmenter.spec.type
+    if sweep_values:
+        if truth_path is None:
+            raise UserError("--sweep scores each value against ground truth: give --truth")
+        if block is not None:
+            raise UserError("--sweep runs in memory; drop --block (sweep a smaller crop)")
+        if values is None:
+            from .sweep import DEFAULT_VALUES
+
+            values = list(DEFAULT_VALUES)
+    elif truth_path is not None:
+        raise UserError("--truth is for --sweep; add --sweep or drop --truth")
+    names = ([f"{name}_{v:g}" for v in values] if values and not sweep_values else [name])
+    check_output(output, names)
+    if block is not None and min(block) < 1:
+        raise UserError(f"--block {list(block)}: sizes must be positive")
+
+    volume, offsets = open_affinities(affs_path, offsets_text)
+    spatial = volume.shape[1:]
+    mask = None if mask_path is None else open_spatial(mask_path, spatial, "mask")
+    truth = (None if truth_path is None
+             else open_spatial(truth_path, spatial, "truth", integer=True))
+    need = math.prod(spatial) * segmenter.bytes_per_voxel(volume.shape[0])
+    blockwise = not sweep_values and (block is not None or need > MEMORY_BYTES)
+    if blockwise and not segmenter.blockwise:
+        raise UserError(f"--method {method} runs in memory only and this volume needs "
+                        f"{need / 2**30:.1f} GiB (limit {MEMORY_BYTES / 2**30:.0f} GiB) "
+                        "or --block was given; use --method mws or cc")
+    result = SegmentResult(input=str(volume), output=str(output), method=method,
+                           parameters=segmenter.spec.model_dump(),
+                           mode="blockwise" if blockwise else "memory")
+    info = {"version": __version__, "input": str(volume), "offsets": [list(o) for o in offsets],
+            "mask": mask_path, "segmenter": segmenter.spec.model_dump()}
+    write_args = {"voxel_size": volume.voxel_size, "offset": volume.offset}
+
+    if sweep_values:
+        _sweep(result, volume, offsets, segmenter, values or [], mask, truth, output, name,
+               info, write_args)
+    elif blockwise:
+        chosen = (tuple(block) if block is not None
+                  else default_block(segmenter, offsets, volume.shape[0]))
+        result.block = [min(b, n) for b, n in zip(chosen, spatial, strict=True)]
+        runs = ([(names[0], segmenter)] if values is None
+                else [(n, segmenter.with_value(v)) for n, v in zip(names, values, strict=True)])
+        for out_name, run in runs:
+            _blockwise(result, volume, offsets, run, mask, output, out_name, chosen, info,
+                       write_args, on_block)
+    else:
+        affs = to_float(volume.read(), str(volume))
+        mask_array = None if mask is None else mask.read() != 0
+        from .pipeline import segment_values
+
+        for out_name, value, seg in zip(
+                names, values or [segmenter.value],
+                segment_values(affs, offsets, segmenter, values or [segmenter.value],
+                               mask_array), strict=True):
+            run = segmenter if values is None else segmenter.with_value(value)
+            _write(result, output, out_name, seg, run, info, write_args)
+    result.seconds = round(time.perf_counter() - start, 3)
+    return result
+
+
+def _record(result: SegmentResult, name: str, segmenter: Segmenter, segments: int) -> None:
+    result.outputs.append({"name": name, segmenter.value_name: segmenter.value,
+                           "segments": segments})
+
+
+def _write(result: SegmentResult, output: Path, name: str, seg: np.ndarray,
+           segmenter: Segmenter, info: dict[str, Any], write_args: dict[str, Any],
+           extra: dict[str, Any] | None = None) -> None:
+    from ..io import write_volume
+
+    segments = int(seg.max(initial=0))
+    attrs = {"emrun": {"segment": {**info, "segmenter": segmenter.spec.model_dump(),
+                                   "segments": segments, "blockwise": None, **(extra or {})}}}
+    write_volume(output, name, seg, attrs=attrs, **write_args)
+    _record(result, name, segmenter, segments)
+
+
+def _blockwise(result: SegmentResult, volume: Volume, offsets: Sequence[Offset],
+               segmenter: Segmenter, mask: Volume | None, output: Path, name: str,
+               block: tuple[int, ...], info: dict[str, Any], write_args: dict[str, Any],
+               on_block: Callable[[str, int, int], None] | None) -> None:
+    import zarr
+
+    from ..io import staged_volume
+    from ..io.zarr_volume import PARTIAL_SUFFIX
+    from .blockwise import segment_into
+
+    attrs = {"emrun": {"segment": {**info, "segmenter": segmenter.spec.model_dump()}}}
+    with staged_volume(output, name, volume.shape[1:], np.uint64, attrs=attrs,
+                       **write_args) as array:
+        done = segment_into(array, volume, offsets, segmenter, mask=mask,
+                            block=block, on_block=on_block)  # type: ignore[arg-type]
+        group = zarr.open_group(str(output / (name + PARTIAL_SUFFIX)), mode="r+")
+        meta = dict(group.attrs)["emrun"]
+        meta["segment"].update(segments=done.segments, blockwise={
+            "block": list(done.block), "halo": list(done.halo), "blocks": done.blocks,
+            "fragments": done.fragments})
+        group.attrs["emrun"] = meta
+    _record(result, name, segmenter, done.segments)
+
+
+def _sweep(result: SegmentResult, volume: Volume, offsets: Sequence[Offset],
+           segmenter: Segmenter, values: Sequence[float], mask: Volume | None,
+           truth: Volume | None, output: Path, name: str, info: dict[str, Any],
+           write_args: dict[str, Any]) -> None:
+    from .sweep import sweep
+
+    assert truth is not None
+    affs = to_float(volume.read(), str(volume))
+    found = sweep(affs, offsets, segmenter, values, truth.read(),
+                  None if mask is None else mask.read() != 0)
+    summary = {**found.summary(), "truth": str(truth)}
+    result.sweep = summary
+    _write(result, output, name, found.segmentation, segmenter.with_value(found.best_value),
+           info, write_args, extra={"sweep": summary})

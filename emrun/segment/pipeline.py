@@ -1,0 +1,101 @@
+"""One region in memory: fragments -> ids for every voxel -> small segments merged -> ids
+1..K. Also the pieces the blockwise driver shares (provisional ids, region adjacency).
+
+Output contract (both paths): uint64 ids, 0 exactly on masked voxels; every other voxel
+carries an id; segments smaller than ``min_size`` are merged into the neighbour with the
+highest mean nearest-neighbour affinity, and remain only where they have no neighbour at
+all (e.g. enclosed by the mask). Ids are numbered 1..K deterministically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from .affinities import Box, Offset, check_offsets, is_nearest, to_float
+from .base import Segmenter
+from .boxes import local, shift, shifted_inside
+from .graph import Edges, compact, merge_small
+
+__all__ = ["finish", "provisional", "region_edges", "segment_array", "segment_values"]
+
+
+def provisional(raw: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """Ids 1..K for every unmasked voxel: a segmenter's fragments, with each unassigned
+    (0) voxel inside the mask made a segment of its own; masked voxels 0."""
+    labels = raw.astype(np.uint64, copy=True)
+    unassigned = labels == 0
+    if mask is not None:
+        unassigned &= mask
+        labels[~mask] = 0
+    n = int(unassigned.sum())
+    if n:
+        start = int(labels.max()) + 1
+        labels[unassigned] = np.arange(start, start + n, dtype=np.uint64)
+    return compact(labels)
+
+
+def region_edges(labels: np.ndarray, region: Box, core: Box, affs: np.ndarray,
+                 offsets: Sequence[Offset]) -> Edges:
+    """Adjacent ids with their summed nearest-neighbour affinity, over the edges whose
+    first voxel v lies in ``core`` and whose second, v + offset, lies in ``region``.
+
+    ``labels`` covers ``region`` and ``affs`` covers ``core`` (both boxes in volume
+    coordinates, core inside region); ids 0 (masked) take no part.
+    """
+    parts = []
+    for c, offset in enumerate(offsets):
+        if not is_nearest(offset):
+            continue
+        box = shifted_inside(core, region, offset)
+        if box is None:
+            continue
+        here = local(box, region)
+        there = local(shift(box, offset), region)
+        u, v = labels[here], labels[there]
+        p = affs[c][local(box, core)]
+        keep = (u != v) & (u != 0) & (v != 0)
+        if keep.any():
+            parts.append(Edges.aggregate(u[keep], v[keep], p[keep]))
+    return Edges.concat(parts)
+
+
+def finish(raw: np.ndarray, affs: np.ndarray, offsets: Sequence[Offset],
+           mask: np.ndarray | None, min_size: int) -> np.ndarray:
+    """The output contract (module docstring) from one region's fragments."""
+    labels, count = provisional(raw, mask)
+    if min_size <= 1 or count == 0:
+        return labels
+    sizes = np.bincount(labels.ravel().astype(np.int64), minlength=count + 1)
+    whole = tuple(slice(0, n) for n in labels.shape)
+    edges = region_edges(labels, whole, whole, affs, offsets)  # type: ignore[arg-type]
+    table = merge_small(sizes, edges, min_size)
+    return compact(table[labels])[0]
+
+
+def segment_array(affs: np.ndarray, offsets: Sequence[Offset], segmenter: Segmenter,
+                  mask: np.ndarray | None = None,
+                  block: Sequence[int] | None = None) -> np.ndarray:
+    """Segment affinities (c, z, y, x; float, or uint8 with 255 = 1) in memory; with
+    ``block``, block by block (with the same stitching as for volumes on disk: for tests and
+    comparisons)."""
+    check_offsets(offsets, affs.shape[0], "affinities")
+    affs = to_float(np.asarray(affs))
+    if block is not None and any(b < n for b, n in zip(block, affs.shape[1:], strict=True)):
+        from .blockwise import segment_into
+
+        out = np.zeros(affs.shape[1:], np.uint64)
+        segment_into(out, affs, offsets, segmenter, mask=mask, block=tuple(block))
+        return out
+    return finish(segmenter.fragments(affs, offsets, mask), affs, offsets, mask,
+                  segmenter.min_size)
+
+
+def segment_values(affs: np.ndarray, offsets: Sequence[Offset], segmenter: Segmenter,
+                   values: Sequence[float], mask: np.ndarray | None = None
+                   ) -> Iterator[np.ndarray]:
+    """One in-memory segmentation per value of the segmenter's swept parameter."""
+    affs = to_float(np.asarray(affs))
+    for raw in segmenter.fragments_for(values, affs, offsets, mask):
+        yield finish(raw, affs, offsets, mask, segmenter.min_size)

@@ -1,0 +1,85 @@
+"""Choose a segmenter's parameter on data with ground truth: segment once per value, score
+each against the truth, keep the one with the lowest adapted Rand error.
+
+Shared by `emrun segment --sweep` and the trainer's validation, so that the number a run
+reports is the number the command reproduces. Runs in memory (validation-sized volumes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from ..registry import Spec, segmenters
+from .affinities import Offset, check_offsets, to_float
+from .base import Segmenter
+from .pipeline import segment_values
+
+__all__ = ["DEFAULT_VALUES", "SweepResult", "sweep"]
+
+DEFAULT_VALUES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""Values tried when a sweep names none (bias for mws, threshold(s) for cc and waterz)."""
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Every value's scores, and the best segmentation (lowest adapted Rand error; the
+    first such value on ties)."""
+
+    method: str
+    parameter: str
+    values: tuple[float, ...]
+    scores: tuple[dict[str, Any], ...]
+    best: int
+    segmentation: np.ndarray
+
+    @property
+    def best_value(self) -> float:
+        return self.values[self.best]
+
+    @property
+    def best_scores(self) -> dict[str, Any]:
+        return self.scores[self.best]
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per value: the value under the parameter's name, then its scores."""
+        return [{self.parameter: v, **s} for v, s in zip(self.values, self.scores, strict=True)]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: method, parameter, chosen value, its scores, the whole table."""
+        return {"method": self.method, "parameter": self.parameter,
+                "chosen": self.best_value, "best": self.best_scores, "table": self.table()}
+
+
+def sweep(affs: np.ndarray, offsets: Sequence[Offset], spec: Spec | Segmenter,
+          values: Sequence[float], truth: np.ndarray,
+          mask: np.ndarray | None = None) -> SweepResult:
+    """Segment affinities (c, z, y, x; float, or uint8 with 255 = 1) for each value of the
+    method's parameter (mws: bias; cc: threshold; waterz: threshold) and score against
+    ``truth`` (z, y, x ids, 0 unscored) inside ``mask``. ``spec``: a segmenter spec or a
+    built segmenter."""
+    from ..evaluate import score
+
+    segmenter = spec if isinstance(spec, Segmenter) else segmenters.build(spec)
+    affs = to_float(np.asarray(affs))  # uint8 (255 = 1) as inference writes it, or float
+    offsets = tuple(tuple(int(d) for d in o) for o in offsets)  # type: ignore[misc]
+    check_offsets(offsets, affs.shape[0], "sweep affinities")
+    values = tuple(float(v) for v in values)
+    if not values:
+        raise UserError("a sweep needs at least one value")
+    if truth.shape != affs.shape[1:]:
+        raise UserError(f"truth has shape {list(truth.shape)} but the affinities' volume is "
+                        f"{list(affs.shape[1:])}")
+    rows: list[dict[str, Any]] = []
+    best, best_seg = -1, None
+    for i, seg in enumerate(segment_values(affs, offsets, segmenter, values, mask)):
+        rows.append(score(seg, truth, mask).as_dict())
+        if best < 0 or rows[-1]["arand"] < rows[best]["arand"]:
+            best, best_seg = i, seg
+    assert best_seg is not None
+    return SweepResult(method=segmenter.spec.type, parameter=segmenter.value_name,
+                       values=values, scores=tuple(rows), best=best, segmentation=best_seg)

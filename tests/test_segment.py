@@ -1,0 +1,423 @@
+"""Segmentation: affinities -> ids with mws, cc and waterz, in memory and block by block, the
+output contract (no 0 inside the mask, no small segment with a neighbour), sweeps, and
+`emrun segment` end to end. Synthetic cells made in code; affinities from the data
+layer's own target code, so the offset convention is the one training uses."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import zarr
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from emrun.cli import app
+from emrun.data.targets import Affinity, Patch
+from emrun.errors import UserError
+from emrun.io import open_volume, write_volume
+from emrun.recipe.run import ConnectedComponents, MutexWatershed, Waterz
+from emrun.registry import segmenters
+from emrun.segment import segment_array
+from emrun.segment.affinities import parse_offsets
+from emrun.segment.boxes import crossing
+from emrun.segment.graph import Edges, merge_small
+from emrun.segment.mws import MutexSegmenter
+from emrun.segment.sweep import sweep
+
+runner = CliRunner()
+
+OFFSETS = ((-1, 0, 0), (0, -1, 0), (0, 0, -1), (-2, 0, 0), (0, -3, 0), (0, 0, -3),
+           (0, -9, 0), (0, 0, -9))
+SHAPE = (16, 64, 64)
+
+
+def cells(shape=SHAPE, n=20, seed=0) -> np.ndarray:
+    """Space-filling cells: the Voronoi regions of n random seeds (ids 1..n)."""
+    rng = np.random.default_rng(seed)
+    seeds = np.zeros(shape, np.int32)
+    seeds[tuple(rng.integers(0, s, n) for s in shape)] = np.arange(1, n + 1)
+    _, nearest = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+    return seeds[tuple(nearest)]
+
+
+def affinities(truth: np.ndarray, offsets=OFFSETS) -> np.ndarray:
+    target, _ = Affinity(tuple(offsets), relabel=False)(Patch(labels=truth))
+    return target.astype(np.float32)
+
+
+def noisy(affs: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    """Affinities pulled towards 0.5 (0.2 / 0.8) plus Gaussian noise, clipped to [0, 1]."""
+    rng = np.random.default_rng(seed)
+    return np.clip(affs * 0.6 + 0.2 + rng.normal(0, sigma, affs.shape), 0, 1).astype(np.float32)
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to relabelling (a bijection between the ids)."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return pairs.shape[1] == np.unique(a).size == np.unique(b).size
+
+
+def arand(seg: np.ndarray, truth: np.ndarray) -> float:
+    """1 - F-score of pair counts (every voxel scored): 0 when equal up to ids."""
+    _, pair_counts = np.unique(np.stack([seg.ravel(), truth.ravel()]), axis=1,
+                               return_counts=True)
+    _, seg_counts = np.unique(seg, return_counts=True)
+    _, truth_counts = np.unique(truth, return_counts=True)
+    n2 = float((pair_counts.astype(float) ** 2).sum())
+    return 1 - 2 * n2 / float((seg_counts.astype(float) ** 2).sum()
+                              + (truth_counts.astype(float) ** 2).sum())
+
+
+def build(spec):
+    return segmenters.build(spec)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@pytest.mark.parametrize("spec", [MutexWatershed(), MutexWatershed(bias=1.0),
+                                  ConnectedComponents(), MutexWatershed(min_size=50)],
+                         ids=["mws", "mws-bias1", "cc", "mws-min-size"])
+def test_perfect_affinities_give_the_truth(spec):
+    truth = cells()
+    seg = segment_array(affinities(truth), OFFSETS, build(spec))
+    assert seg.dtype == np.uint64
+    assert same_partition(seg, truth)
+    assert set(np.unique(seg)) == set(range(1, 21))  # ids 1..K
+
+
+def test_nearest_neighbour_channels_alone_suffice_for_mws():
+    truth = cells()
+    nearest = OFFSETS[:3]
+    seg = segment_array(affinities(truth, nearest), nearest, build(MutexWatershed()))
+    assert same_partition(seg, truth)
+
+
+def test_uint8_affinities_as_inference_writes_them():
+    truth = cells()
+    affs = noisy(affinities(truth), 0.05)
+    as_uint8 = np.round(affs * 255).astype(np.uint8)
+    for spec in (MutexWatershed(), ConnectedComponents()):
+        seg = segment_array(as_uint8, OFFSETS, build(spec))  # read as round(255 p)
+        assert same_partition(seg, truth)
+        assert same_partition(segment_array(as_uint8, OFFSETS, build(spec), block=(8, 32, 32)),
+                              truth)
+
+
+def test_cc_joins_by_edges_not_by_foreground():
+    # Two columns of one "foreground": a low affinity between x=1 and x=2 separates them.
+    affs = np.ones((3, 1, 2, 4), np.float32)
+    affs[2, :, :, 2] = 0.1  # channel (0, 0, -1) at x=2 links x=2 with x=1
+    seg = segment_array(affs, OFFSETS[:3], build(ConnectedComponents()))
+    assert np.unique(seg[..., :2]).size == 1 and np.unique(seg[..., 2:]).size == 1
+    assert seg[0, 0, 0] != seg[0, 0, 3]
+
+
+def test_mws_higher_bias_splits_more():
+    truth = cells()
+    affs = noisy(affinities(truth), 0.2, seed=1)
+    counts = [int(segment_array(affs, OFFSETS, build(MutexWatershed(bias=b))).max())
+              for b in (0.5, 0.7, 0.9)]
+    assert counts[0] < counts[1] < counts[2]
+
+
+def test_every_voxel_gets_an_id_and_small_segments_merge():
+    truth = cells()
+    affs = noisy(affinities(truth), 0.3, seed=2)
+    loose = segment_array(affs, OFFSETS, build(MutexWatershed()))
+    assert (loose != 0).all()  # voxels mwatershed leaves alone get ids of their own
+    sizes = np.bincount(loose.ravel().astype(np.int64))[1:]
+    assert sizes.min() < 30  # there are small segments to merge
+    merged = segment_array(affs, OFFSETS, build(MutexWatershed(min_size=30)))
+    assert (merged != 0).all()
+    assert np.bincount(merged.ravel().astype(np.int64))[1:].min() >= 30
+    assert arand(merged, truth) < arand(loose, truth)
+
+
+def test_mask_leaves_zero_outside_and_keeps_isolated_small_segments():
+    truth = cells()
+    affs = noisy(affinities(truth), 0.1)
+    mask = np.zeros(SHAPE, bool)
+    mask[:, 8:56, 8:56] = True
+    mask[:, 0:2, 0:2] = True  # 64 voxels cut off from the rest: no neighbour to merge into
+    for spec in (MutexWatershed(min_size=100), ConnectedComponents(min_size=100)):
+        seg = segment_array(affs, OFFSETS, build(spec), mask=mask)
+        assert (seg[~mask] == 0).all() and (seg[mask] != 0).all()
+        island = np.unique(seg[:, 0:2, 0:2])
+        assert island.size >= 1 and not np.isin(island, seg[:, 8:56, 8:56]).any()
+        main = np.bincount(seg[:, 8:56, 8:56].ravel().astype(np.int64))
+        assert main[main > 0].min() >= 100
+
+
+def test_merge_small_joins_the_strongest_neighbour_until_large():
+    sizes = np.array([0, 100, 100, 5, 3])
+    # 3 touches 1 weakly and 2 strongly; 4 touches only 3
+    edges = Edges.aggregate(np.array([3, 3, 4, 1]), np.array([1, 2, 3, 2]),
+                            np.array([0.2, 0.9, 0.7, 0.1]))
+    table = merge_small(sizes, edges, min_size=10)
+    assert table[3] == table[2] == table[4] and table[1] != table[2]
+    assert (merge_small(sizes, edges, min_size=0) == np.arange(5)).all()
+
+
+# --------------------------------------------------------------------------- blockwise
+
+
+@pytest.mark.parametrize("offset", [(-1, 0, 0), (0, 0, -9), (-2, -3, 0), (1, 0, -2)])
+def test_crossing_boxes_cover_each_leaving_voxel_once(offset):
+    shape = (6, 7, 12)
+    core = (slice(2, 5), slice(0, 4), slice(3, 12))
+    count = np.zeros(shape, int)
+    for box in crossing(core, offset, shape):
+        count[box] += 1
+    expected = np.zeros(shape, int)
+    for v in np.ndindex(*shape):
+        inside = all(s.start <= c < s.stop for c, s in zip(v, core, strict=True))
+        partner = [c + d for c, d in zip(v, offset, strict=True)]
+        in_volume = all(0 <= p < n for p, n in zip(partner, shape, strict=True))
+        in_core = all(s.start <= p < s.stop for p, s in zip(partner, core, strict=True))
+        expected[v] = inside and in_volume and not in_core
+    assert (count == expected).all()
+
+
+@pytest.mark.parametrize("min_size", [0, 20])
+def test_blockwise_cc_equals_whole_volume_cc(min_size):
+    truth = cells(seed=3)
+    affs = noisy(affinities(truth), 0.15, seed=3)
+    segmenter = build(ConnectedComponents(threshold=0.7, min_size=min_size))
+    whole = segment_array(affs, OFFSETS, segmenter)
+    assert whole.max() > 10 and not same_partition(whole, truth)  # leaks: not trivial
+    for block in [(8, 32, 32), (5, 17, 40)]:
+        blocked = segment_array(affs, OFFSETS, segmenter, block=block)
+        assert same_partition(blocked, whole), block
+
+
+def test_blockwise_mws_stays_close_to_whole_volume_mws():
+    truth = cells(shape=(24, 96, 96), n=40, seed=4)
+    affs = noisy(affinities(truth), 0.2, seed=4)
+    segmenter = build(MutexWatershed(min_size=20))
+    whole = segment_array(affs, OFFSETS, segmenter)
+    blocked = segment_array(affs, OFFSETS, segmenter, block=(12, 48, 48))
+    assert (blocked != 0).all()
+    assert np.bincount(blocked.ravel().astype(np.int64))[1:].min() >= 20
+    # every segment is one connected piece: ids of different blocks never collide
+    for seg_id in np.unique(blocked):
+        _, pieces = ndimage.label(blocked == seg_id)
+        assert pieces == 1
+    assert arand(whole, truth) < 0.1
+    assert arand(blocked, truth) < arand(whole, truth) + 0.05
+    assert arand(blocked, whole) < 0.1
+
+
+def test_blockwise_with_perfect_affinities_is_exact_for_mws():
+    truth = cells(seed=5)
+    seg = segment_array(affinities(truth), OFFSETS, build(MutexWatershed()), block=(8, 24, 40))
+    assert same_partition(seg, truth)
+
+
+# --------------------------------------------------------------------------- waterz
+
+
+def test_waterz_gives_the_truth_per_threshold():
+    pytest.importorskip("waterz")
+    truth = cells()
+    affs = noisy(affinities(truth), 0.05)
+    for scoring in ("mean", "p85"):
+        segmenter = build(Waterz(thresholds=[0.3], scoring=scoring))
+        assert same_partition(segment_array(affs, OFFSETS, segmenter), truth)
+    from emrun.segment import segment_values
+
+    segmenter = build(Waterz())
+    low, high = segment_values(affs, OFFSETS, segmenter, [0.3, 0.95])
+    assert same_partition(low, truth)
+    assert high.max() < 20  # a threshold near 1 merges across boundaries
+
+
+def test_waterz_without_the_package_is_a_clear_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "waterz", None)
+    with pytest.raises(UserError, match=r"emrun\[waterz\]"):
+        segment_array(affinities(cells()), OFFSETS, build(Waterz()))
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def known_answer():
+    """Affinities 0.8 inside cells, 0.4 across boundaries: cc is right for thresholds in
+    (0.4, 0.8), one segment below, all singletons above."""
+    truth = cells()
+    affs = (affinities(truth, OFFSETS[:3]) * 0.4 + 0.4).astype(np.float32)
+    return truth, affs
+
+
+def test_sweep_picks_the_value_with_the_lowest_adapted_rand():
+    pytest.importorskip("emrun.evaluate")
+    truth, affs = known_answer()
+    found = sweep(affs, OFFSETS[:3], ConnectedComponents(), [0.2, 0.6, 0.9], truth)
+    assert found.parameter == "threshold" and found.best_value == 0.6
+    assert found.best_scores["arand"] == pytest.approx(0.0, abs=1e-9)
+    assert same_partition(found.segmentation, truth)
+    table = found.table()
+    assert [row["threshold"] for row in table] == [0.2, 0.6, 0.9]
+    assert table[0]["arand"] > 0.5 and table[2]["arand"] > 0.5
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def write_prediction(folder, affs, offsets=OFFSETS, attrs=True, name="affinity"):
+    """Affinities the way `emrun infer` writes them: uint8 OME-Zarr group with offsets."""
+    data = np.round(affs * 255).astype(np.uint8)
+    extra = {"offsets": [list(o) for o in offsets]} if attrs else None
+    write_volume(folder / "pred.zarr", name, data, voxel_size=(30, 6, 6), channel_axis=True,
+                 attrs=extra)
+    return f"{folder / 'pred.zarr'}/{name}"
+
+
+def invoke(*args):
+    return runner.invoke(app, ["segment", *map(str, args)])
+
+
+def test_cli_segments_an_inference_output(tmp_path):
+    truth = cells()
+    affs_path = write_prediction(tmp_path, noisy(affinities(truth), 0.05))
+    out = tmp_path / "seg.zarr"
+    result = invoke(affs_path, out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["method"] == "mws" and report["mode"] == "memory"
+    assert report["outputs"] == [{"name": "segmentation", "bias": 0.5, "segments": 20}]
+    volume = open_volume(out / "segmentation")
+    assert volume.dtype == np.uint64 and volume.voxel_size == (30.0, 6.0, 6.0)
+    assert same_partition(volume.read(), truth)
+    attrs = dict(zarr.open_group(str(out / "segmentation"), mode="r").attrs)["emrun"]
+    assert attrs["segment"]["segmenter"] == {"type": "mws", "bias": 0.5, "min_size": 0}
+    assert attrs["segment"]["offsets"][3] == [-2, 0, 0]
+
+
+def test_cli_blockwise_cc_and_one_output_per_value(tmp_path):
+    truth = cells()
+    affs_path = write_prediction(tmp_path, noisy(affinities(truth), 0.05))
+    out = tmp_path / "seg.zarr"
+    # the output folder of `emrun infer` stands for its one affinity volume
+    result = invoke(tmp_path / "pred.zarr", out, "--method", "cc", "--block", 8, 32, 32,
+                    "--min-size", 5, "--name", "cc")
+    assert result.exit_code == 0, result.output
+    assert same_partition(open_volume(out / "cc").read(), truth)
+    meta = dict(zarr.open_group(str(out / "cc"), mode="r").attrs)["emrun"]["segment"]
+    assert meta["blockwise"]["blocks"] == 8 and meta["segments"] == 20
+    result = invoke(affs_path, out, "--method", "cc", "--threshold", "0.45,0.6", "--name", "t")
+    assert result.exit_code == 0, result.output
+    for name in ("t_0.45", "t_0.6"):
+        assert same_partition(open_volume(out / name).read(), truth)
+
+
+def test_cli_offsets_option_for_affinities_without_attribute(tmp_path):
+    truth = cells()
+    affs_path = write_prediction(tmp_path, affinities(truth, OFFSETS[:3]), OFFSETS[:3],
+                                 attrs=False)
+    result = invoke(affs_path, tmp_path / "seg.zarr", "--offsets", "-1,0,0 0,-1,0 0,0,-1")
+    assert result.exit_code == 0, result.output
+    assert same_partition(open_volume(tmp_path / "seg.zarr/segmentation").read(), truth)
+
+
+def test_run_segment_takes_a_recipe_spec_and_a_mask(tmp_path):
+    from emrun.segment.job import run_segment
+
+    truth = cells()
+    affs_path = write_prediction(tmp_path, noisy(affinities(truth), 0.05))
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[2:14, 5:60, 5:60] = 1
+    write_volume(tmp_path / "mask.zarr", "mask", mask)
+    result = run_segment(affs_path, tmp_path / "seg.zarr", mask_path=f"{tmp_path}/mask.zarr/mask",
+                         spec=ConnectedComponents(threshold=0.5, min_size=5))
+    assert result.method == "cc" and result.parameters["min_size"] == 5
+    seg = open_volume(tmp_path / "seg.zarr/segmentation").read()
+    assert (seg[mask == 0] == 0).all() and (seg[mask == 1] != 0).all()
+    assert same_partition(seg[mask == 1], truth[mask == 1])
+
+
+def test_cli_sweep_writes_the_best_and_records_the_table(tmp_path):
+    pytest.importorskip("emrun.evaluate")
+    truth, affs = known_answer()
+    affs_path = write_prediction(tmp_path, affs, OFFSETS[:3])
+    write_volume(tmp_path / "truth.zarr", "labels", truth.astype(np.uint32))
+    out = tmp_path / "seg.zarr"
+    result = invoke(affs_path, out, "--method", "cc", "--sweep", "--truth",
+                    tmp_path / "truth.zarr/labels", "--threshold", "0.2",
+                    "--threshold", "0.6,0.9", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["sweep"]["chosen"] == 0.6
+    assert [row["threshold"] for row in report["sweep"]["table"]] == [0.2, 0.6, 0.9]
+    meta = dict(zarr.open_group(str(out / "segmentation"), mode="r").attrs)["emrun"]["segment"]
+    assert meta["sweep"]["chosen"] == 0.6 and len(meta["sweep"]["table"]) == 3
+    assert meta["segmenter"]["threshold"] == 0.6
+    assert same_partition(open_volume(out / "segmentation").read(), truth)
+
+
+def bad_cases(tmp_path):
+    """(arguments, expected message part) for each mistake a user can make."""
+    truth = cells(shape=(4, 16, 16), n=3)
+    good = write_prediction(tmp_path, affinities(truth))
+    bare = write_prediction(tmp_path, affinities(truth), attrs=False, name="bare")
+    write_volume(tmp_path / "pred.zarr", "labels", truth.astype(np.uint32))
+    write_volume(tmp_path / "pred.zarr", "ints", affinities(truth).astype(np.int32),
+                 channel_axis=True, attrs={"offsets": [list(o) for o in OFFSETS]})
+    np.save(tmp_path / "complex.npy", affinities(truth).astype(np.complex64))
+    write_volume(tmp_path / "small.zarr", "labels", np.ones((4, 16, 8), np.uint32))
+    a_file = tmp_path / "file.zarr"
+    a_file.write_text("not a folder")
+    existing = tmp_path / "exists.zarr"
+    write_volume(existing, "segmentation", truth.astype(np.uint64))
+    out = tmp_path / "out.zarr"
+    return [
+        ([bare, out], "no 'offsets' attribute"),
+        ([good, out, "--offsets", "[[-1,0,0],[0,-1,0],[0,0,-1]]"], "8 affinity channels but 3"),
+        ([good, out, "--offsets", "[[-1,0]]"], "not three integers"),
+        ([f"{tmp_path}/pred.zarr/labels", out], "is a 3D (z, y, x) volume"),
+        ([f"{tmp_path}/pred.zarr/ints", out], "dtype int32"),
+        ([tmp_path / "complex.npy", out, "--offsets", json.dumps(OFFSETS)], "complex64"),
+        ([good, a_file], "is a file"),
+        ([good, existing], "already exists"),
+        ([good, out, "--sweep"], "give --truth"),
+        ([good, out, "--sweep", "--truth", tmp_path / "small.zarr/labels"], "shape"),
+        ([good, out, "--method", "mwz"], "did you mean 'mws'"),
+        ([good, out, "--method", "cc", "--bias", "0.3"], "takes --threshold"),
+        ([good, out, "--method", "cc", "--threshold", "1.5"], "threshold"),
+        ([good, out, "--bias", "x"], "takes numbers"),
+        ([good, out, "--mask", tmp_path / "small.zarr/labels"], "mask"),
+        ([tmp_path / "missing.zarr/affinity", out], "no such file"),
+    ]
+
+
+def test_cli_bad_input_exits_2_with_one_clear_line(tmp_path):
+    for args, message in bad_cases(tmp_path):
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert "Traceback" not in result.output and "internal error" not in result.output
+    assert not (tmp_path / "out.zarr" / "segmentation").exists()
+    assert open_volume(tmp_path / "exists.zarr/segmentation").read().max() == 3  # untouched
+
+
+# --------------------------------------------------------------------------- small parts
+
+
+def test_offsets_are_read_from_json_or_triples():
+    expected = ((-1, 0, 0), (0, -1, 0))
+    assert parse_offsets("[[-1,0,0],[0,-1,0]]", "x") == expected
+    assert parse_offsets("-1,0,0; 0,-1,0", "x") == expected
+    assert parse_offsets([[-1, 0, 0], [0, -1, 0]], "x") == expected
+    with pytest.raises(UserError, match="itself"):
+        parse_offsets("0,0,0", "x")
+
+
+def test_registry_builds_segmenters_from_recipe_specs():
+    segmenter = segmenters.build(MutexWatershed(bias=0.3))
+    assert isinstance(segmenter, MutexSegmenter) and segmenter.value == 0.3
+    assert segmenter.with_value(0.7).spec.bias == 0.7
+    with pytest.raises(UserError, match="bias"):
+        segmenter.with_value(1.5)
