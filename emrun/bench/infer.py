@@ -10,6 +10,7 @@ blending, padding, quantising or writing).
 from __future__ import annotations
 
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,18 +28,26 @@ from ..registry import models
 from ..synth import synthesize
 
 
-def _model_rate(engine: Engine, repeats: int) -> float:
-    batch = torch.rand((engine.batch_size, 1, *engine.patch), device=engine.device)
-    engine._forward(batch)  # warm-up
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
-    start = time.perf_counter()
-    for _ in range(repeats):
+def _model_times(engine: Engine, image: np.ndarray, repeats: int) -> list[float]:
+    """Seconds per forward pass alone, on patches of the same volume, at steady state (after
+    a few warm-up passes for kernel selection and caches)."""
+    pz, py, px = engine.patch
+    rows = [image[:pz, :py, x:x + px] for x in range(0, image.shape[2] - px + 1, px)]
+    patches = [rows[i % len(rows)] for i in range(engine.batch_size)]
+    batch = torch.from_numpy(np.stack(patches).astype(np.float32) / 255)[:, None]
+    batch = batch.to(engine.device)
+    for _ in range(3):
         engine._forward(batch)
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
-    elapsed = time.perf_counter() - start
-    return repeats * engine.batch_size * math.prod(engine.patch) / elapsed
+    times = []
+    for _ in range(repeats):
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        start = time.perf_counter()
+        engine._forward(batch)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def _monai_rate(engine: Engine, image: np.ndarray) -> float | None:
@@ -69,7 +78,7 @@ def _monai_rate(engine: Engine, image: np.ndarray) -> float | None:
 
 
 def bench_infer(recipe: Recipe, *, shape: tuple[int, int, int] | None = None,
-                device: str | None = None, repeats: int = 5) -> dict[str, Any]:
+                device: str | None = None, repeats: int = 15) -> dict[str, Any]:
     """The figures `emrun bench infer` reports."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     patch = recipe.infer_patch()
@@ -82,15 +91,17 @@ def bench_infer(recipe: Recipe, *, shape: tuple[int, int, int] | None = None,
     layout = Layout(shape, engine.patch, engine.stride, chunks, block)
     patches = math.prod(len(layout.starts(a)) for a in range(3))
     overlap = patches * math.prod(patch) / math.prod(shape)
-    model_rate = _model_rate(engine, repeats)
     with tempfile.TemporaryDirectory(prefix="emrun-bench-infer-") as tmp:
         root = Path(tmp)
         image = synthesize(shape, 0).image
+        times = _model_times(engine, image, repeats)  # before the engine and after it:
         write_volume(root / "in.zarr", "image", image)
         torch.save({"model": model.state_dict(), "iteration": 0}, root / "model.pt")
         progress = run_inference(recipe, root / "model.pt", str(root / "in.zarr/image"),
                                  root / "out.zarr", device=str(dev))
+        times += _model_times(engine, image, repeats)  # a drifting machine biases neither
     engine_rate = progress.voxels / progress.seconds
+    model_rate = engine.batch_size * math.prod(patch) / statistics.median(times)
     monai_rate = _monai_rate(engine, image)
     return {
         "recipe": recipe.name,

@@ -32,9 +32,9 @@ from ..io.write import write_volume
 from ..recipe import load_recipe
 from ..recipe.tasks import AffinityTarget
 from ..segment.affinities import to_float
-from ..segment.sweep import DEFAULT_VALUES, sweep
+from ..segment.sweep import sweep
 from ..shipped import RECIPES
-from ..train.seg_validation import affinity_task
+from ..train.seg_validation import VALUES, affinity_task
 from ..train.trainer import Trainer
 
 FILES = {"image": "train-input.tif", "labels": "train-labels.tif"}
@@ -82,6 +82,13 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     if iterations is not None:
         settings.append(f"train.iterations={iterations}")
     loaded = load_recipe(RECIPES / "snemi3d_aff.yaml", settings + list(overrides or []))
+    schedule = loaded.recipe.train.schedule
+    warmup = getattr(schedule, "warmup", 0)
+    if iterations is not None and warmup > iterations // 10 and not any(
+            o.startswith("train.schedule") for o in overrides or []):
+        # a short budget would end inside the recipe's warm-up: keep warm-up a tenth of it
+        settings.append(f"train.schedule.warmup={iterations // 10}")
+        loaded = load_recipe(RECIPES / "snemi3d_aff.yaml", settings + list(overrides or []))
     recipe = loaded.recipe
     task = affinity_task(recipe)
     if task is None:
@@ -107,7 +114,7 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     affs = to_float(open_volume(f"{pred}/{task}").read(), f"{pred}/{task}")
     target = recipe.tasks[task].target
     assert isinstance(target, AffinityTarget)
-    result = sweep(affs, target.offsets, recipe.segment, DEFAULT_VALUES, truth)
+    result = sweep(affs, target.offsets, recipe.segment, VALUES, truth)
     segment_seconds = time.perf_counter() - started
     seg_path = out / "seg.zarr"
     write_volume(seg_path, "segmentation", result.segmentation.astype(np.uint64),

@@ -174,9 +174,8 @@ class Engine:
             outputs = self._forward(batch)
             for i, s in enumerate(slices):
                 for name, out in outputs.items():
-                    pred = out[i]
-                    valid = torch.isfinite(pred)
-                    acc[name][(slice(None), *s)] += torch.where(valid, pred, 0) * self.window
+                    finite = torch.nan_to_num(out[i], nan=0.0, posinf=0.0, neginf=0.0)
+                    acc[name][(slice(None), *s)].addcmul_(finite, self.window)
                 weight[s] += self.window
         start, stop = layout.write_box(block)
         core = tuple(slice(a - r, b - r) for a, b, r in zip(start, stop, read_start, strict=True))
