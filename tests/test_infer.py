@@ -200,8 +200,8 @@ def test_user_mistakes_exit_2(setup, tmp_path):
         assert text in result.stderr and "Traceback" not in result.output
     (tmp / "garbage.pt").write_bytes(b"\x00not a checkpoint" * 50)
     np.save(tmp / "strings.npy", np.full((8, 20, 20), "a"))
-    result = runner.invoke(app, base + ["--input", str(tmp / "strings.npy"), "--output",
-                                        str(tmp / "s.zarr")])
+    result = runner.invoke(app, [*base, "--input", str(tmp / "strings.npy"), "--output",
+                                 str(tmp / "s.zarr")])
     assert result.exit_code == 2 and "Traceback" not in result.output
     for ckpt, text in ((tmp / "empty.pt", "do not match"), (tmp / "nope.pt", "nope.pt"),
                        (tmp / "garbage.pt", "garbage.pt")):

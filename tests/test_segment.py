@@ -356,6 +356,11 @@ def test_cli_sweep_writes_the_best_and_records_the_table(tmp_path):
     assert meta["sweep"]["chosen"] == 0.6 and len(meta["sweep"]["table"]) == 3
     assert meta["segmenter"]["threshold"] == 0.6
     assert same_partition(open_volume(out / "segmentation").read(), truth)
+    one = invoke(affs_path, out, "--method", "cc", "--sweep", "--truth",
+                 tmp_path / "truth.zarr/labels", "--threshold", "0.9", "--name", "one", "--json")
+    assert one.exit_code == 0, one.output  # one value given: a sweep of that value alone
+    assert [r["threshold"] for r in json.loads(one.stdout.strip().splitlines()[-1])["sweep"][
+        "table"]] == [0.9]
 
 
 def bad_cases(tmp_path):

@@ -9,9 +9,14 @@ startup stay fast. The converter is exported as `convert_volume`: the package at
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from emrun.io.volume import Volume, VolumeError, open_volume, split_volume_path
+
+# `emrun infer` keeps its done-markers in OUT.zarr/.emrun-done/ (a plain folder, by design not
+# a zarr node); zarr warns about it whenever the group is listed, which tells a user nothing.
+warnings.filterwarnings("ignore", message=r"Object at \.emrun-done is not recognized")
 
 if TYPE_CHECKING:
     from emrun.io.convert import ConvertResult, convert_volume, guess_name

@@ -229,10 +229,11 @@ def run_segment(affs_path: str, output: Path, *, method: str = DEFAULT_METHOD,
             raise UserError("--sweep scores each value against ground truth: give --truth")
         if block is not None:
             raise UserError("--sweep runs in memory; drop --block (sweep a smaller crop)")
-        if values is None:
+        if values is None:  # one value given (already set on the segmenter), or none
             from .sweep import DEFAULT_VALUES
 
-            values = list(DEFAULT_VALUES)
+            given = list(biases or thresholds or [])
+            values = given or list(DEFAULT_VALUES)
     elif truth_path is not None:
         raise UserError("--truth is for --sweep; add --sweep or drop --truth")
     names = ([f"{name}_{v:g}" for v in values] if values and not sweep_values else [name])
