@@ -99,9 +99,10 @@ class Train(Spec):
     keep_checkpoints: Size = Field(3, le=10_000, description="Numbered checkpoints kept.")
     validate_every: Count = Field(1000, description="Iterations between validations; 0: never.")
     validate_segmentation: bool = Field(
-        True, description="Validation also predicts each labelled validation box, segments "
-        "it (the recipe's segmenter, a few parameter values) and scores adapted Rand error "
-        "and VOI; best.pt is then chosen by adapted Rand error instead of the loss.")
+        True, description="Validation also predicts each labelled validation box (at most "
+        "4 M voxels of it, centred in y and x), segments it (the recipe's segmenter, a few "
+        "parameter values) and scores adapted Rand error and VOI; best.pt is then chosen by "
+        "adapted Rand error instead of the loss.")
     log_every: PositiveCount = Field(50, description="Iterations between log lines.")
     image_every: Count = Field(1000, description="Iterations between TensorBoard images; 0: never.")
     workers: int = Field(2, ge=0, le=256, description="Data-loader worker processes; 0: none.")

@@ -1,8 +1,9 @@
 """Validation by segmentation: the number that matters, not only the loss.
 
-For every validation source with labels, the model predicts the whole validation box (the
-same lattice and blending as ``emrun infer``), the recipe's segmenter turns the first
-affinity task into segments for each value of its parameter (``segment --sweep``'s code),
+For every validation source with labels, the model predicts the validation box (the same
+lattice and blending as ``emrun infer``; at most ``MAX_VOXELS``, centred), the recipe's
+segmenter turns the first affinity task into segments for each value of its parameter
+(``segment --sweep``'s code),
 and each is scored against the labels (adapted Rand error, VOI). Scores are averaged over the
 sources per value and the value with the lowest mean adapted Rand error is reported, so
 ``best.pt`` is the checkpoint that segments best at its best setting.
@@ -25,6 +26,10 @@ from ..segment.sweep import sweep
 
 VALUES = (0.3, 0.4, 0.5, 0.6, 0.7)
 """Values of the segmenter's parameter (mws: bias; cc, waterz: threshold) tried each time."""
+MAX_VOXELS = 4_000_000
+"""Segmentation validation uses at most this many voxels per source, a crop centred in y and
+x with every section: mutex watershed costs about 10 us and 1 KB per voxel with 12 offsets,
+so a full CREMI validation box (39 M voxels) would take half an hour and 40 GB per value."""
 SCORES = ("arand", "voi_split", "voi_merge", "cremi_score")
 
 
@@ -32,6 +37,17 @@ def affinity_task(recipe: Recipe) -> str | None:
     """The first task whose target is affinities (the one segmentation uses)."""
     return next((n for n, t in recipe.tasks.items() if isinstance(t.target, AffinityTarget)),
                 None)
+
+
+def central_crop(offset: tuple[int, int, int], shape: tuple[int, int, int],
+                 limit: int) -> tuple[slice, slice, slice]:
+    """The box, or its centre in y and x (all sections) scaled down to at most ``limit``
+    voxels."""
+    (oz, oy, ox), (sz, sy, sx) = offset, shape
+    scale = min(1.0, (limit / max(1, sz * sy * sx)) ** 0.5)
+    cy, cx = max(1, int(sy * scale)), max(1, int(sx * scale))
+    y0, x0 = oy + (sy - cy) // 2, ox + (sx - cx) // 2
+    return slice(oz, oz + sz), slice(y0, y0 + cy), slice(x0, x0 + cx)
 
 
 def validate_segmentation(recipe: Recipe, model: nn.Module, device: torch.device,
@@ -49,8 +65,7 @@ def validate_segmentation(recipe: Recipe, model: nn.Module, device: torch.device
     for source in open_sources(recipe.data.validation):
         if source.labels is None:
             continue
-        (oz, oy, ox), (sz, sy, sx) = source.box
-        roi = (slice(oz, oz + sz), slice(oy, oy + sy), slice(ox, ox + sx))
+        roi = central_crop(*source.box, MAX_VOXELS)
         image = source.image.read(roi)
         image = image[0] if image.ndim == 4 else image
         mask = None if source.mask is None else source.mask.read(roi) != 0
