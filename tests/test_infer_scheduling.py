@@ -189,3 +189,17 @@ def test_peak_memory_does_not_grow_with_the_volume(tmp_path):
         peaks.append(int(result.stdout.split()[-1]))
     small, large = peaks
     assert large <= small * 1.10, f"peak RSS {small} kB -> {large} kB for a volume 8x larger"
+
+
+def test_daisy_workers_pick_their_device_where_they_run():
+    pytest.importorskip("daisy")
+    import torch
+
+    from emrun.infer.daisy_scheduler import worker_device
+
+    assert worker_device("cpu", 3) == torch.device("cpu")
+    expected = "cuda:1" if torch.cuda.device_count() > 1 else (
+        "cuda:0" if torch.cuda.is_available() else "cpu")
+    assert str(worker_device("auto", 1)) == expected
+    with pytest.raises(UserError, match="at least 1"):
+        run_inference(None, None, "", None, scheduler="daisy", workers=0)  # type: ignore[arg-type]

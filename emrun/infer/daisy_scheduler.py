@@ -16,6 +16,7 @@ and the Python environment).
 from __future__ import annotations
 
 import functools
+import os
 import shlex
 import subprocess
 import sys
@@ -42,9 +43,10 @@ def _daisy() -> Any:
     return daisy
 
 
-def run_daisy(job: Job, slots: list[tuple[str, int]], *, launch: str | None = None,
+def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
               on_block: Callable[[Progress], None] | None = None) -> Progress:
-    """Run the job's pending blocks as a daisy blockwise task with ``len(slots)`` workers."""
+    """Run the job's pending blocks as a daisy blockwise task with ``workers`` workers;
+    ``device`` ("auto", "cpu", "cuda", "cuda:1") is resolved by each worker."""
     daisy = _daisy()
     from daisy.logging import set_log_basedir
 
@@ -52,7 +54,8 @@ def run_daisy(job: Job, slots: list[tuple[str, int]], *, launch: str | None = No
     set_log_basedir(job.done_dir / "daisy-logs")  # not the user's working directory
     grid = job.layout.block_grid()
     before = {b for b in grid if job.is_done(b)}
-    device, threads = slots[0]
+    # Local workers share this machine's cores; launched ones use what their node gives them.
+    threads = 0 if launch else max(1, _cores() // workers)
     worker = functools.partial(_start_worker, str(job_file), device, threads, launch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # daisy frowns on check_function
@@ -62,7 +65,7 @@ def run_daisy(job: Job, slots: list[tuple[str, int]], *, launch: str | None = No
             write_roi=daisy.Roi((0, 0, 0), job.layout.block),
             process_function=worker,
             check_function=functools.partial(_block_is_done, str(job_file)),
-            read_write_conflict=False, fit="shrink", max_workers=len(slots), max_retries=2)
+            read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
     started = time.perf_counter()
     states = daisy.run_blockwise([task], progress=on_block is None, block_tracking=False,
                                  return_states=True, summary=False)
@@ -113,15 +116,32 @@ def _start_worker(job_file: str, device: str, threads: int, launch: str | None) 
 def serve(job_file: str, device: str, threads: int) -> None:
     """Build the model once, then predict the blocks daisy hands out until none are left."""
     daisy = _daisy()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or _cores())
     job = _job(job_file)
-    worker = BlockWorker(job, torch.device(device))
+    worker_id = int(daisy.Context.from_env().get("worker_id", 0))
+    worker = BlockWorker(job, worker_device(device, worker_id))
     client = daisy.Client()
     while True:
         with client.acquire_block() as block:
             if block is None:
                 return
             worker.run([block_index(job, block.write_roi.offset)])
+
+
+def worker_device(device: str, worker_id: int) -> torch.device:
+    """The device of daisy worker ``worker_id`` on the machine it runs on: "auto" is a GPU
+    when there is one; "cuda" spreads workers over the visible GPUs; an index is kept."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.device(f"cuda:{worker_id % torch.cuda.device_count()}")
+    return torch.device(device)
+
+
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _volume(start: Zyx, stop: Zyx) -> int:

@@ -54,27 +54,37 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
                   on_block: Callable[[Progress], None] | None = None) -> Progress:
     """Predict ``input_path`` (or its ``roi``: offset, shape) into ``output`` (one array
     per task); returns the counts."""
+    if launch is not None and scheduler != "daisy":
+        raise UserError("--launch is for --scheduler daisy (workers started by a command)")
+    # Devices are checked before any output exists; daisy workers resolve theirs where they
+    # run (the scheduler's own machine, a login node say, may have no GPU at all).
+    slots = worker_slots(device, workers) if scheduler == "local" else []
+    _check_device(device, workers)
     job = prepare_job(recipe, checkpoint, input_path, output, block=block, tta=tta,
                       resume=resume, mask_path=mask_path, roi=roi)
-    slots = worker_slots(device, workers)
     if scheduler == "daisy":
         from .daisy_scheduler import run_daisy
 
-        return run_daisy(job, slots, launch=launch, on_block=on_block)
-    if launch is not None:
-        raise UserError("--launch is for --scheduler daisy (workers started by a command)")
+        return run_daisy(job, device or "auto", workers or 1, launch=launch,
+                         on_block=on_block)
     return run_local(job, slots, on_block=on_block)
 
 
-def worker_slots(device: str | None, workers: int | None) -> list[tuple[str, int]]:
-    """(device, CPU threads) for each worker: one per GPU by default, one on a CPU."""
+def _check_device(device: str | None, workers: int | None) -> torch.device:
+    """The device named (default: a GPU when there is one), and a sane worker count."""
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1 (got {workers})")
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
+        return torch.device(name)
     except RuntimeError as exc:
         raise UserError(f"--device {name}: {exc}") from None
+
+
+def worker_slots(device: str | None, workers: int | None) -> list[tuple[str, int]]:
+    """(device, CPU threads) for each worker: one per GPU by default, one on a CPU."""
+    dev = _check_device(device, workers)
+    name = str(dev)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if dev.type == "cuda":
         if not torch.cuda.is_available():
