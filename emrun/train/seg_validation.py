@@ -12,6 +12,7 @@ sources per value and the value with the lowest mean adapted Rand error is repor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from ..infer.array import predict_array
 from ..infer.engine import Engine
 from ..recipe import Recipe
 from ..recipe.tasks import AffinityTarget
+from ..registry import Spec
 from ..segment.sweep import sweep
 
 VALUES = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -50,18 +52,28 @@ def central_crop(offset: tuple[int, int, int], shape: tuple[int, int, int],
     return slice(oz, oz + sz), slice(y0, y0 + cy), slice(x0, x0 + cx)
 
 
-def validate_segmentation(recipe: Recipe, model: nn.Module, device: torch.device,
-                          values: Sequence[float] = VALUES) -> dict[str, float] | None:
-    """Mean scores at the best value (and that value, as ``segment/<parameter>``), or None
-    when the recipe has no affinity task or no labelled validation source."""
+@dataclass(frozen=True)
+class SegmentationInput:
+    """One validation source's predicted affinities (uint8, as `emrun infer` stores them),
+    labels and mask: all a scorer needs, small enough to hand to another process."""
+
+    affinities: np.ndarray
+    truth: np.ndarray
+    mask: np.ndarray | None
+    offsets: tuple[tuple[int, int, int], ...]
+
+
+def predict_validation(recipe: Recipe, model: nn.Module,
+                       device: torch.device) -> list[SegmentationInput]:
+    """The model's affinities over each labelled validation box (centred crop of at most
+    ``MAX_VOXELS``); empty when the recipe has no affinity task or no labelled source."""
     task = affinity_task(recipe)
     if task is None:
-        return None
+        return []
     target = recipe.tasks[task].target
     assert isinstance(target, AffinityTarget)
     engine = Engine(recipe, model, device, tta=1, compile=False)
-    rows: list[list[dict[str, float]]] = []
-    parameter = ""
+    inputs = []
     for source in open_sources(recipe.data.validation):
         if source.labels is None:
             continue
@@ -70,13 +82,33 @@ def validate_segmentation(recipe: Recipe, model: nn.Module, device: torch.device
         image = image[0] if image.ndim == 4 else image
         mask = None if source.mask is None else source.mask.read(roi) != 0
         affs = predict_array(engine, image, (source.low, source.high))[task]
-        result = sweep(affs, target.offsets, recipe.segment, values, source.labels.read(roi),
-                       mask)
+        inputs.append(SegmentationInput(
+            np.rint(np.clip(affs, 0, 1) * 255).astype(np.uint8), source.labels.read(roi), mask,
+            tuple(tuple(o) for o in target.offsets)))  # type: ignore[misc]
+    return inputs
+
+
+def score_validation(spec: Spec, inputs: Sequence[SegmentationInput],
+                     values: Sequence[float] = VALUES) -> dict[str, float] | None:
+    """Segment each input for every value (``segment --sweep``'s function), score, average
+    over the inputs per value; the mean scores at the best value and that value (as
+    ``segment/<parameter>``). CPU only: the trainer runs it in a separate process."""
+    if not inputs:
+        return None
+    rows = []
+    parameter = ""
+    for item in inputs:
+        result = sweep(item.affinities, item.offsets, spec, values, item.truth, item.mask)
         parameter = result.parameter
         rows.append([dict(s) for s in result.scores])
-    if not rows:
-        return None
     means = [{k: float(np.mean([r[i][k] for r in rows])) for k in SCORES}
              for i in range(len(values))]
     best = min(range(len(values)), key=lambda i: means[i]["arand"])
     return {**means[best], f"segment/{parameter}": float(values[best])}
+
+
+def validate_segmentation(recipe: Recipe, model: nn.Module, device: torch.device,
+                          values: Sequence[float] = VALUES) -> dict[str, float] | None:
+    """Predict, segment and score the validation sources in this process; None when there
+    is nothing to segment."""
+    return score_validation(recipe.segment, predict_validation(recipe, model, device), values)
