@@ -39,13 +39,7 @@ def _segment_and_score(recipe: Recipe, checkpoint: Path, test: Path, out: Path,
     """Infer, segment and evaluate the test volume with one checkpoint; the scores."""
     pred, seg = out / f"pred_{tag}.zarr", out / f"seg_{tag}.zarr"
     run_inference(recipe, checkpoint, f"{test}/image", pred, device="cpu")
-    spec = recipe.segment
-    value = {"mws": "bias", "cc": "threshold"}.get(spec.type)
-    run_segment(f"{pred}/{affinity_task(recipe)}", seg, method=spec.type,
-                biases=[spec.bias] if value == "bias" else None,  # type: ignore[union-attr]
-                thresholds=([spec.threshold] if value == "threshold"  # type: ignore[union-attr]
-                            else getattr(spec, "thresholds", None)),
-                min_size=spec.min_size)
+    run_segment(f"{pred}/{affinity_task(recipe)}", seg, spec=recipe.segment)
     scores = score_volumes(open_volume(f"{seg}/segmentation"), open_volume(f"{test}/labels"))
     return {k: round(v, 4) for k, v in scores.as_dict().items()
             if k in ("arand", "voi_split", "voi_merge", "cremi_score")}

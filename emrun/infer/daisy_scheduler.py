@@ -16,7 +16,6 @@ and the Python environment).
 from __future__ import annotations
 
 import functools
-import os
 import shlex
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import torch
 from ..errors import UserError
 from .job import Job
 from .plan import Zyx
-from .schedule import Progress
+from .schedule import Progress, cpu_cores
 from .worker import BlockWorker
 
 
@@ -55,7 +54,7 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
     grid = job.layout.block_grid()
     before = {b for b in grid if job.is_done(b)}
     # Local workers share this machine's cores; launched ones use what their node gives them.
-    threads = 0 if launch else max(1, _cores() // workers)
+    threads = 0 if launch else max(1, cpu_cores() // workers)
     worker = functools.partial(_start_worker, str(job_file), device, threads, launch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # daisy frowns on check_function
@@ -116,7 +115,7 @@ def _start_worker(job_file: str, device: str, threads: int, launch: str | None) 
 def serve(job_file: str, device: str, threads: int) -> None:
     """Build the model once, then predict the blocks daisy hands out until none are left."""
     daisy = _daisy()
-    torch.set_num_threads(threads or _cores())
+    torch.set_num_threads(threads or cpu_cores())
     job = _job(job_file)
     worker_id = int(daisy.Context.from_env().get("worker_id", 0))
     worker = BlockWorker(job, worker_device(device, worker_id))
@@ -136,12 +135,6 @@ def worker_device(device: str, worker_id: int) -> torch.device:
     if device == "cuda" and torch.cuda.is_available():
         return torch.device(f"cuda:{worker_id % torch.cuda.device_count()}")
     return torch.device(device)
-
-
-def _cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _volume(start: Zyx, stop: Zyx) -> int:

@@ -70,6 +70,13 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
     return run_local(job, slots, on_block=on_block)
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may use (a SLURM or taskset allocation, not the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _check_device(device: str | None, workers: int | None) -> torch.device:
     """The device named (default: a GPU when there is one), and a sane worker count."""
     if workers is not None and workers < 1:
@@ -85,16 +92,16 @@ def worker_slots(device: str | None, workers: int | None) -> list[tuple[str, int
     """(device, CPU threads) for each worker: one per GPU by default, one on a CPU."""
     dev = _check_device(device, workers)
     name = str(dev)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cpu_cores()
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: no CUDA device is visible")
         gpus = [dev.index] if dev.index is not None else list(range(torch.cuda.device_count()))
         count = workers or len(gpus)
-        threads = max(1, (cores or 1) // count)
+        threads = max(1, cores // count)
         return [(f"cuda:{gpus[i % len(gpus)]}", threads) for i in range(count)]
     count = workers or 1
-    return [(str(dev), max(1, (cores or 1) // count))] * count
+    return [(str(dev), max(1, cores // count))] * count
 
 
 def run_local(job: Job, slots: list[tuple[str, int]],

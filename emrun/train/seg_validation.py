@@ -20,7 +20,7 @@ from torch import nn
 
 from ..data.sources import open_sources
 from ..infer.array import predict_array
-from ..infer.engine import Engine
+from ..infer.engine import Engine, quantise
 from ..recipe import Recipe
 from ..recipe.tasks import AffinityTarget
 from ..registry import Spec
@@ -83,7 +83,7 @@ def predict_validation(recipe: Recipe, model: nn.Module,
         mask = None if source.mask is None else source.mask.read(roi) != 0
         affs = predict_array(engine, image, (source.low, source.high))[task]
         inputs.append(SegmentationInput(
-            np.rint(np.clip(affs, 0, 1) * 255).astype(np.uint8), source.labels.read(roi), mask,
+            quantise(torch.from_numpy(affs), "uint8"), source.labels.read(roi), mask,
             tuple(tuple(o) for o in target.offsets)))  # type: ignore[misc]
     return inputs
 
