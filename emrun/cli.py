@@ -313,6 +313,9 @@ def segment(
         "--sweep", help="Try each --threshold/--bias (default 0.1 ... 0.9) against --truth; "
                         "write the best by adapted Rand error.")] = False,
     truth: Annotated[str | None, typer.Option(help="Ground-truth labels for --sweep.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="--sweep: values segmented at once in worker processes (default: as "
+                    "many as cores and memory allow).")] = None,
     json_: JsonLine = False,
 ) -> None:
     """Affinities to a neuron segmentation (mutex watershed, waterz, components)."""
@@ -336,7 +339,7 @@ def segment(
                          thresholds=values("--threshold", threshold),
                          biases=values("--bias", bias), min_size=min_size, mask_path=mask,
                          offsets_text=offsets, block=block, name=name, sweep_values=sweep,
-                         truth_path=truth, on_block=report)
+                         truth_path=truth, on_block=report, workers=workers)
     if result.sweep:
         parameter = result.sweep["parameter"]
         for row in result.sweep["table"]:

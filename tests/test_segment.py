@@ -264,6 +264,40 @@ def test_sweep_picks_the_value_with_the_lowest_adapted_rand():
     assert table[0]["arand"] > 0.5 and table[2]["arand"] > 0.5
 
 
+def test_parallel_sweep_equals_the_sequential_sweep():
+    """Values segmented side by side in worker processes (inputs in shared memory) give the
+    same table, choice and segmentation as one after another, with and without a mask."""
+    truth = cells(n=30, seed=3)
+    affs = noisy(affinities(truth), 0.15, seed=3)
+    mask = np.ones(SHAPE, bool)
+    mask[:, :, :5] = False
+    for m in (None, mask):
+        spec = MutexWatershed(min_size=10)
+        one = sweep(affs, OFFSETS, spec, [0.3, 0.5, 0.7], truth, m, workers=1)
+        two = sweep(affs, OFFSETS, spec, [0.3, 0.5, 0.7], truth, m, workers=2)
+        assert one.table() == two.table() and one.best == two.best
+        assert np.array_equal(one.segmentation, two.segmentation)
+    from multiprocessing import active_children
+    assert not active_children()  # the pool is gone when the sweep returns
+
+
+def test_sweep_workers_follow_cores_memory_and_method():
+    from emrun.segment.parallel import parallel_workers, shares_work
+    from emrun.segment.waterz import WaterzSegmenter
+
+    # one per value at most, one per core at most, as many as 80 % of the memory holds
+    assert parallel_workers(5, 10**6, 1000, cores=16, memory=10**12) == 5
+    assert parallel_workers(5, 10**6, 1000, cores=2, memory=10**12) == 2
+    assert parallel_workers(5, 10**6, 1000, cores=16, memory=3 * 10**9) == 2
+    assert parallel_workers(5, 10**6, 1000, cores=16, memory=10**8) == 1
+    # waterz refines one agglomeration through the thresholds: its sweep stays in-process
+    assert shares_work(WaterzSegmenter(Waterz()))
+    assert not shares_work(MutexSegmenter(MutexWatershed()))
+    with pytest.raises(UserError, match="workers"):
+        sweep(np.zeros((3, 4, 4, 4), np.float32), OFFSETS[:3], ConnectedComponents(), [0.5],
+              np.ones((4, 4, 4), np.int32), workers=0)
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -347,7 +381,7 @@ def test_cli_sweep_writes_the_best_and_records_the_table(tmp_path):
     out = tmp_path / "seg.zarr"
     result = invoke(affs_path, out, "--method", "cc", "--sweep", "--truth",
                     tmp_path / "truth.zarr/labels", "--threshold", "0.2",
-                    "--threshold", "0.6,0.9", "--json")
+                    "--threshold", "0.6,0.9", "--workers", "2", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["sweep"]["chosen"] == 0.6
@@ -388,6 +422,7 @@ def bad_cases(tmp_path):
         ([good, a_file], "is a file"),
         ([good, existing], "already exists"),
         ([good, out, "--sweep"], "give --truth"),
+        ([good, out, "--workers", "2"], "--workers is for --sweep"),
         ([good, out, "--sweep", "--truth", tmp_path / "small.zarr/labels"], "shape"),
         ([good, out, "--method", "mwz"], "did you mean 'mws'"),
         ([good, out, "--method", "cc", "--bias", "0.3"], "takes --threshold"),

@@ -217,7 +217,7 @@ def run_segment(affs_path: str, output: Path, *, method: str = DEFAULT_METHOD,
                 block: Sequence[int] | None = None, name: str = "segmentation",
                 sweep_values: bool = False, truth_path: str | None = None,
                 on_block: Callable[[str, int, int], None] | None = None,
-                spec: Spec | None = None) -> SegmentResult:
+                spec: Spec | None = None, workers: int | None = None) -> SegmentResult:
     """Segment ``affs_path`` into ``output``/``name`` (or one volume per value, or the
     sweep's best); see the module docstring. ``spec`` (e.g. a recipe's ``segment``)
     replaces ``method`` and the spec defaults; the other arguments still override it."""
@@ -236,6 +236,9 @@ def run_segment(affs_path: str, output: Path, *, method: str = DEFAULT_METHOD,
             values = given or list(DEFAULT_VALUES)
     elif truth_path is not None:
         raise UserError("--truth is for --sweep; add --sweep or drop --truth")
+    elif workers is not None:
+        raise UserError("--workers is for --sweep (the values it segments at once); add "
+                        "--sweep or drop --workers")
     names = ([f"{name}_{v:g}" for v in values] if values and not sweep_values else [name])
     check_output(output, names)
     if block is not None and min(block) < 1:
@@ -260,8 +263,8 @@ def run_segment(affs_path: str, output: Path, *, method: str = DEFAULT_METHOD,
     write_args = {"voxel_size": volume.voxel_size, "offset": volume.offset}
 
     if sweep_values:
-        _sweep(result, volume, offsets, segmenter, values or [], mask, truth, output, name,
-               info, write_args)
+        _sweep(result, volume, offsets, segmenter, values or [], mask, truth, workers, output,
+               name, info, write_args)
     elif blockwise:
         chosen = (tuple(block) if block is not None
                   else default_block(segmenter, offsets, volume.shape[0]))
@@ -329,14 +332,14 @@ def _blockwise(result: SegmentResult, volume: Volume, offsets: Sequence[Offset],
 
 def _sweep(result: SegmentResult, volume: Volume, offsets: Sequence[Offset],
            segmenter: Segmenter, values: Sequence[float], mask: Volume | None,
-           truth: Volume | None, output: Path, name: str, info: dict[str, Any],
-           write_args: dict[str, Any]) -> None:
+           truth: Volume | None, workers: int | None, output: Path, name: str,
+           info: dict[str, Any], write_args: dict[str, Any]) -> None:
     from .sweep import sweep
 
     assert truth is not None
     affs = to_float(volume.read(), str(volume))
     found = sweep(affs, offsets, segmenter, values, truth.read(),
-                  None if mask is None else mask.read() != 0)
+                  None if mask is None else mask.read() != 0, workers=workers)
     summary = {**found.summary(), "truth": str(truth)}
     result.sweep = summary
     _write(result, output, name, found.segmentation, segmenter.with_value(found.best_value),

@@ -2,7 +2,8 @@
 each against the truth, keep the one with the lowest adapted Rand error.
 
 Shared by `emrun segment --sweep` and the trainer's validation, so that the number a run
-reports is the number the command reproduces. Runs in memory (validation-sized volumes).
+reports is the number the command reproduces. Runs in memory (validation-sized volumes), the
+values side by side in worker processes when the volume is large enough to pay for them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..errors import UserError
 from ..registry import Spec, segmenters
 from .affinities import Offset, check_offsets, to_float
 from .base import Segmenter
+from .parallel import MIN_VOXELS, parallel_workers, shares_work, sweep_in_parallel
 from .pipeline import segment_values
 
 __all__ = ["DEFAULT_VALUES", "SweepResult", "sweep"]
@@ -57,11 +59,12 @@ class SweepResult:
 
 def sweep(affs: np.ndarray, offsets: Sequence[Offset], spec: Spec | Segmenter,
           values: Sequence[float], truth: np.ndarray,
-          mask: np.ndarray | None = None) -> SweepResult:
+          mask: np.ndarray | None = None, workers: int | None = None) -> SweepResult:
     """Segment affinities (c, z, y, x; float, or uint8 with 255 = 1) for each value of the
     method's parameter (mws: bias; cc: threshold; waterz: threshold) and score against
     ``truth`` (z, y, x ids, 0 unscored) inside ``mask``. ``spec``: a segmenter spec or a
-    built segmenter."""
+    built segmenter. ``workers``: values segmented at once in worker processes (None: as
+    many as cores and memory allow for volumes of a million voxels or more, else 1)."""
     from ..evaluate import score
 
     segmenter = spec if isinstance(spec, Segmenter) else segmenters.build(spec)
@@ -74,10 +77,24 @@ def sweep(affs: np.ndarray, offsets: Sequence[Offset], spec: Spec | Segmenter,
     if truth.shape != affs.shape[1:]:
         raise UserError(f"truth has shape {list(truth.shape)} but the affinities' volume is "
                         f"{list(affs.shape[1:])}")
+    if workers is not None and workers < 1:
+        raise UserError(f"sweep workers must be at least 1 (got {workers})")
+    if shares_work(segmenter) or len(values) == 1:
+        workers = 1
+    elif workers is None:
+        voxels = int(np.prod(affs.shape[1:]))
+        workers = 1 if voxels < MIN_VOXELS else parallel_workers(
+            len(values), voxels, segmenter.bytes_per_voxel(affs.shape[0]))
+    if workers > 1:
+        results = sweep_in_parallel(affs, offsets, segmenter, values, truth, mask,
+                                    min(workers, len(values)))
+    else:
+        results = ((score(seg, truth, mask).as_dict(), seg)
+                   for seg in segment_values(affs, offsets, segmenter, values, mask))
     rows: list[dict[str, Any]] = []
     best, best_seg = -1, None
-    for i, seg in enumerate(segment_values(affs, offsets, segmenter, values, mask)):
-        rows.append(score(seg, truth, mask).as_dict())
+    for i, (scores, seg) in enumerate(results):
+        rows.append(scores)
         if best < 0 or rows[-1]["arand"] < rows[best]["arand"]:
             best, best_seg = i, seg
     assert best_seg is not None

@@ -92,7 +92,8 @@ def score_validation(spec: Spec, inputs: Sequence[SegmentationInput],
                      values: Sequence[float] = VALUES) -> dict[str, float] | None:
     """Segment each input for every value (``segment --sweep``'s function), score, average
     over the inputs per value; the mean scores at the best value and that value (as
-    ``segment/<parameter>``). CPU only: the trainer runs it in a separate process."""
+    ``segment/<parameter>``). On the CPU; the values of a large enough input are segmented
+    side by side in worker processes (``emrun.segment.parallel``)."""
     if not inputs:
         return None
     rows = []
