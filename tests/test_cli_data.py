@@ -141,6 +141,9 @@ def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path):
     seg = open_volume(f"{out}/seg.zarr/segmentation")
     assert seg.shape == (10, 48, 48) and seg.offset == (60, 0, 0)
     assert "adapted Rand error" in (out / "results.md").read_text()
+    # the budget is on the record: every recipe override the run was given
+    assert figures["overrides"] == TINY_SNEMI[1::2]
+    assert "`infer.precision=fp32`" in (out / "results.md").read_text()
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "finished benchmark" in again.stderr
     missing = runner.invoke(app, ["bench", "snemi3d", "--data", str(tmp_path / "nowhere")])

@@ -122,7 +122,7 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     final = score(result.segmentation, truth)
 
     results = {
-        "recipe": recipe.name, "data": str(folder),
+        "recipe": recipe.name, "overrides": list(overrides or []), "data": str(folder),
         "train_sections": [0, TRAIN_SECTIONS - 1],
         "validation_sections": [oz, oz + sz - 1],
         "iterations": trainer.iteration, "device": device_name,
@@ -157,6 +157,7 @@ def _table(r: dict[str, Any]) -> str:
         ("inference / segmentation", f"{r['infer_seconds']:.0f} s / {r['segment_seconds']:.0f} s"),
         ("sections", f"train {r['train_sections'][0]}-{r['train_sections'][1]}, validate "
                      f"{r['validation_sections'][0]}-{r['validation_sections'][1]}"),
+        ("recipe", f"{r['recipe']}" + "".join(f", `{o}`" for o in r.get("overrides", []))),
     ]
     lines = ["| SNEMI3D validation | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
