@@ -490,14 +490,16 @@ def bench_train(
     json_: JsonLine = False,
 ) -> None:
     """The trainer's time per iteration against a bare PyTorch loop on the same in-memory
-    batches (synthetic sources, the recipe's model, optimizer, precision and losses)."""
+    batches (synthetic sources, the recipe's model, optimizer, precision, layout, compile and
+    losses)."""
     import json
 
     from .bench.train import bench_train as run_bench
     from .recipe import load_recipe
 
     result = run_bench(load_recipe(recipe, override or []), device=device, steps=steps)
-    out.print(f"[bold]{result['recipe']}[/] on {result['device']} ({result['precision']}): "
+    mode = result["precision"] + (", compiled" if result["compile"] else "")
+    out.print(f"[bold]{result['recipe']}[/] on {result['device']} ({mode}): "
               f"emrun {result['emrun_step_ms']:.1f} ms/iteration, bare loop "
               f"{result['bare_step_ms']:.1f} ms, overhead {100 * result['overhead']:+.1f} %")
     if json_:
@@ -520,7 +522,8 @@ def bench_infer(
     from .recipe import load_recipe
 
     result = run_bench(load_recipe(recipe, override or []).recipe, shape=shape, device=device)
-    out.print(f"[bold]{result['recipe']}[/] on {result['device']} ({result['precision']}): "
+    mode = result["precision"] + (", compiled" if result["compile"] else "")
+    out.print(f"[bold]{result['recipe']}[/] on {result['device']} ({mode}): "
               f"engine {result['engine_voxels_per_s'] / 1e6:.3f} Mvoxel/s, model alone "
               f"{result['model_voxels_per_s'] / 1e6:.3f} Mvoxel/s, overlap "
               f"{result['overlap']:.2f}x, efficiency {result['efficiency']:.2f}")

@@ -80,6 +80,25 @@ def test_bench_model_reports_facts_and_configurations(write):
         ("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)}
 
 
+def test_bench_train_times_both_loops_with_the_recipes_compile_setting(write, monkeypatch):
+    """`train.compile` reaches both the trainer and the bare loop (compiled in the warm-up,
+    outside the timing), and the figures say which was measured."""
+    import torch
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    for setting, calls in (("false", 0), ("true", 2)):
+        compiled.clear()
+        result = runner.invoke(app, ["bench", "train", str(write(MINIMAL)), "--steps", "2",
+                                     "--device", "cpu", "-o", f"train.compile={setting}",
+                                     "--json"])
+        assert result.exit_code == 0, result.output
+        figures = json.loads(result.stdout.strip().splitlines()[-1])
+        assert figures["compile"] is (setting == "true") and len(compiled) == calls
+        assert figures["emrun_step_ms"] > 0 and figures["bare_step_ms"] > 0
+        assert ("compiled" in result.stdout) is (setting == "true")
+
+
 def test_demo_trains_and_draws_then_refuses_to_overwrite(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "-o", "train.iterations=3", "-o", "train.log_every=1",

@@ -1,8 +1,9 @@
 """`emrun bench train`: the trainer's per-iteration time against a bare PyTorch loop.
 
-Both run the same model, optimizer, precision and losses on the same batches, already in
-memory, so the difference is what the trainer adds per iteration (bookkeeping, logging,
-checkpointing, loss checks), not data loading.
+Both run the same model, optimizer, precision, memory layout, compilation (``train.compile``)
+and losses on the same batches, already in memory, so the difference is what the trainer adds
+per iteration (bookkeeping, logging, checkpointing, loss checks), not data loading. Compiling
+happens in the warm-up steps, outside the timing.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..losses import total_loss
 from ..recipe import LoadedRecipe
 from ..registry import losses, models
 from ..train.optim import build_optimizer
-from ..train.trainer import Trainer, seed_everything
+from ..train.trainer import Trainer, configure_backends, seed_everything
 from .data import with_synthetic_sources
 
 
@@ -39,8 +40,12 @@ def _bare_loop(loaded: LoadedRecipe, batches: list[dict[str, Any]], device: torc
                steps: int, warmup: int) -> float:
     """Mean seconds per step of a hand-written loop (after ``warmup`` steps)."""
     recipe = loaded.recipe
+    configure_backends(recipe, device)
     seed_everything(recipe.seed)
     model = models.build(recipe.model, head_channels=recipe.head_channels()).to(device)
+    if device.type == "cuda" and recipe.train.channels_last:  # as the trainer does
+        model.to(memory_format=torch.channels_last_3d)
+    forward = torch.compile(model) if recipe.train.compile else model
     optimizer = build_optimizer(recipe.train.optimizer, model.parameters())
     loss_fns = {name: losses.build(task.loss) for name, task in recipe.tasks.items()}
     weights = {name: task.weight for name, task in recipe.tasks.items()}
@@ -50,7 +55,7 @@ def _bare_loop(loaded: LoadedRecipe, batches: list[dict[str, Any]], device: torc
         start = time.perf_counter()
         batch = unpack(packed, device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            outputs = model(batch["image"])
+            outputs = forward(batch["image"])
             results = {n: fn(outputs[n], batch["target"][n], batch["mask"][n])
                        for n, fn in loss_fns.items()}
         loss = total_loss(results, weights)
@@ -90,7 +95,7 @@ def bench_train(loaded: LoadedRecipe, *, device: str | None = None, steps: int =
     recipe = with_synthetic_sources(loaded.recipe) if synthetic else loaded.recipe
     train = recipe.train.model_copy(update={
         "iterations": warmup + steps, "validate_every": 0, "image_every": 0,
-        "checkpoint_every": warmup + steps, "workers": 0, "compile": False})
+        "checkpoint_every": warmup + steps, "workers": 0})
     recipe = recipe.model_copy(update={"train": train})
     loaded = LoadedRecipe(recipe, loaded.source, loaded.path, loaded.files)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -102,6 +107,7 @@ def bench_train(loaded: LoadedRecipe, *, device: str | None = None, steps: int =
         "recipe": recipe.name,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "precision": recipe.train.precision,
+        "compile": recipe.train.compile,
         "patch": list(recipe.train.patch),
         "batch_size": recipe.train.batch_size,
         "steps": steps,

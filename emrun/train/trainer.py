@@ -76,7 +76,9 @@ def _device(requested: str | None, world: distributed.World) -> torch.device:
     return torch.device("cpu")
 
 
-def _configure_determinism(recipe: Recipe, device: torch.device) -> None:
+def configure_backends(recipe: Recipe, device: torch.device) -> None:
+    """Deterministic kernels when the recipe asks for them, else cuDNN's autotuner on a GPU
+    (the fastest convolution for the patch shape, picked once)."""
     if recipe.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -101,7 +103,7 @@ class Trainer:
         self.world = distributed.setup(_device(device, distributed.World()).type)
         self.device = _device(device, self.world)
         self.console = console
-        _configure_determinism(self.recipe, self.device)
+        configure_backends(self.recipe, self.device)
 
         checkpoint = self._checkpoint_to_resume()
         seed_everything(self.recipe.seed)  # identical initial weights on every rank
