@@ -522,8 +522,7 @@ def bench_infer(
     from .recipe import load_recipe
 
     result = run_bench(load_recipe(recipe, override or []).recipe, shape=shape, device=device)
-    mode = result["precision"] + (", compiled" if result["compile"] else "")
-    out.print(f"[bold]{result['recipe']}[/] on {result['device']} ({mode}): "
+    out.print(f"[bold]{result['recipe']}[/] on {result['device']} ({result['precision']}): "
               f"engine {result['engine_voxels_per_s'] / 1e6:.3f} Mvoxel/s, model alone "
               f"{result['model_voxels_per_s'] / 1e6:.3f} Mvoxel/s, overlap "
               f"{result['overlap']:.2f}x, efficiency {result['efficiency']:.2f}")

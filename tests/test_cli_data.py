@@ -152,6 +152,7 @@ def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path):
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["iterations"] == 2 and figures["validation_sections"] == [60, 69]
+    assert figures["train_seconds"] > 0 and figures["device"].startswith("cpu (")
     assert 0 <= figures["arand"] <= 1 and figures["chosen"] in [r["bias"] for r in
                                                                  figures["sweep"]]
     assert min(r["arand"] for r in figures["sweep"]) == pytest.approx(figures["arand"], abs=1e-4)

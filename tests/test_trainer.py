@@ -104,9 +104,14 @@ def test_resume_after_sigkill_is_bitwise_identical(recipe, tmp_path):
     first = emrun("train", str(recipe), "--run-dir", str(killed),
                   env={"EMRUN_TEST_SIGKILL_AFTER": "6"})
     assert first.returncode == -signal.SIGKILL
-    assert torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 6
+    early = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
+    assert early["iteration"] == 6
     resumed = emrun("train", str(recipe), "--run-dir", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    # the training budget spans sessions: wall time adds up, the device is recorded once
+    final = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 < early["train_seconds"] < final["train_seconds"]
+    assert len(final["devices"]) == 1 and final["devices"][0].startswith("cpu (")
     a, b = weights(straight), weights(killed)
     assert a.keys() == b.keys()
     for key in a:

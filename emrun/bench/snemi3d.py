@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..atomic import atomic_output, write_text
 from ..errors import UserError
@@ -35,7 +34,7 @@ from ..segment.affinities import to_float
 from ..segment.sweep import sweep
 from ..shipped import RECIPES
 from ..train.seg_validation import VALUES, affinity_task
-from ..train.trainer import Trainer
+from ..train.trainer import Trainer, device_name
 
 FILES = {"image": "train-input.tif", "labels": "train-labels.tif"}
 SECTIONS = 70
@@ -94,12 +93,9 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     if task is None:
         raise UserError("the recipe has no affinity task to segment")
     run = out / "run"
-    started = time.perf_counter()
     trainer = Trainer(loaded, run, resume=(run / "checkpoints" / "last.pt").exists(),
                       device=device, console=console)
     trainer.fit()
-    train_seconds = time.perf_counter() - started
-    device_name = _device_name(trainer.device)
 
     started = time.perf_counter()
     pred = out / "pred.zarr"
@@ -125,8 +121,10 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
         "recipe": recipe.name, "overrides": list(overrides or []), "data": str(folder),
         "train_sections": [0, TRAIN_SECTIONS - 1],
         "validation_sections": [oz, oz + sz - 1],
-        "iterations": trainer.iteration, "device": device_name,
-        "train_seconds": round(train_seconds, 1), "infer_seconds": round(infer_seconds, 1),
+        "iterations": trainer.iteration, "device": ", ".join(trainer.devices),
+        "train_seconds": round(trainer.seconds(), 1),
+        "infer_device": device_name(trainer.device),
+        "infer_seconds": round(infer_seconds, 1),
         "segment_seconds": round(segment_seconds, 1),
         "segmenter": recipe.segment.type, "parameter": result.parameter,
         "chosen": result.best_value, "sweep": result.table(),
@@ -139,12 +137,6 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     return results
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 def _table(r: dict[str, Any]) -> str:
     """The results as a Markdown table (for results.md and the README)."""
     rows = [
@@ -154,7 +146,8 @@ def _table(r: dict[str, Any]) -> str:
         ("segmenter", f"{r['segmenter']}, {r['parameter']} {r['chosen']:g} (swept)"),
         ("training", f"{r['iterations']} iterations, {r['train_seconds'] / 60:.1f} min on "
                      f"{r['device']}"),
-        ("inference / segmentation", f"{r['infer_seconds']:.0f} s / {r['segment_seconds']:.0f} s"),
+        ("inference / segmentation", f"{r['infer_seconds']:.0f} s on {r['infer_device']} / "
+                                     f"{r['segment_seconds']:.0f} s"),
         ("sections", f"train {r['train_sections'][0]}-{r['train_sections'][1]}, validate "
                      f"{r['validation_sections'][0]}-{r['validation_sections'][1]}"),
         ("recipe", f"{r['recipe']}" + "".join(f", `{o}`" for o in r.get("overrides", []))),

@@ -76,6 +76,14 @@ def _device(requested: str | None, world: distributed.World) -> torch.device:
     return torch.device("cpu")
 
 
+def device_name(device: torch.device) -> str:
+    """The device as a reader of a results table wants it: the GPU model, or the CPU's
+    thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def configure_backends(recipe: Recipe, device: torch.device) -> None:
     """Deterministic kernels when the recipe asks for them, else cuDNN's autotuner on a GPU
     (the fastest convolution for the patch shape, picked once)."""
@@ -125,6 +133,9 @@ class Trainer:
         self.batches_done = 0
         self.nonfinite = 0
         self.best: float | None = None
+        self.train_seconds = 0.0  # wall time in fit() over every session of this run
+        self.devices: list[str] = []  # the devices that trained it, in order of first use
+        self._clock: float | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
         self.forward_model: nn.Module = self.model
@@ -174,6 +185,8 @@ class Trainer:
         self.batches_done = int(state["data"]["batches"])
         self.nonfinite = int(state.get("nonfinite", 0))
         self.best = state.get("best")
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.devices = list(state.get("devices", []))
         set_rng_state(state["rng"])
 
     def state(self) -> dict[str, Any]:
@@ -189,8 +202,16 @@ class Trainer:
             "rng": rng_state(),
             "nonfinite": self.nonfinite,
             "best": self.best,
+            "train_seconds": self.seconds(),
+            "devices": self.devices,
             "recipe": run_dir.recipe_text(self.recipe),
         }
+
+    def seconds(self) -> float:
+        """Wall time spent training this run so far, earlier sessions included (time after
+        a session's last checkpoint is lost with it, and counted again when redone)."""
+        running = 0.0 if self._clock is None else time.perf_counter() - self._clock
+        return self.train_seconds + running
 
     # -- one iteration --------------------------------------------------------------------
 
@@ -242,6 +263,9 @@ class Trainer:
         logger = RunLogger(self.run_path, total=self.train.iterations, enabled=self.world.main,
                            console=self.console, start=self.iteration)
         voxels = self.train.batch_size * math.prod(self.train.patch) * self.train.accumulate
+        if device_name(self.device) not in self.devices:
+            self.devices.append(device_name(self.device))
+        self._clock = time.perf_counter()
         in_a_row = 0
         window_start, window_iters = time.perf_counter(), 0
         pending: dict[str, torch.Tensor] = {}
@@ -286,6 +310,7 @@ class Trainer:
                                    f"{self.iteration}; continue with --resume")
                 return TrainResult(self.iteration, self.run_path, signals.received, self.nonfinite)
         finally:
+            self.train_seconds, self._clock = self.seconds(), None
             logger.close()
             distributed.teardown(self.world)
 
