@@ -281,6 +281,22 @@ def test_parallel_sweep_equals_the_sequential_sweep():
     assert not active_children()  # the pool is gone when the sweep returns
 
 
+class DyingSegmenter(MutexSegmenter):
+    """A segmenter whose worker process dies, as one killed for memory would."""
+
+    def fragments(self, affs, offsets, mask):
+        import os
+
+        os._exit(3)
+
+
+def test_a_dead_sweep_worker_is_reported_not_hung():
+    truth = cells(shape=(4, 16, 16), n=3)
+    with pytest.raises(RuntimeError, match=r"sweep worker died while segmenting bias 0\.3"):
+        sweep(affinities(truth), OFFSETS, DyingSegmenter(MutexWatershed()), [0.3, 0.5], truth,
+              workers=2)
+
+
 def test_sweep_workers_follow_cores_memory_and_method():
     from emrun.segment.parallel import parallel_workers, shares_work
     from emrun.segment.waterz import WaterzSegmenter

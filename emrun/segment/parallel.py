@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any
@@ -91,8 +92,14 @@ def sweep_in_parallel(affs: np.ndarray, offsets: Sequence[Offset], segmenter: Se
         pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context))
         futures = [pool.submit(_segment_and_score, shared, tuple(map(tuple, offsets)),
                                segmenter.with_value(v)) for v in values]
-        for future in futures:
-            yield future.result()
+        for value, future in zip(values, futures, strict=True):
+            try:
+                yield future.result()
+            except BrokenProcessPool:
+                raise RuntimeError(
+                    f"a sweep worker died while segmenting {segmenter.value_name} {value:g} "
+                    f"(killed for memory?); run fewer values at once (--workers) or a smaller "
+                    "volume") from None
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
