@@ -281,6 +281,36 @@ def test_parallel_sweep_equals_the_sequential_sweep():
     assert not active_children()  # the pool is gone when the sweep returns
 
 
+SCRIPT = """
+import numpy as np
+from emrun.recipe.run import MutexWatershed
+from emrun.segment.sweep import sweep
+if __name__ == "__main__":
+    truth = np.random.default_rng(0).integers(1, 4, (8, 32, 32))
+    affs = np.random.default_rng(1).random((3, 8, 32, 32)).astype(np.float32)
+    sweep(affs, [(-1, 0, 0), (0, -1, 0), (0, 0, -1)], MutexWatershed(), [0.3, 0.7], truth,
+          workers=2)
+    print("done")
+"""
+
+
+def test_parallel_sweep_leaves_no_shared_memory_and_no_tracker_noise(tmp_path):
+    """The parent's unlink is the one clean-up: no block is left in /dev/shm, and the
+    resource tracker reports nothing (no 'leaked', no KeyError) when the program ends."""
+    import subprocess
+    from pathlib import Path
+
+    before = set(Path("/dev/shm").glob("psm_*")) if Path("/dev/shm").is_dir() else set()
+    script = tmp_path / "sweep_script.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr
+    assert "KeyError" not in done.stderr and "leaked" not in done.stderr, done.stderr
+    if Path("/dev/shm").is_dir():
+        assert set(Path("/dev/shm").glob("psm_*")) <= before
+
+
 class DyingSegmenter(MutexSegmenter):
     """A segmenter whose worker process dies, as one killed for memory would."""
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
@@ -97,20 +97,20 @@ def sweep_in_parallel(affs: np.ndarray, offsets: Sequence[Offset], segmenter: Se
                 yield future.result()
             except BrokenProcessPool:
                 raise RuntimeError(
-                    f"a sweep worker died while segmenting {segmenter.value_name} {value:g} "
-                    f"(killed for memory?); run fewer values at once (--workers) or a smaller "
-                    "volume") from None
+                    f"a sweep worker died while segmenting {segmenter.value_name} {value:g}: "
+                    "killed for memory (run fewer values at once: --workers, or a smaller "
+                    "volume), or a script calling emrun without an `if __name__ == "
+                    "'__main__':` guard (workers are spawned and import the main module)"
+                    ) from None
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
-    """Map a block the parent owns without taking part in its clean-up (before Python 3.13
-    attaching registered the block with the resource tracker, which then unlinked or
-    reported it when the worker exited)."""
+    """Map a block the parent owns. Spawned workers share the parent's resource tracker, so
+    attaching (which registers the name again, a no-op) leaves the parent's ``unlink`` as
+    the one clean-up; from Python 3.13 the worker does not register it at all."""
     if sys.version_info >= (3, 13):
         return shared_memory.SharedMemory(name=name, track=False)
-    block = shared_memory.SharedMemory(name=name)
-    resource_tracker.unregister(block._name, "shared_memory")  # type: ignore[attr-defined]
-    return block
+    return shared_memory.SharedMemory(name=name)
 
 
 def _segment_and_score(shared: dict[str, Shared], offsets: tuple[Offset, ...],

@@ -64,7 +64,8 @@ def sweep(affs: np.ndarray, offsets: Sequence[Offset], spec: Spec | Segmenter,
     method's parameter (mws: bias; cc: threshold; waterz: threshold) and score against
     ``truth`` (z, y, x ids, 0 unscored) inside ``mask``. ``spec``: a segmenter spec or a
     built segmenter. ``workers``: values segmented at once in worker processes (None: as
-    many as cores and memory allow for volumes of a million voxels or more, else 1)."""
+    many as cores and memory allow for volumes of a million voxels or more, else 1; worker
+    processes are spawned, so a script calling this needs ``if __name__ == "__main__":``)."""
     from ..evaluate import score
 
     segmenter = spec if isinstance(spec, Segmenter) else segmenters.build(spec)
