@@ -346,6 +346,11 @@ def segment(
             out.print(f"  {parameter} {row[parameter]:<6g} arand {row['arand']:.4f}  voi split "
                       f"{row['voi_split']:.3f} merge {row['voi_merge']:.3f}", markup=False)
         out.print(f"best {parameter} {result.sweep['chosen']:g}", markup=False)
+        if result.sweep["at_edge"]:
+            values = [row[parameter] for row in result.sweep["table"]]
+            err.print(f"note: the best {parameter} is at the edge of the values tried "
+                      f"({min(values):g} ... {max(values):g}); a wider range may segment "
+                      "better", markup=False)
     for item in result.outputs:
         value = next(f"{k} {v:g}" for k, v in item.items() if k not in ("name", "segments"))
         out.print(f"wrote {output}/{item['name']}: {item['segments']} segments ({result.method} "

@@ -257,7 +257,10 @@ def test_sweep_picks_the_value_with_the_lowest_adapted_rand():
     truth, affs = known_answer()
     found = sweep(affs, OFFSETS[:3], ConnectedComponents(), [0.2, 0.6, 0.9], truth)
     assert found.parameter == "threshold" and found.best_value == 0.6
+    assert not found.at_edge and found.summary()["at_edge"] is False
     assert found.best_scores["arand"] == pytest.approx(0.0, abs=1e-9)
+    edge = sweep(affs, OFFSETS[:3], ConnectedComponents(), [0.2, 0.3, 0.6], truth)
+    assert edge.best_value == 0.6 and edge.at_edge  # a wider range might do better
     assert same_partition(found.segmentation, truth)
     table = found.table()
     assert [row["threshold"] for row in table] == [0.2, 0.6, 0.9]
@@ -430,7 +433,7 @@ def test_cli_sweep_writes_the_best_and_records_the_table(tmp_path):
                     "--threshold", "0.6,0.9", "--workers", "2", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["sweep"]["chosen"] == 0.6
+    assert report["sweep"]["chosen"] == 0.6 and "edge" not in result.stderr
     assert [row["threshold"] for row in report["sweep"]["table"]] == [0.2, 0.6, 0.9]
     meta = dict(zarr.open_group(str(out / "segmentation"), mode="r").attrs)["emrun"]["segment"]
     assert meta["sweep"]["chosen"] == 0.6 and len(meta["sweep"]["table"]) == 3
@@ -439,6 +442,10 @@ def test_cli_sweep_writes_the_best_and_records_the_table(tmp_path):
     one = invoke(affs_path, out, "--method", "cc", "--sweep", "--truth",
                  tmp_path / "truth.zarr/labels", "--threshold", "0.9", "--name", "one", "--json")
     assert one.exit_code == 0, one.output  # one value given: a sweep of that value alone
+    assert "edge" not in one.stderr
+    edge = invoke(affs_path, out, "--method", "cc", "--sweep", "--truth",
+                  tmp_path / "truth.zarr/labels", "--threshold", "0.2,0.6", "--name", "edge")
+    assert edge.exit_code == 0 and "at the edge of the values tried (0.2 ... 0.6)" in edge.stderr
     assert [r["threshold"] for r in json.loads(one.stdout.strip().splitlines()[-1])["sweep"][
         "table"]] == [0.9]
 

@@ -127,7 +127,8 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
         "infer_seconds": round(infer_seconds, 1),
         "segment_seconds": round(segment_seconds, 1),
         "segmenter": recipe.segment.type, "parameter": result.parameter,
-        "chosen": result.best_value, "sweep": result.table(),
+        "chosen": result.best_value, "chosen_at_edge": result.at_edge,
+        "sweep": result.table(),
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in final.as_dict().items()},
     }
     _figures(out, open_volume(f"{volumes}/image").read(box), affs, result.segmentation, truth,
@@ -139,11 +140,13 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
 
 def _table(r: dict[str, Any]) -> str:
     """The results as a Markdown table (for results.md and the README)."""
+    tried = " / ".join(f"{row[r['parameter']]:g}" for row in r["sweep"])
     rows = [
         ("adapted Rand error", f"{r['arand']:.4f}"),
         ("VOI split / merge (bits)", f"{r['voi_split']:.3f} / {r['voi_merge']:.3f}"),
         ("CREMI score", f"{r['cremi_score']:.4f}"),
-        ("segmenter", f"{r['segmenter']}, {r['parameter']} {r['chosen']:g} (swept)"),
+        ("segmenter", f"{r['segmenter']}, {r['parameter']} {r['chosen']:g} (swept over "
+                      f"{tried}{'; best at the edge' if r.get('chosen_at_edge') else ''})"),
         ("training", f"{r['iterations']} iterations, {r['train_seconds'] / 60:.1f} min on "
                      f"{r['device']}"),
         ("inference / segmentation", f"{r['infer_seconds']:.0f} s on {r['infer_device']} / "

@@ -47,6 +47,12 @@ class SweepResult:
     def best_scores(self) -> dict[str, Any]:
         return self.scores[self.best]
 
+    @property
+    def at_edge(self) -> bool:
+        """Whether the best value is the lowest or highest one tried (of several): a wider
+        range may do better."""
+        return len(self.values) > 1 and self.best_value in (min(self.values), max(self.values))
+
     def table(self) -> list[dict[str, Any]]:
         """One row per value: the value under the parameter's name, then its scores."""
         return [{self.parameter: v, **s} for v, s in zip(self.values, self.scores, strict=True)]
@@ -54,7 +60,8 @@ class SweepResult:
     def summary(self) -> dict[str, Any]:
         """JSON-ready: method, parameter, chosen value, its scores, the whole table."""
         return {"method": self.method, "parameter": self.parameter,
-                "chosen": self.best_value, "best": self.best_scores, "table": self.table()}
+                "chosen": self.best_value, "at_edge": self.at_edge, "best": self.best_scores,
+                "table": self.table()}
 
 
 def sweep(affs: np.ndarray, offsets: Sequence[Offset], spec: Spec | Segmenter,
