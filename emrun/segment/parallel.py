@@ -24,7 +24,7 @@ import numpy as np
 
 from .affinities import Offset
 from .base import Segmenter
-from .pipeline import finish
+from .pipeline import segment_values
 
 __all__ = ["available_memory", "parallel_workers", "shares_work", "sweep_in_parallel"]
 
@@ -123,8 +123,7 @@ def _segment_and_score(shared: dict[str, Shared], offsets: tuple[Offset, ...],
         arrays = {key: np.ndarray(shape, np.dtype(dtype), buffer=blocks[key].buf)
                   for key, (_, shape, dtype) in shared.items()}
         affs, truth, mask = arrays["affs"], arrays["truth"], arrays.get("mask")
-        seg = finish(segmenter.fragments(affs, offsets, mask), affs, offsets, mask,
-                     segmenter.min_size)
+        seg = next(segment_values(affs, offsets, segmenter, [segmenter.value], mask))
         scores = score(seg, truth, mask).as_dict()
         del arrays, affs, truth, mask  # views into the blocks must go before closing them
         return scores, seg
