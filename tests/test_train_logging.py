@@ -251,3 +251,25 @@ def test_tensorboard_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         log.step(1, {"loss/total": 0.5})
     assert "metrics go to events.jsonl only" in buf.getvalue()
     assert len(records(tmp_path / "b")) == 1
+
+
+def test_excluded_pause_leaves_rate_and_eta_alone(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # 10 it/s, then a 100 s validation: the rate after it must still read 10 it/s, not 5
+    clock = [0.0]
+    monkeypatch.setattr("emrun.train.logging.time.perf_counter", lambda: clock[0])
+    console, buf = plain_console()
+    with RunLogger(tmp_path, total=10_000, console=console) as log:
+        for it in range(100, 1100, 100):
+            clock[0] += 10.0
+            log.step(it, {"loss/total": 0.1})
+        clock[0] += 100.0
+        log.exclude(100.0)
+        clock[0] += 10.0
+        log.step(1100, {"loss/total": 0.1})
+        clock[0] += 100.0  # a pause not excluded shows in the rate
+        clock[0] += 10.0
+        log.step(1200, {"loss/total": 0.1})
+    lines = buf.getvalue().splitlines()
+    assert "10 it/s  ETA 14m50s" in lines[-2], lines[-2]
+    assert "10 it/s" not in lines[-1], lines[-1]

@@ -326,6 +326,14 @@ class RunLogger:
                   if name != "loss" and not name.startswith("loss/")]
         self._line("  ".join(part for part in parts if part))
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` of non-training time (a validation, a checkpoint) out of the
+        it/s estimate and the ETA: otherwise one pause skews them for a whole rate window."""
+        if not self.enabled or seconds <= 0:
+            return
+        self._marks = deque(((it, t + seconds) for it, t in self._marks),
+                            maxlen=self._marks.maxlen)
+
     def message(self, text: str) -> None:
         """One line on the console, printed above the live display when there is one."""
         if not self.enabled:

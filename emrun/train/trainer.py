@@ -298,12 +298,16 @@ class Trainer:
                         window_start = time.perf_counter()
                     if self.train.image_every and self.iteration % self.train.image_every == 0:
                         self._images(logger, result["batch"])
+                    paused = time.perf_counter()
                     if self.train.validate_every and \
                             self.iteration % self.train.validate_every == 0:
                         self._validate(logger)
                     if self.iteration % self.train.checkpoint_every == 0 or \
                             self.iteration == self.train.iterations:
                         self._checkpoint(logger)
+                    pause = time.perf_counter() - paused  # not training: out of the rates
+                    window_start += pause
+                    logger.exclude(pause)
                 if signals.received is not None:
                     self._checkpoint(logger)
                     logger.message(f"{signals.received}: checkpoint written at iteration "
