@@ -164,8 +164,8 @@ def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path):
     # the budget is on the record: every recipe override the run was given
     assert figures["overrides"] == TINY_SNEMI[1::2]
     assert "`infer.precision=fp32`" in (out / "results.md").read_text()
-    assert "swept over 0.3 / 0.4 / 0.5 / 0.6 / 0.7" in (out / "results.md").read_text()
-    assert figures["chosen_at_edge"] is (figures["chosen"] in (0.3, 0.7))
+    assert "swept over 0.2 / 0.3 / 0.4 / 0.5 / 0.6 / 0.7" in (out / "results.md").read_text()
+    assert figures["chosen_at_edge"] is (figures["chosen"] in (0.2, 0.7))
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "finished benchmark" in again.stderr
     missing = runner.invoke(app, ["bench", "snemi3d", "--data", str(tmp_path / "nowhere")])

@@ -76,7 +76,7 @@ def test_run_directory_layout_and_refusals(recipe, tmp_path):
     assert len(validations) == 2
     for v in validations:
         assert 0 <= v["arand"] <= 1 and v["voi_split"] >= 0 and v["voi_merge"] >= 0
-        assert v["segment/bias"] in (0.3, 0.4, 0.5, 0.6, 0.7)
+        assert v["segment/bias"] in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     assert best["best"] == min(v["arand"] for v in validations)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)

@@ -26,7 +26,7 @@ from ..recipe.tasks import AffinityTarget
 from ..registry import Spec
 from ..segment.sweep import sweep
 
-VALUES = (0.3, 0.4, 0.5, 0.6, 0.7)
+VALUES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 """Values of the segmenter's parameter (mws: bias; cc, waterz: threshold) tried each time."""
 MAX_VOXELS = 4_000_000
 """Segmentation validation uses at most this many voxels per source, a crop centred in y and
