@@ -531,6 +531,11 @@ def bench_infer(
               f"engine {result['engine_voxels_per_s'] / 1e6:.3f} Mvoxel/s, model alone "
               f"{result['model_voxels_per_s'] / 1e6:.3f} Mvoxel/s, overlap "
               f"{result['overlap']:.2f}x, efficiency {result['efficiency']:.2f}")
+    stages = result["stage_seconds"]
+    out.print(f"{result['blocks']} blocks in {result['engine_seconds']:.2f} s: predicting "
+              f"{stages['predict']:.2f} s, waiting for reads {stages['wait_read']:.2f} s and "
+              f"writes {stages['wait_write']:.2f} s (reader threads {stages['read']:.2f} s, "
+              f"writer threads {stages['write']:.2f} s)")
     if result["monai_voxels_per_s"] is None:
         out.print("MONAI is not installed: no sliding_window_inference comparison")
     else:

@@ -126,6 +126,13 @@ def test_bench_infer_reports_efficiency(write):
     assert figures["monai_voxels_per_s"] is None or figures["monai_voxels_per_s"] > 0
     for key in ("engine_voxels_per_s", "model_voxels_per_s", "efficiency"):
         assert figures[key] > 0
+    # the engine's seconds split into the main thread's stages, and the IO threads ran
+    stages, seconds = figures["stage_seconds"], figures["engine_seconds"]
+    main = stages["predict"] + stages["wait_read"] + stages["wait_write"]
+    assert 0.5 * seconds <= main <= seconds + 1e-3
+    assert stages["predict"] > 0 and stages["read"] > 0 and stages["write"] > 0
+    assert figures["engine_voxels_per_s"] == pytest.approx(8 * 48 * 48 / seconds, rel=0.01)
+    assert "blocks in" in result.stdout and "waiting for reads" in result.stdout
 
 
 TINY_SNEMI = ["-o", "model.widths=[4, 8]", "-o", "model.norm=group", "-o", "model.groups=2",

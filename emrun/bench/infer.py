@@ -1,8 +1,10 @@
 """`emrun bench infer`: the engine's end-to-end output voxels/s against the model alone.
 
 The model-only rate is forward passes on the same patch size, batch and precision, with the
-input already on the device. The engine has to predict every voxel ``overlap`` times (patch
-voxels x patches / output voxels), so its efficiency is
+input already on the device. The engine is `emrun infer`'s block worker (reads ahead, writes
+behind) timed from the first block to the last written, model loading excluded; its seconds
+per stage tell whether the device or the IO bounds it. The engine has to predict every voxel
+``overlap`` times (patch voxels x patches / output voxels), so its efficiency is
 ``engine_voxels_per_s * overlap / model_voxels_per_s`` (1.0: no time lost to reading,
 blending, padding, quantising or writing).
 """
@@ -20,8 +22,9 @@ import numpy as np
 import torch
 
 from ..infer.engine import Engine
+from ..infer.job import prepare_job
 from ..infer.plan import Layout, choose_chunks_and_block
-from ..infer.schedule import run_inference
+from ..infer.worker import BlockWorker
 from ..io.write import write_volume
 from ..recipe import Recipe
 from ..registry import models
@@ -97,10 +100,15 @@ def bench_infer(recipe: Recipe, *, shape: tuple[int, int, int] | None = None,
         times = _model_times(engine, image, repeats)  # before the engine and after it:
         write_volume(root / "in.zarr", "image", image)
         torch.save({"model": model.state_dict(), "iteration": 0}, root / "model.pt")
-        progress = run_inference(recipe, root / "model.pt", str(root / "in.zarr/image"),
-                                 root / "out.zarr", device=str(dev))
+        job = prepare_job(recipe, root / "model.pt", str(root / "in.zarr/image"),
+                          root / "out.zarr")
+        worker = BlockWorker(job, dev)  # `emrun infer`'s worker; loading the model not timed
+        blocks = job.pending()
+        started = time.perf_counter()
+        worker.run(blocks)
+        seconds = time.perf_counter() - started
         times += _model_times(engine, image, repeats)  # a drifting machine biases neither
-    engine_rate = progress.voxels / progress.seconds
+    engine_rate = math.prod(shape) / seconds
     model_rate = engine.batch_size * math.prod(patch) / statistics.median(times)
     monai_rate = _monai_rate(engine, image)
     return {
@@ -108,11 +116,14 @@ def bench_infer(recipe: Recipe, *, shape: tuple[int, int, int] | None = None,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "precision": recipe.infer.precision,
         "patch": list(patch), "stride": list(engine.stride), "batch_size": engine.batch_size,
-        "volume": list(shape), "block": list(block), "tta": recipe.infer.tta,
+        "volume": list(shape), "block": list(block), "blocks": len(blocks),
+        "tta": recipe.infer.tta,
         "overlap": round(overlap, 3),
         "engine_voxels_per_s": round(engine_rate, 1),
         "model_voxels_per_s": round(model_rate, 1),
         "efficiency": round(engine_rate * overlap / model_rate, 4),
+        "engine_seconds": round(seconds, 3),
+        "stage_seconds": {k: round(v, 3) for k, v in worker.seconds.items()},
         "monai_voxels_per_s": None if monai_rate is None else round(monai_rate, 1),
         "engine_vs_monai": None if monai_rate is None else round(engine_rate / monai_rate, 3),
     }

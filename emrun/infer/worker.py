@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import errno
 import math
+import threading
+import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +30,10 @@ from .plan import Zyx
 
 PREFETCH = 2
 WRITES_IN_FLIGHT = 2
+STAGES = ("read", "predict", "write", "wait_read", "wait_write")
+"""Seconds a worker sums per stage: reading (reader threads), predicting and quantising
+(the device; main thread), writing (writer threads), and the main thread waiting for a read
+or for a write slot. Waits near zero: the device bounds the rate; large: the IO does."""
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
@@ -50,6 +57,8 @@ class BlockWorker:
         self.engine = Engine(job.recipe, load_model(job.recipe, job.checkpoint, device), device,
                              tta=job.tta)
         self.dtype = job.recipe.infer.dtype
+        self.seconds = {stage: 0.0 for stage in STAGES}
+        self._lock = threading.Lock()
 
     def run(self, blocks: Iterable[Zyx], on_done: Callable[[BlockDone], None] | None = None
             ) -> None:
@@ -71,14 +80,20 @@ class BlockWorker:
             try:
                 while reads:
                     block, pending = reads.popleft()
-                    raw = pending.result()
+                    with self._timed("wait_read"):
+                        raw = pending.result()
                     refill()
-                    values = self._predict(block, raw)
+                    with self._timed("predict"):
+                        values = self._predict(block, raw)
                     writes.append(writers.submit(self._write, block, values, raw is not None))
                     while len(writes) > WRITES_IN_FLIGHT or (writes and writes[0].done()):
-                        _report(writes.popleft().result(), on_done)
+                        with self._timed("wait_write"):
+                            done = writes.popleft().result()
+                        _report(done, on_done)
                 while writes:
-                    _report(writes.popleft().result(), on_done)
+                    with self._timed("wait_write"):
+                        done = writes.popleft().result()
+                    _report(done, on_done)
             except BaseException:
                 for _, future in reads:
                     future.cancel()
@@ -86,8 +101,21 @@ class BlockWorker:
                     future.cancel()
                 raise
 
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[stage] += time.perf_counter() - started
+
     def _read(self, block: Zyx) -> np.ndarray | None:
         """The block's input, or None when the mask excludes it or it is all zero."""
+        with self._timed("read"):
+            return self._read_input(block)
+
+    def _read_input(self, block: Zyx) -> np.ndarray | None:
         layout, origin = self.job.layout, self.job.roi_offset
         if self.mask is not None:
             start, stop = layout.write_box(block)
@@ -108,6 +136,11 @@ class BlockWorker:
 
     def _write(self, block: Zyx, values: dict[str, np.ndarray], predicted: bool) -> BlockDone:
         """Write the block's chunks, then its done-marker (never the marker before the data)."""
+        with self._timed("write"):
+            return self._write_block(block, values, predicted)
+
+    def _write_block(self, block: Zyx, values: dict[str, np.ndarray],
+                     predicted: bool) -> BlockDone:
         start, stop = self.job.layout.write_box(block)
         region = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
         try:
