@@ -129,9 +129,9 @@ def test_bench_infer_reports_efficiency(write):
     # the engine's seconds split into the main thread's stages, and the IO threads ran
     stages, seconds = figures["stage_seconds"], figures["engine_seconds"]
     main = stages["predict"] + stages["wait_read"] + stages["wait_write"]
-    assert 0.5 * seconds <= main <= seconds + 1e-3
+    assert 0.3 * seconds <= main <= seconds + 2e-3  # figures are rounded to 1 ms
     assert stages["predict"] > 0 and stages["read"] > 0 and stages["write"] > 0
-    assert figures["engine_voxels_per_s"] == pytest.approx(8 * 48 * 48 / seconds, rel=0.01)
+    assert 8 * 48 * 48 / figures["engine_voxels_per_s"] == pytest.approx(seconds, abs=1e-3)
     assert "blocks in" in result.stdout and "waiting for reads" in result.stdout
 
 
@@ -177,3 +177,11 @@ def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path):
     assert again.exit_code == 2 and "finished benchmark" in again.stderr
     missing = runner.invoke(app, ["bench", "snemi3d", "--data", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "train-input.tif" in missing.stderr
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:99"])
+def test_train_on_a_device_that_is_not_there_is_a_user_error(write, tmp_path, device):
+    result = runner.invoke(app, ["train", str(write(MINIMAL)), "--device", device,
+                                 "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert f"--device {device}:" in result.stderr and "Traceback" not in result.output

@@ -151,7 +151,7 @@ def test_ome_attributes_and_voxel_size(tmp_path: Path) -> None:
     assert meta["dimension_names"] == ["z", "y", "x"]
     blosc = meta["codecs"][-1]
     assert blosc["name"] == "blosc"
-    assert blosc["configuration"]["cname"] == "zstd" and blosc["configuration"]["clevel"] == 5
+    assert blosc["configuration"]["cname"] == "zstd" and blosc["configuration"]["clevel"] == 1
 
 
 def test_source_metadata_is_kept(tmp_path: Path) -> None:
