@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -142,9 +143,10 @@ TINY_SNEMI = ["-o", "model.widths=[4, 8]", "-o", "model.norm=group", "-o", "mode
               "-o", "train.schedule.warmup=0"]
 
 
-def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path):
+def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path, monkeypatch):
     """The real benchmark needs ../shared/data; its plumbing runs here on a synthetic
     stand-in with SNEMI3D's 70 sections, a tiny model and two iterations."""
+    pytest.importorskip("waterz")  # the recipe's segmenter
     from emrun.synth import synthesize
 
     data = tmp_path / "snemi"
@@ -155,12 +157,18 @@ def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path):
     out = tmp_path / "bench"
     args = ["bench", "snemi3d", "--data", str(data), "--out", str(out), "--iterations", "2",
             "--device", "cpu", "--json", *TINY_SNEMI]
+    with monkeypatch.context() as without:
+        without.setitem(sys.modules, "waterz", None)
+        early = runner.invoke(app, args)
+    assert early.exit_code == 2 and "emrun[waterz]" in early.stderr
+    assert not (out / "run").exists()  # refused before training
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["iterations"] == 2 and figures["validation_sections"] == [60, 69]
     assert figures["train_seconds"] > 0 and figures["device"].startswith("cpu (")
-    assert 0 <= figures["arand"] <= 1 and figures["chosen"] in [r["bias"] for r in
+    assert figures["segmenter"] == "waterz" and figures["parameter"] == "threshold"
+    assert 0 <= figures["arand"] <= 1 and figures["chosen"] in [r["threshold"] for r in
                                                                  figures["sweep"]]
     assert min(r["arand"] for r in figures["sweep"]) == pytest.approx(figures["arand"], abs=1e-4)
     for name in ("input.png", "affinities.png", "segmentation.png", "training.png"):
@@ -171,8 +179,8 @@ def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path):
     # the budget is on the record: every recipe override the run was given
     assert figures["overrides"] == TINY_SNEMI[1::2]
     assert "`infer.precision=fp32`" in (out / "results.md").read_text()
-    assert "swept over 0.2 / 0.3 / 0.4 / 0.5 / 0.6 / 0.7" in (out / "results.md").read_text()
-    assert figures["chosen_at_edge"] is (figures["chosen"] in (0.2, 0.7))
+    assert "swept over 0.5 / 0.6 / 0.7 / 0.8 / 0.85 / 0.9" in (out / "results.md").read_text()
+    assert figures["chosen_at_edge"] is (figures["chosen"] in (0.5, 0.9))
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "finished benchmark" in again.stderr
     missing = runner.invoke(app, ["bench", "snemi3d", "--data", str(tmp_path / "nowhere")])

@@ -192,3 +192,33 @@ def test_segmentation_validation_crop_is_centred_and_bounded():
     assert (z.start, z.stop) == (60, 70)
     assert (y.stop - y.start) * (x.stop - x.start) * 10 <= 4_000_000
     assert abs(y.start + y.stop - 1024) <= 1 and abs(x.start + x.stop - 1024) <= 1  # centred
+
+
+def test_a_segmenter_missing_its_package_stops_the_run_before_it_starts(recipe, tmp_path,
+                                                                       monkeypatch):
+    from emrun.errors import UserError
+    from emrun.recipe import load_recipe
+    from emrun.train.trainer import Trainer
+
+    monkeypatch.setitem(sys.modules, "waterz", None)  # as if `emrun[waterz]` were not installed
+    loaded = load_recipe(recipe, ["segment={type: waterz, thresholds: [0.85]}"])
+    with pytest.raises(UserError, match=r"emrun\[waterz\]"):
+        Trainer(loaded, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing created
+    Trainer(load_recipe(recipe, ["segment={type: waterz, thresholds: [0.85]}",
+                                 "train.validate_every=0"]), tmp_path / "run")  # not needed
+
+
+def test_validation_sweeps_each_segmenters_own_range(recipe, tmp_path, monkeypatch):
+    pytest.importorskip("waterz")
+    from emrun.recipe import load_recipe
+    from emrun.train.seg_validation import VALUES
+    from emrun.train.trainer import Trainer
+
+    monkeypatch.setitem(VALUES, "waterz", (0.87, 0.97))  # outside every other range
+    loaded = load_recipe(recipe, ["segment={type: waterz, thresholds: [0.85]}",
+                                  "train.iterations=6", "train.image_every=0"])
+    Trainer(loaded, tmp_path / "run").fit()
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").open()]
+    chosen = [e["validation"]["segment/threshold"] for e in events if "validation" in e]
+    assert len(chosen) == 1 and chosen[0] in (0.87, 0.97)

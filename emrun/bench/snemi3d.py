@@ -30,10 +30,11 @@ from ..io.convert import convert
 from ..io.write import write_volume
 from ..recipe import load_recipe
 from ..recipe.tasks import AffinityTarget
+from ..registry import segmenters
 from ..segment.affinities import to_float
 from ..segment.sweep import sweep
 from ..shipped import RECIPES
-from ..train.seg_validation import VALUES, affinity_task
+from ..train.seg_validation import affinity_task, sweep_values
 from ..train.trainer import Trainer, device_name
 
 FILES = {"image": "train-input.tif", "labels": "train-labels.tif"}
@@ -92,6 +93,7 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     task = affinity_task(recipe)
     if task is None:
         raise UserError("the recipe has no affinity task to segment")
+    segmenters.build(recipe.segment)  # a segmenter missing its package fails before training
     run = out / "run"
     trainer = Trainer(loaded, run, resume=(run / "checkpoints" / "last.pt").exists(),
                       device=device, console=console)
@@ -110,7 +112,7 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     affs = to_float(open_volume(f"{pred}/{task}").read(), f"{pred}/{task}")
     target = recipe.tasks[task].target
     assert isinstance(target, AffinityTarget)
-    result = sweep(affs, target.offsets, recipe.segment, VALUES, truth)
+    result = sweep(affs, target.offsets, recipe.segment, sweep_values(recipe.segment), truth)
     segment_seconds = time.perf_counter() - started
     seg_path = out / "seg.zarr"
     write_volume(seg_path, "segmentation", result.segmentation.astype(np.uint64),

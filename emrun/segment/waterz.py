@@ -139,4 +139,5 @@ class WaterzSegmenter(Segmenter):
 
 @segmenters.implement("waterz")
 def build_waterz(spec: Waterz, **context: Any) -> WaterzSegmenter:
+    _waterz()  # without the package, building says so (before any work is done)
     return WaterzSegmenter(spec)

@@ -26,8 +26,18 @@ from ..recipe.tasks import AffinityTarget
 from ..registry import Spec
 from ..segment.sweep import sweep
 
-VALUES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-"""Values of the segmenter's parameter (mws: bias; cc, waterz: threshold) tried each time."""
+VALUES = {
+    "mws": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),  # bias: long-range edges repel below it
+    "waterz": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9),  # merge while 1 - affinity is below it
+    "cc": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),  # join where the affinity is above it
+}
+"""Values of each segmenter's parameter tried each time (SNEMI3D's best: mws bias 0.3, waterz
+threshold 0.85); another segmenter gets the mws range."""
+
+
+def sweep_values(spec: Spec) -> tuple[float, ...]:
+    """The values a validation or benchmark sweep tries for this segmenter."""
+    return VALUES.get(str(getattr(spec, "type", "")), VALUES["mws"])
 MAX_VOXELS = 4_000_000
 """Segmentation validation uses at most this many voxels per source, a crop centred in y and
 x with every section: mutex watershed costs about 10 us and 1 KB per voxel with 12 offsets,
@@ -89,13 +99,14 @@ def predict_validation(recipe: Recipe, model: nn.Module,
 
 
 def score_validation(spec: Spec, inputs: Sequence[SegmentationInput],
-                     values: Sequence[float] = VALUES) -> dict[str, float] | None:
+                     values: Sequence[float] | None = None) -> dict[str, float] | None:
     """Segment each input for every value (``segment --sweep``'s function), score, average
     over the inputs per value; the mean scores at the best value and that value (as
     ``segment/<parameter>``). On the CPU; the values of a large enough input are segmented
     side by side in worker processes (``emrun.segment.parallel``)."""
     if not inputs:
         return None
+    values = sweep_values(spec) if values is None else values
     rows = []
     parameter = ""
     for item in inputs:
@@ -109,7 +120,7 @@ def score_validation(spec: Spec, inputs: Sequence[SegmentationInput],
 
 
 def validate_segmentation(recipe: Recipe, model: nn.Module, device: torch.device,
-                          values: Sequence[float] = VALUES) -> dict[str, float] | None:
+                          values: Sequence[float] | None = None) -> dict[str, float] | None:
     """Predict, segment and score the validation sources in this process; None when there
     is nothing to segment."""
     return score_validation(recipe.segment, predict_validation(recipe, model, device), values)

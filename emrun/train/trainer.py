@@ -27,12 +27,12 @@ from ..data.loader import train_batches, unpack, validation_batches
 from ..errors import UserError
 from ..losses import LossResult, total_loss
 from ..recipe import LoadedRecipe, Recipe
-from ..registry import losses, models
+from ..registry import losses, models, segmenters
 from . import distributed, run_dir
 from .checkpoint import CheckpointDir, load, rng_state, set_rng_state
 from .logging import RunLogger
 from .optim import EMA, build_optimizer, build_scheduler, clip_gradients
-from .seg_validation import validate_segmentation
+from .seg_validation import affinity_task, validate_segmentation
 
 MAX_NONFINITE_IN_A_ROW = 10
 STOP_AFTER_ENV = "EMRUN_TEST_SIGKILL_AFTER"  # tests: SIGKILL this process after that checkpoint
@@ -122,6 +122,9 @@ class Trainer:
         self.device = _device(device, self.world)
         self.console = console
         configure_backends(self.recipe, self.device)
+        if self.train.validate_every and self.train.validate_segmentation and \
+                affinity_task(self.recipe) is not None:
+            segmenters.build(self.recipe.segment)  # a missing package fails now, not hours on
 
         checkpoint = self._checkpoint_to_resume()
         seed_everything(self.recipe.seed)  # identical initial weights on every rank
