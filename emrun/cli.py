@@ -506,7 +506,8 @@ def bench_train(
     mode = result["precision"] + (", compiled" if result["compile"] else "")
     out.print(f"[bold]{result['recipe']}[/] on {result['device']} ({mode}): "
               f"emrun {result['emrun_step_ms']:.1f} ms/iteration, bare loop "
-              f"{result['bare_step_ms']:.1f} ms, overhead {100 * result['overhead']:+.1f} %")
+              f"{result['bare_step_ms']:.1f} ms, overhead {100 * result['overhead']:+.1f} % "
+              f"(a checkpoint, timed apart: {result['checkpoint_ms']:.0f} ms)")
     if json_:
         print(json.dumps(result))
 

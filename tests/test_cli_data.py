@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -98,6 +99,25 @@ def test_bench_train_times_both_loops_with_the_recipes_compile_setting(write, mo
         assert figures["compile"] is (setting == "true") and len(compiled) == calls
         assert figures["emrun_step_ms"] > 0 and figures["bare_step_ms"] > 0
         assert ("compiled" in result.stdout) is (setting == "true")
+
+
+def test_bench_train_times_the_checkpoint_apart_from_the_loop(write, monkeypatch):
+    """A slow checkpoint shows in checkpoint_ms, not in the time per iteration."""
+    from emrun.train.trainer import Trainer
+
+    real = Trainer._checkpoint
+
+    def slow(self, logger):
+        time.sleep(2.0)
+        real(self, logger)
+
+    monkeypatch.setattr(Trainer, "_checkpoint", slow)
+    result = runner.invoke(app, ["bench", "train", str(write(MINIMAL)), "--steps", "2",
+                                 "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["checkpoint_ms"] >= 2000
+    assert figures["emrun_step_ms"] < 700  # the 2 s would add 1,000 ms to each of 2 steps
 
 
 def test_demo_trains_and_draws_then_refuses_to_overwrite(tmp_path):
