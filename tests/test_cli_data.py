@@ -213,3 +213,18 @@ def test_train_on_a_device_that_is_not_there_is_a_user_error(write, tmp_path, de
                                  "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     assert f"--device {device}:" in result.stderr and "Traceback" not in result.output
+
+
+def test_bench_infer_fills_large_volumes_by_mirroring_one_generated_block(monkeypatch):
+    from emrun.bench import infer as bench
+
+    monkeypatch.setattr(bench, "TILE", (4, 16, 16))
+    image = bench.synthetic_image((10, 40, 24))
+    tile = bench.synthesize((4, 16, 16), 0).image
+    assert image.shape == (10, 40, 24) and image.dtype == tile.dtype
+    np.testing.assert_array_equal(image[:4, :16, :16], tile)
+    np.testing.assert_array_equal(image[4:8, :16, :16], tile[::-1])  # mirrored, no seam
+    np.testing.assert_array_equal(image[:4, 16:32, :16], tile[:, ::-1])
+    assert image.std() > 0
+    small = bench.synthetic_image((3, 8, 8))
+    np.testing.assert_array_equal(small, bench.synthesize((3, 8, 8), 0).image)

@@ -30,6 +30,21 @@ from ..recipe import Recipe
 from ..registry import models
 from ..synth import synthesize
 
+TILE = (64, 512, 512)
+"""Largest synthetic block generated; bigger volumes repeat it, mirrored (generation costs
+seconds per 10 M voxels, and the bench is about the engine, not the data)."""
+
+
+def synthetic_image(shape: tuple[int, int, int]) -> np.ndarray:
+    """A synthetic EM-like volume of ``shape``: one generated block of at most ``TILE``,
+    mirrored at its faces to fill the rest (no seams of constant value)."""
+    tile = tuple(min(n, t) for n, t in zip(shape, TILE, strict=True))
+    image = synthesize(tile, 0).image
+    if tile == shape:
+        return image
+    pad = [(0, n - t) for n, t in zip(shape, tile, strict=True)]
+    return np.pad(image, pad, mode="symmetric")
+
 
 def _model_times(engine: Engine, image: np.ndarray, repeats: int) -> list[float]:
     """Seconds per forward pass alone, on patches of the same volume, at steady state (after
@@ -96,7 +111,7 @@ def bench_infer(recipe: Recipe, *, shape: tuple[int, int, int] | None = None,
     overlap = patches * math.prod(patch) / math.prod(shape)
     with tempfile.TemporaryDirectory(prefix="emrun-bench-infer-") as tmp:
         root = Path(tmp)
-        image = synthesize(shape, 0).image
+        image = synthetic_image(shape)
         times = _model_times(engine, image, repeats)  # before the engine and after it:
         write_volume(root / "in.zarr", "image", image)
         torch.save({"model": model.state_dict(), "iteration": 0}, root / "model.pt")
