@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from ..devices import parse_device, require_visible
 from ..errors import UserError
 from ..recipe import Recipe
 from .job import Job, prepare_job
@@ -81,11 +82,7 @@ def _check_device(device: str | None, workers: int | None) -> torch.device:
     """The device named (default: a GPU when there is one), and a sane worker count."""
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1 (got {workers})")
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"--device {name}: {exc}") from None
+    return parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def worker_slots(device: str | None, workers: int | None) -> list[tuple[str, int]]:
@@ -94,8 +91,7 @@ def worker_slots(device: str | None, workers: int | None) -> list[tuple[str, int
     name = str(dev)
     cores = cpu_cores()
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA device is visible")
+        require_visible(dev, name)
         gpus = [dev.index] if dev.index is not None else list(range(torch.cuda.device_count()))
         count = workers or len(gpus)
         threads = max(1, cores // count)

@@ -38,6 +38,8 @@ threshold 0.85); another segmenter gets the mws range."""
 def sweep_values(spec: Spec) -> tuple[float, ...]:
     """The values a validation or benchmark sweep tries for this segmenter."""
     return VALUES.get(str(getattr(spec, "type", "")), VALUES["mws"])
+
+
 MAX_VOXELS = 4_000_000
 """Segmentation validation uses at most this many voxels per source, a crop centred in y and
 x with every section: mutex watershed costs about 10 us and 1 KB per voxel with 12 offsets,

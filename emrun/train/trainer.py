@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..data.loader import train_batches, unpack, validation_batches
+from ..devices import parse_device, require_visible
 from ..errors import UserError
 from ..losses import LossResult, total_loss
 from ..recipe import LoadedRecipe, Recipe
@@ -72,14 +73,8 @@ def _device(requested: str | None, world: distributed.World) -> torch.device:
     """The device asked for (checked: a typo or a missing GPU is the user's to fix), else a
     GPU when there is one."""
     if requested:
-        try:
-            device = torch.device(requested)
-        except RuntimeError as exc:
-            raise UserError(f"--device {requested}: {exc}") from None
-        if device.type == "cuda" and (not torch.cuda.is_available() or (
-                device.index is not None and device.index >= torch.cuda.device_count())):
-            raise UserError(f"--device {requested}: no such CUDA device is visible "
-                            f"({torch.cuda.device_count()} visible to torch {torch.__version__})")
+        device = parse_device(requested)
+        require_visible(device, requested)
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", world.local_rank)

@@ -1,0 +1,23 @@
+"""Devices named by the user (`--device`): parsed and checked once, for every command."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UserError
+
+
+def parse_device(name: str) -> torch.device:
+    """``name`` as a torch device; a typo is the user's to fix (exit 2), not a crash."""
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"--device {name}: {exc}") from None
+
+
+def require_visible(device: torch.device, name: str) -> None:
+    """Refuse a CUDA device this process cannot see (no GPU, or an index past the last)."""
+    if device.type == "cuda" and (not torch.cuda.is_available() or (
+            device.index is not None and device.index >= torch.cuda.device_count())):
+        raise UserError(f"--device {name}: no such CUDA device is visible "
+                        f"({torch.cuda.device_count()} visible to torch {torch.__version__})")
