@@ -228,3 +228,12 @@ def test_bench_infer_fills_large_volumes_by_mirroring_one_generated_block(monkey
     assert image.std() > 0
     small = bench.synthetic_image((3, 8, 8))
     np.testing.assert_array_equal(small, bench.synthesize((3, 8, 8), 0).image)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:99"])
+def test_infer_on_a_device_that_is_not_there_is_a_user_error(device):
+    from emrun.errors import UserError
+    from emrun.infer.schedule import worker_slots
+
+    with pytest.raises(UserError, match=f"--device {device}:"):
+        worker_slots(device, None)
