@@ -313,6 +313,10 @@ def segment(
         "--sweep", help="Try each --threshold/--bias (default 0.1 ... 0.9) against --truth; "
                         "write the best by adapted Rand error.")] = False,
     truth: Annotated[str | None, typer.Option(help="Ground-truth labels for --sweep.")] = None,
+    connected_truth: Annotated[bool, typer.Option(
+        "--connected-truth", help="--sweep: score against each truth object's connected "
+        "pieces (as emrun evaluate --connected-truth; for a crop of a larger "
+        "annotation).")] = False,
     workers: Annotated[int | None, typer.Option(
         min=1, help="--sweep: values segmented at once in worker processes (default: as "
                     "many as cores and memory allow).")] = None,
@@ -339,7 +343,8 @@ def segment(
                          thresholds=values("--threshold", threshold),
                          biases=values("--bias", bias), min_size=min_size, mask_path=mask,
                          offsets_text=offsets, block=block, name=name, sweep_values=sweep,
-                         truth_path=truth, on_block=report, workers=workers)
+                         truth_path=truth, on_block=report, workers=workers,
+                         connected_truth=connected_truth)
     if result.sweep:
         parameter = result.sweep["parameter"]
         for row in result.sweep["table"]:
@@ -377,6 +382,10 @@ def evaluate(
         "(uint8 predictions: above threshold x 255).")] = 0.5,
     min_overlap: Annotated[int, typer.Option(
         min=1, help="Voxels an overlap needs to count towards splits and merges.")] = 100,
+    connected_truth: Annotated[bool, typer.Option(
+        "--connected-truth", help="Score each truth object's connected pieces inside the "
+        "volume as separate objects: for a crop of a larger annotation, where pieces that "
+        "join only outside it cannot be joined by any segmentation of the crop.")] = False,
     json_: JsonLine = False,
 ) -> None:
     """Score a segmentation against ground truth (adapted Rand, VOI, CREMI score), streamed."""
@@ -393,13 +402,16 @@ def evaluate(
         result = binary_scores_volumes(seg_vol, truth_vol, mask_vol, threshold=threshold)
         lines = binary_lines(result, str(seg_vol), str(truth_vol), mask_name)
     else:
-        result = score_volumes(seg_vol, truth_vol, mask_vol, min_overlap=min_overlap)
-        lines = score_lines(result, str(seg_vol), str(truth_vol), mask_name)
+        result = score_volumes(seg_vol, truth_vol, mask_vol, min_overlap=min_overlap,
+                               connected_truth=connected_truth)
+        lines = score_lines(result, str(seg_vol), str(truth_vol), mask_name, connected_truth)
     for line in lines:
         out.print(line)
     if json_:
         print(json.dumps({"seg": str(seg_vol), "truth": str(truth_vol), "mask": mask_name,
-                          "mode": "binary" if binary else "segmentation", **result.as_dict()}))
+                          "mode": "binary" if binary else "segmentation",
+                          **({} if binary else {"connected_truth": connected_truth}),
+                          **result.as_dict()}))
 
 
 @app.command()

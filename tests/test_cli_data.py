@@ -191,6 +191,17 @@ def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path, monkeypa
     assert 0 <= figures["arand"] <= 1 and figures["chosen"] in [r["threshold"] for r in
                                                                  figures["sweep"]]
     assert min(r["arand"] for r in figures["sweep"]) == pytest.approx(figures["arand"], abs=1e-4)
+    # scored against the truth's connected pieces (the recipe's default), the labels as given
+    # beside it with the floor they set (their own pieces' score)
+    assert figures["connected_truth"] is True
+    assert set(figures["as_labelled"]) == {"arand", "voi_split", "voi_merge", "cremi_score"}
+    from emrun.evaluate import score
+    from emrun.evaluate.pieces import connected_pieces
+
+    labels = vol.labels[60:].astype(np.uint16)
+    floor = score(connected_pieces(labels), labels).arand
+    assert figures["as_labelled_floor"] == pytest.approx(floor, abs=1e-4)
+    assert "against the labels as given" in (out / "results.md").read_text()
     for name in ("input.png", "affinities.png", "segmentation.png", "training.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     seg = open_volume(f"{out}/seg.zarr/segmentation")

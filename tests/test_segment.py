@@ -450,6 +450,26 @@ def test_cli_sweep_writes_the_best_and_records_the_table(tmp_path):
         "table"]] == [0.9]
 
 
+def test_cli_sweep_against_the_truths_connected_pieces(tmp_path):
+    truth, affs = known_answer()
+    near = ndimage.binary_dilation(truth == 1)
+    far = next(i for i in range(2, 21) if not (near & (truth == i)).any())
+    labels = np.where(truth == far, 1, truth).astype(np.uint32)  # one id on two cells apart
+    affs_path = write_prediction(tmp_path, affs, OFFSETS[:3])
+    write_volume(tmp_path / "truth.zarr", "labels", labels)
+    args = [affs_path, tmp_path / "seg.zarr", "--method", "cc", "--sweep", "--truth",
+            tmp_path / "truth.zarr/labels", "--threshold", "0.6", "--json"]
+    plain = invoke(*args, "--name", "plain")
+    connected = invoke(*args, "--connected-truth")
+    assert plain.exit_code == 0 and connected.exit_code == 0, connected.output
+    plain_sweep = json.loads(plain.stdout.strip().splitlines()[-1])["sweep"]
+    sweep_ = json.loads(connected.stdout.strip().splitlines()[-1])["sweep"]
+    assert plain_sweep["best"]["arand"] > 0 and not plain_sweep["connected_truth"]
+    assert sweep_["best"]["arand"] == 0 and sweep_["connected_truth"]
+    alone = invoke(affs_path, tmp_path / "other.zarr", "--connected-truth")
+    assert alone.exit_code == 2 and "--connected-truth is for --sweep" in alone.output
+
+
 def bad_cases(tmp_path):
     """(arguments, expected message part) for each mistake a user can make."""
     truth = cells(shape=(4, 16, 16), n=3)

@@ -222,3 +222,27 @@ def test_validation_sweeps_each_segmenters_own_range(recipe, tmp_path, monkeypat
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").open()]
     chosen = [e["validation"]["segment/threshold"] for e in events if "validation" in e]
     assert len(chosen) == 1 and chosen[0] in (0.87, 0.97)
+
+
+@pytest.mark.parametrize("connected", [True, False])
+def test_validation_scores_the_truths_connected_pieces(recipe, tmp_path, connected):
+    import numpy as np
+
+    from emrun.io import write_volume
+    from emrun.models import build_model
+    from emrun.recipe import load_recipe
+    from emrun.train.seg_validation import predict_validation
+
+    labels = np.ones((8, 32, 32), np.uint32)
+    labels[:, :, 12:20] = 2  # id 1 on both sides of id 2: two pieces
+    image = np.random.default_rng(0).integers(0, 255, labels.shape).astype(np.uint8)
+    write_volume(tmp_path / "v.zarr", "image", image)
+    write_volume(tmp_path / "v.zarr", "labels", labels)
+    loaded = load_recipe(recipe, [
+        f"data.validation={{v: {{image: {tmp_path}/v.zarr/image, "
+        f"labels: {tmp_path}/v.zarr/labels}}}}",
+        f"train.validate_connected_truth={str(connected).lower()}"])
+    model = build_model(loaded.recipe).eval()
+    (item,) = predict_validation(loaded.recipe, model, torch.device("cpu"))
+    assert len(np.unique(item.truth)) == (3 if connected else 2)
+    assert item.affinities.shape == (3, *labels.shape)

@@ -36,6 +36,7 @@ import numpy as np
 
 from emrun.evaluate.checks import EvaluationError, check_inputs
 from emrun.evaluate.contingency import ContingencyTable, count_pairs
+from emrun.evaluate.pieces import connected_pieces
 
 MIN_OVERLAP = 100
 EXACT_VOXELS = 3_000_000_000  # up to here sums of squared counts fit int64 exactly
@@ -110,13 +111,17 @@ def score(
     truth: np.ndarray,
     mask: np.ndarray | None = None,
     min_overlap: int = MIN_OVERLAP,
+    connected_truth: bool = False,
 ) -> Scores:
-    """Score an in-memory segmentation against its truth (voxels where mask is 0 ignored)."""
+    """Score an in-memory segmentation against its truth (voxels where mask is 0 ignored);
+    with ``connected_truth``, against the truth's connected pieces (`emrun.evaluate.pieces`)."""
     named = [("segmentation", "seg", seg.shape, seg.dtype), ("truth", "truth", truth.shape,
                                                             truth.dtype)]
     if mask is not None:
         named.append(("mask", "mask", mask.shape, mask.dtype))
     check_inputs(named)
+    if connected_truth:
+        truth = connected_pieces(truth)
     return scores_from_table(count_pairs(seg, truth, mask), min_overlap)
 
 

@@ -8,12 +8,14 @@ from emrun.evaluate.binary import BinaryScores
 from emrun.evaluate.metrics import Scores
 
 
-def score_lines(scores: Scores, seg: str, truth: str, mask: str | None) -> list[str]:
+def score_lines(scores: Scores, seg: str, truth: str, mask: str | None,
+                connected_truth: bool = False) -> list[str]:
     """Adapted Rand, VOI, CREMI score and split/merge counts, saying what was scored."""
     inside = f" inside {escape(mask)}" if mask else ""
+    objects = "truth objects (their connected pieces)" if connected_truth else "truth objects"
     return [
         f"[bold]{escape(seg)}[/] against [bold]{escape(truth)}[/]: {scores.voxels:,} voxels "
-        f"scored (truth != 0{inside}), {scores.truth_objects:,} truth objects, "
+        f"scored (truth != 0{inside}), {scores.truth_objects:,} {objects}, "
         f"{scores.segments:,} segments",
         f"  adapted Rand error  [bold]{scores.arand:.4f}[/]   (Rand split {scores.rand_split:.4f},"
         f" Rand merge {scores.rand_merge:.4f})",

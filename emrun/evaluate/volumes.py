@@ -17,6 +17,7 @@ from emrun.evaluate.binary import BinaryCounts, BinaryScores, count_binary, scor
 from emrun.evaluate.checks import EvaluationError, check_inputs
 from emrun.evaluate.contingency import TableAccumulator, count_pairs
 from emrun.evaluate.metrics import MIN_OVERLAP, Scores, scores_from_table
+from emrun.evaluate.pieces import PieceLabeller
 from emrun.io.volume import Roi, Volume
 
 SLAB_VOXELS = 8_000_000  # ~0.1 GB of working memory for two uint32 volumes
@@ -28,13 +29,22 @@ def score_volumes(
     mask: Volume | None = None,
     min_overlap: int = MIN_OVERLAP,
     slab_voxels: int = SLAB_VOXELS,
+    connected_truth: bool = False,
 ) -> Scores:
-    """Score a segmentation volume against its truth (see `emrun.evaluate.metrics`)."""
+    """Score a segmentation volume against its truth (see `emrun.evaluate.metrics`); with
+    ``connected_truth``, against the truth's connected pieces inside the volume
+    (`emrun.evaluate.pieces`)."""
     volumes = _checked([("segmentation", seg), ("truth", truth), ("mask", mask)])
     table = TableAccumulator()
+    pieces = PieceLabeller() if connected_truth else None
     for roi in slabs(volumes, slab_voxels):
-        table.add(count_pairs(*(v.read(roi) for v in volumes)))
+        arrays = [v.read(roi) for v in volumes]
+        if pieces is not None:
+            arrays[1] = pieces.label(roi, arrays[1])
+        table.add(count_pairs(*arrays))
     result = table.result()
+    if pieces is not None:
+        result = pieces.join(result)
     if len(result) == 0:
         where = f" inside the mask {mask}" if mask is not None else ""
         raise EvaluationError(f"{truth}: the truth has no labelled voxel (all 0){where}; "
@@ -71,7 +81,7 @@ def slabs(volumes: Sequence[Volume], slab_voxels: int = SLAB_VOXELS) -> Iterator
             depth, band = max(depth, chunks[0]), max(band, chunks[1])
     section = int(np.prod(shape[1:]))
     row = int(np.prod(shape[2:]))
-    depth *= max(1, slab_voxels // max(1, depth * section))
+    depth = min(depth * max(1, slab_voxels // max(1, depth * section)), max(1, shape[0]))
     rows = max(band, slab_voxels // max(1, depth * row) // band * band)
     for z in range(0, shape[0], depth):
         for y in range(0, shape[1], rows):

@@ -103,6 +103,11 @@ class Train(Spec):
         "4 M voxels of it, centred in y and x), segments it (the recipe's segmenter, a few "
         "parameter values) and scores adapted Rand error and VOI; best.pt is then chosen by "
         "adapted Rand error instead of the loss.")
+    validate_connected_truth: bool = Field(
+        True, description="Score validation segmentations against each truth object's "
+        "connected pieces inside the validated box: a box cut from a larger annotation shows "
+        "pieces of one object that join only outside it, which no segmentation of the box "
+        "can join (as `emrun evaluate --connected-truth`); false: the labels as they are.")
     log_every: PositiveCount = Field(50, description="Iterations between log lines.")
     image_every: Count = Field(1000, description="Iterations between TensorBoard images; 0: never.")
     workers: int = Field(2, ge=0, le=256, description="Data-loader worker processes; 0: none.")

@@ -217,10 +217,13 @@ def run_segment(affs_path: str, output: Path, *, method: str = DEFAULT_METHOD,
                 block: Sequence[int] | None = None, name: str = "segmentation",
                 sweep_values: bool = False, truth_path: str | None = None,
                 on_block: Callable[[str, int, int], None] | None = None,
-                spec: Spec | None = None, workers: int | None = None) -> SegmentResult:
+                spec: Spec | None = None, workers: int | None = None,
+                connected_truth: bool = False) -> SegmentResult:
     """Segment ``affs_path`` into ``output``/``name`` (or one volume per value, or the
     sweep's best); see the module docstring. ``spec`` (e.g. a recipe's ``segment``)
-    replaces ``method`` and the spec defaults; the other arguments still override it."""
+    replaces ``method`` and the spec defaults; the other arguments still override it.
+    ``connected_truth``: the sweep scores against the truth's connected pieces
+    (`emrun.evaluate.pieces`)."""
     start = time.perf_counter()
     segmenter, values = make_segmenter(method, thresholds, biases, min_size, spec)
     method = segmenter.spec.type
@@ -234,8 +237,9 @@ def run_segment(affs_path: str, output: Path, *, method: str = DEFAULT_METHOD,
 
             given = list(biases or thresholds or [])
             values = given or list(DEFAULT_VALUES)
-    elif truth_path is not None:
-        raise UserError("--truth is for --sweep; add --sweep or drop --truth")
+    elif truth_path is not None or connected_truth:
+        flag = "--truth" if truth_path is not None else "--connected-truth"
+        raise UserError(f"{flag} is for --sweep; add --sweep or drop {flag}")
     elif workers is not None:
         raise UserError("--workers is for --sweep (the values it segments at once); add "
                         "--sweep or drop --workers")
@@ -264,7 +268,7 @@ def run_segment(affs_path: str, output: Path, *, method: str = DEFAULT_METHOD,
 
     if sweep_values:
         _sweep(result, volume, offsets, segmenter, values or [], mask, truth, workers, output,
-               name, info, write_args)
+               name, info, write_args, connected_truth)
     elif blockwise:
         chosen = (tuple(block) if block is not None
                   else default_block(segmenter, offsets, volume.shape[0]))
@@ -333,14 +337,17 @@ def _blockwise(result: SegmentResult, volume: Volume, offsets: Sequence[Offset],
 def _sweep(result: SegmentResult, volume: Volume, offsets: Sequence[Offset],
            segmenter: Segmenter, values: Sequence[float], mask: Volume | None,
            truth: Volume | None, workers: int | None, output: Path, name: str,
-           info: dict[str, Any], write_args: dict[str, Any]) -> None:
+           info: dict[str, Any], write_args: dict[str, Any], connected_truth: bool) -> None:
+    from ..evaluate.pieces import connected_pieces
     from .sweep import sweep
 
     assert truth is not None
     affs = to_float(volume.read(), str(volume))
-    found = sweep(affs, offsets, segmenter, values, truth.read(),
+    labels = truth.read()
+    found = sweep(affs, offsets, segmenter, values,
+                  connected_pieces(labels) if connected_truth else labels,
                   None if mask is None else mask.read() != 0, workers=workers)
-    summary = {**found.summary(), "truth": str(truth)}
+    summary = {**found.summary(), "truth": str(truth), "connected_truth": connected_truth}
     result.sweep = summary
     _write(result, output, name, found.segmentation, segmenter.with_value(found.best_value),
            info, write_args, extra={"sweep": summary})

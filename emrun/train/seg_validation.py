@@ -3,9 +3,10 @@
 For every validation source with labels, the model predicts the validation box (the same
 lattice and blending as ``emrun infer``; at most ``MAX_VOXELS``, centred), the recipe's
 segmenter turns the first affinity task into segments for each value of its parameter
-(``segment --sweep``'s code),
-and each is scored against the labels (adapted Rand error, VOI). Scores are averaged over the
-sources per value and the value with the lowest mean adapted Rand error is reported, so
+(``segment --sweep``'s code), and each is scored against the labels (adapted Rand error,
+VOI; by default against each truth object's connected pieces inside the box,
+``train.validate_connected_truth``). Scores are averaged over the sources per value and
+the value with the lowest mean adapted Rand error is reported, so
 ``best.pt`` is the checkpoint that segments best at its best setting.
 """
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ..data.sources import open_sources
+from ..evaluate.pieces import connected_pieces
 from ..infer.array import predict_array
 from ..infer.engine import Engine, quantise
 from ..recipe import Recipe
@@ -94,8 +96,11 @@ def predict_validation(recipe: Recipe, model: nn.Module,
         image = image[0] if image.ndim == 4 else image
         mask = None if source.mask is None else source.mask.read(roi) != 0
         affs = predict_array(engine, image, (source.low, source.high))[task]
+        truth = source.labels.read(roi)
+        if recipe.train.validate_connected_truth:
+            truth = connected_pieces(truth)
         inputs.append(SegmentationInput(
-            quantise(torch.from_numpy(affs), "uint8"), source.labels.read(roi), mask,
+            quantise(torch.from_numpy(affs), "uint8"), truth, mask,
             tuple(tuple(o) for o in target.offsets)))  # type: ignore[misc]
     return inputs
 

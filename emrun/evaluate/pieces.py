@@ -1,0 +1,90 @@
+"""Truth objects cut into their connected pieces inside the scored volume.
+
+A validation box is usually a crop of a larger annotation: an object that leaves the crop
+and comes back (a neurite curving out through section 59 and in again) is one id in the
+truth but two disconnected pieces inside the crop, and nothing a segmentation of the crop
+sees can join them. Scored as labelled, such pieces count as split errors that no method
+can avoid: on SNEMI3D sections 60-69 the truth's own pieces score adapted Rand error 0.107
+against the truth as labelled. Scoring each piece as an object (``--connected-truth``)
+measures the segmentation instead of the crop.
+
+Pieces are 6-connected (face neighbours) components of equal non-zero truth ids (``cc3d``).
+On disk they are found slab by slab with the scoring itself, in bounded memory: each slab's
+pieces get their own ids, pieces touching across a slab face with the same truth id are
+joined at the end, and the contingency table's truth ids are mapped to the joined pieces.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from emrun.evaluate.contingency import ContingencyTable, as_ids, reduce_pairs
+
+__all__ = ["PieceLabeller", "connected_pieces"]
+
+
+def connected_pieces(truth: np.ndarray) -> np.ndarray:
+    """Ids 1..K (uint64) for the 6-connected pieces of each non-zero truth id; 0 stays 0."""
+    import cc3d
+
+    return cc3d.connected_components(as_ids(np.ascontiguousarray(truth)), connectivity=6,
+                                     out_dtype=np.uint64)
+
+
+class PieceLabeller:
+    """Labels the slabs of one volume in the order given (z-slabs of y-bands, whole x, as
+    `emrun.evaluate.volumes.slabs` makes them) and remembers which pieces touch across the
+    slab faces; `join` then maps a table built on the slab pieces to whole-volume pieces.
+
+    Memory: one section of the previous z-slab's last plane and one row band, besides the
+    slab itself and the list of touching pairs.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._links: list[np.ndarray] = []
+        self._below: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._above: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._z: int | None = None
+        self._band: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def label(self, roi: tuple[slice, slice], truth: np.ndarray) -> np.ndarray:
+        """The slab's pieces, with ids unique across all slabs labelled so far."""
+        z0, y0, y1 = int(roi[0].start), int(roi[1].start), int(roi[1].stop)
+        truth = as_ids(truth)
+        pieces = connected_pieces(truth)
+        labelled = pieces != 0
+        pieces[labelled] += np.uint64(self._count)
+        if labelled.any():
+            self._count = int(pieces.max())
+        if self._z != z0:  # a new z-slab: the last one's top planes face this one
+            self._below, self._above, self._z, self._band = self._above, {}, z0, None
+        face = self._below.get((y0, y1))
+        if face is not None:
+            self._link(face[0], face[1], truth[0], pieces[0])
+        if self._band is not None and self._band[0] == y0:
+            self._link(self._band[1], self._band[2], truth[:, 0], pieces[:, 0])
+        self._above[(y0, y1)] = (truth[-1].copy(), pieces[-1].copy())
+        self._band = (y1, truth[:, -1].copy(), pieces[:, -1].copy())
+        return pieces
+
+    def _link(self, truth_a: np.ndarray, pieces_a: np.ndarray, truth_b: np.ndarray,
+              pieces_b: np.ndarray) -> None:
+        same = (truth_a == truth_b) & (truth_a != 0)
+        if same.any():
+            pairs = np.stack([pieces_a[same], pieces_b[same]], axis=1)
+            self._links.append(np.unique(pairs, axis=0))
+
+    def join(self, table: ContingencyTable) -> ContingencyTable:
+        """The table with each slab piece replaced by its whole-volume piece (ids 1..K)."""
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        nodes = self._count + 1
+        pairs = np.concatenate(self._links) if self._links else np.zeros((0, 2), np.uint64)
+        graph = coo_matrix((np.ones(len(pairs), np.int8),
+                            (pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64))),
+                           shape=(nodes, nodes))
+        _, component = connected_components(graph, directed=False)
+        whole = component.astype(np.uint64) + np.uint64(1)
+        return reduce_pairs(table.seg, whole[table.truth.astype(np.int64)], table.counts)
