@@ -289,7 +289,9 @@ def segment(
         help="Affinities (c, z, y, x), e.g. pred.zarr/affinity; uint8 (255 = 1) or float.")],
     output: Annotated[Path, typer.Argument(help="Output .zarr folder (created if missing).")],
     method: Annotated[str | None, typer.Option(
-        metavar="NAME", help="mws (default), waterz (extra emrun[waterz]) or cc.")] = None,
+        metavar="NAME", help="mws, waterz (extra emrun[waterz]) or cc. Default: the "
+        "segmenter (and its settings) of the recipe an `emrun infer` output records, else "
+        "mws.")] = None,
     threshold: Annotated[list[str] | None, typer.Option(
         metavar="T", help="cc: affinity above which voxels join; waterz: merge threshold. "
                           "Repeat (or comma-separate) for one output per value, or values to "
@@ -325,7 +327,7 @@ def segment(
     """Affinities to a neuron segmentation (mutex watershed, waterz, components)."""
     import json
 
-    from .segment.job import DEFAULT_METHOD, run_segment
+    from .segment.job import run_segment
 
     def values(option: str, given: list[str] | None) -> list[float] | None:
         if not given:
@@ -339,12 +341,15 @@ def segment(
         if done == total or done % max(1, total // 10) == 0:  # about ten lines per pass
             err.print(f"{stage}: block {done}/{total}", markup=False)
 
-    result = run_segment(affs, output, method=method or DEFAULT_METHOD,
+    result = run_segment(affs, output, method=method,
                          thresholds=values("--threshold", threshold),
                          biases=values("--bias", bias), min_size=min_size, mask_path=mask,
                          offsets_text=offsets, block=block, name=name, sweep_values=sweep,
                          truth_path=truth, on_block=report, workers=workers,
                          connected_truth=connected_truth)
+    if result.segmenter_from:
+        err.print(f"segmenter {result.method} from {result.segmenter_from} (--method to "
+                  "choose another)", markup=False)
     if result.sweep:
         parameter = result.sweep["parameter"]
         for row in result.sweep["table"]:

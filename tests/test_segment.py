@@ -470,6 +470,31 @@ def test_cli_sweep_against_the_truths_connected_pieces(tmp_path):
     assert alone.exit_code == 2 and "--connected-truth is for --sweep" in alone.output
 
 
+def record_recipe(folder, segment: dict) -> None:
+    """What `emrun infer` leaves on its output group: the resolved recipe."""
+    group = zarr.open_group(str(folder / "pred.zarr"), mode="r+")
+    group.attrs["emrun"] = {"recipe": {"name": "mine", "segment": segment}}
+
+
+def test_cli_segments_with_the_recipe_the_affinities_record(tmp_path):
+    truth, affs = known_answer()
+    affs_path = write_prediction(tmp_path, affs, OFFSETS[:3])
+    record_recipe(tmp_path, {"type": "cc", "threshold": 0.6, "min_size": 0})
+    result = invoke(affs_path, tmp_path / "seg.zarr", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["method"] == "cc" and report["parameters"]["threshold"] == 0.6
+    assert "the recipe 'mine' recorded in" in result.stderr
+    assert same_partition(open_volume(tmp_path / "seg.zarr/segmentation").read(), truth)
+    chosen = invoke(affs_path, tmp_path / "seg.zarr", "--method", "mws", "--name", "m",
+                    "--json")  # the command's choice wins
+    assert chosen.exit_code == 0 and "recorded" not in chosen.stderr
+    assert json.loads(chosen.stdout.strip().splitlines()[-1])["method"] == "mws"
+    record_recipe(tmp_path, {"type": "nope"})
+    unknown = invoke(affs_path, tmp_path / "other.zarr")
+    assert unknown.exit_code == 2 and "'nope'" in unknown.output and "--method" in unknown.output
+
+
 def bad_cases(tmp_path):
     """(arguments, expected message part) for each mistake a user can make."""
     truth = cells(shape=(4, 16, 16), n=3)

@@ -31,7 +31,7 @@ from .affinities import Offset, check_offsets, parse_offsets, to_float
 from .base import Segmenter, respec
 
 __all__ = ["DEFAULT_BLOCK", "DEFAULT_METHOD", "MEMORY_BYTES", "SegmentResult", "default_block",
-           "run_segment"]
+           "recorded_segmenter", "run_segment"]
 
 DEFAULT_METHOD: str = Recipe.model_fields["segment"].default_factory().type  # type: ignore[misc]
 """The recipe's default segmenter (mws), also the command's."""
@@ -56,6 +56,7 @@ class SegmentResult:
     parameters: dict[str, Any]
     mode: str
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    segmenter_from: str | None = None  # where the segmenter came from when not from the command
     block: list[int] | None = None
     seconds: float = 0.0
     sweep: dict[str, Any] | None = None
@@ -114,6 +115,33 @@ def stored_offsets(volume: Volume) -> Any:
     except Exception:
         return None
     return None
+
+
+def recorded_segmenter(affs_path: str) -> tuple[Spec, str] | None:
+    """The ``segment`` section of the recipe an `emrun infer` output records (its group's
+    ``emrun.recipe``), and a phrase saying so; None for affinities that record no recipe.
+    The network's recipe knows how its affinities segment best (SNEMI3D's: waterz, not the
+    generic mws default)."""
+    try:
+        import zarr
+
+        path = find_affinities(affs_path) or affs_path
+        volume = open_volume(path)
+        recipe = dict(zarr.open_group(volume.path, mode="r").attrs)["emrun"]["recipe"]
+        section, name = dict(recipe["segment"]), str(recipe.get("name", "?"))
+    except Exception:
+        return None
+    where = f"the recipe {name!r} recorded in {volume.path}"
+    kind = str(section.get("type"))
+    if kind not in segmenters:
+        raise UserError(f"{where} segments with {kind!r}, which is not available here "
+                        f"({segmenters.unknown_message(kind)}); choose one with --method")
+    try:
+        spec = segmenters.entry(kind).spec.model_validate(section)
+    except ValueError as exc:
+        raise UserError(f"{where}: its segment section is not valid here ({exc}); choose a "
+                        "segmenter with --method") from None
+    return spec, where
 
 
 def find_affinities(path: str) -> str | None:
@@ -210,7 +238,7 @@ def default_block(segmenter: Segmenter, offsets: Sequence[Offset],
     return tuple(block)  # type: ignore[return-value]
 
 
-def run_segment(affs_path: str, output: Path, *, method: str = DEFAULT_METHOD,
+def run_segment(affs_path: str, output: Path, *, method: str | None = None,
                 thresholds: Sequence[float] | None = None,
                 biases: Sequence[float] | None = None, min_size: int | None = None,
                 mask_path: str | None = None, offsets_text: str | None = None,
@@ -221,11 +249,19 @@ def run_segment(affs_path: str, output: Path, *, method: str = DEFAULT_METHOD,
                 connected_truth: bool = False) -> SegmentResult:
     """Segment ``affs_path`` into ``output``/``name`` (or one volume per value, or the
     sweep's best); see the module docstring. ``spec`` (e.g. a recipe's ``segment``)
-    replaces ``method`` and the spec defaults; the other arguments still override it.
+    replaces ``method`` and the spec defaults; the other arguments still override it. With
+    neither, the segmenter is the one the affinities' recipe records (`recorded_segmenter`),
+    else ``DEFAULT_METHOD``.
     ``connected_truth``: the sweep scores against the truth's connected pieces
     (`emrun.evaluate.pieces`)."""
     start = time.perf_counter()
-    segmenter, values = make_segmenter(method, thresholds, biases, min_size, spec)
+    segmenter_from = None
+    if spec is None and method is None:
+        recorded = recorded_segmenter(affs_path)
+        if recorded is not None:
+            spec, segmenter_from = recorded
+    segmenter, values = make_segmenter(method or DEFAULT_METHOD, thresholds, biases, min_size,
+                                       spec)
     method = segmenter.spec.type
     if sweep_values:
         if truth_path is None:
@@ -261,7 +297,8 @@ def run_segment(affs_path: str, output: Path, *, method: str = DEFAULT_METHOD,
                         "or --block was given; use --method mws or cc")
     result = SegmentResult(input=str(volume), output=str(output), method=method,
                            parameters=segmenter.spec.model_dump(),
-                           mode="blockwise" if blockwise else "memory")
+                           mode="blockwise" if blockwise else "memory",
+                           segmenter_from=segmenter_from)
     info = {"version": __version__, "input": str(volume), "offsets": [list(o) for o in offsets],
             "mask": mask_path, "segmenter": segmenter.spec.model_dump()}
     write_args = {"voxel_size": volume.voxel_size, "offset": volume.offset}
