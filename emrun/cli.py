@@ -399,9 +399,11 @@ def evaluate(
     from .evaluate import binary_scores_volumes, score_volumes
     from .evaluate.report import binary_lines, score_lines
     from .io import open_volume
+    from .io.window import covered_part
 
-    seg_vol, truth_vol = open_volume(seg), open_volume(truth)
-    mask_vol = open_volume(mask) if mask is not None else None
+    seg_vol = open_volume(seg)
+    truth_vol = covered_part(seg_vol, open_volume(truth))  # a larger truth: the part SEG covers
+    mask_vol = covered_part(seg_vol, open_volume(mask)) if mask is not None else None
     mask_name = str(mask_vol) if mask_vol is not None else None
     if binary:
         result = binary_scores_volumes(seg_vol, truth_vol, mask_vol, threshold=threshold)

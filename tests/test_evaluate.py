@@ -370,3 +370,25 @@ def test_cli_missing_volume_and_binary_mask_exit_2(tmp_path):
     mask = _write(tmp_path, "mask", np.zeros((2, 3, 4), np.uint8))
     result = runner.invoke(app, ["evaluate", pred, truth, "--binary", "--mask", mask])
     assert result.exit_code == 2 and "mask is 0 everywhere" in result.stderr
+
+
+def test_a_larger_truth_is_read_where_the_segmentation_sits(tmp_path):
+    rng = np.random.default_rng(11)
+    truth = blobs(rng, (8, 12, 12), 6)
+    seg = blobs(rng, (3, 12, 12), 6)
+    write_volume(tmp_path / "t.zarr", "labels", truth, voxel_size=(30, 6, 6))
+    write_volume(tmp_path / "s.zarr", "seg", seg, voxel_size=(30, 6, 6), offset=(4, 0, 0))
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "s.zarr/seg"),
+                                 str(tmp_path / "t.zarr/labels"), "--json"])
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["arand"] == pytest.approx(score(seg, truth[4:7]).arand)
+    assert line["truth"].endswith("[4-6, 0-11, 0-11]")
+    write_volume(tmp_path / "s.zarr", "late", seg, voxel_size=(30, 6, 6), offset=(6, 0, 0))
+    outside = runner.invoke(app, ["evaluate", str(tmp_path / "s.zarr/late"),
+                                  str(tmp_path / "t.zarr/labels")])
+    assert outside.exit_code == 2 and "offsets do not place it inside" in outside.output
+    write_volume(tmp_path / "s.zarr", "fine", seg, voxel_size=(30, 3, 3), offset=(4, 0, 0))
+    other_grid = runner.invoke(app, ["evaluate", str(tmp_path / "s.zarr/fine"),
+                                     str(tmp_path / "t.zarr/labels")])
+    assert other_grid.exit_code == 2  # another voxel size: not placed, refused

@@ -470,6 +470,23 @@ def test_cli_sweep_against_the_truths_connected_pieces(tmp_path):
     assert alone.exit_code == 2 and "--connected-truth is for --sweep" in alone.output
 
 
+def test_sweep_reads_the_part_of_a_larger_truth_the_affinities_cover(tmp_path):
+    truth, affs = known_answer()
+    data = np.round(affs[:, 4:10] * 255).astype(np.uint8)  # predicted for z 4-9 only
+    write_volume(tmp_path / "pred.zarr", "affinity", data, voxel_size=(30, 6, 6),
+                 offset=(4, 0, 0), channel_axis=True,
+                 attrs={"offsets": [list(o) for o in OFFSETS[:3]]})
+    write_volume(tmp_path / "truth.zarr", "labels", truth.astype(np.uint32),
+                 voxel_size=(30, 6, 6))
+    result = invoke(f"{tmp_path}/pred.zarr/affinity", tmp_path / "seg.zarr", "--method", "cc",
+                    "--sweep", "--truth", tmp_path / "truth.zarr/labels", "--threshold",
+                    "0.2,0.6", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["sweep"]["chosen"] == 0.6 and report["sweep"]["best"]["arand"] == 0
+    assert report["sweep"]["truth"].endswith("[4-9, 0-63, 0-63]")
+
+
 def record_recipe(folder, segment: dict) -> None:
     """What `emrun infer` leaves on its output group: the resolved recipe."""
     group = zarr.open_group(str(folder / "pred.zarr"), mode="r+")

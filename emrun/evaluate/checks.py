@@ -48,4 +48,5 @@ def check_inputs(
         if other != shape:
             raise EvaluationError(
                 f"{name}: {role} has shape {list(other)} but {first} has shape {list(shape)}"
+                " (and their offsets do not place it inside)"
             )

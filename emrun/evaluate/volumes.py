@@ -19,6 +19,7 @@ from emrun.evaluate.contingency import TableAccumulator, count_pairs
 from emrun.evaluate.metrics import MIN_OVERLAP, Scores, scores_from_table
 from emrun.evaluate.pieces import PieceLabeller
 from emrun.io.volume import Roi, Volume
+from emrun.io.window import covered_part
 
 SLAB_VOXELS = 8_000_000  # ~0.1 GB of working memory for two uint32 volumes
 
@@ -130,6 +131,8 @@ def _checked(
     """The given volumes, after `check_inputs` on their shapes and dtypes."""
     given = [(role, OneChannel.of(v) if len(v.shape) == 4 and v.shape[0] == 1 else v)
              for role, v in roles if v is not None]
+    reference = given[0][1]  # truth and mask: the part the segmentation covers, if larger
+    given = [given[0], *((role, covered_part(reference, v)) for role, v in given[1:])]
     check_inputs([(role, str(v), tuple(v.shape), np.dtype(v.dtype)) for role, v in given],
                  binary=binary)
     return [v for _, v in given]

@@ -190,13 +190,17 @@ def open_affinities(path: str, offsets_text: str | None) -> tuple[Volume, tuple[
     return volume, offsets
 
 
-def open_spatial(path: str, shape: Sequence[int], what: str,
-                 integer: bool = False) -> Volume:
-    """A mask or truth volume that must match the affinities' z, y, x shape."""
-    volume = open_volume(path)
+def open_spatial(path: str, affinities: Volume, what: str, integer: bool = False) -> Volume:
+    """A mask or truth volume matching the affinities' z, y, x shape, or a larger one that
+    holds them (by their offsets: the part they cover is read)."""
+    from ..io.window import covered_part
+
+    volume = covered_part(affinities, open_volume(path))
+    shape = affinities.shape[1:]
     if tuple(volume.shape) != tuple(shape):
         raise UserError(f"{what} {volume}: shape {list(volume.shape)} differs from the "
-                        f"affinities' volume {list(shape)}")
+                        f"affinities' volume {list(shape)} (and their offsets do not place "
+                        "the affinities inside it)")
     if integer and volume.dtype.kind not in "biu":
         raise UserError(f"{what} {volume}: dtype {volume.dtype}; expected integer ids")
     return volume
@@ -286,9 +290,9 @@ def run_segment(affs_path: str, output: Path, *, method: str | None = None,
 
     volume, offsets = open_affinities(affs_path, offsets_text)
     spatial = volume.shape[1:]
-    mask = None if mask_path is None else open_spatial(mask_path, spatial, "mask")
+    mask = None if mask_path is None else open_spatial(mask_path, volume, "mask")
     truth = (None if truth_path is None
-             else open_spatial(truth_path, spatial, "truth", integer=True))
+             else open_spatial(truth_path, volume, "truth", integer=True))
     need = math.prod(spatial) * segmenter.bytes_per_voxel(volume.shape[0])
     blockwise = not sweep_values and (block is not None or need > MEMORY_BYTES)
     if blockwise and not segmenter.blockwise:

@@ -1,0 +1,56 @@
+"""The part of a larger volume that another one covers, found from their offsets.
+
+`emrun infer --roi 60,0,0/10,1024,1024` writes predictions (and `emrun segment` then a
+segmentation) that know where they sit: offset (60, 0, 0) in voxels. Their truth is usually
+the whole annotated volume. Scoring or sweeping against it reads the box the prediction
+covers, instead of asking the user to cut a copy of the truth first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from emrun.io.volume import Roi, Volume
+
+__all__ = ["Window", "covered_part"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Window(Volume):
+    """A box of another volume (``start`` .. ``start + shape`` in its voxels), read through it."""
+
+    inner: Volume
+    start: tuple[int, ...]
+
+    def __str__(self) -> str:
+        box = ", ".join(f"{a}-{a + n - 1}" for a, n in zip(self.start, self.shape, strict=True))
+        return f"{self.inner} [{box}]"
+
+    def _read(self, roi: Roi) -> np.ndarray:
+        return self.inner.read(tuple(slice(a + s.start, a + s.stop)
+                                     for a, s in zip(self.start, roi, strict=True)))
+
+
+def covered_part(reference: Volume, other: Volume) -> Volume:
+    """``other`` cut to the box ``reference`` covers, when their shapes differ and their
+    offsets (voxels; a volume without one starts at 0) and voxel sizes place the reference
+    inside it; otherwise ``other`` unchanged (the caller's shape check then speaks)."""
+    spatial = tuple(reference.shape[-3:]) if reference.ndim >= 3 else tuple(reference.shape)
+    if tuple(other.shape) == spatial or other.ndim != len(spatial):
+        return other
+    if (reference.voxel_size is not None and other.voxel_size is not None
+            and tuple(reference.voxel_size[-len(spatial):]) != tuple(other.voxel_size)):
+        return other
+    if reference.offset is None:
+        return other
+    mine = tuple(reference.offset[-len(spatial):])
+    theirs = tuple(other.offset) if other.offset is not None else (0,) * len(spatial)
+    start = tuple(int(a - b) for a, b in zip(mine, theirs, strict=True))
+    inside = all(a >= 0 and a + n <= m
+                 for a, n, m in zip(start, spatial, other.shape, strict=True))
+    if not inside:
+        return other
+    return Window(inner=other, start=start, path=other.path, dataset=other.dataset,
+                  shape=spatial, dtype=other.dtype, voxel_size=other.voxel_size, offset=mine)
