@@ -38,3 +38,19 @@ def test_mismatched_real_volumes_are_reported():
                                       *_overrides(str(SNEMI / "train-input.tif"), str(fib))])
     assert result.exit_code == 2
     assert "has shape [250, 250, 250] but the image" in result.stderr
+
+
+def test_snemi3d_validation_labels_hold_pieces_joined_only_outside_the_crop():
+    """The floor the README quotes: sections 60-69's own connected pieces, a perfect
+    segmentation of those sections, against the labels as given."""
+    import numpy as np
+
+    from emrun.evaluate import score
+    from emrun.evaluate.pieces import connected_pieces
+    from emrun.io import open_volume
+
+    labels = open_volume(str(SNEMI / "train-labels.tif")).read((slice(60, 70),))
+    pieces = connected_pieces(labels)
+    assert len(np.unique(labels[labels > 0])) == 223 and int(pieces.max()) == 273
+    assert score(pieces, labels).arand == pytest.approx(0.1067, abs=1e-4)
+    assert score(pieces, labels, connected_truth=True).arand == 0.0
