@@ -235,6 +235,26 @@ def test_waterz_gives_the_truth_per_threshold():
     assert high.max() < 20  # a threshold near 1 merges across boundaries
 
 
+def test_waterz_runs_in_memory_while_the_machine_has_room(tmp_path, monkeypatch):
+    pytest.importorskip("waterz")
+    from emrun.segment import job
+
+    truth = cells()
+    affs_path = write_prediction(tmp_path, affinities(truth))
+    monkeypatch.setattr(job, "MEMORY_BYTES", 1024)  # beyond the blockwise switch
+    monkeypatch.setattr(job, "available_memory", lambda: 2**34)
+    result = invoke(affs_path, tmp_path / "seg.zarr", "--method", "waterz", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["mode"] == "memory"
+    assert same_partition(open_volume(tmp_path / "seg.zarr/segmentation").read(), truth)
+    monkeypatch.setattr(job, "available_memory", lambda: 2**20)
+    full = invoke(affs_path, tmp_path / "other.zarr", "--method", "waterz")
+    assert full.exit_code == 2 and "GiB this machine has free" in full.output
+    blocks = invoke(affs_path, tmp_path / "other.zarr", "--method", "waterz", "--block",
+                    "8", "32", "32")
+    assert blocks.exit_code == 2 and "drop --block" in blocks.output
+
+
 def test_waterz_without_the_package_is_a_clear_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "waterz", None)
     with pytest.raises(UserError, match=r"emrun\[waterz\]"):
@@ -485,6 +505,23 @@ def test_sweep_reads_the_part_of_a_larger_truth_the_affinities_cover(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["sweep"]["chosen"] == 0.6 and report["sweep"]["best"]["arand"] == 0
     assert report["sweep"]["truth"].endswith("[4-9, 0-63, 0-63]")
+
+
+@pytest.mark.parametrize("spec", [ConnectedComponents(), MutexWatershed()])
+def test_in_memory_paths_read_only_the_channels_a_method_uses(tmp_path, spec):
+    from emrun.segment.job import read_channels
+
+    truth = cells()
+    affs = noisy(affinities(truth), 0.05)
+    volume = open_volume(write_prediction(tmp_path, affs))
+    segmenter = build(spec)
+    read, used = read_channels(volume, OFFSETS, segmenter)
+    nearest = [c for c, o in enumerate(OFFSETS) if sum(map(abs, o)) == 1]
+    expected = nearest if spec.type == "cc" else list(range(len(OFFSETS)))
+    assert used == tuple(OFFSETS[c] for c in expected) and read.dtype == np.float32
+    assert np.allclose(read, np.round(affs[expected] * 255) / 255, atol=1e-6)
+    assert same_partition(segment_array(read, used, segmenter),
+                          segment_array(affs, OFFSETS, segmenter))
 
 
 def record_recipe(folder, segment: dict) -> None:

@@ -91,6 +91,11 @@ class Segmenter(ABC):
         for value in values:
             yield self.with_value(value).fragments(affs, offsets, mask)
 
+    def channels(self, offsets: Sequence[Offset]) -> list[int]:
+        """The affinity channels the method reads; the in-memory paths read only these
+        (a nearest-neighbour method skips the long-range channels' memory)."""
+        return list(range(len(offsets)))
+
     def halo(self, offsets: Sequence[Offset]) -> tuple[int, int, int]:
         """Context read around each block (voxels per axis), cropped after segmenting."""
         return (0, 0, 0)

@@ -38,6 +38,9 @@ class ComponentsSegmenter(Segmenter):
     value_name: ClassVar[str] = "threshold"
     exact_stitching: ClassVar[bool] = True
 
+    def channels(self, offsets: Sequence[Offset]) -> list[int]:
+        return [c for c, offset in enumerate(offsets) if is_nearest(offset)]
+
     def fragments(self, affs: np.ndarray, offsets: Sequence[Offset],
                   mask: np.ndarray | None) -> np.ndarray:
         shape = affs.shape[1:]

@@ -7,7 +7,8 @@ per channel, from the `offsets` attribute or ``--offsets``), mask and truth shap
 
 A volume whose working set fits ``MEMORY_BYTES`` is segmented in one piece; a larger one
 (or any, given ``block``) block by block (emrun.segment.blockwise), writing straight into
-the output. Sweeps run in memory.
+the output. A method without a blockwise path (waterz) runs in memory as long as the
+machine's available memory holds it. Sweeps run in memory.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..recipe.recipe import Recipe
 from ..registry import Spec, segmenters
 from .affinities import Offset, check_offsets, parse_offsets, to_float
 from .base import Segmenter, respec
+from .parallel import MEMORY_SHARE, available_memory
 
 __all__ = ["DEFAULT_BLOCK", "DEFAULT_METHOD", "MEMORY_BYTES", "SegmentResult", "default_block",
            "recorded_segmenter", "run_segment"]
@@ -293,12 +295,20 @@ def run_segment(affs_path: str, output: Path, *, method: str | None = None,
     mask = None if mask_path is None else open_spatial(mask_path, volume, "mask")
     truth = (None if truth_path is None
              else open_spatial(truth_path, volume, "truth", integer=True))
-    need = math.prod(spatial) * segmenter.bytes_per_voxel(volume.shape[0])
+    need = math.prod(spatial) * segmenter.bytes_per_voxel(len(segmenter.channels(offsets)))
     blockwise = not sweep_values and (block is not None or need > MEMORY_BYTES)
     if blockwise and not segmenter.blockwise:
-        raise UserError(f"--method {method} runs in memory only and this volume needs "
-                        f"{need / 2**30:.1f} GiB (limit {MEMORY_BYTES / 2**30:.0f} GiB) "
-                        "or --block was given; use --method mws or cc")
+        # no blockwise path: in memory while the machine has room, whatever MEMORY_BYTES says
+        room = int(MEMORY_SHARE * available_memory())
+        if block is not None:
+            raise UserError(f"--method {method} runs in memory only; drop --block, or use "
+                            "--method mws or cc")
+        if need > room:
+            raise UserError(f"--method {method} runs in memory only and this volume needs "
+                            f"about {need / 2**30:.1f} GiB, more than the {room / 2**30:.1f} "
+                            "GiB this machine has free for it; segment a smaller box, or "
+                            "use --method mws or cc (block by block)")
+        blockwise = False
     result = SegmentResult(input=str(volume), output=str(output), method=method,
                            parameters=segmenter.spec.model_dump(),
                            mode="blockwise" if blockwise else "memory",
@@ -320,18 +330,31 @@ def run_segment(affs_path: str, output: Path, *, method: str | None = None,
             _blockwise(result, volume, offsets, run, mask, output, out_name, chosen, info,
                        write_args, on_block)
     else:
-        affs = to_float(volume.read(), str(volume))
+        affs, used = read_channels(volume, offsets, segmenter)
         mask_array = None if mask is None else mask.read() != 0
         from .pipeline import segment_values
 
         for out_name, value, seg in zip(
                 names, values or [segmenter.value],
-                segment_values(affs, offsets, segmenter, values or [segmenter.value],
+                segment_values(affs, used, segmenter, values or [segmenter.value],
                                mask_array), strict=True):
             run = segmenter if values is None else segmenter.with_value(value)
             _write(result, output, out_name, seg, run, info, write_args)
     result.seconds = round(time.perf_counter() - start, 3)
     return result
+
+
+def read_channels(volume: Volume, offsets: Sequence[Offset], segmenter: Segmenter
+                  ) -> tuple[np.ndarray, tuple[Offset, ...]]:
+    """The whole volume's float affinities of the channels the segmenter reads, and their
+    offsets; one channel at a time, so a nearest-neighbour method never holds the others."""
+    used = segmenter.channels(offsets)
+    if len(used) == len(offsets):
+        return to_float(volume.read(), str(volume)), tuple(offsets)
+    affs = np.empty((len(used), *volume.shape[1:]), np.float32)
+    for i, c in enumerate(used):
+        affs[i] = to_float(volume.read((slice(c, c + 1),))[0], str(volume))
+    return affs, tuple(offsets[c] for c in used)
 
 
 def _record(result: SegmentResult, name: str, segmenter: Segmenter, segments: int) -> None:
@@ -383,9 +406,9 @@ def _sweep(result: SegmentResult, volume: Volume, offsets: Sequence[Offset],
     from .sweep import sweep
 
     assert truth is not None
-    affs = to_float(volume.read(), str(volume))
+    affs, used = read_channels(volume, offsets, segmenter)
     labels = truth.read()
-    found = sweep(affs, offsets, segmenter, values,
+    found = sweep(affs, used, segmenter, values,
                   connected_pieces(labels) if connected_truth else labels,
                   None if mask is None else mask.read() != 0, workers=workers)
     summary = {**found.summary(), "truth": str(truth), "connected_truth": connected_truth}

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import UserError
 from ..recipe.run import Waterz
 from ..registry import segmenters
-from .affinities import Offset, nearest_axes
+from .affinities import Offset, is_nearest, nearest_axes
 from .base import Segmenter, edge_valid, respec
 from .graph import Edges
 
@@ -97,6 +97,9 @@ class WaterzSegmenter(Segmenter):
 
     def with_value(self, value: float) -> Segmenter:
         return WaterzSegmenter(respec(self.spec, thresholds=[float(value)]))
+
+    def channels(self, offsets: Sequence[Offset]) -> list[int]:
+        return [c for c, offset in enumerate(offsets) if is_nearest(offset)]
 
     def fragments(self, affs: np.ndarray, offsets: Sequence[Offset],
                   mask: np.ndarray | None) -> np.ndarray:
