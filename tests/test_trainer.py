@@ -246,3 +246,27 @@ def test_validation_scores_the_truths_connected_pieces(recipe, tmp_path, connect
     (item,) = predict_validation(loaded.recipe, model, torch.device("cpu"))
     assert len(np.unique(item.truth)) == (3 if connected else 2)
     assert item.affinities.shape == (3, *labels.shape)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_devices(recipe, tmp_path,
+                                                                      monkeypatch):
+    from emrun.recipe import load_recipe
+    from emrun.train import trainer as trainer_module
+    from emrun.train.trainer import Trainer
+
+    loaded = load_recipe(recipe, ["train.iterations=3", "train.validate_every=0",
+                                  "train.image_every=0"])
+    run = tmp_path / "run"
+    Trainer(loaded, run).fit()
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    state["devices"] = ["NVIDIA H100 80GB HBM3"]  # as if trained on a GPU elsewhere
+    torch.save(state, last)
+
+    def no_loader(*args, **kwargs):
+        raise AssertionError("a finished run started the data loader")
+
+    monkeypatch.setattr(trainer_module, "train_batches", no_loader)
+    resumed = Trainer(loaded, run, resume=True)
+    assert resumed.fit().iteration == 3
+    assert resumed.devices == ["NVIDIA H100 80GB HBM3"]  # this CPU trained none of it

@@ -266,13 +266,15 @@ class Trainer:
         """Train until ``train.iterations``, a signal, or too many non-finite losses."""
         if self.world.main:
             run_dir.write_recipe_and_provenance(self.run_path, self.recipe, self.loaded.path)
-        if batches is None:
-            batches = train_batches(self.recipe, rank=self.world.rank, start=self.batches_done)
+        finished = self.iteration >= self.train.iterations  # e.g. a resumed, finished run
+        if batches is None:  # a finished run starts no loader workers
+            batches = iter(()) if finished else train_batches(
+                self.recipe, rank=self.world.rank, start=self.batches_done)
         logger = RunLogger(self.run_path, total=self.train.iterations, enabled=self.world.main,
                            console=self.console, start=self.iteration)
         voxels = self.train.batch_size * math.prod(self.train.patch) * self.train.accumulate
-        if device_name(self.device) not in self.devices:
-            self.devices.append(device_name(self.device))
+        if not finished and device_name(self.device) not in self.devices:
+            self.devices.append(device_name(self.device))  # only devices that trained it
         self._clock = time.perf_counter()
         in_a_row = 0
         window_start, window_iters = time.perf_counter(), 0
