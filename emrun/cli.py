@@ -401,6 +401,9 @@ def evaluate(
     from .io import open_volume
     from .io.window import covered_part
 
+    if binary and connected_truth:
+        raise UserError("--connected-truth is for segmentations (object ids); drop it with "
+                        "--binary")
     seg_vol = open_volume(seg)
     truth_vol = covered_part(seg_vol, open_volume(truth))  # a larger truth: the part SEG covers
     mask_vol = covered_part(seg_vol, open_volume(mask)) if mask is not None else None
