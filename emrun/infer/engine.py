@@ -104,6 +104,7 @@ class Engine:
         self.model = torch.compile(model) if compile else model
         window = blends.build(recipe.infer.blend, patch=self.patch)
         self.window = torch.from_numpy(window).to(device)
+        self.predicted_patches = 0  # forward passes of lattice patches (padding excluded)
         self.tta = tta or recipe.infer.tta
         self.variants: list[Any] = []
         if self.tta > 1:
@@ -172,6 +173,7 @@ class Engine:
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last_3d)
             outputs = self._forward(batch)
+            self.predicted_patches += len(group)
             for i, s in enumerate(slices):
                 for name, out in outputs.items():
                     finite = torch.nan_to_num(out[i], nan=0.0, posinf=0.0, neginf=0.0)

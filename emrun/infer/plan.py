@@ -46,6 +46,10 @@ class Layout:
         last = max(0, math.ceil((n - o - p) / s))
         return [o + k * s for k in range(last + 1)]
 
+    def patch_count(self) -> int:
+        """Patches in the lattice: what a job predicts when no patch is predicted twice."""
+        return math.prod(len(self.starts(a)) for a in range(3))
+
     def block_grid(self) -> list[Zyx]:
         """Block indices, z-major."""
         counts = [math.ceil(n / b) for n, b in zip(self.shape, self.block, strict=True)]

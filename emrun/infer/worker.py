@@ -49,13 +49,15 @@ class BlockDone:
 class BlockWorker:
     """Predicts and writes blocks of one job on one device."""
 
-    def __init__(self, job: Job, device: torch.device) -> None:
+    def __init__(self, job: Job, device: torch.device, model: torch.nn.Module | None = None
+                 ) -> None:
         self.job = job
         self.volume = open_volume(job.input_path)
         self.mask = open_volume(job.mask_path) if job.mask_path else None
         self.arrays = open_output_arrays(job)
-        self.engine = Engine(job.recipe, load_model(job.recipe, job.checkpoint, device), device,
-                             tta=job.tta)
+        if model is None:
+            model = load_model(job.recipe, job.checkpoint, device)
+        self.engine = Engine(job.recipe, model, device, tta=job.tta)
         self.dtype = job.recipe.infer.dtype
         self.seconds = {stage: 0.0 for stage in STAGES}
         self._lock = threading.Lock()
