@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import UserError
@@ -21,3 +23,10 @@ def require_visible(device: torch.device, name: str) -> None:
             device.index is not None and device.index >= torch.cuda.device_count())):
         raise UserError(f"--device {name}: no such CUDA device is visible "
                         f"({torch.cuda.device_count()} visible to torch {torch.__version__})")
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may use (a SLURM or taskset allocation, not the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -43,5 +43,5 @@ def predict_array(engine: Engine, image: np.ndarray,
     if raw is None:
         channels = engine.recipe.head_channels()
         return {n: np.zeros((channels[n], *shape), np.float32) for n in engine.tasks}
-    predictions = engine.predict(raw, layout, ORIGIN, scale)
+    predictions = engine.predict(raw, layout, ORIGIN, scale).values
     return {n: t.cpu().numpy() for n, t in predictions.items()}

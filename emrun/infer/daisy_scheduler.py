@@ -1,10 +1,12 @@
 """The daisy scheduler (extra ``emrun[daisy]``): the same block worker, many machines.
 
-emrun's layout becomes one daisy task over the volume in voxels: daisy's write ROI is emrun's
-write block (read ROI the same: a worker reads its own context, and blocks never share a
-chunk, so there are no read/write conflicts). daisy asks ``_block_is_done`` before handing
-a block out, which reads emrun's own done-markers, and daisy's own tracking is off: so a job
-started with ``--scheduler local`` can be finished by daisy workers, and back.
+emrun's layout becomes one daisy task over the volume in voxels: daisy's write ROI is one
+emrun *unit* (a box of blocks one worker predicts in order, handing partial sums from block
+to block; ``plan.units``), its read ROI the same (a worker reads its own context, and units
+never share a chunk, so there are no read/write conflicts). daisy asks ``_block_is_done``
+before handing a unit out, which reads emrun's own per-block done-markers, and daisy's own
+tracking is off: so a job started with ``--scheduler local`` can be finished by daisy
+workers, and back.
 
 Each daisy worker is a process that builds the model once and serves blocks until daisy has
 none left. With ``launch`` (e.g. ``srun --gres=gpu:1 -c 8``) each worker is started through
@@ -16,6 +18,7 @@ and the Python environment).
 from __future__ import annotations
 
 import functools
+import itertools
 import shlex
 import subprocess
 import sys
@@ -27,10 +30,11 @@ from typing import Any
 
 import torch
 
+from ..devices import cpu_cores
 from ..errors import UserError
 from .job import Job
-from .plan import Zyx
-from .schedule import Progress, cpu_cores
+from .plan import Zyx, carry_budget, choose_unit
+from .schedule import Progress
 from .worker import BlockWorker
 
 
@@ -53,6 +57,9 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
     set_log_basedir(job.done_dir / "daisy-logs")  # not the user's working directory
     grid = job.layout.block_grid()
     before = {b for b in grid if job.is_done(b)}
+    channels = sum(job.recipe.head_channels().values())
+    unit = choose_unit(job.layout, channels, workers, carry_budget(job.layout, channels))
+    unit_voxels = tuple(u * b for u, b in zip(unit, job.layout.block, strict=True))
     # Local workers share this machine's cores; launched ones use what their node gives them.
     threads = 0 if launch else max(1, cpu_cores() // workers)
     worker = functools.partial(_start_worker, str(job_file), device, threads, launch)
@@ -60,8 +67,8 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
         warnings.simplefilter("ignore", UserWarning)  # daisy frowns on check_function
         task = daisy.Task(
             "emrun-infer", total_roi=daisy.Roi((0, 0, 0), job.layout.shape),
-            read_roi=daisy.Roi((0, 0, 0), job.layout.block),
-            write_roi=daisy.Roi((0, 0, 0), job.layout.block),
+            read_roi=daisy.Roi((0, 0, 0), unit_voxels),
+            write_roi=daisy.Roi((0, 0, 0), unit_voxels),
             process_function=worker,
             check_function=functools.partial(_block_is_done, str(job_file)),
             read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
@@ -87,9 +94,12 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
     return progress
 
 
-def block_index(job: Job, offset: Any) -> Zyx:
-    """emrun's block index of the daisy block whose write ROI starts at ``offset``."""
-    return tuple(int(o) // b for o, b in zip(offset, job.layout.block, strict=True))  # type: ignore[return-value]
+def unit_blocks(job: Job, roi: Any) -> list[Zyx]:
+    """emrun's blocks inside a daisy block's write ROI (one unit), in block order."""
+    start = [int(o) // b for o, b in zip(roi.offset, job.layout.block, strict=True)]
+    stop = [-(-(int(o) + int(s)) // b) for o, s, b in zip(
+        roi.offset, roi.shape, job.layout.block, strict=True)]
+    return list(itertools.product(*(range(a, e) for a, e in zip(start, stop, strict=True))))  # type: ignore[arg-type]
 
 
 @functools.cache
@@ -99,7 +109,7 @@ def _job(job_file: str) -> Job:
 
 def _block_is_done(job_file: str, block: Any) -> bool:
     job = _job(job_file)
-    return job.is_done(block_index(job, block.write_roi.offset))
+    return all(job.is_done(b) for b in unit_blocks(job, block.write_roi))
 
 
 def _start_worker(job_file: str, device: str, threads: int, launch: str | None) -> None:
@@ -124,7 +134,7 @@ def serve(job_file: str, device: str, threads: int) -> None:
         with client.acquire_block() as block:
             if block is None:
                 return
-            worker.run([block_index(job, block.write_roi.offset)])
+            worker.run([b for b in unit_blocks(job, block.write_roi) if not job.is_done(b)])
 
 
 def worker_device(device: str, worker_id: int) -> torch.device:

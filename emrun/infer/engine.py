@@ -2,16 +2,25 @@
 
 For each block (a whole number of output chunks) the engine reads the input its lattice
 patches need, once, padded by reflection about the volume's own borders (so padding does not
-depend on the block), predicts the patches in batches, accumulates ``window x prediction``
-and the window on the device in float32 and divides. Only the block's write region travels
-back to the host, quantised on the device. Scheduling, IO overlap and done-markers live in
-``worker`` and ``job``.
+depend on the block). It predicts only the patches the block owns (``plan``: those that start
+in it), in the owner's fixed batches, and sums ``window x prediction`` over the block and the
+later blocks they reach, in float32 on the device. The block's value is the sum of its
+owners' partial sums in block order, divided by the sum of the windows: an earlier owner's
+partial sum is handed over by the worker when it predicted that owner in the same unit, and
+recomputed here from that owner's batches otherwise (a unit border, a resumed run, a masked
+owner). Multiplications and additions are separate operations on the same operands in the
+same order either way, so hand-over and recomputation agree to the last bit: the output
+does not depend on units, resumption or how many workers there are (given the same
+per-patch network output; CPU thread counts change that in the last bits). Only the block's
+write region travels back to the host, quantised on the device. Scheduling, IO overlap and
+done-markers live in ``worker``, ``schedule`` and ``job``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +36,7 @@ from ..recipe.data import VolumeSource
 from ..recipe.tasks import AffinityTarget
 from ..registry import blends, models
 from ..train.checkpoint import load
-from .plan import Layout, Zyx
+from .plan import Box, Layout, Zyx, intersect, local
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "none": lambda t: t}
@@ -97,11 +106,14 @@ class Engine:
         if device.type == "cpu" and self.autocast is torch.float16:
             self.autocast = torch.bfloat16
         self.tasks = {name: task for name, task in recipe.tasks.items()}
+        self.channels = recipe.head_channels()
         self.channels_last = device.type == "cuda" and recipe.infer.channels_last
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         compile = recipe.infer.compile if compile is None else compile
         self.model = torch.compile(model) if compile else model
+        # A fixed batch shape: no autotuning or recompiling for a short last batch.
+        self.pad_batches = device.type == "cuda" or bool(compile)
         window = blends.build(recipe.infer.blend, patch=self.patch)
         self.window = torch.from_numpy(window).to(device)
         self.predicted_patches = 0  # forward passes of lattice patches (padding excluded)
@@ -146,65 +158,155 @@ class Engine:
 
     def read_input(self, volume: Volume, layout: Layout, block: Zyx,
                    origin: Zyx = (0, 0, 0)) -> np.ndarray | None:
-        """The raw input the block's patches need (host memory, the volume's dtype), or None
-        when it is entirely zero (nothing to predict). ``origin``: where the layout's
-        (0, 0, 0) lies in ``volume`` (a ROI). Runs in reader threads."""
+        """The raw input the patches covering the block need (host memory, the volume's
+        dtype), or None when it is entirely zero (nothing to predict). ``origin``: where the
+        layout's (0, 0, 0) lies in ``volume`` (a ROI). Runs in reader threads."""
         read_start, read_stop = layout.read_box(block)
         raw = read_reflected(volume, _add(read_start, origin), _add(read_stop, origin))
         return raw if raw.any() else None
 
-    def predict(self, raw: np.ndarray, layout: Layout, block: Zyx,
-                scale: tuple[float, float]) -> dict[str, torch.Tensor]:
-        """The blended prediction of the block's write region, on the device (float32,
-        (c, z, y, x) per task), from the input ``read_input`` returned."""
-        read_start, read_stop = layout.read_box(block)
+    def predict(self, raw: np.ndarray | torch.Tensor, layout: Layout, block: Zyx,
+                scale: tuple[float, float], *, carried: Mapping[Zyx, torch.Tensor] | None = None,
+                keep: Collection[Zyx] = (), read: PatchReader | None = None) -> Prediction:
+        """The blended prediction of the block's write region, on the device, from the input
+        ``read_input`` returned.
+
+        The block predicts the patches it owns; each other owner's partial sum over the block
+        comes from ``carried`` (owner -> partial, handed over by whoever predicted that owner
+        in this unit) or is recomputed here from that owner's own batches (so it is the same
+        to the last bit). Partial sums over the blocks in ``keep`` are returned for hand-over.
+        ``read(start, stop)`` gives input outside ``raw`` (only a recomputed batch needs it)."""
+        read_start = layout.read_box(block)[0]
+        image = self._image(raw, scale)
+        source = PatchSource(image, read_start, self.patch, read, self._normalise(scale))
+        box = layout.write_box(block)
+        total = torch.zeros((sum(self.channels.values()), *_size(box)), device=self.device)
+        carries: dict[Zyx, torch.Tensor] = {}
+        carried = carried or {}
+        for owner in layout.owners(block):
+            own = layout.owned_box(owner)
+            assert own is not None  # an owner owns a patch
+            if owner == block:
+                partial = self._accumulate(source, layout.batches(block, self.batch_size), own)
+                carries = {t: partial[(slice(None), *local(common, own[0]))].clone() for t in keep
+                           if (common := intersect(layout.write_box(t), own)) is not None}
+                common = intersect(box, own)
+                if common is not None:
+                    total[(slice(None), *local(common, box[0]))] += \
+                        partial[(slice(None), *local(common, own[0]))]
+                continue
+            common = intersect(box, own)
+            if common is None:
+                continue
+            piece = carried.get(owner)
+            if piece is None:  # recompute that owner's batches that reach this block
+                batches = [b for b in layout.batches(owner, self.batch_size)
+                           if any(intersect(_patch_box(p, self.patch), box) for p in b)]
+                piece = self._accumulate(source, batches, common)
+            total[(slice(None), *local(common, box[0]))] += piece
+        total /= self._weight(layout, block)
+        values, first = {}, 0
+        for name, channels in self.channels.items():
+            values[name] = total[first:first + channels]
+            first += channels
+        return Prediction(values, carries)
+
+    def _image(self, raw: np.ndarray | torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
+        """The input on the device, scaled to [0, 1] (a pinned host tensor copies
+        asynchronously)."""
+        tensor = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(
+            np.ascontiguousarray(raw))
+        return self._normalise(scale)(tensor.to(self.device, non_blocking=True))
+
+    def _normalise(self, scale: tuple[float, float]) -> Callable[[torch.Tensor], torch.Tensor]:
         low, high = scale
-        image = torch.from_numpy(np.ascontiguousarray(raw)).to(self.device).float()
-        image = ((image - low) / (high - low)).clamp_(0, 1)
-        size = tuple(b - a for a, b in zip(read_start, read_stop, strict=True))
-        acc = {n: torch.zeros((self._channels(n), *size), device=self.device) for n in self.tasks}
-        weight = torch.zeros(size, device=self.device)
-        patches = layout.patches(block)
-        for first in range(0, len(patches), self.batch_size):
-            group = patches[first:first + self.batch_size]
-            slices = [tuple(slice(p[a] - read_start[a], p[a] - read_start[a] + self.patch[a])
-                            for a in range(3)) for p in group]
-            batch = torch.stack([image[s] for s in slices])[:, None]
+        return lambda t: ((t.float() - low) / (high - low)).clamp_(0, 1)
+
+    def _accumulate(self, source: PatchSource, batches: list[list[Zyx]], box: Box
+                    ) -> torch.Tensor:
+        """The sum of window x prediction of the patches in ``batches`` over ``box``, added
+        patch by patch in batch order (multiply, then add: no fused rounding, so the same
+        patches give the same sums in any box)."""
+        acc = torch.zeros((sum(self.channels.values()), *_size(box)), device=self.device)
+        for group in batches:
+            inputs = [source.get(p) for p in group]
+            if self.pad_batches:
+                inputs += [inputs[-1]] * (self.batch_size - len(inputs))
+            batch = torch.stack(inputs)[:, None]
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last_3d)
             outputs = self._forward(batch)
             self.predicted_patches += len(group)
-            for i, s in enumerate(slices):
-                for name, out in outputs.items():
-                    finite = torch.nan_to_num(out[i], nan=0.0, posinf=0.0, neginf=0.0)
-                    acc[name][(slice(None), *s)].addcmul_(finite, self.window)
-                weight[s] += self.window
-        start, stop = layout.write_box(block)
-        core = tuple(slice(a - r, b - r) for a, b, r in zip(start, stop, read_start, strict=True))
-        total = weight[core]
-        return {n: acc[n][(slice(None), *core)] / total for n in self.tasks}
+            stacked = torch.cat([outputs[n] for n in self.channels], dim=1)[:len(group)]
+            weighted = torch.nan_to_num(stacked, nan=0.0, posinf=0.0, neginf=0.0) * self.window
+            for i, start in enumerate(group):
+                common = intersect(_patch_box(start, self.patch), box)
+                if common is not None:
+                    acc[(slice(None), *local(common, box[0]))] += \
+                        weighted[(i, slice(None), *local(common, start))]
+        return acc
 
-    def predict_block(self, volume: Volume, layout: Layout, block: Zyx,
-                      scale: tuple[float, float]) -> dict[str, np.ndarray] | None:
-        """``read_input`` then ``predict``, on the host (float32), or None for an empty input."""
-        raw = self.read_input(volume, layout, block)
-        if raw is None:
-            return None
-        return {n: t.cpu().numpy() for n, t in self.predict(raw, layout, block, scale).items()}
+    def _weight(self, layout: Layout, block: Zyx) -> torch.Tensor:
+        """The sum of the windows of every patch covering the block, in lattice order."""
+        box = layout.write_box(block)
+        weight = torch.zeros(_size(box), device=self.device)
+        for start in layout.patches(block):
+            common = intersect(_patch_box(start, self.patch), box)
+            assert common is not None
+            weight[local(common, box[0])] += self.window[local(common, start)]
+        return weight
 
-    def _channels(self, name: str) -> int:
-        return self.recipe.head_channels()[name]
+
+PatchReader = Callable[[Zyx, Zyx], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A block's blended values per task (c, z, y, x; float32 on the device) and its partial
+    sums over the blocks it was asked to hand over to."""
+
+    values: dict[str, torch.Tensor]
+    carries: dict[Zyx, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PatchSource:
+    """Patch inputs on the device: cut from the block's input, or read (a recomputed batch
+    may hold patches beyond it)."""
+
+    image: torch.Tensor
+    start: Zyx  # where image[0, 0, 0] lies in the layout
+    size: Zyx  # the patch
+    read: PatchReader | None
+    normalise: Callable[[torch.Tensor], torch.Tensor]
+
+    def get(self, start: Zyx) -> torch.Tensor:
+        box = (start, _add(start, self.size))
+        inside = all(a >= s and b <= s + n for a, b, s, n in zip(
+            *box, self.start, self.image.shape, strict=True))
+        if inside:
+            return self.image[local(box, self.start)]
+        if self.read is None:
+            raise ValueError(f"patch {list(start)} lies outside the block's input")
+        tensor = torch.from_numpy(np.ascontiguousarray(self.read(*box)))
+        return self.normalise(tensor.to(self.image.device))
+
+
+def _patch_box(start: Zyx, patch: Zyx) -> Box:
+    return start, _add(start, patch)
+
+
+def _size(box: Box) -> Zyx:
+    return (box[1][0] - box[0][0], box[1][1] - box[0][1], box[1][2] - box[0][2])
 
 
 def _add(a: Zyx, b: Zyx) -> Zyx:
     return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
 
 
-def quantise(values: torch.Tensor, dtype: str) -> np.ndarray:
-    """On the device, then to the host: uint8 stores round(255 p) of p clipped to [0, 1]
-    (a quarter of the bytes travel); float types store values as is."""
+def quantise(values: torch.Tensor, dtype: str) -> torch.Tensor:
+    """On the device: uint8 stores round(255 p) of p clipped to [0, 1] (a quarter of the
+    bytes travel back); float types store values as is. ``to_host`` brings it back."""
     if dtype == "uint8":
-        values = torch.round(values.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
-    else:
-        values = values.to(getattr(torch, dtype))
-    return values.cpu().numpy()
+        return torch.round(values.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+    return values.to(getattr(torch, dtype))

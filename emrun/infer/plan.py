@@ -6,6 +6,12 @@ volume's end is covered. Every voxel's prediction is the weighted mean of the pa
 one lattice that cover it, whichever block computes it: so the output does not depend on the
 block size, and any block can be recomputed or resumed alone. A block writes a whole number
 of output chunks, so concurrent writers never share a chunk.
+
+Each patch is predicted once: it is *owned* by the block that holds its first voxel (the
+first block for patches that start before the volume), so it reaches only into its owner and
+blocks after it on each axis. A block's value is the sum of its owners' partial sums, taken
+in block order (see ``engine``); blocks are grouped into *units* (``units``), boxes of blocks
+that one worker predicts in order, handing partial sums forward in memory.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ import math
 from dataclasses import asdict, dataclass
 
 Zyx = tuple[int, int, int]
+Box = tuple[Zyx, Zyx]  # (start, stop), voxels
+
+SCHEME = 2
+"""Bumped when the arithmetic of a block changes: done-markers of another scheme are not
+resumed (its blocks would not match this scheme's bit for bit)."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +49,7 @@ class Layout:
 
     @property
     def origin(self) -> Zyx:
-        return tuple(-((p - s) // 2) for p, s in zip(self.patch, self.stride, strict=True))  # type: ignore[return-value]
+        return _zyx(-((p - s) // 2) for p, s in zip(self.patch, self.stride, strict=True))
 
     def starts(self, axis: int) -> list[int]:
         """Lattice starts along ``axis`` whose patches are needed to cover the volume."""
@@ -50,53 +61,169 @@ class Layout:
         """Patches in the lattice: what a job predicts when no patch is predicted twice."""
         return math.prod(len(self.starts(a)) for a in range(3))
 
+    def grid(self) -> Zyx:
+        """Blocks per axis."""
+        return _zyx(math.ceil(n / b) for n, b in zip(self.shape, self.block, strict=True))
+
     def block_grid(self) -> list[Zyx]:
         """Block indices, z-major."""
-        counts = [math.ceil(n / b) for n, b in zip(self.shape, self.block, strict=True)]
-        return list(itertools.product(*(range(c) for c in counts)))  # type: ignore[arg-type]
+        return list(itertools.product(*(range(c) for c in self.grid())))  # type: ignore[arg-type]
 
-    def write_box(self, block: Zyx) -> tuple[Zyx, Zyx]:
+    def write_box(self, block: Zyx) -> Box:
         """(start, stop) of the voxels this block writes, clipped to the volume."""
-        start = tuple(i * b for i, b in zip(block, self.block, strict=True))
-        stop = tuple(min(a + b, n) for a, b, n in zip(start, self.block, self.shape, strict=True))
-        return start, stop  # type: ignore[return-value]
+        start = _zyx(i * b for i, b in zip(block, self.block, strict=True))
+        stop = _zyx(min(a + b, n) for a, b, n in zip(start, self.block, self.shape, strict=True))
+        return start, stop
 
     def patches(self, block: Zyx) -> list[Zyx]:
-        """Starts of every lattice patch that covers a voxel of the block."""
+        """Starts of every lattice patch that covers a voxel of the block, in lattice order."""
         start, stop = self.write_box(block)
-        per_axis = []
-        for axis in range(3):
-            p = self.patch[axis]
-            per_axis.append([s for s in self.starts(axis)
-                             if s < stop[axis] and s + p > start[axis]])
-        return list(itertools.product(*per_axis))  # type: ignore[arg-type]
+        return list(itertools.product(*(  # type: ignore[arg-type]
+            [s for s in self.starts(a) if s < stop[a] and s + self.patch[a] > start[a]]
+            for a in range(3))))
 
-    def read_box(self, block: Zyx) -> tuple[Zyx, Zyx]:
+    def read_box(self, block: Zyx) -> Box:
         """(start, stop) of the input the block's patches read (may reach outside the volume:
         the engine pads it by reflection about the volume's own borders)."""
         patches = self.patches(block)
-        start = tuple(min(p[a] for p in patches) for a in range(3))
-        stop = tuple(max(p[a] for p in patches) + self.patch[a] for a in range(3))
-        return start, stop  # type: ignore[return-value]
+        start = _zyx(min(p[a] for p in patches) for a in range(3))
+        stop = _zyx(max(p[a] for p in patches) + self.patch[a] for a in range(3))
+        return start, stop
+
+    def owner(self, patch: Zyx) -> Zyx:
+        """The block that predicts the patch: the one holding its first voxel."""
+        return _zyx(max(s, 0) // b for s, b in zip(patch, self.block, strict=True))
+
+    def reach(self, patch: Zyx) -> Zyx:
+        """The last block the patch covers, per axis (its owner is the first)."""
+        return _zyx((min(s + p, n) - 1) // b for s, p, n, b in zip(
+            patch, self.patch, self.shape, self.block, strict=True))
+
+    def owned_patches(self, block: Zyx) -> list[Zyx]:
+        """The patches ``block`` owns, in lattice order."""
+        return list(itertools.product(*(  # type: ignore[arg-type]
+            [s for s in self.starts(a) if max(s, 0) // self.block[a] == block[a]]
+            for a in range(3))))
+
+    def owners(self, block: Zyx) -> list[Zyx]:
+        """The blocks whose patches cover ``block``, in block order (``block`` itself last)."""
+        return sorted({self.owner(p) for p in self.patches(block)})
+
+    def reached(self, block: Zyx) -> list[Zyx]:
+        """The other blocks the block's own patches cover (all after it, in block order)."""
+        owned = self.owned_box(block)
+        if owned is None:
+            return []
+        start, stop = owned
+        ranges = [range(a // b, (e - 1) // b + 1)
+                  for a, e, b in zip(start, stop, self.block, strict=True)]
+        return [b for b in itertools.product(*ranges) if b != block]  # type: ignore[misc]
+
+    def owned_box(self, block: Zyx) -> Box | None:
+        """The voxels the block's own patches cover, clipped to the volume (None: it owns
+        none, as a last block thinner than the stride may)."""
+        owned = self.owned_patches(block)
+        if not owned:
+            return None
+        start = _zyx(max(0, min(p[a] for p in owned)) for a in range(3))
+        stop = _zyx(min(n, max(p[a] for p in owned) + self.patch[a])
+                    for a, n in enumerate(self.shape))
+        return start, stop
+
+    def batches(self, block: Zyx, batch_size: int) -> list[list[Zyx]]:
+        """The block's own patches in the batches every worker predicts them in.
+
+        Patches are grouped by the blocks they reach (then lattice order), so that a block
+        that has to recompute another's contribution to it (a unit border, a resumed run)
+        predicts few batches, and each patch always in the same company: a network's output
+        for one patch can depend on the batch it is in, in the last bits."""
+        owned = sorted(self.owned_patches(block),
+                       key=lambda p: (_sub(self.reach(p), block), p))
+        return [owned[i:i + batch_size] for i in range(0, len(owned), batch_size)]
 
     def digest(self) -> str:
         """A short hash of the layout: done-markers and resumption are keyed by it."""
-        text = json.dumps(asdict(self), sort_keys=True)
+        text = json.dumps({**asdict(self), "scheme": SCHEME}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def intersect(a: Box, b: Box) -> Box | None:
+    """The common part of two boxes, or None when they do not overlap."""
+    start = _zyx(max(x, y) for x, y in zip(a[0], b[0], strict=True))
+    stop = _zyx(min(x, y) for x, y in zip(a[1], b[1], strict=True))
+    return None if any(s >= e for s, e in zip(start, stop, strict=True)) else (start, stop)
+
+
+def local(box: Box, within: Zyx) -> tuple[slice, slice, slice]:
+    """Slices of ``box`` in an array whose (0, 0, 0) lies at ``within``."""
+    return tuple(slice(a - w, b - w) for a, b, w in zip(*box, within, strict=True))  # type: ignore[return-value]
+
+
+def units(layout: Layout, blocks: list[Zyx], unit: Zyx) -> list[list[Zyx]]:
+    """``blocks`` grouped by the tile of ``unit`` blocks they fall in, each in block order."""
+    groups: dict[Zyx, list[Zyx]] = {}
+    for block in sorted(blocks):
+        groups.setdefault(_zyx(i // u for i, u in zip(block, unit, strict=True)), []).append(block)
+    return [groups[key] for key in sorted(groups)]
+
+
+def choose_unit(layout: Layout, channels: int, workers: int, budget: int) -> Zyx:
+    """The largest unit (blocks per axis) whose partial sums in flight fit ``budget`` bytes,
+    split until there are at least ``workers`` units (each worker predicts whole units, and
+    patches that reach across a unit border are predicted on both sides of it)."""
+    unit = list(layout.grid())
+    while _in_flight(layout, unit, channels) > budget and max(unit) > 1:
+        _halve_largest(layout, unit)
+    while _count(layout.grid(), unit) < workers and max(unit) > 1:
+        _halve_largest(layout, unit)
+    return _zyx(unit)
+
+
+def carry_budget(layout: Layout, channels: int) -> int:
+    """Bytes of partial sums a worker may hold for hand-over: 1 GiB, or one block's float32
+    accumulator when that is larger (the device holds one anyway)."""
+    return max(1 << 30, 4 * channels * math.prod(layout.block))
+
+
+def _in_flight(layout: Layout, unit: list[int], channels: int) -> int:
+    """Bytes of float32 partial sums a worker holds at most while predicting a unit in block
+    order: those waiting for the next plane (z), row (y) and block (x); each at most a patch
+    deep."""
+    bz, by, bx = layout.block
+    pz, py, px = layout.patch
+    voxels = (unit[1] * unit[2] * pz * by * bx if unit[0] > 1 else 0) \
+        + (unit[2] * bz * py * bx if unit[1] > 1 else 0) + (bz * by * px if unit[2] > 1 else 0)
+    return 4 * channels * voxels
+
+
+def _halve_largest(layout: Layout, unit: list[int]) -> None:
+    axis = max(range(3), key=lambda a: (unit[a] * layout.block[a] if unit[a] > 1 else 0, -a))
+    unit[axis] = math.ceil(unit[axis] / 2)
+
+
+def _count(grid: Zyx, unit: list[int]) -> int:
+    return math.prod(math.ceil(g / u) for g, u in zip(grid, unit, strict=True))
 
 
 def choose_chunks_and_block(shape: Zyx, patch: Zyx, stride: Zyx, chunks: Zyx | None,
                             block: Zyx | None) -> tuple[Zyx, Zyx]:
-    """Default chunks tile the block; the default block is 8 strides per axis (patches that
-    straddle a block border are predicted by both blocks: larger blocks waste less)."""
+    """Default chunks tile the block; the default block is 8 strides per axis (a block's
+    accumulator lives on the device; the unit, not the block, sets how much work is shared)."""
     if block is None:
-        block = tuple(min(n, max(s * 8, p)) for n, s, p in zip(shape, stride, patch, strict=True))  # type: ignore[assignment]
-    assert block is not None
+        block = _zyx(min(n, max(s * 8, p)) for n, s, p in zip(shape, stride, patch, strict=True))
     if chunks is None:
-        chunks = tuple(_largest_divisor_at_most(b, 256 if a else 32) for a, b in enumerate(block))  # type: ignore[assignment]
-    assert chunks is not None
+        chunks = _zyx(_largest_divisor_at_most(b, 256 if a else 32) for a, b in enumerate(block))
     return chunks, block
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _zyx(values: object) -> Zyx:
+    z, y, x = values  # type: ignore[misc]
+    return (int(z), int(y), int(x))
+
+
+def _sub(a: Zyx, b: Zyx) -> Zyx:
+    return (a[0] - b[0], a[1] - b[1], a[2] - b[2])

@@ -10,7 +10,6 @@ after each finished block, so any of them can resume a job another started.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue
 import time
 import traceback
@@ -21,11 +20,11 @@ from typing import Literal
 
 import torch
 
-from ..devices import parse_device, require_visible
+from ..devices import cpu_cores, parse_device, require_visible
 from ..errors import UserError
 from ..recipe import Recipe
 from .job import Job, prepare_job
-from .plan import Zyx
+from .plan import Zyx, carry_budget, choose_unit, units
 from .worker import BlockDone, BlockWorker
 
 Scheduler = Literal["local", "daisy"]
@@ -71,13 +70,6 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
     return run_local(job, slots, on_block=on_block)
 
 
-def cpu_cores() -> int:
-    """The CPU cores this process may use (a SLURM or taskset allocation, not the machine's)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _check_device(device: str | None, workers: int | None) -> torch.device:
     """The device named (default: a GPU when there is one), and a sane worker count."""
     if workers is not None and workers < 1:
@@ -113,21 +105,30 @@ def run_local(job: Job, slots: list[tuple[str, int]],
         if on_block is not None:
             on_block(progress)
 
+    groups = job_units(job, pending, len(slots))
     if len(slots) == 1 and pending:
-        BlockWorker(job, torch.device(slots[0][0])).run(pending, done)
+        BlockWorker(job, torch.device(slots[0][0])).run_units(groups, done)
     elif pending:
-        _run_processes(job, slots, pending, done)
+        _run_processes(job, slots, groups, done)
     return progress
 
 
-def _run_processes(job: Job, slots: list[tuple[str, int]], pending: list[Zyx],
+def job_units(job: Job, blocks: list[Zyx], workers: int) -> list[list[Zyx]]:
+    """``blocks`` in units for ``workers`` workers: as large as the hand-over memory allows,
+    at least one per worker."""
+    channels = sum(job.recipe.head_channels().values())
+    unit = choose_unit(job.layout, channels, workers, carry_budget(job.layout, channels))
+    return units(job.layout, blocks, unit)
+
+
+def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx]],
                    done: Callable[[BlockDone], None]) -> None:
-    """Spawned workers pull blocks from a queue and report each finished block."""
+    """Spawned workers pull units from a queue and report each finished block."""
     context = mp.get_context("spawn")
     tasks = context.Queue()
     results = context.Queue()
-    for block in pending:
-        tasks.put(block)
+    for group in groups:
+        tasks.put(group)
     for _ in slots:
         tasks.put(None)
     processes = [context.Process(target=_worker_main, daemon=True,
@@ -164,16 +165,16 @@ def _run_processes(job: Job, slots: list[tuple[str, int]], pending: list[Zyx],
 
 def _worker_main(job_json: str, device: str, threads: int, tasks: mp.Queue,
                  results: mp.Queue) -> None:
-    """A worker process: build the model once, then take blocks until the queue says stop."""
+    """A worker process: build the model once, then take units until the queue says stop."""
     torch.set_num_threads(threads)
 
-    def blocks():  # type: ignore[no-untyped-def]
-        while (block := tasks.get()) is not None:
-            yield tuple(block)
+    def groups():  # type: ignore[no-untyped-def]
+        while (group := tasks.get()) is not None:
+            yield [tuple(block) for block in group]
 
     try:
         worker = BlockWorker(Job.from_json(job_json), torch.device(device))
-        worker.run(blocks(), lambda block: results.put(("done", block)))
+        worker.run_units(groups(), lambda block: results.put(("done", block)))
         results.put(("exit", None))
     except UserError as exc:
         results.put(("user", str(exc)))

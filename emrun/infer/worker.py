@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,9 +24,12 @@ import torch
 
 from ..errors import UserError
 from ..io import open_volume
-from .engine import Engine, load_model, quantise
+from .engine import Engine, load_model, quantise, read_reflected
 from .job import Job, open_output_arrays
 from .plan import Zyx
+from .transfer import HostArray, pinned, to_host
+
+RawInput = np.ndarray | torch.Tensor | None
 
 PREFETCH = 2
 WRITES_IN_FLIGHT = 2
@@ -64,30 +67,44 @@ class BlockWorker:
 
     def run(self, blocks: Iterable[Zyx], on_done: Callable[[BlockDone], None] | None = None
             ) -> None:
-        """Predict and write ``blocks``; ``on_done`` is called as each one is complete."""
+        """Predict and write ``blocks`` in this order, as one unit."""
+        self.run_units([list(blocks)], on_done)
+
+    def run_units(self, units: Iterable[Sequence[Zyx]],
+                  on_done: Callable[[BlockDone], None] | None = None) -> None:
+        """Predict and write each unit's blocks in order; ``on_done`` is called as each block
+        is complete. Partial sums are handed from block to block within a unit, never
+        across units (each unit can go to another worker)."""
         with ThreadPoolExecutor(2, thread_name_prefix="emrun-read") as readers, \
-                ThreadPoolExecutor(2, thread_name_prefix="emrun-write") as writers:
-            reads: deque[tuple[Zyx, Future[np.ndarray | None]]] = deque()
+                ThreadPoolExecutor(WRITES_IN_FLIGHT + 1, thread_name_prefix="emrun-write"
+                                   ) as writers:
+            reads: deque[tuple[Step, Future[RawInput]]] = deque()
             writes: deque[Future[BlockDone]] = deque()
-            todo = iter(blocks)
+            todo = _steps(units)
+            carries: dict[tuple[Zyx, Zyx], torch.Tensor] = {}  # (to block, from owner)
+            unit: dict[Zyx, int] | None = None
 
             def refill() -> None:
                 while len(reads) < PREFETCH:
-                    block = next(todo, None)
-                    if block is None:
+                    step = next(todo, None)
+                    if step is None:
                         return
-                    reads.append((block, readers.submit(self._read, block)))
+                    reads.append((step, readers.submit(self._read, step.block)))
 
             refill()
             try:
                 while reads:
-                    block, pending = reads.popleft()
+                    step, pending = reads.popleft()
                     with self._timed("wait_read"):
                         raw = pending.result()
                     refill()
+                    if step.unit is not unit:  # nothing is handed across units
+                        unit = step.unit
+                        carries.clear()
                     with self._timed("predict"):
-                        values = self._predict(block, raw)
-                    writes.append(writers.submit(self._write, block, values, raw is not None))
+                        values = self._predict(step, raw, carries)
+                    writes.append(writers.submit(self._write, step.block, values,
+                                                 raw is not None))
                     while len(writes) > WRITES_IN_FLIGHT or (writes and writes[0].done()):
                         with self._timed("wait_write"):
                             done = writes.popleft().result()
@@ -112,10 +129,12 @@ class BlockWorker:
             with self._lock:
                 self.seconds[stage] += time.perf_counter() - started
 
-    def _read(self, block: Zyx) -> np.ndarray | None:
-        """The block's input, or None when the mask excludes it or it is all zero."""
+    def _read(self, block: Zyx) -> RawInput:
+        """The block's input (pinned when bound for a GPU), or None when the mask excludes it
+        or it is all zero."""
         with self._timed("read"):
-            return self._read_input(block)
+            raw = self._read_input(block)
+            return None if raw is None else pinned(raw, self.engine.device)
 
     def _read_input(self, block: Zyx) -> np.ndarray | None:
         layout, origin = self.job.layout, self.job.roi_offset
@@ -126,28 +145,42 @@ class BlockWorker:
                 return None
         return self.engine.read_input(self.volume, layout, block, origin)
 
-    def _predict(self, block: Zyx, raw: np.ndarray | None) -> dict[str, np.ndarray]:
-        """Quantised predictions of the block's write region, or zeros when skipped."""
+    def _predict(self, step: Step, raw: RawInput, carries: dict[tuple[Zyx, Zyx], torch.Tensor]
+                 ) -> dict[str, HostArray]:
+        """Quantised predictions of the block's write region on their way to the host, or
+        zeros when skipped. Takes the partial sums handed to this block from ``carries`` and
+        leaves there those it hands to later blocks of its unit."""
+        layout, block = self.job.layout, step.block
+        carried = {owner: carries.pop((block, owner)) for owner in layout.owners(block)
+                   if (block, owner) in carries}
         if raw is None:
-            start, stop = self.job.layout.write_box(block)
+            start, stop = layout.write_box(block)
             size = tuple(b - a for a, b in zip(start, stop, strict=True))
-            return {n: np.zeros((a.shape[0], *size), dtype=a.dtype)
+            return {n: HostArray(torch.zeros((a.shape[0], *size), dtype=_torch_dtype(a.dtype)))
                     for n, a in self.arrays.items()}
-        blended = self.engine.predict(raw, self.job.layout, block, self.job.scale)
-        return {n: quantise(t, self.dtype) for n, t in blended.items()}
+        keep = [t for t in layout.reached(block) if step.unit.get(t, -1) > step.rank]
+        result = self.engine.predict(raw, layout, block, self.job.scale, carried=carried,
+                                     keep=keep, read=self._read_outside)
+        carries.update({(target, block): partial for target, partial in result.carries.items()})
+        return {n: to_host(quantise(t, self.dtype)) for n, t in result.values.items()}
 
-    def _write(self, block: Zyx, values: dict[str, np.ndarray], predicted: bool) -> BlockDone:
+    def _read_outside(self, start: Zyx, stop: Zyx) -> np.ndarray:
+        """Input beyond a block's own (a recomputed batch may reach there), reflected."""
+        origin = self.job.roi_offset
+        return read_reflected(self.volume, _add(start, origin), _add(stop, origin))
+
+    def _write(self, block: Zyx, values: dict[str, HostArray], predicted: bool) -> BlockDone:
         """Write the block's chunks, then its done-marker (never the marker before the data)."""
         with self._timed("write"):
             return self._write_block(block, values, predicted)
 
-    def _write_block(self, block: Zyx, values: dict[str, np.ndarray],
+    def _write_block(self, block: Zyx, values: dict[str, HostArray],
                      predicted: bool) -> BlockDone:
         start, stop = self.job.layout.write_box(block)
         region = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
         try:
             for name, array in self.arrays.items():
-                array[(slice(None), *region)] = values[name]
+                array[(slice(None), *region)] = values[name].numpy()
             self.job.marker(block).touch()
         except OSError as exc:
             if exc.errno in DISK_FULL:
@@ -158,6 +191,30 @@ class BlockWorker:
             raise
         return BlockDone(block, math.prod(b - a for a, b in zip(start, stop, strict=True)),
                          predicted)
+
+
+@dataclass(frozen=True)
+class Step:
+    """A block, its unit (block -> rank in the unit) and its own rank there."""
+
+    block: Zyx
+    unit: dict[Zyx, int]
+    rank: int
+
+
+def _steps(units: Iterable[Sequence[Zyx]]) -> Iterator[Step]:
+    for blocks in units:
+        rank = {block: i for i, block in enumerate(blocks)}
+        for i, block in enumerate(blocks):
+            yield Step(block, rank, i)
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype)).dtype
+
+
+def _add(a: Zyx, b: Zyx) -> Zyx:
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
 
 
 def _report(done: BlockDone, on_done: Callable[[BlockDone], None] | None) -> None:

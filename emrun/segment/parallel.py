@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..devices import cpu_cores
 from .affinities import Offset
 from .base import Segmenter
 from .pipeline import segment_values
@@ -59,8 +60,6 @@ def parallel_workers(values: int, voxels: int, bytes_per_voxel: int, *,
     """How many values to segment at once: at most one per value and per core, and no more
     than the available memory holds (at least 1)."""
     if cores is None:
-        from ..infer.schedule import cpu_cores
-
         cores = cpu_cores()
     memory = available_memory() if memory is None else memory
     fit = int(memory * MEMORY_SHARE) // max(1, voxels * bytes_per_voxel)

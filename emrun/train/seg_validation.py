@@ -100,7 +100,7 @@ def predict_validation(recipe: Recipe, model: nn.Module,
         if recipe.train.validate_connected_truth:
             truth = connected_pieces(truth)
         inputs.append(SegmentationInput(
-            quantise(torch.from_numpy(affs), "uint8"), truth, mask,
+            quantise(torch.from_numpy(affs), "uint8").numpy(), truth, mask,
             tuple(tuple(o) for o in target.offsets)))  # type: ignore[misc]
     return inputs
 

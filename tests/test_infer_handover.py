@@ -1,0 +1,137 @@
+"""Each patch predicted once: ownership, hand-over within a unit, exact recomputation."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from test_infer import make_inputs, read, reference
+
+from emrun.infer.job import prepare_job
+from emrun.infer.plan import Layout, choose_unit, units
+from emrun.infer.schedule import job_units, run_inference
+from emrun.infer.worker import BlockWorker
+from emrun.io.write import write_volume
+
+BLOCK = (4, 16, 16)
+LAYOUTS = [
+    Layout((11, 37, 45), (4, 16, 16), (2, 12, 12), (4, 16, 16), (4, 16, 16)),
+    Layout((48, 384, 384), (12, 64, 64), (9, 48, 48), (36, 64, 64), (36, 192, 192)),
+    Layout((7, 50, 9), (5, 20, 20), (5, 10, 20), (1, 10, 3), (3, 10, 3)),  # blocks < patch
+    Layout((3, 5, 7), (4, 16, 16), (3, 12, 12), (3, 5, 7), (3, 5, 7)),  # one block
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_patch_has_one_owner_and_reaches_only_later_blocks(layout):
+    lattice = set(itertools.product(*(layout.starts(a) for a in range(3))))
+    owned = [p for b in layout.block_grid() for p in layout.owned_patches(b)]
+    assert len(owned) == len(set(owned)) == len(lattice) == layout.patch_count()
+    assert set(owned) == lattice
+    for block in layout.block_grid():
+        batches = layout.batches(block, 3)
+        assert sorted(p for b in batches for p in b) == layout.owned_patches(block)
+        assert all(len(b) == 3 for b in batches[:-1])
+        owners = layout.owners(block)
+        assert owners == sorted(owners) and all(
+            all(o <= b for o, b in zip(owner, block, strict=True)) for owner in owners)
+        for patch in layout.owned_patches(block):
+            assert layout.owner(patch) == block
+            assert all(r >= b for r, b in zip(layout.reach(patch), block, strict=True))
+        for later in layout.reached(block):
+            assert block in layout.owners(later)
+
+
+def test_units_tile_the_grid_and_fit_the_budget():
+    layout = LAYOUTS[1]
+    grid = layout.block_grid()
+    assert choose_unit(layout, 6, 1, 1 << 40) == layout.grid()  # memory to spare: one unit
+    for workers in (2, 3, 4, 8):
+        unit = choose_unit(layout, 6, workers, 1 << 40)
+        groups = units(layout, grid, unit)
+        assert len(groups) >= workers
+        assert sorted(b for g in groups for b in g) == sorted(grid)
+        assert all(g == sorted(g) for g in groups)
+    tight = choose_unit(layout, 6, 1, 1)  # no room for partial sums: a block per unit
+    assert tight == (1, 1, 1)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    recipe, model, volume, tmp = make_inputs(tmp_path, shape=(12, 40, 48))
+    return recipe, model, volume, tmp
+
+
+def worker_for(recipe, tmp, name, **job):
+    job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / name,
+                      block=BLOCK, **job)
+    return BlockWorker(job, torch.device("cpu")), job
+
+
+def test_one_worker_predicts_every_patch_once(inputs):
+    recipe, model, volume, tmp = inputs
+    worker, job = worker_for(recipe, tmp, "once.zarr")
+    assert len(job.layout.block_grid()) == 27
+    worker.run(job.pending())
+    assert worker.engine.predicted_patches == job.layout.patch_count()
+    np.testing.assert_allclose(read(tmp / "once.zarr"), reference(recipe, model, volume),
+                               atol=1e-5, rtol=0)
+
+
+def test_recomputed_contributions_equal_handed_over_ones_to_the_last_bit(inputs):
+    """A block per unit hands nothing over: every other owner's share is recomputed from that
+    owner's own batches, and the output is the same bit for bit (not just close)."""
+    recipe, _, _, tmp = inputs
+    handed, job = worker_for(recipe, tmp, "handed.zarr")
+    handed.run(job.pending())
+    alone, job = worker_for(recipe, tmp, "alone.zarr")
+    alone.run_units([[b] for b in job.pending()])
+    assert alone.engine.predicted_patches > handed.engine.predicted_patches
+    for task in recipe.tasks:
+        np.testing.assert_array_equal(read(tmp / "alone.zarr", task),
+                                      read(tmp / "handed.zarr", task))
+
+
+def test_workers_split_the_volume_into_units_and_write_the_same_output(inputs):
+    recipe, _, _, tmp = inputs
+    one = tmp / "one.zarr"
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), one, block=BLOCK)
+    job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "j.zarr",
+                      block=BLOCK)
+    assert len(job_units(job, job.pending(), 3)) >= 3
+    three = tmp / "three.zarr"
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), three, block=BLOCK,
+                  workers=3, device="cpu")
+    for task in recipe.tasks:  # to the thread count's rounding: oneDNN sums by threads
+        np.testing.assert_allclose(read(three, task), read(one, task), atol=1e-6, rtol=0)
+
+
+def test_a_masked_owner_still_contributes_to_the_blocks_it_reaches(inputs):
+    """The block before a predicted one is masked out: it writes zeros and predicts nothing,
+    so its patches' share of the next block is computed there, the same to the bit."""
+    recipe, _, volume, tmp = inputs
+    full = tmp / "full.zarr"
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), full, block=BLOCK)
+    mask = np.ones(volume.shape, np.uint8)
+    mask[:4, :16, :16] = 0  # block (0, 0, 0), which owns patches reaching (0, 0, 1) and on
+    write_volume(tmp / "in.zarr", "mask", mask)
+    masked = tmp / "masked.zarr"
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), masked, block=BLOCK,
+                  mask_path=str(tmp / "in.zarr/mask"))
+    got, want = read(masked), read(full)
+    assert not got[:, :4, :16, :16].any()
+    got[:, :4, :16, :16] = want[:, :4, :16, :16]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_fixed_batch_shape_changes_nothing_but_the_padding(inputs):
+    """GPUs (and compiled models) predict short batches padded to the full size."""
+    recipe, model, volume, tmp = inputs
+    worker, job = worker_for(recipe, tmp, "padded.zarr")
+    worker.engine.pad_batches = True
+    worker.run(job.pending())
+    assert worker.engine.predicted_patches == job.layout.patch_count()
+    np.testing.assert_allclose(read(tmp / "padded.zarr"), reference(recipe, model, volume),
+                               atol=1e-5, rtol=0)
