@@ -230,3 +230,25 @@ def test_tta_runs_and_stays_a_probability(setup, tta):
     got = read(out)
     assert np.isfinite(got).all() and got.min() >= 0 and got.max() <= 1
     assert not np.allclose(got, read(plain))  # the variants did change something
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """`infer.compile_mode` is torch.compile's mode; CUDA graphs' outputs are copied out."""
+    from emrun.infer import engine as engine_module
+
+    seen = []
+
+    def fake_compile(model, mode=None):
+        seen.append(mode)
+        return model
+
+    monkeypatch.setattr(engine_module.torch, "compile", fake_compile)
+    model = models.build(make_recipe().model, head_channels=make_recipe().head_channels())
+    for mode, want in (("default", None), ("max-autotune", "max-autotune"),
+                       ("reduce-overhead", "reduce-overhead")):
+        recipe = make_recipe(compile=True, compile_mode=mode)
+        built = engine_module.Engine(recipe, model, torch.device("cpu"))
+        assert built.graphs == (mode == "reduce-overhead")
+    assert seen == [None, "max-autotune", "reduce-overhead"]
+    engine_module.Engine(make_recipe(compile_mode="max-autotune"), model, torch.device("cpu"))
+    assert len(seen) == 3  # compile_mode alone compiles nothing

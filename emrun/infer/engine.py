@@ -111,7 +111,11 @@ class Engine:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         compile = recipe.infer.compile if compile is None else compile
-        self.model = torch.compile(model) if compile else model
+        mode = recipe.infer.compile_mode
+        self.model = torch.compile(model, mode=None if mode == "default" else mode) \
+            if compile else model
+        # CUDA graphs reuse their output memory on the next replay: copy outputs out first.
+        self.graphs = bool(compile) and mode == "reduce-overhead"
         # A fixed batch shape: no autotuning or recompiling for a short last batch.
         self.pad_batches = device.type == "cuda" or bool(compile)
         window = blends.build(recipe.infer.blend, patch=self.patch)
@@ -138,14 +142,14 @@ class Engine:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast,
                                              enabled=self.autocast is not None):
             if not self.variants:
-                raw = self.model(batch)
+                raw = self._model(batch)
                 return {n: ACTIVATIONS[t.activation](raw[n].float())
                         for n, t in self.tasks.items()}
             from .tta import reduce
 
             stacks: dict[str, list[torch.Tensor]] = {n: [] for n in self.tasks}
             for variant in self.variants:
-                raw = self.model(variant.apply(batch))
+                raw = self._model(variant.apply(batch))
                 for name, task in self.tasks.items():
                     out = ACTIVATIONS[task.activation](raw[name].float())
                     if isinstance(task.target, AffinityTarget):
@@ -155,6 +159,12 @@ class Engine:
                     stacks[name].append(out)
             how = self.recipe.infer.tta_reduce
             return {n: reduce(torch.stack(s), how.get(n, "mean")) for n, s in stacks.items()}
+
+    def _model(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.graphs:
+            return self.model(batch)
+        torch.compiler.cudagraph_mark_step_begin()
+        return {name: out.clone() for name, out in self.model(batch).items()}
 
     def read_input(self, volume: Volume, layout: Layout, block: Zyx,
                    origin: Zyx = (0, 0, 0)) -> np.ndarray | None:

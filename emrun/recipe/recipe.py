@@ -94,6 +94,10 @@ class Infer(Spec):
     chunks: Zyx | None = Field(None, description="Output chunk size; default: tiles the block.")
     block: Zyx | None = Field(None, description="Write-block size; default: chosen by the engine.")
     compile: bool = Field(False, description="Compile the model with torch.compile.")
+    compile_mode: Literal["default", "max-autotune", "reduce-overhead"] = Field(
+        "default", description="torch.compile's mode when `compile` is true: max-autotune "
+        "searches kernels (slow to start), reduce-overhead replays CUDA graphs (the engine's "
+        "batches have one fixed shape on a GPU). `emrun bench infer --configs` measures them.")
     channels_last: bool = Field(True, description="Use channels_last_3d memory format on GPU.")
 
     @model_validator(mode="after")
