@@ -135,3 +135,37 @@ def test_a_fixed_batch_shape_changes_nothing_but_the_padding(inputs):
     assert worker.engine.predicted_patches == job.layout.patch_count()
     np.testing.assert_allclose(read(tmp / "padded.zarr"), reference(recipe, model, volume),
                                atol=1e-5, rtol=0)
+
+
+def test_every_chunk_is_written_once_whatever_the_units(inputs, monkeypatch):
+    """Units split the blocks among workers; each block, a whole number of chunks, is
+    written once, so no chunk is written twice (no locks, no lost updates)."""
+    from emrun.infer import worker as worker_module
+
+    recipe, _, _, tmp = inputs
+    writes = []
+    opened = worker_module.open_output_arrays
+
+    class Recording:
+        def __init__(self, name, array):
+            self.name, self.array, self.shape = name, array, array.shape
+
+        def __setitem__(self, key, value):
+            writes.append((self.name, tuple((k.start, k.stop) for k in key[1:])))
+            self.array[key] = value
+
+    monkeypatch.setattr(worker_module, "open_output_arrays",
+                        lambda job: {n: Recording(n, a) for n, a in opened(job).items()})
+    worker, job = worker_for(recipe, tmp, "chunks.zarr")
+    worker.run_units(job_units(job, job.pending(), 4))
+    assert sorted(w for w in writes if w[0] == "mito") == sorted(
+        ("mito", r) for n, r in writes if n == "aff")
+    regions = [r for n, r in writes if n == "aff"]
+    assert len(regions) == len(set(regions)) == 27
+    chunks = job.layout.chunks
+    assert all(a % c == 0 for region in regions for (a, _), c in zip(region, chunks,
+                                                                      strict=True))
+    covered = np.zeros(job.layout.shape, np.int32)
+    for region in regions:
+        covered[tuple(slice(a, b) for a, b in region)] += 1
+    assert (covered == 1).all()
