@@ -33,8 +33,8 @@ import torch
 from ..devices import cpu_cores
 from ..errors import UserError
 from .job import Job
-from .plan import Zyx, carry_budget, choose_unit
-from .schedule import Progress
+from .plan import Zyx
+from .schedule import Progress, job_unit
 from .worker import BlockWorker
 
 
@@ -57,8 +57,7 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
     set_log_basedir(job.done_dir / "daisy-logs")  # not the user's working directory
     grid = job.layout.block_grid()
     before = {b for b in grid if job.is_done(b)}
-    channels = sum(job.recipe.head_channels().values())
-    unit = choose_unit(job.layout, channels, workers, carry_budget(job.layout, channels))
+    unit = job_unit(job, workers, device)
     unit_voxels = tuple(u * b for u, b in zip(unit, job.layout.block, strict=True))
     # Local workers share this machine's cores; launched ones use what their node gives them.
     threads = 0 if launch else max(1, cpu_cores() // workers)

@@ -179,12 +179,6 @@ def choose_unit(layout: Layout, channels: int, workers: int, budget: int) -> Zyx
     return _zyx(unit)
 
 
-def carry_budget(layout: Layout, channels: int) -> int:
-    """Bytes of partial sums a worker may hold for hand-over: 1 GiB, or one block's float32
-    accumulator when that is larger (the device holds one anyway)."""
-    return max(1 << 30, 4 * channels * math.prod(layout.block))
-
-
 def _in_flight(layout: Layout, unit: list[int], channels: int) -> int:
     """Bytes of float32 partial sums a worker holds at most while predicting a unit in block
     order: those waiting for the next plane (z), row (y) and block (x); each at most a patch
@@ -207,10 +201,12 @@ def _count(grid: Zyx, unit: list[int]) -> int:
 
 def choose_chunks_and_block(shape: Zyx, patch: Zyx, stride: Zyx, chunks: Zyx | None,
                             block: Zyx | None) -> tuple[Zyx, Zyx]:
-    """Default chunks tile the block; the default block is 8 strides per axis (a block's
-    accumulator lives on the device; the unit, not the block, sets how much work is shared)."""
+    """Default chunks tile the block; the default block is 4 strides per axis: patches are
+    shared across blocks of a unit, so a block need not be large to waste nothing, and
+    smaller blocks keep the device busy while the first read and the last write of a
+    worker's run are in flight (a whole-volume block would hide neither)."""
     if block is None:
-        block = _zyx(min(n, max(s * 8, p)) for n, s, p in zip(shape, stride, patch, strict=True))
+        block = _zyx(min(n, max(s * 4, p)) for n, s, p in zip(shape, stride, patch, strict=True))
     if chunks is None:
         chunks = _zyx(_largest_divisor_at_most(b, 256 if a else 32) for a, b in enumerate(block))
     return chunks, block

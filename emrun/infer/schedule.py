@@ -9,6 +9,7 @@ after each finished block, so any of them can resume a job another started.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import queue
 import time
@@ -24,8 +25,8 @@ from ..devices import cpu_cores, parse_device, require_visible
 from ..errors import UserError
 from ..recipe import Recipe
 from .job import Job, prepare_job
-from .plan import Zyx, carry_budget, choose_unit, units
-from .worker import BlockDone, BlockWorker
+from .plan import Zyx, choose_unit, units
+from .worker import BlockDone, BlockWorker, return_freed_memory
 
 Scheduler = Literal["local", "daisy"]
 
@@ -54,6 +55,7 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
                   on_block: Callable[[Progress], None] | None = None) -> Progress:
     """Predict ``input_path`` (or its ``roi``: offset, shape) into ``output`` (one array
     per task); returns the counts."""
+    return_freed_memory()
     if launch is not None and scheduler != "daisy":
         raise UserError("--launch is for --scheduler daisy (workers started by a command)")
     # Devices are checked before any output exists; daisy workers resolve theirs where they
@@ -105,7 +107,7 @@ def run_local(job: Job, slots: list[tuple[str, int]],
         if on_block is not None:
             on_block(progress)
 
-    groups = job_units(job, pending, len(slots))
+    groups = job_units(job, pending, len(slots), slots[0][0])
     if len(slots) == 1 and pending:
         BlockWorker(job, torch.device(slots[0][0])).run_units(groups, done)
     elif pending:
@@ -113,12 +115,34 @@ def run_local(job: Job, slots: list[tuple[str, int]],
     return progress
 
 
-def job_units(job: Job, blocks: list[Zyx], workers: int) -> list[list[Zyx]]:
-    """``blocks`` in units for ``workers`` workers: as large as the hand-over memory allows,
-    at least one per worker."""
+def job_units(job: Job, blocks: list[Zyx], workers: int, device: str | None = None
+              ) -> list[list[Zyx]]:
+    """``blocks`` in units for ``workers`` workers on ``device``."""
+    return units(job.layout, blocks, job_unit(job, workers, device))
+
+
+def job_unit(job: Job, workers: int, device: str | None = None) -> Zyx:
+    """The unit (blocks per axis): as large as the hand-over budget allows, at least one per
+    worker."""
     channels = sum(job.recipe.head_channels().values())
-    unit = choose_unit(job.layout, channels, workers, carry_budget(job.layout, channels))
-    return units(job.layout, blocks, unit)
+    return choose_unit(job.layout, channels, workers, handover_budget(job, device))
+
+
+HANDOVER_BYTES = 1 << 30
+"""Partial sums a worker may hold for hand-over at least; on a GPU an eighth of its memory."""
+
+
+def handover_budget(job: Job, device: str | None = None) -> int:
+    """Bytes of partial sums a worker may keep for later blocks of its unit: at least
+    ``HANDOVER_BYTES`` and one block's float32 accumulator (the device holds one anyway),
+    an eighth of the GPU's memory on a GPU this process can see."""
+    channels = sum(job.recipe.head_channels().values())
+    budget = max(HANDOVER_BYTES, 4 * channels * math.prod(job.layout.block))
+    dev = torch.device(device) if device and device != "auto" else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(dev.index or 0).total_memory
+        budget = max(budget, memory // 8)
+    return budget
 
 
 def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx]],

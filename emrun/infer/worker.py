@@ -9,8 +9,11 @@ scheduler (in-process, local processes, daisy) runs blocks through this class.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -54,6 +57,7 @@ class BlockWorker:
 
     def __init__(self, job: Job, device: torch.device, model: torch.nn.Module | None = None
                  ) -> None:
+        return_freed_memory()
         self.job = job
         self.volume = open_volume(job.input_path)
         self.mask = open_volume(job.mask_path) if job.mask_path else None
@@ -162,7 +166,12 @@ class BlockWorker:
         result = self.engine.predict(raw, layout, block, self.job.scale, carried=carried,
                                      keep=keep, read=self._read_outside)
         carries.update({(target, block): partial for target, partial in result.carries.items()})
-        return {n: to_host(quantise(t, self.dtype)) for n, t in result.values.items()}
+        values = {n: quantise(t, self.dtype) for n, t in result.values.items()}
+        computed = _event(self.engine.device)
+        host = {n: to_host(t) for n, t in values.items()}
+        if computed is not None:  # the predict stage ends with the device's work, not with
+            computed.synchronize()  # its launch (the copy to the host goes on meanwhile)
+        return host
 
     def _read_outside(self, start: Zyx, stop: Zyx) -> np.ndarray:
         """Input beyond a block's own (a recomputed batch may reach there), reflected."""
@@ -193,6 +202,24 @@ class BlockWorker:
                          predicted)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 << 10
+
+
+def return_freed_memory() -> None:
+    """Make glibc give freed block buffers back to the system: by default it raises its mmap
+    threshold after the first large free, after which block-sized buffers come from heaps
+    that do not shrink, and a long run's resident memory creeps up with the volume (measured:
+    +20 % for a volume 8x larger; +1 % with a fixed threshold)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        pass
+
+
 @dataclass(frozen=True)
 class Step:
     """A block, its unit (block -> rank in the unit) and its own rank there."""
@@ -207,6 +234,15 @@ def _steps(units: Iterable[Sequence[Zyx]]) -> Iterator[Step]:
         rank = {block: i for i, block in enumerate(blocks)}
         for i, block in enumerate(blocks):
             yield Step(block, rank, i)
+
+
+def _event(device: torch.device) -> torch.cuda.Event | None:
+    """A CUDA event recorded now on the device's stream, or None on a CPU."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
