@@ -169,3 +169,34 @@ def test_every_chunk_is_written_once_whatever_the_units(inputs, monkeypatch):
     for region in regions:
         covered[tuple(slice(a, b) for a, b in region)] += 1
     assert (covered == 1).all()
+
+
+def test_partial_sums_held_for_hand_over_stay_within_the_budget(tmp_path, monkeypatch):
+    """A unit is as large as the hand-over budget allows: however large the volume, the
+    partial sums a worker keeps for later blocks never pass it (here 200 kB, on a volume whose
+    whole grid as one unit would hold more)."""
+    from emrun.infer import schedule
+    from emrun.infer import worker as worker_module
+
+    recipe, _, _, tmp = make_inputs(tmp_path, shape=(24, 96, 96))
+    monkeypatch.setattr(schedule, "HANDOVER_BYTES", 200_000)
+    held = []
+    predict = worker_module.BlockWorker._predict
+
+    def spy(self, step, raw, carries):
+        out = predict(self, step, raw, carries)
+        held.append(sum(t.numel() * t.element_size() for t in carries.values()))
+        return out
+
+    monkeypatch.setattr(worker_module.BlockWorker, "_predict", spy)
+    job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "b.zarr",
+                      block=(4, 16, 16))
+    bounded = schedule.job_units(job, job.pending(), 1)
+    assert len(bounded) > 1  # the budget split the grid
+    BlockWorker(job, torch.device("cpu")).run_units(bounded)
+    assert 0 < max(held) <= 200_000
+    held.clear()
+    job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "u.zarr",
+                      block=(4, 16, 16))
+    BlockWorker(job, torch.device("cpu")).run(job.pending())  # the whole grid as one unit
+    assert max(held) > 200_000

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..recipe import Recipe
 from .job import Job, prepare_job
 from .plan import Zyx, choose_unit, units
-from .worker import BlockDone, BlockWorker, return_freed_memory
+from .worker import BlockDone, BlockWorker
 
 Scheduler = Literal["local", "daisy"]
 
@@ -55,7 +55,6 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
                   on_block: Callable[[Progress], None] | None = None) -> Progress:
     """Predict ``input_path`` (or its ``roi``: offset, shape) into ``output`` (one array
     per task); returns the counts."""
-    return_freed_memory()
     if launch is not None and scheduler != "daisy":
         raise UserError("--launch is for --scheduler daisy (workers started by a command)")
     # Devices are checked before any output exists; daisy workers resolve theirs where they

@@ -9,11 +9,8 @@ scheduler (in-process, local processes, daisy) runs blocks through this class.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import math
-import sys
 import threading
 import time
 from collections import deque
@@ -57,7 +54,6 @@ class BlockWorker:
 
     def __init__(self, job: Job, device: torch.device, model: torch.nn.Module | None = None
                  ) -> None:
-        return_freed_memory()
         self.job = job
         self.volume = open_volume(job.input_path)
         self.mask = open_volume(job.mask_path) if job.mask_path else None
@@ -200,24 +196,6 @@ class BlockWorker:
             raise
         return BlockDone(block, math.prod(b - a for a, b in zip(start, stop, strict=True)),
                          predicted)
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 128 << 10
-
-
-def return_freed_memory() -> None:
-    """Make glibc give freed block buffers back to the system: by default it raises its mmap
-    threshold after the first large free, after which block-sized buffers come from heaps
-    that do not shrink, and a long run's resident memory creeps up with the volume (measured:
-    +20 % for a volume 8x larger; +1 % with a fixed threshold)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        pass
 
 
 @dataclass(frozen=True)
