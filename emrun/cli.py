@@ -539,31 +539,42 @@ def bench_train(
 def bench_infer(
     recipe: RecipeFile,
     override: Overrides = None,
-    shape: Zyx = None,
+    shape: Annotated[tuple[int, int, int] | None, typer.Option(
+        metavar="Z Y X", help="Synthetic volume (default: three patches per axis; with "
+        "--workers, deep enough for two blocks per worker).")] = None,
+    block: Annotated[tuple[int, int, int] | None, typer.Option(
+        metavar="Z Y X", help="Write-block size (default: the recipe's or the engine's).")]
+    = None,
     device: Device = None,
+    no_model: Annotated[bool, typer.Option(
+        "--no-model", help="A stand-in network that costs almost nothing, with the recipe's "
+        "heads: the engine's own rate (read, blend, quantise, compress, write).")] = False,
+    workers: Annotated[list[str] | None, typer.Option(
+        metavar="N[,N...]", help="Also run N local worker processes (repeatable or a comma "
+        "list, e.g. 1,2,4) and report each rate and speed-up over 1.")] = None,
+    configs: Annotated[bool, typer.Option(
+        "--configs", help="Search batch size, channels_last_3d (CUDA) and torch.compile for "
+        "the best model-only rate, and the -o overrides that select it.")] = False,
+    compile_: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", help="With --configs: search torch.compile too (default: "
+        "on CUDA only; on a CPU it needs a C++ compiler and minutes).")] = None,
+    repeats: Annotated[int, typer.Option(
+        min=1, help="Timed forward passes per model-only measurement (twice for the "
+        "model-alone rate: before and after the engine).")] = 15,
     json_: JsonLine = False,
 ) -> None:
     """Engine output voxels/s on a synthetic volume against model-only forward throughput."""
     import json
 
     from .bench.infer import bench_infer as run_bench
+    from .bench.infer import report_lines
     from .recipe import load_recipe
 
-    result = run_bench(load_recipe(recipe, override or []).recipe, shape=shape, device=device)
-    out.print(f"[bold]{result['recipe']}[/] on {result['device']} ({result['precision']}): "
-              f"engine {result['engine_voxels_per_s'] / 1e6:.3f} Mvoxel/s, model alone "
-              f"{result['model_voxels_per_s'] / 1e6:.3f} Mvoxel/s, overlap "
-              f"{result['overlap']:.2f}x, efficiency {result['efficiency']:.2f}")
-    stages = result["stage_seconds"]
-    out.print(f"{result['blocks']} blocks in {result['engine_seconds']:.2f} s: predicting "
-              f"{stages['predict']:.2f} s, waiting for reads {stages['wait_read']:.2f} s and "
-              f"writes {stages['wait_write']:.2f} s (reader threads {stages['read']:.2f} s, "
-              f"writer threads {stages['write']:.2f} s)")
-    if result["monai_voxels_per_s"] is None:
-        out.print("MONAI is not installed: no sliding_window_inference comparison")
-    else:
-        out.print(f"MONAI sliding_window_inference {result['monai_voxels_per_s'] / 1e6:.3f} "
-                  f"Mvoxel/s (engine / MONAI {result['engine_vs_monai']:.2f}x)")
+    result = run_bench(load_recipe(recipe, override or []).recipe, shape=shape, device=device,
+                       repeats=repeats, no_model=no_model, block=block, workers=workers,
+                       configs=configs, compile_=compile_)
+    for line in report_lines(result):
+        out.print(line, markup=False)
     if json_:
         print(json.dumps(result))
 
@@ -595,6 +606,61 @@ def bench_data(
     out.print(f"  read {result['read_ms']:.1f} ms, targets {result['targets_ms']:.1f} ms")
     for name, ms in result["per_augmentation_ms"].items():
         out.print(f"  {name}: {ms:.2f} ms", markup=False)
+    if json_:
+        print(json.dumps(result))
+
+
+@bench_app.command("codecs")
+@guarded
+def bench_codecs(
+    volume: Annotated[str, typer.Argument(help="Volume to measure, e.g. pred.zarr/affinity.")],
+    chunks: Annotated[list[str] | None, typer.Option(
+        "--chunks", metavar="C,Z,Y,X", help="Chunk shape to try ('C': all channels); "
+        "repeatable (default: C,16,256,256 C,32,256,256 C,8,512,512 1,16,256,256).")] = None,
+    codec: Annotated[list[str] | None, typer.Option(
+        "--codec", metavar="NAME",
+        help="Measure only this codec (a name from the table); repeatable.")] = None,
+    passes: Annotated[int, typer.Option(min=1, help="Timed passes (median).")] = 3,
+    sample_mb: Annotated[float, typer.Option(
+        min=0.001, help="MB of whole chunks timed one by one on one thread.")] = 32.0,
+    max_mb: Annotated[float, typer.Option(
+        min=0.001, help="MB of the volume (its start) written through zarr.")] = 256.0,
+    workdir: Annotated[Path | None, typer.Option(
+        help="Folder for the temporary arrays (default: the system's temp folder).")] = None,
+    json_: JsonLine = False,
+) -> None:
+    """Compression ratio, one-thread encode/decode and zarr write/read speed of candidate
+    codecs (blosc zstd/lz4/lz4hc, shuffles, zstd) and chunk shapes on a volume."""
+    import json
+
+    from .bench.codecs import TABLE_HEADER, TABLE_NOTE, format_row
+    from .bench.codecs import bench_codecs as run_bench
+
+    printed: list[str] = []
+
+    def progress(row: dict[str, Any]) -> None:  # rows as they come: a run takes minutes
+        if not printed:
+            printed.append(TABLE_HEADER)
+            out.print(TABLE_HEADER, markup=False)
+        out.print(format_row(row), markup=False)
+
+    result = run_bench(volume, chunks=chunks, passes=passes, sample_mb=sample_mb,
+                       max_mb=max_mb, codecs=codec,
+                       workdir=None if workdir is None else str(workdir), progress=progress)
+    m = result["machine"]
+    out.print(f"{result['volume']}: {result['dtype']} region {result['region']} "
+              f"({result['region_mb']:.0f} MB) of {result['shape']}; zarr {m['zarr']}, "
+              f"numcodecs {m['numcodecs']}, {m['cpus']} CPUs; median of {result['passes']}",
+              markup=False)
+    out.print(TABLE_NOTE, markup=False)
+    best = result["best"]
+    out.print(f"best ({result['rule']}): [bold]{best['codec']}[/] with chunks "
+              f"{'x'.join(str(c) for c in best['chunks'])}")
+    for pick in result["best_per_chunks"]:
+        out.print(f"  at chunks {'x'.join(str(c) for c in pick['chunks'])}: {pick['codec']}",
+                  markup=False)
+    if not result["lossless"]:
+        raise RuntimeError("a codec did not round-trip losslessly (lossless NO in the table)")
     if json_:
         print(json.dumps(result))
 

@@ -145,6 +145,11 @@ def test_interrupted_run_resumes_to_the_same_output(setup):
     with pytest.raises(UserError, match="another block layout"):
         run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(8, 32, 32),
                       resume=True)
+    other = {k: v + 1e-3 for k, v in torch.load(tmp / "c.pt")["model"].items()}
+    torch.save({"model": other, "iteration": 2}, tmp / "other.pt")
+    with pytest.raises(UserError, match="another checkpoint"):  # two networks in one output
+        run_inference(recipe, tmp / "other.pt", str(tmp / "in.zarr/image"), out,
+                      block=(4, 16, 16), resume=True)
     progress = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
                              block=(4, 16, 16), resume=True)
     # a block written but not yet reported when the run stopped is done as well

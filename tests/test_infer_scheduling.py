@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,3 +210,53 @@ def test_daisy_workers_pick_their_device_where_they_run():
     assert str(worker_device("auto", 1)) == expected
     with pytest.raises(UserError, match="at least 1"):
         run_inference(None, None, "", None, scheduler="daisy", workers=0)  # type: ignore[arg-type]
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Worker processes multiprocessing spawned for ``pid`` (not its resource tracker)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """kill -9 of `emrun infer --workers 2` (an OOM kill, a node's watchdog) must not leave
+    its workers writing for a resume to race (here they would have minutes of work left)."""
+    recipe, _, _, tmp = make_inputs(tmp_path, shape=(64, 256, 256))  # 4,096 blocks
+    out = tmp / "orphans.zarr"
+    command = [sys.executable, "-m", "emrun", "infer", "--recipe", str(_recipe_file(recipe, tmp)),
+               "--checkpoint", str(tmp / "c.pt"), "--input", str(tmp / "in.zarr/image"),
+               "--output", str(out), "--block", *map(str, BLOCK), "--device", "cpu",
+               "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while time.monotonic() < deadline and process.poll() is None and len(workers) < 2:
+        workers = _spawned_children(process.pid)
+        time.sleep(0.05)
+    assert len(workers) == 2, "two worker processes must have started"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(w) for w in workers):
+        time.sleep(0.05)
+    alive = [w for w in workers if _running(w)]
+    for pid in alive:  # do not leave them to the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived their parent"

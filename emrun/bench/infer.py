@@ -7,11 +7,25 @@ per stage tell whether the device or the IO bounds it. The engine has to predict
 ``overlap`` times (patch voxels x patches / output voxels), so its efficiency is
 ``engine_voxels_per_s * overlap / model_voxels_per_s`` (1.0: no time lost to reading,
 blending, padding, quantising or writing).
+
+Options add: ``no_model`` (a stand-in network that costs almost nothing, so the rate is the
+engine's own: read, blend, quantise, compress, write), the patches predicted against the
+lattice's (patches that straddle unit borders are predicted twice), ``workers`` (the same
+volume through ``schedule.run_local`` with N worker processes) and ``configs`` (the model-only
+rate over batch size, memory format and torch.compile, with the overrides that select the
+best).
+
+This module runs the bench and reports it: it checks the options, generates the volume, times
+the model, the engine, the worker processes and MONAI, and turns the times into the figures
+and the lines printed. The parts live apart: the stand-in network in `standin`, the checks
+that the run fits the machine in `room`, the model-only timing in `model_rate` and the
+configuration search in `infer_configs`.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
 import tempfile
 import time
@@ -20,15 +34,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from ..devices import available_memory
+from ..errors import UserError
+from ..infer import schedule
 from ..infer.engine import Engine
-from ..infer.job import prepare_job
-from ..infer.plan import Layout, choose_chunks_and_block
+from ..infer.job import Job, prepare_job
+from ..infer.plan import Layout, Zyx, choose_chunks_and_block
 from ..infer.worker import BlockWorker
 from ..io.write import write_volume
 from ..recipe import Recipe
 from ..registry import models
 from ..synth import synthesize
+from . import bench_device
+from .infer_configs import search_configs
+from .model_rate import model_times, sync
+from .room import check_room, estimate_needs, free_device_memory, size_text
+from .standin import StandIn, stand_in
 
 TILE = (64, 512, 512)
 """Largest synthetic block generated; bigger volumes repeat it, mirrored (generation costs
@@ -46,26 +69,70 @@ def synthetic_image(shape: tuple[int, int, int]) -> np.ndarray:
     return np.pad(image, pad, mode="symmetric")
 
 
-def _model_times(engine: Engine, image: np.ndarray, repeats: int) -> list[float]:
-    """Seconds per forward pass alone, on patches of the same volume, at steady state (after
-    a few warm-up passes for kernel selection and caches)."""
-    pz, py, px = engine.patch
-    rows = [image[:pz, :py, x:x + px] for x in range(0, image.shape[2] - px + 1, px)]
-    patches = [rows[i % len(rows)] for i in range(engine.batch_size)]
-    batch = torch.from_numpy(np.stack(patches).astype(np.float32) / 255)[:, None]
-    batch = batch.to(engine.device)
-    for _ in range(3):
-        engine._forward(batch)
-    times = []
-    for _ in range(repeats):
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize(engine.device)
-        start = time.perf_counter()
-        engine._forward(batch)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize(engine.device)
-        times.append(time.perf_counter() - start)
-    return times
+# --- checking what the user asked for, before generating anything ---------------------------
+
+
+def check_zyx(option: str, zyx: Zyx) -> None:
+    """Sizes must be positive: zero or negative voxels is a typo, not a volume."""
+    if any(n < 1 for n in zyx):
+        raise UserError(f"{option} {' '.join(str(n) for n in zyx)}: give three sizes (z y x) "
+                        "of at least 1 voxel each")
+
+
+def worker_counts(values: list[str] | None) -> list[int]:
+    """``--workers`` values (repeated and/or comma lists) as sorted distinct counts, 1 included
+    (the baseline of every speed-up); [] when not given."""
+    if not values:
+        return []
+    counts = set()
+    for text in ",".join(values).split(","):
+        try:
+            count = int(text.strip())
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise UserError(f"--workers {','.join(values)}: give worker counts of at least 1, "
+                            "e.g. --workers 1,2,4")
+        counts.add(count)
+    return sorted(counts | {1})
+
+
+def bench_layout(recipe: Recipe, shape: Zyx, block: Zyx | None) -> Layout:
+    """The block layout `emrun infer` would use for ``shape`` and ``block``."""
+    patch = recipe.infer_patch()
+    stride = recipe.infer.resolved_stride(patch)
+    chunks, chosen = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks,
+                                             block or recipe.infer.block)
+    try:
+        return Layout(shape, patch, stride, chunks, chosen)
+    except ValueError as exc:
+        raise UserError(f"--block {' '.join(str(n) for n in chosen)}: {exc}") from None
+
+
+def block_count(layout: Layout) -> int:
+    return math.prod(math.ceil(n / b) for n, b in zip(layout.shape, layout.block, strict=True))
+
+
+def default_shape(recipe: Recipe, block: Zyx | None, workers: int) -> Zyx:
+    """Three patches per axis; with several workers, deep enough in z for two blocks per worker
+    (with fewer blocks than workers some workers idle and the speed-up means nothing)."""
+    patch = recipe.infer_patch()
+    shape: Zyx = (patch[0] * 3, patch[1] * 3, patch[2] * 3)
+    if workers <= 1:
+        return shape
+    deep = bench_layout(recipe, (10**6, shape[1], shape[2]), block)
+    per_slab = math.ceil(shape[1] / deep.block[1]) * math.ceil(shape[2] / deep.block[2])
+    slabs = math.ceil(2 * workers / per_slab)
+    return (max(shape[0], slabs * deep.block[0]), shape[1], shape[2])
+
+
+# --- MONAI's sliding window, for comparison --------------------------------------------------
+
+
+def _monai_bytes(recipe: Recipe, shape: Zyx) -> int:
+    """MONAI's sliding window holds the volume, the outputs and a count map in float32 on the
+    device (its importance map and padding come on top)."""
+    return math.prod(shape) * 4 * (sum(recipe.head_channels().values()) + 2)
 
 
 def _monai_rate(engine: Engine, image: np.ndarray) -> float | None:
@@ -86,59 +153,311 @@ def _monai_rate(engine: Engine, image: np.ndarray) -> float | None:
                                  device=engine.device)
 
     run()  # warm-up
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
+    sync(engine.device)
     start = time.perf_counter()
     run()
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
+    sync(engine.device)
     return image.size / (time.perf_counter() - start)
 
 
-def bench_infer(recipe: Recipe, *, shape: tuple[int, int, int] | None = None,
-                device: str | None = None, repeats: int = 15) -> dict[str, Any]:
+# --- the engine: one in-process worker, then N worker processes ------------------------------
+
+
+def _engine_run(job: Job, device: torch.device, model: nn.Module | None
+                ) -> tuple[BlockWorker, float]:
+    """`emrun infer`'s worker over every block, in the units `emrun infer` gives one worker;
+    seconds from the first block read to the last written (building the worker and loading
+    the model are not timed)."""
+    worker = BlockWorker(job, device, model=model)
+    units = schedule.job_units(job, job.pending(), 1)
+    started = time.perf_counter()
+    worker.run_units(units)
+    return worker, time.perf_counter() - started
+
+
+class Completions:
+    """When each block was written, from the start of a run (start-up included)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.times: list[float] = []
+
+    def mark(self, *_: Any) -> None:
+        """A block was written (called with a worker's or ``run_local``'s report)."""
+        self.times.append(time.perf_counter() - self.started)
+
+
+def _scaling(recipe: Recipe, root: Path, block: Zyx | None, device: torch.device,
+             counts: list[int], no_model: bool) -> list[dict[str, Any]]:
+    """Output voxels/s with each count of local workers, each into a fresh output (removed
+    after), over the wall time: worker start-up and model loading included, as `emrun infer
+    --workers N` costs them on this volume; when the first block was written tells how much
+    of it that start-up is."""
+    rows = []
+    for count in counts:
+        output = root / f"out-{count}-workers.zarr"
+        job = prepare_job(recipe, root / "model.pt", str(root / "in.zarr/image"), output,
+                          block=block)
+        slots = schedule.worker_slots(str(device), count)
+        clock = Completions()
+        schedule.run_local(job, slots, on_block=clock.mark, model=stand_in if no_model else None)
+        seconds = time.perf_counter() - clock.started
+        shutil.rmtree(output)
+        rate = math.prod(job.layout.shape) / seconds
+        rows.append({"workers": count, "seconds": round(seconds, 3),
+                     "first_block_seconds": round(clock.times[0], 3) if clock.times else None,
+                     "voxels_per_s": round(rate, 1),
+                     "voxels_per_s_per_core": round(rate / schedule.cpu_cores(), 1)})
+    for row in rows:
+        row["speedup"] = round(row["voxels_per_s"] / rows[0]["voxels_per_s"], 3)
+    return rows
+
+
+# --- the figures -----------------------------------------------------------------------------
+
+
+MAIN_STAGES = {"predict": "predict", "read": "wait_read", "write": "wait_write"}
+"""What bounds the rate, by what the main thread spends its time on: predicting (the device:
+forward passes, blending, quantising), or waiting for a read or for a write slot."""
+
+
+def stage_shares(seconds: dict[str, float], wall: float) -> dict[str, float]:
+    """Each stage's seconds per second of engine wall time (reader and writer threads are two
+    each: their shares may pass 1)."""
+    return {stage: round(value / wall, 3) if wall > 0 else 0.0
+            for stage, value in seconds.items()}
+
+
+def bound_by(seconds: dict[str, float]) -> str:
+    """The stage that bounds the rate: predict when the waits are small, else read or write,
+    whichever the main thread waited for longest."""
+    return max(MAIN_STAGES, key=lambda stage: seconds[MAIN_STAGES[stage]])
+
+
+def bench_infer(recipe: Recipe, *, shape: Zyx | None = None, device: str | None = None,
+                repeats: int = 15, no_model: bool = False, block: Zyx | None = None,
+                workers: list[str] | None = None, configs: bool = False,
+                compile_: bool | None = None) -> dict[str, Any]:
     """The figures `emrun bench infer` reports."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    patch = recipe.infer_patch()
-    shape = shape or (patch[0] * 3, patch[1] * 3, patch[2] * 3)
+    dev = bench_device(device)
+    standin, counts, shape = _checked(recipe, dev, shape, block, workers, no_model, configs)
     torch.manual_seed(recipe.seed)
-    model = models.build(recipe.model, head_channels=recipe.head_channels()).to(dev).eval()
-    engine = Engine(recipe, model, dev)
-    chunks, block = choose_chunks_and_block(shape, engine.patch, engine.stride,
-                                            recipe.infer.chunks, recipe.infer.block)
-    layout = Layout(shape, engine.patch, engine.stride, chunks, block)
-    patches = math.prod(len(layout.starts(a)) for a in range(3))
-    overlap = patches * math.prod(patch) / math.prod(shape)
-    with tempfile.TemporaryDirectory(prefix="emrun-bench-infer-") as tmp:
-        root = Path(tmp)
+    model = models.build(recipe.model, head_channels=recipe.head_channels())
+    model = model.to(torch.device("cpu") if no_model else dev).eval()
+    engine = None if no_model else Engine(recipe, model, dev)
+    with tempfile.TemporaryDirectory(prefix="emrun-bench-infer-") as name:
+        root = Path(name)
         image = synthetic_image(shape)
-        times = _model_times(engine, image, repeats)  # before the engine and after it:
+        times = [] if engine is None else model_times(engine, image, repeats)
         write_volume(root / "in.zarr", "image", image)
         torch.save({"model": model.state_dict(), "iteration": 0}, root / "model.pt")
         job = prepare_job(recipe, root / "model.pt", str(root / "in.zarr/image"),
-                          root / "out.zarr")
-        worker = BlockWorker(job, dev)  # `emrun infer`'s worker; loading the model not timed
-        blocks = job.pending()
-        started = time.perf_counter()
-        worker.run(blocks)
-        seconds = time.perf_counter() - started
-        times += _model_times(engine, image, repeats)  # a drifting machine biases neither
-    engine_rate = math.prod(shape) / seconds
-    model_rate = engine.batch_size * math.prod(patch) / statistics.median(times)
-    monai_rate = _monai_rate(engine, image)
+                          root / "out.zarr", block=block)
+        worker, seconds = _engine_run(job, dev, None if standin is None else standin.to(dev))
+        if engine is not None:  # before the engine and after it: a drifting machine biases
+            times += model_times(engine, image, repeats)  # neither
+        scaling = _scaling(recipe, root, block, dev, counts, no_model) if counts else None
+        grid = search_configs(recipe, model, dev, image, _compile_axis(dev, compile_),
+                              repeats) if configs else None
+    notes = _notes(job.layout, counts, dev, scaling, grid)
+    monai_rate = None if engine is None else _monai_if_room(recipe, engine, image, dev, notes)
+    return _figures(recipe, dev, job, worker, seconds, times, monai_rate, scaling, grid,
+                    notes, no_model)
+
+
+def _checked(recipe: Recipe, device: torch.device, shape: Zyx | None, block: Zyx | None,
+             workers: list[str] | None, no_model: bool, configs: bool
+             ) -> tuple[StandIn | None, list[int], Zyx]:
+    """Everything the user can get wrong, refused in one line before anything is generated:
+    the stand-in (when asked for), the worker counts and the volume's shape (and its room)."""
+    if no_model and configs:
+        raise UserError("--configs times the model's forward pass; with --no-model there is "
+                        "no model to time: drop one of them")
+    standin = stand_in(recipe) if no_model else None
+    counts = worker_counts(workers)
+    for option, zyx in (("--shape", shape), ("--block", block)):
+        if zyx is not None:
+            check_zyx(option, zyx)
+    shape = shape or default_shape(recipe, block, max(counts, default=1))
+    needs = estimate_needs(recipe, bench_layout(recipe, shape, block), max(counts, default=1),
+                           device.type == "cuda")
+    check_room(needs, device, shape, Path(tempfile.gettempdir()))
+    return standin, counts, shape
+
+
+def _compile_axis(device: torch.device, compile_: bool | None) -> bool:
+    """torch.compile is searched on CUDA unless --no-compile; on a CPU only with --compile
+    (it needs a C++ compiler and minutes per config)."""
+    return device.type == "cuda" if compile_ is None else compile_
+
+
+def _monai_if_room(recipe: Recipe, engine: Engine, image: np.ndarray, device: torch.device,
+                   notes: list[str]) -> float | None:
+    """MONAI's rate, unless its in-memory sliding window would not fit (then a note)."""
+    need = _monai_bytes(recipe, tuple(image.shape))  # type: ignore[arg-type]
+    free = free_device_memory(device)
+    free = available_memory() if free is None else free
+    if need > 0.8 * free:
+        notes.append(f"MONAI skipped: its in-memory sliding window would need about "
+                     f"{size_text(need)} on {device}, {size_text(free)} is free")
+        return None
+    return _monai_rate(engine, image)
+
+
+def _notes(layout: Layout, counts: list[int], device: torch.device,
+           scaling: list[dict[str, Any]] | None, grid: dict[str, Any] | None) -> list[str]:
+    """What makes a figure less telling than it looks, in words."""
+    notes = []
+    blocks = block_count(layout)
+    if blocks == 1:
+        notes.append("one block: reading, predicting and writing cannot overlap (give a larger "
+                     "--shape or a smaller --block to see the steady state)")
+    if counts and blocks < 2 * max(counts):
+        notes.append(f"{blocks} block(s) for up to {max(counts)} workers: workers wait for "
+                     "blocks and the speed-up is bounded by them (give a larger --shape or a "
+                     "smaller --block)")
+    if scaling and any(r["first_block_seconds"] > 0.25 * r["seconds"] for r in scaling):
+        notes.append("a worker run wrote its first block after more than a quarter of its "
+                     "time (start-up, model loading and warm-up count there): a larger --shape "
+                     "gives speed-ups closer to a long job's")
+    if grid is not None and not grid["compile_measured"]:
+        notes.append("torch.compile not searched" + (" (on a CPU it needs a C++ compiler and "
+                     "minutes per config: add --compile)" if device.type == "cpu" else ""))
+    best = None if grid is None else grid["best_config"]
+    per_block = layout.patch_count() / blocks
+    if best is not None and best["batch_size"] > per_block:
+        notes.append(f"the best batch ({best['batch_size']}) is more than the patches a block "
+                     f"holds (about {per_block:.0f}): the engine fills it only with larger "
+                     "blocks (--block here, infer.block in a recipe)")
+    return notes
+
+
+def _figures(recipe: Recipe, device: torch.device, job: Job, worker: BlockWorker,
+             seconds: float, times: list[float], monai_rate: float | None,
+             scaling: list[dict[str, Any]] | None, grid: dict[str, Any] | None,
+             notes: list[str], no_model: bool) -> dict[str, Any]:
+    """The JSON `emrun bench infer --json` prints (model figures None with --no-model)."""
+    layout, patch = job.layout, job.layout.patch
+    voxels = math.prod(layout.shape)
+    lattice = layout.patch_count()
+    overlap = lattice * math.prod(patch) / voxels
+    engine_rate = voxels / seconds
+    model_rate = None
+    if times:
+        model_rate = recipe.infer.batch_size * math.prod(patch) / statistics.median(times)
+    predicted = worker.engine.predicted_patches
+    cores = schedule.cpu_cores()
     return {
         "recipe": recipe.name,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": recipe.infer.precision,
-        "patch": list(patch), "stride": list(engine.stride), "batch_size": engine.batch_size,
-        "volume": list(shape), "block": list(block), "blocks": len(blocks),
+        "patch": list(patch), "stride": list(layout.stride),
+        "batch_size": recipe.infer.batch_size,
+        "volume": list(layout.shape), "block": list(layout.block),
+        "blocks": block_count(layout),
         "tta": recipe.infer.tta,
         "overlap": round(overlap, 3),
+        "no_model": no_model,
         "engine_voxels_per_s": round(engine_rate, 1),
-        "model_voxels_per_s": round(model_rate, 1),
-        "efficiency": round(engine_rate * overlap / model_rate, 4),
+        "cpu_cores": cores,
+        "engine_voxels_per_s_per_core": round(engine_rate / cores, 1),
+        "model_voxels_per_s": None if model_rate is None else round(model_rate, 1),
+        "efficiency": None if model_rate is None else round(engine_rate * overlap / model_rate,
+                                                            4),
         "engine_seconds": round(seconds, 3),
         "stage_seconds": {k: round(v, 3) for k, v in worker.seconds.items()},
+        # from the rounded seconds, so that the JSON's figures agree with each other
+        "stage_shares": stage_shares({k: round(v, 3) for k, v in worker.seconds.items()},
+                                     round(seconds, 3)),
+        "bound": bound_by(worker.seconds),
+        "predicted_patches": predicted,
+        "lattice_patches": lattice,
+        "duplicate_fraction": round(predicted / lattice - 1, 4),
         "monai_voxels_per_s": None if monai_rate is None else round(monai_rate, 1),
         "engine_vs_monai": None if monai_rate is None else round(engine_rate / monai_rate, 3),
+        "workers": scaling,
+        **(grid or {"configs": None, "best_config": None, "compile_measured": None}),
+        "notes": notes,
     }
+
+
+# --- the lines `emrun bench infer` prints ----------------------------------------------------
+
+
+def mvox(rate: float) -> str:
+    return f"{rate / 1e6:.3f} Mvoxel/s"
+
+
+def report_lines(r: dict[str, Any]) -> list[str]:
+    """The human summary of the figures, one fact per line."""
+    head = f"{r['recipe']} on {r['device']} ({r['precision']}): "
+    if r["no_model"]:
+        lines = [head + f"engine alone (a stand-in for the model) {mvox(r['engine_voxels_per_s'])}"
+                 f", {mvox(r['engine_voxels_per_s_per_core'])} per CPU core ({r['cpu_cores']} "
+                 "cores): reading, blending, quantising, compressing and writing"]
+    else:
+        lines = [head + f"engine {mvox(r['engine_voxels_per_s'])}, model alone "
+                 f"{mvox(r['model_voxels_per_s'])}, overlap {r['overlap']:.2f}x, efficiency "
+                 f"{r['efficiency']:.2f}"]
+    stages = r["stage_seconds"]
+    lines.append(f"{r['blocks']} blocks in {r['engine_seconds']:.2f} s: predicting "
+                 f"{stages['predict']:.2f} s, waiting for reads {stages['wait_read']:.2f} s and "
+                 f"writes {stages['wait_write']:.2f} s (reader threads {stages['read']:.2f} s, "
+                 f"writer threads {stages['write']:.2f} s)")
+    lines.append(_bound_line(r))
+    lines.append(f"patches predicted {r['predicted_patches']:,} of {r['lattice_patches']:,} in "
+                 f"the lattice: duplicates {100 * r['duplicate_fraction']:+.1f} % (predicted "
+                 "more than once)")
+    lines += _scaling_lines(r["workers"]) + _config_lines(r)
+    if not r["no_model"]:
+        if r["monai_voxels_per_s"] is not None:
+            lines.append(f"MONAI sliding_window_inference {mvox(r['monai_voxels_per_s'])} "
+                         f"(engine / MONAI {r['engine_vs_monai']:.2f}x)")
+        elif not any(n.startswith("MONAI") for n in r["notes"]):
+            lines.append("MONAI is not installed: no sliding_window_inference comparison")
+    return lines + [f"note: {n}" for n in r["notes"]]
+
+
+def _bound_line(r: dict[str, Any]) -> str:
+    shares = r["stage_shares"]
+    what = {"predict": "the device (predicting, blending, quantising)",
+            "read": "reading the input", "write": "compressing and writing the outputs"}
+    return (f"bound by {what[r['bound']]}: of the wall time, predicting "
+            f"{100 * shares['predict']:.0f} %, waiting for reads {100 * shares['wait_read']:.0f}"
+            f" %, for writes {100 * shares['wait_write']:.0f} %")
+
+
+def _scaling_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    if not rows:
+        return []
+    lines = ["local worker processes (wall time: start-up and model loading included; the "
+             "first block written after):"]
+    for row in rows:
+        lines.append(f"  {row['workers']}: {mvox(row['voxels_per_s'])}, "
+                     f"{mvox(row['voxels_per_s_per_core'])} per core, {row['speedup']:.2f}x "
+                     f"the 1-worker rate ({row['seconds']:.2f} s; first block after "
+                     f"{row['first_block_seconds']:.2f} s)")
+    return lines
+
+
+def _config_text(row: dict[str, Any]) -> str:
+    layout = {None: "", True: ", channels_last", False: ", contiguous"}[row["channels_last"]]
+    mode = "eager" if row["compile"] is None else f"compiled ({row['compile']})"
+    return f"batch {row['batch_size']}{layout}, {mode}"
+
+
+def _config_lines(r: dict[str, Any]) -> list[str]:
+    if r["configs"] is None:
+        return []
+    lines = ["model alone by configuration:"]
+    for row in r["configs"]:
+        figure = mvox(row["voxels_per_s"]) if row["voxels_per_s"] else f"failed: {row['error']}"
+        lines.append(f"  {_config_text(row)}: {figure}")
+    best = r["best_config"]
+    if best is not None:
+        speedup = "" if best["speedup_vs_recipe"] is None else \
+            f", {best['speedup_vs_recipe']:.2f}x the recipe's"
+        use = " ".join(f"-o {o}" for o in best["overrides"]) or "the recipe as it is"
+        lines.append(f"best: {_config_text(best)} {mvox(best['voxels_per_s'])}{speedup}; "
+                     f"use: {use}")
+    return lines

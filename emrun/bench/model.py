@@ -19,11 +19,8 @@ from ..losses import total_loss
 from ..models.facts import model_facts
 from ..recipe import Recipe
 from ..registry import losses, models
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from . import bench_device
+from .model_rate import sync
 
 
 def _time_steps(recipe: Recipe, device: torch.device, precision: str, compiled: bool,
@@ -47,7 +44,7 @@ def _time_steps(recipe: Recipe, device: torch.device, precision: str, compiled: 
     dtype = torch.bfloat16 if precision == "bf16" else None
     times = []
     for i in range(warmup + steps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             outputs = step_model(image)
@@ -56,7 +53,7 @@ def _time_steps(recipe: Recipe, device: torch.device, precision: str, compiled: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _sync(device)
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
@@ -65,7 +62,7 @@ def _time_steps(recipe: Recipe, device: torch.device, precision: str, compiled: 
 def bench_model(recipe: Recipe, *, device: str | None = None, steps: int = 5, warmup: int = 2,
                 compile_: bool = True) -> dict[str, Any]:
     """The figures `emrun bench model` reports."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = bench_device(device)
     heads = recipe.head_channels()
     model = models.build(recipe.model, head_channels=heads)
     facts = model_facts(model, recipe.model, recipe.train.patch)

@@ -28,6 +28,7 @@ from ..recipe import LoadedRecipe
 from ..registry import losses, models
 from ..train.optim import build_optimizer
 from ..train.trainer import Trainer, configure_backends, seed_everything
+from . import bench_device
 from .data import with_synthetic_sources
 
 
@@ -113,13 +114,13 @@ def _trainer_loop(loaded: LoadedRecipe, batches: list[dict[str, Any]], device: t
 def bench_train(loaded: LoadedRecipe, *, device: str | None = None, steps: int = 30,
                 warmup: int = 3, synthetic: bool = True) -> dict[str, Any]:
     """The figures `emrun bench train` reports."""
+    dev = bench_device(device)  # before any work: a missing GPU is the user's error (exit 2)
     recipe = with_synthetic_sources(loaded.recipe) if synthetic else loaded.recipe
     train = recipe.train.model_copy(update={
         "iterations": warmup + steps, "validate_every": 0, "image_every": 0,
         "checkpoint_every": warmup + steps, "workers": 0})
     recipe = recipe.model_copy(update={"train": train})
     loaded = LoadedRecipe(recipe, loaded.source, loaded.path, loaded.files)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batches = _batches(loaded, 4)
     bare = _bare_loop(loaded, batches, dev, steps, warmup)
     emrun, checkpoint_seconds = _trainer_loop(loaded, batches, dev, steps, warmup)

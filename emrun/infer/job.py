@@ -165,6 +165,8 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
     if existing and not resume:
         raise UserError(f"{output} already exists; use --resume to finish it, or another "
                         "--output (nothing was overwritten)")
+    if existing:
+        _check_same_network(output, job.checkpoint)
     for name, task in recipe.tasks.items():
         if existing:
             _check_existing(output, name, job.digest())
@@ -182,6 +184,21 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
             "checkpoint": str(job.checkpoint), "checkpoint_sha256": file_digest(job.checkpoint),
             "input": job.input_path, "input_shape": list(volume.shape),
             "roi_offset": list(job.roi_offset), **info}
+
+
+def _check_same_network(output: Path, checkpoint: Path) -> None:
+    """Refuse to finish an output with another network than the one that started it: its
+    blocks would mix two networks under metadata that names one."""
+    try:
+        saved = dict(zarr.open_group(str(output), mode="r").attrs).get("emrun", {})
+    except Exception:
+        return  # no emrun group: the per-task check below says what is missing
+    started = saved.get("checkpoint_sha256")
+    if started is not None and started != file_digest(checkpoint):
+        raise UserError(
+            f"{output} was started with another checkpoint ({saved.get('checkpoint')}, "
+            f"sha256 {started[:12]}...) than --checkpoint {checkpoint}; resume with that one, "
+            "or write this network's predictions to a new --output")
 
 
 def _check_existing(output: Path, name: str, digest: str) -> None:

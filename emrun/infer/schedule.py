@@ -9,9 +9,14 @@ after each finished block, so any of them can resume a job another started.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import multiprocessing as mp
+import os
 import queue
+import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -93,8 +98,14 @@ def worker_slots(device: str | None, workers: int | None) -> list[tuple[str, int
     return [(str(dev), max(1, cores // count))] * count
 
 
+ModelFactory = Callable[[Recipe], torch.nn.Module]
+"""Builds the network a worker uses instead of the checkpoint's (a module-level function,
+so that spawned workers can receive it); ``emrun bench infer --no-model`` passes a stand-in."""
+
+
 def run_local(job: Job, slots: list[tuple[str, int]],
-              on_block: Callable[[Progress], None] | None = None) -> Progress:
+              on_block: Callable[[Progress], None] | None = None,
+              model: ModelFactory | None = None) -> Progress:
     """Predict the job's pending blocks with ``slots`` workers pulling from one queue."""
     pending = job.pending()
     progress = Progress(total=len(job.layout.block_grid()))
@@ -108,9 +119,10 @@ def run_local(job: Job, slots: list[tuple[str, int]],
 
     groups = job_units(job, pending, len(slots), slots[0][0])
     if len(slots) == 1 and pending:
-        BlockWorker(job, torch.device(slots[0][0])).run_units(groups, done)
+        device = torch.device(slots[0][0])
+        _worker(job, device, model).run_units(groups, done)
     elif pending:
-        _run_processes(job, slots, groups, done)
+        _run_processes(job, slots, groups, done, model)
     return progress
 
 
@@ -144,8 +156,14 @@ def handover_budget(job: Job, device: str | None = None) -> int:
     return budget
 
 
+def _worker(job: Job, device: torch.device, model: ModelFactory | None) -> BlockWorker:
+    if model is None:
+        return BlockWorker(job, device)
+    return BlockWorker(job, device, model=model(job.recipe).to(device).eval())
+
+
 def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx]],
-                   done: Callable[[BlockDone], None]) -> None:
+                   done: Callable[[BlockDone], None], model: ModelFactory | None) -> None:
     """Spawned workers pull units from a queue and report each finished block."""
     context = mp.get_context("spawn")
     tasks = context.Queue()
@@ -155,7 +173,8 @@ def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx
     for _ in slots:
         tasks.put(None)
     processes = [context.Process(target=_worker_main, daemon=True,
-                                 args=(job.to_json(), device, threads, tasks, results))
+                                 args=(job.to_json(), device, threads, tasks, results, model,
+                                       os.getpid()))
                  for device, threads in slots]
     for process in processes:
         process.start()
@@ -186,9 +205,23 @@ def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx
             process.join()
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when the process that started it dies (Linux), so
+    that a killed `emrun infer` leaves no worker writing behind it for a resume to race."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(1)
+
+
 def _worker_main(job_json: str, device: str, threads: int, tasks: mp.Queue,
-                 results: mp.Queue) -> None:
+                 results: mp.Queue, model: ModelFactory | None, parent: int) -> None:
     """A worker process: build the model once, then take units until the queue says stop."""
+    die_with_parent(parent)
     torch.set_num_threads(threads)
 
     def groups():  # type: ignore[no-untyped-def]
@@ -196,7 +229,7 @@ def _worker_main(job_json: str, device: str, threads: int, tasks: mp.Queue,
             yield [tuple(block) for block in group]
 
     try:
-        worker = BlockWorker(Job.from_json(job_json), torch.device(device))
+        worker = _worker(Job.from_json(job_json), torch.device(device), model)
         worker.run_units(groups(), lambda block: results.put(("done", block)))
         results.put(("exit", None))
     except UserError as exc:

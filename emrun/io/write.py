@@ -11,16 +11,36 @@ Layout (one decision, used by conversion, inference and segmentation alike):
 `open_volume("OUT.zarr/image")` opens the group's first multiscale level and reports the
 voxel size (nm, zyx) and offset (voxels) from its scale and translation.
 
-Compression is blosc zstd, level 1, with byte shuffle for every dtype. Level 1, because
-writing predictions is on inference's critical path: on the 2-core development VM (zarr 3.1,
-median of 3) a trained network's uint8 affinities (12 channels) were written at 244 MB/s with
-level 1 against 78 MB/s with level 5 (ratio 1.9x against 2.2x); uint64 segmentations 936 vs
-561 MB/s (70x vs 94x), raw uint8 EM 352 vs 281 MB/s (1.1x both). Measured on SNEMI3D
-(16 x 256 x 256 chunks), bitshuffle never won clearly: dense labels compress about 2x worse
-with it (uint16 25x vs 47x byte shuffle; uint64 102x vs 180x), because zstd already finds
-the long runs of equal ids that bit planes break up; raw uint8 EM gains 4% from it (1.11x
-vs 1.07x) while smooth uint8 predictions lose 25% (1.52x vs 2.04x); smooth uint16/float32
-data come out equal or better with byte shuffle. For uint8, byte shuffle is a no-op.
+Compression depends on the width of the dtype, one rule for every volume emrun writes. Bytes
+(uint8 EM, inference's uint8 predictions) get zarr's zstd codec at level 1: writing 12-channel
+affinities is on inference's critical path (on an H200 the writer threads were the engine's
+bottleneck) and byte shuffle does nothing for one-byte values, so blosc adds only the cost of
+its small blocks. Wider types (uint16 EM, float predictions, uint32/uint64 labels and
+segmentations) get blosc zstd level 1 with byte shuffle, which finds the runs of equal ids
+in labels (bitshuffle breaks them up: dense labels about 2x worse) and helps smooth data.
+Measured with `emrun bench codecs` on this project's 2-core development VM (zarr 3.1.6,
+numcodecs 0.16.6; its second core busy with other work, so MB/s are per CPU second): the
+affinities of SNEMI3D sections 60-69 (12 x 10 x 1024 x 1024 uint8, 126 MB) predicted by
+recipes/snemi3d_aff.yaml trained 111 iterations on the CPU (patch 20 x 128 x 128, fp32),
+chunks 12 x 10 x 256 x 256, median of 5:
+
+    codec                ratio  encode  decode  write through zarr (MB per CPU second)
+    zstd 1 (bytes)       1.47x  410     938     187
+    blosc-zstd 1 byte    1.49x  233     512     145   (wider types; all volumes before)
+    zstd 2               1.68x  292     951     152
+    zstd 3               1.81x  194     981     113
+    blosc-zstd 3 byte    1.89x  101     655      77
+    blosc-zstd 1 bit     1.51x  321     560     175
+    blosc-lz4 1 bit      1.21x  844    1727     254
+
+The rule for the affinities: the cheapest write whose ratio is at least 90 % of the previous
+codec's. zstd 1 encodes 1.8x and writes 1.3x faster per core than blosc-zstd 1 at the same
+ratio (most of the gap is blosc's small blocks at level 1); lz4 is faster still but its files
+are 23 % larger; zstd 2 is the choice where disk matters more than writer cores. Chunk shape
+changed the ratio by under 3 % (12 x 8 x 512 x 512, 12 x 10 x 128 x 128, 1 x 10 x 256 x 256:
+1.45-1.49x). Raw uint8 EM: 1.07x with zstd 1 against 1.10x. uint64 segmentations keep blosc's
+byte shuffle: 119x against zstd 1's 46x (the SNEMI3D labels, sections 0-29) and 99x against
+56x (a cc segmentation of the affinities above).
 """
 
 from __future__ import annotations
@@ -37,7 +57,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from emrun.io.metadata import ome_image_attrs
 from emrun.io.volume import VolumeError
@@ -48,8 +68,11 @@ CHUNK_ZYX = (16, 256, 256)  # default chunk: thin in z (anisotropic EM), wide in
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-def compressor() -> BloscCodec:
-    """The codec for every volume emrun writes (see the module docstring for the choice)."""
+def compressor(dtype: Any) -> ZstdCodec | BloscCodec:
+    """The codec for a volume of ``dtype`` (see the module docstring for the choice): zstd 1
+    for one-byte types, blosc zstd 1 with byte shuffle for wider ones."""
+    if np.dtype(dtype).itemsize == 1:
+        return ZstdCodec(level=1)
     return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 
 
@@ -321,6 +344,6 @@ def _create(root: zarr.Group, node: str, name: str, spec: dict[str, Any]) -> zar
         shape=spec["shape"],
         dtype=spec["dtype"],
         chunks=spec["chunks"],
-        compressors=[compressor()],
+        compressors=[compressor(spec["dtype"])],
         dimension_names=axes,
     )

@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..devices import available_memory
 from ..errors import UserError
 from ..io import Volume, open_volume
 from ..recipe.recipe import Recipe
 from ..registry import Spec, segmenters
 from .affinities import Offset, check_offsets, parse_offsets, to_float
 from .base import Segmenter, respec
-from .parallel import MEMORY_SHARE, available_memory
+from .parallel import MEMORY_SHARE
 
 __all__ = ["DEFAULT_BLOCK", "DEFAULT_METHOD", "MEMORY_BYTES", "SegmentResult", "default_block",
            "recorded_segmenter", "run_segment"]

@@ -11,7 +11,6 @@ may use and by the memory one value needs (the segmenter's ``bytes_per_voxel``).
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -22,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from ..devices import cpu_cores
+from ..devices import available_memory, cpu_cores
 from .affinities import Offset
 from .base import Segmenter
 from .pipeline import segment_values
 
-__all__ = ["available_memory", "parallel_workers", "shares_work", "sweep_in_parallel"]
+__all__ = ["parallel_workers", "shares_work", "sweep_in_parallel"]
 
 MIN_VOXELS = 1 << 20
 """Below this many voxels per value a sweep stays in this process unless workers are given:
@@ -37,22 +36,6 @@ MEMORY_SHARE = 0.8
 
 Shared = tuple[str, tuple[int, ...], str]
 """A shared-memory block's name, the array's shape and dtype."""
-
-
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (Linux MemAvailable; else the free
-    physical pages)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def parallel_workers(values: int, voxels: int, bytes_per_voxel: int, *,

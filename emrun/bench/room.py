@@ -1,0 +1,90 @@
+"""Whether a benchmark fits the machine, checked before it starts: what it would need in host
+memory, disk and device memory against what is free, so that a volume too large is the user's
+error in one line (exit 2) rather than a crash, or a full disk, minutes later.
+
+The probes (`free_disk`, `free_device_memory`) and `size_text` serve any
+benchmark; `estimate_needs` and `check_room` size a run of the inference engine over a
+generated uint8 volume (`emrun bench infer`, and any benchmark that runs the engine so)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..devices import available_memory
+from ..errors import UserError
+from ..infer.plan import Layout, Zyx
+from ..recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Bytes a run needs: host memory, disk in the temporary directory and device memory
+    (one block's float32 working set per worker, on a GPU); of the disk, the input's and the
+    outputs' share (the refusal names both)."""
+
+    memory: int
+    disk: int
+    device: int
+    input: int
+    output: int
+
+
+def estimate_needs(recipe: Recipe, layout: Layout, workers: int, on_gpu: bool) -> Needs:
+    """The input (uint8, generated in memory and written to disk), the outputs at their raw
+    size (the compressed size is unknown; raw bounds it) and one block's working set per
+    worker (input, accumulators per channel and weights, float32, over the block's read box)."""
+    voxels = math.prod(layout.shape)
+    channels = sum(recipe.head_channels().values())
+    output = channels * voxels * np.dtype(recipe.infer.dtype).itemsize
+    read_voxels = math.prod(min(b, n) + p for b, n, p in zip(  # a block and its context
+        layout.block, layout.shape, layout.patch, strict=True))
+    block = workers * read_voxels * 4 * (channels + 2)
+    return Needs(memory=voxels + (0 if on_gpu else block), disk=voxels + output,
+                 device=block if on_gpu else 0, input=voxels, output=output)
+
+
+def free_disk(path: Path) -> int:
+    """Bytes free on the file system that holds ``path``."""
+    return shutil.disk_usage(path).free
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Free memory of a GPU, or None for a CPU (its memory is the host's)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def size_text(n: float) -> str:
+    """Bytes for people: 340 MB, 1.2 GB, 4.0 TB."""
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e6:.0f} MB"
+
+
+def check_room(needs: Needs, device: torch.device, shape: Zyx, tmp: Path) -> None:
+    """Refuse, in one line, a volume whose input and outputs would not fit: say what it would
+    take against what is free, before generating anything."""
+    asked = f"--shape {' '.join(str(n) for n in shape)}"
+    disk = free_disk(tmp)
+    if needs.disk > disk:
+        raise UserError(f"{asked} would need {size_text(needs.disk)} of disk in {tmp} (input "
+                        f"{size_text(needs.input)} uint8, outputs {size_text(needs.output)} "
+                        f"raw); {size_text(disk)} is free: give a smaller --shape or another "
+                        "TMPDIR")
+    memory = available_memory()
+    if needs.memory > memory:
+        raise UserError(f"{asked} would need {size_text(needs.memory)} of memory (input "
+                        f"{size_text(needs.input)} uint8 and each worker's block); "
+                        f"{size_text(memory)} is free: give a smaller --shape or --block")
+    gpu = free_device_memory(device)
+    if gpu is not None and needs.device > gpu:
+        raise UserError(f"{asked}: a block's accumulators would need {size_text(needs.device)} "
+                        f"on {device}; {size_text(gpu)} is free: give a smaller --block")
