@@ -229,8 +229,8 @@ class Engine:
         return self._normalise(scale)(tensor.to(self.device, non_blocking=True))
 
     def _normalise(self, scale: tuple[float, float]) -> Callable[[torch.Tensor], torch.Tensor]:
-        low, high = scale
-        return lambda t: ((t.float() - low) / (high - low)).clamp_(0, 1)
+        low, high = scale  # in place on a float copy (never on the caller's array)
+        return lambda t: t.to(torch.float32, copy=True).sub_(low).div_(high - low).clamp_(0, 1)
 
     def _accumulate(self, source: PatchSource, batches: list[list[Zyx]], box: Box
                     ) -> torch.Tensor:
@@ -318,5 +318,5 @@ def quantise(values: torch.Tensor, dtype: str) -> torch.Tensor:
     """On the device: uint8 stores round(255 p) of p clipped to [0, 1] (a quarter of the
     bytes travel back); float types store values as is. ``to_host`` brings it back."""
     if dtype == "uint8":
-        return torch.round(values.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+        return values.clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
     return values.to(getattr(torch, dtype))
