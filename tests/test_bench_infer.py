@@ -144,6 +144,9 @@ def test_workers_scale_the_stand_in_over_the_same_volume(write):
         assert row["voxels_per_s"] == pytest.approx(8 * 48 * 48 / row["seconds"], rel=1e-2)
         assert row["speedup"] == round(row["voxels_per_s"] / rows[0]["voxels_per_s"], 3)
         assert 0 < row["first_block_seconds"] <= row["seconds"]
+        assert row["predicted_patches"] >= 8  # the lattice's patches; more across units
+        assert row["duplicate_fraction"] == round(row["predicted_patches"] / 8 - 1, 4)
+    assert rows[0]["duplicate_fraction"] == 0  # one worker: one unit, each patch once
     assert "local worker processes" in result.stdout and "first block" in result.stdout
 
 

@@ -200,14 +200,19 @@ def _scaling(recipe: Recipe, root: Path, block: Zyx | None, device: torch.device
                           block=block)
         slots = schedule.worker_slots(str(device), count)
         clock = Completions()
-        schedule.run_local(job, slots, on_block=clock.mark, model=stand_in if no_model else None)
+        progress = schedule.run_local(job, slots, on_block=clock.mark,
+                                      model=stand_in if no_model else None)
         seconds = time.perf_counter() - clock.started
         shutil.rmtree(output)
         rate = math.prod(job.layout.shape) / seconds
         rows.append({"workers": count, "seconds": round(seconds, 3),
                      "first_block_seconds": round(clock.times[0], 3) if clock.times else None,
                      "voxels_per_s": round(rate, 1),
-                     "voxels_per_s_per_core": round(rate / schedule.cpu_cores(), 1)})
+                     "voxels_per_s_per_core": round(rate / schedule.cpu_cores(), 1),
+                     "predicted_patches": progress.patches,
+                     # patches that straddle a border between two workers' units
+                     "duplicate_fraction": round(
+                         progress.patches / job.layout.patch_count() - 1, 4)})
     for row in rows:
         row["speedup"] = round(row["voxels_per_s"] / rows[0]["voxels_per_s"], 3)
     return rows
@@ -436,7 +441,8 @@ def _scaling_lines(rows: list[dict[str, Any]] | None) -> list[str]:
         lines.append(f"  {row['workers']}: {mvox(row['voxels_per_s'])}, "
                      f"{mvox(row['voxels_per_s_per_core'])} per core, {row['speedup']:.2f}x "
                      f"the 1-worker rate ({row['seconds']:.2f} s; first block after "
-                     f"{row['first_block_seconds']:.2f} s)")
+                     f"{row['first_block_seconds']:.2f} s; duplicates "
+                     f"{100 * row['duplicate_fraction']:+.1f} % at unit borders)")
     return lines
 
 

@@ -44,11 +44,13 @@ class Progress:
     skipped: int = 0
     total: int = 0
     voxels: int = 0
+    patches: int = 0  # forward-passed; the lattice's count when no patch is predicted twice
     seconds: float = 0.0
 
     def add(self, block: BlockDone, started: float) -> None:
         self.done += 1
         self.voxels += block.voxels
+        self.patches += block.patches
         self.seconds = time.perf_counter() - started
 
 

@@ -46,7 +46,8 @@ class BlockDone:
 
     block: Zyx
     voxels: int
-    predicted: bool  # False: skipped by the mask or an all-zero input, written as zeros
+    patches: int  # forward-passed for it (own and recomputed); 0: skipped by the mask or
+    # an all-zero input, written as zeros
 
 
 class BlockWorker:
@@ -101,10 +102,11 @@ class BlockWorker:
                     if step.unit is not unit:  # nothing is handed across units
                         unit = step.unit
                         carries.clear()
+                    before = self.engine.predicted_patches
                     with self._timed("predict"):
                         values = self._predict(step, raw, carries)
                     writes.append(writers.submit(self._write, step.block, values,
-                                                 raw is not None))
+                                                 self.engine.predicted_patches - before))
                     while len(writes) > WRITES_IN_FLIGHT or (writes and writes[0].done()):
                         with self._timed("wait_write"):
                             done = writes.popleft().result()
@@ -174,13 +176,12 @@ class BlockWorker:
         origin = self.job.roi_offset
         return read_reflected(self.volume, _add(start, origin), _add(stop, origin))
 
-    def _write(self, block: Zyx, values: dict[str, HostArray], predicted: bool) -> BlockDone:
+    def _write(self, block: Zyx, values: dict[str, HostArray], patches: int) -> BlockDone:
         """Write the block's chunks, then its done-marker (never the marker before the data)."""
         with self._timed("write"):
-            return self._write_block(block, values, predicted)
+            return self._write_block(block, values, patches)
 
-    def _write_block(self, block: Zyx, values: dict[str, HostArray],
-                     predicted: bool) -> BlockDone:
+    def _write_block(self, block: Zyx, values: dict[str, HostArray], patches: int) -> BlockDone:
         start, stop = self.job.layout.write_box(block)
         region = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
         try:
@@ -195,7 +196,7 @@ class BlockWorker:
                     "are kept, this one is redone)") from None
             raise
         return BlockDone(block, math.prod(b - a for a, b in zip(start, stop, strict=True)),
-                         predicted)
+                         patches)
 
 
 @dataclass(frozen=True)
