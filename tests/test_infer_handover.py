@@ -10,7 +10,7 @@ import torch
 from test_infer import make_inputs, read, reference
 
 from emrun.infer.job import prepare_job
-from emrun.infer.plan import Layout, choose_unit, units
+from emrun.infer.plan import Layout, Tiling, choose_tiling, units
 from emrun.infer.schedule import job_units, run_inference
 from emrun.infer.worker import BlockWorker
 from emrun.io.write import write_volume
@@ -47,15 +47,29 @@ def test_every_patch_has_one_owner_and_reaches_only_later_blocks(layout):
 def test_units_tile_the_grid_and_fit_the_budget():
     layout = LAYOUTS[1]
     grid = layout.block_grid()
-    assert choose_unit(layout, 6, 1, 1 << 40) == layout.grid()  # memory to spare: one unit
+    assert choose_tiling(layout, 6, 1, 1 << 40).unit == layout.grid()  # room: one unit
     for workers in (2, 3, 4, 8):
-        unit = choose_unit(layout, 6, workers, 1 << 40)
-        groups = units(layout, grid, unit)
+        tiling = choose_tiling(layout, 6, workers, 1 << 40)
+        groups = units(layout, grid, tiling)
         assert len(groups) >= workers
         assert sorted(b for g in groups for b in g) == sorted(grid)
-        assert all(g == sorted(g) for g in groups)
-    tight = choose_unit(layout, 6, 1, 1)  # no room for partial sums: a block per unit
-    assert tight == (1, 1, 1)
+        for group in groups:  # every block after the blocks that own patches reaching it
+            for i, block in enumerate(group):
+                assert all(o in group[:i + 1] for o in layout.owners(block) if o in group)
+    tight = choose_tiling(layout, 6, 1, 1)  # no room for partial sums: a block per unit
+    assert tight.unit == (1, 1, 1)
+
+
+def test_the_order_keeps_the_plane_with_the_fewest_blocks_waiting():
+    """A unit is predicted plane by plane across its slowest axis: partial sums for the next
+    plane wait longest, so the axis with the most blocks goes slowest."""
+    layout = Layout((120, 4096, 512), (20, 256, 256), (15, 192, 192), (30, 256, 256),
+                    (60, 768, 512))
+    tiling = choose_tiling(layout, 12, 1, 1 << 40)
+    assert tiling.unit == (2, 6, 1) and tiling.order[0] == 1  # y: 6 blocks, the most
+    blocks = units(layout, layout.block_grid(), tiling)[0]
+    assert blocks[:2] == [(0, 0, 0), (1, 0, 0)]  # z before y
+    assert units(layout, layout.block_grid(), Tiling((2, 6, 1)))[0][:2] == [(0, 0, 0), (0, 1, 0)]
 
 
 @pytest.fixture
@@ -180,6 +194,7 @@ def test_partial_sums_held_for_hand_over_stay_within_the_budget(tmp_path, monkey
 
     recipe, _, _, tmp = make_inputs(tmp_path, shape=(24, 96, 96))
     monkeypatch.setattr(schedule, "HANDOVER_BYTES", 200_000)
+    monkeypatch.setattr(schedule, "available_memory", lambda: 0)  # the floor decides
     held = []
     predict = worker_module.BlockWorker._predict
 

@@ -162,6 +162,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     from emrun.infer.schedule import run_inference
     from emrun.recipe import Recipe
     schedule.HANDOVER_BYTES = int(sys.argv[5])
+    schedule.available_memory = lambda: 0
     recipe = Recipe.model_validate(json.loads(sys.argv[1]))
     run_inference(recipe, Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), device="cpu")
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

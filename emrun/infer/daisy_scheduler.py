@@ -33,8 +33,8 @@ import torch
 from ..devices import cpu_cores
 from ..errors import UserError
 from .job import Job
-from .plan import Zyx
-from .schedule import Progress, job_unit
+from .plan import Zyx, best_order
+from .schedule import Progress, job_tiling
 from .worker import BlockWorker
 
 
@@ -57,8 +57,8 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
     set_log_basedir(job.done_dir / "daisy-logs")  # not the user's working directory
     grid = job.layout.block_grid()
     before = {b for b in grid if job.is_done(b)}
-    unit = job_unit(job, workers, device)
-    unit_voxels = tuple(u * b for u, b in zip(unit, job.layout.block, strict=True))
+    tiling = job_tiling(job, workers, device)
+    unit_voxels = tuple(u * b for u, b in zip(tiling.unit, job.layout.block, strict=True))
     # Local workers share this machine's cores; launched ones use what their node gives them.
     threads = 0 if launch else max(1, cpu_cores() // workers)
     worker = functools.partial(_start_worker, str(job_file), device, threads, launch)
@@ -94,11 +94,13 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
 
 
 def unit_blocks(job: Job, roi: Any) -> list[Zyx]:
-    """emrun's blocks inside a daisy block's write ROI (one unit), in block order."""
+    """emrun's blocks inside a daisy block's write ROI (one unit), in the unit's order."""
     start = [int(o) // b for o, b in zip(roi.offset, job.layout.block, strict=True)]
     stop = [-(-(int(o) + int(s)) // b) for o, s, b in zip(
         roi.offset, roi.shape, job.layout.block, strict=True)]
-    return list(itertools.product(*(range(a, e) for a, e in zip(start, stop, strict=True))))  # type: ignore[arg-type]
+    order = best_order(job.layout, [e - a for a, e in zip(start, stop, strict=True)])
+    blocks = itertools.product(*(range(a, e) for a, e in zip(start, stop, strict=True)))
+    return sorted(blocks, key=lambda b: tuple(b[a] for a in order))  # type: ignore[arg-type]
 
 
 @functools.cache

@@ -116,8 +116,9 @@ class Engine:
             if compile else model
         # CUDA graphs reuse their output memory on the next replay: copy outputs out first.
         self.graphs = bool(compile) and mode == "reduce-overhead"
-        # A fixed batch shape: no autotuning or recompiling for a short last batch.
-        self.pad_batches = device.type == "cuda" or bool(compile)
+        # A compiled model sees one batch shape: a short last batch is padded, not recompiled
+        # (cuDNN autotunes each new shape once and keeps it, so eager models need no padding).
+        self.pad_batches = bool(compile)
         window = blends.build(recipe.infer.blend, patch=self.patch)
         self.window = torch.from_numpy(window).to(device)
         self.predicted_patches = 0  # forward passes of lattice patches (padding excluded)

@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 Zyx = tuple[int, int, int]
@@ -159,34 +160,60 @@ def local(box: Box, within: Zyx) -> tuple[slice, slice, slice]:
     return tuple(slice(a - w, b - w) for a, b, w in zip(*box, within, strict=True))  # type: ignore[return-value]
 
 
-def units(layout: Layout, blocks: list[Zyx], unit: Zyx) -> list[list[Zyx]]:
-    """``blocks`` grouped by the tile of ``unit`` blocks they fall in, each in block order."""
+@dataclass(frozen=True)
+class Tiling:
+    """How blocks are grouped for workers: units of ``unit`` blocks per axis, each predicted
+    in the lexicographic order of ``order`` (axes, slowest first). Any such order predicts a
+    block's owners before it; the one that keeps the fewest partial sums waiting is chosen."""
+
+    unit: Zyx
+    order: Zyx = (0, 1, 2)
+
+    def key(self, block: Zyx) -> Zyx:
+        return _zyx(block[a] for a in self.order)
+
+
+def units(layout: Layout, blocks: list[Zyx], tiling: Tiling) -> list[list[Zyx]]:
+    """``blocks`` grouped by the unit they fall in, each unit's in the tiling's order."""
     groups: dict[Zyx, list[Zyx]] = {}
-    for block in sorted(blocks):
-        groups.setdefault(_zyx(i // u for i, u in zip(block, unit, strict=True)), []).append(block)
-    return [groups[key] for key in sorted(groups)]
+    for block in sorted(blocks, key=tiling.key):
+        tile = _zyx(i // u for i, u in zip(block, tiling.unit, strict=True))
+        groups.setdefault(tile, []).append(block)
+    return [groups[tile] for tile in sorted(groups, key=tiling.key)]
 
 
-def choose_unit(layout: Layout, channels: int, workers: int, budget: int) -> Zyx:
-    """The largest unit (blocks per axis) whose partial sums in flight fit ``budget`` bytes,
-    split until there are at least ``workers`` units (each worker predicts whole units, and
-    patches that reach across a unit border are predicted on both sides of it)."""
+def choose_tiling(layout: Layout, channels: int, workers: int, budget: int) -> Tiling:
+    """The largest units whose partial sums in flight fit ``budget`` bytes, split until there
+    are at least ``workers`` of them (each worker predicts whole units; patches that reach
+    across a unit border are predicted on both sides of it)."""
     unit = list(layout.grid())
-    while _in_flight(layout, unit, channels) > budget and max(unit) > 1:
+    while _in_flight(layout, unit, channels, best_order(layout, unit)) > budget and max(unit) > 1:
         _halve_largest(layout, unit)
     while _count(layout.grid(), unit) < workers and max(unit) > 1:
         _halve_largest(layout, unit)
-    return _zyx(unit)
+    return Tiling(_zyx(unit), best_order(layout, unit))
 
 
-def _in_flight(layout: Layout, unit: list[int], channels: int) -> int:
-    """Bytes of float32 partial sums a worker holds at most while predicting a unit in block
-    order: those waiting for the next plane (z), row (y) and block (x); each at most a patch
-    deep."""
-    bz, by, bx = layout.block
-    pz, py, px = layout.patch
-    voxels = (unit[1] * unit[2] * pz * by * bx if unit[0] > 1 else 0) \
-        + (unit[2] * bz * py * bx if unit[1] > 1 else 0) + (bz * by * px if unit[2] > 1 else 0)
+def best_order(layout: Layout, unit: Sequence[int]) -> Zyx:
+    """The axis order (slowest first) that keeps the fewest partial sums waiting: the plane
+    across the slowest axis waits longest, so that axis should have the most blocks."""
+    return min(itertools.permutations(range(3)),  # type: ignore[return-value]
+               key=lambda order: (_in_flight(layout, unit, 1, order), order))
+
+
+def _in_flight(layout: Layout, unit: Sequence[int], channels: int, order: Sequence[int]
+               ) -> int:
+    """Bytes of float32 partial sums a worker holds at most while predicting a unit in
+    ``order``: those waiting for the next plane (slowest axis), row (middle) and block
+    (fastest), each at most a patch deep."""
+    slow, middle, fast = order
+
+    def face(axis: int) -> int:  # a partial sum handed across ``axis``
+        return layout.patch[axis] * math.prod(b for a, b in enumerate(layout.block) if a != axis)
+
+    voxels = (unit[middle] * unit[fast] * face(slow) if unit[slow] > 1 else 0) \
+        + (unit[fast] * face(middle) if unit[middle] > 1 else 0) \
+        + (face(fast) if unit[fast] > 1 else 0)
     return 4 * channels * voxels
 
 

@@ -26,11 +26,11 @@ from typing import Literal
 
 import torch
 
-from ..devices import cpu_cores, parse_device, require_visible
+from ..devices import available_memory, cpu_cores, parse_device, require_visible
 from ..errors import UserError
 from ..recipe import Recipe
 from .job import Job, prepare_job
-from .plan import Zyx, choose_unit, units
+from .plan import Tiling, Zyx, choose_tiling, units
 from .worker import BlockDone, BlockWorker
 
 Scheduler = Literal["local", "daisy"]
@@ -131,30 +131,34 @@ def run_local(job: Job, slots: list[tuple[str, int]],
 def job_units(job: Job, blocks: list[Zyx], workers: int, device: str | None = None
               ) -> list[list[Zyx]]:
     """``blocks`` in units for ``workers`` workers on ``device``."""
-    return units(job.layout, blocks, job_unit(job, workers, device))
+    return units(job.layout, blocks, job_tiling(job, workers, device))
 
 
-def job_unit(job: Job, workers: int, device: str | None = None) -> Zyx:
-    """The unit (blocks per axis): as large as the hand-over budget allows, at least one per
-    worker."""
+def job_tiling(job: Job, workers: int, device: str | None = None) -> Tiling:
+    """Units as large as the hand-over budget allows, at least one per worker."""
     channels = sum(job.recipe.head_channels().values())
-    return choose_unit(job.layout, channels, workers, handover_budget(job, device))
+    return choose_tiling(job.layout, channels, workers,
+                         handover_budget(job, device, workers))
 
 
 HANDOVER_BYTES = 1 << 30
-"""Partial sums a worker may hold for hand-over at least; on a GPU an eighth of its memory."""
+"""Partial sums a worker may hold for hand-over at least (see ``handover_budget``)."""
 
 
-def handover_budget(job: Job, device: str | None = None) -> int:
-    """Bytes of partial sums a worker may keep for later blocks of its unit: at least
-    ``HANDOVER_BYTES`` and one block's float32 accumulator (the device holds one anyway),
-    an eighth of the GPU's memory on a GPU this process can see."""
+def handover_budget(job: Job, device: str | None = None, workers: int = 1) -> int:
+    """Bytes of partial sums a worker may keep for later blocks of its unit: an eighth of
+    its GPU's memory, or on a CPU an eighth of the available memory shared by ``workers``;
+    at least ``HANDOVER_BYTES`` and one block's float32 accumulator (held anyway). Units
+    below the volume's size cost duplicates at their borders, so the budget is generous."""
     channels = sum(job.recipe.head_channels().values())
     budget = max(HANDOVER_BYTES, 4 * channels * math.prod(job.layout.block))
     dev = torch.device(device) if device and device != "auto" else None
-    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
-        memory = torch.cuda.get_device_properties(dev.index or 0).total_memory
-        budget = max(budget, memory // 8)
+    if dev is not None and dev.type == "cuda":
+        if torch.cuda.is_available():
+            memory = torch.cuda.get_device_properties(dev.index or 0).total_memory
+            budget = max(budget, memory // 8)
+    else:
+        budget = max(budget, available_memory() // (8 * max(1, workers)))
     return budget
 
 
