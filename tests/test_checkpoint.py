@@ -363,3 +363,28 @@ def test_realistic_trainer_state_round_trips_weights_only(tmp_path: Path) -> Non
     assert ema2.updates == 3
     for name, value in ema.params.items():
         assert torch.equal(ema2.params[name], value)
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """A kill between saving iter_N and pointing last.pt at it leaves last.pt older (or,
+    before the first link, missing): resume from iter_N, not from nothing."""
+    directory = CheckpointDir(tmp_path / "checkpoints", keep=3)
+    assert directory.newest() is None
+    directory.save(1, tiny_state(1))
+    assert directory.newest() == directory.last_path  # a hard link to iter_0000001.pt
+    real_replace = os.replace
+
+    def killed(src, dst):  # the rename onto last.pt never happens
+        if Path(dst).name == "last.pt":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        directory.save(2, tiny_state(2))
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert ckpt.load(directory.last_path)["iteration"] == 1
+    again = CheckpointDir(tmp_path / "checkpoints", keep=3)  # clears the .partial link
+    assert again.newest() == again.path(2)
+    again.last_path.unlink()
+    assert again.newest() == again.path(2)

@@ -215,3 +215,15 @@ def test_partial_sums_held_for_hand_over_stay_within_the_budget(tmp_path, monkey
                       block=(4, 16, 16))
     BlockWorker(job, torch.device("cpu")).run(job.pending())  # the whole grid as one unit
     assert max(held) > 200_000
+
+
+def test_host_copies_on_a_cpu_are_plain_arrays():
+    """On a GPU the copy back runs asynchronously into pinned memory (the writer waits for
+    it); on a CPU both helpers hand the data through untouched."""
+    from emrun.infer.transfer import pinned, to_host
+
+    values = torch.arange(12, dtype=torch.uint8).reshape(3, 4)
+    host = to_host(values)
+    assert host.ready is None and np.array_equal(host.numpy(), values.numpy())
+    array = np.ones((2, 3), np.uint8)
+    assert pinned(array, torch.device("cpu")) is array

@@ -270,3 +270,18 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_its_devices(recipe, tm
     resumed = Trainer(loaded, run, resume=True)
     assert resumed.fit().iteration == 3
     assert resumed.devices == ["NVIDIA H100 80GB HBM3"]  # this CPU trained none of it
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(recipe, tmp_path,
+                                                                             capsys):
+    from emrun.recipe import load_recipe
+    from emrun.train.trainer import Trainer
+
+    loaded = load_recipe(recipe, ["train.iterations=2", "train.validate_every=0",
+                                  "train.image_every=0"])
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)  # what a run killed in its first steps leaves
+    (run / "recipe.yaml").write_text("name: earlier\n")
+    trained = Trainer(loaded, run, resume=True).fit()
+    assert trained.iteration == 2
+    assert "starting it from the beginning" in capsys.readouterr().err

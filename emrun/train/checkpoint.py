@@ -272,6 +272,19 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------- the directory
 
 
+def _iteration(numbered: Path) -> int:
+    match = _NUMBERED.match(numbered.name)
+    return int(match.group(1)) if match else -1
+
+
+def _iteration_of(path: Path) -> int:
+    """The iteration a checkpoint file holds (-1 when it cannot be read)."""
+    try:
+        return int(load(path).get("iteration", -1))
+    except (CheckpointError, TypeError, ValueError):
+        return -1
+
+
 class CheckpointDir:
     """``run_dir/checkpoints``: numbered checkpoints (the newest `keep`), last.pt, best.pt.
 
@@ -356,3 +369,17 @@ class CheckpointDir:
     def last(self) -> Path | None:
         """last.pt when present, else None."""
         return self.last_path if self.last_path.is_file() else None
+
+    def newest(self) -> Path | None:
+        """The checkpoint to resume from: last.pt, unless a kill came between saving a
+        numbered checkpoint and pointing last.pt at it (last.pt is then older, or missing):
+        then the numbered checkpoint of the highest iteration. None when there is none."""
+        last, numbered = self.last(), self.numbered()
+        if not numbered:
+            return last
+        if last is None:
+            return numbered[-1]
+        with contextlib.suppress(OSError):
+            if os.path.samefile(last, numbered[-1]):  # the usual case: a hard link
+                return last
+        return numbered[-1] if _iteration(numbered[-1]) > _iteration_of(last) else last

@@ -13,6 +13,7 @@ import math
 import os
 import resource
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -166,12 +167,23 @@ class Trainer:
         self.checkpoints = CheckpointDir(self.run_path / "checkpoints", self.train.keep_checkpoints)
         if not self.resume:
             return None
-        last = self.checkpoints.last()
-        if last is None:
-            raise UserError(f"{self.run_path}: --resume, but there is no checkpoints/last.pt")
+        last = self.checkpoints.newest()
+        if last is None:  # killed before its first checkpoint: nothing to lose by starting
+            self._say(f"{self.run_path}: no checkpoint to resume from (the run stopped before "
+                      "its first); starting it from the beginning")
+            return None
         state = load(last)
         run_dir.check_resumable(state.get("recipe", ""), self.recipe, last, self.run_path)
         return state
+
+    def _say(self, text: str) -> None:
+        """A line for the user on the console (stderr when there is none)."""
+        if not self.world.main:
+            return
+        if self.console is not None:
+            self.console.print(f"note: {text}", markup=False, highlight=False)
+        else:
+            print(f"note: {text}", file=sys.stderr)
 
     def _load_weights(self, path: Path) -> None:
         state = load(path)
