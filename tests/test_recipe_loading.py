@@ -139,3 +139,25 @@ def test_shipped_recipes_validate_and_reference_the_schema(recipe):
     assert loaded.recipe.description
     first = recipe.read_text().splitlines()[0]
     assert first == "# yaml-language-server: $schema=../schemas/recipe.schema.json"
+
+
+def test_a_flood_of_problems_is_capped_with_a_count(write):
+    """A generated recipe with thousands of stray keys: the first 50 are located, the rest
+    counted (the message stays readable, and describing them all took minutes)."""
+    stray = "".join(f"\n  bogus_{i}: 1" for i in range(1200))
+    path = write(MINIMAL.replace("iterations: 10", "iterations: 10" + stray))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 51 and lines[0].startswith(f"{path}:")
+    assert "train.bogus_0: unknown key" in lines[0]
+    assert lines[-1] == "... and 1,150 more problems (the first 50 are shown)"
+
+
+def test_extends_of_a_file_that_is_no_recipe_names_it_without_echoing_it(write, tmp_path):
+    other = tmp_path / "settings.conf"
+    other.write_text("".join(f"secret_{i}: value {i}\n" for i in range(30)))
+    path = write(f"extends: {other}\n" + MINIMAL)
+    [msg] = problems(path)
+    assert "is not a recipe: none of its keys is a recipe section" in msg
+    assert "secret" not in msg.replace(str(other), "")

@@ -7,8 +7,8 @@ from loader workers to the trainer, which casts them to float on the device. Bui
 registered in :data:`emrun.registry.targets` at import, so ``targets.build(spec)`` finds them
 (the registry imports this module lazily).
 
-Conventions (see DESIGN.md): axes z, y, x; label 0 means unlabelled; a patch mask is non-zero
-where voxels are valid, ``None`` meaning all valid.
+Conventions (the README's "Conventions"): axes z, y, x; label 0 means unlabelled; a patch
+mask is non-zero where voxels are valid, ``None`` meaning all valid.
 """
 
 from __future__ import annotations

@@ -39,11 +39,21 @@ class Problem:
         return ": ".join(parts)
 
 
+SHOWN = 50
+"""Problems listed at most; the rest are counted (a generated file with 200,000 stray keys
+should not print 200,000 lines)."""
+
+
 class RecipeError(UserError):
     """A recipe the user must fix; carries every problem found, each located."""
 
-    def __init__(self, problems: list[Problem]) -> None:
-        super().__init__("\n".join(str(p) for p in problems))
+    def __init__(self, problems: list[Problem], more: int = 0) -> None:
+        """``more``: problems found beyond ``problems`` and not described."""
+        lines = [str(p) for p in problems[:SHOWN]]
+        hidden = more + max(0, len(problems) - SHOWN)
+        if hidden:
+            lines.append(f"... and {hidden:,} more problems (the first {len(lines)} are shown)")
+        super().__init__("\n".join(lines))
         self.problems = problems
 
 

@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from .checks import cross_checks
-from .errors import KeyPath, Mark, Problem, RecipeError, dotted
+from .errors import SHOWN, KeyPath, Mark, Problem, RecipeError, dotted
 from .pydantic_errors import problem_from_error
 from .recipe import Recipe
 from .yamlsource import Located, parse, read_text
@@ -65,8 +65,9 @@ def validate(located: Located) -> Recipe:
     try:
         recipe = Recipe.model_validate(located.data)
     except ValidationError as exc:
-        problems = [problem_from_error(err, located) for err in exc.errors()]
-        raise RecipeError(_unique(problems)) from None
+        errors = exc.errors()  # located and explained only as many as are shown
+        problems = [problem_from_error(err, located) for err in errors[:SHOWN]]
+        raise RecipeError(_unique(problems), more=max(0, len(errors) - SHOWN)) from None
     problems = [Problem(msg, located.mark(p), p) for p, msg in cross_checks(recipe)]
     if problems:
         raise RecipeError(_unique(problems))
@@ -75,6 +76,10 @@ def validate(located: Located) -> Recipe:
 
 def _unique(problems: list[Problem]) -> list[Problem]:
     return list(dict.fromkeys(problems))
+
+
+SECTIONS = frozenset(Recipe.model_fields) | {"extends"}
+"""Top-level keys a recipe may have."""
 
 
 def _resolve(file: Path, chain: tuple[Path, ...], files: list[Path],
@@ -112,6 +117,11 @@ def _resolve(file: Path, chain: tuple[Path, ...], files: list[Path],
         if not isinstance(base_located.data, dict):
             raise RecipeError([Problem(f"{base!r} is not a mapping of recipe sections", mark,
                                        ("extends",))])
+        if base_located.data and not set(base_located.data) & SECTIONS:
+            # some other file (a config, a system file): say so, do not list its keys back
+            raise RecipeError([Problem(
+                f"{base!r} is not a recipe: none of its keys is a recipe section "
+                f"({', '.join(sorted(SECTIONS))})", mark, ("extends",))])
         merged = _merge(merged, base_located)
     located.values.pop(("extends",), None)
     located.keys.pop(("extends",), None)

@@ -9,10 +9,11 @@ from pydantic import Field
 MAX_SIZE = 1_000_000  # voxels along one axis; larger values are typos, not volumes
 MAX_COUNT = 1_000_000_000  # iterations, steps and other counters
 
-Size = Annotated[int, Field(gt=0, le=MAX_SIZE)]
-Index = Annotated[int, Field(ge=0, le=MAX_SIZE)]
-Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
-PositiveCount = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+# Counts and sizes are strict integers: YAML's `true` or `yes` is a boolean, not 1.
+Size = Annotated[int, Field(gt=0, le=MAX_SIZE, strict=True)]
+Index = Annotated[int, Field(ge=0, le=MAX_SIZE, strict=True)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT, strict=True)]
+PositiveCount = Annotated[int, Field(gt=0, le=MAX_COUNT, strict=True)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
@@ -26,10 +27,11 @@ IndexZyx = tuple[Index, Index, Index]
 Nanometres = tuple[Positive, Positive, Positive]
 """A voxel size per axis, z, y, x (nm)."""
 
-Offset = tuple[int, int, int]
+Offset = tuple[Annotated[int, Field(strict=True)], Annotated[int, Field(strict=True)],
+               Annotated[int, Field(strict=True)]]
 """An affinity offset, z, y, x (voxels; DeepEM/waterz convention uses negative components)."""
 
-Seed = Annotated[int, Field(ge=0, lt=2**63)]
+Seed = Annotated[int, Field(ge=0, lt=2**63, strict=True)]
 
-Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", max_length=64)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", max_length=64, strict=True)]
 """A name used as a key or an output array name: letters, digits, '_' and '-'."""

@@ -1,7 +1,7 @@
 """Affinities as segmenters see them: float32 (c, z, y, x) in [0, 1] plus one zyx offset per
 channel, and the voxel pairs each channel connects.
 
-The convention is the data layer's (DESIGN.md, emrun.data.targets): channel c at voxel v is
+The convention is the data layer's (emrun.data.targets): channel c at voxel v is
 the probability that v and v + offsets[c] belong to one object. Nearest-neighbour channels
 are the single-axis unit offsets ((-1, 0, 0), (0, -1, 0), (0, 0, -1) in DeepEM's and waterz's
 convention); every other offset is long-range.
