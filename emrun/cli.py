@@ -110,6 +110,7 @@ def validate(
     from .summary import print_summary
 
     loaded = load_recipe(recipe, override or [])
+    _warn(loaded.cautions())
     facts = None
     if not no_data:
         from .data.checks import check_data
@@ -191,6 +192,7 @@ def train(
     _, problems = check_data(loaded)
     if problems:
         raise RecipeError(problems)
+    _warn(loaded.cautions())
     path = run_dir or Path("runs") / loaded.recipe.name
     result = Trainer(loaded, path, resume=resume, init_from=init_from, device=device,
                      console=out).fit()
@@ -224,7 +226,6 @@ def _launch_torchrun(processes: int) -> int:
 @app.command()
 @guarded
 def infer(
-    recipe: Annotated[Path, typer.Option("--recipe", help="Recipe YAML file.")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint (.pt).")],
     input_: Annotated[str, typer.Option("--input", help="Volume to predict, e.g. vol.zarr/image.")],
     output: Annotated[Path, typer.Option("--output", help="Output .zarr folder.")],
@@ -246,18 +247,21 @@ def infer(
     roi: Annotated[str | None, typer.Option(
         metavar="OFFSET/SHAPE", help="Predict only this box of the input, in voxels, e.g. "
         "60,0,0/10,1024,1024 (the input around it still gives context).")] = None,
+    recipe: Annotated[Path | None, typer.Option(
+        "--recipe", help="Recipe YAML file (default: the one the checkpoint was trained "
+        "with; a recipe whose model or tasks differ from it is refused).")] = None,
 ) -> None:
     """Predict a volume blockwise into zarr: one array per task, blended, resumable."""
+    from .infer.checkpoint_recipe import recipe_for
     from .infer.progress import block_progress
     from .infer.schedule import run_inference
-    from .recipe import load_recipe
 
     if tta is not None and tta not in (1, 2, 4, 8, 16):
         raise UserError(f"--tta must be 1, 2, 4, 8 or 16 (got {tta})")
     if scheduler not in ("local", "daisy"):
         raise UserError(f"--scheduler must be local or daisy (got {scheduler!r})")
     box = _parse_roi(roi)
-    loaded = load_recipe(recipe, override or [])
+    loaded = recipe_for(checkpoint, recipe, override or [])
     with block_progress(err) as report:
         progress = run_inference(loaded.recipe, checkpoint, input_, output, block=block,
                                  device=device, tta=tta, resume=resume, mask_path=mask,
@@ -737,6 +741,12 @@ def data_synth(
                      overwrite=overwrite, attrs={"emrun": {"synthetic_seed": seed}})
     print(f"wrote {out}/image, labels, mito: shape {list(shape)}, seed {seed}, "
           f"{int(volume.labels.max())} cells")
+
+
+def _warn(lines: list[str]) -> None:
+    """Warnings on stderr, one line each (stdout stays for results)."""
+    for line in lines:
+        err.print(f"[yellow]warning:[/] {escape(line)}", markup=True)
 
 
 def main() -> None:

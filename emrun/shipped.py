@@ -1,13 +1,15 @@
-"""Where the shipped recipes and the committed schema live (a source checkout or an
-editable install: both sit next to the package)."""
+"""Where the shipped recipes and the committed schema live: inside the package, so that a
+wheel or a plain `pip install .` has them too (a source checkout also shows them as the
+top-level `recipes/` and `schemas/`, links to these folders)."""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ROOT / "recipes"
-SCHEMA = ROOT / "schemas" / "recipe.schema.json"
+PACKAGE = Path(str(resources.files("emrun")))
+RECIPES = PACKAGE / "recipes"
+SCHEMA = PACKAGE / "schemas" / "recipe.schema.json"
 
 
 def shipped_recipes() -> list[Path]:

@@ -128,3 +128,15 @@ def test_validate_refuses_sources_too_small_for_the_augmented_read(write):
     assert "data.sources.a.shape: the augmentations may read crops up to" in result.stderr
     assert runner.invoke(app, ["validate", str(write(text)), "-o",
                                "data.sources.a.shape=[16, 96, 96]"]).exit_code == 0
+
+
+def test_a_warm_up_longer_than_the_run_is_a_located_warning(write):
+    text = MINIMAL.replace("iterations: 10", "iterations: 10\n  schedule: {type: cosine, "
+                                             "warmup: 50}")
+    result = runner.invoke(app, ["validate", str(write(text)), "--no-data"])
+    assert result.exit_code == 0, result.output
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("warning:")]
+    assert "train.schedule.warmup" in line and "lasts the whole run" in line
+    assert ".yaml:" in line  # located
+    fine = runner.invoke(app, ["validate", str(write(MINIMAL)), "--no-data"])
+    assert "warning" not in fine.stderr

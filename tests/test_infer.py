@@ -257,3 +257,38 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     assert len(seen) == 3
     engine_module.Engine(make_recipe(compile_mode="max-autotune"), model, torch.device("cpu"))
     assert len(seen) == 3  # compile_mode alone compiles nothing
+
+
+def test_the_checkpoint_s_own_recipe_is_the_default(setup):
+    """A run trained with -o overrides is predicted with them, without --recipe; a recipe
+    for another network is refused with the keys that differ."""
+    from emrun.train.run_dir import recipe_text
+
+    recipe, model, volume, tmp = setup
+    state = torch.load(tmp / "c.pt")
+    state["recipe"] = recipe_text(recipe)  # as `emrun train` saves it
+    torch.save(state, tmp / "run.pt")
+    runner = CliRunner()
+    base = ["infer", "--checkpoint", str(tmp / "run.pt"), "--input", str(tmp / "in.zarr/image")]
+    result = runner.invoke(app, [*base, "--output", str(tmp / "own.zarr")])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(read(tmp / "own.zarr"), reference(recipe, model, volume),
+                               atol=1e-5, rtol=0)
+    import yaml
+
+    other = recipe.resolved()
+    other["model"]["widths"] = [4, 16]
+    path = tmp / "other.yaml"
+    path.write_text(yaml.safe_dump(other))
+    refused = runner.invoke(app, [*base, "--recipe", str(path), "--output", str(tmp / "o.zarr")])
+    assert refused.exit_code == 2
+    assert "another network" in refused.stderr and "model.widths" in refused.stderr
+    assert not (tmp / "o.zarr").exists()
+    same = recipe.resolved()
+    same["infer"]["batch_size"] = 2  # how to predict may change
+    path.write_text(yaml.safe_dump(same))
+    result = runner.invoke(app, [*base, "--recipe", str(path), "--output", str(tmp / "b.zarr")])
+    assert result.exit_code == 0, result.output
+    bare = runner.invoke(app, ["infer", "--checkpoint", str(tmp / "c.pt"), "--input",
+                               str(tmp / "in.zarr/image"), "--output", str(tmp / "n.zarr")])
+    assert bare.exit_code == 2 and "carries no recipe" in bare.stderr

@@ -102,3 +102,16 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
                 problems.append((("data", "sources", sname, "roi"),
                                  f"roi ends at {end}, outside the synthetic shape {list(shape)}"))
     return problems
+
+
+def cautions(recipe: Recipe) -> list[tuple[Path, str]]:
+    """What is valid but probably not meant, as (key path, message): warned, not refused."""
+    found: list[tuple[Path, str]] = []
+    warmup = recipe.train.schedule.warmup
+    if warmup >= recipe.train.iterations:
+        found.append((("train", "schedule", "warmup"),
+                      f"the warm-up ({warmup} iterations) lasts the whole run "
+                      f"(train.iterations {recipe.train.iterations}): the learning rate never "
+                      f"reaches its set value, the last step uses "
+                      f"{recipe.train.iterations / (warmup + 1):.2g} of it"))
+    return found

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .checks import cross_checks
+from .checks import cautions, cross_checks
 from .errors import SHOWN, KeyPath, Mark, Problem, RecipeError, dotted
 from .pydantic_errors import problem_from_error
 from .recipe import Recipe
@@ -34,6 +34,11 @@ class LoadedRecipe:
 
     def mark(self, path: KeyPath) -> Mark | None:
         return self.source.mark(path)
+
+    def cautions(self) -> list[str]:
+        """Valid settings that are probably a mistake, each located: print them as warnings."""
+        return [str(Problem(message, self.mark(path), path))
+                for path, message in cautions(self.recipe)]
 
 
 def shown_path(path: Path) -> str:

@@ -1,0 +1,67 @@
+"""The recipe to predict with: the one a checkpoint carries, or the user's, checked against it.
+
+A training checkpoint holds its run's resolved recipe (model, tasks, inference settings), so
+`emrun infer --checkpoint C` needs no --recipe: a run trained with `-o` overrides is
+predicted with exactly those settings. A --recipe given beside it may change how to predict
+(infer.*) but not what the network is: a model or tasks that differ from the checkpoint's
+are refused with the keys that differ, instead of a cut-off state_dict error.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+from ..recipe import LoadedRecipe, load_recipe
+from ..train.checkpoint import load
+
+FIXED = ("model", "tasks")
+"""Recipe sections that define the network in a checkpoint."""
+
+SHOWN = 5
+
+
+def recipe_for(checkpoint: Path, recipe: Path | None, overrides: Sequence[str]) -> LoadedRecipe:
+    """``recipe`` checked against the checkpoint's, or the checkpoint's own when None."""
+    saved_text = load(checkpoint).get("recipe")
+    saved = yaml.safe_load(saved_text) if isinstance(saved_text, str) and saved_text else None
+    if recipe is None:
+        if not isinstance(saved, dict):
+            raise UserError(f"{checkpoint} carries no recipe (not written by `emrun train`?); "
+                            "give the one it was trained with: --recipe RECIPE")
+        with tempfile.TemporaryDirectory(prefix="emrun-recipe-") as tmp:
+            path = Path(tmp) / f"{checkpoint.stem}.recipe.yaml"
+            path.write_text(saved_text, encoding="utf-8")
+            return load_recipe(path, overrides)
+    loaded = load_recipe(recipe, overrides)
+    if isinstance(saved, dict):
+        current = loaded.recipe.resolved()
+        differences = [d for section in FIXED
+                       for d in _differences(current.get(section), saved.get(section),
+                                             (section,))]
+        if differences:
+            listed = "; ".join(differences[:SHOWN])
+            more = f" (and {len(differences) - SHOWN} more)" if len(differences) > SHOWN else ""
+            raise UserError(f"--recipe {recipe} describes another network than {checkpoint}: "
+                            f"{listed}{more}. Drop --recipe to use the checkpoint's own")
+    return loaded
+
+
+def _differences(mine: Any, theirs: Any, path: tuple[str | int, ...]) -> Iterator[str]:
+    """Leaf keys where the two differ, as 'key.path: A here, B in the checkpoint'."""
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        for key in sorted(set(mine) | set(theirs), key=str):
+            yield from _differences(mine.get(key), theirs.get(key), (*path, key))
+    elif mine != theirs:
+        where = ".".join(str(p) for p in path)
+        yield f"{where}: {_short(mine)} in the recipe, {_short(theirs)} in the checkpoint"
+
+
+def _short(value: Any) -> str:
+    text = "absent" if value is None else yaml.safe_dump(value, default_flow_style=True).strip()
+    return text if len(text) <= 60 else text[:57] + "..."
