@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -45,7 +46,9 @@ Overrides = Annotated[
 ]
 RecipeFile = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
 Device = Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda if any).")]
-JsonLine = Annotated[bool, typer.Option("--json", help="End with one JSON line.")]
+JsonLine = Annotated[bool, typer.Option(
+    "--json", help="Print the figures as one JSON line on stdout (the text for people goes to "
+    "stderr, so `... --json | jq` works).")]
 ANY_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 Zyx = Annotated[tuple[int, int, int] | None, typer.Option(metavar="Z Y X")]
 Nm = Annotated[tuple[float, float, float] | None, typer.Option(metavar="Z Y X",
@@ -59,7 +62,8 @@ def guarded(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with _text_to_stderr(bool(kwargs.get("json_"))):
+                return fn(*args, **kwargs)
         except UserError as exc:
             for line in str(exc).splitlines():
                 err.print(f"[red]error:[/] {escape(line)}", markup=True)
@@ -78,6 +82,20 @@ def guarded(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _text_to_stderr(json_mode: bool) -> Iterator[None]:
+    """With --json, stdout carries the JSON line alone: text for people goes to stderr."""
+    if not json_mode:
+        yield
+        return
+    saved = out._file  # None: whatever sys.stdout is at the time
+    out.file = err.file
+    try:
+        yield
+    finally:
+        out._file = saved
 
 
 def _version(value: bool) -> None:

@@ -70,7 +70,7 @@ def test_no_model_reports_the_engines_own_rate_duplicates_and_stage_shares(write
     for stage, share in f["stage_shares"].items():
         assert share == round(f["stage_seconds"][stage] / wall, 3)
     assert f["bound"] in ("predict", "read", "write")
-    out = result.stdout
+    out = result.stderr  # with --json, the text for people is on stderr
     assert "per CPU core" in out and "stand-in" in out and "bound by" in out
     assert "duplicates" in out and "model alone" not in out and "MONAI" not in out
 
@@ -147,7 +147,7 @@ def test_workers_scale_the_stand_in_over_the_same_volume(write):
         assert row["predicted_patches"] >= 8  # the lattice's patches; more across units
         assert row["duplicate_fraction"] == round(row["predicted_patches"] / 8 - 1, 4)
     assert rows[0]["duplicate_fraction"] == 0  # one worker: one unit, each patch once
-    assert "local worker processes" in result.stdout and "first block" in result.stdout
+    assert "local worker processes" in result.stderr and "first block" in result.stderr
 
 
 def test_workers_with_the_model_go_through_run_local(write, monkeypatch):
@@ -225,7 +225,7 @@ def test_configs_on_a_cpu_leave_compile_out_unless_asked(write, monkeypatch):
     assert len(compiled) == 3 and all(kw.get("mode") in (None, "default") for kw in compiled)
     assert {(r["batch_size"], r["compile"]) for r in f["configs"]} == {
         (b, c) for b in (4, 8, 16) for c in (None, "default")}
-    assert "model alone by configuration" in result.stdout and "best:" in result.stdout
+    assert "model alone by configuration" in result.stderr and "best:" in result.stderr
 
 
 def test_a_config_that_fails_is_recorded_and_the_search_goes_on(write, monkeypatch):

@@ -97,7 +97,7 @@ def test_bench_train_times_both_loops_with_the_recipes_compile_setting(write, mo
         figures = json.loads(result.stdout.strip().splitlines()[-1])
         assert figures["compile"] is (setting == "true") and len(compiled) == calls
         assert figures["emrun_step_ms"] > 0 and figures["bare_step_ms"] > 0
-        assert ("compiled" in result.stdout) is (setting == "true")
+        assert ("compiled" in result.stderr) is (setting == "true")
 
 
 def test_bench_train_times_the_checkpoint_apart_from_the_loop(write, monkeypatch):
@@ -165,7 +165,8 @@ def test_bench_infer_reports_efficiency(write):
     assert 0.3 * seconds <= main <= seconds + 2e-3  # figures are rounded to 1 ms
     assert stages["predict"] > 0 and stages["read"] > 0 and stages["write"] > 0
     assert 8 * 48 * 48 / figures["engine_voxels_per_s"] == pytest.approx(seconds, abs=1e-3)
-    assert "blocks in" in result.stdout and "waiting for reads" in result.stdout
+    assert "blocks in" in result.stderr and "waiting for reads" in result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1  # stdout: the JSON line alone
 
 
 TINY_SNEMI = ["-o", "model.widths=[4, 8]", "-o", "model.norm=group", "-o", "model.groups=2",

@@ -309,7 +309,8 @@ def test_cli_scores_and_ends_with_one_json_line(tmp_path):
     result = runner.invoke(app, ["evaluate", seg, str(tmp_path / "t.zarr/labels"), "--json",
                                  "--min-overlap", "1"])
     assert result.exit_code == 0, result.output
-    assert "adapted Rand error" in result.stdout and "CREMI score" in result.stdout
+    assert "adapted Rand error" in result.stderr and "CREMI score" in result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1  # stdout: the JSON line alone
     line = json.loads(result.stdout.strip().splitlines()[-1])
     expected = score(SPLIT, TRUTH, min_overlap=1).as_dict()
     for key in ("arand", "voi_split", "voi_merge", "cremi_score", "rand_split", "rand_merge"):

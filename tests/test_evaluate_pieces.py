@@ -95,6 +95,6 @@ def test_cli_connected_truth(tmp_path):
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert plain["arand"] > 0.2 and not plain["connected_truth"]
     assert line["arand"] == 0.0 and line["connected_truth"] and line["truth_objects"] == 3
-    assert "connected pieces" in result.stdout
+    assert "connected pieces" in result.stderr
     binary = runner.invoke(app, [*args, "--connected-truth", "--binary"])
     assert binary.exit_code == 2 and "drop it with --binary" in binary.output
