@@ -25,7 +25,7 @@ app = typer.Typer(
     name="emrun",
     help="Recipe-driven training and chunked inference for 3D EM segmentation.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -45,12 +45,12 @@ Overrides = Annotated[
                  help="Override a recipe value (VALUE is YAML); repeatable."),
 ]
 RecipeFile = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
-Device = Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda if any).")]
+Device = Annotated[str | None, typer.Option(
+    metavar="cpu|cuda|cuda:N", help="Device (default: cuda when there is one, else cpu).")]
 JsonLine = Annotated[bool, typer.Option(
     "--json", help="Print the figures as one JSON line on stdout (the text for people goes to "
     "stderr, so `... --json | jq` works).")]
 ANY_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
-Zyx = Annotated[tuple[int, int, int] | None, typer.Option(metavar="Z Y X")]
 Nm = Annotated[tuple[float, float, float] | None, typer.Option(metavar="Z Y X",
                                                                 help="Voxel size in nm.")]
 
@@ -248,8 +248,11 @@ def infer(
     input_: Annotated[str, typer.Option("--input", help="Volume to predict, e.g. vol.zarr/image.")],
     output: Annotated[Path, typer.Option("--output", help="Output .zarr folder.")],
     override: Overrides = None,
-    block: Zyx = None,
-    tta: Annotated[int | None, typer.Option(help="Flip/transpose variants: 1, 2, 4, 8, 16.")]
+    block: Annotated[tuple[int, int, int] | None, typer.Option(
+        metavar="Z Y X", help="Write-block size in voxels, a whole number of output chunks "
+        "(default: infer.block, else 4 patch strides per axis).")] = None,
+    tta: Annotated[int | None, typer.Option(
+        metavar="1|2|4|8|16", help="Flip/transpose variants averaged (default: infer.tta).")]
     = None,
     mask: Annotated[str | None, typer.Option(help="Predict only blocks where this is non-zero.")]
     = None,
@@ -259,7 +262,8 @@ def infer(
     workers: Annotated[int | None, typer.Option(
         help="Worker processes (default: one per GPU; one on a CPU).")] = None,
     scheduler: Annotated[str, typer.Option(
-        help="local (worker processes here) or daisy (extra emrun[daisy]).")] = "local",
+        metavar="local|daisy", help="local (worker processes here) or daisy (extra "
+        "emrun[daisy]).")] = "local",
     launch: Annotated[str | None, typer.Option(
         help="daisy only: command that starts each worker, e.g. 'srun --gres=gpu:1'.")] = None,
     roi: Annotated[str | None, typer.Option(
@@ -311,7 +315,7 @@ def segment(
         help="Affinities (c, z, y, x), e.g. pred.zarr/affinity; uint8 (255 = 1) or float.")],
     output: Annotated[Path, typer.Argument(help="Output .zarr folder (created if missing).")],
     method: Annotated[str | None, typer.Option(
-        metavar="NAME", help="mws, waterz (extra emrun[waterz]) or cc. Default: the "
+        metavar="mws|waterz|cc", help="mws, waterz (extra emrun[waterz]) or cc. Default: the "
         "segmenter (and its settings) of the recipe an `emrun infer` output records, else "
         "mws.")] = None,
     threshold: Annotated[list[str] | None, typer.Option(
@@ -696,7 +700,9 @@ def data_convert(
                                                 "vol.zarr/array or .npy.")],
     out: Annotated[Path, typer.Argument(help="Output zarr folder (created if missing).")],
     voxel_size: Nm = None,
-    chunks: Zyx = None,
+    chunks: Annotated[tuple[int, int, int] | None, typer.Option(
+        metavar="Z Y X", help="Output chunk size in voxels (default: up to 16 x 256 x 256).")
+    ] = None,
     name: Annotated[str | None, typer.Option(
         help="Array name in OUT (default: image for 8-bit/float, labels for wider ints).")] = None,
     overwrite: Annotated[
@@ -740,7 +746,8 @@ def data_preview(
 @guarded
 def data_synth(
     out: Annotated[Path, typer.Argument(help="Output zarr folder (created if missing).")],
-    shape: Zyx = (64, 256, 256),
+    shape: Annotated[tuple[int, int, int], typer.Option(
+        metavar="Z Y X", help="Volume size in voxels.")] = (64, 256, 256),
     seed: Annotated[int, typer.Option(min=0, help="Generator seed.")] = 0,
     voxel_size: Nm = (30.0, 6.0, 6.0),
     defects: Annotated[bool, typer.Option(help="Add missing/dim sections and a shift.")] = False,
@@ -768,5 +775,21 @@ def _warn(lines: list[str]) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    sys.exit(app())
+    """Console-script entry point: a usage mistake (unknown option or command, a missing
+    argument) is one line and exit 2, like every other mistake."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        name = type(exc).__name__
+        if name == "Abort":  # Ctrl-C outside a command's own handling
+            sys.exit(130)
+        if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
+            raise
+        if name == "NoArgsIsHelpError":  # `emrun` (or a group) alone: the help
+            print(exc.format_message())
+            sys.exit(0)
+        context = getattr(exc, "ctx", None)
+        where = f" (see {context.command_path} --help)" if context is not None else ""
+        err.print(f"error: {exc.format_message()}{where}", markup=False)
+        sys.exit(2)
+    sys.exit(code or 0)

@@ -140,3 +140,19 @@ def test_a_warm_up_longer_than_the_run_is_a_located_warning(write):
     assert ".yaml:" in line  # located
     fine = runner.invoke(app, ["validate", str(write(MINIMAL)), "--no-data"])
     assert "warning" not in fine.stderr
+
+
+def test_usage_mistakes_are_one_line_and_exit_2():
+    """Click's four-line usage errors become one `error:` line, the hint kept."""
+    for args, says in ((["infer", "--bogus"], "No such option: --bogus"),
+                       (["segmnt"], "Did you mean 'segment'?"),
+                       (["validate"], "Missing argument")):
+        done = subprocess.run([sys.executable, "-m", "emrun", *args], capture_output=True,
+                              text=True)
+        assert done.returncode == 2, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0]
+        assert "--help" in lines[0] and done.stdout == ""
+    bare = subprocess.run([sys.executable, "-m", "emrun"], capture_output=True, text=True)
+    assert bare.returncode == 0 and "Usage:" in bare.stdout and "--install-completion" in \
+        bare.stdout
