@@ -292,3 +292,26 @@ def test_the_checkpoint_s_own_recipe_is_the_default(setup):
     bare = runner.invoke(app, ["infer", "--checkpoint", str(tmp / "c.pt"), "--input",
                                str(tmp / "in.zarr/image"), "--output", str(tmp / "n.zarr")])
     assert bare.exit_code == 2 and "carries no recipe" in bare.stderr
+
+
+def test_off_a_terminal_progress_is_a_plain_line_now_and_then():
+    """SLURM logs: no bar, no line per block, but the job visibly moving, with a rate and
+    the time left."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from emrun.infer.progress import EVERY, FIRST, block_progress
+
+    log = io.StringIO()
+    now = [0.0]
+    with block_progress(Console(file=log), clock=lambda: now[0]) as report:
+        for done in range(1, 101):
+            now[0] = done * 1.0  # a block a second
+            report(SimpleNamespace(done=done, skipped=0, total=100, voxels=done * 10**6,
+                                   seconds=now[0]))
+    lines = log.getvalue().splitlines()
+    assert 2 <= len(lines) <= 2 + 100 / EVERY and FIRST < 30
+    assert lines[0] == "infer: 5/100 blocks, 1.00 Mvoxel/s, about 2 min left"
+    assert lines[-1] == "infer: 100/100 blocks, 1.00 Mvoxel/s"
