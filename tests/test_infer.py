@@ -315,3 +315,36 @@ def test_off_a_terminal_progress_is_a_plain_line_now_and_then():
     assert 2 <= len(lines) <= 2 + 100 / EVERY and FIRST < 30
     assert lines[0] == "infer: 5/100 blocks, 1.00 Mvoxel/s, about 2 min left"
     assert lines[-1] == "infer: 100/100 blocks, 1.00 Mvoxel/s"
+
+
+def test_inputs_that_used_to_crash_or_pass_silently_are_refused(setup):
+    """An empty volume, a zero block, NaN voxels, NaN weights: one line, exit 2."""
+    recipe, _, volume, tmp = setup
+    path = tmp / "r.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe.resolved()))
+    np.save(tmp / "empty.npy", np.zeros((0, 20, 20), np.uint8))
+    nan = (volume / 255).astype(np.float32)
+    nan[5, 10:13, 10:20] = np.nan  # 30 bad voxels
+    np.save(tmp / "nan.npy", nan)
+    state = torch.load(tmp / "c.pt")
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name] = state["model"][name] * float("nan")
+    torch.save(state, tmp / "diverged.pt")
+    runner = CliRunner()
+    cases = [
+        (["--input", str(tmp / "empty.npy")], "is empty"),
+        (["--input", str(tmp / "in.zarr/image"), "--block", "0", "0", "0"], "at least 1"),
+        (["--input", str(tmp / "in.zarr/image"), "--block", "3", "16", "16", "-o",
+          "infer.chunks=[2, 16, 16]"], "not a whole number of chunks"),
+        (["--input", str(tmp / "nan.npy")], "30 NaN or infinite voxels"),
+        (["--input", str(tmp / "in.zarr/image"), "--checkpoint", str(tmp / "diverged.pt")],
+         "NaN or infinite values"),
+    ]
+    for i, (args, says) in enumerate(cases):
+        base = ["infer", "--recipe", str(path), "--checkpoint", str(tmp / "c.pt"),
+                "--output", str(tmp / f"bad{i}.zarr")]
+        result = runner.invoke(app, [*base, *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1, args

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import MINIMAL
+from conftest import MINIMAL, ROOT
 from pydantic import ValidationError
 
 from emrun.recipe import RecipeError, load_recipe
@@ -161,3 +161,11 @@ def test_extends_of_a_file_that_is_no_recipe_names_it_without_echoing_it(write, 
     [msg] = problems(path)
     assert "is not a recipe: none of its keys is a recipe section" in msg
     assert "secret" not in msg.replace(str(other), "")
+
+
+def test_an_override_nested_a_thousand_deep_is_a_user_error():
+    for value in ("[" * 1000 + "]" * 1000, "{a: " * 1000 + "1" + "}" * 1000):
+        with pytest.raises(RecipeError) as info:
+            load_recipe(ROOT / "recipes" / "demo.yaml", [f"train.patch={value}"])
+        [line] = str(info.value).splitlines()
+        assert "nested too deeply" in line and len(line) < 200

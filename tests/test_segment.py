@@ -613,3 +613,17 @@ def test_registry_builds_segmenters_from_recipe_specs():
     assert segmenter.with_value(0.7).spec.bias == 0.7
     with pytest.raises(UserError, match="bias"):
         segmenter.with_value(1.5)
+
+
+def test_affinities_with_nan_are_a_user_error_not_a_panic(tmp_path):
+    """mws used to panic in Rust (with a traceback) on NaN edge weights."""
+    affs = np.full((3, 4, 16, 16), 0.9, np.float32)
+    affs[0, 1, 2, 3] = np.nan
+    affs[1, 2, 3, 4] = np.inf
+    write_volume(tmp_path / "a.zarr", "affs", affs, channel_axis=True)
+    result = runner.invoke(app, ["segment", str(tmp_path / "a.zarr/affs"),
+                                 str(tmp_path / "s.zarr"), "--method", "mws", "--offsets",
+                                 "-1,0,0;0,-1,0;0,0,-1"])
+    assert result.exit_code == 2, result.output
+    assert "2 NaN or infinite values" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "s.zarr" / "segmentation").exists()

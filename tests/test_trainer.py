@@ -285,3 +285,17 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(reci
     trained = Trainer(loaded, run, resume=True).fit()
     assert trained.iteration == 2
     assert "starting it from the beginning" in capsys.readouterr().err
+
+
+def test_resume_with_another_optimizer_kind_is_refused(recipe, tmp_path):
+    """Adam's saved state has no 'momentum': switching to SGD used to end in a KeyError."""
+    from emrun.errors import UserError
+    from emrun.recipe import load_recipe
+    from emrun.train.trainer import Trainer
+
+    base = ["train.iterations=2", "train.validate_every=0", "train.image_every=0"]
+    run = tmp_path / "run"
+    Trainer(load_recipe(recipe, base), run).fit()
+    other = load_recipe(recipe, [*base, "train.optimizer={type: sgd, lr: 0.01}"])
+    with pytest.raises(UserError, match=r"optimizer \(adam -> sgd\)"):
+        Trainer(other, run, resume=True)

@@ -80,6 +80,13 @@ def file_digest(path: Path) -> str:
 def load_model(recipe: Recipe, checkpoint: Path, device: torch.device) -> nn.Module:
     """The recipe's model with the checkpoint's weights, in eval mode on ``device``."""
     state = load(checkpoint)
+    broken = [name for name, tensor in state.get("model", {}).items()
+              if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+              and not torch.isfinite(tensor).all()]
+    if broken:
+        raise UserError(f"{checkpoint}: its weights hold NaN or infinite values ({broken[0]}"
+                        f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); a run "
+                        "that diverged? Use an earlier checkpoint")
     model = models.build(recipe.model, head_channels=recipe.head_channels())
     try:
         model.load_state_dict(state["model"])
@@ -174,6 +181,13 @@ class Engine:
         layout's (0, 0, 0) lies in ``volume`` (a ROI). Runs in reader threads."""
         read_start, read_stop = layout.read_box(block)
         raw = read_reflected(volume, _add(read_start, origin), _add(read_stop, origin))
+        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+            bad = int(raw.size - np.isfinite(raw).sum())
+            raise UserError(f"{volume}: {bad} NaN or infinite voxels around block "
+                            f"{list(block)} (input {list(_add(read_start, origin))} to "
+                            f"{list(_add(read_stop, origin))}); they would spread through "
+                            "every patch that sees them: replace them, or leave their blocks "
+                            "out with --mask (finished blocks are kept: --resume)")
         return raw if raw.any() else None
 
     def predict(self, raw: np.ndarray | torch.Tensor, layout: Layout, block: Zyx,

@@ -105,6 +105,10 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
                         f"{list(volume.shape)}")
     if volume.dtype.kind not in "uif":
         raise UserError(f"{volume}: dtype {volume.dtype} is not a numeric image")
+    if 0 in volume.shape:
+        raise UserError(f"{volume} is empty (shape {list(volume.shape)}): nothing to predict")
+    if block is not None and any(b < 1 for b in block):
+        raise UserError(f"--block {' '.join(map(str, block))}: sizes must be at least 1 voxel")
     _refuse_same(volume, output)
     if mask_path:
         mask = open_volume(mask_path)
@@ -119,7 +123,10 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     offset, shape = _check_roi(roi, volume)
     chunks, block = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks,
                                             block or recipe.infer.block)
-    layout = Layout(shape, patch, stride, chunks, block)
+    try:
+        layout = Layout(shape, patch, stride, chunks, block)
+    except ValueError as exc:  # a block that is no whole number of the recipe's chunks
+        raise UserError(f"--block / infer.block: {exc}") from None
     job = Job(recipe=recipe, checkpoint=checkpoint.resolve(), input_path=input_path,
               output=output.resolve(), mask_path=mask_path, layout=layout,
               scale=intensity_range(recipe, volume), tta=tta, roi_offset=offset)

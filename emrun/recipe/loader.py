@@ -61,7 +61,11 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
                                    f"tasks, train), not a {kind}", located.mark(()))])
     for expr in overrides:
         _apply_override(located, expr)
-    recipe = validate(located)
+    try:
+        recipe = validate(located)
+    except RecursionError:  # a value nested thousands deep (the YAML parser took it)
+        raise RecipeError([Problem("a value is nested too deeply to be a recipe setting",
+                                   located.mark(()))]) from None
     return LoadedRecipe(recipe, located, file, tuple(files))
 
 
@@ -162,7 +166,8 @@ def _exists(data: Any, path: KeyPath) -> bool:
 
 def _apply_override(located: Located, expr: str) -> None:
     """Apply one ``key.path=value`` override (value parsed as YAML) in place."""
-    where = Mark(f"override -o {expr}")
+    shown = expr if len(expr) <= 80 else f"{expr[:77]}..."
+    where = Mark(f"override -o {shown}")
     key, sep, text = expr.partition("=")
     if not sep or not key.strip():
         raise RecipeError([Problem("an override is written key.path=value", where)])
@@ -171,6 +176,8 @@ def _apply_override(located: Located, expr: str) -> None:
         raise RecipeError([Problem(f"{key!r} is not a key path one can override", where)])
     try:
         value = yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError([Problem("the value is nested too deeply", where)]) from None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         mark = getattr(exc, "problem_mark", None)

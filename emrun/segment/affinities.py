@@ -94,7 +94,12 @@ def to_float(affs: np.ndarray, where: str = "affinities") -> np.ndarray:
     if dtype == np.uint8:
         return affs.astype(np.float32) * np.float32(1 / 255)
     if dtype.kind == "f":
-        return affs.astype(np.float32, copy=False)
+        values = affs.astype(np.float32, copy=False)
+        if not np.isfinite(values).all():  # segmenters (mws: a Rust panic) cannot rank NaN
+            bad = int(values.size - np.isfinite(values).sum())
+            raise UserError(f"{where}: {bad} NaN or infinite values; affinities are "
+                            "probabilities in [0, 1]")
+        return values
     if dtype.kind == "b":
         return affs.astype(np.float32)
     raise UserError(f"{where}: dtype {dtype} is not affinities; expected uint8 (255 = 1) or "

@@ -68,11 +68,19 @@ def _git_revision() -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
+def _optimizer(recipe: dict) -> str | None:
+    optimizer = (recipe.get("train") or {}).get("optimizer") or {}
+    return optimizer.get("type") if isinstance(optimizer, dict) else None
+
+
 def check_resumable(saved_text: str, recipe: Recipe, checkpoint: Path, run_dir: Path) -> None:
     """Refuse to resume when the model, tasks or data differ from the checkpoint's recipe."""
     saved = yaml.safe_load(saved_text)
     current = recipe.resolved()
     changed = [key for key in RESUME_KEYS if saved.get(key) != current.get(key)]
+    kinds = [_optimizer(r) for r in (saved, current)]
+    if kinds[0] != kinds[1]:  # its saved state (momenta, ...) does not fit another kind
+        changed.append(f"optimizer ({kinds[0]} -> {kinds[1]})")
     if changed:
         raise UserError(
             f"cannot resume {checkpoint}: the recipe's {', '.join(changed)} changed since it was "
