@@ -276,7 +276,7 @@ def infer(
     """Predict a volume blockwise into zarr: one array per task, blended, resumable."""
     from .infer.checkpoint_recipe import recipe_for
     from .infer.progress import block_progress
-    from .infer.schedule import run_inference
+    from .infer.schedule import Stopped, run_inference
 
     if tta is not None and tta not in (1, 2, 4, 8, 16):
         raise UserError(f"--tta must be 1, 2, 4, 8 or 16 (got {tta})")
@@ -284,11 +284,18 @@ def infer(
         raise UserError(f"--scheduler must be local or daisy (got {scheduler!r})")
     box = _parse_roi(roi)
     loaded = recipe_for(checkpoint, recipe, override or [])
-    with block_progress(err) as report:
-        progress = run_inference(loaded.recipe, checkpoint, input_, output, block=block,
-                                 device=device, tta=tta, resume=resume, mask_path=mask,
-                                 workers=workers, scheduler=scheduler,  # type: ignore[arg-type]
-                                 launch=launch, roi=box, on_block=report)
+    try:
+        with block_progress(err) as report:
+            progress = run_inference(loaded.recipe, checkpoint, input_, output, block=block,
+                                     device=device, tta=tta, resume=resume, mask_path=mask,
+                                     workers=workers,
+                                     scheduler=scheduler,  # type: ignore[arg-type]
+                                     launch=launch, roi=box, on_block=report)
+    except Stopped as stop:
+        done = stop.progress.done + stop.progress.skipped
+        err.print(f"stopped by {stop.signal_name}: {done} of {stop.progress.total} blocks are "
+                  f"done and marked; continue with --resume", markup=False)
+        raise typer.Exit(130 if stop.signal_name == "SIGINT" else 143) from None
     out.print(f"wrote {output}: {progress.done} blocks predicted, {progress.skipped} already "
               f"done, {progress.voxels / max(progress.seconds, 1e-9) / 1e6:.2f} Mvoxel/s",
               markup=False)

@@ -265,3 +265,35 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     for pid in alive:  # do not leave them to the rest of the suite
         os.kill(pid, signal.SIGKILL)
     assert not alive, f"workers {alive} outlived their parent"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_finishes_the_blocks_in_flight_and_exits_143(tmp_path, workers):
+    """SLURM's time limit, `scancel` and `timeout` send SIGTERM (to the whole process group):
+    the blocks in flight are finished and marked, the run exits 143 saying how to continue,
+    and --resume completes it to the uninterrupted output."""
+    recipe, _, _, tmp = make_inputs(tmp_path, shape=(32, 96, 96))  # 216 blocks
+    straight = tmp / "straight.zarr"
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), straight, block=BLOCK)
+    out = tmp / "stopped.zarr"
+    command = [sys.executable, "-m", "emrun", "infer", "--recipe", str(_recipe_file(recipe, tmp)),
+               "--checkpoint", str(tmp / "c.pt"), "--input", str(tmp / "in.zarr/image"),
+               "--output", str(out), "--block", *map(str, BLOCK), "--device", "cpu",
+               "--workers", workers]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    markers: list[Path] = []
+    while time.monotonic() < deadline and process.poll() is None and len(markers) < 3:
+        markers = list(out.glob(".emrun-done/*/*_*_*"))
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)  # as `timeout` does: the whole group
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr
+    finished = len(list(out.glob(".emrun-done/*/*_*_*")))
+    assert 3 <= finished < 216, "the run must stop midway"
+    result = CliRunner().invoke(app, [*command[3:], "--resume"])
+    assert result.exit_code == 0, result.output
+    same_output(out, straight, recipe, atol=1e-6 if workers != "1" else 0.0)

@@ -9,6 +9,7 @@ after each finished block, so any of them can resume a job another started.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import math
@@ -17,12 +18,13 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -105,10 +107,42 @@ ModelFactory = Callable[[Recipe], torch.nn.Module]
 so that spawned workers can receive it); ``emrun bench infer --no-model`` passes a stand-in."""
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived: the blocks in flight were finished and marked, no new one
+    was started. ``progress`` says how far the job got."""
+
+    def __init__(self, signal_name: str, progress: Progress) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.progress = progress
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[list[str]]:
+    """While predicting: SIGTERM (a cluster's time limit, `scancel`, `timeout`) and SIGINT
+    are noted, for the workers to see between blocks, instead of killing the process mid-way.
+    Yields the names of the signals caught; outside the main thread nothing is installed."""
+    caught: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(number: int, frame: Any) -> None:
+        caught.append(signal.Signals(number).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield caught
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
 def run_local(job: Job, slots: list[tuple[str, int]],
               on_block: Callable[[Progress], None] | None = None,
               model: ModelFactory | None = None) -> Progress:
-    """Predict the job's pending blocks with ``slots`` workers pulling from one queue."""
+    """Predict the job's pending blocks with ``slots`` workers pulling from one queue; a
+    SIGTERM or SIGINT stops it between blocks (raises Stopped)."""
     pending = job.pending()
     progress = Progress(total=len(job.layout.block_grid()))
     progress.skipped = progress.total - len(pending)
@@ -120,11 +154,17 @@ def run_local(job: Job, slots: list[tuple[str, int]],
             on_block(progress)
 
     groups = job_units(job, pending, len(slots), slots[0][0])
-    if len(slots) == 1 and pending:
-        device = torch.device(slots[0][0])
-        _worker(job, device, model).run_units(groups, done)
-    elif pending:
-        _run_processes(job, slots, groups, done, model)
+    with _stop_on_signals() as caught:
+        def stopping() -> bool:
+            return bool(caught)
+
+        if len(slots) == 1 and pending:
+            device = torch.device(slots[0][0])
+            _worker(job, device, model).run_units(groups, done, stop=stopping)
+        elif pending:
+            _run_processes(job, slots, groups, done, model, stopping)
+    if caught:
+        raise Stopped(caught[0], progress)
     return progress
 
 
@@ -169,26 +209,31 @@ def _worker(job: Job, device: torch.device, model: ModelFactory | None) -> Block
 
 
 def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx]],
-                   done: Callable[[BlockDone], None], model: ModelFactory | None) -> None:
-    """Spawned workers pull units from a queue and report each finished block."""
+                   done: Callable[[BlockDone], None], model: ModelFactory | None,
+                   stopping: Callable[[], bool] = lambda: False) -> None:
+    """Spawned workers pull units from a queue and report each finished block; when
+    ``stopping`` turns true they are told to finish their blocks in flight and exit."""
     context = mp.get_context("spawn")
     tasks = context.Queue()
     results = context.Queue()
+    stop = context.Event()
     for group in groups:
         tasks.put(group)
     for _ in slots:
         tasks.put(None)
     processes = [context.Process(target=_worker_main, daemon=True,
                                  args=(job.to_json(), device, threads, tasks, results, model,
-                                       os.getpid()))
+                                       os.getpid(), stop))
                  for device, threads in slots]
     for process in processes:
         process.start()
     finished = 0
     try:
         while finished < len(processes):
+            if stopping():
+                stop.set()  # the workers ignore the signal itself: they finish and exit
             try:
-                kind, payload = results.get(timeout=1.0)
+                kind, payload = results.get(timeout=0.2)
             except queue.Empty:
                 dead = [p for p in processes if p.exitcode not in (None, 0)]
                 if dead:
@@ -225,18 +270,23 @@ def die_with_parent(parent: int) -> None:
 
 
 def _worker_main(job_json: str, device: str, threads: int, tasks: mp.Queue,
-                 results: mp.Queue, model: ModelFactory | None, parent: int) -> None:
-    """A worker process: build the model once, then take units until the queue says stop."""
+                 results: mp.Queue, model: ModelFactory | None, parent: int,
+                 stop: Any) -> None:
+    """A worker process: build the model once, then take units until the queue (or the
+    parent's stop event: signals are the parent's to handle) says stop."""
     die_with_parent(parent)
+    for number in (signal.SIGTERM, signal.SIGINT):  # the whole process group gets them
+        signal.signal(number, signal.SIG_IGN)
     torch.set_num_threads(threads)
 
     def groups():  # type: ignore[no-untyped-def]
-        while (group := tasks.get()) is not None:
+        while not stop.is_set() and (group := tasks.get()) is not None:
             yield [tuple(block) for block in group]
 
     try:
         worker = _worker(Job.from_json(job_json), torch.device(device), model)
-        worker.run_units(groups(), lambda block: results.put(("done", block)))
+        worker.run_units(groups(), lambda block: results.put(("done", block)),
+                         stop=stop.is_set)
         results.put(("exit", None))
     except UserError as exc:
         results.put(("user", str(exc)))

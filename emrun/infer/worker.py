@@ -72,16 +72,18 @@ class BlockWorker:
         self.run_units([list(blocks)], on_done)
 
     def run_units(self, units: Iterable[Sequence[Zyx]],
-                  on_done: Callable[[BlockDone], None] | None = None) -> None:
+                  on_done: Callable[[BlockDone], None] | None = None,
+                  stop: Callable[[], bool] = lambda: False) -> None:
         """Predict and write each unit's blocks in order; ``on_done`` is called as each block
         is complete. Partial sums are handed from block to block within a unit, never
-        across units (each unit can go to another worker)."""
+        across units (each unit can go to another worker). Once ``stop()`` is true no block
+        is started; those read or predicted already are finished and marked."""
         with ThreadPoolExecutor(2, thread_name_prefix="emrun-read") as readers, \
                 ThreadPoolExecutor(WRITES_IN_FLIGHT + 1, thread_name_prefix="emrun-write"
                                    ) as writers:
             reads: deque[tuple[Step, Future[RawInput]]] = deque()
             writes: deque[Future[BlockDone]] = deque()
-            todo = _steps(units)
+            todo = _steps(units, stop)
             carries: dict[tuple[Zyx, Zyx], torch.Tensor] = {}  # (to block, from owner)
             unit: dict[Zyx, int] | None = None
 
@@ -208,10 +210,12 @@ class Step:
     rank: int
 
 
-def _steps(units: Iterable[Sequence[Zyx]]) -> Iterator[Step]:
+def _steps(units: Iterable[Sequence[Zyx]], stop: Callable[[], bool]) -> Iterator[Step]:
     for blocks in units:
         rank = {block: i for i, block in enumerate(blocks)}
         for i, block in enumerate(blocks):
+            if stop():
+                return
             yield Step(block, rank, i)
 
 
