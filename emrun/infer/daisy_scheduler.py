@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import shlex
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import torch
 from ..devices import cpu_cores
 from ..errors import UserError
 from .job import Job
-from .plan import Zyx, best_order
+from .plan import Zyx, best_order, size
 from .schedule import Progress, job_tiling
 from .worker import BlockWorker
 
@@ -79,7 +80,7 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
         if block not in before and job.is_done(block):
             start, stop = job.layout.write_box(block)
             progress.done += 1
-            progress.voxels += _volume(start, stop)
+            progress.voxels += math.prod(size((start, stop)))
     progress.seconds = time.perf_counter() - started
     if on_block is not None:
         on_block(progress)
@@ -146,10 +147,6 @@ def worker_device(device: str, worker_id: int) -> torch.device:
     if device == "cuda" and torch.cuda.is_available():
         return torch.device(f"cuda:{worker_id % torch.cuda.device_count()}")
     return torch.device(device)
-
-
-def _volume(start: Zyx, stop: Zyx) -> int:
-    return (stop[0] - start[0]) * (stop[1] - start[1]) * (stop[2] - start[2])
 
 
 if __name__ == "__main__":  # a worker started through --launch

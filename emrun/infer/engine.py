@@ -36,7 +36,7 @@ from ..recipe.data import VolumeSource
 from ..recipe.tasks import AffinityTarget
 from ..registry import blends, models
 from ..train.checkpoint import load
-from .plan import Box, Layout, Zyx, intersect, local
+from .plan import Box, Layout, Zyx, intersect, local, shift, size
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "none": lambda t: t}
@@ -180,12 +180,12 @@ class Engine:
         dtype), or None when it is entirely zero (nothing to predict). ``origin``: where the
         layout's (0, 0, 0) lies in ``volume`` (a ROI). Runs in reader threads."""
         read_start, read_stop = layout.read_box(block)
-        raw = read_reflected(volume, _add(read_start, origin), _add(read_stop, origin))
+        raw = read_reflected(volume, shift(read_start, origin), shift(read_stop, origin))
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():
             bad = int(raw.size - np.isfinite(raw).sum())
             raise UserError(f"{volume}: {bad} NaN or infinite voxels around block "
-                            f"{list(block)} (input {list(_add(read_start, origin))} to "
-                            f"{list(_add(read_stop, origin))}); they would spread through "
+                            f"{list(block)} (input {list(shift(read_start, origin))} to "
+                            f"{list(shift(read_stop, origin))}); they would spread through "
                             "every patch that sees them: replace them, or leave their blocks "
                             "out with --mask (finished blocks are kept: --resume)")
         return raw if raw.any() else None
@@ -205,7 +205,7 @@ class Engine:
         image = self._image(raw, scale)
         source = PatchSource(image, read_start, self.patch, read, self._normalise(scale))
         box = layout.write_box(block)
-        total = torch.zeros((sum(self.channels.values()), *_size(box)), device=self.device)
+        total = torch.zeros((sum(self.channels.values()), *size(box)), device=self.device)
         carries: dict[Zyx, torch.Tensor] = {}
         carried = carried or {}
         for owner in layout.owners(block):
@@ -252,7 +252,7 @@ class Engine:
         """The sum of window x prediction of the patches in ``batches`` over ``box``, added
         patch by patch in batch order (multiply, then add: no fused rounding, so the same
         patches give the same sums in any box)."""
-        acc = torch.zeros((sum(self.channels.values()), *_size(box)), device=self.device)
+        acc = torch.zeros((sum(self.channels.values()), *size(box)), device=self.device)
         for group in batches:
             inputs = [source.get(p) for p in group]
             if self.pad_batches:
@@ -274,7 +274,7 @@ class Engine:
     def _weight(self, layout: Layout, block: Zyx) -> torch.Tensor:
         """The sum of the windows of every patch covering the block, in lattice order."""
         box = layout.write_box(block)
-        weight = torch.zeros(_size(box), device=self.device)
+        weight = torch.zeros(size(box), device=self.device)
         for start in layout.patches(block):
             common = intersect(_patch_box(start, self.patch), box)
             assert common is not None
@@ -306,7 +306,7 @@ class PatchSource:
     normalise: Callable[[torch.Tensor], torch.Tensor]
 
     def get(self, start: Zyx) -> torch.Tensor:
-        box = (start, _add(start, self.size))
+        box = (start, shift(start, self.size))
         inside = all(a >= s and b <= s + n for a, b, s, n in zip(
             *box, self.start, self.image.shape, strict=True))
         if inside:
@@ -318,15 +318,7 @@ class PatchSource:
 
 
 def _patch_box(start: Zyx, patch: Zyx) -> Box:
-    return start, _add(start, patch)
-
-
-def _size(box: Box) -> Zyx:
-    return (box[1][0] - box[0][0], box[1][1] - box[0][1], box[1][2] - box[0][2])
-
-
-def _add(a: Zyx, b: Zyx) -> Zyx:
-    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
+    return start, shift(start, patch)
 
 
 def quantise(values: torch.Tensor, dtype: str) -> torch.Tensor:

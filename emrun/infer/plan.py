@@ -155,6 +155,16 @@ def intersect(a: Box, b: Box) -> Box | None:
     return None if any(s >= e for s, e in zip(start, stop, strict=True)) else (start, stop)
 
 
+def shift(a: Zyx, b: Zyx) -> Zyx:
+    """``a + b`` per axis."""
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
+
+
+def size(box: Box) -> Zyx:
+    """The box's extent per axis."""
+    return (box[1][0] - box[0][0], box[1][1] - box[0][1], box[1][2] - box[0][2])
+
+
 def local(box: Box, within: Zyx) -> tuple[slice, slice, slice]:
     """Slices of ``box`` in an array whose (0, 0, 0) lies at ``within``."""
     return tuple(slice(a - w, b - w) for a, b, w in zip(*box, within, strict=True))  # type: ignore[return-value]

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..io import open_volume
 from .engine import Engine, load_model, quantise, read_reflected
 from .job import Job, open_output_arrays
-from .plan import Zyx
+from .plan import Zyx, shift
 from .transfer import HostArray, pinned, to_host
 
 RawInput = np.ndarray | torch.Tensor | None
@@ -160,7 +160,7 @@ class BlockWorker:
         if raw is None:
             start, stop = layout.write_box(block)
             size = tuple(b - a for a, b in zip(start, stop, strict=True))
-            return {n: HostArray(torch.zeros((a.shape[0], *size), dtype=_torch_dtype(a.dtype)))
+            return {n: HostArray(torch.from_numpy(np.zeros((a.shape[0], *size), a.dtype)))
                     for n, a in self.arrays.items()}
         keep = [t for t in layout.reached(block) if step.unit.get(t, -1) > step.rank]
         result = self.engine.predict(raw, layout, block, self.job.scale, carried=carried,
@@ -176,7 +176,7 @@ class BlockWorker:
     def _read_outside(self, start: Zyx, stop: Zyx) -> np.ndarray:
         """Input beyond a block's own (a recomputed batch may reach there), reflected."""
         origin = self.job.roi_offset
-        return read_reflected(self.volume, _add(start, origin), _add(stop, origin))
+        return read_reflected(self.volume, shift(start, origin), shift(stop, origin))
 
     def _write(self, block: Zyx, values: dict[str, HostArray], patches: int) -> BlockDone:
         """Write the block's chunks, then its done-marker (never the marker before the data)."""
@@ -226,14 +226,6 @@ def _event(device: torch.device) -> torch.cuda.Event | None:
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(device))
     return event
-
-
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.zeros(0, dtype)).dtype
-
-
-def _add(a: Zyx, b: Zyx) -> Zyx:
-    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
 
 
 def _report(done: BlockDone, on_done: Callable[[BlockDone], None] | None) -> None:
