@@ -168,6 +168,15 @@ def test_masked_and_empty_blocks_are_zero(setup):
                   mask_path=str(tmp / "in.zarr/mask"))
     got = read(out)
     assert got[:, :4, :16, :16].any() and not got[:, 4:].any() and not got[:, :, 16:].any()
+    # blocks outside the mask store nothing (no chunk objects for masked-out space)
+    stored = zarr.open_array(str(out / "aff" / "0"), mode="r")
+    assert 0 < stored.nchunks_initialized < stored.nchunks
+    with pytest.raises(UserError, match="same mask"):  # another mask would mix two jobs
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
+                      block=(4, 16, 16), resume=True)
+    again = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
+                          block=(4, 16, 16), resume=True, mask_path=str(tmp / "in.zarr/mask"))
+    assert again.done == 0
     write_volume(tmp / "in.zarr", "zeros", np.zeros(volume.shape, np.uint8))
     run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/zeros"), tmp / "z.zarr")
     assert not read(tmp / "z.zarr").any()

@@ -1,13 +1,16 @@
 """Copies between the host and a GPU that do not stall it.
 
 The device finishes a block and should start the next at once; the block's quantised values
-travel back to a pinned host buffer asynchronously and the writer thread that compresses
-them waits for that copy alone (``HostArray.numpy``). The input goes the other way through
-pinned memory too (``pinned``, called in reader threads). On a CPU both are plain tensors.
+travel back to a pinned host buffer on a copy stream of their own (so the next block's
+kernels do not queue behind the copy) and the writer thread that compresses them waits for
+that copy alone (``HostArray.numpy``). The input goes the other way through pinned memory
+too (``pinned``, called in reader threads). ``DeviceQueue`` lets the host run one block ahead
+of the device. On a CPU all of these are plain tensors and no-ops.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,14 +30,24 @@ class HostArray:
         return self.tensor.numpy()
 
 
+@functools.cache
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 def to_host(tensor: torch.Tensor) -> HostArray:
-    """Start copying ``tensor`` to (pinned) host memory; returns at once on a GPU."""
+    """Start copying ``tensor`` to (pinned) host memory once the work queued so far on its
+    device is done; returns at once on a GPU."""
     if tensor.device.type != "cuda":
         return HostArray(tensor.cpu())
+    stream = _copy_stream(tensor.device)
+    stream.wait_stream(torch.cuda.current_stream(tensor.device))
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
+    with torch.cuda.stream(stream):
+        host.copy_(tensor, non_blocking=True)
+    tensor.record_stream(stream)  # its memory is not reused before the copy has read it
     ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(tensor.device))
+    ready.record(stream)
     return HostArray(host, ready)
 
 
@@ -44,3 +57,23 @@ def pinned(array: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor
     if device.type != "cuda":
         return array
     return torch.from_numpy(np.ascontiguousarray(array)).pin_memory()
+
+
+class DeviceQueue:
+    """Keeps the host at most one block ahead of the device: ``step()`` after launching a
+    block's work waits for the previous block's, so the device always has the next block
+    queued while host memory for blocks in flight stays bounded (no-op on a CPU, where the
+    work is done when its call returns)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._previous: torch.cuda.Event | None = None
+
+    def step(self) -> None:
+        if self.device.type != "cuda":
+            return
+        launched = torch.cuda.Event()
+        launched.record(torch.cuda.current_stream(self.device))
+        if self._previous is not None:
+            self._previous.synchronize()
+        self._previous = launched

@@ -27,7 +27,7 @@ from ..io import open_volume
 from .engine import Engine, load_model, quantise, read_reflected
 from .job import Job, open_output_arrays
 from .plan import Zyx, shift
-from .transfer import HostArray, pinned, to_host
+from .transfer import DeviceQueue, HostArray, pinned, to_host
 
 RawInput = np.ndarray | torch.Tensor | None
 
@@ -47,7 +47,7 @@ class BlockDone:
     block: Zyx
     voxels: int
     patches: int  # forward-passed for it (own and recomputed); 0: skipped by the mask or
-    # an all-zero input, written as zeros
+    # an all-zero input: no chunk written, it reads as zeros
 
 
 class BlockWorker:
@@ -65,6 +65,7 @@ class BlockWorker:
         self.dtype = job.recipe.infer.dtype
         self.seconds = {stage: 0.0 for stage in STAGES}
         self._lock = threading.Lock()
+        self._queue = DeviceQueue(device)
 
     def run(self, blocks: Iterable[Zyx], on_done: Callable[[BlockDone], None] | None = None
             ) -> None:
@@ -150,45 +151,45 @@ class BlockWorker:
         return self.engine.read_input(self.volume, layout, block, origin)
 
     def _predict(self, step: Step, raw: RawInput, carries: dict[tuple[Zyx, Zyx], torch.Tensor]
-                 ) -> dict[str, HostArray]:
+                 ) -> dict[str, HostArray] | None:
         """Quantised predictions of the block's write region on their way to the host, or
-        zeros when skipped. Takes the partial sums handed to this block from ``carries`` and
-        leaves there those it hands to later blocks of its unit."""
+        None when skipped (masked out or an all-zero input). Takes the partial sums handed to
+        this block from ``carries`` and leaves there those it hands to later blocks of its
+        unit."""
         layout, block = self.job.layout, step.block
         carried = {owner: carries.pop((block, owner)) for owner in layout.owners(block)
                    if (block, owner) in carries}
-        if raw is None:
-            start, stop = layout.write_box(block)
-            size = tuple(b - a for a, b in zip(start, stop, strict=True))
-            return {n: HostArray(torch.from_numpy(np.zeros((a.shape[0], *size), a.dtype)))
-                    for n, a in self.arrays.items()}
+        if raw is None:  # nothing is written: unwritten chunks read as the fill value, 0
+            return None
         keep = [t for t in layout.reached(block) if step.unit.get(t, -1) > step.rank]
         result = self.engine.predict(raw, layout, block, self.job.scale, carried=carried,
                                      keep=keep, read=self._read_outside)
         carries.update({(target, block): partial for target, partial in result.carries.items()})
         values = {n: quantise(t, self.dtype) for n, t in result.values.items()}
-        computed = _event(self.engine.device)
         host = {n: to_host(t) for n, t in values.items()}
-        if computed is not None:  # the predict stage ends with the device's work, not with
-            computed.synchronize()  # its launch (the copy to the host goes on meanwhile)
-        return host
+        self._queue.step()  # the previous block's device work is done (this one is queued):
+        return host  # the predict stage measures the device, not the launches
 
     def _read_outside(self, start: Zyx, stop: Zyx) -> np.ndarray:
         """Input beyond a block's own (a recomputed batch may reach there), reflected."""
         origin = self.job.roi_offset
         return read_reflected(self.volume, shift(start, origin), shift(stop, origin))
 
-    def _write(self, block: Zyx, values: dict[str, HostArray], patches: int) -> BlockDone:
-        """Write the block's chunks, then its done-marker (never the marker before the data)."""
+    def _write(self, block: Zyx, values: dict[str, HostArray] | None, patches: int
+               ) -> BlockDone:
+        """Write the block's chunks (none when skipped), then its done-marker (never the
+        marker before the data)."""
         with self._timed("write"):
             return self._write_block(block, values, patches)
 
-    def _write_block(self, block: Zyx, values: dict[str, HostArray], patches: int) -> BlockDone:
+    def _write_block(self, block: Zyx, values: dict[str, HostArray] | None, patches: int
+                     ) -> BlockDone:
         start, stop = self.job.layout.write_box(block)
         region = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
         try:
-            for name, array in self.arrays.items():
-                array[(slice(None), *region)] = values[name].numpy()
+            if values is not None:
+                for name, array in self.arrays.items():
+                    array[(slice(None), *region)] = values[name].numpy()
             self.job.marker(block).touch()
         except OSError as exc:
             if exc.errno in DISK_FULL:
@@ -217,15 +218,6 @@ def _steps(units: Iterable[Sequence[Zyx]], stop: Callable[[], bool]) -> Iterator
             if stop():
                 return
             yield Step(block, rank, i)
-
-
-def _event(device: torch.device) -> torch.cuda.Event | None:
-    """A CUDA event recorded now on the device's stream, or None on a CPU."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
 
 
 def _report(done: BlockDone, on_done: Callable[[BlockDone], None] | None) -> None:
