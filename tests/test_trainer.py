@@ -146,6 +146,33 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(recipe, tmp_path):
     assert 3 <= state["iteration"] < 100000
 
 
+def test_sigterm_to_the_process_group_with_loader_workers(recipe, tmp_path):
+    """As a SLURM time limit or GNU timeout sends it: the loader workers get the signal too,
+    leave it to the trainer, and the run checkpoints, exits 143 and resumes."""
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "emrun", "train", str(recipe), "--run-dir", str(run), "-o",
+         "train.iterations=100000", "-o", "train.checkpoint_every=100000", "-o",
+         "train.workers=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    events = run / "events.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (events.exists() and events.read_text().strip()):
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "internal error" not in stderr and "Traceback" not in stderr
+    stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"]
+    assert stopped >= 3
+    resumed = emrun("train", str(recipe), "--run-dir", str(run), "--resume", "-o",
+                    f"train.iterations={stopped + 2}", "-o", "train.checkpoint_every=100000",
+                    "-o", "train.workers=2")
+    assert resumed.returncode == 0, resumed.stderr
+    final = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert final["iteration"] == stopped + 2
+
+
 def test_nonfinite_losses_are_skipped_then_stop_the_run(recipe, tmp_path, monkeypatch):
     from emrun.errors import UserError
     from emrun.losses import LossResult

@@ -12,7 +12,9 @@ same for any number of workers and a resumed run starts at batch ``start``.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..recipe import Recipe
 from ..registry import targets
+from ..subprocesses import leave_signals_to
 from .sampler import read_crop
 from .samples import SampleMaker, pack, stack
 from .sources import Source, open_sources
@@ -84,6 +87,8 @@ def train_batches(recipe: Recipe, *, rank: int = 0, start: int = 0,
         persistent_workers=workers > 0,
         multiprocessing_context=context if workers else None,
         collate_fn=_as_is,
+        # a signal to the process group is the trainer's to handle (checkpoint, then exit)
+        worker_init_fn=functools.partial(leave_signals_to, os.getpid()) if workers else None,
     )
     return map(to_tensors, loader)
 

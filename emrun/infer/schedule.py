@@ -10,14 +10,11 @@ after each finished block, so any of them can resume a job another started.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import math
 import multiprocessing as mp
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -31,6 +28,7 @@ import torch
 from ..devices import available_memory, cpu_cores, parse_device, require_visible
 from ..errors import UserError
 from ..recipe import Recipe
+from ..subprocesses import leave_signals_to
 from .job import Job, prepare_job
 from .plan import Tiling, Zyx, choose_tiling, units
 from .worker import BlockDone, BlockWorker
@@ -256,27 +254,12 @@ def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx
             process.join()
 
 
-PR_SET_PDEATHSIG = 1  # prctl(2)
-
-
-def die_with_parent(parent: int) -> None:
-    """Have the kernel kill this process when the process that started it dies (Linux), so
-    that a killed `emrun infer` leaves no worker writing behind it for a resume to race."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the request took effect
-        os._exit(1)
-
-
 def _worker_main(job_json: str, device: str, threads: int, tasks: mp.Queue,
                  results: mp.Queue, model: ModelFactory | None, parent: int,
                  stop: Any) -> None:
     """A worker process: build the model once, then take units until the queue (or the
     parent's stop event: signals are the parent's to handle) says stop."""
-    die_with_parent(parent)
-    for number in (signal.SIGTERM, signal.SIGINT):  # the whole process group gets them
-        signal.signal(number, signal.SIG_IGN)
+    leave_signals_to(parent)
     torch.set_num_threads(threads)
 
     def groups():  # type: ignore[no-untyped-def]
