@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import NotImplementedYet, UserError
+from .errors import Interrupted, NotImplementedYet, UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,6 +71,9 @@ def guarded(fn: F) -> F:
         except NotImplementedYet as exc:
             err.print(f"{exc}")
             raise typer.Exit(1) from None
+        except Interrupted as exc:
+            err.print(f"stopped by {exc.signal_name}: {exc}", markup=False)
+            raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -293,9 +296,8 @@ def infer(
                                      launch=launch, roi=box, on_block=report)
     except Stopped as stop:
         done = stop.progress.done + stop.progress.skipped
-        err.print(f"stopped by {stop.signal_name}: {done} of {stop.progress.total} blocks are "
-                  f"done and marked; continue with --resume", markup=False)
-        raise typer.Exit(130 if stop.signal_name == "SIGINT" else 143) from None
+        raise Interrupted(stop.signal_name, f"{done} of {stop.progress.total} blocks are done "
+                          "and marked; continue with --resume") from None
     out.print(f"wrote {output}: {progress.done} blocks predicted, {progress.skipped} already "
               f"done, {progress.voxels / max(progress.seconds, 1e-9) / 1e6:.2f} Mvoxel/s",
               markup=False)

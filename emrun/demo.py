@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_output, write_text
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .evaluate import score_volumes
 from .infer.schedule import run_inference
 from .io import open_volume
@@ -105,7 +105,10 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
     trainer = Trainer(loaded, out / "run", console=console)
     untrained = models.build(recipe.model, head_channels=recipe.head_channels())
     untrained.load_state_dict(trainer.model.state_dict())
-    trainer.fit()
+    if (stopped := trainer.fit().interrupted) is not None:
+        raise Interrupted(stopped, f"training checkpointed at iteration {trainer.iteration} "
+                          f"in {out / 'run'}; the demo does not go on with a partly trained "
+                          "network: run it again into an empty --out")
     untrained_checkpoint = out / "run" / "untrained.pt"
     torch.save({"model": untrained.state_dict(), "iteration": 0}, untrained_checkpoint)
 

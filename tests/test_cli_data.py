@@ -151,6 +151,35 @@ def test_demo_trains_and_draws_then_refuses_to_overwrite(tmp_path):
     assert again.exit_code == 2 and "not empty" in again.stderr
 
 
+def test_demo_and_bench_snemi3d_stop_when_training_is_stopped(tmp_path, monkeypatch):
+    """A SIGTERM during training checkpoints and ends the command (exit 143): nothing goes on
+    to score a partly trained network as trained."""
+    from emrun.train.trainer import Trainer, TrainResult
+
+    def stopped(self, batches=None):
+        return TrainResult(self.iteration, self.run_path, "SIGTERM")
+
+    monkeypatch.setattr(Trainer, "fit", stopped)
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "-o", "train.iterations=3"])
+    assert result.exit_code == 143, result.output
+    assert "stopped by SIGTERM" in result.stderr and "again" in result.stderr
+    assert not (out / "metrics.json").exists() and not (out / "test.zarr").exists()
+    from emrun.synth import synthesize
+
+    data = tmp_path / "snemi"
+    data.mkdir()
+    vol = synthesize((70, 48, 48), 3)
+    tifffile.imwrite(data / "train-input.tif", vol.image)
+    tifffile.imwrite(data / "train-labels.tif", vol.labels.astype(np.uint16))
+    bench = tmp_path / "bench"
+    result = runner.invoke(app, ["bench", "snemi3d", "--data", str(data), "--out", str(bench),
+                                 "--iterations", "2", "--device", "cpu", *TINY_SNEMI,
+                                 "-o", "segment={type: mws}"])
+    assert result.exit_code == 143, result.output
+    assert "continue" in result.stderr and not (bench / "pred.zarr").exists()
+
+
 def test_bench_infer_reports_efficiency(write):
     result = runner.invoke(app, ["bench", "infer", str(write(MINIMAL)), "--shape", "8", "48",
                                  "48", "--device", "cpu", "--json"])

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_output, write_text
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ..evaluate import score
 from ..evaluate.pieces import connected_pieces
 from ..infer.schedule import run_inference
@@ -104,7 +104,10 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     run = out / "run"
     trainer = Trainer(loaded, run, resume=(run / "checkpoints" / "last.pt").exists(),
                       device=device, console=console)
-    trainer.fit()
+    if (stopped := trainer.fit().interrupted) is not None:
+        raise Interrupted(stopped, f"training checkpointed at iteration {trainer.iteration} "
+                          f"in {run}; run the same command again to continue (nothing is "
+                          "scored until training is done)")
 
     started = time.perf_counter()
     pred = out / "pred.zarr"
