@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sys
 import traceback
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import Interrupted, NotImplementedYet, UserError
+from .errors import Interrupted, NotImplementedYet, UserError, disk_full
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -77,6 +78,9 @@ def guarded(fn: F) -> F:
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
         except Exception as exc:
+            if (full := disk_full(exc)) is not None:
+                _report_disk_full(full)
+                raise typer.Exit(2) from None
             if os.environ.get("EMRUN_DEBUG"):
                 traceback.print_exc()
             err.print(f"internal error: {type(exc).__name__}: {exc}\n"
@@ -85,6 +89,16 @@ def guarded(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _report_disk_full(exc: OSError) -> None:
+    """A full disk is the user's to fix: one line, and no noise from zarr's IO tasks that the
+    error cut short (asyncio logs them as it shuts down)."""
+    where = f" writing {exc.filename}" if exc.filename else ""
+    err.print(f"[red]error:[/] the disk is full ({escape(exc.strerror or 'no space left')})"
+              f"{escape(where)}: free space and run the command again (with --resume where it "
+              "has one); nothing half-written stands under a final name", markup=True)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 class UserError(Exception):
     """Something the user can fix: a recipe, a volume, an argument. Exits with code 2."""
@@ -23,3 +27,16 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 130 if self.signal_name == "SIGINT" else 143
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The 'no space left' (or quota) error behind ``exc``, if that is what it is: zarr and
+    the libraries under it may raise it from their own threads or chained to another."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL:
+            return current
+        current = current.__cause__ or current.__context__
+    return None

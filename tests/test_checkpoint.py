@@ -78,6 +78,23 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) ->
     assert load(path)["iteration"] == 1
 
 
+def test_a_full_disk_under_the_file_is_named_as_such(tmp_path: Path, monkeypatch) -> None:
+    """Written to the file directly, torch turns ENOSPC into 'RuntimeError: unexpected pos'
+    (an internal error, exit 1); the save must say the disk is full and how to go on."""
+    path = tmp_path / "last.pt"
+    save_atomic(path, tiny_state(1))
+
+    class FullDisk(io.FileIO):
+        def write(self, data):  # type: ignore[no-untyped-def]
+            super().write(bytes(memoryview(data)[:100]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, mode: FullDisk(fd, "wb"))
+    with pytest.raises(CheckpointError, match=r"No space left.*intact.*--resume"):
+        save_atomic(path, tiny_state(2))
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
 def test_disk_full_on_the_first_save_writes_nothing(tmp_path: Path, monkeypatch) -> None:
     enospc_save(monkeypatch)
     with pytest.raises(CheckpointError, match="nothing was written"):

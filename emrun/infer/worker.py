@@ -9,7 +9,6 @@ scheduler (in-process, local processes, daisy) runs blocks through this class.
 
 from __future__ import annotations
 
-import errno
 import math
 import threading
 import time
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import DISK_FULL, UserError
 from ..io import open_volume
 from .engine import Engine, load_model, quantise, read_reflected
 from .job import Job, open_output_arrays
@@ -37,7 +36,6 @@ STAGES = ("read", "predict", "write", "wait_read", "wait_write")
 """Seconds a worker sums per stage: reading (reader threads), predicting and quantising
 (the device; main thread), writing (writer threads), and the main thread waiting for a read
 or for a write slot. Waits near zero: the device bounds the rate; large: the IO does."""
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 @dataclass(frozen=True)

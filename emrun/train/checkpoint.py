@@ -23,6 +23,7 @@ A run directory's ``checkpoints/`` (see `CheckpointDir`) holds::
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import random
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import DISK_FULL, UserError
 
 __all__ = [
     "CheckpointDir",
@@ -112,7 +113,8 @@ def _remove(path: str | Path) -> None:
 def _save_failed(path: Path, existed: bool, exc: OSError) -> CheckpointError:
     reason = exc.strerror or str(exc) or type(exc).__name__
     after = "the previous checkpoint is intact" if existed else "nothing was written"
-    return CheckpointError(f"{path}: could not save checkpoint ({reason}); {after}")
+    hint = "; free space and continue with --resume" if exc.errno in DISK_FULL else ""
+    return CheckpointError(f"{path}: could not save checkpoint ({reason}); {after}{hint}")
 
 
 def save_atomic(path: Path, state: dict) -> None:
@@ -135,7 +137,11 @@ def save_atomic(path: Path, state: dict) -> None:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):
                 os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes it 0o600
-            torch.save(state, f)
+            # Serialised in memory first: writing to the file straight away, torch turns a
+            # full disk into "RuntimeError: unexpected pos" and the cause is lost.
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
