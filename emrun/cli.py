@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import sys
 import traceback
@@ -776,18 +777,26 @@ def data_synth(
     defects: Annotated[bool, typer.Option(help="Add missing/dim sections and a shift.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing arrays.")] = False,
 ) -> None:
-    """Write a synthetic EM volume: arrays image, labels and mito, deterministic from SEED."""
+    """Write a synthetic EM volume: arrays image, labels, mito and synapse (stand-in clefts),
+    deterministic from SEED."""
+    from .bench.room import size_text
+    from .devices import available_memory
     from .io.write import write_volume
-    from .synth import synthesize
+    from .synth import MEMORY_PER_VOXEL, synthesize
 
     if shape is None or min(shape) < 1:
         raise UserError("--shape needs three positive sizes")
+    need, free = math.prod(shape) * MEMORY_PER_VOXEL, available_memory()
+    if need > free:
+        raise UserError(f"--shape {' '.join(map(str, shape))}: generating it takes about "
+                        f"{size_text(need)} of memory (it is made whole, in memory), "
+                        f"{size_text(free)} is available; give a smaller --shape")
     volume = synthesize(shape, seed, voxel_size=voxel_size or (30.0, 6.0, 6.0),
                         defects=defects)
-    for key in ("image", "labels", "mito"):
+    for key in ("image", "labels", "mito", "synapse"):
         write_volume(out, key, getattr(volume, key), voxel_size=volume.voxel_size,
                      overwrite=overwrite, attrs={"emrun": {"synthetic_seed": seed}})
-    print(f"wrote {out}/image, labels, mito: shape {list(shape)}, seed {seed}, "
+    print(f"wrote {out}/image, labels, mito, synapse: shape {list(shape)}, seed {seed}, "
           f"{int(volume.labels.max())} cells")
 
 

@@ -41,11 +41,15 @@ def test_synth_writes_image_labels_mito_deterministically(tmp_path):
         result = runner.invoke(app, ["data", "synth", str(tmp_path / name), "--shape", "8", "64",
                                      "64", "--seed", "4"])
         assert result.exit_code == 0, result.output
-    for key in ("image", "labels", "mito"):
+    for key in ("image", "labels", "mito", "synapse"):
         a = open_volume(f"{tmp_path}/a.zarr/{key}").read()
         np.testing.assert_array_equal(a, open_volume(f"{tmp_path}/b.zarr/{key}").read())
     assert open_volume(f"{tmp_path}/a.zarr/image").dtype == np.uint8
     assert open_volume(f"{tmp_path}/a.zarr/labels").voxel_size == (30.0, 6.0, 6.0)
+    huge = runner.invoke(app, ["data", "synth", str(tmp_path / "h.zarr"), "--shape", "100000",
+                               "100000", "100000"])  # checked first: no MemoryError
+    assert huge.exit_code == 2 and "PB of memory" in huge.stderr
+    assert not (tmp_path / "h.zarr").exists()
 
 
 def test_bench_data_ends_with_a_json_line(write):
@@ -56,6 +60,19 @@ def test_bench_data_ends_with_a_json_line(write):
     for key in ("samples_per_s", "ms_per_sample", "workers", "per_augmentation_ms"):
         assert key in figures
     assert figures["workers"] == 0 and figures["samples_per_s"] > 0
+
+
+def test_multitask_runs_on_synthetic_data_with_stand_in_synapses():
+    """--synthetic replaces the sources: the multi-task recipe's synapse task needs a
+    'synapse' volume, which synthetic sources now have."""
+    from emrun.shipped import RECIPES
+
+    recipe = str(RECIPES / "multitask.yaml")
+    result = runner.invoke(app, ["bench", "data", recipe, "--synthetic", "--workers", "0",
+                                 "--samples", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["channels"] == {"affinity": 5, "mito": 1, "synapse": 1}
 
 
 def test_preview_writes_a_png_grid(write, tmp_path):

@@ -43,7 +43,7 @@ def test_same_seed_same_volume_other_seed_differs() -> None:
     a = synthesize((12, 64, 80), seed=3)
     b = synthesize((12, 64, 80), seed=3)
     c = synthesize((12, 64, 80), seed=4)
-    for name in ("image", "labels", "mito"):
+    for name in ("image", "labels", "mito", "synapse"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     assert not np.array_equal(a.image, c.image)
     assert not np.array_equal(a.labels, c.labels)
@@ -97,6 +97,18 @@ def test_mitochondria_lie_inside_cells(vol: SynthVolume) -> None:
     assert inside.mean() >= 0.9
     # and they are dark
     assert vol.image[vol.mito > 0].mean() < vol.image[(vol.labels > 0) & (vol.mito == 0)].mean()
+
+
+def test_stand_in_clefts_lie_on_membranes_between_two_cells(vol: SynthVolume) -> None:
+    assert vol.synapse.dtype == np.uint8 and vol.synapse.shape == SHAPE
+    cleft = vol.synapse > 0
+    assert 0.002 < cleft.mean() < 0.2 * (vol.labels == 0).mean()  # some contacts, not all
+    assert not (cleft & (vol.labels > 0)).any()  # on the membrane only
+    # each cleft voxel is near two different cells (it separates them)
+    near = ndi.grey_dilation(vol.labels, size=(1, 5, 5))
+    lowest = -ndi.grey_dilation(-np.where(vol.labels > 0, vol.labels, 1 << 30).astype(np.int64),
+                                size=(1, 5, 5))
+    assert (near[cleft] != lowest[cleft]).mean() > 0.9
 
 
 def test_membranes_darker_than_cytoplasm(vol: SynthVolume) -> None:

@@ -22,7 +22,8 @@ Box = tuple[tuple[int, int, int], tuple[int, int, int]]  # (offset, shape), voxe
 
 @dataclass(frozen=True, kw_only=True)
 class SyntheticVolume(Volume):
-    """One array (image, labels or mito) of a synthetic volume, generated on first read."""
+    """One array (image, labels, mito or synapse) of a synthetic volume, generated on first
+    read."""
 
     seed: int
     part: str
@@ -37,7 +38,7 @@ def _synthetic(shape: tuple[int, ...], seed: int,
     from ..synth import synthesize
 
     vol = synthesize(shape, seed, voxel_size=voxel_size or (30.0, 6.0, 6.0))  # type: ignore[arg-type]
-    return {"image": vol.image, "labels": vol.labels, "mito": vol.mito}
+    return {"image": vol.image, "labels": vol.labels, "mito": vol.mito, "synapse": vol.synapse}
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,16 @@ def open_volume_source(spec: VolumeSource, name: str = "source") -> Source:
 
 @sources.implement("synthetic")
 def open_synthetic_source(spec: SyntheticSource, name: str = "source") -> Source:
-    """A synthetic source: image, labels and a `mito` semantic volume from a seed."""
+    """A synthetic source: image, labels and `mito` and `synapse` semantic volumes from a
+    seed."""
     def part(key: str, dtype: str) -> Volume:
         return SyntheticVolume(path=f"synthetic:{name}", dataset=key, shape=spec.shape,
                                dtype=np.dtype(dtype), voxel_size=spec.voxel_size,
                                seed=spec.seed, part=key)
 
     return Source(name, part("image", "uint8"), part("labels", "uint32"), None,
-                  {"mito": part("mito", "uint32")}, _box(spec, spec.shape), 0.0, 255.0,
+                  {"mito": part("mito", "uint32"), "synapse": part("synapse", "uint8")},
+                  _box(spec, spec.shape), 0.0, 255.0,
                   spec.weight, spec.min_labelled, spec.voxel_size)  # type: ignore[arg-type]
 
 

@@ -14,7 +14,7 @@ VolumePath = str
 ``stack.tif``, a folder of TIFF sections, or ``x.npy``. Relative paths are relative to the
 working directory."""
 
-SYNTHETIC_SEMANTIC = ("mito",)
+SYNTHETIC_SEMANTIC = ("mito", "synapse")
 """Semantic volumes a synthetic source generates alongside image and labels."""
 
 
