@@ -118,9 +118,9 @@ def test_cross_checks_locate_the_key(write):
 
 def test_semantic_volume_must_exist_in_every_source(write):
     text = MINIMAL + "  # extra task below\n"
-    text = text.replace("tasks:\n", "tasks:\n  syn:\n    target: {type: synapse}\n")
-    [msg] = problems(write(text))
-    assert "tasks.syn.target.volume" in msg and "no semantic volume 'synapse'" in msg
+    text = text.replace("tasks:\n", "tasks:\n  syn:\n    target: {type: synapse, volume: clefts}\n")
+    [msg] = problems(write(text))  # synthetic sources have 'mito' and 'synapse' only
+    assert "tasks.syn.target.volume" in msg and "no semantic volume 'clefts'" in msg
 
 
 def test_resolved_recipe_round_trips(write, tmp_path):

@@ -22,6 +22,7 @@ from .. import __version__
 from ..errors import UserError
 from ..io import Volume, open_volume
 from ..io.write import create_volume
+from ..paths import is_link_loop
 from ..recipe import Recipe
 from ..recipe.tasks import AffinityTarget
 from .engine import Engine, file_digest, intensity_range, load_model
@@ -164,6 +165,8 @@ def open_output_arrays(job: Job) -> dict[str, zarr.Array]:
 
 
 def _refuse_same(volume: Volume, output: Path) -> None:
+    if is_link_loop(output):
+        raise UserError(f"--output {output} is a loop of symbolic links; give a .zarr folder")
     if Path(volume.path).resolve() == output.resolve():
         raise UserError(f"--output {output} is the input's own container; write elsewhere")
     if output.exists() and not output.is_dir():

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from emrun.errors import UserError
+from emrun.paths import is_link_loop, not_a_file
 
 Roi = tuple[slice, ...]
 
@@ -152,8 +153,12 @@ def open_volume(path: str | os.PathLike[str], dataset: str | None = None) -> Vol
         dataset = inner
     name = f"{container}/{dataset}" if dataset else container
 
+    if is_link_loop(container):
+        raise VolumeError(f"{container} is a loop of symbolic links")
     if not os.path.exists(container):
         raise VolumeError(f"{container}: no such file or directory")
+    if not os.path.isdir(container) and (why := not_a_file(container)) is not None:
+        raise VolumeError(f"{container} {why}")
     opener, kind = _choose_opener(container)
     try:
         return opener(container, dataset)

@@ -62,6 +62,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from emrun.io.metadata import ome_image_attrs
 from emrun.io.volume import VolumeError
 from emrun.io.zarr_volume import PARTIAL_SUFFIX
+from emrun.paths import is_link_loop
 
 LEVEL = "0"  # the one multiscale level emrun writes
 CHUNK_ZYX = (16, 256, 256)  # default chunk: thin in z (anisotropic EM), wide in y and x
@@ -243,6 +244,8 @@ def _check_store(root: Path) -> None:
     """The output must be a *.zarr folder that is missing, empty or a zarr v3 group."""
     if not root.name.lower().endswith(".zarr"):
         raise VolumeError(f"{root}: an output store must be a folder whose name ends in .zarr")
+    if is_link_loop(root):
+        raise VolumeError(f"{root} is a loop of symbolic links; give a .zarr folder")
     if not root.exists():
         return
     if not root.is_dir():

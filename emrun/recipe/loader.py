@@ -94,8 +94,11 @@ SECTIONS = frozenset(Recipe.model_fields) | {"extends"}
 def _resolve(file: Path, chain: tuple[Path, ...], files: list[Path],
              referrer: Mark | None) -> Located:
     """Parse ``file`` and deep-merge it onto the files it `extends`."""
-    real = file.resolve()
     shown = shown_path(file)
+    try:
+        real = file.resolve()
+    except RuntimeError:  # a loop of symbolic links: read_text says so, located below
+        real = file.absolute()
     if real in chain:
         cycle = " -> ".join(shown_path(p) for p in (*chain, real))
         raise RecipeError([Problem(f"`extends` cycle: {cycle}", referrer)])

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ..paths import is_link_loop, not_a_file
 from .errors import KeyPath, Mark, Problem, RecipeError
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -53,10 +54,14 @@ def read_text(path: Path, shown: str) -> str:
     def fail(message: str) -> RecipeError:
         return RecipeError([Problem(message, Mark(shown))])
 
+    if is_link_loop(path):
+        raise fail("is a loop of symbolic links")
     if not path.exists():
         raise fail("no such file")
     if path.is_dir():
         raise fail("is a directory, not a recipe file")
+    if (why := not_a_file(path)) is not None:
+        raise fail(why)
     try:
         with path.open("rb") as stream:  # bounded: a device or pipe must not read forever
             raw = stream.read(MAX_BYTES + 1)

@@ -27,6 +27,7 @@ from .. import __version__
 from ..devices import available_memory
 from ..errors import UserError
 from ..io import Volume, open_volume
+from ..paths import is_link_loop
 from ..recipe.recipe import Recipe
 from ..registry import Spec, segmenters
 from .affinities import Offset, check_offsets, parse_offsets, to_float
@@ -214,6 +215,8 @@ def check_output(output: Path, names: Sequence[str]) -> None:
     volume (never overwritten), a bad name."""
     if not output.name.lower().endswith(".zarr"):
         raise UserError(f"{output}: the output must be a folder whose name ends in .zarr")
+    if is_link_loop(output):
+        raise UserError(f"{output} is a loop of symbolic links; give a .zarr folder")
     if output.exists() and not output.is_dir():
         raise UserError(f"{output}: exists and is a file; give a new or existing .zarr folder")
     for name in names:

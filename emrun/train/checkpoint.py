@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import DISK_FULL, UserError
+from ..paths import is_link_loop, not_a_file
 
 __all__ = [
     "CheckpointDir",
@@ -182,10 +183,14 @@ def load(path: Path) -> dict:
     ``"iteration"``.
     """
     path = Path(path)
+    if is_link_loop(path):
+        raise CheckpointError(f"{path} is a loop of symbolic links")
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if (why := not_a_file(path)) is not None:
+        raise CheckpointError(f"{path} {why}")
     try:
         with open(path, "rb") as f:
             head = f.read(4)

@@ -1,0 +1,43 @@
+"""What a path the user named is, before emrun opens it.
+
+Opening a named pipe, a terminal or another device for reading waits on whoever is at the
+other end, possibly forever (`emrun validate /dev/stdin` in a shell hung); emrun reads
+recipes, checkpoints and volumes it can open again and seek in, so anything other than a
+regular file (or a folder, where a folder is expected) is refused up front.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+
+def not_a_file(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path``, which exists, cannot be read as a file (a phrase to follow its name),
+    or None for a regular file. Links are followed; a loop of links is named as such."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a loop of symbolic links"
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return ("is a named pipe, not a file (emrun reads files it can open again and seek "
+                "in: save the stream to a file first)")
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a file"
+    return "is not a regular file"
+
+
+def is_link_loop(path: str | os.PathLike[str]) -> bool:
+    """True for a symbolic link that leads back to itself (``exists()`` calls it missing)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
