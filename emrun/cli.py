@@ -779,7 +779,7 @@ def data_synth(
 ) -> None:
     """Write a synthetic EM volume: arrays image, labels, mito and synapse (stand-in clefts),
     deterministic from SEED."""
-    from .bench.room import size_text
+    from .capacity import size_text
     from .devices import available_memory
     from .io.write import write_volume
     from .synth import MEMORY_PER_VOXEL, synthesize

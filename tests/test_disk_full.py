@@ -68,3 +68,45 @@ def test_segment_on_a_full_disk(tmp_path, monkeypatch):
         result = runner.invoke(app, ["segment", str(tmp_path / "a.zarr/affinity"),
                                      str(tmp_path / "seg.zarr"), *extra])
         check_refused(result, tmp_path / "seg.zarr" / "segmentation")
+
+
+def test_declared_huge_inputs_are_refused_before_any_work(tmp_path):
+    """A zarr array can declare 100,000^3 voxels over a few chunks: converting, segmenting or
+    predicting it would run for days and then fill the disk; refuse at once, saying what it
+    would take."""
+    import zarr
+
+    from emrun.recipe import Recipe
+    from emrun.registry import models
+
+    huge = (100_000, 100_000, 100_000)
+    image = zarr.create_array(str(tmp_path / "in.zarr"), name="image", shape=huge,
+                              chunks=(8, 64, 64), dtype="uint8")
+    image[:8, :64, :64] = 7
+    affs = zarr.create_array(str(tmp_path / "a.zarr"), name="affinity", shape=(3, *huge),
+                             chunks=(3, 8, 64, 64), dtype="float32")
+    affs.attrs["offsets"] = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
+    recipe = Recipe.model_validate({
+        "name": "h", "data": {"sources": {"a": {"type": "synthetic", "shape": [8, 32, 32]}}},
+        "model": {"type": "rsunet", "widths": [2, 4]},
+        "tasks": {"aff": {"target": {"type": "affinity"}}},
+        "train": {"patch": [4, 16, 16], "iterations": 1}})
+    model = models.build(recipe.model, head_channels=recipe.head_channels())
+    import torch
+    import yaml
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe.resolved()))
+    torch.save({"model": model.state_dict(), "iteration": 1}, tmp_path / "c.pt")
+    for args, says in (
+            (["data", "convert", str(tmp_path / "in.zarr/image"), str(tmp_path / "o.zarr")],
+             "1.0 PB before compression"),
+            (["segment", str(tmp_path / "a.zarr/affinity"), str(tmp_path / "s.zarr")],
+             "8.0 PB before compression"),
+            (["infer", "--checkpoint", str(tmp_path / "c.pt"), "--recipe",
+              str(tmp_path / "r.yaml"), "--input", str(tmp_path / "in.zarr/image"),
+              "--output", str(tmp_path / "p.zarr"), "--device", "cpu"],
+             "3.0 PB before compression")):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert says in result.stderr and "is free there" in result.stderr
+    assert not (tmp_path / "p.zarr" / "aff").exists()

@@ -2,20 +2,20 @@
 memory, disk and device memory against what is free, so that a volume too large is the user's
 error in one line (exit 2) rather than a crash, or a full disk, minutes later.
 
-The probes (`free_disk`, `free_device_memory`) and `size_text` serve any
-benchmark; `estimate_needs` and `check_room` size a run of the inference engine over a
+The probe `free_device_memory` serves any benchmark (`free_disk` and `size_text` come from
+`emrun.capacity`); `estimate_needs` and `check_room` size a run of the inference engine over a
 generated uint8 volume (`emrun bench infer`, and any benchmark that runs the engine so)."""
 
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..capacity import free_disk, size_text
 from ..devices import available_memory
 from ..errors import UserError
 from ..infer.plan import Layout, Zyx
@@ -49,24 +49,11 @@ def estimate_needs(recipe: Recipe, layout: Layout, workers: int, on_gpu: bool) -
                  device=block if on_gpu else 0, input=voxels, output=output)
 
 
-def free_disk(path: Path) -> int:
-    """Bytes free on the file system that holds ``path``."""
-    return shutil.disk_usage(path).free
-
-
 def free_device_memory(device: torch.device) -> int | None:
     """Free memory of a GPU, or None for a CPU (its memory is the host's)."""
     if device.type != "cuda":
         return None
     return torch.cuda.mem_get_info(device)[0]
-
-
-def size_text(n: float) -> str:
-    """Bytes for people: 340 MB, 1.2 GB, 4.0 TB."""
-    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n / 1e6:.0f} MB"
 
 
 def check_room(needs: Needs, device: torch.device, shape: Zyx, tmp: Path) -> None:

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import zarr
 
 from .. import __version__
+from ..capacity import check_output_fits
 from ..errors import UserError
 from ..io import Volume, open_volume
 from ..io.write import create_volume
@@ -131,6 +134,13 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     job = Job(recipe=recipe, checkpoint=checkpoint.resolve(), input_path=input_path,
               output=output.resolve(), mask_path=mask_path, layout=layout,
               scale=intensity_range(recipe, volume), tta=tta, roi_offset=offset)
+    if not resume and mask_path is None:  # a mask may leave most of a huge volume out
+        channels = sum(recipe.head_channels().values())
+        check_output_fits(output, channels * math.prod(shape) * np.dtype(recipe.infer.dtype)
+                          .itemsize, f"predicting {volume} ({channels} x "
+                          f"{'x'.join(map(str, shape))} {recipe.infer.dtype})",
+                          "check the input's shape, or predict a box of it (--roi) or the "
+                          "blocks of a --mask")
     _open_outputs(job, volume, resume)
     job.done_dir.mkdir(parents=True, exist_ok=True)
     job.save()

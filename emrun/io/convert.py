@@ -29,6 +29,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from emrun.capacity import check_output_fits
 from emrun.io.volume import Roi, VolumeError, open_volume
 from emrun.io.write import default_chunks, native_dtype, staged_volume
 
@@ -111,6 +112,8 @@ def convert(
     offset = vol.offset if vol.offset is not None and len(vol.offset) == 3 else None
     chunks = tuple(chunks) if chunks is not None else default_chunks(vol.shape, channel_axis)
     target = str(Path(out) / name)
+    check_output_fits(out, math.prod(vol.shape) * np.dtype(dtype).itemsize,
+                      f"converting {vol} ({'x'.join(map(str, vol.shape))} {np.dtype(dtype)})")
 
     with staged_volume(
         out,

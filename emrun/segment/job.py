@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..capacity import check_output_fits
 from ..devices import available_memory
 from ..errors import UserError
 from ..io import Volume, open_volume
@@ -296,6 +297,9 @@ def run_segment(affs_path: str, output: Path, *, method: str | None = None,
 
     volume, offsets = open_affinities(affs_path, offsets_text)
     spatial = volume.shape[1:]
+    check_output_fits(output, 8 * math.prod(spatial) * len(names),
+                      f"segmenting {volume} ({len(names)} x {'x'.join(map(str, spatial))} "
+                      "uint64)")
     mask = None if mask_path is None else open_spatial(mask_path, volume, "mask")
     truth = (None if truth_path is None
              else open_spatial(truth_path, volume, "truth", integer=True))

@@ -1,0 +1,49 @@
+"""Whether a job can fit the machine's disk, checked before it starts.
+
+A volume can declare any shape: a zarr array of 100,000^3 voxels over a few written chunks
+is a few files. Writing its conversion, prediction or segmentation would run for days and
+then fill the disk; the user's mistake should be one line at the start instead. The output's
+compressed size is unknown before it is written, so the check refuses only what cannot fit
+even at ``BEST_RATIO`` (no emrun output compresses better than that in practice: uint64
+segmentations reach 50-120x); anything smaller is tried, and a disk that fills anyway is
+reported as such (see the CLI's guard).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+
+BEST_RATIO = 200
+"""Compression no output is expected to beat (raw bytes per stored byte)."""
+
+
+def size_text(n: float) -> str:
+    """Bytes for people: 340 MB, 1.2 GB, 4.0 TB."""
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e6:.0f} MB"
+
+
+def free_disk(path: str | os.PathLike[str]) -> int:
+    """Bytes free on the file system that holds ``path`` (or its nearest existing folder)."""
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return shutil.disk_usage(where).free
+
+
+def check_output_fits(output: str | os.PathLike[str], raw_bytes: int, what: str,
+                      hint: str = "check the input's shape") -> None:
+    """Refuse ``what`` (e.g. "segmenting x.zarr/affinity (1 x 10x10x10 uint64)") when
+    ``raw_bytes`` of output could not fit in the free disk even compressed ``BEST_RATIO``
+    times; ``hint`` says what to do instead."""
+    free = free_disk(output)
+    if raw_bytes > BEST_RATIO * free:
+        raise UserError(f"{output}: {what} is {size_text(raw_bytes)} before compression; "
+                        f"{size_text(free)} is free there, so it cannot fit even compressed "
+                        f"{BEST_RATIO}x: {hint}")
