@@ -23,6 +23,7 @@ from emrun.cli import app
 from emrun.errors import UserError
 from emrun.infer.job import Job, prepare_job
 from emrun.infer.schedule import run_inference, worker_slots
+from emrun.io.write import write_volume
 
 BLOCK = (4, 16, 16)
 
@@ -93,6 +94,22 @@ def test_disk_full_is_a_clear_error_and_the_run_resumes(inputs, monkeypatch):
     assert 1 <= marked < 27 and failed[0] in job.pending()
     run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=BLOCK,
                   resume=True)
+    same_output(out, straight, recipe)
+
+
+def test_a_corrupt_mask_chunk_says_what_is_kept_and_the_run_resumes(inputs):
+    recipe, tmp, straight = inputs
+    mask = np.ones((12, 40, 48), np.uint8)
+    write_volume(tmp / "in.zarr", "mask", mask, chunks=BLOCK)
+    chunk = tmp / "in.zarr" / "mask" / "0" / "c" / "1" / "1" / "1"
+    chunk.write_bytes(b"not zstd")
+    out = tmp / "masked.zarr"
+    with pytest.raises(UserError, match=r"mask.*blocks are done and kept.*--resume"):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=BLOCK,
+                      mask_path=str(tmp / "in.zarr/mask"))
+    write_volume(tmp / "in.zarr", "mask", mask, chunks=BLOCK, overwrite=True)  # fixed
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=BLOCK,
+                  mask_path=str(tmp / "in.zarr/mask"), resume=True)
     same_output(out, straight, recipe)
 
 

@@ -156,11 +156,18 @@ def run_local(job: Job, slots: list[tuple[str, int]],
         def stopping() -> bool:
             return bool(caught)
 
-        if len(slots) == 1 and pending:
-            device = torch.device(slots[0][0])
-            _worker(job, device, model).run_units(groups, done, stop=stopping)
-        elif pending:
-            _run_processes(job, slots, groups, done, model, stopping)
+        try:
+            if len(slots) == 1 and pending:
+                device = torch.device(slots[0][0])
+                _worker(job, device, model).run_units(groups, done, stop=stopping)
+            elif pending:
+                _run_processes(job, slots, groups, done, model, stopping)
+        except UserError as exc:  # a bad input chunk, say, found midway
+            if "--resume" in str(exc):
+                raise
+            kept = progress.done + progress.skipped
+            raise UserError(f"{exc}; {kept} of {progress.total} blocks are done and kept: "
+                            "once that is fixed, continue with --resume") from None
     if caught:
         raise Stopped(caught[0], progress)
     return progress
