@@ -173,6 +173,44 @@ def test_sigterm_to_the_process_group_with_loader_workers(recipe, tmp_path):
     assert final["iteration"] == stopped + 2
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from emrun.recipe import load_recipe
+    from emrun.train.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("trained")
+    (tmp / "tiny.yaml").write_text(TINY)
+    loaded = load_recipe(tmp / "tiny.yaml", ["train.iterations=3", "train.validate_every=0"])
+    Trainer(loaded, tmp / "run").fit()
+    return loaded, tmp / "run"
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (lambda s: s.pop("optimizer"), "it has no optimizer"),
+    (lambda s: s.update(rng={"python": 5}), "its rng state is malformed"),
+    (lambda s: s.update(recipe="{{{"), "not a recipe mapping"),
+    (lambda s: s.update(data={"batches": "x"}), "its counters state is malformed"),
+    (lambda s: s.update(scheduler=[]), "its scheduler state is malformed"),
+    (lambda s: s.update(model={"x": torch.zeros(1)}), "its model state is malformed"),
+])
+def test_a_malformed_checkpoint_is_refused_naming_the_part(trained_run, tmp_path, edit, says):
+    import shutil
+
+    from emrun.errors import UserError
+    from emrun.train.trainer import Trainer
+
+    loaded, run = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for older in (copy / "checkpoints").glob("iter_*.pt"):
+        older.unlink()  # resume would take the newest intact one
+    state = torch.load(copy / "checkpoints" / "last.pt", weights_only=True)
+    edit(state)
+    torch.save(state, copy / "checkpoints" / "last.pt")
+    with pytest.raises(UserError, match=says):
+        Trainer(loaded, copy, resume=True)
+
+
 def test_nonfinite_losses_are_skipped_then_stop_the_run(recipe, tmp_path, monkeypatch):
     from emrun.errors import UserError
     from emrun.losses import LossResult

@@ -74,8 +74,15 @@ def _optimizer(recipe: dict) -> str | None:
 
 
 def check_resumable(saved_text: str, recipe: Recipe, checkpoint: Path, run_dir: Path) -> None:
-    """Refuse to resume when the model, tasks or data differ from the checkpoint's recipe."""
-    saved = yaml.safe_load(saved_text)
+    """Refuse to resume when the model, tasks or data differ from the checkpoint's recipe
+    (or when the checkpoint's recipe is not one)."""
+    try:
+        saved = yaml.safe_load(saved_text) if isinstance(saved_text, str) else None
+    except yaml.YAMLError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"cannot resume {checkpoint}: the recipe it holds is not a recipe "
+                        "mapping (an emrun checkpoint stores its resolved recipe as YAML)")
     current = recipe.resolved()
     changed = [key for key in RESUME_KEYS if saved.get(key) != current.get(key)]
     kinds = [_optimizer(r) for r in (saved, current)]

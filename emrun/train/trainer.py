@@ -15,7 +15,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +31,14 @@ from ..losses import LossResult, total_loss
 from ..recipe import LoadedRecipe, Recipe
 from ..registry import losses, models, segmenters
 from . import distributed, run_dir
-from .checkpoint import CheckpointDir, load, rng_state, set_rng_state
+from .checkpoint import CheckpointDir, CheckpointError, load, rng_state, set_rng_state
 from .logging import RunLogger
 from .optim import EMA, build_optimizer, build_scheduler, clip_gradients
 from .seg_validation import affinity_task, validate_segmentation
 
 MAX_NONFINITE_IN_A_ROW = 10
+RESUMED_PARTS = ("model", "optimizer", "scheduler", "scaler", "iteration", "data", "rng")
+"""What a checkpoint must hold for a run to continue from it exactly."""
 STOP_AFTER_ENV = "EMRUN_TEST_SIGKILL_AFTER"  # tests: SIGKILL this process after that checkpoint
 
 
@@ -113,6 +115,7 @@ class Trainer:
         self.train = self.recipe.train
         self.run_path = run_path
         self.resume = resume
+        self._resumed_from: Path | None = None
         self.init_from = init_from
         self.world = distributed.setup(_device(device, distributed.World()).type)
         self.device = _device(device, self.world)
@@ -174,6 +177,7 @@ class Trainer:
             return None
         state = load(last)
         run_dir.check_resumable(state.get("recipe", ""), self.recipe, last, self.run_path)
+        self._resumed_from = last
         return state
 
     def _say(self, text: str) -> None:
@@ -195,19 +199,45 @@ class Trainer:
                             f"and tasks ({first})") from None
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
+        """Continue from ``state``; a checkpoint that lacks a part or holds a malformed one
+        is refused naming the part (it was edited, or written by something else)."""
+        path = self._resumed_from
+        missing = [key for key in RESUMED_PARTS if key not in state]
+        if missing:
+            raise CheckpointError(f"{path}: cannot resume from it: it has no "
+                                  f"{', '.join(missing)} (emrun's checkpoints hold "
+                                  f"{', '.join(RESUMED_PARTS)})")
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("model", lambda: self.model.load_state_dict(state["model"])),
+            ("optimizer", lambda: self.optimizer.load_state_dict(state["optimizer"])),
+            ("scheduler", lambda: self.scheduler.load_state_dict(state["scheduler"])),
+            ("scaler", lambda: self.scaler.load_state_dict(state["scaler"])),
+            ("ema", lambda: None if self.ema is None or state.get("ema") is None
+             else self.ema.load_state_dict(state["ema"])),
+            ("counters", lambda: self._restore_counters(state)),
+            ("rng", lambda: set_rng_state(state["rng"])),
+        ]
+        for part, restore in steps:
+            try:
+                restore()
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError,
+                    RuntimeError) as exc:
+                detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() \
+                    else type(exc).__name__
+                raise CheckpointError(f"{path}: cannot resume from it: its {part} state is "
+                                      f"malformed ({detail})") from None
+
+    def _restore_counters(self, state: dict[str, Any]) -> None:
         self.iteration = int(state["iteration"])
         self.batches_done = int(state["data"]["batches"])
         self.nonfinite = int(state.get("nonfinite", 0))
-        self.best = state.get("best")
+        best = state.get("best")
+        self.best = None if best is None else float(best)
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.devices = list(state.get("devices", []))
-        set_rng_state(state["rng"])
+        devices = state.get("devices", [])
+        if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+            raise TypeError(f"devices is {type(devices).__name__}, not a list of names")
+        self.devices = list(devices)
 
     def state(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this run is."""
