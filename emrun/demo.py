@@ -27,6 +27,7 @@ from .recipe import Recipe, load_recipe
 from .registry import models
 from .segment.job import run_segment
 from .shipped import RECIPES
+from .stages import Stages
 from .synth import synthesize
 from .train.seg_validation import affinity_task
 from .train.trainer import Trainer
@@ -35,10 +36,12 @@ TEST_SEED = 99
 
 
 def _segment_and_score(recipe: Recipe, checkpoint: Path, test: Path, out: Path,
-                       tag: str) -> dict[str, float]:
+                       tag: str, stage: Stages) -> dict[str, float]:
     """Infer, segment and evaluate the test volume with one checkpoint; the scores."""
     pred, seg = out / f"pred_{tag}.zarr", out / f"seg_{tag}.zarr"
+    stage(f"predicting the test volume with the {tag} network")
     run_inference(recipe, checkpoint, f"{test}/image", pred, device="cpu")
+    stage(f"segmenting its affinities ({recipe.segment.type}) and scoring them")
     run_segment(f"{pred}/{affinity_task(recipe)}", seg, spec=recipe.segment)
     scores = score_volumes(open_volume(f"{seg}/segmentation"), open_volume(f"{test}/labels"))
     return {k: round(v, 4) for k, v in scores.as_dict().items()
@@ -102,13 +105,16 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
                         "(nothing was overwritten)")
     loaded = load_recipe(RECIPES / "demo.yaml", overrides or [])
     recipe = loaded.recipe
+    stage = Stages(console)
+    stage(f"training {recipe.name} on synthetic EM: {recipe.train.iterations} iterations on "
+          f"the CPU, a line every {recipe.train.log_every}")
     trainer = Trainer(loaded, out / "run", console=console)
     untrained = models.build(recipe.model, head_channels=recipe.head_channels())
     untrained.load_state_dict(trainer.model.state_dict())
     if (stopped := trainer.fit().interrupted) is not None:
         raise Interrupted(stopped, f"training checkpointed at iteration {trainer.iteration} "
                           f"in {out / 'run'}; the demo does not go on with a partly trained "
-                          "network: run it again into an empty --out")
+                          "network, and starts afresh: run it again into an empty --out")
     untrained_checkpoint = out / "run" / "untrained.pt"
     torch.save({"model": untrained.state_dict(), "iteration": 0}, untrained_checkpoint)
 
@@ -119,9 +125,9 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
     write_volume(test_path, "labels", test.labels, voxel_size=(30.0, 6.0, 6.0))
     metrics = {
         "trained": _segment_and_score(recipe, out / "run" / "checkpoints" / "last.pt",
-                                      test_path, out, "trained"),
+                                      test_path, out, "trained", stage),
         "untrained": _segment_and_score(recipe, untrained_checkpoint, test_path, out,
-                                        "untrained"),
+                                        "untrained", stage),
     }
     write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     events = [json.loads(line) for line in

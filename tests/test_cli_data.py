@@ -162,6 +162,9 @@ def test_demo_trains_and_draws_then_refuses_to_overwrite(tmp_path):
         assert {"arand", "voi_split", "voi_merge"} <= set(metrics[tag])
         assert 0 <= metrics[tag]["arand"] <= 1
     assert "adapted Rand error" in result.stdout
+    # each long step is announced with the time since the start (a log shows where it is)
+    assert "] predicting the test volume with the trained network" in result.stdout
+    assert "] segmenting its affinities" in result.stdout
     seg = zarr.open_array(str(out / "seg_trained.zarr" / "segmentation" / "0"))
     assert seg.dtype == np.uint64 and seg.shape == (24, 128, 128) and seg[...].min() > 0
     again = runner.invoke(app, args)
@@ -245,6 +248,9 @@ def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path, monkeypa
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["iterations"] == 2 and figures["validation_sections"] == [60, 69]
+    for step in ("training", "predicting sections 60-69", "segmenting them",  # converted
+                 "drawing the figures"):  # by the refused run above, so not announced
+        assert f"] {step}" in result.stderr, step
     assert figures["train_seconds"] > 0 and figures["device"].startswith("cpu (")
     assert figures["segmenter"] == "waterz" and figures["parameter"] == "threshold"
     assert 0 <= figures["arand"] <= 1 and figures["chosen"] in [r["threshold"] for r in

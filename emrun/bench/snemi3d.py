@@ -40,6 +40,7 @@ from ..registry import segmenters
 from ..segment.affinities import to_float
 from ..segment.sweep import sweep
 from ..shipped import RECIPES
+from ..stages import Stages
 from ..train.seg_validation import affinity_task, sweep_values
 from ..train.trainer import Trainer, device_name
 
@@ -71,9 +72,11 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
         raise UserError(f"{out} holds a finished benchmark (results.json); choose another "
                         "--out (nothing was overwritten)")
     out.mkdir(parents=True, exist_ok=True)
+    stage = Stages(console)
     volumes = out / "snemi3d.zarr"
     for name, file in FILES.items():
         if not (volumes / name).exists():
+            stage(f"converting {folder / file} to {volumes}/{name}")
             convert(folder / file, volumes, name=name, voxel_size=VOXEL_SIZE, progress=False)
     shape = tuple(open_volume(f"{volumes}/image").shape)
     if len(shape) != 3 or shape[0] != SECTIONS:
@@ -102,14 +105,17 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
         raise UserError("the recipe has no affinity task to segment")
     segmenters.build(recipe.segment)  # a segmenter missing its package fails before training
     run = out / "run"
-    trainer = Trainer(loaded, run, resume=(run / "checkpoints" / "last.pt").exists(),
-                      device=device, console=console)
+    resume = (run / "checkpoints" / "last.pt").exists()
+    stage(f"{'continuing' if resume else 'training'} {recipe.name} on sections 0-"
+          f"{TRAIN_SECTIONS - 1} to {recipe.train.iterations} iterations in {run}")
+    trainer = Trainer(loaded, run, resume=resume, device=device, console=console)
     if (stopped := trainer.fit().interrupted) is not None:
         raise Interrupted(stopped, f"training checkpointed at iteration {trainer.iteration} "
                           f"in {run}; run the same command again to continue (nothing is "
                           "scored until training is done)")
 
     started = time.perf_counter()
+    stage(f"predicting sections {TRAIN_SECTIONS}-{SECTIONS - 1} into {out / 'pred.zarr'}")
     pred = out / "pred.zarr"
     run_inference(recipe, run / "checkpoints" / "last.pt", f"{volumes}/image", pred,
                   device=device, roi=validation, resume=pred.exists())
@@ -125,7 +131,9 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     affs = to_float(open_volume(f"{pred}/{task}").read(), f"{pred}/{task}")
     target = recipe.tasks[task].target
     assert isinstance(target, AffinityTarget)
-    result = sweep(affs, target.offsets, recipe.segment, sweep_values(recipe.segment), truth)
+    values = sweep_values(recipe.segment)
+    stage(f"segmenting them ({recipe.segment.type}) at {len(values)} values and scoring each")
+    result = sweep(affs, target.offsets, recipe.segment, values, truth)
     segment_seconds = time.perf_counter() - started
     seg_path = out / "seg.zarr"
     write_volume(seg_path, "segmentation", result.segmentation.astype(np.uint64),
@@ -149,6 +157,7 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
         "as_labelled": {k: round(as_labelled[k], 4) for k in AS_LABELLED},
         "as_labelled_floor": round(score(pieces, labels).arand, 4),
     }
+    stage("drawing the figures and writing results.md, results.json")
     _figures(out, open_volume(f"{volumes}/image").read(box), affs, result.segmentation, truth,
              run)
     write_text(out / "results.md", _table(results))
