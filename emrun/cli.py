@@ -378,6 +378,7 @@ def segment(
     import json
 
     from .segment.job import run_segment
+    from .stages import Stages
 
     def values(option: str, given: list[str] | None) -> list[float] | None:
         if not given:
@@ -396,7 +397,7 @@ def segment(
                          biases=values("--bias", bias), min_size=min_size, mask_path=mask,
                          offsets_text=offsets, block=block, name=name, sweep_values=sweep,
                          truth_path=truth, on_block=report, workers=workers,
-                         connected_truth=connected_truth)
+                         connected_truth=connected_truth, on_stage=Stages(err))
     if result.segmenter_from:
         err.print(f"segmenter {result.method} from {result.segmenter_from} (--method to "
                   "choose another)", markup=False)
@@ -450,6 +451,7 @@ def evaluate(
     from .evaluate.report import binary_lines, score_lines
     from .io import open_volume
     from .io.window import covered_part
+    from .stages import Stages
 
     if binary and connected_truth:
         raise UserError("--connected-truth is for segmentations (object ids); drop it with "
@@ -458,12 +460,19 @@ def evaluate(
     truth_vol = covered_part(seg_vol, open_volume(truth))  # a larger truth: the part SEG covers
     mask_vol = covered_part(seg_vol, open_volume(mask)) if mask is not None else None
     mask_name = str(mask_vol) if mask_vol is not None else None
+    stage = Stages(err)
+
+    def report(done: int, total: int) -> None:  # large volumes: about ten lines
+        if total >= 10 and (done == 1 or done % (total // 10) == 0):
+            stage(f"scoring slab {done} of {total}")
+
     if binary:
-        result = binary_scores_volumes(seg_vol, truth_vol, mask_vol, threshold=threshold)
+        result = binary_scores_volumes(seg_vol, truth_vol, mask_vol, threshold=threshold,
+                                       on_slab=report)
         lines = binary_lines(result, str(seg_vol), str(truth_vol), mask_name)
     else:
         result = score_volumes(seg_vol, truth_vol, mask_vol, min_overlap=min_overlap,
-                               connected_truth=connected_truth)
+                               connected_truth=connected_truth, on_slab=report)
         lines = score_lines(result, str(seg_vol), str(truth_vol), mask_name, connected_truth)
     for line in lines:
         out.print(line)

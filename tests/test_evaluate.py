@@ -181,8 +181,13 @@ def test_streamed_volumes_equal_in_memory_for_any_slab(tmp_path):
     mask_volume = open_volume(tmp_path / "mask.npy")
     expected = score(seg, truth, mask, min_overlap=3)
     for slab_voxels in (1, 7, 200, 10**9):
-        streamed = score_volumes(*volumes, mask_volume, min_overlap=3, slab_voxels=slab_voxels)
+        seen: list[tuple[int, int]] = []
+        streamed = score_volumes(*volumes, mask_volume, min_overlap=3, slab_voxels=slab_voxels,
+                                 on_slab=lambda done, total, seen=seen: seen.append((done, total)))
         assert streamed == expected
+        # progress follows every slab, in order, against a known total
+        assert [d for d, _ in seen] == list(range(1, len(seen) + 1))
+        assert {t for _, t in seen} == {len(seen)}
     assert score_volumes(*volumes) == score(seg, truth)
 
 

@@ -38,7 +38,7 @@ from ..recipe import load_recipe
 from ..recipe.tasks import AffinityTarget
 from ..registry import segmenters
 from ..segment.affinities import to_float
-from ..segment.sweep import sweep
+from ..segment.sweep import sweep, value_line
 from ..shipped import RECIPES
 from ..stages import Stages
 from ..train.seg_validation import affinity_task, sweep_values
@@ -133,7 +133,9 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     assert isinstance(target, AffinityTarget)
     values = sweep_values(recipe.segment)
     stage(f"segmenting them ({recipe.segment.type}) at {len(values)} values and scoring each")
-    result = sweep(affs, target.offsets, recipe.segment, values, truth)
+    parameter = segmenters.build(recipe.segment).value_name
+    result = sweep(affs, target.offsets, recipe.segment, values, truth,
+                   on_value=lambda i, row: stage(value_line(parameter, values, i, row)))
     segment_seconds = time.perf_counter() - started
     seg_path = out / "seg.zarr"
     write_volume(seg_path, "segmentation", result.segmentation.astype(np.uint64),

@@ -8,7 +8,7 @@ the in-memory ones for any slab size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,14 +31,18 @@ def score_volumes(
     min_overlap: int = MIN_OVERLAP,
     slab_voxels: int = SLAB_VOXELS,
     connected_truth: bool = False,
+    on_slab: Callable[[int, int], None] | None = None,
 ) -> Scores:
     """Score a segmentation volume against its truth (see `emrun.evaluate.metrics`); with
     ``connected_truth``, against the truth's connected pieces inside the volume
-    (`emrun.evaluate.pieces`)."""
+    (`emrun.evaluate.pieces`). ``on_slab(done, total)`` follows the slabs read."""
     volumes = _checked([("segmentation", seg), ("truth", truth), ("mask", mask)])
     table = TableAccumulator()
     pieces = PieceLabeller() if connected_truth else None
-    for roi in slabs(volumes, slab_voxels):
+    rois = list(slabs(volumes, slab_voxels))
+    for done, roi in enumerate(rois, 1):
+        if on_slab is not None:
+            on_slab(done, len(rois))
         arrays = [v.read(roi) for v in volumes]
         if pieces is not None:
             arrays[1] = pieces.label(roi, arrays[1])
@@ -59,11 +63,15 @@ def binary_scores_volumes(
     mask: Volume | None = None,
     threshold: float = 0.5,
     slab_voxels: int = SLAB_VOXELS,
+    on_slab: Callable[[int, int], None] | None = None,
 ) -> BinaryScores:
     """Precision, recall, F1, IoU of a foreground prediction (see `emrun.evaluate.binary`)."""
     volumes = _checked([("prediction", pred), ("truth", truth), ("mask", mask)], binary=True)
     counts = BinaryCounts()
-    for roi in slabs(volumes, slab_voxels):
+    rois = list(slabs(volumes, slab_voxels))
+    for done, roi in enumerate(rois, 1):
+        if on_slab is not None:
+            on_slab(done, len(rois))
         counts += count_binary(*(v.read(roi) for v in volumes[:2]),
                                volumes[2].read(roi) if mask is not None else None, threshold)
     if counts == BinaryCounts():

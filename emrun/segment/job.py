@@ -257,7 +257,8 @@ def run_segment(affs_path: str, output: Path, *, method: str | None = None,
                 sweep_values: bool = False, truth_path: str | None = None,
                 on_block: Callable[[str, int, int], None] | None = None,
                 spec: Spec | None = None, workers: int | None = None,
-                connected_truth: bool = False) -> SegmentResult:
+                connected_truth: bool = False,
+                on_stage: Callable[[str], None] | None = None) -> SegmentResult:
     """Segment ``affs_path`` into ``output``/``name`` (or one volume per value, or the
     sweep's best); see the module docstring. ``spec`` (e.g. a recipe's ``segment``)
     replaces ``method`` and the spec defaults; the other arguments still override it. With
@@ -292,6 +293,7 @@ def run_segment(affs_path: str, output: Path, *, method: str | None = None,
                         "--sweep or drop --workers")
     names = ([f"{name}_{v:g}" for v in values] if values and not sweep_values else [name])
     check_output(output, names)
+    say = on_stage or (lambda text: None)
     if block is not None and min(block) < 1:
         raise UserError(f"--block {list(block)}: sizes must be positive")
 
@@ -327,7 +329,7 @@ def run_segment(affs_path: str, output: Path, *, method: str | None = None,
 
     if sweep_values:
         _sweep(result, volume, offsets, segmenter, values or [], mask, truth, workers, output,
-               name, info, write_args, connected_truth)
+               name, info, write_args, connected_truth, say)
     elif blockwise:
         chosen = (tuple(block) if block is not None
                   else default_block(segmenter, offsets, volume.shape[0]))
@@ -338,15 +340,19 @@ def run_segment(affs_path: str, output: Path, *, method: str | None = None,
             _blockwise(result, volume, offsets, run, mask, output, out_name, chosen, info,
                        write_args, on_block)
     else:
+        say(f"reading {volume} ({'x'.join(map(str, spatial))} voxels)")
         affs, used = read_channels(volume, offsets, segmenter)
         mask_array = None if mask is None else mask.read() != 0
         from .pipeline import segment_values
 
+        chosen = values or [segmenter.value]
+        say(f"segmenting in memory ({method}, {segmenter.value_name} "
+            f"{', '.join(f'{v:g}' for v in chosen)})")
         for out_name, value, seg in zip(
-                names, values or [segmenter.value],
-                segment_values(affs, used, segmenter, values or [segmenter.value],
-                               mask_array), strict=True):
+                names, chosen, segment_values(affs, used, segmenter, chosen, mask_array),
+                strict=True):
             run = segmenter if values is None else segmenter.with_value(value)
+            say(f"writing {output / out_name}")
             _write(result, output, out_name, seg, run, info, write_args)
     result.seconds = round(time.perf_counter() - start, 3)
     return result
@@ -409,16 +415,20 @@ def _blockwise(result: SegmentResult, volume: Volume, offsets: Sequence[Offset],
 def _sweep(result: SegmentResult, volume: Volume, offsets: Sequence[Offset],
            segmenter: Segmenter, values: Sequence[float], mask: Volume | None,
            truth: Volume | None, workers: int | None, output: Path, name: str,
-           info: dict[str, Any], write_args: dict[str, Any], connected_truth: bool) -> None:
+           info: dict[str, Any], write_args: dict[str, Any], connected_truth: bool,
+           say: Callable[[str], None]) -> None:
     from ..evaluate.pieces import connected_pieces
-    from .sweep import sweep
+    from .sweep import sweep, value_line
 
     assert truth is not None
+    say(f"reading {volume} and {truth}")
     affs, used = read_channels(volume, offsets, segmenter)
     labels = truth.read()
+    say(f"segmenting at {len(values)} values of {segmenter.value_name} and scoring each")
     found = sweep(affs, used, segmenter, values,
                   connected_pieces(labels) if connected_truth else labels,
-                  None if mask is None else mask.read() != 0, workers=workers)
+                  None if mask is None else mask.read() != 0, workers=workers,
+                  on_value=lambda i, row: say(value_line(segmenter.value_name, values, i, row)))
     summary = {**found.summary(), "truth": str(truth), "connected_truth": connected_truth}
     result.sweep = summary
     _write(result, output, name, found.segmentation, segmenter.with_value(found.best_value),

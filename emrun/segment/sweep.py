@@ -8,7 +8,7 @@ values side by side in worker processes when the volume is large enough to pay f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,13 +66,15 @@ class SweepResult:
 
 def sweep(affs: np.ndarray, offsets: Sequence[Offset], spec: Spec | Segmenter,
           values: Sequence[float], truth: np.ndarray,
-          mask: np.ndarray | None = None, workers: int | None = None) -> SweepResult:
+          mask: np.ndarray | None = None, workers: int | None = None,
+          on_value: Callable[[int, dict[str, Any]], None] | None = None) -> SweepResult:
     """Segment affinities (c, z, y, x; float, or uint8 with 255 = 1) for each value of the
     method's parameter (mws: bias; cc: threshold; waterz: threshold) and score against
     ``truth`` (z, y, x ids, 0 unscored) inside ``mask``. ``spec``: a segmenter spec or a
     built segmenter. ``workers``: values segmented at once in worker processes (None: as
     many as cores and memory allow for volumes of a million voxels or more, else 1; worker
-    processes are spawned, so a script calling this needs ``if __name__ == "__main__":``)."""
+    processes are spawned, so a script calling this needs ``if __name__ == "__main__":``).
+    ``on_value(i, scores)`` is called as each value's scores are in."""
     from ..evaluate import score
 
     segmenter = spec if isinstance(spec, Segmenter) else segmenters.build(spec)
@@ -103,8 +105,16 @@ def sweep(affs: np.ndarray, offsets: Sequence[Offset], spec: Spec | Segmenter,
     best, best_seg = -1, None
     for i, (scores, seg) in enumerate(results):
         rows.append(scores)
+        if on_value is not None:  # a sweep takes minutes: each value as it is scored
+            on_value(i, scores)
         if best < 0 or rows[-1]["arand"] < rows[best]["arand"]:
             best, best_seg = i, seg
     assert best_seg is not None
     return SweepResult(method=segmenter.spec.type, parameter=segmenter.value_name,
                        values=values, scores=tuple(rows), best=best, segmentation=best_seg)
+
+
+def value_line(parameter: str, values: Sequence[float], i: int, scores: dict[str, Any]) -> str:
+    """A progress line for the ``i``-th value of a sweep."""
+    return (f"{parameter} {values[i]:g}: adapted Rand error {scores['arand']:.4f} "
+            f"({i + 1} of {len(values)})")
