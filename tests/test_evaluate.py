@@ -398,3 +398,22 @@ def test_a_larger_truth_is_read_where_the_segmentation_sits(tmp_path):
     other_grid = runner.invoke(app, ["evaluate", str(tmp_path / "s.zarr/fine"),
                                      str(tmp_path / "t.zarr/labels")])
     assert other_grid.exit_code == 2  # another voxel size: not placed, refused
+
+
+def test_a_truth_placed_elsewhere_is_refused_not_scored_against_the_wrong_voxels(tmp_path):
+    rng = np.random.default_rng(3)
+    labels = blobs(rng, (4, 32, 24), 12)
+    write_volume(tmp_path / "v.zarr", "seg", labels.astype(np.uint64), offset=(0, 0, 0))
+    # the same shape, shifted by 8 rows: it covers only part of the segmentation's box
+    write_volume(tmp_path / "v.zarr", "truth", labels, offset=(0, 8, 0))
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "v.zarr/seg"),
+                                 str(tmp_path / "v.zarr/truth")])
+    assert result.exit_code == 2, result.output
+    assert "does not cover the same box" in result.stderr and "[0, 8, 0]" in result.stderr
+    # a larger truth that holds the segmentation's box is cropped to it and scored
+    write_volume(tmp_path / "v.zarr", "big", np.pad(labels, ((0, 0), (8, 0), (0, 0))),
+                 offset=(0, -8, 0))
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "v.zarr/seg"),
+                                 str(tmp_path / "v.zarr/big")])
+    assert result.exit_code == 0, result.output
+    assert "adapted Rand error  0.0000" in result.stdout

@@ -141,6 +141,26 @@ def _checked(
              for role, v in roles if v is not None]
     reference = given[0][1]  # truth and mask: the part the segmentation covers, if larger
     given = [given[0], *((role, covered_part(reference, v)) for role, v in given[1:])]
+    for role, volume in given[1:]:
+        _check_placed_alike(role, volume, reference)
     check_inputs([(role, str(v), tuple(v.shape), np.dtype(v.dtype)) for role, v in given],
                  binary=binary)
     return [v for _, v in given]
+
+
+def _check_placed_alike(role: str, volume: Volume, reference: Volume) -> None:
+    """Volumes whose offsets (voxels) place them at different boxes are not compared voxel
+    by voxel: a truth that covers only part of the segmentation, or another part, would be
+    scored against the wrong voxels."""
+    if volume.offset is None or reference.offset is None:
+        return  # a volume without placement (TIFF, .npy) is taken to lie where the other does
+    if tuple(volume.shape[-3:]) != tuple(reference.shape[-3:]):
+        return  # the shape check says why they differ
+    mine, theirs = tuple(reference.offset[-3:]), tuple(volume.offset[-3:])
+    if mine == theirs:
+        return
+    raise EvaluationError(
+        f"{volume}: the {role} lies at offset {list(theirs)} (shape {list(volume.shape[-3:])})"
+        f" but {reference} at {list(mine)} (shape {list(reference.shape[-3:])}), voxels: "
+        f"it does not cover the same box; give a {role} that holds the segmentation's box "
+        "(evaluate then scores that part), or crop both to a common box")
