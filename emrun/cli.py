@@ -82,6 +82,9 @@ def guarded(fn: F) -> F:
             if (full := disk_full(exc)) is not None:
                 _report_disk_full(full)
                 raise typer.Exit(2) from None
+            if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch
+                _report_out_of_memory(exc)
+                raise typer.Exit(2) from None
             if os.environ.get("EMRUN_DEBUG"):
                 traceback.print_exc()
             err.print(f"internal error: {type(exc).__name__}: {exc}\n"
@@ -100,6 +103,15 @@ def _report_disk_full(exc: OSError) -> None:
               f"{escape(where)}: free space and run the command again (with --resume where it "
               "has one); nothing half-written stands under a final name", markup=True)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+def _report_out_of_memory(exc: Exception) -> None:
+    """The device's memory is too small for the batch and patch asked for: the user's to
+    change (torch's message says what was asked for and what was free)."""
+    detail = " ".join(str(exc).split("Including non-PyTorch memory")[0].split())
+    err.print(f"[red]error:[/] the device ran out of memory: {escape(detail)} Lower "
+              "train.batch_size or train.patch (training), or infer.batch_size (inference); "
+              "bf16 precision halves activations", markup=True)
 
 
 @contextlib.contextmanager

@@ -364,3 +364,24 @@ def test_resume_with_another_optimizer_kind_is_refused(recipe, tmp_path):
     other = load_recipe(recipe, [*base, "train.optimizer={type: sgd, lr: 0.01}"])
     with pytest.raises(UserError, match=r"optimizer \(adam -> sgd\)"):
         Trainer(other, run, resume=True)
+
+
+def test_out_of_device_memory_is_the_users_to_fix(recipe, tmp_path, monkeypatch):
+    """A batch that does not fit the GPU: one line with torch's figures (asked, free) and
+    what to lower, exit 2, never a traceback (forced here: CI has no GPU)."""
+    from typer.testing import CliRunner
+
+    from emrun.cli import app
+    from emrun.train.trainer import Trainer
+
+    def too_big(self, batches):
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+            "79.19 GiB of which 3.06 GiB is free. Including non-PyTorch memory, this process "
+            "has 76.12 GiB memory in use.")
+
+    monkeypatch.setattr(Trainer, "step", too_big)
+    result = CliRunner().invoke(app, ["train", str(recipe), "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert "Tried to allocate 20.00 GiB" in result.stderr and "3.06 GiB is free" in result.stderr
+    assert "train.batch_size" in result.stderr and "Traceback" not in result.output
