@@ -119,12 +119,20 @@ def _recipe_file(recipe, tmp):
     return path
 
 
-def test_killed_at_any_moment_then_resumed_gives_the_uninterrupted_output(inputs):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_killed_at_any_moment_then_resumed_gives_the_uninterrupted_output(inputs, workers):
+    """Bit for bit, against an uninterrupted run with as many workers (across worker
+    counts a CPU's thread count may round the model's sums differently)."""
     recipe, tmp, straight = inputs
+    if workers > 1:
+        straight = tmp / "straight2.zarr"
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), straight,
+                      block=BLOCK, workers=workers, device="cpu")
     out = tmp / "killed.zarr"
     command = [sys.executable, "-m", "emrun", "infer", "--recipe", str(_recipe_file(recipe, tmp)),
                "--checkpoint", str(tmp / "c.pt"), "--input", str(tmp / "in.zarr/image"),
-               "--output", str(out), "--block", *map(str, BLOCK), "--device", "cpu"]
+               "--output", str(out), "--block", *map(str, BLOCK), "--device", "cpu",
+               "--workers", str(workers)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     done_dir = None
