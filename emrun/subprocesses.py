@@ -10,13 +10,29 @@ by the kernel when the parent dies, so none outlives a killed run to race its re
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
+STOPPING = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Start helper processes inside this: SIGTERM and SIGINT are held (not lost) in the
+    parent until it ends, and a helper starts with them held until it ignores them, so a
+    signal to the process group while a helper is still starting up (importing torch takes
+    seconds) cannot kill it."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def die_with_parent(parent: int) -> None:
@@ -33,5 +49,6 @@ def leave_signals_to(parent: int, *_: object) -> None:
     """Run first in a helper process started by ``parent`` (extra arguments are ignored, so
     it serves as a DataLoader ``worker_init_fn`` through functools.partial)."""
     die_with_parent(parent)
-    for number in (signal.SIGTERM, signal.SIGINT):
+    for number in STOPPING:
         signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPPING)  # held since start: now ignored

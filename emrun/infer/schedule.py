@@ -28,7 +28,7 @@ import torch
 from ..devices import available_memory, cpu_cores, parse_device, require_visible
 from ..errors import UserError
 from ..recipe import Recipe
-from ..subprocesses import leave_signals_to
+from ..subprocesses import leave_signals_to, signals_held
 from .job import Job, prepare_job
 from .plan import Tiling, Zyx, choose_tiling, units
 from .worker import BlockDone, BlockWorker
@@ -230,8 +230,9 @@ def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx
                                  args=(job.to_json(), device, threads, tasks, results, model,
                                        os.getpid(), stop))
                  for device, threads in slots]
-    for process in processes:
-        process.start()
+    with signals_held():  # a worker still importing must not die of a group's SIGTERM
+        for process in processes:
+            process.start()
     finished = 0
     try:
         while finished < len(processes):
