@@ -171,6 +171,18 @@ def test_demo_trains_and_draws_then_refuses_to_overwrite(tmp_path):
     assert again.exit_code == 2 and "not empty" in again.stderr
 
 
+def snemi3d_stand_in(tmp_path):
+    """SNEMI3D's two training TIFFs as a synthetic stand-in of 70 small sections."""
+    from emrun.synth import synthesize
+
+    data = tmp_path / "snemi"
+    data.mkdir()
+    vol = synthesize((70, 48, 48), 3)
+    tifffile.imwrite(data / "train-input.tif", vol.image)
+    tifffile.imwrite(data / "train-labels.tif", vol.labels.astype(np.uint16))
+    return data, vol
+
+
 def test_demo_and_bench_snemi3d_stop_when_training_is_stopped(tmp_path, monkeypatch):
     """A SIGTERM during training checkpoints and ends the command (exit 143): nothing goes on
     to score a partly trained network as trained."""
@@ -185,13 +197,7 @@ def test_demo_and_bench_snemi3d_stop_when_training_is_stopped(tmp_path, monkeypa
     assert result.exit_code == 143, result.output
     assert "stopped by SIGTERM" in result.stderr and "again" in result.stderr
     assert not (out / "metrics.json").exists() and not (out / "test.zarr").exists()
-    from emrun.synth import synthesize
-
-    data = tmp_path / "snemi"
-    data.mkdir()
-    vol = synthesize((70, 48, 48), 3)
-    tifffile.imwrite(data / "train-input.tif", vol.image)
-    tifffile.imwrite(data / "train-labels.tif", vol.labels.astype(np.uint16))
+    data, _ = snemi3d_stand_in(tmp_path)
     bench = tmp_path / "bench"
     result = runner.invoke(app, ["bench", "snemi3d", "--data", str(data), "--out", str(bench),
                                  "--iterations", "2", "--device", "cpu", *TINY_SNEMI,
@@ -229,13 +235,7 @@ def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path, monkeypa
     """The real benchmark needs ../shared/data; its plumbing runs here on a synthetic
     stand-in with SNEMI3D's 70 sections, a tiny model and two iterations."""
     pytest.importorskip("waterz")  # the recipe's segmenter
-    from emrun.synth import synthesize
-
-    data = tmp_path / "snemi"
-    data.mkdir()
-    vol = synthesize((70, 48, 48), 3)
-    tifffile.imwrite(data / "train-input.tif", vol.image)
-    tifffile.imwrite(data / "train-labels.tif", vol.labels.astype(np.uint16))
+    data, vol = snemi3d_stand_in(tmp_path)
     out = tmp_path / "bench"
     args = ["bench", "snemi3d", "--data", str(data), "--out", str(out), "--iterations", "2",
             "--device", "cpu", "--json", *TINY_SNEMI]
