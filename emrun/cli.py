@@ -105,6 +105,14 @@ def _report_disk_full(exc: OSError) -> None:
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
+def _duration(seconds: float) -> str:
+    """Seconds for people: 45 s, 12 min, 3.5 h, 9 days."""
+    for unit, scale, digits in (("days", 86400, 1), ("h", 3600, 1), ("min", 60, 0)):
+        if seconds >= 2 * scale:
+            return f"{seconds / scale:.{digits}f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 def _report_out_of_memory(exc: Exception) -> None:
     """The device's memory is too small for the batch and patch asked for: the user's to
     change (torch's message says what was asked for and what was free)."""
@@ -474,9 +482,14 @@ def evaluate(
     mask_name = str(mask_vol) if mask_vol is not None else None
     stage = Stages(err)
 
-    def report(done: int, total: int) -> None:  # large volumes: about ten lines
-        if total >= 10 and (done == 1 or done % (total // 10) == 0):
-            stage(f"scoring slab {done} of {total}")
+    def report(done: int, total: int) -> None:  # large volumes: about ten lines, with ETA
+        if total < 10 or not (done <= 2 or done % (total // 10) == 0):
+            return  # the second slab gives a first estimate of the time left
+        if done == 1:
+            stage(f"scoring {math.prod(seg_vol.shape[-3:]):,} voxels in {total} slabs")
+            return
+        per_slab = (stage.clock() - stage.started) / (done - 1)
+        stage(f"slab {done} of {total}, about {_duration(per_slab * (total - done))} left")
 
     if binary:
         result = binary_scores_volumes(seg_vol, truth_vol, mask_vol, threshold=threshold,
