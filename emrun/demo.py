@@ -108,7 +108,8 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
     stage = Stages(console)
     stage(f"training {recipe.name} on synthetic EM: {recipe.train.iterations} iterations on "
           f"the CPU, a line every {recipe.train.log_every}")
-    trainer = Trainer(loaded, out / "run", console=console)
+    trainer = Trainer(loaded, out / "run", console=console,
+                      stop_hint="the demo stops here (it does not resume)")
     untrained = models.build(recipe.model, head_channels=recipe.head_channels())
     untrained.load_state_dict(trainer.model.state_dict())
     if (stopped := trainer.fit().interrupted) is not None:

@@ -108,7 +108,8 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     resume = (run / "checkpoints" / "last.pt").exists()
     stage(f"{'continuing' if resume else 'training'} {recipe.name} on sections 0-"
           f"{TRAIN_SECTIONS - 1} to {recipe.train.iterations} iterations in {run}")
-    trainer = Trainer(loaded, run, resume=resume, device=device, console=console)
+    trainer = Trainer(loaded, run, resume=resume, device=device, console=console,
+                      stop_hint="run the same bench snemi3d command again to continue")
     if (stopped := trainer.fit().interrupted) is not None:
         raise Interrupted(stopped, f"training checkpointed at iteration {trainer.iteration} "
                           f"in {run}; run the same command again to continue (nothing is "

@@ -109,8 +109,11 @@ class Trainer:
 
     def __init__(self, loaded: LoadedRecipe, run_path: Path, *, resume: bool = False,
                  init_from: Path | None = None, device: str | None = None,
-                 console: Any = None) -> None:
+                 console: Any = None, stop_hint: str = "continue with --resume") -> None:
+        """``stop_hint``: what the line logged on SIGINT/SIGTERM tells the user to do (a
+        command that wraps training and cannot resume says otherwise)."""
         self.loaded = loaded
+        self.stop_hint = stop_hint
         self.recipe: Recipe = loaded.recipe
         self.train = self.recipe.train
         self.run_path = run_path
@@ -363,7 +366,7 @@ class Trainer:
                 if signals.received is not None:
                     self._checkpoint(logger)
                     logger.message(f"{signals.received}: checkpoint written at iteration "
-                                   f"{self.iteration}; continue with --resume")
+                                   f"{self.iteration}; {self.stop_hint}")
                 return TrainResult(self.iteration, self.run_path, signals.received, self.nonfinite)
         finally:
             self.train_seconds, self._clock = self.seconds(), None
