@@ -407,8 +407,9 @@ def report_lines(r: dict[str, Any]) -> list[str]:
     stages = r["stage_seconds"]
     lines.append(f"{r['blocks']} blocks in {r['engine_seconds']:.2f} s: predicting "
                  f"{stages['predict']:.2f} s, waiting for reads {stages['wait_read']:.2f} s and "
-                 f"writes {stages['wait_write']:.2f} s (reader threads {stages['read']:.2f} s, "
-                 f"writer threads {stages['write']:.2f} s)")
+                 f"writes {stages['wait_write']:.2f} s (reader threads {stages['read']:.2f} s"
+                 + (f", of which pinning {stages['pin']:.2f} s" if stages["pin"] else "")
+                 + f", writer threads {stages['write']:.2f} s)")
     lines.append(_bound_line(r))
     lines.append(f"patches predicted {r['predicted_patches']:,} of {r['lattice_patches']:,} in "
                  f"the lattice: duplicates {100 * r['duplicate_fraction']:+.1f} % (predicted "

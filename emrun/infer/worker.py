@@ -32,10 +32,11 @@ RawInput = np.ndarray | torch.Tensor | None
 
 PREFETCH = 2
 WRITES_IN_FLIGHT = 2
-STAGES = ("read", "predict", "write", "wait_read", "wait_write")
-"""Seconds a worker sums per stage: reading (reader threads), predicting and quantising
-(the device; main thread), writing (writer threads), and the main thread waiting for a read
-or for a write slot. Waits near zero: the device bounds the rate; large: the IO does."""
+STAGES = ("read", "pin", "predict", "write", "wait_read", "wait_write")
+"""Seconds a worker sums per stage: reading (reader threads; ``pin`` is the part of it spent
+copying the input into page-locked memory for a GPU), predicting and quantising (the device;
+main thread), writing (writer threads), and the main thread waiting for a read or for a
+write slot. Waits near zero: the device bounds the rate; large: the IO does."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,10 @@ class BlockWorker:
         or it is all zero."""
         with self._timed("read"):
             raw = self._read_input(block)
-            return None if raw is None else pinned(raw, self.engine.device)
+            if raw is None:
+                return None
+            with self._timed("pin"):
+                return pinned(raw, self.engine.device)
 
     def _read_input(self, block: Zyx) -> np.ndarray | None:
         layout, origin = self.job.layout, self.job.roi_offset
