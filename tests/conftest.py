@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,3 +41,21 @@ def write(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return _write
+
+
+def sigterm_after_first_log(args: list[str], events: Path, group: bool = False
+                            ) -> subprocess.CompletedProcess:
+    """Run ``emrun ARGS`` until ``events`` (its run's events.jsonl) has a line, then send
+    SIGTERM, to the process or (``group``, as SLURM and GNU timeout do) to its whole group;
+    what it printed and its exit code."""
+    process = subprocess.Popen([sys.executable, "-m", "emrun", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=group)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (events.exists() and events.read_text().strip()):
+        time.sleep(0.2)
+    if group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

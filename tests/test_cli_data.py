@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import numpy as np
 import pytest
 import tifffile
 import zarr
-from conftest import MINIMAL
+from conftest import MINIMAL, sigterm_after_first_log
 from typer.testing import CliRunner
 
 from emrun.cli import app
@@ -320,22 +319,12 @@ def test_infer_on_a_device_that_is_not_there_is_a_user_error(device):
 def test_demo_stopped_by_sigterm_says_it_does_not_resume(tmp_path):
     """The real signal this time: the demo checkpoints, exits 143, and nothing it prints
     points to a --resume it does not have."""
-    import signal
-    import subprocess
-    import time
-
     out = tmp_path / "demo"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "emrun", "demo", "--out", str(out), "-o",
-         "train.iterations=100000", "-o", "train.log_every=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    events = out / "run" / "events.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (events.exists() and events.read_text().strip()):
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr
-    assert "--resume" not in stdout + stderr and "does not resume" in stdout
+    result = sigterm_after_first_log(
+        ["demo", "--out", str(out), "-o", "train.iterations=100000", "-o",
+         "train.log_every=1"], out / "run" / "events.jsonl", group=True)
+    assert result.returncode == 143, result.stderr
+    assert "--resume" not in result.stdout + result.stderr
+    assert "does not resume" in result.stdout
     assert (out / "run" / "checkpoints" / "last.pt").exists()
     assert not (out / "metrics.json").exists()

@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigterm_after_first_log
 
 TINY = """\
 name: tiny_train
@@ -131,17 +131,10 @@ def test_init_from_loads_weights_into_a_new_run(recipe, tmp_path):
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(recipe, tmp_path):
     run = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "emrun", "train", str(recipe), "--run-dir", str(run), "-o",
-         "train.iterations=100000", "-o", "train.checkpoint_every=100000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    events = run / "events.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (events.exists() and events.read_text().strip()):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr
+    stopped = sigterm_after_first_log(
+        ["train", str(recipe), "--run-dir", str(run), "-o", "train.iterations=100000", "-o",
+         "train.checkpoint_every=100000"], run / "events.jsonl")
+    assert stopped.returncode == 143, stopped.stderr
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert 3 <= state["iteration"] < 100000
 
@@ -150,19 +143,12 @@ def test_sigterm_to_the_process_group_with_loader_workers(recipe, tmp_path):
     """As a SLURM time limit or GNU timeout sends it: the loader workers get the signal too,
     leave it to the trainer, and the run checkpoints, exits 143 and resumes."""
     run = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "emrun", "train", str(recipe), "--run-dir", str(run), "-o",
-         "train.iterations=100000", "-o", "train.checkpoint_every=100000", "-o",
-         "train.workers=2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    events = run / "events.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (events.exists() and events.read_text().strip()):
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr
-    assert "internal error" not in stderr and "Traceback" not in stderr
+    result = sigterm_after_first_log(
+        ["train", str(recipe), "--run-dir", str(run), "-o", "train.iterations=100000", "-o",
+         "train.checkpoint_every=100000", "-o", "train.workers=2"], run / "events.jsonl",
+        group=True)
+    assert result.returncode == 143, result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"]
     assert stopped >= 3
     resumed = emrun("train", str(recipe), "--run-dir", str(run), "--resume", "-o",
