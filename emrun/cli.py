@@ -314,7 +314,8 @@ def infer(
     """Predict a volume blockwise into zarr: one array per task, blended, resumable."""
     from .infer.checkpoint_recipe import recipe_for
     from .infer.progress import block_progress
-    from .infer.schedule import Stopped, run_inference
+    from .infer.run import run_inference
+    from .infer.schedule import Stopped
 
     if tta is not None and tta not in (1, 2, 4, 8, 16):
         raise UserError(f"--tta must be 1, 2, 4, 8 or 16 (got {tta})")

@@ -20,7 +20,7 @@ import torch
 from .atomic import atomic_output, write_text
 from .errors import Interrupted, UserError
 from .evaluate import score_volumes
-from .infer.schedule import run_inference
+from .infer.run import run_inference
 from .io import open_volume
 from .io.write import write_volume
 from .recipe import Recipe, load_recipe

@@ -16,16 +16,11 @@ import yaml
 from torch import nn
 
 from emrun.errors import UserError
+from emrun.io import checkpoint as ckpt_file
+from emrun.io.checkpoint import CheckpointError, load, save_atomic
 from emrun.recipe.run import Adam, Cosine
 from emrun.train import checkpoint as ckpt
-from emrun.train.checkpoint import (
-    CheckpointDir,
-    CheckpointError,
-    load,
-    rng_state,
-    save_atomic,
-    set_rng_state,
-)
+from emrun.train.checkpoint import CheckpointDir, rng_state, set_rng_state
 from emrun.train.optim import EMA, build_optimizer, build_scheduler
 
 
@@ -53,7 +48,7 @@ def test_save_atomic_round_trip_leaves_only_the_file(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "c.pt"
     save_atomic(path, tiny_state(3))
     assert os.listdir(path.parent) == ["c.pt"]
-    assert path.stat().st_mode & 0o777 == 0o666 & ~ckpt._UMASK  # not mkstemp's 0o600
+    assert path.stat().st_mode & 0o777 == 0o666 & ~ckpt_file._UMASK  # not mkstemp's 0o600
     state = load(path)
     assert state["iteration"] == 3
     assert torch.equal(state["weights"], torch.full((64,), 3.0))

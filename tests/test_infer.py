@@ -12,7 +12,7 @@ from emrun.cli import app
 from emrun.errors import UserError
 from emrun.infer.engine import reflect_index
 from emrun.infer.plan import Layout
-from emrun.infer.schedule import run_inference
+from emrun.infer.run import run_inference
 from emrun.io import open_volume
 from emrun.io.write import write_volume
 from emrun.recipe import Recipe

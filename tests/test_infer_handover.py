@@ -11,7 +11,8 @@ from test_infer import make_inputs, read, reference
 
 from emrun.infer.job import prepare_job
 from emrun.infer.plan import Layout, Tiling, choose_tiling, units
-from emrun.infer.schedule import job_units, run_inference
+from emrun.infer.run import run_inference
+from emrun.infer.schedule import job_units
 from emrun.infer.worker import BlockWorker
 from emrun.io.write import write_volume
 

@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from emrun.cli import app
 from emrun.errors import UserError
 from emrun.infer.job import Job, prepare_job
-from emrun.infer.schedule import run_inference, worker_slots
+from emrun.infer.run import run_inference
+from emrun.infer.schedule import worker_slots
 from emrun.io.write import write_volume
 
 BLOCK = (4, 16, 16)
@@ -180,7 +181,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     from pathlib import Path
     from emrun.infer import schedule
-    from emrun.infer.schedule import run_inference
+    from emrun.infer.run import run_inference
     from emrun.recipe import Recipe
     schedule.HANDOVER_BYTES = int(sys.argv[5])
     schedule.available_memory = lambda: 0

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from emrun.errors import UserError
+from emrun.io.checkpoint import load, save_atomic
 from emrun.recipe.run import SGD, Adam, Constant, Cosine, Poly, Step
-from emrun.train.checkpoint import load, save_atomic
 from emrun.train.optim import EMA, LRFactor, build_optimizer, build_scheduler, clip_gradients
 
 # --------------------------------------------------------------------------- optimizers

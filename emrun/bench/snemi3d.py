@@ -30,7 +30,7 @@ from ..atomic import atomic_output, write_text
 from ..errors import Interrupted, UserError
 from ..evaluate import score
 from ..evaluate.pieces import connected_pieces
-from ..infer.schedule import run_inference
+from ..infer.run import run_inference
 from ..io import open_volume
 from ..io.convert import convert
 from ..io.write import write_volume

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..io import Volume, open_volume
+from ..io.intensity import default_intensity
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
 from ..registry import sources
 
@@ -68,13 +69,6 @@ class Source:
                     f"[{lo:g}, {hi:g}], outside [0, 1]; give `intensity: {{low, high}}` "
                     "in the recipe")
         return np.clip(image, 0.0, 1.0, out=image)
-
-
-def default_intensity(dtype: np.dtype) -> tuple[float, float]:
-    """uint8 / 255, uint16 / 65535, ...; float images are taken as already in [0, 1]."""
-    if dtype.kind in "ui":
-        return 0.0, float(np.iinfo(dtype).max)
-    return 0.0, 1.0
 
 
 def _box(spec: SourceBase, shape: tuple[int, ...]) -> Box:

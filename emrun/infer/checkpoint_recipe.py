@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..io.checkpoint import load
 from ..recipe import LoadedRecipe, load_recipe
-from ..train.checkpoint import load
 
 FIXED = ("model", "tasks")
 """Recipe sections that define the network in a checkpoint."""

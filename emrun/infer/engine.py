@@ -31,14 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.sources import default_intensity
 from ..errors import UserError
 from ..io import Volume
+from ..io.checkpoint import load
+from ..io.intensity import default_intensity
 from ..recipe import Recipe
 from ..recipe.data import VolumeSource
 from ..recipe.tasks import AffinityTarget
 from ..registry import blends, models
-from ..train.checkpoint import load
 from .plan import Box, Layout, Zyx, intersect, local, shift, size
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -23,7 +23,7 @@ import zarr
 from .. import __version__
 from ..capacity import check_output_fits
 from ..errors import UserError
-from ..io import Volume, open_volume
+from ..io import PRIVATE_PREFIX, Volume, open_volume
 from ..io.write import create_volume
 from ..paths import is_link_loop
 from ..recipe import Recipe
@@ -31,7 +31,7 @@ from ..recipe.tasks import AffinityTarget
 from .engine import Engine, file_digest, intensity_range, load_model
 from .plan import Layout, Zyx, choose_chunks_and_block
 
-DONE = ".emrun-done"
+DONE = f"{PRIVATE_PREFIX}done"
 JOB_FILE = "job.json"
 
 

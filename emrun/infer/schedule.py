@@ -1,10 +1,11 @@
-"""Running an inference job: in this process, in local worker processes, or under daisy.
+"""Running an inference job's blocks on this machine, and what every scheduler shares.
 
-``local`` (the default) starts one worker process per device (each GPU; on a CPU, ``workers``
-processes sharing the cores) that loads the model once and pulls blocks from a queue; with a
-single worker it runs in this process. ``daisy`` hands the same worker to daisy's blockwise
-scheduler (see ``daisy_scheduler``). All of them skip blocks with a done-marker and write one
-after each finished block, so any of them can resume a job another started.
+`run_local` starts one worker process per device (each GPU; on a CPU, ``workers`` processes
+sharing the cores) that loads the model once and pulls blocks from a queue; with a single
+worker it runs in this process. The progress counts and the grouping of blocks into units
+are shared with ``daisy_scheduler``, which hands the same worker to daisy; ``run`` chooses
+between the two. Every scheduler skips blocks with a done-marker and writes one after each
+finished block, so any of them can resume a job another started.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -29,11 +29,9 @@ from ..devices import available_memory, cpu_cores, parse_device, require_visible
 from ..errors import UserError
 from ..recipe import Recipe
 from ..subprocesses import leave_signals_to, signals_held
-from .job import Job, prepare_job
+from .job import Job
 from .plan import Tiling, Zyx, choose_tiling, units
 from .worker import BlockDone, BlockWorker
-
-Scheduler = Literal["local", "daisy"]
 
 
 @dataclass
@@ -54,31 +52,7 @@ class Progress:
         self.seconds = time.perf_counter() - started
 
 
-def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
-                  block: Zyx | None = None, device: str | None = None, tta: int | None = None,
-                  resume: bool = False, mask_path: str | None = None,
-                  workers: int | None = None, scheduler: Scheduler = "local",
-                  launch: str | None = None, roi: tuple[Zyx, Zyx] | None = None,
-                  on_block: Callable[[Progress], None] | None = None) -> Progress:
-    """Predict ``input_path`` (or its ``roi``: offset, shape) into ``output`` (one array
-    per task); returns the counts."""
-    if launch is not None and scheduler != "daisy":
-        raise UserError("--launch is for --scheduler daisy (workers started by a command)")
-    # Devices are checked before any output exists; daisy workers resolve theirs where they
-    # run (the scheduler's own machine, a login node say, may have no GPU at all).
-    slots = worker_slots(device, workers) if scheduler == "local" else []
-    _check_device(device, workers)
-    job = prepare_job(recipe, checkpoint, input_path, output, block=block, tta=tta,
-                      resume=resume, mask_path=mask_path, roi=roi)
-    if scheduler == "daisy":
-        from .daisy_scheduler import run_daisy
-
-        return run_daisy(job, device or "auto", workers or 1, launch=launch,
-                         on_block=on_block)
-    return run_local(job, slots, on_block=on_block)
-
-
-def _check_device(device: str | None, workers: int | None) -> torch.device:
+def check_device(device: str | None, workers: int | None) -> torch.device:
     """The device named (default: a GPU when there is one), and a sane worker count."""
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1 (got {workers})")
@@ -87,7 +61,7 @@ def _check_device(device: str | None, workers: int | None) -> torch.device:
 
 def worker_slots(device: str | None, workers: int | None) -> list[tuple[str, int]]:
     """(device, CPU threads) for each worker: one per GPU by default, one on a CPU."""
-    dev = _check_device(device, workers)
+    dev = check_device(device, workers)
     name = str(dev)
     cores = cpu_cores()
     if dev.type == "cuda":

@@ -14,9 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from emrun.io.volume import Volume, VolumeError, open_volume, split_volume_path
 
-# `emrun infer` keeps its done-markers in OUT.zarr/.emrun-done/ (a plain folder, by design not
-# a zarr node); zarr warns about it whenever the group is listed, which tells a user nothing.
-warnings.filterwarnings("ignore", message=r"Object at \.emrun-done is not recognized")
+PRIVATE_PREFIX = ".emrun-"
+"""emrun's commands may keep their own bookkeeping inside an output store, in plain hidden
+folders named ``.emrun-<what>`` (by design not zarr nodes, e.g. inference's done-markers)."""
+
+# zarr warns about such folders whenever the group is listed, which tells a user nothing.
+warnings.filterwarnings("ignore", message=r"Object at \.emrun-[\w.-]+ is not recognized")
 
 if TYPE_CHECKING:
     from emrun.io.convert import ConvertResult, convert_volume, guess_name
@@ -33,6 +36,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "PRIVATE_PREFIX",
     "ConvertResult",
     "Volume",
     "VolumeError",

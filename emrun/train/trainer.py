@@ -27,11 +27,12 @@ from torch import nn
 from ..data.loader import train_batches, unpack, validation_batches
 from ..devices import parse_device, require_visible
 from ..errors import UserError
+from ..io.checkpoint import CheckpointError, load
 from ..losses import LossResult, total_loss
 from ..recipe import LoadedRecipe, Recipe
 from ..registry import losses, models, segmenters
 from . import distributed, run_dir
-from .checkpoint import CheckpointDir, CheckpointError, load, rng_state, set_rng_state
+from .checkpoint import CheckpointDir, rng_state, set_rng_state
 from .logging import RunLogger
 from .optim import EMA, build_optimizer, build_scheduler, clip_gradients
 from .seg_validation import affinity_task, validate_segmentation

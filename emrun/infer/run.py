@@ -1,0 +1,44 @@
+"""`run_inference`: prepare a job, then run it with the scheduler asked for.
+
+``local`` (the default) runs the blocks on this machine (``schedule``); ``daisy`` hands them to
+daisy's blockwise scheduler (``daisy_scheduler``, imported only when asked for: daisy is an
+optional dependency).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from ..errors import UserError
+from ..recipe import Recipe
+from .job import prepare_job
+from .plan import Zyx
+from .schedule import Progress, check_device, run_local, worker_slots
+
+Scheduler = Literal["local", "daisy"]
+
+
+def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
+                  block: Zyx | None = None, device: str | None = None, tta: int | None = None,
+                  resume: bool = False, mask_path: str | None = None,
+                  workers: int | None = None, scheduler: Scheduler = "local",
+                  launch: str | None = None, roi: tuple[Zyx, Zyx] | None = None,
+                  on_block: Callable[[Progress], None] | None = None) -> Progress:
+    """Predict ``input_path`` (or its ``roi``: offset, shape) into ``output`` (one array
+    per task); returns the counts."""
+    if launch is not None and scheduler != "daisy":
+        raise UserError("--launch is for --scheduler daisy (workers started by a command)")
+    # Devices are checked before any output exists; daisy workers resolve theirs where they
+    # run (the scheduler's own machine, a login node say, may have no GPU at all).
+    slots = worker_slots(device, workers) if scheduler == "local" else []
+    check_device(device, workers)
+    job = prepare_job(recipe, checkpoint, input_path, output, block=block, tta=tta,
+                      resume=resume, mask_path=mask_path, roi=roi)
+    if scheduler == "daisy":
+        from .daisy_scheduler import run_daisy
+
+        return run_daisy(job, device or "auto", workers or 1, launch=launch,
+                         on_block=on_block)
+    return run_local(job, slots, on_block=on_block)

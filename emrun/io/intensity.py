@@ -1,0 +1,16 @@
+"""The intensity range an image's dtype implies, for images whose recipe gives none.
+
+Training (``data``) and inference (``infer``) must scale an image the same way, so the rule
+lives here, below both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def default_intensity(dtype: np.dtype) -> tuple[float, float]:
+    """uint8 / 255, uint16 / 65535, ...; float images are taken as already in [0, 1]."""
+    if dtype.kind in "ui":
+        return 0.0, float(np.iinfo(dtype).max)
+    return 0.0, 1.0
