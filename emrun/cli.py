@@ -790,7 +790,7 @@ def data_preview(
     out: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("preview.png"),
 ) -> None:
     """A PNG grid of augmented samples: sections with label boundaries and each target."""
-    from .bench.data import with_synthetic_sources
+    from .data.synthetic import with_synthetic_sources
     from .preview import write_preview
     from .recipe import load_recipe
 

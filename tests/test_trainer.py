@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,15 +99,22 @@ def test_run_directory_layout_and_refusals(recipe, tmp_path):
 
 
 def test_resume_after_sigkill_is_bitwise_identical(recipe, tmp_path):
+    longer = ["-o", "train.iterations=24"]  # long enough to be killed midway, from outside
     straight = tmp_path / "straight"
-    assert emrun("train", str(recipe), "--run-dir", str(straight)).returncode == 0
+    assert emrun("train", str(recipe), "--run-dir", str(straight), *longer).returncode == 0
     killed = tmp_path / "killed"
-    first = emrun("train", str(recipe), "--run-dir", str(killed),
-                  env={"EMRUN_TEST_SIGKILL_AFTER": "6"})
-    assert first.returncode == -signal.SIGKILL
-    early = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
-    assert early["iteration"] == 6
-    resumed = emrun("train", str(recipe), "--run-dir", str(killed), "--resume")
+    process = subprocess.Popen([sys.executable, "-m", "emrun", "train", str(recipe),
+                                "--run-dir", str(killed), *longer],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not last.exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.kill()  # SIGKILL, wherever it is: mid-step, mid-save or mid-validation
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    early = torch.load(last, weights_only=True)
+    assert 3 <= early["iteration"] < 24
+    resumed = emrun("train", str(recipe), "--run-dir", str(killed), "--resume", *longer)
     assert resumed.returncode == 0, resumed.stderr
     # the training budget spans sessions: wall time adds up, the device is recorded once
     final = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)

@@ -14,18 +14,8 @@ from typing import Any
 
 from ..data.loader import train_batches, unpack
 from ..data.samples import SampleMaker, batch_rng
+from ..data.synthetic import with_synthetic_sources
 from ..recipe import Recipe
-from ..recipe.data import SyntheticSource
-
-
-def with_synthetic_sources(recipe: Recipe) -> Recipe:
-    """The recipe with every source replaced by a synthetic volume large enough to sample."""
-    pz, py, px = recipe.train.patch
-    shape = (max(3 * pz, 64), max(2 * py, 512), max(2 * px, 512))
-    sources = {f"synthetic_{i}": SyntheticSource(shape=shape, seed=i, weight=1.0)
-               for i in range(len(recipe.data.sources))}
-    data = recipe.data.model_copy(update={"sources": sources, "validation": {}})
-    return recipe.model_copy(update={"data": data})
 
 
 def stage_costs(recipe: Recipe, samples: int) -> tuple[dict[str, float], list[float]]:

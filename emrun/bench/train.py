@@ -23,13 +23,13 @@ from rich.console import Console
 
 from ..data.loader import to_tensors, unpack
 from ..data.samples import SampleMaker
+from ..data.synthetic import with_synthetic_sources
 from ..losses import total_loss
 from ..recipe import LoadedRecipe
 from ..registry import losses, models
 from ..train.optim import build_optimizer
 from ..train.trainer import Trainer, configure_backends, seed_everything
 from . import bench_device
-from .data import with_synthetic_sources
 
 
 def _batches(loaded: LoadedRecipe, count: int) -> list[dict[str, Any]]:

@@ -40,7 +40,6 @@ from .seg_validation import affinity_task, validate_segmentation
 MAX_NONFINITE_IN_A_ROW = 10
 RESUMED_PARTS = ("model", "optimizer", "scheduler", "scaler", "iteration", "data", "rng")
 """What a checkpoint must hold for a run to continue from it exactly."""
-STOP_AFTER_ENV = "EMRUN_TEST_SIGKILL_AFTER"  # tests: SIGKILL this process after that checkpoint
 
 
 @dataclass(frozen=True)
@@ -455,9 +454,6 @@ class Trainer:
         path = self.checkpoints.save(self.iteration, self.state())
         logger.message(f"checkpoint {path.name} (iteration {self.iteration}, parameters "
                        f"{digest}{', ranks in sync' if self.world.distributed else ''})")
-        stop_after = os.environ.get(STOP_AFTER_ENV)
-        if stop_after and int(stop_after) == self.iteration:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def seed_everything(seed: int) -> None:
