@@ -110,8 +110,11 @@ class Trainer:
     def __init__(self, loaded: LoadedRecipe, run_path: Path, *, resume: bool = False,
                  init_from: Path | None = None, device: str | None = None,
                  console: Any = None, stop_hint: str = "continue with --resume") -> None:
-        """``stop_hint``: what the line logged on SIGINT/SIGTERM tells the user to do (a
-        command that wraps training and cannot resume says otherwise)."""
+        """Set up in order: device, run directory (and the checkpoint to resume), seeded
+        model, optimisation, counters, restored state, then the compiled/distributed wrapper.
+
+        ``stop_hint``: what the line logged on SIGINT/SIGTERM tells the user to do (a command
+        that wraps training and cannot resume says otherwise)."""
         self.loaded = loaded
         self.stop_hint = stop_hint
         self.recipe: Recipe = loaded.recipe
@@ -120,16 +123,30 @@ class Trainer:
         self.resume = resume
         self._resumed_from: Path | None = None
         self.init_from = init_from
+        self.console = console
+        self._choose_device(device)
+        checkpoint = self._checkpoint_to_resume()
+        seed_everything(self.recipe.seed)  # identical initial weights on every rank
+        self._build_model(init_from)
+        self._build_optimisation()
+        self._start_counters()
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self._wrap_model()
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def _choose_device(self, device: str | None) -> None:
+        """The device and the distributed world; backends set for it; a segmenter whose
+        package is missing fails now, not hours on at the first validation."""
         self.world = distributed.setup(_device(device, distributed.World()).type)
         self.device = _device(device, self.world)
-        self.console = console
         configure_backends(self.recipe, self.device)
         if self.train.validate_every and self.train.validate_segmentation and \
                 affinity_task(self.recipe) is not None:
-            segmenters.build(self.recipe.segment)  # a missing package fails now, not hours on
+            segmenters.build(self.recipe.segment)
 
-        checkpoint = self._checkpoint_to_resume()
-        seed_everything(self.recipe.seed)  # identical initial weights on every rank
+    def _build_model(self, init_from: Path | None) -> None:
         self.heads = self.recipe.head_channels()
         self.model: nn.Module = models.build(self.recipe.model, head_channels=self.heads)
         self.model.to(self.device)
@@ -137,6 +154,9 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last_3d)
         if init_from is not None:
             self._load_weights(init_from)
+
+    def _build_optimisation(self) -> None:
+        """Optimizer, schedule, loss scaler, EMA and the tasks' losses and weights."""
         self.optimizer = build_optimizer(self.train.optimizer, self.model.parameters())
         self.scheduler = build_scheduler(self.train.schedule, self.optimizer, self.train.iterations)
         self.scaler = torch.amp.GradScaler(
@@ -144,6 +164,11 @@ class Trainer:
         self.ema = EMA(self.model, self.train.ema) if self.train.ema else None
         self.losses = {name: losses.build(task.loss) for name, task in self.recipe.tasks.items()}
         self.weights = {name: task.weight for name, task in self.recipe.tasks.items()}
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            self.train.precision)
+
+    def _start_counters(self) -> None:
+        """A new run's counters; `_restore` replaces them on resumption."""
         self.iteration = 0
         self.batches_done = 0
         self.nonfinite = 0
@@ -151,8 +176,10 @@ class Trainer:
         self.train_seconds = 0.0  # wall time in fit() over every session of this run
         self.devices: list[str] = []  # the devices that trained it, in order of first use
         self._clock: float | None = None
-        if checkpoint is not None:
-            self._restore(checkpoint)
+
+    def _wrap_model(self) -> None:
+        """The module the steps call: compiled and/or distributed around the model (the
+        model itself stays what checkpoints save)."""
         self.forward_model: nn.Module = self.model
         if self.train.compile:
             self.forward_model = torch.compile(self.model)  # type: ignore[assignment]
@@ -160,10 +187,6 @@ class Trainer:
             self.forward_model = nn.parallel.DistributedDataParallel(
                 self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda"
                 else None)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            self.train.precision)
-
-    # -- set-up -------------------------------------------------------------------------
 
     def _checkpoint_to_resume(self) -> dict[str, Any] | None:
         if self.world.main:
