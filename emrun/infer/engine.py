@@ -100,6 +100,28 @@ def load_model(recipe: Recipe, checkpoint: Path, device: torch.device) -> nn.Mod
     return model.to(device).eval()
 
 
+def tta_variants(recipe: Recipe, tta: int) -> list[Any]:
+    """The test-time augmentation variants ``tta`` asks for (none for 1), checked against the
+    recipe: transposing needs a square patch in y/x, and every affinity offset must map to
+    an offset of the task under each variant."""
+    if tta <= 1:
+        return []
+    from .tta import check_offsets, variants
+
+    patch = recipe.infer_patch()
+    if tta >= 8 and patch[1] != patch[2]:
+        raise UserError(f"tta {tta} transposes y and x, which needs a square patch "
+                        f"in y/x (infer patch {list(patch)}); use tta 4 or less")
+    chosen = variants(tta, patch[1] == patch[2])
+    for name, task in recipe.tasks.items():
+        if isinstance(task.target, AffinityTarget):
+            try:
+                check_offsets(task.target.offsets, chosen)
+            except ValueError as exc:
+                raise UserError(f"tasks.{name}: {exc}") from None
+    return chosen
+
+
 class Engine:
     """Predicts blocks of a volume with one model on one device."""
 
@@ -133,20 +155,7 @@ class Engine:
         self.window = torch.from_numpy(window).to(device)
         self.predicted_patches = 0  # forward passes of lattice patches (padding excluded)
         self.tta = tta or recipe.infer.tta
-        self.variants: list[Any] = []
-        if self.tta > 1:
-            from .tta import check_offsets, variants
-
-            if self.tta >= 8 and self.patch[1] != self.patch[2]:
-                raise UserError(f"tta {self.tta} transposes y and x, which needs a square patch "
-                                f"in y/x (infer patch {list(self.patch)}); use tta 4 or less")
-            self.variants = variants(self.tta, self.patch[1] == self.patch[2])
-            for name, task in self.tasks.items():
-                if isinstance(task.target, AffinityTarget):
-                    try:
-                        check_offsets(task.target.offsets, self.variants)
-                    except ValueError as exc:
-                        raise UserError(f"tasks.{name}: {exc}") from None
+        self.variants: list[Any] = tta_variants(recipe, self.tta)
 
     def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Activated predictions for a batch (b, 1, z, y, x), TTA-reduced when enabled."""

@@ -28,7 +28,7 @@ from ..io.write import create_volume
 from ..paths import is_link_loop
 from ..recipe import Recipe
 from ..recipe.tasks import AffinityTarget
-from .engine import Engine, file_digest, intensity_range, load_model
+from .engine import file_digest, intensity_range, load_model, tta_variants
 from .plan import Layout, Zyx, choose_chunks_and_block
 
 DONE = f"{PRIVATE_PREFIX}done"
@@ -119,9 +119,10 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
         if tuple(mask.shape) != tuple(volume.shape):
             raise UserError(f"{mask}: mask shape {list(mask.shape)} differs from the input's "
                             f"{list(volume.shape)}")
-    # A bad checkpoint or TTA setting fails here, once, before any output exists.
-    Engine(recipe, load_model(recipe, checkpoint, torch.device("cpu")), torch.device("cpu"),
-           tta=tta)
+    # A bad checkpoint or TTA setting fails here, once, before any output exists (each
+    # worker builds its engine where it runs).
+    load_model(recipe, checkpoint, torch.device("cpu"))
+    tta_variants(recipe, tta or recipe.infer.tta)
     patch = recipe.infer_patch()
     stride = recipe.infer.resolved_stride(patch)
     offset, shape = _check_roi(roi, volume)
