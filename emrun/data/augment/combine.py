@@ -8,7 +8,7 @@ import numpy as np
 
 from ...recipe.augment import Compose, OneOf
 from ...registry import augmentations
-from . import Augmentation, Context, Pipeline, Step, Zyx, identity
+from .base import Augmentation, Context, Pipeline, Step, Zyx, identity
 
 
 class OneOfAugmentation(Augmentation):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ...recipe.augment import FlipRotate, LostSection, Misalign, MisalignBase, MisalignMissing
 from ...recipe.augment import Warp as WarpSpec
 from ...registry import augmentations
-from . import Augmentation, Context, Sample, Step, Zyx
+from .base import Augmentation, Context, Sample, Step, Zyx
 
 Array = np.ndarray
 Offset = tuple[int, int]  # (y, x) corner of a section's crop in the input

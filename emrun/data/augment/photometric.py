@@ -58,7 +58,7 @@ from ...recipe.augment import (
     Noise,
 )
 from ...registry import augmentations
-from . import Augmentation, Context, Sample, Step, Zyx
+from .base import Augmentation, Context, Sample, Step, Zyx
 
 PARTIAL_CHANCE = 0.5
 """Chance that a ``partial: true`` augmentation affects a region instead of the whole section."""
