@@ -75,19 +75,11 @@ def finish(raw: np.ndarray, affs: np.ndarray, offsets: Sequence[Offset],
 
 
 def segment_array(affs: np.ndarray, offsets: Sequence[Offset], segmenter: Segmenter,
-                  mask: np.ndarray | None = None,
-                  block: Sequence[int] | None = None) -> np.ndarray:
-    """Segment affinities (c, z, y, x; float, or uint8 with 255 = 1) in memory; with
-    ``block``, block by block (with the same stitching as for volumes on disk: for tests and
-    comparisons)."""
+                  mask: np.ndarray | None = None) -> np.ndarray:
+    """Segment affinities (c, z, y, x; float, or uint8 with 255 = 1) in memory (block by
+    block: ``blockwise.segment_into``)."""
     check_offsets(offsets, affs.shape[0], "affinities")
     affs = to_float(np.asarray(affs))
-    if block is not None and any(b < n for b, n in zip(block, affs.shape[1:], strict=True)):
-        from .blockwise import segment_into
-
-        out = np.zeros(affs.shape[1:], np.uint64)
-        segment_into(out, affs, offsets, segmenter, mask=mask, block=tuple(block))
-        return out
     return finish(segmenter.fragments(affs, offsets, mask), affs, offsets, mask,
                   segmenter.min_size)
 
