@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from funlib.geometry import Coordinate, Roi
 
 __all__ = ["BlockGrid", "Coordinate", "Roi", "Zyx", "box_of", "clip", "grow_within",
-           "local_slices", "slices"]
+           "local_slices", "slices", "zyx"]
 
 Zyx = tuple[int, int, int]
 """Three ints, z, y, x: a size, a point or a block index where a fixed-length tuple is wanted
 (dataclass fields, dictionary keys, JSON)."""
+
+
+def zyx(values: Iterable[int]) -> Zyx:
+    """Three plain ints from a ``Coordinate`` or any three numbers."""
+    z, y, x = values
+    return (int(z), int(y), int(x))
 
 
 def box_of(shape: Sequence[int]) -> Roi:

@@ -38,10 +38,11 @@ from torch import nn
 
 from ..devices import available_memory
 from ..errors import UserError
+from ..geometry import Zyx
 from ..infer import schedule
 from ..infer.engine import Engine
 from ..infer.job import Job, prepare_job
-from ..infer.plan import Layout, Zyx, choose_chunks_and_block
+from ..infer.plan import Layout, choose_chunks_and_block
 from ..infer.worker import BlockWorker
 from ..io.write import write_volume
 from ..recipe import Recipe

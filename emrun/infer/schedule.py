@@ -27,10 +27,11 @@ import torch
 
 from ..devices import available_memory, cpu_cores, parse_device, require_visible
 from ..errors import UserError
+from ..geometry import Roi, Zyx
 from ..recipe import Recipe
 from ..subprocesses import leave_signals_to, signals_held
 from .job import Job, prepare_job
-from .plan import Tiling, Zyx, choose_tiling, units
+from .plan import Tiling, choose_tiling, units
 from .worker import BlockDone, BlockWorker
 
 Scheduler = Literal["local", "daisy"]
@@ -58,9 +59,9 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
                   block: Zyx | None = None, device: str | None = None, tta: int | None = None,
                   resume: bool = False, mask_path: str | None = None,
                   workers: int | None = None, scheduler: Scheduler = "local",
-                  launch: str | None = None, roi: tuple[Zyx, Zyx] | None = None,
+                  launch: str | None = None, roi: Roi | None = None,
                   on_block: Callable[[Progress], None] | None = None) -> Progress:
-    """Predict ``input_path`` (or its ``roi``: offset, shape) into ``output`` (one array
+    """Predict ``input_path`` (or its box ``roi``) into ``output`` (one array
     per task); returns the counts."""
     if launch is not None and scheduler != "daisy":
         raise UserError("--launch is for --scheduler daisy (workers started by a command)")
