@@ -32,7 +32,7 @@ import torch
 
 from ..devices import cpu_cores
 from ..errors import UserError
-from ..geometry import Zyx
+from ..geometry import Zyx, zyx
 from .job import Job
 from .plan import best_order
 from .schedule import Progress, job_tiling
@@ -100,7 +100,7 @@ def unit_blocks(job: Job, roi: Any) -> list[Zyx]:
         roi.offset, roi.shape, job.layout.block, strict=True)]
     order = best_order(job.layout, [e - a for a, e in zip(start, stop, strict=True)])
     blocks = itertools.product(*(range(a, e) for a, e in zip(start, stop, strict=True)))
-    return sorted(blocks, key=lambda b: tuple(b[a] for a in order))  # type: ignore[arg-type]
+    return sorted(map(zyx, blocks), key=lambda b: tuple(b[a] for a in order))
 
 
 @functools.cache

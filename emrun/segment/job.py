@@ -27,7 +27,7 @@ from .. import __version__
 from ..capacity import check_output_fits
 from ..devices import available_memory
 from ..errors import UserError
-from ..geometry import Roi
+from ..geometry import Roi, zyx
 from ..io import Volume, open_volume
 from ..paths import is_link_loop
 from ..recipe.recipe import Recipe
@@ -247,7 +247,7 @@ def default_block(segmenter: Segmenter, offsets: Sequence[Offset],
             block[0] //= 2
         else:
             break
-    return tuple(block)  # type: ignore[return-value]
+    return zyx(block)
 
 
 def run_segment(affs_path: str, output: Path, *, method: str | None = None,
