@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import Interrupted, NotImplementedYet, UserError, disk_full
+from .geometry import Roi
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -339,8 +340,8 @@ def infer(
               markup=False)
 
 
-def _parse_roi(text: str | None) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
-    """``z,y,x/z,y,x`` (offset/shape) to two triples."""
+def _parse_roi(text: str | None) -> Roi | None:
+    """``z,y,x/z,y,x`` (offset/shape) to a box (checked against the input later)."""
     if text is None:
         return None
     try:
@@ -350,7 +351,7 @@ def _parse_roi(text: str | None) -> tuple[tuple[int, int, int], tuple[int, int, 
     except ValueError:
         raise UserError(f"--roi {text!r}: expected offset/shape as z,y,x/z,y,x, e.g. "
                         "60,0,0/10,1024,1024") from None
-    return offset, shape  # type: ignore[return-value]
+    return Roi(offset, shape)
 
 
 @app.command()

@@ -20,6 +20,7 @@ import torch
 from .atomic import atomic_output, write_text
 from .errors import Interrupted, UserError
 from .evaluate import score_volumes
+from .geometry import Roi
 from .infer.run import run_inference
 from .io import open_volume
 from .io.write import write_volume
@@ -58,6 +59,7 @@ def _figure(path: Path, test: Path, out: Path, metrics: dict[str, dict[str, floa
     image = open_volume(f"{test}/image").read()
     labels = open_volume(f"{test}/labels").read()
     mid = image.shape[0] // 2
+    section = Roi((mid, 0, 0), (1, *image.shape[1:]))  # the middle section, channels whole
     fig, axes = plt.subplots(1, 6, figsize=(20, 3.6))
     axes[0].imshow(image[mid], cmap="gray", vmin=0, vmax=255)
     axes[0].set_title("test input (middle section)")
@@ -68,10 +70,10 @@ def _figure(path: Path, test: Path, out: Path, metrics: dict[str, dict[str, floa
     axes[1].imshow(edges | (lab == 0), cmap="gray_r")
     axes[1].set_title("true boundaries")
     for ax, tag in zip(axes[2:4], ("untrained", "trained"), strict=True):
-        affs = open_volume(f"{out}/pred_{tag}.zarr/{task}").read((slice(0, 3), slice(mid, mid + 1)))
+        affs = open_volume(f"{out}/pred_{tag}.zarr/{task}").read(section)[:3]
         ax.imshow(affs[:, 0].mean(0), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"{tag}: affinities")
-    seg = open_volume(f"{out}/seg_trained.zarr/segmentation").read((slice(mid, mid + 1),))[0]
+    seg = open_volume(f"{out}/seg_trained.zarr/segmentation").read(section)[0]
     colours = np.random.default_rng(0).random((int(seg.max()) + 1, 3))
     axes[4].imshow(image[mid], cmap="gray", vmin=0, vmax=255)
     axes[4].imshow(colours[seg % len(colours)], alpha=0.45)

@@ -19,6 +19,7 @@ from emrun.data.sampler import PatchSampler
 from emrun.data.samples import SampleMaker
 from emrun.data.sources import mixture_weights, open_sources
 from emrun.errors import UserError
+from emrun.geometry import Roi
 from emrun.recipe import Recipe
 
 PATCH = (4, 16, 16)
@@ -158,9 +159,9 @@ def test_workers_start_with_spawn(tmp_path):
 
 
 def test_tile_corners_cover_the_box():
-    assert tile_corners((0, 0, 0), (10, 40, 16), (4, 16, 16)) == [
+    assert tile_corners(Roi((0, 0, 0), (10, 40, 16)), (4, 16, 16)) == [
         (z, y, 0) for z in (0, 4, 6) for y in (0, 16, 24)]
-    assert tile_corners((5, 0, 0), (3, 16, 16), (4, 16, 16)) == [(5, 0, 0)]
+    assert tile_corners(Roi((5, 0, 0), (3, 16, 16)), (4, 16, 16)) == [(5, 0, 0)]
 
 
 def test_validation_batches_are_deterministic_and_mask_padding(tmp_path):

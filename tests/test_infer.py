@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from emrun.cli import app
 from emrun.errors import UserError
+from emrun.geometry import Roi
 from emrun.infer.engine import reflect_index
 from emrun.infer.plan import Layout
 from emrun.infer.run import run_inference
@@ -97,8 +98,8 @@ def test_output_does_not_depend_on_the_block_size(setup):
 
 def test_roi_predicts_a_box_with_the_volume_around_it_as_context(setup):
     recipe, model, volume, tmp = setup
-    roi = ((3, 10, 5), (6, 20, 33))
-    want = reference(recipe, model, volume, roi)
+    roi = Roi((3, 10, 5), (6, 20, 33))
+    want = reference(recipe, model, volume, (roi.offset, roi.shape))
     out = tmp / "roi.zarr"
     run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(4, 16, 16),
                   roi=roi)
@@ -107,7 +108,7 @@ def test_roi_predicts_a_box_with_the_volume_around_it_as_context(setup):
     assert written.shape == (4, 6, 20, 33) and written.offset[-3:] == (3, 10, 5)
     with pytest.raises(UserError, match="does not lie inside"):
         run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "bad.zarr",
-                      roi=((0, 0, 0), (12, 1, 1)))
+                      roi=Roi((0, 0, 0), (12, 1, 1)))
     for bad in ("1,2/3,4,5", "x"):
         result = CliRunner().invoke(app, ["infer", "--recipe", "r.yaml", "--checkpoint", "c.pt",
                                           "--input", "i", "--output", "o", "--roi", bad])

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from emrun.cli import app
 from emrun.data.targets import Affinity, Patch
 from emrun.errors import UserError
+from emrun.geometry import Roi, box_of
 from emrun.io import open_volume, write_volume
 from emrun.recipe.run import ConnectedComponents, MutexWatershed, Waterz
 from emrun.registry import segmenters
@@ -175,10 +176,11 @@ def test_merge_small_joins_the_strongest_neighbour_until_large():
 @pytest.mark.parametrize("offset", [(-1, 0, 0), (0, 0, -9), (-2, -3, 0), (1, 0, -2)])
 def test_crossing_boxes_cover_each_leaving_voxel_once(offset):
     shape = (6, 7, 12)
-    core = (slice(2, 5), slice(0, 4), slice(3, 12))
+    box = Roi((2, 0, 3), (3, 4, 9))
+    core = box.to_slices()
     count = np.zeros(shape, int)
-    for box in crossing(core, offset, shape):
-        count[box] += 1
+    for piece in crossing(box, offset, box_of(shape)):
+        count[piece.to_slices()] += 1
     expected = np.zeros(shape, int)
     for v in np.ndindex(*shape):
         inside = all(s.start <= c < s.stop for c, s in zip(v, core, strict=True))

@@ -243,11 +243,11 @@ def test_two_cpu_processes_stay_in_sync(recipe, tmp_path):
 
 
 def test_segmentation_validation_crop_is_centred_and_bounded():
+    from emrun.geometry import Roi
     from emrun.train.seg_validation import central_crop
 
-    assert central_crop((0, 0, 0), (8, 32, 32), 10**6) == (slice(0, 8), slice(0, 32),
-                                                            slice(0, 32))
-    z, y, x = central_crop((60, 0, 0), (10, 1024, 1024), 4_000_000)
+    assert central_crop(Roi((0, 0, 0), (8, 32, 32)), 10**6) == Roi((0, 0, 0), (8, 32, 32))
+    z, y, x = central_crop(Roi((60, 0, 0), (10, 1024, 1024)), 4_000_000).to_slices()
     assert (z.start, z.stop) == (60, 70)
     assert (y.stop - y.start) * (x.stop - x.start) * 10 <= 4_000_000
     assert abs(y.start + y.stop - 1024) <= 1 and abs(x.start + x.stop - 1024) <= 1  # centred

@@ -14,6 +14,7 @@ import tifffile
 import zarr
 from volume_files import WRITERS, write_hdf5, write_npy, write_tiff
 
+from emrun.geometry import Roi
 from emrun.io import (
     ConvertResult,
     VolumeError,
@@ -221,7 +222,7 @@ def test_create_volume(tmp_path: Path) -> None:
     a[:, :8] = 7
     vol = open_volume(out / "aff")
     assert vol.shape == (3, 40, 300, 500) and vol.voxel_size is None
-    assert vol.read((slice(None), slice(6, 10), slice(0, 1), slice(0, 1))).ravel().tolist() == (
+    assert vol.read(Roi((6, 0, 0), (4, 1, 1))).ravel().tolist() == (
         [7, 7, 0, 0] * 3
     )
     attrs = json.loads((out / "aff/zarr.json").read_text())["attributes"]
@@ -363,24 +364,24 @@ def test_source_is_read_in_slabs_of_whole_z_chunks(
 ) -> None:
     data = make("uint16")
     source = SAVERS[fmt](tmp_path, data)
-    rois: list[tuple[slice, ...]] = []
+    rois: list[Roi] = []
     original = Volume.read
 
-    def spy(self: Volume, roi: tuple[slice, ...] | None = None) -> np.ndarray:
+    def spy(self: Volume, roi: Roi | None = None) -> np.ndarray:
         rois.append(self.normalise_roi(roi))
         return original(self, roi)
 
     monkeypatch.setattr(Volume, "read", spy)
     r = convert(source, tmp_path / "out.zarr", chunks=CHUNKS, progress=False)
-    assert [(s[0].start, s[0].stop) for s in rois] == [(0, 4), (4, 8), (8, 11)]
-    assert all(s[1:] == (slice(0, 20), slice(0, 24)) for s in rois)
+    assert [(s.begin[0], s.end[0]) for s in rois] == [(0, 4), (4, 8), (8, 11)]
+    assert all(s.to_slices()[1:] == (slice(0, 20), slice(0, 24)) for s in rois)
     monkeypatch.setattr(Volume, "read", original)
     np.testing.assert_array_equal(open_volume(r.path).read(), data)
 
 
 def test_wide_slabs_are_cut_along_y_at_chunk_boundaries() -> None:
     # uint16 slab of 4 sections x 20 rows x 24: 192 bytes per row; budget 1000 -> 1 chunk (8)
-    blocks = list(slabs(SHAPE, CHUNKS, 2, max_bytes=1000))
+    blocks = [b.to_slices() for b in slabs(SHAPE, CHUNKS, 2, max_bytes=1000)]
     assert [(b[0].start, b[1].start, b[1].stop) for b in blocks[:3]] == [
         (0, 0, 8),
         (0, 8, 16),
@@ -389,7 +390,7 @@ def test_wide_slabs_are_cut_along_y_at_chunk_boundaries() -> None:
     assert len(blocks) == 9 and all(b[2] == slice(0, 24) for b in blocks)
     assert len(list(slabs(SHAPE, CHUNKS, 2, max_bytes=192 * 16))) == 6  # 2 chunks a band
     c = list(slabs((2, *SHAPE), (1, *CHUNKS), 1))
-    assert len(c) == 3 and c[0] == (slice(0, 2), slice(0, 4), slice(0, 20), slice(0, 24))
+    assert len(c) == 3 and c[0] == Roi((0, 0, 0, 0), (2, 4, 20, 24))
 
 
 def test_convert_with_tiny_slab_budget_is_exact(tmp_path: Path) -> None:
@@ -415,7 +416,7 @@ def test_image_group_reads_like_an_array(tmp_path: Path) -> None:
     assert isinstance(vol, ZarrVolume) and vol.array_path == "image/0"
     assert (vol.dataset, vol.voxel_size, vol.offset) == ("image", (40.0, 4.0, 4.0), (1, 0, 2))
     clone = pickle.loads(pickle.dumps(vol))
-    np.testing.assert_array_equal(clone.read((slice(2, 5),)), data[2:5])
+    np.testing.assert_array_equal(clone.read(Roi((2, 0, 0), (3, *data.shape[1:]))), data[2:5])
     level = open_volume(tmp_path / "v.zarr/image/0")  # the level array itself still opens
     assert level.voxel_size == (40.0, 4.0, 4.0) and str(level).endswith("v.zarr/image/0")
 
@@ -462,5 +463,5 @@ def test_snemi3d_labels_convert_exactly(tmp_path: Path) -> None:
     r = convert(source, tmp_path / "s.zarr", voxel_size=(30, 6, 6), progress=False)
     assert (r.name, r.shape, r.dtype) == ("labels", (70, 1024, 1024), np.uint16)
     vol = open_volume(r.path)
-    roi = (slice(20, 36), slice(100, 600), slice(300, 1024))
+    roi = Roi((20, 100, 300), (16, 500, 724))
     np.testing.assert_array_equal(vol.read(roi), open_volume(source).read(roi))

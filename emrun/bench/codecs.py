@@ -49,6 +49,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from ..errors import UserError
+from ..geometry import box_of
 from ..io import open_volume
 from ..io.write import compressor
 
@@ -325,7 +326,7 @@ def bench_codecs(volume: str, *, chunks: Sequence[str] | None = None, passes: in
             raise UserError(f"unknown codec(s) {', '.join(unknown)}; known for {vol.dtype}: "
                             f"{', '.join(sorted(names))}")
         known = [c for c in known if c.name in codecs]
-    data = np.ascontiguousarray(vol.read(tuple(slice(0, n) for n in shape)))
+    data = np.ascontiguousarray(vol.read(box_of(shape)))
     rows = []
     with tempfile.TemporaryDirectory(prefix="emrun-bench-codecs-", dir=workdir) as tmp:
         for chunk_shape in chunk_shapes:

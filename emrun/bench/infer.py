@@ -38,10 +38,11 @@ from torch import nn
 
 from ..devices import available_memory
 from ..errors import UserError
+from ..geometry import Zyx, zyx
 from ..infer import schedule
 from ..infer.engine import Engine
 from ..infer.job import Job, prepare_job
-from ..infer.plan import Layout, Zyx, choose_chunks_and_block
+from ..infer.plan import Layout, choose_chunks_and_block
 from ..infer.worker import BlockWorker
 from ..io.write import write_volume
 from ..recipe import Recipe
@@ -280,9 +281,9 @@ def _checked(recipe: Recipe, device: torch.device, shape: Zyx | None, block: Zyx
                         "no model to time: drop one of them")
     standin = stand_in(recipe) if no_model else None
     counts = worker_counts(workers)
-    for option, zyx in (("--shape", shape), ("--block", block)):
-        if zyx is not None:
-            check_zyx(option, zyx)
+    for option, given in (("--shape", shape), ("--block", block)):
+        if given is not None:
+            check_zyx(option, given)
     shape = shape or default_shape(recipe, block, max(counts, default=1))
     needs = estimate_needs(recipe, bench_layout(recipe, shape, block), max(counts, default=1),
                            device.type == "cuda")
@@ -299,7 +300,7 @@ def _compile_axis(device: torch.device, compile_: bool | None) -> bool:
 def _monai_if_room(recipe: Recipe, engine: Engine, image: np.ndarray, device: torch.device,
                    notes: list[str]) -> float | None:
     """MONAI's rate, unless its in-memory sliding window would not fit (then a note)."""
-    need = _monai_bytes(recipe, tuple(image.shape))  # type: ignore[arg-type]
+    need = _monai_bytes(recipe, zyx(image.shape))
     free = free_device_memory(device)
     free = available_memory() if free is None else free
     if need > 0.8 * free:

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import torch
 
+from ..geometry import Zyx
 from ..infer.engine import Engine
-from ..infer.plan import Zyx
 
 
 def _model_batch(image: np.ndarray, patch: Zyx, batch_size: int,

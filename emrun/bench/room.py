@@ -18,7 +18,8 @@ import torch
 from ..capacity import free_disk, size_text
 from ..devices import available_memory
 from ..errors import UserError
-from ..infer.plan import Layout, Zyx
+from ..geometry import Zyx
+from ..infer.plan import Layout
 from ..recipe import Recipe
 
 

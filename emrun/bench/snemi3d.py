@@ -30,6 +30,7 @@ from ..atomic import atomic_output, write_text
 from ..errors import Interrupted, UserError
 from ..evaluate import score
 from ..evaluate.pieces import connected_pieces
+from ..geometry import Roi
 from ..infer.run import run_inference
 from ..io import open_volume
 from ..io.convert import convert
@@ -82,13 +83,13 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     if len(shape) != 3 or shape[0] != SECTIONS:
         raise UserError(f"{folder / FILES['image']}: expected the {SECTIONS} SNEMI3D training "
                         f"sections (70 x 1024 x 1024), found shape {list(shape)}")
-    validation = ((TRAIN_SECTIONS, 0, 0), (SECTIONS - TRAIN_SECTIONS, shape[1], shape[2]))
+    validation = Roi((TRAIN_SECTIONS, 0, 0), (SECTIONS - TRAIN_SECTIONS, shape[1], shape[2]))
     settings = [f"data.sources.snemi3d.image={volumes}/image",
                 f"data.sources.snemi3d.labels={volumes}/labels",
                 f"data.validation.snemi3d_val.image={volumes}/image",
                 f"data.validation.snemi3d_val.labels={volumes}/labels",
                 f"data.sources.snemi3d.roi.shape=[{TRAIN_SECTIONS}, {shape[1]}, {shape[2]}]",
-                f"data.validation.snemi3d_val.roi.shape={list(validation[1])}"]
+                f"data.validation.snemi3d_val.roi.shape={list(validation.shape)}"]
     if iterations is not None:
         settings.append(f"train.iterations={iterations}")
     loaded = load_recipe(RECIPES / "snemi3d_aff.yaml", settings + list(overrides or []))
@@ -123,9 +124,7 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     infer_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    (oz, oy, ox), (sz, sy, sx) = validation
-    box = (slice(oz, oz + sz), slice(oy, oy + sy), slice(ox, ox + sx))
-    labels = open_volume(f"{volumes}/labels").read(box)
+    labels = open_volume(f"{volumes}/labels").read(validation)
     pieces = connected_pieces(labels)
     connected = recipe.train.validate_connected_truth
     truth = pieces if connected else labels
@@ -140,14 +139,14 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     segment_seconds = time.perf_counter() - started
     seg_path = out / "seg.zarr"
     write_volume(seg_path, "segmentation", result.segmentation.astype(np.uint64),
-                 voxel_size=VOXEL_SIZE, offset=validation[0], overwrite=True)
+                 voxel_size=VOXEL_SIZE, offset=tuple(validation.offset), overwrite=True)
     final = score(result.segmentation, truth)
     as_labelled = score(result.segmentation, labels).as_dict()
 
     results = {
         "recipe": recipe.name, "overrides": list(overrides or []), "data": str(folder),
         "train_sections": [0, TRAIN_SECTIONS - 1],
-        "validation_sections": [oz, oz + sz - 1],
+        "validation_sections": [validation.begin[0], validation.end[0] - 1],
         "iterations": trainer.iteration, "device": ", ".join(trainer.devices),
         "train_seconds": round(trainer.seconds(), 1),
         "infer_device": device_name(trainer.device),
@@ -161,8 +160,8 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
         "as_labelled_floor": round(score(pieces, labels).arand, 4),
     }
     stage("drawing the figures and writing results.md, results.json")
-    _figures(out, open_volume(f"{volumes}/image").read(box), affs, result.segmentation, truth,
-             run)
+    _figures(out, open_volume(f"{volumes}/image").read(validation), affs, result.segmentation,
+             truth, run)
     write_text(out / "results.md", _table(results))
     write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..geometry import Roi, box_of
 from ..io import Volume, VolumeError, open_volume
 from ..recipe import LoadedRecipe, Problem
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
@@ -107,14 +108,11 @@ def _check_values(image: Volume, source: VolumeSource, mask: Volume | None, path
     sections); a mask must select something inside the sampled box (reads the mask once)."""
     from .sampler import MaskIndex
 
-    if source.roi is not None:
-        offset, shape = source.roi.offset, source.roi.shape
-    else:
-        offset, shape = (0, 0, 0), tuple(image.shape)
+    box = source.roi.to_roi() if source.roi is not None else box_of(image.shape[-3:])
+    (oz, oy, ox), (sz, sy, sx) = box.offset, box.shape
     if image.dtype.kind == "f" and source.intensity is None:
-        for z in np.unique(np.linspace(offset[0], offset[0] + shape[0] - 1, 4).round()):
-            section = image.read((slice(int(z), int(z) + 1), slice(offset[1], offset[1] + shape[1]),
-                                  slice(offset[2], offset[2] + shape[2])))
+        for z in np.unique(np.linspace(oz, oz + sz - 1, 4).round()):
+            section = image.read(Roi((int(z), oy, ox), (1, sy, sx)))
             lo, hi = float(section.min()), float(section.max())
             if lo < 0 or hi > 1:
                 problems.append(((*path, "image"), f"{image} is a float image with values in "
@@ -122,7 +120,7 @@ def _check_values(image: Volume, source: VolumeSource, mask: Volume | None, path
                                  "`intensity: {low, high}` for this source"))
                 break
     if mask is not None and tuple(mask.shape) == tuple(image.shape):
-        index = MaskIndex(mask, offset, shape)  # type: ignore[arg-type]
+        index = MaskIndex(mask, box)
         if len(index.blocks) == 0:
             where = "inside its roi" if source.roi is not None else "anywhere"
             problems.append(((*path, "mask"), f"{mask} selects no voxel {where}: nothing "

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..geometry import Roi, Zyx, zyx
 from ..recipe import Recipe
 from ..registry import targets
 from ..subprocesses import leave_signals_to
@@ -99,11 +100,10 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
-def tile_corners(box_offset: tuple[int, ...], box_shape: tuple[int, ...],
-                 patch: tuple[int, ...]) -> list[tuple[int, int, int]]:
+def tile_corners(box: Roi, patch: tuple[int, ...]) -> list[Zyx]:
     """Corners of patches covering the box; the last patch per axis ends at the box end."""
     axes = []
-    for o, b, p in zip(box_offset, box_shape, patch, strict=True):
+    for o, b, p in zip(box.offset, box.shape, patch, strict=True):
         if b <= p:
             axes.append([o])
             continue
@@ -111,16 +111,14 @@ def tile_corners(box_offset: tuple[int, ...], box_shape: tuple[int, ...],
         if starts[-1] != o + b - p:
             starts.append(o + b - p)
         axes.append(starts)
-    return [tuple(c) for c in itertools.product(*axes)]  # type: ignore[misc]
+    return [zyx(c) for c in itertools.product(*axes)]
 
 
-def _validation_sample(source: Source, corner: tuple[int, int, int],
-                       patch: tuple[int, int, int], recipe: Recipe,
+def _validation_sample(source: Source, corner: Zyx, patch: Zyx, recipe: Recipe,
                        built: dict[str, Any]) -> dict[str, Any]:
     """One unaugmented patch; where the box is smaller than the patch, pad and mask out."""
-    shape = source.box[1]
-    size = tuple(min(p, b) for p, b in zip(patch, shape, strict=True))
-    crop = read_crop(source, corner, size)  # type: ignore[arg-type]
+    size = zyx(min(p, b) for p, b in zip(patch, source.box.shape, strict=True))
+    crop = read_crop(source, Roi(corner, size))
     pad = [(0, p - s) for p, s in zip(patch, size, strict=True)]
     image = source.normalise(crop.image)
     valid = np.ones(size, np.uint8) if crop.mask is None else (crop.mask != 0).astype(np.uint8)
@@ -142,7 +140,7 @@ def validation_batches(recipe: Recipe) -> Iterator[dict[str, Any]]:
     built = {name: targets.build(task.target) for name, task in recipe.tasks.items()}
     batch: list[dict[str, Any]] = []
     for source in open_sources(recipe.data.validation):
-        for corner in tile_corners(*source.box, patch):
+        for corner in tile_corners(source.box, patch):
             batch.append(_validation_sample(source, corner, patch, recipe, built))
             if len(batch) == recipe.train.batch_size:
                 yield to_tensors(stack([pack(b) for b in batch]))

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
+from ..geometry import BlockGrid, Coordinate, Roi, Zyx, slices, zyx
 from ..io import Volume
 from .sources import Source
 
-Zyx = tuple[int, int, int]
 MAX_TRIES = 500
 BLOCK = (4, 32, 32)
 
@@ -34,19 +34,14 @@ class Crop:
     semantic: dict[str, np.ndarray]
 
 
-def _slices(corner: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
-    return tuple(slice(c, c + s) for c, s in zip(corner, shape, strict=True))
-
-
-def read_crop(source: Source, corner: Zyx, shape: Zyx) -> Crop:
-    """Every volume of ``source`` at ``corner`` with ``shape`` (must lie inside the volume)."""
-    roi = _slices(corner, shape)
+def read_crop(source: Source, roi: Roi) -> Crop:
+    """Every volume of ``source`` over ``roi`` (must lie inside the volume)."""
     image = source.image.read(roi)
     if image.ndim == 4:  # a channel axis: the pipeline works on one channel
         image = image[0]
     return Crop(
         source=source.name,
-        corner=corner,
+        corner=zyx(roi.offset),
         image=image,
         labels=source.labels.read(roi) if source.labels is not None else None,
         mask=source.mask.read(roi) if source.mask is not None else None,
@@ -61,17 +56,16 @@ class MaskIndex:
     it uniformly, draws uniformly over all masked voxels without an index of voxels.
     """
 
-    def __init__(self, mask: Volume, offset: Zyx, shape: Zyx) -> None:
-        self.mask, self.offset, self.shape = mask, offset, shape
-        grid = [-(-s // b) for s, b in zip(shape, BLOCK, strict=True)]
+    def __init__(self, mask: Volume, box: Roi) -> None:
+        self.mask = mask
+        self.grid = BlockGrid(box, BLOCK)
+        _, ny, nx = self.grid.counts
         found, counts = [], []
-        for gz in range(grid[0]):  # one slab of blocks at a time: memory of one slab
-            z0 = offset[0] + gz * BLOCK[0]
-            z1 = min(z0 + BLOCK[0], offset[0] + shape[0])
-            slab = self.mask.read((slice(z0, z1), slice(offset[1], offset[1] + shape[1]),
-                                   slice(offset[2], offset[2] + shape[2]))) != 0
+        # one slab of blocks at a time: memory of one slab
+        for gz, slab_box in enumerate(BlockGrid(box, (BLOCK[0], *box.shape[1:])).boxes()):
+            slab = self.mask.read(slab_box) != 0
             slab = np.pad(slab, [(0, -n % b) for n, b in zip(slab.shape, BLOCK, strict=True)])
-            count = slab.reshape(BLOCK[0], grid[1], BLOCK[1], grid[2], BLOCK[2]).sum(axis=(0, 2, 4))
+            count = slab.reshape(BLOCK[0], ny, BLOCK[1], nx, BLOCK[2]).sum(axis=(0, 2, 4))
             for gy, gx in zip(*np.nonzero(count), strict=True):
                 found.append((gz, int(gy), int(gx)))
                 counts.append(int(count[gy, gx]))
@@ -84,13 +78,11 @@ class MaskIndex:
             return None
         pick = int(rng.integers(self.cumulative[-1]))
         block = self.blocks[int(np.searchsorted(self.cumulative, pick, side="right"))]
-        start = [o + int(b) * s for o, b, s in zip(self.offset, block, BLOCK, strict=True)]
-        stop = [min(a + s, o + n) for a, s, o, n in
-                zip(start, BLOCK, self.offset, self.shape, strict=True)]
-        region = self.mask.read(tuple(slice(a, b) for a, b in zip(start, stop, strict=True)))
+        box = self.grid.box(block)
+        region = self.mask.read(box)
         masked = np.flatnonzero(region)
         local = np.unravel_index(int(masked[int(rng.integers(len(masked)))]), region.shape)
-        return tuple(a + int(i) for a, i in zip(start, local, strict=True))  # type: ignore[return-value]
+        return zyx(box.offset + Coordinate(local))
 
 
 class PatchSampler:
@@ -103,7 +95,7 @@ class PatchSampler:
     def _mask_index(self, source: Source) -> MaskIndex:
         if source.name not in self._masks:
             assert source.mask is not None
-            self._masks[source.name] = MaskIndex(source.mask, *source.box)
+            self._masks[source.name] = MaskIndex(source.mask, source.box)
         return self._masks[source.name]
 
     def pick(self, rng: np.random.Generator) -> Source:
@@ -115,20 +107,19 @@ class PatchSampler:
         """One crop of ``in_shape`` whose central ``out_shape`` passes the source's tests,
         from ``source`` (default: one picked by weight)."""
         source = source or self.pick(rng)
-        box_shape = source.box[1]
-        room = [b - s for b, s in zip(box_shape, in_shape, strict=True)]
+        room = source.box.shape - Coordinate(in_shape)
         if min(room) < 0:
-            raise UserError(f"source {source.name!r}: its box {list(box_shape)} is smaller than "
-                            f"the patch read for augmentation {list(in_shape)}")
-        margin = tuple((i - o) // 2 for i, o in zip(in_shape, out_shape, strict=True))
+            raise UserError(f"source {source.name!r}: its box {list(source.box.shape)} is "
+                            f"smaller than the patch read for augmentation {list(in_shape)}")
+        core = Roi((Coordinate(in_shape) - Coordinate(out_shape)) // 2, out_shape)
         for _ in range(MAX_TRIES):
             corner = self._corner(rng, source, in_shape, room)
             if corner is None:
                 continue
-            crop = read_crop(source, corner, in_shape)
+            crop = read_crop(source, Roi(corner, in_shape))
             if source.min_labelled > 0 and crop.labels is not None:
-                core = crop.labels[_slices(margin, out_shape)]
-                if np.count_nonzero(core) < source.min_labelled * core.size:
+                labels = crop.labels[slices(core)]
+                if np.count_nonzero(labels) < source.min_labelled * labels.size:
                     continue
             return crop
         raise UserError(
@@ -136,15 +127,14 @@ class PatchSampler:
             f"min_labelled ({source.min_labelled:g}) leaves (almost) nothing to sample")
 
     def _corner(self, rng: np.random.Generator, source: Source, in_shape: Zyx,
-                room: list[int]) -> Zyx | None:
-        box_offset = source.box[0]
+                room: Coordinate) -> Zyx | None:
+        box_offset = source.box.offset
         if source.mask is None:
-            return tuple(o + int(rng.integers(r + 1))  # type: ignore[return-value]
-                         for o, r in zip(box_offset, room, strict=True))
+            return zyx(o + int(rng.integers(r + 1)) for o, r in zip(box_offset, room, strict=True))
         centre = self._mask_index(source).draw(rng)
         if centre is None:
             return None
-        corner = tuple(c - s // 2 for c, s in zip(centre, in_shape, strict=True))
+        corner = zyx(c - s // 2 for c, s in zip(centre, in_shape, strict=True))
         if any(not o <= c <= o + r for c, o, r in zip(corner, box_offset, room, strict=True)):
             return None
-        return corner  # type: ignore[return-value]
+        return corner

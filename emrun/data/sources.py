@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserError
+from ..geometry import Roi, box_of, slices
 from ..io import Volume, open_volume
 from ..io.intensity import default_intensity
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
 from ..registry import sources
-
-Box = tuple[tuple[int, int, int], tuple[int, int, int]]  # (offset, shape), voxels, zyx
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,8 +28,8 @@ class SyntheticVolume(Volume):
     seed: int
     part: str
 
-    def _read(self, slices: tuple[slice, ...]) -> np.ndarray:
-        return np.array(_synthetic(self.shape, self.seed, self.voxel_size)[self.part][slices])
+    def _read(self, roi: Roi) -> np.ndarray:
+        return np.array(_synthetic(self.shape, self.seed, self.voxel_size)[self.part][slices(roi)])
 
 
 @functools.lru_cache(maxsize=8)
@@ -51,7 +50,7 @@ class Source:
     labels: Volume | None
     mask: Volume | None
     semantic: dict[str, Volume]
-    box: Box  # where patches may be drawn from
+    box: Roi  # where patches may be drawn from
     low: float  # raw intensity that maps to 0
     high: float  # raw intensity that maps to 1
     weight: float | None
@@ -71,10 +70,8 @@ class Source:
         return np.clip(image, 0.0, 1.0, out=image)
 
 
-def _box(spec: SourceBase, shape: tuple[int, ...]) -> Box:
-    if spec.roi is None:
-        return (0, 0, 0), tuple(shape[-3:])  # type: ignore[return-value]
-    return spec.roi.offset, spec.roi.shape
+def _box(spec: SourceBase, shape: tuple[int, ...]) -> Roi:
+    return box_of(shape[-3:]) if spec.roi is None else spec.roi.to_roi()
 
 
 @sources.implement("volume")
@@ -115,11 +112,11 @@ def labelled_fraction(source: Source, sections: int = 8) -> float:
     """Fraction of labelled voxels in the box, estimated from a few evenly spaced sections."""
     if source.labels is None:
         return 1.0
-    (oz, oy, ox), (sz, sy, sx) = source.box
+    (oz, oy, ox), (sz, sy, sx) = source.box.offset, source.box.shape
     zs = np.unique(np.linspace(oz, oz + sz - 1, num=min(sections, sz)).round().astype(int))
     counted = total = 0
     for z in zs:
-        section = source.labels.read((slice(z, z + 1), slice(oy, oy + sy), slice(ox, ox + sx)))
+        section = source.labels.read(Roi((int(z), oy, ox), (1, sy, sx)))
         counted += int(np.count_nonzero(section))
         total += section.size
     return counted / max(total, 1)
@@ -132,7 +129,7 @@ def mixture_weights(opened: list[Source]) -> np.ndarray:
         if src.weight is not None:
             weights.append(src.weight)
         else:
-            weights.append(float(np.prod(src.box[1])) * labelled_fraction(src))
+            weights.append(float(np.prod(src.box.shape)) * labelled_fraction(src))
     w = np.asarray(weights, dtype=np.float64)
     if not np.isfinite(w).all() or w.sum() <= 0:
         raise UserError("the training sources have no labelled voxels to sample from")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from emrun.evaluate.contingency import ContingencyTable, as_ids, reduce_pairs
+from emrun.geometry import Roi
 
 __all__ = ["PieceLabeller", "connected_pieces"]
 
@@ -48,9 +49,9 @@ class PieceLabeller:
         self._z: int | None = None
         self._band: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def label(self, roi: tuple[slice, slice], truth: np.ndarray) -> np.ndarray:
+    def label(self, roi: Roi, truth: np.ndarray) -> np.ndarray:
         """The slab's pieces, with ids unique across all slabs labelled so far."""
-        z0, y0, y1 = int(roi[0].start), int(roi[1].start), int(roi[1].stop)
+        z0, y0, y1 = roi.begin[0], roi.begin[1], roi.end[1]
         truth = as_ids(truth)
         pieces = connected_pieces(truth)
         labelled = pieces != 0

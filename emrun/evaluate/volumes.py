@@ -18,7 +18,8 @@ from emrun.evaluate.checks import EvaluationError, check_inputs
 from emrun.evaluate.contingency import TableAccumulator, count_pairs
 from emrun.evaluate.metrics import MIN_OVERLAP, Scores, scores_from_table
 from emrun.evaluate.pieces import PieceLabeller
-from emrun.io.volume import Roi, Volume
+from emrun.geometry import BlockGrid, Roi, box_of
+from emrun.io.volume import Volume
 from emrun.io.window import covered_part
 
 SLAB_VOXELS = 8_000_000  # ~0.1 GB of working memory for two uint32 volumes
@@ -92,9 +93,8 @@ def slabs(volumes: Sequence[Volume], slab_voxels: int = SLAB_VOXELS) -> Iterator
     row = int(np.prod(shape[2:]))
     depth = min(depth * max(1, slab_voxels // max(1, depth * section)), max(1, shape[0]))
     rows = max(band, slab_voxels // max(1, depth * row) // band * band)
-    for z in range(0, shape[0], depth):
-        for y in range(0, shape[1], rows):
-            yield (slice(z, min(z + depth, shape[0])), slice(y, min(y + rows, shape[1])))
+    slab = (depth, rows, *(max(1, n) for n in shape[2:]))
+    yield from BlockGrid(box_of(shape), slab).boxes()
 
 
 def storage_chunks(volume: Volume) -> tuple[int, ...] | None:
@@ -130,7 +130,7 @@ class OneChannel(Volume):
                    shape=tuple(volume.shape[1:]), dtype=volume.dtype)
 
     def _read(self, roi: Roi) -> np.ndarray:
-        return self.inner.read((slice(0, 1), *roi))[0]
+        return self.inner.read(roi)[0]
 
 
 def _checked(

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..io.volume import Roi, Volume
+from ..geometry import Roi, slices, zyx
+from ..io.volume import Volume
 from .engine import Engine
 from .plan import Layout
 
@@ -31,14 +32,14 @@ class ArrayVolume(Volume):
                    dtype=array.dtype)
 
     def _read(self, roi: Roi) -> np.ndarray:
-        return self.array[roi]
+        return self.array[slices(roi)]
 
 
 def predict_array(engine: Engine, image: np.ndarray,
                   scale: tuple[float, float]) -> dict[str, np.ndarray]:
     """Blended float32 predictions, (c, z, y, x) per task, of a (z, y, x) ``image``."""
-    shape = tuple(int(n) for n in image.shape)
-    layout = Layout(shape, engine.patch, engine.stride, shape, shape)  # type: ignore[arg-type]
+    shape = zyx(image.shape)
+    layout = Layout(shape, engine.patch, engine.stride, shape, shape)
     raw = engine.read_input(ArrayVolume.of(image), layout, ORIGIN)
     if raw is None:
         channels = engine.recipe.head_channels()

@@ -10,10 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from ..geometry import Zyx
 from ..recipe.run import Bump, Gaussian
 from ..registry import blends
-
-Zyx = tuple[int, int, int]
 
 
 def _outer(profiles: list[np.ndarray]) -> np.ndarray:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import shlex
 import subprocess
 import sys
@@ -33,8 +32,9 @@ import torch
 
 from ..devices import cpu_cores
 from ..errors import UserError
+from ..geometry import Zyx, zyx
 from .job import Job
-from .plan import Zyx, best_order, size
+from .plan import best_order
 from .schedule import Progress, job_tiling
 from .worker import BlockWorker
 
@@ -78,9 +78,8 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
     progress = Progress(total=len(grid), skipped=len(before))
     for block in grid:
         if block not in before and job.is_done(block):
-            start, stop = job.layout.write_box(block)
             progress.done += 1
-            progress.voxels += math.prod(size((start, stop)))
+            progress.voxels += job.layout.write_box(block).size
     progress.seconds = time.perf_counter() - started
     if on_block is not None:
         on_block(progress)
@@ -101,7 +100,7 @@ def unit_blocks(job: Job, roi: Any) -> list[Zyx]:
         roi.offset, roi.shape, job.layout.block, strict=True)]
     order = best_order(job.layout, [e - a for a, e in zip(start, stop, strict=True)])
     blocks = itertools.product(*(range(a, e) for a, e in zip(start, stop, strict=True)))
-    return sorted(blocks, key=lambda b: tuple(b[a] for a in order))  # type: ignore[arg-type]
+    return sorted(map(zyx, blocks), key=lambda b: tuple(b[a] for a in order))
 
 
 @functools.cache

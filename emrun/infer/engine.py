@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..geometry import Coordinate, Roi, Zyx, local_slices
 from ..io import Volume
 from ..io.checkpoint import load
 from ..io.intensity import default_intensity
@@ -39,7 +40,7 @@ from ..recipe import Recipe
 from ..recipe.data import VolumeSource
 from ..recipe.tasks import AffinityTarget
 from ..registry import blends, models
-from .plan import Box, Layout, Zyx, intersect, local, shift, size
+from .plan import Layout
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "none": lambda t: t}
@@ -54,13 +55,14 @@ def reflect_index(index: np.ndarray, n: int) -> np.ndarray:
     return np.where(folded >= n, period - folded, folded)
 
 
-def read_reflected(volume: Volume, start: Zyx, stop: Zyx) -> np.ndarray:
-    """The input over [start, stop), reflected about the volume's borders where outside."""
+def read_reflected(volume: Volume, box: Roi) -> np.ndarray:
+    """The input over ``box``, reflected about the volume's borders where outside."""
     shape = volume.shape[-3:]
-    index = [reflect_index(np.arange(a, b), n) for a, b, n in zip(start, stop, shape, strict=True)]
-    low = [int(i.min()) for i in index]
-    high = [int(i.max()) + 1 for i in index]
-    data = volume.read(tuple(slice(a, b) for a, b in zip(low, high, strict=True)))
+    index = [reflect_index(np.arange(a, b), n)
+             for a, b, n in zip(box.begin, box.end, shape, strict=True)]
+    low = Coordinate(int(i.min()) for i in index)
+    high = Coordinate(int(i.max()) + 1 for i in index)
+    data = volume.read(Roi(low, high - low))
     return data[np.ix_(*(i - lo for i, lo in zip(index, low, strict=True)))]
 
 
@@ -191,13 +193,13 @@ class Engine:
         """The raw input the patches covering the block need (host memory, the volume's
         dtype), or None when it is entirely zero (nothing to predict). ``origin``: where the
         layout's (0, 0, 0) lies in ``volume`` (a ROI). Runs in reader threads."""
-        read_start, read_stop = layout.read_box(block)
-        raw = read_reflected(volume, shift(read_start, origin), shift(read_stop, origin))
+        box = layout.read_box(block).shift(Coordinate(origin))
+        raw = read_reflected(volume, box)
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():
             bad = int(raw.size - np.isfinite(raw).sum())
             raise UserError(f"{volume}: {bad} NaN or infinite voxels around block "
-                            f"{list(block)} (input {list(shift(read_start, origin))} to "
-                            f"{list(shift(read_stop, origin))}); they would spread through "
+                            f"{list(block)} (input {list(box.begin)} to "
+                            f"{list(box.end)}); they would spread through "
                             "every patch that sees them: replace them, or leave their blocks "
                             "out with --mask (finished blocks are kept: --resume)")
         return raw if raw.any() else None
@@ -212,12 +214,12 @@ class Engine:
         comes from ``carried`` (owner -> partial, handed over by whoever predicted that owner
         in this unit) or is recomputed here from that owner's own batches (so it is the same
         to the last bit). Partial sums over the blocks in ``keep`` are returned for hand-over.
-        ``read(start, stop)`` gives input outside ``raw`` (only a recomputed batch needs it)."""
-        read_start = layout.read_box(block)[0]
+        ``read(box)`` gives input outside ``raw`` (only a recomputed batch needs it)."""
+        read_start = layout.read_box(block).begin
         image = self._image(raw, scale)
         source = PatchSource(image, read_start, self.patch, read, self._normalise(scale))
         box = layout.write_box(block)
-        total = torch.zeros((sum(self.channels.values()), *size(box)), device=self.device)
+        total = torch.zeros((sum(self.channels.values()), *box.shape), device=self.device)
         carries: dict[Zyx, torch.Tensor] = {}
         carried = carried or {}
         for owner in layout.owners(block):
@@ -225,22 +227,23 @@ class Engine:
             assert own is not None  # an owner owns a patch
             if owner == block:
                 partial = self._accumulate(source, layout.batches(block, self.batch_size), own)
-                carries = {t: partial[(slice(None), *local(common, own[0]))].clone() for t in keep
-                           if (common := intersect(layout.write_box(t), own)) is not None}
-                common = intersect(box, own)
-                if common is not None:
-                    total[(slice(None), *local(common, box[0]))] += \
-                        partial[(slice(None), *local(common, own[0]))]
+                carries = {t: partial[(slice(None), *local_slices(common, own.offset))].clone()
+                           for t in keep
+                           if not (common := layout.write_box(t).intersect(own)).empty}
+                common = box.intersect(own)
+                if not common.empty:
+                    total[(slice(None), *local_slices(common, box.offset))] += \
+                        partial[(slice(None), *local_slices(common, own.offset))]
                 continue
-            common = intersect(box, own)
-            if common is None:
+            common = box.intersect(own)
+            if common.empty:
                 continue
             piece = carried.get(owner)
             if piece is None:  # recompute that owner's batches that reach this block
                 batches = [b for b in layout.batches(owner, self.batch_size)
-                           if any(intersect(_patch_box(p, self.patch), box) for p in b)]
+                           if any(Roi(p, self.patch).intersects(box) for p in b)]
                 piece = self._accumulate(source, batches, common)
-            total[(slice(None), *local(common, box[0]))] += piece
+            total[(slice(None), *local_slices(common, box.offset))] += piece
         total /= self._weight(layout, block)
         values, first = {}, 0
         for name, channels in self.channels.items():
@@ -259,21 +262,21 @@ class Engine:
         low, high = scale  # in place on a float copy (never on the caller's array)
         return lambda t: t.to(torch.float32, copy=True).sub_(low).div_(high - low).clamp_(0, 1)
 
-    def _accumulate(self, source: PatchSource, batches: list[list[Zyx]], box: Box
+    def _accumulate(self, source: PatchSource, batches: list[list[Zyx]], box: Roi
                     ) -> torch.Tensor:
         """The sum of window x prediction of the patches in ``batches`` over ``box``, added
         patch by patch in batch order (multiply, then add: no fused rounding, so the same
         patches give the same sums in any box)."""
-        acc = torch.zeros((sum(self.channels.values()), *size(box)), device=self.device)
+        acc = torch.zeros((sum(self.channels.values()), *box.shape), device=self.device)
         for group, outputs in self._forwards(source, batches):
             self.predicted_patches += len(group)
             stacked = torch.cat([outputs[n] for n in self.channels], dim=1)[:len(group)]
             weighted = torch.nan_to_num(stacked, nan=0.0, posinf=0.0, neginf=0.0) * self.window
             for i, start in enumerate(group):
-                common = intersect(_patch_box(start, self.patch), box)
-                if common is not None:
-                    acc[(slice(None), *local(common, box[0]))] += \
-                        weighted[(i, slice(None), *local(common, start))]
+                common = Roi(start, self.patch).intersect(box)
+                if not common.empty:
+                    acc[(slice(None), *local_slices(common, box.offset))] += \
+                        weighted[(i, slice(None), *local_slices(common, start))]
         return acc
 
     def _batch(self, source: PatchSource, group: list[Zyx]) -> torch.Tensor:
@@ -315,15 +318,15 @@ class Engine:
     def _weight(self, layout: Layout, block: Zyx) -> torch.Tensor:
         """The sum of the windows of every patch covering the block, in lattice order."""
         box = layout.write_box(block)
-        weight = torch.zeros(size(box), device=self.device)
+        weight = torch.zeros(tuple(box.shape), device=self.device)
         for start in layout.patches(block):
-            common = intersect(_patch_box(start, self.patch), box)
-            assert common is not None
-            weight[local(common, box[0])] += self.window[local(common, start)]
+            common = Roi(start, self.patch).intersect(box)
+            assert not common.empty
+            weight[local_slices(common, box.offset)] += self.window[local_slices(common, start)]
         return weight
 
 
-PatchReader = Callable[[Zyx, Zyx], np.ndarray]
+PatchReader = Callable[[Roi], np.ndarray]
 
 
 @contextmanager
@@ -355,25 +358,19 @@ class PatchSource:
     may hold patches beyond it)."""
 
     image: torch.Tensor
-    start: Zyx  # where image[0, 0, 0] lies in the layout
+    start: Coordinate  # where image[0, 0, 0] lies in the layout
     size: Zyx  # the patch
     read: PatchReader | None
     normalise: Callable[[torch.Tensor], torch.Tensor]
 
     def get(self, start: Zyx) -> torch.Tensor:
-        box = (start, shift(start, self.size))
-        inside = all(a >= s and b <= s + n for a, b, s, n in zip(
-            *box, self.start, self.image.shape, strict=True))
-        if inside:
-            return self.image[local(box, self.start)]
+        box = Roi(start, self.size)
+        if Roi(self.start, self.image.shape).contains(box):
+            return self.image[local_slices(box, self.start)]
         if self.read is None:
             raise ValueError(f"patch {list(start)} lies outside the block's input")
-        tensor = torch.from_numpy(np.ascontiguousarray(self.read(*box)))
+        tensor = torch.from_numpy(np.ascontiguousarray(self.read(box)))
         return self.normalise(tensor.to(self.image.device))
-
-
-def _patch_box(start: Zyx, patch: Zyx) -> Box:
-    return start, shift(start, patch)
 
 
 def quantise(values: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -23,13 +23,14 @@ import zarr
 from .. import __version__
 from ..capacity import check_output_fits
 from ..errors import UserError
+from ..geometry import Roi, Zyx, box_of, zyx
 from ..io import PRIVATE_PREFIX, Volume, open_volume
 from ..io.write import create_volume
 from ..paths import is_link_loop
 from ..recipe import Recipe
 from ..recipe.tasks import AffinityTarget
 from .engine import file_digest, intensity_range, load_model, tta_variants
-from .plan import Layout, Zyx, choose_chunks_and_block
+from .plan import Layout, choose_chunks_and_block
 
 DONE = f"{PRIVATE_PREFIX}done"
 JOB_FILE = "job.json"
@@ -81,13 +82,13 @@ class Job:
     @classmethod
     def from_json(cls, text: str) -> Job:
         data = json.loads(text)
-        layout = {k: tuple(v) for k, v in data["layout"].items()}
+        layout = {k: zyx(v) for k, v in data["layout"].items()}
         return cls(recipe=Recipe.model_validate(data["recipe"]),
                    checkpoint=Path(data["checkpoint"]), input_path=data["input"],
                    output=Path(data["output"]), mask_path=data["mask"],
-                   layout=Layout(**layout),  # type: ignore[arg-type]
+                   layout=Layout(**layout),
                    scale=tuple(data["scale"]), tta=data["tta"],  # type: ignore[arg-type]
-                   roi_offset=tuple(data["roi_offset"]))  # type: ignore[arg-type]
+                   roi_offset=zyx(data["roi_offset"]))
 
     def save(self) -> Path:
         """Write the job description next to its done-markers (for remote workers)."""
@@ -98,7 +99,7 @@ class Job:
 
 def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
                 block: Zyx | None = None, tta: int | None = None, resume: bool = False,
-                mask_path: str | None = None, roi: tuple[Zyx, Zyx] | None = None) -> Job:
+                mask_path: str | None = None, roi: Roi | None = None) -> Job:
     """Check the inputs, create (or with ``resume`` reopen and check) the outputs.
 
     ``roi`` (offset, shape) predicts only that box of the input; the output has the box's
@@ -125,7 +126,8 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     tta_variants(recipe, tta or recipe.infer.tta)
     patch = recipe.infer_patch()
     stride = recipe.infer.resolved_stride(patch)
-    offset, shape = _check_roi(roi, volume)
+    box = _check_roi(roi, volume)
+    offset, shape = zyx(box.offset), zyx(box.shape)
     chunks, block = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks,
                                             block or recipe.infer.block)
     try:
@@ -148,17 +150,17 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     return job
 
 
-def _check_roi(roi: tuple[Zyx, Zyx] | None, volume: Volume) -> tuple[Zyx, Zyx]:
-    """(offset, shape) of the box to predict: the ROI, checked, or the whole volume."""
-    full: Zyx = tuple(volume.shape)  # type: ignore[assignment]
+def _check_roi(roi: Roi | None, volume: Volume) -> Roi:
+    """The box to predict: the ROI, checked, or the whole volume."""
+    whole = box_of(volume.shape)
     if roi is None:
-        return (0, 0, 0), full
-    offset, shape = roi
-    if any(s < 1 for s in shape) or any(o < 0 for o in offset) or \
-            any(o + s > n for o, s, n in zip(offset, shape, full, strict=True)):
-        raise UserError(f"--roi {list(offset)}/{list(shape)} does not lie inside {volume} "
-                        f"(shape {list(full)}); give offset/shape with shape >= 1")
-    return offset, shape
+        return whole
+    if roi.dims != 3 or roi.empty or not whole.contains(roi):
+        raise UserError(f"--roi {list(roi.offset)}/{list(roi.shape)} does not lie inside "
+                        f"{volume} (shape {list(volume.shape)}); give offset/shape with "
+                        "shape >= 1")
+    return roi
+
 
 
 def open_output_arrays(job: Job) -> dict[str, zarr.Array]:

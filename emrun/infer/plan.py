@@ -22,9 +22,9 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
-Zyx = tuple[int, int, int]
-Box = tuple[Zyx, Zyx]  # (start, stop), voxels
+from ..geometry import BlockGrid, Coordinate, Roi, Zyx, box_of, zyx
 
 SCHEME = 2
 """Bumped when the arithmetic of a block changes: done-markers of another scheme are not
@@ -50,7 +50,7 @@ class Layout:
 
     @property
     def origin(self) -> Zyx:
-        return _zyx(-((p - s) // 2) for p, s in zip(self.patch, self.stride, strict=True))
+        return zyx(-((p - s) // 2) for p, s in zip(self.patch, self.stride, strict=True))
 
     def starts(self, axis: int) -> list[int]:
         """Lattice starts along ``axis`` whose patches are needed to cover the volume."""
@@ -62,49 +62,54 @@ class Layout:
         """Patches in the lattice: what a job predicts when no patch is predicted twice."""
         return math.prod(len(self.starts(a)) for a in range(3))
 
+    @cached_property
+    def blocks(self) -> BlockGrid:
+        """The write blocks over the volume (not part of the layout's identity: ``digest``
+        hashes the fields)."""
+        return BlockGrid(box_of(self.shape), self.block)
+
     def grid(self) -> Zyx:
         """Blocks per axis."""
-        return _zyx(math.ceil(n / b) for n, b in zip(self.shape, self.block, strict=True))
+        return zyx(self.blocks.counts)
 
     def block_grid(self) -> list[Zyx]:
         """Block indices, z-major."""
-        return list(itertools.product(*(range(c) for c in self.grid())))  # type: ignore[arg-type]
+        return [zyx(index) for index in self.blocks.indices()]
 
-    def write_box(self, block: Zyx) -> Box:
-        """(start, stop) of the voxels this block writes, clipped to the volume."""
-        start = _zyx(i * b for i, b in zip(block, self.block, strict=True))
-        stop = _zyx(min(a + b, n) for a, b, n in zip(start, self.block, self.shape, strict=True))
-        return start, stop
+    def write_box(self, block: Zyx) -> Roi:
+        """The voxels this block writes, clipped to the volume."""
+        return self.blocks.box(block)
 
     def patches(self, block: Zyx) -> list[Zyx]:
         """Starts of every lattice patch that covers a voxel of the block, in lattice order."""
-        start, stop = self.write_box(block)
-        return list(itertools.product(*(  # type: ignore[arg-type]
+        box = self.write_box(block)
+        start, stop = box.begin, box.end
+        return [zyx(p) for p in itertools.product(*(
             [s for s in self.starts(a) if s < stop[a] and s + self.patch[a] > start[a]]
-            for a in range(3))))
+            for a in range(3)))]
 
-    def read_box(self, block: Zyx) -> Box:
-        """(start, stop) of the input the block's patches read (may reach outside the volume:
-        the engine pads it by reflection about the volume's own borders)."""
+    def read_box(self, block: Zyx) -> Roi:
+        """The input the block's patches read (may reach outside the volume: the engine pads
+        it by reflection about the volume's own borders)."""
         patches = self.patches(block)
-        start = _zyx(min(p[a] for p in patches) for a in range(3))
-        stop = _zyx(max(p[a] for p in patches) + self.patch[a] for a in range(3))
-        return start, stop
+        start = Coordinate(min(p[a] for p in patches) for a in range(3))
+        return Roi(start, Coordinate(max(p[a] for p in patches) for a in range(3))
+                   - start + Coordinate(self.patch))
 
     def owner(self, patch: Zyx) -> Zyx:
         """The block that predicts the patch: the one holding its first voxel."""
-        return _zyx(max(s, 0) // b for s, b in zip(patch, self.block, strict=True))
+        return zyx(max(s, 0) // b for s, b in zip(patch, self.block, strict=True))
 
     def reach(self, patch: Zyx) -> Zyx:
         """The last block the patch covers, per axis (its owner is the first)."""
-        return _zyx((min(s + p, n) - 1) // b for s, p, n, b in zip(
+        return zyx((min(s + p, n) - 1) // b for s, p, n, b in zip(
             patch, self.patch, self.shape, self.block, strict=True))
 
     def owned_patches(self, block: Zyx) -> list[Zyx]:
         """The patches ``block`` owns, in lattice order."""
-        return list(itertools.product(*(  # type: ignore[arg-type]
+        return [zyx(p) for p in itertools.product(*(
             [s for s in self.starts(a) if max(s, 0) // self.block[a] == block[a]]
-            for a in range(3))))
+            for a in range(3)))]
 
     def owners(self, block: Zyx) -> list[Zyx]:
         """The blocks whose patches cover ``block``, in block order (``block`` itself last)."""
@@ -115,21 +120,19 @@ class Layout:
         owned = self.owned_box(block)
         if owned is None:
             return []
-        start, stop = owned
         ranges = [range(a // b, (e - 1) // b + 1)
-                  for a, e, b in zip(start, stop, self.block, strict=True)]
-        return [b for b in itertools.product(*ranges) if b != block]  # type: ignore[misc]
+                  for a, e, b in zip(owned.begin, owned.end, self.block, strict=True)]
+        return [b for b in map(zyx, itertools.product(*ranges)) if b != block]
 
-    def owned_box(self, block: Zyx) -> Box | None:
+    def owned_box(self, block: Zyx) -> Roi | None:
         """The voxels the block's own patches cover, clipped to the volume (None: it owns
         none, as a last block thinner than the stride may)."""
         owned = self.owned_patches(block)
         if not owned:
             return None
-        start = _zyx(max(0, min(p[a] for p in owned)) for a in range(3))
-        stop = _zyx(min(n, max(p[a] for p in owned) + self.patch[a])
-                    for a, n in enumerate(self.shape))
-        return start, stop
+        start = Coordinate(min(p[a] for p in owned) for a in range(3))
+        stop = Coordinate(max(p[a] for p in owned) for a in range(3)) + Coordinate(self.patch)
+        return Roi(start, stop - start).intersect(box_of(self.shape))
 
     def batches(self, block: Zyx, batch_size: int) -> list[list[Zyx]]:
         """The block's own patches in the batches every worker predicts them in.
@@ -148,28 +151,6 @@ class Layout:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def intersect(a: Box, b: Box) -> Box | None:
-    """The common part of two boxes, or None when they do not overlap."""
-    start = _zyx(max(x, y) for x, y in zip(a[0], b[0], strict=True))
-    stop = _zyx(min(x, y) for x, y in zip(a[1], b[1], strict=True))
-    return None if any(s >= e for s, e in zip(start, stop, strict=True)) else (start, stop)
-
-
-def shift(a: Zyx, b: Zyx) -> Zyx:
-    """``a + b`` per axis."""
-    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
-
-
-def size(box: Box) -> Zyx:
-    """The box's extent per axis."""
-    return (box[1][0] - box[0][0], box[1][1] - box[0][1], box[1][2] - box[0][2])
-
-
-def local(box: Box, within: Zyx) -> tuple[slice, slice, slice]:
-    """Slices of ``box`` in an array whose (0, 0, 0) lies at ``within``."""
-    return tuple(slice(a - w, b - w) for a, b, w in zip(*box, within, strict=True))  # type: ignore[return-value]
-
-
 @dataclass(frozen=True)
 class Tiling:
     """How blocks are grouped for workers: units of ``unit`` blocks per axis, each predicted
@@ -180,14 +161,14 @@ class Tiling:
     order: Zyx = (0, 1, 2)
 
     def key(self, block: Zyx) -> Zyx:
-        return _zyx(block[a] for a in self.order)
+        return zyx(block[a] for a in self.order)
 
 
 def units(layout: Layout, blocks: list[Zyx], tiling: Tiling) -> list[list[Zyx]]:
     """``blocks`` grouped by the unit they fall in, each unit's in the tiling's order."""
     groups: dict[Zyx, list[Zyx]] = {}
     for block in sorted(blocks, key=tiling.key):
-        tile = _zyx(i // u for i, u in zip(block, tiling.unit, strict=True))
+        tile = zyx(i // u for i, u in zip(block, tiling.unit, strict=True))
         groups.setdefault(tile, []).append(block)
     return [groups[tile] for tile in sorted(groups, key=tiling.key)]
 
@@ -201,14 +182,14 @@ def choose_tiling(layout: Layout, channels: int, workers: int, budget: int) -> T
         _halve_largest(layout, unit)
     while _count(layout.grid(), unit) < workers and max(unit) > 1:
         _halve_largest(layout, unit)
-    return Tiling(_zyx(unit), best_order(layout, unit))
+    return Tiling(zyx(unit), best_order(layout, unit))
 
 
 def best_order(layout: Layout, unit: Sequence[int]) -> Zyx:
     """The axis order (slowest first) that keeps the fewest partial sums waiting: the plane
     across the slowest axis waits longest, so that axis should have the most blocks."""
-    return min(itertools.permutations(range(3)),  # type: ignore[return-value]
-               key=lambda order: (_in_flight(layout, unit, 1, order), order))
+    return zyx(min(itertools.permutations(range(3)),
+                    key=lambda order: (_in_flight(layout, unit, 1, order), order)))
 
 
 def _in_flight(layout: Layout, unit: Sequence[int], channels: int, order: Sequence[int]
@@ -243,19 +224,14 @@ def choose_chunks_and_block(shape: Zyx, patch: Zyx, stride: Zyx, chunks: Zyx | N
     smaller blocks keep the device busy while the first read and the last write of a
     worker's run are in flight (a whole-volume block would hide neither)."""
     if block is None:
-        block = _zyx(min(n, max(s * 4, p)) for n, s, p in zip(shape, stride, patch, strict=True))
+        block = zyx(min(n, max(s * 4, p)) for n, s, p in zip(shape, stride, patch, strict=True))
     if chunks is None:
-        chunks = _zyx(_largest_divisor_at_most(b, 256 if a else 32) for a, b in enumerate(block))
+        chunks = zyx(_largest_divisor_at_most(b, 256 if a else 32) for a, b in enumerate(block))
     return chunks, block
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
-
-
-def _zyx(values: object) -> Zyx:
-    z, y, x = values  # type: ignore[misc]
-    return (int(z), int(y), int(x))
 
 
 def _sub(a: Zyx, b: Zyx) -> Zyx:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import UserError
+from ..geometry import Roi, Zyx
 from ..recipe import Recipe
 from .job import prepare_job
-from .plan import Zyx
 from .schedule import Progress, check_device, run_local, worker_slots
 
 Scheduler = Literal["local", "daisy"]
@@ -24,9 +24,9 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
                   block: Zyx | None = None, device: str | None = None, tta: int | None = None,
                   resume: bool = False, mask_path: str | None = None,
                   workers: int | None = None, scheduler: Scheduler = "local",
-                  launch: str | None = None, roi: tuple[Zyx, Zyx] | None = None,
+                  launch: str | None = None, roi: Roi | None = None,
                   on_block: Callable[[Progress], None] | None = None) -> Progress:
-    """Predict ``input_path`` (or its ``roi``: offset, shape) into ``output`` (one array
+    """Predict ``input_path`` (or its box ``roi``) into ``output`` (one array
     per task); returns the counts."""
     if launch is not None and scheduler != "daisy":
         raise UserError("--launch is for --scheduler daisy (workers started by a command)")

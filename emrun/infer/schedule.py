@@ -27,10 +27,11 @@ import torch
 
 from ..devices import available_memory, cpu_cores, parse_device, require_visible
 from ..errors import UserError
+from ..geometry import Zyx
 from ..recipe import Recipe
 from ..subprocesses import leave_signals_to, signals_held
 from .job import Job
-from .plan import Tiling, Zyx, choose_tiling, units
+from .plan import Tiling, choose_tiling, units
 from .worker import BlockDone, BlockWorker
 
 

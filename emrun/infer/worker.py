@@ -9,7 +9,6 @@ scheduler (in-process, local processes, daisy) runs blocks through this class.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
@@ -22,10 +21,10 @@ import numpy as np
 import torch
 
 from ..errors import DISK_FULL, UserError
+from ..geometry import Coordinate, Roi, Zyx, slices
 from ..io import open_volume
 from .engine import Engine, load_model, quantise, read_reflected
 from .job import Job, open_output_arrays
-from .plan import Zyx, shift
 from .transfer import DeviceQueue, HostArray, pinned, to_host
 
 RawInput = np.ndarray | torch.Tensor | None
@@ -145,11 +144,9 @@ class BlockWorker:
 
     def _read_input(self, block: Zyx) -> np.ndarray | None:
         layout, origin = self.job.layout, self.job.roi_offset
-        if self.mask is not None:
-            start, stop = layout.write_box(block)
-            if not self.mask.read(tuple(slice(a + o, b + o) for a, b, o in zip(
-                    start, stop, origin, strict=True))).any():
-                return None
+        inside = layout.write_box(block).shift(Coordinate(origin))
+        if self.mask is not None and not self.mask.read(inside).any():
+            return None
         return self.engine.read_input(self.volume, layout, block, origin)
 
     def _predict(self, step: Step, raw: RawInput, carries: dict[tuple[Zyx, Zyx], torch.Tensor]
@@ -172,10 +169,9 @@ class BlockWorker:
         self._queue.step()  # the previous block's device work is done (this one is queued):
         return host  # the predict stage measures the device, not the launches
 
-    def _read_outside(self, start: Zyx, stop: Zyx) -> np.ndarray:
+    def _read_outside(self, box: Roi) -> np.ndarray:
         """Input beyond a block's own (a recomputed batch may reach there), reflected."""
-        origin = self.job.roi_offset
-        return read_reflected(self.volume, shift(start, origin), shift(stop, origin))
+        return read_reflected(self.volume, box.shift(Coordinate(self.job.roi_offset)))
 
     def _write(self, block: Zyx, values: dict[str, HostArray] | None, patches: int
                ) -> BlockDone:
@@ -186,8 +182,8 @@ class BlockWorker:
 
     def _write_block(self, block: Zyx, values: dict[str, HostArray] | None, patches: int
                      ) -> BlockDone:
-        start, stop = self.job.layout.write_box(block)
-        region = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+        box = self.job.layout.write_box(block)
+        region = slices(box)
         try:
             if values is not None:
                 for name, array in self.arrays.items():
@@ -200,8 +196,7 @@ class BlockWorker:
                     f"{list(block)}; free space and run again with --resume (finished blocks "
                     "are kept, this one is redone)") from None
             raise
-        return BlockDone(block, math.prod(b - a for a, b in zip(start, stop, strict=True)),
-                         patches)
+        return BlockDone(block, box.size, patches)
 
 
 @dataclass(frozen=True)

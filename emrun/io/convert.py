@@ -10,7 +10,6 @@ and renamed to `NAME` only once complete.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,8 @@ from rich.progress import (
 )
 
 from emrun.capacity import check_output_fits
-from emrun.io.volume import Roi, VolumeError, open_volume
+from emrun.geometry import BlockGrid, Roi, box_of, local_slices, slices
+from emrun.io.volume import VolumeError, open_volume
 from emrun.io.write import default_chunks, native_dtype, staged_volume
 
 MAX_SLAB_BYTES = 1 << 30  # cut slabs along y beyond this (very wide sections)
@@ -162,15 +162,8 @@ def write_by_chunk(array: zarr.Array, roi: Roi, data: np.ndarray) -> None:
     the slab in extra memory (SNEMI3D, 16 MB slab: +64 MB); chunk by chunk it is ~1.2x,
     for ~10% more time.
     """
-    chunks = tuple(int(c) for c in array.chunks)
-    ranges = [
-        [(i, min(i + c, s.stop)) for i in range(s.start, s.stop, c)]
-        for s, c in zip(roi, chunks, strict=True)
-    ]
-    for box in itertools.product(*ranges):
-        target = tuple(slice(a, b) for a, b in box)
-        local = tuple(slice(a - s.start, b - s.start) for (a, b), s in zip(box, roi, strict=True))
-        array[target] = data[local]
+    for box in BlockGrid(roi, [int(c) for c in array.chunks]).boxes():
+        array[slices(box)] = data[local_slices(box, roi.offset)]
 
 
 def slabs(
@@ -186,15 +179,8 @@ def slabs(
     others = math.prod(n for i, n in enumerate(shape) if i not in (z_axis, y_axis))
     row_bytes = max(1, itemsize * depth * others)  # one y row of a slab
     rows = max(band, max_bytes // row_bytes // band * band)
-    lead = tuple(slice(0, n) for n in shape[:z_axis])
-    for z in range(0, shape[z_axis], depth):
-        for y in range(0, shape[y_axis], rows):
-            yield (
-                *lead,
-                slice(z, min(z + depth, shape[z_axis])),
-                slice(y, min(y + rows, shape[y_axis])),
-                slice(0, shape[-1]),
-            )
+    slab = [*(max(1, n) for n in shape[:z_axis]), depth, rows, max(1, shape[-1])]
+    yield from BlockGrid(box_of(shape), slab).boxes()
 
 
 def _progress_bar(enabled: bool) -> Progress:

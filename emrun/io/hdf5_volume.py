@@ -12,8 +12,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from emrun.geometry import Roi, slices
 from emrun.io.metadata import spatial_metadata
-from emrun.io.volume import MAX_LISTED, Roi, Volume, VolumeError, format_names
+from emrun.io.volume import MAX_LISTED, Volume, VolumeError, format_names
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,7 +23,7 @@ class Hdf5Volume(Volume):
 
     def _read(self, roi: Roi) -> np.ndarray:
         with h5py.File(self.path, "r") as f:
-            return np.asarray(f[self.dataset][roi])
+            return np.asarray(f[self.dataset][slices(roi)])
 
 
 def open_hdf5(path: str, dataset: str | None) -> Hdf5Volume:

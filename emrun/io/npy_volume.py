@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emrun.io.volume import Roi, Volume, VolumeError
+from emrun.geometry import Roi, slices
+from emrun.io.volume import Volume, VolumeError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -14,7 +15,7 @@ class NpyVolume(Volume):
     """A .npy array; re-mapped per read (cheap), so nothing is held open."""
 
     def _read(self, roi: Roi) -> np.ndarray:
-        return np.array(np.load(self.path, mmap_mode="r", allow_pickle=False)[roi])
+        return np.array(np.load(self.path, mmap_mode="r", allow_pickle=False)[slices(roi)])
 
 
 def open_npy(path: str) -> NpyVolume:

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from emrun.geometry import Roi, slices
 from emrun.io.metadata import unit_to_nm
-from emrun.io.volume import TIFF_SUFFIXES, Roi, Volume, VolumeError, one_line
+from emrun.io.volume import TIFF_SUFFIXES, Volume, VolumeError, one_line
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,13 +33,13 @@ class TiffVolume(Volume):
                 and pages[0] is not None
                 and tuple(pages[0].shape) == self.shape[1:]
             ):
-                z, rest = roi[0], roi[1:]
-                out = np.empty([s.stop - s.start for s in roi], dtype=self.dtype)
-                for i, index in enumerate(range(z.start, z.stop)):
+                rest = slices(roi)[1:]
+                out = np.empty(roi.shape, dtype=self.dtype)
+                for i, index in enumerate(range(roi.begin[0], roi.end[0])):
                     out[i] = pages[index].asarray()[rest]
                 return out
             # Pages don't map to z sections (ImageJ hyperstack, single page): read all.
-            return np.asarray(series.asarray())[roi]
+            return np.asarray(series.asarray())[slices(roi)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,9 +49,9 @@ class TiffStackVolume(Volume):
     files: tuple[str, ...]
 
     def _read(self, roi: Roi) -> np.ndarray:
-        z, rest = roi[0], roi[1:]
-        out = np.empty([s.stop - s.start for s in roi], dtype=self.dtype)
-        for i, index in enumerate(range(z.start, z.stop)):
+        rest = slices(roi)[1:]
+        out = np.empty(roi.shape, dtype=self.dtype)
+        for i, index in enumerate(range(roi.begin[0], roi.end[0])):
             name = self.files[index]
             try:
                 section = tifffile.imread(os.path.join(self.path, name))

@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 
 from emrun.errors import UserError
+from emrun.geometry import Roi, box_of, clip
 from emrun.paths import is_link_loop, not_a_file
-
-Roi = tuple[slice, ...]
 
 CONTAINER_SUFFIXES = (".zarr", ".h5", ".hdf5", ".hdf")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -65,44 +64,40 @@ class Volume(ABC):
         return f"{self.path}/{self.dataset}" if self.dataset else self.path
 
     def read(self, roi: Roi | None = None) -> np.ndarray:
-        """Read a region (numpy slicing semantics, step 1) into a new array.
+        """Read a box into a new array; None reads the whole volume.
 
-        Missing trailing slices mean "whole axis"; bounds are clipped like numpy does.
-        Only the data needed for the region is read from disk.
+        ``roi`` spans the volume's last ``roi.dims`` axes (z, y, x for a spatial box); axes
+        before them (channels) are read whole. The box is clipped to the volume, as numpy
+        clips a slice. Only the data needed for the box is read from disk.
         """
-        slices = self.normalise_roi(roi)
+        box = self.normalise_roi(roi)
         try:
-            data = self._read(slices)
+            data = self._read(box)
         except VolumeError:
             raise
         except Exception as exc:
             raise VolumeError(
-                f"{self}: reading {format_roi(slices)} failed: {one_line(exc)}"
+                f"{self}: reading {format_roi(box)} failed: {one_line(exc)}"
             ) from exc
         return np.asarray(data)
 
     def normalise_roi(self, roi: Roi | None) -> Roi:
-        """Return one step-1 slice per axis with explicit, in-bounds start and stop."""
+        """The box over every axis of the volume (leading axes whole), clipped to it."""
+        whole = box_of(self.shape)
         if roi is None:
-            roi = ()
-        elif isinstance(roi, slice):
-            roi = (roi,)
-        if len(roi) > self.ndim:
-            raise IndexError(f"{self}: ROI has {len(roi)} axes, volume has {self.ndim}")
-        out = []
-        for axis, size in enumerate(self.shape):
-            s = roi[axis] if axis < len(roi) else slice(None)
-            if not isinstance(s, slice):
-                raise TypeError(f"{self}: ROI must be a tuple of slices, got {s!r}")
-            start, stop, step = s.indices(size)
-            if step != 1:
-                raise ValueError(f"{self}: ROI slices must have step 1, got {s!r}")
-            out.append(slice(start, max(start, stop)))
-        return tuple(out)
+            return whole
+        if not isinstance(roi, Roi):
+            raise TypeError(f"{self}: a read takes a Roi, got {roi!r}")
+        if roi.dims > self.ndim:
+            raise IndexError(f"{self}: ROI has {roi.dims} axes, volume has {self.ndim}")
+        lead = self.ndim - roi.dims
+        return clip(Roi((*whole.offset[:lead], *roi.offset), (*whole.shape[:lead], *roi.shape)),
+                    whole)
 
     @abstractmethod
     def _read(self, roi: Roi) -> np.ndarray:
-        """Read a normalised ROI; may raise any library exception."""
+        """Read a normalised ROI (every axis, inside the volume); may raise any library
+        exception."""
 
     def __getstate__(self) -> dict[str, Any]:
         # Drop cached handles (names starting with "_"); they are re-opened on demand.
@@ -119,7 +114,7 @@ def format_names(names: list[str]) -> str:
 
 
 def format_roi(roi: Roi) -> str:
-    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in roi) + "]"
+    return "[" + ", ".join(f"{b}:{e}" for b, e in zip(roi.begin, roi.end, strict=True)) + "]"
 
 
 def split_volume_path(spec: str | os.PathLike[str]) -> tuple[str, str | None]:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emrun.io.volume import Roi, Volume
+from emrun.geometry import Coordinate, Roi
+from emrun.io.volume import Volume
 
 __all__ = ["Window", "covered_part"]
 
@@ -29,8 +30,7 @@ class Window(Volume):
         return f"{self.inner} [{box}]"
 
     def _read(self, roi: Roi) -> np.ndarray:
-        return self.inner.read(tuple(slice(a + s.start, a + s.stop)
-                                     for a, s in zip(self.start, roi, strict=True)))
+        return self.inner.read(roi.shift(Coordinate(self.start)))
 
 
 def covered_part(reference: Volume, other: Volume) -> Volume:

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import zarr
 
+from emrun.geometry import Roi, slices
 from emrun.io.metadata import multiscale_dataset, spatial_metadata
-from emrun.io.volume import MAX_LISTED, Roi, Volume, VolumeError, format_names
+from emrun.io.volume import MAX_LISTED, Volume, VolumeError, format_names
 
 PARTIAL_SUFFIX = ".partial"  # a volume being written (emrun.io.convert); not yet a volume
 
@@ -38,7 +39,7 @@ class ZarrVolume(Volume):
         return node[inner] if inner else node
 
     def _read(self, roi: Roi) -> np.ndarray:
-        return np.asarray(self._array[roi])
+        return np.asarray(self._array[slices(roi)])
 
 
 def open_zarr(path: str, dataset: str | None) -> ZarrVolume:

@@ -60,11 +60,10 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..geometry import Zyx
 from ..recipe.model import ModelBase, RSUNetBase, UpDown
 from ..registry import models
 from .rsunet import parameter_count
-
-Zyx = tuple[int, int, int]
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..geometry import Zyx, zyx
 from ..recipe.model import RSUNetBase, UpDown
 from ..registry import models
 from .blocks import LevelBlock, Upsample, conv3d, init_weights, make_activation, make_norm
-
-Zyx = tuple[int, int, int]
 
 
 def total_factor(factors: Sequence[Sequence[int]]) -> Zyx:
@@ -129,7 +128,7 @@ class UpDownModel(nn.Module):
         self.head_channels = {k: int(v) for k, v in head_channels.items()}
         self.pool = nn.AvgPool3d(self.factor, stride=self.factor)
         self.inner = RSUNetModel(spec, head_channels)
-        self.divisor: Zyx = tuple(  # type: ignore[assignment]
+        self.divisor: Zyx = zyx(
             a * b for a, b in zip(self.inner.divisor, self.factor, strict=True))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

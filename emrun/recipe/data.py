@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..geometry import Roi
 from ..registry import Spec, sources
 from .types import IndexZyx, Name, Nanometres, Positive, Probability, Seed, Zyx
 
@@ -18,11 +19,15 @@ SYNTHETIC_SEMANTIC = ("mito", "synapse")
 """Semantic volumes a synthetic source generates alongside image and labels."""
 
 
-class Roi(Spec):
+class RoiSpec(Spec):
     """A box in voxels: where inside the volume a source may be sampled."""
 
     offset: IndexZyx = Field((0, 0, 0), description="First voxel of the box, z, y, x.")
     shape: Zyx = Field(description="Size of the box in voxels, z, y, x (each > 0).")
+
+    def to_roi(self) -> Roi:
+        """The box as the geometry speaks it (built from validated values only)."""
+        return Roi(self.offset, self.shape)
 
 
 class Intensity(Spec):
@@ -46,7 +51,7 @@ class SourceBase(Spec):
         description="Relative sampling weight in the mixture; default: proportional to the "
         "number of labelled voxels.",
     )
-    roi: Roi | None = Field(None, description="Restrict sampling to this box (voxels).")
+    roi: RoiSpec | None = Field(None, description="Restrict sampling to this box (voxels).")
     voxel_size: Nanometres | None = Field(
         None, description="Voxel size in nm, z, y, x; default: from the volume's metadata."
     )

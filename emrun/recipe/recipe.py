@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..geometry import zyx
 from ..registry import (
     Spec,
     augmentations,
@@ -113,7 +114,7 @@ class Infer(Spec):
         if self.stride is not None:
             return self.stride
         overlap = self.overlap or (0.25, 0.25, 0.25)
-        return tuple(max(1, round(p * (1 - o))) for p, o in zip(patch, overlap, strict=True))  # type: ignore[return-value]
+        return zyx(max(1, round(p * (1 - o))) for p, o in zip(patch, overlap, strict=True))
 
 
 

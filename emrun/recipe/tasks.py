@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from ..geometry import zyx
 from ..registry import Spec, losses, targets
 from .types import Offset, Size
 
@@ -65,7 +66,7 @@ class AffinityTarget(TargetBase):
 
     def extent(self) -> tuple[int, int, int]:
         """Largest |offset| per axis: the patch must be larger than this."""
-        return tuple(max(abs(o[a]) for o in self.offsets) for a in range(3))  # type: ignore[return-value]
+        return zyx(max(abs(o[a]) for o in self.offsets) for a in range(3))
 
 
 @targets.register("boundary")

@@ -19,10 +19,8 @@ import numpy as np
 from ..errors import UserError
 
 Offset = tuple[int, int, int]
-Box = tuple[slice, slice, slice]
 
 __all__ = [
-    "Box",
     "Offset",
     "check_offsets",
     "edge_slices",
@@ -106,7 +104,8 @@ def to_float(affs: np.ndarray, where: str = "affinities") -> np.ndarray:
                     "float probabilities")
 
 
-def edge_slices(shape: Sequence[int], offset: Sequence[int]) -> tuple[Box, Box] | None:
+def edge_slices(shape: Sequence[int], offset: Sequence[int]
+                ) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
     """Slices ``(at_v, at_v_plus_offset)`` over the voxels v with v + offset inside ``shape``;
     None when there is none."""
     here, there = [], []
@@ -115,4 +114,4 @@ def edge_slices(shape: Sequence[int], offset: Sequence[int]) -> tuple[Box, Box] 
             return None
         here.append(slice(max(0, -d), n - max(0, d)))
         there.append(slice(max(0, d), n + min(0, d)))
-    return tuple(here), tuple(there)  # type: ignore[return-value]
+    return tuple(here), tuple(there)

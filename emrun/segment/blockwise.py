@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .affinities import Box, Offset, to_float
+from ..geometry import BlockGrid, Coordinate, Roi, box_of, local_slices, slices, zyx
+from .affinities import Offset, to_float
 from .base import Segmenter
-from .boxes import crossing, grid, grow, local, shift
+from .boxes import crossing
 from .graph import Edges, compact_lut, merge_small
 from .pipeline import provisional, region_edges
 
@@ -53,15 +54,16 @@ class _Source:
     def __init__(self, affs: Any, mask: Any | None) -> None:
         self.affs, self.mask = affs, mask
 
-    def read(self, box: Box, with_mask: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        affs = to_float(np.asarray(_read(self.affs, (slice(None), *box))))
+    def read(self, box: Roi, with_mask: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        affs = to_float(np.asarray(_read(self.affs, box)))
         if self.mask is None or not with_mask:
             return affs, None
         return affs, np.asarray(_read(self.mask, box)) != 0
 
 
-def _read(array: Any, roi: tuple[slice, ...]) -> np.ndarray:
-    return array.read(roi) if hasattr(array, "read") else array[roi]
+def _read(array: Any, box: Roi) -> np.ndarray:
+    """A spatial box of a Volume or an array, leading (channel) axes whole."""
+    return array.read(box) if hasattr(array, "read") else array[(..., *slices(box))]
 
 
 def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segmenter, *,
@@ -74,8 +76,9 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
     total)`` reports progress.
     """
     shape = tuple(int(n) for n in affs.shape[1:])
-    block = tuple(max(1, min(int(b), n)) for b, n in zip(block, shape, strict=True))  # type: ignore[assignment]
-    blocks = grid(shape, block)
+    block = zyx(max(1, min(int(b), n)) for b, n in zip(block, shape, strict=True))
+    grid = BlockGrid(box_of(shape), block)
+    blocks = grid.indices()
     if len(blocks) > 1 and not segmenter.blockwise:
         raise UserError(f"segmenter {segmenter.spec.type} runs in memory only; this volume "
                         f"needs {len(blocks)} blocks of {list(block)}: use mws or cc")
@@ -84,15 +87,15 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
 
     sizes = [np.zeros(1, np.int64)]
     count = 0
-    for i, core in enumerate(blocks):
-        ext = grow(core, halo, shape)
+    for i, index in enumerate(blocks):
+        core, ext = grid.box(index), grid.box(index, context=halo)
         block_affs, block_mask = source.read(ext)
         raw = segmenter.fragments(block_affs, offsets, block_mask)
-        crop = local(core, ext)
+        crop = local_slices(core, ext.offset)
         labels, k = provisional(raw[crop], None if block_mask is None else block_mask[crop])
         sizes.append(np.bincount(labels.ravel().astype(np.int64), minlength=k + 1)[1:])
         labels[labels != 0] += np.uint64(count)
-        out[core] = labels
+        out[slices(core)] = labels
         count += k
         _report(on_block, "segment", i + 1, len(blocks))
     fragments = count
@@ -104,15 +107,15 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
     face_parts: list[Edges] = []
     if graph or faces:
         margin = tuple(max(abs(o[a]) for o in offsets) for a in range(3))
-        for i, core in enumerate(blocks):
-            region = grow(core, margin, shape)
-            labels = np.asarray(out[region])
+        for i, index in enumerate(blocks):
+            core, region = grid.box(index), grid.box(index, context=margin)
+            labels = np.asarray(out[slices(region)])
             block_affs, _ = source.read(core, with_mask=False)
             if graph:
                 region_parts.append(region_edges(labels, region, core, block_affs, offsets))
             if faces:
                 face_parts.extend(_face_edges(segmenter, labels, region, core, block_affs,
-                                              offsets, shape))
+                                              offsets, grid.total))
             _report(on_block, "edges", i + 1, len(blocks))
 
     table = (segmenter.stitch(Edges.concat(face_parts), count) if faces
@@ -123,10 +126,10 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
                              segmenter.min_size)
         table = merged[table]
     final = compact_lut(table[1:], count)[table].astype(np.uint64)
-    for i, core in enumerate(blocks):
-        out[core] = final[np.asarray(out[core])]
+    for i, core in enumerate(grid.boxes()):
+        out[slices(core)] = final[np.asarray(out[slices(core)])]
         _report(on_block, "relabel", i + 1, len(blocks))
-    return BlockwiseResult(block=block, halo=halo, blocks=len(blocks),  # type: ignore[arg-type]
+    return BlockwiseResult(block=block, halo=halo, blocks=len(blocks),
                            fragments=fragments, segments=int(final.max(initial=0)))
 
 
@@ -136,16 +139,15 @@ def _report(on_block: Callable[[str, int, int], None] | None, stage: str, done: 
         on_block(stage, done, total)
 
 
-def _face_edges(segmenter: Segmenter, labels: np.ndarray, region: Box, core: Box,
-                affs: np.ndarray, offsets: Sequence[Offset], shape: Sequence[int]
-                ) -> list[Edges]:
+def _face_edges(segmenter: Segmenter, labels: np.ndarray, region: Roi, core: Roi,
+                affs: np.ndarray, offsets: Sequence[Offset], total: Roi) -> list[Edges]:
     """The segmenter's reduction of the affinity edges leaving ``core`` through its faces."""
     parts = []
     for c, offset in enumerate(offsets):
-        for piece in crossing(core, offset, shape):
-            u = labels[local(piece, region)].ravel()
-            v = labels[local(shift(piece, offset), region)].ravel()
-            p = affs[c][local(piece, core)].ravel()
+        for piece in crossing(core, offset, total):
+            u = labels[local_slices(piece, region.offset)].ravel()
+            v = labels[local_slices(piece.shift(Coordinate(offset)), region.offset)].ravel()
+            p = affs[c][local_slices(piece, core.offset)].ravel()
             keep = (u != 0) & (v != 0)
             if keep.any():
                 parts.append(segmenter.face_edges(u[keep], v[keep], p[keep], offset))

@@ -27,6 +27,7 @@ from .. import __version__
 from ..capacity import check_output_fits
 from ..devices import available_memory
 from ..errors import UserError
+from ..geometry import Roi, zyx
 from ..io import Volume, open_volume
 from ..paths import is_link_loop
 from ..recipe.recipe import Recipe
@@ -246,7 +247,7 @@ def default_block(segmenter: Segmenter, offsets: Sequence[Offset],
             block[0] //= 2
         else:
             break
-    return tuple(block)  # type: ignore[return-value]
+    return zyx(block)
 
 
 def run_segment(affs_path: str, output: Path, *, method: str | None = None,
@@ -367,7 +368,8 @@ def read_channels(volume: Volume, offsets: Sequence[Offset], segmenter: Segmente
         return to_float(volume.read(), str(volume)), tuple(offsets)
     affs = np.empty((len(used), *volume.shape[1:]), np.float32)
     for i, c in enumerate(used):
-        affs[i] = to_float(volume.read((slice(c, c + 1),))[0], str(volume))
+        channel = Roi((c, 0, 0, 0), (1, *volume.shape[1:]))
+        affs[i] = to_float(volume.read(channel)[0], str(volume))
     return affs, tuple(offsets[c] for c in used)
 
 

@@ -45,6 +45,7 @@ import cc3d
 import mwatershed
 import numpy as np
 
+from ..geometry import zyx
 from ..recipe.run import MutexWatershed
 from ..registry import segmenters
 from .affinities import Offset, edge_slices, is_nearest
@@ -88,7 +89,7 @@ class MutexSegmenter(Segmenter):
         return cc3d.connected_components(labels, connectivity=6)
 
     def halo(self, offsets: Sequence[Offset]) -> tuple[int, int, int]:
-        return tuple(max(abs(o[a]) for o in offsets) for a in range(3))  # type: ignore[return-value]
+        return zyx(max(abs(o[a]) for o in offsets) for a in range(3))
 
     def bytes_per_voxel(self, channels: int) -> int:
         # measured: mwatershed needs about 70 bytes per edge on top of its float64 input;

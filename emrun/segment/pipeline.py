@@ -13,9 +13,10 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from .affinities import Box, Offset, check_offsets, is_nearest, to_float
+from ..geometry import Coordinate, Roi, box_of, local_slices
+from .affinities import Offset, check_offsets, is_nearest, to_float
 from .base import Segmenter
-from .boxes import local, shift, shifted_inside
+from .boxes import shifted_inside
 from .graph import Edges, compact, merge_small
 
 __all__ = ["finish", "provisional", "region_edges", "segment_array", "segment_values"]
@@ -36,7 +37,7 @@ def provisional(raw: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, i
     return compact(labels)
 
 
-def region_edges(labels: np.ndarray, region: Box, core: Box, affs: np.ndarray,
+def region_edges(labels: np.ndarray, region: Roi, core: Roi, affs: np.ndarray,
                  offsets: Sequence[Offset]) -> Edges:
     """Adjacent ids with their summed nearest-neighbour affinity, over the edges whose
     first voxel v lies in ``core`` and whose second, v + offset, lies in ``region``.
@@ -51,10 +52,10 @@ def region_edges(labels: np.ndarray, region: Box, core: Box, affs: np.ndarray,
         box = shifted_inside(core, region, offset)
         if box is None:
             continue
-        here = local(box, region)
-        there = local(shift(box, offset), region)
+        here = local_slices(box, region.offset)
+        there = local_slices(box.shift(Coordinate(offset)), region.offset)
         u, v = labels[here], labels[there]
-        p = affs[c][local(box, core)]
+        p = affs[c][local_slices(box, core.offset)]
         keep = (u != v) & (u != 0) & (v != 0)
         if keep.any():
             parts.append(Edges.aggregate(u[keep], v[keep], p[keep]))
@@ -68,8 +69,8 @@ def finish(raw: np.ndarray, affs: np.ndarray, offsets: Sequence[Offset],
     if min_size <= 1 or count == 0:
         return labels
     sizes = np.bincount(labels.ravel().astype(np.int64), minlength=count + 1)
-    whole = tuple(slice(0, n) for n in labels.shape)
-    edges = region_edges(labels, whole, whole, affs, offsets)  # type: ignore[arg-type]
+    whole = box_of(labels.shape)
+    edges = region_edges(labels, whole, whole, affs, offsets)
     table = merge_small(sizes, edges, min_size)
     return compact(table[labels])[0]
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data.sources import open_sources
 from ..evaluate.pieces import connected_pieces
+from ..geometry import Roi
 from ..infer.array import predict_array
 from ..infer.engine import Engine, quantise
 from ..recipe import Recipe
@@ -55,15 +56,13 @@ def affinity_task(recipe: Recipe) -> str | None:
                 None)
 
 
-def central_crop(offset: tuple[int, int, int], shape: tuple[int, int, int],
-                 limit: int) -> tuple[slice, slice, slice]:
+def central_crop(box: Roi, limit: int) -> Roi:
     """The box, or its centre in y and x (all sections) scaled down to at most ``limit``
     voxels."""
-    (oz, oy, ox), (sz, sy, sx) = offset, shape
+    (oz, oy, ox), (sz, sy, sx) = box.offset, box.shape
     scale = min(1.0, (limit / max(1, sz * sy * sx)) ** 0.5)
     cy, cx = max(1, int(sy * scale)), max(1, int(sx * scale))
-    y0, x0 = oy + (sy - cy) // 2, ox + (sx - cx) // 2
-    return slice(oz, oz + sz), slice(y0, y0 + cy), slice(x0, x0 + cx)
+    return Roi((oz, oy + (sy - cy) // 2, ox + (sx - cx) // 2), (sz, cy, cx))
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def predict_validation(recipe: Recipe, model: nn.Module,
     for source in open_sources(recipe.data.validation):
         if source.labels is None:
             continue
-        roi = central_crop(*source.box, MAX_VOXELS)
+        roi = central_crop(source.box, MAX_VOXELS)
         image = source.image.read(roi)
         image = image[0] if image.ndim == 4 else image
         mask = None if source.mask is None else source.mask.read(roi) != 0

@@ -10,10 +10,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ...geometry import Zyx, zyx
 from ...recipe.augment import AugmentBase
 from ...registry import augmentations
-
-Zyx = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class Sample:
 
     @property
     def shape(self) -> Zyx:
-        return self.image.shape  # type: ignore[return-value]
+        return zyx(self.image.shape)
 
     def map_geometric(self, image: Callable[[np.ndarray], np.ndarray],
                       other: Callable[[np.ndarray], np.ndarray]) -> Sample:

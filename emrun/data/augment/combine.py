@@ -6,9 +6,10 @@ from typing import Any
 
 import numpy as np
 
+from ...geometry import Zyx, zyx
 from ...recipe.augment import Compose, OneOf
 from ...registry import augmentations
-from .base import Augmentation, Context, Pipeline, Step, Zyx, identity
+from .base import Augmentation, Context, Pipeline, Step, identity
 
 
 class OneOfAugmentation(Augmentation):
@@ -24,7 +25,7 @@ class OneOfAugmentation(Augmentation):
 
     def largest_input(self, out_shape: Zyx, context: Context) -> Zyx:
         shapes = [a.largest_input(out_shape, context) for a in self.alternatives]
-        return tuple(max(s[a] for s in [out_shape, *shapes]) for a in range(3))  # type: ignore[return-value]
+        return zyx(max(s[a] for s in [out_shape, *shapes]) for a in range(3))
 
     def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
         choice = int(rng.choice(len(self.probs), p=self.probs))

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...geometry import Zyx, zyx
 from ...recipe.augment import FlipRotate, LostSection, Misalign, MisalignBase, MisalignMissing
 from ...recipe.augment import Warp as WarpSpec
 from ...registry import augmentations
-from .base import Augmentation, Context, Sample, Step, Zyx
+from .base import Augmentation, Context, Sample, Step
 
 Array = np.ndarray
-Offset = tuple[int, int]  # (y, x) corner of a section's crop in the input
+Yx = tuple[int, int]  # (y, x): a section crop's corner in the input, or a displacement
 
 # ---------------------------------------------------------------------------------------------
 # flip_rotate
@@ -56,7 +57,7 @@ class FlipRotateAugment(Augmentation):
 
     def largest_input(self, out_shape: Zyx, context: Context) -> Zyx:
         if self.spec.isotropic:
-            return (max(out_shape),) * 3  # type: ignore[return-value]
+            return zyx((max(out_shape),) * 3)
         side = max(out_shape[1:])
         return (out_shape[0], side, side)
 
@@ -75,7 +76,7 @@ class FlipRotateAugment(Augmentation):
         def transform(a: Array) -> Array:
             return np.ascontiguousarray(a[slicer].transpose(perm))
 
-        return Step(self.name, tuple(in_shape),  # type: ignore[arg-type]
+        return Step(self.name, zyx(in_shape),
                     lambda sample: sample.map_geometric(transform, transform))
 
 
@@ -240,7 +241,7 @@ def _pixel_scale(spec: MisalignBase, context: Context) -> float:
     return spec.voxel_reference / context.voxel_size[2]
 
 
-def _displacement(spec: MisalignBase, rng: np.random.Generator, context: Context) -> Offset:
+def _displacement(spec: MisalignBase, rng: np.random.Generator, context: Context) -> Yx:
     """A (dy, dx) of magnitude drawn in the (scaled) range and a uniform direction."""
     factor = _pixel_scale(spec, context)
     magnitude = rng.uniform(spec.displacement[0] * factor, spec.displacement[1] * factor)
@@ -248,7 +249,7 @@ def _displacement(spec: MisalignBase, rng: np.random.Generator, context: Context
     return round(magnitude * math.sin(direction)), round(magnitude * math.cos(direction))
 
 
-def _crop_sections(volume: Array, out_yx: tuple[int, int], offsets: Sequence[Offset | None],
+def _crop_sections(volume: Array, out_yx: tuple[int, int], offsets: Sequence[Yx | None],
                    fill: float = 0) -> Array:
     """Section z of the result is ``volume[z]`` cropped to ``out_yx`` at ``offsets[z]``
     (``None``: filled with ``fill``). Runs of equal offsets are copied in one go."""
@@ -268,9 +269,9 @@ def _crop_sections(volume: Array, out_yx: tuple[int, int], offsets: Sequence[Off
     return out
 
 
-def _misalign_step(name: str, out_shape: Zyx, shift: Offset,
-                   image_offsets: Callable[[Offset, Offset], list[Offset | None]],
-                   other_offsets: Callable[[Offset, Offset], list[Offset | None]]) -> Step:
+def _misalign_step(name: str, out_shape: Zyx, shift: Yx,
+                   image_offsets: Callable[[Yx, Yx], list[Yx | None]],
+                   other_offsets: Callable[[Yx, Yx], list[Yx | None]]) -> Step:
     nz, h, w = out_shape
     dy, dx = shift
     base = (max(0, -dy), max(0, -dx))
@@ -320,10 +321,10 @@ class MisalignAugment(Augmentation):
         shift = _displacement(self.spec, rng, context)
         moves = [z >= where if mode == "step" else z == where for z in range(nz)]
 
-        def image_at(base: Offset, moved: Offset) -> list[Offset | None]:
+        def image_at(base: Yx, moved: Yx) -> list[Yx | None]:
             return [moved if m else base for m in moves]
 
-        def other_at(base: Offset, moved: Offset) -> list[Offset | None]:
+        def other_at(base: Yx, moved: Yx) -> list[Yx | None]:
             return [base] * nz if self.spec.interp else image_at(base, moved)
 
         return _misalign_step(self.name, out_shape, shift, image_at, other_at)
@@ -362,10 +363,10 @@ class MisalignMissingAugment(Augmentation):
         shift = _displacement(self.spec, rng, context)
         gap = range(first, first + missing)
 
-        def image_at(base: Offset, moved: Offset) -> list[Offset | None]:
+        def image_at(base: Yx, moved: Yx) -> list[Yx | None]:
             return [None if z in gap else moved if z >= first else base for z in range(nz)]
 
-        def other_at(base: Offset, moved: Offset) -> list[Offset | None]:
+        def other_at(base: Yx, moved: Yx) -> list[Yx | None]:
             # nearer side: distance below = z - first + 1, above = first + missing - z
             return [moved if z - first + 1 > first + missing - z else base for z in range(nz)]
 

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import scipy.fft
 
+from ...geometry import Zyx
 from ...recipe.augment import (
     BlurrySection,
     Box,
@@ -58,7 +59,7 @@ from ...recipe.augment import (
     Noise,
 )
 from ...registry import augmentations
-from .base import Augmentation, Context, Sample, Step, Zyx
+from .base import Augmentation, Context, Sample, Step
 
 PARTIAL_CHANCE = 0.5
 """Chance that a ``partial: true`` augmentation affects a region instead of the whole section."""
