@@ -23,8 +23,8 @@ from .evaluate import score_volumes
 from .infer.schedule import run_inference
 from .io import open_volume
 from .io.write import write_volume
+from .models import build_model
 from .recipe import Recipe, load_recipe
-from .registry import models
 from .segment.job import run_segment
 from .shipped import RECIPES
 from .stages import Stages
@@ -110,7 +110,7 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
           f"the CPU, a line every {recipe.train.log_every}")
     trainer = Trainer(loaded, out / "run", console=console,
                       stop_hint="the demo stops here (it does not resume)")
-    untrained = models.build(recipe.model, head_channels=recipe.head_channels())
+    untrained = build_model(recipe)
     untrained.load_state_dict(trainer.model.state_dict())
     if (stopped := trainer.fit().interrupted) is not None:
         raise Interrupted(stopped, f"training checkpointed at iteration {trainer.iteration} "

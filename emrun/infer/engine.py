@@ -34,10 +34,11 @@ from torch import nn
 from ..data.sources import default_intensity
 from ..errors import UserError
 from ..io import Volume
+from ..models import build_model
 from ..recipe import Recipe
 from ..recipe.data import VolumeSource
 from ..recipe.tasks import AffinityTarget
-from ..registry import blends, models
+from ..registry import blends
 from ..train.checkpoint import load
 from .plan import Box, Layout, Zyx, intersect, local, shift, size
 
@@ -90,7 +91,7 @@ def load_model(recipe: Recipe, checkpoint: Path, device: torch.device) -> nn.Mod
         raise UserError(f"{checkpoint}: its weights hold NaN or infinite values ({broken[0]}"
                         f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); a run "
                         "that diverged? Use an earlier checkpoint")
-    model = models.build(recipe.model, head_channels=recipe.head_channels())
+    model = build_model(recipe)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:

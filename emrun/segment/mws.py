@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import cc3d
 import mwatershed
@@ -51,11 +51,12 @@ from .affinities import Offset, edge_slices, is_nearest
 from .base import Segmenter, edge_valid
 from .graph import Edges
 
-__all__ = ["MutexSegmenter", "build_mws"]
+__all__ = ["MutexSegmenter"]
 
 NEAREST_BIAS = 0.5
 
 
+@segmenters.implement("mws")
 @dataclass(frozen=True)
 class MutexSegmenter(Segmenter):
     """Mutex watershed on signed weights ``p - 0.5`` (nearest neighbours) and ``p - bias``
@@ -115,8 +116,3 @@ class MutexSegmenter(Segmenter):
         np.minimum.at(smallest, segment, fragment)
         table[fragment] = smallest[segment]
         return table
-
-
-@segmenters.implement("mws")
-def build_mws(spec: MutexWatershed, **context: Any) -> MutexSegmenter:
-    return MutexSegmenter(spec)
