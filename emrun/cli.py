@@ -181,9 +181,7 @@ def validate(
     from .models.facts import model_facts
 
     model = model_facts(build_model(loaded.recipe), loaded.recipe.model, loaded.recipe.train.patch)
-    line = (f"; {model.flops_per_voxel / 1e3:,.0f} kFLOP per output voxel; receptive field "
-            f"{' x '.join(str(v) for v in model.receptive_field)}")
-    print_summary(out, loaded.recipe, facts, shown_path(recipe), line)
+    print_summary(out, loaded.recipe, facts, shown_path(recipe), model)
 
 
 @app.command()
@@ -580,7 +578,7 @@ def bench_model(
     result = run_bench(loaded.recipe, device=device, steps=steps, compile_=compile_)
     out.print(f"[bold]{result['recipe']}[/] on {result['device']}: {result['model']}, "
               f"{result['params']:,} parameters, {result['flops_per_voxel'] / 1e3:,.0f} kFLOP "
-              f"per voxel, receptive field {result['receptive_field']}, patch "
+              f"per voxel, receptive field {result['receptive_field'] or 'unknown'}, patch "
               f"{result['patch']} x batch {result['batch_size']}")
     for c in result["configs"]:
         out.print(f"  {c['precision']:<5} {'compiled' if c['compiled'] else 'eager':<8} "

@@ -87,7 +87,7 @@ def bench_model(recipe: Recipe, *, device: str | None = None, steps: int = 5, wa
         "batch_size": recipe.train.batch_size,
         "params": facts.params,
         "flops_per_voxel": facts.flops_per_voxel,
-        "receptive_field": list(facts.receptive_field),
+        "receptive_field": None if facts.receptive_field is None else list(facts.receptive_field),
         "step_voxels_per_s": best["voxels_per_s"],
         "best": {k: best[k] for k in ("precision", "compiled", "channels_last")},
         "configs": configs,

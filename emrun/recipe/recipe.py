@@ -177,9 +177,6 @@ class Recipe(Spec):
         """Output channels per task, in recipe order."""
         return {name: task.channels() for name, task in self.tasks.items()}
 
-    def parameter_count(self) -> int:
-        return self.model.parameter_count(list(self.head_channels().values()))  # type: ignore[no-any-return]
-
     def infer_patch(self) -> tuple[int, int, int]:
         return self.infer.patch or self.train.patch
 
