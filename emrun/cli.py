@@ -396,13 +396,15 @@ def segment(
     import json
 
     from .segment.job import run_segment
+    from .segment.request import SegmentRequest
     from .stages import Stages
 
-    def values(option: str, given: list[str] | None) -> list[float] | None:
+    def values(option: str, given: list[str] | None) -> tuple[float, ...]:
+        """The numbers given with a value flag (repeated or comma-separated)."""
         if not given:
-            return None
+            return ()
         try:
-            return [float(v) for item in given for v in item.split(",") if v.strip()]
+            return tuple(float(v) for item in given for v in item.split(",") if v.strip())
         except ValueError:
             raise UserError(f"{option} takes numbers (got {' '.join(given)})") from None
 
@@ -410,12 +412,12 @@ def segment(
         if done == total or done % max(1, total // 10) == 0:  # about ten lines per pass
             err.print(f"{stage}: block {done}/{total}", markup=False)
 
-    result = run_segment(affs, output, method=method,
-                         thresholds=values("--threshold", threshold),
-                         biases=values("--bias", bias), min_size=min_size, mask_path=mask,
-                         offsets_text=offsets, block=block, name=name, sweep_values=sweep,
-                         truth_path=truth, on_block=report, workers=workers,
-                         connected_truth=connected_truth, on_stage=Stages(err))
+    request = SegmentRequest(
+        affinities=affs, output=output, method=method,
+        values={"bias": values("--bias", bias), "threshold": values("--threshold", threshold)},
+        min_size=min_size, mask=mask, offsets=offsets, block=block, name=name, sweep=sweep,
+        truth=truth, connected_truth=connected_truth, workers=workers)
+    result = run_segment(request, on_block=report, on_stage=Stages(err))
     if result.segmenter_from:
         err.print(f"segmenter {result.method} from {result.segmenter_from} (--method to "
                   "choose another)", markup=False)

@@ -26,6 +26,7 @@ from .io.write import write_volume
 from .models import build_model
 from .recipe import Recipe, load_recipe
 from .segment.job import run_segment
+from .segment.request import SegmentRequest
 from .shipped import RECIPES
 from .stages import Stages
 from .synth import synthesize
@@ -42,7 +43,7 @@ def _segment_and_score(recipe: Recipe, checkpoint: Path, test: Path, out: Path,
     stage(f"predicting the test volume with the {tag} network")
     run_inference(recipe, checkpoint, f"{test}/image", pred, device="cpu")
     stage(f"segmenting its affinities ({recipe.segment.type}) and scoring them")
-    run_segment(f"{pred}/{affinity_task(recipe)}", seg, spec=recipe.segment)
+    run_segment(SegmentRequest(f"{pred}/{affinity_task(recipe)}", seg, spec=recipe.segment))
     scores = score_volumes(open_volume(f"{seg}/segmentation"), open_volume(f"{test}/labels"))
     return {k: round(v, 4) for k, v in scores.as_dict().items()
             if k in ("arand", "voi_split", "voi_merge", "cremi_score")}

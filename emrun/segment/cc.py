@@ -35,8 +35,6 @@ class ComponentsSegmenter(Segmenter):
     """Thresholded nearest-neighbour affinities, then components (spec ``cc``)."""
 
     spec: ConnectedComponents
-    parameter: ClassVar[str] = "threshold"
-    value_name: ClassVar[str] = "threshold"
     exact_stitching: ClassVar[bool] = True
 
     def channels(self, offsets: Sequence[Offset]) -> list[int]:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import cc3d
 import mwatershed
@@ -63,8 +62,6 @@ class MutexSegmenter(Segmenter):
     (long-range), split into connected pieces (spec ``mws``)."""
 
     spec: MutexWatershed
-    parameter: ClassVar[str] = "bias"
-    value_name: ClassVar[str] = "bias"
 
     def weights(self, p: np.ndarray, offset: Offset) -> np.ndarray:
         """Signed edge weights (float64) for affinities ``p`` of one channel."""
