@@ -182,9 +182,7 @@ def validate(
     from .models.facts import model_facts
 
     model = model_facts(build_model(loaded.recipe), loaded.recipe.model, loaded.recipe.train.patch)
-    line = (f"; {model.flops_per_voxel / 1e3:,.0f} kFLOP per output voxel; receptive field "
-            f"{' x '.join(str(v) for v in model.receptive_field)}")
-    print_summary(out, loaded.recipe, facts, shown_path(recipe), line)
+    print_summary(out, loaded.recipe, facts, shown_path(recipe), model)
 
 
 @app.command()
@@ -400,13 +398,15 @@ def segment(
     import json
 
     from .segment.job import run_segment
+    from .segment.request import SegmentRequest
     from .stages import Stages
 
-    def values(option: str, given: list[str] | None) -> list[float] | None:
+    def values(option: str, given: list[str] | None) -> tuple[float, ...]:
+        """The numbers given with a value flag (repeated or comma-separated)."""
         if not given:
-            return None
+            return ()
         try:
-            return [float(v) for item in given for v in item.split(",") if v.strip()]
+            return tuple(float(v) for item in given for v in item.split(",") if v.strip())
         except ValueError:
             raise UserError(f"{option} takes numbers (got {' '.join(given)})") from None
 
@@ -414,12 +414,12 @@ def segment(
         if done == total or done % max(1, total // 10) == 0:  # about ten lines per pass
             err.print(f"{stage}: block {done}/{total}", markup=False)
 
-    result = run_segment(affs, output, method=method,
-                         thresholds=values("--threshold", threshold),
-                         biases=values("--bias", bias), min_size=min_size, mask_path=mask,
-                         offsets_text=offsets, block=block, name=name, sweep_values=sweep,
-                         truth_path=truth, on_block=report, workers=workers,
-                         connected_truth=connected_truth, on_stage=Stages(err))
+    request = SegmentRequest(
+        affinities=affs, output=output, method=method,
+        values={"bias": values("--bias", bias), "threshold": values("--threshold", threshold)},
+        min_size=min_size, mask=mask, offsets=offsets, block=block, name=name, sweep=sweep,
+        truth=truth, connected_truth=connected_truth, workers=workers)
+    result = run_segment(request, on_block=report, on_stage=Stages(err))
     if result.segmenter_from:
         err.print(f"segmenter {result.method} from {result.segmenter_from} (--method to "
                   "choose another)", markup=False)
@@ -582,7 +582,7 @@ def bench_model(
     result = run_bench(loaded.recipe, device=device, steps=steps, compile_=compile_)
     out.print(f"[bold]{result['recipe']}[/] on {result['device']}: {result['model']}, "
               f"{result['params']:,} parameters, {result['flops_per_voxel'] / 1e3:,.0f} kFLOP "
-              f"per voxel, receptive field {result['receptive_field']}, patch "
+              f"per voxel, receptive field {result['receptive_field'] or 'unknown'}, patch "
               f"{result['patch']} x batch {result['batch_size']}")
     for c in result["configs"]:
         out.print(f"  {c['precision']:<5} {'compiled' if c['compiled'] else 'eager':<8} "

@@ -24,9 +24,10 @@ from .geometry import Roi
 from .infer.run import run_inference
 from .io import open_volume
 from .io.write import write_volume
+from .models import build_model
 from .recipe import Recipe, load_recipe
-from .registry import models
 from .segment.job import run_segment
+from .segment.request import SegmentRequest
 from .shipped import RECIPES
 from .stages import Stages
 from .synth import synthesize
@@ -43,7 +44,7 @@ def _segment_and_score(recipe: Recipe, checkpoint: Path, test: Path, out: Path,
     stage(f"predicting the test volume with the {tag} network")
     run_inference(recipe, checkpoint, f"{test}/image", pred, device="cpu")
     stage(f"segmenting its affinities ({recipe.segment.type}) and scoring them")
-    run_segment(f"{pred}/{affinity_task(recipe)}", seg, spec=recipe.segment)
+    run_segment(SegmentRequest(f"{pred}/{affinity_task(recipe)}", seg, spec=recipe.segment))
     scores = score_volumes(open_volume(f"{seg}/segmentation"), open_volume(f"{test}/labels"))
     return {k: round(v, 4) for k, v in scores.as_dict().items()
             if k in ("arand", "voi_split", "voi_merge", "cremi_score")}
@@ -112,7 +113,7 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
           f"the CPU, a line every {recipe.train.log_every}")
     trainer = Trainer(loaded, out / "run", console=console,
                       stop_hint="the demo stops here (it does not resume)")
-    untrained = models.build(recipe.model, head_channels=recipe.head_channels())
+    untrained = build_model(recipe)
     untrained.load_state_dict(trainer.model.state_dict())
     if (stopped := trainer.fit().interrupted) is not None:
         raise Interrupted(stopped, f"training checkpointed at iteration {trainer.iteration} "

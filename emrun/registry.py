@@ -1,17 +1,18 @@
 """Name -> implementation registries, the only bridge from recipe names to code.
 
 A recipe names things (`type: rsunet`); a registry maps each name to a pydantic *spec*
-(the parameters the recipe may give, validated strictly) and, once the implementing
-module is imported, to a *builder* that turns a validated spec into an object. Specs are
-registered by the recipe layer (no torch); builders by the layers that implement them.
+(the parameters the recipe may give, validated strictly) and to a *builder* that turns a
+validated spec into an object. Both register by import, with a decorator: specs in the recipe
+layer (no torch), builders in the package that implements the kind, which imports all its
+modules (``emrun.models``, ``emrun.segment``, ...), so whoever builds imports that package.
 Nothing else turns recipe text into code, so a recipe cannot import or execute arbitrary
-code. Third-party packages add entries through the ``emrun.plugins`` entry-point group.
+code. Third-party packages add entries through the ``emrun.plugins`` entry-point group,
+loaded the first time any registry resolves a name (not when a module is imported).
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -23,6 +24,7 @@ from .errors import NotImplementedYet
 
 T = TypeVar("T")
 S = TypeVar("S", bound=type["Spec"])
+B = TypeVar("B", bound=Callable[..., Any])
 
 PLUGIN_GROUP = "emrun.plugins"
 
@@ -53,13 +55,12 @@ def suggest(word: str, choices: list[str]) -> list[str]:
 class Registry(Generic[T]):
     """Names of one kind (models, losses, ...) with their specs and builders.
 
-    ``implementations`` names the module whose import registers the builders, so that
-    ``build`` works without the caller knowing where implementations live.
+    Registering (``register``, ``implement``) only records; every question about names
+    (``names``, ``entry``, ``in``, ``spec_union``, ``build``) first loads the plugins.
     """
 
-    def __init__(self, kind: str, implementations: str | None = None) -> None:
+    def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._implementations = implementations
         self._entries: dict[str, Entry[T]] = {}
         self._base: type[Spec] = Spec
 
@@ -84,22 +85,34 @@ class Registry(Generic[T]):
 
         return decorate
 
-    def implement(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        """Decorator: attach the builder ``builder(spec, **context) -> T`` to ``name``."""
+    def implement(self, name: str) -> Callable[[B], B]:
+        """Decorator: the function ``builder(spec, **context) -> T``, or the class built from
+        the spec alone (``cls(spec)``; the context is for builders that need more), that
+        implements ``name``."""
 
-        def decorate(builder: Callable[..., T]) -> Callable[..., T]:
-            self.entry(name).builder = builder
+        def decorate(builder: B) -> B:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise KeyError(f"{self.kind} {name!r}: register its spec before implementing it")
+            if isinstance(builder, type):
+                cls = builder
+                entry.builder = lambda spec, **context: cls(spec)
+            else:
+                entry.builder = builder
             return builder
 
         return decorate
 
     def names(self) -> list[str]:
+        load_plugins()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        load_plugins()
         return name in self._entries
 
     def entry(self, name: str) -> Entry[T]:
+        load_plugins()
         try:
             return self._entries[name]
         except KeyError:
@@ -120,6 +133,7 @@ class Registry(Generic[T]):
 
         With ``default``, a mapping without ``type`` is read as that type.
         """
+        load_plugins()
         entries = list(self._entries.values())
         if default is None:
             specs = tuple(entry.spec for entry in entries)
@@ -139,20 +153,19 @@ class Registry(Generic[T]):
         """Turn a validated spec into an object with its registered builder."""
         name = spec.type  # type: ignore[attr-defined]
         entry = self.entry(name)
-        if entry.builder is None and self._implementations:
-            importlib.import_module(self._implementations)
         if entry.builder is None:
-            raise NotImplementedYet(f"{self.kind} {name!r} has no implementation yet")
+            raise NotImplementedYet(f"{self.kind} {name!r} has no implementation (none "
+                                    "registered; is the package implementing it imported?)")
         return entry.builder(spec, **context)
 
 
-sources: Registry[Any] = Registry("source", "emrun.data")
-augmentations: Registry[Any] = Registry("augmentation", "emrun.data.augment")
-models: Registry[Any] = Registry("model", "emrun.models")
-targets: Registry[Any] = Registry("target", "emrun.data.targets")
-losses: Registry[Any] = Registry("loss", "emrun.losses")
-blends: Registry[Any] = Registry("blend window", "emrun.infer")
-segmenters: Registry[Any] = Registry("segmenter", "emrun.segment")
+sources: Registry[Any] = Registry("source")
+augmentations: Registry[Any] = Registry("augmentation")
+models: Registry[Any] = Registry("model")
+targets: Registry[Any] = Registry("target")
+losses: Registry[Any] = Registry("loss")
+blends: Registry[Any] = Registry("blend window")
+segmenters: Registry[Any] = Registry("segmenter")
 
 ALL: dict[str, Registry[Any]] = {
     "sources": sources,
@@ -171,7 +184,8 @@ def load_plugins() -> list[str]:
     """Import every ``emrun.plugins`` entry point once; each registers its own entries.
 
     An entry point may name a module (importing it registers) or a callable (called with no
-    arguments). Returns the names of the loaded plugins.
+    arguments). Returns the names of the plugins loaded by this call. Registries call it
+    before answering about names, so third-party code runs when names are first resolved.
     """
     global _plugins_loaded
     if _plugins_loaded:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 
 from .data.checks import SourceFacts
 from .recipe import Recipe
+
+if TYPE_CHECKING:
+    from .models.facts import ModelFacts
 
 
 def _zyx(values: tuple[float, ...] | tuple[int, ...] | None) -> str:
@@ -16,8 +21,9 @@ def _zyx(values: tuple[float, ...] | tuple[int, ...] | None) -> str:
 
 
 def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | None,
-                  shown: str, model_line: str = "") -> None:
-    """Sources with shapes and weights, the model with its size, tasks with channels."""
+                  shown: str, model_facts: ModelFacts) -> None:
+    """Sources with shapes and weights, the model with its size and cost (``model_facts``
+    of the built model), tasks with channels."""
     console.print(f"[bold green]ok[/] {shown}: recipe [bold]{recipe.name}[/]"
                   + (f" — {recipe.description}" if recipe.description else ""))
 
@@ -40,10 +46,12 @@ def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | N
     console.print(sources)
 
     model = recipe.model
+    field = model_facts.receptive_field
     console.print(
-        f"[bold]model[/] {model.type}: widths {list(model.widths)}, norm {model.norm}, "
-        f"{model.activation}; {recipe.parameter_count():,} parameters; "
-        f"accepts sizes divisible by {_zyx(model.divisor())}{model_line}"
+        f"[bold]model[/] {model.type}: {model.summary()}; {model_facts.params:,} parameters; "
+        f"accepts sizes divisible by {_zyx(model_facts.divisor)}; "
+        f"{model_facts.flops_per_voxel / 1e3:,.0f} kFLOP per output voxel; receptive field "
+        f"{'unknown' if field is None else ' x '.join(str(v) for v in field)}"
     )
     tasks = Table(title="tasks", title_justify="left", box=None, pad_edge=False)
     for col in ("task", "target", "channels", "loss", "weight"):

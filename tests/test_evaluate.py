@@ -194,6 +194,7 @@ def test_streamed_volumes_equal_in_memory_for_any_slab(tmp_path):
 def test_slabs_cover_the_volume_once_along_chunks():
     class Fake:
         shape = (10, 30, 7)
+        chunks = None
 
     rois = list(slabs([Fake()], slab_voxels=50))  # no chunks known: 1 section deep
     covered = np.zeros(Fake.shape, int)

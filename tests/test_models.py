@@ -17,7 +17,6 @@ from emrun.models.facts import (
     empirical_receptive_field,
     flops_per_voxel,
     model_facts,
-    receptive_field,
 )
 from emrun.recipe import load_recipe
 from emrun.recipe.model import RSUNet, UpDown
@@ -260,10 +259,10 @@ def test_receptive_field_of_a_two_level_rsunet_by_hand():
     # linear interpolation reads from 6 coarse voxels (9 fine voxels span 4.5 coarse ones plus
     # one neighbour each side); the level-1 block widens 6 to 14 coarse voxels, the max pool
     # makes them 28 fine voxels, the level-0 encoder block 36 and the input conv (5) 40.
-    assert receptive_field(spec) == (25, 40, 40)
+    assert spec.receptive_field() == (25, 40, 40)
     # a transposed conv reads one coarse voxel per fine one: 9 fine -> 5 coarse -> 13 -> 26
     # -> 34 -> 38
-    assert receptive_field(spec.model_copy(update={"upsample": "transpose"})) == (25, 38, 38)
+    assert spec.model_copy(update={"upsample": "transpose"}).receptive_field() == (25, 38, 38)
     model = build(spec)
     assert model_facts(model, spec, (1, 2, 2)).receptive_field == (25, 40, 40)
 
@@ -280,7 +279,7 @@ def test_receptive_field_of_a_two_level_rsunet_by_hand():
     UpDown(widths=[4, 8], factor=(2, 2, 2), upsample="transpose"),
 ])
 def test_empirical_receptive_field_matches_the_analytic_one(spec):
-    assert empirical_receptive_field(spec) == receptive_field(spec)
+    assert empirical_receptive_field(spec) == spec.receptive_field()
 
 
 def test_receptive_field_of_the_real_model_is_within_the_analytic_one():
@@ -292,7 +291,7 @@ def test_receptive_field_of_the_real_model_is_within_the_analytic_one():
     out[0, 0, 16, 32, 32].backward()
     hit = torch.nonzero(x.grad[0, 0])
     extent = tuple(int(hit[:, a].max() - hit[:, a].min() + 1) for a in range(3))
-    rf = receptive_field(spec)
+    rf = spec.receptive_field()
     assert all(e <= r for e, r in zip(extent, rf, strict=True))
     assert extent[0] == rf[0]  # no pooling along z: nothing is lost to max-pool ties
 
@@ -300,7 +299,8 @@ def test_receptive_field_of_the_real_model_is_within_the_analytic_one():
 def test_build_model_from_a_recipe(write):
     recipe = load_recipe(write(MINIMAL)).recipe
     model = build_model(recipe)
-    assert parameter_count(model) == recipe.parameter_count()
+    heads = list(recipe.head_channels().values())
+    assert parameter_count(model) == recipe.model.parameter_count(heads)
     with torch.no_grad():
         out = model(image((1, 1, *recipe.train.patch)))
     assert {k: v.shape[1] for k, v in out.items()} == recipe.head_channels()

@@ -11,6 +11,7 @@ from typing import Literal
 import pytest
 from conftest import MINIMAL
 
+import emrun.recipe.recipe  # noqa: F401  (its sections register the built-in specs)
 from emrun.errors import NotImplementedYet
 from emrun.registry import ALL, Registry, Spec
 
@@ -87,3 +88,48 @@ def test_plugins_register_through_entry_points(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True)  # without the plugin
     assert done.returncode == 2
     assert "unknown augmentation type 'sparkle'" in done.stderr
+
+
+def test_every_builtin_name_is_implemented_by_its_package():
+    """The packages that implement the kinds register a builder for every built-in spec."""
+    code = textwrap.dedent("""
+        import emrun.data.augment, emrun.data.sources, emrun.data.targets, emrun.infer
+        import emrun.losses, emrun.models, emrun.segment
+        from emrun.registry import ALL
+        missing = [f"{kind} {name}" for kind, registry in ALL.items()
+                   for name in registry.names() if registry.entry(name).builder is None]
+        assert not missing, missing
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_class_is_built_from_its_spec_alone():
+    registry: Registry[object] = Registry("widget")
+    registry.register("thing")(Thing)
+
+    @registry.implement("thing")
+    class Widget:
+        def __init__(self, spec: Thing) -> None:
+            self.size = spec.size
+
+    built = registry.build(Thing(size=4), context="ignored")
+    assert isinstance(built, Widget) and built.size == 4
+
+
+def test_plugins_load_when_names_are_first_resolved_not_on_import(tmp_path):
+    (tmp_path / "noisy_emrun_plugin.py").write_text("import sys\nsys.stderr.write('LOADED')\n")
+    info = tmp_path / "noisy_emrun_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: noisy\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[emrun.plugins]\nnoisy = noisy_emrun_plugin\n")
+    code = textwrap.dedent("""
+        import sys
+        import emrun.recipe, emrun.recipe.augment, emrun.recipe.model, emrun.registry
+        assert "noisy_emrun_plugin" not in sys.modules
+        from emrun.recipe import Recipe
+        assert "noisy_emrun_plugin" in sys.modules
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("LOADED") == 1

@@ -437,14 +437,16 @@ def test_cli_offsets_option_for_affinities_without_attribute(tmp_path):
 
 def test_run_segment_takes_a_recipe_spec_and_a_mask(tmp_path):
     from emrun.segment.job import run_segment
+    from emrun.segment.request import SegmentRequest
 
     truth = cells()
     affs_path = write_prediction(tmp_path, noisy(affinities(truth), 0.05))
     mask = np.zeros(SHAPE, np.uint8)
     mask[2:14, 5:60, 5:60] = 1
     write_volume(tmp_path / "mask.zarr", "mask", mask)
-    result = run_segment(affs_path, tmp_path / "seg.zarr", mask_path=f"{tmp_path}/mask.zarr/mask",
-                         spec=ConnectedComponents(threshold=0.5, min_size=5))
+    result = run_segment(SegmentRequest(affs_path, tmp_path / "seg.zarr",
+                                        mask=f"{tmp_path}/mask.zarr/mask",
+                                        spec=ConnectedComponents(threshold=0.5, min_size=5)))
     assert result.method == "cc" and result.parameters["min_size"] == 5
     seg = open_volume(tmp_path / "seg.zarr/segmentation").read()
     assert (seg[mask == 0] == 0).all() and (seg[mask == 1] != 0).all()

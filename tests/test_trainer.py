@@ -271,10 +271,10 @@ def test_a_segmenter_missing_its_package_stops_the_run_before_it_starts(recipe, 
 def test_validation_sweeps_each_segmenters_own_range(recipe, tmp_path, monkeypatch):
     pytest.importorskip("waterz")
     from emrun.recipe import load_recipe
-    from emrun.train.seg_validation import VALUES
+    from emrun.recipe.run import Waterz
     from emrun.train.trainer import Trainer
 
-    monkeypatch.setitem(VALUES, "waterz", (0.87, 0.97))  # outside every other range
+    monkeypatch.setattr(Waterz, "validation_values", (0.87, 0.97))  # outside every other range
     loaded = load_recipe(recipe, ["segment={type: waterz, thresholds: [0.85]}",
                                   "train.iterations=6", "train.image_every=0"])
     Trainer(loaded, tmp_path / "run").fit()

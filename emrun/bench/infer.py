@@ -45,8 +45,8 @@ from ..infer.job import Job, prepare_job
 from ..infer.plan import Layout, choose_chunks_and_block
 from ..infer.worker import BlockWorker
 from ..io.write import write_volume
+from ..models import build_model
 from ..recipe import Recipe
-from ..registry import models
 from ..synth import synthesize
 from . import bench_device
 from .infer_configs import search_configs
@@ -248,7 +248,7 @@ def bench_infer(recipe: Recipe, *, shape: Zyx | None = None, device: str | None 
     dev = bench_device(device)
     standin, counts, shape = _checked(recipe, dev, shape, block, workers, no_model, configs)
     torch.manual_seed(recipe.seed)
-    model = models.build(recipe.model, head_channels=recipe.head_channels())
+    model = build_model(recipe)
     model = model.to(torch.device("cpu") if no_model else dev).eval()
     engine = None if no_model else Engine(recipe, model, dev)
     with tempfile.TemporaryDirectory(prefix="emrun-bench-infer-") as name:

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from ..losses import total_loss
+from ..models import build_model
 from ..models.facts import model_facts
 from ..recipe import Recipe
-from ..registry import losses, models
+from ..registry import losses
 from . import bench_device
 from .model_rate import sync
 
@@ -27,9 +28,9 @@ def _time_steps(recipe: Recipe, device: torch.device, precision: str, compiled: 
                 channels_last: bool, steps: int, warmup: int) -> list[float]:
     torch.manual_seed(recipe.seed)
     heads = recipe.head_channels()
-    model = models.build(recipe.model, head_channels=heads).to(device)
+    model = build_model(recipe).to(device)
     batch = recipe.train.batch_size
-    shape = (batch, recipe.model.in_channels, *recipe.train.patch)
+    shape = (batch, recipe.model.input_channels(), *recipe.train.patch)
     image = torch.rand(shape, device=device)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -63,8 +64,7 @@ def bench_model(recipe: Recipe, *, device: str | None = None, steps: int = 5, wa
                 compile_: bool = True) -> dict[str, Any]:
     """The figures `emrun bench model` reports."""
     dev = bench_device(device)
-    heads = recipe.head_channels()
-    model = models.build(recipe.model, head_channels=heads)
+    model = build_model(recipe)
     facts = model_facts(model, recipe.model, recipe.train.patch)
     voxels = recipe.train.batch_size * math.prod(recipe.train.patch)
     precisions = ["fp32", "bf16"]
@@ -87,7 +87,7 @@ def bench_model(recipe: Recipe, *, device: str | None = None, steps: int = 5, wa
         "batch_size": recipe.train.batch_size,
         "params": facts.params,
         "flops_per_voxel": facts.flops_per_voxel,
-        "receptive_field": list(facts.receptive_field),
+        "receptive_field": None if facts.receptive_field is None else list(facts.receptive_field),
         "step_voxels_per_s": best["voxels_per_s"],
         "best": {k: best[k] for k in ("precision", "compiled", "channels_last")},
         "configs": configs,

@@ -42,7 +42,7 @@ from ..segment.affinities import to_float
 from ..segment.sweep import sweep, value_line
 from ..shipped import RECIPES
 from ..stages import Stages
-from ..train.seg_validation import affinity_task, sweep_values
+from ..train.seg_validation import affinity_task
 from ..train.trainer import Trainer, device_name
 
 FILES = {"image": "train-input.tif", "labels": "train-labels.tif"}
@@ -131,9 +131,9 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     affs = to_float(open_volume(f"{pred}/{task}").read(), f"{pred}/{task}")
     target = recipe.tasks[task].target
     assert isinstance(target, AffinityTarget)
-    values = sweep_values(recipe.segment)
+    values = recipe.segment.validation_values
     stage(f"segmenting them ({recipe.segment.type}) at {len(values)} values and scoring each")
-    parameter = segmenters.build(recipe.segment).value_name
+    parameter = recipe.segment.value_name
     result = sweep(affs, target.offsets, recipe.segment, values, truth,
                    on_value=lambda i, row: stage(value_line(parameter, values, i, row)))
     segment_seconds = time.perf_counter() - started

@@ -25,8 +25,9 @@ from ..data.loader import to_tensors, unpack
 from ..data.samples import SampleMaker
 from ..data.synthetic import with_synthetic_sources
 from ..losses import total_loss
+from ..models import build_model
 from ..recipe import LoadedRecipe
-from ..registry import losses, models
+from ..registry import losses
 from ..train.optim import build_optimizer
 from ..train.trainer import Trainer, configure_backends, seed_everything
 from . import bench_device
@@ -43,7 +44,7 @@ def _bare_loop(loaded: LoadedRecipe, batches: list[dict[str, Any]], device: torc
     recipe = loaded.recipe
     configure_backends(recipe, device)
     seed_everything(recipe.seed)
-    model = models.build(recipe.model, head_channels=recipe.head_channels()).to(device)
+    model = build_model(recipe).to(device)
     if device.type == "cuda" and recipe.train.channels_last:  # as the trainer does
         model.to(memory_format=torch.channels_last_3d)
     forward = torch.compile(model) if recipe.train.compile else model
@@ -138,6 +139,5 @@ def bench_train(loaded: LoadedRecipe, *, device: str | None = None, steps: int =
         "overhead": round(emrun / bare - 1, 4),
         "checkpoint_ms": round(checkpoint_seconds * 1e3, 1),
         "voxels_per_s": round(voxels / emrun, 1),
-        "params": sum(p.numel() for p in models.build(
-            recipe.model, head_channels=recipe.head_channels()).parameters()),
+        "params": sum(p.numel() for p in build_model(recipe).parameters()),
     }

@@ -4,8 +4,8 @@ Every target is a callable ``target(patch) -> (target, mask)`` returning two uin
 shape ``(channels, z, y, x)`` holding 0/1: the values to learn and where they count in the
 loss (1) or are excluded (0). uint8 keeps samples a quarter of float32's size on their way
 from loader workers to the trainer, which casts them to float on the device. Builders are
-registered in :data:`emrun.registry.targets` at import, so ``targets.build(spec)`` finds them
-(the registry imports this module lazily).
+registered in :data:`emrun.registry.targets` when this module is imported, so
+``targets.build(spec)`` finds them once it is.
 
 Conventions (the README's "Conventions"): axes z, y, x; label 0 means unlabelled; a patch
 mask is non-zero where voxels are valid, ``None`` meaning all valid.

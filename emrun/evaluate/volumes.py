@@ -86,7 +86,7 @@ def slabs(volumes: Sequence[Volume], slab_voxels: int = SLAB_VOXELS) -> Iterator
     shape = volumes[0].shape
     depth, band = 1, 1
     for volume in volumes:
-        chunks = storage_chunks(volume)
+        chunks = volume.chunks
         if chunks is not None:
             depth, band = max(depth, chunks[0]), max(band, chunks[1])
     section = int(np.prod(shape[1:]))
@@ -95,26 +95,6 @@ def slabs(volumes: Sequence[Volume], slab_voxels: int = SLAB_VOXELS) -> Iterator
     rows = max(band, slab_voxels // max(1, depth * row) // band * band)
     slab = (depth, rows, *(max(1, n) for n in shape[2:]))
     yield from BlockGrid(box_of(shape), slab).boxes()
-
-
-def storage_chunks(volume: Volume) -> tuple[int, ...] | None:
-    """The chunk shape of a zarr array or chunked HDF5 dataset; None when unknown."""
-    from emrun.io.hdf5_volume import Hdf5Volume
-    from emrun.io.zarr_volume import ZarrVolume
-
-    if isinstance(volume, OneChannel):
-        inner = storage_chunks(volume.inner)
-        return inner[1:] if inner else None
-    if isinstance(volume, ZarrVolume):
-        chunks = volume._array.chunks  # the handle each read uses, opened once
-    elif isinstance(volume, Hdf5Volume):
-        import h5py
-
-        with h5py.File(volume.path, "r") as f:
-            chunks = f[volume.dataset].chunks
-    else:
-        return None
-    return tuple(int(c) for c in chunks) if chunks else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +111,11 @@ class OneChannel(Volume):
 
     def _read(self, roi: Roi) -> np.ndarray:
         return self.inner.read(roi)[0]
+
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        inner = self.inner.chunks
+        return inner[1:] if inner else None
 
 
 def _checked(

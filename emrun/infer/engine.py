@@ -36,10 +36,11 @@ from ..geometry import Coordinate, Roi, Zyx, local_slices
 from ..io import Volume
 from ..io.checkpoint import load
 from ..io.intensity import default_intensity
+from ..models import build_model
 from ..recipe import Recipe
 from ..recipe.data import VolumeSource
 from ..recipe.tasks import AffinityTarget
-from ..registry import blends, models
+from ..registry import blends
 from .plan import Layout
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -92,7 +93,7 @@ def load_model(recipe: Recipe, checkpoint: Path, device: torch.device) -> nn.Mod
         raise UserError(f"{checkpoint}: its weights hold NaN or infinite values ({broken[0]}"
                         f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); a run "
                         "that diverged? Use an earlier checkpoint")
-    model = models.build(recipe.model, head_channels=recipe.head_channels())
+    model = build_model(recipe)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:

@@ -25,6 +25,7 @@ from ..capacity import check_output_fits
 from ..errors import UserError
 from ..geometry import Roi, Zyx, box_of, zyx
 from ..io import PRIVATE_PREFIX, Volume, open_volume
+from ..io.metadata import multiscale_dataset
 from ..io.write import create_volume
 from ..paths import is_link_loop
 from ..recipe import Recipe
@@ -173,8 +174,18 @@ def open_output_arrays(job: Job) -> dict[str, zarr.Array]:
     skipped blocks write nothing. Opened under the setting rather than with
     ``Array.with_config``, which zarr 3.1.0 lacks."""
     with zarr.config.set({"array.write_empty_chunks": True}):
-        return {name: zarr.open_array(str(job.output / name / "0"), mode="r+")
-                for name in job.recipe.tasks}
+        return {name: level_array(job.output / name) for name in job.recipe.tasks}
+
+
+def level_array(group_path: Path) -> zarr.Array:
+    """The full-resolution array of an OME-Zarr image group (one task's output), opened for
+    writing: the first multiscale level its metadata names."""
+    group = zarr.open_group(str(group_path), mode="r")
+    level = multiscale_dataset(dict(group.attrs))
+    if level is None:
+        raise UserError(f"{group_path}: has no OME-Zarr multiscales metadata; not an output "
+                        "of emrun infer")
+    return zarr.open_array(str(group_path / level), mode="r+")
 
 
 def _refuse_same(volume: Volume, output: Path) -> None:
@@ -262,9 +273,9 @@ def _check_same_network(output: Path, checkpoint: Path) -> None:
 
 def _check_existing(output: Path, name: str, digest: str) -> None:
     try:
-        zarr.open_array(str(output / name / "0"), mode="r+")
+        level_array(output / name)
         saved = dict(zarr.open_group(str(output / name), mode="r").attrs).get("emrun", {})
-    except Exception as exc:
+    except (OSError, ValueError, UserError) as exc:  # missing, not zarr, not an image group
         raise UserError(f"{output}: cannot resume, no array for task {name!r} "
                         f"({type(exc).__name__})") from None
     if saved.get("layout") != digest:

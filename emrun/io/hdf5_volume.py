@@ -14,7 +14,14 @@ import numpy as np
 
 from emrun.geometry import Roi, slices
 from emrun.io.metadata import spatial_metadata
-from emrun.io.volume import MAX_LISTED, Volume, VolumeError, format_names
+from emrun.io.volume import (
+    MAX_LISTED,
+    METADATA_ERRORS,
+    Volume,
+    VolumeError,
+    format_names,
+    metadata_error,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +31,30 @@ class Hdf5Volume(Volume):
     def _read(self, roi: Roi) -> np.ndarray:
         with h5py.File(self.path, "r") as f:
             return np.asarray(f[self.dataset][slices(roi)])
+
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        try:
+            with h5py.File(self.path, "r") as f:
+                chunks = f[self.dataset].chunks  # None: stored contiguously
+        except METADATA_ERRORS as exc:
+            raise metadata_error(self, "chunks", exc) from None
+        return tuple(int(c) for c in chunks) if chunks else None
+
+    def attributes(self) -> dict[str, Any]:
+        try:
+            with h5py.File(self.path, "r") as f:
+                node = f[self.dataset]
+                return {**_plain_attrs(node.parent), **_plain_attrs(node)}
+        except METADATA_ERRORS as exc:
+            raise metadata_error(self, "attributes", exc) from None
+
+    def container_attributes(self) -> dict[str, Any]:
+        try:
+            with h5py.File(self.path, "r") as f:
+                return _plain_attrs(f)
+        except METADATA_ERRORS as exc:
+            raise metadata_error(self, "file's attributes", exc) from None
 
 
 def open_hdf5(path: str, dataset: str | None) -> Hdf5Volume:
@@ -45,8 +76,8 @@ def open_hdf5(path: str, dataset: str | None) -> Hdf5Volume:
                 f"{list_datasets(node)}"
             )
         shape = tuple(int(n) for n in node.shape)
-        attrs = {k: _plain(v) for k, v in node.attrs.items()}
-        voxel_size, offset = spatial_metadata(f"{path}/{dataset}", len(shape), attrs)
+        voxel_size, offset = spatial_metadata(f"{path}/{dataset}", len(shape),
+                                              _plain_attrs(node))
         return Hdf5Volume(
             path=path,
             dataset=dataset,
@@ -68,6 +99,11 @@ def list_datasets(group: h5py.Group) -> str:
 
     group.visititems(visit)
     return format_names(names)
+
+
+def _plain_attrs(node: h5py.HLObject) -> dict[str, Any]:
+    """A node's attributes as plain Python values."""
+    return {k: _plain(v) for k, v in node.attrs.items()}
 
 
 def _plain(value: Any) -> Any:

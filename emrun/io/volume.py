@@ -103,6 +103,33 @@ class Volume(ABC):
         # Drop cached handles (names starting with "_"); they are re-opened on demand.
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        """The storage chunk shape (reading whole chunks decodes each once); None for a
+        format that stores no chunks."""
+        return None
+
+    def attributes(self) -> dict[str, Any]:
+        """The volume's metadata attributes: the array's, over those of the group holding it
+        (for an OME-Zarr image group, the layout emrun writes, the group's); plain Python
+        values; empty for a format without attributes."""
+        return {}
+
+    def container_attributes(self) -> dict[str, Any]:
+        """The attributes at the top of the file or store the volume lies in (an `emrun
+        infer` output records its recipe there); empty for a format without attributes."""
+        return {}
+
+
+METADATA_ERRORS = (OSError, KeyError, ValueError, TypeError)
+"""What zarr and h5py raise when metadata an opened volume had can no longer be read (the
+store changed or went away, a value does not parse)."""
+
+
+def metadata_error(volume: Volume, what: str, exc: BaseException) -> VolumeError:
+    """A one-line VolumeError naming the volume and the metadata that could not be read."""
+    return VolumeError(f"{volume}: reading its {what} failed: {one_line(exc)}")
+
 
 def format_names(names: list[str]) -> str:
     """Sorted, comma-separated names for an error message, capped at MAX_LISTED."""

@@ -9,6 +9,7 @@ covers, instead of asking the user to cut a copy of the truth first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,12 @@ class Window(Volume):
 
     def _read(self, roi: Roi) -> np.ndarray:
         return self.inner.read(roi.shift(Coordinate(self.start)))
+
+    def attributes(self) -> dict[str, Any]:
+        return self.inner.attributes()
+
+    def container_attributes(self) -> dict[str, Any]:
+        return self.inner.container_attributes()
 
 
 def covered_part(reference: Volume, other: Volume) -> Volume:

@@ -17,7 +17,14 @@ import zarr
 
 from emrun.geometry import Roi, slices
 from emrun.io.metadata import multiscale_dataset, spatial_metadata
-from emrun.io.volume import MAX_LISTED, Volume, VolumeError, format_names
+from emrun.io.volume import (
+    MAX_LISTED,
+    METADATA_ERRORS,
+    Volume,
+    VolumeError,
+    format_names,
+    metadata_error,
+)
 
 PARTIAL_SUFFIX = ".partial"  # a volume being written (emrun.io.convert); not yet a volume
 
@@ -40,6 +47,31 @@ class ZarrVolume(Volume):
 
     def _read(self, roi: Roi) -> np.ndarray:
         return np.asarray(self._array[slices(roi)])
+
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        try:
+            chunks = self._array.chunks  # the handle each read uses, opened once
+        except METADATA_ERRORS as exc:
+            raise metadata_error(self, "chunks", exc) from None
+        return tuple(int(c) for c in chunks) if chunks else None
+
+    def attributes(self) -> dict[str, Any]:
+        inner = self.array_path or self.dataset
+        holder = inner.rpartition("/")[0] if inner else None
+        try:
+            root = zarr.open(self.path, mode="r")
+            group = dict(root[holder].attrs) if holder else (
+                dict(root.attrs) if inner and isinstance(root, zarr.Group) else {})
+            return {**group, **dict(self._array.attrs)}
+        except METADATA_ERRORS as exc:
+            raise metadata_error(self, "attributes", exc) from None
+
+    def container_attributes(self) -> dict[str, Any]:
+        try:
+            return dict(zarr.open(self.path, mode="r").attrs)
+        except METADATA_ERRORS as exc:
+            raise metadata_error(self, "container's attributes", exc) from None
 
 
 def open_zarr(path: str, dataset: str | None) -> ZarrVolume:

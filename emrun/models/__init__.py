@@ -16,7 +16,6 @@ from .facts import (
     empirical_receptive_field,
     flops_per_voxel,
     model_facts,
-    receptive_field,
 )
 from .rsunet import RSUNetModel, UpDownModel, build_rsunet, build_updown, parameter_count
 
@@ -37,5 +36,4 @@ __all__ = [
     "flops_per_voxel",
     "model_facts",
     "parameter_count",
-    "receptive_field",
 ]

@@ -9,8 +9,8 @@ Path = tuple[str | int, ...]
 AXES = "zyx"
 
 
-def _divisibility(patch: tuple[int, int, int], divisor: tuple[int, int, int], model: str,
-                  levels: int) -> str | None:
+def _divisibility(patch: tuple[int, int, int], divisor: tuple[int, int, int],
+                  model: str) -> str | None:
     bad = [a for a in range(3) if patch[a] % divisor[a]]
     if not bad:
         return None
@@ -19,7 +19,7 @@ def _divisibility(patch: tuple[int, int, int], divisor: tuple[int, int, int], mo
     divs = sorted({divisor[a] for a in range(3) if divisor[a] > 1})
     by = " / ".join(str(d) for d in divs)
     return (
-        f"{names} must be divisible by {by} for {model} with {levels} levels "
+        f"{names} must be divisible by {by} for {model} "
         f"(got {list(patch)})"
     )
 
@@ -29,12 +29,11 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
     problems: list[tuple[Path, str]] = []
     model = recipe.model
     divisor = model.divisor()
-    levels = len(model.widths)
     patch = recipe.train.patch
 
     for path, p in ((("train", "patch"), patch), (("infer", "patch"), recipe.infer.patch)):
         if p is not None:
-            msg = _divisibility(p, divisor, model.type, levels)
+            msg = _divisibility(p, divisor, model.title())
             if msg:
                 problems.append((path, msg))
 

@@ -1,7 +1,13 @@
 """The `model` section: network architecture specs and the facts that follow from them.
 
-The parameter count is computed from the spec alone (no torch), so ``emrun validate`` can
-report it instantly; the model implementation is tested to match this formula.
+Every model spec answers, without being built, for the sizes it accepts (``divisor``), its
+input channels, its receptive field (None when unknown) and its summary line; what can be
+measured on the built module (parameters, FLOPs) is measured there (``emrun.models.facts``).
+A new model is a spec subclassing :class:`ModelBase`, registered with ``models.register``,
+and its builder (``models.implement``).
+
+RSUNet's parameter count is also computed from the spec alone (no torch); the model
+implementation is tested to match this formula.
 
 RSUNet layout (``L = len(widths)`` levels, ``w_i`` the width of level ``i``):
 
@@ -41,6 +47,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..registry import Spec, models
+from .receptive_field import rsunet_receptive_field
 from .types import Size, Zyx
 
 Norm = Literal["batch", "group", "instance", "none"]
@@ -51,16 +58,30 @@ Factor = tuple[
 
 
 class ModelBase(Spec):
-    """What every model spec tells without being built: accepted sizes and its size."""
-
-    widths: list[Size] = Field(min_length=1, max_length=8, description="Channels per level.")
+    """What every model spec tells without being built; the defaults suit a model that
+    takes any size of a one-channel image and says nothing more about itself."""
 
     def divisor(self) -> tuple[int, int, int]:
         """Each input size must be a multiple of this, per axis."""
         return (1, 1, 1)
 
-    def parameter_count(self, head_channels: list[int]) -> int:
-        raise NotImplementedError
+    def input_channels(self) -> int:
+        """Channels of the input image."""
+        return 1
+
+    def receptive_field(self) -> tuple[int, int, int] | None:
+        """Input voxels per axis, z, y, x, that can influence one output voxel; None when
+        the model does not know (reported as unknown)."""
+        return None
+
+    def title(self) -> str:
+        """The model in a few words, for messages (e.g. 'rsunet with 4 levels')."""
+        return str(self.type)  # type: ignore[attr-defined]
+
+    def summary(self) -> str:
+        """Its parameters in one line, for `emrun validate` (default: every field but type)."""
+        fields = self.model_dump(exclude={"type"})
+        return ", ".join(f"{k} {v}" for k, v in fields.items()) or "no parameters"
 
 
 models.require(ModelBase)
@@ -131,6 +152,19 @@ class RSUNetBase(ModelBase):
     def level_kernel(self, level: int) -> tuple[int, int, int]:
         return (1, 3, 3) if level in self.anisotropic_levels else self.kernel
 
+    def input_channels(self) -> int:
+        return int(self.in_channels)
+
+    def receptive_field(self) -> tuple[int, int, int]:
+        """Exact, by interval propagation (``emrun.recipe.receptive_field``)."""
+        return rsunet_receptive_field(self)
+
+    def title(self) -> str:
+        return f"{self.type} with {len(self.widths)} levels"  # type: ignore[attr-defined]
+
+    def summary(self) -> str:
+        return f"widths {list(self.widths)}, norm {self.norm}, {self.activation}"
+
     def parameter_count(self, head_channels: list[int]) -> int:
         """Exact number of trainable parameters (see the module docstring for the formula)."""
         norm = 0 if self.norm == "none" else 2
@@ -172,5 +206,9 @@ class UpDown(RSUNetBase):
     def divisor(self) -> tuple[int, int, int]:
         inner = super().divisor()
         return (inner[0] * self.factor[0], inner[1] * self.factor[1], inner[2] * self.factor[2])
+
+    def receptive_field(self) -> tuple[int, int, int]:
+        factor = (int(self.factor[0]), int(self.factor[1]), int(self.factor[2]))
+        return rsunet_receptive_field(self, factor)
 
 

@@ -1,8 +1,8 @@
 """The whole recipe: the section models composed into one frozen pydantic model.
 
 The section modules (data, augment, model, tasks, run) define the registered specs; this
-module builds the discriminated unions over *all* registered specs, so it is imported only
-after plugins have registered theirs (see ``emrun.recipe.__init__``).
+module builds the discriminated unions over *all* registered specs: asking the registries for
+them loads the plugins first, so their specs join (see ``emrun.registry``).
 """
 
 from __future__ import annotations
@@ -177,9 +177,6 @@ class Recipe(Spec):
     def head_channels(self) -> dict[str, int]:
         """Output channels per task, in recipe order."""
         return {name: task.channels() for name, task in self.tasks.items()}
-
-    def parameter_count(self) -> int:
-        return self.model.parameter_count(list(self.head_channels().values()))  # type: ignore[no-any-return]
 
     def infer_patch(self) -> tuple[int, int, int]:
         return self.infer.patch or self.train.patch

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -128,31 +128,91 @@ class Gaussian(Spec):
     sigma: float = Field(0.125, gt=0, le=1, description="Sigma as a fraction of the patch size.")
 
 
+SWEEP_VALUES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""What `emrun segment --sweep` tries when no values are given, for every segmenter so far."""
+
+
+MinSize = Annotated[Count, Field(description="Merge segments smaller than this into "
+                                             "neighbours.")]
+"""Every segmenter's ``min_size`` (declared last in each spec, so recipes list it last)."""
+
+
+class SegmenterBase(Spec):
+    """What every segmenter spec declares, so that the command, the sweep and the trainer's
+    validation treat all alike: the one value a sweep varies (``value_field``; one value of
+    it is called ``value_name``, which is also the command's flag: ``--bias``,
+    ``--threshold``), the values tried, and a ``min_size: MinSize`` field (the segment
+    driver merges smaller segments for every method)."""
+
+    value_field: ClassVar[str]
+    value_name: ClassVar[str]
+    sweep_values: ClassVar[tuple[float, ...]] = SWEEP_VALUES
+    validation_values: ClassVar[tuple[float, ...]] = SWEEP_VALUES
+    """The few values the trainer's validation (and the SNEMI3D benchmark) tries each time."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        missing = [name for name in ("value_field", "value_name") if not hasattr(cls, name)]
+        if "min_size" not in cls.model_fields:
+            missing.append("a min_size field")
+        elif cls.value_field not in cls.model_fields:
+            missing.append(f"the field {cls.value_field!r} that value_field names")
+        if missing:
+            raise TypeError(f"segmenter spec {cls.__name__} lacks {', '.join(missing)}")
+
+    def value(self) -> float:
+        """The current value of the swept parameter (the first, for a list of them)."""
+        value = getattr(self, self.value_field)
+        return float(value[0] if isinstance(value, list) else value)
+
+    def value_update(self, value: float) -> dict[str, Any]:
+        """The field changes that set the swept parameter to ``value``."""
+        current = getattr(self, self.value_field)
+        return {self.value_field: [float(value)] if isinstance(current, list) else float(value)}
+
+
+segmenters.require(SegmenterBase)
+
+
 @segmenters.register("mws")
-class MutexWatershed(Spec):
+class MutexWatershed(SegmenterBase):
     """Mutex watershed: long-range channels repulsive, nearest neighbours attractive."""
 
     type: Literal["mws"] = "mws"
+    value_field: ClassVar[str] = "bias"
+    value_name: ClassVar[str] = "bias"
+    validation_values: ClassVar[tuple[float, ...]] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    """Long-range edges repel below the bias (SNEMI3D's best: 0.3)."""
+
     bias: float = Field(0.5, ge=0, le=1, description="Added to repulsive weights (more splits).")
-    min_size: Count = Field(0, description="Merge segments smaller than this into neighbours.")
+    min_size: MinSize = 0
 
 
 @segmenters.register("waterz")
-class Waterz(Spec):
+class Waterz(SegmenterBase):
     """Watershed plus agglomeration by mean or 85th-percentile affinity (extra `waterz`)."""
 
     type: Literal["waterz"] = "waterz"
+    value_field: ClassVar[str] = "thresholds"
+    value_name: ClassVar[str] = "threshold"
+    validation_values: ClassVar[tuple[float, ...]] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
+    """Merge while 1 - affinity is below the threshold (SNEMI3D's best: 0.85)."""
+
     thresholds: list[float] = Field([0.5], min_length=1, description="Merge thresholds.")
     scoring: Literal["mean", "p85"] = Field("mean", description="Edge score.")
-    min_size: Count = Field(0, description="Merge segments smaller than this into neighbours.")
+    min_size: MinSize = 0
 
 
 @segmenters.register("cc")
-class ConnectedComponents(Spec):
+class ConnectedComponents(SegmenterBase):
     """Connected components of thresholded nearest-neighbour affinities (baseline)."""
 
     type: Literal["cc"] = "cc"
+    value_field: ClassVar[str] = "threshold"
+    value_name: ClassVar[str] = "threshold"
+    validation_values: ClassVar[tuple[float, ...]] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    """Voxels join where the affinity is above the threshold."""
+
     threshold: float = Field(0.5, gt=0, lt=1, description="Affinity above which voxels join.")
-    min_size: Count = Field(0, description="Merge segments smaller than this into neighbours.")
-
-
+    min_size: MinSize = 0

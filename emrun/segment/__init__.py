@@ -10,7 +10,8 @@ live in emrun.recipe.run: ``segmenters.build(spec)`` returns a :class:`Segmenter
 - pipeline: one region in memory (`segment_array`); blockwise (with boxes): volumes on
   disk, block by block;
 - sweep: one segmentation per parameter value, scored against truth, best by adapted Rand;
-- job: the `emrun segment` command's work (files in, OME-Zarr out).
+- request: what `emrun segment` is asked (one checked value); job: the command's work
+  (files in, OME-Zarr out).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from ..errors import UserError
+from ..recipe.run import SegmenterBase
 from ..registry import Spec
 from .affinities import Offset, edge_slices
 from .graph import Edges
@@ -50,16 +51,14 @@ def edge_valid(mask: np.ndarray | None, offset: Offset) -> np.ndarray | None:
 
 @dataclass(frozen=True)
 class Segmenter(ABC):
-    """A segmentation method with its validated recipe spec.
+    """A segmentation method with its validated recipe spec (an ``emrun.recipe.run``
+    ``SegmenterBase``, which says what a sweep varies and ``min_size``).
 
-    ``parameter`` is the spec field a sweep varies (``value_name``: one value of it);
     ``exact_stitching`` says whether block
     results stitched with :meth:`stitch` equal the whole-volume result (up to ids).
     """
 
-    spec: Any
-    parameter: ClassVar[str]
-    value_name: ClassVar[str]
+    spec: SegmenterBase
     exact_stitching: ClassVar[bool] = False
     blockwise: ClassVar[bool] = True
 
@@ -68,14 +67,18 @@ class Segmenter(ABC):
         return int(self.spec.min_size)
 
     @property
+    def value_name(self) -> str:
+        """What one value of the swept parameter is called (bias, threshold)."""
+        return self.spec.value_name
+
+    @property
     def value(self) -> float:
         """The current value of the swept parameter."""
-        value = getattr(self.spec, self.parameter)
-        return float(value[0] if isinstance(value, list) else value)
+        return self.spec.value()
 
     def with_value(self, value: float) -> Segmenter:
         """The same segmenter with the swept parameter set to ``value``."""
-        return type(self)(respec(self.spec, **{self.parameter: float(value)}))
+        return type(self)(respec(self.spec, **self.spec.value_update(value)))
 
     @abstractmethod
     def fragments(self, affs: np.ndarray, offsets: Sequence[Offset],

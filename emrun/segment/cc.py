@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import cc3d
 import numpy as np
@@ -23,19 +23,18 @@ from .affinities import Offset, edge_slices, is_nearest
 from .base import Segmenter, edge_valid
 from .graph import Edges, union
 
-__all__ = ["ComponentsSegmenter", "build_cc"]
+__all__ = ["ComponentsSegmenter"]
 
 # cc3d's 6-connected bit layout, numpy axis order: (+, -) direction bits for axes 0, 1, 2.
 _BITS = ((1, 2), (4, 8), (16, 32))
 
 
+@segmenters.implement("cc")
 @dataclass(frozen=True)
 class ComponentsSegmenter(Segmenter):
     """Thresholded nearest-neighbour affinities, then components (spec ``cc``)."""
 
     spec: ConnectedComponents
-    parameter: ClassVar[str] = "threshold"
-    value_name: ClassVar[str] = "threshold"
     exact_stitching: ClassVar[bool] = True
 
     def channels(self, offsets: Sequence[Offset]) -> list[int]:
@@ -76,8 +75,3 @@ class ComponentsSegmenter(Segmenter):
 
     def stitch(self, edges: Edges, count: int) -> np.ndarray:
         return union(count, edges.u, edges.v)
-
-
-@segmenters.implement("cc")
-def build_cc(spec: ConnectedComponents, **context: Any) -> ComponentsSegmenter:
-    return ComponentsSegmenter(spec)

@@ -31,10 +31,12 @@ from ..geometry import Roi, zyx
 from ..io import Volume, open_volume
 from ..paths import is_link_loop
 from ..recipe.recipe import Recipe
-from ..registry import Spec, segmenters
+from ..recipe.run import SegmenterBase
+from ..registry import segmenters
 from .affinities import Offset, check_offsets, parse_offsets, to_float
 from .base import Segmenter, respec
 from .parallel import MEMORY_SHARE
+from .request import SegmentRequest
 
 __all__ = ["DEFAULT_BLOCK", "DEFAULT_METHOD", "MEMORY_BYTES", "SegmentResult", "default_block",
            "recorded_segmenter", "run_segment"]
@@ -71,27 +73,23 @@ class SegmentResult:
         return dict(self.__dict__)
 
 
-def make_segmenter(method: str, thresholds: Sequence[float] | None,
-                   biases: Sequence[float] | None, min_size: int | None,
-                   spec: Spec | None = None) -> tuple[Segmenter, list[float] | None]:
-    """The segmenter from ``spec`` (default: the method's spec defaults) and the command's
-    overrides, and the values of its parameter to run (None: the spec's own)."""
-    if spec is not None:
-        method = spec.type  # type: ignore[attr-defined]
-    elif method not in segmenters:
-        raise UserError(f"--method: {segmenters.unknown_message(method)}")
-    else:
-        spec = segmenters.entry(method).spec()
-    segmenter = segmenters.build(spec)
-    if min_size is not None:
-        segmenter = type(segmenter)(respec(spec, min_size=min_size))
+def make_segmenter(request: SegmentRequest, spec: SegmenterBase | None
+                   ) -> tuple[Segmenter, list[float] | None]:
+    """The segmenter from ``spec`` (None: the request's method, or the default, with its spec
+    defaults) and the request's overrides, and the values of its parameter to run (None:
+    the spec's own)."""
+    if spec is None:
+        spec = segmenters.entry(request.method or DEFAULT_METHOD).spec()
+    method = spec.type  # type: ignore[attr-defined]
+    if request.min_size is not None:
+        spec = respec(spec, min_size=request.min_size)  # type: ignore[assignment]
+    segmenter: Segmenter = segmenters.build(spec)
     parameter = segmenter.value_name
-    wrong = "--bias" if biases and parameter != "bias" else (
-        "--threshold" if thresholds and parameter != "threshold" else None)
+    wrong = next((name for name in request.values if name != parameter), None)
     if wrong:
-        raise UserError(f"{wrong} does not apply to --method {method}; it takes "
+        raise UserError(f"--{wrong} does not apply to --method {method}; it takes "
                         f"--{parameter}")
-    values = list(biases or thresholds or []) or None
+    values = list(request.values.get(parameter, ())) or None
     for value in values or []:
         segmenter.with_value(value)  # a value out of range fails here, before any work
     if values and len(values) == 1:
@@ -101,42 +99,24 @@ def make_segmenter(method: str, thresholds: Sequence[float] | None,
 
 def stored_offsets(volume: Volume) -> Any:
     """The `offsets` attribute of the affinity array or its image group, if any."""
-    try:
-        if volume.path.lower().endswith(".zarr") or volume.dataset is None:
-            import zarr
-
-            root = zarr.open(volume.path, mode="r")
-            nodes = [root] if volume.dataset is None else [root[volume.dataset]]
-            if volume.dataset and "/" in volume.dataset:
-                nodes.append(root[volume.dataset.rpartition("/")[0]])
-            for node in nodes:
-                if "offsets" in node.attrs:
-                    return node.attrs["offsets"]
-        elif volume.dataset:
-            import h5py
-
-            with h5py.File(volume.path, "r") as f:
-                value = f[volume.dataset].attrs.get("offsets")
-                return None if value is None else np.asarray(value).tolist()
-    except Exception:
-        return None
-    return None
+    return volume.attributes().get("offsets")
 
 
-def recorded_segmenter(affs_path: str) -> tuple[Spec, str] | None:
-    """The ``segment`` section of the recipe an `emrun infer` output records (its group's
-    ``emrun.recipe``), and a phrase saying so; None for affinities that record no recipe.
+def recorded_segmenter(affs_path: str) -> tuple[SegmenterBase, str] | None:
+    """The ``segment`` section of the recipe an `emrun infer` output records (its
+    container's ``emrun.recipe``), and a phrase saying so; None for affinities that record no
+    recipe (or that do not open: the job's own check then says why).
     The network's recipe knows how its affinities segment best (SNEMI3D's: waterz, not the
     generic mws default)."""
     try:
-        import zarr
-
-        path = find_affinities(affs_path) or affs_path
-        volume = open_volume(path)
-        recipe = dict(zarr.open_group(volume.path, mode="r").attrs)["emrun"]["recipe"]
-        section, name = dict(recipe["segment"]), str(recipe.get("name", "?"))
-    except Exception:
+        volume = open_volume(find_affinities(affs_path) or affs_path)
+    except UserError:
         return None
+    recipe = volume.container_attributes().get("emrun", {})
+    recipe = recipe.get("recipe") if isinstance(recipe, dict) else None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("segment"), dict):
+        return None
+    section, name = dict(recipe["segment"]), str(recipe.get("name", "?"))
     where = f"the recipe {name!r} recorded in {volume.path}"
     kind = str(section.get("type"))
     if kind not in segmenters:
@@ -147,21 +127,21 @@ def recorded_segmenter(affs_path: str) -> tuple[Spec, str] | None:
     except ValueError as exc:
         raise UserError(f"{where}: its segment section is not valid here ({exc}); choose a "
                         "segmenter with --method") from None
-    return spec, where
+    return spec, where  # type: ignore[return-value]
 
 
 def find_affinities(path: str) -> str | None:
     """In a zarr group such as an inference output (``pred.zarr``), the one volume with an
     `offsets` attribute, as ``path/NAME``; None if there is not exactly one."""
-    try:
-        import zarr
+    import zarr
 
+    try:
         node = zarr.open(path, mode="r")
         if not isinstance(node, zarr.Group):
             return None
         found = [name for name, child in node.members(max_depth=0)
                  if "offsets" in child.attrs and not name.endswith(".partial")]
-    except Exception:
+    except (OSError, ValueError):  # not a zarr store, or unreadable: the caller's open says
         return None
     return f"{path.rstrip('/')}/{found[0]}" if len(found) == 1 else None
 
@@ -250,64 +230,40 @@ def default_block(segmenter: Segmenter, offsets: Sequence[Offset],
     return zyx(block)
 
 
-def run_segment(affs_path: str, output: Path, *, method: str | None = None,
-                thresholds: Sequence[float] | None = None,
-                biases: Sequence[float] | None = None, min_size: int | None = None,
-                mask_path: str | None = None, offsets_text: str | None = None,
-                block: Sequence[int] | None = None, name: str = "segmentation",
-                sweep_values: bool = False, truth_path: str | None = None,
+def run_segment(request: SegmentRequest, *,
                 on_block: Callable[[str, int, int], None] | None = None,
-                spec: Spec | None = None, workers: int | None = None,
-                connected_truth: bool = False,
                 on_stage: Callable[[str], None] | None = None) -> SegmentResult:
-    """Segment ``affs_path`` into ``output``/``name`` (or one volume per value, or the
-    sweep's best); see the module docstring. ``spec`` (e.g. a recipe's ``segment``)
-    replaces ``method`` and the spec defaults; the other arguments still override it. With
-    neither, the segmenter is the one the affinities' recipe records (`recorded_segmenter`),
-    else ``DEFAULT_METHOD``.
-    ``connected_truth``: the sweep scores against the truth's connected pieces
-    (`emrun.evaluate.pieces`)."""
+    """Segment ``request.affinities`` into ``request.output``/``name`` (or one volume per
+    value, or the sweep's best); see the module docstring and :class:`SegmentRequest`.
+    ``on_block(stage, done, total)`` follows blockwise work, ``on_stage(text)`` the steps."""
     start = time.perf_counter()
     segmenter_from = None
-    if spec is None and method is None:
-        recorded = recorded_segmenter(affs_path)
+    spec = request.spec
+    if spec is None and request.method is None:
+        recorded = recorded_segmenter(request.affinities)
         if recorded is not None:
             spec, segmenter_from = recorded
-    segmenter, values = make_segmenter(method or DEFAULT_METHOD, thresholds, biases, min_size,
-                                       spec)
+    segmenter, values = make_segmenter(request, spec)
     method = segmenter.spec.type
-    if sweep_values:
-        if truth_path is None:
-            raise UserError("--sweep scores each value against ground truth: give --truth")
-        if block is not None:
-            raise UserError("--sweep runs in memory; drop --block (sweep a smaller crop)")
-        if values is None:  # one value given (already set on the segmenter), or none
-            from .sweep import DEFAULT_VALUES
-
-            given = list(biases or thresholds or [])
-            values = given or list(DEFAULT_VALUES)
-    elif truth_path is not None or connected_truth:
-        flag = "--truth" if truth_path is not None else "--connected-truth"
-        raise UserError(f"{flag} is for --sweep; add --sweep or drop {flag}")
-    elif workers is not None:
-        raise UserError("--workers is for --sweep (the values it segments at once); add "
-                        "--sweep or drop --workers")
-    names = ([f"{name}_{v:g}" for v in values] if values and not sweep_values else [name])
+    output, name, block = request.output, request.name, request.block
+    sweeping, mask_path = request.sweep, request.mask
+    if sweeping and values is None:  # one value given (already set on the segmenter), or none
+        values = list(request.values.get(segmenter.value_name, ())) or list(
+            segmenter.spec.sweep_values)
+    names = ([f"{name}_{v:g}" for v in values] if values and not sweeping else [name])
     check_output(output, names)
     say = on_stage or (lambda text: None)
-    if block is not None and min(block) < 1:
-        raise UserError(f"--block {list(block)}: sizes must be positive")
 
-    volume, offsets = open_affinities(affs_path, offsets_text)
+    volume, offsets = open_affinities(request.affinities, request.offsets)
     spatial = volume.shape[1:]
     check_output_fits(output, 8 * math.prod(spatial) * len(names),
                       f"segmenting {volume} ({len(names)} x {'x'.join(map(str, spatial))} "
                       "uint64)")
     mask = None if mask_path is None else open_spatial(mask_path, volume, "mask")
-    truth = (None if truth_path is None
-             else open_spatial(truth_path, volume, "truth", integer=True))
+    truth = (None if request.truth is None
+             else open_spatial(request.truth, volume, "truth", integer=True))
     need = math.prod(spatial) * segmenter.bytes_per_voxel(len(segmenter.channels(offsets)))
-    blockwise = not sweep_values and (block is not None or need > MEMORY_BYTES)
+    blockwise = not sweeping and (block is not None or need > MEMORY_BYTES)
     if blockwise and not segmenter.blockwise:
         # no blockwise path: in memory while the machine has room, whatever MEMORY_BYTES says
         room = int(MEMORY_SHARE * available_memory())
@@ -328,9 +284,9 @@ def run_segment(affs_path: str, output: Path, *, method: str | None = None,
             "mask": mask_path, "segmenter": segmenter.spec.model_dump()}
     write_args = {"voxel_size": volume.voxel_size, "offset": volume.offset}
 
-    if sweep_values:
-        _sweep(result, volume, offsets, segmenter, values or [], mask, truth, workers, output,
-               name, info, write_args, connected_truth, say)
+    if sweeping:
+        _sweep(result, volume, offsets, segmenter, values or [], mask, truth, request.workers,
+               output, name, info, write_args, request.connected_truth, say)
     elif blockwise:
         chosen = (tuple(block) if block is not None
                   else default_block(segmenter, offsets, volume.shape[0]))

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
 import cc3d
 import mwatershed
@@ -52,19 +51,18 @@ from .affinities import Offset, edge_slices, is_nearest
 from .base import Segmenter, edge_valid
 from .graph import Edges
 
-__all__ = ["MutexSegmenter", "build_mws"]
+__all__ = ["MutexSegmenter"]
 
 NEAREST_BIAS = 0.5
 
 
+@segmenters.implement("mws")
 @dataclass(frozen=True)
 class MutexSegmenter(Segmenter):
     """Mutex watershed on signed weights ``p - 0.5`` (nearest neighbours) and ``p - bias``
     (long-range), split into connected pieces (spec ``mws``)."""
 
     spec: MutexWatershed
-    parameter: ClassVar[str] = "bias"
-    value_name: ClassVar[str] = "bias"
 
     def weights(self, p: np.ndarray, offset: Offset) -> np.ndarray:
         """Signed edge weights (float64) for affinities ``p`` of one channel."""
@@ -116,8 +114,3 @@ class MutexSegmenter(Segmenter):
         np.minimum.at(smallest, segment, fragment)
         table[fragment] = smallest[segment]
         return table
-
-
-@segmenters.implement("mws")
-def build_mws(spec: MutexWatershed, **context: Any) -> MutexSegmenter:
-    return MutexSegmenter(spec)

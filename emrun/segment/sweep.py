@@ -21,10 +21,7 @@ from .base import Segmenter
 from .parallel import MIN_VOXELS, parallel_workers, shares_work, sweep_in_parallel
 from .pipeline import segment_values
 
-__all__ = ["DEFAULT_VALUES", "SweepResult", "sweep"]
-
-DEFAULT_VALUES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-"""Values tried when a sweep names none (bias for mws, threshold(s) for cc and waterz)."""
+__all__ = ["SweepResult", "sweep"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +66,7 @@ def sweep(affs: np.ndarray, offsets: Sequence[Offset], spec: Spec | Segmenter,
           mask: np.ndarray | None = None, workers: int | None = None,
           on_value: Callable[[int, dict[str, Any]], None] | None = None) -> SweepResult:
     """Segment affinities (c, z, y, x; float, or uint8 with 255 = 1) for each value of the
-    method's parameter (mws: bias; cc: threshold; waterz: threshold) and score against
+    method's swept parameter (its spec's ``value_name``) and score against
     ``truth`` (z, y, x ids, 0 unscored) inside ``mask``. ``spec``: a segmenter spec or a
     built segmenter. ``workers``: values segmented at once in worker processes (None: as
     many as cores and memory allow for volumes of a million voxels or more, else 1; worker

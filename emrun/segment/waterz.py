@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..recipe.run import Waterz
 from ..registry import segmenters
 from .affinities import Offset, is_nearest, nearest_axes
-from .base import Segmenter, edge_valid, respec
+from .base import Segmenter, edge_valid
 from .graph import Edges
 
 __all__ = ["SCORING", "WaterzSegmenter", "build_waterz"]
@@ -91,12 +91,7 @@ class WaterzSegmenter(Segmenter):
     """Watershed plus agglomeration (spec ``waterz``); in memory only."""
 
     spec: Waterz
-    parameter: ClassVar[str] = "thresholds"
-    value_name: ClassVar[str] = "threshold"
     blockwise: ClassVar[bool] = False
-
-    def with_value(self, value: float) -> Segmenter:
-        return WaterzSegmenter(respec(self.spec, thresholds=[float(value)]))
 
     def channels(self, offsets: Sequence[Offset]) -> list[int]:
         return [c for c, offset in enumerate(offsets) if is_nearest(offset)]

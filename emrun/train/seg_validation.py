@@ -6,7 +6,8 @@ segmenter turns the first affinity task into segments for each value of its para
 (``segment --sweep``'s code), and each is scored against the labels (adapted Rand error,
 VOI; by default against each truth object's connected pieces inside the box,
 ``train.validate_connected_truth``). Scores are averaged over the sources per value and
-the value with the lowest mean adapted Rand error is reported, so
+the value with the lowest mean adapted Rand error is reported (the values: the segmenter
+spec's ``validation_values``), so
 ``best.pt`` is the checkpoint that segments best at its best setting.
 """
 
@@ -25,23 +26,9 @@ from ..geometry import Roi
 from ..infer.array import predict_array
 from ..infer.engine import Engine, quantise
 from ..recipe import Recipe
+from ..recipe.run import SegmenterBase
 from ..recipe.tasks import AffinityTarget
-from ..registry import Spec
 from ..segment.sweep import sweep
-
-VALUES = {
-    "mws": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),  # bias: long-range edges repel below it
-    "waterz": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9),  # merge while 1 - affinity is below it
-    "cc": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),  # join where the affinity is above it
-}
-"""Values of each segmenter's parameter tried each time (SNEMI3D's best: mws bias 0.3, waterz
-threshold 0.85); another segmenter gets the mws range."""
-
-
-def sweep_values(spec: Spec) -> tuple[float, ...]:
-    """The values a validation or benchmark sweep tries for this segmenter."""
-    return VALUES.get(str(getattr(spec, "type", "")), VALUES["mws"])
-
 
 MAX_VOXELS = 4_000_000
 """Segmentation validation uses at most this many voxels per source, a crop centred in y and
@@ -104,7 +91,7 @@ def predict_validation(recipe: Recipe, model: nn.Module,
     return inputs
 
 
-def score_validation(spec: Spec, inputs: Sequence[SegmentationInput],
+def score_validation(spec: SegmenterBase, inputs: Sequence[SegmentationInput],
                      values: Sequence[float] | None = None) -> dict[str, float] | None:
     """Segment each input for every value (``segment --sweep``'s function), score, average
     over the inputs per value; the mean scores at the best value and that value (as
@@ -112,7 +99,7 @@ def score_validation(spec: Spec, inputs: Sequence[SegmentationInput],
     side by side in worker processes (``emrun.segment.parallel``)."""
     if not inputs:
         return None
-    values = sweep_values(spec) if values is None else values
+    values = spec.validation_values if values is None else values
     rows = []
     parameter = ""
     for item in inputs:

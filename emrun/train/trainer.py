@@ -29,8 +29,9 @@ from ..devices import parse_device, require_visible
 from ..errors import UserError
 from ..io.checkpoint import CheckpointError, load
 from ..losses import LossResult, total_loss
+from ..models import build_model
 from ..recipe import LoadedRecipe, Recipe
-from ..registry import losses, models, segmenters
+from ..registry import losses, segmenters
 from . import distributed, run_dir
 from .checkpoint import CheckpointDir, rng_state, set_rng_state
 from .logging import RunLogger
@@ -148,7 +149,7 @@ class Trainer:
 
     def _build_model(self, init_from: Path | None) -> None:
         self.heads = self.recipe.head_channels()
-        self.model: nn.Module = models.build(self.recipe.model, head_channels=self.heads)
+        self.model: nn.Module = build_model(self.recipe)
         self.model.to(self.device)
         if self.device.type == "cuda" and self.train.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
@@ -441,7 +442,7 @@ class Trainer:
             return
         model = self.model
         if self.ema is not None:
-            model = models.build(self.recipe.model, head_channels=self.heads).to(self.device)
+            model = build_model(self.recipe).to(self.device)
             self.ema.copy_to(model)
         model.eval()
         sums = {name: 0.0 for name in self.losses}

@@ -12,6 +12,7 @@ from ...registry import augmentations
 from .base import Augmentation, Context, Pipeline, Step, identity
 
 
+@augmentations.implement("one_of")
 class OneOfAugmentation(Augmentation):
     """Picks one alternative by `probs` (default equal); the rest of the probability is
     'nothing'. The chosen alternative then applies with its own `p`."""
@@ -35,6 +36,7 @@ class OneOfAugmentation(Augmentation):
         return Step(self.name, step.in_shape, step.apply, (step,))
 
 
+@augmentations.implement("compose")
 class ComposeAugmentation(Augmentation):
     """Several augmentations in order, applied together with probability `p`."""
 
@@ -52,13 +54,3 @@ class ComposeAugmentation(Augmentation):
             return Pipeline.apply(steps, sample)
 
         return Step(self.name, in_shape, apply, tuple(steps))
-
-
-@augmentations.implement("one_of")
-def build_one_of(spec: OneOf, **context: Any) -> Augmentation:
-    return OneOfAugmentation(spec)
-
-
-@augmentations.implement("compose")
-def build_compose(spec: Compose, **context: Any) -> Augmentation:
-    return ComposeAugmentation(spec)

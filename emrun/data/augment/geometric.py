@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +39,7 @@ _IN_PLANE = ((0, 1, 2), (0, 2, 1))
 _ALL_AXES = tuple(itertools.permutations(range(3)))
 
 
+@augmentations.implement("flip_rotate")
 class FlipRotateAugment(Augmentation):
     """One of the 16 flip/transpose variants (flip z, y, x; transpose y/x), or of all 48
     (any axis permutation times any flips) with ``isotropic``, each equally likely.
@@ -86,6 +86,7 @@ class FlipRotateAugment(Augmentation):
 MARGIN = 1  # source pixels kept around the inverse-mapped patch (interpolation, rounding)
 
 
+@augmentations.implement("warp")
 class WarpAugment(Augmentation):
     """In-plane projective deformation, the same for every section unless twisted.
 
@@ -285,6 +286,7 @@ def _misalign_step(name: str, out_shape: Zyx, shift: Yx,
     return Step(name, (nz, h + abs(dy), w + abs(dx)), apply)
 
 
+@augmentations.implement("misalign")
 class MisalignAugment(Augmentation):
     """Translational misalignment at one z position, by a whole number of pixels.
 
@@ -335,6 +337,7 @@ def _largest_shift(spec: MisalignBase, out_shape: Zyx, context: Context) -> Zyx:
     return (out_shape[0], out_shape[1] + reach, out_shape[2] + reach)
 
 
+@augmentations.implement("misalign_missing")
 class MisalignMissingAugment(Augmentation):
     """A misalignment step with n missing sections (1 <= n <= ``missing_max``, fewer when
     the patch has fewer than n + 2 sections) at the interface.
@@ -373,6 +376,7 @@ class MisalignMissingAugment(Augmentation):
         return _misalign_step(self.name, out_shape, shift, image_at, other_at)
 
 
+@augmentations.implement("lost_section")
 class LostSectionAugment(Augmentation):
     """Drops n consecutive sections (1 <= n <= ``max_sections``) so the content jumps.
 
@@ -394,32 +398,3 @@ class LostSectionAugment(Augmentation):
             return np.concatenate((a[:where], a[where + lost:]), axis=0)
 
         return Step(self.name, (nz + lost, h, w), lambda sample: sample.map_geometric(drop, drop))
-
-
-# ---------------------------------------------------------------------------------------------
-# builders
-
-
-@augmentations.implement("flip_rotate")
-def build_flip_rotate(spec: FlipRotate, **context: Any) -> FlipRotateAugment:
-    return FlipRotateAugment(spec)
-
-
-@augmentations.implement("warp")
-def build_warp(spec: WarpSpec, **context: Any) -> WarpAugment:
-    return WarpAugment(spec)
-
-
-@augmentations.implement("misalign")
-def build_misalign(spec: Misalign, **context: Any) -> MisalignAugment:
-    return MisalignAugment(spec)
-
-
-@augmentations.implement("misalign_missing")
-def build_misalign_missing(spec: MisalignMissing, **context: Any) -> MisalignMissingAugment:
-    return MisalignMissingAugment(spec)
-
-
-@augmentations.implement("lost_section")
-def build_lost_section(spec: LostSection, **context: Any) -> LostSectionAugment:
-    return LostSectionAugment(spec)

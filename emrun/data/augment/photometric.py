@@ -250,6 +250,7 @@ class GrayscaleOp(ImageOp):
         return out
 
 
+@augmentations.implement("grayscale")
 class GrayscaleAugment(PhotometricAugmentation):
     spec: Grayscale
 
@@ -302,6 +303,7 @@ class MissingSectionOp(ImageOp):
         return out
 
 
+@augmentations.implement("missing_section")
 class MissingSectionAugment(PhotometricAugmentation):
     spec: MissingSection
 
@@ -341,6 +343,7 @@ class BlurrySectionOp(ImageOp):
         return out
 
 
+@augmentations.implement("blurry_section")
 class BlurrySectionAugment(PhotometricAugmentation):
     spec: BlurrySection
 
@@ -420,6 +423,7 @@ class BoxOp(ImageOp):
         return _clip(out)
 
 
+@augmentations.implement("box")
 class BoxAugment(PhotometricAugmentation):
     spec: Box
 
@@ -488,6 +492,7 @@ class NoiseOp(ImageOp):
         return _clip(noise)
 
 
+@augmentations.implement("noise")
 class NoiseAugment(PhotometricAugmentation):
     spec: Noise
 
@@ -519,6 +524,7 @@ class ContrastCompressionOp(ImageOp):
         return _clip(out)
 
 
+@augmentations.implement("contrast_compression")
 class ContrastCompressionAugment(PhotometricAugmentation):
     spec: ContrastCompression
 
@@ -526,38 +532,3 @@ class ContrastCompressionAugment(PhotometricAugmentation):
         low, high = self.spec.factor
         factor = float(low + (high - low) * rng.random())
         return self.step(ContrastCompressionOp(shape=_shape(out_shape), factor=factor))
-
-
-# ----------------------------------------------------------------------------------------------
-# builders
-
-
-@augmentations.implement("grayscale")
-def build_grayscale(spec: Grayscale, **context: Any) -> GrayscaleAugment:
-    return GrayscaleAugment(spec)
-
-
-@augmentations.implement("missing_section")
-def build_missing_section(spec: MissingSection, **context: Any) -> MissingSectionAugment:
-    return MissingSectionAugment(spec)
-
-
-@augmentations.implement("blurry_section")
-def build_blurry_section(spec: BlurrySection, **context: Any) -> BlurrySectionAugment:
-    return BlurrySectionAugment(spec)
-
-
-@augmentations.implement("box")
-def build_box(spec: Box, **context: Any) -> BoxAugment:
-    return BoxAugment(spec)
-
-
-@augmentations.implement("noise")
-def build_noise(spec: Noise, **context: Any) -> NoiseAugment:
-    return NoiseAugment(spec)
-
-
-@augmentations.implement("contrast_compression")
-def build_contrast_compression(spec: ContrastCompression,
-                               **context: Any) -> ContrastCompressionAugment:
-    return ContrastCompressionAugment(spec)

@@ -1,0 +1,69 @@
+"""What `emrun segment` is asked to do, as one value checked where it is made (the command
+line), before any file is opened: the job (emrun.segment.job) then only does the work."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from ..errors import UserError
+from ..recipe.run import SegmenterBase
+from ..registry import segmenters
+
+__all__ = ["SegmentRequest"]
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """Affinities in, a segmentation out, and how.
+
+    ``method`` names a segmenter with its spec defaults; ``spec`` (e.g. a recipe's
+    ``segment``) replaces it; with neither, the segmenter is the one the affinities' recipe
+    records, else the default. ``values`` maps a swept value's name (the segmenter spec's
+    ``value_name``: ``bias``, ``threshold``; the command's ``--bias``, ``--threshold``) to
+    the values given: one output per value, or the values a ``sweep`` scores against
+    ``truth`` (default: the spec's ``sweep_values``). ``min_size`` overrides the spec's.
+    ``connected_truth``: the sweep scores against the truth's connected pieces.
+    ``workers``: values a sweep segments at once. ``block``: segment block by block.
+    """
+
+    affinities: str
+    output: Path
+    method: str | None = None
+    spec: SegmenterBase | None = None
+    values: Mapping[str, tuple[float, ...]] = field(
+        default_factory=lambda: MappingProxyType({}))
+    min_size: int | None = None
+    mask: str | None = None
+    offsets: str | None = None
+    block: tuple[int, int, int] | None = None
+    name: str = "segmentation"
+    sweep: bool = False
+    truth: str | None = None
+    connected_truth: bool = False
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", MappingProxyType(
+            {key: tuple(float(v) for v in given) for key, given in self.values.items() if given}))
+        if self.spec is None and self.method is not None and self.method not in segmenters:
+            raise UserError(f"--method: {segmenters.unknown_message(self.method)}")
+        if self.sweep:
+            if self.truth is None:
+                raise UserError("--sweep scores each value against ground truth: give --truth")
+            if self.block is not None:
+                raise UserError("--sweep runs in memory; drop --block (sweep a smaller crop)")
+        elif self.truth is not None or self.connected_truth:
+            flag = "--truth" if self.truth is not None else "--connected-truth"
+            raise UserError(f"{flag} is for --sweep; add --sweep or drop {flag}")
+        elif self.workers is not None:
+            raise UserError("--workers is for --sweep (the values it segments at once); add "
+                            "--sweep or drop --workers")
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"--workers must be at least 1 (got {self.workers})")
+        if self.block is not None and min(self.block) < 1:
+            raise UserError(f"--block {list(self.block)}: sizes must be positive")
+        if self.min_size is not None and self.min_size < 0:
+            raise UserError(f"--min-size must be 0 or more (got {self.min_size})")
