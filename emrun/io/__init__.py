@@ -12,7 +12,8 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from emrun.io.volume import Volume, VolumeError, open_volume, split_volume_path
+from emrun.io.opener import open_volume, split_volume_path
+from emrun.io.volume import Volume, VolumeError
 
 PRIVATE_PREFIX = ".emrun-"
 """emrun's commands may keep their own bookkeeping inside an output store, in plain hidden

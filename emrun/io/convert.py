@@ -30,7 +30,8 @@ from rich.progress import (
 
 from emrun.capacity import check_output_fits
 from emrun.geometry import BlockGrid, Roi, box_of, local_slices, slices
-from emrun.io.volume import VolumeError, open_volume
+from emrun.io.opener import open_volume
+from emrun.io.volume import VolumeError
 from emrun.io.write import default_chunks, native_dtype, staged_volume
 
 MAX_SLAB_BYTES = 1 << 30  # cut slabs along y beyond this (very wide sections)

@@ -1,13 +1,13 @@
 """One read-only, lazy interface over the volume formats EM data comes in.
 
-`open_volume` inspects a path (cheaply: metadata only, no pixel data) and returns a
-`Volume` that knows its shape, dtype and physical metadata and reads regions on demand.
-Volumes hold paths, not open handles, so they pickle into data-loader worker processes.
+A `Volume` knows its shape, dtype, chunks and physical metadata and reads regions on demand;
+each format implements it in its own module (``zarr_volume``, ``hdf5_volume``, ...), and
+``open`` picks the format for a path. Volumes hold paths, not open handles, so they pickle
+into data-loader worker processes.
 """
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +16,6 @@ import numpy as np
 
 from emrun.errors import UserError
 from emrun.geometry import Roi, box_of, clip
-from emrun.paths import is_link_loop, not_a_file
 
 CONTAINER_SUFFIXES = (".zarr", ".h5", ".hdf5", ".hdf")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -142,98 +141,3 @@ def format_names(names: list[str]) -> str:
 
 def format_roi(roi: Roi) -> str:
     return "[" + ", ".join(f"{b}:{e}" for b, e in zip(roi.begin, roi.end, strict=True)) + "]"
-
-
-def split_volume_path(spec: str | os.PathLike[str]) -> tuple[str, str | None]:
-    """Split "a/vol.zarr/image" into ("a/vol.zarr", "image").
-
-    The container ends at the first path component whose name ends in .zarr, .h5, .hdf5 or
-    .hdf; anything after it is the array path inside. Other paths come back whole.
-    """
-    text = os.fspath(spec)
-    if os.sep != "/":
-        text = text.replace(os.sep, "/")
-    parts = text.split("/")
-    for i, part in enumerate(parts):
-        if part.lower().endswith(CONTAINER_SUFFIXES):
-            inner = "/".join(p for p in parts[i + 1 :] if p)
-            return "/".join(parts[: i + 1]), inner or None
-    return (text.rstrip("/") or text), None
-
-
-def open_volume(path: str | os.PathLike[str], dataset: str | None = None) -> Volume:
-    """Open a volume for lazy reading; reads metadata only.
-
-    `path` may carry the dataset ("vol.zarr/image"); an explicit `dataset` is appended to
-    whatever the path carries. Every problem comes out as a one-line `VolumeError`.
-    """
-    container, inner = split_volume_path(path)
-    if dataset is not None and dataset.strip("/"):
-        dataset = dataset.strip("/")
-        dataset = f"{inner}/{dataset}" if inner else dataset
-    else:
-        dataset = inner
-    name = f"{container}/{dataset}" if dataset else container
-
-    if is_link_loop(container):
-        raise VolumeError(f"{container} is a loop of symbolic links")
-    if not os.path.exists(container):
-        raise VolumeError(f"{container}: no such file or directory")
-    if not os.path.isdir(container) and (why := not_a_file(container)) is not None:
-        raise VolumeError(f"{container} {why}")
-    opener, kind = _choose_opener(container)
-    try:
-        return opener(container, dataset)
-    except VolumeError:
-        raise
-    except Exception as exc:
-        raise VolumeError(f"{name}: cannot open as {kind}: {one_line(exc)}") from exc
-
-
-def _choose_opener(container: str) -> tuple[Any, str]:
-    """Pick a format from the path; backends are imported lazily to keep startup fast."""
-    lower = container.lower().rstrip("/")
-    if os.path.isdir(container):
-        if lower.endswith(".zarr") or any(
-            os.path.exists(os.path.join(container, m)) for m in ZARR_MARKERS
-        ):
-            from emrun.io.zarr_volume import open_zarr
-
-            return open_zarr, "zarr"
-        from emrun.io.tiff_volume import has_tiffs, open_tiff_stack
-
-        if has_tiffs(container):
-            return _no_dataset(open_tiff_stack), "a folder of TIFF sections"
-        raise VolumeError(
-            f"{container}: folder is neither a zarr store (no zarr.json, .zarray or .zgroup) "
-            "nor a folder of .tif/.tiff sections"
-        )
-    if lower.endswith(HDF5_SUFFIXES):
-        from emrun.io.hdf5_volume import open_hdf5
-
-        return open_hdf5, "HDF5"
-    if lower.endswith(TIFF_SUFFIXES):
-        from emrun.io.tiff_volume import open_tiff
-
-        return _no_dataset(open_tiff), "TIFF"
-    if lower.endswith(".npy"):
-        from emrun.io.npy_volume import open_npy
-
-        return _no_dataset(open_npy), "numpy .npy"
-    if lower.endswith(".zarr"):
-        raise VolumeError(f"{container}: is a file, but a zarr store must be a folder")
-    suffix = os.path.splitext(lower)[1] or "(no extension)"
-    raise VolumeError(f"{container}: unsupported format {suffix}; supported: {SUPPORTED}")
-
-
-def _no_dataset(opener: Any) -> Any:
-    """Wrap a single-array format's opener so a stray inner path is a clear error."""
-
-    def open_single(container: str, dataset: str | None) -> Volume:
-        if dataset:
-            raise VolumeError(
-                f"{container}: holds a single array, there is no dataset {dataset!r} inside it"
-            )
-        return opener(container)
-
-    return open_single
