@@ -155,3 +155,22 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     found = imports_of(source)
     assert "emrun.io.checkpoint" in found  # `from ..io.checkpoint import load`
     assert "emrun.infer.tta" in found  # imported inside a function
+
+
+def third_party_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in _runtime_nodes(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_recipe_floor_needs_no_torch():
+    """A recipe is checked and its schema written without torch (ARCHITECTURE.md)."""
+    for part in ("recipe", "registry", "geometry", "errors", "paths"):
+        for path in [*PACKAGE.joinpath(part).rglob("*.py"), PACKAGE / f"{part}.py"]:
+            if path.exists():
+                assert "torch" not in third_party_imports(path), path

@@ -1,4 +1,6 @@
-"""The `train`, `infer` and `segment` sections: how to train, predict and segment."""
+"""The `train`, `infer` and `segment` sections: how to train (optimizers, learning-rate
+schedules, the loop's settings), predict (blend windows, batches, precision, TTA) and segment
+(the registered segmenter specs, each declaring the value a sweep varies)."""
 
 from __future__ import annotations
 

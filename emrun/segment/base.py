@@ -1,5 +1,6 @@
-"""What every segmenter provides, so that one driver (emrun.segment.blocks) can run any of
-them in memory or block by block, and one sweep can vary any of them.
+"""What every segmenter provides, so that the same drivers run any of them in memory
+(``pipeline``) or block by block (``blockwise``), and one sweep (``sweep``) can vary any of
+them along the value its spec declares.
 
 A segmenter turns float32 affinities (c, z, y, x) of one region into *fragments*: integer
 ids, 0 where it assigned nothing (masked voxels, or voxels it left alone). The driver does
