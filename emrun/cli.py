@@ -512,6 +512,52 @@ def evaluate(
 
 @app.command()
 @guarded
+def view(
+    paths: Annotated[list[str], typer.Argument(
+        metavar="PATH...", help="OME-Zarr volumes to show, e.g. vol.zarr/image "
+        "pred.zarr/affinity seg.zarr/segmentation (a layer each).")],
+    bind: Annotated[str, typer.Option(
+        help="Address to serve on (0.0.0.0: reachable from other machines).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535,
+                                      help="Port of the data server (0: any free one).")] = 0,
+    client: Annotated[str | None, typer.Option(
+        metavar="URL", help="A neuroglancer client to link to (e.g. "
+        "https://neuroglancer-demo.appspot.com) instead of the one the neuroglancer package "
+        "serves here.")] = None,
+    open_browser: Annotated[bool, typer.Option(
+        "--open", help="Open the link in a web browser.")] = False,
+    json_: JsonLine = False,
+) -> None:
+    """Show volumes in neuroglancer: serve them from here and print the link (Ctrl-C stops)."""
+    import json
+    import signal
+    import threading
+    import webbrowser
+
+    from .view import view as start_view
+
+    shown = start_view(paths, bind=bind, port=port, client=client)
+    for layer in shown.layers:
+        out.print(f"{layer.name}: {layer.kind} layer from {layer.store}"
+                  f"{'/' + layer.inner if layer.inner else ''}", markup=False)
+    out.print(f"data served at {shown.server.url}", markup=False)
+    if json_:
+        print(json.dumps({"link": shown.link, "data": shown.server.url,
+                          "state": shown.state}), flush=True)
+    else:
+        print(shown.link, flush=True)
+    if open_browser:
+        webbrowser.open(shown.link)
+    stop = threading.Event()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: stop.set())
+    stop.wait()
+    shown.close()
+    err.print("stopped serving", markup=False)
+
+
+@app.command()
+@guarded
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the run and figures.")]
     = Path("emrun-demo"),

@@ -20,7 +20,7 @@ FLOORS: list[set[str]] = [
     {"models", "losses", "data", "evaluate"},
     {"infer", "segment"},
     {"train"},
-    {"bench", "demo", "preview", "summary"},
+    {"bench", "demo", "preview", "summary", "view"},
     {"cli"},
     {"__main__"},
 ]

@@ -1,0 +1,218 @@
+"""`emrun view`: look at volumes in neuroglancer, served from this machine.
+
+The named OME-Zarr volumes (what emrun writes: images, affinities, segmentations) are served
+read-only over HTTP, with the CORS headers a browser needs, by a small threaded server (each
+store under its own prefix, so volumes from several folders can be shown together). A
+neuroglancer state puts one layer per volume: an image layer for images, an RGB image layer
+over the first three channels for affinities and other channel volumes, a segmentation layer
+for integer labels. The neuroglancer client itself comes from the `neuroglancer` package (the
+`view` extra), which serves it from this machine too, so nothing needs the internet; or, with
+``client``, the state is put into a link to any neuroglancer client (e.g. a public one).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import posixpath
+import socket
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from .errors import UserError
+from .io import Volume, open_volume
+
+LayerKind = Literal["image", "channels", "segmentation"]
+
+CHANNELS_SHADER = """#uicontrol invlerp normalized
+void main() {
+  emitRGB(vec3(toNormalized(getDataValue(0)), toNormalized(getDataValue(1)),
+               toNormalized(getDataValue(2))));
+}
+"""
+"""The first three channels as red, green and blue (z, y, x affinities for emrun's offsets)."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One volume as neuroglancer will show it."""
+
+    name: str
+    kind: LayerKind
+    store: Path  # the zarr store served
+    inner: str  # the OME-Zarr image group inside it ("" for the store's root)
+    channels: int  # 0 without a channel axis
+    voxel_size: tuple[float, float, float]  # nm, z, y, x
+
+
+def _ome_multiscales(volume: Volume) -> list[Any]:
+    """The OME-Zarr multiscales of the volume's group, or a UserError saying what is missing."""
+    from .io.zarr_volume import ZarrVolume
+
+    if not isinstance(volume, ZarrVolume):
+        raise UserError(f"{volume}: emrun view serves OME-Zarr volumes; convert it first "
+                        "(emrun data convert)")
+    ome = volume.attributes().get("ome") or {}
+    multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
+    if not multiscales:
+        raise UserError(f"{volume}: not an OME-Zarr image group (no 'ome' multiscales "
+                        "metadata), which neuroglancer needs for its geometry; convert it "
+                        "first (emrun data convert)")
+    return list(multiscales)
+
+
+def layer_for(path: str, taken: set[str]) -> Layer:
+    """The layer that shows the volume at ``path`` (named after its group, made unique)."""
+    volume = open_volume(path)
+    multiscales = _ome_multiscales(volume)
+    axes = [axis.get("type") for axis in multiscales[0].get("axes", [])]
+    channels = int(volume.shape[0]) if "channel" in axes and len(volume.shape) == 4 else 0
+    if channels:
+        kind: LayerKind = "channels" if channels >= 3 else "image"
+    elif volume.dtype.kind in "ui" and volume.dtype.itemsize >= 4:
+        kind = "segmentation"
+    else:
+        kind = "image"
+    inner = volume.dataset or ""
+    name = (inner.rstrip("/").rpartition("/")[2] or Path(volume.path).stem) or "volume"
+    unique, count = name, 1
+    while unique in taken:
+        count += 1
+        unique = f"{name}_{count}"
+    taken.add(unique)
+    voxel = tuple(float(v) for v in (volume.voxel_size or (1.0, 1.0, 1.0))[-3:])
+    return Layer(unique, kind, Path(volume.path).resolve(), inner, channels,
+                 voxel)  # type: ignore[arg-type]
+
+
+def neuroglancer_state(layers: list[Layer], sources: dict[str, str]) -> dict[str, Any]:
+    """A neuroglancer viewer state (JSON) with one layer per volume; ``sources`` maps a
+    layer's name to the URL of its OME-Zarr group."""
+    out: list[dict[str, Any]] = []
+    for layer in layers:
+        spec: dict[str, Any] = {"name": layer.name, "source": f"zarr://{sources[layer.name]}"}
+        if layer.kind == "segmentation":
+            spec["type"] = "segmentation"
+        else:
+            spec["type"] = "image"
+            if layer.kind == "channels":
+                spec["shader"] = CHANNELS_SHADER
+                # OME's channel axis becomes neuroglancer's local "c'"; renamed "c^" the
+                # shader reads channels with getDataValue(i) (they are one chunk in emrun's
+                # outputs, which neuroglancer needs for that)
+                dims: dict[str, list[Any]] = {"c^": [1, ""]}
+                for axis, nm in zip("zyx", layer.voxel_size, strict=True):
+                    dims[axis] = [nm * 1e-9, "m"]
+                spec["source"] = {"url": spec["source"],
+                                  "transform": {"outputDimensions": dims}}
+        out.append(spec)
+    return {"layers": out, "layout": "4panel",
+            "selectedLayer": {"layer": layers[-1].name, "visible": True} if layers else {}}
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Files under the served stores only; GET, HEAD and the browser's OPTIONS preflight."""
+
+    roots: ClassVar[dict[str, Path]] = {}
+
+    def end_headers(self) -> None:
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Access-Control-Allow-Headers", "range")
+        self.send_header("Access-Control-Expose-Headers", "content-range")
+        super().end_headers()
+
+    def do_OPTIONS(self) -> None:
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
+        self.end_headers()
+
+    def translate_path(self, path: str) -> str:
+        """URL path -> file path inside a served store; '' (a 404) for anything else."""
+        clean = posixpath.normpath(urllib.parse.unquote(urllib.parse.urlsplit(path).path))
+        prefix, _, rest = clean.lstrip("/").partition("/")
+        root = self.roots.get(prefix)
+        if root is None or rest.startswith("..") or rest.startswith("/"):
+            return ""
+        target = (root / rest).resolve()
+        if target != root and root not in target.parents:
+            return ""
+        return str(target)
+
+    def list_directory(self, path: str | os.PathLike[str]) -> None:
+        self.send_error(404)  # a store is read by its keys, never listed
+        return None
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # neuroglancer makes thousands of requests; a terminal full of them helps no one
+
+
+class DataServer:
+    """A threaded HTTP server of zarr stores: store k is at ``{url}/{k}/``."""
+
+    def __init__(self, stores: list[Path], bind: str = "127.0.0.1", port: int = 0) -> None:
+        self.prefixes = {store: str(k) for k, store in enumerate(dict.fromkeys(stores))}
+        handler = type("Handler", (_Handler,),
+                       {"roots": {p: s for s, p in self.prefixes.items()}})
+        try:
+            self.httpd = http.server.ThreadingHTTPServer((bind, port), handler)
+        except OSError as exc:
+            raise UserError(f"cannot serve on {bind}:{port}: {exc.strerror or exc}") from None
+        self.httpd.daemon_threads = True
+        host, actual = self.httpd.server_address[:2]
+        shown = socket.getfqdn() if host in ("0.0.0.0", "") else host  # other machines' view
+        self.url = f"http://{shown}:{actual}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def source(self, layer: Layer) -> str:
+        inner = f"/{layer.inner.strip('/')}" if layer.inner else ""
+        return f"{self.url}/{self.prefixes[layer.store]}{inner}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@dataclass
+class View:
+    """What `emrun view` started: the data server, the layers, the state and the link."""
+
+    server: DataServer
+    layers: list[Layer]
+    state: dict[str, Any]
+    link: str
+    viewer: Any = None  # a neuroglancer.Viewer when the package serves the client
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def view(paths: list[str], *, bind: str = "127.0.0.1", port: int = 0,
+         client: str | None = None) -> View:
+    """Serve ``paths`` and make the link: to the neuroglancer client that the `neuroglancer`
+    package serves here, or, with ``client``, to that client with the state in the link."""
+    if not paths:
+        raise UserError("name at least one volume to view (e.g. pred.zarr/affinity)")
+    taken: set[str] = set()
+    layers = [layer_for(path, taken) for path in paths]
+    viewer_module = None
+    if client is None:
+        try:
+            import neuroglancer as viewer_module
+        except ImportError:
+            raise UserError("emrun view serves the neuroglancer client with the neuroglancer "
+                            "package: pip install 'emrun[view]' (or pass --client URL of a "
+                            "neuroglancer client)") from None
+    server = DataServer([layer.store for layer in layers], bind, port)
+    state = neuroglancer_state(layers, {layer.name: server.source(layer) for layer in layers})
+    if viewer_module is None:
+        fragment = urllib.parse.quote(json.dumps(state, separators=(",", ":")), safe="")
+        return View(server, layers, state, f"{client.removesuffix('#!')}#!{fragment}")
+    viewer_module.set_server_bind_address(bind, 0)
+    viewer = viewer_module.Viewer()
+    viewer.set_state(viewer_module.ViewerState(state))
+    return View(server, layers, state, viewer.get_viewer_url(), viewer)
