@@ -379,3 +379,75 @@ def test_out_of_device_memory_is_the_users_to_fix(recipe, tmp_path, monkeypatch)
     assert result.exit_code == 2, result.output
     assert "Tried to allocate 20.00 GiB" in result.stderr and "3.06 GiB is free" in result.stderr
     assert "train.batch_size" in result.stderr and "Traceback" not in result.output
+
+
+def wait_for(path: str) -> dict[str, float]:
+    """A stand-in scoring that takes as long as the test wants (until ``path`` exists)."""
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return {"arand": 0.5}
+
+
+def test_background_scoring_does_not_wait_for_the_helper(tmp_path):
+    from emrun.train.background import BackgroundScorer
+
+    scorer = BackgroundScorer()
+    gate = tmp_path / "go"
+    try:
+        assert scorer.submit(6, {"loss/total": 1.0}, None, wait_for, str(gate)) == []
+        time.sleep(0.5)
+        assert scorer.finished() == [] and scorer.busy.iteration == 6  # still scoring
+        gate.touch()
+        done = scorer.drain()
+        assert [(p.iteration, p.result()) for p in done] == [
+            (6, {"loss/total": 1.0, "arand": 0.5})]
+        assert scorer.busy is None and scorer.finished() == []
+    finally:
+        scorer.close()
+
+
+def test_a_stopped_run_leaves_no_scorer_behind(tmp_path):
+    from emrun.train.background import BackgroundScorer
+
+    scorer = BackgroundScorer()
+    scorer.submit(6, {}, None, wait_for, str(tmp_path / "never"))
+    helper = scorer.busy.scoring._process
+    assert helper.is_alive()
+    scorer.close()  # at once, though the scoring never ends
+    assert not helper.is_alive() and helper.exitcode == -signal.SIGKILL
+
+
+def test_a_scorer_that_dies_is_reported_not_waited_for(tmp_path):
+    from emrun.train.background import BackgroundScorer
+
+    scorer = BackgroundScorer()
+    scorer.submit(6, {}, None, wait_for, str(tmp_path / "never"))
+    os.kill(scorer.busy.scoring._process.pid, signal.SIGKILL)  # as the kernel's OOM killer
+    (done,) = scorer.drain()
+    with pytest.raises(RuntimeError, match="died"):
+        done.result()
+
+
+def test_background_validation_records_what_validation_in_the_trainer_does(recipe, tmp_path):
+    """Same scores for the same iterations, the same best.pt and the same trained weights,
+    whether the segmentations are scored by a helper process or by the trainer."""
+    from emrun.recipe import load_recipe
+    from emrun.train.trainer import Trainer
+
+    runs = {}
+    for background in ("true", "false"):
+        loaded = load_recipe(recipe, [f"train.validate_in_background={background}",
+                                      "train.image_every=0"])
+        run = tmp_path / background
+        Trainer(loaded, run).fit()
+        events = [json.loads(line) for line in (run / "events.jsonl").open()]
+        runs[background] = (
+            {e["iteration"]: e["validation"] for e in events if "validation" in e},
+            torch.load(run / "checkpoints" / "best.pt", weights_only=True), weights(run))
+    (scores, best, final), (scores_here, best_here, final_here) = runs["true"], runs["false"]
+    assert sorted(scores) == [6, 12] and scores == scores_here
+    assert best["iteration"] == best_here["iteration"] and best["best"] == best_here["best"]
+    for key, value in best["model"].items():
+        assert torch.equal(value, best_here["model"][key]), key
+    for key, value in final.items():
+        assert torch.equal(value, final_here[key]), key

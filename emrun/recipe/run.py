@@ -110,6 +110,10 @@ class Train(Spec):
         "connected pieces inside the validated box: a box cut from a larger annotation shows "
         "pieces of one object that join only outside it, which no segmentation of the box "
         "can join (as `emrun evaluate --connected-truth`); false: the labels as they are.")
+    validate_in_background: bool | None = Field(
+        None, description="Segment and score validations in a helper process while training "
+        "goes on (the validation boxes are still predicted in the trainer); null: on a GPU "
+        "(on a CPU the helper would take the cores training uses).")
     log_every: PositiveCount = Field(50, description="Iterations between log lines.")
     image_every: Count = Field(1000, description="Iterations between TensorBoard images; 0: never.")
     workers: int = Field(2, ge=0, le=256, description="Data-loader worker processes; 0: none.")

@@ -110,10 +110,3 @@ def score_validation(spec: SegmenterBase, inputs: Sequence[SegmentationInput],
              for i in range(len(values))]
     best = min(range(len(values)), key=lambda i: means[i]["arand"])
     return {**means[best], f"segment/{parameter}": float(values[best])}
-
-
-def validate_segmentation(recipe: Recipe, model: nn.Module, device: torch.device,
-                          values: Sequence[float] | None = None) -> dict[str, float] | None:
-    """Predict, segment and score the validation sources in this process; None when there
-    is nothing to segment."""
-    return score_validation(recipe.segment, predict_validation(recipe, model, device), values)

@@ -33,10 +33,11 @@ from ..models import build_model
 from ..recipe import LoadedRecipe, Recipe
 from ..registry import losses, segmenters
 from . import distributed, run_dir
+from .background import BackgroundScorer, Pending
 from .checkpoint import CheckpointDir, rng_state, set_rng_state
 from .logging import RunLogger
 from .optim import EMA, build_optimizer, build_scheduler, clip_gradients
-from .seg_validation import affinity_task, validate_segmentation
+from .seg_validation import affinity_task, predict_validation, score_validation
 
 MAX_NONFINITE_IN_A_ROW = 10
 RESUMED_PARTS = ("model", "optimizer", "scheduler", "scaler", "iteration", "data", "rng")
@@ -348,6 +349,7 @@ class Trainer:
         in_a_row = 0
         window_start, window_iters = time.perf_counter(), 0
         pending: dict[str, torch.Tensor] = {}
+        self.scorer = BackgroundScorer()
         try:
             with _Signals() as signals:
                 while self.iteration < self.train.iterations and signals.received is None:
@@ -378,9 +380,14 @@ class Trainer:
                     if self.train.image_every and self.iteration % self.train.image_every == 0:
                         self._images(logger, result["batch"])
                     paused = time.perf_counter()
+                    for scored in self.scorer.finished():
+                        self._record(logger, scored)
                     if self.train.validate_every and \
                             self.iteration % self.train.validate_every == 0:
                         self._validate(logger)
+                    if self.iteration == self.train.iterations:  # the last checkpoint knows
+                        for scored in self.scorer.drain():  # every validation's score
+                            self._record(logger, scored)
                     if self.iteration % self.train.checkpoint_every == 0 or \
                             self.iteration == self.train.iterations:
                         self._checkpoint(logger)
@@ -388,11 +395,16 @@ class Trainer:
                     window_start += pause
                     logger.exclude(pause)
                 if signals.received is not None:
+                    if (busy := self.scorer.busy) is not None:
+                        logger.message(f"the validation of iteration {busy.iteration} was "
+                                       "still being scored; it is not recorded")
+                    self.scorer.close()
                     self._checkpoint(logger)
                     logger.message(f"{signals.received}: checkpoint written at iteration "
                                    f"{self.iteration}; {self.stop_hint}")
                 return TrainResult(self.iteration, self.run_path, signals.received, self.nonfinite)
         finally:
+            self.scorer.close()
             self.train_seconds, self._clock = self.seconds(), None
             logger.close()
             distributed.teardown(self.world)
@@ -460,16 +472,34 @@ class Trainer:
         metrics = {f"loss/{n}": sums[n] / counts[n] if counts[n] else 0.0 for n in self.losses}
         metrics["loss/total"] = sum(self.weights[n] * metrics[f"loss/{n}"] for n in self.losses)
         if not self.world.main:
+            model.train()
             return
-        if self.train.validate_segmentation:
-            scores = validate_segmentation(self.recipe, model, self.device)
-            metrics.update(scores or {})
+        inputs = predict_validation(self.recipe, model, self.device) \
+            if self.train.validate_segmentation else []
         model.train()
-        logger.validation(self.iteration, metrics)
+        if inputs and self._in_background():
+            earlier = self.scorer.submit(self.iteration, metrics, _on_cpu(self.state()),
+                                         score_validation, self.recipe.segment, inputs)
+            for scored in earlier:
+                self._record(logger, scored)
+            return
+        metrics.update(score_validation(self.recipe.segment, inputs) or {})
+        self._record(logger, Pending(self.iteration, metrics, None, None))
+
+    def _in_background(self) -> bool:
+        chosen = self.train.validate_in_background
+        return self.device.type == "cuda" if chosen is None else chosen
+
+    def _record(self, logger: RunLogger, scored: Pending) -> None:
+        """Log a validation's figures; save best.pt when it is the best so far (the training
+        state of the validated iteration, kept while it was scored)."""
+        metrics = scored.result()
+        logger.validation(scored.iteration, metrics)
         key = "arand" if "arand" in metrics else "loss/total"  # lower is better for both
         if self.best is None or metrics[key] < self.best:
             self.best = metrics[key]
-            self.checkpoints.save_best(self.state())
+            state = scored.state if scored.state is not None else self.state()
+            self.checkpoints.save_best({**state, "best": self.best})
 
     def _checkpoint(self, logger: RunLogger) -> None:
         digest = distributed.check_in_sync(self.model, self.world)
@@ -478,6 +508,18 @@ class Trainer:
         path = self.checkpoints.save(self.iteration, self.state())
         logger.message(f"checkpoint {path.name} (iteration {self.iteration}, parameters "
                        f"{digest}{', ranks in sync' if self.world.distributed else ''})")
+
+
+def _on_cpu(value: Any) -> Any:
+    """A copy of a (nested) training state with every tensor copied to the CPU: what the
+    state was at this iteration, whatever training does next."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return type(value)((k, _on_cpu(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def seed_everything(seed: int) -> None:
