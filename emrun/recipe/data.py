@@ -65,6 +65,10 @@ class SourceBase(Spec):
         """Names of the semantic volumes (e.g. mito) this source provides."""
         return set()
 
+    def volume_paths(self) -> list[str]:
+        """The volume files this source reads (none for a generated source)."""
+        return []
+
 
 sources.require(SourceBase)
 
@@ -93,6 +97,10 @@ class VolumeSource(SourceBase):
 
     def semantic_names(self) -> set[str]:
         return set(self.semantic)
+
+    def volume_paths(self) -> list[str]:
+        named = [self.image, self.labels, self.mask, *self.semantic.values()]
+        return [path for path in named if path]
 
 
 @sources.register("synthetic")
