@@ -772,7 +772,8 @@ def bench_codecs(
 @guarded
 def data_convert(
     source: Annotated[str, typer.Argument(help="TIFF file or folder, file.h5/dataset, "
-                                                "vol.zarr/array or .npy.")],
+                                                "vol.zarr/array, .npy; with emrun[remote] "
+                                                "vol.n5/dataset, precomputed, URLs.")],
     out: Annotated[Path, typer.Argument(help="Output zarr folder (created if missing).")],
     voxel_size: Nm = None,
     chunks: Annotated[tuple[int, int, int] | None, typer.Option(
