@@ -111,6 +111,8 @@ def test_n5_reads_in_zyx_with_its_resolution_and_offset(tmp_path):
         open_volume(tmp_path / "vol.n5/nope")
     with pytest.raises(VolumeError, match="name a dataset"):
         open_volume(tmp_path / "vol.n5")
+    with pytest.raises(VolumeError, match="no such folder"):
+        open_volume(tmp_path / "missing.n5/raw")
 
 
 def test_precomputed_scales_are_levels(tmp_path):
@@ -178,6 +180,8 @@ def test_remote_reads_over_http(tmp_path):
             open_volume(f"{url}/ome.zarr/nope")
         with pytest.raises(VolumeError, match="no info file"):
             open_volume(f"{url}/nothing/here")
+        with pytest.raises(VolumeError, match="no N5 dataset there"):
+            open_volume(f"{url}/vol.n5/nope")
 
 
 def test_infer_and_evaluate_read_a_served_precomputed_volume(tmp_path):

@@ -26,6 +26,8 @@ STRUCTURE_KEYS = ("dimensions", "blockSize", "dataType", "compression", "n5")
 
 def open_n5(container: str, dataset: str | None) -> TensorstoreVolume:
     """Open the dataset `dataset` of the N5 container `container`."""
+    if not is_url(container) and not os.path.isdir(container):
+        raise VolumeError(f"{container}: no such folder (an N5 container is a folder)")
     reader = MetadataReader(container)
     if not dataset:
         raise VolumeError(f"{container}: is an N5 container; name a dataset inside it "
@@ -33,8 +35,8 @@ def open_n5(container: str, dataset: str | None) -> TensorstoreVolume:
     name = f"{container}/{dataset}"
     attrs = reader.json(f"{dataset}/attributes.json")
     if attrs is None:
-        if reader.json("attributes.json") is None and not _is_local_dir(container):
-            raise VolumeError(f"{container}: no N5 container there (no attributes.json)")
+        if is_url(container):  # a remote store cannot be listed
+            raise VolumeError(f"{name}: no N5 dataset there (no attributes.json)")
         raise VolumeError(f"{container} has no dataset {dataset!r}; datasets: "
                           f"{list_datasets(container)}")
     if "dimensions" not in attrs:
@@ -72,10 +74,6 @@ def n5_spatial(name: str, ndim: int, attrs: Mapping[str, Any]) -> Any:
 def _scaled(value: Any, factor: float) -> Any:
     return value * factor if isinstance(value, int | float) and not isinstance(value, bool) \
         else value
-
-
-def _is_local_dir(container: str) -> bool:
-    return not is_url(container) and os.path.isdir(container)
 
 
 def list_datasets(container: str, under: str | None = None) -> str:

@@ -12,8 +12,9 @@ from .types import IndexZyx, Name, Nanometres, Positive, Probability, Seed, Zyx
 
 VolumePath = str
 """A volume inside a container, as on the command line: ``vol.zarr/image``, ``raw.h5/volumes/raw``,
-``stack.tif``, a folder of TIFF sections, or ``x.npy``. Relative paths are relative to the
-working directory."""
+``stack.tif``, a folder of TIFF sections, or ``x.npy``; with the remote extra ``vol.n5/raw``,
+a precomputed folder or a URL. A level of a multiscale image is named in the path
+(``vol.zarr/image/s1``). Relative paths are relative to the working directory."""
 
 SYNTHETIC_SEMANTIC = ("mito", "synapse")
 """Semantic volumes a synthetic source generates alongside image and labels."""
