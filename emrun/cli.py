@@ -56,6 +56,18 @@ JsonLine = Annotated[bool, typer.Option(
 ANY_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 Nm = Annotated[tuple[float, float, float] | None, typer.Option(metavar="Z Y X",
                                                                 help="Voxel size in nm.")]
+LevelChoice = Annotated[str | None, typer.Option(
+    "--level", metavar="NAME|Z,Y,X", help="The input's level of a multiscale image (OME-Zarr, "
+    "precomputed): its name (s1) or its voxel size in nm, z,y,x (40,8,8).")]
+
+
+def _at_level(path: str, level: str | None) -> str:
+    """The path naming `level` of the multiscale image at `path` (itself without --level)."""
+    if level is None:
+        return path
+    from .io import choose_level
+
+    return choose_level(path, level)
 
 
 
@@ -309,6 +321,7 @@ def infer(
     recipe: Annotated[Path | None, typer.Option(
         "--recipe", help="Recipe YAML file (default: the one the checkpoint was trained "
         "with; a recipe whose model or tasks differ from it is refused).")] = None,
+    level: LevelChoice = None,
 ) -> None:
     """Predict a volume blockwise into zarr: one array per task, blended, resumable."""
     from .infer.checkpoint_recipe import recipe_for
@@ -321,6 +334,7 @@ def infer(
     if scheduler not in ("local", "daisy"):
         raise UserError(f"--scheduler must be local or daisy (got {scheduler!r})")
     box = _parse_roi(roi)
+    input_ = _at_level(input_, level)
     loaded = recipe_for(checkpoint, recipe, override or [])
     try:
         with block_progress(err) as report:
@@ -392,6 +406,7 @@ def segment(
     workers: Annotated[int | None, typer.Option(
         min=1, help="--sweep: values segmented at once in worker processes (default: as "
                     "many as cores and memory allow).")] = None,
+    level: LevelChoice = None,
     json_: JsonLine = False,
 ) -> None:
     """Affinities to a neuron segmentation (mutex watershed, waterz, components)."""
@@ -415,7 +430,7 @@ def segment(
             err.print(f"{stage}: block {done}/{total}", markup=False)
 
     request = SegmentRequest(
-        affinities=affs, output=output, method=method,
+        affinities=_at_level(affs, level), output=output, method=method,
         values={"bias": values("--bias", bias), "threshold": values("--threshold", threshold)},
         min_size=min_size, mask=mask, offsets=offsets, block=block, name=name, sweep=sweep,
         truth=truth, connected_truth=connected_truth, workers=workers)
@@ -803,7 +818,8 @@ def bench_codecs(
 @guarded
 def data_convert(
     source: Annotated[str, typer.Argument(help="TIFF file or folder, file.h5/dataset, "
-                                                "vol.zarr/array or .npy.")],
+                                                "vol.zarr/array, .npy; with emrun[remote] "
+                                                "vol.n5/dataset, precomputed, URLs.")],
     out: Annotated[Path, typer.Argument(help="Output zarr folder (created if missing).")],
     voxel_size: Nm = None,
     chunks: Annotated[tuple[int, int, int] | None, typer.Option(
@@ -814,11 +830,12 @@ def data_convert(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing array of that name.")
     ] = False,
+    level: LevelChoice = None,
 ) -> None:
     """Convert a volume to zarr v3 with OME-Zarr 0.5 metadata, streamed section by section."""
     from .io.convert import convert
 
-    result = convert(source, out, name=name, voxel_size=voxel_size, chunks=chunks,
+    result = convert(_at_level(source, level), out, name=name, voxel_size=voxel_size, chunks=chunks,
                      overwrite=overwrite)
     voxel = "unknown" if result.voxel_size is None else " x ".join(
         f"{v:g}" for v in result.voxel_size) + " nm"

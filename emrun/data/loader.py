@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..geometry import Roi, Zyx, zyx
+from ..io import forks_safely
 from ..recipe import Recipe
 from ..registry import targets
 from ..subprocesses import leave_signals_to
@@ -78,6 +79,10 @@ def train_batches(recipe: Recipe, *, rank: int = 0, start: int = 0,
                   context: str | None = None) -> Iterator[dict[str, Any]]:
     """The endless training stream from batch ``start`` on (``train.workers`` processes)."""
     workers = recipe.train.workers if workers is None else workers
+    if workers and context is None and not all(
+            forks_safely(path) for source in recipe.data.sources.values()
+            for path in source.volume_paths()):
+        context = "spawn"  # tensorstore, which reads these, aborts in a forked process
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     loader = DataLoader(
         TrainBatches(recipe, rank, start),

@@ -234,7 +234,7 @@ def _mask_id(mask_path: str | None) -> str | None:
     if not mask_path:
         return None
     mask = open_volume(mask_path)
-    where = str(Path(mask.path).resolve())
+    where = mask.path if "://" in mask.path else str(Path(mask.path).resolve())
     return f"{where}/{mask.dataset}" if mask.dataset else where
 
 

@@ -1,4 +1,6 @@
-"""Volume I/O: lazy reading of zarr (v2/v3), HDF5, TIFF and .npy volumes; writing and
+"""Volume I/O: lazy reading of zarr (v2/v3), HDF5, TIFF and .npy volumes (N5, neuroglancer
+precomputed and remote stores with the `remote` extra), a multiscale level by name or voxel
+size (`choose_level`); writing and
 converting to emrun's layout, one OME-Zarr 0.5 image group per volume (`OUT.zarr/NAME`).
 
 The writing side (zarr, rich) is imported on first use, so reading-only callers and CLI
@@ -12,8 +14,9 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from emrun.io.opener import open_volume, split_volume_path
-from emrun.io.volume import Volume, VolumeError
+from emrun.io.levels import choose_level
+from emrun.io.opener import forks_safely, open_volume, split_volume_path
+from emrun.io.volume import Level, Volume, VolumeError
 
 PRIVATE_PREFIX = ".emrun-"
 """emrun's commands may keep their own bookkeeping inside an output store, in plain hidden
@@ -39,11 +42,14 @@ _LAZY = {
 __all__ = [
     "PRIVATE_PREFIX",
     "ConvertResult",
+    "Level",
     "Volume",
     "VolumeError",
+    "choose_level",
     "convert_volume",
     "create_volume",
     "default_chunks",
+    "forks_safely",
     "guess_name",
     "open_volume",
     "split_volume_path",

@@ -70,14 +70,29 @@ def multiscale_dataset(attrs: Mapping[str, Any]) -> str | None:
 
     None when the attributes carry no multiscales (the group is not an OME-Zarr image).
     """
-    multiscales = _multiscales(attrs)
-    for ms in multiscales or ():
+    levels = multiscale_levels(attrs)
+    return levels[0] if levels else None
+
+
+def multiscale_levels(attrs: Mapping[str, Any]) -> list[str]:
+    """Paths of the datasets (levels) of the first multiscale in OME-Zarr group attributes,
+    in the order listed (finest first, by the specification); empty when there is none."""
+    for ms in _multiscales(attrs) or ():
         if not isinstance(ms, Mapping):
             continue
-        for ds in ms.get("datasets") or ():
-            if isinstance(ds, Mapping) and str(ds.get("path", "")).strip("/"):
-                return str(ds["path"]).strip("/")
-    return None
+        paths = [str(ds.get("path", "")).strip("/") for ds in ms.get("datasets") or ()
+                 if isinstance(ds, Mapping)]
+        if any(paths):
+            return [p for p in paths if p]
+    return []
+
+
+def ome_levels(
+    name: str, ndim: int, attrs: Mapping[str, Any]
+) -> list[tuple[str, tuple[float, ...] | None]]:
+    """Each level of an OME-Zarr image group with its voxel size (nm, z, y, x; None when
+    the axes have no unit), in the order listed."""
+    return [(level, from_ome(name, ndim, attrs, level)[0]) for level in multiscale_levels(attrs)]
 
 
 def _multiscales(attrs: Mapping[str, Any]) -> Sequence[Any] | None:

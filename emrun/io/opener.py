@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from emrun.io.locations import PRECOMPUTED_PREFIX, is_url, local_precomputed, strip_precomputed
 from emrun.io.volume import (
     CONTAINER_SUFFIXES,
     HDF5_SUFFIXES,
@@ -53,19 +54,75 @@ def open_volume(path: str | os.PathLike[str], dataset: str | None = None) -> Vol
         dataset = inner
     name = f"{container}/{dataset}" if dataset else container
 
-    if is_link_loop(container):
-        raise VolumeError(f"{container} is a loop of symbolic links")
-    if not os.path.exists(container):
-        raise VolumeError(f"{container}: no such file or directory")
-    if not os.path.isdir(container) and (why := not_a_file(container)) is not None:
-        raise VolumeError(f"{container} {why}")
-    opener, kind = _choose_opener(container)
+    tensorstore_format = _tensorstore_format(container)
+    if tensorstore_format is not None:
+        opener, kind = tensorstore_format
+    else:
+        if is_link_loop(container):
+            raise VolumeError(f"{container} is a loop of symbolic links")
+        if not os.path.exists(container):
+            raise VolumeError(f"{container}: no such file or directory")
+        if not os.path.isdir(container) and (why := not_a_file(container)) is not None:
+            raise VolumeError(f"{container} {why}")
+        opener, kind = _choose_opener(container)
     try:
         return opener(container, dataset)
     except VolumeError:
         raise
     except Exception as exc:
         raise VolumeError(f"{name}: cannot open as {kind}: {one_line(exc)}") from exc
+
+
+def forks_safely(path: str | os.PathLike[str]) -> bool:
+    """Whether a process that read `path` may fork workers that read it too: not for the
+    formats tensorstore reads (it aborts a forked process), so those need spawned workers."""
+    return _tensorstore_format(split_volume_path(path)[0]) is None
+
+
+def _tensorstore_format(container: str) -> tuple[Any, str] | None:
+    """The opener for a path tensorstore reads (N5, precomputed, any URL), else None."""
+    lower = container.lower().rstrip("/")
+    if lower.startswith(PRECOMPUTED_PREFIX):
+        return _precomputed, "neuroglancer precomputed"
+    if lower.endswith(".n5"):
+        from emrun.io.n5_volume import open_n5
+
+        return open_n5, "N5"
+    if is_url(lower):
+        if lower.endswith(".zarr"):
+            from emrun.io.remote_zarr import open_remote_zarr
+
+            return open_remote_zarr, "zarr"
+        return _precomputed, "neuroglancer precomputed"
+    if local_precomputed(container) is not None:
+        return _precomputed, "neuroglancer precomputed"
+    return None
+
+
+def _precomputed(container: str, dataset: str | None) -> Volume:
+    """A precomputed volume: at `container`, or `container` names a scale of its parent's.
+
+    Locally the `info` file says which; a URL is asked for its info, then its parent's."""
+    from emrun.io.precomputed_volume import open_precomputed
+    from emrun.io.tensorstore_volume import MetadataReader
+
+    location = strip_precomputed(container).rstrip("/")
+    prefix = container[: len(container) - len(strip_precomputed(container))]
+    if not is_url(location):
+        found = local_precomputed(location)
+        if found is None:
+            raise VolumeError(f"{container}: no neuroglancer precomputed volume there (no "
+                              "info file listing scales in it or its parent)")
+        root, key = found
+    elif dataset is None and MetadataReader(location).json("info") is None:
+        root, _, key = location.rpartition("/")
+        if "/" not in root.partition("://")[2] or MetadataReader(root).json("info") is None:
+            raise VolumeError(f"{container}: no volume there: no info file (neuroglancer "
+                              "precomputed) and the path does not end in .zarr or .n5")
+    else:
+        root, key = location, None
+    scale = "/".join(p for p in (key, dataset) if p)
+    return open_precomputed(prefix + root, scale or None)
 
 
 def _choose_opener(container: str) -> tuple[Any, str]:

@@ -17,12 +17,14 @@ import numpy as np
 from emrun.errors import UserError
 from emrun.geometry import Roi, box_of, clip
 
-CONTAINER_SUFFIXES = (".zarr", ".h5", ".hdf5", ".hdf")
+CONTAINER_SUFFIXES = (".zarr", ".n5", ".h5", ".hdf5", ".hdf")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 TIFF_SUFFIXES = (".tif", ".tiff")
 ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 MAX_LISTED = 12  # names shown when listing what a container does hold
-SUPPORTED = ".zarr, .h5/.hdf5/.hdf, .tif/.tiff (a file or a folder of sections), .npy"
+SUPPORTED = (".zarr, .h5/.hdf5/.hdf, .tif/.tiff (a file or a folder of sections), .npy; with "
+             "emrun[remote]: .n5, neuroglancer precomputed (a folder with an info file) and "
+             "http(s)://, gs://, s3:// URLs of these")
 
 
 class VolumeError(UserError):
@@ -38,6 +40,16 @@ def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of a multiscale image: its name (its path inside the image, e.g. "s1"),
+    its voxel size (nm, z, y, x; None when unknown) and the path `open_volume` takes for it."""
+
+    name: str
+    voxel_size: tuple[float, ...] | None
+    path: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +130,11 @@ class Volume(ABC):
         """The attributes at the top of the file or store the volume lies in (an `emrun
         infer` output records its recipe there); empty for a format without attributes."""
         return {}
+
+    def levels(self) -> list[Level]:
+        """The levels of the multiscale image this volume is one level of, finest first as
+        the metadata lists them; empty for a volume that is not part of one."""
+        return []
 
 
 METADATA_ERRORS = (OSError, KeyError, ValueError, TypeError)

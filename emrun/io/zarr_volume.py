@@ -16,10 +16,11 @@ import numpy as np
 import zarr
 
 from emrun.geometry import Roi, slices
-from emrun.io.metadata import multiscale_dataset, spatial_metadata
+from emrun.io.metadata import multiscale_dataset, ome_levels, spatial_metadata
 from emrun.io.volume import (
     MAX_LISTED,
     METADATA_ERRORS,
+    Level,
     Volume,
     VolumeError,
     format_names,
@@ -72,6 +73,21 @@ class ZarrVolume(Volume):
             return dict(zarr.open(self.path, mode="r").attrs)
         except METADATA_ERRORS as exc:
             raise metadata_error(self, "container's attributes", exc) from None
+
+    def levels(self) -> list[Level]:
+        """The levels of the OME-Zarr image group holding the array, if it is in one."""
+        inner = self.array_path or self.dataset
+        if not inner:
+            return []  # a bare array store: no group around it
+        holder = inner.rpartition("/")[0]
+        try:
+            root = zarr.open(self.path, mode="r")
+            attrs = dict((root[holder] if holder else root).attrs)
+        except METADATA_ERRORS as exc:
+            raise metadata_error(self, "multiscale levels", exc) from None
+        base = f"{self.path}/{holder}".rstrip("/")
+        return [Level(level, voxel, f"{base}/{level}")
+                for level, voxel in ome_levels(str(self), self.ndim, attrs)]
 
 
 def open_zarr(path: str, dataset: str | None) -> ZarrVolume:

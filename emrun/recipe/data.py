@@ -12,8 +12,9 @@ from .types import IndexZyx, Name, Nanometres, Positive, Probability, Seed, Zyx
 
 VolumePath = str
 """A volume inside a container, as on the command line: ``vol.zarr/image``, ``raw.h5/volumes/raw``,
-``stack.tif``, a folder of TIFF sections, or ``x.npy``. Relative paths are relative to the
-working directory."""
+``stack.tif``, a folder of TIFF sections, or ``x.npy``; with the remote extra ``vol.n5/raw``,
+a precomputed folder or a URL. A level of a multiscale image is named in the path
+(``vol.zarr/image/s1``). Relative paths are relative to the working directory."""
 
 SYNTHETIC_SEMANTIC = ("mito", "synapse")
 """Semantic volumes a synthetic source generates alongside image and labels."""
@@ -65,6 +66,10 @@ class SourceBase(Spec):
         """Names of the semantic volumes (e.g. mito) this source provides."""
         return set()
 
+    def volume_paths(self) -> list[str]:
+        """The volume files this source reads (none for a generated source)."""
+        return []
+
 
 sources.require(SourceBase)
 
@@ -93,6 +98,10 @@ class VolumeSource(SourceBase):
 
     def semantic_names(self) -> set[str]:
         return set(self.semantic)
+
+    def volume_paths(self) -> list[str]:
+        named = [self.image, self.labels, self.mask, *self.semantic.values()]
+        return [path for path in named if path]
 
 
 @sources.register("synthetic")

@@ -135,6 +135,8 @@ def find_affinities(path: str) -> str | None:
     `offsets` attribute, as ``path/NAME``; None if there is not exactly one."""
     import zarr
 
+    if "://" in path:
+        return None  # a URL: an inference output is a local folder
     try:
         node = zarr.open(path, mode="r")
         if not isinstance(node, zarr.Group):

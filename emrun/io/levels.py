@@ -1,0 +1,66 @@
+"""`--level`: choose one level of a multiscale image by its name or its voxel size.
+
+A level is chosen by rewriting the path to the one that names it (`vol.zarr/image` with
+`--level s1` is `vol.zarr/image/s1`), so the choice travels wherever the path goes (job
+files, worker processes, recipes) and a path may also name its level directly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from emrun.io.opener import open_volume
+from emrun.io.volume import Level, VolumeError
+
+SYNTAX = "a level name (e.g. s1) or a voxel size in nm as z,y,x (e.g. 40,8,8)"
+
+
+def parse_level(text: str) -> str | tuple[float, float, float]:
+    """A level name, or (with commas) a voxel size z, y, x in nm."""
+    text = text.strip()
+    if not text:
+        raise VolumeError(f"--level is empty; give {SYNTAX}")
+    if "," not in text:
+        return text
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise VolumeError(f"--level {text!r}: a voxel size is three numbers z,y,x in nm "
+                          "(e.g. 40,8,8)") from None
+    if len(values) != 3 or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise VolumeError(f"--level {text!r}: a voxel size is three positive numbers z,y,x "
+                          "in nm (e.g. 40,8,8)")
+    return values[0], values[1], values[2]
+
+
+def choose_level(path: str | os.PathLike[str], level: str) -> str:
+    """The path of the level of `path`'s multiscale image that `level` names (by name or
+    by voxel size); an unknown level lists the levels there are."""
+    volume = open_volume(path)
+    wanted = parse_level(level)
+    levels = volume.levels()
+    if not levels:
+        raise VolumeError(f"{volume}: --level {level}: not a multiscale image (an OME-Zarr "
+                          "image group or a neuroglancer precomputed volume); it has one level")
+    for candidate in levels:
+        if _matches(candidate, wanted):
+            return candidate.path
+    raise VolumeError(f"{volume} has no level {level}; levels: "
+                      + ", ".join(describe(c) for c in levels))
+
+
+def describe(level: Level) -> str:
+    """"s1 (40,8,8 nm)": a level's name and voxel size as --level takes them."""
+    if level.voxel_size is None:
+        return f"{level.name} (voxel size unknown)"
+    return f"{level.name} ({','.join(f'{v:g}' for v in level.voxel_size[-3:])} nm)"
+
+
+def _matches(level: Level, wanted: str | tuple[float, float, float]) -> bool:
+    if isinstance(wanted, str):
+        return level.name == wanted.strip("/")
+    if level.voxel_size is None:
+        return False
+    return all(math.isclose(a, b, rel_tol=1e-6)
+               for a, b in zip(level.voxel_size[-3:], wanted, strict=True))

@@ -1,0 +1,100 @@
+"""N5 datasets (`vol.n5/raw`, local or at a URL), through tensorstore.
+
+N5 lists axes fastest first (x, y, z); emrun reverses them to z, y, x. Voxel size and offset
+come from the conventions N5 data carries: `resolution` (gunpowder/daisy) or
+`pixelResolution` (n5-viewer, with a unit), and `offset` in nm, all in x, y, z order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from emrun.io.locations import is_url
+from emrun.io.metadata import from_attrs, unit_to_nm
+from emrun.io.tensorstore_volume import (
+    MetadataReader,
+    TensorstoreVolume,
+    kvstore,
+    opened_volume,
+)
+from emrun.io.volume import VolumeError, format_names
+
+STRUCTURE_KEYS = ("dimensions", "blockSize", "dataType", "compression", "n5")
+
+
+def open_n5(container: str, dataset: str | None) -> TensorstoreVolume:
+    """Open the dataset `dataset` of the N5 container `container`."""
+    if not is_url(container) and not os.path.isdir(container):
+        raise VolumeError(f"{container}: no such folder (an N5 container is a folder)")
+    reader = MetadataReader(container)
+    if not dataset:
+        raise VolumeError(f"{container}: is an N5 container; name a dataset inside it "
+                          f"({container}/NAME); datasets: {list_datasets(container)}")
+    name = f"{container}/{dataset}"
+    attrs = reader.json(f"{dataset}/attributes.json")
+    if attrs is None:
+        if is_url(container):  # a remote store cannot be listed
+            raise VolumeError(f"{name}: no N5 dataset there (no attributes.json)")
+        raise VolumeError(f"{container} has no dataset {dataset!r}; datasets: "
+                          f"{list_datasets(container)}")
+    if "dimensions" not in attrs:
+        raise VolumeError(f"{name} is an N5 group, not a dataset; datasets in it: "
+                          f"{list_datasets(container, dataset)}")
+    spec = {"driver": "n5", "kvstore": kvstore(reader.ts, f"{reader.location}/{dataset}")}
+    view = reader.open(spec, lambda store: store[reader.ts.d[:].transpose[::-1]])
+    voxel_size, offset = n5_spatial(name, len(view.shape), attrs)
+    plain = {k: v for k, v in attrs.items() if k not in STRUCTURE_KEYS}
+    return opened_volume(view, path=container, dataset=dataset, voxel_size=voxel_size,
+                         offset=offset, attrs=plain)
+
+
+def n5_spatial(name: str, ndim: int, attrs: Mapping[str, Any]) -> Any:
+    """Voxel size (nm) and offset (voxels), z, y, x, from N5 attributes in x, y, z order."""
+    zyx: dict[str, Any] = {}
+    resolution = attrs.get("resolution")
+    pixel = attrs.get("pixelResolution")
+    factor = 1.0
+    if resolution is None and isinstance(pixel, Mapping):
+        resolution = pixel.get("dimensions")
+        factor = unit_to_nm(name, pixel.get("unit"))
+    elif resolution is None and pixel is not None:
+        resolution = pixel
+    if isinstance(resolution, list):
+        zyx["voxel_size"] = [_scaled(v, factor) for v in reversed(resolution)]
+    elif resolution is not None:
+        zyx["voxel_size"] = resolution  # not a list: from_attrs says what is wrong
+    offset = attrs.get("offset")
+    if offset is not None:
+        zyx["offset"] = list(reversed(offset)) if isinstance(offset, list) else offset
+    return from_attrs(name, ndim, zyx)
+
+
+def _scaled(value: Any, factor: float) -> Any:
+    return value * factor if isinstance(value, int | float) and not isinstance(value, bool) \
+        else value
+
+
+def list_datasets(container: str, under: str | None = None) -> str:
+    """The datasets of a local N5 container (folders whose attributes.json has dimensions);
+    a remote store cannot be listed."""
+    if is_url(container):
+        return "(a remote store cannot be listed)"
+    import json
+
+    top = os.path.join(container, under) if under else container
+    names: list[str] = []
+    for folder, subfolders, files in os.walk(top):
+        subfolders.sort()
+        if "attributes.json" in files and folder != container:
+            try:
+                with open(os.path.join(folder, "attributes.json"), encoding="utf-8") as f:
+                    if "dimensions" in json.load(f):
+                        names.append(os.path.relpath(folder, container).replace(os.sep, "/"))
+                        subfolders.clear()  # a dataset's folders are its chunks
+            except (OSError, ValueError):
+                continue
+        if len(names) > 120:
+            break
+    return format_names(names)

@@ -1,0 +1,136 @@
+"""Volumes read through tensorstore: N5, neuroglancer precomputed and remote zarr.
+
+tensorstore is an optional extra (`pip install "emrun[remote]"`); without it such a path is
+one line naming the extra. A `TensorstoreVolume` holds a tensorstore spec (plain JSON, so it
+pickles into worker processes) whose transform already presents the axes as emrun does
+(z, y, x, a channel axis first, origin 0); the store is opened once per process, on first
+read, and tensorstore's reads are safe from many threads.
+
+tensorstore aborts a process forked after it started its threads, so its volumes go only to
+spawned workers (`forks_safely` in `emrun.io.opener` tells the training loader).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from emrun.geometry import Roi, slices
+from emrun.io.locations import is_url
+from emrun.io.volume import Level, Volume, VolumeError, one_line
+
+EXTRA = 'pip install "emrun[remote]"'
+ANSWER_TIMEOUT_S = 60.0
+"""How long opening waits for a metadata file before calling the store unreachable."""
+
+# Opening asks whether a store answers at all, so it gives up after a few quick retries;
+# reading chunks retries longer, since a long job meets passing network trouble.
+PROBE_RETRIES = {"max_retries": 2, "initial_delay": "0.2s", "max_delay": "1s"}
+READ_RETRIES = {"max_retries": 8, "initial_delay": "1s", "max_delay": "32s"}
+
+
+def tensorstore(what: str) -> ModuleType:
+    """The tensorstore module, or a one-line VolumeError saying which extra to install."""
+    try:
+        import tensorstore as ts
+    except ImportError:
+        raise VolumeError(f"{what}: reading this format needs tensorstore: {EXTRA}") from None
+    return ts
+
+
+def context(ts: ModuleType, retries: dict[str, Any]) -> Any:
+    """A tensorstore context with the same retry policy for every remote store kind."""
+    kinds = ("http_request_retries", "gcs_request_retries", "s3_request_retries")
+    return ts.Context({kind: retries for kind in kinds})
+
+
+def kvstore(ts: ModuleType, location: str) -> dict[str, Any]:
+    """The tensorstore key-value store spec of a local folder or a URL (as a folder)."""
+    if is_url(location):
+        return ts.KvStore.Spec(location.rstrip("/") + "/").to_json()
+    return {"driver": "file", "path": os.path.abspath(location) + "/"}
+
+
+class MetadataReader:
+    """Reads the small JSON files that describe a store (a zarr.json, an N5
+    attributes.json, a precomputed info), with one-line errors for a store that does not
+    answer."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location.rstrip("/")
+        self.ts = tensorstore(self.location)
+        self.context = context(self.ts, PROBE_RETRIES)
+        self._store = self.ts.KvStore.open(kvstore(self.ts, self.location),
+                                           context=self.context).result()
+
+    def json(self, key: str) -> dict[str, Any] | None:
+        """The JSON object stored under `key`, or None where there is nothing."""
+        import json
+
+        where = f"{self.location}/{key}"
+        try:
+            found = self._store.read(key).result(timeout=ANSWER_TIMEOUT_S)
+        except TimeoutError:
+            raise VolumeError(f"{where}: no answer within {ANSWER_TIMEOUT_S:g} s") from None
+        except Exception as exc:
+            raise VolumeError(f"{where}: cannot be read: {one_line(exc)}") from None
+        if found.state != "value":
+            return None
+        try:
+            value = json.loads(found.value)
+        except ValueError as exc:
+            raise VolumeError(f"{where}: not valid JSON: {one_line(exc)}") from None
+        if not isinstance(value, dict):
+            raise VolumeError(f"{where}: expected a JSON object, got {type(value).__name__}")
+        return value
+
+    def open(self, spec: dict[str, Any], axes: Any) -> Any:
+        """Open `spec` and return the view `axes` (a function of the store) makes of it."""
+        return axes(self.ts.open(spec, context=self.context, read=True).result(
+            timeout=ANSWER_TIMEOUT_S))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorstoreVolume(Volume):
+    """A volume tensorstore reads; `spec` is the store with emrun's axes (JSON)."""
+
+    spec: dict[str, Any] = field(hash=False)
+    chunk_shape: tuple[int, ...] | None = None
+    attrs: dict[str, Any] = field(default_factory=dict, hash=False)
+    level_list: tuple[Level, ...] = ()
+
+    @cached_property
+    def _store(self) -> Any:
+        ts = tensorstore(str(self))
+        return ts.open(self.spec, context=context(ts, READ_RETRIES), read=True).result()
+
+    def _read(self, roi: Roi) -> np.ndarray:
+        return np.asarray(self._store[slices(roi)].read().result())
+
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        return self.chunk_shape
+
+    def attributes(self) -> dict[str, Any]:
+        return dict(self.attrs)
+
+    def levels(self) -> list[Level]:
+        return list(self.level_list)
+
+
+def opened_volume(view: Any, **fields: Any) -> TensorstoreVolume:
+    """A TensorstoreVolume of an opened tensorstore view (its axes already emrun's)."""
+    shape = tuple(int(n) for n in view.shape)
+    chunks = view.chunk_layout.read_chunk.shape
+    return TensorstoreVolume(
+        shape=shape,
+        dtype=np.dtype(view.dtype.numpy_dtype),
+        spec=view.spec(minimal_spec=True).to_json(),
+        chunk_shape=tuple(int(c) for c in chunks) if chunks is not None else None,
+        **fields,
+    )
