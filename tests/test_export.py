@@ -3,6 +3,8 @@ fine-tunes from its weights, states its facts, and is refused when changed."""
 
 from __future__ import annotations
 
+import importlib
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -222,3 +224,112 @@ def test_export_takes_a_run_s_best_checkpoint_and_refuses_what_it_cannot_read(tr
     assert not (trained / "x.emrun").exists()
     recipe = yaml.safe_load(best["recipe"])
     assert recipe["name"] == "travel"
+
+
+# --------------------------------------------------------------------------- bioimage.io
+
+
+def _preprocess(steps, array: np.ndarray) -> np.ndarray:
+    """Apply the preprocessing a bioimage.io description declares (the steps emrun writes)."""
+    for step in steps:
+        kwargs = step.kwargs
+        if step.id == "ensure_dtype":
+            array = array.astype(str(kwargs.dtype))
+        elif step.id == "scale_linear":
+            array = array * np.float32(kwargs.gain) + np.float32(kwargs.offset)
+        elif step.id == "clip":
+            array = np.clip(array, kwargs.min, kwargs.max)
+        else:
+            raise AssertionError(f"unexpected preprocessing {step.id}")
+    return array
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+def test_a_bioimageio_model_passes_bioimageio_s_checks_and_reproduces_its_tests(trained):
+    """bioimage.io's validator accepts the zip (spec 0.5); each weights format, run on the
+    test input after the declared preprocessing, reproduces the test outputs, which are what
+    emrun's own model predicts."""
+    spec = pytest.importorskip("bioimageio.spec")
+    from bioimageio.spec.utils import load_array
+
+    out = trained / "travel.zip"
+    done = invoke("export", trained / "run", out, "--format", "bioimageio")
+    assert done.exit_code == 0, done.output
+    description = spec.load_description(out, perform_io_checks=True)
+    summary = description.validation_summary
+    assert summary.status in ("valid-format", "passed"), summary.format()
+    assert str(description.format_version).startswith("0.5.")
+    [raw] = description.inputs
+    assert [str(a.id) for a in raw.axes] == ["batch", "channel", "z", "y", "x"]
+    assert [a.scale for a in raw.axes[2:]] == [30.0, 6.0, 6.0]
+    assert [str(o.id) for o in description.outputs] == ["aff", "mito"]
+    assert len(description.outputs[0].axes[1].channel_names) == len(OFFSETS)
+    assert description.documentation is not None
+    image = load_array(raw.test_tensor)
+    scaled = torch.from_numpy(_preprocess(raw.preprocessing, image))
+    expected = [load_array(o.test_tensor) for o in description.outputs]
+    emrun_model = build_model(Recipe.model_validate(RECIPE))
+    emrun_model.load_state_dict(torch.load(trained / "run/checkpoints/last.pt")["model"])
+    with torch.no_grad():
+        own = emrun_model.eval()(scaled)
+    for name, array in zip(("aff", "mito"), expected, strict=True):
+        np.testing.assert_allclose(array, torch.sigmoid(own[name]).numpy(), atol=1e-5)
+    archive = zipfile.ZipFile(out)
+    torchscript = torch.jit.load(io.BytesIO(archive.read(
+        str(description.weights.torchscript.source))))
+    architecture = description.weights.pytorch_state_dict.architecture
+    network = getattr(importlib.import_module(architecture.import_from),
+                      str(architecture.callable))(**architecture.kwargs)
+    network.load_state_dict(torch.load(io.BytesIO(archive.read(
+        str(description.weights.pytorch_state_dict.source))), weights_only=True))
+    larger = torch.rand(2, 1, 6, 20, 24)  # batch and size are free (patch + k * divisor)
+    with torch.no_grad():
+        for runnable in (torchscript, network.eval()):
+            for got, want in zip(runnable(scaled), expected, strict=True):
+                np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+            assert [tuple(t.shape) for t in runnable(larger)] == [(2, 4, 6, 20, 24),
+                                                                  (2, 1, 6, 20, 24)]
+
+
+def test_emrun_reads_its_bioimageio_model_back_and_refuses_other_spec_versions(trained):
+    pytest.importorskip("bioimageio.spec")
+    out = trained / "travel.zip"
+    assert invoke("export", trained / "run", out, "--format", "bioimageio").exit_code == 0
+    image = trained / "in.zarr/image"
+    by_zip = invoke("infer", "--model", out, "--input", image, "--output", trained / "z.zarr")
+    assert by_zip.exit_code == 0, by_zip.output
+    by_checkpoint = invoke("infer", "--checkpoint", trained / "run/checkpoints/last.pt",
+                           "--input", image, "--output", trained / "c.zarr")
+    assert by_checkpoint.exit_code == 0, by_checkpoint.output
+    assert np.array_equal(zarr.open_array(str(trained / "z.zarr/aff/0"))[...],
+                          zarr.open_array(str(trained / "c.zarr/aff/0"))[...])
+    _rewrite(out, "rdf.yaml", lambda b: b.replace(b"format_version: 0.5.", b"format_version: 0.4."))
+    refused = invoke("infer", "--model", out, "--input", image, "--output", trained / "o.zarr")
+    assert refused.exit_code == 2
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "bioimage.io spec version 0.4." in refused.stderr and "not supported" in refused.stderr
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def test_an_onnx_graph_computes_what_pytorch_computes(trained):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = trained / "travel.onnx"
+    done = invoke("export", trained / "run", out, "--format", "onnx")
+    assert done.exit_code == 0, done.output
+    assert "onnxruntime matches PyTorch" in done.stdout
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["raw"]
+    assert [o.name for o in session.get_outputs()] == ["aff", "mito"]
+    model = build_model(Recipe.model_validate(RECIPE))
+    model.load_state_dict(torch.load(trained / "run/checkpoints/last.pt")["model"])
+    for shape in [(1, 1, 4, 16, 16), (3, 1, 7, 22, 18)]:  # batch and z, y, x are dynamic
+        image = torch.rand(shape)
+        got = session.run(None, {"raw": image.numpy()})
+        with torch.no_grad():
+            want = model.eval()(image)
+        for name, array in zip(("aff", "mito"), got, strict=True):
+            np.testing.assert_allclose(array, torch.sigmoid(want[name]).numpy(), atol=1e-4)
+    assert not [p for p in trained.iterdir() if p.name.startswith(".travel.onnx")]
