@@ -333,3 +333,17 @@ def test_an_onnx_graph_computes_what_pytorch_computes(trained):
         for name, array in zip(("aff", "mito"), got, strict=True):
             np.testing.assert_allclose(array, torch.sigmoid(want[name]).numpy(), atol=1e-4)
     assert not [p for p in trained.iterdir() if p.name.startswith(".travel.onnx")]
+
+
+@pytest.mark.parametrize(("format_", "module", "extra"), [("bioimageio", "bioimageio.spec",
+                                                           "emrun[bioimageio]"),
+                                                          ("onnx", "onnxruntime", "emrun[onnx]")])
+def test_a_missing_extra_is_one_line_saying_what_to_install(trained, monkeypatch, format_,
+                                                            module, extra):
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError
+    result = invoke("export", trained / "run", trained / "x.out", "--format", format_)
+    assert result.exit_code == 2 and extra in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (trained / "x.out").exists()
