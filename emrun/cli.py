@@ -347,14 +347,17 @@ def infer(
 def _network_file(checkpoint: Path | None, model: Path | None) -> Path:
     """The one file infer predicts with: a checkpoint (--checkpoint) or a package (--model)."""
     from .io.package import is_package
+    from .paths import not_a_file
 
     if (checkpoint is None) == (model is None):
         raise UserError("give the network to predict with: --checkpoint CHECKPOINT or "
                         "--model PACKAGE (one of them)")
     if checkpoint is not None and is_package(checkpoint):
         raise UserError(f"--checkpoint {checkpoint} is a model package: give it as --model")
-    if model is not None and not model.is_file():
+    if model is not None and not os.path.lexists(model):
         raise UserError(f"--model {model}: no such model package")
+    if model is not None and (why := not_a_file(model)) is not None:
+        raise UserError(f"--model {model} {why}")
     if model is not None and not is_package(model):
         raise UserError(f"--model {model} is not a model package (a training checkpoint? "
                         "give it as --checkpoint, or make a package with `emrun export`)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -192,7 +193,9 @@ def test_infer_takes_one_network_of_the_right_kind(trained):
         "is not a model package": ["--model", checkpoint, "--input", image, "--output", out],
         "no such model package": ["--model", trained / "nope.emrun", "--input", image,
                                   "--output", out],
+        "named pipe": ["--model", trained / "pipe.emrun", "--input", image, "--output", out],
     }
+    os.mkfifo(trained / "pipe.emrun")
     for expected, args in cases.items():
         result = invoke("infer", *args)
         assert result.exit_code == 2 and expected in result.stderr, (expected, result.output)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import yaml
 
+from ..paths import not_a_file
 from .checkpoint import CheckpointError, fsync_dir, load, remove
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ModelPackage", "PackageError", "is_package",
@@ -124,7 +125,11 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def is_package(path: Path) -> bool:
     """True when ``path`` is a zip holding an emrun manifest or a bioimage.io description
-    (a torch checkpoint is a zip too, but its members sit in one folder)."""
+    (a torch checkpoint is a zip too, but its members sit in one folder). Only a regular
+    file is opened: a named pipe would block, a device never end."""
+    path = Path(path)
+    if not path.is_file() or not_a_file(path) is not None:
+        return False
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
