@@ -11,8 +11,8 @@ The zip holds (``bioimageio.spec`` builds, checks and packs it):
   clip to [0, 1], as emrun scales); one output per task, each channel named, the same size
   as the input;
 - test tensors: a synthetic EM patch and what the exported network itself predicts from it;
-- a README (documentation), a cover made from the test tensors, and the ``.emrun`` package
-  as an attachment, so emrun reads the zip back (``infer --model``, ``train --init-from``).
+- a README (documentation) and the ``.emrun`` package as an attachment, so emrun reads the
+  zip back (``infer --model``, ``train --init-from``). Spec 0.5 requires no cover image.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ TAGS = ["3d", "electron-microscopy", "segmentation", "pytorch", "emrun"]
 
 def export_bioimageio(trained: Trained, output: Path) -> list[str]:
     """Write ``trained`` as a bioimage.io model zip at ``output`` (atomically)."""
-    spec = _bioimageio()
+    spec, save_package = _bioimageio()
     with _folder(output) as folder:
         facts = manifest(trained)
         files = _write_files(trained, facts, folder)
@@ -51,23 +51,23 @@ def export_bioimageio(trained: Trained, output: Path) -> list[str]:
         if not isinstance(description, spec.ModelDescr):
             raise RuntimeError(f"bioimage.io refused the description: {description}")
         staged = folder / output.name
-        spec.save_bioimageio_package(description, output_path=staged)
+        save_package(description, output_path=staged)
         os.replace(staged, output)
     return [f"wrote {output}: bioimage.io model (spec {description.format_version}) of "
             f"{trained.path} at iteration {trained.iteration}; weights: torchscript, "
             f"pytorch_state_dict; license {LICENSE} (edit rdf.yaml to change it)"]
 
 
-def _bioimageio() -> Any:
-    """``bioimageio.spec``'s model 0.5 classes and packer, or a line saying what to install."""
+def _bioimageio() -> tuple[Any, Any]:
+    """``bioimageio.spec``'s model 0.5 classes and its packer, or a line saying what to
+    install."""
     try:
-        import bioimageio.spec as bioimageio_spec
+        from bioimageio.spec import save_bioimageio_package
         from bioimageio.spec.model import v0_5
     except ImportError:
         raise UserError("exporting to bioimage.io needs the extra: pip install "
                         "'emrun[bioimageio]'") from None
-    v0_5.save_bioimageio_package = bioimageio_spec.save_bioimageio_package  # type: ignore[attr-defined]
-    return v0_5
+    return v0_5, save_bioimageio_package
 
 
 @contextlib.contextmanager
