@@ -241,7 +241,8 @@ def train(
         "--resume", help="Continue the run in the run directory from checkpoints/last.pt.")]
     = False,
     init_from: Annotated[Path | None, typer.Option(
-        "--init-from", help="Start from this checkpoint's weights only (fine-tuning).")] = None,
+        "--init-from", help="Start from the weights of this checkpoint or model package "
+        "(fine-tuning).")] = None,
     gpus: Annotated[int | None, typer.Option(
         min=1, help="Launch N processes with torchrun (distributed data parallel).")] = None,
     device: Device = None,
@@ -293,9 +294,13 @@ def _launch_torchrun(processes: int) -> int:
 @app.command()
 @guarded
 def infer(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint (.pt).")],
     input_: Annotated[str, typer.Option("--input", help="Volume to predict, e.g. vol.zarr/image.")],
     output: Annotated[Path, typer.Option("--output", help="Output .zarr folder.")],
+    checkpoint: Annotated[Path | None, typer.Option(
+        "--checkpoint", help="A training checkpoint (.pt); or give --model.")] = None,
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="A model package (`emrun export`): weights and recipe in one file.")]
+    = None,
     override: Overrides = None,
     block: Annotated[tuple[int, int, int] | None, typer.Option(
         metavar="Z Y X", help="Write-block size in voxels, a whole number of output chunks "
@@ -335,6 +340,7 @@ def infer(
         raise UserError(f"--scheduler must be local or daisy (got {scheduler!r})")
     box = _parse_roi(roi)
     input_ = _at_level(input_, level)
+    checkpoint = _network_file(checkpoint, model)
     loaded = recipe_for(checkpoint, recipe, override or [])
     try:
         with block_progress(err) as report:
@@ -352,6 +358,26 @@ def infer(
               markup=False)
 
 
+def _network_file(checkpoint: Path | None, model: Path | None) -> Path:
+    """The one file infer predicts with: a checkpoint (--checkpoint) or a package (--model)."""
+    from .io.package import is_package
+    from .paths import not_a_file
+
+    if (checkpoint is None) == (model is None):
+        raise UserError("give the network to predict with: --checkpoint CHECKPOINT or "
+                        "--model PACKAGE (one of them)")
+    if checkpoint is not None and is_package(checkpoint):
+        raise UserError(f"--checkpoint {checkpoint} is a model package: give it as --model")
+    if model is not None and not os.path.lexists(model):
+        raise UserError(f"--model {model}: no such model package")
+    if model is not None and (why := not_a_file(model)) is not None:
+        raise UserError(f"--model {model} {why}")
+    if model is not None and not is_package(model):
+        raise UserError(f"--model {model} is not a model package (a training checkpoint? "
+                        "give it as --checkpoint, or make a package with `emrun export`)")
+    return checkpoint or model  # type: ignore[return-value]
+
+
 def _parse_roi(text: str | None) -> Roi | None:
     """``z,y,x/z,y,x`` (offset/shape) to a box (checked against the input later)."""
     if text is None:
@@ -364,6 +390,25 @@ def _parse_roi(text: str | None) -> Roi | None:
         raise UserError(f"--roi {text!r}: expected offset/shape as z,y,x/z,y,x, e.g. "
                         "60,0,0/10,1024,1024") from None
     return Roi(offset, shape)
+
+
+@app.command()
+@guarded
+def export(
+    source: Annotated[Path, typer.Argument(
+        help="A run directory (its best.pt, else last.pt), a checkpoint or a model package.")],
+    output: Annotated[Path, typer.Argument(
+        help="File to write: NAME.emrun, NAME.zip (bioimageio) or NAME.onnx.")],
+    format_: Annotated[str, typer.Option(
+        "--format", metavar="emrun|bioimageio|onnx", help="emrun: a model package for "
+        "`infer --model` and `train --init-from`; bioimageio: a bioimage.io model (extra "
+        "emrun[bioimageio]); onnx: an ONNX graph (extra emrun[onnx]).")] = "emrun",
+) -> None:
+    """Write a trained network as one file that travels: weights, recipe, facts, checksums."""
+    from .export import export as run_export
+
+    for line in run_export(source, output, format_):
+        out.print(line, markup=False)
 
 
 @app.command()

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..io.checkpoint import load
+from ..io.package import load_network
 from ..recipe import LoadedRecipe, load_recipe
 
 FIXED = ("model", "tasks")
@@ -28,7 +28,7 @@ SHOWN = 5
 
 def recipe_for(checkpoint: Path, recipe: Path | None, overrides: Sequence[str]) -> LoadedRecipe:
     """``recipe`` checked against the checkpoint's, or the checkpoint's own when None."""
-    saved_text = load(checkpoint).get("recipe")
+    saved_text = load_network(checkpoint).get("recipe")
     saved = yaml.safe_load(saved_text) if isinstance(saved_text, str) and saved_text else None
     if recipe is None:
         if not isinstance(saved, dict):

@@ -34,8 +34,8 @@ from torch import nn
 from ..errors import UserError
 from ..geometry import Coordinate, Roi, Zyx, local_slices
 from ..io import Volume
-from ..io.checkpoint import load
 from ..io.intensity import default_intensity
+from ..io.package import load_network
 from ..models import build_model
 from ..recipe import Recipe
 from ..recipe.data import VolumeSource
@@ -84,8 +84,9 @@ def file_digest(path: Path) -> str:
 
 
 def load_model(recipe: Recipe, checkpoint: Path, device: torch.device) -> nn.Module:
-    """The recipe's model with the checkpoint's weights, in eval mode on ``device``."""
-    state = load(checkpoint)
+    """The recipe's model with the weights of ``checkpoint`` (a training checkpoint or a
+    model package), in eval mode on ``device``."""
+    state = load_network(checkpoint)
     broken = [name for name, tensor in state.get("model", {}).items()
               if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
               and not torch.isfinite(tensor).all()]

@@ -28,6 +28,7 @@ from ..data.loader import train_batches, unpack, validation_batches
 from ..devices import parse_device, require_visible
 from ..errors import UserError
 from ..io.checkpoint import CheckpointError, load
+from ..io.package import load_network
 from ..losses import LossResult, total_loss
 from ..models import build_model
 from ..recipe import LoadedRecipe, Recipe
@@ -218,7 +219,8 @@ class Trainer:
             print(f"note: {text}", file=sys.stderr)
 
     def _load_weights(self, path: Path) -> None:
-        state = load(path)
+        """Fine-tuning: the weights of a checkpoint or a model package, nothing else."""
+        state = load_network(path)
         try:
             self.model.load_state_dict(state["model"])
         except (RuntimeError, KeyError) as exc:

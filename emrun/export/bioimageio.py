@@ -1,0 +1,256 @@
+"""``emrun export --format bioimageio``: a bioimage.io model (spec 0.5) for ilastik,
+deepImageJ, BiaPy and bioimage.io's own tools.
+
+The zip holds (``bioimageio.spec`` builds, checks and packs it):
+
+- weights as TorchScript (self-contained: what the consumers run) and as a
+  ``pytorch_state_dict`` whose architecture is `network.ExportedNetwork` with the recipe as
+  its argument (for Python consumers that have emrun installed);
+- one input ``raw`` (batch, channel, z, y, x) with the voxel size in nm, any size of
+  ``patch + k * divisor``, and the intensity scale as preprocessing (scale_linear, then
+  clip to [0, 1], as emrun scales); one output per task, each channel named, the same size
+  as the input;
+- test tensors: a synthetic EM patch and what the exported network itself predicts from it;
+- a README (documentation) and the ``.emrun`` package as an attachment, so emrun reads the
+  zip back (``infer --model``, ``train --init-from``). Spec 0.5 requires no cover image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..io.package import package_bytes
+from ..synth import synthesize
+from .manifest import manifest
+from .network import ExportedNetwork, exported_network
+from .source import Trained
+
+LICENSE = "CC-BY-4.0"
+"""The license bioimage.io recommends for models; the README says to change it if needed."""
+TAGS = ["3d", "electron-microscopy", "segmentation", "pytorch", "emrun"]
+
+
+def export_bioimageio(trained: Trained, output: Path) -> list[str]:
+    """Write ``trained`` as a bioimage.io model zip at ``output`` (atomically)."""
+    spec, save_package = _bioimageio()
+    with _folder(output) as folder:
+        facts = manifest(trained)
+        files = _write_files(trained, facts, folder)
+        description = _description(spec, trained, facts, files)
+        if not isinstance(description, spec.ModelDescr):
+            raise RuntimeError(f"bioimage.io refused the description: {description}")
+        staged = folder / output.name
+        save_package(description, output_path=staged)
+        os.replace(staged, output)
+    return [f"wrote {output}: bioimage.io model (spec {description.format_version}) of "
+            f"{trained.path} at iteration {trained.iteration}; weights: torchscript, "
+            f"pytorch_state_dict; license {LICENSE} (edit rdf.yaml to change it)"]
+
+
+def _bioimageio() -> tuple[Any, Any]:
+    """``bioimageio.spec``'s model 0.5 classes and its packer, or a line saying what to
+    install."""
+    try:
+        from bioimageio.spec import save_bioimageio_package
+        from bioimageio.spec.model import v0_5
+    except ImportError:
+        raise UserError("exporting to bioimage.io needs the extra: pip install "
+                        "'emrun[bioimageio]'") from None
+    return v0_5, save_bioimageio_package
+
+
+@contextlib.contextmanager
+def _folder(output: Path) -> Iterator[Path]:
+    """A hidden work folder beside ``output`` (same file system: the final move is a
+    rename), removed afterwards whatever happens."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial",
+                                       dir=output.parent))
+    except OSError as exc:
+        raise UserError(f"{output}: cannot write ({exc.strerror or exc})") from exc
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_files(trained: Trained, facts: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Weights, test tensors, README and the emrun package, as files in ``folder``."""
+    network = exported_network(trained.recipe, trained.weights)
+    low, high = facts["input"]["intensity"]["low"], facts["input"]["intensity"]["high"]
+    raw = _test_input(trained, low, high)
+    gain, offset = _scale(low, high)
+    scaled = np.clip(raw * np.float32(gain) + np.float32(offset), 0, 1).astype(np.float32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the input checks' TracerWarnings: sizes vary
+        traced = torch.jit.trace(network, torch.from_numpy(scaled), check_trace=False)
+        outputs = [o.numpy() for o in traced(torch.from_numpy(scaled))]
+    files: dict[str, Any] = {"gain": gain, "offset": offset}
+    files["torchscript"] = folder / "weights_torchscript.pt"
+    traced.save(str(files["torchscript"]))
+    files["state_dict"] = folder / "weights_state_dict.pt"
+    torch.save(network.state_dict(), files["state_dict"])
+    files["input"] = folder / "test_input_raw.npy"
+    np.save(files["input"], raw)
+    files["outputs"] = {}
+    for name, array in zip(network.tasks, outputs, strict=True):
+        files["outputs"][name] = folder / f"test_output_{name}.npy"
+        np.save(files["outputs"][name], array)
+    files["package"] = folder / f"{trained.recipe.name}.emrun"
+    files["package"].write_bytes(package_bytes(facts, trained.recipe_text, trained.weights,
+                                               trained.iteration))
+    files["readme"] = folder / "README.md"
+    files["readme"].write_text(_readme(trained, facts), encoding="utf-8")
+    return files
+
+
+def _scale(low: float, high: float) -> tuple[float, float]:
+    """scale_linear's gain and offset for (x - low) / (high - low)."""
+    return 1.0 / (high - low), -low / (high - low)
+
+
+def _test_input(trained: Trained, low: float, high: float) -> np.ndarray:
+    """A synthetic EM patch of the inference patch size (b, c, z, y, x), its uint8 range
+    stretched onto the training intensity range [low, high]."""
+    image = synthesize(trained.recipe.infer_patch(), seed=0).image.astype(np.float32) / 255
+    raw = np.float32(low) + image * np.float32(high - low)
+    channels = trained.recipe.model.input_channels()
+    return np.repeat(raw[None, None], channels, axis=1).astype(np.float32)
+
+
+def _channel_names(task: str, channels: int) -> list[str]:
+    return [f"{task}{i}" for i in range(channels)] if channels > 1 else [task]
+
+
+def _description(spec: Any, trained: Trained, facts: dict[str, Any],
+                 files: dict[str, Any]) -> Any:
+    recipe = trained.recipe
+    voxel = facts["input"]["voxel_size"] or [1.0, 1.0, 1.0]
+    unit = "nanometer" if facts["input"]["voxel_size"] else None
+    patch, divisor = recipe.infer_patch(), recipe.model.divisor()
+    axes_zyx = "zyx"
+    raw = spec.TensorId("raw")
+    inputs = [spec.InputTensorDescr(
+        id=raw,
+        description="EM image in raw intensities (scaled to [0, 1] by the preprocessing)",
+        axes=[spec.BatchAxis(),
+              spec.ChannelAxis(channel_names=[spec.Identifier(n) for n in _channel_names(
+                  "raw", recipe.model.input_channels())]),
+              *[spec.SpaceInputAxis(id=spec.AxisId(a), unit=unit, scale=float(voxel[i]),
+                                    size=spec.ParameterizedSize(min=int(patch[i]),
+                                                                step=int(divisor[i])))
+                for i, a in enumerate(axes_zyx)]],
+        test_tensor=spec.FileDescr(source=files["input"]),
+        data=spec.IntervalOrRatioDataDescr(type="float32"),
+        preprocessing=[
+            spec.ScaleLinearDescr(kwargs=spec.ScaleLinearKwargs(gain=files["gain"],
+                                                                offset=files["offset"])),
+            spec.ClipDescr(kwargs=spec.ClipKwargs(min=0.0, max=1.0)),
+        ],
+    )]
+    outputs = []
+    for name, task in facts["tasks"].items():
+        offsets = f"; affinity offsets (z, y, x) {task['offsets']}" if "offsets" in task else ""
+        bounded = task["activation"] == "sigmoid"
+        outputs.append(spec.OutputTensorDescr(
+            id=spec.TensorId(name),
+            description=f"{task['target']} ({task['activation']}){offsets}",
+            axes=[spec.BatchAxis(),
+                  spec.ChannelAxis(channel_names=[spec.Identifier(n) for n in _channel_names(
+                      name, task["channels"])]),
+                  *[spec.SpaceOutputAxis(id=spec.AxisId(a), unit=unit, scale=float(voxel[i]),
+                                         size=spec.SizeReference(tensor_id=raw,
+                                                                 axis_id=spec.AxisId(a)))
+                    for i, a in enumerate(axes_zyx)]],
+            test_tensor=spec.FileDescr(source=files["outputs"][name]),
+            data=spec.IntervalOrRatioDataDescr(
+                type="float32", range=(0.0, 1.0) if bounded else (None, None)),
+        ))
+    version = spec.Version(torch.__version__.split("+")[0])
+    weights = spec.WeightsDescr(
+        pytorch_state_dict=spec.PytorchStateDictWeightsDescr(
+            source=files["state_dict"], pytorch_version=version,
+            architecture=spec.ArchitectureFromLibraryDescr(
+                callable=spec.Identifier(ExportedNetwork.__name__),
+                import_from=ExportedNetwork.__module__,
+                kwargs={"recipe": trained.recipe_text})),
+        torchscript=spec.TorchscriptWeightsDescr(
+            source=files["torchscript"], pytorch_version=version,
+            parent="pytorch_state_dict"),
+    )
+    return spec.ModelDescr(
+        name=_name(recipe.name),
+        description=recipe.description or f"{recipe.model.summary()} for 3D electron "
+        f"microscopy, trained with emrun: {', '.join(facts['tasks'])}",
+        authors=[],
+        cite=[],
+        license=spec.LicenseId(LICENSE),
+        documentation=spec.FileDescr(source=files["readme"]),
+        inputs=inputs,
+        outputs=outputs,
+        weights=weights,
+        attachments=[spec.FileDescr(source=files["package"])],
+        tags=TAGS,
+        config=spec.Config(emrun={"tasks": facts["tasks"], "input": facts["input"],
+                                  "provenance": _plain(facts["provenance"])}),
+    )
+
+
+def _name(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-like data without None (bioimage.io's YAML values)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _readme(trained: Trained, facts: dict[str, Any]) -> str:
+    recipe = trained.recipe
+    lines = [f"# {recipe.name}", "",
+             recipe.description or "A network for 3D electron microscopy, trained with emrun.",
+             "", f"Model: {recipe.model.summary()}.", "", "## Input", "",
+             f"- `raw`: the EM image, axes (batch, channel, z, y, x); voxel size "
+             f"{facts['input']['voxel_size'] or 'unknown'} nm (z, y, x).",
+             f"- Raw intensities in [{facts['input']['intensity']['low']:g}, "
+             f"{facts['input']['intensity']['high']:g}] map linearly to [0, 1] "
+             "(the preprocessing).",
+             f"- Any size of {list(recipe.infer_patch())} plus multiples of "
+             f"{list(recipe.model.divisor())} voxels (z, y, x); emrun predicts with patches "
+             f"of {list(recipe.infer_patch())} and blends their overlaps.", "", "## Outputs",
+             ""]
+    for name, task in facts["tasks"].items():
+        offsets = f"; channel i is the affinity to the voxel at offset {task['offsets']}[i]" \
+            if "offsets" in task else ""
+        lines.append(f"- `{name}`: {task['target']}, {task['channels']} channel(s), "
+                     f"{task['activation']}{offsets}.")
+    lines += ["", "## Provenance", "",
+              f"Trained for {trained.iteration} iterations by emrun {facts['emrun']} on "
+              f"{', '.join(facts['provenance']['training_data'].values())}; exported "
+              f"{facts['provenance']['exported']} with torch {facts['provenance']['torch']}.",
+              f"The attached `{recipe.name}.emrun` holds the weights and the resolved recipe: "
+              "`emrun infer --model THIS.zip` predicts with it, `emrun train --init-from "
+              "THIS.zip` fine-tunes it.", "", "## Validation", "",
+              "The test tensors are a synthetic EM patch and what this network predicted from "
+              "it at export; bioimage.io's checks reproduce them from the weights. emrun "
+              "predicts volumes blockwise, blending overlapping patches "
+              f"(overlap {recipe.infer.resolved_stride(recipe.infer_patch())} stride).", "",
+              f"License: {LICENSE} (change it in rdf.yaml if the weights are under another).",
+              ""]
+    return "\n".join(lines)

@@ -1,0 +1,19 @@
+"""``emrun export --format emrun``: the ``.emrun`` model package (format in ``io/package.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..io.package import write_package
+from .manifest import manifest
+from .source import Trained
+
+
+def export_package(trained: Trained, output: Path) -> list[str]:
+    """Write ``trained`` as a model package at ``output`` (atomically)."""
+    facts = manifest(trained)
+    write_package(output, facts, trained.recipe_text, trained.weights, trained.iteration)
+    tasks = ", ".join(f"{name} ({task['channels']} channels)"
+                      for name, task in facts["tasks"].items())
+    return [f"wrote {output}: {trained.path} at iteration {trained.iteration}; tasks {tasks}",
+            f"predict with: emrun infer --model {output} --input VOLUME --output OUT.zarr"]

@@ -1,0 +1,98 @@
+"""What is exported: a run directory, a checkpoint file or a model package, read once.
+
+A run directory exports its best checkpoint by validation (``checkpoints/best.pt``) when it
+has one, else its newest (``checkpoints/last.pt``): the network one would ship. A file is
+exported as it is. A model package keeps the provenance it was made with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..infer.checkpoint_recipe import recipe_for
+from ..io.checkpoint import load
+from ..io.package import is_package, read_package
+from ..models import build_model
+from ..recipe import Recipe
+from ..train.run_dir import recipe_text
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A trained network: its resolved recipe, weights and where it came from."""
+
+    path: Path
+    recipe: Recipe
+    weights: dict[str, torch.Tensor]
+    iteration: int
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def recipe_text(self) -> str:
+        return recipe_text(self.recipe)
+
+    def model(self) -> nn.Module:
+        """The network with these weights, in eval mode on the CPU."""
+        model = build_model(self.recipe)
+        model.load_state_dict(self.weights)
+        return model.eval()
+
+
+def checkpoint_of(source: Path) -> Path:
+    """The file to export: ``source`` itself, or the best (else newest) of a run."""
+    if source.is_file():
+        return source
+    if not source.exists():
+        raise UserError(f"{source}: no such run directory, checkpoint or model package")
+    for name in ("best.pt", "last.pt"):
+        if (source / "checkpoints" / name).is_file():
+            return source / "checkpoints" / name
+    raise UserError(f"{source} is a directory without checkpoints/best.pt or "
+                    "checkpoints/last.pt: give a run directory or a checkpoint file")
+
+
+def load_trained(source: Path) -> Trained:
+    """Read what ``source`` names; refuses one that carries no recipe or broken weights."""
+    path = checkpoint_of(Path(source))
+    recipe = recipe_for(path, None, []).recipe
+    if is_package(path):
+        package = read_package(path)
+        provenance = dict(package.manifest["provenance"])
+        trained = Trained(path, recipe, package.weights, int(provenance["iteration"]),
+                          provenance)
+    else:
+        state = load(path)
+        trained = Trained(path, recipe, state["model"], int(state["iteration"]),
+                          _provenance(path, state))
+    try:
+        trained.model()
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"{path}: its weights do not match its recipe's model ({first})"
+                        ) from None
+    return trained
+
+
+def _provenance(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Where a checkpoint came from: its run, iteration, training time, devices, and the
+    run's own provenance.json (emrun version, git revision, host, command) when present."""
+    run = path.parent.parent if path.parent.name == "checkpoints" else None
+    found: dict[str, Any] = {
+        "run": str(run.resolve()) if run is not None else None,
+        "checkpoint": path.name,
+        "iteration": int(state["iteration"]),
+        "train_seconds": state.get("train_seconds"),
+        "devices": state.get("devices"),
+    }
+    if run is not None and (run / "provenance.json").is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError):
+            found["training_run"] = json.loads((run / "provenance.json").read_text("utf-8"))
+    return found
