@@ -225,6 +225,10 @@ def test_export_takes_a_run_s_best_checkpoint_and_refuses_what_it_cannot_read(tr
         result = invoke("export", *args)
         assert result.exit_code == 2 and expected in result.stderr, (expected, result.output)
     assert not (trained / "x.emrun").exists()
+    kept = (trained / "a.emrun").read_bytes()
+    twice = invoke("export", run, trained / "a.emrun")  # a file the user has: never replaced
+    assert twice.exit_code == 2 and "never overwrites" in twice.stderr
+    assert (trained / "a.emrun").read_bytes() == kept
     recipe = yaml.safe_load(best["recipe"])
     assert recipe["name"] == "travel"
 

@@ -31,6 +31,9 @@ def export(source: Path, output: Path, format: str = "emrun") -> list[str]:
         raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
     if output.is_dir():
         raise UserError(f"{output} is a directory; give the file to write")
+    if output.exists() or output.is_symlink():
+        raise UserError(f"{output} exists; export never overwrites a file: remove it or "
+                        "choose another name")
     trained = load_trained(source)
     if format == "emrun":
         from .package import export_package
