@@ -101,6 +101,13 @@ def compressor(dtype: Any) -> ZstdCodec | BloscCodec:
     return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 
 
+def guess_label(dtype: Any, name: str, channel_axis: bool = False) -> bool:
+    """Whether a volume is a segmentation when nobody said: integers wider than 8 bits (ids;
+    16-bit EM images exist, so say `label=False` for those) or named "labels"."""
+    kind, size = np.dtype(dtype).kind, np.dtype(dtype).itemsize
+    return not channel_axis and kind in "iu" and (size > 1 or name == LABELS)
+
+
 def native_dtype(dtype: Any) -> np.dtype:
     """The same dtype in native byte order and canonical form (e.g. numpy's 'Q' -> 'L' for
     uint64 on Linux: tifffile returns the former, zarr only knows the latter)."""
@@ -161,7 +168,7 @@ def write_volume(
     offset: Sequence[int] | None = None,
     channel_axis: bool = False,
     channel_names: Sequence[str] | None = None,
-    label: bool = False,
+    label: bool | None = None,
     levels: int | None = None,
     attrs: dict[str, Any] | None = None,
     overwrite: bool = False,
@@ -173,6 +180,7 @@ def write_volume(
     written level-0 array, opened for further writes.
     """
     data = np.asarray(array)
+    label = guess_label(data.dtype, name, channel_axis) if label is None else label
     with staged_volume(
         path,
         name,
@@ -204,13 +212,14 @@ def staged_volume(
     offset: Sequence[int] | None = None,
     channel_axis: bool = False,
     channel_names: Sequence[str] | None = None,
-    label: bool = False,
+    label: bool | None = None,
     levels: int | None = None,
     attrs: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Iterator[zarr.Array]:
     """Create `name` as `name.partial`, yield its level-0 array to fill, build the pyramid's
     `levels` (None: `emrun.io.pyramid`'s default; 1: level 0 alone) and rename it at the end.
+    `label`: a segmentation (None: `guess_label`), kept in the store's OME labels group.
 
     A stale `name.partial` (from a killed run) is removed first. If the block raises, the
     partial volume is removed and `name` is left as it was; a run killed outright leaves
@@ -218,6 +227,7 @@ def staged_volume(
     `name` is replaced only once the new one is complete. A bad `levels` is a VolumeError
     before anything is written.
     """
+    label = guess_label(dtype, name, channel_axis) if label is None else label
     target = _prepare(path, name, label, overwrite)
     spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs,
                  channel_names, label)

@@ -28,7 +28,6 @@ from emrun.io.volume import (
 )
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class ZarrVolume(Volume):
     """An array in a zarr store; the zarr handle is opened once per process, on first read.
@@ -90,7 +89,8 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
 
     if not dataset:
         level = multiscale_dataset(dict(node.attrs))
-        if level is not None:
+        if level is not None and "/" not in level:  # an emrun store's root names a volume's
+            # levels by path (emrun.io.layout): the store, not a volume of it
             return _open_image_group(path, None, node, level)
         raise VolumeError(
             f"{path}: is a zarr group; name an array inside it ({path}/NAME); "
@@ -106,7 +106,7 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
         if label is not None:
             return _open_image_group(path, dataset, label, multiscale_dataset(
                 dict(label.attrs)) or "0", array_path=f"{LABELS}/{dataset}")
-    if array is None:
+    if array is None or (isinstance(array, zarr.Group) and "labels" in array.attrs.get("ome", {})):
         raise VolumeError(f"{path} has no array {dataset!r}; arrays: {list_arrays(node)}")
     if isinstance(array, zarr.Group):
         level = multiscale_dataset(dict(array.attrs))
