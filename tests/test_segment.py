@@ -468,7 +468,8 @@ def test_cli_sweep_writes_the_best_and_records_the_table(tmp_path):
     assert [row["threshold"] for row in report["sweep"]["table"]] == [0.2, 0.6, 0.9]
     # each value reported as it is scored (a sweep of a large volume takes minutes)
     assert "] threshold 0.9: adapted Rand error" in result.stderr and "(3 of 3)" in result.stderr
-    meta = dict(zarr.open_group(str(out / "labels/segmentation"), mode="r").attrs)["emrun"]["segment"]
+    group = zarr.open_group(str(out / "labels/segmentation"), mode="r")
+    meta = dict(group.attrs)["emrun"]["segment"]
     assert meta["sweep"]["chosen"] == 0.6 and len(meta["sweep"]["table"]) == 3
     assert meta["segmenter"]["threshold"] == 0.6
     assert same_partition(open_volume(out / "segmentation").read(), truth)

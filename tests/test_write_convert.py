@@ -170,7 +170,8 @@ def test_source_metadata_is_kept(tmp_path: Path) -> None:
     assert (r.voxel_size, r.offset) == ((40.0, 8.0, 8.0), (2, 2, 0))
     vol = open_volume(out / "labels")
     assert (vol.voxel_size, vol.offset) == ((40.0, 8.0, 8.0), (2, 2, 0))
-    transforms = ome(out / "labels/labels")["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    datasets = ome(out / "labels/labels")["multiscales"][0]["datasets"]
+    transforms = datasets[0]["coordinateTransformations"]
     assert transforms[1] == {"type": "translation", "translation": [80.0, 16.0, 0.0]}
     # an explicit voxel size wins over the source's
     r = convert(tmp_path / "f.h5/labels", out, name="l2", voxel_size=(30, 6, 6), progress=False)
