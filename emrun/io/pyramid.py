@@ -4,7 +4,8 @@ Levels 1..N-1 are written after level 0 is complete, each from the level before 
 block: a block is one output block of the coarser level (`BLOCK_ZYX`, whole chunks), for
 which the matching box of the finer level is read, downsampled and written. Blocks are
 independent (chunk-aligned, no two write the same chunk), so `threads` of them run at once
-and memory is bounded by `threads` finer blocks, whatever the volume's size.
+and memory is bounded by `threads` finer blocks of at most `READ_BYTES` (with the
+downsampling's temporaries, a few times that), whatever the volume's size.
 
 Each level halves y and x; z is halved too only where its voxel size is at most half of
 y's at the new level (z no coarser than y before the step), so anisotropic EM (30 x 6 x 6
@@ -32,7 +33,8 @@ from emrun.io.volume import VolumeError
 Factor = tuple[int, int, int]
 MAX_LEVELS = 8  # the default never goes beyond this many levels
 SMALLEST_YX = 256  # the default adds levels until y and x are at most this
-BLOCK_ZYX = (32, 512, 512)  # output block of a coarser level, in voxels (whole chunks)
+BLOCK_ZYX = (32, 512, 512)  # largest output block of a coarser level, in voxels
+READ_BYTES = 32 << 20  # y and x of a block shrink until a finer block is at most this
 
 
 def level_factors(
@@ -86,17 +88,23 @@ def downsample(data: np.ndarray, step: Sequence[int], labels: bool) -> np.ndarra
     out_shape = tuple(_ceil(n, s) for n, s in zip(spatial, step, strict=True))
     pad = [(0, 0)] * (data.ndim - 3) + [(0, o * s - n) for o, s, n in
                                         zip(out_shape, step, spatial, strict=True)]
-    windows = _windows(np.pad(data, pad), out_shape, step)  # (..., oz, oy, ox, k)
-    present = _windows(np.pad(np.ones(spatial, bool), pad[-3:]), out_shape, step)
+    padded = np.pad(data, pad) if any(p for _, p in pad) else data  # zeros past the end
     if labels:
-        return _mode(windows, present)
-    total = np.where(present, windows, 0).sum(axis=-1, dtype=np.float64)
-    mean = total / present.sum(axis=-1)
+        present = _windows(np.pad(np.ones(spatial, bool), pad[-3:]), out_shape, step)
+        return _mode(_windows(padded, out_shape, step), present)
+    # sums of at most 8 values of up to 16 bits are exact in float32
+    exact32 = data.dtype.itemsize <= 2 or data.dtype == np.float32
+    split = padded.reshape(*data.shape[:-3], out_shape[0], step[0], out_shape[1], step[1],
+                           out_shape[2], step[2])
+    mean = split.sum(axis=(-5, -3, -1), dtype=np.float32 if exact32 else np.float64)
+    counts = [np.minimum(s, n - np.arange(o) * s) for o, s, n in
+              zip(out_shape, step, spatial, strict=True)]  # voxels present per window
+    mean /= counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
     if data.dtype.kind in "iub":
-        info = np.iinfo(data.dtype) if data.dtype.kind != "b" else None
-        mean = np.floor(mean + 0.5)
-        if info is not None:
-            mean = np.clip(mean, info.min, info.max)
+        np.floor(mean + 0.5, out=mean)
+        if data.dtype.kind != "b":
+            info = np.iinfo(data.dtype)
+            np.clip(mean, info.min, info.max, out=mean)
     return mean.astype(data.dtype)
 
 
@@ -136,18 +144,24 @@ def write_level(
     step: Sequence[int],
     labels: bool,
     *,
-    block: Sequence[int] = BLOCK_ZYX,
+    block: Sequence[int] | None = None,
     threads: int | None = None,
     read: Callable[[zarr.Array, Roi], np.ndarray] | None = None,
 ) -> None:
     """Fill `target` with `source` downsampled by `step` (z, y, x), block by block.
 
-    Each block of `target` (`block`, rounded to whole chunks) is computed from the box of
+    Each block of `target` (`block`, rounded to whole chunks; default: `BLOCK_ZYX` with y
+    and x halved until the finer box is at most `READ_BYTES`) is computed from the box of
     `source` it covers, read through `read` (default: the array's own indexing); `threads`
-    blocks at a time (default: the cores, at most 8).
+    blocks at a time (default: the cores this process may use, at most 8).
     """
     lead = tuple(int(n) for n in target.shape[:-3])
     chunks = [int(c) for c in target.chunks[-3:]]
+    if block is None:
+        block = list(BLOCK_ZYX)
+        per_voxel = math.prod(lead) * source.dtype.itemsize * math.prod(step)
+        while math.prod(block) * per_voxel > READ_BYTES and block[1] > chunks[1]:
+            block[1:] = [max(1, block[1] // 2), max(1, block[2] // 2)]
     whole = [max(c, b // c * c) for b, c in zip(block, chunks, strict=True)]
     boxes = list(BlockGrid(box_of(target.shape[-3:]), whole).boxes())
     reader = read or (lambda array, roi: np.asarray(array[slices(roi)]))
@@ -160,7 +174,8 @@ def write_level(
         target[slices(Roi((0,) * len(lead) + tuple(box.offset), lead + tuple(box.shape)))] = (
             downsample(reader(source, full), step, labels))
 
-    workers = threads or min(8, os.cpu_count() or 1)
+    workers = threads or min(8, len(os.sched_getaffinity(0)) if hasattr(
+        os, "sched_getaffinity") else os.cpu_count() or 1)
     if workers == 1 or len(boxes) == 1:
         for box in boxes:
             one(box)
