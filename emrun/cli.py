@@ -54,6 +54,9 @@ JsonLine = Annotated[bool, typer.Option(
     "--json", help="Print the figures as one JSON line on stdout (the text for people goes to "
     "stderr, so `... --json | jq` works).")]
 ANY_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+Levels = Annotated[int | None, typer.Option(
+    metavar="N", help="Multiscale levels written, each halving y and x (z where anisotropy "
+    "allows); 1 = full resolution only (default: until y and x are at most 256, at most 8).")]
 Nm = Annotated[tuple[float, float, float] | None, typer.Option(metavar="Z Y X",
                                                                 help="Voxel size in nm.")]
 LevelChoice = Annotated[str | None, typer.Option(
@@ -327,6 +330,7 @@ def infer(
         "--recipe", help="Recipe YAML file (default: the one the checkpoint was trained "
         "with; a recipe whose model or tasks differ from it is refused).")] = None,
     level: LevelChoice = None,
+    levels: Levels = None,
 ) -> None:
     """Predict a volume blockwise into zarr: one array per task, blended, resumable."""
     from .infer.checkpoint_recipe import recipe_for
@@ -348,7 +352,8 @@ def infer(
                                      device=device, tta=tta, resume=resume, mask_path=mask,
                                      workers=workers,
                                      scheduler=scheduler,  # type: ignore[arg-type]
-                                     launch=launch, roi=box, on_block=report)
+                                     launch=launch, roi=box, levels=levels,
+                                     on_block=report)
     except Stopped as stop:
         done = stop.progress.done + stop.progress.skipped
         raise Interrupted(stop.signal_name, f"{done} of {stop.progress.total} blocks are done "
@@ -448,6 +453,7 @@ def segment(
         "--connected-truth", help="--sweep: score against each truth object's connected "
         "pieces (as emrun evaluate --connected-truth; for a crop of a larger "
         "annotation).")] = False,
+    levels: Levels = None,
     workers: Annotated[int | None, typer.Option(
         min=1, help="--sweep: values segmented at once in worker processes (default: as "
                     "many as cores and memory allow).")] = None,
@@ -478,7 +484,7 @@ def segment(
         affinities=_at_level(affs, level), output=output, method=method,
         values={"bias": values("--bias", bias), "threshold": values("--threshold", threshold)},
         min_size=min_size, mask=mask, offsets=offsets, block=block, name=name, sweep=sweep,
-        truth=truth, connected_truth=connected_truth, workers=workers)
+        truth=truth, connected_truth=connected_truth, workers=workers, levels=levels)
     result = run_segment(request, on_block=report, on_stage=Stages(err))
     if result.segmenter_from:
         err.print(f"segmenter {result.method} from {result.segmenter_from} (--method to "
@@ -876,12 +882,16 @@ def data_convert(
         bool, typer.Option(help="Replace an existing array of that name.")
     ] = False,
     level: LevelChoice = None,
+    labels: Annotated[bool | None, typer.Option(
+        "--labels/--image", help="Write a segmentation (OME labels: mode-downsampled, under "
+        "OUT/labels) or an image (default: labels for integers wider than 8 bits).")] = None,
+    levels: Levels = None,
 ) -> None:
     """Convert a volume to zarr v3 with OME-Zarr 0.5 metadata, streamed section by section."""
     from .io.convert import convert
 
-    result = convert(_at_level(source, level), out, name=name, voxel_size=voxel_size, chunks=chunks,
-                     overwrite=overwrite)
+    result = convert(_at_level(source, level), out, name=name, voxel_size=voxel_size,
+                     chunks=chunks, overwrite=overwrite, label=labels, levels=levels)
     voxel = "unknown" if result.voxel_size is None else " x ".join(
         f"{v:g}" for v in result.voxel_size) + " nm"
     print(f"wrote {out}/{result.name}: shape {list(result.shape)}, {result.dtype}, voxel "
@@ -920,16 +930,19 @@ def data_synth(
     voxel_size: Nm = (30.0, 6.0, 6.0),
     defects: Annotated[bool, typer.Option(help="Add missing/dim sections and a shift.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing arrays.")] = False,
+    levels: Levels = None,
 ) -> None:
     """Write a synthetic EM volume: arrays image, labels, mito and synapse (stand-in clefts),
     deterministic from SEED."""
     from .capacity import size_text
     from .devices import available_memory
+    from .io.pyramid import level_factors
     from .io.write import write_volume
     from .synth import MEMORY_PER_VOXEL, synthesize
 
     if shape is None or min(shape) < 1:
         raise UserError("--shape needs three positive sizes")
+    level_factors(shape, voxel_size or (30.0, 6.0, 6.0), levels)  # before generating
     need, free = math.prod(shape) * MEMORY_PER_VOXEL, available_memory()
     if need > free:
         raise UserError(f"--shape {' '.join(map(str, shape))}: generating it takes about "
@@ -939,7 +952,8 @@ def data_synth(
                         defects=defects)
     for key in ("image", "labels", "mito", "synapse"):
         write_volume(out, key, getattr(volume, key), voxel_size=volume.voxel_size,
-                     overwrite=overwrite, attrs={"emrun": {"synthetic_seed": seed}})
+                     overwrite=overwrite, attrs={"emrun": {"synthetic_seed": seed}},
+                     label=key != "image", levels=levels)
     print(f"wrote {out}/image, labels, mito, synapse: shape {list(shape)}, seed {seed}, "
           f"{int(volume.labels.max())} cells")
 

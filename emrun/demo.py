@@ -126,7 +126,7 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
     test = synthesize((2 * patch[0], 2 * patch[1], 2 * patch[2]), TEST_SEED)
     test_path = out / "test.zarr"
     write_volume(test_path, "image", test.image, voxel_size=(30.0, 6.0, 6.0))
-    write_volume(test_path, "labels", test.labels, voxel_size=(30.0, 6.0, 6.0))
+    write_volume(test_path, "labels", test.labels, voxel_size=(30.0, 6.0, 6.0), label=True)
     metrics = {
         "trained": _segment_and_score(recipe, out / "run" / "checkpoints" / "last.pt",
                                       test_path, out, "trained", stage),

@@ -165,7 +165,7 @@ def test_demo_trains_and_draws_then_refuses_to_overwrite(tmp_path):
     # each long step is announced with the time since the start (a log shows where it is)
     assert "] predicting the test volume with the trained network" in result.stdout
     assert "] segmenting its affinities" in result.stdout
-    seg = zarr.open_array(str(out / "seg_trained.zarr" / "segmentation" / "0"))
+    seg = zarr.open_array(str(out / "seg_trained.zarr" / "labels" / "segmentation" / "0"))
     assert seg.dtype == np.uint64 and seg.shape == (24, 128, 128) and seg[...].min() > 0
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "not empty" in again.stderr

@@ -156,7 +156,7 @@ def test_a_plugin_model_and_segmenter_validate_train_infer_and_sweep(tmp_path, p
             if line.startswith("  threshold ")]
     assert rows == ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
     assert "best threshold" in done.stdout
-    assert (tmp_path / "seg.zarr" / "segmentation").is_dir()
+    assert (tmp_path / "seg.zarr" / "labels" / "segmentation").is_dir()
 
 
 def test_without_the_plugin_its_names_are_unknown(tmp_path):

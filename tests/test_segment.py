@@ -404,7 +404,7 @@ def test_cli_segments_an_inference_output(tmp_path):
     volume = open_volume(out / "segmentation")
     assert volume.dtype == np.uint64 and volume.voxel_size == (30.0, 6.0, 6.0)
     assert same_partition(volume.read(), truth)
-    attrs = dict(zarr.open_group(str(out / "segmentation"), mode="r").attrs)["emrun"]
+    attrs = dict(zarr.open_group(str(out / "labels/segmentation"), mode="r").attrs)["emrun"]
     assert attrs["segment"]["segmenter"] == {"type": "mws", "bias": 0.5, "min_size": 0}
     assert attrs["segment"]["offsets"][3] == [-2, 0, 0]
 
@@ -418,7 +418,7 @@ def test_cli_blockwise_cc_and_one_output_per_value(tmp_path):
                     "--min-size", 5, "--name", "cc")
     assert result.exit_code == 0, result.output
     assert same_partition(open_volume(out / "cc").read(), truth)
-    meta = dict(zarr.open_group(str(out / "cc"), mode="r").attrs)["emrun"]["segment"]
+    meta = dict(zarr.open_group(str(out / "labels/cc"), mode="r").attrs)["emrun"]["segment"]
     assert meta["blockwise"]["blocks"] == 8 and meta["segments"] == 20
     result = invoke(affs_path, out, "--method", "cc", "--threshold", "0.45,0.6", "--name", "t")
     assert result.exit_code == 0, result.output
@@ -468,7 +468,8 @@ def test_cli_sweep_writes_the_best_and_records_the_table(tmp_path):
     assert [row["threshold"] for row in report["sweep"]["table"]] == [0.2, 0.6, 0.9]
     # each value reported as it is scored (a sweep of a large volume takes minutes)
     assert "] threshold 0.9: adapted Rand error" in result.stderr and "(3 of 3)" in result.stderr
-    meta = dict(zarr.open_group(str(out / "segmentation"), mode="r").attrs)["emrun"]["segment"]
+    group = zarr.open_group(str(out / "labels/segmentation"), mode="r")
+    meta = dict(group.attrs)["emrun"]["segment"]
     assert meta["sweep"]["chosen"] == 0.6 and len(meta["sweep"]["table"]) == 3
     assert meta["segmenter"]["threshold"] == 0.6
     assert same_partition(open_volume(out / "segmentation").read(), truth)

@@ -77,7 +77,8 @@ def test_convert_round_trip_is_exact(tmp_path: Path, fmt: str, dtype: str) -> No
     assert (vol.shape, vol.dtype, vol.voxel_size) == (SHAPE, np.dtype(dtype), None)
     assert str(vol) == f"{tmp_path}/out.zarr/{expected_name}"
     np.testing.assert_array_equal(vol.read(), data)
-    array = zarr.open_array(tmp_path / "out.zarr" / expected_name / "0", mode="r")
+    folder = "labels/labels" if expected_name == "labels" else expected_name  # OME labels
+    array = zarr.open_array(tmp_path / "out.zarr" / folder / "0", mode="r")
     assert array.chunks == CHUNKS and array.dtype == np.dtype(dtype)
 
 
@@ -154,7 +155,7 @@ def test_ome_attributes_and_voxel_size(tmp_path: Path) -> None:
                                                                      "checksum": False}}
     labels = tmp_path / "labels.zarr"  # wider types keep blosc's byte shuffle (label runs)
     write_volume(labels, "seg", np.arange(8, dtype=np.uint64).reshape(2, 2, 2))
-    codec = json.loads((labels / "seg/0/zarr.json").read_text())["codecs"][-1]
+    codec = json.loads((labels / "labels/seg/0/zarr.json").read_text())["codecs"][-1]
     assert codec["name"] == "blosc" and codec["configuration"]["shuffle"] == "shuffle"
 
 
@@ -169,7 +170,8 @@ def test_source_metadata_is_kept(tmp_path: Path) -> None:
     assert (r.voxel_size, r.offset) == ((40.0, 8.0, 8.0), (2, 2, 0))
     vol = open_volume(out / "labels")
     assert (vol.voxel_size, vol.offset) == ((40.0, 8.0, 8.0), (2, 2, 0))
-    transforms = ome(out / "labels")["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    datasets = ome(out / "labels/labels")["multiscales"][0]["datasets"]
+    transforms = datasets[0]["coordinateTransformations"]
     assert transforms[1] == {"type": "translation", "translation": [80.0, 16.0, 0.0]}
     # an explicit voxel size wins over the source's
     r = convert(tmp_path / "f.h5/labels", out, name="l2", voxel_size=(30, 6, 6), progress=False)
@@ -317,7 +319,8 @@ def test_failed_conversion_leaves_nothing_that_looks_complete(
     fail_after(monkeypatch, reads=1)
     with pytest.raises(Boom):
         convert(source, out, chunks=CHUNKS, progress=False)
-    assert not (out / "labels").exists() and not (out / "labels.partial").exists()
+    assert not (out / "labels/labels").exists()  # the segmentation: labels/NAME
+    assert not (out / "labels/labels.partial").exists()
     with pytest.raises(VolumeError, match="has no array 'labels'"):
         open_volume(out / "labels")
 

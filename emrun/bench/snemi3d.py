@@ -139,7 +139,8 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     segment_seconds = time.perf_counter() - started
     seg_path = out / "seg.zarr"
     write_volume(seg_path, "segmentation", result.segmentation.astype(np.uint64),
-                 voxel_size=VOXEL_SIZE, offset=tuple(validation.offset), overwrite=True)
+                 voxel_size=VOXEL_SIZE, offset=tuple(validation.offset), overwrite=True,
+                 label=True)
     final = score(result.segmentation, truth)
     as_labelled = score(result.segmentation, labels).as_dict()
 

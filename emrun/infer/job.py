@@ -26,7 +26,8 @@ from ..errors import UserError
 from ..geometry import Roi, Zyx, box_of, zyx
 from ..io import PRIVATE_PREFIX, Volume, open_volume
 from ..io.metadata import multiscale_dataset
-from ..io.write import create_volume
+from ..io.pyramid import level_factors
+from ..io.write import build_pyramid, create_volume
 from ..paths import is_link_loop
 from ..recipe import Recipe
 from ..recipe.tasks import AffinityTarget
@@ -50,6 +51,7 @@ class Job:
     scale: tuple[float, float]
     tta: int | None = None
     roi_offset: Zyx = (0, 0, 0)  # where the layout's (0, 0, 0) lies in the input
+    levels: int | None = None  # pyramid levels built after the last block (None: default)
 
     def digest(self) -> str:
         """The layout's hash, and the ROI's when there is one: done-markers are keyed by it."""
@@ -77,7 +79,7 @@ class Job:
             "recipe": self.recipe.resolved(), "checkpoint": str(self.checkpoint),
             "input": self.input_path, "output": str(self.output), "mask": self.mask_path,
             "layout": asdict(self.layout), "scale": list(self.scale), "tta": self.tta,
-            "roi_offset": list(self.roi_offset),
+            "roi_offset": list(self.roi_offset), "levels": self.levels,
         })
 
     @classmethod
@@ -89,7 +91,7 @@ class Job:
                    output=Path(data["output"]), mask_path=data["mask"],
                    layout=Layout(**layout),
                    scale=tuple(data["scale"]), tta=data["tta"],  # type: ignore[arg-type]
-                   roi_offset=zyx(data["roi_offset"]))
+                   roi_offset=zyx(data["roi_offset"]), levels=data.get("levels"))
 
     def save(self) -> Path:
         """Write the job description next to its done-markers (for remote workers)."""
@@ -100,11 +102,13 @@ class Job:
 
 def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
                 block: Zyx | None = None, tta: int | None = None, resume: bool = False,
-                mask_path: str | None = None, roi: Roi | None = None) -> Job:
+                mask_path: str | None = None, roi: Roi | None = None,
+                levels: int | None = None) -> Job:
     """Check the inputs, create (or with ``resume`` reopen and check) the outputs.
 
     ``roi`` (offset, shape) predicts only that box of the input; the output has the box's
-    shape, and the input around the box still serves as context where it exists."""
+    shape, and the input around the box still serves as context where it exists.
+    ``levels``: the outputs' pyramid levels (`finish_job`; None: the default)."""
     volume = open_volume(input_path)
     if len(volume.shape) != 3:
         raise UserError(f"{volume}: inference needs a 3D (z, y, x) volume, got shape "
@@ -129,6 +133,7 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     stride = recipe.infer.resolved_stride(patch)
     box = _check_roi(roi, volume)
     offset, shape = zyx(box.offset), zyx(box.shape)
+    level_factors(shape, volume.voxel_size, levels)  # a bad --levels, before any work
     chunks, block = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks,
                                             block or recipe.infer.block)
     try:
@@ -137,7 +142,8 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
         raise UserError(f"--block / infer.block: {exc}") from None
     job = Job(recipe=recipe, checkpoint=checkpoint.resolve(), input_path=input_path,
               output=output.resolve(), mask_path=mask_path, layout=layout,
-              scale=intensity_range(recipe, volume), tta=tta, roi_offset=offset)
+              scale=intensity_range(recipe, volume), tta=tta, roi_offset=offset,
+              levels=levels)
     if not resume and mask_path is None:  # a mask may leave most of a huge volume out
         channels = sum(recipe.head_channels().values())
         check_output_fits(output, channels * math.prod(shape) * np.dtype(recipe.infer.dtype)
@@ -149,6 +155,17 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     job.done_dir.mkdir(parents=True, exist_ok=True)
     job.save()
     return job
+
+
+def finish_job(job: Job) -> bool:
+    """Once every block is done, build each output's pyramid from its level 0 (rebuilt
+    whole, so a job killed while building it and resumed still ends complete); returns
+    whether it was built."""
+    if job.pending():
+        return False
+    for name in job.recipe.tasks:
+        build_pyramid(job.output / name, job.levels)
+    return True
 
 
 def _check_roi(roi: Roi | None, volume: Volume) -> Roi:
@@ -217,9 +234,13 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
         attrs: dict[str, Any] = {"emrun": {**info, "task": name}}
         if isinstance(task.target, AffinityTarget):
             attrs["offsets"] = [list(o) for o in task.target.offsets]
+            names = [f"{name} {' '.join(map(str, o))}" for o in task.target.offsets]
+        else:
+            names = [f"{name} {c}" for c in range(task.channels())]
         create_volume(output, name, (task.channels(), *layout.shape), recipe.infer.dtype,
                       chunks=(task.channels(), *layout.chunks), voxel_size=volume.voxel_size,
-                      offset=job.roi_offset, channel_axis=True, attrs=attrs)
+                      offset=job.roi_offset, channel_axis=True, channel_names=names,
+                      attrs=attrs)
     if not existing:
         group = zarr.open_group(str(output), mode="r+")
         group.attrs["emrun"] = {

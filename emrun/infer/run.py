@@ -14,7 +14,7 @@ from typing import Literal
 from ..errors import UserError
 from ..geometry import Roi, Zyx
 from ..recipe import Recipe
-from .job import prepare_job
+from .job import finish_job, prepare_job
 from .schedule import Progress, check_device, run_local, worker_slots
 
 Scheduler = Literal["local", "daisy"]
@@ -25,9 +25,10 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
                   resume: bool = False, mask_path: str | None = None,
                   workers: int | None = None, scheduler: Scheduler = "local",
                   launch: str | None = None, roi: Roi | None = None,
+                  levels: int | None = None,
                   on_block: Callable[[Progress], None] | None = None) -> Progress:
     """Predict ``input_path`` (or its box ``roi``) into ``output`` (one array
-    per task); returns the counts."""
+    per task), then build each output's ``levels``-level pyramid; returns the counts."""
     if launch is not None and scheduler != "daisy":
         raise UserError("--launch is for --scheduler daisy (workers started by a command)")
     # Devices are checked before any output exists; daisy workers resolve theirs where they
@@ -35,10 +36,13 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
     slots = worker_slots(device, workers) if scheduler == "local" else []
     check_device(device, workers)
     job = prepare_job(recipe, checkpoint, input_path, output, block=block, tta=tta,
-                      resume=resume, mask_path=mask_path, roi=roi)
+                      resume=resume, mask_path=mask_path, roi=roi, levels=levels)
     if scheduler == "daisy":
         from .daisy_scheduler import run_daisy
 
-        return run_daisy(job, device or "auto", workers or 1, launch=launch,
-                         on_block=on_block)
-    return run_local(job, slots, on_block=on_block)
+        progress = run_daisy(job, device or "auto", workers or 1, launch=launch,
+                             on_block=on_block)
+    else:
+        progress = run_local(job, slots, on_block=on_block)
+    finish_job(job)
+    return progress

@@ -83,14 +83,18 @@ def convert(
     progress: bool = True,
     overwrite: bool = False,
     max_slab_bytes: int = MAX_SLAB_BYTES,
+    label: bool | None = None,
+    levels: int | None = None,
 ) -> ConvertResult:
     """Convert `source` (TIFF file or folder, HDF5, zarr, .npy) into the volume `out/name`.
 
     `out` is a *.zarr folder (created when missing; other volumes in it are kept). `name`
     defaults to `guess_name(source dtype)`. The voxel size (nm, zyx) is `voxel_size`, else
     the source's metadata, else unknown; the source's offset is kept. `chunks` default to
-    `default_chunks`. Sources are 3-d (z, y, x) or 4-d (c, z, y, x). A progress bar over the
-    slabs goes to stderr when `progress`. Every user-facing problem is a VolumeError.
+    `default_chunks`. Sources are 3-d (z, y, x) or 4-d (c, z, y, x). `label`: write a
+    segmentation (OME labels; default: `emrun.io.write.guess_label`);
+    `levels`: pyramid levels (None: the default). A progress bar over the slabs goes to
+    stderr when `progress`. Every user-facing problem is a VolumeError.
     """
     vol = open_volume(source)
     if vol.ndim not in (3, 4):
@@ -125,6 +129,8 @@ def convert(
         voxel_size=voxel_size,
         offset=offset,
         channel_axis=channel_axis,
+        label=label,
+        levels=levels,
         attrs={"emrun": {"converted_from": str(vol)}},
         overwrite=overwrite,
     ) as array:

@@ -232,13 +232,17 @@ def ome_image_attrs(
     voxel_size: Sequence[float] | None,
     offset: Sequence[int] | None,
     channel_axis: bool = False,
+    factors: Sequence[Sequence[int]] = ((1, 1, 1),),
+    channel_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """OME-Zarr 0.5 attributes for an image group whose only level is the array "0".
+    """OME-Zarr 0.5 attributes for an image group whose levels are the arrays "0", "1", ...
 
     Axes are z, y, x (type space, unit nanometer), after a leading channel axis c when
-    `channel_axis`. Scale is the voxel size in nm; the translation (written only when the
-    offset is non-zero) is offset * voxel size. An unknown voxel size is written as scale 1
-    with no unit on the axes, which reads back as "unknown" (None), not as 1 nm.
+    `channel_axis`. Level k's scale is the voxel size in nm times its (z, y, x) factor in
+    `factors`; its translation puts its voxel centres at the centres of the windows it
+    averages (offset * voxel size + (factor - 1) / 2 voxels; written only where non-zero).
+    An unknown voxel size is written as scale 1 with no unit on the axes, which reads back
+    as "unknown" (None), not as 1 nm. `channel_names` become OME `omero` channel labels.
     Values are trusted here; `emrun.io.write` validates them with user-facing messages.
     """
     spatial = ndim - 1 if channel_axis else ndim
@@ -259,13 +263,46 @@ def ome_image_attrs(
             entry["unit"] = "nanometer"
         axes.append(entry)
     lead = [1.0] if channel_axis else []
-    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": lead + voxel}]
-    if any(shift):
-        translation = [_clean(o * v) for o, v in zip(shift, voxel, strict=True)]
-        transforms.append({"type": "translation", "translation": [0.0] * len(lead) + translation})
-    multiscale = {
-        "axes": axes,
-        "datasets": [{"path": "0", "coordinateTransformations": transforms}],
-        "name": name,
+    datasets = []
+    for level, factor in enumerate(factors):
+        scale = [_clean(v * f) for v, f in zip(voxel, factor, strict=True)]
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": lead + scale}]
+        corner = [(o + (f - 1) / 2) * v for o, f, v in zip(shift, factor, voxel, strict=True)]
+        if any(corner):
+            transforms.append({"type": "translation",
+                               "translation": [0.0] * len(lead) + [_clean(c) for c in corner]})
+        datasets.append({"path": str(level), "coordinateTransformations": transforms})
+    multiscale = {"axes": axes, "datasets": datasets, "name": name}
+    ome: dict[str, Any] = {"version": "0.5", "multiscales": [multiscale]}
+    if channel_names is not None:
+        ome["omero"] = {"channels": [{"label": label, "active": True, "color": "FFFFFF"}
+                                     for label in channel_names]}
+    return {"ome": ome}
+
+
+def funlib_attrs(
+    voxel_size: Sequence[float] | None,
+    corner: Sequence[float] | None,
+    channel_axis: bool,
+    factor: Sequence[int] = (1, 1, 1),
+) -> dict[str, Any]:
+    """funlib.persistence's attributes for one level array, so `open_ds` (gunpowder, daisy)
+    reads the same geometry: `voxel_size` (level 0's, nm, times the level's `factor`),
+    `offset` in nm (the volume's first corner, `corner` in level-0 voxels: one corner for
+    every level, as funlib's boxes have), axis names with "^" marking the channel axis."""
+    voxel = [float(v) for v in voxel_size] if voxel_size is not None else [1.0, 1.0, 1.0]
+    start = [float(o) for o in corner] if corner is not None else [0.0, 0.0, 0.0]
+    return {
+        "voxel_size": [_clean(v * f) for v, f in zip(voxel, factor, strict=True)],
+        "offset": [_clean(o * v) for o, v in zip(start, voxel, strict=True)],
+        "axis_names": (["c^"] if channel_axis else []) + ["z", "y", "x"],
+        "units": ["nm", "nm", "nm"] if voxel_size is not None else ["", "", ""],
     }
-    return {"ome": {"version": "0.5", "multiscales": [multiscale]}}
+
+
+def image_label_attrs() -> dict[str, Any]:
+    """OME-Zarr 0.5 `image-label` of a segmentation: background (0) transparent, the image
+    it labels at the store's root (`../../`, where the OME layout puts it: see
+    `emrun.io.layout`)."""
+    return {"version": "0.5", "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}],
+            "source": {"image": "../../"}}

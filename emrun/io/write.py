@@ -1,12 +1,29 @@
 """Writing volumes: every volume emrun writes is an OME-Zarr 0.5 image group.
 
-Layout (one decision, used by conversion, inference and segmentation alike):
+Layout (one decision, used by conversion, inference, segmentation and synthesis alike; the
+store's root and where labels go are `emrun.io.layout`'s):
 
-    OUT.zarr/               zarr v3 group; several volumes live side by side in it
-      image/                zarr v3 group, attrs["ome"] = OME-Zarr 0.5 "multiscales"
-        0/                  level-0 array (z, y, x), or (c, z, y, x) with a channel axis
-      labels/
-        0/
+    OUT.zarr/               zarr v3 group, and an OME-Zarr image naming its primary image's
+                            levels (`affinity/0`, ...), so OME readers open it at the root
+      affinity/             image group, attrs["ome"] = OME-Zarr 0.5 "multiscales" (+ "omero"
+        0/ 1/ 2/            channel labels): levels 0..N-1, (c, z, y, x) or (z, y, x)
+      labels/               OME "labels" group listing the segmentations
+        segmentation/       image group with "image-label"; levels 0..N-1 (z, y, x)
+
+Why this layout: OME-Zarr 0.5 has no collection of images, only an image with its labels
+(`IMAGE/labels/NAME`), so a store that readers open at its root must *be* an image. The root
+names the arrays of one image group by path instead of holding its own, so every volume
+keeps its group and its path (`OUT.zarr/affinity`, `seg.zarr/segmentation`: `open_volume`
+looks for a NAME that is no image among the store's labels), several predictions share a
+store, and ome-zarr-models validates the root (checked by the tests), ome-zarr-py's Reader
+finds the labels from it and napari shows them as labels layers.
+
+Every level array also carries funlib.persistence's `voxel_size`, `offset` (nm) and
+`axis_names`, so `open_ds`, gunpowder and daisy read its geometry without OME support.
+Levels 1..N-1 are built after level 0 is complete (`emrun.io.pyramid`: mean for images and
+predictions, most frequent id for labels; y and x halved per level, z where anisotropy
+allows); `write_volume` and `staged_volume` build them before the volume takes its name,
+inference after its last block (`build_pyramid`).
 
 `open_volume("OUT.zarr/image")` opens the group's first multiscale level and reports the
 voxel size (nm, zyx) and offset (voxels) from its scale and translation.
@@ -59,12 +76,19 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from emrun.io.metadata import ome_image_attrs
+from emrun.io.layout import LABELS, refresh_root, volume_dir
+from emrun.io.metadata import (
+    from_ome,
+    funlib_attrs,
+    image_label_attrs,
+    ome_image_attrs,
+)
+from emrun.io.pyramid import level_factors, level_shape, write_level
 from emrun.io.volume import VolumeError
 from emrun.io.zarr_volume import PARTIAL_SUFFIX
 from emrun.paths import is_link_loop
 
-LEVEL = "0"  # the one multiscale level emrun writes
+LEVEL = "0"  # the full-resolution level; coarser ones are "1", "2", ...
 CHUNK_ZYX = (16, 256, 256)  # default chunk: thin in z (anisotropic EM), wide in y and x
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -75,6 +99,13 @@ def compressor(dtype: Any) -> ZstdCodec | BloscCodec:
     if np.dtype(dtype).itemsize == 1:
         return ZstdCodec(level=1)
     return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+
+
+def guess_label(dtype: Any, name: str, channel_axis: bool = False) -> bool:
+    """Whether a volume is a segmentation when nobody said: integers wider than 8 bits (ids;
+    16-bit EM images exist, so say `label=False` for those) or named "labels"."""
+    kind, size = np.dtype(dtype).kind, np.dtype(dtype).itemsize
+    return not channel_axis and kind in "iu" and (size > 1 or name == LABELS)
 
 
 def native_dtype(dtype: Any) -> np.dtype:
@@ -100,24 +131,31 @@ def create_volume(
     voxel_size: Sequence[float] | None = None,
     offset: Sequence[int] | None = None,
     channel_axis: bool = False,
+    channel_names: Sequence[str] | None = None,
+    label: bool = False,
     attrs: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> zarr.Array:
     """Create the empty volume `path/name` (an OME-Zarr 0.5 image group) and return its array.
 
     `path` is a zarr v3 group folder named *.zarr, created when missing. The array lies at
-    `path/name/0`, filled with zeros until written. `voxel_size` is in nm and `offset` in
-    voxels, both z, y, x (None: unknown voxel size, zero offset); `attrs` are extra
-    attributes for the image group (e.g. provenance). An existing `name` is a VolumeError
-    unless `overwrite`, which deletes it first. The volume is visible as soon as it is
-    created; use `write_volume` (or `staged_volume`) for all-or-nothing writes.
+    `path/name/0` (`path/labels/name/0` for a `label`: a segmentation, with `image-label`
+    metadata), filled with zeros until written; coarser levels come later from
+    `build_pyramid`. `voxel_size` is in nm and `offset` in voxels, both z, y, x (None:
+    unknown voxel size, zero offset); `channel_names` label the channels for viewers;
+    `attrs` are extra attributes for the image group (e.g. provenance). An existing `name`
+    is a VolumeError unless `overwrite`, which deletes it first. The volume is visible as
+    soon as it is created; use `write_volume` (or `staged_volume`) for all-or-nothing writes.
     """
-    target = _prepare(path, name, overwrite)
-    spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs)
-    root = _open_root(target.parent)
+    target = _prepare(path, name, label, overwrite)
+    spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs,
+                 channel_names, label)
+    parent = _open_parent(target.parent, label)
     if target.exists():
         shutil.rmtree(target)
-    return _create(root, name, name, spec)
+    array = _create(parent, name, name, spec)
+    refresh_root(path)
+    return array
 
 
 def write_volume(
@@ -129,15 +167,20 @@ def write_volume(
     voxel_size: Sequence[float] | None = None,
     offset: Sequence[int] | None = None,
     channel_axis: bool = False,
+    channel_names: Sequence[str] | None = None,
+    label: bool | None = None,
+    levels: int | None = None,
     attrs: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> zarr.Array:
-    """Write a (small) in-memory array as the volume `path/name`; all or nothing.
+    """Write a (small) in-memory array as the volume `path/name`, with its pyramid; all or
+    nothing.
 
-    Same arguments as `create_volume`; shape and dtype come from `array`. Returns the
-    written array, opened for further writes.
+    Same arguments as `staged_volume`; shape and dtype come from `array`. Returns the
+    written level-0 array, opened for further writes.
     """
     data = np.asarray(array)
+    label = guess_label(data.dtype, name, channel_axis) if label is None else label
     with staged_volume(
         path,
         name,
@@ -147,11 +190,14 @@ def write_volume(
         voxel_size=voxel_size,
         offset=offset,
         channel_axis=channel_axis,
+        channel_names=channel_names,
+        label=label,
+        levels=levels,
         attrs=attrs,
         overwrite=overwrite,
     ) as staged:
         staged[...] = data
-    return zarr.open_array(str(Path(path) / name / LEVEL), mode="r+")
+    return zarr.open_array(str(volume_dir(path, name, label) / LEVEL), mode="r+")
 
 
 @contextmanager
@@ -165,28 +211,90 @@ def staged_volume(
     voxel_size: Sequence[float] | None = None,
     offset: Sequence[int] | None = None,
     channel_axis: bool = False,
+    channel_names: Sequence[str] | None = None,
+    label: bool | None = None,
+    levels: int | None = None,
     attrs: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Iterator[zarr.Array]:
-    """Create `name` as `name.partial`, yield its array to fill, and rename it at the end.
+    """Create `name` as `name.partial`, yield its level-0 array to fill, build the pyramid's
+    `levels` (None: `emrun.io.pyramid`'s default; 1: level 0 alone) and rename it at the end.
+    `label`: a segmentation (None: `guess_label`), kept in the store's OME labels group.
 
     A stale `name.partial` (from a killed run) is removed first. If the block raises, the
     partial volume is removed and `name` is left as it was; a run killed outright leaves
     only `name.partial`, which no reader takes for a volume. With `overwrite`, an existing
-    `name` is replaced only once the new one is complete.
+    `name` is replaced only once the new one is complete. A bad `levels` is a VolumeError
+    before anything is written.
     """
-    target = _prepare(path, name, overwrite)
-    spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs)
-    root = _open_root(target.parent)
+    label = guess_label(dtype, name, channel_axis) if label is None else label
+    target = _prepare(path, name, label, overwrite)
+    spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs,
+                 channel_names, label)
+    level_factors(spec["shape"][-3:], spec["voxel_size"], levels)  # checked up front
+    parent = _open_parent(target.parent, label)
     partial = target.with_name(target.name + PARTIAL_SUFFIX)
     if partial.exists():
         shutil.rmtree(partial)
     try:
-        yield _create(root, partial.name, name, spec)
+        yield _create(parent, partial.name, name, spec)
+        build_pyramid(partial, levels, label=label)
         _commit(partial, target, overwrite)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    refresh_root(path)
+
+
+def build_pyramid(
+    group_path: str | os.PathLike[str],
+    levels: int | None = None,
+    *,
+    label: bool | None = None,
+    threads: int | None = None,
+) -> int:
+    """(Re)build levels 1..N-1 of the image group at `group_path` from its complete level 0,
+    and name them in its OME metadata; returns N. Idempotent: a pyramid cut short (a killed
+    job) is rebuilt whole. `label` None: a group with `image-label` is a label. The store
+    root, when `group_path` is one of its volumes, is refreshed."""
+    folder = Path(group_path)
+    group = zarr.open_group(str(folder), mode="r+")
+    attrs = dict(group.attrs)
+    multiscale = attrs["ome"]["multiscales"][0]
+    channel_axis = multiscale["axes"][0].get("type") == "channel"
+    base = group[LEVEL]
+    ndim = len(base.shape)
+    voxel, offset = from_ome(str(folder), ndim, attrs, LEVEL) or (None, None)
+    factors = level_factors(base.shape[-3:], voxel, levels)
+    if label is None:
+        label = "image-label" in attrs["ome"]
+    for name in [k for k, _ in group.arrays() if k != LEVEL and k.isdigit()]:
+        del group[name]
+    previous = base
+    for level, factor in enumerate(factors[1:], start=1):
+        shape = level_shape(base.shape, factor)
+        array = group.create_array(
+            name=str(level),
+            shape=shape,
+            dtype=base.dtype,
+            chunks=tuple(min(c, n) for c, n in zip(base.chunks, shape, strict=True)),
+            compressors=[compressor(base.dtype)],
+            dimension_names=list(base.metadata.dimension_names or ()) or None,
+            attributes=funlib_attrs(voxel, offset, channel_axis, factor),
+        )
+        step = tuple(f // p for f, p in zip(factor, factors[level - 1], strict=True))
+        with zarr.config.set({"array.write_empty_chunks": False}):
+            write_level(previous, array, step, label, threads=threads)
+        previous = array
+    names = [c["label"] for c in attrs["ome"].get("omero", {}).get("channels", [])] or None
+    ome = ome_image_attrs(multiscale.get("name", folder.name), ndim, voxel, offset,
+                          channel_axis, factors, names)["ome"]
+    group.attrs["ome"] = {**attrs["ome"], **ome}
+    if folder.parent.name == LABELS:
+        refresh_root(folder.parent.parent)
+    elif (folder.parent / "zarr.json").is_file():
+        refresh_root(folder.parent)
+    return len(factors)
 
 
 def _commit(partial: Path, target: Path, overwrite: bool) -> None:
@@ -211,21 +319,41 @@ def _commit(partial: Path, target: Path, overwrite: bool) -> None:
 # --- checks -------------------------------------------------------------------------------
 
 
-def _prepare(path: str | os.PathLike[str], name: str, overwrite: bool) -> Path:
+def _prepare(path: str | os.PathLike[str], name: str, label: bool, overwrite: bool) -> Path:
     """Check the output store and the volume name; return the volume's folder."""
     root_path = Path(path)
     _check_name(root_path, name)
     _check_store(root_path)
-    target = root_path / name
+    if not label and name == LABELS:
+        raise VolumeError(f"{root_path}: {LABELS!r} is the store's OME labels group; give the "
+                          "image another name")
+    target = volume_dir(root_path, name, label)
+    other = volume_dir(root_path, name, not label)
+    if (other / "zarr.json").is_file() and not (label and name == LABELS):
+        kind = "an image" if label else "a segmentation (labels)"
+        raise VolumeError(f"{root_path}: holds {kind} named {name!r}; choose another name")
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise VolumeError(f"{target}: already exists; choose another name or overwrite it")
     return target
 
 
-def _open_root(root: Path) -> zarr.Group:
-    """Open (or create) the store's root group, once everything has been checked."""
+def _open_parent(parent: Path, label: bool) -> zarr.Group:
+    """Open (or create) the group the volume goes in, once everything has been checked: the
+    store's root, or for a label its OME labels group."""
+    root = parent.parent if label else parent
     try:
-        return zarr.open_group(str(root), mode="a", zarr_format=3)
+        group = zarr.open_group(str(root), mode="a", zarr_format=3)
+        if not label:
+            return group
+        if LABELS in group:
+            labels = group[LABELS]
+            if not isinstance(labels, zarr.Group) or "multiscales" in labels.attrs.get("ome", {}):
+                raise VolumeError(f"{root}/{LABELS}: is an image, not an OME labels group; "
+                                  "write the segmentation to another store")
+            return labels
+        return group.create_group(LABELS, attributes={"ome": {"version": "0.5", "labels": []}})
+    except VolumeError:
+        raise
     except Exception as exc:
         raise VolumeError(f"{root}: cannot open as a zarr v3 group for writing: {exc}") from exc
 
@@ -277,6 +405,8 @@ def _spec(
     offset: Sequence[int] | None,
     channel_axis: bool,
     attrs: dict[str, Any] | None,
+    channel_names: Sequence[str] | None = None,
+    label: bool = False,
 ) -> dict[str, Any]:
     """Validate what the volume will be; user-facing problems are VolumeErrors naming it."""
     shape = tuple(_int(target, n, "shape") for n in shape)
@@ -313,6 +443,13 @@ def _spec(
         offset = tuple(_int(target, o, "offset") for o in offset)
         if len(offset) != 3:
             raise VolumeError(f"{target}: offset {list(offset)} must be 3 integers (voxels, zyx)")
+    if label and (channel_axis or dt.kind not in "iu"):
+        raise VolumeError(f"{target}: a segmentation is one integer id per voxel (z, y, x), "
+                          f"not {dt}{' with channels' if channel_axis else ''}")
+    if channel_names is not None:
+        channel_names = [str(n) for n in channel_names]
+        if not channel_axis or len(channel_names) != shape[0]:
+            raise ValueError(f"{target}: {len(channel_names)} channel names for shape {shape}")
     extra = dict(attrs or {})
     if "ome" in extra:
         raise ValueError(f"{target}: attrs must not set 'ome'; it is written from the arguments")
@@ -323,6 +460,8 @@ def _spec(
         "voxel_size": voxel_size,
         "offset": offset,
         "channel_axis": channel_axis,
+        "channel_names": channel_names,
+        "label": label,
         "attrs": extra,
     }
 
@@ -335,12 +474,15 @@ def _int(target: Path, value: Any, key: str) -> int:
     return int(value)
 
 
-def _create(root: zarr.Group, node: str, name: str, spec: dict[str, Any]) -> zarr.Array:
+def _create(parent: zarr.Group, node: str, name: str, spec: dict[str, Any]) -> zarr.Array:
     """Create image group `node` (OME name `name`) and its level-0 array."""
     ome = ome_image_attrs(
-        name, len(spec["shape"]), spec["voxel_size"], spec["offset"], spec["channel_axis"]
+        name, len(spec["shape"]), spec["voxel_size"], spec["offset"], spec["channel_axis"],
+        channel_names=spec["channel_names"],
     )
-    group = root.create_group(node, attributes={**spec["attrs"], **ome})
+    if spec["label"]:
+        ome["ome"]["image-label"] = image_label_attrs()
+    group = parent.create_group(node, attributes={**spec["attrs"], **ome})
     axes = ["c", "z", "y", "x"] if spec["channel_axis"] else ["z", "y", "x"]
     return group.create_array(
         name=LEVEL,
@@ -349,4 +491,5 @@ def _create(root: zarr.Group, node: str, name: str, spec: dict[str, Any]) -> zar
         chunks=spec["chunks"],
         compressors=[compressor(spec["dtype"])],
         dimension_names=axes,
+        attributes=funlib_attrs(spec["voxel_size"], spec["offset"], spec["channel_axis"]),
     )

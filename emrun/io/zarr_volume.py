@@ -16,6 +16,7 @@ import numpy as np
 import zarr
 
 from emrun.geometry import Roi, slices
+from emrun.io.layout import LABELS, PARTIAL_SUFFIX
 from emrun.io.metadata import multiscale_dataset, ome_levels, spatial_metadata
 from emrun.io.volume import (
     MAX_LISTED,
@@ -26,8 +27,6 @@ from emrun.io.volume import (
     format_names,
     metadata_error,
 )
-
-PARTIAL_SUFFIX = ".partial"  # a volume being written (emrun.io.convert); not yet a volume
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,7 +105,8 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
 
     if not dataset:
         level = multiscale_dataset(dict(node.attrs))
-        if level is not None:
+        if level is not None and "/" not in level:  # an emrun store's root names a volume's
+            # levels by path (emrun.io.layout): the store, not a volume of it
             return _open_image_group(path, None, node, level)
         raise VolumeError(
             f"{path}: is a zarr group; name an array inside it ({path}/NAME); "
@@ -115,7 +115,15 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
     try:
         array = node[dataset]
     except KeyError:
-        raise VolumeError(f"{path} has no array {dataset!r}; arrays: {list_arrays(node)}") from None
+        array = None
+    if array is None or (isinstance(array, zarr.Group)
+                         and multiscale_dataset(dict(array.attrs)) is None):
+        label = _label(node, dataset)  # `STORE/NAME` of a segmentation in STORE/labels/NAME
+        if label is not None:
+            return _open_image_group(path, dataset, label, multiscale_dataset(
+                dict(label.attrs)) or "0", array_path=f"{LABELS}/{dataset}")
+    if array is None or (isinstance(array, zarr.Group) and "labels" in array.attrs.get("ome", {})):
+        raise VolumeError(f"{path} has no array {dataset!r}; arrays: {list_arrays(node)}")
     if isinstance(array, zarr.Group):
         level = multiscale_dataset(dict(array.attrs))
         if level is not None:
@@ -129,8 +137,22 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
     return _volume(path, dataset, array, dict(parent.attrs), array_name)
 
 
-def _open_image_group(path: str, dataset: str | None, group: Any, level: str) -> ZarrVolume:
-    """Open an OME-Zarr image group at `level`, its first multiscale dataset."""
+def _label(store: Any, name: str) -> Any:
+    """The image group of segmentation `name` in the store's OME labels group, or None."""
+    if "/" in name or LABELS not in store:
+        return None
+    labels = store[LABELS]
+    listed = labels.attrs.get("ome", {}).get("labels") if isinstance(labels, zarr.Group) else None
+    if not isinstance(listed, list) or name not in listed or name not in labels:
+        return None
+    found = labels[name]
+    return found if isinstance(found, zarr.Group) else None
+
+
+def _open_image_group(path: str, dataset: str | None, group: Any, level: str,
+                      array_path: str | None = None) -> ZarrVolume:
+    """Open an OME-Zarr image group at `level`, its first multiscale dataset; `array_path`:
+    where the group lies in the store when not at `dataset`."""
     name = f"{path}/{dataset}" if dataset else path
     try:
         array = group[level]
@@ -141,7 +163,8 @@ def _open_image_group(path: str, dataset: str | None, group: Any, level: str) ->
         ) from None
     if isinstance(array, zarr.Group):
         raise VolumeError(f"{name}: OME-Zarr dataset {level!r} is a group, not an array")
-    inner = f"{dataset}/{level}" if dataset else level
+    where = array_path or dataset
+    inner = f"{where}/{level}" if where else level
     return _volume(path, dataset, array, dict(group.attrs), level, array_path=inner)
 
 
@@ -187,6 +210,10 @@ def _collect(group: Any, prefix: str, out: list[str]) -> None:
         if len(out) > 10 * MAX_LISTED:  # enough to show; don't walk a huge store
             return
         if name.endswith(PARTIAL_SUFFIX):
+            continue
+        listed = child.attrs.get("ome", {}).get("labels") if name == LABELS else None
+        if isinstance(listed, list):  # the store's segmentations open by their names
+            out.extend(prefix + str(n) for n in listed)
             continue
         if multiscale_dataset(dict(child.attrs)) is not None:
             out.append(prefix + name)

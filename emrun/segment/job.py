@@ -29,6 +29,7 @@ from ..devices import available_memory
 from ..errors import UserError
 from ..geometry import Roi, zyx
 from ..io import Volume, open_volume
+from ..io.pyramid import level_factors
 from ..paths import is_link_loop
 from ..recipe.recipe import Recipe
 from ..recipe.run import SegmenterBase
@@ -258,6 +259,7 @@ def run_segment(request: SegmentRequest, *,
 
     volume, offsets = open_affinities(request.affinities, request.offsets)
     spatial = volume.shape[1:]
+    level_factors(spatial, volume.voxel_size, request.levels)  # a bad --levels, before work
     check_output_fits(output, 8 * math.prod(spatial) * len(names),
                       f"segmenting {volume} ({len(names)} x {'x'.join(map(str, spatial))} "
                       "uint64)")
@@ -284,7 +286,8 @@ def run_segment(request: SegmentRequest, *,
                            segmenter_from=segmenter_from)
     info = {"version": __version__, "input": str(volume), "offsets": [list(o) for o in offsets],
             "mask": mask_path, "segmenter": segmenter.spec.model_dump()}
-    write_args = {"voxel_size": volume.voxel_size, "offset": volume.offset}
+    write_args = {"voxel_size": volume.voxel_size, "offset": volume.offset, "label": True,
+                  "levels": request.levels}
 
     if sweeping:
         _sweep(result, volume, offsets, segmenter, values or [], mask, truth, request.workers,
@@ -355,7 +358,7 @@ def _blockwise(result: SegmentResult, volume: Volume, offsets: Sequence[Offset],
     import zarr
 
     from ..io import staged_volume
-    from ..io.zarr_volume import PARTIAL_SUFFIX
+    from ..io.layout import PARTIAL_SUFFIX, volume_dir
     from .blockwise import segment_into
 
     attrs = {"emrun": {"segment": {**info, "segmenter": segmenter.spec.model_dump()}}}
@@ -363,7 +366,8 @@ def _blockwise(result: SegmentResult, volume: Volume, offsets: Sequence[Offset],
                        **write_args) as array:
         done = segment_into(array, volume, offsets, segmenter, mask=mask,
                             block=block, on_block=on_block)  # type: ignore[arg-type]
-        group = zarr.open_group(str(output / (name + PARTIAL_SUFFIX)), mode="r+")
+        group = zarr.open_group(str(volume_dir(output, name + PARTIAL_SUFFIX, True)),
+                                mode="r+")
         meta = dict(group.attrs)["emrun"]
         meta["segment"].update(segments=done.segments, blockwise={
             "block": list(done.block), "halo": list(done.halo), "blocks": done.blocks,

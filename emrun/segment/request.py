@@ -27,6 +27,7 @@ class SegmentRequest:
     ``truth`` (default: the spec's ``sweep_values``). ``min_size`` overrides the spec's.
     ``connected_truth``: the sweep scores against the truth's connected pieces.
     ``workers``: values a sweep segments at once. ``block``: segment block by block.
+    ``levels``: the output's pyramid levels (None: the default; 1: full resolution only).
     """
 
     affinities: str
@@ -44,6 +45,7 @@ class SegmentRequest:
     truth: str | None = None
     connected_truth: bool = False
     workers: int | None = None
+    levels: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", MappingProxyType(
