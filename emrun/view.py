@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from .errors import UserError
-from .io import Volume, open_volume
+from .io import open_volume
+from .io.zarr_volume import ZarrVolume
 
 LayerKind = Literal["image", "channels", "segmentation"]
 
@@ -49,13 +50,8 @@ class Layer:
     voxel_size: tuple[float, float, float]  # nm, z, y, x
 
 
-def _ome_multiscales(volume: Volume) -> list[Any]:
+def _ome_multiscales(volume: ZarrVolume) -> list[Any]:
     """The OME-Zarr multiscales of the volume's group, or a UserError saying what is missing."""
-    from .io.zarr_volume import ZarrVolume
-
-    if not isinstance(volume, ZarrVolume):
-        raise UserError(f"{volume}: emrun view serves OME-Zarr volumes; convert it first "
-                        "(emrun data convert)")
     ome = volume.attributes().get("ome") or {}
     multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
     if not multiscales:
@@ -68,6 +64,9 @@ def _ome_multiscales(volume: Volume) -> list[Any]:
 def layer_for(path: str, taken: set[str]) -> Layer:
     """The layer that shows the volume at ``path`` (named after its group, made unique)."""
     volume = open_volume(path)
+    if not isinstance(volume, ZarrVolume):
+        raise UserError(f"{volume}: emrun view serves OME-Zarr volumes; convert it first "
+                        "(emrun data convert)")
     multiscales = _ome_multiscales(volume)
     axes = [axis.get("type") for axis in multiscales[0].get("axes", [])]
     channels = int(volume.shape[0]) if "channel" in axes and len(volume.shape) == 4 else 0
@@ -77,8 +76,9 @@ def layer_for(path: str, taken: set[str]) -> Layer:
         kind = "segmentation"
     else:
         kind = "image"
-    inner = volume.dataset or ""
-    name = (inner.rstrip("/").rpartition("/")[2] or Path(volume.path).stem) or "volume"
+    array = volume.array_path or volume.dataset or ""  # the level array read
+    inner = array.rpartition("/")[0]  # the OME-Zarr image group holding it
+    name = (inner.rpartition("/")[2] or Path(volume.path).stem) or "volume"
     unique, count = name, 1
     while unique in taken:
         count += 1

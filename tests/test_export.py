@@ -171,6 +171,7 @@ def test_a_rewritten_member_or_an_unknown_version_is_refused(trained):
                      "--init-from", package)
     assert refused.exit_code == 2 and "member recipe.yaml does not match its checksum" in \
         refused.stderr
+    package.unlink()
     assert invoke("export", trained / "run", package).exit_code == 0
     _rewrite(package, "manifest.json",
              lambda b: b.replace(b'"format_version": 1', b'"format_version": 9'))

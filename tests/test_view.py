@@ -60,6 +60,9 @@ def test_the_state_names_a_layer_per_volume_of_the_right_kind(volumes):
         assert dims["c^"] == [1, ""] and dims["z"] == [pytest.approx(30e-9), "m"]
         assert affinity["source"]["url"] == f"zarr://{shown.server.url}/1/affinity"
         assert layers["image"]["source"] == f"zarr://{shown.server.url}/0/image"
+        # a segmentation is an OME label of its store; its old path still finds it
+        assert layers["segmentation"]["source"] == \
+            f"zarr://{shown.server.url}/2/labels/segmentation"
         prefix = CLIENT.rstrip("/") + "/#!"
         assert shown.link.startswith(prefix)
         assert json.loads(urllib.parse.unquote(shown.link[len(prefix):])) == shown.state
@@ -104,9 +107,11 @@ def test_the_neuroglancer_package_serves_the_client(volumes):
 
 
 def test_two_volumes_of_one_name_get_two_layers(volumes):
-    shown = view([volumes[0], volumes[0]], client=CLIENT)
+    shown = view([volumes[0], volumes[0] + "/0"], client=CLIENT)  # a group, a level of it
     try:
         assert [layer.name for layer in shown.layers] == ["image", "image_2"]
+        assert {layer["source"].rpartition("/")[2] for layer in shown.state["layers"]} == {
+            "image"}  # neuroglancer opens the image group, with its levels and voxel size
     finally:
         shown.close()
 
@@ -136,7 +141,7 @@ def test_the_command_serves_until_stopped(volumes):
         started = json.loads(line)
         assert [layer["name"] for layer in started["state"]["layers"]] == [
             "image", "affinity", "segmentation"]
-        assert get(f"{started['data']}/2/segmentation/zarr.json")[0] == 200
+        assert get(f"{started['data']}/2/labels/segmentation/zarr.json")[0] == 200
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
