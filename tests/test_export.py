@@ -355,3 +355,19 @@ def test_a_missing_extra_is_one_line_saying_what_to_install(trained, monkeypatch
     assert result.exit_code == 2 and extra in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (trained / "x.out").exists()
+
+
+@pytest.mark.parametrize("recipe_name", ["demo", "snemi3d_aff", "x", "a.b/c:d" + "e" * 80])
+def test_any_recipe_name_makes_a_bioimageio_name(recipe_name):
+    spec = pytest.importorskip("bioimageio.spec.model.v0_5")
+    from typing import Annotated
+
+    from pydantic import TypeAdapter
+
+    from emrun.export.bioimageio import _name
+
+    name = _name(recipe_name)
+    field = spec.ModelDescr.model_fields["name"]  # bioimage.io's own rule for the name
+    TypeAdapter(Annotated[field.annotation, *field.metadata]).validate_python(name)
+    assert 5 <= len(name) <= 64 and set(name) <= set(
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+- ()")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import string
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -208,8 +209,17 @@ def _description(spec: Any, trained: Trained, facts: dict[str, Any],
     )
 
 
+NAME_CHARACTERS = frozenset(string.ascii_letters + string.digits + "_+- ()")
+"""What bioimage.io allows in a model's name (5 to 64 of them, 128 at most with a warning)."""
+
+
 def _name(name: str) -> str:
-    return name.replace("_", " ")
+    """The recipe's name as bioimage.io accepts it: its characters only (others become '-'),
+    at least 5 of them ('demo' becomes 'emrun demo'), at most 64."""
+    text = "".join(c if c in NAME_CHARACTERS else "-" for c in name.replace("_", " ")).strip()
+    if len(text) < 5:
+        text = f"emrun {text}".strip()
+    return text[:64]
 
 
 def _plain(value: Any) -> Any:
