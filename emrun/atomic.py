@@ -1,8 +1,10 @@
 """Write a user's file completely or not at all: into a hidden temporary file beside it,
-flushed to disk, then renamed over the target (a rename within a folder is atomic)."""
+flushed to disk, then renamed over the target (a rename within a folder is atomic) and the
+folder flushed too, so that the rename itself survives a crash."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,9 +24,26 @@ def atomic_output(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every platform allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_text(path: Path, text: str) -> None:
     """``path.write_text(text)``, atomically."""
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """``path.write_bytes(data)``, atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)

@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
+from emrun.atomic import fsync_dir
 from emrun.errors import DISK_FULL, UserError
 from emrun.paths import is_link_loop, not_a_file
 
-__all__ = ["TEMP_SUFFIX", "CheckpointError", "fsync_dir", "load", "remove", "save_atomic",
-           "save_failed"]
+__all__ = ["TEMP_SUFFIX", "CheckpointError", "load", "remove", "save_atomic", "save_failed"]
 
 TEMP_SUFFIX = ".partial"
 """Temporary files are ``.<name>.<random>.partial`` beside their target."""
@@ -82,16 +82,6 @@ def _check_loadable(obj: Any, where: str = "state") -> None:
     raise TypeError(f"{where}: a {kind.__module__}.{kind.__qualname__} cannot be loaded with "
                     "weights_only=True; store tensors, numbers, strings, bools, None, lists, "
                     "tuples or dicts")
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (best effort: not every platform allows it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def remove(path: str | Path) -> None:

@@ -22,9 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -34,8 +32,9 @@ from typing import Any
 import torch
 import yaml
 
+from ..atomic import write_bytes
 from ..paths import not_a_file
-from .checkpoint import CheckpointError, fsync_dir, load, remove
+from .checkpoint import CheckpointError, load
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ModelPackage", "PackageError", "is_package",
            "load_network", "read_package", "write_package"]
@@ -99,25 +98,10 @@ def write_package(path: Path, manifest: dict[str, Any], recipe: str,
 def write_atomic(path: Path, data: bytes) -> None:
     """``data`` to ``path`` whole or not at all; a failure is one line naming ``path``."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        write_bytes(path, data)
     except OSError as exc:
-        raise PackageError(f"{path}: cannot write ({exc.strerror or exc})") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except OSError as exc:
-        remove(temp)
         raise PackageError(f"{path}: cannot write ({exc.strerror or exc}); nothing was "
                            "written") from exc
-    except BaseException:
-        remove(temp)
-        raise
-    fsync_dir(path.parent)
 
 
 # --------------------------------------------------------------------------- reading

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import fsync_dir
 from ..io.checkpoint import (
     TEMP_SUFFIX,
     CheckpointError,
-    fsync_dir,
     load,
     remove,
     save_atomic,
