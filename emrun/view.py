@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 
 from .errors import UserError
 from .io import open_volume
+from .io.metadata import multiscale_levels
 from .io.zarr_volume import ZarrVolume
 
 LayerKind = Literal["image", "channels", "segmentation"]
@@ -50,26 +51,17 @@ class Layer:
     voxel_size: tuple[float, float, float]  # nm, z, y, x
 
 
-def _ome_multiscales(volume: ZarrVolume) -> list[Any]:
-    """The OME-Zarr multiscales of the volume's group, or a UserError saying what is missing."""
-    ome = volume.attributes().get("ome") or {}
-    multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
-    if not multiscales:
-        raise UserError(f"{volume}: not an OME-Zarr image group (no 'ome' multiscales "
-                        "metadata), which neuroglancer needs for its geometry; convert it "
-                        "first (emrun data convert)")
-    return list(multiscales)
-
-
 def layer_for(path: str, taken: set[str]) -> Layer:
     """The layer that shows the volume at ``path`` (named after its group, made unique)."""
     volume = open_volume(path)
     if not isinstance(volume, ZarrVolume):
         raise UserError(f"{volume}: emrun view serves OME-Zarr volumes; convert it first "
                         "(emrun data convert)")
-    multiscales = _ome_multiscales(volume)
-    axes = [axis.get("type") for axis in multiscales[0].get("axes", [])]
-    channels = int(volume.shape[0]) if "channel" in axes and len(volume.shape) == 4 else 0
+    if not multiscale_levels(volume.attributes()):
+        raise UserError(f"{volume}: not an OME-Zarr image group (no multiscales metadata), "
+                        "which neuroglancer needs for its geometry; convert it first (emrun "
+                        "data convert)")
+    channels = int(volume.shape[0]) if volume.ndim == 4 else 0  # emrun's: channels first
     if channels:
         kind: LayerKind = "channels" if channels >= 3 else "image"
     elif volume.dtype.kind in "ui" and volume.dtype.itemsize >= 4:

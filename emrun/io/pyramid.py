@@ -20,13 +20,13 @@ which never invents an id. Windows cut by the volume's end use the voxels presen
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zarr
 
+from emrun.devices import cpu_cores
 from emrun.geometry import BlockGrid, Roi, box_of, slices
 from emrun.io.volume import VolumeError
 
@@ -174,8 +174,7 @@ def write_level(
         target[slices(Roi((0,) * len(lead) + tuple(box.offset), lead + tuple(box.shape)))] = (
             downsample(reader(source, full), step, labels))
 
-    workers = threads or min(8, len(os.sched_getaffinity(0)) if hasattr(
-        os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = threads or min(8, cpu_cores())
     if workers == 1 or len(boxes) == 1:
         for box in boxes:
             one(box)
