@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,9 +164,24 @@ def test_extends_of_a_file_that_is_no_recipe_names_it_without_echoing_it(write, 
     assert "secret" not in msg.replace(str(other), "")
 
 
-def test_an_override_nested_a_thousand_deep_is_a_user_error():
+@pytest.fixture(params=[1000, 5000], ids=["default-limit", "raised-limit"])
+def recursion_limit(request):
+    """The recursion limit: torch.compile raises it, which must not change what a user reads."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(request.param)
+    yield request.param
+    sys.setrecursionlimit(old)
+
+
+def test_an_override_nested_a_thousand_deep_is_a_user_error(recursion_limit):
     for value in ("[" * 1000 + "]" * 1000, "{a: " * 1000 + "1" + "}" * 1000):
         with pytest.raises(RecipeError) as info:
             load_recipe(ROOT / "recipes" / "demo.yaml", [f"train.patch={value}"])
         [line] = str(info.value).splitlines()
         assert "nested too deeply" in line and len(line) < 200
+
+
+def test_a_recipe_file_nested_deeper_than_any_setting_is_a_user_error(write, recursion_limit):
+    path = write(MINIMAL + "extra: " + "[" * 200 + "]" * 200 + "\n")
+    [msg] = problems(path)
+    assert "nested too deeply" in msg and len(msg) < 200

@@ -20,7 +20,7 @@ from .checks import cautions, cross_checks
 from .errors import SHOWN, KeyPath, Mark, Problem, RecipeError, dotted
 from .pydantic_errors import problem_from_error
 from .recipe import Recipe
-from .yamlsource import Located, parse, read_text
+from .yamlsource import MAX_NESTING, Located, nesting_depth, parse, read_text
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,8 @@ def _apply_override(located: Located, expr: str) -> None:
         mark = getattr(exc, "problem_mark", None)
         at = f" (at character {mark.column + 1} of the value)" if mark and mark.line == 0 else ""
         raise RecipeError([Problem(f"the value is not valid YAML: {problem}{at}", where)]) from None
+    if nesting_depth(value) > MAX_NESTING:
+        raise RecipeError([Problem("the value is nested too deeply", where)])
     node: Any = located.data
     path: list[str | int] = []
     for i, part in enumerate(parts):

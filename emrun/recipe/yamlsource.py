@@ -155,6 +155,23 @@ def _yaml_message(exc: yaml.MarkedYAMLError) -> str:
 
 MAX_EXPANDED = 100_000
 """Values that YAML aliases may repeat in all: a recipe needs few; a 'billion laughs' many."""
+MAX_NESTING = 32
+"""No recipe setting is nested this deep; deeper is refused whatever the interpreter's recursion
+limit (torch.compile raises it, which used to change the message a 1000-deep value got)."""
+
+
+def nesting_depth(value: Any) -> int:
+    """How many lists and mappings deep ``value`` goes, counted without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth + 1)
+            if deepest > MAX_NESTING:
+                return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 class _Converter:
@@ -177,6 +194,9 @@ class _Converter:
                 raise RecipeError([Problem(f"aliases repeat more than {MAX_EXPANDED:,} values; "
                                            "a recipe is small", _mark(shown, node.start_mark),
                                            path)])
+        if len(path) > MAX_NESTING:
+            raise RecipeError([Problem(f"YAML nested too deeply (more than {MAX_NESTING} levels)",
+                                       _mark(shown, node.start_mark))])
         self.seen.add(id(node))
         self.out.values[path] = _mark(shown, node.start_mark)
         if not isinstance(node, yaml.MappingNode | yaml.SequenceNode):
