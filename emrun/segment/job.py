@@ -69,6 +69,7 @@ class SegmentResult:
     block: list[int] | None = None
     seconds: float = 0.0
     sweep: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None  # the graph pipeline's, by step
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -246,6 +247,9 @@ def run_segment(request: SegmentRequest, *,
         recorded = recorded_segmenter(request.affinities)
         if recorded is not None:
             spec, segmenter_from = recorded
+    if request.scheduler is not None:
+        return _run_graph(request, spec, segmenter_from, start, say=on_stage,
+                          on_block=on_block)
     segmenter, values = make_segmenter(request, spec)
     method = segmenter.spec.type
     output, name, block = request.output, request.name, request.block
@@ -316,6 +320,37 @@ def run_segment(request: SegmentRequest, *,
             run = segmenter if values is None else segmenter.with_value(value)
             say(f"writing {output / out_name}")
             _write(result, output, out_name, seg, run, info, write_args)
+    result.seconds = round(time.perf_counter() - start, 3)
+    return result
+
+
+def _run_graph(request: SegmentRequest, spec: SegmenterBase | None,
+               segmenter_from: str | None, start: float, *,
+               say: Callable[[str], None] | None,
+               on_block: Callable[[str, int, int], None] | None) -> SegmentResult:
+    """The graph pipeline (emrun.segment.scale) on local workers or daisy."""
+    from .scale.command import run_scaled, waterz_spec
+
+    agglo = waterz_spec(request, spec)
+    names = [request.name] if len(agglo.thresholds) == 1 else [
+        f"{request.name}_{t:g}" for t in agglo.thresholds]
+    output = request.output
+    if not request.resume:
+        check_output(output, names)
+    volume, offsets = open_affinities(request.affinities, request.offsets)
+    spatial = volume.shape[1:]
+    level_factors(spatial, volume.voxel_size, request.levels)
+    if not request.resume:
+        check_output_fits(output, 8 * math.prod(spatial) * (len(names) + 1),
+                          f"segmenting {volume} (fragments and {len(names)} segmentations, "
+                          f"{'x'.join(map(str, spatial))} uint64)")
+    mask = None if request.mask is None else open_spatial(request.mask, volume, "mask")
+    result = SegmentResult(input=str(volume), output=str(output), method="waterz",
+                           parameters=agglo.model_dump(), mode=f"graph ({request.scheduler})",
+                           segmenter_from=segmenter_from)
+    result.timings = run_scaled(request, agglo, volume, offsets, mask, result,
+                                say or (lambda text: None), on_block)
+    result.block = list(result.timings.pop("block"))
     result.seconds = round(time.perf_counter() - start, 3)
     return result
 

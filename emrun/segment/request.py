@@ -28,6 +28,10 @@ class SegmentRequest:
     ``connected_truth``: the sweep scores against the truth's connected pieces.
     ``workers``: values a sweep segments at once. ``block``: segment block by block.
     ``levels``: the output's pyramid levels (None: the default; 1: full resolution only).
+    ``scheduler`` (``local``, ``daisy``): the graph pipeline (emrun.segment.scale) with
+    ``workers`` processes (or daisy workers started through ``launch``), the region graph
+    in the database at ``db`` (default: SQLite in the output), ``fragments`` made by
+    ``watershed`` or ``mws``; ``resume`` finishes (or extends) a job found in the output.
     """
 
     affinities: str
@@ -46,6 +50,11 @@ class SegmentRequest:
     connected_truth: bool = False
     workers: int | None = None
     levels: int | None = None
+    scheduler: str | None = None
+    launch: str | None = None
+    db: str | None = None
+    fragments: str = "watershed"
+    resume: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", MappingProxyType(
@@ -60,9 +69,25 @@ class SegmentRequest:
         elif self.truth is not None or self.connected_truth:
             flag = "--truth" if self.truth is not None else "--connected-truth"
             raise UserError(f"{flag} is for --sweep; add --sweep or drop {flag}")
-        elif self.workers is not None:
-            raise UserError("--workers is for --sweep (the values it segments at once); add "
-                            "--sweep or drop --workers")
+        elif self.workers is not None and self.scheduler is None:
+            raise UserError("--workers is for --sweep (the values it segments at once) or "
+                            "--scheduler (the processes segmenting blocks); add one or drop "
+                            "--workers")
+        if self.scheduler is not None:
+            if self.scheduler not in ("local", "daisy"):
+                raise UserError(f"--scheduler {self.scheduler!r}: choose local or daisy")
+            if self.sweep:
+                raise UserError("--sweep runs in memory; drop --scheduler (sweep a crop)")
+        else:
+            given = [flag for flag, value in (("--launch", self.launch), ("--db", self.db),
+                                              ("--resume", self.resume or None)) if value]
+            if self.fragments != "watershed":
+                given.append("--fragments")
+            if given:
+                raise UserError(f"{', '.join(given)} go with --scheduler local or daisy (the "
+                                "graph pipeline); add --scheduler or drop them")
+        if self.launch is not None and self.scheduler != "daisy":
+            raise UserError("--launch starts daisy workers; add --scheduler daisy")
         if self.workers is not None and self.workers < 1:
             raise UserError(f"--workers must be at least 1 (got {self.workers})")
         if self.block is not None and min(self.block) < 1:

@@ -1,0 +1,207 @@
+"""`emrun segment --scheduler local|daisy`: the checks, then the four steps, resumable.
+
+Everything a user can get wrong is checked before any block is done: the segmenter (the
+graph pipeline agglomerates by threshold, as waterz: ``--method waterz`` or a recipe whose
+``segment`` is waterz), thresholds in [0, 1], the affinities and their nearest-neighbour
+offsets, the mask, the output (never overwritten; an unfinished job only with ``--resume``,
+and only if its fragments were made the same way) and the database (it must answer and
+accept the tables).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ... import __version__
+from ...errors import UserError
+from ...geometry import Zyx, zyx
+from ...io import Volume
+from ...io.layout import volume_dir
+from ...io.write import CHUNK_ZYX, build_pyramid, create_volume
+from ...recipe.run import SegmenterBase, Waterz
+from ...registry import segmenters
+from ..base import respec
+from ..request import SegmentRequest
+from .fragments import FRAGMENT_METHODS
+from .graphdb import GraphStore, default_url, shown_url
+from .job import FOLDER, FRAGMENTS, ScaleJob
+from .schedulers import run_step
+from .steps import agglomerate_graph, lut_file, lut_key
+
+__all__ = ["DEFAULT_BLOCK", "block_chunks", "run_scaled"]
+
+DEFAULT_BLOCK = (32, 512, 512)
+"""Blocks of 8 M voxels: about 0.5 GB of working memory per worker."""
+
+Say = Callable[[str], None]
+
+
+def block_chunks(block: Sequence[int]) -> Zyx:
+    """Storage chunks that divide the block (so no two blocks share a chunk), as large as
+    the usual chunks (16, 256, 256) allow."""
+    return zyx(max(d for d in range(1, min(b, c) + 1) if b % d == 0)
+               for b, c in zip(block, CHUNK_ZYX, strict=True))
+
+
+def waterz_spec(request: SegmentRequest, spec: SegmenterBase | None) -> Waterz:
+    """The agglomeration settings: the recipe's waterz section, or waterz's defaults, with the
+    command's thresholds and min size."""
+    if request.method not in (None, "waterz") or (
+            spec is not None and spec.type != "waterz"):  # type: ignore[attr-defined]
+        kind = request.method or spec.type  # type: ignore[union-attr]
+        raise UserError(f"--scheduler runs the graph pipeline (fragments, a region graph, "
+                        f"agglomeration by threshold as waterz), not {kind}; use --method "
+                        "waterz, or drop --scheduler for mws or cc on one machine (--block)")
+    base = spec if isinstance(spec, Waterz) else segmenters.entry("waterz").spec()
+    changes: dict[str, Any] = {}
+    if request.values.get("threshold"):
+        changes["thresholds"] = list(request.values["threshold"])
+    if request.min_size is not None:
+        changes["min_size"] = request.min_size
+    return respec(base, **changes) if changes else base  # type: ignore[return-value]
+
+
+def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
+               offsets: tuple[Any, ...], mask: Volume | None, result: Any,
+               say: Say, on_block: Callable[[str, int, int], None] | None) -> dict[str, Any]:
+    """Run (or resume) the job with the agglomeration settings ``agglo`` (`waterz_spec`);
+    fills ``result.outputs``; returns the timings by step (and the block)."""
+    if request.fragments not in FRAGMENT_METHODS:
+        raise UserError(f"--fragments {request.fragments!r}: choose "
+                        f"{' or '.join(FRAGMENT_METHODS)}")
+    output = request.output
+    spatial = zyx(volume.shape[1:])
+    block = zyx(min(b, n) for b, n in zip(request.block or DEFAULT_BLOCK, spatial, strict=True))
+    folder = output / FOLDER
+    job = ScaleJob(affinities=_location(volume), offsets=tuple(offsets),
+                   output=str(output.resolve()), shape=spatial, block=block,
+                   fragments=request.fragments, thresholds=tuple(agglo.thresholds),
+                   scoring=agglo.scoring, min_size=int(agglo.min_size),
+                   db=request.db or default_url(folder), name=request.name,
+                   mask=None if mask is None else _location(mask), levels=request.levels)
+    _check_resume(job, request.resume)
+    store = GraphStore(job.db)
+    if not output.exists():
+        zarr.open_group(str(output), mode="a", zarr_format=3)  # the store, then its folder
+    job.folder.mkdir(parents=True, exist_ok=True)
+    store.create(job.digest())  # the database answers and takes the tables, before any work
+    _prepare_outputs(job, volume, agglo)
+    job.save()
+    timings: dict[str, Any] = {"block": list(job.block), "blocks": len(job.grid)}
+    workers, kind, launch = request.workers or 1, request.scheduler or "local", request.launch
+
+    def step(name: str, pending: list[Zyx]) -> None:
+        say(f"{name}: {len(pending)} of {len(job.grid)} blocks to do "
+            f"({kind}, {workers} worker{'s' if workers > 1 else ''})")
+        started = time.perf_counter()
+        parts: Counter[str] = run_step(job, name, pending, scheduler=kind, workers=workers,
+                                       launch=launch, on_block=on_block)
+        timings[name] = {"seconds": round(time.perf_counter() - started, 3),
+                         "blocks": len(pending), **{k: round(v, 3) for k, v in parts.items()}}
+
+    indices = [zyx(i) for i in job.grid.indices()]
+    step("fragments", [i for i in indices if not job.is_done("fragments", i)])
+    done = store.done_blocks()
+    step("graph", [i for i in indices if job.block_id(i) not in done])
+    say(f"agglomerating the graph (thresholds {', '.join(f'{t:g}' for t in job.thresholds)}, "
+        f"{job.scoring})")
+    started = time.perf_counter()
+    timings["agglomerate"] = {**agglomerate_graph(job),
+                              "seconds": round(time.perf_counter() - started, 3)}
+    relabel = f"relabel-{lut_key(job)}"
+    step("relabel", [i for i in indices if not job.is_done(relabel, i)])
+    started = time.perf_counter()
+    for name, threshold in zip(job.names, job.thresholds, strict=True):
+        segments = _finish(job, name)
+        result.outputs.append({"name": name, "threshold": threshold, "segments": segments})
+    timings["pyramid"] = {"seconds": round(time.perf_counter() - started, 3)}
+    timings["database_bytes"] = store.size_bytes()
+    store.dispose()
+    return timings
+
+
+def _location(volume: Volume) -> str:
+    """How a worker opens the volume: an absolute path (or the URL), with its dataset."""
+    where = volume.path if "://" in volume.path else str(Path(volume.path).resolve())
+    return f"{where}/{volume.dataset}" if volume.dataset else where
+
+
+def _check_resume(job: ScaleJob, resume: bool) -> None:
+    if not job.job_file.exists():
+        return  # new (or killed before it saved itself: nothing of it was done)
+    if not resume:
+        raise UserError(f"{job.output}: holds an unfinished or finished scaled segmentation; "
+                        "use --resume to finish or extend it, or another output (nothing was "
+                        "overwritten)")
+    try:
+        old = ScaleJob.load(job.job_file)
+    except (OSError, ValueError, TypeError, KeyError):
+        raise UserError(f"{job.job_file}: unreadable; remove {job.folder} to start over") \
+            from None
+    if old.digest() != job.digest():
+        what = [name for name, a, b in (
+            ("input", old.affinities, job.affinities), ("offsets", old.offsets, job.offsets),
+            ("shape", old.shape, job.shape), ("block", old.block, job.block),
+            ("fragments", old.fragments, job.fragments), ("mask", old.mask, job.mask))
+            if a != b]
+        was = ", ".join(f"{w} {getattr(old, w)}" for w in what)
+        raise UserError(f"{job.output}: its fragments were made with another "
+                        f"{', '.join(what) or 'layout'} ({was}); resume with the same "
+                        "settings, or use another output")
+    if old.db != job.db:
+        raise UserError(f"--db {shown_url(job.db)}: this job's graph is in "
+                        f"{shown_url(old.db)}; resume with that --db")
+
+
+def _prepare_outputs(job: ScaleJob, volume: Volume, agglo: Waterz) -> None:
+    """Create the fragments volume and one segmentation per threshold, unless this job
+    (with these settings) created them already; refuse any other volume in the way."""
+    output = Path(job.output)
+    chunks = block_chunks(job.block)
+    args = {"chunks": chunks, "voxel_size": volume.voxel_size, "offset": volume.offset,
+            "label": True}
+    info = {"version": __version__, "input": job.affinities,
+            "offsets": [list(o) for o in job.offsets], "mask": job.mask,
+            "block": list(job.block), "fragments": job.fragments}
+    if not volume_dir(output, FRAGMENTS, True).exists():
+        create_volume(output, FRAGMENTS, job.shape, np.uint64,
+                      attrs={"emrun": {"fragments": {**info, "digest": job.digest()}}}, **args)
+    elif _attr(output, FRAGMENTS, "fragments").get("digest") != job.digest():
+        raise UserError(f"{volume_dir(output, FRAGMENTS, True)}: already exists and was not "
+                        "made by this job; not overwriting it (use another output)")
+    key = lut_key(job)
+    for name, threshold in zip(job.names, job.thresholds, strict=True):
+        if not volume_dir(output, name, True).exists():
+            attrs = {"emrun": {"segment": {**info, "segmenter": agglo.model_dump(),
+                                           "threshold": threshold, "key": key,
+                                           "mode": "graph"}}}
+            create_volume(output, name, job.shape, np.uint64, attrs=attrs, **args)
+        elif _attr(output, name, "segment").get("key") != key:
+            raise UserError(f"{volume_dir(output, name, True)}: already exists (another "
+                            "threshold or method); not overwriting it (choose another --name)")
+
+
+def _attr(output: Path, name: str, key: str) -> dict[str, Any]:
+    group = zarr.open_group(str(volume_dir(output, name, True)), mode="r")
+    found = dict(group.attrs).get("emrun", {})
+    return found.get(key, {}) if isinstance(found, dict) else {}
+
+
+def _finish(job: ScaleJob, name: str) -> int:
+    """Build the segmentation's pyramid and record its segment count; returns the count."""
+    folder = volume_dir(job.output, name, True)
+    with np.load(lut_file(job, name)) as data:
+        segments = int(data["segments"].max(initial=0))
+    build_pyramid(folder, job.levels, label=True)
+    group = zarr.open_group(str(folder), mode="r+")
+    meta = dict(group.attrs)["emrun"]
+    meta["segment"]["segments"] = segments
+    group.attrs["emrun"] = meta
+    return segments

@@ -1,0 +1,234 @@
+"""The region adjacency graph in a database, through SQLAlchemy: SQLite (embedded, one file
+in the output's private folder; the default, for one machine) or PostgreSQL
+(``postgresql://user@host/db``, for workers on many machines; driver psycopg2, extra
+``emrun[postgres]``).
+
+Tables: ``nodes`` (fragment id, block, size, centre), ``edges`` (fragment pair, block, summed
+affinity, count, histogram), ``blocks`` (the blocks whose graph is in: the graph step's
+done-markers, committed in the same transaction as the block's rows, so a worker killed
+mid-block leaves nothing that a resumed job would trust) and ``meta`` (the job digest: a
+database filled for other fragments refuses to be mixed with these).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import UserError
+from .rag import BINS, BlockGraph
+
+__all__ = ["GraphData", "GraphStore", "default_url", "shown_url"]
+
+SQLITE_FILE = "graph.sqlite"
+
+
+def default_url(folder: Path) -> str:
+    """The SQLite database of a job whose private folder is ``folder``."""
+    return f"sqlite:///{(folder / SQLITE_FILE).resolve()}"
+
+
+def shown_url(url: str) -> str:
+    """The URL with any password hidden, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: show it as given (it has no password to hide)
+        return url
+
+
+@dataclass(frozen=True)
+class GraphData:
+    """The whole graph: nodes sorted by id; edges aggregated over blocks (``u < v``)."""
+
+    ids: np.ndarray
+    sizes: np.ndarray
+    u: np.ndarray
+    v: np.ndarray
+    total: np.ndarray
+    count: np.ndarray
+    hist: np.ndarray
+
+
+@functools.cache
+def _tables() -> tuple[Any, ...]:
+    import sqlalchemy as sa
+
+    meta = sa.MetaData()
+    info = sa.Table("meta", meta, sa.Column("key", sa.String(64), primary_key=True),
+                    sa.Column("value", sa.Text, nullable=False))
+    nodes = sa.Table("nodes", meta, sa.Column("id", sa.BigInteger, primary_key=True,
+                                              autoincrement=False),
+                     sa.Column("block", sa.BigInteger, nullable=False),
+                     sa.Column("size", sa.BigInteger, nullable=False),
+                     sa.Column("z", sa.Float), sa.Column("y", sa.Float), sa.Column("x", sa.Float))
+    edges = sa.Table("edges", meta, sa.Column("u", sa.BigInteger, nullable=False),
+                     sa.Column("v", sa.BigInteger, nullable=False),
+                     sa.Column("block", sa.BigInteger, nullable=False),
+                     sa.Column("total", sa.Float, nullable=False),
+                     sa.Column("count", sa.BigInteger, nullable=False),
+                     sa.Column("hist", sa.LargeBinary, nullable=False))
+    blocks = sa.Table("blocks", meta, sa.Column("block", sa.BigInteger, primary_key=True,
+                                                autoincrement=False))
+    return meta, info, nodes, edges, blocks
+
+
+class GraphStore:
+    """One job's graph database."""
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa
+
+        self.url = url
+        shown = shown_url(url)
+        scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise UserError(f"--db {shown}: give sqlite:///FILE or postgresql://USER@HOST/DB")
+        if scheme == "postgres":  # the libpq spelling
+            url = "postgresql" + url[len("postgres"):]
+        connect: dict[str, Any] = ({"timeout": 300} if scheme == "sqlite"
+                                   else {"connect_timeout": 10})
+        try:
+            self.engine = sa.create_engine(url, connect_args=connect, pool_pre_ping=True)
+        except ImportError as exc:
+            raise UserError(f"--db {shown}: the driver is missing ({exc}); pip install "
+                            "'emrun[postgres]'") from None
+        except Exception as exc:
+            raise UserError(f"--db {shown}: not a database URL ({_first_line(exc)})") from None
+        if scheme == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_settings)
+        self.seconds = 0.0  # time spent writing, for the benchmark's database share
+
+    def create(self, digest: str) -> None:
+        """Create the tables if missing and record ``digest``; a database that records
+        another digest is refused (it holds another job's graph)."""
+        import sqlalchemy as sa
+
+        meta, info, *_ = _tables()
+        with self._connection("create the graph tables in") as conn:
+            meta.create_all(conn)
+            found = conn.execute(sa.select(info.c.value).where(info.c.key == "digest")).scalar()
+            if found is None:
+                conn.execute(info.insert(), [{"key": "digest", "value": digest}])
+            elif found != digest:
+                raise UserError(f"--db {shown_url(self.url)}: holds the graph of other "
+                                "fragments (another input, block size or method); give an empty "
+                                "database, or the output this database was made for")
+
+    def done_blocks(self) -> set[int]:
+        import sqlalchemy as sa
+
+        blocks = _tables()[4]
+        with self._connection("read") as conn:
+            return {int(b) for b in conn.execute(sa.select(blocks.c.block)).scalars()}
+
+    def write_block(self, block: int, graph: BlockGraph) -> bool:
+        """Insert one block's nodes and edges and its marker in one transaction; False if
+        the block was already in (another worker, or an earlier run, finished it)."""
+        import sqlalchemy as sa
+
+        _, _, nodes, edges, blocks = _tables()
+        node_rows = [{"id": int(i), "block": block, "size": int(s), "z": float(c[0]),
+                      "y": float(c[1]), "x": float(c[2])}
+                     for i, s, c in zip(graph.ids.tolist(), graph.sizes.tolist(),
+                                        graph.centres.tolist(), strict=True)]
+        hist = graph.hist.astype("<u4")
+        edge_rows = [{"u": int(a), "v": int(b), "block": block, "total": float(t),
+                      "count": int(n), "hist": h.tobytes()}
+                     for a, b, t, n, h in zip(graph.u.tolist(), graph.v.tolist(),
+                                              graph.total.tolist(), graph.count.tolist(), hist,
+                                              strict=True)]
+        start = time.perf_counter()
+        try:
+            with self._connection("write to") as conn:
+                if conn.execute(sa.select(blocks.c.block).where(
+                        blocks.c.block == block)).first() is not None:
+                    return False
+                conn.execute(blocks.insert(), [{"block": block}])  # first: claims the block
+                if node_rows:
+                    conn.execute(nodes.insert(), node_rows)
+                if edge_rows:
+                    conn.execute(edges.insert(), edge_rows)
+        except sa.exc.IntegrityError:  # another worker committed this block meanwhile
+            return False
+        finally:
+            self.seconds += time.perf_counter() - start
+        return True
+
+    def read(self) -> GraphData:
+        """The whole graph, edges summed over the blocks that saw them."""
+        import sqlalchemy as sa
+
+        from ..graph import Edges
+
+        _, _, nodes, edges, _ = _tables()
+        with self._connection("read") as conn:
+            node_rows = conn.execute(sa.select(nodes.c.id, nodes.c.size)
+                                     .order_by(nodes.c.id)).all()
+            edge_rows = conn.execute(sa.select(edges.c.u, edges.c.v, edges.c.total,
+                                               edges.c.count, edges.c.hist)).all()
+        ids = np.array([r[0] for r in node_rows], np.int64).view(np.uint64)
+        sizes = np.array([r[1] for r in node_rows], np.int64)
+        if not edge_rows:
+            empty = np.zeros(0, np.uint64)
+            return GraphData(ids, sizes, empty, empty, np.zeros(0), np.zeros(0, np.int64),
+                             np.zeros((0, BINS), np.int64))
+        u = np.searchsorted(ids, np.array([r[0] for r in edge_rows], np.int64).view(np.uint64))
+        v = np.searchsorted(ids, np.array([r[1] for r in edge_rows], np.int64).view(np.uint64))
+        total = np.array([r[2] for r in edge_rows], np.float64)
+        count = np.array([r[3] for r in edge_rows], np.int64)
+        hist = np.frombuffer(b"".join(r[4] for r in edge_rows), "<u4").reshape(-1, BINS)
+        merged = Edges.aggregate(u, v, total, count)  # a pair seen by two blocks: summed
+        pair = np.searchsorted(merged.u * (ids.size + 1) + merged.v,
+                               np.minimum(u, v) * (ids.size + 1) + np.maximum(u, v))
+        summed = np.zeros((merged.u.size, BINS), np.int64)
+        np.add.at(summed, pair, hist)
+        return GraphData(ids, sizes, merged.u, merged.v, merged.total, merged.count, summed)
+
+    def size_bytes(self) -> int | None:
+        """The database's size on disk (SQLite: its file; PostgreSQL: the database)."""
+        import sqlalchemy as sa
+
+        if self.engine.dialect.name == "sqlite":
+            path = Path(self.engine.url.database or "")
+            return sum(p.stat().st_size for p in path.parent.glob(path.name + "*")
+                       if p.is_file()) if path.name else None
+        with self._connection("read") as conn:
+            return int(conn.execute(sa.text("SELECT pg_database_size(current_database())"))
+                       .scalar())
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _connection(self, what: str) -> Iterator[Any]:
+        import sqlalchemy as sa
+
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError,
+                sa.exc.InterfaceError) as exc:
+            raise UserError(f"--db {shown_url(self.url)}: cannot {what} the graph database "
+                            f"({_first_line(exc.orig or exc)})") from None
+
+
+def _sqlite_settings(connection: Any, _record: Any) -> None:
+    """WAL: readers do not block the workers writing blocks."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,124 @@
+"""One scaled segmentation job: the inputs, the block grid, the database and what is done.
+
+The parent checks what a user can get wrong and writes the job as JSON into
+``OUT.zarr/.emrun-segment/job.json``; a worker, here or on another machine, needs only that
+file. Each finished block of a step leaves a done-marker file under
+``.emrun-segment/<step>/<bz>_<by>_<bx>`` (the graph step's marker is its row in the database,
+committed with the block's nodes and edges), so any scheduler resumes what another started.
+The job's ``digest`` covers what decides the fragments (input, offsets, grid, method, mask):
+a resumed job whose digest differs refuses to mix its work with the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...atomic import write_text
+from ...geometry import BlockGrid, Roi, Zyx, box_of, zyx
+from ...io import PRIVATE_PREFIX
+from ..affinities import Offset
+
+__all__ = ["FOLDER", "FRAGMENTS", "ScaleJob", "output_name"]
+
+FOLDER = f"{PRIVATE_PREFIX}segment"
+FRAGMENTS = "fragments"
+JOB_FILE = "job.json"
+
+
+def output_name(name: str, threshold: float, several: bool) -> str:
+    """The segmentation volume of one threshold: ``name`` alone, or ``name_0.7`` among
+    several."""
+    return f"{name}_{threshold:g}" if several else name
+
+
+@dataclass(frozen=True)
+class ScaleJob:
+    """Everything a worker needs for any block of any step."""
+
+    affinities: str
+    offsets: tuple[Offset, ...]
+    output: str
+    shape: Zyx
+    block: Zyx
+    fragments: str  # "watershed" or "mws"
+    thresholds: tuple[float, ...]
+    scoring: str  # "mean" or "p85"
+    min_size: int
+    db: str
+    name: str = "segmentation"
+    mask: str | None = None
+    levels: int | None = None
+    fragment_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.output) / FOLDER
+
+    @property
+    def grid(self) -> BlockGrid:
+        return BlockGrid(box_of(self.shape), self.block)
+
+    def box(self, index: Zyx) -> Roi:
+        return self.grid.box(index)
+
+    def block_id(self, index: Zyx) -> int:
+        """The block's number in raster order (its fragments' ids start above
+        ``block_id * block voxels``)."""
+        counts = self.grid.counts
+        return (index[0] * counts[1] + index[1]) * counts[2] + index[2]
+
+    def index_of(self, block_id: int) -> Zyx:
+        counts = self.grid.counts
+        return zyx((block_id // (counts[1] * counts[2]), block_id // counts[2] % counts[1],
+                    block_id % counts[2]))
+
+    @property
+    def names(self) -> list[str]:
+        several = len(self.thresholds) > 1
+        return [output_name(self.name, t, several) for t in self.thresholds]
+
+    def digest(self) -> str:
+        """Hash of what decides the fragments and the graph: their markers are keyed by it."""
+        key = json.dumps([self.affinities, [list(o) for o in self.offsets], list(self.shape),
+                          list(self.block), self.fragments, self.mask,
+                          sorted(self.fragment_options.items())])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def marker(self, step: str, index: Zyx) -> Path:
+        return self.folder / step / "_".join(map(str, index))
+
+    def is_done(self, step: str, index: Zyx) -> bool:
+        return self.marker(step, index).exists()
+
+    def mark_done(self, step: str, index: Zyx) -> None:
+        path = self.marker(step, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> ScaleJob:
+        data = json.loads(text)
+        data["offsets"] = tuple(zyx(o) for o in data["offsets"])
+        data["shape"], data["block"] = zyx(data["shape"]), zyx(data["block"])
+        data["thresholds"] = tuple(data["thresholds"])
+        return cls(**data)
+
+    @property
+    def job_file(self) -> Path:
+        return self.folder / JOB_FILE
+
+    def save(self) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text(self.job_file, self.to_json())
+        return self.job_file
+
+    @classmethod
+    def load(cls, path: str | Path) -> ScaleJob:
+        return cls.from_json(Path(path).read_text())
