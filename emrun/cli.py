@@ -456,8 +456,26 @@ def segment(
     levels: Levels = None,
     workers: Annotated[int | None, typer.Option(
         min=1, help="--sweep: values segmented at once in worker processes (default: as "
-                    "many as cores and memory allow).")] = None,
+                    "many as cores and memory allow); --scheduler: worker processes.")] = None,
     level: LevelChoice = None,
+    scheduler: Annotated[str | None, typer.Option(
+        metavar="local|daisy", help="Segment at scale, block by block on --workers: fragments "
+        "(OUT/fragments), a region graph in a database, agglomeration by --threshold as "
+        "waterz, relabelling; resumable. local: processes here; daisy: daisy workers "
+        "(extra emrun[daisy]).")] = None,
+    launch: Annotated[str | None, typer.Option(
+        metavar="CMD", help="--scheduler daisy: start each worker through this command, e.g. "
+        "'srun -c 2 --mem 4G' (nodes share the output folder and the database).")] = None,
+    db: Annotated[str | None, typer.Option(
+        metavar="URL", help="--scheduler: the region graph's database, e.g. "
+        "postgresql://user@host/graphs (extra emrun[postgres]); default: SQLite in "
+        "OUT/.emrun-segment.")] = None,
+    fragments: Annotated[str, typer.Option(
+        metavar="watershed|mws", help="--scheduler: how blocks are cut into fragments.")
+    ] = "watershed",
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="--scheduler: finish the job in OUT (or agglomerate its graph at "
+        "other thresholds, with another --name).")] = False,
     json_: JsonLine = False,
 ) -> None:
     """Affinities to a neuron segmentation (mutex watershed, waterz, components)."""
@@ -484,7 +502,8 @@ def segment(
         affinities=_at_level(affs, level), output=output, method=method,
         values={"bias": values("--bias", bias), "threshold": values("--threshold", threshold)},
         min_size=min_size, mask=mask, offsets=offsets, block=block, name=name, sweep=sweep,
-        truth=truth, connected_truth=connected_truth, workers=workers, levels=levels)
+        truth=truth, connected_truth=connected_truth, workers=workers, levels=levels,
+        scheduler=scheduler, launch=launch, db=db, fragments=fragments, resume=resume)
     result = run_segment(request, on_block=report, on_stage=Stages(err))
     if result.segmenter_from:
         err.print(f"segmenter {result.method} from {result.segmenter_from} (--method to "

@@ -205,7 +205,8 @@ class Waterz(SegmenterBase):
     validation_values: ClassVar[tuple[float, ...]] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
     """Merge while 1 - affinity is below the threshold (SNEMI3D's best: 0.85)."""
 
-    thresholds: list[float] = Field([0.5], min_length=1, description="Merge thresholds.")
+    thresholds: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        [0.5], min_length=1, description="Merge thresholds, each in [0, 1].")
     scoring: Literal["mean", "p85"] = Field("mean", description="Edge score.")
     min_size: MinSize = 0
 

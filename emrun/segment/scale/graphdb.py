@@ -1,6 +1,6 @@
 """The region adjacency graph in a database, through SQLAlchemy: SQLite (embedded, one file
 in the output's private folder; the default, for one machine) or PostgreSQL
-(``postgresql://user@host/db``, for workers on many machines; driver psycopg2, extra
+(``postgresql://user@host/db``, for workers on many machines; driver psycopg 3, extra
 ``emrun[postgres]``).
 
 Tables: ``nodes`` (fragment id, block, size, centre), ``edges`` (fragment pair, block, summed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import os
 import shlex
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 
 from ...errors import UserError
 from ...geometry import Zyx, zyx
+from ...subprocesses import die_with_parent
 from .job import ScaleJob
 from .steps import _store, run_block
 
@@ -55,7 +57,8 @@ def _run_local(job_file: str, step: str, blocks: Sequence[Zyx], workers: int,
                 on_block(step, i + 1, total)
         return seconds
     context = multiprocessing.get_context("spawn")  # no fork of zarr's or torch's threads
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:  # no orphans after a kill -9
         pending = {pool.submit(run_block, job_file, step, index) for index in blocks}
         done = 0
         try:

@@ -1,0 +1,362 @@
+"""Segmentation at scale (`emrun segment --scheduler`): fragments per block, the region graph
+in a database, agglomeration, relabelling. Checked against the truth the affinities were
+made from, against one block holding the whole volume, across block faces, after kill -9 at
+any step, on SQLite and (when the machine has a PostgreSQL server) PostgreSQL, and on the
+user's mistakes. Synthetic cells made in code."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from test_segment import affinities, arand, cells, noisy
+from typer.testing import CliRunner
+
+from emrun.cli import app
+from emrun.io import write_volume
+from emrun.segment.graph import Edges
+from emrun.segment.scale.agglomerate import agglomerate
+from emrun.segment.scale.graphdb import GraphData
+from emrun.segment.scale.rag import BINS, histogram_quantile
+
+runner = CliRunner()
+NEAREST = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
+SHAPE = (24, 96, 96)
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """Noisy uint8 affinities of 40 space-filling cells, and the cells."""
+    tmp = tmp_path_factory.mktemp("scale")
+    truth = cells(SHAPE, n=40, seed=3)
+    affs = noisy(affinities(truth, NEAREST), 0.1, seed=1)
+    write_volume(tmp / "in.zarr", "affinity", np.round(affs * 255).astype(np.uint8),
+                 channel_axis=True, attrs={"offsets": [list(o) for o in NEAREST]})
+    write_volume(tmp / "in.zarr", "truth", truth.astype(np.uint64))
+    return tmp, truth
+
+
+def segment(tmp: Path, out: str, *extra: str) -> tuple[Path, object]:
+    path = tmp / out
+    result = runner.invoke(app, ["segment", str(tmp / "in.zarr/affinity"), str(path),
+                                 "--scheduler", "local", *extra])
+    return path, result
+
+
+def level0(store: Path, name: str) -> np.ndarray:
+    return zarr.open_array(str(store / "labels" / name / "0"), mode="r")[...]
+
+
+@pytest.mark.parametrize(("block", "workers"), [("24 96 96", "1"), ("8 32 32", "1"),
+                                                ("6 40 24", "2")])
+def test_blockwise_segmentation_finds_the_cells_whatever_the_blocks(volume, block, workers):
+    tmp, truth = volume
+    out, result = segment(tmp, f"b{block.replace(' ', '_')}.zarr", "--block", *block.split(),
+                          "--workers", workers, "--threshold", "0.5")
+    assert result.exit_code == 0, result.output
+    seg = level0(out, "segmentation")
+    assert arand(seg, truth) < 1e-3
+    assert seg.min() > 0 and np.unique(seg).size == 40
+    fragments = level0(out, "fragments")
+    assert np.unique(fragments).size > 40  # agglomeration joined fragments
+
+
+def test_no_segment_is_cut_along_a_block_face(volume):
+    """Every face between blocks: voxel pairs of one cell on both sides keep one id."""
+    tmp, truth = volume
+    out, result = segment(tmp, "faces.zarr", "--block", "8", "32", "32")
+    assert result.exit_code == 0, result.output
+    seg = level0(out, "segmentation")
+    cut = 0
+    for axis, size in enumerate((8, 32, 32)):
+        for face in range(size, SHAPE[axis], size):
+            a = np.take(seg, face - 1, axis), np.take(seg, face, axis)
+            t = np.take(truth, face - 1, axis), np.take(truth, face, axis)
+            cut += int(((t[0] == t[1]) & (a[0] != a[1])).sum())
+    assert cut == 0
+
+
+def test_several_thresholds_come_from_one_graph(volume):
+    tmp, _truth = volume
+    out, result = segment(tmp, "many.zarr", "--block", "12", "48", "48", "--threshold",
+                          "0.05,0.5,0.99")
+    assert result.exit_code == 0, result.output
+    counts = [np.unique(level0(out, f"segmentation_{t}")).size for t in ("0.05", "0.5", "0.99")]
+    assert counts[0] > counts[1] == 40 > counts[2]  # fewer merges, right, everything merged
+
+
+def test_agglomeration_follows_waterz_semantics():
+    """Chain 0-1-2-3: edges of mean affinity 0.9, 0.35, 0.8. Merging 0-1 (score 0.1) and
+    2-3 (0.2) happens below 0.5; 1-2 (score 0.65) only above it."""
+    u, v = np.array([0, 1, 2]), np.array([1, 2, 3])
+    graph = GraphData(np.arange(1, 5, dtype=np.uint64), np.full(4, 100), u, v,
+                      np.array([90.0, 35.0, 80.0]), np.array([100, 100, 100]),
+                      np.zeros((3, BINS), np.int64))
+    low, mid, high = agglomerate(graph, [0.15, 0.5, 0.7], "mean")
+    assert low.tolist() == [1, 1, 2, 3]
+    assert mid.tolist() == [1, 1, 2, 2]
+    assert high.tolist() == [1, 1, 1, 1]
+
+
+def test_agglomeration_stops_at_the_first_merge_above_the_threshold():
+    """Scores fall as regions grow: A-B (score 0.4) merges; then AB-C, whose summed edge
+    scores 0.3, merges only because A-B merged first. At threshold 0.35 neither happens."""
+    # edges: 0-1 mean 0.6 (score 0.4); 0-2 mean 0.5 (0.5) and 1-2 mean 0.9 (0.1) over few
+    # voxels; 1-2 alone would merge first: make it small so the sum is what counts.
+    u, v = np.array([0, 0, 1]), np.array([1, 2, 2])
+    total, count = np.array([60.0, 2.0, 9.0]), np.array([100, 4, 10])  # 0.6, 0.5, 0.9
+    graph = GraphData(np.arange(1, 4, dtype=np.uint64), np.full(3, 50), u, v, total, count,
+                      np.zeros((3, BINS), np.int64))
+    first, later = agglomerate(graph, [0.05, 0.5], "mean")
+    assert first.tolist() == [1, 2, 3]
+    assert later.tolist() == [1, 1, 1]
+
+
+def test_histogram_quantile_reads_the_85th_percentile():
+    rng = np.random.default_rng(0)
+    values = rng.beta(2, 5, size=(20, 500))
+    hist = np.stack([np.bincount(np.minimum((v * BINS).astype(int), BINS - 1), minlength=BINS)
+                     for v in values])
+    got = histogram_quantile(hist, 0.85)
+    assert np.abs(got - np.quantile(values, 0.85, axis=1)).max() < 1.0 / BINS
+
+
+@pytest.mark.parametrize("scoring", ["mean", "p85"])
+def test_blockwise_graph_agglomeration_matches_waterz_in_memory(volume, scoring):
+    """The recipe's waterz section (here the request's spec) drives both paths; blockwise on
+    the graph gives what waterz gives on the whole volume in memory (p85 merges two cells
+    here, in both)."""
+    pytest.importorskip("waterz")
+    from emrun.recipe.run import Waterz
+    from emrun.registry import segmenters
+    from emrun.segment import segment_array
+    from emrun.segment.job import run_segment
+    from emrun.segment.request import SegmentRequest
+
+    tmp, truth = volume
+    spec = Waterz(thresholds=[0.5], scoring=scoring)
+    out = tmp / f"{scoring}.zarr"
+    request = SegmentRequest(affinities=str(tmp / "in.zarr/affinity"), output=out, spec=spec,
+                             scheduler="local", block=(12, 48, 48))
+    result = run_segment(request)
+    assert result.parameters["scoring"] == scoring and result.mode == "graph (local)"
+    affs = zarr.open_array(str(tmp / "in.zarr/affinity/0"))[...].astype(np.float32) / 255
+    in_memory = segment_array(affs, NEAREST, segmenters.build(spec))
+    assert arand(level0(out, "segmentation"), in_memory) < 1e-3
+    assert arand(in_memory, truth) < (1e-3 if scoring == "mean" else 0.05)
+
+
+def test_resume_agglomerates_the_same_graph_at_another_threshold(volume):
+    tmp, _ = volume
+    out, result = segment(tmp, "again.zarr", "--block", "12", "48", "48")
+    assert result.exit_code == 0, result.output
+    _, result = segment(tmp, "again.zarr", "--block", "12", "48", "48", "--threshold", "0.99",
+                        "--name", "merged", "--resume")
+    assert result.exit_code == 0, result.output
+    assert "fragments: 0 of 8 blocks to do" in result.output
+    assert "graph: 0 of 8 blocks to do" in result.output
+    assert np.unique(level0(out, "merged")).size == 1
+
+
+def _command(tmp: Path, out: Path, workers: str = "2") -> list[str]:
+    return [sys.executable, "-m", "emrun", "segment", str(tmp / "in.zarr/affinity"), str(out),
+            "--scheduler", "local", "--workers", workers, "--block", "6", "24", "24",
+            "--threshold", "0.3,0.5"]
+
+
+def _graph_blocks(out: Path) -> int:
+    db = out / ".emrun-segment" / "graph.sqlite"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=1) as conn:
+            return int(conn.execute("SELECT count(*) FROM blocks").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def _markers(out: Path, step: str) -> int:
+    folder = out / ".emrun-segment"
+    return sum(len(list(d.glob("*_*_*"))) for d in folder.glob(f"{step}*")) if folder.exists() \
+        else 0
+
+
+@pytest.mark.parametrize("moment", ["fragments", "graph", "relabel"])
+def test_kill_9_at_any_step_then_resume_gives_the_same_segmentation_bit_for_bit(volume, moment):
+    tmp, _ = volume
+    straight = tmp / "straight.zarr"
+    if not straight.exists():
+        subprocess.run(_command(tmp, straight, "1"), check=True, capture_output=True)
+    out = tmp / f"killed-{moment}.zarr"
+    process = subprocess.Popen(_command(tmp, out), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    reached = {"fragments": lambda: _markers(out, "fragments") >= 10,
+               "graph": lambda: _graph_blocks(out) >= 10,
+               "relabel": lambda: _markers(out, "relabel") >= 10}[moment]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and not reached():
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run must be killed midway"
+    done = subprocess.run([*_command(tmp, out), "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name in ("fragments", "segmentation_0.3", "segmentation_0.5"):
+        assert np.array_equal(level0(out, name), level0(straight, name)), name
+
+
+def test_daisy_gives_what_local_workers_give(volume):
+    pytest.importorskip("daisy")
+    tmp, _ = volume
+    local, result = segment(tmp, "local.zarr", "--block", "12", "48", "48")
+    assert result.exit_code == 0, result.output
+    out = tmp / "daisy.zarr"
+    done = subprocess.run([sys.executable, "-m", "emrun", "segment",
+                           str(tmp / "in.zarr/affinity"), str(out), "--scheduler", "daisy",
+                           "--workers", "2", "--block", "12", "48", "48"],
+                          capture_output=True, text=True, cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    for name in ("fragments", "segmentation"):
+        assert np.array_equal(level0(out, name), level0(local, name)), name
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------
+
+def _postgres_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server on a free local port (as user postgres when root)."""
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("no PostgreSQL server on this machine (initdb/pg_ctl not found; .ci/run "
+                    "installs one)")
+    pytest.importorskip("psycopg", reason="psycopg missing: pip install 'emrun[postgres]'")
+    folder = Path(tempfile.mkdtemp(prefix="emrun-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        try:
+            import pwd
+
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server")
+        os.chmod(folder, 0o755)
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = folder / "data"
+    subprocess.run([*prefix, initdb, "-D", str(data), "-A", "trust", "-U", "emrun"],
+                   check=True, capture_output=True)
+    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql://emrun@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_postgresql_holds_the_graph_and_gives_what_sqlite_gives(volume, postgres_url):
+    tmp, _truth = volume
+    lite, result = segment(tmp, "lite.zarr", "--block", "12", "48", "48", "--workers", "2")
+    assert result.exit_code == 0, result.output
+    pg, result = segment(tmp, "pg.zarr", "--block", "12", "48", "48", "--workers", "2",
+                         "--db", postgres_url)
+    assert result.exit_code == 0, result.output
+    assert not (pg / ".emrun-segment" / "graph.sqlite").exists()
+    assert np.array_equal(level0(pg, "segmentation"), level0(lite, "segmentation"))
+    # the same database for other fragments is refused, not mixed
+    _, result = segment(tmp, "pg2.zarr", "--block", "8", "48", "48", "--db", postgres_url)
+    assert result.exit_code == 2 and "holds the graph of other fragments" in result.output
+
+
+def test_postgresql_kill_9_then_resume(volume, postgres_url):
+    """kill -9 mid-run with the graph in PostgreSQL; resumed, the same as SQLite's run."""
+    import sqlalchemy as sa
+
+    tmp, _ = volume
+    with sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT").connect() as conn:
+        conn.execute(sa.text("CREATE DATABASE killed"))
+    db = postgres_url.rsplit("/", 1)[0] + "/killed"
+    out = tmp / "pg-killed.zarr"
+    command = [*_command(tmp, out), "--db", db]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and \
+            _markers(out, "fragments") < 40:
+        time.sleep(0.002)
+    time.sleep(0.3)  # into the graph step, mid-transaction on some block
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = subprocess.run([*command, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    reference = tmp / "lite-reference.zarr"
+    subprocess.run(_command(tmp, reference, "1"), check=True, capture_output=True)
+    for name in ("fragments", "segmentation_0.3", "segmentation_0.5"):
+        assert np.array_equal(level0(out, name), level0(reference, name)), name
+
+
+# --- mistakes -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--db", "postgresql://nobody@127.0.0.1:1/none"], "cannot create the graph tables"),
+    (["--db", "mysql://x@y/z"], "give sqlite:///FILE or postgresql://"),
+    (["--threshold", "1.5"], "less than or equal to 1"),
+    (["--method", "mws"], "use --method waterz"),
+    (["--fragments", "slic"], "choose watershed or mws"),
+    (["--launch", "srun"], "add --scheduler daisy"),
+])
+def test_mistakes_are_one_line_and_exit_2(volume, extra, message):
+    tmp, _ = volume
+    out, result = segment(tmp, "bad.zarr", *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (out / "labels").exists(), "nothing half-written"
+
+
+def test_affinities_without_nearest_neighbours_are_refused(volume):
+    tmp, _ = volume
+    _, result = segment(tmp, "far.zarr", "--offsets", "-2,0,0 0,-2,0 0,0,-2")
+    assert result.exit_code == 2
+    assert "no nearest-neighbour affinity" in result.output
+
+
+def test_resume_refuses_fragments_of_another_layout_and_an_unasked_resume(volume):
+    tmp, _ = volume
+    _out, result = segment(tmp, "layout.zarr", "--block", "12", "48", "48")
+    assert result.exit_code == 0, result.output
+    _, result = segment(tmp, "layout.zarr", "--block", "12", "48", "48")
+    assert result.exit_code == 2 and "use --resume" in result.output
+    _, result = segment(tmp, "layout.zarr", "--block", "8", "48", "48", "--resume")
+    assert result.exit_code == 2 and "fragments were made with another block" in result.output
+
+
+def test_edges_aggregate_like_the_database_reads_them():
+    """Two blocks seeing one fragment pair: their statistics add up."""
+    merged = Edges.aggregate(np.array([3, 5, 3]), np.array([5, 3, 4]),
+                             np.array([1.0, 2.0, 0.5]), np.array([2, 3, 1]))
+    assert merged.u.tolist() == [3, 3] and merged.v.tolist() == [4, 5]
+    assert merged.total.tolist() == [0.5, 3.0] and merged.count.tolist() == [1, 5]
