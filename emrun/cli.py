@@ -34,7 +34,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Data tools: convert volumes, make synthetic EM, preview samples.",
                        no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks: data loading, model, trainer, inference, SNEMI3D.",
+bench_app = typer.Typer(help="Benchmarks: data loading, model, trainer, inference, "
+                        "segmentation, SNEMI3D.",
                         no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
@@ -790,6 +791,38 @@ def bench_infer(
     result = run_bench(load_recipe(recipe, override or []).recipe, shape=shape, device=device,
                        repeats=repeats, no_model=no_model, block=block, workers=workers,
                        configs=configs, compile_=compile_)
+    for line in report_lines(result):
+        out.print(line, markup=False)
+    if json_:
+        print(json.dumps(result))
+
+
+@bench_app.command("segment")
+@guarded
+def bench_segment(
+    shape: Annotated[tuple[int, int, int], typer.Option(
+        metavar="Z Y X", help="Synthetic affinity volume (generated block by block).")
+    ] = (64, 512, 512),
+    block: Annotated[tuple[int, int, int], typer.Option(
+        metavar="Z Y X", help="Block size of the pipeline.")] = (32, 256, 256),
+    workers: Annotated[list[int] | None, typer.Option(
+        min=1, help="Worker counts to run (repeat; default 1 and 2).")] = None,
+    threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
+    folder: Annotated[Path | None, typer.Option(
+        help="Where to write the temporary volumes (default: the system's temp folder).")
+    ] = None,
+    json_: JsonLine = False,
+) -> None:
+    """Graph segmentation (fragments, region graph, agglomeration) throughput per core."""
+    import json
+
+    from .bench.segment import bench_segment as run_bench
+    from .bench.segment import report_lines
+
+    if min(shape) < 1 or min(block) < 1:
+        raise UserError("--shape and --block take three sizes of at least 1")
+    result = run_bench(tuple(shape), tuple(block), sorted(set(workers or [1, 2])), threshold,
+                       folder)
     for line in report_lines(result):
         out.print(line, markup=False)
     if json_:

@@ -1,16 +1,22 @@
-"""Devices named by the user (`--device`): parsed and checked once, for every command."""
+"""Devices named by the user (`--device`): parsed and checked once, for every command.
+torch is imported only by what needs it: CPU-only workers (segmentation) ask for cores and
+memory here without paying for torch's import."""
 
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def parse_device(name: str) -> torch.device:
     """``name`` as a torch device; a typo is the user's to fix (exit 2), not a crash."""
+    import torch
+
     try:
         return torch.device(name)
     except RuntimeError as exc:
@@ -19,6 +25,8 @@ def parse_device(name: str) -> torch.device:
 
 def require_visible(device: torch.device, name: str) -> None:
     """Refuse a CUDA device this process cannot see (no GPU, or an index past the last)."""
+    import torch
+
     if device.type == "cuda" and (not torch.cuda.is_available() or (
             device.index is not None and device.index >= torch.cuda.device_count())):
         raise UserError(f"--device {name}: no such CUDA device is visible "

@@ -11,7 +11,6 @@ accept the tables).
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from ..request import SegmentRequest
 from .fragments import FRAGMENT_METHODS
 from .graphdb import GraphStore, default_url, shown_url
 from .job import FOLDER, FRAGMENTS, ScaleJob
-from .schedulers import run_step
+from .schedulers import local_pool, run_step
 from .steps import agglomerate_graph, lut_file, lut_key
 
 __all__ = ["DEFAULT_BLOCK", "block_chunks", "run_scaled"]
@@ -97,26 +96,29 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
     timings: dict[str, Any] = {"block": list(job.block), "blocks": len(job.grid)}
     workers, kind, launch = request.workers or 1, request.scheduler or "local", request.launch
 
-    def step(name: str, pending: list[Zyx]) -> None:
-        say(f"{name}: {len(pending)} of {len(job.grid)} blocks to do "
-            f"({kind}, {workers} worker{'s' if workers > 1 else ''})")
-        started = time.perf_counter()
-        parts: Counter[str] = run_step(job, name, pending, scheduler=kind, workers=workers,
-                                       launch=launch, on_block=on_block)
-        timings[name] = {"seconds": round(time.perf_counter() - started, 3),
-                         "blocks": len(pending), **{k: round(v, 3) for k, v in parts.items()}}
+    with local_pool(kind, workers) as pool:
 
-    indices = [zyx(i) for i in job.grid.indices()]
-    step("fragments", [i for i in indices if not job.is_done("fragments", i)])
-    done = store.done_blocks()
-    step("graph", [i for i in indices if job.block_id(i) not in done])
-    say(f"agglomerating the graph (thresholds {', '.join(f'{t:g}' for t in job.thresholds)}, "
-        f"{job.scoring})")
-    started = time.perf_counter()
-    timings["agglomerate"] = {**agglomerate_graph(job),
-                              "seconds": round(time.perf_counter() - started, 3)}
-    relabel = f"relabel-{lut_key(job)}"
-    step("relabel", [i for i in indices if not job.is_done(relabel, i)])
+        def step(name: str, pending: list[Zyx]) -> None:
+            say(f"{name}: {len(pending)} of {len(job.grid)} blocks to do "
+                f"({kind}, {workers} worker{'s' if workers > 1 else ''})")
+            started = time.perf_counter()
+            parts = run_step(job, name, pending, scheduler=kind, workers=workers,
+                             launch=launch, pool=pool, on_block=on_block)
+            timings[name] = {"seconds": round(time.perf_counter() - started, 3),
+                             "blocks": len(pending),
+                             **{k: round(v, 3) for k, v in parts.items()}}
+
+        indices = [zyx(i) for i in job.grid.indices()]
+        step("fragments", [i for i in indices if not job.is_done("fragments", i)])
+        done = store.done_blocks()
+        step("graph", [i for i in indices if job.block_id(i) not in done])
+        say(f"agglomerating the graph (thresholds "
+            f"{', '.join(f'{t:g}' for t in job.thresholds)}, {job.scoring})")
+        started = time.perf_counter()
+        timings["agglomerate"] = {**agglomerate_graph(job),
+                                  "seconds": round(time.perf_counter() - started, 3)}
+        relabel = f"relabel-{lut_key(job)}"
+        step("relabel", [i for i in indices if not job.is_done(relabel, i)])
     started = time.perf_counter()
     for name, threshold in zip(job.names, job.thresholds, strict=True):
         segments = _finish(job, name)

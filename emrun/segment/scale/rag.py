@@ -43,44 +43,47 @@ class BlockGraph:
 def block_graph(labels: np.ndarray, region: Roi, core: Roi, affs: np.ndarray,
                 offsets: Sequence[Offset]) -> BlockGraph:
     """The graph of ``core``: ``labels`` (fragment ids) cover ``region`` (the core and a
-    margin), ``affs`` (float32, c, z, y, x) cover ``core``; ids 0 take no part."""
-    inner = labels[local_slices(core, region.offset)]
-    ids, inverse, sizes = np.unique(inner, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
-    grids = np.indices(inner.shape, dtype=np.float64).reshape(3, -1)
-    sums = np.stack([np.bincount(inverse, weights=g, minlength=ids.size) for g in grids], 1)
-    centres = sums / sizes[:, None] + np.asarray(core.offset, np.float64)
-    keep = ids != 0
-    ids, sizes, centres = ids[keep], sizes[keep].astype(np.int64), centres[keep]
+    margin), ``affs`` (float32, c, z, y, x) cover ``core``; ids 0 take no part. Ids are
+    first made dense (one sort of the region), so pairs are single int64 keys."""
+    ids, dense = np.unique(labels, return_inverse=True)
+    dense = dense.reshape(labels.shape).astype(np.int64)
+    n = ids.size
+    inner = dense[local_slices(core, region.offset)].ravel()
+    sizes = np.bincount(inner, minlength=n)
+    centres = np.zeros((n, 3))
+    for axis, grid in enumerate(np.indices(core.shape, dtype=np.int32)):
+        centres[:, axis] = np.bincount(inner, weights=grid.ravel(), minlength=n)
+    present = (sizes > 0) & (ids != 0)
+    centres = centres[present] / sizes[present, None] + np.asarray(core.offset, np.float64)
 
-    us, vs, ps = [], [], []
+    keys, values = [], []
     for c, offset in enumerate(offsets):
         if not is_nearest(offset):
             continue
         box = shifted_inside(core, region, offset)
         if box is None:
             continue
-        u = labels[local_slices(box, region.offset)]
-        v = labels[local_slices(box.shift(Coordinate(offset)), region.offset)]
+        u = dense[local_slices(box, region.offset)]
+        v = dense[local_slices(box.shift(Coordinate(offset)), region.offset)]
         p = affs[c][local_slices(box, core.offset)]
-        pick = (u != v) & (u != 0) & (v != 0)
-        us.append(u[pick])
-        vs.append(v[pick])
-        ps.append(p[pick])
-    if not us or not sum(a.size for a in us):
+        pick = (u != v) & (ids[u] != 0) & (ids[v] != 0)
+        u, v = u[pick], v[pick]
+        keys.append(np.minimum(u, v) * n + np.maximum(u, v))
+        values.append(p[pick])
+    ids_out, sizes_out = ids[present], sizes[present].astype(np.int64)
+    if not keys or not sum(k.size for k in keys):
         empty = np.zeros(0, np.uint64)
-        return BlockGraph(ids, sizes, centres, empty, empty, np.zeros(0), np.zeros(0, np.int64),
-                          np.zeros((0, BINS), np.uint32))
-    u, v, p = np.concatenate(us), np.concatenate(vs), np.concatenate(ps).astype(np.float64)
-    lo, hi = np.minimum(u, v), np.maximum(u, v)
-    pairs, index = np.unique(np.stack([lo, hi], axis=1), axis=0, return_inverse=True)
+        return BlockGraph(ids_out, sizes_out, centres, empty, empty, np.zeros(0),
+                          np.zeros(0, np.int64), np.zeros((0, BINS), np.uint32))
+    pairs, index = np.unique(np.concatenate(keys), return_inverse=True)
     index = index.reshape(-1)
-    total = np.bincount(index, weights=p, minlength=len(pairs))
-    count = np.bincount(index, minlength=len(pairs)).astype(np.int64)
+    p = np.concatenate(values).astype(np.float64)
+    total = np.bincount(index, weights=p, minlength=pairs.size)
+    count = np.bincount(index, minlength=pairs.size).astype(np.int64)
     bins = np.minimum((p * BINS).astype(np.int64), BINS - 1)
-    hist = np.bincount(index * BINS + bins, minlength=len(pairs) * BINS)
-    return BlockGraph(ids, sizes, centres, pairs[:, 0], pairs[:, 1], total, count,
-                      hist.reshape(-1, BINS).astype(np.uint32))
+    hist = np.bincount(index * BINS + bins, minlength=pairs.size * BINS)
+    return BlockGraph(ids_out, sizes_out, centres, ids[pairs // n], ids[pairs % n], total,
+                      count, hist.reshape(-1, BINS).astype(np.uint32))
 
 
 def histogram_quantile(hist: np.ndarray, q: float) -> np.ndarray:

@@ -17,9 +17,10 @@ import subprocess
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from typing import Any
 
 from ...errors import UserError
@@ -28,54 +29,65 @@ from ...subprocesses import die_with_parent
 from .job import ScaleJob
 from .steps import _store, run_block
 
-__all__ = ["run_step"]
+__all__ = ["local_pool", "run_step"]
 
 Report = Callable[[str, int, int], None]
 
 
+@contextmanager
+def local_pool(scheduler: str, workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """The worker processes every step of a local job shares (started once: each imports
+    emrun); None where blocks run in this process (one worker) or on daisy's workers."""
+    if scheduler != "local" or workers == 1:
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of zarr's or torch's threads
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:  # no orphans after a kill -9
+        yield pool
+
+
 def run_step(job: ScaleJob, step: str, blocks: Sequence[Zyx], *, scheduler: str,
-             workers: int, launch: str | None, on_block: Report | None) -> Counter[str]:
-    """Run ``step`` on ``blocks`` (the pending ones); returns seconds summed by part (local
-    scheduler only: daisy workers keep theirs)."""
+             workers: int, launch: str | None, pool: ProcessPoolExecutor | None,
+             on_block: Report | None) -> Counter[str]:
+    """Run ``step`` on ``blocks`` (the pending ones) in ``pool`` (`local_pool`), here, or on
+    daisy; returns seconds summed by part (daisy workers keep theirs)."""
     job_file = str(job.job_file)
     if scheduler == "daisy":
         _run_daisy(job, step, workers, launch)
         if on_block is not None:
             on_block(step, len(blocks), len(blocks))
         return Counter()
-    return _run_local(job_file, step, blocks, workers, on_block)
+    return _run_local(job_file, step, blocks, pool, on_block)
 
 
-def _run_local(job_file: str, step: str, blocks: Sequence[Zyx], workers: int,
-               on_block: Report | None) -> Counter[str]:
+def _run_local(job_file: str, step: str, blocks: Sequence[Zyx],
+               pool: ProcessPoolExecutor | None, on_block: Report | None) -> Counter[str]:
     seconds: Counter[str] = Counter()
     total = len(blocks)
-    if workers == 1 or total <= 1:
+    if pool is None:
         for i, index in enumerate(blocks):
             seconds.update(run_block(job_file, step, index))
             if on_block is not None:
                 on_block(step, i + 1, total)
         return seconds
-    context = multiprocessing.get_context("spawn")  # no fork of zarr's or torch's threads
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent,
-                             initargs=(os.getpid(),)) as pool:  # no orphans after a kill -9
-        pending = {pool.submit(run_block, job_file, step, index) for index in blocks}
-        done = 0
-        try:
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    seconds.update(future.result())
-                    done += 1
-                    if on_block is not None:
-                        on_block(step, done, total)
-        except BrokenProcessPool:
-            raise RuntimeError(f"a {step} worker died (killed, or out of memory: use fewer "
-                               "--workers or a smaller --block); finished blocks are kept: "
-                               "run again with --resume") from None
-        finally:
-            for future in pending:
-                future.cancel()
+    pending = {pool.submit(run_block, job_file, step, index) for index in blocks}
+    done = 0
+    try:
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                seconds.update(future.result())
+                done += 1
+                if on_block is not None:
+                    on_block(step, done, total)
+    except BrokenProcessPool:
+        raise RuntimeError(f"a {step} worker died (killed, or out of memory: use fewer "
+                           "--workers or a smaller --block); finished blocks are kept: run "
+                           "again with --resume") from None
+    finally:
+        for future in pending:
+            future.cancel()
     return seconds
 
 

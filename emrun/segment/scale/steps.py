@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from ...atomic import atomic_output
 from ...geometry import Roi, Zyx, local_slices, slices
 from ...io import Volume, open_volume
 from ...io.layout import volume_dir
-from ..affinities import to_float
+from ..affinities import Offset, is_nearest, to_float
 from .agglomerate import agglomerate
 from .fragments import HALO, block_fragments
 from .graphdb import GraphStore
@@ -108,7 +109,7 @@ def _graph(job: ScaleJob, index: Zyx) -> dict[str, float]:
     store = _store(job.db)
     start = time.perf_counter()
     core = job.box(index)
-    region = job.grid.box(index, context=1)
+    region = graph_region(core, job.offsets, job.grid.total)
     labels = np.asarray(fragments_array(job)[slices(region)])
     affs = to_float(_volume(job.affinities).read(core), job.affinities)
     read = time.perf_counter()
@@ -117,6 +118,21 @@ def _graph(job: ScaleJob, index: Zyx) -> dict[str, float]:
     before = store.seconds
     store.write_block(job.block_id(index), graph)
     return {"read": read - start, "graph": work - read, "database": store.seconds - before}
+
+
+def graph_region(core: Roi, offsets: Sequence[Offset], total: Roi) -> Roi:
+    """The core and the one-voxel margin its edges reach, on the sides the nearest-neighbour
+    offsets point to only (DeepEM's (-1, 0, 0) ...: the lower faces), so that a block decodes
+    the fewest neighbouring chunks."""
+    begin, end = list(core.begin), list(core.end)
+    for offset in offsets:
+        if not is_nearest(offset):
+            continue
+        for axis, d in enumerate(offset):
+            begin[axis] = min(begin[axis], core.begin[axis] + d)
+            end[axis] = max(end[axis], core.end[axis] + d)
+    grown = Roi(begin, [e - b for b, e in zip(begin, end, strict=True)])
+    return grown.intersect(total)
 
 
 def _relabel(job: ScaleJob, index: Zyx) -> dict[str, float]:

@@ -1,0 +1,205 @@
+"""`emrun bench segment`: the graph pipeline's throughput on synthetic affinities, by workers.
+
+The affinities (uint8, three nearest-neighbour channels) are generated block by block, never
+whole, so any shape fits: cells are the Voronoi regions (in units of the box) of one
+jittered seed per ``CELL``-sized box of a coarse grid (the seed of a box is a hash of its
+index, so each block computes its own labels and a one-voxel margin below without seeing
+the others), and the
+affinity of an edge is 0.8 within a cell and 0.2 across, plus Gaussian noise (sigma 0.1)
+from a generator seeded by the block. Generation is not timed.
+
+For each worker count the whole pipeline runs on the same affinities into a fresh output
+with local worker processes, and reports seconds by step, the throughput per core of
+fragments + graph (voxels / (seconds x workers)), scaling against one worker, the
+database's share of the workers' time in those steps (SQLite: writing a block's nodes and
+edges), and the database's size per voxel. The adapted Rand error against the generated
+cells checks the result when the volume is small enough to score in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ..devices import cpu_cores
+from ..geometry import BlockGrid, Roi, box_of, slices
+from ..io.write import create_volume
+
+__all__ = ["CELL", "bench_segment", "make_affinities", "report_lines", "synthetic_cells"]
+
+CELL = (16, 48, 48)
+"""The coarse grid of cell seeds (z, y, x voxels): one cell per 37,000 voxels, elongated in
+z like neurites in anisotropic EM."""
+OFFSETS = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
+SCORE_VOXELS = 64 * 2**20
+"""Volumes up to this many voxels are scored against the generated cells."""
+
+
+def _hash(values: np.ndarray) -> np.ndarray:
+    """A 64-bit integer hash (splitmix64's finaliser) of non-negative integers."""
+    x = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def synthetic_cells(box: Roi, shape: Sequence[int]) -> np.ndarray:
+    """Cell ids (uint64, from 1) of the voxels of ``box`` in a volume of ``shape``: each voxel
+    takes the nearest seed (in units of ``CELL``) among the 27 boxes around its own, so a
+    voxel's id depends on its position alone, whichever block computes it."""
+    counts = [math.ceil(n / c) for n, c in zip(shape, CELL, strict=True)]
+    position = [((np.arange(b, e) + 0.5) / c).astype(np.float32)
+                for b, e, c in zip(box.begin, box.end, CELL, strict=True)]
+    home = [np.floor(p).astype(np.int64) for p in position]
+    low = [int(h[0]) - 1 for h in home]  # the boxes whose seeds may be nearest, padded
+    size = [int(h[-1]) + 2 - lo for h, lo in zip(home, low, strict=True)]
+    grid = np.meshgrid(*[np.arange(lo, lo + n) for lo, n in zip(low, size, strict=True)],
+                       indexing="ij")
+    inside = np.all([(g >= 0) & (g < n) for g, n in zip(grid, counts, strict=True)], axis=0)
+    index = (grid[0] * counts[1] + grid[1]) * counts[2] + grid[2]
+    seeds = [(g + 0.25 + (_hash(np.clip(index, 0, None) * 3 + a) % np.uint64(1000)) / 2000.0)
+             .astype(np.float32) for a, g in enumerate(grid)]
+    for seed in seeds:
+        seed[~inside] = np.inf  # no seed outside the volume
+    best = np.full(box.shape, np.inf, np.float32)
+    label = np.zeros(box.shape, np.uint64)
+    local = [h - lo for h, lo in zip(home, low, strict=True)]
+    for step in np.ndindex(3, 3, 3):
+        at = np.ix_(*[loc + d - 1 for loc, d in zip(local, step, strict=True)])
+        distance = sum((p.reshape([-1 if i == a else 1 for i in range(3)]) - seed[at]) ** 2
+                       for a, (p, seed) in enumerate(zip(position, seeds, strict=True)))
+        closer = distance < best
+        best[closer] = distance[closer]
+        label[closer] = np.broadcast_to(index[at], box.shape)[closer].astype(np.uint64) + 1
+    return label
+
+
+def _affinity_block(path: str, shape: tuple[int, ...], index: tuple[int, ...],
+                    block: tuple[int, ...]) -> None:
+    """Write the affinities of one block (its cells and a one-voxel margin below)."""
+    grid = BlockGrid(box_of(shape), block)
+    core = grid.box(index)
+    below = Roi([max(0, b - 1) for b in core.begin],
+                [e - max(0, b - 1) for b, e in zip(core.begin, core.end, strict=True)])
+    labels = synthetic_cells(below, shape)
+    inner = labels[tuple(slice(c - b, None) for c, b in zip(core.begin, below.begin,
+                                                             strict=True))]
+    rng = np.random.default_rng(int(np.ravel_multi_index(index, grid.counts)))
+    affs = np.zeros((3, *core.shape), np.float32)
+    for axis in range(3):
+        if core.begin[axis] == 0:
+            sl = [slice(None)] * 3
+            sl[axis] = slice(1, None)
+            prev = [slice(None)] * 3
+            prev[axis] = slice(0, -1)
+            affs[axis][tuple(sl)] = inner[tuple(sl)] == inner[tuple(prev)]
+        else:
+            prev = [slice(c - b, None) if a != axis else slice(0, -1)
+                    for a, (c, b) in enumerate(zip(core.begin, below.begin, strict=True))]
+            affs[axis] = inner == labels[tuple(prev)]
+    noisy = np.clip(affs * 0.6 + 0.2 + rng.normal(0, 0.1, affs.shape), 0, 1)
+    array = zarr.open_array(path, mode="r+")
+    array[(slice(None), *slices(core))] = np.round(noisy * 255).astype(np.uint8)
+
+
+def make_affinities(folder: Path, shape: tuple[int, int, int], block: tuple[int, int, int],
+                    workers: int) -> str:
+    """The synthetic affinity volume ``folder/affs.zarr/affinity``, written block by block."""
+    store = folder / "affs.zarr"
+    create_volume(store, "affinity", (3, *shape), np.uint8, chunks=(3, *block),
+                  channel_axis=True, attrs={"offsets": [list(o) for o in OFFSETS]})
+    path = str(store / "affinity" / "0")
+    grid = BlockGrid(box_of(shape), block)
+    jobs = [(path, shape, index, block) for index in grid.indices()]
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.starmap(_affinity_block, jobs)
+    else:
+        for job in jobs:
+            _affinity_block(*job)
+    return str(store / "affinity")
+
+
+def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],
+                  workers: Sequence[int], threshold: float = 0.5,
+                  folder: Path | None = None) -> dict[str, Any]:
+    """Run the graph pipeline with each worker count; see the module docstring."""
+    from ..segment.job import run_segment
+    from ..segment.request import SegmentRequest
+
+    tmp = Path(tempfile.mkdtemp(prefix="emrun-bench-segment-", dir=folder))
+    try:
+        started = time.perf_counter()
+        affs = make_affinities(tmp, shape, block, max(workers))
+        generated = time.perf_counter() - started
+        voxels = math.prod(shape)
+        runs = []
+        for n in workers:
+            out = tmp / f"workers{n}.zarr"
+            request = SegmentRequest(affinities=affs, output=out, scheduler="local", workers=n,
+                                     block=block, values={"threshold": (threshold,)}, levels=1)
+            started = time.perf_counter()
+            result = run_segment(request)
+            seconds = time.perf_counter() - started
+            t = result.timings or {}
+            busy = sum(t[s].get(k, 0.0) for s in ("fragments", "graph") for k in t[s]
+                       if k not in ("seconds", "blocks"))
+            steps = t["fragments"]["seconds"] + t["graph"]["seconds"]
+            runs.append({
+                "workers": n, "seconds": round(seconds, 2),
+                "steps": {s: t[s]["seconds"] for s in ("fragments", "graph", "agglomerate",
+                                                      "relabel", "pyramid")},
+                "fragments_graph_mvox_per_s_per_core": round(voxels / steps / n / 1e6, 3),
+                "database_share": round(t["graph"].get("database", 0.0) / max(busy, 1e-9), 3),
+                "database_bytes_per_voxel": round((t.get("database_bytes") or 0) / voxels, 3),
+                "nodes": t["agglomerate"].get("nodes"), "edges": t["agglomerate"].get("edges"),
+                "segments": result.outputs[0]["segments"],
+                "arand": _score(out, shape) if voxels <= SCORE_VOXELS else None,
+            })
+            shutil.rmtree(out, ignore_errors=True)
+        base = runs[0]["fragments_graph_mvox_per_s_per_core"] * runs[0]["workers"]
+        for run in runs:
+            run["scaling"] = round(run["fragments_graph_mvox_per_s_per_core"] * run["workers"]
+                                   / base / (run["workers"] / runs[0]["workers"]), 3)
+        return {"shape": list(shape), "block": list(block), "threshold": threshold,
+                "voxels": voxels, "generate_s": round(generated, 1), "runs": runs,
+                "cores": cpu_cores(), "machine": f"{platform.node()} ({os.cpu_count()} "
+                f"CPUs, {platform.processor() or platform.machine()})"}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _score(out: Path, shape: tuple[int, int, int]) -> float:
+    from ..evaluate import score
+
+    seg = zarr.open_array(str(out / "labels" / "segmentation" / "0"), mode="r")[...]
+    return round(score(seg, synthetic_cells(box_of(shape), shape)).as_dict()["arand"], 4)
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    shape = "x".join(map(str, result["shape"]))
+    lines = [f"segment: {shape} synthetic affinities ({result['voxels'] / 1e6:.0f} M voxels), "
+             f"block {'x'.join(map(str, result['block']))}, threshold {result['threshold']:g}; "
+             f"{result['machine']}"]
+    for run in result["runs"]:
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in run["steps"].items())
+        score = "" if run["arand"] is None else f", arand {run['arand']:.4f}"
+        lines.append(
+            f"  {run['workers']} worker{'s' if run['workers'] > 1 else ''}: {run['seconds']:.1f} s "
+            f"({steps}); fragments + graph {run['fragments_graph_mvox_per_s_per_core']:.2f} "
+            f"M voxels/s per core, scaling {run['scaling']:.2f}; database "
+            f"{100 * run['database_share']:.0f} % of the workers' time, "
+            f"{run['database_bytes_per_voxel']:.3f} bytes/voxel; {run['nodes']} fragments, "
+            f"{run['edges']} edges, {run['segments']} segments{score}")
+    return lines
