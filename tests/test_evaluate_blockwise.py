@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,7 @@ def _assert_same_table(a, b):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
 
 
-@pytest.mark.parametrize("block", [(16, 64, 64), (4, 16, 16), (5, 24, 20), (16, 1, 64),
+@pytest.mark.parametrize("block", [(16, 64, 64), (4, 16, 16), (5, 24, 20), (16, 3, 64),
                                    (1, 64, 64), (3, 64, 7)])
 @pytest.mark.parametrize("connected_truth", [False, True])
 def test_merged_block_tables_equal_the_whole_volume_table(volumes, tmp_path, block,
@@ -113,7 +114,8 @@ def test_pieces_are_joined_across_block_faces_and_corners(tmp_path):
         _assert_same_table(merged, expected)
 
 
-def test_worker_processes_score_like_one_process(volumes):
+def test_worker_processes_score_like_one_process(volumes, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the work folder goes
     arrays, paths = volumes
     seg, truth, mask, pred = _opened(paths, "seg", "truth", "mask", "pred")
     parallel = Parallel(workers=2, block=(8, 32, 24))
@@ -124,6 +126,7 @@ def test_worker_processes_score_like_one_process(volumes):
                          parallel=parallel) == expected
     assert binary_scores_volumes(pred, truth, mask, threshold=0.3, parallel=parallel) == \
         binary_scores(arrays["pred"], arrays["truth"], arrays["mask"], threshold=0.3)
+    assert list(tmp_path.iterdir()) == []  # each run's work folder is removed
 
 
 def test_progress_counts_blocks_and_one_worker_runs_here(volumes):
