@@ -550,12 +550,25 @@ def evaluate(
         "--connected-truth", help="Score each truth object's connected pieces inside the "
         "volume as separate objects: for a crop of a larger annotation, where pieces that "
         "join only outside it cannot be joined by any segmentation of the crop.")] = False,
+    scheduler: Annotated[str | None, typer.Option(
+        metavar="local|daisy", help="Score in blocks: local (worker processes here) or daisy "
+        "(extra emrun[daisy]; default: one process, streamed).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Workers scoring blocks (alone: local worker processes; default: the cores here "
+        "for local, 1 for daisy).")] = None,
+    launch: Annotated[str | None, typer.Option(
+        help="daisy only: command that starts each worker, e.g. 'srun -c 4' (workers must "
+        "see the volumes and TMPDIR).")] = None,
+    block: Annotated[tuple[int, int, int] | None, typer.Option(
+        metavar="Z Y X", help="Block size in voxels when scoring in blocks (default: whole "
+        "storage chunks, about 8 million voxels).")] = None,
     json_: JsonLine = False,
 ) -> None:
-    """Score a segmentation against ground truth (adapted Rand, VOI, CREMI score), streamed."""
+    """Score a segmentation against ground truth (adapted Rand, VOI, CREMI score), streamed
+    or in parallel blocks."""
     import json
 
-    from .evaluate import binary_scores_volumes, score_volumes
+    from .evaluate import Parallel, binary_scores_volumes, score_volumes
     from .evaluate.report import binary_lines, score_lines
     from .io import open_volume
     from .io.window import covered_part
@@ -564,28 +577,39 @@ def evaluate(
     if binary and connected_truth:
         raise UserError("--connected-truth is for segmentations (object ids); drop it with "
                         "--binary")
+    parallel = None
+    if scheduler is not None or workers is not None or block is not None or launch is not None:
+        parallel = Parallel(scheduler=scheduler or "local", workers=workers, launch=launch,
+                            block=block)
+        parallel.check()  # before any volume is opened
+    unit = "blocks" if parallel is not None else "slabs"
     seg_vol = open_volume(seg)
     truth_vol = covered_part(seg_vol, open_volume(truth))  # a larger truth: the part SEG covers
     mask_vol = covered_part(seg_vol, open_volume(mask)) if mask is not None else None
     mask_name = str(mask_vol) if mask_vol is not None else None
     stage = Stages(err)
 
+    first: list[float] = []  # when the first slab started (with blocks: finished)
+
     def report(done: int, total: int) -> None:  # large volumes: about ten lines, with ETA
         if total < 10 or not (done <= 2 or done % (total // 10) == 0):
             return  # the second slab gives a first estimate of the time left
         if done == 1:
-            stage(f"scoring {math.prod(seg_vol.shape[-3:]):,} voxels in {total} slabs")
+            first.append(stage.clock())
+            stage(f"scoring {math.prod(seg_vol.shape[-3:]):,} voxels in {total} {unit}")
             return
-        per_slab = (stage.clock() - stage.started) / (done - 1)
-        stage(f"slab {done} of {total}, about {_duration(per_slab * (total - done))} left")
+        per_slab = (stage.clock() - first[0]) / (done - 1)
+        stage(f"{unit[:-1]} {done} of {total}, about "
+              f"{_duration(per_slab * (total - done))} left")
 
     if binary:
         result = binary_scores_volumes(seg_vol, truth_vol, mask_vol, threshold=threshold,
-                                       on_slab=report)
+                                       on_slab=report, parallel=parallel)
         lines = binary_lines(result, str(seg_vol), str(truth_vol), mask_name)
     else:
         result = score_volumes(seg_vol, truth_vol, mask_vol, min_overlap=min_overlap,
-                               connected_truth=connected_truth, on_slab=report)
+                               connected_truth=connected_truth, on_slab=report,
+                               parallel=parallel)
         lines = score_lines(result, str(seg_vol), str(truth_vol), mask_name, connected_truth)
     for line in lines:
         out.print(line)

@@ -3,7 +3,8 @@ and merge counts) from a sparse contingency table, and binary foreground scores 
 recall, F1, IoU), in memory or streamed over volumes on disk.
 
 `score` / `score_volumes` and `binary_scores` / `binary_scores_volumes` are the entry
-points; `emrun.evaluate.metrics` and `emrun.evaluate.binary` state the conventions.
+points; `emrun.evaluate.metrics` and `emrun.evaluate.binary` state the conventions. Volumes
+are scored in one process, or in blocks by worker processes or daisy (`Parallel`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from emrun.evaluate.binary import BinaryScores, binary_scores
 from emrun.evaluate.checks import EvaluationError
 from emrun.evaluate.contingency import ContingencyTable, count_pairs, merge_tables
 from emrun.evaluate.metrics import MIN_OVERLAP, Scores, score, scores_from_table
+from emrun.evaluate.schedule import Parallel
 from emrun.evaluate.volumes import binary_scores_volumes, score_volumes
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "BinaryScores",
     "ContingencyTable",
     "EvaluationError",
+    "Parallel",
     "Scores",
     "binary_scores",
     "binary_scores_volumes",

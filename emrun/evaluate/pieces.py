@@ -12,6 +12,11 @@ Pieces are 6-connected (face neighbours) components of equal non-zero truth ids 
 On disk they are found slab by slab with the scoring itself, in bounded memory: each slab's
 pieces get their own ids, pieces touching across a slab face with the same truth id are
 joined at the end, and the contingency table's truth ids are mapped to the joined pieces.
+(`emrun.evaluate.blockwise` does the same for blocks scored by separate workers.)
+
+Whole pieces are numbered 1..K in the order of their first voxel in raster order (z, then
+y, then x), as cc3d numbers the pieces of a whole volume: the table of the joined pieces is
+then the same array for any slab or block size, and equal to the in-memory one.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 from emrun.evaluate.contingency import ContingencyTable, as_ids, reduce_pairs
 from emrun.geometry import Roi
 
-__all__ = ["PieceLabeller", "connected_pieces"]
+__all__ = ["PieceLabeller", "connected_pieces", "first_voxels", "number_in_order"]
 
 
 def connected_pieces(truth: np.ndarray) -> np.ndarray:
@@ -30,6 +35,38 @@ def connected_pieces(truth: np.ndarray) -> np.ndarray:
 
     return cc3d.connected_components(as_ids(np.ascontiguousarray(truth)), connectivity=6,
                                      out_dtype=np.uint64)
+
+
+def first_voxels(labels: np.ndarray) -> np.ndarray:
+    """Flat index of the first voxel (raster order) of each label 1..K of ``labels`` (ids
+    1..K, 0 for none, as `connected_pieces` gives them), in label order.
+
+    cc3d numbers pieces in the order their first voxel comes, so the first voxels are
+    where the running maximum of the flat labels rises (linear time); anything else falls
+    back to a sort.
+    """
+    flat = labels.ravel()
+    if flat.size == 0:
+        return np.zeros(0, np.int64)
+    rises = np.maximum.accumulate(flat)
+    starts = np.flatnonzero(rises[1:] != rises[:-1]) + 1
+    if flat[0] != 0:
+        starts = np.concatenate(([0], starts))
+    if np.array_equal(flat[starts], np.arange(1, starts.size + 1, dtype=flat.dtype)):
+        return starts
+    values, index = np.unique(flat, return_index=True)
+    return index[values != 0]
+
+
+def number_in_order(component: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Ids 1..K for the components (``component[i]``: the component of piece i), numbered in
+    the order in which their first piece comes in ``order`` (piece indices, e.g. sorted by
+    first voxel); components with no piece get 0. Indexed by component."""
+    seen = component[order]
+    _, first = np.unique(seen, return_index=True)
+    ids = np.zeros(int(component.max(initial=0)) + 1, np.uint64)
+    ids[seen[np.sort(first)]] = np.arange(1, first.size + 1, dtype=np.uint64)
+    return ids
 
 
 class PieceLabeller:
@@ -43,6 +80,7 @@ class PieceLabeller:
 
     def __init__(self) -> None:
         self._count = 0
+        self._firsts: list[np.ndarray] = []  # per slab: each piece's first voxel, (pieces, axes)
         self._links: list[np.ndarray] = []
         self._below: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._above: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -54,6 +92,9 @@ class PieceLabeller:
         z0, y0, y1 = roi.begin[0], roi.begin[1], roi.end[1]
         truth = as_ids(truth)
         pieces = connected_pieces(truth)
+        first = np.unravel_index(first_voxels(pieces), pieces.shape)
+        self._firsts.append(np.stack([f + b for f, b in zip(first, roi.begin, strict=True)],
+                                     axis=1))
         labelled = pieces != 0
         pieces[labelled] += np.uint64(self._count)
         if labelled.any():
@@ -77,7 +118,8 @@ class PieceLabeller:
             self._links.append(np.unique(pairs, axis=0))
 
     def join(self, table: ContingencyTable) -> ContingencyTable:
-        """The table with each slab piece replaced by its whole-volume piece (ids 1..K)."""
+        """The table with each slab piece replaced by its whole-volume piece (ids 1..K, in
+        the order of their first voxels)."""
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
 
@@ -87,5 +129,7 @@ class PieceLabeller:
                             (pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64))),
                            shape=(nodes, nodes))
         _, component = connected_components(graph, directed=False)
-        whole = component.astype(np.uint64) + np.uint64(1)
+        firsts = np.concatenate(self._firsts) if self._firsts else np.zeros((0, 1), np.int64)
+        order = np.lexsort(firsts.T[::-1])  # pieces by first voxel, first axis slowest
+        whole = number_in_order(component[1:], order)[component]
         return reduce_pairs(table.seg, whole[table.truth.astype(np.int64)], table.counts)

@@ -4,6 +4,10 @@ Slabs follow the storage chunks (a whole number of z-chunks deep, cut along y in
 whole y-chunks when a slab would exceed `slab_voxels`), so each chunk is decoded once.
 Per-slab contingency tables (or confusion counts) are merged exactly, so the scores equal
 the in-memory ones for any slab size.
+
+With ``parallel`` the volume is scored in blocks instead, by worker processes or daisy
+workers (`emrun.evaluate.blockwise`, `emrun.evaluate.schedule`), and the blocks' tables
+merged the same way: the table, and so every score, is the same as in one process.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from emrun.evaluate.binary import BinaryCounts, BinaryScores, count_binary, scores_from_counts
+from emrun.evaluate.blockwise import prepare
 from emrun.evaluate.checks import EvaluationError, check_inputs
-from emrun.evaluate.contingency import TableAccumulator, count_pairs
+from emrun.evaluate.contingency import ContingencyTable, TableAccumulator, count_pairs
 from emrun.evaluate.metrics import MIN_OVERLAP, Scores, scores_from_table
 from emrun.evaluate.pieces import PieceLabeller
+from emrun.evaluate.schedule import Parallel, score_blocks
 from emrun.geometry import BlockGrid, Roi, box_of
 from emrun.io.volume import Volume
 from emrun.io.window import covered_part
@@ -33,11 +39,29 @@ def score_volumes(
     slab_voxels: int = SLAB_VOXELS,
     connected_truth: bool = False,
     on_slab: Callable[[int, int], None] | None = None,
+    parallel: Parallel | None = None,
 ) -> Scores:
     """Score a segmentation volume against its truth (see `emrun.evaluate.metrics`); with
     ``connected_truth``, against the truth's connected pieces inside the volume
-    (`emrun.evaluate.pieces`). ``on_slab(done, total)`` follows the slabs read."""
+    (`emrun.evaluate.pieces`). ``on_slab(done, total)`` follows the slabs read (with
+    ``parallel``: the blocks scored)."""
     volumes = _checked([("segmentation", seg), ("truth", truth), ("mask", mask)])
+    if parallel is not None:
+        work = prepare(volumes, parallel.block, connected_truth=connected_truth)
+        result = score_blocks(work, parallel, on_slab)
+        assert isinstance(result, ContingencyTable)
+    else:
+        result = _streamed_table(volumes, slab_voxels, connected_truth, on_slab)
+    if len(result) == 0:
+        where = f" inside the mask {mask}" if mask is not None else ""
+        raise EvaluationError(f"{truth}: the truth has no labelled voxel (all 0){where}; "
+                              "nothing to score")
+    return scores_from_table(result, min_overlap)
+
+
+def _streamed_table(volumes: Sequence[Volume], slab_voxels: int, connected_truth: bool,
+                    on_slab: Callable[[int, int], None] | None) -> ContingencyTable:
+    """The volumes' table, slab by slab in this process."""
     table = TableAccumulator()
     pieces = PieceLabeller() if connected_truth else None
     rois = list(slabs(volumes, slab_voxels))
@@ -49,13 +73,7 @@ def score_volumes(
             arrays[1] = pieces.label(roi, arrays[1])
         table.add(count_pairs(*arrays))
     result = table.result()
-    if pieces is not None:
-        result = pieces.join(result)
-    if len(result) == 0:
-        where = f" inside the mask {mask}" if mask is not None else ""
-        raise EvaluationError(f"{truth}: the truth has no labelled voxel (all 0){where}; "
-                              "nothing to score")
-    return scores_from_table(result, min_overlap)
+    return pieces.join(result) if pieces is not None else result
 
 
 def binary_scores_volumes(
@@ -65,16 +83,22 @@ def binary_scores_volumes(
     threshold: float = 0.5,
     slab_voxels: int = SLAB_VOXELS,
     on_slab: Callable[[int, int], None] | None = None,
+    parallel: Parallel | None = None,
 ) -> BinaryScores:
     """Precision, recall, F1, IoU of a foreground prediction (see `emrun.evaluate.binary`)."""
     volumes = _checked([("prediction", pred), ("truth", truth), ("mask", mask)], binary=True)
-    counts = BinaryCounts()
-    rois = list(slabs(volumes, slab_voxels))
-    for done, roi in enumerate(rois, 1):
-        if on_slab is not None:
-            on_slab(done, len(rois))
-        counts += count_binary(*(v.read(roi) for v in volumes[:2]),
-                               volumes[2].read(roi) if mask is not None else None, threshold)
+    if parallel is not None:
+        work = prepare(volumes, parallel.block, binary=True, threshold=threshold)
+        counts = score_blocks(work, parallel, on_slab)
+        assert isinstance(counts, BinaryCounts)
+    else:
+        counts = BinaryCounts()
+        for done, roi in enumerate(rois := list(slabs(volumes, slab_voxels)), 1):
+            if on_slab is not None:
+                on_slab(done, len(rois))
+            counts += count_binary(*(v.read(roi) for v in volumes[:2]),
+                                   volumes[2].read(roi) if mask is not None else None,
+                                   threshold)
     if counts == BinaryCounts():
         what = f"{mask}: the mask is 0 everywhere" if mask is not None else f"{pred}: no voxels"
         raise EvaluationError(f"{what}; nothing to score")

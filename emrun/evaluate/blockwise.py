@@ -1,0 +1,280 @@
+"""Scoring volumes block by block, each block by whichever worker takes it, and merging.
+
+A worker scores one block of the volume (`score_block`) and writes what it found to a file
+of its own in the work folder (`write_block`): the block's contingency table, or with
+``--binary`` its confusion counts. The process that started the workers merges those files
+(`merge_blocks`): tables are summed exactly (`TableAccumulator`), so the scores equal the
+single-process ones for any block size and any number of workers. Blocks follow a
+`BlockGrid` over the volume, whole storage chunks by default (`default_block`).
+
+With ``--connected-truth`` (see `emrun.evaluate.pieces`) each block labels its own truth
+pieces (cc3d, 6-connected, equal ids) and names each piece by its first voxel in the volume
+(raster order), a name unique across blocks. Pieces of neighbouring blocks are joined
+without either block seeing the other's labels: the plane of voxels just across a block's
+face is cut into its 2-d pieces (4-connected, equal ids), which both blocks compute alike
+from the truth alone and name by their first voxels. The block on the far side links each
+2-d piece of its first plane to the block piece holding it; the block on the near side
+reads that plane (one plane beyond each of its upper faces) and links each of its pieces
+to the 2-d pieces it touches with the same truth id. The union of all links
+(`join_pieces`) gives the whole pieces, numbered 1..K by first voxel as in memory; the
+block tables' truth ids are mapped to them before merging.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emrun.evaluate.binary import BinaryCounts, count_binary
+from emrun.evaluate.contingency import (
+    ContingencyTable,
+    TableAccumulator,
+    as_ids,
+    count_pairs,
+    reduce_pairs,
+)
+from emrun.evaluate.pieces import connected_pieces, first_voxels, number_in_order
+from emrun.geometry import BlockGrid, Roi, Zyx, box_of, zyx
+from emrun.io.volume import Volume
+
+__all__ = ["BLOCK_VOXELS", "Work", "default_block", "join_pieces", "load_work", "merge_blocks",
+           "prepare", "score_block", "write_block"]
+
+BLOCK_VOXELS = 8_000_000  # a block's voxels by default: ~0.3 GB of working memory per worker
+WORK_FILE = "work.pickle"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sections(Volume):
+    """A 2-d (y, x) volume read as (1, y, x), so that every block is a 3-d box."""
+
+    inner: Volume
+
+    def _read(self, roi: Roi) -> np.ndarray:
+        return self.inner.read(Roi(roi.offset[1:], roi.shape[1:]))[None]
+
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        inner = self.inner.chunks
+        return (1, *inner) if inner else None
+
+
+@dataclass(frozen=True)
+class Work:
+    """What every worker needs to score its blocks: the checked volumes (segmentation or
+    prediction, truth, and the mask if any; 3-d), the block size and what to count."""
+
+    volumes: tuple[Volume, ...]
+    block: Zyx
+    connected_truth: bool = False
+    binary: bool = False
+    threshold: float = 0.5
+
+    @property
+    def shape(self) -> Zyx:
+        return zyx(self.volumes[0].shape)
+
+    @property
+    def grid(self) -> BlockGrid:
+        return BlockGrid(box_of(self.shape), self.block)
+
+    def index_of(self, roi: Roi) -> int:
+        """The number (raster order) of the block that starts where ``roi`` does."""
+        where = tuple(int(b) // s for b, s in zip(roi.begin, self.block, strict=True))
+        return int(np.ravel_multi_index(where, tuple(self.grid.counts)))
+
+
+def prepare(volumes: Sequence[Volume], block: Sequence[int] | None = None, *,
+            connected_truth: bool = False, binary: bool = False, threshold: float = 0.5
+            ) -> Work:
+    """The work of scoring ``volumes`` (already checked: same shape, 2-d or 3-d) in blocks
+    of ``block`` voxels (z, y, x; default `default_block`)."""
+    volumes = tuple(Sections(inner=v, path=v.path, dataset=v.dataset, shape=(1, *v.shape),
+                             dtype=v.dtype) if len(v.shape) == 2 else v for v in volumes)
+    shape = zyx(volumes[0].shape)
+    chosen = zyx(block) if block is not None else default_block(volumes)
+    chosen = zyx(max(1, min(b, n)) for b, n in zip(chosen, shape, strict=True))
+    return Work(volumes, chosen, connected_truth, binary, threshold)
+
+
+def default_block(volumes: Sequence[Volume], voxels: int = BLOCK_VOXELS) -> Zyx:
+    """Whole storage chunks (the largest chunk of the volumes per axis), doubled along the
+    axis where the block is thinnest until it holds about ``voxels``, within the volume."""
+    shape = zyx(volumes[0].shape)
+    unit = [1, 1, 1]
+    for volume in volumes:
+        chunks = volume.chunks
+        if chunks is not None:
+            unit = [max(u, int(c)) for u, c in zip(unit, chunks[-3:], strict=True)]
+    block = [min(u, n) for u, n in zip(unit, shape, strict=True)]
+    while math.prod(block) * 2 <= voxels:
+        growable = [a for a in range(3) if block[a] < shape[a]]
+        if not growable:
+            break
+        axis = min(growable, key=lambda a: block[a])
+        block[axis] = min(block[axis] * 2, shape[axis])
+    return zyx(block)
+
+
+def score_block(work: Work, index: int) -> dict[str, np.ndarray]:
+    """What block ``index`` (raster order) contributes, as arrays: ``counts`` (tp, fp, fn,
+    tn) with ``binary``; else its table (``seg``, ``truth``, ``counts``), and with
+    ``connected_truth`` its ``pieces`` (first voxels) and ``links`` (piece, face piece)."""
+    roi = work.grid.box([int(i) for i in np.unravel_index(index, tuple(work.grid.counts))])
+    mask = work.volumes[2].read(roi) if len(work.volumes) > 2 else None
+    if work.binary:
+        counts = count_binary(work.volumes[0].read(roi), work.volumes[1].read(roi), mask,
+                              work.threshold)
+        return {"counts": np.array([counts.tp, counts.fp, counts.fn, counts.tn], np.int64)}
+    seg, truth = work.volumes[0].read(roi), work.volumes[1].read(roi)
+    if not work.connected_truth:
+        table = count_pairs(seg, truth, mask)
+        return {"seg": table.seg, "truth": table.truth, "counts": table.counts}
+    pieces, keys, links = _block_pieces(work, roi, truth)
+    table = count_pairs(seg, pieces, mask)
+    table = reduce_pairs(table.seg, keys[table.truth.astype(np.int64) - 1], table.counts)
+    return {"seg": table.seg, "truth": table.truth, "counts": table.counts, "pieces": keys,
+            "links": links}
+
+
+def write_block(folder: Path, work: Work, index: int) -> None:
+    """Score block ``index`` and write its file, complete or not at all. The folder is not
+    created: a worker outliving a run whose folder is gone writes nothing."""
+    path = block_file(folder, index)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(partial, "xb") as handle:
+            np.savez(handle, **score_block(work, index))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def block_file(folder: Path, index: int) -> Path:
+    return folder / f"block-{index}.npz"
+
+
+def save_work(folder: Path, work: Work) -> Path:
+    path = folder / WORK_FILE
+    path.write_bytes(pickle.dumps(work))
+    return path
+
+
+@functools.cache
+def load_work(folder: str) -> Work:
+    """The work a run saved in its (private) work folder, read once per worker."""
+    return pickle.loads((Path(folder) / WORK_FILE).read_bytes())
+
+
+def missing_blocks(folder: Path, work: Work) -> list[int]:
+    return [i for i in range(len(work.grid)) if not block_file(folder, i).exists()]
+
+
+def merge_blocks(folder: Path, work: Work) -> ContingencyTable | BinaryCounts:
+    """The volume's table (or confusion counts) from every block's file."""
+    count = len(work.grid)
+    if work.binary:
+        total = np.zeros(4, np.int64)
+        for index in range(count):
+            with np.load(block_file(folder, index)) as block:
+                total += block["counts"]
+        return BinaryCounts(*(int(n) for n in total))
+    pieces = join_pieces(folder, count) if work.connected_truth else None
+    table = TableAccumulator()
+    for index in range(count):
+        with np.load(block_file(folder, index)) as block:
+            truth = block["truth"]
+            if pieces is not None:
+                keys, whole = pieces
+                truth = whole[np.searchsorted(keys, truth)]
+            table.add(reduce_pairs(block["seg"], truth, block["counts"]))
+    return table.result()
+
+
+def join_pieces(folder: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every block piece's name (first voxel, sorted) and its whole piece's id (1..K,
+    numbered by first voxel), from the pieces and links of ``count`` block files."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    keys, links = [], []
+    for index in range(count):
+        with np.load(block_file(folder, index)) as block:
+            keys.append(block["pieces"])
+            links.append(block["links"])
+    pieces = np.sort(np.concatenate(keys))  # first voxels: distinct across blocks
+    pairs = np.concatenate(links)
+    faces = np.unique(pairs[:, 1])
+    nodes = pieces.size + faces.size
+    edges = (np.searchsorted(pieces, pairs[:, 0]),
+             pieces.size + np.searchsorted(faces, pairs[:, 1]))
+    graph = coo_matrix((np.ones(len(pairs), np.int8), edges), shape=(nodes, nodes))
+    _, component = connected_components(graph, directed=False)
+    component = component[: pieces.size]  # sorted by first voxel: that order numbers them
+    return pieces, number_in_order(component, np.arange(pieces.size))[component]
+
+
+def _block_pieces(work: Work, roi: Roi, truth: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The block's pieces (ids 1..k), each piece's name (the flat index in the volume of its
+    first voxel) and the block's links (piece name, face piece name) across its faces."""
+    shape = work.shape
+    voxels = math.prod(shape)
+    pieces = connected_pieces(truth)
+    keys = _names(np.unravel_index(first_voxels(pieces), pieces.shape), roi.begin, shape)
+    links = []
+    for axis in range(3):
+        # Faces of different axes can share a first voxel: their names are kept apart.
+        offset = np.uint64(voxels * (1 + axis))
+        if roi.begin[axis] > 0:  # the first plane: its 2-d pieces lie in the block's pieces
+            plane = _plane_roi(roi, axis, roi.begin[axis])
+            labels, names = _face_pieces(np.take(truth, 0, axis), plane, axis, shape)
+            first = first_voxels(labels)
+            holder = np.take(pieces, 0, axis).ravel()[first]
+            links.append(np.stack([keys[holder.astype(np.int64) - 1], names + offset], 1))
+        if roi.end[axis] < shape[axis]:  # the next block's first plane, read from here
+            plane = _plane_roi(roi, axis, roi.end[axis])
+            across = np.take(work.volumes[1].read(plane), 0, axis)
+            labels, names = _face_pieces(across, plane, axis, shape)
+            mine = np.take(truth, -1, axis)
+            touch = (mine == across) & (across != 0)
+            if touch.any():
+                near = keys[np.take(pieces, -1, axis)[touch].astype(np.int64) - 1]
+                far = names[labels[touch].astype(np.int64) - 1] + offset
+                links.append(np.unique(np.stack([near, far], 1), axis=0))
+    links = [np.zeros((0, 2), np.uint64), *links]
+    return pieces, keys, np.concatenate(links).astype(np.uint64)
+
+
+def _face_pieces(plane: np.ndarray, roi: Roi, axis: int, shape: Zyx
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A face plane's 2-d pieces (4-connected, equal ids; labels 1..k in its 2-d shape) and
+    their names (flat index in the volume of their first voxels); ``roi``: the plane's box,
+    one voxel thick along ``axis``."""
+    import cc3d
+
+    labels = cc3d.connected_components(as_ids(np.ascontiguousarray(plane)), connectivity=4,
+                                       out_dtype=np.uint64)
+    first = np.unravel_index(first_voxels(labels), labels.shape)
+    local = (*first[:axis], np.zeros_like(first[0]), *first[axis:])
+    return labels, _names(local, roi.begin, shape)
+
+
+def _names(local: Sequence[np.ndarray], begin: Sequence[int], shape: Zyx) -> np.ndarray:
+    """Flat indices in the volume of voxels at ``local`` (z, y, x index arrays) in a box
+    starting at ``begin``."""
+    where = tuple(np.asarray(i, np.int64) + int(b) for i, b in zip(local, begin, strict=True))
+    return np.ravel_multi_index(where, shape).astype(np.uint64)
+
+
+def _plane_roi(roi: Roi, axis: int, at: int) -> Roi:
+    begin, shape = list(roi.begin), list(roi.shape)
+    begin[axis], shape[axis] = at, 1
+    return Roi(begin, shape)

@@ -1,0 +1,215 @@
+"""Who scores the blocks of `emrun.evaluate.blockwise`: worker processes on this machine, or
+daisy's blockwise scheduler (extra ``emrun[daisy]``) on many.
+
+A run saves its `Work` in a private temporary folder (``tempfile``; ``TMPDIR`` chooses
+where), the workers write one file per block there, this process merges them and removes
+the folder. Workers started through ``launch`` (e.g. ``srun -c 4``) on other machines must
+see that folder and the volumes: put ``TMPDIR`` on a filesystem the nodes share.
+
+``local`` runs the blocks in this process with one worker, else in spawned worker
+processes that leave signals to this one (`emrun.subprocesses`). ``daisy`` hands them to
+one daisy task over the volume, a block per daisy block; each daisy worker reads the work
+once and scores the blocks daisy hands it until none are left. daisy's own tracking is off
+(a rerun scores everything again: scoring keeps nothing on disk).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import multiprocessing as mp
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emrun.devices import cpu_cores
+from emrun.errors import UserError
+from emrun.evaluate.binary import BinaryCounts
+from emrun.evaluate.blockwise import (
+    Work,
+    load_work,
+    merge_blocks,
+    missing_blocks,
+    save_work,
+    write_block,
+)
+from emrun.evaluate.contingency import ContingencyTable
+from emrun.subprocesses import leave_signals_to, signals_held
+
+__all__ = ["Parallel", "score_blocks"]
+
+OnBlock = Callable[[int, int], None]
+"""Called with (blocks done, blocks in all) as blocks finish."""
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How to score in blocks: ``scheduler`` local or daisy, ``workers`` (default: this
+    machine's cores for local, 1 for daisy), ``launch`` (daisy only: the command that starts
+    each worker) and ``block`` (z, y, x voxels; default: whole chunks, `default_block`)."""
+
+    scheduler: str = "local"
+    workers: int | None = None
+    launch: str | None = None
+    block: tuple[int, int, int] | None = None
+
+    def check(self) -> None:
+        """Raise a UserError (one line) for options that cannot run; daisy is imported."""
+        if self.scheduler not in ("local", "daisy"):
+            raise UserError(f"--scheduler must be local or daisy (got {self.scheduler!r})")
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"--workers must be at least 1 (got {self.workers})")
+        if self.block is not None and any(b < 1 for b in self.block):
+            raise UserError("--block takes three sizes of at least 1 voxel, z y x (got "
+                            f"{' '.join(str(b) for b in self.block)})")
+        if self.launch is not None and self.scheduler != "daisy":
+            raise UserError("--launch is for --scheduler daisy (workers started by a command)")
+        if self.launch is not None and not shlex.split(self.launch):
+            raise UserError("--launch is empty; give the command that starts a worker, e.g. "
+                            "'srun -c 4'")
+        if self.scheduler == "daisy":
+            _daisy()
+
+    @property
+    def worker_count(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return cpu_cores() if self.scheduler == "local" else 1
+
+
+def score_blocks(work: Work, parallel: Parallel, on_block: OnBlock | None = None
+                 ) -> ContingencyTable | BinaryCounts:
+    """Score every block of ``work`` with ``parallel``'s workers and merge their results."""
+    parallel.check()
+    with tempfile.TemporaryDirectory(prefix="emrun-evaluate-") as name:
+        folder = Path(name)
+        save_work(folder, work)
+        if parallel.scheduler == "daisy":
+            _run_daisy(folder, work, parallel.worker_count, parallel.launch, on_block)
+        else:
+            _run_local(folder, work, parallel.worker_count, on_block)
+        missing = missing_blocks(folder, work)
+        if missing:
+            raise RuntimeError(f"{len(missing)} of {len(work.grid)} blocks were not scored "
+                               f"(block {missing[0]} first)")
+        return merge_blocks(folder, work)
+
+
+def _run_local(folder: Path, work: Work, workers: int, on_block: OnBlock | None) -> None:
+    total = len(work.grid)
+    workers = min(workers, total)
+    if workers == 1:
+        for index in range(total):
+            write_block(folder, work, index)
+            if on_block is not None:
+                on_block(index + 1, total)
+        return
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("spawn"), initializer=leave_signals_to,
+        initargs=(os.getpid(),))
+    try:
+        with signals_held():  # a worker still importing must not die of a group's SIGTERM
+            futures = [pool.submit(_score_here, str(folder), index) for index in range(total)]
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            future.result()  # a worker's UserError (an unreadable chunk, say) is raised here
+            if on_block is not None:
+                on_block(done, total)
+    except concurrent.futures.process.BrokenProcessPool:
+        raise RuntimeError("an evaluation worker died (out of memory?)") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _score_here(folder: str, index: int) -> None:
+    write_block(Path(folder), load_work(folder), index)
+
+
+def _daisy() -> Any:
+    try:
+        import daisy
+    except ImportError:
+        raise UserError("--scheduler daisy needs daisy >= 2: pip install 'emrun[daisy]'") from None
+    return daisy
+
+
+class _Observer:
+    """daisy's progress, as calls of ``on_block`` for each block finished."""
+
+    def __init__(self, on_block: OnBlock) -> None:
+        self.on_block = on_block
+        self.done = 0
+
+    def on_start(self, states: dict[str, Any]) -> None:
+        pass
+
+    def on_progress(self, states: dict[str, Any]) -> None:
+        for state in states.values():
+            total = int(state.total_block_count)
+            while self.done < int(state.completed_count):
+                self.done += 1
+                self.on_block(self.done, total)
+
+    on_finish = on_progress
+
+
+def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
+               on_block: OnBlock | None) -> None:
+    daisy = _daisy()
+    from daisy.logging import get_log_basedir, set_log_basedir
+
+    previous = get_log_basedir()
+    set_log_basedir(folder / "daisy-logs")  # not the user's working directory
+    try:
+        box = daisy.Roi((0, 0, 0), work.shape)
+        block = daisy.Roi((0, 0, 0), work.block)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            task = daisy.Task(
+                "emrun-evaluate", total_roi=box, read_roi=block, write_roi=block,
+                process_function=functools.partial(_start_worker, str(folder), launch),
+                read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
+        states = daisy.run_blockwise([task], progress=_Observer(on_block) if on_block else False,
+                                     block_tracking=False, return_states=True, summary=False)
+    finally:
+        set_log_basedir(previous)
+    missing = missing_blocks(folder, work)
+    if missing:
+        state = states.get("emrun-evaluate")
+        error = getattr(state, "last_worker_error", None) or "no error reported"
+        raise RuntimeError(f"daisy finished with {len(missing)} of {len(work.grid)} blocks "
+                           f"not scored ({error.strip().splitlines()[-1]})")
+
+
+def _start_worker(folder: str, launch: str | None) -> None:
+    """daisy's worker function: serve blocks here, or start a server through ``launch``."""
+    if launch:
+        command = [*shlex.split(launch), sys.executable, "-m", "emrun.evaluate.schedule", folder]
+        subprocess.run(command, check=True)
+        return
+    serve(folder)
+
+
+def serve(folder: str) -> None:
+    """Score the blocks daisy hands out until none are left."""
+    daisy = _daisy()
+    from emrun.geometry import Roi
+
+    work = load_work(folder)
+    client = daisy.Client()
+    while True:
+        with client.acquire_block() as block:
+            if block is None:
+                return
+            roi = block.write_roi
+            write_block(Path(folder), work, work.index_of(Roi(roi.offset, roi.shape)))
+
+
+if __name__ == "__main__":  # a worker started through --launch
+    serve(sys.argv[1])
