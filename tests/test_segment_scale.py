@@ -216,7 +216,36 @@ def test_kill_9_at_any_step_then_resume_gives_the_same_segmentation_bit_for_bit(
         assert np.array_equal(level0(out, name), level0(straight, name)), name
 
 
-def test_daisy_gives_what_local_workers_give(volume):
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_killed_mid_block_fails_the_run_and_resume_finishes_it(volume):
+    """kill -9 of one worker (the OOM killer's way): the run stops with exit 1 naming what
+    happened, and --resume gives the uninterrupted segmentation."""
+    from test_infer_scheduling import _spawned_children
+
+    tmp, _ = volume
+    straight = tmp / "straight-workers.zarr"
+    subprocess.run(_command(tmp, straight, "1"), check=True, capture_output=True)
+    out = tmp / "worker-killed.zarr"
+    process = subprocess.Popen(_command(tmp, out), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while time.monotonic() < deadline and process.poll() is None and \
+            (_markers(out, "fragments") < 5 or not workers):
+        workers = _spawned_children(process.pid)
+        time.sleep(0.002)
+    assert workers, "worker processes must have started"
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert "worker died" in stderr and "--resume" in stderr
+    done = subprocess.run([*_command(tmp, out), "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name in ("fragments", "segmentation_0.3", "segmentation_0.5"):
+        assert np.array_equal(level0(out, name), level0(straight, name)), name
+
+
+def test_daisy_workers_started_through_launch_give_what_local_workers_give(volume):
     pytest.importorskip("daisy")
     tmp, _ = volume
     local, result = segment(tmp, "local.zarr", "--block", "12", "48", "48")
@@ -224,7 +253,8 @@ def test_daisy_gives_what_local_workers_give(volume):
     out = tmp / "daisy.zarr"
     done = subprocess.run([sys.executable, "-m", "emrun", "segment",
                            str(tmp / "in.zarr/affinity"), str(out), "--scheduler", "daisy",
-                           "--workers", "2", "--block", "12", "48", "48"],
+                           "--workers", "2", "--block", "12", "48", "48",
+                           "--launch", "env EMRUN_LAUNCHED=1"],  # workers started by a command
                           capture_output=True, text=True, cwd=tmp)
     assert done.returncode == 0, done.stderr
     for name in ("fragments", "segmentation"):
