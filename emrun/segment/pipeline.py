@@ -19,7 +19,8 @@ from .base import Segmenter
 from .boxes import shifted_inside
 from .graph import Edges, compact, merge_small
 
-__all__ = ["finish", "provisional", "region_edges", "segment_array", "segment_values"]
+__all__ = ["finish", "nearest_pairs", "provisional", "region_edges", "segment_array",
+           "segment_values"]
 
 
 def provisional(raw: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, int]:
@@ -37,25 +38,30 @@ def provisional(raw: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, i
     return compact(labels)
 
 
-def region_edges(labels: np.ndarray, region: Roi, core: Roi, affs: np.ndarray,
-                 offsets: Sequence[Offset]) -> Edges:
-    """Adjacent ids with their summed nearest-neighbour affinity, over the edges whose
-    first voxel v lies in ``core`` and whose second, v + offset, lies in ``region``.
-
-    ``labels`` covers ``region`` and ``affs`` covers ``core`` (both boxes in volume
-    coordinates, core inside region); ids 0 (masked) take no part.
-    """
-    parts = []
+def nearest_pairs(labels: np.ndarray, region: Roi, core: Roi, affs: np.ndarray,
+                  offsets: Sequence[Offset]
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(ids at v, ids at v + offset, affinity), one triple of arrays per nearest-neighbour
+    channel, over the edges whose first voxel v lies in ``core`` and whose second lies in
+    ``region``; ``labels`` cover ``region`` and ``affs`` cover ``core`` (volume
+    coordinates, core inside region)."""
     for c, offset in enumerate(offsets):
         if not is_nearest(offset):
             continue
         box = shifted_inside(core, region, offset)
         if box is None:
             continue
-        here = local_slices(box, region.offset)
-        there = local_slices(box.shift(Coordinate(offset)), region.offset)
-        u, v = labels[here], labels[there]
-        p = affs[c][local_slices(box, core.offset)]
+        yield (labels[local_slices(box, region.offset)],
+               labels[local_slices(box.shift(Coordinate(offset)), region.offset)],
+               affs[c][local_slices(box, core.offset)])
+
+
+def region_edges(labels: np.ndarray, region: Roi, core: Roi, affs: np.ndarray,
+                 offsets: Sequence[Offset]) -> Edges:
+    """Adjacent ids with their summed nearest-neighbour affinity, over the edges of
+    `nearest_pairs`; ids 0 (masked) take no part."""
+    parts = []
+    for u, v, p in nearest_pairs(labels, region, core, affs, offsets):
         keep = (u != v) & (u != 0) & (v != 0)
         if keep.any():
             parts.append(Edges.aggregate(u[keep], v[keep], p[keep]))

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...geometry import Coordinate, Roi, local_slices
-from ..affinities import Offset, is_nearest
-from ..boxes import shifted_inside
+from ...geometry import Roi, local_slices
+from ..affinities import Offset
+from ..pipeline import nearest_pairs
 
 __all__ = ["BINS", "BlockGraph", "block_graph", "histogram_quantile"]
 
@@ -57,15 +57,7 @@ def block_graph(labels: np.ndarray, region: Roi, core: Roi, affs: np.ndarray,
     centres = centres[present] / sizes[present, None] + np.asarray(core.offset, np.float64)
 
     keys, values = [], []
-    for c, offset in enumerate(offsets):
-        if not is_nearest(offset):
-            continue
-        box = shifted_inside(core, region, offset)
-        if box is None:
-            continue
-        u = dense[local_slices(box, region.offset)]
-        v = dense[local_slices(box.shift(Coordinate(offset)), region.offset)]
-        p = affs[c][local_slices(box, core.offset)]
+    for u, v, p in nearest_pairs(dense, region, core, affs, offsets):
         pick = (u != v) & (ids[u] != 0) & (ids[v] != 0)
         u, v = u[pick], v[pick]
         keys.append(np.minimum(u, v) * n + np.maximum(u, v))
