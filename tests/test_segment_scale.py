@@ -367,6 +367,24 @@ def test_mistakes_are_one_line_and_exit_2(volume, extra, message):
     assert not (out / "labels").exists(), "nothing half-written"
 
 
+def test_a_recorded_mws_recipe_does_not_stop_the_graph_pipeline(volume, tmp_path):
+    """Inference outputs record their recipe's segmenter (the demo's: mws); --scheduler then
+    agglomerates with waterz's settings and says so, instead of refusing."""
+    tmp, truth = volume
+    store = zarr.open_group(str(tmp / "in.zarr"), mode="r+")
+    saved = dict(store.attrs)
+    store.attrs["emrun"] = {"recipe": {"name": "demo", "segment": {"type": "mws", "bias": 0.5,
+                                                                   "min_size": 0}}}
+    try:
+        out, result = segment(tmp, "recorded.zarr", "--block", "12", "48", "48")
+    finally:
+        store.attrs.clear()
+        store.attrs.update(saved)
+    assert result.exit_code == 0, result.output
+    assert "segments with mws, which has no graph pipeline" in result.output
+    assert arand(level0(out, "segmentation"), truth) < 1e-3
+
+
 def test_affinities_without_nearest_neighbours_are_refused(volume):
     tmp, _ = volume
     _, result = segment(tmp, "far.zarr", "--offsets", "-2,0,0 0,-2,0 0,0,-2")

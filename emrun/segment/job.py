@@ -331,6 +331,12 @@ def _run_graph(request: SegmentRequest, spec: SegmenterBase | None,
     """The graph pipeline (emrun.segment.scale) on local workers or daisy."""
     from .scale.command import run_scaled, waterz_spec
 
+    if spec is not None and spec.type != "waterz" and request.spec is None and \
+            request.method is None:  # the recorded recipe's, not asked for: say, and go on
+        if say is not None:
+            say(f"{segmenter_from} segments with {spec.type}, which has no graph pipeline; "
+                "agglomerating with waterz's settings (--threshold, --min-size to choose)")
+        spec, segmenter_from = None, None
     agglo = waterz_spec(request, spec)
     names = [request.name] if len(agglo.thresholds) == 1 else [
         f"{request.name}_{t:g}" for t in agglo.thresholds]
