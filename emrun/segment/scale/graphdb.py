@@ -163,34 +163,43 @@ class GraphStore:
             self.seconds += time.perf_counter() - start
         return True
 
-    def read(self) -> GraphData:
-        """The whole graph, edges summed over the blocks that saw them."""
+    def read(self, histograms: bool = True) -> GraphData:
+        """The whole graph, edges summed over the blocks that saw them; without
+        ``histograms`` (mean scoring needs none) their column is not even read. Rows are
+        fetched in batches straight into arrays, so memory holds arrays, not row objects."""
         import sqlalchemy as sa
 
         from ..graph import Edges
 
         _, _, nodes, edges, _ = _tables()
+        columns = [edges.c.u, edges.c.v, edges.c.total, edges.c.count]
+        if histograms:
+            columns.append(edges.c.hist)
         with self._connection("read") as conn:
-            node_rows = conn.execute(sa.select(nodes.c.id, nodes.c.size)
-                                     .order_by(nodes.c.id)).all()
-            edge_rows = conn.execute(sa.select(edges.c.u, edges.c.v, edges.c.total,
-                                               edges.c.count, edges.c.hist)).all()
-        ids = np.array([r[0] for r in node_rows], np.int64).view(np.uint64)
-        sizes = np.array([r[1] for r in node_rows], np.int64)
-        if not edge_rows:
+            node_parts = _columns(conn, sa.select(nodes.c.id, nodes.c.size).order_by(nodes.c.id),
+                                  2)
+            edge_parts = _columns(conn, sa.select(*columns), len(columns))
+        ids = np.concatenate([p[0] for p in node_parts]).astype(np.int64).view(np.uint64)
+        sizes = np.concatenate([p[1] for p in node_parts]).astype(np.int64)
+        width = BINS if histograms else 0
+        if not edge_parts:
             empty = np.zeros(0, np.uint64)
             return GraphData(ids, sizes, empty, empty, np.zeros(0), np.zeros(0, np.int64),
-                             np.zeros((0, BINS), np.int64))
-        u = np.searchsorted(ids, np.array([r[0] for r in edge_rows], np.int64).view(np.uint64))
-        v = np.searchsorted(ids, np.array([r[1] for r in edge_rows], np.int64).view(np.uint64))
-        total = np.array([r[2] for r in edge_rows], np.float64)
-        count = np.array([r[3] for r in edge_rows], np.int64)
-        hist = np.frombuffer(b"".join(r[4] for r in edge_rows), "<u4").reshape(-1, BINS)
+                             np.zeros((0, width), np.int64))
+        raw_u = np.concatenate([p[0] for p in edge_parts]).astype(np.int64).view(np.uint64)
+        raw_v = np.concatenate([p[1] for p in edge_parts]).astype(np.int64).view(np.uint64)
+        u, v = np.searchsorted(ids, raw_u), np.searchsorted(ids, raw_v)
+        del raw_u, raw_v
+        total = np.concatenate([p[2] for p in edge_parts]).astype(np.float64)
+        count = np.concatenate([p[3] for p in edge_parts]).astype(np.int64)
         merged = Edges.aggregate(u, v, total, count)  # a pair seen by two blocks: summed
-        pair = np.searchsorted(merged.u * (ids.size + 1) + merged.v,
-                               np.minimum(u, v) * (ids.size + 1) + np.maximum(u, v))
-        summed = np.zeros((merged.u.size, BINS), np.int64)
-        np.add.at(summed, pair, hist)
+        summed = np.zeros((merged.u.size, width), np.int64)
+        if histograms:
+            hist = np.frombuffer(b"".join(b for p in edge_parts for b in p[4]),
+                                 "<u4").reshape(-1, BINS)
+            pair = np.searchsorted(merged.u * (ids.size + 1) + merged.v,
+                                   np.minimum(u, v) * (ids.size + 1) + np.maximum(u, v))
+            np.add.at(summed, pair, hist)
         return GraphData(ids, sizes, merged.u, merged.v, merged.total, merged.count, summed)
 
     def size_bytes(self) -> int | None:
@@ -219,6 +228,21 @@ class GraphStore:
                 sa.exc.InterfaceError) as exc:
             raise UserError(f"--db {shown_url(self.url)}: cannot {what} the graph database "
                             f"({_first_line(exc.orig or exc)})") from None
+
+
+BATCH = 1_000_000
+"""Rows fetched at a time when reading the graph."""
+
+
+def _columns(conn: Any, query: Any, width: int) -> list[list[Any]]:
+    """The result of ``query`` as batches of columns: numpy arrays for numbers, lists for
+    binary values."""
+    parts = []
+    result = conn.execution_options(yield_per=BATCH).execute(query)
+    for batch in result.partitions():
+        columns = list(zip(*batch, strict=True)) if batch else [()] * width
+        parts.append([np.array(c) if i < 4 else list(c) for i, c in enumerate(columns)])
+    return [p for p in parts if len(p[0])]
 
 
 def _sqlite_settings(connection: Any, _record: Any) -> None:

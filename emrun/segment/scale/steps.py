@@ -174,7 +174,7 @@ def agglomerate_graph(job: ScaleJob) -> dict[str, Any]:
         return {}
     store = _store(job.db)
     start = time.perf_counter()
-    graph = store.read()
+    graph = store.read(histograms=job.scoring != "mean")
     read = time.perf_counter()
     segments = agglomerate(graph, job.thresholds, job.scoring, job.min_size)
     done = time.perf_counter()
