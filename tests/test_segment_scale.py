@@ -87,6 +87,16 @@ def test_no_segment_is_cut_along_a_block_face(volume):
     assert cut == 0
 
 
+def test_mutex_watershed_fragments_are_an_option(volume):
+    tmp, truth = volume
+    out, result = segment(tmp, "mwsfrag.zarr", "--block", "12", "48", "48", "--fragments",
+                          "mws")
+    assert result.exit_code == 0, result.output
+    assert arand(level0(out, "segmentation"), truth) < 0.01
+    fragments = level0(out, "fragments")
+    assert fragments.min() > 0 and np.unique(fragments).size >= 40
+
+
 def test_several_thresholds_come_from_one_graph(volume):
     tmp, _truth = volume
     out, result = segment(tmp, "many.zarr", "--block", "12", "48", "48", "--threshold",

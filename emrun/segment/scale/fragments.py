@@ -130,8 +130,8 @@ def _flood(affs: np.ndarray, offsets: Sequence[Offset], seeds: np.ndarray,
 
 
 def block_fragments(affs: np.ndarray, offsets: Sequence[Offset], mask: np.ndarray | None,
-                    method: str, first_id: int, core: tuple[slice, ...],
-                    bias: float = 0.5) -> tuple[np.ndarray, int]:
+                    method: str, first_id: int, core: tuple[slice, ...]
+                    ) -> tuple[np.ndarray, int]:
     """A block's fragments with ids ``first_id + 1 ...`` (0 outside the mask), and their
     count. ``affs`` (and ``mask``) cover the block and a context around it (``HALO``), so
     that a sliver of an object at the block's face is flooded from its own seed in the
@@ -140,7 +140,7 @@ def block_fragments(affs: np.ndarray, offsets: Sequence[Offset], mask: np.ndarra
         from ...recipe.run import MutexWatershed
         from ..mws import MutexSegmenter
 
-        local = MutexSegmenter(MutexWatershed(bias=bias)).fragments(affs, offsets, mask)
+        local = MutexSegmenter(MutexWatershed()).fragments(affs, offsets, mask)  # bias 0.5
     else:
         local = watershed_fragments(affs, offsets, mask)
     inner = None if mask is None else mask[core]

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from ...atomic import write_text
 from ...geometry import BlockGrid, Roi, Zyx, box_of, zyx
@@ -52,7 +51,6 @@ class ScaleJob:
     name: str = "segmentation"
     mask: str | None = None
     levels: int | None = None
-    fragment_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def folder(self) -> Path:
@@ -71,11 +69,6 @@ class ScaleJob:
         counts = self.grid.counts
         return (index[0] * counts[1] + index[1]) * counts[2] + index[2]
 
-    def index_of(self, block_id: int) -> Zyx:
-        counts = self.grid.counts
-        return zyx((block_id // (counts[1] * counts[2]), block_id // counts[2] % counts[1],
-                    block_id % counts[2]))
-
     @property
     def names(self) -> list[str]:
         several = len(self.thresholds) > 1
@@ -84,8 +77,7 @@ class ScaleJob:
     def digest(self) -> str:
         """Hash of what decides the fragments and the graph: their markers are keyed by it."""
         key = json.dumps([self.affinities, [list(o) for o in self.offsets], list(self.shape),
-                          list(self.block), self.fragments, self.mask,
-                          sorted(self.fragment_options.items())])
+                          list(self.block), self.fragments, self.mask])
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def marker(self, step: str, index: Zyx) -> Path:

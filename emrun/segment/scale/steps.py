@@ -97,7 +97,7 @@ def _fragments(job: ScaleJob, index: Zyx) -> dict[str, float]:
     read = time.perf_counter()
     first = job.block_id(index) * int(np.prod(job.block))
     labels, _ = block_fragments(affs, job.offsets, _mask(job, region), job.fragments, first,
-                                local_slices(box, region.offset), **job.fragment_options)
+                                local_slices(box, region.offset))
     work = time.perf_counter()
     fragments_array(job, "r+")[slices(box)] = labels
     job.mark_done("fragments", index)
