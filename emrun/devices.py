@@ -5,7 +5,7 @@ memory here without paying for torch's import."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 
@@ -54,3 +54,13 @@ def available_memory() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+def daisy_package() -> Any:
+    """The daisy package, which `--scheduler daisy` hands blocks to (inference, scaled
+    segmentation, scoring): an optional extra, so its absence is the user's to fix."""
+    try:
+        import daisy
+    except ImportError:
+        raise UserError("--scheduler daisy needs daisy >= 2: pip install 'emrun[daisy]'") from None
+    return daisy

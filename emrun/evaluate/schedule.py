@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emrun.devices import cpu_cores
+from emrun.devices import cpu_cores, daisy_package
 from emrun.errors import UserError
 from emrun.evaluate.binary import BinaryCounts
 from emrun.evaluate.blockwise import (
@@ -75,7 +75,7 @@ class Parallel:
             raise UserError("--launch is empty; give the command that starts a worker, e.g. "
                             "'srun -c 4'")
         if self.scheduler == "daisy":
-            _daisy()
+            daisy_package()
 
     @property
     def worker_count(self) -> int:
@@ -131,13 +131,6 @@ def _score_here(folder: str, index: int) -> None:
     write_block(Path(folder), load_work(folder), index)
 
 
-def _daisy() -> Any:
-    try:
-        import daisy
-    except ImportError:
-        raise UserError("--scheduler daisy needs daisy >= 2: pip install 'emrun[daisy]'") from None
-    return daisy
-
 
 class _Observer:
     """daisy's progress, as calls of ``on_block`` for each block finished."""
@@ -161,7 +154,7 @@ class _Observer:
 
 def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
                on_block: OnBlock | None) -> None:
-    daisy = _daisy()
+    daisy = daisy_package()
     from daisy.logging import get_log_basedir, set_log_basedir
 
     previous = get_log_basedir()
@@ -198,7 +191,7 @@ def _start_worker(folder: str, launch: str | None) -> None:
 
 def serve(folder: str) -> None:
     """Score the blocks daisy hands out until none are left."""
-    daisy = _daisy()
+    daisy = daisy_package()
     from emrun.geometry import Roi
 
     work = load_work(folder)

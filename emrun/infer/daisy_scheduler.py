@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-from ..devices import cpu_cores
-from ..errors import UserError
+from ..devices import cpu_cores, daisy_package
 from ..geometry import Zyx, zyx
 from .job import Job
 from .plan import best_order
@@ -39,19 +38,11 @@ from .schedule import Progress, job_tiling
 from .worker import BlockWorker
 
 
-def _daisy() -> Any:
-    try:
-        import daisy
-    except ImportError:
-        raise UserError("--scheduler daisy needs daisy >= 2: pip install 'emrun[daisy]'") from None
-    return daisy
-
-
 def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
               on_block: Callable[[Progress], None] | None = None) -> Progress:
     """Run the job's pending blocks as a daisy blockwise task with ``workers`` workers;
     ``device`` ("auto", "cpu", "cuda", "cuda:1") is resolved by each worker."""
-    daisy = _daisy()
+    daisy = daisy_package()
     from daisy.logging import set_log_basedir
 
     job_file = job.save()
@@ -125,7 +116,7 @@ def _start_worker(job_file: str, device: str, threads: int, launch: str | None) 
 
 def serve(job_file: str, device: str, threads: int) -> None:
     """Build the model once, then predict the blocks daisy hands out until none are left."""
-    daisy = _daisy()
+    daisy = daisy_package()
     torch.set_num_threads(threads or cpu_cores())
     job = _job(job_file)
     worker_id = int(daisy.Context.from_env().get("worker_id", 0))

@@ -254,9 +254,7 @@ def _mask_id(mask_path: str | None) -> str | None:
     """The mask's resolved location (the same mask named from another folder matches)."""
     if not mask_path:
         return None
-    mask = open_volume(mask_path)
-    where = mask.path if "://" in mask.path else str(Path(mask.path).resolve())
-    return f"{where}/{mask.dataset}" if mask.dataset else where
+    return open_volume(mask_path).location()
 
 
 def _check_same_mask(output: Path, mask_path: str | None) -> None:

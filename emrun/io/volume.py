@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,13 @@ class Volume(ABC):
 
     def __str__(self) -> str:
         return f"{self.path}/{self.dataset}" if self.dataset else self.path
+
+    def location(self) -> str:
+        """Where the volume is, whatever the working folder: the resolved path (or the URL)
+        with its dataset. A worker elsewhere opens it by this; the same volume named from
+        two folders has one location."""
+        where = self.path if "://" in self.path else str(Path(self.path).resolve())
+        return f"{where}/{self.dataset}" if self.dataset else where
 
     def read(self, roi: Roi | None = None) -> np.ndarray:
         """Read a box into a new array; None reads the whole volume.

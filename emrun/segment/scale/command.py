@@ -81,12 +81,12 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
     spatial = zyx(volume.shape[1:])
     block = zyx(min(b, n) for b, n in zip(request.block or DEFAULT_BLOCK, spatial, strict=True))
     folder = output / FOLDER
-    job = ScaleJob(affinities=_location(volume), offsets=tuple(offsets),
+    job = ScaleJob(affinities=volume.location(), offsets=tuple(offsets),
                    output=str(output.resolve()), shape=spatial, block=block,
                    fragments=request.fragments, thresholds=tuple(agglo.thresholds),
                    scoring=agglo.scoring, min_size=int(agglo.min_size),
                    db=request.db or default_url(folder), name=request.name,
-                   mask=None if mask is None else _location(mask), levels=request.levels)
+                   mask=None if mask is None else mask.location(), levels=request.levels)
     _check_resume(job, request.resume)
     store = GraphStore(job.db)
     if not output.exists():
@@ -129,12 +129,6 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
     timings["database_bytes"] = store.size_bytes()
     store.dispose()
     return timings
-
-
-def _location(volume: Volume) -> str:
-    """How a worker opens the volume: an absolute path (or the URL), with its dataset."""
-    where = volume.path if "://" in volume.path else str(Path(volume.path).resolve())
-    return f"{where}/{volume.dataset}" if volume.dataset else where
 
 
 def _check_resume(job: ScaleJob, resume: bool) -> None:

@@ -23,7 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any
 
-from ...errors import UserError
+from ...devices import daisy_package
 from ...geometry import Zyx, zyx
 from ...subprocesses import die_with_parent
 from .job import ScaleJob
@@ -91,16 +91,9 @@ def _run_local(job_file: str, step: str, blocks: Sequence[Zyx],
     return seconds
 
 
-def _daisy() -> Any:
-    try:
-        import daisy
-    except ImportError:
-        raise UserError("--scheduler daisy needs daisy >= 2: pip install 'emrun[daisy]'") from None
-    return daisy
-
 
 def _run_daisy(job: ScaleJob, step: str, workers: int, launch: str | None) -> None:
-    daisy = _daisy()
+    daisy = daisy_package()
     from daisy.logging import set_log_basedir
 
     set_log_basedir(job.folder / "daisy-logs")
@@ -159,7 +152,7 @@ def _start_worker(job_file: str, step: str, launch: str | None) -> None:
 
 def serve(job_file: str, step: str) -> None:
     """Take blocks from the daisy scheduler until none are left."""
-    daisy = _daisy()
+    daisy = daisy_package()
     job = ScaleJob.load(job_file)
     client = daisy.Client()
     while True:
