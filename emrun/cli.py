@@ -474,6 +474,10 @@ def segment(
     fragments: Annotated[str, typer.Option(
         metavar="watershed|mws", help="--scheduler: how blocks are cut into fragments.")
     ] = "watershed",
+    agglomeration: Annotated[str, typer.Option(
+        metavar="global|blockwise", help="--scheduler: agglomerate the whole graph in one "
+        "process (exact; about 500 bytes per edge), or each block's neighbourhood on the "
+        "workers, then join their merges (about 100 bytes per edge).")] = "global",
     resume: Annotated[bool, typer.Option(
         "--resume", help="--scheduler: finish the job in OUT (or agglomerate its graph at "
         "other thresholds, with another --name).")] = False,
@@ -504,7 +508,8 @@ def segment(
         values={"bias": values("--bias", bias), "threshold": values("--threshold", threshold)},
         min_size=min_size, mask=mask, offsets=offsets, block=block, name=name, sweep=sweep,
         truth=truth, connected_truth=connected_truth, workers=workers, levels=levels,
-        scheduler=scheduler, launch=launch, db=db, fragments=fragments, resume=resume)
+        scheduler=scheduler, launch=launch, db=db, fragments=fragments,
+        agglomeration=agglomeration, resume=resume)
     result = run_segment(request, on_block=report, on_stage=Stages(err))
     if result.segmenter_from:
         err.print(f"segmenter {result.method} from {result.segmenter_from} (--method to "
@@ -832,6 +837,8 @@ def bench_segment(
     workers: Annotated[list[int] | None, typer.Option(
         min=1, help="Worker counts to run (repeat; default 1 and 2).")] = None,
     threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
+    agglomeration: Annotated[str, typer.Option(
+        metavar="global|blockwise", help="As emrun segment --agglomeration.")] = "global",
     folder: Annotated[Path | None, typer.Option(
         help="Where to write the temporary volumes (default: the system's temp folder).")
     ] = None,
@@ -845,8 +852,10 @@ def bench_segment(
 
     if min(shape) < 1 or min(block) < 1:
         raise UserError("--shape and --block take three sizes of at least 1")
+    if agglomeration not in ("global", "blockwise"):
+        raise UserError(f"--agglomeration {agglomeration!r}: choose global or blockwise")
     result = run_bench(tuple(shape), tuple(block), sorted(set(workers or [1, 2])), threshold,
-                       folder)
+                       folder, agglomeration)
     for line in report_lines(result):
         out.print(line, markup=False)
     if json_:

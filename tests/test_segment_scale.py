@@ -26,7 +26,12 @@ from typer.testing import CliRunner
 from emrun.cli import app
 from emrun.io import write_volume
 from emrun.segment.graph import Edges
-from emrun.segment.scale.agglomerate import agglomerate
+from emrun.segment.scale.agglomerate import (
+    agglomerate,
+    join_levels,
+    merge_sequence,
+    segments_from_levels,
+)
 from emrun.segment.scale.graphdb import GraphData
 from emrun.segment.scale.rag import BINS, histogram_quantile
 
@@ -176,22 +181,116 @@ def test_resume_agglomerates_the_same_graph_at_another_threshold(volume):
     assert result.exit_code == 0, result.output
     assert "fragments: 0 of 8 blocks to do" in result.output
     assert "graph: 0 of 8 blocks to do" in result.output
-    assert np.unique(level0(out, "merged")).size == 1
+    merged = level0(out, "merged")
+    assert merged.min() > 0 and np.unique(merged).size == 1
 
 
-def _command(tmp: Path, out: Path, workers: str = "2") -> list[str]:
+# --- blockwise agglomeration ---------------------------------------------------------------
+
+def _random_graph(seed: int, n: int = 120, m: int = 400) -> GraphData:
+    rng = np.random.default_rng(seed)
+    u, v = rng.integers(0, n, m), rng.integers(0, n, m)
+    count = rng.integers(1, 50, m)
+    total = rng.random(m) * count
+    hist = rng.integers(0, 20, (m, BINS))
+    edges = Edges.aggregate(u, v, total, count)
+    keep = np.isin(np.minimum(u, v) * n + np.maximum(u, v), edges.u * n + edges.v)
+    summed = np.zeros((edges.u.size, BINS), np.int64)
+    pair = np.searchsorted(edges.u * n + edges.v,
+                           (np.minimum(u, v) * n + np.maximum(u, v))[keep & (u != v)])
+    np.add.at(summed, pair, hist[keep & (u != v)])
+    return GraphData(np.arange(1, n + 1, dtype=np.uint64), rng.integers(1, 1000, n), edges.u,
+                     edges.v, edges.total, edges.count, summed)
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    pairs = np.unique(np.stack([a, b]), axis=1)
+    return np.unique(pairs[0]).size == pairs.shape[1] == np.unique(pairs[1]).size
+
+
+@pytest.mark.parametrize("scoring", ["mean", "p85"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_join_levels_of_every_edge_give_the_global_agglomeration(scoring, seed):
+    """The blockwise merge's principle: with one block holding the whole graph, the
+    components of the edges joined below a threshold are the hierarchical agglomeration's
+    segments at that threshold, for every threshold."""
+    graph = _random_graph(seed)
+    merges = merge_sequence(graph, 1.0, scoring)
+    assert len(merges) > 50
+    level = join_levels(graph.ids.size, merges, graph.u, graph.v)
+    thresholds = [0.1, 0.3, 0.45, 0.5, 0.55, 0.7, 0.99]
+    expected = agglomerate(graph, thresholds, scoring)
+    got = segments_from_levels(graph, graph.u, graph.v, level, thresholds)
+    for threshold, a, b in zip(thresholds, expected, got, strict=True):
+        assert _same_partition(a, b), threshold
+
+
+def test_join_levels_record_the_running_maximum():
+    """Chain 0-1-2-3 with merges 0-1 at 0.4, then 2-3 at 0.2, then 1-2 at 0.6: 2-3 joined
+    after a merge at 0.4, so a threshold of 0.3 must not take it; 0-3 is never an edge."""
+    merges = [(0.4, 0, 1), (0.2, 3, 2), (0.6, 1, 3)]
+    level = join_levels(4, merges, np.array([0, 2, 1, 0]), np.array([1, 3, 2, 2]))
+    assert level.tolist() == [0.4, 0.4, 0.6, 0.6]
+    assert np.isinf(join_levels(3, [(0.1, 0, 1)], np.array([1]), np.array([2]))).all()
+
+
+@pytest.mark.parametrize("scoring", ["mean", "p85"])
+def test_blockwise_agglomeration_in_one_block_is_the_global_one(volume, scoring):
+    from emrun.recipe.run import Waterz
+    from emrun.segment.job import run_segment
+    from emrun.segment.request import SegmentRequest
+
+    tmp, _ = volume
+    outs = {}
+    for kind in ("global", "blockwise"):
+        outs[kind] = tmp / f"one-{kind}-{scoring}.zarr"
+        run_segment(SegmentRequest(
+            affinities=str(tmp / "in.zarr/affinity"), output=outs[kind], block=(24, 96, 96),
+            spec=Waterz(thresholds=[0.3, 0.5, 0.8], scoring=scoring), scheduler="local",
+            agglomeration=kind))
+    for t in ("0.3", "0.5", "0.8"):
+        a = level0(outs["global"], f"segmentation_{t}")
+        b = level0(outs["blockwise"], f"segmentation_{t}")
+        assert _same_partition(a.ravel(), b.ravel()), t
+
+
+def test_blockwise_agglomeration_across_many_blocks_finds_the_cells(volume):
+    """27 blocks on 2 workers, each agglomerating its neighbourhood: the cells, uncut at the
+    block faces, and what the global agglomeration gives."""
+    tmp, truth = volume
+    out, result = segment(tmp, "bw.zarr", "--block", "8", "32", "32", "--workers", "2",
+                          "--agglomeration", "blockwise", "--threshold", "0.5")
+    assert result.exit_code == 0, result.output
+    assert "agglomerate: 27 of 27 blocks to do" in result.output
+    assert "merging the blocks' agglomerations" in result.output
+    seg = level0(out, "segmentation")
+    assert arand(seg, truth) < 1e-3 and np.unique(seg).size == 40
+    glob, result = segment(tmp, "bw-global.zarr", "--block", "8", "32", "32",
+                           "--threshold", "0.5")
+    assert result.exit_code == 0, result.output
+    assert arand(seg, level0(glob, "segmentation")) < 1e-3
+    # the same graph, agglomerated again at another threshold: only the merge runs again
+    _, result = segment(tmp, "bw.zarr", "--block", "8", "32", "32", "--agglomeration",
+                        "blockwise", "--threshold", "0.99", "--name", "merged", "--resume")
+    assert result.exit_code == 0, result.output
+    assert "agglomerate: 0 of 27 blocks to do" in result.output
+    merged = level0(out, "merged")
+    assert merged.min() > 0 and np.unique(merged).size == 1
+
+
+def _command(tmp: Path, out: Path, workers: str = "2", *extra: str) -> list[str]:
     return [sys.executable, "-m", "emrun", "segment", str(tmp / "in.zarr/affinity"), str(out),
             "--scheduler", "local", "--workers", workers, "--block", "6", "24", "24",
-            "--threshold", "0.3,0.5"]
+            "--threshold", "0.3,0.5", *extra]
 
 
-def _graph_blocks(out: Path) -> int:
+def _graph_blocks(out: Path, table: str = "blocks") -> int:
     db = out / ".emrun-segment" / "graph.sqlite"
     if not db.exists():
         return 0
     try:
         with sqlite3.connect(db, timeout=1) as conn:
-            return int(conn.execute("SELECT count(*) FROM blocks").fetchone()[0])
+            return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
     except sqlite3.Error:
         return 0
 
@@ -202,17 +301,19 @@ def _markers(out: Path, step: str) -> int:
         else 0
 
 
-@pytest.mark.parametrize("moment", ["fragments", "graph", "relabel"])
+@pytest.mark.parametrize("moment", ["fragments", "graph", "agglomerate", "relabel"])
 def test_kill_9_at_any_step_then_resume_gives_the_same_segmentation_bit_for_bit(volume, moment):
     tmp, _ = volume
-    straight = tmp / "straight.zarr"
+    extra = ("--agglomeration", "blockwise") if moment in ("agglomerate", "relabel") else ()
+    straight = tmp / f"straight{'-'.join(extra)}.zarr"
     if not straight.exists():
-        subprocess.run(_command(tmp, straight, "1"), check=True, capture_output=True)
+        subprocess.run(_command(tmp, straight, "1", *extra), check=True, capture_output=True)
     out = tmp / f"killed-{moment}.zarr"
-    process = subprocess.Popen(_command(tmp, out), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(_command(tmp, out, "2", *extra), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     reached = {"fragments": lambda: _markers(out, "fragments") >= 10,
                "graph": lambda: _graph_blocks(out) >= 10,
+               "agglomerate": lambda: _graph_blocks(out, "agglomerated") >= 10,
                "relabel": lambda: _markers(out, "relabel") >= 10}[moment]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None and not reached():
@@ -220,7 +321,8 @@ def test_kill_9_at_any_step_then_resume_gives_the_same_segmentation_bit_for_bit(
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run must be killed midway"
-    done = subprocess.run([*_command(tmp, out), "--resume"], capture_output=True, text=True)
+    done = subprocess.run([*_command(tmp, out, "2", *extra), "--resume"], capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
     for name in ("fragments", "segmentation_0.3", "segmentation_0.5"):
         assert np.array_equal(level0(out, name), level0(straight, name)), name
@@ -258,12 +360,13 @@ def test_a_worker_killed_mid_block_fails_the_run_and_resume_finishes_it(volume):
 def test_daisy_workers_started_through_launch_give_what_local_workers_give(volume):
     pytest.importorskip("daisy")
     tmp, _ = volume
-    local, result = segment(tmp, "local.zarr", "--block", "12", "48", "48")
+    blockwise = ("--agglomeration", "blockwise")  # every block step on daisy
+    local, result = segment(tmp, "local.zarr", "--block", "12", "48", "48", *blockwise)
     assert result.exit_code == 0, result.output
     out = tmp / "daisy.zarr"
     done = subprocess.run([sys.executable, "-m", "emrun", "segment",
                            str(tmp / "in.zarr/affinity"), str(out), "--scheduler", "daisy",
-                           "--workers", "2", "--block", "12", "48", "48",
+                           "--workers", "2", "--block", "12", "48", "48", *blockwise,
                            "--launch", "env EMRUN_LAUNCHED=1"],  # workers started by a command
                           capture_output=True, text=True, cwd=tmp)
     assert done.returncode == 0, done.stderr
@@ -320,10 +423,12 @@ def postgres_url():
 
 def test_postgresql_holds_the_graph_and_gives_what_sqlite_gives(volume, postgres_url):
     tmp, _truth = volume
-    lite, result = segment(tmp, "lite.zarr", "--block", "12", "48", "48", "--workers", "2")
+    blockwise = ("--agglomeration", "blockwise")  # reads regions and levels back, too
+    lite, result = segment(tmp, "lite.zarr", "--block", "12", "48", "48", "--workers", "2",
+                           *blockwise)
     assert result.exit_code == 0, result.output
     pg, result = segment(tmp, "pg.zarr", "--block", "12", "48", "48", "--workers", "2",
-                         "--db", postgres_url)
+                         "--db", postgres_url, *blockwise)
     assert result.exit_code == 0, result.output
     assert not (pg / ".emrun-segment" / "graph.sqlite").exists()
     assert np.array_equal(level0(pg, "segmentation"), level0(lite, "segmentation"))
@@ -366,6 +471,7 @@ def test_postgresql_kill_9_then_resume(volume, postgres_url):
     (["--threshold", "1.5"], "less than or equal to 1"),
     (["--method", "mws"], "use --method waterz"),
     (["--fragments", "slic"], "choose watershed or mws"),
+    (["--agglomeration", "local"], "choose global or blockwise"),
     (["--launch", "srun"], "add --scheduler daisy"),
 ])
 def test_mistakes_are_one_line_and_exit_2(volume, extra, message):
@@ -395,6 +501,13 @@ def test_a_recorded_mws_recipe_does_not_stop_the_graph_pipeline(volume, tmp_path
     assert arand(level0(out, "segmentation"), truth) < 1e-3
 
 
+def test_pipeline_options_without_a_scheduler_are_refused(volume):
+    tmp, _ = volume
+    result = runner.invoke(app, ["segment", str(tmp / "in.zarr/affinity"), str(tmp / "x.zarr"),
+                                 "--agglomeration", "blockwise"])
+    assert result.exit_code == 2 and "--agglomeration go with --scheduler" in result.output
+
+
 def test_affinities_without_nearest_neighbours_are_refused(volume):
     tmp, _ = volume
     _, result = segment(tmp, "far.zarr", "--offsets", "-2,0,0 0,-2,0 0,0,-2")
@@ -418,3 +531,25 @@ def test_edges_aggregate_like_the_database_reads_them():
                              np.array([1.0, 2.0, 0.5]), np.array([2, 3, 1]))
     assert merged.u.tolist() == [3, 3] and merged.v.tolist() == [4, 5]
     assert merged.total.tolist() == [0.5, 3.0] and merged.count.tolist() == [1, 5]
+
+
+@pytest.mark.parametrize("margin", [np.array([0, 7, 3, 7]), np.array([900, 0, 12]),
+                                    np.array([], np.int64)])
+def test_dense_ids_number_voxels_as_a_sort_would(margin):
+    """A block's contiguous ids map by subtraction, the margin's by a small sort; the result
+    is what one sort of everything gives, whichever side of the block's ids the margin is."""
+    from emrun.segment.scale.rag import dense_ids
+
+    rng = np.random.default_rng(0)
+    core = rng.integers(100, 140, (4, 5, 6)).astype(np.uint64)
+    core.ravel()[:40] = np.arange(100, 140)  # every id of the range present
+    labels = np.concatenate([core.ravel(), margin.astype(np.uint64)])
+    ids, dense = dense_ids(labels, labels[:core.size])
+    expected_ids, inverse = np.unique(labels, return_inverse=True)
+    assert np.array_equal(ids, expected_ids) and np.array_equal(dense, inverse.reshape(-1))
+    gappy = core.copy()
+    gappy[gappy == 120] = 121  # not contiguous: falls back to one sort, same answer
+    ids, dense = dense_ids(gappy, gappy)
+    expected_ids, inverse = np.unique(gappy, return_inverse=True)
+    assert np.array_equal(ids, expected_ids)
+    assert np.array_equal(dense, inverse.reshape(gappy.shape))

@@ -133,7 +133,8 @@ def make_affinities(folder: Path, shape: tuple[int, int, int], block: tuple[int,
 
 def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],
                   workers: Sequence[int], threshold: float = 0.5,
-                  folder: Path | None = None) -> dict[str, Any]:
+                  folder: Path | None = None, agglomeration: str = "global"
+                  ) -> dict[str, Any]:
     """Run the graph pipeline with each worker count; see the module docstring."""
     from ..segment.job import run_segment
     from ..segment.request import SegmentRequest
@@ -148,7 +149,8 @@ def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],
         for n in workers:
             out = tmp / f"workers{n}.zarr"
             request = SegmentRequest(affinities=affs, output=out, scheduler="local", workers=n,
-                                     block=block, values={"threshold": (threshold,)}, levels=1)
+                                     block=block, values={"threshold": (threshold,)}, levels=1,
+                                     agglomeration=agglomeration)
             started = time.perf_counter()
             result = run_segment(request)
             seconds = time.perf_counter() - started
@@ -156,14 +158,15 @@ def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],
             busy = sum(t[s].get(k, 0.0) for s in ("fragments", "graph") for k in t[s]
                        if k not in ("seconds", "blocks"))
             steps = t["fragments"]["seconds"] + t["graph"]["seconds"]
+            merged = t.get("merge") or t["agglomerate"]  # blockwise: the merge counts
             runs.append({
                 "workers": n, "seconds": round(seconds, 2),
                 "steps": {s: t[s]["seconds"] for s in ("fragments", "graph", "agglomerate",
-                                                      "relabel", "pyramid")},
+                                                      "merge", "relabel", "pyramid") if s in t},
                 "fragments_graph_mvox_per_s_per_core": round(voxels / steps / n / 1e6, 3),
                 "database_share": round(t["graph"].get("database", 0.0) / max(busy, 1e-9), 3),
                 "database_bytes_per_voxel": round((t.get("database_bytes") or 0) / voxels, 3),
-                "nodes": t["agglomerate"].get("nodes"), "edges": t["agglomerate"].get("edges"),
+                "nodes": merged.get("nodes"), "edges": merged.get("edges"),
                 "segments": result.outputs[0]["segments"],
                 "arand": _score(out, shape) if voxels <= SCORE_VOXELS else None,
             })
@@ -173,6 +176,7 @@ def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],
             run["scaling"] = round(run["fragments_graph_mvox_per_s_per_core"] * run["workers"]
                                    / base / (run["workers"] / runs[0]["workers"]), 3)
         return {"shape": list(shape), "block": list(block), "threshold": threshold,
+                "agglomeration": agglomeration,
                 "voxels": voxels, "generate_s": round(generated, 1), "runs": runs,
                 "cores": cpu_cores(), "machine": f"{platform.node()} ({os.cpu_count()} "
                 f"CPUs, {platform.processor() or platform.machine()})"}
@@ -190,7 +194,8 @@ def _score(out: Path, shape: tuple[int, int, int]) -> float:
 def report_lines(result: dict[str, Any]) -> list[str]:
     shape = "x".join(map(str, result["shape"]))
     lines = [f"segment: {shape} synthetic affinities ({result['voxels'] / 1e6:.0f} M voxels), "
-             f"block {'x'.join(map(str, result['block']))}, threshold {result['threshold']:g}; "
+             f"block {'x'.join(map(str, result['block']))}, threshold {result['threshold']:g}, "
+             f"{result['agglomeration']} agglomeration; "
              f"{result['machine']}"]
     for run in result["runs"]:
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in run["steps"].items())

@@ -31,7 +31,9 @@ class SegmentRequest:
     ``scheduler`` (``local``, ``daisy``): the graph pipeline (emrun.segment.scale) with
     ``workers`` processes (or daisy workers started through ``launch``), the region graph
     in the database at ``db`` (default: SQLite in the output), ``fragments`` made by
-    ``watershed`` or ``mws``; ``resume`` finishes (or extends) a job found in the output.
+    ``watershed`` or ``mws``, ``agglomeration`` of the whole graph in one process
+    (``global``) or ``blockwise`` on the workers; ``resume`` finishes (or extends) a job
+    found in the output.
     """
 
     affinities: str
@@ -54,6 +56,7 @@ class SegmentRequest:
     launch: str | None = None
     db: str | None = None
     fragments: str = "watershed"
+    agglomeration: str = "global"
     resume: bool = False
 
     def __post_init__(self) -> None:
@@ -83,6 +86,8 @@ class SegmentRequest:
                                               ("--resume", self.resume or None)) if value]
             if self.fragments != "watershed":
                 given.append("--fragments")
+            if self.agglomeration != "global":
+                given.append("--agglomeration")
             if given:
                 raise UserError(f"{', '.join(given)} go with --scheduler local or daisy (the "
                                 "graph pipeline); add --scheduler or drop them")

@@ -7,6 +7,13 @@ Scores change as regions grow, so the merges do not come in increasing order of 
 the segmentation at a threshold t is the merges done until the first one scoring t or more.
 One pass up to the largest threshold therefore gives every threshold's segmentation (as
 waterz's sequence of thresholds does). Ties break by edge order, so runs are deterministic.
+
+Blockwise, each block agglomerates the graph around it to the end and records, for each edge
+it owns, its join level: the largest score of the merges up to the one that joined the
+edge's ends (infinite if none did). A threshold's segments are then the connected components
+of the edges whose level is below it (`segments_from_levels`): with one block holding the
+whole graph, exactly the segments of the global agglomeration, and with many, one pass over
+an edge list instead of the whole graph in one process's memory.
 """
 
 from __future__ import annotations
@@ -16,11 +23,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..graph import Edges, merge_small
+from ..graph import Edges, merge_small, union
 from .graphdb import GraphData
 from .rag import histogram_quantile
 
-__all__ = ["QUANTILE", "agglomerate"]
+__all__ = ["QUANTILE", "agglomerate", "join_levels", "merge_sequence", "segments_from_levels"]
 
 QUANTILE = 0.85
 """The quantile the ``p85`` scoring reads from the edge histograms."""
@@ -30,7 +37,7 @@ def agglomerate(graph: GraphData, thresholds: Sequence[float], scoring: str,
                 min_size: int = 0) -> list[np.ndarray]:
     """For each threshold, the segment (1..K) of every node of ``graph`` (in its id order)."""
     n = graph.ids.size
-    merges = _merge_sequence(graph, max(thresholds), scoring)
+    merges = merge_sequence(graph, max(thresholds), scoring)
     scores = np.array([m[0] for m in merges], np.float64)
     kept = np.array([m[1] for m in merges], np.int64).reshape(-1)
     gone = np.array([m[2] for m in merges], np.int64).reshape(-1)
@@ -45,11 +52,62 @@ def agglomerate(graph: GraphData, thresholds: Sequence[float], scoring: str,
             if np.array_equal(jumped, parent):
                 break
             parent = jumped
-        if min_size > 1 and n:
-            parent = _merge_small(parent, graph, min_size)
-        _, segment = np.unique(parent, return_inverse=True)
-        results.append(segment.reshape(-1).astype(np.int64) + 1)
+        results.append(_numbered(parent, graph, min_size))
     return results
+
+
+def segments_from_levels(graph: GraphData, u: np.ndarray, v: np.ndarray, level: np.ndarray,
+                         thresholds: Sequence[float], min_size: int = 0) -> list[np.ndarray]:
+    """For each threshold, the segment (1..K) of every node of ``graph`` (its ids and sizes;
+    its edges only if ``min_size`` > 1): the components of the edges ``u``-``v`` (node
+    positions) whose join ``level`` is below the threshold."""
+    n = graph.ids.size
+    results = []
+    for threshold in thresholds:
+        below = level < threshold
+        roots = union(max(n - 1, 0), u[below], v[below])[:n]
+        results.append(_numbered(roots, graph, min_size))
+    return results
+
+
+def _numbered(roots: np.ndarray, graph: GraphData, min_size: int) -> np.ndarray:
+    """Segments 1..K from each node's root, after small segments merge into neighbours."""
+    if min_size > 1 and roots.size:
+        roots = _merge_small(roots, graph, min_size)
+    _, segment = np.unique(roots, return_inverse=True)
+    return segment.reshape(-1).astype(np.int64) + 1
+
+
+def join_levels(n: int, merges: Sequence[tuple[float, int, int]], u: np.ndarray,
+                v: np.ndarray) -> np.ndarray:
+    """For each edge ``u``-``v`` (node positions 0..n-1), the largest score of ``merges``
+    (`merge_sequence`) up to the one that put its ends in one region; inf if none did.
+    Regions are tracked as member lists, the smaller moving into the larger, so each node
+    moves O(log n) times and each edge is looked at when one of its ends moves."""
+    ends_u, ends_v = u.tolist(), v.tolist()
+    touching: list[list[int]] = [[] for _ in range(n)]
+    for e, (a, b) in enumerate(zip(ends_u, ends_v, strict=True)):
+        touching[a].append(e)
+        touching[b].append(e)
+    level = [np.inf] * len(ends_u)
+    region = list(range(n))
+    members: list[list[int]] = [[i] for i in range(n)]
+    running = -np.inf
+    for score, kept, gone in merges:
+        running = max(running, score)
+        big, small = region[kept], region[gone]
+        if len(members[big]) < len(members[small]):
+            big, small = small, big
+        for node in members[small]:
+            for e in touching[node]:
+                other = ends_v[e] if ends_u[e] == node else ends_u[e]
+                if region[other] == big and level[e] == np.inf:
+                    level[e] = running
+        for node in members[small]:
+            region[node] = big
+        members[big].extend(members[small])
+        members[small] = []
+    return np.array(level, np.float64)
 
 
 def _merge_small(roots: np.ndarray, graph: GraphData, min_size: int) -> np.ndarray:
@@ -61,9 +119,10 @@ def _merge_small(roots: np.ndarray, graph: GraphData, min_size: int) -> np.ndarr
     return table[roots]
 
 
-def _merge_sequence(graph: GraphData, top: float, scoring: str
-                    ) -> list[tuple[float, int, int]]:
-    """(score, kept region, merged region) of every merge scoring below ``top``, in order."""
+def merge_sequence(graph: GraphData, top: float, scoring: str
+                   ) -> list[tuple[float, int, int]]:
+    """(score, kept region, merged region) of every merge until the first scoring ``top``
+    or more, in order; a region is named by one of its nodes (its position in ``graph``)."""
     n = graph.ids.size
     ends_u, ends_v = graph.u.tolist(), graph.v.tolist()
     total, count = graph.total.tolist(), graph.count.tolist()

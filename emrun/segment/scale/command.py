@@ -32,9 +32,14 @@ from .fragments import FRAGMENT_METHODS
 from .graphdb import GraphStore, default_url, shown_url
 from .job import FOLDER, FRAGMENTS, ScaleJob
 from .schedulers import local_pool, run_step
-from .steps import agglomerate_graph, lut_file, lut_key
+from .steps import agglomerate_graph, levels_key, lut_file, lut_key
 
-__all__ = ["DEFAULT_BLOCK", "block_chunks", "run_scaled"]
+__all__ = ["AGGLOMERATIONS", "DEFAULT_BLOCK", "block_chunks", "run_scaled"]
+
+AGGLOMERATIONS = ("global", "blockwise")
+"""global: the whole graph agglomerated in one process (exact; about 500 bytes per edge);
+blockwise: each block agglomerates the graph around it on the workers, then one process
+joins the edges below each threshold (about 100 bytes per edge)."""
 
 DEFAULT_BLOCK = (32, 256, 256)
 """Blocks of 2 M voxels: about 0.3 GB of working memory per worker (1 GB at 32 x 512 x 512),
@@ -77,6 +82,9 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
     if request.fragments not in FRAGMENT_METHODS:
         raise UserError(f"--fragments {request.fragments!r}: choose "
                         f"{' or '.join(FRAGMENT_METHODS)}")
+    if request.agglomeration not in AGGLOMERATIONS:
+        raise UserError(f"--agglomeration {request.agglomeration!r}: choose "
+                        f"{' or '.join(AGGLOMERATIONS)}")
     output = request.output
     spatial = zyx(volume.shape[1:])
     block = zyx(min(b, n) for b, n in zip(request.block or DEFAULT_BLOCK, spatial, strict=True))
@@ -86,7 +94,8 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
                    fragments=request.fragments, thresholds=tuple(agglo.thresholds),
                    scoring=agglo.scoring, min_size=int(agglo.min_size),
                    db=request.db or default_url(folder), name=request.name,
-                   mask=None if mask is None else mask.location(), levels=request.levels)
+                   mask=None if mask is None else mask.location(), levels=request.levels,
+                   agglomeration=request.agglomeration)
     _check_resume(job, request.resume)
     store = GraphStore(job.db)
     if not output.exists():
@@ -114,11 +123,16 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
         step("fragments", [i for i in indices if not job.is_done("fragments", i)])
         done = store.done_blocks()
         step("graph", [i for i in indices if job.block_id(i) not in done])
-        say(f"agglomerating the graph (thresholds "
-            f"{', '.join(f'{t:g}' for t in job.thresholds)}, {job.scoring})")
+        thresholds = ", ".join(f"{t:g}" for t in job.thresholds)
+        if job.agglomeration == "blockwise":
+            agglomerated = store.agglomerated_blocks(levels_key(job))
+            step("agglomerate", [i for i in indices if job.block_id(i) not in agglomerated])
+            say(f"merging the blocks' agglomerations (thresholds {thresholds})")
+        else:
+            say(f"agglomerating the graph (thresholds {thresholds}, {job.scoring})")
         started = time.perf_counter()
-        timings["agglomerate"] = {**agglomerate_graph(job),
-                                  "seconds": round(time.perf_counter() - started, 3)}
+        timings["merge" if job.agglomeration == "blockwise" else "agglomerate"] = {
+            **agglomerate_graph(job), "seconds": round(time.perf_counter() - started, 3)}
         relabel = f"relabel-{lut_key(job)}"
         step("relabel", [i for i in indices if not job.is_done(relabel, i)])
     started = time.perf_counter()
@@ -195,8 +209,7 @@ def _attr(output: Path, name: str, key: str) -> dict[str, Any]:
 def _finish(job: ScaleJob, name: str) -> int:
     """Build the segmentation's pyramid and record its segment count; returns the count."""
     folder = volume_dir(job.output, name, True)
-    with np.load(lut_file(job, name)) as data:
-        segments = int(data["segments"].max(initial=0))
+    segments = int(np.load(lut_file(job, name), mmap_mode="r").max(initial=0))
     build_pyramid(folder, job.levels, label=True)
     group = zarr.open_group(str(folder), mode="r+")
     meta = dict(group.attrs)["emrun"]

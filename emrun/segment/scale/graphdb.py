@@ -6,8 +6,11 @@ in the output's private folder; the default, for one machine) or PostgreSQL
 Tables: ``nodes`` (fragment id, block, size, centre), ``edges`` (fragment pair, block, summed
 affinity, count, histogram), ``blocks`` (the blocks whose graph is in: the graph step's
 done-markers, committed in the same transaction as the block's rows, so a worker killed
-mid-block leaves nothing that a resumed job would trust) and ``meta`` (the job digest: a
-database filled for other fragments refuses to be mixed with these).
+mid-block leaves nothing that a resumed job would trust), ``levels`` (blockwise
+agglomeration: the score at which each block joined the ends of the edges it owns, under a
+key naming the agglomeration settings), ``agglomerated`` (that step's done-markers, per key)
+and ``meta`` (the job digest: a database filled for other fragments refuses to be mixed with
+these).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import numpy as np
 from ...errors import UserError
 from .rag import BINS, BlockGraph
 
-__all__ = ["GraphData", "GraphStore", "default_url", "shown_url"]
+__all__ = ["GraphData", "GraphStore", "Neighbourhood", "RegionGraph", "default_url",
+           "shown_url"]
 
 SQLITE_FILE = "graph.sqlite"
 
@@ -58,6 +62,30 @@ class GraphData:
     hist: np.ndarray
 
 
+@dataclass(frozen=True)
+class Neighbourhood:
+    """What one block agglomerates: its own nodes (ids ``first`` to ``last``, in ``block``),
+    the nodes whose centre lies in the box ``begin`` to ``end`` (voxels, z y x), and every
+    node touching one of its own; all of them lie in ``blocks`` (which hold every edge
+    between them: a pair's edge lies in the block of one of its ends)."""
+
+    block: int
+    first: int
+    last: int
+    begin: tuple[int, int, int]
+    end: tuple[int, int, int]
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RegionGraph:
+    """The graph around one block: ``graph`` (nodes sorted by id, edges aggregated) with each
+    node's block."""
+
+    graph: GraphData
+    blocks: np.ndarray
+
+
 @functools.cache
 def _tables() -> tuple[Any, ...]:
     import sqlalchemy as sa
@@ -67,18 +95,27 @@ def _tables() -> tuple[Any, ...]:
                     sa.Column("value", sa.Text, nullable=False))
     nodes = sa.Table("nodes", meta, sa.Column("id", sa.BigInteger, primary_key=True,
                                               autoincrement=False),
-                     sa.Column("block", sa.BigInteger, nullable=False),
+                     sa.Column("block", sa.BigInteger, nullable=False, index=True),
                      sa.Column("size", sa.BigInteger, nullable=False),
                      sa.Column("z", sa.Float), sa.Column("y", sa.Float), sa.Column("x", sa.Float))
     edges = sa.Table("edges", meta, sa.Column("u", sa.BigInteger, nullable=False),
                      sa.Column("v", sa.BigInteger, nullable=False),
-                     sa.Column("block", sa.BigInteger, nullable=False),
+                     sa.Column("block", sa.BigInteger, nullable=False, index=True),
                      sa.Column("total", sa.Float, nullable=False),
                      sa.Column("count", sa.BigInteger, nullable=False),
                      sa.Column("hist", sa.LargeBinary, nullable=False))
     blocks = sa.Table("blocks", meta, sa.Column("block", sa.BigInteger, primary_key=True,
                                                 autoincrement=False))
-    return meta, info, nodes, edges, blocks
+    levels = sa.Table("levels", meta, sa.Column("key", sa.String(32), nullable=False),
+                      sa.Column("block", sa.BigInteger, nullable=False),
+                      sa.Column("u", sa.BigInteger, nullable=False),
+                      sa.Column("v", sa.BigInteger, nullable=False),
+                      sa.Column("level", sa.Float, nullable=False))
+    agglomerated = sa.Table("agglomerated", meta,
+                            sa.Column("key", sa.String(32), primary_key=True),
+                            sa.Column("block", sa.BigInteger, primary_key=True,
+                                      autoincrement=False))
+    return meta, info, nodes, edges, blocks, levels, agglomerated
 
 
 class GraphStore:
@@ -135,7 +172,7 @@ class GraphStore:
         the block was already in (another worker, or an earlier run, finished it)."""
         import sqlalchemy as sa
 
-        _, _, nodes, edges, blocks = _tables()
+        _, _, nodes, edges, blocks, *_ = _tables()
         node_rows = [{"id": int(i), "block": block, "size": int(s), "z": float(c[0]),
                       "y": float(c[1]), "x": float(c[2])}
                      for i, s, c in zip(graph.ids.tolist(), graph.sizes.tolist(),
@@ -167,40 +204,110 @@ class GraphStore:
         """The whole graph, edges summed over the blocks that saw them; without
         ``histograms`` (mean scoring needs none) their column is not even read. Rows are
         fetched in batches straight into arrays, so memory holds arrays, not row objects."""
+        return self._read(None, histograms).graph
+
+    def read_region(self, around: Neighbourhood, histograms: bool) -> RegionGraph:
+        """The graph one block agglomerates (`Neighbourhood`): selected in the database, so
+        only those rows travel."""
+        return self._read(around, histograms)
+
+    def _read(self, around: Neighbourhood | None, histograms: bool) -> RegionGraph:
         import sqlalchemy as sa
 
         from ..graph import Edges
 
-        _, _, nodes, edges, _ = _tables()
+        _, _, nodes, edges, *_ = _tables()
+        node_columns = [nodes.c.id, nodes.c.size, nodes.c.block]
         columns = [edges.c.u, edges.c.v, edges.c.total, edges.c.count]
         if histograms:
             columns.append(edges.c.hist)
+        node_query = sa.select(*node_columns).order_by(nodes.c.id)
+        edge_query = sa.select(*columns)
+        if around is not None:
+            taken = _taken(around)
+            node_query = node_query.where(nodes.c.id.in_(sa.select(taken.c.id)))
+            edge_query = edge_query.where(edges.c.block.in_(around.blocks),
+                                          edges.c.u.in_(sa.select(taken.c.id)),
+                                          edges.c.v.in_(sa.select(taken.c.id)))
         with self._connection("read") as conn:
-            node_parts = _columns(conn, sa.select(nodes.c.id, nodes.c.size).order_by(nodes.c.id),
-                                  2)
-            edge_parts = _columns(conn, sa.select(*columns), len(columns))
-        ids = np.concatenate([p[0] for p in node_parts]).astype(np.int64).view(np.uint64)
-        sizes = np.concatenate([p[1] for p in node_parts]).astype(np.int64)
+            node_parts = _columns(conn, node_query, len(node_columns))
+            edge_parts = _columns(conn, edge_query, len(columns), binary=4)
+        ids = _joined(node_parts, 0, np.int64).view(np.uint64)
+        sizes = _joined(node_parts, 1, np.int64)
+        node_blocks = _joined(node_parts, 2, np.int64)
         width = BINS if histograms else 0
-        if not edge_parts:
-            empty = np.zeros(0, np.uint64)
-            return GraphData(ids, sizes, empty, empty, np.zeros(0), np.zeros(0, np.int64),
-                             np.zeros((0, width), np.int64))
-        raw_u = np.concatenate([p[0] for p in edge_parts]).astype(np.int64).view(np.uint64)
-        raw_v = np.concatenate([p[1] for p in edge_parts]).astype(np.int64).view(np.uint64)
-        u, v = np.searchsorted(ids, raw_u), np.searchsorted(ids, raw_v)
+        raw_u = _joined(edge_parts, 0, np.int64).view(np.uint64)
+        raw_v = _joined(edge_parts, 1, np.int64).view(np.uint64)
+        u, v = _positions(ids, raw_u), _positions(ids, raw_v)
+        inside = (u >= 0) & (v >= 0)  # a region's edges to nodes beyond it are dropped
         del raw_u, raw_v
-        total = np.concatenate([p[2] for p in edge_parts]).astype(np.float64)
-        count = np.concatenate([p[3] for p in edge_parts]).astype(np.int64)
+        total = _joined(edge_parts, 2, np.float64)
+        count = _joined(edge_parts, 3, np.int64)
+        if not inside.all():
+            u, v, total, count = u[inside], v[inside], total[inside], count[inside]
         merged = Edges.aggregate(u, v, total, count)  # a pair seen by two blocks: summed
         summed = np.zeros((merged.u.size, width), np.int64)
-        if histograms:
+        if histograms and merged.u.size:
             hist = np.frombuffer(b"".join(b for p in edge_parts for b in p[4]),
-                                 "<u4").reshape(-1, BINS)
+                                 "<u4").reshape(-1, BINS)[inside]
             pair = np.searchsorted(merged.u * (ids.size + 1) + merged.v,
                                    np.minimum(u, v) * (ids.size + 1) + np.maximum(u, v))
             np.add.at(summed, pair, hist)
-        return GraphData(ids, sizes, merged.u, merged.v, merged.total, merged.count, summed)
+        graph = GraphData(ids, sizes, merged.u, merged.v, merged.total, merged.count, summed)
+        return RegionGraph(graph, node_blocks)
+
+    def agglomerated_blocks(self, key: str) -> set[int]:
+        """The blocks whose levels under ``key`` are in."""
+        import sqlalchemy as sa
+
+        table = _tables()[6]
+        with self._connection("read") as conn:
+            return {int(b) for b in conn.execute(
+                sa.select(table.c.block).where(table.c.key == key)).scalars()}
+
+    def write_levels(self, key: str, block: int, u: np.ndarray, v: np.ndarray,
+                     level: np.ndarray) -> bool:
+        """One block's join levels and its marker in one transaction; False if they were in."""
+        import sqlalchemy as sa
+
+        *_, levels, agglomerated = _tables()
+        rows = [{"key": key, "block": block, "u": int(a), "v": int(b), "level": float(x)}
+                for a, b, x in zip(u.tolist(), v.tolist(), level.tolist(), strict=True)]
+        start = time.perf_counter()
+        try:
+            with self._connection("write to") as conn:
+                if conn.execute(sa.select(agglomerated.c.block).where(
+                        (agglomerated.c.key == key) & (agglomerated.c.block == block))
+                        ).first() is not None:
+                    return False
+                conn.execute(agglomerated.insert(), [{"key": key, "block": block}])
+                if rows:
+                    conn.execute(levels.insert(), rows)
+        except sa.exc.IntegrityError:  # another worker committed this block meanwhile
+            return False
+        finally:
+            self.seconds += time.perf_counter() - start
+        return True
+
+    def read_levels(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every block's join levels under ``key``: fragment ids u, v and the level."""
+        import sqlalchemy as sa
+
+        levels = _tables()[5]
+        query = sa.select(levels.c.u, levels.c.v, levels.c.level).where(levels.c.key == key)
+        with self._connection("read") as conn:
+            parts = _columns(conn, query, 3)
+        return (_joined(parts, 0, np.int64).view(np.uint64),
+                _joined(parts, 1, np.int64).view(np.uint64), _joined(parts, 2, np.float64))
+
+    def read_nodes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every node's id (sorted) and size."""
+        import sqlalchemy as sa
+
+        nodes = _tables()[2]
+        with self._connection("read") as conn:
+            parts = _columns(conn, sa.select(nodes.c.id, nodes.c.size).order_by(nodes.c.id), 2)
+        return _joined(parts, 0, np.int64).view(np.uint64), _joined(parts, 1, np.int64)
 
     def size_bytes(self) -> int | None:
         """The database's size on disk (SQLite: its file; PostgreSQL: the database)."""
@@ -230,19 +337,53 @@ class GraphStore:
                             f"({_first_line(exc.orig or exc)})") from None
 
 
+def _taken(around: Neighbourhood) -> Any:
+    """The ids of the nodes of ``around``, as a query."""
+    import sqlalchemy as sa
+
+    _, _, nodes, edges, *_ = _tables()
+    centre = (nodes.c.z, nodes.c.y, nodes.c.x)
+    in_box = sa.and_(*(c >= b for c, b in zip(centre, around.begin, strict=True)),
+                     *(c < e for c, e in zip(centre, around.end, strict=True)))
+    near = sa.select(nodes.c.id.label("id")).where(
+        nodes.c.block.in_(around.blocks), sa.or_(nodes.c.block == around.block, in_box))
+    own = (around.first, around.last)
+    after = sa.select(edges.c.v.label("id")).where(edges.c.block.in_(around.blocks),
+                                                   edges.c.u.between(*own))
+    before = sa.select(edges.c.u.label("id")).where(edges.c.block.in_(around.blocks),
+                                                    edges.c.v.between(*own))
+    return sa.union(near, after, before).subquery("taken")
+
+
 BATCH = 1_000_000
 """Rows fetched at a time when reading the graph."""
 
 
-def _columns(conn: Any, query: Any, width: int) -> list[list[Any]]:
-    """The result of ``query`` as batches of columns: numpy arrays for numbers, lists for
-    binary values."""
+def _columns(conn: Any, query: Any, width: int, binary: int | None = None
+             ) -> list[list[Any]]:
+    """The result of ``query`` as batches of columns: numpy arrays, except a list for the
+    column ``binary``."""
     parts = []
     result = conn.execution_options(yield_per=BATCH).execute(query)
     for batch in result.partitions():
         columns = list(zip(*batch, strict=True)) if batch else [()] * width
-        parts.append([np.array(c) if i < 4 else list(c) for i, c in enumerate(columns)])
+        parts.append([list(c) if i == binary else np.array(c) for i, c in enumerate(columns)])
     return [p for p in parts if len(p[0])]
+
+
+def _joined(parts: list[list[Any]], column: int, dtype: Any) -> np.ndarray:
+    """One numeric column of all batches."""
+    if not parts:
+        return np.zeros(0, dtype)
+    return np.concatenate([np.asarray(p[column]) for p in parts]).astype(dtype)
+
+
+def _positions(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Where each of ``values`` is in the sorted ``ids``; -1 where it is not there."""
+    if ids.size == 0:
+        return np.full(values.size, -1, np.int64)
+    at = np.minimum(np.searchsorted(ids, values), ids.size - 1)
+    return np.where(ids[at] == values, at, -1).astype(np.int64)
 
 
 def _sqlite_settings(connection: Any, _record: Any) -> None:

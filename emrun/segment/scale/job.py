@@ -51,6 +51,7 @@ class ScaleJob:
     name: str = "segmentation"
     mask: str | None = None
     levels: int | None = None
+    agglomeration: str = "global"  # or "blockwise"
 
     @property
     def folder(self) -> Path:

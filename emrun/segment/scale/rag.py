@@ -20,7 +20,7 @@ from ...geometry import Roi, local_slices
 from ..affinities import Offset
 from ..pipeline import nearest_pairs
 
-__all__ = ["BINS", "BlockGraph", "block_graph", "histogram_quantile"]
+__all__ = ["BINS", "BlockGraph", "block_graph", "dense_ids", "histogram_quantile"]
 
 BINS = 32
 """Histogram bins of an edge's affinities; a quantile is read to 1/BINS / 2 on average."""
@@ -44,9 +44,8 @@ def block_graph(labels: np.ndarray, region: Roi, core: Roi, affs: np.ndarray,
                 offsets: Sequence[Offset]) -> BlockGraph:
     """The graph of ``core``: ``labels`` (fragment ids) cover ``region`` (the core and a
     margin), ``affs`` (float32, c, z, y, x) cover ``core``; ids 0 take no part. Ids are
-    first made dense (one sort of the region), so pairs are single int64 keys."""
-    ids, dense = np.unique(labels, return_inverse=True)
-    dense = dense.reshape(labels.shape).astype(np.int64)
+    first made dense (`dense_ids`), so pairs are single int64 keys."""
+    ids, dense = dense_ids(labels, labels[local_slices(core, region.offset)])
     n = ids.size
     inner = dense[local_slices(core, region.offset)].ravel()
     sizes = np.bincount(inner, minlength=n)
@@ -76,6 +75,34 @@ def block_graph(labels: np.ndarray, region: Roi, core: Roi, affs: np.ndarray,
     hist = np.bincount(index * BINS + bins, minlength=pairs.size * BINS)
     return BlockGraph(ids_out, sizes_out, centres, ids[pairs // n], ids[pairs % n], total,
                       count, hist.reshape(-1, BINS).astype(np.uint32))
+
+
+def dense_ids(labels: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of ``labels`` (sorted) and each voxel's position among them. A block's own
+    fragments (``core``, a view into ``labels``) are numbered contiguously, so they map by
+    a subtraction; only the margin's few other ids (and 0) are sorted: a full sort of the
+    region was the graph step's largest cost."""
+    found = core[core != 0]
+    if found.size == 0:
+        ids, inverse = np.unique(labels, return_inverse=True)
+        return ids, inverse.reshape(labels.shape).astype(np.int64)
+    low, high = found.min(), found.max()
+    span = int(high - low) + 1
+    if span > found.size or not np.bincount((found - low).astype(np.int64)).all():
+        ids, inverse = np.unique(labels, return_inverse=True)  # not contiguous: sort all
+        return ids, inverse.reshape(labels.shape).astype(np.int64)
+    own = (labels >= low) & (labels <= high)
+    others = np.unique(labels[~own])
+    ids = np.concatenate([others, np.arange(low, high + 1, dtype=labels.dtype)])
+    dense = np.empty(labels.shape, np.int64)
+    dense[own] = (labels[own] - low).astype(np.int64) + others.size
+    dense[~own] = np.searchsorted(others, labels[~own])
+    order = np.argsort(ids, kind="stable")
+    if np.any(order != np.arange(order.size)):  # margin ids above the block's: re-rank
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        ids, dense = ids[order], rank[dense]
+    return ids, dense
 
 
 def histogram_quantile(hist: np.ndarray, q: float) -> np.ndarray:

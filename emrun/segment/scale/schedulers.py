@@ -128,11 +128,20 @@ def _graph_done(job_file: str) -> frozenset[int]:
     return frozenset(_store(job.db).done_blocks())
 
 
+@functools.cache
+def _agglomerated(db: str, key: str) -> frozenset[int]:
+    return frozenset(_store(db).agglomerated_blocks(key))
+
+
 def _block_is_done(job_file: str, step: str, block: Any) -> bool:
     job = ScaleJob.load(job_file)
     index = _index(job, block.write_roi)
     if step == "graph":
         return job.block_id(index) in _graph_done(job_file)
+    if step == "agglomerate":
+        from .steps import levels_key
+
+        return job.block_id(index) in _agglomerated(job.db, levels_key(job))
     if step == "relabel":
         from .steps import lut_key
 

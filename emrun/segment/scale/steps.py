@@ -1,4 +1,5 @@
-"""A worker's work on one block of each step, and the one global step (agglomeration).
+"""A worker's work on one block of each step, and the global steps (agglomeration of the
+whole graph, or the merge of the blocks' agglomerations).
 
 Every function here takes the job and a block index and leaves the block done (its
 done-marker written after its data), so it can run in any process on any machine that sees
@@ -20,24 +21,32 @@ import numpy as np
 import zarr
 
 from ...atomic import atomic_output
-from ...geometry import Roi, Zyx, local_slices, slices
+from ...geometry import Roi, Zyx, grow_within, local_slices, slices, zyx
 from ...io import Volume, open_volume
 from ...io.layout import volume_dir
 from ..affinities import Offset, is_nearest, to_float
-from .agglomerate import agglomerate
+from .agglomerate import agglomerate, join_levels, merge_sequence, segments_from_levels
 from .fragments import HALO, block_fragments
-from .graphdb import GraphStore
+from .graphdb import GraphData, GraphStore, Neighbourhood
 from .job import FRAGMENTS, ScaleJob
 from .rag import block_graph
 
-__all__ = ["BLOCK_STEPS", "agglomerate_graph", "lut_key", "run_block"]
+__all__ = ["AGGLOMERATION_CONTEXT", "agglomerate_graph", "levels_key", "lut_key", "run_block"]
 
-BLOCK_STEPS = ("fragments", "graph", "relabel")
+AGGLOMERATION_CONTEXT = 0.5
+"""Blockwise agglomeration: the graph a block agglomerates reaches this fraction of a block
+beyond each of its faces (nodes by centre), and always the neighbours of its own nodes."""
+
+
+def _job(job_file: str) -> ScaleJob:
+    """The job as its file says now (a resumed job rewrites it: another threshold, name or
+    agglomeration), parsed once per content."""
+    return _parsed(Path(job_file).read_text())
 
 
 @functools.cache
-def _job(job_file: str) -> ScaleJob:
-    return ScaleJob.load(job_file)
+def _parsed(text: str) -> ScaleJob:
+    return ScaleJob.from_json(text)
 
 
 @functools.cache
@@ -65,13 +74,29 @@ def _mask(job: ScaleJob, box: Roi) -> np.ndarray | None:
 def lut_key(job: ScaleJob) -> str:
     """What decides the lookup tables and the segmentations: the graph and the agglomeration
     settings. Relabel markers and table files are keyed by it."""
-    text = json.dumps([job.digest(), list(job.thresholds), job.scoring, job.min_size,
-                       job.name])
+    text = json.dumps([levels_key(job), list(job.thresholds), job.min_size, job.name])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def levels_key(job: ScaleJob) -> str:
+    """What decides the blocks' join levels (and the global agglomeration): the graph, the
+    scoring and how it agglomerates. The levels in the database are keyed by it."""
+    how: list[Any] = [job.agglomeration]
+    if job.agglomeration == "blockwise":
+        how.append(AGGLOMERATION_CONTEXT)
+    text = json.dumps([job.digest(), job.scoring, *how])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def lut_file(job: ScaleJob, name: str) -> Path:
-    return job.folder / "lut" / f"{lut_key(job)}-{name}.npz"
+    """A threshold's segment of every fragment (in the order of `ids_file`), a .npy file that
+    workers map rather than load: a block reads only its own fragments' stretch."""
+    return job.folder / "lut" / f"{lut_key(job)}-{name}.npy"
+
+
+def ids_file(job: ScaleJob) -> Path:
+    """Every fragment id, sorted: the rows of the lookup tables."""
+    return job.folder / "lut" / f"{job.digest()}-ids.npy"
 
 
 def run_block(job_file: str, step: str, index: Zyx) -> dict[str, float]:
@@ -82,6 +107,8 @@ def run_block(job_file: str, step: str, index: Zyx) -> dict[str, float]:
         return _fragments(job, index)
     if step == "graph":
         return _graph(job, index)
+    if step == "agglomerate":
+        return _agglomerate(job, index)
     if step == "relabel":
         return _relabel(job, index)
     raise ValueError(f"unknown step {step!r}")
@@ -135,6 +162,45 @@ def graph_region(core: Roi, offsets: Sequence[Offset], total: Roi) -> Roi:
     return grown.intersect(total)
 
 
+def neighbourhood(job: ScaleJob, index: Zyx) -> Neighbourhood:
+    """The graph block ``index`` agglomerates: its nodes, those whose centre lies within
+    ``AGGLOMERATION_CONTEXT`` blocks of its faces, and those touching its own."""
+    core = job.box(index)
+    context = [int(np.ceil(b * AGGLOMERATION_CONTEXT)) for b in job.block]
+    region = grow_within(core, context, job.grid.total)
+    reach = [max(-(-c // b), 1) for c, b in zip(context, job.block, strict=True)]
+    ranges = [range(max(i - r, 0), min(i + r, n - 1) + 1)
+              for i, r, n in zip(index, reach, job.grid.counts, strict=True)]
+    block = job.block_id(index)
+    first = block * int(np.prod(job.block))
+    return Neighbourhood(block, first + 1, first + int(np.prod(job.block)),
+                         zyx(region.begin), zyx(region.end),
+                         tuple(job.block_id((z, y, x)) for z in ranges[0] for y in ranges[1]
+                               for x in ranges[2]))
+
+
+def _agglomerate(job: ScaleJob, index: Zyx) -> dict[str, float]:
+    """Agglomerate the graph around the block to the end; store the join levels of the edges
+    it owns (those whose lower-id end is one of its nodes)."""
+    store = _store(job.db)
+    start = time.perf_counter()
+    around = neighbourhood(job, index)
+    found = store.read_region(around, histograms=job.scoring != "mean")
+    graph = found.graph
+    read = time.perf_counter()
+    merges = merge_sequence(graph, 1.0, job.scoring)
+    owned = found.blocks[graph.u] == around.block  # u < v: positions follow ids
+    u, v = graph.u[owned], graph.v[owned]
+    level = join_levels(graph.ids.size, merges, u, v)
+    joined = np.isfinite(level)
+    work = time.perf_counter()
+    before = store.seconds
+    store.write_levels(levels_key(job), around.block, graph.ids[u[joined]],
+                       graph.ids[v[joined]], level[joined])
+    return {"read": read - start, "agglomerate": work - read,
+            "database": store.seconds - before}
+
+
 def _relabel(job: ScaleJob, index: Zyx) -> dict[str, float]:
     start = time.perf_counter()
     step = f"relabel-{lut_key(job)}"
@@ -142,9 +208,14 @@ def _relabel(job: ScaleJob, index: Zyx) -> dict[str, float]:
         return {}
     box = job.box(index)
     fragments = np.asarray(fragments_array(job)[slices(box)])
+    ids = _mapped(str(ids_file(job)))
+    first = job.block_id(index) * int(np.prod(job.block))  # the block's ids: first + 1 ...
+    bounds = np.array([first + 1, first + int(np.prod(job.block)) + 1], np.uint64)
+    stretch = slice(*np.searchsorted(ids, bounds).tolist())
     for name in job.names:
-        ids, segments = _lut(str(lut_file(job, name)))
-        segmentation_array(job, name)[slices(box)] = lookup(fragments, ids, segments)
+        segments = _mapped(str(lut_file(job, name)))[stretch]
+        segmentation_array(job, name)[slices(box)] = lookup(fragments, np.asarray(ids[stretch]),
+                                                            np.asarray(segments))
     job.mark_done(step, index)
     return {"relabel": time.perf_counter() - start}
 
@@ -161,27 +232,45 @@ def lookup(fragments: np.ndarray, ids: np.ndarray, segments: np.ndarray) -> np.n
 
 
 @functools.cache
-def _lut(path: str) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as data:
-        return data["ids"], data["segments"]
+def _mapped(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
 
 
 def agglomerate_graph(job: ScaleJob) -> dict[str, Any]:
-    """Read the whole graph, agglomerate it at every threshold and write each threshold's
-    lookup table (atomically); skipped when the tables exist. Returns counts and seconds."""
+    """Each threshold's lookup table (written atomically; skipped when the tables exist):
+    global, from the whole graph agglomerated here; blockwise, from the blocks' join levels.
+    Returns counts and seconds."""
     files = [lut_file(job, name) for name in job.names]
-    if all(f.exists() for f in files):
+    if ids_file(job).exists() and all(f.exists() for f in files):
         return {}
     store = _store(job.db)
     start = time.perf_counter()
-    graph = store.read(histograms=job.scoring != "mean")
-    read = time.perf_counter()
-    segments = agglomerate(graph, job.thresholds, job.scoring, job.min_size)
+    if job.agglomeration == "global":
+        graph = store.read(histograms=job.scoring != "mean")
+        read = time.perf_counter()
+        segments = agglomerate(graph, job.thresholds, job.scoring, job.min_size)
+        edges = graph.u.size
+    else:
+        graph = store.read(histograms=False) if job.min_size > 1 else \
+            _nodes_only(*store.read_nodes())
+        ends_u, ends_v, level = store.read_levels(levels_key(job))
+        read = time.perf_counter()
+        u, v = np.searchsorted(graph.ids, ends_u), np.searchsorted(graph.ids, ends_v)
+        del ends_u, ends_v
+        segments = segments_from_levels(graph, u, v, level, job.thresholds, job.min_size)
+        edges = level.size
     done = time.perf_counter()
-    for path, seg in zip(files, segments, strict=True):
+    for path, values in [(ids_file(job), graph.ids),
+                         *((f, seg.astype(np.uint64)) for f, seg in zip(files, segments,
+                                                                         strict=True))]:
         with atomic_output(path) as tmp, open(tmp, "wb") as handle:
-            np.savez(handle, ids=graph.ids, segments=seg.astype(np.uint64))
-    return {"nodes": int(graph.ids.size), "edges": int(graph.u.size),
+            np.save(handle, values)
+    return {"nodes": int(graph.ids.size), "edges": int(edges),
             "read": read - start, "agglomerate": done - read,
             "segments": [int(s.max(initial=0)) for s in segments]}
 
+
+
+def _nodes_only(ids: np.ndarray, sizes: np.ndarray) -> GraphData:
+    none = np.zeros(0, np.int64)
+    return GraphData(ids, sizes, none, none, np.zeros(0), none, np.zeros((0, 0), np.int64))
