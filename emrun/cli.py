@@ -703,17 +703,40 @@ def bench_snemi3d(
         min=1, help="Training iterations (default: the recipe's).")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, run, results.")]
     = Path("snemi3d-bench"),
+    recipe: Annotated[str | None, typer.Option(
+        help="A recipe file, or a shipped recipe's name (default snemi3d_aff; see `emrun "
+        "recipes`); its sources must be named snemi3d and snemi3d_val.")] = None,
     override: Overrides = None,
     device: Device = None,
+    final: Annotated[bool, typer.Option(
+        "--final", help="After the benchmark in --out: train its settings on all 70 sections "
+        "and write --out/snemi3d.emrun, a model package for emrun infer --model.")] = False,
     json_: JsonLine = False,
 ) -> None:
-    """Train, infer, segment and score recipes/snemi3d_aff.yaml on real SNEMI3D data."""
+    """Train, infer, segment and score a SNEMI3D recipe (default snemi3d_aff) on real data."""
     import json
 
     from .bench.snemi3d import run_snemi3d
 
+    if final:
+        from .bench.snemi3d_final import run_final
+
+        if iterations is not None or override or recipe is not None:
+            raise UserError("--final repeats the settings of the benchmark in --out (its "
+                            "recipe, iterations and overrides, in results.json); drop "
+                            "--recipe, --iterations and -o")
+        facts = run_final(data, out_dir, device=device, console=out)
+        for line in facts["export"]:
+            out.print(line, markup=False)
+        out.print(f"trained on sections 0-69 for {facts['iterations']} iterations in "
+                  f"{facts['train_seconds'] / 60:.1f} min on {facts['device']}; its recipe "
+                  f"segments with {facts['segmenter']} {facts['parameter']} "
+                  f"{facts['value']:g}; wrote {out_dir / 'final.json'}", markup=False)
+        if json_:
+            print(json.dumps(facts))
+        return
     results = run_snemi3d(data, out_dir, iterations=iterations, device=device,
-                          overrides=override or [], console=out)
+                          overrides=override or [], console=out, recipe=recipe)
     out.print((out_dir / "results.md").read_text(encoding="utf-8"), markup=False)
     out.print(f"wrote {out_dir / 'results.json'}, results.md and figures (input.png, "
               "affinities.png, segmentation.png, training.png)", markup=False)

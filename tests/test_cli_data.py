@@ -8,12 +8,13 @@ import sys
 import numpy as np
 import pytest
 import tifffile
+import yaml
 import zarr
 from conftest import MINIMAL, sigterm_after_first_log
 from typer.testing import CliRunner
 
 from emrun.cli import app
-from emrun.io import open_volume
+from emrun.io import open_volume, write_volume
 
 runner = CliRunner()
 
@@ -283,6 +284,35 @@ def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path, monkeypa
     missing = runner.invoke(app, ["bench", "snemi3d", "--data", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "train-input.tif" in missing.stderr
 
+    # --final: the same settings on all 70 sections, as a package that infer predicts with
+    final = ["bench", "snemi3d", "--data", str(data), "--out", str(out), "--final",
+             "--device", "cpu"]
+    refused = runner.invoke(app, [*final, "-o", "train.iterations=5"])
+    assert refused.exit_code == 2 and "--iterations and -o" in refused.stderr
+    early = runner.invoke(app, [*final[:5], str(tmp_path / "empty"), *final[6:]])
+    assert early.exit_code == 2 and "run `emrun bench snemi3d --out" in early.stderr
+    done = runner.invoke(app, [*final, "--json"])
+    assert done.exit_code == 0, done.output
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["iterations"] == 2 and facts["sections"] == [0, 69]
+    assert facts["value"] == figures["chosen"] and facts["overrides"] == figures["overrides"]
+    from emrun.io.package import read_package
+
+    package = read_package(out / "snemi3d.emrun")
+    recipe = yaml.safe_load(package.recipe)
+    assert recipe["segment"]["thresholds"] == [figures["chosen"]]
+    assert recipe["data"]["sources"]["snemi3d"]["roi"]["shape"][0] == 70
+    assert recipe["data"]["validation"] == {} and recipe["model"]["widths"] == [4, 8]
+    new = tmp_path / "new.zarr"
+    write_volume(new, "image", vol.image[:10])
+    predicted = runner.invoke(app, ["infer", "--model", str(out / "snemi3d.emrun"), "--input",
+                                    f"{new}/image", "--output", str(tmp_path / "pred.zarr"),
+                                    "--device", "cpu"])
+    assert predicted.exit_code == 0, predicted.output
+    assert open_volume(f"{tmp_path}/pred.zarr/affinity").shape == (12, 10, 48, 48)
+    again = runner.invoke(app, final)
+    assert again.exit_code == 2 and "nothing was overwritten" in again.stderr
+
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:99"])
 def test_train_on_a_device_that_is_not_there_is_a_user_error(write, tmp_path, device):
@@ -328,3 +358,15 @@ def test_demo_stopped_by_sigterm_says_it_does_not_resume(tmp_path):
     assert "does not resume" in result.stdout
     assert (out / "run" / "checkpoints" / "last.pt").exists()
     assert not (out / "metrics.json").exists()
+
+
+def test_bench_snemi3d_recipe_must_exist_and_name_the_snemi3d_sources(tmp_path):
+    data, _ = snemi3d_stand_in(tmp_path)
+    base = ["bench", "snemi3d", "--data", str(data), "--out", str(tmp_path / "b")]
+    unknown = runner.invoke(app, [*base, "--recipe", "snemi3d_nope"])
+    assert unknown.exit_code == 2 and "snemi3d_aff" in unknown.stderr  # lists the shipped
+    other = runner.invoke(app, [*base, "--recipe", "demo"])
+    assert other.exit_code == 2 and "data.sources.snemi3d" in other.stderr
+    assert not (tmp_path / "b").exists()  # refused before converting anything
+    final = runner.invoke(app, [*base, "--final", "--recipe", "snemi3d_aff"])
+    assert final.exit_code == 2 and "drop --recipe" in final.stderr

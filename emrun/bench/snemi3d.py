@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from ..atomic import atomic_output, write_text
 from ..errors import Interrupted, UserError
@@ -35,7 +37,7 @@ from ..infer.run import run_inference
 from ..io import open_volume
 from ..io.convert import convert
 from ..io.write import write_volume
-from ..recipe import load_recipe
+from ..recipe import LoadedRecipe, load_recipe
 from ..recipe.tasks import AffinityTarget
 from ..registry import segmenters
 from ..segment.affinities import to_float
@@ -64,16 +66,9 @@ def find_data(data: Path | None) -> Path:
                     f"{' and '.join(FILES.values())} (the 70 public training sections)")
 
 
-def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
-                device: str | None = None, overrides: list[str] | None = None,
-                console: Any = None) -> dict[str, Any]:
-    """Convert, train, infer, sweep-segment, evaluate; returns (and writes) the results."""
-    folder = find_data(data)
-    if (out / "results.json").exists():
-        raise UserError(f"{out} holds a finished benchmark (results.json); choose another "
-                        "--out (nothing was overwritten)")
+def converted(folder: Path, out: Path, stage: Stages) -> tuple[Path, tuple[int, ...]]:
+    """SNEMI3D's training volumes as zarr in ``out`` (converted once); their shape."""
     out.mkdir(parents=True, exist_ok=True)
-    stage = Stages(console)
     volumes = out / "snemi3d.zarr"
     for name, file in FILES.items():
         if not (volumes / name).exists():
@@ -83,6 +78,66 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     if len(shape) != 3 or shape[0] != SECTIONS:
         raise UserError(f"{folder / FILES['image']}: expected the {SECTIONS} SNEMI3D training "
                         f"sections (70 x 1024 x 1024), found shape {list(shape)}")
+    return volumes, shape
+
+
+DEFAULT_RECIPE = "snemi3d_aff"
+
+
+def recipe_file(recipe: str | Path | None) -> Path:
+    """The benchmark's recipe: a file, or a shipped recipe's name (default snemi3d_aff). It
+    must name its training source ``snemi3d`` and its validation source ``snemi3d_val``:
+    the benchmark points them at the converted volumes."""
+    name = str(recipe or DEFAULT_RECIPE)
+    path = Path(name)
+    if not path.is_file():
+        shipped = RECIPES / f"{name.removesuffix('.yaml')}.yaml"
+        if not shipped.is_file():
+            names = ", ".join(p.stem for p in sorted(RECIPES.glob("snemi3d*.yaml")))
+            raise UserError(f"--recipe {name}: no such file or shipped recipe (SNEMI3D's: "
+                            f"{names})")
+        path = shipped
+    try:
+        data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
+        sources, validation = data.get("sources") or {}, data.get("validation") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        sources, validation = {}, {}  # let the recipe loader say what is wrong
+    else:
+        if "snemi3d" not in sources or "snemi3d_val" not in validation:
+            raise UserError(f"{path}: the SNEMI3D benchmark needs data.sources.snemi3d and "
+                            "data.validation.snemi3d_val (it points them at the converted "
+                            "sections); rename the recipe's sources")
+    return path
+
+
+def budgeted_recipe(path: Path, settings: list[str], iterations: int | None,
+                    overrides: list[str], last: Sequence[str] = ()) -> LoadedRecipe:
+    """The recipe at ``path`` with ``settings``, ``iterations``, the user's ``overrides`` and
+    ``last``, in that order; a short budget that would end inside the recipe's warm-up gets a
+    warm-up of a tenth of it (unless the overrides set the schedule)."""
+    settings = list(settings)
+    if iterations is not None:
+        settings.append(f"train.iterations={iterations}")
+    loaded = load_recipe(path, [*settings, *overrides, *last])
+    warmup = getattr(loaded.recipe.train.schedule, "warmup", 0)
+    if iterations is not None and warmup > iterations // 10 and not any(
+            o.startswith("train.schedule") for o in overrides):
+        settings.append(f"train.schedule.warmup={iterations // 10}")
+        loaded = load_recipe(path, [*settings, *overrides, *last])
+    return loaded
+
+
+def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
+                device: str | None = None, overrides: list[str] | None = None,
+                console: Any = None, recipe: str | Path | None = None) -> dict[str, Any]:
+    """Convert, train, infer, sweep-segment, evaluate; returns (and writes) the results."""
+    path = recipe_file(recipe)
+    folder = find_data(data)
+    if (out / "results.json").exists():
+        raise UserError(f"{out} holds a finished benchmark (results.json); choose another "
+                        "--out (nothing was overwritten)")
+    stage = Stages(console)
+    volumes, shape = converted(folder, out, stage)
     validation = Roi((TRAIN_SECTIONS, 0, 0), (SECTIONS - TRAIN_SECTIONS, shape[1], shape[2]))
     settings = [f"data.sources.snemi3d.image={volumes}/image",
                 f"data.sources.snemi3d.labels={volumes}/labels",
@@ -90,16 +145,7 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
                 f"data.validation.snemi3d_val.labels={volumes}/labels",
                 f"data.sources.snemi3d.roi.shape=[{TRAIN_SECTIONS}, {shape[1]}, {shape[2]}]",
                 f"data.validation.snemi3d_val.roi.shape={list(validation.shape)}"]
-    if iterations is not None:
-        settings.append(f"train.iterations={iterations}")
-    loaded = load_recipe(RECIPES / "snemi3d_aff.yaml", settings + list(overrides or []))
-    schedule = loaded.recipe.train.schedule
-    warmup = getattr(schedule, "warmup", 0)
-    if iterations is not None and warmup > iterations // 10 and not any(
-            o.startswith("train.schedule") for o in overrides or []):
-        # a short budget would end inside the recipe's warm-up: keep warm-up a tenth of it
-        settings.append(f"train.schedule.warmup={iterations // 10}")
-        loaded = load_recipe(RECIPES / "snemi3d_aff.yaml", settings + list(overrides or []))
+    loaded = budgeted_recipe(path, settings, iterations, list(overrides or []))
     recipe = loaded.recipe
     task = affinity_task(recipe)
     if task is None:
@@ -145,7 +191,8 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     as_labelled = score(result.segmentation, labels).as_dict()
 
     results = {
-        "recipe": recipe.name, "overrides": list(overrides or []), "data": str(folder),
+        "recipe": recipe.name, "recipe_file": str(path.resolve()),
+        "overrides": list(overrides or []), "data": str(folder),
         "train_sections": [0, TRAIN_SECTIONS - 1],
         "validation_sections": [validation.begin[0], validation.end[0] - 1],
         "iterations": trainer.iteration, "device": ", ".join(trainer.devices),
