@@ -370,3 +370,40 @@ def test_bench_snemi3d_recipe_must_exist_and_name_the_snemi3d_sources(tmp_path):
     assert not (tmp_path / "b").exists()  # refused before converting anything
     final = runner.invoke(app, [*base, "--final", "--recipe", "snemi3d_aff"])
     assert final.exit_code == 2 and "drop --recipe" in final.stderr
+
+
+def test_a_batch_too_large_for_the_device_is_a_located_recipe_error(write, tmp_path,
+                                                                      monkeypatch):
+    """Out of device memory in the first step: the recipe asks too much of this GPU (exit 2,
+    located at train.batch_size, with what was asked); later in the run, the command's
+    guard still says it in one line, without the recipe's location. Simulated: CI has no
+    GPU."""
+    import torch
+
+    from emrun.train.trainer import Trainer
+
+    real_step, calls = Trainer.step, []
+
+    def step(self, batches, fail_at=(1,)):
+        calls.append(1)
+        if len(calls) in fail_at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. "
+                                         "GPU 0 has a total capacity of 79.19 GiB")
+        return real_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    recipe = write(MINIMAL)
+    result = runner.invoke(app, ["train", str(recipe), "--device", "cpu", "--run-dir",
+                                 str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert f"{recipe.name}:" in message and "train.batch_size" in message
+    assert "batch 1 x patch 8x32x32" in message and "Tried to allocate 2.50 GiB" in message
+    assert "Traceback" not in result.output and len(message.splitlines()) == 1
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+    calls.clear()
+    monkeypatch.setattr(Trainer, "step", lambda self, b: step(self, b, fail_at=(3,)))
+    later = runner.invoke(app, ["train", str(recipe), "--device", "cpu", "--run-dir",
+                                str(tmp_path / "run2")])
+    assert later.exit_code == 2 and "ran out of memory" in later.stderr
+    assert "train.batch_size:" not in later.stderr and "Traceback" not in later.output

@@ -15,7 +15,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from ..io.package import load_network
 from ..losses import LossResult, total_loss
 from ..models import build_model
 from ..recipe import LoadedRecipe, Recipe
+from ..recipe.errors import Problem, RecipeError
 from ..registry import losses, segmenters
 from . import distributed, run_dir
 from .background import BackgroundScorer, Pending
@@ -352,10 +353,21 @@ class Trainer:
         window_start, window_iters = time.perf_counter(), 0
         pending: dict[str, torch.Tensor] = {}
         self.scorer = BackgroundScorer()
+        first = True  # an out-of-memory error in this process's first step is the recipe's
         try:
             with _Signals() as signals:
                 while self.iteration < self.train.iterations and signals.received is None:
-                    result = self.step(batches)
+                    try:
+                        result = self.step(batches)
+                    except torch.OutOfMemoryError as exc:
+                        if not first:
+                            raise
+                        raise RecipeError([Problem(
+                            out_of_memory(exc, self.device, self.train.batch_size,
+                                          self.train.patch),
+                            self.loaded.mark(("train", "batch_size")),
+                            ("train", "batch_size"))]) from None
+                    first = False
                     if result is None:
                         self.nonfinite += 1
                         in_a_row += 1
@@ -531,3 +543,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def out_of_memory(exc: BaseException, device: torch.device, batch: int,
+                  patch: Sequence[int]) -> str:
+    """What a first training step that ran out of device memory asked for and found, in
+    torch's own figures (asked, capacity, free)."""
+    said = " ".join(str(exc).split()).split(" Including")[0].split(" If reserved")[0]
+    return (f"a training step of batch {batch} x patch {'x'.join(map(str, patch))} does not "
+            f"fit in the memory of {device_name(device)} (torch: {said}); lower "
+            "train.batch_size or train.patch (or use train.precision: bf16, and "
+            "train.accumulate for a larger effective batch)")
