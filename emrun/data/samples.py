@@ -53,7 +53,9 @@ class SampleMaker:
         out: dict[str, Any] = {"image": sample.image[None].astype(np.float32, copy=False),
                                "target": {}, "mask": {}}
         for name, target in self.targets.items():
+            started = time.perf_counter()
             out["target"][name], out["mask"][name] = target(patch)
+            self._tick(f"target:{name}", started)
         self._tick("targets", clock)
         return out
 
