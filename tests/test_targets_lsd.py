@@ -130,7 +130,7 @@ def test_lsd_target_masks_background_and_invalid_voxels():
     build = targets.build(LSDTarget(sigma=(40, 12, 12)))
     assert isinstance(build, LocalShapeDescriptors) and build.channels == 10
     target, mask = build(Patch(labels, valid, voxel_size=(20.0, 4.0, 4.0)))
-    assert target.shape == mask.shape == (10, *labels.shape)
+    assert target.shape == (10, *labels.shape) and mask.shape == (1, *labels.shape)
     assert target.dtype == np.float32 and mask.dtype == np.uint8
     assert target.min() >= 0 and target.max() <= 1
     counted = (labels != 0) & valid

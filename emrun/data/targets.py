@@ -334,7 +334,7 @@ class LocalShapeDescriptors:
     """Local shape descriptors (see :mod:`emrun.data.lsd` for the 10 channels), float32.
 
     Voxels outside the patch mask are no object (their labels are not trusted); they and
-    label 0 get target 0 and mask 0 on every channel. ``sigma`` in nm, z, y, x;
+    label 0 get target 0 and mask 0. The mask has one channel (the losses broadcast it). ``sigma`` in nm, z, y, x;
     ``downsample``: the block size per axis, or None for :func:`~emrun.data.lsd.auto_factor`.
     """
 
@@ -356,8 +356,7 @@ class LocalShapeDescriptors:
         else:
             factor = (self.downsample,) * 3
         target = local_shape_descriptors(labels, self.sigma, size, factor)
-        mask = np.broadcast_to((labels != 0).astype(np.uint8)[None], target.shape).copy()
-        return target, mask
+        return target, (labels != 0).astype(np.uint8)[None]  # one channel: the same for all
 
 
 @dataclass(frozen=True)
