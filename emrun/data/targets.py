@@ -334,8 +334,9 @@ class LocalShapeDescriptors:
     """Local shape descriptors (see :mod:`emrun.data.lsd` for the 10 channels), float32.
 
     Voxels outside the patch mask are no object (their labels are not trusted); they and
-    label 0 get target 0 and mask 0. The mask has one channel (the losses broadcast it). ``sigma`` in nm, z, y, x;
-    ``downsample``: the block size per axis, or None for :func:`~emrun.data.lsd.auto_factor`.
+    label 0 get target 0 and mask 0. The mask has one channel (the losses broadcast it).
+    ``sigma`` in nm, z, y, x; ``downsample``: the block size on every axis, or None for
+    :func:`~emrun.data.lsd.auto_factor` per axis.
     """
 
     sigma: tuple[float, float, float]
