@@ -90,9 +90,13 @@ def test_lsd_equals_the_direct_window_sums_without_downsampling(sigma, size):
 
 def test_lsd_ignores_how_ids_are_numbered():
     labels = small_labels()
+    expected = local_shape_descriptors(labels, (45, 10, 8), (30, 5, 4))
     huge = np.where(labels > 0, labels.astype(np.uint64) * 10**12 + 7, 0)
-    np.testing.assert_array_equal(local_shape_descriptors(huge, (45, 10, 8), (30, 5, 4)),
-                                  local_shape_descriptors(labels, (45, 10, 8), (30, 5, 4)))
+    negative = np.where(labels > 0, 3 - labels.astype(np.int64), 0)  # 2, 1, -1, -2, 0 -> ...
+    negative[labels == 3] = -7  # (3 - 3 would be 0: keep it an object)
+    for renamed in (huge, negative, labels.astype(np.uint16)):
+        np.testing.assert_array_equal(local_shape_descriptors(renamed, (45, 10, 8),
+                                                              (30, 5, 4)), expected)
 
 
 def test_lsd_on_a_coarse_grid_stays_close_to_the_exact_one():
@@ -237,3 +241,13 @@ def test_validate_refuses_meaningless_lsd_and_distance_settings(write, task, key
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{path}:" in lines[0], result.stderr
     assert f"{key}: " in lines[0] and says in lines[0]
+
+
+@pytest.mark.parametrize(("downsample", "factor"), [(1, (1, 1, 1)), ([1, 2, 2], (1, 2, 2)),
+                                                    (None, (1, 2, 2))])
+def test_lsd_spec_downsample_picks_the_block_size(downsample, factor):
+    labels = cells((4, 24, 24), 5, seed=2)
+    spec = LSDTarget(sigma=(30, 36, 36), downsample=downsample)  # sigma 1 z, 6 y/x voxels
+    target, _ = targets.build(spec)(Patch(labels, voxel_size=(30.0, 6.0, 6.0)))
+    expected = local_shape_descriptors(labels, (30, 36, 36), (30, 6, 6), factor)
+    np.testing.assert_array_equal(target, expected)

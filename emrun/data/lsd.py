@@ -64,7 +64,7 @@ def local_shape_descriptors(labels: np.ndarray, sigma: Sequence[float],
     size = np.asarray(voxel_size, np.float64)
     f = tuple(int(v) for v in factor)
     shape = labels.shape
-    ids = _compact_ids(labels)
+    ids = _sortable_ids(labels)
     padded = tuple(math.ceil(n / k) * k for n, k in zip(shape, f, strict=True))
     if padded != shape:
         ids = np.pad(ids, [(0, p - n) for p, n in zip(padded, shape, strict=True)])
@@ -213,17 +213,16 @@ _OUTPUT_ORDER = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
 """Statistics are stored mass first (as the moments); the channels put size last."""
 
 
-def _compact_ids(labels: np.ndarray) -> np.ndarray:
-    """Labels with ids 1..n (0 stays 0), for find_objects; unchanged when already small."""
+def _sortable_ids(labels: np.ndarray) -> np.ndarray:
+    """Ids that pack with a voxel's place in its block into one int64 sort key: the labels
+    themselves when in [0, 2**40), else their ranks (0 stays 0)."""
     if labels.dtype.kind not in "biu":
         raise ValueError(f"labels must be integer ids, got dtype {labels.dtype}")
     if labels.dtype == bool:
         return labels.astype(np.uint8)
-    top = int(labels.max()) if labels.size else 0
-    small = top <= 4 * labels.size + 1024
-    if small and (labels.dtype.kind == "u" or int(labels.min(initial=0)) >= 0):
+    if labels.size == 0 or (int(labels.min()) >= 0 and int(labels.max()) < 2**40):
         return labels
-    values, inverse = np.unique(labels, return_inverse=True)
-    if values[0] != 0:
-        inverse = inverse + 1
-    return inverse.reshape(labels.shape).astype(np.int64)
+    _, inverse = np.unique(labels, return_inverse=True)
+    ranks = inverse.reshape(labels.shape).astype(np.int64) + 1
+    ranks[labels == 0] = 0
+    return ranks

@@ -335,12 +335,12 @@ class LocalShapeDescriptors:
 
     Voxels outside the patch mask are no object (their labels are not trusted); they and
     label 0 get target 0 and mask 0. The mask has one channel (the losses broadcast it).
-    ``sigma`` in nm, z, y, x; ``downsample``: the block size on every axis, or None for
-    :func:`~emrun.data.lsd.auto_factor` per axis.
+    ``sigma`` in nm, z, y, x; ``downsample``: the block size per axis, z, y, x, or None for
+    :func:`~emrun.data.lsd.auto_factor`.
     """
 
     sigma: tuple[float, float, float]
-    downsample: int | None = None
+    downsample: tuple[int, int, int] | None = None
 
     @property
     def channels(self) -> int:
@@ -355,7 +355,7 @@ class LocalShapeDescriptors:
         if self.downsample is None:
             factor = auto_factor([s / v for s, v in zip(self.sigma, size, strict=True)])
         else:
-            factor = (self.downsample,) * 3
+            factor = self.downsample
         target = local_shape_descriptors(labels, self.sigma, size, factor)
         return target, (labels != 0).astype(np.uint8)[None]  # one channel: the same for all
 
@@ -421,7 +421,7 @@ def build_synapse(spec: SynapseTarget, **context: Any) -> Synapse:
 
 @targets.implement("lsd")
 def build_lsd(spec: LSDTarget, **context: Any) -> LocalShapeDescriptors:
-    return LocalShapeDescriptors(sigma=spec.sigma_zyx(), downsample=spec.downsample)
+    return LocalShapeDescriptors(sigma=spec.sigma_zyx(), downsample=spec.downsample_zyx())
 
 
 @targets.implement("distance")

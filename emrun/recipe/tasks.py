@@ -4,7 +4,7 @@ channel count."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -100,6 +100,7 @@ class SynapseTarget(TargetBase):
 
 
 def _per_axis(value: float | tuple[float, float, float]) -> tuple[float, float, float]:
+    """One number for every axis, or the z, y, x triple as given."""
     return (value, value, value) if isinstance(value, int | float) else tuple(value)  # type: ignore[return-value]
 
 
@@ -119,10 +120,14 @@ class LSDTarget(TargetBase):
         description="Gaussian window sigma in nm, one number or z, y, x; at least one voxel "
         "per axis, and 3 sigma at most half of train.patch.",
     )
-    downsample: int | None = Field(
-        None, ge=1, le=16,
-        description="Compute the window sums on a grid this many times coarser per axis "
-        "(1 = exact); default: per axis the largest factor leaving 3 coarse voxels per sigma.",
+    downsample: Annotated[int, Field(ge=1, le=16, strict=True)] | tuple[
+        Annotated[int, Field(ge=1, le=16, strict=True)],
+        Annotated[int, Field(ge=1, le=16, strict=True)],
+        Annotated[int, Field(ge=1, le=16, strict=True)],
+    ] | None = Field(
+        None,
+        description="Compute the window sums on blocks of this many voxels, one number or "
+        "z, y, x (1 = exact); default: per axis the largest leaving 3 blocks per sigma.",
     )
 
     def channels(self) -> int:
@@ -131,6 +136,10 @@ class LSDTarget(TargetBase):
     def sigma_zyx(self) -> tuple[float, float, float]:
         """Sigma in nm per axis, z, y, x."""
         return _per_axis(self.sigma)
+
+    def downsample_zyx(self) -> tuple[int, int, int] | None:
+        """Block size per axis, z, y, x, or None (chosen from sigma and the voxel size)."""
+        return None if self.downsample is None else _per_axis(self.downsample)  # type: ignore[return-value]
 
 
 @targets.register("distance")
