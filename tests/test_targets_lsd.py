@@ -251,3 +251,18 @@ def test_lsd_spec_downsample_picks_the_block_size(downsample, factor):
     target, _ = targets.build(spec)(Patch(labels, voxel_size=(30.0, 6.0, 6.0)))
     expected = local_shape_descriptors(labels, (30, 36, 36), (30, 6, 6), factor)
     np.testing.assert_array_equal(target, expected)
+
+
+def test_validate_with_data_needs_a_voxel_size_for_lsd(write, tmp_path):
+    np.save(tmp_path / "image.npy", np.zeros((16, 64, 64), np.uint8))
+    np.save(tmp_path / "labels.npy", np.ones((16, 64, 64), np.uint32))
+    source = f"a: {{image: {tmp_path}/image.npy, labels: {tmp_path}/labels.npy}}"
+    text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}", source)
+    path = write(text.replace("tasks:\n", "tasks:\n  lsd: {target: {type: lsd, sigma: 30}}\n"))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "data.sources.a: has no voxel size" in result.stderr and "'lsd'" in result.stderr
+    fixed = CliRunner().invoke(app, ["validate", str(path), "-o",
+                                     "data.sources.a.voxel_size=[30, 6, 6]"])
+    assert fixed.exit_code == 0, fixed.output
+    assert CliRunner().invoke(app, ["validate", str(path), "--no-data"]).exit_code == 0

@@ -67,6 +67,23 @@ def _distance_problem(target: DistanceTarget,
     return None
 
 
+def nm_target_problems(recipe: Recipe, sizes: list[tuple[str, tuple[float, float, float]]]
+                       ) -> list[tuple[Path, str]]:
+    """Problems of the lsd and distance tasks on sources of these (name, voxel size)."""
+    problems: list[tuple[Path, str]] = []
+    for name, task in recipe.tasks.items():
+        target = task.target
+        if isinstance(target, LSDTarget):
+            msg = _lsd_problem(target, recipe.train.patch, sizes)
+            if msg:
+                problems.append((("tasks", name, "target", "sigma"), msg))
+        if isinstance(target, DistanceTarget):
+            msg = _distance_problem(target, sizes)
+            if msg:
+                problems.append((("tasks", name, "target", "clip"), msg))
+    return problems
+
+
 def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
     """Every cross-section problem as (key path, message); empty when the recipe is coherent."""
     problems: list[tuple[Path, str]] = []
@@ -83,17 +100,9 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
     if not any(task.weight > 0 for task in recipe.tasks.values()):
         problems.append((("tasks",), "at least one task needs a weight above 0"))
 
-    sizes = _voxel_sizes(recipe)
+    problems += nm_target_problems(recipe, _voxel_sizes(recipe))
     for name, task in recipe.tasks.items():
         target = task.target
-        if isinstance(target, LSDTarget):
-            msg = _lsd_problem(target, patch, sizes)
-            if msg:
-                problems.append((("tasks", name, "target", "sigma"), msg))
-        if isinstance(target, DistanceTarget):
-            msg = _distance_problem(target, sizes)
-            if msg:
-                problems.append((("tasks", name, "target", "clip"), msg))
         if isinstance(target, AffinityTarget):
             extent = target.extent()
             patches = ((("train", "patch"), patch), (("infer", "patch"), recipe.infer_patch()))
