@@ -266,3 +266,14 @@ def test_validate_with_data_needs_a_voxel_size_for_lsd(write, tmp_path):
                                      "data.sources.a.voxel_size=[30, 6, 6]"])
     assert fixed.exit_code == 0, fixed.output
     assert CliRunner().invoke(app, ["validate", str(path), "--no-data"]).exit_code == 0
+
+
+def test_a_signed_distance_with_uint8_outputs_is_warned_about(write):
+    text = MINIMAL.replace("tasks:\n", "tasks:\n  dist: {target: {type: distance, "
+                                       "signed: true}}\n")
+    result = CliRunner().invoke(app, ["validate", str(write(text)), "--no-data"])
+    assert result.exit_code == 0, result.output
+    assert "infer.dtype" in result.stderr and "negative half" in result.stderr
+    quiet = CliRunner().invoke(app, ["validate", str(write(text)), "--no-data", "-o",
+                                     "infer.dtype=float16"])
+    assert quiet.exit_code == 0 and "negative half" not in quiet.stderr

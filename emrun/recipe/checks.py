@@ -174,4 +174,11 @@ def cautions(recipe: Recipe) -> list[tuple[Path, str]]:
                       f"(train.iterations {recipe.train.iterations}): the learning rate never "
                       f"reaches its set value, the last step uses "
                       f"{recipe.train.iterations / (warmup + 1):.2g} of it"))
+    if recipe.infer.dtype == "uint8":
+        signed = [n for n, t in recipe.tasks.items()
+                  if isinstance(t.target, DistanceTarget) and t.target.signed]
+        if signed:
+            found.append((("infer", "dtype"),
+                          f"uint8 outputs clip to [0, 1], so the negative half of the signed "
+                          f"distance task {signed[0]!r} is lost; use float16"))
     return found
