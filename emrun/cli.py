@@ -910,6 +910,8 @@ def bench_data(
               f"{result['samples_per_s']:.1f} samples/s ({result['ms_per_sample']:.1f} ms per "
               f"sample); one core: median {result['median_ms_per_sample_one_core']:.1f} ms")
     out.print(f"  read {result['read_ms']:.1f} ms, targets {result['targets_ms']:.1f} ms")
+    for name, ms in result["per_target_ms"].items():
+        out.print(f"  target {name}: {ms:.2f} ms", markup=False)
     for name, ms in result["per_augmentation_ms"].items():
         out.print(f"  {name}: {ms:.2f} ms", markup=False)
     if json_:

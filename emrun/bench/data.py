@@ -84,6 +84,8 @@ def bench_data(recipe: Recipe, *, synthetic: bool, workers: int, samples: int) -
         "median_ms_per_sample_one_core": round(statistics.median(totals), 3),
         "read_ms": round(per_stage.get("sample", 0.0), 3),
         "targets_ms": round(per_stage.get("targets", 0.0), 3),
+        "per_target_ms": {name: round(per_stage.get(f"target:{name}", 0.0), 3)
+                          for name in recipe.tasks},
         "cpu_unpack_ms": round(unpack_ms, 3),
         "per_augmentation_ms": per_aug,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",

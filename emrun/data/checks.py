@@ -12,6 +12,7 @@ import numpy as np
 from ..geometry import Roi, box_of
 from ..io import Volume, VolumeError, open_volume
 from ..recipe import LoadedRecipe, Problem
+from ..recipe.checks import nm_target_problems
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
 from ..recipe.errors import KeyPath
 from .augment import Context, Pipeline
@@ -45,7 +46,29 @@ def check_data(loaded: LoadedRecipe) -> tuple[list[SourceFacts], list[Problem]]:
                 _check_augmented_read(pipeline, recipe.train.patch, source, fact, path, found)
             facts.append(fact)
             problems += [Problem(msg, loaded.mark(p), p) for p, msg in found]
+    problems += [Problem(msg, loaded.mark(p), p) for p, msg in _check_nm_targets(loaded, facts)]
     return facts, problems
+
+
+def _check_nm_targets(loaded: LoadedRecipe, facts: list[SourceFacts]
+                      ) -> list[tuple[KeyPath, str]]:
+    """Targets measured in nm (lsd, distance) need every source's voxel size; the recipe
+    checks could only judge the sizes the recipe gives, these come from the metadata."""
+    recipe = loaded.recipe
+    in_nm = [name for name, task in recipe.tasks.items() if task.target.type in ("lsd", "distance")]
+    if not in_nm:
+        return []
+    found: list[tuple[KeyPath, str]] = []
+    known = []
+    for fact in facts:
+        if fact.voxel_size is None:
+            found.append((("data", fact.group, fact.name), f"has no voxel size (no `voxel_size` "
+                          f"and none in the volume's metadata), which task {in_nm[0]!r} "
+                          f"({recipe.tasks[in_nm[0]].target.type}) needs: give `voxel_size`"))
+        elif getattr(recipe.data, fact.group)[fact.name].voxel_size is None:
+            size = tuple(float(v) for v in fact.voxel_size[-3:])
+            known.append((f"data.{fact.group}.{fact.name}", size))
+    return found + nm_target_problems(recipe, known)  # type: ignore[arg-type]
 
 
 def _check_augmented_read(pipeline: Pipeline, patch: tuple[int, int, int], source: SourceBase,

@@ -42,13 +42,16 @@ def to_tensors(batch: Any) -> Any:
 
 def unpack(batch: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:
     """A loader batch on ``device``: image, and per task target and mask as float32
-    (b, c, z, y, x); the bit-packed targets and masks are expanded on the device."""
+    (b, c, z, y, x); the bit-packed (uint8) targets and masks are expanded on the device,
+    float16 targets cast."""
     device = torch.device(device)
     x = int(batch["x"].reshape(-1)[0])  # the unpacked width (one per sample once stacked)
     shifts = torch.arange(8, device=device, dtype=torch.uint8)
 
     def expand(bits: torch.Tensor) -> torch.Tensor:
         bits = bits.to(device, non_blocking=True)
+        if bits.is_floating_point():
+            return bits.to(torch.float32)
         full = (bits.unsqueeze(-1) >> shifts) & 1
         return full.flatten(-2)[..., :x].to(torch.float32)
 
@@ -133,7 +136,7 @@ def _validation_sample(source: Source, corner: Zyx, patch: Zyx, recipe: Recipe,
     labels = None if crop.labels is None else np.pad(crop.labels, pad)
     semantic = {k: np.pad(v, pad) for k, v in crop.semantic.items()}
     out: dict[str, Any] = {"image": image[None], "target": {}, "mask": {}}
-    patch_view = Patch(labels, valid, semantic)
+    patch_view = Patch(labels, valid, semantic, source.voxel_size)
     for name, target in built.items():
         out["target"][name], out["mask"][name] = target(patch_view)
     return out

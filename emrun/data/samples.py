@@ -49,11 +49,13 @@ class SampleMaker:
             raise RuntimeError(f"augmentations produced {sample.shape}, not {self.patch}")
         clock = time.perf_counter()
         self.last_labels = sample.labels
-        patch = Patch(sample.labels, sample.mask, sample.semantic)
+        patch = Patch(sample.labels, sample.mask, sample.semantic, source.voxel_size)
         out: dict[str, Any] = {"image": sample.image[None].astype(np.float32, copy=False),
                                "target": {}, "mask": {}}
         for name, target in self.targets.items():
+            started = time.perf_counter()
             out["target"][name], out["mask"][name] = target(patch)
+            self._tick(f"target:{name}", started)
         self._tick("targets", clock)
         return out
 
@@ -75,12 +77,20 @@ def pack(batch: dict[str, Any]) -> dict[str, Any]:
     ~2 ms per MB), and 0/1 targets and masks are most of a sample's bytes (12 affinity
     channels of a 20x256x256 patch: 31 MB as uint8). So targets and masks are packed 8
     voxels per byte along x and the image travels as float16 (its values are in [0, 1]:
-    error below 2.5e-4). ``emrun.data.loader.unpack`` restores float32, on the device.
+    error below 2.5e-4), as do the targets that are not 0/1 (float: lsd, distance, in
+    [-1, 1]). ``emrun.data.loader.unpack`` restores float32, on the device; it tells the two
+    kinds apart by dtype (uint8 bits, float16 values).
     """
-    packed = {k: {name: np.packbits(v, axis=-1, bitorder="little") for name, v in batch[k].items()}
-              for k in ("target", "mask")}
+    packed = {k: {name: _pack(v) for name, v in batch[k].items()} for k in ("target", "mask")}
     return {"image": batch["image"].astype(np.float16), **packed,
             "x": np.asarray(batch["image"].shape[-1], dtype=np.int64)}  # per sample or batch
+
+
+def _pack(values: np.ndarray) -> np.ndarray:
+    """0/1 uint8 (or bool) as bits along x; anything else as float16."""
+    if values.dtype in (np.uint8, np.bool_):
+        return np.packbits(values, axis=-1, bitorder="little")
+    return values.astype(np.float16)
 
 
 def stack(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Training targets, computed per sample after augmentation from the augmented label patch.
 
-Every target is a callable ``target(patch) -> (target, mask)`` returning two uint8 arrays of
-shape ``(channels, z, y, x)`` holding 0/1: the values to learn and where they count in the
-loss (1) or are excluded (0). uint8 keeps samples a quarter of float32's size on their way
-from loader workers to the trainer, which casts them to float on the device. Builders are
+Every target is a callable ``target(patch) -> (target, mask)`` returning two arrays of
+shape ``(channels, z, y, x)``: the values to learn and where they count in the loss (1) or
+are excluded (0). The mask, and the target of 0/1 targets, are uint8 holding 0/1: that
+keeps samples small on their way from loader workers to the trainer, which casts them to
+float on the device; regression targets (lsd, distance) are float32. Builders are
 registered in :data:`emrun.registry.targets` when this module is imported, so
 ``targets.build(spec)`` finds them once it is.
 
@@ -18,22 +19,35 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import cc3d
+import edt
 import numpy as np
 from scipy import ndimage
 
-from ..recipe.tasks import AffinityTarget, BinaryTarget, BoundaryTarget, SynapseTarget
+from ..recipe.tasks import (
+    AffinityTarget,
+    BinaryTarget,
+    BoundaryTarget,
+    DistanceTarget,
+    LSDTarget,
+    SynapseTarget,
+)
 from ..registry import targets
+from .lsd import auto_factor, local_shape_descriptors
 
 __all__ = [
     "Affinity",
     "Binary",
     "Boundary",
+    "Distance",
+    "LocalShapeDescriptors",
     "Patch",
     "Synapse",
     "Target",
     "build_affinity",
     "build_binary",
     "build_boundary",
+    "build_distance",
+    "build_lsd",
     "build_synapse",
     "relabel_components",
 ]
@@ -48,11 +62,13 @@ class Patch:
 
     ``labels``: integer ids, 0 = unlabelled. ``mask``: non-zero where voxels are valid
     (``None`` = all valid). ``semantic``: named integer/bool volumes, e.g. 'mito', 'synapse'.
+    ``voxel_size``: nm, z, y, x, of the source (None = unknown), for targets in nm.
     """
 
     labels: np.ndarray | None = None
     mask: np.ndarray | None = None
     semantic: Mapping[str, np.ndarray] = field(default_factory=dict)
+    voxel_size: tuple[float, float, float] | None = None
 
 
 class Target(Protocol):
@@ -61,7 +77,8 @@ class Target(Protocol):
     channels: int
 
     def __call__(self, patch: Patch) -> tuple[np.ndarray, np.ndarray]:
-        """``(target, mask)``, uint8 0/1 ``(channels, z, y, x)``; mask 1 = counted in the loss."""
+        """``(target, mask)``, ``(channels, z, y, x)``: target uint8 0/1 or float32, mask
+        uint8 0/1 (1 = counted in the loss)."""
         ...
 
 
@@ -108,6 +125,14 @@ def _semantic(patch: Patch, name: str, what: str) -> np.ndarray:
     shape = patch.labels.shape if patch.labels is not None else None
     _check_3d(f"semantic volume {name!r}", volume, shape)
     return volume
+
+
+def _voxel_size(patch: Patch, what: str) -> tuple[float, float, float]:
+    """The patch's voxel size, which targets measured in nm need."""
+    if patch.voxel_size is None:
+        raise ValueError(f"{what} target needs the source's voxel size (nm); give the source "
+                         "a `voxel_size`")
+    return tuple(float(v) for v in patch.voxel_size)  # type: ignore[return-value]
 
 
 def _mask_channel(valid: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
@@ -304,6 +329,72 @@ class Synapse(Binary):
     kind: ClassVar[str] = "synapse"
 
 
+@dataclass(frozen=True)
+class LocalShapeDescriptors:
+    """Local shape descriptors (see :mod:`emrun.data.lsd` for the 10 channels), float32.
+
+    Voxels outside the patch mask are no object (their labels are not trusted); they and
+    label 0 get target 0 and mask 0. The mask has one channel (the losses broadcast it).
+    ``sigma`` in nm, z, y, x; ``downsample``: the block size per axis, z, y, x, or None for
+    :func:`~emrun.data.lsd.auto_factor`.
+    """
+
+    sigma: tuple[float, float, float]
+    downsample: tuple[int, int, int] | None = None
+
+    @property
+    def channels(self) -> int:
+        return 10
+
+    def __call__(self, patch: Patch) -> tuple[np.ndarray, np.ndarray]:
+        labels = _labels(patch, "lsd")
+        valid = _valid(patch, labels.shape)
+        size = _voxel_size(patch, "lsd")
+        if valid is not None:
+            labels = np.where(valid, labels, 0)
+        if self.downsample is None:
+            factor = auto_factor([s / v for s, v in zip(self.sigma, size, strict=True)])
+        else:
+            factor = self.downsample
+        target = local_shape_descriptors(labels, self.sigma, size, factor)
+        return target, (labels != 0).astype(np.uint8)[None]  # one channel: the same for all
+
+
+@dataclass(frozen=True)
+class Distance:
+    """Distance to the nearest boundary, in nm with the patch's voxel size, float32.
+
+    Inside an object: the Euclidean distance to the nearest voxel of another label or of
+    label 0 (the patch edge is no boundary), clipped at ``clip`` and divided by it, so in
+    (0, 1]; label 0 gets 0, or with ``signed`` minus its distance to the nearest labelled
+    voxel, clipped likewise (in [-1, 0)). The mask is the patch mask.
+    """
+
+    clip: float
+    signed: bool = False
+
+    @property
+    def channels(self) -> int:
+        return 1
+
+    def __call__(self, patch: Patch) -> tuple[np.ndarray, np.ndarray]:
+        labels = _labels(patch, "distance")
+        valid = _valid(patch, labels.shape)
+        size = _voxel_size(patch, "distance")
+        ids = np.ascontiguousarray(_compact(labels))
+        inside = edt.edt(ids, anisotropy=size, black_border=False)
+        target = np.minimum(inside, self.clip, dtype=np.float32) * np.float32(1 / self.clip)
+        if self.signed:
+            background = ids == 0
+            if background.all():
+                target[:] = -1.0
+            elif background.any():
+                outside = edt.edt(background, anisotropy=size, black_border=False)
+                away = np.minimum(outside, self.clip, dtype=np.float32) / np.float32(self.clip)
+                target -= away
+        return target[None], _mask_channel(valid, labels.shape)
+
+
 # --------------------------------------------------------------------------- builders
 
 
@@ -326,3 +417,13 @@ def build_binary(spec: BinaryTarget, **context: Any) -> Binary:
 @targets.implement("synapse")
 def build_synapse(spec: SynapseTarget, **context: Any) -> Synapse:
     return Synapse(volume=spec.volume, dilation=spec.dilation)
+
+
+@targets.implement("lsd")
+def build_lsd(spec: LSDTarget, **context: Any) -> LocalShapeDescriptors:
+    return LocalShapeDescriptors(sigma=spec.sigma_zyx(), downsample=spec.downsample_zyx())
+
+
+@targets.implement("distance")
+def build_distance(spec: DistanceTarget, **context: Any) -> Distance:
+    return Distance(clip=spec.clip, signed=spec.signed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .recipe import Recipe
-from .tasks import AffinityTarget, BinaryTarget, SynapseTarget
+from .tasks import AffinityTarget, BinaryTarget, DistanceTarget, LSDTarget, SynapseTarget
 
 Path = tuple[str | int, ...]
 AXES = "zyx"
@@ -24,6 +24,66 @@ def _divisibility(patch: tuple[int, int, int], divisor: tuple[int, int, int],
     )
 
 
+def _voxel_sizes(recipe: Recipe) -> list[tuple[str, tuple[float, float, float]]]:
+    """(``data.group.name``, voxel size) of every source whose voxel size the recipe knows
+    (the others take theirs from the volume's metadata, seen only when data is opened)."""
+    return [(f"data.{group}.{name}", source.voxel_size)
+            for group in ("sources", "validation")
+            for name, source in getattr(recipe.data, group).items()
+            if source.voxel_size is not None]
+
+
+def _lsd_problem(target: LSDTarget, patch: tuple[int, int, int],
+                 sizes: list[tuple[str, tuple[float, float, float]]]) -> str | None:
+    """Why LSDs of this sigma would be meaningless on some source, or None.
+
+    Below one voxel the window holds only the voxel itself. Beyond the window's reach
+    (3 sigma) of half the patch, a patch centre's window is cut by the patch edge on both
+    sides, so no voxel sees its whole window (descriptors then measure the crop).
+    """
+    sigma = target.sigma_zyx()
+    for where, size in sizes:
+        small = [AXES[a] for a in range(3) if sigma[a] < size[a]]
+        if small:
+            return (f"sigma {list(sigma)} nm is below one voxel of {where} (voxel size "
+                    f"{list(size)} nm) in {', '.join(small)}")
+        reach = [3 * sigma[a] / size[a] for a in range(3)]
+        large = [AXES[a] for a in range(3) if reach[a] > patch[a] / 2]
+        if large:
+            return (f"3 sigma reaches {[round(r, 1) for r in reach]} voxels of {where}, more "
+                    f"than half of train.patch {list(patch)} in {', '.join(large)}; lower "
+                    f"sigma or enlarge the patch")
+    return None
+
+
+def _distance_problem(target: DistanceTarget,
+                      sizes: list[tuple[str, tuple[float, float, float]]]) -> str | None:
+    """A clip below the smallest voxel side saturates every labelled voxel (the nearest
+    boundary is at least one voxel away): the target would be constant."""
+    for where, size in sizes:
+        if target.clip < min(size):
+            return (f"clip {target.clip:g} nm is below one voxel of {where} (voxel size "
+                    f"{list(size)} nm): every labelled voxel would be 1")
+    return None
+
+
+def nm_target_problems(recipe: Recipe, sizes: list[tuple[str, tuple[float, float, float]]]
+                       ) -> list[tuple[Path, str]]:
+    """Problems of the lsd and distance tasks on sources of these (name, voxel size)."""
+    problems: list[tuple[Path, str]] = []
+    for name, task in recipe.tasks.items():
+        target = task.target
+        if isinstance(target, LSDTarget):
+            msg = _lsd_problem(target, recipe.train.patch, sizes)
+            if msg:
+                problems.append((("tasks", name, "target", "sigma"), msg))
+        if isinstance(target, DistanceTarget):
+            msg = _distance_problem(target, sizes)
+            if msg:
+                problems.append((("tasks", name, "target", "clip"), msg))
+    return problems
+
+
 def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
     """Every cross-section problem as (key path, message); empty when the recipe is coherent."""
     problems: list[tuple[Path, str]] = []
@@ -40,6 +100,7 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
     if not any(task.weight > 0 for task in recipe.tasks.values()):
         problems.append((("tasks",), "at least one task needs a weight above 0"))
 
+    problems += nm_target_problems(recipe, _voxel_sizes(recipe))
     for name, task in recipe.tasks.items():
         target = task.target
         if isinstance(target, AffinityTarget):
@@ -113,4 +174,11 @@ def cautions(recipe: Recipe) -> list[tuple[Path, str]]:
                       f"(train.iterations {recipe.train.iterations}): the learning rate never "
                       f"reaches its set value, the last step uses "
                       f"{recipe.train.iterations / (warmup + 1):.2g} of it"))
+    if recipe.infer.dtype == "uint8":
+        signed = [n for n, t in recipe.tasks.items()
+                  if isinstance(t.target, DistanceTarget) and t.target.signed]
+        if signed:
+            found.append((("infer", "dtype"),
+                          f"uint8 outputs clip to [0, 1], so the negative half of the signed "
+                          f"distance task {signed[0]!r} is lost; use float16"))
     return found

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..geometry import zyx
 from ..registry import (
@@ -53,10 +53,24 @@ Target = targets.spec_union()
 Loss = losses.spec_union()
 
 
-class Task(Spec):
-    """One output of the network: its target, loss, weight in the total loss, activation."""
+def _target_optional(schema: dict[str, Any]) -> None:
+    """In the JSON Schema, a task may omit `target` (see `task_defaults`)."""
+    schema["required"] = [k for k in schema.get("required", []) if k != "target"]
+    if not schema["required"]:
+        del schema["required"]
 
-    target: Target = Field(description="What to predict (`type:` affinity, boundary, ...).")  # type: ignore[valid-type]
+
+class Task(Spec):
+    """One output of the network: its target, loss, weight in the total loss, activation.
+
+    A task named after a target type (e.g. `lsd`) may omit `target`; a task that omits
+    `loss` or `activation` gets its target's (bce and sigmoid, or mse and none for the
+    regression targets lsd and distance); see `task_defaults`."""
+
+    model_config = ConfigDict(**Spec.model_config, json_schema_extra=_target_optional)
+
+    target: Target = Field(description="What to predict (`type:` affinity, boundary, ...); "  # type: ignore[valid-type]
+                           "default: the target type the task is named after.")
     loss: Loss = Field(  # type: ignore[valid-type]
         default_factory=lambda: BCELoss(), description="How to score it (`type:` bce or mse)."
     )
@@ -67,6 +81,26 @@ class Task(Spec):
 
     def channels(self) -> int:
         return self.target.channels()  # type: ignore[no-any-return]
+
+
+def task_defaults(name: str, task: Any) -> Any:
+    """Fill what a task may leave out, before validation: its target, when the task is named
+    after a target type (`lsd: {weight: 0.5}`), and its target's loss and activation.
+    Anything not a mapping is left to the validator to refuse."""
+    if task is None:
+        task = {}
+    if not isinstance(task, dict):
+        return task
+    task = dict(task)
+    if "target" not in task and name in targets:
+        task["target"] = {"type": name}
+    target = task.get("target")
+    kind = target.get("type") if isinstance(target, dict) else getattr(target, "type", None)
+    if isinstance(kind, str) and kind in targets:
+        spec = targets.entry(kind).spec
+        task.setdefault("loss", {"type": spec.default_loss})  # type: ignore[attr-defined]
+        task.setdefault("activation", spec.default_activation)  # type: ignore[attr-defined]
+    return task
 
 Blend = blends.spec_union()
 
@@ -160,6 +194,13 @@ class Recipe(Spec):
         default_factory=lambda: MutexWatershed(),
         description="Affinities -> segments (`type:` mws, waterz or cc).",
     )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_defaults(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {name: task_defaults(name, task) for name, task in value.items()}
 
     @field_validator("augment", mode="before")
     @classmethod

@@ -4,20 +4,25 @@ channel count."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from ..geometry import zyx
 from ..registry import Spec, losses, targets
-from .types import Offset, Size
+from .types import Offset, Positive, Size
 
 NEAREST = [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]
 """Nearest-neighbour affinity offsets, z, y, x (DeepEM/waterz convention)."""
 
 
 class TargetBase(Spec):
-    """What every target says: how many output channels it needs."""
+    """What every target says: how many output channels it needs, and the loss and
+    activation a task gets when its recipe names neither (0/1 targets: bce and sigmoid;
+    regression targets: mse on the raw output)."""
+
+    default_loss: ClassVar[str] = "bce"
+    default_activation: ClassVar[str] = "sigmoid"
 
     def channels(self) -> int:
         return 1
@@ -92,6 +97,68 @@ class SynapseTarget(TargetBase):
     type: Literal["synapse"] = "synapse"
     volume: str = Field("synapse", description="Name of the semantic volume with the clefts.")
     dilation: int = Field(0, ge=0, le=16, description="In-plane dilation in voxels.")
+
+
+def _per_axis(value: float | tuple[float, float, float]) -> tuple[float, float, float]:
+    """One number for every axis, or the z, y, x triple as given."""
+    return (value, value, value) if isinstance(value, int | float) else tuple(value)  # type: ignore[return-value]
+
+
+@targets.register("lsd")
+class LSDTarget(TargetBase):
+    """Local shape descriptors (Sheridan et al. 2022), 10 channels: the mean offset of the
+    voxel's object within a Gaussian window (z, y, x), its variances (zz, yy, xx), its
+    covariances (zy, zx, yx) and its size (the window fraction it fills), each in [0, 1].
+    Label 0 is not an object: target 0 and masked there."""
+
+    default_loss: ClassVar[str] = "mse"
+    default_activation: ClassVar[str] = "none"
+
+    type: Literal["lsd"] = "lsd"
+    sigma: Positive | tuple[Positive, Positive, Positive] = Field(
+        80.0,
+        description="Gaussian window sigma in nm, one number or z, y, x; at least one voxel "
+        "per axis, and 3 sigma at most half of train.patch.",
+    )
+    downsample: Annotated[int, Field(ge=1, le=16, strict=True)] | tuple[
+        Annotated[int, Field(ge=1, le=16, strict=True)],
+        Annotated[int, Field(ge=1, le=16, strict=True)],
+        Annotated[int, Field(ge=1, le=16, strict=True)],
+    ] | None = Field(
+        None,
+        description="Compute the window sums on blocks of this many voxels, one number or "
+        "z, y, x (1 = exact); default: per axis the largest leaving 3 blocks per sigma.",
+    )
+
+    def channels(self) -> int:
+        return 10
+
+    def sigma_zyx(self) -> tuple[float, float, float]:
+        """Sigma in nm per axis, z, y, x."""
+        return _per_axis(self.sigma)
+
+    def downsample_zyx(self) -> tuple[int, int, int] | None:
+        """Block size per axis, z, y, x, or None (chosen from sigma and the voxel size)."""
+        return None if self.downsample is None else _per_axis(self.downsample)  # type: ignore[return-value]
+
+
+@targets.register("distance")
+class DistanceTarget(TargetBase):
+    """Distance of each voxel to the nearest boundary (a label change or label 0), in nm
+    using the voxel size, clipped at `clip` and divided by it: [0, 1] inside objects and 0
+    on label 0, or with `signed` also the distance of label-0 voxels to the nearest object,
+    negated: [-1, 1]."""
+
+    default_loss: ClassVar[str] = "mse"
+    default_activation: ClassVar[str] = "none"
+
+    type: Literal["distance"] = "distance"
+    signed: bool = Field(
+        False, description="Also give label-0 voxels their (negative) distance to objects."
+    )
+    clip: Positive = Field(
+        200.0, le=1e6, description="Distance in nm at which the target saturates (1 or -1)."
+    )
 
 
 @losses.register("bce")
