@@ -30,5 +30,5 @@ def test_annotated_recipe_is_a_valid_recipe(tmp_path):
     path = tmp_path / "annotated.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     recipe = load_recipe(path).recipe
-    assert set(recipe.tasks) == {"affinity", "mito"}
+    assert set(recipe.tasks) == {"affinity", "mito", "lsd", "distance"}
     assert recipe.model_fields_set >= {"data", "augment", "model", "tasks", "train", "infer"}
