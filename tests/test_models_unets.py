@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from typer.testing import CliRunner
 
 from emrun.cli import app
@@ -245,3 +246,41 @@ def test_validate_train_infer_with_tta_and_bench(kind, tmp_path):
     spec_rf = (ResEnc if kind == "resenc" else MedNeXt)(widths=[4, 8], blocks=[1, 1])
     assert figures["receptive_field"] == list(spec_rf.receptive_field())
     assert figures["flops_per_voxel"] > 0 and figures["step_voxels_per_s"] > 0
+
+
+# ----------------------------------------------------------------- bad recipes
+
+BAD = [  # corpus case, the key its one message must name
+    ("resenc_patch_not_divisible", "train.patch"),
+    ("resenc_zero_blocks", "model.blocks.1"),
+    ("resenc_blocks_wrong_count", "blocks"),
+    ("mednext_kernel_too_large", "model.kernel.2"),
+    ("mednext_even_kernel", "kernel"),
+    ("mednext_kernel_below_factor", "downsample"),
+    ("mednext_expansion_zero", "model.expansion"),
+]
+
+
+@pytest.mark.parametrize(("name", "key"), BAD)
+def test_a_bad_model_recipe_exits_2_with_one_located_message_naming_the_key(name, key):
+    path = ROOT / "tests" / "bad_recipes" / f"{name}.yaml"
+    expect = re.match(r"# expect: (\d+): (.+)$", path.read_text().split("\n", 1)[0])
+    assert expect
+    result = runner.invoke(app, ["validate", str(path), "--no-data"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert f"{path.name}:{expect[1]}:" in lines[0] and expect[2] in lines[0]
+    assert key in lines[0]
+
+
+def test_a_patch_leaving_one_voxel_for_instance_norm_is_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(type="resenc").replace("patch: [4, 16, 16]",
+                                                           "patch: [1, 2, 2]"))
+    result = runner.invoke(app, ["validate", str(recipe), "--no-data"])
+    assert result.exit_code == 2
+    assert "train.patch: [1, 2, 2] leaves one voxel at the deepest level" in result.stderr
+    ok = runner.invoke(app, ["validate", str(recipe), "--no-data", "-o",
+                             "model.norm=batch", "-o", "train.patch=[2, 2, 2]"])
+    assert "train.patch" not in ok.stderr
