@@ -187,6 +187,31 @@ def test_saved_and_loaded_model_gives_identical_outputs(spec):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("spec", SPECS[:1] + SPECS[3:4], ids=lambda s: s.type)
+def test_torch_compile_traces_the_model(spec):
+    """Dynamo + AOT autograd (no code generation): the model is traceable for `bench model`
+    and `train.compile`."""
+    model = build(spec, heads={"affinity": 3})
+    compiled = torch.compile(model, backend="aot_eager")
+    x = image((1, 1, 2, 8, 8))
+    out = compiled(x)["affinity"]
+    out.sum().backward()
+    torch.testing.assert_close(out, model(x)["affinity"], rtol=1e-4, atol=1e-5)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("spec", SPECS[1:2] + SPECS[4:5], ids=lambda s: s.type)
+def test_channels_last_3d_matches_contiguous(spec):
+    model = build(spec).eval()
+    x = image((1, 1, *(2 * d for d in spec.divisor())))
+    with torch.no_grad():
+        ref = model(x)
+        fast = model.to(memory_format=torch.channels_last_3d)(
+            x.contiguous(memory_format=torch.channels_last_3d))
+    for task in HEADS:
+        torch.testing.assert_close(fast[task], ref[task], rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------- as the user runs them
 
 RECIPE = """\
