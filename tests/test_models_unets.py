@@ -187,6 +187,16 @@ def test_saved_and_loaded_model_gives_identical_outputs(spec):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("spec", [ResEnc(), MedNeXt(), ResEnc(norm="batch"),
+                                  MedNeXt(norm="batch")], ids=lambda s: f"{s.type}-{s.norm}")
+def test_default_models_start_with_outputs_of_order_one(spec):
+    """Residual streams must not grow with depth at initialisation (trainable from step 1)."""
+    model = build(spec).train()  # what the first training step sees
+    with torch.no_grad():
+        out = model(image((2, 1, 4, 16, 16)))["affinity"]
+    assert 0 < float(out.std()) < 5  # mednext with He init instead: ~16
+
+
 @pytest.mark.parametrize("spec", SPECS[:1] + SPECS[3:4], ids=lambda s: s.type)
 def test_torch_compile_traces_the_model(spec):
     """Dynamo + AOT autograd (no code generation): the model is traceable for `bench model`
