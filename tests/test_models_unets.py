@@ -1,8 +1,10 @@
 """resenc (nnU-Net ResEnc) and mednext (MedNeXt): shapes, parameters, receptive fields,
-persistence, and the user's paths (validate, train, infer with TTA, bench model) on the CPU."""
+persistence, and the user's paths (validate, train, infer with TTA, export, bench model)
+on the CPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import re
@@ -245,7 +247,7 @@ train:
 
 
 @pytest.mark.parametrize("kind", ["resenc", "mednext"])
-def test_validate_train_infer_with_tta_and_bench(kind, tmp_path):
+def test_validate_train_infer_tta_export_and_bench(kind, tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(RECIPE.format(type=kind))
     result = runner.invoke(app, ["validate", str(recipe)])
@@ -269,6 +271,22 @@ def test_validate_train_infer_with_tta_and_bench(kind, tmp_path):
         assert result.exit_code == 0, result.output
         got = open_volume(f"{out}/affinity").read()
         assert got.shape == (3, 8, 32, 32) and np.isfinite(got).all()
+
+    # a model package predicts the checkpoint's bits; the ONNX export matches PyTorch
+    package = tmp_path / "net.emrun"
+    result = runner.invoke(app, ["export", str(run), str(package)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["infer", "--model", str(package), "--input",
+                                 str(tmp_path / "vol.zarr/image"), "--output",
+                                 str(tmp_path / "pkg.zarr"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(open_volume(f"{tmp_path}/pkg.zarr/affinity").read(),
+                                  open_volume(f"{tmp_path}/pred1.zarr/affinity").read())
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        result = runner.invoke(app, ["export", str(run), str(tmp_path / "net.onnx"),
+                                     "--format", "onnx"])
+        assert result.exit_code == 0, result.output
+        assert "onnxruntime matches PyTorch" in result.stdout
 
     result = runner.invoke(app, ["bench", "model", str(recipe), "--no-compile", "--steps", "1",
                                  "--json", "--device", "cpu"])
