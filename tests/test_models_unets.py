@@ -70,6 +70,13 @@ def test_default_downsampling_is_in_plane_twice_then_isotropic():
     assert ResEnc().level_kernel(1) == (1, 3, 3) and ResEnc().level_kernel(2) == (3, 3, 3)
 
 
+def test_default_blocks_follow_the_number_of_levels():
+    assert ResEnc().level_blocks() == [1, 3, 4, 6]
+    assert ResEnc(widths=[4, 8, 8, 8, 8, 8]).level_blocks() == [1, 3, 4, 6, 6, 6]
+    assert MedNeXt(widths=[4, 8, 8]).level_blocks() == [2, 2, 2]
+    assert ResEnc(widths=[4, 8], blocks=[2, 5]).level_blocks() == [2, 5]
+
+
 @pytest.mark.parametrize(("spec", "size", "divisor"), [
     (ResEnc(widths=[4, 8, 16], blocks=[1, 1, 1]), (4, 8, 6), "(1, 4, 4)"),
     (MedNeXt(widths=[4, 8], blocks=[1, 1]), (3, 8, 5), "(1, 2, 2)"),

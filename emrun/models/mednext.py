@@ -75,7 +75,7 @@ class MedNeXtModel(nn.Module):
         def stage(level: int) -> nn.Sequential:
             w, k = widths[level], spec.level_kernel(level)
             return nn.Sequential(*(MedNeXtBlock(w, w, k, **opts)
-                                   for _ in range(int(spec.blocks[level]))))
+                                   for _ in range(int(spec.level_blocks()[level]))))
 
         self.downs = nn.ModuleList(
             MedNeXtBlock(widths[i], widths[i + 1], spec.level_kernel(i + 1), mode="down",

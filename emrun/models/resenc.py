@@ -107,7 +107,7 @@ class ResEncModel(nn.Module):
             self.encoders.append(nn.Sequential(*(
                 ResidualBlock(c_in if b == 0 else w, w, spec.level_kernel(i),
                               stride if b == 0 else (1, 1, 1), **opts)
-                for b in range(int(spec.blocks[i])))))
+                for b in range(int(spec.level_blocks()[i])))))
         self.upsamples = nn.ModuleList(
             UpConv(widths[i + 1], widths[i], f, spec.upsample) for i, f in enumerate(factors))
         self.decoders = nn.ModuleList(

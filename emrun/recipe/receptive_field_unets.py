@@ -75,7 +75,7 @@ def _resenc_axis(spec: ResEnc, axis: int) -> int:
 
     def encoder_out(level: int, iv: Interval) -> Interval:
         k = kernels[level]
-        for b in reversed(range(spec.blocks[level])):
+        for b in reversed(range(spec.level_blocks()[level])):
             s = factors[level - 1] if b == 0 and level > 0 else 1
             iv = _hull(_conv(_conv(iv, k), k, s), _pool(iv, s))  # main path, shortcut
         if level == 0:
@@ -100,7 +100,7 @@ def _mednext_axis(spec: MedNeXt, axis: int) -> int:
     levels = len(kernels)
 
     def run_blocks(level: int, iv: Interval) -> Interval:
-        for _ in range(spec.blocks[level]):
+        for _ in range(spec.level_blocks()[level]):
             iv = _hull(iv, _conv(iv, kernels[level]))  # residual + depthwise conv
         return iv
 

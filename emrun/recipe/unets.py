@@ -48,8 +48,8 @@ class StagedUNetBase(ModelBase):
 
     widths: list[Size] = Field([32, 64, 128, 256], min_length=1, max_length=8,
                                description="Channels per level, top to bottom.")
-    blocks: list[BlockCount] = Field([1, 2, 3, 4], min_length=1, max_length=8,
-                                     description="Blocks per level, top to bottom.")
+    blocks: list[BlockCount] | None = Field(None, min_length=1, max_length=8,
+                                            description="Blocks per level, top to bottom.")
     downsample: list[Factor] | None = Field(
         None,
         description="Downsampling factor between consecutive levels, z, y, x; one per level "
@@ -68,7 +68,7 @@ class StagedUNetBase(ModelBase):
         if any(k % 2 == 0 for k in self.kernel):
             raise ValueError(f"kernel sizes must be odd so convolutions keep the size "
                              f"(got {list(self.kernel)})")
-        if len(self.blocks) != levels:
+        if self.blocks is not None and len(self.blocks) != levels:
             raise ValueError(f"blocks needs one count per level: {levels} for {levels} widths "
                              f"(got {len(self.blocks)})")
         if self.downsample is not None and len(self.downsample) != levels - 1:
@@ -90,6 +90,15 @@ class StagedUNetBase(ModelBase):
             return [(int(f[0]), int(f[1]), int(f[2])) for f in self.downsample]
         n = len(self.widths) - 1
         return (EM_DOWNSAMPLE + [(2, 2, 2)] * n)[:n]
+
+    def level_blocks(self) -> list[int]:
+        """Blocks per level: ``blocks``, or the model's default pattern cut to the levels."""
+        if self.blocks is not None:
+            return [int(b) for b in self.blocks]
+        return self.default_blocks(len(self.widths))
+
+    def default_blocks(self, levels: int) -> list[int]:
+        return [2] * levels
 
     def divisor(self) -> tuple[int, int, int]:
         total = [1, 1, 1]
@@ -113,9 +122,10 @@ class ResEnc(StagedUNetBase):
     """Residual-encoder U-Net (nnU-Net ResEnc, Isensee et al. 2024)."""
 
     type: Literal["resenc"] = "resenc"
-    blocks: list[BlockCount] = Field([1, 3, 4, 6], min_length=1, max_length=8,
-                                     description="Residual blocks per encoder level, top to "
-                                     "bottom (ResEnc M: 1, 3, 4, 6, 6, 6).")
+    blocks: list[BlockCount] | None = Field(
+        None, min_length=1, max_length=8,
+        description="Residual blocks per encoder level, top to bottom. Default: ResEnc M's "
+        "1, 3, 4, 6, 6, 6, 6, 6 cut to the levels.")
     anisotropic_levels: list[int] = Field(
         [0, 1], description="Levels (0 = top) whose kernels are in-plane: 1 x kernel_y x "
         "kernel_x (default: the two levels still finer in-plane than in z at 30x6x6 nm).")
@@ -123,12 +133,15 @@ class ResEnc(StagedUNetBase):
     upsample: Literal["interp", "transpose"] = Field(
         "transpose", description="Upsampling: transposed conv, or trilinear + 1x1x1 conv.")
 
+    def default_blocks(self, levels: int) -> list[int]:
+        return [1, 3, 4, 6, 6, 6, 6, 6][:levels]
+
     def receptive_field(self) -> tuple[int, int, int]:
         """Exact, by interval propagation (``emrun.recipe.receptive_field_unets``)."""
         return resenc_receptive_field(self)
 
     def summary(self) -> str:
-        return (f"widths {list(self.widths)}, blocks {list(self.blocks)}, norm {self.norm}, "
+        return (f"widths {list(self.widths)}, blocks {self.level_blocks()}, norm {self.norm}, "
                 f"{self.activation}")
 
 
@@ -137,9 +150,10 @@ class MedNeXt(StagedUNetBase):
     """MedNeXt U-Net (Roy et al. 2023): ConvNeXt-style depthwise blocks at every level."""
 
     type: Literal["mednext"] = "mednext"
-    blocks: list[BlockCount] = Field([2, 2, 2, 2], min_length=1, max_length=8,
-                                     description="MedNeXt blocks per level, top to bottom, "
-                                     "in the encoder and again in the decoder.")
+    blocks: list[BlockCount] | None = Field(
+        None, min_length=1, max_length=8,
+        description="MedNeXt blocks per level, top to bottom, in the encoder and again in the "
+        "decoder. Default: 2 per level (MedNeXt-S).")
     kernel: Kernel = Field((3, 5, 5), description="Depthwise kernel, z, y, x (odd sizes).")
     expansion: Annotated[int, Field(ge=1, le=8, strict=True)] = Field(
         2, description="Channel expansion of the 1x1x1 inverted bottleneck (MedNeXt-S: 2).")
@@ -159,5 +173,5 @@ class MedNeXt(StagedUNetBase):
         return mednext_receptive_field(self)
 
     def summary(self) -> str:
-        return (f"widths {list(self.widths)}, blocks {list(self.blocks)}, kernel "
+        return (f"widths {list(self.widths)}, blocks {self.level_blocks()}, kernel "
                 f"{list(self.kernel)}, expansion {self.expansion}, norm {self.norm}")
