@@ -18,8 +18,8 @@ from torch import nn
 from ..geometry import Zyx
 from ..recipe.unets import MedNeXt
 from ..registry import models
-from .blocks import make_norm, same_padding
-from .rsunet import _heads, check_input, total_factor
+from .blocks import make_norm, same_padding, task_heads
+from .rsunet import check_input, total_factor
 
 
 def _zyx(v: Sequence[int]) -> Zyx:
@@ -85,7 +85,7 @@ class MedNeXtModel(nn.Module):
             MedNeXtBlock(widths[i + 1], widths[i], spec.level_kernel(i + 1), mode="up",
                          factor=f, **opts) for i, f in enumerate(factors))
         self.decoders = nn.ModuleList(stage(i) for i in range(len(factors)))
-        self.heads = _heads(head_channels, widths[0])
+        self.heads = task_heads(head_channels, widths[0])
         # PyTorch's default init (as MedNeXt's): He-normal weights (``init_weights``) make
         # every pre-norm residual branch add about the stream's size, so outputs grow with
         # depth (std ~1e5 for the default model with batch norm in eval, against ~0.2 here).

@@ -19,8 +19,8 @@ from torch.nn import functional as F
 from ..geometry import Zyx
 from ..recipe.unets import ResEnc
 from ..registry import models
-from .blocks import init_weights, make_activation, make_norm, same_padding
-from .rsunet import _heads, check_input, total_factor
+from .blocks import init_weights, make_activation, make_norm, same_padding, task_heads
+from .rsunet import check_input, total_factor
 
 
 def conv(c_in: int, c_out: int, kernel: Sequence[int], stride: Sequence[int] = (1, 1, 1)
@@ -113,7 +113,7 @@ class ResEncModel(nn.Module):
         self.decoders = nn.ModuleList(
             ConvNormAct(2 * widths[i], widths[i], spec.level_kernel(i), **opts)
             for i in range(len(factors)))
-        self.heads = _heads(head_channels, widths[0])
+        self.heads = task_heads(head_channels, widths[0])
         init_weights(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
