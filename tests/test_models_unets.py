@@ -278,6 +278,8 @@ def test_validate_train_infer_tta_export_and_bench(kind, tmp_path):
         assert result.exit_code == 0, result.output
         got = open_volume(f"{out}/affinity").read()
         assert got.shape == (3, 8, 32, 32) and np.isfinite(got).all()
+    assert not np.allclose(open_volume(f"{tmp_path}/pred1.zarr/affinity").read(),
+                           open_volume(f"{tmp_path}/pred4.zarr/affinity").read())  # TTA acted
 
     # a model package predicts the checkpoint's bits; the ONNX export matches PyTorch
     package = tmp_path / "net.emrun"
