@@ -1,7 +1,7 @@
-"""Networks: RSUNet and UpDown with one output head per task, and their facts.
+"""Networks: RSUNet, UpDown, ResEnc and MedNeXt with one output head per task, and their facts.
 
-Importing this package registers the builders ``rsunet`` and ``updown`` with
-``emrun.registry.models``; build a recipe's model with :func:`build_model`.
+Importing this package registers the builders ``rsunet``, ``updown``, ``resenc`` and
+``mednext`` with ``emrun.registry.models``; build a recipe's model with :func:`build_model`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from .facts import (
     flops_per_voxel,
     model_facts,
 )
+from .mednext import MedNeXtModel, build_mednext
+from .resenc import ResEncModel, build_resenc
 from .rsunet import RSUNetModel, UpDownModel, build_rsunet, build_updown, parameter_count
 
 
@@ -26,10 +28,14 @@ def build_model(recipe: Any) -> nn.Module:
 
 
 __all__ = [
+    "MedNeXtModel",
     "ModelFacts",
     "RSUNetModel",
+    "ResEncModel",
     "UpDownModel",
+    "build_mednext",
     "build_model",
+    "build_resenc",
     "build_rsunet",
     "build_updown",
     "empirical_receptive_field",

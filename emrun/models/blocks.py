@@ -8,7 +8,7 @@ Convolutions use 'same' padding (``kernel // 2`` per axis), so a block keeps the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -123,6 +123,16 @@ class Upsample(nn.Module):
 
     def extra_repr(self) -> str:
         return f"factor={self.factor}, mode={self.mode!r}"
+
+
+def task_heads(head_channels: Mapping[str, int], width: int) -> nn.ModuleDict:
+    """One 1x1x1 conv ``width -> channels`` (with bias) per task, in ``head_channels`` order."""
+    if not head_channels:
+        raise ValueError("a model needs at least one task head (head_channels is empty)")
+    heads = nn.ModuleDict()
+    for task, channels in head_channels.items():
+        heads[task] = nn.Conv3d(width, int(channels), 1, bias=True)
+    return heads
 
 
 def init_weights(module: nn.Module) -> None:

@@ -6,10 +6,12 @@ None for a model that does not know it).
 
 Receptive field
 ---------------
-RSUNet and UpDown compute theirs from the spec (``emrun.recipe.receptive_field``).
+RSUNet and UpDown compute theirs from the spec (``emrun.recipe.receptive_field``), resenc and
+mednext theirs too (``emrun.recipe.receptive_field_unets``).
 :func:`empirical_receptive_field` measures the same thing by autograd on a structural twin of
 the model (same class and code path, one channel per level, no norms, activations replaced by
-identity, max pools by average pools, all weights positive, float64), so that a non-zero
+identity, max pools by average pools, all weights positive, float64; any spec with
+``widths``, ``in_channels`` and ``norm`` has one), so that a non-zero
 gradient marks exactly the voxels some path connects, with no cancellation, dead ReLUs or
 max-pool ties (which make the gradient of the real model on one input an underestimate). It
 runs on thin inputs (long along one axis only), so it takes well under a second even for deep
@@ -37,7 +39,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..geometry import Zyx
-from ..recipe.model import ModelBase, RSUNetBase
+from ..recipe.model import ModelBase
 from ..registry import models
 from .rsunet import parameter_count
 
@@ -71,9 +73,14 @@ def accepts(divisor: Sequence[int], shape: Sequence[int]) -> bool:
     return all(int(s) > 0 and int(s) % int(d) == 0 for s, d in zip(size, divisor, strict=True))
 
 
-def _structural_twin(spec: RSUNetBase) -> nn.Module:
+TWIN_FIELDS = ("widths", "in_channels", "norm")
+"""Fields a spec needs for :func:`empirical_receptive_field` to build its structural twin."""
+
+
+def _structural_twin(spec: ModelBase) -> nn.Module:
     """The model's dependency structure: same layers, one channel, linear, positive weights."""
-    thin = spec.model_copy(update={"widths": [1] * len(spec.widths), "in_channels": 1,
+    widths = [1] * len(spec.widths)  # type: ignore[attr-defined]
+    thin = spec.model_copy(update={"widths": widths, "in_channels": 1,
                                    "norm": "none"})
     twin = models.build(thin, head_channels={"rf": 1})
 
@@ -101,7 +108,7 @@ def empirical_receptive_field(spec: ModelBase, *, start: int = 64) -> Zyx:
     module docstring): per axis, the extent of the input voxels with a non-zero gradient of
     one output voxel, maximised over the output voxel's position within one divisor period.
     """
-    if not isinstance(spec, RSUNetBase):
+    if not all(name in type(spec).model_fields for name in TWIN_FIELDS):
         raise TypeError(f"no structural twin for model type {spec.type!r}")
     twin = _structural_twin(spec)
     divisor = spec.divisor()

@@ -28,7 +28,15 @@ from torch.nn import functional as F
 from ..geometry import Zyx, zyx
 from ..recipe.model import RSUNetBase, UpDown
 from ..registry import models
-from .blocks import LevelBlock, Upsample, conv3d, init_weights, make_activation, make_norm
+from .blocks import (
+    LevelBlock,
+    Upsample,
+    conv3d,
+    init_weights,
+    make_activation,
+    make_norm,
+    task_heads,
+)
 
 
 def total_factor(factors: Sequence[Sequence[int]]) -> Zyx:
@@ -53,15 +61,6 @@ def check_input(x: torch.Tensor, in_channels: int, divisor: Zyx, model: str) -> 
         raise ValueError(
             f"{model} cannot take input size {size} (z, y, x): each size must be a multiple of "
             f"the divisor {divisor}; e.g. {fit} would fit")
-
-
-def _heads(head_channels: Mapping[str, int], width: int) -> nn.ModuleDict:
-    if not head_channels:
-        raise ValueError("a model needs at least one task head (head_channels is empty)")
-    heads = nn.ModuleDict()
-    for task, channels in head_channels.items():
-        heads[task] = nn.Conv3d(width, int(channels), 1, bias=True)
-    return heads
 
 
 class RSUNetModel(nn.Module):
@@ -93,7 +92,7 @@ class RSUNetModel(nn.Module):
             for i in range(len(self.factors)))
         self.final = nn.Sequential(make_norm(spec.norm, widths[0], spec.groups),
                                    make_activation(spec.activation))
-        self.heads = _heads(head_channels, widths[0])
+        self.heads = task_heads(head_channels, widths[0])
         init_weights(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

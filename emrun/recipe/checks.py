@@ -96,6 +96,11 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
             msg = _divisibility(p, divisor, model.title())
             if msg:
                 problems.append((path, msg))
+            elif getattr(model, "norm", None) == "instance" and all(
+                    a == d for a, d in zip(p, divisor, strict=True)):
+                problems.append((path, f"{list(p)} leaves one voxel at the deepest level of "
+                                 f"{model.title()}, where instance norm has no statistics; "
+                                 "use a multiple of at least 2 on some axis"))
 
     if not any(task.weight > 0 for task in recipe.tasks.values()):
         problems.append((("tasks",), "at least one task needs a weight above 0"))

@@ -23,7 +23,7 @@ from ..registry import (
     suggest,
     targets,
 )
-from . import data, model, tasks  # noqa: F401  (importing registers the built-in specs)
+from . import data, model, tasks, unets  # noqa: F401  (importing registers the built-in specs)
 from .augment import PRESETS, Compose, OneOf
 from .run import Bump, MutexWatershed, Precision, Train
 from .tasks import BCELoss
@@ -184,7 +184,7 @@ class Recipe(Spec):
         description="Augmentations in order, or the name of a preset (e.g. `deepem`, `none`).",
         json_schema_extra=_schema_allows_presets,
     )
-    model: ModelSpec = Field(description="Network (`type:` rsunet or updown).")  # type: ignore[valid-type]
+    model: ModelSpec = Field(description="Network (`type:` rsunet, updown, resenc or mednext).")  # type: ignore[valid-type]
     tasks: dict[Name, Task] = Field(
         min_length=1, description="Named outputs; the model gets one head per task."
     )

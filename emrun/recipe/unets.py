@@ -1,0 +1,177 @@
+"""Specs of the staged U-Nets `resenc` (nnU-Net ResEnc) and `mednext` (MedNeXt).
+
+Both share the rsunet conventions: ``widths`` per level (top to bottom), ``downsample`` one
+factor per level below the top (z, y, x), ``kernel`` with ``anisotropic_levels`` using an
+in-plane kernel (``1 x k_y x k_x``) and odd kernels padded by ``k // 2``, so every input that
+is a multiple of ``divisor()`` is kept at its size. Their default downsampling suits 30x6x6 nm
+ssEM the way nnU-Net's planner would: in-plane twice (6 -> 24 nm, now close to 30 nm), then
+isotropic.
+
+``resenc`` (Isensee et al. 2024): a stem conv (``w_0``, norm, act); encoder level ``i`` is
+``blocks[i]`` residual blocks ``conv-norm-act-conv-norm (+ shortcut) -> act``, the first block
+of level ``i > 0`` striding by ``downsample[i-1]`` (shortcut: average pool by the stride and a
+1x1x1 conv + norm, used whenever the stride or the channels change); decoder level ``i``:
+upsample level ``i+1`` (transposed conv ``w_{i+1} -> w_i`` with kernel = stride, or trilinear
+and a 1x1x1 conv), concatenate the level-``i`` skip, one conv-norm-act ``2 w_i -> w_i``; a
+1x1x1 head per task.
+
+``mednext`` (Roy et al. 2023): a 1x1x1 stem; a MedNeXt block is ``x + compress(GELU(
+expand(norm(depthwise_conv_k(x)))))`` with 1x1x1 ``expand`` to ``expansion * c`` channels;
+level ``i > 0`` starts with a down block (the same with a strided depthwise conv and a strided
+1x1x1 conv as residual, ``w_{i-1} -> w_i``); each decoder level starts with an up block (a
+depthwise transposed conv by the factor, a transposed 1x1x1 residual, ``w_{i+1} -> w_i``), adds
+the skip, then runs ``blocks[i]`` blocks; a 1x1x1 head per task. The down and up blocks between
+levels ``i`` and ``i+1`` use level ``i+1``'s kernel, which must be at least the factor per axis
+(a transposed conv with a smaller kernel leaves holes).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from ..registry import models
+from .model import Activation, Factor, ModelBase, Norm
+from .receptive_field_unets import mednext_receptive_field, resenc_receptive_field
+from .types import Size
+
+KernelSize = Annotated[int, Field(ge=1, le=15, strict=True)]
+Kernel = tuple[KernelSize, KernelSize, KernelSize]
+BlockCount = Annotated[int, Field(ge=1, le=16, strict=True)]
+
+EM_DOWNSAMPLE = [(1, 2, 2), (1, 2, 2)]  # then (2, 2, 2): see the module docstring
+
+
+class StagedUNetBase(ModelBase):
+    """What resenc and mednext share: levels, their widths, blocks, kernels and pooling."""
+
+    widths: list[Size] = Field([32, 64, 128, 256], min_length=1, max_length=8,
+                               description="Channels per level, top to bottom.")
+    blocks: list[BlockCount] | None = Field(None, min_length=1, max_length=8,
+                                            description="Blocks per level, top to bottom.")
+    downsample: list[Factor] | None = Field(
+        None,
+        description="Downsampling factor between consecutive levels, z, y, x; one per level "
+        "below the top. Default (1, 2, 2) for the first two, then (2, 2, 2) (30x6x6 nm ssEM).",
+    )
+    kernel: Kernel = Field((3, 3, 3), description="Convolution kernel, z, y, x (odd sizes).")
+    anisotropic_levels: list[int] = Field(
+        [], description="Levels (0 = top) whose kernels are in-plane: 1 x kernel_y x kernel_x.")
+    in_channels: Size = Field(1, le=64, description="Input image channels.")
+    norm: Norm = Field("instance", description="Normalisation.")
+    groups: Size = Field(8, le=1024, description="Groups for `norm: group`.")
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> StagedUNetBase:
+        levels = len(self.widths)
+        if any(k % 2 == 0 for k in self.kernel):
+            raise ValueError(f"kernel sizes must be odd so convolutions keep the size "
+                             f"(got {list(self.kernel)})")
+        if self.blocks is not None and len(self.blocks) != levels:
+            raise ValueError(f"blocks needs one count per level: {levels} for {levels} widths "
+                             f"(got {len(self.blocks)})")
+        if self.downsample is not None and len(self.downsample) != levels - 1:
+            raise ValueError(
+                f"downsample needs one factor per level below the top: {levels - 1} for "
+                f"{levels} widths (got {len(self.downsample)})")
+        bad = [lv for lv in self.anisotropic_levels if not 0 <= lv < levels]
+        if bad:
+            raise ValueError(f"anisotropic_levels {bad} outside 0..{levels - 1}")
+        if self.norm == "group":
+            odd = [w for w in self.widths if w % self.groups]
+            if odd:
+                raise ValueError(f"widths {odd} are not divisible by groups={self.groups}")
+        return self
+
+    def factors(self) -> list[tuple[int, int, int]]:
+        """Downsampling factor between each pair of consecutive levels."""
+        if self.downsample is not None:
+            return [(int(f[0]), int(f[1]), int(f[2])) for f in self.downsample]
+        n = len(self.widths) - 1
+        return (EM_DOWNSAMPLE + [(2, 2, 2)] * n)[:n]
+
+    def level_blocks(self) -> list[int]:
+        """Blocks per level: ``blocks``, or the model's default pattern cut to the levels."""
+        if self.blocks is not None:
+            return [int(b) for b in self.blocks]
+        return self.default_blocks(len(self.widths))
+
+    def default_blocks(self, levels: int) -> list[int]:
+        return [2] * levels
+
+    def divisor(self) -> tuple[int, int, int]:
+        total = [1, 1, 1]
+        for f in self.factors():
+            total = [t * a for t, a in zip(total, f, strict=True)]
+        return (total[0], total[1], total[2])
+
+    def level_kernel(self, level: int) -> tuple[int, int, int]:
+        k = (int(self.kernel[0]), int(self.kernel[1]), int(self.kernel[2]))
+        return (1, k[1], k[2]) if level in self.anisotropic_levels else k
+
+    def input_channels(self) -> int:
+        return int(self.in_channels)
+
+    def title(self) -> str:
+        return f"{self.type} with {len(self.widths)} levels"  # type: ignore[attr-defined]
+
+
+@models.register("resenc")
+class ResEnc(StagedUNetBase):
+    """Residual-encoder U-Net (nnU-Net ResEnc, Isensee et al. 2024)."""
+
+    type: Literal["resenc"] = "resenc"
+    blocks: list[BlockCount] | None = Field(
+        None, min_length=1, max_length=8,
+        description="Residual blocks per encoder level, top to bottom. Default: ResEnc M's "
+        "1, 3, 4, 6, 6, 6, 6, 6 cut to the levels.")
+    anisotropic_levels: list[int] = Field(
+        [0, 1], description="Levels (0 = top) whose kernels are in-plane: 1 x kernel_y x "
+        "kernel_x (default: the two levels still finer in-plane than in z at 30x6x6 nm).")
+    activation: Activation = Field("leaky_relu", description="Activation after each norm.")
+    upsample: Literal["interp", "transpose"] = Field(
+        "transpose", description="Upsampling: transposed conv, or trilinear + 1x1x1 conv.")
+
+    def default_blocks(self, levels: int) -> list[int]:
+        return [1, 3, 4, 6, 6, 6, 6, 6][:levels]
+
+    def receptive_field(self) -> tuple[int, int, int]:
+        """Exact, by interval propagation (``emrun.recipe.receptive_field_unets``)."""
+        return resenc_receptive_field(self)
+
+    def summary(self) -> str:
+        return (f"widths {list(self.widths)}, blocks {self.level_blocks()}, norm {self.norm}, "
+                f"{self.activation}")
+
+
+@models.register("mednext")
+class MedNeXt(StagedUNetBase):
+    """MedNeXt U-Net (Roy et al. 2023): ConvNeXt-style depthwise blocks at every level."""
+
+    type: Literal["mednext"] = "mednext"
+    blocks: list[BlockCount] | None = Field(
+        None, min_length=1, max_length=8,
+        description="MedNeXt blocks per level, top to bottom, in the encoder and again in the "
+        "decoder. Default: 2 per level (MedNeXt-S).")
+    kernel: Kernel = Field((3, 5, 5), description="Depthwise kernel, z, y, x (odd sizes).")
+    expansion: Annotated[int, Field(ge=1, le=8, strict=True)] = Field(
+        2, description="Channel expansion of the 1x1x1 inverted bottleneck (MedNeXt-S: 2).")
+
+    @model_validator(mode="after")
+    def _check_kernels_cover_factors(self) -> MedNeXt:
+        for i, factor in enumerate(self.factors()):
+            k = self.level_kernel(i + 1)
+            if any(a < f for a, f in zip(k, factor, strict=True)):
+                raise ValueError(
+                    f"level {i + 1}'s kernel {list(k)} is smaller than its downsample factor "
+                    f"{list(factor)} on some axis; up blocks would leave holes")
+        return self
+
+    def receptive_field(self) -> tuple[int, int, int]:
+        """Exact, by interval propagation (``emrun.recipe.receptive_field_unets``)."""
+        return mednext_receptive_field(self)
+
+    def summary(self) -> str:
+        return (f"widths {list(self.widths)}, blocks {self.level_blocks()}, kernel "
+                f"{list(self.kernel)}, expansion {self.expansion}, norm {self.norm}")
