@@ -720,12 +720,13 @@ def bench_snemi3d(
 
     if final:
         from .bench.snemi3d_final import run_final
+        from .export import export
 
         if iterations is not None or override or recipe is not None:
             raise UserError("--final repeats the settings of the benchmark in --out (its "
                             "recipe, iterations and overrides, in results.json); drop "
                             "--recipe, --iterations and -o")
-        facts = run_final(data, out_dir, device=device, console=out)
+        facts = run_final(data, out_dir, export, device=device, console=out)
         for line in facts["export"]:
             out.print(line, markup=False)
         out.print(f"trained on sections 0-69 for {facts['iterations']} iterations in "

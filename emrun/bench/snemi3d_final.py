@@ -14,12 +14,12 @@ A stopped final run continues when the same command runs again.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text
 from ..errors import Interrupted, UserError
-from ..export import export
 from ..recipe.run import SegmenterBase
 from ..registry import segmenters
 from ..stages import Stages
@@ -31,9 +31,14 @@ __all__ = ["PACKAGE", "run_final"]
 PACKAGE = "snemi3d.emrun"
 
 
-def run_final(data: Path | None, out: Path, *, device: str | None = None,
+Export = Callable[[Path, Path, str], list[str]]
+
+
+def run_final(data: Path | None, out: Path, export: Export, *, device: str | None = None,
               console: Any = None) -> dict[str, Any]:
-    """Train with the validation run's settings on all sections; export; return the facts."""
+    """Train with the validation run's settings on all sections; ``export`` (emrun.export's,
+    handed in by the command: exporting sits beside the benchmarks, not below them) writes
+    the package; returns the facts."""
     chosen = _validation_results(out)
     package = out / PACKAGE
     if package.exists():
