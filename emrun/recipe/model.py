@@ -42,7 +42,8 @@ with ``up_i = conv(w_{i+1}, w_{i+1}, prod(downsample[i]))`` for transposed convs
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -87,6 +88,23 @@ class ModelBase(Spec):
 models.require(ModelBase)
 
 
+def check_levels(widths: Sequence[int], downsample: Sequence[Any] | None,
+                 anisotropic_levels: Sequence[int], norm: str, groups: int) -> None:
+    """What every U-Net spec checks of its levels: one downsampling factor per level below
+    the top, anisotropic levels that exist, widths that group norm can split."""
+    levels = len(widths)
+    if downsample is not None and len(downsample) != levels - 1:
+        raise ValueError(f"downsample needs one factor per level below the top: {levels - 1} "
+                         f"for {levels} widths (got {len(downsample)})")
+    bad = [lv for lv in anisotropic_levels if not 0 <= lv < levels]
+    if bad:
+        raise ValueError(f"anisotropic_levels {bad} outside 0..{levels - 1}")
+    if norm == "group":
+        odd = [w for w in widths if w % groups]
+        if odd:
+            raise ValueError(f"widths {odd} are not divisible by groups={groups}")
+
+
 class RSUNetBase(ModelBase):
     """Residual symmetric U-Net parameters (DeepEM / Lee et al. 2017)."""
 
@@ -117,23 +135,12 @@ class RSUNetBase(ModelBase):
 
     @model_validator(mode="after")
     def _check(self) -> RSUNetBase:
-        levels = len(self.widths)
         for name in ("kernel", "input_kernel"):
             if any(k % 2 == 0 for k in getattr(self, name)):
                 raise ValueError(f"{name} sizes must be odd so convolutions keep the size "
                                  f"(got {list(getattr(self, name))})")
-        if self.downsample is not None and len(self.downsample) != levels - 1:
-            raise ValueError(
-                f"downsample needs one factor per level below the top: {levels - 1} for "
-                f"{levels} widths (got {len(self.downsample)})"
-            )
-        bad = [lv for lv in self.anisotropic_levels if not 0 <= lv < levels]
-        if bad:
-            raise ValueError(f"anisotropic_levels {bad} outside 0..{levels - 1}")
-        if self.norm == "group":
-            odd = [w for w in self.widths if w % self.groups]
-            if odd:
-                raise ValueError(f"widths {odd} are not divisible by groups={self.groups}")
+        check_levels(self.widths, self.downsample, self.anisotropic_levels, self.norm,
+                     self.groups)
         return self
 
     def factors(self) -> list[tuple[int, int, int]]:

@@ -32,7 +32,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from ..registry import models
-from .model import Activation, Factor, ModelBase, Norm
+from .model import Activation, Factor, ModelBase, Norm, check_levels
 from .receptive_field_unets import mednext_receptive_field, resenc_receptive_field
 from .types import Size
 
@@ -71,17 +71,8 @@ class StagedUNetBase(ModelBase):
         if self.blocks is not None and len(self.blocks) != levels:
             raise ValueError(f"blocks needs one count per level: {levels} for {levels} widths "
                              f"(got {len(self.blocks)})")
-        if self.downsample is not None and len(self.downsample) != levels - 1:
-            raise ValueError(
-                f"downsample needs one factor per level below the top: {levels - 1} for "
-                f"{levels} widths (got {len(self.downsample)})")
-        bad = [lv for lv in self.anisotropic_levels if not 0 <= lv < levels]
-        if bad:
-            raise ValueError(f"anisotropic_levels {bad} outside 0..{levels - 1}")
-        if self.norm == "group":
-            odd = [w for w in self.widths if w % self.groups]
-            if odd:
-                raise ValueError(f"widths {odd} are not divisible by groups={self.groups}")
+        check_levels(self.widths, self.downsample, self.anisotropic_levels, self.norm,
+                     self.groups)
         return self
 
     def factors(self) -> list[tuple[int, int, int]]:
