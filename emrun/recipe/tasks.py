@@ -205,3 +205,15 @@ class DiceBCELoss(Spec):
     eps: float = Field(1.0, gt=0, le=1e6, description="Smoothing of the Dice ratio.")
     dice_weight: float = Field(1.0, ge=0, le=1e6, description="Weight of the Dice term.")
 
+
+
+@losses.register("malis")
+class MalisLoss(Spec):
+    """Constrained MALIS (Turaga 2009, Funke 2018) on the nearest-neighbour channels of an
+    affinity task (its offsets must include (-1,0,0), (0,-1,0), (0,0,-1)), plus masked BCE
+    weighted `long_range` on its other channels. Objects are the connected components of
+    the target's positive nearest-neighbour edges inside each patch."""
+
+    type: Literal["malis"] = "malis"
+    long_range: float = Field(1.0, ge=0, le=1e6, description="Weight of the plain masked "
+                              "BCE on the channels that are not nearest neighbours.")
