@@ -36,7 +36,8 @@ def _time_steps(recipe: Recipe, device: torch.device, precision: str, compiled: 
     model = model.to(memory_format=fmt)
     image = image.contiguous(memory_format=fmt)
     step_model = torch.compile(model) if compiled else model
-    loss_fns = {name: losses.build(task.loss) for name, task in recipe.tasks.items()}
+    loss_fns = {name: losses.build(task.loss, target=task.target)
+                for name, task in recipe.tasks.items()}
     weights = {name: task.weight for name, task in recipe.tasks.items()}
     targets = {n: (torch.rand((batch, c, *recipe.train.patch), device=device) > 0.5).float()
                for n, c in heads.items()}

@@ -49,7 +49,8 @@ def _bare_loop(loaded: LoadedRecipe, batches: list[dict[str, Any]], device: torc
         model.to(memory_format=torch.channels_last_3d)
     forward = torch.compile(model) if recipe.train.compile else model
     optimizer = build_optimizer(recipe.train.optimizer, model.parameters())
-    loss_fns = {name: losses.build(task.loss) for name, task in recipe.tasks.items()}
+    loss_fns = {name: losses.build(task.loss, target=task.target)
+                for name, task in recipe.tasks.items()}
     weights = {name: task.weight for name, task in recipe.tasks.items()}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.precision)
     times = []

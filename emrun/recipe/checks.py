@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from .recipe import Recipe
-from .tasks import AffinityTarget, BinaryTarget, DistanceTarget, LSDTarget, SynapseTarget
+from .tasks import (
+    NEAREST,
+    AffinityTarget,
+    BinaryTarget,
+    DistanceTarget,
+    LSDTarget,
+    MalisLoss,
+    SynapseTarget,
+)
 
 Path = tuple[str | int, ...]
 AXES = "zyx"
@@ -108,6 +116,16 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
     problems += nm_target_problems(recipe, _voxel_sizes(recipe))
     for name, task in recipe.tasks.items():
         target = task.target
+        if isinstance(task.loss, MalisLoss):
+            if not isinstance(target, AffinityTarget):
+                problems.append((("tasks", name, "loss", "type"),
+                                 f"malis needs an affinity target, not {target.type!r}"))
+            else:
+                missing = [list(o) for o in NEAREST if o not in target.offsets]
+                if missing:
+                    problems.append((("tasks", name, "target", "offsets"),
+                                     f"malis needs the nearest-neighbour offsets "
+                                     f"(-1,0,0), (0,-1,0), (0,0,-1); missing {missing}"))
         if isinstance(target, AffinityTarget):
             extent = target.extent()
             patches = ((("train", "patch"), patch), (("infer", "patch"), recipe.infer_patch()))

@@ -185,3 +185,35 @@ class MSELoss(Spec):
     type: Literal["mse"] = "mse"
 
 
+
+
+@losses.register("dice")
+class DiceLoss(Spec):
+    """Masked soft Dice on sigmoid outputs, for semantic (binary, synapse, boundary) tasks:
+    ``1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps)`` over the valid voxels of the batch."""
+
+    type: Literal["dice"] = "dice"
+    eps: float = Field(1.0, gt=0, le=1e6, description="Smoothing added to both sides of the "
+                       "ratio (keeps an empty target and prediction at loss 0).")
+
+
+@losses.register("dice_bce")
+class DiceBCELoss(Spec):
+    """Masked BCE on logits plus `dice_weight` times the soft Dice loss."""
+
+    type: Literal["dice_bce"] = "dice_bce"
+    eps: float = Field(1.0, gt=0, le=1e6, description="Smoothing of the Dice ratio.")
+    dice_weight: float = Field(1.0, ge=0, le=1e6, description="Weight of the Dice term.")
+
+
+
+@losses.register("malis")
+class MalisLoss(Spec):
+    """Constrained MALIS (Turaga 2009, Funke 2018) on the nearest-neighbour channels of an
+    affinity task (its offsets must include (-1,0,0), (0,-1,0), (0,0,-1)), plus masked BCE
+    weighted `long_range` on its other channels. Objects are the connected components of
+    the target's positive nearest-neighbour edges inside each patch."""
+
+    type: Literal["malis"] = "malis"
+    long_range: float = Field(1.0, ge=0, le=1e6, description="Weight of the plain masked "
+                              "BCE on the channels that are not nearest neighbours.")

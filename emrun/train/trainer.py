@@ -166,7 +166,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.train.precision == "fp16" and self.device.type == "cuda")
         self.ema = EMA(self.model, self.train.ema) if self.train.ema else None
-        self.losses = {name: losses.build(task.loss) for name, task in self.recipe.tasks.items()}
+        self.losses = {name: losses.build(task.loss, target=task.target)
+                       for name, task in self.recipe.tasks.items()}
         self.weights = {name: task.weight for name, task in self.recipe.tasks.items()}
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             self.train.precision)

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .recipe.tasks import BCELoss, MSELoss
-from .registry import losses
+from ..recipe.tasks import BCELoss, MSELoss
+from ..registry import losses
 
 __all__ = ["BCE", "MSE", "Loss", "LossResult", "build_bce", "build_mse", "total_loss"]
 
