@@ -407,3 +407,6 @@ def test_a_batch_too_large_for_the_device_is_a_located_recipe_error(write, tmp_p
                                 str(tmp_path / "run2")])
     assert later.exit_code == 2 and "ran out of memory" in later.stderr
     assert "train.batch_size:" not in later.stderr and "Traceback" not in later.output
+    from multiprocessing import active_children
+
+    assert not active_children()  # the failed runs' loader workers were stopped

@@ -99,7 +99,21 @@ def train_batches(recipe: Recipe, *, rank: int = 0, start: int = 0,
         # a signal to the process group is the trainer's to handle (checkpoint, then exit)
         worker_init_fn=functools.partial(leave_signals_to, os.getpid()) if workers else None,
     )
-    return map(to_tensors, loader)
+    return _stream(loader)
+
+
+def _stream(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    """The loader's batches as tensors; closing the stream (the trainer does, however it
+    ends) stops the worker processes now, not whenever the iterator is collected: an error
+    kept with its traceback would otherwise keep them alive."""
+    batches = iter(loader)
+    try:
+        for batch in batches:
+            yield to_tensors(batch)
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _as_is(batch: Any) -> Any:

@@ -341,6 +341,7 @@ class Trainer:
         if self.world.main:
             run_dir.write_recipe_and_provenance(self.run_path, self.recipe, self.loaded.path)
         finished = self.iteration >= self.train.iterations  # e.g. a resumed, finished run
+        owned = batches is None  # the stream made here is closed here, however fit ends
         if batches is None:  # a finished run starts no loader workers
             batches = iter(()) if finished else train_batches(
                 self.recipe, rank=self.world.rank, start=self.batches_done)
@@ -419,6 +420,8 @@ class Trainer:
                                    f"{self.iteration}; {self.stop_hint}")
                 return TrainResult(self.iteration, self.run_path, signals.received, self.nonfinite)
         finally:
+            if owned and hasattr(batches, "close"):
+                batches.close()  # stops the loader's workers
             self.scorer.close()
             self.train_seconds, self._clock = self.seconds(), None
             logger.close()
