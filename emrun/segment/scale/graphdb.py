@@ -170,7 +170,6 @@ class GraphStore:
     def write_block(self, block: int, graph: BlockGraph) -> bool:
         """Insert one block's nodes and edges and its marker in one transaction; False if
         the block was already in (another worker, or an earlier run, finished it)."""
-        import sqlalchemy as sa
 
         _, _, nodes, edges, blocks, *_ = _tables()
         node_rows = [{"id": int(i), "block": block, "size": int(s), "z": float(c[0]),
@@ -183,22 +182,8 @@ class GraphStore:
                      for a, b, t, n, h in zip(graph.u.tolist(), graph.v.tolist(),
                                               graph.total.tolist(), graph.count.tolist(), hist,
                                               strict=True)]
-        start = time.perf_counter()
-        try:
-            with self._connection("write to") as conn:
-                if conn.execute(sa.select(blocks.c.block).where(
-                        blocks.c.block == block)).first() is not None:
-                    return False
-                conn.execute(blocks.insert(), [{"block": block}])  # first: claims the block
-                if node_rows:
-                    conn.execute(nodes.insert(), node_rows)
-                if edge_rows:
-                    conn.execute(edges.insert(), edge_rows)
-        except sa.exc.IntegrityError:  # another worker committed this block meanwhile
-            return False
-        finally:
-            self.seconds += time.perf_counter() - start
-        return True
+        return self._write_once(blocks, {"block": block}, [(nodes, node_rows),
+                                                            (edges, edge_rows)])
 
     def read(self, histograms: bool = True) -> GraphData:
         """The whole graph, edges summed over the blocks that saw them; without
@@ -268,26 +253,12 @@ class GraphStore:
     def write_levels(self, key: str, block: int, u: np.ndarray, v: np.ndarray,
                      level: np.ndarray) -> bool:
         """One block's join levels and its marker in one transaction; False if they were in."""
-        import sqlalchemy as sa
 
         *_, levels, agglomerated = _tables()
         rows = [{"key": key, "block": block, "u": int(a), "v": int(b), "level": float(x)}
                 for a, b, x in zip(u.tolist(), v.tolist(), level.tolist(), strict=True)]
-        start = time.perf_counter()
-        try:
-            with self._connection("write to") as conn:
-                if conn.execute(sa.select(agglomerated.c.block).where(
-                        (agglomerated.c.key == key) & (agglomerated.c.block == block))
-                        ).first() is not None:
-                    return False
-                conn.execute(agglomerated.insert(), [{"key": key, "block": block}])
-                if rows:
-                    conn.execute(levels.insert(), rows)
-        except sa.exc.IntegrityError:  # another worker committed this block meanwhile
-            return False
-        finally:
-            self.seconds += time.perf_counter() - start
-        return True
+        return self._write_once(agglomerated, {"key": key, "block": block},
+                                [(levels, rows)])
 
     def read_levels(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every block's join levels under ``key``: fragment ids u, v and the level."""
@@ -323,6 +294,29 @@ class GraphStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    def _write_once(self, markers: Any, marker: dict[str, Any],
+                    inserts: list[tuple[Any, list[dict[str, Any]]]]) -> bool:
+        """Insert ``marker`` into ``markers`` and the rows of ``inserts`` in one
+        transaction, the marker first (it claims the block); False if the marker was in
+        already (another worker, or an earlier run, finished the block)."""
+        import sqlalchemy as sa
+
+        start = time.perf_counter()
+        try:
+            with self._connection("write to") as conn:
+                match = sa.and_(*(markers.c[k] == v for k, v in marker.items()))
+                if conn.execute(sa.select(*markers.c).where(match)).first() is not None:
+                    return False
+                conn.execute(markers.insert(), [marker])
+                for table, rows in inserts:
+                    if rows:
+                        conn.execute(table.insert(), rows)
+        except sa.exc.IntegrityError:  # another worker committed this block meanwhile
+            return False
+        finally:
+            self.seconds += time.perf_counter() - start
+        return True
 
     @contextmanager
     def _connection(self, what: str) -> Iterator[Any]:
