@@ -88,6 +88,15 @@ def test_lsd_equals_the_direct_window_sums_without_downsampling(sigma, size):
     np.testing.assert_allclose(got, lsd_reference(labels, sigma, size), atol=2e-5)
 
 
+@pytest.mark.parametrize("factor", [(1, 1, 1), (1, 2, 2), (2, 3, 3)])
+def test_lsd_in_float16_is_the_float32_result_rounded_once(factor):
+    labels = cells((9, 40, 37), 7, seed=3)  # sides that the blocks do not divide
+    exact = local_shape_descriptors(labels, (60, 20, 20), (20, 4, 4), factor)
+    half = local_shape_descriptors(labels, (60, 20, 20), (20, 4, 4), factor, np.float16)
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half, exact.astype(np.float16))
+
+
 def test_lsd_ignores_how_ids_are_numbered():
     labels = small_labels()
     expected = local_shape_descriptors(labels, (45, 10, 8), (30, 5, 4))
@@ -135,7 +144,7 @@ def test_lsd_target_masks_background_and_invalid_voxels():
     assert isinstance(build, LocalShapeDescriptors) and build.channels == 10
     target, mask = build(Patch(labels, valid, voxel_size=(20.0, 4.0, 4.0)))
     assert target.shape == (10, *labels.shape) and mask.shape == (1, *labels.shape)
-    assert target.dtype == np.float32 and mask.dtype == np.uint8
+    assert target.dtype == np.float16 and mask.dtype == np.uint8
     assert target.min() >= 0 and target.max() <= 1
     counted = (labels != 0) & valid
     assert (mask == counted[None]).all()
@@ -143,7 +152,7 @@ def test_lsd_target_masks_background_and_invalid_voxels():
     # invalid voxels are no object: the result is that of labels zeroed there
     expected = local_shape_descriptors(np.where(valid, labels, 0), (40, 12, 12),
                                        (20, 4, 4), auto_factor((2, 3, 3)))
-    np.testing.assert_array_equal(target, expected)
+    np.testing.assert_array_equal(target, expected.astype(np.float16))
     with pytest.raises(ValueError, match="voxel size"):
         build(Patch(labels))
 
@@ -152,10 +161,11 @@ def test_distance_is_in_nm_along_the_right_axes_and_clipped():
     labels = np.zeros((6, 1, 1), np.uint32)
     labels[:4] = 1  # z 0-3 object, 4-5 background; 30 nm per section
     target, mask = Distance(clip=100.0)(Patch(labels, voxel_size=(30.0, 6.0, 6.0)))
-    np.testing.assert_allclose(target[0, :, 0, 0], [1.0, 0.9, 0.6, 0.3, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(target[0, :, 0, 0], [1.0, 0.9, 0.6, 0.3, 0, 0], atol=5e-4)
+    assert target.dtype == np.float16  # how it travels to the trainer
     assert mask.shape == (1, *labels.shape) and mask.all()
     signed, _ = Distance(clip=100.0, signed=True)(Patch(labels, voxel_size=(30.0, 6.0, 6.0)))
-    np.testing.assert_allclose(signed[0, :, 0, 0], [1.0, 0.9, 0.6, 0.3, -0.3, -0.6], atol=1e-6)
+    np.testing.assert_allclose(signed[0, :, 0, 0], [1.0, 0.9, 0.6, 0.3, -0.3, -0.6], atol=5e-4)
 
 
 def test_distance_counts_label_changes_as_boundaries_and_uses_the_mask():
@@ -249,7 +259,7 @@ def test_lsd_spec_downsample_picks_the_block_size(downsample, factor):
     labels = cells((4, 24, 24), 5, seed=2)
     spec = LSDTarget(sigma=(30, 36, 36), downsample=downsample)  # sigma 1 z, 6 y/x voxels
     target, _ = targets.build(spec)(Patch(labels, voxel_size=(30.0, 6.0, 6.0)))
-    expected = local_shape_descriptors(labels, (30, 36, 36), (30, 6, 6), factor)
+    expected = local_shape_descriptors(labels, (30, 36, 36), (30, 6, 6), factor, np.float16)
     np.testing.assert_array_equal(target, expected)
 
 

@@ -12,6 +12,8 @@ import statistics
 import time
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 from ..data.loader import train_batches, unpack
 from ..data.samples import SampleMaker, batch_rng
 from ..data.synthetic import with_synthetic_sources
@@ -19,7 +21,13 @@ from ..recipe import Recipe
 
 
 def stage_costs(recipe: Recipe, samples: int) -> tuple[dict[str, float], list[float]]:
-    """Mean ms per sample of each stage, and each sample's total ms, in this process."""
+    """Mean ms per sample of each stage, and each sample's total ms, in this process on one
+    core (as a loader worker runs)."""
+    with threadpool_limits(1):
+        return _stage_costs(recipe, samples)
+
+
+def _stage_costs(recipe: Recipe, samples: int) -> tuple[dict[str, float], list[float]]:
     maker = SampleMaker(recipe)
     maker.sample(batch_rng(recipe.seed, 1 << 20, 0))  # warm-up (another rank's stream)
     maker.timings = {}

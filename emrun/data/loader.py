@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..geometry import Roi, Zyx, zyx
@@ -72,6 +73,8 @@ class TrainBatches(IterableDataset):  # type: ignore[type-arg]
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:  # one core per worker: numpy's BLAS would start one thread per
+            threadpool_limits(1)  # core in each (LSD targets use matrix products)
         maker = SampleMaker(self.recipe)
         for index in itertools.count(self.start + worker, workers):
             yield maker.batch(self.recipe.seed, self.rank, index)

@@ -14,24 +14,24 @@ with ``C = Q / M - (S / M)(S / M)^T``; values are clipped to [0, 1]. Voxels outs
 patch count as no object (the window is not renormalised at the border). Label 0 is no
 object: every channel is 0 there (the target masks it).
 
-How, and why it is fast: the patch is cut into blocks of ``factor`` voxels per axis
-(factor 1: single voxels, exact). One sort within each block lists its (block, object,
-voxel count) pairs, and which pair each voxel belongs to. Per object, the window sums are
-separable Gaussian filters of its block-averaged indicator and of its coordinate-weighted
-copies (block centres as coordinates; 19 one-axis passes in 3 calls, the z and y passes
-shared), over its blocks' bounding box grown by the window radius, each pass cropped back
-to the box before the next; they are kept for the object's pairs only. Every voxel then
-takes its pair's statistics in one gather; the offset uses the voxel's own position. With
-factor > 1 this is close when sigma spans several blocks (the default leaves 3).
+How, and why it is fast (a 20 x 256 x 256 patch is a loader's sample): the patch is cut
+into blocks of ``factor`` voxels per axis (factor 1: single voxels, exact). Each block's
+(block, object) pairs are numbered; only blocks holding several ids need a sort (see
+``_pairs``). Per object, the window sums are separable Gaussian filters of its
+block-averaged indicator and of its coordinate-weighted copies over its blocks' bounding
+box; objects with boxes of one (bucketed) size are stacked and filtered together with one
+matrix product per axis (see ``_window_stats``). Every voxel then takes its pair's
+statistics in one gather, in the output dtype; the offsets use the voxel's own position.
+With factor > 1 this is close when sigma spans several blocks (the default leaves 3).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 TRUNCATE = 3.0
 """The window ends at this many sigma (scipy's radius ``int(TRUNCATE * sigma + 0.5)``)."""
@@ -43,6 +43,12 @@ CHANNELS = 10
 _MOMENTS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (2, 0, 0), (0, 2, 0), (0, 0, 2),
             (1, 1, 0), (1, 0, 1), (0, 1, 1))
 _PAIRS = ((0, 1), (0, 2), (1, 2))
+# After the y pass: (y power, x power) products 00, 10, 01, 20, 11, 02, so that z powers
+# 0, 1, 2 use a prefix of 6, 3, 1 of them; formed as (y powers, x power) -> first slot.
+_Y_PRODUCTS = (((0, 1), 0), 0), (((2,), 0), 3), (((0,), 1), 2), (((1,), 1), 4), (((0,), 2), 5)
+_SLOT_POWERS = [(0, 0, 0), (0, 1, 0), (0, 0, 1), (0, 2, 0), (0, 1, 1), (0, 0, 2),
+                (1, 0, 0), (1, 1, 0), (1, 0, 1), (2, 0, 0)]
+_SLOTS = np.array([_SLOT_POWERS.index(m) for m in _MOMENTS])[:, None]
 
 
 def auto_factor(sigma_voxels: Sequence[float]) -> tuple[int, int, int]:
@@ -52,11 +58,14 @@ def auto_factor(sigma_voxels: Sequence[float]) -> tuple[int, int, int]:
 
 def local_shape_descriptors(labels: np.ndarray, sigma: Sequence[float],
                             voxel_size: Sequence[float],
-                            factor: Sequence[int] = (1, 1, 1)) -> np.ndarray:
-    """The (10, z, y, x) float32 LSDs of a 3D integer label volume (0 = no object).
+                            factor: Sequence[int] = (1, 1, 1),
+                            dtype: type = np.float32) -> np.ndarray:
+    """The (10, z, y, x) LSDs of a 3D integer label volume (0 = no object), of ``dtype``.
 
     ``sigma`` and ``voxel_size`` in nm per axis z, y, x; ``factor``: block size of the
-    coarse grid the window sums are computed on (1 = exact).
+    coarse grid the window sums are computed on (1 = exact). float16 (what a target
+    travels as) halves the cost of gathering the channels to the voxels, the largest
+    single cost; the values are computed in float32 and rounded once.
     """
     if labels.ndim != 3:
         raise ValueError(f"labels must be 3D (z, y, x), got shape {labels.shape}")
@@ -74,19 +83,23 @@ def local_shape_descriptors(labels: np.ndarray, sigma: Sequence[float],
     step = size * np.asarray(f)  # nm between coarse voxel centres
     offset = (np.asarray(f) - 1) * size / 2  # nm from a block's first voxel to its centre
     table = np.zeros((CHANNELS, len(pairs.label)), np.float32)
-    order = np.argsort(pairs.label, kind="stable")
-    bounds = np.flatnonzero(np.diff(pairs.label[order])) + 1
-    for group in np.split(order, bounds):
-        if pairs.label[group[0]] == 0:
-            continue
-        points = np.unravel_index(pairs.block[group], coarse)
-        table[:, group] = _window_stats(points, pairs.fraction[group], sigma_blocks, step,
-                                        offset)
+    labelled = np.flatnonzero(pairs.label != 0)
+    order = labelled[np.argsort(pairs.label[labelled], kind="stable")]
+    points = np.unravel_index(pairs.block[order], coarse)
+    if len(order):
+        table[:, order] = _window_stats(points, pairs.label[order], pairs.fraction[order],
+                                        sigma_blocks, step, offset)
     crop = tuple(slice(0, n) for n in shape)
     scaled = _scale_table(table, sigma_nm)
+    origin = np.unravel_index(pairs.block, coarse)
+    for a in range(3):  # offsets relative to the pair's block's first voxel
+        scaled[a] -= (origin[a] * (step[a] * 0.5 / sigma_nm[a])).astype(np.float32)
     scaled[:, pairs.label == 0] = 0.0
-    channels = np.take(scaled, pairs.of_voxel[crop], axis=1)
-    _offsets(channels, ids[crop] != 0, sigma_nm, size)
+    index = pairs.of_voxel[crop]
+    channels = np.empty((CHANNELS, *shape), dtype)
+    np.take(scaled[3:].astype(dtype), index, axis=1, mode="clip", out=channels[3:])
+    for a in range(3):
+        _gather_offsets(scaled[a], index, a, f[a], size[a] * 0.5 / sigma_nm[a], channels[a])
     return channels
 
 
@@ -100,30 +113,51 @@ class _Pairs:
 
 
 def _pairs(ids: np.ndarray, f: Sequence[int]) -> _Pairs:
-    """Sort each block's voxels by id (id and position packed in one integer) and number
-    the runs of equal ids: each run is a pair; scatter the run numbers back to the voxels."""
+    """Number each block's (block, id) pairs, block by block. A block of one id is one
+    pair (most blocks); only the others are sorted (id and place in the block packed in
+    one integer), each run of equal ids a pair, and the run numbers are scattered back to
+    the voxels. Blocks are columns (a voxel's place in its block first), so the per-block
+    minimum and maximum are a few vectorised passes over rows."""
     z, y, x = ids.shape
     coarse = (z // f[0], y // f[1], x // f[2])
     per = math.prod(f)
     nblocks = math.prod(coarse)
-    blocked = ids.reshape(coarse[0], f[0], coarse[1], f[1], coarse[2], f[2])
-    blocked = blocked.transpose(0, 2, 4, 1, 3, 5).reshape(nblocks, per)
     bits = max(1, (per - 1).bit_length())
     top = int(ids.max()) if ids.size else 0
-    dtype = np.int32 if top < 2 ** (31 - bits) else np.int64
-    key = (blocked.astype(dtype) << bits) | np.arange(per, dtype=dtype)
+    small = top < 2 ** (31 - bits) and per * nblocks < 2**31  # ids and places fit int32
+    dtype = np.int32 if small else np.int64
+    columns = ids.astype(dtype, copy=False).reshape(coarse[0], f[0], coarse[1], f[1],
+                                                    coarse[2], f[2])
+    columns = columns.transpose(1, 3, 5, 0, 2, 4).reshape(per, nblocks)
+    lowest = columns.min(axis=0)
+    mixed = np.flatnonzero(lowest != columns.max(axis=0))
+    key = np.ascontiguousarray(columns[:, mixed].T)
+    key <<= bits
+    key |= np.arange(per, dtype=dtype)
     key.sort(axis=1)
-    label = key >> bits
+    ids_sorted = key >> bits
     start = np.ones(key.shape, bool)
-    np.not_equal(label[:, 1:], label[:, :-1], out=start[:, 1:])
-    run = np.cumsum(start.ravel(), dtype=np.int32).reshape(key.shape) - 1
-    of_voxel = np.empty(key.shape, np.int32)
-    np.put_along_axis(of_voxel, key & ((1 << bits) - 1), run, axis=1)
-    of_voxel = of_voxel.reshape(*coarse, *f).transpose(0, 3, 1, 4, 2, 5).reshape(ids.shape)
-    firsts = np.flatnonzero(start.ravel())
-    counts = np.diff(firsts, append=nblocks * per)
-    return _Pairs(block=firsts // per, label=label.ravel()[firsts],
-                  fraction=(counts / per).astype(np.float32), of_voxel=of_voxel)
+    np.not_equal(ids_sorted[:, 1:], ids_sorted[:, :-1], out=start[:, 1:])
+    run = np.cumsum(start.ravel(), dtype=np.int32).reshape(key.shape)  # 1 + run number
+    local = run - run[:, :1]  # run number within the block
+    runs = np.ones(nblocks, np.int32)
+    runs[mixed] = local[:, -1] + 1
+    first = np.cumsum(runs, dtype=np.int32) - runs  # each block's first pair
+    of_voxel = np.broadcast_to(first, (per, nblocks)).copy()
+    local += first[mixed][:, None]
+    key &= (1 << bits) - 1  # now each voxel's place in its block
+    key *= nblocks  # where it is in of_voxel (per * nblocks voxels: fits the key's dtype)
+    key += mixed[:, None].astype(key.dtype)
+    of_voxel.ravel()[key.ravel()] = local.ravel()
+    of_voxel = of_voxel.reshape(*f, *coarse).transpose(3, 0, 4, 1, 5, 2).reshape(ids.shape)
+    label = np.repeat(lowest.astype(ids.dtype, copy=False), runs)
+    fraction = np.ones(len(label), np.float32)
+    starts = np.flatnonzero(start)
+    pair = local.ravel()[starts]
+    label[pair] = ids_sorted.ravel()[starts]
+    fraction[pair] = np.diff(np.append(starts, start.size)) / per
+    return _Pairs(block=np.repeat(np.arange(nblocks), runs), label=label, fraction=fraction,
+                  of_voxel=of_voxel)
 
 
 def _kernel(sigma: float) -> np.ndarray:
@@ -131,52 +165,122 @@ def _kernel(sigma: float) -> np.ndarray:
     ``int(TRUNCATE * sigma + 0.5)``)."""
     radius = int(TRUNCATE * sigma + 0.5)
     weights = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    return (weights / weights.sum()).astype(np.float32)
+    return weights / weights.sum()
 
 
-def _window_stats(points: tuple[np.ndarray, ...], fraction: np.ndarray,
+def _window_stats(points: tuple[np.ndarray, ...], label: np.ndarray, fraction: np.ndarray,
                   sigma: np.ndarray, step: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """(10, n) window mass, mean (nm, absolute) and covariance (nm^2) at one object's n
-    blocks (``points``: their coarse indices; ``fraction``: how much of each it fills).
+    """(10, n) window mass, mean (nm, absolute) and covariance (nm^2) at n (block, object)
+    pairs sorted by object (``points``: coarse indices; ``fraction``: how much of its block
+    the object fills).
 
-    The object's indicator on its blocks' bounding box is filtered one axis at a time, x,
-    then y, then z, each a matrix product that also weights by coordinate powers 0-2
-    (see ``_window_matrix``); outside the box the object is absent, so the box suffices.
+    Each object's indicator on its blocks' bounding box, grown to a bucket size (see
+    ``_bucket``), is filtered along x, y, then z; outside the box the object is absent, so
+    the box suffices. Objects whose boxes share a bucket size are stacked and filtered
+    together: per axis one matrix product with ``_axis_matrix`` (Gaussian weights times
+    coordinate powers 0-2; the coordinates are relative to the box centre, so the matrix is
+    the same for every box of that size). Per object this costs a few array operations
+    instead of dozens, which matters with hundreds of small objects in a patch.
     """
-    lo = [int(p.min()) for p in points]
-    hi = [int(p.max()) + 1 for p in points]
-    nz, ny, nx = (b - a for a, b in zip(lo, hi, strict=True))
-    centre = [(a + b - 1) / 2 * s + o for a, b, s, o in zip(lo, hi, step, offset, strict=True)]
-    kernels = [_kernel(sd) for sd in sigma]
-    box = np.zeros((nz, ny, nx), np.float32)
-    box[tuple(p - a for p, a in zip(points, lo, strict=True))] = fraction
-    coords = [(np.arange(a, b) * s + o - c).astype(np.float32)
-              for a, b, s, o, c in zip(lo, hi, step, offset, centre, strict=True)]
+    new = np.ones(len(label), bool)
+    np.not_equal(label[1:], label[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    obj = np.cumsum(new) - 1  # each pair's object
+    lo = [np.minimum.reduceat(p, starts) for p in points]
+    box = [_bucket(np.maximum.reduceat(p, starts) + 1 - a) for p, a in zip(points, lo,
+                                                                          strict=True)]
+    # objects grouped by box size; pairs reordered to follow them
+    key = (box[0] * 4096 + box[1]) * 4096 + box[2]
+    by_box = np.argsort(key, kind="stable")
+    counts = np.diff(np.append(starts, len(label)))[by_box]
+    first = np.cumsum(counts) - counts
+    perm = np.repeat(starts[by_box] - first, counts) + np.arange(len(label))
+    group_start = np.flatnonzero(np.diff(key[by_box], prepend=-1))
+    slot = np.empty(len(by_box), np.int64)  # an object's place in its group's stack
+    slot[by_box] = np.arange(len(by_box)) - np.repeat(
+        group_start, np.diff(np.append(group_start, len(by_box))))
+    o = obj[perm]
+    where = (slot[o], *(p[perm] - a[o] for p, a in zip(points, lo, strict=True)))
+    moments = np.empty((len(_MOMENTS), len(label)), np.float32)  # in the order of perm
+    bounds = np.append(first[group_start], len(label))
+    for g, head in enumerate(by_box[group_start]):
+        nz, ny, nx = (int(b[head]) for b in box)
+        part = slice(bounds[g], bounds[g + 1])
+        i, z, y, x = (w[part] for w in where)
+        stack = int(i[-1]) + 1
+        volume = np.zeros((stack, nz, ny, nx), np.float32)
+        volume[i, z, y, x] = fraction[perm[part]]
+        along_z = _filter_box(volume, sigma, step)
+        at = ((i * nz + z) * (len(_MOMENTS) * ny) + y) * nx + x
+        np.take(along_z, at + _SLOTS * (ny * nx), out=moments[:, part])
+    centre = [(a + (b - 1) / 2) * s + c for a, b, s, c in zip(lo, box, step, offset,
+                                                               strict=True)]
+    stats = np.empty_like(moments)
+    stats[:, perm] = _moments_to_stats(moments, [c[o] for c in centre])
+    return stats
 
-    def smooth(volumes: list[np.ndarray], axis: int, exponents: list[int]) -> np.ndarray:
-        shape = [1, 1, 1]
-        shape[axis] = -1
-        c = coords[axis].reshape(shape)
-        stack = np.stack([v * c ** e if e else v for v, e in zip(volumes, exponents,
-                                                                    strict=True)])
-        return ndimage.correlate1d(stack, kernels[axis], axis=axis + 1, mode="constant")
 
-    along_x = smooth([box] * 3, 2, [0, 1, 2])
-    xy = [(c, b) for c in range(3) for b in range(3 - c)]
-    along_y = smooth([along_x[c] for c, _ in xy], 1, [b for _, b in xy])
-    along_z = smooth([along_y[xy.index((c, b))] for _, b, c in _MOMENTS], 0,
-                     [a for a, _, _ in _MOMENTS])
-    moments = along_z[(slice(None), *(p - a for p, a in zip(points, lo, strict=True)))]
+def _filter_box(volume: np.ndarray, sigma: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """The 10 window sums of stacked boxes ``volume`` (stack, z, y, x), as (stack, z,
+    slot, y, x) with slots in ``_SLOT_POWERS`` order.
+
+    Filters along x (powers 0-2 of x), then y, then z, each a matrix product with
+    ``_axis_matrix``; only the products that some moment needs are formed (6 of 9 after y,
+    10 of 27 after z), the y results ordered so that each z power needs a prefix of them.
+    """
+    stack, nz, ny, nx = volume.shape
+    along_x = (volume.reshape(-1, nx) @ _axis_matrix(nx, sigma[2], step[2]).T).reshape(
+        stack * nz, ny, 3 * nx)
+    ay = _axis_matrix(ny, sigma[1], step[1])
+    along_y = np.empty((stack * nz, 6, ny, nx), np.float32)
+    for (py, px), k in _Y_PRODUCTS:
+        rows = len(py)
+        np.matmul(ay[py[0] * ny:(py[-1] + 1) * ny], along_x[:, :, px * nx:(px + 1) * nx],
+                  out=along_y[:, k:k + rows].reshape(stack * nz, rows * ny, nx))
+    along_y = along_y.reshape(stack, nz, 6 * ny * nx)
+    az = _axis_matrix(nz, sigma[0], step[0])
+    out = np.empty((stack, nz, len(_MOMENTS) * ny * nx), np.float32)
+    slot = 0
+    for pz, used in enumerate((6, 3, 1)):  # z power 0 on all six, 1 on three, 2 on one
+        width = used * ny * nx
+        np.matmul(az[pz * nz:(pz + 1) * nz], along_y[:, :, :width],
+                  out=out[:, :, slot * ny * nx:slot * ny * nx + width])
+        slot += used
+    return out
+
+
+def _moments_to_stats(moments: np.ndarray, centre: list[np.ndarray]) -> np.ndarray:
+    """Mass, absolute mean and covariance from window sums about each box's ``centre``."""
     mass = np.maximum(moments[0], np.float32(1e-12))
     mean = moments[1:4] / mass
     stats = np.empty_like(moments)
     stats[0] = moments[0]
     for a in range(3):
-        stats[1 + a] = mean[a] + np.float32(centre[a])
+        stats[1 + a] = mean[a] + centre[a]
         stats[4 + a] = moments[4 + a] / mass - mean[a] ** 2
     for i, (a, b) in enumerate(_PAIRS):
         stats[7 + i] = moments[7 + i] / mass - mean[a] * mean[b]
     return stats
+
+
+def _bucket(n: np.ndarray) -> np.ndarray:
+    """Box sizes rounded up to 4 steps per octave (1-8, 10, 12, 14, 16, 20, ...): few
+    distinct sizes to stack objects by, at most 25% padding per axis."""
+    q = np.left_shift(1, np.maximum(0, np.log2(np.maximum(n, 1)).astype(np.int64) - 2))
+    return -(-n // q) * q
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_matrix(n: int, sigma: float, step: float) -> np.ndarray:
+    """(3n, n) float32: row ``e * n + v``, column ``u`` holds ``g(v - u) c_u**e``, with g
+    the truncated Gaussian of ``sigma`` voxels and c_u the nm from the box centre (voxels
+    ``step`` nm apart), so one product filters a box along an axis for powers 0, 1, 2."""
+    kernel = _kernel(sigma)
+    radius = len(kernel) // 2
+    d = np.arange(n)[None, :] - np.arange(n)[:, None]
+    g = np.where(np.abs(d) <= radius, kernel[np.clip(d + radius, 0, 2 * radius)], 0.0)
+    c = (np.arange(n) - (n - 1) / 2) * step
+    return np.concatenate([g * c[None, :] ** e for e in range(3)]).astype(np.float32)
 
 
 def _scale_table(table: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -196,17 +300,25 @@ def _scale_table(table: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     return out[_OUTPUT_ORDER]
 
 
-def _offsets(channels: np.ndarray, labelled: np.ndarray, sigma: np.ndarray,
-             size: np.ndarray) -> None:
-    """Finish the offset channels in place: less the voxel's position, clipped, 0 where
-    not ``labelled`` (the other channels are 0 there already: label 0's pairs are)."""
-    for a in range(3):
-        bshape = [1, 1, 1]
-        bshape[a] = -1
-        position = (np.arange(labelled.shape[a]) * (size[a] * 0.5 / sigma[a]))
-        channels[a] -= position.astype(np.float32).reshape(bshape)
-        np.clip(channels[a], 0.0, 1.0, out=channels[a])
-        channels[a] *= labelled
+def _gather_offsets(table: np.ndarray, index: np.ndarray, axis: int, f: int, unit: float,
+                    out: np.ndarray) -> None:
+    """One offset channel per voxel: its pair's value (relative to the block's first voxel)
+    less ``unit`` per voxel from there along ``axis``, clipped to [0, 1]. Label 0 stays 0:
+    its pairs hold 0, and places are not negative.
+
+    The table is expanded to every place in a block (f values per pair, clipped) and each
+    voxel picks its entry, so no per-voxel arithmetic happens in the output's dtype
+    (float16 arithmetic in numpy is slow; float16 gathers are fast).
+    """
+    places = table[:, None] - (np.arange(f) * unit).astype(np.float32)
+    expanded = np.clip(places, 0.0, 1.0).astype(out.dtype).ravel()
+    if f == 1:
+        np.take(expanded, index, mode="clip", out=out)
+        return
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    place = (np.arange(index.shape[axis], dtype=np.intp) % f).reshape(shape)
+    np.take(expanded, index * np.intp(f) + place, mode="clip", out=out)
 
 
 _OUTPUT_ORDER = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]

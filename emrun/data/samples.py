@@ -90,7 +90,7 @@ def _pack(values: np.ndarray) -> np.ndarray:
     """0/1 uint8 (or bool) as bits along x; anything else as float16."""
     if values.dtype in (np.uint8, np.bool_):
         return np.packbits(values, axis=-1, bitorder="little")
-    return values.astype(np.float16)
+    return values.astype(np.float16, copy=False)
 
 
 def stack(samples: list[dict[str, Any]]) -> dict[str, Any]:
