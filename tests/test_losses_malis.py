@@ -112,6 +112,32 @@ def test_two_objects_on_a_line():
     assert neg[2, 0, 0].tolist() == [0, 0, 4, 0]
 
 
+def test_every_pair_is_counted_once_on_a_patch_of_many_objects():
+    # 4 x 128 x 128 voxels: 2 x 2 x 2 cubes, a fifth kept as objects, the rest cut into lone
+    # voxels: more than 46341 components (once an int32 overflow in the negative pass)
+    rng = np.random.default_rng(5)
+    shape = (4, 128, 128)
+    cube = np.arange(2 * 64 * 64).reshape(2, 64, 64).repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    kept = rng.random(cube.max() + 1) < 0.2
+    labels = np.where(kept[cube], cube + 1, 0).astype(np.int64)
+    lone = labels == 0
+    labels[lone] = cube.max() + 2 + np.arange(lone.sum())
+    assert len(np.unique(labels)) > 46341
+    target = np.zeros((3, *shape), bool)
+    valid = np.zeros((3, *shape), bool)
+    for c in range(3):
+        here = [slice(None)] * 3
+        there = [slice(None)] * 3
+        here[c], there[c] = slice(1, None), slice(None, -1)
+        valid[c][tuple(here)] = True
+        target[c][tuple(here)] = labels[tuple(here)] == labels[tuple(there)]
+    pos, neg = malis_weights(rng.random((3, *shape)), target, valid)
+    sizes = np.bincount(np.unique(labels, return_inverse=True)[1].ravel()).astype(np.int64)
+    same = int((sizes * (sizes - 1) // 2).sum())  # objects are connected inside
+    n = labels.size
+    assert pos.sum() == same and neg.sum() == n * (n - 1) // 2 - same
+
+
 def logits_of(aff: np.ndarray) -> torch.Tensor:
     return torch.logit(torch.tensor(aff, dtype=torch.float32).clamp(1e-6, 1 - 1e-6))[None]
 
