@@ -24,7 +24,10 @@ PAIRS = ((0, 1), (0, 2), (1, 2))
 
 
 def lsd_reference(labels, sigma, voxel_size, truncate=3.0):
-    """The definition, voxel by voxel: explicit window sums over the voxel's object."""
+    """The definition, voxel by voxel: explicit window sums over the voxel's object. It is
+    funkelab's ``lsd`` package's definition (checked against lsds 0.1.3 at factor 1: within
+    1.1e-4 on three such volumes); that package cannot be a test dependency: it needs
+    gunpowder, which needs zarr 2."""
     sigma, size = np.asarray(sigma, float), np.asarray(voxel_size, float)
     in_voxels = sigma / size
     radius = [int(truncate * s + 0.5) for s in in_voxels]
@@ -53,7 +56,8 @@ def lsd_reference(labels, sigma, voxel_size, truncate=3.0):
         here = np.asarray(v) * size
         channels = [*(0.5 + 0.5 * (mean - here) / sigma),
                     *(cov[a, a] / sigma[a] ** 2 for a in range(3)),
-                    *(0.5 + 0.5 * cov[a, b] / (sigma[a] * sigma[b]) for a, b in PAIRS), mass]
+                    *(0.5 + 0.5 * cov[a, b] / np.sqrt(max(cov[a, a], 1e-3) * max(cov[b, b], 1e-3))
+                      for a, b in PAIRS), mass]
         out[(slice(None), *v)] = np.clip(channels, 0, 1)
     return out
 

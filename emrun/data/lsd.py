@@ -7,7 +7,8 @@ With ``g`` the window (a normalised Gaussian of per-axis sigma, truncated at 3 s
 
 * 0-2, mean offset z, y, x: ``0.5 + 0.5 (S / M - v) / sigma`` (v: the voxel, in nm);
 * 3-5, variances zz, yy, xx: ``C_aa / sigma_a**2`` (a full window gives 1);
-* 6-8, covariances zy, zx, yx: ``0.5 + 0.5 C_ab / (sigma_a sigma_b)``;
+* 6-8, Pearson correlations zy, zx, yx: ``0.5 + 0.5 C_ab / sqrt(C_aa C_bb)`` (variances
+  below 1e-3 nm^2 taken as 1e-3, as the ``lsd`` package does);
 * 9, size: ``M``, the fraction of the window the object fills (1 deep inside a large one);
 
 with ``C = Q / M - (S / M)(S / M)^T``; values are clipped to [0, 1]. Voxels outside the
@@ -286,18 +287,16 @@ def _axis_matrix(n: int, sigma: float, step: float) -> np.ndarray:
 def _scale_table(table: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """Per pair, the 10 channels in channel order and [0, 1], except that the offset
     channels still hold ``0.5 + 0.5 mean / sigma`` (the voxel's position comes later)."""
-    scale = np.empty(CHANNELS, np.float32)
-    shift = np.zeros(CHANNELS, np.float32)
-    scale[0] = 1.0
+    out = np.empty_like(table)
+    out[9] = np.clip(table[0], 0.0, 1.0)  # size
+    variance = np.maximum(table[4:7], np.float32(_MIN_VARIANCE))
     for a in range(3):
-        scale[1 + a], shift[1 + a] = 0.5 / sigma[a], 0.5
-        scale[4 + a] = 1 / sigma[a] ** 2
+        out[a] = table[1 + a] * np.float32(0.5 / sigma[a]) + np.float32(0.5)
+        out[3 + a] = np.minimum(variance[a] * np.float32(1 / sigma[a] ** 2), 1.0)
     for i, (a, b) in enumerate(_PAIRS):
-        scale[7 + i], shift[7 + i] = 0.5 / (sigma[a] * sigma[b]), 0.5
-    out = table * scale[:, None] + shift[:, None]
-    np.clip(out[4:], 0.0, 1.0, out=out[4:])
-    np.clip(out[:1], 0.0, 1.0, out=out[:1])
-    return out[_OUTPUT_ORDER]
+        pearson = table[7 + i] / np.sqrt(variance[a] * variance[b])
+        out[6 + i] = np.clip(pearson * np.float32(0.5) + np.float32(0.5), 0.0, 1.0)
+    return out
 
 
 def _gather_offsets(table: np.ndarray, index: np.ndarray, axis: int, f: int, unit: float,
@@ -321,8 +320,9 @@ def _gather_offsets(table: np.ndarray, index: np.ndarray, axis: int, f: int, uni
     np.take(expanded, index * np.intp(f) + place, mode="clip", out=out)
 
 
-_OUTPUT_ORDER = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
-"""Statistics are stored mass first (as the moments); the channels put size last."""
+_MIN_VARIANCE = 1e-3
+"""nm^2: smaller variances count as this in the Pearson correlations (a window holding one
+voxel row of an object has none along the other axes)."""
 
 
 def _sortable_ids(labels: np.ndarray) -> np.ndarray:
