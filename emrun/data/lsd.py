@@ -17,12 +17,11 @@ object: every channel is 0 there (the target masks it).
 
 How, and why it is fast (a 20 x 256 x 256 patch is a loader's sample): the patch is cut
 into blocks of ``factor`` voxels per axis (factor 1: single voxels, exact). Each block's
-(block, object) pairs are numbered; only blocks holding several ids need a sort (see
-``_pairs``). Per object, the window sums are separable Gaussian filters of its
+(block, object) pairs are numbered by a compiled loop (``_pairs``). Per object, the window sums are separable Gaussian filters of its
 block-averaged indicator and of its coordinate-weighted copies over its blocks' bounding
 box; objects with boxes of one (bucketed) size are stacked and filtered together with one
-matrix product per axis (see ``_window_stats``). Every voxel then takes its pair's
-statistics in one gather, in the output dtype; the offsets use the voxel's own position.
+matrix product per axis (see ``_window_stats``). A compiled pass then gives every voxel its
+pair's statistics in the output dtype; the offsets use the voxel's own position.
 With factor > 1 this is close when sigma spans several blocks (the default leaves 3).
 """
 
@@ -32,6 +31,7 @@ import functools
 import math
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 
 TRUNCATE = 3.0
@@ -88,19 +88,21 @@ def local_shape_descriptors(labels: np.ndarray, sigma: Sequence[float],
     order = labelled[np.argsort(pairs.label[labelled], kind="stable")]
     points = np.unravel_index(pairs.block[order], coarse)
     if len(order):
-        table[:, order] = _window_stats(points, pairs.label[order], pairs.fraction[order],
-                                        sigma_blocks, step, offset)
+        stats, perm = _window_stats(points, pairs.label[order], pairs.fraction[order],
+                                    sigma_blocks, step, offset)
+        table[:, order[perm]] = stats
     crop = tuple(slice(0, n) for n in shape)
     scaled = _scale_table(table, sigma_nm)
     origin = np.unravel_index(pairs.block, coarse)
     for a in range(3):  # offsets relative to the pair's block's first voxel
         scaled[a] -= (origin[a] * (step[a] * 0.5 / sigma_nm[a])).astype(np.float32)
     scaled[:, pairs.label == 0] = 0.0
-    index = pairs.of_voxel[crop]
     channels = np.empty((CHANNELS, *shape), dtype)
-    np.take(scaled[3:].astype(dtype), index, axis=1, mode="clip", out=channels[3:])
-    for a in range(3):
-        _gather_offsets(scaled[a], index, a, f[a], size[a] * 0.5 / sigma_nm[a], channels[a])
+    bits = np.uint16 if channels.dtype == np.float16 else channels.dtype  # numba: no float16
+    offsets = [_expanded_offsets(scaled[a], f[a], size[a] * 0.5 / sigma_nm[a], dtype)
+               for a in range(3)]
+    _spread(pairs.of_voxel[crop], np.ascontiguousarray(scaled[3:].astype(dtype)).view(bits),
+            *(o.view(bits) for o in offsets), *f, channels.view(bits))
     return channels
 
 
@@ -114,51 +116,89 @@ class _Pairs:
 
 
 def _pairs(ids: np.ndarray, f: Sequence[int]) -> _Pairs:
-    """Number each block's (block, id) pairs, block by block. A block of one id is one
-    pair (most blocks); only the others are sorted (id and place in the block packed in
-    one integer), each run of equal ids a pair, and the run numbers are scattered back to
-    the voxels. Blocks are columns (a voxel's place in its block first), so the per-block
-    minimum and maximum are a few vectorised passes over rows."""
-    z, y, x = ids.shape
-    coarse = (z // f[0], y // f[1], x // f[2])
-    per = math.prod(f)
-    nblocks = math.prod(coarse)
-    bits = max(1, (per - 1).bit_length())
-    top = int(ids.max()) if ids.size else 0
-    small = top < 2 ** (31 - bits) and per * nblocks < 2**31  # ids and places fit int32
-    dtype = np.int32 if small else np.int64
-    columns = ids.astype(dtype, copy=False).reshape(coarse[0], f[0], coarse[1], f[1],
-                                                    coarse[2], f[2])
-    columns = columns.transpose(1, 3, 5, 0, 2, 4).reshape(per, nblocks)
-    lowest = columns.min(axis=0)
-    mixed = np.flatnonzero(lowest != columns.max(axis=0))
-    key = np.ascontiguousarray(columns[:, mixed].T)
-    key <<= bits
-    key |= np.arange(per, dtype=dtype)
-    key.sort(axis=1)
-    ids_sorted = key >> bits
-    start = np.ones(key.shape, bool)
-    np.not_equal(ids_sorted[:, 1:], ids_sorted[:, :-1], out=start[:, 1:])
-    run = np.cumsum(start.ravel(), dtype=np.int32).reshape(key.shape)  # 1 + run number
-    local = run - run[:, :1]  # run number within the block
-    runs = np.ones(nblocks, np.int32)
-    runs[mixed] = local[:, -1] + 1
-    first = np.cumsum(runs, dtype=np.int32) - runs  # each block's first pair
-    of_voxel = np.broadcast_to(first, (per, nblocks)).copy()
-    local += first[mixed][:, None]
-    key &= (1 << bits) - 1  # now each voxel's place in its block
-    key *= nblocks  # where it is in of_voxel (per * nblocks voxels: fits the key's dtype)
-    key += mixed[:, None].astype(key.dtype)
-    of_voxel.ravel()[key.ravel()] = local.ravel()
-    of_voxel = of_voxel.reshape(*f, *coarse).transpose(3, 0, 4, 1, 5, 2).reshape(ids.shape)
-    label = np.repeat(lowest.astype(ids.dtype, copy=False), runs)
-    fraction = np.ones(len(label), np.float32)
-    starts = np.flatnonzero(start)
-    pair = local.ravel()[starts]
-    label[pair] = ids_sorted.ravel()[starts]
-    fraction[pair] = np.diff(np.append(starts, start.size)) / per
-    return _Pairs(block=np.repeat(np.arange(nblocks), runs), label=label, fraction=fraction,
-                  of_voxel=of_voxel)
+    """Number each block's (block, id) pairs, block by block, ids ascending within a block:
+    one compiled pass counts them, a second numbers them and each voxel's pair."""
+    fz, fy, fx = (int(v) for v in f)
+    runs = _count_pairs(ids, fz, fy, fx)
+    first = np.cumsum(runs) - runs
+    total = int(runs.sum())
+    label = np.empty(total, ids.dtype)
+    fraction = np.empty(total, np.float32)
+    of_voxel = np.empty(ids.shape, np.int32)
+    _number_pairs(ids, fz, fy, fx, first, label, fraction, of_voxel)
+    block = np.repeat(np.arange(len(runs)), runs)
+    return _Pairs(block=block, label=label, fraction=fraction, of_voxel=of_voxel)
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_pairs(ids: np.ndarray, fz: int, fy: int, fx: int
+                 ) -> np.ndarray:  # pragma: no cover - compiled
+    """How many distinct ids each block holds (blocks in C order)."""
+    cz, cy, cx = ids.shape[0] // fz, ids.shape[1] // fy, ids.shape[2] // fx
+    runs = np.zeros(cz * cy * cx, np.int64)
+    seen = np.empty(fz * fy * fx, ids.dtype)
+    for bz in range(cz):
+        for by in range(cy):
+            for bx in range(cx):
+                k = 0
+                for z in range(bz * fz, bz * fz + fz):
+                    for y in range(by * fy, by * fy + fy):
+                        for x in range(bx * fx, bx * fx + fx):
+                            v = ids[z, y, x]
+                            new = True
+                            for j in range(k):
+                                if seen[j] == v:
+                                    new = False
+                                    break
+                            if new:
+                                seen[k] = v
+                                k += 1
+                runs[(bz * cy + by) * cx + bx] = k
+    return runs
+
+
+@numba.njit(cache=True, nogil=True)
+def _number_pairs(ids: np.ndarray, fz: int, fy: int, fx: int, first: np.ndarray,
+                  label: np.ndarray, fraction: np.ndarray,
+                  of_voxel: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Fill each pair's id and fraction and each voxel's pair: a block's distinct ids are
+    sorted (insertion sort: a block holds few) and numbered from the block's ``first``."""
+    cz, cy, cx = ids.shape[0] // fz, ids.shape[1] // fy, ids.shape[2] // fx
+    per = fz * fy * fx
+    seen = np.empty(per, ids.dtype)
+    count = np.empty(per, np.int64)
+    for bz in range(cz):
+        for by in range(cy):
+            for bx in range(cx):
+                k = 0
+                for z in range(bz * fz, bz * fz + fz):
+                    for y in range(by * fy, by * fy + fy):
+                        for x in range(bx * fx, bx * fx + fx):
+                            v = ids[z, y, x]
+                            j = 0
+                            while j < k and seen[j] < v:
+                                j += 1
+                            if j < k and seen[j] == v:
+                                count[j] += 1
+                                continue
+                            for m in range(k, j, -1):  # keep seen sorted
+                                seen[m] = seen[m - 1]
+                                count[m] = count[m - 1]
+                            seen[j] = v
+                            count[j] = 1
+                            k += 1
+                start = first[(bz * cy + by) * cx + bx]
+                for j in range(k):
+                    label[start + j] = seen[j]
+                    fraction[start + j] = count[j] / per
+                for z in range(bz * fz, bz * fz + fz):
+                    for y in range(by * fy, by * fy + fy):
+                        for x in range(bx * fx, bx * fx + fx):
+                            v = ids[z, y, x]
+                            j = 0
+                            while seen[j] != v:
+                                j += 1
+                            of_voxel[z, y, x] = start + j
 
 
 def _kernel(sigma: float) -> np.ndarray:
@@ -170,10 +210,11 @@ def _kernel(sigma: float) -> np.ndarray:
 
 
 def _window_stats(points: tuple[np.ndarray, ...], label: np.ndarray, fraction: np.ndarray,
-                  sigma: np.ndarray, step: np.ndarray, offset: np.ndarray) -> np.ndarray:
+                  sigma: np.ndarray, step: np.ndarray, offset: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """(10, n) window mass, mean (nm, absolute) and covariance (nm^2) at n (block, object)
     pairs sorted by object (``points``: coarse indices; ``fraction``: how much of its block
-    the object fills).
+    the object fills), in the order ``perm`` of the pairs, returned with it.
 
     Each object's indicator on its blocks' bounding box, grown to a bucket size (see
     ``_bucket``), is filtered along x, y, then z; outside the box the object is absent, so
@@ -216,9 +257,7 @@ def _window_stats(points: tuple[np.ndarray, ...], label: np.ndarray, fraction: n
         np.take(along_z, at + _SLOTS * (ny * nx), out=moments[:, part])
     centre = [(a + (b - 1) / 2) * s + c for a, b, s, c in zip(lo, box, step, offset,
                                                                strict=True)]
-    stats = np.empty_like(moments)
-    stats[:, perm] = _moments_to_stats(moments, [c[o] for c in centre])
-    return stats
+    return _moments_to_stats(moments, [c[o] for c in centre]), perm
 
 
 def _filter_box(volume: np.ndarray, sigma: np.ndarray, step: np.ndarray) -> np.ndarray:
@@ -299,25 +338,36 @@ def _scale_table(table: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     return out
 
 
-def _gather_offsets(table: np.ndarray, index: np.ndarray, axis: int, f: int, unit: float,
-                    out: np.ndarray) -> None:
-    """One offset channel per voxel: its pair's value (relative to the block's first voxel)
-    less ``unit`` per voxel from there along ``axis``, clipped to [0, 1]. Label 0 stays 0:
-    its pairs hold 0, and places are not negative.
-
-    The table is expanded to every place in a block (f values per pair, clipped) and each
-    voxel picks its entry, so no per-voxel arithmetic happens in the output's dtype
-    (float16 arithmetic in numpy is slow; float16 gathers are fast).
-    """
+def _expanded_offsets(table: np.ndarray, f: int, unit: float, dtype: type) -> np.ndarray:
+    """One offset channel per pair and place in the block along its axis (f values per
+    pair): the pair's value (relative to the block's first voxel) less ``unit`` per voxel
+    from there, clipped to [0, 1]. Label 0 stays 0: its pairs hold 0. Computed in float32
+    and rounded once, so no per-voxel arithmetic happens in the output's dtype."""
     places = table[:, None] - (np.arange(f) * unit).astype(np.float32)
-    expanded = np.clip(places, 0.0, 1.0).astype(out.dtype).ravel()
-    if f == 1:
-        np.take(expanded, index, mode="clip", out=out)
-        return
-    shape = [1, 1, 1]
-    shape[axis] = -1
-    place = (np.arange(index.shape[axis], dtype=np.intp) % f).reshape(shape)
-    np.take(expanded, index * np.intp(f) + place, mode="clip", out=out)
+    return np.clip(places, 0.0, 1.0).astype(dtype).ravel()
+
+
+@numba.njit(cache=True, nogil=True)
+def _spread(index: np.ndarray, plain: np.ndarray, along_z: np.ndarray, along_y: np.ndarray,
+            along_x: np.ndarray, fz: int, fy: int, fx: int,
+            out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Every voxel's 10 channels from its pair ``index``: the offsets from the expanded
+    tables at its place in the block, the rest from ``plain`` (channels 3-9). One pass
+    over the voxels, in whatever dtype the arrays hold (float16 as its uint16 bits)."""
+    for z in range(index.shape[0]):
+        kz = z % fz
+        for y in range(index.shape[1]):
+            ky = y % fy
+            row = index[z, y]
+            for x in range(row.shape[0]):  # one channel at a time: contiguous writes
+                out[0, z, y, x] = along_z[row[x] * fz + kz]
+            for x in range(row.shape[0]):
+                out[1, z, y, x] = along_y[row[x] * fy + ky]
+            for x in range(row.shape[0]):
+                out[2, z, y, x] = along_x[row[x] * fx + x % fx]
+            for c in range(plain.shape[0]):
+                for x in range(row.shape[0]):
+                    out[3 + c, z, y, x] = plain[c, row[x]]
 
 
 _MIN_VARIANCE = 1e-3
