@@ -19,9 +19,10 @@ How, and why it is fast (a 20 x 256 x 256 patch is a loader's sample): the patch
 into blocks of ``factor`` voxels per axis (factor 1: single voxels, exact). Each block's
 (block, object) pairs are numbered by a compiled loop (``_pairs``). Per object, the window
 sums are separable Gaussian filters of its block-averaged indicator and of its
-coordinate-weighted copies over its blocks' bounding box; objects with boxes of one (bucketed) size are stacked and filtered together with one
-matrix product per axis (see ``_window_stats``). A compiled pass then gives every voxel its
-pair's statistics in the output dtype; the offsets use the voxel's own position.
+coordinate-weighted copies over its blocks' bounding box; objects with boxes of one
+(bucketed) size are stacked and filtered together with one matrix product per axis (see
+``_window_stats``). A compiled pass then gives every voxel its pair's statistics in the
+output dtype; the offsets use the voxel's own position.
 With factor > 1 this is close when sigma spans several blocks (the default leaves 3).
 """
 
