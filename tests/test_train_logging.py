@@ -273,3 +273,27 @@ def test_excluded_pause_leaves_rate_and_eta_alone(tmp_path: Path,
     lines = buf.getvalue().splitlines()
     assert "10 it/s  ETA 14m50s" in lines[-2], lines[-2]
     assert "10 it/s" not in lines[-1], lines[-1]
+
+
+def test_prediction_panels_show_each_task_after_its_own_activation() -> None:
+    """A regression task (activation none, e.g. lsd) is drawn as predicted, not squashed
+    by a sigmoid; a sigmoid task through its sigmoid."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from emrun.train.trainer import Trainer
+
+    tasks = {"aff": SimpleNamespace(activation="sigmoid"),
+             "lsd": SimpleNamespace(activation="none")}
+    trainer = SimpleNamespace(world=SimpleNamespace(main=True), losses=dict.fromkeys(tasks),
+                              recipe=SimpleNamespace(tasks=tasks), iteration=7)
+    raw = {"aff": torch.full((1, 3, 4, 5, 5), 2.0), "lsd": torch.full((1, 10, 4, 5, 5), 0.3)}
+    batch = {"image": torch.zeros((1, 1, 4, 5, 5)), "outputs": raw,
+             "target": {k: torch.zeros_like(v) for k, v in raw.items()},
+             "mask": {k: torch.ones_like(v[:, :1]) for k, v in raw.items()}}
+    shown: dict[str, np.ndarray] = {}
+    logger = SimpleNamespace(images=lambda step, panels: shown.update(panels))
+    Trainer._images(trainer, logger, batch)  # type: ignore[arg-type]
+    np.testing.assert_allclose(shown["lsd/prediction"], 0.3, rtol=1e-6)
+    np.testing.assert_allclose(shown["aff/prediction"], 1 / (1 + math.exp(-2.0)), rtol=1e-6)

@@ -27,6 +27,7 @@ from torch import nn
 from ..data.loader import train_batches, unpack, validation_batches
 from ..devices import parse_device, require_visible
 from ..errors import UserError
+from ..infer.engine import ACTIVATIONS
 from ..io.checkpoint import CheckpointError, load
 from ..io.package import load_network
 from ..losses import LossResult, total_loss
@@ -458,7 +459,8 @@ class Trainer:
         z = image.shape[0] // 2
         panels = {"input": image[z].cpu().numpy()}
         for name in self.losses:
-            pred = torch.sigmoid(batch["outputs"][name][0].detach().float())[:, z]
+            activate = ACTIVATIONS[self.recipe.tasks[name].activation]  # as inference shows it
+            pred = activate(batch["outputs"][name][0].detach().float())[:, z]
             target = batch["target"][name][0][:, z].float()
             mask = batch["mask"][name][0][:, z].float()
             panels[f"{name}/prediction"] = pred.mean(0).cpu().numpy()
