@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "emrun"
 
 FLOORS: list[set[str]] = [
-    {"emrun", "errors", "paths", "atomic", "subprocesses", "stages", "shipped"},
+    {"emrun", "errors", "paths", "atomic", "subprocesses", "stages", "shipped", "unionfind"},
     {"capacity", "devices", "geometry"},
     {"registry", "io", "synth"},
     {"recipe"},

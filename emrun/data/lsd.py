@@ -132,29 +132,43 @@ def _pairs(ids: np.ndarray, f: Sequence[int]) -> _Pairs:
 
 
 @numba.njit(cache=True, nogil=True)
+def _block_ids(ids: np.ndarray, z0: int, y0: int, x0: int, fz: int, fy: int, fx: int,
+               seen: np.ndarray, count: np.ndarray) -> int:  # pragma: no cover - compiled
+    """The distinct ids of the block at (z0, y0, x0), ascending, into ``seen`` with their
+    voxel counts in ``count`` (insertion sort: a block holds few); returns how many."""
+    k = 0
+    for z in range(z0, z0 + fz):
+        for y in range(y0, y0 + fy):
+            for x in range(x0, x0 + fx):
+                v = ids[z, y, x]
+                j = 0
+                while j < k and seen[j] < v:
+                    j += 1
+                if j < k and seen[j] == v:
+                    count[j] += 1
+                    continue
+                for m in range(k, j, -1):
+                    seen[m] = seen[m - 1]
+                    count[m] = count[m - 1]
+                seen[j] = v
+                count[j] = 1
+                k += 1
+    return k
+
+
+@numba.njit(cache=True, nogil=True)
 def _count_pairs(ids: np.ndarray, fz: int, fy: int, fx: int
                  ) -> np.ndarray:  # pragma: no cover - compiled
     """How many distinct ids each block holds (blocks in C order)."""
     cz, cy, cx = ids.shape[0] // fz, ids.shape[1] // fy, ids.shape[2] // fx
     runs = np.zeros(cz * cy * cx, np.int64)
     seen = np.empty(fz * fy * fx, ids.dtype)
+    count = np.empty(fz * fy * fx, np.int64)
     for bz in range(cz):
         for by in range(cy):
             for bx in range(cx):
-                k = 0
-                for z in range(bz * fz, bz * fz + fz):
-                    for y in range(by * fy, by * fy + fy):
-                        for x in range(bx * fx, bx * fx + fx):
-                            v = ids[z, y, x]
-                            new = True
-                            for j in range(k):
-                                if seen[j] == v:
-                                    new = False
-                                    break
-                            if new:
-                                seen[k] = v
-                                k += 1
-                runs[(bz * cy + by) * cx + bx] = k
+                runs[(bz * cy + by) * cx + bx] = _block_ids(ids, bz * fz, by * fy, bx * fx,
+                                                            fz, fy, fx, seen, count)
     return runs
 
 
@@ -162,8 +176,8 @@ def _count_pairs(ids: np.ndarray, fz: int, fy: int, fx: int
 def _number_pairs(ids: np.ndarray, fz: int, fy: int, fx: int, first: np.ndarray,
                   label: np.ndarray, fraction: np.ndarray,
                   of_voxel: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Fill each pair's id and fraction and each voxel's pair: a block's distinct ids are
-    sorted (insertion sort: a block holds few) and numbered from the block's ``first``."""
+    """Fill each pair's id and fraction and each voxel's pair, a block's pairs numbered
+    from its ``first`` in ascending id."""
     cz, cy, cx = ids.shape[0] // fz, ids.shape[1] // fy, ids.shape[2] // fx
     per = fz * fy * fx
     seen = np.empty(per, ids.dtype)
@@ -171,23 +185,7 @@ def _number_pairs(ids: np.ndarray, fz: int, fy: int, fx: int, first: np.ndarray,
     for bz in range(cz):
         for by in range(cy):
             for bx in range(cx):
-                k = 0
-                for z in range(bz * fz, bz * fz + fz):
-                    for y in range(by * fy, by * fy + fy):
-                        for x in range(bx * fx, bx * fx + fx):
-                            v = ids[z, y, x]
-                            j = 0
-                            while j < k and seen[j] < v:
-                                j += 1
-                            if j < k and seen[j] == v:
-                                count[j] += 1
-                                continue
-                            for m in range(k, j, -1):  # keep seen sorted
-                                seen[m] = seen[m - 1]
-                                count[m] = count[m - 1]
-                            seen[j] = v
-                            count[j] = 1
-                            k += 1
+                k = _block_ids(ids, bz * fz, by * fy, bx * fx, fz, fy, fx, seen, count)
                 start = first[(bz * cy + by) * cx + bx]
                 for j in range(k):
                     label[start + j] = seen[j]

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from ..recipe.tasks import NEAREST, AffinityTarget, MalisLoss
 from ..registry import losses
+from ..unionfind import find
 from .base import BCE, Loss, LossResult, _prepare
 
 __all__ = ["Malis", "build_malis", "malis_weights", "nearest_channels"]
@@ -89,14 +90,8 @@ def _join(parent: np.ndarray, size: np.ndarray, u: np.ndarray, w: np.ndarray
     components it joins, or 0; ``parent`` and ``size`` are updated in place."""
     pairs = np.zeros(u.shape[0], np.float64)
     for k in range(u.shape[0]):
-        a = u[k]
-        b = w[k]
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        while parent[b] != b:
-            parent[b] = parent[parent[b]]
-            b = parent[b]
+        a = find(parent, u[k])
+        b = find(parent, w[k])
         if a == b:
             continue
         pairs[k] = size[a] * size[b]

@@ -22,6 +22,7 @@ import numba
 import numpy as np
 from scipy import ndimage
 
+from ...unionfind import find
 from ..affinities import Offset, edge_slices, nearest_axes
 from ..pipeline import provisional
 
@@ -146,14 +147,8 @@ def _seeded_forest(u: np.ndarray, w: np.ndarray, seed: np.ndarray
     parent = np.arange(n)
     label = seed.copy()  # per root: its tree's seed id
     for k in range(u.shape[0]):
-        a = u[k]
-        b = w[k]
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        while parent[b] != b:
-            parent[b] = parent[parent[b]]
-            b = parent[b]
+        a = find(parent, u[k])
+        b = find(parent, w[k])
         if a == b or (label[a] != 0 and label[b] != 0):
             continue
         if label[a] == 0:

@@ -1,0 +1,19 @@
+"""Union-find for the compiled (numba) loops that need one: Kruskal's algorithm in MALIS and
+in the fragments' seeded watershed. Arrays only, so numba compiles it into its callers."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["find"]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def find(parent: np.ndarray, v: int) -> int:  # pragma: no cover - compiled
+    """The root of ``v``'s tree, halving the path on the way (each node visited points to
+    its grandparent afterwards), so later finds are short."""
+    while parent[v] != v:
+        parent[v] = parent[parent[v]]
+        v = parent[v]
+    return v
