@@ -75,7 +75,7 @@ def local_shape_descriptors(labels: np.ndarray, sigma: Sequence[float],
     size = np.asarray(voxel_size, np.float64)
     f = tuple(int(v) for v in factor)
     shape = labels.shape
-    ids = _sortable_ids(labels)
+    ids = _ids(labels)
     padded = tuple(math.ceil(n / k) * k for n, k in zip(shape, f, strict=True))
     if padded != shape:
         ids = np.pad(ids, [(0, p - n) for p, n in zip(padded, shape, strict=True)])
@@ -374,16 +374,9 @@ _MIN_VARIANCE = 1e-3
 voxel row of an object has none along the other axes)."""
 
 
-def _sortable_ids(labels: np.ndarray) -> np.ndarray:
-    """Ids that pack with a voxel's place in its block into one int64 sort key: the labels
-    themselves when in [0, 2**40), else their ranks (0 stays 0)."""
+def _ids(labels: np.ndarray) -> np.ndarray:
+    """The labels as ids the compiled passes compare: any integer dtype as it is (negative
+    and 64-bit ids included; 0 is no object), bool as uint8."""
     if labels.dtype.kind not in "biu":
         raise ValueError(f"labels must be integer ids, got dtype {labels.dtype}")
-    if labels.dtype == bool:
-        return labels.astype(np.uint8)
-    if labels.size == 0 or (int(labels.min()) >= 0 and int(labels.max()) < 2**40):
-        return labels
-    _, inverse = np.unique(labels, return_inverse=True)
-    ranks = inverse.reshape(labels.shape).astype(np.int64) + 1
-    ranks[labels == 0] = 0
-    return ranks
+    return labels.astype(np.uint8) if labels.dtype == bool else labels
