@@ -9,6 +9,15 @@ from ..errors import UserError
 KeyPath = tuple[str | int, ...]
 
 
+class KeyedValueError(ValueError):
+    """A whole-model check's failure that belongs to one key of the model (``key``), so the
+    problem points at that key's line, not at the model's."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 @dataclass(frozen=True)
 class Mark:
     """Where a value came from: a file position, or a command-line override."""

@@ -48,6 +48,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..registry import Spec, models
+from .errors import KeyedValueError
 from .receptive_field import rsunet_receptive_field
 from .types import Size, Zyx
 
@@ -94,15 +95,17 @@ def check_levels(widths: Sequence[int], downsample: Sequence[Any] | None,
     the top, anisotropic levels that exist, widths that group norm can split."""
     levels = len(widths)
     if downsample is not None and len(downsample) != levels - 1:
-        raise ValueError(f"downsample needs one factor per level below the top: {levels - 1} "
-                         f"for {levels} widths (got {len(downsample)})")
+        raise KeyedValueError("downsample", "downsample needs one factor per level below the "
+                              f"top: {levels - 1} for {levels} widths (got {len(downsample)})")
     bad = [lv for lv in anisotropic_levels if not 0 <= lv < levels]
     if bad:
-        raise ValueError(f"anisotropic_levels {bad} outside 0..{levels - 1}")
+        raise KeyedValueError("anisotropic_levels",
+                              f"anisotropic_levels {bad} outside 0..{levels - 1}")
     if norm == "group":
         odd = [w for w in widths if w % groups]
         if odd:
-            raise ValueError(f"widths {odd} are not divisible by groups={groups}")
+            raise KeyedValueError("widths",
+                                  f"widths {odd} are not divisible by groups={groups}")
 
 
 class RSUNetBase(ModelBase):
@@ -137,8 +140,8 @@ class RSUNetBase(ModelBase):
     def _check(self) -> RSUNetBase:
         for name in ("kernel", "input_kernel"):
             if any(k % 2 == 0 for k in getattr(self, name)):
-                raise ValueError(f"{name} sizes must be odd so convolutions keep the size "
-                                 f"(got {list(getattr(self, name))})")
+                raise KeyedValueError(name, f"{name} sizes must be odd so convolutions keep "
+                                      f"the size (got {list(getattr(self, name))})")
         check_levels(self.widths, self.downsample, self.anisotropic_levels, self.norm,
                      self.groups)
         return self

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 
 from ..registry import ALL, suggest
-from .errors import KeyPath, Problem
+from .errors import KeyedValueError, KeyPath, Problem
 from .recipe import Recipe
 from .yamlsource import Located
 
@@ -27,6 +27,9 @@ MAPPING_ERRORS = ("dict_type", "model_type", "model_attributes_type")
 def problem_from_error(err: ErrorDetails, located: Located) -> Problem:
     """One pydantic error as a Problem at the right file position."""
     loc = tuple(err["loc"])
+    error = (err.get("ctx") or {}).get("error")
+    if isinstance(error, KeyedValueError):  # a whole-model check about one of its keys
+        loc = (*loc, error.key)
     kind = err["type"]
     path = _data_path(located.data, loc, missing=kind == "missing")
     message = _message(err, loc)

@@ -32,6 +32,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from ..registry import models
+from .errors import KeyedValueError
 from .model import Activation, Factor, ModelBase, Norm, check_levels
 from .receptive_field_unets import mednext_receptive_field, resenc_receptive_field
 from .types import Size
@@ -66,11 +67,11 @@ class StagedUNetBase(ModelBase):
     def _check_levels(self) -> StagedUNetBase:
         levels = len(self.widths)
         if any(k % 2 == 0 for k in self.kernel):
-            raise ValueError(f"kernel sizes must be odd so convolutions keep the size "
-                             f"(got {list(self.kernel)})")
+            raise KeyedValueError("kernel", "kernel sizes must be odd so convolutions keep the "
+                                  f"size (got {list(self.kernel)})")
         if self.blocks is not None and len(self.blocks) != levels:
-            raise ValueError(f"blocks needs one count per level: {levels} for {levels} widths "
-                             f"(got {len(self.blocks)})")
+            raise KeyedValueError("blocks", f"blocks needs one count per level: {levels} "
+                                  f"for {levels} widths (got {len(self.blocks)})")
         check_levels(self.widths, self.downsample, self.anisotropic_levels, self.norm,
                      self.groups)
         return self
