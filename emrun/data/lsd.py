@@ -117,18 +117,17 @@ class _Pairs:
 
 
 def _pairs(ids: np.ndarray, f: Sequence[int]) -> _Pairs:
-    """Number each block's (block, id) pairs, block by block, ids ascending within a block:
-    one compiled pass counts them, a second numbers them and each voxel's pair."""
+    """Number each block's (block, id) pairs, block by block, ids ascending within a block,
+    in one compiled pass. The pair arrays are sized for the worst case (every voxel its own
+    pair) and cut to what was used: pages never written cost nothing."""
     fz, fy, fx = (int(v) for v in f)
-    runs = _count_pairs(ids, fz, fy, fx)
-    first = np.cumsum(runs) - runs
-    total = int(runs.sum())
-    label = np.empty(total, ids.dtype)
-    fraction = np.empty(total, np.float32)
+    block = np.empty(ids.size, np.int64)
+    label = np.empty(ids.size, ids.dtype)
+    fraction = np.empty(ids.size, np.float32)
     of_voxel = np.empty(ids.shape, np.int32)
-    _number_pairs(ids, fz, fy, fx, first, label, fraction, of_voxel)
-    block = np.repeat(np.arange(len(runs)), runs)
-    return _Pairs(block=block, label=label, fraction=fraction, of_voxel=of_voxel)
+    total = _number_pairs(ids, fz, fy, fx, block, label, fraction, of_voxel)
+    return _Pairs(block=block[:total].copy(), label=label[:total].copy(),
+                  fraction=fraction[:total].copy(), of_voxel=of_voxel)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -157,37 +156,22 @@ def _block_ids(ids: np.ndarray, z0: int, y0: int, x0: int, fz: int, fy: int, fx:
 
 
 @numba.njit(cache=True, nogil=True)
-def _count_pairs(ids: np.ndarray, fz: int, fy: int, fx: int
-                 ) -> np.ndarray:  # pragma: no cover - compiled
-    """How many distinct ids each block holds (blocks in C order)."""
-    cz, cy, cx = ids.shape[0] // fz, ids.shape[1] // fy, ids.shape[2] // fx
-    runs = np.zeros(cz * cy * cx, np.int64)
-    seen = np.empty(fz * fy * fx, ids.dtype)
-    count = np.empty(fz * fy * fx, np.int64)
-    for bz in range(cz):
-        for by in range(cy):
-            for bx in range(cx):
-                runs[(bz * cy + by) * cx + bx] = _block_ids(ids, bz * fz, by * fy, bx * fx,
-                                                            fz, fy, fx, seen, count)
-    return runs
-
-
-@numba.njit(cache=True, nogil=True)
-def _number_pairs(ids: np.ndarray, fz: int, fy: int, fx: int, first: np.ndarray,
+def _number_pairs(ids: np.ndarray, fz: int, fy: int, fx: int, block: np.ndarray,
                   label: np.ndarray, fraction: np.ndarray,
-                  of_voxel: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Fill each pair's id and fraction and each voxel's pair, a block's pairs numbered
-    from its ``first`` in ascending id."""
+                  of_voxel: np.ndarray) -> int:  # pragma: no cover - compiled
+    """Fill each pair's block, id and fraction and each voxel's pair, blocks in C order and
+    a block's pairs in ascending id; returns the number of pairs."""
     cz, cy, cx = ids.shape[0] // fz, ids.shape[1] // fy, ids.shape[2] // fx
     per = fz * fy * fx
     seen = np.empty(per, ids.dtype)
     count = np.empty(per, np.int64)
+    start = 0
     for bz in range(cz):
         for by in range(cy):
             for bx in range(cx):
                 k = _block_ids(ids, bz * fz, by * fy, bx * fx, fz, fy, fx, seen, count)
-                start = first[(bz * cy + by) * cx + bx]
                 for j in range(k):
+                    block[start + j] = (bz * cy + by) * cx + bx
                     label[start + j] = seen[j]
                     fraction[start + j] = count[j] / per
                 for z in range(bz * fz, bz * fz + fz):
@@ -198,6 +182,8 @@ def _number_pairs(ids: np.ndarray, fz: int, fy: int, fx: int, first: np.ndarray,
                             while seen[j] != v:
                                 j += 1
                             of_voxel[z, y, x] = start + j
+                start += k
+    return start
 
 
 def _kernel(sigma: float) -> np.ndarray:
