@@ -89,6 +89,13 @@ class ModelBase(Spec):
 models.require(ModelBase)
 
 
+def check_odd(key: str, sizes: Sequence[int]) -> None:
+    """Kernel sizes must be odd: only then does a padded convolution keep the size."""
+    if any(k % 2 == 0 for k in sizes):
+        raise KeyedValueError(key, f"{key} sizes must be odd so convolutions keep the size "
+                              f"(got {list(sizes)})")
+
+
 def check_levels(widths: Sequence[int], downsample: Sequence[Any] | None,
                  anisotropic_levels: Sequence[int], norm: str, groups: int) -> None:
     """What every U-Net spec checks of its levels: one downsampling factor per level below
@@ -139,9 +146,7 @@ class RSUNetBase(ModelBase):
     @model_validator(mode="after")
     def _check(self) -> RSUNetBase:
         for name in ("kernel", "input_kernel"):
-            if any(k % 2 == 0 for k in getattr(self, name)):
-                raise KeyedValueError(name, f"{name} sizes must be odd so convolutions keep "
-                                      f"the size (got {list(getattr(self, name))})")
+            check_odd(name, getattr(self, name))
         check_levels(self.widths, self.downsample, self.anisotropic_levels, self.norm,
                      self.groups)
         return self

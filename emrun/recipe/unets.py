@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 
 from ..registry import models
 from .errors import KeyedValueError
-from .model import Activation, Factor, ModelBase, Norm, check_levels
+from .model import Activation, Factor, ModelBase, Norm, check_levels, check_odd
 from .receptive_field_unets import mednext_receptive_field, resenc_receptive_field
 from .types import Size
 
@@ -66,9 +66,7 @@ class StagedUNetBase(ModelBase):
     @model_validator(mode="after")
     def _check_levels(self) -> StagedUNetBase:
         levels = len(self.widths)
-        if any(k % 2 == 0 for k in self.kernel):
-            raise KeyedValueError("kernel", "kernel sizes must be odd so convolutions keep the "
-                                  f"size (got {list(self.kernel)})")
+        check_odd("kernel", self.kernel)
         if self.blocks is not None and len(self.blocks) != levels:
             raise KeyedValueError("blocks", f"blocks needs one count per level: {levels} "
                                   f"for {levels} widths (got {len(self.blocks)})")
