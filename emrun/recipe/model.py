@@ -89,6 +89,15 @@ class ModelBase(Spec):
 models.require(ModelBase)
 
 
+def total_factor(factors: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+    """The product of a U-Net's per-level downsampling factors, per axis: what every input
+    size must be a multiple of."""
+    total = [1, 1, 1]
+    for f in factors:
+        total = [t * int(a) for t, a in zip(total, f, strict=True)]
+    return (total[0], total[1], total[2])
+
+
 def check_odd(key: str, sizes: Sequence[int]) -> None:
     """Kernel sizes must be odd: only then does a padded convolution keep the size."""
     if any(k % 2 == 0 for k in sizes):
@@ -159,10 +168,7 @@ class RSUNetBase(ModelBase):
 
     def divisor(self) -> tuple[int, int, int]:
         """Each input size must be a multiple of this, per axis, for the model to accept it."""
-        total = [1, 1, 1]
-        for f in self.factors():
-            total = [t * a for t, a in zip(total, f, strict=True)]
-        return (total[0], total[1], total[2])
+        return total_factor(self.factors())
 
     def level_kernel(self, level: int) -> tuple[int, int, int]:
         return (1, 3, 3) if level in self.anisotropic_levels else self.kernel

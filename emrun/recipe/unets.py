@@ -33,7 +33,15 @@ from pydantic import Field, model_validator
 
 from ..registry import models
 from .errors import KeyedValueError
-from .model import Activation, Factor, ModelBase, Norm, check_levels, check_odd
+from .model import (
+    Activation,
+    Factor,
+    ModelBase,
+    Norm,
+    check_levels,
+    check_odd,
+    total_factor,
+)
 from .receptive_field_unets import mednext_receptive_field, resenc_receptive_field
 from .types import Size
 
@@ -91,10 +99,7 @@ class StagedUNetBase(ModelBase):
         return [2] * levels
 
     def divisor(self) -> tuple[int, int, int]:
-        total = [1, 1, 1]
-        for f in self.factors():
-            total = [t * a for t, a in zip(total, f, strict=True)]
-        return (total[0], total[1], total[2])
+        return total_factor(self.factors())
 
     def level_kernel(self, level: int) -> tuple[int, int, int]:
         k = (int(self.kernel[0]), int(self.kernel[1]), int(self.kernel[2]))
