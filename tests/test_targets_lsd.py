@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from emrun.cli import app
 from emrun.data.loader import to_tensors, unpack
-from emrun.data.lsd import auto_factor, local_shape_descriptors
+from emrun.data.lsd import _half_bits, auto_factor, local_shape_descriptors
 from emrun.data.samples import pack, stack
 from emrun.data.targets import Distance, LocalShapeDescriptors, Patch
 from emrun.recipe.recipe import Recipe
@@ -99,6 +99,19 @@ def test_lsd_in_float16_is_the_float32_result_rounded_once(factor):
     half = local_shape_descriptors(labels, (60, 20, 20), (20, 4, 4), factor, np.float16)
     assert half.dtype == np.float16
     np.testing.assert_array_equal(half, exact.astype(np.float16))
+
+
+def test_float16_rounding_of_the_tables_matches_numpy_ties_and_subnormals_included():
+    # the tables are rounded to float16 by a compiled routine (numba has no float16): it
+    # must agree with numpy everywhere in [0, 1], most of all where rounding is decided
+    halves = np.arange(0, 0x3C01, dtype=np.uint16).view(np.float16)  # every float16 in [0, 1]
+    exact = halves.astype(np.float32)
+    ties = (exact[:-1] + exact[1:]) / 2  # exactly between two float16s: to the even one
+    ulp = np.float32(np.inf)
+    values = np.concatenate([exact, ties, np.nextafter(ties, ulp), np.nextafter(ties, -ulp),
+                             np.random.default_rng(0).random(200_000, np.float32),
+                             np.float32([1e-30, 2.0**-25, 3 * 2.0**-26, 2.0**-14])])
+    np.testing.assert_array_equal(_half_bits(values), values.astype(np.float16).view(np.uint16))
 
 
 def test_lsd_ignores_how_ids_are_numbered():

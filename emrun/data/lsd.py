@@ -21,8 +21,9 @@ into blocks of ``factor`` voxels per axis (factor 1: single voxels, exact). Each
 sums are separable Gaussian filters of its block-averaged indicator and of its
 coordinate-weighted copies over its blocks' bounding box; objects with boxes of one
 (bucketed) size are stacked and filtered together with one matrix product per axis (see
-``_window_stats``). A compiled pass then gives every voxel its pair's statistics in the
-output dtype; the offsets use the voxel's own position.
+``_window_sums``). Compiled passes then turn each pair's sums into its channels
+(``_fill_tables``; the offsets per place in the block, as they use the voxel's own
+position) and give every voxel its pair's channels in the output dtype (``_spread``).
 With factor > 1 this is close when sigma spans several blocks (the default leaves 3).
 """
 
@@ -39,6 +40,10 @@ TRUNCATE = 3.0
 """The window ends at this many sigma (scipy's radius ``int(TRUNCATE * sigma + 0.5)``)."""
 
 CHANNELS = 10
+
+_MIN_VARIANCE = 1e-3
+"""nm^2: smaller variances count as this in the Pearson correlations (a window holding one
+voxel row of an object has none along the other axes)."""
 
 # (z, y, x) powers of the window sums, in the order they are stored: M, S_z, S_y, S_x,
 # Q_zz, Q_yy, Q_xx, Q_zy, Q_zx, Q_yx.
@@ -66,8 +71,8 @@ def local_shape_descriptors(labels: np.ndarray, sigma: Sequence[float],
 
     ``sigma`` and ``voxel_size`` in nm per axis z, y, x; ``factor``: block size of the
     coarse grid the window sums are computed on (1 = exact). float16 (what a target
-    travels as) halves the cost of gathering the channels to the voxels, the largest
-    single cost; the values are computed in float32 and rounded once.
+    travels as) halves the cost of spreading the channels to the voxels, the largest
+    single cost; its values are the float32 result rounded once.
     """
     if labels.ndim != 3:
         raise ValueError(f"labels must be 3D (z, y, x), got shape {labels.shape}")
@@ -84,26 +89,25 @@ def local_shape_descriptors(labels: np.ndarray, sigma: Sequence[float],
     sigma_blocks = sigma_nm / size / np.asarray(f)
     step = size * np.asarray(f)  # nm between coarse voxel centres
     offset = (np.asarray(f) - 1) * size / 2  # nm from a block's first voxel to its centre
-    table = np.zeros((CHANNELS, len(pairs.label)), np.float32)
+    count = len(pairs.label)
+    plain = np.zeros((count, CHANNELS - 3), np.float32)  # channels 3-9 per pair
+    offsets = [np.zeros(count * k, np.float32) for k in f]  # channels 0-2 per pair and place
     labelled = np.flatnonzero(pairs.label != 0)
     order = labelled[np.argsort(pairs.label[labelled], kind="stable")]
-    points = np.unravel_index(pairs.block[order], coarse)
     if len(order):
-        stats, perm = _window_stats(points, pairs.label[order], pairs.fraction[order],
-                                    sigma_blocks, step, offset)
-        table[:, order[perm]] = stats
+        points = np.unravel_index(pairs.block[order], coarse)
+        moments, centre, perm = _window_sums(points, pairs.label[order],
+                                             pairs.fraction[order], sigma_blocks, step, offset)
+        # each box centre from its pair's block's first voxel, in nm
+        reach = centre - np.stack(points)[:, perm] * step[:, None]
+        _fill_tables(moments, reach, order[perm], sigma_nm, size, plain, *offsets, *f)
     crop = tuple(slice(0, n) for n in shape)
-    scaled = _scale_table(table, sigma_nm)
-    origin = np.unravel_index(pairs.block, coarse)
-    for a in range(3):  # offsets relative to the pair's block's first voxel
-        scaled[a] -= (origin[a] * (step[a] * 0.5 / sigma_nm[a])).astype(np.float32)
-    scaled[:, pairs.label == 0] = 0.0
     channels = np.empty((CHANNELS, *shape), dtype)
-    bits = np.uint16 if channels.dtype == np.float16 else channels.dtype  # numba: no float16
-    offsets = [_expanded_offsets(scaled[a], f[a], size[a] * 0.5 / sigma_nm[a], dtype)
-               for a in range(3)]
-    _spread(pairs.of_voxel[crop], np.ascontiguousarray(scaled[3:].astype(dtype)).view(bits),
-            *(o.view(bits) for o in offsets), *f, channels.view(bits))
+    tables = [plain, *offsets]
+    if channels.dtype == np.float16:  # numba has no float16: its bits, rounded once
+        tables = [_half_bits(t) for t in tables]
+    _spread(pairs.of_voxel[crop], *tables, *f,
+            channels.view(np.uint16) if channels.dtype == np.float16 else channels)
     return channels
 
 
@@ -117,9 +121,9 @@ class _Pairs:
 
 
 def _pairs(ids: np.ndarray, f: Sequence[int]) -> _Pairs:
-    """Number each block's (block, id) pairs, block by block, ids ascending within a block,
-    in one compiled pass. The pair arrays are sized for the worst case (every voxel its own
-    pair) and cut to what was used: pages never written cost nothing."""
+    """Number each block's (block, id) pairs, block by block, in one compiled pass. The
+    pair arrays are sized for the worst case (every voxel its own pair) and cut to what
+    was used: pages never written cost nothing."""
     fz, fy, fx = (int(v) for v in f)
     block = np.empty(ids.size, np.int64)
     label = np.empty(ids.size, ids.dtype)
@@ -131,57 +135,40 @@ def _pairs(ids: np.ndarray, f: Sequence[int]) -> _Pairs:
 
 
 @numba.njit(cache=True, nogil=True)
-def _block_ids(ids: np.ndarray, z0: int, y0: int, x0: int, fz: int, fy: int, fx: int,
-               seen: np.ndarray, count: np.ndarray) -> int:  # pragma: no cover - compiled
-    """The distinct ids of the block at (z0, y0, x0), ascending, into ``seen`` with their
-    voxel counts in ``count`` (insertion sort: a block holds few); returns how many."""
-    k = 0
-    for z in range(z0, z0 + fz):
-        for y in range(y0, y0 + fy):
-            for x in range(x0, x0 + fx):
-                v = ids[z, y, x]
-                j = 0
-                while j < k and seen[j] < v:
-                    j += 1
-                if j < k and seen[j] == v:
-                    count[j] += 1
-                    continue
-                for m in range(k, j, -1):
-                    seen[m] = seen[m - 1]
-                    count[m] = count[m - 1]
-                seen[j] = v
-                count[j] = 1
-                k += 1
-    return k
-
-
-@numba.njit(cache=True, nogil=True)
 def _number_pairs(ids: np.ndarray, fz: int, fy: int, fx: int, block: np.ndarray,
                   label: np.ndarray, fraction: np.ndarray,
                   of_voxel: np.ndarray) -> int:  # pragma: no cover - compiled
     """Fill each pair's block, id and fraction and each voxel's pair, blocks in C order and
-    a block's pairs in ascending id; returns the number of pairs."""
+    a block's pairs in the order their ids first appear in it; returns the number of
+    pairs. One read of each voxel: a block holds few ids, so a linear search of those seen
+    so far (the last one first: neighbours mostly agree) finds its pair."""
     cz, cy, cx = ids.shape[0] // fz, ids.shape[1] // fy, ids.shape[2] // fx
     per = fz * fy * fx
-    seen = np.empty(per, ids.dtype)
     count = np.empty(per, np.int64)
     start = 0
     for bz in range(cz):
         for by in range(cy):
             for bx in range(cx):
-                k = _block_ids(ids, bz * fz, by * fy, bx * fx, fz, fy, fx, seen, count)
-                for j in range(k):
-                    block[start + j] = (bz * cy + by) * cx + bx
-                    label[start + j] = seen[j]
-                    fraction[start + j] = count[j] / per
+                k = 0
+                last = 0
                 for z in range(bz * fz, bz * fz + fz):
                     for y in range(by * fy, by * fy + fy):
                         for x in range(bx * fx, bx * fx + fx):
                             v = ids[z, y, x]
-                            j = 0
-                            while seen[j] != v:
-                                j += 1
-                            of_voxel[z, y, x] = start + j
+                            if k == 0 or label[start + last] != v:
+                                last = 0
+                                while last < k and label[start + last] != v:
+                                    last += 1
+                                if last == k:
+                                    label[start + k] = v
+                                    count[k] = 0
+                                    k += 1
+                            count[last] += 1
+                            of_voxel[z, y, x] = start + last
+                b = (bz * cy + by) * cx + bx
+                for j in range(k):
+                    block[start + j] = b
+                    fraction[start + j] = count[j] / per
                 start += k
     return start
 
@@ -194,12 +181,13 @@ def _kernel(sigma: float) -> np.ndarray:
     return weights / weights.sum()
 
 
-def _window_stats(points: tuple[np.ndarray, ...], label: np.ndarray, fraction: np.ndarray,
-                  sigma: np.ndarray, step: np.ndarray, offset: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(10, n) window mass, mean (nm, absolute) and covariance (nm^2) at n (block, object)
-    pairs sorted by object (``points``: coarse indices; ``fraction``: how much of its block
-    the object fills), in the order ``perm`` of the pairs, returned with it.
+def _window_sums(points: tuple[np.ndarray, ...], label: np.ndarray, fraction: np.ndarray,
+                 sigma: np.ndarray, step: np.ndarray, offset: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (10, n) window sums (``_MOMENTS``, coordinates in nm about the centre of the
+    pair's object's box) at n (block, object) pairs sorted by object (``points``: coarse
+    indices; ``fraction``: how much of its block the object fills), the (3, n) box centres
+    in nm, both in the order ``perm`` of the pairs, returned with it.
 
     Each object's indicator on its blocks' bounding box, grown to a bucket size (see
     ``_bucket``), is filtered along x, y, then z; outside the box the object is absent, so
@@ -214,8 +202,11 @@ def _window_stats(points: tuple[np.ndarray, ...], label: np.ndarray, fraction: n
     starts = np.flatnonzero(new)
     obj = np.cumsum(new) - 1  # each pair's object
     lo = [np.minimum.reduceat(p, starts) for p in points]
-    box = [_bucket(np.maximum.reduceat(p, starts) + 1 - a) for p, a in zip(points, lo,
-                                                                          strict=True)]
+    extent = [np.maximum.reduceat(p, starts) + 1 - a for p, a in zip(points, lo, strict=True)]
+    box = [_bucket(e) for e in extent]
+    # the object in the middle of its grown box: coordinates about the box centre stay
+    # small, and so do the float32 rounding errors of the second moments
+    lo = [a - (b - e) // 2 for a, b, e in zip(lo, box, extent, strict=True)]
     # objects grouped by box size; pairs reordered to follow them
     key = (box[0] * 4096 + box[1]) * 4096 + box[2]
     by_box = np.argsort(key, kind="stable")
@@ -240,9 +231,9 @@ def _window_stats(points: tuple[np.ndarray, ...], label: np.ndarray, fraction: n
         along_z = _filter_box(volume, sigma, step)
         at = ((i * nz + z) * (len(_MOMENTS) * ny) + y) * nx + x
         np.take(along_z, at + _SLOTS * (ny * nx), out=moments[:, part])
-    centre = [(a + (b - 1) / 2) * s + c for a, b, s, c in zip(lo, box, step, offset,
-                                                               strict=True)]
-    return _moments_to_stats(moments, [c[o] for c in centre]), perm
+    centre = np.stack([((a + (b - 1) / 2) * s + c)[o]
+                       for a, b, s, c in zip(lo, box, step, offset, strict=True)])
+    return moments, centre, perm
 
 
 def _filter_box(volume: np.ndarray, sigma: np.ndarray, step: np.ndarray) -> np.ndarray:
@@ -274,25 +265,17 @@ def _filter_box(volume: np.ndarray, sigma: np.ndarray, step: np.ndarray) -> np.n
     return out
 
 
-def _moments_to_stats(moments: np.ndarray, centre: list[np.ndarray]) -> np.ndarray:
-    """Mass, absolute mean and covariance from window sums about each box's ``centre``."""
-    mass = np.maximum(moments[0], np.float32(1e-12))
-    mean = moments[1:4] / mass
-    stats = np.empty_like(moments)
-    stats[0] = moments[0]
-    for a in range(3):
-        stats[1 + a] = mean[a] + centre[a]
-        stats[4 + a] = moments[4 + a] / mass - mean[a] ** 2
-    for i, (a, b) in enumerate(_PAIRS):
-        stats[7 + i] = moments[7 + i] / mass - mean[a] * mean[b]
-    return stats
-
-
 def _bucket(n: np.ndarray) -> np.ndarray:
-    """Box sizes rounded up to 4 steps per octave (1-8, 10, 12, 14, 16, 20, ...): few
-    distinct sizes to stack objects by, at most 25% padding per axis."""
+    """Box sizes rounded up to 4 steps per octave from 8 (8, 10, 12, 14, 16, 20, ...): few
+    distinct sizes to stack objects by, at most 25% padding per axis. Smaller boxes grow
+    to 8 or 9, keeping their parity (centred in it, a thin object's coordinates stay
+    exactly 0 across it): products on small boxes cost less than the calls, so fewer
+    stacks win when a patch holds hundreds of small objects."""
     q = np.left_shift(1, np.maximum(0, np.log2(np.maximum(n, 1)).astype(np.int64) - 2))
-    return -(-n // q) * q
+    return np.where(n < _MIN_BOX, _MIN_BOX + n % 2, -(-n // q) * q)
+
+
+_MIN_BOX = 8
 
 
 @functools.lru_cache(maxsize=256)
@@ -308,56 +291,96 @@ def _axis_matrix(n: int, sigma: float, step: float) -> np.ndarray:
     return np.concatenate([g * c[None, :] ** e for e in range(3)]).astype(np.float32)
 
 
-def _scale_table(table: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """Per pair, the 10 channels in channel order and [0, 1], except that the offset
-    channels still hold ``0.5 + 0.5 mean / sigma`` (the voxel's position comes later)."""
-    out = np.empty_like(table)
-    out[9] = np.clip(table[0], 0.0, 1.0)  # size
-    variance = np.maximum(table[4:7], np.float32(_MIN_VARIANCE))
-    for a in range(3):
-        out[a] = table[1 + a] * np.float32(0.5 / sigma[a]) + np.float32(0.5)
-        out[3 + a] = np.minimum(variance[a] * np.float32(1 / sigma[a] ** 2), 1.0)
-    for i, (a, b) in enumerate(_PAIRS):
-        pearson = table[7 + i] / np.sqrt(variance[a] * variance[b])
-        out[6 + i] = np.clip(pearson * np.float32(0.5) + np.float32(0.5), 0.0, 1.0)
+@numba.njit(cache=True, nogil=True)
+def _fill_tables(moments: np.ndarray, reach: np.ndarray, dest: np.ndarray, sigma: np.ndarray,
+                 size: np.ndarray, plain: np.ndarray, along_z: np.ndarray,
+                 along_y: np.ndarray, along_x: np.ndarray, fz: int, fy: int,
+                 fx: int) -> None:  # pragma: no cover - compiled
+    """From each labelled pair's window sums (column i, the pair ``dest[i]``; ``reach``:
+    the nm from its block's first voxel to the centre its sums are about) its channels in
+    [0, 1]: channels 3-9 into ``plain``, the offsets (0-2) into ``along_*``, one value per
+    place in the block along that axis (a voxel's offset depends on where in its block it
+    lies). Computed in float64, stored as float32 (rounded once). Pairs of label 0 are
+    never visited: their zeros stay."""
+    mean = np.empty(3)
+    variance = np.empty(3)
+    first = np.empty(3)
+    half = 0.5 / sigma
+    for i in range(dest.size):
+        p = dest[i]
+        inverse = 1.0 / max(float(moments[0, i]), 1e-12)
+        for a in range(3):
+            mean[a] = moments[1 + a, i] * inverse
+            variance[a] = max(moments[4 + a, i] * inverse - mean[a] * mean[a], _MIN_VARIANCE)
+            plain[p, a] = np.float32(min(variance[a] * half[a] * half[a] * 4.0, 1.0))
+            first[a] = 0.5 + (mean[a] + reach[a, i]) * half[a]  # the offset at that voxel
+        _offsets(along_z, p, fz, first[0], size[0] * half[0])
+        _offsets(along_y, p, fy, first[1], size[1] * half[1])
+        _offsets(along_x, p, fx, first[2], size[2] * half[2])
+        for j in range(3):
+            a, c = (0, 1) if j == 0 else (0, 2) if j == 1 else (1, 2)
+            covariance = moments[7 + j, i] * inverse - mean[a] * mean[c]
+            pearson = covariance / math.sqrt(variance[a] * variance[c])
+            plain[p, 3 + j] = np.float32(min(max(0.5 + 0.5 * pearson, 0.0), 1.0))
+        plain[p, 6] = np.float32(min(max(float(moments[0, i]), 0.0), 1.0))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _offsets(table: np.ndarray, p: int, f: int, first: float,
+             unit: float) -> None:  # pragma: no cover - compiled
+    """Pair ``p``'s offset along one axis at each of its block's ``f`` places: ``first``
+    less ``unit`` per voxel, clipped to [0, 1]."""
+    for k in range(f):
+        table[p * f + k] = np.float32(min(max(first - k * unit, 0.0), 1.0))
+
+
+def _half_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values in [0, 1] as the bits of the nearest float16 (ties to even): what
+    ``astype(np.float16)`` gives, at a fraction of its cost."""
+    out = np.empty(values.shape, np.uint16)
+    _to_half(values.ravel(), out.ravel())
     return out
 
 
-def _expanded_offsets(table: np.ndarray, f: int, unit: float, dtype: type) -> np.ndarray:
-    """One offset channel per pair and place in the block along its axis (f values per
-    pair): the pair's value (relative to the block's first voxel) less ``unit`` per voxel
-    from there, clipped to [0, 1]. Label 0 stays 0: its pairs hold 0. Computed in float32
-    and rounded once, so no per-voxel arithmetic happens in the output's dtype."""
-    places = table[:, None] - (np.arange(f) * unit).astype(np.float32)
-    return np.clip(places, 0.0, 1.0).astype(dtype).ravel()
+@numba.njit(cache=True, nogil=True)
+def _to_half(values: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """float32 in [0, 1] to float16 bits. A normal float16 keeps the top 10 of the 23
+    mantissa bits, rounded to nearest even on the 13 dropped (a carry into the exponent is
+    right); below 2**-14, float16's subnormals are steps of 2**-24, so the value times
+    2**24 rounded to even is the bit pattern itself."""
+    bits = values.view(np.uint32)
+    for i in range(values.size):
+        b = bits[i]
+        exponent = b >> 23
+        if exponent < 113:  # 127 - 14
+            out[i] = np.uint16(np.rint(np.float64(values[i]) * 16777216.0))
+        else:
+            half = ((exponent - 112) << 10) | ((b & 0x7FFFFF) >> 13)
+            rest = b & 0x1FFF
+            if rest > 0x1000 or (rest == 0x1000 and half & 1):
+                half += 1
+            out[i] = np.uint16(half)
 
 
 @numba.njit(cache=True, nogil=True)
 def _spread(index: np.ndarray, plain: np.ndarray, along_z: np.ndarray, along_y: np.ndarray,
             along_x: np.ndarray, fz: int, fy: int, fx: int,
             out: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Every voxel's 10 channels from its pair ``index``: the offsets from the expanded
-    tables at its place in the block, the rest from ``plain`` (channels 3-9). One pass
-    over the voxels, in whatever dtype the arrays hold (float16 as its uint16 bits)."""
+    """Every voxel's 10 channels from its pair ``index``: the offsets from the tables at
+    its place in the block, the rest from ``plain`` (pair, channel 3-9: one cache line per
+    pair). One pass over the voxels, in whatever dtype the arrays hold (float16 as its
+    uint16 bits)."""
     for z in range(index.shape[0]):
         kz = z % fz
         for y in range(index.shape[1]):
             ky = y % fy
-            row = index[z, y]
-            for x in range(row.shape[0]):  # one channel at a time: contiguous writes
-                out[0, z, y, x] = along_z[row[x] * fz + kz]
-            for x in range(row.shape[0]):
-                out[1, z, y, x] = along_y[row[x] * fy + ky]
-            for x in range(row.shape[0]):
-                out[2, z, y, x] = along_x[row[x] * fx + x % fx]
-            for c in range(plain.shape[0]):
-                for x in range(row.shape[0]):
-                    out[3 + c, z, y, x] = plain[c, row[x]]
-
-
-_MIN_VARIANCE = 1e-3
-"""nm^2: smaller variances count as this in the Pearson correlations (a window holding one
-voxel row of an object has none along the other axes)."""
+            for x in range(index.shape[2]):
+                p = index[z, y, x]
+                out[0, z, y, x] = along_z[p * fz + kz]
+                out[1, z, y, x] = along_y[p * fy + ky]
+                out[2, z, y, x] = along_x[p * fx + x % fx]
+                for c in range(CHANNELS - 3):  # a constant: the loop is unrolled
+                    out[3 + c, z, y, x] = plain[p, c]
 
 
 def _ids(labels: np.ndarray) -> np.ndarray:
