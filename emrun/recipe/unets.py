@@ -158,7 +158,11 @@ class MedNeXt(StagedUNetBase):
         for i, factor in enumerate(self.factors()):
             k = self.level_kernel(i + 1)
             if any(a < f for a, f in zip(k, factor, strict=True)):
-                raise ValueError(
+                # point at what the recipe wrote: the factor, else what made the kernel
+                written = [key for key in ("downsample", "anisotropic_levels", "kernel")
+                           if key in self.model_fields_set]
+                raise KeyedValueError(
+                    written[0] if written else "kernel",
                     f"level {i + 1}'s kernel {list(k)} is smaller than its downsample factor "
                     f"{list(factor)} on some axis; up blocks would leave holes")
         return self
