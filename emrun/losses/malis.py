@@ -14,8 +14,8 @@ Constrained MALIS runs two passes per patch on the nearest-neighbour graph:
   different objects count on the edge where their components first meet.
 
 Maximin edges are the merges of Kruskal's algorithm: edges in decreasing affinity (a radix
-sort), joined with union-find, all in loops compiled by numba: 0.23 s per 20x256x256 patch
-on one core of the development VM (with a numpy sort and gathers around the loop 0.49 s;
+sort), joined with union-find, all in loops compiled by numba: 0.25 s per 20x256x256 patch
+on one core of the development VM (with a numpy sort and gathers around the loop 0.48 s;
 with the loop in Python 2 s). The negative pass starts from the positive
 pass's union-find, whose components are then exactly the objects. Objects are the connected
 components of the target's positive nearest-neighbour edges in the patch (as ``relabel:
