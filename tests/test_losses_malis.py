@@ -227,3 +227,19 @@ def test_a_malis_recipe_trains_through_the_cli(write, tmp_path, monkeypatch):
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     losses_seen = [e["loss/affinity"] for e in events if "loss/affinity" in e]
     assert losses_seen and all(math.isfinite(v) and v > 0 for v in losses_seen)
+
+
+def test_a_batch_gets_each_patch_s_own_weights_in_order():
+    # the patches of a batch run on threads: each must still get its own counts, in order
+    rng = np.random.default_rng(4)
+    patches = []
+    for labels in rng.integers(1, 4, size=(3, 2, 6, 6)):
+        target, valid = affinity_target(labels)
+        patches.append((rng.random((3, *labels.shape)).astype(np.float32), target, valid))
+    batch = emrun.losses.malis._each_patch(*(np.stack(part) for part in zip(*patches,
+                                                                             strict=True)))
+    assert len(batch) == 3
+    for (pos, neg), patch in zip(batch, patches, strict=True):
+        want_pos, want_neg = malis_weights(*patch)
+        np.testing.assert_array_equal(pos, want_pos)
+        np.testing.assert_array_equal(neg, want_neg)
