@@ -207,8 +207,8 @@ class Malis:
 def _each_patch(aff: np.ndarray, target: np.ndarray, valid: np.ndarray
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``malis_weights`` of each patch of a batch, in order. The compiled pass releases the
-    GIL, so patches run on threads at once, one core each (a batch of 8 on a GPU machine's
-    cores costs about what one patch does)."""
+    GIL, so patches run on threads at once, one core each (a batch of 2 on the 2-core
+    development VM: 0.35 s, one patch 0.26 s)."""
     if aff.shape[0] == 1:
         return [malis_weights(aff[0], target[0], valid[0])]
     with ThreadPoolExecutor(max_workers=min(aff.shape[0], cpu_cores())) as pool:
