@@ -129,6 +129,18 @@ def test_bench_codecs_user_mistakes_exit_2(affinity_volume, args):
     assert result.exit_code == 2, result.output
 
 
+def test_bench_codecs_workdir_is_made_or_refused(affinity_volume, tmp_path):
+    (tmp_path / "file").write_text("")
+    result = runner.invoke(app, ["bench", "codecs", affinity_volume, "--workdir",
+                                 str(tmp_path / "file" / "x")])
+    assert result.exit_code == 2 and "--workdir" in result.output, result.output
+    result = runner.invoke(app, ["bench", "codecs", affinity_volume, "--chunks", "C,4,32,32",
+                                 "--codec", "zstd-1", "--passes", "1", "--sample-mb", "0.1",
+                                 "--workdir", str(tmp_path / "new" / "scratch")])
+    assert result.exit_code == 0, result.output
+    assert not list((tmp_path / "new" / "scratch").iterdir())
+
+
 def test_the_rule_takes_the_cheapest_write_near_emrun_s_ratio():
     rows = [{"codec": "a", "ratio": 2.2, "write_cpu_mb_s": 80, "emrun_default": False},
             {"codec": "now", "ratio": 2.0, "write_cpu_mb_s": 240, "emrun_default": True},

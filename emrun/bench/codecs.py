@@ -52,6 +52,7 @@ from ..errors import UserError
 from ..geometry import box_of
 from ..io import open_volume
 from ..io.write import compressor
+from ..paths import scratch_folder
 
 RULE = ("the cheapest write (most MB per CPU second through zarr) whose ratio is at least "
         "90 % of emrun's codec's")
@@ -328,7 +329,8 @@ def bench_codecs(volume: str, *, chunks: Sequence[str] | None = None, passes: in
         known = [c for c in known if c.name in codecs]
     data = np.ascontiguousarray(vol.read(box_of(shape)))
     rows = []
-    with tempfile.TemporaryDirectory(prefix="emrun-bench-codecs-", dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="emrun-bench-codecs-",
+                                     dir=scratch_folder(workdir, "--workdir")) as tmp:
         for chunk_shape in chunk_shapes:
             sample = sample_chunks(data, chunk_shape, sample_mb)
             per_chunk = measure_chunks(known, sample, passes)

@@ -35,6 +35,7 @@ import zarr
 from ..devices import cpu_cores
 from ..geometry import BlockGrid, Roi, box_of, slices
 from ..io.write import create_volume
+from ..paths import scratch_folder
 
 __all__ = ["CELL", "bench_segment", "make_affinities", "report_lines", "synthetic_cells"]
 
@@ -139,7 +140,8 @@ def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],
     from ..segment.job import run_segment
     from ..segment.request import SegmentRequest
 
-    tmp = Path(tempfile.mkdtemp(prefix="emrun-bench-segment-", dir=folder))
+    tmp = Path(tempfile.mkdtemp(prefix="emrun-bench-segment-",
+                               dir=scratch_folder(folder, "--folder")))
     try:
         started = time.perf_counter()
         affs = make_affinities(tmp, shape, block, max(workers))
