@@ -27,6 +27,7 @@ from emrun.cli import app
 from emrun.io import write_volume
 from emrun.segment.graph import Edges
 from emrun.segment.scale.agglomerate import (
+    Merges,
     agglomerate,
     join_levels,
     merge_sequence,
@@ -138,6 +139,49 @@ def test_agglomeration_stops_at_the_first_merge_above_the_threshold():
     assert later.tolist() == [1, 1, 1]
 
 
+def _brute_force_agglomeration(graph: GraphData, threshold: float, scoring: str) -> np.ndarray:
+    """The definition, slowly: regions as sets of nodes; each step scores every pair of
+    touching regions from all original edges between them (summed affinities and counts,
+    or summed histograms) and merges the lowest, until it scores the threshold or more."""
+    region = np.arange(graph.ids.size)
+    while True:
+        best, pair = np.inf, None
+        for a in np.unique(region):
+            for b in np.unique(region):
+                between = (region[graph.u] == a) & (region[graph.v] == b)
+                between |= (region[graph.u] == b) & (region[graph.v] == a)
+                if a >= b or not between.any():
+                    continue
+                if scoring == "mean":
+                    score = 1 - graph.total[between].sum() / graph.count[between].sum()
+                else:
+                    score = 1 - histogram_quantile(graph.hist[between].sum(axis=0), 0.85)
+                if score < best:
+                    best, pair = score, (a, b)
+        if pair is None or best >= threshold:
+            return np.unique(region, return_inverse=True)[1].reshape(-1) + 1
+        region[region == pair[1]] = pair[0]
+
+
+@pytest.mark.parametrize("scoring", ["mean", "p85"])
+@pytest.mark.parametrize("seed", [3, 4])
+def test_agglomeration_matches_its_definition_on_random_graphs(scoring, seed):
+    """The compiled agglomeration (linked edge lists, a heap with stale entries, regions
+    named by a node) against a brute force that re-scores every pair of regions at each
+    step; random scores, so no ties and one right answer at each threshold."""
+    rng = np.random.default_rng(seed)
+    graph = _random_graph(seed, n=30, m=90)
+    hist = np.stack([np.bincount(np.minimum((rng.beta(*rng.uniform(0.5, 5, 2), rng.integers(
+        5, 60)) * BINS).astype(int), BINS - 1), minlength=BINS) for _ in graph.u])
+    graph = GraphData(graph.ids, graph.sizes, graph.u, graph.v, graph.total, graph.count, hist)
+    segments = []
+    for threshold in (0.1, 0.2, 0.3):
+        (got,) = agglomerate(graph, [threshold], scoring)
+        assert _same_partition(got, _brute_force_agglomeration(graph, threshold, scoring))
+        segments.append(np.unique(got).size)
+    assert graph.ids.size > segments[0] > segments[1] > segments[2]  # every step merges
+
+
 def test_histogram_quantile_reads_the_85th_percentile():
     rng = np.random.default_rng(0)
     values = rng.beta(2, 5, size=(20, 500))
@@ -228,10 +272,11 @@ def test_join_levels_of_every_edge_give_the_global_agglomeration(scoring, seed):
 def test_join_levels_record_the_running_maximum():
     """Chain 0-1-2-3 with merges 0-1 at 0.4, then 2-3 at 0.2, then 1-2 at 0.6: 2-3 joined
     after a merge at 0.4, so a threshold of 0.3 must not take it; 0-3 is never an edge."""
-    merges = [(0.4, 0, 1), (0.2, 3, 2), (0.6, 1, 3)]
+    merges = Merges(np.array([0.4, 0.2, 0.6]), np.array([0, 3, 1]), np.array([1, 2, 3]))
     level = join_levels(4, merges, np.array([0, 2, 1, 0]), np.array([1, 3, 2, 2]))
     assert level.tolist() == [0.4, 0.4, 0.6, 0.6]
-    assert np.isinf(join_levels(3, [(0.1, 0, 1)], np.array([1]), np.array([2]))).all()
+    once = Merges(np.array([0.1]), np.array([0]), np.array([1]))
+    assert np.isinf(join_levels(3, once, np.array([1]), np.array([2]))).all()
 
 
 @pytest.mark.parametrize("scoring", ["mean", "p85"])

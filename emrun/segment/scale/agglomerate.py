@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from ..graph import Edges, merge_small, union
 from .graphdb import GraphData
-from .rag import histogram_quantile
+from .rag import BINS, row_quantile
 
-__all__ = ["QUANTILE", "agglomerate", "join_levels", "merge_sequence", "segments_from_levels"]
+__all__ = ["QUANTILE", "Merges", "agglomerate", "join_levels", "merge_sequence",
+           "segments_from_levels"]
 
 QUANTILE = 0.85
 """The quantile the ``p85`` scoring reads from the edge histograms."""
@@ -38,15 +41,12 @@ def agglomerate(graph: GraphData, thresholds: Sequence[float], scoring: str,
     """For each threshold, the segment (1..K) of every node of ``graph`` (in its id order)."""
     n = graph.ids.size
     merges = merge_sequence(graph, max(thresholds), scoring)
-    scores = np.array([m[0] for m in merges], np.float64)
-    kept = np.array([m[1] for m in merges], np.int64).reshape(-1)
-    gone = np.array([m[2] for m in merges], np.int64).reshape(-1)
     results = []
     for threshold in thresholds:
-        above = np.flatnonzero(scores >= threshold)
+        above = np.flatnonzero(merges.score >= threshold)
         k = int(above[0]) if above.size else len(merges)
         parent = np.arange(n, dtype=np.int64)
-        parent[gone[:k]] = kept[:k]
+        parent[merges.gone[:k]] = merges.kept[:k]
         while True:  # pointer jumping to the roots
             jumped = parent[parent]
             if np.array_equal(jumped, parent):
@@ -78,38 +78,6 @@ def _numbered(roots: np.ndarray, graph: GraphData, min_size: int) -> np.ndarray:
     return segment.reshape(-1).astype(np.int64) + 1
 
 
-def join_levels(n: int, merges: Sequence[tuple[float, int, int]], u: np.ndarray,
-                v: np.ndarray) -> np.ndarray:
-    """For each edge ``u``-``v`` (node positions 0..n-1), the largest score of ``merges``
-    (`merge_sequence`) up to the one that put its ends in one region; inf if none did.
-    Regions are tracked as member lists, the smaller moving into the larger, so each node
-    moves O(log n) times and each edge is looked at when one of its ends moves."""
-    ends_u, ends_v = u.tolist(), v.tolist()
-    touching: list[list[int]] = [[] for _ in range(n)]
-    for e, (a, b) in enumerate(zip(ends_u, ends_v, strict=True)):
-        touching[a].append(e)
-        touching[b].append(e)
-    level = [np.inf] * len(ends_u)
-    region = list(range(n))
-    members: list[list[int]] = [[i] for i in range(n)]
-    running = -np.inf
-    for score, kept, gone in merges:
-        running = max(running, score)
-        big, small = region[kept], region[gone]
-        if len(members[big]) < len(members[small]):
-            big, small = small, big
-        for node in members[small]:
-            for e in touching[node]:
-                other = ends_v[e] if ends_u[e] == node else ends_u[e]
-                if region[other] == big and level[e] == np.inf:
-                    level[e] = running
-        for node in members[small]:
-            region[node] = big
-        members[big].extend(members[small])
-        members[small] = []
-    return np.array(level, np.float64)
-
-
 def _merge_small(roots: np.ndarray, graph: GraphData, min_size: int) -> np.ndarray:
     """Segments below ``min_size`` voxels merged into their best neighbour (by mean
     affinity), as every emrun segmenter does (emrun.segment.graph.merge_small)."""
@@ -119,58 +87,173 @@ def _merge_small(roots: np.ndarray, graph: GraphData, min_size: int) -> np.ndarr
     return table[roots]
 
 
-def merge_sequence(graph: GraphData, top: float, scoring: str
-                   ) -> list[tuple[float, int, int]]:
-    """(score, kept region, merged region) of every merge until the first scoring ``top``
-    or more, in order; a region is named by one of its nodes (its position in ``graph``)."""
-    n = graph.ids.size
-    ends_u, ends_v = graph.u.tolist(), graph.v.tolist()
-    total, count = graph.total.tolist(), graph.count.tolist()
-    hist = np.array(graph.hist, np.int64) if scoring != "mean" else None
-    adjacent: list[dict[int, int]] = [{} for _ in range(n)]
-    for e, (a, b) in enumerate(zip(ends_u, ends_v, strict=True)):
-        adjacent[a][b] = e
-        adjacent[b][a] = e
+@dataclass(frozen=True)
+class Merges:
+    """The merges of an agglomeration in order: each one's score, the region that stays and
+    the region merged into it (a region is named by one of its nodes, a position in the
+    graph)."""
 
-    def score(e: int) -> float:
-        if hist is None:
-            return 1.0 - total[e] / max(count[e], 1)
-        return 1.0 - float(histogram_quantile(hist[e], QUANTILE))
+    score: np.ndarray  # float64
+    kept: np.ndarray  # int64
+    gone: np.ndarray  # int64
 
-    if hist is None:
-        initial = (1.0 - graph.total / np.maximum(graph.count, 1)).tolist()
-    else:
-        initial = (1.0 - histogram_quantile(hist, QUANTILE)).tolist() if len(hist) else []
-    version = [0] * len(initial)
-    heap = [(s, 0, e) for e, s in enumerate(initial)]
+    def __len__(self) -> int:
+        return int(self.score.size)
+
+
+def merge_sequence(graph: GraphData, top: float, scoring: str) -> Merges:
+    """Every merge until the first scoring ``top`` or more, in order."""
+    quantile = scoring != "mean"
+    hist = graph.hist if quantile else np.zeros((0, BINS), np.int64)
+    score, kept, gone = _merge_loop(
+        int(graph.ids.size), np.asarray(graph.u, np.int64), np.asarray(graph.v, np.int64),
+        np.array(graph.total, np.float64), np.array(graph.count, np.int64),
+        np.array(hist, np.int64).reshape(-1, BINS), float(top), quantile)
+    return Merges(score, kept, gone)
+
+
+def join_levels(n: int, merges: Merges, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """For each edge ``u``-``v`` (node positions 0..n-1), the largest score of ``merges``
+    up to the one that put its ends in one region; inf if none did."""
+    return _join_levels(n, merges.score, merges.kept, merges.gone,
+                        np.asarray(u, np.int64), np.asarray(v, np.int64))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _edge_score(e: int, total: np.ndarray, count: np.ndarray, hist: np.ndarray,
+                quantile: bool) -> float:  # pragma: no cover - compiled
+    if quantile:
+        return 1.0 - row_quantile(hist[e], QUANTILE)
+    return 1.0 - total[e] / max(count[e], 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_loop(n: int, u: np.ndarray, v: np.ndarray, total: np.ndarray, count: np.ndarray,
+                hist: np.ndarray, top: float, quantile: bool
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """The merges, compiled. ``total``, ``count`` and ``hist`` are updated in place.
+
+    A region's edges are a linked list of edge ends (end 2e + side of edge e), so the
+    merged region's list joins the kept one's without copying; a list keeps the ends of
+    edges that died since (skipped and dropped when the list is next walked). The region
+    with fewer live neighbours is the one merged and walked. ``between`` maps a pair of
+    regions to their edge; entries of regions merged away are never asked for again, so
+    they are left in place."""
+    m = u.shape[0]
+    ends_u, ends_v = u.copy(), v.copy()
+    alive = np.ones(m, np.bool_)
+    version = np.zeros(m, np.int64)
+    degree = np.zeros(n, np.int64)
+    head = np.full(n, -1, np.int64)
+    tail = np.full(n, -1, np.int64)
+    after = np.full(2 * m, -1, np.int64)
+    between = numba.typed.Dict.empty(numba.types.int64, numba.types.int64)
+    heap = [(0.0, 0, 0)]  # (score, version, edge): typed by its first item
+    heap.pop()
+    for e in range(m):
+        for end, node in ((2 * e, ends_u[e]), (2 * e + 1, ends_v[e])):
+            degree[node] += 1
+            if head[node] == -1:
+                head[node] = end
+            else:
+                after[tail[node]] = end
+            tail[node] = end
+        between[min(ends_u[e], ends_v[e]) * n + max(ends_u[e], ends_v[e])] = e
+        heap.append((_edge_score(e, total, count, hist, quantile), 0, e))
     heapq.heapify(heap)
-    alive = [True] * len(initial)
-    merges: list[tuple[float, int, int]] = []
-    while heap:
+    size = max(n - 1, 0)
+    scores = np.empty(size, np.float64)
+    kept = np.empty(size, np.int64)
+    gone = np.empty(size, np.int64)
+    done = 0
+    while len(heap) > 0:
         s, ver, e = heapq.heappop(heap)
         if not alive[e] or ver != version[e]:
             continue
         if s >= top:
             break
         a, b = ends_u[e], ends_v[e]
-        if len(adjacent[a]) < len(adjacent[b]):
+        if degree[a] < degree[b]:
             a, b = b, a  # the region with more neighbours stays: fewer edges move
         alive[e] = False
-        del adjacent[a][b], adjacent[b][a]
-        for w, f in adjacent[b].items():
-            del adjacent[w][b]
-            g = adjacent[a].get(w)
-            if g is None:  # moves to a; its score does not change
-                adjacent[a][w] = adjacent[w][a] = f
-                ends_u[f], ends_v[f] = a, w
-                continue
-            total[g] += total[f]
-            count[g] += count[f]
-            if hist is not None:
-                hist[g] += hist[f]
-            alive[f] = False
-            version[g] += 1
-            heapq.heappush(heap, (score(g), version[g], g))
-        adjacent[b] = {}
-        merges.append((s, a, b))
-    return merges
+        degree[a] -= 1
+        degree[b] -= 1
+        end = head[b]
+        while end != -1:
+            following = after[end]
+            f = end >> 1
+            if alive[f]:
+                w = ends_u[f] + ends_v[f] - b
+                key = min(a, w) * n + max(a, w)
+                g = between.setdefault(key, f)
+                if g == f:  # moves to a; its score does not change
+                    ends_u[f], ends_v[f] = a, w
+                    degree[a] += 1
+                    after[end] = -1
+                    after[tail[a]] = end
+                    tail[a] = end
+                else:  # a and b both touch w: one edge, summed and scored again
+                    total[g] += total[f]
+                    count[g] += count[f]
+                    if quantile:
+                        hist[g] += hist[f]
+                    alive[f] = False
+                    degree[w] -= 1
+                    version[g] += 1
+                    heapq.heappush(heap, (_edge_score(g, total, count, hist, quantile),
+                                          version[g], g))
+            end = following
+        head[b] = tail[b] = -1
+        scores[done], kept[done], gone[done] = s, a, b
+        done += 1
+    return scores[:done], kept[:done], gone[:done]
+
+
+@numba.njit(cache=True, nogil=True)
+def _join_levels(n: int, score: np.ndarray, kept: np.ndarray, gone: np.ndarray, u: np.ndarray,
+                 v: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """Regions are tracked as linked member lists, the smaller moving into the larger, so
+    each node moves O(log n) times and each edge is looked at when one of its ends moves."""
+    m = u.shape[0]
+    start = np.zeros(n + 1, np.int64)  # each node's edges: touching[start[i]:start[i + 1]]
+    for e in range(m):
+        start[u[e] + 1] += 1
+        start[v[e] + 1] += 1
+    for i in range(n):
+        start[i + 1] += start[i]
+    fill = start[:-1].copy()
+    touching = np.empty(2 * m, np.int64)
+    for e in range(m):
+        touching[fill[u[e]]] = e
+        fill[u[e]] += 1
+        touching[fill[v[e]]] = e
+        fill[v[e]] += 1
+    level = np.full(m, np.inf)
+    region = np.arange(n)
+    first = np.arange(n)  # each region's members: first, then following[...], to -1
+    last = np.arange(n)
+    following = np.full(n, -1, np.int64)
+    members = np.ones(n, np.int64)
+    running = -np.inf
+    for i in range(score.shape[0]):
+        running = max(running, score[i])
+        big, small = region[kept[i]], region[gone[i]]
+        if members[big] < members[small]:
+            big, small = small, big
+        node = first[small]
+        while node != -1:
+            for t in range(start[node], start[node + 1]):
+                e = touching[t]
+                other = v[e] if u[e] == node else u[e]
+                if region[other] == big and level[e] == np.inf:
+                    level[e] = running
+            node = following[node]
+        node = first[small]
+        while node != -1:
+            region[node] = big
+            node = following[node]
+        following[last[big]] = first[small]
+        last[big] = last[small]
+        members[big] += members[small]
+        members[small] = 0
+    return level

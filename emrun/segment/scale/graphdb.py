@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 
 from ...errors import UserError
@@ -202,11 +203,12 @@ class GraphStore:
         from ..graph import Edges
 
         _, _, nodes, edges, *_ = _tables()
-        node_columns = [nodes.c.id, nodes.c.size, nodes.c.block]
         columns = [edges.c.u, edges.c.v, edges.c.total, edges.c.count]
+        edge_fields = [("u", "<i8"), ("v", "<i8"), ("total", "<f8"), ("count", "<i8")]
         if histograms:
             columns.append(edges.c.hist)
-        node_query = sa.select(*node_columns).order_by(nodes.c.id)
+            edge_fields.append(("hist", f"S{4 * BINS}"))  # the blob of BINS uint32
+        node_query = sa.select(nodes.c.id, nodes.c.size, nodes.c.block).order_by(nodes.c.id)
         edge_query = sa.select(*columns)
         if around is not None:
             taken = _taken(around)
@@ -215,29 +217,27 @@ class GraphStore:
                                           edges.c.u.in_(sa.select(taken.c.id)),
                                           edges.c.v.in_(sa.select(taken.c.id)))
         with self._connection("read") as conn:
-            node_parts = _columns(conn, node_query, len(node_columns))
-            edge_parts = _columns(conn, edge_query, len(columns), binary=4)
-        ids = _joined(node_parts, 0, np.int64).view(np.uint64)
-        sizes = _joined(node_parts, 1, np.int64)
-        node_blocks = _joined(node_parts, 2, np.int64)
-        width = BINS if histograms else 0
-        raw_u = _joined(edge_parts, 0, np.int64).view(np.uint64)
-        raw_v = _joined(edge_parts, 1, np.int64).view(np.uint64)
-        u, v = _positions(ids, raw_u), _positions(ids, raw_v)
+            node_rows = _rows(conn, node_query, [("id", "<i8"), ("size", "<i8"),
+                                                 ("block", "<i8")])
+            edge_rows = _rows(conn, edge_query, edge_fields)
+        ids = _column(node_rows, "id").view(np.uint64)
+        sizes, node_blocks = _column(node_rows, "size"), _column(node_rows, "block")
+        del node_rows
+        u = _positions(ids, _column(edge_rows, "u").view(np.uint64))
+        v = _positions(ids, _column(edge_rows, "v").view(np.uint64))
         inside = (u >= 0) & (v >= 0)  # a region's edges to nodes beyond it are dropped
-        del raw_u, raw_v
-        total = _joined(edge_parts, 2, np.float64)
-        count = _joined(edge_parts, 3, np.int64)
+        total, count = _column(edge_rows, "total"), _column(edge_rows, "count")
+        hist = _column(edge_rows, "hist").view("<u4").reshape(-1, BINS) if histograms else None
+        del edge_rows
         if not inside.all():
             u, v, total, count = u[inside], v[inside], total[inside], count[inside]
+            hist = None if hist is None else hist[inside]
         merged = Edges.aggregate(u, v, total, count)  # a pair seen by two blocks: summed
-        summed = np.zeros((merged.u.size, width), np.int64)
-        if histograms and merged.u.size:
-            hist = np.frombuffer(b"".join(b for p in edge_parts for b in p[4]),
-                                 "<u4").reshape(-1, BINS)[inside]
-            pair = np.searchsorted(merged.u * (ids.size + 1) + merged.v,
-                                   np.minimum(u, v) * (ids.size + 1) + np.maximum(u, v))
-            np.add.at(summed, pair, hist)
+        summed = np.zeros((merged.u.size, BINS if histograms else 0), np.int64)
+        if hist is not None and merged.u.size:
+            summed = _summed_rows(hist, np.searchsorted(
+                merged.u * (ids.size + 1) + merged.v,
+                np.minimum(u, v) * (ids.size + 1) + np.maximum(u, v)), merged.u.size)
         graph = GraphData(ids, sizes, merged.u, merged.v, merged.total, merged.count, summed)
         return RegionGraph(graph, node_blocks)
 
@@ -267,18 +267,19 @@ class GraphStore:
         levels = _tables()[5]
         query = sa.select(levels.c.u, levels.c.v, levels.c.level).where(levels.c.key == key)
         with self._connection("read") as conn:
-            parts = _columns(conn, query, 3)
-        return (_joined(parts, 0, np.int64).view(np.uint64),
-                _joined(parts, 1, np.int64).view(np.uint64), _joined(parts, 2, np.float64))
+            rows = _rows(conn, query, [("u", "<i8"), ("v", "<i8"), ("level", "<f8")])
+        return (_column(rows, "u").view(np.uint64), _column(rows, "v").view(np.uint64),
+                _column(rows, "level"))
 
     def read_nodes(self) -> tuple[np.ndarray, np.ndarray]:
         """Every node's id (sorted) and size."""
         import sqlalchemy as sa
 
         nodes = _tables()[2]
+        query = sa.select(nodes.c.id, nodes.c.size).order_by(nodes.c.id)
         with self._connection("read") as conn:
-            parts = _columns(conn, sa.select(nodes.c.id, nodes.c.size).order_by(nodes.c.id), 2)
-        return _joined(parts, 0, np.int64).view(np.uint64), _joined(parts, 1, np.int64)
+            rows = _rows(conn, query, [("id", "<i8"), ("size", "<i8")])
+        return _column(rows, "id").view(np.uint64), _column(rows, "size")
 
     def size_bytes(self) -> int | None:
         """The database's size on disk (SQLite: its file; PostgreSQL: the database)."""
@@ -350,26 +351,44 @@ def _taken(around: Neighbourhood) -> Any:
 
 
 BATCH = 1_000_000
-"""Rows fetched at a time when reading the graph."""
+"""Rows a PostgreSQL server-side cursor sends at a time when reading the graph."""
 
 
-def _columns(conn: Any, query: Any, width: int, binary: int | None = None
-             ) -> list[list[Any]]:
-    """The result of ``query`` as batches of columns: numpy arrays, except a list for the
-    column ``binary``."""
-    parts = []
-    result = conn.execution_options(yield_per=BATCH).execute(query)
-    for batch in result.partitions():
-        columns = list(zip(*batch, strict=True)) if batch else [()] * width
-        parts.append([list(c) if i == binary else np.array(c) for i, c in enumerate(columns)])
-    return [p for p in parts if len(p[0])]
+def _rows(conn: Any, query: Any, fields: list[tuple[str, str]]) -> np.ndarray:
+    """The result of ``query`` as one structured array (``fields``: name and dtype of each
+    column). The driver's row tuples go straight into it (`np.fromiter` over the DBAPI
+    cursor, PostgreSQL's on the server side), never all held as Python objects: several
+    times faster than rows through SQLAlchemy, and the memory is the array's. The query's
+    parameters are emrun's own numbers (blocks, ids, voxels), written into its text."""
+    sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    raw = conn.connection.dbapi_connection
+    if conn.dialect.name == "postgresql":
+        cursor = raw.cursor(name="emrun_read")
+        cursor.itersize = BATCH
+    else:
+        cursor = raw.cursor()
+    try:
+        cursor.execute(sql)
+        return np.fromiter(cursor, np.dtype(fields))
+    finally:
+        cursor.close()
 
 
-def _joined(parts: list[list[Any]], column: int, dtype: Any) -> np.ndarray:
-    """One numeric column of all batches."""
-    if not parts:
-        return np.zeros(0, dtype)
-    return np.concatenate([np.asarray(p[column]) for p in parts]).astype(dtype)
+@numba.njit(cache=True, nogil=True)
+def _summed_rows(rows: np.ndarray, group: np.ndarray, groups: int
+                 ) -> np.ndarray:  # pragma: no cover - compiled
+    """``rows`` summed by ``group`` (0..groups-1), as int64; compiled (``np.add.at`` took
+    1.7 s for a million histograms, this 0.03 s)."""
+    out = np.zeros((groups, rows.shape[1]), np.int64)
+    for i in range(rows.shape[0]):
+        for j in range(rows.shape[1]):
+            out[group[i], j] += rows[i, j]
+    return out
+
+
+def _column(rows: np.ndarray, name: str) -> np.ndarray:
+    """One column of a structured array, contiguous."""
+    return np.ascontiguousarray(rows[name])
 
 
 def _positions(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
