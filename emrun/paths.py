@@ -42,18 +42,3 @@ def is_link_loop(path: str | os.PathLike[str]) -> bool:
         return exc.errno == errno.ELOOP
     return False
 
-
-def scratch_folder(path: str | os.PathLike[str] | None, option: str) -> str | None:
-    """The folder a benchmark writes its temporary volumes under, created if missing (None:
-    the system's temp folder); a file or a folder that cannot be made is the user's mistake,
-    named with its ``option``."""
-    if path is None:
-        return None
-    from .errors import UserError
-
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{option} {os.fspath(path)}: cannot make a folder there "
-                        f"({exc.strerror or exc})") from exc
-    return os.fspath(path)

@@ -52,7 +52,7 @@ from ..errors import UserError
 from ..geometry import box_of
 from ..io import open_volume
 from ..io.write import compressor
-from ..paths import scratch_folder
+from .scratch import scratch_folder
 
 RULE = ("the cheapest write (most MB per CPU second through zarr) whose ratio is at least "
         "90 % of emrun's codec's")

@@ -35,7 +35,7 @@ import zarr
 from ..devices import cpu_cores
 from ..geometry import BlockGrid, Roi, box_of, slices
 from ..io.write import create_volume
-from ..paths import scratch_folder
+from .scratch import scratch_folder
 
 __all__ = ["CELL", "bench_segment", "make_affinities", "report_lines", "synthetic_cells"]
 
