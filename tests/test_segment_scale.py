@@ -35,6 +35,7 @@ from emrun.segment.scale.agglomerate import (
 )
 from emrun.segment.scale.graphdb import GraphData
 from emrun.segment.scale.rag import BINS, histogram_quantile
+from emrun.segment.scale.steps import lookup
 
 runner = CliRunner()
 NEAREST = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
@@ -598,3 +599,19 @@ def test_dense_ids_number_voxels_as_a_sort_would(margin):
     expected_ids, inverse = np.unique(gappy, return_inverse=True)
     assert np.array_equal(ids, expected_ids)
     assert np.array_equal(dense, inverse.reshape(gappy.shape))
+
+
+@pytest.mark.parametrize("spread", [3, 10**7])  # a block's near-consecutive ids; sparse ones
+def test_relabelling_lookup_maps_known_ids_and_zeroes_the_rest(spread):
+    """Known ids take their segment; 0, ids the table lacks (between, below and above its
+    ids, and far beyond) become 0, by either path of the lookup."""
+    rng = np.random.default_rng(spread)
+    first = np.uint64(7 * 2**32)
+    ids = first + np.unique(rng.integers(1, 200 * spread, 200)).astype(np.uint64)
+    segments = rng.integers(1, 50, ids.size).astype(np.uint64)
+    missing = np.setdiff1d(ids + np.uint64(1), ids)
+    values = np.concatenate([ids, missing, [0, 1, int(first), int(ids[-1]) + 1, 2**63 + 5]])
+    fragments = rng.permutation(np.repeat(values.astype(np.uint64), 3)).reshape(3, -1)
+    known = dict(zip(ids.tolist(), segments.tolist(), strict=True))
+    expected = np.vectorize(lambda i: known.get(int(i), 0), otypes=[np.uint64])(fragments)
+    assert np.array_equal(lookup(fragments, ids, segments), expected)
