@@ -601,10 +601,10 @@ def test_dense_ids_number_voxels_as_a_sort_would(margin):
     assert np.array_equal(dense, inverse.reshape(gappy.shape))
 
 
-@pytest.mark.parametrize("spread", [3, 10**7])  # a block's near-consecutive ids; sparse ones
+@pytest.mark.parametrize("spread", [3, 1000])  # a block's near-consecutive ids; sparser ones
 def test_relabelling_lookup_maps_known_ids_and_zeroes_the_rest(spread):
     """Known ids take their segment; 0, ids the table lacks (between, below and above its
-    ids, and far beyond) become 0, by either path of the lookup."""
+    ids, and far beyond) become 0."""
     rng = np.random.default_rng(spread)
     first = np.uint64(7 * 2**32)
     ids = first + np.unique(rng.integers(1, 200 * spread, 200)).astype(np.uint64)
