@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The benchmarks a GPU session runs, after its loads are unpacked (tools/device/README.md).
+#   bash tools/device/run.sh MODE [MODE ...]
+# Modes (device minutes are scarce: pick what the open issues need):
+#   engine    issue 15: engine against the model alone and MONAI, 9 and 16 blocks, compiled
+#   configs   issue 15: the model-alone configuration search, and the engine alone (--no-model)
+#   train     issue 17: trainer against a bare loop, batch 1 and 4, compiled; loader on 16 cores
+#   snemi     issues 17, 21: bench snemi3d (RECIPE=snemi3d_aff, ITER=3000 by default)
+#   segment   issue 20: bench segment with 1, 2 and 4 workers on the machine's cores
+#   quick     every bench above on tiny sizes and the CPU: try this script before a session
+# Each step writes its JSON line to $OUT/NAME.json and its log to $OUT/NAME.log; one failed
+# step does not stop the others.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+STATE=${EMRUN_DEVICE:-/tmp/emrun-device}
+OUT=${OUT:-$STATE/out}
+WORK=${WORK:-$STATE/work}
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH="$STATE/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$STATE/site/bin:$PATH"
+
+emrun() { python3 -m emrun "$@"; }
+
+step() {  # step NAME ARGS...: one benchmark, its figures kept whatever the others do
+    local name=$1 start=$SECONDS rc
+    shift
+    echo "== $name: emrun $*"
+    emrun "$@" --json > "$OUT/$name.json" 2> "$OUT/$name.log"
+    rc=$?
+    echo "   exit $rc after $((SECONDS - start)) s"
+    tail -n 25 "$OUT/$name.log"
+    cat "$OUT/$name.json"
+    echo
+}
+
+preflight() {
+    nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
+    python3 - <<'EOF' || { echo "preflight failed: are all loads unpacked?"; exit 1; }
+import importlib, platform, torch
+missing = []
+for module in ("emrun.cli", "numba", "zarr", "pydantic", "mwatershed", "cc3d", "edt",
+               "matplotlib", "sqlalchemy", "funlib.geometry", "monai", "waterz"):
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # report every missing piece at once
+        missing.append(f"{module} ({type(exc).__name__}: {exc})")
+cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
+print(f"python {platform.python_version()}, torch {torch.__version__}, "
+      f"CUDA {torch.version.cuda}, {cuda}")
+if missing:
+    raise SystemExit("cannot import: " + "; ".join(missing))
+EOF
+}
+
+AFF=recipes/snemi3d_aff.yaml
+SMALL=(-o 'model.widths=[16, 32, 64, 128]' -o infer.batch_size=16)
+
+mode_engine() {
+    step engine_9_blocks bench infer $AFF --device cuda --shape 60 2048 2048 "${SMALL[@]}"
+    step engine_16_blocks bench infer $AFF --device cuda --shape 60 3072 3072 "${SMALL[@]}"
+    step engine_compiled bench infer $AFF --device cuda --shape 60 2048 2048 "${SMALL[@]}" \
+        -o infer.compile=true
+}
+
+mode_configs() {
+    step model_configs bench infer $AFF --device cuda --shape 60 2048 2048 "${SMALL[@]}" \
+        --configs
+    step engine_alone bench infer $AFF --device cpu --no-model --shape 60 3072 3072 \
+        "${SMALL[@]}" --workers 1,2,4,8
+}
+
+mode_train() {
+    step train_batch1 bench train $AFF --device cuda --steps 50
+    step train_batch4 bench train $AFF --device cuda --steps 30 -o train.batch_size=4
+    step train_compiled bench train $AFF --device cuda --steps 50 -o train.compile=true
+    step loader_16_workers bench data $AFF --synthetic --workers 16 --samples 64
+}
+
+mode_snemi() {
+    local data=$STATE/data/snemi3d
+    [ -f "$data/train-input.tif" ] || { echo "no SNEMI3D volumes in $data: unpack all loads"; return; }
+    step "snemi3d_${RECIPE:-snemi3d_aff}" bench snemi3d --data "$data" --out "$WORK/snemi3d" \
+        --recipe "${RECIPE:-snemi3d_aff}" --iterations "${ITER:-3000}" --device cuda
+    find "$WORK/snemi3d" -maxdepth 2 \( -name '*.json' -o -name '*.png' -o -name '*.md' \) \
+        -size -2M -exec cp {} "$OUT/" \;
+}
+
+mode_segment() {
+    step segment_workers bench segment --shape 128 1024 1024 --workers 1 --workers 2 \
+        --workers 4 --folder "$WORK/segment"
+}
+
+mode_quick() {  # the same commands on tiny sizes, on the CPU: catches a broken script here
+    local tiny=(-o 'model.widths=[4, 8]' -o infer.batch_size=2)
+    step quick_engine bench infer recipes/demo.yaml --device cpu --shape 24 96 96 "${tiny[@]}"
+    step quick_alone bench infer recipes/demo.yaml --device cpu --no-model --shape 24 96 96 \
+        --workers 1,2
+    step quick_train bench train recipes/demo.yaml --device cpu --steps 2
+    step quick_loader bench data recipes/demo.yaml --synthetic --workers 1 --samples 4
+    step quick_segment bench segment --shape 32 128 128 --block 16 64 64 --workers 1 \
+        --workers 2 --folder "$WORK/segment"
+}
+
+[ $# -gt 0 ] || { sed -n '2,14p' "$0"; exit 2; }
+for mode in "$@"; do
+    declare -F "mode_$mode" >/dev/null || { echo "unknown mode: $mode"; exit 2; }
+done
+preflight
+for mode in "$@"; do "mode_$mode"; done
+ls -la "$OUT"
