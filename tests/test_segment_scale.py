@@ -571,6 +571,73 @@ def test_resume_refuses_fragments_of_another_layout_and_an_unasked_resume(volume
     assert result.exit_code == 2 and "fragments were made with another block" in result.output
 
 
+def _expected_region(around, nodes: dict[str, np.ndarray], whole: GraphData
+                     ) -> tuple[np.ndarray, set[tuple[int, int]]]:
+    """A block's neighbourhood by its definition, from the whole graph: its own nodes, those
+    whose centre lies in its box, those an edge joins to its own; the edges among them."""
+    centre = np.stack([nodes["z"], nodes["y"], nodes["x"]], axis=1)
+    in_box = ((centre >= around.begin) & (centre < around.end)).all(1)
+    taken = set(nodes["id"][(nodes["block"] == around.block) | in_box].tolist())
+    pairs = set(zip(whole.ids[whole.u].tolist(), whole.ids[whole.v].tolist(), strict=True))
+    for u, v in pairs:
+        if around.first <= u <= around.last:
+            taken.add(v)
+        if around.first <= v <= around.last:
+            taken.add(u)
+    return np.array(sorted(taken)), {(u, v) for u, v in pairs if u in taken and v in taken}
+
+
+def test_block_neighbourhoods_are_read_as_defined_whatever_the_cache_holds(volume,
+                                                                          monkeypatch):
+    """Blockwise agglomeration reads each block's neighbourhood from rows a worker keeps
+    between blocks: in any order, with the cache evicting all it can, the graph read is the
+    definition's; histograms asked later are read, not taken from rows read without; a
+    database replaced by another graph is read anew."""
+    from emrun.segment.scale import graphdb
+    from emrun.segment.scale.job import ScaleJob
+    from emrun.segment.scale.steps import neighbourhood
+
+    tmp, _ = volume
+    out, result = segment(tmp, "region.zarr", "--block", "8", "32", "32", "--agglomeration",
+                          "blockwise", "--threshold", "0.5")
+    assert result.exit_code == 0, result.output
+    job = ScaleJob.load(out / ".emrun-segment" / "job.json")
+    with sqlite3.connect(out / ".emrun-segment" / "graph.sqlite") as conn:
+        rows = conn.execute("SELECT id, block, z, y, x FROM nodes").fetchall()
+    nodes = {k: np.array([r[i] for r in rows]) for i, k in enumerate(("id", "block", "z", "y",
+                                                                        "x"))}
+    whole = graphdb.GraphStore(job.db).read(histograms=True)
+    by_pair = {(int(whole.ids[a]), int(whole.ids[b])): i
+               for i, (a, b) in enumerate(zip(whole.u, whole.v, strict=True))}
+    monkeypatch.setattr(graphdb, "REGION_CACHE_BYTES", 1)  # keep only the current blocks
+    kept = graphdb.GraphStore(job.db)
+    indices = list(job.grid.indices())
+    for index in [*indices, *indices[::-1]]:
+        around = neighbourhood(job, index)
+        graph = kept.read_region(around, histograms=False).graph
+        ids, pairs = _expected_region(around, nodes, whole)
+        assert graph.ids.tolist() == ids.tolist(), index
+        got = list(zip(graph.ids[graph.u].tolist(), graph.ids[graph.v].tolist(), strict=True))
+        assert set(got) == pairs and len(got) == len(pairs), index
+        rows_of = [by_pair[p] for p in got]
+        assert np.array_equal(graph.total, whole.total[rows_of])
+        assert np.array_equal(graph.count, whole.count[rows_of])
+        assert graph.hist.shape == (len(got), 0)
+    with_hist = kept.read_region(around, histograms=True).graph
+    assert np.array_equal(with_hist.hist, whole.hist[rows_of]) and with_hist.hist.sum() > 0
+
+    other, result = segment(tmp, "region-other.zarr", "--block", "12", "48", "48",
+                            "--agglomeration", "blockwise", "--threshold", "0.5")
+    assert result.exit_code == 0, result.output
+    with sqlite3.connect(other / ".emrun-segment" / "graph.sqlite") as source, \
+            sqlite3.connect(out / ".emrun-segment" / "graph.sqlite") as target:
+        source.backup(target)
+    fresh = graphdb.GraphStore(job.db).read_region(around, histograms=True).graph
+    again = kept.read_region(around, histograms=True).graph
+    assert not np.array_equal(fresh.ids, with_hist.ids)
+    assert np.array_equal(again.ids, fresh.ids) and np.array_equal(again.hist, fresh.hist)
+
+
 def test_edges_aggregate_like_the_database_reads_them():
     """Two blocks seeing one fragment pair: their statistics add up."""
     merged = Edges.aggregate(np.array([3, 5, 3]), np.array([5, 3, 4]),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ __all__ = ["GraphData", "GraphStore", "Neighbourhood", "RegionGraph", "default_u
            "shown_url"]
 
 SQLITE_FILE = "graph.sqlite"
+REGION_CACHE_BYTES = 1 << 30
+"""Blockwise agglomeration: the most bytes of blocks' rows a worker keeps for the next
+blocks' neighbourhoods (about 170 per edge with histograms: some 6 M edges)."""
 
 
 def default_url(folder: Path) -> str:
@@ -144,6 +148,8 @@ class GraphStore:
         if scheme == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_settings)
         self.seconds = 0.0  # time spent writing, for the benchmark's database share
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache_key: tuple[Any, bool] | None = None  # (graph digest, histograms)
 
     def create(self, digest: str) -> None:
         """Create the tables if missing and record ``digest``; a database that records
@@ -173,18 +179,15 @@ class GraphStore:
         the block was already in (another worker, or an earlier run, finished it)."""
 
         _, _, nodes, edges, blocks, *_ = _tables()
-        node_rows = [{"id": int(i), "block": block, "size": int(s), "z": float(c[0]),
-                      "y": float(c[1]), "x": float(c[2])}
-                     for i, s, c in zip(graph.ids.tolist(), graph.sizes.tolist(),
-                                        graph.centres.tolist(), strict=True)]
+        node_rows = [(i, block, s, *c) for i, s, c in zip(
+            graph.ids.tolist(), graph.sizes.tolist(), graph.centres.tolist(), strict=True)]
         hist = graph.hist.astype("<u4")
-        edge_rows = [{"u": int(a), "v": int(b), "block": block, "total": float(t),
-                      "count": int(n), "hist": h.tobytes()}
-                     for a, b, t, n, h in zip(graph.u.tolist(), graph.v.tolist(),
-                                              graph.total.tolist(), graph.count.tolist(), hist,
-                                              strict=True)]
-        return self._write_once(blocks, {"block": block}, [(nodes, node_rows),
-                                                            (edges, edge_rows)])
+        edge_rows = [(a, b, block, t, n, h.tobytes()) for a, b, t, n, h in zip(
+            graph.u.tolist(), graph.v.tolist(), graph.total.tolist(), graph.count.tolist(),
+            hist, strict=True)]
+        return self._write_once(blocks, {"block": block}, [
+            (nodes, ("id", "block", "size", "z", "y", "x"), node_rows),
+            (edges, ("u", "v", "block", "total", "count", "hist"), edge_rows)])
 
     def read(self, histograms: bool = True) -> GraphData:
         """The whole graph, edges summed over the blocks that saw them; without
@@ -200,46 +203,56 @@ class GraphStore:
     def _read(self, around: Neighbourhood | None, histograms: bool) -> RegionGraph:
         import sqlalchemy as sa
 
-        from ..graph import Edges
-
-        _, _, nodes, edges, *_ = _tables()
-        columns = [edges.c.u, edges.c.v, edges.c.total, edges.c.count]
-        edge_fields = [("u", "<i8"), ("v", "<i8"), ("total", "<f8"), ("count", "<i8")]
-        if histograms:
-            columns.append(edges.c.hist)
-            edge_fields.append(("hist", f"S{4 * BINS}"))  # the blob of BINS uint32
-        node_query = sa.select(nodes.c.id, nodes.c.size, nodes.c.block).order_by(nodes.c.id)
-        edge_query = sa.select(*columns)
         if around is not None:
-            taken = _taken(around)
-            node_query = node_query.where(nodes.c.id.in_(sa.select(taken.c.id)))
-            edge_query = edge_query.where(edges.c.block.in_(around.blocks),
-                                          edges.c.u.in_(sa.select(taken.c.id)),
-                                          edges.c.v.in_(sa.select(taken.c.id)))
+            return _region_graph(*self._region_rows(around, histograms), histograms)
+        _, _, nodes, edges, *_ = _tables()
+        node_columns, node_fields = _node_columns(nodes, centres=False)
+        edge_columns, edge_fields = _edge_columns(edges, histograms, blocks=False)
         with self._connection("read") as conn:
-            node_rows = _rows(conn, node_query, [("id", "<i8"), ("size", "<i8"),
-                                                 ("block", "<i8")])
-            edge_rows = _rows(conn, edge_query, edge_fields)
-        ids = _column(node_rows, "id").view(np.uint64)
-        sizes, node_blocks = _column(node_rows, "size"), _column(node_rows, "block")
-        del node_rows
-        u = _positions(ids, _column(edge_rows, "u").view(np.uint64))
-        v = _positions(ids, _column(edge_rows, "v").view(np.uint64))
-        inside = (u >= 0) & (v >= 0)  # a region's edges to nodes beyond it are dropped
-        total, count = _column(edge_rows, "total"), _column(edge_rows, "count")
-        hist = _column(edge_rows, "hist").view("<u4").reshape(-1, BINS) if histograms else None
-        del edge_rows
-        if not inside.all():
-            u, v, total, count = u[inside], v[inside], total[inside], count[inside]
-            hist = None if hist is None else hist[inside]
-        merged = Edges.aggregate(u, v, total, count)  # a pair seen by two blocks: summed
-        summed = np.zeros((merged.u.size, BINS if histograms else 0), np.int64)
-        if hist is not None and merged.u.size:
-            summed = _summed_rows(hist, np.searchsorted(
-                merged.u * (ids.size + 1) + merged.v,
-                np.minimum(u, v) * (ids.size + 1) + np.maximum(u, v)), merged.u.size)
-        graph = GraphData(ids, sizes, merged.u, merged.v, merged.total, merged.count, summed)
-        return RegionGraph(graph, node_blocks)
+            node_rows = _rows(conn, sa.select(*node_columns).order_by(nodes.c.id), node_fields)
+            edge_rows = _rows(conn, sa.select(*edge_columns), edge_fields)
+        return _region_graph(node_rows, edge_rows, histograms)
+
+    def drop_region_rows(self) -> None:
+        """Forget the blocks' rows kept for neighbourhoods (`read_region`)."""
+        self._cache.clear()
+
+    def _region_rows(self, around: Neighbourhood, histograms: bool
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The node and edge rows of ``around``, picked from its blocks' rows. A block's rows
+        never change once its graph is in, and neighbouring blocks share most of their
+        neighbourhoods, so a worker keeps blocks it read (up to ``REGION_CACHE_BYTES``):
+        each block is then read about once per worker instead of once per neighbour, and
+        the database answers the simple query it has an index for (rows by block)."""
+        import sqlalchemy as sa
+
+        info, nodes, edges = _tables()[1], _tables()[2], _tables()[3]
+        with self._connection("read") as conn:
+            key = (conn.execute(sa.select(info.c.value).where(info.c.key == "digest"))
+                   .scalar(), histograms)
+            if key != self._cache_key:  # another graph (or the histograms now wanted)
+                self._cache.clear()
+                self._cache_key = key
+            missing = [b for b in around.blocks if b not in self._cache]
+            if missing:
+                node_columns, node_fields = _node_columns(nodes, centres=True)
+                edge_columns, edge_fields = _edge_columns(edges, histograms, blocks=True)
+                node_rows = _rows(conn, sa.select(*node_columns).where(
+                    nodes.c.block.in_(missing)).order_by(nodes.c.id), node_fields)
+                edge_rows = _rows(conn, sa.select(*edge_columns).where(
+                    edges.c.block.in_(missing)), edge_fields)
+                for block in missing:
+                    self._cache[block] = (node_rows[node_rows["block"] == block],
+                                          edge_rows[edge_rows["block"] == block])
+        for block in around.blocks:
+            self._cache.move_to_end(block)
+        node_rows = np.concatenate([self._cache[b][0] for b in around.blocks])
+        edge_rows = np.concatenate([self._cache[b][1] for b in around.blocks])
+        held = sum(n.nbytes + e.nbytes for n, e in self._cache.values())
+        while held > REGION_CACHE_BYTES and len(self._cache) > len(around.blocks):
+            _, (n, e) = self._cache.popitem(last=False)  # least recently used first
+            held -= n.nbytes + e.nbytes
+        return _picked(node_rows, edge_rows, around)
 
     def agglomerated_blocks(self, key: str) -> set[int]:
         """The blocks whose levels under ``key`` are in."""
@@ -255,10 +268,10 @@ class GraphStore:
         """One block's join levels and its marker in one transaction; False if they were in."""
 
         *_, levels, agglomerated = _tables()
-        rows = [{"key": key, "block": block, "u": int(a), "v": int(b), "level": float(x)}
+        rows = [(key, block, a, b, x)
                 for a, b, x in zip(u.tolist(), v.tolist(), level.tolist(), strict=True)]
         return self._write_once(agglomerated, {"key": key, "block": block},
-                                [(levels, rows)])
+                                [(levels, ("key", "block", "u", "v", "level"), rows)])
 
     def read_levels(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every block's join levels under ``key``: fragment ids u, v and the level."""
@@ -297,10 +310,12 @@ class GraphStore:
         self.engine.dispose()
 
     def _write_once(self, markers: Any, marker: dict[str, Any],
-                    inserts: list[tuple[Any, list[dict[str, Any]]]]) -> bool:
-        """Insert ``marker`` into ``markers`` and the rows of ``inserts`` in one
-        transaction, the marker first (it claims the block); False if the marker was in
-        already (another worker, or an earlier run, finished the block)."""
+                    inserts: list[tuple[Any, tuple[str, ...], list[tuple[Any, ...]]]]) -> bool:
+        """Insert ``marker`` into ``markers`` and the rows of ``inserts`` (table, column
+        names, row tuples) in one transaction, the marker first (it claims the block); False
+        if the marker was in already (another worker, or an earlier run, finished the
+        block). The rows go to the driver's executemany as plain tuples: 3-4x faster than
+        SQLAlchemy's insert of dictionaries (10,000 rows: 10 ms against 33-70 ms)."""
         import sqlalchemy as sa
 
         start = time.perf_counter()
@@ -310,9 +325,10 @@ class GraphStore:
                 if conn.execute(sa.select(*markers.c).where(match)).first() is not None:
                     return False
                 conn.execute(markers.insert(), [marker])
-                for table, rows in inserts:
+                for table, columns, rows in inserts:
                     if rows:
-                        conn.execute(table.insert(), rows)
+                        conn.exec_driver_sql(_insert_sql(conn.dialect, table.name, columns),
+                                             rows)
         except sa.exc.IntegrityError:  # another worker committed this block meanwhile
             return False
         finally:
@@ -332,22 +348,74 @@ class GraphStore:
                             f"({_first_line(exc.orig or exc)})") from None
 
 
-def _taken(around: Neighbourhood) -> Any:
-    """The ids of the nodes of ``around``, as a query."""
-    import sqlalchemy as sa
+def _region_graph(node_rows: np.ndarray, edge_rows: np.ndarray, histograms: bool
+              ) -> RegionGraph:
+    """The graph of ``node_rows`` (sorted by id) and ``edge_rows``: edges to nodes it lacks
+    dropped, a pair seen by two blocks summed."""
+    from ..graph import Edges
 
-    _, _, nodes, edges, *_ = _tables()
-    centre = (nodes.c.z, nodes.c.y, nodes.c.x)
-    in_box = sa.and_(*(c >= b for c, b in zip(centre, around.begin, strict=True)),
-                     *(c < e for c, e in zip(centre, around.end, strict=True)))
-    near = sa.select(nodes.c.id.label("id")).where(
-        nodes.c.block.in_(around.blocks), sa.or_(nodes.c.block == around.block, in_box))
-    own = (around.first, around.last)
-    after = sa.select(edges.c.v.label("id")).where(edges.c.block.in_(around.blocks),
-                                                   edges.c.u.between(*own))
-    before = sa.select(edges.c.u.label("id")).where(edges.c.block.in_(around.blocks),
-                                                    edges.c.v.between(*own))
-    return sa.union(near, after, before).subquery("taken")
+    ids = _column(node_rows, "id").view(np.uint64)
+    sizes, node_blocks = _column(node_rows, "size"), _column(node_rows, "block")
+    u = _positions(ids, _column(edge_rows, "u").view(np.uint64))
+    v = _positions(ids, _column(edge_rows, "v").view(np.uint64))
+    inside = (u >= 0) & (v >= 0)  # a region's edges to nodes beyond it are dropped
+    total, count = _column(edge_rows, "total"), _column(edge_rows, "count")
+    hist = _column(edge_rows, "hist").view("<u4").reshape(-1, BINS) if histograms else None
+    if not inside.all():
+        u, v, total, count = u[inside], v[inside], total[inside], count[inside]
+        hist = None if hist is None else hist[inside]
+    merged = Edges.aggregate(u, v, total, count)  # a pair seen by two blocks: summed
+    summed = np.zeros((merged.u.size, BINS if histograms else 0), np.int64)
+    if hist is not None and merged.u.size:
+        summed = _summed_rows(hist, np.searchsorted(
+            merged.u * (ids.size + 1) + merged.v,
+            np.minimum(u, v) * (ids.size + 1) + np.maximum(u, v)), merged.u.size)
+    graph = GraphData(ids, sizes, merged.u, merged.v, merged.total, merged.count, summed)
+    return RegionGraph(graph, node_blocks)
+
+
+def _insert_sql(dialect: Any, table: str, columns: tuple[str, ...]) -> str:
+    """INSERT with the driver's own placeholders (sqlite3: ?, psycopg: %s)."""
+    quote = dialect.identifier_preparer.quote
+    mark = "?" if dialect.paramstyle == "qmark" else "%s"
+    return (f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in columns)}) "
+            f"VALUES ({', '.join([mark] * len(columns))})")
+
+
+def _node_columns(nodes: Any, centres: bool) -> tuple[list[Any], list[tuple[str, str]]]:
+    """The node columns a read selects, and their fields in the array it fills."""
+    fields = [("id", "<i8"), ("size", "<i8"), ("block", "<i8")]
+    if centres:
+        fields += [("z", "<f8"), ("y", "<f8"), ("x", "<f8")]
+    return [nodes.c[name] for name, _ in fields], fields
+
+
+def _edge_columns(edges: Any, histograms: bool, blocks: bool
+                  ) -> tuple[list[Any], list[tuple[str, str]]]:
+    """The edge columns a read selects, and their fields in the array it fills."""
+    fields = [("u", "<i8"), ("v", "<i8"), ("total", "<f8"), ("count", "<i8")]
+    if blocks:
+        fields.append(("block", "<i8"))
+    if histograms:
+        fields.append(("hist", f"S{4 * BINS}"))  # the blob of BINS uint32
+    return [edges.c[name] for name, _ in fields], fields
+
+
+def _picked(node_rows: np.ndarray, edge_rows: np.ndarray, around: Neighbourhood
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``around`` among its blocks' rows: its own nodes, those whose centre lies
+    in its box, those an edge joins to its own; the edges between any two of them."""
+    ids = node_rows["id"]
+    centre = np.stack([node_rows["z"], node_rows["y"], node_rows["x"]], axis=1)
+    in_box = ((centre >= np.array(around.begin)) & (centre < np.array(around.end))).all(1)
+    near = ids[(node_rows["block"] == around.block) | in_box]
+    u, v = edge_rows["u"], edge_rows["v"]
+    after = v[(u >= around.first) & (u <= around.last)]
+    before = u[(v >= around.first) & (v <= around.last)]
+    taken = np.unique(np.concatenate([near, after, before]))
+    nodes = node_rows[_positions(taken, ids) >= 0]  # binary search: isin sorts all rows
+    return (nodes[np.argsort(nodes["id"], kind="stable")],
+            edge_rows[(_positions(taken, u) >= 0) & (_positions(taken, v) >= 0)])
 
 
 BATCH = 1_000_000

@@ -248,6 +248,7 @@ def agglomerate_graph(job: ScaleJob) -> dict[str, Any]:
     if ids_file(job).exists() and all(f.exists() for f in files):
         return {}
     store = _store(job.db)
+    store.drop_region_rows()  # kept by a blockwise step that ran in this process
     start = time.perf_counter()
     if job.agglomeration == "global":
         graph = store.read(histograms=job.scoring != "mean")
