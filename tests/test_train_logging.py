@@ -277,18 +277,21 @@ def test_excluded_pause_leaves_rate_and_eta_alone(tmp_path: Path,
 
 def test_prediction_panels_show_each_task_after_its_own_activation() -> None:
     """A regression task (activation none, e.g. lsd) is drawn as predicted, not squashed
-    by a sigmoid; a sigmoid task through its sigmoid."""
+    by a sigmoid; a sigmoid task through its sigmoid; a signed distance over its -1 .. 1."""
     from types import SimpleNamespace
 
     import torch
 
+    from emrun.recipe.tasks import AffinityTarget, DistanceTarget, LSDTarget
     from emrun.train.trainer import Trainer
 
-    tasks = {"aff": SimpleNamespace(activation="sigmoid"),
-             "lsd": SimpleNamespace(activation="none")}
+    tasks = {"aff": SimpleNamespace(activation="sigmoid", target=AffinityTarget()),
+             "lsd": SimpleNamespace(activation="none", target=LSDTarget()),
+             "dist": SimpleNamespace(activation="tanh", target=DistanceTarget(signed=True))}
     trainer = SimpleNamespace(world=SimpleNamespace(main=True), losses=dict.fromkeys(tasks),
                               recipe=SimpleNamespace(tasks=tasks), iteration=7)
-    raw = {"aff": torch.full((1, 3, 4, 5, 5), 2.0), "lsd": torch.full((1, 10, 4, 5, 5), 0.3)}
+    raw = {"aff": torch.full((1, 3, 4, 5, 5), 2.0), "lsd": torch.full((1, 10, 4, 5, 5), 0.3),
+           "dist": torch.full((1, 1, 4, 5, 5), -10.0)}
     batch = {"image": torch.zeros((1, 1, 4, 5, 5)), "outputs": raw,
              "target": {k: torch.zeros_like(v) for k, v in raw.items()},
              "mask": {k: torch.ones_like(v[:, :1]) for k, v in raw.items()}}
@@ -297,3 +300,6 @@ def test_prediction_panels_show_each_task_after_its_own_activation() -> None:
     Trainer._images(trainer, logger, batch)  # type: ignore[arg-type]
     np.testing.assert_allclose(shown["lsd/prediction"], 0.3, rtol=1e-6)
     np.testing.assert_allclose(shown["aff/prediction"], 1 / (1 + math.exp(-2.0)), rtol=1e-6)
+    # a signed distance spans -1 .. 1: drawn black to white, its zero mid-grey
+    np.testing.assert_allclose(shown["dist/prediction"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(shown["dist/target"], 0.5, rtol=1e-6)

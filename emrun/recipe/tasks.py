@@ -27,6 +27,11 @@ class TargetBase(Spec):
     def channels(self) -> int:
         return 1
 
+    def value_range(self) -> tuple[float, float]:
+        """The values the target takes, lowest and highest (image panels map it to black
+        and white)."""
+        return 0.0, 1.0
+
 
 targets.require(TargetBase)
 
@@ -159,6 +164,9 @@ class DistanceTarget(TargetBase):
     clip: Positive = Field(
         200.0, le=1e6, description="Distance in nm at which the target saturates (1 or -1)."
     )
+
+    def value_range(self) -> tuple[float, float]:
+        return (-1.0, 1.0) if self.signed else (0.0, 1.0)
 
 
 @losses.register("bce")

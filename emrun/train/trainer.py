@@ -459,12 +459,14 @@ class Trainer:
         z = image.shape[0] // 2
         panels = {"input": image[z].cpu().numpy()}
         for name in self.losses:
-            activate = ACTIVATIONS[self.recipe.tasks[name].activation]  # as inference shows it
+            task = self.recipe.tasks[name]
+            activate = ACTIVATIONS[task.activation]  # as inference shows it
             pred = activate(batch["outputs"][name][0].detach().float())[:, z]
             target = batch["target"][name][0][:, z].float()
             mask = batch["mask"][name][0][:, z].float()
-            panels[f"{name}/prediction"] = pred.mean(0).cpu().numpy()
-            panels[f"{name}/target"] = target.mean(0).cpu().numpy()
+            low, high = task.target.value_range()  # to black .. white (signed distance: -1..1)
+            panels[f"{name}/prediction"] = ((pred.mean(0) - low) / (high - low)).cpu().numpy()
+            panels[f"{name}/target"] = ((target.mean(0) - low) / (high - low)).cpu().numpy()
             panels[f"{name}/mask"] = mask.mean(0).cpu().numpy()
         logger.images(self.iteration, panels)
 
