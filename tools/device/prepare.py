@@ -43,7 +43,7 @@ DEVICE_HAS = {
     "tensorboard", "pyyaml", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock",
     "fsspec", "setuptools", "typing-extensions", "markdown-it-py", "mdurl", "pygments",
     "shellingham", "protobuf", "grpcio", "absl-py", "markdown", "werkzeug",
-    "tensorboard-data-server", "packaging", "six",
+    "tensorboard-data-server", "packaging",
 }
 # Not emrun dependencies, but what its benchmarks compare with or segment by.
 EXTRAS = ["monai", "waterz"]

@@ -5,7 +5,9 @@
 #   engine    issue 15: engine against the model alone and MONAI, 9 and 16 blocks, compiled
 #   configs   issue 15: the model-alone configuration search, and the engine alone (--no-model)
 #   train     issue 17: trainer against a bare loop, batch 1 and 4, compiled; loader on 16 cores
-#   snemi     issues 17, 21: bench snemi3d (RECIPE=snemi3d_aff, ITER=3000 by default)
+#   snemi     issues 17, 21: bench snemi3d (RECIPE=snemi3d_aff, ITER=3000, DEVICE=cuda;
+#             a call cut short resumes in the next: the run folder stays on the warm machine)
+#   final     issue 17: bench snemi3d --final after snemi (all 70 sections, a model package)
 #   segment   issue 20: bench segment with 1, 2 and 4 workers on the machine's cores
 #   quick     every bench above on tiny sizes and the CPU: try this script before a session
 # Each step writes its JSON line to $OUT/NAME.json and its log to $OUT/NAME.log; one failed
@@ -39,7 +41,7 @@ preflight() {
 import importlib, platform, torch
 missing = []
 for module in ("emrun.cli", "numba", "zarr", "pydantic", "mwatershed", "cc3d", "edt",
-               "matplotlib", "sqlalchemy", "funlib.geometry", "monai", "waterz"):
+               "matplotlib.pyplot", "sqlalchemy", "funlib.geometry", "monai", "waterz"):
     try:
         importlib.import_module(module)
     except Exception as exc:  # report every missing piece at once
@@ -76,13 +78,28 @@ mode_train() {
     step loader_16_workers bench data $AFF --synthetic --workers 16 --samples 64
 }
 
+SNEMI_OUT=$WORK/snemi3d_${RECIPE:-snemi3d_aff}_${ITER:-3000}  # a second call resumes it
+
 mode_snemi() {
     local data=$STATE/data/snemi3d
     [ -f "$data/train-input.tif" ] || { echo "no SNEMI3D volumes in $data: unpack all loads"; return; }
-    step "snemi3d_${RECIPE:-snemi3d_aff}" bench snemi3d --data "$data" --out "$WORK/snemi3d" \
-        --recipe "${RECIPE:-snemi3d_aff}" --iterations "${ITER:-3000}" --device cuda
-    find "$WORK/snemi3d" -maxdepth 2 \( -name '*.json' -o -name '*.png' -o -name '*.md' \) \
-        -size -2M -exec cp {} "$OUT/" \;
+    step "snemi3d_${RECIPE:-snemi3d_aff}" bench snemi3d --data "$data" --out "$SNEMI_OUT" \
+        --recipe "${RECIPE:-snemi3d_aff}" --iterations "${ITER:-3000}" --device "${DEVICE:-cuda}"
+    keep_snemi
+}
+
+mode_final() {  # after snemi, in the same call or a later one: all 70 sections, packaged
+    step "snemi3d_final_${RECIPE:-snemi3d_aff}" bench snemi3d --final --data \
+        "$STATE/data/snemi3d" --out "$SNEMI_OUT" --recipe "${RECIPE:-snemi3d_aff}" \
+        --iterations "${ITER:-3000}" --device "${DEVICE:-cuda}"
+    keep_snemi
+}
+
+keep_snemi() {  # the figures, tables, curves and resolved recipes (not volumes or weights)
+    find "$SNEMI_OUT" -maxdepth 2 -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \
+        -o -name '*.png' -o -name '*.yaml' \) ! -name zarr.json -size -4M | while read -r f; do
+        cp "$f" "$OUT/snemi3d_$(echo "${f#"$SNEMI_OUT"/}" | tr / _)"
+    done
 }
 
 mode_segment() {

@@ -2,7 +2,7 @@
 
 Usage: python3 tools/device/unpack.py .device/loadK [...]
 
-Parts are moved under $EMRUN_DEVICE (default /tmp/emrun-device), which a warm machine keeps
+Parts are copied under $EMRUN_DEVICE (default /tmp/emrun-device), which a warm machine keeps
 between calls. A blob whose parts have all arrived is checked against its SHA-256 and
 unpacked: wheels into $EMRUN_DEVICE/site (put it on PYTHONPATH), files under
 $EMRUN_DEVICE/data. The last line says what is complete and what still waits for a load.
@@ -58,7 +58,7 @@ def unpack(load: Path) -> tuple[list[str], list[str]]:
     parts.mkdir(parents=True, exist_ok=True)
     done.mkdir(parents=True, exist_ok=True)
     for piece in load.glob("*.part*"):
-        shutil.move(str(piece), parts / piece.name)
+        shutil.copyfile(piece, parts / piece.name)  # the load stays whole (a local try)
     complete, waiting = [], []
     for blob in manifest["blobs"]:
         if (done / blob["name"]).exists():
