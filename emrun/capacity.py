@@ -47,3 +47,19 @@ def check_output_fits(output: str | os.PathLike[str], raw_bytes: int, what: str,
         raise UserError(f"{output}: {what} is {size_text(raw_bytes)} before compression; "
                         f"{size_text(free)} is free there, so it cannot fit even compressed "
                         f"{BEST_RATIO}x: {hint}")
+
+
+def work_folder(path: str | os.PathLike[str] | None, option: str) -> str | None:
+    """``path``, made if missing, for a command's temporary files (None: the system's
+    temporary folder). A file in the way, or a folder that cannot be made or written, is the
+    user's mistake, named with its ``option``."""
+    if path is None:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{option} {os.fspath(path)}: cannot make a folder there "
+                        f"({exc.strerror or exc})") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {os.fspath(path)}: the folder is not writable")
+    return os.fspath(path)

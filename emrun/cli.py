@@ -563,10 +563,14 @@ def evaluate(
         "for local, 1 for daisy).")] = None,
     launch: Annotated[str | None, typer.Option(
         help="daisy only: command that starts each worker, e.g. 'srun -c 4' (workers must "
-        "see the volumes and TMPDIR).")] = None,
+        "see the volumes and --work-dir).")] = None,
     block: Annotated[tuple[int, int, int] | None, typer.Option(
         metavar="Z Y X", help="Block size in voxels when scoring in blocks (default: whole "
         "storage chunks, about 8 million voxels).")] = None,
+    work_dir: Annotated[str | None, typer.Option(
+        metavar="DIR", help="Folder for the blocks' results while scoring in blocks, made if "
+        "missing, emptied after (default: TMPDIR or the system's); with --launch, one the "
+        "nodes share.")] = None,
     json_: JsonLine = False,
 ) -> None:
     """Score a segmentation against ground truth (adapted Rand, VOI, CREMI score), streamed
@@ -583,9 +587,9 @@ def evaluate(
         raise UserError("--connected-truth is for segmentations (object ids); drop it with "
                         "--binary")
     parallel = None
-    if scheduler is not None or workers is not None or block is not None or launch is not None:
+    if any(o is not None for o in (scheduler, workers, block, launch, work_dir)):
         parallel = Parallel(scheduler=scheduler or "local", workers=workers, launch=launch,
-                            block=block)
+                            block=block, work_dir=work_dir)
         parallel.check()  # before any volume is opened
     unit = "blocks" if parallel is not None else "slabs"
     seg_vol = open_volume(seg)

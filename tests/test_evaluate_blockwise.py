@@ -5,7 +5,6 @@ included (pieces joined across block faces), in worker processes and with daisy.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -211,6 +210,36 @@ def test_cli_bad_parallel_options_exit_2_in_one_line(volumes, options, message):
     assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1
 
 
+def test_cli_work_dir_holds_the_blocks_while_scoring_and_is_emptied(volumes, tmp_path,
+                                                                    monkeypatch):
+    """--work-dir (made if missing) holds the run's folder of block results, emptied after;
+    a file in its way is one line and exit 2."""
+    from emrun.evaluate import blockwise
+
+    _, paths = volumes
+    work = tmp_path / "scratch" / "eval"
+    base = ["evaluate", paths["seg"], paths["truth"], "--json"]
+    seen: list[Path] = []
+
+    def spy(folder, work_, index):  # where the block files go
+        seen.append(folder.parent)
+        return blockwise.write_block(folder, work_, index)
+
+    monkeypatch.setattr("emrun.evaluate.schedule.write_block", spy)
+    result = runner.invoke(app, [*base, "--workers", "1", "--block", "5", "24", "20",
+                                 "--work-dir", str(work)])
+    assert result.exit_code == 0, result.output
+    assert _json(result) == _json(runner.invoke(app, base))
+    assert seen and set(seen) == {work}
+    assert work.is_dir() and list(work.iterdir()) == []
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = runner.invoke(app, [*base, "--work-dir", str(blocker / "sub")])
+    assert result.exit_code == 2, result.output
+    assert f"--work-dir {blocker / 'sub'}: cannot make a folder there" in result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1
+
+
 def test_cli_daisy_scheduler_without_daisy_says_how_to_install(volumes, monkeypatch):
     _, paths = volumes
     monkeypatch.setitem(sys.modules, "daisy", None)  # import daisy raises ImportError
@@ -226,14 +255,13 @@ def test_daisy_workers_score_like_one_process(volumes, tmp_path):
     started through a launch command (as `srun ...` would) that connect back to daisy."""
     pytest.importorskip("daisy")
     _, paths = volumes
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
+    scratch = tmp_path / "shared" / "scratch"  # made by the run: the nodes' shared folder
     command = [sys.executable, "-m", "emrun", "evaluate", paths["seg"], paths["truth"],
                "--mask", paths["mask"], "--connected-truth", "--min-overlap", "5", "--json"]
-    env = {**os.environ, "TMPDIR": str(scratch)}
     daisy = subprocess.run([*command, "--scheduler", "daisy", "--workers", "2", "--block",
-                            "8", "32", "24", "--launch", "env EMRUN_LAUNCHED=1"],
-                           capture_output=True, text=True, env=env, timeout=120)
+                            "8", "32", "24", "--launch", "env EMRUN_LAUNCHED=1",
+                            "--work-dir", str(scratch)],
+                           capture_output=True, text=True, timeout=120)
     assert daisy.returncode == 0, daisy.stderr
     lines = daisy.stdout.strip().splitlines()
     assert len(lines) == 1, daisy.stdout  # nothing of daisy's on stdout

@@ -48,11 +48,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from ..capacity import work_folder
 from ..errors import UserError
 from ..geometry import box_of
 from ..io import open_volume
 from ..io.write import compressor
-from .scratch import scratch_folder
 
 RULE = ("the cheapest write (most MB per CPU second through zarr) whose ratio is at least "
         "90 % of emrun's codec's")
@@ -330,7 +330,7 @@ def bench_codecs(volume: str, *, chunks: Sequence[str] | None = None, passes: in
     data = np.ascontiguousarray(vol.read(box_of(shape)))
     rows = []
     with tempfile.TemporaryDirectory(prefix="emrun-bench-codecs-",
-                                     dir=scratch_folder(workdir, "--workdir")) as tmp:
+                                     dir=work_folder(workdir, "--workdir")) as tmp:
         for chunk_shape in chunk_shapes:
             sample = sample_chunks(data, chunk_shape, sample_mb)
             per_chunk = measure_chunks(known, sample, passes)

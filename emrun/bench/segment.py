@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ..capacity import work_folder
 from ..devices import cpu_cores
 from ..geometry import BlockGrid, Roi, box_of, slices
 from ..io.write import create_volume
-from .scratch import scratch_folder
 
 __all__ = ["CELL", "bench_segment", "make_affinities", "report_lines", "synthetic_cells"]
 
@@ -141,7 +141,7 @@ def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],
     from ..segment.request import SegmentRequest
 
     tmp = Path(tempfile.mkdtemp(prefix="emrun-bench-segment-",
-                               dir=scratch_folder(folder, "--folder")))
+                               dir=work_folder(folder, "--folder")))
     try:
         started = time.perf_counter()
         affs = make_affinities(tmp, shape, block, max(workers))

@@ -1,10 +1,11 @@
 """Who scores the blocks of `emrun.evaluate.blockwise`: worker processes on this machine, or
 daisy's blockwise scheduler (extra ``emrun[daisy]``) on many.
 
-A run saves its `Work` in a private temporary folder (``tempfile``; ``TMPDIR`` chooses
-where), the workers write one file per block there, this process merges them and removes
-the folder. Workers started through ``launch`` (e.g. ``srun -c 4``) on other machines must
-see that folder and the volumes: put ``TMPDIR`` on a filesystem the nodes share.
+A run saves its `Work` in a private temporary folder (``tempfile``, inside ``work_dir``,
+else ``TMPDIR`` or the system's), the workers write one file per block there, this process
+merges them and removes the folder. Workers started through ``launch`` (e.g. ``srun -c 4``)
+on other machines must see that folder and the volumes: give a ``work_dir`` on a filesystem
+the nodes share.
 
 ``local`` runs the blocks in this process with one worker, else in spawned worker
 processes that leave signals to this one (`emrun.subprocesses`). ``daisy`` hands them to
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emrun.capacity import work_folder
 from emrun.devices import cpu_cores, daisy_package
 from emrun.errors import UserError
 from emrun.evaluate.binary import BinaryCounts
@@ -53,12 +55,14 @@ OnBlock = Callable[[int, int], None]
 class Parallel:
     """How to score in blocks: ``scheduler`` local or daisy, ``workers`` (default: this
     machine's cores for local, 1 for daisy), ``launch`` (daisy only: the command that starts
-    each worker) and ``block`` (z, y, x voxels; default: whole chunks, `default_block`)."""
+    each worker), ``block`` (z, y, x voxels; default: whole chunks, `default_block`) and
+    ``work_dir`` (where the run's temporary folder goes; made if missing)."""
 
     scheduler: str = "local"
     workers: int | None = None
     launch: str | None = None
     block: tuple[int, int, int] | None = None
+    work_dir: str | None = None
 
     def check(self) -> None:
         """Raise a UserError (one line) for options that cannot run; daisy is imported."""
@@ -76,6 +80,7 @@ class Parallel:
                             "'srun -c 4'")
         if self.scheduler == "daisy":
             daisy_package()
+        work_folder(self.work_dir, "--work-dir")
 
     @property
     def worker_count(self) -> int:
@@ -88,7 +93,8 @@ def score_blocks(work: Work, parallel: Parallel, on_block: OnBlock | None = None
                  ) -> ContingencyTable | BinaryCounts:
     """Score every block of ``work`` with ``parallel``'s workers and merge their results."""
     parallel.check()
-    with tempfile.TemporaryDirectory(prefix="emrun-evaluate-") as name:
+    with tempfile.TemporaryDirectory(prefix="emrun-evaluate-",
+                                     dir=work_folder(parallel.work_dir, "--work-dir")) as name:
         folder = Path(name)
         save_work(folder, work)
         if parallel.scheduler == "daisy":
