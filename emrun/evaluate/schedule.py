@@ -93,8 +93,7 @@ def score_blocks(work: Work, parallel: Parallel, on_block: OnBlock | None = None
                  ) -> ContingencyTable | BinaryCounts:
     """Score every block of ``work`` with ``parallel``'s workers and merge their results."""
     parallel.check()
-    with tempfile.TemporaryDirectory(prefix="emrun-evaluate-",
-                                     dir=work_folder(parallel.work_dir, "--work-dir")) as name:
+    with tempfile.TemporaryDirectory(prefix="emrun-evaluate-", dir=parallel.work_dir) as name:
         folder = Path(name)
         save_work(folder, work)
         if parallel.scheduler == "daisy":
