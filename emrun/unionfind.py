@@ -1,5 +1,6 @@
-"""Union-find for the compiled (numba) loops that need one: Kruskal's algorithm in MALIS and
-in the fragments' seeded watershed. Arrays only, so numba compiles it into its callers."""
+"""Union-find for the compiled (numba) loops that need one (Kruskal's algorithm in MALIS; the
+fragments' seeded watershed keeps its own, with seed ids at the roots). Arrays only, so
+numba compiles it into its callers."""
 
 from __future__ import annotations
 

@@ -682,3 +682,117 @@ def test_relabelling_lookup_maps_known_ids_and_zeroes_the_rest(spread):
     known = dict(zip(ids.tolist(), segments.tolist(), strict=True))
     expected = np.vectorize(lambda i: known.get(int(i), 0), otypes=[np.uint64])(fragments)
     assert np.array_equal(lookup(fragments, ids, segments), expected)
+
+
+def _kruskal_from_seeds(affs: np.ndarray, offsets, seeds: np.ndarray,
+                        mask: np.ndarray) -> np.ndarray:
+    """The seeded watershed by its definition, in plain Python: every nearest-neighbour edge
+    with both ends in the mask, strongest first (ranked at 16 bits, ties in channel then
+    voxel order), joins two trees unless both hold a seed; a voxel takes its tree's seed."""
+    shape = seeds.shape
+    edges = []
+    for c, offset in enumerate(offsets):
+        for v in np.ndindex(shape):
+            w = tuple(a + d for a, d in zip(v, offset, strict=True))
+            if all(0 <= a < n for a, n in zip(w, shape, strict=True)) and mask[v] and mask[w]:
+                rank = int(np.float64(np.clip(affs[c][v], 0, 1)) * 65535 + 0.5)
+                edges.append((-rank, len(edges), np.ravel_multi_index(v, shape),
+                              np.ravel_multi_index(w, shape)))
+    parent = list(range(seeds.size))
+    label = [int(s) for s in seeds.ravel()]
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for _, _, u, w in sorted(edges):
+        a, b = root(u), root(w)
+        if a != b and not (label[a] and label[b]):
+            if label[a] == 0:
+                a, b = b, a
+            parent[b] = a
+    return np.array([label[root(v)] for v in range(seeds.size)]).reshape(shape)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fragments_flood_is_the_seeded_spanning_forest_by_definition(masked):
+    """The compiled flood gives what the definition gives on random affinities (ties
+    included: uint8 values), with and without a mask cutting voxels off every seed."""
+    from emrun.segment.scale.fragments import _flood
+
+    rng = np.random.default_rng(5)
+    shape = (4, 7, 9)
+    affs = (rng.integers(0, 8, (3, *shape)) / 7).astype(np.float32)
+    mask = rng.random(shape) > 0.25 if masked else np.ones(shape, bool)
+    seeds = np.zeros(shape, np.uint64)
+    for k, at in enumerate(rng.choice(seeds.size, 6, replace=False)):
+        seeds.ravel()[at] = k + 1
+    seeds[~mask] = 0
+    got = _flood(affs, NEAREST, seeds, mask if masked else None)
+    assert np.array_equal(got, _kruskal_from_seeds(affs, NEAREST, seeds, mask))
+    assert not got[~mask].any()
+
+
+def test_every_piece_of_object_gets_a_fragment():
+    """A slab the mask cuts off one voxel thick, beside a deeper region, holds no maximum of
+    the distance over the seed window; it still gets a seed (its deepest voxel) and so a
+    fragment of its own, and every voxel inside the mask gets a fragment, 0 only outside."""
+    from emrun.segment.scale.fragments import SEED_WINDOW, watershed_fragments
+
+    shape = (6, 20, 24)
+    affs = np.full((3, *shape), 0.9, np.float32)  # one object
+    mask = np.ones(shape, bool)
+    mask[:, :, 13] = mask[:, :, 15] = False  # the slab x = 14, 2 voxels from x = 11
+    assert SEED_WINDOW[2] // 2 >= 3  # so that x = 11 (distance 2 > 1) is in its window
+    frags = watershed_fragments(affs, NEAREST, mask)
+    assert frags[mask].min() > 0 and not frags[~mask].any()
+    slab = np.unique(frags[:, :, 14])
+    assert slab.size == 1
+    assert not np.isin(slab, frags[:, :, :13]).any() and not np.isin(slab, frags[:, :, 16:]).any()
+
+
+def test_block_graph_counts_each_edge_of_the_block_once_by_definition():
+    """Nodes and edges of a block with a margin, against a loop over every voxel pair:
+    sizes, centres, summed affinities, counts and histograms; id 0 takes no part."""
+    from emrun.geometry import Roi
+    from emrun.segment.scale.rag import block_graph
+
+    rng = np.random.default_rng(2)
+    region = Roi((3, 10, 20), (5, 8, 9))
+    core = Roi((3, 11, 21), (4, 6, 7))  # a margin before it in y and x, after it in z
+    labels = rng.choice(np.array([0, 7, 8, 9, 40, 41], np.uint64), region.shape)  # both sides
+    inner = tuple(slice(c - r, c - r + n) for c, r, n in zip(core.offset, region.offset,
+                                                           core.shape, strict=True))
+    labels[inner] = rng.choice(np.array([0, 20, 21, 22, 23], np.uint64), core.shape)
+    affs = rng.random((3, *core.shape)).astype(np.float32)
+    graph = block_graph(labels, region, core, affs, NEAREST)
+
+    expected: dict[tuple[int, int], list] = {}
+    low = [c - r for c, r in zip(core.offset, region.offset, strict=True)]
+    for c, offset in enumerate(NEAREST):
+        for v in np.ndindex(core.shape):
+            here = tuple(a + b for a, b in zip(v, low, strict=True))
+            there = tuple(a + d for a, d in zip(here, offset, strict=True))
+            if not all(0 <= a < n for a, n in zip(there, region.shape, strict=True)):
+                continue
+            a, b = int(labels[here]), int(labels[there])
+            if a == b or not a or not b:
+                continue
+            entry = expected.setdefault((min(a, b), max(a, b)), [0.0, 0, np.zeros(BINS)])
+            p = float(affs[c][v])
+            entry[0] += p
+            entry[1] += 1
+            entry[2][min(int(p * BINS), BINS - 1)] += 1
+    pairs = sorted(expected)
+    assert list(zip(graph.u.tolist(), graph.v.tolist(), strict=True)) == pairs
+    assert np.allclose(graph.total, [expected[p][0] for p in pairs], rtol=0, atol=1e-9)
+    assert graph.count.tolist() == [expected[p][1] for p in pairs]
+    assert np.array_equal(graph.hist, np.array([expected[p][2] for p in pairs]))
+    core_labels = labels[inner]
+    ids = sorted(set(core_labels.ravel().tolist()) - {0})
+    assert graph.ids.tolist() == ids
+    assert graph.sizes.tolist() == [int((core_labels == i).sum()) for i in ids]
+    for i, centre in zip(ids, graph.centres, strict=True):
+        expected_centre = np.argwhere(core_labels == i).mean(0) + np.asarray(core.offset)
+        assert np.allclose(centre, expected_centre)

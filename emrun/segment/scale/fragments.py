@@ -22,7 +22,6 @@ import numba
 import numpy as np
 from scipy import ndimage
 
-from ...unionfind import find
 from ..affinities import Offset, edge_slices, nearest_axes
 from ..pipeline import provisional
 
@@ -61,23 +60,38 @@ def watershed_fragments(affs: np.ndarray, offsets: Sequence[Offset],
         inside &= mask
     distance = edt.edt(inside, parallel=1)
     peaks = (distance == ndimage.maximum_filter(distance, size=SEED_WINDOW)) & inside
-    seeds = cc3d.connected_components(peaks, connectivity=26).astype(np.uint64)
+    seeds = cc3d.connected_components(peaks, connectivity=26, out_dtype=np.uint64)
     pieces, count = cc3d.connected_components(inside, connectivity=6, return_N=True)
     if count:  # a piece of object beside a larger one may hold no window maximum: seed it
-        seeded = np.zeros(count + 1, bool)
-        seeded[pieces[seeds != 0]] = True
-        lonely = np.flatnonzero(~seeded[1:]) + 1
-        if lonely.size:
-            top = int(seeds.max())
-            at = ndimage.maximum_position(distance, pieces, lonely)
-            seeds[tuple(np.array(at, np.int64).reshape(-1, 3).T)] = np.arange(
-                top + 1, top + 1 + lonely.size, dtype=np.uint64)
+        _seed_unseeded(seeds.reshape(-1), pieces.reshape(-1), distance.reshape(-1), count)
     if not seeds.any():  # all boundary: the block's least boundary voxel seeds one fragment
         allowed = np.where(mask, boundary, np.inf) if mask is not None else boundary
         if not np.isfinite(allowed).any():
             return np.zeros(boundary.shape, np.uint64)
         seeds.flat[int(np.argmin(allowed))] = 1
     return _flood(affs, offsets, seeds, mask)
+
+
+@numba.njit(cache=True, nogil=True)
+def _seed_unseeded(seeds: np.ndarray, pieces: np.ndarray, distance: np.ndarray,
+                   count: int) -> None:  # pragma: no cover - compiled
+    """Give each piece (ids 1..count) that holds no seed one at its first voxel of largest
+    distance, with new ids after the largest seed id, in piece order (in place, flat)."""
+    seeded = np.zeros(count + 1, np.bool_)
+    best = np.full(count + 1, -1.0, np.float64)
+    at = np.full(count + 1, -1, np.int64)
+    top = np.uint64(0)
+    for v in range(seeds.shape[0]):
+        if seeds[v] != 0:
+            seeded[pieces[v]] = True
+            top = max(top, seeds[v])
+        elif pieces[v] != 0 and distance[v] > best[pieces[v]]:
+            best[pieces[v]] = distance[v]
+            at[pieces[v]] = v
+    for piece in range(1, count + 1):
+        if not seeded[piece]:
+            top += np.uint64(1)
+            seeds[at[piece]] = top
 
 
 def _flood(affs: np.ndarray, offsets: Sequence[Offset], seeds: np.ndarray,
@@ -89,32 +103,18 @@ def _flood(affs: np.ndarray, offsets: Sequence[Offset], seeds: np.ndarray,
     the affinities drop, where a voxel watershed must give each two-voxel-thick boundary to
     one side or the other. Each tree holds seed voxels of one id and takes it; voxels no
     seed reaches (cut off by the mask) get 0. Affinities are ranked at 16 bits (ties in
-    edge order), so one counting sort orders the edges."""
+    channel order, then voxel order), so one counting sort orders the edges; both passes
+    over the edges and the forest are one compiled loop, with no edge list built in numpy."""
     shape = seeds.shape
-    n = int(np.prod(shape))
-    index = np.arange(n, dtype=np.int32).reshape(shape)
-    inside = np.ones(shape, bool) if mask is None else mask
-    rows, cols, ranks = [], [], []
-    for axis in nearest_axes(offsets):
-        for c in axis:
-            pair = edge_slices(shape, offsets[c])
-            if pair is None:
-                continue
-            here, there = pair
-            rank = (np.clip(affs[c][here], 0.0, 1.0) * RANKS + 0.5).astype(np.uint16)
-            if mask is None:
-                rows.append(index[here].ravel())
-                cols.append(index[there].ravel())
-                ranks.append(rank.ravel())
-                continue
-            keep = inside[here] & inside[there]
-            rows.append(index[here][keep])
-            cols.append(index[there][keep])
-            ranks.append(rank[keep])
-    order = _strongest_first(np.concatenate(ranks))
-    u, w = np.concatenate(rows)[order], np.concatenate(cols)[order]
-    start = np.where(inside, seeds, 0).astype(np.uint64).ravel()
-    return _seeded_forest(u, w, start).reshape(shape)
+    if int(np.prod(shape)) >= 2**31:
+        raise ValueError(f"a block of {shape} voxels is too large for the fragments' "
+                         "watershed (at most 2^31 voxels)")
+    channels = [c for axis in nearest_axes(offsets) for c in axis]
+    steps = np.array([offsets[c] for c in channels], np.int64).reshape(-1, 3)
+    inside = np.ones(shape, bool) if mask is None else np.ascontiguousarray(mask)
+    start = np.where(inside, seeds, 0).astype(np.int64)
+    values = np.ascontiguousarray(affs, dtype=np.float32)
+    return _seeded_forest(values, np.array(channels, np.int64), steps, start, inside)
 
 
 RANKS = 65535
@@ -122,44 +122,78 @@ RANKS = 65535
 
 
 @numba.njit(cache=True, nogil=True)
-def _strongest_first(rank: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """Indices of ``rank`` (uint16) from the largest down, ties in index order: a counting
-    sort, linear in the edges."""
+def _ranked_edges(affs: np.ndarray, channels: np.ndarray, steps: np.ndarray,
+                  inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    """The edges v - (v + step) of each channel with both ends inside, as flat voxel indices
+    (u, w) from the strongest affinity down (a counting sort on 16-bit ranks; ties in
+    channel order, then voxel order)."""
+    nz, ny, nx = inside.shape
     count = np.zeros(RANKS + 2, np.int64)
-    for r in rank:
-        count[RANKS - r + 1] += 1
-    for k in range(1, RANKS + 2):
-        count[k] += count[k - 1]
-    order = np.empty(rank.shape[0], np.int64)
-    for i in range(rank.shape[0]):
-        slot = RANKS - rank[i]
-        order[count[slot]] = i
-        count[slot] += 1
-    return order
+    for sweep in range(2):  # the first counts each rank, the second places each edge
+        if sweep == 1:
+            for k in range(1, RANKS + 2):
+                count[k] += count[k - 1]
+            u = np.empty(count[RANKS + 1], np.int32)
+            w = np.empty(count[RANKS + 1], np.int32)
+        for i in range(channels.shape[0]):
+            dz, dy, dx = steps[i, 0], steps[i, 1], steps[i, 2]
+            shift = (dz * ny + dy) * nx + dx
+            for z in range(max(0, -dz), nz - max(0, dz)):
+                for y in range(max(0, -dy), ny - max(0, dy)):
+                    for x in range(max(0, -dx), nx - max(0, dx)):
+                        if not (inside[z, y, x] and inside[z + dz, y + dy, x + dx]):
+                            continue
+                        a = min(max(affs[channels[i], z, y, x], np.float32(0.0)),
+                                np.float32(1.0))
+                        slot = RANKS - np.int64(a * RANKS + 0.5)
+                        if sweep == 0:
+                            count[slot + 1] += 1
+                        else:
+                            v = (z * ny + y) * nx + x
+                            u[count[slot]] = v
+                            w[count[slot]] = v + shift
+                            count[slot] += 1
+    return u, w
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _root(tree: np.ndarray, v: int) -> int:  # pragma: no cover - compiled
+    """The root of ``v`` in a forest whose roots hold -1 - their seed id (path halving)."""
+    while True:
+        up = tree[v]
+        if up < 0:
+            return v
+        above = tree[up]
+        if above < 0:
+            return up
+        tree[v] = above
+        v = above
 
 
 @numba.njit(cache=True, nogil=True)
-def _seeded_forest(u: np.ndarray, w: np.ndarray, seed: np.ndarray
-                   ) -> np.ndarray:  # pragma: no cover - compiled
-    """Kruskal over the edges u[k]-w[k] in the order given, skipping edges between two
-    seeded trees (union-find with path halving); each voxel's tree's seed id, or 0."""
-    n = seed.shape[0]
-    parent = np.arange(n)
-    label = seed.copy()  # per root: its tree's seed id
+def _seeded_forest(affs: np.ndarray, channels: np.ndarray, steps: np.ndarray,
+                   seeds: np.ndarray, inside: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """Kruskal over the ranked edges, skipping edges between two seeded trees; each voxel's
+    tree's seed id, or 0. One int32 per voxel: a parent, or at a root -1 - the seed id, so
+    that the loop touches one array (half the memory of parents and labels apart)."""
+    u, w = _ranked_edges(affs, channels, steps, inside)
+    tree = np.empty(seeds.size, np.int32)
+    flat = seeds.reshape(-1)
+    for v in range(flat.shape[0]):
+        tree[v] = -1 - flat[v]
     for k in range(u.shape[0]):
-        a = find(parent, u[k])
-        b = find(parent, w[k])
-        if a == b or (label[a] != 0 and label[b] != 0):
+        a = _root(tree, u[k])
+        b = _root(tree, w[k])
+        if a == b:
             continue
-        if label[a] == 0:
-            a, b = b, a
-        parent[b] = a  # the seeded root (if any) stays root
-    out = np.empty(n, np.uint64)
-    for v in range(n):
-        r = v
-        while parent[r] != r:
-            r = parent[r]
-        out[v] = label[r]
+        if tree[a] == -1:  # a holds no seed: it joins b's tree
+            tree[a] = b
+        elif tree[b] == -1:
+            tree[b] = a
+    out = np.empty(seeds.shape, np.uint64)
+    labels = out.reshape(-1)
+    for v in range(flat.shape[0]):
+        labels[v] = -1 - tree[_root(tree, v)]
     return out
 
 

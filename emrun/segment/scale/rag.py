@@ -18,8 +18,7 @@ import numba
 import numpy as np
 
 from ...geometry import Roi, local_slices
-from ..affinities import Offset
-from ..pipeline import nearest_pairs
+from ..affinities import Offset, is_nearest
 
 __all__ = ["BINS", "BlockGraph", "block_graph", "dense_ids", "histogram_quantile", "row_quantile"]
 
@@ -45,37 +44,111 @@ def block_graph(labels: np.ndarray, region: Roi, core: Roi, affs: np.ndarray,
                 offsets: Sequence[Offset]) -> BlockGraph:
     """The graph of ``core``: ``labels`` (fragment ids) cover ``region`` (the core and a
     margin), ``affs`` (float32, c, z, y, x) cover ``core``; ids 0 take no part. Ids are
-    first made dense (`dense_ids`), so pairs are single int64 keys."""
-    ids, dense = dense_ids(labels, labels[local_slices(core, region.offset)])
-    n = ids.size
-    inner = dense[local_slices(core, region.offset)].ravel()
-    sizes = np.bincount(inner, minlength=n)
-    centres = np.zeros((n, 3))
-    for axis, grid in enumerate(np.indices(core.shape, dtype=np.int32)):
-        centres[:, axis] = np.bincount(inner, weights=grid.ravel(), minlength=n)
+    first made dense (`dense_ids`), so that the compiled loops index arrays by fragment."""
+    inner = local_slices(core, region.offset)
+    ids, dense = dense_ids(labels, labels[inner])
+    sizes, sums = _node_moments(np.ascontiguousarray(dense[inner]), ids.size)
     present = (sizes > 0) & (ids != 0)
-    centres = centres[present] / sizes[present, None] + np.asarray(core.offset, np.float64)
+    centres = sums[present] / sizes[present, None] + np.asarray(core.offset, np.float64)
+    channels = [c for c, offset in enumerate(offsets) if is_nearest(offset)]
+    u, v, total, count, hist = _pair_statistics(
+        np.ascontiguousarray(dense), np.array([s.start for s in inner], np.int64),
+        np.ascontiguousarray(affs, dtype=np.float32), np.array(channels, np.int64),
+        np.array([offsets[c] for c in channels], np.int64).reshape(-1, 3), ids != 0)
+    return BlockGraph(ids[present], sizes[present], centres, ids[u], ids[v], total, count,
+                      hist)
 
-    keys, values = [], []
-    for u, v, p in nearest_pairs(dense, region, core, affs, offsets):
-        pick = (u != v) & (ids[u] != 0) & (ids[v] != 0)
-        u, v = u[pick], v[pick]
-        keys.append(np.minimum(u, v) * n + np.maximum(u, v))
-        values.append(p[pick])
-    ids_out, sizes_out = ids[present], sizes[present].astype(np.int64)
-    if not keys or not sum(k.size for k in keys):
-        empty = np.zeros(0, np.uint64)
-        return BlockGraph(ids_out, sizes_out, centres, empty, empty, np.zeros(0),
-                          np.zeros(0, np.int64), np.zeros((0, BINS), np.uint32))
-    pairs, index = np.unique(np.concatenate(keys), return_inverse=True)
-    index = index.reshape(-1)
-    p = np.concatenate(values).astype(np.float64)
-    total = np.bincount(index, weights=p, minlength=pairs.size)
-    count = np.bincount(index, minlength=pairs.size).astype(np.int64)
-    bins = np.minimum((p * BINS).astype(np.int64), BINS - 1)
-    hist = np.bincount(index * BINS + bins, minlength=pairs.size * BINS)
-    return BlockGraph(ids_out, sizes_out, centres, ids[pairs // n], ids[pairs % n], total,
-                      count, hist.reshape(-1, BINS).astype(np.uint32))
+
+@numba.njit(cache=True, nogil=True)
+def _node_moments(dense: np.ndarray, n: int
+                  ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Each dense id's voxel count in ``dense`` and the sums of its voxels' z, y, x."""
+    sizes = np.zeros(n, np.int64)
+    sums = np.zeros((n, 3), np.float64)
+    for z in range(dense.shape[0]):
+        for y in range(dense.shape[1]):
+            for x in range(dense.shape[2]):
+                d = dense[z, y, x]
+                sizes[d] += 1
+                sums[d, 0] += z
+                sums[d, 1] += y
+                sums[d, 2] += x
+    return sizes, sums
+
+
+@numba.njit(cache=True, nogil=True)
+def _pair_statistics(dense: np.ndarray, low: np.ndarray, affs: np.ndarray,
+                     channels: np.ndarray, steps: np.ndarray, real: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                np.ndarray]:  # pragma: no cover - compiled
+    """The pairs (u < v, dense ids, sorted) of different real fragments joined by an edge
+    of one of ``channels`` (step ``steps[i]``) whose first voxel lies in the core (``affs``'
+    box, at ``low`` in ``dense``) and whose second lies in ``dense``; per pair the summed
+    affinity, the count and the histogram. Edges are bucketed by u (a counting sort that
+    keeps their order, so each sum adds in the order numpy's bincount did), then each
+    bucket's partners are gathered through one scratch slot per id: linear, no sort of
+    the edges."""
+    n = real.shape[0]
+    shape, core = dense.shape, affs.shape[1:]
+    start = np.zeros(n + 1, np.int64)
+    for sweep in range(2):  # the first counts each u's edges, the second places them
+        if sweep == 1:
+            for k in range(n):
+                start[k + 1] += start[k]
+            partner = np.empty(start[n], np.int64)
+            value = np.empty(start[n], np.float64)
+            fill = start[:n].copy()
+        for i in range(channels.shape[0]):
+            lo, hi = np.empty(3, np.int64), np.empty(3, np.int64)
+            for a in range(3):
+                lo[a] = max(low[a], -steps[i, a])
+                hi[a] = min(low[a] + core[a], shape[a] - steps[i, a])
+            for z in range(lo[0], hi[0]):
+                for y in range(lo[1], hi[1]):
+                    for x in range(lo[2], hi[2]):
+                        a = dense[z, y, x]
+                        b = dense[z + steps[i, 0], y + steps[i, 1], x + steps[i, 2]]
+                        if a == b or not (real[a] and real[b]):
+                            continue
+                        if b < a:
+                            a, b = b, a
+                        if sweep == 0:
+                            start[a + 1] += 1
+                        else:
+                            partner[fill[a]] = b
+                            value[fill[a]] = affs[channels[i], z - low[0], y - low[1],
+                                                  x - low[2]]
+                            fill[a] += 1
+    v = np.empty(partner.shape[0], np.int64)  # each bucket's distinct partners, sorted
+    first = np.zeros(n + 1, np.int64)  # u's pairs are first[u]:first[u + 1]
+    slot = np.full(n, -1, np.int64)
+    for a in range(n):
+        pairs = first[a]
+        for k in range(start[a], start[a + 1]):
+            if slot[partner[k]] < 0:
+                slot[partner[k]] = 0
+                v[pairs] = partner[k]
+                pairs += 1
+        v[first[a]:pairs] = np.sort(v[first[a]:pairs])
+        for j in range(first[a], pairs):
+            slot[v[j]] = -1
+        first[a + 1] = pairs
+    m = first[n]
+    u = np.empty(m, np.int64)
+    total, count = np.zeros(m, np.float64), np.zeros(m, np.int64)
+    hist = np.zeros((m, BINS), np.uint32)
+    for a in range(n):
+        for j in range(first[a], first[a + 1]):
+            u[j] = a
+            slot[v[j]] = j
+        for k in range(start[a], start[a + 1]):
+            j = slot[partner[k]]
+            total[j] += value[k]
+            count[j] += 1
+            hist[j, min(int(value[k] * BINS), BINS - 1)] += 1
+        for j in range(first[a], first[a + 1]):
+            slot[v[j]] = -1
+    return u, v[:m].copy(), total, count, hist
 
 
 def dense_ids(labels: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
