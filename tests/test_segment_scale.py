@@ -483,6 +483,23 @@ def test_postgresql_holds_the_graph_and_gives_what_sqlite_gives(volume, postgres
     assert result.exit_code == 2 and "holds the graph of other fragments" in result.output
 
 
+def test_postgresql_role_without_rights_is_one_line_and_exit_2(volume, postgres_url):
+    """A role that may connect but not create tables (PostgreSQL 15's default on the public
+    schema): the database's own reason, one line, exit 2, no output volume started."""
+    import psycopg
+
+    tmp, _ = volume
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE ROLE visitor LOGIN")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")  # as 15 has it, for 14-
+    out, result = segment(tmp, "visitor.zarr", "--db",
+                          postgres_url.replace("//emrun@", "//visitor@"))
+    assert result.exit_code == 2, result.output
+    assert "permission denied" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (out / "labels").exists()
+
+
 def test_postgresql_kill_9_then_resume(volume, postgres_url):
     """kill -9 mid-run with the graph in PostgreSQL; resumed, the same as SQLite's run."""
     import sqlalchemy as sa
