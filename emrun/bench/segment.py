@@ -26,6 +26,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +125,17 @@ def make_affinities(folder: Path, shape: tuple[int, int, int], block: tuple[int,
     path = str(store / "affinity" / "0")
     grid = BlockGrid(box_of(shape), block)
     jobs = [(path, shape, index, block) for index in grid.indices()]
-    if workers > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            pool.starmap(_affinity_block, jobs)
+    if workers > 1:  # an executor, not a Pool: a worker that dies stops it (a Pool would
+        # start another forever, e.g. when a script calling this lacks a __main__ guard)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            try:
+                list(pool.map(_affinity_block, *zip(*jobs, strict=True)))
+            except BrokenProcessPool:
+                raise RuntimeError(
+                    "a worker generating the affinities died: killed for memory, or a script "
+                    "calling make_affinities without an `if __name__ == '__main__':` guard "
+                    "(workers are spawned and import the main module)") from None
     else:
         for job in jobs:
             _affinity_block(*job)
