@@ -546,6 +546,22 @@ def test_mistakes_are_one_line_and_exit_2(volume, extra, message):
     assert not (out / "labels").exists(), "nothing half-written"
 
 
+def test_a_block_beyond_the_watersheds_index_is_refused_before_any_work(tmp_path):
+    """Blocks (with their context) are indexed as int32 by the watershed: a larger --block
+    on a volume that large is one line and exit 2 (metadata only: nothing is read)."""
+    from emrun.io.write import create_volume
+
+    create_volume(tmp_path / "big.zarr", "affinity", (3, 1100, 2100, 2100), np.uint8,
+                  chunks=(3, 32, 256, 256), channel_axis=True,
+                  attrs={"offsets": [list(o) for o in NEAREST]})
+    out = tmp_path / "out.zarr"
+    result = runner.invoke(app, ["segment", str(tmp_path / "big.zarr/affinity"), str(out),
+                                 "--scheduler", "local", "--block", "1024", "2048", "2048"])
+    assert result.exit_code == 2, result.output
+    assert "too large" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_a_recorded_mws_recipe_does_not_stop_the_graph_pipeline(volume, tmp_path):
     """Inference outputs record their recipe's segmenter (the demo's: mws); --scheduler then
     agglomerates with waterz's settings and says so, instead of refusing."""

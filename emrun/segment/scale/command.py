@@ -10,6 +10,7 @@ accept the tables).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ from ...recipe.run import SegmenterBase, Waterz
 from ...registry import segmenters
 from ..base import respec
 from ..request import SegmentRequest
-from .fragments import FRAGMENT_METHODS
+from .fragments import FRAGMENT_METHODS, HALO, MAX_VOXELS
 from .graphdb import GraphStore, default_url, shown_url
 from .job import FOLDER, FRAGMENTS, ScaleJob
 from .schedulers import local_pool, run_step
@@ -89,6 +90,10 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
     output = request.output
     spatial = zyx(volume.shape[1:])
     block = zyx(min(b, n) for b, n in zip(request.block or DEFAULT_BLOCK, spatial, strict=True))
+    if math.prod(b + 2 * h for b, h in zip(block, HALO, strict=True)) > MAX_VOXELS:
+        raise UserError(f"--block {list(block)}: too large, a block with its context "
+                        f"({list(HALO)} on each side) may hold at most {MAX_VOXELS:,} voxels; "
+                        f"the default {list(DEFAULT_BLOCK)} is also the fastest per voxel")
     folder = output / FOLDER
     job = ScaleJob(affinities=volume.location(), offsets=tuple(offsets),
                    output=str(output.resolve()), shape=spatial, block=block,

@@ -25,7 +25,7 @@ from scipy import ndimage
 from ..affinities import Offset, edge_slices, nearest_axes
 from ..pipeline import provisional
 
-__all__ = ["FRAGMENT_METHODS", "block_fragments", "watershed_fragments"]
+__all__ = ["FRAGMENT_METHODS", "MAX_VOXELS", "block_fragments", "watershed_fragments"]
 
 FRAGMENT_METHODS = ("watershed", "mws")
 SEED_WINDOW = (3, 7, 7)
@@ -33,6 +33,8 @@ SEED_WINDOW = (3, 7, 7)
 HALO = (2, 8, 8)
 """Context (z, y, x) read around a block for its fragments, then cropped."""
 FOREGROUND = 0.5
+MAX_VOXELS = 2**31 - 1
+"""The most voxels a block with its context may hold: the watershed indexes them as int32."""
 """Voxels whose mean nearest-neighbour affinity is above this lie inside an object."""
 
 
@@ -106,9 +108,8 @@ def _flood(affs: np.ndarray, offsets: Sequence[Offset], seeds: np.ndarray,
     channel order, then voxel order), so one counting sort orders the edges; both passes
     over the edges and the forest are one compiled loop, with no edge list built in numpy."""
     shape = seeds.shape
-    if int(np.prod(shape)) >= 2**31:
-        raise ValueError(f"a block of {shape} voxels is too large for the fragments' "
-                         "watershed (at most 2^31 voxels)")
+    if int(np.prod(shape)) > MAX_VOXELS:  # the command refuses such blocks first
+        raise ValueError(f"{shape}: more voxels than the watershed indexes ({MAX_VOXELS})")
     channels = [c for axis in nearest_axes(offsets) for c in axis]
     steps = np.array([offsets[c] for c in channels], np.int64).reshape(-1, 3)
     inside = np.ones(shape, bool) if mask is None else np.ascontiguousarray(mask)
