@@ -151,6 +151,11 @@ def test_interrupted_run_resumes_to_the_same_output(setup):
     with pytest.raises(UserError, match="another checkpoint"):  # two networks in one output
         run_inference(recipe, tmp / "other.pt", str(tmp / "in.zarr/image"), out,
                       block=(4, 16, 16), resume=True)
+    write_volume(tmp / "other.zarr", "image", 255 - open_volume(str(tmp / "in.zarr/image"))
+                 .read(), voxel_size=(30, 6, 6))  # same shape, other data
+    with pytest.raises(UserError, match=r"started from the input .*in\.zarr"):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "other.zarr/image"), out,
+                      block=(4, 16, 16), resume=True)
     progress = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
                              block=(4, 16, 16), resume=True)
     # a block written but not yet reported when the run stopped is done as well

@@ -225,6 +225,7 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
         raise UserError(f"{output} already exists; use --resume to finish it, or another "
                         "--output (nothing was overwritten)")
     if existing:
+        _check_same_input(output, volume)
         _check_same_network(output, job.checkpoint)
         _check_same_mask(output, job.mask_path)
     for name, task in recipe.tasks.items():
@@ -246,7 +247,8 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
         group.attrs["emrun"] = {
             "version": __version__, "recipe": recipe.resolved(),
             "checkpoint": str(job.checkpoint), "checkpoint_sha256": file_digest(job.checkpoint),
-            "input": job.input_path, "input_shape": list(volume.shape),
+            "input": job.input_path, "input_location": volume.location(),
+            "input_shape": list(volume.shape),
             "roi_offset": list(job.roi_offset), "mask": _mask_id(job.mask_path), **info}
 
 
@@ -273,6 +275,25 @@ def _check_same_mask(output: Path, mask_path: str | None) -> None:
             f"{output} was started with {'--mask ' + saved['mask'] if saved['mask'] else 'no mask'}"
             f" and is resumed with {'--mask ' + now if now else 'no mask'}; resume with the "
             "same mask, or write to a new --output")
+
+
+def _check_same_input(output: Path, volume: Volume) -> None:
+    """Refuse to finish an output from another input than the one that started it: blocks
+    already done would stay the first volume's predictions (and, with its shape, the resume
+    would report success). Outputs from before the location was recorded check the shape."""
+    try:
+        saved = dict(zarr.open_group(str(output), mode="r").attrs).get("emrun", {})
+    except Exception:
+        return  # no emrun group: the per-task check says what is missing
+    started, now = saved.get("input_location"), volume.location()
+    if started is not None and started != now:
+        raise UserError(f"{output} was started from the input {started} and is resumed with "
+                        f"--input {now}; resume with that input, or write to a new --output")
+    shape = saved.get("input_shape")
+    if shape is not None and list(shape) != list(volume.shape):
+        raise UserError(f"{output} was started from an input of shape {list(shape)}; --input "
+                        f"{now} has shape {list(volume.shape)}; resume with that input, or "
+                        "write to a new --output")
 
 
 def _check_same_network(output: Path, checkpoint: Path) -> None:
