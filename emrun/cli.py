@@ -40,8 +40,9 @@ bench_app = typer.Typer(help="Benchmarks: data loading, model, trainer, inferenc
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# emoji=False: rich would turn ":x:" in a user's text (--device cuda:x:) into an emoji
+out = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 Overrides = Annotated[
     list[str] | None,
@@ -88,7 +89,7 @@ def guarded(fn: F) -> F:
                 err.print(f"[red]error:[/] {escape(line)}", markup=True)
             raise typer.Exit(2) from None
         except NotImplementedYet as exc:
-            err.print(f"{exc}")
+            err.print(f"{exc}", markup=False)
             raise typer.Exit(1) from None
         except Interrupted as exc:
             err.print(f"stopped by {exc.signal_name}: {exc}", markup=False)
@@ -198,7 +199,8 @@ def validate(
     from .models.facts import model_facts
 
     model = model_facts(build_model(loaded.recipe), loaded.recipe.model, loaded.recipe.train.patch)
-    print_summary(out, loaded.recipe, facts, shown_path(recipe), model)
+    # the summary is markup: a path's [brackets] must stay text
+    print_summary(out, loaded.recipe, facts, escape(shown_path(recipe)), model)
 
 
 @app.command()
@@ -216,7 +218,7 @@ def schema(
     if output.is_dir():
         raise UserError(f"{output} is a directory; give a file path")
     write_text(output, recipe_schema_text())
-    out.print(f"wrote {shown_path(output)}")
+    out.print(f"wrote {shown_path(output)}", markup=False)
 
 
 @app.command()

@@ -162,3 +162,19 @@ def test_usage_mistakes_are_one_line_and_exit_2():
     bare = subprocess.run([sys.executable, "-m", "emrun"], capture_output=True, text=True)
     assert bare.returncode == 0 and "Usage:" in bare.stdout and "--install-completion" in \
         bare.stdout
+
+
+def test_user_text_is_printed_as_given_never_as_markup_or_emoji(write, tmp_path):
+    """Rich would eat `[red]` and turn `:x:` into an emoji in paths the user chose."""
+    odd = tmp_path / "a:x:[red]b"
+    odd.mkdir()
+    refused = runner.invoke(app, ["schema", "--output", str(odd)])
+    assert refused.exit_code == 2
+    assert refused.stderr == f"error: {odd} is a directory; give a file path\n"
+    target = tmp_path / "s[red]:x:.json"
+    wrote = runner.invoke(app, ["schema", "--output", str(target)])
+    assert wrote.exit_code == 0 and f"wrote {target}" in wrote.stdout
+    recipe = write(MINIMAL, name="r[bold]:x:.yaml")
+    checked = runner.invoke(app, ["validate", str(recipe), "--no-data"])
+    assert checked.exit_code == 0, checked.output
+    assert f"ok {recipe}: recipe tiny" in checked.stdout

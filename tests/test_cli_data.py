@@ -314,7 +314,7 @@ def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path, monkeypa
     assert again.exit_code == 2 and "nothing was overwritten" in again.stderr
 
 
-@pytest.mark.parametrize("device", ["gpu", "cuda:99"])
+@pytest.mark.parametrize("device", ["gpu", "cuda:99", "cuda:x"])  # :x: is no emoji
 def test_train_on_a_device_that_is_not_there_is_a_user_error(write, tmp_path, device):
     result = runner.invoke(app, ["train", str(write(MINIMAL)), "--device", device,
                                  "--run-dir", str(tmp_path / "run")])
