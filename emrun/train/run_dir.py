@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,16 +23,44 @@ RESUME_KEYS = ("model", "tasks", "data")
 """Recipe sections that must not change between a checkpoint and its resumption."""
 
 
-def prepare(run_dir: Path, resume: bool) -> None:
-    """Refuse to reuse a run directory without --resume; refuse --resume without one."""
+START_FILES = frozenset({"recipe.yaml", "provenance.json", "events.jsonl", "tensorboard",
+                         "checkpoints"})
+"""What a run writes before its first checkpoint: a folder holding only these (and no
+checkpoint) is a start that failed, e.g. on its data, with nothing to resume."""
+
+
+def prepare(run_dir: Path, resume: bool) -> bool:
+    """Refuse to reuse a run directory without --resume; refuse --resume without one. A
+    start that saved no checkpoint is cleared for a new one (True), so fixing the data and
+    running the same command works."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir}: is a file, not a folder")
     has_run = (run_dir / "checkpoints").is_dir() or (run_dir / "recipe.yaml").exists()
     if resume and not has_run:
         raise UserError(f"{run_dir}: no run to resume here (no checkpoints); drop --resume to "
                         "start a new run")
+    cleared = False
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir} already holds a run; use --resume to continue it, or "
-                        "--run-dir to start a new one elsewhere (nothing was overwritten)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        if not _failed_start(run_dir):
+            raise UserError(f"{run_dir} already holds a run; use --resume to continue it, or "
+                            "--run-dir to start a new one elsewhere (nothing was overwritten)")
+        for entry in run_dir.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        cleared = True
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--run-dir {run_dir}: cannot create it ({exc.strerror or exc})"
+                        ) from None
+    return cleared
+
+
+def _failed_start(run_dir: Path) -> bool:
+    """Only what a run writes before its first checkpoint, and no checkpoint."""
+    entries = list(run_dir.iterdir())
+    checkpoints = run_dir / "checkpoints"
+    return (all(entry.name in START_FILES for entry in entries)
+            and not (checkpoints.is_dir() and any(checkpoints.iterdir())))
 
 
 def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path) -> None:

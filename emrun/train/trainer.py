@@ -195,8 +195,8 @@ class Trainer:
                 else None)
 
     def _checkpoint_to_resume(self) -> dict[str, Any] | None:
-        if self.world.main:
-            run_dir.prepare(self.run_path, self.resume)
+        if self.world.main and run_dir.prepare(self.run_path, self.resume):
+            self._say(f"{self.run_path}: a previous start saved no checkpoint; starting anew")
         if self.world.distributed:
             torch.distributed.barrier()
         self.checkpoints = CheckpointDir(self.run_path / "checkpoints", self.train.keep_checkpoints)
