@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import Interrupted, NotImplementedYet, UserError, disk_full
+from .errors import Interrupted, NotImplementedYet, UserError, disk_full, not_allowed
 from .geometry import Roi
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -76,6 +76,14 @@ def _at_level(path: str, level: str | None) -> str:
 
 
 
+def _check_nm(voxel_size: tuple[float, float, float] | None) -> None:
+    """--voxel-size as given: three positive, finite nm (a 0 would reach the writers or the
+    generator as an internal error)."""
+    if voxel_size is not None and not all(math.isfinite(v) and v > 0 for v in voxel_size):
+        given = " ".join(f"{v:g}" for v in voxel_size)
+        raise UserError(f"--voxel-size {given}: give three positive sizes in nm (z y x)")
+
+
 def guarded(fn: F) -> F:
     """Map failures to exit codes: the user's mistakes 2 (message only), ours 1."""
 
@@ -99,6 +107,11 @@ def guarded(fn: F) -> F:
         except Exception as exc:
             if (full := disk_full(exc)) is not None:
                 _report_disk_full(full)
+                raise typer.Exit(2) from None
+            if (denied := not_allowed(exc)) is not None:
+                where = f" {denied.filename}" if denied.filename else ""
+                err.print(f"error: cannot write or read{where} ({denied.strerror}): choose a "
+                          "place this user may write, or fix its permissions", markup=False)
                 raise typer.Exit(2) from None
             if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch
                 _report_out_of_memory(exc)
@@ -1007,6 +1020,7 @@ def data_convert(
     """Convert a volume to zarr v3 with OME-Zarr 0.5 metadata, streamed section by section."""
     from .io.convert import convert
 
+    _check_nm(voxel_size)
     result = convert(_at_level(source, level), out, name=name, voxel_size=voxel_size,
                      chunks=chunks, overwrite=overwrite, label=labels, levels=levels)
     voxel = "unknown" if result.voxel_size is None else " x ".join(
@@ -1059,6 +1073,7 @@ def data_synth(
 
     if shape is None or min(shape) < 1:
         raise UserError("--shape needs three positive sizes")
+    _check_nm(voxel_size)
     level_factors(shape, voxel_size or (30.0, 6.0, 6.0), levels)  # before generating
     need, free = math.prod(shape) * MEMORY_PER_VOXEL, available_memory()
     if need > free:

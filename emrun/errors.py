@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+NOT_ALLOWED = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+"""A place the user pointed at that this user may not write (or read): theirs to change."""
 
 
 class UserError(Exception):
@@ -32,11 +34,22 @@ class Interrupted(Exception):
 def disk_full(exc: BaseException) -> OSError | None:
     """The 'no space left' (or quota) error behind ``exc``, if that is what it is: zarr and
     the libraries under it may raise it from their own threads or chained to another."""
+    return _behind(exc, DISK_FULL)
+
+
+def not_allowed(exc: BaseException) -> OSError | None:
+    """The read-only file system or permission error behind ``exc``, if that is what it is
+    (an output under a read-only mount, a folder of another user)."""
+    return _behind(exc, NOT_ALLOWED)
+
+
+def _behind(exc: BaseException, codes: frozenset[int]) -> OSError | None:
+    """The first OSError with one of ``codes`` in ``exc``'s chain of causes."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in DISK_FULL:
+        if isinstance(current, OSError) and current.errno in codes:
             return current
         current = current.__cause__ or current.__context__
     return None

@@ -76,8 +76,8 @@ def test_declared_huge_inputs_are_refused_before_any_work(tmp_path):
     would take."""
     import zarr
 
+    from emrun.models import build_model
     from emrun.recipe import Recipe
-    from emrun.registry import models
 
     huge = (100_000, 100_000, 100_000)
     image = zarr.create_array(str(tmp_path / "in.zarr"), name="image", shape=huge,
@@ -91,7 +91,7 @@ def test_declared_huge_inputs_are_refused_before_any_work(tmp_path):
         "model": {"type": "rsunet", "widths": [2, 4]},
         "tasks": {"aff": {"target": {"type": "affinity"}}},
         "train": {"patch": [4, 16, 16], "iterations": 1}})
-    model = models.build(recipe.model, head_channels=recipe.head_channels())
+    model = build_model(recipe)  # importing emrun.models registers them: no test order
     import torch
     import yaml
 
@@ -110,3 +110,21 @@ def test_declared_huge_inputs_are_refused_before_any_work(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert says in result.stderr and "is free there" in result.stderr
     assert not (tmp_path / "p.zarr" / "aff").exists()
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_a_place_this_user_may_not_write_is_the_users_to_fix(tmp_path, monkeypatch, code):
+    """A read-only mount or a folder of another user (root runs these tests, so the error is
+    raised where the file is written): one line naming the file, exit 2, not a bug report."""
+    import emrun.atomic
+
+    target = tmp_path / "ro" / "s.json"
+
+    def refuse(path, text):  # type: ignore[no-untyped-def]
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(emrun.atomic, "write_text", refuse)
+    result = runner.invoke(app, ["schema", "--output", str(target)])
+    assert result.exit_code == 2, result.output
+    assert f"cannot write or read {target} ({os.strerror(code)})" in result.stderr
+    assert "internal error" not in result.stderr and len(result.stderr.splitlines()) == 1
