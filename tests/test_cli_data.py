@@ -53,6 +53,20 @@ def test_synth_writes_image_labels_mito_deterministically(tmp_path):
     assert not (tmp_path / "h.zarr").exists()
 
 
+@pytest.mark.parametrize("command", ["synth", "convert"])
+def test_a_voxel_size_that_is_not_positive_is_one_line_and_exit_2(tmp_path, command):
+    np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.uint8))
+    out = tmp_path / "out.zarr"
+    args = (["synth", str(out), "--shape", "4", "16", "16"] if command == "synth"
+            else ["convert", str(tmp_path / "img.npy"), str(out)])
+    for size in (["0", "6", "6"], ["30", "-6", "6"], ["30", "6", "inf"]):
+        result = runner.invoke(app, ["data", *args, "--voxel-size", *size])
+        assert result.exit_code == 2, result.output
+        assert result.stderr == (f"error: --voxel-size {' '.join(size)}: give three positive "
+                                 "sizes in nm (z y x)\n")
+        assert not out.exists()
+
+
 def test_bench_data_ends_with_a_json_line(write):
     result = runner.invoke(app, ["bench", "data", str(write(MINIMAL)), "--workers", "0",
                                  "--samples", "3", "--json", "-o", "augment=none"])
