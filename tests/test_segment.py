@@ -609,6 +609,27 @@ def test_cli_bad_input_exits_2_with_one_clear_line(tmp_path):
     assert open_volume(tmp_path / "exists.zarr/segmentation").read().max() == 3  # untouched
 
 
+@pytest.mark.parametrize("scheduler", [[], ["--scheduler", "local"]])
+def test_a_taken_output_is_refused_before_segmenting(tmp_path, scheduler):
+    """A segmentation already in the labels group, or a folder of the user's own that is no
+    zarr store: refused before any work (it was refused only when writing, the work lost),
+    and left as it was."""
+    truth = cells(shape=(4, 16, 16), n=3)
+    good = write_prediction(tmp_path, affinities(truth))
+    taken = tmp_path / "taken.zarr"
+    write_volume(taken, "segmentation", truth.astype(np.uint64), label=True)
+    mine = tmp_path / "mine.zarr"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    for out, message in ((taken, "labels/segmentation: already exists"),
+                         (mine, "is not a zarr store")):
+        result = invoke(good, out, *scheduler)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "segmenting" not in result.output and "fragments" not in result.output
+    assert open_volume(taken / "labels/segmentation").read().max() == 3
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
 # --------------------------------------------------------------------------- small parts
 
 

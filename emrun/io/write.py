@@ -319,6 +319,12 @@ def _commit(partial: Path, target: Path, overwrite: bool) -> None:
 # --- checks -------------------------------------------------------------------------------
 
 
+def check_new_volume(path: str | os.PathLike[str], name: str, label: bool) -> None:
+    """Refuse now what writing volume ``name`` into ``path`` would refuse at the end (a store
+    that is not one, a bad or taken name), so that a long job does not run to lose its work."""
+    _prepare(path, name, label, overwrite=False)
+
+
 def _prepare(path: str | os.PathLike[str], name: str, label: bool, overwrite: bool) -> Path:
     """Check the output store and the volume name; return the volume's folder."""
     root_path = Path(path)

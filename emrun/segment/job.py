@@ -30,6 +30,7 @@ from ..errors import UserError
 from ..geometry import Roi, zyx
 from ..io import Volume, open_volume
 from ..io.pyramid import level_factors
+from ..io.write import check_new_volume
 from ..paths import is_link_loop
 from ..recipe.recipe import Recipe
 from ..recipe.run import SegmenterBase
@@ -211,6 +212,7 @@ def check_output(output: Path, names: Sequence[str]) -> None:
         if (output / name).exists():
             raise UserError(f"{output / name}: already exists; not overwriting it (choose "
                             "another --name or output)")
+        check_new_volume(output, name, label=True)  # where it goes: OUT/labels/NAME
 
 
 def default_block(segmenter: Segmenter, offsets: Sequence[Offset],
