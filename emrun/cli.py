@@ -561,11 +561,12 @@ def evaluate(
                                              help="Score only where this is non-zero.")] = None,
     binary: Annotated[bool, typer.Option(
         "--binary", help="Score a foreground prediction: precision, recall, F1, IoU.")] = False,
-    threshold: Annotated[float, typer.Option(
+    threshold: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="With --binary: foreground above this probability "
-        "(uint8 predictions: above threshold x 255).")] = 0.5,
-    min_overlap: Annotated[int, typer.Option(
-        min=1, help="Voxels an overlap needs to count towards splits and merges.")] = 100,
+        "(uint8 predictions: above threshold x 255; default: 0.5).")] = None,
+    min_overlap: Annotated[int | None, typer.Option(
+        min=1, help="Voxels an overlap needs to count towards splits and merges (default: "
+        "100; not with --binary).")] = None,
     connected_truth: Annotated[bool, typer.Option(
         "--connected-truth", help="Score each truth object's connected pieces inside the "
         "volume as separate objects: for a crop of a larger annotation, where pieces that "
@@ -592,15 +593,13 @@ def evaluate(
     or in parallel blocks."""
     import json
 
-    from .evaluate import Parallel, binary_scores_volumes, score_volumes
+    from .evaluate import MIN_OVERLAP, Parallel, binary_scores_volumes, score_volumes
     from .evaluate.report import binary_lines, score_lines
     from .io import open_volume
     from .io.window import covered_part
     from .stages import Stages
 
-    if binary and connected_truth:
-        raise UserError("--connected-truth is for segmentations (object ids); drop it with "
-                        "--binary")
+    _check_evaluate_mode(binary, threshold, min_overlap, connected_truth)
     parallel = None
     if any(o is not None for o in (scheduler, workers, block, launch, work_dir)):
         parallel = Parallel(scheduler=scheduler or "local", workers=workers, launch=launch,
@@ -627,11 +626,13 @@ def evaluate(
               f"{_duration(per_slab * (total - done))} left")
 
     if binary:
-        result = binary_scores_volumes(seg_vol, truth_vol, mask_vol, threshold=threshold,
+        result = binary_scores_volumes(seg_vol, truth_vol, mask_vol,
+                                       threshold=0.5 if threshold is None else threshold,
                                        on_slab=report, parallel=parallel)
         lines = binary_lines(result, str(seg_vol), str(truth_vol), mask_name)
     else:
-        result = score_volumes(seg_vol, truth_vol, mask_vol, min_overlap=min_overlap,
+        result = score_volumes(seg_vol, truth_vol, mask_vol,
+                               min_overlap=MIN_OVERLAP if min_overlap is None else min_overlap,
                                connected_truth=connected_truth, on_slab=report,
                                parallel=parallel)
         lines = score_lines(result, str(seg_vol), str(truth_vol), mask_name, connected_truth)
@@ -642,6 +643,20 @@ def evaluate(
                           "mode": "binary" if binary else "segmentation",
                           **({} if binary else {"connected_truth": connected_truth}),
                           **result.as_dict()}))
+
+
+def _check_evaluate_mode(binary: bool, threshold: float | None, min_overlap: int | None,
+                         connected_truth: bool) -> None:
+    """Options of the other scoring mode would be ignored without a word: refuse them."""
+    if not binary and threshold is not None:
+        raise UserError("--threshold is for foreground predictions: add --binary, or drop "
+                        "--threshold to score a segmentation")
+    if binary and min_overlap is not None:
+        raise UserError("--min-overlap is for segmentations (object ids); drop it with "
+                        "--binary")
+    if binary and connected_truth:
+        raise UserError("--connected-truth is for segmentations (object ids); drop it with "
+                        "--binary")
 
 
 @app.command()

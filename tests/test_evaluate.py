@@ -349,6 +349,30 @@ def test_cli_binary_and_mask(tmp_path):
     assert json.loads(result.stdout.strip().splitlines()[-1])["iou"] == 0.5
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--threshold", "0.3"], "error: --threshold is for foreground predictions: add --binary"),
+    (["--binary", "--min-overlap", "5"], "error: --min-overlap is for segmentations"),
+    (["--binary", "--connected-truth"], "error: --connected-truth is for segmentations"),
+])
+def test_cli_refuses_an_option_of_the_other_scoring_mode(tmp_path, extra, message):
+    """Given, an option the chosen mode does not use would be ignored without a word."""
+    seg = _write(tmp_path, "seg", np.ones((1, 2, 3), np.uint32))
+    truth = _write(tmp_path, "truth", np.ones((1, 2, 3), np.uint32))
+    result = runner.invoke(app, ["evaluate", seg, truth, *extra])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
+    assert result.stdout == ""
+
+
+def test_cli_binary_threshold_is_used(tmp_path):
+    pred = _write(tmp_path, "pred", np.array([[[0.9, 0.4, 0.2]]], np.float32))
+    truth = _write(tmp_path, "truth", np.array([[[1, 1, 0]]], np.uint8))
+    ious = [json.loads(runner.invoke(app, ["evaluate", pred, truth, "--binary", "--json",
+                                           *given]).stdout.splitlines()[-1])["iou"]
+            for given in ([], ["--threshold", "0.3"])]
+    assert ious == [0.5, 1.0]  # default 0.5: the 0.4 voxel is background; at 0.3 foreground
+
+
 @pytest.mark.parametrize(("seg", "truth", "mask", "message"), [
     (np.zeros((2, 3, 4), np.uint32), np.ones((2, 3, 5), np.uint32), None, "has shape [2, 3, 5]"),
     (np.zeros((2, 3, 4), np.float32), np.ones((2, 3, 4), np.uint32), None, "has dtype float32"),
