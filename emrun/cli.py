@@ -226,10 +226,11 @@ def schema(
     """Write the recipe's JSON Schema (for editor completion and checking)."""
     from .atomic import write_text
     from .recipe.loader import shown_path
-    from .recipe.schema import recipe_schema_text
+    from .recipe.schema import recipe_schema_text, refuse_foreign_file
 
     if output.is_dir():
         raise UserError(f"{output} is a directory; give a file path")
+    refuse_foreign_file(output)
     write_text(output, recipe_schema_text())
     out.print(f"wrote {shown_path(output)}", markup=False)
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from .atomic import atomic_output
 from .data.samples import SampleMaker, batch_rng
+from .errors import UserError
 from .recipe import Recipe
 
 
@@ -27,6 +28,25 @@ def _target_view(target: np.ndarray, mask: np.ndarray, z: int) -> np.ndarray:
     view = np.where(counted > 0, (target[:, z] * mask[:, z]).sum(axis=0) / np.maximum(counted, 1),
                     np.nan)
     return view.astype(np.float32)
+
+
+SOFTWARE = "emrun data preview"
+"""Written into each preview PNG, so that a later preview replaces it and nothing else."""
+
+
+def refuse_foreign_file(out: Path) -> None:
+    """An existing ``out`` is replaced only if it is an earlier preview (a user's own PNG or
+    file of that name is kept)."""
+    if not out.exists():
+        return
+    try:
+        with open(out, "rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        head = b""
+    if not (head.startswith(b"\x89PNG") and b"Software\x00" + SOFTWARE.encode() in head):
+        raise UserError(f"{out}: exists and is not an emrun preview; not overwriting it (give "
+                        "another --out, or remove it)")
 
 
 def write_preview(recipe: Recipe, out: Path, samples: int = 8) -> Path:
@@ -66,7 +86,8 @@ def write_preview(recipe: Recipe, out: Path, samples: int = 8) -> Path:
     fig.suptitle(f"{recipe.name}: {samples} augmented samples, patch "
                  f"{list(recipe.train.patch)} (grey: excluded from the loss)", fontsize=9)
     fig.tight_layout()
+    refuse_foreign_file(out)
     with atomic_output(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
+        fig.savefig(tmp, format="png", dpi=80, metadata={"Software": SOFTWARE})
     plt.close(fig)
     return out

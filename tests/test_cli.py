@@ -75,6 +75,12 @@ def test_schema_accepts_shipped_recipes_and_rejects_unknown_keys(tmp_path):
     out = tmp_path / "s.json"
     assert runner.invoke(app, ["schema", "--output", str(out)]).exit_code == 0
     schema = json.loads(out.read_text())
+    assert runner.invoke(app, ["schema", "--output", str(out)]).exit_code == 0  # refreshed
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"title": "my notes"}')
+    kept = runner.invoke(app, ["schema", "--output", str(mine)])
+    assert kept.exit_code == 2 and "not an emrun recipe schema" in kept.stderr
+    assert mine.read_text() == '{"title": "my notes"}'
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
         if "extends" in data:  # a partial recipe: the schema judges what it resolves to

@@ -99,6 +99,15 @@ def test_preview_writes_a_png_grid(write, tmp_path):
     assert not list(out.parent.glob(".*.tmp"))
     bad = runner.invoke(app, ["data", "preview", str(write(MINIMAL)), "--out", str(tmp_path)])
     assert bad.exit_code == 2
+    again = runner.invoke(app, ["data", "preview", str(write(MINIMAL)), "--n", "2",
+                                "--out", str(out), "-o", "augment=none"])
+    assert again.exit_code == 0, again.output  # an earlier preview is replaced
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"\x89PNG\r\n\x1a\n a user's picture")
+    kept = runner.invoke(app, ["data", "preview", str(write(MINIMAL)), "--n", "2",
+                               "--out", str(mine), "-o", "augment=none"])
+    assert kept.exit_code == 2 and "not an emrun preview" in kept.stderr
+    assert mine.read_bytes().endswith(b"a user's picture")
 
 
 def test_bench_model_reports_facts_and_configurations(write):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .recipe import Recipe
 
 SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
@@ -19,3 +21,19 @@ def recipe_schema() -> dict[str, Any]:
 def recipe_schema_text() -> str:
     """The schema as the exact text committed in schemas/recipe.schema.json."""
     return json.dumps(recipe_schema(), indent=2, sort_keys=False) + "\n"
+
+
+def refuse_foreign_file(output: Path) -> None:
+    """An existing ``output`` is replaced only if it is an earlier recipe schema (so that
+    ``emrun schema`` refreshes schemas/recipe.schema.json, and a user's file is kept)."""
+    if not output.exists() or output.is_dir():
+        return
+    try:
+        doc = json.loads(output.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        doc = None
+    mine = recipe_schema()
+    if not (isinstance(doc, dict) and doc.get("title") == mine["title"]
+            and {"data", "model", "tasks"} <= set(doc.get("properties") or {})):
+        raise UserError(f"{output}: exists and is not an emrun recipe schema; not overwriting "
+                        "it (give another --output, or remove it)")
