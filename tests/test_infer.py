@@ -307,6 +307,16 @@ def test_the_checkpoint_s_own_recipe_is_the_default(setup):
     bare = runner.invoke(app, ["infer", "--checkpoint", str(tmp / "c.pt"), "--input",
                                str(tmp / "in.zarr/image"), "--output", str(tmp / "n.zarr")])
     assert bare.exit_code == 2 and "carries no recipe" in bare.stderr
+    state["recipe"] = "name: [broken"  # damaged on disk
+    torch.save(state, tmp / "damaged.pt")
+    damaged = ["infer", "--checkpoint", str(tmp / "damaged.pt"), "--input",
+               str(tmp / "in.zarr/image")]
+    refused = runner.invoke(app, [*damaged, "--output", str(tmp / "d.zarr")])
+    assert refused.exit_code == 2 and "its recipe is damaged" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1, refused.stderr
+    given = runner.invoke(app, [*damaged, "--recipe", str(path), "--output",
+                                str(tmp / "g.zarr")])  # the user's recipe: not compared
+    assert given.exit_code == 0, given.output
 
 
 def test_off_a_terminal_progress_is_a_plain_line_now_and_then():

@@ -29,7 +29,7 @@ SHOWN = 5
 def recipe_for(checkpoint: Path, recipe: Path | None, overrides: Sequence[str]) -> LoadedRecipe:
     """``recipe`` checked against the checkpoint's, or the checkpoint's own when None."""
     saved_text = load_network(checkpoint).get("recipe")
-    saved = yaml.safe_load(saved_text) if isinstance(saved_text, str) and saved_text else None
+    saved = _parsed(saved_text, checkpoint, strict=recipe is None)
     if recipe is None:
         if not isinstance(saved, dict):
             raise UserError(f"{checkpoint} carries no recipe (not written by `emrun train`?); "
@@ -50,6 +50,24 @@ def recipe_for(checkpoint: Path, recipe: Path | None, overrides: Sequence[str]) 
             raise UserError(f"--recipe {recipe} describes another network than {checkpoint}: "
                             f"{listed}{more}. Drop --recipe to use the checkpoint's own")
     return loaded
+
+
+def _parsed(text: Any, checkpoint: Path, strict: bool) -> Any:
+    """The checkpoint's recipe as data. A damaged one is named in one line (the YAML
+    parser's message spans several, with a caret) when it is the one to use (``strict``),
+    and is not compared with when the user gives the recipe."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        if not strict:
+            return None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise UserError(f"{checkpoint}: its recipe is damaged ({problem}{where}); give the "
+                        "recipe it was trained with: --recipe RECIPE") from None
 
 
 def _differences(mine: Any, theirs: Any, path: tuple[str | int, ...]) -> Iterator[str]:
