@@ -67,6 +67,30 @@ def test_a_voxel_size_that_is_not_positive_is_one_line_and_exit_2(tmp_path, comm
         assert not out.exists()
 
 
+def test_convert_clips_chunks_larger_than_the_volume(tmp_path):
+    image = np.random.default_rng(0).integers(0, 255, (16, 96, 40), np.uint8)
+    np.save(tmp_path / "img.npy", image)
+    out = tmp_path / "c.zarr"
+    result = runner.invoke(app, ["data", "convert", str(tmp_path / "img.npy"), str(out),
+                                 "--chunks", "100000", "64", "100000"])
+    assert result.exit_code == 0, result.output  # was a MemoryError: chunks allocated whole
+    assert "chunks [16, 64, 40]" in result.stdout
+    written = open_volume(f"{out}/image")
+    assert written.chunks == (16, 64, 40)
+    np.testing.assert_array_equal(written.read(), image)
+
+
+@pytest.mark.parametrize("shape", [(0, 96, 96), (16, 0, 96), (2, 16, 96, 0)])
+def test_convert_refuses_an_empty_volume_and_writes_nothing(tmp_path, shape):
+    np.save(tmp_path / "empty.npy", np.zeros(shape, np.uint8))
+    out = tmp_path / "j.zarr"
+    result = runner.invoke(app, ["data", "convert", str(tmp_path / "empty.npy"), str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: {tmp_path / 'empty.npy'}: is empty (shape "
+                             f"{list(shape)}); nothing to convert\n")
+    assert not out.exists()
+
+
 def test_bench_data_ends_with_a_json_line(write):
     result = runner.invoke(app, ["bench", "data", str(write(MINIMAL)), "--workers", "0",
                                  "--samples", "3", "--json", "-o", "augment=none"])

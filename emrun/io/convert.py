@@ -104,6 +104,8 @@ def convert(
         )
     if vol.dtype.kind not in "biuf":
         raise VolumeError(f"{vol}: unsupported dtype {vol.dtype}; expected bool, integer or float")
+    if 0 in vol.shape:
+        raise VolumeError(f"{vol}: is empty (shape {list(vol.shape)}); nothing to convert")
     channel_axis = vol.ndim == 4
     name = name if name is not None else guess_name(vol.dtype)
     dtype = output_dtype(vol.dtype)
@@ -115,7 +117,8 @@ def convert(
                 "(z, y, x); give the voxel size explicitly"
             )
     offset = vol.offset if vol.offset is not None and len(vol.offset) == 3 else None
-    chunks = tuple(chunks) if chunks is not None else default_chunks(vol.shape, channel_axis)
+    chunks = clipped(chunks, vol.shape) if chunks is not None else default_chunks(vol.shape,
+                                                                                   channel_axis)
     target = str(Path(out) / name)
     check_output_fits(out, math.prod(vol.shape) * np.dtype(dtype).itemsize,
                       f"converting {vol} ({'x'.join(map(str, vol.shape))} {np.dtype(dtype)})")
@@ -160,6 +163,16 @@ def convert(
 
 
 convert_volume = convert  # the name `emrun.io` exports (there, `convert` is this module)
+
+
+def clipped(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """`chunks` no larger than the volume along any axis: zarr allocates a chunk whole when
+    writing it (--chunks 100000 100000 100000 on a small volume asked for terabytes), and a
+    chunk past the volume's end means the whole axis. Anything else wrong with `chunks` is
+    the writer's to refuse."""
+    if len(chunks) != len(shape):
+        return tuple(chunks)
+    return tuple(min(c, n) for c, n in zip(chunks, shape, strict=True))
 
 
 def write_by_chunk(array: zarr.Array, roi: Roi, data: np.ndarray) -> None:
