@@ -110,6 +110,27 @@ def test_python_dash_m_runs_the_cli():
     assert "recipe demo" in done.stdout
 
 
+def test_nan_in_a_float_image_is_named_not_trained_on(write, tmp_path):
+    """NaN survives the [0, 1] clip and made every loss NaN (steps skipped, no cause given):
+    the first patch holding one stops with the source and what to do, exit 2."""
+    image = np.random.default_rng(0).random((16, 64, 64)).astype(np.float32) * 200
+    image[::2] = np.nan  # every other section: any patch meets one
+    np.save(tmp_path / "nan.npy", image)
+    text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
+                           f"a: {{image: {tmp_path}/nan.npy, intensity: {{low: 0, high: 255}}}}")
+    result = runner.invoke(app, ["validate", str(write(text))])
+    assert result.exit_code == 2, result.output
+    assert "nan.npy holds NaN or infinite values" in result.stderr
+    image = np.random.default_rng(0).random((16, 64, 64)).astype(np.float32) * 200
+    image[[3, 7, 11]] = np.nan  # between the sections validate reads; any patch meets one
+    np.save(tmp_path / "nan.npy", image)
+    assert runner.invoke(app, ["validate", str(write(text))]).exit_code == 0
+    trained = runner.invoke(app, ["train", str(write(text)), "--run-dir",
+                                  str(tmp_path / "run"), "-o", "train.workers=0"])
+    assert trained.exit_code == 2, trained.output
+    assert "nan.npy holds NaN or infinite values" in trained.stderr
+
+
 def test_every_schema_property_is_described():
     schema = json.loads(recipe_schema_text())
     models = {"Recipe": schema, **schema["$defs"]}

@@ -127,15 +127,23 @@ def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, i
 
 def _check_values(image: Volume, source: VolumeSource, mask: Volume | None, path: KeyPath,
                   problems: list[tuple[KeyPath, str]]) -> None:
-    """Float images must lie in [0, 1] unless an intensity range is given (checked on a few
-    sections); a mask must select something inside the sampled box (reads the mask once)."""
+    """Float images must be finite, and lie in [0, 1] unless an intensity range is given
+    (checked on a few sections); a mask must select something inside the sampled box
+    (reads the mask once)."""
     from .sampler import MaskIndex
 
     box = source.roi.to_roi() if source.roi is not None else box_of(image.shape[-3:])
     (oz, oy, ox), (sz, sy, sx) = box.offset, box.shape
-    if image.dtype.kind == "f" and source.intensity is None:
+    if image.dtype.kind == "f":
         for z in np.unique(np.linspace(oz, oz + sz - 1, 4).round()):
             section = image.read(Roi((int(z), oy, ox), (1, sy, sx)))
+            if not np.isfinite(section).all():  # training would skip every step it meets
+                problems.append(((*path, "image"), f"{image} holds NaN or infinite values "
+                                 f"(section {int(z)}); fix or mask them (e.g. fill them with "
+                                 "0) before training"))
+                break
+            if source.intensity is not None:
+                continue
             lo, hi = float(section.min()), float(section.max())
             if lo < 0 or hi > 1:
                 problems.append(((*path, "image"), f"{image} is a float image with values in "

@@ -60,6 +60,11 @@ class Source:
     def normalise(self, raw: np.ndarray) -> np.ndarray:
         """Raw image values to float32 in [0, 1] with this source's global scale."""
         image = (raw.astype(np.float32) - np.float32(self.low)) / np.float32(self.high - self.low)
+        if raw.dtype.kind == "f" and not np.isfinite(image).all():  # clip keeps NaN: the loss
+            bad = int(image.size - np.isfinite(image).sum())  # would go NaN, steps skipped
+            raise UserError(f"source {self.name!r}: {self.image} holds NaN or infinite values "
+                            f"({bad} in one training patch); fix or mask them (e.g. fill them "
+                            "with 0) before training")
         if raw.dtype.kind == "f" and self.low == 0.0 and self.high == 1.0:
             lo, hi = float(image.min(initial=0.0)), float(image.max(initial=0.0))
             if lo < -1e-3 or hi > 1 + 1e-3:
