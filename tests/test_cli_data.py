@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -89,6 +90,30 @@ def test_convert_refuses_an_empty_volume_and_writes_nothing(tmp_path, shape):
     assert result.stderr == (f"error: {tmp_path / 'empty.npy'}: is empty (shape "
                              f"{list(shape)}); nothing to convert\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_convert_of_a_truncated_tiff_is_one_line_and_leaves_nothing(tmp_path, write,
+                                                                    compression):
+    """tifffile's own log lines (two or three) must not reach the user, and the input is
+    judged before the output store is made. A real process: pytest would catch the logs."""
+    image = np.random.default_rng(0).integers(0, 255, (16, 96, 96), np.uint8)
+    whole, cut = tmp_path / "whole.tif", tmp_path / "cut.tif"
+    tifffile.imwrite(whole, image, compression=compression)
+    cut.write_bytes(whole.read_bytes()[:500 if compression is None else 20000])
+    out = tmp_path / "o.zarr"
+    done = subprocess.run([sys.executable, "-m", "emrun", "data", "convert", str(cut),
+                           str(out)], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"error: {cut}: the TIFF file is cut short")
+    assert not out.exists()
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.ones((16, 96, 96), np.uint32))
+    recipe = write(MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
+                                   f"a: {{image: {cut}, labels: {labels}}}"))
+    checked = runner.invoke(app, ["validate", str(recipe)])
+    assert checked.exit_code == 2 and "the TIFF file is cut short" in checked.stderr
 
 
 def test_bench_data_ends_with_a_json_line(write):

@@ -1,13 +1,19 @@
 """TIFF volumes: one multi-page file, or a folder of per-section files.
 
 Shape and dtype come from TIFF headers only. Reads touch only the pages (z sections) in
-the ROI. Files are opened per read, so no file offset is shared across a fork.
+the ROI. Files are opened per read, so no file offset is shared across a fork. tifffile's
+log lines inside these reads are caught, not printed: a file that is cut short is refused
+on opening with emrun's own one-line error instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,13 +24,45 @@ from emrun.geometry import Roi, slices
 from emrun.io.metadata import unit_to_nm
 from emrun.io.volume import TIFF_SUFFIXES, Volume, VolumeError, one_line
 
+# what tifffile logs when a file's chain of pages runs past its end
+CUT_SHORT = ("invalid page offset", "invalid offset to page")
+
+_caught = threading.local()  # per thread: reads in loader threads are caught apart
+
+
+class _CatchInEmrunReads(logging.Filter):
+    """Keep tifffile's records from the terminal while emrun reads (`_tifffile_caught`);
+    other uses of tifffile in the process still log as they would."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        caught = getattr(_caught, "messages", None)
+        if caught is None:
+            return True
+        caught.append(record.getMessage())
+        return False
+
+
+logging.getLogger("tifffile").addFilter(_CatchInEmrunReads())
+
+
+@contextmanager
+def _tifffile_caught() -> Iterator[list[str]]:
+    """tifffile's log messages within the block, caught instead of printed (users saw two or
+    three `<tifffile.TiffPages @8> invalid page offset` lines before emrun's own error)."""
+    outer = getattr(_caught, "messages", None)
+    _caught.messages = messages = []
+    try:
+        yield messages
+    finally:
+        _caught.messages = outer
+
 
 @dataclass(frozen=True, kw_only=True)
 class TiffVolume(Volume):
     """A multi-page TIFF; page i is section z=i when pages are 2-d."""
 
     def _read(self, roi: Roi) -> np.ndarray:
-        with tifffile.TiffFile(self.path) as tif:
+        with _tifffile_caught(), tifffile.TiffFile(self.path) as tif:
             series = tif.series[0]
             pages = series.pages
             if (
@@ -54,7 +92,8 @@ class TiffStackVolume(Volume):
         for i, index in enumerate(range(roi.begin[0], roi.end[0])):
             name = self.files[index]
             try:
-                section = tifffile.imread(os.path.join(self.path, name))
+                with _tifffile_caught():
+                    section = tifffile.imread(os.path.join(self.path, name))
             except Exception as exc:
                 raise VolumeError(f"{self}: cannot read section {name}: {one_line(exc)}") from exc
             if section.shape != self.shape[1:] or section.dtype != self.dtype:
@@ -67,9 +106,10 @@ class TiffStackVolume(Volume):
 
 
 def open_tiff(path: str) -> TiffVolume:
-    """Header-only inspection of a TIFF file's first series."""
-    with tifffile.TiffFile(path) as tif:
+    """Header-only inspection of a TIFF file's first series; a file cut short is refused."""
+    with _tifffile_caught() as said, tifffile.TiffFile(path) as tif:
         series = tif.series[0]
+        _check_whole(path, tif, series, said)
         shape = tuple(int(n) for n in series.shape)
         return TiffVolume(
             path=path,
@@ -83,7 +123,7 @@ def open_tiff(path: str) -> TiffVolume:
 def open_tiff_stack(path: str) -> TiffStackVolume:
     """A folder of sections; the first file sets shape and dtype (checked again on read)."""
     files = tiff_files(path)
-    with tifffile.TiffFile(os.path.join(path, files[0])) as tif:
+    with _tifffile_caught(), tifffile.TiffFile(os.path.join(path, files[0])) as tif:
         series = tif.series[0]
         section = tuple(int(n) for n in series.shape)
         dtype = np.dtype(series.dtype)
@@ -94,6 +134,31 @@ def open_tiff_stack(path: str) -> TiffStackVolume:
         dtype=dtype,
         files=tuple(files),
     )
+
+
+def _check_whole(path: str, tif: tifffile.TiffFile, series: Any, said: list[str]) -> None:
+    """Refuse a file cut short (an unfinished copy or download): its headers alone look
+    fine, and it failed only when read, after outputs were made, or lost its last sections
+    without a word (tifffile only logs that its pages stop early)."""
+    size = os.path.getsize(path)
+    end = _data_end(series)
+    if end > size:
+        raise VolumeError(f"{path}: the TIFF file is cut short: its image data runs to byte "
+                          f"{end:,} but the file has {size:,} bytes; copy it again")
+    if any(cut in message for message in said for cut in CUT_SHORT):
+        raise VolumeError(f"{path}: the TIFF file is cut short or damaged: only "
+                          f"{len(tif.pages)} of its pages can be read; copy it again")
+
+
+def _data_end(series: Any) -> int:
+    """Where the series' image data ends in the file: its contiguous block's end, else the
+    end of its last page's strips or tiles."""
+    if series.dataoffset is not None:
+        return int(series.dataoffset) + int(series.nbytes)
+    last = series.pages[-1] if len(series.pages) else None
+    parts = zip(getattr(last, "dataoffsets", ()), getattr(last, "databytecounts", ()),
+                strict=False)
+    return max((int(offset) + int(count) for offset, count in parts), default=0)
 
 
 def has_tiffs(path: str) -> bool:
