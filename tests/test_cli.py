@@ -116,8 +116,11 @@ def test_nan_in_a_float_image_is_named_not_trained_on(write, tmp_path):
     image = np.random.default_rng(0).random((16, 64, 64)).astype(np.float32) * 200
     image[::2] = np.nan  # every other section: any patch meets one
     np.save(tmp_path / "nan.npy", image)
+    z, y, x = np.indices(image.shape)
+    np.save(tmp_path / "cells.npy", (z // 4 * 100 + y // 16 * 10 + x // 16 + 1).astype(np.uint32))
     text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
-                           f"a: {{image: {tmp_path}/nan.npy, intensity: {{low: 0, high: 255}}}}")
+                           f"a: {{image: {tmp_path}/nan.npy, labels: {tmp_path}/cells.npy, "
+                           "intensity: {low: 0, high: 255}}")
     result = runner.invoke(app, ["validate", str(write(text))])
     assert result.exit_code == 2, result.output
     assert "nan.npy holds NaN or infinite values" in result.stderr
@@ -129,6 +132,27 @@ def test_nan_in_a_float_image_is_named_not_trained_on(write, tmp_path):
                                   str(tmp_path / "run"), "-o", "train.workers=0"])
     assert trained.exit_code == 2, trained.output
     assert "nan.npy holds NaN or infinite values" in trained.stderr
+    mask = np.ones(image.shape, np.uint8)
+    mask[[3, 7, 11]] = 0  # where the NaN are: never trained on, so allowed
+    np.save(tmp_path / "mask.npy", mask)
+    masked = text.replace("intensity:", f"mask: {tmp_path}/mask.npy, intensity:")
+    assert runner.invoke(app, ["validate", str(write(masked))]).exit_code == 0
+    trained = runner.invoke(app, ["train", str(write(masked)), "--run-dir",
+                                  str(tmp_path / "run2"), "-o", "train.workers=0"])
+    assert trained.exit_code == 0, trained.output
+    assert "not finite" not in trained.output
+
+
+def test_a_source_without_labels_for_a_task_that_needs_them_is_the_users_to_fix(write,
+                                                                                tmp_path):
+    np.save(tmp_path / "image.npy", np.random.default_rng(0).integers(0, 255, (16, 64, 64),
+                                                                      dtype=np.uint8))
+    text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
+                           f"a: {{image: {tmp_path}/image.npy}}")
+    trained = runner.invoke(app, ["train", str(write(text)), "--run-dir",
+                                  str(tmp_path / "run"), "-o", "train.workers=0"])
+    assert trained.exit_code == 2, trained.output  # was an internal error (exit 1)
+    assert "needs labels, and a training source has none" in trained.stderr
 
 
 def test_every_schema_property_is_described():

@@ -137,11 +137,15 @@ def _check_values(image: Volume, source: VolumeSource, mask: Volume | None, path
     if image.dtype.kind == "f":
         for z in np.unique(np.linspace(oz, oz + sz - 1, 4).round()):
             section = image.read(Roi((int(z), oy, ox), (1, sy, sx)))
-            if not np.isfinite(section).all():  # training would skip every step it meets
+            bad = ~np.isfinite(section)
+            if bad.any() and mask is not None and tuple(mask.shape) == tuple(image.shape):
+                bad &= mask.read(Roi((int(z), oy, ox), (1, sy, sx))) != 0  # masked: unused
+            if bad.any():  # training would skip every step it meets
                 problems.append(((*path, "image"), f"{image} holds NaN or infinite values "
-                                 f"(section {int(z)}); fix or mask them (e.g. fill them with "
-                                 "0) before training"))
+                                 f"(section {int(z)}); fix them, or mask them out with the "
+                                 "source's mask"))
                 break
+            section = np.where(np.isfinite(section), section, 0)
             if source.intensity is not None:
                 continue
             lo, hi = float(section.min()), float(section.max())

@@ -145,7 +145,7 @@ def _validation_sample(source: Source, corner: Zyx, patch: Zyx, recipe: Recipe,
     size = zyx(min(p, b) for p, b in zip(patch, source.box.shape, strict=True))
     crop = read_crop(source, Roi(corner, size))
     pad = [(0, p - s) for p, s in zip(patch, size, strict=True)]
-    image = source.normalise(crop.image)
+    image = source.normalise(crop.image, crop.mask)
     valid = np.ones(size, np.uint8) if crop.mask is None else (crop.mask != 0).astype(np.uint8)
     if any(after for _, after in pad):
         image = np.pad(image, pad, mode="reflect" if min(size) > 1 else "edge")

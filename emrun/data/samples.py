@@ -42,7 +42,8 @@ class SampleMaker:
         source = self.sampler.pick(rng)
         steps, in_shape = self.pipeline.prepare(rng, self.patch, Context(source.voxel_size))
         crop = self.sampler.draw(rng, in_shape, self.patch, source)
-        sample = Sample(source.normalise(crop.image), crop.labels, crop.mask, crop.semantic)
+        sample = Sample(source.normalise(crop.image, crop.mask), crop.labels, crop.mask,
+                        crop.semantic)
         self._tick("sample", clock)
         sample = Pipeline.apply(steps, sample, self.timings)
         if sample.shape != self.patch:

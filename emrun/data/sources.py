@@ -57,14 +57,19 @@ class Source:
     min_labelled: float
     voxel_size: tuple[float, float, float] | None = field(default=None)
 
-    def normalise(self, raw: np.ndarray) -> np.ndarray:
-        """Raw image values to float32 in [0, 1] with this source's global scale."""
+    def normalise(self, raw: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Raw image values to float32 in [0, 1] with this source's global scale. NaN or
+        infinite values are 0 where ``mask`` (the crop's) excludes them, and refused where
+        they would be trained on (clip keeps NaN: every loss would go NaN, steps skipped)."""
         image = (raw.astype(np.float32) - np.float32(self.low)) / np.float32(self.high - self.low)
-        if raw.dtype.kind == "f" and not np.isfinite(image).all():  # clip keeps NaN: the loss
-            bad = int(image.size - np.isfinite(image).sum())  # would go NaN, steps skipped
-            raise UserError(f"source {self.name!r}: {self.image} holds NaN or infinite values "
-                            f"({bad} in one training patch); fix or mask them (e.g. fill them "
-                            "with 0) before training")
+        if raw.dtype.kind == "f" and not (finite := np.isfinite(image)).all():
+            masked_out = mask is not None and mask.shape == image.shape
+            bad = ~finite & (mask != 0) if masked_out else ~finite
+            if bad.any():
+                raise UserError(f"source {self.name!r}: {self.image} holds NaN or infinite "
+                                f"values ({int(bad.sum())} in one training patch); fix them, "
+                                "or mask them out with the source's mask")
+            image[~finite] = 0.0
         if raw.dtype.kind == "f" and self.low == 0.0 and self.high == 1.0:
             lo, hi = float(image.min(initial=0.0)), float(image.max(initial=0.0))
             if lo < -1e-3 or hi > 1 + 1e-3:

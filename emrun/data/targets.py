@@ -25,6 +25,7 @@ import edt
 import numpy as np
 from scipy import ndimage
 
+from ..errors import UserError
 from ..recipe.tasks import (
     AffinityTarget,
     BinaryTarget,
@@ -97,8 +98,10 @@ def _check_3d(name: str, array: np.ndarray, shape: tuple[int, ...] | None = None
 def _labels(patch: Patch, what: str) -> np.ndarray:
     """The patch's labels, checked: 3D, integer (or bool) ids."""
     labels = patch.labels
-    if labels is None:
-        raise ValueError(f"{what} target needs labels, but the patch has none")
+    if labels is None:  # a training source without labels: the recipe's to fix
+        raise UserError(f"the {what} target needs labels, and a training source has none: "
+                        "give each source in data.sources its `labels` (a source of images "
+                        "only cannot train this task)")
     labels = np.asarray(labels)
     _check_3d("labels", labels)
     if labels.dtype.kind not in "biu":
