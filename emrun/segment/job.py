@@ -39,6 +39,7 @@ from .affinities import Offset, check_offsets, parse_offsets, to_float
 from .base import Segmenter, respec
 from .parallel import MEMORY_SHARE
 from .request import SegmentRequest
+from .scale.job import FOLDER as SCALE_FOLDER
 
 __all__ = ["DEFAULT_BLOCK", "DEFAULT_METHOD", "MEMORY_BYTES", "SegmentResult", "default_block",
            "recorded_segmenter", "run_segment"]
@@ -212,7 +213,8 @@ def check_output(output: Path, names: Sequence[str]) -> None:
         if (output / name).exists():
             raise UserError(f"{output / name}: already exists; not overwriting it (choose "
                             "another --name or output)")
-        check_new_volume(output, name, label=True)  # where it goes: OUT/labels/NAME
+        if not (output / SCALE_FOLDER).exists():  # a graph job's own check says --resume
+            check_new_volume(output, name, label=True)  # where it goes: OUT/labels/NAME
 
 
 def default_block(segmenter: Segmenter, offsets: Sequence[Offset],
