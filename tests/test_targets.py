@@ -17,6 +17,7 @@ from emrun.data.targets import (
     Synapse,
     relabel_components,
 )
+from emrun.errors import UserError
 from emrun.recipe.tasks import AffinityTarget, BinaryTarget, BoundaryTarget, SynapseTarget
 from emrun.registry import targets
 
@@ -179,7 +180,7 @@ def test_relabel_is_a_refinement():
 
 
 def test_affinity_needs_labels_and_matching_mask():
-    with pytest.raises(ValueError, match="affinity target needs labels"):
+    with pytest.raises(UserError, match="affinity target needs labels"):
         Affinity(offsets=tuple(NEAREST))(Patch(semantic={"mito": np.zeros((2, 2, 2))}))
     with pytest.raises(ValueError, match="mask has shape"):
         Affinity(offsets=tuple(NEAREST))(Patch(np.ones((2, 3, 4), np.uint8),
@@ -236,7 +237,7 @@ def test_boundary_mask_comes_from_the_patch():
     patch_mask[:, 1:3] = 5
     _, mask = Boundary()(Patch(labels, patch_mask))
     np.testing.assert_array_equal(mask[0], (patch_mask != 0).astype(np.float32))
-    with pytest.raises(ValueError, match="boundary target needs labels"):
+    with pytest.raises(UserError, match="boundary target needs labels"):
         Boundary()(Patch())
 
 
