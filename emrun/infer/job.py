@@ -225,9 +225,10 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
         raise UserError(f"{output} already exists; use --resume to finish it, or another "
                         "--output (nothing was overwritten)")
     if existing:
-        _check_same_input(output, volume)
-        _check_same_network(output, job.checkpoint)
-        _check_same_mask(output, job.mask_path)
+        started = _started_with(output)
+        _check_same_input(output, started, volume)
+        _check_same_network(output, started, job.checkpoint)
+        _check_same_mask(output, started, job.mask_path)
     for name, task in recipe.tasks.items():
         if existing:
             _check_existing(output, name, job.digest())
@@ -259,14 +260,19 @@ def _mask_id(mask_path: str | None) -> str | None:
     return open_volume(mask_path).location()
 
 
-def _check_same_mask(output: Path, mask_path: str | None) -> None:
+def _started_with(output: Path) -> dict[str, Any]:
+    """What the run that started ``output`` recorded (its ``emrun`` attributes); empty when
+    there is no emrun group, and the per-task check says what is missing."""
+    try:
+        return dict(zarr.open_group(str(output), mode="r").attrs.get("emrun", {}))
+    except Exception:
+        return {}
+
+
+def _check_same_mask(output: Path, saved: dict[str, Any], mask_path: str | None) -> None:
     """Refuse to finish an output under another mask: blocks outside a mask are marked done
     without writing a chunk, so a block half-written before and masked now would keep its
     partial values, and blocks skipped before would stay empty under the new mask."""
-    try:
-        saved = dict(zarr.open_group(str(output), mode="r").attrs).get("emrun", {})
-    except Exception:
-        return
     if "mask" not in saved:  # written before emrun recorded the mask
         return
     now = _mask_id(mask_path)
@@ -277,14 +283,10 @@ def _check_same_mask(output: Path, mask_path: str | None) -> None:
             "same mask, or write to a new --output")
 
 
-def _check_same_input(output: Path, volume: Volume) -> None:
+def _check_same_input(output: Path, saved: dict[str, Any], volume: Volume) -> None:
     """Refuse to finish an output from another input than the one that started it: blocks
     already done would stay the first volume's predictions (and, with its shape, the resume
     would report success). Outputs from before the location was recorded check the shape."""
-    try:
-        saved = dict(zarr.open_group(str(output), mode="r").attrs).get("emrun", {})
-    except Exception:
-        return  # no emrun group: the per-task check says what is missing
     started, now = saved.get("input_location"), volume.location()
     if started is not None and started != now:
         raise UserError(f"{output} was started from the input {started} and is resumed with "
@@ -296,13 +298,9 @@ def _check_same_input(output: Path, volume: Volume) -> None:
                         "write to a new --output")
 
 
-def _check_same_network(output: Path, checkpoint: Path) -> None:
+def _check_same_network(output: Path, saved: dict[str, Any], checkpoint: Path) -> None:
     """Refuse to finish an output with another network than the one that started it: its
     blocks would mix two networks under metadata that names one."""
-    try:
-        saved = dict(zarr.open_group(str(output), mode="r").attrs).get("emrun", {})
-    except Exception:
-        return  # no emrun group: the per-task check below says what is missing
     started = saved.get("checkpoint_sha256")
     if started is not None and started != file_digest(checkpoint):
         raise UserError(
