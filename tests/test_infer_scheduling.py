@@ -186,14 +186,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
     schedule.HANDOVER_BYTES = int(sys.argv[5])
     schedule.available_memory = lambda: 0
     recipe = Recipe.model_validate(json.loads(sys.argv[1]))
-    run_inference(recipe, Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), device="cpu",
-                  levels=1)
+    run_inference(recipe, Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), device="cpu")
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """)
-"""The engine's peak alone (levels=1): the pyramid built after it works in blocks of up to
-`READ_BYTES` per thread, a bound the small volume here is below and the large one reaches
-(+45 % between them), so with it the comparison measured the pyramid's blocks; it passed
-only while a cold compile cache raised the first (small) run's peak."""
 
 
 def test_peak_memory_does_not_grow_with_the_volume(tmp_path):
