@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .data.checks import SourceFacts
@@ -24,8 +25,8 @@ def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | N
                   shown: str, model_facts: ModelFacts) -> None:
     """Sources with shapes and weights, the model with its size and cost (``model_facts``
     of the built model), tasks with channels."""
-    console.print(f"[bold green]ok[/] {shown}: recipe [bold]{recipe.name}[/]"
-                  + (f" — {recipe.description}" if recipe.description else ""))
+    console.print(f"[bold green]ok[/] {escape(shown)}: recipe [bold]{escape(recipe.name)}[/]"
+                  + (f" — {escape(recipe.description)}" if recipe.description else ""))
 
     sources = Table(title="data", title_justify="left", box=None, pad_edge=False)
     for col in ("group", "source", "kind", "shape (zyx)", "dtype", "voxel nm (zyx)", "weight"):
