@@ -1020,7 +1020,8 @@ def data_convert(
     out: Annotated[Path, typer.Argument(help="Output zarr folder (created if missing).")],
     voxel_size: Nm = None,
     chunks: Annotated[tuple[int, int, int] | None, typer.Option(
-        metavar="Z Y X", help="Output chunk size in voxels (default: up to 16 x 256 x 256).")
+        metavar="Z Y X", help="Output chunk size in voxels (default: up to 16 x 256 x 256); "
+        "a 4-d (c, z, y, x) source keeps all channels in each chunk.")
     ] = None,
     name: Annotated[str | None, typer.Option(
         help="Array name in OUT (default: image for 8-bit/float, labels for wider ints).")] = None,
@@ -1084,7 +1085,7 @@ def data_synth(
     from .capacity import size_text
     from .devices import available_memory
     from .io.pyramid import level_factors
-    from .io.write import write_volume
+    from .io.write import check_new_volume, write_volumes
     from .synth import MEMORY_PER_VOXEL, synthesize
 
     if shape is None or min(shape) < 1:
@@ -1096,12 +1097,15 @@ def data_synth(
         raise UserError(f"--shape {' '.join(map(str, shape))}: generating it takes about "
                         f"{size_text(need)} of memory (it is made whole, in memory), "
                         f"{size_text(free)} is available; give a smaller --shape")
+    names = {"image": False, "labels": True, "mito": True, "synapse": True}  # name: label
+    if not overwrite:
+        for name, label in names.items():  # a taken name refuses before the generating
+            check_new_volume(out, name, label)
     volume = synthesize(shape, seed, voxel_size=voxel_size or (30.0, 6.0, 6.0),
                         defects=defects)
-    for key in ("image", "labels", "mito", "synapse"):
-        write_volume(out, key, getattr(volume, key), voxel_size=volume.voxel_size,
-                     overwrite=overwrite, attrs={"emrun": {"synthetic_seed": seed}},
-                     label=key != "image", levels=levels)
+    write_volumes(out, {name: (getattr(volume, name), label) for name, label in names.items()},
+                  voxel_size=volume.voxel_size, attrs={"emrun": {"synthetic_seed": seed}},
+                  levels=levels, overwrite=overwrite)
     print(f"wrote {out}/image, labels, mito, synapse: shape {list(shape)}, seed {seed}, "
           f"{int(volume.labels.max())} cells")
 

@@ -54,6 +54,38 @@ def test_synth_writes_image_labels_mito_deterministically(tmp_path):
     assert not (tmp_path / "h.zarr").exists()
 
 
+def test_synth_writes_all_four_volumes_or_none(tmp_path, monkeypatch):
+    """A failure at the third volume left image and labels, and the rerun then refused
+    "already exists"; a taken name refuses before anything is made."""
+    import emrun.io.write as write
+
+    real = write.write_volume
+
+    def fails_at_mito(path, name, *args, **kwargs):
+        if name == "mito":
+            raise OSError(28, "No space left on device")
+        return real(path, name, *args, **kwargs)
+
+    args = ["data", "synth", "--shape", "4", "32", "32"]
+    out, kept = tmp_path / "new.zarr", tmp_path / "kept.zarr"
+    write_volume(kept, "other", np.zeros((4, 8, 8), np.uint8))
+    monkeypatch.setattr(write, "write_volume", fails_at_mito)
+    for store in (out, kept):
+        assert runner.invoke(app, [*args[:2], str(store), *args[2:]]).exit_code == 2
+    monkeypatch.undo()
+    assert not out.exists()
+    assert {p.name for p in kept.iterdir()} <= {"other", "zarr.json", "labels"}
+    assert not any((kept / "labels").glob("*/zarr.json"))  # no segmentation left either
+    with pytest.raises(Exception, match="has no array 'image'"):
+        open_volume(kept / "image")
+    done = runner.invoke(app, [*args[:2], str(kept), *args[2:]])  # the rerun
+    assert done.exit_code == 0, done.output
+    assert open_volume(kept / "labels").shape == (4, 32, 32)
+    again = runner.invoke(app, [*args[:2], str(kept), *args[2:]])
+    assert again.exit_code == 2 and "image: already exists" in again.stderr
+    assert "cells" not in again.stdout
+
+
 @pytest.mark.parametrize("command", ["synth", "convert"])
 def test_a_voxel_size_that_is_not_positive_is_one_line_and_exit_2(tmp_path, command):
     np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.uint8))
@@ -90,6 +122,27 @@ def test_convert_refuses_an_empty_volume_and_writes_nothing(tmp_path, shape):
     assert result.stderr == (f"error: {tmp_path / 'empty.npy'}: is empty (shape "
                              f"{list(shape)}); nothing to convert\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("shape", "kwargs", "said"), [
+    ((96, 96, 3), {"photometric": "rgb"}, "is a colour TIFF (3 samples per pixel, axes YXS)"),
+    ((5, 96, 96, 3), {"photometric": "rgb"}, "is a colour TIFF (3 samples per pixel"),
+    ((4, 2, 32, 32), {"imagej": True, "metadata": {"axes": "ZCYX"}},
+     "holds channels after other axes (axes ZCYX"),
+])
+def test_convert_refuses_tiff_axes_it_would_misread(tmp_path, shape, kwargs, said):
+    """An RGB export was converted as z, y, x = rows, columns, 3, and an ImageJ hyperstack's
+    channels as z; as a file and as a folder of sections."""
+    data = np.zeros(shape, np.uint8)
+    tifffile.imwrite(tmp_path / "colour.tif", data, **kwargs)
+    (tmp_path / "sections").mkdir()
+    tifffile.imwrite(tmp_path / "sections" / "s0.tif", data, **kwargs)
+    for source in (tmp_path / "colour.tif", tmp_path / "sections"):
+        out = tmp_path / "o.zarr"
+        result = runner.invoke(app, ["data", "convert", str(source), str(out)])
+        assert result.exit_code == 2, result.output
+        assert said in result.stderr and len(result.stderr.splitlines()) == 1
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("compression", [None, "zlib"])

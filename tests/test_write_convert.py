@@ -110,6 +110,10 @@ def test_bool_big_endian_float_and_channels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(vol.read(), aff)
     axes = ome(out / "aff")["multiscales"][0]["axes"]
     assert axes[0] == {"name": "c", "type": "channel"}
+    # spatial chunks for a channel volume (what `data convert --chunks Z Y X` passes)
+    r = convert(tmp_path / "aff.npy", out, name="aff4", chunks=(4, 8, 8), progress=False)
+    assert r.chunks == (3, 4, 8, 8)
+    np.testing.assert_array_equal(open_volume(r.path).read(), aff)
 
 
 def test_guess_name() -> None:
@@ -319,10 +323,16 @@ def test_failed_conversion_leaves_nothing_that_looks_complete(
     fail_after(monkeypatch, reads=1)
     with pytest.raises(Boom):
         convert(source, out, chunks=CHUNKS, progress=False)
+    assert not out.exists()  # the store was made for this volume: an empty one is not left
+    # into a store that holds other volumes, the failed one leaves no trace and the rest stays
+    write_volume(out, "image", make("uint8"))
+    with pytest.raises(Boom):
+        convert(source, out, chunks=CHUNKS, progress=False)
     assert not (out / "labels/labels").exists()  # the segmentation: labels/NAME
     assert not (out / "labels/labels.partial").exists()
     with pytest.raises(VolumeError, match="has no array 'labels'"):
         open_volume(out / "labels")
+    assert open_volume(out / "image").shape == make("uint8").shape
 
 
 def test_failed_overwrite_keeps_the_old_volume(

@@ -90,11 +90,12 @@ def convert(
 
     `out` is a *.zarr folder (created when missing; other volumes in it are kept). `name`
     defaults to `guess_name(source dtype)`. The voxel size (nm, zyx) is `voxel_size`, else
-    the source's metadata, else unknown; the source's offset is kept. `chunks` default to
-    `default_chunks`. Sources are 3-d (z, y, x) or 4-d (c, z, y, x). `label`: write a
-    segmentation (OME labels; default: `emrun.io.write.guess_label`);
-    `levels`: pyramid levels (None: the default). A progress bar over the slabs goes to
-    stderr when `progress`. Every user-facing problem is a VolumeError.
+    the source's metadata, else unknown; the source's offset is kept. Sources are 3-d
+    (z, y, x) or 4-d (c, z, y, x). `chunks` default to `default_chunks`; for a 4-d source,
+    3 values are the spatial chunks (all channels in each). `label`: write a segmentation
+    (OME labels; default: `emrun.io.write.guess_label`); `levels`: pyramid levels (None:
+    the default). A progress bar over the slabs goes to stderr when `progress`. Every
+    user-facing problem is a VolumeError.
     """
     vol = open_volume(source)
     if vol.ndim not in (3, 4):
@@ -117,6 +118,8 @@ def convert(
                 "(z, y, x); give the voxel size explicitly"
             )
     offset = vol.offset if vol.offset is not None and len(vol.offset) == 3 else None
+    if chunks is not None and channel_axis and len(chunks) == 3:
+        chunks = (vol.shape[0], *chunks)  # spatial chunks given: all channels in each chunk
     chunks = clipped(chunks, vol.shape) if chunks is not None else default_chunks(vol.shape,
                                                                                    channel_axis)
     target = str(Path(out) / name)

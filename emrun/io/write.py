@@ -121,6 +121,40 @@ def default_chunks(shape: Sequence[int], channel_axis: bool = False) -> tuple[in
     return ((max(1, int(shape[0])),) if channel_axis else ()) + spatial
 
 
+def write_volumes(
+    path: str | os.PathLike[str],
+    volumes: dict[str, tuple[np.ndarray, bool]],
+    *,
+    voxel_size: Sequence[float] | None = None,
+    attrs: dict[str, Any] | None = None,
+    levels: int | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write several in-memory volumes ({name: (array, label)}) into one store, all or none:
+    every name is checked before any is written, and a failure part-way removes the ones
+    this call added (a store it made goes with them), so a rerun finds its names free.
+    With `overwrite`, volumes already replaced stay replaced."""
+    for name, (_, label) in volumes.items():
+        _prepare(path, name, label, overwrite)
+    new_store = not os.path.lexists(path)
+    added: list[tuple[str, bool]] = []
+    try:
+        for name, (array, label) in volumes.items():
+            existed = volume_dir(path, name, label).exists()
+            write_volume(path, name, array, voxel_size=voxel_size, attrs=attrs, label=label,
+                         levels=levels, overwrite=overwrite)
+            if not existed:
+                added.append((name, label))
+    except BaseException:
+        if new_store:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            for name, label in added:
+                shutil.rmtree(volume_dir(path, name, label), ignore_errors=True)
+            refresh_root(path)
+        raise
+
+
 def create_volume(
     path: str | os.PathLike[str],
     name: str,
@@ -232,6 +266,7 @@ def staged_volume(
     spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs,
                  channel_names, label)
     level_factors(spec["shape"][-3:], spec["voxel_size"], levels)  # checked up front
+    new_store = not os.path.lexists(path)
     parent = _open_parent(target.parent, label)
     partial = target.with_name(target.name + PARTIAL_SUFFIX)
     if partial.exists():
@@ -242,8 +277,18 @@ def staged_volume(
         _commit(partial, target, overwrite)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
+        if new_store:
+            _remove_if_bare(Path(path))
         raise
     refresh_root(path)
+
+
+def _remove_if_bare(store: Path) -> None:
+    """Remove a store this write made and that holds nothing but group metadata, so that a
+    failed first write leaves no empty `OUT.zarr` behind; a store holding anything else (a
+    volume another process has begun meanwhile) is left alone."""
+    if all(p.is_dir() or p.name == "zarr.json" for p in store.rglob("*")):
+        shutil.rmtree(store, ignore_errors=True)
 
 
 def build_pyramid(
