@@ -110,6 +110,7 @@ def open_tiff(path: str) -> TiffVolume:
     with _tifffile_caught() as said, tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         _check_whole(path, tif, series, said)
+        _check_axes(path, series)
         shape = tuple(int(n) for n in series.shape)
         return TiffVolume(
             path=path,
@@ -125,6 +126,7 @@ def open_tiff_stack(path: str) -> TiffStackVolume:
     files = tiff_files(path)
     with _tifffile_caught(), tifffile.TiffFile(os.path.join(path, files[0])) as tif:
         series = tif.series[0]
+        _check_axes(os.path.join(path, files[0]), series)
         section = tuple(int(n) for n in series.shape)
         dtype = np.dtype(series.dtype)
     return TiffStackVolume(
@@ -134,6 +136,21 @@ def open_tiff_stack(path: str) -> TiffStackVolume:
         dtype=dtype,
         files=tuple(files),
     )
+
+
+def _check_axes(path: str, series: Any) -> None:
+    """Refuse layouts that would be read as the wrong axes: colour samples last (an RGB
+    export became z, y, x = rows, columns, 3) and ImageJ channels after z (read as c, z)."""
+    axes, shape = str(series.axes), tuple(series.shape)
+    if len(axes) > 1 and axes.endswith("S") and shape[-1] > 1:
+        raise VolumeError(f"{path}: is a colour TIFF ({shape[-1]} samples per pixel, axes "
+                          f"{axes}); EM images have one channel: save it as 8- or 16-bit "
+                          "greyscale (Fiji: Image > Type > 8-bit) and convert that")
+    if "C" in axes and axes.index("C") > 0 and shape[axes.index("C")] > 1:
+        raise VolumeError(f"{path}: holds channels after other axes (axes {axes}, shape "
+                          f"{list(shape)}); emrun reads channels first (c, z, y, x): save one "
+                          "file per channel, or reorder them (Fiji: Image > Hyperstacks > "
+                          "Re-order Hyperstack)")
 
 
 def _check_whole(path: str, tif: tifffile.TiffFile, series: Any, said: list[str]) -> None:
