@@ -421,10 +421,11 @@ def export(
         help="A run directory (its best.pt, else last.pt), a checkpoint or a model package.")],
     output: Annotated[Path, typer.Argument(
         help="File to write: NAME.emrun, NAME.zip (bioimageio) or NAME.onnx.")],
-    format_: Annotated[str, typer.Option(
+    format_: Annotated[str | None, typer.Option(
         "--format", metavar="emrun|bioimageio|onnx", help="emrun: a model package for "
         "`infer --model` and `train --init-from`; bioimageio: a bioimage.io model (extra "
-        "emrun[bioimageio]); onnx: an ONNX graph (extra emrun[onnx]).")] = "emrun",
+        "emrun[bioimageio]); onnx: an ONNX graph (extra emrun[onnx]). Default: from "
+        "OUTPUT's suffix (.emrun, .zip, .onnx).")] = None,
 ) -> None:
     """Write a trained network as one file that travels: weights, recipe, facts, checksums."""
     from .export import export as run_export

@@ -221,11 +221,15 @@ def test_export_takes_a_run_s_best_checkpoint_and_refuses_what_it_cannot_read(tr
         "without checkpoints/best.pt": [trained, trained / "x.emrun"],
         "is a directory": [run, trained],
         "--format must be one of": [run, trained / "x.emrun", "--format", "tflite"],
+        "give --format (emrun, bioimageio, onnx), or name the file *.emrun, *.zip, *.onnx": [
+            run, trained / "x.out"],
+        "a .onnx file is onnx, but --format is emrun; name the file *.emrun or give --format "
+        "onnx": [run, trained / "x.onnx", "--format", "emrun"],
     }
     for expected, args in cases.items():
         result = invoke("export", *args)
         assert result.exit_code == 2 and expected in result.stderr, (expected, result.output)
-    assert not (trained / "x.emrun").exists()
+    assert not any(trained.glob("x.*"))
     kept = (trained / "a.emrun").read_bytes()
     twice = invoke("export", run, trained / "a.emrun")  # a file the user has: never replaced
     assert twice.exit_code == 2 and "never overwrites" in twice.stderr
@@ -325,7 +329,7 @@ def test_an_onnx_graph_computes_what_pytorch_computes(trained):
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     out = trained / "travel.onnx"
-    done = invoke("export", trained / "run", out, "--format", "onnx")
+    done = invoke("export", trained / "run", out)  # the format from the suffix
     assert done.exit_code == 0, done.output
     assert "onnxruntime matches PyTorch" in done.stdout
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])

@@ -23,17 +23,20 @@ Format = Literal["emrun", "bioimageio", "onnx"]
 FORMATS: tuple[str, ...] = ("emrun", "bioimageio", "onnx")
 
 
-def export(source: Path, output: Path, format: str = "emrun") -> list[str]:
-    """Export ``source`` to ``output`` in ``format``; the lines that report what was done."""
+SUFFIXES: dict[str, str] = {".emrun": "emrun", ".zip": "bioimageio", ".onnx": "onnx"}
+
+
+def export(source: Path, output: Path, format: str | None = None) -> list[str]:
+    """Export ``source`` to ``output`` in ``format`` (None: from the output's suffix); the
+    lines that report what was done."""
     from .source import load_trained
 
-    if format not in FORMATS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
     if output.is_dir():
         raise UserError(f"{output} is a directory; give the file to write")
     if output.exists() or output.is_symlink():
         raise UserError(f"{output} exists; export never overwrites a file: remove it or "
                         "choose another name")
+    format = output_format(output, format)
     trained = load_trained(source)
     if format == "emrun":
         from .package import export_package
@@ -48,4 +51,20 @@ def export(source: Path, output: Path, format: str = "emrun") -> list[str]:
     return export_onnx(trained, output)
 
 
-__all__ = ["FORMATS", "Format", "export"]
+def output_format(output: Path, format: str | None) -> str:
+    """The format asked, else the one the suffix names; a suffix of another format is
+    refused (`o.onnx` was written as an emrun package, which no ONNX tool opens)."""
+    if format is not None and format not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
+    named = SUFFIXES.get(output.suffix.lower())
+    if format is None and named is None:
+        raise UserError(f"{output}: give --format ({', '.join(FORMATS)}), or name the file "
+                        f"{', '.join(f'*{s}' for s in SUFFIXES)}")
+    if format is not None and named is not None and named != format:
+        wanted = next(s for s, f in SUFFIXES.items() if f == format)
+        raise UserError(f"{output}: a {output.suffix} file is {named}, but --format is "
+                        f"{format}; name the file *{wanted} or give --format {named}")
+    return format or named  # type: ignore[return-value]
+
+
+__all__ = ["FORMATS", "Format", "export", "output_format"]
