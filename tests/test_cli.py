@@ -13,6 +13,7 @@ from conftest import MINIMAL, ROOT
 from typer.testing import CliRunner
 
 from emrun.cli import app
+from emrun.io import write_volume
 from emrun.recipe.schema import recipe_schema_text
 
 runner = CliRunner()
@@ -175,6 +176,23 @@ def test_validate_reads_values_float_range_and_empty_masks(write, tmp_path):
     assert "mask.npy selects no voxel anywhere" in result.stderr
     fixed = runner.invoke(app, ["validate", str(write(text)), "-o", "data.sources.a.mask=null",
                                 "-o", "data.sources.a.intensity={low: 0, high: 4}"])
+    assert fixed.exit_code == 0, fixed.output
+
+
+def test_a_segmentation_given_as_the_image_is_refused(write, tmp_path):
+    """uint8 ids in an OME label image passed every check and trained on ids as
+    intensities; the metadata says what the volume is."""
+    ids = np.random.default_rng(0).integers(0, 9, (16, 64, 64), np.uint8)
+    write_volume(tmp_path / "v.zarr", "image", ids * 20)
+    write_volume(tmp_path / "v.zarr", "seg", ids, label=True)
+    text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
+                           f"a: {{image: {tmp_path}/v.zarr/seg, labels: {tmp_path}/v.zarr/seg}}")
+    result = runner.invoke(app, ["validate", str(write(text))])
+    assert result.exit_code == 2
+    assert "data.sources.a.image:" in result.stderr
+    assert "is a segmentation (its OME-Zarr metadata marks it image-label)" in result.stderr
+    fixed = runner.invoke(app, ["validate", str(write(text)), "-o",
+                                f"data.sources.a.image={tmp_path}/v.zarr/image"])
     assert fixed.exit_code == 0, fixed.output
 
 

@@ -343,7 +343,8 @@ def test_off_a_terminal_progress_is_a_plain_line_now_and_then():
 
 
 def test_inputs_that_used_to_crash_or_pass_silently_are_refused(setup):
-    """An empty volume, a zero block, NaN voxels, NaN weights: one line, exit 2."""
+    """An empty volume, a zero block, NaN voxels, a segmentation as the image, NaN weights:
+    one line, exit 2."""
     recipe, _, volume, tmp = setup
     path = tmp / "r.yaml"
     import yaml
@@ -353,6 +354,7 @@ def test_inputs_that_used_to_crash_or_pass_silently_are_refused(setup):
     nan = (volume / 255).astype(np.float32)
     nan[5, 10:13, 10:20] = np.nan  # 30 bad voxels
     np.save(tmp / "nan.npy", nan)
+    write_volume(tmp / "in.zarr", "seg", (volume // 64).astype(np.uint8), label=True)
     state = torch.load(tmp / "c.pt")
     name = next(k for k, v in state["model"].items() if v.is_floating_point())
     state["model"][name] = state["model"][name] * float("nan")
@@ -364,6 +366,7 @@ def test_inputs_that_used_to_crash_or_pass_silently_are_refused(setup):
         (["--input", str(tmp / "in.zarr/image"), "--block", "3", "16", "16", "-o",
           "infer.chunks=[2, 16, 16]"], "not a whole number of chunks"),
         (["--input", str(tmp / "nan.npy")], "30 NaN or infinite voxels"),
+        (["--input", str(tmp / "in.zarr/seg")], "is a segmentation (OME-Zarr image-label)"),
         (["--input", str(tmp / "in.zarr/image"), "--checkpoint", str(tmp / "diverged.pt")],
          "NaN or infinite values"),
     ]

@@ -176,6 +176,11 @@ def _check_image(image: Volume, source: VolumeSource, key: KeyPath,
         problems.append(
             (key, f"{image} has shape {list(image.shape)}; an image must be 3D (z, y, x)")
         )
+    if image.segmentation:
+        problems.append((key, f"{image} is a segmentation (its OME-Zarr metadata marks it "
+                         "image-label); `image` takes the EM image: give this volume as "
+                         "`labels`"))
+        return
     kind = image.dtype.kind
     if kind not in "uif":
         problems.append((key, f"{image} has dtype {image.dtype}; an image must be numeric"))

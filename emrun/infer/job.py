@@ -115,6 +115,9 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
                         f"{list(volume.shape)}")
     if volume.dtype.kind not in "uif":
         raise UserError(f"{volume}: dtype {volume.dtype} is not a numeric image")
+    if volume.segmentation:
+        raise UserError(f"{volume}: is a segmentation (OME-Zarr image-label), not an EM "
+                        "image; give the image volume as --input")
     if 0 in volume.shape:
         raise UserError(f"{volume} is empty (shape {list(volume.shape)}): nothing to predict")
     if block is not None and any(b < 1 for b in block):

@@ -67,6 +67,7 @@ class Volume(ABC):
     dtype: np.dtype
     voxel_size: tuple[float, ...] | None = None
     offset: tuple[int, ...] | None = None
+    segmentation: bool = False  # its metadata says it holds object ids (OME image-label)
 
     @property
     def ndim(self) -> int:

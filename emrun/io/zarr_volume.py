@@ -188,8 +188,20 @@ def _volume(
         dtype=numpy_dtype(array.dtype),
         voxel_size=voxel_size,
         offset=offset,
+        segmentation=_is_label_level(group_attrs, array_name),
         array_path=array_path,
     )
+
+
+def _is_label_level(group_attrs: dict[str, Any] | None, array_name: str | None) -> bool:
+    """Whether the array is a level of an OME label image (`image-label`); a plain array
+    beside one, in a group that carries the metadata (a store's root), is not."""
+    ome = (group_attrs or {}).get("ome")
+    if not isinstance(ome, dict) or "image-label" not in ome:
+        return False
+    levels = [d.get("path") for m in ome.get("multiscales") or [] if isinstance(m, dict)
+              for d in m.get("datasets") or [] if isinstance(d, dict)]
+    return array_name in levels
 
 
 def list_arrays(group: Any, prefix: str = "") -> str:
