@@ -64,7 +64,7 @@ def layer_for(path: str, taken: set[str]) -> Layer:
     channels = int(volume.shape[0]) if volume.ndim == 4 else 0  # emrun's: channels first
     if channels:
         kind: LayerKind = "channels" if channels >= 3 else "image"
-    elif volume.dtype.kind in "ui" and volume.dtype.itemsize >= 4:
+    elif volume.segmentation or (volume.dtype.kind in "ui" and volume.dtype.itemsize >= 4):
         kind = "segmentation"
     else:
         kind = "image"

@@ -46,11 +46,15 @@ def get(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
         return error.code, dict(error.headers), b""
 
 
-def test_the_state_names_a_layer_per_volume_of_the_right_kind(volumes):
-    shown = view(volumes, client=CLIENT)
+def test_the_state_names_a_layer_per_volume_of_the_right_kind(volumes, tmp_path):
+    mito = np.zeros((8, 32, 32), np.uint8)  # a uint8 OME label: ids, not intensities
+    mito[2:5, 4:9, 4:9] = 1
+    write_volume(tmp_path / "vol.zarr", "mito", mito, label=True)
+    shown = view([*volumes, str(tmp_path / "vol.zarr/mito")], client=CLIENT)
     try:
         assert [(layer.name, layer.kind) for layer in shown.layers] == [
-            ("image", "image"), ("affinity", "channels"), ("segmentation", "segmentation")]
+            ("image", "image"), ("affinity", "channels"), ("segmentation", "segmentation"),
+            ("mito", "segmentation")]
         layers = {layer["name"]: layer for layer in shown.state["layers"]}
         assert [layers[n]["type"] for n in ("image", "affinity", "segmentation")] == [
             "image", "image", "segmentation"]
