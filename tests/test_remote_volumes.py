@@ -44,16 +44,18 @@ def write_n5(folder: Path, data: np.ndarray, attrs: dict) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **attrs}))
 
 
-def write_precomputed(folder: Path, levels: list[np.ndarray], channels: int = 1) -> None:
-    """A precomputed image written by tensorstore: one scale per array (z, y, x, or c, z, y, x
-    with channels), resolutions 4,4,40 then 8,8,40 nm (x, y, z), offset 3,2,1 voxels."""
+def write_precomputed(folder: Path, levels: list[np.ndarray], channels: int = 1,
+                      kind: str = "image") -> None:
+    """A precomputed volume (`kind` image or segmentation) written by tensorstore: one scale
+    per array (z, y, x, or c, z, y, x with channels), resolutions 4,4,40 then 8,8,40 nm
+    (x, y, z), offset 3,2,1 voxels."""
     ts = tensorstore()
     for i, data in enumerate(levels):
         resolution = [4 * 2**i, 4 * 2**i, 40]
         store = ts.open({
             "driver": "neuroglancer_precomputed",
             "kvstore": {"driver": "file", "path": str(folder)},
-            "multiscale_metadata": {"type": "image", "data_type": str(data.dtype),
+            "multiscale_metadata": {"type": kind, "data_type": str(data.dtype),
                                     "num_channels": channels},
             "scale_metadata": {"size": list(data.shape[-3:][::-1]), "resolution": resolution,
                                "voxel_offset": [3, 2, 1], "chunk_size": [8, 8, 4],
@@ -131,6 +133,12 @@ def test_precomputed_scales_are_levels(tmp_path):
                                   IMAGE[0:2, 2:6:2, 2:6:2])
     with pytest.raises(VolumeError, match=r"no level s9; levels: 4_4_40 .*8_8_40"):
         choose_level(root, "s9")
+
+
+def test_a_precomputed_segmentation_says_so(tmp_path):
+    assert not open_volume(two_levels(tmp_path)).segmentation
+    write_precomputed(tmp_path / "seg", [(IMAGE // 50).astype(np.uint32)], kind="segmentation")
+    assert open_volume(tmp_path / "seg").segmentation
 
 
 def test_precomputed_channels_come_first(tmp_path):

@@ -4,7 +4,8 @@ tensorstore.
 The info lists scales, each a level named by its `key` (`vol/8_8_40`); a path without a key
 opens the first scale. Axes are listed x, y, z (then channel): emrun presents z, y, x with a
 channel axis first when there is more than one channel, the scale's `voxel_offset` as the
-offset and its `resolution` (nm) as the voxel size.
+offset and its `resolution` (nm) as the voxel size; an info of `type` segmentation marks
+the volume as one.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def open_precomputed(root: str, key: str | None) -> TensorstoreVolume:
         view, path=root, dataset=key or None, voxel_size=_zyx(name, scale, "resolution"),
         offset=tuple(int(v) for v in reversed(scale.get("voxel_offset") or (0, 0, 0))),
         attrs={k: v for k, v in info.items() if k != "scales"},
+        segmentation=info.get("type") == "segmentation",
         level_list=tuple(Level(k, _zyx(name, s, "resolution"), f"{root}/{k}")
                          for k, s in zip(keys, scales, strict=True)),
     )
