@@ -293,11 +293,15 @@ def test_the_checkpoint_s_own_recipe_is_the_default(setup):
 
     other = recipe.resolved()
     other["model"]["widths"] = [4, 16]
+    other["model"]["activation"] = "relu"
     path = tmp / "other.yaml"
     path.write_text(yaml.safe_dump(other))
     refused = runner.invoke(app, [*base, "--recipe", str(path), "--output", str(tmp / "o.zarr")])
     assert refused.exit_code == 2
-    assert "another network" in refused.stderr and "model.widths" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr  # scalars too
+    assert "another network" in refused.stderr and "model.widths: [4, 16] in the recipe, " \
+        "[4, 8] in the checkpoint" in refused.stderr
+    assert "model.activation: relu in the recipe, elu in the checkpoint" in refused.stderr
     assert not (tmp / "o.zarr").exists()
     same = recipe.resolved()
     same["infer"]["batch_size"] = 2  # how to predict may change

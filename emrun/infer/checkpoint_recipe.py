@@ -81,5 +81,10 @@ def _differences(mine: Any, theirs: Any, path: tuple[str | int, ...]) -> Iterato
 
 
 def _short(value: Any) -> str:
-    text = "absent" if value is None else yaml.safe_dump(value, default_flow_style=True).strip()
+    """A value as the recipe spells it, on one line: YAML ends a bare scalar with a
+    document-end line ('4\n...'), which split the message into several."""
+    if value is None:
+        return "absent"
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip()
+    text = " ".join(text.removesuffix("\n...").split())
     return text if len(text) <= 60 else text[:57] + "..."
