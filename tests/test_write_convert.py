@@ -282,6 +282,46 @@ def test_refuses_unsuitable_output(tmp_path: Path) -> None:
     assert convert(source, tmp_path / "empty.zarr", progress=False).name == "image"
 
 
+@pytest.mark.parametrize("label", [False, True])
+def test_overwrite_never_replaces_the_store_s_own_files(tmp_path: Path, label: bool) -> None:
+    """`--name zarr.json --overwrite` moved the store's (or its labels group's) metadata
+    aside for a volume folder: every volume in it stopped opening."""
+    out = tmp_path / "out.zarr"
+    data = make("uint8")
+    write_volume(out, "image", data)
+    write_volume(out, "seg", data, label=True)
+    (out / "notes").mkdir()  # a user's folder in the store
+    source = write_npy(tmp_path, data)
+    for name, match in (("zarr.json", "names starting 'zarr.' are zarr's own"),
+                        ("notes", "exists and is not a volume; not replaced")):
+        with pytest.raises(VolumeError, match=match):
+            convert(source, out, name=name, label=label and name != "notes", overwrite=True,
+                    progress=False)
+    np.testing.assert_array_equal(open_volume(out / "image").read(), data)
+    np.testing.assert_array_equal(open_volume(out / "seg").read(), data)
+    assert sorted(p.name for p in out.iterdir()) == ["image", "labels", "notes", "zarr.json"]
+
+
+def test_a_first_write_cut_short_leaves_a_store_the_rerun_takes(tmp_path: Path) -> None:
+    """An interrupt can end a first write while zarr's IO thread still writes chunks: they
+    land in `NAME.partial` after the cleanup removed the store's metadata, and the rerun
+    refused the folder as 'not a zarr store'. Only such leftovers are cleared."""
+    out = tmp_path / "out.zarr"
+    (out / "labels/seg.partial/0/c/0/0").mkdir(parents=True)
+    (out / "labels/seg.partial/0/c/0/0/1").write_bytes(b"chunk")
+    (out / "image.partial/0/c/0").mkdir(parents=True)
+    data = make("uint8")
+    write_volume(out, "image", data)
+    assert sorted(p.name for p in out.iterdir()) == ["image", "zarr.json"]
+    np.testing.assert_array_equal(open_volume(out / "image").read(), data)
+    mixed = tmp_path / "mixed.zarr"
+    (mixed / "image.partial").mkdir(parents=True)
+    (mixed / "notes.txt").write_text("mine")
+    with pytest.raises(VolumeError, match="not a zarr store"):
+        write_volume(mixed, "image", data)
+    assert (mixed / "notes.txt").read_text() == "mine"
+
+
 def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
     out = tmp_path / "out.zarr"
     first, second = make("uint8"), make("uint8", seed=5)

@@ -385,7 +385,22 @@ def _prepare(path: str | os.PathLike[str], name: str, label: bool, overwrite: bo
         raise VolumeError(f"{root_path}: holds {kind} named {name!r}; choose another name")
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise VolumeError(f"{target}: already exists; choose another name or overwrite it")
+    if target.exists() and not _is_volume(target):  # overwrite replaces volumes, nothing else
+        raise VolumeError(f"{target}: exists and is not a volume; not replaced: choose "
+                          "another name")
     return target
+
+
+def _is_volume(folder: Path) -> bool:
+    """Whether `folder` is an image group (a volume emrun may replace), not a file or a
+    folder of something else."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        doc = json.loads((folder / "zarr.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "multiscales" in (doc.get("attributes") or {}).get("ome", {})
 
 
 def _open_parent(parent: Path, label: bool) -> zarr.Group:
@@ -417,6 +432,9 @@ def _check_name(root: Path, name: str) -> None:
         )
     if name.endswith(PARTIAL_SUFFIX) or name.endswith(".replaced"):
         raise VolumeError(f"{root}: bad volume name {name!r}; the suffix is reserved")
+    if name.lower().startswith("zarr."):  # zarr.json: the store's own metadata
+        raise VolumeError(f"{root}: bad volume name {name!r}; names starting 'zarr.' are "
+                          "zarr's own")
 
 
 def _check_store(root: Path) -> None:
@@ -443,8 +461,32 @@ def _check_store(root: Path) -> None:
             f"{root}: is a zarr v2 store; emrun writes zarr v3 (OME-Zarr 0.5) volumes, "
             "choose another .zarr path"
         )
+    if _only_partial_volumes(root):  # a first write cut short: zarr's IO outlived cleanup
+        for leftover in list(root.iterdir()):
+            shutil.rmtree(leftover)
+        return
     if any(root.iterdir()):
         raise VolumeError(f"{root}: exists and is not a zarr store (no zarr.json); not writing")
+
+
+def _only_partial_volumes(root: Path) -> bool:
+    """Whether a store without metadata holds nothing but volumes being written
+    (`NAME.partial`, also under `labels/`): what an interrupted first write leaves when
+    zarr's IO thread writes chunks after the cleanup removed the store."""
+    found = False
+    for entry in root.iterdir():
+        if entry.is_dir() and not entry.is_symlink() and entry.name.endswith(PARTIAL_SUFFIX):
+            found = True
+        elif entry.name == LABELS and entry.is_dir() and not entry.is_symlink():
+            for inner in entry.iterdir():
+                if inner.name == "zarr.json" and inner.is_file():
+                    continue
+                if not (inner.is_dir() and inner.name.endswith(PARTIAL_SUFFIX)):
+                    return False
+                found = True
+        else:
+            return False
+    return found
 
 
 def _spec(
