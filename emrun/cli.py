@@ -102,7 +102,13 @@ def guarded(fn: F) -> F:
         except Interrupted as exc:
             err.print(f"stopped by {exc.signal_name}: {exc}", markup=False)
             raise typer.Exit(exc.exit_code) from None
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except KeyboardInterrupt:  # Ctrl-C in a command without its own handling
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's IO cut short
+            err.print("stopped by SIGINT (Ctrl-C): nothing half-written stands under a final "
+                      "name; run the command again (with --resume where it has one)",
+                      markup=False)
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
             if (full := disk_full(exc)) is not None:
@@ -1124,7 +1130,7 @@ def main() -> None:
         code = app(standalone_mode=False)
     except Exception as exc:
         name = type(exc).__name__
-        if name == "Abort":  # Ctrl-C outside a command's own handling
+        if name == "Abort":  # Ctrl-C outside a command (while parsing its arguments)
             sys.exit(130)
         if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
             raise

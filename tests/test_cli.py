@@ -179,6 +179,24 @@ def test_validate_reads_values_float_range_and_empty_masks(write, tmp_path):
     assert fixed.exit_code == 0, fixed.output
 
 
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(tmp_path, monkeypatch):
+    """Commands without their own signal handling ended silently with 130 (typer turned the
+    KeyboardInterrupt into an exit code), and zarr's cut-short IO tasks logged noise."""
+    import emrun.io.convert
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(emrun.io.convert, "convert", interrupted)
+    np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.uint8))
+    result = runner.invoke(app, ["data", "convert", str(tmp_path / "img.npy"),
+                                 str(tmp_path / "o.zarr")])
+    assert result.exit_code == 130
+    assert result.stderr == ("stopped by SIGINT (Ctrl-C): nothing half-written stands under a "
+                             "final name; run the command again (with --resume where it has "
+                             "one)\n")
+
+
 def test_a_segmentation_given_as_the_image_is_refused(write, tmp_path):
     """uint8 ids in an OME label image passed every check and trained on ids as
     intensities; the metadata says what the volume is."""
