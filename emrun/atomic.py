@@ -5,6 +5,7 @@ folder flushed too, so that the rename itself survives a crash."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,15 @@ from pathlib import Path
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yields a temporary path to write; on success it replaces ``path``, on failure it is
-    removed and ``path`` is left as it was."""
+    removed and ``path`` is left as it was. A symbolic link is written through (its target
+    is replaced, the link kept); a parent that is a file is a NotADirectoryError naming it."""
+    if path.is_symlink():
+        path = path.resolve()
+    for folder in (path.parent, *path.parent.parents):  # the nearest one that exists
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -19,7 +19,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import Interrupted, NotImplementedYet, UserError, disk_full, not_allowed
+from .errors import (
+    Interrupted,
+    NotImplementedYet,
+    UserError,
+    disk_full,
+    not_a_folder,
+    not_allowed,
+)
 from .geometry import Roi
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -113,6 +120,10 @@ def guarded(fn: F) -> F:
         except Exception as exc:
             if (full := disk_full(exc)) is not None:
                 _report_disk_full(full)
+                raise typer.Exit(2) from None
+            if (file := not_a_folder(exc)) is not None:
+                err.print(f"error: {file.filename}: is a file, not a folder, so nothing can be "
+                          "written under it; give another path", markup=False)
                 raise typer.Exit(2) from None
             if (denied := not_allowed(exc)) is not None:
                 where = f" {denied.filename}" if denied.filename else ""

@@ -7,6 +7,8 @@ import errno
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 NOT_ALLOWED = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 """A place the user pointed at that this user may not write (or read): theirs to change."""
+NOT_A_FOLDER = frozenset({errno.ENOTDIR})
+"""A path whose parent the user gave is a file: theirs to change."""
 
 
 class UserError(Exception):
@@ -41,6 +43,11 @@ def not_allowed(exc: BaseException) -> OSError | None:
     """The read-only file system or permission error behind ``exc``, if that is what it is
     (an output under a read-only mount, a folder of another user)."""
     return _behind(exc, NOT_ALLOWED)
+
+
+def not_a_folder(exc: BaseException) -> OSError | None:
+    """The error of a path under a file (``notes.txt/out.json``) behind ``exc``, if any."""
+    return _behind(exc, NOT_A_FOLDER)
 
 
 def _behind(exc: BaseException, codes: frozenset[int]) -> OSError | None:

@@ -39,6 +39,9 @@ def refuse_foreign_file(out: Path) -> None:
     file of that name is kept)."""
     if not out.exists():
         return
+    if not out.is_file():  # a pipe would block the read below until something writes to it
+        raise UserError(f"{out}: exists and is not a regular file (a device, pipe or socket); "
+                        "give a .png file path")
     try:
         with open(out, "rb") as handle:
             head = handle.read(4096)

@@ -156,6 +156,34 @@ def test_a_source_without_labels_for_a_task_that_needs_them_is_the_users_to_fix(
     assert "needs labels, and a training source has none" in trained.stderr
 
 
+def test_schema_and_preview_outputs_that_are_not_files(tmp_path, write):
+    """/dev/zero was read whole (7.8 GB in 4 s) to decide whether it was an old schema, a
+    pipe never answered, and a path under a file ended as an internal error."""
+    import os
+
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    special = "exists and is not a regular file (a device, pipe or socket)"
+    for args, says in ((["schema", "--output", "/dev/zero"], f"/dev/zero: {special}"),
+                       (["schema", "--output", str(fifo)], f"pipe.json: {special}"),
+                       (["data", "preview", str(write(MINIMAL)), "--out", str(fifo)],
+                        f"pipe.json: {special}"),
+                       (["schema", "--output", str(notes / "s.json")],
+                        f"{notes}: is a file, not a folder"),
+                       (["data", "preview", str(write(MINIMAL)), "--n", "1", "--out",
+                         str(notes / "deeper/p.png")], f"{notes}: is a file, not a folder")):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert says in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert notes.read_text() == "mine"
+    target = tmp_path / "real.json"
+    (tmp_path / "link.json").symlink_to(target)  # written through, the link kept
+    assert runner.invoke(app, ["schema", "--output", str(tmp_path / "link.json")]).exit_code == 0
+    assert (tmp_path / "link.json").is_symlink() and json.loads(target.read_text())["title"]
+
+
 def test_every_schema_property_is_described():
     schema = json.loads(recipe_schema_text())
     models = {"Recipe": schema, **schema["$defs"]}

@@ -23,13 +23,21 @@ def recipe_schema_text() -> str:
     return json.dumps(recipe_schema(), indent=2, sort_keys=False) + "\n"
 
 
+MAX_SCHEMA_BYTES = 1 << 20
+
+
 def refuse_foreign_file(output: Path) -> None:
     """An existing ``output`` is replaced only if it is an earlier recipe schema (so that
     ``emrun schema`` refreshes schemas/recipe.schema.json, and a user's file is kept)."""
     if not output.exists() or output.is_dir():
         return
+    if not output.is_file():  # a device or a pipe: read whole (/dev/zero) or never answering
+        raise UserError(f"{output}: exists and is not a regular file (a device, pipe or "
+                        "socket); give a file path for the schema")
     try:
-        doc = json.loads(output.read_text(encoding="utf-8"))
+        with open(output, "rb") as handle:
+            head = handle.read(MAX_SCHEMA_BYTES + 1)  # a schema is ~100 KB; more is not one
+        doc = json.loads(head) if len(head) <= MAX_SCHEMA_BYTES else None
     except (OSError, ValueError):
         doc = None
     mine = recipe_schema()
