@@ -24,6 +24,7 @@ from .errors import (
     NotImplementedYet,
     UserError,
     disk_full,
+    host_out_of_memory,
     not_a_folder,
     not_allowed,
 )
@@ -132,6 +133,12 @@ def guarded(fn: F) -> F:
                 raise typer.Exit(2) from None
             if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch
                 _report_out_of_memory(exc)
+                raise typer.Exit(2) from None
+            if (short := host_out_of_memory(exc)) is not None:
+                err.print(f"error: this machine ran out of memory ({short}): lower "
+                          "train.batch_size or train.patch (training), infer.batch_size or "
+                          "infer.patch (inference), --block or --shape, or free memory",
+                          markup=False)
                 raise typer.Exit(2) from None
             if os.environ.get("EMRUN_DEBUG"):
                 traceback.print_exc()

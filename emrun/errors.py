@@ -50,6 +50,24 @@ def not_a_folder(exc: BaseException) -> OSError | None:
     return _behind(exc, NOT_A_FOLDER)
 
 
+HOST_ALLOCATOR = ("can't allocate memory", "not enough memory")  # torch's CPU allocator
+
+
+def host_out_of_memory(exc: BaseException) -> str | None:
+    """What ran out, in short, when ``exc`` (or its cause) is the host's memory running out:
+    numpy's MemoryError or torch's CPU allocator; None otherwise."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = " ".join(str(current).split())
+        if isinstance(current, MemoryError) or (
+                isinstance(current, RuntimeError) and any(m in text for m in HOST_ALLOCATOR)):
+            return (text[:160] + "...") if len(text) > 160 else (text or "MemoryError")
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _behind(exc: BaseException, codes: frozenset[int]) -> OSError | None:
     """The first OSError with one of ``codes`` in ``exc``'s chain of causes."""
     seen: set[int] = set()

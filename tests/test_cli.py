@@ -207,6 +207,27 @@ def test_validate_reads_values_float_range_and_empty_masks(write, tmp_path):
     assert fixed.exit_code == 0, fixed.output
 
 
+@pytest.mark.parametrize("error", [
+    MemoryError("Unable to allocate 7.45 GiB for an array with shape (1000, 1000, 1000)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
+                 "allocate memory: you tried to allocate 8000000000 bytes."),
+])
+def test_the_host_running_out_of_memory_is_the_user_s_to_fix(tmp_path, monkeypatch, error):
+    """Only a GPU's out-of-memory was exit 2; the host's was 'a bug in emrun' (exit 1)."""
+    import emrun.io.convert
+
+    def too_big(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(emrun.io.convert, "convert", too_big)
+    np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.uint8))
+    result = runner.invoke(app, ["data", "convert", str(tmp_path / "img.npy"),
+                                 str(tmp_path / "o.zarr")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: this machine ran out of memory (")
+    assert "lower train.batch_size" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
 def test_ctrl_c_in_a_command_is_one_line_and_exit_130(tmp_path, monkeypatch):
     """Commands without their own signal handling ended silently with 130 (typer turned the
     KeyboardInterrupt into an exit code), and zarr's cut-short IO tasks logged noise."""

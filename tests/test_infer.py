@@ -371,6 +371,8 @@ def test_inputs_that_used_to_crash_or_pass_silently_are_refused(setup):
           "infer.chunks=[2, 16, 16]"], "not a whole number of chunks"),
         (["--input", str(tmp / "nan.npy")], "30 NaN or infinite voxels"),
         (["--input", str(tmp / "in.zarr/seg")], "is a segmentation (OME-Zarr image-label)"),
+        (["--input", str(tmp / "in.zarr/image"), "-o", "infer.patch=[2000, 2000, 2000]"],
+         "need at least"),  # was a MemoryError, and an output the rerun refused
         (["--input", str(tmp / "in.zarr/image"), "--checkpoint", str(tmp / "diverged.pt")],
          "NaN or infinite values"),
     ]

@@ -21,7 +21,8 @@ import torch
 import zarr
 
 from .. import __version__
-from ..capacity import check_output_fits
+from ..capacity import check_output_fits, size_text
+from ..devices import available_memory
 from ..errors import UserError
 from ..geometry import Roi, Zyx, box_of, zyx
 from ..io import PRIVATE_PREFIX, Volume, open_volume
@@ -143,6 +144,7 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
         layout = Layout(shape, patch, stride, chunks, block)
     except ValueError as exc:  # a block that is no whole number of the recipe's chunks
         raise UserError(f"--block / infer.block: {exc}") from None
+    _check_memory(recipe, layout)
     job = Job(recipe=recipe, checkpoint=checkpoint.resolve(), input_path=input_path,
               output=output.resolve(), mask_path=mask_path, layout=layout,
               scale=intensity_range(recipe, volume), tta=tta, roi_offset=offset,
@@ -215,6 +217,23 @@ def _refuse_same(volume: Volume, output: Path) -> None:
         raise UserError(f"--output {output} is the input's own container; write elsewhere")
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a new .zarr folder")
+
+
+def _check_memory(recipe: Recipe, layout: Layout) -> None:
+    """Refuse, before any output exists, a patch, batch or block whose working set cannot
+    fit in this machine's memory (a 1000^3 patch ended in a MemoryError and left an output
+    that the rerun refused). A lower bound: the blending window (float64), one batch of
+    input patches with its first-level activations, and a block's float32 sums."""
+    patch, batch = math.prod(layout.patch), recipe.infer.batch_size
+    channels = sum(recipe.head_channels().values())
+    width = int((getattr(recipe.model, "widths", None) or [1])[0])
+    block = math.prod(b + p for b, p in zip(layout.block, layout.patch, strict=True))
+    need = patch * 8 + batch * patch * 4 * (1 + 2 * width + channels) + block * 4 * (channels + 1)
+    free = available_memory()
+    if need > free:
+        raise UserError(f"infer.patch {list(layout.patch)}, infer.batch_size {batch} and block "
+                        f"{list(layout.block)} need at least {size_text(need)} of memory, "
+                        f"{size_text(free)} is available: lower them (or --block)")
 
 
 def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
