@@ -4,7 +4,13 @@ memory here without paying for torch's import."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
@@ -64,3 +70,61 @@ def daisy_package() -> Any:
     except ImportError:
         raise UserError("--scheduler daisy needs daisy >= 2: pip install 'emrun[daisy]'") from None
     return daisy
+
+
+LAUNCH_FAILED = "emrun: the --launch command"  # how a launched worker's failure is said
+
+
+def check_launch(launch: str | None) -> None:
+    """Refuse a ``--launch`` command that cannot start a worker, before any work: bad
+    quoting, nothing in it, or a program that is not on this machine's PATH."""
+    if launch is None:
+        return
+    try:
+        words = shlex.split(launch)
+    except ValueError as exc:
+        raise UserError(f"--launch {launch!r}: {exc}") from None
+    if not words:
+        raise UserError("--launch is empty; give the command that starts a worker, e.g. "
+                        "'srun -c 4'")
+    if shutil.which(words[0]) is None:
+        raise UserError(f"--launch {launch!r}: no command {words[0]!r} on this machine's PATH")
+
+
+def run_launched(launch: str, module: str, *args: str) -> None:
+    """In a daisy worker: serve blocks through ``launch`` (``srun ... python -m module
+    args``). A failure is one line on stderr, which daisy shows, and the command's exit
+    code, instead of a traceback per restart."""
+    command = [*shlex.split(launch), sys.executable, "-m", module, *args]
+    try:
+        code = subprocess.run(command).returncode
+    except OSError as exc:
+        print(f"{LAUNCH_FAILED} {launch!r} could not start: {exc}", file=sys.stderr)
+        sys.exit(127)
+    if code:
+        print(f"{LAUNCH_FAILED} {launch!r} exited with code {code}", file=sys.stderr)
+        sys.exit(code)
+
+
+@contextlib.contextmanager
+def launched_workers(launch: str | None) -> Iterator[None]:
+    """Around ``daisy.run_blockwise``: with a ``--launch`` command, a failure of the workers
+    it starts is the user's (one line, exit 2, after daisy's own warning per restart, each
+    with the worker's one line); without one, nothing changes."""
+    if launch is None:
+        yield
+        return
+    try:
+        yield
+    except RuntimeError as exc:  # daisy gave up restarting the workers
+        raise UserError(launch_failure(launch, str(exc))) from None
+
+
+def launch_failure(launch: str, detail: str) -> str:
+    """The message for workers started through ``launch`` that failed, from daisy's report."""
+    said = [line.strip() for line in detail.splitlines() if LAUNCH_FAILED in line]
+    lines = [line.strip() for line in detail.strip().splitlines() if line.strip()]
+    reason = said[-1].removeprefix("emrun: ") if said else (lines[-1] if lines else
+                                                           "no error reported")
+    return (f"the workers started through --launch {launch!r} failed ({reason}); finished "
+            "blocks are kept: fix the command and run again (with --resume where it has one)")

@@ -201,6 +201,10 @@ def test_cli_workers_give_the_same_json_as_one_process(volumes):
     (["--launch", "srun -c 4"], "--launch is for --scheduler daisy"),
     (["--scheduler", "local", "--launch", "srun"], "--launch is for --scheduler daisy"),
     (["--scheduler", "slurm"], "--scheduler must be local or daisy"),
+    (["--scheduler", "daisy", "--launch", '"srun'], "--launch '\"srun': No closing quotation"),
+    (["--scheduler", "daisy", "--launch", "no-such-launcher -c 4"],
+     "no command 'no-such-launcher' on this machine's PATH"),
+    (["--scheduler", "daisy", "--launch", " "], "--launch is empty"),
 ])
 def test_cli_bad_parallel_options_exit_2_in_one_line(volumes, options, message):
     _, paths = volumes
@@ -248,6 +252,25 @@ def test_cli_daisy_scheduler_without_daisy_says_how_to_install(volumes, monkeypa
     assert result.exit_code == 2, result.output
     assert "pip install 'emrun[daisy]'" in result.stderr
     assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1
+
+
+def test_a_launch_command_that_fails_is_one_error_and_exit_2(volumes, tmp_path):
+    """`--launch false` printed a traceback per worker restart and ended as 'a bug in
+    emrun' (exit 1); each restart now says the command's exit code in one line, and the run
+    ends with one error naming it."""
+    pytest.importorskip("daisy")
+    _, paths = volumes
+    done = subprocess.run([sys.executable, "-m", "emrun", "evaluate", paths["seg"],
+                           paths["truth"], "--scheduler", "daisy", "--workers", "1",
+                           "--launch", "false", "--work-dir", str(tmp_path / "w")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "error: the workers started through --launch 'false' failed (the --launch command "
+        "'false' exited with code 1); finished blocks are kept: fix the command and run again "
+        "(with --resume where it has one)")
+    assert "Traceback (most recent call last):\n  File \"<frozen runpy>\"" not in done.stderr
+    assert "subprocess.CalledProcessError" not in done.stderr
 
 
 def test_daisy_workers_score_like_one_process(volumes, tmp_path):

@@ -20,8 +20,6 @@ import concurrent.futures
 import functools
 import multiprocessing as mp
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -31,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from emrun.capacity import work_folder
-from emrun.devices import cpu_cores, daisy_package
+from emrun.devices import (
+    check_launch,
+    cpu_cores,
+    daisy_package,
+    launch_failure,
+    launched_workers,
+    run_launched,
+)
 from emrun.errors import UserError
 from emrun.evaluate.binary import BinaryCounts
 from emrun.evaluate.blockwise import (
@@ -75,9 +80,7 @@ class Parallel:
                             f"{' '.join(str(b) for b in self.block)})")
         if self.launch is not None and self.scheduler != "daisy":
             raise UserError("--launch is for --scheduler daisy (workers started by a command)")
-        if self.launch is not None and not shlex.split(self.launch):
-            raise UserError("--launch is empty; give the command that starts a worker, e.g. "
-                            "'srun -c 4'")
+        check_launch(self.launch)
         if self.scheduler == "daisy":
             daisy_package()
         work_folder(self.work_dir, "--work-dir")
@@ -173,14 +176,18 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
                 "emrun-evaluate", total_roi=box, read_roi=block, write_roi=block,
                 process_function=functools.partial(_start_worker, str(folder), launch),
                 read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
-        states = daisy.run_blockwise([task], progress=_Observer(on_block) if on_block else False,
-                                     block_tracking=False, return_states=True, summary=False)
+        with launched_workers(launch):
+            states = daisy.run_blockwise(
+                [task], progress=_Observer(on_block) if on_block else False,
+                block_tracking=False, return_states=True, summary=False)
     finally:
         set_log_basedir(previous)
     missing = missing_blocks(folder, work)
     if missing:
         state = states.get("emrun-evaluate")
         error = getattr(state, "last_worker_error", None) or "no error reported"
+        if launch:
+            raise UserError(launch_failure(launch, error))
         raise RuntimeError(f"daisy finished with {len(missing)} of {len(work.grid)} blocks "
                            f"not scored ({error.strip().splitlines()[-1]})")
 
@@ -188,8 +195,7 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
 def _start_worker(folder: str, launch: str | None) -> None:
     """daisy's worker function: serve blocks here, or start a server through ``launch``."""
     if launch:
-        command = [*shlex.split(launch), sys.executable, "-m", "emrun.evaluate.schedule", folder]
-        subprocess.run(command, check=True)
+        run_launched(launch, "emrun.evaluate.schedule", folder)
         return
     serve(folder)
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import shlex
-import subprocess
 import sys
 import time
 import warnings
@@ -30,7 +28,8 @@ from typing import Any
 
 import torch
 
-from ..devices import cpu_cores, daisy_package
+from ..devices import cpu_cores, daisy_package, launch_failure, launched_workers, run_launched
+from ..errors import UserError
 from ..geometry import Zyx, zyx
 from .job import Job
 from .plan import best_order
@@ -64,8 +63,9 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
             check_function=functools.partial(_block_is_done, str(job_file)),
             read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
     started = time.perf_counter()
-    states = daisy.run_blockwise([task], progress=on_block is None, block_tracking=False,
-                                 return_states=True, summary=False)
+    with launched_workers(launch):
+        states = daisy.run_blockwise([task], progress=on_block is None, block_tracking=False,
+                                     return_states=True, summary=False)
     progress = Progress(total=len(grid), skipped=len(before))
     for block in grid:
         if block not in before and job.is_done(block):
@@ -78,6 +78,8 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
     if missing:
         state = states.get("emrun-infer")
         error = getattr(state, "last_worker_error", None) or "no error reported"
+        if launch:
+            raise UserError(launch_failure(launch, error))
         raise RuntimeError(f"daisy finished with {missing} of {len(grid)} blocks not done "
                            f"({error.strip().splitlines()[-1]}); finished blocks are kept: run "
                            "again with --resume")
@@ -107,9 +109,7 @@ def _block_is_done(job_file: str, block: Any) -> bool:
 def _start_worker(job_file: str, device: str, threads: int, launch: str | None) -> None:
     """daisy's worker function: serve blocks here, or start a server through ``launch``."""
     if launch:
-        command = [*shlex.split(launch), sys.executable, "-m", "emrun.infer.daisy_scheduler",
-                   job_file, device, str(threads)]
-        subprocess.run(command, check=True)
+        run_launched(launch, "emrun.infer.daisy_scheduler", job_file, device, str(threads))
         return
     serve(job_file, device, threads)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from ..devices import check_launch
 from ..errors import UserError
 from ..recipe.run import SegmenterBase
 from ..registry import segmenters
@@ -93,6 +94,7 @@ class SegmentRequest:
                                 "graph pipeline); add --scheduler or drop them")
         if self.launch is not None and self.scheduler != "daisy":
             raise UserError("--launch starts daisy workers; add --scheduler daisy")
+        check_launch(self.launch)
         if self.workers is not None and self.workers < 1:
             raise UserError(f"--workers must be at least 1 (got {self.workers})")
         if self.block is not None and min(self.block) < 1:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
-import shlex
-import subprocess
 import sys
 import warnings
 from collections import Counter
@@ -23,7 +21,8 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any
 
-from ...devices import daisy_package
+from ...devices import daisy_package, launch_failure, launched_workers, run_launched
+from ...errors import UserError
 from ...geometry import Zyx, zyx
 from ...subprocesses import die_with_parent
 from .job import ScaleJob
@@ -107,12 +106,15 @@ def _run_daisy(job: ScaleJob, step: str, workers: int, launch: str | None) -> No
             process_function=functools.partial(_start_worker, job_file, step, launch),
             check_function=functools.partial(_block_is_done, job_file, step),
             read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
-    states = daisy.run_blockwise([task], progress=False, block_tracking=False,
-                                 return_states=True, summary=False)
+    with launched_workers(launch):
+        states = daisy.run_blockwise([task], progress=False, block_tracking=False,
+                                     return_states=True, summary=False)
     state = states.get(task.task_id)
     failed = getattr(state, "failed_count", 0) + getattr(state, "orphaned_count", 0)
     if failed:
         error = getattr(state, "last_worker_error", None) or "no error reported"
+        if launch:
+            raise UserError(launch_failure(launch, str(error)))
         raise RuntimeError(f"daisy finished the {step} step with {failed} blocks failed "
                            f"({str(error).strip().splitlines()[-1]}); finished blocks are "
                            "kept: run again with --resume")
@@ -152,9 +154,7 @@ def _block_is_done(job_file: str, step: str, block: Any) -> bool:
 def _start_worker(job_file: str, step: str, launch: str | None) -> None:
     """daisy's worker function: serve blocks here, or start a server through ``launch``."""
     if launch:
-        command = [*shlex.split(launch), sys.executable, "-m", "emrun.segment.scale.schedulers",
-                   job_file, step]
-        subprocess.run(command, check=True)
+        run_launched(launch, "emrun.segment.scale.schedulers", job_file, step)
         return
     serve(job_file, step)
 
