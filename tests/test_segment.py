@@ -662,3 +662,23 @@ def test_affinities_with_nan_are_a_user_error_not_a_panic(tmp_path):
     assert result.exit_code == 2, result.output
     assert "2 NaN or infinite values" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "s.zarr" / "segmentation").exists()
+
+
+@pytest.mark.parametrize(("low", "high"), [(-5.0, 5.0), (-1.0, 0.0), (0.2, 1.7)])
+def test_affinities_outside_0_1_are_refused_as_logits(tmp_path, low, high):
+    """Logits (or negated probabilities) segmented silently: one segment per voxel for the
+    negatives. Probabilities a rounding error outside [0, 1] are still taken."""
+    rng = np.random.default_rng(0)
+    affs = rng.uniform(low, high, (3, 4, 16, 16)).astype(np.float32)
+    write_volume(tmp_path / "a.zarr", "affs", affs, channel_axis=True)
+    args = ["segment", str(tmp_path / "a.zarr/affs"), str(tmp_path / "s.zarr"), "--method",
+            "mws", "--offsets", "-1,0,0;0,-1,0;0,0,-1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "outside [0, 1]; affinities are probabilities: apply a sigmoid" in result.stderr
+    assert not (tmp_path / "s.zarr" / "segmentation").exists()
+    edge = np.clip(rng.random((3, 4, 16, 16)), 0, 1).astype(np.float32)
+    edge[0, 0, 0, 0], edge[1, 0, 0, 0] = -1e-6, 1 + 1e-6
+    write_volume(tmp_path / "e.zarr", "affs", edge, channel_axis=True)
+    args[1], args[2] = str(tmp_path / "e.zarr/affs"), str(tmp_path / "t.zarr")
+    assert runner.invoke(app, args).exit_code == 0

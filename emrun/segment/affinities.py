@@ -85,9 +85,13 @@ def is_nearest(offset: Offset) -> bool:
     return sum(abs(d) for d in offset) == 1
 
 
+RANGE_SLACK = 1e-3  # float rounding around [0, 1] that is still a probability
+
+
 def to_float(affs: np.ndarray, where: str = "affinities") -> np.ndarray:
     """float32 affinities in [0, 1]: uint8 is read as round(255 p) (inference output), floats
-    as probabilities, bool as 0/1. Anything else is a UserError."""
+    as probabilities (outside [0, 1] they are logits: refused), bool as 0/1. Anything else is
+    a UserError."""
     dtype = affs.dtype
     if dtype == np.uint8:
         return affs.astype(np.float32) * np.float32(1 / 255)
@@ -97,6 +101,12 @@ def to_float(affs: np.ndarray, where: str = "affinities") -> np.ndarray:
             bad = int(values.size - np.isfinite(values).sum())
             raise UserError(f"{where}: {bad} NaN or infinite values; affinities are "
                             "probabilities in [0, 1]")
+        if values.size:
+            low, high = float(values.min()), float(values.max())
+            if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:  # logits: garbage segments
+                raise UserError(f"{where}: values in [{low:.4g}, {high:.4g}], outside [0, 1]; "
+                                "affinities are probabilities: apply a sigmoid to logits "
+                                "first (emrun infer writes probabilities)")
         return values
     if dtype.kind == "b":
         return affs.astype(np.float32)
