@@ -210,6 +210,10 @@ def test_user_mistakes_exit_2(setup, tmp_path):
         (["--input", str(tmp / "flat.npy"), "--output", str(tmp / "a.zarr")], "3D"),
         (["--input", str(tmp / "in.zarr/image"), "--output", str(tmp / "file.zarr")], "is a file"),
         (["--input", str(tmp / "in.zarr/image"), "--output", str(tmp / "in.zarr")], "own"),
+        (["--input", str(tmp / "in.zarr/image"), "--output", str(tmp / "in.zarr/p.zarr")],
+         "lie one inside the other"),
+        (["--input", str(tmp / "in.zarr/image"), "--output", str(tmp / "in.zarr/image/p.zarr")],
+         "lie one inside the other"),
         (["--input", str(tmp / "in.zarr/image"), "--output", str(tmp / "b.zarr"), "--tta", "3"],
          "--tta"),
     ]

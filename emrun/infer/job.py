@@ -213,8 +213,14 @@ def level_array(group_path: Path) -> zarr.Array:
 def _refuse_same(volume: Volume, output: Path) -> None:
     if is_link_loop(output):
         raise UserError(f"--output {output} is a loop of symbolic links; give a .zarr folder")
-    if Path(volume.path).resolve() == output.resolve():
-        raise UserError(f"--output {output} is the input's own container; write elsewhere")
+    if "://" not in volume.path:
+        source, target = Path(volume.path).resolve(), output.resolve()
+        if source == target:
+            raise UserError(f"--output {output} is the input's own container; write elsewhere")
+        if target.is_relative_to(source) or source.is_relative_to(target):
+            raise UserError(f"--output {output} and the input {volume} lie one inside the "
+                            "other: the predictions would become part of the input's store "
+                            "(or the reverse); write elsewhere")
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a new .zarr folder")
 
