@@ -11,8 +11,10 @@ reported as such (see the CLI's guard).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import UserError
@@ -63,3 +65,17 @@ def work_folder(path: str | os.PathLike[str] | None, option: str) -> str | None:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"{option} {os.fspath(path)}: the folder is not writable")
     return os.fspath(path)
+
+
+MAX_BLOCKS = 1_000_000  # a teravoxel in default blocks is ~60,000
+
+
+def check_block_count(shape: Sequence[int], block: Sequence[int], option: str = "--block") -> None:
+    """Refuse a block so small for the volume that the job would be millions of blocks (and
+    as many files per output, and done-markers): `--block 1 1 1` made 65,536 for a 64k-voxel
+    volume, and billions on a real one."""
+    count = math.prod(-(-int(n) // max(1, int(b))) for n, b in zip(shape, block, strict=True))
+    if count > MAX_BLOCKS:
+        raise UserError(f"{option} {' '.join(str(b) for b in block)}: makes {count:,} blocks "
+                        f"of the {'x'.join(str(n) for n in shape)} volume (and as many files "
+                        f"per output); give a larger {option} (at most {MAX_BLOCKS:,} blocks)")

@@ -371,6 +371,8 @@ def test_inputs_that_used_to_crash_or_pass_silently_are_refused(setup):
     cases = [
         (["--input", str(tmp / "empty.npy")], "is empty"),
         (["--input", str(tmp / "in.zarr/image"), "--block", "0", "0", "0"], "at least 1"),
+        (["--input", str(tmp / "in.zarr/image"), "--block", "1", "1", "1"],
+         "smaller than one patch stride"),  # was a block and chunk files per voxel
         (["--input", str(tmp / "in.zarr/image"), "--block", "3", "16", "16", "-o",
           "infer.chunks=[2, 16, 16]"], "not a whole number of chunks"),
         (["--input", str(tmp / "nan.npy")], "30 NaN or infinite voxels"),

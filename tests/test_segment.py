@@ -420,7 +420,8 @@ def test_cli_blockwise_cc_and_one_output_per_value(tmp_path):
     assert same_partition(open_volume(out / "cc").read(), truth)
     meta = dict(zarr.open_group(str(out / "labels/cc"), mode="r").attrs)["emrun"]["segment"]
     assert meta["blockwise"]["blocks"] == 8 and meta["segments"] == 20
-    result = invoke(affs_path, out, "--method", "cc", "--threshold", "0.45,0.6", "--name", "t")
+    result = invoke(affs_path, out, "--method", "cc", "--threshold", "0.45,0.6",
+                    "--threshold", "0.6", "--name", "t")  # each value once (0.6 twice failed)
     assert result.exit_code == 0, result.output
     for name in ("t_0.45", "t_0.6"):
         assert same_partition(open_volume(out / name).read(), truth)
@@ -561,6 +562,11 @@ def test_cli_segments_with_the_recipe_the_affinities_record(tmp_path):
     record_recipe(tmp_path, {"type": "nope"})
     unknown = invoke(affs_path, tmp_path / "other.zarr")
     assert unknown.exit_code == 2 and "'nope'" in unknown.output and "--method" in unknown.output
+    record_recipe(tmp_path, {"type": "mws", "bias": "x"})  # pydantic's text was four lines
+    invalid = invoke(affs_path, tmp_path / "other.zarr")
+    assert invalid.exit_code == 2 and len(invalid.stderr.splitlines()) == 1, invalid.stderr
+    assert "(segmenter mws: bias: Input should be a valid number" in invalid.stderr
+    assert "errors.pydantic.dev" not in invalid.stderr
 
 
 def bad_cases(tmp_path):
@@ -594,6 +600,7 @@ def bad_cases(tmp_path):
         ([good, out, "--method", "cc", "--bias", "0.3"], "takes --threshold"),
         ([good, out, "--method", "cc", "--threshold", "1.5"], "threshold"),
         ([good, out, "--bias", "x"], "takes numbers"),
+        ([good, out, "--method", "cc", "--threshold", "0.3,,0.5"], "separated by commas"),
         ([good, out, "--mask", tmp_path / "small.zarr/labels"], "mask"),
         ([tmp_path / "missing.zarr/affinity", out], "no such file"),
     ]
@@ -682,3 +689,23 @@ def test_affinities_outside_0_1_are_refused_as_logits(tmp_path, low, high):
     write_volume(tmp_path / "e.zarr", "affs", edge, channel_axis=True)
     args[1], args[2] = str(tmp_path / "e.zarr/affs"), str(tmp_path / "t.zarr")
     assert runner.invoke(app, args).exit_code == 0
+
+
+def test_a_block_that_makes_millions_of_blocks_is_refused(tmp_path, monkeypatch):
+    """`--block 1 1 1` made a block per voxel (and, on a real volume, billions of files)."""
+    import emrun.capacity
+
+    monkeypatch.setattr(emrun.capacity, "MAX_BLOCKS", 1000)
+    affs = np.full((3, 4, 32, 32), 0.9, np.float32)
+    write_volume(tmp_path / "a.zarr", "affs", affs, channel_axis=True)
+    base = ["segment", str(tmp_path / "a.zarr/affs"), "--offsets", "-1,0,0;0,-1,0;0,0,-1",
+            "--block", "1", "2", "2"]
+    for extra in ([str(tmp_path / "s.zarr"), "--method", "mws"],
+                  [str(tmp_path / "t.zarr"), "--method", "waterz", "--scheduler", "local"]):
+        result = runner.invoke(app, [*base[:2], *extra, *base[2:]])
+        assert result.exit_code == 2, result.output
+        assert "--block 1 2 2: makes 1,024 blocks of the 4x32x32 volume" in result.stderr
+    write_volume(tmp_path / "a.zarr", "ids", np.ones((4, 32, 32), np.uint32))
+    scored = runner.invoke(app, ["evaluate", str(tmp_path / "a.zarr/ids"),
+                                 str(tmp_path / "a.zarr/ids"), "--block", "1", "2", "2"])
+    assert scored.exit_code == 2 and "makes" in scored.stderr, scored.output

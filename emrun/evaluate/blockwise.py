@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from emrun.capacity import check_block_count
 from emrun.evaluate.binary import BinaryCounts, count_binary
 from emrun.evaluate.contingency import (
     ContingencyTable,
@@ -101,6 +102,7 @@ def prepare(volumes: Sequence[Volume], block: Sequence[int] | None = None, *,
     shape = zyx(volumes[0].shape)
     chosen = zyx(block) if block is not None else default_block(volumes)
     chosen = zyx(max(1, min(b, n)) for b, n in zip(chosen, shape, strict=True))
+    check_block_count(shape, chosen)
     return Work(volumes, chosen, connected_truth, binary, threshold)
 
 

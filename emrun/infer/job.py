@@ -21,7 +21,7 @@ import torch
 import zarr
 
 from .. import __version__
-from ..capacity import check_output_fits, size_text
+from ..capacity import check_block_count, check_output_fits, size_text
 from ..devices import available_memory
 from ..errors import UserError
 from ..geometry import Roi, Zyx, box_of, zyx
@@ -140,6 +140,7 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     level_factors(shape, volume.voxel_size, levels)  # a bad --levels, before any work
     chunks, block = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks,
                                             block or recipe.infer.block)
+    _check_block(block, stride, shape)
     try:
         layout = Layout(shape, patch, stride, chunks, block)
     except ValueError as exc:  # a block that is no whole number of the recipe's chunks
@@ -223,6 +224,16 @@ def _refuse_same(volume: Volume, output: Path) -> None:
                             "(or the reverse); write elsewhere")
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a new .zarr folder")
+
+
+def _check_block(block: Zyx, stride: Zyx, shape: Zyx) -> None:
+    """A write block is at least one patch stride (or the whole axis, when shorter) and the
+    job at most `MAX_BLOCKS` blocks: `--block 1 1 1` wrote a block and its chunk files per
+    voxel."""
+    if any(b < min(s, n) for b, s, n in zip(block, stride, shape, strict=True)):
+        raise UserError(f"--block / infer.block {' '.join(map(str, block))}: smaller than one "
+                        f"patch stride ({' '.join(map(str, stride))}); give at least that")
+    check_block_count(shape, block, "--block / infer.block")
 
 
 def _check_memory(recipe: Recipe, layout: Layout) -> None:

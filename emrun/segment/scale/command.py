@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 
 from ... import __version__
+from ...capacity import check_block_count
 from ...errors import UserError
 from ...geometry import Zyx, zyx
 from ...io import Volume
@@ -90,6 +91,7 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
     output = request.output
     spatial = zyx(volume.shape[1:])
     block = zyx(min(b, n) for b, n in zip(request.block or DEFAULT_BLOCK, spatial, strict=True))
+    check_block_count(spatial, block)
     if math.prod(b + 2 * h for b, h in zip(block, HALO, strict=True)) > MAX_VOXELS:
         raise UserError(f"--block {list(block)}: too large, a block with its context "
                         f"({list(HALO)} on each side) may hold at most {MAX_VOXELS:,} voxels; "
