@@ -532,13 +532,16 @@ def segment(
     from .stages import Stages
 
     def values(option: str, given: list[str] | None) -> tuple[float, ...]:
-        """The numbers given with a value flag (repeated or comma-separated)."""
+        """The numbers given with a value flag (repeated or comma-separated), each once: a
+        value given twice segmented twice and then found its own output taken."""
         if not given:
             return ()
         try:
-            return tuple(float(v) for item in given for v in item.split(",") if v.strip())
+            numbers = [float(v) for item in given for v in item.split(",")]
         except ValueError:
-            raise UserError(f"{option} takes numbers (got {' '.join(given)})") from None
+            raise UserError(f"{option} takes numbers separated by commas (got "
+                            f"{' '.join(given)})") from None
+        return tuple(dict.fromkeys(numbers))
 
     def report(stage: str, done: int, total: int) -> None:
         if done == total or done % max(1, total // 10) == 0:  # about ten lines per pass

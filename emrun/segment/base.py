@@ -24,7 +24,7 @@ from ..registry import Spec
 from .affinities import Offset, edge_slices
 from .graph import Edges
 
-__all__ = ["Segmenter", "edge_valid", "respec"]
+__all__ = ["Segmenter", "edge_valid", "respec", "spec_problems"]
 
 
 def respec(spec: Spec, **changes: Any) -> Spec:
@@ -33,9 +33,14 @@ def respec(spec: Spec, **changes: Any) -> Spec:
     try:
         return type(spec).model_validate({**spec.model_dump(), **changes})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} "
-                             f"(got {e.get('input')!r})" for e in exc.errors())
-        raise UserError(f"segmenter {spec.type}: {problems}") from None  # type: ignore[attr-defined]
+        raise UserError(f"segmenter {spec.type}: {spec_problems(exc)}") from None  # type: ignore[attr-defined]
+
+
+def spec_problems(exc: ValidationError) -> str:
+    """pydantic's complaints about a segmenter's parameters on one line: 'bias: Input should
+    be a valid number (got 'x')', without its links and layout."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} "
+                     f"(got {e.get('input')!r})" for e in exc.errors())
 
 
 def edge_valid(mask: np.ndarray | None, offset: Offset) -> np.ndarray | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from .. import __version__
 from ..capacity import check_output_fits
@@ -36,7 +37,7 @@ from ..recipe.recipe import Recipe
 from ..recipe.run import SegmenterBase
 from ..registry import segmenters
 from .affinities import Offset, check_offsets, parse_offsets, to_float
-from .base import Segmenter, respec
+from .base import Segmenter, respec, spec_problems
 from .parallel import MEMORY_SHARE
 from .request import SegmentRequest
 from .scale.job import FOLDER as SCALE_FOLDER
@@ -128,9 +129,9 @@ def recorded_segmenter(affs_path: str) -> tuple[SegmenterBase, str] | None:
                         f"({segmenters.unknown_message(kind)}); choose one with --method")
     try:
         spec = segmenters.entry(kind).spec.model_validate(section)
-    except ValueError as exc:
-        raise UserError(f"{where}: its segment section is not valid here ({exc}); choose a "
-                        "segmenter with --method") from None
+    except ValidationError as exc:
+        raise UserError(f"{where}: its segment section is not valid here (segmenter {kind}: "
+                        f"{spec_problems(exc)}); choose a segmenter with --method") from None
     return spec, where  # type: ignore[return-value]
 
 
