@@ -45,6 +45,21 @@ def same_output(a, b, recipe):
         np.testing.assert_array_equal(read(a, task), read(b, task))
 
 
+def test_no_more_workers_start_than_there_are_units_of_work(tmp_path, monkeypatch):
+    """--workers 50 on a one-block job started 50 processes (61 s instead of 2 s)."""
+    from emrun.infer import schedule
+
+    recipe, _, _, tmp = make_inputs(tmp_path, shape=(4, 16, 16))
+
+    def no_processes(*args, **kwargs):
+        raise AssertionError("worker processes started for one unit of work")
+
+    monkeypatch.setattr(schedule, "_run_processes", no_processes)
+    progress = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"),
+                             tmp / "o.zarr", workers=8, device="cpu")
+    assert progress.done == progress.total == 1
+
+
 def test_job_description_round_trips(inputs):
     recipe, tmp, _ = inputs
     job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "j.zarr",

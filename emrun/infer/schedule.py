@@ -127,6 +127,9 @@ def run_local(job: Job, slots: list[tuple[str, int]],
             on_block(progress)
 
     groups = job_units(job, pending, len(slots), slots[0][0])
+    if 0 < len(groups) < len(slots):  # no more workers than units of work to give them
+        slots = [(device, max(1, cpu_cores() // len(groups)))
+                 for device, _ in slots[:len(groups)]]
     with _stop_on_signals() as caught:
         def stopping() -> bool:
             return bool(caught)
