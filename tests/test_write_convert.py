@@ -275,6 +275,7 @@ def test_refuses_unsuitable_output(tmp_path: Path) -> None:
         ("v2.zarr", "zarr v2"),
         ("arr.zarr", "zarr array, not a group"),
         ("out", r"must be a folder whose name ends in \.zarr"),
+        ("file.zarr/deeper/inner.zarr", "file.zarr is a file, not a folder"),
     ]:
         with pytest.raises(VolumeError, match=match):
             convert(source, tmp_path / name, progress=False)

@@ -444,6 +444,9 @@ def _check_store(root: Path) -> None:
     if is_link_loop(root):
         raise VolumeError(f"{root} is a loop of symbolic links; give a .zarr folder")
     if not root.exists():
+        above = next((p for p in root.parents if p.exists()), None)
+        if above is not None and not above.is_dir():  # found now, not after the work
+            raise VolumeError(f"{root}: {above} is a file, not a folder; give another path")
         return
     if not root.is_dir():
         raise VolumeError(f"{root}: exists and is not a folder; not writing a zarr store there")
