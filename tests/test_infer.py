@@ -141,8 +141,13 @@ def test_interrupted_run_resumes_to_the_same_output(setup):
     with pytest.raises(Stop):
         run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(4, 16, 16),
                       on_block=stop_after_five)
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="already exists; use --resume"):
         run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(4, 16, 16))
+    (tmp / "mine.zarr").mkdir()  # a user's folder: --resume would not help there
+    (tmp / "mine.zarr/notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not an emrun inference output; give a new"):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "mine.zarr",
+                      block=(4, 16, 16))
     with pytest.raises(UserError, match="another block layout"):
         run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(8, 32, 32),
                       resume=True)

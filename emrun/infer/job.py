@@ -261,6 +261,9 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
             "chunks": list(layout.chunks)}
     existing = output.exists() and any(output.iterdir())
     if existing and not resume:
+        if not job.done_dir.parent.is_dir():  # not an inference output: --resume cannot help
+            raise UserError(f"{output} already exists and is not an emrun inference output; "
+                            "give a new --output (nothing was overwritten)")
         raise UserError(f"{output} already exists; use --resume to finish it, or another "
                         "--output (nothing was overwritten)")
     if existing:
