@@ -24,8 +24,9 @@ def _zyx(values: tuple[float, ...] | tuple[int, ...] | None) -> str:
 def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | None,
                   shown: str, model_facts: ModelFacts) -> None:
     """Sources with shapes and weights, the model with its size and cost (``model_facts``
-    of the built model), tasks with channels."""
-    console.print(f"[bold green]ok[/] {escape(shown)}: recipe [bold]{escape(recipe.name)}[/]"
+    of the built model), tasks with channels. ``shown`` (the recipe's path) comes escaped
+    for rich markup; the recipe's own text is escaped here."""
+    console.print(f"[bold green]ok[/] {shown}: recipe [bold]{escape(recipe.name)}[/]"
                   + (f" — {escape(recipe.description)}" if recipe.description else ""))
 
     sources = Table(title="data", title_justify="left", box=None, pad_edge=False)

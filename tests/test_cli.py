@@ -310,7 +310,8 @@ def test_user_text_is_printed_as_given_never_as_markup_or_emoji(write, tmp_path)
     target = tmp_path / "s[red]:x:.json"
     wrote = runner.invoke(app, ["schema", "--output", str(target)])
     assert wrote.exit_code == 0 and f"wrote {target}" in wrote.stdout
-    recipe = write(MINIMAL, name="r[bold]:x:.yaml")
+    recipe = write(MINIMAL.replace("name: tiny", "name: tiny\ndescription: 'a [/bold] b'"),
+                   name="r[bold]:x:.yaml")  # '[/bold]' alone raised rich's MarkupError
     checked = runner.invoke(app, ["validate", str(recipe), "--no-data"])
     assert checked.exit_code == 0, checked.output
-    assert f"ok {recipe}: recipe tiny" in checked.stdout
+    assert f"ok {recipe}: recipe tiny — a [/bold] b" in checked.stdout
