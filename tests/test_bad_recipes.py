@@ -188,6 +188,12 @@ def test_extends_a_binary_file(tmp_path: Path):
     ("train.patch=[8, 30, 32]", "train.patch: y and x must be divisible by 4"),
     ("train.batchsize=2", "train.batchsize: unknown key 'batchsize'; did you mean 'batch_size'?"),
     ("model.type=rsunett", "unknown model type 'rsunett'; did you mean 'rsunet'?"),
+    # made or changed by the override, so blamed on it, not on the line of `train:` or `tasks:`
+    ("train.optimzer.lr=1", "train.optimzer: unknown key 'optimzer'; did you mean 'optimizer'?"),
+    ("train.schedule.type=step", "train.schedule.milestones: required key is missing"),
+    ("train.patch.1=30", "train.patch: y and x must be divisible by 4"),
+    ("tasks.aff.weight=0", "tasks: at least one task needs a weight above 0"),
+    ("model.norm=off", "(got False); YAML reads off as false; write 'off' in quotes"),
 ])
 def test_malformed_overrides(override: str, text: str):
     stderr = assert_user_error(validate(rel(BASE), "-o", override))

@@ -9,7 +9,6 @@ are refused with the keys that differ, instead of a cut-off state_dict error.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,9 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..io.package import load_network
+from ..io.package import RECIPE, is_package, load_network
 from ..recipe import LoadedRecipe, load_recipe
+from ..recipe.loader import shown_path
 
 FIXED = ("model", "tasks")
 """Recipe sections that define the network in a checkpoint."""
@@ -34,10 +34,10 @@ def recipe_for(checkpoint: Path, recipe: Path | None, overrides: Sequence[str]) 
         if not isinstance(saved, dict):
             raise UserError(f"{checkpoint} carries no recipe (not written by `emrun train`?); "
                             "give the one it was trained with: --recipe RECIPE")
-        with tempfile.TemporaryDirectory(prefix="emrun-recipe-") as tmp:
-            path = Path(tmp) / f"{checkpoint.stem}.recipe.yaml"
-            path.write_text(saved_text, encoding="utf-8")
-            return load_recipe(path, overrides)
+        # problems point into the checkpoint ("run/checkpoints/last.pt (its recipe):43:7")
+        member = f"its {RECIPE}" if is_package(checkpoint) else "its recipe"
+        return load_recipe(checkpoint, overrides, text=saved_text,
+                           shown=f"{shown_path(checkpoint)} ({member})")
     loaded = load_recipe(recipe, overrides)
     if isinstance(saved, dict):
         current = loaded.recipe.resolved()

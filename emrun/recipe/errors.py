@@ -64,6 +64,7 @@ class RecipeError(UserError):
             lines.append(f"... and {hidden:,} more problems (the first {len(lines)} are shown)")
         super().__init__("\n".join(lines))
         self.problems = problems
+        self.more = more
 
 
 def dotted(path: KeyPath) -> str:

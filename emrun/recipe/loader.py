@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from .checks import cautions, cross_checks
-from .errors import SHOWN, KeyPath, Mark, Problem, RecipeError, dotted
+from .errors import SHOWN, KeyPath, Mark, Problem, RecipeError
+from .overrides import Found, apply_override, blame
 from .pydantic_errors import problem_from_error
 from .recipe import Recipe
-from .yamlsource import MAX_NESTING, Located, nesting_depth, parse, read_text
+from .yamlsource import Located, parse, read_text
 
 
 @dataclass(frozen=True)
@@ -50,22 +50,32 @@ def shown_path(path: Path) -> str:
         return str(absolute)
 
 
-def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> LoadedRecipe:
-    """Load, resolve and validate a recipe file; raises RecipeError listing every problem."""
+def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = (), *,
+                text: str | None = None, shown: str | None = None) -> LoadedRecipe:
+    """Load, resolve and validate a recipe file; raises RecipeError listing every problem.
+
+    With ``text``, the recipe is that text, held in the file ``path`` (a checkpoint's or a
+    model package's recipe) and named ``shown`` in messages (default: ``path``).
+    """
     file = Path(path)
     files: list[Path] = []
-    located = _resolve(file, (), files, None)
+    located = _resolve(file, (), files, None, text, shown)
     if not isinstance(located.data, dict):
         kind = type(located.data).__name__
         raise RecipeError([Problem(f"a recipe must be a mapping of sections (name, data, model, "
                                    f"tasks, train), not a {kind}", located.mark(()))])
-    for expr in overrides:
-        _apply_override(located, expr)
+    base = (Located(copy.deepcopy(located.data), dict(located.values), dict(located.keys))
+            if overrides else located)  # the recipe as the file has it, to blame overrides
+    applied = [apply_override(located, expr) for expr in overrides]
     try:
         recipe = validate(located)
     except RecursionError:  # a value nested thousands deep (the YAML parser took it)
         raise RecipeError([Problem("a value is nested too deeply to be a recipe setting",
                                    located.mark(()))]) from None
+    except RecipeError as exc:
+        if not applied:
+            raise
+        raise blame(exc, located, base, applied, _found) from None
     return LoadedRecipe(recipe, located, file, tuple(files))
 
 
@@ -87,14 +97,26 @@ def _unique(problems: list[Problem]) -> list[Problem]:
     return list(dict.fromkeys(problems))
 
 
+def _found(located: Located) -> Found:
+    """The (key path, message) of every problem of ``located`` (for blaming overrides)."""
+    try:
+        validate(located)
+    except RecipeError as exc:
+        return {(p.path, p.message) for p in exc.problems}
+    except RecursionError:
+        pass
+    return set()
+
+
 SECTIONS = frozenset(Recipe.model_fields) | {"extends"}
 """Top-level keys a recipe may have."""
 
 
-def _resolve(file: Path, chain: tuple[Path, ...], files: list[Path],
-             referrer: Mark | None) -> Located:
-    """Parse ``file`` and deep-merge it onto the files it `extends`."""
-    shown = shown_path(file)
+def _resolve(file: Path, chain: tuple[Path, ...], files: list[Path], referrer: Mark | None,
+             text: str | None = None, shown: str | None = None) -> Located:
+    """Parse ``file`` (or ``text``, held in it and named ``shown``) and deep-merge it onto the
+    files it `extends`."""
+    shown = shown or shown_path(file)
     try:
         real = file.resolve()
     except RuntimeError:  # a loop of symbolic links: read_text says so, located below
@@ -103,7 +125,7 @@ def _resolve(file: Path, chain: tuple[Path, ...], files: list[Path],
         cycle = " -> ".join(shown_path(p) for p in (*chain, real))
         raise RecipeError([Problem(f"`extends` cycle: {cycle}", referrer)])
     try:
-        text = read_text(file, shown)
+        text = read_text(file, shown) if text is None else text
     except RecipeError as exc:
         if referrer is None:
             raise
@@ -165,52 +187,3 @@ def _exists(data: Any, path: KeyPath) -> bool:
         else:
             return False
     return True
-
-
-def _apply_override(located: Located, expr: str) -> None:
-    """Apply one ``key.path=value`` override (value parsed as YAML) in place."""
-    shown = expr if len(expr) <= 80 else f"{expr[:77]}..."
-    where = Mark(f"override -o {shown}")
-    key, sep, text = expr.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError([Problem("an override is written key.path=value", where)])
-    parts = [p.strip() for p in key.split(".")]
-    if any(not p for p in parts) or parts[0] == "extends":
-        raise RecipeError([Problem(f"{key!r} is not a key path one can override", where)])
-    try:
-        value = yaml.safe_load(text)
-    except RecursionError:
-        raise RecipeError([Problem("the value is nested too deeply", where)]) from None
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (at character {mark.column + 1} of the value)" if mark and mark.line == 0 else ""
-        raise RecipeError([Problem(f"the value is not valid YAML: {problem}{at}", where)]) from None
-    if nesting_depth(value) > MAX_NESTING:
-        raise RecipeError([Problem("the value is nested too deeply", where)])
-    node: Any = located.data
-    path: list[str | int] = []
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-                raise RecipeError([Problem(f"{dotted(tuple(path))} is a list of {len(node)}; "
-                                           f"{part!r} is not an index in it", where)])
-            step: str | int = int(part) % len(node)
-        elif isinstance(node, dict):
-            step = part
-            if not last and node.get(step) is None:
-                node[step] = {}
-        else:
-            raise RecipeError([Problem(f"cannot set {key}: {dotted(tuple(path))} is "
-                                       f"{node!r}, not a mapping", where)])
-        path.append(step)
-        if last:
-            node[step] = value
-        else:
-            node = node[step]
-    prefix = tuple(path)
-    for table in (located.values, located.keys):
-        for p in [p for p in table if p[: len(prefix)] == prefix]:
-            del table[p]
-        table[prefix] = where

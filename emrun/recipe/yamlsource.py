@@ -33,13 +33,19 @@ class Located:
         A value that starts on a later line than its key (a block mapping or list) is
         reported at its key: ``train:`` rather than the first line inside it.
         """
+        prefix = self.marked(path, key)
+        if prefix is None:
+            return None
+        table = self.keys if key and prefix in self.keys else self.values
+        return self._at_key(prefix, table[prefix])
+
+    def marked(self, path: KeyPath, key: bool = False) -> KeyPath | None:
+        """``path`` or its nearest ancestor that has a mark: the one ``mark`` reports."""
         table = self.keys if key else self.values
         for n in range(len(path), -1, -1):
             prefix = path[:n]
-            if prefix in table:
-                return self._at_key(prefix, table[prefix])
-            if prefix in self.values:
-                return self._at_key(prefix, self.values[prefix])
+            if prefix in table or prefix in self.values:
+                return prefix
         return None
 
     def _at_key(self, path: KeyPath, mark: Mark) -> Mark:
