@@ -5,13 +5,17 @@ No timing is asserted: speed is what the command measures, not what a test check
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
 import zarr
 from typer.testing import CliRunner
+from zarr.core import sync as zarr_sync
 
+from emrun.bench import codecs
 from emrun.bench.codecs import (
     RATIO_TOLERANCE,
     candidates,
@@ -166,3 +170,39 @@ def test_chunks_regions_and_samples():
     assert len(sample) == 3 and all(s.shape == (2, 4, 32, 32) for s in sample)
     assert np.array_equal(sample[0], data[:, :4, :32, :32])
     assert np.array_equal(sample[-1], data[:, 4:, 32:, 32:])
+
+
+def test_bench_codecs_refuses_an_empty_volume(tmp_path):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 64, 64), np.uint32))
+    result = runner.invoke(app, ["bench", "codecs", str(tmp_path / "empty.npy")])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "no voxels" in result.stderr
+
+
+def test_an_interrupt_stops_zarr_s_writes_and_removes_the_temporary_folder(
+        affinity_volume, tmp_path, monkeypatch):
+    """Ctrl-C while zarr writes: its IO thread goes on writing the queued chunks into the
+    temporary folder while it is removed. Exit 130 in one line; the temporary folder, and
+    the --workdir the run made, are gone."""
+    started = []
+
+    def interrupted(chosen, data, chunks, passes, work):
+        array = zarr.create_array(str(work / "array.zarr"), shape=(32, 32, 32), dtype="u1",
+                                  chunks=(1, 1, 1), compressors=None)
+        writing = array._async_array.setitem(..., np.ones((32, 32, 32), np.uint8))
+        started.append(asyncio.run_coroutine_threadsafe(writing, zarr_sync._get_loop()))
+        while not any((work / "array.zarr").rglob("c")):  # chunks are being written
+            time.sleep(0.01)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(codecs, "measure_zarr", interrupted)
+    workdir = tmp_path / "new" / "scratch"
+    result = runner.invoke(app, ["bench", "codecs", affinity_volume, "--chunks", "C,4,32,32",
+                                 "--codec", "zstd-1", "--passes", "1", "--sample-mb", "0.1",
+                                 "--workdir", str(workdir)])
+    assert result.exit_code == 130, result.output
+    assert result.stderr.startswith("stopped by SIGINT: bench codecs measured 0 of 1 ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert started and started[0].done()  # the writes were stopped, not left running
+    time.sleep(0.2)
+    assert not (tmp_path / "new").exists()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+import types
 import typing
 
 import numpy as np
@@ -28,7 +30,7 @@ from emrun.registry import models
 
 runner = CliRunner()
 FAST = ["--device", "cpu", "--repeats", "1", "-o", "infer.precision=fp32", "--json"]
-SMALL = ["--shape", "8", "48", "48", "--block", "4", "24", "24"]  # 8 blocks
+SMALL = ["--shape", "8", "48", "48", "--block", "6", "24", "24"]  # 8 blocks (z: 6 + 2)
 TINY = ["--shape", "4", "16", "16", "-o", "infer.patch=[4, 16, 16]"]  # quick forward passes
 
 THREE_ACTIVATIONS = MINIMAL.replace("""\
@@ -119,7 +121,7 @@ def test_the_stand_in_output_is_the_activated_input_in_every_dtype(
     model = models.build(recipe.model, head_channels=recipe.head_channels())
     torch.save({"model": model.state_dict(), "iteration": 0}, tmp_path / "m.pt")
     job = prepare_job(recipe, tmp_path / "m.pt", str(tmp_path / "in.zarr/image"),
-                      tmp_path / "out.zarr", block=(3, 16, 16))
+                      tmp_path / "out.zarr", block=(6, 24, 24))
     BlockWorker(job, torch.device("cpu"), model=standin.stand_in(recipe)).run(job.pending())
     low, high = job.scale
     x = torch.from_numpy(((image.astype(np.float32) - low) / (high - low)).clip(0, 1))
@@ -255,7 +257,8 @@ def test_bench_on_a_gpu_that_is_not_there_is_a_user_error(write, command):
 
 @pytest.mark.parametrize("args", [
     ["--shape", "0", "48", "48"], ["--shape", "8", "-1", "48"], ["--block", "0", "8", "8"],
-    ["--workers", "0"], ["--no-model", "--configs"]])
+    ["--workers", "0"], ["--no-model", "--configs"],
+    ["--block", "4", "24", "24"]])  # under one patch stride: refused before generating
 def test_bad_options_are_one_line_and_exit_2(write, args, monkeypatch):
     monkeypatch.setattr(bench, "synthetic_image", lambda shape: pytest.fail("generated"))
     result = runner.invoke(app, ["bench", "infer", str(write(MINIMAL)), *args, *FAST])
@@ -278,12 +281,12 @@ def test_a_volume_that_does_not_fit_is_refused_before_anything_is_generated(
 
 def test_the_estimate_counts_input_outputs_and_a_block_per_worker(write):
     recipe = load_recipe(write(MINIMAL), ["infer.dtype=float16"]).recipe
-    layout = bench.bench_layout(recipe, (8, 48, 48), (4, 24, 24))
+    layout = bench.bench_layout(recipe, (8, 48, 48), (6, 24, 24))
     needs = room.estimate_needs(recipe, layout, 2, on_gpu=False)
     voxels = 8 * 48 * 48
     assert needs.input == voxels and needs.output == 3 * voxels * 2  # 3 affinities, float16
     assert needs.disk == needs.input + needs.output
-    block = 2 * math.prod((4 + 8, 24 + 32, 24 + 32)) * 4 * (3 + 2)
+    block = 2 * math.prod((6 + 8, 24 + 32, 24 + 32)) * 4 * (3 + 2)
     assert needs.memory == voxels + block and needs.device == 0
     on_gpu = room.estimate_needs(recipe, layout, 2, on_gpu=True)
     assert on_gpu.memory == voxels and on_gpu.device == block
@@ -310,3 +313,49 @@ def test_each_config_runs_a_contiguous_copy_of_the_model(write):
     conv = [p for p in engine.model.parameters() if p.dim() == 5]
     assert conv and all(p.is_contiguous() for p in conv) and engine.batch_size == 8
     assert not all(p.is_contiguous() for p in model.parameters() if p.dim() == 5)
+
+
+def test_generating_the_input_counts_against_the_memory(write, monkeypatch):
+    """The synthesizer's working memory for the generated block (70 bytes a voxel) is checked
+    up front, not only the finished uint8 input and the blocks."""
+    recipe = load_recipe(write(MINIMAL)).recipe
+    shape = (64, 512, 512)
+    layout = bench.bench_layout(recipe, shape, None)
+    without = room.estimate_needs(recipe, layout, 1, on_gpu=False)
+    needs = room.estimate_needs(recipe, layout, 1, on_gpu=False,
+                                tile=bench.synthetic_tile(shape))
+    assert needs.generate == math.prod(shape) * room.MEMORY_PER_VOXEL
+    assert needs.memory > without.memory + 10**6
+    monkeypatch.setattr(room, "available_memory", lambda: without.memory + 10**6)
+    monkeypatch.setattr(bench, "synthetic_image", lambda shape: pytest.fail("generated"))
+    result = runner.invoke(app, ["bench", "infer", str(write(MINIMAL)), "--shape", "64",
+                                 "512", "512", *FAST])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "of memory" in result.stderr and "generating it 1.2 GB" in result.stderr
+
+
+def test_an_address_space_limit_counts_as_the_memory_free(write, monkeypatch):
+    """Under `ulimit -v` the machine's free memory is not what this process can allocate:
+    the room left under the limit is."""
+    mapped = room._mapped()
+    assert mapped > 0  # Linux: /proc/self/status
+    limits = types.SimpleNamespace(RLIMIT_AS=resource.RLIMIT_AS,
+                                   RLIM_INFINITY=resource.RLIM_INFINITY,
+                                   getrlimit=lambda which: (mapped + 5 * 10**6,
+                                                            resource.RLIM_INFINITY))
+    monkeypatch.setattr(room, "resource", limits)
+    assert room.memory_room() < 6 * 10**6
+    monkeypatch.setattr(bench, "synthetic_image", lambda shape: pytest.fail("generated"))
+    result = runner.invoke(app, ["bench", "infer", str(write(MINIMAL)), "--shape", "64",
+                                 "512", "512", *FAST])
+    assert result.exit_code == 2, result.output
+    assert "of memory" in result.stderr and "MB is free" in result.stderr
+
+
+def test_a_default_volume_for_workers_takes_any_block_infer_takes(write):
+    """The default shape is sized on a deep stand-in volume, which is no job: the block
+    count limit is not applied to it (a small --block with --workers was refused)."""
+    recipe = load_recipe(write(MINIMAL)).recipe
+    shape = bench.default_shape(recipe, (6, 24, 24), 2)
+    assert bench.block_count(bench.bench_layout(recipe, shape, (6, 24, 24))) >= 4

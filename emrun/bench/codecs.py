@@ -48,11 +48,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from ..capacity import work_folder
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ..geometry import box_of
 from ..io import open_volume
 from ..io.write import compressor
+from .workdir import made_folder, remove_tree
 
 RULE = ("the cheapest write (most MB per CPU second through zarr) whose ratio is at least "
         "90 % of emrun's codec's")
@@ -317,6 +317,9 @@ def bench_codecs(volume: str, *, chunks: Sequence[str] | None = None, passes: in
     vol = open_volume(volume)
     if vol.ndim not in (3, 4):
         raise UserError(f"{vol}: shape {list(vol.shape)}; expected (z, y, x) or (c, z, y, x)")
+    if 0 in vol.shape:
+        raise UserError(f"{vol}: shape {list(vol.shape)} holds no voxels: there is nothing "
+                        "to compress; give a volume with data")
     shape = region_shape(vol.shape, vol.dtype.itemsize, max_mb)
     chunk_shapes = parse_chunks(chunks or default_chunk_specs(vol.ndim), shape)
     known = candidates(vol.dtype)
@@ -327,26 +330,29 @@ def bench_codecs(volume: str, *, chunks: Sequence[str] | None = None, passes: in
             raise UserError(f"unknown codec(s) {', '.join(unknown)}; known for {vol.dtype}: "
                             f"{', '.join(sorted(names))}")
         known = [c for c in known if c.name in codecs]
-    data = np.ascontiguousarray(vol.read(box_of(shape)))
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="emrun-bench-codecs-",
-                                     dir=work_folder(workdir, "--workdir")) as tmp:
-        for chunk_shape in chunk_shapes:
-            sample = sample_chunks(data, chunk_shape, sample_mb)
-            per_chunk = measure_chunks(known, sample, passes)
-            del sample
-            end_to_end = measure_zarr(known, data, chunk_shape, passes, Path(tmp))
-            for candidate, chunk_row, zarr_row in zip(known, per_chunk, end_to_end,
-                                                      strict=True):
-                row: dict[str, Any] = {"codec": candidate.name, "chunks": list(chunk_shape),
-                                       "config": candidate.codec.to_dict(),
-                                       "emrun_default": is_emrun_compressor(candidate,
-                                                                            data.dtype),
-                                       **chunk_row, **zarr_row}
-                row["lossless"] = row["chunks_lossless"] and row["zarr_lossless"]
-                rows.append(row)
-                if progress is not None:
-                    progress(row)
+    rows: list[dict[str, Any]] = []
+    left: list[Path] = []  # a temporary folder that could not be removed
+    try:
+        data = np.ascontiguousarray(vol.read(box_of(shape)))
+        with made_folder(workdir, "--workdir") as folder:
+            tmp = Path(tempfile.mkdtemp(prefix="emrun-bench-codecs-", dir=folder))
+            stopped = False
+            try:
+                for chunk_shape in chunk_shapes:
+                    _measure_at(known, data, chunk_shape, passes, sample_mb, tmp, rows,
+                                progress)
+            except KeyboardInterrupt:
+                stopped = True
+                raise
+            finally:
+                if not remove_tree(tmp, interrupted=stopped):
+                    left.append(tmp)
+    except KeyboardInterrupt:
+        total = len(known) * len(chunk_shapes)
+        removed = (f"remove {left[0]}, which is still being written" if left
+                   else "its temporary arrays were removed")
+        raise Interrupted("SIGINT", f"bench codecs measured {len(rows)} of {total} codec and "
+                          f"chunk pairs; {removed}") from None
     best = choose(rows)
     current = [r for r in rows if r["emrun_default"]]
     return {
@@ -371,6 +377,26 @@ def bench_codecs(volume: str, *, chunks: Sequence[str] | None = None, passes: in
                     "zarr_async_concurrency": zarr.config.get("async.concurrency"),
                     "zarr_threads": zarr.config.get("threading.max_workers")},
     }
+
+
+def _measure_at(known: Sequence[Candidate], data: np.ndarray, chunk_shape: tuple[int, ...],
+                passes: int, sample_mb: float, tmp: Path, rows: list[dict[str, Any]],
+                progress: Any) -> None:
+    """Add the rows of every candidate at one chunk shape to ``rows`` (each handed to
+    ``progress`` as it comes)."""
+    sample = sample_chunks(data, chunk_shape, sample_mb)
+    per_chunk = measure_chunks(known, sample, passes)
+    del sample
+    end_to_end = measure_zarr(known, data, chunk_shape, passes, tmp)
+    for candidate, chunk_row, zarr_row in zip(known, per_chunk, end_to_end, strict=True):
+        row: dict[str, Any] = {"codec": candidate.name, "chunks": list(chunk_shape),
+                               "config": candidate.codec.to_dict(),
+                               "emrun_default": is_emrun_compressor(candidate, data.dtype),
+                               **chunk_row, **zarr_row}
+        row["lossless"] = row["chunks_lossless"] and row["zarr_lossless"]
+        rows.append(row)
+        if progress is not None:
+            progress(row)
 
 
 def format_row(row: dict[str, Any]) -> str:

@@ -41,7 +41,7 @@ from ..errors import UserError
 from ..geometry import Zyx, zyx
 from ..infer import schedule
 from ..infer.engine import Engine
-from ..infer.job import Job, prepare_job
+from ..infer.job import Job, check_block, check_memory, prepare_job
 from ..infer.plan import Layout, choose_chunks_and_block
 from ..infer.worker import BlockWorker
 from ..io.write import write_volume
@@ -59,10 +59,15 @@ TILE = (64, 512, 512)
 seconds per 10 M voxels, and the bench is about the engine, not the data)."""
 
 
+def synthetic_tile(shape: Zyx) -> Zyx:
+    """The block `synthetic_image` generates for a volume of ``shape``."""
+    return zyx(min(n, t) for n, t in zip(shape, TILE, strict=True))
+
+
 def synthetic_image(shape: tuple[int, int, int]) -> np.ndarray:
     """A synthetic EM-like volume of ``shape``: one generated block of at most ``TILE``,
     mirrored at its faces to fill the rest (no seams of constant value)."""
-    tile = tuple(min(n, t) for n, t in zip(shape, TILE, strict=True))
+    tile = synthetic_tile(shape)
     image = synthesize(tile, 0).image
     if tile == shape:
         return image
@@ -98,12 +103,16 @@ def worker_counts(values: list[str] | None) -> list[int]:
     return sorted(counts | {1})
 
 
-def bench_layout(recipe: Recipe, shape: Zyx, block: Zyx | None) -> Layout:
-    """The block layout `emrun infer` would use for ``shape`` and ``block``."""
+def bench_layout(recipe: Recipe, shape: Zyx, block: Zyx | None, checked: bool = True
+                 ) -> Layout:
+    """The block layout `emrun infer` would use for ``shape`` and ``block``; ``checked``:
+    refused as `emrun infer` refuses it (a block under one patch stride, too many blocks)."""
     patch = recipe.infer_patch()
     stride = recipe.infer.resolved_stride(patch)
     chunks, chosen = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks,
                                              block or recipe.infer.block)
+    if checked:
+        check_block(chosen, stride, shape)
     try:
         return Layout(shape, patch, stride, chunks, chosen)
     except ValueError as exc:
@@ -121,7 +130,8 @@ def default_shape(recipe: Recipe, block: Zyx | None, workers: int) -> Zyx:
     shape: Zyx = (patch[0] * 3, patch[1] * 3, patch[2] * 3)
     if workers <= 1:
         return shape
-    deep = bench_layout(recipe, (10**6, shape[1], shape[2]), block)
+    # only its block's depth counts (the volume is made of that, checked): not checked here
+    deep = bench_layout(recipe, (10**6, shape[1], shape[2]), block, checked=False)
     per_slab = math.ceil(shape[1] / deep.block[1]) * math.ceil(shape[2] / deep.block[2])
     slabs = math.ceil(2 * workers / per_slab)
     return (max(shape[0], slabs * deep.block[0]), shape[1], shape[2])
@@ -285,8 +295,10 @@ def _checked(recipe: Recipe, device: torch.device, shape: Zyx | None, block: Zyx
         if given is not None:
             check_zyx(option, given)
     shape = shape or default_shape(recipe, block, max(counts, default=1))
-    needs = estimate_needs(recipe, bench_layout(recipe, shape, block), max(counts, default=1),
-                           device.type == "cuda")
+    layout = bench_layout(recipe, shape, block)
+    check_memory(recipe, layout)  # as `emrun infer` would, once the input is generated
+    needs = estimate_needs(recipe, layout, max(counts, default=1), device.type == "cuda",
+                           tile=synthetic_tile(shape))
     check_room(needs, device, shape, Path(tempfile.gettempdir()))
     return standin, counts, shape
 

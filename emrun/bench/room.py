@@ -2,13 +2,15 @@
 memory, disk and device memory against what is free, so that a volume too large is the user's
 error in one line (exit 2) rather than a crash, or a full disk, minutes later.
 
-The probe `free_device_memory` serves any benchmark (`free_disk` and `size_text` come from
-`emrun.capacity`); `estimate_needs` and `check_room` size a run of the inference engine over a
-generated uint8 volume (`emrun bench infer`, and any benchmark that runs the engine so)."""
+The probes `memory_room` and `free_device_memory` serve any benchmark (`free_disk` and
+`size_text` come from `emrun.capacity`); `estimate_needs` and `check_room` size a run of the
+inference engine over a generated uint8 volume (`emrun bench infer`, and any benchmark that
+runs the engine so)."""
 
 from __future__ import annotations
 
 import math
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,33 +23,65 @@ from ..errors import UserError
 from ..geometry import Zyx
 from ..infer.plan import Layout
 from ..recipe import Recipe
+from ..synth import MEMORY_PER_VOXEL
+
+
+def memory_room() -> int:
+    """Bytes this process can still allocate: the machine's available memory, or less where
+    an address-space limit (``ulimit -v``, some batch systems) leaves less above what the
+    process already maps."""
+    room = available_memory()
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        room = min(room, max(0, limit - _mapped()))
+    return room
+
+
+def _mapped() -> int:
+    """Bytes of address space this process maps now (Linux; 0 where unknown)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 @dataclass(frozen=True)
 class Needs:
     """Bytes a run needs: host memory, disk in the temporary directory and device memory
     (one block's float32 working set per worker, on a GPU); of the disk, the input's and the
-    outputs' share (the refusal names both)."""
+    outputs' share, and of the memory, generating the input's (the refusals name them)."""
 
     memory: int
     disk: int
     device: int
     input: int
     output: int
+    generate: int = 0
 
 
-def estimate_needs(recipe: Recipe, layout: Layout, workers: int, on_gpu: bool) -> Needs:
+def estimate_needs(recipe: Recipe, layout: Layout, workers: int, on_gpu: bool,
+                   tile: Zyx | None = None) -> Needs:
     """The input (uint8, generated in memory and written to disk), the outputs at their raw
     size (the compressed size is unknown; raw bounds it) and one block's working set per
-    worker (input, accumulators per channel and weights, float32, over the block's read box)."""
+    worker (input, accumulators per channel and weights, float32, over the block's read box);
+    with ``tile``, the synthesizer's working memory for the generated block of that shape
+    (the input is mirrored from it: `synthetic_image`)."""
     voxels = math.prod(layout.shape)
+    generate = 0 if tile is None else math.prod(tile) * MEMORY_PER_VOXEL
     channels = sum(recipe.head_channels().values())
     output = channels * voxels * np.dtype(recipe.infer.dtype).itemsize
     read_voxels = math.prod(min(b, n) + p for b, n, p in zip(  # a block and its context
         layout.block, layout.shape, layout.patch, strict=True))
     block = workers * read_voxels * 4 * (channels + 2)
-    return Needs(memory=voxels + (0 if on_gpu else block), disk=voxels + output,
-                 device=block if on_gpu else 0, input=voxels, output=output)
+    # generating peaks before the input is made whole (the synthesizer's working memory is
+    # freed by then); the blocks come after, while the input is held
+    memory = max(generate, voxels) + (0 if on_gpu else block)
+    return Needs(memory=memory, disk=voxels + output,
+                 device=block if on_gpu else 0, input=voxels, output=output, generate=generate)
 
 
 def free_device_memory(device: torch.device) -> int | None:
@@ -67,10 +101,11 @@ def check_room(needs: Needs, device: torch.device, shape: Zyx, tmp: Path) -> Non
                         f"{size_text(needs.input)} uint8, outputs {size_text(needs.output)} "
                         f"raw); {size_text(disk)} is free: give a smaller --shape or another "
                         "TMPDIR")
-    memory = available_memory()
+    memory = memory_room()
     if needs.memory > memory:
+        making = f", generating it {size_text(needs.generate)}" if needs.generate else ""
         raise UserError(f"{asked} would need {size_text(needs.memory)} of memory (input "
-                        f"{size_text(needs.input)} uint8 and each worker's block); "
+                        f"{size_text(needs.input)} uint8{making} and each worker's block); "
                         f"{size_text(memory)} is free: give a smaller --shape or --block")
     gpu = free_device_memory(device)
     if gpu is not None and needs.device > gpu:

@@ -14,6 +14,9 @@ fragments + graph (voxels / (seconds x workers)), scaling against one worker, th
 database's share of the workers' time in those steps (SQLite: writing a block's nodes and
 edges), and the database's size per voxel. The adapted Rand error against the generated
 cells checks the result when the volume is small enough to score in memory.
+
+What the user asks for is checked before anything is made (`check_size`): the number of
+blocks, the disk the affinities take and the memory a block's generation takes per worker.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import math
 import multiprocessing
 import os
 import platform
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -34,19 +36,33 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..capacity import work_folder
+from ..capacity import free_disk, size_text
 from ..devices import cpu_cores
+from ..errors import UserError
 from ..geometry import BlockGrid, Roi, box_of, slices
 from ..io.write import create_volume
+from .room import memory_room
+from .workdir import made_folder, remove_tree
 
-__all__ = ["CELL", "bench_segment", "make_affinities", "report_lines", "synthetic_cells"]
+__all__ = ["CELL", "bench_segment", "check_size", "make_affinities", "report_lines",
+           "synthetic_cells"]
 
 CELL = (16, 48, 48)
 """The coarse grid of cell seeds (z, y, x voxels): one cell per 37,000 voxels, elongated in
 z like neurites in anisotropic EM."""
 OFFSETS = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
 SCORE_VOXELS = 64 * 2**20
-"""Volumes up to this many voxels are scored against the generated cells."""
+"""Volumes up to this many voxels are scored against the generated cells (when the memory
+for it, ``SCORE_BYTES_PER_VOXEL``, is free)."""
+SCORE_BYTES_PER_VOXEL = 64
+"""Peak memory of scoring per voxel: the segmentation and the generated cells, uint64, and
+the score's tables (50 measured with tracemalloc on 32x256x256)."""
+GENERATE_BYTES_PER_VOXEL = 100
+"""Peak memory of generating one block's affinities, per voxel of the block (95 measured
+with tracemalloc on a 16x128x128 block)."""
+MAX_BLOCKS = 100_000
+"""More blocks than this is a typo in --block or --shape: the pipeline's cost per block
+(tasks, database transactions, files) would be all the benchmark measured, for hours."""
 
 
 def _hash(values: np.ndarray) -> np.ndarray:
@@ -142,58 +158,101 @@ def make_affinities(folder: Path, shape: tuple[int, int, int], block: tuple[int,
     return str(store / "affinity")
 
 
+def check_size(shape: tuple[int, int, int], block: tuple[int, int, int], workers: int,
+               folder: Path | None) -> None:
+    """Refuse, in one line and before anything is made, a volume in more blocks than
+    ``MAX_BLOCKS``, affinities that would not fit the disk of ``folder`` (the system's
+    temporary folder if None) and blocks whose generation would not fit the memory with
+    ``workers`` generating at once."""
+    asked = f"--shape {' '.join(map(str, shape))} --block {' '.join(map(str, block))}"
+    blocks = math.prod(math.ceil(n / b) for n, b in zip(shape, block, strict=True))
+    if blocks > MAX_BLOCKS:
+        raise UserError(f"{asked}: {blocks:,} blocks, more than the {MAX_BLOCKS:,} this "
+                        "benchmark runs: give a larger --block or a smaller --shape")
+    where = folder if folder is not None else Path(tempfile.gettempdir())
+    disk, free = 3 * math.prod(shape), free_disk(where)
+    if disk > free:
+        raise UserError(f"{asked}: the synthetic affinities would need {size_text(disk)} of "
+                        f"disk in {where} (3 uint8 channels, before compression); "
+                        f"{size_text(free)} is free: give a smaller --shape or another --folder")
+    block_voxels = math.prod(min(n, b) for n, b in zip(shape, block, strict=True))
+    at_once = min(workers, blocks)
+    memory, room = at_once * block_voxels * GENERATE_BYTES_PER_VOXEL, memory_room()
+    if memory > room:
+        raise UserError(f"{asked}: generating the affinities would need {size_text(memory)} "
+                        f"of memory ({at_once} worker(s) with a block each); "
+                        f"{size_text(room)} is free: give a smaller --block or fewer --workers")
+
+
 def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],
                   workers: Sequence[int], threshold: float = 0.5,
                   folder: Path | None = None, agglomeration: str = "global"
                   ) -> dict[str, Any]:
-    """Run the graph pipeline with each worker count; see the module docstring."""
+    """Run the graph pipeline with each worker count; see the module docstring. A folder
+    made for ``folder`` is removed again if the run fails."""
     from ..segment.job import run_segment
     from ..segment.request import SegmentRequest
 
-    tmp = Path(tempfile.mkdtemp(prefix="emrun-bench-segment-",
-                               dir=work_folder(folder, "--folder")))
-    try:
-        started = time.perf_counter()
-        affs = make_affinities(tmp, shape, block, max(workers))
-        generated = time.perf_counter() - started
-        voxels = math.prod(shape)
-        runs = []
-        for n in workers:
-            out = tmp / f"workers{n}.zarr"
-            request = SegmentRequest(affinities=affs, output=out, scheduler="local", workers=n,
-                                     block=block, values={"threshold": (threshold,)}, levels=1,
-                                     agglomeration=agglomeration)
+    check_size(shape, block, max(workers), folder)
+    voxels = math.prod(shape)
+    scored = voxels <= SCORE_VOXELS and voxels * SCORE_BYTES_PER_VOXEL <= memory_room()
+    with made_folder(folder, "--folder") as parent:
+        tmp = Path(tempfile.mkdtemp(prefix="emrun-bench-segment-", dir=parent))
+        stopped = False
+        try:
             started = time.perf_counter()
-            result = run_segment(request)
-            seconds = time.perf_counter() - started
-            t = result.timings or {}
-            busy = sum(t[s].get(k, 0.0) for s in ("fragments", "graph") for k in t[s]
-                       if k not in ("seconds", "blocks"))
-            steps = t["fragments"]["seconds"] + t["graph"]["seconds"]
-            merged = t.get("merge") or t["agglomerate"]  # blockwise: the merge counts
-            runs.append({
-                "workers": n, "seconds": round(seconds, 2),
-                "steps": {s: t[s]["seconds"] for s in ("fragments", "graph", "agglomerate",
-                                                      "merge", "relabel", "pyramid") if s in t},
-                "fragments_graph_mvox_per_s_per_core": round(voxels / steps / n / 1e6, 3),
-                "database_share": round(t["graph"].get("database", 0.0) / max(busy, 1e-9), 3),
-                "database_bytes_per_voxel": round((t.get("database_bytes") or 0) / voxels, 3),
-                "nodes": merged.get("nodes"), "edges": merged.get("edges"),
-                "segments": result.outputs[0]["segments"],
-                "arand": _score(out, shape) if voxels <= SCORE_VOXELS else None,
-            })
-            shutil.rmtree(out, ignore_errors=True)
-        base = runs[0]["fragments_graph_mvox_per_s_per_core"] * runs[0]["workers"]
-        for run in runs:
-            run["scaling"] = round(run["fragments_graph_mvox_per_s_per_core"] * run["workers"]
-                                   / base / (run["workers"] / runs[0]["workers"]), 3)
-        return {"shape": list(shape), "block": list(block), "threshold": threshold,
-                "agglomeration": agglomeration,
-                "voxels": voxels, "generate_s": round(generated, 1), "runs": runs,
-                "cores": cpu_cores(), "machine": f"{platform.node()} ({os.cpu_count()} "
-                f"CPUs, {platform.processor() or platform.machine()})"}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            affs = make_affinities(tmp, shape, block, max(workers))
+            generated = time.perf_counter() - started
+            runs = []
+            for n in workers:
+                out = tmp / f"workers{n}.zarr"
+                request = SegmentRequest(affinities=affs, output=out, scheduler="local",
+                                         workers=n, block=block,
+                                         values={"threshold": (threshold,)}, levels=1,
+                                         agglomeration=agglomeration)
+                started = time.perf_counter()
+                result = run_segment(request)
+                seconds = time.perf_counter() - started
+                runs.append(_run_figures(result, n, seconds, voxels,
+                                         _score(out, shape) if scored else None))
+                remove_tree(out)
+            base = runs[0]["rate"] * runs[0]["workers"]
+            for run in runs:  # from the rates before rounding: a tiny volume's round to 0
+                run["scaling"] = round(run.pop("rate") * run["workers"] / max(base, 1e-12)
+                                       / (run["workers"] / runs[0]["workers"]), 3)
+            return {"shape": list(shape), "block": list(block), "threshold": threshold,
+                    "agglomeration": agglomeration,
+                    "voxels": voxels, "generate_s": round(generated, 1), "runs": runs,
+                    "cores": cpu_cores(), "machine": f"{platform.node()} ({os.cpu_count()} "
+                    f"CPUs, {platform.processor() or platform.machine()})"}
+        except KeyboardInterrupt:
+            stopped = True
+            raise
+        finally:
+            remove_tree(tmp, interrupted=stopped)
+
+
+def _run_figures(result: Any, workers: int, seconds: float, voxels: int,
+                 arand: float | None) -> dict[str, Any]:
+    """One worker count's figures from `run_segment`'s result (``rate``: fragments + graph
+    voxels per second per core, unrounded, for the scaling)."""
+    t = result.timings or {}
+    busy = sum(t[s].get(k, 0.0) for s in ("fragments", "graph") for k in t[s]
+               if k not in ("seconds", "blocks"))
+    steps = max(t["fragments"]["seconds"] + t["graph"]["seconds"], 1e-9)
+    merged = t.get("merge") or t["agglomerate"]  # blockwise: the merge counts
+    rate = voxels / steps / workers / 1e6
+    return {
+        "workers": workers, "seconds": round(seconds, 2),
+        "steps": {s: t[s]["seconds"] for s in ("fragments", "graph", "agglomerate",
+                                              "merge", "relabel", "pyramid") if s in t},
+        "fragments_graph_mvox_per_s_per_core": round(rate, 3), "rate": rate,
+        "database_share": round(t["graph"].get("database", 0.0) / max(busy, 1e-9), 3),
+        "database_bytes_per_voxel": round((t.get("database_bytes") or 0) / voxels, 3),
+        "nodes": merged.get("nodes"), "edges": merged.get("edges"),
+        "segments": result.outputs[0]["segments"],
+        "arand": arand,
+    }
 
 
 def _score(out: Path, shape: tuple[int, int, int]) -> float:

@@ -140,12 +140,12 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     level_factors(shape, volume.voxel_size, levels)  # a bad --levels, before any work
     chunks, block = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks,
                                             block or recipe.infer.block)
-    _check_block(block, stride, shape)
+    check_block(block, stride, shape)
     try:
         layout = Layout(shape, patch, stride, chunks, block)
     except ValueError as exc:  # a block that is no whole number of the recipe's chunks
         raise UserError(f"--block / infer.block: {exc}") from None
-    _check_memory(recipe, layout)
+    check_memory(recipe, layout)
     job = Job(recipe=recipe, checkpoint=checkpoint.resolve(), input_path=input_path,
               output=output.resolve(), mask_path=mask_path, layout=layout,
               scale=intensity_range(recipe, volume), tta=tta, roi_offset=offset,
@@ -226,7 +226,7 @@ def _refuse_same(volume: Volume, output: Path) -> None:
         raise UserError(f"--output {output} is a file; give a new .zarr folder")
 
 
-def _check_block(block: Zyx, stride: Zyx, shape: Zyx) -> None:
+def check_block(block: Zyx, stride: Zyx, shape: Zyx) -> None:
     """A write block is at least one patch stride (or the whole axis, when shorter) and the
     job at most `MAX_BLOCKS` blocks: `--block 1 1 1` wrote a block and its chunk files per
     voxel."""
@@ -236,7 +236,7 @@ def _check_block(block: Zyx, stride: Zyx, shape: Zyx) -> None:
     check_block_count(shape, block, "--block / infer.block")
 
 
-def _check_memory(recipe: Recipe, layout: Layout) -> None:
+def check_memory(recipe: Recipe, layout: Layout) -> None:
     """Refuse, before any output exists, a patch, batch or block whose working set cannot
     fit in this machine's memory (a 1000^3 patch ended in a MemoryError and left an output
     that the rerun refused). A lower bound: the blending window (float64), one batch of
