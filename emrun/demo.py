@@ -103,6 +103,9 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
     """Train the demo recipe into ``out/run``, run the pipeline on a test volume with the
     trained and the untrained network, write ``out/metrics.json`` and ``out/demo.png``;
     returns the metrics."""
+    above = next((p for p in out.parents if p.exists()), None)
+    if not out.exists() and above is not None and not above.is_dir():
+        raise UserError(f"--out {out}: {above} is a file, not a folder; give another --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose another --out "
                         "(nothing was overwritten)")

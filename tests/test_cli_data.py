@@ -295,6 +295,10 @@ def test_demo_trains_and_draws_then_refuses_to_overwrite(tmp_path):
     assert seg.dtype == np.uint64 and seg.shape == (24, 128, 128) and seg[...].min() > 0
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "not empty" in again.stderr
+    under = runner.invoke(app, ["demo", "--out", str(out / "metrics.json" / "d")])
+    assert under.exit_code == 2  # the message named --run-dir, an option demo lacks
+    assert under.stderr == (f"error: --out {out / 'metrics.json' / 'd'}: {out / 'metrics.json'}"
+                            " is a file, not a folder; give another --out\n")
 
 
 def snemi3d_stand_in(tmp_path):
