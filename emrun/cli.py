@@ -1093,6 +1093,8 @@ def data_preview(
     chosen = with_synthetic_sources(loaded.recipe) if synthetic else loaded.recipe
     if out.is_dir():
         raise UserError(f"{out} is a directory; give a .png file path")
+    if out.suffix.lower() != ".png":  # x.jpg held PNG bytes
+        raise UserError(f"--out {out}: the preview is a PNG image; give a .png file path")
     print(f"wrote {write_preview(chosen, out, n)}")
 
 

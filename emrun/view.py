@@ -189,6 +189,9 @@ def view(paths: list[str], *, bind: str = "127.0.0.1", port: int = 0,
     package serves here, or, with ``client``, to that client with the state in the link."""
     if not paths:
         raise UserError("name at least one volume to view (e.g. pred.zarr/affinity)")
+    if client is not None and urllib.parse.urlsplit(client).scheme not in ("http", "https"):
+        raise UserError(f"--client {client!r}: give the http(s) URL of a neuroglancer client, "
+                        "e.g. https://neuroglancer-demo.appspot.com/")
     taken: set[str] = set()
     layers = [layer_for(path, taken) for path in paths]
     viewer_module = None

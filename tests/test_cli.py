@@ -161,15 +161,16 @@ def test_schema_and_preview_outputs_that_are_not_files(tmp_path, write):
     pipe never answered, and a path under a file ended as an internal error."""
     import os
 
-    fifo = tmp_path / "pipe.json"
+    fifo, png_fifo = tmp_path / "pipe.json", tmp_path / "pipe.png"
     os.mkfifo(fifo)
+    os.mkfifo(png_fifo)
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     special = "exists and is not a regular file (a device, pipe or socket)"
     for args, says in ((["schema", "--output", "/dev/zero"], f"/dev/zero: {special}"),
                        (["schema", "--output", str(fifo)], f"pipe.json: {special}"),
-                       (["data", "preview", str(write(MINIMAL)), "--out", str(fifo)],
-                        f"pipe.json: {special}"),
+                       (["data", "preview", str(write(MINIMAL)), "--out", str(png_fifo)],
+                        f"pipe.png: {special}"),
                        (["schema", "--output", str(notes / "s.json")],
                         f"{notes}: is a file, not a folder"),
                        (["data", "preview", str(write(MINIMAL)), "--n", "1", "--out",

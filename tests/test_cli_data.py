@@ -201,6 +201,10 @@ def test_preview_writes_a_png_grid(write, tmp_path):
     assert not list(out.parent.glob(".*.tmp"))
     bad = runner.invoke(app, ["data", "preview", str(write(MINIMAL)), "--out", str(tmp_path)])
     assert bad.exit_code == 2
+    jpeg = runner.invoke(app, ["data", "preview", str(write(MINIMAL)), "--out",
+                               str(tmp_path / "p.jpg")])  # PNG bytes under a .jpg name
+    assert jpeg.exit_code == 2 and "the preview is a PNG image" in jpeg.stderr
+    assert not (tmp_path / "p.jpg").exists()
     again = runner.invoke(app, ["data", "preview", str(write(MINIMAL)), "--n", "2",
                                 "--out", str(out), "-o", "augment=none"])
     assert again.exit_code == 0, again.output  # an earlier preview is replaced

@@ -133,6 +133,13 @@ def test_volumes_without_ome_metadata_are_refused(tmp_path):
         view([str(tmp_path / "plain.zarr")], client=CLIENT)
 
 
+@pytest.mark.parametrize("client", ["not a url", "javascript:alert(1)", "file:///tmp/x"])
+def test_a_client_that_is_no_web_address_is_refused(volumes, client):
+    """Anything was accepted and made a link no browser opens."""
+    with pytest.raises(UserError, match="give the http\\(s\\) URL of a neuroglancer client"):
+        view(volumes, client=client)
+
+
 def test_the_command_serves_until_stopped(volumes):
     process = subprocess.Popen([sys.executable, "-m", "emrun", "view", *volumes,
                                 "--client", CLIENT, "--json"], stdout=subprocess.PIPE,
