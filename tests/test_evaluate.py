@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from emrun.cli import app
+from emrun.errors import UserError
 from emrun.evaluate import (
     MIN_OVERLAP,
     EvaluationError,
@@ -279,6 +280,20 @@ def test_binary_scores_by_hand():
     masked = binary_scores(pred, truth, np.array([[[0, 1, 1, 1, 0, 1]]]))
     assert (masked.precision, masked.recall, masked.iou, masked.voxels) == (1.0, 1.0, 1.0, 4)
     assert binary_scores(pred, truth, threshold=0.05).recall == 1.0
+
+
+def test_binary_refuses_logits_and_leaves_nan_truth_out():
+    """Logits were thresholded at 0.5 silently, and NaN in a float truth counted as
+    foreground."""
+    truth = np.array([[[0, 1, 1, np.nan]]], np.float32)
+    pred = np.array([[[0.1, 0.9, 0.2, 0.9]]], np.float32)
+    s = binary_scores(pred, truth)
+    assert (s.tp, s.fp, s.fn, s.tn) == (1, 1, 1, 1)  # the NaN voxel: predicted, not true
+    for logits in (pred * 8 - 4, pred + 1):
+        with pytest.raises(UserError, match=r"outside \[0, 1\]: a float prediction is a "
+                                            "probability"):
+            binary_scores(logits, truth)
+    assert binary_scores(np.clip(pred + 1e-6, 0, 1 + 1e-6), truth).tp == 1  # rounding is fine
 
 
 def test_binary_scores_with_nothing_to_find():

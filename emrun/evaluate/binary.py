@@ -5,14 +5,15 @@ not ids. Which voxels count as predicted foreground depends on the dtype:
 
 - bool: as is;
 - uint8: probabilities stored as 0..255 (what `emrun infer` writes): value > threshold * 255;
-- float: probabilities: value > threshold (NaN is background);
+- float: probabilities: value > threshold (NaN is background; values outside [0, 1] are
+  logits, refused);
 - other integers (uint16, int32, uint64, ...): ids or a 0/1 mask: value != 0.
 
 A uint8 0/1 mask is therefore read as probabilities (all below 0.5); store such a mask as
-bool, or pass threshold 0. The truth's foreground is always truth != 0. Voxels where the
-mask is 0 are not counted. A ratio whose denominator is 0 (no truth foreground, no
-predicted foreground) is 1.0 when the numerator's ideal is met trivially (nothing to find
-and nothing found) and 0.0 otherwise.
+bool, or pass threshold 0. The truth's foreground is always truth != 0 (NaN excluded).
+Voxels where the mask is 0 are not counted. A ratio whose denominator is 0 (no truth
+foreground, no predicted foreground) is 1.0 when the numerator's ideal is met trivially
+(nothing to find and nothing found) and 0.0 otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from emrun.errors import UserError
 from emrun.evaluate.checks import check_inputs
+
+RANGE_SLACK = 1e-3  # float rounding around [0, 1] that is still a probability
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,21 @@ def foreground(pred: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     if pred.dtype == np.uint8:
         return pred > threshold * 255
     if pred.dtype.kind == "f":
+        finite = pred[np.isfinite(pred)]
+        if finite.size and (finite.min() < -RANGE_SLACK or finite.max() > 1 + RANGE_SLACK):
+            raise UserError(f"the prediction holds values in [{float(finite.min()):.4g}, "
+                            f"{float(finite.max()):.4g}], outside [0, 1]: a float prediction "
+                            "is a probability (apply a sigmoid to logits), or give a bool or "
+                            "integer mask")
         return pred > threshold
     return pred != 0
+
+
+def truth_foreground(truth: np.ndarray) -> np.ndarray:
+    """The truth's foreground: non-zero, NaN not (as in a prediction)."""
+    if truth.dtype.kind == "f":
+        return np.nan_to_num(truth, nan=0.0) != 0
+    return truth != 0
 
 
 def count_binary(
@@ -74,7 +91,7 @@ def count_binary(
 ) -> BinaryCounts:
     """Confusion counts of one block."""
     p = np.ravel(foreground(pred, threshold))
-    t = np.ravel(truth) != 0
+    t = np.ravel(truth_foreground(truth))
     if mask is not None:
         keep = np.ravel(mask) != 0
         p, t = p[keep], t[keep]
