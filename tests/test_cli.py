@@ -208,6 +208,19 @@ def test_validate_reads_values_float_range_and_empty_masks(write, tmp_path):
     assert fixed.exit_code == 0, fixed.output
 
 
+def convert_raising(error: BaseException, tmp_path, monkeypatch):
+    """`emrun data convert` as the user runs it, with the conversion raising ``error``."""
+    import emrun.io.convert
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(emrun.io.convert, "convert", fails)
+    np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.uint8))
+    return runner.invoke(app, ["data", "convert", str(tmp_path / "img.npy"),
+                               str(tmp_path / "o.zarr")])
+
+
 @pytest.mark.parametrize("error", [
     MemoryError("Unable to allocate 7.45 GiB for an array with shape (1000, 1000, 1000)"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
@@ -215,15 +228,7 @@ def test_validate_reads_values_float_range_and_empty_masks(write, tmp_path):
 ])
 def test_the_host_running_out_of_memory_is_the_user_s_to_fix(tmp_path, monkeypatch, error):
     """Only a GPU's out-of-memory was exit 2; the host's was 'a bug in emrun' (exit 1)."""
-    import emrun.io.convert
-
-    def too_big(*args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(emrun.io.convert, "convert", too_big)
-    np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.uint8))
-    result = runner.invoke(app, ["data", "convert", str(tmp_path / "img.npy"),
-                                 str(tmp_path / "o.zarr")])
+    result = convert_raising(error, tmp_path, monkeypatch)
     assert result.exit_code == 2
     assert result.stderr.startswith("error: this machine ran out of memory (")
     assert "lower train.batch_size" in result.stderr and len(result.stderr.splitlines()) == 1
@@ -232,15 +237,7 @@ def test_the_host_running_out_of_memory_is_the_user_s_to_fix(tmp_path, monkeypat
 def test_ctrl_c_in_a_command_is_one_line_and_exit_130(tmp_path, monkeypatch):
     """Commands without their own signal handling ended silently with 130 (typer turned the
     KeyboardInterrupt into an exit code), and zarr's cut-short IO tasks logged noise."""
-    import emrun.io.convert
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(emrun.io.convert, "convert", interrupted)
-    np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.uint8))
-    result = runner.invoke(app, ["data", "convert", str(tmp_path / "img.npy"),
-                                 str(tmp_path / "o.zarr")])
+    result = convert_raising(KeyboardInterrupt(), tmp_path, monkeypatch)
     assert result.exit_code == 130
     assert result.stderr == ("stopped by SIGINT (Ctrl-C): nothing half-written stands under a "
                              "final name; run the command again (with --resume where it has "
