@@ -368,6 +368,7 @@ def test_inputs_that_used_to_crash_or_pass_silently_are_refused(setup):
     nan[5, 10:13, 10:20] = np.nan  # 30 bad voxels
     np.save(tmp / "nan.npy", nan)
     write_volume(tmp / "in.zarr", "seg", (volume // 64).astype(np.uint8), label=True)
+    np.save(tmp / "words.npy", np.full(volume.shape, "in"))
     state = torch.load(tmp / "c.pt")
     name = next(k for k, v in state["model"].items() if v.is_floating_point())
     state["model"][name] = state["model"][name] * float("nan")
@@ -382,6 +383,8 @@ def test_inputs_that_used_to_crash_or_pass_silently_are_refused(setup):
           "infer.chunks=[2, 16, 16]"], "not a whole number of chunks"),
         (["--input", str(tmp / "nan.npy")], "30 NaN or infinite voxels"),
         (["--input", str(tmp / "in.zarr/seg")], "is a segmentation (OME-Zarr image-label)"),
+        (["--input", str(tmp / "in.zarr/image"), "--mask", str(tmp / "words.npy")],
+         "a mask holds numbers or booleans"),
         (["--input", str(tmp / "in.zarr/image"), "-o", "infer.patch=[2000, 2000, 2000]"],
          "need at least"),  # was a MemoryError, and an output the rerun refused
         (["--input", str(tmp / "in.zarr/image"), "--checkpoint", str(tmp / "diverged.pt")],

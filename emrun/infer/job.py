@@ -126,6 +126,9 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     _refuse_same(volume, output)
     if mask_path:
         mask = open_volume(mask_path)
+        if mask.dtype.kind not in "biuf":  # strings: no 0 outside, non-zero inside
+            raise UserError(f"{mask}: a mask holds numbers or booleans (0 outside), not "
+                            f"{mask.dtype}")
         if tuple(mask.shape) != tuple(volume.shape):
             raise UserError(f"{mask}: mask shape {list(mask.shape)} differs from the input's "
                             f"{list(volume.shape)}")
