@@ -406,6 +406,8 @@ def infer(
 
 def _network_file(checkpoint: Path | None, model: Path | None) -> Path:
     """The one file infer predicts with: a checkpoint (--checkpoint) or a package (--model)."""
+    import zipfile
+
     from .io.package import is_package
     from .paths import not_a_file
 
@@ -419,6 +421,9 @@ def _network_file(checkpoint: Path | None, model: Path | None) -> Path:
     if model is not None and (why := not_a_file(model)) is not None:
         raise UserError(f"--model {model} {why}")
     if model is not None and not is_package(model):
+        if not zipfile.is_zipfile(model):  # packages and checkpoints are zips: cut short?
+            raise UserError(f"--model {model} is not a model package: it is not a readable "
+                            "zip file (cut short or damaged? copy or export it again)")
         raise UserError(f"--model {model} is not a model package (a training checkpoint? "
                         "give it as --checkpoint, or make a package with `emrun export`)")
     return checkpoint or model  # type: ignore[return-value]

@@ -191,12 +191,16 @@ def test_infer_takes_one_network_of_the_right_kind(trained):
                           "--output", out],
         "is a model package: give it as --model": ["--checkpoint", package, "--input", image,
                                                    "--output", out],
-        "is not a model package": ["--model", checkpoint, "--input", image, "--output", out],
+        "is not a model package (a training checkpoint?": ["--model", checkpoint, "--input",
+                                                           image, "--output", out],
+        "not a readable zip file (cut short or damaged?": [
+            "--model", trained / "cut.emrun", "--input", image, "--output", out],
         "no such model package": ["--model", trained / "nope.emrun", "--input", image,
                                   "--output", out],
         "named pipe": ["--model", trained / "pipe.emrun", "--input", image, "--output", out],
     }
     os.mkfifo(trained / "pipe.emrun")
+    (trained / "cut.emrun").write_bytes(package.read_bytes()[: package.stat().st_size // 2])
     for expected, args in cases.items():
         result = invoke("infer", *args)
         assert result.exit_code == 2 and expected in result.stderr, (expected, result.output)
