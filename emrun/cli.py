@@ -311,6 +311,9 @@ def train(
     if result.interrupted:
         raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
     out.print(f"done: {result.iteration} iterations in {path}", markup=False)
+    if result.iteration > loaded.recipe.train.iterations:  # resumed past a lowered target
+        _warn([f"the run was already at iteration {result.iteration}, past "
+               f"train.iterations {loaded.recipe.train.iterations}: nothing was trained"])
 
 
 def _launch_torchrun(processes: int) -> int:

@@ -313,3 +313,16 @@ def test_user_text_is_printed_as_given_never_as_markup_or_emoji(write, tmp_path)
     checked = runner.invoke(app, ["validate", str(recipe), "--no-data"])
     assert checked.exit_code == 0, checked.output
     assert f"ok {recipe}: recipe tiny — a [/bold] b" in checked.stdout
+
+
+def test_resuming_past_a_lowered_target_says_nothing_was_trained(write, tmp_path):
+    """`train --resume -o train.iterations=2` on a run at 3 said only 'done: 3 iterations'."""
+    run = tmp_path / "run"
+    args = ["train", str(write(MINIMAL)), "--run-dir", str(run), "-o", "train.workers=0",
+            "--device", "cpu"]
+    assert runner.invoke(app, [*args, "-o", "train.iterations=3"]).exit_code == 0
+    again = runner.invoke(app, [*args, "--resume", "-o", "train.iterations=2"])
+    assert again.exit_code == 0, again.output
+    assert "done: 3 iterations" in again.stdout
+    assert ("warning: the run was already at iteration 3, past train.iterations 2: nothing "
+            "was trained") in again.stderr
