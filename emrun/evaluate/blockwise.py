@@ -102,7 +102,8 @@ def prepare(volumes: Sequence[Volume], block: Sequence[int] | None = None, *,
     shape = zyx(volumes[0].shape)
     chosen = zyx(block) if block is not None else default_block(volumes)
     chosen = zyx(max(1, min(b, n)) for b, n in zip(chosen, shape, strict=True))
-    check_block_count(shape, chosen)
+    if block is not None:  # the default grows with the volume; a user's may not
+        check_block_count(shape, chosen)
     return Work(volumes, chosen, connected_truth, binary, threshold)
 
 

@@ -141,9 +141,10 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     box = _check_roi(roi, volume)
     offset, shape = zyx(box.offset), zyx(box.shape)
     level_factors(shape, volume.voxel_size, levels)  # a bad --levels, before any work
-    chunks, block = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks,
-                                            block or recipe.infer.block)
-    check_block(block, stride, shape)
+    given = block or recipe.infer.block
+    chunks, block = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks, given)
+    if given is not None:  # the default block is four strides: a user's may be anything
+        check_block(block, stride, shape)
     try:
         layout = Layout(shape, patch, stride, chunks, block)
     except ValueError as exc:  # a block that is no whole number of the recipe's chunks

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from ..capacity import check_block_count
 from ..errors import UserError
 from ..geometry import BlockGrid, Coordinate, Roi, box_of, local_slices, slices, zyx
 from .affinities import Offset, to_float
@@ -78,7 +77,6 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
     """
     shape = tuple(int(n) for n in affs.shape[1:])
     block = zyx(max(1, min(int(b), n)) for b, n in zip(block, shape, strict=True))
-    check_block_count(shape, block)
     grid = BlockGrid(box_of(shape), block)
     blocks = grid.indices()
     if len(blocks) > 1 and not segmenter.blockwise:

@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from .. import __version__
-from ..capacity import check_output_fits
+from ..capacity import check_block_count, check_output_fits
 from ..devices import available_memory
 from ..errors import UserError
 from ..geometry import Roi, zyx
@@ -302,6 +302,8 @@ def run_segment(request: SegmentRequest, *,
         _sweep(result, volume, offsets, segmenter, values or [], mask, truth, request.workers,
                output, name, info, write_args, request.connected_truth, say)
     elif blockwise:
+        if block is not None:  # the defaults scale with the volume; a user's may not
+            check_block_count(spatial, block)
         chosen = (tuple(block) if block is not None
                   else default_block(segmenter, offsets, volume.shape[0]))
         result.block = [min(b, n) for b, n in zip(chosen, spatial, strict=True)]

@@ -91,7 +91,8 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
     output = request.output
     spatial = zyx(volume.shape[1:])
     block = zyx(min(b, n) for b, n in zip(request.block or DEFAULT_BLOCK, spatial, strict=True))
-    check_block_count(spatial, block)
+    if request.block is not None:  # a user's block; the default is the fastest per voxel
+        check_block_count(spatial, block)
     if math.prod(b + 2 * h for b, h in zip(block, HALO, strict=True)) > MAX_VOXELS:
         raise UserError(f"--block {list(block)}: too large, a block with its context "
                         f"({list(HALO)} on each side) may hold at most {MAX_VOXELS:,} voxels; "
