@@ -25,6 +25,7 @@ from .infer.run import run_inference
 from .io import open_volume
 from .io.write import write_volume
 from .models import build_model
+from .paths import file_in_the_way
 from .recipe import Recipe, load_recipe
 from .segment.job import run_segment
 from .segment.request import SegmentRequest
@@ -103,8 +104,7 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
     """Train the demo recipe into ``out/run``, run the pipeline on a test volume with the
     trained and the untrained network, write ``out/metrics.json`` and ``out/demo.png``;
     returns the metrics."""
-    above = next((p for p in out.parents if p.exists()), None)
-    if not out.exists() and above is not None and not above.is_dir():
+    if (above := file_in_the_way(out)) is not None:
         raise UserError(f"--out {out}: {above} is a file, not a folder; give another --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose another --out "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from pathlib import Path
 
 
 def not_a_file(path: str | os.PathLike[str]) -> str | None:
@@ -42,3 +43,13 @@ def is_link_loop(path: str | os.PathLike[str]) -> bool:
         return exc.errno == errno.ELOOP
     return False
 
+
+
+def file_in_the_way(path: str | os.PathLike[str]) -> Path | None:
+    """For a ``path`` that does not exist yet: the nearest existing folder above it when that
+    is a file (``notes.txt/out.zarr``), which no write under it can get past; else None."""
+    target = Path(path)
+    if target.exists():
+        return None
+    above = next((p for p in target.parents if p.exists()), None)
+    return above if above is not None and not above.is_dir() else None

@@ -86,7 +86,7 @@ from emrun.io.metadata import (
 from emrun.io.pyramid import level_factors, level_shape, write_level
 from emrun.io.volume import VolumeError
 from emrun.io.zarr_volume import PARTIAL_SUFFIX
-from emrun.paths import is_link_loop
+from emrun.paths import file_in_the_way, is_link_loop
 
 LEVEL = "0"  # the full-resolution level; coarser ones are "1", "2", ...
 CHUNK_ZYX = (16, 256, 256)  # default chunk: thin in z (anisotropic EM), wide in y and x
@@ -444,8 +444,7 @@ def _check_store(root: Path) -> None:
     if is_link_loop(root):
         raise VolumeError(f"{root} is a loop of symbolic links; give a .zarr folder")
     if not root.exists():
-        above = next((p for p in root.parents if p.exists()), None)
-        if above is not None and not above.is_dir():  # found now, not after the work
+        if (above := file_in_the_way(root)) is not None:  # found now, not after the work
             raise VolumeError(f"{root}: {above} is a file, not a folder; give another path")
         return
     if not root.is_dir():
