@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -47,8 +48,30 @@ def cpu_cores() -> int:
 
 
 def available_memory() -> int:
-    """Bytes of memory available to new allocations (Linux MemAvailable; else the free
-    physical pages)."""
+    """Bytes this process can still allocate: the machine's available memory (Linux
+    MemAvailable; else the free physical pages), or less where a container's memory limit
+    (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``, less what it uses) or an
+    address-space limit (``ulimit -v``, some batch systems, less what the process maps)
+    leaves less."""
+    room = _machine_memory()
+    for limit, used in CGROUP_MEMORY:
+        cap = _read_int(limit)
+        if cap is not None:
+            room = min(room, max(0, cap - (_read_int(used) or 0)))
+            break
+    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if address_space != resource.RLIM_INFINITY:
+        room = min(room, max(0, address_space - _mapped()))
+    return room
+
+
+CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                  "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+"""(limit, usage) files of the process's memory cgroup, v2 then v1, as a container sees them."""
+
+
+def _machine_memory() -> int:
     try:
         with open("/proc/meminfo", encoding="ascii") as info:
             for line in info:
@@ -60,6 +83,28 @@ def available_memory() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+def _read_int(path: str) -> int | None:
+    """The whole number in a one-line file (a cgroup's limit or usage); None when the file
+    is missing or says 'max'."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            return int(handle.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _mapped() -> int:
+    """Bytes of address space this process maps now (Linux; 0 where unknown)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def daisy_package() -> Any:

@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from emrun.bench import room, segment
+from emrun.bench import segment
 from emrun.cli import app
 from emrun.errors import UserError
 
@@ -64,7 +64,7 @@ def test_a_volume_in_too_many_blocks_is_refused_before_anything_is_made(tmp_path
 def test_affinities_that_would_not_fit_are_refused_before_anything_is_made(
         tmp_path, monkeypatch, where, says):
     _no_generating(monkeypatch)
-    monkeypatch.setattr(segment if where == "free_disk" else room, where, lambda *a: 10**6)
+    monkeypatch.setattr(segment, where, lambda *a: 10**6)
     result = runner.invoke(app, ["bench", "segment", "--folder", str(tmp_path / "scratch")])
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1
@@ -75,7 +75,7 @@ def test_affinities_that_would_not_fit_are_refused_before_anything_is_made(
 def test_the_size_checks_count_what_the_run_writes_and_holds(tmp_path, monkeypatch):
     shape, block = (64, 512, 512), (32, 256, 256)
     monkeypatch.setattr(segment, "free_disk", lambda where: 3 * 64 * 512 * 512)
-    monkeypatch.setattr(room, "available_memory",
+    monkeypatch.setattr(segment, "available_memory",
                         lambda: 2 * 32 * 256 * 256 * segment.GENERATE_BYTES_PER_VOXEL)
     segment.check_size(shape, block, 2, tmp_path)  # exactly fits: affinities, two blocks
     with pytest.raises(UserError, match="of memory"):
@@ -116,7 +116,7 @@ def test_a_tiny_volume_reports_its_figures(tmp_path):
 
 def test_the_score_is_left_out_when_the_memory_does_not_hold_it(tmp_path, monkeypatch):
     voxels = 16 * 96 * 96
-    monkeypatch.setattr(room, "available_memory",
+    monkeypatch.setattr(segment, "available_memory",
                         lambda: voxels * segment.SCORE_BYTES_PER_VOXEL // 2)
     result = runner.invoke(app, ["bench", "segment", "--shape", "16", "96", "96", "--block",
                                  "8", "48", "48", "--workers", "1", "--folder", str(tmp_path),

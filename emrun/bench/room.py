@@ -2,15 +2,14 @@
 memory, disk and device memory against what is free, so that a volume too large is the user's
 error in one line (exit 2) rather than a crash, or a full disk, minutes later.
 
-The probes `memory_room` and `free_device_memory` serve any benchmark (`free_disk` and
-`size_text` come from `emrun.capacity`); `estimate_needs` and `check_room` size a run of the
-inference engine over a generated uint8 volume (`emrun bench infer`, and any benchmark that
-runs the engine so)."""
+The probe `free_device_memory` serves any benchmark (`free_disk` and `size_text` come from
+`emrun.capacity`, `available_memory` from `emrun.devices`); `estimate_needs` and
+`check_room` size a run of the inference engine over a generated uint8 volume (`emrun bench
+infer`, and any benchmark that runs the engine so)."""
 
 from __future__ import annotations
 
 import math
-import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,29 +23,6 @@ from ..geometry import Zyx
 from ..infer.plan import Layout
 from ..recipe import Recipe
 from ..synth import MEMORY_PER_VOXEL
-
-
-def memory_room() -> int:
-    """Bytes this process can still allocate: the machine's available memory, or less where
-    an address-space limit (``ulimit -v``, some batch systems) leaves less above what the
-    process already maps."""
-    room = available_memory()
-    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if limit != resource.RLIM_INFINITY:
-        room = min(room, max(0, limit - _mapped()))
-    return room
-
-
-def _mapped() -> int:
-    """Bytes of address space this process maps now (Linux; 0 where unknown)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 @dataclass(frozen=True)
@@ -101,7 +77,7 @@ def check_room(needs: Needs, device: torch.device, shape: Zyx, tmp: Path) -> Non
                         f"{size_text(needs.input)} uint8, outputs {size_text(needs.output)} "
                         f"raw); {size_text(disk)} is free: give a smaller --shape or another "
                         "TMPDIR")
-    memory = memory_room()
+    memory = available_memory()
     if needs.memory > memory:
         making = f", generating it {size_text(needs.generate)}" if needs.generate else ""
         raise UserError(f"{asked} would need {size_text(needs.memory)} of memory (input "

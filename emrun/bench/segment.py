@@ -37,11 +37,10 @@ import numpy as np
 import zarr
 
 from ..capacity import free_disk, size_text
-from ..devices import cpu_cores
+from ..devices import available_memory, cpu_cores
 from ..errors import UserError
 from ..geometry import BlockGrid, Roi, box_of, slices
 from ..io.write import create_volume
-from .room import memory_room
 from .workdir import made_folder, remove_tree
 
 __all__ = ["CELL", "bench_segment", "check_size", "make_affinities", "report_lines",
@@ -177,7 +176,7 @@ def check_size(shape: tuple[int, int, int], block: tuple[int, int, int], workers
                         f"{size_text(free)} is free: give a smaller --shape or another --folder")
     block_voxels = math.prod(min(n, b) for n, b in zip(shape, block, strict=True))
     at_once = min(workers, blocks)
-    memory, room = at_once * block_voxels * GENERATE_BYTES_PER_VOXEL, memory_room()
+    memory, room = at_once * block_voxels * GENERATE_BYTES_PER_VOXEL, available_memory()
     if memory > room:
         raise UserError(f"{asked}: generating the affinities would need {size_text(memory)} "
                         f"of memory ({at_once} worker(s) with a block each); "
@@ -195,7 +194,7 @@ def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],
 
     check_size(shape, block, max(workers), folder)
     voxels = math.prod(shape)
-    scored = voxels <= SCORE_VOXELS and voxels * SCORE_BYTES_PER_VOXEL <= memory_room()
+    scored = voxels <= SCORE_VOXELS and voxels * SCORE_BYTES_PER_VOXEL <= available_memory()
     with made_folder(folder, "--folder") as parent:
         tmp = Path(tempfile.mkdtemp(prefix="emrun-bench-segment-", dir=parent))
         stopped = False
