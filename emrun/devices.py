@@ -72,17 +72,30 @@ CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
 
 
 def _machine_memory() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = _proc_bytes("/proc/meminfo", "MemAvailable:")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+def _mapped() -> int:
+    """Bytes of address space this process maps now (Linux; 0 where unknown)."""
+    return _proc_bytes("/proc/self/status", "VmSize:") or 0
+
+
+def _proc_bytes(path: str, key: str) -> int | None:
+    """The ``key: N kB`` line of a /proc file, in bytes; None where it is missing."""
+    try:
+        with open(path, encoding="ascii") as lines:
+            for line in lines:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _read_int(path: str) -> int | None:
@@ -93,18 +106,6 @@ def _read_int(path: str) -> int | None:
             return int(handle.read().strip())
     except (OSError, ValueError):
         return None
-
-
-def _mapped() -> int:
-    """Bytes of address space this process maps now (Linux; 0 where unknown)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 def daisy_package() -> Any:
