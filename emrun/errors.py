@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 NOT_ALLOWED = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
@@ -56,25 +57,24 @@ HOST_ALLOCATOR = ("can't allocate memory", "not enough memory")  # torch's CPU a
 def host_out_of_memory(exc: BaseException) -> str | None:
     """What ran out, in short, when ``exc`` (or its cause) is the host's memory running out:
     numpy's MemoryError or torch's CPU allocator; None otherwise."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _chain(exc):
         text = " ".join(str(current).split())
         if isinstance(current, MemoryError) or (
                 isinstance(current, RuntimeError) and any(m in text for m in HOST_ALLOCATOR)):
             return (text[:160] + "...") if len(text) > 160 else (text or "MemoryError")
-        current = current.__cause__ or current.__context__
     return None
 
 
 def _behind(exc: BaseException, codes: frozenset[int]) -> OSError | None:
     """The first OSError with one of ``codes`` in ``exc``'s chain of causes."""
+    return next((c for c in _chain(exc) if isinstance(c, OSError) and c.errno in codes), None)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its causes (or the exceptions it was raised while handling), each once."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in codes:
-            return current
+        yield current
         current = current.__cause__ or current.__context__
-    return None
