@@ -175,8 +175,9 @@ def test_masked_and_empty_blocks_are_zero(setup):
     mask[:4, :16, :16] = 1
     write_volume(tmp / "in.zarr", "mask", mask)
     out = tmp / "m.zarr"
-    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(4, 16, 16),
-                  mask_path=str(tmp / "in.zarr/mask"))
+    progress = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
+                             block=(4, 16, 16), mask_path=str(tmp / "in.zarr/mask"))
+    assert progress.empty == progress.done - 1  # only the first block is inside the mask
     got = read(out)
     assert got[:, :4, :16, :16].any() and not got[:, 4:].any() and not got[:, :, 16:].any()
     # blocks outside the mask store nothing (no chunk objects for masked-out space)
@@ -189,8 +190,8 @@ def test_masked_and_empty_blocks_are_zero(setup):
                           block=(4, 16, 16), resume=True, mask_path=str(tmp / "in.zarr/mask"))
     assert again.done == 0
     write_volume(tmp / "in.zarr", "zeros", np.zeros(volume.shape, np.uint8))
-    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/zeros"), tmp / "z.zarr")
-    assert not read(tmp / "z.zarr").any()
+    zeros = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/zeros"), tmp / "z.zarr")
+    assert not read(tmp / "z.zarr").any() and zeros.empty == zeros.done > 0
 
 
 def test_input_smaller_than_one_patch_works(setup):

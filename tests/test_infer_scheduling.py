@@ -130,6 +130,26 @@ def test_a_corrupt_mask_chunk_says_what_is_kept_and_the_run_resumes(inputs):
     same_output(out, straight, recipe)
 
 
+def test_a_mask_of_zeros_only_is_said_to_leave_the_output_empty(inputs):
+    """An all-zero --mask (the wrong volume, a mask at another level) exited 0 with an
+    empty output and nothing said."""
+    recipe, tmp, _ = inputs
+    write_volume(tmp / "in.zarr", "nothing", np.zeros((12, 40, 48), np.uint8), chunks=BLOCK)
+    args = ["infer", "--recipe", str(_recipe_file(recipe, tmp)), "--checkpoint",
+            str(tmp / "c.pt"), "--input", str(tmp / "in.zarr/image"), "--block",
+            *map(str, BLOCK), "--device", "cpu", "--mask"]
+    result = CliRunner().invoke(app, [*args, str(tmp / "in.zarr/nothing"), "--output",
+                                      str(tmp / "none.zarr")])
+    assert result.exit_code == 0, result.output
+    assert "27 of them empty" in result.stdout
+    assert "holds zeros only: --mask is 0 over the whole input" in result.stderr
+    write_volume(tmp / "in.zarr", "all", np.ones((12, 40, 48), np.uint8), chunks=BLOCK)
+    result = CliRunner().invoke(app, [*args, str(tmp / "in.zarr/all"), "--output",
+                                      str(tmp / "all.zarr")])
+    assert result.exit_code == 0 and "of them empty" not in result.stdout
+    assert "warning" not in result.stderr
+
+
 def _recipe_file(recipe, tmp):
     path = tmp / "r.yaml"
     path.write_text(yaml.safe_dump(recipe.resolved()))

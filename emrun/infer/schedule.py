@@ -44,12 +44,14 @@ class Progress:
     total: int = 0
     voxels: int = 0
     patches: int = 0  # forward-passed; the lattice's count when no patch is predicted twice
+    empty: int = 0  # of those done, blocks outside the mask or of all-zero input (no chunk)
     seconds: float = 0.0
 
     def add(self, block: BlockDone, started: float) -> None:
         self.done += 1
         self.voxels += block.voxels
         self.patches += block.patches
+        self.empty += block.empty
         self.seconds = time.perf_counter() - started
 
 

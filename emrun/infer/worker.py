@@ -44,8 +44,9 @@ class BlockDone:
 
     block: Zyx
     voxels: int
-    patches: int  # forward-passed for it (own and recomputed); 0: skipped by the mask or
-    # an all-zero input: no chunk written, it reads as zeros
+    patches: int  # forward-passed for it (own and recomputed)
+    empty: bool = False  # skipped: outside the mask or an all-zero input; no chunk written,
+    # it reads as zeros
 
 
 class BlockWorker:
@@ -196,7 +197,7 @@ class BlockWorker:
                     f"{list(block)}; free space and run again with --resume (finished blocks "
                     "are kept, this one is redone)") from None
             raise
-        return BlockDone(block, box.size, patches)
+        return BlockDone(block, box.size, patches, empty=values is None)
 
 
 @dataclass(frozen=True)
