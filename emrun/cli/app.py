@@ -1,0 +1,215 @@
+"""The typer apps, the consoles, the options shared by commands, and the guard that turns
+failures into one line and an exit code (a user's mistake 2, emrun's own 1)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .. import __version__
+from ..errors import (
+    Interrupted,
+    NotImplementedYet,
+    UserError,
+    disk_full,
+    host_out_of_memory,
+    not_a_folder,
+    not_allowed,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="emrun",
+    help="Recipe-driven training and chunked inference for 3D EM segmentation.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+data_app = typer.Typer(help="Data tools: convert volumes, make synthetic EM, preview samples.",
+                       no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: data loading, model, trainer, inference, "
+                        "segmentation, SNEMI3D.",
+                        no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+
+# emoji=False: rich would turn ":x:" in a user's text (--device cuda:x:) into an emoji
+out = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--override", "-o", metavar="KEY.PATH=VALUE",
+                 help="Override a recipe value (VALUE is YAML); repeatable."),
+]
+RecipeFile = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
+Device = Annotated[str | None, typer.Option(
+    metavar="cpu|cuda|cuda:N", help="Device (default: cuda when there is one, else cpu).")]
+JsonLine = Annotated[bool, typer.Option(
+    "--json", help="Print the figures as one JSON line on stdout (the text for people goes to "
+    "stderr, so `... --json | jq` works).")]
+ANY_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+Levels = Annotated[int | None, typer.Option(
+    metavar="N", help="Multiscale levels written, each halving y and x (z where anisotropy "
+    "allows); 1 = full resolution only (default: until y and x are at most 256, at most 8).")]
+Nm = Annotated[tuple[float, float, float] | None, typer.Option(metavar="Z Y X",
+                                                                help="Voxel size in nm.")]
+LevelChoice = Annotated[str | None, typer.Option(
+    "--level", metavar="NAME|Z,Y,X", help="The input's level of a multiscale image (OME-Zarr, "
+    "precomputed): its name (s1) or its voxel size in nm, z,y,x (40,8,8).")]
+
+
+def at_level(path: str, level: str | None) -> str:
+    """The path naming `level` of the multiscale image at `path` (itself without --level)."""
+    if level is None:
+        return path
+    from ..io import choose_level
+
+    return choose_level(path, level)
+
+
+
+def guarded(fn: F) -> F:
+    """Map failures to exit codes: the user's mistakes 2 (message only), ours 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            with _text_to_stderr(bool(kwargs.get("json_"))):
+                return fn(*args, **kwargs)
+        except UserError as exc:
+            for line in str(exc).splitlines():
+                err.print(f"[red]error:[/] {escape(line)}", markup=True)
+            raise typer.Exit(2) from None
+        except NotImplementedYet as exc:
+            err.print(f"{exc}", markup=False)
+            raise typer.Exit(1) from None
+        except Interrupted as exc:
+            err.print(f"stopped by {exc.signal_name}: {exc}", markup=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:  # Ctrl-C in a command without its own handling
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's IO cut short
+            err.print("stopped by SIGINT (Ctrl-C): nothing half-written stands under a final "
+                      "name; run the command again (with --resume where it has one)",
+                      markup=False)
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            if (full := disk_full(exc)) is not None:
+                _report_disk_full(full)
+                raise typer.Exit(2) from None
+            if (file := not_a_folder(exc)) is not None:
+                err.print(f"error: {file.filename}: is a file, not a folder, so nothing can be "
+                          "written under it; give another path", markup=False)
+                raise typer.Exit(2) from None
+            if (denied := not_allowed(exc)) is not None:
+                where = f" {denied.filename}" if denied.filename else ""
+                err.print(f"error: cannot write or read{where} ({denied.strerror}): choose a "
+                          "place this user may write, or fix its permissions", markup=False)
+                raise typer.Exit(2) from None
+            if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch
+                _report_out_of_memory(exc)
+                raise typer.Exit(2) from None
+            if (short := host_out_of_memory(exc)) is not None:
+                err.print(f"error: this machine ran out of memory ({short}): lower "
+                          "train.batch_size or train.patch (training), infer.batch_size or "
+                          "infer.patch (inference), --block or --shape, or free memory",
+                          markup=False)
+                raise typer.Exit(2) from None
+            if os.environ.get("EMRUN_DEBUG"):
+                traceback.print_exc()
+            err.print(f"internal error: {type(exc).__name__}: {exc}\n"
+                      "This is a bug in emrun; rerun with EMRUN_DEBUG=1 for a traceback "
+                      "and report it.", markup=False)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _report_disk_full(exc: OSError) -> None:
+    """A full disk is the user's to fix: one line, and no noise from zarr's IO tasks that the
+    error cut short (asyncio logs them as it shuts down)."""
+    where = f" writing {exc.filename}" if exc.filename else ""
+    err.print(f"[red]error:[/] the disk is full ({escape(exc.strerror or 'no space left')})"
+              f"{escape(where)}: free space and run the command again (with --resume where it "
+              "has one); nothing half-written stands under a final name", markup=True)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+def _report_out_of_memory(exc: Exception) -> None:
+    """The device's memory is too small for the batch and patch asked for: the user's to
+    change (torch's message says what was asked for and what was free)."""
+    detail = " ".join(str(exc).split("Including non-PyTorch memory")[0].split())
+    err.print(f"[red]error:[/] the device ran out of memory: {escape(detail)} Lower "
+              "train.batch_size or train.patch (training), or infer.batch_size (inference); "
+              "bf16 precision halves activations", markup=True)
+
+
+@contextlib.contextmanager
+def _text_to_stderr(json_mode: bool) -> Iterator[None]:
+    """With --json, stdout carries the JSON line alone: text for people goes to stderr."""
+    if not json_mode:
+        yield
+        return
+    saved = out._file  # None: whatever sys.stdout is at the time
+    out.file = err.file
+    try:
+        yield
+    finally:
+        out._file = saved
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"emrun {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """emrun: declarative experiments for 3D electron-microscopy segmentation."""
+
+
+def warn(lines: list[str]) -> None:
+    """Warnings on stderr, one line each (stdout stays for results)."""
+    for line in lines:
+        err.print(f"[yellow]warning:[/] {escape(line)}", markup=True)
+
+
+def main() -> None:
+    """Console-script entry point: a usage mistake (unknown option or command, a missing
+    argument) is one line and exit 2, like every other mistake."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        name = type(exc).__name__
+        if name == "Abort":  # Ctrl-C outside a command (while parsing its arguments)
+            sys.exit(130)
+        if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
+            raise
+        if name == "NoArgsIsHelpError":  # `emrun` (or a group) alone: the help
+            print(exc.format_message())
+            sys.exit(0)
+        context = getattr(exc, "ctx", None)
+        where = f" (see {context.command_path} --help)" if context is not None else ""
+        err.print(f"error: {exc.format_message()}{where}", markup=False)
+        sys.exit(2)
+    sys.exit(code or 0)
+

@@ -1,0 +1,607 @@
+"""The top-level commands: validate, schema, recipes, train, infer, export, segment,
+evaluate, view, demo. Each parses its arguments and calls one function of the part below."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.markup import escape
+
+from ..errors import Interrupted, UserError
+from ..geometry import Roi
+from .app import (
+    Device,
+    JsonLine,
+    LevelChoice,
+    Levels,
+    Overrides,
+    RecipeFile,
+    app,
+    at_level,
+    err,
+    guarded,
+    out,
+    warn,
+)
+
+
+@app.command()
+@guarded
+def validate(
+    recipe: RecipeFile,
+    override: Overrides = None,
+    print_: Annotated[
+        bool, typer.Option("--print", help="Print the fully resolved recipe.")
+    ] = False,
+    no_data: Annotated[bool, typer.Option("--no-data", help="Do not open data volumes.")] = False,
+) -> None:
+    """Check a recipe (and, unless --no-data, the volumes it names); exit 2 on problems."""
+    from ..recipe import RecipeError, load_recipe
+    from ..recipe.loader import shown_path
+    from ..summary import print_summary
+
+    loaded = load_recipe(recipe, override or [])
+    warn(loaded.cautions())
+    facts = None
+    if not no_data:
+        from ..data.checks import check_data
+
+        facts, problems = check_data(loaded)
+        if problems:
+            raise RecipeError(problems)
+    if print_:
+        out.print(yaml.safe_dump(loaded.recipe.resolved(), sort_keys=False), end="", markup=False)
+        return
+    from ..models import build_model
+    from ..models.facts import model_facts
+
+    model = model_facts(build_model(loaded.recipe), loaded.recipe.model, loaded.recipe.train.patch)
+    # the summary is markup: a path's [brackets] must stay text
+    print_summary(out, loaded.recipe, facts, escape(shown_path(recipe)), model)
+
+
+@app.command()
+@guarded
+def schema(
+    output: Annotated[
+        Path, typer.Option("--output", help="Where to write the JSON Schema.")
+    ] = Path("schemas/recipe.schema.json"),
+) -> None:
+    """Write the recipe's JSON Schema (for editor completion and checking)."""
+    from ..atomic import write_text
+    from ..recipe.loader import shown_path
+    from ..recipe.schema import recipe_schema_text, refuse_foreign_file
+
+    if output.is_dir():
+        raise UserError(f"{output} is a directory; give a file path")
+    refuse_foreign_file(output)
+    write_text(output, recipe_schema_text())
+    out.print(f"wrote {shown_path(output)}", markup=False)
+
+
+@app.command()
+@guarded
+def recipes() -> None:
+    """List the shipped recipes with one-line descriptions."""
+    from ..shipped import RECIPES, recipe_description, shipped_recipes
+
+    found = shipped_recipes()
+    if not found:
+        raise UserError(f"no shipped recipes found in {RECIPES}")
+    width = max(len(p.name) for p in found)
+    for path in found:
+        out.print(f"{path.name:<{width}}  {recipe_description(path)}", markup=False)
+    out.print(f"\n(in {RECIPES})", markup=False)
+
+
+@app.command()
+@guarded
+def train(
+    recipe: RecipeFile,
+    override: Overrides = None,
+    run_dir: Annotated[Path | None, typer.Option(
+        "--run-dir", help="Run directory (default: runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run in the run directory from checkpoints/last.pt.")]
+    = False,
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", help="Start from the weights of this checkpoint or model package "
+        "(fine-tuning).")] = None,
+    gpus: Annotated[int | None, typer.Option(
+        min=1, help="Launch N processes with torchrun (distributed data parallel).")] = None,
+    device: Device = None,
+) -> None:
+    """Train a recipe: run directory, checkpoints, TensorBoard, events.jsonl, exact resume."""
+    if gpus is not None and gpus > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_launch_torchrun(gpus))
+    from ..data.checks import check_data
+    from ..recipe import RecipeError, load_recipe
+    from ..train.trainer import Trainer
+
+    if resume and init_from is not None:
+        raise UserError("--resume continues a run; --init-from starts a new one: use one")
+    loaded = load_recipe(recipe, override or [])
+    _, problems = check_data(loaded)
+    if problems:
+        raise RecipeError(problems)
+    warn(loaded.cautions())
+    path = run_dir or Path("runs") / loaded.recipe.name
+    result = Trainer(loaded, path, resume=resume, init_from=init_from, device=device,
+                     console=out).fit()
+    if result.interrupted:
+        raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
+    out.print(f"done: {result.iteration} iterations in {path}", markup=False)
+    if result.iteration > loaded.recipe.train.iterations:  # resumed past a lowered target
+        warn([f"the run was already at iteration {result.iteration}, past "
+               f"train.iterations {loaded.recipe.train.iterations}: nothing was trained"])
+
+
+def _launch_torchrun(processes: int) -> int:
+    """Re-run this command under torchrun with one process per GPU."""
+    import subprocess
+
+    args = sys.argv[1:]
+    cleaned = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--gpus":
+            skip = True
+            continue
+        if arg.startswith("--gpus="):
+            continue
+        cleaned.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", "-m", "emrun", *cleaned]
+    return subprocess.call(command)
+
+
+@app.command()
+@guarded
+def infer(
+    input_: Annotated[str, typer.Option("--input", help="Volume to predict, e.g. vol.zarr/image.")],
+    output: Annotated[Path, typer.Option("--output", help="Output .zarr folder.")],
+    checkpoint: Annotated[Path | None, typer.Option(
+        "--checkpoint", help="A training checkpoint (.pt); or give --model.")] = None,
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="A model package (`emrun export`): weights and recipe in one file.")]
+    = None,
+    override: Overrides = None,
+    block: Annotated[tuple[int, int, int] | None, typer.Option(
+        metavar="Z Y X", help="Write-block size in voxels, a whole number of output chunks "
+        "(default: infer.block, else 4 patch strides per axis).")] = None,
+    tta: Annotated[int | None, typer.Option(
+        metavar="1|2|4|8|16", help="Flip/transpose variants averaged (default: infer.tta).")]
+    = None,
+    mask: Annotated[str | None, typer.Option(help="Predict only blocks where this is non-zero.")]
+    = None,
+    device: Device = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted output.")]
+    = False,
+    workers: Annotated[int | None, typer.Option(
+        help="Worker processes (default: one per GPU; one on a CPU).")] = None,
+    scheduler: Annotated[str, typer.Option(
+        metavar="local|daisy", help="local (worker processes here) or daisy (extra "
+        "emrun[daisy]).")] = "local",
+    launch: Annotated[str | None, typer.Option(
+        help="daisy only: command that starts each worker, e.g. 'srun --gres=gpu:1'.")] = None,
+    roi: Annotated[str | None, typer.Option(
+        metavar="OFFSET/SHAPE", help="Predict only this box of the input, in voxels, e.g. "
+        "60,0,0/10,1024,1024 (the input around it still gives context).")] = None,
+    recipe: Annotated[Path | None, typer.Option(
+        "--recipe", help="Recipe YAML file (default: the one the checkpoint was trained "
+        "with; a recipe whose model or tasks differ from it is refused).")] = None,
+    level: LevelChoice = None,
+    levels: Levels = None,
+) -> None:
+    """Predict a volume blockwise into zarr: one array per task, blended, resumable."""
+    from ..infer.checkpoint_recipe import recipe_for
+    from ..infer.progress import block_progress
+    from ..infer.run import run_inference
+    from ..infer.schedule import Stopped
+
+    if tta is not None and tta not in (1, 2, 4, 8, 16):
+        raise UserError(f"--tta must be 1, 2, 4, 8 or 16 (got {tta})")
+    if scheduler not in ("local", "daisy"):
+        raise UserError(f"--scheduler must be local or daisy (got {scheduler!r})")
+    box = _parse_roi(roi)
+    input_ = at_level(input_, level)
+    checkpoint = _network_file(checkpoint, model)
+    loaded = recipe_for(checkpoint, recipe, override or [])
+    try:
+        with block_progress(err) as report:
+            progress = run_inference(loaded.recipe, checkpoint, input_, output, block=block,
+                                     device=device, tta=tta, resume=resume, mask_path=mask,
+                                     workers=workers,
+                                     scheduler=scheduler,  # type: ignore[arg-type]
+                                     launch=launch, roi=box, levels=levels,
+                                     on_block=report)
+    except Stopped as stop:
+        done = stop.progress.done + stop.progress.skipped
+        raise Interrupted(stop.signal_name, f"{done} of {stop.progress.total} blocks are done "
+                          "and marked; continue with --resume") from None
+    empty = (f" ({progress.empty} of them empty: outside the mask or all-zero input)"
+             if progress.empty else "")
+    out.print(f"wrote {output}: {progress.done} blocks predicted{empty}, {progress.skipped} "
+              f"already done, {progress.voxels / max(progress.seconds, 1e-9) / 1e6:.2f} "
+              "Mvoxel/s", markup=False)
+    if progress.done and progress.empty == progress.done and not progress.skipped:
+        why = "--mask is 0 over the whole input" if mask else "the input is all zero"
+        err.print(f"warning: {output} holds zeros only: {why}; is it the right volume?",
+                  markup=False)
+
+
+def _network_file(checkpoint: Path | None, model: Path | None) -> Path:
+    """The one file infer predicts with: a checkpoint (--checkpoint) or a package (--model)."""
+    import zipfile
+
+    from ..io.package import is_package
+    from ..paths import not_a_file
+
+    if (checkpoint is None) == (model is None):
+        raise UserError("give the network to predict with: --checkpoint CHECKPOINT or "
+                        "--model PACKAGE (one of them)")
+    if checkpoint is not None and is_package(checkpoint):
+        raise UserError(f"--checkpoint {checkpoint} is a model package: give it as --model")
+    if model is not None and not os.path.lexists(model):
+        raise UserError(f"--model {model}: no such model package")
+    if model is not None and (why := not_a_file(model)) is not None:
+        raise UserError(f"--model {model} {why}")
+    if model is not None and not is_package(model):
+        if not zipfile.is_zipfile(model):  # packages and checkpoints are zips: cut short?
+            raise UserError(f"--model {model} is not a model package: it is not a readable "
+                            "zip file (cut short or damaged? copy or export it again)")
+        raise UserError(f"--model {model} is not a model package (a training checkpoint? "
+                        "give it as --checkpoint, or make a package with `emrun export`)")
+    return checkpoint or model  # type: ignore[return-value]
+
+
+def _parse_roi(text: str | None) -> Roi | None:
+    """``z,y,x/z,y,x`` (offset/shape) to a box (checked against the input later)."""
+    if text is None:
+        return None
+    try:
+        offset, shape = (tuple(int(v) for v in part.split(",")) for part in text.split("/"))
+        if len(offset) != 3 or len(shape) != 3:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--roi {text!r}: expected offset/shape as z,y,x/z,y,x, e.g. "
+                        "60,0,0/10,1024,1024") from None
+    return Roi(offset, shape)
+
+
+@app.command()
+@guarded
+def export(
+    source: Annotated[Path, typer.Argument(
+        help="A run directory (its best.pt, else last.pt), a checkpoint or a model package.")],
+    output: Annotated[Path, typer.Argument(
+        help="File to write: NAME.emrun, NAME.zip (bioimageio) or NAME.onnx.")],
+    format_: Annotated[str | None, typer.Option(
+        "--format", metavar="emrun|bioimageio|onnx", help="emrun: a model package for "
+        "`infer --model` and `train --init-from`; bioimageio: a bioimage.io model (extra "
+        "emrun[bioimageio]); onnx: an ONNX graph (extra emrun[onnx]). Default: from "
+        "OUTPUT's suffix (.emrun, .zip, .onnx).")] = None,
+) -> None:
+    """Write a trained network as one file that travels: weights, recipe, facts, checksums."""
+    from ..export import export as run_export
+
+    for line in run_export(source, output, format_):
+        out.print(line, markup=False)
+
+
+@app.command()
+@guarded
+def segment(
+    affs: Annotated[str, typer.Argument(
+        help="Affinities (c, z, y, x), e.g. pred.zarr/affinity; uint8 (255 = 1) or float.")],
+    output: Annotated[Path, typer.Argument(help="Output .zarr folder (created if missing).")],
+    method: Annotated[str | None, typer.Option(
+        metavar="mws|waterz|cc", help="mws, waterz (extra emrun[waterz]) or cc. Default: the "
+        "segmenter (and its settings) of the recipe an `emrun infer` output records, else "
+        "mws.")] = None,
+    threshold: Annotated[list[str] | None, typer.Option(
+        metavar="T", help="cc: affinity above which voxels join; waterz: merge threshold. "
+                          "Repeat (or comma-separate) for one output per value, or values to "
+                          "--sweep.")] = None,
+    bias: Annotated[list[str] | None, typer.Option(
+        metavar="B", help="mws: long-range edges repel below this affinity (more splits as "
+                          "it rises). Repeat (or comma-separate) like --threshold.")] = None,
+    min_size: Annotated[int | None, typer.Option(
+        min=0, help="Merge segments smaller than this into their best neighbour.")] = None,
+    mask: Annotated[str | None, typer.Option(
+        help="Volume, non-zero where to segment; 0 outside in the output.")] = None,
+    offsets: Annotated[str | None, typer.Option(
+        help="Offsets if AFFS has no 'offsets' attribute: JSON "
+             "'[[-1,0,0],[0,-1,0],[0,0,-1]]' or '-1,0,0 0,-1,0 0,0,-1'.")] = None,
+    block: Annotated[tuple[int, int, int] | None, typer.Option(
+        metavar="Z Y X", help="Segment block by block with this block size (default: only "
+                              "volumes beyond 4 GiB of working memory, in blocks that fit "
+                              "it, at most 32 512 512).")] = None,
+    name: Annotated[str, typer.Option(help="Output volume name in OUT.")] = "segmentation",
+    sweep: Annotated[bool, typer.Option(
+        "--sweep", help="Try each --threshold/--bias (default 0.1 ... 0.9) against --truth; "
+                        "write the best by adapted Rand error.")] = False,
+    truth: Annotated[str | None, typer.Option(help="Ground-truth labels for --sweep.")] = None,
+    connected_truth: Annotated[bool, typer.Option(
+        "--connected-truth", help="--sweep: score against each truth object's connected "
+        "pieces (as emrun evaluate --connected-truth; for a crop of a larger "
+        "annotation).")] = False,
+    levels: Levels = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="--sweep: values segmented at once in worker processes (default: as "
+                    "many as cores and memory allow); --scheduler: worker processes.")] = None,
+    level: LevelChoice = None,
+    scheduler: Annotated[str | None, typer.Option(
+        metavar="local|daisy", help="Segment at scale, block by block on --workers: fragments "
+        "(OUT/fragments), a region graph in a database, agglomeration by --threshold as "
+        "waterz, relabelling; resumable. local: processes here; daisy: daisy workers "
+        "(extra emrun[daisy]).")] = None,
+    launch: Annotated[str | None, typer.Option(
+        metavar="CMD", help="--scheduler daisy: start each worker through this command, e.g. "
+        "'srun -c 2 --mem 4G' (nodes share the output folder and the database).")] = None,
+    db: Annotated[str | None, typer.Option(
+        metavar="URL", help="--scheduler: the region graph's database, e.g. "
+        "postgresql://user@host/graphs (extra emrun[postgres]); default: SQLite in "
+        "OUT/.emrun-segment.")] = None,
+    fragments: Annotated[str, typer.Option(
+        metavar="watershed|mws", help="--scheduler: how blocks are cut into fragments.")
+    ] = "watershed",
+    agglomeration: Annotated[str, typer.Option(
+        metavar="global|blockwise", help="--scheduler: agglomerate the whole graph in one "
+        "process (exact; about 500 bytes per edge), or each block's neighbourhood on the "
+        "workers, then join their merges (about 100 bytes per edge).")] = "global",
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="--scheduler: finish the job in OUT (or agglomerate its graph at "
+        "other thresholds, with another --name).")] = False,
+    json_: JsonLine = False,
+) -> None:
+    """Affinities to a neuron segmentation (mutex watershed, waterz, components)."""
+    import json
+
+    from ..segment.job import run_segment
+    from ..segment.request import SegmentRequest
+    from ..stages import Stages
+
+    def values(option: str, given: list[str] | None) -> tuple[float, ...]:
+        """The numbers given with a value flag (repeated or comma-separated), each once: a
+        value given twice segmented twice and then found its own output taken."""
+        if not given:
+            return ()
+        try:
+            numbers = [float(v) for item in given for v in item.split(",")]
+        except ValueError:
+            raise UserError(f"{option} takes numbers separated by commas (got "
+                            f"{' '.join(given)})") from None
+        return tuple(dict.fromkeys(numbers))
+
+    def report(stage: str, done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:  # about ten lines per pass
+            err.print(f"{stage}: block {done}/{total}", markup=False)
+
+    request = SegmentRequest(
+        affinities=at_level(affs, level), output=output, method=method,
+        values={"bias": values("--bias", bias), "threshold": values("--threshold", threshold)},
+        min_size=min_size, mask=mask, offsets=offsets, block=block, name=name, sweep=sweep,
+        truth=truth, connected_truth=connected_truth, workers=workers, levels=levels,
+        scheduler=scheduler, launch=launch, db=db, fragments=fragments,
+        agglomeration=agglomeration, resume=resume)
+    result = run_segment(request, on_block=report, on_stage=Stages(err))
+    if result.segmenter_from:
+        err.print(f"segmenter {result.method} from {result.segmenter_from} (--method to "
+                  "choose another)", markup=False)
+    if result.sweep:
+        parameter = result.sweep["parameter"]
+        for row in result.sweep["table"]:
+            out.print(f"  {parameter} {row[parameter]:<6g} arand {row['arand']:.4f}  voi split "
+                      f"{row['voi_split']:.3f} merge {row['voi_merge']:.3f}", markup=False)
+        out.print(f"best {parameter} {result.sweep['chosen']:g}", markup=False)
+        if result.sweep["at_edge"]:
+            values = [row[parameter] for row in result.sweep["table"]]
+            err.print(f"note: the best {parameter} is at the edge of the values tried "
+                      f"({min(values):g} ... {max(values):g}); a wider range may segment "
+                      "better", markup=False)
+    for item in result.outputs:
+        value = next(f"{k} {v:g}" for k, v in item.items() if k not in ("name", "segments"))
+        out.print(f"wrote {output}/{item['name']}: {item['segments']} segments ({result.method} "
+                  f"{value}, min_size {result.parameters['min_size']}; {result.mode}) in "
+                  f"{result.seconds:.1f} s", markup=False)
+    if json_:
+        print(json.dumps(result.as_dict()))
+
+
+@app.command()
+@guarded
+def evaluate(
+    seg: Annotated[str, typer.Argument(
+        metavar="SEG", help="Segmentation (with --binary: a foreground prediction), e.g. "
+        "seg.zarr/seg.")],
+    truth: Annotated[str, typer.Argument(
+        metavar="TRUTH", help="Ground truth, e.g. vol.zarr/labels; 0 is unlabelled, not scored.")],
+    mask: Annotated[str | None, typer.Option(metavar="MASK",
+                                             help="Score only where this is non-zero.")] = None,
+    binary: Annotated[bool, typer.Option(
+        "--binary", help="Score a foreground prediction: precision, recall, F1, IoU.")] = False,
+    threshold: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="With --binary: foreground above this probability "
+        "(uint8 predictions: above threshold x 255; default: 0.5).")] = None,
+    min_overlap: Annotated[int | None, typer.Option(
+        min=1, help="Voxels an overlap needs to count towards splits and merges (default: "
+        "100; not with --binary).")] = None,
+    connected_truth: Annotated[bool, typer.Option(
+        "--connected-truth", help="Score each truth object's connected pieces inside the "
+        "volume as separate objects: for a crop of a larger annotation, where pieces that "
+        "join only outside it cannot be joined by any segmentation of the crop.")] = False,
+    scheduler: Annotated[str | None, typer.Option(
+        metavar="local|daisy", help="Score in blocks: local (worker processes here) or daisy "
+        "(extra emrun[daisy]; default: one process, streamed).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Workers scoring blocks (alone: local worker processes; default: the cores here "
+        "for local, 1 for daisy).")] = None,
+    launch: Annotated[str | None, typer.Option(
+        help="daisy only: command that starts each worker, e.g. 'srun -c 4' (workers must "
+        "see the volumes and --work-dir).")] = None,
+    block: Annotated[tuple[int, int, int] | None, typer.Option(
+        metavar="Z Y X", help="Block size in voxels when scoring in blocks (default: whole "
+        "storage chunks, about 8 million voxels).")] = None,
+    work_dir: Annotated[str | None, typer.Option(
+        metavar="DIR", help="Folder for the blocks' results while scoring in blocks, made if "
+        "missing, emptied after (default: TMPDIR or the system's); with --launch, one the "
+        "nodes share.")] = None,
+    json_: JsonLine = False,
+) -> None:
+    """Score a segmentation against ground truth (adapted Rand, VOI, CREMI score), streamed
+    or in parallel blocks."""
+    import json
+
+    from ..evaluate import MIN_OVERLAP, Parallel, binary_scores_volumes, score_volumes
+    from ..evaluate.report import binary_lines, score_lines
+    from ..io import open_volume
+    from ..io.window import covered_part
+    from ..stages import Stages
+
+    _check_evaluate_mode(binary, threshold, min_overlap, connected_truth)
+    parallel = None
+    if any(o is not None for o in (scheduler, workers, block, launch, work_dir)):
+        parallel = Parallel(scheduler=scheduler or "local", workers=workers, launch=launch,
+                            block=block, work_dir=work_dir)
+        parallel.check()  # before any volume is opened
+    unit = "blocks" if parallel is not None else "slabs"
+    seg_vol = open_volume(seg)
+    truth_vol = covered_part(seg_vol, open_volume(truth))  # a larger truth: the part SEG covers
+    mask_vol = covered_part(seg_vol, open_volume(mask)) if mask is not None else None
+    mask_name = str(mask_vol) if mask_vol is not None else None
+    stage = Stages(err)
+
+    first: list[float] = []  # when the first slab started (with blocks: finished)
+
+    def report(done: int, total: int) -> None:  # large volumes: about ten lines, with ETA
+        if total < 10 or not (done <= 2 or done % (total // 10) == 0):
+            return  # the second slab gives a first estimate of the time left
+        if done == 1:
+            first.append(stage.clock())
+            stage(f"scoring {math.prod(seg_vol.shape[-3:]):,} voxels in {total} {unit}")
+            return
+        per_slab = (stage.clock() - first[0]) / (done - 1)
+        stage(f"{unit[:-1]} {done} of {total}, about "
+              f"{_duration(per_slab * (total - done))} left")
+
+    if binary:
+        result = binary_scores_volumes(seg_vol, truth_vol, mask_vol,
+                                       threshold=0.5 if threshold is None else threshold,
+                                       on_slab=report, parallel=parallel)
+        lines = binary_lines(result, str(seg_vol), str(truth_vol), mask_name)
+    else:
+        result = score_volumes(seg_vol, truth_vol, mask_vol,
+                               min_overlap=MIN_OVERLAP if min_overlap is None else min_overlap,
+                               connected_truth=connected_truth, on_slab=report,
+                               parallel=parallel)
+        lines = score_lines(result, str(seg_vol), str(truth_vol), mask_name, connected_truth)
+    for line in lines:
+        out.print(line)
+    if json_:
+        print(json.dumps({"seg": str(seg_vol), "truth": str(truth_vol), "mask": mask_name,
+                          "mode": "binary" if binary else "segmentation",
+                          **({} if binary else {"connected_truth": connected_truth}),
+                          **result.as_dict()}))
+
+
+def _check_evaluate_mode(binary: bool, threshold: float | None, min_overlap: int | None,
+                         connected_truth: bool) -> None:
+    """Options of the other scoring mode would be ignored without a word: refuse them."""
+    if not binary and threshold is not None:
+        raise UserError("--threshold is for foreground predictions: add --binary, or drop "
+                        "--threshold to score a segmentation")
+    if binary and min_overlap is not None:
+        raise UserError("--min-overlap is for segmentations (object ids); drop it with "
+                        "--binary")
+    if binary and connected_truth:
+        raise UserError("--connected-truth is for segmentations (object ids); drop it with "
+                        "--binary")
+
+
+@app.command()
+@guarded
+def view(
+    paths: Annotated[list[str], typer.Argument(
+        metavar="PATH...", help="OME-Zarr volumes to show, e.g. vol.zarr/image "
+        "pred.zarr/affinity seg.zarr/segmentation (a layer each).")],
+    bind: Annotated[str, typer.Option(
+        help="Address to serve on (0.0.0.0: reachable from other machines).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535,
+                                      help="Port of the data server (0: any free one).")] = 0,
+    client: Annotated[str | None, typer.Option(
+        metavar="URL", help="A neuroglancer client to link to (e.g. "
+        "https://neuroglancer-demo.appspot.com) instead of the one the neuroglancer package "
+        "serves here.")] = None,
+    open_browser: Annotated[bool, typer.Option(
+        "--open", help="Open the link in a web browser.")] = False,
+    json_: JsonLine = False,
+) -> None:
+    """Show volumes in neuroglancer: serve them from here and print the link (Ctrl-C stops)."""
+    import json
+    import signal
+    import threading
+    import webbrowser
+
+    from ..view import view as start_view
+
+    shown = start_view(paths, bind=bind, port=port, client=client)
+    for layer in shown.layers:
+        out.print(f"{layer.name}: {layer.kind} layer from {layer.store}"
+                  f"{'/' + layer.inner if layer.inner else ''}", markup=False)
+    out.print(f"data served at {shown.server.url}", markup=False)
+    if json_:
+        print(json.dumps({"link": shown.link, "data": shown.server.url,
+                          "state": shown.state}), flush=True)
+    else:
+        print(shown.link, flush=True)
+    if open_browser:
+        webbrowser.open(shown.link)
+    stop = threading.Event()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: stop.set())
+    stop.wait()
+    shown.close()
+    err.print("stopped serving", markup=False)
+
+
+@app.command()
+@guarded
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the run and figures.")]
+    = Path("emrun-demo"),
+    override: Overrides = None,
+) -> None:
+    """Train on synthetic EM on the CPU (minutes), then infer, segment and score a test
+    volume with the trained and the untrained network."""
+    from ..demo import run_demo
+
+    metrics = run_demo(out_dir, console=out, overrides=override or [])
+    for tag in ("untrained", "trained"):
+        m = metrics[tag]
+        out.print(f"{tag:>9}: adapted Rand error {m['arand']:.4f}  VOI split "
+                  f"{m['voi_split']:.3f} merge {m['voi_merge']:.3f}", markup=False)
+    out.print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'demo.png'} (input, true "
+              "boundaries, affinities, segments, loss curve), the run in "
+              f"{out_dir / 'run'} and the test volume, predictions and segmentations beside "
+              "them", markup=False)
+
+
+
+def _duration(seconds: float) -> str:
+    """Seconds for people: 45 s, 12 min, 3.5 h, 9 days."""
+    for unit, scale, digits in (("days", 86400, 1), ("h", 3600, 1), ("min", 60, 0)):
+        if seconds >= 2 * scale:
+            return f"{seconds / scale:.{digits}f} {unit}"
+    return f"{seconds:.0f} s"
+
+

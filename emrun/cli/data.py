@@ -1,0 +1,123 @@
+"""`emrun data ...`: convert volumes, make synthetic EM, preview training samples."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import UserError
+from .app import LevelChoice, Levels, Nm, Overrides, RecipeFile, at_level, data_app, guarded
+
+
+def _check_nm(voxel_size: tuple[float, float, float] | None) -> None:
+    """--voxel-size as given: three positive, finite nm (a 0 would reach the writers or the
+    generator as an internal error)."""
+    if voxel_size is not None and not all(math.isfinite(v) and v > 0 for v in voxel_size):
+        given = " ".join(f"{v:g}" for v in voxel_size)
+        raise UserError(f"--voxel-size {given}: give three positive sizes in nm (z y x)")
+
+
+@data_app.command("convert")
+@guarded
+def data_convert(
+    source: Annotated[str, typer.Argument(help="TIFF file or folder, file.h5/dataset, "
+                                                "vol.zarr/array, .npy; with emrun[remote] "
+                                                "vol.n5/dataset, precomputed, URLs.")],
+    out: Annotated[Path, typer.Argument(help="Output zarr folder (created if missing).")],
+    voxel_size: Nm = None,
+    chunks: Annotated[tuple[int, int, int] | None, typer.Option(
+        metavar="Z Y X", help="Output chunk size in voxels (default: up to 16 x 256 x 256); "
+        "a 4-d (c, z, y, x) source keeps all channels in each chunk.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Array name in OUT (default: image for 8-bit/float, labels for wider ints).")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing array of that name.")
+    ] = False,
+    level: LevelChoice = None,
+    labels: Annotated[bool | None, typer.Option(
+        "--labels/--image", help="Write a segmentation (OME labels: mode-downsampled, under "
+        "OUT/labels) or an image (default: labels for integers wider than 8 bits).")] = None,
+    levels: Levels = None,
+) -> None:
+    """Convert a volume to zarr v3 with OME-Zarr 0.5 metadata, streamed section by section."""
+    from ..io.convert import convert
+
+    _check_nm(voxel_size)
+    result = convert(at_level(source, level), out, name=name, voxel_size=voxel_size,
+                     chunks=chunks, overwrite=overwrite, label=labels, levels=levels)
+    voxel = "unknown" if result.voxel_size is None else " x ".join(
+        f"{v:g}" for v in result.voxel_size) + " nm"
+    print(f"wrote {out}/{result.name}: shape {list(result.shape)}, {result.dtype}, voxel "
+          f"{voxel}, chunks {list(result.chunks)}")
+
+
+@data_app.command("preview")
+@guarded
+def data_preview(
+    recipe: RecipeFile,
+    override: Overrides = None,
+    synthetic: Annotated[bool, typer.Option(
+        "--synthetic", help="Replace the recipe's sources by synthetic volumes.")] = False,
+    n: Annotated[int, typer.Option("--n", min=1, max=64, help="Samples (rows).")] = 8,
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("preview.png"),
+) -> None:
+    """A PNG grid of augmented samples: sections with label boundaries and each target."""
+    from ..data.synthetic import with_synthetic_sources
+    from ..preview import write_preview
+    from ..recipe import load_recipe
+
+    loaded = load_recipe(recipe, override or [])
+    chosen = with_synthetic_sources(loaded.recipe) if synthetic else loaded.recipe
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; give a .png file path")
+    if out.suffix.lower() != ".png":  # x.jpg held PNG bytes
+        raise UserError(f"--out {out}: the preview is a PNG image; give a .png file path")
+    print(f"wrote {write_preview(chosen, out, n)}")
+
+
+@data_app.command("synth")
+@guarded
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Output zarr folder (created if missing).")],
+    shape: Annotated[tuple[int, int, int], typer.Option(
+        metavar="Z Y X", help="Volume size in voxels.")] = (64, 256, 256),
+    seed: Annotated[int, typer.Option(min=0, help="Generator seed.")] = 0,
+    voxel_size: Nm = (30.0, 6.0, 6.0),
+    defects: Annotated[bool, typer.Option(help="Add missing/dim sections and a shift.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing arrays.")] = False,
+    levels: Levels = None,
+) -> None:
+    """Write a synthetic EM volume: arrays image, labels, mito and synapse (stand-in clefts),
+    deterministic from SEED."""
+    from ..capacity import size_text
+    from ..devices import available_memory
+    from ..io.pyramid import level_factors
+    from ..io.write import check_new_volume, write_volumes
+    from ..synth import MEMORY_PER_VOXEL, synthesize
+
+    if shape is None or min(shape) < 1:
+        raise UserError("--shape needs three positive sizes")
+    _check_nm(voxel_size)
+    level_factors(shape, voxel_size or (30.0, 6.0, 6.0), levels)  # before generating
+    need, free = math.prod(shape) * MEMORY_PER_VOXEL, available_memory()
+    if need > free:
+        raise UserError(f"--shape {' '.join(map(str, shape))}: generating it takes about "
+                        f"{size_text(need)} of memory (it is made whole, in memory), "
+                        f"{size_text(free)} is available; give a smaller --shape")
+    names = {"image": False, "labels": True, "mito": True, "synapse": True}  # name: label
+    if not overwrite:
+        for name, label in names.items():  # a taken name refuses before the generating
+            check_new_volume(out, name, label)
+    volume = synthesize(shape, seed, voxel_size=voxel_size or (30.0, 6.0, 6.0),
+                        defects=defects)
+    write_volumes(out, {name: (getattr(volume, name), label) for name, label in names.items()},
+                  voxel_size=volume.voxel_size, attrs={"emrun": {"synthetic_seed": seed}},
+                  levels=levels, overwrite=overwrite)
+    print(f"wrote {out}/image, labels, mito, synapse: shape {list(shape)}, seed {seed}, "
+          f"{int(volume.labels.max())} cells")
+
+
