@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "emrun"
 
 FLOORS: list[set[str]] = [
     {"emrun", "errors", "paths", "atomic", "subprocesses", "stages", "shipped", "unionfind"},
-    {"capacity", "devices", "geometry"},
+    {"capacity", "devices", "geometry", "locks"},
     {"registry", "io", "synth"},
     {"recipe"},
     {"models", "losses", "data", "evaluate"},

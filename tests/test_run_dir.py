@@ -3,10 +3,13 @@ checkpoint does not block the next one, and a place that cannot hold a run is na
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from emrun import locks
 from emrun.errors import UserError
 from emrun.train.run_dir import prepare
 
@@ -23,8 +26,10 @@ def test_a_start_without_checkpoint_is_cleared_for_the_next(tmp_path):
     run = tmp_path / "run"
     failed_start(run)
     assert prepare(run, resume=False) is True
-    assert run.is_dir() and not any(run.iterdir())
+    assert run.is_dir() and [entry.name for entry in run.iterdir()] == [locks.LOCK_NAME]
     assert prepare(tmp_path / "fresh", resume=False) is False
+    locks.release(run)
+    locks.release(tmp_path / "fresh")
 
 
 @pytest.mark.parametrize("extra", ["checkpoint", "user file"])
@@ -46,3 +51,34 @@ def test_a_place_that_cannot_be_a_run_directory_is_one_user_error(tmp_path):
     with pytest.raises(UserError, match="cannot create it"):
         prepare(afile / "sub", resume=False)
     assert afile.read_text() == "x"
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from emrun.train.run_dir import prepare
+prepare(Path(sys.argv[1]), resume=False)
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused_until_it_ends(tmp_path):
+    """Two `emrun train` into one run directory both ran: one run's recipe.yaml ended beside
+    the other's checkpoints. The second is refused while the first lives, and a killed
+    first (kill -9: no clean-up ran) leaves nothing that blocks the next."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        (run / "recipe.yaml").write_text("x")  # what the first run has written so far
+        for resume in (False, True):
+            with pytest.raises(UserError, match=rf"run is in use by another emrun \(pid "
+                               rf"{holder.pid} on .*give another --run-dir"):
+                prepare(run, resume=resume)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert prepare(run, resume=True) is False
+    locks.release(run)

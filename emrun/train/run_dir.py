@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import yaml
 
-from .. import __version__
+from .. import __version__, locks
 from ..atomic import write_text
 from ..errors import UserError
 from ..recipe import Recipe
@@ -30,37 +30,38 @@ checkpoint) is a start that failed, e.g. on its data, with nothing to resume."""
 
 
 def prepare(run_dir: Path, resume: bool) -> bool:
-    """Refuse to reuse a run directory without --resume; refuse --resume without one. A
-    start that saved no checkpoint is cleared for a new one (True), so fixing the data and
-    running the same command works."""
+    """Refuse to reuse a run directory without --resume; refuse --resume without one; hold
+    the directory (`locks.hold`) so that a second run into it is refused while this one
+    lives. A start that saved no checkpoint is cleared for a new one (True), so fixing the
+    data and running the same command works."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir}: is a file, not a folder")
     has_run = (run_dir / "checkpoints").is_dir() or (run_dir / "recipe.yaml").exists()
     if resume and not has_run:
         raise UserError(f"{run_dir}: no run to resume here (no checkpoints); drop --resume to "
                         "start a new run")
-    cleared = False
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        if not _failed_start(run_dir):
-            raise UserError(f"{run_dir} already holds a run; use --resume to continue it, or "
-                            "--run-dir to start a new one elsewhere (nothing was overwritten)")
-        for entry in run_dir.iterdir():
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        cleared = True
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--run-dir {run_dir}: cannot create it ({exc.strerror or exc})"
                         ) from None
-    return cleared
+    locks.hold(run_dir, "give another --run-dir")
+    entries = [entry for entry in run_dir.iterdir() if entry.name != locks.LOCK_NAME]
+    if resume or not entries:
+        return False
+    if not _failed_start(entries):
+        raise UserError(f"{run_dir} already holds a run; use --resume to continue it, or "
+                        "--run-dir to start a new one elsewhere (nothing was overwritten)")
+    for entry in entries:
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return True
 
 
-def _failed_start(run_dir: Path) -> bool:
+def _failed_start(entries: list[Path]) -> bool:
     """Only what a run writes before its first checkpoint, and no checkpoint."""
-    entries = list(run_dir.iterdir())
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = [entry for entry in entries if entry.name == "checkpoints"]
     return (all(entry.name in START_FILES for entry in entries)
-            and not (checkpoints.is_dir() and any(checkpoints.iterdir())))
+            and not (checkpoints and checkpoints[0].is_dir() and any(checkpoints[0].iterdir())))
 
 
 def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import locks
 from ..data.loader import train_batches, unpack, validation_batches
 from ..devices import parse_device, require_visible
 from ..errors import UserError
@@ -427,6 +428,7 @@ class Trainer:
             self.train_seconds, self._clock = self.seconds(), None
             logger.close()
             distributed.teardown(self.world)
+            locks.release(self.run_path)
 
     def _log(self, logger: RunLogger, pending: dict[str, torch.Tensor], iters: int,
              elapsed: float, voxels: int) -> None:

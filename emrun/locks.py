@@ -1,0 +1,69 @@
+"""One emrun at a time in a folder it writes (a run directory, an output store).
+
+Two commands writing one place at once mixed their files without a word: two `emrun train`
+into one run directory both finished, leaving one run's recipe beside the other's
+checkpoints. `hold` takes an exclusive advisory lock (flock) on a hidden ``.emrun-lock`` file
+in the folder; the kernel releases it when the process ends, however it ends (kill -9
+included), so a resume never finds a stale lock. The file records who holds it, for the
+message the second command prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+LOCK_NAME = ".emrun-lock"
+
+_held: dict[str, int] = {}
+"""Locks this process holds, by folder: taking one again is a no-op (a process that runs
+several steps in one folder, or a test that trains and resumes in one process)."""
+
+
+def hold(folder: Path, advice: str) -> None:
+    """Hold ``folder``'s lock until `release` or this process's end; a folder another
+    process holds is refused in one line ending with ``advice`` (what to do instead). File
+    systems without locks (some network mounts) are used without one."""
+    key = os.path.realpath(folder)
+    if key in _held:
+        return
+    path = Path(folder) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _holder(fd)
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise UserError(f"{folder} is in use by another emrun ({holder}): two at once "
+                            f"would mix their files; wait for it to end, or {advice}") from None
+        return  # ENOLCK, EOPNOTSUPP: no locks here
+    os.ftruncate(fd, 0)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode())
+    _held[key] = fd
+
+
+def release(folder: Path) -> None:
+    """Let another process use ``folder`` (the lock file stays: removing it would race with
+    a process opening it)."""
+    fd = _held.pop(os.path.realpath(folder), None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its file says (empty while the holder is still writing it)."""
+    with contextlib.suppress(OSError):
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if text:
+            return text
+    return "its process is starting"
