@@ -451,3 +451,40 @@ def test_background_validation_records_what_validation_in_the_trainer_does(recip
         assert torch.equal(value, best_here["model"][key]), key
     for key, value in final.items():
         assert torch.equal(value, final_here[key]), key
+
+
+def test_resume_with_a_new_rate_schedule_or_length_applies_them_and_says_so(recipe, tmp_path,
+                                                                           capsys):
+    """A resume with another lr, weight decay or schedule kept the saved ones (the weights
+    were those of a plain continuation) while the run's recipe.yaml said the new ones."""
+    from emrun.recipe import load_recipe
+    from emrun.train.optim import lr_factor
+    from emrun.train.trainer import Trainer
+
+    base = ["train.iterations=4", "train.validate_every=0", "train.image_every=0"]
+    run = tmp_path / "run"
+    Trainer(load_recipe(recipe, base), run).fit()
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["optimizer"]
+
+    same = Trainer(load_recipe(recipe, base), run, resume=True)  # unchanged: exact
+    assert same.optimizer.state_dict()["param_groups"] == saved["param_groups"]
+    assert "resuming at iteration" not in capsys.readouterr().err
+
+    changed = load_recipe(recipe, ["train.iterations=8", "train.validate_every=0",
+                                   "train.image_every=0", "train.optimizer.lr=0.1",
+                                   "train.optimizer.weight_decay=0.5"])
+    trainer = Trainer(changed, run, resume=True)
+    said = capsys.readouterr().err
+    assert "resuming at iteration 4 with the recipe's train.optimizer.lr 0.01 -> 0.1" in said
+    assert "train.optimizer.weight_decay 0.0 -> 0.5; train.iterations 4 -> 8" in said
+    factor = lr_factor(changed.recipe.train.schedule, 8)
+    (group,) = trainer.optimizer.param_groups
+    assert group["lr"] == pytest.approx(0.1 * factor(4)) and group["weight_decay"] == 0.5
+    assert trainer.scheduler.get_last_lr() == [group["lr"]]
+    moments = trainer.optimizer.state_dict()["state"]  # the run's state is kept
+    for key, value in saved["state"].items():
+        torch.testing.assert_close(moments[key]["exp_avg"], value["exp_avg"])
+    trainer.fit()
+    logged = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    rates = {e["iteration"]: e["lr"] for e in logged if "lr" in e and e["iteration"] > 4}
+    assert rates == pytest.approx({6: 0.1 * factor(6), 8: 0.1 * factor(8)})

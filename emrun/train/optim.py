@@ -20,8 +20,9 @@ scheduler is stepped once after every optimizer step, so ``last_epoch == t`` whi
 The factor is a module-level callable class holding plain numbers, so the scheduler's
 ``state_dict`` (which includes them) saves and loads with ``weights_only=True``. Note that
 ``LambdaLR.load_state_dict`` restores those numbers too: a resumed run follows the saved
-schedule. Build the optimizer and the scheduler first, then load both state dicts (building
-a scheduler resets the optimizer's rates to ``f(0)``).
+schedule, unless the recipe changed it (`adopt_recipe_settings`). Build the optimizer and the
+scheduler first, then load both state dicts (building a scheduler resets the optimizer's
+rates to ``f(0)``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from torch import nn
 from ..errors import UserError
 from ..recipe.run import SGD, Adam, Constant, Cosine, Poly, Step
 
-__all__ = ["EMA", "LRFactor", "build_optimizer", "build_scheduler", "clip_gradients"]
+__all__ = ["EMA", "LRFactor", "adopt_recipe_settings", "build_optimizer", "build_scheduler",
+           "clip_gradients"]
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -116,6 +118,31 @@ def build_scheduler(spec: Constant | Step | Cosine | Poly, optimizer: torch.opti
                     iterations: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR with `lr_factor` (sets the optimizer's rates to ``f(0)`` at once)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec, iterations))
+
+
+SETTINGS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov")
+"""An optimizer's hyperparameters that a recipe sets (its state, moments and step counts,
+is the run's)."""
+
+
+def adopt_recipe_settings(optimizer: torch.optim.Optimizer,
+                          scheduler: torch.optim.lr_scheduler.LambdaLR,
+                          factor: LRFactor) -> None:
+    """After a checkpoint's optimizer and scheduler states are loaded (they carry the saved
+    run's rates and schedule), make the recipe's apply from the step reached: the
+    hyperparameters the optimizer was built with and the schedule ``factor``. A resume with
+    a new ``lr`` kept the old one while the run's recipe.yaml said the new."""
+    for group in optimizer.param_groups:
+        for key in SETTINGS:
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
+        group["initial_lr"] = optimizer.defaults["lr"]
+    scheduler.base_lrs = [optimizer.defaults["lr"]] * len(optimizer.param_groups)
+    for own in scheduler.lr_lambdas:
+        own.__dict__.update(factor.__dict__)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # get_last_lr()
 
 
 # --------------------------------------------------------------------------- EMA

@@ -22,6 +22,10 @@ from ..recipe import Recipe
 RESUME_KEYS = ("model", "tasks", "data")
 """Recipe sections that must not change between a checkpoint and its resumption."""
 
+ADOPTED_KEYS = ("optimizer", "schedule", "iterations")
+"""Settings under ``train`` that a resumption takes from the recipe when they changed (the
+saved optimizer and scheduler states carry the old ones)."""
+
 
 START_FILES = frozenset({"recipe.yaml", "provenance.json", "events.jsonl", "tensorboard",
                          "checkpoints"})
@@ -123,3 +127,26 @@ def check_resumable(saved_text: str, recipe: Recipe, checkpoint: Path, run_dir: 
             f"cannot resume {checkpoint}: the recipe's {', '.join(changed)} changed since it was "
             f"saved. Start a new run (--run-dir NEW), or fine-tune from its weights with "
             f"--run-dir NEW --init-from {checkpoint}")
+
+
+def changed_settings(saved_text: str, recipe: Recipe) -> list[str]:
+    """``ADOPTED_KEYS`` that differ between a checkpoint's recipe and ``recipe``, one
+    ``train.optimizer.lr 0.001 -> 0.1`` per value."""
+    saved = yaml.safe_load(saved_text).get("train") or {}
+    current = recipe.resolved().get("train") or {}
+    changes: list[str] = []
+    for key in ADOPTED_KEYS:
+        changes += _differences(f"train.{key}", saved.get(key), current.get(key))
+    return changes
+
+
+def _differences(path: str, old: Any, new: Any) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict) and old.get("type") == new.get("type"):
+        return [change for key in dict.fromkeys([*old, *new])
+                for change in _differences(f"{path}.{key}", old.get(key), new.get(key))]
+    return [] if old == new else [f"{path} {_short(old)} -> {_short(new)}"]
+
+
+def _short(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix(
+        "\n...").strip()

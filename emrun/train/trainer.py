@@ -40,7 +40,14 @@ from . import distributed, run_dir
 from .background import BackgroundScorer, Pending
 from .checkpoint import CheckpointDir, rng_state, set_rng_state
 from .logging import RunLogger
-from .optim import EMA, build_optimizer, build_scheduler, clip_gradients
+from .optim import (
+    EMA,
+    adopt_recipe_settings,
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    lr_factor,
+)
 from .seg_validation import affinity_task, predict_validation, score_validation
 
 MAX_NONFINITE_IN_A_ROW = 10
@@ -260,6 +267,21 @@ class Trainer:
                     else type(exc).__name__
                 raise CheckpointError(f"{path}: cannot resume from it: its {part} state is "
                                       f"malformed ({detail})") from None
+        self._adopt_changed_settings(state["recipe"])
+
+    def _adopt_changed_settings(self, saved_recipe: str) -> None:
+        """Where the recipe's optimizer settings, schedule or iterations changed since the
+        checkpoint (a lower rate to continue with, a longer run), they apply from here on,
+        and the user is told; otherwise the resumption is exact."""
+        changes = run_dir.changed_settings(saved_recipe, self.recipe)
+        if not changes:
+            return
+        before = self.optimizer.param_groups[0]["lr"]
+        adopt_recipe_settings(self.optimizer, self.scheduler,
+                              lr_factor(self.train.schedule, self.train.iterations))
+        after = self.optimizer.param_groups[0]["lr"]
+        self._say(f"resuming at iteration {self.iteration} with the recipe's "
+                  f"{'; '.join(changes)} (learning rate {before:.3g} -> {after:.3g})")
 
     def _restore_counters(self, state: dict[str, Any]) -> None:
         self.iteration = int(state["iteration"])
