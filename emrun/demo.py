@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .atomic import atomic_output, write_text
 from .errors import Interrupted, UserError
@@ -23,6 +22,7 @@ from .evaluate import score_volumes
 from .geometry import Roi
 from .infer.run import run_inference
 from .io import open_volume
+from .io.checkpoint import save_atomic
 from .io.write import write_volume
 from .models import build_model
 from .paths import file_in_the_way
@@ -123,7 +123,7 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
                           f"in {out / 'run'}; the demo does not go on with a partly trained "
                           "network, and starts afresh: run it again into an empty --out")
     untrained_checkpoint = out / "run" / "untrained.pt"
-    torch.save({"model": untrained.state_dict(), "iteration": 0}, untrained_checkpoint)
+    save_atomic(untrained_checkpoint, {"model": untrained.state_dict(), "iteration": 0})
 
     patch = recipe.infer_patch()
     test = synthesize((2 * patch[0], 2 * patch[1], 2 * patch[2]), TEST_SEED)

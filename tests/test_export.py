@@ -379,3 +379,41 @@ def test_any_recipe_name_makes_a_bioimageio_name(recipe_name):
     TypeAdapter(Annotated[field.annotation, *field.metadata]).validate_python(name)
     assert 5 <= len(name) <= 64 and set(name) <= set(
         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+- ()")
+
+
+FULL_DISK_EXPORT = """
+import contextlib, os, sys
+from emrun.export import bioimageio, staging
+
+real = staging.staging_folder
+
+
+@contextlib.contextmanager
+def full(output):  # the weights land on a full disk (/dev/full: every write is ENOSPC)
+    with real(output) as folder:
+        os.symlink("/dev/full", folder / "weights_torchscript.pt")
+        yield folder
+
+
+bioimageio.staging_folder = full
+from emrun.cli import main
+
+sys.argv = ["emrun", "export", *sys.argv[1:], "--format", "bioimageio"]
+main()
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_bioimageio_export_on_a_full_disk_is_one_line_and_leaves_nothing(trained):
+    """torch's own zip writer aborted the process on a full disk (SIGABRT, a page of C++
+    frames) and left the hidden work folder behind."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bioimageio.spec")
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_EXPORT, str(trained / "run"),
+                           str(trained / "m.zip")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("error: the disk is full")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not [p for p in trained.iterdir() if p.name.startswith((".m.zip", "m.zip"))]

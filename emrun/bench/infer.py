@@ -44,6 +44,7 @@ from ..infer.engine import Engine
 from ..infer.job import Job, check_block, check_memory, prepare_job
 from ..infer.plan import Layout, choose_chunks_and_block
 from ..infer.worker import BlockWorker
+from ..io.checkpoint import save_atomic
 from ..io.write import write_volume
 from ..models import build_model
 from ..recipe import Recipe
@@ -266,7 +267,7 @@ def bench_infer(recipe: Recipe, *, shape: Zyx | None = None, device: str | None 
         image = synthetic_image(shape)
         times = [] if engine is None else model_times(engine, image, repeats)
         write_volume(root / "in.zarr", "image", image)
-        torch.save({"model": model.state_dict(), "iteration": 0}, root / "model.pt")
+        save_atomic(root / "model.pt", {"model": model.state_dict(), "iteration": 0})
         job = prepare_job(recipe, root / "model.pt", str(root / "in.zarr/image"),
                           root / "out.zarr", block=block)
         worker, seconds = _engine_run(job, dev, None if standin is None else standin.to(dev))

@@ -17,13 +17,11 @@ The zip holds (``bioimageio.spec`` builds, checks and packs it):
 
 from __future__ import annotations
 
-import contextlib
+import io
 import os
-import shutil
 import string
-import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from ..synth import synthesize
 from .manifest import manifest
 from .network import ExportedNetwork, exported_network
 from .source import Trained
+from .staging import staging_folder
 
 LICENSE = "CC-BY-4.0"
 """The license bioimage.io recommends for models; the README says to change it if needed."""
@@ -45,7 +44,7 @@ TAGS = ["3d", "electron-microscopy", "segmentation", "pytorch", "emrun"]
 def export_bioimageio(trained: Trained, output: Path) -> list[str]:
     """Write ``trained`` as a bioimage.io model zip at ``output`` (atomically)."""
     spec, save_package = _bioimageio()
-    with _folder(output) as folder:
+    with staging_folder(output) as folder:
         facts = manifest(trained)
         files = _write_files(trained, facts, folder)
         description = _description(spec, trained, facts, files)
@@ -71,22 +70,6 @@ def _bioimageio() -> tuple[Any, Any]:
     return v0_5, save_bioimageio_package
 
 
-@contextlib.contextmanager
-def _folder(output: Path) -> Iterator[Path]:
-    """A hidden work folder beside ``output`` (same file system: the final move is a
-    rename), removed afterwards whatever happens."""
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial",
-                                       dir=output.parent))
-    except OSError as exc:
-        raise UserError(f"{output}: cannot write ({exc.strerror or exc})") from exc
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def _write_files(trained: Trained, facts: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Weights, test tensors, README and the emrun package, as files in ``folder``."""
     network = exported_network(trained.recipe, trained.weights)
@@ -99,10 +82,12 @@ def _write_files(trained: Trained, facts: dict[str, Any], folder: Path) -> dict[
         traced = torch.jit.trace(network, torch.from_numpy(scaled), check_trace=False)
         outputs = [o.numpy() for o in traced(torch.from_numpy(scaled))]
     files: dict[str, Any] = {"gain": gain, "offset": offset}
+    # through memory: torch's zip writer aborts the process (SIGABRT) on a full disk
     files["torchscript"] = folder / "weights_torchscript.pt"
-    traced.save(str(files["torchscript"]))
+    files["torchscript"].write_bytes(_saved(lambda buffer: torch.jit.save(traced, buffer)))
     files["state_dict"] = folder / "weights_state_dict.pt"
-    torch.save(network.state_dict(), files["state_dict"])
+    files["state_dict"].write_bytes(_saved(lambda buffer: torch.save(network.state_dict(),
+                                                                     buffer)))
     files["input"] = folder / "test_input_raw.npy"
     np.save(files["input"], raw)
     files["outputs"] = {}
@@ -115,6 +100,13 @@ def _write_files(trained: Trained, facts: dict[str, Any], folder: Path) -> dict[
     files["readme"] = folder / "README.md"
     files["readme"].write_text(_readme(trained, facts), encoding="utf-8")
     return files
+
+
+def _saved(save: Callable[[io.BytesIO], None]) -> bytes:
+    """What ``save`` writes, as bytes (Python then writes them: a full disk is an OSError)."""
+    buffer = io.BytesIO()
+    save(buffer)
+    return buffer.getvalue()
 
 
 def _scale(low: float, high: float) -> tuple[float, float]:

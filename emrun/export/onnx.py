@@ -14,8 +14,6 @@ import contextlib
 import io
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, disk_full, not_allowed
 from ..synth import synthesize
 from .network import exported_network
 from .source import Trained
+from .staging import staging_folder
 
 TOLERANCE = 1e-4
 """Largest absolute difference allowed between onnxruntime's outputs and PyTorch's."""
@@ -40,8 +39,7 @@ def export_onnx(trained: Trained, output: Path) -> list[str]:
     patch = trained.recipe.infer_patch()
     divisor = trained.recipe.model.divisor()
     example = _example(trained, patch)
-    folder = _folder(output)
-    try:
+    with staging_folder(output) as folder:
         staged = folder / output.name
         _export(network, example, staged)
         larger = _example(trained, tuple(p + d for p, d in zip(patch, divisor, strict=True)),
@@ -51,8 +49,6 @@ def export_onnx(trained: Trained, output: Path) -> list[str]:
             raise UserError(f"the ONNX graph of this model differs from PyTorch by {worst:.2g} "
                             f"(more than {TOLERANCE:g}); it was not written")
         os.replace(staged, output)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     return [f"wrote {output}: ONNX (opset {OPSET}) of {trained.path} at iteration "
             f"{trained.iteration}; input raw (b, {trained.recipe.model.input_channels()}, z, y, "
             f"x) in [0, 1], outputs {', '.join(network.tasks)}; onnxruntime matches PyTorch "
@@ -68,16 +64,6 @@ def _onnxruntime() -> Any:
         raise UserError("exporting to ONNX needs the extra: pip install 'emrun[onnx]'"
                         ) from None
     return onnxruntime
-
-
-def _folder(output: Path) -> Path:
-    """A hidden work folder beside ``output`` (the final move is a rename)."""
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial",
-                                     dir=output.parent))
-    except OSError as exc:
-        raise UserError(f"{output}: cannot write ({exc.strerror or exc})") from exc
 
 
 def _example(trained: Trained, shape: tuple[int, ...], batch: int = 1) -> torch.Tensor:
@@ -100,6 +86,8 @@ def _export(network: torch.nn.Module, example: torch.Tensor, path: Path) -> None
                               output_names=list(network.tasks),  # type: ignore[arg-type]
                               dynamic_shapes=({0: auto, 2: auto, 3: auto, 4: auto},))
     except Exception as exc:  # torch.export and the ONNX translation raise many kinds
+        if disk_full(exc) or not_allowed(exc):  # the place's fault, not the model's
+            raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"this model cannot be exported to ONNX: {first[:200]}") from None
     finally:
