@@ -382,38 +382,43 @@ def test_any_recipe_name_makes_a_bioimageio_name(recipe_name):
 
 
 FULL_DISK_EXPORT = """
-import contextlib, os, sys
-from emrun.export import bioimageio, staging
+import contextlib, importlib, os, sys
+from emrun.export import staging
 
 real = staging.staging_folder
+_, run, out, format_, module, name = sys.argv
 
 
 @contextlib.contextmanager
-def full(output):  # the weights land on a full disk (/dev/full: every write is ENOSPC)
+def full(output):  # a file lands on a full disk (/dev/full: every write is ENOSPC)
     with real(output) as folder:
-        os.symlink("/dev/full", folder / "weights_torchscript.pt")
+        os.symlink("/dev/full", folder / (name or output.name))
         yield folder
 
 
-bioimageio.staging_folder = full
+importlib.import_module(module).staging_folder = full
 from emrun.cli import main
 
-sys.argv = ["emrun", "export", *sys.argv[1:], "--format", "bioimageio"]
+sys.argv = ["emrun", "export", run, out, "--format", format_]
 main()
 """
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
-def test_a_bioimageio_export_on_a_full_disk_is_one_line_and_leaves_nothing(trained):
+@pytest.mark.parametrize(("format_", "needs", "name"), [
+    ("bioimageio", "bioimageio.spec", "weights_torchscript.pt"), ("onnx", "onnxruntime", "")])
+def test_an_export_on_a_full_disk_is_one_line_and_leaves_nothing(trained, format_, needs, name):
     """torch's own zip writer aborted the process on a full disk (SIGABRT, a page of C++
-    frames) and left the hidden work folder behind."""
+    frames) and left the hidden work folder behind; ONNX blamed the model."""
     import subprocess
     import sys
 
-    pytest.importorskip("bioimageio.spec")
+    pytest.importorskip(needs)
+    out = trained / f"m.{format_}"
     done = subprocess.run([sys.executable, "-c", FULL_DISK_EXPORT, str(trained / "run"),
-                           str(trained / "m.zip")], capture_output=True, text=True, timeout=300)
+                           str(out), format_, f"emrun.export.{format_}", name],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.startswith("error: the disk is full")
     assert len(done.stderr.strip().splitlines()) == 1
-    assert not [p for p in trained.iterdir() if p.name.startswith((".m.zip", "m.zip"))]
+    assert not [p for p in trained.iterdir() if out.name in p.name]
