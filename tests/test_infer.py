@@ -161,6 +161,14 @@ def test_interrupted_run_resumes_to_the_same_output(setup):
     with pytest.raises(UserError, match=r"started from the input .*in\.zarr"):
         run_inference(recipe, tmp / "c.pt", str(tmp / "other.zarr/image"), out,
                       block=(4, 16, 16), resume=True)
+    image = open_volume(str(tmp / "in.zarr/image")).read()
+    edited = image.copy()
+    edited[-1, -1, -1] ^= 1  # one voxel of the input rewritten in place, at a sampled corner
+    write_volume(tmp / "in.zarr", "image", edited, voxel_size=(30, 6, 6), overwrite=True)
+    with pytest.raises(UserError, match="started from other data than --input"):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
+                      block=(4, 16, 16), resume=True)
+    write_volume(tmp / "in.zarr", "image", image, voxel_size=(30, 6, 6), overwrite=True)
     progress = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
                              block=(4, 16, 16), resume=True)
     # a block written but not yet reported when the run stopped is done as well

@@ -10,6 +10,7 @@ scheduler reads and writes the same markers, so a job started by one can be fini
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -273,6 +274,7 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
     if existing:
         started = _started_with(output)
         _check_same_input(output, started, volume)
+        _check_same_contents(output, started, volume, job)
         _check_same_network(output, started, job.checkpoint)
         _check_same_mask(output, started, job.mask_path)
     for name, task in recipe.tasks.items():
@@ -295,7 +297,7 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
             "version": __version__, "recipe": recipe.resolved(),
             "checkpoint": str(job.checkpoint), "checkpoint_sha256": file_digest(job.checkpoint),
             "input": job.input_path, "input_location": volume.location(),
-            "input_shape": list(volume.shape),
+            "input_shape": list(volume.shape), "input_sample": input_sample(volume, job),
             "roi_offset": list(job.roi_offset), "mask": _mask_id(job.mask_path), **info}
 
 
@@ -342,6 +344,35 @@ def _check_same_input(output: Path, saved: dict[str, Any], volume: Volume) -> No
         raise UserError(f"{output} was started from an input of shape {list(shape)}; --input "
                         f"{now} has shape {list(volume.shape)}; resume with that input, or "
                         "write to a new --output")
+
+
+SAMPLE_BOX = (4, 32, 32)
+"""The size of each box of the input that `input_sample` reads."""
+
+
+def input_sample(volume: Volume, job: Job) -> str:
+    """A digest of nine small boxes of the input inside the job's box, at its corners and
+    its centre: an input rewritten under the same name and shape (another volume converted
+    there, an edited copy) changes it, for the cost of nine small reads."""
+    shape, offset = job.layout.shape, job.roi_offset
+    size = [min(s, n) for s, n in zip(SAMPLE_BOX, shape, strict=True)]
+    corners = itertools.product(*[(0, n - s) for n, s in zip(shape, size, strict=True)])
+    centre = tuple((n - s) // 2 for n, s in zip(shape, size, strict=True))
+    digest = hashlib.sha256()
+    for begin in dict.fromkeys([*corners, centre]):
+        at = [o + b for o, b in zip(offset, begin, strict=True)]
+        digest.update(np.ascontiguousarray(volume.read(Roi(at, size))).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_same_contents(output: Path, saved: dict[str, Any], volume: Volume, job: Job
+                         ) -> None:
+    """Refuse to finish an output whose input was rewritten since it started (same name and
+    shape, other voxels): the blocks done would be the old data's predictions."""
+    if "input_sample" in saved and saved["input_sample"] != input_sample(volume, job):
+        raise UserError(f"{output} was started from other data than --input {volume} holds "
+                        "now (a sample of its voxels differs: it was rewritten since); resume "
+                        "only with the data it started from, or write to a new --output")
 
 
 def _check_same_network(output: Path, saved: dict[str, Any], checkpoint: Path) -> None:
