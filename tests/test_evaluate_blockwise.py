@@ -291,3 +291,19 @@ def test_daisy_workers_score_like_one_process(volumes, tmp_path):
     result = runner.invoke(app, command[3:])
     assert json.loads(lines[0]) == _json(result)
     assert list(scratch.iterdir()) == []  # the work folder is gone
+
+
+def test_pieces_of_ids_past_two_to_the_63_in_faces_one_voxel_wide(tmp_path):
+    """Negative signed ids (2^64 - k as uint64) in a block one voxel wide: cc3d overflowed
+    ("Python int too large to convert to C long", an internal error)."""
+    truth = np.random.default_rng(1).integers(-2, 3, (9, 16, 17)).astype(np.int64)
+    seg = np.abs(truth).astype(np.uint64)
+    write_volume(tmp_path / "v.zarr", "truth", truth, chunks=(8, 16, 16))
+    write_volume(tmp_path / "v.zarr", "seg", seg, chunks=(8, 16, 16))
+    volumes = [open_volume(str(tmp_path / "v.zarr" / name)) for name in ("seg", "truth")]
+    merged, blocks = _table_in_blocks(volumes, (8, 16, 16), tmp_path, connected_truth=True)
+    assert blocks == 4
+    _assert_same_table(merged, count_pairs(seg, connected_pieces(truth)))
+    column = np.full((5, 1, 1), 2**64 - 1, np.uint64)
+    column[0] = 5
+    assert connected_pieces(column).ravel().tolist() == [1, 2, 2, 2, 2]

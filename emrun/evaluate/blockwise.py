@@ -37,11 +37,15 @@ from emrun.evaluate.binary import BinaryCounts, count_binary
 from emrun.evaluate.contingency import (
     ContingencyTable,
     TableAccumulator,
-    as_ids,
     count_pairs,
     reduce_pairs,
 )
-from emrun.evaluate.pieces import connected_pieces, first_voxels, number_in_order
+from emrun.evaluate.pieces import (
+    connected_pieces,
+    first_voxels,
+    label_pieces,
+    number_in_order,
+)
 from emrun.geometry import BlockGrid, Roi, Zyx, box_of, zyx
 from emrun.io.volume import Volume
 
@@ -261,10 +265,7 @@ def _face_pieces(plane: np.ndarray, roi: Roi, axis: int, shape: Zyx
     """A face plane's 2-d pieces (4-connected, equal ids; labels 1..k in its 2-d shape) and
     their names (flat index in the volume of their first voxels); ``roi``: the plane's box,
     one voxel thick along ``axis``."""
-    import cc3d
-
-    labels = cc3d.connected_components(as_ids(np.ascontiguousarray(plane)), connectivity=4,
-                                       out_dtype=np.uint64)
+    labels = label_pieces(plane, connectivity=4)
     first = np.unravel_index(first_voxels(labels), labels.shape)
     local = (*first[:axis], np.zeros_like(first[0]), *first[axis:])
     return labels, _names(local, roi.begin, shape)

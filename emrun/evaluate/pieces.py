@@ -26,15 +26,29 @@ import numpy as np
 from emrun.evaluate.contingency import ContingencyTable, as_ids, reduce_pairs
 from emrun.geometry import Roi
 
-__all__ = ["PieceLabeller", "connected_pieces", "first_voxels", "number_in_order"]
+__all__ = ["PieceLabeller", "connected_pieces", "first_voxels", "label_pieces",
+           "number_in_order"]
 
 
 def connected_pieces(truth: np.ndarray) -> np.ndarray:
     """Ids 1..K (uint64) for the 6-connected pieces of each non-zero truth id; 0 stays 0."""
+    return label_pieces(truth, connectivity=6)
+
+
+def label_pieces(labels: np.ndarray, connectivity: int) -> np.ndarray:
+    """cc3d's connected components of equal non-zero ids (2-d: 4 or 8, 3-d: 6, 18 or 26),
+    numbered 1..K in the order of their first voxels. Ids of 2^63 and above (negative
+    signed ids, as uint64) are made small first: cc3d overflowed on them in arrays with
+    a run along one axis only (a face one voxel wide: "Python int too large")."""
     import cc3d
 
-    return cc3d.connected_components(as_ids(np.ascontiguousarray(truth)), connectivity=6,
-                                     out_dtype=np.uint64)
+    ids = as_ids(np.ascontiguousarray(labels))
+    if ids.size and ids.max() >= np.uint64(2**63):  # equal ids stay equal: same pieces
+        _, inverse = np.unique(ids, return_inverse=True)
+        small = inverse.reshape(ids.shape).astype(np.uint64) + np.uint64(1)
+        small[ids == 0] = 0
+        ids = small
+    return cc3d.connected_components(ids, connectivity=connectivity, out_dtype=np.uint64)
 
 
 def first_voxels(labels: np.ndarray) -> np.ndarray:
