@@ -604,6 +604,28 @@ def test_resume_refuses_fragments_of_another_layout_and_an_unasked_resume(volume
     assert result.exit_code == 2 and "fragments were made with another block" in result.output
 
 
+def test_resume_refuses_other_affinities_and_affinities_rewritten_since(volume, tmp_path):
+    """Other affinities ended in an internal error (AttributeError) while the message was
+    made; affinities rewritten under the same name resumed to a segmentation of both."""
+    tmp, _ = volume
+    affs = zarr.open_array(str(tmp / "in.zarr/affinity/0"), mode="r")[...]
+    attrs = {"offsets": [list(o) for o in NEAREST]}
+    write_volume(tmp_path / "copy.zarr", "affinity", affs, channel_axis=True, attrs=attrs)
+    args = ["segment", str(tmp_path / "copy.zarr/affinity"), str(tmp_path / "o.zarr"),
+            "--scheduler", "local", "--block", "12", "48", "48"]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, [*args, "--resume", "--threshold", "0.3", "--name", "b"])
+    assert result.exit_code == 0, result.output  # the same affinities: resumes
+    other = [*args[:1], str(tmp / "in.zarr/affinity"), *args[2:], "--resume"]
+    result = runner.invoke(app, other)
+    assert result.exit_code == 2 and "fragments were made with another input" in result.stderr
+    assert "internal error" not in result.output
+    write_volume(tmp_path / "copy.zarr", "affinity", 255 - affs, channel_axis=True,
+                 attrs=attrs, overwrite=True)
+    result = runner.invoke(app, [*args, "--resume", "--threshold", "0.4", "--name", "c"])
+    assert result.exit_code == 2 and "holds other data than when" in result.stderr
+
+
 def _expected_region(around, nodes: dict[str, np.ndarray], whole: GraphData
                      ) -> tuple[np.ndarray, set[tuple[int, int]]]:
     """A block's neighbourhood by its definition, from the whole graph: its own nodes, those

@@ -10,7 +10,6 @@ scheduler reads and writes the same markers, so a job started by one can be fini
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from ..geometry import Roi, Zyx, box_of, zyx
 from ..io import PRIVATE_PREFIX, Volume, open_volume
 from ..io.metadata import multiscale_dataset
 from ..io.pyramid import level_factors
+from ..io.sample import contents_sample
 from ..io.write import build_pyramid, create_volume
 from ..paths import is_link_loop
 from ..recipe import Recipe
@@ -297,7 +297,8 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
             "version": __version__, "recipe": recipe.resolved(),
             "checkpoint": str(job.checkpoint), "checkpoint_sha256": file_digest(job.checkpoint),
             "input": job.input_path, "input_location": volume.location(),
-            "input_shape": list(volume.shape), "input_sample": input_sample(volume, job),
+            "input_shape": list(volume.shape),
+            "input_sample": contents_sample(volume, job.roi_offset, job.layout.shape),
             "roi_offset": list(job.roi_offset), "mask": _mask_id(job.mask_path), **info}
 
 
@@ -346,30 +347,12 @@ def _check_same_input(output: Path, saved: dict[str, Any], volume: Volume) -> No
                         "write to a new --output")
 
 
-SAMPLE_BOX = (4, 32, 32)
-"""The size of each box of the input that `input_sample` reads."""
-
-
-def input_sample(volume: Volume, job: Job) -> str:
-    """A digest of nine small boxes of the input inside the job's box, at its corners and
-    its centre: an input rewritten under the same name and shape (another volume converted
-    there, an edited copy) changes it, for the cost of nine small reads."""
-    shape, offset = job.layout.shape, job.roi_offset
-    size = [min(s, n) for s, n in zip(SAMPLE_BOX, shape, strict=True)]
-    corners = itertools.product(*[(0, n - s) for n, s in zip(shape, size, strict=True)])
-    centre = tuple((n - s) // 2 for n, s in zip(shape, size, strict=True))
-    digest = hashlib.sha256()
-    for begin in dict.fromkeys([*corners, centre]):
-        at = [o + b for o, b in zip(offset, begin, strict=True)]
-        digest.update(np.ascontiguousarray(volume.read(Roi(at, size))).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _check_same_contents(output: Path, saved: dict[str, Any], volume: Volume, job: Job
                          ) -> None:
     """Refuse to finish an output whose input was rewritten since it started (same name and
     shape, other voxels): the blocks done would be the old data's predictions."""
-    if "input_sample" in saved and saved["input_sample"] != input_sample(volume, job):
+    if "input_sample" in saved and saved["input_sample"] != contents_sample(
+            volume, job.roi_offset, job.layout.shape):
         raise UserError(f"{output} was started from other data than --input {volume} holds "
                         "now (a sample of its voxels differs: it was rewritten since); resume "
                         "only with the data it started from, or write to a new --output")

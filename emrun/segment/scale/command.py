@@ -25,6 +25,7 @@ from ...errors import UserError
 from ...geometry import Zyx, zyx
 from ...io import Volume
 from ...io.layout import volume_dir
+from ...io.sample import contents_sample
 from ...io.write import CHUNK_ZYX, build_pyramid, create_volume
 from ...recipe.run import SegmenterBase, Waterz
 from ...registry import segmenters
@@ -167,12 +168,11 @@ def _check_resume(job: ScaleJob, resume: bool) -> None:
         raise UserError(f"{job.job_file}: unreadable; remove {job.folder} to start over") \
             from None
     if old.digest() != job.digest():
-        what = [name for name, a, b in (
-            ("input", old.affinities, job.affinities), ("offsets", old.offsets, job.offsets),
-            ("shape", old.shape, job.shape), ("block", old.block, job.block),
-            ("fragments", old.fragments, job.fragments), ("mask", old.mask, job.mask))
-            if a != b]
-        was = ", ".join(f"{w} {getattr(old, w)}" for w in what)
+        fields = {"input": "affinities", "offsets": "offsets", "shape": "shape",
+                  "block": "block", "fragments": "fragments", "mask": "mask"}
+        what = [shown for shown, field in fields.items()
+                if getattr(old, field) != getattr(job, field)]
+        was = ", ".join(f"{w} {getattr(old, fields[w])}" for w in what)
         raise UserError(f"{job.output}: its fragments were made with another "
                         f"{', '.join(what) or 'layout'} ({was}); resume with the same "
                         "settings, or use another output")
@@ -190,13 +190,18 @@ def _prepare_outputs(job: ScaleJob, volume: Volume, agglo: Waterz) -> None:
             "label": True}
     info = {"version": __version__, "input": job.affinities,
             "offsets": [list(o) for o in job.offsets], "mask": job.mask,
-            "block": list(job.block), "fragments": job.fragments}
+            "block": list(job.block), "fragments": job.fragments,
+            "input_sample": contents_sample(volume)}
     if not volume_dir(output, FRAGMENTS, True).exists():
         create_volume(output, FRAGMENTS, job.shape, np.uint64,
                       attrs={"emrun": {"fragments": {**info, "digest": job.digest()}}}, **args)
-    elif _attr(output, FRAGMENTS, "fragments").get("digest") != job.digest():
+    elif (made := _attr(output, FRAGMENTS, "fragments")).get("digest") != job.digest():
         raise UserError(f"{volume_dir(output, FRAGMENTS, True)}: already exists and was not "
                         "made by this job; not overwriting it (use another output)")
+    elif made.get("input_sample", info["input_sample"]) != info["input_sample"]:
+        raise UserError(f"{job.affinities}: holds other data than when {output} was started "
+                        "(a sample of its voxels differs: it was rewritten since); resume only "
+                        "with the affinities it started from, or use another output")
     key = lut_key(job)
     for name, threshold in zip(job.names, job.thresholds, strict=True):
         if not volume_dir(output, name, True).exists():
