@@ -98,17 +98,29 @@ def needed_distributions() -> dict[str, str]:
     return dict(sorted(wanted.items()))
 
 
+def _cached_wheels(folder: Path) -> dict[tuple[str, str], Path]:
+    """The wheels in ``folder`` by (canonical name, normalised version): a cache that holds
+    an older version of a distribution must not hand that one out."""
+    from packaging.version import Version
+
+    return {(_canonical(p.name.split("-")[0]), str(Version(p.name.split("-")[1]))): p
+            for p in folder.glob("*.whl")}
+
+
 def download_wheels(wanted: dict[str, str], folder: Path) -> list[Path]:
+    from packaging.version import Version
+
     folder.mkdir(parents=True, exist_ok=True)
-    have = {_canonical(p.name.split("-")[0]): p for p in folder.glob("*.whl")}
-    missing = [f"{name}=={version}" for name, version in wanted.items() if name not in have]
+    keys = {name: (name, str(Version(version))) for name, version in wanted.items()}
+    have = _cached_wheels(folder)
+    missing = [f"{name}=={wanted[name]}" for name, key in keys.items() if key not in have]
     if missing:
         platforms = [arg for tag in WHEEL_TAGS for arg in ("--platform", tag)]
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                         "--only-binary=:all:", "--python-version", "3.12", *platforms,
                         "--dest", str(folder), *missing], check=True)
-    wheels = {_canonical(p.name.split("-")[0]): p for p in folder.glob("*.whl")}
-    return [wheels[name] for name in wanted]
+    wheels = _cached_wheels(folder)
+    return [wheels[key] for key in keys.values()]
 
 
 def _digest(path: Path) -> str:

@@ -9,9 +9,13 @@
 #             a call cut short resumes in the next: the run folder stays on the warm machine)
 #   final     issue 17: bench snemi3d --final after snemi (all 70 sections, a model package)
 #   segment   issue 20: bench segment with 1, 2 and 4 workers on the machine's cores
-#   quick     every bench above on tiny sizes and the CPU: try this script before a session
+#   quick     every bench above but snemi and final on tiny sizes and the CPU (no compile):
+#             try this script before a session (snemi and final: see the README's stand-in)
 # Each step writes its JSON line to $OUT/NAME.json and its log to $OUT/NAME.log; one failed
-# step does not stop the others.
+# step does not stop the others, and the script exits 1 at the end, naming the failed steps.
+# DEADLINE=540 (seconds from the script's start) sends SIGTERM to the step still running then
+# and starts no other: training checkpoints and stops, so the call ends inside the device's
+# 600 s and the same command continues snemi or final in the next call (exit 124 till then).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 STATE=${EMRUN_DEVICE:-/tmp/emrun-device}
@@ -21,8 +25,14 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$STATE/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$STATE/site/bin:$PATH"
 
-emrun() { python3 -m emrun "$@"; }
+emrun() {  # DEADLINE=S: stop (SIGTERM) what still runs S seconds after this script started
+    [ -n "${DEADLINE:-}" ] || { python3 -m emrun "$@"; return; }
+    local left=$((DEADLINE - SECONDS))
+    [ "$left" -gt 0 ] || { echo "DEADLINE=$DEADLINE s reached: not started" >&2; return 124; }
+    timeout --signal=TERM --kill-after=45 "$left" python3 -m emrun "$@"
+}
 
+FAILED=()
 step() {  # step NAME ARGS...: one benchmark, its figures kept whatever the others do
     local name=$1 start=$SECONDS rc
     shift
@@ -30,6 +40,7 @@ step() {  # step NAME ARGS...: one benchmark, its figures kept whatever the othe
     emrun "$@" --json > "$OUT/$name.json" 2> "$OUT/$name.log"
     rc=$?
     echo "   exit $rc after $((SECONDS - start)) s"
+    [ "$rc" -eq 0 ] && [ -s "$OUT/$name.json" ] || FAILED+=("$name (exit $rc)")
     tail -n 25 "$OUT/$name.log"
     cat "$OUT/$name.json"
     echo
@@ -82,16 +93,31 @@ SNEMI_OUT=$WORK/snemi3d_${RECIPE:-snemi3d_aff}_${ITER:-3000}  # a second call re
 
 mode_snemi() {
     local data=$STATE/data/snemi3d
-    [ -f "$data/train-input.tif" ] || { echo "no SNEMI3D volumes in $data: unpack all loads"; return; }
+    if [ ! -f "$data/train-input.tif" ]; then
+        echo "no SNEMI3D volumes in $data: unpack all loads"
+        FAILED+=("snemi (no data)")
+        return
+    fi
+    if [ -f "$SNEMI_OUT/results.json" ]; then  # bench snemi3d refuses a finished --out
+        echo "== snemi: $SNEMI_OUT is finished already (results.json); its figures are kept"
+        keep_snemi
+        return
+    fi
     step "snemi3d_${RECIPE:-snemi3d_aff}" bench snemi3d --data "$data" --out "$SNEMI_OUT" \
         --recipe "${RECIPE:-snemi3d_aff}" --iterations "${ITER:-3000}" --device "${DEVICE:-cuda}"
     keep_snemi
 }
 
 mode_final() {  # after snemi, in the same call or a later one: all 70 sections, packaged
+    # --final takes the recipe, iterations and overrides from $SNEMI_OUT/results.json and
+    # refuses --recipe, --iterations and -o: RECIPE and ITER only choose the folder here.
+    if [ ! -f "$SNEMI_OUT/results.json" ]; then
+        echo "no $SNEMI_OUT/results.json: run snemi first (same RECIPE and ITER)"
+        FAILED+=("final (no snemi)")
+        return
+    fi
     step "snemi3d_final_${RECIPE:-snemi3d_aff}" bench snemi3d --final --data \
-        "$STATE/data/snemi3d" --out "$SNEMI_OUT" --recipe "${RECIPE:-snemi3d_aff}" \
-        --iterations "${ITER:-3000}" --device "${DEVICE:-cuda}"
+        "$STATE/data/snemi3d" --out "$SNEMI_OUT" --device "${DEVICE:-cuda}"
     keep_snemi
 }
 
@@ -110,6 +136,8 @@ mode_segment() {
 mode_quick() {  # the same commands on tiny sizes, on the CPU: catches a broken script here
     local tiny=(-o 'model.widths=[4, 8]' -o infer.batch_size=2)
     step quick_engine bench infer recipes/demo.yaml --device cpu --shape 24 96 96 "${tiny[@]}"
+    step quick_configs bench infer recipes/demo.yaml --device cpu --shape 24 96 96 "${tiny[@]}" \
+        --configs --repeats 2
     step quick_alone bench infer recipes/demo.yaml --device cpu --no-model --shape 24 96 96 \
         --workers 1,2
     step quick_train bench train recipes/demo.yaml --device cpu --steps 2
@@ -125,3 +153,8 @@ done
 preflight
 for mode in "$@"; do "mode_$mode"; done
 ls -la "$OUT"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "failed steps: ${FAILED[*]} (their logs are in $OUT)"
+    exit 1
+fi
+echo "all steps exited 0 with their JSON line"
