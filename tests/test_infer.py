@@ -405,3 +405,23 @@ def test_inputs_that_used_to_crash_or_pass_silently_are_refused(setup):
         result = runner.invoke(app, [*base, *args])
         assert result.exit_code == 2, (args, result.output)
         assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1, args
+
+
+def test_a_float_input_outside_zero_one_is_refused_and_another_resolution_cautioned(setup):
+    """A float image in 0..255 was predicted as if saturated (affinities off by up to 204 of
+    255); an input at another voxel size than the training's was predicted without a word."""
+    from emrun.infer.job import resolution_caution
+
+    recipe, _, volume, tmp = setup
+    write_volume(tmp / "in.zarr", "float255", volume.astype(np.float32), voxel_size=(30, 6, 6))
+    with pytest.raises(UserError, match=r"read as intensities in \[0, 1\].*\[0, 25[45]\]"):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/float255"), tmp / "f.zarr")
+    assert not (tmp / "f.zarr").exists()
+    write_volume(tmp / "in.zarr", "float", volume.astype(np.float32) / 255,
+                 voxel_size=(8, 8, 8))
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/float"), tmp / "g.zarr")
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "u.zarr")
+    np.testing.assert_allclose(read(tmp / "g.zarr"), read(tmp / "u.zarr"), atol=1e-5)
+    assert resolution_caution(recipe, str(tmp / "in.zarr/image")) is None  # 30x6x6 both
+    said = resolution_caution(recipe, str(tmp / "in.zarr/float"))
+    assert said is not None and "8x8x8 nm; the network was trained at 30x6x6 nm" in said

@@ -204,6 +204,7 @@ def infer(
 ) -> None:
     """Predict a volume blockwise into zarr: one array per task, blended, resumable."""
     from ..infer.checkpoint_recipe import recipe_for
+    from ..infer.job import resolution_caution
     from ..infer.progress import block_progress
     from ..infer.run import run_inference
     from ..infer.schedule import Stopped
@@ -216,6 +217,8 @@ def infer(
     input_ = at_level(input_, level)
     checkpoint = _network_file(checkpoint, model)
     loaded = recipe_for(checkpoint, recipe, override or [])
+    if (caution := resolution_caution(loaded.recipe, input_)) is not None:
+        warn([caution])
     try:
         with block_progress(err) as report:
             progress = run_inference(loaded.recipe, checkpoint, input_, output, block=block,

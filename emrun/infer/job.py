@@ -28,7 +28,7 @@ from ..geometry import Roi, Zyx, box_of, zyx
 from ..io import PRIVATE_PREFIX, Volume, open_volume
 from ..io.metadata import multiscale_dataset
 from ..io.pyramid import level_factors
-from ..io.sample import contents_sample
+from ..io.sample import contents_sample, sample_boxes
 from ..io.write import build_pyramid, create_volume
 from ..paths import is_link_loop
 from ..recipe import Recipe
@@ -141,6 +141,7 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     stride = recipe.infer.resolved_stride(patch)
     box = _check_roi(roi, volume)
     offset, shape = zyx(box.offset), zyx(box.shape)
+    _check_float_scale(recipe, volume, offset, shape)
     level_factors(shape, volume.voxel_size, levels)  # a bad --levels, before any work
     given = block or recipe.infer.block
     chunks, block = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks, given)
@@ -177,6 +178,42 @@ def finish_job(job: Job) -> bool:
     for name in job.recipe.tasks:
         build_pyramid(job.output / name, job.levels)
     return True
+
+
+FLOAT_SLACK = 1e-3
+"""Rounding around [0, 1] that a float image in [0, 1] may show."""
+
+
+def _check_float_scale(recipe: Recipe, volume: Volume, offset: Zyx, shape: Zyx) -> None:
+    """A float image is read as intensities in [0, 1] (training refuses others unless its
+    source gives `intensity`): one in 0..255 was predicted as if saturated, silently.
+    Checked on nine small boxes of the box to predict."""
+    if volume.dtype.kind != "f" or intensity_range(recipe, volume) != (0.0, 1.0):
+        return
+    for values in sample_boxes(volume, offset, shape):
+        finite = values[np.isfinite(values)]
+        if finite.size and (finite.min() < -FLOAT_SLACK or finite.max() > 1 + FLOAT_SLACK):
+            raise UserError(f"{volume}: a float image is read as intensities in [0, 1], and "
+                            f"this one holds values in [{finite.min():g}, {finite.max():g}]; "
+                            "scale it to [0, 1], or store it as uint8 (emrun data convert)")
+
+
+def resolution_caution(recipe: Recipe, input_path: str) -> str | None:
+    """A line when the input's voxel size is not the one the network was trained at (as
+    the recipe's sources declare it): predictions at another resolution are usually poor,
+    and nothing else would say so."""
+    trained = {tuple(s.voxel_size) for s in recipe.data.sources.values()
+               if getattr(s, "voxel_size", None) is not None}
+    volume = open_volume(input_path)
+    if len(trained) != 1 or volume.voxel_size is None or len(volume.voxel_size) != 3:
+        return None
+    (at,) = trained
+    if all(0.8 <= v / t <= 1.25 for v, t in zip(volume.voxel_size, at, strict=True)):
+        return None
+    shown = "x".join(f"{v:g}" for v in volume.voxel_size)
+    return (f"{volume} has voxels of {shown} nm; the network was trained at "
+            f"{'x'.join(f'{t:g}' for t in at)} nm: predictions at another resolution are "
+            "usually poor (--level picks a level of a multiscale input)")
 
 
 def _check_roi(roi: Roi | None, volume: Volume) -> Roi:

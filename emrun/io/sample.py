@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -22,17 +22,24 @@ SAMPLE_BOX = (4, 32, 32)
 """The size of each box read (z, y, x); channels are read whole."""
 
 
-def contents_sample(volume: Volume, offset: Sequence[int] | None = None,
-                    shape: Sequence[int] | None = None) -> str:
-    """A digest of the boxes at the corners and the centre of the spatial box ``offset``,
-    ``shape`` of ``volume`` (default: all of it)."""
+def sample_boxes(volume: Volume, offset: Sequence[int] | None = None,
+                 shape: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+    """The boxes at the corners and the centre of the spatial box ``offset``, ``shape`` of
+    ``volume`` (default: all of it), read."""
     shape = tuple(shape or volume.shape[-3:])
     offset = tuple(offset or (0,) * len(shape))
     size = [min(s, n) for s, n in zip(SAMPLE_BOX[-len(shape):], shape, strict=True)]
     corners = itertools.product(*[(0, n - s) for n, s in zip(shape, size, strict=True)])
     centre = tuple((n - s) // 2 for n, s in zip(shape, size, strict=True))
-    digest = hashlib.sha256()
     for begin in dict.fromkeys([*corners, centre]):
         at = [o + b for o, b in zip(offset, begin, strict=True)]
-        digest.update(np.ascontiguousarray(volume.read(Roi(at, size))).tobytes())
+        yield volume.read(Roi(at, size))
+
+
+def contents_sample(volume: Volume, offset: Sequence[int] | None = None,
+                    shape: Sequence[int] | None = None) -> str:
+    """A digest of `sample_boxes`."""
+    digest = hashlib.sha256()
+    for box in sample_boxes(volume, offset, shape):
+        digest.update(np.ascontiguousarray(box).tobytes())
     return digest.hexdigest()[:16]
