@@ -53,7 +53,7 @@ class Layer:
 
 def layer_for(path: str, taken: set[str]) -> Layer:
     """The layer that shows the volume at ``path`` (named after its group, made unique)."""
-    volume = open_volume(path)
+    volume = open_volume(path, unfinished=True)  # a run in progress may be watched
     if not isinstance(volume, ZarrVolume):
         raise UserError(f"{volume}: emrun view serves OME-Zarr volumes; convert it first "
                         "(emrun data convert)")

@@ -14,7 +14,7 @@ from emrun.geometry import Roi
 from emrun.infer.engine import reflect_index
 from emrun.infer.plan import Layout
 from emrun.infer.run import run_inference
-from emrun.io import open_volume
+from emrun.io import VolumeError, open_volume
 from emrun.io.write import write_volume
 from emrun.recipe import Recipe
 from emrun.registry import blends, models
@@ -126,7 +126,7 @@ def test_uint8_output_is_rounded_probability(setup):
 
 
 def test_interrupted_run_resumes_to_the_same_output(setup):
-    recipe, _, _, tmp = setup
+    recipe, _, volume, tmp = setup
     straight = tmp / "straight.zarr"
     run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), straight, block=(4, 16, 16))
 
@@ -141,6 +141,9 @@ def test_interrupted_run_resumes_to_the_same_output(setup):
     with pytest.raises(Stop):
         run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(4, 16, 16),
                       on_block=stop_after_five)
+    with pytest.raises(VolumeError, match="is unfinished: emrun infer stopped"):
+        open_volume(str(out / "aff"))  # segment, evaluate, convert: not as if it were done
+    assert open_volume(str(out / "aff"), unfinished=True).shape[1:] == volume.shape  # view
     with pytest.raises(UserError, match="already exists; use --resume"):
         run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(4, 16, 16))
     (tmp / "mine.zarr").mkdir()  # a user's folder: --resume would not help there
@@ -173,6 +176,7 @@ def test_interrupted_run_resumes_to_the_same_output(setup):
                              block=(4, 16, 16), resume=True)
     # a block written but not yet reported when the run stopped is done as well
     assert progress.skipped >= 5 and progress.done == progress.total - progress.skipped
+    assert open_volume(str(out / "aff")).shape[1:] == volume.shape  # finished
     for task in ("aff", "mito"):
         np.testing.assert_array_equal(read(out, task), read(straight, task))
 

@@ -24,7 +24,7 @@ from test_segment import affinities, arand, cells, noisy
 from typer.testing import CliRunner
 
 from emrun.cli import app
-from emrun.io import write_volume
+from emrun.io import VolumeError, open_volume, write_volume
 from emrun.segment.graph import Edges
 from emrun.segment.scale.agglomerate import (
     Merges,
@@ -367,11 +367,14 @@ def test_kill_9_at_any_step_then_resume_gives_the_same_segmentation_bit_for_bit(
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run must be killed midway"
+    with pytest.raises(VolumeError, match="is unfinished: emrun segment stopped"):
+        open_volume(str(out / "segmentation_0.5"))  # half zeros: not to be scored as it is
     done = subprocess.run([*_command(tmp, out, "2", *extra), "--resume"], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
     for name in ("fragments", "segmentation_0.3", "segmentation_0.5"):
         assert np.array_equal(level0(out, name), level0(straight, name)), name
+    assert open_volume(str(out / "segmentation_0.5")).shape == SHAPE
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -26,6 +26,7 @@ from ..devices import available_memory
 from ..errors import UserError
 from ..geometry import Roi, Zyx, box_of, zyx
 from ..io import PRIVATE_PREFIX, Volume, open_volume
+from ..io.completion import mark_finished, unfinished
 from ..io.metadata import multiscale_dataset
 from ..io.pyramid import level_factors
 from ..io.sample import contents_sample, sample_boxes
@@ -177,6 +178,7 @@ def finish_job(job: Job) -> bool:
         return False
     for name in job.recipe.tasks:
         build_pyramid(job.output / name, job.levels)
+        mark_finished(job.output / name)
     return True
 
 
@@ -318,7 +320,8 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
         if existing:
             _check_existing(output, name, job.digest())
             continue
-        attrs: dict[str, Any] = {"emrun": {**info, "task": name}}
+        attrs: dict[str, Any] = {"emrun": {**info, "task": name, **unfinished(
+            "emrun infer stopped before its last block; run it again with --resume")}}
         if isinstance(task.target, AffinityTarget):
             attrs["offsets"] = [list(o) for o in task.target.offsets]
             names = [f"{name} {' '.join(map(str, o))}" for o in task.target.offsets]

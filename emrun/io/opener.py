@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from emrun.io.completion import check_finished
 from emrun.io.locations import PRECOMPUTED_PREFIX, is_url, local_precomputed, strip_precomputed
 from emrun.io.volume import (
     CONTAINER_SUFFIXES,
@@ -40,11 +41,13 @@ def split_volume_path(spec: str | os.PathLike[str]) -> tuple[str, str | None]:
     return (text.rstrip("/") or text), None
 
 
-def open_volume(path: str | os.PathLike[str], dataset: str | None = None) -> Volume:
+def open_volume(path: str | os.PathLike[str], dataset: str | None = None, *,
+                unfinished: bool = False) -> Volume:
     """Open a volume for lazy reading; reads metadata only.
 
     `path` may carry the dataset ("vol.zarr/image"); an explicit `dataset` is appended to
-    whatever the path carries. Every problem comes out as a one-line `VolumeError`.
+    whatever the path carries. Every problem comes out as a one-line `VolumeError`. A volume
+    its writer has not finished (`emrun.io.completion`) is refused unless ``unfinished``.
     """
     container, inner = split_volume_path(path)
     if dataset is not None and dataset.strip("/"):
@@ -66,11 +69,14 @@ def open_volume(path: str | os.PathLike[str], dataset: str | None = None) -> Vol
             raise VolumeError(f"{container} {why}")
         opener, kind = _choose_opener(container)
     try:
-        return opener(container, dataset)
+        volume = opener(container, dataset)
     except VolumeError:
         raise
     except Exception as exc:
         raise VolumeError(f"{name}: cannot open as {kind}: {one_line(exc)}") from exc
+    if not unfinished:
+        check_finished(volume)
+    return volume
 
 
 def forks_safely(path: str | os.PathLike[str]) -> bool:

@@ -24,6 +24,7 @@ from ...capacity import check_block_count
 from ...errors import UserError
 from ...geometry import Zyx, zyx
 from ...io import Volume
+from ...io.completion import mark_finished, unfinished
 from ...io.layout import volume_dir
 from ...io.sample import contents_sample
 from ...io.write import CHUNK_ZYX, build_pyramid, create_volume
@@ -207,7 +208,8 @@ def _prepare_outputs(job: ScaleJob, volume: Volume, agglo: Waterz) -> None:
         if not volume_dir(output, name, True).exists():
             attrs = {"emrun": {"segment": {**info, "segmenter": agglo.model_dump(),
                                            "threshold": threshold, "key": key,
-                                           "mode": "graph"}}}
+                                           "mode": "graph"}, **unfinished(
+                "emrun segment stopped before its last block; run it again with --resume")}}
             create_volume(output, name, job.shape, np.uint64, attrs=attrs, **args)
         elif _attr(output, name, "segment").get("key") != key:
             raise UserError(f"{volume_dir(output, name, True)}: already exists (another "
@@ -229,4 +231,5 @@ def _finish(job: ScaleJob, name: str) -> int:
     meta = dict(group.attrs)["emrun"]
     meta["segment"]["segments"] = segments
     group.attrs["emrun"] = meta
+    mark_finished(folder)
     return segments
