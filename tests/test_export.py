@@ -125,6 +125,8 @@ def test_fine_tuning_starts_from_the_package_s_weights(trained):
     widened = invoke("train", trained / "recipe.yaml", "--run-dir", trained / "ft3",
                      "--init-from", package, "-o", "model.widths=[4, 16]")
     assert widened.exit_code == 2 and "do not fit" in widened.stderr
+    assert "of another shape (first " in widened.stderr  # names a tensor and both shapes
+    assert len(widened.stderr.strip().splitlines()) == 1
 
 
 def _flip_byte_in(package: Path, member: str) -> None:
@@ -198,8 +200,11 @@ def test_infer_takes_one_network_of_the_right_kind(trained):
         "no such model package": ["--model", trained / "nope.emrun", "--input", image,
                                   "--output", out],
         "named pipe": ["--model", trained / "pipe.emrun", "--input", image, "--output", out],
+        "is an ONNX graph, for other tools": ["--model", trained / "m.onnx", "--input", image,
+                                              "--output", out],
     }
     os.mkfifo(trained / "pipe.emrun")
+    (trained / "m.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")  # an ONNX protobuf's start
     (trained / "cut.emrun").write_bytes(package.read_bytes()[: package.stat().st_size // 2])
     for expected, args in cases.items():
         result = invoke("infer", *args)

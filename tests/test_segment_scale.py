@@ -587,7 +587,7 @@ def test_pipeline_options_without_a_scheduler_are_refused(volume):
     tmp, _ = volume
     result = runner.invoke(app, ["segment", str(tmp / "in.zarr/affinity"), str(tmp / "x.zarr"),
                                  "--agglomeration", "blockwise"])
-    assert result.exit_code == 2 and "--agglomeration go with --scheduler" in result.output
+    assert result.exit_code == 2 and "--agglomeration: only with --scheduler" in result.output
 
 
 def test_affinities_without_nearest_neighbours_are_refused(volume):

@@ -259,6 +259,10 @@ def _network_file(checkpoint: Path | None, model: Path | None) -> Path:
     if model is not None and (why := not_a_file(model)) is not None:
         raise UserError(f"--model {model} {why}")
     if model is not None and not is_package(model):
+        if model.suffix.lower() == ".onnx":
+            raise UserError(f"--model {model} is an ONNX graph, for other tools: emrun infer "
+                            "predicts with an emrun package (emrun export RUN OUT.emrun) or a "
+                            "training checkpoint (--checkpoint)")
         if not zipfile.is_zipfile(model):  # packages and checkpoints are zips: cut short?
             raise UserError(f"--model {model} is not a model package: it is not a readable "
                             "zip file (cut short or damaged? copy or export it again)")

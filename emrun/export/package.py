@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from ..io.package import write_package
@@ -16,4 +17,5 @@ def export_package(trained: Trained, output: Path) -> list[str]:
     tasks = ", ".join(f"{name} ({task['channels']} channels)"
                       for name, task in facts["tasks"].items())
     return [f"wrote {output}: {trained.path} at iteration {trained.iteration}; tasks {tasks}",
-            f"predict with: emrun infer --model {output} --input VOLUME --output OUT.zarr"]
+            f"predict with: emrun infer --model {shlex.quote(str(output))} --input VOLUME "
+            "--output OUT.zarr"]

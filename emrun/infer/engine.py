@@ -36,7 +36,7 @@ from ..geometry import Coordinate, Roi, Zyx, local_slices
 from ..io import Volume
 from ..io.intensity import default_intensity
 from ..io.package import load_network
-from ..models import build_model
+from ..models import build_model, weights_mismatch
 from ..recipe import Recipe
 from ..recipe.data import VolumeSource
 from ..recipe.tasks import AffinityTarget
@@ -95,6 +95,9 @@ def load_model(recipe: Recipe, checkpoint: Path, device: torch.device) -> nn.Mod
                         f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); a run "
                         "that diverged? Use an earlier checkpoint")
     model = build_model(recipe)
+    if (why := weights_mismatch(model, state.get("model"))) is not None:
+        raise UserError(f"{checkpoint}: its weights do not match the recipe's model and tasks "
+                        f"(tensors: {why})")
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:

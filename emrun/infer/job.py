@@ -405,8 +405,8 @@ def _check_same_network(output: Path, saved: dict[str, Any], checkpoint: Path) -
     if started is not None and started != file_digest(checkpoint):
         raise UserError(
             f"{output} was started with another checkpoint ({saved.get('checkpoint')}, "
-            f"sha256 {started[:12]}...) than --checkpoint {checkpoint}; resume with that one, "
-            "or write this network's predictions to a new --output")
+            f"sha256 {started[:12]}...) than {checkpoint}; resume with that one, or write this "
+            "network's predictions to a new --output")
 
 
 def _check_existing(output: Path, name: str, digest: str) -> None:

@@ -27,6 +27,31 @@ def build_model(recipe: Any) -> nn.Module:
     return models.build(recipe.model, head_channels=recipe.head_channels())  # type: ignore[no-any-return]
 
 
+def weights_mismatch(model: nn.Module, weights: Any) -> str | None:
+    """How ``weights`` (a state dict) fail to fit ``model``: the counts of missing, unknown
+    and differently shaped tensors, each with its first name and shapes; None when they fit.
+    torch's own message names them all over dozens of lines, its first line none."""
+    if weights is None:
+        return "it holds none (no 'model' entry)"
+    if not isinstance(weights, dict):
+        return f"they are a {type(weights).__name__}, not a dictionary of tensors"
+    own = model.state_dict()
+    missing = [name for name in own if name not in weights]
+    unknown = [name for name in weights if name not in own]
+    shaped = [name for name in own if name in weights and hasattr(weights[name], "shape")
+              and tuple(weights[name].shape) != tuple(own[name].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} the model has are missing (first {missing[0]})")
+    if unknown:
+        parts.append(f"{len(unknown)} the model does not have (first {unknown[0]})")
+    if shaped:
+        name = shaped[0]
+        parts.append(f"{len(shaped)} of another shape (first {name}: "
+                     f"{list(weights[name].shape)}, the model's {list(own[name].shape)})")
+    return "; ".join(parts) or None
+
+
 __all__ = [
     "MedNeXtModel",
     "ModelFacts",
@@ -42,4 +67,5 @@ __all__ = [
     "flops_per_voxel",
     "model_facts",
     "parameter_count",
+    "weights_mismatch",
 ]

@@ -90,7 +90,7 @@ class SegmentRequest:
             if self.agglomeration != "global":
                 given.append("--agglomeration")
             if given:
-                raise UserError(f"{', '.join(given)} go with --scheduler local or daisy (the "
+                raise UserError(f"{', '.join(given)}: only with --scheduler local or daisy (the "
                                 "graph pipeline); add --scheduler or drop them")
         if self.launch is not None and self.scheduler != "daisy":
             raise UserError("--launch starts daisy workers; add --scheduler daisy")

@@ -32,7 +32,7 @@ from ..infer.engine import ACTIVATIONS
 from ..io.checkpoint import CheckpointError, load
 from ..io.package import load_network
 from ..losses import LossResult, total_loss
-from ..models import build_model
+from ..models import build_model, weights_mismatch
 from ..recipe import LoadedRecipe, Recipe
 from ..recipe.errors import Problem, RecipeError
 from ..registry import losses, segmenters
@@ -232,6 +232,9 @@ class Trainer:
     def _load_weights(self, path: Path) -> None:
         """Fine-tuning: the weights of a checkpoint or a model package, nothing else."""
         state = load_network(path)
+        if (why := weights_mismatch(self.model, state.get("model"))) is not None:
+            raise UserError(f"--init-from {path}: its weights do not fit this recipe's model "
+                            f"and tasks (tensors: {why})")
         try:
             self.model.load_state_dict(state["model"])
         except (RuntimeError, KeyError) as exc:
