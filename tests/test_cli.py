@@ -71,6 +71,14 @@ def test_committed_schema_is_current():
     assert committed == recipe_schema_text(), "stale schema: run `emrun schema`"
 
 
+def test_schema_to_standard_output(tmp_path, monkeypatch):
+    """`--output -` wrote a file named '-'."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["schema", "--output", "-"])
+    assert result.exit_code == 0 and result.stdout == recipe_schema_text()
+    assert not (tmp_path / "-").exists()
+
+
 def test_schema_accepts_shipped_recipes_and_rejects_unknown_keys(tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
     out = tmp_path / "s.json"

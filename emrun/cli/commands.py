@@ -70,7 +70,7 @@ def validate(
 @guarded
 def schema(
     output: Annotated[
-        Path, typer.Option("--output", help="Where to write the JSON Schema.")
+        Path, typer.Option("--output", help="Where to write the JSON Schema ('-': print it).")
     ] = Path("schemas/recipe.schema.json"),
 ) -> None:
     """Write the recipe's JSON Schema (for editor completion and checking)."""
@@ -78,6 +78,9 @@ def schema(
     from ..recipe.loader import shown_path
     from ..recipe.schema import recipe_schema_text, refuse_foreign_file
 
+    if str(output) == "-":
+        sys.stdout.write(recipe_schema_text())
+        return
     if output.is_dir():
         raise UserError(f"{output} is a directory; give a file path")
     refuse_foreign_file(output)
