@@ -324,6 +324,15 @@ def test_emrun_reads_its_bioimageio_model_back_and_refuses_other_spec_versions(t
     assert by_checkpoint.exit_code == 0, by_checkpoint.output
     assert np.array_equal(zarr.open_array(str(trained / "z.zarr/aff/0"))[...],
                           zarr.open_array(str(trained / "c.zarr/aff/0"))[...])
+    state = torch.load(trained / "run/checkpoints/last.pt")
+    state["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, trained / "other.pt")
+    assert invoke("export", trained / "other.pt", trained / "other.emrun").exit_code == 0
+    swapped = trained / "swapped.zip"  # another network's package put in its place
+    swapped.write_bytes(out.read_bytes())
+    _rewrite(swapped, "travel.emrun", lambda b: (trained / "other.emrun").read_bytes())
+    refused = invoke("infer", "--model", swapped, "--input", image, "--output", trained / "s.zarr")
+    assert refused.exit_code == 2 and "travel.emrun does not match its sha256" in refused.stderr
     _rewrite(out, "rdf.yaml", lambda b: b.replace(b"format_version: 0.5.", b"format_version: 0.4."))
     refused = invoke("infer", "--model", out, "--input", image, "--output", trained / "o.zarr")
     assert refused.exit_code == 2

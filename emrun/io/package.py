@@ -215,7 +215,14 @@ def _read_bioimageio(where: str, archive: zipfile.ZipFile, description: str) -> 
     if not attached:
         raise PackageError(f"{where}: a bioimage.io model without an emrun package attached "
                            "(not exported by `emrun export`); emrun cannot rebuild its network")
-    return _read(f"{where}:{attached[0]}", _member(where, archive, attached[0]))
+    data = _member(where, archive, attached[0])
+    listed = [a for a in rdf.get("attachments") or [] if isinstance(a, dict)
+              and str(a.get("source", "")).rsplit("/", 1)[-1] == attached[0]]
+    expected = listed[0].get("sha256") if listed else None
+    if expected is not None and sha256(data) != expected:  # another network's package
+        raise PackageError(f"{where}: its attachment {attached[0]} does not match its sha256 "
+                           f"in {description} (replaced or damaged); export the model again")
+    return _read(f"{where}:{attached[0]}", data)
 
 
 # --------------------------------------------------------------------------- either kind
