@@ -244,6 +244,28 @@ def test_cli_work_dir_holds_the_blocks_while_scoring_and_is_emptied(volumes, tmp
     assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1
 
 
+def test_a_full_work_folder_and_an_empty_truth_are_named(volumes, tmp_path, monkeypatch):
+    """A full disk under the work folder said only "the disk is full" (evaluate writes no
+    output, so which disk?); an empty truth (shape [0, 16, 16]) was "all 0"."""
+    import errno
+    import os
+
+    _, paths = volumes
+
+    def full(folder, work_, index):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "block"))
+
+    monkeypatch.setattr("emrun.evaluate.schedule.write_block", full)
+    result = runner.invoke(app, ["evaluate", paths["seg"], paths["truth"], "--workers", "1",
+                                 "--block", "8", "32", "32", "--work-dir", str(tmp_path / "w")])
+    assert result.exit_code == 2
+    assert f"the disk of the work folder {tmp_path / 'w'} is full" in result.stderr
+    np.save(tmp_path / "empty.npy", np.zeros((0, 16, 16), np.uint32))
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "empty.npy"),
+                                 str(tmp_path / "empty.npy")])
+    assert result.exit_code == 2 and "is empty (shape [0, 16, 16])" in result.stderr
+
+
 def test_cli_daisy_scheduler_without_daisy_says_how_to_install(volumes, monkeypatch):
     _, paths = volumes
     monkeypatch.setitem(sys.modules, "daisy", None)  # import daisy raises ImportError

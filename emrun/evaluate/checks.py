@@ -27,6 +27,9 @@ def check_inputs(
     may be bool, integer or float (probabilities) and the truth any of these.
     """
     for role, name, shape, dtype in named:
+        if 0 in shape:
+            raise EvaluationError(f"{name}: the {role} is empty (shape {list(shape)}): nothing "
+                                  "to score")
         if len(shape) not in (2, 3):
             raise EvaluationError(
                 f"{name}: {role} has {len(shape)} axes (shape {list(shape)}); evaluate needs "

@@ -37,7 +37,7 @@ from emrun.devices import (
     launched_workers,
     run_launched,
 )
-from emrun.errors import UserError
+from emrun.errors import UserError, disk_full
 from emrun.evaluate.binary import BinaryCounts
 from emrun.evaluate.blockwise import (
     Work,
@@ -98,11 +98,19 @@ def score_blocks(work: Work, parallel: Parallel, on_block: OnBlock | None = None
     parallel.check()
     with tempfile.TemporaryDirectory(prefix="emrun-evaluate-", dir=parallel.work_dir) as name:
         folder = Path(name)
-        save_work(folder, work)
-        if parallel.scheduler == "daisy":
-            _run_daisy(folder, work, parallel.worker_count, parallel.launch, on_block)
-        else:
-            _run_local(folder, work, parallel.worker_count, on_block)
+        try:
+            save_work(folder, work)
+            if parallel.scheduler == "daisy":
+                _run_daisy(folder, work, parallel.worker_count, parallel.launch, on_block)
+            else:
+                _run_local(folder, work, parallel.worker_count, on_block)
+        except Exception as exc:
+            if (full := disk_full(exc)) is None:
+                raise
+            raise UserError(f"the disk of the work folder {Path(name).parent} is full "
+                            f"({full.strerror}) while blocks were scored: free space there, "
+                            "or give --work-dir a folder on a disk with room (evaluate "
+                            "writes nothing else)") from None
         missing = missing_blocks(folder, work)
         if missing:
             raise RuntimeError(f"{len(missing)} of {len(work.grid)} blocks were not scored "
