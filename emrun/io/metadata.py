@@ -5,8 +5,11 @@ the attributes, 0.5 under "ome") and funlib/gunpowder array attributes (`voxel_s
 `resolution`, `offset` in nm). Results are zyx: voxel size in nm, offset in voxels.
 Absent metadata gives None; present but inconsistent metadata is a `VolumeError`, since
 a silently wrong voxel size would corrupt everything downstream. OME axes of type space
-that declare no unit at all say "size unknown": the voxel size is None (the offset in
-voxels, translation / scale, needs no unit and is still read).
+that declare no unit at all, or multiscales that give no scale, say "size unknown": the
+voxel size is None (the offset in voxels, translation / scale, needs no unit and is still
+read). An offset must be a whole number of voxels (a coarser OME level's, which carries the
+half-voxel shift of downsampling, is taken to the nearest); OME axes must come in the order
+(t,) (c,) z, y, x, and a time axis of one point is dropped (`time_axis`).
 
 One convention is written: `ome_image_attrs` builds the OME-Zarr 0.5 attributes of the
 image group emrun writes for every volume (see `emrun.io.write`).
@@ -15,6 +18,7 @@ image group emrun writes for every volume (see `emrun.io.write`).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,14 +59,81 @@ def spatial_metadata(
 
 def from_ome(name: str, ndim: int, attrs: Mapping[str, Any], array_name: str) -> Spatial | None:
     """Read scale/translation of `array_name` from OME-Zarr 0.4 or 0.5 multiscales."""
-    multiscales = _multiscales(attrs)
-    for ms in multiscales or ():
+    found = _ome_entry(attrs, array_name)
+    if found is None:
+        return None
+    ms, ds, first = found
+    return _ome_dataset(name, ndim, ms, ds, first)
+
+
+def _ome_entry(
+    attrs: Mapping[str, Any], array_name: str
+) -> tuple[Mapping[str, Any], Mapping[str, Any], bool] | None:
+    """The multiscale and dataset entries listing `array_name`, and whether it is the
+    multiscale's first (finest) level; None when no multiscale lists it."""
+    for ms in _multiscales(attrs) or ():
         if not isinstance(ms, Mapping):
             continue
-        for ds in ms.get("datasets") or ():
-            if isinstance(ds, Mapping) and str(ds.get("path", "")).strip("/") == array_name:
-                return _ome_dataset(name, ndim, ms, ds)
+        datasets = [ds for ds in ms.get("datasets") or () if isinstance(ds, Mapping)]
+        for i, ds in enumerate(datasets):
+            if str(ds.get("path", "")).strip("/") == array_name:
+                return ms, ds, i == 0
     return None
+
+
+def time_axis(
+    name: str,
+    shape: Sequence[int],
+    group_attrs: Mapping[str, Any] | None,
+    array_name: str | None,
+) -> bool:
+    """Whether the array's first axis is an OME-Zarr time axis of one time point, which the
+    reader drops (bioformats2raw and OMERO write t, c, z, y, x even for one 3-d stack).
+
+    The axes are checked first: emrun indexes arrays as (t,) (c,) z, y, x, so axes in any
+    other order (x, y, z; z, z, x; channels last) would be read as the wrong ones and are
+    refused, as is a time series, of which emrun reads no single point on its own.
+    """
+    found = _ome_entry(group_attrs or {}, array_name) if array_name is not None else None
+    axes = found[0].get("axes") if found is not None else None
+    if not isinstance(axes, Sequence) or isinstance(axes, str) or len(axes) != len(shape):
+        return False  # no axes to go by (or not one per dimension): read as emrun's
+    names = [_axis_name(axis) for axis in axes]
+    kinds = "".join(_axis_kind(axis) for axis in axes)
+    shown = ", ".join(n or "?" for n in names)
+    listed = [n for n in names if n]
+    spatial = [n for n, kind in zip(names, kinds, strict=True) if kind == "s"]
+    in_order = re.fullmatch(r"t?c?s{2,3}", kinds) is not None and (
+        not set(spatial) <= set("zyx") or spatial == list("zyx"[-len(spatial):]))
+    if len(set(listed)) < len(listed) or not in_order:
+        raise VolumeError(
+            f"{name}: its OME-Zarr axes are {shown}; emrun reads the axes (t,) (c,) z, y, x "
+            "in that order, as OME-Zarr prescribes, and would read these as the wrong ones: "
+            "write the array with its axes in that order (and its metadata to match)")
+    if not kinds.startswith("t"):
+        return False
+    if shape[0] != 1:
+        raise VolumeError(
+            f"{name}: holds {shape[0]} time points (OME-Zarr axes {shown}); emrun reads one "
+            "3-d volume, not a time series: save the time point you want as a volume of its "
+            "own (e.g. the array's [t] in Python) and give that")
+    return True
+
+
+def _axis_name(axis: Any) -> str:
+    """An OME axis's name, lower case ('' when it has none)."""
+    name = axis.get("name") if isinstance(axis, Mapping) else axis
+    return str(name).strip().lower() if name is not None else ""
+
+
+def _axis_kind(axis: Any) -> str:
+    """'t' (time), 's' (space) or 'c' (channel or any other) for an OME axis, by its type,
+    else (0.3's bare names, a missing type) by its name."""
+    kind = axis.get("type") if isinstance(axis, Mapping) else None
+    if kind is None:
+        name = _axis_name(axis)
+        return "t" if name == "t" else "s" if name in ("z", "y", "x") else "c"
+    return {"time": "t", "space": "s"}.get(str(kind).lower(), "c")
 
 
 def multiscale_dataset(attrs: Mapping[str, Any]) -> str | None:
@@ -105,16 +176,29 @@ def _multiscales(attrs: Mapping[str, Any]) -> Sequence[Any] | None:
     return multiscales
 
 
-def _ome_dataset(name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, Any]) -> Spatial:
-    scale, translation = _transforms(name, ndim, ds.get("coordinateTransformations"))
+def _ome_dataset(
+    name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, Any], first: bool
+) -> Spatial:
+    """Voxel size and offset of one dataset (level); `first`: it is the finest level."""
+    scale, translation, scaled = _transforms(name, ndim, ds.get("coordinateTransformations"))
     # Multiscale-level transforms apply after the dataset's own (OME-NGFF 0.4+).
-    g_scale, g_translation = _transforms(name, ndim, ms.get("coordinateTransformations"))
+    g_scale, g_translation, g_scaled = _transforms(name, ndim,
+                                                   ms.get("coordinateTransformations"))
     scale = [s * g for s, g in zip(scale, g_scale, strict=True)]
     translation = [t * g + gt for t, g, gt in zip(translation, g_scale, g_translation, strict=True)]
     axes = ms.get("axes")
     spatial = _spatial_axes(axes, ndim)
     _check_voxel_size(name, [scale[i] for i in spatial], "multiscales scale")
-    offset = tuple(round(translation[i] / scale[i]) for i in spatial)
+    voxels = [translation[i] / scale[i] for i in spatial]
+    if first:
+        offset = whole_voxels(
+            name, voxels, f"OME-Zarr translation {_listed([translation[i] for i in spatial])} "
+            f"with scale {_listed([scale[i] for i in spatial])}",
+            [scale[i] for i in spatial], "translation", "")
+    else:  # a coarser level's translation carries the half-voxel shift of downsampling
+        offset = tuple(round(v) for v in voxels)
+    if not (scaled or g_scaled):
+        return None, offset  # no scale at all: the size is unknown, not 1 x 1 x 1
     if not any(_has_unit(axes[i] if axes else None) for i in spatial):
         return None, offset  # scale in unknown units: a ratio, not a size
     factors = [_unit_factor(name, axes[i] if axes else None) for i in spatial]
@@ -122,9 +206,13 @@ def _ome_dataset(name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, A
     return voxel, offset
 
 
-def _transforms(name: str, ndim: int, transforms: Any) -> tuple[list[float], list[float]]:
-    """Combined scale and translation of an OME transform list (identity when absent)."""
+def _transforms(
+    name: str, ndim: int, transforms: Any
+) -> tuple[list[float], list[float], bool]:
+    """Combined scale and translation of an OME transform list (identity when absent), and
+    whether it had a scale at all (without one the voxel size is unknown, not 1)."""
     scale, translation = [1.0] * ndim, [0.0] * ndim
+    scaled = False
     for t in transforms or ():
         if not isinstance(t, Mapping) or t.get("type") not in ("scale", "translation"):
             continue
@@ -136,11 +224,12 @@ def _transforms(name: str, ndim: int, transforms: Any) -> tuple[list[float], lis
             )
         values = [_number(name, v, f"OME-Zarr {kind}") for v in values]
         if kind == "scale":
+            scaled = True
             scale = [a * b for a, b in zip(scale, values, strict=True)]
             translation = [a * b for a, b in zip(translation, values, strict=True)]
         else:
             translation = [a + b for a, b in zip(translation, values, strict=True)]
-    return scale, translation
+    return scale, translation, scaled
 
 
 def _spatial_axes(axes: Any, ndim: int) -> list[int]:
@@ -192,7 +281,50 @@ def from_attrs(name: str, ndim: int, attrs: Mapping[str, Any]) -> Spatial:
         raise VolumeError(
             f"{name}: offset {list(offset_nm)} and voxel_size {list(divisor)} differ in length"
         )
-    return voxel, tuple(round(o / v) for o, v in zip(offset_nm, divisor, strict=True))
+    voxels = [o / v for o, v in zip(offset_nm, divisor, strict=True)]
+    if voxel is None:
+        return None, whole_voxels(name, voxels, f"offset {_listed(offset_nm)} (no voxel size)",
+                                  divisor, "offset", "")
+    return voxel, whole_voxels(name, voxels, f"offset {_listed(offset_nm)} nm with voxel size "
+                               f"{_listed(voxel)} nm", divisor, "offset", " nm")
+
+
+OFFSET_TOLERANCE = 1e-3
+"""Voxels an offset may lie off a whole number and still be taken as it: the float noise of
+unit conversions (0.006 um * 5 / 0.006 um), not a shift anyone meant."""
+
+
+def whole_voxels(
+    name: str,
+    voxels: Sequence[float],
+    described: str,
+    per_voxel: Sequence[float],
+    key: str,
+    unit: str,
+) -> tuple[int, ...]:
+    """An offset in whole voxels, or a one-line VolumeError when the metadata puts the volume
+    between voxels.
+
+    Offsets place volumes against each other (evaluate compares them, outputs carry their
+    input's) on whole voxels only; rounding a half-voxel offset to one side (as was done,
+    silently) moves a volume against its labels or its outputs against the input's metadata.
+    `described` names the metadata's values; `per_voxel` (the metadata's units per voxel,
+    with `unit`) expresses the nearest whole offset as its `key` for the message.
+    """
+    nearest = tuple(round(v) for v in voxels)
+    if all(abs(v - n) <= OFFSET_TOLERANCE for v, n in zip(voxels, nearest, strict=True)):
+        return nearest
+    there = _listed([n * p for n, p in zip(nearest, per_voxel, strict=True)])
+    raise VolumeError(
+        f"{name}: {described} (z, y, x) puts it {_listed(voxels)} voxels from the origin, "
+        "not a whole number of voxels; emrun places volumes on whole voxels and does not "
+        f"shift one silently: correct the {key} in its metadata (to whole voxels, e.g. "
+        f"{key} {there}{unit})")
+
+
+def _listed(values: Sequence[float]) -> str:
+    """Numbers for a message, without float noise or a needless '.0': [15, 3, 0.5]."""
+    return "[" + ", ".join(f"{_clean(v):g}" for v in values) + "]"
 
 
 def _vector(name: str, value: Any, key: str, ndim: int) -> tuple[float, ...]:

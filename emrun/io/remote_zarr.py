@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from emrun.io.metadata import multiscale_levels, ome_levels, spatial_metadata
+from emrun.io.metadata import multiscale_levels, ome_levels, spatial_metadata, time_axis
 from emrun.io.tensorstore_volume import MetadataReader, TensorstoreVolume, kvstore, opened_volume
 from emrun.io.volume import Level, VolumeError
 
@@ -54,6 +54,8 @@ def open_remote_zarr(url: str, dataset: str | None) -> TensorstoreVolume:
     view = reader.open(spec, lambda store: store)
     ndim = len(view.shape)
     voxel_size, offset = spatial_metadata(name, ndim, array.attrs, group_attrs, array_name)
+    if time_axis(name, view.shape, group_attrs, array_name):
+        view = view[0]  # the one time point (t, c, z, y, x as bioformats2raw writes)
     base = f"{url}/{group_path}".rstrip("/")
     levels = tuple(Level(level, voxel, f"{base}/{level}")
                    for level, voxel in ome_levels(name, ndim, group_attrs))

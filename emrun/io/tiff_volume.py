@@ -8,7 +8,9 @@ on opening with emrun's own one-line error instead.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 import re
 import threading
@@ -124,6 +126,7 @@ def open_tiff(path: str) -> TiffVolume:
 def open_tiff_stack(path: str) -> TiffStackVolume:
     """A folder of sections; the first file sets shape and dtype (checked again on read)."""
     files = tiff_files(path)
+    _check_numbering(path, files)
     with _tifffile_caught(), tifffile.TiffFile(os.path.join(path, files[0])) as tif:
         series = tif.series[0]
         _check_axes(os.path.join(path, files[0]), series)
@@ -192,6 +195,54 @@ def tiff_files(path: str) -> list[str]:
         and os.path.isfile(os.path.join(path, n))
     ]
     return sorted(names, key=natural_key)
+
+
+def _check_numbering(path: str, files: list[str]) -> None:
+    """Refuse a folder whose section files are numbered with a gap (s_006.tif, s_008.tif).
+
+    The sections are stacked in order of their names, so a missing file would move every
+    later section up by one, out of line with its labels, without a word. When the names
+    share one pattern with one varying number, that number must run without a gap in its
+    step (0, 1, 2, ... or 0, 30, 60, ... for numbering by depth).
+    """
+    numbers = _section_numbers(files)
+    if numbers is None:
+        return
+    seen = sorted(set(numbers))
+    if len(seen) < len(numbers):
+        twice = sorted({n for n in numbers if numbers.count(n) > 1})
+        raise VolumeError(f"{path}: several section files carry the same number "
+                          f"{_listed(twice)}; keep one file per section")
+    step = math.gcd(*(b - a for a, b in itertools.pairwise(seen)))
+    missing = sorted(set(range(seen[0], seen[-1] + 1, step)) - set(seen))
+    if missing:
+        raise VolumeError(
+            f"{path}: section {'number' if len(missing) == 1 else 'numbers'} "
+            f"{_listed(missing)} of {seen[0]}..{seen[-1]} {'is' if len(missing) == 1 else 'are'} "
+            "missing; the sections are stacked in order, so every later one would move up and "
+            "out of line with its labels: add the missing files (or number the files without "
+            "a gap if none is missing)")
+
+
+def _section_numbers(files: list[str]) -> list[int] | None:
+    """The one number that varies among the file names (s_000.tif ... s_015.tif: 0..15);
+    None when there are fewer than three files, the names do not share one pattern of text
+    and numbers, or not exactly one of their numbers varies."""
+    if len(files) < 3:
+        return None
+    parts = [re.split(r"(\d+)", name.lower()) for name in files]
+    first = parts[0]
+    if any(len(p) != len(first) or p[::2] != first[::2] for p in parts):
+        return None  # text between the numbers differs: no single pattern
+    varying = [i for i in range(1, len(first), 2) if len({p[i] for p in parts}) > 1]
+    if len(varying) != 1:
+        return None
+    return [int(p[varying[0]]) for p in parts]
+
+
+def _listed(numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:12])
+    return shown + (f", ... ({len(numbers)} in all)" if len(numbers) > 12 else "")
 
 
 def natural_key(name: str) -> tuple[Any, ...]:

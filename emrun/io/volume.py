@@ -43,6 +43,13 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def native_dtype(dtype: Any) -> np.dtype:
+    """The same dtype in native byte order and canonical form (e.g. numpy's 'Q' -> 'L' for
+    uint64 on Linux: tifffile returns the former, zarr only knows the latter)."""
+    dtype = np.dtype(dtype).newbyteorder("=")
+    return np.dtype(dtype.str) if dtype.kind in "biufc" else dtype
+
+
 @dataclass(frozen=True)
 class Level:
     """One level of a multiscale image: its name (its path inside the image, e.g. "s1"),
@@ -58,7 +65,10 @@ class Volume(ABC):
     """A read-only n-d array on disk; axes z, y, x (channel first when present).
 
     Subclasses implement `_read` for one format; `read` normalises the ROI and turns
-    library errors into `VolumeError`.
+    library errors into `VolumeError`. The dtype is reported, and data read, in native byte
+    order whatever the file stores (zarr v2 from Java tools, some HDF5 and .npy files are
+    big-endian): torch and the training pipeline take native byte order only, so every
+    consumer gets it here, once, rather than each converting (or failing) on its own.
     """
 
     path: str
@@ -68,6 +78,9 @@ class Volume(ABC):
     voxel_size: tuple[float, ...] | None = None
     offset: tuple[int, ...] | None = None
     segmentation: bool = False  # its metadata says it holds object ids (OME image-label)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", native_dtype(self.dtype))
 
     @property
     def ndim(self) -> int:
@@ -99,7 +112,8 @@ class Volume(ABC):
             raise VolumeError(
                 f"{self}: reading {format_roi(box)} failed: {one_line(exc)}"
             ) from exc
-        return np.asarray(data)
+        data = np.asarray(data)
+        return data if data.dtype.isnative else data.astype(native_dtype(data.dtype))
 
     def normalise_roi(self, roi: Roi | None) -> Roi:
         """The box over every axis of the volume (leading axes whole), clipped to it."""

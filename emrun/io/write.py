@@ -84,7 +84,7 @@ from emrun.io.metadata import (
     ome_image_attrs,
 )
 from emrun.io.pyramid import level_factors, level_shape, write_level
-from emrun.io.volume import VolumeError
+from emrun.io.volume import VolumeError, native_dtype
 from emrun.io.zarr_volume import PARTIAL_SUFFIX
 from emrun.paths import file_in_the_way, is_link_loop
 
@@ -106,13 +106,6 @@ def guess_label(dtype: Any, name: str, channel_axis: bool = False) -> bool:
     16-bit EM images exist, so say `label=False` for those) or named "labels"."""
     kind, size = np.dtype(dtype).kind, np.dtype(dtype).itemsize
     return not channel_axis and kind in "iu" and (size > 1 or name == LABELS)
-
-
-def native_dtype(dtype: Any) -> np.dtype:
-    """The same dtype in native byte order and canonical form (e.g. numpy's 'Q' -> 'L' for
-    uint64 on Linux: tifffile returns the former, zarr only knows the latter)."""
-    dtype = np.dtype(dtype).newbyteorder("=")
-    return np.dtype(dtype.str) if dtype.kind in "biufc" else dtype
 
 
 def default_chunks(shape: Sequence[int], channel_axis: bool = False) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ import zarr
 
 from emrun.geometry import Roi, slices
 from emrun.io.layout import LABELS, PARTIAL_SUFFIX
-from emrun.io.metadata import multiscale_dataset, ome_levels, spatial_metadata
+from emrun.io.metadata import multiscale_dataset, ome_levels, spatial_metadata, time_axis
 from emrun.io.volume import (
     MAX_LISTED,
     METADATA_ERRORS,
@@ -38,6 +38,7 @@ class ZarrVolume(Volume):
     """
 
     array_path: str | None = None
+    time_point: bool = False  # the array's first axis is an OME time axis of length 1, dropped
 
     @cached_property
     def _array(self) -> Any:
@@ -46,7 +47,8 @@ class ZarrVolume(Volume):
         return node[inner] if inner else node
 
     def _read(self, roi: Roi) -> np.ndarray:
-        return np.asarray(self._array[slices(roi)])
+        index = slices(roi)
+        return np.asarray(self._array[(0, *index) if self.time_point else index])
 
     @property
     def chunks(self) -> tuple[int, ...] | None:
@@ -54,6 +56,8 @@ class ZarrVolume(Volume):
             chunks = self._array.chunks  # the handle each read uses, opened once
         except METADATA_ERRORS as exc:
             raise metadata_error(self, "chunks", exc) from None
+        if chunks and self.time_point:
+            chunks = chunks[1:]
         return tuple(int(c) for c in chunks) if chunks else None
 
     def attributes(self) -> dict[str, Any]:
@@ -86,7 +90,7 @@ class ZarrVolume(Volume):
             raise metadata_error(self, "multiscale levels", exc) from None
         base = f"{self.path}/{holder}".rstrip("/")
         return [Level(level, voxel, f"{base}/{level}")
-                for level, voxel in ome_levels(str(self), self.ndim, attrs)]
+                for level, voxel in ome_levels(str(self), self.ndim + self.time_point, attrs)]
 
 
 def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
@@ -181,10 +185,12 @@ def _volume(
     voxel_size, offset = spatial_metadata(
         name, len(shape), dict(array.attrs), group_attrs, array_name
     )
+    time_point = time_axis(name, shape, group_attrs, array_name)
     return ZarrVolume(
         path=path,
         dataset=dataset,
-        shape=shape,
+        shape=shape[1:] if time_point else shape,
+        time_point=time_point,
         dtype=numpy_dtype(array.dtype),
         voxel_size=voxel_size,
         offset=offset,
