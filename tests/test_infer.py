@@ -429,3 +429,15 @@ def test_a_float_input_outside_zero_one_is_refused_and_another_resolution_cautio
     assert resolution_caution(recipe, str(tmp / "in.zarr/image")) is None  # 30x6x6 both
     said = resolution_caution(recipe, str(tmp / "in.zarr/float"))
     assert said is not None and "8x8x8 nm; the network was trained at 30x6x6 nm" in said
+
+
+def test_an_input_with_one_channel_is_predicted_as_its_volume(setup):
+    """(1, z, y, x) images (bioformats2raw writes EM so) were refused as not 3-d."""
+    recipe, _, volume, tmp = setup
+    write_volume(tmp / "in.zarr", "one", volume[None], voxel_size=(30, 6, 6), channel_axis=True)
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/one"), tmp / "one.zarr")
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "three.zarr")
+    np.testing.assert_array_equal(read(tmp / "one.zarr"), read(tmp / "three.zarr"))
+    write_volume(tmp / "in.zarr", "two", np.stack([volume, volume]), channel_axis=True)
+    with pytest.raises(UserError, match="needs a 3D"):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/two"), tmp / "two.zarr")

@@ -13,7 +13,6 @@ merged the same way: the table, and so every score, is the same as in one proces
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,6 +24,7 @@ from emrun.evaluate.metrics import MIN_OVERLAP, Scores, scores_from_table
 from emrun.evaluate.pieces import PieceLabeller
 from emrun.evaluate.schedule import Parallel, score_blocks
 from emrun.geometry import BlockGrid, Roi, box_of
+from emrun.io.one_channel import single_channel
 from emrun.io.volume import Volume
 from emrun.io.window import covered_part
 
@@ -121,33 +121,11 @@ def slabs(volumes: Sequence[Volume], slab_voxels: int = SLAB_VOXELS) -> Iterator
     yield from BlockGrid(box_of(shape), slab).boxes()
 
 
-@dataclass(frozen=True, kw_only=True)
-class OneChannel(Volume):
-    """A (1, z, y, x) volume read as (z, y, x): inference writes single-channel tasks (mito,
-    boundary) with their channel axis, and scoring them should not need a conversion."""
-
-    inner: Volume
-
-    @classmethod
-    def of(cls, volume: Volume) -> OneChannel:
-        return cls(inner=volume, path=volume.path, dataset=volume.dataset,
-                   shape=tuple(volume.shape[1:]), dtype=volume.dtype)
-
-    def _read(self, roi: Roi) -> np.ndarray:
-        return self.inner.read(roi)[0]
-
-    @property
-    def chunks(self) -> tuple[int, ...] | None:
-        inner = self.inner.chunks
-        return inner[1:] if inner else None
-
-
 def _checked(
     roles: Sequence[tuple[str, Volume | None]], binary: bool = False
 ) -> list[Volume]:
     """The given volumes, after `check_inputs` on their shapes and dtypes."""
-    given = [(role, OneChannel.of(v) if len(v.shape) == 4 and v.shape[0] == 1 else v)
-             for role, v in roles if v is not None]
+    given = [(role, single_channel(v)) for role, v in roles if v is not None]
     reference = given[0][1]  # truth and mask: the part the segmentation covers, if larger
     given = [given[0], *((role, covered_part(reference, v)) for role, v in given[1:])]
     for role, volume in given[1:]:

@@ -28,6 +28,7 @@ from ..geometry import Roi, Zyx, box_of, zyx
 from ..io import PRIVATE_PREFIX, Volume, open_volume
 from ..io.completion import mark_finished, unfinished
 from ..io.metadata import multiscale_dataset
+from ..io.one_channel import single_channel
 from ..io.pyramid import level_factors
 from ..io.sample import contents_sample, sample_boxes
 from ..io.write import build_pyramid, create_volume
@@ -112,7 +113,7 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     ``roi`` (offset, shape) predicts only that box of the input; the output has the box's
     shape, and the input around the box still serves as context where it exists.
     ``levels``: the outputs' pyramid levels (`finish_job`; None: the default)."""
-    volume = open_volume(input_path)
+    volume = single_channel(open_volume(input_path))  # (1, z, y, x): bioformats2raw's
     if len(volume.shape) != 3:
         raise UserError(f"{volume}: inference needs a 3D (z, y, x) volume, got shape "
                         f"{list(volume.shape)}")
@@ -206,7 +207,7 @@ def resolution_caution(recipe: Recipe, input_path: str) -> str | None:
     and nothing else would say so."""
     trained = {tuple(s.voxel_size) for s in recipe.data.sources.values()
                if getattr(s, "voxel_size", None) is not None}
-    volume = open_volume(input_path)
+    volume = single_channel(open_volume(input_path))
     if len(trained) != 1 or volume.voxel_size is None or len(volume.voxel_size) != 3:
         return None
     (at,) = trained

@@ -23,6 +23,7 @@ import torch
 from ..errors import DISK_FULL, UserError
 from ..geometry import Coordinate, Roi, Zyx, slices
 from ..io import open_volume
+from ..io.one_channel import single_channel
 from .engine import Engine, load_model, quantise, read_reflected
 from .job import Job, open_output_arrays
 from .transfer import DeviceQueue, HostArray, pinned, to_host
@@ -55,7 +56,7 @@ class BlockWorker:
     def __init__(self, job: Job, device: torch.device, model: torch.nn.Module | None = None
                  ) -> None:
         self.job = job
-        self.volume = open_volume(job.input_path)
+        self.volume = single_channel(open_volume(job.input_path))
         self.mask = open_volume(job.mask_path) if job.mask_path else None
         self.arrays = open_output_arrays(job)
         if model is None:

@@ -132,7 +132,7 @@ def filter_message(name: str, missing: list[tuple[int, str]]) -> str:
     code, stored = missing[0]
     known, shipped = FILTERS.get(code, (stored, False))
     what = f"HDF5 filter {code}" + (f" ({known})" if known else "")
-    fix = ("pip install hdf5plugin (emrun loads it when installed)" if shipped else
+    fix = ("pip install 'emrun[hdf5]' (hdf5plugin, loaded when installed)" if shipped else
            "install an HDF5 plugin for it and set HDF5_PLUGIN_PATH to its folder")
     return (f"{name}: is compressed with {what}, which this Python's HDF5 cannot decode: "
             f"{fix}")
