@@ -308,3 +308,21 @@ def test_n5_offset_between_voxels_is_refused(tmp_path: Path) -> None:
                                                              "offset": [3, 0, 0]})
     with pytest.raises(VolumeError, match=r"v.n5/raw: offset \[0, 0, 3\] nm .*\(z, y, x\)"):
         open_volume(tmp_path / "v.n5/raw")
+
+
+def test_a_tiff_holding_a_header_only_is_named_damaged(tmp_path: Path) -> None:
+    """A TIFF header followed by garbage was "IndexError: list index out of range"."""
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(VolumeError, match=r"bad\.tif: no image can be read from this TIFF"):
+        open_volume(str(tmp_path / "bad.tif"))
+
+
+def test_a_group_without_multiscales_lists_its_arrays_by_their_paths(tmp_path: Path) -> None:
+    """The arrays were listed from the group (`image/0`), not as paths to give."""
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w").create_group("image")
+    group.create_array("0", shape=(2, 4, 4), dtype="uint8")
+    with pytest.raises(VolumeError, match=r"without OME-Zarr multiscales.*arrays in it: "
+                       rf"{tmp_path}/s\.zarr/image/0"):
+        open_volume(str(tmp_path / "s.zarr/image"))

@@ -110,7 +110,7 @@ class TiffStackVolume(Volume):
 def open_tiff(path: str) -> TiffVolume:
     """Header-only inspection of a TIFF file's first series; a file cut short is refused."""
     with _tifffile_caught() as said, tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
+        series = _first_series(path, tif)
         _check_whole(path, tif, series, said)
         _check_axes(path, series)
         shape = tuple(int(n) for n in series.shape)
@@ -128,7 +128,7 @@ def open_tiff_stack(path: str) -> TiffStackVolume:
     files = tiff_files(path)
     _check_numbering(path, files)
     with _tifffile_caught(), tifffile.TiffFile(os.path.join(path, files[0])) as tif:
-        series = tif.series[0]
+        series = _first_series(os.path.join(path, files[0]), tif)
         _check_axes(os.path.join(path, files[0]), series)
         section = tuple(int(n) for n in series.shape)
         dtype = np.dtype(series.dtype)
@@ -139,6 +139,15 @@ def open_tiff_stack(path: str) -> TiffStackVolume:
         dtype=dtype,
         files=tuple(files),
     )
+
+
+def _first_series(path: str, tif: tifffile.TiffFile) -> Any:
+    """The file's first image series; a file whose header holds none (damaged after its
+    first bytes) is refused by name (it was an IndexError)."""
+    if not tif.series:
+        raise VolumeError(f"{path}: no image can be read from this TIFF file (damaged, or "
+                          "cut short after its header); copy it again")
+    return tif.series[0]
 
 
 def _check_axes(path: str, series: Any) -> None:

@@ -377,7 +377,8 @@ def _prepare(path: str | os.PathLike[str], name: str, label: bool, overwrite: bo
         kind = "an image" if label else "a segmentation (labels)"
         raise VolumeError(f"{root_path}: holds {kind} named {name!r}; choose another name")
     if (target.exists() or target.is_symlink()) and not overwrite:
-        raise VolumeError(f"{target}: already exists; choose another name or overwrite it")
+        raise VolumeError(f"{target}: already exists; give another --name or output store "
+                          "(data convert and data synth replace it with --overwrite)")
     if target.exists() and not _is_volume(target):  # overwrite replaces volumes, nothing else
         raise VolumeError(f"{target}: exists and is not a volume; not replaced: choose "
                           "another name")

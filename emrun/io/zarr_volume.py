@@ -133,8 +133,8 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
         if level is not None:
             return _open_image_group(path, dataset, array, level)
         raise VolumeError(
-            f"{path}/{dataset} is a zarr group, not an array; arrays in it: "
-            f"{list_arrays(array, prefix=dataset + '/')}"
+            f"{path}/{dataset} is a zarr group without OME-Zarr multiscales, not an array; "
+            f"arrays in it: {list_arrays(array, prefix=f'{path}/{dataset}/')}"
         )
     parent_path, _, array_name = dataset.rpartition("/")
     parent = node[parent_path] if parent_path else node
