@@ -133,6 +133,8 @@ def test_precomputed_scales_are_levels(tmp_path):
                                   IMAGE[0:2, 2:6:2, 2:6:2])
     with pytest.raises(VolumeError, match=r"no level s9; levels: 4_4_40 .*8_8_40"):
         choose_level(root, "s9")
+    with pytest.raises(VolumeError, match=r"has no scale '1_1_1'; scales: 4_4_40, 8_8_40"):
+        open_volume(f"{root}/1_1_1")  # was "no such file or directory"
 
 
 def test_a_precomputed_segmentation_says_so(tmp_path):

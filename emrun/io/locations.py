@@ -26,13 +26,16 @@ def strip_precomputed(path: str) -> str:
 
 def local_precomputed(path: str) -> tuple[str, str | None] | None:
     """(root, scale key) when `path` is a local precomputed volume (a folder whose `info`
-    lists scales) or one of its scales (`root/KEY`, a key the info lists); else None."""
+    lists scales) or one of its scales (`root/KEY`, a key the info lists, or a missing one:
+    the opener then lists the scales there are); else None."""
     path = strip_precomputed(path).rstrip("/") or path
     if precomputed_scale_keys(path) is not None:
         return path, None
     parent, key = os.path.split(path)
     keys = precomputed_scale_keys(parent or ".") if key and not os.path.isfile(path) else None
-    return (parent or ".", key) if keys is not None and key in keys else None
+    if keys is None or (key not in keys and os.path.exists(path)):
+        return None
+    return parent or ".", key
 
 
 def precomputed_scale_keys(folder: str) -> list[str] | None:
