@@ -135,6 +135,9 @@ def test_precomputed_scales_are_levels(tmp_path):
         choose_level(root, "s9")
     with pytest.raises(VolumeError, match=r"has no scale '1_1_1'; scales: 4_4_40, 8_8_40"):
         open_volume(f"{root}/1_1_1")  # was "no such file or directory"
+    (root / "info").write_text('{"scales": [')  # cut short
+    with pytest.raises(VolumeError, match=r"its info file is not a neuroglancer precomputed"):
+        open_volume(root)  # was "neither a zarr store nor a folder of TIFF sections"
 
 
 def test_a_precomputed_segmentation_says_so(tmp_path):

@@ -145,6 +145,10 @@ def _choose_opener(container: str) -> tuple[Any, str]:
 
         if has_tiffs(container):
             return _no_dataset(open_tiff_stack), "a folder of TIFF sections"
+        if os.path.isfile(os.path.join(container, "info")):  # precomputed_scale_keys said no
+            raise VolumeError(f"{container}: its info file is not a neuroglancer precomputed "
+                              "info (JSON listing `scales`): damaged or cut short? Copy it "
+                              "again")
         raise VolumeError(
             f"{container}: folder is neither a zarr store (no zarr.json, .zarray or .zgroup) "
             "nor a folder of .tif/.tiff sections"
