@@ -457,3 +457,16 @@ def test_a_truth_placed_elsewhere_is_refused_not_scored_against_the_wrong_voxels
                                  str(tmp_path / "v.zarr/big")])
     assert result.exit_code == 0, result.output
     assert "adapted Rand error  0.0000" in result.stdout
+
+
+def test_negative_truth_ids_are_scored_as_objects_with_a_warning(tmp_path):
+    """-1 as "unlabelled" (a common convention) was scored as an object without a word."""
+    truth = np.random.default_rng(1).integers(-2, 3, (9, 16, 17)).astype(np.int64)
+    write_volume(tmp_path / "v.zarr", "truth", truth, label=True)
+    write_volume(tmp_path / "v.zarr", "seg", np.abs(truth), label=True)
+    args = ["evaluate", str(tmp_path / "v.zarr/seg")]
+    said = runner.invoke(app, [*args, str(tmp_path / "v.zarr/truth")])
+    assert said.exit_code == 0 and "holds negative ids: each is scored as an object" in said.stderr
+    write_volume(tmp_path / "v.zarr", "plain", np.abs(truth), label=True)
+    quiet = runner.invoke(app, [*args, str(tmp_path / "v.zarr/plain")])
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr
