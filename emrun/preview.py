@@ -62,8 +62,9 @@ def write_preview(recipe: Recipe, out: Path, samples: int = 8) -> Path:
     maker = SampleMaker(recipe)
     tasks = list(recipe.tasks)
     columns = ["image z=0", "image mid-z + labels", "image z=last", *tasks]
+    # constrained: tight_layout left the title over the column headers
     fig, axes = plt.subplots(samples, len(columns), figsize=(2.2 * len(columns), 2.2 * samples),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for row in range(samples):
         sample = maker.sample(batch_rng(recipe.seed, 0, row))
         image = sample["image"][0]
@@ -88,7 +89,6 @@ def write_preview(recipe: Recipe, out: Path, samples: int = 8) -> Path:
                 ax.set_title(columns[col], fontsize=8)
     fig.suptitle(f"{recipe.name}: {samples} augmented samples, patch "
                  f"{list(recipe.train.patch)} (grey: excluded from the loss)", fontsize=9)
-    fig.tight_layout()
     refuse_foreign_file(out)
     with atomic_output(out) as tmp:
         fig.savefig(tmp, format="png", dpi=80, metadata={"Software": SOFTWARE})
