@@ -441,3 +441,15 @@ def test_an_input_with_one_channel_is_predicted_as_its_volume(setup):
     write_volume(tmp / "in.zarr", "two", np.stack([volume, volume]), channel_axis=True)
     with pytest.raises(UserError, match="needs a 3D"):
         run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/two"), tmp / "two.zarr")
+
+
+def test_the_output_lies_where_its_input_lies(setup):
+    """An input's own offset was dropped: the output sat at 0, 0, 0 (or at the ROI's offset
+    alone), so infer -> segment -> evaluate against labels stored with the image refused."""
+    recipe, _, volume, tmp = setup
+    write_volume(tmp / "in.zarr", "placed", volume, voxel_size=(30, 6, 6), offset=(2, 10, 10))
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/placed"), tmp / "p.zarr")
+    assert open_volume(str(tmp / "p.zarr/aff")).offset[-3:] == (2, 10, 10)
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/placed"), tmp / "r.zarr",
+                  roi=Roi((1, 0, 4), (4, 16, 16)))
+    assert open_volume(str(tmp / "r.zarr/aff")).offset[-3:] == (3, 10, 14)

@@ -369,6 +369,11 @@ def test_kill_9_at_any_step_then_resume_gives_the_same_segmentation_bit_for_bit(
     assert process.returncode == -signal.SIGKILL, "the run must be killed midway"
     with pytest.raises(VolumeError, match="is unfinished: emrun segment stopped"):
         open_volume(str(out / "segmentation_0.5"))  # half zeros: not to be scored as it is
+    if moment == "fragments":  # the fragments too, until their last block is in
+        with pytest.raises(VolumeError, match="is unfinished"):
+            open_volume(str(out / "fragments"))
+    else:
+        assert open_volume(str(out / "fragments")).shape == SHAPE
     done = subprocess.run([*_command(tmp, out, "2", *extra), "--resume"], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr

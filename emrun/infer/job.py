@@ -317,6 +317,9 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
         _check_same_contents(output, started, volume, job)
         _check_same_network(output, started, job.checkpoint)
         _check_same_mask(output, started, job.mask_path)
+    # where the output lies in the input's space: the input's own offset, plus the ROI's
+    placed = tuple(int(o) + r for o, r in zip((volume.offset or (0, 0, 0))[-3:], job.roi_offset,
+                                               strict=True))
     for name, task in recipe.tasks.items():
         if existing:
             _check_existing(output, name, job.digest())
@@ -330,7 +333,7 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
             names = [f"{name} {c}" for c in range(task.channels())]
         create_volume(output, name, (task.channels(), *layout.shape), recipe.infer.dtype,
                       chunks=(task.channels(), *layout.chunks), voxel_size=volume.voxel_size,
-                      offset=job.roi_offset, channel_axis=True, channel_names=names,
+                      offset=placed, channel_axis=True, channel_names=names,
                       attrs=attrs)
     if not existing:
         group = zarr.open_group(str(output), mode="r+")

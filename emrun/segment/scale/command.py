@@ -132,6 +132,7 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
 
         indices = [zyx(i) for i in job.grid.indices()]
         step("fragments", [i for i in indices if not job.is_done("fragments", i)])
+        mark_finished(volume_dir(job.output, FRAGMENTS, True))  # every block is in
         done = store.done_blocks()
         step("graph", [i for i in indices if job.block_id(i) not in done])
         thresholds = ", ".join(f"{t:g}" for t in job.thresholds)
@@ -195,7 +196,10 @@ def _prepare_outputs(job: ScaleJob, volume: Volume, agglo: Waterz) -> None:
             "input_sample": contents_sample(volume)}
     if not volume_dir(output, FRAGMENTS, True).exists():
         create_volume(output, FRAGMENTS, job.shape, np.uint64,
-                      attrs={"emrun": {"fragments": {**info, "digest": job.digest()}}}, **args)
+                      attrs={"emrun": {"fragments": {**info, "digest": job.digest()},
+                                       **unfinished("emrun segment stopped before its last "
+                                                    "block; run it again with --resume")}},
+                      **args)
     elif (made := _attr(output, FRAGMENTS, "fragments")).get("digest") != job.digest():
         raise UserError(f"{volume_dir(output, FRAGMENTS, True)}: already exists and was not "
                         "made by this job; not overwriting it (use another output)")
