@@ -230,12 +230,16 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(recipe, tmp_path, monkey
     assert trainer.iteration == 20 - 2  # two skipped early, then the run stopped
 
 
-def test_two_cpu_processes_stay_in_sync(recipe, tmp_path):
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_two_cpu_processes_stay_in_sync(recipe, tmp_path, norm):
+    """With BatchNorm each rank keeps its own running statistics between DDP's broadcasts:
+    comparing them stopped every such run ("ranks are out of sync") at its first
+    checkpoint; the SNEMI3D recipe has batch norm."""
     run = tmp_path / "ddp"
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "emrun", "train", str(recipe), "--run-dir", str(run), "--device", "cpu",
-         "-o", "train.iterations=6"],
+         "-o", "train.iterations=6", "-o", f"model.norm={norm}"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ranks in sync" in done.stdout + done.stderr

@@ -44,21 +44,26 @@ def teardown(world: World) -> None:
         dist.destroy_process_group()
 
 
-def parameter_digest(model: nn.Module) -> str:
-    """A hash of every parameter's bytes: equal on all ranks when they are in sync."""
+def parameter_digest(model: nn.Module, buffers: bool = True) -> str:
+    """A hash of every parameter's bytes (and every buffer's, with ``buffers``)."""
     digest = hashlib.sha256()
-    for tensor in model.state_dict().values():
+    tensors = model.state_dict().values() if buffers else model.parameters()
+    for tensor in tensors:
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 def check_in_sync(model: nn.Module, world: World) -> str:
-    """The parameter digest, after checking that every rank has the same one."""
+    """The model's digest (parameters and buffers), after checking that every rank has the
+    same parameters. Buffers are left out of the comparison: BatchNorm's running statistics
+    are each rank's own between DDP's broadcasts from rank 0 at each forward pass (only rank
+    0's are saved), and comparing them stopped every DDP run of a BatchNorm model."""
     mine = parameter_digest(model)
     if not world.distributed:
         return mine
+    weights = parameter_digest(model, buffers=False)
     digests: list[str | None] = [None] * world.size
-    dist.all_gather_object(digests, mine)
+    dist.all_gather_object(digests, weights)
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks are out of sync: parameter digests {digests}")
     return mine
