@@ -21,6 +21,8 @@ from pathlib import Path
 from .errors import UserError
 
 LOCK_NAME = ".emrun-lock"
+BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+"""What flock says when another process holds the lock."""
 
 _held: dict[str, int] = {}
 """Locks this process holds, by folder: taking one again is a no-op (a process that runs
@@ -41,14 +43,35 @@ def hold(folder: Path, advice: str) -> None:
     except OSError as exc:
         holder = _holder(fd)
         os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise UserError(f"{folder} is in use by another emrun ({holder}): two at once "
-                            f"would mix their files; wait for it to end, or {advice}") from None
+        if exc.errno in BUSY:
+            raise UserError(_in_use(folder, holder, advice)) from None
         return  # ENOLCK, EOPNOTSUPP: no locks here
     os.ftruncate(fd, 0)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode())
     _held[key] = fd
+
+
+def check_free(folder: Path, advice: str) -> None:
+    """Refuse ``folder`` as `hold` would, without holding it: a launcher's check before the
+    processes that will hold it start (torchrun's ranks: a refusal in rank 0 took the
+    others down with a page of tracebacks)."""
+    path = Path(folder) / LOCK_NAME
+    if os.path.realpath(folder) in _held or not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while another holds it
+    except OSError as exc:
+        if exc.errno in BUSY:
+            raise UserError(_in_use(folder, _holder(fd), advice)) from None
+    finally:
+        os.close(fd)  # and lets the shared lock go
+
+
+def _in_use(folder: Path, holder: str, advice: str) -> str:
+    return (f"{folder} is in use by another emrun ({holder}): two at once would mix their "
+            f"files; wait for it to end, or {advice}")
 
 
 def release(folder: Path) -> None:

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from emrun import locks
+from emrun.cli import app
 from emrun.errors import UserError
-from emrun.train.run_dir import prepare
+from emrun.train.run_dir import check_free, prepare
 
 
 def failed_start(run: Path) -> None:
@@ -53,10 +55,18 @@ def test_a_place_that_cannot_be_a_run_directory_is_one_user_error(tmp_path):
     assert afile.read_text() == "x"
 
 
+RECIPE = """
+name: r
+data: {sources: {a: {type: synthetic, shape: [8, 32, 32]}}}
+model: {type: rsunet, widths: [4, 8]}
+tasks: {affinity: {target: {type: affinity}}}
+train: {patch: [4, 16, 16], iterations: 2, workers: 0}
+"""
+
 HOLDER = """
 import sys, time
 from pathlib import Path
-from emrun.train.run_dir import prepare
+from emrun.train.run_dir import check_free, prepare
 prepare(Path(sys.argv[1]), resume=False)
 print("holding", flush=True)
 time.sleep(120)
@@ -74,11 +84,30 @@ def test_a_run_directory_in_use_by_another_process_is_refused_until_it_ends(tmp_
         assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
         (run / "recipe.yaml").write_text("x")  # what the first run has written so far
         for resume in (False, True):
-            with pytest.raises(UserError, match=rf"run is in use by another emrun \(pid "
-                               rf"{holder.pid} on .*give another --run-dir"):
-                prepare(run, resume=resume)
+            for check in (prepare, check_free):  # check_free: a launcher's, before torchrun
+                with pytest.raises(UserError, match=rf"run is in use by another emrun \(pid "
+                                   rf"{holder.pid} on .*give another --run-dir"):
+                    check(run, resume=resume)
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(RECIPE)
+        launched = CliRunner().invoke(app, ["train", str(recipe), "--run-dir", str(run),
+                                            "--resume", "--gpus", "2", "--device", "cpu"])
+        assert launched.exit_code == 2, launched.output  # torchrun's ranks never started:
+        assert len(launched.stderr.strip().splitlines()) == 1  # one line, no tracebacks
     finally:
         holder.kill()
         holder.wait()
     assert prepare(run, resume=True) is False
     locks.release(run)
+
+
+def test_a_launcher_s_check_makes_nothing(tmp_path):
+    check_free(tmp_path / "new", resume=False)
+    assert not (tmp_path / "new").exists()
+    run = tmp_path / "run"
+    failed_start(run)
+    (run / "checkpoints/last.pt").write_text("a run")
+    with pytest.raises(UserError, match="already holds a run"):
+        check_free(run, resume=False)
+    with pytest.raises(UserError, match="no run to resume"):
+        check_free(tmp_path / "new", resume=True)

@@ -121,24 +121,31 @@ def train(
     device: Device = None,
 ) -> None:
     """Train a recipe: run directory, checkpoints, TensorBoard, events.jsonl, exact resume."""
-    if gpus is not None and gpus > 1 and "WORLD_SIZE" not in os.environ:
-        raise typer.Exit(_launch_torchrun(gpus))
     from ..data.checks import check_data
     from ..recipe import RecipeError, load_recipe
+    from ..train import run_dir as run_dirs
     from ..train.trainer import Trainer
 
     if resume and init_from is not None:
         raise UserError("--resume continues a run; --init-from starts a new one: use one")
+    launching = gpus is not None and gpus > 1 and "WORLD_SIZE" not in os.environ
     loaded = load_recipe(recipe, override or [])
     _, problems = check_data(loaded)
     if problems:
         raise RecipeError(problems)
-    warn(loaded.cautions())
     path = run_dir or Path("runs") / loaded.recipe.name
+    if launching:  # every refusal here, once, before torchrun starts the ranks
+        run_dirs.check_free(path, resume)
+        warn(loaded.cautions())
+        raise typer.Exit(_launch_torchrun(gpus))  # type: ignore[arg-type]
+    if os.environ.get("RANK", "0") == "0" and LAUNCHED not in os.environ:  # said once
+        warn(loaded.cautions())
     result = Trainer(loaded, path, resume=resume, init_from=init_from, device=device,
                      console=out).fit()
     if result.interrupted:
         raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 says it
     out.print(f"done: {result.iteration} iterations in {path}", markup=False)
     if result.iteration > loaded.recipe.train.iterations:  # resumed past a lowered target
         warn([f"the run was already at iteration {result.iteration}, past "
@@ -164,7 +171,11 @@ def _launch_torchrun(processes: int) -> int:
         cleaned.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}", "-m", "emrun", *cleaned]
-    return subprocess.call(command)
+    return subprocess.call(command, env={**os.environ, LAUNCHED: "1"})
+
+
+LAUNCHED = "EMRUN_LAUNCHED"
+"""Set in the ranks `_launch_torchrun` starts: the launcher has checked and warned."""
 
 
 @app.command()

@@ -38,27 +38,50 @@ def prepare(run_dir: Path, resume: bool) -> bool:
     the directory (`locks.hold`) so that a second run into it is refused while this one
     lives. A start that saved no checkpoint is cleared for a new one (True), so fixing the
     data and running the same command works."""
+    _check_place(run_dir, resume)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--run-dir {run_dir}: cannot create it ({exc.strerror or exc})"
+                        ) from None
+    locks.hold(run_dir, RUN_DIR_ADVICE)
+    entries = _entries(run_dir, resume)
+    for entry in entries:
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return bool(entries)
+
+
+def check_free(run_dir: Path, resume: bool) -> None:
+    """`prepare`'s refusals, with nothing made, cleared or held: what a launcher checks
+    before it starts the processes that will train (torchrun's ranks)."""
+    _check_place(run_dir, resume)
+    if run_dir.is_dir():
+        locks.check_free(run_dir, RUN_DIR_ADVICE)
+        _entries(run_dir, resume)
+
+
+RUN_DIR_ADVICE = "give another --run-dir"
+
+
+def _check_place(run_dir: Path, resume: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir}: is a file, not a folder")
     has_run = (run_dir / "checkpoints").is_dir() or (run_dir / "recipe.yaml").exists()
     if resume and not has_run:
         raise UserError(f"{run_dir}: no run to resume here (no checkpoints); drop --resume to "
                         "start a new run")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--run-dir {run_dir}: cannot create it ({exc.strerror or exc})"
-                        ) from None
-    locks.hold(run_dir, "give another --run-dir")
+
+
+def _entries(run_dir: Path, resume: bool) -> list[Path]:
+    """What a new run would clear: a failed start's files (none with --resume); a run or a
+    user's file is refused."""
     entries = [entry for entry in run_dir.iterdir() if entry.name != locks.LOCK_NAME]
     if resume or not entries:
-        return False
+        return []
     if not _failed_start(entries):
         raise UserError(f"{run_dir} already holds a run; use --resume to continue it, or "
                         "--run-dir to start a new one elsewhere (nothing was overwritten)")
-    for entry in entries:
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    return True
+    return entries
 
 
 def _failed_start(entries: list[Path]) -> bool:
