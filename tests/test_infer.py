@@ -453,3 +453,20 @@ def test_the_output_lies_where_its_input_lies(setup):
     run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/placed"), tmp / "r.zarr",
                   roi=Roi((1, 0, 4), (4, 16, 16)))
     assert open_volume(str(tmp / "r.zarr/aff")).offset[-3:] == (3, 10, 14)
+
+
+def test_a_start_that_fails_reading_leaves_no_output_and_no_record_means_no_resume(setup):
+    """The input's sample was read after the arrays were made: a damaged chunk there left an
+    output without its record, which --resume then finished from any input and network."""
+    recipe, _, volume, tmp = setup
+    write_volume(tmp / "in.zarr", "damaged", volume, voxel_size=(30, 6, 6), chunks=(4, 16, 16))
+    (tmp / "in.zarr/damaged/0/c/0/0/0").write_bytes(b"garbage")  # a corner the sample reads
+    with pytest.raises(VolumeError, match="damaged"):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/damaged"), tmp / "d.zarr")
+    assert not (tmp / "d.zarr").exists()
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "o.zarr")
+    group = zarr.open_group(str(tmp / "o.zarr"), mode="r+")
+    del group.attrs["emrun"]  # as a start stopped between its arrays and its record left it
+    with pytest.raises(UserError, match="holds no record of the run that started it"):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "o.zarr",
+                      resume=True)

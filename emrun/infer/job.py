@@ -313,10 +313,23 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
                         "--output (nothing was overwritten)")
     if existing:
         started = _started_with(output)
+        if "input_location" not in started and "checkpoint_sha256" not in started:
+            raise UserError(f"{output} holds no record of the run that started it (it was "
+                            "stopped while being created, before its first block): remove it "
+                            "and run again without --resume")
         _check_same_input(output, started, volume)
         _check_same_contents(output, started, volume, job)
         _check_same_network(output, started, job.checkpoint)
         _check_same_mask(output, started, job.mask_path)
+    # everything that reads (the input's sample, the checkpoint's digest) before anything is
+    # made: a read that fails then leaves no output without its record
+    record = {} if existing else {
+        "version": __version__, "recipe": recipe.resolved(),
+        "checkpoint": str(job.checkpoint), "checkpoint_sha256": file_digest(job.checkpoint),
+        "input": job.input_path, "input_location": volume.location(),
+        "input_shape": list(volume.shape),
+        "input_sample": contents_sample(volume, job.roi_offset, job.layout.shape),
+        "roi_offset": list(job.roi_offset), "mask": _mask_id(job.mask_path), **info}
     # where the output lies in the input's space: the input's own offset, plus the ROI's
     placed = tuple(int(o) + r for o, r in zip((volume.offset or (0, 0, 0))[-3:], job.roi_offset,
                                                strict=True))
@@ -336,14 +349,7 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
                       offset=placed, channel_axis=True, channel_names=names,
                       attrs=attrs)
     if not existing:
-        group = zarr.open_group(str(output), mode="r+")
-        group.attrs["emrun"] = {
-            "version": __version__, "recipe": recipe.resolved(),
-            "checkpoint": str(job.checkpoint), "checkpoint_sha256": file_digest(job.checkpoint),
-            "input": job.input_path, "input_location": volume.location(),
-            "input_shape": list(volume.shape),
-            "input_sample": contents_sample(volume, job.roi_offset, job.layout.shape),
-            "roi_offset": list(job.roi_offset), "mask": _mask_id(job.mask_path), **info}
+        zarr.open_group(str(output), mode="r+").attrs["emrun"] = record
 
 
 def _mask_id(mask_path: str | None) -> str | None:
