@@ -215,6 +215,13 @@ def test_tiff_folder_numbered_by_a_step_or_twice(tmp_path: Path) -> None:
         open_volume(twice)
 
 
+def test_tiff_folder_named_by_rounded_depth_is_stacked(tmp_path: Path) -> None:
+    """FIB-SEM sections named by their depth in nm (8.33 nm apart) were refused as 37
+    missing sections."""
+    folder = _sections(tmp_path, [0, 8, 17, 25, 33, 42], "slice_z{}.tif")
+    assert open_volume(folder).shape == (6, *SHAPE[1:])
+
+
 def test_tiff_folder_of_unrelated_names_is_stacked_as_before(tmp_path: Path) -> None:
     folder = tmp_path / "mixed"
     folder.mkdir()

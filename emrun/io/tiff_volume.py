@@ -212,7 +212,8 @@ def _check_numbering(path: str, files: list[str]) -> None:
     The sections are stacked in order of their names, so a missing file would move every
     later section up by one, out of line with its labels, without a word. When the names
     share one pattern with one varying number, that number must run without a gap in its
-    step (0, 1, 2, ... or 0, 30, 60, ... for numbering by depth).
+    step (0, 1, 2, ... or 0, 30, 60, ... for numbering by depth); numbers with more holes
+    than files in their step (rounded depths: 0, 8, 17, 25, ...) are taken as they are.
     """
     numbers = _section_numbers(files)
     if numbers is None:
@@ -224,6 +225,8 @@ def _check_numbering(path: str, files: list[str]) -> None:
                           f"{_listed(twice)}; keep one file per section")
     step = math.gcd(*(b - a for a, b in itertools.pairwise(seen)))
     missing = sorted(set(range(seen[0], seen[-1] + 1, step)) - set(seen))
+    if len(missing) > len(seen):  # more holes than files: irregular numbering (files named by
+        return  # rounded depth, 0, 8, 17, 25, ...), not lost sections
     if missing:
         raise VolumeError(
             f"{path}: section {'number' if len(missing) == 1 else 'numbers'} "
