@@ -446,6 +446,12 @@ def test_bench_snemi3d_runs_the_pipeline_on_a_stand_in_volume(tmp_path, monkeypa
     again = runner.invoke(app, final)
     assert again.exit_code == 2 and "nothing was overwritten" in again.stderr
 
+    # stopped while scoring, then run again trained further: its predictions are stale
+    (out / "results.json").unlink()
+    longer = runner.invoke(app, [*args[:6], "--iterations", "3", *args[8:]])
+    assert longer.exit_code == 0, longer.output
+    assert "holds another checkpoint's predictions" in longer.stderr
+
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:99", "cuda:x"])  # :x: is no emoji
 def test_train_on_a_device_that_is_not_there_is_a_user_error(write, tmp_path, device):

@@ -470,3 +470,16 @@ def test_a_start_that_fails_reading_leaves_no_output_and_no_record_means_no_resu
     with pytest.raises(UserError, match="holds no record of the run that started it"):
         run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "o.zarr",
                       resume=True)
+
+
+def test_a_resume_after_the_checkpoint_changed_at_its_path_says_so(setup):
+    """It said "started with another checkpoint (X) than X"."""
+    recipe, _, _, tmp = setup
+    state = torch.load(tmp / "c.pt")
+    torch.save(state, tmp / "x.pt")
+    run_inference(recipe, tmp / "x.pt", str(tmp / "in.zarr/image"), tmp / "x.zarr")
+    state["model"] = {k: v + 1e-3 for k, v in state["model"].items()}
+    torch.save(state, tmp / "x.pt")  # trained further, say
+    with pytest.raises(UserError, match=r"x\.pt, which has changed since \(sha256"):
+        run_inference(recipe, tmp / "x.pt", str(tmp / "in.zarr/image"), tmp / "x.zarr",
+                      resume=True)

@@ -20,6 +20,7 @@ again with the same ``--out``: conversion is kept, training resumes, inference r
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,12 +28,14 @@ from typing import Any
 
 import numpy as np
 import yaml
+import zarr
 
 from ..atomic import atomic_output, write_text
 from ..errors import Interrupted, UserError
 from ..evaluate import score
 from ..evaluate.pieces import connected_pieces
 from ..geometry import Roi
+from ..infer.engine import file_digest
 from ..infer.run import run_inference
 from ..io import open_volume
 from ..io.convert import convert
@@ -165,7 +168,12 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     started = time.perf_counter()
     stage(f"predicting sections {TRAIN_SECTIONS}-{SECTIONS - 1} into {out / 'pred.zarr'}")
     pred = out / "pred.zarr"
-    run_inference(recipe, run / "checkpoints" / "last.pt", f"{volumes}/image", pred,
+    checkpoint = run / "checkpoints" / "last.pt"
+    if pred.exists() and _predicted_with(pred) != file_digest(checkpoint):
+        stage(f"{pred} holds another checkpoint's predictions (trained further since): "
+              "predicting again")
+        shutil.rmtree(pred)  # the benchmark's own intermediate
+    run_inference(recipe, checkpoint, f"{volumes}/image", pred,
                   device=device, roi=validation, resume=pred.exists())
     infer_seconds = time.perf_counter() - started
 
@@ -298,3 +306,12 @@ def _figures(out: Path, image: np.ndarray, affs: np.ndarray, seg: np.ndarray,
     save("affinities.png", affinities)
     save("segmentation.png", overlay)
     save("training.png", curves, (7, 4))
+
+
+def _predicted_with(pred: Path) -> str | None:
+    """The SHA-256 of the checkpoint that started the prediction ``pred`` (None if unknown)."""
+    try:
+        record = zarr.open_group(str(pred), mode="r").attrs.get("emrun", {})
+    except Exception:  # not a store (yet): inference decides what to do with it
+        return None
+    return record.get("checkpoint_sha256") if isinstance(record, dict) else None

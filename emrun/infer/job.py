@@ -412,7 +412,13 @@ def _check_same_network(output: Path, saved: dict[str, Any], checkpoint: Path) -
     """Refuse to finish an output with another network than the one that started it: its
     blocks would mix two networks under metadata that names one."""
     started = saved.get("checkpoint_sha256")
-    if started is not None and started != file_digest(checkpoint):
+    now = file_digest(checkpoint) if started is not None else None
+    if now is not None and started != now and Path(saved.get("checkpoint", "")) == checkpoint:
+        raise UserError(f"{output} was started with {checkpoint}, which has changed since "
+                        f"(sha256 {started[:12]}... then, {now[:12]}... now: trained further?); "
+                        "write this network's predictions to a new --output, or remove "
+                        f"{output} first")
+    if now is not None and started != now:
         raise UserError(
             f"{output} was started with another checkpoint ({saved.get('checkpoint')}, "
             f"sha256 {started[:12]}...) than {checkpoint}; resume with that one, or write this "
