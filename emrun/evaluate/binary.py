@@ -25,8 +25,7 @@ import numpy as np
 
 from emrun.errors import UserError
 from emrun.evaluate.checks import check_inputs
-
-RANGE_SLACK = 1e-3  # float rounding around [0, 1] that is still a probability
+from emrun.io.intensity import outside_unit
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def foreground(pred: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         return pred > threshold * 255
     if pred.dtype.kind == "f":
         finite = pred[np.isfinite(pred)]
-        if finite.size and (finite.min() < -RANGE_SLACK or finite.max() > 1 + RANGE_SLACK):
+        if finite.size and outside_unit(float(finite.min()), float(finite.max())):
             raise UserError(f"the prediction holds values in [{float(finite.min()):.4g}, "
                             f"{float(finite.max()):.4g}], outside [0, 1]: a float prediction "
                             "is a probability (apply a sigmoid to logits), or give a bool or "

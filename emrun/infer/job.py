@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..geometry import Roi, Zyx, box_of, zyx
 from ..io import PRIVATE_PREFIX, Volume, open_volume
 from ..io.completion import mark_finished, unfinished
+from ..io.intensity import outside_unit
 from ..io.metadata import multiscale_dataset
 from ..io.one_channel import single_channel
 from ..io.pyramid import level_factors
@@ -183,10 +184,6 @@ def finish_job(job: Job) -> bool:
     return True
 
 
-FLOAT_SLACK = 1e-3
-"""Rounding around [0, 1] that a float image in [0, 1] may show."""
-
-
 def _check_float_scale(recipe: Recipe, volume: Volume, offset: Zyx, shape: Zyx) -> None:
     """A float image is read as intensities in [0, 1] (training refuses others unless its
     source gives `intensity`): one in 0..255 was predicted as if saturated, silently.
@@ -195,7 +192,7 @@ def _check_float_scale(recipe: Recipe, volume: Volume, offset: Zyx, shape: Zyx) 
         return
     for values in sample_boxes(volume, offset, shape):
         finite = values[np.isfinite(values)]
-        if finite.size and (finite.min() < -FLOAT_SLACK or finite.max() > 1 + FLOAT_SLACK):
+        if finite.size and outside_unit(float(finite.min()), float(finite.max())):
             raise UserError(f"{volume}: a float image is read as intensities in [0, 1], and "
                             f"this one holds values in [{finite.min():g}, {finite.max():g}]; "
                             "scale it to [0, 1], or store it as uint8 (emrun data convert)")

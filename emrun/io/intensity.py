@@ -14,3 +14,14 @@ def default_intensity(dtype: np.dtype) -> tuple[float, float]:
     if dtype.kind in "ui":
         return 0.0, float(np.iinfo(dtype).max)
     return 0.0, 1.0
+
+
+UNIT_SLACK = 1e-3
+"""Float rounding around [0, 1] that values meant to lie there (intensities, probabilities)
+may show."""
+
+
+def outside_unit(low: float, high: float) -> bool:
+    """Whether values from ``low`` to ``high`` leave [0, 1] by more than rounding: a float
+    image in 0..255, logits given as probabilities."""
+    return low < -UNIT_SLACK or high > 1 + UNIT_SLACK

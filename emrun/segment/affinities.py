@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..io.intensity import outside_unit
 
 Offset = tuple[int, int, int]
 
@@ -85,9 +86,6 @@ def is_nearest(offset: Offset) -> bool:
     return sum(abs(d) for d in offset) == 1
 
 
-RANGE_SLACK = 1e-3  # float rounding around [0, 1] that is still a probability
-
-
 def to_float(affs: np.ndarray, where: str = "affinities") -> np.ndarray:
     """float32 affinities in [0, 1]: uint8 is read as round(255 p) (inference output), floats
     as probabilities (outside [0, 1] they are logits: refused), bool as 0/1. Anything else is
@@ -103,7 +101,7 @@ def to_float(affs: np.ndarray, where: str = "affinities") -> np.ndarray:
                             "probabilities in [0, 1]")
         if values.size:
             low, high = float(values.min()), float(values.max())
-            if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:  # logits: garbage segments
+            if outside_unit(low, high):  # logits: garbage segments
                 raise UserError(f"{where}: values in [{low:.4g}, {high:.4g}], outside [0, 1]; "
                                 "affinities are probabilities: apply a sigmoid to logits "
                                 "first (emrun infer writes probabilities)")
