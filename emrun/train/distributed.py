@@ -39,6 +39,15 @@ def setup(device_type: str) -> World:
     return world
 
 
+def finish_together(world: World) -> None:
+    """Wait for every rank at the end of a run, before any tears its process group down: a
+    rank that tore down while rank 0 still wrote its last checkpoint was seen to abort in
+    gloo ("terminate called without an active exception"). Not on an error path, where a
+    rank that never arrives would hang the others."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+
+
 def teardown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()

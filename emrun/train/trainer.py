@@ -445,6 +445,7 @@ class Trainer:
                     self._checkpoint(logger)
                     logger.message(f"{signals.received}: checkpoint written at iteration "
                                    f"{self.iteration}; {self.stop_hint}")
+                distributed.finish_together(self.world)
                 return TrainResult(self.iteration, self.run_path, signals.received, self.nonfinite)
         finally:
             if owned and hasattr(batches, "close"):
