@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import yaml
-import zarr
 
 from ..atomic import atomic_output, write_text
 from ..errors import Interrupted, UserError
@@ -36,6 +35,7 @@ from ..evaluate import score
 from ..evaluate.pieces import connected_pieces
 from ..geometry import Roi
 from ..infer.engine import file_digest
+from ..infer.job import started_with
 from ..infer.run import run_inference
 from ..io import open_volume
 from ..io.convert import convert
@@ -169,7 +169,7 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     stage(f"predicting sections {TRAIN_SECTIONS}-{SECTIONS - 1} into {out / 'pred.zarr'}")
     pred = out / "pred.zarr"
     checkpoint = run / "checkpoints" / "last.pt"
-    if pred.exists() and _predicted_with(pred) != file_digest(checkpoint):
+    if pred.exists() and started_with(pred).get("checkpoint_sha256") != file_digest(checkpoint):
         stage(f"{pred} holds another checkpoint's predictions (trained further since): "
               "predicting again")
         shutil.rmtree(pred)  # the benchmark's own intermediate
@@ -307,11 +307,3 @@ def _figures(out: Path, image: np.ndarray, affs: np.ndarray, seg: np.ndarray,
     save("segmentation.png", overlay)
     save("training.png", curves, (7, 4))
 
-
-def _predicted_with(pred: Path) -> str | None:
-    """The SHA-256 of the checkpoint that started the prediction ``pred`` (None if unknown)."""
-    try:
-        record = zarr.open_group(str(pred), mode="r").attrs.get("emrun", {})
-    except Exception:  # not a store (yet): inference decides what to do with it
-        return None
-    return record.get("checkpoint_sha256") if isinstance(record, dict) else None

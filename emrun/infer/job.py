@@ -309,7 +309,7 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
         raise UserError(f"{output} already exists; use --resume to finish it, or another "
                         "--output (nothing was overwritten)")
     if existing:
-        started = _started_with(output)
+        started = started_with(output)
         if "input_location" not in started and "checkpoint_sha256" not in started:
             raise UserError(f"{output} holds no record of the run that started it (it was "
                             "stopped while being created, before its first block): remove it "
@@ -356,7 +356,7 @@ def _mask_id(mask_path: str | None) -> str | None:
     return open_volume(mask_path).location()
 
 
-def _started_with(output: Path) -> dict[str, Any]:
+def started_with(output: Path) -> dict[str, Any]:
     """What the run that started ``output`` recorded (its ``emrun`` attributes); empty when
     there is no emrun group, and the per-task check says what is missing."""
     try:
