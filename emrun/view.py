@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 
 from .errors import UserError
 from .io import open_volume
+from .io.completion import how_to_finish
 from .io.metadata import multiscale_levels
 from .io.zarr_volume import ZarrVolume
 
@@ -49,6 +50,7 @@ class Layer:
     inner: str  # the OME-Zarr image group inside it ("" for the store's root)
     channels: int  # 0 without a channel axis
     voxel_size: tuple[float, float, float]  # nm, z, y, x
+    unfinished: str | None = None  # how to finish it, while its writer has not
 
 
 def layer_for(path: str, taken: set[str]) -> Layer:
@@ -78,7 +80,7 @@ def layer_for(path: str, taken: set[str]) -> Layer:
     taken.add(unique)
     voxel = tuple(float(v) for v in (volume.voxel_size or (1.0, 1.0, 1.0))[-3:])
     return Layer(unique, kind, Path(volume.path).resolve(), inner, channels,
-                 voxel)  # type: ignore[arg-type]
+                 voxel, how_to_finish(volume))  # type: ignore[arg-type]
 
 
 def neuroglancer_state(layers: list[Layer], sources: dict[str, str]) -> dict[str, Any]:

@@ -140,7 +140,13 @@ def test_a_client_that_is_no_web_address_is_refused(volumes, client):
         view(volumes, client=client)
 
 
-def test_the_command_serves_until_stopped(volumes):
+def test_the_command_serves_until_stopped_and_names_an_unfinished_volume(volumes, tmp_path):
+    import zarr
+
+    from emrun.io.completion import unfinished
+
+    group = zarr.open_group(str(tmp_path / "pred.zarr/affinity"), mode="r+")
+    group.attrs["emrun"] = unfinished("emrun infer ... --resume finishes it")
     process = subprocess.Popen([sys.executable, "-m", "emrun", "view", *volumes,
                                 "--client", CLIENT, "--json"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -157,6 +163,9 @@ def test_the_command_serves_until_stopped(volumes):
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0 and "stopped serving" in stderr
+    warned = [line for line in stderr.splitlines() if "unfinished" in line]
+    assert warned == ["warning: affinity is unfinished (its blocks not yet written read as "
+                      "zeros): emrun infer ... --resume finishes it"]
 
 
 def test_a_path_that_is_not_a_volume_is_one_line(tmp_path):

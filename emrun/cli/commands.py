@@ -584,6 +584,9 @@ def view(
     for layer in shown.layers:
         out.print(f"{layer.name}: {layer.kind} layer from {layer.store}"
                   f"{'/' + layer.inner if layer.inner else ''}", markup=False)
+        if layer.unfinished is not None:
+            warn([f"{layer.name} is unfinished (its blocks not yet written read as zeros): "
+                  f"{layer.unfinished}"])
     out.print(f"data served at {shown.server.url}", markup=False)
     if json_:
         print(json.dumps({"link": shown.link, "data": shown.server.url,

@@ -25,11 +25,18 @@ def unfinished(how_to_finish: str) -> dict[str, Any]:
     return {UNFINISHED: how_to_finish}
 
 
-def check_finished(volume: Volume) -> None:
-    """Refuse a volume its writer has not finished, saying how to finish it."""
+def how_to_finish(volume: Volume) -> str | None:
+    """How to finish ``volume`` when its writer has not (None when it is finished)."""
     note = volume.attributes().get("emrun")
     if isinstance(note, dict) and note.get(UNFINISHED):
-        raise VolumeError(f"{volume}: is unfinished: {note[UNFINISHED]}")
+        return str(note[UNFINISHED])
+    return None
+
+
+def check_finished(volume: Volume) -> None:
+    """Refuse a volume its writer has not finished, saying how to finish it."""
+    if (how := how_to_finish(volume)) is not None:
+        raise VolumeError(f"{volume}: is unfinished: {how}")
 
 
 def mark_finished(group_path: str | Path) -> None:
