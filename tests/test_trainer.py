@@ -135,6 +135,7 @@ def test_init_from_loads_weights_into_a_new_run(recipe, tmp_path):
     bad = emrun("train", str(recipe), "--run-dir", str(tmp_path / "c"), "-o",
                 "model.widths=[4, 16]", "--init-from", str(tmp_path / "a/checkpoints/last.pt"))
     assert bad.returncode == 2 and "do not fit" in bad.stderr
+    assert not (tmp_path / "c").exists()  # refused before the run directory is made
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(recipe, tmp_path):

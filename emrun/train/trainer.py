@@ -123,8 +123,8 @@ class Trainer:
     def __init__(self, loaded: LoadedRecipe, run_path: Path, *, resume: bool = False,
                  init_from: Path | None = None, device: str | None = None,
                  console: Any = None, stop_hint: str = "continue with --resume") -> None:
-        """Set up in order: device, run directory (and the checkpoint to resume), seeded
-        model, optimisation, counters, restored state, then the compiled/distributed wrapper.
+        """Set up in order: device, seeded model, run directory (and the checkpoint to
+        resume), optimisation, counters, restored state, then the compiled/distributed wrapper.
 
         ``stop_hint``: what the line logged on SIGINT/SIGTERM tells the user to do (a command
         that wraps training and cannot resume says otherwise)."""
@@ -138,9 +138,9 @@ class Trainer:
         self.init_from = init_from
         self.console = console
         self._choose_device(device)
-        checkpoint = self._checkpoint_to_resume()
         seed_everything(self.recipe.seed)  # identical initial weights on every rank
-        self._build_model(init_from)
+        self._build_model(init_from)  # weights that do not fit: refused before the folder
+        checkpoint = self._checkpoint_to_resume()
         self._build_optimisation()
         self._start_counters()
         if checkpoint is not None:
