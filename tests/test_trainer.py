@@ -120,6 +120,11 @@ def test_resume_after_sigkill_is_bitwise_identical(recipe, tmp_path):
     final = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
     assert 0 < early["train_seconds"] < final["train_seconds"]
     assert len(final["devices"]) == 1 and final["devices"][0].startswith("cpu (")
+    # the run's provenance keeps its start and adds the resumption (with where it began)
+    record = json.loads((killed / "provenance.json").read_text())
+    assert "--resume" not in record["command"]
+    assert [s["iteration"] for s in record["sessions"]] == [0, early["iteration"]]
+    assert ["--resume" in s["command"] for s in record["sessions"]] == [False, True]
     a, b = weights(straight), weights(killed)
     assert a.keys() == b.keys()
     for key in a:

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +92,32 @@ def _failed_start(entries: list[Path]) -> bool:
             and not (checkpoints and checkpoints[0].is_dir() and any(checkpoints[0].iterdir())))
 
 
-def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path) -> None:
-    """The fully resolved recipe and where this run came from."""
+def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path,
+                                iteration: int = 0) -> None:
+    """The fully resolved recipe and where this run came from: the first session's
+    provenance, and under ``sessions`` every session's, with the iteration it started at
+    (a resumption added its own; it used to replace the run's start, so a model exported
+    from a resumed run named only the last session)."""
     write_text(run_dir / "recipe.yaml", recipe_text(recipe))
+    this = {**provenance(recipe_path), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "iteration": iteration}
+    earlier = _read_provenance(run_dir / "provenance.json")
+    sessions = earlier.get("sessions")
+    if not isinstance(sessions, list):  # none yet, or written before sessions were kept
+        sessions = [earlier] if earlier else []
+    first = {key: value for key, value in (sessions[0] if sessions else this).items()
+             if key != "sessions"}
     write_text(run_dir / "provenance.json",
-                      json.dumps(provenance(recipe_path), indent=2) + "\n")
+               json.dumps({**first, "sessions": [*sessions, this]}, indent=2) + "\n")
+
+
+def _read_provenance(path: Path) -> dict[str, Any]:
+    """The run's provenance so far ({} when there is none or it cannot be read)."""
+    try:
+        found = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def recipe_text(recipe: Recipe) -> str:

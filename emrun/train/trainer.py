@@ -366,7 +366,8 @@ class Trainer:
     def fit(self, batches: Iterator[dict[str, Any]] | None = None) -> TrainResult:
         """Train until ``train.iterations``, a signal, or too many non-finite losses."""
         if self.world.main:
-            run_dir.write_recipe_and_provenance(self.run_path, self.recipe, self.loaded.path)
+            run_dir.write_recipe_and_provenance(self.run_path, self.recipe, self.loaded.path,
+                                              self.iteration)
         finished = self.iteration >= self.train.iterations  # e.g. a resumed, finished run
         owned = batches is None  # the stream made here is closed here, however fit ends
         if batches is None:  # a finished run starts no loader workers
