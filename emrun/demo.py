@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import locks
 from .atomic import atomic_output, write_text
 from .errors import Interrupted, UserError
 from .evaluate import score_volumes
@@ -26,7 +27,7 @@ from .io.checkpoint import save_atomic
 from .io.write import write_volume
 from .models import build_model
 from .paths import file_in_the_way
-from .recipe import Recipe, load_recipe
+from .recipe import LoadedRecipe, Recipe, load_recipe
 from .segment.job import run_segment
 from .segment.request import SegmentRequest
 from .shipped import RECIPES
@@ -36,6 +37,8 @@ from .train.seg_validation import affinity_task
 from .train.trainer import Trainer
 
 TEST_SEED = 99
+OUT_ADVICE = "give another --out"
+"""What a demo refused an --out another emrun is writing is told (`emrun.locks`)."""
 
 
 def _segment_and_score(recipe: Recipe, checkpoint: Path, test: Path, out: Path,
@@ -103,13 +106,31 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
              ) -> dict[str, dict[str, float]]:
     """Train the demo recipe into ``out/run``, run the pipeline on a test volume with the
     trained and the untrained network, write ``out/metrics.json`` and ``out/demo.png``;
-    returns the metrics."""
+    returns the metrics. ``out`` is held against other emrun processes meanwhile
+    (`emrun.locks`): a second demo into it was refused by its training, as if it had a
+    --run-dir to change."""
     if (above := file_in_the_way(out)) is not None:
         raise UserError(f"--out {out}: {above} is a file, not a folder; give another --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    _check_empty(out)
+    loaded = load_recipe(RECIPES / "demo.yaml", overrides or [])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
+    with locks.holding(out, OUT_ADVICE):
+        _check_empty(out)  # again, held: one that ended just now may have filled it
+        return _demo(out, loaded, console)
+
+
+def _check_empty(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(entry.name != locks.LOCK_NAME
+                                                 for entry in out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose another --out "
                         "(nothing was overwritten)")
-    loaded = load_recipe(RECIPES / "demo.yaml", overrides or [])
+
+
+def _demo(out: Path, loaded: LoadedRecipe, console: Any) -> dict[str, dict[str, float]]:
+    """`run_demo`'s work, once ``out`` is checked and held."""
     recipe = loaded.recipe
     stage = Stages(console)
     stage(f"training {recipe.name} on synthetic EM: {recipe.train.iterations} iterations on "

@@ -1,11 +1,21 @@
-"""One emrun at a time in a folder it writes (a run directory, an output store).
+"""One emrun at a time in a folder it writes (a run directory, an output store, --out).
 
 Two commands writing one place at once mixed their files without a word: two `emrun train`
 into one run directory both finished, leaving one run's recipe beside the other's
-checkpoints. `hold` takes an exclusive advisory lock (flock) on a hidden ``.emrun-lock`` file
-in the folder; the kernel releases it when the process ends, however it ends (kill -9
+checkpoints; two `emrun data synth` into one store left one seed's image beside the other's
+labels. `hold` takes an exclusive advisory lock (flock) on a hidden ``.emrun-lock`` file in
+the folder; the kernel releases it when the process ends, however it ends (kill -9
 included), so a resume never finds a stale lock. The file records who holds it, for the
-message the second command prints.
+message the second command prints; `release` removes it (an output store keeps no trace),
+and a process that locked a file removed meanwhile locks the folder's new one instead.
+
+Who holds what: `train` its run directory; `infer` its output; `segment` its output store,
+and every write of a volume into a store (`data convert`, `data synth`:
+`emrun.io.write.held_store`) that store; `demo` and `bench snemi3d` their --out. One
+process of a job holds the lock: the one that coordinates it (in `train --gpus N`, rank 0;
+the launcher checks first with `check_free`). The job's other processes (the other ranks;
+inference and segmentation workers, local or daisy's) write the same place by design and
+never take it; one on another machine (a SLURM job step) could not see it anyway.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import fcntl
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UserError
@@ -37,19 +48,41 @@ def hold(folder: Path, advice: str) -> None:
     if key in _held:
         return
     path = Path(folder) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = _holder(fd)
-        os.close(fd)
-        if exc.errno in BUSY:
-            raise UserError(_in_use(folder, holder, advice)) from None
-        return  # ENOLCK, EOPNOTSUPP: no locks here
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _holder(fd)
+            os.close(fd)
+            if exc.errno in BUSY:
+                raise UserError(_in_use(folder, holder, advice)) from None
+            return  # ENOLCK, EOPNOTSUPP: no locks here
+        if _is_file_at(fd, path):
+            break
+        os.close(fd)  # its holder released (removed) it between our open and our lock
     os.ftruncate(fd, 0)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode())
     _held[key] = fd
+
+
+def held(folder: Path) -> bool:
+    """Whether this process holds ``folder``'s lock."""
+    return os.path.realpath(folder) in _held
+
+
+@contextlib.contextmanager
+def holding(folder: Path, advice: str) -> Iterator[None]:
+    """`hold` ``folder`` for the ``with`` block, then `release` it; a lock this process held
+    already (an outer step's) is left to that step."""
+    outer = held(folder)
+    hold(folder, advice)
+    try:
+        yield
+    finally:
+        if not outer:
+            release(folder)
 
 
 def check_free(folder: Path, advice: str) -> None:
@@ -75,12 +108,25 @@ def _in_use(folder: Path, holder: str, advice: str) -> str:
 
 
 def release(folder: Path) -> None:
-    """Let another process use ``folder`` (the lock file stays: removing it would race with
-    a process opening it)."""
+    """Let another process use ``folder``; the lock file goes, removed while still locked
+    (a process that opened it meanwhile finds it gone once it has the lock, and takes the
+    folder's next one: `hold`)."""
     fd = _held.pop(os.path.realpath(folder), None)
     if fd is not None:
         with contextlib.suppress(OSError):
+            if _is_file_at(fd, Path(folder) / LOCK_NAME):
+                os.unlink(Path(folder) / LOCK_NAME)
+        with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is the file at ``path`` still (not one removed since it was opened)."""
+    try:
+        now, opened = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _holder(fd: int) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from .. import locks
 from ..atomic import atomic_output, write_text
 from ..errors import Interrupted, UserError
 from ..evaluate import score
@@ -55,6 +56,21 @@ SECTIONS = 70
 TRAIN_SECTIONS = 60
 VOXEL_SIZE = (30.0, 6.0, 6.0)
 AS_LABELLED = ("arand", "voi_split", "voi_merge", "cremi_score")
+
+
+OUT_ADVICE = "give another --out"
+"""What a benchmark refused an --out another emrun is writing is told (`emrun.locks`)."""
+
+
+def hold_out(out: Path) -> None:
+    """Make ``out`` and hold it against other emrun processes (`emrun.locks`) until this
+    process ends: two benchmarks into one --out converted SNEMI3D into one volume at once,
+    and the one that went on trained on a copy with a third of its voxels zero."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
+    locks.hold(out, OUT_ADVICE)
 
 
 def find_data(data: Path | None) -> Path:
@@ -136,6 +152,7 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     """Convert, train, infer, sweep-segment, evaluate; returns (and writes) the results."""
     path = recipe_file(recipe)
     folder = find_data(data)
+    hold_out(out)
     if (out / "results.json").exists():
         raise UserError(f"{out} holds a finished benchmark (results.json); choose another "
                         "--out (nothing was overwritten)")

@@ -24,7 +24,15 @@ from ..recipe.run import SegmenterBase
 from ..registry import segmenters
 from ..stages import Stages
 from ..train.trainer import Trainer
-from .snemi3d import DEFAULT_RECIPE, SECTIONS, budgeted_recipe, converted, find_data, recipe_file
+from .snemi3d import (
+    DEFAULT_RECIPE,
+    SECTIONS,
+    budgeted_recipe,
+    converted,
+    find_data,
+    hold_out,
+    recipe_file,
+)
 
 __all__ = ["PACKAGE", "run_final"]
 
@@ -38,8 +46,9 @@ def run_final(data: Path | None, out: Path, export: Export, *, device: str | Non
               console: Any = None) -> dict[str, Any]:
     """Train with the validation run's settings on all sections; ``export`` (emrun.export's,
     handed in by the command: exporting sits beside the benchmarks, not below them) writes
-    the package; returns the facts."""
+    the package; returns the facts. ``out`` is held meanwhile (`snemi3d.hold_out`)."""
     chosen = _validation_results(out)
+    hold_out(out)
     package = out / PACKAGE
     if package.exists():
         raise UserError(f"{package} exists: the final model of this benchmark is written "

@@ -96,7 +96,7 @@ def data_synth(
     from ..capacity import size_text
     from ..devices import available_memory
     from ..io.pyramid import level_factors
-    from ..io.write import check_new_volume, write_volumes
+    from ..io.write import check_new_volume, held_store, write_volumes
     from ..synth import MEMORY_PER_VOXEL, synthesize
 
     if shape is None or min(shape) < 1:
@@ -109,14 +109,16 @@ def data_synth(
                         f"{size_text(need)} of memory (it is made whole, in memory), "
                         f"{size_text(free)} is available; give a smaller --shape")
     names = {"image": False, "labels": True, "mito": True, "synapse": True}  # name: label
-    if not overwrite:
-        for name, label in names.items():  # a taken name refuses before the generating
-            check_new_volume(out, name, label)
-    volume = synthesize(shape, seed, voxel_size=voxel_size or (30.0, 6.0, 6.0),
-                        defects=defects)
-    write_volumes(out, {name: (getattr(volume, name), label) for name, label in names.items()},
-                  voxel_size=volume.voxel_size, attrs={"emrun": {"synthetic_seed": seed}},
-                  levels=levels, overwrite=overwrite)
+    with held_store(out):  # another emrun writing it is refused before the generating
+        if not overwrite:
+            for name, label in names.items():  # so is a taken name
+                check_new_volume(out, name, label)
+        volume = synthesize(shape, seed, voxel_size=voxel_size or (30.0, 6.0, 6.0),
+                            defects=defects)
+        write_volumes(out, {name: (getattr(volume, name), label)
+                            for name, label in names.items()},
+                      voxel_size=volume.voxel_size, attrs={"emrun": {"synthetic_seed": seed}},
+                      levels=levels, overwrite=overwrite)
     print(f"wrote {out}/image, labels, mito, synapse: shape {list(shape)}, seed {seed}, "
           f"{int(volume.labels.max())} cells")
 

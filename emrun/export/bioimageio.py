@@ -18,7 +18,6 @@ The zip holds (``bioimageio.spec`` builds, checks and packs it):
 from __future__ import annotations
 
 import io
-import os
 import string
 import warnings
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from ..synth import synthesize
 from .manifest import manifest
 from .network import ExportedNetwork, exported_network
 from .source import Trained
-from .staging import staging_folder
+from .staging import publish, staging_folder
 
 LICENSE = "CC-BY-4.0"
 """The license bioimage.io recommends for models; the README says to change it if needed."""
@@ -52,7 +51,7 @@ def export_bioimageio(trained: Trained, output: Path) -> list[str]:
             raise RuntimeError(f"bioimage.io refused the description: {description}")
         staged = folder / output.name
         save_package(description, output_path=staged)
-        os.replace(staged, output)
+        publish(staged, output)
     return [f"wrote {output}: bioimage.io model (spec {description.format_version}) of "
             f"{trained.path} at iteration {trained.iteration}; weights: torchscript, "
             f"pytorch_state_dict; license {LICENSE} (edit rdf.yaml to change it)"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from ..errors import UserError, disk_full, not_allowed
 from ..synth import synthesize
 from .network import exported_network
 from .source import Trained
-from .staging import staging_folder
+from .staging import publish, staging_folder
 
 TOLERANCE = 1e-4
 """Largest absolute difference allowed between onnxruntime's outputs and PyTorch's."""
@@ -48,7 +47,7 @@ def export_onnx(trained: Trained, output: Path) -> list[str]:
         if not worst <= TOLERANCE:
             raise UserError(f"the ONNX graph of this model differs from PyTorch by {worst:.2g} "
                             f"(more than {TOLERANCE:g}); it was not written")
-        os.replace(staged, output)
+        publish(staged, output)
     return [f"wrote {output}: ONNX (opset {OPSET}) of {trained.path} at iteration "
             f"{trained.iteration}; input raw (b, {trained.recipe.model.input_channels()}, z, y, "
             f"x) in [0, 1], outputs {', '.join(network.tasks)}; onnxruntime matches PyTorch "

@@ -8,12 +8,16 @@ from pathlib import Path
 from ..io.package import write_package
 from .manifest import manifest
 from .source import Trained
+from .staging import publish, staging_folder
 
 
 def export_package(trained: Trained, output: Path) -> list[str]:
     """Write ``trained`` as a model package at ``output`` (atomically)."""
     facts = manifest(trained)
-    write_package(output, facts, trained.recipe_text, trained.weights, trained.iteration)
+    with staging_folder(output) as folder:
+        staged = write_package(folder / output.name, facts, trained.recipe_text,
+                               trained.weights, trained.iteration)
+        publish(staged, output)
     tasks = ", ".join(f"{name} ({task['channels']} channels)"
                       for name, task in facts["tasks"].items())
     return [f"wrote {output}: {trained.path} at iteration {trained.iteration}; tasks {tasks}",

@@ -1,15 +1,18 @@
 """The hidden folder beside an export's output where its files are made before the one
-rename that publishes it: a failed or interrupted export leaves neither a half-written file
-under the final name nor the folder."""
+step that publishes it (`publish`): a failed or interrupted export leaves neither a
+half-written file under the final name nor the folder, and never replaces a file another
+export published meanwhile."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..atomic import fsync_dir
 from ..errors import UserError
 
 
@@ -27,3 +30,25 @@ def staging_folder(output: Path) -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish(staged: Path, output: Path) -> None:
+    """Give the finished file ``staged`` its final name ``output``, which must still be free:
+    two exports to one name, started together, both found it free, and the later rename
+    replaced the earlier's file while both said they wrote it. A hard link takes the name
+    only if it is free; a file system without hard links gets a check and a rename."""
+    try:
+        os.link(staged, output)
+    except FileExistsError:
+        raise _appeared(output) from None
+    except OSError:  # no hard links here (some network and FUSE file systems)
+        if output.exists() or output.is_symlink():
+            raise _appeared(output) from None
+        os.replace(staged, output)
+    fsync_dir(output.parent)
+
+
+def _appeared(output: Path) -> UserError:
+    return UserError(f"{output} appeared while this export was being written (another "
+                     "export to the same name?); export never overwrites a file: it was left "
+                     "as it is, remove it or choose another name")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import zarr
 
-from .. import __version__
+from .. import __version__, locks
 from ..capacity import check_block_count, check_output_fits, size_text
 from ..devices import available_memory
 from ..errors import UserError
@@ -32,7 +32,7 @@ from ..io.metadata import multiscale_dataset
 from ..io.one_channel import single_channel
 from ..io.pyramid import level_factors
 from ..io.sample import contents_sample, sample_boxes
-from ..io.write import build_pyramid, create_volume
+from ..io.write import build_pyramid, create_volume, hold_store, release_store
 from ..paths import is_link_loop
 from ..recipe import Recipe
 from ..recipe.tasks import AffinityTarget
@@ -41,6 +41,8 @@ from .plan import Layout, choose_chunks_and_block
 
 DONE = f"{PRIVATE_PREFIX}done"
 JOB_FILE = "job.json"
+OUTPUT_ADVICE = "give another --output"
+"""What an `emrun infer` refused an output another emrun is writing is told (`emrun.locks`)."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,12 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
 
     ``roi`` (offset, shape) predicts only that box of the input; the output has the box's
     shape, and the input around the box still serves as context where it exists.
-    ``levels``: the outputs' pyramid levels (`finish_job`; None: the default)."""
+    ``levels``: the outputs' pyramid levels (`finish_job`; None: the default).
+
+    The output is held against other emrun processes (`emrun.io.write.hold_store`) from
+    before its contents are checked until `release_job` or this process's end: a second
+    `infer` into it (the same command run twice, or the --resume that the refusal of a rerun
+    advises) predicted every block again beside the first. The job's workers never take it."""
     volume = single_channel(open_volume(input_path))  # (1, z, y, x): bioformats2raw's
     if len(volume.shape) != 3:
         raise UserError(f"{volume}: inference needs a 3D (z, y, x) volume, got shape "
@@ -166,10 +173,22 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
                           f"{'x'.join(map(str, shape))} {recipe.infer.dtype})",
                           "check the input's shape, or predict a box of it (--roi) or the "
                           "blocks of a --mask")
-    _open_outputs(job, volume, resume)
-    job.done_dir.mkdir(parents=True, exist_ok=True)
-    job.save()
+    if not resume:
+        _refuse_foreign(output)  # before the lock: a user's folder gets no lock file
+    new = hold_store(output, OUTPUT_ADVICE)
+    try:
+        _open_outputs(job, volume, resume)
+        job.done_dir.mkdir(parents=True, exist_ok=True)
+        job.save()
+    except BaseException:
+        release_store(output, new, failed=True)  # a new output that got nothing goes again
+        raise
     return job
+
+
+def release_job(job: Job) -> None:
+    """Let other processes write the job's output again (`prepare_job` held it)."""
+    release_store(job.output)
 
 
 def finish_job(job: Job) -> bool:
@@ -301,11 +320,9 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
     info = {"layout": job.digest(), "patch": list(layout.patch),
             "stride": list(layout.stride), "block": list(layout.block),
             "chunks": list(layout.chunks)}
-    existing = output.exists() and any(output.iterdir())
+    existing = _has_entries(output)
     if existing and not resume:
-        if not job.done_dir.parent.is_dir():  # not an inference output: --resume cannot help
-            raise UserError(f"{output} already exists and is not an emrun inference output; "
-                            "give a new --output (nothing was overwritten)")
+        _refuse_foreign(output)
         raise UserError(f"{output} already exists; use --resume to finish it, or another "
                         "--output (nothing was overwritten)")
     if existing:
@@ -347,6 +364,18 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
                       attrs=attrs)
     if not existing:
         zarr.open_group(str(output), mode="r+").attrs["emrun"] = record
+
+
+def _has_entries(output: Path) -> bool:
+    """Whether ``output`` exists and holds anything (its `emrun.locks` file aside)."""
+    return output.is_dir() and any(e.name != locks.LOCK_NAME for e in output.iterdir())
+
+
+def _refuse_foreign(output: Path) -> None:
+    """Refuse a folder with contents that is no inference output: --resume cannot help."""
+    if _has_entries(output) and not (output / DONE).is_dir():
+        raise UserError(f"{output} already exists and is not an emrun inference output; "
+                        "give a new --output (nothing was overwritten)")
 
 
 def _mask_id(mask_path: str | None) -> str | None:

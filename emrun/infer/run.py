@@ -15,7 +15,7 @@ from ..devices import check_launch
 from ..errors import UserError
 from ..geometry import Roi, Zyx
 from ..recipe import Recipe
-from .job import finish_job, prepare_job
+from .job import finish_job, prepare_job, release_job
 from .schedule import Progress, check_device, run_local, worker_slots
 
 Scheduler = Literal["local", "daisy"]
@@ -29,7 +29,8 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
                   levels: int | None = None,
                   on_block: Callable[[Progress], None] | None = None) -> Progress:
     """Predict ``input_path`` (or its box ``roi``) into ``output`` (one array
-    per task), then build each output's ``levels``-level pyramid; returns the counts."""
+    per task), then build each output's ``levels``-level pyramid; returns the counts.
+    ``output`` is held against other emrun processes meanwhile (`prepare_job`)."""
     if launch is not None and scheduler != "daisy":
         raise UserError("--launch is for --scheduler daisy (workers started by a command)")
     check_launch(launch)
@@ -39,12 +40,15 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
     check_device(device, workers)
     job = prepare_job(recipe, checkpoint, input_path, output, block=block, tta=tta,
                       resume=resume, mask_path=mask_path, roi=roi, levels=levels)
-    if scheduler == "daisy":
-        from .daisy_scheduler import run_daisy
+    try:
+        if scheduler == "daisy":
+            from .daisy_scheduler import run_daisy
 
-        progress = run_daisy(job, device or "auto", workers or 1, launch=launch,
-                             on_block=on_block)
-    else:
-        progress = run_local(job, slots, on_block=on_block)
-    finish_job(job)
+            progress = run_daisy(job, device or "auto", workers or 1, launch=launch,
+                                 on_block=on_block)
+        else:
+            progress = run_local(job, slots, on_block=on_block)
+        finish_job(job)
+    finally:
+        release_job(job)
     return progress

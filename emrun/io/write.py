@@ -76,6 +76,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from emrun import locks
 from emrun.io.layout import LABELS, refresh_root, volume_dir
 from emrun.io.metadata import (
     from_ome,
@@ -126,26 +127,27 @@ def write_volumes(
     """Write several in-memory volumes ({name: (array, label)}) into one store, all or none:
     every name is checked before any is written, and a failure part-way removes the ones
     this call added (a store it made goes with them), so a rerun finds its names free.
-    With `overwrite`, volumes already replaced stay replaced."""
-    for name, (_, label) in volumes.items():
-        _prepare(path, name, label, overwrite)
-    new_store = not os.path.lexists(path)
-    added: list[tuple[str, bool]] = []
-    try:
-        for name, (array, label) in volumes.items():
-            existed = volume_dir(path, name, label).exists()
-            write_volume(path, name, array, voxel_size=voxel_size, attrs=attrs, label=label,
-                         levels=levels, overwrite=overwrite)
-            if not existed:
-                added.append((name, label))
-    except BaseException:
-        if new_store:
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            for name, label in added:
-                shutil.rmtree(volume_dir(path, name, label), ignore_errors=True)
-            refresh_root(path)
-        raise
+    With `overwrite`, volumes already replaced stay replaced. The store is held against
+    other emrun processes throughout (`held_store`): two at once mixed their volumes."""
+    with held_store(path) as new_store:
+        for name, (_, label) in volumes.items():
+            _prepare(path, name, label, overwrite)
+        added: list[tuple[str, bool]] = []
+        try:
+            for name, (array, label) in volumes.items():
+                existed = volume_dir(path, name, label).exists()
+                write_volume(path, name, array, voxel_size=voxel_size, attrs=attrs,
+                             label=label, levels=levels, overwrite=overwrite)
+                if not existed:
+                    added.append((name, label))
+        except BaseException:
+            if new_store:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                for name, label in added:
+                    shutil.rmtree(volume_dir(path, name, label), ignore_errors=True)
+                refresh_root(path)
+            raise
 
 
 def create_volume(
@@ -174,14 +176,15 @@ def create_volume(
     is a VolumeError unless `overwrite`, which deletes it first. The volume is visible as
     soon as it is created; use `write_volume` (or `staged_volume`) for all-or-nothing writes.
     """
-    target = _prepare(path, name, label, overwrite)
-    spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs,
-                 channel_names, label)
-    parent = _open_parent(target.parent, label)
-    if target.exists():
-        shutil.rmtree(target)
-    array = _create(parent, name, name, spec)
-    refresh_root(path)
+    with held_store(path):
+        target = _prepare(path, name, label, overwrite)
+        spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs,
+                     channel_names, label)
+        parent = _open_parent(target.parent, label)
+        if target.exists():
+            shutil.rmtree(target)
+        array = _create(parent, name, name, spec)
+        refresh_root(path)
     return array
 
 
@@ -252,35 +255,87 @@ def staged_volume(
     partial volume is removed and `name` is left as it was; a run killed outright leaves
     only `name.partial`, which no reader takes for a volume. With `overwrite`, an existing
     `name` is replaced only once the new one is complete. A bad `levels` is a VolumeError
-    before anything is written.
+    before anything is written. The store is held against other emrun processes while the
+    volume is written (`held_store`): a second writer removed the first one's `name.partial`
+    as stale, and the two wrote one volume.
     """
     label = guess_label(dtype, name, channel_axis) if label is None else label
-    target = _prepare(path, name, label, overwrite)
-    spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs,
-                 channel_names, label)
-    level_factors(spec["shape"][-3:], spec["voxel_size"], levels)  # checked up front
-    new_store = not os.path.lexists(path)
-    parent = _open_parent(target.parent, label)
-    partial = target.with_name(target.name + PARTIAL_SUFFIX)
-    if partial.exists():
-        shutil.rmtree(partial)
+    with held_store(path):
+        target = _prepare(path, name, label, overwrite)
+        spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs,
+                     channel_names, label)
+        level_factors(spec["shape"][-3:], spec["voxel_size"], levels)  # checked up front
+        parent = _open_parent(target.parent, label)
+        partial = target.with_name(target.name + PARTIAL_SUFFIX)
+        if partial.exists():
+            shutil.rmtree(partial)
+        try:
+            yield _create(parent, partial.name, name, spec)
+            build_pyramid(partial, levels, label=label)
+            _commit(partial, target, overwrite)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        refresh_root(path)
+
+
+STORE_ADVICE = "give another output store"
+"""What a command refused a store another emrun is writing is told to do (`emrun.locks`)."""
+
+
+@contextmanager
+def held_store(path: str | os.PathLike[str], advice: str = STORE_ADVICE) -> Iterator[bool]:
+    """`hold_store` for the ``with`` block, then `release_store`; yields whether the store was
+    made here. A store this process holds already (a job around its volumes) stays held, and
+    is that job's to clean up."""
+    root = Path(path)
+    _check_store(root, clear=False)  # what is no store gets no lock file
+    outer = locks.held(root)
+    new = hold_store(root, advice)
     try:
-        yield _create(parent, partial.name, name, spec)
-        build_pyramid(partial, levels, label=label)
-        _commit(partial, target, overwrite)
+        yield new
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        if new_store:
-            _remove_if_bare(Path(path))
+        if not outer:
+            release_store(root, new, failed=True)
         raise
-    refresh_root(path)
+    if not outer:
+        release_store(root)
+
+
+def hold_store(path: str | os.PathLike[str], advice: str = STORE_ADVICE) -> bool:
+    """Hold the output store ``path`` against other emrun processes (`emrun.locks`) until
+    `release_store` or this process's end, or refuse it in one line ending with ``advice``;
+    it is made if missing (the lock lives in it). Returns whether it was made here."""
+    root = Path(path)
+    new = not os.path.lexists(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            locks.hold(root, advice)
+        except FileNotFoundError:  # removed just now by another's failed first write
+            root.mkdir(parents=True, exist_ok=True)
+            locks.hold(root, advice)
+    except OSError as exc:
+        raise VolumeError(f"{root}: cannot write a store there ({exc.strerror or exc})"
+                          ) from exc
+    return new
+
+
+def release_store(path: str | os.PathLike[str], new: bool = False, failed: bool = False
+                  ) -> None:
+    """Let other processes write the store ``path`` again. One that `hold_store` made
+    (``new``) for a write that ``failed`` is first removed if it holds nothing but group
+    metadata, so that a failed first write leaves no empty `OUT.zarr` behind."""
+    if new and failed:
+        _remove_if_bare(Path(path))
+    locks.release(Path(path))
 
 
 def _remove_if_bare(store: Path) -> None:
-    """Remove a store this write made and that holds nothing but group metadata, so that a
-    failed first write leaves no empty `OUT.zarr` behind; a store holding anything else (a
-    volume another process has begun meanwhile) is left alone."""
-    if all(p.is_dir() or p.name == "zarr.json" for p in store.rglob("*")):
+    """Remove a store this write made and that holds nothing but group metadata (and its
+    lock), so that a failed first write leaves no empty `OUT.zarr` behind; a store holding
+    anything else (a volume another process has begun meanwhile) is left alone."""
+    if all(p.is_dir() or p.name in ("zarr.json", locks.LOCK_NAME) for p in store.rglob("*")):
         shutil.rmtree(store, ignore_errors=True)
 
 
@@ -359,8 +414,11 @@ def _commit(partial: Path, target: Path, overwrite: bool) -> None:
 
 def check_new_volume(path: str | os.PathLike[str], name: str, label: bool) -> None:
     """Refuse now what writing volume ``name`` into ``path`` would refuse at the end (a store
-    that is not one, a bad or taken name), so that a long job does not run to lose its work."""
+    that is not one, a bad or taken name, a store another emrun is writing), so that a long
+    job does not run to lose its work."""
     _prepare(path, name, label, overwrite=False)
+    if Path(path).is_dir():
+        locks.check_free(Path(path), STORE_ADVICE)
 
 
 def _prepare(path: str | os.PathLike[str], name: str, label: bool, overwrite: bool) -> Path:
@@ -431,8 +489,9 @@ def _check_name(root: Path, name: str) -> None:
                           "zarr's own")
 
 
-def _check_store(root: Path) -> None:
-    """The output must be a *.zarr folder that is missing, empty or a zarr v3 group."""
+def _check_store(root: Path, clear: bool = True) -> None:
+    """The output must be a *.zarr folder that is missing, empty or a zarr v3 group (its
+    `emrun.locks` file aside). A first write's leftovers are removed (``clear``) or let be."""
     if not root.name.lower().endswith(".zarr"):
         raise VolumeError(f"{root}: an output store must be a folder whose name ends in .zarr")
     if is_link_loop(root):
@@ -457,20 +516,22 @@ def _check_store(root: Path) -> None:
             f"{root}: is a zarr v2 store; emrun writes zarr v3 (OME-Zarr 0.5) volumes, "
             "choose another .zarr path"
         )
-    if _only_partial_volumes(root):  # a first write cut short: zarr's IO outlived cleanup
-        for leftover in list(root.iterdir()):
+    entries = [entry for entry in root.iterdir() if entry.name != locks.LOCK_NAME]
+    if _only_partial_volumes(entries):  # a first write cut short: zarr's IO outlived cleanup
+        for leftover in entries if clear else ():
             shutil.rmtree(leftover)
         return
-    if any(root.iterdir()):
+    if entries:
         raise VolumeError(f"{root}: exists and is not a zarr store (no zarr.json); not writing")
 
 
-def _only_partial_volumes(root: Path) -> bool:
+def _only_partial_volumes(entries: list[Path]) -> bool:
     """Whether a store without metadata holds nothing but volumes being written
-    (`NAME.partial`, also under `labels/`): what an interrupted first write leaves when
-    zarr's IO thread writes chunks after the cleanup removed the store."""
+    (`NAME.partial`, also under `labels/`; ``entries``: its own, the lock's aside): what an
+    interrupted first write leaves when zarr's IO thread writes chunks after the cleanup
+    removed the store."""
     found = False
-    for entry in root.iterdir():
+    for entry in entries:
         if entry.is_dir() and not entry.is_symlink() and entry.name.endswith(PARTIAL_SUFFIX):
             found = True
         elif entry.name == LABELS and entry.is_dir() and not entry.is_symlink():

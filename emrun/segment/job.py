@@ -2,8 +2,11 @@
 as an OME-Zarr image group `OUT.zarr/NAME`, voxel size carried over.
 
 Checks come first, before any voxel is read: method and parameters, the output (no file
-in the way, nothing overwritten), the affinities (c, z, y, x; uint8 or float; one offset
-per channel, from the `offsets` attribute or ``--offsets``), mask and truth shapes.
+in the way, nothing overwritten, no other emrun writing it), the affinities (c, z, y, x;
+uint8 or float; one offset per channel, from the `offsets` attribute or ``--offsets``), mask
+and truth shapes. From then until its volumes are written the output store is held against
+other emrun processes (`emrun.io.write.held_store`): a second `segment` into it removed the
+first one's volume being written as stale, and the two wrote one volume.
 
 A volume whose working set fits ``MEMORY_BYTES`` is segmented in one piece; a larger one
 (or any, given ``block``) block by block (emrun.segment.blockwise), writing straight into
@@ -31,7 +34,7 @@ from ..errors import UserError
 from ..geometry import Roi, zyx
 from ..io import Volume, open_volume
 from ..io.pyramid import level_factors
-from ..io.write import check_new_volume
+from ..io.write import check_new_volume, held_store
 from ..paths import is_link_loop
 from ..recipe.recipe import Recipe
 from ..recipe.run import SegmenterBase
@@ -298,35 +301,36 @@ def run_segment(request: SegmentRequest, *,
     write_args = {"voxel_size": volume.voxel_size, "offset": volume.offset, "label": True,
                   "levels": request.levels}
 
-    if sweeping:
-        _sweep(result, volume, offsets, segmenter, values or [], mask, truth, request.workers,
-               output, name, info, write_args, request.connected_truth, say)
-    elif blockwise:
-        if block is not None:  # the defaults scale with the volume; a user's may not
-            check_block_count(spatial, block)
-        chosen = (tuple(block) if block is not None
-                  else default_block(segmenter, offsets, volume.shape[0]))
-        result.block = [min(b, n) for b, n in zip(chosen, spatial, strict=True)]
-        runs = ([(names[0], segmenter)] if values is None
-                else [(n, segmenter.with_value(v)) for n, v in zip(names, values, strict=True)])
-        for out_name, run in runs:
-            _blockwise(result, volume, offsets, run, mask, output, out_name, chosen, info,
-                       write_args, on_block)
-    else:
-        say(f"reading {volume} ({'x'.join(map(str, spatial))} voxels)")
-        affs, used = read_channels(volume, offsets, segmenter)
-        mask_array = None if mask is None else mask.read() != 0
-        from .pipeline import segment_values
+    with held_store(output):
+        if sweeping:
+            _sweep(result, volume, offsets, segmenter, values or [], mask, truth, request.workers,
+                   output, name, info, write_args, request.connected_truth, say)
+        elif blockwise:
+            if block is not None:  # the defaults scale with the volume; a user's may not
+                check_block_count(spatial, block)
+            chosen = (tuple(block) if block is not None
+                      else default_block(segmenter, offsets, volume.shape[0]))
+            result.block = [min(b, n) for b, n in zip(chosen, spatial, strict=True)]
+            runs = ([(names[0], segmenter)] if values is None
+                    else [(n, segmenter.with_value(v)) for n, v in zip(names, values, strict=True)])
+            for out_name, run in runs:
+                _blockwise(result, volume, offsets, run, mask, output, out_name, chosen, info,
+                           write_args, on_block)
+        else:
+            say(f"reading {volume} ({'x'.join(map(str, spatial))} voxels)")
+            affs, used = read_channels(volume, offsets, segmenter)
+            mask_array = None if mask is None else mask.read() != 0
+            from .pipeline import segment_values
 
-        chosen = values or [segmenter.value]
-        say(f"segmenting in memory ({method}, {segmenter.value_name} "
-            f"{', '.join(f'{v:g}' for v in chosen)})")
-        for out_name, value, seg in zip(
-                names, chosen, segment_values(affs, used, segmenter, chosen, mask_array),
-                strict=True):
-            run = segmenter if values is None else segmenter.with_value(value)
-            say(f"writing {output / out_name}")
-            _write(result, output, out_name, seg, run, info, write_args)
+            chosen = values or [segmenter.value]
+            say(f"segmenting in memory ({method}, {segmenter.value_name} "
+                f"{', '.join(f'{v:g}' for v in chosen)})")
+            for out_name, value, seg in zip(
+                    names, chosen, segment_values(affs, used, segmenter, chosen, mask_array),
+                    strict=True):
+                run = segmenter if values is None else segmenter.with_value(value)
+                say(f"writing {output / out_name}")
+                _write(result, output, out_name, seg, run, info, write_args)
     result.seconds = round(time.perf_counter() - start, 3)
     return result
 
@@ -361,8 +365,9 @@ def _run_graph(request: SegmentRequest, spec: SegmenterBase | None,
     result = SegmentResult(input=str(volume), output=str(output), method="waterz",
                            parameters=agglo.model_dump(), mode=f"graph ({request.scheduler})",
                            segmenter_from=segmenter_from)
-    result.timings = run_scaled(request, agglo, volume, offsets, mask, result,
-                                say or (lambda text: None), on_block)
+    with held_store(output):  # the job's workers write it too, and never take it
+        result.timings = run_scaled(request, agglo, volume, offsets, mask, result,
+                                    say or (lambda text: None), on_block)
     result.block = list(result.timings.pop("block"))
     result.seconds = round(time.perf_counter() - start, 3)
     return result

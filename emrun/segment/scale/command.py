@@ -109,7 +109,7 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
                    agglomeration=request.agglomeration)
     _check_resume(job, request.resume)
     store = GraphStore(job.db)
-    if not output.exists():
+    if not (output / "zarr.json").is_file():  # new (held: its folder holds only the lock)
         zarr.open_group(str(output), mode="a", zarr_format=3)  # the store, then its folder
     job.folder.mkdir(parents=True, exist_ok=True)
     store.create(job.digest())  # the database answers and takes the tables, before any work
