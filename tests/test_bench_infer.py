@@ -184,19 +184,18 @@ def test_worker_counts_and_a_default_volume_with_blocks_for_every_worker(write):
 
 def test_the_config_grid(write):
     recipe = load_recipe(write(MINIMAL)).recipe  # batch 4
-    cpu = infer_configs.config_grid(recipe, "cpu", False)
-    assert {(c.batch_size, c.channels_last, c.compile) for c in cpu} == {
-        (4, None, None), (8, None, None), (16, None, None)}
-    assert {c.compile for c in infer_configs.config_grid(recipe, "cpu", True)} == {None, "default"}
-    cuda = infer_configs.config_grid(recipe, "cuda", True)
-    assert len(cuda) == 3 * 2 * 2 and {c.channels_last for c in cuda} == {True, False}
+    eager = infer_configs.config_grid(recipe, False)
+    assert {(c.batch_size, c.channels_last, c.compile) for c in eager} == {
+        (b, layout, None) for b in (4, 8, 16) for layout in (True, False)}
+    searched = infer_configs.config_grid(recipe, True)
+    assert len(searched) == 3 * 2 * 2 and {c.compile for c in searched} == {None, "default"}
     best = infer_configs.Config(8, False, "default")
     assert [c.compile for c in infer_configs.extra_configs(best, "cuda", True)] == [
         "max-autotune", "reduce-overhead"]
     assert infer_configs.extra_configs(best, "cpu", True) == []
     assert infer_configs.extra_configs(best, "cuda", False) == []
     big = load_recipe(write(MINIMAL), ["infer.batch_size=512"]).recipe
-    assert [c.batch_size for c in infer_configs.config_grid(big, "cpu", False)] == [512, 1024]
+    assert [c.batch_size for c in infer_configs.config_grid(big, False)] == [512, 512, 1024, 1024]
     row = {"batch_size": 8, "channels_last": False, "compile": "default"}
     assert infer_configs.config_overrides(recipe, row, True) == [
         "infer.batch_size=8", "infer.channels_last=false", "infer.compile=true"]
@@ -208,7 +207,7 @@ def test_the_config_grid(write):
     compiled = load_recipe(write(MINIMAL), ["infer.compile=true"]).recipe
     assert infer_configs.config_overrides(compiled, {**graphs, "compile": None}, True) == [
         "infer.compile=false"]
-    assert infer_configs.recipe_config(compiled, "cpu") == infer_configs.Config(4, None, "default")
+    assert infer_configs.recipe_config(compiled) == infer_configs.Config(4, True, "default")
 
 
 def test_configs_on_a_cpu_leave_compile_out_unless_asked(write, monkeypatch):
@@ -219,16 +218,19 @@ def test_configs_on_a_cpu_leave_compile_out_unless_asked(write, monkeypatch):
     f = figures(runner.invoke(app, [*args, *FAST]))
     assert compiled == [] and {r["compile"] for r in f["configs"]} == {None}
     assert {r["batch_size"] for r in f["configs"]} == {4, 8, 16}
+    assert {r["channels_last"] for r in f["configs"]} == {True, False}
     best = f["best_config"]
     assert best["voxels_per_s"] == max(r["voxels_per_s"] for r in f["configs"])
-    assert best["overrides"] == ([] if best["batch_size"] == 4 else
-                                 [f"infer.batch_size={best['batch_size']}"])
+    assert best["overrides"] == (
+        ([] if best["batch_size"] == 4 else [f"infer.batch_size={best['batch_size']}"])
+        + ([] if best["channels_last"] else ["infer.channels_last=false"]))
     assert any("--compile" in note for note in f["notes"])
     result = runner.invoke(app, [*args, "--compile", *FAST])
     f = figures(result)
-    assert len(compiled) == 3 and all(kw.get("mode") in (None, "default") for kw in compiled)
-    assert {(r["batch_size"], r["compile"]) for r in f["configs"]} == {
-        (b, c) for b in (4, 8, 16) for c in (None, "default")}
+    assert len(compiled) == 6 and all(kw.get("mode") in (None, "default") for kw in compiled)
+    assert {(r["batch_size"], r["channels_last"], r["compile"]) for r in f["configs"]} == {
+        (b, layout, c) for b in (4, 8, 16) for layout in (True, False)
+        for c in (None, "default")}
     assert "model alone by configuration" in result.stderr and "best:" in result.stderr
 
 
@@ -308,7 +310,7 @@ def test_each_config_runs_a_contiguous_copy_of_the_model(write):
     recipe = load_recipe(write(MINIMAL)).recipe
     model = models.build(recipe.model, head_channels=recipe.head_channels())
     model = model.to(memory_format=torch.channels_last_3d)
-    config = infer_configs.Config(8, None, None)
+    config = infer_configs.Config(8, False, None)
     engine = infer_configs._config_engine(recipe, model, torch.device("cpu"), config)
     conv = [p for p in engine.model.parameters() if p.dim() == 5]
     assert conv and all(p.is_contiguous() for p in conv) and engine.batch_size == 8

@@ -33,20 +33,19 @@ class Config:
     compile: str | None
 
 
-def config_grid(recipe: Recipe, device_type: str, compile_: bool) -> list[Config]:
-    """The recipe's batch size, 2x and 4x; channels_last_3d on/off on CUDA only (the engine
-    uses it nowhere else); eager, and torch.compile's default mode when ``compile_``."""
+def config_grid(recipe: Recipe, compile_: bool) -> list[Config]:
+    """The recipe's batch size, 2x and 4x; channels_last_3d on and off; eager, and
+    torch.compile's default mode when ``compile_``."""
     batch = recipe.infer.batch_size
     sizes = [b for b in (batch, 2 * batch, 4 * batch) if b <= 1024]  # infer.batch_size's limit
-    layouts: list[bool | None] = [True, False] if device_type == "cuda" else [None]
+    layouts: list[bool | None] = [True, False]
     modes: list[str | None] = [None, "default"] if compile_ else [None]
     return [Config(b, c, m) for b in sizes for c in layouts for m in modes]
 
 
-def recipe_config(recipe: Recipe, device_type: str) -> Config:
+def recipe_config(recipe: Recipe) -> Config:
     """The config the recipe runs (the speed-ups' baseline)."""
-    return Config(recipe.infer.batch_size,
-                  recipe.infer.channels_last if device_type == "cuda" else None,
+    return Config(recipe.infer.batch_size, recipe.infer.channels_last,
                   recipe.infer.compile_mode if recipe.infer.compile else None)
 
 
@@ -116,13 +115,13 @@ def search_configs(recipe: Recipe, model: nn.Module, device: torch.device, image
     """Every config's model-only rate, and the best one with the overrides that select it
     and its speed-up over the recipe's own config."""
     rows = [_time_config(recipe, model, device, image, c, repeats)
-            for c in config_grid(recipe, device.type, compile_)]
+            for c in config_grid(recipe, compile_)]
     best = _best(rows)
     if best is not None:
         rows += [_time_config(recipe, model, device, image, c, repeats)
                  for c in extra_configs(Config(best["batch_size"], best["channels_last"],
                                                best["compile"]), device.type, compile_)]
-    mine = recipe_config(recipe, device.type)
+    mine = recipe_config(recipe)
     own = next((r for r in rows if r["voxels_per_s"] and Config(
         r["batch_size"], r["channels_last"], r["compile"]) == mine), None)
     return {"configs": rows, "best_config": _with_overrides(recipe, _best(rows), own, compile_),

@@ -31,8 +31,8 @@ def model_times(engine: Engine, image: np.ndarray, repeats: int) -> list[float]:
     """Seconds per forward pass alone, on patches of the same volume, at steady state (after
     a few warm-up passes for kernel selection, caches and compilation)."""
     batch = _model_batch(image, engine.patch, engine.batch_size, engine.device)
-    if engine.device.type == "cuda" and engine.recipe.infer.channels_last:  # as the engine
-        batch = batch.contiguous(memory_format=torch.channels_last_3d)  # feeds it
+    if engine.channels_last:  # as the engine feeds it
+        batch = batch.contiguous(memory_format=torch.channels_last_3d)
     for _ in range(3):
         engine._forward(batch)
     times = []

@@ -45,7 +45,7 @@ def _bare_loop(loaded: LoadedRecipe, batches: list[dict[str, Any]], device: torc
     configure_backends(recipe, device)
     seed_everything(recipe.seed)
     model = build_model(recipe).to(device)
-    if device.type == "cuda" and recipe.train.channels_last:  # as the trainer does
+    if recipe.train.channels_last:  # as the trainer does
         model.to(memory_format=torch.channels_last_3d)
     forward = torch.compile(model) if recipe.train.compile else model
     optimizer = build_optimizer(recipe.train.optimizer, model.parameters())

@@ -146,7 +146,7 @@ class Engine:
             self.autocast = torch.bfloat16
         self.tasks = {name: task for name, task in recipe.tasks.items()}
         self.channels = recipe.head_channels()
-        self.channels_last = device.type == "cuda" and recipe.infer.channels_last
+        self.channels_last = recipe.infer.channels_last
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         compile = recipe.infer.compile if compile is None else compile

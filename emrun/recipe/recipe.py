@@ -133,7 +133,8 @@ class Infer(Spec):
         "default", description="torch.compile's mode when `compile` is true: max-autotune "
         "searches kernels (slow to start), reduce-overhead replays CUDA graphs (the engine's "
         "batches have one fixed shape on a GPU). `emrun bench infer --configs` measures them.")
-    channels_last: bool = Field(True, description="Use channels_last_3d memory format on GPU.")
+    channels_last: bool = Field(
+        True, description="Use channels_last_3d memory format (faster on GPUs and on CPUs).")
 
     @model_validator(mode="after")
     def _check(self) -> Infer:

@@ -163,7 +163,7 @@ class Trainer:
         self.heads = self.recipe.head_channels()
         self.model: nn.Module = build_model(self.recipe)
         self.model.to(self.device)
-        if self.device.type == "cuda" and self.train.channels_last:
+        if self.train.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
         if init_from is not None:
             self._load_weights(init_from)
