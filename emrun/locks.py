@@ -7,7 +7,9 @@ labels. `hold` takes an exclusive advisory lock (flock) on a hidden ``.emrun-loc
 the folder; the kernel releases it when the process ends, however it ends (kill -9
 included), so a resume never finds a stale lock. The file records who holds it, for the
 message the second command prints; `release` removes it (an output store keeps no trace),
-and a process that locked a file removed meanwhile locks the folder's new one instead.
+and a process that locked a file removed meanwhile locks the folder's new one instead. One
+that a run killed outright left in a shared folder is its user's (0644): another user locks
+it read-only and, once it is theirs, replaces it (`hold`).
 
 Who holds what: `train` its run directory; `infer` its output; `segment` its output store,
 and every write of a volume into a store (`data convert`, `data synth`:
@@ -49,7 +51,7 @@ def hold(folder: Path, advice: str) -> None:
         return
     path = Path(folder) / LOCK_NAME
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd, refused = _open(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -58,13 +60,36 @@ def hold(folder: Path, advice: str) -> None:
             if exc.errno in BUSY:
                 raise UserError(_in_use(folder, holder, advice)) from None
             return  # ENOLCK, EOPNOTSUPP: no locks here
-        if _is_file_at(fd, path):
+        if not _is_file_at(fd, path):
+            os.close(fd)  # its holder released (removed) it between our open and our lock
+            continue
+        if refused is None:
             break
-        os.close(fd)  # its holder released (removed) it between our open and our lock
+        # another user's file, left by a run that ended without `release` (killed
+        # outright): ours replaces it, removed while locked as `release` removes one
+        try:
+            os.unlink(path)
+        except OSError:
+            os.close(fd)
+            raise refused from None  # a folder this user may not write
+        os.close(fd)
     os.ftruncate(fd, 0)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode())
     _held[key] = fd
+
+
+def _open(path: Path) -> tuple[int, PermissionError | None]:
+    """The lock file at ``path`` (made if missing), open for writing; one this user may not
+    write (another user's, left in a shared folder by a run killed outright: 0644, theirs)
+    is opened for reading, which is enough to lock it, with the refusal to write it."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644), None
+    except PermissionError as exc:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC), exc
+        except OSError:
+            raise exc from None  # no file to read (a folder this user may not write)
 
 
 def held(folder: Path) -> bool:

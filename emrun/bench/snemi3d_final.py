@@ -48,7 +48,13 @@ def run_final(data: Path | None, out: Path, export: Export, *, device: str | Non
     handed in by the command: exporting sits beside the benchmarks, not below them) writes
     the package; returns the facts. ``out`` is held meanwhile (`snemi3d.hold_out`)."""
     chosen = _validation_results(out)
-    hold_out(out)
+    with hold_out(out):
+        return _final(data, out, export, chosen, device, console)
+
+
+def _final(data: Path | None, out: Path, export: Export, chosen: dict[str, Any],
+           device: str | None, console: Any) -> dict[str, Any]:
+    """`run_final`'s work, once ``out`` is held."""
     package = out / PACKAGE
     if package.exists():
         raise UserError(f"{package} exists: the final model of this benchmark is written "

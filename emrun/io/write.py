@@ -305,15 +305,19 @@ def held_store(path: str | os.PathLike[str], advice: str = STORE_ADVICE) -> Iter
 def hold_store(path: str | os.PathLike[str], advice: str = STORE_ADVICE) -> bool:
     """Hold the output store ``path`` against other emrun processes (`emrun.locks`) until
     `release_store` or this process's end, or refuse it in one line ending with ``advice``;
-    it is made if missing (the lock lives in it). Returns whether it was made here."""
+    it is made if missing (the lock lives in it; through a symbolic link to a folder not made
+    yet, the folder it names). Returns whether it was made here."""
     root = Path(path)
+    if (above := file_in_the_way(root)) is not None:
+        raise VolumeError(f"{root}: {above} is a file, not a folder; give another path")
     new = not os.path.lexists(root)
+    made = Path(os.path.realpath(root))  # root itself, unless a link names it
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        made.mkdir(parents=True, exist_ok=True)
         try:
             locks.hold(root, advice)
         except FileNotFoundError:  # removed just now by another's failed first write
-            root.mkdir(parents=True, exist_ok=True)
+            made.mkdir(parents=True, exist_ok=True)
             locks.hold(root, advice)
     except OSError as exc:
         raise VolumeError(f"{root}: cannot write a store there ({exc.strerror or exc})"
