@@ -37,8 +37,6 @@ from .train.seg_validation import affinity_task
 from .train.trainer import Trainer
 
 TEST_SEED = 99
-OUT_ADVICE = "give another --out"
-"""What a demo refused an --out another emrun is writing is told (`emrun.locks`)."""
 
 
 def _segment_and_score(recipe: Recipe, checkpoint: Path, test: Path, out: Path,
@@ -113,18 +111,13 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
         raise UserError(f"--out {out}: {above} is a file, not a folder; give another --out")
     _check_empty(out)
     loaded = load_recipe(RECIPES / "demo.yaml", overrides or [])
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
-    with locks.holding(out, OUT_ADVICE):
+    with locks.holding_out(out):
         _check_empty(out)  # again, held: one that ended just now may have filled it
         return _demo(out, loaded, console)
 
 
 def _check_empty(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(entry.name != locks.LOCK_NAME
-                                                 for entry in out.iterdir())):
+    if out.exists() and (not out.is_dir() or locks.contents(out)):
         raise UserError(f"{out} already exists and is not empty; choose another --out "
                         "(nothing was overwritten)")
 

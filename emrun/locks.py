@@ -92,6 +92,12 @@ def _open(path: Path) -> tuple[int, PermissionError | None]:
             raise exc from None  # no file to read (a folder this user may not write)
 
 
+def contents(folder: Path) -> list[Path]:
+    """What ``folder`` holds, its lock file aside (whether a folder is empty, or what a
+    command found in it, is asked of what users and commands put there)."""
+    return [entry for entry in Path(folder).iterdir() if entry.name != LOCK_NAME]
+
+
 def held(folder: Path) -> bool:
     """Whether this process holds ``folder``'s lock."""
     return os.path.realpath(folder) in _held
@@ -108,6 +114,19 @@ def holding(folder: Path, advice: str) -> Iterator[None]:
     finally:
         if not outer:
             release(folder)
+
+
+@contextlib.contextmanager
+def holding_out(out: Path) -> Iterator[None]:
+    """Make a command's ``--out`` folder and hold it for the ``with`` block (`demo`, `bench
+    snemi3d`): two into one --out mixed their files, and one that went on trained on a
+    half-converted copy."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
+    with holding(out, "give another --out"):
+        yield
 
 
 def check_free(folder: Path, advice: str) -> None:

@@ -19,11 +19,10 @@ again with the same ``--out``: conversion is kept, training resumes, inference r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,25 +56,6 @@ SECTIONS = 70
 TRAIN_SECTIONS = 60
 VOXEL_SIZE = (30.0, 6.0, 6.0)
 AS_LABELLED = ("arand", "voi_split", "voi_merge", "cremi_score")
-
-
-OUT_ADVICE = "give another --out"
-"""What a benchmark refused an --out another emrun is writing is told (`emrun.locks`)."""
-
-
-@contextlib.contextmanager
-def hold_out(out: Path) -> Iterator[None]:
-    """Make ``out`` and hold it against other emrun processes (`emrun.locks`) for the
-    ``with`` block: two benchmarks into one --out converted SNEMI3D into one volume at once,
-    and the one that went on trained on a copy with a third of its voxels zero. The lock
-    goes with the block, its file too: a benchmark that ended (finished or refused) left
-    `OUT/.emrun-lock` behind, and a program that ran it kept the folder from every other."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
-    with locks.holding(out, OUT_ADVICE):
-        yield
 
 
 def find_data(data: Path | None) -> Path:
@@ -155,10 +135,10 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
                 device: str | None = None, overrides: list[str] | None = None,
                 console: Any = None, recipe: str | Path | None = None) -> dict[str, Any]:
     """Convert, train, infer, sweep-segment, evaluate; returns (and writes) the results.
-    ``out`` is held meanwhile (`hold_out`)."""
+    ``out`` is held meanwhile (`locks.holding_out`)."""
     path = recipe_file(recipe)
     folder = find_data(data)
-    with hold_out(out):
+    with locks.holding_out(out):
         return _run(path, folder, out, iterations, device, overrides, console)
 
 

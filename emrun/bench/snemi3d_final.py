@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import locks
 from ..atomic import write_text
 from ..errors import Interrupted, UserError
 from ..recipe.run import SegmenterBase
@@ -30,7 +31,6 @@ from .snemi3d import (
     budgeted_recipe,
     converted,
     find_data,
-    hold_out,
     recipe_file,
 )
 
@@ -46,9 +46,9 @@ def run_final(data: Path | None, out: Path, export: Export, *, device: str | Non
               console: Any = None) -> dict[str, Any]:
     """Train with the validation run's settings on all sections; ``export`` (emrun.export's,
     handed in by the command: exporting sits beside the benchmarks, not below them) writes
-    the package; returns the facts. ``out`` is held meanwhile (`snemi3d.hold_out`)."""
+    the package; returns the facts. ``out`` is held meanwhile (`locks.holding_out`)."""
     chosen = _validation_results(out)
-    with hold_out(out):
+    with locks.holding_out(out):
         return _final(data, out, export, chosen, device, console)
 
 

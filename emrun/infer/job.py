@@ -368,7 +368,7 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
 
 def _has_entries(output: Path) -> bool:
     """Whether ``output`` exists and holds anything (its `emrun.locks` file aside)."""
-    return output.is_dir() and any(e.name != locks.LOCK_NAME for e in output.iterdir())
+    return output.is_dir() and bool(locks.contents(output))
 
 
 def _refuse_foreign(output: Path) -> None:

@@ -520,7 +520,7 @@ def _check_store(root: Path, clear: bool = True) -> None:
             f"{root}: is a zarr v2 store; emrun writes zarr v3 (OME-Zarr 0.5) volumes, "
             "choose another .zarr path"
         )
-    entries = [entry for entry in root.iterdir() if entry.name != locks.LOCK_NAME]
+    entries = locks.contents(root)
     if _only_partial_volumes(entries):  # a first write cut short: zarr's IO outlived cleanup
         for leftover in entries if clear else ():
             shutil.rmtree(leftover)

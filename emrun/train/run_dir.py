@@ -76,7 +76,7 @@ def _check_place(run_dir: Path, resume: bool) -> None:
 def _entries(run_dir: Path, resume: bool) -> list[Path]:
     """What a new run would clear: a failed start's files (none with --resume); a run or a
     user's file is refused."""
-    entries = [entry for entry in run_dir.iterdir() if entry.name != locks.LOCK_NAME]
+    entries = locks.contents(run_dir)
     if resume or not entries:
         return []
     if not _failed_start(entries):
