@@ -13,7 +13,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "emrun"
 
 FLOORS: list[set[str]] = [
-    {"emrun", "errors", "paths", "atomic", "subprocesses", "stages", "shipped", "unionfind"},
+    {"emrun", "errors", "paths", "atomic", "subprocesses", "stages", "shipped", "unionfind",
+     "components"},
     {"capacity", "devices", "geometry", "locks"},
     {"registry", "io", "synth"},
     {"recipe"},

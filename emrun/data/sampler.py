@@ -85,6 +85,15 @@ class MaskIndex:
         return zyx(box.offset + Coordinate(local))
 
 
+def _core(in_shape: Zyx, out_shape: Zyx) -> Roi:
+    """The centre of a crop that ``min_labelled`` is checked on: per axis the output's size,
+    or the crop's where it is smaller. A y/x transpose of a non-square patch reads (z, x, y):
+    the output's box would stick out of the crop, and numpy read a negative start from the
+    end (a strip of the crop, or nothing), so good crops were refused or bad ones taken."""
+    size = Coordinate(min(i, o) for i, o in zip(in_shape, out_shape, strict=True))
+    return Roi((Coordinate(in_shape) - size) // 2, size)
+
+
 class PatchSampler:
     """Draws crops from a weighted mixture of sources."""
 
@@ -104,14 +113,14 @@ class PatchSampler:
 
     def draw(self, rng: np.random.Generator, in_shape: Zyx, out_shape: Zyx,
              source: Source | None = None) -> Crop:
-        """One crop of ``in_shape`` whose central ``out_shape`` passes the source's tests,
+        """One crop of ``in_shape`` whose centre (``_core``) passes the source's tests,
         from ``source`` (default: one picked by weight)."""
         source = source or self.pick(rng)
         room = source.box.shape - Coordinate(in_shape)
         if min(room) < 0:
             raise UserError(f"source {source.name!r}: its box {list(source.box.shape)} is "
                             f"smaller than the patch read for augmentation {list(in_shape)}")
-        core = Roi((Coordinate(in_shape) - Coordinate(out_shape)) // 2, out_shape)
+        core = _core(in_shape, out_shape)
         for _ in range(MAX_TRIES):
             corner = self._corner(rng, source, in_shape, room)
             if corner is None:

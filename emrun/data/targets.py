@@ -20,11 +20,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-import cc3d
 import edt
 import numpy as np
 from scipy import ndimage
 
+from ..components import components
 from ..errors import UserError
 from ..recipe.tasks import (
     AffinityTarget,
@@ -199,8 +199,8 @@ def relabel_components(labels: np.ndarray) -> np.ndarray:
     Two pieces of one id that touch only across an edge or a corner become different ids.
     The output is uint16 when N < 2**16, else uint32 or uint64 (cc3d's choice).
     """
-    components, n = cc3d.connected_components(labels, connectivity=6, return_N=True)
-    return _compact(components, top=int(n))
+    pieces, n = components(labels, connectivity=6, return_N=True)
+    return _compact(pieces, top=int(n))
 
 
 # --------------------------------------------------------------------------- targets

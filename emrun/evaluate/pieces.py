@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from emrun.components import components
 from emrun.evaluate.contingency import ContingencyTable, as_ids, reduce_pairs
 from emrun.geometry import Roi
 
@@ -37,18 +38,9 @@ def connected_pieces(truth: np.ndarray) -> np.ndarray:
 
 def label_pieces(labels: np.ndarray, connectivity: int) -> np.ndarray:
     """cc3d's connected components of equal non-zero ids (2-d: 4 or 8, 3-d: 6, 18 or 26),
-    numbered 1..K in the order of their first voxels. Ids of 2^63 and above (negative
-    signed ids, as uint64) are made small first: cc3d overflowed on them in arrays with
-    a run along one axis only (a face one voxel wide: "Python int too large")."""
-    import cc3d
-
+    numbered 1..K in the order of their first voxels, for any id (`emrun.components`)."""
     ids = as_ids(np.ascontiguousarray(labels))
-    if ids.size and ids.max() >= np.uint64(2**63):  # equal ids stay equal: same pieces
-        _, inverse = np.unique(ids, return_inverse=True)
-        small = inverse.reshape(ids.shape).astype(np.uint64) + np.uint64(1)
-        small[ids == 0] = 0
-        ids = small
-    return cc3d.connected_components(ids, connectivity=connectivity, out_dtype=np.uint64)
+    return components(ids, connectivity=connectivity, out_dtype=np.uint64)
 
 
 def first_voxels(labels: np.ndarray) -> np.ndarray:
