@@ -92,7 +92,9 @@ def to_float(affs: np.ndarray, where: str = "affinities") -> np.ndarray:
     a UserError."""
     dtype = affs.dtype
     if dtype == np.uint8:
-        return affs.astype(np.float32) * np.float32(1 / 255)
+        # divided, not multiplied by float32(1/255): the product lands one float32 step above
+        # k/255 for 126 of the 256 levels, so a stored 51 counted as above a threshold of 0.2
+        return affs.astype(np.float32) / np.float32(255)
     if dtype.kind == "f":
         values = affs.astype(np.float32, copy=False)
         if not np.isfinite(values).all():  # segmenters (mws: a Rust panic) cannot rank NaN

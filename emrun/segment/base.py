@@ -62,11 +62,15 @@ class Segmenter(ABC):
 
     ``exact_stitching`` says whether block
     results stitched with :meth:`stitch` equal the whole-volume result (up to ids).
+    ``keeps_apart`` says whether :meth:`stitch` also takes ``apart=``: the pairs of ids
+    adjacent inside one block, which that block kept apart (a method that separates
+    neighbours on purpose, such as mws, must not have them joined through another block).
     """
 
     spec: SegmenterBase
     exact_stitching: ClassVar[bool] = False
     blockwise: ClassVar[bool] = True
+    keeps_apart: ClassVar[bool] = False
 
     @property
     def min_size(self) -> int:

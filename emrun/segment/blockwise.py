@@ -32,7 +32,7 @@ from .affinities import Offset, to_float
 from .base import Segmenter
 from .boxes import crossing
 from .graph import Edges, compact_lut, merge_small
-from .pipeline import provisional, region_edges
+from .pipeline import first_voxel_ranks, provisional, region_edges
 
 __all__ = ["BlockwiseResult", "segment_into"]
 
@@ -86,6 +86,7 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
     source = _Source(affs, mask)
 
     sizes = [np.zeros(1, np.int64)]
+    firsts = [np.full(1, -1, np.int64)]  # each fragment's first voxel in the volume
     count = 0
     for i, index in enumerate(blocks):
         core, ext = grid.box(index), grid.box(index, context=halo)
@@ -94,6 +95,8 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
         crop = local_slices(core, ext.offset)
         labels, k = provisional(raw[crop], None if block_mask is None else block_mask[crop])
         sizes.append(np.bincount(labels.ravel().astype(np.int64), minlength=k + 1)[1:])
+        if segmenter.min_size > 1:
+            firsts.append(first_voxel_ranks(labels, core, shape)[1:])
         labels[labels != 0] += np.uint64(count)
         out[slices(core)] = labels
         count += k
@@ -105,6 +108,7 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
     faces = len(blocks) > 1
     region_parts: list[Edges] = []
     face_parts: list[Edges] = []
+    apart_parts: list[Edges] = []  # ids adjacent inside one block (segmenter.keeps_apart)
     if graph or faces:
         margin = tuple(max(abs(o[a]) for o in offsets) for a in range(3))
         for i, index in enumerate(blocks):
@@ -116,14 +120,24 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
             if faces:
                 face_parts.extend(_face_edges(segmenter, labels, region, core, block_affs,
                                               offsets, grid.total))
+            if faces and segmenter.keeps_apart:
+                inside = labels[local_slices(core, region.offset)]
+                apart_parts.append(region_edges(inside, core, core, block_affs, offsets))
             _report(on_block, "edges", i + 1, len(blocks))
 
-    table = (segmenter.stitch(Edges.concat(face_parts), count) if faces
-             else np.arange(count + 1, dtype=np.int64))
+    if not faces:
+        table = np.arange(count + 1, dtype=np.int64)
+    elif segmenter.keeps_apart:
+        table = segmenter.stitch(Edges.concat(face_parts), count,
+                                 apart=Edges.concat(apart_parts))
+    else:
+        table = segmenter.stitch(Edges.concat(face_parts), count)
     if graph:
         root_sizes = np.bincount(table, weights=size, minlength=count + 1).astype(np.int64)
+        rank = np.full(count + 1, np.iinfo(np.int64).max, np.int64)
+        np.minimum.at(rank, table, np.concatenate(firsts))  # a segment's: its fragments' first
         merged = merge_small(root_sizes, Edges.concat(region_parts).mapped(table),
-                             segmenter.min_size)
+                             segmenter.min_size, rank=rank)
         table = merged[table]
     final = compact_lut(table[1:], count)[table].astype(np.uint64)
     for i, core in enumerate(grid.boxes()):

@@ -116,15 +116,19 @@ def union(count: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return smallest[component]
 
 
-def merge_small(sizes: np.ndarray, edges: Edges, min_size: int) -> np.ndarray:
+def merge_small(sizes: np.ndarray, edges: Edges, min_size: int,
+                rank: np.ndarray | None = None) -> np.ndarray:
     """Merge every segment smaller than ``min_size`` into the neighbour it shares the highest
     mean affinity with, repeatedly, until none is small or a small one has no neighbour left.
 
     ``sizes[i]``: voxels of id i (index 0 unused); ``edges``: adjacent ids with summed
-    nearest-neighbour affinity. Edges are taken in decreasing mean affinity (ties in id
-    order) and joined when either side is still small, like Kruskal's algorithm with a size
-    condition; a small segment thus joins its most strongly connected neighbour, and chains
-    of small ones grow until they reach ``min_size``. Returns a table id -> representative.
+    nearest-neighbour affinity. Edges are taken in decreasing mean affinity and joined when
+    either side is still small, like Kruskal's algorithm with a size condition; a small
+    segment thus joins its most strongly connected neighbour, and chains of small ones grow
+    until they reach ``min_size``. Ties (common with uint8 affinities) go by the pair's
+    ``rank``s, lower first (default: the ids); a rank that does not depend on how ids were
+    numbered, such as each segment's first voxel, makes the result the same for any
+    numbering (in memory or block by block). Returns a table id -> representative.
     """
     n = sizes.size
     parent = np.arange(n, dtype=np.int64)
@@ -133,7 +137,9 @@ def merge_small(sizes: np.ndarray, edges: Edges, min_size: int) -> np.ndarray:
     small = sizes < min_size
     keep = small[edges.u] | small[edges.v]
     u, v, mean = edges.u[keep], edges.v[keep], edges.mean[keep]
-    order = np.lexsort((v, u, -mean))
+    key = np.arange(n, dtype=np.int64) if rank is None else np.asarray(rank, np.int64)
+    low, high = np.minimum(key[u], key[v]), np.maximum(key[u], key[v])
+    order = np.lexsort((high, low, -mean))
     roots = list(range(n))
     size = sizes.astype(np.int64).tolist()
 

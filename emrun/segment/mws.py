@@ -32,13 +32,15 @@ segments of neighbouring blocks are joined by a second mutex watershed on the gr
 segments that touch across a face, each pair weighted by the mean weight of all affinity
 edges (nearest and long-range) that cross the face between them, long-range edges counting
 only with their repulsion (so segments that do not touch are never joined). Decisions made
-inside a block are kept.
+inside a block are kept: two segments adjacent inside a block, which it kept apart, get a
+mutex in the stitch before any crossing edge, so no chain through another block joins them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import cc3d
 import mwatershed
@@ -54,6 +56,9 @@ from .graph import Edges
 __all__ = ["MutexSegmenter"]
 
 NEAREST_BIAS = 0.5
+KEPT_APART = -2.0
+"""The stitch's weight for two segments a block kept apart: weights are affinities minus a
+bias, in [-1, 1], so this mutex comes before every crossing edge."""
 
 
 @segmenters.implement("mws")
@@ -63,6 +68,7 @@ class MutexSegmenter(Segmenter):
     (long-range), split into connected pieces (spec ``mws``)."""
 
     spec: MutexWatershed
+    keeps_apart: ClassVar[bool] = True
 
     def weights(self, p: np.ndarray, offset: Offset) -> np.ndarray:
         """Signed edge weights (float64) for affinities ``p`` of one channel."""
@@ -81,7 +87,14 @@ class MutexSegmenter(Segmenter):
                 here, _ = pair
                 valid = edge_valid(mask, offset)
                 weights[c][here][~valid] = 0.0
-        labels = mwatershed.agglom(weights, [list(map(int, o)) for o in offsets])
+        # a channel whose offset reaches past the volume has no edge; mwatershed panics on it
+        kept = [c for c, o in enumerate(offsets) if edge_slices(affs.shape[1:], o) is not None]
+        if kept:
+            labels = mwatershed.agglom(np.ascontiguousarray(weights[kept]),
+                                       [list(map(int, offsets[c])) for c in kept])
+        else:  # no voxel has a neighbour: each is its own segment
+            shape = affs.shape[1:]
+            labels = np.arange(1, int(np.prod(shape)) + 1, dtype=np.uint64).reshape(shape)
         if mask is not None:
             labels[~mask] = 0
         return cc3d.connected_components(labels, connectivity=6)
@@ -101,12 +114,21 @@ class MutexSegmenter(Segmenter):
             np.minimum(weights, 0.0, out=weights)
         return Edges.aggregate(u, v, weights)
 
-    def stitch(self, edges: Edges, count: int) -> np.ndarray:
+    def stitch(self, edges: Edges, count: int, apart: Edges | None = None) -> np.ndarray:
+        """Joins across faces by a mutex watershed on ``edges``, with a mutex stronger than
+        any of them between each pair in ``apart`` that touches a face on both sides."""
         table = np.arange(count + 1, dtype=np.int64)
         if edges.u.size == 0:
             return table
-        clustered = mwatershed.cluster_edges(
-            list(zip(edges.mean.tolist(), edges.u.tolist(), edges.v.tolist(), strict=True)))
+        entries = list(zip(edges.mean.tolist(), edges.u.tolist(), edges.v.tolist(),
+                           strict=True))
+        if apart is not None and apart.u.size:
+            touching = np.zeros(count + 1, bool)
+            touching[edges.u] = touching[edges.v] = True
+            kept = touching[apart.u] & touching[apart.v]
+            entries += [(KEPT_APART, int(a), int(b))
+                        for a, b in zip(apart.u[kept], apart.v[kept], strict=True)]
+        clustered = mwatershed.cluster_edges(entries)
         if not clustered:
             return table
         fragment, segment = np.array(clustered, dtype=np.int64).T

@@ -19,8 +19,8 @@ from .base import Segmenter
 from .boxes import shifted_inside
 from .graph import Edges, compact, merge_small
 
-__all__ = ["finish", "nearest_pairs", "provisional", "region_edges", "segment_array",
-           "segment_values"]
+__all__ = ["finish", "first_voxel_ranks", "nearest_pairs", "provisional", "region_edges",
+           "segment_array", "segment_values"]
 
 
 def provisional(raw: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, int]:
@@ -77,8 +77,24 @@ def finish(raw: np.ndarray, affs: np.ndarray, offsets: Sequence[Offset],
     sizes = np.bincount(labels.ravel().astype(np.int64), minlength=count + 1)
     whole = box_of(labels.shape)
     edges = region_edges(labels, whole, whole, affs, offsets)
-    table = merge_small(sizes, edges, min_size)
+    table = merge_small(sizes, edges, min_size, rank=first_voxel_ranks(labels))
     return compact(table[labels])[0]
+
+
+def first_voxel_ranks(labels: np.ndarray, at: Roi | None = None,
+                      shape: Sequence[int] | None = None) -> np.ndarray:
+    """Per id 0..K of ``labels`` (ids 1..K all present, as `provisional` gives them) the flat
+    index of its first voxel in raster order (index 0: -1); with ``at`` (the box ``labels``
+    cover) and ``shape``, the index in the whole volume. `merge_small` breaks ties by it, so
+    that in memory and block by block merge alike."""
+    from ..evaluate.pieces import first_voxels
+
+    local = first_voxels(labels)
+    if at is not None and shape is not None:
+        position = np.unravel_index(local, labels.shape)
+        local = np.ravel_multi_index(
+            tuple(p + o for p, o in zip(position, at.offset, strict=True)), tuple(shape))
+    return np.concatenate(([-1], local)).astype(np.int64)
 
 
 def segment_array(affs: np.ndarray, offsets: Sequence[Offset], segmenter: Segmenter,

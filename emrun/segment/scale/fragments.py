@@ -33,9 +33,9 @@ SEED_WINDOW = (3, 7, 7)
 HALO = (2, 8, 8)
 """Context (z, y, x) read around a block for its fragments, then cropped."""
 FOREGROUND = 0.5
+"""Voxels whose lowest nearest-neighbour affinity is above this lie inside an object."""
 MAX_VOXELS = 2**31 - 1
 """The most voxels a block with its context may hold: the watershed indexes them as int32."""
-"""Voxels whose mean nearest-neighbour affinity is above this lie inside an object."""
 
 
 def boundary_map(affs: np.ndarray, offsets: Sequence[Offset]) -> np.ndarray:
@@ -45,11 +45,15 @@ def boundary_map(affs: np.ndarray, offsets: Sequence[Offset]) -> np.ndarray:
     lowest = np.ones(affs.shape[1:], np.float32)
     for axis in nearest_axes(offsets):
         for c in axis:
-            np.minimum(lowest, affs[c], out=lowest)
             pair = edge_slices(lowest.shape, offsets[c])
-            if pair is not None:  # the edge at v links v + offset too
-                here, there = pair
-                np.minimum(lowest[there], affs[c][here], out=lowest[there])
+            if pair is None:
+                continue
+            # only edges with both ends in the array: the value at v whose v + offset lies
+            # outside (section 0 for z) is no edge (0 in targets, anything in predictions),
+            # and taken as one it made a one-section volume all boundary, one fragment
+            here, there = pair
+            np.minimum(lowest[here], affs[c][here], out=lowest[here])
+            np.minimum(lowest[there], affs[c][here], out=lowest[there])
     return 1.0 - lowest
 
 
