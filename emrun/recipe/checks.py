@@ -187,6 +187,25 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
     return problems
 
 
+def _bookkeeping_cautions(recipe: Recipe) -> list[tuple[Path, str]]:
+    """Schedule milestones and validations the run never reaches: a recipe shortened for a
+    quick try keeps the long run's intervals, and nothing said that no validation (so no
+    best.pt) or no decay would happen."""
+    train, found = recipe.train, []
+    every = train.validate_every
+    if recipe.data.validation and every > train.iterations:
+        found.append((("train", "validate_every"),
+                      f"{every} is more than train.iterations {train.iterations}: the run "
+                      "never validates, so it writes no best.pt (0 turns validation off)"))
+    late = [m for m in getattr(train.schedule, "milestones", []) if m >= train.iterations]
+    if late:
+        found.append((("train", "schedule", "milestones"),
+                      f"{', '.join(map(str, late))} {'is' if len(late) == 1 else 'are'} not "
+                      f"before train.iterations {train.iterations}: the rate never decays "
+                      "there"))
+    return found
+
+
 def cautions(recipe: Recipe) -> list[tuple[Path, str]]:
     """What is valid but probably not meant, as (key path, message): warned, not refused."""
     found: list[tuple[Path, str]] = []
@@ -197,6 +216,7 @@ def cautions(recipe: Recipe) -> list[tuple[Path, str]]:
                       f"(train.iterations {recipe.train.iterations}): the learning rate never "
                       f"reaches its set value, the last step uses "
                       f"{recipe.train.iterations / (warmup + 1):.2g} of it"))
+    found += _bookkeeping_cautions(recipe)
     if recipe.infer.dtype == "uint8":
         signed = [n for n, t in recipe.tasks.items()
                   if isinstance(t.target, DistanceTarget) and t.target.signed]

@@ -194,6 +194,24 @@ class CheckpointDir:
         """last.pt when present, else None."""
         return self.last_path if self.last_path.is_file() else None
 
+    def readable_instead(self, unreadable: Path) -> tuple[Path, list[Path]] | None:
+        """When ``unreadable`` (the checkpoint `newest` chose) cannot be loaded: the newest
+        numbered checkpoint that can, and every file that must be moved aside for `newest`
+        to choose it (last.pt and the numbered files above it: last.pt is a hard link to
+        the newest, so a damaged last.pt is a damaged numbered file too). None when no
+        numbered checkpoint can be read."""
+        blocking = [unreadable] if unreadable.exists() else []
+        last = self.last()
+        if last is not None and last != unreadable and _iteration_of(last) < 0:
+            blocking.append(last)
+        for candidate in reversed(self.numbered()):
+            if candidate == unreadable:
+                continue
+            if _iteration_of(candidate) >= 0:
+                return candidate, blocking
+            blocking.append(candidate)
+        return None
+
     def newest(self) -> Path | None:
         """The checkpoint to resume from: last.pt, unless a kill came between saving a
         numbered checkpoint and pointing last.pt at it (last.pt is then older, or missing):

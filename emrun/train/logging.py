@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -162,8 +163,30 @@ class _ScalarOnlyTensorBoard:
         self._writer.close()
 
 
+def _quiet_writer_failures(args: Any) -> None:
+    """`threading.excepthook` that leaves out TensorBoard's writer thread failing to write (a
+    full disk, a folder made read-only): that thread printed its traceback, then the trainer
+    got the same error at its next write or close and reported it in one line (exit 2)."""
+    if isinstance(args.exc_value, OSError) and \
+            type(args.thread).__module__.startswith("tensorboard."):
+        return
+    _PREVIOUS_EXCEPTHOOK(args)
+
+
+_PREVIOUS_EXCEPTHOOK = threading.excepthook
+
+
+def _quiet_tensorboard_threads() -> None:
+    """Install `_quiet_writer_failures` once (other threads' failures print as before)."""
+    global _PREVIOUS_EXCEPTHOOK
+    if threading.excepthook is not _quiet_writer_failures:
+        _PREVIOUS_EXCEPTHOOK = threading.excepthook
+        threading.excepthook = _quiet_writer_failures
+
+
 def _open_tensorboard(log_dir: Path, purge_step: int | None) -> tuple[Any, str | None]:
     """torch's TensorBoard writer, else a scalar-only fallback, else None; plus a warning."""
+    _quiet_tensorboard_threads()
     try:
         return _TensorBoard(log_dir, purge_step), None
     except Exception as exc:  # torch's wrapper broken against this tensorboard/protobuf

@@ -27,6 +27,12 @@ ADOPTED_KEYS = ("optimizer", "schedule", "iterations")
 """Settings under ``train`` that a resumption takes from the recipe when they changed (the
 saved optimizer and scheduler states carry the old ones)."""
 
+BOOKKEEPING = frozenset({"name", "description", "train.log_every", "train.image_every",
+                         "train.checkpoint_every", "train.keep_checkpoints", "train.workers",
+                         "train.validate_every", "train.validate_in_background"})
+"""Recipe keys whose change on resumption leaves the trained weights as they would have been
+(the data stream does not depend on the worker count): not worth a note."""
+
 
 START_FILES = frozenset({"recipe.yaml", "provenance.json", "events.jsonl", "tensorboard",
                          "checkpoints"})
@@ -93,14 +99,17 @@ def _failed_start(entries: list[Path]) -> bool:
 
 
 def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path,
-                                iteration: int = 0) -> None:
+                                iteration: int = 0, init_from: Path | None = None) -> None:
     """The fully resolved recipe and where this run came from: the first session's
     provenance, and under ``sessions`` every session's, with the iteration it started at
     (a resumption added its own; it used to replace the run's start, so a model exported
-    from a resumed run named only the last session)."""
+    from a resumed run named only the last session) and, for a session that began from
+    ``--init-from`` weights, their absolute path (`init_weights` reads it back)."""
     write_text(run_dir / "recipe.yaml", recipe_text(recipe))
     this = {**provenance(recipe_path), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "iteration": iteration}
+    if init_from is not None:
+        this["init_from"] = str(Path(init_from).resolve())
     earlier = _read_provenance(run_dir / "provenance.json")
     sessions = earlier.get("sessions")
     if not isinstance(sessions, list):  # none yet, or written before sessions were kept
@@ -109,6 +118,16 @@ def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path
              if key != "sessions"}
     write_text(run_dir / "provenance.json",
                json.dumps({**first, "sessions": [*sessions, this]}, indent=2) + "\n")
+
+
+def init_weights(run_dir: Path) -> Path | None:
+    """The ``--init-from`` weights the run's latest session began from, if it did: a run
+    stopped before its first checkpoint and resumed starts again from them, not from random
+    weights (``--resume`` and ``--init-from`` cannot be given together)."""
+    sessions = _read_provenance(run_dir / "provenance.json").get("sessions")
+    last = sessions[-1] if isinstance(sessions, list) and sessions else None
+    found = last.get("init_from") if isinstance(last, dict) else None
+    return Path(found) if isinstance(found, str) and found else None
 
 
 def _read_provenance(path: Path) -> dict[str, Any]:
@@ -185,6 +204,28 @@ def changed_settings(saved_text: str, recipe: Recipe) -> list[str]:
     return changes
 
 
+def other_changes(saved_text: str, recipe: Recipe) -> list[str]:
+    """What else differs between a checkpoint's recipe and ``recipe`` (neither refused nor
+    adopted, and not mere bookkeeping): seed, augment, patch, batch, precision, EMA,
+    validation and segmentation settings, ... A resumption applies them from its iteration
+    on, so the run no longer continues as it began: the user is told, not left to find out."""
+    saved = yaml.safe_load(saved_text)
+    current = recipe.resolved()
+    skipped = {*RESUME_KEYS, *(f"train.{key}" for key in ADOPTED_KEYS), *BOOKKEEPING}
+    changes: list[str] = []
+    for key in dict.fromkeys([*saved, *current]):
+        if key in RESUME_KEYS:
+            continue
+        old, new = saved.get(key), current.get(key)
+        if key == "train" and isinstance(old, dict) and isinstance(new, dict):
+            changes += [change for sub in dict.fromkeys([*old, *new])
+                        if f"train.{sub}" not in skipped
+                        for change in _differences(f"train.{sub}", old.get(sub), new.get(sub))]
+        elif key not in skipped:
+            changes += _differences(key, old, new)
+    return changes
+
+
 def _differences(path: str, old: Any, new: Any) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict) and old.get("type") == new.get("type"):
         return [change for key in dict.fromkeys([*old, *new])
@@ -192,6 +233,8 @@ def _differences(path: str, old: Any, new: Any) -> list[str]:
     return [] if old == new else [f"{path} {_short(old)} -> {_short(new)}"]
 
 
-def _short(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix(
+def _short(value: Any, limit: int = 60) -> str:
+    """A value on one line, cut to ``limit`` characters (an augment list can be long)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix(
         "\n...").strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."

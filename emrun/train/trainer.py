@@ -190,6 +190,11 @@ class Trainer:
         self.train_seconds = 0.0  # wall time in fit() over every session of this run
         self.devices: list[str] = []  # the devices that trained it, in order of first use
         self._clock: float | None = None
+        # the per-task loss sums since the last log line and how many iterations they hold:
+        # checkpointed, so the first line after a resumption averages what an uninterrupted
+        # run's would
+        self._window: dict[str, torch.Tensor] = {}
+        self._window_count = 0
 
     def _wrap_model(self) -> None:
         """The module the steps call: compiled and/or distributed around the model (the
@@ -212,13 +217,47 @@ class Trainer:
             return None
         last = self.checkpoints.newest()
         if last is None:  # killed before its first checkpoint: nothing to lose by starting
-            self._say(f"{self.run_path}: no checkpoint to resume from (the run stopped before "
-                      "its first); starting it from the beginning")
+            self._start_again()
             return None
-        state = load(last)
+        state = self._load_to_resume(last)
         run_dir.check_resumable(state.get("recipe", ""), self.recipe, last, self.run_path)
         self._resumed_from = last
         return state
+
+    def _start_again(self) -> None:
+        """A run stopped before its first checkpoint starts from the beginning: from the
+        ``--init-from`` weights its start was given, when it was given some (the resumed
+        run used to train a fine-tuning run from random weights, saying only that it
+        started again)."""
+        weights = run_dir.init_weights(self.run_path)
+        begin = f"{self.run_path}: no checkpoint to resume from (the run stopped before its " \
+                "first); starting it from the beginning"
+        if weights is None:
+            self._say(begin)
+            return
+        try:
+            self._load_weights(weights)
+        except CheckpointError as exc:
+            raise UserError(f"{self.run_path}: the run began from --init-from {weights} and "
+                            f"stopped before its first checkpoint, and those weights cannot "
+                            f"be read now ({exc}); start it again with --init-from and "
+                            "without --resume") from None
+        self.init_from = weights
+        self._say(f"{begin}, from the weights of its --init-from {weights}")
+
+    def _load_to_resume(self, path: Path) -> dict[str, Any]:
+        """The checkpoint to continue from; one that cannot be read is refused, naming the
+        newest one that can and what to move aside to resume from it."""
+        try:
+            return load(path)
+        except CheckpointError as exc:
+            instead = self.checkpoints.readable_instead(path)
+            if instead is None:
+                raise
+            older, blocking = instead
+            moved = " and ".join(p.name for p in blocking)
+            raise CheckpointError(f"{exc}; {older.name} can be read: move {moved} out of "
+                                  f"{older.parent} to resume from it") from None
 
     def _say(self, text: str) -> None:
         """A line for the user on the console (stderr when there is none)."""
@@ -276,6 +315,11 @@ class Trainer:
         """Where the recipe's optimizer settings, schedule or iterations changed since the
         checkpoint (a lower rate to continue with, a longer run), they apply from here on,
         and the user is told; otherwise the resumption is exact."""
+        others = run_dir.other_changes(saved_recipe, self.recipe)
+        if others:
+            self._say(f"resuming at iteration {self.iteration} with the recipe's changed "
+                      f"{'; '.join(others)}: applied from here on, so the run no longer "
+                      "continues as it began")
         changes = run_dir.changed_settings(saved_recipe, self.recipe)
         if not changes:
             return
@@ -297,6 +341,30 @@ class Trainer:
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             raise TypeError(f"devices is {type(devices).__name__}, not a list of names")
         self.devices = list(devices)
+        window = state.get("log_window")  # absent in checkpoints written before it was kept
+        if window is not None:
+            self._window_count = int(window["iterations"])
+            self._window = {name: window["losses"][name].to(self.device)
+                            for name in window["losses"] if name in self.losses}
+        self.best = self._best_recorded(self.best)
+
+    def _best_recorded(self, saved: float | None) -> float | None:
+        """The best validation figure so far: the checkpoint's, or best.pt's when lower. A
+        validation scored in the background lands after its iteration's checkpoint, so a run
+        killed before its next checkpoint resumed without it and let a worse validation
+        replace best.pt."""
+        path = self.checkpoints.best_path
+        if not path.is_file():
+            return saved
+        try:
+            recorded = load(path).get("best")
+        except CheckpointError as exc:
+            self._say(f"{exc}; the next validation's figures replace it")
+            return saved
+        if not isinstance(recorded, (int, float)) or isinstance(recorded, bool) or \
+                not math.isfinite(recorded):
+            return saved
+        return float(recorded) if saved is None else min(saved, float(recorded))
 
     def state(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this run is."""
@@ -313,6 +381,9 @@ class Trainer:
             "best": self.best,
             "train_seconds": self.seconds(),
             "devices": self.devices,
+            "log_window": {"iterations": self._window_count,
+                           "losses": {name: value.detach().cpu()
+                                      for name, value in self._window.items()}},
             "recipe": run_dir.recipe_text(self.recipe),
         }
 
@@ -367,7 +438,7 @@ class Trainer:
         """Train until ``train.iterations``, a signal, or too many non-finite losses."""
         if self.world.main:
             run_dir.write_recipe_and_provenance(self.run_path, self.recipe, self.loaded.path,
-                                              self.iteration)
+                                              self.iteration, init_from=self.init_from)
         finished = self.iteration >= self.train.iterations  # e.g. a resumed, finished run
         owned = batches is None  # the stream made here is closed here, however fit ends
         if batches is None:  # a finished run starts no loader workers
@@ -381,7 +452,6 @@ class Trainer:
         self._clock = time.perf_counter()
         in_a_row = 0
         window_start, window_iters = time.perf_counter(), 0
-        pending: dict[str, torch.Tensor] = {}
         self.scorer = BackgroundScorer()
         first = True  # an out-of-memory error in this process's first step is the recipe's
         try:
@@ -413,13 +483,14 @@ class Trainer:
                     in_a_row = 0
                     self.iteration += 1
                     window_iters += 1
+                    self._window_count += 1
                     for name, value in result["losses"].items():
-                        pending[name] = pending.get(name, 0.0) + value
+                        self._window[name] = self._window.get(name, 0.0) + value
                     if self.iteration % self.train.log_every == 0 or \
                             self.iteration == self.train.iterations:
                         elapsed = time.perf_counter() - window_start
-                        self._log(logger, pending, window_iters, elapsed, voxels)
-                        pending, window_iters = {}, 0
+                        self._log(logger, window_iters, elapsed, voxels)
+                        self._window, self._window_count, window_iters = {}, 0, 0
                         window_start = time.perf_counter()
                     if self.train.image_every and self.iteration % self.train.image_every == 0:
                         self._images(logger, result["batch"])
@@ -453,13 +524,28 @@ class Trainer:
                 batches.close()  # stops the loader's workers
             self.scorer.close()
             self.train_seconds, self._clock = self.seconds(), None
-            logger.close()
-            distributed.teardown(self.world)
-            locks.release(self.run_path)
+            try:
+                logger.close()  # may raise what a full disk did to its last writes
+            finally:
+                distributed.teardown(self.world)
+                locks.release(self.run_path)
 
-    def _log(self, logger: RunLogger, pending: dict[str, torch.Tensor], iters: int,
-             elapsed: float, voxels: int) -> None:
-        values = torch.stack([pending[n] / max(iters, 1) for n in self.losses]) if pending \
+    def _share_window(self) -> None:
+        """Under DDP, every rank's loss window becomes the ranks' mean before rank 0 saves
+        it: the line after a resumption (every rank restoring rank 0's) then averages all
+        ranks, as it would have (the mean of the sums is the sum of the means)."""
+        if not self.world.distributed or not self._window:
+            return
+        names = list(self._window)
+        mean = distributed.all_reduce_mean(
+            torch.stack([self._window[name] for name in names]).float(), self.world)
+        self._window = dict(zip(names, mean.unbind(), strict=True))
+
+    def _log(self, logger: RunLogger, iters: int, elapsed: float, voxels: int) -> None:
+        """One log step: the losses averaged over the window (which may have begun before a
+        resumption), the rates over this session's ``iters`` of it."""
+        pending, count = self._window, max(self._window_count, 1)
+        values = torch.stack([pending[n] / count for n in self.losses]) if pending \
             else torch.zeros(len(self.losses))
         values = distributed.all_reduce_mean(values.float(), self.world).cpu().tolist()
         metrics: dict[str, float] = {f"loss/{n}": v for n, v in zip(self.losses, values,
@@ -554,6 +640,7 @@ class Trainer:
 
     def _checkpoint(self, logger: RunLogger) -> None:
         digest = distributed.check_in_sync(self.model, self.world)
+        self._share_window()
         if not self.world.main:
             return
         path = self.checkpoints.save(self.iteration, self.state())
