@@ -218,3 +218,30 @@ def test_intervals_the_run_never_reaches_are_located_warnings(tmp_path, setting,
     assert key in line and says in line, line
     path.write_text(TINY.replace("validate_every: 0", "validate_every: 4"))
     assert load_recipe(path).cautions() == []
+
+
+def test_inference_export_and_fine_tuning_take_the_weights_validation_scored(recipe, tmp_path):
+    """With train.ema, validation scores the averaged weights and best.pt is chosen by them;
+    infer, export and --init-from took the raw weights, a model nobody had scored."""
+    from emrun.export.source import load_trained
+    from emrun.infer.engine import load_model
+    from emrun.io.checkpoint import load
+    from emrun.io.package import load_network
+    from emrun.recipe import load_recipe
+
+    run = tmp_path / "run"
+    trainer(recipe, run, "train.ema=0.5").fit()
+    last = run / "checkpoints" / "last.pt"
+    state = load(last)
+    averaged = {**state["ema"]["params"], **state["ema"]["buffers"]}
+    moved = [n for n, t in averaged.items()
+             if t.is_floating_point() and not torch.equal(t, state["model"][n])]
+    assert moved, "the EMA should differ from the raw weights after 4 steps at decay 0.5"
+
+    def same(weights) -> bool:
+        return all(torch.equal(weights[n].cpu(), averaged[n].cpu()) for n in averaged)
+
+    assert same(load_network(last)["model"])
+    model = load_model(load_recipe(recipe, ["train.ema=0.5"]).recipe, last, torch.device("cpu"))
+    assert same(model.state_dict())
+    assert same(load_trained(last).weights)

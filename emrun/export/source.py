@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import UserError
 from ..infer.checkpoint_recipe import recipe_for
 from ..io.checkpoint import load
-from ..io.package import is_package, read_package
+from ..io.package import is_package, network_weights, read_package
 from ..models import build_model
 from ..recipe import Recipe
 from ..train.run_dir import recipe_text
@@ -70,7 +70,7 @@ def load_trained(source: Path) -> Trained:
                           provenance)
     else:
         state = load(path)
-        trained = Trained(path, recipe, state["model"], int(state["iteration"]),
+        trained = Trained(path, recipe, network_weights(state), int(state["iteration"]),
                           _provenance(path, state))
     try:
         trained.model()

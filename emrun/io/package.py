@@ -37,7 +37,7 @@ from ..paths import not_a_file
 from .checkpoint import CheckpointError, load
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ModelPackage", "PackageError", "is_package",
-           "load_network", "read_package", "write_package"]
+           "load_network", "network_weights", "read_package", "write_package"]
 
 FORMAT = "emrun-model"
 FORMAT_VERSION = 1
@@ -230,8 +230,24 @@ def _read_bioimageio(where: str, archive: zipfile.ZipFile, description: str) -> 
 
 def load_network(path: Path) -> dict[str, Any]:
     """A training checkpoint or a model package, as a checkpoint's dict (``iteration``,
-    ``model``, ``recipe``): what inference and fine-tuning need from either."""
+    ``model``, ``recipe``): what inference and fine-tuning need from either. ``model`` holds
+    `network_weights`: a run's EMA weights when it kept an EMA."""
     path = Path(path)
     if is_package(path):
         return read_package(path).as_checkpoint()
-    return load(path)
+    state = load(path)
+    return {**state, "model": network_weights(state)}
+
+
+def network_weights(state: dict[str, Any]) -> Any:
+    """The weights to predict with from a training checkpoint's ``state``: with
+    ``train.ema``, the averaged parameters and buffers (validation scored them, so best.pt
+    is the best by them; the raw weights are only the optimizer's), else ``state["model"]``.
+    Anything malformed is left for the caller's checks of ``model``."""
+    model, ema = state.get("model"), state.get("ema")
+    if not isinstance(model, dict) or not isinstance(ema, dict):
+        return model
+    params, buffers = ema.get("params"), ema.get("buffers")
+    if not isinstance(params, dict) or not isinstance(buffers, dict):
+        return model
+    return {**model, **params, **buffers}
