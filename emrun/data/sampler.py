@@ -132,8 +132,9 @@ class PatchSampler:
                     continue
             return crop
         raise UserError(
-            f"source {source.name!r}: no acceptable patch in {MAX_TRIES} tries; the mask or "
-            f"min_labelled ({source.min_labelled:g}) leaves (almost) nothing to sample")
+            f"data.sources.{source.name}: no acceptable patch in {MAX_TRIES} tries; its mask "
+            f"or min_labelled ({source.min_labelled:g}) leaves (almost) nothing to sample: "
+            f"lower data.sources.{source.name}.min_labelled, or check its labels and mask")
 
     def _corner(self, rng: np.random.Generator, source: Source, in_shape: Zyx,
                 room: Coordinate) -> Zyx | None:

@@ -142,5 +142,7 @@ def mixture_weights(opened: list[Source]) -> np.ndarray:
             weights.append(float(np.prod(src.box.shape)) * labelled_fraction(src))
     w = np.asarray(weights, dtype=np.float64)
     if not np.isfinite(w).all() or w.sum() <= 0:
-        raise UserError("the training sources have no labelled voxels to sample from")
+        names = ", ".join(f"data.sources.{src.name}" for src in opened)
+        raise UserError(f"{names}: no labelled voxels to sample from (labels 0 everywhere "
+                        "sampled, or inside no mask); check their labels and masks")
     return w / w.sum()
