@@ -91,7 +91,8 @@ def remove(path: str | Path) -> None:
 
 def save_failed(path: Path, existed: bool, exc: OSError) -> CheckpointError:
     reason = exc.strerror or str(exc) or type(exc).__name__
-    after = "the previous checkpoint is intact" if existed else "nothing was written"
+    after = ("the previous checkpoint is intact" if existed
+             else "nothing was written; earlier checkpoints are as they were")
     hint = "; free space and continue with --resume" if exc.errno in DISK_FULL else ""
     return CheckpointError(f"{path}: could not save checkpoint ({reason}); {after}{hint}")
 
