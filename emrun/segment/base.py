@@ -63,8 +63,8 @@ class Segmenter(ABC):
     ``exact_stitching`` says whether block
     results stitched with :meth:`stitch` equal the whole-volume result (up to ids).
     ``keeps_apart`` says whether :meth:`stitch` also takes ``apart=``: the pairs of ids
-    adjacent inside one block, which that block kept apart (a method that separates
-    neighbours on purpose, such as mws, must not have them joined through another block).
+    adjacent inside one block, with their summed nearest-neighbour affinity (a method that
+    separates neighbours on purpose, such as mws, weighs them against the crossing edges).
     """
 
     spec: SegmenterBase

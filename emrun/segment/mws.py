@@ -32,8 +32,9 @@ segments of neighbouring blocks are joined by a second mutex watershed on the gr
 segments that touch across a face, each pair weighted by the mean weight of all affinity
 edges (nearest and long-range) that cross the face between them, long-range edges counting
 only with their repulsion (so segments that do not touch are never joined). Decisions made
-inside a block are kept: two segments adjacent inside a block, which it kept apart, get a
-mutex in the stitch before any crossing edge, so no chain through another block joins them.
+inside a block are kept as far as one mutex watershed would: the repulsion between two
+segments adjacent inside a block (their mean nearest-neighbour weight, when negative) enters
+the stitch, so a weaker chain through another block cannot join them.
 """
 
 from __future__ import annotations
@@ -56,9 +57,6 @@ from .graph import Edges
 __all__ = ["MutexSegmenter"]
 
 NEAREST_BIAS = 0.5
-KEPT_APART = -2.0
-"""The stitch's weight for two segments a block kept apart: weights are affinities minus a
-bias, in [-1, 1], so this mutex comes before every crossing edge."""
 
 
 @segmenters.implement("mws")
@@ -115,8 +113,15 @@ class MutexSegmenter(Segmenter):
         return Edges.aggregate(u, v, weights)
 
     def stitch(self, edges: Edges, count: int, apart: Edges | None = None) -> np.ndarray:
-        """Joins across faces by a mutex watershed on ``edges``, with a mutex stronger than
-        any of them between each pair in ``apart`` that touches a face on both sides."""
+        """Joins across faces by a mutex watershed on ``edges`` and on the repulsions inside
+        blocks: each pair in ``apart`` (segments adjacent inside a block, with their summed
+        nearest-neighbour affinity) whose mean weight is negative, where both touch a face.
+
+        Without them a chain through the next block joined two segments that their own
+        block kept apart. A fixed, strongest mutex for every such pair was tried and
+        rejected: on noisy affinities the pairs a block split by noise then stayed split
+        (adapted Rand 0.045 -> 0.086 on a 32 x 256 x 256 test at noise 0.28); with their
+        own weight they compete with the crossing edges as in one mutex watershed."""
         table = np.arange(count + 1, dtype=np.int64)
         if edges.u.size == 0:
             return table
@@ -125,9 +130,10 @@ class MutexSegmenter(Segmenter):
         if apart is not None and apart.u.size:
             touching = np.zeros(count + 1, bool)
             touching[edges.u] = touching[edges.v] = True
-            kept = touching[apart.u] & touching[apart.v]
-            entries += [(KEPT_APART, int(a), int(b))
-                        for a, b in zip(apart.u[kept], apart.v[kept], strict=True)]
+            weight = apart.mean - NEAREST_BIAS
+            kept = touching[apart.u] & touching[apart.v] & (weight < 0)
+            entries += list(zip(weight[kept].tolist(), apart.u[kept].tolist(),
+                                apart.v[kept].tolist(), strict=True))
         clustered = mwatershed.cluster_edges(entries)
         if not clustered:
             return table
