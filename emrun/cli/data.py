@@ -33,14 +33,16 @@ def data_convert(
         "a 4-d (c, z, y, x) source keeps all channels in each chunk.")
     ] = None,
     name: Annotated[str | None, typer.Option(
-        help="Array name in OUT (default: image for 8-bit/float, labels for wider ints).")] = None,
+        help="Array name in OUT (default: labels for a segmentation or wider ints, else "
+        "image).")] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing array of that name.")
     ] = False,
     level: LevelChoice = None,
     labels: Annotated[bool | None, typer.Option(
         "--labels/--image", help="Write a segmentation (OME labels: mode-downsampled, under "
-        "OUT/labels) or an image (default: labels for integers wider than 8 bits).")] = None,
+        "OUT/labels) or an image (default: labels for an OME label image or integers wider "
+        "than 8 bits).")] = None,
     levels: Levels = None,
 ) -> None:
     """Convert a volume to zarr v3 with OME-Zarr 0.5 metadata, streamed section by section."""

@@ -108,7 +108,9 @@ def convert(
     if 0 in vol.shape:
         raise VolumeError(f"{vol}: is empty (shape {list(vol.shape)}); nothing to convert")
     channel_axis = vol.ndim == 4
-    name = name if name is not None else guess_name(vol.dtype)
+    if label is None and vol.segmentation:  # its metadata says ids (an OME label image):
+        label = True  # a uint8 one too, whose pyramid must not average ids
+    name = name if name is not None else "labels" if vol.segmentation else guess_name(vol.dtype)
     dtype = output_dtype(vol.dtype)
     if voxel_size is None:
         voxel_size = vol.voxel_size

@@ -26,7 +26,8 @@ from emrun.io.volume import VolumeError
 
 Spatial = tuple[tuple[float, ...] | None, tuple[int, ...] | None]
 
-# Factors to nanometres for the unit names OME-NGFF (UDUNITS) and ImageJ use.
+# Factors to nanometres for the length units OME-NGFF allows (UDUNITS-2 names) and the
+# abbreviations ImageJ writes.
 UNIT_TO_NM = {
     "": 1.0,
     "nanometer": 1.0,
@@ -39,6 +40,31 @@ UNIT_TO_NM = {
     "\\u00b5m": 1e3,
     "millimeter": 1e6,
     "mm": 1e6,
+    "yoctometer": 1e-15,
+    "zeptometer": 1e-12,
+    "attometer": 1e-9,
+    "femtometer": 1e-6,
+    "picometer": 1e-3,
+    "centimeter": 1e7,
+    "cm": 1e7,
+    "decimeter": 1e8,
+    "meter": 1e9,
+    "m": 1e9,
+    "dekameter": 1e10,
+    "hectometer": 1e11,
+    "kilometer": 1e12,
+    "megameter": 1e15,
+    "gigameter": 1e18,
+    "terameter": 1e21,
+    "petameter": 1e24,
+    "exameter": 1e27,
+    "zettameter": 1e30,
+    "yottameter": 1e33,
+    "inch": 2.54e7,
+    "foot": 3.048e8,
+    "yard": 9.144e8,
+    "mile": 1.609344e12,
+    "parsec": 3.0856775814913673e25,
 }
 
 
@@ -262,7 +288,8 @@ def unit_to_nm(name: str, unit: Any) -> float:
     """Factor from a physical unit name to nanometres (None or "" means nm)."""
     key = str(unit or "").strip().lower()
     if key not in UNIT_TO_NM:
-        raise VolumeError(f"{name}: unknown spatial unit {unit!r}; expected one of nm, um, mm")
+        raise VolumeError(f"{name}: unknown spatial unit {unit!r}; expected a length unit "
+                          "OME-NGFF allows (nanometer, micrometer, meter, ...) or nm, um, mm")
     return UNIT_TO_NM[key]
 
 

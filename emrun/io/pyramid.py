@@ -92,20 +92,43 @@ def downsample(data: np.ndarray, step: Sequence[int], labels: bool) -> np.ndarra
     if labels:
         present = _windows(np.pad(np.ones(spatial, bool), pad[-3:]), out_shape, step)
         return _mode(_windows(padded, out_shape, step), present)
-    # sums of at most 8 values of up to 16 bits are exact in float32
-    exact32 = data.dtype.itemsize <= 2 or data.dtype == np.float32
     split = padded.reshape(*data.shape[:-3], out_shape[0], step[0], out_shape[1], step[1],
                            out_shape[2], step[2])
-    mean = split.sum(axis=(-5, -3, -1), dtype=np.float32 if exact32 else np.float64)
     counts = [np.minimum(s, n - np.arange(o) * s) for o, s, n in
               zip(out_shape, step, spatial, strict=True)]  # voxels present per window
-    mean /= counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
+    present = counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
+    if data.dtype.kind in "iu" and data.dtype.itemsize == 8:
+        return _wide_integer_mean(split, present).astype(data.dtype)
+    # sums of at most 8 values of up to 16 bits are exact in float32
+    exact32 = data.dtype.itemsize <= 2 or data.dtype == np.float32
+    mean = split.sum(axis=(-5, -3, -1), dtype=np.float32 if exact32 else np.float64)
+    mean /= present
     if data.dtype.kind in "iub":
         np.floor(mean + 0.5, out=mean)
         if data.dtype.kind != "b":
             info = np.iinfo(data.dtype)
             np.clip(mean, info.min, info.max, out=mean)
     return mean.astype(data.dtype)
+
+
+def _wide_integer_mean(split: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """The mean of each window of 64-bit integers, rounded half up, exactly (float64 holds
+    53 bits: ids or counts beyond 2**53 came out hundreds off). Each value is cut into its
+    high and low 32 bits, whose window sums fit 64 bits; the high sum's remainder after
+    division joins the low sum."""
+    kind = np.int64 if split.dtype.kind == "i" else np.uint64
+    values = split.astype(kind, copy=False)
+    axes = (-5, -3, -1)
+    high = (values >> kind(32)).sum(axis=axes, dtype=kind)  # arithmetic shift: floor
+    low = (values & kind(0xFFFFFFFF)).sum(axis=axes, dtype=np.int64)
+    n = present.astype(np.int64)
+    if kind is np.int64:
+        quotient, remainder = np.divmod(high, n)
+    else:
+        quotient, remainder = np.divmod(high, n.astype(np.uint64))
+    rest = remainder.astype(np.int64) * 2**32 + low  # < 2**41 + n * 2**32
+    rounded = (2 * rest + n) // (2 * n)  # floor(rest / n + 1/2)
+    return quotient.astype(kind) * kind(2**32) + rounded.astype(kind)
 
 
 def _windows(data: np.ndarray, out_shape: Sequence[int], step: Sequence[int]) -> np.ndarray:

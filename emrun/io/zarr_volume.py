@@ -201,9 +201,11 @@ def _volume(
 
 def _is_label_level(group_attrs: dict[str, Any] | None, array_name: str | None) -> bool:
     """Whether the array is a level of an OME label image (`image-label`); a plain array
-    beside one, in a group that carries the metadata (a store's root), is not."""
-    ome = (group_attrs or {}).get("ome")
-    if not isinstance(ome, dict) or "image-label" not in ome:
+    beside one, in a group that carries the metadata (a store's root), is not. OME-Zarr 0.5
+    keeps the metadata under ``ome``, 0.4 at the top of the attributes."""
+    attrs = group_attrs or {}
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
+    if "image-label" not in ome:
         return False
     levels = [d.get("path") for m in ome.get("multiscales") or [] if isinstance(m, dict)
               for d in m.get("datasets") or [] if isinstance(d, dict)]
