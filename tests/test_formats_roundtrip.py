@@ -437,8 +437,32 @@ def test_ome_04_label_image_is_a_segmentation(tmp_path: Path) -> None:
 # 3. Other formats' conventions.
 
 
-@pytest.mark.xfail(strict=True, reason="an ilastik HDF5 export (z, y, x, c with `axistags`) "
-                   "is read as channels first: 6 channels of 40 x 40 x 1")
+@pytest.mark.parametrize("keys", ["zyxc", "tzyxc", "xyzc"])
+def test_ilastik_axistags_put_channels_first_and_drop_one_time_point(tmp_path: Path,
+                                                                    keys: str) -> None:
+    """Several channels stored last (ilastik's probabilities), a time axis of one, x, y, z
+    stored backwards: read as (c, z, y, x), boxes too; more time points are refused."""
+    probs = data("float32", (3, 5, 7, 9))
+    stored = np.moveaxis(probs, 0, -1)  # z, y, x, c
+    if keys == "xyzc":
+        stored = stored.transpose(2, 1, 0, 3)
+    if keys.startswith("t"):
+        stored = stored[None]
+    tags = {"axes": [{"key": k, "typeFlags": 0} for k in keys]}
+    with h5py.File(tmp_path / "p.h5", "w") as f:
+        f.create_dataset("exported_data", data=stored).attrs["axistags"] = json.dumps(tags)
+        if keys.startswith("t"):
+            f.create_dataset("movie", data=np.concatenate([stored] * 2)).attrs["axistags"] = \
+                json.dumps(tags)
+    vol = open_volume(tmp_path / "p.h5/exported_data")
+    assert vol.shape == (3, 5, 7, 9)
+    np.testing.assert_array_equal(vol.read(), probs)
+    np.testing.assert_array_equal(vol.read(Roi((1, 2, 3), (2, 3, 4))), probs[:, 1:3, 2:5, 3:7])
+    if keys.startswith("t"):
+        with pytest.raises(VolumeError, match="2 time points"):
+            open_volume(tmp_path / "p.h5/movie")
+
+
 def test_ilastik_channels_last_is_not_read_as_channels_first(tmp_path: Path) -> None:
     volume = data("float32", (6, 40, 40))
     tags = {"axes": [{"key": k, "typeFlags": 2} for k in "zyx"] + [{"key": "c",

@@ -12,6 +12,7 @@ naming the filter, before any command writes an output.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +36,18 @@ with contextlib.suppress(ImportError):  # registers its filters with HDF5 (optio
 
 @dataclass(frozen=True, kw_only=True)
 class Hdf5Volume(Volume):
-    """A dataset in an HDF5 file."""
+    """A dataset in an HDF5 file; ``axes`` (from ilastik's ``axistags``) maps its axes to
+    emrun's (c,) z, y, x when it stores them in another order."""
+
+    axes: AxisMap | None = None
 
     def _read(self, roi: Roi) -> np.ndarray:
         with h5py.File(self.path, "r") as f:
             node = f[self.dataset]
             try:
-                return np.asarray(node[slices(roi)])
+                if self.axes is None:
+                    return np.asarray(node[slices(roi)])
+                return self.axes.read(node, slices(roi))
             except OSError as exc:  # a chunk the check on opening did not read
                 missing = missing_filters(node)
                 if missing:
@@ -55,7 +61,61 @@ class Hdf5Volume(Volume):
                 chunks = f[self.dataset].chunks  # None: stored contiguously
         except METADATA_ERRORS as exc:
             raise metadata_error(self, "chunks", exc) from None
-        return tuple(int(c) for c in chunks) if chunks else None
+        if not chunks:
+            return None
+        return tuple(int(c) for c in (chunks if self.axes is None else self.axes.order(chunks)))
+
+
+@dataclass(frozen=True)
+class AxisMap:
+    """How a dataset stored as, e.g., z, y, x, c (ilastik's exports) is read as (c,) z, y, x:
+    ``order`` lists the stored axes in emrun's order; ``dropped`` the stored axes of length
+    one left out (a single channel, a single time point)."""
+
+    keys: str
+    kept: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+    def order(self, values: tuple[int, ...]) -> tuple[int, ...]:
+        """Per-stored-axis ``values`` (a shape, chunks) in emrun's axis order."""
+        return tuple(values[i] for i in self.kept)
+
+    def read(self, node: h5py.Dataset, box: tuple[slice, ...]) -> np.ndarray:
+        """``box`` (slices in emrun's order) read from the stored axes, then put in order."""
+        index: list[int | slice] = [0] * len(self.keys)
+        for axis, part in zip(self.kept, box, strict=True):
+            index[axis] = part
+        data = np.asarray(node[tuple(index)])  # the kept axes, in stored order
+        stored = [i for i in range(len(self.keys)) if i not in self.dropped]
+        return data.transpose([stored.index(axis) for axis in self.kept])
+
+
+EMRUN_ORDER = "czyx"
+
+
+def axis_map(name: str, shape: tuple[int, ...], attrs: dict[str, Any]) -> AxisMap | None:
+    """The `AxisMap` ilastik's (vigra's) ``axistags`` ask for; None when there are none or
+    the axes are already (c,) z, y, x. A time axis longer than one is refused."""
+    tags = attrs.get("axistags")
+    if tags is None:
+        return None
+    try:
+        keys = "".join(str(a["key"]) for a in json.loads(tags)["axes"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise VolumeError(f"{name}: unreadable `axistags` attribute ({exc})") from None
+    if len(keys) != len(shape) or set(keys) - set("tczyx") or len(set(keys)) != len(keys) or \
+            not set("zyx") <= set(keys):
+        raise VolumeError(f"{name}: its axistags name axes {keys!r} for a {len(shape)}-d "
+                          "dataset; emrun reads (c,) z, y, x volumes (t of length 1 allowed)")
+    if "t" in keys and shape[keys.index("t")] != 1:
+        raise VolumeError(f"{name}: has {shape[keys.index('t')]} time points (axes {keys!r}); "
+                          "emrun reads one: export a single time point")
+    dropped = tuple(i for i, k in enumerate(keys) if k == "t" or (k == "c" and shape[i] == 1))
+    kept = tuple(sorted((i for i in range(len(keys)) if i not in dropped),
+                        key=lambda i: EMRUN_ORDER.index(keys[i])))
+    if not dropped and kept == tuple(range(len(keys))):
+        return None
+    return AxisMap(keys, kept, dropped)
 
     def attributes(self) -> dict[str, Any]:
         try:
@@ -93,8 +153,11 @@ def open_hdf5(path: str, dataset: str | None) -> Hdf5Volume:
             )
         _check_filters(f"{path}/{dataset}", node)
         shape = tuple(int(n) for n in node.shape)
-        voxel_size, offset = spatial_metadata(f"{path}/{dataset}", len(shape),
-                                              _plain_attrs(node))
+        attrs = _plain_attrs(node)
+        axes = axis_map(f"{path}/{dataset}", shape, attrs)
+        if axes is not None:
+            shape = axes.order(shape)
+        voxel_size, offset = spatial_metadata(f"{path}/{dataset}", len(shape), attrs)
         return Hdf5Volume(
             path=path,
             dataset=dataset,
@@ -102,6 +165,7 @@ def open_hdf5(path: str, dataset: str | None) -> Hdf5Volume:
             dtype=np.dtype(node.dtype),
             voxel_size=voxel_size,
             offset=offset,
+            axes=axes,
         )
 
 
