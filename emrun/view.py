@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 from .errors import UserError
 from .io import open_volume
 from .io.completion import how_to_finish
-from .io.metadata import multiscale_levels
+from .io.metadata import multiscale_levels, ome_levels
 from .io.zarr_volume import ZarrVolume
 
 LayerKind = Literal["image", "channels", "segmentation"]
@@ -59,7 +59,8 @@ def layer_for(path: str, taken: set[str]) -> Layer:
     if not isinstance(volume, ZarrVolume):
         raise UserError(f"{volume}: emrun view serves OME-Zarr volumes; convert it first "
                         "(emrun data convert)")
-    if not multiscale_levels(volume.attributes()):
+    attrs = volume.attributes()
+    if not multiscale_levels(attrs):
         raise UserError(f"{volume}: not an OME-Zarr image group (no multiscales metadata), "
                         "which neuroglancer needs for its geometry; convert it first (emrun "
                         "data convert)")
@@ -78,7 +79,10 @@ def layer_for(path: str, taken: set[str]) -> Layer:
         count += 1
         unique = f"{name}_{count}"
     taken.add(unique)
-    voxel = tuple(float(v) for v in (volume.voxel_size or (1.0, 1.0, 1.0))[-3:])
+    # neuroglancer reads the whole image group, at its finest level's scale, also when a
+    # coarser level was named (pred.zarr/affinity/1)
+    finest = ome_levels(str(volume), volume.ndim, attrs)[0][1]
+    voxel = tuple(float(v) for v in (finest or (1.0, 1.0, 1.0))[-3:])
     return Layer(unique, kind, Path(volume.path).resolve(), inner, channels,
                  voxel, how_to_finish(volume))  # type: ignore[arg-type]
 

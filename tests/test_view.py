@@ -173,3 +173,19 @@ def test_a_path_that_is_not_a_volume_is_one_line(tmp_path):
                            "--client", CLIENT], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no such file" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_coarser_level_named_shows_the_group_at_its_finest_scale(tmp_path):
+    """neuroglancer serves the whole image group at its finest level's scale; the channel
+    layer's dimensions took the named level's (12 nm), drawing it twice too large."""
+    affs = np.random.default_rng(0).integers(0, 255, (3, 8, 32, 32), dtype=np.uint8)
+    write_volume(tmp_path / "pred.zarr", "affinity", affs, voxel_size=(30, 6, 6),
+                 channel_axis=True, levels=2)
+    shown = view([str(tmp_path / "pred.zarr/affinity/1")], client=CLIENT)
+    try:
+        (layer,) = shown.state["layers"]
+        dims = layer["source"]["transform"]["outputDimensions"]
+        assert [dims[a][0] for a in "zyx"] == [pytest.approx(v * 1e-9) for v in (30, 6, 6)]
+        assert layer["source"]["url"] == f"zarr://{shown.server.url}/0/affinity"
+    finally:
+        shown.close()
