@@ -384,8 +384,8 @@ def test_kill_9_at_any_step_then_resume_gives_the_same_segmentation_bit_for_bit(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_worker_killed_mid_block_fails_the_run_and_resume_finishes_it(volume):
-    """kill -9 of one worker (the OOM killer's way): the run stops with exit 1 naming what
-    happened, and --resume gives the uninterrupted segmentation."""
+    """kill -9 of one worker (the OOM killer's way): the run stops with one line and exit 2
+    naming what happened, and --resume gives the uninterrupted segmentation."""
     from test_infer_scheduling import _spawned_children
 
     tmp, _ = volume
@@ -403,7 +403,7 @@ def test_a_worker_killed_mid_block_fails_the_run_and_resume_finishes_it(volume):
     assert workers, "worker processes must have started"
     os.kill(workers[0], signal.SIGKILL)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 1, stderr
+    assert process.returncode == 2, stderr
     assert "worker died" in stderr and "--resume" in stderr
     done = subprocess.run([*_command(tmp, out), "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import zarr
 
-from .. import __version__, locks
+from .. import __version__
 from ..capacity import check_block_count, check_output_fits, size_text
 from ..devices import available_memory
 from ..errors import UserError
@@ -28,11 +29,12 @@ from ..geometry import Roi, Zyx, box_of, zyx
 from ..io import PRIVATE_PREFIX, Volume, open_volume
 from ..io.completion import mark_finished, unfinished
 from ..io.intensity import outside_unit
+from ..io.layout import PARTIAL_SUFFIX, group_attrs
 from ..io.metadata import multiscale_dataset
 from ..io.one_channel import single_channel
 from ..io.pyramid import level_factors
 from ..io.sample import contents_sample, sample_boxes
-from ..io.write import build_pyramid, create_volume, hold_store, release_store
+from ..io.write import build_pyramid, create_volume, hold_store, release_store, store_entries
 from ..paths import is_link_loop
 from ..recipe import Recipe
 from ..recipe.tasks import AffinityTarget
@@ -173,8 +175,8 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
                           f"{'x'.join(map(str, shape))} {recipe.infer.dtype})",
                           "check the input's shape, or predict a box of it (--roi) or the "
                           "blocks of a --mask")
-    if not resume:
-        _refuse_foreign(output)  # before the lock: a user's folder gets no lock file
+    if not resume:  # before the lock: a user's folder gets no lock file
+        _refuse_foreign(output, list(recipe.tasks))
     new = hold_store(output, OUTPUT_ADVICE)
     try:
         _open_outputs(job, volume, resume)
@@ -320,9 +322,11 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
     info = {"layout": job.digest(), "patch": list(layout.patch),
             "stride": list(layout.stride), "block": list(layout.block),
             "chunks": list(layout.chunks)}
+    if _cut_short(output, list(recipe.tasks)):
+        _start_over(output, list(recipe.tasks))
     existing = _has_entries(output)
     if existing and not resume:
-        _refuse_foreign(output)
+        _refuse_foreign(output, list(recipe.tasks))
         raise UserError(f"{output} already exists; use --resume to finish it, or another "
                         "--output (nothing was overwritten)")
     if existing:
@@ -367,13 +371,57 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
 
 
 def _has_entries(output: Path) -> bool:
-    """Whether ``output`` exists and holds anything (its `emrun.locks` file aside)."""
-    return output.is_dir() and bool(locks.contents(output))
+    """Whether ``output`` exists and holds anything (its `emrun.locks` file and zarr's
+    temporaries that a killed writer left aside)."""
+    return output.is_dir() and bool(store_entries(output))
 
 
-def _refuse_foreign(output: Path) -> None:
+def _cut_short(output: Path, tasks: list[str]) -> bool:
+    """Whether ``output`` is an inference output whose creation was killed outright before
+    its record was written (the record comes after the task volumes): no record, no block
+    done, nothing but the root's metadata, the task volumes emrun creates (marked as this
+    command's) and the done folder. Such an output was refused both with --resume ('holds
+    no record') and without ('not an emrun inference output') until removed by hand."""
+    record = _attributes(output).get("emrun")
+    if not _has_entries(output) or (isinstance(record, dict) and "checkpoint_sha256" in record):
+        return False
+    done = output / DONE
+    if done.is_dir() and any(p.is_file() and p.name != JOB_FILE for p in done.rglob("*")):
+        return False
+    names = {"zarr.json", DONE, *tasks, *(f"{t}{PARTIAL_SUFFIX}" for t in tasks)}
+    if any(entry.name not in names for entry in store_entries(output)):
+        return False
+    if set(_attributes(output)) - {"ome"}:
+        return False  # a group with a user's attributes: not ours to start over
+    return all(_attributes(output / t).get("emrun", {}).get("task") == t
+               for t in tasks if (output / t).exists())
+
+
+def _start_over(output: Path, tasks: list[str]) -> None:
+    """Remove what a creation cut short left (`_cut_short`): the output is new again."""
+    for name in (DONE, *tasks, *(f"{t}{PARTIAL_SUFFIX}" for t in tasks)):
+        if (output / name).is_dir():
+            shutil.rmtree(output / name)
+    (output / "zarr.json").unlink(missing_ok=True)
+
+
+def _attributes(folder: Path) -> dict[str, Any]:
+    """A zarr group's attributes; empty when it has none or is no group."""
+    return group_attrs(folder) or {}
+
+
+def _is_inference_output(output: Path) -> bool:
+    """Whether ``output`` is an inference output: its done folder, or the record its run
+    writes once the task volumes exist (a run killed just after leaves no done folder)."""
+    record = _attributes(output).get("emrun")
+    return (output / DONE).is_dir() or (
+        isinstance(record, dict) and "checkpoint_sha256" in record)
+
+
+def _refuse_foreign(output: Path, tasks: list[str]) -> None:
     """Refuse a folder with contents that is no inference output: --resume cannot help."""
-    if _has_entries(output) and not (output / DONE).is_dir():
+    if _has_entries(output) and not _is_inference_output(output) and \
+            not _cut_short(output, tasks):
         raise UserError(f"{output} already exists and is not an emrun inference output; "
                         "give a new --output (nothing was overwritten)")
 

@@ -223,9 +223,7 @@ def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx
             except queue.Empty:
                 dead = [p for p in processes if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(
-                        f"an inference worker died (exit code {dead[0].exitcode}); finished "
-                        "blocks are kept: run again with --resume") from None
+                    raise _died(dead[0].exitcode) from None
                 continue
             if kind == "done":
                 done(payload)
@@ -240,6 +238,20 @@ def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx
             if process.is_alive():
                 process.terminate()
             process.join()
+
+
+def _died(exitcode: int | None) -> Exception:
+    """What to say when a worker process ended without a word. One killed by a signal (the
+    out-of-memory killer's kill -9, a user's) is the machine's or the user's doing: one
+    line and exit 2, as for memory running out in the process itself (it was exit 1 with
+    'This is a bug in emrun'). Any other silent exit is ours (exit 1)."""
+    if exitcode is not None and exitcode < 0:
+        return UserError(
+            f"an inference worker was killed (signal {-exitcode}: the out-of-memory killer, "
+            "or kill): finished blocks are kept; continue with --resume (with fewer --workers "
+            "or a smaller --block if memory ran out)")
+    return RuntimeError(f"an inference worker died (exit code {exitcode}); finished blocks "
+                        "are kept: run again with --resume")
 
 
 def _worker_main(job_json: str, device: str, threads: int, tasks: mp.Queue,

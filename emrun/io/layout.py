@@ -33,7 +33,7 @@ def volume_dir(store: str | os.PathLike[str], name: str, label: bool) -> Path:
     return Path(store) / LABELS / name if label else Path(store) / name
 
 
-def _attrs(folder: Path) -> dict[str, Any] | None:
+def group_attrs(folder: Path) -> dict[str, Any] | None:
     """A zarr v3 group's attributes, None when `folder` holds no group."""
     try:
         doc = json.loads((folder / "zarr.json").read_text(encoding="utf-8"))
@@ -61,7 +61,7 @@ def _images(folder: Path) -> list[str]:
     for child in sorted(folder.iterdir()):
         if child.name.endswith(PARTIAL_SUFFIX) or child.name.startswith("."):
             continue
-        attrs = _attrs(child)
+        attrs = group_attrs(child)
         if attrs is not None and isinstance(attrs.get("ome"), dict) and \
                 attrs["ome"].get("multiscales"):
             found.append(child.name)
@@ -72,19 +72,19 @@ def refresh_root(store: str | os.PathLike[str]) -> None:
     """Rewrite the store root's OME metadata and the labels group's list from what the
     store holds; other root attributes (e.g. inference's provenance) are kept."""
     root = Path(store)
-    root_attrs = _attrs(root)
+    root_attrs = group_attrs(root)
     if root_attrs is None:
         return
     labels_dir = root / LABELS
     labels = _images(labels_dir)
-    label_attrs = _attrs(labels_dir)
+    label_attrs = group_attrs(labels_dir)
     if label_attrs is not None and "multiscales" not in (label_attrs.get("ome") or {}):
         _write_attrs(labels_dir, {**label_attrs, "ome": {"version": "0.5", "labels": labels}})
     candidates = _images(root) + [f"{LABELS}/{n}" for n in labels]
     primary = _primary(root_attrs, candidates)
     attrs = {k: v for k, v in root_attrs.items() if k != "ome"}
     if primary is not None:
-        source = _attrs(root / primary) or {}
+        source = group_attrs(root / primary) or {}
         ome = json.loads(json.dumps(source["ome"]))
         for multiscale in ome["multiscales"]:
             for dataset in multiscale.get("datasets", ()):

@@ -62,6 +62,7 @@ byte shuffle: 119x against zstd 1's 46x (the SNEMI3D labels, sections 0-29) and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -175,17 +176,28 @@ def create_volume(
     `attrs` are extra attributes for the image group (e.g. provenance). An existing `name`
     is a VolumeError unless `overwrite`, which deletes it first. The volume is visible as
     soon as it is created; use `write_volume` (or `staged_volume`) for all-or-nothing writes.
+    It is made as `name.partial` and renamed: a run killed between the image group and its
+    level-0 array left a group without an array under the final name, which the resumed job
+    took for its own and then failed on (FileNotFoundError, exit 1) however it was rerun.
     """
     with held_store(path):
         target = _prepare(path, name, label, overwrite)
         spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs,
                      channel_names, label)
         parent = _open_parent(target.parent, label)
-        if target.exists():
-            shutil.rmtree(target)
-        array = _create(parent, name, name, spec)
+        partial = target.with_name(target.name + PARTIAL_SUFFIX)
+        if partial.exists():  # a stale one, from a run killed while creating it
+            shutil.rmtree(partial)
+        try:
+            _create(parent, partial.name, name, spec)
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(partial, target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         refresh_root(path)
-    return array
+    return zarr.open_array(str(target / LEVEL), mode="r+")
 
 
 def write_volume(
@@ -306,12 +318,14 @@ def hold_store(path: str | os.PathLike[str], advice: str = STORE_ADVICE) -> bool
     """Hold the output store ``path`` against other emrun processes (`emrun.locks`) until
     `release_store` or this process's end, or refuse it in one line ending with ``advice``;
     it is made if missing (the lock lives in it; through a symbolic link to a folder not made
-    yet, the folder it names). Returns whether it was made here."""
+    yet, the folder it names). Returns whether it was made here (or is what a killed first
+    write left, `killed_first_write`: as good as made here)."""
     root = Path(path)
     if (above := file_in_the_way(root)) is not None:
         raise VolumeError(f"{root}: {above} is a file, not a folder; give another path")
-    new = not os.path.lexists(root)
+    new = not os.path.lexists(root) or killed_first_write(root)
     made = Path(os.path.realpath(root))  # root itself, unless a link names it
+    outer = locks.held(root)
     try:
         made.mkdir(parents=True, exist_ok=True)
         try:
@@ -322,7 +336,49 @@ def hold_store(path: str | os.PathLike[str], advice: str = STORE_ADVICE) -> bool
     except OSError as exc:
         raise VolumeError(f"{root}: cannot write a store there ({exc.strerror or exc})"
                           ) from exc
+    if not outer:  # ours alone now: what a killed writer left is nobody's
+        remove_zarr_temporaries(root)
+        restore_replaced(root)
     return new
+
+
+ZARR_TEMPORARY = re.compile(r".+\.[0-9a-f]{32}\.partial")
+"""zarr writes each file as ``NAME.<uuid hex>.partial`` and renames it: one that a writer
+killed outright left behind."""
+
+
+def store_entries(folder: Path) -> list[Path]:
+    """What a store folder holds that anyone put there on purpose: its entries, without
+    the `emrun.locks` file and zarr's temporaries that a killed writer left."""
+    return [entry for entry in locks.contents(folder)
+            if not (ZARR_TEMPORARY.fullmatch(entry.name) and entry.is_file())]
+
+
+def killed_first_write(folder: Path) -> bool:
+    """Whether ``folder`` is what a new store's first write, killed outright (kill -9, the
+    OOM killer), left: its lock file and perhaps zarr's temporaries, nothing else. It is
+    as good as absent: the next write takes it as a store it makes (and removes it again
+    should that write fail too)."""
+    return (folder.is_dir() and not folder.is_symlink()
+            and (folder / locks.LOCK_NAME).is_file() and not store_entries(folder))
+
+
+def remove_zarr_temporaries(root: Path) -> None:
+    """Remove the zarr temporaries a killed writer left in the store's metadata folders:
+    the root, the labels group, each volume's group and its levels (chunk folders are not
+    walked: a store may hold millions of chunks). Only the store's lock holder calls it."""
+    folders = [root]
+    for group in (root, root / LABELS):
+        with contextlib.suppress(OSError):
+            volumes = [e for e in group.iterdir() if e.is_dir() and not e.is_symlink()]
+            folders += volumes
+            for volume in volumes:
+                folders += [e for e in volume.iterdir() if e.is_dir() and e.name.isdigit()]
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            for entry in folder.iterdir():
+                if ZARR_TEMPORARY.fullmatch(entry.name) and entry.is_file():
+                    entry.unlink(missing_ok=True)
 
 
 def release_store(path: str | os.PathLike[str], new: bool = False, failed: bool = False
@@ -339,8 +395,28 @@ def _remove_if_bare(store: Path) -> None:
     """Remove a store this write made and that holds nothing but group metadata (and its
     lock), so that a failed first write leaves no empty `OUT.zarr` behind; a store holding
     anything else (a volume another process has begun meanwhile) is left alone."""
-    if all(p.is_dir() or p.name in ("zarr.json", locks.LOCK_NAME) for p in store.rglob("*")):
+    if all(p.is_dir() or p.name in ("zarr.json", locks.LOCK_NAME)
+           or ZARR_TEMPORARY.fullmatch(p.name) for p in store.rglob("*")):
         shutil.rmtree(store, ignore_errors=True)
+
+
+def restore_replaced(root: Path) -> None:
+    """Finish what a replacing write (``overwrite``) killed between its two renames left:
+    the old volume set aside as `NAME.replaced.partial` and no `NAME`. The old one goes back
+    under its name (the user's volume was absent, and gone for good once a later write
+    removed it as stale); beside a `NAME` it is what the finished replacement failed to
+    remove. Only the store's lock holder calls it."""
+    suffix = ".replaced" + PARTIAL_SUFFIX
+    for group in (root, root / LABELS):
+        with contextlib.suppress(OSError):
+            for entry in group.iterdir():
+                if not (entry.name.endswith(suffix) and entry.is_dir()):
+                    continue
+                target = entry.with_name(entry.name[: -len(suffix)])
+                if os.path.lexists(target):
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    os.rename(entry, target)
 
 
 def build_pyramid(
@@ -495,7 +571,9 @@ def _check_name(root: Path, name: str) -> None:
 
 def _check_store(root: Path, clear: bool = True) -> None:
     """The output must be a *.zarr folder that is missing, empty or a zarr v3 group (its
-    `emrun.locks` file aside). A first write's leftovers are removed (``clear``) or let be."""
+    `emrun.locks` file and zarr's temporaries aside: a first write killed while zarr wrote
+    the root's metadata left `zarr.<uuid>.partial`, and every later write was refused as
+    'not a zarr store'). A first write's leftovers are removed (``clear``) or let be."""
     if not root.name.lower().endswith(".zarr"):
         raise VolumeError(f"{root}: an output store must be a folder whose name ends in .zarr")
     if is_link_loop(root):
@@ -520,7 +598,7 @@ def _check_store(root: Path, clear: bool = True) -> None:
             f"{root}: is a zarr v2 store; emrun writes zarr v3 (OME-Zarr 0.5) volumes, "
             "choose another .zarr path"
         )
-    entries = locks.contents(root)
+    entries = store_entries(root)
     if _only_partial_volumes(entries):  # a first write cut short: zarr's IO outlived cleanup
         for leftover in entries if clear else ():
             shutil.rmtree(leftover)
@@ -540,7 +618,8 @@ def _only_partial_volumes(entries: list[Path]) -> bool:
             found = True
         elif entry.name == LABELS and entry.is_dir() and not entry.is_symlink():
             for inner in entry.iterdir():
-                if inner.name == "zarr.json" and inner.is_file():
+                if (inner.name == "zarr.json" and inner.is_file()) or \
+                        (ZARR_TEMPORARY.fullmatch(inner.name) and inner.is_file()):
                     continue
                 if not (inner.is_dir() and inner.name.endswith(PARTIAL_SUFFIX)):
                     return False

@@ -80,10 +80,11 @@ def _run_local(job_file: str, step: str, blocks: Sequence[Zyx],
                 done += 1
                 if on_block is not None:
                     on_block(step, done, total)
-    except BrokenProcessPool:
-        raise RuntimeError(f"a {step} worker died (killed, or out of memory: use fewer "
-                           "--workers or a smaller --block); finished blocks are kept: run "
-                           "again with --resume") from None
+    except BrokenProcessPool:  # a worker killed (kill -9, the out-of-memory killer): the
+        # machine's or the user's doing, not a bug (it was exit 1, 'This is a bug in emrun')
+        raise UserError(f"a {step} worker died (killed, or out of memory: use fewer "
+                        "--workers or a smaller --block); finished blocks are kept: run "
+                        "again with --resume") from None
     finally:
         for future in pending:
             future.cancel()
