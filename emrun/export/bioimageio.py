@@ -30,7 +30,7 @@ import torch
 from ..errors import UserError
 from ..io.package import package_bytes
 from ..synth import synthesize
-from .manifest import manifest
+from .manifest import manifest, notes
 from .network import ExportedNetwork, exported_network
 from .source import Trained
 from .staging import publish, staging_folder
@@ -54,7 +54,8 @@ def export_bioimageio(trained: Trained, output: Path) -> list[str]:
         publish(staged, output)
     return [f"wrote {output}: bioimage.io model (spec {description.format_version}) of "
             f"{trained.path} at iteration {trained.iteration}; weights: torchscript, "
-            f"pytorch_state_dict; license {LICENSE} (edit rdf.yaml to change it)"]
+            f"pytorch_state_dict; license {LICENSE} (edit rdf.yaml to change it)",
+            *notes(facts)]
 
 
 def _bioimageio() -> tuple[Any, Any]:
@@ -90,6 +91,8 @@ def _write_files(trained: Trained, facts: dict[str, Any], folder: Path) -> dict[
     files["input"] = folder / "test_input_raw.npy"
     np.save(files["input"], raw)
     files["outputs"] = {}
+    files["tolerances"] = {name: _tolerance(name, array)
+                           for name, array in zip(network.tasks, outputs, strict=True)}
     for name, array in zip(network.tasks, outputs, strict=True):
         files["outputs"][name] = folder / f"test_output_{name}.npy"
         np.save(files["outputs"][name], array)
@@ -155,7 +158,6 @@ def _description(spec: Any, trained: Trained, facts: dict[str, Any],
     outputs = []
     for name, task in facts["tasks"].items():
         offsets = f"; affinity offsets (z, y, x) {task['offsets']}" if "offsets" in task else ""
-        bounded = task["activation"] == "sigmoid"
         outputs.append(spec.OutputTensorDescr(
             id=spec.TensorId(name),
             description=f"{task['target']} ({task['activation']}){offsets}",
@@ -168,7 +170,7 @@ def _description(spec: Any, trained: Trained, facts: dict[str, Any],
                     for i, a in enumerate(axes_zyx)]],
             test_tensor=spec.FileDescr(source=files["outputs"][name]),
             data=spec.IntervalOrRatioDataDescr(
-                type="float32", range=(0.0, 1.0) if bounded else (None, None)),
+                type="float32", range=RANGES.get(task["activation"], (None, None))),
         ))
     version = spec.Version(torch.__version__.split("+")[0])
     weights = spec.WeightsDescr(
@@ -195,9 +197,45 @@ def _description(spec: Any, trained: Trained, facts: dict[str, Any],
         weights=weights,
         attachments=[spec.FileDescr(source=files["package"])],
         tags=TAGS,
-        config=spec.Config(emrun={"tasks": facts["tasks"], "input": facts["input"],
-                                  "provenance": _plain(facts["provenance"])}),
+        config=spec.Config(
+            bioimageio=spec.BioimageioConfig(reproducibility_tolerance=[
+                spec.ReproducibilityTolerance(output_ids=[spec.TensorId(name)],
+                                              absolute_tolerance=tolerance)
+                for name, tolerance in files["tolerances"].items() if tolerance is not None]),
+            emrun={"tasks": facts["tasks"], "input": facts["input"],
+                   "provenance": _plain(facts["provenance"])}),
     )
+
+
+RANGES: dict[str, tuple[float, float]] = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
+"""The values each output activation gives."""
+ABSOLUTE_TOLERANCE = 1e-3
+"""bioimage.io's default absolute tolerance for reproducing a test output."""
+
+
+SMALLEST = 1e-4
+"""bioimage.io refuses a test output whose values all lie within this of 0."""
+
+
+def _tolerance(name: str, output: np.ndarray) -> float | None:
+    """The absolute tolerance for reproducing a test output: bioimage.io's default, or less
+    where its rule wants less. The rule caps it at 1 % of the test output's maximum (a
+    mostly empty semantic output, a synapse task on the synthetic patch, peaks far below
+    0.1, and the default was refused). A maximum of 0 or below (a tanh or linear output
+    negative over the whole patch) leaves no tolerance the rule accepts, though its own
+    documentation speaks of the maximum *absolute* value: such an output gets no entry, and
+    bioimage.io's tools use their default tolerance for it. An output within `SMALLEST` of
+    0 everywhere (a head that predicts nothing on the synthetic patch) cannot be tested by
+    bioimage.io at all: refused, in one line."""
+    top = float(np.max(output))
+    if float(np.min(output)) > -SMALLEST and top < SMALLEST:
+        raise UserError(f"output {name!r} is within {SMALLEST:g} of 0 over the whole test "
+                        f"patch (at most {float(np.abs(output).max()):.2g}), and bioimage.io "
+                        "refuses test outputs that small; export this network as .emrun or "
+                        ".onnx instead")
+    if not top > 0:
+        return None
+    return min(ABSOLUTE_TOLERANCE, float(np.nextafter(np.float32(0.01 * top), 0)))
 
 
 NAME_CHARACTERS = frozenset(string.ascii_letters + string.digits + "_+- ()")

@@ -7,7 +7,6 @@ patch sizes the network accepts; and where the network came from.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 from typing import Any
 
@@ -35,8 +34,8 @@ def manifest(trained: Trained) -> dict[str, Any]:
         "input": {
             "axes": "czyx",
             "channels": recipe.model.input_channels(),
-            "voxel_size": voxel_size(recipe),
-            "intensity": intensity(recipe),
+            "voxel_size": _stated(voxel_size(recipe), trained.stated.get("voxel_size")),
+            "intensity": _stated(intensity(recipe), trained.stated.get("intensity")),
             "patch": list(recipe.infer_patch()),
             "divisor": list(recipe.model.divisor()),
         },
@@ -48,6 +47,35 @@ def manifest(trained: Trained) -> dict[str, Any]:
             "torch": torch.__version__,
         },
     }
+
+
+def _stated(found: Any, stated: Any) -> Any:
+    """What the data say now, unless they could not say and a package stated it before."""
+    unknown = found is None or (isinstance(found, dict) and
+                                str(found.get("from", "")).startswith(ASSUMED))
+    if unknown and stated is not None and not (
+            isinstance(stated, dict) and str(stated.get("from", "")).startswith(ASSUMED)):
+        return stated
+    return found
+
+
+ASSUMED = "assumed"
+"""How an intensity scale that no data or recipe gave begins its ``from``."""
+
+
+def notes(facts: dict[str, Any]) -> list[str]:
+    """Lines for the user about input facts the export could not find (its training data
+    are elsewhere): what the output states instead."""
+    found = []
+    source = facts["input"]["intensity"].get("from", "")
+    if str(source).startswith(ASSUMED):
+        found.append(f"note: intensity scale {source}; if the network was trained on "
+                     "another dtype, export from where its training data are (or give the "
+                     "sources' `intensity` in the recipe)")
+    if facts["input"]["voxel_size"] is None:
+        found.append("note: voxel size unknown (the training sources do not state one, "
+                     "disagree, or could not be read here)")
+    return found
 
 
 def tasks(recipe: Recipe) -> dict[str, Any]:
@@ -89,8 +117,12 @@ def intensity(recipe: Recipe) -> dict[str, Any]:
     dtype = np.dtype(np.uint8)
     first = next(iter(recipe.data.sources.values()))
     if isinstance(first, VolumeSource):
-        with contextlib.suppress(VolumeError):
+        try:
             dtype = open_volume(first.image).dtype
+        except VolumeError:
+            low, high = default_intensity(dtype)
+            return {"low": low, "high": high, "from": f"{ASSUMED} (dtype {dtype}): the "
+                    f"training image {first.image} could not be read"}
     low, high = default_intensity(dtype)
     return {"low": low, "high": high, "from": f"dtype {dtype}"}
 

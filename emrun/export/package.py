@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 
 from ..io.package import write_package
-from .manifest import manifest
+from .manifest import manifest, notes
 from .source import Trained
 from .staging import publish, staging_folder
 
@@ -21,5 +21,6 @@ def export_package(trained: Trained, output: Path) -> list[str]:
     tasks = ", ".join(f"{name} ({task['channels']} channels)"
                       for name, task in facts["tasks"].items())
     return [f"wrote {output}: {trained.path} at iteration {trained.iteration}; tasks {tasks}",
+            *notes(facts),
             f"predict with: emrun infer --model {shlex.quote(str(output))} --input VOLUME "
             "--output OUT.zarr"]

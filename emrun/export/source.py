@@ -34,6 +34,10 @@ class Trained:
     weights: dict[str, torch.Tensor]
     iteration: int
     provenance: dict[str, Any] = field(default_factory=dict)
+    stated: dict[str, Any] = field(default_factory=dict)
+    """What a model package's manifest already states about the input (voxel size,
+    intensity scale): found where the training data was, so a package exported again on
+    a machine without that data keeps them."""
 
     @property
     def recipe_text(self) -> str:
@@ -66,8 +70,9 @@ def load_trained(source: Path) -> Trained:
     if is_package(path):
         package = read_package(path)
         provenance = dict(package.manifest["provenance"])
+        stated = package.manifest.get("input")
         trained = Trained(path, recipe, package.weights, int(provenance["iteration"]),
-                          provenance)
+                          provenance, stated if isinstance(stated, dict) else {})
     else:
         state = load(path)
         trained = Trained(path, recipe, network_weights(state), int(state["iteration"]),
@@ -91,8 +96,18 @@ def _provenance(path: Path, state: dict[str, Any]) -> dict[str, Any]:
         "iteration": int(state["iteration"]),
         "train_seconds": state.get("train_seconds"),
         "devices": state.get("devices"),
+        "weights": _which_weights(state),
     }
     if run is not None and (run / "provenance.json").is_file():
         with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError):
             found["training_run"] = json.loads((run / "provenance.json").read_text("utf-8"))
     return found
+
+
+def _which_weights(state: dict[str, Any]) -> str:
+    """Which of a checkpoint's weights are exported (`network_weights`): the EMA of the
+    weights, with its decay, or the weights the optimizer stepped."""
+    if network_weights(state) is state.get("model"):
+        return "model"
+    decay = state["ema"].get("decay")
+    return f"ema (decay {decay})" if isinstance(decay, int | float) else "ema"

@@ -19,17 +19,36 @@ from ..errors import UserError
 @contextlib.contextmanager
 def staging_folder(output: Path) -> Iterator[Path]:
     """A new hidden folder beside ``output`` (the same file system, so the final move is a
-    rename), removed afterwards whatever happens."""
+    rename), removed afterwards whatever happens; the missing folders above ``output`` it
+    made are removed too when the export fails."""
+    made = [p for p in (output.parent, *output.parent.parents)
+            if not p.exists() and not p.is_symlink()][::-1]  # outermost first
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial",
                                        dir=output.parent))
     except OSError as exc:
+        _remove(made)
+        blocking = next((p for p in (output.parent, *output.parent.parents)
+                         if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise UserError(f"{output}: cannot write ({blocking} is a file, not a folder)"
+                            ) from exc
         raise UserError(f"{output}: cannot write ({exc.strerror or exc})") from exc
     try:
         yield folder
-    finally:
+    except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
+        _remove(made)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove(folders: list[Path]) -> None:
+    """Remove the folders an export made, innermost first, each only while it is empty."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def publish(staged: Path, output: Path) -> None:

@@ -211,18 +211,25 @@ def _read_bioimageio(where: str, archive: zipfile.ZipFile, description: str) -> 
         raise PackageError(f"{where}: bioimage.io spec version {version or '(none)'} is not "
                            f"supported (emrun reads model spec "
                            f"{', '.join(s + 'x' for s in BIOIMAGEIO_SPECS)})")
-    attached = [n for n in archive.namelist() if n.endswith(".emrun")]
-    if not attached:
+    members = [n for n in archive.namelist() if n.endswith(".emrun")]
+    if not members:
         raise PackageError(f"{where}: a bioimage.io model without an emrun package attached "
                            "(not exported by `emrun export`); emrun cannot rebuild its network")
-    data = _member(where, archive, attached[0])
-    listed = [a for a in rdf.get("attachments") or [] if isinstance(a, dict)
-              and str(a.get("source", "")).rsplit("/", 1)[-1] == attached[0]]
-    expected = listed[0].get("sha256") if listed else None
+    entries = rdf.get("attachments", [])  # a hand edit may have made it anything
+    if not isinstance(entries, list):
+        raise PackageError(f"{where}: the attachments in its {description} are not a list "
+                           "(edited by hand?), so its emrun package cannot be checked; export "
+                           "the model again")
+    sources = {str(a.get("source", "")).rsplit("/", 1)[-1]: a.get("sha256")
+               for a in entries if isinstance(a, dict)}
+    # the package rdf.yaml attaches, not just the first *.emrun in the zip
+    attached = next((n for n in members if n in sources), members[0])
+    data = _member(where, archive, attached)
+    expected = sources.get(attached)
     if expected is not None and sha256(data) != expected:  # another network's package
-        raise PackageError(f"{where}: its attachment {attached[0]} does not match its sha256 "
+        raise PackageError(f"{where}: its attachment {attached} does not match its sha256 "
                            f"in {description} (replaced or damaged); export the model again")
-    return _read(f"{where}:{attached[0]}", data)
+    return _read(f"{where}:{attached}", data)
 
 
 # --------------------------------------------------------------------------- either kind
