@@ -361,8 +361,6 @@ def test_a_coarser_level_s_offset_is_rounded_on_reading(tmp_path: Path) -> None:
     assert (level1.voxel_size, level1.offset) == ((30.0, 12.0, 12.0), (0, 0, 0))
 
 
-@pytest.mark.xfail(strict=True, reason="convert --level of a coarser OME level writes its "
-                   "translation rounded to whole voxels (0,3,3 nm becomes 0,0,0)")
 def test_convert_of_a_coarser_level_keeps_its_translation(tmp_path: Path) -> None:
     source = two_levels(tmp_path)
     result = CliRunner().invoke(app, ["data", "convert", str(source), str(tmp_path / "o.zarr"),
@@ -371,8 +369,6 @@ def test_convert_of_a_coarser_level_keeps_its_translation(tmp_path: Path) -> Non
     assert transforms(tmp_path / "o.zarr/image") == ([30.0, 12.0, 12.0], [0.0, 3.0, 3.0])
 
 
-@pytest.mark.xfail(strict=True, reason="segment --level on a coarser OME level writes the "
-                   "segmentation at the level's translation rounded to whole voxels")
 def test_segment_of_a_coarser_level_keeps_its_translation(tmp_path: Path) -> None:
     affinities = RNG.random((3, 4, 32, 32)).astype(np.float32)
     write_volume(tmp_path / "a.zarr", "affinity", affinities, voxel_size=(30, 6, 6),
@@ -386,8 +382,6 @@ def test_segment_of_a_coarser_level_keeps_its_translation(tmp_path: Path) -> Non
                                                                    [0.0, 3.0, 3.0])
 
 
-@pytest.mark.xfail(strict=True, reason="infer on a coarser OME level (--input in.zarr/image/1)"
-                   " places its output at the level's translation rounded to whole voxels")
 def test_infer_on_a_coarser_level_keeps_its_translation(tmp_path: Path) -> None:
     from emrun.infer.job import prepare_job, release_job
     from emrun.recipe import Recipe
@@ -512,3 +506,25 @@ def test_int64_image_pyramid_mean_is_exact(tmp_path: Path) -> None:
     volume[0, 0, 1] += 2  # mean 2**62 + 0.75: rounds to 2**62 + 1
     write_volume(tmp_path / "o.zarr", "v", volume, levels=2, label=False)
     assert zarr.open_array(tmp_path / "o.zarr/v/1", mode="r")[0, 0, 0] == 2**62 + 1
+
+
+def test_an_output_of_a_coarser_level_reads_back_on_whole_voxels_and_keeps_its_shift(
+        tmp_path: Path) -> None:
+    """The shift an output of level 1 carries is stated in its metadata: it reads back on
+    whole voxels (foreign translations between voxels stay refused), its own pyramid and a
+    conversion of it keep the shift, and it lies where its input's level lies."""
+    image = data("uint8", (4, 32, 32))
+    write_volume(tmp_path / "in.zarr", "image", image, voxel_size=(30, 6, 6), offset=(0, 2, 4),
+                 levels=2)
+    source = open_volume(tmp_path / "in.zarr/image/1")
+    assert source.offset == (0, 1, 2) and source.shift_nm == (0.0, 3.0, 3.0)
+    convert(tmp_path / "in.zarr/image/1", tmp_path / "a.zarr", name="image", progress=False,
+            levels=2)
+    out = open_volume(tmp_path / "a.zarr/image")
+    assert (out.offset, out.shift_nm, out.voxel_size) == ((0, 1, 2), (0.0, 3.0, 3.0),
+                                                          (30.0, 12.0, 12.0))
+    assert transforms(tmp_path / "a.zarr/image") == transforms(tmp_path / "in.zarr/image", 1)
+    coarse = open_volume(tmp_path / "a.zarr/image/1")  # y: (1 + 0.5) * 12 + 3 = 24 - 3 nm
+    assert coarse.offset == (0, 1, 1) and coarse.shift_nm == (0.0, -3.0, 9.0)
+    convert(tmp_path / "a.zarr/image", tmp_path / "b.zarr", name="image", progress=False)
+    assert transforms(tmp_path / "b.zarr/image") == transforms(tmp_path / "a.zarr/image")

@@ -365,9 +365,6 @@ def test_tta_equals_the_brute_force_combination_of_every_variant(tmp_path, n, ho
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="inference on a coarser OME level writes that level's "
-                   "offset rounded to whole voxels: the output's translation drops the "
-                   "level's half-voxel shift, so it lies off its input")
 def test_output_of_a_coarser_level_lies_where_that_level_lies(tmp_path):
     volume = image((4, 32, 32))
     write_volume(tmp_path / "in.zarr", "image", volume, voxel_size=(40, 4, 4), offset=(3, 10, 20),

@@ -364,8 +364,8 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
             names = [f"{name} {c}" for c in range(task.channels())]
         create_volume(output, name, (task.channels(), *layout.shape), recipe.infer.dtype,
                       chunks=(task.channels(), *layout.chunks), voxel_size=volume.voxel_size,
-                      offset=placed, channel_axis=True, channel_names=names,
-                      attrs=attrs)
+                      offset=placed, shift_nm=volume.shift_nm, channel_axis=True,
+                      channel_names=names, attrs=attrs)
     if not existing:
         zarr.open_group(str(output), mode="r+").attrs["emrun"] = record
 

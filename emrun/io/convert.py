@@ -112,6 +112,7 @@ def convert(
         label = True  # a uint8 one too, whose pyramid must not average ids
     name = name if name is not None else "labels" if vol.segmentation else guess_name(vol.dtype)
     dtype = output_dtype(vol.dtype)
+    shift_nm = vol.shift_nm if voxel_size is None else None  # a voxel size given: its grid
     if voxel_size is None:
         voxel_size = vol.voxel_size
         if voxel_size is not None and len(voxel_size) != 3:
@@ -136,6 +137,7 @@ def convert(
         chunks=chunks,
         voxel_size=voxel_size,
         offset=offset,
+        shift_nm=shift_nm,
         channel_axis=channel_axis,
         label=label,
         levels=levels,

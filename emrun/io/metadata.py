@@ -202,20 +202,69 @@ def _multiscales(attrs: Mapping[str, Any]) -> Sequence[Any] | None:
     return multiscales
 
 
-def _ome_dataset(
-    name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, Any], first: bool
-) -> Spatial:
-    """Voxel size and offset of one dataset (level); `first`: it is the finest level."""
+SHIFT_KEY = "emrun_shift_nm"
+"""Where in a multiscale's ``metadata`` emrun states the part of every translation that lies
+between voxels (nm, z, y, x): an output made from a coarser pyramid level keeps that level's
+half-voxel shift of downsampling, so it lies where its input lies. A reader subtracts it
+before asking for whole voxels; foreign data stay held to whole voxels."""
+
+
+def declared_shift(ms: Mapping[str, Any]) -> list[float]:
+    """The sub-voxel shift (nm, z, y, x) a multiscale states under ``SHIFT_KEY``; zeros."""
+    meta = ms.get("metadata")
+    values = meta.get(SHIFT_KEY) if isinstance(meta, Mapping) else None
+    if isinstance(values, Sequence) and len(values) == 3 and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values):
+        return [float(v) for v in values]
+    return [0.0, 0.0, 0.0]
+
+
+def ome_shift(name: str, ndim: int, attrs: Mapping[str, Any],
+              array_name: str) -> tuple[float, float, float] | None:
+    """The part of a level's OME translation (nm, z, y, x) that its whole-voxel offset does
+    not carry: a coarser level's half-voxel shift, or what an output of one states; None
+    when there is none or the voxel size is unknown."""
+    found = _ome_entry(attrs, array_name)
+    if found is None:
+        return None
+    ms, ds, first = found
+    voxel, offset = _ome_dataset(name, ndim, ms, ds, first)
+    if voxel is None or offset is None:
+        return None
+    scale, translation, spatial, factors, _ = _geometry(name, ndim, ms, ds)
+    shift = tuple(_clean((translation[i] - o * scale[i]) * f)
+                  for i, o, f in zip(spatial, offset, factors, strict=True))
+    tolerance = [OFFSET_TOLERANCE * v for v in voxel]
+    return None if all(abs(s) <= t for s, t in zip(shift, tolerance, strict=True)) \
+        else shift  # type: ignore[return-value]
+
+
+def _geometry(name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, Any]
+              ) -> tuple[list[float], list[float], list[int], list[float], bool]:
+    """A dataset's combined scale and translation (axis units; multiscale-level transforms
+    apply after the dataset's own, OME-NGFF 0.4+), its spatial axes, their factors to nm (1
+    for no unit) and whether any scale was given."""
     scale, translation, scaled = _transforms(name, ndim, ds.get("coordinateTransformations"))
-    # Multiscale-level transforms apply after the dataset's own (OME-NGFF 0.4+).
     g_scale, g_translation, g_scaled = _transforms(name, ndim,
                                                    ms.get("coordinateTransformations"))
     scale = [s * g for s, g in zip(scale, g_scale, strict=True)]
     translation = [t * g + gt for t, g, gt in zip(translation, g_scale, g_translation, strict=True)]
     axes = ms.get("axes")
     spatial = _spatial_axes(axes, ndim)
+    factors = [_unit_factor(name, axes[i] if axes else None) for i in spatial]
+    return scale, translation, spatial, factors, scaled or g_scaled
+
+
+def _ome_dataset(
+    name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, Any], first: bool
+) -> Spatial:
+    """Voxel size and offset of one dataset (level); `first`: it is the finest level."""
+    scale, translation, spatial, factors, scaled = _geometry(name, ndim, ms, ds)
     _check_voxel_size(name, [scale[i] for i in spatial], "multiscales scale")
-    voxels = [translation[i] / scale[i] for i in spatial]
+    stated = declared_shift(ms)  # nm: taken off before asking for whole voxels
+    voxels = [(translation[i] - s / f) / scale[i]
+              for i, s, f in zip(spatial, stated, factors, strict=True)]
     if first:
         offset = whole_voxels(
             name, voxels, f"OME-Zarr translation {_listed([translation[i] for i in spatial])} "
@@ -223,11 +272,11 @@ def _ome_dataset(
             [scale[i] for i in spatial], "translation", "")
     else:  # a coarser level's translation carries the half-voxel shift of downsampling
         offset = tuple(round(v) for v in voxels)
-    if not (scaled or g_scaled):
+    if not scaled:
         return None, offset  # no scale at all: the size is unknown, not 1 x 1 x 1
+    axes = ms.get("axes")
     if not any(_has_unit(axes[i] if axes else None) for i in spatial):
         return None, offset  # scale in unknown units: a ratio, not a size
-    factors = [_unit_factor(name, axes[i] if axes else None) for i in spatial]
     voxel = tuple(_clean(scale[i] * f) for i, f in zip(spatial, factors, strict=True))
     return voxel, offset
 
@@ -393,6 +442,7 @@ def ome_image_attrs(
     channel_axis: bool = False,
     factors: Sequence[Sequence[int]] = ((1, 1, 1),),
     channel_names: Sequence[str] | None = None,
+    shift_nm: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """OME-Zarr 0.5 attributes for an image group whose levels are the arrays "0", "1", ...
 
@@ -402,7 +452,10 @@ def ome_image_attrs(
     averages (offset * voxel size + (factor - 1) / 2 voxels; written only where non-zero).
     An unknown voxel size is written as scale 1 with no unit on the axes, which reads back
     as "unknown" (None), not as 1 nm. `channel_names` become OME `omero` channel labels.
-    Values are trusted here; `emrun.io.write` validates them with user-facing messages.
+    `shift_nm` (with a known voxel size) moves every level by less than a voxel and is
+    stated under the multiscale's ``metadata`` (`SHIFT_KEY`): the output of a coarser level
+    lies where that level lies. Values are trusted here; `emrun.io.write` validates them with
+    user-facing messages.
     """
     spatial = ndim - 1 if channel_axis else ndim
     if spatial != 3 or ndim not in (3, 4):
@@ -414,6 +467,8 @@ def ome_image_attrs(
     shift = [int(o) for o in offset] if offset is not None else [0, 0, 0]
     if len(voxel) != 3 or len(shift) != 3:
         raise ValueError(f"{name}: voxel size and offset need 3 values (z, y, x)")
+    moved = [_clean(float(m)) for m in shift_nm] if shift_nm is not None and \
+        voxel_size is not None else [0.0, 0.0, 0.0]
 
     axes: list[dict[str, Any]] = [{"name": "c", "type": "channel"}] if channel_axis else []
     for axis in "zyx":
@@ -426,12 +481,15 @@ def ome_image_attrs(
     for level, factor in enumerate(factors):
         scale = [_clean(v * f) for v, f in zip(voxel, factor, strict=True)]
         transforms: list[dict[str, Any]] = [{"type": "scale", "scale": lead + scale}]
-        corner = [(o + (f - 1) / 2) * v for o, f, v in zip(shift, factor, voxel, strict=True)]
+        corner = [(o + (f - 1) / 2) * v + m
+                  for o, f, v, m in zip(shift, factor, voxel, moved, strict=True)]
         if any(corner):
             transforms.append({"type": "translation",
                                "translation": [0.0] * len(lead) + [_clean(c) for c in corner]})
         datasets.append({"path": str(level), "coordinateTransformations": transforms})
-    multiscale = {"axes": axes, "datasets": datasets, "name": name}
+    multiscale: dict[str, Any] = {"axes": axes, "datasets": datasets, "name": name}
+    if any(moved):
+        multiscale["metadata"] = {SHIFT_KEY: moved}
     ome: dict[str, Any] = {"version": "0.5", "multiscales": [multiscale]}
     if channel_names is not None:
         ome["omero"] = {"channels": [{"label": label, "active": True, "color": "FFFFFF"}

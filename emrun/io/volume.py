@@ -78,6 +78,9 @@ class Volume(ABC):
     voxel_size: tuple[float, ...] | None = None
     offset: tuple[int, ...] | None = None
     segmentation: bool = False  # its metadata says it holds object ids (OME image-label)
+    # nm (z, y, x) its OME translation lies off ``offset`` whole voxels: a coarser pyramid
+    # level's half-voxel shift, which outputs made from it keep (None: none)
+    shift_nm: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", native_dtype(self.dtype))

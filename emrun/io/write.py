@@ -80,6 +80,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from emrun import locks
 from emrun.io.layout import LABELS, refresh_root, volume_dir
 from emrun.io.metadata import (
+    declared_shift,
     from_ome,
     funlib_attrs,
     image_label_attrs,
@@ -160,6 +161,7 @@ def create_volume(
     chunks: Sequence[int] | None = None,
     voxel_size: Sequence[float] | None = None,
     offset: Sequence[int] | None = None,
+    shift_nm: Sequence[float] | None = None,
     channel_axis: bool = False,
     channel_names: Sequence[str] | None = None,
     label: bool = False,
@@ -172,8 +174,10 @@ def create_volume(
     `path/name/0` (`path/labels/name/0` for a `label`: a segmentation, with `image-label`
     metadata), filled with zeros until written; coarser levels come later from
     `build_pyramid`. `voxel_size` is in nm and `offset` in voxels, both z, y, x (None:
-    unknown voxel size, zero offset); `channel_names` label the channels for viewers;
-    `attrs` are extra attributes for the image group (e.g. provenance). An existing `name`
+    unknown voxel size, zero offset); `shift_nm` moves it by less than a voxel (an output
+    made from a coarser pyramid level: `Volume.shift_nm`); `channel_names` label the channels
+    for viewers; `attrs` are extra attributes for the image group (e.g. provenance). An
+    existing `name`
     is a VolumeError unless `overwrite`, which deletes it first. The volume is visible as
     soon as it is created; use `write_volume` (or `staged_volume`) for all-or-nothing writes.
     It is made as `name.partial` and renamed: a run killed between the image group and its
@@ -183,7 +187,7 @@ def create_volume(
     with held_store(path):
         target = _prepare(path, name, label, overwrite)
         spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs,
-                     channel_names, label)
+                     channel_names, label, shift_nm)
         parent = _open_parent(target.parent, label)
         partial = target.with_name(target.name + PARTIAL_SUFFIX)
         if partial.exists():  # a stale one, from a run killed while creating it
@@ -208,6 +212,7 @@ def write_volume(
     chunks: Sequence[int] | None = None,
     voxel_size: Sequence[float] | None = None,
     offset: Sequence[int] | None = None,
+    shift_nm: Sequence[float] | None = None,
     channel_axis: bool = False,
     channel_names: Sequence[str] | None = None,
     label: bool | None = None,
@@ -231,6 +236,7 @@ def write_volume(
         chunks=chunks,
         voxel_size=voxel_size,
         offset=offset,
+        shift_nm=shift_nm,
         channel_axis=channel_axis,
         channel_names=channel_names,
         label=label,
@@ -252,6 +258,7 @@ def staged_volume(
     chunks: Sequence[int] | None = None,
     voxel_size: Sequence[float] | None = None,
     offset: Sequence[int] | None = None,
+    shift_nm: Sequence[float] | None = None,
     channel_axis: bool = False,
     channel_names: Sequence[str] | None = None,
     label: bool | None = None,
@@ -275,7 +282,7 @@ def staged_volume(
     with held_store(path):
         target = _prepare(path, name, label, overwrite)
         spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs,
-                     channel_names, label)
+                     channel_names, label, shift_nm)
         level_factors(spec["shape"][-3:], spec["voxel_size"], levels)  # checked up front
         parent = _open_parent(target.parent, label)
         partial = target.with_name(target.name + PARTIAL_SUFFIX)
@@ -461,7 +468,7 @@ def build_pyramid(
         previous = array
     names = [c["label"] for c in attrs["ome"].get("omero", {}).get("channels", [])] or None
     ome = ome_image_attrs(multiscale.get("name", folder.name), ndim, voxel, offset,
-                          channel_axis, factors, names)["ome"]
+                          channel_axis, factors, names, declared_shift(multiscale))["ome"]
     group.attrs["ome"] = {**attrs["ome"], **ome}
     if folder.parent.name == LABELS:
         refresh_root(folder.parent.parent)
@@ -640,6 +647,7 @@ def _spec(
     attrs: dict[str, Any] | None,
     channel_names: Sequence[str] | None = None,
     label: bool = False,
+    shift_nm: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Validate what the volume will be; user-facing problems are VolumeErrors naming it."""
     shape = tuple(_int(target, n, "shape") for n in shape)
@@ -696,6 +704,7 @@ def _spec(
         "channel_names": channel_names,
         "label": label,
         "attrs": extra,
+        "shift_nm": None if shift_nm is None else tuple(float(v) for v in shift_nm),
     }
 
 
@@ -711,7 +720,7 @@ def _create(parent: zarr.Group, node: str, name: str, spec: dict[str, Any]) -> z
     """Create image group `node` (OME name `name`) and its level-0 array."""
     ome = ome_image_attrs(
         name, len(spec["shape"]), spec["voxel_size"], spec["offset"], spec["channel_axis"],
-        channel_names=spec["channel_names"],
+        channel_names=spec["channel_names"], shift_nm=spec["shift_nm"],
     )
     if spec["label"]:
         ome["ome"]["image-label"] = image_label_attrs()

@@ -17,7 +17,13 @@ import zarr
 
 from emrun.geometry import Roi, slices
 from emrun.io.layout import LABELS, PARTIAL_SUFFIX
-from emrun.io.metadata import multiscale_dataset, ome_levels, spatial_metadata, time_axis
+from emrun.io.metadata import (
+    multiscale_dataset,
+    ome_levels,
+    ome_shift,
+    spatial_metadata,
+    time_axis,
+)
 from emrun.io.volume import (
     MAX_LISTED,
     METADATA_ERRORS,
@@ -196,6 +202,8 @@ def _volume(
         offset=offset,
         segmentation=_is_label_level(group_attrs, array_name),
         array_path=array_path,
+        shift_nm=ome_shift(name, len(shape), group_attrs, array_name)
+        if group_attrs is not None and array_name is not None else None,
     )
 
 

@@ -298,8 +298,8 @@ def run_segment(request: SegmentRequest, *,
                            segmenter_from=segmenter_from)
     info = {"version": __version__, "input": str(volume), "offsets": [list(o) for o in offsets],
             "mask": mask_path, "segmenter": segmenter.spec.model_dump()}
-    write_args = {"voxel_size": volume.voxel_size, "offset": volume.offset, "label": True,
-                  "levels": request.levels}
+    write_args = {"voxel_size": volume.voxel_size, "offset": volume.offset,
+                  "shift_nm": volume.shift_nm, "label": True, "levels": request.levels}
 
     with held_store(output):
         if sweeping:

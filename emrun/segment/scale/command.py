@@ -189,7 +189,7 @@ def _prepare_outputs(job: ScaleJob, volume: Volume, agglo: Waterz) -> None:
     output = Path(job.output)
     chunks = block_chunks(job.block)
     args = {"chunks": chunks, "voxel_size": volume.voxel_size, "offset": volume.offset,
-            "label": True}
+            "shift_nm": volume.shift_nm, "label": True}
     info = {"version": __version__, "input": job.affinities,
             "offsets": [list(o) for o in job.offsets], "mask": job.mask,
             "block": list(job.block), "fragments": job.fragments,
