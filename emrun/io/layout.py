@@ -70,18 +70,24 @@ def _images(folder: Path) -> list[str]:
 
 def refresh_root(store: str | os.PathLike[str]) -> None:
     """Rewrite the store root's OME metadata and the labels group's list from what the
-    store holds; other root attributes (e.g. inference's provenance) are kept."""
+    store holds; other root attributes (e.g. inference's provenance) are kept. The list
+    names the segmentations with as many levels as the root's image (OME-Zarr asks that
+    of an image's labels, and ome-zarr-models refused the root otherwise); the others
+    still open by their names (`emrun.io.zarr_volume`)."""
     root = Path(store)
     root_attrs = group_attrs(root)
     if root_attrs is None:
         return
     labels_dir = root / LABELS
     labels = _images(labels_dir)
+    candidates = _images(root) + [f"{LABELS}/{n}" for n in labels]
+    primary = _primary(root_attrs, candidates)
+    if primary is not None:  # OME-Zarr: an image's labels have as many levels as it has
+        levels = _level_count(root / primary)
+        labels = [n for n in labels if _level_count(labels_dir / n) == levels]
     label_attrs = group_attrs(labels_dir)
     if label_attrs is not None and "multiscales" not in (label_attrs.get("ome") or {}):
         _write_attrs(labels_dir, {**label_attrs, "ome": {"version": "0.5", "labels": labels}})
-    candidates = _images(root) + [f"{LABELS}/{n}" for n in labels]
-    primary = _primary(root_attrs, candidates)
     attrs = {k: v for k, v in root_attrs.items() if k != "ome"}
     if primary is not None:
         source = group_attrs(root / primary) or {}
@@ -94,6 +100,14 @@ def refresh_root(store: str | os.PathLike[str]) -> None:
         attrs["ome"] = ome
     if attrs != root_attrs:
         _write_attrs(root, attrs)
+
+
+def _level_count(folder: Path) -> int:
+    """How many levels an image group's first multiscale names."""
+    try:
+        return len((group_attrs(folder) or {})["ome"]["multiscales"][0]["datasets"])
+    except (KeyError, IndexError, TypeError):
+        return 0
 
 
 def _primary(root_attrs: dict[str, Any], candidates: list[str]) -> str | None:

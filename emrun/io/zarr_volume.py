@@ -152,11 +152,18 @@ def _label(store: Any, name: str) -> Any:
     if "/" in name or LABELS not in store:
         return None
     labels = store[LABELS]
-    listed = labels.attrs.get("ome", {}).get("labels") if isinstance(labels, zarr.Group) else None
-    if not isinstance(listed, list) or name not in listed or name not in labels:
-        return None
+    if not isinstance(labels, zarr.Group) or name.endswith(PARTIAL_SUFFIX) or \
+            name not in labels:
+        return None  # listed or not: the list leaves out labels of another level count
     found = labels[name]
-    return found if isinstance(found, zarr.Group) else None
+    return found if isinstance(found, zarr.Group) and _is_label_image(dict(found.attrs)) \
+        else None
+
+
+def _is_label_image(attrs: dict[str, Any]) -> bool:
+    """Whether group attributes are an OME label image's (0.5 under ``ome``, 0.4 at top)."""
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
+    return "image-label" in ome and multiscale_dataset(attrs) is not None
 
 
 def _open_image_group(path: str, dataset: str | None, group: Any, level: str,
@@ -212,9 +219,9 @@ def _is_label_level(group_attrs: dict[str, Any] | None, array_name: str | None) 
     beside one, in a group that carries the metadata (a store's root), is not. OME-Zarr 0.5
     keeps the metadata under ``ome``, 0.4 at the top of the attributes."""
     attrs = group_attrs or {}
-    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
-    if "image-label" not in ome:
+    if not _is_label_image(attrs):
         return False
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
     levels = [d.get("path") for m in ome.get("multiscales") or [] if isinstance(m, dict)
               for d in m.get("datasets") or [] if isinstance(d, dict)]
     return array_name in levels
@@ -239,10 +246,12 @@ def _collect(group: Any, prefix: str, out: list[str]) -> None:
             return
         if name.endswith(PARTIAL_SUFFIX):
             continue
-        listed = child.attrs.get("ome", {}).get("labels") if name == LABELS else None
-        if isinstance(listed, list):  # the store's segmentations open by their names
-            out.extend(prefix + str(n) for n in listed)
-            continue
+        if name == LABELS:  # the store's segmentations open by their names
+            found = [n for n, g in child.groups() if not n.endswith(PARTIAL_SUFFIX)
+                     and _is_label_image(dict(g.attrs))]
+            if found:
+                out.extend(prefix + n for n in sorted(found))
+                continue
         if multiscale_dataset(dict(child.attrs)) is not None:
             out.append(prefix + name)
         else:
