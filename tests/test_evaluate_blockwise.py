@@ -329,3 +329,35 @@ def test_pieces_of_ids_past_two_to_the_63_in_faces_one_voxel_wide(tmp_path):
     column = np.full((5, 1, 1), 2**64 - 1, np.uint64)
     column[0] = 5
     assert connected_pieces(column).ravel().tolist() == [1, 2, 2, 2, 2]
+
+
+def test_cli_a_killed_evaluations_work_folder_goes_with_the_next_run(volumes, tmp_path):
+    """kill -9 left emrun-evaluate-*/ with every block's table in --work-dir, never removed;
+    the next run removes a folder nobody holds once it is a minute old, and leaves a new one
+    (a run just starting) and one another evaluation holds."""
+    import os
+    import time
+
+    _, paths = volumes
+    work = tmp_path / "eval"
+    stale, fresh, running = (work / f"emrun-evaluate-{n}" for n in ("old", "new", "busy"))
+    for folder in (stale, fresh, running):
+        folder.mkdir(parents=True)
+        (folder / "block-0.npz").write_bytes(b"")
+    long_ago = time.time() - 3600
+    for folder in (stale, running):
+        os.utime(folder, (long_ago, long_ago))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from emrun import locks; "
+        f"locks.hold(Path({str(running)!r}), ''); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.utime(running, (long_ago, long_ago))  # the lock file touched it
+        result = runner.invoke(app, ["evaluate", paths["seg"], paths["truth"], "--workers",
+                                     "1", "--block", "5", "24", "20", "--work-dir", str(work)])
+        assert result.exit_code == 0, result.output
+        assert not stale.exists() and fresh.is_dir() and running.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -20,14 +20,17 @@ import concurrent.futures
 import functools
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emrun import locks
 from emrun.capacity import work_folder
 from emrun.devices import (
     check_launch,
@@ -96,7 +99,9 @@ def score_blocks(work: Work, parallel: Parallel, on_block: OnBlock | None = None
                  ) -> ContingencyTable | BinaryCounts:
     """Score every block of ``work`` with ``parallel``'s workers and merge their results."""
     parallel.check()
-    with tempfile.TemporaryDirectory(prefix="emrun-evaluate-", dir=parallel.work_dir) as name:
+    _remove_abandoned(Path(parallel.work_dir or tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=PREFIX, dir=parallel.work_dir) as name, \
+            locks.holding(Path(name), "it is another evaluation's work folder"):
         folder = Path(name)
         try:
             save_work(folder, work)
@@ -118,6 +123,31 @@ def score_blocks(work: Work, parallel: Parallel, on_block: OnBlock | None = None
         return merge_blocks(folder, work)
 
 
+PREFIX = "emrun-evaluate-"
+ABANDONED_AFTER_S = 60.0
+"""A work folder nobody holds is a killed run's once it is this old (a run just starting
+makes its folder an instant before it holds it)."""
+
+
+def _remove_abandoned(parent: Path) -> None:
+    """Remove the work folders of evaluations killed outright (kill -9, the out-of-memory
+    killer: no cleanup ran), which held every block's table until removed by hand: those
+    in ``parent`` that no process holds (`emrun.locks`) and that are not brand new."""
+    try:
+        found = [p for p in parent.iterdir() if p.name.startswith(PREFIX) and p.is_dir()
+                 and not p.is_symlink()]
+    except OSError:
+        return
+    for folder in found:
+        try:
+            if time.time() - folder.stat().st_mtime < ABANDONED_AFTER_S:
+                continue
+            locks.check_free(folder, "")
+        except (OSError, UserError):
+            continue  # gone meanwhile, not ours to read, or a running evaluation's
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _run_local(folder: Path, work: Work, workers: int, on_block: OnBlock | None) -> None:
     total = len(work.grid)
     workers = min(workers, total)
@@ -137,8 +167,9 @@ def _run_local(folder: Path, work: Work, workers: int, on_block: OnBlock | None)
             future.result()  # a worker's UserError (an unreadable chunk, say) is raised here
             if on_block is not None:
                 on_block(done, total)
-    except concurrent.futures.process.BrokenProcessPool:
-        raise RuntimeError("an evaluation worker died (out of memory?)") from None
+    except concurrent.futures.process.BrokenProcessPool:  # killed: not a bug in emrun
+        raise UserError("an evaluation worker died (killed, or out of memory: use fewer "
+                        "--workers or a smaller --block); run evaluate again") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
