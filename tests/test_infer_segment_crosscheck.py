@@ -94,11 +94,12 @@ def known6(recipe: Recipe) -> torch.nn.Module:
 
 
 def reflect(index: np.ndarray, n: int) -> np.ndarray:
-    if n == 1:
-        return np.zeros_like(index)
-    period = 2 * n - 2
-    folded = np.abs(index) % period
-    return np.where(folded >= n, period - folded, folded)
+    """Indices mirrored about the borders, read off numpy's own reflect padding (not the
+    engine's formula); a single voxel repeats."""
+    reach = int(np.abs(index).max()) + n + 1
+    mirrored = np.pad(np.arange(n), reach, mode="reflect") if n > 1 else np.zeros(
+        n + 2 * reach, int)
+    return mirrored[index + reach]
 
 
 def window(patch, blend="bump", sigma=0.125) -> np.ndarray:
