@@ -209,15 +209,16 @@ half-voxel shift of downsampling, so it lies where its input lies. A reader subt
 before asking for whole voxels; foreign data stay held to whole voxels."""
 
 
-def declared_shift(ms: Mapping[str, Any]) -> list[float]:
-    """The sub-voxel shift (nm, z, y, x) a multiscale states under ``SHIFT_KEY``; zeros."""
+def declared_shift(ms: Mapping[str, Any], axes: int = 3) -> list[float]:
+    """The sub-voxel shift (nm, one value per spatial axis: ``axes``) a multiscale states
+    under ``SHIFT_KEY``; zeros when it states none (or not one per axis)."""
     meta = ms.get("metadata")
     values = meta.get(SHIFT_KEY) if isinstance(meta, Mapping) else None
-    if isinstance(values, Sequence) and len(values) == 3 and all(
+    if isinstance(values, Sequence) and len(values) == axes and all(
             isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
             for v in values):
         return [float(v) for v in values]
-    return [0.0, 0.0, 0.0]
+    return [0.0] * axes
 
 
 def ome_shift(name: str, ndim: int, attrs: Mapping[str, Any],
@@ -262,7 +263,7 @@ def _ome_dataset(
     """Voxel size and offset of one dataset (level); `first`: it is the finest level."""
     scale, translation, spatial, factors, scaled = _geometry(name, ndim, ms, ds)
     _check_voxel_size(name, [scale[i] for i in spatial], "multiscales scale")
-    stated = declared_shift(ms)  # nm: taken off before asking for whole voxels
+    stated = declared_shift(ms, len(spatial))  # nm: taken off before asking for whole voxels
     voxels = [(translation[i] - s / f) / scale[i]
               for i, s, f in zip(spatial, stated, factors, strict=True)]
     if first:
