@@ -26,6 +26,7 @@ import pytest
 import torch
 import zarr
 from scipy import ndimage
+from test_segment import cells
 from typer.testing import CliRunner
 
 from emrun.cli import app
@@ -474,14 +475,6 @@ def mutex_watershed(affs, offsets, bias, mask=None) -> np.ndarray:
         out[pieces > 0] = pieces[pieces > 0] + top
         top += count
     return out
-
-
-def cells(shape, n, seed) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    seeds = np.zeros(shape, np.int32)
-    seeds[tuple(rng.integers(0, s, n) for s in shape)] = np.arange(1, n + 1)
-    _, nearest = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
-    return seeds[tuple(nearest)]
 
 
 def perfect(truth: np.ndarray, offsets=NEAREST) -> np.ndarray:
