@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..atomic import fsync_dir
 from ..errors import UserError
+from ..paths import file_in_the_way
 
 
 @contextlib.contextmanager
@@ -29,9 +30,7 @@ def staging_folder(output: Path) -> Iterator[Path]:
                                        dir=output.parent))
     except OSError as exc:
         _remove(made)
-        blocking = next((p for p in (output.parent, *output.parent.parents)
-                         if p.exists() and not p.is_dir()), None)
-        if blocking is not None:
+        if (blocking := file_in_the_way(output)) is not None:
             raise UserError(f"{output}: cannot write ({blocking} is a file, not a folder)"
                             ) from exc
         raise UserError(f"{output}: cannot write ({exc.strerror or exc})") from exc

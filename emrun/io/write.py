@@ -354,11 +354,16 @@ ZARR_TEMPORARY = re.compile(r".+\.[0-9a-f]{32}\.partial")
 killed outright left behind."""
 
 
+def is_zarr_temporary(path: Path) -> bool:
+    """Whether ``path`` is a file zarr was writing when its writer was killed outright."""
+    return bool(ZARR_TEMPORARY.fullmatch(path.name)) and path.is_file()
+
+
 def store_entries(folder: Path) -> list[Path]:
     """What a store folder holds that anyone put there on purpose: its entries, without
     the `emrun.locks` file and zarr's temporaries that a killed writer left."""
     return [entry for entry in locks.contents(folder)
-            if not (ZARR_TEMPORARY.fullmatch(entry.name) and entry.is_file())]
+            if not is_zarr_temporary(entry)]
 
 
 def killed_first_write(folder: Path) -> bool:
@@ -384,7 +389,7 @@ def remove_zarr_temporaries(root: Path) -> None:
     for folder in folders:
         with contextlib.suppress(OSError):
             for entry in folder.iterdir():
-                if ZARR_TEMPORARY.fullmatch(entry.name) and entry.is_file():
+                if is_zarr_temporary(entry):
                     entry.unlink(missing_ok=True)
 
 
@@ -403,7 +408,7 @@ def _remove_if_bare(store: Path) -> None:
     lock), so that a failed first write leaves no empty `OUT.zarr` behind; a store holding
     anything else (a volume another process has begun meanwhile) is left alone."""
     if all(p.is_dir() or p.name in ("zarr.json", locks.LOCK_NAME)
-           or ZARR_TEMPORARY.fullmatch(p.name) for p in store.rglob("*")):
+           or is_zarr_temporary(p) for p in store.rglob("*")):
         shutil.rmtree(store, ignore_errors=True)
 
 
@@ -626,7 +631,7 @@ def _only_partial_volumes(entries: list[Path]) -> bool:
         elif entry.name == LABELS and entry.is_dir() and not entry.is_symlink():
             for inner in entry.iterdir():
                 if (inner.name == "zarr.json" and inner.is_file()) or \
-                        (ZARR_TEMPORARY.fullmatch(inner.name) and inner.is_file()):
+                        is_zarr_temporary(inner):
                     continue
                 if not (inner.is_dir() and inner.name.endswith(PARTIAL_SUFFIX)):
                     return False

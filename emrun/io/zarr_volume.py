@@ -162,8 +162,12 @@ def _label(store: Any, name: str) -> Any:
 
 def _is_label_image(attrs: dict[str, Any]) -> bool:
     """Whether group attributes are an OME label image's (0.5 under ``ome``, 0.4 at top)."""
-    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
-    return "image-label" in ome and multiscale_dataset(attrs) is not None
+    return "image-label" in _ome(attrs) and multiscale_dataset(attrs) is not None
+
+
+def _ome(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A group's OME metadata: under ``ome`` in OME-Zarr 0.5, the attributes in 0.4."""
+    return attrs["ome"] if isinstance(attrs.get("ome"), dict) else attrs
 
 
 def _open_image_group(path: str, dataset: str | None, group: Any, level: str,
@@ -221,7 +225,7 @@ def _is_label_level(group_attrs: dict[str, Any] | None, array_name: str | None) 
     attrs = group_attrs or {}
     if not _is_label_image(attrs):
         return False
-    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
+    ome = _ome(attrs)
     levels = [d.get("path") for m in ome.get("multiscales") or [] if isinstance(m, dict)
               for d in m.get("datasets") or [] if isinstance(d, dict)]
     return array_name in levels
