@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 import zarr
 from typer.testing import CliRunner
 
@@ -217,8 +218,6 @@ def test_input_smaller_than_one_patch_works(setup):
 def test_user_mistakes_exit_2(setup, tmp_path):
     recipe, _, _, tmp = setup
     path = tmp / "r.yaml"
-    import yaml
-
     path.write_text(yaml.safe_dump(recipe.resolved()))
     np.save(tmp / "flat.npy", np.zeros((20, 20), np.uint8))
     (tmp / "file.zarr").write_text("x")
@@ -414,7 +413,7 @@ def test_inputs_that_used_to_crash_or_pass_silently_are_refused(setup):
 def test_a_float_input_outside_zero_one_is_refused_and_another_resolution_cautioned(setup):
     """A float image in 0..255 was predicted as if saturated (affinities off by up to 204 of
     255); an input at another voxel size than the training's was predicted without a word."""
-    from emrun.infer.job import resolution_caution
+    from emrun.infer.cautions import input_cautions
 
     recipe, _, volume, tmp = setup
     write_volume(tmp / "in.zarr", "float255", volume.astype(np.float32), voxel_size=(30, 6, 6))
@@ -426,9 +425,32 @@ def test_a_float_input_outside_zero_one_is_refused_and_another_resolution_cautio
     run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/float"), tmp / "g.zarr")
     run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "u.zarr")
     np.testing.assert_allclose(read(tmp / "g.zarr"), read(tmp / "u.zarr"), atol=1e-5)
-    assert resolution_caution(recipe, str(tmp / "in.zarr/image")) is None  # 30x6x6 both
-    said = resolution_caution(recipe, str(tmp / "in.zarr/float"))
-    assert said is not None and "8x8x8 nm; the network was trained at 30x6x6 nm" in said
+    assert input_cautions(recipe, tmp / "c.pt", str(tmp / "in.zarr/image")) == []  # 30x6x6
+    (said,) = input_cautions(recipe, tmp / "c.pt", str(tmp / "in.zarr/float"))
+    assert "8x8x8 nm; the network was trained at 30x6x6 nm" in said
+
+
+def test_eight_bit_values_in_a_wider_integer_input_are_cautioned(setup):
+    """A uint16 volume holding 0..255 (8-bit data, a common export) is scaled by 65535, so
+    the network, trained on uint8 images, saw an input 257 times too dark, without a word."""
+    from emrun.infer.cautions import input_cautions
+
+    recipe, _, volume, tmp = setup
+    write_volume(tmp / "in.zarr", "narrow", volume.astype(np.uint16), voxel_size=(30, 6, 6),
+                 label=False)
+    (said,) = input_cautions(recipe, tmp / "c.pt", str(tmp / "in.zarr/narrow"))
+    assert "sampled values stop at 25" in said and "[0, 65535]" in said and "[0, 255]" in said
+    full = volume.astype(np.uint16) * 257  # the same image filling uint16's range
+    write_volume(tmp / "in.zarr", "full", full, voxel_size=(30, 6, 6), label=False)
+    assert input_cautions(recipe, tmp / "c.pt", str(tmp / "in.zarr/full")) == []
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/full"), tmp / "full.zarr")
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "u8.zarr")
+    np.testing.assert_allclose(read(tmp / "full.zarr"), read(tmp / "u8.zarr"), atol=1 / 255)
+    (tmp / "r.yaml").write_text(yaml.safe_dump(recipe.resolved()))
+    said = CliRunner().invoke(app, ["infer", "--recipe", str(tmp / "r.yaml"), "--checkpoint",
+                                    str(tmp / "c.pt"), "--input",
+                                    str(tmp / "in.zarr/narrow"), "--output", str(tmp / "n.zarr")])
+    assert said.exit_code == 0 and "warning:" in said.stderr and "nearly black" in said.stderr
 
 
 def test_an_input_with_one_channel_is_predicted_as_its_volume(setup):

@@ -217,8 +217,8 @@ def infer(
     levels: Levels = None,
 ) -> None:
     """Predict a volume blockwise into zarr: one array per task, blended, resumable."""
+    from ..infer.cautions import input_cautions
     from ..infer.checkpoint_recipe import recipe_for
-    from ..infer.job import resolution_caution
     from ..infer.progress import block_progress
     from ..infer.run import run_inference
     from ..infer.schedule import Stopped
@@ -231,8 +231,8 @@ def infer(
     input_ = at_level(input_, level)
     checkpoint = _network_file(checkpoint, model)
     loaded = recipe_for(checkpoint, recipe, override or [])
-    if (caution := resolution_caution(loaded.recipe, input_)) is not None:
-        warn([caution])
+    if cautions := input_cautions(loaded.recipe, checkpoint, input_):
+        warn(cautions)
     try:
         with block_progress(err) as report:
             progress = run_inference(loaded.recipe, checkpoint, input_, output, block=block,

@@ -219,24 +219,6 @@ def _check_float_scale(recipe: Recipe, volume: Volume, offset: Zyx, shape: Zyx) 
                             "scale it to [0, 1], or store it as uint8 (emrun data convert)")
 
 
-def resolution_caution(recipe: Recipe, input_path: str) -> str | None:
-    """A line when the input's voxel size is not the one the network was trained at (as
-    the recipe's sources declare it): predictions at another resolution are usually poor,
-    and nothing else would say so."""
-    trained = {tuple(s.voxel_size) for s in recipe.data.sources.values()
-               if getattr(s, "voxel_size", None) is not None}
-    volume = single_channel(open_volume(input_path))
-    if len(trained) != 1 or volume.voxel_size is None or len(volume.voxel_size) != 3:
-        return None
-    (at,) = trained
-    if all(0.8 <= v / t <= 1.25 for v, t in zip(volume.voxel_size, at, strict=True)):
-        return None
-    shown = "x".join(f"{v:g}" for v in volume.voxel_size)
-    return (f"{volume} has voxels of {shown} nm; the network was trained at "
-            f"{'x'.join(f'{t:g}' for t in at)} nm: predictions at another resolution are "
-            "usually poor (--level picks a level of a multiscale input)")
-
-
 def _check_roi(roi: Roi | None, volume: Volume) -> Roi:
     """The box to predict: the ROI, checked, or the whole volume."""
     whole = box_of(volume.shape)

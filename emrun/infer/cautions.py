@@ -1,0 +1,102 @@
+"""Warnings about an input the network may not suit: predicted anyway, but said before.
+
+Two mistakes give plausible-looking but poor predictions and nothing else would say so: an
+input at another resolution than the training data, and 8-bit values stored in a wider
+integer type (a uint16 volume whose values stop at 255), which the dtype's scale makes
+nearly black.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..io import Volume, VolumeError, open_volume
+from ..io.intensity import default_intensity
+from ..io.one_channel import single_channel
+from ..io.package import PackageError, is_package, read_package
+from ..io.sample import sample_boxes
+from ..recipe import Recipe
+from ..recipe.data import VolumeSource
+
+
+def input_cautions(recipe: Recipe, checkpoint: Path, input_path: str) -> list[str]:
+    """The lines to warn with before predicting ``input_path`` (none when it suits)."""
+    volume = single_channel(open_volume(input_path))
+    found = [resolution_caution(recipe, volume), scale_caution(recipe, checkpoint, volume)]
+    return [line for line in found if line is not None]
+
+
+def resolution_caution(recipe: Recipe, volume: Volume) -> str | None:
+    """A line when the input's voxel size is not the one the network was trained at (as
+    the recipe's sources declare it)."""
+    trained = {tuple(s.voxel_size) for s in recipe.data.sources.values()
+               if getattr(s, "voxel_size", None) is not None}
+    if len(trained) != 1 or volume.voxel_size is None or len(volume.voxel_size) != 3:
+        return None
+    (at,) = trained
+    if all(0.8 <= v / t <= 1.25 for v, t in zip(volume.voxel_size, at, strict=True)):
+        return None
+    shown = "x".join(f"{v:g}" for v in volume.voxel_size)
+    return (f"{volume} has voxels of {shown} nm; the network was trained at "
+            f"{'x'.join(f'{t:g}' for t in at)} nm: predictions at another resolution are "
+            "usually poor (--level picks a level of a multiscale input)")
+
+
+def scale_caution(recipe: Recipe, checkpoint: Path, volume: Volume) -> str | None:
+    """A line when an integer input is scaled by a wider range than the training images
+    were and its values (nine sampled boxes) stay within the training range: 8-bit data
+    in a uint16 volume, read as intensities of at most 255/65535."""
+    if volume.dtype.kind not in "ui" or _recipe_gives_scale(recipe):
+        return None
+    trained = training_high(recipe, checkpoint)
+    _, high = default_intensity(volume.dtype)
+    if trained is None or high <= trained:
+        return None
+    largest = max((int(box.max()) for box in sample_boxes(volume) if box.size), default=0)
+    if largest == 0 or largest > trained:
+        return None
+    return (f"{volume} is {volume.dtype} and is scaled by its dtype's range [0, {high:g}], "
+            f"but its sampled values stop at {largest} and the network was trained on "
+            f"images scaled by [0, {trained:g}]: its input will look nearly black. "
+            f"{_remedy(recipe, trained)}")
+
+
+def _remedy(recipe: Recipe, trained: float) -> str:
+    """How to predict the input at the training scale."""
+    names = [n for n, s in recipe.data.sources.items() if isinstance(s, VolumeSource)]
+    if names:
+        return (f"Give the scale: -o 'data.sources.{names[0]}.intensity={{low: 0, high: "
+                f"{trained:g}}}'")
+    return ("Store it as uint8 (its values fit)" if trained == 255 else
+            "Store it in the training images' dtype (its values fit)")
+
+
+def training_high(recipe: Recipe, checkpoint: Path) -> float | None:
+    """The raw value the training images' scale mapped to 1: the first training image's
+    dtype range (synthetic sources are uint8), else what a package states; None when
+    neither can say."""
+    first = next(iter(recipe.data.sources.values()), None)
+    if first is not None and not isinstance(first, VolumeSource):
+        return default_intensity(np.dtype(np.uint8))[1]
+    if isinstance(first, VolumeSource):
+        try:
+            return default_intensity(open_volume(first.image).dtype)[1]
+        except VolumeError:
+            pass
+    if is_package(checkpoint):
+        try:
+            stated = read_package(checkpoint).manifest.get("input", {}).get("intensity")
+        except PackageError:
+            return None
+        if isinstance(stated, dict) and not str(stated.get("from", "")).startswith("assumed"):
+            high = stated.get("high")
+            return float(high) if isinstance(high, int | float) else None
+    return None
+
+
+def _recipe_gives_scale(recipe: Recipe) -> bool:
+    """Whether the recipe states the intensity scale (then it, not a dtype, is used)."""
+    return any(isinstance(s, VolumeSource) and s.intensity is not None
+               for s in recipe.data.sources.values())
