@@ -5,12 +5,15 @@ Reads metadata only (shape, dtype, voxel size), never voxel data, so it is fast 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..geometry import Roi, box_of
+from ..geometry import Coordinate, Roi, box_of
 from ..io import Volume, VolumeError, open_volume
+from ..io.intensity import outside_unit
 from ..recipe import LoadedRecipe, Problem
 from ..recipe.checks import nm_target_problems
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
@@ -113,9 +116,10 @@ def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, i
             _check_companion(volume, image, key, problems)
             opened[key] = volume
     before = len(problems)
-    _check_roi(image, source, patch if group == "sources" else None, path, problems)
+    sampled = patch if group == "sources" else None  # validation tiles, padding the edges
+    _check_roi(image, source, sampled, path, problems)
     if len(problems) == before and len(image.shape) == 3:  # values: only where shapes fit
-        _check_values(image, source, opened.get((*path, "mask")), path, problems)
+        _check_values(image, source, opened.get((*path, "mask")), sampled, path, problems)
     voxel = source.voxel_size or image.voxel_size
     if source.voxel_size and image.voxel_size and not np.allclose(
         source.voxel_size, image.voxel_size[-3:]
@@ -125,41 +129,71 @@ def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, i
     return SourceFacts(group, name, "volume", image.shape, str(image.dtype), voxel, source.weight)
 
 
-def _check_values(image: Volume, source: VolumeSource, mask: Volume | None, path: KeyPath,
+def _check_values(image: Volume, source: VolumeSource, mask: Volume | None,
+                  patch: tuple[int, int, int] | None, path: KeyPath,
                   problems: list[tuple[KeyPath, str]]) -> None:
-    """Float images must be finite, and lie in [0, 1] unless an intensity range is given
-    (checked on a few sections); a mask must select something inside the sampled box
-    (reads the mask once)."""
-    from .sampler import MaskIndex
-
+    """The image's values (a few sections, see `_section_problem`); a mask must select
+    something inside the sampled box, and for a training source a voxel a patch can be
+    centred on (reads the mask once)."""
     box = source.roi.to_roi() if source.roi is not None else box_of(image.shape[-3:])
     (oz, oy, ox), (sz, sy, sx) = box.offset, box.shape
+    masked = mask is not None and tuple(mask.shape) == tuple(image.shape)
     if image.dtype.kind == "f":
         for z in np.unique(np.linspace(oz, oz + sz - 1, 4).round()):
-            section = image.read(Roi((int(z), oy, ox), (1, sy, sx)))
-            bad = ~np.isfinite(section)
-            if bad.any() and mask is not None and tuple(mask.shape) == tuple(image.shape):
-                bad &= mask.read(Roi((int(z), oy, ox), (1, sy, sx))) != 0  # masked: unused
-            if bad.any():  # training would skip every step it meets
-                problems.append(((*path, "image"), f"{image} holds NaN or infinite values "
-                                 f"(section {int(z)}); fix them, or mask them out with the "
-                                 "source's mask"))
+            where = Roi((int(z), oy, ox), (1, sy, sx))
+            section = image.read(where)
+            valid = functools.partial(_valid, mask, where) if masked else None
+            found = _section_problem(image, source, section, valid, int(z))
+            if found:
+                problems.append(((*path, "image"), found))
                 break
-            section = np.where(np.isfinite(section), section, 0)
-            if source.intensity is not None:
-                continue
-            lo, hi = float(section.min()), float(section.max())
-            if lo < 0 or hi > 1:
-                problems.append(((*path, "image"), f"{image} is a float image with values in "
-                                 f"[{lo:g}, {hi:g}] (section {int(z)}), outside [0, 1]; give "
-                                 "`intensity: {low, high}` for this source"))
-                break
-    if mask is not None and tuple(mask.shape) == tuple(image.shape):
-        index = MaskIndex(mask, box)
-        if len(index.blocks) == 0:
-            where = "inside its roi" if source.roi is not None else "anywhere"
-            problems.append(((*path, "mask"), f"{mask} selects no voxel {where}: nothing "
-                             "could be sampled"))
+    if masked:
+        _check_mask(mask, box, source.roi is not None, patch, path, problems)  # type: ignore[arg-type]
+
+
+def _check_mask(mask: Volume, box: Roi, in_roi: bool, patch: tuple[int, int, int] | None,
+                path: KeyPath, problems: list[tuple[KeyPath, str]]) -> None:
+    """The sampler centres patches on masked voxels and keeps those that fit in the box:
+    a mask whose voxels all lie within half a patch of the box's edges gives no patch, and
+    training would stop at its first batch."""
+    from .sampler import MaskIndex
+
+    where = "inside its roi" if in_roi else "anywhere"
+    centres, fits = box, ""
+    if patch is not None and all(b >= p for b, p in zip(box.shape, patch, strict=True)):
+        half = Coordinate(p // 2 for p in patch)
+        centres = Roi(box.offset + half, box.shape - Coordinate(patch) + 1)
+        fits = (f" that a train.patch {list(patch)} centred on it leaves inside the "
+                f"{'roi' if in_roi else 'volume'}")
+    if len(MaskIndex(mask, centres).blocks) == 0:
+        problems.append(((*path, "mask"), f"{mask} selects no voxel {where}{fits}: nothing "
+                         "could be sampled"))
+
+
+def _valid(mask: Volume, where: Roi) -> np.ndarray:
+    return mask.read(where) != 0
+
+
+def _section_problem(image: Volume, source: VolumeSource, section: np.ndarray,
+                     valid: Callable[[], np.ndarray] | None, z: int) -> str | None:
+    """What is wrong with one section's values, or None: NaN or infinite values where
+    trained on (training would skip every step it meets); without an intensity range, float
+    values outside [0, 1]."""
+    if image.dtype.kind == "f":
+        bad = ~np.isfinite(section)
+        if bad.any() and valid is not None:
+            bad &= valid()  # masked out: never trained on (the mask is read only then)
+        if bad.any():
+            return (f"{image} holds NaN or infinite values (section {z}); fix them, or mask "
+                    "them out with the source's mask")
+        section = np.where(np.isfinite(section), section, 0)
+    if source.intensity is not None or section.size == 0:
+        return None
+    lo, hi = float(section.min()), float(section.max())
+    if image.dtype.kind == "f" and outside_unit(lo, hi):
+        return (f"{image} is a float image with values in [{lo:g}, {hi:g}] (section {z}), "
+                "outside [0, 1]; give `intensity: {low, high}` for this source")
+    return None
 
 
 def _open(ref: str, key: KeyPath, problems: list[tuple[KeyPath, str]]) -> Volume | None:
@@ -205,6 +239,22 @@ def _check_companion(volume: Volume, image: Volume, key: KeyPath,
     ):
         problems.append((key, f"{volume} voxel size {list(volume.voxel_size)} nm disagrees with "
                          f"the image's {list(image.voxel_size)} nm"))
+    _check_placed_alike(volume, image, key, what, problems)
+
+
+def _check_placed_alike(volume: Volume, image: Volume, key: KeyPath, what: str,
+                        problems: list[tuple[KeyPath, str]]) -> None:
+    """Companions are read voxel by voxel at the image's coordinates: one whose metadata
+    places it at another offset (labels of a cropped box, an unpadded image) would train
+    the network on labels shifted against the image. A volume without placement (TIFF,
+    .npy) is taken to lie where the image does."""
+    if volume.offset is None or image.offset is None or volume.shape != image.shape:
+        return  # differing shapes: the shape check says so
+    mine, theirs = tuple(image.offset[-3:]), tuple(volume.offset[-3:])
+    if mine != theirs:
+        problems.append((key, f"{volume} lies at offset {list(theirs)} voxels but the image "
+                         f"{image} at {list(mine)}: the {what} would be shifted against the "
+                         "image; crop both to the same box"))
 
 
 def _check_roi(image: Volume, source: VolumeSource, patch: tuple[int, int, int] | None,

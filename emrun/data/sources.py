@@ -56,11 +56,14 @@ class Source:
     weight: float | None
     min_labelled: float
     voxel_size: tuple[float, float, float] | None = field(default=None)
+    scale_given: bool = False  # the recipe's `intensity`, not the dtype's default
 
     def normalise(self, raw: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """Raw image values to float32 in [0, 1] with this source's global scale. NaN or
         infinite values are 0 where ``mask`` (the crop's) excludes them, and refused where
-        they would be trained on (clip keeps NaN: every loss would go NaN, steps skipped)."""
+        they would be trained on (clip keeps NaN: every loss would go NaN, steps skipped).
+        Without a recipe scale, float values outside [0, 1] are refused (the default
+        would clip them)."""
         image = (raw.astype(np.float32) - np.float32(self.low)) / np.float32(self.high - self.low)
         if raw.dtype.kind == "f" and not (finite := np.isfinite(image)).all():
             masked_out = mask is not None and mask.shape == image.shape
@@ -70,7 +73,7 @@ class Source:
                                 f"values ({int(bad.sum())} in one training patch); fix them, "
                                 "or mask them out with the source's mask")
             image[~finite] = 0.0
-        if raw.dtype.kind == "f" and self.low == 0.0 and self.high == 1.0:
+        if raw.dtype.kind == "f" and not self.scale_given:  # a given scale clips
             lo, hi = float(image.min(initial=0.0)), float(image.max(initial=0.0))
             if lo < -1e-3 or hi > 1 + 1e-3:
                 raise UserError(
@@ -95,7 +98,8 @@ def open_volume_source(spec: VolumeSource, name: str = "source") -> Source:
                  else default_intensity(image.dtype))
     voxel = spec.voxel_size or (tuple(image.voxel_size[-3:]) if image.voxel_size else None)
     return Source(name, image, labels, mask, semantic, _box(spec, image.shape), low, high,
-                  spec.weight, spec.min_labelled, voxel)  # type: ignore[arg-type]
+                  spec.weight, spec.min_labelled, voxel,  # type: ignore[arg-type]
+                  scale_given=spec.intensity is not None)
 
 
 @sources.implement("synthetic")
@@ -119,21 +123,40 @@ def open_sources(specs: dict[str, SourceBase]) -> list[Source]:
 
 
 def labelled_fraction(source: Source, sections: int = 8) -> float:
-    """Fraction of labelled voxels in the box, estimated from a few evenly spaced sections."""
-    if source.labels is None:
+    """Fraction of the box's voxels that are labelled and inside the mask (the voxels
+    trained on), estimated from a few evenly spaced sections; counted over every section
+    when those hold none: labels in a few sections between them (a sparsely annotated
+    volume) would weigh the source 0, never sampled, silently."""
+    if source.labels is None and source.mask is None:
         return 1.0
     (oz, oy, ox), (sz, sy, sx) = source.box.offset, source.box.shape
     zs = np.unique(np.linspace(oz, oz + sz - 1, num=min(sections, sz)).round().astype(int))
-    counted = total = 0
-    for z in zs:
-        section = source.labels.read(Roi((int(z), oy, ox), (1, sy, sx)))
-        counted += int(np.count_nonzero(section))
-        total += section.size
-    return counted / max(total, 1)
+    counted = sum(_trained_on(source, Roi((int(z), oy, ox), (1, sy, sx))) for z in zs)
+    if counted:
+        return counted / (len(zs) * sy * sx)
+    depth = max(1, SCAN_VOXELS // max(sy * sx, 1))  # slabs of bounded memory
+    counted = sum(_trained_on(source, Roi((z, oy, ox), (min(depth, oz + sz - z), sy, sx)))
+                  for z in range(oz, oz + sz, depth))
+    return counted / max(sz * sy * sx, 1)
+
+
+SCAN_VOXELS = 2**24
+"""Voxels read at once when counting every section."""
+
+
+def _trained_on(source: Source, roi: Roi) -> int:
+    """Voxels in ``roi`` that are labelled (when the source has labels) and masked in (when
+    it has a mask)."""
+    keep = None if source.labels is None else source.labels.read(roi) != 0
+    if source.mask is not None:
+        masked = source.mask.read(roi) != 0
+        keep = masked if keep is None else keep & masked
+    return int(np.count_nonzero(keep))
 
 
 def mixture_weights(opened: list[Source]) -> np.ndarray:
-    """Sampling probability per source: recipe weights, else proportional to labelled voxels."""
+    """Sampling probability per source: recipe weights, else proportional to labelled voxels
+    inside the mask."""
     weights = []
     for src in opened:
         if src.weight is not None:

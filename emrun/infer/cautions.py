@@ -50,39 +50,43 @@ def scale_caution(recipe: Recipe, checkpoint: Path, volume: Volume) -> str | Non
     in a uint16 volume, read as intensities of at most 255/65535."""
     if volume.dtype.kind not in "ui" or _recipe_gives_scale(recipe):
         return None
-    trained = training_high(recipe, checkpoint)
-    _, high = default_intensity(volume.dtype)
-    if trained is None or high <= trained:
+    trained = training_scale(recipe, checkpoint)
+    low, high = default_intensity(volume.dtype)
+    if trained is None or high - low <= trained[1] - trained[0]:
         return None
-    largest = max((int(box.max()) for box in sample_boxes(volume) if box.size), default=0)
-    if largest == 0 or largest > trained:
+    boxes = [box for box in sample_boxes(volume) if box.size]
+    if not boxes:
         return None
-    return (f"{volume} is {volume.dtype} and is scaled by its dtype's range [0, {high:g}], "
-            f"but its sampled values stop at {largest} and the network was trained on "
-            f"images scaled by [0, {trained:g}]: its input will look nearly black. "
+    smallest = min(int(box.min()) for box in boxes)
+    largest = max(int(box.max()) for box in boxes)
+    if smallest < trained[0] or largest > trained[1] or smallest == largest:
+        return None
+    shown = f"[{trained[0]:g}, {trained[1]:g}]"
+    return (f"{volume} is {volume.dtype} and is scaled by its dtype's range [{low:g}, "
+            f"{high:g}], but its sampled values lie in [{smallest}, {largest}] and the network "
+            f"was trained on images scaled by {shown}: its input will look nearly flat. "
             f"{_remedy(recipe, trained)}")
 
 
-def _remedy(recipe: Recipe, trained: float) -> str:
+def _remedy(recipe: Recipe, trained: tuple[float, float]) -> str:
     """How to predict the input at the training scale."""
     names = [n for n, s in recipe.data.sources.items() if isinstance(s, VolumeSource)]
     if names:
-        return (f"Give the scale: -o 'data.sources.{names[0]}.intensity={{low: 0, high: "
-                f"{trained:g}}}'")
-    return ("Store it as uint8 (its values fit)" if trained == 255 else
-            "Store it in the training images' dtype (its values fit)")
+        return (f"Give the scale: -o 'data.sources.{names[0]}.intensity={{low: "
+                f"{trained[0]:g}, high: {trained[1]:g}}}'")
+    return "Store it in the training images' dtype (its values fit)"
 
 
-def training_high(recipe: Recipe, checkpoint: Path) -> float | None:
-    """The raw value the training images' scale mapped to 1: the first training image's
-    dtype range (synthetic sources are uint8), else what a package states; None when
-    neither can say."""
+def training_scale(recipe: Recipe, checkpoint: Path) -> tuple[float, float] | None:
+    """The raw values the training images' scale mapped to 0 and 1: the first training
+    image's dtype range (synthetic sources are uint8), else what a package states; None
+    when neither can say."""
     first = next(iter(recipe.data.sources.values()), None)
     if first is not None and not isinstance(first, VolumeSource):
-        return default_intensity(np.dtype(np.uint8))[1]
+        return default_intensity(np.dtype(np.uint8))
     if isinstance(first, VolumeSource):
         try:
-            return default_intensity(open_volume(first.image).dtype)[1]
+            return default_intensity(open_volume(first.image).dtype)
         except VolumeError:
             pass
     if is_package(checkpoint):
@@ -91,8 +95,9 @@ def training_high(recipe: Recipe, checkpoint: Path) -> float | None:
         except PackageError:
             return None
         if isinstance(stated, dict) and not str(stated.get("from", "")).startswith("assumed"):
-            high = stated.get("high")
-            return float(high) if isinstance(high, int | float) else None
+            low, high = stated.get("low"), stated.get("high")
+            if isinstance(low, int | float) and isinstance(high, int | float):
+                return float(low), float(high)
     return None
 
 

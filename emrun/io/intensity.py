@@ -10,9 +10,12 @@ import numpy as np
 
 
 def default_intensity(dtype: np.dtype) -> tuple[float, float]:
-    """uint8 / 255, uint16 / 65535, ...; float images are taken as already in [0, 1]."""
+    """uint8 / 255, uint16 / 65535, ...; a signed dtype over its whole range (-128..127 for
+    int8: from 0, the dark half of a signed image was clipped to black); float images are
+    taken as already in [0, 1]."""
     if dtype.kind in "ui":
-        return 0.0, float(np.iinfo(dtype).max)
+        info = np.iinfo(dtype)
+        return float(info.min), float(info.max)
     return 0.0, 1.0
 
 

@@ -92,8 +92,8 @@ class VolumeSource(SourceBase):
     )
     intensity: Intensity | None = Field(
         None,
-        description="Map raw values to [0, 1]; default: by dtype (uint8 / 255, uint16 / 65535; "
-        "float images must already be in [0, 1]).",
+        description="Map raw values to [0, 1]; default: by dtype (uint8 / 255, uint16 / 65535, "
+        "signed types over their whole range; float images must already be in [0, 1]).",
     )
 
     def semantic_names(self) -> set[str]:
