@@ -7,6 +7,7 @@ opener; the formats' modules are imported only when a path needs them, to keep s
 from __future__ import annotations
 
 import os
+import posixpath
 from typing import Any
 
 from emrun.io.completion import check_finished
@@ -36,9 +37,22 @@ def split_volume_path(spec: str | os.PathLike[str]) -> tuple[str, str | None]:
     parts = text.split("/")
     for i, part in enumerate(parts):
         if part.lower().endswith(CONTAINER_SUFFIXES):
-            inner = "/".join(p for p in parts[i + 1 :] if p)
-            return "/".join(parts[: i + 1]), inner or None
+            inner = [p for p in parts[i + 1 :] if p]
+            if DOT_SEGMENTS.intersection(inner):
+                return split_volume_path(_without_dot_segments(text))
+            return "/".join(parts[: i + 1]), "/".join(inner) or None
     return (text.rstrip("/") or text), None
+
+
+DOT_SEGMENTS = frozenset((".", ".."))
+
+
+def _without_dot_segments(text: str) -> str:
+    """`text` with its "." and ".." resolved, as the file system resolves them. zarr and
+    tensorstore refuse them inside a store (an "invalid path", an "invalid key"), where a
+    script's `os.path.join(store, "./raw")` puts them; a URL keeps its scheme and host."""
+    scheme, sep, rest = text.rpartition("://")
+    return f"{scheme}{sep}{posixpath.normpath(rest)}" if sep else posixpath.normpath(text)
 
 
 def open_volume(path: str | os.PathLike[str], dataset: str | None = None, *,
@@ -49,6 +63,7 @@ def open_volume(path: str | os.PathLike[str], dataset: str | None = None, *,
     whatever the path carries. Every problem comes out as a one-line `VolumeError`. A volume
     its writer has not finished (`emrun.io.completion`) is refused unless ``unfinished``.
     """
+    _check_names_a_volume(os.fspath(path))
     container, inner = split_volume_path(path)
     if dataset is not None and dataset.strip("/"):
         dataset = dataset.strip("/")
@@ -77,6 +92,23 @@ def open_volume(path: str | os.PathLike[str], dataset: str | None = None, *,
     if not unfinished:
         check_finished(volume)
     return volume
+
+
+def _check_names_a_volume(text: str) -> None:
+    """Refuse a path that names no volume (an empty `--input "$UNSET"`, a bare scheme) and a
+    URL with a query or fragment: each file of a store is read at the store's URL plus its
+    key, which a query would end up inside ("/pcinfo?token=abc/"), so a volume that is there
+    was reported missing."""
+    location = strip_precomputed(text.strip())
+    rest = location.partition("://")[2].strip("/") if is_url(location) else location
+    if not rest:
+        raise VolumeError(f"{text!r} names no volume: give a path or URL such as "
+                          "vol.zarr/raw or https://host/vol.zarr/raw")
+    if is_url(location) and ("?" in rest or "#" in rest):
+        raise VolumeError(f"{text}: a volume URL cannot carry a query string (?...) or "
+                          "fragment (#...): emrun reads each file of the store at its own "
+                          "URL; give the store's plain URL (for a neuroglancer link, its "
+                          "layer's source)")
 
 
 def forks_safely(path: str | os.PathLike[str]) -> bool:
@@ -149,6 +181,10 @@ def _choose_opener(container: str) -> tuple[Any, str]:
             raise VolumeError(f"{container}: its info file is not a neuroglancer precomputed "
                               "info (JSON listing `scales`): damaged or cut short? Copy it "
                               "again")
+        if os.path.isfile(os.path.join(container, "attributes.json")):
+            raise VolumeError(f"{container}: looks like N5 (it holds an attributes.json), "
+                              "but emrun knows an N5 container by its name ending in .n5: "
+                              "rename its folder or link to it (ln -s FOLDER vol.n5)")
         raise VolumeError(
             f"{container}: folder is neither a zarr store (no zarr.json, .zarray or .zgroup) "
             "nor a folder of .tif/.tiff sections"

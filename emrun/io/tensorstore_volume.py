@@ -34,8 +34,19 @@ PROBE_RETRIES = {"max_retries": 2, "initial_delay": "0.2s", "max_delay": "1s"}
 READ_RETRIES = {"max_retries": 8, "initial_delay": "1s", "max_delay": "32s"}
 
 
+# A transfer that stalls (a server that took the request and never answers) is given up
+# after this long below 1 byte/s, then retried as READ_RETRIES says: without it a block's
+# read waited forever and so did the job. The user's own settings of these win.
+STALL_ENV = {"TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS": "60",
+             "TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES": "1"}
+
+
 def tensorstore(what: str) -> ModuleType:
-    """The tensorstore module, or a one-line VolumeError saying which extra to install."""
+    """The tensorstore module, or a one-line VolumeError saying which extra to install.
+
+    Sets the stall limit first: tensorstore reads it once, at its first HTTP request."""
+    for name, value in STALL_ENV.items():
+        os.environ.setdefault(name, value)
     try:
         import tensorstore as ts
     except ImportError:
@@ -51,8 +62,9 @@ def context(ts: ModuleType, retries: dict[str, Any]) -> Any:
 
 def kvstore(ts: ModuleType, location: str) -> dict[str, Any]:
     """The tensorstore key-value store spec of a local folder or a URL (as a folder)."""
-    if is_url(location):
-        return ts.KvStore.Spec(location.rstrip("/") + "/").to_json()
+    if is_url(location):  # a scheme is case-insensitive (RFC 3986), tensorstore's lower case
+        scheme, sep, rest = location.partition("://")
+        return ts.KvStore.Spec(f"{scheme.lower()}{sep}{rest.rstrip('/')}/").to_json()
     return {"driver": "file", "path": os.path.abspath(location) + "/"}
 
 
@@ -81,6 +93,10 @@ class MetadataReader:
             raise VolumeError(f"{where}: cannot be read: {one_line(exc)}") from None
         if found.state != "value":
             return None
+        if bytes(found.value).lstrip()[:1] == b"<":
+            raise VolumeError(f"{where}: is a web page (HTML), not JSON: the server answers "
+                              "with a page (a login, an error or a catch-all index) where "
+                              "the store's metadata should be")
         try:
             value = json.loads(found.value)
         except ValueError as exc:

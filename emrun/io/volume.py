@@ -36,9 +36,17 @@ class VolumeError(UserError):
     """
 
 
+DUMPS = ("[http_response_body=", "[tensorstore_spec=")
+"""Where tensorstore's errors quote what they were about: the body of an HTTP answer (a
+server's error page, escaped HTML) and the spec as JSON, which buried the reason before
+them."""
+
+
 def one_line(exc: BaseException) -> str:
     """Condense a library exception to one line, with its type, for a VolumeError message."""
-    text = " ".join(str(exc).split())
+    text = str(exc)
+    cuts = [i for i in (text.find(dump) for dump in DUMPS) if i >= 0]
+    text = " ".join((text[:min(cuts)] if cuts else text).split())
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
