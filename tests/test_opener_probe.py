@@ -137,9 +137,6 @@ def emrun_store(tmp_path: Path) -> Path:
     return store
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/io/remote_zarr.py never sets `segmentation` "
-                   "(zarr_volume.py's _is_label_level): an OME label image read over HTTP is "
-                   "converted as an image (mean pyramid of ids) and taken as infer's input")
 def test_a_served_label_image_is_a_segmentation(tmp_path: Path) -> None:
     tensorstore()
     emrun_store(tmp_path)
@@ -148,9 +145,6 @@ def test_a_served_label_image_is_a_segmentation(tmp_path: Path) -> None:
         assert not open_volume(f"{url}/s.zarr/raw").segmentation
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/io/remote_zarr.py does not look a name up among "
-                   "the store's labels as zarr_volume.py's _label does: README's short path "
-                   "`seg.zarr/segmentation` is 'no zarr array or group there' over HTTP")
 def test_a_served_store_opens_a_segmentation_by_its_short_name(tmp_path: Path) -> None:
     tensorstore()
     emrun_store(tmp_path)
@@ -175,19 +169,12 @@ def n5_dataset(folder: Path, data: np.ndarray, attrs: dict) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **attrs}))
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/io/n5_volume.py ignores the `units` that go with "
-                   "`resolution` (neuroglancer's N5 convention; tensorstore writes it): "
-                   "resolution 0.004 with units um reads as a voxel size of 0.004 nm")
 def test_n5_resolution_in_its_units(tmp_path: Path) -> None:
     n5_dataset(tmp_path / "v.n5/raw", IMAGE,
                {"resolution": [0.004, 0.004, 0.04], "units": ["um", "um", "um"]})
     assert open_volume(tmp_path / "v.n5/raw").voxel_size == pytest.approx((40.0, 4.0, 4.0))
 
 
-@pytest.mark.xfail(strict=True, reason="tensorstore refuses an N5 `resolution` shorter than "
-                   "the rank, which funlib/daisy write for channel arrays (3 values on c, z, "
-                   "y, x affinities), so emrun cannot open them at all; the fix goes in "
-                   "emrun/io/n5_volume.py (keep tensorstore from parsing those attributes)")
 def test_n5_channels_with_a_spatial_resolution(tmp_path: Path) -> None:
     affs = np.random.default_rng(0).random((3, *IMAGE.shape)).astype(np.float32)
     n5_dataset(tmp_path / "v.n5/affs", affs, {"resolution": [4, 4, 40], "offset": [4, 8, 40]})

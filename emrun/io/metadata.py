@@ -171,6 +171,27 @@ def multiscale_dataset(attrs: Mapping[str, Any]) -> str | None:
     return levels[0] if levels else None
 
 
+def is_label_image(attrs: dict[str, Any]) -> bool:
+    """Whether group attributes are an OME label image's (0.5 under ``ome``, 0.4 at top)."""
+    return "image-label" in ome_attrs(attrs) and multiscale_dataset(attrs) is not None
+
+
+def ome_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A group's OME metadata: under ``ome`` in OME-Zarr 0.5, the attributes in 0.4."""
+    return attrs["ome"] if isinstance(attrs.get("ome"), dict) else attrs
+
+
+def is_label_level(group_attrs: dict[str, Any] | None, array_name: str | None) -> bool:
+    """Whether the array is a level of an OME label image (`image-label`); a plain array
+    beside one, in a group that carries the metadata (a store's root), is not."""
+    attrs = group_attrs or {}
+    if not is_label_image(attrs):
+        return False
+    levels = [d.get("path") for m in ome_attrs(attrs).get("multiscales") or []
+              if isinstance(m, dict) for d in m.get("datasets") or [] if isinstance(d, dict)]
+    return array_name in levels
+
+
 def multiscale_levels(attrs: Mapping[str, Any]) -> list[str]:
     """Paths of the datasets (levels) of the first multiscale in OME-Zarr group attributes,
     in the order listed (finest first, by the specification); empty when there is none."""

@@ -42,12 +42,25 @@ def open_n5(container: str, dataset: str | None) -> TensorstoreVolume:
     if "dimensions" not in attrs:
         raise VolumeError(f"{name} is an N5 group, not a dataset; datasets in it: "
                           f"{list_datasets(container, dataset)}")
-    spec = {"driver": "n5", "kvstore": kvstore(reader.ts, f"{reader.location}/{dataset}")}
+    spec: dict[str, Any] = {"driver": "n5",
+                            "kvstore": kvstore(reader.ts, f"{reader.location}/{dataset}")}
+    if _spatial_only(attrs):
+        spec |= {"metadata": {k: attrs[k] for k in STRUCTURE_KEYS if k in attrs},
+                 "assume_metadata": True}
     view = reader.open(spec, lambda store: store[reader.ts.d[:].transpose[::-1]])
     voxel_size, offset = n5_spatial(name, len(view.shape), attrs)
     plain = {k: v for k, v in attrs.items() if k not in STRUCTURE_KEYS}
     return opened_volume(view, path=container, dataset=dataset, voxel_size=voxel_size,
-                         offset=offset, attrs=plain)
+                         offset=offset, attrs=plain, metadata=spec.get("metadata"))
+
+
+def _spatial_only(attrs: Mapping[str, Any]) -> bool:
+    """Whether `resolution` or `units` list three values for a dataset of more axes: funlib
+    and daisy give them for z, y, x only on (c, z, y, x) arrays, which tensorstore's reading
+    of those attributes refuses; such a dataset is opened from its structure alone."""
+    rank = len(attrs.get("dimensions") or ())
+    return rank > 3 and any(isinstance(attrs.get(key), list) and len(attrs[key]) == 3
+                            for key in ("resolution", "units"))
 
 
 def n5_spatial(name: str, ndim: int, attrs: Mapping[str, Any]) -> Any:
@@ -61,14 +74,28 @@ def n5_spatial(name: str, ndim: int, attrs: Mapping[str, Any]) -> Any:
         factor = unit_to_nm(name, pixel.get("unit"))
     elif resolution is None and pixel is not None:
         resolution = pixel
+    factors = _unit_factors(name, attrs.get("units"), resolution, factor)
     if isinstance(resolution, list):
-        zyx["voxel_size"] = [_scaled(v, factor) for v in reversed(resolution)]
+        zyx["voxel_size"] = [_scaled(v, f)
+                             for v, f in zip(reversed(resolution), factors, strict=True)]
     elif resolution is not None:
         zyx["voxel_size"] = resolution  # not a list: from_attrs says what is wrong
     offset = attrs.get("offset")
-    if offset is not None:
+    if isinstance(offset, list) and len(offset) == len(factors):  # in resolution's units
+        zyx["offset"] = [_scaled(v, f) for v, f in zip(reversed(offset), factors, strict=True)]
+    elif offset is not None:
         zyx["offset"] = list(reversed(offset)) if isinstance(offset, list) else offset
     return from_attrs(name, ndim, zyx)
+
+
+def _unit_factors(name: str, units: Any, resolution: Any, factor: float) -> list[float]:
+    """nm per unit of each axis, z, y, x: `units` beside `resolution` (neuroglancer's N5
+    convention, which tensorstore writes: "um" made 0.004 read as 0.004 nm), else
+    ``factor`` (pixelResolution's unit, or nm)."""
+    count = len(resolution) if isinstance(resolution, list) else 0
+    if isinstance(units, list) and len(units) == count:
+        return [unit_to_nm(name, unit) for unit in reversed(units)]
+    return [factor] * count
 
 
 def _scaled(value: Any, factor: float) -> Any:

@@ -12,7 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from emrun.io.metadata import multiscale_levels, ome_levels, spatial_metadata, time_axis
+from emrun.io.layout import LABELS, PARTIAL_SUFFIX
+from emrun.io.metadata import (
+    is_label_image,
+    is_label_level,
+    multiscale_levels,
+    ome_levels,
+    spatial_metadata,
+    time_axis,
+)
 from emrun.io.tensorstore_volume import MetadataReader, TensorstoreVolume, kvstore, opened_volume
 from emrun.io.volume import Level, VolumeError
 
@@ -30,6 +38,10 @@ def open_remote_zarr(url: str, dataset: str | None) -> TensorstoreVolume:
     reader = MetadataReader(url)
     name = f"{url}/{dataset}" if dataset else url
     node = read_node(reader, dataset or "")
+    if node is None and dataset:  # `STORE/NAME` of a segmentation in STORE/labels/NAME
+        label = _label(reader, dataset)
+        if label is not None:
+            node, dataset = label, f"{LABELS}/{dataset}"
     if node is None:
         raise VolumeError(f"{name}: no zarr array or group there (no zarr.json, .zarray or "
                           ".zgroup)")
@@ -60,7 +72,18 @@ def open_remote_zarr(url: str, dataset: str | None) -> TensorstoreVolume:
     levels = tuple(Level(level, voxel, f"{base}/{level}")
                    for level, voxel in ome_levels(name, ndim, group_attrs))
     return opened_volume(view, path=url, dataset=dataset or None, voxel_size=voxel_size,
-                         offset=offset, attrs={**group_attrs, **array.attrs}, level_list=levels)
+                         offset=offset, attrs={**group_attrs, **array.attrs}, level_list=levels,
+                         segmentation=is_label_level(group_attrs, array_name))
+
+
+def _label(reader: MetadataReader, name: str) -> Node | None:
+    """The OME label image `name` under the store's labels group, or None: a local store's
+    segmentations open by their names (`seg.zarr/segmentation`), so do a served store's."""
+    if "/" in name or name.endswith(PARTIAL_SUFFIX):
+        return None
+    found = read_node(reader, f"{LABELS}/{name}")
+    return found if found is not None and found.kind == "group" and \
+        is_label_image(found.attrs) else None
 
 
 def read_node(reader: MetadataReader, path: str) -> Node | None:

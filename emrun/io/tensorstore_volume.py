@@ -139,14 +139,20 @@ class TensorstoreVolume(Volume):
         return list(self.level_list)
 
 
-def opened_volume(view: Any, **fields: Any) -> TensorstoreVolume:
-    """A TensorstoreVolume of an opened tensorstore view (its axes already emrun's)."""
+def opened_volume(view: Any, metadata: dict[str, Any] | None = None,
+                  **fields: Any) -> TensorstoreVolume:
+    """A TensorstoreVolume of an opened tensorstore view (its axes already emrun's).
+    ``metadata``: what a view opened with ``assume_metadata`` was given (a minimal spec
+    leaves it out, and a worker reopening the spec needs it)."""
     shape = tuple(int(n) for n in view.shape)
     chunks = view.chunk_layout.read_chunk.shape
+    spec = view.spec(minimal_spec=True).to_json()
+    if metadata is not None:
+        spec["metadata"] = metadata
     return TensorstoreVolume(
         shape=shape,
         dtype=np.dtype(view.dtype.numpy_dtype),
-        spec=view.spec(minimal_spec=True).to_json(),
+        spec=spec,
         chunk_shape=tuple(int(c) for c in chunks) if chunks is not None else None,
         **fields,
     )

@@ -18,6 +18,8 @@ import zarr
 from emrun.geometry import Roi, slices
 from emrun.io.layout import LABELS, PARTIAL_SUFFIX
 from emrun.io.metadata import (
+    is_label_image,
+    is_label_level,
     multiscale_dataset,
     ome_levels,
     ome_shift,
@@ -156,18 +158,8 @@ def _label(store: Any, name: str) -> Any:
             name not in labels:
         return None  # listed or not: the list leaves out labels of another level count
     found = labels[name]
-    return found if isinstance(found, zarr.Group) and _is_label_image(dict(found.attrs)) \
+    return found if isinstance(found, zarr.Group) and is_label_image(dict(found.attrs)) \
         else None
-
-
-def _is_label_image(attrs: dict[str, Any]) -> bool:
-    """Whether group attributes are an OME label image's (0.5 under ``ome``, 0.4 at top)."""
-    return "image-label" in _ome(attrs) and multiscale_dataset(attrs) is not None
-
-
-def _ome(attrs: dict[str, Any]) -> dict[str, Any]:
-    """A group's OME metadata: under ``ome`` in OME-Zarr 0.5, the attributes in 0.4."""
-    return attrs["ome"] if isinstance(attrs.get("ome"), dict) else attrs
 
 
 def _open_image_group(path: str, dataset: str | None, group: Any, level: str,
@@ -211,24 +203,11 @@ def _volume(
         dtype=numpy_dtype(array.dtype),
         voxel_size=voxel_size,
         offset=offset,
-        segmentation=_is_label_level(group_attrs, array_name),
+        segmentation=is_label_level(group_attrs, array_name),
         array_path=array_path,
         shift_nm=ome_shift(name, len(shape), group_attrs, array_name)
         if group_attrs is not None and array_name is not None else None,
     )
-
-
-def _is_label_level(group_attrs: dict[str, Any] | None, array_name: str | None) -> bool:
-    """Whether the array is a level of an OME label image (`image-label`); a plain array
-    beside one, in a group that carries the metadata (a store's root), is not. OME-Zarr 0.5
-    keeps the metadata under ``ome``, 0.4 at the top of the attributes."""
-    attrs = group_attrs or {}
-    if not _is_label_image(attrs):
-        return False
-    ome = _ome(attrs)
-    levels = [d.get("path") for m in ome.get("multiscales") or [] if isinstance(m, dict)
-              for d in m.get("datasets") or [] if isinstance(d, dict)]
-    return array_name in levels
 
 
 def list_arrays(group: Any, prefix: str = "") -> str:
@@ -252,7 +231,7 @@ def _collect(group: Any, prefix: str, out: list[str]) -> None:
             continue
         if name == LABELS:  # the store's segmentations open by their names
             found = [n for n, g in child.groups() if not n.endswith(PARTIAL_SUFFIX)
-                     and _is_label_image(dict(g.attrs))]
+                     and is_label_image(dict(g.attrs))]
             if found:
                 out.extend(prefix + n for n in sorted(found))
                 continue
