@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .checks import cautions, cross_checks
 from .errors import SHOWN, KeyPath, Mark, Problem, RecipeError
@@ -87,10 +87,53 @@ def validate(located: Located) -> Recipe:
         errors = exc.errors()  # located and explained only as many as are shown
         problems = [problem_from_error(err, located) for err in errors[:SHOWN]]
         raise RecipeError(_unique(problems), more=max(0, len(errors) - SHOWN)) from None
-    problems = [Problem(msg, located.mark(p), p) for p, msg in cross_checks(recipe)]
+    found = [*_booleans_as_numbers(located.data, recipe), *cross_checks(recipe)]
+    problems = [Problem(msg, located.mark(p), p) for p, msg in found]
     if problems:
         raise RecipeError(_unique(problems))
     return recipe
+
+
+def _booleans_as_numbers(data: Any, recipe: Recipe) -> list[tuple[KeyPath, str]]:
+    """Where the recipe has a YAML boolean that validated to a number: pydantic's lax mode
+    takes true as 1, so ``tta: yes`` (meant: TTA on) would silently be 1 (no TTA) and
+    ``weight: no`` would silently drop a task. Plugins' specs are covered too."""
+    found: list[tuple[KeyPath, str]] = []
+    stack: list[tuple[Any, Any, KeyPath]] = [(data, recipe, ())]
+    while stack:
+        raw, value, path = stack.pop()
+        if isinstance(raw, bool):
+            if _numeric(value):
+                found.append((path, f"should be a number, not {str(raw).lower()}"))
+            continue
+        items = (raw.items() if isinstance(raw, dict)
+                 else enumerate(raw) if isinstance(raw, list) else ())
+        for key, item in items:
+            child = _part(value, key)
+            if child is not _NONE:
+                stack.append((item, child, (*path, key)))
+    return sorted(found, key=lambda f: [str(k) for k in f[0]])
+
+
+_NONE = object()
+
+
+def _part(value: Any, key: Any) -> Any:
+    """The validated counterpart of ``key`` inside ``value`` (_NONE where there is none)."""
+    if isinstance(value, dict):
+        return value.get(key, _NONE)
+    if isinstance(value, list | tuple):
+        return value[key] if isinstance(key, int) and 0 <= key < len(value) else _NONE
+    if isinstance(value, BaseModel) and isinstance(key, str) and key in type(value).model_fields:
+        return getattr(value, key)
+    return _NONE
+
+
+def _numeric(value: Any) -> bool:
+    """A number (not a bool), or a list of them (a scalar a validator spread per axis)."""
+    if isinstance(value, list | tuple):
+        return bool(value) and all(_numeric(v) for v in value)
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _unique(problems: list[Problem]) -> list[Problem]:
@@ -141,7 +184,11 @@ def _resolve(file: Path, chain: tuple[Path, ...], files: list[Path], referrer: M
     mark = located.values.get(("extends",))
     if isinstance(bases, str):
         bases = [bases]
-    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
+    if bases is None or bases == []:  # no base, as the schema allows
+        located.values.pop(("extends",), None)
+        located.keys.pop(("extends",), None)
+        return located
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise RecipeError([Problem("must be a file name or a list of file names",
                                    mark, ("extends",))])
     merged = Located({})
@@ -171,11 +218,18 @@ def _merge(base: Located, child: Located) -> Located:
 
 
 def _merge_data(base: Any, child: Any) -> Any:
-    if isinstance(base, dict) and isinstance(child, dict):
+    """Mappings merge key by key, except one whose `type:` the child changes: the base's
+    keys belong to the other type (a synthetic source's `shape` on a volume source), and a
+    child could not remove them, so the child's mapping replaces it whole."""
+    if isinstance(base, dict) and isinstance(child, dict) and not _retyped(base, child):
         for key, value in child.items():
             base[key] = _merge_data(base[key], value) if key in base else copy.deepcopy(value)
         return base
     return copy.deepcopy(child)
+
+
+def _retyped(base: dict[Any, Any], child: dict[Any, Any]) -> bool:
+    return "type" in base and "type" in child and base["type"] != child["type"]
 
 
 def _exists(data: Any, path: KeyPath) -> bool:

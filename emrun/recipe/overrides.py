@@ -28,10 +28,11 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from .augment import PRESETS
 from .errors import KeyPath, Mark, Problem, RecipeError, dotted
 from .pydantic_errors import _tags, _type_tags, _unwrap
 from .recipe import Recipe
-from .yamlsource import MAX_NESTING, Located, nesting_depth
+from .yamlsource import MAX_NESTING, Located, too_large
 
 Found = set[tuple[KeyPath, str]]
 """The (key path, message) of every problem a recipe has."""
@@ -67,8 +68,8 @@ def apply_override(located: Located, expr: str) -> Override:
         mark = getattr(exc, "problem_mark", None)
         at = f" (at character {mark.column + 1} of the value)" if mark and mark.line == 0 else ""
         raise RecipeError([Problem(f"the value is not valid YAML: {problem}{at}", where)]) from None
-    if nesting_depth(value) > MAX_NESTING:
-        raise RecipeError([Problem("the value is nested too deeply", where)])
+    if (why := too_large(value) or _duplicate_key(text)) is not None:
+        raise RecipeError([Problem(why, where)])
     node: Any = located.data
     path: list[str | int] = []
     for i, part in enumerate(parts):
@@ -93,9 +94,48 @@ def apply_override(located: Located, expr: str) -> Override:
         if last:
             node[step] = value
         else:
+            node[step] = _expanded(tuple(path), node[step])
             node = node[step]
     _locate(located, tuple(path), where)
     return Override(expr, where, tuple(path), _hints(text))
+
+
+def _duplicate_key(text: str) -> str | None:
+    """A key a mapping in the value has twice: PyYAML keeps the last silently, where a
+    recipe file's duplicate is refused (``-o 'model={type: rsunet, type: updown}'``)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        stack, seen = ([root] if root is not None else []), set()
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.SequenceNode):
+                stack.extend(node.value)
+            elif isinstance(node, yaml.MappingNode):
+                keys = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+                names: set[Any] = set()
+                for key in keys:
+                    name = loader.construct_object(key, deep=True)
+                    if name in names:
+                        return f"the value has the key {name!r} twice"
+                    names.add(name)
+                stack.extend(v for _, v in node.value)
+    except (yaml.YAMLError, TypeError):
+        pass  # it parsed as a value already
+    finally:
+        loader.dispose()
+    return None
+
+
+def _expanded(path: KeyPath, value: Any) -> Any:
+    """An augmentation preset's list where an override reaches into it (``-o augment.1.p=0.5``
+    on ``augment: deepem``), so its items can be set like those of a written list."""
+    if path == ("augment",) and isinstance(value, str) and value in PRESETS:
+        return copy.deepcopy(PRESETS[value])
+    return value
 
 
 def _locate(located: Located, prefix: KeyPath, where: Mark) -> None:
@@ -209,7 +249,8 @@ def _scalar_hint(node: yaml.ScalarNode) -> str | None:
             return f"YAML reads {word} as a string; write {int(number)}"
         mantissa, e, exponent = word.lower().partition("e")
         dotted_ = mantissa if "." in mantissa else f"{mantissa}.0"
-        return f"YAML reads {word} as a string; write {dotted_}{e}{exponent}"
+        signed = exponent if exponent[:1] in "+-" else f"+{exponent}"  # YAML 1.1 needs both
+        return f"YAML reads {word} as a string; write {dotted_}{e}{signed}"
     return None
 
 

@@ -31,6 +31,8 @@ def problem_from_error(err: ErrorDetails, located: Located) -> Problem:
     if isinstance(error, KeyedValueError):  # a whole-model check about one of its keys
         loc = (*loc, error.key)
     kind = err["type"]
+    if kind == "invalid_key" or (kind == "string_type" and loc[-1:] == ("[key]",)):
+        return _key_problem(err, loc, located)
     path = _data_path(located.data, loc, missing=kind == "missing")
     message = _message(err, loc)
     if kind == "missing" and isinstance(loc[-1], int) and path[-1:] == loc[-1:]:
@@ -42,6 +44,23 @@ def problem_from_error(err: ErrorDetails, located: Located) -> Problem:
         path = (*path, "type")  # point at the misspelled name itself
     key_level = kind in ("extra_forbidden",) or loc[-1:] == ("[key]",)
     return Problem(message, located.mark(path, key=key_level), path)
+
+
+def _key_problem(err: ErrorDetails, loc: tuple[Any, ...], located: Located) -> Problem:
+    """A mapping key that is no string: YAML 1.1 reads ``on:`` as true and ``1.5:`` as a
+    number. Pydantic's loc names such a key as it likes (true as 1, 1.5 as '1.5'), so the
+    problem is about the mapping, located at the key itself (the input is the key)."""
+    key = err.get("input")
+    parent = _data_path(located.data, loc[:-2] if loc[-1:] == ("[key]",) else loc[:-1])
+    if isinstance(key, bool):
+        what = (f"{str(key).lower()}, not as a name (YAML reads yes, no, on and off as "
+                "true or false)")
+    elif isinstance(key, int | float):
+        what = f"the number {key!r}, not as a name"
+    else:
+        what = f"{key!r}, not as a name"
+    return Problem(f"this key is read by YAML as {what}; put the name in quotes",
+                   located.mark((*parent, key), key=True), parent)
 
 
 def _data_path(data: Any, loc: tuple[Any, ...], missing: bool = False) -> KeyPath:
@@ -105,14 +124,14 @@ def _message(err: ErrorDetails, loc: tuple[Any, ...]) -> str:
         did = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
         what = f"{loc[-1]} type" if loc and isinstance(loc[-1], str) else "type"
         return f"unknown {what} {tag!r}{did} (known: {', '.join(options)})"
-    if kind == "union_tag_not_found":
+    if kind == "union_tag_not_found" and isinstance(value, dict):
         names = ", ".join(_union_tags(loc))
         return f"missing `type:` (one of: {names})" if names else "missing `type:`"
     if loc[-1:] == ("[key]",) and kind == "string_pattern_mismatch":
         return f"the name {value!r} {NAME_PATTERNS.get(ctx.get('pattern'), 'is not allowed')}"
     if kind == "string_pattern_mismatch" and ctx.get("pattern") in NAME_PATTERNS:
         return f"{NAME_PATTERNS[ctx['pattern']]} (got {value!r})"
-    if kind in MAPPING_ERRORS:
+    if kind in MAPPING_ERRORS or kind == "union_tag_not_found":  # the latter: not a mapping
         if value is None:
             return "is empty; it should be a mapping of keys to values"
         message = "should be a mapping of keys to values"
@@ -222,6 +241,9 @@ def _unwrap(tp: Any, tag: Any) -> Any:
             tp = typing.get_args(tp)[0]
         elif origin in (typing.Union, types.UnionType):
             members = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(members) == 1:  # Optional[X]: X (a tuple such as Zyx | None too)
+                tp = members[0]
+                continue
             chosen = [m for m in members if tag is not None and tag in _type_tags(m)]
             if chosen:
                 return _unwrap(chosen[0], None)

@@ -166,18 +166,23 @@ MAX_NESTING = 32
 limit (torch.compile raises it, which used to change the message a 1000-deep value got)."""
 
 
-def nesting_depth(value: Any) -> int:
-    """How many lists and mappings deep ``value`` goes, counted without recursion."""
-    deepest, stack = 0, [(value, 0)]
+def too_large(value: Any) -> str | None:
+    """Why ``value`` (an override's, parsed by PyYAML) cannot be a setting, or None: nested
+    too deep, or more values than aliases may repeat (a 'billion laughs' in a short ``-o``
+    value would otherwise be walked, and validated, for hours). Counted without recursion."""
+    count, stack = 0, [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, depth + 1)
-            if deepest > MAX_NESTING:
-                return deepest
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
+        if not isinstance(item, dict | list):
+            continue
+        if depth + 1 > MAX_NESTING:
+            return "the value is nested too deeply"
+        children = list(item.values()) if isinstance(item, dict) else item
+        count += len(children)
+        if count > MAX_EXPANDED:
+            return f"the value holds more than {MAX_EXPANDED:,} values; a setting is small"
+        stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 class _Converter:
