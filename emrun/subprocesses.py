@@ -14,9 +14,15 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import re
 import signal
+import socket
 import sys
-from collections.abc import Iterator
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 STOPPING = (signal.SIGTERM, signal.SIGINT)
@@ -52,3 +58,94 @@ def leave_signals_to(parent: int, *_: object) -> None:
     for number in STOPPING:
         signal.signal(number, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPPING)  # held since start: now ignored
+
+
+@contextlib.contextmanager
+def stop_signals(on_stop: Callable[[], None] = lambda: None) -> Iterator[list[str]]:
+    """Around a scheduler whose loop runs outside Python (daisy's): SIGTERM (a cluster's
+    time limit, `scancel`, `timeout`) or SIGINT calls ``on_stop`` at once, from a thread
+    (Python runs its signal handlers in the main thread, which is inside that loop), to tell
+    the workers to stop between blocks. SIGTERM used to end the process on the spot,
+    without a word, while daisy's workers went on writing the output after its lock was
+    gone. Yields the names of the signals caught; outside the main thread nothing is
+    installed."""
+    caught: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+
+    def handler(number: int, frame: Any) -> None:
+        pass  # the watcher below has it already, from the wakeup fd
+
+    def watch() -> None:
+        while data := reader.recv(64):
+            for number in data:
+                if number in STOPPING:
+                    caught.append(signal.Signals(number).name)
+                    if len(caught) == 1:
+                        on_stop()
+
+    previous = {s: signal.signal(s, handler) for s in STOPPING}
+    old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="emrun-stop-signals", daemon=True)
+    watcher.start()
+    try:
+        yield caught
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        for number, old in previous.items():
+            signal.signal(number, old)
+        writer.close()
+        watcher.join(timeout=5)
+        reader.close()
+
+
+def run_through(launch: str, module: str, args: list[str], folder: Path) -> None:
+    """In a daisy worker: serve blocks through the ``--launch`` command (`run_launched`),
+    which must run ``python -m module args`` and wait for it. One that ended at once without
+    running it (a command that ignores its arguments, a fire-and-forget submit) was
+    restarted ten times and then reported with daisy's advice to raise
+    ``Task(max_worker_restarts)``: the worker now leaves a file in ``folder`` (shared with
+    this node) as it starts, and its absence is said in one line, as a failure."""
+    from .devices import LAUNCH_FAILED, run_launched
+
+    token = Path(folder) / f"launched-{uuid.uuid4().hex}"
+    run_launched(launch, module, *args, str(token))
+    if not token.exists():
+        print(f"{LAUNCH_FAILED} {launch!r} ended (exit code 0) without running the worker "
+              "command given to it; it must run that command and wait for it, as srun does",
+              file=sys.stderr)
+        sys.exit(1)
+    token.unlink(missing_ok=True)
+
+
+def launched_main(serve: Callable[..., None]) -> None:
+    """A worker's ``__main__`` under `run_through`: say it started (the last argument is
+    the file to make), then ``serve(*the other arguments)``."""
+    Path(sys.argv[-1]).touch()
+    serve(*sys.argv[1:-1])
+
+
+def killed_by(worker_error: str | None) -> int | None:
+    """The signal that killed a daisy worker, from daisy's report of its last worker error
+    ('daisy worker subprocess exited with code -9'), or None. A worker killed (the
+    out-of-memory killer's kill -9, a user's) is the machine's or the user's doing, as the
+    local schedulers say: under daisy it was 'This is a bug in emrun' and exit 1."""
+    found = re.search(r"exited with code -(\d+)", worker_error or "")
+    return int(found.group(1)) if found else None
+
+
+def stop_between_blocks() -> list[str]:
+    """In a worker that stops itself between blocks (daisy's): SIGINT and SIGTERM are noted
+    in the list returned instead of ending it mid-block (or, ignored, leaving it to finish
+    its whole unit of blocks first). In the main thread only."""
+    caught: list[str] = []
+
+    def handler(number: int, frame: Any) -> None:
+        caught.append(signal.Signals(number).name)
+
+    for number in STOPPING:
+        signal.signal(number, handler)
+    return caught

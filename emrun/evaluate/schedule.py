@@ -21,7 +21,6 @@ import functools
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -38,7 +37,6 @@ from emrun.devices import (
     daisy_package,
     launch_failure,
     launched_workers,
-    run_launched,
 )
 from emrun.errors import UserError, disk_full
 from emrun.evaluate.binary import BinaryCounts
@@ -51,7 +49,13 @@ from emrun.evaluate.blockwise import (
     write_block,
 )
 from emrun.evaluate.contingency import ContingencyTable
-from emrun.subprocesses import leave_signals_to, signals_held
+from emrun.subprocesses import (
+    killed_by,
+    launched_main,
+    leave_signals_to,
+    run_through,
+    signals_held,
+)
 
 __all__ = ["Parallel", "score_blocks"]
 
@@ -227,6 +231,10 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
         error = getattr(state, "last_worker_error", None) or "no error reported"
         if launch:
             raise UserError(launch_failure(launch, error))
+        if (number := killed_by(error)) is not None:
+            raise UserError(f"an evaluation worker was killed (signal {number}: the "
+                            "out-of-memory killer, or kill; use fewer --workers or a smaller "
+                            "--block if memory ran out); run evaluate again")
         raise RuntimeError(f"daisy finished with {len(missing)} of {len(work.grid)} blocks "
                            f"not scored ({error.strip().splitlines()[-1]})")
 
@@ -234,7 +242,7 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
 def _start_worker(folder: str, launch: str | None) -> None:
     """daisy's worker function: serve blocks here, or start a server through ``launch``."""
     if launch:
-        run_launched(launch, "emrun.evaluate.schedule", folder)
+        run_through(launch, "emrun.evaluate.schedule", [folder], Path(folder))
         return
     serve(folder)
 
@@ -255,4 +263,4 @@ def serve(folder: str) -> None:
 
 
 if __name__ == "__main__":  # a worker started through --launch
-    serve(sys.argv[1])
+    launched_main(serve)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-import sys
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -28,13 +28,26 @@ from typing import Any
 
 import torch
 
-from ..devices import cpu_cores, daisy_package, launch_failure, launched_workers, run_launched
+from ..devices import cpu_cores, daisy_package, launch_failure, launched_workers
 from ..errors import UserError
 from ..geometry import Zyx, zyx
+from ..subprocesses import (
+    die_with_parent,
+    killed_by,
+    launched_main,
+    run_through,
+    stop_between_blocks,
+    stop_signals,
+)
 from .job import Job
 from .plan import best_order
-from .schedule import Progress, job_tiling
+from .schedule import Progress, Stopped, job_tiling, worker_died
 from .worker import BlockWorker
+
+UNIT_TIMEOUT_S = 30 * 24 * 3600.0
+"""daisy's limit on one daisy block, which is a whole emrun unit here: as many blocks as the
+hand-over budget allows, hours of work on a large volume. daisy's default (600 s) killed
+every unit slower than that, retried it twice and failed the job."""
 
 
 def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
@@ -53,6 +66,8 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
     # Local workers share this machine's cores; launched ones use what their node gives them.
     threads = 0 if launch else max(1, cpu_cores() // workers)
     worker = functools.partial(_start_worker, str(job_file), device, threads, launch)
+    stop_file = _stop_file(job)
+    stop_file.unlink(missing_ok=True)  # a stopped run's, not this one's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # daisy frowns on check_function
         task = daisy.Task(
@@ -61,17 +76,21 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
             write_roi=daisy.Roi((0, 0, 0), unit_voxels),
             process_function=worker,
             check_function=functools.partial(_block_is_done, str(job_file)),
-            read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
+            read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2,
+            timeout=UNIT_TIMEOUT_S)
     started = time.perf_counter()
-    with launched_workers(launch):
+    with launched_workers(launch), stop_signals(stop_file.touch) as caught:
         states = daisy.run_blockwise([task], progress=on_block is None, block_tracking=False,
                                      return_states=True, summary=False)
+    stop_file.unlink(missing_ok=True)
     progress = Progress(total=len(grid), skipped=len(before))
     for block in grid:
         if block not in before and job.is_done(block):
             progress.done += 1
             progress.voxels += job.layout.write_box(block).size
     progress.seconds = time.perf_counter() - started
+    if caught:  # daisy waited for its workers: their blocks are finished and marked
+        raise Stopped(caught[0], progress)
     if on_block is not None:
         on_block(progress)
     missing = len(grid) - progress.done - progress.skipped
@@ -80,6 +99,8 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
         error = getattr(state, "last_worker_error", None) or "no error reported"
         if launch:
             raise UserError(launch_failure(launch, error))
+        if (number := killed_by(error)) is not None:
+            raise worker_died(-number)
         raise RuntimeError(f"daisy finished with {missing} of {len(grid)} blocks not done "
                            f"({error.strip().splitlines()[-1]}); finished blocks are kept: run "
                            "again with --resume")
@@ -102,31 +123,50 @@ def _job(job_file: str) -> Job:
 
 
 def _block_is_done(job_file: str, block: Any) -> bool:
+    """Asked by daisy before it hands a unit out: done when all its blocks are, or (none
+    is handed out once the run is stopped) when the stop file exists."""
     job = _job(job_file)
-    return all(job.is_done(b) for b in unit_blocks(job, block.write_roi))
+    return _stop_file(job).exists() or all(job.is_done(b)
+                                           for b in unit_blocks(job, block.write_roi))
+
+
+def _stop_file(job: Job) -> Path:
+    """Made when the scheduler is stopped (SIGTERM, SIGINT): workers, here or on other
+    nodes sharing the filesystem, stop between blocks instead of finishing their unit."""
+    return job.done_dir / "stop"
 
 
 def _start_worker(job_file: str, device: str, threads: int, launch: str | None) -> None:
     """daisy's worker function: serve blocks here, or start a server through ``launch``."""
     if launch:
-        run_launched(launch, "emrun.infer.daisy_scheduler", job_file, device, str(threads))
+        run_through(launch, "emrun.infer.daisy_scheduler", [job_file, device, str(threads)],
+                    Path(job_file).parent)
         return
+    die_with_parent(os.getppid())  # they wrote on after a SIGTERM had killed the scheduler
     serve(job_file, device, threads)
 
 
 def serve(job_file: str, device: str, threads: int) -> None:
-    """Build the model once, then predict the blocks daisy hands out until none are left."""
+    """Build the model once, then predict the blocks daisy hands out until none are left
+    or the scheduler is stopped."""
     daisy = daisy_package()
     torch.set_num_threads(threads or cpu_cores())
     job = _job(job_file)
     worker_id = int(daisy.Context.from_env().get("worker_id", 0))
     worker = BlockWorker(job, worker_device(device, worker_id))
+    stop_file = _stop_file(job)
+    signalled = stop_between_blocks()  # Ctrl-C or SIGTERM to the group (srun passes them on)
+
+    def stopping() -> bool:
+        return bool(signalled) or stop_file.exists()
+
     client = daisy.Client()
     while True:
         with client.acquire_block() as block:
-            if block is None:
+            if block is None or stopping():
                 return
-            worker.run([b for b in unit_blocks(job, block.write_roi) if not job.is_done(b)])
+            blocks = [b for b in unit_blocks(job, block.write_roi) if not job.is_done(b)]
+            worker.run_units([blocks], stop=stopping)
 
 
 def worker_device(device: str, worker_id: int) -> torch.device:
@@ -140,4 +180,4 @@ def worker_device(device: str, worker_id: int) -> torch.device:
 
 
 if __name__ == "__main__":  # a worker started through --launch
-    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    launched_main(lambda job_file, device, threads: serve(job_file, device, int(threads)))

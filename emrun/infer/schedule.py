@@ -223,7 +223,7 @@ def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx
             except queue.Empty:
                 dead = [p for p in processes if p.exitcode not in (None, 0)]
                 if dead:
-                    raise _died(dead[0].exitcode) from None
+                    raise worker_died(dead[0].exitcode) from None
                 continue
             if kind == "done":
                 done(payload)
@@ -234,13 +234,33 @@ def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx
             else:
                 raise RuntimeError(f"an inference worker failed:\n{payload}")
     finally:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-            process.join()
+        _wind_down(processes, results, stop)
 
 
-def _died(exitcode: int | None) -> Exception:
+WIND_DOWN_S = 120.0
+"""How long workers told to stop may take to finish their blocks in flight before they are
+killed (a worker stuck in a block would otherwise keep the run from ever ending)."""
+
+
+def _wind_down(processes: list[Any], results: Any, stop: Any) -> None:
+    """Stop the workers: they finish their blocks in flight and exit. They ignore SIGTERM
+    (signals are the parent's), so ``terminate`` never stopped one: after a worker died the
+    others went on through every unit left before the run could report it, and a worker
+    blocked on a full results queue that nobody read any more never exited at all. So they
+    are told through ``stop``, their results are drained while they finish, and one still
+    running after ``WIND_DOWN_S`` is killed (its block has no done-marker: it is redone)."""
+    stop.set()
+    deadline = time.monotonic() + WIND_DOWN_S
+    while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty, OSError, EOFError):
+            results.get(timeout=0.1)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+def worker_died(exitcode: int | None) -> Exception:
     """What to say when a worker process ended without a word. One killed by a signal (the
     out-of-memory killer's kill -9, a user's) is the machine's or the user's doing: one
     line and exit 2, as for memory running out in the process itself (it was exit 1 with

@@ -21,6 +21,7 @@ import zarr
 
 from ... import __version__
 from ...capacity import check_block_count
+from ...devices import daisy_package
 from ...errors import UserError
 from ...geometry import Zyx, zyx
 from ...io import Volume
@@ -90,6 +91,8 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
     if request.agglomeration not in AGGLOMERATIONS:
         raise UserError(f"--agglomeration {request.agglomeration!r}: choose "
                         f"{' or '.join(AGGLOMERATIONS)}")
+    if request.scheduler == "daisy":
+        daisy_package()  # missing: said before the output is made (a rerun was refused)
     output = request.output
     spatial = zyx(volume.shape[1:])
     block = zyx(min(b, n) for b, n in zip(request.block or DEFAULT_BLOCK, spatial, strict=True))

@@ -12,19 +12,19 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from ...devices import daisy_package, launch_failure, launched_workers, run_launched
+from ...devices import daisy_package, launch_failure, launched_workers
 from ...errors import UserError
 from ...geometry import Zyx, zyx
-from ...subprocesses import die_with_parent
+from ...subprocesses import die_with_parent, killed_by, launched_main, run_through
 from .job import ScaleJob
 from .steps import _store, run_block
 
@@ -116,6 +116,11 @@ def _run_daisy(job: ScaleJob, step: str, workers: int, launch: str | None) -> No
         error = getattr(state, "last_worker_error", None) or "no error reported"
         if launch:
             raise UserError(launch_failure(launch, str(error)))
+        if (number := killed_by(str(error))) is not None:
+            raise UserError(f"a {step} worker was killed (signal {number}: the out-of-memory "
+                            "killer, or kill; use fewer --workers or a smaller --block if "
+                            "memory ran out); finished blocks are kept: run again with "
+                            "--resume")
         raise RuntimeError(f"daisy finished the {step} step with {failed} blocks failed "
                            f"({str(error).strip().splitlines()[-1]}); finished blocks are "
                            "kept: run again with --resume")
@@ -155,7 +160,8 @@ def _block_is_done(job_file: str, step: str, block: Any) -> bool:
 def _start_worker(job_file: str, step: str, launch: str | None) -> None:
     """daisy's worker function: serve blocks here, or start a server through ``launch``."""
     if launch:
-        run_launched(launch, "emrun.segment.scale.schedulers", job_file, step)
+        run_through(launch, "emrun.segment.scale.schedulers", [job_file, step],
+                    Path(job_file).parent)
         return
     serve(job_file, step)
 
@@ -173,4 +179,4 @@ def serve(job_file: str, step: str) -> None:
 
 
 if __name__ == "__main__":  # a worker started through --launch
-    serve(sys.argv[1], sys.argv[2])
+    launched_main(serve)
