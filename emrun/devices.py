@@ -11,7 +11,9 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
@@ -150,6 +152,30 @@ def run_launched(launch: str, module: str, *args: str) -> None:
     if code:
         print(f"{LAUNCH_FAILED} {launch!r} exited with code {code}", file=sys.stderr)
         sys.exit(code)
+
+
+def run_through(launch: str, module: str, args: list[str], folder: Path) -> None:
+    """In a daisy worker: serve blocks through the ``--launch`` command (`run_launched`),
+    which must run ``python -m module args`` and wait for it. One that ended at once without
+    running it (a command that ignores its arguments, a fire-and-forget submit) was
+    restarted ten times and then reported with daisy's advice to raise
+    ``Task(max_worker_restarts)``: the worker now leaves a file in ``folder`` (shared with
+    this node) as it starts, and its absence is said in one line, as a failure."""
+    token = Path(folder) / f"launched-{uuid.uuid4().hex}"
+    run_launched(launch, module, *args, str(token))
+    if not token.exists():
+        print(f"{LAUNCH_FAILED} {launch!r} ended (exit code 0) without running the worker "
+              "command given to it; it must run that command and wait for it, as srun does",
+              file=sys.stderr)
+        sys.exit(1)
+    token.unlink(missing_ok=True)
+
+
+def launched_main(serve: Callable[..., None]) -> None:
+    """A worker's ``__main__`` under `run_through`: say it started (the last argument is
+    the file to make), then ``serve(*the other arguments)``."""
+    Path(sys.argv[-1]).touch()
+    serve(*sys.argv[1:-1])
 
 
 @contextlib.contextmanager

@@ -184,8 +184,7 @@ def test_a_launch_command_that_never_runs_the_worker_is_named(tmp_path, capsys):
     the worker: daisy restarted it ten times and emrun then passed on daisy's advice to
     raise Task(max_worker_restarts). Now the worker's daisy process says what happened, in
     the line `launch_failure` picks, and fails."""
-    from emrun.devices import launch_failure
-    from emrun.subprocesses import run_through
+    from emrun.devices import launch_failure, run_through
 
     with pytest.raises(SystemExit) as exit_:
         run_through("true", "emrun.evaluate.schedule", [str(tmp_path)], tmp_path)
@@ -197,11 +196,11 @@ def test_a_launch_command_that_never_runs_the_worker_is_named(tmp_path, capsys):
 
 def test_a_launch_command_that_runs_the_worker_passes(tmp_path, monkeypatch):
     """The worker's __main__ (`launched_main`) leaves the file and gets its arguments."""
-    from emrun.subprocesses import run_through
+    from emrun.devices import run_through
 
     (tmp_path / "probe_worker.py").write_text(textwrap.dedent("""
         from pathlib import Path
-        from emrun.subprocesses import launched_main
+        from emrun.devices import launched_main
 
         launched_main(lambda a, b: Path(a).write_text(b))
     """))

@@ -36,7 +36,9 @@ from emrun.devices import (
     cpu_cores,
     daisy_package,
     launch_failure,
+    launched_main,
     launched_workers,
+    run_through,
 )
 from emrun.errors import UserError, disk_full
 from emrun.evaluate.binary import BinaryCounts
@@ -51,9 +53,7 @@ from emrun.evaluate.blockwise import (
 from emrun.evaluate.contingency import ContingencyTable
 from emrun.subprocesses import (
     killed_by,
-    launched_main,
     leave_signals_to,
-    run_through,
     signals_held,
 )
 

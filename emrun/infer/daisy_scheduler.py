@@ -28,14 +28,19 @@ from typing import Any
 
 import torch
 
-from ..devices import cpu_cores, daisy_package, launch_failure, launched_workers
+from ..devices import (
+    cpu_cores,
+    daisy_package,
+    launch_failure,
+    launched_main,
+    launched_workers,
+    run_through,
+)
 from ..errors import UserError
 from ..geometry import Zyx, zyx
 from ..subprocesses import (
     die_with_parent,
     killed_by,
-    launched_main,
-    run_through,
     stop_between_blocks,
     stop_signals,
 )

@@ -21,10 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ...devices import daisy_package, launch_failure, launched_workers
+from ...devices import daisy_package, launch_failure, launched_main, launched_workers, run_through
 from ...errors import UserError
 from ...geometry import Zyx, zyx
-from ...subprocesses import die_with_parent, killed_by, launched_main, run_through
+from ...subprocesses import die_with_parent, killed_by
 from .job import ScaleJob
 from .steps import _store, run_block
 
