@@ -46,9 +46,45 @@ bench_app = typer.Typer(help="Benchmarks: data loading, model, trainer, inferenc
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 
+READER_GONE = 141
+"""The exit code when stdout's (or stderr's) reader closed it (`emrun recipes | head -1`):
+as a shell reports a process ended by SIGPIPE; not an error of ours or the user's."""
+
+
+def _closed(stream: Any) -> bool:
+    """Whether ``stream`` is a pipe whose reader has gone (polling it reports an error)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        return False
+
+
+def reader_gone() -> int | None:
+    """READER_GONE when stdout or stderr lost its reader, after pointing them at /dev/null
+    (Python's last flush would fail again and print noise); None otherwise."""
+    gone = [stream for stream in (sys.stdout, sys.stderr) if _closed(stream)]
+    for stream in gone:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    return READER_GONE if gone else None
+
+
+class _Console(Console):
+    """A console that ends a command whose reader went away with READER_GONE: rich's own
+    ending is a silent exit 1, which reads as emrun's internal error."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise typer.Exit(reader_gone() or READER_GONE)
+
+
 # emoji=False: rich would turn ":x:" in a user's text (--device cuda:x:) into an emoji
-out = Console(highlight=False, soft_wrap=True, emoji=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+out = _Console(highlight=False, soft_wrap=True, emoji=False)
+err = _Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 Overrides = Annotated[
     list[str] | None,
@@ -110,6 +146,8 @@ def guarded(fn: F) -> F:
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
+            if isinstance(exc, BrokenPipeError) and (code := reader_gone()) is not None:
+                raise typer.Exit(code) from None  # `emrun ... --json | head -c 0`
             if (full := disk_full(exc)) is not None:
                 _report_disk_full(full)
                 raise typer.Exit(2) from None
@@ -202,6 +240,8 @@ def main() -> None:
     except Exception as exc:
         name = type(exc).__name__
         if name == "Abort":  # Ctrl-C outside a command (while parsing its arguments)
+            err.print("stopped by SIGINT (Ctrl-C) before the command started: nothing was "
+                      "done", markup=False)
             sys.exit(130)
         if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
             raise
@@ -212,5 +252,9 @@ def main() -> None:
         where = f" (see {context.command_path} --help)" if context is not None else ""
         err.print(f"error: {exc.format_message()}{where}", markup=False)
         sys.exit(2)
+    try:
+        sys.stdout.flush()  # the last line may still be buffered: its reader may have gone
+    except BrokenPipeError:
+        sys.exit(reader_gone() or READER_GONE)
     sys.exit(code or 0)
 

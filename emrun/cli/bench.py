@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -159,6 +160,9 @@ def bench_infer(
     from ..bench.infer import report_lines
     from ..recipe import load_recipe
 
+    if compile_ is not None and not configs:  # it chooses what --configs searches, no more
+        raise UserError("--compile/--no-compile says whether --configs searches "
+                        "torch.compile: add --configs, or drop it")
     result = run_bench(load_recipe(recipe, override or []).recipe, shape=shape, device=device,
                        repeats=repeats, no_model=no_model, block=block, workers=workers,
                        configs=configs, compile_=compile_)
@@ -178,7 +182,9 @@ def bench_segment(
         metavar="Z Y X", help="Block size of the pipeline.")] = (32, 256, 256),
     workers: Annotated[list[int] | None, typer.Option(
         min=1, help="Worker counts to run (repeat; default 1 and 2).")] = None,
-    threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
+    threshold: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Agglomeration threshold, as emrun segment --threshold with "
+        "--scheduler.")] = 0.5,
     agglomeration: Annotated[str, typer.Option(
         metavar="global|blockwise", help="As emrun segment --agglomeration.")] = "global",
     folder: Annotated[Path | None, typer.Option(
@@ -263,6 +269,9 @@ def bench_codecs(
     from ..bench.codecs import TABLE_HEADER, TABLE_NOTE, format_row
     from ..bench.codecs import bench_codecs as run_bench
 
+    for option, value in (("--sample-mb", sample_mb), ("--max-mb", max_mb)):
+        if not math.isfinite(value):  # inf passed the range check and failed as ours
+            raise UserError(f"{option} {value:g}: give a finite size in MB")
     printed: list[str] = []
 
     def progress(row: dict[str, Any]) -> None:  # rows as they come: a run takes minutes

@@ -33,8 +33,8 @@ def data_convert(
         "a 4-d (c, z, y, x) source keeps all channels in each chunk.")
     ] = None,
     name: Annotated[str | None, typer.Option(
-        help="Array name in OUT (default: labels for a segmentation or wider ints, else "
-        "image).")] = None,
+        help="Array name in OUT (default: image with --image; else labels for a segmentation "
+        "or integers wider than 8 bits, mask for booleans, image otherwise).")] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing array of that name.")
     ] = False,
@@ -49,6 +49,8 @@ def data_convert(
     from ..io.convert import convert
 
     _check_nm(voxel_size)
+    if name is None and labels is False:  # the dtype's guess, "labels", is refused for images
+        name = "image"
     result = convert(at_level(source, level), out, name=name, voxel_size=voxel_size,
                      chunks=chunks, overwrite=overwrite, label=labels, levels=levels)
     voxel = "unknown" if result.voxel_size is None else " x ".join(

@@ -71,6 +71,9 @@ def waterz_spec(request: SegmentRequest, spec: SegmenterBase | None) -> Waterz:
         raise UserError(f"--scheduler runs the graph pipeline (fragments, a region graph, "
                         f"agglomeration by threshold as waterz), not {kind}; use --method "
                         "waterz, or drop --scheduler for mws or cc on one machine (--block)")
+    if request.values.get("bias"):  # it would be dropped without a word
+        raise UserError("--bias is for mws; --scheduler agglomerates by --threshold (as "
+                        "waterz): give --threshold, or drop --scheduler")
     base = spec if isinstance(spec, Waterz) else segmenters.entry("waterz").spec()
     changes: dict[str, Any] = {}
     if request.values.get("threshold"):
