@@ -13,14 +13,15 @@ loaded the first time any registry resolves a name (not when a module is importe
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Annotated, Any, Generic, TypeVar, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from .errors import NotImplementedYet
+from .errors import NotImplementedYet, UserError
 
 T = TypeVar("T")
 S = TypeVar("S", bound=type["Spec"])
@@ -42,6 +43,13 @@ class Entry(Generic[T]):
     name: str
     spec: type[Spec]
     builder: Callable[..., T] | None = None
+    origin: str = ""  # the module of the builder (emrun's own, or a plugin's)
+
+    @property
+    def third_party(self) -> bool:
+        """Whether a plugin implements it (what it builds deserves a check of its
+        interface; emrun's own are tested)."""
+        return self.builder is not None and not _is_emrun(self.origin)
 
 
 def suggest(word: str, choices: list[str]) -> list[str]:
@@ -94,6 +102,10 @@ class Registry(Generic[T]):
             entry = self._entries.get(name)
             if entry is None:
                 raise KeyError(f"{self.kind} {name!r}: register its spec before implementing it")
+            origin = str(getattr(builder, "__module__", "") or "")
+            if entry.builder is not None:
+                self._implemented_twice(entry, origin)
+            entry.origin = origin
             if isinstance(builder, type):
                 cls = builder
                 entry.builder = lambda spec, **context: cls(spec)
@@ -102,6 +114,17 @@ class Registry(Generic[T]):
             return builder
 
         return decorate
+
+    def _implemented_twice(self, entry: Entry[T], origin: str) -> None:
+        """Refuse a second builder for a name: silently replacing emrun's (or another
+        plugin's) would change what every recipe naming it builds. A plugin's doing is the
+        user's to fix (uninstall it, or rename what it adds); emrun's own is a bug."""
+        message = (f"{self.kind} {entry.name!r} is implemented twice, in {entry.origin} "
+                   f"and in {origin}")
+        if _is_emrun(entry.origin) and _is_emrun(origin):
+            raise ValueError(message)
+        raise UserError(f"{message}: a plugin may add names, not replace them; uninstall "
+                        "its package, or rename what it adds")
 
     def names(self) -> list[str]:
         load_plugins()
@@ -126,7 +149,13 @@ class Registry(Generic[T]):
         hint = self.suggest(str(name))
         did_you_mean = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
         known = ", ".join(self.names()) or "none"
-        return f"unknown {self.kind} type {name!r}{did_you_mean} (known: {known})"
+        message = f"unknown {self.kind} type {name!r}{did_you_mean} (known: {known})"
+        if hint:
+            return message
+        # a checkpoint or package trained with a plugin, opened where it is not installed
+        plugins = ", ".join(sorted({ep.name for ep in entry_points(group=PLUGIN_GROUP)}))
+        return (f"{message}; a name a plugin adds needs its package installed (plugins "
+                f"here: {plugins or 'none'})")
 
     def spec_union(self, default: str | None = None) -> Any:
         """The discriminated union of all registered specs, for use as a field annotation.
@@ -178,6 +207,7 @@ ALL: dict[str, Registry[Any]] = {
 }
 
 _plugins_loaded = False
+_plugin_failure: UserError | None = None
 
 
 def load_plugins() -> list[str]:
@@ -186,15 +216,54 @@ def load_plugins() -> list[str]:
     An entry point may name a module (importing it registers) or a callable (called with no
     arguments). Returns the names of the plugins loaded by this call. Registries call it
     before answering about names, so third-party code runs when names are first resolved.
+    A plugin that fails to load (its import or call raises) is a UserError naming it and its
+    error, raised again on every later call: the registries would otherwise answer without
+    the plugins after it, or with half of its names.
     """
-    global _plugins_loaded
+    global _plugins_loaded, _plugin_failure
+    if _plugin_failure is not None:
+        raise _plugin_failure
     if _plugins_loaded:
         return []
     _plugins_loaded = True
     loaded = []
     for ep in entry_points(group=PLUGIN_GROUP):
-        obj = ep.load()
-        if callable(obj):
-            obj()
+        try:
+            obj = ep.load()
+            if callable(obj):
+                obj()
+        except Exception as exc:
+            _plugin_failure = plugin_failure(ep, exc)
+            raise _plugin_failure from exc  # the CLI prints the line; Python shows both
         loaded.append(ep.name)
     return loaded
+
+
+def plugin_failure(ep: EntryPoint, exc: Exception) -> UserError:
+    """One line naming the plugin, its package and its error, and the two ways out."""
+    package = f" of package {ep.dist.name}" if ep.dist is not None else ""
+    module, _, attr = (part.strip() for part in ep.value.partition(":"))
+    rerun = f"import {module}" + (f"; {module}.{attr}()" if attr else "")
+    detail = " ".join(str(exc).split()) or "(no message)"
+    if isinstance(exc, UserError):  # it says what is wrong, and what to do
+        return UserError(f"the emrun plugin {ep.name!r} ({ep.value}{package}): {detail}")
+    if isinstance(exc, ImportError) and _recipe_importing():
+        advice = ("plugins load while emrun imports its Recipe, so a plugin imports Recipe "
+                  "(and what imports it: emrun.data.samples, emrun.train, emrun.infer) inside "
+                  "its functions, not at its top")
+    else:
+        advice = (f"fix it or uninstall its package (python -c '{rerun}' shows the "
+                  "traceback)")
+    return UserError(f"the emrun plugin {ep.name!r} ({ep.value}{package}) failed to load: "
+                     f"{type(exc).__name__}: {detail}; {advice}")
+
+
+def _recipe_importing() -> bool:
+    """Whether emrun.recipe.recipe is being imported now (its Recipe class asks for the
+    registries' names, which loads the plugins): a plugin importing it then fails."""
+    module = sys.modules.get("emrun.recipe.recipe")
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _is_emrun(module: str) -> bool:
+    return module == "emrun" or module.startswith("emrun.")

@@ -21,6 +21,7 @@ import io
 import string
 import warnings
 from collections.abc import Callable
+from importlib.metadata import packages_distributions
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 
 from ..errors import UserError
 from ..io.package import package_bytes
+from ..registry import ALL as registries
 from ..synth import synthesize
 from .manifest import manifest, notes
 from .network import ExportedNetwork, exported_network
@@ -186,7 +188,7 @@ def _description(spec: Any, trained: Trained, facts: dict[str, Any],
     )
     return spec.ModelDescr(
         name=_name(recipe.name),
-        description=recipe.description or f"{recipe.model.summary()} for 3D electron "
+        description=recipe.description or f"{_model_words(recipe.model)} for 3D electron "
         f"microscopy, trained with emrun: {', '.join(facts['tasks'])}",
         authors=[],
         cite=[],
@@ -260,11 +262,55 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _model_words(model: Any) -> str:
+    """The model in words: its title and its parameters (a model without fields says only
+    its name, not 'no parameters')."""
+    fields = model.model_dump(exclude={"type"})
+    return f"{model.title()} ({model.summary()})" if fields else str(model.title())
+
+
+def plugin_packages(recipe: Any) -> list[str]:
+    """The installed packages whose plugins implement a name the recipe uses: the
+    pytorch_state_dict weights rebuild the network from the recipe, which needs them."""
+    names: set[str] = set()
+
+    def collect(value: Any) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("type"), str):
+                names.add(value["type"])
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                collect(item)
+
+    collect(recipe.model_dump())
+    owners = packages_distributions()
+    found: set[str] = set()
+    for kind in registries.values():
+        for name in names & set(kind.names()):
+            entry = kind.entry(name)
+            if entry.third_party:
+                top = entry.origin.split(".")[0]
+                found.update(owners.get(top, [top]))
+    return sorted(found)
+
+
+def _plugin_note(recipe: Any) -> list[str]:
+    packages = plugin_packages(recipe)
+    if not packages:
+        return []
+    return ["", f"The recipe names what emrun plugins add ({', '.join(packages)}): the "
+            "pytorch_state_dict weights (emrun's ExportedNetwork) need emrun and those "
+            "packages installed; the torchscript weights need neither."]
+
+
 def _readme(trained: Trained, facts: dict[str, Any]) -> str:
     recipe = trained.recipe
     lines = [f"# {recipe.name}", "",
              recipe.description or "A network for 3D electron microscopy, trained with emrun.",
-             "", f"Model: {recipe.model.summary()}.", "", "## Input", "",
+             "", f"Model: {_model_words(recipe.model)}.", *_plugin_note(recipe), "",
+             "## Input", "",
              f"- `raw`: the EM image, axes (batch, channel, z, y, x); voxel size "
              f"{facts['input']['voxel_size'] or 'unknown'} nm (z, y, x).",
              f"- Raw intensities in [{facts['input']['intensity']['low']:g}, "
@@ -289,7 +335,7 @@ def _readme(trained: Trained, facts: dict[str, Any]) -> str:
               "The test tensors are a synthetic EM patch and what this network predicted from "
               "it at export; bioimage.io's checks reproduce them from the weights. emrun "
               "predicts volumes blockwise, blending overlapping patches "
-              f"(overlap {recipe.infer.resolved_stride(recipe.infer_patch())} stride).", "",
+              f"(stride {list(recipe.infer.resolved_stride(recipe.infer_patch()))}).", "",
               f"License: {LICENSE} (change it in rdf.yaml if the weights are under another).",
               ""]
     return "\n".join(lines)

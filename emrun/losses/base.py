@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UserError
 from ..recipe.tasks import BCELoss, MSELoss
 from ..registry import losses
 
@@ -170,6 +171,20 @@ def build_mse(spec: MSELoss, **context: Any) -> Loss:
     return MSE()
 
 
+def _check_result(task: str, result: object) -> None:
+    """A loss (a plugin's, say) must return a LossResult of scalars: a tensor per channel
+    would be summed in silence or fail deep in the trainer, naming neither task nor loss."""
+    if not isinstance(result, LossResult):
+        raise UserError(f"the loss of task {task!r} returned a {type(result).__name__}, not "
+                        "an emrun.losses.LossResult(loss=<scalar tensor>, valid=<scalar>)")
+    for field in ("loss", "valid"):
+        value = getattr(result, field)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise UserError(f"the loss of task {task!r} returned a {field} of {shape}, not a "
+                            "scalar tensor (reduce it over the batch, channels and voxels)")
+
+
 def total_loss(results: Mapping[str, LossResult], weights: Mapping[str, float]) -> Tensor:
     """``sum(weights[name] * results[name].loss)`` over the tasks in ``results``.
 
@@ -180,6 +195,7 @@ def total_loss(results: Mapping[str, LossResult], weights: Mapping[str, float]) 
     """
     total: Tensor | None = None
     for name, result in results.items():
+        _check_result(name, result)
         if name not in weights:
             raise KeyError(f"no weight for task {name!r} (weights for: {sorted(weights)})")
         weight = float(weights[name])

@@ -10,12 +10,14 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import UserError
 from ..registry import models
 from .facts import (
     ModelFacts,
     empirical_receptive_field,
     flops_per_voxel,
     model_facts,
+    output_problem,
 )
 from .mednext import MedNeXtModel, build_mednext
 from .resenc import ResEncModel, build_resenc
@@ -23,8 +25,21 @@ from .rsunet import RSUNetModel, UpDownModel, build_rsunet, build_updown, parame
 
 
 def build_model(recipe: Any) -> nn.Module:
-    """The recipe's model, with one head per task (``recipe.head_channels()``)."""
-    return models.build(recipe.model, head_channels=recipe.head_channels())  # type: ignore[no-any-return]
+    """The recipe's model, with one head per task (``recipe.head_channels()``).
+
+    A plugin's model has its outputs checked once, on meta tensors at ``train.patch``: one
+    that returns other shapes, channels or names is refused here, naming what is wrong,
+    rather than failing inside a loss or predicting a shifted volume. (emrun's own are
+    tested, and spared the check's first-call cost: torch loads its meta kernels, seconds.)
+    """
+    heads = recipe.head_channels()
+    model: nn.Module = models.build(recipe.model, head_channels=heads)
+    if not models.entry(recipe.model.type).third_party:
+        return model
+    problem = output_problem(model, heads, recipe.train.patch, recipe.model.input_channels())
+    if problem is not None:
+        raise UserError(f"model {recipe.model.type}: {problem}")
+    return model
 
 
 def weights_mismatch(model: nn.Module, weights: Any) -> str | None:
@@ -66,6 +81,7 @@ __all__ = [
     "empirical_receptive_field",
     "flops_per_voxel",
     "model_facts",
+    "output_problem",
     "parameter_count",
     "weights_mismatch",
 ]

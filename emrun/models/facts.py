@@ -178,3 +178,61 @@ def model_facts(model: nn.Module, spec: ModelBase, patch: Sequence[int]) -> Mode
         receptive_field=spec.receptive_field(),
         divisor=(divisor[0], divisor[1], divisor[2]),
     )
+
+
+def output_problem(model: nn.Module, head_channels: dict[str, int], patch: Sequence[int],
+                   in_channels: int = 1) -> str | None:
+    """What is wrong with the model's outputs for one input of ``patch``, or None.
+
+    Every consumer (losses, inference, export) takes one output per task, each of the
+    task's channels and the input's size; a third-party model that returns something else
+    would fail later, deep in the trainer or the engine, or predict a shifted volume. One
+    forward in eval mode on meta tensors (no memory, no compute); a model whose code cannot
+    run on meta tensors (data-dependent steps) is not checked (None), one whose forward
+    fails otherwise (e.g. it takes other input channels than its spec says) is a problem.
+    """
+    patch = tuple(int(p) for p in patch)
+    tensors = {name: torch.empty_like(t, device="meta")
+               for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    x = torch.empty((1, in_channels, *patch), device="meta")
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = functional_call(model, tensors, (x,))
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        if isinstance(exc, NotImplementedError) or "meta" in text.lower():
+            return None  # data-dependent code, say: the real forward will tell
+        return (f"a forward of an input of {(1, in_channels, *patch)} fails: "
+                f"{type(exc).__name__}: {text[:300]}")
+    finally:
+        for m, training in modes:
+            m.training = training
+    return _outputs_problem(out, head_channels, patch)
+
+
+def _outputs_problem(out: object, head_channels: dict[str, int],
+                     patch: tuple[int, ...]) -> str | None:
+    """How ``out`` differs from one (1, channels, *patch) tensor per task, by task name."""
+    if not isinstance(out, dict):
+        return (f"it returns a {type(out).__name__}, not a dict of one output per task "
+                f"({', '.join(repr(n) for n in head_channels)})")
+    if set(out) != set(head_channels):
+        return (f"its outputs are named {sorted(out)}, not after the tasks "
+                f"{sorted(head_channels)}")
+    for name, channels in head_channels.items():
+        value = out[name]
+        want = (1, channels, *patch)
+        if not isinstance(value, torch.Tensor):
+            return f"its output {name!r} is a {type(value).__name__}, not a tensor"
+        if value.dim() == 5 and value.shape[1] != channels:
+            return (f"its output {name!r} has {value.shape[1]} channels, not the task's "
+                    f"{channels} (head_channels[{name!r}])")
+        if tuple(value.shape) != want:
+            return (f"its output {name!r} is {tuple(value.shape)} for an input of "
+                    f"{(1, 1, *patch)}, not {want}: outputs keep the input's size (pad the "
+                    "convolutions, e.g. padding='same')")
+        if not value.is_floating_point():
+            return f"its output {name!r} is {value.dtype}, not a floating-point tensor"
+    return None

@@ -10,6 +10,7 @@ merging small segments, compact ids.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -72,6 +73,15 @@ class Segmenter(ABC):
     blockwise: ClassVar[bool] = True
     keeps_apart: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every implementation's fragments are checked as they leave it (see
+        :func:`checked_fragments`), so a plugin's cannot be written off-shape or as floats."""
+        super().__init_subclass__(**kwargs)
+        if "fragments" in cls.__dict__:
+            cls.fragments = _checked(cls.__dict__["fragments"])  # type: ignore[method-assign]
+        if "fragments_for" in cls.__dict__:
+            cls.fragments_for = _checked_each(cls.__dict__["fragments_for"])  # type: ignore[method-assign]
+
     @property
     def min_size(self) -> int:
         return int(self.spec.min_size)
@@ -126,3 +136,39 @@ class Segmenter(ABC):
     @abstractmethod
     def stitch(self, edges: Edges, count: int) -> np.ndarray:
         """A table mapping ids 0..count to representatives, joining blocks' segments."""
+
+
+def checked_fragments(segmenter: Segmenter, ids: object, affs: np.ndarray) -> np.ndarray:
+    """``ids`` if they are what the drivers take: an array of the affinities' spatial shape
+    holding non-negative integers; a UserError naming the segmenter otherwise (a float or
+    off-shape array would be cast or written as a segmentation of the wrong shape)."""
+    want = tuple(affs.shape[1:])
+    name = getattr(segmenter.spec, "type", type(segmenter).__name__)
+    if not isinstance(ids, np.ndarray):
+        raise UserError(f"segmenter {name!r} returned a {type(ids).__name__}, not a numpy "
+                        f"array of integer ids of shape {want}")
+    if ids.shape != want or ids.dtype.kind not in "ui":
+        raise UserError(f"segmenter {name!r} returned fragments of {ids.shape} {ids.dtype} "
+                        f"for affinities of {want}: they must be integer ids of shape {want}")
+    if ids.dtype.kind == "i" and ids.size and int(ids.min()) < 0:
+        raise UserError(f"segmenter {name!r} returned negative fragment ids "
+                        f"({int(ids.min())}): ids are 0 (unassigned) or positive")
+    return ids
+
+
+def _checked(fragments: Any) -> Any:
+    @functools.wraps(fragments)
+    def wrapper(self: Segmenter, affs: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
+        return checked_fragments(self, fragments(self, affs, *args, **kwargs), affs)
+
+    return wrapper
+
+
+def _checked_each(fragments_for: Any) -> Any:
+    @functools.wraps(fragments_for)
+    def wrapper(self: Segmenter, values: Sequence[float], affs: np.ndarray, *args: Any,
+                **kwargs: Any) -> Iterator[np.ndarray]:
+        for ids in fragments_for(self, values, affs, *args, **kwargs):
+            yield checked_fragments(self, ids, affs)
+
+    return wrapper

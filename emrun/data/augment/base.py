@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ...errors import UserError
 from ...geometry import Zyx, zyx
 from ...recipe.augment import AugmentBase
 from ...registry import augmentations
@@ -56,6 +57,7 @@ class Step:
     in_shape: Zyx
     apply: Callable[[Sample], Sample]
     parts: tuple[Step, ...] = ()
+    out_shape: Zyx | None = None  # set by Pipeline.prepare: what apply must return
 
 
 def identity(name: str, shape: Zyx) -> Step:
@@ -100,7 +102,7 @@ class Pipeline:
         steps: list[Step] = []
         shape = out_shape
         for aug in reversed(self.augmentations):
-            step = aug.prepare(rng, shape, context)
+            step = replace(aug.prepare(rng, shape, context), out_shape=shape)
             steps.append(step)
             shape = step.in_shape
         steps.reverse()
@@ -123,6 +125,30 @@ class Pipeline:
                 continue
             start = time.perf_counter()
             sample = step.apply(sample)
+            check_output(step, sample)
             if timings is not None:
                 timings[step.name] = timings.get(step.name, 0.0) + time.perf_counter() - start
         return sample
+
+
+def check_output(step: Step, sample: object) -> None:
+    """A step (a plugin's, say) must return a Sample whose image is float32 of the shape it
+    was planned for, with labels, mask and semantic volumes of that shape too: anything
+    else would train on misaligned or rescaled data, or fail later naming no augmentation."""
+    if not isinstance(sample, Sample):
+        raise UserError(f"augmentation {step.name!r} returned a {type(sample).__name__}, not "
+                        "a Sample")
+    want = step.out_shape if step.out_shape is not None else sample.shape
+    image = sample.image
+    if not isinstance(image, np.ndarray) or image.dtype != np.float32 or \
+            tuple(image.shape) != tuple(want):
+        what = (f"{tuple(image.shape)} {image.dtype}" if isinstance(image, np.ndarray)
+                else type(image).__name__)
+        raise UserError(f"augmentation {step.name!r} returned an image of {what}, not "
+                        f"{tuple(want)} float32 (values in [0, 1])")
+    others = {"labels": sample.labels, "mask": sample.mask,
+              **{f"semantic {k!r}": v for k, v in sample.semantic.items()}}
+    for what, array in others.items():
+        if array is not None and tuple(np.shape(array)) != tuple(want):
+            raise UserError(f"augmentation {step.name!r} returned {what} of "
+                            f"{tuple(np.shape(array))}, not the image's {tuple(want)}")
