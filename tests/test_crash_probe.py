@@ -181,12 +181,12 @@ def test_an_inference_worker_killed_is_one_line_not_a_bug():
     """kill -9 of a local inference worker (the out-of-memory killer's way) ended the run
     with exit 1 and 'This is a bug in emrun'; it is the user's (or the machine's) doing:
     one line, exit 2, saying to continue with --resume."""
-    from emrun.infer.schedule import _died
+    from emrun.infer.schedule import worker_died
 
-    killed = _died(-signal.SIGKILL)
+    killed = worker_died(-signal.SIGKILL)
     assert isinstance(killed, UserError)
     assert "--resume" in str(killed) and "signal 9" in str(killed)
-    assert not isinstance(_died(1), UserError)  # a worker that exits silently: ours
+    assert not isinstance(worker_died(1), UserError)  # a worker that exits silently: ours
 
 
 def test_a_replacement_killed_between_its_renames_keeps_the_old_volume(tmp_path):

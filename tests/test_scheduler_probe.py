@@ -125,9 +125,6 @@ def test_daisy_gives_a_unit_as_long_as_it_takes(tmp_path, monkeypatch):
     assert made.get("timeout", 600) >= 7 * 24 * 3600
 
 
-@pytest.mark.xfail(strict=True, reason="the done-markers and the output's record do not "
-                   "cover --tta: a resume with another --tta mixes blocks predicted with and "
-                   "without it; the fix (record tta, refuse another) goes in emrun/infer/job.py")
 def test_a_resume_with_another_tta_is_refused(tmp_path):
     recipe, _, _, tmp = make_inputs(tmp_path, shape=(12, 40, 48))
 
@@ -145,10 +142,6 @@ def test_a_resume_with_another_tta_is_refused(tmp_path):
         run_inference(*args, block=BLOCK, tta=4, resume=True)
 
 
-@pytest.mark.xfail(strict=True, reason="emrun infer creates its output before run_daisy "
-                   "finds daisy missing, so the rerun once it is installed is refused "
-                   "('already exists'); the check (daisy_package()) belongs before "
-                   "prepare_job in emrun/infer/run.py")
 def test_infer_without_daisy_says_so_before_making_the_output(tmp_path, monkeypatch):
     recipe, _, _, tmp = make_inputs(tmp_path, shape=(4, 16, 16))
     monkeypatch.setitem(sys.modules, "daisy", None)  # import daisy fails
@@ -249,10 +242,6 @@ def test_an_evaluation_daisy_worker_killed_is_the_machines_doing(tmp_path, monke
                      Parallel(scheduler="daisy", workers=2, work_dir=str(tmp_path)))
 
 
-@pytest.mark.xfail(strict=True, reason="a resume with another --roi is refused as if the "
-                   "input had been rewritten ('a sample of its voxels differs'): the input "
-                   "sample is compared before the layout; the check belongs in "
-                   "emrun/infer/job.py (_open_outputs: compare the ROI first, and name it)")
 def test_a_resume_with_another_roi_names_the_roi(tmp_path):
     from emrun.geometry import Roi
 

@@ -318,6 +318,8 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
                             "stopped while being created, before its first block): remove it "
                             "and run again without --resume")
         _check_same_input(output, started, volume)
+        _check_same_box(output, started, job)
+        _check_same_tta(output, started, job)
         _check_same_contents(output, started, volume, job)
         _check_same_network(output, started, job.checkpoint)
         _check_same_mask(output, started, job.mask_path)
@@ -329,7 +331,8 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
         "input": job.input_path, "input_location": volume.location(),
         "input_shape": list(volume.shape),
         "input_sample": contents_sample(volume, job.roi_offset, job.layout.shape),
-        "roi_offset": list(job.roi_offset), "mask": _mask_id(job.mask_path), **info}
+        "roi_offset": list(job.roi_offset), "output_shape": list(layout.shape),
+        "tta": _tta_count(job), "mask": _mask_id(job.mask_path), **info}
     # where the output lies in the input's space: the input's own offset, plus the ROI's
     placed = tuple(int(o) + r for o, r in zip((volume.offset or (0, 0, 0))[-3:], job.roi_offset,
                                                strict=True))
@@ -451,6 +454,34 @@ def _check_same_input(output: Path, saved: dict[str, Any], volume: Volume) -> No
         raise UserError(f"{output} was started from an input of shape {list(shape)}; --input "
                         f"{now} has shape {list(volume.shape)}; resume with that input, or "
                         "write to a new --output")
+
+
+def _check_same_box(output: Path, saved: dict[str, Any], job: Job) -> None:
+    """Refuse to finish an output with another --roi than it was started with: it was
+    refused as if the input had been rewritten (its sample is taken over the box)."""
+    offset, shape = saved.get("roi_offset"), saved.get("output_shape")
+    if offset is None or shape is None:
+        return  # recorded before the box was: the layout check still refuses it
+    if list(offset) != list(job.roi_offset) or list(shape) != list(job.layout.shape):
+        def box(o: Any, s: Any) -> str:
+            return f"--roi {','.join(map(str, o))}/{','.join(map(str, s))}"
+        raise UserError(f"{output} was started with {box(offset, shape)} and is resumed with "
+                        f"{box(job.roi_offset, job.layout.shape)}; resume with the same "
+                        "--roi (none: the whole input), or write to a new --output")
+
+
+def _check_same_tta(output: Path, saved: dict[str, Any], job: Job) -> None:
+    """Refuse to finish an output with another test-time augmentation than it was started
+    with: its blocks would mix predictions with and without it, silently."""
+    started, now = saved.get("tta"), _tta_count(job)
+    if started is not None and started != now:
+        raise UserError(f"{output} was started with --tta {started} and is resumed with --tta "
+                        f"{now}; resume with --tta {started}, or write to a new --output")
+
+
+def _tta_count(job: Job) -> int:
+    """The test-time augmentations the job averages (the option's, else the recipe's)."""
+    return int(job.tta or job.recipe.infer.tta)
 
 
 def _check_same_contents(output: Path, saved: dict[str, Any], volume: Volume, job: Job

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from ..devices import check_launch
+from ..devices import check_launch, daisy_package
 from ..errors import UserError
 from ..geometry import Roi, Zyx
 from ..recipe import Recipe
@@ -34,6 +34,8 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
     if launch is not None and scheduler != "daisy":
         raise UserError("--launch is for --scheduler daisy (workers started by a command)")
     check_launch(launch)
+    if scheduler == "daisy":
+        daisy_package()  # missing: said before the output is made (its rerun was refused)
     # Devices are checked before any output exists; daisy workers resolve theirs where they
     # run (the scheduler's own machine, a login node say, may have no GPU at all).
     slots = worker_slots(device, workers) if scheduler == "local" else []
