@@ -21,6 +21,7 @@ from ..infer.checkpoint_recipe import recipe_for
 from ..io.checkpoint import load
 from ..io.package import is_package, network_weights, read_package
 from ..models import build_model
+from ..paths import not_a_file
 from ..recipe import Recipe
 from ..train.run_dir import recipe_text
 
@@ -56,6 +57,8 @@ def checkpoint_of(source: Path) -> Path:
         return source
     if not source.exists():
         raise UserError(f"{source}: no such run directory, checkpoint or model package")
+    if not source.is_dir() and (why := not_a_file(source)) is not None:
+        raise UserError(f"{source} {why}")
     for name in ("best.pt", "last.pt"):
         if (source / "checkpoints" / name).is_file():
             return source / "checkpoints" / name
