@@ -93,9 +93,6 @@ def test_a_reader_that_goes_away_is_not_an_internal_error(tmp_path, args):
     assert "Exception ignored" not in stderr
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/export/source.py checkpoint_of calls anything "
-                   "that exists but is not a regular file 'a directory without checkpoints'; "
-                   "it should refuse a pipe or device as emrun.paths does elsewhere")
 def test_export_from_a_named_pipe_says_what_it_is(tmp_path):
     """`export FIFO out.emrun` said 'FIFO is a directory without checkpoints/best.pt'."""
     fifo = tmp_path / "model.pt"
