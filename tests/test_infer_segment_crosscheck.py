@@ -117,9 +117,10 @@ def window(patch, blend="bump", sigma=0.125) -> np.ndarray:
 
 
 def sliding_window(volume, patch, stride, per_patch, channels, *, roi=None, blend="bump",
-                   scale=255.0) -> np.ndarray:
-    """Whole-volume (or whole-ROI) blended prediction, from the documented rules."""
-    image = volume.astype(np.float64) / scale
+                   scale=(0.0, 255.0)) -> np.ndarray:
+    """Whole-volume (or whole-ROI) blended prediction, from the documented rules; raw
+    ``scale[0]..scale[1]`` is the network's 0..1."""
+    image = (volume.astype(np.float64) - scale[0]) / (scale[1] - scale[0])
     offset, shape = roi or ((0, 0, 0), volume.shape)
     weights = window(patch, blend)
     starts = []
@@ -219,15 +220,17 @@ def test_gaussian_blend_equals_its_formula(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize(("dtype", "top"), [(np.uint16, 65535), (np.int16, 32767),
-                                            (np.float32, 1.0)])
-def test_inputs_are_scaled_by_their_dtype_range(tmp_path, dtype, top):
-    volume = image((5, 11, 12), dtype=dtype, top=top)
+@pytest.mark.parametrize(("dtype", "low", "high"), [(np.uint16, 0, 65535),
+                                                    (np.int16, -32768, 32767),
+                                                    (np.float32, 0, 1)])
+def test_inputs_are_scaled_by_their_dtype_range(tmp_path, dtype, low, high):
+    """A signed image spans its dtype's whole range (its negative half was clipped)."""
+    volume = (image((5, 11, 12), dtype=np.float64, top=high - low) + low).astype(dtype)
     write_volume(tmp_path / "in.zarr", "image", volume, label=False)
     got = predict(make_recipe(), tmp_path, tmp_path / "in.zarr/image", tmp_path / "o.zarr",
                   block=(4, 8, 8))
     want = sliding_window(volume, PATCH, make_recipe().infer.resolved_stride(PATCH),
-                          lambda x: known_output(x, 3), 3, scale=float(top))
+                          lambda x: known_output(x, 3), 3, scale=(low, high))
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
