@@ -296,16 +296,6 @@ def test_binary_refuses_logits_and_leaves_nan_truth_out():
     assert binary_scores(np.clip(pred + 1e-6, 0, 1 + 1e-6), truth).tp == 1  # rounding is fine
 
 
-def test_binary_scores_with_nothing_to_find():
-    empty = np.zeros((2, 2, 2), np.uint8)
-    s = binary_scores(np.zeros((2, 2, 2), bool), empty)
-    assert (s.precision, s.recall, s.f1, s.iou) == (1.0, 1.0, 1.0, 1.0)
-    s = binary_scores(np.ones((2, 2, 2), bool), empty)
-    assert (s.precision, s.recall, s.f1, s.iou, s.fp) == (0.0, 0.0, 0.0, 0.0, 8)
-    s = binary_scores(np.zeros((2, 2, 2), bool), empty + 1)
-    assert (s.precision, s.recall, s.fn) == (0.0, 0.0, 8)
-
-
 def test_binary_streamed_equals_in_memory(tmp_path):
     rng = np.random.default_rng(9)
     pred = rng.integers(0, 256, (7, 11, 13)).astype(np.uint8)

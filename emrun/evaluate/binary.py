@@ -11,9 +11,14 @@ not ids. Which voxels count as predicted foreground depends on the dtype:
 
 A uint8 0/1 mask is therefore read as probabilities (all below 0.5); store such a mask as
 bool, or pass threshold 0. The truth's foreground is always truth != 0 (NaN excluded).
-Voxels where the mask is 0 are not counted. A ratio whose denominator is 0 (no truth
-foreground, no predicted foreground) is 1.0 when the numerator's ideal is met trivially
-(nothing to find and nothing found) and 0.0 otherwise.
+Voxels where the mask is 0 are not counted.
+
+A ratio whose denominator is 0 is undefined, and reported as None (null in JSON, "n/a" in
+the text), never as a number that could be averaged with real ones: precision when nothing
+is predicted (tp + fp = 0), recall when the truth has no foreground (tp + fn = 0), F1 and
+IoU when neither has any (tp + fp + fn = 0). So a prediction of foreground where the truth
+has none scores precision 0, F1 0, IoU 0 and no recall (there was nothing to recall),
+and an empty prediction of an empty truth scores none of the four.
 """
 
 from __future__ import annotations
@@ -46,10 +51,10 @@ class BinaryCounts:
 class BinaryScores:
     """Precision, recall, F1 and IoU of the foreground, with the counts behind them."""
 
-    precision: float
-    recall: float
-    f1: float
-    iou: float
+    precision: float | None  # None: undefined (a denominator of 0; module docstring)
+    recall: float | None
+    f1: float | None
+    iou: float | None
     tp: int
     fp: int
     fn: int
@@ -101,13 +106,13 @@ def count_binary(
 
 
 def scores_from_counts(counts: BinaryCounts, threshold: float = 0.5) -> BinaryScores:
-    """The ratios, with the 0/0 convention of the module docstring."""
+    """The ratios, None where undefined (module docstring)."""
     tp, fp, fn, tn = counts.tp, counts.fp, counts.fn, counts.tn
     return BinaryScores(
-        precision=_ratio(tp, tp + fp, perfect=fn == 0),
-        recall=_ratio(tp, tp + fn, perfect=fp == 0),
-        f1=_ratio(2 * tp, 2 * tp + fp + fn, perfect=True),
-        iou=_ratio(tp, tp + fp + fn, perfect=True),
+        precision=_ratio(tp, tp + fp),
+        recall=_ratio(tp, tp + fn),
+        f1=_ratio(2 * tp, 2 * tp + fp + fn),
+        iou=_ratio(tp, tp + fp + fn),
         tp=tp,
         fp=fp,
         fn=fn,
@@ -129,7 +134,6 @@ def binary_scores(
     return scores_from_counts(count_binary(pred, truth, mask, threshold), threshold)
 
 
-def _ratio(numerator: int, denominator: int, perfect: bool) -> float:
-    if denominator:
-        return numerator / denominator
-    return 1.0 if perfect else 0.0
+def _ratio(numerator: int, denominator: int) -> float | None:
+    """numerator / denominator; None (undefined) when the denominator is 0."""
+    return numerator / denominator if denominator else None

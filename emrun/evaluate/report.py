@@ -33,8 +33,25 @@ def binary_lines(scores: BinaryScores, pred: str, truth: str, mask: str | None) 
     return [
         f"[bold]{escape(pred)}[/] against [bold]{escape(truth)}[/]: {scores.voxels:,} voxels "
         f"scored{inside}, foreground above {scores.threshold:g}",
-        f"  precision [bold]{scores.precision:.4f}[/]  recall [bold]{scores.recall:.4f}[/]  "
-        f"F1 [bold]{scores.f1:.4f}[/]  IoU [bold]{scores.iou:.4f}[/]",
+        f"  precision [bold]{_ratio(scores.precision)}[/]  recall "
+        f"[bold]{_ratio(scores.recall)}[/]  F1 [bold]{_ratio(scores.f1)}[/]  IoU "
+        f"[bold]{_ratio(scores.iou)}[/]",
         f"  true positives {scores.tp:,}, false positives {scores.fp:,}, "
         f"false negatives {scores.fn:,}",
+        *_undefined(scores),
     ]
+
+
+def _ratio(value: float | None) -> str:
+    """A ratio as the JSON line has it: 4 decimals, or n/a where it is undefined (null)."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _undefined(scores: BinaryScores) -> list[str]:
+    """Why a ratio is n/a: which side has no foreground."""
+    empty = [what for what, count in (("the prediction", scores.tp + scores.fp),
+                                      ("the truth", scores.tp + scores.fn)) if count == 0]
+    if not empty:
+        return []
+    return [f"  n/a: {' and '.join(empty)} {'has' if len(empty) == 1 else 'have'} no "
+            "foreground among the scored voxels (0/0 is undefined)"]

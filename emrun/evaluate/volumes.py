@@ -53,10 +53,22 @@ def score_volumes(
     else:
         result = _streamed_table(volumes, slab_voxels, connected_truth, on_slab)
     if len(result) == 0:
-        where = f" inside the mask {mask}" if mask is not None else ""
-        raise EvaluationError(f"{truth}: the truth has no labelled voxel (all 0){where}; "
-                              "nothing to score")
+        raise EvaluationError(_nothing_scored(volumes))
     return scores_from_table(result, min_overlap)
+
+
+def _nothing_scored(volumes: Sequence[Volume]) -> str:
+    """Why no voxel was scored, naming the volume at fault: an all-0 mask is not an all-0
+    truth (an extra pass over the mask, on this error path only)."""
+    truth = volumes[1]
+    if len(volumes) < 3:
+        return f"{truth}: the truth has no labelled voxel (all 0); nothing to score"
+    mask = volumes[2]
+    if not any(np.any(mask.read(roi)) for roi in slabs([mask])):
+        return (f"{mask}: the mask is 0 everywhere, so no voxel is inside the mask; nothing "
+                "to score")
+    return (f"{truth}: the truth has no labelled voxel inside the mask {mask} (it is 0 "
+            "wherever the mask is non-zero); nothing to score")
 
 
 def _streamed_table(volumes: Sequence[Volume], slab_voxels: int, connected_truth: bool,
@@ -138,7 +150,15 @@ def _checked(
 def _check_placed_alike(role: str, volume: Volume, reference: Volume) -> None:
     """Volumes whose offsets (voxels) place them at different boxes are not compared voxel
     by voxel: a truth that covers only part of the segmentation, or another part, would be
-    scored against the wrong voxels."""
+    scored against the wrong voxels. Nor are volumes on other grids (voxel sizes, where
+    both state one): voxel i of one is not where voxel i of the other is."""
+    size, theirs = volume.voxel_size, reference.voxel_size
+    if size is not None and theirs is not None and len(size[-3:]) == len(theirs[-3:]) and \
+            not np.allclose(size[-3:], theirs[-3:], rtol=1e-6, atol=0):
+        raise EvaluationError(
+            f"{volume}: the {role} has voxel size {list(size[-3:])} nm but {reference} "
+            f"{list(theirs[-3:])} nm: they are not on the same grid; give a {role} at the "
+            "segmentation's voxel size (e.g. the same level of its pyramid)")
     if volume.offset is None or reference.offset is None:
         return  # a volume without placement (TIFF, .npy) is taken to lie where the other does
     if tuple(volume.shape[-3:]) != tuple(reference.shape[-3:]):

@@ -186,20 +186,58 @@ def open_affinities(path: str, offsets_text: str | None) -> tuple[Volume, tuple[
     return volume, offsets
 
 
+def note_other_offsets(volume: Volume, offsets: Sequence[Offset], given: str | None,
+                       say: Callable[[str], None]) -> None:
+    """``--offsets`` replace the ones the affinities store; when they differ, say so (a
+    channel order mistyped segments into fragments without a word otherwise)."""
+    stored = stored_offsets(volume) if given is not None else None
+    if stored is None:
+        return
+    try:
+        kept = parse_offsets(stored, f"{volume}: attribute 'offsets'")
+    except UserError:
+        return  # a broken attribute that --offsets replaces
+    if tuple(kept) != tuple(offsets):
+        say(f"note: --offsets {[list(o) for o in offsets]} replace the offsets {volume} "
+            f"stores, {[list(o) for o in kept]}")
+
+
 def open_spatial(path: str, affinities: Volume, what: str, integer: bool = False) -> Volume:
-    """A mask or truth volume matching the affinities' z, y, x shape, or a larger one that
-    holds them (by their offsets: the part they cover is read)."""
+    """A mask or truth volume matching the affinities' z, y, x shape (a (1, z, y, x) one as
+    its channel, as `emrun evaluate` takes it), or a larger one that holds them (by their
+    offsets: the part they cover is read). One of the same shape elsewhere (another offset)
+    or on another grid (another voxel size) is refused: it would be compared voxel by voxel
+    with affinities of other places."""
+    from ..io.one_channel import single_channel
     from ..io.window import covered_part
 
-    volume = covered_part(affinities, open_volume(path))
+    volume = covered_part(affinities, single_channel(open_volume(path)))
     shape = affinities.shape[1:]
     if tuple(volume.shape) != tuple(shape):
         raise UserError(f"{what} {volume}: shape {list(volume.shape)} differs from the "
                         f"affinities' volume {list(shape)} (and their offsets do not place "
                         "the affinities inside it)")
+    _check_same_grid(volume, affinities, what)
     if integer and volume.dtype.kind not in "biu":
         raise UserError(f"{what} {volume}: dtype {volume.dtype}; expected integer ids")
     return volume
+
+
+def _check_same_grid(volume: Volume, affinities: Volume, what: str) -> None:
+    """The voxel size and offset (where both volumes state them) of a mask or truth must be
+    the affinities': the same shape alone does not make the same box."""
+    size, theirs = volume.voxel_size, affinities.voxel_size
+    if size is not None and theirs is not None and not np.allclose(
+            size[-3:], theirs[-3:], rtol=1e-6, atol=0):
+        raise UserError(f"{what} {volume}: voxel size {list(size[-3:])} nm but the affinities "
+                        f"{affinities} have {list(theirs[-3:])} nm; give a {what} on the "
+                        "affinities' grid (e.g. the same level of its pyramid)")
+    at, their_at = volume.offset, affinities.offset
+    if at is not None and their_at is not None and tuple(at[-3:]) != tuple(their_at[-3:]):
+        raise UserError(f"{what} {volume}: lies at offset {list(at[-3:])} (voxels) but the "
+                        f"affinities {affinities} at {list(their_at[-3:])}: it does not cover "
+                        f"the same box; give a {what} that holds the affinities' box, or "
+                        "crop both to a common box")
 
 
 def check_output(output: Path, names: Sequence[str]) -> None:
@@ -211,6 +249,11 @@ def check_output(output: Path, names: Sequence[str]) -> None:
         raise UserError(f"{output} is a loop of symbolic links; give a .zarr folder")
     if output.exists() and not output.is_dir():
         raise UserError(f"{output}: exists and is a file; give a new or existing .zarr folder")
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:  # values that differ beyond 6 digits: the second output failed late
+        raise UserError(f"two of the values given name the same output {output / twice} "
+                        "(values are named to 6 significant digits); give values that differ "
+                        "within 6 digits")
     for name in names:
         if not _NAME.fullmatch(name) or name.endswith(".partial"):
             raise UserError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
@@ -270,6 +313,7 @@ def run_segment(request: SegmentRequest, *,
     say = on_stage or (lambda text: None)
 
     volume, offsets = open_affinities(request.affinities, request.offsets)
+    note_other_offsets(volume, offsets, request.offsets, say)
     spatial = volume.shape[1:]
     level_factors(spatial, volume.voxel_size, request.levels)  # a bad --levels, before work
     check_output_fits(output, 8 * math.prod(spatial) * len(names),
@@ -296,6 +340,8 @@ def run_segment(request: SegmentRequest, *,
                            parameters=segmenter.spec.model_dump(),
                            mode="blockwise" if blockwise else "memory",
                            segmenter_from=segmenter_from)
+    if values and not sweeping:  # one output per value: the spec's own value was not run
+        result.parameters[segmenter.value_name] = list(values)
     info = {"version": __version__, "input": str(volume), "offsets": [list(o) for o in offsets],
             "mask": mask_path, "segmenter": segmenter.spec.model_dump()}
     write_args = {"voxel_size": volume.voxel_size, "offset": volume.offset,
@@ -355,6 +401,7 @@ def _run_graph(request: SegmentRequest, spec: SegmenterBase | None,
     if not request.resume:
         check_output(output, names)
     volume, offsets = open_affinities(request.affinities, request.offsets)
+    note_other_offsets(volume, offsets, request.offsets, say or (lambda text: None))
     spatial = volume.shape[1:]
     level_factors(spatial, volume.voxel_size, request.levels)
     if not request.resume:
@@ -435,18 +482,23 @@ def _sweep(result: SegmentResult, volume: Volume, offsets: Sequence[Offset],
            info: dict[str, Any], write_args: dict[str, Any], connected_truth: bool,
            say: Callable[[str], None]) -> None:
     from ..evaluate.pieces import connected_pieces
-    from .sweep import sweep, value_line
+    from .sweep import check_scorable, sweep, value_line
 
     assert truth is not None
-    say(f"reading {volume} and {truth}")
-    affs, used = read_channels(volume, offsets, segmenter)
+    say(f"reading {truth}" + ("" if mask is None else f" and {mask}"))
     labels = truth.read()
+    inside = None if mask is None else mask.read() != 0
+    check_scorable(labels, inside, str(truth), str(mask))  # before minutes of segmenting
+    say(f"reading {volume}")
+    affs, used = read_channels(volume, offsets, segmenter)
     say(f"segmenting at {len(values)} values of {segmenter.value_name} and scoring each")
     found = sweep(affs, used, segmenter, values,
                   connected_pieces(labels) if connected_truth else labels,
-                  None if mask is None else mask.read() != 0, workers=workers,
+                  inside, workers=workers,
                   on_value=lambda i, row: say(value_line(segmenter.value_name, values, i, row)))
     summary = {**found.summary(), "truth": str(truth), "connected_truth": connected_truth}
     result.sweep = summary
-    _write(result, output, name, found.segmentation, segmenter.with_value(found.best_value),
-           info, write_args, extra={"sweep": summary})
+    chosen = segmenter.with_value(found.best_value)
+    result.parameters = chosen.spec.model_dump()  # the value written, not the spec's default
+    _write(result, output, name, found.segmentation, chosen, info, write_args,
+           extra={"sweep": summary})

@@ -21,7 +21,7 @@ from .base import Segmenter
 from .parallel import MIN_VOXELS, parallel_workers, shares_work, sweep_in_parallel
 from .pipeline import segment_values
 
-__all__ = ["SweepResult", "sweep"]
+__all__ = ["SweepResult", "check_scorable", "sweep"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,21 @@ class SweepResult:
                 "table": self.table()}
 
 
+def check_scorable(truth: np.ndarray, mask: np.ndarray | None, truth_name: str = "the truth",
+                   mask_name: str = "the mask") -> None:
+    """Refuse, before any value is segmented, a truth with no labelled voxel where it is
+    scored: all 0, or all 0 inside the mask, or a mask that is 0 everywhere (each said as
+    what it is: an empty mask is not an empty truth)."""
+    if mask is not None and not np.any(mask):
+        raise UserError(f"{mask_name}: the mask is 0 everywhere; nothing to segment or score")
+    if not np.any(truth):
+        raise UserError(f"{truth_name}: the truth has no labelled voxel (all 0); nothing to "
+                        "score the sweep against")
+    if mask is not None and not np.any(np.logical_and(truth != 0, mask)):
+        raise UserError(f"{truth_name}: the truth has no labelled voxel inside {mask_name} "
+                        "(labelled voxels and mask do not overlap); nothing to score")
+
+
 def sweep(affs: np.ndarray, offsets: Sequence[Offset], spec: Spec | Segmenter,
           values: Sequence[float], truth: np.ndarray,
           mask: np.ndarray | None = None, workers: int | None = None,
@@ -84,6 +99,10 @@ def sweep(affs: np.ndarray, offsets: Sequence[Offset], spec: Spec | Segmenter,
     if truth.shape != affs.shape[1:]:
         raise UserError(f"truth has shape {list(truth.shape)} but the affinities' volume is "
                         f"{list(affs.shape[1:])}")
+    if mask is not None and mask.shape != truth.shape:
+        raise UserError(f"mask has shape {list(mask.shape)} but the affinities' volume is "
+                        f"{list(affs.shape[1:])}")
+    check_scorable(truth, mask)
     if workers is not None and workers < 1:
         raise UserError(f"sweep workers must be at least 1 (got {workers})")
     if shares_work(segmenter) or len(values) == 1:
