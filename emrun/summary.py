@@ -21,6 +21,16 @@ def _zyx(values: tuple[float, ...] | tuple[int, ...] | None) -> str:
     return " x ".join(f"{v:g}" for v in values)
 
 
+def flops_text(flops: float) -> str:
+    """FLOPs per voxel in three significant figures or more: a small model's 296 FLOP or
+    2,120 FLOP must not read as '0 kFLOP' or '2 kFLOP'."""
+    if flops < 1e3:
+        return f"{flops:,.0f} FLOP"
+    if flops < 1e5:
+        return f"{flops / 1e3:.3g} kFLOP"
+    return f"{flops / 1e3:,.0f} kFLOP"
+
+
 def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | None,
                   shown: str, model_facts: ModelFacts) -> None:
     """Sources with shapes and weights, the model with its size and cost (``model_facts``
@@ -52,7 +62,7 @@ def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | N
     console.print(
         f"[bold]model[/] {model.type}: {model.summary()}; {model_facts.params:,} parameters; "
         f"accepts sizes divisible by {_zyx(model_facts.divisor)}; "
-        f"{model_facts.flops_per_voxel / 1e3:,.0f} kFLOP per output voxel; receptive field "
+        f"{flops_text(model_facts.flops_per_voxel)} per output voxel; receptive field "
         f"{'unknown' if field is None else ' x '.join(str(v) for v in field)}"
     )
     tasks = Table(title="tasks", title_justify="left", box=None, pad_edge=False)

@@ -10,7 +10,8 @@ from a generator seeded by the block. Generation is not timed.
 
 For each worker count the whole pipeline runs on the same affinities into a fresh output
 with local worker processes, and reports seconds by step, the throughput per core of
-fragments + graph (voxels / (seconds x workers)), scaling against one worker, the
+fragments + graph (voxels / (seconds x busy cores): the workers, or fewer where the blocks
+or this process's cores are fewer), scaling against the first worker count's, the
 database's share of the workers' time in those steps (SQLite: writing a block's nodes and
 edges), and the database's size per voxel. The adapted Rand error against the generated
 cells checks the result when the volume is small enough to score in memory.
@@ -213,12 +214,12 @@ def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],
                 result = run_segment(request)
                 seconds = time.perf_counter() - started
                 runs.append(_run_figures(result, n, seconds, voxels,
-                                         _score(out, shape) if scored else None))
+                                         _score(out, shape) if scored else None,
+                                         busy_cores(n, shape, block)))
                 remove_tree(out)
-            base = runs[0]["rate"] * runs[0]["workers"]
+            base = runs[0]["rate"]
             for run in runs:  # from the rates before rounding: a tiny volume's round to 0
-                run["scaling"] = round(run.pop("rate") * run["workers"] / max(base, 1e-12)
-                                       / (run["workers"] / runs[0]["workers"]), 3)
+                run["scaling"] = round(run.pop("rate") / max(base, 1e-12), 3)
             return {"shape": list(shape), "block": list(block), "threshold": threshold,
                     "agglomeration": agglomeration,
                     "voxels": voxels, "generate_s": round(generated, 1), "runs": runs,
@@ -231,18 +232,27 @@ def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],
             remove_tree(tmp, interrupted=stopped)
 
 
+def busy_cores(workers: int, shape: tuple[int, int, int], block: tuple[int, int, int]) -> int:
+    """The cores a run of ``workers`` can keep busy: no more than the blocks (a worker
+    without a block is never started) nor the cores this process may use. The figures per
+    core divide by it: dividing by ``--workers 1000`` on 2 cores and one block reported a
+    thousandth of the rate."""
+    blocks = math.prod(math.ceil(n / b) for n, b in zip(shape, block, strict=True))
+    return max(1, min(workers, blocks, cpu_cores()))
+
+
 def _run_figures(result: Any, workers: int, seconds: float, voxels: int,
-                 arand: float | None) -> dict[str, Any]:
+                 arand: float | None, cores: int) -> dict[str, Any]:
     """One worker count's figures from `run_segment`'s result (``rate``: fragments + graph
-    voxels per second per core, unrounded, for the scaling)."""
+    voxels per second per busy core, unrounded, for the scaling)."""
     t = result.timings or {}
     busy = sum(t[s].get(k, 0.0) for s in ("fragments", "graph") for k in t[s]
                if k not in ("seconds", "blocks"))
     steps = max(t["fragments"]["seconds"] + t["graph"]["seconds"], 1e-9)
     merged = t.get("merge") or t["agglomerate"]  # blockwise: the merge counts
-    rate = voxels / steps / workers / 1e6
+    rate = voxels / steps / cores / 1e6
     return {
-        "workers": workers, "seconds": round(seconds, 2),
+        "workers": workers, "busy_cores": cores, "seconds": round(seconds, 2),
         "steps": {s: t[s]["seconds"] for s in ("fragments", "graph", "agglomerate",
                                               "merge", "relabel", "pyramid") if s in t},
         "fragments_graph_mvox_per_s_per_core": round(rate, 3), "rate": rate,
@@ -261,9 +271,15 @@ def _score(out: Path, shape: tuple[int, int, int]) -> float:
     return round(score(seg, synthetic_cells(box_of(shape), shape)).as_dict()["arand"], 4)
 
 
+def _millions(count: float) -> str:
+    """A count in millions, three significant figures below 10 M (a small volume's 65,536
+    voxels are 0.0655 M, not 0 M)."""
+    return f"{count / 1e6:,.0f}" if count >= 1e7 else f"{count / 1e6:.3g}"
+
+
 def report_lines(result: dict[str, Any]) -> list[str]:
     shape = "x".join(map(str, result["shape"]))
-    lines = [f"segment: {shape} synthetic affinities ({result['voxels'] / 1e6:.0f} M voxels), "
+    lines = [f"segment: {shape} synthetic affinities ({_millions(result['voxels'])} M voxels), "
              f"block {'x'.join(map(str, result['block']))}, threshold {result['threshold']:g}, "
              f"{result['agglomeration']} agglomeration; "
              f"{result['machine']}"]

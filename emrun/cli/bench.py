@@ -81,11 +81,12 @@ def bench_model(
 
     from ..bench.model import bench_model as run_bench
     from ..recipe import load_recipe
+    from ..summary import flops_text
 
     loaded = load_recipe(recipe, override or [])
     result = run_bench(loaded.recipe, device=device, steps=steps, compile_=compile_)
     out.print(f"[bold]{result['recipe']}[/] on {result['device']}: {result['model']}, "
-              f"{result['params']:,} parameters, {result['flops_per_voxel'] / 1e3:,.0f} kFLOP "
+              f"{result['params']:,} parameters, {flops_text(result['flops_per_voxel'])} "
               f"per voxel, receptive field {result['receptive_field'] or 'unknown'}, patch "
               f"{result['patch']} x batch {result['batch_size']}")
     for c in result["configs"]:

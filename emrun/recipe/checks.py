@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+
 from .recipe import Recipe
 from .tasks import (
     NEAREST,
@@ -30,6 +32,19 @@ def _divisibility(patch: tuple[int, int, int], divisor: tuple[int, int, int],
         f"{names} must be divisible by {by} for {model} "
         f"(got {list(patch)})"
     )
+
+
+def divisor_problem(divisor: object, model: str) -> str | None:
+    """Why a spec's ``divisor()`` is not three whole sizes of at least 1, or None.
+
+    A third-party spec can return anything; a 0 would otherwise surface as a
+    ZeroDivisionError deep in the checks (an internal error naming nothing)."""
+    values = tuple(divisor) if isinstance(divisor, tuple | list) else None
+    if values is not None and len(values) == 3 and all(
+            isinstance(d, Integral) and not isinstance(d, bool) and d >= 1 for d in values):
+        return None
+    return (f"model {model!r}: its spec's divisor() gives {divisor!r}, not three whole "
+            "sizes of at least 1 (z, y, x); the spec (or the plugin adding it) needs fixing")
 
 
 def _voxel_sizes(recipe: Recipe) -> list[tuple[str, tuple[float, float, float]]]:
@@ -98,9 +113,12 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
     model = recipe.model
     divisor = model.divisor()
     patch = recipe.train.patch
+    bad_divisor = divisor_problem(divisor, str(model.type))  # type: ignore[attr-defined]
+    if bad_divisor:
+        problems.append((("model", "type"), bad_divisor))
 
     for path, p in ((("train", "patch"), patch), (("infer", "patch"), recipe.infer.patch)):
-        if p is not None:
+        if p is not None and not bad_divisor:
             msg = _divisibility(p, divisor, model.title())
             if msg:
                 problems.append((path, msg))
