@@ -348,11 +348,6 @@ class Refuse(Augmentation):
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="a UserError raised in a DataLoader worker comes back "
-                   "from torch as UserError('Caught UserError in DataLoader worker process 0. "
-                   "Original Traceback ...'), printed line by line as 'error:' lines; the "
-                   "fix belongs in emrun/data/loader.py or train/trainer.py (re-raise a "
-                   "worker's UserError with its own message)")
 def test_a_user_error_in_a_loader_worker_is_one_line(tmp_path):
     (tmp_path / "refuse_probe_plugin.py").write_text(REFUSING_AUGMENTATION)
     info = tmp_path / "refuse_probe_plugin-0.1.dist-info"
@@ -393,11 +388,6 @@ def test_a_bioimageio_description_names_the_model():
 # -- targets ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a target (a plugin's) whose output has other channels "
-                   "than its spec's channels() (or another shape) passes SampleMaker.sample "
-                   "unchecked and fails in the trainer's loss as 'internal error: ValueError: "
-                   "target shape ... differs from the logits''; the check naming the task "
-                   "belongs in emrun/data/samples.py (SampleMaker.sample)")
 def test_a_target_with_other_channels_than_it_declares_is_named():
     from emrun.data.samples import SampleMaker
     from emrun.recipe import Recipe

@@ -23,13 +23,14 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..errors import UserError
 from ..geometry import Roi, Zyx, zyx
 from ..io import forks_safely
 from ..recipe import Recipe
 from ..registry import targets
 from ..subprocesses import leave_signals_to
 from .sampler import read_crop
-from .samples import SampleMaker, pack, stack
+from .samples import SampleMaker, checked_target, pack, stack
 from .sources import Source, open_sources
 from .targets import Patch
 
@@ -75,9 +76,20 @@ class TrainBatches(IterableDataset):  # type: ignore[type-arg]
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:  # one core per worker: numpy's BLAS would start one thread per
             threadpool_limits(1)  # core in each (LSD targets use matrix products)
-        maker = SampleMaker(self.recipe)
-        for index in itertools.count(self.start + worker, workers):
-            yield maker.batch(self.recipe.seed, self.rank, index)
+        try:
+            maker = SampleMaker(self.recipe)
+            for index in itertools.count(self.start + worker, workers):
+                yield maker.batch(self.recipe.seed, self.rank, index)
+        except UserError as exc:
+            if info is None:
+                raise
+            # torch re-raises a worker's error as its type built from "Caught ... Original
+            # Traceback ...": the user would read a traceback, line by line, as errors
+            yield {USER_ERROR: str(exc)}
+
+
+USER_ERROR = "emrun-user-error"
+"""The key of what a loader worker hands over instead of a batch: a UserError's message."""
 
 
 def train_batches(recipe: Recipe, *, rank: int = 0, start: int = 0,
@@ -112,6 +124,8 @@ def _stream(loader: DataLoader) -> Iterator[dict[str, Any]]:
     batches = iter(loader)
     try:
         for batch in batches:
+            if USER_ERROR in batch:
+                raise UserError(batch[USER_ERROR])
             yield to_tensors(batch)
     finally:
         shutdown = getattr(batches, "_shutdown_workers", None)
@@ -155,8 +169,27 @@ def _validation_sample(source: Source, corner: Zyx, patch: Zyx, recipe: Recipe,
     out: dict[str, Any] = {"image": image[None], "target": {}, "mask": {}}
     patch_view = Patch(labels, valid, semantic, source.voxel_size)
     for name, target in built.items():
-        out["target"][name], out["mask"][name] = target(patch_view)
+        task = recipe.tasks[name]
+        out["target"][name], out["mask"][name] = checked_target(
+            name, task.target.type, task.channels(), tuple(patch), target(patch_view))
     return out
+
+
+def unusable_validation_sources(recipe: Recipe) -> list[tuple[str, str]]:
+    """(name, why) for each validation source whose targets cannot be made from its first
+    patch (one without labels): found before training, where the first validation would
+    stop the run validate_every iterations on, before that iteration's checkpoint."""
+    patch = recipe.train.patch
+    built = {name: targets.build(task.target) for name, task in recipe.tasks.items()}
+    found = []
+    for source in open_sources(recipe.data.validation):
+        try:
+            _validation_sample(source, tile_corners(source.box, patch)[0], patch, recipe, built)
+        except UserError as exc:
+            why = "it has no `labels`, which its validation losses need" \
+                if source.labels is None else str(exc)
+            found.append((source.name, f"{why}; fix it or remove it from data.validation"))
+    return found
 
 
 def validation_batches(recipe: Recipe) -> Iterator[dict[str, Any]]:

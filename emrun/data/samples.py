@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
 from ..recipe import Recipe
 from ..registry import targets
 from .augment import Context, Pipeline, Sample
@@ -33,6 +34,7 @@ class SampleMaker:
         self.sampler = PatchSampler(self.sources, mixture_weights(self.sources))
         self.pipeline = Pipeline(recipe.augment)
         self.targets = {name: targets.build(task.target) for name, task in recipe.tasks.items()}
+        self.channels = recipe.head_channels()
         self.timings: dict[str, float] | None = None  # seconds per stage, when measuring
         self.last_labels: np.ndarray | None = None  # the last sample's augmented labels
 
@@ -55,7 +57,9 @@ class SampleMaker:
                                "target": {}, "mask": {}}
         for name, target in self.targets.items():
             started = time.perf_counter()
-            out["target"][name], out["mask"][name] = target(patch)
+            out["target"][name], out["mask"][name] = checked_target(
+                name, self.recipe.tasks[name].target.type, self.channels[name], self.patch,
+                target(patch))
             self._tick(f"target:{name}", started)
         self._tick("targets", clock)
         return out
@@ -69,6 +73,27 @@ class SampleMaker:
     def _tick(self, stage: str, since: float) -> None:
         if self.timings is not None:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - since
+
+
+def checked_target(task: str, kind: str, channels: int, patch: tuple[int, ...],
+                   made: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A target's (target, mask), refused naming the task unless the target is (channels,
+    *patch) and the mask that or one channel for all (lsd's): a target (a plugin's) that
+    disagrees with its spec's channels() would otherwise fail deep in the trainer's loss as
+    an internal error."""
+    want = (channels, *patch)
+    if not (isinstance(made, tuple) and len(made) == 2 and
+            all(isinstance(a, np.ndarray) for a in made)):
+        raise UserError(f"task {task!r}: target {kind!r} returned {type(made).__name__}, not "
+                        f"(target, mask) arrays of shape {want}")
+    target, mask = made
+    for what, array, shapes in (("target", target, [want]),
+                                ("mask", mask, [want, (1, *patch)])):
+        if array.shape not in shapes:
+            raise UserError(f"task {task!r}: target {kind!r} made a {what} of shape "
+                            f"{array.shape}, not {want} ({channels} channels, as its spec's "
+                            f"channels() says, of the patch {tuple(patch)})")
+    return target, mask
 
 
 def pack(batch: dict[str, Any]) -> dict[str, Any]:

@@ -78,6 +78,16 @@ def check_in_sync(model: nn.Module, world: World) -> str:
     return mine
 
 
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank: a decision every rank must take alike (skip a
+    step whose loss was not finite on one of them)."""
+    if not world.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def all_reduce_mean(values: torch.Tensor, world: World) -> torch.Tensor:
     """The mean of ``values`` over ranks (for logging)."""
     if world.distributed:

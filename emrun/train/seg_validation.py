@@ -91,6 +91,31 @@ def predict_validation(recipe: Recipe, model: nn.Module,
     return inputs
 
 
+def unscorable_sources(recipe: Recipe) -> list[tuple[str, str]]:
+    """(name, why) for each labelled validation source whose box (as `predict_validation`
+    crops it) has nothing to score a segmentation against (no labelled voxel, or none in its
+    mask): found before training, not at the first validation, which would stop the run."""
+    if affinity_task(recipe) is None:
+        return []
+    found = []
+    for source in open_sources(recipe.data.validation):
+        if source.labels is None:
+            continue
+        roi = central_crop(source.box, MAX_VOXELS)
+        labelled = source.labels.read(roi) != 0
+        mask = None if source.mask is None else source.mask.read(roi) != 0
+        if not labelled.any():
+            why = "all 0"
+        elif mask is not None and not (labelled & mask).any():
+            why = "none inside its mask"
+        else:
+            continue
+        found.append((source.name, f"its labels have no labelled voxel ({why}) in the "
+                      f"validation box {roi}: nothing to score a segmentation against; fix "
+                      "them, or set train.validate_segmentation: false"))
+    return found
+
+
 def score_validation(spec: SegmenterBase, inputs: Sequence[SegmentationInput],
                      values: Sequence[float] | None = None) -> dict[str, float] | None:
     """Segment each input for every value (``segment --sweep``'s function), score, average

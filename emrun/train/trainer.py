@@ -25,7 +25,12 @@ import torch
 from torch import nn
 
 from .. import locks
-from ..data.loader import train_batches, unpack, validation_batches
+from ..data.loader import (
+    train_batches,
+    unpack,
+    unusable_validation_sources,
+    validation_batches,
+)
 from ..devices import parse_device, require_visible
 from ..errors import UserError
 from ..infer.engine import ACTIVATIONS
@@ -48,7 +53,12 @@ from .optim import (
     clip_gradients,
     lr_factor,
 )
-from .seg_validation import affinity_task, predict_validation, score_validation
+from .seg_validation import (
+    affinity_task,
+    predict_validation,
+    score_validation,
+    unscorable_sources,
+)
 
 MAX_NONFINITE_IN_A_ROW = 10
 RESUMED_PARTS = ("model", "optimizer", "scheduler", "scaler", "iteration", "data", "rng")
@@ -86,13 +96,26 @@ class _Signals:
 
 
 def _device(requested: str | None, world: distributed.World) -> torch.device:
-    """The device asked for (checked: a typo or a missing GPU is the user's to fix), else a
-    GPU when there is one."""
+    """The device asked for (checked: a typo, a missing GPU or a kind torch cannot train on
+    here is the user's to fix), else a GPU when there is one. Under DDP each process trains
+    on its own GPU, cuda:LOCAL_RANK: a plain ``--device cuda`` put every rank on one GPU."""
     if requested:
         device = parse_device(requested)
+        if device.type not in ("cpu", "cuda"):
+            raise UserError(f"--device {requested}: emrun trains on cpu or cuda (cuda:N), "
+                            f"not {device.type}")
+        if device.type == "cuda" and world.distributed:
+            if device.index is not None:
+                raise UserError(f"--device {requested}: under --gpus each process trains on "
+                                "its own GPU (cuda:LOCAL_RANK); give --device cuda")
+            device = torch.device("cuda", world.local_rank)
         require_visible(device, requested)
         return device
     if torch.cuda.is_available():
+        if world.local_rank >= torch.cuda.device_count():
+            raise UserError(f"--gpus: process {world.local_rank} of this machine has no GPU of "
+                            f"its own ({torch.cuda.device_count()} visible); give --gpus at "
+                            "most the number of GPUs")
         return torch.device("cuda", world.local_rank)
     return torch.device("cpu")
 
@@ -140,6 +163,7 @@ class Trainer:
         self._choose_device(device)
         seed_everything(self.recipe.seed)  # identical initial weights on every rank
         self._build_model(init_from)  # weights that do not fit: refused before the folder
+        self._check_validation_sources()
         checkpoint = self._checkpoint_to_resume()
         self._build_optimisation()
         self._start_counters()
@@ -168,12 +192,31 @@ class Trainer:
         if init_from is not None:
             self._load_weights(init_from)
 
+    def _check_validation_sources(self) -> None:
+        """Refuse, before the run directory and the first step, a validation source the
+        first validation would stop on (no labels; nothing labelled to score): that stopped
+        the run at iteration validate_every, before the checkpoint of that iteration."""
+        train = self.train
+        if not (self.recipe.data.validation and train.validate_every and
+                train.validate_every <= train.iterations):
+            return
+        found = unusable_validation_sources(self.recipe)
+        if train.validate_segmentation and not found:
+            found = unscorable_sources(self.recipe)
+        if found:
+            raise RecipeError([Problem(
+                f"{why} (the first validation, at iteration {train.validate_every}, would "
+                "stop the run)",
+                self.loaded.mark(("data", "validation", name)), ("data", "validation", name))
+                for name, why in found])
+
     def _build_optimisation(self) -> None:
         """Optimizer, schedule, loss scaler, EMA and the tasks' losses and weights."""
         self.optimizer = build_optimizer(self.train.optimizer, self.model.parameters())
         self.scheduler = build_scheduler(self.train.schedule, self.optimizer, self.train.iterations)
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=self.train.precision == "fp16" and self.device.type == "cuda")
+        # on a CPU too: without it fp16 autocast's small gradients underflow to 0
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.train.precision == "fp16")
         self.ema = EMA(self.model, self.train.ema) if self.train.ema else None
         self.losses = {name: losses.build(task.loss, target=task.target)
                        for name, task in self.recipe.tasks.items()}
@@ -294,7 +337,7 @@ class Trainer:
             ("model", lambda: self.model.load_state_dict(state["model"])),
             ("optimizer", lambda: self.optimizer.load_state_dict(state["optimizer"])),
             ("scheduler", lambda: self.scheduler.load_state_dict(state["scheduler"])),
-            ("scaler", lambda: self.scaler.load_state_dict(state["scaler"])),
+            ("scaler", lambda: self._restore_scaler(state["scaler"])),
             ("ema", lambda: None if self.ema is None or state.get("ema") is None
              else self.ema.load_state_dict(state["ema"])),
             ("counters", lambda: self._restore_counters(state)),
@@ -329,6 +372,12 @@ class Trainer:
         after = self.optimizer.param_groups[0]["lr"]
         self._say(f"resuming at iteration {self.iteration} with the recipe's "
                   f"{'; '.join(changes)} (learning rate {before:.3g} -> {after:.3g})")
+
+    def _restore_scaler(self, saved: dict[str, Any]) -> None:
+        """The loss scaler's state; a run saved without one (fp32, bf16) and resumed in fp16
+        starts a fresh one (torch refuses to load the empty state a disabled scaler saves)."""
+        if saved or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(saved)
 
     def _restore_counters(self, state: dict[str, Any]) -> None:
         self.iteration = int(state["iteration"])
@@ -397,7 +446,12 @@ class Trainer:
 
     def step(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
         """One optimizer step over ``train.accumulate`` batches; None when it was skipped
-        because a loss was not finite. Returns the detached per-task losses and the batch."""
+        because a loss or the gradient was not finite. Returns the detached per-task losses
+        and the batch.
+
+        Every batch is backpropagated, a non-finite loss too, and the ranks agree on the
+        skip: under DDP a rank that stopped short of its backward left the others waiting
+        in theirs (with batch norm, a hang), or stepped while the others did not."""
         self.model.train()
         accumulate = self.train.accumulate
         sums: dict[str, torch.Tensor] = {}
@@ -412,18 +466,19 @@ class Trainer:
                 results = {name: fn(outputs[name], batch["target"][name], batch["mask"][name])
                            for name, fn in self.losses.items()}
             loss = total_loss(results, self.weights) / accumulate
-            if not torch.isfinite(loss):
-                finite = False
-                break
+            finite = finite and bool(torch.isfinite(loss))
             self.scaler.scale(loss).backward()
             for name, result in results.items():
                 sums[name] = sums.get(name, 0.0) + result.loss.detach() / accumulate
             batch["outputs"] = outputs
-        if not finite:
+        if distributed.any_rank(not finite, self.world, self.device):
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.scaler.unscale_(self.optimizer)
-        clip_gradients(self.model, self.train.grad_clip)
+        norm = clip_gradients(self.model, self.train.grad_clip)
+        if not self.scaler.is_enabled() and not self._finite_gradients(norm):
+            self.optimizer.zero_grad(set_to_none=True)  # the same on every rank (reduced)
+            return None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -431,6 +486,16 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         return {"losses": sums, "batch": batch}
+
+    def _finite_gradients(self, norm: float | None) -> bool:
+        """Whether the gradients' norm (``clip_gradients``', or computed here) is finite: a
+        finite loss can have inf or NaN gradients (an overflow in the backward pass), and
+        stepping with them made every weight NaN, saved in the next checkpoint as a good one.
+        (A GradScaler skips such steps itself.)"""
+        if norm is None:
+            norms = [p.grad.norm() for p in self.model.parameters() if p.grad is not None]
+            norm = float(torch.stack(norms).norm()) if norms else 0.0
+        return math.isfinite(norm)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -471,14 +536,11 @@ class Trainer:
                     if result is None:
                         self.nonfinite += 1
                         in_a_row += 1
-                        logger.message(f"iteration {self.iteration + 1}: loss is not finite; "
-                                       f"step skipped ({in_a_row} in a row)")
+                        logger.message(f"iteration {self.iteration + 1}: the loss or its "
+                                       f"gradient is not finite; step skipped ({in_a_row} in "
+                                       "a row)")
                         if in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                            raise UserError(
-                                f"{in_a_row} non-finite losses in a row at iteration "
-                                f"{self.iteration + 1}; stopping. The last good checkpoint is "
-                                f"{self.checkpoints.last()}; lower train.optimizer.lr, set "
-                                "train.grad_clip, or use precision fp32/bf16")
+                            raise UserError(self._nonfinite_stop(in_a_row))
                         continue
                     in_a_row = 0
                     self.iteration += 1
@@ -529,6 +591,16 @@ class Trainer:
             finally:
                 distributed.teardown(self.world)
                 locks.release(self.run_path)
+
+    def _nonfinite_stop(self, in_a_row: int) -> str:
+        """Why the run stopped and what is kept: the last good checkpoint, or that there is
+        none yet (the line used to say 'The last good checkpoint is None')."""
+        last = self.checkpoints.last()
+        kept = f"The last good checkpoint is {last}" if last is not None else \
+            "No checkpoint was written before it"
+        return (f"{in_a_row} non-finite losses in a row at iteration {self.iteration + 1}; "
+                f"stopping. {kept}; lower train.optimizer.lr, set train.grad_clip, or use "
+                "precision fp32/bf16")
 
     def _share_window(self) -> None:
         """Under DDP, every rank's loss window becomes the ranks' mean before rank 0 saves
@@ -606,11 +678,14 @@ class Trainer:
                                             batch["mask"][name])
                     sums[name] += float(result.loss) * float(result.valid)
                     counts[name] += float(result.valid)
-        metrics = {f"loss/{n}": sums[n] / counts[n] if counts[n] else 0.0 for n in self.losses}
-        metrics["loss/total"] = sum(self.weights[n] * metrics[f"loss/{n}"] for n in self.losses)
+        metrics = validation_losses(sums, counts, self.weights)
         if not self.world.main:
             model.train()
             return
+        if uncounted := [n for n in self.losses if not counts[n]]:
+            logger.message(f"validation: task {', '.join(map(repr, uncounted))} counted no "
+                           "voxel of data.validation (its labels all 0, or masked out): no "
+                           "validation loss for it")
         inputs = predict_validation(self.recipe, model, self.device) \
             if self.train.validate_segmentation else []
         model.train()
@@ -633,8 +708,9 @@ class Trainer:
         metrics = scored.result()
         logger.validation(scored.iteration, metrics)
         key = "arand" if "arand" in metrics else "loss/total"  # lower is better for both
-        if self.best is None or metrics[key] < self.best:
-            self.best = metrics[key]
+        value = metrics.get(key, math.nan)  # none: nothing was counted
+        if math.isfinite(value) and (self.best is None or value < self.best):
+            self.best = value
             state = scored.state if scored.state is not None else self.state()
             self.checkpoints.save_best({**state, "best": self.best})
 
@@ -646,6 +722,19 @@ class Trainer:
         path = self.checkpoints.save(self.iteration, self.state())
         logger.message(f"checkpoint {path.name} (iteration {self.iteration}, parameters "
                        f"{digest}{', ranks in sync' if self.world.distributed else ''})")
+
+
+def validation_losses(sums: dict[str, float], counts: dict[str, float],
+                      weights: dict[str, float]) -> dict[str, float]:
+    """Each task's mean validation loss over the voxels it counted, and their weighted sum;
+    a task that counted none (labels all 0, or masked out) has no figure, and the total
+    sums the tasks that have one (the same ones at every validation). A loss of 0 was
+    logged for nothing counted, and best.pt chose by it."""
+    metrics = {f"loss/{n}": sums[n] / counts[n] for n in sums if counts[n]}
+    if metrics:
+        metrics["loss/total"] = sum(weights[n] * metrics[f"loss/{n}"] for n in sums
+                                    if counts[n])
+    return metrics
 
 
 def _on_cpu(value: Any) -> Any:
