@@ -23,13 +23,18 @@ if TYPE_CHECKING:
 
 
 def parse_device(name: str) -> torch.device:
-    """``name`` as a torch device; a typo is the user's to fix (exit 2), not a crash."""
+    """``name`` as a torch device; a typo, or a kind emrun does not run on (mps, xpu, meta:
+    a crash midway otherwise), is the user's to fix (exit 2)."""
     import torch
 
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as exc:
         raise UserError(f"--device {name}: {exc}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: emrun runs on cpu or cuda (cuda:N), not "
+                        f"{device.type}")
+    return device
 
 
 def require_visible(device: torch.device, name: str) -> None:

@@ -161,7 +161,8 @@ def test_a_source_without_labels_for_a_task_that_needs_them_is_the_users_to_fix(
     trained = runner.invoke(app, ["train", str(write(text)), "--run-dir",
                                   str(tmp_path / "run"), "-o", "train.workers=0"])
     assert trained.exit_code == 2, trained.output  # was an internal error (exit 1)
-    assert "needs labels, and a training source has none" in trained.stderr
+    assert "data.sources.a: has no `labels`, which task 'affinity'" in trained.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run (was: at its first sample)
 
 
 def test_schema_and_preview_outputs_that_are_not_files(tmp_path, write):
@@ -205,8 +206,10 @@ def test_every_schema_property_is_described():
 def test_validate_reads_values_float_range_and_empty_masks(write, tmp_path):
     np.save(tmp_path / "image.npy", np.full((16, 64, 64), 3.0, np.float32))
     np.save(tmp_path / "mask.npy", np.zeros((16, 64, 64), np.uint8))
+    np.save(tmp_path / "labels.npy", np.ones((16, 64, 64), np.uint32))
     text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
-                           f"a: {{image: {tmp_path}/image.npy, mask: {tmp_path}/mask.npy}}")
+                           f"a: {{image: {tmp_path}/image.npy, mask: {tmp_path}/mask.npy, "
+                           f"labels: {tmp_path}/labels.npy}}")
     result = runner.invoke(app, ["validate", str(write(text))])
     assert result.exit_code == 2
     assert "outside [0, 1]; give `intensity: {low, high}`" in result.stderr

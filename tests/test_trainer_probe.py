@@ -221,11 +221,6 @@ def test_a_validation_source_the_first_validation_would_stop_on_is_refused_first
     assert "\n" not in message and not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="`emrun validate` says ok to a source without labels "
-                   "for a task whose target needs them (in data.validation, or in data.sources, "
-                   "where train fails at its first sample, unlocated); the check belongs in "
-                   "emrun/data/checks.py (check_data), as the trainer's own refusal of a "
-                   "validation source shows")
 def test_validate_refuses_a_validation_source_without_labels(tmp_path):
     path = _volume_recipe(tmp_path, "{image: image.npy, voxel_size: [30, 6, 6]}")
     done = subprocess.run([sys.executable, "-m", "emrun", "validate", str(path)],
@@ -269,15 +264,11 @@ def test_a_device_kind_emrun_cannot_train_on_is_the_users_mistake(recipe, tmp_pa
     from emrun.train.trainer import Trainer
 
     for name in ("mps", "meta"):
-        with pytest.raises(UserError, match=f"--device {name}: emrun trains on cpu or cuda"):
+        with pytest.raises(UserError, match=f"--device {name}: emrun runs on cpu or cuda"):
             Trainer(_load(recipe), tmp_path / "run", device=name)
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="emrun.devices.parse_device accepts any kind torch "
-                   "names (mps, meta, xpu), so `emrun infer --device meta` is an internal "
-                   "error ('unsupported autocast device_type'); the check belongs in "
-                   "emrun/devices.py (the trainer checks for itself)")
 def test_parse_device_refuses_kinds_emrun_cannot_run_on():
     from emrun.devices import parse_device
 
@@ -305,11 +296,6 @@ def test_each_ddp_process_takes_its_own_gpu(monkeypatch):
         trainer._device(None, World(rank=2, local_rank=2, size=3))
 
 
-@pytest.mark.xfail(strict=True, reason="a user's mistake that the ranks find (here the device) "
-                   "comes back from `emrun train --gpus N` as torchrun's ChildFailedError "
-                   "traceback with exit code 1; the fix belongs in emrun/cli/commands.py "
-                   "(_launch_torchrun: check the device before launching, and exit 2 without "
-                   "torchrun's report when a rank exited 2)")
 def test_a_mistake_under_gpus_is_one_line_and_exit_2(recipe, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "emrun", "train", str(recipe), "--run-dir", str(tmp_path / "run"),

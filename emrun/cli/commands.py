@@ -124,7 +124,7 @@ def train(
     from ..data.checks import check_data
     from ..recipe import RecipeError, load_recipe
     from ..train import run_dir as run_dirs
-    from ..train.trainer import Trainer
+    from ..train.trainer import Trainer, check_rank_devices
 
     if resume and init_from is not None:
         raise UserError("--resume continues a run; --init-from starts a new one: use one")
@@ -136,6 +136,7 @@ def train(
     path = run_dir or Path("runs") / loaded.recipe.name
     if launching:  # every refusal here, once, before torchrun starts the ranks
         run_dirs.check_free(path, resume)
+        check_rank_devices(device, gpus)  # type: ignore[arg-type]
         warn(loaded.cautions())
         raise typer.Exit(_launch_torchrun(gpus))  # type: ignore[arg-type]
     if os.environ.get("RANK", "0") == "0" and LAUNCHED not in os.environ:  # said once

@@ -11,14 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
 from ..geometry import Coordinate, Roi, box_of
 from ..io import Volume, VolumeError, open_volume
 from ..io.intensity import outside_unit
-from ..recipe import LoadedRecipe, Problem
+from ..recipe import LoadedRecipe, Problem, Recipe
 from ..recipe.checks import nm_target_problems
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
 from ..recipe.errors import KeyPath
 from .augment import Context, Pipeline
+from .targets import Patch
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,40 @@ def check_data(loaded: LoadedRecipe) -> tuple[list[SourceFacts], list[Problem]]:
             facts.append(fact)
             problems += [Problem(msg, loaded.mark(p), p) for p, msg in found]
     problems += [Problem(msg, loaded.mark(p), p) for p, msg in _check_nm_targets(loaded, facts)]
+    problems += [Problem(msg, loaded.mark(p), p) for p, msg in _check_labelled(recipe)]
     return facts, problems
+
+
+def _check_labelled(recipe: Recipe) -> list[tuple[KeyPath, str]]:
+    """A volume source without `labels` while a task's target needs them: `validate` said
+    ok, and training stopped at its first sample (a validation source: at the first
+    validation), naming no source."""
+    unlabelled = [(group, name) for group in ("sources", "validation")
+                  for name, source in getattr(recipe.data, group).items()
+                  if isinstance(source, VolumeSource) and source.labels is None]
+    needing = _tasks_needing_labels(recipe) if unlabelled else []
+    if not needing:
+        return []
+    return [(("data", group, name), f"has no `labels`, which task {needing[0]!r} "
+             f"({recipe.tasks[needing[0]].target.type} target) needs: give its `labels`")
+            for group, name in unlabelled]
+
+
+def _tasks_needing_labels(recipe: Recipe) -> list[str]:
+    """The tasks whose target refuses a patch without labels (asked of each target on a
+    tiny patch, so a plugin's target answers for itself)."""
+    from ..registry import targets
+
+    empty = Patch(None, None, {}, (1.0, 1.0, 1.0))
+    needing = []
+    for name, task in recipe.tasks.items():
+        try:
+            targets.build(task.target)(empty)
+        except UserError:
+            needing.append(name)
+        except Exception:  # it wants something else (a semantic volume): not labels
+            continue
+    return needing
 
 
 def _check_nm_targets(loaded: LoadedRecipe, facts: list[SourceFacts]

@@ -101,9 +101,6 @@ def _device(requested: str | None, world: distributed.World) -> torch.device:
     on its own GPU, cuda:LOCAL_RANK: a plain ``--device cuda`` put every rank on one GPU."""
     if requested:
         device = parse_device(requested)
-        if device.type not in ("cpu", "cuda"):
-            raise UserError(f"--device {requested}: emrun trains on cpu or cuda (cuda:N), "
-                            f"not {device.type}")
         if device.type == "cuda" and world.distributed:
             if device.index is not None:
                 raise UserError(f"--device {requested}: under --gpus each process trains on "
@@ -118,6 +115,13 @@ def _device(requested: str | None, world: distributed.World) -> torch.device:
                             "most the number of GPUs")
         return torch.device("cuda", world.local_rank)
     return torch.device("cpu")
+
+
+def check_rank_devices(requested: str | None, processes: int) -> None:
+    """Before torchrun starts ``processes`` ranks on this machine: the device each would
+    take, checked here, once (a rank's refusal came back as torchrun's traceback, exit 1)."""
+    for rank in range(processes):
+        _device(requested, distributed.World(rank=rank, local_rank=rank, size=processes))
 
 
 def device_name(device: torch.device) -> str:
