@@ -5,7 +5,6 @@ and emrun's own stores read over HTTP as they read locally."""
 from __future__ import annotations
 
 import http.server
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from test_remote_volumes import IMAGE, served, tensorstore, write_n5
+from test_remote_volumes import IMAGE, served, serving, tensorstore, write_n5
 from typer.testing import CliRunner
 
 from emrun.cli import app
@@ -36,14 +35,8 @@ def answering(status: int, body: bytes, content_type: str = "text/html") -> Iter
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fixed)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Fixed) as url:
+        yield url
 
 
 def one_line_exit_2(args: list[str]) -> str:
