@@ -293,6 +293,22 @@ def test_a_warm_up_longer_than_the_run_is_a_located_warning(write):
     assert "warning" not in fine.stderr
 
 
+def test_sources_of_different_intensity_scales_are_a_located_warning(write):
+    """Training scales each source by its own `intensity`, inference every input by the
+    first one: a second source of another scale trained well and predicted badly, unsaid."""
+    text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
+                           "a: {image: a.npy, labels: l.npy, intensity: {low: 0, high: 255}}\n"
+                           "    b: {image: b.npy, labels: l.npy, intensity: {low: 0, "
+                           "high: 4095}}")
+    result = runner.invoke(app, ["validate", str(write(text)), "--no-data"])
+    assert result.exit_code == 0, result.output
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("warning:")]
+    assert "data.sources.a.intensity" in line and "b [0, 4095]" in line and ".yaml:" in line
+    same = text.replace("high: 4095", "high: 255")
+    assert "warning" not in runner.invoke(app, ["validate", str(write(same)),
+                                                "--no-data"]).stderr
+
+
 def test_usage_mistakes_are_one_line_and_exit_2():
     """Click's four-line usage errors become one `error:` line, the hint kept."""
     for args, says in ((["infer", "--bogus"], "No such option: --bogus"),

@@ -235,6 +235,7 @@ def cautions(recipe: Recipe) -> list[tuple[Path, str]]:
                       f"reaches its set value, the last step uses "
                       f"{recipe.train.iterations / (warmup + 1):.2g} of it"))
     found += _bookkeeping_cautions(recipe)
+    found += _intensity_cautions(recipe)
     if recipe.infer.dtype == "uint8":
         signed = [n for n, t in recipe.tasks.items()
                   if isinstance(t.target, DistanceTarget) and t.target.signed]
@@ -243,3 +244,21 @@ def cautions(recipe: Recipe) -> list[tuple[Path, str]]:
                           f"uint8 outputs clip to [0, 1], so the negative half of the signed "
                           f"distance task {signed[0]!r} is lost; use float16"))
     return found
+
+
+def _intensity_cautions(recipe: Recipe) -> list[tuple[Path, str]]:
+    """Training scales each source by its own `intensity`, inference by one scale: the
+    first one given. Sources that give different ones train fine, and `emrun infer` then
+    reads every input as the first one's data, which nothing else would say."""
+    given = {name: (source.intensity.low, source.intensity.high)
+             for name, source in recipe.data.sources.items()
+             if getattr(source, "intensity", None) is not None}
+    if len(set(given.values())) < 2:
+        return []
+    (first, scale), *_ = given.items()
+    others = ", ".join(f"{name} [{low:g}, {high:g}]" for name, (low, high) in given.items()
+                       if (low, high) != scale)
+    return [(("data", "sources", first, "intensity"),
+             f"the sources give different intensity scales ({others}); `emrun infer` scales "
+             f"every input by this first one, [{scale[0]:g}, {scale[1]:g}]: predict data of "
+             "the other scales with -o 'data.sources.NAME.intensity=...' naming theirs")]
