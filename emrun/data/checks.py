@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..geometry import Coordinate, Roi, box_of
 from ..io import Volume, VolumeError, open_volume
 from ..io.intensity import outside_unit
+from ..io.window import other_offset
 from ..recipe import LoadedRecipe, Problem, Recipe
 from ..recipe.checks import nm_target_problems
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
@@ -283,12 +284,9 @@ def _check_placed_alike(volume: Volume, image: Volume, key: KeyPath, what: str,
     places it at another offset (labels of a cropped box, an unpadded image) would train
     the network on labels shifted against the image. A volume without placement (TIFF,
     .npy) is taken to lie where the image does."""
-    if volume.offset is None or image.offset is None or volume.shape != image.shape:
-        return  # differing shapes: the shape check says so
-    mine, theirs = tuple(image.offset[-3:]), tuple(volume.offset[-3:])
-    if mine != theirs:
-        problems.append((key, f"{volume} lies at offset {list(theirs)} voxels but the image "
-                         f"{image} at {list(mine)}: the {what} would be shifted against the "
+    if (offsets := other_offset(volume, image)) is not None:
+        problems.append((key, f"{volume} lies at offset {offsets[0]} voxels but the image "
+                         f"{image} at {offsets[1]}: the {what} would be shifted against the "
                          "image; crop both to the same box"))
 
 

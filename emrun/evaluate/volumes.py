@@ -26,7 +26,7 @@ from emrun.evaluate.schedule import Parallel, score_blocks
 from emrun.geometry import BlockGrid, Roi, box_of
 from emrun.io.one_channel import single_channel
 from emrun.io.volume import Volume
-from emrun.io.window import covered_part
+from emrun.io.window import covered_part, other_offset, other_voxel_size
 
 SLAB_VOXELS = 8_000_000  # ~0.1 GB of working memory for two uint32 volumes
 
@@ -152,20 +152,14 @@ def _check_placed_alike(role: str, volume: Volume, reference: Volume) -> None:
     by voxel: a truth that covers only part of the segmentation, or another part, would be
     scored against the wrong voxels. Nor are volumes on other grids (voxel sizes, where
     both state one): voxel i of one is not where voxel i of the other is."""
-    size, theirs = volume.voxel_size, reference.voxel_size
-    if size is not None and theirs is not None and len(size[-3:]) == len(theirs[-3:]) and \
-            not np.allclose(size[-3:], theirs[-3:], rtol=1e-6, atol=0):
+    if (sizes := other_voxel_size(volume, reference)) is not None:
         raise EvaluationError(
-            f"{volume}: the {role} has voxel size {list(size[-3:])} nm but {reference} "
-            f"{list(theirs[-3:])} nm: they are not on the same grid; give a {role} at the "
+            f"{volume}: the {role} has voxel size {sizes[0]} nm but {reference} "
+            f"{sizes[1]} nm: they are not on the same grid; give a {role} at the "
             "segmentation's voxel size (e.g. the same level of its pyramid)")
-    if volume.offset is None or reference.offset is None:
-        return  # a volume without placement (TIFF, .npy) is taken to lie where the other does
-    if tuple(volume.shape[-3:]) != tuple(reference.shape[-3:]):
-        return  # the shape check says why they differ
-    mine, theirs = tuple(reference.offset[-3:]), tuple(volume.offset[-3:])
-    if mine == theirs:
+    if (offsets := other_offset(volume, reference)) is None:
         return
+    theirs, mine = offsets
     raise EvaluationError(
         f"{volume}: the {role} lies at offset {list(theirs)} (shape {list(volume.shape[-3:])})"
         f" but {reference} at {list(mine)} (shape {list(reference.shape[-3:])}), voxels: "

@@ -61,3 +61,27 @@ def covered_part(reference: Volume, other: Volume) -> Volume:
         return other
     return Window(inner=other, start=start, path=other.path, dataset=other.dataset,
                   shape=spatial, dtype=other.dtype, voxel_size=other.voxel_size, offset=mine)
+
+
+def other_voxel_size(volume: Volume, reference: Volume
+                     ) -> tuple[list[float], list[float]] | None:
+    """(``volume``'s, ``reference``'s) z, y, x voxel sizes in nm when both state one and
+    they differ: voxel i of one is not where voxel i of the other is. None otherwise."""
+    mine, theirs = volume.voxel_size, reference.voxel_size
+    if mine is None or theirs is None or len(mine[-3:]) != len(theirs[-3:]) or np.allclose(
+            mine[-3:], theirs[-3:], rtol=1e-6, atol=0):
+        return None
+    return [float(v) for v in mine[-3:]], [float(v) for v in theirs[-3:]]
+
+
+def other_offset(volume: Volume, reference: Volume) -> tuple[list[int], list[int]] | None:
+    """(``volume``'s, ``reference``'s) z, y, x offsets in voxels when both are placed, have
+    the same z, y, x shape and lie apart: compared voxel by voxel, one would be read against
+    another box of the other. A volume without placement (TIFF, .npy) is taken to lie where
+    the other does; volumes of other shapes are the shape checks' to explain. None
+    otherwise."""
+    if volume.offset is None or reference.offset is None or \
+            tuple(volume.shape[-3:]) != tuple(reference.shape[-3:]):
+        return None
+    mine, theirs = [int(v) for v in volume.offset[-3:]], [int(v) for v in reference.offset[-3:]]
+    return (mine, theirs) if mine != theirs else None

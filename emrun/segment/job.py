@@ -34,6 +34,7 @@ from ..errors import UserError
 from ..geometry import Roi, zyx
 from ..io import Volume, open_volume
 from ..io.pyramid import level_factors
+from ..io.window import other_offset, other_voxel_size
 from ..io.write import check_new_volume, held_store
 from ..paths import is_link_loop
 from ..recipe.recipe import Recipe
@@ -226,16 +227,13 @@ def open_spatial(path: str, affinities: Volume, what: str, integer: bool = False
 def _check_same_grid(volume: Volume, affinities: Volume, what: str) -> None:
     """The voxel size and offset (where both volumes state them) of a mask or truth must be
     the affinities': the same shape alone does not make the same box."""
-    size, theirs = volume.voxel_size, affinities.voxel_size
-    if size is not None and theirs is not None and not np.allclose(
-            size[-3:], theirs[-3:], rtol=1e-6, atol=0):
-        raise UserError(f"{what} {volume}: voxel size {list(size[-3:])} nm but the affinities "
-                        f"{affinities} have {list(theirs[-3:])} nm; give a {what} on the "
+    if (sizes := other_voxel_size(volume, affinities)) is not None:
+        raise UserError(f"{what} {volume}: voxel size {sizes[0]} nm but the affinities "
+                        f"{affinities} have {sizes[1]} nm; give a {what} on the "
                         "affinities' grid (e.g. the same level of its pyramid)")
-    at, their_at = volume.offset, affinities.offset
-    if at is not None and their_at is not None and tuple(at[-3:]) != tuple(their_at[-3:]):
-        raise UserError(f"{what} {volume}: lies at offset {list(at[-3:])} (voxels) but the "
-                        f"affinities {affinities} at {list(their_at[-3:])}: it does not cover "
+    if (offsets := other_offset(volume, affinities)) is not None:
+        raise UserError(f"{what} {volume}: lies at offset {offsets[0]} (voxels) but the "
+                        f"affinities {affinities} at {offsets[1]}: it does not cover "
                         f"the same box; give a {what} that holds the affinities' box, or "
                         "crop both to a common box")
 
