@@ -501,4 +501,5 @@ def test_resume_with_a_new_rate_schedule_or_length_applies_them_and_says_so(reci
     trainer.fit()
     logged = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     rates = {e["iteration"]: e["lr"] for e in logged if "lr" in e and e["iteration"] > 4}
-    assert rates == pytest.approx({6: 0.1 * factor(6), 8: 0.1 * factor(8)})
+    # the rate logged at iteration k is that of the k-th update (t = k - 1)
+    assert rates == pytest.approx({6: 0.1 * factor(5), 8: 0.1 * factor(7)})

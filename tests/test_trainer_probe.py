@@ -394,3 +394,22 @@ def test_an_accumulated_step_is_the_step_of_the_mean_loss(recipe, tmp_path):
     for (name, got), want in zip(trainer.model.state_dict().items(),
                                  model.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# -- what is logged ----------------------------------------------------------------------------
+
+
+def test_the_logged_rate_is_the_one_each_logged_update_used(recipe, tmp_path):
+    """The line of iteration k showed the rate of update k + 1: under poly the last line said
+    lr 0 though the last update had a non-zero rate, and a warm-up looked one step ahead."""
+    from emrun.train.optim import lr_factor
+    from emrun.train.trainer import Trainer
+
+    loaded = _load(recipe, "train.schedule={type: poly, warmup: 2, power: 1}")
+    run = tmp_path / "run"
+    Trainer(loaded, run).fit()
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    rates = {e["iteration"]: e["lr"] for e in events if "lr" in e}
+    factor = lr_factor(loaded.recipe.train.schedule, 4)
+    assert rates == pytest.approx({k: 0.01 * factor(k - 1) for k in (1, 2, 3, 4)})
+    assert rates[4] > 0

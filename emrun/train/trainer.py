@@ -233,6 +233,8 @@ class Trainer:
         self.iteration = 0
         self.batches_done = 0
         self.nonfinite = 0
+        self.last_rate = float(self.optimizer.param_groups[0]["lr"])  # logged: the rate of
+        # the last update made
         self.best: float | None = None
         self.train_seconds = 0.0  # wall time in fit() over every session of this run
         self.devices: list[str] = []  # the devices that trained it, in order of first use
@@ -486,6 +488,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.last_rate = float(self.optimizer.param_groups[0]["lr"])  # before it moves on
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
@@ -628,7 +631,8 @@ class Trainer:
                                                                     strict=True)}
         metrics["loss/total"] = float(sum(self.weights[n] * v for n, v in zip(
             self.losses, values, strict=True)))
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        metrics["lr"] = self.last_rate  # the last update's rate, not the next one's (poly
+        # logged 0 on the last line)
         rate = iters / elapsed if elapsed > 0 else 0.0
         metrics["throughput/it_per_s"] = rate
         metrics["throughput/samples_per_s"] = rate * self.train.batch_size * \
