@@ -253,6 +253,7 @@ def test_two_cpu_processes_stay_in_sync(recipe, tmp_path):
             break
     assert done.returncode == 0, done.stderr[:3000]
     assert "ranks in sync" in done.stdout + done.stderr
+    assert "Grad strides do not match" not in done.stderr  # channels_last 1x1x1 weights
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 6
 
 

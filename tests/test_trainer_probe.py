@@ -413,3 +413,59 @@ def test_the_logged_rate_is_the_one_each_logged_update_used(recipe, tmp_path):
     factor = lr_factor(loaded.recipe.train.schedule, 4)
     assert rates == pytest.approx({k: 0.01 * factor(k - 1) for k in (1, 2, 3, 4)})
     assert rates[4] > 0
+
+
+def test_pointwise_weights_keep_the_strides_their_gradients_get(recipe, tmp_path):
+    """channels_last_3d gave a 1x1x1 convolution's weight strides (in, 1, in, in, in); its
+    gradient came plain, and DDP warned 'Grad strides do not match bucket view strides' on
+    every rank of every run. The weights' values are untouched."""
+    from emrun.train.trainer import Trainer
+
+    trainer = Trainer(_load(recipe), tmp_path / "run")
+    pointwise = [p for p in trainer.model.parameters()
+                 if p.dim() == 5 and tuple(p.shape[2:]) == (1, 1, 1)]
+    assert pointwise
+    out = trainer.model(torch.rand(1, 1, 4, 16, 16).contiguous(
+        memory_format=torch.channels_last_3d))
+    sum(o.sum() for o in out.values()).backward()
+    for parameter in pointwise:
+        assert parameter.stride() == parameter.grad.stride()
+    others = [p for p in trainer.model.parameters() if p.dim() == 5 and p.shape[2] > 1]
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in others)
+
+
+# -- a user error found in the ranks of --gpus -------------------------------------------------
+
+
+def test_a_user_error_in_the_ranks_of_gpus_is_said_once_with_exit_2(tmp_path):
+    """The ranks' check of a validation source: every rank printed the message, then torchrun
+    printed its ChildFailedError traceback and exited 1 (an 'internal' error)."""
+    path = _volume_recipe(tmp_path, "{image: image.npy, labels: zeros.npy, "
+                          "voxel_size: [30, 6, 6]}")
+    done = subprocess.run([sys.executable, "-m", "emrun", "train", str(path), "--run-dir",
+                           str(tmp_path / "run"), "--gpus", "2", "--device", "cpu"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=240)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: val.yaml:5:8: data.validation.v: "), \
+        done.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_launcher_says_each_ranks_message_once_and_names_a_killed_rank(tmp_path, monkeypatch,
+                                                                          capsys):
+    from emrun.train.launch import RANK_ERRORS, _failure_code, rank_errors, said_to_launcher
+
+    monkeypatch.delenv(RANK_ERRORS, raising=False)
+    assert not said_to_launcher("outside a launched rank it is said by the rank itself")
+    monkeypatch.setenv(RANK_ERRORS, str(tmp_path))
+    for rank, message in ((0, "same"), (1, "same"), (10, "same"), (2, "other")):
+        monkeypatch.setenv("RANK", str(rank))
+        assert said_to_launcher(message)
+    assert rank_errors(tmp_path) == "rank 0, 1, 10: same\nrank 2: other"
+    (tmp_path / "rank-2.txt").unlink()
+    assert rank_errors(tmp_path) == "same"
+    assert not list(tmp_path.glob("*.part"))
+    assert _failure_code(3, 1) == 1 and capsys.readouterr().err == ""  # the rank said why
+    assert _failure_code(3, -9) == 137
+    assert "rank 3 was killed by SIGKILL" in capsys.readouterr().err

@@ -128,6 +128,10 @@ def guarded(fn: F) -> F:
             with _text_to_stderr(bool(kwargs.get("json_"))):
                 return fn(*args, **kwargs)
         except UserError as exc:
+            from ..train.launch import said_to_launcher
+
+            if said_to_launcher(str(exc)):  # a rank of `train --gpus`: said once, for all
+                raise typer.Exit(2) from None
             for line in str(exc).splitlines():
                 err.print(f"[red]error:[/] {escape(line)}", markup=True)
             raise typer.Exit(2) from None

@@ -124,6 +124,7 @@ def train(
     from ..data.checks import check_data
     from ..recipe import RecipeError, load_recipe
     from ..train import run_dir as run_dirs
+    from ..train.launch import LAUNCHED
     from ..train.trainer import Trainer, check_rank_devices
 
     if resume and init_from is not None:
@@ -154,8 +155,8 @@ def train(
 
 
 def _launch_torchrun(processes: int) -> int:
-    """Re-run this command under torchrun with one process per GPU."""
-    import subprocess
+    """Re-run this command, without ``--gpus``, as one rank per GPU under torchrun."""
+    from ..train.launch import launch_ranks
 
     args = sys.argv[1:]
     cleaned = []
@@ -170,13 +171,7 @@ def _launch_torchrun(processes: int) -> int:
         if arg.startswith("--gpus="):
             continue
         cleaned.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={processes}", "-m", "emrun", *cleaned]
-    return subprocess.call(command, env={**os.environ, LAUNCHED: "1"})
-
-
-LAUNCHED = "EMRUN_LAUNCHED"
-"""Set in the ranks `_launch_torchrun` starts: the launcher has checked and warned."""
+    return launch_ranks(processes, cleaned)
 
 
 @app.command()

@@ -117,6 +117,16 @@ def _device(requested: str | None, world: distributed.World) -> torch.device:
     return torch.device("cpu")
 
 
+def plain_pointwise_strides(model: nn.Module) -> None:
+    """Give 1x1x1 convolution weights the plain strides their gradients come with. Under
+    channels_last_3d such a weight (out, in, 1, 1, 1) has strides (in, 1, in, in, in), the
+    same memory order as the plain ones; DDP compared strides and warned "Grad strides do not
+    match bucket view strides" on every rank."""
+    for parameter in model.parameters():
+        if parameter.dim() == 5 and tuple(parameter.shape[2:]) == (1, 1, 1):
+            parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
+
+
 def check_rank_devices(requested: str | None, processes: int) -> None:
     """Before torchrun starts ``processes`` ranks on this machine: the device each would
     take, checked here, once (a rank's refusal came back as torchrun's traceback, exit 1)."""
@@ -193,6 +203,7 @@ class Trainer:
         self.model.to(self.device)
         if self.train.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
+            plain_pointwise_strides(self.model)
         if init_from is not None:
             self._load_weights(init_from)
 

@@ -1,0 +1,120 @@
+"""`emrun train --gpus N`: start the ranks under torchrun and report how they ended.
+
+torchrun (run here in-process) answered any rank's failure with its own traceback and exit
+code 1, after every rank had printed the same user error: a recipe mistake found in the ranks
+(a validation source with nothing to score, a run stopped by non-finite losses) came back as
+the same message N times, a Python traceback and "internal error" code 1. The ranks now leave
+a user error in a folder instead of printing it; the launcher says each distinct message once
+and exits 2. Any other failure is one line naming the rank and how it ended, with its code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import UserError
+
+LAUNCHED = "EMRUN_LAUNCHED"
+"""Set in the ranks `launch_ranks` starts: the launcher has checked and warned."""
+
+RANK_ERRORS = "EMRUN_RANK_ERRORS"
+"""Set in the ranks: the folder where a rank leaves its user error for the launcher."""
+
+
+def said_to_launcher(message: str) -> bool:
+    """In a rank `launch_ranks` started: leave ``message`` (a user error) for the launcher,
+    which says it once for all ranks. False outside such a rank: say it yourself."""
+    folder, rank = os.environ.get(RANK_ERRORS), os.environ.get("RANK")
+    if not folder or rank is None or not Path(folder).is_dir():
+        return False
+    part = Path(folder) / f"rank-{rank}.part"
+    part.write_text(message)
+    part.replace(part.with_suffix(".txt"))  # whole, or not there
+    return True
+
+
+def launch_ranks(processes: int, args: list[str]) -> int:
+    """Run ``emrun *args`` as ``processes`` ranks under torchrun on this machine; the exit
+    code of the run (a user error found in the ranks: raised here, said once)."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    parsed = torchrun.parse_args(["--standalone", f"--nproc_per_node={processes}",
+                                  "-m", "emrun", *args])
+    with tempfile.TemporaryDirectory(prefix="emrun-ranks-") as folder, \
+            _environment({LAUNCHED: "1", RANK_ERRORS: folder}), _quiet_torchrun():
+        try:
+            torchrun.run(parsed)
+        except ChildFailedError as exc:
+            if said := rank_errors(Path(folder)):
+                raise UserError(said) from None
+            rank, failure = exc.get_first_failure()
+            return _failure_code(rank, failure.exitcode)
+        except SignalException as exc:  # Ctrl-C or a kill: the ranks were given it too
+            return 128 + int(exc.sigval)
+    return 0
+
+
+def rank_errors(folder: Path) -> str:
+    """The user errors the ranks left, each distinct message once (prefixed with its ranks
+    when they differ); "" when none did."""
+    by_message: dict[str, list[int]] = {}
+    for path in sorted(folder.glob("rank-*.txt"), key=lambda p: int(p.stem[5:])):
+        by_message.setdefault(path.read_text(), []).append(int(path.stem[5:]))
+    if len(by_message) == 1:
+        return next(iter(by_message))
+    return "\n".join(f"rank {', '.join(map(str, ranks))}: {message}"
+                     for message, ranks in by_message.items())
+
+
+def _failure_code(rank: int, code: int) -> int:
+    """The run's exit code for the first rank that failed. A rank that exited said why
+    itself (a user error of its own kind, an internal error, an interruption); one killed
+    by a signal is named here, in one line."""
+    if code >= 0:
+        return code
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+    hint = " (as the kernel does when memory runs out)" if name == "SIGKILL" else ""
+    print(f"error: rank {rank} was killed by {name}{hint}; its checkpoints up to then are "
+          "kept: continue with --resume", flush=True, file=sys.stderr)
+    return 128 - code
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment (the ranks inherit it), then as before."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _quiet_torchrun() -> Iterator[None]:
+    """torchrun's own log lines (its OMP_NUM_THREADS banner, "Sending process ... closing
+    signal", "failed (exitcode: 2)") would come around the one line that says what happened."""
+    names = [name for name in logging.root.manager.loggerDict
+             if name.startswith("torch.distributed")]  # each sets its own level
+    loggers = [logging.getLogger(name) for name in ["torch.distributed", *names]]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
