@@ -425,3 +425,46 @@ def test_a_plugin_importing_recipe_at_its_top_is_told_why_it_fails(tmp_path):
     assert "plugin 'rp'" in done.stderr
     assert "imports Recipe (and what imports it" in done.stderr
     assert "inside its functions" in done.stderr
+
+
+# -- predicting without a training-only plugin ---------------------------------------------------
+
+
+def _checkpoint_with(tmp_path: Path, section: str, value: Any) -> Path:
+    """A trained tiny checkpoint whose recipe's ``section`` is replaced by ``value``."""
+    import yaml
+
+    from emrun.recipe import load_recipe
+    from emrun.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    if not run.exists():
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(MINIMAL)
+        Trainer(load_recipe(recipe, ["train.iterations=1", "train.validate_every=0",
+                                     "train.image_every=0"]), run).fit()
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    saved = yaml.safe_load(state["recipe"])
+    saved[section] = value
+    state["recipe"] = yaml.safe_dump(saved, sort_keys=False)
+    torch.save(state, tmp_path / f"{section}.pt")
+    return tmp_path / f"{section}.pt"
+
+
+def test_a_checkpoint_augmented_by_a_plugin_not_installed_here_still_predicts(tmp_path, capsys):
+    """Trained with a plugin's augmentation, predicted where that plugin is not installed:
+    inference (and export) refused the checkpoint's recipe, though they never augment."""
+    from emrun.infer.checkpoint_recipe import recipe_for
+    from emrun.recipe import RecipeError
+
+    checkpoint = _checkpoint_with(tmp_path, "augment", [{"type": "sparkle", "amount": 0.5},
+                                                        {"type": "flip_rotate"}])
+    loaded = recipe_for(checkpoint, None, [])
+    assert loaded.recipe.augment == []
+    said = capsys.readouterr().err
+    assert "augment.0.type: unknown augmentation type 'sparkle'" in said
+    assert "predicting needs no augmentation" in said
+
+    model = _checkpoint_with(tmp_path, "model", {"type": "sparkle_net"})  # not only augment
+    with pytest.raises(RecipeError, match="model.type"):
+        recipe_for(model, None, [])

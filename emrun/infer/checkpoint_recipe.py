@@ -9,6 +9,7 @@ are refused with the keys that differ, instead of a cut-off state_dict error.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import yaml
 
 from ..errors import UserError
 from ..io.package import RECIPE, is_package, load_network
-from ..recipe import LoadedRecipe, load_recipe
+from ..recipe import LoadedRecipe, RecipeError, load_recipe
 from ..recipe.loader import shown_path
 
 FIXED = ("model", "tasks")
@@ -36,8 +37,17 @@ def recipe_for(checkpoint: Path, recipe: Path | None, overrides: Sequence[str]) 
                             "give the one it was trained with: --recipe RECIPE")
         # problems point into the checkpoint ("run/checkpoints/last.pt (its recipe):43:7")
         member = f"its {RECIPE}" if is_package(checkpoint) else "its recipe"
-        return load_recipe(checkpoint, overrides, text=saved_text,
-                           shown=f"{shown_path(checkpoint)} ({member})")
+        shown = f"{shown_path(checkpoint)} ({member})"
+        try:
+            return load_recipe(checkpoint, overrides, text=saved_text, shown=shown)
+        except RecipeError as exc:
+            if not _augmentation_only(exc):
+                raise
+            print(f"warning: {exc.problems[0]}: predicting needs no augmentation, so the "
+                  "checkpoint's are left out here", file=sys.stderr, flush=True)
+            saved["augment"] = []
+            return load_recipe(checkpoint, overrides, text=yaml.safe_dump(saved, sort_keys=False),
+                               shown=shown)
     loaded = load_recipe(recipe, overrides)
     if isinstance(saved, dict):
         current = loaded.recipe.resolved()
@@ -50,6 +60,14 @@ def recipe_for(checkpoint: Path, recipe: Path | None, overrides: Sequence[str]) 
             raise UserError(f"--recipe {recipe} describes another network than {checkpoint}: "
                             f"{listed}{more}. Drop --recipe to use the checkpoint's own")
     return loaded
+
+
+def _augmentation_only(error: RecipeError) -> bool:
+    """Whether every problem of a checkpoint's recipe is in its ``augment`` section: an
+    augmentation of a plugin installed where it was trained, not here, stopped inference
+    and export, which never augment."""
+    return bool(error.problems) and not error.more and \
+        all(problem.path[:1] == ("augment",) for problem in error.problems)
 
 
 def _parsed(text: Any, checkpoint: Path, strict: bool) -> Any:
