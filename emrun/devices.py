@@ -11,6 +11,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -184,17 +186,65 @@ def launched_main(serve: Callable[..., None]) -> None:
 
 
 @contextlib.contextmanager
-def launched_workers(launch: str | None) -> Iterator[None]:
+def launched_workers(launch: str | None, folder: Path | None = None) -> Iterator[None]:
     """Around ``daisy.run_blockwise``: with a ``--launch`` command, a failure of the workers
     it starts is the user's (one line, exit 2, after daisy's own warning per restart, each
-    with the worker's one line); without one, nothing changes."""
+    with the worker's one line); without one, nothing changes. With ``folder`` (the one
+    given to `run_through`), while no worker has started a note says so now and then."""
     if launch is None:
         yield
         return
+    watch = LaunchWatch(launch, folder) if folder is not None else None
     try:
         yield
     except RuntimeError as exc:  # daisy gave up restarting the workers
         raise UserError(launch_failure(launch, str(exc))) from None
+    finally:
+        if watch is not None:
+            watch.stop()
+
+
+class LaunchWatch:
+    """Notes on stderr while no worker started through ``--launch`` has begun: a command that
+    waited in a queue, or hung, kept the scheduler silent for as long as it lasted. A worker
+    has begun once its file of `run_through` is in ``folder``."""
+
+    NOTES_AT_S = (120.0, 600.0, 1800.0, 3600.0)
+    POLL_S = 5.0
+
+    def __init__(self, launch: str, folder: Path) -> None:
+        self.launch, self.folder = launch, Path(folder)
+        self.started = time.monotonic()
+        self.notes = list(self.NOTES_AT_S)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="emrun-launch-watch",
+                                        daemon=True)
+        self._thread.start()
+
+    def note(self, elapsed: float, begun: bool) -> str | None:
+        """The note due ``elapsed`` seconds in (each once), None when a worker has begun."""
+        if begun or not self.notes or elapsed < self.notes[0]:
+            return None
+        while self.notes and elapsed >= self.notes[0]:
+            self.notes.pop(0)
+        return (f"note: no worker has started through --launch {self.launch!r} after "
+                f"{elapsed / 60:.0f} min: still waiting in a queue, or the command does not run "
+                "the command given to it (it must run it and wait for it, as srun does)")
+
+    def _begun(self) -> bool:
+        return any(self.folder.glob("launched-*"))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            begun = self._begun()
+            if (said := self.note(time.monotonic() - self.started, begun)) is not None:
+                print(said, file=sys.stderr, flush=True)
+            if begun or not self.notes:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def launch_failure(launch: str, detail: str) -> str:

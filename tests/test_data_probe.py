@@ -166,13 +166,14 @@ def test_mask_whose_voxels_no_patch_can_be_centred_on_is_refused_by_validate(tmp
     assert crop.corner == (0, 0, 0)
 
 
-@pytest.mark.parametrize("dtype", [np.bool_, np.uint64])
+@pytest.mark.parametrize("dtype", [np.bool_, np.uint64, np.float32])
 def test_masked_centres_are_uniform_over_the_voxels_a_patch_fits_around(tmp_path, dtype):
     """Centres land only on masked voxels a patch fits around, each about equally often,
-    edge ones included, in a roi with an offset."""
+    edge ones included, in a roi with an offset. A float mask's NaN is outside (it was
+    inside: NaN != 0)."""
     image = save(tmp_path, "image", np.zeros(SHAPE, np.uint8))
     labels = save(tmp_path, "labels", labels_of())
-    mask = np.zeros(SHAPE, dtype)
+    mask = np.full(SHAPE, np.nan if dtype == np.float32 else 0, dtype)
     mask[2:7, 5:30, 3:37] = 1
     roi = {"offset": [1, 2, 3], "shape": [7, 28, 34]}
     source = {"image": image, "labels": labels, "mask": save(tmp_path, "mask", mask),
@@ -187,7 +188,7 @@ def test_masked_centres_are_uniform_over_the_voxels_a_patch_fits_around(tmp_path
     hi = lo + np.array(roi["shape"]) - np.array(PATCH)  # inclusive
     allowed = np.zeros(SHAPE, bool)
     allowed[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = True
-    allowed &= mask != 0
+    allowed &= (mask != 0) & ~np.isnan(mask.astype(np.float32))
     assert counts[~allowed].sum() == 0
     for axis in range(3):  # the extreme centres along every axis are drawn
         seen = np.nonzero(counts.sum(axis=tuple(a for a in range(3) if a != axis)))[0]

@@ -182,9 +182,11 @@ def test_interrupted_run_resumes_to_the_same_output(setup):
         np.testing.assert_array_equal(read(out, task), read(straight, task))
 
 
-def test_masked_and_empty_blocks_are_zero(setup):
+@pytest.mark.parametrize("outside", [0, np.nan], ids=["zero", "nan"])
+def test_masked_and_empty_blocks_are_zero(setup, outside):
+    """Outside the mask: 0, or NaN in a float mask (predicted before: NaN != 0)."""
     recipe, _, volume, tmp = setup
-    mask = np.zeros(volume.shape, np.uint8)
+    mask = np.full(volume.shape, outside, np.float32 if np.isnan(outside) else np.uint8)
     mask[:4, :16, :16] = 1
     write_volume(tmp / "in.zarr", "mask", mask)
     out = tmp / "m.zarr"

@@ -466,5 +466,5 @@ def test_a_checkpoint_augmented_by_a_plugin_not_installed_here_still_predicts(tm
     assert "predicting needs no augmentation" in said
 
     model = _checkpoint_with(tmp_path, "model", {"type": "sparkle_net"})  # not only augment
-    with pytest.raises(RecipeError, match="model.type"):
+    with pytest.raises(RecipeError, match=r"model\.type"):
         recipe_for(model, None, [])

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -251,3 +252,43 @@ def test_a_resume_with_another_roi_names_the_roi(tmp_path):
     with pytest.raises(UserError, match="--roi"):
         run_inference(*args, block=BLOCK, device="cpu", resume=True,
                       roi=Roi((0, 0, 0), (4, 16, 16)))
+
+
+# -- a --launch command that waits or hangs ------------------------------------------------------
+
+
+def test_a_launch_that_has_started_no_worker_is_noted_now_and_then(tmp_path):
+    """`--launch "sbatch --wait ..."` queued for an hour, or a command that hung: the
+    scheduler said nothing for as long as it lasted. The notes come at fixed points of the
+    wait (each once), and none once a worker has left its file in the folder."""
+    from emrun.devices import LaunchWatch
+
+    watch = LaunchWatch("srun -p gpu", tmp_path)
+    watch.stop()  # only its decisions are asked here, for elapsed times given
+    assert watch.note(119.0, begun=False) is None
+    said = watch.note(125.0, begun=False)
+    assert said is not None and "no worker has started through --launch 'srun -p gpu' " \
+        "after 2 min" in said
+    assert watch.note(130.0, begun=False) is None  # once per point
+    assert "after 62 min" in watch.note(3700.0, begun=False)  # the points passed: one note
+    assert watch.note(99_999.0, begun=False) is None  # all said
+    fresh = LaunchWatch("srun", tmp_path)
+    fresh.stop()
+    assert fresh.note(700.0, begun=True) is None
+
+
+def test_the_launch_watch_notes_on_stderr_until_a_worker_begins(tmp_path, monkeypatch, capsys):
+    from emrun.devices import LaunchWatch, launched_workers
+
+    monkeypatch.setattr(LaunchWatch, "NOTES_AT_S", (0.0,))
+    monkeypatch.setattr(LaunchWatch, "POLL_S", 0.01)
+    with launched_workers("srun", tmp_path) as _:
+        deadline = 2000
+        while "no worker has started" not in capsys.readouterr().err and deadline:
+            threading.Event().wait(0.01)
+            deadline -= 1
+    assert deadline, "the note never came"
+    (tmp_path / "launched-0123").touch()  # a worker has begun: nothing is said
+    with launched_workers("srun", tmp_path):
+        threading.Event().wait(0.1)
+    assert capsys.readouterr().err == ""

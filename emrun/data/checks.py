@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..geometry import Coordinate, Roi, box_of
 from ..io import Volume, VolumeError, open_volume
 from ..io.intensity import outside_unit
+from ..io.masks import inside
 from ..io.window import other_offset
 from ..recipe import LoadedRecipe, Problem, Recipe
 from ..recipe.checks import nm_target_problems
@@ -207,7 +208,7 @@ def _check_mask(mask: Volume, box: Roi, in_roi: bool, patch: tuple[int, int, int
 
 
 def _valid(mask: Volume, where: Roi) -> np.ndarray:
-    return mask.read(where) != 0
+    return inside(mask.read(where))
 
 
 def _section_problem(image: Volume, source: VolumeSource, section: np.ndarray,

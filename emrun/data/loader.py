@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import UserError
 from ..geometry import Roi, Zyx, zyx
 from ..io import forks_safely
+from ..io.masks import inside
 from ..recipe import Recipe
 from ..registry import targets
 from ..subprocesses import leave_signals_to
@@ -160,7 +161,7 @@ def _validation_sample(source: Source, corner: Zyx, patch: Zyx, recipe: Recipe,
     crop = read_crop(source, Roi(corner, size))
     pad = [(0, p - s) for p, s in zip(patch, size, strict=True)]
     image = source.normalise(crop.image, crop.mask)
-    valid = np.ones(size, np.uint8) if crop.mask is None else (crop.mask != 0).astype(np.uint8)
+    valid = np.ones(size, np.uint8) if crop.mask is None else inside(crop.mask).astype(np.uint8)
     if any(after for _, after in pad):
         image = np.pad(image, pad, mode="reflect" if min(size) > 1 else "edge")
         valid = np.pad(valid, pad)

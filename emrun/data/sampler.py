@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import UserError
 from ..geometry import BlockGrid, Coordinate, Roi, Zyx, slices, zyx
 from ..io import Volume
+from ..io.masks import inside
 from .sources import Source
 
 MAX_TRIES = 500
@@ -63,7 +64,7 @@ class MaskIndex:
         found, counts = [], []
         # one slab of blocks at a time: memory of one slab
         for gz, slab_box in enumerate(BlockGrid(box, (BLOCK[0], *box.shape[1:])).boxes()):
-            slab = self.mask.read(slab_box) != 0
+            slab = inside(self.mask.read(slab_box))
             slab = np.pad(slab, [(0, -n % b) for n, b in zip(slab.shape, BLOCK, strict=True)])
             count = slab.reshape(BLOCK[0], ny, BLOCK[1], nx, BLOCK[2]).sum(axis=(0, 2, 4))
             for gy, gx in zip(*np.nonzero(count), strict=True):

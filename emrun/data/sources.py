@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..geometry import Roi, box_of, slices
 from ..io import Volume, open_volume
 from ..io.intensity import default_intensity
+from ..io.masks import inside
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
 from ..registry import sources
 
@@ -149,7 +150,7 @@ def _trained_on(source: Source, roi: Roi) -> int:
     it has a mask)."""
     keep = None if source.labels is None else source.labels.read(roi) != 0
     if source.mask is not None:
-        masked = source.mask.read(roi) != 0
+        masked = inside(source.mask.read(roi))
         keep = masked if keep is None else keep & masked
     return int(np.count_nonzero(keep))
 

@@ -11,7 +11,7 @@ not ids. Which voxels count as predicted foreground depends on the dtype:
 
 A uint8 0/1 mask is therefore read as probabilities (all below 0.5); store such a mask as
 bool, or pass threshold 0. The truth's foreground is always truth != 0 (NaN excluded).
-Voxels where the mask is 0 are not counted.
+Voxels where the mask is 0 (or NaN) are not counted.
 
 A ratio whose denominator is 0 is undefined, and reported as None (null in JSON, "n/a" in
 the text), never as a number that could be averaged with real ones: precision when nothing
@@ -31,6 +31,7 @@ import numpy as np
 from emrun.errors import UserError
 from emrun.evaluate.checks import check_inputs
 from emrun.io.intensity import outside_unit
+from emrun.io.masks import inside
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,10 @@ class BinaryScores:
         return asdict(self)
 
 
-def foreground(pred: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """The predicted foreground of a block, by the dtype rules in the module docstring."""
+def foreground(pred: np.ndarray, threshold: float = 0.5, name: str = "the prediction"
+               ) -> np.ndarray:
+    """The predicted foreground of a block, by the dtype rules in the module docstring;
+    ``name``: the prediction's volume, for the error a float outside [0, 1] is."""
     if pred.dtype == np.bool_:
         return pred
     if pred.dtype == np.uint8:
@@ -75,7 +78,7 @@ def foreground(pred: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     if pred.dtype.kind == "f":
         finite = pred[np.isfinite(pred)]
         if finite.size and outside_unit(float(finite.min()), float(finite.max())):
-            raise UserError(f"the prediction holds values in [{float(finite.min()):.4g}, "
+            raise UserError(f"{name}: the prediction holds values in [{float(finite.min()):.4g}, "
                             f"{float(finite.max()):.4g}], outside [0, 1]: a float prediction "
                             "is a probability (apply a sigmoid to logits), or give a bool or "
                             "integer mask")
@@ -91,13 +94,14 @@ def truth_foreground(truth: np.ndarray) -> np.ndarray:
 
 
 def count_binary(
-    pred: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None, threshold: float = 0.5
+    pred: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None, threshold: float = 0.5,
+    name: str = "the prediction",
 ) -> BinaryCounts:
-    """Confusion counts of one block."""
-    p = np.ravel(foreground(pred, threshold))
+    """Confusion counts of one block (``name``: the prediction's, for `foreground`)."""
+    p = np.ravel(foreground(pred, threshold, name))
     t = np.ravel(truth_foreground(truth))
     if mask is not None:
-        keep = np.ravel(mask) != 0
+        keep = np.ravel(inside(mask))
         p, t = p[keep], t[keep]
     tp = int(np.count_nonzero(p & t))
     predicted, true = int(np.count_nonzero(p)), int(np.count_nonzero(t))

@@ -138,7 +138,7 @@ def score_block(work: Work, index: int) -> dict[str, np.ndarray]:
     mask = work.volumes[2].read(roi) if len(work.volumes) > 2 else None
     if work.binary:
         counts = count_binary(work.volumes[0].read(roi), work.volumes[1].read(roi), mask,
-                              work.threshold)
+                              work.threshold, str(work.volumes[0]))
         return {"counts": np.array([counts.tp, counts.fp, counts.fn, counts.tn], np.int64)}
     seg, truth = work.volumes[0].read(roi), work.volumes[1].read(roi)
     if not work.connected_truth:

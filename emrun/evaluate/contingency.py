@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..io.masks import inside
+
 REDUCE_EVERY = 4_000_000  # pending (seg, truth, count) rows that trigger a merge
 LOW = 0xFFFF_FFFF  # ids up to here pack two to a uint64 key
 
@@ -89,7 +91,8 @@ def reduce_pairs(seg: np.ndarray, truth: np.ndarray, weights: np.ndarray) -> Con
 def count_pairs(
     seg: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None
 ) -> ContingencyTable:
-    """The table of one block; voxels with truth 0, or mask 0, are not counted.
+    """The table of one block; voxels with truth 0, or outside the mask (0 or NaN), are not
+    counted.
 
     Neighbouring voxels mostly share their pair, so the flattened block is first cut into
     runs of equal pairs (linear time) and only the runs are sorted: a 1000^2 section of
@@ -99,7 +102,7 @@ def count_pairs(
     truth = np.ravel(truth)
     keep = truth != 0
     if mask is not None:
-        keep &= np.ravel(mask) != 0
+        keep &= np.ravel(inside(mask))
     if not keep.all():
         seg, truth = seg[keep], truth[keep]
     del keep

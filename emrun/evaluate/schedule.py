@@ -20,6 +20,7 @@ import concurrent.futures
 import functools
 import multiprocessing as mp
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -147,9 +148,23 @@ def _remove_abandoned(parent: Path) -> None:
             if time.time() - folder.stat().st_mtime < ABANDONED_AFTER_S:
                 continue
             locks.check_free(folder, "")
+            if not _only_ours(folder):
+                continue  # a user's folder that happens to share the prefix
         except (OSError, UserError):
             continue  # gone meanwhile, not ours to read, or a running evaluation's
         shutil.rmtree(folder, ignore_errors=True)
+
+
+OURS = re.compile(r"work\.pickle|block-\d+\.npz|\.block-\d+\.npz\.\d+\.tmp|daisy-logs|"
+                  r"launched-[0-9a-f]{32}|" + re.escape(locks.LOCK_NAME))
+"""What a work folder holds (`emrun.evaluate.blockwise`, daisy's logs, a ``--launch``ed
+worker's start file (`emrun.devices.run_through`), the lock)."""
+
+
+def _only_ours(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but what an evaluation writes there: a folder of
+    the same prefix with anything else in it is not removed (it may be a user's)."""
+    return all(OURS.fullmatch(entry.name) for entry in folder.iterdir())
 
 
 def _run_local(folder: Path, work: Work, workers: int, on_block: OnBlock | None) -> None:
@@ -219,7 +234,7 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
                 "emrun-evaluate", total_roi=box, read_roi=block, write_roi=block,
                 process_function=functools.partial(_start_worker, str(folder), launch),
                 read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
-        with launched_workers(launch):
+        with launched_workers(launch, folder):
             states = daisy.run_blockwise(
                 [task], progress=_Observer(on_block) if on_block else False,
                 block_tracking=False, return_states=True, summary=False)

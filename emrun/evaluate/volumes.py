@@ -24,6 +24,7 @@ from emrun.evaluate.metrics import MIN_OVERLAP, Scores, scores_from_table
 from emrun.evaluate.pieces import PieceLabeller
 from emrun.evaluate.schedule import Parallel, score_blocks
 from emrun.geometry import BlockGrid, Roi, box_of
+from emrun.io.masks import inside
 from emrun.io.one_channel import single_channel
 from emrun.io.volume import Volume
 from emrun.io.window import covered_part, other_offset, other_voxel_size
@@ -64,9 +65,9 @@ def _nothing_scored(volumes: Sequence[Volume]) -> str:
     if len(volumes) < 3:
         return f"{truth}: the truth has no labelled voxel (all 0); nothing to score"
     mask = volumes[2]
-    if not any(np.any(mask.read(roi)) for roi in slabs([mask])):
-        return (f"{mask}: the mask is 0 everywhere, so no voxel is inside the mask; nothing "
-                "to score")
+    if not any(np.any(inside(mask.read(roi))) for roi in slabs([mask])):
+        return (f"{mask}: the mask is 0 everywhere (or NaN), so no voxel is inside the mask; "
+                "nothing to score")
     return (f"{truth}: the truth has no labelled voxel inside the mask {mask} (it is 0 "
             "wherever the mask is non-zero); nothing to score")
 
@@ -110,7 +111,7 @@ def binary_scores_volumes(
                 on_slab(done, len(rois))
             counts += count_binary(*(v.read(roi) for v in volumes[:2]),
                                    volumes[2].read(roi) if mask is not None else None,
-                                   threshold)
+                                   threshold, str(volumes[0]))
     if counts == BinaryCounts():
         what = f"{mask}: the mask is 0 everywhere" if mask is not None else f"{pred}: no voxels"
         raise EvaluationError(f"{what}; nothing to score")

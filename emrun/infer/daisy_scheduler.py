@@ -84,7 +84,7 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
             read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2,
             timeout=UNIT_TIMEOUT_S)
     started = time.perf_counter()
-    with launched_workers(launch), stop_signals(stop_file.touch) as caught:
+    with launched_workers(launch, job_file.parent), stop_signals(stop_file.touch) as caught:
         states = daisy.run_blockwise([task], progress=on_block is None, block_tracking=False,
                                      return_states=True, summary=False)
     stop_file.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import DISK_FULL, UserError
 from ..geometry import Coordinate, Roi, Zyx, slices
-from ..io import open_volume
+from ..io import masks, open_volume
 from ..io.one_channel import single_channel
 from .engine import Engine, load_model, quantise, read_reflected
 from .job import Job, open_output_arrays
@@ -147,7 +147,7 @@ class BlockWorker:
     def _read_input(self, block: Zyx) -> np.ndarray | None:
         layout, origin = self.job.layout, self.job.roi_offset
         inside = layout.write_box(block).shift(Coordinate(origin))
-        if self.mask is not None and not self.mask.read(inside).any():
+        if self.mask is not None and not masks.inside(self.mask.read(inside)).any():
             return None
         return self.engine.read_input(self.volume, layout, block, origin)
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..geometry import BlockGrid, Coordinate, Roi, box_of, local_slices, slices, zyx
+from ..io.masks import inside
 from .affinities import Offset, to_float
 from .base import Segmenter
 from .boxes import crossing
@@ -58,7 +59,7 @@ class _Source:
         affs = to_float(np.asarray(_read(self.affs, box)))
         if self.mask is None or not with_mask:
             return affs, None
-        return affs, np.asarray(_read(self.mask, box)) != 0
+        return affs, inside(np.asarray(_read(self.mask, box)))
 
 
 def _read(array: Any, box: Roi) -> np.ndarray:

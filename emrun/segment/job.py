@@ -33,6 +33,7 @@ from ..devices import available_memory
 from ..errors import UserError
 from ..geometry import Roi, zyx
 from ..io import Volume, open_volume
+from ..io.masks import inside
 from ..io.pyramid import level_factors
 from ..io.window import other_offset, other_voxel_size
 from ..io.write import check_new_volume, held_store
@@ -363,7 +364,7 @@ def run_segment(request: SegmentRequest, *,
         else:
             say(f"reading {volume} ({'x'.join(map(str, spatial))} voxels)")
             affs, used = read_channels(volume, offsets, segmenter)
-            mask_array = None if mask is None else mask.read() != 0
+            mask_array = None if mask is None else inside(mask.read())
             from .pipeline import segment_values
 
             chosen = values or [segmenter.value]
@@ -485,14 +486,14 @@ def _sweep(result: SegmentResult, volume: Volume, offsets: Sequence[Offset],
     assert truth is not None
     say(f"reading {truth}" + ("" if mask is None else f" and {mask}"))
     labels = truth.read()
-    inside = None if mask is None else mask.read() != 0
-    check_scorable(labels, inside, str(truth), str(mask))  # before minutes of segmenting
+    kept = None if mask is None else inside(mask.read())
+    check_scorable(labels, kept, str(truth), str(mask))  # before minutes of segmenting
     say(f"reading {volume}")
     affs, used = read_channels(volume, offsets, segmenter)
     say(f"segmenting at {len(values)} values of {segmenter.value_name} and scoring each")
     found = sweep(affs, used, segmenter, values,
                   connected_pieces(labels) if connected_truth else labels,
-                  inside, workers=workers,
+                  kept, workers=workers,
                   on_value=lambda i, row: say(value_line(segmenter.value_name, values, i, row)))
     summary = {**found.summary(), "truth": str(truth), "connected_truth": connected_truth}
     result.sweep = summary

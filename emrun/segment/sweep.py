@@ -8,6 +8,7 @@ values side by side in worker processes when the volume is large enough to pay f
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..io.masks import inside
 from ..registry import Spec, segmenters
 from .affinities import Offset, check_offsets, to_float
 from .base import Segmenter
@@ -47,8 +49,12 @@ class SweepResult:
     @property
     def at_edge(self) -> bool:
         """Whether the best value is the lowest or highest one tried (of several): a wider
-        range may do better."""
-        return len(self.values) > 1 and self.best_value in (min(self.values), max(self.values))
+        range may do better. Only when that edge alone scores best: when other values score
+        as well (a sweep where every value scores 0, say), the first of them is chosen, an
+        edge only by the order they were tried in, and the best lies inside the range too."""
+        best = self.best_scores["arand"]
+        tied = {v for v, s in zip(self.values, self.scores, strict=True) if s["arand"] == best}
+        return len(set(self.values)) > 1 and tied in ({min(self.values)}, {max(self.values)})
 
     def table(self) -> list[dict[str, Any]]:
         """One row per value: the value under the parameter's name, then its scores."""
@@ -62,10 +68,20 @@ class SweepResult:
 
 
 def check_scorable(truth: np.ndarray, mask: np.ndarray | None, truth_name: str = "the truth",
-                   mask_name: str = "the mask") -> None:
-    """Refuse, before any value is segmented, a truth with no labelled voxel where it is
-    scored: all 0, or all 0 inside the mask, or a mask that is 0 everywhere (each said as
-    what it is: an empty mask is not an empty truth)."""
+                   mask_name: str = "the mask",
+                   warn: Callable[[str], None] | None = None) -> None:
+    """Refuse, before any value is segmented, a truth `emrun evaluate` would not score: not
+    integer ids, or no labelled voxel where it is scored (all 0, or all 0 inside the mask,
+    or a mask that is 0 or NaN everywhere: each said as what it is, an empty mask is not an
+    empty truth). Negative ids are scored as objects, as evaluate does, with the same
+    warning (``warn``; default: a line on stderr)."""
+    if truth.dtype.kind not in "iu":
+        hint = " (a foreground mask: score it with emrun evaluate --binary)" if (
+            truth.dtype.kind in "bf") else ""
+        raise UserError(f"{truth_name}: the truth has dtype {truth.dtype}, not integer ids; "
+                        f"a sweep scores segmentations against integer labels{hint}")
+    if mask is not None:
+        mask = inside(mask)
     if mask is not None and not np.any(mask):
         raise UserError(f"{mask_name}: the mask is 0 everywhere; nothing to segment or score")
     if not np.any(truth):
@@ -74,6 +90,15 @@ def check_scorable(truth: np.ndarray, mask: np.ndarray | None, truth_name: str =
     if mask is not None and not np.any(np.logical_and(truth != 0, mask)):
         raise UserError(f"{truth_name}: the truth has no labelled voxel inside {mask_name} "
                         "(labelled voxels and mask do not overlap); nothing to score")
+    if truth.dtype.kind == "i" and np.any(truth < 0):
+        (warn or _to_stderr)(f"{truth_name} holds negative ids: each is scored as an object "
+                             "(only 0 is unlabelled); map them to 0 first if they mean "
+                             "unlabelled")
+
+
+def _to_stderr(line: str) -> None:
+    """A warning where `emrun evaluate` prints its own (stderr; stdout keeps the results)."""
+    print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def sweep(affs: np.ndarray, offsets: Sequence[Offset], spec: Spec | Segmenter,
@@ -102,7 +127,9 @@ def sweep(affs: np.ndarray, offsets: Sequence[Offset], spec: Spec | Segmenter,
     if mask is not None and mask.shape != truth.shape:
         raise UserError(f"mask has shape {list(mask.shape)} but the affinities' volume is "
                         f"{list(affs.shape[1:])}")
-    check_scorable(truth, mask)
+    if mask is not None:
+        mask = inside(mask)  # NaN is outside, as in emrun evaluate
+    check_scorable(truth, mask, warn=lambda line: None)  # the caller warned (or a validation)
     if workers is not None and workers < 1:
         raise UserError(f"sweep workers must be at least 1 (got {workers})")
     if shares_work(segmenter) or len(values) == 1:

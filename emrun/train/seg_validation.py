@@ -25,6 +25,7 @@ from ..evaluate.pieces import connected_pieces
 from ..geometry import Roi
 from ..infer.array import predict_array
 from ..infer.engine import Engine, quantise
+from ..io.masks import inside
 from ..recipe import Recipe
 from ..recipe.run import SegmenterBase
 from ..recipe.tasks import AffinityTarget
@@ -80,7 +81,7 @@ def predict_validation(recipe: Recipe, model: nn.Module,
         roi = central_crop(source.box, MAX_VOXELS)
         image = source.image.read(roi)
         image = image[0] if image.ndim == 4 else image
-        mask = None if source.mask is None else source.mask.read(roi) != 0
+        mask = None if source.mask is None else inside(source.mask.read(roi))
         affs = predict_array(engine, image, (source.low, source.high))[task]
         truth = source.labels.read(roi)
         if recipe.train.validate_connected_truth:
@@ -103,7 +104,7 @@ def unscorable_sources(recipe: Recipe) -> list[tuple[str, str]]:
             continue
         roi = central_crop(source.box, MAX_VOXELS)
         labelled = source.labels.read(roi) != 0
-        mask = None if source.mask is None else source.mask.read(roi) != 0
+        mask = None if source.mask is None else inside(source.mask.read(roi))
         if not labelled.any():
             why = "all 0"
         elif mask is not None and not (labelled & mask).any():
