@@ -346,3 +346,14 @@ def test_a_patch_leaving_one_voxel_for_instance_norm_is_refused(tmp_path):
     ok = runner.invoke(app, ["validate", str(recipe), "--no-data", "-o",
                              "model.norm=batch", "-o", "train.patch=[2, 2, 2]"])
     assert "train.patch" not in ok.stderr
+
+
+def test_a_one_level_resenc_builds_without_naming_a_key_not_written():
+    """The default in-plane levels [0, 1] made a one-level ResEnc fail validation with
+    'anisotropic_levels [1] outside 0..0', a key the recipe never wrote."""
+    from emrun.recipe.unets import ResEnc
+
+    spec = ResEnc(widths=[8])
+    assert spec.anisotropic_levels == [0] and ResEnc(widths=[8, 16]).anisotropic_levels == [0, 1]
+    with pytest.raises(ValueError, match=r"anisotropic_levels \[1\] outside 0..0"):
+        ResEnc(widths=[8], anisotropic_levels=[1])  # written: still refused

@@ -27,7 +27,7 @@ levels ``i`` and ``i+1`` use level ``i+1``'s kernel, which must be at least the 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -127,6 +127,16 @@ class ResEnc(StagedUNetBase):
     activation: Activation = Field("leaky_relu", description="Activation after each norm.")
     upsample: Literal["interp", "transpose"] = Field(
         "transpose", description="Upsampling: transposed conv, or trilinear + 1x1x1 conv.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_levels_that_exist(cls, data: Any) -> Any:
+        """The default in-plane levels, 0 and 1, cut to the levels there are: a one-level
+        ResEnc was refused for 'anisotropic_levels [1] outside 0..0', a key not written."""
+        if isinstance(data, dict) and "anisotropic_levels" not in data and \
+                isinstance(data.get("widths"), list) and len(data["widths"]) < 2:
+            return {**data, "anisotropic_levels": list(range(len(data["widths"])))}
+        return data
 
     def default_blocks(self, levels: int) -> list[int]:
         return [1, 3, 4, 6, 6, 6, 6, 6][:levels]
