@@ -33,7 +33,7 @@ from ..io.package import package_bytes
 from ..registry import ALL as registries
 from ..synth import synthesize
 from .manifest import manifest, notes
-from .network import ExportedNetwork, exported_network
+from .network import ExportedNetwork, exported_network, output_names, renamed
 from .source import Trained
 from .staging import publish, staging_folder
 
@@ -57,7 +57,7 @@ def export_bioimageio(trained: Trained, output: Path) -> list[str]:
     return [f"wrote {output}: bioimage.io model (spec {description.format_version}) of "
             f"{trained.path} at iteration {trained.iteration}; weights: torchscript, "
             f"pytorch_state_dict; license {LICENSE} (edit rdf.yaml to change it)",
-            *notes(facts)]
+            *renamed(list(facts["tasks"])), *notes(facts)]
 
 
 def _bioimageio() -> tuple[Any, Any]:
@@ -83,7 +83,9 @@ def _write_files(trained: Trained, facts: dict[str, Any], folder: Path) -> dict[
         warnings.simplefilter("ignore")  # the input checks' TracerWarnings: sizes vary
         traced = torch.jit.trace(network, torch.from_numpy(scaled), check_trace=False)
         outputs = [o.numpy() for o in traced(torch.from_numpy(scaled))]
-    files: dict[str, Any] = {"gain": gain, "offset": offset}
+    files: dict[str, Any] = {"gain": gain, "offset": offset,
+                             "ids": dict(zip(network.tasks, output_names(network.tasks),
+                                             strict=True))}
     # through memory: torch's zip writer aborts the process (SIGABRT) on a full disk
     files["torchscript"] = folder / "weights_torchscript.pt"
     files["torchscript"].write_bytes(_saved(lambda buffer: torch.jit.save(traced, buffer)))
@@ -96,7 +98,7 @@ def _write_files(trained: Trained, facts: dict[str, Any], folder: Path) -> dict[
     files["tolerances"] = {name: _tolerance(name, array)
                            for name, array in zip(network.tasks, outputs, strict=True)}
     for name, array in zip(network.tasks, outputs, strict=True):
-        files["outputs"][name] = folder / f"test_output_{name}.npy"
+        files["outputs"][name] = folder / f"test_output_{files['ids'][name]}.npy"
         np.save(files["outputs"][name], array)
     files["package"] = folder / f"{trained.recipe.name}.emrun"
     files["package"].write_bytes(package_bytes(facts, trained.recipe_text, trained.weights,
@@ -125,6 +127,35 @@ def _test_input(trained: Trained, low: float, high: float) -> np.ndarray:
     raw = np.float32(low) + image * np.float32(high - low)
     channels = trained.recipe.model.input_channels()
     return np.repeat(raw[None, None], channels, axis=1).astype(np.float32)
+
+
+TENSOR_WORDS, MODEL_WORDS = 128, 512
+"""The longest description bioimage.io takes for a tensor, and for a model without a
+warning (1024 is its limit): a recipe's description may be 10,000 characters long, and
+twelve affinity offsets are more than 128."""
+
+
+def _output_words(task: str, tensor: str, facts: dict[str, Any]) -> str:
+    """An output's description: target, activation and, where they fit, its offsets (the
+    README and the emrun config list them all)."""
+    words = f"{_task_words(task, tensor)}{facts['target']} ({facts['activation']})"
+    if "offsets" not in facts:
+        return _cut(words, TENSOR_WORDS)
+    offsets = f"{words}; affinity offsets (z, y, x) {facts['offsets']}"
+    if len(offsets) <= TENSOR_WORDS:
+        return offsets
+    return _cut(f"{words}; {len(facts['offsets'])} affinity offsets (z, y, x): see the README",
+                TENSOR_WORDS)
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters ('...' where it was cut)."""
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _task_words(task: str, tensor: str) -> str:
+    """'task my-task: ' where the output's id is not the task's name (`output_names`)."""
+    return "" if task == tensor else f"task {task}: "
 
 
 def _channel_names(task: str, channels: int) -> list[str]:
@@ -159,13 +190,13 @@ def _description(spec: Any, trained: Trained, facts: dict[str, Any],
     )]
     outputs = []
     for name, task in facts["tasks"].items():
-        offsets = f"; affinity offsets (z, y, x) {task['offsets']}" if "offsets" in task else ""
+        tensor = files["ids"][name]
         outputs.append(spec.OutputTensorDescr(
-            id=spec.TensorId(name),
-            description=f"{task['target']} ({task['activation']}){offsets}",
+            id=spec.TensorId(tensor),
+            description=_output_words(name, tensor, task),
             axes=[spec.BatchAxis(),
                   spec.ChannelAxis(channel_names=[spec.Identifier(n) for n in _channel_names(
-                      name, task["channels"])]),
+                      tensor, task["channels"])]),
                   *[spec.SpaceOutputAxis(id=spec.AxisId(a), unit=unit, scale=float(voxel[i]),
                                          size=spec.SizeReference(tensor_id=raw,
                                                                  axis_id=spec.AxisId(a)))
@@ -188,8 +219,9 @@ def _description(spec: Any, trained: Trained, facts: dict[str, Any],
     )
     return spec.ModelDescr(
         name=_name(recipe.name),
-        description=recipe.description or f"{_model_words(recipe.model)} for 3D electron "
-        f"microscopy, trained with emrun: {', '.join(facts['tasks'])}",
+        description=_cut(recipe.description or f"{_model_words(recipe.model)} for 3D "
+                         f"electron microscopy, trained with emrun: {', '.join(facts['tasks'])}",
+                         MODEL_WORDS),
         authors=[],
         cite=[],
         license=spec.LicenseId(LICENSE),
@@ -201,7 +233,7 @@ def _description(spec: Any, trained: Trained, facts: dict[str, Any],
         tags=TAGS,
         config=spec.Config(
             bioimageio=spec.BioimageioConfig(reproducibility_tolerance=[
-                spec.ReproducibilityTolerance(output_ids=[spec.TensorId(name)],
+                spec.ReproducibilityTolerance(output_ids=[spec.TensorId(files["ids"][name])],
                                               absolute_tolerance=tolerance)
                 for name, tolerance in files["tolerances"].items() if tolerance is not None]),
             emrun={"tasks": facts["tasks"], "input": facts["input"],
@@ -320,11 +352,12 @@ def _readme(trained: Trained, facts: dict[str, Any]) -> str:
              f"{list(recipe.model.divisor())} voxels (z, y, x); emrun predicts with patches "
              f"of {list(recipe.infer_patch())} and blends their overlaps.", "", "## Outputs",
              ""]
-    for name, task in facts["tasks"].items():
+    for (name, task), tensor in zip(facts["tasks"].items(), output_names(list(facts["tasks"])),
+                                    strict=True):
         offsets = f"; channel i is the affinity to the voxel at offset {task['offsets']}[i]" \
             if "offsets" in task else ""
-        lines.append(f"- `{name}`: {task['target']}, {task['channels']} channel(s), "
-                     f"{task['activation']}{offsets}.")
+        lines.append(f"- `{tensor}`: {_task_words(name, tensor)}{task['target']}, "
+                     f"{task['channels']} channel(s), {task['activation']}{offsets}.")
     lines += ["", "## Provenance", "",
               f"Trained for {trained.iteration} iterations by emrun {facts['emrun']} on "
               f"{', '.join(facts['provenance']['training_data'].values())}; exported "

@@ -34,8 +34,10 @@ def manifest(trained: Trained) -> dict[str, Any]:
         "input": {
             "axes": "czyx",
             "channels": recipe.model.input_channels(),
-            "voxel_size": _stated(voxel_size(recipe), trained.stated.get("voxel_size")),
-            "intensity": _stated(intensity(recipe), trained.stated.get("intensity")),
+            "voxel_size": _stated(voxel_size(recipe),
+                                  _voxel_size_or_none(trained.stated.get("voxel_size"))),
+            "intensity": _stated(intensity(recipe),
+                                 _intensity_or_none(trained.stated.get("intensity"))),
             "patch": list(recipe.infer_patch()),
             "divisor": list(recipe.model.divisor()),
         },
@@ -57,6 +59,30 @@ def _stated(found: Any, stated: Any) -> Any:
             isinstance(stated, dict) and str(stated.get("from", "")).startswith(ASSUMED)):
         return stated
     return found
+
+
+def _voxel_size_or_none(stated: Any) -> list[float] | None:
+    """A package's stated voxel size when it is one (three positive numbers): its manifest
+    carries the checksums, not one of its own, so a hand edit reaches here unchecked."""
+    if not isinstance(stated, list) or len(stated) != 3 or not all(
+            _number(v) and v > 0 for v in stated):
+        return None
+    return [float(v) for v in stated]
+
+
+def _intensity_or_none(stated: Any) -> dict[str, Any] | None:
+    """A package's stated intensity scale when it is one (numbers, low below high)."""
+    if not isinstance(stated, dict):
+        return None
+    low, high = stated.get("low"), stated.get("high")
+    if not (_number(low) and _number(high) and low < high):
+        return None
+    return stated
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and \
+        bool(np.isfinite(value))
 
 
 ASSUMED = "assumed"

@@ -12,6 +12,8 @@ rebuilds the network from that alone.
 
 from __future__ import annotations
 
+import keyword
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -45,3 +47,48 @@ def exported_network(recipe: Recipe, weights: dict[str, torch.Tensor]) -> Export
     network = ExportedNetwork(recipe)
     network.model.load_state_dict(weights)
     return network.eval()
+
+
+INPUT = "raw"
+"""The input tensor's name in every exported format."""
+ID_LENGTH = 32
+"""bioimage.io's longest tensor id."""
+
+
+def output_names(tasks: Sequence[str]) -> list[str]:
+    """Each task's output tensor name: the task's own, unless another tool cannot take it.
+
+    bioimage.io wants Python identifiers (no keywords) of at most `ID_LENGTH` characters,
+    and ONNX and bioimage.io want every tensor named once: a task may be named ``my-task``,
+    ``None`` or ``raw`` (the input), or 40 letters long. Those get ``_`` for ``-``, a ``_``
+    after a keyword or a taken name, a cut, and a number where that still collides."""
+    taken = {INPUT}
+    names = []
+    for task in tasks:
+        name = _identifier(task)
+        if name in taken:
+            name = _identifier(name + "_")
+        stem, n = name, 2
+        while name in taken:
+            suffix = f"_{n}"
+            name, n = stem[: ID_LENGTH - len(suffix)] + suffix, n + 1
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _identifier(name: str) -> str:
+    name = name.replace("-", "_")
+    if keyword.iskeyword(name):
+        name += "_"
+    return name[:ID_LENGTH]
+
+
+def renamed(tasks: Sequence[str]) -> list[str]:
+    """A note naming the outputs that are not called after their task, if any."""
+    pairs = [f"{task} as {name}" for task, name in zip(tasks, output_names(tasks), strict=True)
+             if task != name]
+    if not pairs:
+        return []
+    return [f"note: outputs renamed for other tools (Python identifiers of at most "
+            f"{ID_LENGTH} characters, '{INPUT}' is the input): {', '.join(pairs)}"]

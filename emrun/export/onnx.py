@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UserError, disk_full, not_allowed
 from ..synth import synthesize
-from .network import exported_network
+from .network import exported_network, output_names, renamed
 from .source import Trained
 from .staging import publish, staging_folder
 
@@ -38,11 +38,14 @@ def export_onnx(trained: Trained, output: Path) -> list[str]:
     patch = trained.recipe.infer_patch()
     divisor = trained.recipe.model.divisor()
     example = _example(trained, patch)
+    # traced on the larger one: a size of 1 (a patch one section deep, batch 1) is
+    # specialised by torch.export, and the graph then declared that axis of its outputs 1
+    larger = _example(trained, tuple(p + d for p, d in zip(patch, divisor, strict=True)),
+                      batch=2)
+    names = output_names(network.tasks)
     with staging_folder(output) as folder:
         staged = folder / output.name
-        _export(network, example, staged)
-        larger = _example(trained, tuple(p + d for p, d in zip(patch, divisor, strict=True)),
-                          batch=2)
+        _export(network, larger, staged, names)
         worst = max(_difference(onnxruntime, staged, network, x) for x in (example, larger))
         if not worst <= TOLERANCE:
             raise UserError(f"the ONNX graph of this model differs from PyTorch by {worst:.2g} "
@@ -50,8 +53,8 @@ def export_onnx(trained: Trained, output: Path) -> list[str]:
         publish(staged, output)
     return [f"wrote {output}: ONNX (opset {OPSET}) of {trained.path} at iteration "
             f"{trained.iteration}; input raw (b, {trained.recipe.model.input_channels()}, z, y, "
-            f"x) in [0, 1], outputs {', '.join(network.tasks)}; onnxruntime matches PyTorch "
-            f"within {worst:.1g}"]
+            f"x) in [0, 1], outputs {', '.join(names)}; onnxruntime matches PyTorch "
+            f"within {worst:.1g}", *renamed(network.tasks)]
 
 
 def _onnxruntime() -> Any:
@@ -72,7 +75,8 @@ def _example(trained: Trained, shape: tuple[int, ...], batch: int = 1) -> torch.
     return image[None, None].expand(batch, channels, *shape).contiguous()
 
 
-def _export(network: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def _export(network: torch.nn.Module, example: torch.Tensor, path: Path,
+            names: list[str]) -> None:
     auto = torch.export.Dim.AUTO
     quiet = logging.getLogger("torch.onnx")  # notes about torchvision's operators, and such
     level = quiet.level
@@ -82,7 +86,7 @@ def _export(network: torch.nn.Module, example: torch.Tensor, path: Path) -> None
             warnings.simplefilter("ignore")
             torch.onnx.export(network, (example,), str(path), dynamo=True, verbose=False,
                               opset_version=OPSET, external_data=False, input_names=["raw"],
-                              output_names=list(network.tasks),  # type: ignore[arg-type]
+                              output_names=names,
                               dynamic_shapes=({0: auto, 2: auto, 3: auto, 4: auto},))
     except Exception as exc:  # torch.export and the ONNX translation raise many kinds
         if disk_full(exc) or not_allowed(exc):  # the place's fault, not the model's

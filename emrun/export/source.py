@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from ..errors import UserError
 from ..infer.checkpoint_recipe import recipe_for
 from ..io.checkpoint import load
-from ..io.package import is_package, network_weights, read_package
-from ..models import build_model
+from ..io.package import checkpoint_network, is_package, load_network, network_weights, read_package
+from ..models import build_model, weights_mismatch
 from ..paths import not_a_file
 from ..recipe import Recipe
 from ..train.run_dir import recipe_text
@@ -62,14 +64,26 @@ def checkpoint_of(source: Path) -> Path:
     for name in ("best.pt", "last.pt"):
         if (source / "checkpoints" / name).is_file():
             return source / "checkpoints" / name
+    numbered = _numbered(source / "checkpoints")
+    if numbered:  # a run stopped between saving iter_N.pt and pointing last.pt at it
+        raise UserError(f"{source} has no checkpoints/best.pt or checkpoints/last.pt, but "
+                        f"has {numbered[-1].name} (its newest): export that file, "
+                        f"{numbered[-1]}")
     raise UserError(f"{source} is a directory without checkpoints/best.pt or "
                     "checkpoints/last.pt: give a run directory or a checkpoint file")
+
+
+def _numbered(folder: Path) -> list[Path]:
+    """The run's numbered checkpoints (``iter_NNNNNNN.pt``), oldest first."""
+    with contextlib.suppress(OSError):
+        return sorted(p for p in folder.glob("iter_*.pt") if p.is_file())
+    return []
 
 
 def load_trained(source: Path) -> Trained:
     """Read what ``source`` names; refuses one that carries no recipe or broken weights."""
     path = checkpoint_of(Path(source))
-    recipe = recipe_for(path, None, []).recipe
+    recipe = _carried_recipe(path)
     if is_package(path):
         package = read_package(path)
         provenance = dict(package.manifest["provenance"])
@@ -78,15 +92,50 @@ def load_trained(source: Path) -> Trained:
                           provenance, stated if isinstance(stated, dict) else {})
     else:
         state = load(path)
-        trained = Trained(path, recipe, network_weights(state), int(state["iteration"]),
-                          _provenance(path, state))
+        trained = Trained(path, recipe, checkpoint_network(path, state)["model"],
+                          int(state["iteration"]), _provenance(path, state))
+    _check_weights(trained)
+    return trained
+
+
+def _carried_recipe(path: Path) -> Recipe:
+    """The recipe ``path`` carries. One it lacks, or carries damaged, is refused here:
+    `recipe_for` then says to give ``--recipe``, which `emrun export` does not take (the
+    package must carry the recipe the weights were trained with)."""
+    text = load_network(path).get("recipe")
+    try:
+        parsed = yaml.safe_load(text) if isinstance(text, str) else None
+    except yaml.YAMLError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        quoted = shlex.quote(str(path))
+        raise UserError(f"{path} carries no recipe, or a damaged one (not written by `emrun "
+                        "train`?), and an export must carry the one its weights were trained "
+                        f"with; `emrun infer --checkpoint {quoted} --recipe RECIPE` predicts "
+                        "with it")
+    return recipe_for(path, None, []).recipe
+
+
+def _check_weights(trained: Trained) -> None:
+    """Refuse weights that do not fit the recipe's model, or that hold NaN or infinite
+    values: `emrun infer` refuses those (a run that diverged), so their export would only
+    travel to be refused, or compute NaN in another tool."""
+    path = trained.path
+    if (why := weights_mismatch(build_model(trained.recipe), trained.weights)) is not None:
+        raise UserError(f"{path}: its weights do not match its recipe's model (tensors: {why})")
+    broken = [name for name, tensor in trained.weights.items()
+              if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+              and not torch.isfinite(tensor).all()]
+    if broken:
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        raise UserError(f"{path}: its weights hold NaN or infinite values ({broken[0]}{more}); "
+                        "a run that diverged? Export an earlier checkpoint")
     try:
         trained.model()
-    except (RuntimeError, KeyError) as exc:
+    except (RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"{path}: its weights do not match its recipe's model ({first})"
                         ) from None
-    return trained
 
 
 def _provenance(path: Path, state: dict[str, Any]) -> dict[str, Any]:

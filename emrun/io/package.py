@@ -36,8 +36,8 @@ from ..atomic import write_bytes
 from ..paths import not_a_file
 from .checkpoint import CheckpointError, load
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ModelPackage", "PackageError", "is_package",
-           "load_network", "network_weights", "read_package", "write_package"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "ModelPackage", "PackageError", "checkpoint_network",
+           "is_package", "load_network", "network_weights", "read_package", "write_package"]
 
 FORMAT = "emrun-model"
 FORMAT_VERSION = 1
@@ -185,6 +185,11 @@ def _manifest(where: str, data: bytes) -> dict[str, Any]:
         raise PackageError(f"{where}: package format version {version!r} is not supported "
                            f"(this emrun reads version {FORMAT_VERSION}); export it again with "
                            "this emrun, or use the emrun that wrote it")
+    provenance = manifest.get("provenance")
+    iteration = provenance.get("iteration") if isinstance(provenance, dict) else None
+    if type(iteration) is not int or iteration < 0:  # bool is an int; a hand edit
+        raise PackageError(f"{where}: member {MANIFEST} states no training iteration "
+                           "(provenance.iteration; edited by hand?); export the package again")
     return manifest
 
 
@@ -242,7 +247,18 @@ def load_network(path: Path) -> dict[str, Any]:
     path = Path(path)
     if is_package(path):
         return read_package(path).as_checkpoint()
-    state = load(path)
+    return checkpoint_network(path, load(path))
+
+
+def checkpoint_network(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """A loaded training checkpoint's ``state`` with ``model`` replaced by
+    `network_weights`; one without a dictionary of weights is refused in one line naming
+    ``path`` (infer, export and fine-tuning each failed on it in their own way, exit 1)."""
+    weights = state.get("model")
+    if not isinstance(weights, dict):
+        found = "missing" if weights is None else f"a {type(weights).__name__}"
+        raise CheckpointError(f"{path}: it holds no network weights (its 'model' is {found}, "
+                              "not a dictionary of tensors); not written by `emrun train`?")
     return {**state, "model": network_weights(state)}
 
 
