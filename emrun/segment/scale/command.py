@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +29,17 @@ from ...geometry import Zyx, zyx
 from ...io import Volume
 from ...io.completion import mark_finished, unfinished
 from ...io.layout import volume_dir
-from ...io.sample import contents_sample
+from ...io.sample import contents_sample, sample_boxes
 from ...io.write import CHUNK_ZYX, build_pyramid, create_volume
 from ...recipe.run import SegmenterBase, Waterz
 from ...registry import segmenters
+from ..affinities import to_float
 from ..base import respec
 from ..request import SegmentRequest
 from .fragments import FRAGMENT_METHODS, HALO, MAX_VOXELS
-from .graphdb import GraphStore, default_url, shown_url
+from .graphdb import GraphStore, default_url, job_url, shown_url
 from .job import FOLDER, FRAGMENTS, ScaleJob
-from .schedulers import local_pool, run_step
+from .schedulers import forget_caches, local_pool, run_step
 from .steps import agglomerate_graph, levels_key, lut_file, lut_key
 
 __all__ = ["AGGLOMERATIONS", "DEFAULT_BLOCK", "block_chunks", "run_scaled"]
@@ -110,16 +113,23 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
                    output=str(output.resolve()), shape=spatial, block=block,
                    fragments=request.fragments, thresholds=tuple(agglo.thresholds),
                    scoring=agglo.scoring, min_size=int(agglo.min_size),
-                   db=request.db or default_url(folder), name=request.name,
+                   db=job_url(request.db) if request.db else default_url(folder),
+                   name=request.name,
                    mask=None if mask is None else mask.location(), levels=request.levels,
                    agglomeration=request.agglomeration)
-    _check_resume(job, request.resume)
+    forget_caches()  # an earlier run in this process kept blocks' data by path and URL
+    old = _check_resume(job, request.resume)
+    job = replace(job, run=_run_token(old))
+    _check_values(volume, job.affinities)
+    info = _output_info(job, volume)
+    _check_outputs(job, info)  # refused before the database or the job's folder is made
     store = GraphStore(job.db)
     if not (output / "zarr.json").is_file():  # new (held: its folder holds only the lock)
         zarr.open_group(str(output), mode="a", zarr_format=3)  # the store, then its folder
     job.folder.mkdir(parents=True, exist_ok=True)
-    store.create(job.digest())  # the database answers and takes the tables, before any work
-    _prepare_outputs(job, volume, agglo)
+    # the database answers and takes the tables, and holds no other run's graph, before work
+    store.create(job.digest(), job.run, job.output, resumed=old is not None)
+    _prepare_outputs(job, volume, agglo, info)
     job.save()
     timings: dict[str, Any] = {"block": list(job.block), "blocks": len(job.grid)}
     workers, kind, launch = request.workers or 1, request.scheduler or "local", request.launch
@@ -163,9 +173,10 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
     return timings
 
 
-def _check_resume(job: ScaleJob, resume: bool) -> None:
+def _check_resume(job: ScaleJob, resume: bool) -> ScaleJob | None:
+    """The job this one resumes (None: a new one); refused if it is not the same job."""
     if not job.job_file.exists():
-        return  # new (or killed before it saved itself: nothing of it was done)
+        return None  # new (or killed before it saved itself: nothing of it was done)
     if not resume:
         raise UserError(f"{job.output}: holds an unfinished or finished scaled segmentation; "
                         "use --resume to finish or extend it, or another output (nothing was "
@@ -187,32 +198,70 @@ def _check_resume(job: ScaleJob, resume: bool) -> None:
     if old.db != job.db:
         raise UserError(f"--db {shown_url(job.db)}: this job's graph is in "
                         f"{shown_url(old.db)}; resume with that --db")
+    return old
 
 
-def _prepare_outputs(job: ScaleJob, volume: Volume, agglo: Waterz) -> None:
+def _check_values(volume: Volume, where: str) -> None:
+    """Logits or NaN in nine small boxes are refused before the output exists: found by the
+    first fragments block, they left an output that the rewritten affinities may not resume
+    (their sample differs), so the user had to delete it by hand."""
+    for box in sample_boxes(volume):
+        to_float(box, where)
+
+
+def _run_token(old: ScaleJob | None) -> str:
+    """The run's token (`ScaleJob.run`): the resumed job's; new for a new job; for a job
+    saved before tokens, one made from its digest, so that each of its resumes claims the
+    database as the same run even if one stops before it saves the job again."""
+    if old is None:
+        return uuid.uuid4().hex
+    return old.run or f"job-{old.digest()}"
+
+
+def _output_info(job: ScaleJob, volume: Volume) -> dict[str, Any]:
+    """What the output volumes record of the job (and a sample of the affinities)."""
+    return {"version": __version__, "input": job.affinities,
+            "offsets": [list(o) for o in job.offsets], "mask": job.mask,
+            "block": list(job.block), "fragments": job.fragments,
+            "input_sample": contents_sample(volume)}
+
+
+def _check_outputs(job: ScaleJob, info: dict[str, Any]) -> None:
+    """Refuse any volume in the way that this job (with these settings) did not create."""
+    output = Path(job.output)
+    if volume_dir(output, FRAGMENTS, True).exists():
+        made = _attr(output, FRAGMENTS, "fragments")
+        if made.get("digest") != job.digest():
+            raise UserError(f"{volume_dir(output, FRAGMENTS, True)}: already exists and was "
+                            "not made by this job; not overwriting it (use another output)")
+        if made.get("input_sample", info["input_sample"]) != info["input_sample"]:
+            raise UserError(f"{job.affinities}: holds other data than when {output} was "
+                            "started (a sample of its voxels differs: it was rewritten since); "
+                            "resume only with the affinities it started from, or use another "
+                            "output")
+    key = lut_key(job)
+    for name in job.names:
+        if volume_dir(output, name, True).exists() and \
+                _attr(output, name, "segment").get("key") != key:
+            raise UserError(f"{volume_dir(output, name, True)}: already exists (another "
+                            "threshold or method); not overwriting it (choose another --name)")
+
+
+def _prepare_outputs(job: ScaleJob, volume: Volume, agglo: Waterz,
+                     info: dict[str, Any]) -> None:
     """Create the fragments volume and one segmentation per threshold, unless this job
-    (with these settings) created them already; refuse any other volume in the way."""
+    created them already (`_check_outputs` refused any other volume in the way)."""
     output = Path(job.output)
     chunks = block_chunks(job.block)
     args = {"chunks": chunks, "voxel_size": volume.voxel_size, "offset": volume.offset,
             "shift_nm": volume.shift_nm, "label": True}
-    info = {"version": __version__, "input": job.affinities,
-            "offsets": [list(o) for o in job.offsets], "mask": job.mask,
-            "block": list(job.block), "fragments": job.fragments,
-            "input_sample": contents_sample(volume)}
+    _check_outputs(job, info)
     if not volume_dir(output, FRAGMENTS, True).exists():
         create_volume(output, FRAGMENTS, job.shape, np.uint64,
                       attrs={"emrun": {"fragments": {**info, "digest": job.digest()},
                                        **unfinished("emrun segment stopped before its last "
                                                     "block; run it again with --resume")}},
                       **args)
-    elif (made := _attr(output, FRAGMENTS, "fragments")).get("digest") != job.digest():
-        raise UserError(f"{volume_dir(output, FRAGMENTS, True)}: already exists and was not "
-                        "made by this job; not overwriting it (use another output)")
-    elif made.get("input_sample", info["input_sample"]) != info["input_sample"]:
-        raise UserError(f"{job.affinities}: holds other data than when {output} was started "
-                        "(a sample of its voxels differs: it was rewritten since); resume only "
-                        "with the affinities it started from, or use another output")
     key = lut_key(job)
     for name, threshold in zip(job.names, job.thresholds, strict=True):
         if not volume_dir(output, name, True).exists():
@@ -221,9 +270,6 @@ def _prepare_outputs(job: ScaleJob, volume: Volume, agglo: Waterz) -> None:
                                            "mode": "graph"}, **unfinished(
                 "emrun segment stopped before its last block; run it again with --resume")}}
             create_volume(output, name, job.shape, np.uint64, attrs=attrs, **args)
-        elif _attr(output, name, "segment").get("key") != key:
-            raise UserError(f"{volume_dir(output, name, True)}: already exists (another "
-                            "threshold or method); not overwriting it (choose another --name)")
 
 
 def _attr(output: Path, name: str, key: str) -> dict[str, Any]:

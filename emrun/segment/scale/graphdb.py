@@ -10,7 +10,9 @@ mid-block leaves nothing that a resumed job would trust), ``levels`` (blockwise
 agglomeration: the score at which each block joined the ends of the edges it owns, under a
 key naming the agglomeration settings), ``agglomerated`` (that step's done-markers, per key)
 and ``meta`` (the job digest: a database filled for other fragments refuses to be mixed with
-these).
+these; and the run filling it, with its output: a graph another run left, even of the same
+input path, is never taken for this run's). Tables under these names with other columns are
+someone else's: refused before anything is created.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ...errors import UserError
 from .rag import BINS, BlockGraph
 
 __all__ = ["GraphData", "GraphStore", "Neighbourhood", "RegionGraph", "default_url",
-           "shown_url"]
+           "job_url", "shown_url"]
 
 SQLITE_FILE = "graph.sqlite"
 REGION_CACHE_BYTES = 1 << 30
@@ -42,6 +44,28 @@ blocks' neighbourhoods (about 170 per edge with histograms: some 6 M edges)."""
 def default_url(folder: Path) -> str:
     """The SQLite database of a job whose private folder is ``folder``."""
     return f"sqlite:///{(folder / SQLITE_FILE).resolve()}"
+
+
+def job_url(url: str) -> str:
+    """``--db`` as the job records it: a SQLite file by its absolute path (a worker may start
+    in another folder); an in-memory SQLite database, which no worker would see, refused."""
+    from sqlalchemy.engine import make_url
+
+    if url.split(":", 1)[0].split("+", 1)[0].lower() != "sqlite":
+        return url
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a URL: GraphStore says so
+        return url
+    database = parsed.database or ""
+    if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+        raise UserError(f"--db {url}: an in-memory SQLite database lives in one "
+                        "process, where the workers cannot see it; give sqlite:///FILE, or "
+                        "leave --db out (a file in the output)")
+    if database.startswith("file:") or Path(database).is_absolute():
+        return url
+    return parsed.set(database=str(Path(database).resolve())).render_as_string(
+        hide_password=False)
 
 
 def shown_url(url: str) -> str:
@@ -151,21 +175,73 @@ class GraphStore:
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_key: tuple[Any, bool] | None = None  # (graph digest, histograms)
 
-    def create(self, digest: str) -> None:
-        """Create the tables if missing and record ``digest``; a database that records
-        another digest is refused (it holds another job's graph)."""
+    def create(self, digest: str, run: str = "", output: str = "",
+               resumed: bool = False) -> None:
+        """Create the tables if missing and record ``digest`` and the ``run`` that fills
+        them (`ScaleJob.run`, with its ``output`` for messages). Refused, before anything
+        is changed: tables of ours that hold other columns (not emrun's), a database that
+        records another digest (another job's graph), and one holding the graph of another
+        run of these fragments (another output, or this one started over: the affinities
+        may have been rewritten since) unless this run resumes one that recorded none.
+        On PostgreSQL under a lock: processes creating the tables of one new database at
+        once collided ('duplicate key ... pg_type', exit 1 'a bug in emrun')."""
         import sqlalchemy as sa
 
         meta, info, *_ = _tables()
         with self._connection("create the graph tables in") as conn:
+            if conn.dialect.name == "postgresql":  # held to the transaction's end
+                conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({CREATE_LOCK})"))
+            self._refuse_foreign_tables(conn)
             meta.create_all(conn)
-            found = conn.execute(sa.select(info.c.value).where(info.c.key == "digest")).scalar()
+            recorded = dict(conn.execute(sa.select(info.c.key, info.c.value)).tuples().all())
+            found = recorded.get("digest")
             if found is None:
                 conn.execute(info.insert(), [{"key": "digest", "value": digest}])
             elif found != digest:
                 raise UserError(f"--db {shown_url(self.url)}: holds the graph of other "
                                 "fragments (another input, block size or method); give an empty "
                                 "database, or the output this database was made for")
+            if run:
+                self._claim(conn, recorded, run, output, resumed)
+
+    def _refuse_foreign_tables(self, conn: Any) -> None:
+        """A table named as one of ours with other columns is someone else's: refused."""
+        import sqlalchemy as sa
+
+        inspector = sa.inspect(conn)
+        existing = set(inspector.get_table_names())
+        foreign = []
+        for table in _tables()[0].sorted_tables:
+            if table.name not in existing:
+                continue
+            columns = sorted(c["name"] for c in inspector.get_columns(table.name))
+            if columns != sorted(c.name for c in table.columns):
+                foreign.append(f"{table.name} ({', '.join(columns)})")
+        if foreign:
+            raise UserError(f"--db {shown_url(self.url)}: its table{'s' * (len(foreign) > 1)} "
+                            f"{'; '.join(foreign)} {'are' if len(foreign) > 1 else 'is'} not "
+                            "emrun's graph; give an empty database (nothing was changed)")
+
+    def _claim(self, conn: Any, recorded: dict[str, str], run: str, output: str,
+               resumed: bool) -> None:
+        """Record ``run`` as the one filling the graph, unless another run's graph is in."""
+        import sqlalchemy as sa
+
+        info, blocks, agglomerated = _tables()[1], _tables()[4], _tables()[6]
+        owner = recorded.get("run")
+        if owner == run:
+            return
+        holds = any(conn.execute(sa.select(t.c.block).limit(1)).first() is not None
+                    for t in (blocks, agglomerated))
+        if holds and (owner is not None or not resumed):
+            other = recorded.get("output") or "another output"
+            raise UserError(f"--db {shown_url(self.url)}: holds the graph of another run on "
+                            f"these affinities ({other}), which may have been rewritten since; "
+                            "give an empty database, or finish that run with --resume on its "
+                            "output")
+        conn.execute(info.delete().where(info.c.key.in_(["run", "output"])))
+        conn.execute(info.insert(), [{"key": "run", "value": run},
+                                     {"key": "output", "value": output}])
 
     def done_blocks(self) -> set[int]:
         import sqlalchemy as sa
@@ -339,8 +415,9 @@ class GraphStore:
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except (sa.exc.OperationalError, sa.exc.ProgrammingError,
-                sa.exc.InterfaceError) as exc:
+        except sa.exc.DBAPIError as exc:
+            if not _users_fault(exc):
+                raise
             raise UserError(f"--db {shown_url(self.url)}: cannot {what} the graph database "
                             f"({_first_line(exc.orig or exc)})") from None
 
@@ -417,6 +494,9 @@ def _picked(node_rows: np.ndarray, edge_rows: np.ndarray, around: Neighbourhood
             edge_rows[(_positions(taken, u) >= 0) & (_positions(taken, v) >= 0)])
 
 
+CREATE_LOCK = 0x656D72756E  # "emrun"
+"""The PostgreSQL advisory lock under which a run creates the tables and claims them."""
+
 BATCH = 1_000_000
 """Rows a PostgreSQL server-side cursor sends at a time when reading the graph."""
 
@@ -472,6 +552,16 @@ def _sqlite_settings(connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _users_fault(exc: Exception) -> bool:
+    """A database that does not answer, refuses, lacks a table or is no database at all
+    (sqlite: 'file is not a database', plain DatabaseError); not a constraint violated
+    (IntegrityError: `_write_once` reads it as a block another worker finished)."""
+    import sqlalchemy as sa
+
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.ProgrammingError,
+                            sa.exc.InterfaceError)) or type(exc) is sa.exc.DatabaseError
 
 
 def _first_line(exc: BaseException) -> str:

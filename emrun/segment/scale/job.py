@@ -52,6 +52,10 @@ class ScaleJob:
     mask: str | None = None
     levels: int | None = None
     agglomeration: str = "global"  # or "blockwise"
+    run: str = ""
+    """A token made when the job starts and kept by every resume: the graph database records
+    it, so that a graph another run left there (another output, or this output started
+    over) is never taken for this run's (the digest alone cannot tell: same input path)."""
 
     @property
     def folder(self) -> Path:

@@ -27,8 +27,9 @@ from ...geometry import Zyx, zyx
 from ...subprocesses import die_with_parent, killed_by
 from .job import ScaleJob
 from .steps import _store, run_block
+from .steps import forget_caches as forget_block_caches
 
-__all__ = ["local_pool", "run_step"]
+__all__ = ["forget_caches", "local_pool", "run_step"]
 
 Report = Callable[[str, int, int], None]
 
@@ -139,6 +140,14 @@ def _graph_done(job_file: str) -> frozenset[int]:
 @functools.cache
 def _agglomerated(db: str, key: str) -> frozenset[int]:
     return frozenset(_store(db).agglomerated_blocks(key))
+
+
+def forget_caches() -> None:
+    """Drop every cache this process keeps for a job's blocks (`steps.forget_caches`) and
+    daisy's done-checks: a new run (or a resumed one) must see what is done now."""
+    forget_block_caches()
+    _graph_done.cache_clear()
+    _agglomerated.cache_clear()
 
 
 def _block_is_done(job_file: str, step: str, block: Any) -> bool:

@@ -31,7 +31,8 @@ from .graphdb import GraphData, GraphStore, Neighbourhood
 from .job import FRAGMENTS, ScaleJob
 from .rag import block_graph
 
-__all__ = ["AGGLOMERATION_CONTEXT", "agglomerate_graph", "levels_key", "lut_key", "run_block"]
+__all__ = ["AGGLOMERATION_CONTEXT", "agglomerate_graph", "forget_caches", "levels_key", "lut_key",
+           "run_block"]
 
 AGGLOMERATION_CONTEXT = 0.5
 """Blockwise agglomeration: the graph a block agglomerates reaches this fraction of a block
@@ -59,6 +60,15 @@ def _store(url: str) -> GraphStore:
     return GraphStore(url)
 
 
+def forget_caches() -> None:
+    """Drop what this process kept between blocks (opened volumes, database engines and the
+    blocks' rows they keep, mapped lookup tables): their keys are paths and URLs, so a job
+    run again in the same process (its output deleted and made again, the affinities
+    rewritten at the same path) was relabelled through the last run's tables."""
+    for cached in (_volume, _store, _mapped):
+        cached.cache_clear()
+
+
 def fragments_array(job: ScaleJob, mode: str = "r") -> zarr.Array:
     return zarr.open_array(str(volume_dir(job.output, FRAGMENTS, True) / "0"), mode=mode)
 
@@ -73,8 +83,10 @@ def _mask(job: ScaleJob, box: Roi) -> np.ndarray | None:
 
 def lut_key(job: ScaleJob) -> str:
     """What decides the lookup tables and the segmentations: the graph and the agglomeration
-    settings. Relabel markers and table files are keyed by it."""
-    text = json.dumps([levels_key(job), list(job.thresholds), job.min_size, job.name])
+    settings. Relabel markers and table files are keyed by it. The thresholds as a set:
+    each one's segmentation is the same whatever the others, so the same command with
+    them in another order finds its volumes (it was refused as 'another threshold')."""
+    text = json.dumps([levels_key(job), sorted(job.thresholds), job.min_size, job.name])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
