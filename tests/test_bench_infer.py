@@ -142,10 +142,10 @@ def test_workers_scale_the_stand_in_over_the_same_volume(write):
                                  "--workers", "2", *FAST])
     rows = figures(result)["workers"]
     assert [r["workers"] for r in rows] == [1, 2]  # 1 always: the speed-ups' baseline
-    for row in rows:  # seconds are rounded to 1 ms: the rate lies within that of voxels/s
+    for row in rows:  # seconds are rounded to 1 ms, voxels/s to 0.1: within both roundings
         voxels, seconds = 8 * 48 * 48, row["seconds"]
-        assert voxels / (seconds + 6e-4) <= row["voxels_per_s"] <= voxels / max(seconds - 6e-4,
-                                                                                 1e-6)
+        assert voxels / (seconds + 6e-4) - 0.06 <= row["voxels_per_s"] <= \
+            voxels / max(seconds - 6e-4, 1e-6) + 0.06
         assert row["speedup"] == round(row["voxels_per_s"] / rows[0]["voxels_per_s"], 3)
         assert 0 < row["first_block_seconds"] <= row["seconds"]
         assert row["predicted_patches"] >= 8  # the lattice's patches; more across units
