@@ -7,6 +7,7 @@ before anything is made in it. Small synthetic volumes made in code."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -260,3 +261,37 @@ def test_postgresql_tables_created_by_processes_at_once_do_not_collide(
     with multiprocessing.get_context("fork").Pool(4) as pool:
         outcomes = pool.starmap(_create, jobs)
     assert outcomes == ["ok"] * len(jobs), outcomes
+
+
+def test_nan_in_a_float_mask_is_outside_at_scale(tmp_path, affs):
+    """As everywhere (emrun.io.masks): NaN in a float mask is outside, 0 in the output
+    (segmented before: NaN != 0)."""
+    mask = np.full(SHAPE, np.nan, np.float32)
+    mask[:, :, 32:] = 1.0
+    write_volume(tmp_path / "m.zarr", "mask", mask)
+    result = segment(affs, tmp_path / "out.zarr", "--mask", str(tmp_path / "m.zarr" / "mask"))
+    assert result.exit_code == 0, result.output
+    got = level0(tmp_path / "out.zarr", "segmentation")
+    assert not got[:, :, :32].any() and got[:, :, 32:].all()
+
+
+def test_a_password_in_the_db_url_is_not_written_to_the_job_file(tmp_path, affs, monkeypatch,
+                                                                 postgres_url):  # noqa: F811
+    """OUT/.emrun-segment/job.json, readable by whoever reads the output, held --db's
+    password in plain text. It goes to PGPASSWORD (libpq's; workers inherit it) instead."""
+    import sqlalchemy as sa
+
+    from emrun.segment.scale.graphdb import password_to_environment
+
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    with sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT").connect() as conn:
+        conn.execute(sa.text("CREATE DATABASE probe_password"))
+    user, rest = postgres_url.split("://", 1)[1].split("@", 1)
+    server = rest.rsplit("/", 1)[0]
+    url = f"postgresql://{user}:s3cr%40t@{server}/probe_password"
+    assert segment(affs, tmp_path / "out.zarr", "--db", url).exit_code == 0
+    recorded = (tmp_path / "out.zarr" / ".emrun-segment" / "job.json").read_text()
+    assert "s3cr" not in recorded and f"{user}@{server}/probe_password" in recorded
+    assert password_to_environment(url) == f"postgresql://{user}@{server}/probe_password"
+    assert os.environ["PGPASSWORD"] == "s3cr@t"
+    assert password_to_environment("sqlite:////x/g.sqlite") == "sqlite:////x/g.sqlite"

@@ -37,7 +37,7 @@ from ..affinities import to_float
 from ..base import respec
 from ..request import SegmentRequest
 from .fragments import FRAGMENT_METHODS, HALO, MAX_VOXELS
-from .graphdb import GraphStore, default_url, job_url, shown_url
+from .graphdb import GraphStore, default_url, job_url, password_to_environment, shown_url
 from .job import FOLDER, FRAGMENTS, ScaleJob
 from .schedulers import forget_caches, local_pool, run_step
 from .steps import agglomerate_graph, levels_key, lut_file, lut_key
@@ -113,7 +113,8 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
                    output=str(output.resolve()), shape=spatial, block=block,
                    fragments=request.fragments, thresholds=tuple(agglo.thresholds),
                    scoring=agglo.scoring, min_size=int(agglo.min_size),
-                   db=job_url(request.db) if request.db else default_url(folder),
+                   db=job_url(password_to_environment(request.db)) if request.db else
+                   default_url(folder),
                    name=request.name,
                    mask=None if mask is None else mask.location(), levels=request.levels,
                    agglomeration=request.agglomeration)

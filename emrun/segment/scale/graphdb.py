@@ -18,6 +18,7 @@ someone else's: refused before anything is created.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -66,6 +67,22 @@ def job_url(url: str) -> str:
         return url
     return parsed.set(database=str(Path(database).resolve())).render_as_string(
         hide_password=False)
+
+
+def password_to_environment(url: str) -> str:
+    """``url`` without its password, which goes to ``PGPASSWORD`` instead (libpq reads it, and
+    the workers this process starts inherit it): the job file in the output, readable by
+    whoever may read the output, held the password in plain text."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a URL: GraphStore says so
+        return url
+    if parsed.password is None or parsed.get_backend_name() not in ("postgresql", "postgres"):
+        return url
+    os.environ["PGPASSWORD"] = str(parsed.password)
+    return parsed._replace(password=None).render_as_string(hide_password=False)
 
 
 def shown_url(url: str) -> str:

@@ -108,7 +108,7 @@ def _run_daisy(job: ScaleJob, step: str, workers: int, launch: str | None) -> No
             process_function=functools.partial(_start_worker, job_file, step, launch),
             check_function=functools.partial(_block_is_done, job_file, step),
             read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
-    with launched_workers(launch):
+    with launched_workers(launch, Path(job_file).parent):
         states = daisy.run_blockwise([task], progress=False, block_tracking=False,
                                      return_states=True, summary=False)
     state = states.get(task.task_id)

@@ -24,6 +24,7 @@ from ...atomic import atomic_output
 from ...geometry import Roi, Zyx, grow_within, local_slices, slices, zyx
 from ...io import Volume, open_volume
 from ...io.layout import volume_dir
+from ...io.masks import inside
 from ..affinities import Offset, is_nearest, to_float
 from .agglomerate import agglomerate, join_levels, merge_sequence, segments_from_levels
 from .fragments import HALO, block_fragments
@@ -78,7 +79,7 @@ def segmentation_array(job: ScaleJob, name: str) -> zarr.Array:
 
 
 def _mask(job: ScaleJob, box: Roi) -> np.ndarray | None:
-    return None if job.mask is None else _volume(job.mask).read(box) != 0
+    return None if job.mask is None else inside(_volume(job.mask).read(box))
 
 
 def lut_key(job: ScaleJob) -> str:
