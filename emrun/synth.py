@@ -32,12 +32,18 @@ import cc3d
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["SynthVolume", "synthesize"]
+__all__ = ["SynthVolume", "peak_memory", "synthesize"]
 
 
 MEMORY_PER_VOXEL = 70
 """Peak bytes of memory ``synthesize`` takes per voxel (67 measured with tracemalloc on
 16x256x256 and 32x512x512): the volume is made in memory, whole."""
+
+
+MAX_ANISOTROPY = 1000.0
+"""How many times larger one voxel size may be than another: serial-section EM is about 10
+times; at 100000 times the curves' count made an 8 x 64 x 64 volume take minutes, and
+1e308 nm overflowed."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ def synthesize(
     cells = _lookup(rng, coarse, grid, shift)  # cell ids before membranes are carved
     del coarse
     width_yx = max(1, round(membrane_width))
-    width_z = int(membrane_width * vs[1] / vs[0] + 1e-6)  # thick sections: no z gap
+    width_z = int(membrane_width * (vs[1] / vs[0]) + 1e-6)  # thick sections: no z gap
     membrane = _band(cells, width_yx, width_z)
     labels = _components(cells, membrane, min_size=max(8, int(0.05 * cell_size**2)))
     mito, outline = _mitochondria(rng, labels, cells, directions, grid)
@@ -125,6 +131,9 @@ def _check_args(shape: Sequence[int], voxel_size: Sequence[float], cell_size: fl
         raise ValueError(f"shape must be three positive integers (z, y, x), got {shape!r}")
     if len(voxel_size) != 3 or not all(math.isfinite(v) and v > 0 for v in voxel_size):
         raise ValueError(f"voxel_size must be three positive numbers (nm), got {voxel_size!r}")
+    if max(voxel_size) > MAX_ANISOTROPY * min(voxel_size):
+        raise ValueError(f"voxel_size {list(voxel_size)!r}: sizes more than {MAX_ANISOTROPY:g} "
+                         "times apart (the generator's work grows with the ratio)")
     if not 4 <= cell_size <= 1000:
         raise ValueError(f"cell_size must be in [4, 1000] pixels, got {cell_size!r}")
     if not 0.5 <= membrane_width <= cell_size / 3:
@@ -133,6 +142,28 @@ def _check_args(shape: Sequence[int], voxel_size: Sequence[float], cell_size: fl
         raise ValueError(f"noise and blur must be >= 0, got {noise!r}, {blur!r}")
     z, y, x = (int(s) for s in shape)
     return z, y, x
+
+
+def peak_memory(shape: Sequence[int], voxel_size: Sequence[float] = (30.0, 6.0, 6.0),
+                cell_size: float = 24.0) -> int:
+    """Bytes of memory :func:`synthesize` takes at its peak, about: `MEMORY_PER_VOXEL` a
+    voxel, and the smooth fields' weight matrices, (axis length) x (lattice nodes) each,
+    which grow with the square of an axis (100000 x 1 x 1 voxels needed 40 GB for them)."""
+    scale = [float(voxel_size[0]) / float(voxel_size[1]), 1.0,
+             float(voxel_size[2]) / float(voxel_size[1])]
+    matrices = 0.0
+    for corr in ([1.5 * cell_size / 2.5, cell_size / 2.5, cell_size / 2.5],
+                 [cell_size, 0.8 * cell_size, 0.8 * cell_size]):  # _lookup's, _render's
+        for n, c, s in zip(shape, corr, scale, strict=True):
+            c = max(c / s, 0.3)
+            matrices += float(n) * ((float(n) + 5.0 * c) / (0.7 * c) + 2.0)
+    zyx = tuple(min(max(1, int(n)), 1 << 40) for n in shape)  # beyond: far too much anyway
+    vs = (float(voxel_size[0]), float(voxel_size[1]), float(voxel_size[2]))
+    coarse = math.prod(float(n) for n in _Grid(zyx, vs, cell_size).coarse_shape)
+    # the coarse partition's EDT about 40 bytes a coarse voxel (a thin volume's grid has
+    # margins thicker than itself); a matrix about 12 bytes an entry while it is made
+    return int(math.prod(float(n) for n in shape) * MEMORY_PER_VOXEL + 40.0 * coarse
+               + 12.0 * matrices)
 
 
 class _Grid:
@@ -206,15 +237,56 @@ def _seed_curves(rng: np.random.Generator,
         e1 = np.cross(u, [0.0, 0.0, 1.0] if abs(u[2]) < 0.9 else [0.0, 1.0, 0.0])
         e1 /= np.linalg.norm(e1)
         e2 = np.cross(u, e1)
-        s = np.arange(s0, s1, step)
-        wiggle = np.zeros((2, s.size))
+        waves = []  # (axis, wavelength, amplitude, phase), drawn in this order
         for k in range(2):
             for wavelength in (3.0 * d, 7.0 * d):
                 amp = rng.uniform(0.0, 0.12) * wavelength
-                wiggle[k] += amp * np.sin(2 * math.pi * s / wavelength + rng.uniform(0, 6.3))
+                waves.append((k, wavelength, amp, rng.uniform(0, 6.3)))
+        # only the stretch that can reach the domain: a curve spans the domain's diagonal,
+        # most of it outside a long thin volume (100000 x 1 x 1 took hours)
+        reach = sum(w[2] for w in waves) + radius + spacing + 1.0  # per axis
+        s = _steps_within(s0, s1, step, _span_in_box(start, u, lo - reach, hi + reach))
+        wiggle = np.zeros((2, s.size))
+        for k, wavelength, amp, phase in waves:
+            wiggle[k] += amp * np.sin(2 * math.pi * s / wavelength + phase)
         pts = start + s[:, None] * u + wiggle[0][:, None] * e1 + wiggle[1][:, None] * e2
         _stamp(seeds, (pts - lo) / spacing, radius / spacing, i)
     return seeds, directions, weights
+
+
+def _span_in_box(start: np.ndarray, u: np.ndarray, lo: np.ndarray,
+                 hi: np.ndarray) -> tuple[float, float]:
+    """The range of s where the line ``start + s * u`` is inside the box [lo, hi] (first >
+    last: never)."""
+    first, last = -math.inf, math.inf
+    for a, step, low, high in zip(start, u, lo, hi, strict=True):
+        if abs(step) < 1e-12:
+            if not low <= a <= high:
+                return 1.0, 0.0
+            continue
+        p, q = (low - a) / step, (high - a) / step
+        first, last = max(first, min(p, q)), min(last, max(p, q))
+    return first, last
+
+
+def _steps_within(s0: float, s1: float, step: float, span: tuple[float, float]) -> np.ndarray:
+    """The values of ``np.arange(s0, s1, step)`` inside ``span``, without making the others.
+
+    Made as numpy makes them (its first two values, then ``s0 + i * delta``), so the curves,
+    and the volume, are bitwise what the whole range gave.
+    """
+    count = math.ceil((s1 - s0) / step)
+    delta = (s0 + step) - s0
+    if count <= 0 or not span[0] <= span[1] or delta <= 0:
+        return np.empty(0)
+    first = max(0, math.floor((span[0] - s0) / delta) - 1)
+    last = min(count, math.ceil((span[1] - s0) / delta) + 2)
+    if first >= last:
+        return np.empty(0)
+    s = s0 + np.arange(first, last) * delta
+    if first <= 1 < last:
+        s[1 - first] = s0 + step
+    return s[(s >= span[0]) & (s <= span[1])]
 
 
 def _stamp(seeds: np.ndarray, pts: np.ndarray, radius: np.ndarray, value: int) -> None:

@@ -13,6 +13,7 @@ for integer labels. The neuroglancer client itself comes from the `neuroglancer`
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import os
 import posixpath
@@ -59,6 +60,9 @@ def layer_for(path: str, taken: set[str]) -> Layer:
     if not isinstance(volume, ZarrVolume):
         raise UserError(f"{volume}: emrun view serves OME-Zarr volumes; convert it first "
                         "(emrun data convert)")
+    if volume.dtype.kind == "f" and volume.dtype != "float32":  # float16, float64
+        raise UserError(f"{volume}: neuroglancer reads float32, not {volume.dtype}; write it "
+                        "as float32 (or integers) to view it")
     attrs = volume.attributes()
     if not multiscale_levels(attrs):
         raise UserError(f"{volume}: not an OME-Zarr image group (no multiscales metadata), "
@@ -112,6 +116,23 @@ def neuroglancer_state(layers: list[Layer], sources: dict[str, str]) -> dict[str
             "selectedLayer": {"layer": layers[-1].name, "visible": True} if layers else {}}
 
 
+def neuroglancer_metadata(raw: bytes) -> bytes | None:
+    """A zarr v3 int64 array's zarr.json saying uint64 (None for any other file): neuroglancer
+    reads no int64 from zarr v3 (labels that numpy made int64 failed in the browser), and the
+    same eight bytes as uint64 are the same segments (a negative id shows as 2**64 - |id|)."""
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return None
+    if not (isinstance(meta, dict) and meta.get("node_type") == "array"
+            and meta.get("data_type") == "int64"):
+        return None
+    meta["data_type"] = "uint64"
+    if isinstance(meta.get("fill_value"), int):
+        meta["fill_value"] %= 1 << 64
+    return json.dumps(meta).encode()
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Files under the served stores only; GET, HEAD and the browser's OPTIONS preflight."""
 
@@ -139,6 +160,20 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if target != root and root not in target.parents:
             return ""
         return str(target)
+
+    def send_head(self) -> Any:
+        """A zarr v3 array's metadata as neuroglancer reads it (`neuroglancer_metadata`); any
+        other file as it is."""
+        path = self.translate_path(self.path)
+        if os.path.basename(path) == "zarr.json" and os.path.isfile(path):
+            body = neuroglancer_metadata(Path(path).read_bytes())
+            if body is not None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                return io.BytesIO(body)
+        return super().send_head()
 
     def list_directory(self, path: str | os.PathLike[str]) -> None:
         self.send_error(404)  # a store is read by its keys, never listed

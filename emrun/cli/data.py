@@ -101,13 +101,17 @@ def data_synth(
     from ..devices import available_memory
     from ..io.pyramid import level_factors
     from ..io.write import check_new_volume, held_store, write_volumes
-    from ..synth import MEMORY_PER_VOXEL, synthesize
+    from ..synth import MAX_ANISOTROPY, peak_memory, synthesize
 
     if shape is None or min(shape) < 1:
         raise UserError("--shape needs three positive sizes")
     _check_nm(voxel_size)
-    level_factors(shape, voxel_size or (30.0, 6.0, 6.0), levels)  # before generating
-    need, free = math.prod(shape) * MEMORY_PER_VOXEL, available_memory()
+    voxel_size = voxel_size or (30.0, 6.0, 6.0)
+    if max(voxel_size) > MAX_ANISOTROPY * min(voxel_size):
+        raise UserError(f"--voxel-size {' '.join(f'{v:g}' for v in voxel_size)}: give sizes "
+                        f"at most {MAX_ANISOTROPY:g} times apart")
+    level_factors(shape, voxel_size, levels)  # before generating
+    need, free = peak_memory(shape, voxel_size), available_memory()
     if need > free:
         raise UserError(f"--shape {' '.join(map(str, shape))}: generating it takes about "
                         f"{size_text(need)} of memory (it is made whole, in memory), "
@@ -117,8 +121,7 @@ def data_synth(
         if not overwrite:
             for name, label in names.items():  # so is a taken name
                 check_new_volume(out, name, label)
-        volume = synthesize(shape, seed, voxel_size=voxel_size or (30.0, 6.0, 6.0),
-                            defects=defects)
+        volume = synthesize(shape, seed, voxel_size=voxel_size, defects=defects)
         write_volumes(out, {name: (getattr(volume, name), label)
                             for name, label in names.items()},
                       voxel_size=volume.voxel_size, attrs={"emrun": {"synthetic_seed": seed}},
