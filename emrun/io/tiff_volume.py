@@ -63,10 +63,12 @@ def _tifffile_caught() -> Iterator[list[str]]:
 class TiffVolume(Volume):
     """A multi-page TIFF; page i is section z=i when pages are 2-d."""
 
+    page_stack: bool = False  # sections written one by one: one series per page
+
     def _read(self, roi: Roi) -> np.ndarray:
         with _tifffile_caught(), tifffile.TiffFile(self.path) as tif:
             series = tif.series[0]
-            pages = series.pages
+            pages = tif.pages if self.page_stack else series.pages
             if (
                 self.ndim >= 3
                 and len(pages) == self.shape[0]
@@ -110,17 +112,30 @@ class TiffStackVolume(Volume):
 def open_tiff(path: str) -> TiffVolume:
     """Header-only inspection of a TIFF file's first series; a file cut short is refused."""
     with _tifffile_caught() as said, tifffile.TiffFile(path) as tif:
-        series = _first_series(path, tif)
+        stack = _page_stack(tif)
+        series = tif.series[0] if stack else _first_series(path, tif)
         _check_whole(path, tif, series, said)
         _check_axes(path, series)
-        shape = tuple(int(n) for n in series.shape)
+        shape = (len(tif.series), *series.shape) if stack else tuple(series.shape)
+        shape = tuple(int(n) for n in shape)
         return TiffVolume(
             path=path,
             dataset=None,
             shape=shape,
             dtype=np.dtype(series.dtype),
             voxel_size=_imagej_voxel_size(tif, len(shape)),
+            page_stack=stack,
         )
+
+
+def _page_stack(tif: tifffile.TiffFile) -> bool:
+    """Whether the file is sections written one call each (tifffile's default makes every
+    call its own series of one page): several series, each one 2-d page of one shape and
+    dtype. Such a stack was read as its first section, and refused as 2-d."""
+    series = tif.series
+    return len(series) > 1 and all(
+        len(s.pages) == 1 and len(s.shape) == 2 and s.shape == series[0].shape
+        and s.dtype == series[0].dtype for s in series)
 
 
 def open_tiff_stack(path: str) -> TiffStackVolume:
@@ -147,6 +162,13 @@ def _first_series(path: str, tif: tifffile.TiffFile) -> Any:
     if not tif.series:
         raise VolumeError(f"{path}: no image can be read from this TIFF file (damaged, or "
                           "cut short after its header); copy it again")
+    others = [s for s in tif.series[1:] if not all(
+        getattr(page, "is_reduced", False) for page in s.pages if page is not None)]
+    if others:  # pages of another shape start another series, which was dropped unsaid
+        shapes = "; ".join(f"{len(s.pages)} of {list(s.shape[-2:])}"
+                           for s in [tif.series[0], *others][:4])
+        raise VolumeError(f"{path}: holds pages of different shapes ({shapes}), so no one "
+                          "stack of sections; crop or pad them to one shape and save again")
     return tif.series[0]
 
 
