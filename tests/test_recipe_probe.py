@@ -235,3 +235,14 @@ def test_a_duplicate_key_in_an_override_is_refused_as_in_a_file(write):
                    "key 'p' twice")
     recipe = load_recipe(write(MINIMAL), ["model={<<: {type: rsunet}, widths: [2, 4]}"]).recipe
     assert list(recipe.model.widths) == [2, 4]  # a merge key is no duplicate
+
+
+def test_a_synthetic_source_the_generator_cannot_make_is_refused_by_validate(tmp_path):
+    """Voxel sizes more than 1000 times apart passed validate, then the generator's
+    ValueError stopped training as an internal error."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(MINIMAL), "data": {"sources": {
+        "a": {"type": "synthetic", "shape": [8, 32, 32], "voxel_size": [30000, 6, 6]}}}}))
+    with pytest.raises(RecipeError, match=r"data\.sources\.a\.voxel_size: .*more than 1000 "
+                       "times apart"):
+        load_recipe(path)

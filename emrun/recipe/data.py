@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from ..geometry import Roi
 from ..registry import Spec, sources
+from .errors import KeyedValueError
 from .types import IndexZyx, Name, Nanometres, Positive, Probability, Seed, Zyx
 
 VolumePath = str
@@ -114,6 +115,19 @@ class SyntheticSource(SourceBase):
     voxel_size: Nanometres | None = Field(
         (30.0, 6.0, 6.0), description="Voxel size in nm, z, y, x (ssEM-like by default)."
     )
+
+    @model_validator(mode="after")
+    def _generable(self) -> SyntheticSource:
+        """Voxel sizes the generator takes (it refused them with a ValueError, an internal
+        error at training's start, after `validate` had passed the recipe)."""
+        from ..synth import MAX_ANISOTROPY
+
+        if self.voxel_size is not None and \
+                max(self.voxel_size) > MAX_ANISOTROPY * min(self.voxel_size):
+            raise KeyedValueError("voxel_size", f"voxel_size {list(self.voxel_size)}: sizes "
+                                  f"more than {MAX_ANISOTROPY:g} times apart cannot be "
+                                  "generated")
+        return self
 
     def semantic_names(self) -> set[str]:
         return set(SYNTHETIC_SEMANTIC)
