@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..geometry import Zyx
 from ..infer.plan import Layout
 from ..recipe import Recipe
-from ..synth import MEMORY_PER_VOXEL
+from ..synth import peak_memory
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def estimate_needs(recipe: Recipe, layout: Layout, workers: int, on_gpu: bool,
     with ``tile``, the synthesizer's working memory for the generated block of that shape
     (the input is mirrored from it: `synthetic_image`)."""
     voxels = math.prod(layout.shape)
-    generate = 0 if tile is None else math.prod(tile) * MEMORY_PER_VOXEL
+    generate = 0 if tile is None else peak_memory(tile)  # bench's: synthesize(tile, 0)
     channels = sum(recipe.head_channels().values())
     output = channels * voxels * np.dtype(recipe.infer.dtype).itemsize
     read_voxels = math.prod(min(b, n) + p for b, n, p in zip(  # a block and its context
