@@ -24,7 +24,10 @@ BEST_RATIO = 200
 
 
 def size_text(n: float) -> str:
-    """Bytes for people: 340 MB, 1.2 GB, 4.0 TB."""
+    """Bytes for people: 340 MB, 1.2 GB, 4.0 TB; beyond 1,000 PB, a power of ten ("7e+28
+    bytes", not "70000000000000.0 PB")."""
+    if n >= 1e18:
+        return f"{n:.0e} bytes"
     for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"

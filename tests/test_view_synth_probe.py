@@ -182,3 +182,12 @@ def test_a_tiff_written_one_section_per_call_reads_as_its_stack(tmp_path):
     assert result.exit_code == 0, result.output
     assert open_volume(str(tmp_path / "o.zarr" / "image")).read()[:, 0, 0].tolist() == \
         [0, 1, 2, 3]
+
+
+def test_sizes_beyond_petabytes_are_written_as_powers_of_ten():
+    """synth's memory refusal said '70000000000000.0 PB'."""
+    from emrun.capacity import size_text
+
+    assert size_text(7e28) == "7e+28 bytes"
+    assert (size_text(9.99e17), size_text(1.2e9), size_text(3.4e8)) == \
+        ("999.0 PB", "1.2 GB", "340 MB")
