@@ -11,36 +11,16 @@ import numpy as np
 import pytest
 import zarr
 from scipy import ndimage
+from test_segeval_probe import NEAREST, SHAPE, VOXEL, boxes, prediction
 from typer.testing import CliRunner
 
 from emrun.cli import app
-from emrun.data.targets import Affinity, Patch
 from emrun.errors import UserError
 from emrun.evaluate import Parallel, binary_scores, score, score_volumes
 from emrun.io import open_volume, write_volume
 from emrun.segment.sweep import SweepResult, check_scorable
 
 runner = CliRunner()
-
-NEAREST = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
-SHAPE = (6, 24, 24)
-VOXEL = (30, 6, 6)
-
-
-def boxes() -> np.ndarray:
-    """Eight cells: the 2 x 2 x 2 boxes of the volume (ids 1..8)."""
-    z, y, x = np.indices(SHAPE)
-    return (1 + (z >= 3) * 4 + (y >= 12) * 2 + (x >= 12)).astype(np.uint32)
-
-
-def prediction(tmp_path: Path, truth: np.ndarray) -> str:
-    """uint8 affinities as inference writes them, 0.8 inside a cell and 0.2 across (cc finds
-    the cells at any threshold between), with their offsets attribute."""
-    target, _ = Affinity(NEAREST, relabel=False)(Patch(labels=truth))
-    affs = np.round((target * 0.6 + 0.2) * 255).astype(np.uint8)
-    write_volume(tmp_path / "pred.zarr", "affinity", affs, voxel_size=VOXEL, channel_axis=True,
-                 attrs={"offsets": [list(o) for o in NEAREST]})
-    return f"{tmp_path}/pred.zarr/affinity"
 
 
 def evaluate(*args: object):
