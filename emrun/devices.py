@@ -161,6 +161,11 @@ def run_launched(launch: str, module: str, *args: str) -> None:
         sys.exit(code)
 
 
+LAUNCHED = "launched"
+"""The folder, inside the one given to `run_through`, where a launched worker leaves its start
+file: apart, so that `LaunchWatch` lists a handful of files, not a job's million done-markers."""
+
+
 def run_through(launch: str, module: str, args: list[str], folder: Path) -> None:
     """In a daisy worker: serve blocks through the ``--launch`` command (`run_launched`),
     which must run ``python -m module args`` and wait for it. One that ended at once without
@@ -168,7 +173,9 @@ def run_through(launch: str, module: str, args: list[str], folder: Path) -> None
     restarted ten times and then reported with daisy's advice to raise
     ``Task(max_worker_restarts)``: the worker now leaves a file in ``folder`` (shared with
     this node) as it starts, and its absence is said in one line, as a failure."""
-    token = Path(folder) / f"launched-{uuid.uuid4().hex}"
+    tokens = Path(folder) / LAUNCHED
+    tokens.mkdir(exist_ok=True)
+    token = tokens / uuid.uuid4().hex
     run_launched(launch, module, *args, str(token))
     if not token.exists():
         print(f"{LAUNCH_FAILED} {launch!r} ended (exit code 0) without running the worker "
@@ -207,7 +214,7 @@ def launched_workers(launch: str | None, folder: Path | None = None) -> Iterator
 class LaunchWatch:
     """Notes on stderr while no worker started through ``--launch`` has begun: a command that
     waited in a queue, or hung, kept the scheduler silent for as long as it lasted. A worker
-    has begun once its file of `run_through` is in ``folder``."""
+    has begun once its file of `run_through` is in ``folder``'s `LAUNCHED` folder."""
 
     NOTES_AT_S = (120.0, 600.0, 1800.0, 3600.0)
     POLL_S = 5.0
@@ -232,7 +239,7 @@ class LaunchWatch:
                 "the command given to it (it must run it and wait for it, as srun does)")
 
     def _begun(self) -> bool:
-        return any(self.folder.glob("launched-*"))
+        return any((self.folder / LAUNCHED).glob("*"))
 
     def _run(self) -> None:
         while not self._stop.wait(self.POLL_S):

@@ -324,9 +324,9 @@ def test_a_users_folder_sharing_the_work_prefix_is_not_removed(tmp_path):
     work = tmp_path / "scratch"
     mine, killed = work / "emrun-evaluate-results", work / "emrun-evaluate-x1"
     for folder, names in ((mine, ["table.csv"]),
-                          (killed, ["block-0.npz", "launched-" + "0a" * 16])):
-        folder.mkdir(parents=True)
+                          (killed, ["block-0.npz", "launched/" + "0a" * 16])):
         for name in names:  # a --launch'ed worker killed: its start file stays
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text("kept")
         os.utime(folder, (time.time() - 3600,) * 2)
     result = evaluate(f"{tmp_path}/v.zarr/seg", f"{tmp_path}/v.zarr/seg", "--workers", "1",

@@ -185,7 +185,8 @@ def test_a_launch_command_that_never_runs_the_worker_is_named(tmp_path, capsys):
     assert exit_.value.code == 1
     said = capsys.readouterr().err
     assert "without running the worker command" in launch_failure("true", said)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["launched"]
+    assert list((tmp_path / "launched").iterdir()) == []
 
 
 def test_a_launch_command_that_runs_the_worker_passes(tmp_path, monkeypatch):
@@ -202,7 +203,8 @@ def test_a_launch_command_that_runs_the_worker_passes(tmp_path, monkeypatch):
     run_through("env EMRUN_LAUNCHED=1", "probe_worker", [str(tmp_path / "got"), "x y"],
                 tmp_path)
     assert (tmp_path / "got").read_text() == "x y"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["got", "probe_worker.py"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["got", "launched", "probe_worker.py"]
+    assert list((tmp_path / "launched").iterdir()) == []  # its start file, removed
 
 
 class _Killed:
@@ -288,7 +290,8 @@ def test_the_launch_watch_notes_on_stderr_until_a_worker_begins(tmp_path, monkey
             threading.Event().wait(0.01)
             deadline -= 1
     assert deadline, "the note never came"
-    (tmp_path / "launched-0123").touch()  # a worker has begun: nothing is said
+    (tmp_path / "launched").mkdir()
+    (tmp_path / "launched" / "0123").touch()  # a worker has begun: nothing is said
     with launched_workers("srun", tmp_path):
         threading.Event().wait(0.1)
     assert capsys.readouterr().err == ""

@@ -156,7 +156,7 @@ def _remove_abandoned(parent: Path) -> None:
 
 
 OURS = re.compile(r"work\.pickle|block-\d+\.npz|\.block-\d+\.npz\.\d+\.tmp|daisy-logs|"
-                  r"launched-[0-9a-f]{32}|" + re.escape(locks.LOCK_NAME))
+                  r"launched|" + re.escape(locks.LOCK_NAME))
 """What a work folder holds (`emrun.evaluate.blockwise`, daisy's logs, a ``--launch``ed
 worker's start file (`emrun.devices.run_through`), the lock)."""
 
