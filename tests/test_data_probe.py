@@ -255,3 +255,27 @@ def test_default_weight_counts_only_labelled_voxels_inside_the_mask(tmp_path):
     }
     opened = open_sources(recipe_of(sources).data.sources)
     np.testing.assert_allclose(mixture_weights(opened), [1 / 3, 2 / 3])
+
+
+def test_nan_in_a_float_mask_is_outside_for_targets_and_image_checks(tmp_path):
+    """The targets' masks (what the losses count) and the image's NaN check took a float
+    mask's NaN as inside (`!= 0`), as the sampler did before `emrun.io.masks`."""
+    from emrun.data.targets import Affinity, Patch
+
+    labels = np.ones((4, 8, 8), np.uint32)
+    mask = np.ones((4, 8, 8), np.float32)
+    mask[:, :, :4] = np.nan
+    _, valid = Affinity(((0, 0, -1),), relabel=False)(Patch(labels=labels, mask=mask))
+    assert not valid[..., :4].any() and valid[..., 5:].all()
+
+    image = np.zeros(SHAPE, np.float32)
+    image[:, :, :2] = np.nan  # where the mask has no value either
+    float_mask = np.ones(SHAPE, np.float32)
+    float_mask[:, :, :2] = np.nan
+    source = {"image": save(tmp_path, "image", image), "labels": save(tmp_path, "labels",
+              labels_of()), "mask": save(tmp_path, "mask", float_mask), "intensity":
+              {"low": 0.0, "high": 1.0}}
+    (opened,) = open_sources(recipe(source).data.sources)
+    region = (slice(None), slice(None), slice(0, 4))
+    normalised = opened.normalise(image[region], float_mask[region])
+    assert (normalised[..., :2] == 0).all()

@@ -68,7 +68,7 @@ class Source:
         image = (raw.astype(np.float32) - np.float32(self.low)) / np.float32(self.high - self.low)
         if raw.dtype.kind == "f" and not (finite := np.isfinite(image)).all():
             masked_out = mask is not None and mask.shape == image.shape
-            bad = ~finite & (mask != 0) if masked_out else ~finite
+            bad = ~finite & inside(mask) if masked_out else ~finite
             if bad.any():
                 raise UserError(f"source {self.name!r}: {self.image} holds NaN or infinite "
                                 f"values ({int(bad.sum())} in one training patch); fix them, "

@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from ..components import components
 from ..errors import UserError
+from ..io.masks import inside
 from ..recipe.tasks import (
     AffinityTarget,
     BinaryTarget,
@@ -115,7 +116,7 @@ def _valid(patch: Patch, shape: tuple[int, ...]) -> np.ndarray | None:
         return None
     mask = np.asarray(patch.mask)
     _check_3d("mask", mask, shape)
-    return mask if mask.dtype == bool else mask != 0
+    return mask if mask.dtype == bool else inside(mask)
 
 
 def _semantic(patch: Patch, name: str, what: str) -> np.ndarray:
