@@ -4,10 +4,10 @@ Conventions (the SNEMI3D and CREMI challenges'), with n_st the voxels labelled s
 segmentation and t in the truth, S_s and T_t the segment and truth object sizes, N the
 voxels scored:
 
-- Scored voxels: truth != 0 (and mask != 0). Truth 0 (unlabelled, boundary) is dropped
-  entirely; every predicted id is an ordinary segment, predicted 0 included. (The original
-  SNEMI3D script instead counts predicted 0 as one-voxel segments; for a segmentation with
-  no 0 inside the labelled truth the two agree.)
+- Scored voxels: truth != 0, inside the mask (non-zero, not NaN: `emrun.io.masks`). Truth
+  0 (unlabelled, boundary) is dropped entirely; every predicted id is an ordinary segment,
+  predicted 0 included. (The original SNEMI3D script instead counts predicted 0 as one-voxel
+  segments; for a segmentation with no 0 inside the labelled truth the two agree.)
 - rand_split = sum n_st^2 / sum T_t^2: the fraction of same-object voxel pairs of the truth
   that the segmentation keeps together. It falls when true objects are split.
   rand_merge = sum n_st^2 / sum S_s^2: the fraction of same-segment pairs that are truly
