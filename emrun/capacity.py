@@ -70,6 +70,24 @@ def work_folder(path: str | os.PathLike[str] | None, option: str) -> str | None:
     return os.fspath(path)
 
 
+def check_work_folder(path: str | os.PathLike[str] | None, option: str) -> None:
+    """Refuse ``path`` as `work_folder` would, without making it: a check that runs before
+    the volumes are opened must not leave a folder behind when they are then refused."""
+    if path is None:
+        return
+    existing = Path(os.path.abspath(path))
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {os.fspath(path)}: cannot make a folder there "
+                        f"({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if existing == Path(os.path.abspath(path)):
+            raise UserError(f"{option} {os.fspath(path)}: the folder is not writable")
+        raise UserError(f"{option} {os.fspath(path)}: cannot make a folder there "
+                        f"({existing} is not writable)")
+
+
 MAX_BLOCKS = 1_000_000  # a teravoxel in default blocks is ~60,000
 
 

@@ -333,3 +333,32 @@ def test_a_users_folder_sharing_the_work_prefix_is_not_removed(tmp_path):
                       "--work-dir", work)
     assert result.exit_code == 0, result.output
     assert (mine / "table.csv").read_text() == "kept" and not killed.exists()
+
+
+def test_a_refused_volume_leaves_no_work_folder_behind(tmp_path):
+    """--work-dir was made while the options were checked, before the volumes were opened,
+    so a mistyped volume path left an empty folder (and its missing parents) behind."""
+    work = tmp_path / "new" / "work"
+    result = evaluate(f"{tmp_path}/missing.zarr/seg", f"{tmp_path}/missing.zarr/seg",
+                      "--workers", "1", "--work-dir", work)
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("blocked", ["file", "readonly"])
+def test_a_work_folder_that_cannot_be_made_is_refused_before_the_volumes(tmp_path, blocked):
+    import os
+
+    if blocked == "file":
+        (tmp_path / "f").write_text("")
+        work, said = tmp_path / "f" / "w", "is not a folder"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        (tmp_path / "ro").mkdir(mode=0o500)
+        work, said = tmp_path / "ro" / "w", "is not writable"
+    result = evaluate(f"{tmp_path}/missing.zarr/seg", f"{tmp_path}/missing.zarr/seg",
+                      "--workers", "1", "--work-dir", work)
+    assert result.exit_code == 2, result.output
+    assert f"--work-dir {work}: cannot make a folder there" in result.stderr
+    assert said in result.stderr

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from emrun import locks
-from emrun.capacity import work_folder
+from emrun.capacity import check_work_folder, work_folder
 from emrun.devices import (
     check_launch,
     cpu_cores,
@@ -91,7 +91,7 @@ class Parallel:
         check_launch(self.launch)
         if self.scheduler == "daisy":
             daisy_package()
-        work_folder(self.work_dir, "--work-dir")
+        check_work_folder(self.work_dir, "--work-dir")  # made only when blocks are scored
 
     @property
     def worker_count(self) -> int:
@@ -104,6 +104,7 @@ def score_blocks(work: Work, parallel: Parallel, on_block: OnBlock | None = None
                  ) -> ContingencyTable | BinaryCounts:
     """Score every block of ``work`` with ``parallel``'s workers and merge their results."""
     parallel.check()
+    work_folder(parallel.work_dir, "--work-dir")
     _remove_abandoned(Path(parallel.work_dir or tempfile.gettempdir()))
     with tempfile.TemporaryDirectory(prefix=PREFIX, dir=parallel.work_dir) as name, \
             locks.holding(Path(name), "it is another evaluation's work folder"):
