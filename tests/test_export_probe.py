@@ -245,3 +245,12 @@ def test_hand_edited_input_facts_are_not_carried_into_the_next_export(tmp_path):
     facts = read_package(tmp_path / "again.emrun").manifest["input"]
     assert facts["voxel_size"] is None and facts["intensity"]["low"] < facts["intensity"]["high"]
     assert "voxel size unknown" in done.stdout and "intensity scale assumed" in done.stdout
+
+
+def test_a_path_through_a_missing_folder_leaves_no_empty_folder(tmp_path):
+    """new/../p.emrun was written at p.emrun, and the folder 'new' it passed through was
+    made and left behind, empty; folders the output lies in stay."""
+    run = _run(tmp_path, _recipe({"aff": {"target": {"type": "affinity"}}}))
+    result = invoke("export", run, tmp_path / "new" / ".." / "deep" / "p.emrun")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "deep" / "p.emrun").is_file() and not (tmp_path / "new").exists()

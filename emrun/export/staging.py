@@ -21,7 +21,8 @@ from ..paths import file_in_the_way
 def staging_folder(output: Path) -> Iterator[Path]:
     """A new hidden folder beside ``output`` (the same file system, so the final move is a
     rename), removed afterwards whatever happens; the missing folders above ``output`` it
-    made are removed too when the export fails."""
+    made are removed too when the export fails, and when they end empty (``..`` in the
+    path)."""
     made = [p for p in (output.parent, *output.parent.parents)
             if not p.exists() and not p.is_symlink()][::-1]  # outermost first
     try:
@@ -41,6 +42,7 @@ def staging_folder(output: Path) -> Iterator[Path]:
         _remove(made)
         raise
     shutil.rmtree(folder, ignore_errors=True)
+    _remove(made)  # only empty ones go: those a path such as new/../x.emrun passed through
 
 
 def _remove(folders: list[Path]) -> None:
