@@ -27,9 +27,10 @@ pair; masked edges are not in the graph.
 The weights are constants computed on the CPU without gradient; the loss is
 ``sum_e w_e * BCE(logit_e, target_e) / sum_e w_e`` over the batch, so gradients flow through
 the logits of the weighted MST edges only (positive-pass edges have target 1, negative-pass
-edges target 0). The task's other (long-range) channels get the plain masked BCE of
-:mod:`.base`, weighted ``long_range`` and added. ``LossResult.valid`` counts the valid
-voxels of all channels, as the other losses do.
+edges target 0). A NaN logit of a valid edge makes the loss NaN, on the trees or off
+them, as with every loss (the trainer's sign of divergence). The task's other (long-range)
+channels get the plain masked BCE of :mod:`.base`, weighted ``long_range`` and added.
+``LossResult.valid`` counts the valid voxels of all channels, as the other losses do.
 """
 
 from __future__ import annotations
@@ -197,6 +198,10 @@ class Malis:
         safe = torch.where(chosen, nn_logits, 0.0)
         bce = F.binary_cross_entropy_with_logits(safe, nn_target, reduction="none")
         loss = torch.where(chosen, bce * w, 0.0).sum() / max(total, 1.0)
+        # a NaN logit where valid is a diverged network, as with the other losses, even off
+        # the maximin trees (whose weights took it as 0.5): the loss is then NaN (no sync)
+        hidden = (torch.isnan(nn_logits) & nn_valid).any()
+        loss = loss + torch.where(hidden, float("nan"), 0.0)
         others = [c for c in range(logits.shape[1]) if c not in nn]
         if others and self.long_range > 0:
             rest = BCE()(logits[:, others], target[:, others], valid[:, others])
