@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Annotated, Any, Generic, TypeVar, Union, get_args
@@ -208,6 +208,8 @@ ALL: dict[str, Registry[Any]] = {
 
 _plugins_loaded = False
 _plugin_failure: UserError | None = None
+_plugin_packages: dict[str, tuple[str, str]] = {}
+"""Top-level module of each loaded plugin -> (its package's name, version)."""
 
 
 def load_plugins() -> list[str]:
@@ -236,7 +238,53 @@ def load_plugins() -> list[str]:
             _plugin_failure = plugin_failure(ep, exc)
             raise _plugin_failure from exc  # the CLI prints the line; Python shows both
         loaded.append(ep.name)
+        if ep.dist is not None:
+            _plugin_packages[_top(ep.module)] = (ep.dist.name, ep.dist.version)
     return loaded
+
+
+def _top(module: str) -> str:
+    return module.partition(".")[0]
+
+
+@dataclass(frozen=True)
+class PluginUse:
+    """A name a recipe uses that a plugin implements, and the package that provides it
+    (None: registered by code that no installed package's entry point loaded)."""
+
+    kind: str
+    name: str
+    package: str | None
+    version: str | None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"kind": self.kind, "type": self.name, "package": self.package,
+                "version": self.version}
+
+
+def plugins_used(recipe: Any) -> list[PluginUse]:
+    """The plugin-implemented names among the ``type`` values of a resolved recipe (nested
+    dicts and lists), with their packages: what another machine must install to build it."""
+    types = set(_types(recipe))
+    used = []
+    for registry in ALL.values():
+        for name in registry.names():
+            entry = registry._entries[name]
+            if name in types and entry.third_party:
+                package, version = _plugin_packages.get(_top(entry.origin), (None, None))
+                used.append(PluginUse(registry.kind, name, package, version))
+    return used
+
+
+def _types(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        if isinstance(value.get("type"), str):
+            yield value["type"]
+        for item in value.values():
+            yield from _types(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _types(item)
 
 
 def plugin_failure(ep: EntryPoint, exc: Exception) -> UserError:

@@ -3,10 +3,12 @@ would run them: a spec, an implementation and the schema are all a new kind need
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +159,27 @@ def test_a_plugin_model_and_segmenter_validate_train_infer_and_sweep(tmp_path, p
     assert rows == ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
     assert "best threshold" in done.stdout
     assert (tmp_path / "seg.zarr" / "labels" / "segmentation").is_dir()
+
+    # a package records the plugin package its names need, and names it where it is missing
+    emrun(plugin_env, tmp_path, "export", "run", "toy.emrun")
+    with zipfile.ZipFile(tmp_path / "toy.emrun") as archive:
+        used = json.loads(archive.read("manifest.json"))["plugins"]
+    assert sorted((u["kind"], u["type"], u["package"], u["version"]) for u in used) == [
+        ("model", "toy_conv", "toy-emrun-plugin", "0.1"),
+        ("segmenter", "toy_threshold", "toy-emrun-plugin", "0.1")]
+    infer = ["-m", "emrun", "infer", "--model", "toy.emrun", "--input", "vol.zarr/image",
+             "--device", "cpu"]
+    done = subprocess.run([sys.executable, *infer, "--output", "p2.zarr"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "needs the emrun plugin package toy-emrun-plugin 0.1 (for the model type " \
+        "'toy_conv')" in done.stderr and "pip install 'toy-emrun-plugin==0.1'" in done.stderr
+    info = Path(plugin_env["PYTHONPATH"].split(os.pathsep)[0]) / "toy_emrun_plugin-0.1.dist-info"
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-emrun-plugin\n"
+                                   "Version: 0.2\n")
+    done = emrun(plugin_env, tmp_path, *infer[2:], "--output", "p3.zarr")
+    assert "exported with toy-emrun-plugin 0.1 (for the model type 'toy_conv'); 0.2 is " \
+        "installed here" in done.stderr
 
 
 def test_without_the_plugin_its_names_are_unknown(tmp_path):

@@ -2,7 +2,8 @@
 
 What a user (or another program) needs before predicting: the tasks with their channels,
 activations and affinity offsets; the input's channels, voxel size, intensity scale and the
-patch sizes the network accepts; and where the network came from.
+patch sizes the network accepts; the plugin packages its recipe's names need; and where the
+network came from.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..io.intensity import default_intensity
 from ..recipe import Recipe
 from ..recipe.data import SyntheticSource, VolumeSource
 from ..recipe.tasks import AffinityTarget
+from ..registry import plugins_used
 from .source import Trained
 
 
@@ -41,6 +43,7 @@ def manifest(trained: Trained) -> dict[str, Any]:
             "patch": list(recipe.infer_patch()),
             "divisor": list(recipe.model.divisor()),
         },
+        "plugins": [use.as_dict() for use in plugins_used(recipe.resolved())],
         "provenance": {
             **trained.provenance,
             "iteration": trained.iteration,

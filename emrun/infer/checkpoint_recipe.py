@@ -9,6 +9,7 @@ are refused with the keys that differ, instead of a cut-off state_dict error.
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,7 +30,9 @@ SHOWN = 5
 
 def recipe_for(checkpoint: Path, recipe: Path | None, overrides: Sequence[str]) -> LoadedRecipe:
     """``recipe`` checked against the checkpoint's, or the checkpoint's own when None."""
-    saved_text = load_network(checkpoint).get("recipe")
+    network = load_network(checkpoint)
+    check_plugins(checkpoint, network.get("plugins"))
+    saved_text = network.get("recipe")
     saved = _parsed(saved_text, checkpoint, strict=recipe is None)
     if recipe is None:
         if not isinstance(saved, dict):
@@ -60,6 +63,32 @@ def recipe_for(checkpoint: Path, recipe: Path | None, overrides: Sequence[str]) 
             raise UserError(f"--recipe {recipe} describes another network than {checkpoint}: "
                             f"{listed}{more}. Drop --recipe to use the checkpoint's own")
     return loaded
+
+
+def check_plugins(checkpoint: Path, used: Any) -> None:
+    """Refuse a package whose network needs a plugin package that is not installed here,
+    naming it and its version (the recipe's check would only say that the name is unknown);
+    a different version installed is a warning. Plugins a package does not record (packages
+    before emrun recorded them, checkpoints) are left to the recipe's check."""
+    if not isinstance(used, list):
+        return
+    for use in used:
+        package, version = (use.get("package"), use.get("version")) if isinstance(use, dict) \
+            else (None, None)
+        if not isinstance(package, str) or use.get("kind") == "augmentation":
+            continue  # predicting never augments
+        what = f"{use.get('kind')} type {use.get('type')!r}"
+        try:
+            here = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            named, pin = (f"{package} {version}", f"=={version}") if isinstance(version, str) \
+                else (package, "")
+            raise UserError(f"{checkpoint}: its network needs the emrun plugin package "
+                            f"{named} (for the {what}), which is not installed here: "
+                            f"pip install '{package}{pin}'") from None
+        if isinstance(version, str) and here != version:
+            print(f"warning: {checkpoint} was exported with {package} {version} (for the "
+                  f"{what}); {here} is installed here", file=sys.stderr, flush=True)
 
 
 def _augmentation_only(error: RecipeError) -> bool:

@@ -4,7 +4,8 @@
 
     manifest.json   format and version, emrun and torch versions, the tasks with their
                     channels and affinity offsets, the input's voxel size, intensity scale and
-                    patch, provenance, and the SHA-256 of every other member
+                    patch, the plugin packages the recipe's names need, provenance, and
+                    the SHA-256 of every other member
     recipe.yaml     the resolved recipe the network was trained with
     weights.pt      ``{"iteration": N, "model": state_dict}`` (torch.save, loaded weights-only)
 
@@ -62,7 +63,8 @@ class ModelPackage:
     def as_checkpoint(self) -> dict[str, Any]:
         """The package as a training checkpoint's dict (what infer and train read)."""
         return {"iteration": int(self.manifest["provenance"]["iteration"]),
-                "model": self.weights, "recipe": self.recipe}
+                "model": self.weights, "recipe": self.recipe,
+                "plugins": self.manifest.get("plugins", [])}
 
 
 def sha256(data: bytes) -> str:
