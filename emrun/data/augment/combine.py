@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,10 @@ class OneOfAugmentation(Augmentation):
         choice = int(rng.choice(len(self.probs), p=self.probs))
         if choice == len(self.alternatives):
             return identity(self.name, out_shape)
-        step = self.alternatives[choice].prepare(rng, out_shape, context)
+        # the part carries the shape it must return, as Pipeline.prepare's steps do: without
+        # it a chosen alternative's wrong-sized output passed check_output unnamed
+        step = replace(self.alternatives[choice].prepare(rng, out_shape, context),
+                       out_shape=out_shape)
         return Step(self.name, step.in_shape, step.apply, (step,))
 
 

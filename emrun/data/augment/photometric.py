@@ -19,9 +19,14 @@ Formulas (u ~ U(-0.5, 0.5), U(a, b) uniform):
   with ``sigma ~ U(0, sigma_max]`` (reflect boundary, radius ``round(4 sigma)``: the same filter
   as ``scipy.ndimage.gaussian_filter``, computed in the DCT domain, see ``blur_sections``).
 * box: boxes of ``z_size`` x ``size`` x ``size`` voxels (y and x sides drawn independently)
-  at uniform positions, clipped where they stick out, so every voxel is equally likely covered.
-  Boxes are added until their summed (clipped) volume reaches ``-ln(1 - density)`` times the
-  patch volume, which makes the expected covered fraction (the union) equal to ``density``.
+  at uniform positions, clipped where they stick out, so every voxel is equally likely covered:
+  a box of size s covers a given voxel with chance ``c = prod(s / (d + s - 1))`` (d the patch's
+  size, per axis), independently of the other boxes. Boxes are added until their covers
+  ``-ln(1 - c)`` sum to ``-ln(1 - density)``, and the box that crosses it is kept with the chance
+  that makes ``E[prod(1 - c)]``, the expected uncovered fraction, exactly ``1 - density``
+  (adding it always overshot: 0.36-0.40 covered for 0.3 with boxes large against the patch).
+  Densities above ``MAX_BOX_DENSITY`` are taken as it; needing more than ``MAX_BOXES`` boxes
+  (a few voxels each on a large patch) is refused.
   Each box is filled with a U(0, 1) constant (``fill``), U(0, 1) noise (``noise``) or the
   matching region of a Gaussian-blurred copy of the image (``blur``, one sigma ~ U(2, 5) px per
   sample), kind drawn uniformly from ``modes``; later boxes overwrite earlier ones.
@@ -49,6 +54,7 @@ from typing import Any
 import numpy as np
 import scipy.fft
 
+from ...errors import UserError
 from ...geometry import Zyx
 from ...recipe.augment import (
     BlurrySection,
@@ -71,7 +77,21 @@ BOX_BLUR_SIGMA = (2.0, 5.0)
 """Range of the blur sigma (pixels) for ``blur`` boxes, one draw per sample."""
 
 MAX_BOX_DENSITY = 0.99
-MAX_BOXES = 20_000
+"""Densities above are taken as this one (density 1 would need boxes without end)."""
+
+MAX_BOXES = 2_000_000
+"""Most boxes one sample may get (their plan holds 24 bytes each): a density that needs more,
+with boxes of a few voxels on a large patch, is refused rather than silently not reached."""
+
+BOX_BATCH = 65_536
+"""Most boxes drawn per round while planning."""
+
+BOX_LOOP_MAX = 20_000
+"""Up to this many boxes are painted one slice assignment each (~2 us a box); more, small
+ones, each covered voxel once by its last box (faster from about this many on)."""
+
+BOX_PAINT_CHUNK = 1 << 20
+"""Box voxels indexed per vectorised pass (bounds the temporary index arrays)."""
 
 Region = tuple[slice, slice]
 _F32 = np.float32
@@ -368,6 +388,94 @@ BOX_FILL, BOX_NOISE, BOX_BLUR = 0, 1, 2
 _BOX_KINDS = {"fill": BOX_FILL, "noise": BOX_NOISE, "blur": BOX_BLUR}
 
 
+def box_cover(size: np.ndarray, dims: np.ndarray) -> np.ndarray:
+    """``-ln(1 - c)`` per box, ``c`` the chance that a box of ``size`` (n, 3) at a uniform
+    position (sticking out allowed) covers a given voxel of a patch of ``dims``: per axis
+    ``s / (d + s - 1)``, the same for every voxel. Infinite where ``c`` is 1."""
+    chance = np.prod(size / (dims + size - 1.0), axis=1)
+    with np.errstate(divide="ignore"):
+        return -np.log1p(-chance)
+
+
+def _box_batch(limit: float, lows: np.ndarray, highs: np.ndarray, dims: np.ndarray) -> int:
+    """Boxes to draw per round: about the expected count (from the middle size), bounded."""
+    middle = box_cover(((lows + highs - 1) / 2.0)[None, :], dims)[0]
+    return int(min(BOX_BATCH, max(16, 1.1 * limit / max(middle, 1e-12) + 16)))
+
+
+def draw_boxes(rng: np.random.Generator, shape: Zyx, spec: Box) -> np.ndarray:
+    """(n, 6) int32 boxes z0, z1, y0, y1, x0, x1, clipped to the patch, whose covers sum to
+    ``-ln(1 - density)``; the box that crosses it is kept with the chance that makes the
+    expected uncovered fraction exactly ``1 - density`` (see the module docstring)."""
+    limit = -math.log1p(-min(spec.density, MAX_BOX_DENSITY))
+    lows = np.array([spec.z_size[0], spec.size[0], spec.size[0]])
+    highs = np.array([spec.z_size[1], spec.size[1], spec.size[1]]) + 1
+    dims = np.array(shape)
+    batch = _box_batch(limit, lows, highs, dims)
+    chunks: list[np.ndarray] = []
+    total, count = 0.0, 0
+    while total < limit:
+        size = rng.integers(lows, highs, size=(batch, 3))
+        start = rng.integers(1 - size, dims)  # may stick out: uniform coverage per voxel
+        cover = box_cover(size, dims)
+        sums = total + np.cumsum(cover)
+        take = int(np.searchsorted(sums, limit))  # the first box reaching the limit
+        if take == batch:
+            total = float(sums[-1])
+        else:
+            before = total if take == 0 else float(sums[take - 1])
+            # E[exp(-covers)] = exp(-limit): keep it with chance (1 - e^-(L - S)) / (1 - e^-c)
+            keep = -math.expm1(before - limit) / -math.expm1(-float(cover[take]))
+            take += int(rng.random() < keep)
+            total = limit
+        count += take
+        if count > MAX_BOXES:
+            raise UserError(
+                f"box: density {spec.density:g} with boxes of {list(spec.z_size)} x "
+                f"{list(spec.size)} voxels needs more than {MAX_BOXES:,} boxes on a patch of "
+                f"{list(shape)}; use larger boxes or a lower density")
+        lo = np.maximum(start[:take], 0)
+        hi = np.minimum(start[:take] + size[:take], dims)
+        chunks.append(np.stack([lo, hi], axis=2).reshape(take, 6).astype(np.int32))
+    return np.concatenate(chunks) if chunks else np.zeros((0, 6), dtype=np.int32)
+
+
+def _winners_by_loop(boxes: np.ndarray, shape: Zyx) -> np.ndarray:
+    """``winners`` one box at a time (fewer, larger boxes: a slice assignment each)."""
+    winner = np.full(shape, -1, dtype=np.int32)
+    for i, (z0, z1, y0, y1, x0, x1) in enumerate(boxes.tolist()):
+        winner[z0:z1, y0:y1, x0:x1] = i
+    return winner
+
+
+def _winners_by_index(boxes: np.ndarray, shape: Zyx) -> np.ndarray:
+    """``winners`` from every box voxel's flat index (many small boxes), in chunks of about
+    ``BOX_PAINT_CHUNK`` voxels; ``maximum.at`` makes the last box win where they overlap."""
+    winner = np.full(math.prod(shape), -1, dtype=np.int32)
+    extent = (boxes[:, 1::2] - boxes[:, 0::2]).astype(np.int64)
+    volumes = extent.prod(axis=1)
+    ends = np.cumsum(volumes)
+    first = 0
+    while first < len(boxes):
+        stop = max(first + 1, int(np.searchsorted(ends, ends[first] - volumes[first]
+                                                 + BOX_PAINT_CHUNK, side="right")))
+        part = slice(first, stop)
+        ids = np.repeat(np.arange(first, stop, dtype=np.int32), volumes[part])
+        local = np.arange(len(ids), dtype=np.int64)
+        local -= np.repeat(ends[part] - volumes[part] - (ends[first] - volumes[first]),
+                           volumes[part])
+        ext = extent[part][ids - first]
+        corner = boxes[part, 0::2].astype(np.int64)[ids - first]
+        x = local % ext[:, 2]
+        local //= ext[:, 2]
+        y = local % ext[:, 1]
+        z = local // ext[:, 1]
+        flat = ((corner[:, 0] + z) * shape[1] + corner[:, 1] + y) * shape[2] + corner[:, 2] + x
+        np.maximum.at(winner, flat, ids)
+        first = stop
+    return winner.reshape(shape)
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
 class BoxOp(ImageOp):
     """Boxes filled with a constant, uniform noise or a blurred copy of the image."""
@@ -378,34 +486,42 @@ class BoxOp(ImageOp):
     blur_sigma: float
     seed: int
 
+    def winners(self) -> np.ndarray:
+        """int32 of the patch's shape: the last box covering each voxel, -1 where none."""
+        if len(self.boxes) <= BOX_LOOP_MAX:
+            return _winners_by_loop(self.boxes, self.shape)
+        return _winners_by_index(self.boxes, self.shape)
+
     def coverage(self) -> np.ndarray:
         """Boolean mask of the voxels under at least one box."""
-        mask = np.zeros(self.shape, dtype=bool)
-        for z0, z1, y0, y1, x0, x1 in self.boxes.tolist():
-            mask[z0:z1, y0:y1, x0:x1] = True
-        return mask
+        return self.winners() >= 0
 
     def transform(self, image: np.ndarray) -> np.ndarray:
         out = image.copy()
-        if len(self.boxes) == 0:
-            return out
+        if len(self.boxes) <= BOX_LOOP_MAX:
+            self._paint_slices(image, out)
+        else:
+            self._paint_winners(image, out)
+        return _clip(out)
+
+    def _blurred(self, image: np.ndarray, zs: np.ndarray) -> np.ndarray:
+        """Sections ``zs`` (sorted, distinct) of the image, blurred."""
+        return blur_sections(image[zs], self.blur_sigma)
+
+    def _paint_slices(self, image: np.ndarray, out: np.ndarray) -> None:
+        """One slice assignment per box, in order (fewer, larger boxes: the faster way)."""
         extent = self.boxes[:, 1::2] - self.boxes[:, 0::2]
-        volumes = extent.prod(axis=1)
-        noisy = self.kinds == BOX_NOISE
+        volumes = extent.astype(np.int64).prod(axis=1)
         rng = np.random.default_rng(self.seed)
-        noise = rng.random(int(volumes[noisy].sum()), dtype=_F32)
+        noise = rng.random(int(volumes[self.kinds == BOX_NOISE].sum()), dtype=_F32)
         blurred = None
         if np.any(self.kinds == BOX_BLUR):
-            blur = self.boxes[self.kinds == BOX_BLUR]
             touched = np.zeros(image.shape[0], dtype=bool)
-            for z0, z1 in blur[:, :2].tolist():
+            for z0, z1 in self.boxes[self.kinds == BOX_BLUR][:, :2].tolist():
                 touched[z0:z1] = True
-            if touched.all():
-                blurred = blur_sections(image, self.blur_sigma)
-            else:
-                zs = np.flatnonzero(touched)
-                blurred = image.copy()
-                blurred[zs] = blur_sections(image[zs], self.blur_sigma)
+            zs = np.flatnonzero(touched)
+            blurred = image.copy()
+            blurred[zs] = self._blurred(image, zs)
         offset = 0
         for (z0, z1, y0, y1, x0, x1), kind, value, volume in zip(
             self.boxes.tolist(), self.kinds.tolist(), self.values.tolist(), volumes.tolist(),
@@ -420,7 +536,25 @@ class BoxOp(ImageOp):
             else:
                 assert blurred is not None
                 out[z0:z1, y0:y1, x0:x1] = blurred[z0:z1, y0:y1, x0:x1]
-        return _clip(out)
+
+    def _paint_winners(self, image: np.ndarray, out: np.ndarray) -> None:
+        """Each covered voxel once, by the last box over it (many small boxes)."""
+        flat = out.reshape(-1)
+        winner = self.winners().reshape(-1)
+        covered = np.flatnonzero(winner >= 0)
+        box = winner[covered]
+        kind = self.kinds[box]
+        fill = kind == BOX_FILL
+        flat[covered[fill]] = self.values[box[fill]]
+        noise = covered[kind == BOX_NOISE]
+        flat[noise] = np.random.default_rng(self.seed).random(len(noise), dtype=_F32)
+        blur = covered[kind == BOX_BLUR]
+        if len(blur):
+            plane = image.shape[1] * image.shape[2]
+            zs = np.unique(blur // plane)
+            blurred = self._blurred(image, zs).reshape(-1)
+            rank = np.searchsorted(zs, blur // plane)  # the blurred section holding each
+            flat[blur] = blurred[rank * plane + blur % plane]
 
 
 @augmentations.implement("box")
@@ -430,26 +564,7 @@ class BoxAugment(PhotometricAugmentation):
     def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
         shape = _shape(out_shape)
         s = self.spec
-        total = math.prod(shape)
-        target = -math.log1p(-min(s.density, MAX_BOX_DENSITY)) * total
-        lows = np.array([s.z_size[0], s.size[0], s.size[0]])
-        highs = np.array([s.z_size[1], s.size[1], s.size[1]]) + 1
-        dims = np.array(shape)
-        mean = np.prod((lows + highs - 1) / 2.0 * dims / (dims + (lows + highs - 1) / 2.0 - 1))
-        batch = int(min(MAX_BOXES, max(16, 1.1 * target / max(mean, 1.0) + 16)))
-        chunks: list[np.ndarray] = []
-        covered, count = 0.0, 0
-        while covered < target and count < MAX_BOXES:
-            size = rng.integers(lows, highs, size=(batch, 3))
-            start = rng.integers(1 - size, dims)  # may stick out: uniform coverage per voxel
-            lo = np.maximum(start, 0)
-            hi = np.minimum(start + size, dims)
-            sums = covered + np.cumsum(np.prod(hi - lo, axis=1))
-            take = min(int(np.searchsorted(sums, target)) + 1, batch, MAX_BOXES - count)
-            chunks.append(np.stack([lo, hi], axis=2).reshape(batch, 6)[:take])
-            covered = float(sums[take - 1])
-            count += take
-        boxes = np.concatenate(chunks) if chunks else np.zeros((0, 6), dtype=np.int64)
+        boxes = draw_boxes(rng, shape, s)
         kinds_available = np.array([_BOX_KINDS[m] for m in s.modes])
         kinds = kinds_available[rng.integers(len(kinds_available), size=len(boxes))]
         values = rng.random(len(boxes), dtype=_F32)
