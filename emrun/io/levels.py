@@ -60,7 +60,7 @@ def describe(level: Level) -> str:
 def _matches(level: Level, wanted: str | tuple[float, float, float]) -> bool:
     if isinstance(wanted, str):
         return level.name == wanted.strip("/")
-    if level.voxel_size is None:
-        return False
+    if level.voxel_size is None or len(level.voxel_size) < len(wanted):
+        return False  # unknown, or a 2-d image's (y, x): no z to compare
     return all(math.isclose(a, b, rel_tol=1e-6)
                for a, b in zip(level.voxel_size[-3:], wanted, strict=True))

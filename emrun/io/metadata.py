@@ -8,8 +8,10 @@ a silently wrong voxel size would corrupt everything downstream. OME axes of typ
 that declare no unit at all, or multiscales that give no scale, say "size unknown": the
 voxel size is None (the offset in voxels, translation / scale, needs no unit and is still
 read). An offset must be a whole number of voxels (a coarser OME level's, which carries the
-half-voxel shift of downsampling, is taken to the nearest); OME axes must come in the order
-(t,) (c,) z, y, x, and a time axis of one point is dropped (`time_axis`).
+half-voxel shift of downsampling, is taken to the nearest); OME axes must be one per
+dimension of the array and come in the order (t,) (c,) z, y, x (channels only with three
+spatial axes), and a time axis of one point is dropped (`time_axis`). Spatial axes give a
+unit all or none: with some but not all, the others' size is unknown and is refused.
 
 One convention is written: `ome_image_attrs` builds the OME-Zarr 0.5 attributes of the
 image group emrun writes for every volume (see `emrun.io.write`).
@@ -37,6 +39,7 @@ UNIT_TO_NM = {
     "micron": 1e3,
     "um": 1e3,
     "µm": 1e3,
+    "\u03bcm": 1e3,  # Greek mu, which some writers put for the micro sign
     "\\u00b5m": 1e3,
     "millimeter": 1e6,
     "mm": 1e6,
@@ -136,6 +139,11 @@ def time_axis(
             f"{name}: its OME-Zarr axes are {shown}; emrun reads the axes (t,) (c,) z, y, x "
             "in that order, as OME-Zarr prescribes, and would read these as the wrong ones: "
             "write the array with its axes in that order (and its metadata to match)")
+    if "c" in kinds and kinds.count("s") == 2:
+        raise VolumeError(
+            f"{name}: its OME-Zarr axes are {shown}, a 2-d image with channels; emrun reads "
+            "3-d volumes, z, y, x or c, z, y, x, and would read the channels as z: give it "
+            "a z axis of one section (c, 1, y, x) or save each channel as a volume of its own")
     if not kinds.startswith("t"):
         return False
     if shape[0] != 1:
@@ -210,14 +218,17 @@ def ome_levels(
 ) -> list[tuple[str, tuple[float, ...] | None]]:
     """Each level of an OME-Zarr image group with its voxel size (nm, z, y, x; None when
     the axes have no unit), in the order listed."""
-    return [(level, from_ome(name, ndim, attrs, level)[0]) for level in multiscale_levels(attrs)]
+    return [(level, from_ome(f"{name} (level {level})", ndim, attrs, level)[0])
+            for level in multiscale_levels(attrs)]
 
 
 def _multiscales(attrs: Mapping[str, Any]) -> Sequence[Any] | None:
+    """The multiscales: OME-Zarr 0.5's under "ome" first (as `ome_attrs` reads the rest of
+    the OME metadata), else 0.4's at the top, which a 0.5 group may still carry from before."""
     ome = attrs.get("ome")
-    multiscales = attrs.get("multiscales")
-    if multiscales is None and isinstance(ome, Mapping):
-        multiscales = ome.get("multiscales")
+    multiscales = ome.get("multiscales") if isinstance(ome, Mapping) else None
+    if multiscales is None:
+        multiscales = attrs.get("multiscales")
     if not isinstance(multiscales, Sequence) or isinstance(multiscales, str):
         return None
     return multiscales
@@ -267,15 +278,26 @@ def _geometry(name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, Any]
     """A dataset's combined scale and translation (axis units; multiscale-level transforms
     apply after the dataset's own, OME-NGFF 0.4+), its spatial axes, their factors to nm (1
     for no unit) and whether any scale was given."""
+    axes = ms.get("axes")
+    _check_axis_count(name, ndim, axes)  # first: it says why a scale has too few values
     scale, translation, scaled = _transforms(name, ndim, ds.get("coordinateTransformations"))
     g_scale, g_translation, g_scaled = _transforms(name, ndim,
                                                    ms.get("coordinateTransformations"))
     scale = [s * g for s, g in zip(scale, g_scale, strict=True)]
     translation = [t * g + gt for t, g, gt in zip(translation, g_scale, g_translation, strict=True)]
-    axes = ms.get("axes")
     spatial = _spatial_axes(axes, ndim)
     factors = [_unit_factor(name, axes[i] if axes else None) for i in spatial]
     return scale, translation, spatial, factors, scaled or g_scaled
+
+
+def _check_axis_count(name: str, ndim: int, axes: Any) -> None:
+    """OME axes name one axis per dimension of the array; other counts leave it unknown which
+    axis is which (the last three were taken for z, y, x, or an IndexError came out)."""
+    if isinstance(axes, Sequence) and not isinstance(axes, str) and len(axes) != ndim:
+        shown = ", ".join(_axis_name(axis) or "?" for axis in axes)
+        raise VolumeError(
+            f"{name}: its OME-Zarr axes ({shown}) are {len(axes)} for an array of {ndim} "
+            "dimensions; the metadata must name one axis per dimension of the array")
 
 
 def _ome_dataset(
@@ -297,8 +319,11 @@ def _ome_dataset(
     if not scaled:
         return None, offset  # no scale at all: the size is unknown, not 1 x 1 x 1
     axes = ms.get("axes")
-    if not any(_has_unit(axes[i] if axes else None) for i in spatial):
+    units = [_has_unit(axes[i] if axes else None) for i in spatial]
+    if not any(units):
         return None, offset  # scale in unknown units: a ratio, not a size
+    if not all(units):
+        _partly_unitless(name, [axes[i] for i in spatial], units)
     voxel = tuple(_clean(scale[i] * f) for i, f in zip(spatial, factors, strict=True))
     return voxel, offset
 
@@ -344,6 +369,18 @@ def _spatial_axes(axes: Any, ndim: int) -> list[int]:
         if found:
             return found
     return list(range(max(0, ndim - 3), ndim))
+
+
+def _partly_unitless(name: str, axes: Sequence[Any], units: Sequence[bool]) -> None:
+    """Refuse spatial axes of which some give a unit and some none: the size of the latter
+    is unknown, and taking their scale as nm (as was done) made 0.006 um x 0.006 x 0.006 a
+    6 x 0.006 x 0.006 nm voxel."""
+    given = ", ".join(_axis_name(a) or "?" for a, u in zip(axes, units, strict=True) if u)
+    missing = ", ".join(_axis_name(a) or "?" for a, u in zip(axes, units, strict=True) if not u)
+    raise VolumeError(
+        f"{name}: its OME-Zarr axes give a unit for {given} but none for {missing}, whose "
+        "voxel size is then unknown; give every spatial axis its unit (e.g. \"unit\": "
+        "\"nanometer\")")
 
 
 def _has_unit(axis: Any) -> bool:
@@ -421,8 +458,9 @@ def whole_voxels(
 
 
 def _listed(values: Sequence[float]) -> str:
-    """Numbers for a message, without float noise or a needless '.0': [15, 3, 0.5]."""
-    return "[" + ", ".join(f"{_clean(v):g}" for v in values) + "]"
+    """Numbers for a message, without float noise or a needless '.0': [15, 3, 0.5]; to ten
+    digits, as 99999.995 voxels 'not a whole number' read 100000 in six."""
+    return "[" + ", ".join(f"{_clean(v):.10g}" for v in values) + "]"
 
 
 def _vector(name: str, value: Any, key: str, ndim: int) -> tuple[float, ...]:
@@ -485,7 +523,11 @@ def ome_image_attrs(
             f"{name}: expected a 3-d (z, y, x) or, with a channel axis, 4-d (c, z, y, x) "
             f"volume, got {ndim} axes"
         )
-    voxel = [float(v) for v in voxel_size] if voxel_size is not None else [1.0, 1.0, 1.0]
+    # the scale as written (float noise rounded away) also makes the translations: from the
+    # size as given, 6.6666667 nm written as 6.666667, an offset of 100000 voxels read back
+    # 0.005 voxels off and the volume was refused on reopening (even as it was written)
+    voxel = [_clean(float(v)) for v in voxel_size] if voxel_size is not None \
+        else [1.0, 1.0, 1.0]
     shift = [int(o) for o in offset] if offset is not None else [0, 0, 0]
     if len(voxel) != 3 or len(shift) != 3:
         raise ValueError(f"{name}: voxel size and offset need 3 values (z, y, x)")
@@ -529,7 +571,8 @@ def funlib_attrs(
     reads the same geometry: `voxel_size` (level 0's, nm, times the level's `factor`),
     `offset` in nm (the volume's first corner, `corner` in level-0 voxels: one corner for
     every level, as funlib's boxes have), axis names with "^" marking the channel axis."""
-    voxel = [float(v) for v in voxel_size] if voxel_size is not None else [1.0, 1.0, 1.0]
+    voxel = [_clean(float(v)) for v in voxel_size] if voxel_size is not None \
+        else [1.0, 1.0, 1.0]  # as written: the offset must be a whole number of them
     start = [float(o) for o in corner] if corner is not None else [0.0, 0.0, 0.0]
     return {
         "voxel_size": [_clean(v * f) for v, f in zip(voxel, factor, strict=True)],

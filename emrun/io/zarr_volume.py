@@ -3,7 +3,8 @@
 A path may name an array (`vol.zarr/raw/s0`, or a bare array store) or an OME-Zarr image
 group (`vol.zarr/image`, the layout emrun writes: the group carries `multiscales`, level 0
 is the array inside it); a group is opened at its first multiscale dataset and keeps the
-group's name (`str(volume) == "vol.zarr/image"`).
+group's name (`str(volume) == "vol.zarr/image"`). A segmentation in the store's labels group
+opens by its name and its levels by NAME/LEVEL (`seg.zarr/segmentation/1`), as an image's.
 """
 
 from __future__ import annotations
@@ -130,10 +131,13 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
         array = None
     if array is None or (isinstance(array, zarr.Group)
                          and multiscale_dataset(dict(array.attrs)) is None):
-        label = _label(node, dataset)  # `STORE/NAME` of a segmentation in STORE/labels/NAME
-        if label is not None:
+        head, _, rest = dataset.partition("/")
+        label = _label(node, head)  # `STORE/NAME` of a segmentation in STORE/labels/NAME
+        if label is not None and not rest:
             return _open_image_group(path, dataset, label, multiscale_dataset(
                 dict(label.attrs)) or "0", array_path=f"{LABELS}/{dataset}")
+        if label is not None:  # `STORE/NAME/LEVEL`, as an image's levels are named
+            return open_zarr(path, f"{LABELS}/{dataset}")
     if array is None or (isinstance(array, zarr.Group) and "labels" in array.attrs.get("ome", {})):
         raise VolumeError(f"{path} has no array {dataset!r}; arrays: {list_arrays(node)}")
     if isinstance(array, zarr.Group):
