@@ -85,7 +85,7 @@ def layer_for(path: str, taken: set[str]) -> Layer:
     taken.add(unique)
     # neuroglancer reads the whole image group, at its finest level's scale, also when a
     # coarser level was named (pred.zarr/affinity/1)
-    finest = ome_levels(str(volume), volume.ndim, attrs)[0][1]
+    finest = ome_levels(str(volume), volume.ndim + volume.time_point, attrs)[0][1]
     voxel = tuple(float(v) for v in (finest or (1.0, 1.0, 1.0))[-3:])
     return Layer(unique, kind, Path(volume.path).resolve(), inner, channels,
                  voxel, how_to_finish(volume))  # type: ignore[arg-type]

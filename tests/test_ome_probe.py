@@ -383,10 +383,9 @@ def test_emrun_reads_its_output_of_a_foreign_level_where_ome_zarr_py_puts_it(
 # ============================================================== files others own
 
 
-@pytest.mark.xfail(strict=True, reason="view.py: layer_for passes volume.ndim (the time point "
-                   "dropped) to ome_levels for a t, c, z, y, x store, whose metadata names 5 "
-                   "axes: emrun view refuses bioformats2raw's stores that emrun reads")
 def test_view_serves_a_bioformats2raw_store(tmp_path: Path) -> None:
+    """view.py passed volume.ndim (the time point dropped) to ome_levels for a t, c, z, y, x
+    store, whose metadata names 5 axes: emrun view refused stores that emrun reads."""
     from emrun.view import layer_for
 
     store = hand_written(tmp_path / "b.zarr", np.zeros((1, 1, 2, 8, 8), np.uint8),
@@ -394,10 +393,9 @@ def test_view_serves_a_bioformats2raw_store(tmp_path: Path) -> None:
     assert layer_for(str(store), set()).voxel_size == (30.0, 6.0, 6.0)
 
 
-@pytest.mark.xfail(strict=True, reason="remote_zarr.py: `_label` takes NAME only, so a served "
-                   "store's `URL/STORE/seg/1` (a segmentation's level by its short name) is "
-                   "'no zarr array or group there', where the local store opens it")
 def test_a_served_segmentation_s_level_opens_by_its_short_name(tmp_path: Path) -> None:
+    """A served store's `URL/STORE/seg/1` (a segmentation's level by its short name) was
+    'no zarr array or group there', where the local store opens it."""
     from test_remote_volumes import served, tensorstore
 
     tensorstore()

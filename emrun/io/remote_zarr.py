@@ -38,10 +38,12 @@ def open_remote_zarr(url: str, dataset: str | None) -> TensorstoreVolume:
     reader = MetadataReader(url)
     name = f"{url}/{dataset}" if dataset else url
     node = read_node(reader, dataset or "")
-    if node is None and dataset:  # `STORE/NAME` of a segmentation in STORE/labels/NAME
-        label = _label(reader, dataset)
+    if node is None and dataset:  # `STORE/NAME` of a segmentation in STORE/labels/NAME,
+        head, _, level = dataset.partition("/")  # and `STORE/NAME/LEVEL` of its levels
+        label = _label(reader, head)
         if label is not None:
-            node, dataset = label, f"{LABELS}/{dataset}"
+            dataset = f"{LABELS}/{dataset}"
+            node = read_node(reader, dataset) if level else label
     if node is None:
         raise VolumeError(f"{name}: no zarr array or group there (no zarr.json, .zarray or "
                           ".zgroup)")
@@ -78,7 +80,8 @@ def open_remote_zarr(url: str, dataset: str | None) -> TensorstoreVolume:
 
 def _label(reader: MetadataReader, name: str) -> Node | None:
     """The OME label image `name` under the store's labels group, or None: a local store's
-    segmentations open by their names (`seg.zarr/segmentation`), so do a served store's."""
+    segmentations open by their names (`seg.zarr/segmentation`, its levels
+    `seg.zarr/segmentation/1`), so do a served store's."""
     if "/" in name or name.endswith(PARTIAL_SUFFIX):
         return None
     found = read_node(reader, f"{LABELS}/{name}")
