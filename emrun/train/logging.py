@@ -271,9 +271,13 @@ class RunLogger:
         self._events = events_path.open("a", encoding="utf-8")
         if self._events.tell() > 0 and not _ends_with_newline(events_path):
             self._events.write("\n")  # a killed run left half a line: keep records separate
-        # A resumed run logs from start + 1 on: TensorBoard hides what a crashed run wrote there.
-        self._tb, warning = _open_tensorboard(self.run_dir / TENSORBOARD_DIR,
-                                              purge_step=start + 1 if start > 0 else None)
+        # A resumed run logs from start + 1 on: TensorBoard hides what a crashed run wrote
+        # there. A run stopped before its first checkpoint and resumed starts again from 0:
+        # its abandoned curve was shown beside the new one.
+        tensorboard = self.run_dir / TENSORBOARD_DIR
+        earlier = start > 0 or (tensorboard.is_dir() and any(tensorboard.iterdir()))
+        self._tb, warning = _open_tensorboard(tensorboard,
+                                              purge_step=start + 1 if earlier else None)
         if warning:
             self.console.print(f"warning: {warning}", markup=False, highlight=False,
                                soft_wrap=True)

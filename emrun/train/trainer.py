@@ -355,8 +355,7 @@ class Trainer:
             ("optimizer", lambda: self.optimizer.load_state_dict(state["optimizer"])),
             ("scheduler", lambda: self.scheduler.load_state_dict(state["scheduler"])),
             ("scaler", lambda: self._restore_scaler(state["scaler"])),
-            ("ema", lambda: None if self.ema is None or state.get("ema") is None
-             else self.ema.load_state_dict(state["ema"])),
+            ("ema", lambda: self._restore_ema(state.get("ema"))),
             ("counters", lambda: self._restore_counters(state)),
             ("rng", lambda: set_rng_state(state["rng"])),
         ]
@@ -389,6 +388,17 @@ class Trainer:
         after = self.optimizer.param_groups[0]["lr"]
         self._say(f"resuming at iteration {self.iteration} with the recipe's "
                   f"{'; '.join(changes)} (learning rate {before:.3g} -> {after:.3g})")
+
+    def _restore_ema(self, saved: dict[str, Any] | None) -> None:
+        """The checkpoint's averages; an EMA the recipe turns on only now starts from the
+        resumed weights (it was made from the initial, random ones, and validation, best.pt
+        and exports took a mostly untrained model)."""
+        if self.ema is None:
+            return
+        if saved is None:
+            self.ema = EMA(self.model, self.ema.decay)
+        else:
+            self.ema.load_state_dict(saved)
 
     def _restore_scaler(self, saved: dict[str, Any]) -> None:
         """The loss scaler's state; a run saved without one (fp32, bf16) and resumed in fp16
@@ -640,8 +650,8 @@ class Trainer:
         values = distributed.all_reduce_mean(values.float(), self.world).cpu().tolist()
         metrics: dict[str, float] = {f"loss/{n}": v for n, v in zip(self.losses, values,
                                                                     strict=True)}
-        metrics["loss/total"] = float(sum(self.weights[n] * v for n, v in zip(
-            self.losses, values, strict=True)))
+        metrics["loss/total"] = weighted_total(dict(zip(self.losses, values, strict=True)),
+                                               self.weights)
         metrics["lr"] = self.last_rate  # the last update's rate, not the next one's (poly
         # logged 0 on the last line)
         rate = iters / elapsed if elapsed > 0 else 0.0
@@ -747,13 +757,21 @@ def validation_losses(sums: dict[str, float], counts: dict[str, float],
                       weights: dict[str, float]) -> dict[str, float]:
     """Each task's mean validation loss over the voxels it counted, and their weighted sum;
     a task that counted none (labels all 0, or masked out) has no figure, and the total
-    sums the tasks that have one (the same ones at every validation). A loss of 0 was
-    logged for nothing counted, and best.pt chose by it."""
-    metrics = {f"loss/{n}": sums[n] / counts[n] for n in sums if counts[n]}
-    if metrics:
-        metrics["loss/total"] = sum(weights[n] * metrics[f"loss/{n}"] for n in sums
-                                    if counts[n])
+    sums the tasks of non-zero weight that have one (the same ones at every validation),
+    and is absent when none has. A loss of 0 was logged for nothing counted, and best.pt
+    chose by it."""
+    metrics: dict[str, float] = {f"loss/{n}": sums[n] / counts[n] for n in sums if counts[n]}
+    scored = {n: metrics[f"loss/{n}"] for n in sums if counts[n] and weights[n]}
+    if scored:
+        metrics["loss/total"] = weighted_total(scored, weights)
     return metrics
+
+
+def weighted_total(values: dict[str, float], weights: dict[str, float]) -> float:
+    """``sum(weight * value)`` over the tasks of non-zero weight, as ``total_loss`` forms
+    the trained total: a weight-0 task's NaN made the logged total NaN (0 * NaN), and a
+    weight-0 task alone gave a validation total of 0 that best.pt was chosen by."""
+    return float(sum(weights[n] * v for n, v in values.items() if weights[n]))
 
 
 def _on_cpu(value: Any) -> Any:
