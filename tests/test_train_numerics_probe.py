@@ -18,11 +18,13 @@ from test_train_logging import accumulator, plain_console
 from test_train_resume_probe import TINY, stop_after, trainer
 
 from emrun.data.loader import train_batches, unpack, validation_batches
-from emrun.losses import LossResult
+from emrun.losses import BCE, LossResult
 from emrun.recipe.run import Constant, Cosine, Poly, Step
+from emrun.recipe.tasks import BCELoss
+from emrun.registry import losses
 from emrun.train.logging import RunLogger
 from emrun.train.optim import LRFactor, build_scheduler, lr_factor
-from emrun.train.trainer import RESUMED_PARTS, validation_losses
+from emrun.train.trainer import RESUMED_PARTS, validation_losses, without_margins
 
 SGD = "train.optimizer={type: sgd, lr: 0.5, momentum: 0}"
 TWO_TASKS = ("tasks={affinity: {target: {type: affinity}, weight: 0.3}, "
@@ -315,9 +317,10 @@ def test_a_validation_total_needs_a_task_that_counts():
 
 def test_validation_is_the_per_voxel_mean_under_the_ema_weights(recipe, tmp_path):
     """The validation loss is sum(loss * counted) / sum(counted) over the validation
-    batches, of the EMA's weights, not the trained ones; and validating changes nothing of
-    the training."""
-    common = ["train.ema=0.5", "train.validate_segmentation=false", "train.iterations=3"]
+    batches, of the EMA's weights, not the trained ones, and without the loss's margins
+    (see the next test); and validating changes nothing of the training."""
+    common = ["train.ema=0.5", "train.validate_segmentation=false", "train.iterations=3",
+              "tasks.affinity.loss={type: bce, margin0: 0.3, margin1: 0.3}"]
     run = tmp_path / "run"
     validated = trainer(recipe, run, *common, "train.validate_every=1")
     validated.fit()
@@ -331,9 +334,8 @@ def test_validation_is_the_per_voxel_mean_under_the_ema_weights(recipe, tmp_path
     total = counted = 0.0
     with torch.no_grad():
         for batch in map(unpack, validation_batches(validated.recipe)):
-            result = validated.losses["affinity"](model(batch["image"])["affinity"],
-                                                  batch["target"]["affinity"],
-                                                  batch["mask"]["affinity"])
+            result = BCE()(model(batch["image"])["affinity"], batch["target"]["affinity"],
+                           batch["mask"]["affinity"])
             total += float(result.loss) * float(result.valid)
             counted += float(result.valid)
     lines = [e for e in events(run) if "validation" in e]
@@ -341,6 +343,22 @@ def test_validation_is_the_per_voxel_mean_under_the_ema_weights(recipe, tmp_path
     line = lines[-1]["validation"]
     assert line["loss/affinity"] == pytest.approx(total / counted, rel=1e-5)
     assert line["loss/total"] == pytest.approx(total / counted, rel=1e-5)
+
+
+def test_validation_scores_without_margins_so_a_better_model_scores_lower():
+    """With DeepEM's margins (mask mode) in the validation loss, a near-perfect prediction
+    scored higher than a worse one (its remaining voxels are its hard ones), and best.pt was
+    chosen by it."""
+    spec = BCELoss(type="bce", margin0=0.2, margin1=0.2)
+    target = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 1, 6)
+    good = torch.logit(torch.tensor([0.95, 0.95, 0.45, 0.05, 0.05, 0.55])).view(target.shape)
+    worse = torch.logit(torch.tensor([0.6, 0.6, 0.6, 0.4, 0.4, 0.4])).view(target.shape)
+    mask = torch.ones_like(target)
+    trained = BCE(0.2, 0.2)
+    assert trained(good, target, mask).loss > trained(worse, target, mask).loss  # the trap
+    scorer = losses.build(without_margins(spec))
+    assert scorer(good, target, mask).loss < scorer(worse, target, mask).loss
+    assert without_margins(spec).balance == spec.balance
 
 
 # -- checkpoints and resumption -----------------------------------------------------------

@@ -235,6 +235,8 @@ class Trainer:
         self.ema = EMA(self.model, self.train.ema) if self.train.ema else None
         self.losses = {name: losses.build(task.loss, target=task.target)
                        for name, task in self.recipe.tasks.items()}
+        self.scorers = {name: losses.build(without_margins(task.loss), target=task.target)
+                        for name, task in self.recipe.tasks.items()}
         self.weights = {name: task.weight for name, task in self.recipe.tasks.items()}
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             self.train.precision)
@@ -702,7 +704,7 @@ class Trainer:
             for packed in validation_batches(self.recipe):
                 batch = unpack(packed, self.device)
                 outputs = model(batch["image"])
-                for name, fn in self.losses.items():
+                for name, fn in self.scorers.items():
                     result: LossResult = fn(outputs[name], batch["target"][name],
                                             batch["mask"][name])
                     sums[name] += float(result.loss) * float(result.valid)
@@ -765,6 +767,18 @@ def validation_losses(sums: dict[str, float], counts: dict[str, float],
     if scored:
         metrics["loss/total"] = weighted_total(scored, weights)
     return metrics
+
+
+def without_margins(spec: Any) -> Any:
+    """A loss spec as validation scores with it: DeepEM's margins off. They shape training
+    (voxels already right by the margin are dropped, or targets softened), but a validation
+    loss with them ranks models wrongly: a better model's few remaining voxels are its hard
+    ones, and a near-perfect prediction scored 1.20 against 0.51 for a worse one, so
+    best.pt was chosen by the wrong figure."""
+    fields = getattr(type(spec), "model_fields", {})
+    if "margin0" in fields and "margin1" in fields:
+        return spec.model_copy(update={"margin0": 0.0, "margin1": 0.0})
+    return spec
 
 
 def weighted_total(values: dict[str, float], weights: dict[str, float]) -> float:
