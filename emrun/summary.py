@@ -53,7 +53,8 @@ def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | N
     else:
         for f in facts:
             weight = "auto" if f.weight is None else f"{f.weight:g}"
-            sources.add_row(f.group, f.name, f.kind, _zyx(f.shape), f.dtype or "?",
+            shape = _zyx(f.shape) + (f" (labelled {_zyx(f.sampled)})" if f.sampled else "")
+            sources.add_row(f.group, f.name, f.kind, shape, f.dtype or "?",
                             _zyx(f.voxel_size), weight)
     console.print(sources)
 

@@ -16,7 +16,7 @@ from ..geometry import Coordinate, Roi, box_of
 from ..io import Volume, VolumeError, open_volume
 from ..io.intensity import outside_unit
 from ..io.masks import inside
-from ..io.window import other_offset
+from ..io.window import Placed, data_box, other_offset, placed_in
 from ..recipe import LoadedRecipe, Problem, Recipe
 from ..recipe.checks import nm_target_problems
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
@@ -36,6 +36,7 @@ class SourceFacts:
     dtype: str | None
     voxel_size: tuple[float, ...] | None
     weight: float | None
+    sampled: tuple[int, ...] | None = None  # the box patches come from (labels' part), z y x
 
 
 def check_data(loaded: LoadedRecipe) -> tuple[list[SourceFacts], list[Problem]]:
@@ -119,14 +120,17 @@ def _check_augmented_read(pipeline: Pipeline, patch: tuple[int, int, int], sourc
     voxel = tuple(fact.voxel_size[-3:]) if fact.voxel_size else None
     largest = pipeline.largest_input(patch, Context(voxel))  # type: ignore[arg-type]
     assert fact.shape is not None
-    box = source.roi.shape if source.roi is not None else tuple(fact.shape[-3:])
+    box = fact.sampled or (source.roi.shape if source.roi is not None
+                           else tuple(fact.shape[-3:]))
     if any(b < n for b, n in zip(box, largest, strict=True)):
         key = "roi" if source.roi is not None else (
             "shape" if fact.kind == "synthetic" else "image")
+        what = ("part the labels cover" if fact.sampled is not None else
+                "roi" if source.roi is not None else "volume")
         problems.append(((*path, key), f"the augmentations may read crops up to {list(largest)} "
                          f"for train.patch {list(patch)}, larger than this source's "
-                         f"{'roi' if source.roi is not None else 'volume'} {list(box)}; use a "
-                         "smaller patch, a larger roi, or milder augmentation (e.g. warp rot_max)"))
+                         f"{what} {list(box)}; use a smaller patch, a larger roi, or milder "
+                         "augmentation (e.g. warp rot_max)"))
 
 
 def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, int, int],
@@ -150,29 +154,65 @@ def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, i
     for key, ref in others.items():
         volume = _open(ref, key, problems)
         if volume is not None:
+            volume = placed_in(volume, image)  # of a part of the image: read at its place
             _check_companion(volume, image, key, problems)
             opened[key] = volume
     before = len(problems)
     sampled = patch if group == "sources" else None  # validation tiles, padding the edges
     _check_roi(image, source, sampled, path, problems)
+    box = None
     if len(problems) == before and len(image.shape) == 3:  # values: only where shapes fit
-        _check_values(image, source, opened.get((*path, "mask")), sampled, path, problems)
+        box = _data_box(image, source, opened, sampled, path, problems)
+    if box is not None:
+        _check_values(image, source, opened.get((*path, "mask")), box, sampled, path, problems)
     voxel = source.voxel_size or image.voxel_size
     if source.voxel_size and image.voxel_size and not np.allclose(
         source.voxel_size, image.voxel_size[-3:]
     ):
         problems.append(((*path, "voxel_size"), f"{list(source.voxel_size)} nm disagrees with "
                          f"{image} metadata {list(image.voxel_size)} nm"))
-    return SourceFacts(group, name, "volume", image.shape, str(image.dtype), voxel, source.weight)
+    part = tuple(int(n) for n in box.shape) if box is not None and any(
+        isinstance(v, Placed) for v in opened.values()) else None
+    return SourceFacts(group, name, "volume", image.shape, str(image.dtype), voxel, source.weight,
+                       part)
 
 
-def _check_values(image: Volume, source: VolumeSource, mask: Volume | None,
+def _data_box(image: Volume, source: VolumeSource, opened: dict[KeyPath, Volume],
+              patch: tuple[int, int, int] | None, path: KeyPath,
+              problems: list[tuple[KeyPath, str]]) -> Roi | None:
+    """The box patches are drawn from (the roi, cut to where labels, mask and semantic
+    volumes placed in a part of the image hold data), as the loader computes it; None, with
+    a problem, when that leaves nothing or less than a patch."""
+    given = source.roi.to_roi() if source.roi is not None else box_of(image.shape[-3:])
+    box = data_box(list(opened.values()), given)
+    placed = [(key, v) for key, v in opened.items() if isinstance(v, Placed)]
+    if not placed:
+        return box
+    key, volume = placed[0]
+    where = "roi" if source.roi is not None else "image"
+    if box.empty:
+        problems.append((key, f"{volume} covers {_span(volume.extent)} of the image {image}, "
+                         f"outside the {where} {_span(given)}: nothing to train on"))
+        return None
+    if patch is not None and any(b < p for b, p in zip(box.shape, patch, strict=True)):
+        problems.append((key, f"{volume} covers {_span(volume.extent)} of the image {image}; "
+                         f"with the {where} that leaves {list(box.shape)} voxels, smaller than "
+                         f"train.patch {list(patch)}"))
+        return None
+    return box
+
+
+def _span(box: Roi) -> str:
+    """A box as voxel ranges, z y x: '[10-109, 0-1249, 0-1249]'."""
+    return "[" + ", ".join(f"{b}-{e - 1}" for b, e in zip(box.begin, box.end, strict=True)) + "]"
+
+
+def _check_values(image: Volume, source: VolumeSource, mask: Volume | None, box: Roi,
                   patch: tuple[int, int, int] | None, path: KeyPath,
                   problems: list[tuple[KeyPath, str]]) -> None:
-    """The image's values (a few sections, see `_section_problem`); a mask must select
-    something inside the sampled box, and for a training source a voxel a patch can be
+    """The image's values in the sampled ``box`` (a few sections, see `_section_problem`); a
+    mask must select something inside it, and for a training source a voxel a patch can be
     centred on (reads the mask once)."""
-    box = source.roi.to_roi() if source.roi is not None else box_of(image.shape[-3:])
     (oz, oy, ox), (sz, sy, sx) = box.offset, box.shape
     masked = mask is not None and tuple(mask.shape) == tuple(image.shape)
     if image.dtype.kind == "f":
@@ -270,13 +310,26 @@ def _check_companion(volume: Volume, image: Volume, key: KeyPath,
                          "(or booleans)"))
     if tuple(volume.shape) != tuple(image.shape):
         problems.append((key, f"{volume} has shape {list(volume.shape)} but the image "
-                         f"{image} has {list(image.shape)}"))
+                         f"{image} has {list(image.shape)}{_unplaced(volume, image)}"))
     if volume.voxel_size and image.voxel_size and not np.allclose(
         volume.voxel_size[-3:], image.voxel_size[-3:]
     ):
         problems.append((key, f"{volume} voxel size {list(volume.voxel_size)} nm disagrees with "
                          f"the image's {list(image.voxel_size)} nm"))
     _check_placed_alike(volume, image, key, what, problems)
+
+
+def _unplaced(volume: Volume, image: Volume) -> str:
+    """Why a volume of another shape was not read at its place in the image (`placed_in`)."""
+    if volume.offset is None or image.offset is None or volume.voxel_size is None or \
+            image.voxel_size is None:
+        return ("; a volume of a part of the image needs metadata placing it (offset and "
+                "voxel size, as OME-Zarr and emrun's zarr stores have)")
+    if len(volume.shape) != len(image.shape):
+        return ""
+    return (f"; placed at offset {[int(v) for v in volume.offset[-3:]]} against the image's "
+            f"{[int(v) for v in image.offset[-3:]]}, it lies partly outside it (it must lie "
+            "inside the image, or cover all of it)")
 
 
 def _check_placed_alike(volume: Volume, image: Volume, key: KeyPath, what: str,

@@ -17,6 +17,7 @@ from ..geometry import Roi, box_of, slices
 from ..io import Volume, open_volume
 from ..io.intensity import default_intensity
 from ..io.masks import inside
+from ..io.window import data_box, placed_in
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
 from ..registry import sources
 
@@ -92,13 +93,17 @@ def _box(spec: SourceBase, shape: tuple[int, ...]) -> Roi:
 def open_volume_source(spec: VolumeSource, name: str = "source") -> Source:
     """Open the volumes a `volume` source names (metadata only)."""
     image = open_volume(spec.image)
-    labels = open_volume(spec.labels) if spec.labels else None
-    mask = open_volume(spec.mask) if spec.mask else None
-    semantic = {key: open_volume(ref) for key, ref in spec.semantic.items()}
+    # labels (mask, semantic) of a part of the image, or of a region the image is a cutout
+    # of, are read at their place in the image; patches are drawn where all hold data
+    labels = placed_in(open_volume(spec.labels), image) if spec.labels else None
+    mask = placed_in(open_volume(spec.mask), image) if spec.mask else None
+    semantic = {key: placed_in(open_volume(ref), image) for key, ref in spec.semantic.items()}
+    box = data_box([v for v in (labels, mask, *semantic.values()) if v is not None],
+                   _box(spec, image.shape))
     low, high = ((spec.intensity.low, spec.intensity.high) if spec.intensity
                  else default_intensity(image.dtype))
     voxel = spec.voxel_size or (tuple(image.voxel_size[-3:]) if image.voxel_size else None)
-    return Source(name, image, labels, mask, semantic, _box(spec, image.shape), low, high,
+    return Source(name, image, labels, mask, semantic, box, low, high,
                   spec.weight, spec.min_labelled, voxel,  # type: ignore[arg-type]
                   scale_given=spec.intensity is not None)
 

@@ -4,19 +4,25 @@
 segmentation) that know where they sit: offset (60, 0, 0) in voxels. Their truth is usually
 the whole annotated volume. Scoring or sweeping against it reads the box the prediction
 covers, instead of asking the user to cut a copy of the truth first.
+
+Training takes the same facts the other way round (`Placed`): labels annotated in a part of
+a larger image (a ground-truth cutout of a large volume, CREMI's padded volumes), or of a
+larger region the image is a cutout of, are read at their place in the image's voxels, and
+patches are drawn where both hold data.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from emrun.geometry import Coordinate, Roi
+from emrun.geometry import Coordinate, Roi, zyx
 from emrun.io.volume import Volume
 
-__all__ = ["Window", "covered_part"]
+__all__ = ["Placed", "Window", "covered_part", "data_box", "placed_in", "placement"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +67,74 @@ def covered_part(reference: Volume, other: Volume) -> Volume:
         return other
     return Window(inner=other, start=start, path=other.path, dataset=other.dataset,
                   shape=spatial, dtype=other.dtype, voxel_size=other.voxel_size, offset=mine)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placed(Volume):
+    """A volume read in another's voxel coordinates, its first voxel at ``start`` there:
+    labels (or a mask) of a part of a larger image, or of a larger region the image is a
+    cutout of. It has the reference's spatial shape but holds data only over ``extent``;
+    reads must stay inside it (the sampled box of a training source does)."""
+
+    inner: Volume
+    start: tuple[int, int, int]
+
+    def __str__(self) -> str:
+        return str(self.inner)
+
+    @property
+    def extent(self) -> Roi:
+        """Where the data lie, in the reference's voxels (z, y, x)."""
+        return Roi(self.start, tuple(self.inner.shape[-3:]))
+
+    def _read(self, roi: Roi) -> np.ndarray:
+        spatial = Roi(roi.offset[-3:], roi.shape[-3:])
+        if not self.extent.contains(spatial):
+            raise RuntimeError(f"{self}: a read of {spatial} in the reference's voxels lies "
+                               f"outside its data {self.extent}")
+        return self.inner.read(spatial.shift(-Coordinate(self.start)))
+
+    def attributes(self) -> dict[str, Any]:
+        return self.inner.attributes()
+
+    def container_attributes(self) -> dict[str, Any]:
+        return self.inner.container_attributes()
+
+
+def placement(volume: Volume, reference: Volume) -> tuple[int, int, int] | None:
+    """Where ``volume``'s first voxel lies in ``reference``'s voxels (z, y, x) when its
+    spatial shape differs, both state an offset and a voxel size, those agree, and one of
+    the two lies wholly inside the other; None otherwise (the shape checks then speak)."""
+    mine, theirs = tuple(volume.shape[-3:]), tuple(reference.shape[-3:])
+    if mine == theirs or len(mine) != 3 or len(theirs) != 3 or volume.offset is None or \
+            reference.offset is None or volume.voxel_size is None or \
+            reference.voxel_size is None or other_voxel_size(volume, reference) is not None:
+        return None
+    start = tuple(int(a) - int(b) for a, b in zip(volume.offset[-3:], reference.offset[-3:],
+                                                  strict=True))
+    inside = all(a >= 0 and a + n <= m for a, n, m in zip(start, mine, theirs, strict=True))
+    covers = all(a <= 0 and a + n >= m for a, n, m in zip(start, mine, theirs, strict=True))
+    return zyx(start) if inside or covers else None
+
+
+def placed_in(volume: Volume, reference: Volume) -> Volume:
+    """``volume`` read in ``reference``'s voxel coordinates (`Placed`) where `placement`
+    finds it, else unchanged."""
+    start = placement(volume, reference)
+    if start is None:
+        return volume
+    shape = (*volume.shape[:-3], *reference.shape[-3:])
+    return Placed(inner=volume, start=start, path=volume.path, dataset=volume.dataset,
+                  shape=shape, dtype=volume.dtype, voxel_size=volume.voxel_size,
+                  offset=reference.offset, segmentation=volume.segmentation)
+
+
+def data_box(volumes: Sequence[Volume], box: Roi) -> Roi:
+    """``box`` cut to where every `Placed` volume among ``volumes`` holds data."""
+    for volume in volumes:
+        if isinstance(volume, Placed):
+            box = box.intersect(volume.extent)
+    return box
 
 
 def other_voxel_size(volume: Volume, reference: Volume
