@@ -58,13 +58,20 @@ def reflect_index(index: np.ndarray, n: int) -> np.ndarray:
 
 def read_reflected(volume: Volume, box: Roi) -> np.ndarray:
     """The input over ``box``, reflected about the volume's borders where outside."""
+    source, index = reflected_source(volume, box)
+    return volume.read(source)[np.ix_(*index)]
+
+
+def reflected_source(volume: Volume, box: Roi) -> tuple[Roi, list[np.ndarray]]:
+    """The voxels of the volume that ``box`` reflected about its borders reads (each once:
+    reflecting a run of indices gives a run), and per axis the index into them of each
+    voxel of ``box``."""
     shape = volume.shape[-3:]
     index = [reflect_index(np.arange(a, b), n)
              for a, b, n in zip(box.begin, box.end, shape, strict=True)]
     low = Coordinate(int(i.min()) for i in index)
     high = Coordinate(int(i.max()) + 1 for i in index)
-    data = volume.read(Roi(low, high - low))
-    return data[np.ix_(*(i - lo for i, lo in zip(index, low, strict=True)))]
+    return Roi(low, high - low), [i - lo for i, lo in zip(index, low, strict=True)]
 
 
 def intensity_range(recipe: Recipe, volume: Volume) -> tuple[float, float]:
@@ -198,16 +205,19 @@ class Engine:
         """The raw input the patches covering the block need (host memory, the volume's
         dtype), or None when it is entirely zero (nothing to predict). ``origin``: where the
         layout's (0, 0, 0) lies in ``volume`` (a ROI). Runs in reader threads."""
-        box = layout.read_box(block).shift(Coordinate(origin))
-        raw = read_reflected(volume, box)
-        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
-            bad = int(raw.size - np.isfinite(raw).sum())
+        source, index = reflected_source(volume, layout.read_box(block).shift(
+            Coordinate(origin)))
+        data = volume.read(source)
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            # counted in the volume, not in the reflected input (which repeats voxels near
+            # its borders): the message named 4 bad voxels for one near a corner
+            bad = int(data.size - np.isfinite(data).sum())
             raise UserError(f"{volume}: {bad} NaN or infinite voxels around block "
-                            f"{list(block)} (input {list(box.begin)} to "
-                            f"{list(box.end)}); they would spread through "
+                            f"{list(block)} (input {list(source.begin)} to "
+                            f"{list(source.end)}); they would spread through "
                             "every patch that sees them: replace them, or leave their blocks "
                             "out with --mask (finished blocks are kept: --resume)")
-        return raw if raw.any() else None
+        return data[np.ix_(*index)] if data.any() else None  # the same voxels, repeated
 
     def predict(self, raw: np.ndarray | torch.Tensor, layout: Layout, block: Zyx,
                 scale: tuple[float, float], *, carried: Mapping[Zyx, torch.Tensor] | None = None,

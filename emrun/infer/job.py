@@ -138,7 +138,7 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
         raise UserError(f"--block {' '.join(map(str, block))}: sizes must be at least 1 voxel")
     _refuse_same(volume, output)
     if mask_path:
-        mask = open_volume(mask_path)
+        mask = single_channel(open_volume(mask_path))  # (1, z, y, x): a binary task's
         if mask.dtype.kind not in "biuf":  # strings: no 0 outside, non-zero inside
             raise UserError(f"{mask}: a mask holds numbers or booleans (0 outside), not "
                             f"{mask.dtype}")

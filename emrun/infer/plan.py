@@ -1,6 +1,6 @@
 """Where patches and blocks go: one global patch lattice, blocks of whole output chunks.
 
-Patches start at ``origin + k * stride`` per axis, with ``origin = -(patch - stride) // 2``
+Patches start at ``origin + k * stride`` per axis, with ``origin = -((patch - stride) // 2)``
 so that the volume's first voxels sit well inside the first patch, and continue until the
 volume's end is covered. Every voxel's prediction is the weighted mean of the patches of this
 one lattice that cover it, whichever block computes it: so the output does not depend on the
@@ -222,9 +222,13 @@ def choose_chunks_and_block(shape: Zyx, patch: Zyx, stride: Zyx, chunks: Zyx | N
     """Default chunks tile the block; the default block is 4 strides per axis: patches are
     shared across blocks of a unit, so a block need not be large to waste nothing, and
     smaller blocks keep the device busy while the first read and the last write of a
-    worker's run are in flight (a whole-volume block would hide neither)."""
+    worker's run are in flight (a whole-volume block would hide neither). With the recipe's
+    ``chunks`` the default block is rounded up to whole chunks (a volume thinner than four
+    strides was refused as if the user had given a block that splits a chunk)."""
     if block is None:
         block = zyx(min(n, max(s * 4, p)) for n, s, p in zip(shape, stride, patch, strict=True))
+        if chunks is not None:
+            block = zyx(-(-b // c) * c for b, c in zip(block, chunks, strict=True))
     if chunks is None:
         chunks = zyx(_largest_divisor_at_most(b, 256 if a else 32) for a, b in enumerate(block))
     return chunks, block

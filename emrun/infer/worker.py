@@ -57,7 +57,7 @@ class BlockWorker:
                  ) -> None:
         self.job = job
         self.volume = single_channel(open_volume(job.input_path))
-        self.mask = open_volume(job.mask_path) if job.mask_path else None
+        self.mask = single_channel(open_volume(job.mask_path)) if job.mask_path else None
         self.arrays = open_output_arrays(job)
         if model is None:
             model = load_model(job.recipe, job.checkpoint, device)
