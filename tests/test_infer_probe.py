@@ -478,3 +478,20 @@ def test_the_default_block_is_whole_chunks_of_the_recipe_s_chunks(volume):
     run_job(recipe, tmp, str(tmp / "in.zarr/image"), out, factory=make_pointwise)
     assert zarr.open_array(str(out / "dist" / "0")).chunks == (1, 2, 4, 4)
     np.testing.assert_allclose(read(out, "dist")[0], 1.5 * image - 0.25, atol=2e-6, rtol=0)
+
+
+def test_blank_blocks_are_those_at_the_scale_s_low_end_not_raw_zero(tmp_path):
+    """An int16 image's raw 0 is mid-grey, yet its blocks of raw 0 were skipped (written 0):
+    the output depended on the block size (0.50 in one block, 0.00 in small ones). Blocks
+    at the scale's low end (-32768, black) are the blank ones."""
+    raw = np.full((6, 12, 20), -32768, np.int16)
+    raw[:, :, 14:] = 0  # mid-grey beyond x 14 (the first block's patches reach x 11)
+    write_volume(tmp_path / "in.zarr", "image", raw, label=False)
+    recipe = probe_recipe((4, 8, 8), stride=(3, 6, 5))
+    out = tmp_path / "o.zarr"
+    progress = run_job(recipe, tmp_path, str(tmp_path / "in.zarr/image"), out,
+                       factory=make_pointwise, block=(6, 12, 5))
+    dist = read(out, "dist")[0]
+    grey = 1.5 * (32768 / 65535) - 0.25
+    np.testing.assert_allclose(dist[:, :, 15:], grey, atol=1e-5)  # predicted, not skipped
+    assert progress.empty == 1 and not dist[:, :, :5].any()  # the first block: all black

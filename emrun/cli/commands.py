@@ -241,13 +241,14 @@ def infer(
         done = stop.progress.done + stop.progress.skipped
         raise Interrupted(stop.signal_name, f"{done} of {stop.progress.total} blocks are done "
                           "and marked; continue with --resume") from None
-    empty = (f" ({progress.empty} of them empty: outside the mask or all-zero input)"
+    empty = (f" ({progress.empty} of them empty: outside the mask or blank input)"
              if progress.empty else "")
     out.print(f"wrote {output}: {progress.done} blocks predicted{empty}, {progress.skipped} "
               f"already done, {progress.voxels / max(progress.seconds, 1e-9) / 1e6:.2f} "
               "Mvoxel/s", markup=False)
     if progress.done and progress.empty == progress.done and not progress.skipped:
-        why = "--mask is 0 over the whole input" if mask else "the input is all zero"
+        why = "--mask is 0 over the whole input" if mask else \
+            "the input is blank (all at its intensity scale's low end, 0 when unsigned)"
         err.print(f"warning: {output} holds zeros only: {why}; is it the right volume?",
                   markup=False)
 

@@ -40,7 +40,7 @@ def predict_array(engine: Engine, image: np.ndarray,
     """Blended float32 predictions, (c, z, y, x) per task, of a (z, y, x) ``image``."""
     shape = zyx(image.shape)
     layout = Layout(shape, engine.patch, engine.stride, shape, shape)
-    raw = engine.read_input(ArrayVolume.of(image), layout, ORIGIN)
+    raw = engine.read_input(ArrayVolume.of(image), layout, ORIGIN, low=scale[0])
     if raw is None:
         channels = engine.recipe.head_channels()
         return {n: np.zeros((channels[n], *shape), np.float32) for n in engine.tasks}

@@ -201,10 +201,13 @@ class Engine:
         return {name: out.clone() for name, out in self.model(batch).items()}
 
     def read_input(self, volume: Volume, layout: Layout, block: Zyx,
-                   origin: Zyx = (0, 0, 0)) -> np.ndarray | None:
+                   origin: Zyx = (0, 0, 0), low: float = 0.0) -> np.ndarray | None:
         """The raw input the patches covering the block need (host memory, the volume's
-        dtype), or None when it is entirely zero (nothing to predict). ``origin``: where the
-        layout's (0, 0, 0) lies in ``volume`` (a ROI). Runs in reader threads."""
+        dtype), or None when every voxel is at ``low``, the intensity scale's low end (black,
+        0 after scaling: outside the tissue; nothing to predict). Not raw 0: in a signed
+        image that is mid-grey, and skipping it made the output depend on the block size.
+        ``origin``: where the layout's (0, 0, 0) lies in ``volume`` (a ROI). Runs in reader
+        threads."""
         source, index = reflected_source(volume, layout.read_box(block).shift(
             Coordinate(origin)))
         data = volume.read(source)
@@ -217,7 +220,8 @@ class Engine:
                             f"{list(source.end)}); they would spread through "
                             "every patch that sees them: replace them, or leave their blocks "
                             "out with --mask (finished blocks are kept: --resume)")
-        return data[np.ix_(*index)] if data.any() else None  # the same voxels, repeated
+        blank = not data.any() if low == 0 else bool((data == low).all())
+        return None if blank else data[np.ix_(*index)]  # the same voxels, repeated
 
     def predict(self, raw: np.ndarray | torch.Tensor, layout: Layout, block: Zyx,
                 scale: tuple[float, float], *, carried: Mapping[Zyx, torch.Tensor] | None = None,

@@ -44,7 +44,7 @@ class Progress:
     total: int = 0
     voxels: int = 0
     patches: int = 0  # forward-passed; the lattice's count when no patch is predicted twice
-    empty: int = 0  # of those done, blocks outside the mask or of all-zero input (no chunk)
+    empty: int = 0  # of those done, blocks outside the mask or of blank input (no chunk)
     seconds: float = 0.0
 
     def add(self, block: BlockDone, started: float) -> None:

@@ -46,7 +46,7 @@ class BlockDone:
     block: Zyx
     voxels: int
     patches: int  # forward-passed for it (own and recomputed)
-    empty: bool = False  # skipped: outside the mask or an all-zero input; no chunk written,
+    empty: bool = False  # skipped: outside the mask or a blank input; no chunk written,
     # it reads as zeros
 
 
@@ -136,7 +136,7 @@ class BlockWorker:
 
     def _read(self, block: Zyx) -> RawInput:
         """The block's input (pinned when bound for a GPU), or None when the mask excludes it
-        or it is all zero."""
+        or it is blank (`Engine.read_input`)."""
         with self._timed("read"):
             raw = self._read_input(block)
             if raw is None:
@@ -149,12 +149,12 @@ class BlockWorker:
         inside = layout.write_box(block).shift(Coordinate(origin))
         if self.mask is not None and not masks.inside(self.mask.read(inside)).any():
             return None
-        return self.engine.read_input(self.volume, layout, block, origin)
+        return self.engine.read_input(self.volume, layout, block, origin, self.job.scale[0])
 
     def _predict(self, step: Step, raw: RawInput, carries: dict[tuple[Zyx, Zyx], torch.Tensor]
                  ) -> dict[str, HostArray] | None:
         """Quantised predictions of the block's write region on their way to the host, or
-        None when skipped (masked out or an all-zero input). Takes the partial sums handed to
+        None when skipped (masked out or a blank input). Takes the partial sums handed to
         this block from ``carries`` and leaves there those it hands to later blocks of its
         unit."""
         layout, block = self.job.layout, step.block
