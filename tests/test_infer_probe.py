@@ -394,7 +394,7 @@ def test_a_mask_under_a_roi_is_read_where_the_roi_lies(volume):
     image, tmp = volume
     mask = np.zeros(image.shape, np.uint8)
     mask[5, 14, 20] = 1  # one voxel: in block (1, 1, 1) of the ROI below
-    write_volume(tmp / "in.zarr", "mask", mask)
+    write_volume(tmp / "in.zarr", "mask", mask, voxel_size=(30, 6, 6), offset=(1, 2, 3))
     roi = Roi((2, 4, 10), (5, 12, 12))
     recipe = probe_recipe((4, 8, 8), stride=(3, 6, 5))
     out = tmp / "m.zarr"
@@ -459,8 +459,9 @@ def test_a_one_channel_mask_is_read_as_its_volume(volume):
     image, tmp = volume
     mask = np.zeros(image.shape, np.uint8)
     mask[:3, :6, :10] = 1
-    write_volume(tmp / "in.zarr", "flat", mask)
-    write_volume(tmp / "in.zarr", "one", mask[None], channel_axis=True)
+    write_volume(tmp / "in.zarr", "flat", mask, voxel_size=(30, 6, 6), offset=(1, 2, 3))
+    write_volume(tmp / "in.zarr", "one", mask[None], channel_axis=True, voxel_size=(30, 6, 6),
+                 offset=(1, 2, 3))
     recipe = probe_recipe((4, 8, 8), stride=(3, 6, 5))
     for name in ("flat", "one"):
         progress = run_job(recipe, tmp, str(tmp / "in.zarr/image"), tmp / f"{name}.zarr",
@@ -495,3 +496,30 @@ def test_blank_blocks_are_those_at_the_scale_s_low_end_not_raw_zero(tmp_path):
     grey = 1.5 * (32768 / 65535) - 0.25
     np.testing.assert_allclose(dist[:, :, 15:], grey, atol=1e-5)  # predicted, not skipped
     assert progress.empty == 1 and not dist[:, :, :5].any()  # the first block: all black
+
+
+def test_a_mask_elsewhere_is_refused_and_a_larger_one_is_cut_to_the_input(volume):
+    """infer --mask compared shapes only: a mask of the input's shape at another offset or
+    voxel size masked another box, silently; a larger mask covering the input (placed by
+    its offset, as segment and evaluate take it) was refused."""
+    image, tmp = volume  # at offset (1, 2, 3), 30 x 6 x 6 nm
+    mask = np.zeros(image.shape, np.uint8)
+    mask[:3, :6, :10] = 1
+    write_volume(tmp / "in.zarr", "shifted", mask, voxel_size=(30, 6, 6), offset=(0, 0, 0))
+    write_volume(tmp / "in.zarr", "finer", mask, voxel_size=(30, 3, 3), offset=(1, 4, 6))
+    larger = np.zeros((9, 25, 30), np.uint8)
+    larger[1:4, 2:8, 3:13] = 1  # the same voxels as `mask`, in a box starting at 0
+    write_volume(tmp / "in.zarr", "larger", larger, voxel_size=(30, 6, 6), offset=(0, 0, 0))
+    write_volume(tmp / "in.zarr", "placed", mask, voxel_size=(30, 6, 6), offset=(1, 2, 3))
+    recipe = probe_recipe((4, 8, 8), stride=(3, 6, 5))
+    source = str(tmp / "in.zarr/image")
+    for name, words in (("shifted", r"lies at offset \[0, 0, 0\]"), ("finer", "voxel size")):
+        with pytest.raises(UserError, match=words):
+            run_job(recipe, tmp, source, tmp / f"{name}.zarr", block=(4, 6, 10),
+                    mask_path=str(tmp / f"in.zarr/{name}"))
+    for name in ("larger", "placed"):
+        progress = run_job(recipe, tmp, source, tmp / f"{name}.zarr", block=(4, 6, 10),
+                           mask_path=str(tmp / f"in.zarr/{name}"))
+        assert progress.empty == progress.done - 1
+    np.testing.assert_array_equal(read(tmp / "larger.zarr", "aff"),
+                                  read(tmp / "placed.zarr", "aff"))

@@ -34,6 +34,7 @@ from ..io.metadata import multiscale_dataset
 from ..io.one_channel import single_channel
 from ..io.pyramid import level_factors
 from ..io.sample import contents_sample, sample_boxes
+from ..io.window import covered_part, other_offset, other_voxel_size
 from ..io.write import build_pyramid, create_volume, hold_store, release_store, store_entries
 from ..paths import is_link_loop
 from ..recipe import Recipe
@@ -142,9 +143,7 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
         if mask.dtype.kind not in "biuf":  # strings: no 0 outside, non-zero inside
             raise UserError(f"{mask}: a mask holds numbers or booleans (0 outside), not "
                             f"{mask.dtype}")
-        if tuple(mask.shape) != tuple(volume.shape):
-            raise UserError(f"{mask}: mask shape {list(mask.shape)} differs from the input's "
-                            f"{list(volume.shape)}")
+        _check_mask_place(covered_part(volume, mask), volume)
     # A bad checkpoint or TTA setting fails here, once, before any output exists (each
     # worker builds its engine where it runs).
     load_model(recipe, checkpoint, torch.device("cpu"))
@@ -203,6 +202,25 @@ def finish_job(job: Job) -> bool:
         build_pyramid(job.output / name, job.levels)
         mark_finished(job.output / name)
     return True
+
+
+def _check_mask_place(mask: Volume, volume: Volume) -> None:
+    """The mask must lie on the input's grid: its shape (or the part of a larger mask the
+    input's offset places it in), and where both state them its voxel size and offset (the
+    same shape at another offset or resolution is another box, which masked the wrong
+    voxels, silently)."""
+    if tuple(mask.shape) != tuple(volume.shape):
+        raise UserError(f"{mask}: mask shape {list(mask.shape)} differs from the input's "
+                        f"{list(volume.shape)} (and their offsets do not place the input "
+                        "inside it)")
+    if (sizes := other_voxel_size(mask, volume)) is not None:
+        raise UserError(f"{mask}: voxel size {sizes[0]} nm but the input {volume} has "
+                        f"{sizes[1]} nm; give a mask on the input's grid (e.g. the same "
+                        "level of its pyramid)")
+    if (offsets := other_offset(mask, volume)) is not None:
+        raise UserError(f"{mask}: lies at offset {offsets[0]} (voxels) but the input "
+                        f"{volume} at {offsets[1]}: it does not cover the same box; give a "
+                        "mask that holds the input's box")
 
 
 def _check_float_scale(recipe: Recipe, volume: Volume, offset: Zyx, shape: Zyx) -> None:
