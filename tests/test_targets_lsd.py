@@ -304,3 +304,13 @@ def test_a_signed_distance_with_uint8_outputs_is_warned_about(write):
     quiet = CliRunner().invoke(app, ["validate", str(write(text)), "--no-data", "-o",
                                      "infer.dtype=float16"])
     assert quiet.exit_code == 0 and "negative half" not in quiet.stderr
+
+
+def test_a_tanh_task_with_uint8_outputs_is_warned_about_too(write):
+    """Only a signed distance was warned about; any task whose activation is tanh loses its
+    negative half in uint8 outputs as well."""
+    text = MINIMAL.replace("tasks:\n", "tasks:\n  dist: {target: {type: distance}, "
+                                       "activation: tanh}\n")
+    result = CliRunner().invoke(app, ["validate", str(write(text)), "--no-data"])
+    assert result.exit_code == 0, result.output
+    assert "negative half of the task 'dist' (activation tanh)" in result.stderr

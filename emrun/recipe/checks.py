@@ -237,12 +237,16 @@ def cautions(recipe: Recipe) -> list[tuple[Path, str]]:
     found += _bookkeeping_cautions(recipe)
     found += _intensity_cautions(recipe)
     if recipe.infer.dtype == "uint8":
-        signed = [n for n, t in recipe.tasks.items()
+        signed = [(n, "the signed distance task") for n, t in recipe.tasks.items()
                   if isinstance(t.target, DistanceTarget) and t.target.signed]
+        signed += [(n, "the task") for n, t in recipe.tasks.items()
+                   if t.activation == "tanh" and (n, "the signed distance task") not in signed]
         if signed:
+            name, what = signed[0]
             found.append((("infer", "dtype"),
-                          f"uint8 outputs clip to [0, 1], so the negative half of the signed "
-                          f"distance task {signed[0]!r} is lost; use float16"))
+                          f"uint8 outputs clip to [0, 1], so the negative half of {what} "
+                          f"{name!r} (activation {recipe.tasks[name].activation}) is lost; "
+                          "use float16"))
     return found
 
 
