@@ -459,6 +459,22 @@ def test_eight_bit_values_in_a_wider_integer_input_are_cautioned(setup):
     assert said.exit_code == 0 and "warning:" in said.stderr and "nearly flat" in said.stderr
 
 
+def test_ordinary_values_in_a_wide_integer_input_are_cautioned(setup):
+    """An int64 volume of 12-bit values (scaled by int64's range: every value about 0.5)
+    reached the network flat, without a word: its values do not fit the training images'
+    0..255, so the 8-bit check above did not speak."""
+    from emrun.infer.cautions import input_cautions
+
+    recipe, _, volume, tmp = setup
+    write_volume(tmp / "in.zarr", "wide", volume.astype(np.int64) * 16, voxel_size=(30, 6, 6),
+                 label=False)
+    (said,) = input_cautions(recipe, tmp / "c.pt", str(tmp / "in.zarr/wide"))
+    assert "is int64" in said and "under one 256th of it" in said and "flat" in said
+    write_volume(tmp / "in.zarr", "spread", volume.astype(np.int32) * 8_000_000,
+                 voxel_size=(30, 6, 6), label=False)
+    assert input_cautions(recipe, tmp / "c.pt", str(tmp / "in.zarr/spread")) == []
+
+
 def test_an_input_with_one_channel_is_predicted_as_its_volume(setup):
     """(1, z, y, x) images (bioformats2raw writes EM so) were refused as not 3-d."""
     recipe, _, volume, tmp = setup

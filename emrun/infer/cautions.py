@@ -1,9 +1,10 @@
 """Warnings about an input the network may not suit: predicted anyway, but said before.
 
-Two mistakes give plausible-looking but poor predictions and nothing else would say so: an
-input at another resolution than the training data, and 8-bit values stored in a wider
-integer type (a uint16 volume whose values stop at 255), which the dtype's scale makes
-nearly black.
+Three mistakes give plausible-looking but poor predictions and nothing else would say so: an
+input at another resolution than the training data, 8-bit values stored in a wider integer
+type (a uint16 volume whose values stop at 255), which the dtype's scale makes nearly
+black, and any integer input whose values span a sliver of its dtype's range (ordinary
+values in an int64 volume), which reaches the network flat.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ..recipe.data import VolumeSource
 def input_cautions(recipe: Recipe, checkpoint: Path, input_path: str) -> list[str]:
     """The lines to warn with before predicting ``input_path`` (none when it suits)."""
     volume = single_channel(open_volume(input_path))
-    found = [resolution_caution(recipe, volume), scale_caution(recipe, checkpoint, volume)]
+    found = [resolution_caution(recipe, volume),
+             scale_caution(recipe, checkpoint, volume) or flat_caution(recipe, volume)]
     return [line for line in found if line is not None]
 
 
@@ -66,6 +68,35 @@ def scale_caution(recipe: Recipe, checkpoint: Path, volume: Volume) -> str | Non
             f"{high:g}], but its sampled values lie in [{smallest}, {largest}] and the network "
             f"was trained on images scaled by {shown}: its input will look nearly flat. "
             f"{_remedy(recipe, trained)}")
+
+
+FLAT = 1 / 256
+"""An integer input whose sampled values span less of its dtype's range than this (one grey
+level of 8 bits) reaches the network flat."""
+
+
+def flat_caution(recipe: Recipe, volume: Volume) -> str | None:
+    """A line when an integer input's sampled values span under one 256th of the dtype's
+    range it is scaled by: an int32 or int64 volume of ordinary EM values is read as a
+    uniform grey (every value near 0.5 for a signed type), which `scale_caution` does not
+    see when the values do not fit the training range."""
+    if volume.dtype.kind not in "ui" or volume.dtype.itemsize < 2 or _recipe_gives_scale(recipe):
+        return None
+    boxes = [box for box in sample_boxes(volume) if box.size]
+    if not boxes:
+        return None
+    smallest = min(int(box.min()) for box in boxes)
+    largest = max(int(box.max()) for box in boxes)
+    low, high = default_intensity(volume.dtype)
+    if smallest == largest or (largest - smallest) >= FLAT * (high - low):
+        return None
+    names = [n for n, s in recipe.data.sources.items() if isinstance(s, VolumeSource)]
+    remedy = (f"give the scale the training images had, e.g. -o 'data.sources.{names[0]}."
+              f"intensity={{low: {smallest}, high: {largest}}}' (the sampled values)"
+              if names else "store it as uint8 (emrun data convert) if its values are 8-bit")
+    return (f"{volume} is {volume.dtype} and is scaled by its dtype's range [{low:g}, "
+            f"{high:g}], but its sampled values lie in [{smallest}, {largest}], under one "
+            f"256th of it: its input will look flat; {remedy}")
 
 
 def _remedy(recipe: Recipe, trained: tuple[float, float]) -> str:
