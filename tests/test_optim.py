@@ -146,6 +146,7 @@ def test_ema_math_buffers_and_copy_to() -> None:
     model = Tiny()
     model.set(1.0, 0.0)
     ema = EMA(model, decay=0.75)
+    ema.updates = 100  # past the warm-up: the recipe's decay (see the next test)
     model.set(5.0, 4.0)
     with torch.no_grad():
         model.norm.running_mean.fill_(7.0)
@@ -159,7 +160,7 @@ def test_ema_math_buffers_and_copy_to() -> None:
     # 0.75 * 2 + 0.25 * 10 = 4; 0.75 * 1 + 0.25 * -8 = -1.25
     assert torch.allclose(ema.params["linear.weight"], torch.full((1, 2), 4.0))
     assert torch.allclose(ema.params["linear.bias"], torch.full((1,), -1.25))
-    assert ema.updates == 2
+    assert ema.updates == 102
     assert model.linear.weight[0, 0].item() == 10.0  # the model itself is untouched
     assert not ema.params["linear.weight"].requires_grad
 
@@ -171,16 +172,33 @@ def test_ema_math_buffers_and_copy_to() -> None:
     assert set(ema.model_state_dict()) == set(Tiny().state_dict())
 
 
+def test_ema_decay_is_ramped_up_so_the_initial_weights_fade_early() -> None:
+    """With a constant decay of 0.999 the random initial weights still made 37 % of the
+    average at iteration 1000 (the default first validation)."""
+    model = Tiny()
+    model.set(0.0, 0.0)  # the initial weights
+    ema = EMA(model, decay=0.999)
+    assert [round(ema.current_decay(), 4) for _ in range(1)] == [0.1]
+    model.set(1.0, 1.0)  # trained weights, held fixed: the average's share of them
+    for _ in range(1000):
+        ema.update(model)
+    initial_share = 1.0 - float(ema.params["linear.bias"])
+    assert initial_share < 0.01  # constant 0.999: 0.999 ** 1000 = 0.37
+    ema.updates = 8991  # (1 + n) / (10 + n) reaches 0.999 here
+    assert ema.current_decay() == 0.999
+
+
 def test_ema_state_round_trip(tmp_path: Path) -> None:
     model = Tiny()
     model.set(1.0, 1.0)
     ema = EMA(model, 0.5)
+    ema.updates = 100  # past the warm-up
     model.set(3.0, 3.0)
     ema.update(model)
     save_atomic(tmp_path / "c.pt", {"iteration": 1, "ema": ema.state_dict()})
     other = EMA(Tiny(), 0.5)
     other.load_state_dict(load(tmp_path / "c.pt")["ema"])
-    assert other.updates == 1
+    assert other.updates == 101
     for name, value in ema.model_state_dict().items():
         assert torch.equal(other.model_state_dict()[name], value)
     # Both continue identically.

@@ -96,7 +96,8 @@ class Train(Spec):
     grad_clip: Positive | None = Field(None, description="Clip the gradient norm to this.")
     accumulate: Size = Field(1, le=1024, description="Batches per optimiser step.")
     ema: float | None = Field(
-        None, gt=0, lt=1, description="Decay of an exponential moving average of the weights."
+        None, gt=0, lt=1, description="Decay of an exponential moving average of the weights "
+        "(ramped up as min(decay, (1 + n) / (10 + n)) over the first n updates)."
     )
     checkpoint_every: PositiveCount = Field(1000, description="Iterations between checkpoints.")
     keep_checkpoints: Size = Field(3, le=10_000, description="Numbered checkpoints kept.")

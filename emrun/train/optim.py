@@ -175,9 +175,11 @@ def _match(kind: str, names: Iterable[str], found: Mapping[str, Any]) -> None:
 class EMA:
     """An exponential moving average of a model's weights, for validation and export.
 
-    After each optimizer step, ``update`` sets ``shadow = decay * shadow + (1 - decay) *
-    param`` for every floating-point parameter, and copies every buffer (BatchNorm running
-    statistics, counters) as it is. The shadow starts as a copy of the model at creation,
+    After each optimizer step, ``update`` sets ``shadow = d * shadow + (1 - d) * param`` for
+    every floating-point parameter, and copies every buffer (BatchNorm running statistics,
+    counters) as it is. ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` earlier updates:
+    a warm-up, so the random initial weights fade within tens of steps (with a constant
+    0.999 they still made 37 % of the average at iteration 1000, the first validation). The shadow starts as a copy of the model at creation,
     on the same device: create the EMA after moving the model. Wrapped models (DDP,
     ``torch.compile``) are unwrapped, so names are those of the bare model's state_dict.
     """
@@ -206,12 +208,16 @@ class EMA:
         """Fold the model's current weights into the average (and copy its buffers)."""
         params, buffers = self._model_tensors(model)
         if params:
-            # lerp: shadow + (1 - decay) * (param - shadow) == decay*shadow + (1-decay)*param
+            # lerp: shadow + (1 - d) * (param - shadow) == d * shadow + (1 - d) * param
             torch._foreach_lerp_(list(self.params.values()), [p.detach() for p in params],
-                                 1.0 - self.decay)
+                                 1.0 - self.current_decay())
         for shadow, buffer in zip(self.buffers.values(), buffers, strict=True):
             shadow.copy_(buffer)
         self.updates += 1
+
+    def current_decay(self) -> float:
+        """The decay the next update uses: the recipe's, ramped up over the first updates."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
