@@ -40,35 +40,40 @@ class SGD(Spec):
     weight_decay: NonNegative = Field(0.0, le=1, description="Weight decay.")
 
 
+WARMUP = "Iterations of linear warm-up: step t of W uses (t + 1) / (W + 1) of the rate."
+
+
 class Constant(Spec):
     """The base learning rate throughout (after an optional warm-up)."""
 
     type: Literal["constant"] = "constant"
-    warmup: Count = Field(0, description="Iterations of linear warm-up from 0.")
+    warmup: Count = Field(0, description=WARMUP)
 
 
 class Step(Spec):
     """Multiply the learning rate by `gamma` at each milestone."""
 
     type: Literal["step"] = "step"
-    warmup: Count = Field(0, description="Iterations of linear warm-up from 0.")
+    warmup: Count = Field(0, description=WARMUP)
     milestones: list[PositiveCount] = Field(min_length=1, description="Iterations to decay at.")
     gamma: float = Field(0.1, gt=0, le=1, description="Decay factor.")
 
 
 class Cosine(Spec):
-    """Cosine decay to `min_factor` x the base rate at the last iteration."""
+    """Cosine decay towards `min_factor` x the base rate, which the step after the last
+    would take (the last update's rate is just above it)."""
 
     type: Literal["cosine"] = "cosine"
-    warmup: Count = Field(0, description="Iterations of linear warm-up from 0.")
-    min_factor: float = Field(0.0, ge=0, le=1, description="Final rate as a fraction of base.")
+    warmup: Count = Field(0, description=WARMUP)
+    min_factor: float = Field(0.0, ge=0, le=1,
+                              description="Rate the decay ends at, as a fraction of base.")
 
 
 class Poly(Spec):
     """Polynomial decay (1 - t/T)^power, as in nnU-Net."""
 
     type: Literal["poly"] = "poly"
-    warmup: Count = Field(0, description="Iterations of linear warm-up from 0.")
+    warmup: Count = Field(0, description=WARMUP)
     power: Positive = Field(0.9, le=10, description="Exponent.")
 
 
