@@ -3,7 +3,8 @@
 Three passes over a grid of blocks (memory is bounded by one block plus its halo):
 
 1. Segment: each block is read with the segmenter's halo (context), segmented, cropped to
-   the block, given provisional ids unique across blocks, and written to the output.
+   the block (a fragment the crop cut into pieces becomes one fragment per piece), given
+   provisional ids unique across blocks, and written to the output.
 2. Edges: for each block, the provisional ids of the block and a margin around it (as deep
    as the longest offset) are read back with the block's affinities. Affinity edges that
    cross the block's faces go to the segmenter's stitching rule; nearest-neighbour edges
@@ -24,16 +25,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cc3d
 import numpy as np
 
 from ..errors import UserError
 from ..geometry import BlockGrid, Coordinate, Roi, box_of, local_slices, slices, zyx
-from ..io.masks import inside
 from .affinities import Offset, to_float
 from .base import Segmenter
 from .boxes import crossing
 from .graph import Edges, compact_lut, merge_small
-from .pipeline import first_voxel_ranks, provisional, region_edges
+from .pipeline import first_voxel_ranks, provisional, region_edges, region_mask
 
 __all__ = ["BlockwiseResult", "segment_into"]
 
@@ -59,7 +60,7 @@ class _Source:
         affs = to_float(np.asarray(_read(self.affs, box)))
         if self.mask is None or not with_mask:
             return affs, None
-        return affs, inside(np.asarray(_read(self.mask, box)))
+        return affs, region_mask(_read(self.mask, box), affs.shape[1:])
 
 
 def _read(array: Any, box: Roi) -> np.ndarray:
@@ -73,10 +74,11 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
     """Segment ``affs`` (c, z, y, x; an array or a Volume, uint8 or float) block by block
     into ``out`` (z, y, x uint64; a numpy or zarr array, written in place).
 
-    ``mask`` (z, y, x, non-zero inside; array or Volume) or None. ``on_block(pass, done,
-    total)`` reports progress.
+    ``mask`` (z, y, x or 1, z, y, x; non-zero and not NaN inside; array or Volume) or
+    None. ``on_block(pass, done, total)`` reports progress.
     """
     shape = tuple(int(n) for n in affs.shape[1:])
+    _check_mask(mask, shape)
     block = zyx(max(1, min(int(b), n)) for b, n in zip(block, shape, strict=True))
     grid = BlockGrid(box_of(shape), block)
     blocks = grid.indices()
@@ -94,7 +96,8 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
         block_affs, block_mask = source.read(ext)
         raw = segmenter.fragments(block_affs, offsets, block_mask)
         crop = local_slices(core, ext.offset)
-        labels, k = provisional(raw[crop], None if block_mask is None else block_mask[crop])
+        labels, k = provisional(_pieces(raw[crop], ext != core),
+                                None if block_mask is None else block_mask[crop])
         sizes.append(np.bincount(labels.ravel().astype(np.int64), minlength=k + 1)[1:])
         if segmenter.min_size > 1:
             firsts.append(first_voxel_ranks(labels, core, shape)[1:])
@@ -146,6 +149,26 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
         _report(on_block, "relabel", i + 1, len(blocks))
     return BlockwiseResult(block=block, halo=halo, blocks=len(blocks),
                            fragments=fragments, segments=int(final.max(initial=0)))
+
+
+def _check_mask(mask: Any | None, shape: tuple[int, ...]) -> None:
+    """A mask of the affinities' volume (a leading axis of 1 allowed): blocks of another
+    shape's mask would be read from other places, or cut short."""
+    if mask is None:
+        return
+    have = tuple(int(n) for n in mask.shape)
+    if have != shape and have != (1, *shape):
+        raise UserError(f"mask has shape {list(have)} but the affinities' volume is "
+                        f"{list(shape)}")
+
+
+def _pieces(fragments: np.ndarray, cropped: bool) -> np.ndarray:
+    """``fragments`` split into their 6-connected pieces when a halo was cropped off: a
+    fragment joined only through the halo fell apart in the block, and kept as one id it
+    stayed one segment in the output though its pieces need not touch."""
+    if not cropped:
+        return fragments
+    return cc3d.connected_components(fragments, connectivity=6)
 
 
 def _report(on_block: Callable[[str, int, int], None] | None, stage: str, done: int,

@@ -13,14 +13,16 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from ..errors import UserError
 from ..geometry import Coordinate, Roi, box_of, local_slices
+from ..io.masks import inside
 from .affinities import Offset, check_offsets, is_nearest, to_float
 from .base import Segmenter
 from .boxes import shifted_inside
 from .graph import Edges, compact, merge_small
 
 __all__ = ["finish", "first_voxel_ranks", "nearest_pairs", "provisional", "region_edges",
-           "segment_array", "segment_values"]
+           "region_mask", "segment_array", "segment_values"]
 
 
 def provisional(raw: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, int]:
@@ -97,12 +99,30 @@ def first_voxel_ranks(labels: np.ndarray, at: Roi | None = None,
     return np.concatenate(([-1], local)).astype(np.int64)
 
 
+def region_mask(mask: np.ndarray | None, shape: Sequence[int]) -> np.ndarray | None:
+    """``mask`` as the segmenters take it: bools, inside where non-zero and not NaN (the
+    one rule, emrun.io.masks), a leading channel axis of 1 dropped. Segmenters index with
+    it: a 0/1 uint8 mask was read as indices (255 = ~1) or failed in a bitwise and, so only
+    bool masks worked in memory while block by block took any. Another shape: UserError."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.ndim == len(shape) + 1 and mask.shape[0] == 1:
+        mask = mask[0]
+    if tuple(mask.shape) != tuple(shape):
+        raise UserError(f"mask has shape {list(mask.shape)} but the affinities' volume is "
+                        f"{list(shape)}")
+    return inside(mask)
+
+
 def segment_array(affs: np.ndarray, offsets: Sequence[Offset], segmenter: Segmenter,
                   mask: np.ndarray | None = None) -> np.ndarray:
     """Segment affinities (c, z, y, x; float, or uint8 with 255 = 1) in memory (block by
-    block: ``blockwise.segment_into``)."""
+    block: ``blockwise.segment_into``) inside ``mask`` (z, y, x or 1, z, y, x; non-zero and
+    not NaN inside)."""
     check_offsets(offsets, affs.shape[0], "affinities")
     affs = to_float(np.asarray(affs))
+    mask = region_mask(mask, affs.shape[1:])
     return finish(segmenter.fragments(affs, offsets, mask), affs, offsets, mask,
                   segmenter.min_size)
 
@@ -112,5 +132,6 @@ def segment_values(affs: np.ndarray, offsets: Sequence[Offset], segmenter: Segme
                    ) -> Iterator[np.ndarray]:
     """One in-memory segmentation per value of the segmenter's swept parameter."""
     affs = to_float(np.asarray(affs))
+    mask = region_mask(mask, affs.shape[1:])
     for raw in segmenter.fragments_for(values, affs, offsets, mask):
         yield finish(raw, affs, offsets, mask, segmenter.min_size)

@@ -74,7 +74,7 @@ def waterz_affinities(affs: np.ndarray, offsets: Sequence[Offset],
         if offset[axis] > 0:  # p at v links v and v + 1: it is waterz's value at v + 1
             src[axis], dst[axis] = slice(0, -1), slice(1, None)
         out[(axis, *dst)] = affs[(c, *src)]
-        if mask is not None:
+        if mask is not None and mask.shape[axis] > 1:  # one voxel thick: no edge to mask
             backward = tuple(-1 if a == axis else 0 for a in range(3))
             valid = edge_valid(mask, backward)  # over v with v - 1 inside: v >= 1
             inner = [slice(None)] * 3
