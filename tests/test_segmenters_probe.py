@@ -483,12 +483,11 @@ def test_mws_long_range_affinity_equal_to_the_bias_weighs_nothing(bias):
 # ------------------------------------------------------------------ not this probe's files
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/segment/scale/fragments.py: block_fragments "
-                   "crops fragments made with a context to the block without splitting them "
-                   "into connected pieces: a fragment joined only through the context is two "
-                   "pieces under one id (the graph then treats them as one node)")
 @pytest.mark.parametrize("method", ["mws", "watershed"])
 def test_at_scale_block_fragments_are_each_one_connected_piece(method):
+    """block_fragments cropped fragments made with a context to the block without splitting
+    them: a fragment joined only through the context was two pieces under one id (the graph
+    then treated them as one node)."""
     from emrun.segment.scale.fragments import block_fragments
 
     offsets = (*NEAREST, (0, -2, 0), (0, 0, -3))

@@ -208,7 +208,8 @@ def block_fragments(affs: np.ndarray, offsets: Sequence[Offset], mask: np.ndarra
     """A block's fragments with ids ``first_id + 1 ...`` (0 outside the mask), and their
     count. ``affs`` (and ``mask``) cover the block and a context around it (``HALO``), so
     that a sliver of an object at the block's face is flooded from its own seed in the
-    context, not from a neighbour's; ``core`` cuts the block out of them."""
+    context, not from a neighbour's; ``core`` cuts the block out of them, and each
+    fragment the cut leaves in pieces becomes one fragment per 6-connected piece."""
     if method == "mws":
         from ...recipe.run import MutexWatershed
         from ..mws import MutexSegmenter
@@ -217,7 +218,10 @@ def block_fragments(affs: np.ndarray, offsets: Sequence[Offset], mask: np.ndarra
     else:
         local = watershed_fragments(affs, offsets, mask)
     inner = None if mask is None else mask[core]
-    labels, count = provisional(local[core], inner)  # ids 1..K; unassigned: one each
+    # a fragment joined only through the context falls apart in the block: one per piece
+    # (kept as one id, the graph took pieces that need not touch as one node)
+    pieces = cc3d.connected_components(np.ascontiguousarray(local[core]), connectivity=6)
+    labels, count = provisional(pieces, inner)  # ids 1..K; unassigned: one each
     nonzero = labels != 0
     labels[nonzero] += np.uint64(first_id)
     return labels, count
