@@ -244,10 +244,24 @@ def ome_zarr_py_store(path: Path, version: str) -> tuple[list[np.ndarray], np.nd
            {"type": "translation", "translation": [0.06, 0.012 + 0.003 * (2**i - 1),
                                                    0.003 * (2**i - 1)]}] for i in range(3)]
     pyramid = [image, image[:, ::2, ::2], image[:, ::4, ::4]]
-    write_multiscale(pyramid, root, axes=axes, coordinate_transformations=ct, fmt=fmt)
+    write_multiscale(pyramid, root, axes=axes, coordinate_transformations=ct, fmt=fmt,
+                     **units_of(axes))
     write_multiscale_labels([labels, labels[:, ::2, ::2], labels[:, ::4, ::4]], root,
-                            name="cells", axes=axes, coordinate_transformations=ct, fmt=fmt)
+                            name="cells", axes=axes, coordinate_transformations=ct, fmt=fmt,
+                            **units_of(axes))
     return pyramid, labels
+
+
+def units_of(axes: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    """ome-zarr-py 0.21 and later take the axes' units as ``axes_units`` and drop them from
+    the axes dicts (older versions keep them there and lack the argument)."""
+    import inspect
+
+    from ome_zarr.writer import write_multiscale
+
+    if "axes_units" not in inspect.signature(write_multiscale).parameters:
+        return {}
+    return {"axes_units": {a["name"]: a["unit"] for a in axes if "unit" in a}}
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])

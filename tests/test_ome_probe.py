@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from test_formats_roundtrip import units_of
 from typer.testing import CliRunner
 
 from emrun.cli import app
@@ -115,12 +116,14 @@ def test_ome_zarr_py_stores_read_with_voxel_size_in_nm_and_levels(
                                                    0.002 * (2**k - 1)]}] for k in range(2)]
     root = zarr.group(store=ome_io.parse_url(str(store), mode="w", fmt=fmt).store)
     ome_writer.write_multiscale([data, data[..., ::2, ::2]], root, fmt=fmt,
-                                axes=axes(names, "micrometer"), coordinate_transformations=ct)
+                                axes=axes(names, "micrometer"), coordinate_transformations=ct,
+                                **units_of(axes(names, "micrometer")))
     ids = (data.reshape(-1, *shape[-3:])[0] // 64).astype(np.uint32)
     spatial = [[{"type": t["type"], t["type"]: t[t["type"]][-3:]} for t in c] for c in ct]
     ome_writer.write_multiscale_labels([ids, ids[:, ::2, ::2]], root, name="cells",
                                        axes=axes("zyx", "micrometer"), fmt=fmt,
-                                       coordinate_transformations=spatial)
+                                       coordinate_transformations=spatial,
+                                       **units_of(axes("zyx", "micrometer")))
     whole = open_volume(store)
     assert whole.shape == (shape[-4:] if "c" in names else shape[-3:])
     assert (whole.voxel_size, whole.offset) == ((30.0, 4.0, 4.0), (3, 2, 0))
