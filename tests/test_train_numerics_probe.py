@@ -148,6 +148,36 @@ def test_accumulated_batches_step_as_one_batch_of_their_size(recipe, tmp_path):
     assert split.batches_done == 2 and whole.batches_done == 1
 
 
+def test_under_ddp_only_an_iterations_last_batch_all_reduces(recipe, tmp_path, monkeypatch):
+    """Every backward of an accumulated iteration all-reduced the gradients under DDP; the
+    batches before the last now keep them on their rank (no_sync), and the step is the
+    same."""
+    import contextlib
+
+    class FakeDDP(torch.nn.Module):  # DDP's interface, in one process
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner, self.local = inner, []
+
+        def forward(self, x):
+            return self.inner(x)
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.local.append(True)
+            yield
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", FakeDDP)
+    common = [SGD, "train.iterations=1", "augment=none", "train.accumulate=3"]
+    wrapped = trainer(recipe, tmp_path / "ddp", *common)
+    wrapped.forward_model = FakeDDP(wrapped.model)
+    plain = trainer(recipe, tmp_path / "plain", *common)
+    batches = packed(plain, 3)
+    assert wrapped.step(iter(batches)) is not None and plain.step(iter(batches)) is not None
+    assert wrapped.forward_model.local == [True, True]
+    torch.testing.assert_close(flat(wrapped.model), flat(plain.model))
+
+
 def test_task_weights_are_not_normalised(recipe, tmp_path):
     """The total is sum(weight * loss): weights that sum to 3 move the weights three times
     as far as the same task at weight 1 (under SGD without momentum)."""

@@ -9,6 +9,7 @@ is saved with each checkpoint, so a resumed run continues bitwise-identically on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -486,17 +487,19 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         finite = True
         batch: dict[str, Any] = {}
-        for _ in range(accumulate):
+        for k in range(accumulate):
             batch = unpack(next(batches), self.device)
             self.batches_done += 1
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                enabled=self.autocast_dtype is not None):
-                outputs = self.forward_model(batch["image"])
-                results = {name: fn(outputs[name], batch["target"][name], batch["mask"][name])
-                           for name, fn in self.losses.items()}
-            loss = total_loss(results, self.weights) / accumulate
-            finite = finite and bool(torch.isfinite(loss))
-            self.scaler.scale(loss).backward()
+            with self._gradients_kept_local(last=k == accumulate - 1):
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                    enabled=self.autocast_dtype is not None):
+                    outputs = self.forward_model(batch["image"])
+                    results = {name: fn(outputs[name], batch["target"][name],
+                                        batch["mask"][name])
+                               for name, fn in self.losses.items()}
+                loss = total_loss(results, self.weights) / accumulate
+                finite = finite and bool(torch.isfinite(loss))
+                self.scaler.scale(loss).backward()
             for name, result in results.items():
                 sums[name] = sums.get(name, 0.0) + result.loss.detach() / accumulate
             batch["outputs"] = outputs
@@ -516,6 +519,14 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         return {"losses": sums, "batch": batch}
+
+    def _gradients_kept_local(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Under DDP, every batch but an iteration's last keeps its gradients on its rank
+        (``no_sync``): the last backward all-reduces the accumulated sums once, instead of
+        one all-reduce per batch (the same gradients: the mean of sums is the sum of means)."""
+        if last or not isinstance(self.forward_model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.forward_model.no_sync()
 
     def _finite_gradients(self, norm: float | None) -> bool:
         """Whether the gradients' norm (``clip_gradients``', or computed here) is finite: a
