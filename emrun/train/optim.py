@@ -179,9 +179,10 @@ class EMA:
     every floating-point parameter, and copies every buffer (BatchNorm running statistics,
     counters) as it is. ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` earlier updates:
     a warm-up, so the random initial weights fade within tens of steps (with a constant
-    0.999 they still made 37 % of the average at iteration 1000, the first validation). The shadow starts as a copy of the model at creation,
-    on the same device: create the EMA after moving the model. Wrapped models (DDP,
-    ``torch.compile``) are unwrapped, so names are those of the bare model's state_dict.
+    0.999 they still made 37 % of the average at iteration 1000, the first validation).
+    The shadow starts as a copy of the model at creation, on the same device: create the
+    EMA after moving the model. Wrapped models (DDP, ``torch.compile``) are unwrapped, so
+    names are those of the bare model's state_dict.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
