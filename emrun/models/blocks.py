@@ -8,6 +8,7 @@ Convolutions use 'same' padding (``kernel // 2`` per axis), so a block keeps the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -125,20 +126,61 @@ class Upsample(nn.Module):
         return f"factor={self.factor}, mode={self.mode!r}"
 
 
+class TaskHeads(nn.ModuleDict):
+    """A ModuleDict that takes any task name a recipe allows as a key.
+
+    ``nn.ModuleDict`` refuses a key that is one of its own attributes (``train``, ``type``,
+    ``values``, ``float``, ``update``...): a recipe with such a task passed validation and
+    then failed to build with a KeyError. The heads are entered by name into the module
+    table itself, so state-dict keys stay ``heads.<task>.weight`` and ``heads[task]`` works;
+    only attribute access (``heads.train``) still means the method, and ``training`` the
+    mode flag.
+    """
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        if not isinstance(name, str) or not name or "." in name:
+            raise KeyError(f"a task head needs a non-empty name without '.' (got {name!r})")
+        self._modules[name] = module
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "training":  # the mode flag, even beside a head named 'training'
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+
 def task_heads(head_channels: Mapping[str, int], width: int) -> nn.ModuleDict:
     """One 1x1x1 conv ``width -> channels`` (with bias) per task, in ``head_channels`` order."""
     if not head_channels:
         raise ValueError("a model needs at least one task head (head_channels is empty)")
-    heads = nn.ModuleDict()
+    heads = TaskHeads()
     for task, channels in head_channels.items():
         heads[task] = nn.Conv3d(width, int(channels), 1, bias=True)
     return heads
 
 
+def transposed_fan_in(conv: nn.ConvTranspose3d) -> float:
+    """Inputs summed into one output voxel of a transposed conv, on average: its input
+    channels per group times ``prod(kernel / stride)`` (``c_in`` for kernel = stride).
+
+    torch's ``fan_in`` of a transposed conv's weight ``(c_in, c_out / groups, *kernel)`` is
+    ``c_out / groups * prod(kernel)``, the operation's fan-out: He init by it scaled the
+    upsampled path's variance by ``c_in / (c_out * prod(kernel))`` (a quarter for ``c -> c``
+    by (1, 2, 2))."""
+    kernel = conv.weight.shape[2:]
+    taps = math.prod(k / s for k, s in zip(kernel, conv.stride, strict=True))
+    return conv.in_channels / conv.groups * max(taps, 1.0)
+
+
 def init_weights(module: nn.Module) -> None:
-    """He (Kaiming) normal weights, fan-in, for every (transposed) conv; zero biases."""
+    """He (Kaiming) normal weights by the true fan-in (ReLU gain, std ``sqrt(2 / fan_in)``)
+    for every conv and transposed conv; zero biases."""
     for m in module.modules():
-        if isinstance(m, nn.Conv3d | nn.ConvTranspose3d):
+        if isinstance(m, nn.ConvTranspose3d):
+            nn.init.normal_(m.weight, std=math.sqrt(2.0 / transposed_fan_in(m)))
+        elif isinstance(m, nn.Conv3d):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        else:
+            continue
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

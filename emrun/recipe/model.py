@@ -232,4 +232,8 @@ class UpDown(RSUNetBase):
         factor = (int(self.factor[0]), int(self.factor[1]), int(self.factor[2]))
         return rsunet_receptive_field(self, factor)
 
+    def summary(self) -> str:
+        """RSUNet's line and the pooling in front: the resolution the network runs at."""
+        return f"{super().summary()}, factor {list(self.factor)}"
+
 
