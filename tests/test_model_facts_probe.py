@@ -433,14 +433,13 @@ def test_tasks_named_like_module_attributes_build_and_run(write, kind):
     assert_close(outputs(again.eval(), x), outputs(model, x))
 
 
-# ------------------------------------------------- found: to fix in emrun/recipe/checks.py
+# ------------------------------------------------- one voxel at the deepest level
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/recipe/checks.py: a train.patch equal to the "
-                   "divisor with batch norm and batch_size 1 passes validation; training "
-                   "then fails in torch ('Expected more than 1 value per channel')")
 @pytest.mark.parametrize("kind", ["rsunet", "resenc", "mednext"])
 def test_batch_norm_on_one_voxel_of_one_sample_is_refused(write, kind):
+    """A train.patch equal to the divisor with batch norm and batch_size 1 passed
+    validation; training then failed in torch ('Expected more than 1 value per channel')."""
     model = {"rsunet": "{type: rsunet, widths: [4, 8], downsample: [[2, 2, 2]]}",
              "resenc": "{type: resenc, widths: [4, 8], downsample: [[2, 2, 2]], "
                        "norm: batch}",
@@ -456,11 +455,10 @@ def test_batch_norm_on_one_voxel_of_one_sample_is_refused(write, kind):
         load_recipe(path)
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/recipe/checks.py: group norm with one channel "
-                   "per group on the one voxel of the deepest level passes validation; the "
-                   "forward then fails in torch, in training and in inference alike")
 @pytest.mark.parametrize("key", ["train", "infer"])
 def test_group_norm_on_one_value_per_group_is_refused(write, key):
+    """Group norm with one channel per group on the one voxel of the deepest level passed
+    validation; the forward then failed in torch, in training and inference alike."""
     model = "{type: rsunet, widths: [4, 8], downsample: [[2, 2, 2]], norm: group, groups: 4}"
     text = with_model(model, **({"patch": "[2, 2, 2]"} if key == "train" else
                                 {"infer": "[2, 2, 2]"}))

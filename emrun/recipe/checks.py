@@ -107,6 +107,29 @@ def nm_target_problems(recipe: Recipe, sizes: list[tuple[str, tuple[float, float
     return problems
 
 
+def _one_voxel_problem(recipe: Recipe, patch: tuple[int, int, int],
+                       divisor: tuple[int, int, int], training: bool) -> str | None:
+    """A patch equal to the divisor leaves one voxel at the deepest level; a normalisation
+    with nothing to take statistics over there stops training (and for instance and group
+    norm inference) inside torch: instance norm always, group norm with one channel per
+    group, batch norm of one sample (training only: inference uses running statistics)."""
+    model = recipe.model
+    if any(a != d for a, d in zip(patch, divisor, strict=True)):
+        return None
+    norm = getattr(model, "norm", None)
+    groups = getattr(model, "groups", None)
+    if norm == "instance":
+        why = "instance norm has no statistics"
+    elif norm == "group" and groups in model.deepest_norm_widths():
+        why = f"group norm of {groups} groups over {groups} channels has no statistics"
+    elif norm == "batch" and training and recipe.train.batch_size == 1:
+        why = "batch norm of one sample (train.batch_size 1) has no statistics"
+    else:
+        return None
+    return (f"{list(patch)} leaves one voxel at the deepest level of {model.title()}, where "
+            f"{why}; use a multiple of at least 2 on some axis")
+
+
 def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
     """Every cross-section problem as (key path, message); empty when the recipe is coherent."""
     problems: list[tuple[Path, str]] = []
@@ -119,14 +142,10 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
 
     for path, p in ((("train", "patch"), patch), (("infer", "patch"), recipe.infer.patch)):
         if p is not None and not bad_divisor:
-            msg = _divisibility(p, divisor, model.title())
+            msg = _divisibility(p, divisor, model.title()) or \
+                _one_voxel_problem(recipe, p, divisor, training=path[0] == "train")
             if msg:
                 problems.append((path, msg))
-            elif getattr(model, "norm", None) == "instance" and all(
-                    a == d for a, d in zip(p, divisor, strict=True)):
-                problems.append((path, f"{list(p)} leaves one voxel at the deepest level of "
-                                 f"{model.title()}, where instance norm has no statistics; "
-                                 "use a multiple of at least 2 on some axis"))
 
     if not any(task.weight > 0 for task in recipe.tasks.values()):
         problems.append((("tasks",), "at least one task needs a weight above 0"))

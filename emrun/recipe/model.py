@@ -80,6 +80,12 @@ class ModelBase(Spec):
         """The model in a few words, for messages (e.g. 'rsunet with 4 levels')."""
         return str(self.type)  # type: ignore[attr-defined]
 
+    def deepest_norm_widths(self) -> tuple[int, ...]:
+        """Channels of the normalisations at the deepest level, where a patch equal to the
+        divisor leaves one voxel: group norm with one channel per group has no statistics
+        there (empty: the model does not say, and nothing is checked)."""
+        return ()
+
     def summary(self) -> str:
         """Its parameters in one line, for `emrun validate` (default: every field but type)."""
         fields = self.model_dump(exclude={"type"})
@@ -182,6 +188,11 @@ class RSUNetBase(ModelBase):
 
     def title(self) -> str:
         return f"{self.type} with {len(self.widths)} levels"  # type: ignore[attr-defined]
+
+    def deepest_norm_widths(self) -> tuple[int, ...]:
+        """The deepest level's block normalises its input (the level above's width, after
+        pooling) and its own width (pre-activated convs)."""
+        return tuple(int(w) for w in self.widths[-2:])
 
     def summary(self) -> str:
         return f"widths {list(self.widths)}, norm {self.norm}, {self.activation}"

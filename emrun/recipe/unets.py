@@ -145,6 +145,10 @@ class ResEnc(StagedUNetBase):
         """Exact, by interval propagation (``emrun.recipe.receptive_field_unets``)."""
         return resenc_receptive_field(self)
 
+    def deepest_norm_widths(self) -> tuple[int, ...]:
+        """The strided conv into the deepest level and its blocks normalise their outputs."""
+        return (int(self.widths[-1]),)
+
     def summary(self) -> str:
         return (f"widths {list(self.widths)}, blocks {self.level_blocks()}, norm {self.norm}, "
                 f"{self.activation}")
@@ -176,6 +180,11 @@ class MedNeXt(StagedUNetBase):
                     f"level {i + 1}'s kernel {list(k)} is smaller than its downsample factor "
                     f"{list(factor)} on some axis; up blocks would leave holes")
         return self
+
+    def deepest_norm_widths(self) -> tuple[int, ...]:
+        """The down block into the deepest level normalises its input's width after its
+        strided depthwise conv; the level's blocks their own width."""
+        return tuple(int(w) for w in self.widths[-2:])
 
     def receptive_field(self) -> tuple[int, int, int]:
         """Exact, by interval propagation (``emrun.recipe.receptive_field_unets``)."""
