@@ -93,6 +93,9 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
         if block not in before and job.is_done(block):
             progress.done += 1
             progress.voxels += job.layout.write_box(block).size
+            nonfinite = job.nonfinite(block)  # the workers' count, in the marker
+            progress.nonfinite += nonfinite
+            progress.nonfinite_blocks += nonfinite > 0
     progress.seconds = time.perf_counter() - started
     if caught:  # daisy waited for its workers: their blocks are finished and marked
         raise Stopped(caught[0], progress)

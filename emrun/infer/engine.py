@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..geometry import Coordinate, Roi, Zyx, local_slices
-from ..io import Volume
+from ..io import Volume, masks
 from ..io.intensity import default_intensity
 from ..io.package import load_network
 from ..models import build_model, weights_mismatch
@@ -56,10 +56,39 @@ def reflect_index(index: np.ndarray, n: int) -> np.ndarray:
     return np.where(folded >= n, period - folded, folded)
 
 
-def read_reflected(volume: Volume, box: Roi) -> np.ndarray:
-    """The input over ``box``, reflected about the volume's borders where outside."""
+def read_reflected(volume: Volume, box: Roi, mask: Volume | None = None,
+                   low: float = 0.0) -> np.ndarray:
+    """The input over ``box``, reflected about the volume's borders where outside, with
+    non-finite voxels outside ``mask`` read as ``low`` as `Engine.read_input` reads them
+    (a recomputed patch must see what the block that handed it over saw)."""
     source, index = reflected_source(volume, box)
-    return volume.read(source)[np.ix_(*index)]
+    data = finite_input(volume, source, volume.read(source), mask, low,
+                        f"around patches {list(box.begin)} to {list(box.end)}")
+    return data[np.ix_(*index)]
+
+
+def finite_input(volume: Volume, source: Roi, data: np.ndarray, mask: Volume | None,
+                 low: float, where: str) -> np.ndarray:
+    """``data`` (the volume over ``source``) with its NaN and infinite voxels outside
+    ``mask`` read as ``low`` (black, as the blank input around a mask is), so a block inside
+    the mask can be predicted beside them; any inside the mask (or with no mask) are
+    refused: they would spread through every patch that sees them. Counted in the volume,
+    not in the reflected input (which repeats voxels near its borders)."""
+    if data.dtype.kind != "f":
+        return data
+    bad = ~np.isfinite(data)
+    if not bad.any():
+        return data
+    if mask is not None:
+        bad_inside = bad & masks.inside(mask.read(source))
+        if not bad_inside.any():
+            return np.where(bad, data.dtype.type(low), data)
+        bad = bad_inside
+    raise UserError(f"{volume}: {int(bad.sum())} NaN or infinite voxels "
+                    f"{'inside the mask ' if mask is not None else ''}{where} (input "
+                    f"{list(source.begin)} to {list(source.end)}); they would spread through "
+                    "every patch that sees them: replace them, or leave their blocks out with "
+                    "--mask (finished blocks are kept: --resume)")
 
 
 def reflected_source(volume: Volume, box: Roi) -> tuple[Roi, list[np.ndarray]]:
@@ -201,25 +230,19 @@ class Engine:
         return {name: out.clone() for name, out in self.model(batch).items()}
 
     def read_input(self, volume: Volume, layout: Layout, block: Zyx,
-                   origin: Zyx = (0, 0, 0), low: float = 0.0) -> np.ndarray | None:
+                   origin: Zyx = (0, 0, 0), low: float = 0.0, mask: Volume | None = None
+                   ) -> np.ndarray | None:
         """The raw input the patches covering the block need (host memory, the volume's
         dtype), or None when every voxel is at ``low``, the intensity scale's low end (black,
         0 after scaling: outside the tissue; nothing to predict). Not raw 0: in a signed
         image that is mid-grey, and skipping it made the output depend on the block size.
-        ``origin``: where the layout's (0, 0, 0) lies in ``volume`` (a ROI). Runs in reader
-        threads."""
-        source, index = reflected_source(volume, layout.read_box(block).shift(
-            Coordinate(origin)))
-        data = volume.read(source)
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            # counted in the volume, not in the reflected input (which repeats voxels near
-            # its borders): the message named 4 bad voxels for one near a corner
-            bad = int(data.size - np.isfinite(data).sum())
-            raise UserError(f"{volume}: {bad} NaN or infinite voxels around block "
-                            f"{list(block)} (input {list(source.begin)} to "
-                            f"{list(source.end)}); they would spread through "
-                            "every patch that sees them: replace them, or leave their blocks "
-                            "out with --mask (finished blocks are kept: --resume)")
+        ``origin``: where the layout's (0, 0, 0) lies in ``volume`` (a ROI). Non-finite
+        voxels outside ``mask`` (a volume of the input's shape) read as ``low``
+        (`finite_input`). Runs in reader threads."""
+        box = layout.read_box(block).shift(Coordinate(origin))
+        source, index = reflected_source(volume, box)
+        data = finite_input(volume, source, volume.read(source), mask, low,
+                            f"around block {list(block)}")
         blank = not data.any() if low == 0 else bool((data == low).all())
         return None if blank else data[np.ix_(*index)]  # the same voxels, repeated
 
@@ -241,11 +264,13 @@ class Engine:
         total = torch.zeros((sum(self.channels.values()), *box.shape), device=self.device)
         carries: dict[Zyx, torch.Tensor] = {}
         carried = carried or {}
+        nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
         for owner in layout.owners(block):
             own = layout.owned_box(owner)
             assert own is not None  # an owner owns a patch
-            if owner == block:
-                partial = self._accumulate(source, layout.batches(block, self.batch_size), own)
+            if owner == block:  # each lattice patch counted once: by its owner
+                partial = self._accumulate(source, layout.batches(block, self.batch_size), own,
+                                           nonfinite)
                 carries = {t: partial[(slice(None), *local_slices(common, own.offset))].clone()
                            for t in keep
                            if not (common := layout.write_box(t).intersect(own)).empty}
@@ -268,7 +293,7 @@ class Engine:
         for name, channels in self.channels.items():
             values[name] = total[first:first + channels]
             first += channels
-        return Prediction(values, carries)
+        return Prediction(values, carries, nonfinite)
 
     def _image(self, raw: np.ndarray | torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
         """The input on the device, scaled to [0, 1] (a pinned host tensor copies
@@ -281,15 +306,20 @@ class Engine:
         low, high = scale  # in place on a float copy (never on the caller's array)
         return lambda t: t.to(torch.float32, copy=True).sub_(low).div_(high - low).clamp_(0, 1)
 
-    def _accumulate(self, source: PatchSource, batches: list[list[Zyx]], box: Roi
-                    ) -> torch.Tensor:
+    def _accumulate(self, source: PatchSource, batches: list[list[Zyx]], box: Roi,
+                    nonfinite: torch.Tensor | None = None) -> torch.Tensor:
         """The sum of window x prediction of the patches in ``batches`` over ``box``, added
         patch by patch in batch order (multiply, then add: no fused rounding, so the same
-        patches give the same sums in any box)."""
+        patches give the same sums in any box). NaN and infinite outputs are summed as 0
+        (deterministic, and resumable) and counted into ``nonfinite`` (a device scalar:
+        no wait for the device per batch)."""
         acc = torch.zeros((sum(self.channels.values()), *box.shape), device=self.device)
         for group, outputs in self._forwards(source, batches):
             self.predicted_patches += len(group)
             stacked = torch.cat([outputs[n] for n in self.channels], dim=1)[:len(group)]
+            if nonfinite is not None:  # x - x is NaN exactly where x is not finite (and
+                # two light passes: isfinite and a bool sum took 5x nan_to_num on a CPU)
+                nonfinite += torch.count_nonzero(stacked - stacked)
             weighted = torch.nan_to_num(stacked, nan=0.0, posinf=0.0, neginf=0.0) * self.window
             for i, start in enumerate(group):
                 common = Roi(start, self.patch).intersect(box)
@@ -364,11 +394,14 @@ def _one_thread(active: bool) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Prediction:
-    """A block's blended values per task (c, z, y, x; float32 on the device) and its partial
-    sums over the blocks it was asked to hand over to."""
+    """A block's blended values per task (c, z, y, x; float32 on the device), its partial
+    sums over the blocks it was asked to hand over to, and how many output values of the
+    patches it owns were NaN or infinite (summed as 0; an int64 scalar on the device, read
+    with the values so that no batch waits for it)."""
 
     values: dict[str, torch.Tensor]
     carries: dict[Zyx, torch.Tensor]
+    nonfinite: torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,25 @@ class Job:
     def is_done(self, block: Zyx) -> bool:
         return self.marker(block).exists()
 
+    def mark_done(self, block: Zyx, nonfinite: int = 0) -> None:
+        """Write the block's done-marker: empty, or the count of NaN or infinite network
+        outputs blended as 0 in it when there were any (daisy's workers have no other way
+        to tell the scheduler)."""
+        marker = self.marker(block)
+        if nonfinite:
+            marker.write_text(f"{nonfinite}\n")
+        else:
+            marker.touch()
+
+    def nonfinite(self, block: Zyx) -> int:
+        """The count `mark_done` wrote for a done block (0 for an empty marker)."""
+        marker = self.marker(block)
+        try:  # a stat for the usual empty marker: a job may have a million of them
+            text = marker.read_text().strip() if marker.stat().st_size else ""
+        except OSError:
+            return 0
+        return int(text) if text.isdigit() else 0
+
     def pending(self) -> list[Zyx]:
         """Blocks without a done-marker, z-major."""
         return [b for b in self.layout.block_grid() if not self.is_done(b)]

@@ -45,6 +45,8 @@ class Progress:
     voxels: int = 0
     patches: int = 0  # forward-passed; the lattice's count when no patch is predicted twice
     empty: int = 0  # of those done, blocks outside the mask or of blank input (no chunk)
+    nonfinite: int = 0  # NaN or infinite network outputs, blended as 0 (this run's blocks)
+    nonfinite_blocks: int = 0  # blocks with any
     seconds: float = 0.0
 
     def add(self, block: BlockDone, started: float) -> None:
@@ -52,6 +54,8 @@ class Progress:
         self.voxels += block.voxels
         self.patches += block.patches
         self.empty += block.empty
+        self.nonfinite += block.nonfinite
+        self.nonfinite_blocks += block.nonfinite > 0
         self.seconds = time.perf_counter() - started
 
 

@@ -49,6 +49,7 @@ class BlockDone:
     patches: int  # forward-passed for it (own and recomputed)
     empty: bool = False  # skipped: outside the mask or a blank input; no chunk written,
     # it reads as zeros
+    nonfinite: int = 0  # NaN or infinite network outputs of its own patches, blended as 0
 
 
 class BlockWorker:
@@ -151,10 +152,11 @@ class BlockWorker:
         inside = layout.write_box(block).shift(Coordinate(origin))
         if self.mask is not None and not masks.inside(self.mask.read(inside)).any():
             return None
-        return self.engine.read_input(self.volume, layout, block, origin, self.job.scale[0])
+        return self.engine.read_input(self.volume, layout, block, origin, self.job.scale[0],
+                                      mask=self.mask)
 
     def _predict(self, step: Step, raw: RawInput, carries: dict[tuple[Zyx, Zyx], torch.Tensor]
-                 ) -> dict[str, HostArray] | None:
+                 ) -> Outputs | None:
         """Quantised predictions of the block's write region on their way to the host, or
         None when skipped (masked out or a blank input). Takes the partial sums handed to
         this block from ``carries`` and leaves there those it hands to later blocks of its
@@ -169,30 +171,30 @@ class BlockWorker:
                                      keep=keep, read=self._read_outside)
         carries.update({(target, block): partial for target, partial in result.carries.items()})
         values = {n: quantise(t, self.dtype) for n, t in result.values.items()}
-        host = {n: to_host(t) for n, t in values.items()}
+        host = Outputs({n: to_host(t) for n, t in values.items()}, to_host(result.nonfinite))
         self._queue.step()  # the previous block's device work is done (this one is queued):
         return host  # the predict stage measures the device, not the launches
 
     def _read_outside(self, box: Roi) -> np.ndarray:
         """Input beyond a block's own (a recomputed batch may reach there), reflected."""
-        return read_reflected(self.volume, box.shift(Coordinate(self.job.roi_offset)))
+        return read_reflected(self.volume, box.shift(Coordinate(self.job.roi_offset)),
+                              self.mask, self.job.scale[0])
 
-    def _write(self, block: Zyx, values: dict[str, HostArray] | None, patches: int
-               ) -> BlockDone:
+    def _write(self, block: Zyx, values: Outputs | None, patches: int) -> BlockDone:
         """Write the block's chunks (none when skipped), then its done-marker (never the
         marker before the data)."""
         with self._timed("write"):
             return self._write_block(block, values, patches)
 
-    def _write_block(self, block: Zyx, values: dict[str, HostArray] | None, patches: int
-                     ) -> BlockDone:
+    def _write_block(self, block: Zyx, values: Outputs | None, patches: int) -> BlockDone:
         box = self.job.layout.write_box(block)
         region = slices(box)
+        nonfinite = 0 if values is None else int(values.nonfinite.numpy())
         try:
             if values is not None:
                 for name, array in self.arrays.items():
-                    array[(slice(None), *region)] = values[name].numpy()
-            self.job.marker(block).touch()
+                    array[(slice(None), *region)] = values.arrays[name].numpy()
+            self.job.mark_done(block, nonfinite)
         except OSError as exc:
             if exc.errno in DISK_FULL:
                 raise UserError(
@@ -200,7 +202,16 @@ class BlockWorker:
                     f"{list(block)}; free space and run again with --resume (finished blocks "
                     "are kept, this one is redone)") from None
             raise
-        return BlockDone(block, box.size, patches, empty=values is None)
+        return BlockDone(block, box.size, patches, empty=values is None, nonfinite=nonfinite)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """A block's quantised outputs per task and its count of non-finite network outputs,
+    on their way to the host (the writer thread waits for them)."""
+
+    arrays: dict[str, HostArray]
+    nonfinite: HostArray
 
 
 @dataclass(frozen=True)
