@@ -14,6 +14,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from test_infer_segment_crosscheck import NEAREST
+from test_infer_segment_crosscheck import connected_pieces as pieces
 from test_segment import affinities, cells, noisy, same_partition
 
 from emrun.recipe.run import ConnectedComponents, MutexWatershed, Waterz
@@ -63,16 +64,6 @@ def cc_reference(affs, offsets, threshold, mask=None) -> np.ndarray:
     if mask is not None:
         labels[~mask] = 0
     return labels
-
-
-def pieces(labels: np.ndarray) -> np.ndarray:
-    """Each id's 6-connected pieces as ids of their own (0 stays 0)."""
-    out, top = np.zeros(labels.shape, np.int64), 0
-    for i in np.unique(labels[labels != 0]):
-        found, count = ndimage.label(labels == i)
-        out[found > 0] = found[found > 0] + top
-        top += count
-    return out
 
 
 def own_ids_for_zeros(labels: np.ndarray, mask=None) -> np.ndarray:

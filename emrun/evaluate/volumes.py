@@ -27,7 +27,7 @@ from emrun.geometry import BlockGrid, Roi, box_of
 from emrun.io.masks import inside
 from emrun.io.one_channel import single_channel
 from emrun.io.volume import Volume
-from emrun.io.window import covered_part, other_offset, other_voxel_size
+from emrun.io.window import covered_part, off_grid
 
 SLAB_VOXELS = 8_000_000  # ~0.1 GB of working memory for two uint32 volumes
 
@@ -153,16 +153,7 @@ def _check_placed_alike(role: str, volume: Volume, reference: Volume) -> None:
     by voxel: a truth that covers only part of the segmentation, or another part, would be
     scored against the wrong voxels. Nor are volumes on other grids (voxel sizes, where
     both state one): voxel i of one is not where voxel i of the other is."""
-    if (sizes := other_voxel_size(volume, reference)) is not None:
-        raise EvaluationError(
-            f"{volume}: the {role} has voxel size {sizes[0]} nm but {reference} "
-            f"{sizes[1]} nm: they are not on the same grid; give a {role} at the "
-            "segmentation's voxel size (e.g. the same level of its pyramid)")
-    if (offsets := other_offset(volume, reference)) is None:
-        return
-    theirs, mine = offsets
-    raise EvaluationError(
-        f"{volume}: the {role} lies at offset {list(theirs)} (shape {list(volume.shape[-3:])})"
-        f" but {reference} at {list(mine)} (shape {list(reference.shape[-3:])}), voxels: "
-        f"it does not cover the same box; give a {role} that holds the segmentation's box "
-        "(evaluate then scores that part), or crop both to a common box")
+    problem = off_grid(volume, reference, role, "the segmentation",
+                       hint=" (evaluate then scores that part)")
+    if problem is not None:
+        raise EvaluationError(problem)

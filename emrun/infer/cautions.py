@@ -56,11 +56,9 @@ def scale_caution(recipe: Recipe, checkpoint: Path, volume: Volume) -> str | Non
     low, high = default_intensity(volume.dtype)
     if trained is None or high - low <= trained[1] - trained[0]:
         return None
-    boxes = [box for box in sample_boxes(volume) if box.size]
-    if not boxes:
+    if (sampled := sampled_range(volume)) is None:
         return None
-    smallest = min(int(box.min()) for box in boxes)
-    largest = max(int(box.max()) for box in boxes)
+    smallest, largest = sampled
     if smallest < trained[0] or largest > trained[1] or smallest == largest:
         return None
     shown = f"[{trained[0]:g}, {trained[1]:g}]"
@@ -82,11 +80,9 @@ def flat_caution(recipe: Recipe, volume: Volume) -> str | None:
     see when the values do not fit the training range."""
     if volume.dtype.kind not in "ui" or volume.dtype.itemsize < 2 or _recipe_gives_scale(recipe):
         return None
-    boxes = [box for box in sample_boxes(volume) if box.size]
-    if not boxes:
+    if (sampled := sampled_range(volume)) is None:
         return None
-    smallest = min(int(box.min()) for box in boxes)
-    largest = max(int(box.max()) for box in boxes)
+    smallest, largest = sampled
     low, high = default_intensity(volume.dtype)
     if smallest == largest or (largest - smallest) >= FLAT * (high - low):
         return None
@@ -97,6 +93,15 @@ def flat_caution(recipe: Recipe, volume: Volume) -> str | None:
     return (f"{volume} is {volume.dtype} and is scaled by its dtype's range [{low:g}, "
             f"{high:g}], but its sampled values lie in [{smallest}, {largest}], under one "
             f"256th of it: its input will look flat; {remedy}")
+
+
+def sampled_range(volume: Volume) -> tuple[int, int] | None:
+    """The smallest and largest value of an integer volume's nine sampled boxes (None when
+    they hold nothing)."""
+    boxes = [box for box in sample_boxes(volume) if box.size]
+    if not boxes:
+        return None
+    return min(int(box.min()) for box in boxes), max(int(box.max()) for box in boxes)
 
 
 def _remedy(recipe: Recipe, trained: tuple[float, float]) -> str:

@@ -34,7 +34,7 @@ from ..io.metadata import multiscale_dataset
 from ..io.one_channel import single_channel
 from ..io.pyramid import level_factors
 from ..io.sample import contents_sample, sample_boxes
-from ..io.window import covered_part, other_offset, other_voxel_size
+from ..io.window import covered_part, off_grid
 from ..io.write import build_pyramid, create_volume, hold_store, release_store, store_entries
 from ..paths import is_link_loop
 from ..recipe import Recipe
@@ -232,14 +232,8 @@ def _check_mask_place(mask: Volume, volume: Volume) -> None:
         raise UserError(f"{mask}: mask shape {list(mask.shape)} differs from the input's "
                         f"{list(volume.shape)} (and their offsets do not place the input "
                         "inside it)")
-    if (sizes := other_voxel_size(mask, volume)) is not None:
-        raise UserError(f"{mask}: voxel size {sizes[0]} nm but the input {volume} has "
-                        f"{sizes[1]} nm; give a mask on the input's grid (e.g. the same "
-                        "level of its pyramid)")
-    if (offsets := other_offset(mask, volume)) is not None:
-        raise UserError(f"{mask}: lies at offset {offsets[0]} (voxels) but the input "
-                        f"{volume} at {offsets[1]}: it does not cover the same box; give a "
-                        "mask that holds the input's box")
+    if (problem := off_grid(mask, volume, "mask", "the input")) is not None:
+        raise UserError(problem)
 
 
 def _check_float_scale(recipe: Recipe, volume: Volume, offset: Zyx, shape: Zyx) -> None:

@@ -22,7 +22,8 @@ import numpy as np
 from emrun.geometry import Coordinate, Roi, zyx
 from emrun.io.volume import Volume
 
-__all__ = ["Placed", "Window", "covered_part", "data_box", "placed_in", "placement"]
+__all__ = ["Placed", "Window", "covered_part", "data_box", "off_grid", "placed_in",
+           "placement"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,3 +160,21 @@ def other_offset(volume: Volume, reference: Volume) -> tuple[list[int], list[int
         return None
     mine, theirs = [int(v) for v in volume.offset[-3:]], [int(v) for v in reference.offset[-3:]]
     return (mine, theirs) if mine != theirs else None
+
+
+def off_grid(volume: Volume, reference: Volume, role: str, of: str, hint: str = "") -> str | None:
+    """Why ``volume`` (the ``role``: mask, truth) is not on the grid of ``reference`` (named
+    ``of``: "the input", "the affinities") where both state a voxel size or an offset, or
+    None. The same shape alone is not the same box: another offset or resolution compared
+    voxel by voxel masks or scores the wrong voxels, silently. ``hint`` ends the offset
+    message (what the command does with a volume that holds the box)."""
+    if (sizes := other_voxel_size(volume, reference)) is not None:
+        return (f"{volume}: the {role} has voxel size {sizes[0]} nm but {of} {reference} "
+                f"{sizes[1]} nm: they are not on the same grid; give a {role} on the grid of "
+                f"{of} (e.g. the same level of its pyramid)")
+    if (offsets := other_offset(volume, reference)) is not None:
+        return (f"{volume}: the {role} lies at offset {offsets[0]} (voxels) with shape "
+                f"{list(volume.shape[-3:])} but {of} {reference} at {offsets[1]} with shape "
+                f"{list(reference.shape[-3:])}: it does not cover the same box; give a "
+                f"{role} that holds the box of {of}{hint}, or crop both to a common box")
+    return None

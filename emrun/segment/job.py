@@ -35,7 +35,7 @@ from ..geometry import Roi, zyx
 from ..io import Volume, open_volume
 from ..io.masks import inside
 from ..io.pyramid import level_factors
-from ..io.window import other_offset, other_voxel_size
+from ..io.window import off_grid
 from ..io.write import check_new_volume, held_store
 from ..paths import is_link_loop
 from ..recipe.recipe import Recipe
@@ -228,15 +228,8 @@ def open_spatial(path: str, affinities: Volume, what: str, integer: bool = False
 def _check_same_grid(volume: Volume, affinities: Volume, what: str) -> None:
     """The voxel size and offset (where both volumes state them) of a mask or truth must be
     the affinities': the same shape alone does not make the same box."""
-    if (sizes := other_voxel_size(volume, affinities)) is not None:
-        raise UserError(f"{what} {volume}: voxel size {sizes[0]} nm but the affinities "
-                        f"{affinities} have {sizes[1]} nm; give a {what} on the "
-                        "affinities' grid (e.g. the same level of its pyramid)")
-    if (offsets := other_offset(volume, affinities)) is not None:
-        raise UserError(f"{what} {volume}: lies at offset {offsets[0]} (voxels) but the "
-                        f"affinities {affinities} at {offsets[1]}: it does not cover "
-                        f"the same box; give a {what} that holds the affinities' box, or "
-                        "crop both to a common box")
+    if (problem := off_grid(volume, affinities, what, "the affinities")) is not None:
+        raise UserError(problem)
 
 
 def check_output(output: Path, names: Sequence[str]) -> None:
