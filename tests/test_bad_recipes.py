@@ -208,3 +208,13 @@ def test_markup_like_text_in_a_value_is_printed_verbatim(tmp_path: Path):
                     encoding="utf-8")
     stderr = assert_user_error(validate(str(path)))
     assert "[/x] [b]" in stderr
+
+
+def test_a_divisor_that_differs_by_axis_says_which_axis_needs_which():
+    """'(2, 4, 4)' was said as 'z, y and x must be divisible by 2 / 4'."""
+    from emrun.recipe.checks import _divisibility
+
+    said = _divisibility((3, 30, 32), (2, 4, 4), "rsunet with 3 levels")
+    assert said == "z must be divisible by 2, y and x by 4 for rsunet with 3 levels " \
+        "(got [3, 30, 32])"
+    assert _divisibility((4, 32, 32), (2, 4, 4), "rsunet") is None

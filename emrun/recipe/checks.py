@@ -24,14 +24,16 @@ def _divisibility(patch: tuple[int, int, int], divisor: tuple[int, int, int],
     bad = [a for a in range(3) if patch[a] % divisor[a]]
     if not bad:
         return None
-    axes = [AXES[a] for a in range(3) if divisor[a] > 1]
-    names = " and ".join(axes) if len(axes) <= 2 else "z, y and x"
-    divs = sorted({divisor[a] for a in range(3) if divisor[a] > 1})
-    by = " / ".join(str(d) for d in divs)
-    return (
-        f"{names} must be divisible by {by} for {model} "
-        f"(got {list(patch)})"
-    )
+    # each divisor with its axes, so that (2, 4, 4) says which axis needs which
+    groups = [(d, [AXES[a] for a in range(3) if divisor[a] == d])
+              for d in sorted({divisor[a] for a in range(3) if divisor[a] > 1})]
+    parts = [f"{_joined(axes)} {'must be divisible ' if i == 0 else ''}by {d}"
+             for i, (d, axes) in enumerate(groups)]
+    return f"{', '.join(parts)} for {model} (got {list(patch)})"
+
+
+def _joined(axes: list[str]) -> str:
+    return " and ".join(axes) if len(axes) <= 2 else "z, y and x"
 
 
 def divisor_problem(divisor: object, model: str) -> str | None:
