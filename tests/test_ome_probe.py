@@ -242,6 +242,21 @@ def test_unknown_or_partial_units_are_one_line_exit_2(tmp_path: Path) -> None:
     assert f"{store}: its OME-Zarr axes give a unit for z, x but none for y" in line
 
 
+def test_a_pixel_unit_is_an_unknown_voxel_size_as_in_tiff(tmp_path: Path) -> None:
+    """Unit "pixel" (some writers put it) was refused as an unknown unit, where TIFF's
+    "pixel" resolution unit reads as an unknown voxel size."""
+    store = hand_written(tmp_path / "px.zarr", np.zeros((2, 4, 4), np.uint8),
+                         axes("zyx", "pixel"), [scale(1, 1, 1)])
+    volume = open_volume(store)
+    assert volume.voxel_size is None and volume.offset == (0, 0, 0)
+    mixed = axes("zyx", "nanometer")
+    mixed[0]["unit"] = "pixel"
+    store = hand_written(tmp_path / "mix.zarr", np.zeros((2, 4, 4), np.uint8), mixed,
+                         [scale(1, 6, 6)])
+    line = refused(["data", "convert", str(store), str(tmp_path / "o.zarr")])
+    assert "give a unit for y, x but none for z" in line
+
+
 @pytest.mark.parametrize("names", ["cyx", "tcyx"])
 def test_a_2d_image_with_channels_is_refused_not_read_as_z(tmp_path: Path, names: str) -> None:
     """c, y, x was read as z, y, x: three colour channels became three sections."""

@@ -383,12 +383,20 @@ def _partly_unitless(name: str, axes: Sequence[Any], units: Sequence[bool]) -> N
         "\"nanometer\")")
 
 
+NO_SIZE_UNITS = ("pixel", "pixels", "px", "voxel", "voxels")
+"""Units some writers give that say no physical size: read as no unit (the voxel size is
+unknown), as TIFF's resolution unit "pixel" is, not refused as an unknown unit."""
+
+
 def _has_unit(axis: Any) -> bool:
-    return isinstance(axis, Mapping) and bool(str(axis.get("unit") or "").strip())
+    unit = str(axis.get("unit") or "").strip().lower() if isinstance(axis, Mapping) else ""
+    return bool(unit) and unit not in NO_SIZE_UNITS
 
 
 def _unit_factor(name: str, axis: Any) -> float:
     unit = axis.get("unit") if isinstance(axis, Mapping) else None
+    if str(unit or "").strip().lower() in NO_SIZE_UNITS:
+        return 1.0  # a ratio of the array's steps, not a length
     return unit_to_nm(name, unit)
 
 
