@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import zarr
 
 from ..devices import (
     cpu_cores,
@@ -38,6 +39,7 @@ from ..devices import (
 )
 from ..errors import UserError
 from ..geometry import Zyx, zyx
+from ..io.metadata import multiscale_dataset
 from ..subprocesses import (
     die_with_parent,
     killed_by,
@@ -96,6 +98,8 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
             nonfinite = job.nonfinite(block)  # the workers' count, in the marker
             progress.nonfinite += nonfinite
             progress.nonfinite_blocks += nonfinite > 0
+    if progress.done and not progress.skipped and not any_chunk_written(job):
+        progress.empty = progress.done  # no block wrote a chunk: all masked out or blank
     progress.seconds = time.perf_counter() - started
     if caught:  # daisy waited for its workers: their blocks are finished and marked
         raise Stopped(caught[0], progress)
@@ -128,6 +132,19 @@ def unit_blocks(job: Job, roi: Any) -> list[Zyx]:
 @functools.cache
 def _job(job_file: str) -> Job:
     return Job.from_json(Path(job_file).read_text())
+
+
+def any_chunk_written(job: Job) -> bool:
+    """Whether any output array holds a chunk: daisy's workers cannot say which blocks they
+    skipped (masked out or blank), but a job that wrote no chunk at all skipped every block,
+    which `infer` warns about (the wrong mask or volume). Stops at the first chunk file."""
+    for name in job.recipe.tasks:
+        group = zarr.open_group(str(job.output / name), mode="r")
+        level = multiscale_dataset(dict(group.attrs)) or "0"
+        for _folder, _subfolders, files in os.walk(job.output / name / level):
+            if any(not f.startswith(".") and f != "zarr.json" for f in files):
+                return True
+    return False
 
 
 def _block_is_done(job_file: str, block: Any) -> bool:
