@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cc3d
 import numpy as np
 
 from ..errors import UserError
@@ -34,7 +33,13 @@ from .affinities import Offset, to_float
 from .base import Segmenter
 from .boxes import crossing
 from .graph import Edges, compact_lut, merge_small
-from .pipeline import first_voxel_ranks, provisional, region_edges, region_mask
+from .pipeline import (
+    connected_fragments,
+    first_voxel_ranks,
+    provisional,
+    region_edges,
+    region_mask,
+)
 
 __all__ = ["BlockwiseResult", "segment_into"]
 
@@ -96,8 +101,8 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
         block_affs, block_mask = source.read(ext)
         raw = segmenter.fragments(block_affs, offsets, block_mask)
         crop = local_slices(core, ext.offset)
-        labels, k = provisional(_pieces(raw[crop], ext != core),
-                                None if block_mask is None else block_mask[crop])
+        cut = connected_fragments(raw[crop]) if ext != core else raw[crop]
+        labels, k = provisional(cut, None if block_mask is None else block_mask[crop])
         sizes.append(np.bincount(labels.ravel().astype(np.int64), minlength=k + 1)[1:])
         if segmenter.min_size > 1:
             firsts.append(first_voxel_ranks(labels, core, shape)[1:])
@@ -160,15 +165,6 @@ def _check_mask(mask: Any | None, shape: tuple[int, ...]) -> None:
     if have != shape and have != (1, *shape):
         raise UserError(f"mask has shape {list(have)} but the affinities' volume is "
                         f"{list(shape)}")
-
-
-def _pieces(fragments: np.ndarray, cropped: bool) -> np.ndarray:
-    """``fragments`` split into their 6-connected pieces when a halo was cropped off: a
-    fragment joined only through the halo fell apart in the block, and kept as one id it
-    stayed one segment in the output though its pieces need not touch."""
-    if not cropped:
-        return fragments
-    return cc3d.connected_components(fragments, connectivity=6)
 
 
 def _report(on_block: Callable[[str, int, int], None] | None, stage: str, done: int,

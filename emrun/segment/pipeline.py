@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import cc3d
 import numpy as np
 
 from ..errors import UserError
@@ -23,6 +24,14 @@ from .graph import Edges, compact, merge_small
 
 __all__ = ["finish", "first_voxel_ranks", "nearest_pairs", "provisional", "region_edges",
            "region_mask", "segment_array", "segment_values"]
+
+
+def connected_fragments(fragments: np.ndarray) -> np.ndarray:
+    """``fragments`` cropped from a block segmented with context, each split into its
+    6-connected pieces (0 stays 0): a fragment joined only through the context falls apart
+    in the block, and kept as one id it stayed one segment (one graph node at scale)
+    though its pieces need not touch."""
+    return cc3d.connected_components(np.ascontiguousarray(fragments), connectivity=6)
 
 
 def provisional(raw: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, int]:

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..affinities import Offset, edge_slices, nearest_axes
-from ..pipeline import provisional
+from ..pipeline import connected_fragments, provisional
 
 __all__ = ["FRAGMENT_METHODS", "MAX_VOXELS", "block_fragments", "watershed_fragments"]
 
@@ -218,10 +218,7 @@ def block_fragments(affs: np.ndarray, offsets: Sequence[Offset], mask: np.ndarra
     else:
         local = watershed_fragments(affs, offsets, mask)
     inner = None if mask is None else mask[core]
-    # a fragment joined only through the context falls apart in the block: one per piece
-    # (kept as one id, the graph took pieces that need not touch as one node)
-    pieces = cc3d.connected_components(np.ascontiguousarray(local[core]), connectivity=6)
-    labels, count = provisional(pieces, inner)  # ids 1..K; unassigned: one each
+    labels, count = provisional(connected_fragments(local[core]), inner)  # ids 1..K
     nonzero = labels != 0
     labels[nonzero] += np.uint64(first_id)
     return labels, count
