@@ -5,10 +5,10 @@ segmentation) that know where they sit: offset (60, 0, 0) in voxels. Their truth
 the whole annotated volume. Scoring or sweeping against it reads the box the prediction
 covers, instead of asking the user to cut a copy of the truth first.
 
-Training takes the same facts the other way round (`Placed`): labels annotated in a part of
-a larger image (a ground-truth cutout of a large volume, CREMI's padded volumes), or of a
-larger region the image is a cutout of, are read at their place in the image's voxels, and
-patches are drawn where both hold data.
+Training takes the same facts the other way round: labels annotated in a part of a larger
+image (a ground-truth cutout of a large volume, CREMI's padded volumes), or of a larger region
+the image is a cutout of, are read at their place in the image's voxels, and patches are drawn
+where both hold data. Both are one wrapper, `Placed`.
 """
 
 from __future__ import annotations
@@ -22,23 +22,42 @@ import numpy as np
 from emrun.geometry import Coordinate, Roi, zyx
 from emrun.io.volume import Volume
 
-__all__ = ["Placed", "Window", "covered_part", "data_box", "off_grid", "placed_in",
+__all__ = ["Placed", "covered_part", "data_box", "off_grid", "placed_in",
            "placement"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Window(Volume):
-    """A box of another volume (``start`` .. ``start + shape`` in its voxels), read through it."""
+class Placed(Volume):
+    """A volume read in another's (the reference's) voxel coordinates, its first voxel at
+    ``start`` there: negative where it begins before the reference (a larger truth or mask
+    the reference is cut from), positive where it begins inside (labels of a part of a
+    larger image). It has the reference's spatial shape but holds data only over
+    ``extent``; reads must stay inside it (a training source samples only there)."""
 
     inner: Volume
     start: tuple[int, ...]
 
     def __str__(self) -> str:
-        box = ", ".join(f"{a}-{a + n - 1}" for a, n in zip(self.start, self.shape, strict=True))
-        return f"{self.inner} [{box}]"
+        n = len(self.start)
+        if self.extent.contains(Roi((0,) * n, tuple(self.shape[-n:]))):
+            # the part of a larger volume: name the box read, in its own voxels
+            box = ", ".join(f"{-a}-{m - a - 1}"
+                            for a, m in zip(self.start, self.shape[-n:], strict=True))
+            return f"{self.inner} [{box}]"
+        return str(self.inner)
+
+    @property
+    def extent(self) -> Roi:
+        """Where the data lie, in the reference's voxels (spatial axes)."""
+        return Roi(self.start, tuple(self.inner.shape[-len(self.start):]))
 
     def _read(self, roi: Roi) -> np.ndarray:
-        return self.inner.read(roi.shift(Coordinate(self.start)))
+        n = len(self.start)
+        spatial = Roi(roi.offset[-n:], roi.shape[-n:])
+        if not self.extent.contains(spatial):
+            raise RuntimeError(f"{self}: a read of {spatial} in the reference's voxels lies "
+                               f"outside its data {self.extent}")
+        return self.inner.read(spatial.shift(-Coordinate(self.start)))
 
     def attributes(self) -> dict[str, Any]:
         return self.inner.attributes()
@@ -61,45 +80,14 @@ def covered_part(reference: Volume, other: Volume) -> Volume:
         return other
     mine = tuple(reference.offset[-len(spatial):])
     theirs = tuple(other.offset) if other.offset is not None else (0,) * len(spatial)
-    start = tuple(int(a - b) for a, b in zip(mine, theirs, strict=True))
-    inside = all(a >= 0 and a + n <= m
+    start = tuple(int(b - a) for a, b in zip(mine, theirs, strict=True))
+    covers = all(a <= 0 and n - a <= m
                  for a, n, m in zip(start, spatial, other.shape, strict=True))
-    if not inside:
+    if not covers:
         return other
-    return Window(inner=other, start=start, path=other.path, dataset=other.dataset,
-                  shape=spatial, dtype=other.dtype, voxel_size=other.voxel_size, offset=mine)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Placed(Volume):
-    """A volume read in another's voxel coordinates, its first voxel at ``start`` there:
-    labels (or a mask) of a part of a larger image, or of a larger region the image is a
-    cutout of. It has the reference's spatial shape but holds data only over ``extent``;
-    reads must stay inside it (the sampled box of a training source does)."""
-
-    inner: Volume
-    start: tuple[int, int, int]
-
-    def __str__(self) -> str:
-        return str(self.inner)
-
-    @property
-    def extent(self) -> Roi:
-        """Where the data lie, in the reference's voxels (z, y, x)."""
-        return Roi(self.start, tuple(self.inner.shape[-3:]))
-
-    def _read(self, roi: Roi) -> np.ndarray:
-        spatial = Roi(roi.offset[-3:], roi.shape[-3:])
-        if not self.extent.contains(spatial):
-            raise RuntimeError(f"{self}: a read of {spatial} in the reference's voxels lies "
-                               f"outside its data {self.extent}")
-        return self.inner.read(spatial.shift(-Coordinate(self.start)))
-
-    def attributes(self) -> dict[str, Any]:
-        return self.inner.attributes()
-
-    def container_attributes(self) -> dict[str, Any]:
-        return self.inner.container_attributes()
+    return Placed(inner=other, start=start, path=other.path, dataset=other.dataset,
+                  shape=spatial, dtype=other.dtype, voxel_size=other.voxel_size, offset=mine,
+                  segmentation=other.segmentation)
 
 
 def placement(volume: Volume, reference: Volume) -> tuple[int, int, int] | None:
