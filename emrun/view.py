@@ -8,6 +8,11 @@ over the first three channels for affinities and other channel volumes, a segmen
 for integer labels. The neuroglancer client itself comes from the `neuroglancer` package (the
 `view` extra), which serves it from this machine too, so nothing needs the internet; or, with
 ``client``, the state is put into a link to any neuroglancer client (e.g. a public one).
+
+A time series (an OME t axis longer than 1, which emrun's other commands refuse) is shown
+whole: neuroglancer reads the t axis from the OME metadata and gives it a slider of its own
+(t in seconds where the axis has a time unit); emrun reads only the first time point's
+geometry to choose the layer.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any, ClassVar, Literal
 from .errors import UserError
 from .io import open_volume
 from .io.completion import how_to_finish
-from .io.metadata import multiscale_levels, ome_levels
+from .io.metadata import first_time_point, multiscale_levels, ome_levels, ome_time_step
 from .io.zarr_volume import ZarrVolume
 
 LayerKind = Literal["image", "channels", "segmentation"]
@@ -52,11 +57,14 @@ class Layer:
     channels: int  # 0 without a channel axis
     voxel_size: tuple[float, float, float]  # nm, z, y, x
     unfinished: str | None = None  # how to finish it, while its writer has not
+    time_points: int = 1  # an OME t axis's length (neuroglancer shows more than 1 with t)
+    time_axis: tuple[str, float, str] | None = None  # t's name, neuroglancer scale and unit
 
 
 def layer_for(path: str, taken: set[str]) -> Layer:
     """The layer that shows the volume at ``path`` (named after its group, made unique)."""
-    volume = open_volume(path, unfinished=True)  # a run in progress may be watched
+    with first_time_point():  # a time series: shown whole, its first point read here
+        volume = open_volume(path, unfinished=True)  # a run in progress may be watched
     if not isinstance(volume, ZarrVolume):
         raise UserError(f"{volume}: emrun view serves OME-Zarr volumes; convert it first "
                         "(emrun data convert)")
@@ -87,8 +95,24 @@ def layer_for(path: str, taken: set[str]) -> Layer:
     # coarser level was named (pred.zarr/affinity/1)
     finest = ome_levels(str(volume), volume.ndim + volume.time_point, attrs)[0][1]
     voxel = tuple(float(v) for v in (finest or (1.0, 1.0, 1.0))[-3:])
+    found = ome_time_step(attrs) if volume.time_point else None
+    time = None if found is None else (found[0], *time_dimension(found[1], found[2]))
     return Layer(unique, kind, Path(volume.path).resolve(), inner, channels,
-                 voxel, how_to_finish(volume))  # type: ignore[arg-type]
+                 voxel, how_to_finish(volume),  # type: ignore[arg-type]
+                 time_points=volume.time_points, time_axis=time)
+
+
+TIME_UNITS = {"": None, "second": 1.0, "s": 1.0, "millisecond": 1e-3, "ms": 1e-3,
+              "microsecond": 1e-6, "nanosecond": 1e-9, "picosecond": 1e-12,
+              "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+"""OME time units in seconds, neuroglancer's one time unit (None: no unit)."""
+
+
+def time_dimension(step: float, unit: str) -> tuple[float, str]:
+    """neuroglancer's [scale, unit] of an OME t axis of `step` in `unit` (unitless if the
+    unit is none or one neuroglancer has no conversion for here)."""
+    factor = TIME_UNITS.get(unit)
+    return (step * factor, "s") if factor is not None else (step, "")
 
 
 def neuroglancer_state(layers: list[Layer], sources: dict[str, str]) -> dict[str, Any]:
@@ -106,7 +130,10 @@ def neuroglancer_state(layers: list[Layer], sources: dict[str, str]) -> dict[str
                 # OME's channel axis becomes neuroglancer's local "c'"; renamed "c^" the
                 # shader reads channels with getDataValue(i) (they are one chunk in emrun's
                 # outputs, which neuroglancer needs for that)
-                dims: dict[str, list[Any]] = {"c^": [1, ""]}
+                # a time series' t axis comes first, as in its OME axes
+                dims: dict[str, list[Any]] = {} if layer.time_axis is None else {
+                    layer.time_axis[0]: list(layer.time_axis[1:])}
+                dims["c^"] = [1, ""]
                 for axis, nm in zip("zyx", layer.voxel_size, strict=True):
                     dims[axis] = [nm * 1e-9, "m"]
                 spec["source"] = {"url": spec["source"],

@@ -568,7 +568,8 @@ def _check_evaluate_mode(binary: bool, threshold: float | None, min_overlap: int
 def view(
     paths: Annotated[list[str], typer.Argument(
         metavar="PATH...", help="OME-Zarr volumes to show, e.g. vol.zarr/image "
-        "pred.zarr/affinity seg.zarr/segmentation (a layer each).")],
+        "pred.zarr/affinity seg.zarr/segmentation (a layer each; a time series is shown "
+        "whole, with neuroglancer's t axis as a slider).")],
     bind: Annotated[str, typer.Option(
         help="Address to serve on (0.0.0.0: reachable from other machines).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535,

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from emrun.io.volume import VolumeError
@@ -103,11 +105,55 @@ def _ome_entry(
     for ms in _multiscales(attrs) or ():
         if not isinstance(ms, Mapping):
             continue
-        datasets = [ds for ds in ms.get("datasets") or () if isinstance(ds, Mapping)]
-        for i, ds in enumerate(datasets):
+        for i, ds in enumerate(finest_first(ms)):
             if str(ds.get("path", "")).strip("/") == array_name:
                 return ms, ds, i == 0
     return None
+
+
+def finest_first(ms: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A multiscale's datasets, finest first. OME-NGFF lists them so, but some writers list
+    them coarsest first, whose coarsest level was then opened as the full resolution (and
+    whole-voxel checks held to it): they are ordered by the voxel volume their scales give,
+    keeping each level's path; equal sizes, or any level without one plain scale, keep the
+    listed order."""
+    datasets = [ds for ds in ms.get("datasets") or () if isinstance(ds, Mapping)]
+    sizes = [size for ds in datasets if (size := _voxel_volume(ms, ds)) is not None]
+    if len(sizes) != len(datasets):
+        return datasets
+    return [datasets[i] for i in sorted(range(len(datasets)), key=sizes.__getitem__)]
+
+
+def _voxel_volume(ms: Mapping[str, Any], ds: Mapping[str, Any]) -> float | None:
+    """The product of a dataset's spatial scale values (the levels share their axes and
+    units, so this orders them); None without exactly one scale of positive numbers."""
+    scales = [t.get("scale") for t in ds.get("coordinateTransformations") or ()
+              if isinstance(t, Mapping) and t.get("type") == "scale"]
+    values = scales[0] if len(scales) == 1 else None
+    if not isinstance(values, Sequence) or isinstance(values, str) or not values:
+        return None
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) and v > 0 for v in numbers):
+        return None
+    return math.prod(numbers[i] for i in _spatial_axes(ms.get("axes"), len(numbers)))
+
+
+_FIRST_TIME_POINT: ContextVar[bool] = ContextVar("emrun_first_time_point", default=False)
+
+
+@contextmanager
+def first_time_point() -> Iterator[None]:
+    """Within it, a time series (an OME t axis longer than 1) opens as its first time point
+    instead of being refused: for `emrun view`, which serves the whole series (neuroglancer
+    shows its t axis) and reads only the geometry of one point."""
+    token = _FIRST_TIME_POINT.set(True)
+    try:
+        yield
+    finally:
+        _FIRST_TIME_POINT.reset(token)
 
 
 def time_axis(
@@ -121,7 +167,8 @@ def time_axis(
 
     The axes are checked first: emrun indexes arrays as (t,) (c,) z, y, x, so axes in any
     other order (x, y, z; z, z, x; channels last) would be read as the wrong ones and are
-    refused, as is a time series, of which emrun reads no single point on its own.
+    refused, as is a time series, of which emrun reads no single point on its own (but
+    within `first_time_point`, which opens its first).
     """
     found = _ome_entry(group_attrs or {}, array_name) if array_name is not None else None
     axes = found[0].get("axes") if found is not None else None
@@ -146,12 +193,62 @@ def time_axis(
             "a z axis of one section (c, 1, y, x) or save each channel as a volume of its own")
     if not kinds.startswith("t"):
         return False
-    if shape[0] != 1:
+    if shape[0] != 1 and not _FIRST_TIME_POINT.get():
         raise VolumeError(
             f"{name}: holds {shape[0]} time points (OME-Zarr axes {shown}); emrun reads one "
             "3-d volume, not a time series: save the time point you want as a volume of its "
             "own (e.g. the array's [t] in Python) and give that")
     return True
+
+
+def check_dimension_names(
+    name: str,
+    dimension_names: Sequence[Any] | None,
+    group_attrs: Mapping[str, Any] | None,
+    array_name: str | None,
+) -> None:
+    """Refuse a zarr v3 array whose own `dimension_names` disagree with its OME-Zarr axes
+    (x, y, z under axes z, y, x): one of the two is wrong, and reading by the OME axes, as
+    was done unchecked, read x as z if it was the OME metadata. Unnamed dimensions (null)
+    and arrays without names or OME axes are not checked."""
+    found = _ome_entry(group_attrs or {}, array_name) if array_name is not None else None
+    axes = found[0].get("axes") if found is not None else None
+    if not dimension_names or not isinstance(axes, Sequence) or isinstance(axes, str) or \
+            len(axes) != len(dimension_names):
+        return  # nothing to compare (a count unlike the array's is _check_axis_count's)
+    ome = [_axis_name(axis) for axis in axes]
+    own = [str(d).strip().lower() if d is not None else "" for d in dimension_names]
+    if all(not a or not b or a == b for a, b in zip(own, ome, strict=True)):
+        return
+    raise VolumeError(
+        f"{name}: its zarr dimension_names ({', '.join(n or 'null' for n in own)}) disagree "
+        f"with its OME-Zarr axes ({', '.join(n or '?' for n in ome)}), so which axis is z, y "
+        "or x is unclear: write both in the same order (emrun reads (t,) (c,) z, y, x)")
+
+
+def ome_time_step(attrs: Mapping[str, Any]) -> tuple[str, float, str] | None:
+    """The time axis of an OME-Zarr image's first multiscale: its name, the step between
+    time points (its finest level's scale on the axis, times the multiscale's own) and its
+    unit ('' for none); None without a time axis first."""
+    for ms in _multiscales(attrs) or ():
+        if not isinstance(ms, Mapping):
+            continue
+        axes = ms.get("axes")
+        if not isinstance(axes, Sequence) or isinstance(axes, str) or not axes or \
+                _axis_kind(axes[0]) != "t":
+            return None
+        datasets = finest_first(ms)
+        step = 1.0
+        for transforms in (datasets[0].get("coordinateTransformations") if datasets else None,
+                           ms.get("coordinateTransformations")):
+            for t in transforms or ():
+                values = t.get("scale") if isinstance(t, Mapping) else None
+                if isinstance(values, Sequence) and values and isinstance(
+                        values[0], int | float) and math.isfinite(values[0]):
+                    step *= float(values[0])
+        unit = axes[0].get("unit") if isinstance(axes[0], Mapping) else None
+        return (_axis_name(axes[0]) or "t"), step, str(unit or "").strip().lower()
+    return None
 
 
 def _axis_name(axis: Any) -> str:
@@ -202,12 +299,11 @@ def is_label_level(group_attrs: dict[str, Any] | None, array_name: str | None) -
 
 def multiscale_levels(attrs: Mapping[str, Any]) -> list[str]:
     """Paths of the datasets (levels) of the first multiscale in OME-Zarr group attributes,
-    in the order listed (finest first, by the specification); empty when there is none."""
+    finest first (`finest_first`); empty when there is none."""
     for ms in _multiscales(attrs) or ():
         if not isinstance(ms, Mapping):
             continue
-        paths = [str(ds.get("path", "")).strip("/") for ds in ms.get("datasets") or ()
-                 if isinstance(ds, Mapping)]
+        paths = [str(ds.get("path", "")).strip("/") for ds in finest_first(ms)]
         if any(paths):
             return [p for p in paths if p]
     return []
@@ -217,7 +313,7 @@ def ome_levels(
     name: str, ndim: int, attrs: Mapping[str, Any]
 ) -> list[tuple[str, tuple[float, ...] | None]]:
     """Each level of an OME-Zarr image group with its voxel size (nm, z, y, x; None when
-    the axes have no unit), in the order listed."""
+    the axes have no unit), finest first."""
     return [(level, from_ome(f"{name} (level {level})", ndim, attrs, level)[0])
             for level in multiscale_levels(attrs)]
 
@@ -280,6 +376,7 @@ def _geometry(name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, Any]
     for no unit) and whether any scale was given."""
     axes = ms.get("axes")
     _check_axis_count(name, ndim, axes)  # first: it says why a scale has too few values
+    _check_transform_counts(name, ms)
     scale, translation, scaled = _transforms(name, ndim, ds.get("coordinateTransformations"))
     g_scale, g_translation, g_scaled = _transforms(name, ndim,
                                                    ms.get("coordinateTransformations"))
@@ -288,6 +385,28 @@ def _geometry(name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, Any]
     spatial = _spatial_axes(axes, ndim)
     factors = [_unit_factor(name, axes[i] if axes else None) for i in spatial]
     return scale, translation, spatial, factors, scaled or g_scaled
+
+
+def _check_transform_counts(name: str, ms: Mapping[str, Any]) -> None:
+    """OME-NGFF allows each dataset exactly one scale and at most one translation (after
+    it), the multiscale itself at most one of each. Two scales were multiplied together,
+    a guess at what the writer meant that makes a wrong voxel size silently: refused, as is a
+    second translation, naming the dataset."""
+    lists = [(f"dataset {str(ds.get('path', '?'))!r}", ds.get("coordinateTransformations"))
+             for ds in ms.get("datasets") or () if isinstance(ds, Mapping)]
+    lists.append(("multiscale (its own coordinateTransformations)",
+                  ms.get("coordinateTransformations")))
+    for where, transforms in lists:
+        if not isinstance(transforms, Sequence) or isinstance(transforms, str):
+            continue
+        kinds = [t.get("type") for t in transforms if isinstance(t, Mapping)]
+        for kind in ("scale", "translation"):
+            if kinds.count(kind) > 1:
+                raise VolumeError(
+                    f"{name}: OME-Zarr {where} has {kinds.count(kind)} {kind} "
+                    "transformations; OME-NGFF allows one scale and at most one translation "
+                    "after it, and emrun does not guess how several combine: write the "
+                    f"{kind} as one")
 
 
 def _check_axis_count(name: str, ndim: int, axes: Any) -> None:

@@ -19,9 +19,11 @@ import zarr
 from emrun.geometry import Roi, slices
 from emrun.io.layout import LABELS, PARTIAL_SUFFIX
 from emrun.io.metadata import (
+    check_dimension_names,
     is_label_image,
     is_label_level,
     multiscale_dataset,
+    multiscale_levels,
     ome_levels,
     ome_shift,
     spatial_metadata,
@@ -48,6 +50,7 @@ class ZarrVolume(Volume):
 
     array_path: str | None = None
     time_point: bool = False  # the array's first axis is an OME time axis of length 1, dropped
+    time_points: int = 1  # its length: more than 1 only opened by `first_time_point`
 
     @cached_property
     def _array(self) -> Any:
@@ -137,7 +140,10 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
             return _open_image_group(path, dataset, label, multiscale_dataset(
                 dict(label.attrs)) or "0", array_path=f"{LABELS}/{dataset}")
         if label is not None:  # `STORE/NAME/LEVEL`, as an image's levels are named
+            _check_level(path, dataset, head, rest, label, "segmentation")
             return open_zarr(path, f"{LABELS}/{dataset}")
+        if array is None and rest and head in node and isinstance(node[head], zarr.Group):
+            _check_level(path, dataset, head, rest, node[head], "image")
     if array is None or (isinstance(array, zarr.Group) and "labels" in array.attrs.get("ome", {})):
         raise VolumeError(f"{path} has no array {dataset!r}; arrays: {list_arrays(node)}")
     if isinstance(array, zarr.Group):
@@ -151,6 +157,19 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
     parent_path, _, array_name = dataset.rpartition("/")
     parent = node[parent_path] if parent_path else node
     return _volume(path, dataset, array, dict(parent.attrs), array_name)
+
+
+def _check_level(path: str, dataset: str, head: str, level: str, group: Any,
+                 kind: str) -> None:
+    """Refuse `STORE/NAME/LEVEL` naming no level of image group NAME in the words the user
+    used, with the levels there are (a segmentation's was "no array 'labels/seg/7'", an
+    inner path the user never gave)."""
+    levels = multiscale_levels(dict(group.attrs))
+    if not levels or level in levels or level in group:
+        return
+    raise VolumeError(f"{path}/{dataset}: {kind} {head!r} has no level {level!r} (no array "
+                      f"of that name); its levels: {', '.join(levels)} (e.g. "
+                      f"{path}/{head}/{levels[0]})")
 
 
 def _label(store: Any, name: str) -> Any:
@@ -198,12 +217,15 @@ def _volume(
     voxel_size, offset = spatial_metadata(
         name, len(shape), dict(array.attrs), group_attrs, array_name
     )
+    check_dimension_names(name, getattr(array.metadata, "dimension_names", None),
+                          group_attrs, array_name)
     time_point = time_axis(name, shape, group_attrs, array_name)
     return ZarrVolume(
         path=path,
         dataset=dataset,
         shape=shape[1:] if time_point else shape,
         time_point=time_point,
+        time_points=shape[0] if time_point else 1,
         dtype=numpy_dtype(array.dtype),
         voxel_size=voxel_size,
         offset=offset,
