@@ -20,7 +20,8 @@ from __future__ import annotations
 import io
 import string
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import packages_distributions
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,10 @@ from .staging import publish, staging_folder
 LICENSE = "CC-BY-4.0"
 """The license bioimage.io recommends for models; the README says to change it if needed."""
 TAGS = ["3d", "electron-microscopy", "segmentation", "pytorch", "emrun"]
+JIT_DEPRECATED = r"`torch\.jit\.\w+` is (deprecated|not supported)"
+"""What torch (2.10 on) warns at each `torch.jit` call. bioimage.io's weight formats have
+no successor to TorchScript (none for `torch.export`'s programs), so emrun still writes it
+and keeps torch's advice to move away from the user, who cannot act on it."""
 
 
 def export_bioimageio(trained: Trained, output: Path) -> list[str]:
@@ -79,8 +84,7 @@ def _write_files(trained: Trained, facts: dict[str, Any], folder: Path) -> dict[
     raw = _test_input(trained, low, high)
     gain, offset = _scale(low, high)
     scaled = np.clip(raw * np.float32(gain) + np.float32(offset), 0, 1).astype(np.float32)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the input checks' TracerWarnings: sizes vary
+    with torch.no_grad(), _torchscript_quiet():
         traced = torch.jit.trace(network, torch.from_numpy(scaled), check_trace=False)
         outputs = [o.numpy() for o in traced(torch.from_numpy(scaled))]
     files: dict[str, Any] = {"gain": gain, "offset": offset,
@@ -88,7 +92,9 @@ def _write_files(trained: Trained, facts: dict[str, Any], folder: Path) -> dict[
                                              strict=True))}
     # through memory: torch's zip writer aborts the process (SIGABRT) on a full disk
     files["torchscript"] = folder / "weights_torchscript.pt"
-    files["torchscript"].write_bytes(_saved(lambda buffer: torch.jit.save(traced, buffer)))
+    with _torchscript_quiet():
+        files["torchscript"].write_bytes(_saved(lambda buffer: torch.jit.save(traced,
+                                                                             buffer)))
     files["state_dict"] = folder / "weights_state_dict.pt"
     files["state_dict"].write_bytes(_saved(lambda buffer: torch.save(network.state_dict(),
                                                                      buffer)))
@@ -106,6 +112,18 @@ def _write_files(trained: Trained, facts: dict[str, Any], folder: Path) -> dict[
     files["readme"] = folder / "README.md"
     files["readme"].write_text(_readme(trained, facts), encoding="utf-8")
     return files
+
+
+@contextmanager
+def _torchscript_quiet() -> Iterator[None]:
+    """Around emrun's own `torch.jit` calls: torch's deprecation of them (`JIT_DEPRECATED`)
+    and the tracer's notes that sizes vary (they do, on purpose) are not the user's to see;
+    every other warning still is."""
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", message=JIT_DEPRECATED, category=category)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield
 
 
 def _saved(save: Callable[[io.BytesIO], None]) -> bytes:

@@ -65,6 +65,23 @@ class Hdf5Volume(Volume):
             return None
         return tuple(int(c) for c in (chunks if self.axes is None else self.axes.order(chunks)))
 
+    def attributes(self) -> dict[str, Any]:
+        """The dataset's attributes over its group's (affinities' `offsets` for `segment`,
+        an unfinished write's `emrun` note for `check_finished`)."""
+        try:
+            with h5py.File(self.path, "r") as f:
+                node = f[self.dataset]
+                return {**_plain_attrs(node.parent), **_plain_attrs(node)}
+        except METADATA_ERRORS as exc:
+            raise metadata_error(self, "attributes", exc) from None
+
+    def container_attributes(self) -> dict[str, Any]:
+        try:
+            with h5py.File(self.path, "r") as f:
+                return _plain_attrs(f)
+        except METADATA_ERRORS as exc:
+            raise metadata_error(self, "file's attributes", exc) from None
+
 
 @dataclass(frozen=True)
 class AxisMap:
@@ -116,21 +133,6 @@ def axis_map(name: str, shape: tuple[int, ...], attrs: dict[str, Any]) -> AxisMa
     if not dropped and kept == tuple(range(len(keys))):
         return None
     return AxisMap(keys, kept, dropped)
-
-    def attributes(self) -> dict[str, Any]:
-        try:
-            with h5py.File(self.path, "r") as f:
-                node = f[self.dataset]
-                return {**_plain_attrs(node.parent), **_plain_attrs(node)}
-        except METADATA_ERRORS as exc:
-            raise metadata_error(self, "attributes", exc) from None
-
-    def container_attributes(self) -> dict[str, Any]:
-        try:
-            with h5py.File(self.path, "r") as f:
-                return _plain_attrs(f)
-        except METADATA_ERRORS as exc:
-            raise metadata_error(self, "file's attributes", exc) from None
 
 
 def open_hdf5(path: str, dataset: str | None) -> Hdf5Volume:

@@ -2,7 +2,11 @@
 
 N5 lists axes fastest first (x, y, z); emrun reverses them to z, y, x. Voxel size and offset
 come from the conventions N5 data carries: `resolution` (gunpowder/daisy) or
-`pixelResolution` (n5-viewer, with a unit), and `offset` in nm, all in x, y, z order.
+`pixelResolution` (n5-viewer, with a unit; a scale level's `downsamplingFactors` multiply
+it, as n5-viewer and n5-spark's pyramids mean it), and `offset` in nm, all in x, y, z order.
+N5 written before its 1.0 format names its codec in `compressionType` (a string), which
+tensorstore does not read: such a dataset is opened from its structure, given the codec in
+today's form.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from emrun.io.tensorstore_volume import (
 from emrun.io.volume import VolumeError, format_names
 
 STRUCTURE_KEYS = ("dimensions", "blockSize", "dataType", "compression", "n5")
+OLD_CODEC_KEY = "compressionType"
+"""Where N5 before 1.0 named its codec ("raw", "gzip", "bzip2", "xz", "lz4")."""
 
 
 def open_n5(container: str, dataset: str | None) -> TensorstoreVolume:
@@ -44,12 +50,11 @@ def open_n5(container: str, dataset: str | None) -> TensorstoreVolume:
                           f"{list_datasets(container, dataset)}")
     spec: dict[str, Any] = {"driver": "n5",
                             "kvstore": kvstore(reader.ts, f"{reader.location}/{dataset}")}
-    if _spatial_only(attrs):
-        spec |= {"metadata": {k: attrs[k] for k in STRUCTURE_KEYS if k in attrs},
-                 "assume_metadata": True}
+    if _spatial_only(attrs) or _old_codec(attrs):
+        spec |= {"metadata": _structure(attrs), "assume_metadata": True}
     view = reader.open(spec, lambda store: store[reader.ts.d[:].transpose[::-1]])
     voxel_size, offset = n5_spatial(name, len(view.shape), attrs)
-    plain = {k: v for k, v in attrs.items() if k not in STRUCTURE_KEYS}
+    plain = {k: v for k, v in attrs.items() if k not in (*STRUCTURE_KEYS, OLD_CODEC_KEY)}
     return opened_volume(view, path=container, dataset=dataset, voxel_size=voxel_size,
                          offset=offset, attrs=plain, metadata=spec.get("metadata"))
 
@@ -63,6 +68,20 @@ def _spatial_only(attrs: Mapping[str, Any]) -> bool:
                             for key in ("resolution", "units"))
 
 
+def _old_codec(attrs: Mapping[str, Any]) -> bool:
+    """Whether the dataset names its codec as N5 before 1.0 did (tensorstore refused it:
+    'Error parsing object member "compression"')."""
+    return "compression" not in attrs and isinstance(attrs.get(OLD_CODEC_KEY), str)
+
+
+def _structure(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset's structure for tensorstore, an old `compressionType` in today's form."""
+    found = {k: attrs[k] for k in STRUCTURE_KEYS if k in attrs}
+    if _old_codec(attrs):
+        found["compression"] = {"type": attrs[OLD_CODEC_KEY]}
+    return found
+
+
 def n5_spatial(name: str, ndim: int, attrs: Mapping[str, Any]) -> Any:
     """Voxel size (nm) and offset (voxels), z, y, x, from N5 attributes in x, y, z order."""
     zyx: dict[str, Any] = {}
@@ -70,10 +89,10 @@ def n5_spatial(name: str, ndim: int, attrs: Mapping[str, Any]) -> Any:
     pixel = attrs.get("pixelResolution")
     factor = 1.0
     if resolution is None and isinstance(pixel, Mapping):
-        resolution = pixel.get("dimensions")
+        resolution = _downsampled(pixel.get("dimensions"), attrs.get("downsamplingFactors"))
         factor = unit_to_nm(name, pixel.get("unit"))
     elif resolution is None and pixel is not None:
-        resolution = pixel
+        resolution = _downsampled(pixel, attrs.get("downsamplingFactors"))
     factors = _unit_factors(name, attrs.get("units"), resolution, factor)
     if isinstance(resolution, list):
         zyx["voxel_size"] = [_scaled(v, f)
@@ -86,6 +105,17 @@ def n5_spatial(name: str, ndim: int, attrs: Mapping[str, Any]) -> Any:
     elif offset is not None:
         zyx["offset"] = list(reversed(offset)) if isinstance(offset, list) else offset
     return from_attrs(name, ndim, zyx)
+
+
+def _downsampled(resolution: Any, factors: Any) -> Any:
+    """n5-viewer's `pixelResolution` of a pyramid's level: the full resolution's, which each
+    level repeats, times the level's `downsamplingFactors` (s1 of 6 nm with [2, 2, 1] is
+    12 nm; it was read as 6, so a recipe at 12 nm was refused and one at 6 nm took it)."""
+    numbers = isinstance(factors, list) and all(
+        isinstance(f, int | float) and not isinstance(f, bool) and f > 0 for f in factors)
+    if not numbers or not isinstance(resolution, list) or len(resolution) != len(factors):
+        return resolution
+    return [_scaled(r, f) for r, f in zip(resolution, factors, strict=True)]
 
 
 def _unit_factors(name: str, units: Any, resolution: Any, factor: float) -> list[float]:

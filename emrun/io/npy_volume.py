@@ -15,7 +15,10 @@ class NpyVolume(Volume):
     """A .npy array; re-mapped per read (cheap), so nothing is held open."""
 
     def _read(self, roi: Roi) -> np.ndarray:
-        return np.array(np.load(self.path, mmap_mode="r", allow_pickle=False)[slices(roi)])
+        """A C-ordered copy, as every other format reads: a Fortran-ordered file's box came
+        back Fortran-ordered, which torch's `view` and buffer consumers refuse."""
+        mapped = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        return np.array(mapped[slices(roi)], order="C")  # a copy: no map outlives the read
 
 
 def open_npy(path: str) -> NpyVolume:

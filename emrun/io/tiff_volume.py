@@ -3,7 +3,8 @@
 Shape and dtype come from TIFF headers only. Reads touch only the pages (z sections) in
 the ROI. Files are opened per read, so no file offset is shared across a fork. tifffile's
 log lines inside these reads are caught, not printed: a file that is cut short is refused
-on opening with emrun's own one-line error instead.
+on opening with emrun's own one-line error instead, judged from the file's own structure
+(its chain of page headers and where each page's data lies), not from tifffile's wording.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import math
 import os
 import re
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,8 +28,10 @@ from emrun.geometry import Roi, slices
 from emrun.io.metadata import unit_to_nm
 from emrun.io.volume import TIFF_SUFFIXES, Volume, VolumeError, one_line
 
-# what tifffile logs when a file's chain of pages runs past its end
+# what tifffile logs when a file's chain of pages runs past its end: a last resort only,
+# as tifffile may reword it; `_pages_in_chain` and `_data_end` judge from the file itself
 CUT_SHORT = ("invalid page offset", "invalid offset to page")
+MAX_PAGES = 2**32  # a chain longer than this is a loop of page headers
 
 _caught = threading.local()  # per thread: reads in loader threads are caught apart
 
@@ -112,6 +116,7 @@ class TiffStackVolume(Volume):
 def open_tiff(path: str) -> TiffVolume:
     """Header-only inspection of a TIFF file's first series; a file cut short is refused."""
     with _tifffile_caught() as said, tifffile.TiffFile(path) as tif:
+        _check_chain(path, tif)  # first: tifffile may misparse a page header cut in two
         stack = _page_stack(tif)
         series = tif.series[0] if stack else _first_series(path, tif)
         _check_whole(path, tif, series, said)
@@ -190,9 +195,10 @@ def _check_axes(path: str, series: Any) -> None:
 def _check_whole(path: str, tif: tifffile.TiffFile, series: Any, said: list[str]) -> None:
     """Refuse a file cut short (an unfinished copy or download): its headers alone look
     fine, and it failed only when read, after outputs were made, or lost its last sections
-    without a word (tifffile only logs that its pages stop early)."""
+    without a word. Judged by where the pages' data lies against the file's size; the words
+    tifffile logs are a last resort only (they change between its versions)."""
     size = os.path.getsize(path)
-    end = _data_end(series)
+    end = max(_data_end(series), _pages_data_end(tif))
     if end > size:
         raise VolumeError(f"{path}: the TIFF file is cut short: its image data runs to byte "
                           f"{end:,} but the file has {size:,} bytes; copy it again")
@@ -201,15 +207,65 @@ def _check_whole(path: str, tif: tifffile.TiffFile, series: Any, said: list[str]
                           f"{len(tif.pages)} of its pages can be read; copy it again")
 
 
+def _check_chain(path: str, tif: tifffile.TiffFile) -> None:
+    """Refuse a file whose chain of page headers breaks off: a header, or the pointer to
+    the next one, lies past the file's end. The pages before the break read well, so a
+    compressed file cut in its middle was a shorter (or 2-d) volume, said only in a log."""
+    found, whole = _pages_in_chain(tif, os.path.getsize(path))
+    if not whole:
+        raise VolumeError(f"{path}: the TIFF file is cut short or damaged: only {found} of "
+                          "its pages can be read; copy it again")
+
+
+def _pages_in_chain(tif: tifffile.TiffFile, size: int) -> tuple[int, bool]:
+    """How many page headers (IFDs) the file holds in its chain, and whether the chain
+    ends as TIFF says (a zero pointer) rather than past the file's end or in a loop."""
+    form, fh = tif.tiff, tif.filehandle
+    if not len(tif.pages):
+        return 0, True  # not even a first page: `_first_series` names the file damaged
+    offset, found, seen = int(tif.pages.first.offset), 0, set()
+    while found < MAX_PAGES:
+        if offset in seen or offset + form.tagnosize > size:
+            return found, False
+        seen.add(offset)
+        fh.seek(offset)
+        count = struct.unpack(form.tagnoformat, fh.read(form.tagnosize))[0]
+        pointer = offset + form.tagnosize + count * form.tagsize
+        if pointer + form.offsetsize > size:
+            return found, False
+        found += 1
+        fh.seek(pointer)
+        offset = int(struct.unpack(form.offsetformat, fh.read(form.offsetsize))[0])
+        if offset == 0:
+            return found, True
+    return found, False
+
+
+def _pages_data_end(tif: tifffile.TiffFile) -> int:
+    """Where the data of the file's pages ends at the latest: each page's strips or tiles,
+    read as light frames (offsets and byte counts only) to stay quick for long stacks."""
+    pages = tif.pages
+    useframes = pages.useframes
+    pages.useframes = True
+    try:
+        return max((_page_end(page) for page in pages if page is not None), default=0)
+    finally:
+        pages.useframes = useframes
+
+
+def _page_end(page: Any) -> int:
+    parts = zip(getattr(page, "dataoffsets", ()), getattr(page, "databytecounts", ()),
+                strict=False)
+    return max((int(offset) + int(count) for offset, count in parts if count), default=0)
+
+
 def _data_end(series: Any) -> int:
     """Where the series' image data ends in the file: its contiguous block's end, else the
     end of its last page's strips or tiles."""
     if series.dataoffset is not None:
         return int(series.dataoffset) + int(series.nbytes)
     last = series.pages[-1] if len(series.pages) else None
-    parts = zip(getattr(last, "dataoffsets", ()), getattr(last, "databytecounts", ()),
-                strict=False)
-    return max((int(offset) + int(count) for offset, count in parts), default=0)
+    return _page_end(last) if last is not None else 0
 
 
 def has_tiffs(path: str) -> bool:
