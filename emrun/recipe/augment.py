@@ -4,16 +4,44 @@ Only the parameters live here; the implementations register themselves with
 ``emrun.registry.augmentations`` in the data layer. Every spec has a probability ``p`` and can
 say which patch sizes it cannot work on (``patch_problems``), so a recipe whose patch is too
 small for its augmentations fails at validation time rather than inside a loader worker.
+
+A step does not always work on ``train.patch``: the steps after it may read a different shape
+(a transpose permutes it, a misalignment or warp changes y and x, a lost section adds
+sections), and that is what the step must produce. ``augment_problems`` therefore runs the list
+backwards from the patch, as the pipeline plans a sample, and checks every step against each
+smallest shape it may have to produce (``input_shapes`` gives a step's smallest inputs; the
+checks refuse shapes that are too small, so the smallest ones decide, except the box count,
+which the patch itself decides where a box is last, as usual). A step with ``p: 0`` (or an
+alternative of ``one_of`` with chance 0) never runs and is not judged.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
+from ..geometry import Zyx
 from ..registry import Spec, augmentations
 from .types import NonNegative, Positive, Probability, Size
+
+VoxelSize = tuple[float, float, float]
+KeyPath = tuple[str | int, ...]
+
+WARP_MARGIN = 1
+"""Source pixels a warp reads around the inverse-mapped patch (interpolation, rounding)."""
+
+BOX_MAX_DENSITY = 0.99
+"""Box densities above are taken as this one (density 1 would need boxes without end)."""
+
+BOX_MAX_COUNT = 2_000_000
+"""Most boxes one sample may get: a density that needs more (boxes of a few voxels on a
+large patch) is refused."""
 
 PxRange = tuple[Annotated[int, Field(ge=0, le=10_000)], Annotated[int, Field(ge=0, le=10_000)]]
 
@@ -21,6 +49,15 @@ PxRange = tuple[Annotated[int, Field(ge=0, le=10_000)], Annotated[int, Field(ge=
 def _ordered(pair: tuple[float, float], what: str) -> None:
     if pair[0] > pair[1]:
         raise ValueError(f"{what}: the first value must not exceed the second (got {list(pair)})")
+
+
+@dataclass
+class _Check:
+    """One run of ``augment_problems``: what it reports against and what it found."""
+
+    patch: Zyx
+    voxel_size: VoxelSize | None
+    problems: list[tuple[KeyPath, str]] = field(default_factory=list)
 
 
 class AugmentBase(Spec):
@@ -32,8 +69,68 @@ class AugmentBase(Spec):
         """Reasons this augmentation cannot produce ``patch`` (z, y, x); empty when it can."""
         return []
 
+    def shape_problems(self, shape: Zyx, voxel_size: VoxelSize | None) -> list[str]:
+        """``patch_problems`` for a source of ``voxel_size`` (nm; None: none known, pixels
+        are taken as given): only a misalignment's displacement depends on it."""
+        return self.patch_problems(shape)
+
+    def input_shapes(self, out_shape: Zyx, voxel_size: VoxelSize | None) -> list[Zyx]:
+        """The smallest shapes it may read to produce ``out_shape`` when it applies (the
+        steps before it must produce them). Default: ``out_shape`` (photometric)."""
+        return [out_shape]
+
+    def checked_inputs(self, outs: list[Zyx], check: _Check, path: KeyPath) -> list[Zyx]:
+        """Check it against every shape in ``outs`` it may have to produce, then give the
+        smallest shapes it may read. A step with ``p: 0`` never runs, so nothing is asked."""
+        if self.p == 0:
+            return outs
+        for shape in outs:
+            found = self.shape_problems(shape, check.voxel_size)
+            if found:
+                check.problems += [(path, _where(msg, shape, check.patch)) for msg in found]
+                break
+        inputs = [s for out in outs for s in self.input_shapes(out, check.voxel_size)]
+        return smallest_shapes((outs if self.p < 1 else []) + inputs)
+
 
 augmentations.require(AugmentBase)
+
+
+def _where(msg: str, shape: Zyx, patch: Zyx) -> str:
+    if tuple(shape) == tuple(patch):
+        return msg
+    return (f"{msg}; the steps after it make it produce {list(shape)} (z, y, x) for "
+            f"train.patch {list(patch)}")
+
+
+def smallest_shapes(shapes: Sequence[Zyx]) -> list[Zyx]:
+    """The shapes no other one is smaller than or equal to on every axis, first seen first
+    (every check is passed by a shape if by a smaller one, so these decide)."""
+    distinct = list(dict.fromkeys(tuple(s) for s in shapes))
+    return [s for s in distinct  # type: ignore[misc]
+            if not any(o != s and all(a <= b for a, b in zip(o, s, strict=True))
+                       for o in distinct)]
+
+
+def augment_problems(augment: Sequence[AugmentBase], patch: Zyx,
+                     voxel_size: VoxelSize | None = None) -> list[tuple[KeyPath, str]]:
+    """(key path inside ``augment``, reason) for every step that cannot produce what the
+    steps after it read, for ``patch`` (z, y, x) and a source of ``voxel_size``.
+
+    A key path is ``(i,)`` or, inside ``one_of``/``compose``, ``(i, "of", j, ...)``."""
+    check = _Check(tuple(patch), voxel_size)  # type: ignore[arg-type]
+    chain_inputs(augment, [check.patch], check, ())
+    return check.problems
+
+
+def chain_inputs(specs: Sequence[AugmentBase], outs: list[Zyx], check: _Check,
+                 path: KeyPath) -> list[Zyx]:
+    """Check ``specs`` backwards from ``outs``; the smallest shapes the first one reads."""
+    shapes = outs
+    for i in reversed(range(len(specs))):
+        shapes = specs[i].checked_inputs(shapes, check, (*path, i))
+    return shapes
+
 
 if TYPE_CHECKING:
     AugmentSpec = AugmentBase  # at run time: the union of every registered spec (recipe.py)
@@ -47,6 +144,14 @@ class FlipRotate(AugmentBase):
     isotropic: bool = Field(
         False, description="Also transpose z with y and x (for isotropic data only)."
     )
+
+    def input_shapes(self, out_shape: Zyx, voxel_size: VoxelSize | None) -> list[Zyx]:
+        """The output permuted back: y and x swapped, or any order with ``isotropic``."""
+        z, y, x = out_shape
+        if not self.isotropic:
+            return [(z, y, x), (z, x, y)]
+        return [(out_shape[a], out_shape[b], out_shape[c])
+                for a, b, c in itertools.permutations(range(3))]
 
 
 @augmentations.register("warp")
@@ -71,6 +176,48 @@ class Warp(AugmentBase):
         _ordered(self.scale, "scale")
         return self
 
+    def input_shapes(self, out_shape: Zyx, voxel_size: VoxelSize | None) -> list[Zyx]:
+        """The smallest in y and the smallest in x over draws at the largest scale, without
+        stretch or twist (a perspective stretch or a twist never makes the read smaller:
+        of two opposite corners one is magnified), over every rotation and shear."""
+        nz, h, w = out_shape
+        return [(nz, *yx) for yx in _warp_smallest(h, w, self.rot_max, self.shear_max,
+                                                   self.scale[1])]
+
+
+@functools.lru_cache(maxsize=1024)
+def _warp_smallest(h: int, w: int, rot_max: float, shear_max: float,
+                   scale: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The reads smallest in y and in x over rotations in [0, ``rot_max``] (the reach is the
+    same for the opposite angle and shear) and shears in [-shear_max, shear_max].
+
+    Each reach is ``|sin| a + |sin shear + cos| b`` (y) or ``|cos| a + |cos shear - sin| b``
+    (x): convex in the shear, so least at a bound or where the second term is 0; then,
+    between the angles where a term changes sign or that best shear changes, a sinusoid
+    that is positive, hence concave: least at such an angle or at 0 or ``rot_max``."""
+    top, s = math.radians(rot_max), shear_max
+    cot, tan = math.atan2(1, s), math.atan(s)  # arccot(s), arctan(s)
+    angles = [a for a in (0, top, math.pi / 2, math.pi, tan, math.pi - tan, cot, math.pi - cot)
+              if a <= top]
+    reads = []
+    for angle in angles:
+        sin, cos = math.sin(angle), math.cos(angle)
+        zeros = [-cos / sin if sin else math.inf, sin / cos if cos else math.inf]
+        for shear in [-s, 0.0, s, *(z for z in zeros if abs(z) <= s)]:
+            reads.append(warp_input_yx(h, w, angle, shear, scale))
+    return min(reads), min(reads, key=lambda r: (r[1], r[0]))
+
+
+def warp_input_yx(h: int, w: int, angle: float, shear: float, scale: float) -> tuple[int, int]:
+    """The (y, x) a warp reads for an (h, w) output without stretch or twist: the bounding
+    box of the mapped corners plus ``WARP_MARGIN`` each side (as the warp plans it)."""
+    half_w, half_h = (w - 1) / 2, (h - 1) / 2
+    cos, sin = math.cos(angle), math.sin(angle)
+    reach_x = (abs(cos) * half_w + abs(cos * shear - sin) * half_h) / scale
+    reach_y = (abs(sin) * half_w + abs(sin * shear + cos) * half_h) / scale
+    return (math.ceil(2 * reach_y - 1e-6) + 1 + 2 * WARP_MARGIN,
+            math.ceil(2 * reach_x - 1e-6) + 1 + 2 * WARP_MARGIN)
+
 
 class MisalignBase(AugmentBase):
     displacement: PxRange = Field(
@@ -87,16 +234,41 @@ class MisalignBase(AugmentBase):
         _ordered(self.displacement, "displacement")
         return self
 
+    def min_sections(self) -> int:
+        return 2
+
+    def pixel_scale(self, voxel_size: VoxelSize | None) -> float:
+        """Factor turning the displacement's pixels into pixels of a source of
+        ``voxel_size`` (its x size); 1 without a ``voxel_reference`` or a voxel size."""
+        if self.voxel_reference is None or voxel_size is None:
+            return 1.0
+        return self.voxel_reference / voxel_size[2]
+
     def patch_problems(self, patch: tuple[int, int, int]) -> list[str]:
+        return self.shape_problems(patch, None)
+
+    def shape_problems(self, shape: Zyx, voxel_size: VoxelSize | None) -> list[str]:
         problems = []
-        if patch[0] < 2:
-            problems.append(f"{self.type} needs a patch of at least 2 sections (got {patch[0]})")
-        if self.displacement[1] >= min(patch[1], patch[2]):
+        if shape[0] < self.min_sections():
+            problems.append(f"{self.type} needs a patch of at least {self.min_sections()} "
+                            f"sections (got {shape[0]})")
+        factor = self.pixel_scale(voxel_size)
+        reach = self.displacement[1] * factor
+        if reach >= min(shape[1], shape[2]):
+            scaled = "" if factor == 1 or voxel_size is None else (
+                f" ({self.displacement[1]} px of voxel_reference {self.voxel_reference:g} nm "
+                f"on a source of {voxel_size[2]:g} nm in x)")
             problems.append(
-                f"{self.type}: displacement up to {self.displacement[1]} px is not smaller than "
-                f"the patch ({patch[1]}x{patch[2]} in y, x)"
+                f"{self.type}: displacement up to {reach:g} px{scaled} is not smaller than "
+                f"the patch ({shape[1]}x{shape[2]} in y, x)"
             )
         return problems
+
+    def input_shapes(self, out_shape: Zyx, voxel_size: VoxelSize | None) -> list[Zyx]:
+        """The output plus the smallest shift, all in y or all in x."""
+        z, y, x = out_shape
+        least = round(self.displacement[0] * self.pixel_scale(voxel_size))
+        return [(z, y + least, x), (z, y, x + least)]
 
 
 @augmentations.register("misalign")
@@ -119,14 +291,9 @@ class MisalignMissing(MisalignBase):
     type: Literal["misalign_missing"] = "misalign_missing"
     missing_max: Literal[1, 2] = Field(2, description="Most sections missing at the interface.")
 
-    def patch_problems(self, patch: tuple[int, int, int]) -> list[str]:
-        problems = super().patch_problems(patch)
-        if patch[0] < self.missing_max + 2:
-            problems.append(
-                f"misalign_missing needs a patch of at least {self.missing_max + 2} sections "
-                f"(got {patch[0]})"
-            )
-        return problems
+    def min_sections(self) -> int:
+        """Real sections on both sides of the most missing ones."""
+        return self.missing_max + 2
 
 
 @augmentations.register("lost_section")
@@ -135,6 +302,11 @@ class LostSection(AugmentBase):
 
     type: Literal["lost_section"] = "lost_section"
     max_sections: Size = Field(1, le=16, description="Most consecutive sections lost.")
+
+    def input_shapes(self, out_shape: Zyx, voxel_size: VoxelSize | None) -> list[Zyx]:
+        """At least one section more."""
+        z, y, x = out_shape
+        return [(z + 1, y, x)]
 
 
 class SectionAugment(AugmentBase):
@@ -201,10 +373,26 @@ class Box(AugmentBase):
         return self
 
     def patch_problems(self, patch: tuple[int, int, int]) -> list[str]:
-        if self.size[1] > min(patch[1], patch[2]):
-            return [f"box: size up to {self.size[1]} px exceeds the patch "
-                    f"({patch[1]}x{patch[2]} in y, x)"]
+        """Boxes larger than the patch are clipped to it, so any size works; but boxes of a
+        few voxels on a large patch may need more than ``BOX_MAX_COUNT`` for the density."""
+        needed = self.expected_count(patch)
+        if needed > BOX_MAX_COUNT:
+            return [f"box: density {self.density:g} with boxes of {list(self.z_size)} x "
+                    f"{list(self.size)} voxels needs about {needed:,.0f} boxes on a patch of "
+                    f"{list(patch)}, more than {BOX_MAX_COUNT:,}; use larger boxes or a lower "
+                    "density"]
         return []
+
+    def expected_count(self, patch: Zyx) -> float:
+        """About how many boxes a sample of ``patch`` gets: the density's total cover
+        ``-ln(1 - density)`` over a box's mean chance to cover a voxel, ``s / (d + s - 1)``
+        per axis for a side s on a patch side d (boxes may stick out)."""
+        limit = -math.log1p(-min(self.density, BOX_MAX_DENSITY))
+        chance = 1.0
+        for (low, high), d in zip((self.z_size, self.size, self.size), patch, strict=True):
+            sides = range(low, high + 1)
+            chance *= math.fsum(side / (d + side - 1) for side in sides) / len(sides)
+        return limit / chance
 
 
 @augmentations.register("noise")
@@ -255,6 +443,19 @@ class OneOf(AugmentBase):
     def patch_problems(self, patch: tuple[int, int, int]) -> list[str]:
         return [p for a in self.of for p in a.patch_problems(patch)]
 
+    def checked_inputs(self, outs: list[Zyx], check: _Check, path: KeyPath) -> list[Zyx]:
+        """Each alternative that can be chosen is checked; it reads what any of them reads,
+        or the output unchanged where 'nothing' can be chosen too."""
+        if self.p == 0:
+            return outs
+        probs = self.probs if self.probs is not None else [1.0] * len(self.of)
+        nothing = self.p < 1 or (self.probs is not None and sum(self.probs) < 1 - 1e-9)
+        inputs = list(outs) if nothing else []
+        for j, (alternative, prob) in enumerate(zip(self.of, probs, strict=True)):
+            if prob > 0:
+                inputs += alternative.checked_inputs(outs, check, (*path, "of", j))
+        return smallest_shapes(inputs)
+
 
 @augmentations.register("compose")
 class Compose(AugmentBase):
@@ -264,7 +465,13 @@ class Compose(AugmentBase):
     of: list[AugmentSpec] = Field(min_length=1, description="The augmentations, in order.")
 
     def patch_problems(self, patch: tuple[int, int, int]) -> list[str]:
-        return [p for a in self.of for p in a.patch_problems(patch)]
+        return [msg for _, msg in augment_problems(self.of, patch)]
+
+    def checked_inputs(self, outs: list[Zyx], check: _Check, path: KeyPath) -> list[Zyx]:
+        if self.p == 0:
+            return outs
+        inputs = chain_inputs(self.of, outs, check, (*path, "of"))
+        return smallest_shapes((outs if self.p < 1 else []) + inputs)
 
 
 PRESETS: dict[str, list[dict[str, Any]]] = {

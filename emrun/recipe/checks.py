@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from numbers import Integral
 
+from .augment import augment_problems
 from .recipe import Recipe
 from .tasks import (
     NEAREST,
@@ -188,9 +189,11 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
                             f"(it has: {have})",
                         ))
 
-    for i, aug in enumerate(recipe.augment):
-        for msg in aug.patch_problems(patch):
-            problems.append((("augment", i), msg))
+    # each step judged on the shapes the steps after it make it produce, at each voxel size
+    for voxel in dict.fromkeys([s.voxel_size for s in recipe.data.sources.values()] or [None]):
+        for where, msg in augment_problems(recipe.augment, patch, voxel):
+            if (("augment", *where), msg) not in problems:
+                problems.append((("augment", *where), msg))
 
     ipatch = recipe.infer_patch()
     stride = recipe.infer.resolved_stride(ipatch)

@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from ...geometry import Zyx, zyx
-from ...recipe.augment import FlipRotate, LostSection, Misalign, MisalignBase, MisalignMissing
+from ...recipe.augment import (
+    WARP_MARGIN,
+    FlipRotate,
+    LostSection,
+    Misalign,
+    MisalignBase,
+    MisalignMissing,
+)
 from ...recipe.augment import Warp as WarpSpec
 from ...registry import augmentations
 from .base import Augmentation, Context, Sample, Step
@@ -83,7 +90,8 @@ class FlipRotateAugment(Augmentation):
 # ---------------------------------------------------------------------------------------------
 # warp
 
-MARGIN = 1  # source pixels kept around the inverse-mapped patch (interpolation, rounding)
+MARGIN = WARP_MARGIN  # source pixels kept around the inverse-mapped patch (the recipe's
+# checks compute a warp's smallest read with the same margin)
 
 
 @augmentations.implement("warp")
@@ -237,9 +245,7 @@ class _Warp:
 
 def _pixel_scale(spec: MisalignBase, context: Context) -> float:
     """Factor turning the spec's displacement pixels into pixels of this sample's source."""
-    if spec.voxel_reference is None or context.voxel_size is None:
-        return 1.0
-    return spec.voxel_reference / context.voxel_size[2]
+    return spec.pixel_scale(context.voxel_size)
 
 
 def _displacement(spec: MisalignBase, rng: np.random.Generator, context: Context) -> Yx:

@@ -57,6 +57,8 @@ import scipy.fft
 from ...errors import UserError
 from ...geometry import Zyx
 from ...recipe.augment import (
+    BOX_MAX_COUNT,
+    BOX_MAX_DENSITY,
     BlurrySection,
     Box,
     ContrastCompression,
@@ -76,10 +78,10 @@ POISSON_EXACT_BELOW = 10.0
 BOX_BLUR_SIGMA = (2.0, 5.0)
 """Range of the blur sigma (pixels) for ``blur`` boxes, one draw per sample."""
 
-MAX_BOX_DENSITY = 0.99
+MAX_BOX_DENSITY = BOX_MAX_DENSITY
 """Densities above are taken as this one (density 1 would need boxes without end)."""
 
-MAX_BOXES = 2_000_000
+MAX_BOXES = BOX_MAX_COUNT
 """Most boxes one sample may get (their plan holds 24 bytes each): a density that needs more,
 with boxes of a few voxels on a large patch, is refused rather than silently not reached."""
 
