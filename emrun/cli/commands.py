@@ -495,7 +495,6 @@ def evaluate(
     from ..evaluate import MIN_OVERLAP, Parallel, binary_scores_volumes, score_volumes
     from ..evaluate.report import binary_lines, score_lines
     from ..io import open_volume
-    from ..io.sample import sample_boxes
     from ..io.window import covered_part
     from ..stages import Stages
 
@@ -531,14 +530,10 @@ def evaluate(
                                        on_slab=report, parallel=parallel)
         lines = binary_lines(result, str(seg_vol), str(truth_vol), mask_name)
     else:
-        if truth_vol.dtype.kind == "i" and any((box < 0).any()
-                                               for box in sample_boxes(truth_vol)):
-            warn([f"{truth_vol} holds negative ids: each is scored as an object (only 0 is "
-                  "unlabelled); map them to 0 first if they mean unlabelled"])
         result = score_volumes(seg_vol, truth_vol, mask_vol,
                                min_overlap=MIN_OVERLAP if min_overlap is None else min_overlap,
                                connected_truth=connected_truth, on_slab=report,
-                               parallel=parallel)
+                               parallel=parallel, warn=lambda line: warn([line]))
         lines = score_lines(result, str(seg_vol), str(truth_vol), mask_name, connected_truth)
     for line in lines:
         out.print(line)

@@ -143,12 +143,14 @@ def score_block(work: Work, index: int) -> dict[str, np.ndarray]:
     seg, truth = work.volumes[0].read(roi), work.volumes[1].read(roi)
     if not work.connected_truth:
         table = count_pairs(seg, truth, mask)
-        return {"seg": table.seg, "truth": table.truth, "counts": table.counts}
+        return {"seg": table.seg, "truth": table.truth, "counts": table.counts,
+                "negative": np.array(table.negative, np.int64)}
     pieces, keys, links = _block_pieces(work, roi, truth)
-    table = count_pairs(seg, pieces, mask)
-    table = reduce_pairs(table.seg, keys[table.truth.astype(np.int64) - 1], table.counts)
-    return {"seg": table.seg, "truth": table.truth, "counts": table.counts, "pieces": keys,
-            "links": links}
+    table = count_pairs(seg, pieces, mask, labelled=truth)
+    table = reduce_pairs(table.seg, keys[table.truth.astype(np.int64) - 1], table.counts,
+                         table.negative)
+    return {"seg": table.seg, "truth": table.truth, "counts": table.counts,
+            "negative": np.array(table.negative, np.int64), "pieces": keys, "links": links}
 
 
 def write_block(folder: Path, work: Work, index: int) -> None:
@@ -201,7 +203,8 @@ def merge_blocks(folder: Path, work: Work) -> ContingencyTable | BinaryCounts:
             if pieces is not None:
                 keys, whole = pieces
                 truth = whole[np.searchsorted(keys, truth)]
-            table.add(reduce_pairs(block["seg"], truth, block["counts"]))
+            table.add(reduce_pairs(block["seg"], truth, block["counts"],
+                                   tuple(block["negative"].tolist())))
     return table.result()
 
 

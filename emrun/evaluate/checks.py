@@ -53,3 +53,19 @@ def check_inputs(
                 f"{name}: {role} has shape {list(other)} but {first} has shape {list(shape)}"
                 " (and their offsets do not place it inside)"
             )
+
+
+def negative_id_warnings(negative: tuple[int, int], seg: str, truth: str) -> list[str]:
+    """A warning for each of ``seg`` and ``truth`` with negative ids among the scored voxels
+    (``negative``: their counts, `ContingencyTable.negative`): each is scored as an object,
+    and -1 often means unlabelled. Counted where the voxels are read, in memory, streamed
+    and in blocks alike (sample boxes missed negatives elsewhere)."""
+    lines = []
+    if negative[0]:
+        lines.append(f"{seg} holds negative ids: each is scored as a segment, as every "
+                     f"segmentation id is ({negative[0]:,} scored voxels)")
+    if negative[1]:
+        lines.append(f"{truth} holds negative ids: each is scored as an object (only 0 is "
+                     "unlabelled); map them to 0 first if they mean unlabelled "
+                     f"({negative[1]:,} scored voxels)")
+    return lines

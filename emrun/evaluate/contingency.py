@@ -29,12 +29,16 @@ LOW = 0xFFFF_FFFF  # ids up to here pack two to a uint64 key
 class ContingencyTable:
     """Voxel counts per (seg id, truth id) pair; rows sorted by (seg, truth), pairs unique.
 
-    Ids are uint64 (see `as_ids`); `counts` are int64 and all positive.
+    Ids are uint64 (see `as_ids`); `counts` are int64 and all positive. ``negative``: the
+    scored voxels whose segmentation id, and whose truth id, was negative (signed ids, which
+    `as_ids` reinterprets: each is then an object, while only 0 is unlabelled), counted
+    where the voxels are read, so every way of scoring a volume can say so.
     """
 
     seg: np.ndarray
     truth: np.ndarray
     counts: np.ndarray
+    negative: tuple[int, int] = (0, 0)
 
     @property
     def voxels(self) -> int:
@@ -60,14 +64,23 @@ def as_ids(labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.uint64, copy=False)
 
 
-def reduce_pairs(seg: np.ndarray, truth: np.ndarray, weights: np.ndarray) -> ContingencyTable:
+def negative_voxels(labels: np.ndarray) -> int:
+    """How many of ``labels`` are below 0 (none for unsigned or bool ids)."""
+    if labels.dtype.kind != "i" or labels.size == 0:
+        return 0
+    return int(np.count_nonzero(labels < 0))
+
+
+def reduce_pairs(seg: np.ndarray, truth: np.ndarray, weights: np.ndarray,
+                 negative: tuple[int, int] = (0, 0)) -> ContingencyTable:
     """Sum `weights` over equal (seg, truth) pairs of uint64 ids; rows come out sorted, unique.
+    ``negative`` is carried into the table (the voxels' counts of negative ids).
 
     The pair is packed into one uint64 key (seg in the high half) so that one vectorised
     sort does the work; ids of 2^32 and above are first replaced by their ranks, which
     keeps the order.
     """
-    if seg.size == 0:
+    if seg.size == 0:  # no voxel, none negative
         return ContingencyTable.empty()
     seg_values = truth_values = None
     if seg.max() > LOW:
@@ -85,14 +98,17 @@ def reduce_pairs(seg: np.ndarray, truth: np.ndarray, weights: np.ndarray) -> Con
         seg = seg_values[seg]
     if truth_values is not None:
         truth = truth_values[truth]
-    return ContingencyTable(seg, truth, counts)
+    return ContingencyTable(seg, truth, counts, (int(negative[0]), int(negative[1])))
 
 
 def count_pairs(
-    seg: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None
+    seg: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None, *,
+    labelled: np.ndarray | None = None,
 ) -> ContingencyTable:
     """The table of one block; voxels with truth 0, or outside the mask (0 or NaN), are not
-    counted.
+    counted. Negative ids among the counted voxels are counted too (``negative``), of the
+    truth as ``labelled`` where ``truth`` holds ids made from it (its connected pieces,
+    non-zero where it is).
 
     Neighbouring voxels mostly share their pair, so the flattened block is first cut into
     runs of equal pairs (linear time) and only the runs are sorted: a 1000^2 section of
@@ -100,22 +116,26 @@ def count_pairs(
     """
     seg = np.ravel(seg)
     truth = np.ravel(truth)
+    signs = truth if labelled is None else np.ravel(labelled)
     keep = truth != 0
     if mask is not None:
         keep &= np.ravel(inside(mask))
     if not keep.all():
         seg, truth = seg[keep], truth[keep]
+        if signs.dtype.kind == "i":  # unsigned ids have no sign to count
+            signs = signs[keep]
     del keep
     if seg.size == 0:
         return ContingencyTable.empty()
+    negative = (negative_voxels(seg), negative_voxels(signs))
     starts = _run_starts(seg, truth)
     lengths = np.diff(starts, append=seg.size)
-    return reduce_pairs(as_ids(seg[starts]), as_ids(truth[starts]), lengths)
+    return reduce_pairs(as_ids(seg[starts]), as_ids(truth[starts]), lengths, negative)
 
 
 def merge_tables(tables: Iterable[ContingencyTable]) -> ContingencyTable:
     """One table with the summed counts of several (e.g. one per slab)."""
-    tables = [t for t in tables if len(t)]
+    tables = [t for t in tables if len(t)]  # a table with no row scored no voxel
     if not tables:
         return ContingencyTable.empty()
     if len(tables) == 1:
@@ -124,6 +144,7 @@ def merge_tables(tables: Iterable[ContingencyTable]) -> ContingencyTable:
         np.concatenate([t.seg for t in tables]),
         np.concatenate([t.truth for t in tables]),
         np.concatenate([t.counts for t in tables]),
+        (sum(t.negative[0] for t in tables), sum(t.negative[1] for t in tables)),
     )
 
 

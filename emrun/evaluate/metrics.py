@@ -29,12 +29,13 @@ voxels scored:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from emrun.evaluate.checks import EvaluationError, check_inputs
+from emrun.evaluate.checks import EvaluationError, check_inputs, negative_id_warnings
 from emrun.evaluate.contingency import ContingencyTable, count_pairs
 from emrun.evaluate.pieces import connected_pieces
 
@@ -112,17 +113,24 @@ def score(
     mask: np.ndarray | None = None,
     min_overlap: int = MIN_OVERLAP,
     connected_truth: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> Scores:
     """Score an in-memory segmentation against its truth (voxels where mask is 0 ignored);
-    with ``connected_truth``, against the truth's connected pieces (`emrun.evaluate.pieces`)."""
+    with ``connected_truth``, against the truth's connected pieces (`emrun.evaluate.pieces`).
+    ``warn`` takes a line for each volume with negative ids among the scored voxels."""
     named = [("segmentation", "seg", seg.shape, seg.dtype), ("truth", "truth", truth.shape,
                                                             truth.dtype)]
     if mask is not None:
         named.append(("mask", "mask", mask.shape, mask.dtype))
     check_inputs(named)
+    labelled = truth
     if connected_truth:
         truth = connected_pieces(truth)
-    return scores_from_table(count_pairs(seg, truth, mask), min_overlap)
+    table = count_pairs(seg, truth, mask, labelled=labelled)
+    if warn is not None:
+        for line in negative_id_warnings(table.negative, "the segmentation", "the truth"):
+            warn(line)
+    return scores_from_table(table, min_overlap)
 
 
 def _group_starts(sorted_ids: np.ndarray) -> np.ndarray:

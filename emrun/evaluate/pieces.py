@@ -138,4 +138,5 @@ class PieceLabeller:
         firsts = np.concatenate(self._firsts) if self._firsts else np.zeros((0, 1), np.int64)
         order = np.lexsort(firsts.T[::-1])  # pieces by first voxel, first axis slowest
         whole = number_in_order(component[1:], order)[component]
-        return reduce_pairs(table.seg, whole[table.truth.astype(np.int64)], table.counts)
+        return reduce_pairs(table.seg, whole[table.truth.astype(np.int64)], table.counts,
+                            table.negative)

@@ -18,7 +18,7 @@ import numpy as np
 
 from emrun.evaluate.binary import BinaryCounts, BinaryScores, count_binary, scores_from_counts
 from emrun.evaluate.blockwise import prepare
-from emrun.evaluate.checks import EvaluationError, check_inputs
+from emrun.evaluate.checks import EvaluationError, check_inputs, negative_id_warnings
 from emrun.evaluate.contingency import ContingencyTable, TableAccumulator, count_pairs
 from emrun.evaluate.metrics import MIN_OVERLAP, Scores, scores_from_table
 from emrun.evaluate.pieces import PieceLabeller
@@ -41,11 +41,13 @@ def score_volumes(
     connected_truth: bool = False,
     on_slab: Callable[[int, int], None] | None = None,
     parallel: Parallel | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Scores:
     """Score a segmentation volume against its truth (see `emrun.evaluate.metrics`); with
     ``connected_truth``, against the truth's connected pieces inside the volume
     (`emrun.evaluate.pieces`). ``on_slab(done, total)`` follows the slabs read (with
-    ``parallel``: the blocks scored)."""
+    ``parallel``: the blocks scored). ``warn`` takes a line for each volume with negative
+    ids among the scored voxels, found wherever they are (`negative_id_warnings`)."""
     volumes = _checked([("segmentation", seg), ("truth", truth), ("mask", mask)])
     if parallel is not None:
         work = prepare(volumes, parallel.block, connected_truth=connected_truth)
@@ -55,6 +57,9 @@ def score_volumes(
         result = _streamed_table(volumes, slab_voxels, connected_truth, on_slab)
     if len(result) == 0:
         raise EvaluationError(_nothing_scored(volumes))
+    if warn is not None:
+        for line in negative_id_warnings(result.negative, str(volumes[0]), str(volumes[1])):
+            warn(line)
     return scores_from_table(result, min_overlap)
 
 
@@ -82,9 +87,10 @@ def _streamed_table(volumes: Sequence[Volume], slab_voxels: int, connected_truth
         if on_slab is not None:
             on_slab(done, len(rois))
         arrays = [v.read(roi) for v in volumes]
+        labelled = arrays[1]
         if pieces is not None:
-            arrays[1] = pieces.label(roi, arrays[1])
-        table.add(count_pairs(*arrays))
+            arrays[1] = pieces.label(roi, labelled)
+        table.add(count_pairs(*arrays, labelled=labelled))
     result = table.result()
     return pieces.join(result) if pieces is not None else result
 

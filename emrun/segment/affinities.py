@@ -60,17 +60,27 @@ def parse_offsets(value: Any, where: str) -> tuple[Offset, ...]:
     return tuple(offsets)  # type: ignore[return-value]
 
 
-def check_offsets(offsets: Sequence[Offset], channels: int, where: str) -> None:
-    """One offset per channel, and a nearest-neighbour channel along every axis."""
+def check_offsets(offsets: Sequence[Offset], channels: int, where: str,
+                  shape: Sequence[int] | None = None) -> None:
+    """One offset per channel, and a nearest-neighbour channel along every axis of the
+    volume's spatial ``shape`` that is more than one voxel long (a one-section volume has
+    no z edge, so its 2-d affinities need no z channel; None: along every axis)."""
     if len(offsets) != channels:
         raise UserError(f"{where}: {channels} affinity channels but {len(offsets)} offsets "
                         f"{[list(o) for o in offsets]}; give one offset per channel")
-    missing = [axis for axis, chans in enumerate(nearest_axes(offsets)) if not chans]
+    missing = [axis for axis, chans in enumerate(nearest_axes(offsets))
+               if not chans and (shape is None or shape[axis] > 1)]
     if missing:
         names = ", ".join("zyx"[a] for a in missing)
+        need = ", ".join(str(_unit(a)) for a in missing)
         raise UserError(f"{where}: no nearest-neighbour affinity along {names} (offsets "
-                        f"{[list(o) for o in offsets]}); segmentation needs (-1, 0, 0), "
-                        "(0, -1, 0) and (0, 0, -1)")
+                        f"{[list(o) for o in offsets]}); segmentation needs one along every "
+                        f"axis longer than one voxel: add {need}")
+
+
+def _unit(axis: int) -> Offset:
+    """The nearest-neighbour offset along ``axis`` (one step back)."""
+    return tuple(-1 if a == axis else 0 for a in range(3))  # type: ignore[return-value]
 
 
 def nearest_axes(offsets: Sequence[Offset]) -> tuple[list[int], list[int], list[int]]:

@@ -184,7 +184,7 @@ def open_affinities(path: str, offsets_text: str | None) -> tuple[Volume, tuple[
                             f"{volume.shape[0]} channels connect; pass --offsets, e.g. "
                             "'[[-1,0,0],[0,-1,0],[0,0,-1]]'")
         offsets = parse_offsets(stored, f"{volume}: attribute 'offsets'")
-    check_offsets(offsets, volume.shape[0], str(volume))
+    check_offsets(offsets, volume.shape[0], str(volume), volume.shape[1:])
     return volume, offsets
 
 

@@ -129,7 +129,7 @@ def segment_array(affs: np.ndarray, offsets: Sequence[Offset], segmenter: Segmen
     """Segment affinities (c, z, y, x; float, or uint8 with 255 = 1) in memory (block by
     block: ``blockwise.segment_into``) inside ``mask`` (z, y, x or 1, z, y, x; non-zero and
     not NaN inside)."""
-    check_offsets(offsets, affs.shape[0], "affinities")
+    check_offsets(offsets, affs.shape[0], "affinities", affs.shape[1:])
     affs = to_float(np.asarray(affs))
     mask = region_mask(mask, affs.shape[1:])
     return finish(segmenter.fragments(affs, offsets, mask), affs, offsets, mask,

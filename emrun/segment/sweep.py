@@ -117,7 +117,7 @@ def sweep(affs: np.ndarray, offsets: Sequence[Offset], spec: Spec | Segmenter,
     segmenter = spec if isinstance(spec, Segmenter) else segmenters.build(spec)
     affs = to_float(np.asarray(affs))  # uint8 (255 = 1) as inference writes it, or float
     offsets = tuple(tuple(int(d) for d in o) for o in offsets)  # type: ignore[misc]
-    check_offsets(offsets, affs.shape[0], "sweep affinities")
+    check_offsets(offsets, affs.shape[0], "sweep affinities", affs.shape[1:])
     values = tuple(float(v) for v in values)
     if not values:
         raise UserError("a sweep needs at least one value")

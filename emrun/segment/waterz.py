@@ -63,9 +63,13 @@ def _quiet() -> Iterator[None]:
 def waterz_affinities(affs: np.ndarray, offsets: Sequence[Offset],
                       mask: np.ndarray | None) -> np.ndarray:
     """The three nearest-neighbour channels in waterz's layout (z, y, x; channel a at v
-    links v and v - 1 along a), float32, C-contiguous, 0 on edges touching the mask."""
+    links v and v - 1 along a), float32, C-contiguous, 0 on edges touching the mask. An
+    axis without a channel (2-d affinities of one section: no z) gets 0, which is what
+    waterz has there anyway: an axis one voxel long has no edge."""
     out = np.zeros((3, *affs.shape[1:]), np.float32)
     for axis, channels in enumerate(nearest_axes(offsets)):
+        if not channels:
+            continue
         back = [c for c in channels if offsets[c][axis] < 0]
         c = back[0] if back else channels[0]
         offset = offsets[c]
