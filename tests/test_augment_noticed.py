@@ -371,3 +371,22 @@ def test_the_recipe_check_scales_the_displacement_by_the_sources_voxel_size(writ
         load_recipe(path)
     [msg] = [str(p) for p in info.value.problems]
     assert "augment.0: misalign: displacement up to 40 px" in msg
+
+
+def test_validate_scales_the_displacement_by_the_volume_s_own_voxel_size(tmp_path):
+    """A source whose voxel size only its metadata states: training scales voxel_reference
+    pixels to it, so the data check judges the steps at it (the recipe check could not)."""
+    from test_data_probe import labels_of, problems, recipe_file
+
+    from emrun.io.write import write_volume
+
+    shape = (8, 32, 40)
+    for name, array in (("image", np.full(shape, 0.5, np.float32)), ("labels", labels_of())):
+        write_volume(tmp_path / "v.zarr", name, array, voxel_size=(40, 2, 2))
+    source = f"{{image: {tmp_path}/v.zarr/image, labels: {tmp_path}/v.zarr/labels}}"
+    step = "[{type: misalign, displacement: [0, 10], voxel_reference: 8}]"
+    assert not [m for m in problems(recipe_file(tmp_path, source, step.replace("8}", "2}")))
+                if "augment" in m]  # 10 px of 2 nm on a 2 nm source: fits the 16 x 16 patch
+    [found] = [m for m in problems(recipe_file(tmp_path, source, step)) if "augment.0" in m]
+    assert "augment.0: misalign: displacement up to 40 px" in found
+    assert "voxel_reference 8 nm on a source of 2 nm" in found

@@ -18,6 +18,7 @@ from ..io.intensity import outside_unit
 from ..io.masks import inside
 from ..io.window import Placed, data_box, other_offset, placed_in
 from ..recipe import LoadedRecipe, Problem, Recipe
+from ..recipe.augment import augment_problems
 from ..recipe.checks import nm_target_problems
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
 from ..recipe.errors import KeyPath
@@ -56,7 +57,23 @@ def check_data(loaded: LoadedRecipe) -> tuple[list[SourceFacts], list[Problem]]:
             problems += [Problem(msg, loaded.mark(p), p) for p, msg in found]
     problems += [Problem(msg, loaded.mark(p), p) for p, msg in _check_nm_targets(loaded, facts)]
     problems += [Problem(msg, loaded.mark(p), p) for p, msg in _check_labelled(recipe)]
+    problems += [Problem(msg, loaded.mark(p), p) for p, msg in _check_scaled_steps(recipe, facts)]
     return facts, problems
+
+
+def _check_scaled_steps(recipe: Recipe, facts: list[SourceFacts]) -> list[tuple[KeyPath, str]]:
+    """The augmentation steps judged again at the voxel sizes the volumes' metadata give
+    where the recipe states none: a displacement in `voxel_reference` pixels is scaled to
+    them in training, which the recipe's own check could not know."""
+    stated = {name for name, source in recipe.data.sources.items() if source.voxel_size}
+    sizes = [tuple(float(v) for v in f.voxel_size[-3:]) for f in facts
+             if f.group == "sources" and f.name not in stated and f.voxel_size]
+    found: list[tuple[KeyPath, str]] = []
+    for voxel in dict.fromkeys(sizes):
+        for where, msg in augment_problems(recipe.augment, recipe.train.patch, voxel):
+            if (("augment", *where), msg) not in found:
+                found.append((("augment", *where), msg))
+    return found
 
 
 def _check_labelled(recipe: Recipe) -> list[tuple[KeyPath, str]]:
