@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -31,7 +32,7 @@ from rich.progress import (
 from emrun.capacity import check_output_fits
 from emrun.geometry import BlockGrid, Roi, box_of, local_slices, slices
 from emrun.io.opener import open_volume
-from emrun.io.volume import VolumeError
+from emrun.io.volume import Volume, VolumeError
 from emrun.io.write import default_chunks, native_dtype, staged_volume
 
 MAX_SLAB_BYTES = 1 << 30  # cut slabs along y beyond this (very wide sections)
@@ -141,7 +142,7 @@ def convert(
         channel_axis=channel_axis,
         label=label,
         levels=levels,
-        attrs={"emrun": {"converted_from": str(vol)}},
+        attrs=_carried_attributes(vol),
         overwrite=overwrite,
     ) as array:
         itemsize = max(vol.dtype.itemsize, dtype.itemsize)
@@ -221,3 +222,20 @@ def _progress_bar(enabled: bool) -> Progress:
         console=Console(stderr=True),
         disable=not enabled,
     )
+
+
+def _carried_attributes(vol: Volume) -> dict[str, Any]:
+    """The attributes a converted volume keeps: where it came from and, for affinities (4-d),
+    their ``offsets``, which `emrun segment` reads to know each channel's edge (without them
+    the converted copy had to be given --offsets by hand)."""
+    attrs: dict[str, Any] = {"emrun": {"converted_from": str(vol)}}
+    offsets = vol.attributes().get("offsets") if vol.ndim == 4 else None
+    if offsets is None:
+        return attrs
+    try:  # a list in zarr's JSON, an array in an HDF5 attribute
+        table = np.asarray(offsets, dtype=np.int64)
+    except (TypeError, ValueError):
+        return attrs  # not offsets as emrun writes them: segment will ask for --offsets
+    if table.ndim == 2 and table.shape[0] == vol.shape[0]:
+        attrs["offsets"] = table.tolist()
+    return attrs

@@ -277,16 +277,30 @@ def cautions(recipe: Recipe) -> list[tuple[Path, str]]:
 def _intensity_cautions(recipe: Recipe) -> list[tuple[Path, str]]:
     """Training scales each source by its own `intensity`, inference by one scale: the
     first one given. Sources that give different ones train fine, and `emrun infer` then
-    reads every input as the first one's data, which nothing else would say."""
+    reads every input as the first one's data, which nothing else would say; a validation
+    source of another scale is scored on a prediction infer would not make of it."""
     given = {name: (source.intensity.low, source.intensity.high)
              for name, source in recipe.data.sources.items()
              if getattr(source, "intensity", None) is not None}
-    if len(set(given.values())) < 2:
-        return []
+    found: list[tuple[Path, str]] = []
+    if not given:
+        return found
     (first, scale), *_ = given.items()
-    others = ", ".join(f"{name} [{low:g}, {high:g}]" for name, (low, high) in given.items()
-                       if (low, high) != scale)
-    return [(("data", "sources", first, "intensity"),
-             f"the sources give different intensity scales ({others}); `emrun infer` scales "
-             f"every input by this first one, [{scale[0]:g}, {scale[1]:g}]: predict data of "
-             "the other scales with -o 'data.sources.NAME.intensity=...' naming theirs")]
+    if len(set(given.values())) > 1:
+        others = ", ".join(f"{name} [{low:g}, {high:g}]" for name, (low, high) in given.items()
+                           if (low, high) != scale)
+        found.append((("data", "sources", first, "intensity"),
+                      f"the sources give different intensity scales ({others}); `emrun infer` "
+                      f"scales every input by this first one, [{scale[0]:g}, {scale[1]:g}]: "
+                      "predict data of the other scales with -o "
+                      "'data.sources.NAME.intensity=...' naming theirs"))
+    for name, source in recipe.data.validation.items():
+        own = getattr(source, "intensity", None)
+        if own is not None and (own.low, own.high) != scale:
+            found.append((("data", "validation", name, "intensity"),
+                          f"validation scales this source by [{own.low:g}, {own.high:g}], "
+                          f"`emrun infer` every input by data.sources.{first}'s "
+                          f"[{scale[0]:g}, {scale[1]:g}]: its validation scores a prediction "
+                          "infer would not make of it (give infer its scale with -o "
+                          f"'data.sources.{first}.intensity=...')"))
+    return found

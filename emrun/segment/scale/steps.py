@@ -25,6 +25,8 @@ from ...geometry import Roi, Zyx, grow_within, local_slices, slices, zyx
 from ...io import Volume, open_volume
 from ...io.layout import volume_dir
 from ...io.masks import inside
+from ...io.one_channel import single_channel
+from ...io.window import covered_part
 from ..affinities import Offset, is_nearest, to_float
 from .agglomerate import agglomerate, join_levels, merge_sequence, segments_from_levels
 from .fragments import HALO, block_fragments
@@ -66,7 +68,7 @@ def forget_caches() -> None:
     blocks' rows they keep, mapped lookup tables): their keys are paths and URLs, so a job
     run again in the same process (its output deleted and made again, the affinities
     rewritten at the same path) was relabelled through the last run's tables."""
-    for cached in (_volume, _store, _mapped):
+    for cached in (_volume, _mask_volume, _store, _mapped):
         cached.cache_clear()
 
 
@@ -78,8 +80,17 @@ def segmentation_array(job: ScaleJob, name: str) -> zarr.Array:
     return zarr.open_array(str(volume_dir(job.output, name, True) / "0"), mode="r+")
 
 
+@functools.cache
+def _mask_volume(mask: str, affinities: str) -> Volume:
+    """The mask in the affinities' voxels: a larger one (placed by its offsets, as the
+    command checked) read at the part they cover, not at their own voxel indices."""
+    return covered_part(_volume(affinities), single_channel(_volume(mask)))
+
+
 def _mask(job: ScaleJob, box: Roi) -> np.ndarray | None:
-    return None if job.mask is None else inside(_volume(job.mask).read(box))
+    if job.mask is None:
+        return None
+    return inside(_mask_volume(job.mask, job.affinities).read(box))
 
 
 def lut_key(job: ScaleJob) -> str:
