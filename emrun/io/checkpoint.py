@@ -2,10 +2,12 @@
 
 A checkpoint is one ``torch.save`` file holding a dict with at least the key ``"iteration"``.
 Everything in it must load with ``torch.load(weights_only=True)``: tensors, ints, floats,
-complex, strings, bytes, bools, None, lists, tuples, sets, dicts (and OrderedDicts),
-``torch.Size``, ``torch.dtype`` and ``torch.device``. `save_atomic` checks this before it
-writes anything (a ``TypeError`` naming the key path, which is a bug in the caller): a numpy
-array or a numpy scalar would otherwise save fine and only fail at resumption.
+complex, strings, bytes, bytearrays, bools, None, lists, tuples, sets, dicts (and
+OrderedDicts and Counters), ``torch.Size``, ``torch.dtype``, ``torch.device`` and
+``torch.layout``, as values and as dict keys (a tuple key such as ``(z, y, x)`` too).
+`save_atomic` checks this before it writes anything (a ``TypeError`` naming the key path,
+which is a bug in the caller): a numpy array or a numpy scalar would otherwise save fine and
+only fail at resumption.
 
 Saves are atomic: the state is written to a temporary file next to the target, flushed and
 fsynced, then renamed onto the target and the directory fsynced. A crash, a kill or a full
@@ -26,7 +28,7 @@ import os
 import pickle
 import re
 import tempfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +57,10 @@ class CheckpointError(UserError):
 # --------------------------------------------------------------------------- saving
 
 
-_SCALARS = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
+_SCALARS = (int, float, complex, str, bytes, bytearray, bool, type(None), torch.dtype,
+            torch.device, torch.layout)
 _CONTAINERS = (list, tuple, set, torch.Size)
+_MAPPINGS = (dict, OrderedDict, Counter)
 
 
 def _check_loadable(obj: Any, where: str = "state") -> None:
@@ -68,11 +72,9 @@ def _check_loadable(obj: Any, where: str = "state") -> None:
     kind = type(obj)
     if isinstance(obj, torch.Tensor) or kind in _SCALARS:
         return
-    if kind in (dict, OrderedDict):
+    if kind in _MAPPINGS:
         for key, value in obj.items():
-            if type(key) not in _SCALARS:
-                raise TypeError(f"{where}: key {key!r} of type {type(key).__name__} cannot be "
-                                "loaded with weights_only=True")
+            _check_key(key, where)
             _check_loadable(value, f"{where}[{key!r}]")
         return
     if kind in _CONTAINERS:
@@ -82,6 +84,12 @@ def _check_loadable(obj: Any, where: str = "state") -> None:
     raise TypeError(f"{where}: a {kind.__module__}.{kind.__qualname__} cannot be loaded with "
                     "weights_only=True; store tensors, numbers, strings, bools, None, lists, "
                     "tuples or dicts")
+
+
+def _check_key(key: Any, where: str) -> None:
+    """A dict key loads as any other object does: a tuple key (an ``(z, y, x)`` offset, a
+    pair of names) is as loadable as its items; a numpy one is refused like a numpy value."""
+    _check_loadable(key, f"{where}, the key {key!r}")
 
 
 def remove(path: str | Path) -> None:

@@ -11,11 +11,13 @@ and exits 2. Any other failure is one line naming the rank and how it ended, wit
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,15 +31,59 @@ RANK_ERRORS = "EMRUN_RANK_ERRORS"
 
 
 def said_to_launcher(message: str) -> bool:
-    """In a rank `launch_ranks` started: leave ``message`` (a user error) for the launcher,
-    which says it once for all ranks. False outside such a rank: say it yourself."""
+    """Whether ``message`` (a user error) is said already, so this process only exits 2.
+
+    In a rank `launch_ranks` started: left for the launcher, which says it once for all
+    ranks. In a rank of a torchrun the user started himself (``torchrun ... -m emrun train``):
+    True when another rank of this machine has said the same message, False for the first,
+    which says it (every rank printed it, N times). False outside any rank: say it yourself.
+    """
     folder, rank = os.environ.get(RANK_ERRORS), os.environ.get("RANK")
     if not folder or rank is None or not Path(folder).is_dir():
-        return False
+        return said_by_another_rank(message)
     part = Path(folder) / f"rank-{rank}.part"
     part.write_text(message)
     part.replace(part.with_suffix(".txt"))  # whole, or not there
     return True
+
+
+def said_by_another_rank(message: str) -> bool:
+    """In a rank of a hand-started torchrun: claim ``message`` with a marker file in the
+    folder torchrun made for this attempt of the run (shared by the ranks of this machine,
+    made anew for each launch and restart); True when another rank claimed it first."""
+    folder = _torchrun_attempt_folder()
+    if folder is None:
+        return False
+    digest = hashlib.sha256(message.encode("utf-8", "replace")).hexdigest()[:16]
+    try:
+        os.close(os.open(folder / f"emrun-said-{digest}", os.O_CREAT | os.O_EXCL | os.O_WRONLY,
+                         0o644))
+    except FileExistsError:
+        # torchrun stops the other ranks once one has exited: leave the one that claimed
+        # the message (it prints it at once) the moment it needs to say it
+        time.sleep(_GRACE_S)
+        return True
+    except OSError:  # the folder cannot be written: better twice than not at all
+        return False
+    return False
+
+
+_GRACE_S = 0.5
+
+
+def _torchrun_attempt_folder() -> Path | None:
+    """``<log dir>/<run id>/attempt_<n>`` of the torchrun agent that started this process
+    (its per-rank error file, TORCHELASTIC_ERROR_FILE, lies in ``<local rank>/`` below it);
+    None outside a rank of several, or when torchrun keeps no such folder."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return None
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if size <= 1 or not error_file or os.environ.get("RANK") is None:
+        return None
+    folder = Path(error_file).parent.parent
+    return folder if folder.name.startswith("attempt_") and folder.is_dir() else None
 
 
 def launch_ranks(processes: int, args: list[str]) -> int:

@@ -1,9 +1,10 @@
 """What a training run reports: events.jsonl, TensorBoard, and a live terminal display.
 
 `RunLogger` is the trainer's only reporting channel. Per log step it appends one JSON object
-to ``run_dir/events.jsonl`` (flushed per line, append mode, so killed and resumed runs keep one
-readable file), writes TensorBoard scalars under ``run_dir/tensorboard`` and updates the
-console: a rich progress bar on a terminal, one plain line per step otherwise (CI logs).
+to ``run_dir/events.jsonl`` (flushed per line, so a killed run keeps what it logged; a
+resumed run first cuts the file back to the iteration it resumes from, see `keep_history`),
+writes TensorBoard scalars under ``run_dir/tensorboard`` and updates the console: a rich
+progress bar on a terminal, one plain line per step otherwise (CI logs).
 Only rank 0 should report: ``enabled=False`` turns every method into a no-op and creates no
 files.
 
@@ -26,6 +27,8 @@ from typing import Any, TextIO
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+
+from ..atomic import atomic_output
 
 EVENTS_FILE = "events.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -238,8 +241,8 @@ class RunLogger:
 
     Iterations count completed iterations (the first logged one is 1): ``total`` is the one
     the run ends at, ``start`` the one it starts or resumes from (the checkpoint's). On resume
-    events.jsonl is appended to as is (a reader keeps the last record per iteration), and
-    TensorBoard is told to hide the crashed run's events after ``start``.
+    events.jsonl keeps the records up to ``start`` only (`keep_history`), and TensorBoard is
+    told to hide the crashed run's events after ``start``.
     ``live=None`` shows the progress bar exactly when ``console.is_terminal``.
     Use as a context manager, or call :meth:`close`.
     """
@@ -268,9 +271,8 @@ class RunLogger:
     def _open(self, start: int) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         events_path = self.run_dir / EVENTS_FILE
+        keep_history(events_path, start)
         self._events = events_path.open("a", encoding="utf-8")
-        if self._events.tell() > 0 and not _ends_with_newline(events_path):
-            self._events.write("\n")  # a killed run left half a line: keep records separate
         # A resumed run logs from start + 1 on: TensorBoard hides what a crashed run wrote
         # there. A run stopped before its first checkpoint and resumed starts again from 0:
         # its abandoned curve was shown beside the new one.
@@ -413,7 +415,35 @@ class RunLogger:
         return rate, max(0, self.total - iteration) / rate
 
 
-def _ends_with_newline(path: Path) -> bool:
+def keep_history(path: Path, start: int) -> None:
+    """Cut ``path`` (events.jsonl) back to the history a run at iteration ``start`` continues:
+    the records of iterations after ``start`` (an abandoned attempt's, which the run writes
+    again) and a line a kill left half-written go; ``start`` 0 leaves no record. Appended to
+    as it was, the file held two curves for the same iterations and a line that is not
+    JSON. Rewritten atomically (a kill leaves the old file or the new one), and only when
+    something goes."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a kill during an earlier cut
+        stale.unlink(missing_ok=True)
+    if not path.is_file():
+        return
     with path.open("rb") as f:
-        f.seek(-1, 2)
-        return f.read(1) == b"\n"
+        if all(_kept(line, start) for line in f):
+            return
+    with atomic_output(path) as temp, path.open("rb") as old, temp.open("wb") as new:
+        new.writelines(line for line in old if _kept(line, start))
+
+
+def _kept(line: bytes, start: int) -> bool:
+    """Whether a line of events.jsonl belongs to the history up to ``start``: a whole record
+    of that iteration or an earlier one (or a whole record without an iteration, not ours to
+    drop)."""
+    if not line.endswith(b"\n"):
+        return False  # half a line: a killed run's last write
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    iteration = record.get("iteration") if isinstance(record, dict) else None
+    if not isinstance(iteration, int) or isinstance(iteration, bool):
+        return True
+    return iteration <= start

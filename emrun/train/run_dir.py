@@ -94,8 +94,18 @@ def _entries(run_dir: Path, resume: bool) -> list[Path]:
 def _failed_start(entries: list[Path]) -> bool:
     """Only what a run writes before its first checkpoint, and no checkpoint."""
     checkpoints = [entry for entry in entries if entry.name == "checkpoints"]
-    return (all(entry.name in START_FILES for entry in entries)
+    return (all(_start_file(entry.name) for entry in entries)
             and not (checkpoints and checkpoints[0].is_dir() and any(checkpoints[0].iterdir())))
+
+
+def _start_file(name: str) -> bool:
+    """One of `START_FILES`, or the temporary file a kill during its atomic write left
+    (``.recipe.yaml.1234.tmp``): such a start was refused as 'already holds a run'."""
+    if name in START_FILES:
+        return True
+    stem, _, rest = name[1:].rpartition(".")[0].rpartition(".")
+    return name.startswith(".") and name.endswith(".tmp") and rest.isdigit() and \
+        stem in START_FILES
 
 
 def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path,
@@ -181,7 +191,7 @@ def check_resumable(saved_text: str, recipe: Recipe, checkpoint: Path, run_dir: 
     if not isinstance(saved, dict):
         raise UserError(f"cannot resume {checkpoint}: the recipe it holds is not a recipe "
                         "mapping (an emrun checkpoint stores its resolved recipe as YAML)")
-    current = recipe.resolved()
+    saved, current = resolved_now(saved), recipe.resolved()
     changed = [key for key in RESUME_KEYS if saved.get(key) != current.get(key)]
     kinds = [_optimizer(r) for r in (saved, current)]
     if kinds[0] != kinds[1]:  # its saved state (momenta, ...) does not fit another kind
@@ -193,10 +203,22 @@ def check_resumable(saved_text: str, recipe: Recipe, checkpoint: Path, run_dir: 
             f"--run-dir NEW --init-from {checkpoint}")
 
 
+def resolved_now(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's resolved recipe with this emrun's defaults filled in. A setting that
+    emrun gained since the checkpoint was written is absent from it and resolves to its
+    default now: compared as saved, an unchanged recipe was "changed" (its model, tasks or
+    data refused, other sections reported as applied from here on). As saved when this
+    emrun does not take it as a recipe (a setting renamed or removed since)."""
+    try:
+        return Recipe.model_validate(saved).resolved()
+    except Exception:  # pydantic's ValidationError, or a check of a spec's own
+        return saved
+
+
 def changed_settings(saved_text: str, recipe: Recipe) -> list[str]:
     """``ADOPTED_KEYS`` that differ between a checkpoint's recipe and ``recipe``, one
     ``train.optimizer.lr 0.001 -> 0.1`` per value."""
-    saved = yaml.safe_load(saved_text).get("train") or {}
+    saved = resolved_now(yaml.safe_load(saved_text)).get("train") or {}
     current = recipe.resolved().get("train") or {}
     changes: list[str] = []
     for key in ADOPTED_KEYS:
@@ -209,7 +231,7 @@ def other_changes(saved_text: str, recipe: Recipe) -> list[str]:
     adopted, and not mere bookkeeping): seed, augment, patch, batch, precision, EMA,
     validation and segmentation settings, ... A resumption applies them from its iteration
     on, so the run no longer continues as it began: the user is told, not left to find out."""
-    saved = yaml.safe_load(saved_text)
+    saved = resolved_now(yaml.safe_load(saved_text))
     current = recipe.resolved()
     skipped = {*RESUME_KEYS, *(f"train.{key}" for key in ADOPTED_KEYS), *BOOKKEEPING}
     changes: list[str] = []
