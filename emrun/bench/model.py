@@ -83,6 +83,7 @@ def bench_model(recipe: Recipe, *, device: str | None = None, steps: int = 5, wa
     return {
         "recipe": recipe.name,
         "model": recipe.model.type,
+        "summary": recipe.model.summary(),  # widths, the sampling per level, kernel, norm
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "patch": list(recipe.train.patch),
         "batch_size": recipe.train.batch_size,

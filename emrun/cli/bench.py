@@ -89,6 +89,7 @@ def bench_model(
               f"{result['params']:,} parameters, {flops_text(result['flops_per_voxel'])} "
               f"per voxel, receptive field {result['receptive_field'] or 'unknown'}, patch "
               f"{result['patch']} x batch {result['batch_size']}")
+    out.print(f"  {result['summary']}", markup=False)
     for c in result["configs"]:
         out.print(f"  {c['precision']:<5} {'compiled' if c['compiled'] else 'eager':<8} "
                   f"{'channels_last' if c['channels_last'] else 'contiguous':<13} "

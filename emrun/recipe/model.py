@@ -37,26 +37,51 @@ of a level and ``n(c) = 2c`` (or 0 without norm)::
 
 with ``up_i = conv(w_{i+1}, w_{i+1}, prod(downsample[i]))`` for transposed convs, 0 otherwise.
 ``updown`` adds no parameters.
+
+Every U-Net spec (here and in :mod:`emrun.recipe.unets`) bounds a level's width by
+``MAX_WIDTH``, a kernel size by ``MAX_KERNEL`` and the whole network by ``MAX_PARAMETERS``,
+counted from the spec: a typo is a located recipe error, not an out-of-memory failure later.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from ..registry import Spec, models
 from .errors import KeyedValueError
 from .receptive_field import rsunet_receptive_field
-from .types import Size, Zyx
+from .types import Size
 
 Norm = Literal["batch", "group", "instance", "none"]
 Activation = Literal["relu", "elu", "leaky_relu", "gelu"]
 Factor = tuple[
     Literal[1, 2, 3, 4], Literal[1, 2, 3, 4], Literal[1, 2, 3, 4]
 ]  # pooling factors per axis, z, y, x
+
+MAX_WIDTH = 4096
+"""Channels of one level at most. The widest 3D segmentation U-Nets we know of stop at about
+1,024 (nnU-Net caps at 320, MedNeXt-L and Swin UNETR at 512-768, STU-Net-H at 1,024); one
+3x3x3 conv of 4,096 -> 4,096 channels alone has 453 million parameters (1.8 GB of float32
+weights). A wider level is a typo (an extra 0), which used to pass validation and fail as an
+out-of-memory error or a huge allocation."""
+
+MAX_KERNEL = 15
+"""Convolution kernel size per axis at most: 3D networks use 3 to 7 (MedNeXt and 3D UX-Net's
+large kernels are 5 and 7); a 15x15x15 kernel already has 3,375 taps per channel pair."""
+
+MAX_PARAMETERS = 2**31
+"""Trainable parameters a model may have (2.1 billion): 8.6 GB of float32 weights, four times
+that (34 GB) to train with Adam (weights, gradients, two moments) before any activation.
+The largest 3D segmentation network we know of (STU-Net-H) has about 1.4 billion; the widths and
+kernel bounds alone still allow trillions (8 levels of 4,096 channels)."""
+
+Width = Annotated[int, Field(gt=0, le=MAX_WIDTH, strict=True)]
+KernelSize = Annotated[int, Field(ge=1, le=MAX_KERNEL, strict=True)]
+Kernel = tuple[KernelSize, KernelSize, KernelSize]
 
 
 class ModelBase(Spec):
@@ -130,14 +155,61 @@ def check_levels(widths: Sequence[int], downsample: Sequence[Any] | None,
                                   f"widths {odd} are not divisible by groups={groups}")
 
 
+def check_parameters(count: int, written: set[str]) -> None:
+    """Refuse a network too large for any machine (``MAX_PARAMETERS``), stating its size,
+    at the key that made it so: ``widths`` when the recipe wrote them, else ``kernel``."""
+    if count <= MAX_PARAMETERS:
+        return
+    key = "widths" if "widths" in written or "kernel" not in written else "kernel"
+    gib = count * 4 / 2**30
+    raise KeyedValueError(
+        key, f"the network would have {count:,} parameters ({gib:,.0f} GiB of float32 "
+        f"weights, about {4 * gib:,.0f} GiB to train with Adam), more than the "
+        f"{MAX_PARAMETERS:,} allowed; reduce widths or kernel")
+
+
+def norm_parameters(norm: str) -> int:
+    """Parameters per channel of a normalisation: affine scale and shift, none for none."""
+    return 0 if norm == "none" else 2
+
+
+def conv_parameters(c_in: int, c_out: int, taps: int) -> int:
+    """Parameters of a conv (or a transposed conv) with bias: weights and one bias each."""
+    return c_in * c_out * taps + c_out
+
+
+def zyx_text(values: Sequence[int]) -> str:
+    """A size or factor per axis as '1x2x2'."""
+    return "x".join(str(int(v)) for v in values)
+
+
+def sampling_text(factors: Sequence[Sequence[int]], down: str, up: str) -> str:
+    """The down- and upsampling between levels, factor per level top to bottom, and how
+    each is done: what makes two networks of the same widths see different scales."""
+    if not factors:
+        return "one level (no down- or upsampling)"
+    listed = ", ".join(zyx_text(f) for f in factors)
+    return f"down [{listed}] by {down}, up [{listed}] by {up}"
+
+
+def kernel_text(kernel: Sequence[int], anisotropic: Sequence[int],
+                in_plane: Sequence[int]) -> str:
+    """The level kernel and the one the anisotropic levels use instead."""
+    text = f"kernel {zyx_text(kernel)}"
+    if anisotropic:
+        text += f" ({zyx_text(in_plane)} at levels {sorted(set(anisotropic))})"
+    return text
+
+
 class RSUNetBase(ModelBase):
     """Residual symmetric U-Net parameters (DeepEM / Lee et al. 2017)."""
 
-    widths: list[Size] = Field(
+    widths: list[Width] = Field(
         [16, 32, 64, 128],
         min_length=1,
         max_length=8,
-        description="Channels per level, top to bottom (Lee 2017: [24, 32, 48, 72, 104]).",
+        description="Channels per level, top to bottom (Lee 2017: [24, 32, 48, 72, 104]); "
+        f"at most {MAX_WIDTH} each.",
     )
     downsample: list[Factor] | None = Field(
         None,
@@ -145,11 +217,18 @@ class RSUNetBase(ModelBase):
         "the top. Default (1, 2, 2) everywhere (anisotropic ssEM); use (2, 2, 2) for "
         "isotropic data.",
     )
-    kernel: Zyx = Field((3, 3, 3), description="Convolution kernel, z, y, x.")
+    kernel: Kernel = Field(
+        (3, 3, 3), description="Convolution kernel of the level blocks, z, y, x (odd sizes, "
+        f"at most {MAX_KERNEL}); levels in `anisotropic_levels` use 1x3x3 instead, whatever "
+        "this says.")
     anisotropic_levels: list[int] = Field(
-        [], description="Levels (0 = top) that use 1x3x3 kernels instead of `kernel`."
+        [], description="Levels (0 = top) whose blocks use a fixed 1x3x3 kernel instead of "
+        "`kernel` (always 1x3x3, even when `kernel` is larger in-plane; resenc and mednext "
+        "use 1 x kernel_y x kernel_x there instead)."
     )
-    input_kernel: Zyx = Field((1, 5, 5), description="Kernel of the input convolution.")
+    input_kernel: Kernel = Field(
+        (1, 5, 5), description=f"Kernel of the input convolution (odd sizes, at most "
+        f"{MAX_KERNEL}).")
     in_channels: Size = Field(1, le=64, description="Input image channels.")
     norm: Norm = Field("batch", description="Normalisation before each convolution.")
     groups: Size = Field(8, le=1024, description="Groups for `norm: group`.")
@@ -164,6 +243,7 @@ class RSUNetBase(ModelBase):
             check_odd(name, getattr(self, name))
         check_levels(self.widths, self.downsample, self.anisotropic_levels, self.norm,
                      self.groups)
+        check_parameters(self.parameter_count([]), self.model_fields_set)
         return self
 
     def factors(self) -> list[tuple[int, int, int]]:
@@ -195,14 +275,16 @@ class RSUNetBase(ModelBase):
         return tuple(int(w) for w in self.widths[-2:])
 
     def summary(self) -> str:
-        return f"widths {list(self.widths)}, norm {self.norm}, {self.activation}"
+        """Widths, the pooling and upsampling per level, kernels, norm and activation."""
+        up = "transposed conv" if self.upsample == "transpose" else "trilinear interpolation"
+        return (f"widths {list(self.widths)}, {sampling_text(self.factors(), 'max pool', up)}, "
+                f"{kernel_text(self.kernel, self.anisotropic_levels, (1, 3, 3))}, "
+                f"norm {self.norm}, {self.activation}")
 
     def parameter_count(self, head_channels: list[int]) -> int:
         """Exact number of trainable parameters (see the module docstring for the formula)."""
-        norm = 0 if self.norm == "none" else 2
-
-        def conv(a: int, b: int, k: int) -> int:
-            return a * b * k + b
+        norm = norm_parameters(self.norm)
+        conv = conv_parameters
 
         def block(a: int, w: int, k: int) -> int:
             return norm * a + conv(a, w, k) + 3 * (norm * w + conv(w, w, k))
@@ -245,6 +327,7 @@ class UpDown(RSUNetBase):
 
     def summary(self) -> str:
         """RSUNet's line and the pooling in front: the resolution the network runs at."""
-        return f"{super().summary()}, factor {list(self.factor)}"
+        return (f"{super().summary()}, factor {list(self.factor)} (down by average pool in "
+                "front, up by trilinear interpolation after)")
 
 

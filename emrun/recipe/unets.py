@@ -27,6 +27,7 @@ levels ``i`` and ``i+1`` use level ``i+1``'s kernel, which must be at least the 
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -34,19 +35,26 @@ from pydantic import Field, model_validator
 from ..registry import models
 from .errors import KeyedValueError
 from .model import (
+    MAX_KERNEL,
+    MAX_WIDTH,
     Activation,
     Factor,
+    Kernel,
     ModelBase,
     Norm,
+    Width,
     check_levels,
     check_odd,
+    check_parameters,
+    conv_parameters,
+    kernel_text,
+    norm_parameters,
+    sampling_text,
     total_factor,
 )
 from .receptive_field_unets import mednext_receptive_field, resenc_receptive_field
 from .types import Size
 
-KernelSize = Annotated[int, Field(ge=1, le=15, strict=True)]
-Kernel = tuple[KernelSize, KernelSize, KernelSize]
 BlockCount = Annotated[int, Field(ge=1, le=16, strict=True)]
 
 EM_DOWNSAMPLE = [(1, 2, 2), (1, 2, 2)]  # then (2, 2, 2): see the module docstring
@@ -55,8 +63,9 @@ EM_DOWNSAMPLE = [(1, 2, 2), (1, 2, 2)]  # then (2, 2, 2): see the module docstri
 class StagedUNetBase(ModelBase):
     """What resenc and mednext share: levels, their widths, blocks, kernels and pooling."""
 
-    widths: list[Size] = Field([32, 64, 128, 256], min_length=1, max_length=8,
-                               description="Channels per level, top to bottom.")
+    widths: list[Width] = Field([32, 64, 128, 256], min_length=1, max_length=8,
+                                description="Channels per level, top to bottom; at most "
+                                f"{MAX_WIDTH} each.")
     blocks: list[BlockCount] | None = Field(None, min_length=1, max_length=8,
                                             description="Blocks per level, top to bottom.")
     downsample: list[Factor] | None = Field(
@@ -64,7 +73,8 @@ class StagedUNetBase(ModelBase):
         description="Downsampling factor between consecutive levels, z, y, x; one per level "
         "below the top. Default (1, 2, 2) for the first two, then (2, 2, 2) (30x6x6 nm ssEM).",
     )
-    kernel: Kernel = Field((3, 3, 3), description="Convolution kernel, z, y, x (odd sizes).")
+    kernel: Kernel = Field((3, 3, 3), description="Convolution kernel, z, y, x (odd sizes, "
+                           f"at most {MAX_KERNEL}).")
     anisotropic_levels: list[int] = Field(
         [], description="Levels (0 = top) whose kernels are in-plane: 1 x kernel_y x kernel_x.")
     in_channels: Size = Field(1, le=64, description="Input image channels.")
@@ -80,6 +90,7 @@ class StagedUNetBase(ModelBase):
                                   f"for {levels} widths (got {len(self.blocks)})")
         check_levels(self.widths, self.downsample, self.anisotropic_levels, self.norm,
                      self.groups)
+        check_parameters(self.parameter_count([]), self.model_fields_set)
         return self
 
     def factors(self) -> list[tuple[int, int, int]]:
@@ -110,6 +121,16 @@ class StagedUNetBase(ModelBase):
 
     def title(self) -> str:
         return f"{self.type} with {len(self.widths)} levels"  # type: ignore[attr-defined]
+
+    def kernels_text(self) -> str:
+        """The kernel, and the in-plane one of the anisotropic levels, for summaries."""
+        return kernel_text(self.kernel, self.anisotropic_levels,
+                           (1, self.kernel[1], self.kernel[2]))
+
+    def parameter_count(self, head_channels: list[int]) -> int:
+        """Exact number of trainable parameters, heads of ``head_channels`` included
+        (from the spec alone; the tests check it against the built model)."""
+        raise NotImplementedError
 
 
 @models.register("resenc")
@@ -149,9 +170,32 @@ class ResEnc(StagedUNetBase):
         """The strided conv into the deepest level and its blocks normalise their outputs."""
         return (int(self.widths[-1]),)
 
+    def parameter_count(self, head_channels: list[int]) -> int:
+        """Exact number of trainable parameters (layout in the module docstring)."""
+        n, conv = norm_parameters(self.norm), conv_parameters
+        w, factors = [int(a) for a in self.widths], self.factors()
+        taps = [math.prod(self.level_kernel(i)) for i in range(len(w))]
+
+        def block(a: int, b: int, k: int, strided: bool) -> int:
+            total = conv(a, b, k) + conv(b, b, k) + 2 * n * b
+            return total + (conv(a, b, 1) + n * b if strided or a != b else 0)
+
+        total = conv(self.in_channels, w[0], taps[0]) + n * w[0]  # stem
+        for i, count in enumerate(self.level_blocks()):
+            total += block(w[max(i - 1, 0)], w[i], taps[i], i > 0 and factors[i - 1] != (1, 1, 1))
+            total += (count - 1) * block(w[i], w[i], taps[i], False)
+        for i, f in enumerate(factors):
+            up = math.prod(f) if self.upsample == "transpose" else 1
+            total += conv(w[i + 1], w[i], up) + conv(2 * w[i], w[i], taps[i]) + n * w[i]
+        return total + sum(conv(w[0], c, 1) for c in head_channels)
+
     def summary(self) -> str:
-        return (f"widths {list(self.widths)}, blocks {self.level_blocks()}, norm {self.norm}, "
-                f"{self.activation}")
+        """Widths, blocks, the down- and upsampling per level, kernels, norm, activation."""
+        up = ("transposed conv" if self.upsample == "transpose"
+              else "trilinear interpolation and 1x1x1 conv")
+        return (f"widths {list(self.widths)}, blocks {self.level_blocks()}, "
+                f"{sampling_text(self.factors(), 'strided conv', up)}, {self.kernels_text()}, "
+                f"norm {self.norm}, {self.activation}")
 
 
 @models.register("mednext")
@@ -190,6 +234,30 @@ class MedNeXt(StagedUNetBase):
         """Exact, by interval propagation (``emrun.recipe.receptive_field_unets``)."""
         return mednext_receptive_field(self)
 
+    def parameter_count(self, head_channels: list[int]) -> int:
+        """Exact number of trainable parameters (layout in the module docstring)."""
+        n, conv, e = norm_parameters(self.norm), conv_parameters, int(self.expansion)
+        w = [int(a) for a in self.widths]
+        taps = [math.prod(self.level_kernel(i)) for i in range(len(w))]
+
+        def block(a: int, b: int, k: int, resampling: bool) -> int:
+            """Depthwise conv (a weight per channel and tap), norm, expand, compress, and
+            the 1x1x1 (transposed) residual conv of a down or up block."""
+            total = conv(1, a, k) + n * a + conv(a, e * a, 1) + conv(e * a, b, 1)
+            return total + (conv(a, b, 1) if resampling else 0)
+
+        blocks = self.level_blocks()
+        total = conv(self.in_channels, w[0], 1)  # stem
+        total += sum(blocks[i] * block(w[i], w[i], taps[i], False) for i in range(len(w)))
+        for i in range(len(w) - 1):
+            total += block(w[i], w[i + 1], taps[i + 1], True)  # down
+            total += block(w[i + 1], w[i], taps[i + 1], True)  # up
+            total += blocks[i] * block(w[i], w[i], taps[i], False)  # decoder
+        return total + sum(conv(w[0], c, 1) for c in head_channels)
+
     def summary(self) -> str:
-        return (f"widths {list(self.widths)}, blocks {self.level_blocks()}, kernel "
-                f"{list(self.kernel)}, expansion {self.expansion}, norm {self.norm}")
+        """Widths, blocks, the down- and upsampling per level, kernels, expansion, norm."""
+        sampling = sampling_text(self.factors(), "strided depthwise conv",
+                                 "transposed depthwise conv")
+        return (f"widths {list(self.widths)}, blocks {self.level_blocks()}, {sampling}, "
+                f"{self.kernels_text()}, expansion {self.expansion}, norm {self.norm}")
