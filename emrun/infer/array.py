@@ -35,14 +35,28 @@ class ArrayVolume(Volume):
         return self.array[slices(roi)]
 
 
+class ArrayPrediction(dict[str, np.ndarray]):
+    """Blended float32 predictions per task, (c, z, y, x), and ``nonfinite``: how many of
+    the network's output values were NaN or infinite, blended as 0 (in an affinity, a
+    boundary; nothing in the arrays shows it, so a caller that cares warns)."""
+
+    def __init__(self, values: dict[str, np.ndarray], nonfinite: int = 0) -> None:
+        super().__init__(values)
+        self.nonfinite = nonfinite
+
+
 def predict_array(engine: Engine, image: np.ndarray,
-                  scale: tuple[float, float]) -> dict[str, np.ndarray]:
-    """Blended float32 predictions, (c, z, y, x) per task, of a (z, y, x) ``image``."""
+                  scale: tuple[float, float]) -> ArrayPrediction:
+    """Blended float32 predictions, (c, z, y, x) per task, of a (z, y, x) ``image``, with
+    the count of non-finite network outputs (`ArrayPrediction`; none for a blank image,
+    which is not predicted: all zeros, as `emrun infer` leaves a blank block)."""
     shape = zyx(image.shape)
     layout = Layout(shape, engine.patch, engine.stride, shape, shape)
     raw = engine.read_input(ArrayVolume.of(image), layout, ORIGIN, low=scale[0])
     if raw is None:
         channels = engine.recipe.head_channels()
-        return {n: np.zeros((channels[n], *shape), np.float32) for n in engine.tasks}
-    predictions = engine.predict(raw, layout, ORIGIN, scale).values
-    return {n: t.cpu().numpy() for n, t in predictions.items()}
+        return ArrayPrediction({n: np.zeros((channels[n], *shape), np.float32)
+                                for n in engine.tasks})
+    prediction = engine.predict(raw, layout, ORIGIN, scale)
+    return ArrayPrediction({n: t.cpu().numpy() for n, t in prediction.values.items()},
+                           int(prediction.nonfinite))

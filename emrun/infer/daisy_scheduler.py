@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import zarr
 
 from ..devices import (
     cpu_cores,
@@ -39,7 +38,6 @@ from ..devices import (
 )
 from ..errors import UserError
 from ..geometry import Zyx, zyx
-from ..io.metadata import multiscale_dataset
 from ..subprocesses import (
     die_with_parent,
     killed_by,
@@ -90,16 +88,7 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
         states = daisy.run_blockwise([task], progress=on_block is None, block_tracking=False,
                                      return_states=True, summary=False)
     stop_file.unlink(missing_ok=True)
-    progress = Progress(total=len(grid), skipped=len(before))
-    for block in grid:
-        if block not in before and job.is_done(block):
-            progress.done += 1
-            progress.voxels += job.layout.write_box(block).size
-            nonfinite = job.nonfinite(block)  # the workers' count, in the marker
-            progress.nonfinite += nonfinite
-            progress.nonfinite_blocks += nonfinite > 0
-    if progress.done and not progress.skipped and not any_chunk_written(job):
-        progress.empty = progress.done  # no block wrote a chunk: all masked out or blank
+    progress = marked_progress(job, before)
     progress.seconds = time.perf_counter() - started
     if caught:  # daisy waited for its workers: their blocks are finished and marked
         raise Stopped(caught[0], progress)
@@ -134,17 +123,22 @@ def _job(job_file: str) -> Job:
     return Job.from_json(Path(job_file).read_text())
 
 
-def any_chunk_written(job: Job) -> bool:
-    """Whether any output array holds a chunk: daisy's workers cannot say which blocks they
-    skipped (masked out or blank), but a job that wrote no chunk at all skipped every block,
-    which `infer` warns about (the wrong mask or volume). Stops at the first chunk file."""
-    for name in job.recipe.tasks:
-        group = zarr.open_group(str(job.output / name), mode="r")
-        level = multiscale_dataset(dict(group.attrs)) or "0"
-        for _folder, _subfolders, files in os.walk(job.output / name / level):
-            if any(not f.startswith(".") and f != "zarr.json" for f in files):
-                return True
-    return False
+def marked_progress(job: Job, before: set[Zyx]) -> Progress:
+    """The counts of the blocks done since ``before`` (those done already), read from their
+    done-markers: daisy's workers tell the scheduler nothing else, so a skipped block (masked
+    out or blank) and a block's count of non-finite outputs travel there (`Job.mark_done`),
+    and the closing line says what the local scheduler's does."""
+    grid = job.layout.block_grid()
+    progress = Progress(total=len(grid), skipped=len(before))
+    for block in grid:
+        if block not in before and job.is_done(block):
+            progress.done += 1
+            progress.voxels += job.layout.write_box(block).size
+            progress.empty += job.is_empty(block)
+            nonfinite = job.nonfinite(block)
+            progress.nonfinite += nonfinite
+            progress.nonfinite_blocks += nonfinite > 0
+    return progress
 
 
 def _block_is_done(job_file: str, block: Any) -> bool:

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +265,7 @@ class Engine:
         carries: dict[Zyx, torch.Tensor] = {}
         carried = carried or {}
         nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+        recomputed: dict[Zyx, torch.Tensor] = {}
         for owner in layout.owners(block):
             own = layout.owned_box(owner)
             assert own is not None  # an owner owns a patch
@@ -286,14 +287,15 @@ class Engine:
             if piece is None:  # recompute that owner's batches that reach this block
                 batches = [b for b in layout.batches(owner, self.batch_size)
                            if any(Roi(p, self.patch).intersects(box) for p in b)]
-                piece = self._accumulate(source, batches, common)
+                recomputed[owner] = torch.zeros((), dtype=torch.int64, device=self.device)
+                piece = self._accumulate(source, batches, common, inside=recomputed[owner])
             total[(slice(None), *local_slices(common, box.offset))] += piece
         total /= self._weight(layout, block)
         values, first = {}, 0
         for name, channels in self.channels.items():
             values[name] = total[first:first + channels]
             first += channels
-        return Prediction(values, carries, nonfinite)
+        return Prediction(values, carries, nonfinite, recomputed)
 
     def _image(self, raw: np.ndarray | torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
         """The input on the device, scaled to [0, 1] (a pinned host tensor copies
@@ -307,25 +309,33 @@ class Engine:
         return lambda t: t.to(torch.float32, copy=True).sub_(low).div_(high - low).clamp_(0, 1)
 
     def _accumulate(self, source: PatchSource, batches: list[list[Zyx]], box: Roi,
-                    nonfinite: torch.Tensor | None = None) -> torch.Tensor:
+                    nonfinite: torch.Tensor | None = None, inside: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """The sum of window x prediction of the patches in ``batches`` over ``box``, added
         patch by patch in batch order (multiply, then add: no fused rounding, so the same
         patches give the same sums in any box). NaN and infinite outputs are summed as 0
-        (deterministic, and resumable) and counted into ``nonfinite`` (a device scalar:
-        no wait for the device per batch)."""
+        (deterministic, and resumable) and counted: all of each patch's into ``nonfinite``,
+        those within ``box`` into ``inside`` (device scalars: no wait for the device per
+        batch)."""
         acc = torch.zeros((sum(self.channels.values()), *box.shape), device=self.device)
         for group, outputs in self._forwards(source, batches):
             self.predicted_patches += len(group)
             stacked = torch.cat([outputs[n] for n in self.channels], dim=1)[:len(group)]
-            if nonfinite is not None:  # x - x is NaN exactly where x is not finite (and
-                # two light passes: isfinite and a bool sum took 5x nan_to_num on a CPU)
-                nonfinite += torch.count_nonzero(stacked - stacked)
+            # x - x is NaN exactly where x is not finite (and two light passes: isfinite
+            # and a bool sum took 5x nan_to_num on a CPU)
+            flags = stacked - stacked
+            if nonfinite is not None:
+                nonfinite += torch.count_nonzero(flags)
             weighted = torch.nan_to_num(stacked, nan=0.0, posinf=0.0, neginf=0.0) * self.window
             for i, start in enumerate(group):
                 common = Roi(start, self.patch).intersect(box)
-                if not common.empty:
-                    acc[(slice(None), *local_slices(common, box.offset))] += \
-                        weighted[(i, slice(None), *local_slices(common, start))]
+                if common.empty:
+                    continue
+                if inside is not None:
+                    inside += torch.count_nonzero(
+                        flags[(i, slice(None), *local_slices(common, start))])
+                acc[(slice(None), *local_slices(common, box.offset))] += \
+                    weighted[(i, slice(None), *local_slices(common, start))]
         return acc
 
     def _batch(self, source: PatchSource, group: list[Zyx]) -> torch.Tensor:
@@ -397,11 +407,14 @@ class Prediction:
     """A block's blended values per task (c, z, y, x; float32 on the device), its partial
     sums over the blocks it was asked to hand over to, and how many output values of the
     patches it owns were NaN or infinite (summed as 0; an int64 scalar on the device, read
-    with the values so that no batch waits for it)."""
+    with the values so that no batch waits for it). ``recomputed``: for each other owner
+    whose partial sum was recomputed here, the NaN or infinite values of its patches within
+    this block (its own count covers them, unless it was skipped: the worker decides)."""
 
     values: dict[str, torch.Tensor]
     carries: dict[Zyx, torch.Tensor]
     nonfinite: torch.Tensor
+    recomputed: dict[Zyx, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

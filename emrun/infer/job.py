@@ -5,6 +5,8 @@ the output arrays before any worker starts; a worker, local or on another machin
 the job's JSON description. Done-markers are explicit files under
 ``OUT.zarr/.emrun-done/<layout hash>/<bz>_<by>_<bx>``, written after a block's chunks: every
 scheduler reads and writes the same markers, so a job started by one can be finished by another.
+A marker also says what daisy's scheduler cannot otherwise learn from its workers: that the
+block was skipped, or how many non-finite network outputs were written as 0 in it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from .engine import file_digest, intensity_range, load_model, tta_variants
 from .plan import Layout, choose_chunks_and_block
 
 DONE = f"{PRIVATE_PREFIX}done"
+EMPTY = "empty"
+"""A done-marker's text for a block skipped without writing a chunk (`Job.mark_done`)."""
 JOB_FILE = "job.json"
 OUTPUT_ADVICE = "give another --output"
 """What an `emrun infer` refused an output another emrun is writing is told (`emrun.locks`)."""
@@ -80,24 +84,34 @@ class Job:
     def is_done(self, block: Zyx) -> bool:
         return self.marker(block).exists()
 
-    def mark_done(self, block: Zyx, nonfinite: int = 0) -> None:
-        """Write the block's done-marker: empty, or the count of NaN or infinite network
-        outputs blended as 0 in it when there were any (daisy's workers have no other way
-        to tell the scheduler)."""
+    def mark_done(self, block: Zyx, nonfinite: int = 0, empty: bool = False) -> None:
+        """Write the block's done-marker: empty, ``EMPTY`` when the block was skipped (outside
+        the mask or of blank input: no chunk written), or the count of NaN or infinite
+        network outputs blended as 0 in it when there were any (daisy's workers have no
+        other way to tell the scheduler)."""
         marker = self.marker(block)
-        if nonfinite:
+        if empty:
+            marker.write_text(f"{EMPTY}\n")
+        elif nonfinite:
             marker.write_text(f"{nonfinite}\n")
         else:
             marker.touch()
 
     def nonfinite(self, block: Zyx) -> int:
         """The count `mark_done` wrote for a done block (0 for an empty marker)."""
+        text = self._marker_text(block)
+        return int(text) if text.isdigit() else 0
+
+    def is_empty(self, block: Zyx) -> bool:
+        """Whether `mark_done` marked the block as skipped (no chunk written)."""
+        return self._marker_text(block) == EMPTY
+
+    def _marker_text(self, block: Zyx) -> str:
         marker = self.marker(block)
         try:  # a stat for the usual empty marker: a job may have a million of them
-            text = marker.read_text().strip() if marker.stat().st_size else ""
+            return marker.read_text().strip() if marker.stat().st_size else ""
         except OSError:
-            return 0
-        return int(text) if text.isdigit() else 0
+            return ""
 
     def pending(self) -> list[Zyx]:
         """Blocks without a done-marker, z-major."""

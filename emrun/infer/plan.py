@@ -224,14 +224,42 @@ def choose_chunks_and_block(shape: Zyx, patch: Zyx, stride: Zyx, chunks: Zyx | N
     smaller blocks keep the device busy while the first read and the last write of a
     worker's run are in flight (a whole-volume block would hide neither). With the recipe's
     ``chunks`` the default block is rounded up to whole chunks (a volume thinner than four
-    strides was refused as if the user had given a block that splits a chunk)."""
+    strides was refused as if the user had given a block that splits a chunk).
+
+    Default chunks are the largest divisor of the block up to `CHUNK_LIMIT` when that
+    gives few chunks; otherwise (a whole-axis block of 37 or 53 voxels had chunks of 1)
+    the block is split into equal chunks and rounded up to them, the last chunk cut short
+    at the volume's end. A user's block is rounded up only where it already spans the
+    axis, so its blocks stay where the user put them."""
+    given = block is not None
     if block is None:
         block = zyx(min(n, max(s * 4, p)) for n, s, p in zip(shape, stride, patch, strict=True))
         if chunks is not None:
             block = zyx(-(-b // c) * c for b, c in zip(block, chunks, strict=True))
     if chunks is None:
-        chunks = zyx(_largest_divisor_at_most(b, 256 if a else 32) for a, b in enumerate(block))
+        pairs = [_axis_chunks(b, CHUNK_LIMIT[a], may_grow=not given or b >= n)
+                 for a, (b, n) in enumerate(zip(block, shape, strict=True))]
+        chunks, block = zyx(c for c, _ in pairs), zyx(b for _, b in pairs)
     return chunks, block
+
+
+CHUNK_LIMIT: Zyx = (32, 256, 256)
+"""The largest default output chunk per axis (z, y, x)."""
+
+
+def _axis_chunks(block: int, limit: int, *, may_grow: bool) -> tuple[int, int]:
+    """(chunk, block) along one axis: the largest divisor of ``block`` up to ``limit``
+    unless that needs more than twice the fewest chunks the limit allows; then, where the
+    block ``may_grow``, ``block`` split evenly into that fewest number, rounded up, and
+    where it may not (a user's block), its largest divisor up to twice the limit."""
+    divisor = _largest_divisor_at_most(block, limit)
+    fewest = -(-block // limit)
+    if block // divisor <= 2 * fewest:
+        return divisor, block
+    if not may_grow:
+        return _largest_divisor_at_most(block, 2 * limit), block
+    chunk = -(-block // fewest)
+    return chunk, chunk * fewest
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -49,7 +49,8 @@ class BlockDone:
     patches: int  # forward-passed for it (own and recomputed)
     empty: bool = False  # skipped: outside the mask or a blank input; no chunk written,
     # it reads as zeros
-    nonfinite: int = 0  # NaN or infinite network outputs of its own patches, blended as 0
+    nonfinite: int = 0  # NaN or infinite network outputs blended as 0: of its own patches,
+    # and within it of patches whose owner was skipped (`BlockWorker._nonfinite`)
 
 
 class BlockWorker:
@@ -69,6 +70,7 @@ class BlockWorker:
         self.seconds = {stage: 0.0 for stage in STAGES}
         self._lock = threading.Lock()
         self._queue = DeviceQueue(device)
+        self._skips: dict[Zyx, bool] = {}  # block -> skipped (`_skipped`)
 
     def run(self, blocks: Iterable[Zyx], on_done: Callable[[BlockDone], None] | None = None
             ) -> None:
@@ -171,7 +173,11 @@ class BlockWorker:
                                      keep=keep, read=self._read_outside)
         carries.update({(target, block): partial for target, partial in result.carries.items()})
         values = {n: quantise(t, self.dtype) for n, t in result.values.items()}
-        host = Outputs({n: to_host(t) for n, t in values.items()}, to_host(result.nonfinite))
+        owners = list(result.recomputed)
+        recomputed = to_host(torch.stack([result.recomputed[o] for o in owners])) \
+            if owners else None
+        host = Outputs({n: to_host(t) for n, t in values.items()}, to_host(result.nonfinite),
+                       owners, recomputed)
         self._queue.step()  # the previous block's device work is done (this one is queued):
         return host  # the predict stage measures the device, not the launches
 
@@ -179,6 +185,25 @@ class BlockWorker:
         """Input beyond a block's own (a recomputed batch may reach there), reflected."""
         return read_reflected(self.volume, box.shift(Coordinate(self.job.roi_offset)),
                               self.mask, self.job.scale[0])
+
+    def _nonfinite(self, values: Outputs) -> int:
+        """The block's count of NaN or infinite network outputs written as 0: those of its
+        own patches, and those within it of patches whose owner was skipped (masked out or
+        blank: it predicted nothing, so only the blocks its patches reach see them; a
+        predicted owner counts its own). Whether an owner was skipped is asked only when
+        its patches gave such values here, which is rare."""
+        count = int(values.nonfinite.numpy())
+        if values.recomputed is None:
+            return count
+        found = values.recomputed.numpy()
+        return count + sum(int(n) for owner, n in zip(values.owners, found, strict=True)
+                           if n and self._skipped(owner))
+
+    def _skipped(self, block: Zyx) -> bool:
+        """Whether ``block`` is skipped, as its own worker decides it (`_read_input`)."""
+        if block not in self._skips:
+            self._skips[block] = self._read_input(block) is None
+        return self._skips[block]
 
     def _write(self, block: Zyx, values: Outputs | None, patches: int) -> BlockDone:
         """Write the block's chunks (none when skipped), then its done-marker (never the
@@ -189,12 +214,12 @@ class BlockWorker:
     def _write_block(self, block: Zyx, values: Outputs | None, patches: int) -> BlockDone:
         box = self.job.layout.write_box(block)
         region = slices(box)
-        nonfinite = 0 if values is None else int(values.nonfinite.numpy())
+        nonfinite = 0 if values is None else self._nonfinite(values)
         try:
             if values is not None:
                 for name, array in self.arrays.items():
                     array[(slice(None), *region)] = values.arrays[name].numpy()
-            self.job.mark_done(block, nonfinite)
+            self.job.mark_done(block, nonfinite, empty=values is None)
         except OSError as exc:
             if exc.errno in DISK_FULL:
                 raise UserError(
@@ -208,10 +233,14 @@ class BlockWorker:
 @dataclass(frozen=True)
 class Outputs:
     """A block's quantised outputs per task and its count of non-finite network outputs,
-    on their way to the host (the writer thread waits for them)."""
+    on their way to the host (the writer thread waits for them); ``recomputed`` holds,
+    for each of ``owners`` whose partial sum the block recomputed, the non-finite outputs
+    of that owner's patches within the block."""
 
     arrays: dict[str, HostArray]
     nonfinite: HostArray
+    owners: list[Zyx] = field(default_factory=list)
+    recomputed: HostArray | None = None
 
 
 @dataclass(frozen=True)
