@@ -44,7 +44,9 @@ def _segment_and_score(recipe: Recipe, checkpoint: Path, test: Path, out: Path,
     """Infer, segment and evaluate the test volume with one checkpoint; the scores."""
     pred, seg = out / f"pred_{tag}.zarr", out / f"seg_{tag}.zarr"
     stage(f"predicting the test volume with the {tag} network")
-    run_inference(recipe, checkpoint, f"{test}/image", pred, device="cpu")
+    progress = run_inference(recipe, checkpoint, f"{test}/image", pred, device="cpu")
+    if (nonfinite := progress.nonfinite_warning()) is not None:
+        stage(f"warning: {nonfinite}")
     stage(f"segmenting its affinities ({recipe.segment.type}) and scoring them")
     run_segment(SegmentRequest(f"{pred}/{affinity_task(recipe)}", seg, spec=recipe.segment))
     scores = score_volumes(open_volume(f"{seg}/segmentation"), open_volume(f"{test}/labels"))

@@ -6,6 +6,7 @@ model, synthetic volumes, trained in-process."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import json
 import os
@@ -403,3 +404,48 @@ def test_a_start_killed_while_writing_a_run_file_is_cleared_like_any_failed_star
     locks.release(run)
     assert "already holds a run" in said
     assert (run / ".notes.4242.tmp").exists()
+
+
+# -- validation's non-finite outputs -------------------------------------------------------
+
+VALIDATED = TINY.replace("    a: {type: synthetic, shape: [12, 48, 48], seed: 1}\n",
+                         "    a: {type: synthetic, shape: [12, 48, 48], seed: 1}\n"
+                         "  validation:\n"
+                         "    v: {type: synthetic, shape: [8, 32, 32], seed: 2}\n")
+
+
+def test_validation_counts_the_network_s_nan_outputs(tmp_path):
+    """NaN outputs are blended as 0 (boundaries): the segmentation scored splits there, and
+    the validation said nothing of it, where `emrun infer` warns."""
+    from emrun.models import build_model
+    from emrun.recipe import load_recipe
+    from emrun.train.seg_validation import predict_validation
+
+    path = tmp_path / "v.yaml"
+    path.write_text(VALIDATED)
+    loaded = load_recipe(path).recipe
+    model = build_model(loaded).eval()
+    assert predict_validation(loaded, model, torch.device("cpu"))[0].nonfinite == 0
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    with torch.no_grad():
+        last.bias.fill_(float("nan"))
+    [scored] = predict_validation(loaded, model, torch.device("cpu"))
+    assert scored.nonfinite >= 3 * 8 * 32 * 32  # every output of every patch
+
+
+def test_the_trainer_warns_of_nan_in_the_validation_prediction(tmp_path, monkeypatch):
+    import emrun.train.trainer as trainer_module
+
+    path = tmp_path / "v.yaml"
+    path.write_text(VALIDATED.replace("validate_every: 0", "validate_every: 2")
+                    + "  validate_in_background: false\n")
+    real = trainer_module.predict_validation
+
+    def with_nan(*args: Any) -> Any:
+        return [dataclasses.replace(i, nonfinite=7) for i in real(*args)]
+
+    monkeypatch.setattr(trainer_module, "predict_validation", with_nan)
+    buffer = io.StringIO()
+    trainer(path, tmp_path / "run", console=Console(file=buffer, width=300)).fit()
+    assert "warning: validation: the network output 7 NaN or infinite values" in \
+        buffer.getvalue()

@@ -182,8 +182,10 @@ def _run(path: Path, folder: Path, out: Path, iterations: int | None, device: st
         stage(f"{pred} holds another checkpoint's predictions (trained further since): "
               "predicting again")
         shutil.rmtree(pred)  # the benchmark's own intermediate
-    run_inference(recipe, checkpoint, f"{volumes}/image", pred,
-                  device=device, roi=validation, resume=pred.exists())
+    progress = run_inference(recipe, checkpoint, f"{volumes}/image", pred,
+                             device=device, roi=validation, resume=pred.exists())
+    if (nonfinite := progress.nonfinite_warning()) is not None:
+        stage(f"warning: {nonfinite}")
     infer_seconds = time.perf_counter() - started
 
     started = time.perf_counter()

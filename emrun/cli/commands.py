@@ -251,17 +251,8 @@ def infer(
             "the input is blank (all at its intensity scale's low end, 0 when unsigned)"
         err.print(f"warning: {output} holds zeros only: {why}; is it the right volume?",
                   markup=False)
-    if progress.nonfinite:
-        warn([nonfinite_outputs(progress.nonfinite, progress.nonfinite_blocks)])
-
-
-def nonfinite_outputs(values: int, blocks: int) -> str:
-    """What infer says when the network gave NaN or infinite values: they were written as 0
-    (in an affinity, a boundary the segmentation splits at), which nothing else shows."""
-    return (f"the network output {values} NaN or infinite values in {blocks} "
-            f"block{'s' if blocks != 1 else ''}, written as 0 (in affinities: boundaries "
-            "the segmentation splits at); an fp16 overflow? Predict again with -o "
-            "infer.precision=fp32 (or bf16), or check the checkpoint")
+    if (nonfinite := progress.nonfinite_warning()) is not None:
+        warn([nonfinite])
 
 
 def _network_file(checkpoint: Path | None, model: Path | None) -> Path:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..geometry import Roi, slices, zyx
+from ..geometry import Roi, box_of, slices, zyx
 from ..io.volume import Volume
 from .engine import Engine
 from .plan import Layout
@@ -50,9 +50,17 @@ def predict_array(engine: Engine, image: np.ndarray,
     """Blended float32 predictions, (c, z, y, x) per task, of a (z, y, x) ``image``, with
     the count of non-finite network outputs (`ArrayPrediction`; none for a blank image,
     which is not predicted: all zeros, as `emrun infer` leaves a blank block)."""
-    shape = zyx(image.shape)
+    return predict_box(engine, ArrayVolume.of(image), box_of(image.shape), scale)
+
+
+def predict_box(engine: Engine, volume: Volume, box: Roi,
+                scale: tuple[float, float]) -> ArrayPrediction:
+    """`predict_array` of the part ``box`` of a (z, y, x) ``volume``, as `emrun infer --roi`
+    predicts it: the patches at the box's faces see the volume around it (reflected only at
+    the volume's own borders), which a copy of the box alone would replace by its mirror."""
+    shape = zyx(box.shape)
     layout = Layout(shape, engine.patch, engine.stride, shape, shape)
-    raw = engine.read_input(ArrayVolume.of(image), layout, ORIGIN, low=scale[0])
+    raw = engine.read_input(volume, layout, ORIGIN, origin=zyx(box.offset), low=scale[0])
     if raw is None:
         channels = engine.recipe.head_channels()
         return ArrayPrediction({n: np.zeros((channels[n], *shape), np.float32)

@@ -36,7 +36,7 @@ from ..io.metadata import multiscale_dataset
 from ..io.one_channel import single_channel
 from ..io.pyramid import level_factors
 from ..io.sample import contents_sample, sample_boxes
-from ..io.window import covered_part, off_grid
+from ..io.window import off_grid, placed_over
 from ..io.write import build_pyramid, create_volume, hold_store, release_store, store_entries
 from ..paths import is_link_loop
 from ..recipe import Recipe
@@ -171,19 +171,19 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     if block is not None and any(b < 1 for b in block):
         raise UserError(f"--block {' '.join(map(str, block))}: sizes must be at least 1 voxel")
     _refuse_same(volume, output)
+    box = _check_roi(roi, volume)
     if mask_path:
         mask = single_channel(open_volume(mask_path))  # (1, z, y, x): a binary task's
         if mask.dtype.kind not in "biuf":  # strings: no 0 outside, non-zero inside
             raise UserError(f"{mask}: a mask holds numbers or booleans (0 outside), not "
                             f"{mask.dtype}")
-        _check_mask_place(covered_part(volume, mask), volume)
+        _check_mask_place(placed_over(volume, mask, box), volume)
     # A bad checkpoint or TTA setting fails here, once, before any output exists (each
     # worker builds its engine where it runs).
     load_model(recipe, checkpoint, torch.device("cpu"))
     tta_variants(recipe, tta or recipe.infer.tta)
     patch = recipe.infer_patch()
     stride = recipe.infer.resolved_stride(patch)
-    box = _check_roi(roi, volume)
     offset, shape = zyx(box.offset), zyx(box.shape)
     _check_float_scale(recipe, volume, offset, shape)
     level_factors(shape, volume.voxel_size, levels)  # a bad --levels, before any work
@@ -239,13 +239,14 @@ def finish_job(job: Job) -> bool:
 
 def _check_mask_place(mask: Volume, volume: Volume) -> None:
     """The mask must lie on the input's grid: its shape (or the part of a larger mask the
-    input's offset places it in), and where both state them its voxel size and offset (the
+    input's offset places it in, or a smaller one placed over the box predicted), and where
+    both state them its voxel size and offset (the
     same shape at another offset or resolution is another box, which masked the wrong
     voxels, silently)."""
     if tuple(mask.shape) != tuple(volume.shape):
         raise UserError(f"{mask}: mask shape {list(mask.shape)} differs from the input's "
-                        f"{list(volume.shape)} (and their offsets do not place the input "
-                        "inside it)")
+                        f"{list(volume.shape)} (and their offsets place neither the input "
+                        "inside it nor it over the box predicted)")
     if (problem := off_grid(mask, volume, "mask", "the input")) is not None:
         raise UserError(problem)
 

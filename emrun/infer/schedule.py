@@ -58,6 +58,17 @@ class Progress:
         self.nonfinite_blocks += block.nonfinite > 0
         self.seconds = time.perf_counter() - started
 
+    def nonfinite_warning(self) -> str | None:
+        """What to say when the network gave NaN or infinite values: they were written as 0
+        (in an affinity, a boundary the segmentation splits at), which nothing else shows."""
+        if not self.nonfinite:
+            return None
+        blocks = self.nonfinite_blocks
+        return (f"the network output {self.nonfinite} NaN or infinite values in {blocks} "
+                f"block{'s' if blocks != 1 else ''}, written as 0 (in affinities: boundaries "
+                "the segmentation splits at); an fp16 overflow? Predict again with -o "
+                "infer.precision=fp32 (or bf16), or check the checkpoint")
+
 
 def check_device(device: str | None, workers: int | None) -> torch.device:
     """The device named (default: a GPU when there is one), and a sane worker count."""

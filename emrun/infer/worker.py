@@ -24,7 +24,7 @@ from ..errors import DISK_FULL, UserError
 from ..geometry import Coordinate, Roi, Zyx, slices
 from ..io import masks, open_volume
 from ..io.one_channel import single_channel
-from ..io.window import covered_part
+from ..io.window import placed_over
 from .engine import Engine, load_model, quantise, read_reflected
 from .job import Job, open_output_arrays
 from .transfer import DeviceQueue, HostArray, pinned, to_host
@@ -60,8 +60,10 @@ class BlockWorker:
                  ) -> None:
         self.job = job
         self.volume = single_channel(open_volume(job.input_path))
-        self.mask = covered_part(self.volume, single_channel(open_volume(job.mask_path))) \
-            if job.mask_path else None  # a larger mask: the part the input covers
+        # a larger mask: the part the input covers; one of the box predicted: 0 around it
+        self.mask = placed_over(self.volume, single_channel(open_volume(job.mask_path)),
+                                Roi(job.roi_offset, job.layout.shape)) \
+            if job.mask_path else None
         self.arrays = open_output_arrays(job)
         if model is None:
             model = load_model(job.recipe, job.checkpoint, device)

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from emrun.geometry import Coordinate, Roi, zyx
+from emrun.geometry import Coordinate, Roi, clip, local_slices, zyx
 from emrun.io.volume import Volume
 
 __all__ = ["Placed", "covered_part", "data_box", "off_grid", "placed_in",
-           "placement"]
+           "placed_over", "placement"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +36,8 @@ class Placed(Volume):
 
     inner: Volume
     start: tuple[int, ...]
+    fill: int | None = None
+    """What reads outside ``extent`` give (a mask: 0, outside); None: such reads are refused."""
 
     def __str__(self) -> str:
         n = len(self.start)
@@ -54,10 +56,17 @@ class Placed(Volume):
     def _read(self, roi: Roi) -> np.ndarray:
         n = len(self.start)
         spatial = Roi(roi.offset[-n:], roi.shape[-n:])
-        if not self.extent.contains(spatial):
+        if self.extent.contains(spatial):
+            return self.inner.read(spatial.shift(-Coordinate(self.start)))
+        if self.fill is None or self.inner.ndim != n:
             raise RuntimeError(f"{self}: a read of {spatial} in the reference's voxels lies "
                                f"outside its data {self.extent}")
-        return self.inner.read(spatial.shift(-Coordinate(self.start)))
+        out = np.full(tuple(spatial.shape), self.fill, dtype=self.inner.dtype)
+        part = clip(spatial, self.extent)
+        if not part.empty:
+            out[local_slices(part, spatial.offset)] = self.inner.read(
+                part.shift(-Coordinate(self.start)))
+        return out
 
     def attributes(self) -> dict[str, Any]:
         return self.inner.attributes()
@@ -88,6 +97,23 @@ def covered_part(reference: Volume, other: Volume) -> Volume:
     return Placed(inner=other, start=start, path=other.path, dataset=other.dataset,
                   shape=spatial, dtype=other.dtype, voxel_size=other.voxel_size, offset=mine,
                   segmentation=other.segmentation)
+
+
+def placed_over(reference: Volume, mask: Volume, box: Roi) -> Volume:
+    """``mask`` in ``reference``'s voxels where their offsets place it: the part of a larger
+    one (`covered_part`), or a smaller one that covers ``box`` of the reference (the mask of
+    the box `emrun infer --roi` predicts), read as 0 outside its data, i.e. outside the
+    mask. Otherwise unchanged (the caller's shape check then speaks)."""
+    covered = covered_part(reference, mask)
+    if covered is not mask:
+        return covered
+    start = placement(mask, reference)
+    if start is None or mask.ndim != 3:
+        return mask
+    placed = Placed(inner=mask, start=start, path=mask.path, dataset=mask.dataset,
+                    shape=tuple(reference.shape[-3:]), dtype=mask.dtype,
+                    voxel_size=mask.voxel_size, offset=reference.offset, fill=0)
+    return placed if placed.extent.contains(box) else mask
 
 
 def placement(volume: Volume, reference: Volume) -> tuple[int, int, int] | None:

@@ -23,9 +23,10 @@ from torch import nn
 from ..data.sources import open_sources
 from ..evaluate.pieces import connected_pieces
 from ..geometry import Roi
-from ..infer.array import predict_array
+from ..infer.array import predict_box
 from ..infer.engine import Engine, quantise
 from ..io.masks import inside
+from ..io.one_channel import single_channel
 from ..recipe import Recipe
 from ..recipe.run import SegmenterBase
 from ..recipe.tasks import AffinityTarget
@@ -62,6 +63,7 @@ class SegmentationInput:
     truth: np.ndarray
     mask: np.ndarray | None
     offsets: tuple[tuple[int, int, int], ...]
+    nonfinite: int = 0  # network outputs that were NaN or infinite, blended as 0
 
 
 def predict_validation(recipe: Recipe, model: nn.Module,
@@ -79,16 +81,17 @@ def predict_validation(recipe: Recipe, model: nn.Module,
         if source.labels is None:
             continue
         roi = central_crop(source.box, MAX_VOXELS)
-        image = source.image.read(roi)
-        image = image[0] if image.ndim == 4 else image
         mask = None if source.mask is None else inside(source.mask.read(roi))
-        affs = predict_array(engine, image, (source.low, source.high))[task]
+        # predicted in the image around it, as `emrun infer --roi` would predict the box
+        predicted = predict_box(engine, single_channel(source.image), roi,
+                                (source.low, source.high))
         truth = source.labels.read(roi)
         if recipe.train.validate_connected_truth:
             truth = connected_pieces(truth)
         inputs.append(SegmentationInput(
-            quantise(torch.from_numpy(affs), "uint8").numpy(), truth, mask,
-            tuple(tuple(o) for o in target.offsets)))  # type: ignore[misc]
+            quantise(torch.from_numpy(predicted[task]), "uint8").numpy(), truth, mask,
+            tuple(tuple(o) for o in target.offsets),  # type: ignore[arg-type]
+            predicted.nonfinite))
     return inputs
 
 

@@ -731,6 +731,11 @@ class Trainer:
         inputs = predict_validation(self.recipe, model, self.device) \
             if self.train.validate_segmentation else []
         model.train()
+        if nonfinite := sum(i.nonfinite for i in inputs):
+            logger.message(f"warning: validation: the network output {nonfinite} NaN or "
+                           "infinite values, blended as 0 (in affinities: boundaries), so the "
+                           "segmentation scored splits there; an fp16 overflow? (train."
+                           "precision bf16 or fp32)")
         if inputs and self._in_background():
             earlier = self.scorer.submit(self.iteration, metrics, _on_cpu(self.state()),
                                          score_validation, self.recipe.segment, inputs)
