@@ -346,6 +346,34 @@ def test_the_checkpoint_s_own_recipe_is_the_default(setup):
     assert given.exit_code == 0, given.output
 
 
+def test_a_checkpoint_of_an_older_emrun_takes_its_recipe(setup):
+    """A checkpoint written before emrun had a model or task setting (its recipe lacks the
+    key, which resolves to its default now) was refused as 'another network' with the same
+    recipe; a real difference still is."""
+    import yaml
+
+    from emrun.train.run_dir import recipe_text
+
+    recipe, _, _, tmp = setup
+    state = torch.load(tmp / "c.pt")
+    saved = yaml.safe_load(recipe_text(recipe))
+    del saved["model"]["upsample"], saved["model"]["norm"]  # as set: their defaults
+    state["recipe"] = yaml.safe_dump(saved)
+    torch.save(state, tmp / "older.pt")
+    path = tmp / "same.yaml"
+    path.write_text(yaml.safe_dump(recipe.resolved()))
+    base = ["infer", "--checkpoint", str(tmp / "older.pt"), "--input",
+            str(tmp / "in.zarr/image"), "--recipe", str(path)]
+    result = CliRunner().invoke(app, [*base, "--output", str(tmp / "same.zarr")])
+    assert result.exit_code == 0, result.output
+    other = recipe.resolved()
+    other["model"]["upsample"] = "transpose" if other["model"]["upsample"] != "transpose" \
+        else "trilinear"
+    path.write_text(yaml.safe_dump(other))
+    refused = CliRunner().invoke(app, [*base, "--output", str(tmp / "other.zarr")])
+    assert refused.exit_code == 2 and "model.upsample" in refused.stderr
+
+
 def test_off_a_terminal_progress_is_a_plain_line_now_and_then():
     """SLURM logs: no bar, no line per block, but the job visibly moving, with a rate and
     the time left."""

@@ -20,7 +20,7 @@ import yaml
 from ..errors import UserError
 from ..io.package import RECIPE, is_package, load_network
 from ..recipe import LoadedRecipe, RecipeError, load_recipe
-from ..recipe.loader import shown_path
+from ..recipe.loader import resolved_now, shown_path
 
 FIXED = ("model", "tasks")
 """Recipe sections that define the network in a checkpoint."""
@@ -53,7 +53,7 @@ def recipe_for(checkpoint: Path, recipe: Path | None, overrides: Sequence[str]) 
                                shown=shown)
     loaded = load_recipe(recipe, overrides)
     if isinstance(saved, dict):
-        current = loaded.recipe.resolved()
+        current, saved = loaded.recipe.resolved(), resolved_now(saved)  # settings added since
         differences = [d for section in FIXED
                        for d in _differences(current.get(section), saved.get(section),
                                              (section,))]

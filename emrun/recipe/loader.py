@@ -241,3 +241,15 @@ def _exists(data: Any, path: KeyPath) -> bool:
         else:
             return False
     return True
+
+
+def resolved_now(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's resolved recipe with this emrun's defaults filled in. A setting that
+    emrun gained since the checkpoint was written is absent from it and resolves to its
+    default now: compared as saved, an unchanged recipe was "changed" (its model, tasks or
+    data refused, other sections reported as applied from here on). As saved when this
+    emrun does not take it as a recipe (a setting renamed or removed since)."""
+    try:
+        return Recipe.model_validate(saved).resolved()
+    except Exception:  # pydantic's ValidationError, or a check of a spec's own
+        return saved

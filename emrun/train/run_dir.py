@@ -19,6 +19,7 @@ from .. import __version__, locks
 from ..atomic import write_text
 from ..errors import UserError
 from ..recipe import Recipe
+from ..recipe.loader import resolved_now
 
 RESUME_KEYS = ("model", "tasks", "data")
 """Recipe sections that must not change between a checkpoint and its resumption."""
@@ -201,18 +202,6 @@ def check_resumable(saved_text: str, recipe: Recipe, checkpoint: Path, run_dir: 
             f"cannot resume {checkpoint}: the recipe's {', '.join(changed)} changed since it was "
             f"saved. Start a new run (--run-dir NEW), or fine-tune from its weights with "
             f"--run-dir NEW --init-from {checkpoint}")
-
-
-def resolved_now(saved: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's resolved recipe with this emrun's defaults filled in. A setting that
-    emrun gained since the checkpoint was written is absent from it and resolves to its
-    default now: compared as saved, an unchanged recipe was "changed" (its model, tasks or
-    data refused, other sections reported as applied from here on). As saved when this
-    emrun does not take it as a recipe (a setting renamed or removed since)."""
-    try:
-        return Recipe.model_validate(saved).resolved()
-    except Exception:  # pydantic's ValidationError, or a check of a spec's own
-        return saved
 
 
 def changed_settings(saved_text: str, recipe: Recipe) -> list[str]:
