@@ -15,6 +15,7 @@ from test_infer import make_inputs
 from test_infer_probe import (
     Lopsided,
     checkpoint,
+    make_network,
     probe_recipe,
     read,
     run_job,
@@ -250,3 +251,29 @@ def test_predict_array_counts_non_finite_outputs():
     blank = predict_array(Engine(recipe, BlankTripwire(), torch.device("cpu")),
                           np.zeros((7, 19, 23), np.float32), (0.0, 1.0))
     assert blank.nonfinite == 0 and not blank["aff"].any()  # not predicted: nothing written
+
+
+def test_a_resumption_without_a_block_finishes_in_the_layout_the_output_was_started_with(
+        tmp_path):
+    """An output started with a block other than today's default (by an older emrun whose
+    default differed, or with --block) was refused on --resume without --block as 'another
+    block layout'; it now finishes in the recorded layout. Another box still starts anew."""
+    patch, stride = (16, 8, 8), (12, 6, 5)
+    recipe = probe_recipe(patch, stride=stride)
+    image = np.random.default_rng(5).random((37, 9, 11)).astype(np.float32)
+    write_volume(tmp_path / "in.zarr", "image", image)
+    source = str(tmp_path / "in.zarr/image")
+    out, weights = tmp_path / "out.zarr", checkpoint(recipe, tmp_path)
+
+    def run(**options):
+        job = prepare_job(recipe, weights, source, out, **options)
+        try:
+            return schedule.run_local(job, [("cpu", 1)], model=make_network)
+        finally:
+            release_job(job)
+
+    run(block=(12, 9, 11))
+    first = read(out, "aff")
+    progress = run(resume=True)
+    assert (progress.done, progress.skipped) == (0, 4)
+    np.testing.assert_array_equal(read(out, "aff"), first)
