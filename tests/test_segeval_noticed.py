@@ -270,3 +270,22 @@ def test_evaluate_scores_label_dtypes_alike(tmp_path, extra):
         lines.append({k: v for k, v in line.items() if k not in ("seg", "truth", "mask")})
     assert lines[0]["voxels"] == 3 * 16 * 16 and lines[0]["arand"] > 0
     assert lines[1] == lines[0] and lines[2] == lines[0]
+
+
+@pytest.mark.parametrize("extra", [("--method", "mws"),
+                                   ("--method", "waterz", "--threshold", "0.3,0.6")])
+def test_a_mask_of_zeros_only_is_warned_of(anisotropic, extra):
+    """A mask that is 0 everywhere (the wrong volume, another level) wrote a segmentation of
+    zeros and said '0 segments' only; infer warns of the same case."""
+    tmp, affs = anisotropic
+    write_volume(tmp / "mask.zarr", "mask", np.zeros(SHAPE, np.uint8))
+    result = invoke("segment", affs, tmp / "seg.zarr", "--mask", f"{tmp}/mask.zarr/mask",
+                    *extra)
+    assert result.exit_code == 0, result.output
+    assert "holds zeros only: --mask" in result.stderr
+    one = np.zeros(SHAPE, np.uint8)
+    one[0, 0, 0] = 1
+    write_volume(tmp / "one.zarr", "mask", one)
+    result = invoke("segment", affs, tmp / "seg1.zarr", "--mask", f"{tmp}/one.zarr/mask",
+                    *extra)
+    assert result.exit_code == 0 and "zeros only" not in result.stderr

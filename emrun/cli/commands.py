@@ -435,6 +435,9 @@ def segment(
         out.print(f"wrote {output}/{item['name']}: {item['segments']} segments ({result.method} "
                   f"{value}, min_size {result.parameters['min_size']}; {result.mode}) in "
                   f"{result.seconds:.1f} s", markup=False)
+    if mask is not None and result.outputs and not any(i["segments"] for i in result.outputs):
+        err.print(f"warning: {output} holds zeros only: --mask {mask} is 0 over the whole "
+                  "affinities; is it the right volume?", markup=False)
     if json_:
         print(json.dumps(result.as_dict()))
 
