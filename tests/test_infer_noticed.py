@@ -163,17 +163,23 @@ def _run_both_ways(recipe, tmp, source, name, monkeypatch, **options):
     return one, many
 
 
+def write_tripwire_inputs(folder) -> None:
+    """An image whose voxel (0, 5, 9) trips `Tripwire`, in the masked-out x < 10, and the
+    mask, in folder/in.zarr."""
+    image = np.random.default_rng(3).random((7, 19, 23)).astype(np.float32)
+    image[0, 5, 9] = 0.5
+    write_volume(folder / "in.zarr", "image", image)
+    mask = np.zeros(image.shape, np.uint8)
+    mask[:, :, 10:] = 1
+    write_volume(folder / "in.zarr", "mask", mask)
+
+
 def test_nan_of_a_masked_blocks_patch_written_beside_it_is_counted(tmp_path, monkeypatch):
     """The patch at (0, 5, 9) belongs to block x 0-9, which the mask leaves out; it reaches
     x 10-16 of the blocks beside it, where its NaN are blended as 0 and written. They were
     not counted (the owner predicted nothing), and infer said nothing. Counted once, within
     the blocks written: 4 channels x 4 x 8 x 7 voxels in 3 blocks, whatever the units."""
-    image = np.random.default_rng(3).random((7, 19, 23)).astype(np.float32)
-    image[0, 5, 9] = 0.5
-    write_volume(tmp_path / "in.zarr", "image", image)
-    mask = np.zeros(image.shape, np.uint8)
-    mask[:, :, 10:] = 1
-    write_volume(tmp_path / "in.zarr", "mask", mask)
+    write_tripwire_inputs(tmp_path)
     recipe = probe_recipe(PATCH, stride=STRIDE)
     source = str(tmp_path / "in.zarr/image")
     masked = {"block": BLOCK, "factory": make_tripwire,
@@ -218,12 +224,7 @@ def test_nan_of_a_blank_blocks_patches_written_beside_it_is_counted(tmp_path, mo
 def test_infer_warns_of_nan_written_beside_a_masked_block(tmp_path, monkeypatch):
     from emrun.infer import worker
 
-    image = np.random.default_rng(3).random((7, 19, 23)).astype(np.float32)
-    image[0, 5, 9] = 0.5
-    write_volume(tmp_path / "in.zarr", "image", image)
-    mask = np.zeros(image.shape, np.uint8)
-    mask[:, :, 10:] = 1
-    write_volume(tmp_path / "in.zarr", "mask", mask)
+    write_tripwire_inputs(tmp_path)
     recipe = probe_recipe(PATCH, stride=STRIDE)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe.resolved()))
     monkeypatch.setattr(worker, "load_model", lambda *args: Tripwire())

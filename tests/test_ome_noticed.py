@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from test_ome_probe import refused
 from typer.testing import CliRunner
 
 from emrun.cli import app
@@ -21,15 +22,6 @@ from emrun.io import VolumeError, choose_level, open_volume, write_volume
 runner = CliRunner()
 RNG = np.random.default_rng(3)
 SPACE = [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"]
-
-
-def refused(args: list[str]) -> str:
-    """The one line a refused command prints (exit code 2)."""
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def scaled(*values: float) -> list[dict[str, Any]]:
