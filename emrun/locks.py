@@ -136,12 +136,21 @@ def _open(path: Path) -> tuple[int, PermissionError | None, bool]:
         try:
             return os.open(path, os.O_RDWR | os.O_CLOEXEC), None, False
         except FileNotFoundError:
+            _check_not_dangling(path)
             continue  # its holder released it between our two opens
         except PermissionError as exc:
             try:
                 return os.open(path, os.O_RDONLY | os.O_CLOEXEC), exc, False
             except FileNotFoundError:
                 continue
+
+
+def _check_not_dangling(path: Path) -> None:
+    """Refuse a lock file that is a link to nothing: it exists for O_EXCL but not for an
+    open, so `_open` went round forever (at 100 % CPU) where it was a FileNotFoundError."""
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{path} is a link to {os.readlink(path)}, which does not exist: "
+                        "emrun keeps its lock there; remove the link")
 
 
 def _tell_no_locks(folder: Path, exc: OSError) -> None:
@@ -173,11 +182,11 @@ def _claim_without_locks(folder: Path, path: Path, fd: int, made: bool, advice: 
     for _ in range(3):
         if made:
             return fd
-        holder = _holder_text(fd)
+        holder, judged = _holder_text(fd), _identity(os.fstat(fd))
         os.close(fd)
         if not _stale(path, holder):
             raise UserError(_in_use_unlocked(folder, path, holder, advice))
-        _set_aside(path, holder)
+        _set_aside(path, holder, judged)
         fd, refused, made = _open(path)
         if refused is not None:
             os.close(fd)
@@ -213,16 +222,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _set_aside(path: Path, judged: str) -> None:
-    """Remove the stale lock file judged by its line ``judged``; one that changed meanwhile
-    (another process took the folder over first) is put back, to be judged again."""
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    """Which file a lock file is, and its last change: two empty lock files (a stale one,
+    and the one another process has just made in its place) differ only in these."""
+    return stat.st_dev, stat.st_ino, stat.st_mtime_ns
+
+
+def _set_aside(path: Path, judged: str, identity: tuple[int, int, int]) -> None:
+    """Remove the stale lock file judged by its line ``judged`` and its `_identity`; one
+    that changed meanwhile (another process took the folder over first, maybe not yet
+    written its line: an empty file as the stale one was) is put back, to be judged again."""
     aside = path.with_name(f"{LOCK_NAME}.{socket.gethostname()}.{os.getpid()}.stale")
     try:
         os.rename(path, aside)
     except FileNotFoundError:
         return  # removed meanwhile
     try:
-        if _read_text(aside) != judged:
+        if _read_text(aside) != judged or _identity(os.stat(aside)) != identity:
             with contextlib.suppress(FileExistsError):
                 os.link(aside, path)
     finally:

@@ -189,8 +189,8 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     level_factors(shape, volume.voxel_size, levels)  # a bad --levels, before any work
     given = block or recipe.infer.block
     chunks, block = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks, given)
-    if resume and given is None and recipe.infer.chunks is None:
-        chunks, block = _started_layout(output, shape, patch, stride) or (chunks, block)
+    if resume and recipe.infer.chunks is None:
+        chunks, block = _started_layout(output, shape, patch, stride, given) or (chunks, block)
     if given is not None:  # the default block is four strides: a user's may be anything
         check_block(block, stride, shape)
     try:
@@ -466,12 +466,12 @@ def _mask_id(mask_path: str | None) -> str | None:
     return open_volume(mask_path).location()
 
 
-def _started_layout(output: Path, shape: Zyx, patch: Zyx, stride: Zyx
-                    ) -> tuple[Zyx, Zyx] | None:
+def _started_layout(output: Path, shape: Zyx, patch: Zyx, stride: Zyx,
+                    given: Zyx | None = None) -> tuple[Zyx, Zyx] | None:
     """The chunks and block an output was started with, when it was for this box, patch and
-    stride: a resumption that names no block finishes it in them, though this emrun's
-    default may have changed since (an output started by an older one was refused as
-    'another block layout')."""
+    stride: a resumption that names no block, or the block it was started with (``given``),
+    finishes it in them, though this emrun's default chunks may have changed since (an
+    output started by an older one was refused as 'another block layout')."""
     saved = started_with(output)
     try:
         same = (zyx(saved["output_shape"]), zyx(saved["patch"]), zyx(saved["stride"])) == \
@@ -479,7 +479,7 @@ def _started_layout(output: Path, shape: Zyx, patch: Zyx, stride: Zyx
         recorded = zyx(saved["chunks"]), zyx(saved["block"])
     except (KeyError, TypeError, ValueError):
         return None
-    return recorded if same else None
+    return recorded if same and (given is None or zyx(given) == recorded[1]) else None
 
 
 def started_with(output: Path) -> dict[str, Any]:
