@@ -39,7 +39,7 @@ from ..io.package import load_network
 from ..models import build_model, weights_mismatch
 from ..recipe import Recipe
 from ..recipe.data import VolumeSource
-from ..recipe.tasks import AffinityTarget
+from ..recipe.tasks import AffinityTarget, LSDTarget
 from ..registry import blends
 from .plan import Layout
 
@@ -157,6 +157,12 @@ def tta_variants(recipe: Recipe, tta: int) -> list[Any]:
                         f"in y/x (infer patch {list(patch)}); use tta 4 or less")
     chosen = variants(tta, patch[1] == patch[2])
     for name, task in recipe.tasks.items():
+        sigma = task.target.sigma_zyx() if isinstance(task.target, LSDTarget) else None
+        if tta >= 8 and sigma is not None and sigma[1] != sigma[2]:
+            raise UserError(f"tasks.{name}: tta {tta} transposes y and x, and this task's "
+                            f"descriptors have another sigma in y than in x ({sigma[1]:g}, "
+                            f"{sigma[2]:g} nm): a transposed prediction is not one of them; "
+                            "use tta 4 or less")
         if isinstance(task.target, AffinityTarget):
             try:
                 check_offsets(task.target.offsets, chosen)
@@ -217,6 +223,8 @@ class Engine:
                     out = ACTIVATIONS[task.activation](raw[name].float())
                     if isinstance(task.target, AffinityTarget):
                         out = variant.invert_affinity(out, task.target.offsets)
+                    elif isinstance(task.target, LSDTarget):
+                        out = variant.invert_lsd(out)
                     else:
                         out = variant.invert(out)
                     stacks[name].append(out)
