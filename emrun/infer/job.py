@@ -242,15 +242,16 @@ def finish_job(job: Job) -> bool:
 def _check_mask_place(mask: Volume, volume: Volume) -> None:
     """The mask must lie on the input's grid: its shape (or the part of a larger mask the
     input's offset places it in, or a smaller one placed over the box predicted), and where
-    both state them its voxel size and offset (the
-    same shape at another offset or resolution is another box, which masked the wrong
-    voxels, silently)."""
+    both state them its voxel size and offset (the same shape at another offset or
+    resolution is another box, which masked the wrong voxels, silently). The grid first: a
+    mask of another resolution (the full one, for a coarser level) has another shape too,
+    and its voxel size is what is wrong."""
+    if (problem := off_grid(mask, volume, "mask", "the input")) is not None:
+        raise UserError(problem)
     if tuple(mask.shape) != tuple(volume.shape):
         raise UserError(f"{mask}: mask shape {list(mask.shape)} differs from the input's "
                         f"{list(volume.shape)} (and their offsets place neither the input "
                         "inside it nor it over the box predicted)")
-    if (problem := off_grid(mask, volume, "mask", "the input")) is not None:
-        raise UserError(problem)
 
 
 def _check_float_scale(recipe: Recipe, volume: Volume, offset: Zyx, shape: Zyx) -> None:
@@ -277,7 +278,6 @@ def _check_roi(roi: Roi | None, volume: Volume) -> Roi:
                         f"{volume} (shape {list(volume.shape)}); give offset/shape with "
                         "shape >= 1")
     return roi
-
 
 
 def open_output_arrays(job: Job) -> dict[str, zarr.Array]:
