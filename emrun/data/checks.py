@@ -64,10 +64,12 @@ def check_data(loaded: LoadedRecipe) -> tuple[list[SourceFacts], list[Problem]]:
 def _check_scaled_steps(recipe: Recipe, facts: list[SourceFacts]) -> list[tuple[KeyPath, str]]:
     """The augmentation steps judged again at the voxel sizes the volumes' metadata give
     where the recipe states none: a displacement in `voxel_reference` pixels is scaled to
-    them in training, which the recipe's own check could not know."""
+    them in training, which the recipe's own check could not know (it left it to this one).
+    A volume without one is judged in its pixels, as training takes them."""
     stated = {name for name, source in recipe.data.sources.items() if source.voxel_size}
-    sizes = [tuple(float(v) for v in f.voxel_size[-3:]) for f in facts
-             if f.group == "sources" and f.name not in stated and f.voxel_size]
+    sizes = [tuple(float(v) for v in f.voxel_size[-3:]) if f.voxel_size else None
+             for f in facts if f.group == "sources" and f.kind == "volume"
+             and f.shape is not None and f.name not in stated]
     found: list[tuple[KeyPath, str]] = []
     for voxel in dict.fromkeys(sizes):
         for where, msg in augment_problems(recipe.augment, recipe.train.patch, voxel):

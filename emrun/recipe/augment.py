@@ -36,6 +36,12 @@ KeyPath = tuple[str | int, ...]
 WARP_MARGIN = 1
 """Source pixels a warp reads around the inverse-mapped patch (interpolation, rounding)."""
 
+UNSTATED: VoxelSize = (0.0, 0.0, 0.0)
+"""The voxel size of a volume source whose recipe states none: its metadata may give one,
+which training scales `voxel_reference` pixels to and only the data checks read. A
+displacement in such pixels is not judged against the patch without it (no real voxel
+size is 0)."""
+
 BOX_MAX_DENSITY = 0.99
 """Box densities above are taken as this one (density 1 would need boxes without end)."""
 
@@ -84,13 +90,19 @@ class AugmentBase(Spec):
         smallest shapes it may read. A step with ``p: 0`` never runs, so nothing is asked."""
         if self.p == 0:
             return outs
+        voxel = self.judged_at(check.voxel_size)
         for shape in outs:
-            found = self.shape_problems(shape, check.voxel_size)
+            found = self.shape_problems(shape, voxel)
             if found:
                 check.problems += [(path, _where(msg, shape, check.patch)) for msg in found]
                 break
-        inputs = [s for out in outs for s in self.input_shapes(out, check.voxel_size)]
+        inputs = [s for out in outs for s in self.input_shapes(out, voxel)]
         return smallest_shapes((outs if self.p < 1 else []) + inputs)
+
+    def judged_at(self, voxel_size: VoxelSize | None) -> VoxelSize | None:
+        """The voxel size its checks see: `UNSTATED` only where a step tells it apart
+        (a misalignment); None (pixels as given) for any other, a plugin's too."""
+        return None if voxel_size == UNSTATED else voxel_size
 
 
 augmentations.require(AugmentBase)
@@ -244,6 +256,16 @@ class MisalignBase(AugmentBase):
             return 1.0
         return self.voxel_reference / voxel_size[2]
 
+    def judged_at(self, voxel_size: VoxelSize | None) -> VoxelSize | None:
+        return voxel_size  # UNSTATED included: see known_scale
+
+    def known_scale(self, voxel_size: VoxelSize | None) -> float | None:
+        """`pixel_scale`, or None where it depends on a voxel size not known yet
+        (`UNSTATED`)."""
+        if self.voxel_reference is not None and voxel_size == UNSTATED:
+            return None
+        return self.pixel_scale(None if voxel_size == UNSTATED else voxel_size)
+
     def patch_problems(self, patch: tuple[int, int, int]) -> list[str]:
         return self.shape_problems(patch, None)
 
@@ -252,7 +274,9 @@ class MisalignBase(AugmentBase):
         if shape[0] < self.min_sections():
             problems.append(f"{self.type} needs a patch of at least {self.min_sections()} "
                             f"sections (got {shape[0]})")
-        factor = self.pixel_scale(voxel_size)
+        factor = self.known_scale(voxel_size)
+        if factor is None:  # judged by the data checks, at the volumes' voxel sizes
+            return problems
         reach = self.displacement[1] * factor
         if reach >= min(shape[1], shape[2]):
             scaled = "" if factor == 1 or voxel_size is None else (
@@ -267,7 +291,8 @@ class MisalignBase(AugmentBase):
     def input_shapes(self, out_shape: Zyx, voxel_size: VoxelSize | None) -> list[Zyx]:
         """The output plus the smallest shift, all in y or all in x."""
         z, y, x = out_shape
-        least = round(self.displacement[0] * self.pixel_scale(voxel_size))
+        factor = self.known_scale(voxel_size)
+        least = 0 if factor is None else round(self.displacement[0] * factor)
         return [(z, y + least, x), (z, y, x + least)]
 
 

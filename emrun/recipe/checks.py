@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from numbers import Integral
 
-from .augment import augment_problems
+from .augment import UNSTATED, augment_problems
+from .data import VolumeSource
 from .recipe import Recipe
 from .tasks import (
     NEAREST,
@@ -190,7 +191,10 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
                         ))
 
     # each step judged on the shapes the steps after it make it produce, at each voxel size
-    for voxel in dict.fromkeys([s.voxel_size for s in recipe.data.sources.values()] or [None]):
+    # (a volume's that the recipe does not state: by the data checks, from its metadata)
+    voxels = [UNSTATED if isinstance(s, VolumeSource) and s.voxel_size is None else s.voxel_size
+              for s in recipe.data.sources.values()]
+    for voxel in dict.fromkeys(voxels or [None]):
         for where, msg in augment_problems(recipe.augment, patch, voxel):
             if (("augment", *where), msg) not in problems:
                 problems.append((("augment", *where), msg))

@@ -30,6 +30,7 @@ from ..io.one_channel import single_channel
 from ..recipe import Recipe
 from ..recipe.run import SegmenterBase
 from ..recipe.tasks import AffinityTarget
+from ..segment.affinities import nearest_axes
 from ..segment.sweep import sweep
 
 MAX_VOXELS = 4_000_000
@@ -99,13 +100,17 @@ def unscorable_sources(recipe: Recipe) -> list[tuple[str, str]]:
     """(name, why) for each labelled validation source whose box (as `predict_validation`
     crops it) has nothing to score a segmentation against (no labelled voxel, or none in its
     mask): found before training, not at the first validation, which would stop the run."""
-    if affinity_task(recipe) is None:
+    task = affinity_task(recipe)
+    if task is None:
         return []
     found = []
     for source in open_sources(recipe.data.validation):
         if source.labels is None:
             continue
         roi = central_crop(source.box, MAX_VOXELS)
+        if (why_not := _unsegmentable(recipe, task, roi)) is not None:
+            found.append((source.name, why_not))
+            continue
         labelled = source.labels.read(roi) != 0
         mask = None if source.mask is None else inside(source.mask.read(roi))
         if not labelled.any():
@@ -118,6 +123,23 @@ def unscorable_sources(recipe: Recipe) -> list[tuple[str, str]]:
                       f"validation box {roi}: nothing to score a segmentation against; fix "
                       "them, or set train.validate_segmentation: false"))
     return found
+
+
+def _unsegmentable(recipe: Recipe, task: str, roi: Roi) -> str | None:
+    """Why the segmenter cannot take the task's affinities of ``roi``: no nearest-neighbour
+    offset along an axis the box is longer than one voxel on (2-d offsets, say, and a box
+    of several sections), which `emrun segment` refuses too; None when it can."""
+    offsets = recipe.tasks[task].target.offsets  # type: ignore[union-attr]
+    missing = [axis for axis, channels in enumerate(nearest_axes(offsets))
+               if not channels and roi.shape[axis] > 1]
+    if not missing:
+        return None
+    names = ", ".join("zyx"[a] for a in missing)
+    units = ", ".join(str(tuple(-1 if a == m else 0 for a in range(3))) for m in missing)
+    return (f"the validation box {roi} is longer than one voxel along {names}, and "
+            f"tasks.{task}.target.offsets {[list(o) for o in offsets]} have no "
+            f"nearest-neighbour affinity along it: its segmentation cannot be scored; add "
+            f"{units}, or set train.validate_segmentation: false")
 
 
 def score_validation(spec: SegmenterBase, inputs: Sequence[SegmentationInput],

@@ -734,8 +734,7 @@ class Trainer:
         if nonfinite := sum(i.nonfinite for i in inputs):
             logger.message(f"warning: validation: the network output {nonfinite} NaN or "
                            "infinite values, blended as 0 (in affinities: boundaries), so the "
-                           "segmentation scored splits there; an fp16 overflow? (train."
-                           "precision bf16 or fp32)")
+                           f"segmentation scored splits there; {_nonfinite_hint(self.recipe)}")
         if inputs and self._in_background():
             earlier = self.scorer.submit(self.iteration, metrics, _on_cpu(self.state()),
                                          score_validation, self.recipe.segment, inputs)
@@ -802,6 +801,17 @@ def weighted_total(values: dict[str, float], weights: dict[str, float]) -> float
     the trained total: a weight-0 task's NaN made the logged total NaN (0 * NaN), and a
     weight-0 task alone gave a validation total of 0 that best.pt was chosen by."""
     return float(sum(weights[n] * v for n, v in values.items() if weights[n]))
+
+
+def _nonfinite_hint(recipe: Recipe) -> str:
+    """Where NaN in the validation prediction may come from: validation predicts at
+    ``infer.precision`` (as `emrun infer` does), not at the training's precision."""
+    precision = recipe.infer.precision
+    if precision == "fp16":
+        return ("an fp16 overflow? (validation predicts at infer.precision fp16, as emrun "
+                "infer does: use bf16 or fp32)")
+    return (f"validation predicts at infer.precision {precision}, as emrun infer does: "
+            "are the weights finite?")
 
 
 def _on_cpu(value: Any) -> Any:
