@@ -388,7 +388,7 @@ def segment(
     """Affinities to a neuron segmentation (mutex watershed, waterz, components)."""
     import json
 
-    from ..segment.job import run_segment
+    from ..segment.job import find_affinities, run_segment
     from ..segment.request import SegmentRequest
     from ..stages import Stages
 
@@ -409,7 +409,8 @@ def segment(
             err.print(f"{stage}: block {done}/{total}", markup=False)
 
     request = SegmentRequest(
-        affinities=at_level(affs, level), output=output, method=method,
+        affinities=at_level(find_affinities(affs) or affs, level), output=output,
+        method=method,
         values={"bias": values("--bias", bias), "threshold": values("--threshold", threshold)},
         min_size=min_size, mask=mask, offsets=offsets, block=block, name=name, sweep=sweep,
         truth=truth, connected_truth=connected_truth, workers=workers, levels=levels,

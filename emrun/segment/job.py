@@ -118,8 +118,8 @@ def recorded_segmenter(affs_path: str) -> tuple[SegmenterBase, str] | None:
     recipe (or that do not open: the job's own check then says why).
     The network's recipe knows how its affinities segment best (SNEMI3D's: waterz, not the
     generic mws default)."""
-    try:
-        volume = open_volume(find_affinities(affs_path) or affs_path)
+    try:  # an unfinished one too: its recipe stands, and the job's own check names it
+        volume = open_volume(find_affinities(affs_path) or affs_path, unfinished=True)
     except UserError:
         return None
     recipe = volume.container_attributes().get("emrun", {})
@@ -215,11 +215,11 @@ def open_spatial(path: str, affinities: Volume, what: str, integer: bool = False
 
     volume = covered_part(affinities, single_channel(open_volume(path)))
     shape = affinities.shape[1:]
+    _check_same_grid(volume, affinities, what)  # first: another resolution is another shape
     if tuple(volume.shape) != tuple(shape):
         raise UserError(f"{what} {volume}: shape {list(volume.shape)} differs from the "
                         f"affinities' volume {list(shape)} (and their offsets do not place "
                         "the affinities inside it)")
-    _check_same_grid(volume, affinities, what)
     if integer and volume.dtype.kind not in "biu":
         raise UserError(f"{what} {volume}: dtype {volume.dtype}; expected integer ids")
     return volume
