@@ -210,7 +210,7 @@ class GraphStore:
                 conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({CREATE_LOCK})"))
             self._refuse_foreign_tables(conn)
             meta.create_all(conn)
-            recorded = dict(conn.execute(sa.select(info.c.key, info.c.value)).tuples().all())
+            recorded = dict(conn.execute(sa.select(info.c.key, info.c.value)).all())
             found = recorded.get("digest")
             if found is None:
                 conn.execute(info.insert(), [{"key": "digest", "value": digest}])
