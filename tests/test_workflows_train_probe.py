@@ -510,3 +510,35 @@ def test_tta_that_transposes_refuses_lsds_of_another_sigma_in_y_than_in_x():
     assert len(tta_variants(recipe, 4)) == 4
     with pytest.raises(UserError, match=r"tasks\.lsd: tta 8 transposes y and x.*12, 18 nm"):
         tta_variants(recipe, 8)
+
+
+def test_an_export_from_another_folder_reads_the_training_data_where_training_did(
+        tmp_path, monkeypatch):
+    """Relative data paths are relative to the working directory: an export run from
+    another folder could not read them, and the package said 'assumed uint8' for a uint16
+    image and no voxel size. The run's provenance records where training ran."""
+    work = tmp_path / "work"
+    work.mkdir()
+    volume = synthesize((12, 48, 48), 2)
+    write_volume(work / "v.zarr", "image", volume.image.astype(np.uint16) * 200,
+                 voxel_size=(40, 8, 8), label=False)
+    write_volume(work / "v.zarr", "labels", volume.labels, voxel_size=(40, 8, 8))
+    recipe = recipe_file(work / "r.yaml", """\
+        name: elsewhere
+        data:
+          sources:
+            a: {image: v.zarr/image, labels: v.zarr/labels}
+        model: {type: rsunet, widths: [4, 8]}
+        tasks:
+          affinity: {target: {type: affinity}}
+        train: {patch: [4, 16, 16], iterations: 1, workers: 0, validate_every: 0,
+                image_every: 0}
+        """)
+    monkeypatch.chdir(work)
+    emrun("train", recipe, "--run-dir", work / "run", "--device", "cpu")
+    monkeypatch.chdir(tmp_path)
+    emrun("export", work / "run", tmp_path / "m.emrun")
+    with zipfile.ZipFile(tmp_path / "m.emrun") as package:
+        manifest = json.loads(package.read("manifest.json"))
+    assert manifest["input"]["voxel_size"] == [40.0, 8.0, 8.0]
+    assert manifest["input"]["intensity"]["from"] == "dtype uint16"

@@ -9,13 +9,14 @@ network came from.
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from .. import __version__
-from ..io import VolumeError, open_volume
+from ..io import Volume, VolumeError, open_volume
 from ..io.intensity import default_intensity
 from ..recipe import Recipe
 from ..recipe.data import SyntheticSource, VolumeSource
@@ -27,6 +28,8 @@ from .source import Trained
 def manifest(trained: Trained) -> dict[str, Any]:
     """The package manifest (without the member checksums, which the writer adds)."""
     recipe = trained.recipe
+    run = trained.provenance.get("training_run")
+    base = run.get("cwd") if isinstance(run, dict) and isinstance(run.get("cwd"), str) else None
     return {
         "emrun": __version__,
         "name": recipe.name,
@@ -36,9 +39,9 @@ def manifest(trained: Trained) -> dict[str, Any]:
         "input": {
             "axes": "czyx",
             "channels": recipe.model.input_channels(),
-            "voxel_size": _stated(voxel_size(recipe),
+            "voxel_size": _stated(voxel_size(recipe, base),
                                   _voxel_size_or_none(trained.stated.get("voxel_size"))),
-            "intensity": _stated(intensity(recipe),
+            "intensity": _stated(intensity(recipe, base),
                                  _intensity_or_none(trained.stated.get("intensity"))),
             "patch": list(recipe.infer_patch()),
             "divisor": list(recipe.model.divisor()),
@@ -119,15 +122,29 @@ def tasks(recipe: Recipe) -> dict[str, Any]:
     return found
 
 
-def voxel_size(recipe: Recipe) -> list[float] | None:
+def _training_volume(path: Any, base: str | None) -> Volume:
+    """A training source's volume: its path as the recipe gives it, relative to this
+    working directory, else to the one training ran in (``base``, from the run's
+    provenance), so an export from another folder still reads it."""
+    try:
+        return open_volume(path)
+    except VolumeError:
+        text = str(path)
+        if base is None or "://" in text or Path(text).is_absolute():
+            raise
+        return open_volume(Path(base) / text)
+
+
+def voxel_size(recipe: Recipe, base: str | None = None) -> list[float] | None:
     """The training sources' voxel size (nm, z, y, x) when they agree, else None; a source
-    that gives none in the recipe is asked for its volume's metadata (when it can be read)."""
+    that gives none in the recipe is asked for its volume's metadata (when it can be read;
+    relative paths also from ``base``, the training's working directory)."""
     sizes = set()
     for source in recipe.data.sources.values():
         size = source.voxel_size
         if size is None and isinstance(source, VolumeSource):
             try:
-                size = open_volume(source.image).voxel_size
+                size = _training_volume(source.image, base).voxel_size
             except VolumeError:
                 size = None
         if size is None:
@@ -136,9 +153,10 @@ def voxel_size(recipe: Recipe) -> list[float] | None:
     return list(sizes.pop()) if len(sizes) == 1 else None
 
 
-def intensity(recipe: Recipe) -> dict[str, Any]:
+def intensity(recipe: Recipe, base: str | None = None) -> dict[str, Any]:
     """Raw values in [low, high] map to [0, 1]: the recipe's scale, else the dtype's of the
-    first training image (uint8 when that cannot be read: synthetic sources are uint8)."""
+    first training image (uint8 when that cannot be read: synthetic sources are uint8;
+    relative paths also from ``base``, the training's working directory)."""
     for source in recipe.data.sources.values():
         if isinstance(source, VolumeSource) and source.intensity is not None:
             return {"low": source.intensity.low, "high": source.intensity.high,
@@ -147,7 +165,7 @@ def intensity(recipe: Recipe) -> dict[str, Any]:
     first = next(iter(recipe.data.sources.values()))
     if isinstance(first, VolumeSource):
         try:
-            dtype = open_volume(first.image).dtype
+            dtype = _training_volume(first.image, base).dtype
         except VolumeError:
             low, high = default_intensity(dtype)
             return {"low": low, "high": high, "from": f"{ASSUMED} (dtype {dtype}): the "

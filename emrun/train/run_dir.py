@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import socket
@@ -164,6 +165,7 @@ def provenance(recipe_path: Path) -> dict[str, Any]:
         "python": platform.python_version(),
         "host": socket.gethostname(),
         "command": sys.argv,
+        "cwd": os.getcwd(),  # what the recipe's relative data paths are relative to
         "recipe": str(recipe_path),
     }
 
