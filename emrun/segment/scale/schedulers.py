@@ -5,6 +5,12 @@ on other machines that share the output folder and the database.
 Both skip blocks whose done-marker exists and leave one after each finished block, so a job
 started by one scheduler can be finished by the other. Steps run one after another: a
 block's graph reads its neighbours' fragments, so every fragment is written first.
+
+SIGTERM (a cluster's time limit, `scancel`, `timeout`) or SIGINT during a step stops it
+between blocks, as infer's schedulers do: the blocks in flight are finished and marked, no
+new one starts, and `Interrupted` says to run the same command with --resume (exit 143 or
+130). It used to end the run on the spot without a word, and daisy's workers went on
+writing blocks after the scheduler had exited and released the output.
 """
 
 from __future__ import annotations
@@ -15,16 +21,23 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ...devices import daisy_package, launch_failure, launched_main, launched_workers, run_through
-from ...errors import UserError
+from ...errors import Interrupted, UserError
 from ...geometry import Zyx, zyx
-from ...subprocesses import die_with_parent, killed_by
+from ...subprocesses import (
+    die_with_parent,
+    killed_by,
+    leave_signals_to,
+    signals_held,
+    stop_between_blocks,
+    stop_signals,
+)
 from .job import ScaleJob
 from .steps import _store, run_block
 from .steps import forget_caches as forget_block_caches
@@ -42,8 +55,11 @@ def local_pool(scheduler: str, workers: int) -> Iterator[ProcessPoolExecutor | N
         yield None
         return
     context = multiprocessing.get_context("spawn")  # no fork of zarr's or torch's threads
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent,
-                             initargs=(os.getpid(),)) as pool:  # no orphans after a kill -9
+    # The workers leave SIGTERM and SIGINT to this process (a signal to the process group
+    # killed them mid-block: a 'worker died' error instead of a stop between blocks), and
+    # die with it (no orphans after a kill -9). They start on demand, in `_submit`.
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=leave_signals_to,
+                             initargs=(os.getpid(),)) as pool:
         yield pool
 
 
@@ -58,24 +74,49 @@ def run_step(job: ScaleJob, step: str, blocks: Sequence[Zyx], *, scheduler: str,
         if on_block is not None:
             on_block(step, len(blocks), len(blocks))
         return Counter()
-    return _run_local(job_file, step, blocks, pool, on_block)
+    seconds: Counter[str] = Counter()
+    with stop_signals() as caught:
+        done = _run_local(job_file, step, blocks, pool, workers, seconds, caught, on_block)
+    if caught:  # the blocks in flight were finished and marked
+        raise _stopped(caught[0], step, f"{done} of the {len(blocks)} blocks it had to do "
+                      "are done and kept")
+    return seconds
+
+
+def _stopped(signal_name: str, step: str, kept: str) -> Interrupted:
+    """The stop a SIGTERM or SIGINT during ``step`` ends the command with: what was kept
+    and how to go on (the command line reads 'stopped by SIGTERM: ...', exit 143)."""
+    return Interrupted(signal_name, f"the {step} step stopped between blocks; {kept}: run "
+                       "the same command with --resume to go on")
 
 
 def _run_local(job_file: str, step: str, blocks: Sequence[Zyx],
-               pool: ProcessPoolExecutor | None, on_block: Report | None) -> Counter[str]:
-    seconds: Counter[str] = Counter()
+               pool: ProcessPoolExecutor | None, workers: int, seconds: Counter[str],
+               caught: list[str], on_block: Report | None) -> int:
+    """Run ``blocks`` here or in ``pool``, adding their timings to ``seconds``, until done
+    or a signal is ``caught``; returns how many were done."""
     total = len(blocks)
     if pool is None:
         for i, index in enumerate(blocks):
+            if caught:
+                return i
             seconds.update(run_block(job_file, step, index))
             if on_block is not None:
                 on_block(step, i + 1, total)
-        return seconds
-    pending = {pool.submit(run_block, job_file, step, index) for index in blocks}
+        return total
+    # No more blocks in the pool than workers: once stopped, only those in flight finish
+    # (blocks queued in the pool could not all be taken back).
+    todo = iter(blocks)
+    running: set[Future[Counter[str]]] = set()
     done = 0
     try:
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+        while True:
+            while not caught and len(running) < workers and \
+                    (index := next(todo, None)) is not None:
+                running.add(_submit(pool, job_file, step, index))
+            if not running:
+                return done
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 seconds.update(future.result())
                 done += 1
@@ -87,10 +128,17 @@ def _run_local(job_file: str, step: str, blocks: Sequence[Zyx],
                         "--workers or a smaller --block); finished blocks are kept: run "
                         "again with --resume") from None
     finally:
-        for future in pending:
+        for future in running:
             future.cancel()
-    return seconds
 
+
+def _submit(pool: ProcessPoolExecutor, job_file: str, step: str,
+            index: Zyx) -> Future[Counter[str]]:
+    """``pool.submit`` starts a worker process when it has fewer than it may: it starts
+    with SIGTERM and SIGINT held until it ignores them (`leave_signals_to`), so a signal to
+    the group while it imports emrun cannot kill it."""
+    with signals_held():
+        return pool.submit(run_block, job_file, step, index)
 
 
 def _run_daisy(job: ScaleJob, step: str, workers: int, launch: str | None) -> None:
@@ -99,6 +147,8 @@ def _run_daisy(job: ScaleJob, step: str, workers: int, launch: str | None) -> No
 
     set_log_basedir(job.folder / "daisy-logs")
     job_file = str(job.job_file)
+    stop_file = _stop_file(job)
+    stop_file.unlink(missing_ok=True)  # a stopped run's, not this one's
     block = daisy.Roi((0, 0, 0), job.block)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # daisy frowns on check_function
@@ -108,9 +158,13 @@ def _run_daisy(job: ScaleJob, step: str, workers: int, launch: str | None) -> No
             process_function=functools.partial(_start_worker, job_file, step, launch),
             check_function=functools.partial(_block_is_done, job_file, step),
             read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
-    with launched_workers(launch, Path(job_file).parent):
+    with launched_workers(launch, Path(job_file).parent), \
+            stop_signals(stop_file.touch) as caught:
         states = daisy.run_blockwise([task], progress=False, block_tracking=False,
                                      return_states=True, summary=False)
+    stop_file.unlink(missing_ok=True)
+    if caught:  # daisy waited for its workers: their blocks are finished and marked
+        raise _stopped(caught[0], step, "the blocks finished are kept")
     state = states.get(task.task_id)
     failed = getattr(state, "failed_count", 0) + getattr(state, "orphaned_count", 0)
     if failed:
@@ -150,8 +204,18 @@ def forget_caches() -> None:
     _agglomerated.cache_clear()
 
 
+def _stop_file(job: ScaleJob) -> Path:
+    """Made when the scheduler is stopped (SIGTERM, SIGINT): daisy's workers, here or on
+    other nodes sharing the output folder, stop between blocks, and none is handed out."""
+    return job.folder / "stop"
+
+
 def _block_is_done(job_file: str, step: str, block: Any) -> bool:
+    """Asked by daisy before it hands a block out: done when its marker says so, or (none
+    is handed out once the run is stopped) when the stop file exists."""
     job = ScaleJob.load(job_file)
+    if _stop_file(job).exists():
+        return True
     index = _index(job, block.write_roi)
     if step == "graph":
         return job.block_id(index) in _graph_done(job_file)
@@ -172,17 +236,20 @@ def _start_worker(job_file: str, step: str, launch: str | None) -> None:
         run_through(launch, "emrun.segment.scale.schedulers", [job_file, step],
                     Path(job_file).parent)
         return
+    die_with_parent(os.getppid())  # they wrote on after a SIGTERM had killed the scheduler
     serve(job_file, step)
 
 
 def serve(job_file: str, step: str) -> None:
-    """Take blocks from the daisy scheduler until none are left."""
+    """Take blocks from the daisy scheduler until none are left or it is stopped."""
     daisy = daisy_package()
     job = ScaleJob.load(job_file)
+    stop_file = _stop_file(job)
+    signalled = stop_between_blocks()  # Ctrl-C or SIGTERM to the group (srun passes them on)
     client = daisy.Client()
     while True:
         with client.acquire_block() as block:
-            if block is None:
+            if block is None or signalled or stop_file.exists():
                 return
             run_block(job_file, step, _index(job, block.write_roi))
 
