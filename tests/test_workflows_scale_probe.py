@@ -145,11 +145,6 @@ def _stop_at_relabel(out: Path, cells_store: Path, thresholds: list[float]) -> N
         run_segment(request, on_block=stop)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emrun/segment/scale/command.py: --resume without --threshold agglomerates at waterz's "
-    "default 0.5 into a new volume 'segmentation' and rewrites job.json, instead of "
-    "finishing the thresholds the job started; those stay unfinished for good, though "
-    "their metadata says 'run it again with --resume'"))
 def test_a_plain_resume_finishes_the_thresholds_the_job_started(cells_store, straight):
     """The unfinished volumes say 'run it again with --resume'; doing just that (a SLURM
     requeue repeats the command's options, a user retyping it may not) must finish them,
@@ -167,11 +162,6 @@ def test_a_plain_resume_finishes_the_thresholds_the_job_started(cells_store, str
                               level(straight, name)), name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emrun/segment/scale/command.py: _check_outputs keys a segmentation by lut_key, a hash "
-    "of the whole set of thresholds, so `--resume --threshold 0.5,0.8` after a 0.2,0.5 run "
-    "refuses segmentation_0.5 as 'another threshold or method', though it is threshold 0.5 "
-    "of the same graph (each threshold's volume does not depend on the others)"))
 def test_a_resume_adding_a_threshold_keeps_the_one_it_shares(cells_store):
     out = cells_store / "extended.zarr"
     emrun(*segment_scaled(cells_store / "in.zarr/affinity", out, "--threshold", "0.2,0.5")[3:])
@@ -181,18 +171,13 @@ def test_a_resume_adding_a_threshold_keeps_the_one_it_shares(cells_store):
     assert result.exit_code == 0, result.output
     assert "graph: 0 of 8 blocks to do" in result.output
     assert np.array_equal(level(out, "segmentation_0.5"), kept)
-    alone = cells_store / "alone-0.8.zarr"
+    alone = cells_store / "plain-0.8.zarr"  # alone-0.8.zarr: min size 20, blockwise
     if not alone.exists():
         emrun(*segment_scaled(cells_store / "in.zarr/affinity", alone, "--threshold",
                               "0.8")[3:])
     assert np.array_equal(level(out, "segmentation_0.8"), level(alone, "segmentation"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emrun/segment/scale/command.py: job.json records the default SQLite database by its "
-    "absolute URL inside the output, and _check_resume compares it with the moved output's "
-    "own: an output moved (scratch to project storage) is refused 'resume with that --db', "
-    "naming the old place, though its graph moved with it"))
 def test_a_moved_output_resumes_on_the_graph_it_carries(cells_store, tmp_path):
     first = tmp_path / "scratch.zarr"
     emrun(*segment_scaled(cells_store / "in.zarr/affinity", first, "--threshold", "0.5")[3:])
@@ -255,11 +240,6 @@ def _sigterm_after_two_blocks(command: list[str], out: Path, env: dict[str, str]
     return process.returncode, stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emrun/segment/scale/schedulers.py: SIGTERM ends `segment --scheduler daisy` on the spot "
-    "(exit -15, no word), and its daisy workers go on writing blocks after it has exited "
-    "and released the output: _run_daisy has no subprocesses.stop_signals and serve() no "
-    "stop_between_blocks / die_with_parent, as infer's daisy scheduler has"))
 def test_sigterm_stops_scaled_daisy_workers_between_blocks_and_says_so(cells_store, tmp_path):
     pytest.importorskip("daisy")
     out = tmp_path / "daisy.zarr"
@@ -273,10 +253,6 @@ def test_sigterm_stops_scaled_daisy_workers_between_blocks_and_says_so(cells_sto
     assert "SIGTERM" in stderr and "--resume" in stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emrun/segment/scale/schedulers.py: SIGTERM ends `segment --scheduler local` on the spot "
-    "(exit -15, no word on what was kept), where infer finishes its blocks in flight and "
-    "says 'stopped by SIGTERM ... --resume' (exit 143)"))
 def test_sigterm_to_a_local_scaled_segment_says_how_to_go_on(cells_store, tmp_path):
     out = tmp_path / "local.zarr"
     command = segment_scaled(cells_store / "in.zarr/affinity", out, "--threshold", "0.5")
@@ -363,10 +339,6 @@ def test_pyramids_of_each_stage_lie_where_the_image_pyramid_lies(network, coarse
     assert refused.exit_code == 2 and "not on the same grid" in refused.output
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emrun/cli/commands.py: `segment PRED.zarr --level 1` is refused ('is a zarr group; name "
-    "an array inside it') though `segment PRED.zarr` takes the inference output's one "
-    "affinity volume: at_level is applied to the store before find_affinities resolves it"))
 def test_an_inference_output_store_names_its_affinities_at_a_level_too(coarse_prediction,
                                                                         tmp_path):
     emrun("segment", coarse_prediction, tmp_path / "whole.zarr", "--threshold", "0.3",
@@ -381,10 +353,6 @@ def test_an_inference_output_store_names_its_affinities_at_a_level_too(coarse_pr
                           level(by_path, "segmentation"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emrun/segment/job.py: recorded_segmenter cannot open an unfinished inference output, so "
-    "takes mws, and `segment PRED --threshold T` says '--threshold does not apply to --method "
-    "mws' instead of that the affinities are unfinished (their recipe says waterz)"))
 def test_segment_of_an_unfinished_inference_says_it_is_unfinished(network, tmp_path):
     """A lab starts segment while infer of the same output is still running (or was killed):
     the refusal must name the real problem, for the command as the user would give it."""
@@ -493,10 +461,6 @@ def full_resolution_mask(network) -> Path:
     return store.parent / "fm.zarr/mask"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emrun/segment/job.py: open_spatial compares shapes before grids, so a full-resolution "
-    "mask for level-1 affinities is refused as 'their offsets do not place the affinities "
-    "inside it', not as another voxel size (evaluate names the voxel sizes)"))
 def test_a_full_resolution_mask_for_coarser_affinities_is_named_another_grid_by_segment(
         coarse_prediction, full_resolution_mask, tmp_path):
     for extra in ((), ("--scheduler", "local")):

@@ -10,10 +10,13 @@ accept the tables).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import fields as dataclass_fields
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,12 +40,19 @@ from ..affinities import to_float
 from ..base import respec
 from ..request import SegmentRequest
 from .fragments import FRAGMENT_METHODS, HALO, MAX_VOXELS
-from .graphdb import GraphStore, default_url, job_url, password_to_environment, shown_url
-from .job import FOLDER, FRAGMENTS, ScaleJob
+from .graphdb import (
+    SQLITE_FILE,
+    GraphStore,
+    default_url,
+    job_url,
+    password_to_environment,
+    shown_url,
+)
+from .job import FOLDER, FRAGMENTS, ScaleJob, saved_job
 from .schedulers import forget_caches, local_pool, run_step
-from .steps import agglomerate_graph, levels_key, lut_file, lut_key
+from .steps import agglomerate_graph, finished_volume, levels_key, lut_file, lut_key
 
-__all__ = ["AGGLOMERATIONS", "DEFAULT_BLOCK", "block_chunks", "run_scaled"]
+__all__ = ["AGGLOMERATIONS", "DEFAULT_BLOCK", "block_chunks", "run_scaled", "volume_key"]
 
 AGGLOMERATIONS = ("global", "blockwise")
 """global: the whole graph agglomerated in one process (exact; about 500 bytes per edge);
@@ -65,9 +75,25 @@ def block_chunks(block: Sequence[int]) -> Zyx:
                for b, c in zip(block, CHUNK_ZYX, strict=True))
 
 
+def _default(option: str) -> Any:
+    """The request's value of ``option`` when the command does not give it."""
+    return next(f.default for f in dataclass_fields(SegmentRequest) if f.name == option)
+
+
+def _plain_resume(request: SegmentRequest) -> ScaleJob | None:
+    """The saved job, when ``--resume`` gives none of --threshold, --name, --min-size: it
+    finishes the job as it was last started (it agglomerated at waterz's default threshold
+    into a new volume, and left the job's own unfinished for good). With any of them, the
+    command says what to make, as for a new job, and the other options keep their defaults."""
+    if not request.resume or request.values.get("threshold") or \
+            request.name != _default("name") or request.min_size is not None:
+        return None
+    return saved_job(request.output)
+
+
 def waterz_spec(request: SegmentRequest, spec: SegmenterBase | None) -> Waterz:
     """The agglomeration settings: the recipe's waterz section, or waterz's defaults, with the
-    command's thresholds and min size."""
+    command's thresholds and min size, or a plain ``--resume``'s saved ones."""
     if request.method not in (None, "waterz") or (
             spec is not None and spec.type != "waterz"):  # type: ignore[attr-defined]
         kind = request.method or spec.type  # type: ignore[union-attr]
@@ -79,6 +105,8 @@ def waterz_spec(request: SegmentRequest, spec: SegmenterBase | None) -> Waterz:
                         "waterz): give --threshold, or drop --scheduler")
     base = spec if isinstance(spec, Waterz) else segmenters.entry("waterz").spec()
     changes: dict[str, Any] = {}
+    if (saved := _plain_resume(request)) is not None:
+        changes.update(thresholds=list(saved.thresholds), min_size=saved.min_size)
     if request.values.get("threshold"):
         changes["thresholds"] = list(request.values["threshold"])
     if request.min_size is not None:
@@ -109,18 +137,19 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
                         f"({list(HALO)} on each side) may hold at most {MAX_VOXELS:,} voxels; "
                         f"the default {list(DEFAULT_BLOCK)} is also the fastest per voxel")
     folder = output / FOLDER
+    name, levels, agglomeration = _resumed_settings(request)
     job = ScaleJob(affinities=volume.location(), offsets=tuple(offsets),
                    output=str(output.resolve()), shape=spatial, block=block,
                    fragments=request.fragments, thresholds=tuple(agglo.thresholds),
                    scoring=agglo.scoring, min_size=int(agglo.min_size),
                    db=job_url(password_to_environment(request.db)) if request.db else
                    default_url(folder),
-                   name=request.name,
-                   mask=None if mask is None else mask.location(), levels=request.levels,
-                   agglomeration=request.agglomeration)
+                   name=name, mask=None if mask is None else mask.location(), levels=levels,
+                   agglomeration=agglomeration)
     forget_caches()  # an earlier run in this process kept blocks' data by path and URL
     old = _check_resume(job, request.resume)
     job = replace(job, run=_run_token(old))
+    _warn_left_unfinished(old, job, say)
     _check_values(volume, job.affinities)
     info = _output_info(job, volume)
     _check_outputs(job, info)  # refused before the database or the job's folder is made
@@ -163,15 +192,81 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
         timings["merge" if job.agglomeration == "blockwise" else "agglomerate"] = {
             **agglomerate_graph(job), "seconds": round(time.perf_counter() - started, 3)}
         relabel = f"relabel-{lut_key(job)}"
-        step("relabel", [i for i in indices if not job.is_done(relabel, i)])
+        todo = any(not finished_volume(job, name) for name in job.names)
+        step("relabel", [i for i in indices if todo and not job.is_done(relabel, i)])
     started = time.perf_counter()
-    for name, threshold in zip(job.names, job.thresholds, strict=True):
-        segments = _finish(job, name)
-        result.outputs.append({"name": name, "threshold": threshold, "segments": segments})
+    for volume_name, threshold in zip(job.names, job.thresholds, strict=True):
+        segments = _finish(job, volume_name)
+        result.outputs.append({"name": volume_name, "threshold": threshold,
+                               "segments": segments})
     timings["pyramid"] = {"seconds": round(time.perf_counter() - started, 3)}
     timings["database_bytes"] = store.size_bytes()
     store.dispose()
     return timings
+
+
+def _resumed_settings(request: SegmentRequest) -> tuple[str, int | None, str]:
+    """The volumes' name, the pyramid levels and the agglomeration: the command's; a plain
+    ``--resume`` (`_plain_resume`) takes the saved job's name, and its agglomeration unless
+    --agglomeration blockwise is given (global, the default, cannot be told from not given;
+    the job's volumes are made no other way), and any resume the saved pyramid levels unless
+    --levels is given."""
+    name, levels, agglomeration = request.name, request.levels, request.agglomeration
+    saved = saved_job(request.output) if request.resume else None
+    if saved is not None and levels is None:
+        levels = saved.levels
+    if (plain := _plain_resume(request)) is not None:
+        name = plain.name
+        if agglomeration == _default("agglomeration"):
+            agglomeration = plain.agglomeration
+    return name, levels, agglomeration
+
+
+def _warn_left_unfinished(old: ScaleJob | None, job: ScaleJob, say: Say) -> None:
+    """A resume at other thresholds (or name) leaves the segmentations an earlier run of the
+    job started and did not finish as they are: say which, and how to finish them (job.json
+    keeps only the last run's settings, so a later plain --resume does not either)."""
+    if old is None:
+        return
+    labels = volume_dir(job.output, FRAGMENTS, True).parent
+    left = [f"{folder.name} (--resume {options})"
+            for folder in (sorted(labels.iterdir()) if labels.is_dir() else [])
+            if folder.name not in job.names and (folder / "zarr.json").is_file()
+            and not finished_volume(job, folder.name)
+            and (options := _started_with(folder.name, _attr(Path(job.output), folder.name,
+                                                               "segment")))]
+    if left:
+        say(f"warning: {'; '.join(left)}: started by an earlier run and unfinished, left so "
+            "by this one (other thresholds or name); finish each with the options shown")
+
+
+def _started_with(name: str, made: dict[str, Any]) -> str:
+    """The options that made the graph segmentation ``name`` ('' if not one)."""
+    segmenter = made.get("segmenter")
+    if made.get("mode") != "graph" or not isinstance(segmenter, dict) or \
+            not isinstance(segmenter.get("thresholds"), list):
+        return ""
+    together = [float(t) for t in segmenter["thresholds"]]
+    base = name.removesuffix(f"_{made.get('threshold', 0):g}") if len(together) > 1 else name
+    options = f"--threshold {','.join(f'{t:g}' for t in together)}"
+    if segmenter.get("min_size") is not None:
+        options += f" --min-size {segmenter['min_size']}"
+    if base != _default("name"):
+        options += f" --name {base}"
+    if made.get("agglomeration", "global") != _default("agglomeration"):
+        options += f" --agglomeration {made['agglomeration']}"
+    return options
+
+
+def _rebased(old: ScaleJob, job: ScaleJob) -> ScaleJob:
+    """The saved job of an output since moved (or copied): its default SQLite database, inside
+    the output, is the one the output carries now, not the one at the old place."""
+    if old.output == job.output:
+        return old
+    folder = Path(old.output) / FOLDER
+    if old.db not in (default_url(folder), f"sqlite:///{folder / SQLITE_FILE}"):
+        return old
+    return replace(old, output=job.output, db=default_url(job.folder))
 
 
 def _check_resume(job: ScaleJob, resume: bool) -> ScaleJob | None:
@@ -187,6 +282,7 @@ def _check_resume(job: ScaleJob, resume: bool) -> ScaleJob | None:
     except (OSError, ValueError, TypeError, KeyError):
         raise UserError(f"{job.job_file}: unreadable; remove {job.folder} to start over") \
             from None
+    old = _rebased(old, job)
     if old.digest() != job.digest():
         fields = {"input": "affinities", "offsets": "offsets", "shape": "shape",
                   "block": "block", "fragments": "fragments", "mask": "mask"}
@@ -197,6 +293,9 @@ def _check_resume(job: ScaleJob, resume: bool) -> ScaleJob | None:
                         f"{', '.join(what) or 'layout'} ({was}); resume with the same "
                         "settings, or use another output")
     if old.db != job.db:
+        if job.db == default_url(job.folder):  # no --db given: name none
+            raise UserError(f"{job.output}: this job's graph is in {shown_url(old.db)}; "
+                            f"resume with --db {shown_url(old.db)}")
         raise UserError(f"--db {shown_url(job.db)}: this job's graph is in "
                         f"{shown_url(old.db)}; resume with that --db")
     return old
@@ -240,10 +339,9 @@ def _check_outputs(job: ScaleJob, info: dict[str, Any]) -> None:
                             "started (a sample of its voxels differs: it was rewritten since); "
                             "resume only with the affinities it started from, or use another "
                             "output")
-    key = lut_key(job)
-    for name in job.names:
+    for name, threshold in zip(job.names, job.thresholds, strict=True):
         if volume_dir(output, name, True).exists() and \
-                _attr(output, name, "segment").get("key") != key:
+                not _same_volume(job, threshold, _attr(output, name, "segment")):
             raise UserError(f"{volume_dir(output, name, True)}: already exists (another "
                             "threshold or method); not overwriting it (choose another --name)")
 
@@ -263,14 +361,38 @@ def _prepare_outputs(job: ScaleJob, volume: Volume, agglo: Waterz,
                                        **unfinished("emrun segment stopped before its last "
                                                     "block; run it again with --resume")}},
                       **args)
-    key = lut_key(job)
     for name, threshold in zip(job.names, job.thresholds, strict=True):
         if not volume_dir(output, name, True).exists():
+            key = volume_key(job, threshold)
             attrs = {"emrun": {"segment": {**info, "segmenter": agglo.model_dump(),
                                            "threshold": threshold, "key": key,
+                                           "agglomeration": job.agglomeration,
                                            "mode": "graph"}, **unfinished(
                 "emrun segment stopped before its last block; run it again with --resume")}}
             create_volume(output, name, job.shape, np.uint64, attrs=attrs, **args)
+
+
+def volume_key(job: ScaleJob, threshold: float) -> str:
+    """What decides one threshold's segmentation: the graph and how it is agglomerated
+    (`levels_key`), the threshold, the min size and the name. Not the other thresholds (as
+    `lut_key`, which keyed the volumes before): a resume adding a threshold refused the
+    volume of a threshold it shared with the job as 'another threshold'."""
+    text = json.dumps([levels_key(job), float(threshold), job.min_size, job.name])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _same_volume(job: ScaleJob, threshold: float, made: dict[str, Any]) -> bool:
+    """Whether the volume whose ``segment`` attributes are ``made`` is this job's
+    ``threshold``: keyed by `volume_key`, or (written before it) by the `lut_key` of the
+    thresholds it was made with."""
+    key = made.get("key")
+    if key == volume_key(job, threshold):
+        return True
+    together = made.get("segmenter", {}).get("thresholds") if isinstance(
+        made.get("segmenter"), dict) else None
+    if made.get("threshold") != threshold or not isinstance(together, list):
+        return False
+    return key == lut_key(replace(job, thresholds=tuple(float(t) for t in together)))
 
 
 def _attr(output: Path, name: str, key: str) -> dict[str, Any]:
@@ -280,8 +402,11 @@ def _attr(output: Path, name: str, key: str) -> dict[str, Any]:
 
 
 def _finish(job: ScaleJob, name: str) -> int:
-    """Build the segmentation's pyramid and record its segment count; returns the count."""
+    """Build the segmentation's pyramid and record its segment count; returns the count (a
+    volume finished before, by a run at other thresholds, is left as it is)."""
     folder = volume_dir(job.output, name, True)
+    if finished_volume(job, name):
+        return int(_attr(Path(job.output), name, "segment").get("segments", 0))
     segments = int(np.load(lut_file(job, name), mmap_mode="r").max(initial=0))
     build_pyramid(folder, job.levels, label=True)
     group = zarr.open_group(str(folder), mode="r+")

@@ -21,7 +21,7 @@ from ...geometry import BlockGrid, Roi, Zyx, box_of, zyx
 from ...io import PRIVATE_PREFIX
 from ..affinities import Offset
 
-__all__ = ["FOLDER", "FRAGMENTS", "ScaleJob", "output_name"]
+__all__ = ["FOLDER", "FRAGMENTS", "ScaleJob", "output_name", "saved_job"]
 
 FOLDER = f"{PRIVATE_PREFIX}segment"
 FRAGMENTS = "fragments"
@@ -119,3 +119,12 @@ class ScaleJob:
     @classmethod
     def load(cls, path: str | Path) -> ScaleJob:
         return cls.from_json(Path(path).read_text())
+
+
+def saved_job(output: str | Path) -> ScaleJob | None:
+    """The job saved in ``output`` (None: none, or unreadable: the resume check says so), so
+    that a resume falls back on the settings the job started with, not on the defaults."""
+    try:
+        return ScaleJob.load(Path(output) / FOLDER / JOB_FILE)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None

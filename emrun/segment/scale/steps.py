@@ -23,7 +23,8 @@ import zarr
 from ...atomic import atomic_output
 from ...geometry import Roi, Zyx, grow_within, local_slices, slices, zyx
 from ...io import Volume, open_volume
-from ...io.layout import volume_dir
+from ...io.completion import UNFINISHED
+from ...io.layout import group_attrs, volume_dir
 from ...io.masks import inside
 from ...io.one_channel import single_channel
 from ...io.window import covered_part
@@ -34,8 +35,8 @@ from .graphdb import GraphData, GraphStore, Neighbourhood
 from .job import FRAGMENTS, ScaleJob
 from .rag import block_graph
 
-__all__ = ["AGGLOMERATION_CONTEXT", "agglomerate_graph", "forget_caches", "levels_key", "lut_key",
-           "run_block"]
+__all__ = ["AGGLOMERATION_CONTEXT", "agglomerate_graph", "finished_volume", "forget_caches",
+           "levels_key", "lut_key", "run_block"]
 
 AGGLOMERATION_CONTEXT = 0.5
 """Blockwise agglomeration: the graph a block agglomerates reaches this fraction of a block
@@ -74,6 +75,15 @@ def forget_caches() -> None:
 
 def fragments_array(job: ScaleJob, mode: str = "r") -> zarr.Array:
     return zarr.open_array(str(volume_dir(job.output, FRAGMENTS, True) / "0"), mode=mode)
+
+
+def finished_volume(job: ScaleJob, name: str) -> bool:
+    """Whether the segmentation ``name`` exists and is finished: a resume at other thresholds
+    that shares it with an earlier run leaves it alone (relabelling it again rewrote a
+    finished volume under its readers)."""
+    attrs = group_attrs(volume_dir(job.output, name, True))
+    note = None if attrs is None else attrs.get("emrun")
+    return isinstance(note, dict) and UNFINISHED not in note
 
 
 def segmentation_array(job: ScaleJob, name: str) -> zarr.Array:
@@ -237,6 +247,8 @@ def _relabel(job: ScaleJob, index: Zyx) -> dict[str, float]:
     bounds = np.array([first + 1, first + int(np.prod(job.block)) + 1], np.uint64)
     stretch = slice(*np.searchsorted(ids, bounds).tolist())
     for name in job.names:
+        if finished_volume(job, name):
+            continue
         segments = _mapped(str(lut_file(job, name)))[stretch]
         segmentation_array(job, name)[slices(box)] = lookup(fragments, np.asarray(ids[stretch]),
                                                             np.asarray(segments))
