@@ -162,6 +162,22 @@ def test_a_plain_resume_finishes_the_thresholds_the_job_started(cells_store, str
                               level(straight, name)), name
 
 
+def test_a_resume_with_other_thresholds_says_how_to_finish_the_started_ones(cells_store):
+    """A resume with other values makes what it says and names the volumes it leaves
+    unfinished with the options that finish them; those options do."""
+    out = cells_store / "other-resume.zarr"
+    _stop_at_relabel(out, cells_store, [0.2, 0.5])
+    result = runner.invoke(app, segment_scaled(cells_store / "in.zarr/affinity", out,
+                                               "--threshold", "0.8", "--name", "more",
+                                               "--resume")[3:])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    assert "segmentation_0.2 (--resume --threshold 0.2,0.5 --min-size 0)" in said, said
+    emrun(*segment_scaled(cells_store / "in.zarr/affinity", out, "--resume", "--threshold",
+                          "0.2,0.5", "--min-size", "0")[3:])
+    open_volume(str(out / "labels/segmentation_0.2"))  # finished now
+
+
 def test_a_resume_adding_a_threshold_keeps_the_one_it_shares(cells_store):
     out = cells_store / "extended.zarr"
     emrun(*segment_scaled(cells_store / "in.zarr/affinity", out, "--threshold", "0.2,0.5")[3:])
