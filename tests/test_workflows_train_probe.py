@@ -21,6 +21,7 @@ import tifffile
 import torch
 import yaml
 import zarr
+from test_workflows_probe import VALIDATED
 from typer.testing import CliRunner
 
 from emrun.cli import app
@@ -447,26 +448,9 @@ def test_an_extended_and_overridden_recipe_travels_resolved_to_package_and_infer
 
 # ----------------------------------------- validation and `infer` of a recipe with TTA
 
-TTA_VALIDATED = """\
-name: tta_validated
-data:
-  sources:
-    a: {{type: synthetic, shape: [16, 64, 64], seed: 1}}
-  validation:
-    b: {{image: {t}/v.zarr/image, labels: {t}/v.zarr/labels}}
-model: {{type: rsunet, widths: [4, 8]}}
-tasks:
-  affinity:
-    target: {{type: affinity}}
-segment: {{type: cc}}
-train:
-  patch: [8, 32, 32]
-  iterations: 2
-  workers: 0
-  validate_every: 2
-  validate_in_background: false
-infer: {{tta: 2}}
-"""
+# the validated recipe of the first workflow probe, whole-volume validation, with 2 variants
+TTA_VALIDATED = VALIDATED.replace("name: validated", "name: tta_validated") + \
+    "infer: {{tta: 2}}\n"
 
 
 def test_the_validation_score_of_a_tta_recipe_is_what_infer_tta_1_segment_and_evaluate_give(
@@ -478,7 +462,7 @@ def test_the_validation_score_of_a_tta_recipe_is_what_infer_tta_1_segment_and_ev
     volume = synthesize((12, 48, 48), 5)
     write_volume(tmp_path / "v.zarr", "image", volume.image, voxel_size=(30, 6, 6))
     write_volume(tmp_path / "v.zarr", "labels", volume.labels, voxel_size=(30, 6, 6))
-    recipe = recipe_file(tmp_path / "r.yaml", TTA_VALIDATED.format(t=tmp_path))
+    recipe = recipe_file(tmp_path / "r.yaml", TTA_VALIDATED.format(tmp=tmp_path, roi=""))
     emrun("train", recipe, "--run-dir", tmp_path / "run", "--device", "cpu")
     records = [json.loads(line) for line in
                (tmp_path / "run/events.jsonl").read_text().splitlines()]
