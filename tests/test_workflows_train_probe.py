@@ -21,22 +21,11 @@ import tifffile
 import torch
 import yaml
 import zarr
-from test_workflows_probe import VALIDATED
-from typer.testing import CliRunner
+from test_workflows_probe import CLIENT, VALIDATED, emrun, runner
 
 from emrun.cli import app
 from emrun.io import open_volume, write_volume
 from emrun.synth import synthesize
-
-runner = CliRunner()
-CLIENT = "https://neuroglancer.example.org/"
-
-
-def emrun(*args: object) -> str:
-    """Run one emrun command in this process; its standard output (it must succeed)."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, (args, result.output)
-    return result.stdout
 
 
 def recipe_file(path: Path, text: str) -> Path:
