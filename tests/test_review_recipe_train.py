@@ -9,32 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from test_train_noticed import VALIDATED as NOTICED_VALIDATED
 
-VALIDATED = """\
-name: review
-seed: 4
-data:
-  sources:
-    a: {type: synthetic, shape: [12, 48, 48], seed: 1}
-  validation:
-    v: {type: synthetic, shape: [8, 32, 32], seed: 2}
-model: {type: rsunet, widths: [4, 8], norm: group, groups: 2}
-tasks:
-  affinity:
-    target: {type: affinity}
-train:
-  patch: [4, 16, 16]
-  batch_size: 1
-  iterations: 2
-  optimizer: {type: adam, lr: 0.01}
-  deterministic: true
-  checkpoint_every: 2
-  validate_every: 2
-  validate_in_background: false
-  image_every: 0
-  log_every: 1
-  workers: 0
-"""
+# test_train_noticed's tiny validated recipe, validating (in this process) at iteration 2
+VALIDATED = (NOTICED_VALIDATED.replace("name: noticed", "name: review")
+             .replace("iterations: 4", "iterations: 2")
+             .replace("validate_every: 0", "validate_every: 2\n  validate_in_background: false"))
 
 
 def _fit_with_nan(tmp_path: Path, monkeypatch: Any, recipe_text: str) -> str:
