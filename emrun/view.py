@@ -12,7 +12,7 @@ for integer labels. The neuroglancer client itself comes from the `neuroglancer`
 A time series (an OME t axis longer than 1, which emrun's other commands refuse) is shown
 whole: neuroglancer reads the t axis from the OME metadata and gives it a slider of its own
 (t in seconds where the axis has a time unit); emrun reads only the first time point's
-geometry to choose the layer.
+geometry to choose the layer, and the state opens at that time point (`position`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import math
 import os
 import posixpath
 import socket
@@ -59,6 +60,7 @@ class Layer:
     unfinished: str | None = None  # how to finish it, while its writer has not
     time_points: int = 1  # an OME t axis's length (neuroglancer shows more than 1 with t)
     time_axis: tuple[str, float, str] | None = None  # t's name, neuroglancer scale and unit
+    bounds_nm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # z, y, x corners
 
 
 def layer_for(path: str, taken: set[str]) -> Layer:
@@ -99,7 +101,17 @@ def layer_for(path: str, taken: set[str]) -> Layer:
     time = None if found is None else (found[0], *time_dimension(found[1], found[2]))
     return Layer(unique, kind, Path(volume.path).resolve(), inner, channels,
                  voxel, how_to_finish(volume),  # type: ignore[arg-type]
-                 time_points=volume.time_points, time_axis=time)
+                 time_points=volume.time_points, time_axis=time, bounds_nm=bounds_nm(volume))
+
+
+def bounds_nm(volume: ZarrVolume) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The corners (z, y, x; nm, or voxels where the size is unknown) of the box the volume
+    covers, as its OME translation and scale place it."""
+    voxel = volume.voxel_size[-3:] if volume.voxel_size is not None else (1.0, 1.0, 1.0)
+    offset = volume.offset or (0, 0, 0)
+    shift = volume.shift_nm or (0.0, 0.0, 0.0)
+    low = tuple(o * v + s for o, v, s in zip(offset, voxel, shift, strict=True))
+    return low, tuple(a + n * v for a, n, v in zip(low, volume.shape[-3:], voxel, strict=True))
 
 
 TIME_UNITS = {"": None, "second": 1.0, "s": 1.0, "millisecond": 1e-3, "ms": 1e-3,
@@ -139,8 +151,33 @@ def neuroglancer_state(layers: list[Layer], sources: dict[str, str]) -> dict[str
                 spec["source"] = {"url": spec["source"],
                                   "transform": {"outputDimensions": dims}}
         out.append(spec)
-    return {"layers": out, "layout": "4panel",
-            "selectedLayer": {"layer": layers[-1].name, "visible": True} if layers else {}}
+    state: dict[str, Any] = {"layers": out, "layout": "4panel", "selectedLayer": {
+        "layer": layers[-1].name, "visible": True} if layers else {}}
+    return state | first_time_point_position(layers)
+
+
+def first_time_point_position(layers: list[Layer]) -> dict[str, Any]:
+    """Where a state with a time series opens: its first time point (emrun reads and reports
+    that one), at the centre of the layers' box, shown in x, y and z. Without it neuroglancer
+    opened a series at the middle of its t axis. Nothing for layers without time points
+    (neuroglancer's own default, the centre, is right for them)."""
+    series = next((layer for layer in layers
+                   if layer.time_axis is not None and layer.time_points > 1), None)
+    if series is None or series.time_axis is None:
+        return {}
+    boxes = [layer.bounds_nm for layer in layers if layer.bounds_nm is not None]
+    low = [min(box[0][a] for box in boxes) for a in range(3)] if boxes else [0.0] * 3
+    high = [max(box[1][a] for box in boxes) for a in range(3)] if boxes else [0.0] * 3
+    name, step, unit = series.time_axis
+    dims: dict[str, list[Any]] = {}
+    position: list[float] = []
+    for axis in (2, 1, 0):  # x, y, z: neuroglancer shows the first three dimensions
+        nm = series.voxel_size[axis]
+        dims["zyx"[axis]] = [nm * 1e-9, "m"]
+        position.append(math.floor((low[axis] + high[axis]) / 2 / nm) + 0.5)  # a voxel's centre
+    dims[name] = [step, unit]
+    position.append(0.5)  # the centre of time point 0
+    return {"dimensions": dims, "displayDimensions": ["x", "y", "z"], "position": position}
 
 
 def neuroglancer_metadata(raw: bytes) -> bytes | None:

@@ -230,7 +230,8 @@ def choose_chunks_and_block(shape: Zyx, patch: Zyx, stride: Zyx, chunks: Zyx | N
     gives few chunks; otherwise (a whole-axis block of 37 or 53 voxels had chunks of 1)
     the block is split into equal chunks and rounded up to them, the last chunk cut short
     at the volume's end. A user's block is rounded up only where it already spans the
-    axis, so its blocks stay where the user put them."""
+    axis, so its blocks stay where the user put them. No chunk is longer than its axis
+    (`_clamped`)."""
     given = block is not None
     if block is None:
         block = zyx(min(n, max(s * 4, p)) for n, s, p in zip(shape, stride, patch, strict=True))
@@ -240,7 +241,18 @@ def choose_chunks_and_block(shape: Zyx, patch: Zyx, stride: Zyx, chunks: Zyx | N
         pairs = [_axis_chunks(b, CHUNK_LIMIT[a], may_grow=not given or b >= n)
                  for a, (b, n) in enumerate(zip(block, shape, strict=True))]
         chunks, block = zyx(c for c, _ in pairs), zyx(b for _, b in pairs)
-    return chunks, block
+    return _clamped(shape, chunks, block)
+
+
+def _clamped(shape: Zyx, chunks: Zyx, block: Zyx) -> tuple[Zyx, Zyx]:
+    """Chunks and block with every chunk at most its axis: a chunk longer than the axis
+    (a user's `--block 64 256 256` on 20 sections gave chunks of 32 in z) stores and reads
+    voxels that are not there; that axis gets one chunk of the axis's length, and so does
+    its block where it spans the axis (one that does not is no whole number of the recipe's
+    chunks, and `Layout` says so)."""
+    fits = [c <= n for c, n in zip(chunks, shape, strict=True)]
+    return (zyx(c if ok else n for c, n, ok in zip(chunks, shape, fits, strict=True)),
+            zyx(b if ok or b < n else n for b, n, ok in zip(block, shape, fits, strict=True)))
 
 
 CHUNK_LIMIT: Zyx = (32, 256, 256)

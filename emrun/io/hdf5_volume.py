@@ -7,12 +7,17 @@ HDF5 decodes compression filters beyond gzip, szip and lzf only with a plugin: w
 `hdf5plugin` is installed it is imported, so the common ones (blosc, zstd, lz4,
 bitshuffle, ...) just work; a dataset whose filter is still missing is refused on opening,
 naming the filter, before any command writes an output.
+
+Voxel size and offset come from funlib's attributes (`voxel_size`/`resolution`, `offset`)
+or, without them, from Fiji's and ilastik's `element_size_um` (z, y, x in micrometres),
+whose 1 x 1 x 1 (Fiji's mark of an uncalibrated image) reads as unknown.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +25,7 @@ import h5py
 import numpy as np
 
 from emrun.geometry import Roi, slices
-from emrun.io.metadata import spatial_metadata
+from emrun.io.metadata import UNIT_TO_NM, spatial_metadata
 from emrun.io.volume import (
     MAX_LISTED,
     METADATA_ERRORS,
@@ -159,7 +164,9 @@ def open_hdf5(path: str, dataset: str | None) -> Hdf5Volume:
         axes = axis_map(f"{path}/{dataset}", shape, attrs)
         if axes is not None:
             shape = axes.order(shape)
-        voxel_size, offset = spatial_metadata(f"{path}/{dataset}", len(shape), attrs)
+        voxel_size, offset = spatial_metadata(f"{path}/{dataset}", len(shape),
+                                              with_element_size(f"{path}/{dataset}",
+                                                                len(shape), attrs))
         return Hdf5Volume(
             path=path,
             dataset=dataset,
@@ -169,6 +176,32 @@ def open_hdf5(path: str, dataset: str | None) -> Hdf5Volume:
             offset=offset,
             axes=axes,
         )
+
+
+ELEMENT_SIZE_KEY = "element_size_um"
+"""Fiji's and ilastik's HDF5 voxel size: z, y, x in micrometres."""
+UNCALIBRATED_UM = (1.0, 1.0, 1.0)
+"""What Fiji writes as `element_size_um` for an image without a calibration."""
+
+
+def with_element_size(name: str, ndim: int, attrs: dict[str, Any]) -> dict[str, Any]:
+    """``attrs`` with Fiji's `element_size_um` as a funlib `voxel_size` in nm where they
+    state none of their own (a Fiji export opened with its size unknown). Exactly 1 x 1 x 1
+    um is what Fiji writes for an uncalibrated image, so it says "unknown", not 1000 nm.
+    A dataset of fewer than three axes has no z for it: left as it is."""
+    raw = attrs.get(ELEMENT_SIZE_KEY)
+    if raw is None or ndim < 3 or "voxel_size" in attrs or "resolution" in attrs:
+        return attrs
+    values = raw if isinstance(raw, list) else None
+    if values is None or len(values) != 3 or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for v in values):
+        raise VolumeError(f"{name}: attribute {ELEMENT_SIZE_KEY} {raw!r} is not three positive "
+                          "numbers (z, y, x in micrometres)")
+    if tuple(float(v) for v in values) == UNCALIBRATED_UM:
+        return attrs  # Fiji's "no calibration"
+    # to float32's 7 digits: Fiji writes float32, whose 0.03 um read 29.999999 nm
+    return {**attrs, "voxel_size": [float(f"{v:.7g}") * UNIT_TO_NM["um"] for v in values]}
 
 
 FILTERS = {

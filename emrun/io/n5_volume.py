@@ -3,7 +3,8 @@
 N5 lists axes fastest first (x, y, z); emrun reverses them to z, y, x. Voxel size and offset
 come from the conventions N5 data carries: `resolution` (gunpowder/daisy) or
 `pixelResolution` (n5-viewer, with a unit; a scale level's `downsamplingFactors` multiply
-it, as n5-viewer and n5-spark's pyramids mean it), and `offset` in nm, all in x, y, z order.
+it, as n5-viewer and n5-spark's pyramids mean it, and such a level lies half a level-0
+voxel per factor past level 0, `level_shift`), and `offset` in nm, all in x, y, z order.
 N5 written before its 1.0 format names its codec in `compressionType` (a string), which
 tensorstore does not read: such a dataset is opened from its structure, given the codec in
 today's form.
@@ -56,7 +57,8 @@ def open_n5(container: str, dataset: str | None) -> TensorstoreVolume:
     voxel_size, offset = n5_spatial(name, len(view.shape), attrs)
     plain = {k: v for k, v in attrs.items() if k not in (*STRUCTURE_KEYS, OLD_CODEC_KEY)}
     return opened_volume(view, path=container, dataset=dataset, voxel_size=voxel_size,
-                         offset=offset, attrs=plain, metadata=spec.get("metadata"))
+                         offset=offset, attrs=plain, metadata=spec.get("metadata"),
+                         shift_nm=level_shift(voxel_size, attrs.get("downsamplingFactors")))
 
 
 def _spatial_only(attrs: Mapping[str, Any]) -> bool:
@@ -105,6 +107,21 @@ def n5_spatial(name: str, ndim: int, attrs: Mapping[str, Any]) -> Any:
     elif offset is not None:
         zyx["offset"] = list(reversed(offset)) if isinstance(offset, list) else offset
     return from_attrs(name, ndim, zyx)
+
+
+def level_shift(voxel_size: tuple[float, ...] | None,
+                factors: Any) -> tuple[float, ...] | None:
+    """The half-voxel shift (nm, z, y, x) of an n5-viewer pyramid level: its voxels average
+    `downsamplingFactors` (x, y, z) voxels of level 0, so its voxel 0's centre lies (f - 1) / 2
+    level-0 voxels from level 0's, as an OME-Zarr level's translation says (it was placed at
+    level 0's, so outputs made from s1 lay half a voxel off their input); None without a
+    voxel size, without factors or at factors of 1."""
+    if voxel_size is None or not isinstance(factors, list) or len(factors) != 3 or not all(
+            isinstance(f, int | float) and not isinstance(f, bool) and f >= 1 for f in factors):
+        return None
+    shift = tuple(float(round((f - 1) / 2 * v / f, 6))
+                  for f, v in zip(reversed(factors), voxel_size[-3:], strict=True))
+    return shift if any(shift) else None
 
 
 def _downsampled(resolution: Any, factors: Any) -> Any:

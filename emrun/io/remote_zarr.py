@@ -20,6 +20,7 @@ from emrun.io.metadata import (
     is_label_level,
     multiscale_levels,
     ome_levels,
+    ome_shift,
     spatial_metadata,
     time_axis,
 )
@@ -135,7 +136,9 @@ def open_remote_zarr(url: str, dataset: str | None) -> TensorstoreVolume:
                    for level, voxel in ome_levels(name, ndim, group_attrs))
     return opened_volume(view, path=url, dataset=dataset or None, voxel_size=voxel_size,
                          offset=offset, attrs={**group_attrs, **array.attrs}, level_list=levels,
-                         segmentation=is_label_level(group_attrs, array_name))
+                         segmentation=is_label_level(group_attrs, array_name),
+                         shift_nm=ome_shift(name, ndim, group_attrs, array_name)
+                         if array_name else None)
 
 
 def _no_level(name: str, url: str, head: str, level: str, group: Node, kind: str) -> None:
