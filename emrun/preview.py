@@ -3,7 +3,11 @@ the network sees (image sections with label boundaries, and every task's target)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,28 +56,77 @@ def refuse_foreign_file(out: Path) -> None:
                         "another --out, or remove it)")
 
 
+@dataclass(frozen=True)
+class Shown:
+    """One previewed sample: where it sits in the training stream, and what it holds."""
+
+    batch: int
+    position: int
+    """Its place in its batch (0 .. batch_size - 1)."""
+    sample: dict[str, Any]
+    labels: np.ndarray | None
+    """Its augmented labels (for the boundaries drawn over the image), when it has some."""
+
+
+def training_samples(recipe: Recipe, samples: int) -> Iterator[Shown]:
+    """The first ``samples`` samples rank 0 trains on, in order: every sample of batch 0,
+    then of batch 1, ... (`SampleMaker.batch` draws a batch's samples one after the other
+    from that batch's stream; showing one sample per batch showed only each batch's first)."""
+    maker = SampleMaker(recipe)
+    left = samples
+    for index in count():
+        rng = batch_rng(recipe.seed, 0, index)
+        for position in range(recipe.train.batch_size):
+            if left <= 0:
+                return
+            sample = maker.sample(rng)
+            yield Shown(index, position, sample, maker.last_labels)
+            left -= 1
+
+
+def _row_name(shown: Shown, batch_size: int) -> str:
+    """The label on a row's left: which batch, and which sample of it (both from 0)."""
+    if batch_size == 1:
+        return f"batch {shown.batch}"
+    return f"batch {shown.batch}\nsample {shown.position}"
+
+
+def _title(recipe: Recipe, samples: int) -> str:
+    """What the grid shows: with several samples a batch, how many batches and whether the
+    last is cut short (``--n`` counts samples)."""
+    size = recipe.train.batch_size
+    what = f"the first {samples} augmented samples training sees"
+    if size > 1:
+        batches, cut = divmod(samples, size)
+        whole = f"{batches} whole batch{'es' if batches != 1 else ''}" if batches else ""
+        part = f"{cut} of the {size} samples of batch {batches}" if cut else ""
+        what += f" (batch_size {size}: {' and '.join(p for p in (whole, part) if p)})"
+    return f"{recipe.name}: {what}\npatch {list(recipe.train.patch)} (grey: excluded from " \
+        "the loss)"
+
+
 def write_preview(recipe: Recipe, out: Path, samples: int = 8) -> Path:
-    """Draw ``samples`` augmented samples (the training stream's first ones) into a PNG."""
+    """Draw the first ``samples`` augmented samples of the training stream into a PNG, one
+    row each, every sample of a batch (``train.batch_size`` > 1) labelled with its place."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    maker = SampleMaker(recipe)
     tasks = list(recipe.tasks)
     columns = ["image z=0", "image mid-z + labels", "image z=last", *tasks]
     # constrained: tight_layout left the title over the column headers
     fig, axes = plt.subplots(samples, len(columns), figsize=(2.2 * len(columns), 2.2 * samples),
                              squeeze=False, layout="constrained")
-    for row in range(samples):
-        sample = maker.sample(batch_rng(recipe.seed, 0, row))
+    for row, shown in enumerate(training_samples(recipe, samples)):
+        sample = shown.sample
         image = sample["image"][0]
         mid = image.shape[0] // 2
         panels: list[tuple[np.ndarray, np.ndarray | None]] = [
             (image[0], None), (image[mid], None), (image[-1], None)]
         for ax, (picture, _) in zip(axes[row, :3], panels, strict=True):
             ax.imshow(picture, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        labels = maker.last_labels
+        labels = shown.labels
         if labels is not None:
             edges = np.ma.masked_where(~_boundaries(labels[mid]), np.ones(labels.shape[1:]))
             axes[row, 1].imshow(edges, cmap="autumn", alpha=0.6, interpolation="nearest")
@@ -87,8 +140,8 @@ def write_preview(recipe: Recipe, out: Path, samples: int = 8) -> Path:
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(columns[col], fontsize=8)
-    fig.suptitle(f"{recipe.name}: {samples} augmented samples, patch "
-                 f"{list(recipe.train.patch)} (grey: excluded from the loss)", fontsize=9)
+        axes[row, 0].set_ylabel(_row_name(shown, recipe.train.batch_size), fontsize=8)
+    fig.suptitle(_title(recipe, samples), fontsize=9)
     refuse_foreign_file(out)
     with atomic_output(out) as tmp:
         fig.savefig(tmp, format="png", dpi=80, metadata={"Software": SOFTWARE})

@@ -1,7 +1,8 @@
 """What is exported: a run directory, a checkpoint file or a model package, read once.
 
 A run directory exports its best checkpoint by validation (``checkpoints/best.pt``) when it
-has one, else its newest (``checkpoints/last.pt``): the network one would ship. A file is
+has one, else its newest (``checkpoints/last.pt``): the network one would ship
+(`emrun.io.checkpoint.checkpoint_of`, which ``train --init-from RUN_DIR`` shares). A file is
 exported as it is. A model package keeps the provenance it was made with.
 """
 
@@ -20,10 +21,9 @@ from torch import nn
 
 from ..errors import UserError
 from ..infer.checkpoint_recipe import recipe_for
-from ..io.checkpoint import load
+from ..io.checkpoint import checkpoint_of, load
 from ..io.package import checkpoint_network, is_package, load_network, network_weights, read_package
 from ..models import build_model, weights_mismatch
-from ..paths import not_a_file
 from ..recipe import Recipe
 from ..train.run_dir import recipe_text
 
@@ -51,33 +51,6 @@ class Trained:
         model = build_model(self.recipe)
         model.load_state_dict(self.weights)
         return model.eval()
-
-
-def checkpoint_of(source: Path) -> Path:
-    """The file to export: ``source`` itself, or the best (else newest) of a run."""
-    if source.is_file():
-        return source
-    if not source.exists():
-        raise UserError(f"{source}: no such run directory, checkpoint or model package")
-    if not source.is_dir() and (why := not_a_file(source)) is not None:
-        raise UserError(f"{source} {why}")
-    for name in ("best.pt", "last.pt"):
-        if (source / "checkpoints" / name).is_file():
-            return source / "checkpoints" / name
-    numbered = _numbered(source / "checkpoints")
-    if numbered:  # a run stopped between saving iter_N.pt and pointing last.pt at it
-        raise UserError(f"{source} has no checkpoints/best.pt or checkpoints/last.pt, but "
-                        f"has {numbered[-1].name} (its newest): export that file, "
-                        f"{numbered[-1]}")
-    raise UserError(f"{source} is a directory without checkpoints/best.pt or "
-                    "checkpoints/last.pt: give a run directory or a checkpoint file")
-
-
-def _numbered(folder: Path) -> list[Path]:
-    """The run's numbered checkpoints (``iter_NNNNNNN.pt``), oldest first."""
-    with contextlib.suppress(OSError):
-        return sorted(p for p in folder.glob("iter_*.pt") if p.is_file())
-    return []
 
 
 def load_trained(source: Path) -> Trained:

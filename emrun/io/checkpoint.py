@@ -38,7 +38,8 @@ from emrun.atomic import fsync_dir
 from emrun.errors import DISK_FULL, UserError
 from emrun.paths import is_link_loop, not_a_file
 
-__all__ = ["TEMP_SUFFIX", "CheckpointError", "load", "remove", "save_atomic", "save_failed"]
+__all__ = ["TEMP_SUFFIX", "CheckpointError", "checkpoint_of", "load", "remove", "save_atomic",
+           "save_failed"]
 
 TEMP_SUFFIX = ".partial"
 """Temporary files are ``.<name>.<random>.partial`` beside their target."""
@@ -207,3 +208,43 @@ def load(path: Path) -> dict:
     if "iteration" not in state:
         raise CheckpointError(f"{path} is not an emrun checkpoint: it has no 'iteration'")
     return state
+
+
+# --------------------------------------------------------------------------- a run's checkpoint
+
+
+RUN_CHOICE = ("best.pt", "last.pt")
+"""What a run directory stands for, first found: its best checkpoint by validation, else its
+newest (the network one would ship, or fine-tune from)."""
+
+
+def checkpoint_of(source: Path) -> Path:
+    """The file ``source`` names: itself, or a run directory's best (else newest) checkpoint.
+    Here, below the trainer and export, so that ``export RUN_DIR`` and ``train --init-from
+    RUN_DIR`` choose the same file. A directory that is no run is refused naming what was
+    expected (`UserError`)."""
+    source = Path(source)
+    if source.is_file():
+        return source
+    if not source.exists():
+        raise UserError(f"{source}: no such run directory, checkpoint or model package")
+    if not source.is_dir() and (why := not_a_file(source)) is not None:
+        raise UserError(f"{source} {why}")
+    for name in RUN_CHOICE:
+        if (source / "checkpoints" / name).is_file():
+            return source / "checkpoints" / name
+    numbered = _numbered(source / "checkpoints")
+    if numbered:  # a run stopped between saving iter_N.pt and pointing last.pt at it
+        raise UserError(f"{source} has no checkpoints/best.pt or checkpoints/last.pt, but "
+                        f"has {numbered[-1].name} (its newest): give that file, "
+                        f"{numbered[-1]}")
+    raise UserError(f"{source} is a directory without checkpoints/best.pt or "
+                    "checkpoints/last.pt: give a run directory, a checkpoint file or a model "
+                    "package")
+
+
+def _numbered(folder: Path) -> list[Path]:
+    """The run's numbered checkpoints (``iter_NNNNNNN.pt``), oldest first."""
+    with contextlib.suppress(OSError):
+        return sorted(p for p in folder.glob("iter_*.pt") if p.is_file())
+    return []

@@ -111,17 +111,22 @@ def _start_file(name: str) -> bool:
 
 
 def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path,
-                                iteration: int = 0, init_from: Path | None = None) -> None:
+                                iteration: int = 0, init_from: Path | None = None,
+                                init_iteration: int | None = None) -> None:
     """The fully resolved recipe and where this run came from: the first session's
     provenance, and under ``sessions`` every session's, with the iteration it started at
     (a resumption added its own; it used to replace the run's start, so a model exported
     from a resumed run named only the last session) and, for a session that began from
-    ``--init-from`` weights, their absolute path (`init_weights` reads it back)."""
+    ``--init-from`` weights, the absolute path of the file read (a run directory's
+    checkpoint, not the directory: `init_weights` reads it back) and the iteration its
+    weights were saved at (best.pt and last.pt are replaced as their run goes on)."""
     write_text(run_dir / "recipe.yaml", recipe_text(recipe))
     this = {**provenance(recipe_path), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "iteration": iteration}
     if init_from is not None:
         this["init_from"] = str(Path(init_from).resolve())
+        if init_iteration is not None:
+            this["init_from_iteration"] = init_iteration
     earlier = _read_provenance(run_dir / "provenance.json")
     sessions = earlier.get("sessions")
     if not isinstance(sessions, list):  # none yet, or written before sessions were kept

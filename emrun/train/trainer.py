@@ -35,7 +35,7 @@ from ..data.loader import (
 from ..devices import parse_device, require_visible
 from ..errors import UserError
 from ..infer.engine import ACTIVATIONS
-from ..io.checkpoint import CheckpointError, load
+from ..io.checkpoint import CheckpointError, checkpoint_of, load
 from ..io.package import load_network
 from ..losses import LossResult, total_loss
 from ..models import build_model, weights_mismatch
@@ -173,11 +173,16 @@ class Trainer:
         self.run_path = run_path
         self.resume = resume
         self._resumed_from: Path | None = None
-        self.init_from = init_from
         self.console = console
+        self.init_iteration: int | None = None  # the iteration of the --init-from weights
         self._choose_device(device)
+        self.init_from = _weights_file(init_from)
         seed_everything(self.recipe.seed)  # identical initial weights on every rank
-        self._build_model(init_from)  # weights that do not fit: refused before the folder
+        self._build_model(self.init_from)  # weights that do not fit: refused before the folder
+        if init_from is not None and self.init_from != Path(init_from):  # a run directory
+            self._say(f"--init-from {init_from}: starting from its "
+                      f"{self.init_from.relative_to(init_from).as_posix()} (iteration "
+                      f"{self.init_iteration})")
         self._check_validation_sources()
         checkpoint = self._checkpoint_to_resume()
         self._build_optimisation()
@@ -334,6 +339,7 @@ class Trainer:
     def _load_weights(self, path: Path) -> None:
         """Fine-tuning: the weights of a checkpoint or a model package, nothing else."""
         state = load_network(path)
+        self.init_iteration = _iteration_or_none(state.get("iteration"))
         if (why := weights_mismatch(self.model, state.get("model"))) is not None:
             raise UserError(f"--init-from {path}: its weights do not fit this recipe's model "
                             f"and tasks (tensors: {why})")
@@ -544,7 +550,8 @@ class Trainer:
         """Train until ``train.iterations``, a signal, or too many non-finite losses."""
         if self.world.main:
             run_dir.write_recipe_and_provenance(self.run_path, self.recipe, self.loaded.path,
-                                              self.iteration, init_from=self.init_from)
+                                              self.iteration, init_from=self.init_from,
+                                              init_iteration=self.init_iteration)
         finished = self.iteration >= self.train.iterations  # e.g. a resumed, finished run
         owned = batches is None  # the stream made here is closed here, however fit ends
         if batches is None:  # a finished run starts no loader workers
@@ -768,6 +775,23 @@ class Trainer:
         path = self.checkpoints.save(self.iteration, self.state())
         logger.message(f"checkpoint {path.name} (iteration {self.iteration}, parameters "
                        f"{digest}{', ranks in sync' if self.world.distributed else ''})")
+
+
+def _weights_file(given: Path | None) -> Path | None:
+    """The file ``--init-from`` names: a checkpoint or package as given, or a run
+    directory's best (else newest) checkpoint, chosen as ``emrun export`` chooses it (a run
+    directory was refused as 'a directory, not a checkpoint file')."""
+    if given is None:
+        return None
+    try:
+        return checkpoint_of(Path(given))
+    except UserError as exc:
+        raise UserError(f"--init-from {exc}") from None
+
+
+def _iteration_or_none(value: Any) -> int | None:
+    """A checkpoint's iteration as an int (a package or an edited file may hold another)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def validation_losses(sums: dict[str, float], counts: dict[str, float],
