@@ -153,3 +153,34 @@ def test_a_run_stopped_before_last_pt_names_its_newest_checkpoint(source, tmp_pa
     tuned = invoke("train", recipe, "--run-dir", tmp_path / "ft", "--init-from", numbered[-1],
                    "--device", "cpu")
     assert tuned.exit_code == 0, tuned.output
+
+
+def test_infer_with_a_run_directory_predicts_with_the_checkpoint_export_picks(source,
+                                                                              tmp_path):
+    """`infer --checkpoint RUN_DIR` was refused as "a directory"; it now predicts with the
+    run's best.pt, exactly as `--checkpoint RUN_DIR/checkpoints/best.pt` does."""
+    import numpy as np
+
+    from emrun.io import open_volume, write_volume
+
+    _, trained = source
+    run = _copy_run(trained, tmp_path / "a", best_iteration=7)
+    image = np.random.default_rng(0).integers(0, 255, (8, 32, 32), np.uint8)
+    write_volume(tmp_path / "in.zarr", "image", image)
+    by_dir = invoke("infer", "--checkpoint", run, "--input", tmp_path / "in.zarr/image",
+                    "--output", tmp_path / "dir.zarr", "--device", "cpu")
+    assert by_dir.exit_code == 0, by_dir.output
+    assert f"--checkpoint {run}: predicting with its checkpoints/best.pt" in by_dir.output
+    by_file = invoke("infer", "--checkpoint", run / "checkpoints/best.pt", "--input",
+                     tmp_path / "in.zarr/image", "--output", tmp_path / "file.zarr",
+                     "--device", "cpu")
+    assert by_file.exit_code == 0, by_file.output
+    np.testing.assert_array_equal(open_volume(tmp_path / "dir.zarr/affinity").read(),
+                                  open_volume(tmp_path / "file.zarr/affinity").read())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = invoke("infer", "--checkpoint", empty, "--input", tmp_path / "in.zarr/image",
+                     "--output", tmp_path / "no.zarr", "--device", "cpu")
+    assert refused.exit_code == 2
+    assert "without checkpoints/best.pt or checkpoints/last.pt" in refused.output
+    assert not (tmp_path / "no.zarr").exists()

@@ -114,8 +114,8 @@ def train(
         "--resume", help="Continue the run in the run directory from checkpoints/last.pt.")]
     = False,
     init_from: Annotated[Path | None, typer.Option(
-        "--init-from", help="Start from the weights of this checkpoint or model package "
-        "(fine-tuning).")] = None,
+        "--init-from", help="Start from the weights of this checkpoint, model package or "
+        "run directory (its best.pt, else last.pt) (fine-tuning).")] = None,
     gpus: Annotated[int | None, typer.Option(
         min=1, help="Launch N processes with torchrun (distributed data parallel).")] = None,
     device: Device = None,
@@ -180,7 +180,8 @@ def infer(
     input_: Annotated[str, typer.Option("--input", help="Volume to predict, e.g. vol.zarr/image.")],
     output: Annotated[Path, typer.Option("--output", help="Output .zarr folder.")],
     checkpoint: Annotated[Path | None, typer.Option(
-        "--checkpoint", help="A training checkpoint (.pt); or give --model.")] = None,
+        "--checkpoint", help="A training checkpoint (.pt) or run directory (its best.pt, "
+        "else last.pt); or give --model.")] = None,
     model: Annotated[Path | None, typer.Option(
         "--model", help="A model package (`emrun export`): weights and recipe in one file.")]
     = None,
@@ -265,6 +266,13 @@ def _network_file(checkpoint: Path | None, model: Path | None) -> Path:
     if (checkpoint is None) == (model is None):
         raise UserError("give the network to predict with: --checkpoint CHECKPOINT or "
                         "--model PACKAGE (one of them)")
+    if checkpoint is not None and checkpoint.is_dir():  # a run: the file export would pick
+        from ..io.checkpoint import checkpoint_of
+
+        chosen = checkpoint_of(checkpoint)
+        err.print(f"--checkpoint {checkpoint}: predicting with its "
+                  f"{chosen.relative_to(checkpoint)}", markup=False)
+        checkpoint = chosen
     if checkpoint is not None and is_package(checkpoint):
         raise UserError(f"--checkpoint {checkpoint} is a model package: give it as --model")
     if model is not None and not os.path.lexists(model):
@@ -346,7 +354,10 @@ def segment(
         metavar="Z Y X", help="Segment block by block with this block size (default: only "
                               "volumes beyond 4 GiB of working memory, in blocks that fit "
                               "it, at most 32 512 512).")] = None,
-    name: Annotated[str, typer.Option(help="Output volume name in OUT.")] = "segmentation",
+    name: Annotated[str | None, typer.Option(
+        help="Output volume name in OUT (default: segmentation; --resume without "
+             "--threshold or --min-size: the job's).")
+    ] = None,
     sweep: Annotated[bool, typer.Option(
         "--sweep", help="Try each --threshold/--bias (default 0.1 ... 0.9) against --truth; "
                         "write the best by adapted Rand error.")] = False,
@@ -372,14 +383,15 @@ def segment(
         metavar="URL", help="--scheduler: the region graph's database, e.g. "
         "postgresql://user@host/graphs (extra emrun[postgres]); default: SQLite in "
         "OUT/.emrun-segment.")] = None,
-    fragments: Annotated[str, typer.Option(
-        metavar="watershed|mws", help="--scheduler: how blocks are cut into fragments.")
-    ] = "watershed",
-    agglomeration: Annotated[str, typer.Option(
+    fragments: Annotated[str | None, typer.Option(
+        metavar="watershed|mws", help="--scheduler: how blocks are cut into fragments "
+        "(default: watershed; --resume: the job's).")] = None,
+    agglomeration: Annotated[str | None, typer.Option(
         metavar="global|blockwise", help="--scheduler: agglomerate the whole graph in one "
         "process (exact; about 270 bytes per edge with mean scoring, 850 with "
         "p85), or each block's neighbourhood on the "
-        "workers, then join their merges (about 100 bytes per edge).")] = "global",
+        "workers, then join their merges (about 100 bytes per edge). Default: global "
+        "(a plain --resume: the job's).")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="--scheduler: finish the job in OUT (or agglomerate its graph at "
         "other thresholds, with another --name).")] = False,
@@ -408,14 +420,16 @@ def segment(
         if done == total or done % max(1, total // 10) == 0:  # about ten lines per pass
             err.print(f"{stage}: block {done}/{total}", markup=False)
 
+    given = {"name": name, "fragments": fragments, "agglomeration": agglomeration}
     request = SegmentRequest(
         affinities=at_level(find_affinities(affs) or affs, level), output=output,
         method=method,
         values={"bias": values("--bias", bias), "threshold": values("--threshold", threshold)},
-        min_size=min_size, mask=mask, offsets=offsets, block=block, name=name, sweep=sweep,
+        min_size=min_size, mask=mask, offsets=offsets, block=block, sweep=sweep,
         truth=truth, connected_truth=connected_truth, workers=workers, levels=levels,
-        scheduler=scheduler, launch=launch, db=db, fragments=fragments,
-        agglomeration=agglomeration, resume=resume)
+        scheduler=scheduler, launch=launch, db=db, resume=resume,
+        given=frozenset(option for option, value in given.items() if value is not None),
+        **{option: value for option, value in given.items() if value is not None})
     result = run_segment(request, on_block=report, on_stage=Stages(err))
     if result.segmenter_from:
         err.print(f"segmenter {result.method} from {result.segmenter_from} (--method to "
