@@ -15,7 +15,9 @@ A file system that cannot lock files (an NFS mount without its lock service: flo
 ENOLCK) gets the lock file alone instead, said once on stderr: whoever creates it holds the
 folder, and its line (pid, host) tells a live holder from one that was killed. A killed
 holder's file on this machine is taken over; one on another machine cannot be judged, so
-the refusal says to remove it once no emrun uses the folder.
+the refusal says to remove it once no emrun uses the folder. Of any number of processes
+that find one stale file, one takes it over (`_take_over`), and an empty one is judged by
+the file server's clock or this machine's alone, never the two compared (`_stale_empty`).
 
 Who holds what: `train` its run directory; `infer` its output; `segment` its output store,
 and every write of a volume into a store (`data convert`, `data synth`:
@@ -51,6 +53,9 @@ HOLDER = re.compile(r"pid (\d+) on (\S+) since ")
 STARTING_S = 60.0
 """How long a lock file may stay empty while its maker is still writing its line; an
 older empty one is what a holder killed in between left (only judged without locks)."""
+
+Identity = tuple[int, int, int]
+"""A lock file's device, inode and time of last change (`_identity`)."""
 
 _told_no_locks = False
 """Whether this process has said once that the file system cannot lock files."""
@@ -111,7 +116,7 @@ def _stamp(fd: int, durable: bool) -> None:
     where the file itself is the lock (another NFS client reads it before we close it)."""
     os.ftruncate(fd, 0)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode())
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
     if durable:
         with contextlib.suppress(OSError):
             os.fsync(fd)
@@ -184,10 +189,13 @@ def _claim_without_locks(folder: Path, path: Path, fd: int, made: bool, advice: 
             return fd
         holder, judged = _holder_text(fd), _identity(os.fstat(fd))
         os.close(fd)
-        if not _stale(path, holder):
-            raise UserError(_in_use_unlocked(folder, path, holder, advice))
-        _set_aside(path, holder, judged)
-        fd, refused, made = _open(path)
+        if not _stale(path, holder):  # a line written while it was watched names its holder
+            raise UserError(_in_use_unlocked(folder, path, holder or _read_text(path), advice))
+        _step("judged")
+        mine = _take_over(folder, path, holder, judged, advice)
+        if mine is not None:
+            return mine
+        fd, refused, made = _open(path)  # another process's file now: judged again
         if refused is not None:
             os.close(fd)
             raise refused  # another user's file in a folder this user may not write
@@ -195,21 +203,165 @@ def _claim_without_locks(folder: Path, path: Path, fd: int, made: bool, advice: 
     raise UserError(_in_use_unlocked(folder, path, _read_text(path), advice))
 
 
+def _step(name: str) -> None:
+    """Between two steps of a takeover (tests pause here to interleave processes)."""
+
+
+def _take_over(folder: Path, path: Path, judged: str, identity: Identity,
+               advice: str) -> int | None:
+    """Replace the stale lock file judged by its line ``judged`` and its `_identity` with
+    ours, open and stamped; None where it changed meanwhile (another process took the
+    folder over first, or made the next file once it was gone): that one is judged again.
+
+    Only the process that holds the claim on this very file (`_claim`) may remove it, so
+    of any number that judged it stale one removes it, and the file it removes is the one
+    judged; a new file is made with O_EXCL, so of those that find none one makes it."""
+    claim, claim_fd = _claim(folder, path, identity, advice)
+    try:
+        _step("claimed")
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            return None
+        if _identity(now) != identity or _read_text(path) != judged:
+            return None  # replaced meanwhile (by a claimer before us, now gone)
+        os.unlink(path)
+        _step("removed")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            return None  # another process found no file and made its own first
+        _stamp(fd, durable=True)
+        _remove_claims_of_killed(claim)
+        return fd
+    finally:
+        os.close(claim_fd)
+        with contextlib.suppress(OSError):
+            os.unlink(claim)
+
+
+def _remove_claims_of_killed(claim: Path) -> None:
+    """Remove the claims that `_claim` found left by killed claimers before ``claim``."""
+    base, number = claim.name.rsplit(".", 1)
+    for earlier in range(int(number)):
+        with contextlib.suppress(OSError):
+            os.unlink(claim.with_name(f"{base}.{earlier}"))
+
+
+MAX_CLAIMS = 8
+"""Claims on one stale lock file tried in turn, each one's claimer killed meanwhile."""
+
+
+def _claim(folder: Path, path: Path, identity: Identity, advice: str) -> tuple[Path, int]:
+    """Claim the stale lock file of ``identity``: a file named after it, made with O_EXCL
+    (atomic on NFS too), so one process at a time has it. A claim whose claimer was killed
+    (judged as a lock file is) gives way to the next claim's name; a live claimer is taking
+    the folder over, so this process is refused."""
+    base = f"{LOCK_NAME}.claim.{identity[1]}-{identity[2]}"  # the same on every client
+    number = 0
+    while number < MAX_CLAIMS:
+        claim = path.with_name(f"{base}.{number}")
+        try:
+            fd = os.open(claim, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            try:
+                other = os.open(claim, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # its claimer is done: the same name again
+            try:
+                claimer = _holder_text(other)
+            finally:
+                os.close(other)
+            if not _stale(claim, claimer):
+                raise UserError(_in_use_unlocked(folder, path, claimer, advice)) from None
+            number += 1
+            continue
+        _stamp(fd, durable=True)
+        return claim, fd
+    raise UserError(_in_use_unlocked(folder, path, _read_text(path), advice))
+
+
+SETTLE_S = 0.5
+"""How long an empty lock file older than `STARTING_S` is watched before it is taken over:
+one just made over NFS can show a wrong time (an exclusive create parks a verifier in it)
+until its maker's next call, well within this."""
+
+
 def _stale(path: Path, holder: str) -> bool:
     """Whether the lock file's holder is surely gone: a process on this machine that no
     longer runs (or this process's own pid, left by an earlier process given the same pid,
-    as containers do), or no line written for `STARTING_S`. One on another host, or a line
-    emrun did not write, cannot be judged."""
+    as containers do), or an empty file its maker left (`_stale_empty`). One on another
+    host, or a line emrun did not write, cannot be judged."""
     if not holder:
         try:
-            return time.time() - os.stat(path).st_mtime > STARTING_S
-        except OSError:
+            return _stale_empty(path, _identity(os.stat(path)))
+        except FileNotFoundError:
             return True  # gone meanwhile
     found = HOLDER.match(holder)
     if found is None or found.group(2) != socket.gethostname():
         return False
     pid = int(found.group(1))
     return pid == os.getpid() or not _alive(pid)
+
+
+def _stale_empty(path: Path, identity: Identity) -> bool:
+    """Whether an empty lock file was left by a maker killed before it wrote its line. Its
+    time is the file server's, and another machine's clock may differ by minutes, so it is
+    compared with the server's own time (a file this process touches beside it), never with
+    this machine's clock; where that cannot tell (a time in the future, no file can be made)
+    the file is stale once it stayed as it is for `STARTING_S` on this machine's clock."""
+    age = _age_on_server(path, identity[2])
+    if age is not None and -SKEW_S <= age <= STARTING_S:
+        return False  # its maker is writing its line
+    if age is not None and age > STARTING_S:
+        return _unchanged_for(path, identity, SETTLE_S)
+    return _unchanged_for(path, identity, STARTING_S)
+
+
+SKEW_S = 2.0
+"""How far apart two times of one file server may be for one instant (their rounding)."""
+
+
+def _age_on_server(path: Path, mtime_ns: int) -> float | None:
+    """Seconds from ``mtime_ns`` to the file server's now: the time it gives a file this
+    process touches beside ``path``; None where no such file can be made."""
+    probe = path.with_name(f"{LOCK_NAME}.clock.{socket.gethostname()}.{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    try:
+        os.utime(fd)  # the server's time, not ours (NFS: set to the server's time)
+        now = os.fstat(fd).st_mtime_ns
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+    return (now - mtime_ns) / 1e9
+
+
+def _unchanged_for(path: Path, identity: Identity, seconds: float) -> bool:
+    """Whether the empty lock file of ``identity`` stays as it is, empty, for ``seconds``
+    of this machine's clock (checked by opening it anew each time, which NFS revalidates);
+    one that changes or goes is judged again by the caller."""
+    until = time.monotonic() + seconds
+    while True:
+        _step("watched")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            if _identity(os.fstat(fd)) != identity or _holder_text(fd):
+                return False
+        finally:
+            os.close(fd)
+        left = until - time.monotonic()
+        if left <= 0:
+            return True
+        time.sleep(min(left, max(seconds / 20, 0.01)))
 
 
 def _alive(pid: int) -> bool:
@@ -222,27 +374,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+def _identity(stat: os.stat_result) -> Identity:
     """Which file a lock file is, and its last change: two empty lock files (a stale one,
     and the one another process has just made in its place) differ only in these."""
     return stat.st_dev, stat.st_ino, stat.st_mtime_ns
-
-
-def _set_aside(path: Path, judged: str, identity: tuple[int, int, int]) -> None:
-    """Remove the stale lock file judged by its line ``judged`` and its `_identity`; one
-    that changed meanwhile (another process took the folder over first, maybe not yet
-    written its line: an empty file as the stale one was) is put back, to be judged again."""
-    aside = path.with_name(f"{LOCK_NAME}.{socket.gethostname()}.{os.getpid()}.stale")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return  # removed meanwhile
-    try:
-        if _read_text(aside) != judged or _identity(os.stat(aside)) != identity:
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, path)
-    finally:
-        os.unlink(aside)
 
 
 def _read_text(path: Path) -> str:
@@ -261,7 +396,7 @@ def _in_use_unlocked(folder: Path, path: Path, holder: str, advice: str) -> str:
 def contents(folder: Path) -> list[Path]:
     """What ``folder`` holds, its lock file aside (whether a folder is empty, or what a
     command found in it, is asked of what users and commands put there)."""
-    return [entry for entry in Path(folder).iterdir() if entry.name != LOCK_NAME]
+    return [entry for entry in Path(folder).iterdir() if not entry.name.startswith(LOCK_NAME)]
 
 
 def held(folder: Path) -> bool:
