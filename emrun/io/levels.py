@@ -13,7 +13,8 @@ import os
 from emrun.io.opener import open_volume
 from emrun.io.volume import Level, VolumeError
 
-SYNTAX = "a level name (e.g. s1) or a voxel size in nm as z,y,x (e.g. 40,8,8)"
+SYNTAX = ("a level name (e.g. s1, or 1 for s1) or a voxel size in nm as z,y,x "
+          "(e.g. 40,8,8)")
 
 
 def parse_level(text: str) -> str | tuple[float, float, float]:
@@ -42,9 +43,13 @@ def choose_level(path: str | os.PathLike[str], level: str) -> str:
     levels = volume.levels()
     if not levels:
         raise VolumeError(f"{volume}: --level {level}: not a multiscale image (an OME-Zarr "
-                          "image group or a neuroglancer precomputed volume); it has one level")
+                          "image group, an N5 group of levels s0, s1, ... or a neuroglancer "
+                          "precomputed volume); it has one level")
     for candidate in levels:
         if _matches(candidate, wanted):
+            return candidate.path
+    for candidate in levels:
+        if isinstance(wanted, str) and _same_number(candidate.name, wanted):
             return candidate.path
     raise VolumeError(f"{volume} has no level {level}; levels: "
                       + ", ".join(describe(c) for c in levels))
@@ -64,3 +69,16 @@ def _matches(level: Level, wanted: str | tuple[float, float, float]) -> bool:
         return False  # unknown, or a 2-d image's (y, x): no z to compare
     return all(math.isclose(a, b, rel_tol=1e-6)
                for a, b in zip(level.voxel_size[-3:], wanted, strict=True))
+
+
+def _same_number(name: str, wanted: str) -> bool:
+    """Whether `wanted` and a level's name number the same level, one as N and the other as
+    sN (emrun's stores name their levels 0, 1, ...; N5 pyramids and many OME-Zarr writers
+    s0, s1, ...), so `--level 1` works on either; an exact name is looked for first."""
+    ours, theirs = _number(name), _number(wanted.strip("/"))
+    return ours is not None and ours == theirs
+
+
+def _number(name: str) -> int | None:
+    digits = name[1:] if name[:1] in ("s", "S") else name
+    return int(digits) if digits.isdigit() and digits.isascii() else None

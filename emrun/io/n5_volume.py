@@ -8,57 +8,259 @@ voxel per factor past level 0, `level_shift`), and `offset` in nm, all in x, y, 
 N5 written before its 1.0 format names its codec in `compressionType` (a string), which
 tensorstore does not read: such a dataset is opened from its structure, given the codec in
 today's form.
+
+A multiscale group holding levels s0, s1, ... (n5-viewer, BigDataViewer/BigStitcher's export,
+paintera, neuroglancer's reading of them) opens as its finest level and lists its levels
+(`Pyramid`); a level without a voxel size of its own takes the group's, times its factors.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from emrun.io.locations import is_url
 from emrun.io.metadata import from_attrs, unit_to_nm
+from emrun.io.remote_zarr import forbidden
 from emrun.io.tensorstore_volume import (
     MetadataReader,
     TensorstoreVolume,
     kvstore,
     opened_volume,
 )
-from emrun.io.volume import VolumeError, format_names
+from emrun.io.volume import Level, VolumeError, format_names
 
 STRUCTURE_KEYS = ("dimensions", "blockSize", "dataType", "compression", "n5")
 OLD_CODEC_KEY = "compressionType"
 """Where N5 before 1.0 named its codec ("raw", "gzip", "bzip2", "xz", "lz4")."""
+LEVEL_NAME = re.compile(r"s(\d+)")
+MAX_LEVELS = 32
+"""Levels looked for past the last one a group lists (a store is probed by name, s0, s1, ...:
+a remote one cannot be listed)."""
+FACTOR_LISTS = ("scales", "downsamplingFactors")
+"""Where a multiscale group lists every level's factors (x, y, z), s0's first: n5-viewer's
+`scales`, BigDataViewer's `downsamplingFactors` (on the setup, the timepoint's parent)."""
+SPATIAL_KEYS = ("resolution", "pixelResolution")
 
 
 def open_n5(container: str, dataset: str | None) -> TensorstoreVolume:
-    """Open the dataset `dataset` of the N5 container `container`."""
+    """Open the dataset `dataset` of the N5 container `container`, or the finest level of
+    the multiscale group it names."""
     if not is_url(container) and not os.path.isdir(container):
         raise VolumeError(f"{container}: no such folder (an N5 container is a folder)")
     reader = MetadataReader(container)
-    if not dataset:
-        raise VolumeError(f"{container}: is an N5 container; name a dataset inside it "
-                          f"({container}/NAME); datasets: {list_datasets(container)}")
-    name = f"{container}/{dataset}"
-    attrs = reader.json(f"{dataset}/attributes.json")
-    if attrs is None:
-        if is_url(container):  # a remote store cannot be listed
-            raise VolumeError(f"{name}: no N5 dataset there (no attributes.json)")
-        raise VolumeError(f"{container} has no dataset {dataset!r}; datasets: "
-                          f"{list_datasets(container)}")
-    if "dimensions" not in attrs:
-        raise VolumeError(f"{name} is an N5 group, not a dataset; datasets in it: "
-                          f"{list_datasets(container, dataset)}")
+    name = f"{container}/{dataset}" if dataset else container
+    array, attrs, pyramid, index = _locate(reader, container, dataset)
+    if pyramid is not None:
+        pyramid.check(name, index)
+        attrs = pyramid.effective(index)
     spec: dict[str, Any] = {"driver": "n5",
-                            "kvstore": kvstore(reader.ts, f"{reader.location}/{dataset}")}
+                            "kvstore": kvstore(reader.ts, f"{reader.location}/{array}")}
     if _spatial_only(attrs) or _old_codec(attrs):
         spec |= {"metadata": _structure(attrs), "assume_metadata": True}
     view = reader.open(spec, lambda store: store[reader.ts.d[:].transpose[::-1]])
     voxel_size, offset = n5_spatial(name, len(view.shape), attrs)
     plain = {k: v for k, v in attrs.items() if k not in (*STRUCTURE_KEYS, OLD_CODEC_KEY)}
+    levels = pyramid.listed(container) if pyramid is not None else ()
     return opened_volume(view, path=container, dataset=dataset, voxel_size=voxel_size,
                          offset=offset, attrs=plain, metadata=spec.get("metadata"),
-                         shift_nm=level_shift(voxel_size, attrs.get("downsamplingFactors")))
+                         shift_nm=level_shift(voxel_size, attrs.get("downsamplingFactors")),
+                         level_list=levels)
+
+
+def _locate(reader: MetadataReader, container: str, dataset: str | None,
+            ) -> tuple[str, dict[str, Any], Pyramid | None, int]:
+    """The dataset read for `dataset` (its path in the container, its attributes), the
+    pyramid it is a level of (None if none) and its index there: a multiscale group's is
+    its level 0."""
+    refused: VolumeError | None = None
+    try:
+        attrs = reader.json(f"{dataset}/attributes.json" if dataset else "attributes.json")
+    except VolumeError as exc:  # a group without attributes, on an object store?
+        if not forbidden(exc):
+            raise
+        attrs, refused = None, exc
+    if attrs is not None and "dimensions" in attrs:
+        return (dataset or "", attrs, *_pyramid_of(reader, dataset or ""))
+    pyramid = read_pyramid(reader, dataset or "", attrs or {})
+    if pyramid is not None:
+        return pyramid.path(0), pyramid.levels[0][1], pyramid, 0
+    if refused is not None:
+        raise refused
+    _not_a_dataset(container, dataset, attrs)
+
+
+def _not_a_dataset(container: str, dataset: str | None, attrs: Any) -> NoReturn:
+    """Refuse a path naming a container, a missing dataset or a group that is no pyramid."""
+    if not dataset:
+        raise VolumeError(f"{container}: is an N5 container; name a dataset inside it "
+                          f"({container}/NAME); datasets: {list_datasets(container)}")
+    name = f"{container}/{dataset}"
+    if attrs is None and is_url(container):  # a remote store cannot be listed
+        raise VolumeError(f"{name}: no N5 dataset there (no attributes.json)")
+    if attrs is None and not os.path.isdir(name):
+        raise VolumeError(f"{container} has no dataset {dataset!r}; datasets: "
+                          f"{list_datasets(container)}")
+    raise VolumeError(f"{name} is an N5 group, not a dataset; datasets in it: "
+                      f"{list_datasets(container, dataset)}")
+
+
+def _pyramid_of(reader: MetadataReader, dataset: str) -> tuple[Pyramid | None, int]:
+    """The pyramid a dataset named sN is level N of, and N; (None, 0) for any other."""
+    group, _, leaf = dataset.rpartition("/")
+    found = LEVEL_NAME.fullmatch(leaf)
+    if found is None:
+        return None, 0
+    attrs = _probe(reader, f"{group}/attributes.json" if group else "attributes.json")
+    if attrs is not None and "dimensions" in attrs:
+        return None, 0
+    pyramid = read_pyramid(reader, group, attrs or {})
+    index = int(found.group(1))
+    if pyramid is None or index >= len(pyramid.levels) or pyramid.levels[index][0] != leaf:
+        return None, 0
+    return pyramid, index
+
+
+@dataclass(frozen=True)
+class Pyramid:
+    """An N5 multiscale group: where it is in the container, its attributes, and its
+    levels' names and own attributes, finest (s0) first. A level's factors (x, y, z, as
+    N5 lists axes) are its own `downsamplingFactors`, else the group's list's entry."""
+
+    group: str
+    attrs: dict[str, Any]
+    levels: tuple[tuple[str, dict[str, Any]], ...]
+    factor_list: tuple[Any, ...] = ()
+
+    def path(self, index: int) -> str:
+        """The level's dataset path inside the container."""
+        return f"{self.group}/{self.levels[index][0]}".strip("/")
+
+    def factors(self, index: int) -> list[float] | None:
+        """The level's downsampling factors (x, y, z) from level 0; None when unknown."""
+        own = self.levels[index][1].get("downsamplingFactors")
+        if _positive_numbers(own):
+            return list(own)
+        if index < len(self.factor_list) and _positive_numbers(self.factor_list[index]):
+            return list(self.factor_list[index])
+        rank = len(self.levels[index][1].get("dimensions") or ())
+        return [1] * rank if index == 0 and rank else None
+
+    def effective(self, index: int) -> dict[str, Any]:
+        """The level's attributes as it is read: its factors, and without a voxel size of
+        its own the group's (BigDataViewer's export and paintera put `resolution` on the
+        group only; a level's attributes inherit its group's, as neuroglancer reads N5)."""
+        own = self.levels[index][1]
+        found = dict(own)
+        factors = self.factors(index)
+        if factors is not None:
+            found["downsamplingFactors"] = factors
+        if any(key in own for key in SPATIAL_KEYS) or factors is None:
+            return found
+        if isinstance(self.attrs.get("pixelResolution"), Mapping | list):
+            found["pixelResolution"] = self.attrs["pixelResolution"]
+        elif self.attrs.get("resolution") is not None:
+            found["resolution"] = _downsampled(self.attrs["resolution"], factors)
+        else:
+            return found
+        for key in ("units", "offset"):
+            if key not in own and key in self.attrs:
+                found[key] = self.attrs[key]
+        return found
+
+    def mismatch(self, index: int) -> str | None:
+        """Why the level's factors disagree with its shape against level 0's, or None: its
+        voxel size is level 0's times its factors, so a wrong factor gives a wrong size."""
+        factors, base = self.factors(index), self.factors(0)
+        dims = self.levels[index][1].get("dimensions")
+        base_dims = self.levels[0][1].get("dimensions")
+        if factors is None or base is None or not isinstance(dims, list) or \
+                not isinstance(base_dims, list) or len(base) != len(factors):
+            return None
+        expected = [b * f0 / f for b, f0, f in zip(base_dims, base, factors, strict=False)]
+        if all(math.floor(e + 1e-9) <= d <= math.ceil(e - 1e-9)
+               for d, e in zip(dims, expected, strict=False)):
+            return None
+        about = "x".join(f"{e:g}" for e in expected)
+        return (f"level {self.levels[index][0]!r} has downsamplingFactors {factors} (x, y, "
+                f"z) but dimensions {'x'.join(map(str, dims))}: level "
+                f"{self.levels[0][0]!r} is {'x'.join(map(str, base_dims))}, so it should be "
+                f"about {about}, and its voxel size would be wrong; correct its "
+                "downsamplingFactors (or the group's scales)")
+
+    def check(self, name: str, index: int) -> None:
+        """Refuse to open a level whose factors disagree with its shape."""
+        why = self.mismatch(index)
+        if why is not None:
+            raise VolumeError(f"{name}: N5 multiscale group {self.group or '(root)'}: {why}")
+
+    def listed(self, container: str) -> tuple[Level, ...]:
+        """Every level, its voxel size as opening it gives (None where unknown or where
+        its factors disagree with its shape), its path as `open_volume` takes it."""
+        return tuple(Level(level, self._voxel_size(container, i),
+                           f"{container}/{self.path(i)}")
+                     for i, (level, _) in enumerate(self.levels))
+
+    def _voxel_size(self, container: str, index: int) -> tuple[float, ...] | None:
+        if self.mismatch(index) is not None:
+            return None
+        attrs = {k: v for k, v in self.effective(index).items() if k != "offset"}
+        rank = len(attrs.get("dimensions") or ())
+        try:
+            return n5_spatial(f"{container}/{self.path(index)}", rank, attrs)[0]
+        except VolumeError:
+            return None
+
+
+def read_pyramid(reader: MetadataReader, group: str,
+                 attrs: Mapping[str, Any]) -> Pyramid | None:
+    """The multiscale group at `group` (datasets s0, s1, ... in it), or None: the levels
+    are read by name until one is missing, as a remote store cannot be listed."""
+    prefix = f"{group}/" if group else ""
+    factor_list = _factor_list(attrs)
+    if not factor_list and group:  # BigDataViewer lists them on the setup above
+        parent = group.rpartition("/")[0]
+        factor_list = _factor_list(_probe(reader, f"{parent}/attributes.json" if parent
+                                          else "attributes.json") or {})
+    levels: list[tuple[str, dict[str, Any]]] = []
+    for index in range(len(factor_list) + MAX_LEVELS):
+        found = _probe(reader, f"{prefix}s{index}/attributes.json")
+        if found is None or "dimensions" not in found:
+            break
+        levels.append((f"s{index}", found))
+    if not levels:
+        return None
+    return Pyramid(group, dict(attrs), tuple(levels), tuple(factor_list))
+
+
+def _probe(reader: MetadataReader, key: str) -> dict[str, Any] | None:
+    """A key looked for, not named by the user: an object store answers 403 for a missing
+    key where listing is not allowed, so a refusal counts as absent (the level past the
+    last, a group without attributes), as for remote zarr (`forbidden`)."""
+    try:
+        return reader.json(key)
+    except VolumeError as exc:
+        if forbidden(exc):
+            return None
+        raise
+
+
+def _factor_list(attrs: Mapping[str, Any]) -> list[Any]:
+    """A group's list of every level's factors (`scales` or `downsamplingFactors`)."""
+    for key in FACTOR_LISTS:
+        value = attrs.get(key)
+        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            return value
+    return []
+
+
+def _positive_numbers(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value)
 
 
 def _spatial_only(attrs: Mapping[str, Any]) -> bool:
