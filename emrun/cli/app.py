@@ -105,8 +105,8 @@ Nm = Annotated[tuple[float, float, float] | None, typer.Option(metavar="Z Y X",
                                                                 help="Voxel size in nm.")]
 LevelChoice = Annotated[str | None, typer.Option(
     "--level", metavar="NAME|Z,Y,X", help="The input's level of a multiscale image (OME-Zarr, "
-    "precomputed, N5 pyramid): its name (1 in emrun's stores, s1 in some others') or its voxel size in "
-    "nm, z,y,x (40,8,8).")]
+    "precomputed, N5 pyramid): its name (1 in emrun's stores, s1 in some others') or its "
+    "voxel size in nm, z,y,x (40,8,8).")]
 
 
 def at_level(path: str, level: str | None) -> str:
