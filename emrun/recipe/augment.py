@@ -13,14 +13,19 @@ smallest shape it may have to produce (``input_shapes`` gives a step's smallest 
 checks refuse shapes that are too small, so the smallest ones decide, except the box count,
 which the patch itself decides where a box is last, as usual). A step with ``p: 0`` (or an
 alternative of ``one_of`` with chance 0) never runs and is not judged.
+
+A shape large enough for every check still to come, and whose reads are too (`Need`), is
+dropped on the way: it changes no verdict, and long chains of warps and isotropic flips
+would otherwise carry a set of shapes that grows with every step.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -32,6 +37,10 @@ from .types import NonNegative, Positive, Probability, Size
 
 VoxelSize = tuple[float, float, float]
 KeyPath = tuple[str | int, ...]
+Need = tuple[int, int] | None
+"""(z, side): a shape of at least z sections and at least ``side`` in y and in x passes
+every check of the steps still to judge, and so does every shape they read from it; None
+where no such bound is known (a box, whose check refuses large shapes, or a plugin's step)."""
 
 WARP_MARGIN = 1
 """Source pixels a warp reads around the inverse-mapped patch (interpolation, rounding)."""
@@ -64,6 +73,7 @@ class _Check:
     patch: Zyx
     voxel_size: VoxelSize | None
     problems: list[tuple[KeyPath, str]] = field(default_factory=list)
+    before: Need = (0, 0)  # what the steps before the chain walked now still need (`Need`)
 
 
 class AugmentBase(Spec):
@@ -104,6 +114,17 @@ class AugmentBase(Spec):
         (a misalignment); None (pixels as given) for any other, a plugin's too."""
         return None if voxel_size == UNSTATED else voxel_size
 
+    def need_for(self, need: tuple[int, int], voxel_size: VoxelSize | None) -> Need:
+        """`need_through` when it applies: ``need`` for a step that checks nothing and
+        reads what it produces; None (not known) for any other, unless it says."""
+        if all(getattr(type(self), name) is getattr(AugmentBase, name) for name in _DEFAULTS):
+            return need
+        return None
+
+
+_DEFAULTS = ("patch_problems", "shape_problems", "input_shapes", "checked_inputs",
+             "judged_at", "need_for")
+
 
 augmentations.require(AugmentBase)
 
@@ -117,11 +138,25 @@ def _where(msg: str, shape: Zyx, patch: Zyx) -> str:
 
 def smallest_shapes(shapes: Sequence[Zyx]) -> list[Zyx]:
     """The shapes no other one is smaller than or equal to on every axis, first seen first
-    (every check is passed by a shape if by a smaller one, so these decide)."""
+    (every check is passed by a shape if by a smaller one, so these decide).
+
+    One sweep in (z, y, x) order over a staircase of the (y, x) kept so far, not every
+    pair: a long chain of warps and isotropic flips carries thousands of shapes."""
     distinct = list(dict.fromkeys(tuple(s) for s in shapes))
-    return [s for s in distinct  # type: ignore[misc]
-            if not any(o != s and all(a <= b for a, b in zip(o, s, strict=True))
-                       for o in distinct)]
+    kept: set[tuple[int, ...]] = set()
+    ys: list[int] = []  # the staircase: y ascending, x descending
+    xs: list[int] = []
+    for shape in sorted(distinct):
+        _, y, x = shape
+        i = bisect.bisect_right(ys, y)
+        if i and xs[i - 1] <= x:  # an earlier shape (z no larger) is no larger in y and x
+            continue
+        kept.add(shape)
+        j = i
+        while j < len(ys) and xs[j] >= x:
+            j += 1
+        ys[i:j], xs[i:j] = [y], [x]
+    return [s for s in distinct if s in kept]  # type: ignore[misc]
 
 
 def augment_problems(augment: Sequence[AugmentBase], patch: Zyx,
@@ -137,11 +172,46 @@ def augment_problems(augment: Sequence[AugmentBase], patch: Zyx,
 
 def chain_inputs(specs: Sequence[AugmentBase], outs: list[Zyx], check: _Check,
                  path: KeyPath) -> list[Zyx]:
-    """Check ``specs`` backwards from ``outs``; the smallest shapes the first one reads."""
+    """Check ``specs`` backwards from ``outs``; the smallest shapes the first one reads.
+
+    Shapes that pass every check still to come, and whose reads do too (`Need`), are
+    dropped on the way: they cannot change a verdict, and without that a long chain of
+    warps and isotropic flips carried a set of shapes growing with every step."""
+    before = check.before
+    needs = [before]
+    for spec in specs:
+        needs.append(need_through(spec, needs[-1], check.voxel_size))
     shapes = outs
     for i in reversed(range(len(specs))):
-        shapes = specs[i].checked_inputs(shapes, check, (*path, i))
-    return shapes
+        check.before = needs[i]
+        shapes = specs[i].checked_inputs(_unsafe(shapes, needs[i + 1]), check, (*path, i))
+    check.before = before
+    return _unsafe(shapes, before)
+
+
+def _unsafe(shapes: list[Zyx], need: Need) -> list[Zyx]:
+    """The shapes that do not meet ``need``: only they may fail a check to come."""
+    if need is None:
+        return shapes
+    z, side = need
+    return [s for s in shapes if s[0] < z or s[1] < side or s[2] < side]
+
+
+def need_through(spec: AugmentBase, need: Need, voxel_size: VoxelSize | None) -> Need:
+    """What a shape ``spec`` produces must meet so that it passes ``spec``'s check and what
+    ``spec`` reads from it meets ``need`` (what the steps before it need)."""
+    if need is None or spec.p == 0:
+        return need
+    found = spec.need_for(need, voxel_size)
+    if found is None or spec.p == 1:
+        return found
+    return (max(found[0], need[0]), max(found[1], need[1]))  # or it is skipped
+
+
+def _greatest(*needs: Need) -> Need:
+    if any(n is None for n in needs):
+        return None
+    return (max(n[0] for n in needs), max(n[1] for n in needs))  # type: ignore[index]
 
 
 if TYPE_CHECKING:
@@ -164,6 +234,12 @@ class FlipRotate(AugmentBase):
             return [(z, y, x), (z, x, y)]
         return [(out_shape[a], out_shape[b], out_shape[c])
                 for a, b, c in itertools.permutations(range(3))]
+
+    def need_for(self, need: tuple[int, int], voxel_size: VoxelSize | None) -> Need:
+        """y and x swapped need the same; any axis may become z with ``isotropic``."""
+        if type(self) is not FlipRotate:
+            return None
+        return (max(need),) * 2 if self.isotropic else need  # type: ignore[return-value]
 
 
 @augmentations.register("warp")
@@ -190,11 +266,50 @@ class Warp(AugmentBase):
 
     def input_shapes(self, out_shape: Zyx, voxel_size: VoxelSize | None) -> list[Zyx]:
         """The smallest in y and the smallest in x over draws at the largest scale, without
-        stretch or twist (a perspective stretch or a twist never makes the read smaller:
-        of two opposite corners one is magnified), over every rotation and shear."""
+        stretch (a perspective stretch never makes the read smaller: of two opposite corners
+        one is magnified), over every rotation and shear a section may get.
+
+        A twist rotates section z by ``angle + twist * (z / (Z - 1) - 1/2)``: the first and
+        last sections by ``angle -+ twist / 2``, each up to ``rot_max + twist_max / 2``. The
+        read holds every section's mapped corners, so it is at least one end section's read
+        at such an angle: the rotations are taken up to there (a patch rotated by 90 degrees
+        at both ends reads its sides swapped, smaller in x than any untwisted draw)."""
         nz, h, w = out_shape
-        return [(nz, *yx) for yx in _warp_smallest(h, w, self.rot_max, self.shear_max,
-                                                   self.scale[1])]
+        return [(nz, *yx) for yx in _warp_smallest(h, w, self.largest_rotation(nz),
+                                                   self.shear_max, self.scale[1])]
+
+    def largest_rotation(self, sections: int) -> float:
+        """The largest rotation (degrees) a section of a ``sections``-section patch gets."""
+        if sections < 2:
+            return self.rot_max  # one section: the planned angle, untwisted
+        return min(180.0, self.rot_max + self.twist_max / 2)
+
+    def need_for(self, need: tuple[int, int], voxel_size: VoxelSize | None) -> Need:
+        """The least side whose reads, of one section or more, are ``need``'s side in y
+        and x; z is unchanged."""
+        if type(self) is not Warp:
+            return None
+        side = _least_side(self._least_read, need[1])
+        return None if side is None else (need[0], side)
+
+    def _least_read(self, side: int) -> int:
+        """The least y or x it may read for a square output of ``side``."""
+        return min(min(s[1:]) for z in (1, 2) for s in self.input_shapes((z, side, side), None))
+
+
+def _least_side(read: Callable[[int], int], need: int) -> int | None:
+    """The least n >= 1 with ``read(n) >= need`` (``read`` grows with n); None past 2^40."""
+    if read(1) >= need:
+        return 1
+    low, high = 1, 2
+    while read(high) < need:
+        low, high = high, high * 2
+        if high > 2 ** 40:
+            return None
+    while high - low > 1:  # read(low) < need <= read(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if read(middle) < need else (low, middle)
+    return high
 
 
 @functools.lru_cache(maxsize=1024)
@@ -288,6 +403,15 @@ class MisalignBase(AugmentBase):
             )
         return problems
 
+    def need_for(self, need: tuple[int, int], voxel_size: VoxelSize | None) -> Need:
+        """Its sections, and a side larger than its largest displacement where that is
+        known; it reads more than it produces."""
+        if type(self) not in (Misalign, MisalignMissing):
+            return None
+        factor = self.known_scale(self.judged_at(voxel_size))
+        side = 0 if factor is None else math.floor(self.displacement[1] * factor) + 1
+        return (max(need[0], self.min_sections()), max(need[1], side))
+
     def input_shapes(self, out_shape: Zyx, voxel_size: VoxelSize | None) -> list[Zyx]:
         """The output plus the smallest shift, all in y or all in x."""
         z, y, x = out_shape
@@ -333,6 +457,10 @@ class LostSection(AugmentBase):
         z, y, x = out_shape
         return [(z + 1, y, x)]
 
+    def need_for(self, need: tuple[int, int], voxel_size: VoxelSize | None) -> Need:
+        """It reads more than it produces and checks nothing."""
+        return need if type(self) is LostSection else None
+
 
 class SectionAugment(AugmentBase):
     max_sections: Size = Field(7, le=1000, description="Most sections affected per sample.")
@@ -343,6 +471,12 @@ class SectionAugment(AugmentBase):
             return [f"{self.type}: max_sections {self.max_sections} exceeds the patch's "
                     f"{patch[0]} sections"]
         return []
+
+    def need_for(self, need: tuple[int, int], voxel_size: VoxelSize | None) -> Need:
+        """At least ``max_sections`` sections; it reads what it produces."""
+        if type(self) not in (MissingSection, BlurrySection):
+            return None
+        return (max(need[0], self.max_sections), need[1])
 
 
 @augmentations.register("missing_section")
@@ -481,6 +615,18 @@ class OneOf(AugmentBase):
                 inputs += alternative.checked_inputs(outs, check, (*path, "of", j))
         return smallest_shapes(inputs)
 
+    def need_for(self, need: tuple[int, int], voxel_size: VoxelSize | None) -> Need:
+        """What every alternative that can be chosen needs, and ``need`` where 'nothing'
+        can be chosen."""
+        if type(self) is not OneOf:
+            return None
+        probs = self.probs if self.probs is not None else [1.0] * len(self.of)
+        found = [need_through(a, need, voxel_size)
+                 for a, prob in zip(self.of, probs, strict=True) if prob > 0]
+        if not found or (self.probs is not None and sum(self.probs) < 1 - 1e-9):
+            found.append(need)
+        return _greatest(*found)
+
 
 @augmentations.register("compose")
 class Compose(AugmentBase):
@@ -497,6 +643,15 @@ class Compose(AugmentBase):
             return outs
         inputs = chain_inputs(self.of, outs, check, (*path, "of"))
         return smallest_shapes((outs if self.p < 1 else []) + inputs)
+
+    def need_for(self, need: tuple[int, int], voxel_size: VoxelSize | None) -> Need:
+        """Its steps in order, each needing what the next must produce."""
+        if type(self) is not Compose:
+            return None
+        found: Need = need
+        for spec in self.of:
+            found = need_through(spec, found, voxel_size)
+        return found
 
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
