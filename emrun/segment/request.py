@@ -13,7 +13,10 @@ from ..errors import UserError
 from ..recipe.run import SegmenterBase
 from ..registry import segmenters
 
-__all__ = ["SegmentRequest"]
+__all__ = ["GIVEN_OPTIONS", "SegmentRequest"]
+
+GIVEN_OPTIONS = ("name", "fragments", "agglomeration")
+"""The options whose defaults a resume cannot tell from given values by the value alone."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,10 @@ class SegmentRequest:
     in the database at ``db`` (default: SQLite in the output), ``fragments`` made by
     ``watershed`` or ``mws``, ``agglomeration`` of the whole graph in one process
     (``global``) or ``blockwise`` on the workers; ``resume`` finishes (or extends) a job
-    found in the output.
+    found in the output. ``given``: which of ``name``, ``fragments``, ``agglomeration`` the
+    caller gave (the command line passes their defaults for those it was not given): a
+    resume takes the saved job's settings only where the option was not given, and an
+    explicit default (``--name segmentation``) is a request like any other value.
     """
 
     affinities: str
@@ -59,6 +65,7 @@ class SegmentRequest:
     fragments: str = "watershed"
     agglomeration: str = "global"
     resume: bool = False
+    given: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", MappingProxyType(
@@ -101,3 +108,5 @@ class SegmentRequest:
             raise UserError(f"--block {list(self.block)}: sizes must be positive")
         if self.min_size is not None and self.min_size < 0:
             raise UserError(f"--min-size must be 0 or more (got {self.min_size})")
+        if unknown := set(self.given) - set(GIVEN_OPTIONS):
+            raise ValueError(f"given: {sorted(unknown)} are not among {GIVEN_OPTIONS}")

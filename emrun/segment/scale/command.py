@@ -5,11 +5,13 @@ graph pipeline agglomerates by threshold, as waterz: ``--method waterz`` or a re
 ``segment`` is waterz), thresholds in [0, 1], the affinities and their nearest-neighbour
 offsets, the mask, the output (never overwritten; an unfinished job only with ``--resume``,
 and only if its fragments were made the same way) and the database (it must answer and
-accept the tables).
+accept the tables). A SIGTERM or SIGINT stops the job where all it wrote is whole (in a
+step between blocks, `run_step`; outside, `MainStops`) and says to go on with --resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -19,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields as dataclass_fields
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zarr
@@ -49,7 +51,7 @@ from .graphdb import (
     shown_url,
 )
 from .job import FOLDER, FRAGMENTS, ScaleJob, saved_job
-from .schedulers import forget_caches, local_pool, run_step
+from .schedulers import MainStops, forget_caches, local_pool, main_stops, run_step
 from .steps import agglomerate_graph, finished_volume, levels_key, lut_file, lut_key
 
 __all__ = ["AGGLOMERATIONS", "DEFAULT_BLOCK", "block_chunks", "run_scaled", "volume_key"]
@@ -80,13 +82,20 @@ def _default(option: str) -> Any:
     return next(f.default for f in dataclass_fields(SegmentRequest) if f.name == option)
 
 
+def _given(request: SegmentRequest, option: str) -> bool:
+    """Whether the command gave ``option`` (`SegmentRequest.given`; a caller that does not
+    say: whether its value is another than the default). An explicit default counted as not
+    given: ``--resume --name segmentation`` finished the job's own volumes instead."""
+    return option in request.given or getattr(request, option) != _default(option)
+
+
 def _plain_resume(request: SegmentRequest) -> ScaleJob | None:
     """The saved job, when ``--resume`` gives none of --threshold, --name, --min-size: it
     finishes the job as it was last started (it agglomerated at waterz's default threshold
     into a new volume, and left the job's own unfinished for good). With any of them, the
     command says what to make, as for a new job, and the other options keep their defaults."""
     if not request.resume or request.values.get("threshold") or \
-            request.name != _default("name") or request.min_size is not None:
+            _given(request, "name") or request.min_size is not None:
         return None
     return saved_job(request.output)
 
@@ -137,15 +146,15 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
                         f"({list(HALO)} on each side) may hold at most {MAX_VOXELS:,} voxels; "
                         f"the default {list(DEFAULT_BLOCK)} is also the fastest per voxel")
     folder = output / FOLDER
-    name, levels, agglomeration = _resumed_settings(request)
+    settings = _resumed_settings(request)
     job = ScaleJob(affinities=volume.location(), offsets=tuple(offsets),
                    output=str(output.resolve()), shape=spatial, block=block,
-                   fragments=request.fragments, thresholds=tuple(agglo.thresholds),
+                   fragments=settings.fragments, thresholds=tuple(agglo.thresholds),
                    scoring=agglo.scoring, min_size=int(agglo.min_size),
                    db=job_url(password_to_environment(request.db)) if request.db else
                    default_url(folder),
-                   name=name, mask=None if mask is None else mask.location(), levels=levels,
-                   agglomeration=agglomeration)
+                   name=settings.name, mask=None if mask is None else mask.location(),
+                   levels=settings.levels, agglomeration=settings.agglomeration)
     forget_caches()  # an earlier run in this process kept blocks' data by path and URL
     old = _check_resume(job, request.resume)
     job = replace(job, run=_run_token(old))
@@ -154,16 +163,49 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
     info = _output_info(job, volume)
     _check_outputs(job, info)  # refused before the database or the job's folder is made
     store = GraphStore(job.db)
-    if not (output / "zarr.json").is_file():  # new (held: its folder holds only the lock)
-        zarr.open_group(str(output), mode="a", zarr_format=3)  # the store, then its folder
-    job.folder.mkdir(parents=True, exist_ok=True)
-    # the database answers and takes the tables, and holds no other run's graph, before work
-    store.create(job.digest(), job.run, job.output, resumed=old is not None)
-    _prepare_outputs(job, volume, agglo, info)
-    job.save()
+    # from here a signal stops the command where all it wrote is whole (`MainStops`)
+    with main_stops() as stops, contextlib.ExitStack() as cleanup:
+        cleanup.callback(store.dispose)  # stopped or not
+        if not (output / "zarr.json").is_file():  # new (held: its folder holds only the lock)
+            zarr.open_group(str(output), mode="a", zarr_format=3)  # the store, then its folder
+        job.folder.mkdir(parents=True, exist_ok=True)
+        # the database answers and takes the tables, and holds no other run's graph, first
+        store.create(job.digest(), job.run, job.output, resumed=old is not None)
+        _prepare_outputs(job, volume, agglo, info)
+        job.save()
+        stops.check("making its volumes")
+        timings = _run_steps(job, store, request, stops, say, on_block)
+        started = time.perf_counter()
+        for i, volume_name in enumerate(job.names):
+            segments = _finish(job, volume_name)
+            result.outputs.append({"name": volume_name, "threshold": job.thresholds[i],
+                                   "segments": segments})
+            if i + 1 < len(job.names):
+                stops.check(f"finishing {volume_name} ({i + 1} of {len(job.names)} "
+                            "segmentations finished)")
+        fragments = timings.pop("fragments pyramid")
+        timings["pyramid"] = {"seconds": round(time.perf_counter() - started + fragments, 3),
+                              "fragments": fragments}
+        timings["database_bytes"] = store.size_bytes()
+    return timings
+
+
+class Resumed(NamedTuple):
+    """The job's settings a resume may take from the saved job (`_resumed_settings`)."""
+
+    name: str
+    levels: int | None
+    agglomeration: str
+    fragments: str
+
+
+def _run_steps(job: ScaleJob, store: GraphStore, request: SegmentRequest, stops: MainStops,
+               say: Say, on_block: Callable[[str, int, int], None] | None) -> dict[str, Any]:
+    """The four steps, each skipping what is done; a signal between them (``stops``) stops
+    the command there, and during the agglomeration at once (its tables are written only
+    whole, at its end). Returns the timings by step."""
     timings: dict[str, Any] = {"block": list(job.block), "blocks": len(job.grid)}
     workers, kind, launch = request.workers or 1, request.scheduler or "local", request.launch
-
     with local_pool(kind, workers) as pool:
 
         def step(name: str, pending: list[Zyx]) -> None:
@@ -175,51 +217,68 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
             timings[name] = {"seconds": round(time.perf_counter() - started, 3),
                              "blocks": len(pending),
                              **{k: round(v, 3) for k, v in parts.items()}}
+            stops.check(f"the {name} step")
 
         indices = [zyx(i) for i in job.grid.indices()]
         step("fragments", [i for i in indices if not job.is_done("fragments", i)])
-        mark_finished(volume_dir(job.output, FRAGMENTS, True))  # every block is in
+        timings["fragments pyramid"] = _finish_fragments(job)  # every block is in
+        stops.check("the fragments step and the fragments' pyramid")
         done = store.done_blocks()
         step("graph", [i for i in indices if job.block_id(i) not in done])
         thresholds = ", ".join(f"{t:g}" for t in job.thresholds)
+        kept = "the fragments and the graph are kept"
         if job.agglomeration == "blockwise":
             agglomerated = store.agglomerated_blocks(levels_key(job))
             step("agglomerate", [i for i in indices if job.block_id(i) not in agglomerated])
             say(f"merging the blocks' agglomerations (thresholds {thresholds})")
+            what, kept = "merge", "the fragments, the graph and the blocks' agglomerations " \
+                "are kept"
         else:
             say(f"agglomerating the graph (thresholds {thresholds}, {job.scoring})")
+            what = "agglomerate"
         started = time.perf_counter()
-        timings["merge" if job.agglomeration == "blockwise" else "agglomerate"] = {
-            **agglomerate_graph(job), "seconds": round(time.perf_counter() - started, 3)}
+        with stops.cut_short(f"the agglomeration was cut short (its tables are written "
+                             f"only when it is done); {kept}"):
+            timings[what] = {**agglomerate_graph(job),
+                             "seconds": round(time.perf_counter() - started, 3)}
+        stops.check("the agglomeration")
         relabel = f"relabel-{lut_key(job)}"
         todo = any(not finished_volume(job, name) for name in job.names)
         step("relabel", [i for i in indices if todo and not job.is_done(relabel, i)])
-    started = time.perf_counter()
-    for volume_name, threshold in zip(job.names, job.thresholds, strict=True):
-        segments = _finish(job, volume_name)
-        result.outputs.append({"name": volume_name, "threshold": threshold,
-                               "segments": segments})
-    timings["pyramid"] = {"seconds": round(time.perf_counter() - started, 3)}
-    timings["database_bytes"] = store.size_bytes()
-    store.dispose()
     return timings
 
 
-def _resumed_settings(request: SegmentRequest) -> tuple[str, int | None, str]:
-    """The volumes' name, the pyramid levels and the agglomeration: the command's; a plain
-    ``--resume`` (`_plain_resume`) takes the saved job's name, and its agglomeration unless
-    --agglomeration blockwise is given (global, the default, cannot be told from not given;
-    the job's volumes are made no other way), and any resume the saved pyramid levels unless
-    --levels is given."""
+def _finish_fragments(job: ScaleJob) -> float:
+    """Give the fragments the segmentations' pyramid levels (labels: downsampled by mode) and
+    mark them finished, unless an earlier run did; returns the seconds. They had level 0
+    only: a viewer zoomed out read the whole volume."""
+    folder = volume_dir(job.output, FRAGMENTS, True)
+    started = time.perf_counter()
+    if not finished_volume(job, FRAGMENTS):
+        build_pyramid(folder, job.levels, label=True)
+        mark_finished(folder)
+    return round(time.perf_counter() - started, 3)
+
+
+def _resumed_settings(request: SegmentRequest) -> Resumed:
+    """The volumes' name, the pyramid levels, the agglomeration and the fragments method:
+    the command's; a plain ``--resume`` (`_plain_resume`) takes the saved job's name, and its
+    agglomeration unless --agglomeration is given; any resume the saved pyramid levels and
+    fragments method unless --levels or --fragments is given (the fragments must be the
+    job's: it was refused, a job started with --fragments mws, resumed without)."""
     name, levels, agglomeration = request.name, request.levels, request.agglomeration
+    fragments = request.fragments
     saved = saved_job(request.output) if request.resume else None
-    if saved is not None and levels is None:
-        levels = saved.levels
+    if saved is not None:
+        if levels is None:
+            levels = saved.levels
+        if not _given(request, "fragments"):
+            fragments = saved.fragments
     if (plain := _plain_resume(request)) is not None:
         name = plain.name
-        if agglomeration == _default("agglomeration"):
+        if not _given(request, "agglomeration"):
             agglomeration = plain.agglomeration
-    return name, levels, agglomeration
+    return Resumed(name, levels, agglomeration, fragments)
 
 
 def _warn_left_unfinished(old: ScaleJob | None, job: ScaleJob, say: Say) -> None:

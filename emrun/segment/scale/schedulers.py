@@ -10,7 +10,9 @@ SIGTERM (a cluster's time limit, `scancel`, `timeout`) or SIGINT during a step s
 between blocks, as infer's schedulers do: the blocks in flight are finished and marked, no
 new one starts, and `Interrupted` says to run the same command with --resume (exit 143 or
 130). It used to end the run on the spot without a word, and daisy's workers went on
-writing blocks after the scheduler had exited and released the output.
+writing blocks after the scheduler had exited and released the output. Outside the steps
+(`MainStops`: between them, the agglomeration in this process, the pyramids) the same
+signals stop the command at the next point where all it wrote is whole.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import signal
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +35,7 @@ from ...devices import daisy_package, launch_failure, launched_main, launched_wo
 from ...errors import Interrupted, UserError
 from ...geometry import Zyx, zyx
 from ...subprocesses import (
+    STOPPING,
     die_with_parent,
     killed_by,
     leave_signals_to,
@@ -42,7 +47,7 @@ from .job import ScaleJob
 from .steps import _store, run_block
 from .steps import forget_caches as forget_block_caches
 
-__all__ = ["forget_caches", "local_pool", "run_step"]
+__all__ = ["MainStops", "forget_caches", "local_pool", "main_stops", "run_step"]
 
 Report = Callable[[str, int, int], None]
 
@@ -83,11 +88,63 @@ def run_step(job: ScaleJob, step: str, blocks: Sequence[Zyx], *, scheduler: str,
     return seconds
 
 
+RESUME = "run the same command with --resume to go on"
+
+
+class MainStops:
+    """SIGTERM or SIGINT while this process works outside the block steps: noted, and the
+    command stops at the next `check` (where all it wrote is whole), or at once inside
+    `cut_short` (work that writes only atomically, at its end: the agglomeration). Without
+    it the command ended there on the spot, exit -15 or a traceback, saying nothing."""
+
+    def __init__(self) -> None:
+        self.caught: list[str] = []
+        self._cut_short: str | None = None  # what is kept, while work may be cut short
+
+    def handler(self, number: int, frame: Any) -> None:
+        self.caught.append(signal.Signals(number).name)
+        if self._cut_short is not None:
+            kept, self._cut_short = self._cut_short, None
+            raise Interrupted(self.caught[0], f"{kept}: {RESUME}")
+
+    def check(self, after: str) -> None:
+        """Stop here if a signal came: the job stopped after ``after``, all of it kept."""
+        if self.caught:
+            raise Interrupted(self.caught[0], f"the job stopped after {after}, before its "
+                              f"next step; all done so far is kept: {RESUME}")
+
+    @contextmanager
+    def cut_short(self, kept: str) -> Iterator[None]:
+        """Inside this, a signal stops the command at once (``kept``: what stays); one that
+        came before waits for the next `check`, so `check` first."""
+        self._cut_short = kept
+        try:
+            yield
+        finally:
+            self._cut_short = None
+
+
+@contextmanager
+def main_stops() -> Iterator[MainStops]:
+    """`MainStops` for SIGTERM and SIGINT while inside (the steps' `stop_signals` take them
+    during a step, and give them back); outside the main thread none are installed."""
+    stops = MainStops()
+    if threading.current_thread() is not threading.main_thread():
+        yield stops
+        return
+    previous = {number: signal.signal(number, stops.handler) for number in STOPPING}
+    try:
+        yield stops
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
 def _stopped(signal_name: str, step: str, kept: str) -> Interrupted:
     """The stop a SIGTERM or SIGINT during ``step`` ends the command with: what was kept
     and how to go on (the command line reads 'stopped by SIGTERM: ...', exit 143)."""
-    return Interrupted(signal_name, f"the {step} step stopped between blocks; {kept}: run "
-                       "the same command with --resume to go on")
+    return Interrupted(signal_name, f"the {step} step stopped between blocks; {kept}: "
+                       f"{RESUME}")
 
 
 def _run_local(job_file: str, step: str, blocks: Sequence[Zyx],
