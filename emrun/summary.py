@@ -35,7 +35,9 @@ def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | N
                   shown: str, model_facts: ModelFacts) -> None:
     """Sources with shapes and weights, the model with its size and cost (``model_facts``
     of the built model), tasks with channels. ``shown`` (the recipe's path) comes escaped
-    for rich markup; the recipe's own text is escaped here."""
+    for rich markup; the recipe's own text is escaped here, and so is the model's line (a
+    plugin's summary lists its fields' values: "[/x]" in one crashed validate, "[v2]" was
+    dropped)."""
     console.print(f"[bold green]ok[/] {shown}: recipe [bold]{escape(recipe.name)}[/]"
                   + (f" — {escape(recipe.description)}" if recipe.description else ""))
 
@@ -61,7 +63,8 @@ def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | N
     model = recipe.model
     field = model_facts.receptive_field
     console.print(
-        f"[bold]model[/] {model.type}: {model.summary()}; {model_facts.params:,} parameters; "
+        f"[bold]model[/] {escape(model.type)}: {escape(model.summary())}; "
+        f"{model_facts.params:,} parameters; "
         f"accepts sizes divisible by {_zyx(model_facts.divisor)}; "
         f"{flops_text(model_facts.flops_per_voxel)} per output voxel; receptive field "
         f"{'unknown' if field is None else ' x '.join(str(v) for v in field)}"

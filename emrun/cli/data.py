@@ -14,10 +14,17 @@ from .app import LevelChoice, Levels, Nm, Overrides, RecipeFile, at_level, data_
 
 def _check_nm(voxel_size: tuple[float, float, float] | None) -> None:
     """--voxel-size as given: three positive, finite nm (a 0 would reach the writers or the
-    generator as an internal error)."""
-    if voxel_size is not None and not all(math.isfinite(v) and v > 0 for v in voxel_size):
-        given = " ".join(f"{v:g}" for v in voxel_size)
+    generator as an internal error) that the stores can keep (4e-9, metres, was refused only
+    after the whole volume was written, as "image.partial: scale [0.0, ...]")."""
+    from ..io.convert import voxel_size_problem
+
+    if voxel_size is None:
+        return
+    given = " ".join(f"{v:g}" for v in voxel_size)
+    if not all(math.isfinite(v) and v > 0 for v in voxel_size):
         raise UserError(f"--voxel-size {given}: give three positive sizes in nm (z y x)")
+    if (problem := voxel_size_problem(voxel_size)) is not None:
+        raise UserError(f"--voxel-size {given}: {problem}")
 
 
 @data_app.command("convert")

@@ -66,6 +66,31 @@ def guess_name(dtype: np.dtype) -> str:
     return "image"
 
 
+def default_name(dtype: np.dtype, ndim: int, label: bool | None, segmentation: bool) -> str:
+    """The volume name when none is given: "labels" for what is written as a segmentation
+    (`label`, or its metadata says ids), `guess_name` otherwise, except that "labels" is not
+    guessed where the store refuses it: for an image (`label` False) or channels (4-d). A
+    uint8 segmentation given --labels was named "image", and a 16-bit 4-d image "labels"."""
+    if label or (label is None and segmentation):
+        return "labels"
+    guess = guess_name(dtype)
+    return "image" if guess == "labels" and (label is False or ndim == 4) else guess
+
+
+MIN_NM, MAX_NM = 1e-3, 1e6  # the stores keep 6 decimals of nm: below this, size is lost
+
+
+def voxel_size_problem(voxel_size: Sequence[float]) -> str | None:
+    """Why a voxel size (nm, zyx) cannot be written, or None: a size below 0.001 nm was
+    stored rounded, to 0 below 5e-7 nm (a size given in metres), which was refused only when
+    the finished volume's metadata was checked; above 1 mm it is no EM voxel but a slip (a
+    size near 1e308 overflowed in the coarser levels' scales, after the writing)."""
+    if all(math.isfinite(v) and MIN_NM <= v <= MAX_NM for v in voxel_size):
+        return None
+    return (f"give sizes in nm from {MIN_NM:g} to {MAX_NM:g} (a size in metres or micrometres "
+            "needs converting: 4e-9 m and 0.004 um are 4 nm)")
+
+
 def output_dtype(dtype: np.dtype) -> np.dtype:
     """The stored dtype: bool -> uint8, otherwise the same values in native byte order."""
     dtype = np.dtype(dtype)
@@ -90,13 +115,14 @@ def convert(
     """Convert `source` (TIFF file or folder, HDF5, zarr, .npy) into the volume `out/name`.
 
     `out` is a *.zarr folder (created when missing; other volumes in it are kept). `name`
-    defaults to `guess_name(source dtype)`. The voxel size (nm, zyx) is `voxel_size`, else
-    the source's metadata, else unknown; the source's offset is kept. Sources are 3-d
-    (z, y, x) or 4-d (c, z, y, x). `chunks` default to `default_chunks`; for a 4-d source,
-    3 values are the spatial chunks (all channels in each). `label`: write a segmentation
-    (OME labels; default: `emrun.io.write.guess_label`); `levels`: pyramid levels (None:
-    the default). A progress bar over the slabs goes to stderr when `progress`. Every
-    user-facing problem is a VolumeError.
+    defaults to `default_name` (from the dtype, `label` and the metadata). The voxel size
+    (nm, zyx) is `voxel_size`, else the source's metadata, else unknown; the source's
+    offset is kept. Sources are 3-d (z, y, x) or 4-d (c, z, y, x). `chunks` default to
+    `default_chunks`; for a 4-d source, 3 values are the spatial chunks (all channels in
+    each). `label`: write a segmentation (OME labels; default:
+    `emrun.io.write.guess_label`); `levels`: pyramid levels (None: the default). A progress
+    bar over the slabs goes to stderr when `progress`. Every user-facing problem is a
+    VolumeError.
     """
     vol = open_volume(source)
     if vol.ndim not in (3, 4):
@@ -111,21 +137,19 @@ def convert(
     channel_axis = vol.ndim == 4
     if label is None and vol.segmentation:  # its metadata says ids (an OME label image):
         label = True  # a uint8 one too, whose pyramid must not average ids
-    name = name if name is not None else "labels" if vol.segmentation else guess_name(vol.dtype)
+    if name is None:
+        name = default_name(vol.dtype, vol.ndim, label, vol.segmentation)
     dtype = output_dtype(vol.dtype)
     shift_nm = vol.shift_nm if voxel_size is None else None  # a voxel size given: its grid
-    if voxel_size is None:
-        voxel_size = vol.voxel_size
-        if voxel_size is not None and len(voxel_size) != 3:
-            raise VolumeError(
-                f"{vol}: its metadata gives voxel size {list(voxel_size)}, not 3 values "
-                "(z, y, x); give the voxel size explicitly"
-            )
+    voxel_size = _chosen_voxel_size(vol, voxel_size)
     offset = vol.offset if vol.offset is not None and len(vol.offset) == 3 else None
     if chunks is not None and channel_axis and len(chunks) == 3:
         chunks = (vol.shape[0], *chunks)  # spatial chunks given: all channels in each chunk
-    chunks = clipped(chunks, vol.shape) if chunks is not None else default_chunks(vol.shape,
-                                                                                   channel_axis)
+    if chunks is not None:
+        chunks = clipped(chunks, vol.shape)
+        check_chunk_files(vol, chunks, dtype.itemsize)
+    else:
+        chunks = default_chunks(vol.shape, channel_axis)
     target = str(Path(out) / name)
     check_output_fits(out, math.prod(vol.shape) * np.dtype(dtype).itemsize,
                       f"converting {vol} ({'x'.join(map(str, vol.shape))} {np.dtype(dtype)})")
@@ -183,6 +207,23 @@ def clipped(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(min(c, n) for c, n in zip(chunks, shape, strict=True))
 
 
+MANY_CHUNKS, MIN_CHUNK_BYTES = 100_000, 4096  # a chunk is one file: one filesystem block at least
+
+
+def check_chunk_files(vol: Volume, chunks: Sequence[int], itemsize: int) -> None:
+    """Refuse chunks so small that the output is more than `MANY_CHUNKS` files of under a
+    filesystem block each: --chunks 1 1 1 on a 1024^2 x 128 volume set out to write 134
+    million one-byte files, for days, after what it had written was removed on Ctrl-C."""
+    if len(chunks) != len(vol.shape) or min(chunks) < 1:
+        return  # the writer refuses these, in its words
+    count = math.prod(-(-n // c) for n, c in zip(vol.shape, chunks, strict=True))
+    size = math.prod(chunks) * itemsize
+    if count > MANY_CHUNKS and size < MIN_CHUNK_BYTES:
+        raise VolumeError(f"{vol}: --chunks {' '.join(map(str, chunks[-3:]))} makes {count:,} "
+                          f"chunks of {size:,} byte(s), one file each; give chunks of at least "
+                          f"{MIN_CHUNK_BYTES:,} bytes (e.g. 16 64 64, or leave --chunks out)")
+
+
 def write_by_chunk(array: zarr.Array, roi: Roi, data: np.ndarray) -> None:
     """Write `data` into `array[roi]` one chunk at a time.
 
@@ -209,6 +250,22 @@ def slabs(
     rows = max(band, max_bytes // row_bytes // band * band)
     slab = [*(max(1, n) for n in shape[:z_axis]), depth, rows, max(1, shape[-1])]
     yield from BlockGrid(box_of(shape), slab).boxes()
+
+
+def _chosen_voxel_size(vol: Volume, given: Sequence[float] | None) -> Sequence[float] | None:
+    """The voxel size written: `given`, else the source's metadata; refused before any
+    writing when it has not 3 values or the store cannot keep it (`voxel_size_problem`)."""
+    voxel_size = given if given is not None else vol.voxel_size
+    if voxel_size is None:
+        return None
+    if len(voxel_size) != 3:
+        raise VolumeError(f"{vol}: its metadata gives voxel size {list(voxel_size)}, not 3 "
+                          "values (z, y, x); give the voxel size explicitly")
+    if (problem := voxel_size_problem(voxel_size)) is not None:
+        where = " (its metadata's; give the voxel size explicitly)" if given is None else ""
+        raise VolumeError(f"{vol}: voxel size {[float(v) for v in voxel_size]} nm{where}: "
+                          f"{problem}")
+    return voxel_size
 
 
 def _progress_bar(enabled: bool) -> Progress:
