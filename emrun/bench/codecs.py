@@ -212,7 +212,7 @@ def measure_chunks(chosen: Sequence[Candidate], sample: list[np.ndarray], passes
     try:
         encoded = [[codec.encode(c) for c in sample] for codec in codecs]  # also warms up
         lossless = [
-            all(np.array_equal(np.frombuffer(codec.decode(e), dtype=c.dtype).reshape(c.shape), c)
+            all(same_bits(np.frombuffer(codec.decode(e), dtype=c.dtype).reshape(c.shape), c)
                 for c, e in zip(sample, packed, strict=True))
             for codec, packed in zip(codecs, encoded, strict=True)]
         times: list[dict[str, list[float]]] = [
@@ -276,7 +276,7 @@ def measure_zarr(chosen: Sequence[Candidate], data: np.ndarray, chunks: Sequence
                 path, data, chunks, c), time.process_time)
             *read, back = _clocked(lambda a=array: a[...], time.process_time)
             if index == 0:
-                lossless[i] = bool(np.array_equal(back, data))
+                lossless[i] = same_bits(back, data)
                 packed[i] = stored_bytes(path)
             else:
                 for key, (wall, cpu) in (("write", write), ("read", read)):
@@ -416,3 +416,12 @@ TABLE_HEADER = (f" {'codec':<19} {'chunks':<15} {'ratio':>5} "
 TABLE_NOTE = ("ratio: region bytes / bytes on disk; enc, dec: MB per CPU second, one thread, "
               "on the sampled chunks; write, read: MB/s through zarr (default threads), "
               "write/cpu: MB per CPU second of the whole write; * emrun's codec")
+
+
+def same_bits(back: np.ndarray, data: np.ndarray) -> bool:
+    """Whether a round trip gave back exactly what went in, bit for bit: NaN (a masked voxel
+    many tools export) equals itself and -0.0 differs from 0.0, as lossless storage means."""
+    if back.shape != data.shape or back.dtype.newbyteorder("=") != data.dtype.newbyteorder("="):
+        return False
+    back = np.ascontiguousarray(back, dtype=data.dtype)  # a store's own byte order is no loss
+    return back.tobytes() == np.ascontiguousarray(data).tobytes()
