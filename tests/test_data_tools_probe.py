@@ -174,8 +174,6 @@ def test_bench_codecs_on_a_float_volume_with_nan_is_lossless(tmp_path):
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/io/write.py: an output store inside another "
-                   "store's volume folder is taken, and replacing that volume deletes it")
 def test_an_output_store_inside_a_volume_is_refused(tmp_path):
     source = npy(tmp_path, "raw.npy", np.zeros((2, 8, 8), np.uint8))
     outer = tmp_path / "outer.zarr"

@@ -590,6 +590,9 @@ def _check_store(root: Path, clear: bool = True) -> None:
         raise VolumeError(f"{root}: an output store must be a folder whose name ends in .zarr")
     if is_link_loop(root):
         raise VolumeError(f"{root} is a loop of symbolic links; give a .zarr folder")
+    if (holder := _volume_around(root)) is not None:
+        raise VolumeError(f"{root}: lies inside the volume {holder}, which replacing it (or "
+                          "its pyramid) would delete; give a path outside it")
     if not root.exists():
         if (above := file_in_the_way(root)) is not None:  # found now, not after the work
             raise VolumeError(f"{root}: {above} is a file, not a folder; give another path")
@@ -617,6 +620,22 @@ def _check_store(root: Path, clear: bool = True) -> None:
         return
     if entries:
         raise VolumeError(f"{root}: exists and is not a zarr store (no zarr.json); not writing")
+
+
+def _volume_around(root: Path) -> Path | None:
+    """The zarr array or image (a volume another command may replace as a whole) a store
+    would lie inside, if any: ``outer.zarr/image/inner.zarr`` was written, and a later
+    ``convert ... outer.zarr --overwrite`` deleted it with the image."""
+    for folder in Path(os.path.abspath(root)).parents:
+        if (folder / ".zarray").is_file() or _is_volume(folder):
+            return folder
+        try:
+            doc = json.loads((folder / "zarr.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("node_type") == "array":
+            return folder
+    return None
 
 
 def _only_partial_volumes(entries: list[Path]) -> bool:
