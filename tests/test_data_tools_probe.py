@@ -182,9 +182,6 @@ def test_an_output_store_inside_a_volume_is_refused(tmp_path):
     assert inner.exit_code == 2, inner.output  # `convert ... outer.zarr --overwrite` removed it
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/io/metadata.py: a voxel size in metres in the "
-                   "metadata is shown rounded ([0.0, 0.0, 0.0]), not as stored, and it "
-                   "refuses the volume even when --voxel-size is given")
 def test_a_metadata_voxel_size_in_metres_is_named_as_stored(tmp_path):
     path = tmp_path / "metres.h5"
     with h5py.File(path, "w") as f:

@@ -534,6 +534,7 @@ def from_attrs(name: str, ndim: int, attrs: Mapping[str, Any]) -> Spatial:
     raw_offset = attrs.get("offset")
     voxel = _vector(name, raw_voxel, "voxel_size", ndim) if raw_voxel is not None else None
     if voxel is not None:
+        _check_stated_in_nm(name, raw_voxel, voxel)
         _check_voxel_size(name, voxel, "voxel_size")
     if raw_offset is None:
         return voxel, None
@@ -609,6 +610,17 @@ def _number(name: str, value: Any, key: str) -> float:
     if not math.isfinite(value):
         raise VolumeError(f"{name}: {key} contains a non-finite value {value!r}")
     return float(value)
+
+
+def _check_stated_in_nm(name: str, raw: Any, voxel: Sequence[float]) -> None:
+    """A positive voxel size that rounds to 0 nm was stated in metres (4e-9): named as
+    stored, not as the [0.0, 0.0, 0.0] it rounds to, which read as a sign error."""
+    values = raw.tolist() if hasattr(raw, "tolist") else raw
+    stated = [float(v) for v in values]
+    if any(v > 0 and c <= 0 for v, c in zip(stated, voxel, strict=True)):
+        shown = ", ".join(f"{v:g}" for v in stated)
+        raise VolumeError(f"{name}: voxel_size [{shown}] is not in nm "
+                          "(in metres? 4e-09 m is 4 nm); store it in nm")
 
 
 def _check_voxel_size(name: str, voxel: Sequence[float], key: str) -> None:
