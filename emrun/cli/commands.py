@@ -353,7 +353,8 @@ def segment(
     block: Annotated[tuple[int, int, int] | None, typer.Option(
         metavar="Z Y X", help="Segment block by block with this block size (default: only "
                               "volumes beyond 4 GiB of working memory, in blocks that fit "
-                              "it, at most 32 512 512).")] = None,
+                              "it, at most 32 512 512; --scheduler: 32 256 256, "
+                              "--resume: the job's).")] = None,
     name: Annotated[str | None, typer.Option(
         help="Output volume name in OUT (default: segmentation; --resume without "
              "--threshold or --min-size: the job's).")
@@ -382,7 +383,8 @@ def segment(
     db: Annotated[str | None, typer.Option(
         metavar="URL", help="--scheduler: the region graph's database, e.g. "
         "postgresql://user@host/graphs (extra emrun[postgres]); default: SQLite in "
-        "OUT/.emrun-segment.")] = None,
+        "OUT/.emrun-segment. --resume: the job's (the job keeps no password: PGPASSWORD or "
+        "~/.pgpass give it).")] = None,
     fragments: Annotated[str | None, typer.Option(
         metavar="watershed|mws", help="--scheduler: how blocks are cut into fragments "
         "(default: watershed; --resume: the job's).")] = None,
@@ -393,8 +395,9 @@ def segment(
         "workers, then join their merges (about 100 bytes per edge). Default: global "
         "(a plain --resume: the job's).")] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="--scheduler: finish the job in OUT (or agglomerate its graph at "
-        "other thresholds, with another --name).")] = False,
+        "--resume", help="--scheduler: finish the job in OUT as it was started (its "
+        "block, database, thresholds ... where not given), or agglomerate its graph at other "
+        "thresholds, with another --name.")] = False,
     json_: JsonLine = False,
 ) -> None:
     """Affinities to a neuron segmentation (mutex watershed, waterz, components)."""

@@ -138,25 +138,18 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
         daisy_package()  # missing: said before the output is made (a rerun was refused)
     output = request.output
     spatial = zyx(volume.shape[1:])
-    block = zyx(min(b, n) for b, n in zip(request.block or DEFAULT_BLOCK, spatial, strict=True))
-    if request.block is not None:  # a user's block; the default is the fastest per voxel
-        check_block_count(spatial, block)
-    if math.prod(b + 2 * h for b, h in zip(block, HALO, strict=True)) > MAX_VOXELS:
-        raise UserError(f"--block {list(block)}: too large, a block with its context "
-                        f"({list(HALO)} on each side) may hold at most {MAX_VOXELS:,} voxels; "
-                        f"the default {list(DEFAULT_BLOCK)} is also the fastest per voxel")
-    folder = output / FOLDER
+    layout = _resumed_layout(request, spatial)
     settings = _resumed_settings(request)
     job = ScaleJob(affinities=volume.location(), offsets=tuple(offsets),
-                   output=str(output.resolve()), shape=spatial, block=block,
+                   output=str(output.resolve()), shape=spatial, block=layout.block,
                    fragments=settings.fragments, thresholds=tuple(agglo.thresholds),
-                   scoring=agglo.scoring, min_size=int(agglo.min_size),
-                   db=job_url(password_to_environment(request.db)) if request.db else
-                   default_url(folder),
+                   scoring=agglo.scoring, min_size=int(agglo.min_size), db=layout.db,
                    name=settings.name, mask=None if mask is None else mask.location(),
                    levels=settings.levels, agglomeration=settings.agglomeration)
     forget_caches()  # an earlier run in this process kept blocks' data by path and URL
     old = _check_resume(job, request.resume)
+    if layout.taken:
+        say(f"resuming with the job's {' and '.join(layout.taken)} (as it was started)")
     job = replace(job, run=_run_token(old))
     _warn_left_unfinished(old, job, say)
     _check_values(volume, job.affinities)
@@ -188,6 +181,63 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
                               "fragments": fragments}
         timings["database_bytes"] = store.size_bytes()
     return timings
+
+
+class Layout(NamedTuple):
+    """The job's block and database (`_resumed_layout`), and what of them a resume took from
+    the saved job (for one line saying so)."""
+
+    block: Zyx
+    db: str
+    taken: list[str]
+
+
+def _resumed_layout(request: SegmentRequest, spatial: Zyx) -> Layout:
+    """The block and the database: the command's; on a resume, the saved job's where
+    --block or --db is not given (a job started with --block or --db was refused on a
+    plain --resume: 'made with another block', 'resume with --db'). A given one that
+    differs from the job's is still refused (`_check_resume`)."""
+    saved = saved_job(request.output) if request.resume else None
+    folder = request.output / FOLDER
+    default = zyx(min(b, n) for b, n in zip(DEFAULT_BLOCK, spatial, strict=True))
+    taken: list[str] = []
+    if request.block is None and saved is not None:
+        block = zyx(min(b, n) for b, n in zip(saved.block, spatial, strict=True))
+        if block != default:
+            taken.append(f"--block {' '.join(map(str, block))}")
+    else:
+        block = _checked_block(request.block, spatial)
+    if request.db:
+        db = job_url(password_to_environment(request.db))
+    elif saved is not None:
+        db = _carried_db(saved.db, Path(saved.output) / FOLDER, folder)
+        if db != default_url(folder):
+            taken.append(f"--db {shown_url(db)}")
+    else:
+        db = default_url(folder)
+    return Layout(block, db, taken)
+
+
+def _checked_block(given: tuple[int, int, int] | None, spatial: Zyx) -> Zyx:
+    """``--block`` (or the default), no larger than the volume; refused if its blocks are
+    too many or too large for a worker."""
+    block = zyx(min(b, n) for b, n in zip(given or DEFAULT_BLOCK, spatial, strict=True))
+    if given is not None:  # a user's block; the default is the fastest per voxel
+        check_block_count(spatial, block)
+    if math.prod(b + 2 * h for b, h in zip(block, HALO, strict=True)) > MAX_VOXELS:
+        raise UserError(f"--block {list(block)}: too large, a block with its context "
+                        f"({list(HALO)} on each side) may hold at most {MAX_VOXELS:,} voxels; "
+                        f"the default {list(DEFAULT_BLOCK)} is also the fastest per voxel")
+    return block
+
+
+def _carried_db(db: str, was: Path, folder: Path) -> str:
+    """The saved job's database ``db`` for the job whose private folder is now ``folder``
+    (``was`` when it was saved): its default SQLite file, inside the output, is the one the
+    output carries now (it may have been moved or copied); any other database stays."""
+    if db in (default_url(was), f"sqlite:///{was / SQLITE_FILE}"):
+        return default_url(folder)
+    return db
 
 
 class Resumed(NamedTuple):
@@ -322,10 +372,8 @@ def _rebased(old: ScaleJob, job: ScaleJob) -> ScaleJob:
     the output, is the one the output carries now, not the one at the old place."""
     if old.output == job.output:
         return old
-    folder = Path(old.output) / FOLDER
-    if old.db not in (default_url(folder), f"sqlite:///{folder / SQLITE_FILE}"):
-        return old
-    return replace(old, output=job.output, db=default_url(job.folder))
+    db = _carried_db(old.db, Path(old.output) / FOLDER, job.folder)
+    return old if db == old.db else replace(old, output=job.output, db=db)
 
 
 def _check_resume(job: ScaleJob, resume: bool) -> ScaleJob | None:
@@ -351,10 +399,7 @@ def _check_resume(job: ScaleJob, resume: bool) -> ScaleJob | None:
         raise UserError(f"{job.output}: its fragments were made with another "
                         f"{', '.join(what) or 'layout'} ({was}); resume with the same "
                         "settings, or use another output")
-    if old.db != job.db:
-        if job.db == default_url(job.folder):  # no --db given: name none
-            raise UserError(f"{job.output}: this job's graph is in {shown_url(old.db)}; "
-                            f"resume with --db {shown_url(old.db)}")
+    if old.db != job.db:  # a given --db (`_resumed_layout` takes the job's otherwise)
         raise UserError(f"--db {shown_url(job.db)}: this job's graph is in "
                         f"{shown_url(old.db)}; resume with that --db")
     return old

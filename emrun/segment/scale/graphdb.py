@@ -436,7 +436,7 @@ class GraphStore:
             if not _users_fault(exc):
                 raise
             raise UserError(f"--db {shown_url(self.url)}: cannot {what} the graph database "
-                            f"({_first_line(exc.orig or exc)})") from None
+                            f"({_first_line(exc.orig or exc)}){_password_hint(exc)}") from None
 
 
 def _region_graph(node_rows: np.ndarray, edge_rows: np.ndarray, histograms: bool
@@ -579,6 +579,16 @@ def _users_fault(exc: Exception) -> bool:
 
     return isinstance(exc, (sa.exc.OperationalError, sa.exc.ProgrammingError,
                             sa.exc.InterfaceError)) or type(exc) is sa.exc.DatabaseError
+
+
+def _password_hint(exc: BaseException) -> str:
+    """What to do when the server asks for a password that no one gave (libpq: 'no password
+    supplied'): the job's file keeps none, so a resume that takes the job's --db, or a
+    worker started elsewhere, has it only from PGPASSWORD or ~/.pgpass."""
+    if "no password supplied" not in str(exc):
+        return ""
+    return ("; the server asks for a password: set PGPASSWORD or add the password to "
+            "~/.pgpass (the job's file in the output keeps none), or give it in --db")
 
 
 def _first_line(exc: BaseException) -> str:
