@@ -233,12 +233,16 @@ def test_a_resume_without_fragments_takes_the_jobs(cells_store, tmp_path):
 
 
 def test_the_non_scale_path_keeps_its_defaults(cells_store, tmp_path):
-    """Without --scheduler nothing changes: the volume is named segmentation, and an
-    explicit --fragments watershed (the default) is no pipeline option given."""
+    """Without --scheduler nothing changes: the volume is named segmentation; an explicit
+    --fragments watershed (the default), ignored there, is refused (it was accepted without
+    a word)."""
     out = tmp_path / "cc.zarr"
-    result = runner.invoke(app, ["segment", str(cells_store / "in.zarr/affinity"), str(out),
-                                 "--method", "cc", "--threshold", "0.5", "--levels", "1",
-                                 "--fragments", "watershed"])
+    command = ["segment", str(cells_store / "in.zarr/affinity"), str(out), "--method", "cc",
+               "--threshold", "0.5", "--levels", "1"]
+    result = runner.invoke(app, [*command, "--fragments", "watershed"])
+    assert result.exit_code == 2, result.output
+    assert "--fragments: only with --scheduler local or daisy" in result.output
+    result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     assert open_volume(str(out / "segmentation")).shape == probe.SHAPE
 

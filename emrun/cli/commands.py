@@ -346,10 +346,12 @@ def segment(
     min_size: Annotated[int | None, typer.Option(
         min=0, help="Merge segments smaller than this into their best neighbour.")] = None,
     mask: Annotated[str | None, typer.Option(
-        help="Volume, non-zero where to segment; 0 outside in the output.")] = None,
+        help="Volume, non-zero where to segment; 0 outside in the output (--resume: the "
+             "job's).")] = None,
     offsets: Annotated[str | None, typer.Option(
         help="Offsets if AFFS has no 'offsets' attribute: JSON "
-             "'[[-1,0,0],[0,-1,0],[0,0,-1]]' or '-1,0,0 0,-1,0 0,0,-1'.")] = None,
+             "'[[-1,0,0],[0,-1,0],[0,0,-1]]' or '-1,0,0 0,-1,0 0,0,-1' (--resume: the "
+             "job's).")] = None,
     block: Annotated[tuple[int, int, int] | None, typer.Option(
         metavar="Z Y X", help="Segment block by block with this block size (default: only "
                               "volumes beyond 4 GiB of working memory, in blocks that fit "

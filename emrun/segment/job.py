@@ -378,7 +378,7 @@ def _run_graph(request: SegmentRequest, spec: SegmenterBase | None,
                say: Callable[[str], None] | None,
                on_block: Callable[[str, int, int], None] | None) -> SegmentResult:
     """The graph pipeline (emrun.segment.scale) on local workers or daisy."""
-    from .scale.command import run_scaled, waterz_spec
+    from .scale.command import resumed_inputs, run_scaled, waterz_spec
 
     if spec is not None and spec.type != "waterz" and request.spec is None and \
             request.method is None:  # the recorded recipe's, not asked for: say, and go on
@@ -392,7 +392,8 @@ def _run_graph(request: SegmentRequest, spec: SegmenterBase | None,
     output = request.output
     if not request.resume:
         check_output(output, names)
-    volume, offsets = open_affinities(request.affinities, request.offsets)
+    inputs = resumed_inputs(request)  # a resume's: the job's where not given
+    volume, offsets = open_affinities(request.affinities, inputs.offsets)
     note_other_offsets(volume, offsets, request.offsets, say or (lambda text: None))
     spatial = volume.shape[1:]
     level_factors(spatial, volume.voxel_size, request.levels)
@@ -400,7 +401,7 @@ def _run_graph(request: SegmentRequest, spec: SegmenterBase | None,
         check_output_fits(output, 8 * math.prod(spatial) * (len(names) + 1),
                           f"segmenting {volume} (fragments and {len(names)} segmentations, "
                           f"{'x'.join(map(str, spatial))} uint64)")
-    mask = None if request.mask is None else open_spatial(request.mask, volume, "mask")
+    mask = None if inputs.mask is None else open_spatial(inputs.mask, volume, "mask")
     result = SegmentResult(input=str(volume), output=str(output), method="waterz",
                            parameters=agglo.model_dump(), mode=f"graph ({request.scheduler})",
                            segmenter_from=segmenter_from)

@@ -89,16 +89,9 @@ class SegmentRequest:
                 raise UserError(f"--scheduler {self.scheduler!r}: choose local or daisy")
             if self.sweep:
                 raise UserError("--sweep runs in memory; drop --scheduler (sweep a crop)")
-        else:
-            given = [flag for flag, value in (("--launch", self.launch), ("--db", self.db),
-                                              ("--resume", self.resume or None)) if value]
-            if self.fragments != "watershed":
-                given.append("--fragments")
-            if self.agglomeration != "global":
-                given.append("--agglomeration")
-            if given:
-                raise UserError(f"{', '.join(given)}: only with --scheduler local or daisy (the "
-                                "graph pipeline); add --scheduler or drop them")
+        elif given := self._pipeline_options():
+            raise UserError(f"{', '.join(given)}: only with --scheduler local or daisy (the "
+                            "graph pipeline); add --scheduler or drop them")
         if self.launch is not None and self.scheduler != "daisy":
             raise UserError("--launch starts daisy workers; add --scheduler daisy")
         check_launch(self.launch)
@@ -110,3 +103,14 @@ class SegmentRequest:
             raise UserError(f"--min-size must be 0 or more (got {self.min_size})")
         if unknown := set(self.given) - set(GIVEN_OPTIONS):
             raise ValueError(f"given: {sorted(unknown)} are not among {GIVEN_OPTIONS}")
+
+    def _pipeline_options(self) -> list[str]:
+        """The graph pipeline's options given (an explicit default too: ``--fragments
+        watershed`` without --scheduler was ignored without a word); --launch is left to its
+        own check, which names --scheduler daisy."""
+        given = [flag for flag, value in (("--db", self.db), ("--resume", self.resume))
+                 if value]
+        for option, default in (("fragments", "watershed"), ("agglomeration", "global")):
+            if option in self.given or getattr(self, option) != default:
+                given.append(f"--{option}")
+        return given

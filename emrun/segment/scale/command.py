@@ -31,14 +31,14 @@ from ...capacity import check_block_count
 from ...devices import daisy_package
 from ...errors import UserError
 from ...geometry import Zyx, zyx
-from ...io import Volume
+from ...io import Volume, open_volume
 from ...io.completion import mark_finished, unfinished
 from ...io.layout import volume_dir
 from ...io.sample import contents_sample, sample_boxes
 from ...io.write import CHUNK_ZYX, build_pyramid, create_volume
 from ...recipe.run import SegmenterBase, Waterz
 from ...registry import segmenters
-from ..affinities import to_float
+from ..affinities import Offset, parse_offsets, to_float
 from ..base import respec
 from ..request import SegmentRequest
 from .fragments import FRAGMENT_METHODS, HALO, MAX_VOXELS
@@ -54,7 +54,8 @@ from .job import FOLDER, FRAGMENTS, ScaleJob, saved_job
 from .schedulers import MainStops, forget_caches, local_pool, main_stops, run_step
 from .steps import agglomerate_graph, finished_volume, levels_key, lut_file, lut_key
 
-__all__ = ["AGGLOMERATIONS", "DEFAULT_BLOCK", "block_chunks", "run_scaled", "volume_key"]
+__all__ = ["AGGLOMERATIONS", "DEFAULT_BLOCK", "Inputs", "block_chunks", "resumed_inputs",
+           "run_scaled", "volume_key"]
 
 AGGLOMERATIONS = ("global", "blockwise")
 """global: the whole graph agglomerated in one process (exact; about 500 bytes per edge);
@@ -148,8 +149,9 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
                    levels=settings.levels, agglomeration=settings.agglomeration)
     forget_caches()  # an earlier run in this process kept blocks' data by path and URL
     old = _check_resume(job, request.resume)
-    if layout.taken:
-        say(f"resuming with the job's {' and '.join(layout.taken)} (as it was started)")
+    if taken := _taken_inputs(request, job, volume) + layout.taken:
+        listed = ", ".join(taken[:-1]) + " and " + taken[-1] if len(taken) > 1 else taken[0]
+        say(f"resuming with the job's {listed} (as it was started)")
     job = replace(job, run=_run_token(old))
     _warn_left_unfinished(old, job, say)
     _check_values(volume, job.affinities)
@@ -216,6 +218,71 @@ def _resumed_layout(request: SegmentRequest, spatial: Zyx) -> Layout:
     else:
         db = default_url(folder)
     return Layout(block, db, taken)
+
+
+class Inputs(NamedTuple):
+    """The offsets (as ``--offsets`` text; None: the affinities' attribute) and the mask of
+    the job (`resumed_inputs`)."""
+
+    offsets: str | None
+    mask: str | None
+
+
+def resumed_inputs(request: SegmentRequest) -> Inputs:
+    """The command's --offsets and --mask; on a resume, the saved job's where they are not
+    given (its fragments were made with them: a job started with --mask was refused on a
+    resume without it, 'made with another mask'). A given one that differs from the job's is
+    still refused (`_check_resume`). The job keeps the mask's resolved location (in its
+    digest too): a mask moved, or inside an output since moved, is refused with one line."""
+    saved = saved_job(request.output) if request.resume else None
+    if saved is None:
+        return Inputs(request.offsets, request.mask)
+    offsets = request.offsets
+    if offsets is None:
+        offsets = json.dumps([list(o) for o in saved.offsets])
+    mask = request.mask
+    if mask is None and saved.mask is not None:
+        mask = saved.mask
+        try:
+            open_volume(mask)
+        except UserError as exc:
+            if _within(mask, saved.output) and saved.output != str(request.output.resolve()):
+                why = (f"it was inside the output where the job started, {saved.output}; "
+                       "move the output back there to resume")
+            else:
+                why = f"{exc}; its fragments were made with it: put it back there"
+            raise UserError(f"--resume takes the job's --mask {mask}, which does not open "
+                            f"now: {why}, or use another output") from None
+    return Inputs(offsets, mask)
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether the local ``path`` lies inside ``folder``."""
+    return "://" not in path and Path(path).is_relative_to(folder)
+
+
+def _taken_inputs(request: SegmentRequest, job: ScaleJob, volume: Volume) -> list[str]:
+    """What of the offsets and the mask a resume took from the saved job (`resumed_inputs`),
+    for the line saying so: its mask, and its offsets where the affinities' attribute gives
+    others (or none)."""
+    if not request.resume or saved_job(request.output) is None:
+        return []
+    taken = []
+    if request.offsets is None and _stored_offsets(volume) != job.offsets:
+        text = json.dumps([list(o) for o in job.offsets], separators=(",", ":"))
+        taken.append(f"--offsets '{text}'")
+    if request.mask is None and job.mask is not None:
+        taken.append(f"--mask {job.mask}")
+    return taken
+
+
+def _stored_offsets(volume: Volume) -> tuple[Offset, ...] | None:
+    """The offsets the affinities' `offsets` attribute gives (None: none, or not valid)."""
+    stored = volume.attributes().get("offsets")
+    try:
+        return None if stored is None else tuple(parse_offsets(stored, "offsets"))
+    except UserError:
+        return None
 
 
 def _checked_block(given: tuple[int, int, int] | None, spatial: Zyx) -> Zyx:
