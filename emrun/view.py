@@ -13,6 +13,9 @@ A time series (an OME t axis longer than 1, which emrun's other commands refuse)
 whole: neuroglancer reads the t axis from the OME metadata and gives it a slider of its own
 (t in seconds where the axis has a time unit); emrun reads only the first time point's
 geometry to choose the layer, and the state opens at that time point (`position`).
+
+N5 (a dataset, or a multiscale group: n5-viewer, BigDataViewer, paintera) is served the same
+way as an `n5://` source, a group as one layer with its levels (`n5_layer`).
 """
 
 from __future__ import annotations
@@ -28,13 +31,19 @@ import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .errors import UserError
 from .io import open_volume
 from .io.completion import how_to_finish
+from .io.locations import is_url
 from .io.metadata import first_time_point, multiscale_levels, ome_levels, ome_time_step
+from .io.tensorstore_volume import TensorstoreVolume
+from .io.volume import Volume
 from .io.zarr_volume import ZarrVolume
+
+if TYPE_CHECKING:
+    from .io.n5_volume import Pyramid
 
 LayerKind = Literal["image", "channels", "segmentation"]
 
@@ -45,6 +54,10 @@ void main() {
 }
 """
 """The first three channels as red, green and blue (z, y, x affinities for emrun's offsets)."""
+N5_CODECS = ("raw", "gzip", "blosc", "zstd")
+"""The N5 compressions neuroglancer decodes."""
+N5_TYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "float32")
+"""The N5 data types neuroglancer reads (int64 is served as uint64, `n5_metadata`)."""
 
 
 @dataclass(frozen=True)
@@ -61,38 +74,30 @@ class Layer:
     time_points: int = 1  # an OME t axis's length (neuroglancer shows more than 1 with t)
     time_axis: tuple[str, float, str] | None = None  # t's name, neuroglancer scale and unit
     bounds_nm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # z, y, x corners
+    driver: Literal["zarr", "n5"] = "zarr"  # how neuroglancer reads it
+    offset: tuple[float, ...] | None = None  # N5: level 0's (voxels, z, y, x), not read by ng
+    served: tuple[tuple[str, bytes], ...] = ()  # files served other than stored (path, body)
 
 
 def layer_for(path: str, taken: set[str]) -> Layer:
     """The layer that shows the volume at ``path`` (named after its group, made unique)."""
     with first_time_point():  # a time series: shown whole, its first point read here
         volume = open_volume(path, unfinished=True)  # a run in progress may be watched
+    if isinstance(volume, TensorstoreVolume) and volume.spec.get("driver") == "n5":
+        return n5_layer(volume, taken)
     if not isinstance(volume, ZarrVolume):
-        raise UserError(f"{volume}: emrun view serves OME-Zarr volumes; convert it first "
-                        "(emrun data convert)")
-    if volume.dtype.kind == "f" and volume.dtype != "float32":  # float16, float64
-        raise UserError(f"{volume}: neuroglancer reads float32, not {volume.dtype}; write it "
-                        "as float32 (or integers) to view it")
+        raise UserError(f"{volume}: emrun view serves OME-Zarr volumes (and N5); convert it "
+                        "first (emrun data convert)")
+    _check_float(volume)
     attrs = volume.attributes()
     if not multiscale_levels(attrs):
         raise UserError(f"{volume}: not an OME-Zarr image group (no multiscales metadata), "
                         "which neuroglancer needs for its geometry; convert it first (emrun "
                         "data convert)")
-    channels = int(volume.shape[0]) if volume.ndim == 4 else 0  # emrun's: channels first
-    if channels:
-        kind: LayerKind = "channels" if channels >= 3 else "image"
-    elif volume.segmentation or (volume.dtype.kind in "ui" and volume.dtype.itemsize >= 4):
-        kind = "segmentation"
-    else:
-        kind = "image"
+    channels, kind = layer_kind(volume)
     array = volume.array_path or volume.dataset or ""  # the level array read
     inner = array.rpartition("/")[0]  # the OME-Zarr image group holding it
-    name = (inner.rpartition("/")[2] or Path(volume.path).stem) or "volume"
-    unique, count = name, 1
-    while unique in taken:
-        count += 1
-        unique = f"{name}_{count}"
-    taken.add(unique)
+    unique = unique_name(inner.rpartition("/")[2] or Path(volume.path).stem, taken)
     # neuroglancer reads the whole image group, at its finest level's scale, also when a
     # coarser level was named (pred.zarr/affinity/1)
     finest = ome_levels(str(volume), volume.ndim + volume.time_point, attrs)[0][1]
@@ -104,7 +109,108 @@ def layer_for(path: str, taken: set[str]) -> Layer:
                  time_points=volume.time_points, time_axis=time, bounds_nm=bounds_nm(volume))
 
 
-def bounds_nm(volume: ZarrVolume) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _check_float(volume: Volume) -> None:
+    if volume.dtype.kind == "f" and volume.dtype != "float32":  # float16, float64
+        raise UserError(f"{volume}: neuroglancer reads float32, not {volume.dtype}; write it "
+                        "as float32 (or integers) to view it")
+
+
+def layer_kind(volume: Volume) -> tuple[int, LayerKind]:
+    """The volume's channel count (0 without a channel axis) and how it is shown."""
+    channels = int(volume.shape[0]) if volume.ndim == 4 else 0  # emrun's: channels first
+    if channels:
+        return channels, "channels" if channels >= 3 else "image"
+    if volume.segmentation or (volume.dtype.kind in "ui" and volume.dtype.itemsize >= 4):
+        return 0, "segmentation"
+    return 0, "image"
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    """`name` (or "volume"), numbered past the names already taken, and taken."""
+    name = name or "volume"
+    unique, count = name, 1
+    while unique in taken:
+        count += 1
+        unique = f"{name}_{count}"
+    taken.add(unique)
+    return unique
+
+
+def n5_layer(volume: TensorstoreVolume, taken: set[str]) -> Layer:
+    """The layer of an N5 dataset, or of the multiscale group a level of it names: served
+    as N5, neuroglancer reads a group's levels itself (`n5://` of the group).
+
+    Its geometry is level 0's as emrun reads it, put in the source's transform: neuroglancer
+    takes a voxel size only from the group's attributes (not a level's `pixelResolution`,
+    nor BigDataViewer's XML) and no `offset`. A coarser level needs nothing added: its voxel
+    covers its factors' voxels of level 0 from the same corner, which puts its centre the
+    half voxel per factor past level 0's that emrun reads (`level_shift`)."""
+    from .io.n5_volume import BDV_GROUP, n5_pyramid
+
+    container = volume.path
+    if is_url(container):
+        raise UserError(f"{volume}: emrun view serves local N5 containers; copy it here or "
+                        "open its URL in neuroglancer itself (n5://URL)")
+    levels = volume.levels()
+    inner = (posixpath.dirname(levels[0].path[len(container):].strip("/")) if levels
+             else (volume.dataset or "").strip("/"))
+    pyramid = n5_pyramid(container, inner) if levels else None
+    arrays = [attrs for _, attrs in pyramid.levels] if pyramid is not None else [
+        _json_file(Path(container, inner, "attributes.json"))]
+    _check_n5(volume, arrays)
+    base = open_volume(levels[0].path, unfinished=True) if levels else volume
+    channels, kind = layer_kind(volume)
+    if kind == "channels" and (volume.chunks or (channels,))[0] < channels:
+        kind = "image"  # neuroglancer reads channels together only from one chunk
+    store = Path(container).resolve()
+    bdv = BDV_GROUP.fullmatch(inner)
+    name = f"{store.stem}_setup{bdv.group(1)}" if bdv else inner.rpartition("/")[2]
+    offset = tuple(float(o) for o in base.offset) if base.offset and any(base.offset) else None
+    served = () if pyramid is None else ((str((store / inner / "attributes.json").resolve()),
+                                          _n5_group_attributes(store / inner, pyramid)),)
+    return Layer(unique_name(name or store.stem, taken), kind, store, inner, channels,
+                 tuple(float(v) for v in (base.voxel_size or (1.0, 1.0, 1.0))[-3:]),  # type: ignore[arg-type]
+                 how_to_finish(volume), bounds_nm=bounds_nm(base), driver="n5", offset=offset,
+                 served=served)
+
+
+def _check_n5(volume: Volume, arrays: list[dict[str, Any]]) -> None:
+    """Refuse what neuroglancer cannot read from N5: its data type, its compression."""
+    _check_float(volume)
+    if volume.dtype.name not in (*N5_TYPES, "int64"):
+        raise UserError(f"{volume}: neuroglancer reads N5 of {', '.join(N5_TYPES)}, not "
+                        f"{volume.dtype}; convert it first (emrun data convert)")
+    for attrs in arrays:
+        codec = attrs.get("compression", {}).get("type") if isinstance(
+            attrs.get("compression"), dict) else attrs.get("compressionType", "raw")
+        if codec not in N5_CODECS:
+            raise UserError(f"{volume}: compressed with {codec}, which neuroglancer does not "
+                            f"decode (it reads N5 compressed with {', '.join(N5_CODECS)}); "
+                            "convert it first (emrun data convert)")
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _n5_group_attributes(group: Path, pyramid: Pyramid) -> bytes:
+    """The group's attributes.json as served: with every level's factors in `scales`, which
+    neuroglancer reads before the levels' own (without a list it lists the folder, which this
+    server refuses, and found no levels in an n5-viewer group), as emrun reads them."""
+    factors = []
+    for index in range(len(pyramid.levels)):
+        found = pyramid.factors(index)
+        if found is None:
+            break
+        factors.append(found)
+    return json.dumps(_json_file(group / "attributes.json") | {"scales": factors}).encode()
+
+
+def bounds_nm(volume: Volume) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The corners (z, y, x; nm, or voxels where the size is unknown) of the box the volume
     covers, as its OME translation and scale place it."""
     voxel = volume.voxel_size[-3:] if volume.voxel_size is not None else (1.0, 1.0, 1.0)
@@ -129,9 +235,12 @@ def time_dimension(step: float, unit: str) -> tuple[float, str]:
 
 def neuroglancer_state(layers: list[Layer], sources: dict[str, str]) -> dict[str, Any]:
     """A neuroglancer viewer state (JSON) with one layer per volume; ``sources`` maps a
-    layer's name to the URL of its OME-Zarr group."""
+    layer's name to the URL of its OME-Zarr group (or N5 group or dataset)."""
     out: list[dict[str, Any]] = []
     for layer in layers:
+        if layer.driver == "n5":
+            out.append(n5_layer_spec(layer, sources[layer.name]))
+            continue
         spec: dict[str, Any] = {"name": layer.name, "source": f"zarr://{sources[layer.name]}"}
         if layer.kind == "segmentation":
             spec["type"] = "segmentation"
@@ -154,6 +263,28 @@ def neuroglancer_state(layers: list[Layer], sources: dict[str, str]) -> dict[str
     state: dict[str, Any] = {"layers": out, "layout": "4panel", "selectedLayer": {
         "layer": layers[-1].name, "visible": True} if layers else {}}
     return state | first_time_point_position(layers)
+
+
+def n5_layer_spec(layer: Layer, url: str) -> dict[str, Any]:
+    """The state's layer of an N5 volume: its `n5://` source with level 0's voxel size and
+    offset as emrun reads them. The transform's output dimensions follow the source's, which
+    neuroglancer names in N5's order (x, y, z, then the channel axis): it maps them in that
+    order, whatever they are called."""
+    dims = {axis: [nm * 1e-9, "m"] for axis, nm in zip("xyz", reversed(layer.voxel_size),
+                                                         strict=True)}
+    if layer.channels:  # the shader reads a channel dimension (c^); else one at a time (c')
+        dims["c^" if layer.kind == "channels" else "c'"] = [1, ""]
+    transform: dict[str, Any] = {"outputDimensions": dims}
+    if layer.offset is not None:  # in output units: voxels
+        shift = [*reversed(layer.offset), 0.0][:len(dims)]
+        transform["matrix"] = [[1.0 if col == row else 0.0 for col in range(len(dims))]
+                               + [shift[row]] for row in range(len(dims))]
+    spec: dict[str, Any] = {"name": layer.name,
+                            "source": {"url": f"n5://{url}", "transform": transform},
+                            "type": "segmentation" if layer.kind == "segmentation" else "image"}
+    if layer.kind == "channels":
+        spec["shader"] = CHANNELS_SHADER
+    return spec
 
 
 def first_time_point_position(layers: list[Layer]) -> dict[str, Any]:
@@ -197,10 +328,23 @@ def neuroglancer_metadata(raw: bytes) -> bytes | None:
     return json.dumps(meta).encode()
 
 
+def n5_metadata(raw: bytes) -> bytes | None:
+    """An N5 int64 dataset's attributes.json saying uint64 (None for any other): neuroglancer
+    reads no int64 from N5 either, and the same eight bytes are the same segments."""
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return None
+    if not (isinstance(meta, dict) and meta.get("dataType") == "int64"):
+        return None
+    return json.dumps(meta | {"dataType": "uint64"}).encode()
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Files under the served stores only; GET, HEAD and the browser's OPTIONS preflight."""
 
     roots: ClassVar[dict[str, Path]] = {}
+    served: ClassVar[dict[str, bytes]] = {}  # files served other than stored, by path
 
     def end_headers(self) -> None:
         self.send_header("Access-Control-Allow-Origin", "*")
@@ -226,18 +370,22 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         return str(target)
 
     def send_head(self) -> Any:
-        """A zarr v3 array's metadata as neuroglancer reads it (`neuroglancer_metadata`); any
-        other file as it is."""
+        """A zarr v3 array's metadata as neuroglancer reads it (`neuroglancer_metadata`), an
+        N5 dataset's (`n5_metadata`), an N5 group's as the layer serves it; any other file
+        as it is."""
         path = self.translate_path(self.path)
-        if os.path.basename(path) == "zarr.json" and os.path.isfile(path):
-            body = neuroglancer_metadata(Path(path).read_bytes())
-            if body is not None:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                return io.BytesIO(body)
-        return super().send_head()
+        body = self.served.get(path) if path else None
+        rewrite = {"zarr.json": neuroglancer_metadata, "attributes.json": n5_metadata}.get(
+            os.path.basename(path))
+        if body is None and rewrite is not None and os.path.isfile(path):
+            body = rewrite(Path(path).read_bytes())
+        if body is None:
+            return super().send_head()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
 
     def list_directory(self, path: str | os.PathLike[str]) -> None:
         self.send_error(404)  # a store is read by its keys, never listed
@@ -248,12 +396,15 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 class DataServer:
-    """A threaded HTTP server of zarr stores: store k is at ``{url}/{k}/``."""
+    """A threaded HTTP server of zarr stores and N5 containers: store k is at
+    ``{url}/{k}/``; ``served``: files served other than stored (their path: their body)."""
 
-    def __init__(self, stores: list[Path], bind: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, stores: list[Path], bind: str = "127.0.0.1", port: int = 0,
+                 served: dict[str, bytes] | None = None) -> None:
         self.prefixes = {store: str(k) for k, store in enumerate(dict.fromkeys(stores))}
         handler = type("Handler", (_Handler,),
-                       {"roots": {p: s for s, p in self.prefixes.items()}})
+                       {"roots": {p: s for s, p in self.prefixes.items()},
+                        "served": dict(served or {})})
         try:
             self.httpd = http.server.ThreadingHTTPServer((bind, port), handler)
         except OSError as exc:
@@ -307,7 +458,8 @@ def view(paths: list[str], *, bind: str = "127.0.0.1", port: int = 0,
             raise UserError("emrun view serves the neuroglancer client with the neuroglancer "
                             "package: pip install 'emrun[view]' (or pass --client URL of a "
                             "neuroglancer client)") from None
-    server = DataServer([layer.store for layer in layers], bind, port)
+    server = DataServer([layer.store for layer in layers], bind, port,
+                        {path: body for layer in layers for path, body in layer.served})
     state = neuroglancer_state(layers, {layer.name: server.source(layer) for layer in layers})
     if viewer_module is None:
         fragment = urllib.parse.quote(json.dumps(state, separators=(",", ":")), safe="")

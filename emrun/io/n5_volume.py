@@ -12,6 +12,8 @@ today's form.
 A multiscale group holding levels s0, s1, ... (n5-viewer, BigDataViewer/BigStitcher's export,
 paintera, neuroglancer's reading of them) opens as its finest level and lists its levels
 (`Pyramid`); a level without a voxel size of its own takes the group's, times its factors.
+A BigDataViewer export (`setupN/timepointT/sK`) without one in its attributes takes setup N's
+`voxelSize` from the XML beside the container that names it (`find_bdv_xml`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from emrun.io.locations import is_url
-from emrun.io.metadata import from_attrs, unit_to_nm
+from emrun.io.metadata import NO_SIZE_UNITS, from_attrs, unit_to_nm
 from emrun.io.remote_zarr import forbidden
 from emrun.io.tensorstore_volume import (
     MetadataReader,
@@ -45,6 +48,13 @@ FACTOR_LISTS = ("scales", "downsamplingFactors")
 """Where a multiscale group lists every level's factors (x, y, z), s0's first: n5-viewer's
 `scales`, BigDataViewer's `downsamplingFactors` (on the setup, the timepoint's parent)."""
 SPATIAL_KEYS = ("resolution", "pixelResolution")
+BDV_GROUP = re.compile(r"(?:.*/)?setup(\d+)/timepoint\d+")
+"""A BigDataViewer pyramid group, `setupN/timepointT`: setup N's voxel size is in the XML."""
+XML_READ_LIMIT = 8 << 20
+"""Bytes of a BigDataViewer XML read at most: its SequenceDescription (the image loader and
+the setups' voxel sizes) comes first, the registrations, which grow with the views, after."""
+XML_FILES = 64
+"""Other *.xml files beside a container looked into at most for the one that names it."""
 
 
 def open_n5(container: str, dataset: str | None) -> TensorstoreVolume:
@@ -234,7 +244,22 @@ def read_pyramid(reader: MetadataReader, group: str,
         levels.append((f"s{index}", found))
     if not levels:
         return None
-    return Pyramid(group, dict(attrs), tuple(levels), tuple(factor_list))
+    found = dict(attrs)
+    if not any(key in found or key in levels[0][1] for key in SPATIAL_KEYS):  # N5's win
+        xml = bdv_resolution(reader.location, group)
+        if xml is not None:
+            found["pixelResolution"] = {"dimensions": xml, "unit": "nm"}
+    return Pyramid(group, found, tuple(levels), tuple(factor_list))
+
+
+def n5_pyramid(container: str, group: str) -> Pyramid | None:
+    """The multiscale group `group` of the N5 `container` as emrun reads it (None if it is
+    a dataset or no pyramid): `emrun view` tells neuroglancer its levels' factors."""
+    reader = MetadataReader(container)
+    attrs = _probe(reader, f"{group}/attributes.json" if group else "attributes.json")
+    if attrs is not None and "dimensions" in attrs:
+        return None
+    return read_pyramid(reader, group, attrs or {})
 
 
 def _probe(reader: MetadataReader, key: str) -> dict[str, Any] | None:
@@ -350,6 +375,137 @@ def _unit_factors(name: str, units: Any, resolution: Any, factor: float) -> list
 def _scaled(value: Any, factor: float) -> Any:
     return value * factor if isinstance(value, int | float) and not isinstance(value, bool) \
         else value
+
+
+@dataclass(frozen=True)
+class BdvXml:
+    """A BigDataViewer XML as far as read: its path, the folder its relative paths start
+    from (its BasePath) and its SequenceDescription."""
+
+    path: str
+    base: str
+    sequence: ET.Element
+
+
+def bdv_resolution(container: str, group: str) -> list[float] | None:
+    """Setup N's voxel size (nm, x, y, z) in the BigDataViewer XML that names the local N5
+    `container`, for its group `setupN/timepointT`: Fiji's and BigStitcher's N5 export keep
+    it there only. None for another group, a remote container, no such XML, or a size the
+    XML does not give (unit "pixel": the image was never calibrated)."""
+    found = BDV_GROUP.fullmatch(group)
+    if found is None or is_url(container):
+        return None
+    xml = find_bdv_xml(container)
+    return _setup_voxel_size(xml, int(found.group(1))) if xml is not None else None
+
+
+def find_bdv_xml(container: str) -> BdvXml | None:
+    """The BigDataViewer XML whose image loader (bdv.n5) names `container`: `NAME.xml`
+    beside `NAME.n5` first, then the folder's other *.xml.
+
+    `NAME.xml` is what the export writes for `NAME.n5`, so a damaged one (cut short by a
+    copy) is a VolumeError naming it: left unread, the voxel size would just be unknown and
+    a recipe giving one refused the volume with nothing saying why. Any other *.xml may be
+    about something else entirely, so one that cannot be read is passed over."""
+    folder, name = os.path.split(os.path.abspath(container.rstrip("/")))
+    own = os.path.join(folder, f"{os.path.splitext(name)[0]}.xml")
+    try:
+        others = sorted(entry.path for entry in os.scandir(folder)
+                        if entry.name.lower().endswith(".xml") and entry.path != own)
+    except OSError:
+        others = []
+    target = os.path.realpath(container)
+    for path in ([own] if os.path.isfile(own) else []) + others[:XML_FILES]:
+        xml = _read_bdv_xml(path, container if path == own else None)
+        if xml is not None and _names_container(xml, target):
+            return xml
+    return None
+
+
+def _read_bdv_xml(path: str, strict_for: str | None) -> BdvXml | None:
+    """The XML at `path` read up to its SequenceDescription, or None if it is no
+    BigDataViewer XML; one that cannot be read is a VolumeError where `strict_for` names
+    the container it belongs to, else None. At most XML_READ_LIMIT bytes are read, and a
+    document type declaration (entities, which BigDataViewer never writes) is refused."""
+    parser = ET.XMLPullParser(events=("start", "end"))
+    base, seen, tail = os.path.dirname(path), False, b""
+    try:
+        with open(path, "rb") as f:
+            while f.tell() < XML_READ_LIMIT:
+                chunk = f.read(min(1 << 16, XML_READ_LIMIT - f.tell()))
+                if not chunk:
+                    parser.close()  # a document cut short: ParseError
+                    return None
+                if b"<!DOCTYPE" in tail + chunk or b"<!ENTITY" in tail + chunk:
+                    raise ET.ParseError("it declares a document type (entities), which a "
+                                        "BigDataViewer XML never does")
+                tail = chunk[-16:]
+                parser.feed(chunk)
+                for event, element in parser.read_events():
+                    if event == "start" and not seen:
+                        seen = True
+                        if element.tag != "SpimData":
+                            return None
+                    elif event == "end" and element.tag == "BasePath":
+                        base = _xml_path(base, element)
+                    elif event == "end" and element.tag == "SequenceDescription":
+                        return BdvXml(path, base, element)
+        problem = f"no SequenceDescription in its first {XML_READ_LIMIT / 2**20:g} MB"
+    except OSError as exc:
+        problem = f"cannot be read: {exc.strerror or exc}"
+    except ET.ParseError as exc:
+        problem = f"not valid XML: {exc}"
+    if strict_for is None:
+        return None
+    raise VolumeError(f"{path}: {problem}; it is the BigDataViewer XML of {strict_for}, "
+                      "which holds its voxel size: repair it, or move it away to read the "
+                      "volume without a voxel size")
+
+
+def _xml_path(base: str, element: ET.Element) -> str:
+    """A path element of a BigDataViewer XML (type "relative" to `base`, or "absolute")."""
+    text = (element.text or "").strip()
+    return text if element.get("type") == "absolute" else os.path.join(base, text)
+
+
+def _names_container(xml: BdvXml, target: str) -> bool:
+    """Whether the XML's image loader is a bdv.n5 one reading the container `target`."""
+    loader = xml.sequence.find("ImageLoader")
+    if loader is None or not str(loader.get("format", "")).startswith("bdv.n5"):
+        return False
+    path = loader.find("n5")
+    if path is None or not (path.text or "").strip():
+        return False
+    return os.path.realpath(_xml_path(xml.base, path)) == target
+
+
+def _setup_voxel_size(xml: BdvXml, setup: int) -> list[float] | None:
+    """Setup `setup`'s voxelSize in nm (x, y, z, as the XML lists them); None where it has
+    none, or no length unit (empty or "pixel")."""
+    for view in xml.sequence.iterfind("ViewSetups/ViewSetup"):
+        if _number(view.findtext("id") or "") != setup:
+            continue
+        size = view.find("voxelSize")
+        unit = (size.findtext("unit") or "").strip() if size is not None else ""
+        if size is None or unit.lower() in ("", *NO_SIZE_UNITS):
+            return None
+        where = f"{xml.path}: ViewSetup {setup}'s voxelSize"
+        factor = unit_to_nm(where, unit)
+        values = (size.findtext("size") or "").split()
+        numbers = [_number(v) for v in values]
+        if len(numbers) != 3 or not all(n is not None and n > 0 for n in numbers):
+            raise VolumeError(f"{where}: size {' '.join(values)!r} is not three positive "
+                              "numbers (x y z)")
+        return [n * factor for n in numbers if n is not None]
+    return None
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def list_datasets(container: str, under: str | None = None) -> str:
