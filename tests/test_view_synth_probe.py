@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import emrun.synth as synth
 from emrun.cli import app
 from emrun.errors import UserError
-from emrun.io import open_volume, write_volume
+from emrun.io import write_volume
 from emrun.view import view
 
 runner = CliRunner()
@@ -80,18 +80,22 @@ def test_synth_voxel_sizes_far_apart_are_one_line(tmp_path, size):
     """1e308 1e308 1e-308 overflowed (ZeroDivisionError, exit 1); 100000 1 1 ran minutes."""
     result = runner.invoke(app, ["data", "synth", str(tmp_path / "s.zarr"), "--shape", "2",
                                  "16", "16", "--voxel-size", *size])
-    assert result.exit_code == 2, result.output
-    assert "times apart" in result.output and len(result.output.strip().splitlines()) == 1
+    assert result.exit_code == 2, result.output  # 1e308: no size in nm a store can keep
+    assert ("times apart" in result.output or "give sizes in nm from" in result.output) and \
+        len(result.output.strip().splitlines()) == 1
     with pytest.raises(ValueError, match="times apart"):
         synth.synthesize((2, 16, 16), voxel_size=tuple(float(v) for v in size))
 
 
 def test_synth_of_huge_isotropic_voxels_works(tmp_path):
-    """1e308 nm voxels overflowed the membrane's z width (exit 1)."""
+    """1e308 nm voxels overflowed the membrane's z width (exit 1). The command now refuses a
+    size no store keeps (above 1e6 nm) before drawing; drawing itself still holds."""
     result = runner.invoke(app, ["data", "synth", str(tmp_path / "s.zarr"), "--shape", "2",
                                  "16", "16", "--voxel-size", "1e308", "1e308", "1e308"])
-    assert result.exit_code == 0, result.output
-    assert open_volume(str(tmp_path / "s.zarr/labels")).shape == (2, 16, 16)
+    assert result.exit_code == 2 and "give sizes in nm from" in result.output, result.output
+    assert not (tmp_path / "s.zarr").exists()
+    drawn = synth.synthesize((2, 16, 16), voxel_size=(1e308, 1e308, 1e308))
+    assert drawn.labels.shape == (2, 16, 16)
 
 
 # --- view: dtypes neuroglancer cannot read ---------------------------------------------------
