@@ -269,7 +269,11 @@ def _network_file(checkpoint: Path | None, model: Path | None) -> Path:
     if checkpoint is not None and checkpoint.is_dir():  # a run: the file export would pick
         from ..io.checkpoint import checkpoint_of
 
-        chosen = checkpoint_of(checkpoint)
+        try:
+            chosen = checkpoint_of(checkpoint)
+        except UserError as exc:
+            package = " (a model package as --model)" if "model package" in str(exc) else ""
+            raise UserError(f"--checkpoint {exc}{package}") from None
         err.print(f"--checkpoint {checkpoint}: predicting with its "
                   f"{chosen.relative_to(checkpoint)}", markup=False)
         checkpoint = chosen
