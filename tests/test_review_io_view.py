@@ -61,10 +61,6 @@ def _paintera(tmp_path: Path, offset_nm: float) -> Path:
     return group
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/io/n5_volume.py: Pyramid.effective copies the "
-                   "group's offset (level 0's, nm) onto a coarser level, where it is no whole "
-                   "number of that level's voxels: the level --level lists and picks is then "
-                   "refused as if its metadata were wrong")
 @pytest.mark.parametrize(("offset_nm", "level"), [(40.0, "2"), (4.0, "1")])
 def test_a_paintera_level_picked_by_level_opens_where_it_lies(
         tmp_path: Path, offset_nm: float, level: str) -> None:
@@ -82,10 +78,6 @@ def test_a_paintera_level_picked_by_level_opens_where_it_lies(
 # --------------------------------------- N5: n5-viewer's defaults in the container's root
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/io/n5_volume.py: read_pyramid takes a channel "
-                   "group's factors from the root's `scales` but not the root's "
-                   "pixelResolution (n5-viewer: root attributes are every channel's "
-                   "defaults), so the voxel size reads as unknown")
 def test_an_n5_viewer_channel_takes_the_roots_pixel_resolution(tmp_path: Path) -> None:
     """n5-viewer's layout: `/attributes.json` holds `scales` and `pixelResolution` for all
     channels, `/c0/s0, /c0/s1` hold none. emrun found the factors there but not the voxel

@@ -11,7 +11,10 @@ today's form.
 
 A multiscale group holding levels s0, s1, ... (n5-viewer, BigDataViewer/BigStitcher's export,
 paintera, neuroglancer's reading of them) opens as its finest level and lists its levels
-(`Pyramid`); a level without a voxel size of its own takes the group's, times its factors.
+(`Pyramid`); a level without a voxel size of its own takes the group's, times its factors,
+and a group without one (nor its s0) its parent's (n5-viewer's root holds every channel's
+defaults). A group's offset (paintera's) is level 0's: a level taking it lies half a level-0
+voxel per factor past it, in whole voxels of its own plus a shift (`n5_placement`).
 A BigDataViewer export (`setupN/timepointT/sK`) without one in its attributes takes setup N's
 `voxelSize` from the XML beside the container that names it (`find_bdv_xml`).
 """
@@ -48,6 +51,9 @@ FACTOR_LISTS = ("scales", "downsamplingFactors")
 """Where a multiscale group lists every level's factors (x, y, z), s0's first: n5-viewer's
 `scales`, BigDataViewer's `downsamplingFactors` (on the setup, the timepoint's parent)."""
 SPATIAL_KEYS = ("resolution", "pixelResolution")
+PARENT_KEYS = (*SPATIAL_KEYS, "units")
+"""What a pyramid group without a voxel size (nor its s0) takes from its parent group:
+n5-viewer's root attributes are every channel group's defaults."""
 BDV_GROUP = re.compile(r"(?:.*/)?setup(\d+)/timepoint\d+")
 """A BigDataViewer pyramid group, `setupN/timepointT`: setup N's voxel size is in the XML."""
 XML_READ_LIMIT = 8 << 20
@@ -73,13 +79,13 @@ def open_n5(container: str, dataset: str | None) -> TensorstoreVolume:
     if _spatial_only(attrs) or _old_codec(attrs):
         spec |= {"metadata": _structure(attrs), "assume_metadata": True}
     view = reader.open(spec, lambda store: store[reader.ts.d[:].transpose[::-1]])
-    voxel_size, offset = n5_spatial(name, len(view.shape), attrs)
+    inherited = pyramid is not None and pyramid.inherits_offset(index)
+    voxel_size, offset, shift = n5_placement(name, len(view.shape), attrs, inherited)
     plain = {k: v for k, v in attrs.items() if k not in (*STRUCTURE_KEYS, OLD_CODEC_KEY)}
     levels = pyramid.listed(container) if pyramid is not None else ()
     return opened_volume(view, path=container, dataset=dataset, voxel_size=voxel_size,
                          offset=offset, attrs=plain, metadata=spec.get("metadata"),
-                         shift_nm=level_shift(voxel_size, attrs.get("downsamplingFactors")),
-                         level_list=levels)
+                         shift_nm=shift, level_list=levels)
 
 
 def _locate(reader: MetadataReader, container: str, dataset: str | None,
@@ -169,18 +175,31 @@ class Pyramid:
         factors = self.factors(index)
         if factors is not None:
             found["downsamplingFactors"] = factors
-        if any(key in own for key in SPATIAL_KEYS) or factors is None:
+        if factors is None or not self._takes_group_size(index):
             return found
         if isinstance(self.attrs.get("pixelResolution"), Mapping | list):
             found["pixelResolution"] = self.attrs["pixelResolution"]
-        elif self.attrs.get("resolution") is not None:
-            found["resolution"] = _downsampled(self.attrs["resolution"], factors)
         else:
-            return found
+            found["resolution"] = _downsampled(self.attrs["resolution"], factors)
         for key in ("units", "offset"):
             if key not in own and key in self.attrs:
                 found[key] = self.attrs[key]
         return found
+
+    def _takes_group_size(self, index: int) -> bool:
+        """Whether the level's voxel size is the group's times its factors: it has none of
+        its own, its factors are known and the group has one."""
+        own = self.levels[index][1]
+        return not any(key in own for key in SPATIAL_KEYS) and \
+            self.factors(index) is not None and (
+                isinstance(self.attrs.get("pixelResolution"), Mapping | list)
+                or self.attrs.get("resolution") is not None)
+
+    def inherits_offset(self, index: int) -> bool:
+        """Whether the level's offset is the group's: level 0's placement (paintera's),
+        from which the level lies half a level-0 voxel per factor on (`n5_placement`)."""
+        return self._takes_group_size(index) and "offset" not in self.levels[index][1] \
+            and "offset" in self.attrs
 
     def mismatch(self, index: int) -> str | None:
         """Why the level's factors disagree with its shape against level 0's, or None: its
@@ -218,10 +237,10 @@ class Pyramid:
     def _voxel_size(self, container: str, index: int) -> tuple[float, ...] | None:
         if self.mismatch(index) is not None:
             return None
-        attrs = {k: v for k, v in self.effective(index).items() if k != "offset"}
+        attrs = self.effective(index)
         rank = len(attrs.get("dimensions") or ())
         try:
-            return n5_spatial(f"{container}/{self.path(index)}", rank, attrs)[0]
+            return n5_voxel_size(f"{container}/{self.path(index)}", rank, attrs)
         except VolumeError:
             return None
 
@@ -232,10 +251,10 @@ def read_pyramid(reader: MetadataReader, group: str,
     are read by name until one is missing, as a remote store cannot be listed."""
     prefix = f"{group}/" if group else ""
     factor_list = _factor_list(attrs)
+    parent: dict[str, Any] | None = None
     if not factor_list and group:  # BigDataViewer lists them on the setup above
-        parent = group.rpartition("/")[0]
-        factor_list = _factor_list(_probe(reader, f"{parent}/attributes.json" if parent
-                                          else "attributes.json") or {})
+        parent = _parent_attrs(reader, group)
+        factor_list = _factor_list(parent)
     levels: list[tuple[str, dict[str, Any]]] = []
     for index in range(len(factor_list) + MAX_LEVELS):
         found = _probe(reader, f"{prefix}s{index}/attributes.json")
@@ -245,11 +264,28 @@ def read_pyramid(reader: MetadataReader, group: str,
     if not levels:
         return None
     found = dict(attrs)
-    if not any(key in found or key in levels[0][1] for key in SPATIAL_KEYS):  # N5's win
+    if group and not _has_voxel_size(found, levels[0][1]):  # n5-viewer's root: defaults
+        parent = _parent_attrs(reader, group) if parent is None else parent
+        if _has_voxel_size(parent, {}):
+            found |= {k: parent[k] for k in PARENT_KEYS if k in parent}
+    if not _has_voxel_size(found, levels[0][1]):  # N5's win
         xml = bdv_resolution(reader.location, group)
         if xml is not None:
             found["pixelResolution"] = {"dimensions": xml, "unit": "nm"}
     return Pyramid(group, found, tuple(levels), tuple(factor_list))
+
+
+def _parent_attrs(reader: MetadataReader, group: str) -> dict[str, Any]:
+    """The attributes of the group above `group` ({} where it has none or is a dataset):
+    n5-viewer keeps every channel's `scales` and `pixelResolution` in the root's, and
+    BigDataViewer its levels' factors on the setup."""
+    parent = group.rpartition("/")[0]
+    found = _probe(reader, f"{parent}/attributes.json" if parent else "attributes.json")
+    return found if found is not None and "dimensions" not in found else {}
+
+
+def _has_voxel_size(group: Mapping[str, Any], level0: Mapping[str, Any]) -> bool:
+    return any(key in group or key in level0 for key in SPATIAL_KEYS)
 
 
 def n5_pyramid(container: str, group: str) -> Pyramid | None:
@@ -314,15 +350,7 @@ def _structure(attrs: Mapping[str, Any]) -> dict[str, Any]:
 def n5_spatial(name: str, ndim: int, attrs: Mapping[str, Any]) -> Any:
     """Voxel size (nm) and offset (voxels), z, y, x, from N5 attributes in x, y, z order."""
     zyx: dict[str, Any] = {}
-    resolution = attrs.get("resolution")
-    pixel = attrs.get("pixelResolution")
-    factor = 1.0
-    if resolution is None and isinstance(pixel, Mapping):
-        resolution = _downsampled(pixel.get("dimensions"), attrs.get("downsamplingFactors"))
-        factor = unit_to_nm(name, pixel.get("unit"))
-    elif resolution is None and pixel is not None:
-        resolution = _downsampled(pixel, attrs.get("downsamplingFactors"))
-    factors = _unit_factors(name, attrs.get("units"), resolution, factor)
+    resolution, factors = _resolution_and_units(name, attrs)
     if isinstance(resolution, list):
         zyx["voxel_size"] = [_scaled(v, f)
                              for v, f in zip(reversed(resolution), factors, strict=True)]
@@ -334,6 +362,68 @@ def n5_spatial(name: str, ndim: int, attrs: Mapping[str, Any]) -> Any:
     elif offset is not None:
         zyx["offset"] = list(reversed(offset)) if isinstance(offset, list) else offset
     return from_attrs(name, ndim, zyx)
+
+
+def _resolution_and_units(name: str, attrs: Mapping[str, Any]) -> tuple[Any, list[float]]:
+    """The voxel size as the attributes give it (x, y, z, in their units; a level's
+    `pixelResolution` times its factors) and nm per unit of each axis (z, y, x)."""
+    resolution = attrs.get("resolution")
+    pixel = attrs.get("pixelResolution")
+    factor = 1.0
+    if resolution is None and isinstance(pixel, Mapping):
+        resolution = _downsampled(pixel.get("dimensions"), attrs.get("downsamplingFactors"))
+        factor = unit_to_nm(name, pixel.get("unit"))
+    elif resolution is None and pixel is not None:
+        resolution = _downsampled(pixel, attrs.get("downsamplingFactors"))
+    return resolution, _unit_factors(name, attrs.get("units"), resolution, factor)
+
+
+def n5_voxel_size(name: str, ndim: int, attrs: Mapping[str, Any]) -> tuple[float, ...] | None:
+    """The voxel size (nm, z, y, x) alone, whatever the offset: a pyramid's level list
+    gives the one opening the level gives."""
+    voxel: tuple[float, ...] | None = n5_spatial(
+        name, ndim, {k: v for k, v in attrs.items() if k != "offset"})[0]
+    return voxel
+
+
+def n5_placement(name: str, ndim: int, attrs: Mapping[str, Any], inherited: bool,
+                 ) -> tuple[tuple[float, ...] | None, tuple[int, ...] | None,
+                            tuple[float, ...] | None]:
+    """Voxel size (nm), offset (voxels) and sub-voxel shift (nm), z, y, x, of an N5 dataset.
+
+    A level's own offset is where its voxel 0 is, and `level_shift` moves it on. An
+    `inherited` offset (the group's, paintera's) is level 0's: it must be whole voxels of
+    level 0, and the level lies at it plus (f - 1) / 2 level-0 voxels, as paintera places
+    it; that is whole voxels of the level (to the nearest) and a shift of less than half a
+    voxel, as `ome_shift` splits an OME level's translation (the group's offset read as
+    whole voxels of a coarser level refused 40 nm at 16 nm voxels)."""
+    factors = attrs.get("downsamplingFactors")
+    voxel = n5_voxel_size(name, ndim, attrs)
+    offset_nm = _offset_nm(name, attrs) if inherited else None
+    if voxel is None or offset_nm is None or not _positive_numbers(factors) or \
+            not len(factors) == len(voxel) == 3:
+        voxel, offset = n5_spatial(name, ndim, attrs)
+        return voxel, offset, level_shift(voxel, factors)
+    base = [v / f for v, f in zip(voxel, reversed(factors), strict=True)]
+    whole = from_attrs(f"{name} (its group's offset, level 0's)", ndim,
+                       {"voxel_size": base, "offset": offset_nm})[1] or (0, 0, 0)
+    world = [(o + (f - 1) / 2) * b for o, f, b in zip(whole, reversed(factors), base,
+                                                       strict=True)]
+    placed = tuple(round(w / v) for w, v in zip(world, voxel, strict=True))
+    shift = tuple(float(round(w - p * v, 6)) for w, p, v in zip(world, placed, voxel,
+                                                                 strict=True))
+    return voxel, placed, shift if any(shift) else None
+
+
+def _offset_nm(name: str, attrs: Mapping[str, Any]) -> list[float] | None:
+    """The `offset` in nm (z, y, x), or None where it is not three numbers in the units
+    of a voxel size of three (n5_spatial then says what is wrong)."""
+    offset = attrs.get("offset")
+    factors = _resolution_and_units(name, attrs)[1]
+    if not isinstance(offset, list) or len(offset) != 3 or len(factors) != 3 or not all(
+            isinstance(o, int | float) and not isinstance(o, bool) for o in offset):
+        return None
+    return [o * f for o, f in zip(reversed(offset), factors, strict=True)]
 
 
 def level_shift(voxel_size: tuple[float, ...] | None,
