@@ -279,10 +279,15 @@ class Warp(AugmentBase):
                                                    self.shear_max, self.scale[1])]
 
     def largest_rotation(self, sections: int) -> float:
-        """The largest rotation (degrees) a section of a ``sections``-section patch gets."""
-        if sections < 2:
-            return self.rot_max  # one section: the planned angle, untwisted
-        return min(180.0, self.rot_max + self.twist_max / 2)
+        """The largest rotation (degrees) of the section nearest the middle of a
+        ``sections``-section patch: the read holds every section, so it is at least that
+        section's read. The twist turns sections in proportion to their distance from the
+        middle: an odd count's middle section keeps the drawn angle, an even count's two
+        middle ones are turned by a (sections - 1)th of half the twist either way (the end
+        sections' half twist made a valid recipe look too small to read)."""
+        if sections < 2 or sections % 2:
+            return self.rot_max
+        return min(180.0, self.rot_max + self.twist_max / (2 * (sections - 1)))
 
     def need_for(self, need: tuple[int, int], voxel_size: VoxelSize | None) -> Need:
         """The least side whose reads, of one section or more, are ``need``'s side in y
