@@ -396,7 +396,13 @@ def _in_use_unlocked(folder: Path, path: Path, holder: str, advice: str) -> str:
 def contents(folder: Path) -> list[Path]:
     """What ``folder`` holds, its lock file aside (whether a folder is empty, or what a
     command found in it, is asked of what users and commands put there)."""
-    return [entry for entry in Path(folder).iterdir() if not entry.name.startswith(LOCK_NAME)]
+    return [entry for entry in Path(folder).iterdir() if not is_lock_file(entry.name)]
+
+
+def is_lock_file(name: str) -> bool:
+    """Whether ``name`` is one of the lock's own files: the lock, a takeover's claim or a
+    clock probe (one a killed claimer left is no user's content)."""
+    return name.startswith(LOCK_NAME)
 
 
 def held(folder: Path) -> bool:

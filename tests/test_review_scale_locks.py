@@ -35,3 +35,27 @@ def test_a_misalignment_before_a_twisted_warp_is_judged_by_the_reads_it_gets(pat
     assert augment_problems([Misalign(displacement=(3, 50)),
                              SHEARED_TWIST.model_copy(update={"twist_max": 0})], patch) == []
     assert augment_problems(recipe, patch) == []
+
+
+def test_a_claim_left_by_a_killed_claimer_is_no_content_of_a_store_or_work_folder(tmp_path):
+    """A takeover's claim file (`.emrun-lock.claim.*`), left by a claimer killed outright,
+    kept a failed first write's empty store and a killed evaluation's work folder: both
+    took it for something a user put there."""
+    from emrun import locks
+    from emrun.evaluate.schedule import _only_ours
+    from emrun.io.write import _remove_if_bare
+
+    claim = f"{locks.LOCK_NAME}.claim.123.456"
+    store = tmp_path / "out.zarr"
+    store.mkdir()
+    (store / "zarr.json").write_text("{}")
+    (store / claim).write_text("")
+    _remove_if_bare(store)
+    assert not store.exists()
+    work = tmp_path / "emrun-evaluate-x"
+    work.mkdir()
+    (work / "work.pickle").write_bytes(b"")
+    (work / claim).write_text("")
+    assert _only_ours(work)
+    (work / "notes.txt").write_text("a user's")
+    assert not _only_ours(work)

@@ -157,15 +157,16 @@ def _remove_abandoned(parent: Path) -> None:
 
 
 OURS = re.compile(r"work\.pickle|block-\d+\.npz|\.block-\d+\.npz\.\d+\.tmp|daisy-logs|"
-                  r"launched|" + re.escape(locks.LOCK_NAME))
+                  r"launched")
 """What a work folder holds (`emrun.evaluate.blockwise`, daisy's logs, a ``--launch``ed
-worker's start file (`emrun.devices.run_through`), the lock)."""
+worker's start file (`emrun.devices.run_through`)), beside the lock's own files."""
 
 
 def _only_ours(folder: Path) -> bool:
     """Whether ``folder`` holds nothing but what an evaluation writes there: a folder of
     the same prefix with anything else in it is not removed (it may be a user's)."""
-    return all(OURS.fullmatch(entry.name) for entry in folder.iterdir())
+    return all(OURS.fullmatch(entry.name) or locks.is_lock_file(entry.name)
+               for entry in folder.iterdir())
 
 
 def _run_local(folder: Path, work: Work, workers: int, on_block: OnBlock | None) -> None:

@@ -407,7 +407,7 @@ def _remove_if_bare(store: Path) -> None:
     """Remove a store this write made and that holds nothing but group metadata (and its
     lock), so that a failed first write leaves no empty `OUT.zarr` behind; a store holding
     anything else (a volume another process has begun meanwhile) is left alone."""
-    if all(p.is_dir() or p.name in ("zarr.json", locks.LOCK_NAME)
+    if all(p.is_dir() or p.name == "zarr.json" or locks.is_lock_file(p.name)
            or is_zarr_temporary(p) for p in store.rglob("*")):
         shutil.rmtree(store, ignore_errors=True)
 
