@@ -59,3 +59,23 @@ def test_a_claim_left_by_a_killed_claimer_is_no_content_of_a_store_or_work_folde
     assert _only_ours(work)
     (work / "notes.txt").write_text("a user's")
     assert not _only_ours(work)
+
+
+def test_bench_segment_stopped_in_the_pipeline_says_no_resume_and_leaves_nothing(
+        tmp_path, monkeypatch):
+    """A signal in the segmentation pipeline now stops it with "run the same command with
+    --resume", which bench segment passed on, though it has no --resume and removes its
+    volumes."""
+    from emrun.bench.segment import bench_segment
+    from emrun.errors import Interrupted
+    from emrun.segment import job
+
+    def stopped(request):
+        raise Interrupted("SIGTERM", "run the same command with --resume to go on")
+
+    monkeypatch.setattr(job, "run_segment", stopped)
+    with pytest.raises(Interrupted) as caught:
+        bench_segment((8, 32, 32), (8, 32, 32), [1], folder=tmp_path / "b")
+    assert caught.value.exit_code == 143
+    assert "--resume" not in str(caught.value) and "run it again" in str(caught.value)
+    assert not list((tmp_path / "b").glob("emrun-bench-segment-*"))

@@ -39,7 +39,7 @@ import zarr
 
 from ..capacity import free_disk, size_text
 from ..devices import available_memory, cpu_cores
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ..geometry import BlockGrid, Roi, box_of, slices
 from ..io.write import create_volume
 from .workdir import made_folder, remove_tree
@@ -228,6 +228,10 @@ def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],
         except KeyboardInterrupt:
             stopped = True
             raise
+        except Interrupted as stop:  # the pipeline's "--resume" advice: a benchmark has none
+            stopped = True
+            raise Interrupted(stop.signal_name, "bench segment stopped; its temporary "
+                              "volumes are removed (nothing to resume: run it again)") from None
         finally:
             remove_tree(tmp, interrupted=stopped)
 
