@@ -225,7 +225,12 @@ def _take_over(folder: Path, path: Path, judged: str, identity: Identity,
             return None
         if _identity(now) != identity or _read_text(path) != judged:
             return None  # replaced meanwhile (by a claimer before us, now gone)
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except PermissionError:  # a sticky-bit folder (/tmp, a shared scratch): owner only
+            raise UserError(f"{path}: left by a process that is gone, but it is another "
+                            "user's and this folder lets only its owner remove it; ask them "
+                            f"(or an administrator) to remove it, or {advice}") from None
         _step("removed")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)

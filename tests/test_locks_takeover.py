@@ -304,3 +304,23 @@ def test_a_folder_s_contents_leave_out_the_lock_s_own_files(tmp_path: Path) -> N
     (tmp_path / f"{locks.LOCK_NAME}.clock.{HERE}.1").write_text("")
     (tmp_path / "image").mkdir()
     assert [p.name for p in locks.contents(tmp_path)] == ["image"]
+
+
+def test_another_user_s_stale_lock_in_a_sticky_folder_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_locks: None) -> None:
+    """In a sticky-bit folder (/tmp, a shared scratch) only a file's owner may remove it: the
+    takeover of another user's stale lock file ended in an unhandled PermissionError."""
+    folder = _stale_folder(tmp_path)
+    lock = folder / locks.LOCK_NAME
+    real_unlink = os.unlink
+
+    def sticky(path: os.PathLike[str] | str, *args: object, **kwargs: object) -> None:
+        if Path(path) == lock:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(locks.os, "unlink", sticky)
+    with pytest.raises(UserError, match="another user's") as caught:
+        locks.hold(folder, "give another output store")
+    assert str(caught.value).endswith("give another output store")
+    assert lock.exists() and not [p for p in folder.iterdir() if ".claim." in p.name]
