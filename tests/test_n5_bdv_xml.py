@@ -4,11 +4,11 @@ voxel size only in the XML beside the container: its levels read it from there (
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from n5_writing import n5_attrs, n5_dataset
 
 from emrun.io import VolumeError, choose_level, n5_volume, open_volume
 
@@ -17,27 +17,13 @@ LEVELS = (IMAGE, IMAGE[:, ::2, ::2].copy())
 FACTORS = [[1, 1, 1], [2, 2, 1]]  # x, y, z
 
 
-def _attrs(folder: Path, **extra: object) -> None:
-    path = folder / "attributes.json"
-    found = json.loads(path.read_text()) if path.exists() else {}
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**found, **extra}))
-
-
 def _export(container: Path, setups: int = 1) -> None:
     """What the export writes into the container: setupN/timepoint0/sK, the factors on the
     setup, no voxel size anywhere in the N5."""
-    ts = pytest.importorskip("tensorstore")
     for setup in range(setups):
         for index, data in enumerate(LEVELS):
-            folder = container / f"setup{setup}" / "timepoint0" / f"s{index}"
-            store = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(folder)},
-                             "metadata": {"dimensions": list(data.shape[::-1]),
-                                          "blockSize": [8, 8, 4], "dataType": "uint8",
-                                          "compression": {"type": "raw"}},
-                             "create": True}).result()
-            store[...] = data.T
-        _attrs(container / f"setup{setup}", downsamplingFactors=FACTORS, dataType="uint8")
+            n5_dataset(container / f"setup{setup}" / "timepoint0" / f"s{index}", data)
+        n5_attrs(container / f"setup{setup}", downsamplingFactors=FACTORS, dataType="uint8")
 
 
 def _setup(index: int, unit: str, size: str) -> str:
@@ -87,12 +73,12 @@ def test_the_n5_attributes_win_over_the_xml(tmp_path: Path) -> None:
     _export(container)
     xml = _xml(tmp_path / "dataset.xml", "dataset.n5", _setup(0, "nm", "9 9 9"))
     group = container / "setup0" / "timepoint0"
-    _attrs(group, multiScale=True, resolution=[4, 4, 30])
+    n5_attrs(group, multiScale=True, resolution=[4, 4, 30])
     assert _sizes(group) == [(30.0, 4.0, 4.0), (30.0, 8.0, 8.0)]
     xml.write_text("<SpimData><cut")
     (group / "attributes.json").write_text("{}")
     for level, factors in (("s0", [1, 1, 1]), ("s1", [2, 2, 1])):
-        _attrs(group / level, downsamplingFactors=factors,
+        n5_attrs(group / level, downsamplingFactors=factors,
                pixelResolution={"dimensions": [5, 5, 40], "unit": "nm"})
     assert _sizes(group) == [(40.0, 5.0, 5.0), (40.0, 10.0, 10.0)]
 

@@ -3,11 +3,11 @@ group opens at its finest level, lists every level, and `--level` picks one of t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from n5_writing import n5_attrs, n5_dataset, voxel_0_at
 from typer.testing import CliRunner
 
 from emrun.cli import app
@@ -20,31 +20,12 @@ LEVELS = (IMAGE, IMAGE[:, ::2, ::2].copy(), IMAGE[::2, ::4, ::4].copy())
 FACTORS = ([1, 1, 1], [2, 2, 1], [4, 4, 2])  # x, y, z, as N5 lists them
 
 
-def _attrs(folder: Path, **extra: object) -> None:
-    """Add attributes to the node at `folder` (a group gets its attributes.json)."""
-    path = folder / "attributes.json"
-    found = json.loads(path.read_text()) if path.exists() else {}
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**found, **extra}))
-
-
-def _dataset(folder: Path, data: np.ndarray, **extra: object) -> None:
-    """An N5 dataset written by tensorstore (dimensions x, y, z), with extra attributes."""
-    ts = pytest.importorskip("tensorstore")
-    store = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(folder)},
-                     "metadata": {"dimensions": list(data.shape[::-1]), "blockSize": [8, 8, 4],
-                                  "dataType": str(data.dtype), "compression": {"type": "raw"}},
-                     "create": True}).result()
-    store[...] = data.T
-    _attrs(folder, **extra)
-
-
 def n5_viewer(tmp_path: Path) -> Path:
     """An n5-viewer pyramid: every level its factors and level 0's pixelResolution."""
     group = tmp_path / "viewer.n5" / "setup0" / "timepoint0"
     pixel = {"dimensions": [4.0, 4.0, 30.0], "unit": "nm"}
     for index, (data, factors) in enumerate(zip(LEVELS, FACTORS, strict=True)):
-        _dataset(group / f"s{index}", data, downsamplingFactors=factors, pixelResolution=pixel)
+        n5_dataset(group / f"s{index}", data, downsamplingFactors=factors, pixelResolution=pixel)
     return group
 
 
@@ -53,9 +34,9 @@ def bdv_export(tmp_path: Path) -> Path:
     the timepoint, the levels with no voxel size or factors of their own."""
     group = tmp_path / "bdv.n5" / "setup0" / "timepoint0"
     for index, data in enumerate(LEVELS):
-        _dataset(group / f"s{index}", data)
-    _attrs(group.parent, downsamplingFactors=list(FACTORS), dataType="uint8")
-    _attrs(group, multiScale=True, resolution=[4.0, 4.0, 30.0])
+        n5_dataset(group / f"s{index}", data)
+    n5_attrs(group.parent, downsamplingFactors=list(FACTORS), dataType="uint8")
+    n5_attrs(group, multiScale=True, resolution=[4.0, 4.0, 30.0])
     return group
 
 
@@ -111,8 +92,8 @@ def test_a_paintera_group_with_scales_and_multiscale_flag(tmp_path: Path) -> Non
     """Factors from the group's `scales` list, `resolution` in um with its `units`."""
     group = tmp_path / "p.n5" / "volumes" / "raw"
     for index, data in enumerate(LEVELS[:2]):
-        _dataset(group / f"s{index}", data)
-    _attrs(group, multiScale=True, scales=[[1, 1, 1], [2, 2, 1]],
+        n5_dataset(group / f"s{index}", data)
+    n5_attrs(group, multiScale=True, scales=[[1, 1, 1], [2, 2, 1]],
            resolution=[0.004, 0.004, 0.03], units=["um", "um", "um"])
     assert [lv.voxel_size for lv in open_volume(group).levels()] == [
         pytest.approx((30.0, 4.0, 4.0)), pytest.approx((30.0, 8.0, 8.0))]
@@ -123,7 +104,7 @@ def test_a_paintera_group_with_scales_and_multiscale_flag(tmp_path: Path) -> Non
 def test_a_pyramid_at_the_container_root(tmp_path: Path) -> None:
     root = tmp_path / "root.n5"
     for index, (data, factors) in enumerate(zip(LEVELS[:2], FACTORS[:2], strict=True)):
-        _dataset(root / f"s{index}", data, downsamplingFactors=factors, resolution=[4, 4, 30])
+        n5_dataset(root / f"s{index}", data, downsamplingFactors=factors, resolution=[4, 4, 30])
     assert open_volume(root).shape == (8, 16, 16)
     assert choose_level(str(root), "1") == f"{root}/s1"
 
@@ -132,8 +113,8 @@ def test_a_level_whose_factors_disagree_with_its_shape_is_named(tmp_path: Path) 
     """s1 holds half of s0 in y and x but says [4, 4, 1]: read as 16 nm, it is 8 nm."""
     group = tmp_path / "bad.n5" / "g"
     pixel = {"dimensions": [4.0, 4.0, 30.0], "unit": "nm"}
-    _dataset(group / "s0", LEVELS[0], downsamplingFactors=[1, 1, 1], pixelResolution=pixel)
-    _dataset(group / "s1", LEVELS[1], downsamplingFactors=[4, 4, 1], pixelResolution=pixel)
+    n5_dataset(group / "s0", LEVELS[0], downsamplingFactors=[1, 1, 1], pixelResolution=pixel)
+    n5_dataset(group / "s1", LEVELS[1], downsamplingFactors=[4, 4, 1], pixelResolution=pixel)
     with pytest.raises(VolumeError, match=r"bad.n5/g/s1: N5 multiscale group g: level 's1' "
                                           r"has downsamplingFactors \[4, 4, 1\] .* should be "
                                           r"about 4x4x8"):
@@ -147,21 +128,12 @@ def test_a_level_whose_factors_disagree_with_its_shape_is_named(tmp_path: Path) 
 
 def test_an_n5_group_without_levels_is_refused_naming_its_datasets(tmp_path: Path) -> None:
     """A group folder without attributes.json read as "has no dataset 'g'"."""
-    _dataset(tmp_path / "v.n5" / "g" / "raw", IMAGE, resolution=[4, 4, 30])
+    n5_dataset(tmp_path / "v.n5" / "g" / "raw", IMAGE, resolution=[4, 4, 30])
     with pytest.raises(VolumeError, match=r"is an N5 group, not a dataset; datasets in it: "
                                           r"g/raw"):
         open_volume(tmp_path / "v.n5" / "g")
     with pytest.raises(VolumeError, match="not a multiscale image"):
         choose_level(str(tmp_path / "v.n5" / "g" / "raw"), "1")
-
-
-def world_of_voxel_0(path: str) -> tuple[float, ...]:
-    """Where (nm, z, y, x) a volume's voxel 0 lies: offset voxels plus its sub-voxel shift."""
-    volume = open_volume(path)
-    assert volume.voxel_size is not None
-    offset = volume.offset or (0, 0, 0)
-    shift = volume.shift_nm or (0.0, 0.0, 0.0)
-    return tuple(o * v + s for o, v, s in zip(offset, volume.voxel_size, shift, strict=True))
 
 
 def test_a_level_picked_by_level_keeps_its_place_through_an_output(tmp_path: Path) -> None:
@@ -171,10 +143,10 @@ def test_a_level_picked_by_level_keeps_its_place_through_an_output(tmp_path: Pat
     result = CliRunner().invoke(app, ["data", "convert", str(group), str(tmp_path / "o.zarr"),
                                       "--name", "coarse", "--level", "2", "--levels", "1"])
     assert result.exit_code == 0, result.output
-    assert world_of_voxel_0(str(tmp_path / "o.zarr/coarse")) == pytest.approx((15.0, 6.0, 6.0))
+    assert voxel_0_at(str(tmp_path / "o.zarr/coarse")) == pytest.approx((15.0, 6.0, 6.0))
     assert open_volume(tmp_path / "o.zarr/coarse").voxel_size == (60.0, 16.0, 16.0)
     convert(f"{group}/s1", tmp_path / "d.zarr", name="s1", progress=False, levels=1)
-    assert world_of_voxel_0(str(tmp_path / "d.zarr/s1")) == pytest.approx((0.0, 2.0, 2.0))
+    assert voxel_0_at(str(tmp_path / "d.zarr/s1")) == pytest.approx((0.0, 2.0, 2.0))
 
 
 def test_an_unknown_level_of_an_n5_pyramid_exits_2_listing_its_levels(

@@ -4,11 +4,11 @@ plus a sub-voxel shift; n5-viewer's root attributes give every channel group its
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from n5_writing import n5_attrs, n5_dataset, voxel_0_at
 
 from emrun.io import open_volume
 from emrun.io.volume import VolumeError
@@ -16,45 +16,15 @@ from emrun.io.volume import VolumeError
 IMAGE = np.arange(16 * 16 * 16, dtype=np.uint8).reshape(16, 16, 16)  # z, y, x
 
 
-def _attrs(folder: Path, **extra: object) -> None:
-    """Merge `extra` into the node's attributes.json (a group's is created)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "attributes.json"
-    found = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**found, **extra}))
-
-
-def _dataset(folder: Path, data: np.ndarray, **extra: object) -> None:
-    """An N5 dataset (dimensions x, y, z) written by tensorstore, with extra attributes."""
-    ts = pytest.importorskip("tensorstore")
-    store = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(folder)},
-                     "metadata": {"dimensions": list(data.shape[::-1]),
-                                  "blockSize": list(data.shape[::-1]),
-                                  "dataType": str(data.dtype), "compression": {"type": "raw"}},
-                     "create": True}).result()
-    store[...] = data.T
-    if extra:
-        _attrs(folder, **extra)
-
-
-def _corner(path: str) -> tuple[float, ...]:
-    """Where (nm, z, y, x) the volume's voxel 0 lies: offset voxels times size, plus shift."""
-    volume = open_volume(path)
-    assert volume.voxel_size is not None
-    offset = volume.offset or (0, 0, 0)
-    shift = volume.shift_nm or (0.0, 0.0, 0.0)
-    return tuple(o * v + s for o, v, s in zip(offset, volume.voxel_size, shift, strict=True))
-
-
 def _paintera(tmp_path: Path, offset: list[float]) -> Path:
     """A paintera-like group: `resolution` [4, 4, 4] nm and `offset` (x, y, z) on the group
     only, levels s0..s2 with their own downsamplingFactors."""
     group = tmp_path / "p.n5" / "raw" / "data"
-    _attrs(tmp_path / "p.n5", n5="2.0.0")
-    _attrs(group, multiScale=True, resolution=[4, 4, 4], offset=offset)
-    _dataset(group / "s0", IMAGE)
-    _dataset(group / "s1", IMAGE[::2, ::2, ::2].copy(), downsamplingFactors=[2, 2, 2])
-    _dataset(group / "s2", IMAGE[::4, ::4, ::4].copy(), downsamplingFactors=[4, 4, 4])
+    n5_attrs(tmp_path / "p.n5", n5="2.0.0")
+    n5_attrs(group, multiScale=True, resolution=[4, 4, 4], offset=offset)
+    n5_dataset(group / "s0", IMAGE)
+    n5_dataset(group / "s1", IMAGE[::2, ::2, ::2].copy(), downsamplingFactors=[2, 2, 2])
+    n5_dataset(group / "s2", IMAGE[::4, ::4, ::4].copy(), downsamplingFactors=[4, 4, 4])
     return group
 
 
@@ -80,7 +50,7 @@ def test_a_level_takes_whole_voxels_of_its_own_and_a_shift_under_half_a_voxel(
     volume = open_volume(str(group / "s2"))
     assert volume.offset == (25, 0, 3)
     assert volume.shift_nm == pytest.approx((6.0, 6.0, -2.0))
-    assert _corner(str(group / "s2")) == pytest.approx((406.0, 6.0, 46.0))
+    assert voxel_0_at(str(group / "s2")) == pytest.approx((406.0, 6.0, 46.0))
 
 
 def test_an_n5_viewer_group_offset_in_micrometres_places_anisotropic_levels(
@@ -88,14 +58,14 @@ def test_an_n5_viewer_group_offset_in_micrometres_places_anisotropic_levels(
     """pixelResolution in um with the offset in its unit, factors [2, 2, 1] (x, y, z): s1
     lies half a level-0 voxel on in x and y only, where z was not downsampled."""
     group = tmp_path / "v.n5" / "c0"
-    _attrs(tmp_path / "v.n5", n5="2.0.0")
-    _attrs(group, scales=[[1, 1, 1], [2, 2, 1]], offset=[0.012, 0.008, 0.08],
+    n5_attrs(tmp_path / "v.n5", n5="2.0.0")
+    n5_attrs(group, scales=[[1, 1, 1], [2, 2, 1]], offset=[0.012, 0.008, 0.08],
            pixelResolution={"unit": "um", "dimensions": [0.004, 0.004, 0.04]})
-    _dataset(group / "s0", IMAGE)
-    _dataset(group / "s1", IMAGE[:, ::2, ::2].copy())
+    n5_dataset(group / "s0", IMAGE)
+    n5_dataset(group / "s1", IMAGE[:, ::2, ::2].copy())
     s1 = open_volume(str(group / "s1"))
     assert s1.voxel_size == pytest.approx((40.0, 8.0, 8.0))
-    assert _corner(str(group / "s1")) == pytest.approx((80.0, 10.0, 14.0))
+    assert voxel_0_at(str(group / "s1")) == pytest.approx((80.0, 10.0, 14.0))
     assert s1.shift_nm is not None and s1.shift_nm[0] == 0.0  # z: factor 1, no shift
 
 
@@ -115,10 +85,10 @@ def test_a_levels_own_offset_is_not_taken_for_level_0s(tmp_path: Path) -> None:
     """Only an inherited offset is level 0's: s1 with its own offset 16 nm keeps it as its
     voxel 0's (plus the half voxel per factor every n5-viewer level gets), as before."""
     group = _paintera(tmp_path, [40, 40, 40])
-    _attrs(group / "s1", offset=[16, 16, 16])
+    n5_attrs(group / "s1", offset=[16, 16, 16])
     volume = open_volume(str(group / "s1"))
     assert volume.offset == (2, 2, 2)
-    assert _corner(str(group / "s1")) == pytest.approx((18.0,) * 3)
+    assert voxel_0_at(str(group / "s1")) == pytest.approx((18.0,) * 3)
 
 
 def test_n5_viewer_root_defaults_reach_every_channel_and_its_level_list(
@@ -126,12 +96,12 @@ def test_n5_viewer_root_defaults_reach_every_channel_and_its_level_list(
     """The root's pixelResolution (n5-viewer's defaults) gives c0 and c1 their sizes, levels
     listed and opened alike; a channel's own pixelResolution wins over the root's."""
     root = tmp_path / "v.n5"
-    _attrs(root, n5="2.0.0", scales=[[1, 1, 1], [2, 2, 1]],
+    n5_attrs(root, n5="2.0.0", scales=[[1, 1, 1], [2, 2, 1]],
            pixelResolution={"unit": "nm", "dimensions": [4, 4, 40]})
     for channel in ("c0", "c1"):
-        _dataset(root / channel / "s0", IMAGE)
-        _dataset(root / channel / "s1", IMAGE[:, ::2, ::2].copy())
-    _attrs(root / "c1", pixelResolution={"unit": "nm", "dimensions": [5, 5, 50]})
+        n5_dataset(root / channel / "s0", IMAGE)
+        n5_dataset(root / channel / "s1", IMAGE[:, ::2, ::2].copy())
+    n5_attrs(root / "c1", pixelResolution={"unit": "nm", "dimensions": [5, 5, 50]})
     levels = open_volume(str(root / "c0")).levels()
     assert [level.voxel_size for level in levels] == [(40.0, 4.0, 4.0), (40.0, 8.0, 8.0)]
     assert [open_volume(level.path).voxel_size for level in levels] == [
@@ -143,9 +113,9 @@ def test_a_roots_resolution_comes_with_its_units(tmp_path: Path) -> None:
     """A root `resolution` with `units` (neuroglancer's N5 convention) is taken together: the
     size in um read as nm (0.004 nm) would be a thousand times off."""
     root = tmp_path / "u.n5"
-    _attrs(root, n5="2.0.0", resolution=[0.004, 0.004, 0.04], units=["um", "um", "um"])
-    _dataset(root / "c0" / "s0", IMAGE)
-    _dataset(root / "c0" / "s1", IMAGE[::2, ::2, ::2].copy(), downsamplingFactors=[2, 2, 2])
+    n5_attrs(root, n5="2.0.0", resolution=[0.004, 0.004, 0.04], units=["um", "um", "um"])
+    n5_dataset(root / "c0" / "s0", IMAGE)
+    n5_dataset(root / "c0" / "s1", IMAGE[::2, ::2, ::2].copy(), downsamplingFactors=[2, 2, 2])
     assert open_volume(str(root / "c0")).voxel_size == pytest.approx((40.0, 4.0, 4.0))
     assert open_volume(str(root / "c0" / "s1")).voxel_size == pytest.approx((80.0, 8.0, 8.0))
 
@@ -159,4 +129,4 @@ def test_an_output_made_from_a_coarser_level_lies_where_the_level_lies(
     level = open_volume(str(_paintera(tmp_path, [40, 40, 40]) / "s2"))
     create_volume(tmp_path / "out.zarr", "pred", level.shape, "uint8",
                   voxel_size=level.voxel_size, offset=level.offset, shift_nm=level.shift_nm)
-    assert _corner(str(tmp_path / "out.zarr" / "pred")) == pytest.approx((46.0,) * 3)
+    assert voxel_0_at(str(tmp_path / "out.zarr" / "pred")) == pytest.approx((46.0,) * 3)

@@ -4,7 +4,6 @@ at its first time point, and output chunks no longer than a short axis."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from n5_writing import n5_dataset, voxel_0_at
 
 from emrun.infer.plan import Layout, choose_chunks_and_block
 from emrun.io import VolumeError, open_volume
@@ -73,17 +73,8 @@ def test_hdf5_2d_image_with_element_size_um_still_opens(tmp_path: Path) -> None:
 
 def _n5_level(root: Path, name: str, data: np.ndarray, factors: list[int]) -> None:
     """A level as n5-viewer writes it: full resolution's pixelResolution, its factors."""
-    ts = pytest.importorskip("tensorstore")
-    folder = root / name
-    store = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(folder)},
-                     "metadata": {"dimensions": list(data.shape[::-1]), "blockSize": [8, 8, 4],
-                                  "dataType": "uint8", "compression": {"type": "raw"}},
-                     "create": True}).result()
-    store[...] = data.T
-    attrs = folder / "attributes.json"
-    attrs.write_text(json.dumps({
-        **json.loads(attrs.read_text()), "downsamplingFactors": factors,
-        "pixelResolution": {"dimensions": [4.0, 4.0, 30.0], "unit": "nm"}}))
+    n5_dataset(root / name, data, downsamplingFactors=factors,
+               pixelResolution={"dimensions": [4.0, 4.0, 30.0], "unit": "nm"})
 
 
 def _n5_pyramid(tmp_path: Path) -> Path:
@@ -95,15 +86,6 @@ def _n5_pyramid(tmp_path: Path) -> Path:
     return root
 
 
-def world_of_voxel_0(path: str) -> tuple[float, ...]:
-    """Where (nm, z, y, x) a volume's voxel 0 lies: offset voxels plus its sub-voxel shift."""
-    volume = open_volume(path)
-    assert volume.voxel_size is not None
-    offset = volume.offset or (0, 0, 0)
-    shift = volume.shift_nm or (0.0, 0.0, 0.0)
-    return tuple(o * v + s for o, v, s in zip(offset, volume.voxel_size, shift, strict=True))
-
-
 @pytest.mark.parametrize(("level", "factors"), [("s0", (1, 1, 1)), ("s1", (1, 2, 2)),
                                                 ("s2", (2, 4, 4))])
 def test_an_n5_viewer_level_lies_half_a_voxel_per_factor_past_level_0(
@@ -113,7 +95,7 @@ def test_an_n5_viewer_level_lies_half_a_voxel_per_factor_past_level_0(
     root = _n5_pyramid(tmp_path)
     base = (30.0, 4.0, 4.0)
     expected = tuple((f - 1) / 2 * b for f, b in zip(factors, base, strict=True))
-    assert world_of_voxel_0(f"{root}/{level}") == pytest.approx(expected)
+    assert voxel_0_at(f"{root}/{level}") == pytest.approx(expected)
 
 
 def test_an_n5_viewer_level_converted_keeps_its_place_as_an_ome_level_does(
@@ -122,7 +104,7 @@ def test_an_n5_viewer_level_converted_keeps_its_place_as_an_ome_level_does(
     as a coarser OME-Zarr level's own translation is carried."""
     root = _n5_pyramid(tmp_path)
     convert(f"{root}/s2", tmp_path / "out.zarr", name="s2", progress=False, levels=1)
-    assert world_of_voxel_0(str(tmp_path / "out.zarr/s2")) == pytest.approx((15.0, 6.0, 6.0))
+    assert voxel_0_at(str(tmp_path / "out.zarr/s2")) == pytest.approx((15.0, 6.0, 6.0))
     multiscale = zarr.open_group(tmp_path / "out.zarr/s2").attrs["ome"]["multiscales"][0]
     assert multiscale["metadata"][SHIFT_KEY] == [15.0, 6.0, 6.0]
 

@@ -3,46 +3,16 @@ file this reviewer does not own, and passes once that file is fixed."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from n5_writing import n5_attrs, n5_dataset, voxel_0_at
 
 from emrun.errors import UserError
 from emrun.io import choose_level, open_volume
 
 IMAGE = np.arange(16 * 16 * 16, dtype=np.uint8).reshape(16, 16, 16)  # z, y, x
-
-
-def _attrs(folder: Path, **extra: object) -> None:
-    """Merge `extra` into the node's attributes.json (a group's is created)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "attributes.json"
-    found = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**found, **extra}))
-
-
-def _dataset(folder: Path, data: np.ndarray, **extra: object) -> None:
-    """An N5 dataset (dimensions x, y, z) written by tensorstore, with extra attributes."""
-    ts = pytest.importorskip("tensorstore")
-    store = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(folder)},
-                     "metadata": {"dimensions": list(data.shape[::-1]),
-                                  "blockSize": list(data.shape[::-1]),
-                                  "dataType": str(data.dtype), "compression": {"type": "raw"}},
-                     "create": True}).result()
-    store[...] = data.T
-    if extra:
-        _attrs(folder, **extra)
-
-
-def _world_of_voxel_0(path: str) -> tuple[float, ...]:
-    """Where (nm, z, y, x) the volume's voxel 0 lies: its offset voxels plus its shift."""
-    volume = open_volume(path)
-    assert volume.voxel_size is not None
-    offset = volume.offset or (0, 0, 0)
-    shift = volume.shift_nm or (0.0, 0.0, 0.0)
-    return tuple(o * v + s for o, v, s in zip(offset, volume.voxel_size, shift, strict=True))
 
 
 # ------------------------------------------- N5: a paintera group's offset on coarser levels
@@ -52,12 +22,12 @@ def _paintera(tmp_path: Path, offset_nm: float) -> Path:
     """A paintera raw source: `resolution` and `offset` (nm, x, y, z) on the multiscale
     group `raw/data` only, levels s0..s2 with their own downsamplingFactors."""
     group = tmp_path / "p.n5" / "raw" / "data"
-    _attrs(tmp_path / "p.n5", n5="2.0.0")
-    _attrs(tmp_path / "p.n5" / "raw", painteraData={"type": "raw"})
-    _attrs(group, multiScale=True, resolution=[4, 4, 4], offset=[offset_nm] * 3)
-    _dataset(group / "s0", IMAGE)
-    _dataset(group / "s1", IMAGE[::2, ::2, ::2].copy(), downsamplingFactors=[2, 2, 2])
-    _dataset(group / "s2", IMAGE[::4, ::4, ::4].copy(), downsamplingFactors=[4, 4, 4])
+    n5_attrs(tmp_path / "p.n5", n5="2.0.0")
+    n5_attrs(tmp_path / "p.n5" / "raw", painteraData={"type": "raw"})
+    n5_attrs(group, multiScale=True, resolution=[4, 4, 4], offset=[offset_nm] * 3)
+    n5_dataset(group / "s0", IMAGE)
+    n5_dataset(group / "s1", IMAGE[::2, ::2, ::2].copy(), downsamplingFactors=[2, 2, 2])
+    n5_dataset(group / "s2", IMAGE[::4, ::4, ::4].copy(), downsamplingFactors=[4, 4, 4])
     return group
 
 
@@ -72,7 +42,7 @@ def test_a_paintera_level_picked_by_level_opens_where_it_lies(
     chosen = choose_level(str(group), level)
     factor = 2 ** int(level)
     expected = offset_nm + (factor - 1) / 2 * 4
-    assert _world_of_voxel_0(chosen) == pytest.approx((expected,) * 3)
+    assert voxel_0_at(chosen) == pytest.approx((expected,) * 3)
 
 
 # --------------------------------------- N5: n5-viewer's defaults in the container's root
@@ -83,10 +53,10 @@ def test_an_n5_viewer_channel_takes_the_roots_pixel_resolution(tmp_path: Path) -
     channels, `/c0/s0, /c0/s1` hold none. emrun found the factors there but not the voxel
     size: c0 opened with its size unknown (a recipe giving one then refuses it)."""
     root = tmp_path / "v.n5"
-    _attrs(root, n5="2.0.0", scales=[[1, 1, 1], [2, 2, 1]],
+    n5_attrs(root, n5="2.0.0", scales=[[1, 1, 1], [2, 2, 1]],
            pixelResolution={"unit": "nm", "dimensions": [4, 4, 40]})
-    _dataset(root / "c0" / "s0", IMAGE)
-    _dataset(root / "c0" / "s1", IMAGE[:, ::2, ::2].copy())
+    n5_dataset(root / "c0" / "s0", IMAGE)
+    n5_dataset(root / "c0" / "s1", IMAGE[:, ::2, ::2].copy())
     assert open_volume(str(root / "c0")).voxel_size == (40.0, 4.0, 4.0)
     assert open_volume(str(root / "c0" / "s1")).voxel_size == (40.0, 8.0, 8.0)
 

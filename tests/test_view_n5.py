@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from n5_writing import n5_attrs, n5_dataset
 
 from emrun.errors import UserError
 from emrun.io import write_volume
@@ -22,32 +23,12 @@ LEVELS = (IMAGE, IMAGE[:, ::2, ::2].copy(), IMAGE[::2, ::4, ::4].copy())
 FACTORS = ([1, 1, 1], [2, 2, 1], [4, 4, 2])  # x, y, z
 
 
-def _attrs(folder: Path, **extra: object) -> None:
-    path = folder / "attributes.json"
-    found = json.loads(path.read_text()) if path.exists() else {}
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**found, **extra}))
-
-
-def _dataset(folder: Path, data: np.ndarray, block: list[int] | None = None,
-             codec: str = "raw", **extra: object) -> None:
-    """An N5 dataset (dimensions x, y, z[, c]) with extra attributes."""
-    ts = pytest.importorskip("tensorstore")
-    store = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(folder)},
-                     "metadata": {"dimensions": list(data.shape[::-1]),
-                                  "blockSize": block or [8, 8, 4],
-                                  "dataType": str(data.dtype), "compression": {"type": codec}},
-                     "create": True}).result()
-    store[...] = data.T
-    _attrs(folder, **extra)
-
-
 def n5_viewer(tmp_path: Path) -> Path:
     """n5-viewer's layout: each level its factors and pixelResolution, the group nothing."""
     group = tmp_path / "viewer.n5" / "setup0" / "timepoint0"
     pixel = {"dimensions": [4.0, 4.0, 30.0], "unit": "nm"}
     for index, (data, factors) in enumerate(zip(LEVELS, FACTORS, strict=True)):
-        _dataset(group / f"s{index}", data, downsamplingFactors=factors, pixelResolution=pixel)
+        n5_dataset(group / f"s{index}", data, downsamplingFactors=factors, pixelResolution=pixel)
     return group
 
 
@@ -109,8 +90,8 @@ def test_a_bigdataviewer_export_shows_at_its_xml_voxel_size(tmp_path: Path) -> N
     container = tmp_path / "dataset.n5"
     group = container / "setup0" / "timepoint0"
     for index, data in enumerate(LEVELS):
-        _dataset(group / f"s{index}", data)
-    _attrs(container / "setup0", downsamplingFactors=list(FACTORS), dataType="uint8")
+        n5_dataset(group / f"s{index}", data)
+    n5_attrs(container / "setup0", downsamplingFactors=list(FACTORS), dataType="uint8")
     (tmp_path / "dataset.xml").write_text(
         '<SpimData version="0.2"><BasePath type="relative">.</BasePath><SequenceDescription>'
         '<ImageLoader format="bdv.n5" version="1.0"><n5 type="relative">dataset.n5</n5>'
@@ -134,7 +115,7 @@ def test_an_n5_dataset_keeps_its_offset_and_int64_labels_read_as_uint64(
     that never loads): the transform moves it, the metadata says uint64."""
     labels = (np.arange(8 * 16 * 16, dtype=np.int64).reshape(8, 16, 16) // 50)
     folder = tmp_path / "seg.n5" / "volumes" / "labels"
-    _dataset(folder, labels, resolution=[4, 4, 30], offset=[40, 80, 300])  # x, y, z nm
+    n5_dataset(folder, labels, resolution=[4, 4, 30], offset=[40, 80, 300])  # x, y, z nm
     shown = view([str(folder)], client=CLIENT)
     try:
         (layer,) = shown.state["layers"]
@@ -156,7 +137,7 @@ def test_an_n5_channel_volume_shows_its_channels_as_they_are_chunked(
     shader only where one chunk holds every channel, else shown one at a time."""
     affs = np.random.default_rng(1).integers(0, 255, (3, 8, 16, 16), dtype=np.uint8)
     folder = tmp_path / "pred.n5" / "affs"
-    _dataset(folder, affs, block=block, resolution=[6, 6, 40])
+    n5_dataset(folder, affs, block=block, resolution=[6, 6, 40])
     shown = view([str(folder)], client=CLIENT)
     try:
         assert shown.layers[0].kind == kind
@@ -170,7 +151,7 @@ def test_an_n5_channel_volume_shows_its_channels_as_they_are_chunked(
 def test_the_neuroglancer_package_takes_the_n5_state(tmp_path: Path) -> None:
     neuroglancer = pytest.importorskip("neuroglancer")
     folder = tmp_path / "seg.n5" / "labels"
-    _dataset(folder, IMAGE.astype(np.uint32), resolution=[4, 4, 30], offset=[4, 8, 30])
+    n5_dataset(folder, IMAGE.astype(np.uint32), resolution=[4, 4, 30], offset=[4, 8, 30])
     write_volume(tmp_path / "vol.zarr", "image", IMAGE, voxel_size=(30, 4, 4))
     shown = view([str(folder), str(tmp_path / "vol.zarr/image")], client=CLIENT)
     try:
@@ -190,6 +171,6 @@ def test_the_neuroglancer_package_takes_the_n5_state(tmp_path: Path) -> None:
 def test_what_neuroglancer_cannot_read_from_n5_is_refused(
         tmp_path: Path, data: np.ndarray, codec: str, message: str) -> None:
     folder = tmp_path / "x.n5" / "raw"
-    _dataset(folder, data, codec=codec)
+    n5_dataset(folder, data, codec=codec)
     with pytest.raises(UserError, match=message):
         view([str(folder)], client=CLIENT)
