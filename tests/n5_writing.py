@@ -43,3 +43,15 @@ def voxel_0_at(path: str) -> tuple[float, ...]:
     offset = volume.offset or (0, 0, 0)
     shift = volume.shift_nm or (0.0, 0.0, 0.0)
     return tuple(o * v + s for o, v, s in zip(offset, volume.voxel_size, shift, strict=True))
+
+
+def n5_viewer(tmp_path: Path, levels: tuple[np.ndarray, ...],
+              factors: tuple[list[int], ...]) -> Path:
+    """An n5-viewer pyramid (``setup0/timepoint0/sN``): every level its factors (x, y, z)
+    and level 0's pixelResolution (4 x 4 x 30 nm), the group nothing."""
+    group = tmp_path / "viewer.n5" / "setup0" / "timepoint0"
+    pixel = {"dimensions": [4.0, 4.0, 30.0], "unit": "nm"}
+    for index, (data, level_factors) in enumerate(zip(levels, factors, strict=True)):
+        n5_dataset(group / f"s{index}", data, downsamplingFactors=level_factors,
+                   pixelResolution=pixel)
+    return group

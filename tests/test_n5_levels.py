@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import n5_writing
 import numpy as np
 import pytest
 from n5_writing import n5_attrs, n5_dataset, voxel_0_at
@@ -22,11 +23,7 @@ FACTORS = ([1, 1, 1], [2, 2, 1], [4, 4, 2])  # x, y, z, as N5 lists them
 
 def n5_viewer(tmp_path: Path) -> Path:
     """An n5-viewer pyramid: every level its factors and level 0's pixelResolution."""
-    group = tmp_path / "viewer.n5" / "setup0" / "timepoint0"
-    pixel = {"dimensions": [4.0, 4.0, 30.0], "unit": "nm"}
-    for index, (data, factors) in enumerate(zip(LEVELS, FACTORS, strict=True)):
-        n5_dataset(group / f"s{index}", data, downsamplingFactors=factors, pixelResolution=pixel)
-    return group
+    return n5_writing.n5_viewer(tmp_path, LEVELS, FACTORS)
 
 
 def bdv_export(tmp_path: Path) -> Path:

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import n5_writing
 import numpy as np
 import pytest
 from n5_writing import n5_attrs, n5_dataset
@@ -25,11 +26,7 @@ FACTORS = ([1, 1, 1], [2, 2, 1], [4, 4, 2])  # x, y, z
 
 def n5_viewer(tmp_path: Path) -> Path:
     """n5-viewer's layout: each level its factors and pixelResolution, the group nothing."""
-    group = tmp_path / "viewer.n5" / "setup0" / "timepoint0"
-    pixel = {"dimensions": [4.0, 4.0, 30.0], "unit": "nm"}
-    for index, (data, factors) in enumerate(zip(LEVELS, FACTORS, strict=True)):
-        n5_dataset(group / f"s{index}", data, downsamplingFactors=factors, pixelResolution=pixel)
-    return group
+    return n5_writing.n5_viewer(tmp_path, LEVELS, FACTORS)
 
 
 def get(url: str) -> tuple[int, dict[str, str], bytes]:
