@@ -7,6 +7,7 @@ the same files) and checks the rerun."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from test_infer import make_inputs
+from test_infer import make_inputs, make_recipe
 
 from emrun import locks
 from emrun.errors import UserError
@@ -137,20 +138,42 @@ run_inference(make_recipe(), tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "pr
 """
 
 
+@pytest.fixture(scope="module")
+def killed_infers(tmp_path_factory) -> tuple[Path, dict[int, Path]]:
+    """The uninterrupted output, and for each kill moment (after the first or the second
+    task volume) the folder an `infer` killed there left: killed once each, the two --resume
+    variants below each rerun a copy (a process killed costs its imports)."""
+    from emrun.infer.run import run_inference
+
+    recipe, _, _, base = make_inputs(tmp_path_factory.mktemp("inputs"))
+    straight = base / "straight.zarr"
+    run_inference(recipe, base / "c.pt", str(base / "in.zarr/image"), straight,
+                  block=(4, 16, 16), device="cpu")
+    killed = {}
+    for created in (1, 2):
+        folder = tmp_path_factory.mktemp(f"killed{created}") / "run"
+        folder.mkdir()
+        for name in ("c.pt", "in.zarr"):
+            copy = shutil.copytree if (base / name).is_dir() else shutil.copy2
+            copy(base / name, folder / name)
+        run_killed(INFER_KILLED, str(folder), str(created))
+        killed[created] = folder
+    return straight, killed
+
+
 @pytest.mark.parametrize("created", [1, 2])
 @pytest.mark.parametrize("resume", [False, True])
-def test_infer_killed_before_its_record_starts_over(tmp_path, created, resume):
+def test_infer_killed_before_its_record_starts_over(killed_infers, tmp_path, created, resume):
     """`infer` killed after creating its task volumes, before writing the run's record:
     the rerun was refused with --resume ('holds no record ... remove it') and without ('not
     an emrun inference output') until the user removed the output. Nothing of it was
     predicted, so the rerun starts it over and gives the uninterrupted output."""
     from emrun.infer.run import run_inference
 
-    recipe, _, _, tmp = make_inputs(tmp_path)
-    straight = tmp / "straight.zarr"
-    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), straight,
-                  block=(4, 16, 16), device="cpu")
-    run_killed(INFER_KILLED, str(tmp), str(created))
+    straight, killed = killed_infers
+    tmp = tmp_path / "run"
+    shutil.copytree(killed[created], tmp)
+    recipe = make_recipe()
     out = tmp / "pred.zarr"
     assert (out / "aff").is_dir() and "emrun" not in zarr.open_group(str(out)).attrs
     done = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,

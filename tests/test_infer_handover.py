@@ -193,7 +193,7 @@ def test_partial_sums_held_for_hand_over_stay_within_the_budget(tmp_path, monkey
     from emrun.infer import schedule
     from emrun.infer import worker as worker_module
 
-    recipe, _, _, tmp = make_inputs(tmp_path, shape=(24, 96, 96))
+    recipe, _, _, tmp = make_inputs(tmp_path, shape=(16, 64, 64))  # 64 blocks, 4 units
     monkeypatch.setattr(schedule, "HANDOVER_BYTES", 200_000)
     monkeypatch.setattr(schedule, "available_memory", lambda: 0)  # the floor decides
     held = []

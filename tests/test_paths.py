@@ -4,8 +4,10 @@ of symbolic links are refused in one line (exit 2) wherever emrun reads or write
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,11 +20,29 @@ runner = CliRunner()
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 
 
-def emrun(*args: str) -> subprocess.CompletedProcess:
-    """In a process of its own with a time limit: a regression hangs, it must not hang the
-    suite."""
-    return subprocess.run([sys.executable, "-m", "emrun", *args], capture_output=True,
-                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+class Hung(BaseException):
+    """Raised by the guard: not an Exception, so neither emrun nor CliRunner catch it."""
+
+
+@contextmanager
+def unblocked_after(seconds: int, pipes: list[Path]) -> Iterator[None]:
+    """A regression that opens a pipe to read it waits forever: after ``seconds``, open each
+    pipe's other end (the waiting open returns) and fail the test, rather than hang the suite
+    (cheaper than a process of its own per command, which costs the imports each time)."""
+
+    def give_up(signum: int, frame: object) -> None:
+        for pipe in pipes:
+            with suppress(OSError):  # nobody reading it
+                os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        raise Hung(f"a command waited on a named pipe for {seconds} s")
+
+    before = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
 
 
 def test_named_pipes_are_refused_not_read(tmp_path):
@@ -30,15 +50,19 @@ def test_named_pipes_are_refused_not_read(tmp_path):
         os.mkfifo(tmp_path / name)
     (tmp_path / "child.yaml").write_text(f"extends: {tmp_path / 'r.yaml'}\nname: x\n")
     write_volume(tmp_path / "in.zarr", "image", np.zeros((4, 8, 8), np.uint8))
+    pipes = [tmp_path / name for name in ("r.yaml", "c.pt", "v.tif")]
+    results = {}
     for args in (["validate", str(tmp_path / "r.yaml")],
                  ["validate", str(tmp_path / "child.yaml")],
                  ["data", "convert", str(tmp_path / "v.tif"), str(tmp_path / "o.zarr")],
                  ["infer", "--checkpoint", str(tmp_path / "c.pt"), "--input",
                   str(tmp_path / "in.zarr/image"), "--output", str(tmp_path / "p.zarr")]):
-        result = emrun(*args)
-        assert result.returncode == 2, (args, result.stderr)
-        assert "named pipe" in result.stderr and "Traceback" not in result.stderr
-    child = emrun("validate", str(tmp_path / "child.yaml"))
+        with unblocked_after(60, pipes):
+            result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "named pipe" in result.stderr and "Traceback" not in result.output
+        results[args[1]] = result
+    child = results[str(tmp_path / "child.yaml")]
     assert "child.yaml:1" in child.stderr  # located at the extends line
 
 
