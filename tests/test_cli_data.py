@@ -282,7 +282,11 @@ def test_bench_train_times_the_checkpoint_apart_from_the_loop(write, monkeypatch
 def test_demo_trains_and_draws_then_refuses_to_overwrite(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "-o", "train.iterations=3", "-o", "train.log_every=1",
-            "-o", "train.validate_every=3", "-o", "train.checkpoint_every=3"]
+            "-o", "train.validate_every=3", "-o", "train.checkpoint_every=3",
+            # the demo's own model on smaller volumes: its test volume is twice the infer patch
+            "-o", "data.sources.synth_a.shape=[16, 80, 80]",
+            "-o", "data.sources.synth_b.shape=[16, 80, 80]",
+            "-o", "data.validation.synth_val.shape=[16, 64, 64]", "-o", "infer.patch=[8, 32, 32]"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
@@ -296,7 +300,7 @@ def test_demo_trains_and_draws_then_refuses_to_overwrite(tmp_path):
     assert "] predicting the test volume with the trained network" in result.stdout
     assert "] segmenting its affinities" in result.stdout
     seg = zarr.open_array(str(out / "seg_trained.zarr" / "labels" / "segmentation" / "0"))
-    assert seg.dtype == np.uint64 and seg.shape == (24, 128, 128) and seg[...].min() > 0
+    assert seg.dtype == np.uint64 and seg.shape == (16, 64, 64) and seg[...].min() > 0
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "not empty" in again.stderr
     under = runner.invoke(app, ["demo", "--out", str(out / "metrics.json" / "d")])

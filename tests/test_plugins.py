@@ -130,6 +130,36 @@ def emrun(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedPro
     return done
 
 
+CHAIN = """
+import json, sys
+from typer.testing import CliRunner
+from emrun.cli import app
+done = []
+for args in json.loads(sys.argv[1]):
+    result = CliRunner().invoke(app, args)
+    done.append([result.exit_code, result.stdout, result.stderr])
+    if result.exit_code:
+        break
+print(json.dumps(done))
+"""
+
+
+def emrun_chain(env: dict[str, str], cwd: Path, *commands: list[str]
+                ) -> list[subprocess.CompletedProcess]:
+    """Run emrun ``commands`` one after another in one fresh interpreter (one start-up, not
+    one each) that finds the plugin as an installed package does; each must succeed."""
+    ran = subprocess.run([sys.executable, "-c", CHAIN, json.dumps(commands)],
+                         capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    assert ran.returncode == 0, ran.stderr
+    last_line = json.loads(ran.stdout.strip().splitlines()[-1])  # the chain's own report
+    results = [subprocess.CompletedProcess(args, code, out, err)
+               for args, (code, out, err) in zip(commands, last_line, strict=False)]
+    for result in results:
+        assert result.returncode == 0, f"emrun {result.args}:\n{result.stdout}\n{result.stderr}"
+    assert len(results) == len(commands)
+    return results
+
+
 def test_a_plugin_model_and_segmenter_validate_train_infer_and_sweep(tmp_path, plugin_env):
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(RECIPE)
@@ -140,19 +170,20 @@ def test_a_plugin_model_and_segmenter_validate_train_infer_and_sweep(tmp_path, p
                  rng.integers(0, 255, labels.shape).astype(np.uint8))
     write_volume(tmp_path / "vol.zarr", "labels", labels)
 
-    summary = emrun(plugin_env, tmp_path, "validate", str(recipe)).stdout
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
+    validated, _, _, done, _ = emrun_chain(
+        plugin_env, tmp_path, ["validate", str(recipe)],
+        ["train", str(recipe), "--run-dir", "run", "--device", "cpu"],
+        ["infer", "--checkpoint", str(checkpoint), "--input", "vol.zarr/image", "--output",
+         "pred.zarr", "--device", "cpu"],
+        ["segment", "pred.zarr/affinity", "seg.zarr", "--sweep", "--truth", "vol.zarr/labels"],
+        ["export", "run", "toy.emrun"])
+    summary = validated.stdout
     assert "model toy_conv: kernel 3;" in summary
     assert "receptive field unknown" in summary
-
-    emrun(plugin_env, tmp_path, "train", str(recipe), "--run-dir", "run", "--device", "cpu")
-    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
     assert checkpoint.exists()
+    assert (tmp_path / "pred.zarr").is_dir()
 
-    emrun(plugin_env, tmp_path, "infer", "--checkpoint", str(checkpoint), "--input",
-          "vol.zarr/image", "--output", "pred.zarr", "--device", "cpu")
-
-    done = emrun(plugin_env, tmp_path, "segment", "pred.zarr/affinity", "seg.zarr", "--sweep",
-                 "--truth", "vol.zarr/labels")
     assert "segmenter toy_threshold from the recipe 'toy'" in done.stderr  # as recorded
     rows = [line.split()[1] for line in done.stdout.splitlines()
             if line.startswith("  threshold ")]
@@ -161,7 +192,6 @@ def test_a_plugin_model_and_segmenter_validate_train_infer_and_sweep(tmp_path, p
     assert (tmp_path / "seg.zarr" / "labels" / "segmentation").is_dir()
 
     # a package records the plugin package its names need, and names it where it is missing
-    emrun(plugin_env, tmp_path, "export", "run", "toy.emrun")
     with zipfile.ZipFile(tmp_path / "toy.emrun") as archive:
         used = json.loads(archive.read("manifest.json"))["plugins"]
     assert sorted((u["kind"], u["type"], u["package"], u["version"]) for u in used) == [
@@ -185,7 +215,10 @@ def test_a_plugin_model_and_segmenter_validate_train_infer_and_sweep(tmp_path, p
 def test_without_the_plugin_its_names_are_unknown(tmp_path):
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(textwrap.dedent(RECIPE))
-    done = subprocess.run([sys.executable, "-m", "emrun", "validate", "--no-data", str(recipe)],
-                          capture_output=True, text=True)
-    assert done.returncode == 2
+    from typer.testing import CliRunner
+
+    from emrun.cli import app
+
+    done = CliRunner().invoke(app, ["validate", "--no-data", str(recipe)])  # no plugin here
+    assert done.exit_code == 2
     assert "unknown model type 'toy_conv'" in done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,8 +11,10 @@ from typing import Literal
 
 import pytest
 from conftest import MINIMAL
+from typer.testing import CliRunner
 
 import emrun.recipe.recipe  # noqa: F401  (its sections register the built-in specs)
+from emrun.cli import app
 from emrun.errors import NotImplementedYet
 from emrun.registry import ALL, Registry, Spec
 
@@ -75,19 +78,29 @@ def test_plugins_register_through_entry_points(tmp_path):
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-emrun-plugin\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[emrun.plugins]\nsparkle = my_emrun_plugin\n")
-    recipe = tmp_path / "r.yaml"
+    recipe, extra = tmp_path / "r.yaml", tmp_path / "extra.yaml"
     recipe.write_text(MINIMAL + "augment: [{type: sparkle, amount: 0.5}]\n")
+    extra.write_text(MINIMAL + "augment: [{type: sparkle, amount: 0.5, colour: red}]\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-    command = [sys.executable, "-m", "emrun", "validate", "--no-data", str(recipe)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    # both validations in one fresh interpreter that finds the plugin (one start-up, not two)
+    both = textwrap.dedent("""
+        import json, sys
+        from typer.testing import CliRunner
+        from emrun.cli import app
+        results = [CliRunner().invoke(app, ["validate", "--no-data", path])
+                   for path in sys.argv[1:]]
+        print(json.dumps([[r.exit_code, r.stderr] for r in results]))
+    """)
+    done = subprocess.run([sys.executable, "-c", both, str(recipe), str(extra)],
+                          capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    recipe.write_text(MINIMAL + "augment: [{type: sparkle, amount: 0.5, colour: red}]\n")
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    assert done.returncode == 2
-    assert "augment.0.colour: unknown key 'colour'" in done.stderr
-    done = subprocess.run(command, capture_output=True, text=True)  # without the plugin
-    assert done.returncode == 2
-    assert "unknown augmentation type 'sparkle'" in done.stderr
+    (code, said), (extra_code, extra_said) = json.loads(done.stdout)
+    assert code == 0, said
+    assert extra_code == 2
+    assert "augment.0.colour: unknown key 'colour'" in extra_said
+    without = CliRunner().invoke(app, ["validate", "--no-data", str(recipe)])  # no plugin here
+    assert without.exit_code == 2
+    assert "unknown augmentation type 'sparkle'" in without.stderr
 
 
 def test_every_builtin_name_is_implemented_by_its_package():

@@ -221,11 +221,15 @@ def test_a_validation_source_the_first_validation_would_stop_on_is_refused_first
     assert "\n" not in message and not (tmp_path / "run").exists()
 
 
-def test_validate_refuses_a_validation_source_without_labels(tmp_path):
+def test_validate_refuses_a_validation_source_without_labels(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from emrun.cli import app
+
     path = _volume_recipe(tmp_path, "{image: image.npy, voxel_size: [30, 6, 6]}")
-    done = subprocess.run([sys.executable, "-m", "emrun", "validate", str(path)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert done.returncode == 2 and "data.validation.v" in done.stderr, done.stdout
+    monkeypatch.chdir(tmp_path)  # the recipe's relative paths, as from a shell there
+    done = CliRunner().invoke(app, ["validate", str(path)])
+    assert done.exit_code == 2 and "data.validation.v" in done.stderr, done.stdout
 
 
 def test_a_labelled_validation_source_from_files_trains_and_validates(tmp_path, monkeypatch):
@@ -296,12 +300,21 @@ def test_each_ddp_process_takes_its_own_gpu(monkeypatch):
         trainer._device(None, World(rank=2, local_rank=2, size=3))
 
 
-def test_a_mistake_under_gpus_is_one_line_and_exit_2(recipe, tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "emrun", "train", str(recipe), "--run-dir", str(tmp_path / "run"),
-         "--gpus", "2", "--device", "cuda:0"], capture_output=True, text=True, timeout=240)
-    assert done.returncode == 2, done.stderr[-2000:]
+def test_a_mistake_under_gpus_is_one_line_and_exit_2(recipe, tmp_path, monkeypatch):
+    """Refused before torchrun starts any rank (in this process: no rank may start)."""
+    from typer.testing import CliRunner
+
+    from emrun.cli import app, commands
+
+    def no_ranks(processes: int) -> int:
+        raise AssertionError("torchrun was started for a refused --gpus run")
+
+    monkeypatch.setattr(commands, "_launch_torchrun", no_ranks)
+    done = CliRunner().invoke(app, ["train", str(recipe), "--run-dir", str(tmp_path / "run"),
+                                    "--gpus", "2", "--device", "cuda:0"])
+    assert done.exit_code == 2, done.output[-2000:]
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 # -- data ------------------------------------------------------------------------------------
