@@ -330,6 +330,24 @@ def _command(tmp: Path, out: Path, workers: str = "2", *extra: str) -> list[str]
             "--threshold", "0.3,0.5", *extra]
 
 
+def _in_process(command: list[str], workers: str = "1", *extra: str) -> None:
+    """``command`` (a `_command` line) run in this process on ``workers`` workers, with
+    ``extra`` options; it must succeed. Where the process boundary is not under test (a
+    reference run, a resume after kill -9) this spares the interpreter's start."""
+    args = command[command.index("segment"):]
+    args[args.index("--workers") + 1] = workers
+    result = runner.invoke(app, [*args, *extra])
+    assert result.exit_code == 0, result.output
+
+
+def _straight(tmp: Path, *extra: str) -> Path:
+    """The uninterrupted run of `_command` (one worker) with ``extra``, made once."""
+    straight = tmp / f"straight{'-'.join(extra)}.zarr"
+    if not straight.exists():
+        _in_process(_command(tmp, straight, "1", *extra))
+    return straight
+
+
 def _graph_blocks(out: Path, table: str = "blocks") -> int:
     db = out / ".emrun-segment" / "graph.sqlite"
     if not db.exists():
@@ -351,9 +369,7 @@ def _markers(out: Path, step: str) -> int:
 def test_kill_9_at_any_step_then_resume_gives_the_same_segmentation_bit_for_bit(volume, moment):
     tmp, _ = volume
     extra = ("--agglomeration", "blockwise") if moment in ("agglomerate", "relabel") else ()
-    straight = tmp / f"straight{'-'.join(extra)}.zarr"
-    if not straight.exists():
-        subprocess.run(_command(tmp, straight, "1", *extra), check=True, capture_output=True)
+    straight = _straight(tmp, *extra)
     out = tmp / f"killed-{moment}.zarr"
     process = subprocess.Popen(_command(tmp, out, "2", *extra), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -374,9 +390,7 @@ def test_kill_9_at_any_step_then_resume_gives_the_same_segmentation_bit_for_bit(
             open_volume(str(out / "fragments"))
     else:
         assert open_volume(str(out / "fragments")).shape == SHAPE
-    done = subprocess.run([*_command(tmp, out, "2", *extra), "--resume"], capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stderr
+    _in_process(_command(tmp, out, "2", *extra), "1", "--resume")
     for name in ("fragments", "segmentation_0.3", "segmentation_0.5"):
         assert np.array_equal(level0(out, name), level0(straight, name)), name
     assert open_volume(str(out / "segmentation_0.5")).shape == SHAPE
@@ -389,8 +403,7 @@ def test_a_worker_killed_mid_block_fails_the_run_and_resume_finishes_it(volume):
     from test_infer_scheduling import _spawned_children
 
     tmp, _ = volume
-    straight = tmp / "straight-workers.zarr"
-    subprocess.run(_command(tmp, straight, "1"), check=True, capture_output=True)
+    straight = _straight(tmp)
     out = tmp / "worker-killed.zarr"
     process = subprocess.Popen(_command(tmp, out), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
@@ -405,25 +418,24 @@ def test_a_worker_killed_mid_block_fails_the_run_and_resume_finishes_it(volume):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 2, stderr
     assert "worker died" in stderr and "--resume" in stderr
-    done = subprocess.run([*_command(tmp, out), "--resume"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    _in_process(_command(tmp, out), "1", "--resume")
     for name in ("fragments", "segmentation_0.3", "segmentation_0.5"):
         assert np.array_equal(level0(out, name), level0(straight, name)), name
 
 
-def test_daisy_workers_started_through_launch_give_what_local_workers_give(volume):
+def test_daisy_workers_started_through_launch_give_what_local_workers_give(volume,
+                                                                            monkeypatch):
     pytest.importorskip("daisy")
     tmp, _ = volume
     blockwise = ("--agglomeration", "blockwise")  # every block step on daisy
     local, result = segment(tmp, "local.zarr", "--block", "12", "48", "48", *blockwise)
     assert result.exit_code == 0, result.output
     out = tmp / "daisy.zarr"
-    done = subprocess.run([sys.executable, "-m", "emrun", "segment",
-                           str(tmp / "in.zarr/affinity"), str(out), "--scheduler", "daisy",
-                           "--workers", "2", "--block", "12", "48", "48", *blockwise,
-                           "--launch", "env EMRUN_LAUNCHED=1"],  # workers started by a command
-                          capture_output=True, text=True, cwd=tmp)
-    assert done.returncode == 0, done.stderr
+    monkeypatch.chdir(tmp)  # the workers, started by a command, run elsewhere than the tests
+    result = runner.invoke(app, ["segment", str(tmp / "in.zarr/affinity"), str(out),
+                                 "--scheduler", "daisy", "--workers", "2", "--block", "12",
+                                 "48", "48", *blockwise, "--launch", "env EMRUN_LAUNCHED=1"])
+    assert result.exit_code == 0, result.output
     for name in ("fragments", "segmentation"):
         assert np.array_equal(level0(out, name), level0(local, name)), name
 
@@ -478,8 +490,7 @@ def postgres_url():
 def test_postgresql_holds_the_graph_and_gives_what_sqlite_gives(volume, postgres_url):
     tmp, _truth = volume
     blockwise = ("--agglomeration", "blockwise")  # reads regions and levels back, too
-    lite, result = segment(tmp, "lite.zarr", "--block", "12", "48", "48", "--workers", "2",
-                           *blockwise)
+    lite, result = segment(tmp, "lite.zarr", "--block", "12", "48", "48", *blockwise)
     assert result.exit_code == 0, result.output
     pg, result = segment(tmp, "pg.zarr", "--block", "12", "48", "48", "--workers", "2",
                          "--db", postgres_url, *blockwise)
@@ -526,10 +537,8 @@ def test_postgresql_kill_9_then_resume(volume, postgres_url):
     time.sleep(0.3)  # into the graph step, mid-transaction on some block
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done = subprocess.run([*command, "--resume"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    reference = tmp / "lite-reference.zarr"
-    subprocess.run(_command(tmp, reference, "1"), check=True, capture_output=True)
+    _in_process(command, "1", "--resume")
+    reference = _straight(tmp)
     for name in ("fragments", "segmentation_0.3", "segmentation_0.5"):
         assert np.array_equal(level0(out, name), level0(reference, name)), name
 

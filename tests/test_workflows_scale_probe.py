@@ -74,6 +74,17 @@ def segment_scaled(affs: Path, out: Path, *extra: object, workers: int = 2) -> l
             "local", "--workers", str(workers), *BLOCK, "--levels", "1", *map(str, extra)]
 
 
+def segment_here(affs: Path, out: Path, *extra: object) -> str:
+    """`segment_scaled`'s command run in this process on one worker (no worker processes to
+    start: the steps, blocks and results are the same); its standard output."""
+    return emrun(*segment_scaled(affs, out, *extra, workers=1)[3:])
+
+
+def invoke_here(affs: Path, out: Path, *extra: object) -> object:
+    """As `segment_here`, for a command that may be refused: the CliRunner's result."""
+    return runner.invoke(app, segment_scaled(affs, out, *extra, workers=1)[3:])
+
+
 @pytest.fixture(scope="module")
 def cells_store(tmp_path_factory) -> Path:
     """Noisy uint8 nearest-neighbour affinities of 12 cells (8 blocks of 4 x 24 x 24) and
@@ -92,8 +103,7 @@ def cells_store(tmp_path_factory) -> Path:
 def straight(cells_store) -> Path:
     """The uninterrupted scaled segmentation at thresholds 0.2 and 0.5."""
     out = cells_store / "straight.zarr"
-    subprocess.run(segment_scaled(cells_store / "in.zarr/affinity", out, "--threshold",
-                                  "0.2,0.5"), check=True, capture_output=True)
+    segment_here(cells_store / "in.zarr/affinity", out, "--threshold", "0.2,0.5")
     return out
 
 
@@ -107,10 +117,10 @@ def test_thresholds_together_at_scale_are_each_threshold_alone_and_score_alike(c
     affs = cells_store / "in.zarr/affinity"
     common = ("--min-size", "20", "--agglomeration", "blockwise")
     together = cells_store / "together.zarr"
-    emrun(*segment_scaled(affs, together, "--threshold", "0.2,0.5,0.8", *common)[3:])
+    segment_here(affs, together, "--threshold", "0.2,0.5,0.8", *common)
     for t in ("0.2", "0.8"):
         alone = cells_store / f"alone-{t}.zarr"
-        emrun(*segment_scaled(affs, alone, "--threshold", t, *common, workers=1)[3:])
+        segment_here(affs, alone, "--threshold", t, *common)
         assert np.array_equal(level(together, f"segmentation_{t}"),
                               level(alone, "segmentation")), t
     counts = [np.unique(level(together, f"segmentation_{t}")).size for t in ("0.2", "0.5",
@@ -153,8 +163,7 @@ def test_a_plain_resume_finishes_the_thresholds_the_job_started(cells_store, str
     _stop_at_relabel(out, cells_store, [0.2, 0.5])
     with pytest.raises(VolumeError, match="run it again with --resume"):
         open_volume(str(out / "labels/segmentation_0.2"))
-    result = runner.invoke(app, segment_scaled(cells_store / "in.zarr/affinity", out,
-                                               "--resume")[3:])
+    result = invoke_here(cells_store / "in.zarr/affinity", out, "--resume")
     assert result.exit_code == 0, result.output
     assert not (out / "labels/segmentation").exists(), "a volume nobody asked for"
     for name in ("segmentation_0.2", "segmentation_0.5"):
@@ -167,47 +176,44 @@ def test_a_resume_with_other_thresholds_says_how_to_finish_the_started_ones(cell
     unfinished with the options that finish them; those options do."""
     out = cells_store / "other-resume.zarr"
     _stop_at_relabel(out, cells_store, [0.2, 0.5])
-    result = runner.invoke(app, segment_scaled(cells_store / "in.zarr/affinity", out,
-                                               "--threshold", "0.8", "--name", "more",
-                                               "--resume")[3:])
+    result = invoke_here(cells_store / "in.zarr/affinity", out, "--threshold", "0.8",
+                         "--name", "more", "--resume")
     assert result.exit_code == 0, result.output
     said = " ".join(result.stderr.split())
     assert "segmentation_0.2 (--resume --threshold 0.2,0.5 --min-size 0)" in said, said
-    emrun(*segment_scaled(cells_store / "in.zarr/affinity", out, "--resume", "--threshold",
-                          "0.2,0.5", "--min-size", "0")[3:])
+    segment_here(cells_store / "in.zarr/affinity", out, "--resume", "--threshold", "0.2,0.5",
+                 "--min-size", "0")
     open_volume(str(out / "labels/segmentation_0.2"))  # finished now
 
 
 def test_a_resume_adding_a_threshold_keeps_the_one_it_shares(cells_store):
     out = cells_store / "extended.zarr"
-    emrun(*segment_scaled(cells_store / "in.zarr/affinity", out, "--threshold", "0.2,0.5")[3:])
+    segment_here(cells_store / "in.zarr/affinity", out, "--threshold", "0.2,0.5")
     kept = level(out, "segmentation_0.5")
-    result = runner.invoke(app, segment_scaled(cells_store / "in.zarr/affinity", out,
-                                               "--threshold", "0.5,0.8", "--resume")[3:])
+    result = invoke_here(cells_store / "in.zarr/affinity", out, "--threshold", "0.5,0.8",
+                         "--resume")
     assert result.exit_code == 0, result.output
     assert "graph: 0 of 8 blocks to do" in result.output
     assert np.array_equal(level(out, "segmentation_0.5"), kept)
     alone = cells_store / "plain-0.8.zarr"  # alone-0.8.zarr: min size 20, blockwise
     if not alone.exists():
-        emrun(*segment_scaled(cells_store / "in.zarr/affinity", alone, "--threshold",
-                              "0.8")[3:])
+        segment_here(cells_store / "in.zarr/affinity", alone, "--threshold", "0.8")
     assert np.array_equal(level(out, "segmentation_0.8"), level(alone, "segmentation"))
 
 
 def test_a_moved_output_resumes_on_the_graph_it_carries(cells_store, tmp_path):
     first = tmp_path / "scratch.zarr"
-    emrun(*segment_scaled(cells_store / "in.zarr/affinity", first, "--threshold", "0.5")[3:])
+    segment_here(cells_store / "in.zarr/affinity", first, "--threshold", "0.5")
     moved = tmp_path / "project" / "seg.zarr"
     moved.parent.mkdir()
     first.rename(moved)
-    result = runner.invoke(app, segment_scaled(cells_store / "in.zarr/affinity", moved,
-                                               "--threshold", "0.8", "--name", "more",
-                                               "--resume")[3:])
+    result = invoke_here(cells_store / "in.zarr/affinity", moved, "--threshold", "0.8",
+                         "--name", "more", "--resume")
     assert result.exit_code == 0, result.output
     assert "graph: 0 of 8 blocks to do" in result.output
     assert not first.exists(), "nothing may be written at the old place"
     alone = tmp_path / "alone.zarr"
-    emrun(*segment_scaled(cells_store / "in.zarr/affinity", alone, "--threshold", "0.8")[3:])
+    segment_here(cells_store / "in.zarr/affinity", alone, "--threshold", "0.8")
     assert np.array_equal(level(moved, "more"), level(alone, "segmentation"))
 
 
@@ -337,8 +343,8 @@ def test_pyramids_of_each_stage_lie_where_the_image_pyramid_lies(network, coarse
     level on the same grid, while the full-resolution truth is refused as another grid."""
     *_, store = network
     out = tmp_path / "seg.zarr"
-    emrun(*segment_scaled(coarse_prediction / "affinity", out, "--threshold", "0.3,0.5",
-                          "--block", "4", "12", "12", "--levels", "2")[3:])
+    segment_here(coarse_prediction / "affinity", out, "--threshold", "0.3,0.5", "--block",
+                 "4", "12", "12", "--levels", "2")
     image = placements(store / "image")
     assert placements(coarse_prediction / "affinity") == image[1:]
     for name in ("segmentation_0.3", "segmentation_0.5"):
@@ -434,8 +440,8 @@ def test_blockwise_evaluate_of_a_masked_scaled_segmentation_in_odd_blocks(networ
     *_, store = network
     tmp, _ = masked_roi
     out = tmp / "seg.zarr"
-    emrun(*segment_scaled(tmp / "local.zarr/affinity", out, "--threshold", "0.3", "--mask",
-                          tmp / "m.zarr/mask", "--block", "3", "10", "11")[3:])
+    segment_here(tmp / "local.zarr/affinity", out, "--threshold", "0.3", "--mask",
+                 tmp / "m.zarr/mask", "--block", "3", "10", "11")
     seg = level(out, "segmentation")
     inside = zarr.open_array(str(tmp / "m.zarr/mask/0"), mode="r")[1:7, 3:33, 5:34] != 0
     assert np.array_equal(seg != 0, inside)
@@ -457,8 +463,7 @@ def test_daisy_workers_on_postgresql_give_the_local_sqlite_segmentation(
     command = segment_scaled(cells_store / "in.zarr/affinity", out, "--threshold", "0.2,0.5",
                              "--db", postgres_url)
     command[command.index("local")] = "daisy"
-    done = subprocess.run(command, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    emrun(*command[3:])  # in this process: the daisy workers are processes of their own
     assert not (out / ".emrun-segment/graph.sqlite").exists()
     for name in ("fragments", "segmentation_0.2", "segmentation_0.5"):
         assert np.array_equal(level(out, name), level(straight, name)), name
