@@ -58,6 +58,17 @@ def leave_signals_to(parent: int, *_: object) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPPING)  # held since start: now ignored
 
 
+def kill_workers(pool: Any) -> None:
+    """SIGKILL the worker processes of a ProcessPoolExecutor whose workers `leave_signals_to`
+    their parent. Once one of them is killed (kill -9, the out-of-memory killer), the pool
+    ends the others with SIGTERM, which they ignore; one blocked on the task queue's lock
+    the killed one held never took its stop, and the pool's shutdown waited on it forever
+    (the command hung instead of saying a worker died)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            process.kill()
+
+
 @contextlib.contextmanager
 def stop_signals(on_stop: Callable[[], None] = lambda: None) -> Iterator[list[str]]:
     """Around a scheduler whose loop runs outside Python (daisy's): SIGTERM (a cluster's

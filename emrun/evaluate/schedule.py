@@ -53,6 +53,7 @@ from emrun.evaluate.blockwise import (
 )
 from emrun.evaluate.contingency import ContingencyTable
 from emrun.subprocesses import (
+    kill_workers,
     killed_by,
     leave_signals_to,
     signals_held,
@@ -189,6 +190,7 @@ def _run_local(folder: Path, work: Work, workers: int, on_block: OnBlock | None)
             if on_block is not None:
                 on_block(done, total)
     except concurrent.futures.process.BrokenProcessPool:  # killed: not a bug in emrun
+        kill_workers(pool)  # the others ignore the pool's SIGTERM: its shutdown waited
         raise UserError("an evaluation worker died (killed, or out of memory: use fewer "
                         "--workers or a smaller --block); run evaluate again") from None
     finally:

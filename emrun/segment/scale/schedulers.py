@@ -37,6 +37,7 @@ from ...geometry import Zyx, zyx
 from ...subprocesses import (
     STOPPING,
     die_with_parent,
+    kill_workers,
     killed_by,
     leave_signals_to,
     signals_held,
@@ -65,7 +66,11 @@ def local_pool(scheduler: str, workers: int) -> Iterator[ProcessPoolExecutor | N
     # die with it (no orphans after a kill -9). They start on demand, in `_submit`.
     with ProcessPoolExecutor(workers, mp_context=context, initializer=leave_signals_to,
                              initargs=(os.getpid(),)) as pool:
-        yield pool
+        try:
+            yield pool
+        except BaseException:  # a worker killed, a stop, a user's error: none left behind
+            kill_workers(pool)
+            raise
 
 
 def run_step(job: ScaleJob, step: str, blocks: Sequence[Zyx], *, scheduler: str,
