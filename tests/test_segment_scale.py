@@ -6,6 +6,7 @@ user's mistakes. Synthetic cells made in code."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -450,9 +452,11 @@ def _postgres_bin(name: str) -> str | None:
     return str(candidates[-1]) if candidates else None
 
 
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A throwaway PostgreSQL server on a free local port (as user postgres when root)."""
+@contextlib.contextmanager
+def throwaway_postgres(password: str | None = None) -> Iterator[str]:
+    """A throwaway PostgreSQL server on a free local port (as user postgres when root): the
+    URL of its database for the role emrun, without the password; with ``password`` the
+    server asks for it (scram-sha-256), else it trusts local connections."""
     initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
     if not initdb or not pg_ctl:
         pytest.skip("no PostgreSQL server on this machine (initdb/pg_ctl not found; .ci/run "
@@ -470,11 +474,17 @@ def postgres_url():
         os.chmod(folder, 0o755)
         os.chown(folder, user.pw_uid, user.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
+    auth = ["-A", "trust"]
+    if password is not None:
+        secret = folder / "password"
+        secret.write_text(f"{password}\n")
+        os.chmod(secret, 0o644)
+        auth = ["-A", "scram-sha-256", f"--pwfile={secret}"]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     data = folder / "data"
-    subprocess.run([*prefix, initdb, "-D", str(data), "-A", "trust", "-U", "emrun"],
+    subprocess.run([*prefix, initdb, "-D", str(data), *auth, "-U", "emrun"],
                    check=True, capture_output=True)
     subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
                     f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
@@ -485,6 +495,13 @@ def postgres_url():
         subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server that trusts local connections: its database's URL."""
+    with throwaway_postgres() as url:
+        yield url
 
 
 def test_postgresql_holds_the_graph_and_gives_what_sqlite_gives(volume, postgres_url):

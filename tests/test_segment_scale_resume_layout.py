@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import socket
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import test_workflows_scale_probe as probe
-from test_segment_scale import _postgres_bin
+from test_segment_scale import throwaway_postgres
 from typer.testing import CliRunner
 
 from emrun.cli import app
@@ -125,40 +121,8 @@ def test_a_new_job_and_a_run_without_resume_take_nothing_saved(tmp_path):
 def password_server() -> Iterator[tuple[str, str]]:
     """A throwaway PostgreSQL server that asks for a password (scram-sha-256): the URL of
     its database without the password, and the password."""
-    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
-    if not initdb or not pg_ctl:
-        pytest.skip("no PostgreSQL server on this machine (initdb/pg_ctl not found)")
-    pytest.importorskip("psycopg", reason="psycopg missing: pip install 'emrun[postgres]'")
-    folder = Path(tempfile.mkdtemp(prefix="emrun-pgpw-"))
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        import pwd
-
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to run the server")
-        os.chmod(folder, 0o755)
-        os.chown(folder, user.pw_uid, user.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
-    secret = folder / "password"
-    secret.write_text("pw-of-emrun\n")
-    os.chmod(secret, 0o644)
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    data = folder / "data"
-    subprocess.run([*prefix, initdb, "-D", str(data), "-A", "scram-sha-256", "-U", "emrun",
-                    f"--pwfile={secret}"], check=True, capture_output=True)
-    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
-                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
-    try:
-        yield f"postgresql://emrun@127.0.0.1:{port}/postgres", "pw-of-emrun"
-    finally:
-        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
+    with throwaway_postgres("pw-of-emrun") as url:
+        yield url, "pw-of-emrun"
 
 
 def test_a_resume_takes_the_jobs_postgresql_db_and_says_where_its_password_goes(
