@@ -16,6 +16,11 @@ class UserError(Exception):
     """Something the user can fix: a recipe, a volume, an argument. Exits with code 2."""
 
 
+class UserWarned(UserWarning):
+    """A warning for the user (metadata passed over, a setting that will not do what it
+    seems): the command goes on, and the CLI prints it as one `warning:` line."""
+
+
 class NotImplementedYet(Exception):
     """A command or registered name whose implementation has not landed. Exits with code 1."""
 

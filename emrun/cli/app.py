@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -22,6 +23,7 @@ from ..errors import (
     Interrupted,
     NotImplementedYet,
     UserError,
+    UserWarned,
     disk_full,
     host_out_of_memory,
     not_a_folder,
@@ -125,7 +127,7 @@ def guarded(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with _text_to_stderr(bool(kwargs.get("json_"))):
+            with _text_to_stderr(bool(kwargs.get("json_"))), _user_warnings_as_lines():
                 return fn(*args, **kwargs)
         except UserError as exc:
             from ..train.launch import said_to_launcher
@@ -181,6 +183,25 @@ def guarded(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _user_warnings_as_lines() -> Iterator[None]:
+    """Warnings meant for the user (`UserWarned`) as `warning:` lines, each shown (Python's
+    default form names a source line of emrun, and a filter could hide them)."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+            if issubclass(category, UserWarned):
+                warn([str(message)])
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        warnings.simplefilter("always", UserWarned)
+        yield
 
 
 def _report_disk_full(exc: OSError) -> None:

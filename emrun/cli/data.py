@@ -54,12 +54,14 @@ def data_convert(
 ) -> None:
     """Convert a volume to zarr v3 with OME-Zarr 0.5 metadata, streamed section by section."""
     from ..io.convert import convert
+    from ..io.metadata import stated_voxel_size
 
     _check_nm(voxel_size)
     if name is None and labels is False:  # the dtype's guess, "labels", is refused for images
         name = "image"
-    result = convert(at_level(source, level), out, name=name, voxel_size=voxel_size,
-                     chunks=chunks, overwrite=overwrite, label=labels, levels=levels)
+    with stated_voxel_size(voxel_size):  # metadata --voxel-size overrides, at every level
+        result = convert(at_level(source, level), out, name=name, voxel_size=voxel_size,
+                         chunks=chunks, overwrite=overwrite, label=labels, levels=levels)
     voxel = "unknown" if result.voxel_size is None else " x ".join(
         f"{v:g}" for v in result.voxel_size) + " nm"
     print(f"wrote {out}/{result.name}: shape {list(result.shape)}, {result.dtype}, voxel "

@@ -124,7 +124,7 @@ def convert(
     bar over the slabs goes to stderr when `progress`. Every user-facing problem is a
     VolumeError.
     """
-    vol = open_volume(source)
+    vol = open_volume(source, voxel_size=voxel_size)
     if vol.ndim not in (3, 4):
         raise VolumeError(
             f"{vol}: is {vol.ndim}-d {list(vol.shape)}; convert takes 3-d (z, y, x) or 4-d "

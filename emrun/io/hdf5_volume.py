@@ -10,7 +10,8 @@ naming the filter, before any command writes an output.
 
 Voxel size and offset come from funlib's attributes (`voxel_size`/`resolution`, `offset`)
 or, without them, from Fiji's and ilastik's `element_size_um` (z, y, x in micrometres),
-whose 1 x 1 x 1 (Fiji's mark of an uncalibrated image) reads as unknown.
+whose 1 x 1 x 1 (Fiji's mark of an uncalibrated image) reads as unknown; one that is not
+three positive numbers gives way to a voxel size the user states (`--voxel-size`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import h5py
 import numpy as np
 
 from emrun.geometry import Roi, slices
-from emrun.io.metadata import UNIT_TO_NM, spatial_metadata
+from emrun.io.metadata import UNIT_TO_NM, spatial_metadata, unusable_voxel_size
 from emrun.io.volume import (
     MAX_LISTED,
     METADATA_ERRORS,
@@ -188,7 +189,9 @@ def with_element_size(name: str, ndim: int, attrs: dict[str, Any]) -> dict[str, 
     """``attrs`` with Fiji's `element_size_um` as a funlib `voxel_size` in nm where they
     state none of their own (a Fiji export opened with its size unknown). Exactly 1 x 1 x 1
     um is what Fiji writes for an uncalibrated image, so it says "unknown", not 1000 nm.
-    A dataset of fewer than three axes has no z for it: left as it is."""
+    A dataset of fewer than three axes has no z for it: left as it is. One that is not
+    three positive numbers gives way to a stated voxel size (`unusable_voxel_size`): it
+    made the volume unopenable even where the user gave its size."""
     raw = attrs.get(ELEMENT_SIZE_KEY)
     if raw is None or ndim < 3 or "voxel_size" in attrs or "resolution" in attrs:
         return attrs
@@ -196,8 +199,10 @@ def with_element_size(name: str, ndim: int, attrs: dict[str, Any]) -> dict[str, 
     if values is None or len(values) != 3 or not all(
             isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
             for v in values):
-        raise VolumeError(f"{name}: attribute {ELEMENT_SIZE_KEY} {raw!r} is not three positive "
-                          "numbers (z, y, x in micrometres)")
+        stated = unusable_voxel_size(name, f"attribute {ELEMENT_SIZE_KEY}",
+                                     f"{raw!r} is not three positive numbers (z, y, x in "
+                                     "micrometres)")
+        return {**attrs, "voxel_size": list(stated)}
     if tuple(float(v) for v in values) == UNCALIBRATED_UM:
         return attrs  # Fiji's "no calibration"
     # to float32's 7 digits: Fiji writes float32, whose 0.03 um read 29.999999 nm

@@ -13,6 +13,11 @@ dimension of the array and come in the order (t,) (c,) z, y, x (channels only wi
 spatial axes), and a time axis of one point is dropped (`time_axis`). Spatial axes give a
 unit all or none: with some but not all, the others' size is unknown and is refused.
 
+A format's own voxel-size metadata that cannot be read at all (Fiji's `element_size_um` as a
+string, a unit emrun does not know) gives way to a size the user states (`stated_voxel_size`,
+with a `MetadataIgnored` warning) and is otherwise refused, saying that one would override it
+(`unusable_voxel_size`).
+
 One convention is written: `ome_image_attrs` builds the OME-Zarr 0.5 attributes of the
 image group emrun writes for every volume (see `emrun.io.write`).
 """
@@ -21,11 +26,13 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from emrun.errors import UserWarned
 from emrun.io.volume import VolumeError
 
 Spatial = tuple[tuple[float, ...] | None, tuple[int, ...] | None]
@@ -139,6 +146,50 @@ def _voxel_volume(ms: Mapping[str, Any], ds: Mapping[str, Any]) -> float | None:
     if not all(math.isfinite(v) and v > 0 for v in numbers):
         return None
     return math.prod(numbers[i] for i in _spatial_axes(ms.get("axes"), len(numbers)))
+
+
+class MetadataIgnored(UserWarned):
+    """Metadata a reader passed over (a voxel size given in its place, a registration it
+    cannot represent): the volume opened, and the warning names what was left unread."""
+
+
+_STATED_VOXEL_SIZE: ContextVar[tuple[float, ...] | None] = ContextVar(
+    "emrun_stated_voxel_size", default=None)
+
+
+@contextmanager
+def stated_voxel_size(voxel_size: Sequence[float] | None) -> Iterator[None]:
+    """Within it, volume metadata whose voxel size cannot be read (Fiji's `element_size_um`
+    as a string, a BigDataViewer unit emrun does not know) gives way to ``voxel_size`` (nm,
+    z, y, x; what the user stated, e.g. `--voxel-size`) with a warning, instead of making
+    the volume unopenable. None: no size stated, such metadata is refused."""
+    stated = tuple(float(v) for v in voxel_size) if voxel_size is not None else None
+    token = _STATED_VOXEL_SIZE.set(stated)
+    try:
+        yield
+    finally:
+        _STATED_VOXEL_SIZE.reset(token)
+
+
+def unusable_voxel_size(name: str, what: str, problem: str) -> tuple[float, ...]:
+    """The stated voxel size (`stated_voxel_size`) in place of metadata `what` that cannot
+    be read for `problem`, with a warning naming it; where none was stated, a one-line
+    VolumeError saying what is wrong and that a stated size overrides it."""
+    described = f"{what} {problem}"
+    stated = _STATED_VOXEL_SIZE.get()
+    if stated is None:
+        raise VolumeError(f"{name}: {described}; give the voxel size yourself with "
+                          "--voxel-size Z Y X (nm), which overrides it, or correct the "
+                          "metadata")
+    ignored(name, f"{described}: ignored, the stated voxel size {_listed(stated)} nm is "
+            "used")
+    return stated
+
+
+def ignored(name: str, text: str) -> None:
+    """Warn that a reader passed over metadata of the volume `name` (`text` says which and
+    why): the volume opens, and the user hears what was left unread."""
+    warnings.warn(f"{name}: {text}", MetadataIgnored, stacklevel=3)
 
 
 _FIRST_TIME_POINT: ContextVar[bool] = ContextVar("emrun_first_time_point", default=False)

@@ -16,7 +16,13 @@ and a group without one (nor its s0) its parent's (n5-viewer's root holds every 
 defaults). A group's offset (paintera's) is level 0's: a level taking it lies half a level-0
 voxel per factor past it, in whole voxels of its own plus a shift (`n5_placement`).
 A BigDataViewer export (`setupN/timepointT/sK`) without one in its attributes takes setup N's
-`voxelSize` from the XML beside the container that names it (`find_bdv_xml`).
+`voxelSize` from the XML beside the container that names it (`find_bdv_xml`), and level 0's
+offset from the view's ViewRegistration where that is a scale and a translation by whole
+voxels (`bdv_offset`; a rotation or shear is passed over with a warning).
+A level's COSEM `transform` (OpenOrganelle's: scale, translate and units per named axis, on
+the level or listed in its group's `multiscales`) gives its voxel size and place itself
+(`cosem_geometry`). Voxel-size metadata that cannot be read gives way to a size the user
+states (`emrun.io.metadata.stated_voxel_size`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,16 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from emrun.io.locations import is_url
-from emrun.io.metadata import NO_SIZE_UNITS, from_attrs, unit_to_nm
+from emrun.io.metadata import (
+    NO_SIZE_UNITS,
+    OFFSET_TOLERANCE,
+    UNIT_TO_NM,
+    from_attrs,
+    ignored,
+    unit_to_nm,
+    unusable_voxel_size,
+    whole_voxels,
+)
 from emrun.io.remote_zarr import forbidden
 from emrun.io.tensorstore_volume import (
     MetadataReader,
@@ -51,10 +66,15 @@ FACTOR_LISTS = ("scales", "downsamplingFactors")
 """Where a multiscale group lists every level's factors (x, y, z), s0's first: n5-viewer's
 `scales`, BigDataViewer's `downsamplingFactors` (on the setup, the timepoint's parent)."""
 SPATIAL_KEYS = ("resolution", "pixelResolution")
+TRANSFORM_KEY = "transform"
+"""COSEM's (OpenOrganelle's) per-level geometry: {"axes", "scale", "translate", "units"},
+each one value per named axis, with the voxel 0's centre at `translate`."""
+OWN_SIZE_KEYS = (*SPATIAL_KEYS, TRANSFORM_KEY)
+"""What gives a level a voxel size of its own."""
 PARENT_KEYS = (*SPATIAL_KEYS, "units")
 """What a pyramid group without a voxel size (nor its s0) takes from its parent group:
 n5-viewer's root attributes are every channel group's defaults."""
-BDV_GROUP = re.compile(r"(?:.*/)?setup(\d+)/timepoint\d+")
+BDV_GROUP = re.compile(r"(?:.*/)?setup(\d+)/timepoint(\d+)")
 """A BigDataViewer pyramid group, `setupN/timepointT`: setup N's voxel size is in the XML."""
 XML_READ_LIMIT = 8 << 20
 """Bytes of a BigDataViewer XML read at most: its SequenceDescription (the image loader and
@@ -80,7 +100,8 @@ def open_n5(container: str, dataset: str | None) -> TensorstoreVolume:
         spec |= {"metadata": _structure(attrs), "assume_metadata": True}
     view = reader.open(spec, lambda store: store[reader.ts.d[:].transpose[::-1]])
     inherited = pyramid is not None and pyramid.inherits_offset(index)
-    voxel_size, offset, shift = n5_placement(name, len(view.shape), attrs, inherited)
+    voxel_size, offset, shift = n5_placement(name, len(view.shape), attrs, inherited,
+                                             coarser=pyramid is not None and index > 0)
     plain = {k: v for k, v in attrs.items() if k not in (*STRUCTURE_KEYS, OLD_CODEC_KEY)}
     levels = pyramid.listed(container) if pyramid is not None else ()
     return opened_volume(view, path=container, dataset=dataset, voxel_size=voxel_size,
@@ -190,7 +211,7 @@ class Pyramid:
         """Whether the level's voxel size is the group's times its factors: it has none of
         its own, its factors are known and the group has one."""
         own = self.levels[index][1]
-        return not any(key in own for key in SPATIAL_KEYS) and \
+        return not any(key in own for key in OWN_SIZE_KEYS) and \
             self.factors(index) is not None and (
                 isinstance(self.attrs.get("pixelResolution"), Mapping | list)
                 or self.attrs.get("resolution") is not None)
@@ -260,7 +281,7 @@ def read_pyramid(reader: MetadataReader, group: str,
         found = _probe(reader, f"{prefix}s{index}/attributes.json")
         if found is None or "dimensions" not in found:
             break
-        levels.append((f"s{index}", found))
+        levels.append((f"s{index}", _with_listed_transform(found, attrs, f"s{index}")))
     if not levels:
         return None
     found = dict(attrs)
@@ -269,9 +290,11 @@ def read_pyramid(reader: MetadataReader, group: str,
         if _has_voxel_size(parent, {}):
             found |= {k: parent[k] for k in PARENT_KEYS if k in parent}
     if not _has_voxel_size(found, levels[0][1]):  # N5's win
-        xml = bdv_resolution(reader.location, group)
-        if xml is not None:
-            found["pixelResolution"] = {"dimensions": xml, "unit": "nm"}
+        voxel, offset = bdv_geometry(reader.location, group)
+        if voxel is not None:
+            found["pixelResolution"] = {"dimensions": voxel, "unit": "nm"}
+        if voxel is not None and offset is not None and "offset" not in found:
+            found["offset"] = offset  # nm, x, y, z: level 0's, as paintera's group offset
     return Pyramid(group, found, tuple(levels), tuple(factor_list))
 
 
@@ -285,7 +308,8 @@ def _parent_attrs(reader: MetadataReader, group: str) -> dict[str, Any]:
 
 
 def _has_voxel_size(group: Mapping[str, Any], level0: Mapping[str, Any]) -> bool:
-    return any(key in group or key in level0 for key in SPATIAL_KEYS)
+    return any(key in group for key in SPATIAL_KEYS) or any(key in level0 for key in
+                                                            OWN_SIZE_KEYS)
 
 
 def n5_pyramid(container: str, group: str) -> Pyramid | None:
@@ -381,12 +405,16 @@ def _resolution_and_units(name: str, attrs: Mapping[str, Any]) -> tuple[Any, lis
 def n5_voxel_size(name: str, ndim: int, attrs: Mapping[str, Any]) -> tuple[float, ...] | None:
     """The voxel size (nm, z, y, x) alone, whatever the offset: a pyramid's level list
     gives the one opening the level gives."""
+    transformed = cosem_geometry(name, attrs)
+    if transformed is not None:
+        return transformed[0]
     voxel: tuple[float, ...] | None = n5_spatial(
         name, ndim, {k: v for k, v in attrs.items() if k != "offset"})[0]
     return voxel
 
 
 def n5_placement(name: str, ndim: int, attrs: Mapping[str, Any], inherited: bool,
+                 coarser: bool = False,
                  ) -> tuple[tuple[float, ...] | None, tuple[int, ...] | None,
                             tuple[float, ...] | None]:
     """Voxel size (nm), offset (voxels) and sub-voxel shift (nm), z, y, x, of an N5 dataset.
@@ -396,7 +424,12 @@ def n5_placement(name: str, ndim: int, attrs: Mapping[str, Any], inherited: bool
     level 0, and the level lies at it plus (f - 1) / 2 level-0 voxels, as paintera places
     it; that is whole voxels of the level (to the nearest) and a shift of less than half a
     voxel, as `ome_shift` splits an OME level's translation (the group's offset read as
-    whole voxels of a coarser level refused 40 nm at 16 nm voxels)."""
+    whole voxels of a coarser level refused 40 nm at 16 nm voxels). A COSEM `transform`
+    gives all three itself (`transform_placement`); `coarser`: the level is not a pyramid's
+    finest, whose translation may lie between its voxels."""
+    transformed = cosem_geometry(name, attrs)
+    if transformed is not None:
+        return transform_placement(name, transformed, coarser)
     factors = attrs.get("downsamplingFactors")
     voxel = n5_voxel_size(name, ndim, attrs)
     offset_nm = _offset_nm(name, attrs) if inherited else None
@@ -413,6 +446,105 @@ def n5_placement(name: str, ndim: int, attrs: Mapping[str, Any], inherited: bool
     shift = tuple(float(round(w - p * v, 6)) for w, p, v in zip(world, placed, voxel,
                                                                  strict=True))
     return voxel, placed, shift if any(shift) else None
+
+
+Geometry = tuple[tuple[float, ...] | None, list[float], list[float]]
+"""A COSEM transform read: voxel size (nm; None where its units give no size), translate
+and scale (in its units), all z, y, x."""
+
+
+def cosem_geometry(name: str, attrs: Mapping[str, Any]) -> Geometry | None:
+    """The level's COSEM `transform` (z, y, x by its axis names), or None without one. One
+    that cannot be read gives way to a stated voxel size (`unusable_voxel_size`)."""
+    value = attrs.get(TRANSFORM_KEY)
+    if value is None:
+        return None
+    try:
+        return _read_transform(value)
+    except ValueError as exc:
+        stated = unusable_voxel_size(name, f"attribute {TRANSFORM_KEY}", str(exc))
+        return tuple(stated[-3:]), [0.0, 0.0, 0.0], [float(v) for v in stated[-3:]]
+
+
+def _read_transform(value: Any) -> Geometry:
+    """`value` as a COSEM transform, or a ValueError saying what is wrong with it. Its axes
+    are found by name (N5 tools list them x, y, z, numpy's z, y, x); unnamed, by its
+    `order` ("C": the last three are z, y, x; "F": the first three are x, y, z)."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{value!r} is not an object of axes, scale, translate and units")
+    axes, units = value.get("axes"), value.get("units")
+    rank = len(axes) if isinstance(axes, list) else 0
+    if rank < 3 or not isinstance(units, list) or len(units) != rank:
+        raise ValueError(f"needs axes, scale, translate and units of one value per axis "
+                         f"(at least 3), got axes {axes!r}, units {units!r}")
+    scale = _numbers(value.get("scale"), rank, "scale")
+    translate = _numbers(value.get("translate", [0.0] * rank), rank, "translate")
+    if not all(v > 0 for v in scale):
+        raise ValueError(f"has scale {scale}, not positive sizes")
+    zyx = _zyx_axes([str(a).strip().lower() for a in axes], value.get("order",
+                                                                  value.get("ordering")))
+    keys = [str(units[i]).strip().lower() for i in zyx]
+    unknown = [units[i] for i, key in zip(zyx, keys, strict=True)
+               if key not in UNIT_TO_NM and key not in NO_SIZE_UNITS]
+    if unknown:
+        raise ValueError(f"has unknown unit {unknown[0]!r} (expected nm, um, micrometer, ...)")
+    picked = [scale[i] for i in zyx]
+    voxel = None if any(key in NO_SIZE_UNITS for key in keys) else tuple(
+        float(round(s * UNIT_TO_NM[key], 6)) for s, key in zip(picked, keys, strict=True))
+    return voxel, [translate[i] for i in zyx], picked
+
+
+def _numbers(value: Any, rank: int, key: str) -> list[float]:
+    """`rank` finite numbers, or a ValueError naming `key`."""
+    if not isinstance(value, list) or len(value) != rank or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value):
+        raise ValueError(f"has {key} {value!r}, not one finite number per axis ({rank})")
+    return [float(v) for v in value]
+
+
+def _zyx_axes(names: list[str], order: Any) -> list[int]:
+    """Where z, y and x are among a transform's axes."""
+    if set("zyx") <= set(names) and len(set(names)) == len(names):
+        return [names.index(axis) for axis in "zyx"]
+    if str(order or "C").upper() == "F":
+        return [2, 1, 0]
+    return [len(names) - 3, len(names) - 2, len(names) - 1]
+
+
+def transform_placement(name: str, geometry: Geometry, coarser: bool,
+                        ) -> tuple[tuple[float, ...] | None, tuple[int, ...],
+                                   tuple[float, ...] | None]:
+    """Voxel size, offset (voxels) and sub-voxel shift (nm) of a COSEM transform. Its
+    translate is where voxel 0's centre lies: whole voxels on a pyramid's finest level; a
+    `coarser` level's carries the half-voxel shift of downsampling, split off as for an
+    OME-Zarr level (`ome_shift`)."""
+    voxel, translate, scale = geometry
+    voxels = [t / s for t, s in zip(translate, scale, strict=True)]
+    nearest = tuple(round(v) for v in voxels)
+    close = all(abs(v - n) <= OFFSET_TOLERANCE for v, n in zip(voxels, nearest, strict=True))
+    if close or not coarser or voxel is None:
+        described = f"transform translate {translate} with scale {scale}"
+        return voxel, whole_voxels(name, voxels, described, scale, "translate", ""), None
+    shift = tuple(float(round((v - n) * nm, 6))
+                  for v, n, nm in zip(voxels, nearest, voxel, strict=True))
+    return voxel, nearest, shift
+
+
+def _with_listed_transform(level: dict[str, Any], group: Mapping[str, Any],
+                           name: str) -> dict[str, Any]:
+    """A level's attributes with the `transform` its group's COSEM `multiscales` lists for
+    it, where it carries none of its own."""
+    listed = group.get("multiscales")
+    if TRANSFORM_KEY in level or not isinstance(listed, list):
+        return level
+    for ms in listed:
+        datasets = ms.get("datasets") if isinstance(ms, Mapping) else None
+        for ds in datasets if isinstance(datasets, list) else ():
+            if isinstance(ds, Mapping) and str(ds.get("path", "")).strip("/") == name and \
+                    TRANSFORM_KEY in ds:
+                return {**level, TRANSFORM_KEY: ds[TRANSFORM_KEY]}
+    return level
 
 
 def _offset_nm(name: str, attrs: Mapping[str, Any]) -> list[float] | None:
@@ -477,16 +609,26 @@ class BdvXml:
     sequence: ET.Element
 
 
-def bdv_resolution(container: str, group: str) -> list[float] | None:
-    """Setup N's voxel size (nm, x, y, z) in the BigDataViewer XML that names the local N5
-    `container`, for its group `setupN/timepointT`: Fiji's and BigStitcher's N5 export keep
-    it there only. None for another group, a remote container, no such XML, or a size the
-    XML does not give (unit "pixel": the image was never calibrated)."""
+def bdv_geometry(container: str, group: str
+                 ) -> tuple[list[float] | None, list[float] | None]:
+    """Setup N's voxel size and its level 0's offset (both nm, x, y, z) in the
+    BigDataViewer XML that names the local N5 `container`, for its group
+    `setupN/timepointT`: Fiji's and BigStitcher's N5 export keep them there only. The
+    voxel size is None for another group, a remote container, no such XML, or a size the XML
+    does not give (unit "pixel": the image was never calibrated); the offset is None without
+    a voxel size or a registration that places the view on whole voxels (`bdv_offset`)."""
     found = BDV_GROUP.fullmatch(group)
     if found is None or is_url(container):
-        return None
+        return None, None
     xml = find_bdv_xml(container)
-    return _setup_voxel_size(xml, int(found.group(1))) if xml is not None else None
+    if xml is None:
+        return None, None
+    name = f"{container.rstrip('/')}/{group}"
+    setup, timepoint = int(found.group(1)), int(found.group(2))
+    voxel = _setup_voxel_size(xml, setup, name)
+    if voxel is None:
+        return None, None
+    return voxel, bdv_offset(name, xml.path, setup, timepoint, voxel)
 
 
 def find_bdv_xml(container: str) -> BdvXml | None:
@@ -569,9 +711,10 @@ def _names_container(xml: BdvXml, target: str) -> bool:
     return os.path.realpath(_xml_path(xml.base, path)) == target
 
 
-def _setup_voxel_size(xml: BdvXml, setup: int) -> list[float] | None:
+def _setup_voxel_size(xml: BdvXml, setup: int, name: str) -> list[float] | None:
     """Setup `setup`'s voxelSize in nm (x, y, z, as the XML lists them); None where it has
-    none, or no length unit (empty or "pixel")."""
+    none, or no length unit (empty or "pixel"). A unit emrun does not know, or a size that
+    is not three positive numbers, gives way to a stated voxel size (`unusable_voxel_size`)."""
     for view in xml.sequence.iterfind("ViewSetups/ViewSetup"):
         if _number(view.findtext("id") or "") != setup:
             continue
@@ -579,15 +722,104 @@ def _setup_voxel_size(xml: BdvXml, setup: int) -> list[float] | None:
         unit = (size.findtext("unit") or "").strip() if size is not None else ""
         if size is None or unit.lower() in ("", *NO_SIZE_UNITS):
             return None
-        where = f"{xml.path}: ViewSetup {setup}'s voxelSize"
-        factor = unit_to_nm(where, unit)
+        where = f"{xml.path}: ViewSetup {setup}'s voxelSize:"
         values = (size.findtext("size") or "").split()
         numbers = [_number(v) for v in values]
-        if len(numbers) != 3 or not all(n is not None and n > 0 for n in numbers):
-            raise VolumeError(f"{where}: size {' '.join(values)!r} is not three positive "
-                              "numbers (x y z)")
-        return [n * factor for n in numbers if n is not None]
+        if unit.lower() not in UNIT_TO_NM:
+            problem = (f"unit {unit!r} is not a length unit emrun knows (nm, µm, micrometer, "
+                       "mm, ...)")
+        elif len(numbers) != 3 or not all(n is not None and n > 0 for n in numbers):
+            problem = f"size {' '.join(values)!r} is not three positive numbers (x y z)"
+        else:
+            factor = unit_to_nm(where, unit)
+            return [n * factor for n in numbers if n is not None]
+        return list(reversed(unusable_voxel_size(name, where, problem)[-3:]))
     return None
+
+
+Affine = list[list[float]]
+"""Three rows of four: x, y, z of a view's voxel (level 0) to BigDataViewer's world."""
+
+
+def bdv_offset(name: str, path: str, setup: int, timepoint: int,
+               voxel: list[float]) -> list[float] | None:
+    """Level 0's offset (nm, x, y, z) that the XML's ViewRegistration of the view places it
+    at, as BigDataViewer does: its affine's translation over its scale, whole voxels of the
+    view, times the voxel size (the world's unit is BigDataViewer's own: BigStitcher's is a
+    pixel's width, Fiji's export its calibration's unit, so the size is voxelSize's).
+    None without a registration, or (with a warning) where it cannot be represented: a
+    rotation, shear or flip, or a translation between voxels."""
+    affine = _registration(name, path, setup, timepoint)
+    if affine is None:
+        return None
+    view = f"{path}: the registration of setup {setup}, timepoint {timepoint}"
+    scale = [affine[i][i] for i in range(3)]
+    largest = max(abs(v) for row in affine for v in row[:3])
+    if any(abs(affine[i][j]) > 1e-9 * largest for i in range(3) for j in range(3) if i != j) \
+            or not all(v > 0 for v in scale):
+        rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in affine)
+        ignored(name, f"{view} (affine {rows}) rotates, shears or flips the view, which emrun "
+                "cannot represent: ignored, the volume lies at its origin")
+        return None
+    ratios = [s / v for s, v in zip(scale, voxel, strict=True)]
+    if not all(math.isclose(r, ratios[0], rel_tol=1e-4) for r in ratios):
+        ignored(name, f"{view} scales x y z by {' '.join(f'{v:g}' for v in scale)}, unlike "
+                f"its voxelSize ({' '.join(f'{v:g}' for v in voxel)} nm): its scale is ignored "
+                "(voxelSize gives the voxel size)")
+    voxels = [row[3] / s for row, s in zip(affine, scale, strict=True)]
+    nearest = [round(v) for v in voxels]
+    if any(abs(v - n) > OFFSET_TOLERANCE for v, n in zip(voxels, nearest, strict=True)):
+        ignored(name, f"{view} translates the view by {' '.join(f'{v:g}' for v in voxels)} "
+                "voxels (x y z), not whole voxels: ignored, the volume lies at its origin")
+        return None
+    return [n * v for n, v in zip(nearest, voxel, strict=True)]
+
+
+def _registration(name: str, path: str, setup: int, timepoint: int) -> Affine | None:
+    """The affine of the view's ViewRegistration in the XML at `path` (its ViewTransforms
+    concatenated, the first listed applied last, as BigDataViewer does), or None where it
+    lists none. At most XML_READ_LIMIT bytes are read; registrations past them, or that
+    cannot be read, are passed over with a warning (the voxel size came before them)."""
+    parser = ET.XMLPullParser(events=("end",))
+    try:
+        with open(path, "rb") as f:
+            while f.tell() < XML_READ_LIMIT:
+                chunk = f.read(min(1 << 16, XML_READ_LIMIT - f.tell()))
+                if not chunk:
+                    parser.close()
+                    return None
+                parser.feed(chunk)
+                for _, element in parser.read_events():
+                    if element.tag == "ViewRegistrations":
+                        return None
+                    if element.tag == "ViewRegistration" and \
+                            _number(element.get("setup", "")) == setup and \
+                            _number(element.get("timepoint", "")) == timepoint:
+                        return _concatenated(element)
+                    if element.tag == "ViewRegistration":
+                        element.clear()
+        problem = f"lie past its first {XML_READ_LIMIT / 2**20:g} MB"
+    except (OSError, ET.ParseError, ValueError) as exc:
+        problem = f"cannot be read ({exc})"
+    ignored(name, f"{path}: its ViewRegistrations {problem}: ignored, the volume lies at its "
+            "origin")
+    return None
+
+
+def _concatenated(registration: ET.Element) -> Affine:
+    """A ViewRegistration's affines multiplied in order (each applies before the one above
+    it); a ValueError where one is not twelve numbers."""
+    model = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
+    for transform in registration.iterfind("ViewTransform"):
+        text = (transform.findtext("affine") or "").split()
+        values = [_number(v) for v in text]
+        if len(values) != 12 or any(v is None for v in values):
+            raise ValueError(f"affine {' '.join(text)!r} is not twelve numbers")
+        rows = [[float(v or 0.0) for v in values[i * 4:i * 4 + 4]] for i in range(3)]
+        model = [[sum(model[i][k] * rows[k][j] for k in range(3)) + (model[i][3] if j == 3
+                                                                      else 0.0)
+                  for j in range(4)] for i in range(3)]
+    return model
 
 
 def _number(text: str) -> float | None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Sequence
 from typing import Any
 
 from emrun.io.completion import check_finished
 from emrun.io.locations import PRECOMPUTED_PREFIX, is_url, local_precomputed, strip_precomputed
+from emrun.io.metadata import stated_voxel_size
 from emrun.io.volume import (
     CONTAINER_SUFFIXES,
     HDF5_SUFFIXES,
@@ -56,13 +58,18 @@ def _without_dot_segments(text: str) -> str:
 
 
 def open_volume(path: str | os.PathLike[str], dataset: str | None = None, *,
-                unfinished: bool = False) -> Volume:
+                unfinished: bool = False, voxel_size: Sequence[float] | None = None) -> Volume:
     """Open a volume for lazy reading; reads metadata only.
 
     `path` may carry the dataset ("vol.zarr/image"); an explicit `dataset` is appended to
     whatever the path carries. Every problem comes out as a one-line `VolumeError`. A volume
     its writer has not finished (`emrun.io.completion`) is refused unless ``unfinished``.
+    ``voxel_size`` (nm, z, y, x), the size the user states, takes the place of voxel-size
+    metadata that cannot be read, with a warning (`emrun.io.metadata.stated_voxel_size`).
     """
+    if voxel_size is not None:
+        with stated_voxel_size(voxel_size):
+            return open_volume(path, dataset, unfinished=unfinished)
     _check_names_a_volume(os.fspath(path))
     container, inner = split_volume_path(path)
     if dataset is not None and dataset.strip("/"):
