@@ -162,15 +162,3 @@ def test_a_jobs_mask_that_no_longer_opens_is_named(tmp_path):
             f"--resume takes the job's --mask {mask}, which does not open now: ")) as caught:
         _inputs(tmp_path / "o.zarr")
     assert "put it back there, or use another output" in str(caught.value)
-
-
-def test_a_mask_inside_a_moved_output_says_to_move_it_back(tmp_path):
-    first = tmp_path / "first.zarr"
-    write_volume(first, "mask", np.ones(SHAPE, np.uint8))
-    _saved(first, open_volume(str(first / "mask")).location())
-    moved = tmp_path / "moved.zarr"
-    first.rename(moved)
-    with pytest.raises(UserError, match=re.escape(
-            f"inside the output where the job started, {first.resolve()}; move the output "
-            "back there to resume, or use another output")):
-        _inputs(moved)

@@ -459,9 +459,11 @@ def segment(
         out.print(f"wrote {output}/{item['name']}: {item['segments']} segments ({result.method} "
                   f"{value}, min_size {result.parameters['min_size']}; {result.mode}) in "
                   f"{result.seconds:.1f} s", markup=False)
-    if mask is not None and result.outputs and not any(i["segments"] for i in result.outputs):
-        err.print(f"warning: {output} holds zeros only: --mask {mask} is 0 over the whole "
-                  "affinities; is it the right volume?", markup=False)
+    if result.mask is not None and result.outputs and \
+            not any(i["segments"] for i in result.outputs):  # the mask used: a resume's too
+        whose = "" if mask is not None else " (the job's)"
+        err.print(f"warning: {output} holds zeros only: --mask {result.mask}{whose} is 0 over "
+                  "the whole affinities; is it the right volume?", markup=False)
     if json_:
         print(json.dumps(result.as_dict()))
 

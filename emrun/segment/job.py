@@ -78,6 +78,7 @@ class SegmentResult:
     seconds: float = 0.0
     sweep: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None  # the graph pipeline's, by step
+    mask: str | None = None  # the mask used: given, or a resumed job's
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -284,15 +285,9 @@ def run_segment(request: SegmentRequest, *,
     value, or the sweep's best); see the module docstring and :class:`SegmentRequest`.
     ``on_block(stage, done, total)`` follows blockwise work, ``on_stage(text)`` the steps."""
     start = time.perf_counter()
-    segmenter_from = None
-    spec = request.spec
-    if spec is None and request.method is None:
-        recorded = recorded_segmenter(request.affinities)
-        if recorded is not None:
-            spec, segmenter_from = recorded
     if request.scheduler is not None:
-        return _run_graph(request, spec, segmenter_from, start, say=on_stage,
-                          on_block=on_block)
+        return _run_graph(request, start, say=on_stage, on_block=on_block)
+    spec, segmenter_from = _chosen_spec(request)
     segmenter, values = make_segmenter(request, spec)
     method = segmenter.spec.type
     output, name, block = request.output, request.name, request.block
@@ -331,7 +326,7 @@ def run_segment(request: SegmentRequest, *,
     result = SegmentResult(input=str(volume), output=str(output), method=method,
                            parameters=segmenter.spec.model_dump(),
                            mode="blockwise" if blockwise else "memory",
-                           segmenter_from=segmenter_from)
+                           segmenter_from=segmenter_from, mask=mask_path)
     if values and not sweeping:  # one output per value: the spec's own value was not run
         result.parameters[segmenter.value_name] = list(values)
     info = {"version": __version__, "input": str(volume), "offsets": [list(o) for o in offsets],
@@ -373,13 +368,42 @@ def run_segment(request: SegmentRequest, *,
     return result
 
 
-def _run_graph(request: SegmentRequest, spec: SegmenterBase | None,
-               segmenter_from: str | None, start: float, *,
-               say: Callable[[str], None] | None,
-               on_block: Callable[[str, int, int], None] | None) -> SegmentResult:
-    """The graph pipeline (emrun.segment.scale) on local workers or daisy."""
-    from .scale.command import resumed_inputs, run_scaled, waterz_spec
+def _chosen_spec(request: SegmentRequest) -> tuple[SegmenterBase | None, str | None]:
+    """The request's segmenter spec, else the one the affinities' recipe records (and a
+    phrase saying where it came from), else None (the method's or the default's)."""
+    if request.spec is None and request.method is None:
+        recorded = recorded_segmenter(request.affinities)
+        if recorded is not None:
+            return recorded
+    return request.spec, None
 
+
+def _run_graph(request: SegmentRequest, start: float, *, say: Callable[[str], None] | None,
+               on_block: Callable[[str, int, int], None] | None) -> SegmentResult:
+    """The graph pipeline (emrun.segment.scale) on local workers or daisy. From its first
+    read a SIGTERM or SIGINT stops it in one line (`main_stops`): at once while it only
+    reads and checks, else where all it wrote is whole."""
+    from .scale.command import run_scaled
+    from .scale.schedulers import main_stops
+
+    with main_stops() as stops:
+        with stops.starting():
+            result, agglo, volume, offsets, mask = _graph_inputs(request, say)
+        with held_store(request.output):  # the job's workers write it too, and never take it
+            result.timings = run_scaled(request, agglo, volume, offsets, mask, result,
+                                        say or (lambda text: None), on_block, stops)
+    result.block = list(result.timings.pop("block"))
+    result.seconds = round(time.perf_counter() - start, 3)
+    return result
+
+
+def _graph_inputs(request: SegmentRequest, say: Callable[[str], None] | None
+                  ) -> tuple[SegmentResult, Any, Volume, tuple[Offset, ...], Volume | None]:
+    """The graph pipeline's checks and inputs: the result to fill, the agglomeration spec,
+    the affinities and their offsets, the mask (a resume's: the job's where not given)."""
+    from .scale.command import resumed_inputs, waterz_spec
+
+    spec, segmenter_from = _chosen_spec(request)
     if spec is not None and spec.type != "waterz" and request.spec is None and \
             request.method is None:  # the recorded recipe's, not asked for: say, and go on
         if say is not None:
@@ -404,13 +428,8 @@ def _run_graph(request: SegmentRequest, spec: SegmenterBase | None,
     mask = None if inputs.mask is None else open_spatial(inputs.mask, volume, "mask")
     result = SegmentResult(input=str(volume), output=str(output), method="waterz",
                            parameters=agglo.model_dump(), mode=f"graph ({request.scheduler})",
-                           segmenter_from=segmenter_from)
-    with held_store(output):  # the job's workers write it too, and never take it
-        result.timings = run_scaled(request, agglo, volume, offsets, mask, result,
-                                    say or (lambda text: None), on_block)
-    result.block = list(result.timings.pop("block"))
-    result.seconds = round(time.perf_counter() - start, 3)
-    return result
+                           segmenter_from=segmenter_from, mask=inputs.mask)
+    return result, agglo, volume, offsets, mask
 
 
 def read_channels(volume: Volume, offsets: Sequence[Offset], segmenter: Segmenter

@@ -4,9 +4,11 @@ Everything a user can get wrong is checked before any block is done: the segment
 graph pipeline agglomerates by threshold, as waterz: ``--method waterz`` or a recipe whose
 ``segment`` is waterz), thresholds in [0, 1], the affinities and their nearest-neighbour
 offsets, the mask, the output (never overwritten; an unfinished job only with ``--resume``,
-and only if its fragments were made the same way) and the database (it must answer and
-accept the tables). A SIGTERM or SIGINT stops the job where all it wrote is whole (in a
-step between blocks, `run_step`; outside, `MainStops`) and says to go on with --resume.
+and only if its fragments were made the same way; ``--resume`` only where a job is) and the
+database (it must answer and accept the tables). Affinities moved since the job started
+resume at their new place when they are the same volume (`_moved_inputs`). A SIGTERM or
+SIGINT stops the job where all it wrote is whole (in a step between blocks, `run_step`;
+outside, `MainStops`: at once while it starts or builds a pyramid) and says how to go on.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from .graphdb import (
     password_to_environment,
     shown_url,
 )
-from .job import FOLDER, FRAGMENTS, ScaleJob, saved_job
+from .job import FOLDER, FRAGMENTS, JOB_FILE, ScaleJob, saved_job
 from .schedulers import MainStops, forget_caches, local_pool, main_stops, run_step
 from .steps import agglomerate_graph, finished_volume, levels_key, lut_file, lut_key
 
@@ -69,6 +71,9 @@ fragments + graph measured 2.50 M voxels/s per core against 2.22 at 32 x 512 x 5
 development VM."""
 
 Say = Callable[[str], None]
+
+PYRAMID_CUT = ("the pyramid of {what} was cut short (a resume builds it again whole; the "
+               "volume stays unfinished until then); all else done is kept")
 
 
 def block_chunks(block: Sequence[int]) -> Zyx:
@@ -126,9 +131,25 @@ def waterz_spec(request: SegmentRequest, spec: SegmenterBase | None) -> Waterz:
 
 def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
                offsets: tuple[Any, ...], mask: Volume | None, result: Any,
-               say: Say, on_block: Callable[[str, int, int], None] | None) -> dict[str, Any]:
+               say: Say, on_block: Callable[[str, int, int], None] | None,
+               stops: MainStops | None = None) -> dict[str, Any]:
     """Run (or resume) the job with the agglomeration settings ``agglo`` (`waterz_spec`);
-    fills ``result.outputs``; returns the timings by step (and the block)."""
+    fills ``result.outputs``; returns the timings by step (and the block). ``stops``: the
+    caller's `main_stops` (None: this run's own)."""
+    with contextlib.ExitStack() as scope:
+        if stops is None:
+            stops = scope.enter_context(main_stops())
+        with stops.starting():  # reads and checks: a signal stops the command at once
+            job, old = _checked_job(request, agglo, volume, offsets, mask, say)
+            info = _output_info(job, volume)
+            _check_outputs(job, info)  # refused before the database or the job's folder
+        return _run_job(job, old, request, agglo, volume, info, result, stops, say, on_block)
+
+
+def _checked_job(request: SegmentRequest, agglo: Waterz, volume: Volume,
+                 offsets: tuple[Any, ...], mask: Volume | None,
+                 say: Say) -> tuple[ScaleJob, ScaleJob | None]:
+    """The job to run, checked, and the saved job it resumes (None: a new one)."""
     if request.fragments not in FRAGMENT_METHODS:
         raise UserError(f"--fragments {request.fragments!r}: choose "
                         f"{' or '.join(FRAGMENT_METHODS)}")
@@ -148,18 +169,26 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
                    name=settings.name, mask=None if mask is None else mask.location(),
                    levels=settings.levels, agglomeration=settings.agglomeration)
     forget_caches()  # an earlier run in this process kept blocks' data by path and URL
-    old = _check_resume(job, request.resume)
+    old = _check_resume(job, request.resume, volume)
     if taken := _taken_inputs(request, job, volume) + layout.taken:
         listed = ", ".join(taken[:-1]) + " and " + taken[-1] if len(taken) > 1 else taken[0]
         say(f"resuming with the job's {listed} (as it was started)")
     job = replace(job, run=_run_token(old))
+    if old is not None:  # moved inputs: the job keeps the places its digest was made from
+        job = replace(job, started=old.started)
     _warn_left_unfinished(old, job, say)
     _check_values(volume, job.affinities)
-    info = _output_info(job, volume)
-    _check_outputs(job, info)  # refused before the database or the job's folder is made
+    return job, old
+
+
+def _run_job(job: ScaleJob, old: ScaleJob | None, request: SegmentRequest, agglo: Waterz,
+             volume: Volume, info: dict[str, Any], result: Any, stops: MainStops, say: Say,
+             on_block: Callable[[str, int, int], None] | None) -> dict[str, Any]:
+    """From the job's first write on: a signal stops the command where all it wrote is
+    whole (`MainStops`)."""
+    output = request.output
     store = GraphStore(job.db)
-    # from here a signal stops the command where all it wrote is whole (`MainStops`)
-    with main_stops() as stops, contextlib.ExitStack() as cleanup:
+    with contextlib.ExitStack() as cleanup:
         cleanup.callback(store.dispose)  # stopped or not
         if not (output / "zarr.json").is_file():  # new (held: its folder holds only the lock)
             zarr.open_group(str(output), mode="a", zarr_format=3)  # the store, then its folder
@@ -172,7 +201,7 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
         timings = _run_steps(job, store, request, stops, say, on_block)
         started = time.perf_counter()
         for i, volume_name in enumerate(job.names):
-            segments = _finish(job, volume_name)
+            segments = _finish(job, volume_name, stops)
             result.outputs.append({"name": volume_name, "threshold": job.thresholds[i],
                                    "segments": segments})
             if i + 1 < len(job.names):
@@ -233,7 +262,8 @@ def resumed_inputs(request: SegmentRequest) -> Inputs:
     given (its fragments were made with them: a job started with --mask was refused on a
     resume without it, 'made with another mask'). A given one that differs from the job's is
     still refused (`_check_resume`). The job keeps the mask's resolved location (in its
-    digest too): a mask moved, or inside an output since moved, is refused with one line."""
+    digest too): a mask inside the output moves with it (`carried_mask`); one moved
+    elsewhere is refused with one line."""
     saved = saved_job(request.output) if request.resume else None
     if saved is None:
         return Inputs(request.offsets, request.mask)
@@ -242,17 +272,13 @@ def resumed_inputs(request: SegmentRequest) -> Inputs:
         offsets = json.dumps([list(o) for o in saved.offsets])
     mask = request.mask
     if mask is None and saved.mask is not None:
-        mask = saved.mask
+        mask = carried_mask(saved.mask, saved.output, str(request.output.resolve()))
         try:
             open_volume(mask)
         except UserError as exc:
-            if _within(mask, saved.output) and saved.output != str(request.output.resolve()):
-                why = (f"it was inside the output where the job started, {saved.output}; "
-                       "move the output back there to resume")
-            else:
-                why = f"{exc}; its fragments were made with it: put it back there"
             raise UserError(f"--resume takes the job's --mask {mask}, which does not open "
-                            f"now: {why}, or use another output") from None
+                            f"now: {exc}; its fragments were made with it: put it back "
+                            "there, or use another output") from None
     return Inputs(offsets, mask)
 
 
@@ -338,7 +364,7 @@ def _run_steps(job: ScaleJob, store: GraphStore, request: SegmentRequest, stops:
 
         indices = [zyx(i) for i in job.grid.indices()]
         step("fragments", [i for i in indices if not job.is_done("fragments", i)])
-        timings["fragments pyramid"] = _finish_fragments(job)  # every block is in
+        timings["fragments pyramid"] = _finish_fragments(job, stops)  # every block is in
         stops.check("the fragments step and the fragments' pyramid")
         done = store.done_blocks()
         step("graph", [i for i in indices if job.block_id(i) not in done])
@@ -365,14 +391,16 @@ def _run_steps(job: ScaleJob, store: GraphStore, request: SegmentRequest, stops:
     return timings
 
 
-def _finish_fragments(job: ScaleJob) -> float:
+def _finish_fragments(job: ScaleJob, stops: MainStops) -> float:
     """Give the fragments the segmentations' pyramid levels (labels: downsampled by mode) and
     mark them finished, unless an earlier run did; returns the seconds. They had level 0
-    only: a viewer zoomed out read the whole volume."""
+    only: a viewer zoomed out read the whole volume. A stop cuts the pyramid short (a
+    resume builds it again whole: the fragments stay unfinished until it is done)."""
     folder = volume_dir(job.output, FRAGMENTS, True)
     started = time.perf_counter()
     if not finished_volume(job, FRAGMENTS):
-        build_pyramid(folder, job.levels, label=True)
+        with stops.cut_short(PYRAMID_CUT.format(what="fragments")):
+            build_pyramid(folder, job.levels, label=True)
         mark_finished(folder)
     return round(time.perf_counter() - started, 3)
 
@@ -443,21 +471,26 @@ def _rebased(old: ScaleJob, job: ScaleJob) -> ScaleJob:
     return old if db == old.db else replace(old, output=job.output, db=db)
 
 
-def _check_resume(job: ScaleJob, resume: bool) -> ScaleJob | None:
-    """The job this one resumes (None: a new one); refused if it is not the same job."""
+def _check_resume(job: ScaleJob, resume: bool, volume: Volume | None = None
+                  ) -> ScaleJob | None:
+    """The job this one resumes (None: a new one); refused if it is not the same job.
+    ``volume``: the affinities, to tell them moved (`_moved_inputs`; None: not moved)."""
     if not job.job_file.exists():
-        return None  # new (or killed before it saved itself: nothing of it was done)
+        if resume:  # a user who says --resume expects to go on, not a new job
+            raise UserError(f"{job.output}: holds no scaled segmentation job to resume (no "
+                            f"{FOLDER}/{JOB_FILE}); drop --resume to start one")
+        return None
     if not resume:
         raise UserError(f"{job.output}: holds an unfinished or finished scaled segmentation; "
                         "use --resume to finish or extend it, or another output (nothing was "
                         "overwritten)")
     try:
-        old = ScaleJob.load(job.job_file)
+        saved = ScaleJob.load(job.job_file)
     except (OSError, ValueError, TypeError, KeyError):
         raise UserError(f"{job.job_file}: unreadable; remove {job.folder} to start over") \
             from None
-    old = _rebased(old, job)
-    if old.digest() != job.digest():
+    old = _moved_inputs(_rebased(saved, job), job, volume, saved.output)
+    if old.digest() != replace(job, started=old.started).digest():
         fields = {"input": "affinities", "offsets": "offsets", "shape": "shape",
                   "block": "block", "fragments": "fragments", "mask": "mask"}
         what = [shown for shown, field in fields.items()
@@ -470,6 +503,63 @@ def _check_resume(job: ScaleJob, resume: bool) -> ScaleJob | None:
         raise UserError(f"--db {shown_url(job.db)}: this job's graph is in "
                         f"{shown_url(old.db)}; resume with that --db")
     return old
+
+
+def _moved_inputs(old: ScaleJob, job: ScaleJob, volume: Volume | None, was: str
+                  ) -> ScaleJob:
+    """The saved job with the affinities and the mask at their places now, where they moved:
+    affinities that no longer open where the job started and are the same volume here
+    (`_same_affinities`), and a mask that lay inside the output (once at ``was``), now
+    moved with it (`carried_mask`). Their first places stay in ``started`` (the digest's).
+    Affinities that still open at the old place are other ones (a copy may differ since):
+    refused."""
+    moved: dict[str, Any] = {}
+    if volume is not None and old.affinities != job.affinities and \
+            not _opens(old.affinities):
+        if not _same_affinities(job, volume):
+            raise UserError(f"{job.affinities}: not the affinities {job.output} was started "
+                            f"from ({old.affinities}, which no longer opens there): their "
+                            "placement or a sample of their voxels differs; resume with those "
+                            "affinities, or use another output")
+        moved["affinities"] = job.affinities
+    if old.mask is not None and old.mask != job.mask and \
+            job.mask == carried_mask(old.mask, was, job.output):
+        moved["mask"] = job.mask
+    if not moved:
+        return old
+    return replace(old, started=old.started or (old.affinities, old.mask), **moved)
+
+
+def _opens(path: str) -> bool:
+    try:
+        open_volume(path, unfinished=True)
+    except UserError:
+        return False
+    return True
+
+
+def _same_affinities(job: ScaleJob, volume: Volume) -> bool:
+    """Whether ``volume`` is the affinities the job's fragments were made from, as far as
+    can be told without reading them all: the same shape and offsets (the digest's), the
+    same placement (voxel size and offset, as the fragments carry them) and the same sample
+    of voxels (its bytes: the dtype too). Chunks do not matter: a rechunked copy is the
+    same volume."""
+    folder = volume_dir(job.output, FRAGMENTS, True)
+    if not folder.is_dir():
+        return False
+    made = _attr(Path(job.output), FRAGMENTS, "fragments")
+    fragments = open_volume(str(folder), unfinished=True)
+    return (made.get("input_sample") == contents_sample(volume)
+            and tuple(fragments.voxel_size) == tuple(volume.voxel_size)
+            and tuple(fragments.offset) == tuple(volume.offset))
+
+
+def carried_mask(mask: str, was: str, now: str) -> str:
+    """The job's ``mask`` location for its output, once at ``was``, now at ``now``: inside
+    the output, it moved with it; elsewhere it stays."""
+    if was == now or not _within(mask, was):
+        return mask
+    return str(Path(now) / Path(mask).relative_to(was))
 
 
 def _check_values(volume: Volume, where: str) -> None:
@@ -572,14 +662,16 @@ def _attr(output: Path, name: str, key: str) -> dict[str, Any]:
     return found.get(key, {}) if isinstance(found, dict) else {}
 
 
-def _finish(job: ScaleJob, name: str) -> int:
+def _finish(job: ScaleJob, name: str, stops: MainStops) -> int:
     """Build the segmentation's pyramid and record its segment count; returns the count (a
-    volume finished before, by a run at other thresholds, is left as it is)."""
+    volume finished before, by a run at other thresholds, is left as it is). A stop cuts
+    the pyramid short, as the fragments' (`_finish_fragments`)."""
     folder = volume_dir(job.output, name, True)
     if finished_volume(job, name):
         return int(_attr(Path(job.output), name, "segment").get("segments", 0))
     segments = int(np.load(lut_file(job, name), mmap_mode="r").max(initial=0))
-    build_pyramid(folder, job.levels, label=True)
+    with stops.cut_short(PYRAMID_CUT.format(what=name)):
+        build_pyramid(folder, job.levels, label=True)
     group = zarr.open_group(str(folder), mode="r+")
     meta = dict(group.attrs)["emrun"]
     meta["segment"]["segments"] = segments

@@ -6,7 +6,8 @@ file. Each finished block of a step leaves a done-marker file under
 ``.emrun-segment/<step>/<bz>_<by>_<bx>`` (the graph step's marker is its row in the database,
 committed with the block's nodes and edges), so any scheduler resumes what another started.
 The job's ``digest`` covers what decides the fragments (input, offsets, grid, method, mask):
-a resumed job whose digest differs refuses to mix its work with the old one.
+a resumed job whose digest differs refuses to mix its work with the old one. Affinities (or a
+mask inside the output) since moved keep their first locations in ``started`` for it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class ScaleJob:
     """A token made when the job starts and kept by every resume: the graph database records
     it, so that a graph another run left there (another output, or this output started
     over) is never taken for this run's (the digest alone cannot tell: same input path)."""
+    started: tuple[str, str | None] | None = None
+    """The affinities' and the mask's locations when the job started, once either has moved
+    since (None: where they are now): the digest, and all keyed by it (the fragments'
+    record, the database, the tables), stays the one they were made with."""
 
     @property
     def folder(self) -> Path:
@@ -81,8 +86,9 @@ class ScaleJob:
 
     def digest(self) -> str:
         """Hash of what decides the fragments and the graph: their markers are keyed by it."""
-        key = json.dumps([self.affinities, [list(o) for o in self.offsets], list(self.shape),
-                          list(self.block), self.fragments, self.mask])
+        affinities, mask = self.started or (self.affinities, self.mask)
+        key = json.dumps([affinities, [list(o) for o in self.offsets], list(self.shape),
+                          list(self.block), self.fragments, mask])
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def marker(self, step: str, index: Zyx) -> Path:
@@ -105,6 +111,8 @@ class ScaleJob:
         data["offsets"] = tuple(zyx(o) for o in data["offsets"])
         data["shape"], data["block"] = zyx(data["shape"]), zyx(data["block"])
         data["thresholds"] = tuple(data["thresholds"])
+        if data.get("started") is not None:
+            data["started"] = tuple(data["started"])
         return cls(**data)
 
     @property

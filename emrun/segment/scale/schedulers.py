@@ -94,23 +94,27 @@ def run_step(job: ScaleJob, step: str, blocks: Sequence[Zyx], *, scheduler: str,
 
 
 RESUME = "run the same command with --resume to go on"
+STARTING = ("the job stopped while starting, before it wrote anything of its own: run the "
+            "same command again")
 
 
 class MainStops:
     """SIGTERM or SIGINT while this process works outside the block steps: noted, and the
     command stops at the next `check` (where all it wrote is whole), or at once inside
-    `cut_short` (work that writes only atomically, at its end: the agglomeration). Without
-    it the command ended there on the spot, exit -15 or a traceback, saying nothing."""
+    `cut_short` (work that writes only atomically, at its end: the agglomeration; or that a
+    resume redoes whole: the pyramids) and `starting` (the start-up's reads and checks,
+    before anything of the job is written). Without it the command ended there on the spot,
+    exit -15 or a traceback, saying nothing; a stop during a pyramid waited for it."""
 
     def __init__(self) -> None:
         self.caught: list[str] = []
-        self._cut_short: str | None = None  # what is kept, while work may be cut short
+        self._now: str | None = None  # the stop's message, while work may be cut short
 
     def handler(self, number: int, frame: Any) -> None:
         self.caught.append(signal.Signals(number).name)
-        if self._cut_short is not None:
-            kept, self._cut_short = self._cut_short, None
-            raise Interrupted(self.caught[0], f"{kept}: {RESUME}")
+        if self._now is not None:
+            message, self._now = self._now, None
+            raise Interrupted(self.caught[0], message)
 
     def check(self, after: str) -> None:
         """Stop here if a signal came: the job stopped after ``after``, all of it kept."""
@@ -122,11 +126,27 @@ class MainStops:
     def cut_short(self, kept: str) -> Iterator[None]:
         """Inside this, a signal stops the command at once (``kept``: what stays); one that
         came before waits for the next `check`, so `check` first."""
-        self._cut_short = kept
+        with self._at_once(f"{kept}: {RESUME}"):
+            yield
+
+    @contextmanager
+    def starting(self) -> Iterator[None]:
+        """Inside this (reads and checks only: nothing of the job written yet), a signal
+        stops the command at once, as does one that came before."""
+        if self.caught:
+            raise Interrupted(self.caught[0], STARTING)
+        with self._at_once(STARTING):
+            yield
+        if self.caught:  # taken by code that swallowed the stop
+            raise Interrupted(self.caught[0], STARTING)
+
+    @contextmanager
+    def _at_once(self, message: str) -> Iterator[None]:
+        self._now = message
         try:
             yield
         finally:
-            self._cut_short = None
+            self._now = None
 
 
 @contextmanager
