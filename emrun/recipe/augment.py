@@ -29,14 +29,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import numpy as np
 from pydantic import Field, model_validator
 
 from ..geometry import Zyx
 from ..registry import Spec, augmentations
+from . import shape_sets
 from .types import NonNegative, Positive, Probability, Size
 
 VoxelSize = tuple[float, float, float]
 KeyPath = tuple[str | int, ...]
+Shapes = list[Zyx] | np.ndarray
+"""Shapes a step may have to produce: a list, or an (n, 3) array where there are many."""
 Need = tuple[int, int] | None
 """(z, side): a shape of at least z sections and at least ``side`` in y and in x passes
 every check of the steps still to judge, and so does every shape they read from it; None
@@ -114,6 +118,16 @@ class AugmentBase(Spec):
         (a misalignment); None (pixels as given) for any other, a plugin's too."""
         return None if voxel_size == UNSTATED else voxel_size
 
+    def array_inputs(self, outs: np.ndarray) -> np.ndarray | None:
+        """`input_shapes` of every row of ``outs``, in the same order, for the steps that
+        walk arrays (`_walks_arrays`); None where it cannot (the tuple walk is taken)."""
+        return outs
+
+    def array_refused(self, outs: np.ndarray) -> int | None:
+        """The first row of ``outs`` that `shape_problems` refuses, for the steps that
+        walk arrays; None where none is."""
+        return None
+
     def need_for(self, need: tuple[int, int], voxel_size: VoxelSize | None) -> Need:
         """`need_through` when it applies: ``need`` for a step that checks nothing and
         reads what it produces; None (not known) for any other, unless it says."""
@@ -141,7 +155,10 @@ def smallest_shapes(shapes: Sequence[Zyx]) -> list[Zyx]:
     (every check is passed by a shape if by a smaller one, so these decide).
 
     One sweep in (z, y, x) order over a staircase of the (y, x) kept so far, not every
-    pair: a long chain of warps and isotropic flips carries thousands of shapes."""
+    pair: a long chain of warps and isotropic flips carries thousands of shapes (and from
+    `ARRAY_FROM` shapes on, the same sweep's result comes from `shape_sets`)."""
+    if len(shapes) >= ARRAY_FROM and shape_sets.fits(shapes):
+        return shape_sets.as_list(shape_sets.smallest_array(shape_sets.as_array(shapes)))
     distinct = list(dict.fromkeys(tuple(s) for s in shapes))
     kept: set[tuple[int, ...]] = set()
     ys: list[int] = []  # the staircase: y ascending, x descending
@@ -176,24 +193,68 @@ def chain_inputs(specs: Sequence[AugmentBase], outs: list[Zyx], check: _Check,
 
     Shapes that pass every check still to come, and whose reads do too (`Need`), are
     dropped on the way: they cannot change a verdict, and without that a long chain of
-    warps and isotropic flips carried a set of shapes growing with every step."""
+    warps and isotropic flips carried a set of shapes growing with every step. Where that
+    bound is not known (a box or a plugin's step comes first), the set still grows: the
+    steps that check nothing then walk it as an array (`_walk`)."""
     before = check.before
     needs = [before]
     for spec in specs:
         needs.append(need_through(spec, needs[-1], check.voxel_size))
-    shapes = outs
+    shapes: Shapes = outs
     for i in reversed(range(len(specs))):
         check.before = needs[i]
-        shapes = specs[i].checked_inputs(_unsafe(shapes, needs[i + 1]), check, (*path, i))
+        shapes = _walk(specs[i], shapes, needs[i + 1], check, (*path, i))
     check.before = before
-    return _unsafe(shapes, before)
+    return shape_sets.as_list(_unsafe(shapes, before))
 
 
-def _unsafe(shapes: list[Zyx], need: Need) -> list[Zyx]:
+ARRAY_FROM = 128
+"""Sets of this many shapes or more are walked as arrays by the steps that can."""
+
+
+def _walk(spec: AugmentBase, shapes: Shapes, need: Need, check: _Check,
+          path: KeyPath) -> Shapes:
+    """``spec.checked_inputs`` of the shapes not meeting ``need``; for a built-in step that
+    checks nothing, on many shapes, the same shapes computed as an array."""
+    if len(shapes) >= ARRAY_FROM and _walks_arrays(spec) and shape_sets.fits(shapes):
+        array = _unsafe(shape_sets.as_array(shapes), need)
+        if spec.p == 0:
+            return array
+        refused = spec.array_refused(array)
+        if refused is not None:  # the same message checked_inputs gives
+            shape: Zyx = tuple(array[refused].tolist())  # type: ignore[assignment]
+            found = spec.shape_problems(shape, spec.judged_at(check.voxel_size))
+            check.problems += [(path, _where(msg, shape, check.patch)) for msg in found]
+        reads = spec.array_inputs(array)
+        if reads is not None:
+            both = np.concatenate([array, reads]) if spec.p < 1 else reads
+            return shape_sets.smallest_array(both)
+    return spec.checked_inputs(shape_sets.as_list(_unsafe(shapes, need)), check, path)
+
+
+def _walks_arrays(spec: AugmentBase) -> bool:
+    """Whether ``spec``'s `array_inputs` and `array_refused` give what its `input_shapes`
+    and `shape_problems` give: a step with the defaults (photometric), or a built-in one
+    whose methods are its own (not a plugin's subclass, nor patched)."""
+    kind = type(spec)
+    own = _ARRAY_WALKS.get(kind)
+    if own is not None:
+        return all(getattr(kind, name) is method for name, method in own.items())
+    return all(getattr(kind, name) is getattr(AugmentBase, name)
+               for name in (*_DEFAULTS, *_ARRAY_METHODS))
+
+
+_ARRAY_METHODS = ("array_inputs", "array_refused", "patch_problems", "input_shapes")
+"""With `_DEFAULTS`: the methods whose array and tuple versions must agree."""
+
+
+def _unsafe(shapes: Shapes, need: Need) -> Shapes:
     """The shapes that do not meet ``need``: only they may fail a check to come."""
     if need is None:
         return shapes
     z, side = need
+    if isinstance(shapes, np.ndarray):
+        return shapes[(shapes[:, 0] < z) | (shapes[:, 1] < side) | (shapes[:, 2] < side)]
     return [s for s in shapes if s[0] < z or s[1] < side or s[2] < side]
 
 
@@ -234,6 +295,11 @@ class FlipRotate(AugmentBase):
             return [(z, y, x), (z, x, y)]
         return [(out_shape[a], out_shape[b], out_shape[c])
                 for a, b, c in itertools.permutations(range(3))]
+
+    def array_inputs(self, outs: np.ndarray) -> np.ndarray:
+        """`input_shapes` of every row, in the same order."""
+        orders = itertools.permutations(range(3)) if self.isotropic else [(0, 1, 2), (0, 2, 1)]
+        return np.stack([outs[:, list(order)] for order in orders], axis=1).reshape(-1, 3)
 
     def need_for(self, need: tuple[int, int], voxel_size: VoxelSize | None) -> Need:
         """y and x swapped need the same; any axis may become z with ``isotropic``."""
@@ -277,6 +343,14 @@ class Warp(AugmentBase):
         nz, h, w = out_shape
         return [(nz, *yx) for yx in _warp_smallest(h, w, self.largest_rotation(nz),
                                                    self.shear_max, self.scale[1])]
+
+    def array_inputs(self, outs: np.ndarray) -> np.ndarray | None:
+        """`input_shapes` of every row, in the same order (None: too large for arrays)."""
+        zs, where = np.unique(outs[:, 0], return_inverse=True)
+        rotations = np.array([self.largest_rotation(int(z)) for z in zs])[where]
+        draws = {float(r): _warp_coefficients(float(r), self.shear_max)
+                 for r in np.unique(rotations)}
+        return shape_sets.warp_reads(outs, rotations, draws, self.scale[1], WARP_MARGIN)
 
     def largest_rotation(self, sections: int) -> float:
         """The largest rotation (degrees) of the section nearest the middle of a
@@ -327,17 +401,35 @@ def _warp_smallest(h: int, w: int, rot_max: float, shear_max: float,
     (x): convex in the shear, so least at a bound or where the second term is 0; then,
     between the angles where a term changes sign or that best shear changes, a sinusoid
     that is positive, hence concave: least at such an angle or at 0 or ``rot_max``."""
+    reads = [warp_input_yx(h, w, angle, shear, scale)
+             for angle, shear in _warp_draws(rot_max, shear_max)]
+    return min(reads), min(reads, key=lambda r: (r[1], r[0]))
+
+
+def _warp_draws(rot_max: float, shear_max: float) -> list[tuple[float, float]]:
+    """The (angle, shear) pairs `_warp_smallest` tries."""
     top, s = math.radians(rot_max), shear_max
     cot, tan = math.atan2(1, s), math.atan(s)  # arccot(s), arctan(s)
     angles = [a for a in (0, top, math.pi / 2, math.pi, tan, math.pi - tan, cot, math.pi - cot)
               if a <= top]
-    reads = []
+    draws = []
     for angle in angles:
         sin, cos = math.sin(angle), math.cos(angle)
         zeros = [-cos / sin if sin else math.inf, sin / cos if cos else math.inf]
-        for shear in [-s, 0.0, s, *(z for z in zeros if abs(z) <= s)]:
-            reads.append(warp_input_yx(h, w, angle, shear, scale))
-    return min(reads), min(reads, key=lambda r: (r[1], r[0]))
+        draws += [(angle, shear) for shear in [-s, 0.0, s, *(z for z in zeros if abs(z) <= s)]]
+    return draws
+
+
+@functools.lru_cache(maxsize=1024)
+def _warp_coefficients(rot_max: float,
+                       shear_max: float) -> list[tuple[float, float, float, float]]:
+    """For each draw of `_warp_draws`, the weights of the half width and half height in
+    `warp_input_yx`'s y reach and x reach, computed as it does."""
+    rows = []
+    for angle, shear in _warp_draws(rot_max, shear_max):
+        cos, sin = math.cos(angle), math.sin(angle)
+        rows.append((abs(sin), abs(sin * shear + cos), abs(cos), abs(cos * shear - sin)))
+    return rows
 
 
 def warp_input_yx(h: int, w: int, angle: float, shear: float, scale: float) -> tuple[int, int]:
@@ -466,6 +558,10 @@ class LostSection(AugmentBase):
         """It reads more than it produces and checks nothing."""
         return need if type(self) is LostSection else None
 
+    def array_inputs(self, outs: np.ndarray) -> np.ndarray:
+        """`input_shapes` of every row."""
+        return outs + np.array([1, 0, 0], dtype=outs.dtype)
+
 
 class SectionAugment(AugmentBase):
     max_sections: Size = Field(7, le=1000, description="Most sections affected per sample.")
@@ -547,6 +643,17 @@ class Box(AugmentBase):
                     "density"]
         return []
 
+    def array_refused(self, outs: np.ndarray) -> int | None:
+        """The first row `patch_problems` refuses: `expected_count` of every row, with the
+        same float arithmetic."""
+        limit = -math.log1p(-min(self.density, BOX_MAX_DENSITY))
+        chance = np.ones(len(outs))
+        for (low, high), axis in zip((self.z_size, self.size, self.size), range(3), strict=True):
+            sides, where = np.unique(outs[:, axis], return_inverse=True)
+            chance *= np.array([_box_chance(low, high, int(d)) for d in sides])[where]
+        refused = np.flatnonzero(limit / chance > BOX_MAX_COUNT)
+        return int(refused[0]) if len(refused) else None
+
     def expected_count(self, patch: Zyx) -> float:
         """About how many boxes a sample of ``patch`` gets: the density's total cover
         ``-ln(1 - density)`` over a box's mean chance to cover a voxel, ``s / (d + s - 1)``
@@ -554,9 +661,16 @@ class Box(AugmentBase):
         limit = -math.log1p(-min(self.density, BOX_MAX_DENSITY))
         chance = 1.0
         for (low, high), d in zip((self.z_size, self.size, self.size), patch, strict=True):
-            sides = range(low, high + 1)
-            chance *= math.fsum(side / (d + side - 1) for side in sides) / len(sides)
+            chance *= _box_chance(low, high, d)
         return limit / chance
+
+
+@functools.lru_cache(maxsize=65536)
+def _box_chance(low: int, high: int, d: int) -> float:
+    """A box side's mean chance to cover a voxel of a patch side ``d`` (cached: a long
+    chain of geometric steps after a box asks for thousands of shapes)."""
+    sides = range(low, high + 1)
+    return math.fsum(side / (d + side - 1) for side in sides) / len(sides)
 
 
 @augmentations.register("noise")
@@ -657,6 +771,14 @@ class Compose(AugmentBase):
         for spec in self.of:
             found = need_through(spec, found, voxel_size)
         return found
+
+
+_ARRAY_WALKS: dict[type, dict[str, Callable[..., Any]]] = {
+    kind: {name: getattr(kind, name) for name in (*_DEFAULTS, *_ARRAY_METHODS)}
+    for kind in (FlipRotate, Warp, LostSection, Box)
+}
+"""The built-in steps whose array methods are checked against their tuple ones: the methods
+each must still have for `_walks_arrays`."""
 
 
 PRESETS: dict[str, list[dict[str, Any]]] = {

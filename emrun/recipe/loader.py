@@ -61,9 +61,9 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = (), *,
     files: list[Path] = []
     located = _resolve(file, (), files, None, text, shown)
     if not isinstance(located.data, dict):
-        kind = type(located.data).__name__
         raise RecipeError([Problem(f"a recipe must be a mapping of sections (name, data, model, "
-                                   f"tasks, train), not a {kind}", located.mark(()))])
+                                   f"tasks, train), not {_what(located.data)}",
+                                   located.mark(()))])
     base = (Located(copy.deepcopy(located.data), dict(located.values), dict(located.keys))
             if overrides else located)  # the recipe as the file has it, to blame overrides
     applied = [apply_override(located, expr) for expr in overrides]
@@ -77,6 +77,22 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = (), *,
             raise
         raise blame(exc, located, base, applied, _found) from None
     return LoadedRecipe(recipe, located, file, tuple(files))
+
+
+def _what(value: Any) -> str:
+    """A YAML value's kind in a recipe author's words (``a int`` read as Python)."""
+    if value is None:
+        return "an empty value"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        return f"the text {shown}"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__} value"
 
 
 def validate(located: Located) -> Recipe:

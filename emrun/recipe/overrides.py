@@ -81,6 +81,11 @@ def apply_override(located: Located, expr: str) -> Override:
             step: str | int = int(part) % len(node)
         elif isinstance(node, dict):
             step = part
+            if not last and node.get(step) is None and _is_index(parts[i + 1]):
+                whole = dotted((*path, step))
+                raise RecipeError([Problem(
+                    f"{whole} is not in the recipe, so it has no item {parts[i + 1]} to set; "
+                    f"set the whole list (-o {whole}=[...])", where)])
             if not last and node.get(step) is None:
                 # made by the override: as the section is by default where it has a `type:`
                 node.pop(step, None)
@@ -98,6 +103,12 @@ def apply_override(located: Located, expr: str) -> Override:
             node = node[step]
     _locate(located, tuple(path), where)
     return Override(expr, where, tuple(path), _hints(text))
+
+
+def _is_index(part: str) -> bool:
+    """Whether a key path part is a list index (recipe keys are names that start with a
+    letter, so a number there can only mean an item of a list)."""
+    return part.lstrip("-").isdigit()
 
 
 def _duplicate_key(text: str) -> str | None:

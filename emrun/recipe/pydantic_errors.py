@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import types
 import typing
@@ -171,7 +172,20 @@ def _message(err: ErrorDetails, loc: tuple[Any, ...]) -> str:
         if len(shown) > 60:
             shown = shown[:57] + "..."
         message += f" (got {shown})"
+    elif kind != "value_error":
+        message += _unexpected(value)
     return message
+
+
+def _unexpected(value: Any) -> str:
+    """What YAML made of a value that is none of the plain kinds: nothing after the colon
+    (``name:``), or a date (``name: 2024-01-01``, which YAML reads as a date, not text)."""
+    if value is None:
+        return " (the value is empty)"
+    if isinstance(value, datetime.date):
+        return (f" (YAML reads {value.isoformat()} as a date; put it in quotes to make it "
+                "text)")
+    return ""
 
 
 def _close(word: str, choices: list[str]) -> list[str]:

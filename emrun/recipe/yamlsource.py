@@ -124,10 +124,26 @@ def _parse(text: str, shown: str, kind: type) -> Located:
     except yaml.YAMLError as exc:
         raise RecipeError([Problem(f"invalid YAML: {exc}", Mark(shown))]) from None
     except RecursionError:
-        raise RecipeError([Problem("YAML nested too deeply", Mark(shown))]) from None
+        raise RecipeError([Problem(f"YAML nested too deeply (more than {MAX_NESTING} levels)",
+                                   _too_deep_at(text, shown))]) from None
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def _too_deep_at(text: str, shown: str) -> Mark:
+    """Where a flow collection (``[`` or ``{``) opens more than `MAX_NESTING` levels deep:
+    the parser's recursion gave out before it could say (no line was named)."""
+    depth = 0
+    for i, char in enumerate(text):
+        if char in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                line = text.count("\n", 0, i) + 1
+                return Mark(shown, line, i - (text.rfind("\n", 0, i) + 1) + 1)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return Mark(shown)
 
 
 _CONTEXTS = {
