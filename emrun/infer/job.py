@@ -40,6 +40,7 @@ from ..io.window import off_grid, placed_over
 from ..io.write import build_pyramid, create_volume, hold_store, release_store, store_entries
 from ..paths import is_link_loop
 from ..recipe import Recipe
+from ..recipe.loader import resolved_now
 from ..recipe.tasks import AffinityTarget
 from .engine import file_digest, intensity_range, load_model, tta_variants
 from .plan import Layout, choose_chunks_and_block
@@ -209,8 +210,9 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
                           f"{'x'.join(map(str, shape))} {recipe.infer.dtype})",
                           "check the input's shape, or predict a box of it (--roi) or the "
                           "blocks of a --mask")
-    if not resume:  # before the lock: a user's folder gets no lock file
-        _refuse_foreign(output, list(recipe.tasks))
+    # before the lock (a user's folder gets no lock file), with --resume too: it said to
+    # remove a user's folder as if it were an output cut short
+    _refuse_foreign(output, list(recipe.tasks))
     new = hold_store(output, OUTPUT_ADVICE)
     try:
         _open_outputs(job, volume, resume)
@@ -371,6 +373,7 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
         _check_same_contents(output, started, volume, job)
         _check_same_network(output, started, job.checkpoint)
         _check_same_mask(output, started, job.mask_path)
+        _check_same_values(output, started, job)
     # everything that reads (the input's sample, the checkpoint's digest) before anything is
     # made: a read that fails then leaves no output without its record
     record = {} if existing else {
@@ -380,7 +383,8 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
         "input_shape": list(volume.shape),
         "input_sample": contents_sample(volume, job.roi_offset, job.layout.shape),
         "roi_offset": list(job.roi_offset), "output_shape": list(layout.shape),
-        "tta": _tta_count(job), "mask": _mask_id(job.mask_path), **info}
+        "tta": _tta_count(job), "mask": _mask_id(job.mask_path),
+        "scale": list(job.scale), **info}
     # where the output lies in the input's space: the input's own offset, plus the ROI's
     placed = tuple(int(o) + r for o, r in zip((volume.offset or (0, 0, 0))[-3:], job.roi_offset,
                                                strict=True))
@@ -574,6 +578,50 @@ def _check_same_network(output: Path, saved: dict[str, Any], checkpoint: Path) -
             f"{output} was started with another checkpoint ({saved.get('checkpoint')}, "
             f"sha256 {started[:12]}...) than {checkpoint}; resume with that one, or write this "
             "network's predictions to a new --output")
+
+
+VALUE_SETTINGS = (("infer", "dtype"), ("infer", "blend"), ("infer", "tta_reduce"))
+"""Recipe settings that change the values a block is written with (not the layout, which
+`_check_existing` compares, nor the speed): a resumption under another one mixed two kinds of
+blocks in one output without a word (float32 values cast into a uint8 array: all 0 or 1)."""
+
+
+def _value_settings(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a resolved recipe that change the values written: `VALUE_SETTINGS`
+    and each task's target and activation."""
+    found: dict[str, Any] = {}
+    for section, key in VALUE_SETTINGS:
+        found[f"{section}.{key}"] = (recipe.get(section) or {}).get(key)
+    for name, task in (recipe.get("tasks") or {}).items():
+        for key in ("target", "activation"):
+            found[f"tasks.{name}.{key}"] = (task or {}).get(key)
+    return json.loads(json.dumps(found))
+
+
+def _check_same_values(output: Path, saved: dict[str, Any], job: Job) -> None:
+    """Refuse to finish an output with settings (an -o override, another --recipe) that
+    change the values its blocks are written with, or with another intensity scale."""
+    if isinstance(saved.get("recipe"), dict):
+        before = _value_settings(resolved_now(saved["recipe"]))
+        now = _value_settings(job.recipe.resolved())
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                raise UserError(f"{output} was started with {key} {_shown(before.get(key))} "
+                                f"and is resumed with {_shown(now.get(key))}; its blocks would "
+                                "mix the two: resume with the settings it was started with, "
+                                "or write to a new --output")
+    scale = saved.get("scale")
+    if scale is not None and [float(v) for v in scale] != [float(v) for v in job.scale]:
+        raise UserError(f"{output} was started with input intensities scaled from "
+                        f"{list(scale)} and is resumed with {list(job.scale)}; resume with the "
+                        "settings it was started with, or write to a new --output")
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A setting's value on one line, as JSON writes it, cut to ``limit`` characters (a
+    target's offsets may be long)."""
+    text = "absent" if value is None else json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _check_existing(output: Path, name: str, digest: str) -> None:

@@ -23,6 +23,7 @@ directory keeps (numbered files, last.pt, best.pt) and the random states are the
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import pickle
@@ -196,6 +197,9 @@ def load(path: Path) -> dict:
             f"or it is corrupt): {_detail(exc)}"
         ) from exc
     except OSError as exc:
+        if exc.errno == errno.EINVAL:  # torch's zip reader seeking past a cut-short file's end
+            raise CheckpointError(f"{path} is not an emrun checkpoint (truncated or corrupt): "
+                                  "its archive ends early") from exc
         raise CheckpointError(f"{path}: cannot read checkpoint ({exc.strerror or exc})") from exc
     except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError, ... here
         raise CheckpointError(

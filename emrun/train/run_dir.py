@@ -53,8 +53,14 @@ def prepare(run_dir: Path, resume: bool) -> bool:
     except OSError as exc:
         raise UserError(f"--run-dir {run_dir}: cannot create it ({exc.strerror or exc})"
                         ) from None
+    made_lock = not (run_dir / locks.LOCK_NAME).exists()
     locks.hold(run_dir, RUN_DIR_ADVICE)
-    entries = _entries(run_dir, resume)
+    try:
+        entries = _entries(run_dir, resume)
+    except UserError:
+        if made_lock:  # a refused folder is left as it was found (a user's got a lock file)
+            locks.release(run_dir)
+        raise
     for entry in entries:
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     return bool(entries)
@@ -87,6 +93,12 @@ def _entries(run_dir: Path, resume: bool) -> list[Path]:
     entries = locks.contents(run_dir)
     if resume or not entries:
         return []
+    if not any(_start_file(entry.name) for entry in entries):
+        shown = ", ".join(sorted(entry.name for entry in entries)[:3])
+        raise UserError(f"--run-dir {run_dir} holds files that are no run's ({shown}"
+                        f"{', ...' if len(entries) > 3 else ''}): neither empty for a new run "
+                        "nor one that already holds a run to --resume; give a new or empty "
+                        "--run-dir (nothing was overwritten)")
     if not _failed_start(entries):
         raise UserError(f"{run_dir} already holds a run; use --resume to continue it, or "
                         "--run-dir to start a new one elsewhere (nothing was overwritten)")
