@@ -12,10 +12,12 @@ for integer labels. The neuroglancer client itself comes from the `neuroglancer`
 A time series (an OME t axis longer than 1, which emrun's other commands refuse) is shown
 whole: neuroglancer reads the t axis from the OME metadata and gives it a slider of its own
 (t in seconds where the axis has a time unit); emrun reads only the first time point's
-geometry to choose the layer, and the state opens at that time point (`position`).
+geometry to choose the layer, and the state opens at that time point (`position`), where
+the axis's OME translation and scale put it (`time_origin`).
 
 N5 (a dataset, or a multiscale group: n5-viewer, BigDataViewer, paintera) is served the same
-way as an `n5://` source, a group as one layer with its levels (`n5_layer`).
+way as an `n5://` source, a group as one layer with its levels (`n5_layer`). N5 at a URL
+(http(s), s3, gs) is not served: neuroglancer reads it from its URL itself.
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ from .errors import UserError
 from .io import open_volume
 from .io.completion import how_to_finish
 from .io.locations import is_url
-from .io.metadata import first_time_point, multiscale_levels, ome_levels, ome_time_step
+from .io.metadata import (
+    finest_first,
+    first_time_point,
+    multiscale_levels,
+    ome_levels,
+    ome_time_step,
+)
 from .io.tensorstore_volume import TensorstoreVolume
 from .io.volume import Volume
 from .io.zarr_volume import ZarrVolume
@@ -66,13 +74,14 @@ class Layer:
 
     name: str
     kind: LayerKind
-    store: Path  # the zarr store served
+    store: Path | str  # the store served; a URL (str): read by neuroglancer itself
     inner: str  # the OME-Zarr image group inside it ("" for the store's root)
     channels: int  # 0 without a channel axis
     voxel_size: tuple[float, float, float]  # nm, z, y, x
     unfinished: str | None = None  # how to finish it, while its writer has not
     time_points: int = 1  # an OME t axis's length (neuroglancer shows more than 1 with t)
     time_axis: tuple[str, float, str] | None = None  # t's name, neuroglancer scale and unit
+    time_origin: float = 0.0  # where time point 0 starts, in steps (OME's t translation)
     bounds_nm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # z, y, x corners
     driver: Literal["zarr", "n5"] = "zarr"  # how neuroglancer reads it
     offset: tuple[float, ...] | None = None  # N5: level 0's (voxels, z, y, x), not read by ng
@@ -86,8 +95,7 @@ def layer_for(path: str, taken: set[str]) -> Layer:
     if isinstance(volume, TensorstoreVolume) and volume.spec.get("driver") == "n5":
         return n5_layer(volume, taken)
     if not isinstance(volume, ZarrVolume):
-        raise UserError(f"{volume}: emrun view serves OME-Zarr volumes (and N5); convert it "
-                        "first (emrun data convert)")
+        raise UserError(_not_shown(volume))
     _check_float(volume)
     attrs = volume.attributes()
     if not multiscale_levels(attrs):
@@ -104,9 +112,51 @@ def layer_for(path: str, taken: set[str]) -> Layer:
     voxel = tuple(float(v) for v in (finest or (1.0, 1.0, 1.0))[-3:])
     found = ome_time_step(attrs) if volume.time_point else None
     time = None if found is None else (found[0], *time_dimension(found[1], found[2]))
+    origin = 0.0 if found is None else time_origin(attrs, found[1])
     return Layer(unique, kind, Path(volume.path).resolve(), inner, channels,
                  voxel, how_to_finish(volume),  # type: ignore[arg-type]
-                 time_points=volume.time_points, time_axis=time, bounds_nm=bounds_nm(volume))
+                 time_points=volume.time_points, time_axis=time, time_origin=origin,
+                 bounds_nm=bounds_nm(volume))
+
+
+def time_origin(attrs: dict[str, Any], step: float) -> float:
+    """Where time point 0 of an OME-Zarr image's t axis starts, in steps of ``step`` (the
+    axis's scale, `ome_time_step`): its finest level's t translation, scaled and moved by the
+    multiscale's own, as neuroglancer places it. 0 where none is given (or it is no number):
+    a series whose t starts at 120 s opened at 0, outside it."""
+    ome = attrs.get("ome")
+    found = ome.get("multiscales") if isinstance(ome, dict) else None
+    multiscales = found if found is not None else attrs.get("multiscales")
+    first = multiscales[0] if isinstance(multiscales, list) and multiscales else None
+    if not isinstance(first, dict) or not step or not math.isfinite(step):
+        return 0.0
+    datasets = finest_first(first)
+    origin = 0.0
+    for transforms in (datasets[0].get("coordinateTransformations") if datasets else None,
+                       first.get("coordinateTransformations")):
+        for t in transforms if isinstance(transforms, list) else ():
+            origin = origin * _first_value(t, "scale", 1.0) + _first_value(t, "translation", 0.0)
+    return origin / step
+
+
+def _first_value(transform: Any, key: str, default: float) -> float:
+    """A transform's value on the first (t) axis for ``key`` (scale or translation)."""
+    values = transform.get(key) if isinstance(transform, dict) else None
+    if isinstance(values, list) and values and isinstance(values[0], int | float) and \
+            not isinstance(values[0], bool) and math.isfinite(values[0]):
+        return float(values[0])
+    return default
+
+
+def _not_shown(volume: Volume) -> str:
+    """Why a volume is not shown, and what to do: a remote zarr store is OME-Zarr, yet
+    emrun view serves local ones only (and N5, local or remote)."""
+    if isinstance(volume, TensorstoreVolume) and is_url(volume.path):
+        return (f"{volume}: emrun view shows local OME-Zarr volumes and N5 (local or at a "
+                "URL); open a remote zarr's URL in neuroglancer itself (zarr://URL), or "
+                "convert it here first (emrun data convert)")
+    return (f"{volume}: emrun view serves OME-Zarr volumes and N5; convert it first (emrun "
+            "data convert)")
 
 
 def _check_float(volume: Volume) -> None:
@@ -148,30 +198,55 @@ def n5_layer(volume: TensorstoreVolume, taken: set[str]) -> Layer:
     from .io.n5_volume import BDV_GROUP, n5_pyramid
 
     container = volume.path
-    if is_url(container):
-        raise UserError(f"{volume}: emrun view serves local N5 containers; copy it here or "
-                        "open its URL in neuroglancer itself (n5://URL)")
+    remote = is_url(container)
     levels = volume.levels()
     inner = (posixpath.dirname(levels[0].path[len(container):].strip("/")) if levels
              else (volume.dataset or "").strip("/"))
     pyramid = n5_pyramid(container, inner) if levels else None
+    if remote and pyramid is not None and not _lists_scales(pyramid):
+        inner, pyramid = pyramid.path(0), None  # level 0 alone: see `_lists_scales`
     arrays = [attrs for _, attrs in pyramid.levels] if pyramid is not None else [
+        _remote_json(container, inner) if remote else
         _json_file(Path(container, inner, "attributes.json"))]
     _check_n5(volume, arrays)
+    if remote and volume.dtype == "int64":
+        raise UserError(f"{volume}: holds int64, which neuroglancer does not read from N5 "
+                        "(emrun view serves a local container's as uint64); copy it here or "
+                        "convert it (emrun data convert)")
     base = open_volume(levels[0].path, unfinished=True) if levels else volume
     channels, kind = layer_kind(volume)
     if kind == "channels" and (volume.chunks or (channels,))[0] < channels:
         kind = "image"  # neuroglancer reads channels together only from one chunk
-    store = Path(container).resolve()
+    store: Path | str = container.rstrip("/") if remote else Path(container).resolve()
+    stem = Path(urllib.parse.urlsplit(container).path if remote else store).stem
     bdv = BDV_GROUP.fullmatch(inner)
-    name = f"{store.stem}_setup{bdv.group(1)}" if bdv else inner.rpartition("/")[2]
+    name = f"{stem}_setup{bdv.group(1)}" if bdv else inner.rpartition("/")[2]
     offset = tuple(float(o) for o in base.offset) if base.offset and any(base.offset) else None
-    served = () if pyramid is None else ((str((store / inner / "attributes.json").resolve()),
-                                          _n5_group_attributes(store / inner, pyramid)),)
-    return Layer(unique_name(name or store.stem, taken), kind, store, inner, channels,
+    served = () if pyramid is None or isinstance(store, str) else (
+        (str((store / inner / "attributes.json").resolve()),
+         _n5_group_attributes(store / inner, pyramid)),)
+    return Layer(unique_name(name or stem, taken), kind, store, inner, channels,
                  tuple(float(v) for v in (base.voxel_size or (1.0, 1.0, 1.0))[-3:]),  # type: ignore[arg-type]
                  how_to_finish(volume), bounds_nm=bounds_nm(base), driver="n5", offset=offset,
                  served=served)
+
+
+def _lists_scales(pyramid: Pyramid) -> bool:
+    """Whether neuroglancer finds every level of a remote N5 group: from the group's own
+    `scales` list (a local group's is served with it, `_n5_group_attributes`); without it,
+    it lists the folder, which a web server does not answer, so the layer shows level 0."""
+    scales = pyramid.attrs.get("scales")
+    return isinstance(scales, list) and len(scales) >= len(pyramid.levels) and all(
+        isinstance(f, list) and f == pyramid.factors(i)
+        for i, f in enumerate(scales[:len(pyramid.levels)]))
+
+
+def _remote_json(container: str, inner: str) -> dict[str, Any]:
+    """A remote N5 node's attributes ({} where it has none)."""
+    from .io.tensorstore_volume import MetadataReader
+
+    key = f"{inner}/attributes.json" if inner else "attributes.json"
+    return MetadataReader(container).json(key) or {}
 
 
 def _check_n5(volume: Volume, arrays: list[dict[str, Any]]) -> None:
@@ -307,7 +382,7 @@ def first_time_point_position(layers: list[Layer]) -> dict[str, Any]:
         dims["zyx"[axis]] = [nm * 1e-9, "m"]
         position.append(math.floor((low[axis] + high[axis]) / 2 / nm) + 0.5)  # a voxel's centre
     dims[name] = [step, unit]
-    position.append(0.5)  # the centre of time point 0
+    position.append(series.time_origin + 0.5)  # the centre of time point 0, in t's steps
     return {"dimensions": dims, "displayDimensions": ["x", "y", "z"], "position": position}
 
 
@@ -417,7 +492,10 @@ class DataServer:
         self._thread.start()
 
     def source(self, layer: Layer) -> str:
+        """The URL neuroglancer reads the layer from: here, or a remote store's own."""
         inner = f"/{layer.inner.strip('/')}" if layer.inner else ""
+        if isinstance(layer.store, str):
+            return f"{layer.store}{inner}"
         return f"{self.url}/{self.prefixes[layer.store]}{inner}"
 
     def close(self) -> None:
@@ -458,7 +536,8 @@ def view(paths: list[str], *, bind: str = "127.0.0.1", port: int = 0,
             raise UserError("emrun view serves the neuroglancer client with the neuroglancer "
                             "package: pip install 'emrun[view]' (or pass --client URL of a "
                             "neuroglancer client)") from None
-    server = DataServer([layer.store for layer in layers], bind, port,
+    server = DataServer([layer.store for layer in layers if isinstance(layer.store, Path)],
+                        bind, port,
                         {path: body for layer in layers for path, body in layer.served})
     state = neuroglancer_state(layers, {layer.name: server.source(layer) for layer in layers})
     if viewer_module is None:

@@ -234,8 +234,8 @@ def test_create_volume(tmp_path: Path) -> None:
     attrs = json.loads((out / "aff/zarr.json").read_text())["attributes"]
     assert attrs["model"] == "rsunet" and attrs["ome"]["version"] == "0.5"
     assert default_chunks((5, 40, 300)) == (5, 40, 256)
-    with pytest.raises(VolumeError, match=r"aff: already exists; give another --name or "
-                       r"output store \(data convert and data synth replace it with --overwrite"):
+    with pytest.raises(VolumeError, match=r"aff: already exists; not replaced: give another "
+                       r"output store$"):
         create_volume(out, "aff", (4, 4, 4), "uint8")
     b = create_volume(out, "aff", (4, 4, 4), "uint64", voxel_size=(8, 8, 8), overwrite=True)
     assert b.shape == (4, 4, 4) and open_volume(out / "aff").dtype == np.uint64

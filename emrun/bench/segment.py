@@ -37,11 +37,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..capacity import free_disk, size_text
+from ..capacity import check_work_folder, free_disk, size_text
 from ..devices import available_memory, cpu_cores
 from ..errors import Interrupted, UserError
 from ..geometry import BlockGrid, Roi, box_of, slices
-from ..io.write import create_volume
+from ..io.write import create_volume, volume_around
 from .workdir import made_folder, remove_tree
 
 __all__ = ["CELL", "bench_segment", "check_size", "make_affinities", "report_lines",
@@ -141,6 +141,7 @@ def make_affinities(folder: Path, shape: tuple[int, int, int], block: tuple[int,
     path = str(store / "affinity" / "0")
     grid = BlockGrid(box_of(shape), block)
     jobs = [(path, shape, index, block) for index in grid.indices()]
+    workers = min(workers, len(jobs), cpu_cores())  # untimed: more would only be spawned
     if workers > 1:  # an executor, not a Pool: a worker that dies stops it (a Pool would
         # start another forever, e.g. when a script calling this lacks a __main__ guard)
         context = multiprocessing.get_context("spawn")
@@ -164,6 +165,7 @@ def check_size(shape: tuple[int, int, int], block: tuple[int, int, int], workers
     ``MAX_BLOCKS``, affinities that would not fit the disk of ``folder`` (the system's
     temporary folder if None) and blocks whose generation would not fit the memory with
     ``workers`` generating at once."""
+    check_folder(folder)
     asked = f"--shape {' '.join(map(str, shape))} --block {' '.join(map(str, block))}"
     blocks = math.prod(math.ceil(n / b) for n, b in zip(shape, block, strict=True))
     if blocks > MAX_BLOCKS:
@@ -182,6 +184,18 @@ def check_size(shape: tuple[int, int, int], block: tuple[int, int, int], workers
         raise UserError(f"{asked}: generating the affinities would need {size_text(memory)} "
                         f"of memory ({at_once} worker(s) with a block each); "
                         f"{size_text(room)} is free: give a smaller --block or fewer --workers")
+
+
+def check_folder(folder: Path | None) -> None:
+    """Refuse a --folder the run cannot use, naming it, before anything is made: a file
+    ('cannot make a folder there (File exists)'), a folder inside a zarr volume (refused
+    later as the run's own temporary store inside it, a path the user never gave)."""
+    if folder is None:
+        return
+    check_work_folder(folder, "--folder")
+    if (holder := volume_around(Path(folder) / "affs.zarr")) is not None:
+        raise UserError(f"--folder {folder}: lies inside the volume {holder}; give a folder "
+                        "outside it")
 
 
 def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],

@@ -1,13 +1,14 @@
 """Where benchmarks write their temporary volumes, and how they leave nothing behind.
 
 `made_folder` is `emrun.capacity.work_folder` (a ``--folder``/``--workdir`` made if missing)
-for a benchmark that may fail or be interrupted: the folders it made go again then, so a
-refused or stopped run leaves the file system as it found it. `remove_tree` removes a
-temporary folder that zarr may still be writing into: after an interrupt, zarr's IO thread
-goes on writing the chunks the interrupted call had queued, recreating folders while they are
-removed ("Directory not empty"), and its tasks, destroyed pending at exit, are logged by the
-thousand; so its tasks are cancelled first (after an interrupt only: in a normal run none is
-left, and another caller's might be) and the removal is retried until the writes settle.
+for a benchmark: the folders it made go again when it ends, so a finished, refused or
+stopped run leaves the file system as it found it (a finished one left `a/b` behind, empty).
+`remove_tree` removes a temporary folder that zarr may still be writing into: after an
+interrupt, zarr's IO thread goes on writing the chunks the interrupted call had queued,
+recreating folders while they are removed ("Directory not empty"), and its tasks, destroyed
+pending at exit, are logged by the thousand; so its tasks are cancelled first (after an
+interrupt only: in a normal run none is left, and another caller's might be) and the removal is
+retried until the writes settle.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ SETTLE_SECONDS = 10.0
 
 @contextlib.contextmanager
 def made_folder(path: str | os.PathLike[str] | None, option: str) -> Iterator[str | None]:
-    """``work_folder(path, option)`` for the ``with`` block; if the block fails (an error or
-    an interrupt), the folders this made are removed again (a folder that was there stays)."""
+    """``work_folder(path, option)`` for the ``with`` block; when the block ends the folders
+    this made are removed again (a folder that was there stays): after a failure (an error
+    or an interrupt) with what is in them, after a run that finished only while empty (what
+    the run left there, or another process put there, is not deleted)."""
     if path is None:
         yield None
         return
@@ -42,6 +45,20 @@ def made_folder(path: str | os.PathLike[str] | None, option: str) -> Iterator[st
         if top is not None:
             remove_tree(top)
         raise
+    if top is not None:
+        _remove_empty(Path(path).absolute(), top)
+
+
+def _remove_empty(path: Path, top: Path) -> None:
+    """Remove ``path`` and the folders above it up to ``top`` (included) while empty."""
+    while True:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (or gone): what is left stays
+            return
+        if path == top or path == path.parent:
+            return
+        path = path.parent
 
 
 def _first_missing(path: Path) -> Path | None:

@@ -27,6 +27,10 @@ def _check_nm(voxel_size: tuple[float, float, float] | None) -> None:
         raise UserError(f"--voxel-size {given}: {problem}")
 
 
+SYNTH_TAKEN = "give another output store, or --overwrite to replace them"
+"""What `data synth` advises for a volume name already taken in its output store."""
+
+
 @data_app.command("convert")
 @guarded
 def data_convert(
@@ -129,12 +133,12 @@ def data_synth(
     with held_store(out):  # another emrun writing it is refused before the generating
         if not overwrite:
             for name, label in names.items():  # so is a taken name
-                check_new_volume(out, name, label)
+                check_new_volume(out, name, label, taken=SYNTH_TAKEN)
         volume = synthesize(shape, seed, voxel_size=voxel_size, defects=defects)
         write_volumes(out, {name: (getattr(volume, name), label)
                             for name, label in names.items()},
                       voxel_size=volume.voxel_size, attrs={"emrun": {"synthetic_seed": seed}},
-                      levels=levels, overwrite=overwrite)
+                      levels=levels, overwrite=overwrite, taken=SYNTH_TAKEN)
     print(f"wrote {out}/image, labels, mito, synapse: shape {list(shape)}, seed {seed}, "
           f"{int(volume.labels.max())} cells")
 

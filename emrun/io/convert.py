@@ -168,6 +168,7 @@ def convert(
         levels=levels,
         attrs=_carried_attributes(vol),
         overwrite=overwrite,
+        taken="give another --name or output store, or --overwrite to replace it",
     ) as array:
         itemsize = max(vol.dtype.itemsize, dtype.itemsize)
         chunks = tuple(int(c) for c in array.chunks)

@@ -125,21 +125,24 @@ def write_volumes(
     attrs: dict[str, Any] | None = None,
     levels: int | None = None,
     overwrite: bool = False,
+    taken: str | None = None,
 ) -> None:
     """Write several in-memory volumes ({name: (array, label)}) into one store, all or none:
     every name is checked before any is written, and a failure part-way removes the ones
     this call added (a store it made goes with them), so a rerun finds its names free.
     With `overwrite`, volumes already replaced stay replaced. The store is held against
-    other emrun processes throughout (`held_store`): two at once mixed their volumes."""
+    other emrun processes throughout (`held_store`): two at once mixed their volumes.
+    ``taken``: the advice, in the calling command's options, for a name already there (the
+    default names no option: `data synth` has no --name, `segment` no --overwrite)."""
     with held_store(path) as new_store:
         for name, (_, label) in volumes.items():
-            _prepare(path, name, label, overwrite)
+            _prepare(path, name, label, overwrite, taken)
         added: list[tuple[str, bool]] = []
         try:
             for name, (array, label) in volumes.items():
                 existed = volume_dir(path, name, label).exists()
                 write_volume(path, name, array, voxel_size=voxel_size, attrs=attrs,
-                             label=label, levels=levels, overwrite=overwrite)
+                             label=label, levels=levels, overwrite=overwrite, taken=taken)
                 if not existed:
                     added.append((name, label))
         except BaseException:
@@ -219,6 +222,7 @@ def write_volume(
     levels: int | None = None,
     attrs: dict[str, Any] | None = None,
     overwrite: bool = False,
+    taken: str | None = None,
 ) -> zarr.Array:
     """Write a (small) in-memory array as the volume `path/name`, with its pyramid; all or
     nothing.
@@ -243,6 +247,7 @@ def write_volume(
         levels=levels,
         attrs=attrs,
         overwrite=overwrite,
+        taken=taken,
     ) as staged:
         staged[...] = data
     return zarr.open_array(str(volume_dir(path, name, label) / LEVEL), mode="r+")
@@ -265,6 +270,7 @@ def staged_volume(
     levels: int | None = None,
     attrs: dict[str, Any] | None = None,
     overwrite: bool = False,
+    taken: str | None = None,
 ) -> Iterator[zarr.Array]:
     """Create `name` as `name.partial`, yield its level-0 array to fill, build the pyramid's
     `levels` (None: `emrun.io.pyramid`'s default; 1: level 0 alone) and rename it at the end.
@@ -276,11 +282,11 @@ def staged_volume(
     `name` is replaced only once the new one is complete. A bad `levels` is a VolumeError
     before anything is written. The store is held against other emrun processes while the
     volume is written (`held_store`): a second writer removed the first one's `name.partial`
-    as stale, and the two wrote one volume.
+    as stale, and the two wrote one volume. ``taken`` as for `write_volumes`.
     """
     label = guess_label(dtype, name, channel_axis) if label is None else label
     with held_store(path):
-        target = _prepare(path, name, label, overwrite)
+        target = _prepare(path, name, label, overwrite, taken)
         spec = _spec(target, shape, dtype, chunks, voxel_size, offset, channel_axis, attrs,
                      channel_names, label, shift_nm)
         level_factors(spec["shape"][-3:], spec["voxel_size"], levels)  # checked up front
@@ -297,6 +303,11 @@ def staged_volume(
             raise
         refresh_root(path)
 
+
+TAKEN_ADVICE = "give another output store"
+"""What a command is told to do about a volume already there unless it says (``taken``): the
+commands writing volumes offer different options (`data convert` --name and --overwrite,
+`data synth` --overwrite only, `segment` --name only), so this names none of them."""
 
 STORE_ADVICE = "give another output store"
 """What a command refused a store another emrun is writing is told to do (`emrun.locks`)."""
@@ -504,17 +515,21 @@ def _commit(partial: Path, target: Path, overwrite: bool) -> None:
 # --- checks -------------------------------------------------------------------------------
 
 
-def check_new_volume(path: str | os.PathLike[str], name: str, label: bool) -> None:
+def check_new_volume(path: str | os.PathLike[str], name: str, label: bool,
+                     taken: str | None = None) -> None:
     """Refuse now what writing volume ``name`` into ``path`` would refuse at the end (a store
     that is not one, a bad or taken name, a store another emrun is writing), so that a long
-    job does not run to lose its work."""
-    _prepare(path, name, label, overwrite=False)
+    job does not run to lose its work; ``taken`` as for `write_volumes`."""
+    _prepare(path, name, label, overwrite=False, taken=taken)
     if Path(path).is_dir():
         locks.check_free(Path(path), STORE_ADVICE)
 
 
-def _prepare(path: str | os.PathLike[str], name: str, label: bool, overwrite: bool) -> Path:
-    """Check the output store and the volume name; return the volume's folder."""
+def _prepare(path: str | os.PathLike[str], name: str, label: bool, overwrite: bool,
+             taken: str | None = None) -> Path:
+    """Check the output store and the volume name; return the volume's folder. ``taken``:
+    what the calling command tells its user to do about a volume already there (its own
+    options; `TAKEN_ADVICE` names none, as the commands writing here offer different ones)."""
     root_path = Path(path)
     _check_name(root_path, name)
     _check_store(root_path)
@@ -525,13 +540,13 @@ def _prepare(path: str | os.PathLike[str], name: str, label: bool, overwrite: bo
     other = volume_dir(root_path, name, not label)
     if (other / "zarr.json").is_file() and not (label and name == LABELS):
         kind = "an image" if label else "a segmentation (labels)"
-        raise VolumeError(f"{root_path}: holds {kind} named {name!r}; choose another name")
+        raise VolumeError(f"{root_path}: holds {kind} named {name!r}; give another output "
+                          "store")  # a name to choose: not every command takes one
     if (target.exists() or target.is_symlink()) and not overwrite:
-        raise VolumeError(f"{target}: already exists; give another --name or output store "
-                          "(data convert and data synth replace it with --overwrite)")
+        raise VolumeError(f"{target}: already exists; not replaced: {taken or TAKEN_ADVICE}")
     if target.exists() and not _is_volume(target):  # overwrite replaces volumes, nothing else
-        raise VolumeError(f"{target}: exists and is not a volume; not replaced: choose "
-                          "another name")
+        raise VolumeError(f"{target}: exists and is not a volume; not replaced: give "
+                          "another output store")
     return target
 
 
@@ -590,7 +605,7 @@ def _check_store(root: Path, clear: bool = True) -> None:
         raise VolumeError(f"{root}: an output store must be a folder whose name ends in .zarr")
     if is_link_loop(root):
         raise VolumeError(f"{root} is a loop of symbolic links; give a .zarr folder")
-    if (holder := _volume_around(root)) is not None:
+    if (holder := volume_around(root)) is not None:
         raise VolumeError(f"{root}: lies inside the volume {holder}, which replacing it (or "
                           "its pyramid) would delete; give a path outside it")
     if not root.exists():
@@ -622,7 +637,7 @@ def _check_store(root: Path, clear: bool = True) -> None:
         raise VolumeError(f"{root}: exists and is not a zarr store (no zarr.json); not writing")
 
 
-def _volume_around(root: Path) -> Path | None:
+def volume_around(root: Path) -> Path | None:
     """The zarr array or image (a volume another command may replace as a whole) a store
     would lie inside, if any: ``outer.zarr/image/inner.zarr`` was written, and a later
     ``convert ... outer.zarr --overwrite`` deleted it with the image."""
