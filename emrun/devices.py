@@ -187,28 +187,88 @@ def run_through(launch: str, module: str, args: list[str], folder: Path) -> None
 
 def launched_main(serve: Callable[..., None]) -> None:
     """A worker's ``__main__`` under `run_through`: say it started (the last argument is
-    the file to make), then ``serve(*the other arguments)``."""
-    Path(sys.argv[-1]).touch()
-    serve(*sys.argv[1:-1])
+    the file to make), then ``serve(*the other arguments)``, leaving a user error for the
+    scheduler (`leaving_user_errors`) in the folder given to `run_through`."""
+    token = Path(sys.argv[-1])
+    token.touch()
+    with leaving_user_errors(token.parent.parent):  # <folder>/LAUNCHED/<token>
+        serve(*sys.argv[1:-1])
+
+
+class WorkerFailed(UserError):
+    """A user error a daisy worker met and left for the scheduler (`leaving_user_errors`),
+    raised there with the worker's own message (`launched_workers`)."""
+
+
+WORKER_ERROR = "worker-error"
+"""The file, in the folder given to `run_through` and `launched_workers`, where a daisy
+worker leaves the user error it met (`leaving_user_errors`)."""
+
+
+@contextlib.contextmanager
+def leaving_user_errors(folder: Path) -> Iterator[None]:
+    """Around a daisy worker's loop (started here or through ``--launch``): a UserError (an
+    unreadable block, say) is left in ``folder``'s `WORKER_ERROR` file, and the worker ends
+    cleanly. It crashed instead: daisy restarted it (up to ten times, each failing alike,
+    and slowly) and the run ended with daisy's words or the launch command's exit code, not
+    the worker's message. The scheduler hands out no more blocks once the file is there
+    (`worker_failed`), and `launched_workers` raises its message. Where the file cannot be
+    written (the run's folder is gone) the error is raised as before."""
+    try:
+        yield
+    except UserError as exc:
+        try:
+            part = Path(folder) / f".{WORKER_ERROR}.{uuid.uuid4().hex}.part"
+            part.write_text(str(exc), encoding="utf-8")
+            part.replace(Path(folder) / WORKER_ERROR)  # whole, or not there
+        except OSError:
+            raise exc from None
+
+
+def worker_failed(folder: Path | str) -> bool:
+    """Whether a daisy worker left a user error in ``folder`` (`leaving_user_errors`): the
+    scheduler's check function says every block is done then, so no other is handed out."""
+    return (Path(folder) / WORKER_ERROR).exists()
+
+
+def _left_error(folder: Path | None) -> str | None:
+    """The user error a daisy worker left in ``folder``, if any."""
+    if folder is None:
+        return None
+    try:
+        return (Path(folder) / WORKER_ERROR).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
 def launched_workers(launch: str | None, folder: Path | None = None) -> Iterator[None]:
-    """Around ``daisy.run_blockwise``: with a ``--launch`` command, a failure of the workers
-    it starts is the user's (one line, exit 2, after daisy's own warning per restart, each
-    with the worker's one line); without one, nothing changes. With ``folder`` (the one
-    given to `run_through`), while no worker has started a note says so now and then."""
-    if launch is None:
-        yield
-        return
-    watch = LaunchWatch(launch, folder) if folder is not None else None
+    """Around ``daisy.run_blockwise``. With ``folder`` (the one given to `run_through`), a
+    user error a worker left there (`leaving_user_errors`) is raised once daisy is done, as
+    the worker said it (exit 2); a leftover of a killed run is removed first. With a
+    ``--launch`` command, a failure of the workers it starts is the user's (one line, exit
+    2, after daisy's own warning per restart, each with the worker's one line), and while
+    no worker has started a note says so now and then; without one, nothing else changes."""
+    if folder is not None:
+        (Path(folder) / WORKER_ERROR).unlink(missing_ok=True)
+    watch = LaunchWatch(launch, folder) if launch is not None and folder is not None else None
     try:
-        yield
-    except RuntimeError as exc:  # daisy gave up restarting the workers
-        raise UserError(launch_failure(launch, str(exc))) from None
+        try:
+            yield
+        except RuntimeError as exc:  # daisy gave up restarting the workers
+            if (said := _left_error(folder)) is not None:
+                raise WorkerFailed(said) from None
+            if launch is None:
+                raise
+            raise UserError(launch_failure(launch, str(exc))) from None
+        finally:
+            if watch is not None:
+                watch.stop()
+        if (said := _left_error(folder)) is not None:
+            raise WorkerFailed(said)
     finally:
-        if watch is not None:
-            watch.stop()
+        if folder is not None:
+            (Path(folder) / WORKER_ERROR).unlink(missing_ok=True)
 
 
 class LaunchWatch:

@@ -13,9 +13,15 @@ it read-only and, once it is theirs, replaces it (`hold`).
 
 A file system that cannot lock files (an NFS mount without its lock service: flock says
 ENOLCK) gets the lock file alone instead, said once on stderr: whoever creates it holds the
-folder, and its line (pid, host) tells a live holder from one that was killed. A killed
-holder's file on this machine is taken over; one on another machine cannot be judged, so
-the refusal says to remove it once no emrun uses the folder. Of any number of processes
+folder, and its line tells a live holder from one that was killed. A killed holder's file
+on this machine is taken over; one on another machine cannot be judged, so the refusal says
+to remove it once no emrun uses the folder. The line names its process by more than pid and
+host name (`_stamp`): containers commonly share a host name and small pids (pid 1 in each),
+so a live holder in another container was judged dead (its pid did not run here, or was
+this very process's) and its folder taken over. It adds the machine's boot, the pid
+namespace and the process's start time: only a holder of this boot and namespace is judged
+(gone, or its pid another process's now); one of another container or an earlier boot is
+never taken over, and the refusal says which file to remove. Of any number of processes
 that find one stale file, one takes it over (`_take_over`), and an empty one is judged by
 the file server's clock or this machine's alone, never the two compared (`_stale_empty`).
 
@@ -50,6 +56,10 @@ BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 HOLDER = re.compile(r"pid (\d+) on (\S+) since ")
 """The line a holder writes into the lock file (`_stamp`)."""
+PROCESS = re.compile(r"\(boot (\S+), pid namespace (\d+), started (\d+)\)")
+"""The end of that line (`_process_of`): which boot of the machine, which pid namespace and
+which start of the pid; missing in an older emrun's line, and where /proc is missing."""
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 STARTING_S = 60.0
 """How long a lock file may stay empty while its maker is still writing its line; an
 older empty one is what a holder killed in between left (only judged without locks)."""
@@ -116,7 +126,11 @@ def _stamp(fd: int, durable: bool) -> None:
     where the file itself is the lock (another NFS client reads it before we close it)."""
     os.ftruncate(fd, 0)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+    process = _process_of(os.getpid())
+    known = f" (boot {process[0]}, pid namespace {process[1]}, started {process[2]})" \
+        if process is not None else ""
+    line = f"pid {os.getpid()} on {socket.gethostname()} since {stamp}{known}\n"
+    os.pwrite(fd, line.encode(), 0)
     if durable:
         with contextlib.suppress(OSError):
             os.fsync(fd)
@@ -293,10 +307,12 @@ until its maker's next call, well within this."""
 
 
 def _stale(path: Path, holder: str) -> bool:
-    """Whether the lock file's holder is surely gone: a process on this machine that no
-    longer runs (or this process's own pid, left by an earlier process given the same pid,
-    as containers do), or an empty file its maker left (`_stale_empty`). One on another
-    host, or a line emrun did not write, cannot be judged."""
+    """Whether the lock file's holder is surely gone: a process of this machine's boot and
+    pid namespace that no longer runs, or whose pid another process has now (`_gone`), or
+    an empty file its maker left (`_stale_empty`). One on another host, in another
+    container or of an earlier boot (its processes cannot be seen from here), or a line
+    emrun did not write, cannot be judged. An older emrun's line (pid and host alone) is
+    judged by its pid, as before."""
     if not holder:
         try:
             return _stale_empty(path, _identity(os.stat(path)))
@@ -306,7 +322,42 @@ def _stale(path: Path, holder: str) -> bool:
     if found is None or found.group(2) != socket.gethostname():
         return False
     pid = int(found.group(1))
-    return pid == os.getpid() or not _alive(pid)
+    process = PROCESS.search(holder)
+    if process is None:
+        return not _alive(pid)  # this process's own pid included: alive, so in doubt
+    boot, namespace, started = process.groups()
+    return _gone(pid, (boot, int(namespace), int(started)))
+
+
+Process = tuple[str, int, int]
+"""A process beyond its pid (`_process_of`): boot id, pid namespace, start time in ticks."""
+
+
+def _gone(pid: int, recorded: Process) -> bool:
+    """Whether the process ``recorded`` with ``pid`` no longer runs: judged only where this
+    process shares its boot and pid namespace (another container's pids, or an earlier
+    boot's, say nothing here: in doubt, it runs)."""
+    here = _process_of(os.getpid())
+    if here is None or here[:2] != recorded[:2]:
+        return False
+    now = _process_of(pid)
+    if now is None:
+        return not _alive(pid)  # no such process; or one /proc hides (another user's)
+    return now[2] != recorded[2]  # the pid is another process's now
+
+
+def _process_of(pid: int) -> Process | None:
+    """Process ``pid``'s boot id, pid namespace (this process's: a pid names a process of
+    the namespace it is seen from) and start time (ticks since boot); None where /proc
+    cannot tell (not Linux, no such process, one hidden from this user)."""
+    try:
+        boot = BOOT_ID.read_text(encoding="ascii").strip()
+        namespace = int(re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")))
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            started = int(stat.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+    return boot, namespace, started
 
 
 def _stale_empty(path: Path, identity: Identity) -> bool:
@@ -395,7 +446,24 @@ def _read_text(path: Path) -> str:
 def _in_use_unlocked(folder: Path, path: Path, holder: str, advice: str) -> str:
     """`_in_use`, plus what to do about a holder that cannot be judged from here."""
     return (f"{_in_use(folder, holder or 'its process is starting', advice)} (this file "
-            f"system cannot lock files: if no emrun uses the folder, remove {path})")
+            f"system cannot lock files{_unseen(holder)}: if no emrun uses the folder, "
+            f"remove {path})")
+
+
+def _unseen(holder: str) -> str:
+    """Why a holder of this host name cannot be judged, where its line says it: it ran in
+    another container or before the machine restarted."""
+    found, process = HOLDER.match(holder), PROCESS.search(holder)
+    here = _process_of(os.getpid())
+    if found is None or process is None or here is None or \
+            found.group(2) != socket.gethostname():
+        return ""
+    if process.group(1) != here[0]:
+        return ("; its process ran on another machine of this name, or before this one "
+                "restarted")
+    if int(process.group(2)) != here[1]:
+        return "; its process runs in another container, whose processes are not seen here"
+    return ""
 
 
 def contents(folder: Path) -> list[Path]:

@@ -56,6 +56,25 @@ def leave_signals_to(parent: int, *_: object) -> None:
     for number in STOPPING:
         signal.signal(number, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPPING)  # held since start: now ignored
+    private_blosc_lock()
+
+
+def private_blosc_lock() -> None:
+    """Give numcodecs' Blosc codec a lock of this process before its first use. It makes a
+    ``multiprocessing.Lock`` on first use, which in a spawned helper is a named semaphore
+    registered with the run's resource tracker; a helper killed outright (the out-of-memory
+    killer, or `kill_workers` after it) never unregisters it, and the tracker printed
+    'There appear to be N leaked semaphore objects' when the command ended. The lock guards
+    Blosc's state within one process, which a spawned process shares with none: a thread
+    lock does that, and leaves nothing behind. Nothing changes where numcodecs keeps it
+    elsewhere (another version)."""
+    try:
+        import numcodecs.blosc as blosc
+    except ImportError:
+        return
+    if getattr(blosc, "_MUTEX_IS_INIT", True) is False:
+        blosc._MUTEX = threading.Lock()
+        blosc._MUTEX_IS_INIT = True
 
 
 def kill_workers(pool: Any) -> None:
@@ -96,19 +115,43 @@ def stop_signals(on_stop: Callable[[], None] = lambda: None) -> Iterator[list[st
                     if len(caught) == 1:
                         on_stop()
 
-    previous = {s: signal.signal(s, handler) for s in STOPPING}
-    old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     watcher = threading.Thread(target=watch, name="emrun-stop-signals", daemon=True)
     watcher.start()
+    # The wakeup fd is ours from before our handlers go in until after the old ones are
+    # back: a signal at any step is the watcher's, the old handler's, or both. The other
+    # way round, one between the wakeup fd's restore and the old handler's met the no-op
+    # handler alone and was lost (the command went on as if never told to stop).
+    old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     try:
-        yield caught
+        previous: dict[int, Any] = {}
+        try:
+            for number in STOPPING:
+                previous[number] = signal.signal(number, handler)
+            yield caught
+        finally:
+            _put_back(previous)
     finally:
         signal.set_wakeup_fd(old_fd)
-        for number, old in previous.items():
-            signal.signal(number, old)
         writer.close()
         watcher.join(timeout=5)
         reader.close()
+
+
+def _put_back(handlers: dict[int, Any]) -> None:
+    """Put every old handler back, each even where a signal that came meanwhile raises from
+    a handler while they are put back (KeyboardInterrupt, say); the first such exception is
+    raised once all are back."""
+    raised: BaseException | None = None
+    for number, old in handlers.items():
+        for _ in range(3):  # a pending signal is handled once: the next try sets it
+            try:
+                signal.signal(number, old)
+                break
+            except BaseException as exc:  # raised below, once all are back
+                if raised is None:
+                    raised = exc
+    if raised is not None:
+        raise raised
 
 
 def killed_by(worker_error: str | None) -> int | None:

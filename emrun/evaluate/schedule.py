@@ -39,7 +39,9 @@ from emrun.devices import (
     launch_failure,
     launched_main,
     launched_workers,
+    leaving_user_errors,
     run_through,
+    worker_failed,
 )
 from emrun.errors import UserError, disk_full
 from emrun.evaluate.binary import BinaryCounts
@@ -158,9 +160,10 @@ def _remove_abandoned(parent: Path) -> None:
 
 
 OURS = re.compile(r"work\.pickle|block-\d+\.npz|\.block-\d+\.npz\.\d+\.tmp|daisy-logs|"
-                  r"launched")
+                  r"launched|worker-error|\.worker-error\.[0-9a-f]+\.part")
 """What a work folder holds (`emrun.evaluate.blockwise`, daisy's logs, a ``--launch``ed
-worker's start file (`emrun.devices.run_through`)), beside the lock's own files."""
+worker's start file (`emrun.devices.run_through`), a daisy worker's user error
+(`emrun.devices.leaving_user_errors`)), beside the lock's own files."""
 
 
 def _only_ours(folder: Path) -> bool:
@@ -237,6 +240,7 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
             task = daisy.Task(
                 "emrun-evaluate", total_roi=box, read_roi=block, write_roi=block,
                 process_function=functools.partial(_start_worker, str(folder), launch),
+                check_function=functools.partial(_stopped, str(folder)),
                 read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
         with launched_workers(launch, folder):
             states = daisy.run_blockwise(
@@ -258,16 +262,26 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
                            f"not scored ({error.strip().splitlines()[-1]})")
 
 
+def _stopped(folder: str, block: Any) -> bool:
+    """daisy's check before it hands a block out: none is once a worker has met a user
+    error (an unreadable chunk, say): the run ends with it (`launched_workers`)."""
+    return worker_failed(folder)
+
+
 def _start_worker(folder: str, launch: str | None) -> None:
-    """daisy's worker function: serve blocks here, or start a server through ``launch``."""
+    """daisy's worker function: serve blocks here, or start a server through ``launch``
+    (whose worker leaves a user error as this one does, `launched_main`)."""
     if launch:
         run_through(launch, "emrun.evaluate.schedule", [folder], Path(folder))
         return
-    serve(folder)
+    with leaving_user_errors(Path(folder)):
+        serve(folder)
 
 
 def serve(folder: str) -> None:
-    """Score the blocks daisy hands out until none are left."""
+    """Score the blocks daisy hands out until none are left, or a worker met a user error
+    (left for the scheduler inside the block: daisy logged a block that raised with its
+    whole traceback)."""
     daisy = daisy_package()
     from emrun.geometry import Roi
 
@@ -275,10 +289,11 @@ def serve(folder: str) -> None:
     client = daisy.Client()
     while True:
         with client.acquire_block() as block:
-            if block is None:
+            if block is None or worker_failed(folder):
                 return
             roi = block.write_roi
-            write_block(Path(folder), work, work.index_of(Roi(roi.offset, roi.shape)))
+            with leaving_user_errors(Path(folder)):
+                write_block(Path(folder), work, work.index_of(Roi(roi.offset, roi.shape)))
 
 
 if __name__ == "__main__":  # a worker started through --launch

@@ -29,12 +29,15 @@ from typing import Any
 import torch
 
 from ..devices import (
+    WorkerFailed,
     cpu_cores,
     daisy_package,
     launch_failure,
     launched_main,
     launched_workers,
+    leaving_user_errors,
     run_through,
+    worker_failed,
 )
 from ..errors import UserError
 from ..geometry import Zyx, zyx
@@ -84,9 +87,19 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
             read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2,
             timeout=UNIT_TIMEOUT_S)
     started = time.perf_counter()
-    with launched_workers(launch, job_file.parent), stop_signals(stop_file.touch) as caught:
-        states = daisy.run_blockwise([task], progress=on_block is None, block_tracking=False,
-                                     return_states=True, summary=False)
+    try:
+        with launched_workers(launch, job_file.parent), \
+                stop_signals(stop_file.touch) as caught:
+            states = daisy.run_blockwise([task], progress=on_block is None,
+                                         block_tracking=False, return_states=True,
+                                         summary=False)
+    except WorkerFailed as exc:  # a bad input chunk, say: as the local scheduler says it
+        if "--resume" in str(exc):
+            raise
+        progress = marked_progress(job, before)
+        raise UserError(f"{exc}; {progress.done + progress.skipped} of {len(grid)} blocks "
+                        "are done and kept: once that is fixed, continue with --resume"
+                        ) from None
     stop_file.unlink(missing_ok=True)
     progress = marked_progress(job, before)
     progress.seconds = time.perf_counter() - started
@@ -143,10 +156,11 @@ def marked_progress(job: Job, before: set[Zyx]) -> Progress:
 
 def _block_is_done(job_file: str, block: Any) -> bool:
     """Asked by daisy before it hands a unit out: done when all its blocks are, or (none
-    is handed out once the run is stopped) when the stop file exists."""
+    is handed out once the run is stopped, or a worker met a user error) when the stop
+    file or the worker's error exists."""
     job = _job(job_file)
-    return _stop_file(job).exists() or all(job.is_done(b)
-                                           for b in unit_blocks(job, block.write_roi))
+    return _stop_file(job).exists() or worker_failed(job.done_dir) or all(
+        job.is_done(b) for b in unit_blocks(job, block.write_roi))
 
 
 def _stop_file(job: Job) -> Path:
@@ -162,7 +176,8 @@ def _start_worker(job_file: str, device: str, threads: int, launch: str | None) 
                     Path(job_file).parent)
         return
     die_with_parent(os.getppid())  # they wrote on after a SIGTERM had killed the scheduler
-    serve(job_file, device, threads)
+    with leaving_user_errors(Path(job_file).parent):  # the scheduler says it, once
+        serve(job_file, device, threads)
 
 
 def serve(job_file: str, device: str, threads: int) -> None:
@@ -177,7 +192,7 @@ def serve(job_file: str, device: str, threads: int) -> None:
     signalled = stop_between_blocks()  # Ctrl-C or SIGTERM to the group (srun passes them on)
 
     def stopping() -> bool:
-        return bool(signalled) or stop_file.exists()
+        return bool(signalled) or stop_file.exists() or worker_failed(job.done_dir)
 
     client = daisy.Client()
     while True:
@@ -185,7 +200,8 @@ def serve(job_file: str, device: str, threads: int) -> None:
             if block is None or stopping():
                 return
             blocks = [b for b in unit_blocks(job, block.write_roi) if not job.is_done(b)]
-            worker.run_units([blocks], stop=stopping)
+            with leaving_user_errors(job.done_dir):  # not as a failed unit (a traceback)
+                worker.run_units([blocks], stop=stopping)
 
 
 def worker_device(device: str, worker_id: int) -> torch.device:
