@@ -96,14 +96,12 @@ def test_a_resume_into_an_output_without_a_job_is_refused_and_makes_nothing(
     assert sorted(p.name for p in (tmp_path / "other.zarr").iterdir()) == ["image", "zarr.json"]
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/infer/job.py: `infer --resume` into an output "
-                   "that holds no inference run starts a new one without a word (segment, "
-                   "train: 'no ... to resume; drop --resume')")
 def test_infer_resume_into_a_new_output_is_refused_as_segment_refuses_it(tmp_path):
     recipe, _, _, tmp = make_inputs(tmp_path, shape=(4, 16, 16))
-    with pytest.raises(UserError, match="to resume"):
+    with pytest.raises(UserError, match=r"holds no inference run to resume .*drop --resume"):
         run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "new.zarr",
                       resume=True)
+    assert not (tmp / "new.zarr").exists()
 
 
 # --------------------------------------------------------- 2. the all-zero warning

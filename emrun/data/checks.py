@@ -6,7 +6,7 @@ Reads metadata only (shape, dtype, voxel size), never voxel data, so it is fast 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,7 +158,7 @@ def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, i
         return SourceFacts(group, name, "synthetic", source.shape, "uint8", source.voxel_size,
                            source.weight)
     assert isinstance(source, VolumeSource)
-    image = _open(source.image, (*path, "image"), problems)
+    image = _open(source.image, (*path, "image"), problems, source.voxel_size)
     if image is None:
         return SourceFacts(group, name, "volume", None, None, source.voxel_size, source.weight)
     _check_image(image, source, (*path, "image"), problems)
@@ -171,7 +171,7 @@ def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, i
         others[(*path, "semantic", sem)] = ref
     opened: dict[KeyPath, Volume] = {}
     for key, ref in others.items():
-        volume = _open(ref, key, problems)
+        volume = _open(ref, key, problems, source.voxel_size)
         if volume is not None:
             volume = placed_in(volume, image)  # of a part of the image: read at its place
             _check_companion(volume, image, key, problems)
@@ -292,9 +292,12 @@ def _section_problem(image: Volume, source: VolumeSource, section: np.ndarray,
     return None
 
 
-def _open(ref: str, key: KeyPath, problems: list[tuple[KeyPath, str]]) -> Volume | None:
+def _open(ref: str, key: KeyPath, problems: list[tuple[KeyPath, str]],
+          voxel_size: Sequence[float] | None) -> Volume | None:
+    """The volume, or None with its problem noted; the recipe's ``voxel_size`` stands in for
+    metadata that cannot be read, as it does where training opens it (`data.sources`)."""
     try:
-        return open_volume(ref)
+        return open_volume(ref, voxel_size=voxel_size)
     except VolumeError as exc:
         problems.append((key, str(exc)))
         return None

@@ -91,13 +91,18 @@ def _box(spec: SourceBase, shape: tuple[int, ...]) -> Roi:
 
 @sources.implement("volume")
 def open_volume_source(spec: VolumeSource, name: str = "source") -> Source:
-    """Open the volumes a `volume` source names (metadata only)."""
-    image = open_volume(spec.image)
+    """Open the volumes a `volume` source names (metadata only). The recipe's `voxel_size`
+    is a size the user states: it takes the place of voxel-size metadata that cannot be
+    read (`emrun.io.metadata.stated_voxel_size`), readable metadata keeps its own."""
+    def opened(ref: str) -> Volume:
+        return open_volume(ref, voxel_size=spec.voxel_size)
+
+    image = opened(spec.image)
     # labels (mask, semantic) of a part of the image, or of a region the image is a cutout
     # of, are read at their place in the image; patches are drawn where all hold data
-    labels = placed_in(open_volume(spec.labels), image) if spec.labels else None
-    mask = placed_in(open_volume(spec.mask), image) if spec.mask else None
-    semantic = {key: placed_in(open_volume(ref), image) for key, ref in spec.semantic.items()}
+    labels = placed_in(opened(spec.labels), image) if spec.labels else None
+    mask = placed_in(opened(spec.mask), image) if spec.mask else None
+    semantic = {key: placed_in(opened(ref), image) for key, ref in spec.semantic.items()}
     box = data_box([v for v in (labels, mask, *semantic.values()) if v is not None],
                    _box(spec, image.shape))
     low, high = ((spec.intensity.low, spec.intensity.high) if spec.intensity

@@ -210,6 +210,9 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
                           f"{'x'.join(map(str, shape))} {recipe.infer.dtype})",
                           "check the input's shape, or predict a box of it (--roi) or the "
                           "blocks of a --mask")
+    if resume and not output.exists():  # as train and segment: --resume says to continue
+        raise UserError(f"{output}: holds no inference run to resume (no such output); drop "
+                        "--resume to start one")
     # before the lock (a user's folder gets no lock file), with --resume too: it said to
     # remove a user's folder as if it were an output cut short
     _refuse_foreign(output, list(recipe.tasks))

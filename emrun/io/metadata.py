@@ -14,9 +14,13 @@ spatial axes), and a time axis of one point is dropped (`time_axis`). Spatial ax
 unit all or none: with some but not all, the others' size is unknown and is refused.
 
 A format's own voxel-size metadata that cannot be read at all (Fiji's `element_size_um` as a
-string, a unit emrun does not know) gives way to a size the user states (`stated_voxel_size`,
-with a `MetadataIgnored` warning) and is otherwise refused, saying that one would override it
-(`unusable_voxel_size`).
+string, a funlib `voxel_size` that is no list of positive sizes, an OME scale of the wrong
+length or with a NaN, a unit emrun does not know) gives way to a size the user states
+(`stated_voxel_size`, with a `MetadataIgnored` warning) and is otherwise refused, saying
+that one would override it (`unusable_voxel_size`). A stated size is the finest level's:
+a coarser level's is it times the level's factor (from the shapes where the metadata gives
+none). An offset in nm (funlib's) is placed with it; one in the unreadable scale's or
+unit's terms (an OME translation, an N5 offset in an unknown unit) is left unread.
 
 One convention is written: `ome_image_attrs` builds the OME-Zarr 0.5 attributes of the
 image group emrun writes for every volume (see `emrun.io.write`).
@@ -24,10 +28,11 @@ image group emrun writes for every volume (see `emrun.io.write`).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -86,22 +91,42 @@ def spatial_metadata(
     array_attrs: Mapping[str, Any],
     group_attrs: Mapping[str, Any] | None = None,
     array_name: str | None = None,
+    level_factor: LevelFactor | None = None,
 ) -> Spatial:
-    """OME-Zarr metadata on the parent group wins; else the array's own attributes."""
+    """OME-Zarr metadata on the parent group wins; else the array's own attributes.
+    `level_factor`: a level's downsampling factor from the finest, which scales a stated
+    voxel size (the finest level's) that replaces an unreadable OME scale."""
     if group_attrs is not None and array_name is not None:
-        found = from_ome(name, ndim, group_attrs, array_name)
+        found = from_ome(name, ndim, group_attrs, array_name, level_factor)
         if found is not None:
             return found
     return from_attrs(name, ndim, array_attrs)
 
 
-def from_ome(name: str, ndim: int, attrs: Mapping[str, Any], array_name: str) -> Spatial | None:
+LevelFactor = Callable[[str], Sequence[float] | None]
+"""A multiscale level's (z, y, x) factor from the finest level, by its path (None: unknown)."""
+
+
+def shape_factor(finest: Sequence[int], level: Sequence[int]) -> tuple[float, ...] | None:
+    """A pyramid level's (z, y, x) downsampling factor from the finest level's shape and its
+    own (9 sections to 5 is 2: a level's shape is rounded up); None where either has fewer
+    than three axes or an empty one."""
+    pairs = list(zip(finest[-3:], level[-3:], strict=False))
+    if len(pairs) != 3 or min(finest[-3:]) < 1 or min(level[-3:]) < 1:
+        return None
+    return tuple(float(max(1, round(a / b))) for a, b in pairs)
+
+
+def from_ome(name: str, ndim: int, attrs: Mapping[str, Any], array_name: str,
+             level_factor: LevelFactor | None = None) -> Spatial | None:
     """Read scale/translation of `array_name` from OME-Zarr 0.4 or 0.5 multiscales."""
     found = _ome_entry(attrs, array_name)
     if found is None:
         return None
     ms, ds, first = found
-    return _ome_dataset(name, ndim, ms, ds, first)
+    factor = None if first or level_factor is None else functools.partial(level_factor,
+                                                                            array_name)
+    return _ome_dataset(name, ndim, ms, ds, first, factor)
 
 
 def _ome_entry(
@@ -165,10 +190,18 @@ def stated_voxel_size(voxel_size: Sequence[float] | None) -> Iterator[None]:
     the volume unopenable. None: no size stated, such metadata is refused."""
     stated = tuple(float(v) for v in voxel_size) if voxel_size is not None else None
     token = _STATED_VOXEL_SIZE.set(stated)
+    said = _SAID.set(set())
     try:
         yield
     finally:
+        _SAID.reset(said)
         _STATED_VOXEL_SIZE.reset(token)
+
+
+_SAID: ContextVar[set[str] | None] = ContextVar("emrun_stated_said", default=None)
+"""What `unusable_voxel_size` has said within the `stated_voxel_size` around it: a volume's
+metadata is read again for its level list (each level by its own name) and its placement,
+and the user hears each problem once."""
 
 
 def unusable_voxel_size(name: str, what: str, problem: str) -> tuple[float, ...]:
@@ -181,8 +214,12 @@ def unusable_voxel_size(name: str, what: str, problem: str) -> tuple[float, ...]
         raise VolumeError(f"{name}: {described}; give the voxel size yourself with "
                           "--voxel-size Z Y X (nm), which overrides it, or correct the "
                           "metadata")
-    ignored(name, f"{described}: ignored, the stated voxel size {_listed(stated)} nm is "
-            "used")
+    text = f"{described}: ignored, the stated voxel size {_listed(stated)} nm is used"
+    said = _SAID.get()
+    if said is None or text not in said:  # a volume's levels say it again: said once
+        ignored(name, text)
+    if said is not None:
+        said.add(text)
     return stated
 
 
@@ -361,11 +398,12 @@ def multiscale_levels(attrs: Mapping[str, Any]) -> list[str]:
 
 
 def ome_levels(
-    name: str, ndim: int, attrs: Mapping[str, Any]
+    name: str, ndim: int, attrs: Mapping[str, Any], level_factor: LevelFactor | None = None
 ) -> list[tuple[str, tuple[float, ...] | None]]:
     """Each level of an OME-Zarr image group with its voxel size (nm, z, y, x; None when
-    the axes have no unit), finest first."""
-    return [(level, from_ome(f"{name} (level {level})", ndim, attrs, level)[0])
+    the axes have no unit), finest first (`level_factor` as for `spatial_metadata`)."""
+    return [(level, from_ome(f"{name} (level {level})", ndim, attrs, level,
+                             level_factor)[0])
             for level in multiscale_levels(attrs)]
 
 
@@ -471,11 +509,23 @@ def _check_axis_count(name: str, ndim: int, axes: Any) -> None:
 
 
 def _ome_dataset(
-    name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, Any], first: bool
+    name: str, ndim: int, ms: Mapping[str, Any], ds: Mapping[str, Any], first: bool,
+    factor: Callable[[], Sequence[float] | None] | None = None,
 ) -> Spatial:
-    """Voxel size and offset of one dataset (level); `first`: it is the finest level."""
-    scale, translation, spatial, factors, scaled = _geometry(name, ndim, ms, ds)
-    _check_voxel_size(name, [scale[i] for i in spatial], "multiscales scale")
+    """Voxel size and offset of one dataset (level); `first`: it is the finest level. A
+    scale that gives no size gives way to a stated one, the finest level's, times the
+    level's `factor` (z, y, x, asked only then; None or unknown: 1); its translation, in
+    units of that scale, is left unread (the volume lies at its origin)."""
+    try:
+        scale, translation, spatial, factors, scaled = _geometry(name, ndim, ms, ds)
+        sizes = [scale[i] for i in spatial]
+        if any(v <= 0 for v in sizes):
+            raise UnreadableScale(name, "multiscales scale", f"{sizes} must be positive")
+    except UnreadableScale as exc:
+        stated = unusable_voxel_size(name, exc.what, exc.problem)
+        found = factor() if factor is not None else None
+        steps = [1.0] * len(stated) if found is None else list(found)[-len(stated):]
+        return tuple(_clean(v * f) for v, f in zip(stated, steps, strict=True)), None
     stated = declared_shift(ms, len(spatial))  # nm: taken off before asking for whole voxels
     voxels = [(translation[i] - s / f) / scale[i]
               for i, s, f in zip(spatial, stated, factors, strict=True)]
@@ -511,9 +561,12 @@ def _transforms(
         kind = t["type"]
         values = t.get(kind)
         if not isinstance(values, Sequence) or len(values) != ndim:
-            raise VolumeError(
-                f"{name}: OME-Zarr {kind} {values!r} does not have one value per axis ({ndim})"
-            )
+            _bad_transform(name, kind, f"{values!r} does not have one value per axis ({ndim})")
+        for value in values:
+            if _finite(value) is None:
+                what = "non-number" if _finite(value, finite=False) is None else \
+                    "non-finite value"
+                _bad_transform(name, kind, f"contains a {what} {value!r}")
         values = [_number(name, v, f"OME-Zarr {kind}") for v in values]
         if kind == "scale":
             scaled = True
@@ -522,6 +575,23 @@ def _transforms(
         else:
             translation = [a + b for a, b in zip(translation, values, strict=True)]
     return scale, translation, scaled
+
+
+class UnreadableScale(VolumeError):
+    """An OME scale that gives no voxel size (`problem` says why, after `what`): it gives
+    way to a stated one (`unusable_voxel_size`); elsewhere it is refused as any
+    VolumeError."""
+
+    def __init__(self, name: str, what: str, problem: str) -> None:
+        super().__init__(f"{name}: {what} {problem}")
+        self.what, self.problem = what, problem
+
+
+def _bad_transform(name: str, kind: str, problem: str) -> None:
+    """Refuse an OME transform's values: a scale's as an `UnreadableScale`."""
+    if kind == "scale":
+        raise UnreadableScale(name, "OME-Zarr scale", problem)
+    raise VolumeError(f"{name}: OME-Zarr {kind} {problem}")
 
 
 def _spatial_axes(axes: Any, ndim: int) -> list[int]:
@@ -564,10 +634,17 @@ def _has_unit(axis: Any) -> bool:
 
 
 def _unit_factor(name: str, axis: Any) -> float:
+    """nm per unit of an OME axis; a unit emrun does not know gives no voxel size (an
+    `UnreadableScale`, which a stated size replaces)."""
     unit = axis.get("unit") if isinstance(axis, Mapping) else None
-    if str(unit or "").strip().lower() in NO_SIZE_UNITS:
+    key = str(unit or "").strip().lower()
+    if key in NO_SIZE_UNITS:
         return 1.0  # a ratio of the array's steps, not a length
-    return unit_to_nm(name, unit)
+    if key not in UNIT_TO_NM:
+        raise UnreadableScale(name, "OME-Zarr axis", f"{_axis_name(axis) or '?'}: unknown "
+                              f"spatial unit {unit!r}; expected a length unit OME-NGFF "
+                              "allows (nanometer, micrometer, meter, ...) or nm, um, mm")
+    return UNIT_TO_NM[key]
 
 
 def unit_to_nm(name: str, unit: Any) -> float:
@@ -579,14 +656,16 @@ def unit_to_nm(name: str, unit: Any) -> float:
     return UNIT_TO_NM[key]
 
 
-def from_attrs(name: str, ndim: int, attrs: Mapping[str, Any]) -> Spatial:
-    """funlib convention: `voxel_size`/`resolution` and `offset`, both in nm, zyx."""
+def from_attrs(name: str, ndim: int, attrs: Mapping[str, Any],
+               size_key: str | None = None) -> Spatial:
+    """funlib convention: `voxel_size`/`resolution` and `offset`, both in nm, zyx. A voxel
+    size that cannot be read gives way to a stated one (`unusable_voxel_size`), named as
+    `size_key` (the attribute as stored; default the one read), which then places the
+    offset in nm."""
     raw_voxel = attrs.get("voxel_size", attrs.get("resolution"))
+    key = size_key or ("voxel_size" if attrs.get("voxel_size") is not None else "resolution")
+    voxel = _funlib_voxel_size(name, raw_voxel, key, ndim) if raw_voxel is not None else None
     raw_offset = attrs.get("offset")
-    voxel = _vector(name, raw_voxel, "voxel_size", ndim) if raw_voxel is not None else None
-    if voxel is not None:
-        _check_stated_in_nm(name, raw_voxel, voxel)
-        _check_voxel_size(name, voxel, "voxel_size")
     if raw_offset is None:
         return voxel, None
     offset_nm = _vector(name, raw_offset, "offset", ndim)
@@ -601,6 +680,62 @@ def from_attrs(name: str, ndim: int, attrs: Mapping[str, Any]) -> Spatial:
                                   divisor, "offset", "")
     return voxel, whole_voxels(name, voxels, f"offset {_listed(offset_nm)} nm with voxel size "
                                f"{_listed(voxel)} nm", divisor, "offset", " nm")
+
+
+def _funlib_voxel_size(name: str, raw: Any, key: str, ndim: int) -> tuple[float, ...]:
+    """A funlib voxel size as stored, or where it is not one positive size in nm per axis
+    the stated one (it made the volume unopenable even where the user gave its size)."""
+    try:
+        return _size_values(raw, ndim)
+    except ValueError as exc:
+        return unusable_voxel_size(name, f"attribute {key}", str(exc))
+
+
+def size_problem(raw: Any, ndim: int) -> str | None:
+    """What is wrong with `raw` as a funlib voxel size (nm, at most one per axis), or None:
+    for readers that convert a format's size to one first (N5's, in x, y, z and units)."""
+    try:
+        _size_values(raw, ndim)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _size_values(raw: Any, ndim: int) -> tuple[float, ...]:
+    """`raw` as positive sizes in nm, at most one per axis, or a ValueError saying what is
+    wrong: not a list, a non-number or non-finite value, too many values, a size stated in
+    metres (4e-9 rounds to 0 nm: named as stored, not as a sign error) or not positive."""
+    values = raw.tolist() if hasattr(raw, "tolist") else raw
+    if isinstance(values, (int, float, str)) or not isinstance(values, Sequence):
+        raise ValueError(f"must be a list of numbers, got {raw!r}")
+    numbers = []
+    for value in values:
+        number = _finite(value)
+        if number is None:
+            kind = "non-number" if _finite(value, finite=False) is None else "non-finite value"
+            raise ValueError(f"contains a {kind} {value!r}")
+        numbers.append(number)
+    voxel = tuple(_clean(v) for v in numbers)
+    if not 0 < len(voxel) <= ndim:
+        raise ValueError(f"has {len(voxel)} values for a {ndim}-d array")
+    if any(v > 0 and c <= 0 for v, c in zip(numbers, voxel, strict=True)):
+        shown = ", ".join(f"{v:g}" for v in numbers)
+        raise ValueError(f"[{shown}] is not in nm (in metres? 4e-09 m is 4 nm; store it in nm)")
+    if any(v <= 0 for v in voxel):
+        raise ValueError(f"{list(voxel)} must be positive")
+    return voxel
+
+
+def _finite(value: Any, finite: bool = True) -> float | None:
+    """`value` as a float (a bool is no number), or None where it is none (or, `finite`,
+    not finite)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) or not finite else None
 
 
 OFFSET_TOLERANCE = 1e-3
@@ -661,22 +796,6 @@ def _number(name: str, value: Any, key: str) -> float:
     if not math.isfinite(value):
         raise VolumeError(f"{name}: {key} contains a non-finite value {value!r}")
     return float(value)
-
-
-def _check_stated_in_nm(name: str, raw: Any, voxel: Sequence[float]) -> None:
-    """A positive voxel size that rounds to 0 nm was stated in metres (4e-9): named as
-    stored, not as the [0.0, 0.0, 0.0] it rounds to, which read as a sign error."""
-    values = raw.tolist() if hasattr(raw, "tolist") else raw
-    stated = [float(v) for v in values]
-    if any(v > 0 and c <= 0 for v, c in zip(stated, voxel, strict=True)):
-        shown = ", ".join(f"{v:g}" for v in stated)
-        raise VolumeError(f"{name}: voxel_size [{shown}] is not in nm "
-                          "(in metres? 4e-09 m is 4 nm); store it in nm")
-
-
-def _check_voxel_size(name: str, voxel: Sequence[float], key: str) -> None:
-    if any(v <= 0 for v in voxel):
-        raise VolumeError(f"{name}: {key} {list(voxel)} must be positive")
 
 
 def _clean(value: float) -> float:

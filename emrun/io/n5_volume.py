@@ -31,7 +31,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -42,6 +42,8 @@ from emrun.io.metadata import (
     UNIT_TO_NM,
     from_attrs,
     ignored,
+    shape_factor,
+    size_problem,
     unit_to_nm,
     unusable_voxel_size,
     whole_voxels,
@@ -69,6 +71,10 @@ SPATIAL_KEYS = ("resolution", "pixelResolution")
 TRANSFORM_KEY = "transform"
 """COSEM's (OpenOrganelle's) per-level geometry: {"axes", "scale", "translate", "units"},
 each one value per named axis, with the voxel 0's centre at `translate`."""
+SHAPE_FACTORS_KEY = "emrun_shape_factors"
+"""Where a level with a COSEM `transform` but no `downsamplingFactors` is told its factors
+(x, y, z) as its shape gives them: a stated voxel size in place of an unreadable transform
+is the finest level's, times them. emrun's own, never a volume's attribute."""
 OWN_SIZE_KEYS = (*SPATIAL_KEYS, TRANSFORM_KEY)
 """What gives a level a voxel size of its own."""
 PARENT_KEYS = (*SPATIAL_KEYS, "units")
@@ -102,7 +108,8 @@ def open_n5(container: str, dataset: str | None) -> TensorstoreVolume:
     inherited = pyramid is not None and pyramid.inherits_offset(index)
     voxel_size, offset, shift = n5_placement(name, len(view.shape), attrs, inherited,
                                              coarser=pyramid is not None and index > 0)
-    plain = {k: v for k, v in attrs.items() if k not in (*STRUCTURE_KEYS, OLD_CODEC_KEY)}
+    plain = {k: v for k, v in attrs.items()
+             if k not in (*STRUCTURE_KEYS, OLD_CODEC_KEY, SHAPE_FACTORS_KEY)}
     levels = pyramid.listed(container) if pyramid is not None else ()
     return opened_volume(view, path=container, dataset=dataset, voxel_size=voxel_size,
                          offset=offset, attrs=plain, metadata=spec.get("metadata"),
@@ -196,6 +203,8 @@ class Pyramid:
         factors = self.factors(index)
         if factors is not None:
             found["downsamplingFactors"] = factors
+        elif TRANSFORM_KEY in own and (by_shape := self.shape_factors(index)) is not None:
+            found[SHAPE_FACTORS_KEY] = by_shape
         if factors is None or not self._takes_group_size(index):
             return found
         if isinstance(self.attrs.get("pixelResolution"), Mapping | list):
@@ -206,6 +215,17 @@ class Pyramid:
             if key not in own and key in self.attrs:
                 found[key] = self.attrs[key]
         return found
+
+    def shape_factors(self, index: int) -> list[float] | None:
+        """The level's factors (x, y, z) from level 0 as its shape gives them (N5 lists
+        dimensions x, y, z); None where either's dimensions are not three sizes."""
+        dims = self.levels[index][1].get("dimensions")
+        base = self.levels[0][1].get("dimensions")
+        if not (_positive_numbers(dims) and _positive_numbers(base)) or len(dims) < 3 or \
+                len(base) < 3:
+            return None
+        found = shape_factor(list(reversed(base[:3])), list(reversed(dims[:3])))
+        return None if found is None else list(reversed(found))
 
     def _takes_group_size(self, index: int) -> bool:
         """Whether the level's voxel size is the group's times its factors: it has none of
@@ -349,12 +369,18 @@ def _positive_numbers(value: Any) -> bool:
 
 
 def _spatial_only(attrs: Mapping[str, Any]) -> bool:
-    """Whether `resolution` or `units` list three values for a dataset of more axes: funlib
-    and daisy give them for z, y, x only on (c, z, y, x) arrays, which tensorstore's reading
-    of those attributes refuses; such a dataset is opened from its structure alone."""
+    """Whether `resolution` or `units` are not what tensorstore's reading of them takes,
+    one number (one string) per axis: funlib and daisy give three for z, y, x only on
+    (c, z, y, x) arrays, and a malformed one (a string, too many values) that a stated voxel
+    size replaces refused the dataset; such a dataset is opened from its structure alone
+    (emrun reads the two itself)."""
     rank = len(attrs.get("dimensions") or ())
-    return rank > 3 and any(isinstance(attrs.get(key), list) and len(attrs[key]) == 3
-                            for key in ("resolution", "units"))
+    resolution, units = attrs.get("resolution"), attrs.get("units")
+    return not (resolution is None or (
+        isinstance(resolution, list) and len(resolution) == rank and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in resolution))) or \
+        not (units is None or (isinstance(units, list) and len(units) == rank and all(
+            isinstance(u, str) for u in units)))
 
 
 def _old_codec(attrs: Mapping[str, Any]) -> bool:
@@ -372,34 +398,75 @@ def _structure(attrs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def n5_spatial(name: str, ndim: int, attrs: Mapping[str, Any]) -> Any:
-    """Voxel size (nm) and offset (voxels), z, y, x, from N5 attributes in x, y, z order."""
+    """Voxel size (nm) and offset (voxels), z, y, x, from N5 attributes in x, y, z order.
+    A voxel size that cannot be read gives way to a stated one (`stated_resolution`); an
+    offset in units emrun does not know is then left unread."""
     zyx: dict[str, Any] = {}
     resolution, factors = _resolution_and_units(name, attrs)
-    if isinstance(resolution, list):
+    if factors is None:  # the stated size, nm
+        zyx["voxel_size"] = list(reversed(resolution))
+    elif isinstance(resolution, list):
         zyx["voxel_size"] = [_scaled(v, f)
                              for v, f in zip(reversed(resolution), factors, strict=True)]
     elif resolution is not None:
-        zyx["voxel_size"] = resolution  # not a list: from_attrs says what is wrong
+        zyx["voxel_size"] = resolution  # not a list: checked below
+    if "voxel_size" in zyx and (problem := size_problem(zyx["voxel_size"], ndim)) is not None:
+        zyx["voxel_size"] = list(reversed(stated_resolution(name, attrs, _size_key(attrs),
+                                                            problem)))
     offset = attrs.get("offset")
-    if isinstance(offset, list) and len(offset) == len(factors):  # in resolution's units
+    if factors is None:
+        pass  # in units emrun does not know
+    elif isinstance(offset, list) and len(offset) == len(factors):  # in resolution's units
         zyx["offset"] = [_scaled(v, f) for v, f in zip(reversed(offset), factors, strict=True)]
     elif offset is not None:
         zyx["offset"] = list(reversed(offset)) if isinstance(offset, list) else offset
     return from_attrs(name, ndim, zyx)
 
 
-def _resolution_and_units(name: str, attrs: Mapping[str, Any]) -> tuple[Any, list[float]]:
+def _size_key(attrs: Mapping[str, Any]) -> str:
+    """The attribute the voxel size is read from."""
+    return "resolution" if attrs.get("resolution") is not None else "pixelResolution"
+
+
+def stated_resolution(name: str, attrs: Mapping[str, Any], key: str,
+                      problem: str) -> list[float]:
+    """The stated voxel size (`unusable_voxel_size`; nm, x, y, z, as N5 lists them) in
+    place of attribute `key`, which cannot be read for `problem`: the stated size is the
+    finest level's, so a level's `downsamplingFactors` multiply it."""
+    stated = list(reversed(unusable_voxel_size(name, f"attribute {key}", problem)[-3:]))
+    factors = attrs.get("downsamplingFactors")
+    if _positive_numbers(factors) and len(factors) == len(stated):
+        return [float(v) * float(f) for v, f in zip(stated, factors, strict=True)]
+    return [float(v) for v in stated]
+
+
+def _resolution_and_units(name: str, attrs: Mapping[str, Any]
+                          ) -> tuple[Any, list[float] | None]:
     """The voxel size as the attributes give it (x, y, z, in their units; a level's
-    `pixelResolution` times its factors) and nm per unit of each axis (z, y, x)."""
+    `pixelResolution` times its factors) and nm per unit of each axis (z, y, x). A unit
+    emrun does not know gives way to a stated size (nm), with None for the units."""
     resolution = attrs.get("resolution")
     pixel = attrs.get("pixelResolution")
     factor = 1.0
     if resolution is None and isinstance(pixel, Mapping):
         resolution = _downsampled(pixel.get("dimensions"), attrs.get("downsamplingFactors"))
-        factor = unit_to_nm(name, pixel.get("unit"))
+        unit = pixel.get("unit")
+        if str(unit or "").strip().lower() not in UNIT_TO_NM:
+            return stated_resolution(name, attrs, "pixelResolution", _unknown_unit(unit)), None
+        factor = unit_to_nm(name, unit)
     elif resolution is None and pixel is not None:
         resolution = _downsampled(pixel, attrs.get("downsamplingFactors"))
-    return resolution, _unit_factors(name, attrs.get("units"), resolution, factor)
+    units = attrs.get("units")
+    count = len(resolution) if isinstance(resolution, list) else 0
+    if isinstance(units, list) and len(units) == count:
+        unknown = [u for u in units if str(u or "").strip().lower() not in UNIT_TO_NM]
+        if unknown:
+            return stated_resolution(name, attrs, "units", _unknown_unit(unknown[0])), None
+    return resolution, _unit_factors(name, units, resolution, factor)
+
+
+def _unknown_unit(unit: Any) -> str:
+    return f"{unit!r}: not a length unit emrun knows (nm, um, micrometer, mm, ...)"
 
 
 def n5_voxel_size(name: str, ndim: int, attrs: Mapping[str, Any]) -> tuple[float, ...] | None:
@@ -463,7 +530,26 @@ def cosem_geometry(name: str, attrs: Mapping[str, Any]) -> Geometry | None:
         return _read_transform(value)
     except ValueError as exc:
         stated = unusable_voxel_size(name, f"attribute {TRANSFORM_KEY}", str(exc))
-        return tuple(stated[-3:]), [0.0, 0.0, 0.0], [float(v) for v in stated[-3:]]
+        return _stated_geometry(stated[-3:], _level_factors(attrs))
+
+
+def _level_factors(attrs: Mapping[str, Any]) -> list[float]:
+    """A level's factors (z, y, x) from level 0: its `downsamplingFactors`, else its
+    shape's (`Pyramid.shape_factors`), else 1 (no pyramid around it)."""
+    for key in ("downsamplingFactors", SHAPE_FACTORS_KEY):
+        found = attrs.get(key)
+        if _positive_numbers(found) and len(found) == 3:
+            return [float(f) for f in reversed(found)]
+    return [1.0, 1.0, 1.0]
+
+
+def _stated_geometry(stated: Sequence[float], factors: Sequence[float]) -> Geometry:
+    """The geometry of a level at the stated voxel size (level 0's, nm, z, y, x) in place
+    of a transform: its size times its factors, voxel 0's centre where COSEM's pyramids put
+    it, (f - 1) / 2 level-0 voxels from level 0's (at the origin)."""
+    scale = [float(round(v * f, 6)) for v, f in zip(stated, factors, strict=True)]
+    translate = [(f - 1) / 2 * v for v, f in zip(stated, factors, strict=True)]
+    return tuple(scale), translate, scale
 
 
 def _read_transform(value: Any) -> Geometry:
@@ -552,7 +638,8 @@ def _offset_nm(name: str, attrs: Mapping[str, Any]) -> list[float] | None:
     of a voxel size of three (n5_spatial then says what is wrong)."""
     offset = attrs.get("offset")
     factors = _resolution_and_units(name, attrs)[1]
-    if not isinstance(offset, list) or len(offset) != 3 or len(factors) != 3 or not all(
+    if not isinstance(offset, list) or factors is None or len(offset) != 3 or \
+            len(factors) != 3 or not all(
             isinstance(o, int | float) and not isinstance(o, bool) for o in offset):
         return None
     return [o * f for o, f in zip(reversed(offset), factors, strict=True)]

@@ -25,7 +25,7 @@ import numpy as np
 import tifffile
 
 from emrun.geometry import Roi, slices
-from emrun.io.metadata import unit_to_nm
+from emrun.io.metadata import NO_SIZE_UNITS, UNIT_TO_NM, unusable_voxel_size
 from emrun.io.volume import TIFF_SUFFIXES, Volume, VolumeError, one_line
 
 # what tifffile logs when a file's chain of pages runs past its end: a last resort only,
@@ -131,7 +131,7 @@ def open_tiff(path: str) -> TiffVolume:
             dataset=None,
             shape=shape,
             dtype=np.dtype(series.dtype),
-            voxel_size=_imagej_voxel_size(tif, len(shape)),
+            voxel_size=_imagej_voxel_size(path, tif, len(shape)),
             page_stack=stack,
         )
 
@@ -345,8 +345,12 @@ def natural_key(name: str) -> tuple[Any, ...]:
     )
 
 
-def _imagej_voxel_size(tif: tifffile.TiffFile, ndim: int) -> tuple[float, ...] | None:
-    """zyx nm from ImageJ 'spacing'/'unit' plus X/YResolution, only when all are present."""
+def _imagej_voxel_size(path: str, tif: tifffile.TiffFile,
+                       ndim: int) -> tuple[float, ...] | None:
+    """zyx nm from ImageJ 'spacing'/'unit' plus X/YResolution, only when all are present.
+    A unit that says no size ("pixel") or a resolution of no pixels per unit reads as
+    unknown; a spacing that is not a positive number, pixels that are 0 units wide or a
+    unit emrun does not know give way to a stated voxel size (`unusable_voxel_size`)."""
     meta = tif.imagej_metadata or {}
     if ndim != 3 or "spacing" not in meta or "unit" not in meta:
         return None
@@ -354,14 +358,36 @@ def _imagej_voxel_size(tif: tifffile.TiffFile, ndim: int) -> tuple[float, ...] |
     xres, yres = tags.get("XResolution"), tags.get("YResolution")
     if xres is None or yres is None:
         return None
-    try:
-        factor = unit_to_nm(tif.filename, meta["unit"])
-    except VolumeError:
-        return None  # e.g. "pixel": no physical size to report
-    sizes = [float(meta["spacing"])]
+    unit = str(meta["unit"] or "").strip().lower()
+    if unit in NO_SIZE_UNITS:
+        return None  # no physical size to report
+    sizes: list[float] = []
+    problem = None
     for tag in (yres, xres):
         num, den = tag.value  # pixels per unit, as a rational
         if not num:
             return None
         sizes.append(den / num)
-    return tuple(round(s * factor, 6) for s in sizes)
+    spacing = _positive(meta["spacing"])
+    if unit not in UNIT_TO_NM:
+        problem = f"unit {meta['unit']!r} is not a length unit emrun knows (nm, micron, ...)"
+    elif spacing is None:
+        problem = f"spacing {meta['spacing']!r} is not a positive number"
+    elif not all(math.isfinite(s) and s > 0 for s in sizes):
+        problem = (f"pixel width {sizes[1]:g} x height {sizes[0]:g} {meta['unit']} "
+                   "(XResolution, YResolution) is not positive")
+    if problem is not None:
+        return unusable_voxel_size(path, "ImageJ metadata", problem)
+    factor = UNIT_TO_NM[unit]
+    return tuple(round(s * factor, 6) for s in [spacing, *sizes] if s is not None)
+
+
+def _positive(value: Any) -> float | None:
+    """`value` as a positive finite number, or None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None

@@ -19,6 +19,7 @@ import zarr
 from emrun.geometry import Roi, slices
 from emrun.io.layout import LABELS, PARTIAL_SUFFIX
 from emrun.io.metadata import (
+    LevelFactor,
     check_dimension_names,
     is_label_image,
     is_label_level,
@@ -26,6 +27,7 @@ from emrun.io.metadata import (
     multiscale_levels,
     ome_levels,
     ome_shift,
+    shape_factor,
     spatial_metadata,
     time_axis,
 )
@@ -97,12 +99,14 @@ class ZarrVolume(Volume):
         holder = inner.rpartition("/")[0]
         try:
             root = zarr.open(self.path, mode="r")
-            attrs = dict((root[holder] if holder else root).attrs)
+            group = root[holder] if holder else root
+            attrs = dict(group.attrs)
         except METADATA_ERRORS as exc:
             raise metadata_error(self, "multiscale levels", exc) from None
         base = f"{self.path}/{holder}".rstrip("/")
         return [Level(level, voxel, f"{base}/{level}")
-                for level, voxel in ome_levels(str(self), self.ndim + self.time_point, attrs)]
+                for level, voxel in ome_levels(str(self), self.ndim + self.time_point, attrs,
+                                               level_factor(group))]
 
 
 def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
@@ -156,7 +160,7 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
         )
     parent_path, _, array_name = dataset.rpartition("/")
     parent = node[parent_path] if parent_path else node
-    return _volume(path, dataset, array, dict(parent.attrs), array_name)
+    return _volume(path, dataset, array, dict(parent.attrs), array_name, group=parent)
 
 
 def _check_level(path: str, dataset: str, head: str, level: str, group: Any,
@@ -201,7 +205,8 @@ def _open_image_group(path: str, dataset: str | None, group: Any, level: str,
         raise VolumeError(f"{name}: OME-Zarr dataset {level!r} is a group, not an array")
     where = array_path or dataset
     inner = f"{where}/{level}" if where else level
-    return _volume(path, dataset, array, dict(group.attrs), level, array_path=inner)
+    return _volume(path, dataset, array, dict(group.attrs), level, array_path=inner,
+                   group=group)
 
 
 def _volume(
@@ -211,12 +216,13 @@ def _volume(
     group_attrs: dict[str, Any] | None,
     array_name: str | None,
     array_path: str | None = None,
+    group: Any = None,
 ) -> ZarrVolume:
     name = f"{path}/{dataset}" if dataset else path
     shape = tuple(int(n) for n in array.shape)
     voxel_size, offset = spatial_metadata(
-        name, len(shape), dict(array.attrs), group_attrs, array_name
-    )
+        name, len(shape), dict(array.attrs), group_attrs, array_name,
+        level_factor(group) if group is not None else None)
     check_dimension_names(name, getattr(array.metadata, "dimension_names", None),
                           group_attrs, array_name)
     time_point = time_axis(name, shape, group_attrs, array_name)
@@ -234,6 +240,23 @@ def _volume(
         shift_nm=ome_shift(name, len(shape), group_attrs, array_name)
         if group_attrs is not None and array_name is not None else None,
     )
+
+
+def level_factor(group: Any) -> LevelFactor:
+    """A level's factor from the finest by the shapes of the image group's arrays (the
+    multiscale's first dataset and the level): a stated voxel size, the finest level's, in
+    place of an unreadable OME scale is multiplied by it."""
+    def factor(level: str) -> tuple[float, ...] | None:
+        levels = multiscale_levels(dict(group.attrs))
+        try:
+            finest, own = group[levels[0]], group[level]
+        except (KeyError, IndexError, *METADATA_ERRORS):
+            return None
+        if isinstance(finest, zarr.Group) or isinstance(own, zarr.Group):
+            return None
+        return shape_factor(finest.shape, own.shape)
+
+    return factor
 
 
 def list_arrays(group: Any, prefix: str = "") -> str:
