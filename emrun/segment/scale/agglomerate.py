@@ -18,6 +18,7 @@ an edge list instead of the whole graph in one process's memory.
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import numba
 import numpy as np
 
 from ..graph import Edges, merge_small, union
+from .abandon import abandonable
 from .graphdb import GraphData
 from .rag import BINS, row_quantile
 
@@ -34,6 +36,9 @@ __all__ = ["QUANTILE", "Merges", "agglomerate", "join_levels", "merge_sequence",
 
 QUANTILE = 0.85
 """The quantile the ``p85`` scoring reads from the edge histograms."""
+
+STOP_EVERY = 4096
+"""The compiled merge loop reads its stop flag once per this many edges popped."""
 
 
 def agglomerate(graph: GraphData, thresholds: Sequence[float], scoring: str,
@@ -102,13 +107,17 @@ class Merges:
 
 
 def merge_sequence(graph: GraphData, top: float, scoring: str) -> Merges:
-    """Every merge until the first scoring ``top`` or more, in order."""
+    """Every merge until the first scoring ``top`` or more, in order. The compiled loop
+    runs where a stop can leave it (`abandonable`: on a large graph it takes minutes, and
+    a SIGTERM or Ctrl-C waited for it); a stop also tells it to end early."""
     quantile = scoring != "mean"
     hist = graph.hist if quantile else np.zeros((0, BINS), np.int64)
-    score, kept, gone = _merge_loop(
-        int(graph.ids.size), np.asarray(graph.u, np.int64), np.asarray(graph.v, np.int64),
-        np.array(graph.total, np.float64), np.array(graph.count, np.int64),
-        np.array(hist, np.int64).reshape(-1, BINS), float(top), quantile)
+    stop = np.zeros(1, np.int64)
+    score, kept, gone = abandonable(
+        _merge_loop, int(graph.ids.size), np.asarray(graph.u, np.int64),
+        np.asarray(graph.v, np.int64), np.array(graph.total, np.float64),
+        np.array(graph.count, np.int64), np.array(hist, np.int64).reshape(-1, BINS),
+        float(top), quantile, stop, on_abandon=functools.partial(stop.fill, 1))
     return Merges(score, kept, gone)
 
 
@@ -129,9 +138,10 @@ def _edge_score(e: int, total: np.ndarray, count: np.ndarray, hist: np.ndarray,
 
 @numba.njit(cache=True, nogil=True)
 def _merge_loop(n: int, u: np.ndarray, v: np.ndarray, total: np.ndarray, count: np.ndarray,
-                hist: np.ndarray, top: float, quantile: bool
+                hist: np.ndarray, top: float, quantile: bool, stop: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """The merges, compiled. ``total``, ``count`` and ``hist`` are updated in place.
+    """The merges, compiled. ``total``, ``count`` and ``hist`` are updated in place. It ends
+    early, its merges unfinished, once ``stop[0]`` is set (by a stopped caller that left it).
 
     A region's edges are a linked list of edge ends (end 2e + side of edge e), so the
     merged region's list joins the kept one's without copying; a list keeps the ends of
@@ -166,7 +176,11 @@ def _merge_loop(n: int, u: np.ndarray, v: np.ndarray, total: np.ndarray, count: 
     kept = np.empty(size, np.int64)
     gone = np.empty(size, np.int64)
     done = 0
+    popped = 0
     while len(heap) > 0:
+        popped += 1
+        if popped % STOP_EVERY == 0 and stop[0] != 0:
+            break
         s, ver, e = heapq.heappop(heap)
         if not alive[e] or ver != version[e]:
             continue

@@ -8,12 +8,14 @@ and only if its fragments were made the same way; ``--resume`` only where a job 
 database (it must answer and accept the tables). Affinities moved since the job started
 resume at their new place when they are the same volume (`_moved_inputs`). A SIGTERM or
 SIGINT stops the job where all it wrote is whole (in a step between blocks, `run_step`;
-outside, `MainStops`: at once while it starts or builds a pyramid) and says how to go on.
+outside, `MainStops`: at once while it starts, waits for its database, agglomerates the
+whole graph or builds a pyramid) and says how to go on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -43,6 +45,7 @@ from ...registry import segmenters
 from ..affinities import Offset, parse_offsets, to_float
 from ..base import respec
 from ..request import SegmentRequest
+from .abandon import abandonable
 from .fragments import FRAGMENT_METHODS, HALO, MAX_VOXELS
 from .graphdb import (
     SQLITE_FILE,
@@ -194,7 +197,7 @@ def _run_job(job: ScaleJob, old: ScaleJob | None, request: SegmentRequest, agglo
             zarr.open_group(str(output), mode="a", zarr_format=3)  # the store, then its folder
         job.folder.mkdir(parents=True, exist_ok=True)
         # the database answers and takes the tables, and holds no other run's graph, first
-        store.create(job.digest(), job.run, job.output, resumed=old is not None)
+        _create_tables(job, store, resumed=old is not None, stops=stops)
         _prepare_outputs(job, volume, agglo, info)
         job.save()
         stops.check("making its volumes")
@@ -212,6 +215,19 @@ def _run_job(job: ScaleJob, old: ScaleJob | None, request: SegmentRequest, agglo
                               "fragments": fragments}
         timings["database_bytes"] = store.size_bytes()
     return timings
+
+
+def _create_tables(job: ScaleJob, store: GraphStore, resumed: bool, stops: MainStops) -> None:
+    """`GraphStore.create`, left at once by a stop: a server that does not answer held a
+    SIGTERM or Ctrl-C for its connect timeout (a locked SQLite file, for its busy timeout),
+    and then ended the command as a database error. Its one transaction is rolled back when
+    the stopped process closes the connection."""
+    create = functools.partial(store.create, job.digest(), job.run, job.output,
+                               resumed=resumed)
+    with stops.at_once(f"the job stopped while waiting for its database "
+                       f"{shown_url(job.db)}, before it changed anything there: run the "
+                       "same command again"):
+        abandonable(create)
 
 
 class Layout(NamedTuple):

@@ -102,9 +102,12 @@ class MainStops:
     """SIGTERM or SIGINT while this process works outside the block steps: noted, and the
     command stops at the next `check` (where all it wrote is whole), or at once inside
     `cut_short` (work that writes only atomically, at its end: the agglomeration; or that a
-    resume redoes whole: the pyramids) and `starting` (the start-up's reads and checks,
-    before anything of the job is written). Without it the command ended there on the spot,
-    exit -15 or a traceback, saying nothing; a stop during a pyramid waited for it."""
+    resume redoes whole: the pyramids), `at_once` (waiting for the database) and `starting`
+    (the start-up's reads and checks, before anything of the job is written). Calls that do
+    not return to Python until done (the compiled agglomeration, a driver's connect) run in
+    `abandonable`, so that the stop is at once there too. Without it the command ended
+    there on the spot, exit -15 or a traceback, saying nothing; a stop during a pyramid
+    waited for it."""
 
     def __init__(self) -> None:
         self.caught: list[str] = []
@@ -127,6 +130,17 @@ class MainStops:
         """Inside this, a signal stops the command at once (``kept``: what stays); one that
         came before waits for the next `check`, so `check` first."""
         with self._at_once(f"{kept}: {RESUME}"):
+            yield
+
+    @contextmanager
+    def at_once(self, message: str) -> Iterator[None]:
+        """Inside this, a signal stops the command at once, saying ``message`` as it is (work
+        that changes nothing until it is done: the database's tables created in one
+        transaction), as does one that came before (a new job is not saved yet: `check`'s
+        '--resume' would be refused)."""
+        if self.caught:
+            raise Interrupted(self.caught[0], message)
+        with self._at_once(message):
             yield
 
     @contextmanager

@@ -29,6 +29,7 @@ from ...io.masks import inside
 from ...io.one_channel import single_channel
 from ...io.window import covered_part
 from ..affinities import Offset, is_nearest, to_float
+from .abandon import abandonable
 from .agglomerate import agglomerate, join_levels, merge_sequence, segments_from_levels
 from .fragments import HALO, block_fragments
 from .graphdb import GraphData, GraphStore, Neighbourhood
@@ -279,7 +280,8 @@ def _mapped(path: str) -> np.ndarray:
 def agglomerate_graph(job: ScaleJob) -> dict[str, Any]:
     """Each threshold's lookup table (written atomically; skipped when the tables exist):
     global, from the whole graph agglomerated here; blockwise, from the blocks' join levels.
-    Returns counts and seconds."""
+    Returns counts and seconds. The reads run where a stop can leave them (`abandonable`):
+    the driver fills the arrays in one call that a SIGTERM or Ctrl-C waited for."""
     files = [lut_file(job, name) for name in job.names]
     if ids_file(job).exists() and all(f.exists() for f in files):
         return {}
@@ -287,14 +289,14 @@ def agglomerate_graph(job: ScaleJob) -> dict[str, Any]:
     store.drop_region_rows()  # kept by a blockwise step that ran in this process
     start = time.perf_counter()
     if job.agglomeration == "global":
-        graph = store.read(histograms=job.scoring != "mean")
+        graph = abandonable(store.read, job.scoring != "mean")
         read = time.perf_counter()
         segments = agglomerate(graph, job.thresholds, job.scoring, job.min_size)
         edges = graph.u.size
     else:
-        graph = store.read(histograms=False) if job.min_size > 1 else \
-            _nodes_only(*store.read_nodes())
-        ends_u, ends_v, level = store.read_levels(levels_key(job))
+        graph = abandonable(store.read, False) if job.min_size > 1 else \
+            _nodes_only(*abandonable(store.read_nodes))
+        ends_u, ends_v, level = abandonable(store.read_levels, levels_key(job))
         read = time.perf_counter()
         u, v = np.searchsorted(graph.ids, ends_u), np.searchsorted(graph.ids, ends_v)
         del ends_u, ends_v
