@@ -366,9 +366,6 @@ def _fake_scale_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return str(tmp_path / "job.json")
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/segment/scale/schedulers.py: _block_is_done "
-                   "does not ask devices.worker_failed, so daisy hands out every block after "
-                   "a worker's user error")
 def test_segment_daisy_hands_out_no_block_once_a_worker_met_a_user_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
@@ -383,9 +380,6 @@ def test_segment_daisy_hands_out_no_block_once_a_worker_met_a_user_error(
     assert schedulers._block_is_done(job_file, "fragments", block)
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/segment/scale/schedulers.py: _start_worker "
-                   "(no --launch) runs serve outside devices.leaving_user_errors: a worker's "
-                   "user error crashes it, daisy restarts it, and the run ends as 'a bug'")
 def test_segment_daisy_worker_leaves_its_user_error_for_the_scheduler(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from emrun.segment.scale import schedulers

@@ -31,7 +31,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ...devices import daisy_package, launch_failure, launched_main, launched_workers, run_through
+from ...devices import (
+    WorkerFailed,
+    daisy_package,
+    launch_failure,
+    launched_main,
+    launched_workers,
+    leaving_user_errors,
+    run_through,
+    worker_failed,
+)
 from ...errors import Interrupted, UserError
 from ...geometry import Zyx, zyx
 from ...subprocesses import (
@@ -254,10 +263,14 @@ def _run_daisy(job: ScaleJob, step: str, workers: int, launch: str | None) -> No
             process_function=functools.partial(_start_worker, job_file, step, launch),
             check_function=functools.partial(_block_is_done, job_file, step),
             read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
-    with launched_workers(launch, Path(job_file).parent), \
-            stop_signals(stop_file.touch) as caught:
-        states = daisy.run_blockwise([task], progress=False, block_tracking=False,
-                                     return_states=True, summary=False)
+    try:
+        with launched_workers(launch, Path(job_file).parent), \
+                stop_signals(stop_file.touch) as caught:
+            states = daisy.run_blockwise([task], progress=False, block_tracking=False,
+                                         return_states=True, summary=False)
+    except WorkerFailed as exc:  # a worker's user error (an unreadable block), said once
+        raise UserError(f"{exc}; the {step} blocks finished are kept: once that is fixed, "
+                        "run again with --resume") from None
     stop_file.unlink(missing_ok=True)
     if caught:  # daisy waited for its workers: their blocks are finished and marked
         raise _stopped(caught[0], step, "the blocks finished are kept")
@@ -310,7 +323,7 @@ def _block_is_done(job_file: str, step: str, block: Any) -> bool:
     """Asked by daisy before it hands a block out: done when its marker says so, or (none
     is handed out once the run is stopped) when the stop file exists."""
     job = ScaleJob.load(job_file)
-    if _stop_file(job).exists():
+    if _stop_file(job).exists() or worker_failed(Path(job_file).parent):
         return True
     index = _index(job, block.write_roi)
     if step == "graph":
@@ -333,19 +346,20 @@ def _start_worker(job_file: str, step: str, launch: str | None) -> None:
                     Path(job_file).parent)
         return
     die_with_parent(os.getppid())  # they wrote on after a SIGTERM had killed the scheduler
-    serve(job_file, step)
+    with leaving_user_errors(Path(job_file).parent):  # the scheduler says it, once
+        serve(job_file, step)
 
 
 def serve(job_file: str, step: str) -> None:
     """Take blocks from the daisy scheduler until none are left or it is stopped."""
     daisy = daisy_package()
     job = ScaleJob.load(job_file)
-    stop_file = _stop_file(job)
+    stop_file, folder = _stop_file(job), Path(job_file).parent
     signalled = stop_between_blocks()  # Ctrl-C or SIGTERM to the group (srun passes them on)
     client = daisy.Client()
     while True:
         with client.acquire_block() as block:
-            if block is None or signalled or stop_file.exists():
+            if block is None or signalled or stop_file.exists() or worker_failed(folder):
                 return
             run_block(job_file, step, _index(job, block.write_roi))
 
