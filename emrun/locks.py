@@ -452,7 +452,9 @@ def _in_use_unlocked(folder: Path, path: Path, holder: str, advice: str) -> str:
 
 def _unseen(holder: str) -> str:
     """Why a holder of this host name cannot be judged, where its line says it: it ran in
-    another container or before the machine restarted."""
+    another container or before the machine restarted. Never that it runs: a container
+    restarted (Kubernetes after the out-of-memory killer, ``docker restart``) keeps its host
+    name and gets a new pid namespace, so its own killed run's file reads the same."""
     found, process = HOLDER.match(holder), PROCESS.search(holder)
     here = _process_of(os.getpid())
     if found is None or process is None or here is None or \
@@ -461,8 +463,9 @@ def _unseen(holder: str) -> str:
     if process.group(1) != here[0]:
         return ("; its process ran on another machine of this name, or before this one "
                 "restarted")
-    if int(process.group(2)) != here[1]:
-        return "; its process runs in another container, whose processes are not seen here"
+    if int(process.group(2)) != here[1]:  # a live container's, or one restarted since
+        return ("; its process ran in another container, or in this one before it "
+                "restarted, whose processes cannot be seen from here")
     return ""
 
 

@@ -587,6 +587,8 @@ VALUE_SETTINGS = (("infer", "dtype"), ("infer", "blend"), ("infer", "tta_reduce"
 """Recipe settings that change the values a block is written with (not the layout, which
 `_check_existing` compares, nor the speed): a resumption under another one mixed two kinds of
 blocks in one output without a word (float32 values cast into a uint8 array: all 0 or 1)."""
+TTA_REDUCE = "infer.tta_reduce"
+"""How test-time variants are reduced: no value depends on it where none are made (tta 1)."""
 
 
 def _value_settings(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -607,6 +609,9 @@ def _check_same_values(output: Path, saved: dict[str, Any], job: Job) -> None:
     if isinstance(saved.get("recipe"), dict):
         before = _value_settings(resolved_now(saved["recipe"]))
         now = _value_settings(job.recipe.resolved())
+        if _tta_count(job) <= 1:  # no variants to reduce (`_check_same_tta`: nor before)
+            before.pop(TTA_REDUCE, None)
+            now.pop(TTA_REDUCE, None)
         for key in sorted(set(before) | set(now)):
             if before.get(key) != now.get(key):
                 raise UserError(f"{output} was started with {key} {_shown(before.get(key))} "
