@@ -220,10 +220,6 @@ def _affinities(path: Path, seed: int) -> Path:
     return path / "affinity"
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/segment/scale/command.py: once a job's inputs "
-                   "moved (ScaleJob.started set), _check_resume compares digests made from "
-                   "`started` alone, so a later resume with other affinities or another mask "
-                   "is taken for the same job and its fragments mix two inputs")
 @pytest.mark.parametrize("other", ["affinities", "mask"])
 def test_a_job_moved_once_refuses_other_inputs_after(tmp_path: Path, other: str) -> None:
     first = tmp_path / "lab/pred.zarr/affinity"  # where the job started, since moved away

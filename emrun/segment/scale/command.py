@@ -38,6 +38,7 @@ from ...geometry import Zyx, zyx
 from ...io import Volume, open_volume
 from ...io.completion import mark_finished, unfinished
 from ...io.layout import volume_dir
+from ...io.opener import split_volume_path
 from ...io.sample import contents_sample, sample_boxes
 from ...io.write import CHUNK_ZYX, build_pyramid, create_volume
 from ...recipe.run import SegmenterBase, Waterz
@@ -506,7 +507,9 @@ def _check_resume(job: ScaleJob, resume: bool, volume: Volume | None = None
         raise UserError(f"{job.job_file}: unreadable; remove {job.folder} to start over") \
             from None
     old = _moved_inputs(_rebased(saved, job), job, volume, saved.output)
-    if old.digest() != replace(job, started=old.started).digest():
+    # a moved job's digest is of where its inputs started: where they are now is compared too
+    if old.digest() != replace(job, started=old.started).digest() or \
+            (old.affinities, old.mask) != (job.affinities, job.mask):
         fields = {"input": "affinities", "offsets": "offsets", "shape": "shape",
                   "block": "block", "fragments": "fragments", "mask": "mask"}
         what = [shown for shown, field in fields.items()
@@ -531,10 +534,10 @@ def _moved_inputs(old: ScaleJob, job: ScaleJob, volume: Volume | None, was: str
     refused."""
     moved: dict[str, Any] = {}
     if volume is not None and old.affinities != job.affinities and \
-            not _opens(old.affinities):
+            _gone(old.affinities):
         if not _same_affinities(job, volume):
             raise UserError(f"{job.affinities}: not the affinities {job.output} was started "
-                            f"from ({old.affinities}, which no longer opens there): their "
+                            f"from ({old.affinities}, which is no longer there): their "
                             "placement or a sample of their voxels differs; resume with those "
                             "affinities, or use another output")
         moved["affinities"] = job.affinities
@@ -546,12 +549,17 @@ def _moved_inputs(old: ScaleJob, job: ScaleJob, volume: Volume | None, was: str
     return replace(old, started=old.started or (old.affinities, old.mask), **moved)
 
 
-def _opens(path: str) -> bool:
+def _gone(path: str) -> bool:
+    """Whether the volume at ``path`` is gone from there (moved): on this machine, its file
+    or folder no longer exists (one that exists and fails to open for a moment, on a network
+    file system, is not taken for moved); a URL, that it no longer opens."""
+    if "://" not in path:
+        return not Path(split_volume_path(path)[0]).exists()
     try:
         open_volume(path, unfinished=True)
     except UserError:
-        return False
-    return True
+        return True
+    return False
 
 
 def _same_affinities(job: ScaleJob, volume: Volume) -> bool:
