@@ -47,6 +47,9 @@ def check_output_fits(output: str | os.PathLike[str], raw_bytes: int, what: str,
     """Refuse ``what`` (e.g. "segmenting x.zarr/affinity (1 x 10x10x10 uint64)") when
     ``raw_bytes`` of output could not fit in the free disk even compressed ``BEST_RATIO``
     times; ``hint`` says what to do instead."""
+    if (kind := pseudo_file_system(output)) is not None:  # not "0 MB is free there"
+        raise UserError(f"{output}: cannot be written: {kind}, not a disk; give an output "
+                        "on a disk")
     free = free_disk(output)
     if raw_bytes > BEST_RATIO * free:
         raise UserError(f"{output}: {what} is {size_text(raw_bytes)} before compression; "
@@ -56,10 +59,11 @@ def check_output_fits(output: str | os.PathLike[str], raw_bytes: int, what: str,
 
 def work_folder(path: str | os.PathLike[str] | None, option: str) -> str | None:
     """``path``, made if missing, for a command's temporary files (None: the system's
-    temporary folder). A file in the way, or a folder that cannot be made or written, is the
-    user's mistake, named with its ``option``."""
+    temporary folder). A file in the way, a pseudo file system, or a folder that cannot be
+    made or written, is the user's mistake, named with its ``option``."""
     if path is None:
         return None
+    check_work_folder(path, option)  # a file or /proc said as such, not "(File exists)"
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
@@ -75,17 +79,68 @@ def check_work_folder(path: str | os.PathLike[str] | None, option: str) -> None:
     the volumes are opened must not leave a folder behind when they are then refused."""
     if path is None:
         return
-    existing = Path(os.path.abspath(path))
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
+    given = Path(os.path.abspath(path))
+    existing = nearest_existing(given)
     if not existing.is_dir():
+        what = "is not a folder but a file" if existing.is_file() else "is not a folder"
         raise UserError(f"{option} {os.fspath(path)}: cannot make a folder there "
-                        f"({existing} is not a folder)")
+                        f"({'it' if existing == given else existing} {what})")
+    if (kind := pseudo_file_system(existing)) is not None:
+        raise UserError(f"{option} {os.fspath(path)}: cannot be written: {kind}, not a "
+                        "disk; give a folder on a disk")
     if not os.access(existing, os.W_OK | os.X_OK):
-        if existing == Path(os.path.abspath(path)):
+        if existing == given:
             raise UserError(f"{option} {os.fspath(path)}: the folder is not writable")
         raise UserError(f"{option} {os.fspath(path)}: cannot make a folder there "
                         f"({existing} is not writable)")
+
+
+def nearest_existing(path: str | os.PathLike[str]) -> Path:
+    """``path`` (absolute) or the nearest folder above it that exists (a link counts)."""
+    where = Path(os.path.abspath(path))
+    while not os.path.lexists(where) and where != where.parent:
+        where = where.parent
+    return where
+
+
+def pseudo_file_system(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` (or the nearest folder above it that exists) lies on when that is a
+    file system with no disk behind it (/proc, /sys: no blocks at all), e.g. "/proc is a
+    pseudo file system (proc)"; None otherwise. Root may seem to write there (os.access
+    says yes), its free space reads 0 bytes, and no file can be made: "0 MB is free" or
+    "No such file or directory" said nothing of why. A FUSE mount that reports no blocks is
+    not taken for one (some do, and hold files)."""
+    where = nearest_existing(path)
+    try:
+        if os.statvfs(where).f_blocks != 0:
+            return None
+    except (OSError, AttributeError):  # no statvfs (Windows) or unreadable: not known
+        return None
+    mount, kind = _mount_of(where)
+    if kind is not None and kind.startswith("fuse"):
+        return None
+    named = f" ({kind})" if kind else ""
+    return f"{mount or where} is a pseudo file system{named}"
+
+
+def _mount_of(path: Path) -> tuple[str | None, str | None]:
+    """The mount point holding ``path`` and its file system type, from /proc/self/mounts
+    (Linux); (None, None) where that cannot be read."""
+    try:
+        lines = Path("/proc/self/mounts").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None, None
+    best: tuple[str | None, str | None] = (None, None)
+    text = os.fspath(path)
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = text == point or text.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0] or ""):
+            best = (point, fields[2])
+    return best
 
 
 MAX_BLOCKS = 1_000_000  # a teravoxel in default blocks is ~60,000

@@ -401,12 +401,22 @@ def _take(a: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
 
 
 def _components(cells: np.ndarray, membrane: np.ndarray, min_size: int) -> np.ndarray:
-    """Carve membranes and give every 6-connected piece its own consecutive id; drop dust."""
+    """Carve membranes and give every 6-connected piece its own consecutive id; drop dust.
+    A volume too small for any piece to pass as more than dust keeps its largest (all
+    membrane: its largest cell, uncarved), so every volume has a cell: 1 x 1 x 1 made "0
+    cells" (volumes with a cell are as they were)."""
     carved = np.where(membrane, np.uint32(0), cells)
     pieces = cc3d.connected_components(carved, connectivity=6, out_dtype=np.uint32)
     sizes = np.bincount(pieces.ravel())
     keep = sizes >= min_size
     keep[0] = False
+    if not keep.any():
+        if sizes.size == 1:  # nothing but membrane: the cells' own pieces
+            pieces = cc3d.connected_components(cells, connectivity=6, out_dtype=np.uint32)
+            sizes = np.bincount(pieces.ravel())
+        keep = np.zeros(sizes.size, bool)
+        if sizes.size > 1:  # every voxel has a cell: always
+            keep[1 + int(np.argmax(sizes[1:]))] = True
     lut = np.zeros(sizes.size, np.uint32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
     return lut[pieces]

@@ -476,7 +476,7 @@ def test_a_recipe_voxel_size_opens_a_training_volume_with_bad_metadata(tmp_path:
     """Its voxel_size is the user's statement of the size, as --voxel-size is."""
     image = _zarr(tmp_path, voxel_size="bad")
     spec = VolumeSource(image=image, labels=image, voxel_size=STATED)
-    with pytest.raises(VolumeError, match="--voxel-size"):
+    with pytest.raises(VolumeError, match=r"voxel_size: \[z, y, x\] \(nm\) in the recipe.s source"):
         open_volume_source(VolumeSource(image=image))
     with pytest.warns(MetadataIgnored):
         source = open_volume_source(spec)

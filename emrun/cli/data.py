@@ -27,6 +27,14 @@ def _check_nm(voxel_size: tuple[float, float, float] | None) -> None:
         raise UserError(f"--voxel-size {given}: {problem}")
 
 
+def _check_store_name(out: Path) -> None:
+    """An output named only by its suffix (`.zarr`) would be a hidden folder that listings
+    leave out: the user meant a name before it."""
+    if out.name.lower() == ".zarr":
+        raise UserError(f"{out}: names only the suffix, which makes a hidden folder; give "
+                        f"a name before it, e.g. {out.with_name('volume.zarr')}")
+
+
 SYNTH_TAKEN = "give another output store, or --overwrite to replace them"
 """What `data synth` advises for a volume name already taken in its output store."""
 
@@ -58,12 +66,13 @@ def data_convert(
 ) -> None:
     """Convert a volume to zarr v3 with OME-Zarr 0.5 metadata, streamed section by section."""
     from ..io.convert import convert
-    from ..io.metadata import stated_voxel_size
+    from ..io.metadata import STATE_WITH_OPTION, stated_voxel_size
 
     _check_nm(voxel_size)
+    _check_store_name(out)
     if name is None and labels is False:  # the dtype's guess, "labels", is refused for images
         name = "image"
-    with stated_voxel_size(voxel_size):  # metadata --voxel-size overrides, at every level
+    with stated_voxel_size(voxel_size, how=STATE_WITH_OPTION):  # overrides, at every level
         result = convert(at_level(source, level), out, name=name, voxel_size=voxel_size,
                          chunks=chunks, overwrite=overwrite, label=labels, levels=levels)
     voxel = "unknown" if result.voxel_size is None else " x ".join(
@@ -118,6 +127,7 @@ def data_synth(
 
     if shape is None or min(shape) < 1:
         raise UserError("--shape needs three positive sizes")
+    _check_store_name(out)
     _check_nm(voxel_size)
     voxel_size = voxel_size or (30.0, 6.0, 6.0)
     if max(voxel_size) > MAX_ANISOTROPY * min(voxel_size):
@@ -139,7 +149,8 @@ def data_synth(
                             for name, label in names.items()},
                       voxel_size=volume.voxel_size, attrs={"emrun": {"synthetic_seed": seed}},
                       levels=levels, overwrite=overwrite, taken=SYNTH_TAKEN)
+    cells = int(volume.labels.max())
     print(f"wrote {out}/image, labels, mito, synapse: shape {list(shape)}, seed {seed}, "
-          f"{int(volume.labels.max())} cells")
+          f"{cells} cell{'' if cells == 1 else 's'}")
 
 

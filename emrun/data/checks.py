@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..geometry import Coordinate, Roi, box_of
-from ..io import Volume, VolumeError, open_volume
+from ..io import Volume, VolumeError
 from ..io.intensity import outside_unit
 from ..io.masks import inside
 from ..io.window import Placed, data_box, other_offset, placed_in
@@ -23,6 +23,7 @@ from ..recipe.checks import nm_target_problems
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
 from ..recipe.errors import KeyPath
 from .augment import Context, Pipeline
+from .sources import open_in_source
 from .targets import Patch
 
 
@@ -297,7 +298,7 @@ def _open(ref: str, key: KeyPath, problems: list[tuple[KeyPath, str]],
     """The volume, or None with its problem noted; the recipe's ``voxel_size`` stands in for
     metadata that cannot be read, as it does where training opens it (`data.sources`)."""
     try:
-        return open_volume(ref, voxel_size=voxel_size)
+        return open_in_source(ref, voxel_size)
     except VolumeError as exc:
         problems.append((key, str(exc)))
         return None

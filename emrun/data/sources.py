@@ -17,6 +17,7 @@ from ..geometry import Roi, box_of, slices
 from ..io import Volume, open_volume
 from ..io.intensity import default_intensity
 from ..io.masks import inside
+from ..io.metadata import stated_voxel_size
 from ..io.window import data_box, placed_in
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
 from ..registry import sources
@@ -89,13 +90,24 @@ def _box(spec: SourceBase, shape: tuple[int, ...]) -> Roi:
     return box_of(shape[-3:]) if spec.roi is None else spec.roi.to_roi()
 
 
+STATED_IN_RECIPE = "voxel_size: [z, y, x] (nm) in the recipe's source"
+"""How a recipe states a voxel size: what the refusal of unreadable metadata advises."""
+
+
+def open_in_source(ref: str, voxel_size: tuple[float, ...] | None) -> Volume:
+    """A volume of a recipe source (training, and the checks before it), its `voxel_size`
+    standing in for metadata that cannot be read (`emrun.io.metadata.stated_voxel_size`)."""
+    with stated_voxel_size(voxel_size, how=STATED_IN_RECIPE):
+        return open_volume(ref)
+
+
 @sources.implement("volume")
 def open_volume_source(spec: VolumeSource, name: str = "source") -> Source:
     """Open the volumes a `volume` source names (metadata only). The recipe's `voxel_size`
     is a size the user states: it takes the place of voxel-size metadata that cannot be
     read (`emrun.io.metadata.stated_voxel_size`), readable metadata keeps its own."""
     def opened(ref: str) -> Volume:
-        return open_volume(ref, voxel_size=spec.voxel_size)
+        return open_in_source(ref, spec.voxel_size)
 
     image = opened(spec.image)
     # labels (mask, semantic) of a part of the image, or of a region the image is a cutout

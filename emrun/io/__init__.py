@@ -22,8 +22,17 @@ PRIVATE_PREFIX = ".emrun-"
 """emrun's commands may keep their own bookkeeping inside an output store, in plain hidden
 folders named ``.emrun-<what>`` (by design not zarr nodes, e.g. inference's done-markers)."""
 
-# zarr warns about such folders whenever the group is listed, which tells a user nothing.
-warnings.filterwarnings("ignore", message=r"Object at \.emrun-[\w.-]+ is not recognized")
+
+
+def ignore_stray_objects() -> None:
+    """zarr warns about such folders, and about any stray file in a store (a user's
+    notes.txt), whenever the group is listed: a line with zarr's source line that tells a
+    user nothing. Installed on import."""
+    warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a "
+                            "component of a Zarr hierarchy")
+
+
+ignore_stray_objects()
 
 if TYPE_CHECKING:
     from emrun.io.convert import ConvertResult, convert_volume, guess_name

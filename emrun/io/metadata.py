@@ -182,18 +182,34 @@ _STATED_VOXEL_SIZE: ContextVar[tuple[float, ...] | None] = ContextVar(
     "emrun_stated_voxel_size", default=None)
 
 
+STATE_WITH_OPTION = "--voxel-size Z Y X (nm)"
+"""How `data convert` states a voxel size (its option)."""
+STATE_BY_CONVERTING = "emrun data convert IN OUT.zarr --voxel-size Z Y X (nm)"
+"""What the refusal of unreadable metadata advises where no place said otherwise
+(`stated_voxel_size`'s ``how``): infer, segment, evaluate and view have no --voxel-size, but a
+converted copy carries the size."""
+_HOW_STATED: ContextVar[str] = ContextVar("emrun_how_stated", default=STATE_BY_CONVERTING)
+
+
 @contextmanager
-def stated_voxel_size(voxel_size: Sequence[float] | None) -> Iterator[None]:
+def stated_voxel_size(voxel_size: Sequence[float] | None,
+                      how: str | None = None) -> Iterator[None]:
     """Within it, volume metadata whose voxel size cannot be read (Fiji's `element_size_um`
     as a string, a BigDataViewer unit emrun does not know) gives way to ``voxel_size`` (nm,
     z, y, x; what the user stated, e.g. `--voxel-size`) with a warning, instead of making
-    the volume unopenable. None: no size stated, such metadata is refused."""
+    the volume unopenable. None: no size stated, such metadata is refused, advising ``how``
+    the user states one at this place (e.g. "voxel_size: [z, y, x] (nm) in the recipe's
+    source"; None: as the place around it says, by default `STATE_BY_CONVERTING`): a recipe
+    user was told to give --voxel-size, which no recipe command has."""
     stated = tuple(float(v) for v in voxel_size) if voxel_size is not None else None
     token = _STATED_VOXEL_SIZE.set(stated)
     said = _SAID.set(set())
+    advice = _HOW_STATED.set(how) if how is not None else None
     try:
         yield
     finally:
+        if advice is not None:
+            _HOW_STATED.reset(advice)
         _SAID.reset(said)
         _STATED_VOXEL_SIZE.reset(token)
 
@@ -212,7 +228,7 @@ def unusable_voxel_size(name: str, what: str, problem: str) -> tuple[float, ...]
     stated = _STATED_VOXEL_SIZE.get()
     if stated is None:
         raise VolumeError(f"{name}: {described}; give the voxel size yourself with "
-                          "--voxel-size Z Y X (nm), which overrides it, or correct the "
+                          f"{_HOW_STATED.get()}, which overrides it, or correct the "
                           "metadata")
     text = f"{described}: ignored, the stated voxel size {_listed(stated)} nm is used"
     said = _SAID.get()

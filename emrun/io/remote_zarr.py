@@ -15,12 +15,14 @@ from typing import Any
 
 from emrun.io.layout import LABELS, PARTIAL_SUFFIX
 from emrun.io.metadata import (
+    LevelFactor,
     check_dimension_names,
     is_label_image,
     is_label_level,
     multiscale_levels,
     ome_levels,
     ome_shift,
+    shape_factor,
     spatial_metadata,
     time_axis,
 )
@@ -37,6 +39,7 @@ class Node:
     zarr_format: int
     attrs: dict[str, Any]
     dimension_names: tuple[Any, ...] | None = None
+    shape: tuple[int, ...] | None = None  # an array's, as its metadata states it
 
 
 @dataclass
@@ -127,13 +130,15 @@ def open_remote_zarr(url: str, dataset: str | None) -> TensorstoreVolume:
     spec = {"driver": driver, "kvstore": kvstore(reader.ts, f"{reader.location}/{array_path}")}
     view = reader.open(spec, lambda store: store)
     ndim = len(view.shape)
-    voxel_size, offset = spatial_metadata(name, ndim, array.attrs, group_attrs, array_name)
+    factor = level_factor(probe, group_path, group_attrs)
+    voxel_size, offset = spatial_metadata(name, ndim, array.attrs, group_attrs, array_name,
+                                          factor)
     check_dimension_names(name, array.dimension_names, group_attrs, array_name)
     if time_axis(name, view.shape, group_attrs, array_name):
         view = view[0]  # the one time point (t, c, z, y, x as bioformats2raw writes)
     base = f"{url}/{group_path}".rstrip("/")
     levels = tuple(Level(level, voxel, f"{base}/{level}")
-                   for level, voxel in ome_levels(name, ndim, group_attrs))
+                   for level, voxel in ome_levels(name, ndim, group_attrs, factor))
     return opened_volume(view, path=url, dataset=dataset or None, voxel_size=voxel_size,
                          offset=offset, attrs={**group_attrs, **array.attrs}, level_list=levels,
                          segmentation=is_label_level(group_attrs, array_name),
@@ -170,8 +175,35 @@ def read_node(probe: Probe, path: str) -> Node | None:
     if v3 is not None:
         names = v3.get("dimension_names")
         return Node(str(v3.get("node_type", "array")), 3, dict(v3.get("attributes") or {}),
-                    tuple(names) if isinstance(names, list) else None)
+                    tuple(names) if isinstance(names, list) else None, _shape(v3))
     for marker, kind in ((".zarray", "array"), (".zgroup", "group")):
-        if probe.json(prefix + marker) is not None:
-            return Node(kind, 2, probe.json(f"{prefix}.zattrs") or {})
+        if (found := probe.json(prefix + marker)) is not None:
+            return Node(kind, 2, probe.json(f"{prefix}.zattrs") or {},
+                        shape=_shape(found) if kind == "array" else None)
     return None
+
+
+def _shape(metadata: dict[str, Any]) -> tuple[int, ...] | None:
+    """An array's shape from its zarr.json or .zarray, or None where it states none."""
+    shape = metadata.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
+        return None
+    return tuple(shape)
+
+
+def level_factor(probe: Probe, group_path: str, group_attrs: dict[str, Any]) -> LevelFactor:
+    """A level's factor from the finest by the shapes its metadata states (the multiscale's
+    first dataset and the level), as a local store's (`zarr_volume.level_factor`): a stated
+    voxel size, the finest level's, in place of an unreadable OME scale is multiplied by it
+    (a coarser level was given the finest level's size). Read only when asked."""
+    prefix = f"{group_path}/" if group_path else ""
+
+    def factor(level: str) -> tuple[float, ...] | None:
+        levels = multiscale_levels(group_attrs)
+        finest = read_node(probe, prefix + levels[0]) if levels else None
+        own = read_node(probe, prefix + level)
+        if finest is None or own is None or finest.shape is None or own.shape is None:
+            return None
+        return shape_factor(finest.shape, own.shape)
+
+    return factor

@@ -12,7 +12,13 @@ spawned workers (`forks_safely` in `emrun.io.opener` tells the training loader).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import ModuleType
@@ -54,6 +60,69 @@ def tensorstore(what: str) -> ModuleType:
     return ts
 
 
+NATIVE_LOG_LINE = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^\]\n]*\] ")
+"""A line of tensorstore's C++ (absl) log: `E1206 15:18:28.663384 8277 common-io:5] ...`."""
+_QUIET = threading.RLock()
+_quiet_depth = 0
+
+
+@contextlib.contextmanager
+def native_log_dropped(location: str) -> Iterator[None]:
+    """Within it, tensorstore's C++ log lines written to stderr are dropped (anything else
+    written there comes through, after). For every s3 URL the AWS library's search for
+    credentials (no ~/.aws/config, no instance metadata service) printed nine ERROR lines
+    before emrun's one-line message, though a public bucket needs none and a failed read is
+    an exception emrun words; tensorstore offers no setting for that log (its absl flags
+    --minloglevel and --stderrthreshold are not taken by parse_tensorstore_flags).
+    EMRUN_DEBUG or TENSORSTORE_VERBOSE_LOGGING keeps the lines; threads take turns. Only
+    for s3 `location`s: other stores log nothing there, and need neither the turns nor the
+    held-back stderr."""
+    global _quiet_depth
+    if not location.startswith("s3://") or os.environ.get("EMRUN_DEBUG") or \
+            os.environ.get("TENSORSTORE_VERBOSE_LOGGING"):
+        yield
+        return
+    with _QUIET:
+        _quiet_depth += 1
+        try:
+            if _quiet_depth > 1:  # the outermost one catches
+                yield
+            else:
+                with _stderr_caught() as caught:
+                    yield
+                kept = [line for line in caught.splitlines(keepends=True)
+                        if not NATIVE_LOG_LINE.match(line)]
+                if kept:
+                    os.write(2, b"".join(kept))
+        finally:
+            _quiet_depth -= 1
+
+
+@contextlib.contextmanager
+def _stderr_caught() -> Iterator[bytearray]:
+    """File descriptor 2 into a temporary file (the C++ log bypasses sys.stderr); what
+    came is in the yielded buffer once the block ends."""
+    sys.stderr.flush()
+    caught = bytearray()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all (a daemon's): nothing to keep clean
+        yield caught
+        return
+    try:
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield caught
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                held.seek(0)
+                caught.extend(held.read())
+    finally:
+        os.close(saved)
+
+
 def context(ts: ModuleType, retries: dict[str, Any]) -> Any:
     """A tensorstore context with the same retry policy for every remote store kind."""
     kinds = ("http_request_retries", "gcs_request_retries", "s3_request_retries")
@@ -77,8 +146,9 @@ class MetadataReader:
         self.location = location.rstrip("/")
         self.ts = tensorstore(self.location)
         self.context = context(self.ts, PROBE_RETRIES)
-        self._store = self.ts.KvStore.open(kvstore(self.ts, self.location),
-                                           context=self.context).result()
+        with native_log_dropped(self.location):
+            self._store = self.ts.KvStore.open(kvstore(self.ts, self.location),
+                                               context=self.context).result()
 
     def json(self, key: str) -> dict[str, Any] | None:
         """The JSON object stored under `key`, or None where there is nothing."""
@@ -86,7 +156,8 @@ class MetadataReader:
 
         where = f"{self.location}/{key}"
         try:
-            found = self._store.read(key).result(timeout=ANSWER_TIMEOUT_S)
+            with native_log_dropped(self.location):
+                found = self._store.read(key).result(timeout=ANSWER_TIMEOUT_S)
         except TimeoutError:
             raise VolumeError(f"{where}: no answer within {ANSWER_TIMEOUT_S:g} s") from None
         except Exception as exc:
@@ -107,8 +178,10 @@ class MetadataReader:
 
     def open(self, spec: dict[str, Any], axes: Any) -> Any:
         """Open `spec` and return the view `axes` (a function of the store) makes of it."""
-        return axes(self.ts.open(spec, context=self.context, read=True).result(
-            timeout=ANSWER_TIMEOUT_S))
+        with native_log_dropped(self.location):
+            opened = self.ts.open(spec, context=self.context, read=True).result(
+                timeout=ANSWER_TIMEOUT_S)
+        return axes(opened)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +196,8 @@ class TensorstoreVolume(Volume):
     @cached_property
     def _store(self) -> Any:
         ts = tensorstore(str(self))
-        return ts.open(self.spec, context=context(ts, READ_RETRIES), read=True).result()
+        with native_log_dropped(str(self)):  # a worker's own context seeks credentials again
+            return ts.open(self.spec, context=context(ts, READ_RETRIES), read=True).result()
 
     def _read(self, roi: Roi) -> np.ndarray:
         return np.asarray(self._store[slices(roi)].read().result())
