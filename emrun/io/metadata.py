@@ -742,6 +742,12 @@ def _size_values(raw: Any, ndim: int) -> tuple[float, ...]:
     return voxel
 
 
+def positive_number(value: Any) -> float | None:
+    """`value` as a positive finite float (a bool is no number), or None."""
+    number = _finite(value)
+    return number if number is not None and number > 0 else None
+
+
 def _finite(value: Any, finite: bool = True) -> float | None:
     """`value` as a float (a bool is no number), or None where it is none (or, `finite`,
     not finite)."""

@@ -25,7 +25,7 @@ import numpy as np
 import tifffile
 
 from emrun.geometry import Roi, slices
-from emrun.io.metadata import NO_SIZE_UNITS, UNIT_TO_NM, unusable_voxel_size
+from emrun.io.metadata import NO_SIZE_UNITS, UNIT_TO_NM, positive_number, unusable_voxel_size
 from emrun.io.volume import TIFF_SUFFIXES, Volume, VolumeError, one_line
 
 # what tifffile logs when a file's chain of pages runs past its end: a last resort only,
@@ -368,7 +368,7 @@ def _imagej_voxel_size(path: str, tif: tifffile.TiffFile,
         if not num:
             return None
         sizes.append(den / num)
-    spacing = _positive(meta["spacing"])
+    spacing = positive_number(meta["spacing"])
     if unit not in UNIT_TO_NM:
         problem = f"unit {meta['unit']!r} is not a length unit emrun knows (nm, micron, ...)"
     elif spacing is None:
@@ -380,14 +380,3 @@ def _imagej_voxel_size(path: str, tif: tifffile.TiffFile,
         return unusable_voxel_size(path, "ImageJ metadata", problem)
     factor = UNIT_TO_NM[unit]
     return tuple(round(s * factor, 6) for s in [spacing, *sizes] if s is not None)
-
-
-def _positive(value: Any) -> float | None:
-    """`value` as a positive finite number, or None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) and number > 0 else None
