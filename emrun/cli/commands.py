@@ -513,7 +513,9 @@ def evaluate(
     import json
 
     from ..evaluate import MIN_OVERLAP, Parallel, binary_scores_volumes, score_volumes
+    from ..evaluate.binary import check_threshold_used
     from ..evaluate.report import binary_lines, score_lines
+    from ..evaluate.stops import stopping
     from ..io import open_volume
     from ..io.window import covered_part
     from ..stages import Stages
@@ -525,36 +527,40 @@ def evaluate(
                             block=block, work_dir=work_dir)
         parallel.check()  # before any volume is opened
     unit = "blocks" if parallel is not None else "slabs"
-    seg_vol = open_volume(seg)
-    truth_vol = covered_part(seg_vol, open_volume(truth))  # a larger truth: the part SEG covers
-    mask_vol = covered_part(seg_vol, open_volume(mask)) if mask is not None else None
-    mask_name = str(mask_vol) if mask_vol is not None else None
-    stage = Stages(err)
+    with stopping():  # SIGTERM, SIGINT: one line, exit 143 or 130, workers stopped
+        seg_vol = open_volume(seg)
+        if binary and threshold is not None:  # ignored by bool and most integer dtypes
+            check_threshold_used(str(seg_vol), seg_vol.dtype)
+        truth_vol = covered_part(seg_vol, open_volume(truth))  # a larger truth: the part SEG covers
+        mask_vol = covered_part(seg_vol, open_volume(mask)) if mask is not None else None
+        mask_name = str(mask_vol) if mask_vol is not None else None
+        stage = Stages(err)
 
-    first: list[float] = []  # when the first slab started (with blocks: finished)
+        first: list[float] = []  # when the first slab started (with blocks: finished)
 
-    def report(done: int, total: int) -> None:  # large volumes: about ten lines, with ETA
-        if total < 10 or not (done <= 2 or done % (total // 10) == 0):
-            return  # the second slab gives a first estimate of the time left
-        if done == 1:
-            first.append(stage.clock())
-            stage(f"scoring {math.prod(seg_vol.shape[-3:]):,} voxels in {total} {unit}")
-            return
-        per_slab = (stage.clock() - first[0]) / (done - 1)
-        stage(f"{unit[:-1]} {done} of {total}, about "
-              f"{_duration(per_slab * (total - done))} left")
+        def report(done: int, total: int) -> None:  # large volumes: about ten lines, with ETA
+            if total < 10 or not (done <= 2 or done % (total // 10) == 0):
+                return  # the second slab gives a first estimate of the time left
+            if done == 1:
+                first.append(stage.clock())
+                stage(f"scoring {math.prod(seg_vol.shape[-3:]):,} voxels in {total} {unit}")
+                return
+            per_slab = (stage.clock() - first[0]) / (done - 1)
+            stage(f"{unit[:-1]} {done} of {total}, about "
+                  f"{_duration(per_slab * (total - done))} left")
 
-    if binary:
-        result = binary_scores_volumes(seg_vol, truth_vol, mask_vol,
-                                       threshold=0.5 if threshold is None else threshold,
-                                       on_slab=report, parallel=parallel)
-        lines = binary_lines(result, str(seg_vol), str(truth_vol), mask_name)
-    else:
-        result = score_volumes(seg_vol, truth_vol, mask_vol,
-                               min_overlap=MIN_OVERLAP if min_overlap is None else min_overlap,
-                               connected_truth=connected_truth, on_slab=report,
-                               parallel=parallel, warn=lambda line: warn([line]))
-        lines = score_lines(result, str(seg_vol), str(truth_vol), mask_name, connected_truth)
+        if binary:
+            result = binary_scores_volumes(seg_vol, truth_vol, mask_vol,
+                                           threshold=0.5 if threshold is None else threshold,
+                                           on_slab=report, parallel=parallel)
+            lines = binary_lines(result, str(seg_vol), str(truth_vol), mask_name,
+                                 seg_vol.dtype)
+        else:
+            result = score_volumes(seg_vol, truth_vol, mask_vol,
+                                   min_overlap=MIN_OVERLAP if min_overlap is None else min_overlap,
+                                   connected_truth=connected_truth, on_slab=report,
+                                   parallel=parallel, warn=lambda line: warn([line]))
+            lines = score_lines(result, str(seg_vol), str(truth_vol), mask_name, connected_truth)
     for line in lines:
         out.print(line)
     if json_:

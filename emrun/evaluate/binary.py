@@ -86,6 +86,29 @@ def foreground(pred: np.ndarray, threshold: float = 0.5, name: str = "the predic
     return pred != 0
 
 
+def thresholded(dtype: np.dtype) -> bool:
+    """Whether a prediction of ``dtype`` is cut at a threshold (probabilities: float, uint8)
+    rather than taken where non-zero (bool, the other integers)."""
+    return dtype == np.uint8 or dtype.kind == "f"
+
+
+def foreground_rule(dtype: np.dtype, threshold: float) -> str:
+    """Which voxels of a ``dtype`` prediction are its foreground, in words (the text said
+    'above 0.9' of an integer prediction taken where non-zero)."""
+    if not thresholded(dtype):
+        return "non-zero"
+    return f"above {threshold:g}" + (" x 255" if dtype == np.uint8 else "")
+
+
+def check_threshold_used(name: str, dtype: np.dtype) -> None:
+    """Refuse a threshold given for a prediction that is taken where non-zero: it would be
+    ignored without a word (a 0/1 or id map of uint16, say, or bool)."""
+    if not thresholded(np.dtype(dtype)):
+        raise UserError(f"{name}: --threshold is for probabilities (float or uint8), but this "
+                        f"prediction is {np.dtype(dtype)}, whose foreground is its non-zero "
+                        "voxels: drop --threshold")
+
+
 def truth_foreground(truth: np.ndarray) -> np.ndarray:
     """The truth's foreground: non-zero, NaN not (as in a prediction)."""
     if truth.dtype.kind == "f":

@@ -34,6 +34,7 @@ def check_inputs(
             raise EvaluationError(
                 f"{name}: {role} has {len(shape)} axes (shape {list(shape)}); evaluate needs "
                 "a 3-d (z, y, x) or 2-d (y, x) volume, or one channel (1, z, y, x)"
+                f"{_channels_hint(role, shape)}"
             )
         if role == "mask" or binary:
             if dtype.kind not in "biuf":
@@ -48,11 +49,26 @@ def check_inputs(
             )
     (_, first, shape, _), *rest = named
     for role, name, other, _ in rest:
+        if len(other) != len(shape):
+            raise EvaluationError(
+                f"{name}: {role} has shape {list(other)} ({len(other)}-d) but {first} has shape "
+                f"{list(shape)} ({len(shape)}-d); give volumes with the same axes (2-d with "
+                "2-d, 3-d with 3-d)"
+            )
         if other != shape:
             raise EvaluationError(
                 f"{name}: {role} has shape {list(other)} but {first} has shape {list(shape)}"
                 " (and their offsets do not place it inside)"
             )
+
+
+def _channels_hint(role: str, shape: tuple[int, ...]) -> str:
+    """What a segmentation of several channels most likely is: a network's output (the
+    message spoke only of axes, where the user gave affinities for a segmentation)."""
+    if role != "segmentation" or len(shape) != 4 or shape[0] < 2:
+        return ""
+    return (f"; its {shape[0]} channels look like a prediction (affinities, say): segment it "
+            "first (emrun segment) and evaluate the segmentation")
 
 
 def negative_id_warnings(negative: tuple[int, int], seg: str, truth: str) -> list[str]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 from rich.markup import escape
 
-from emrun.evaluate.binary import BinaryScores
+from emrun.evaluate.binary import BinaryScores, foreground_rule
 from emrun.evaluate.metrics import Scores
 
 
@@ -27,12 +28,15 @@ def score_lines(scores: Scores, seg: str, truth: str, mask: str | None,
     ]
 
 
-def binary_lines(scores: BinaryScores, pred: str, truth: str, mask: str | None) -> list[str]:
-    """Precision, recall, F1 and IoU with the confusion counts behind them."""
+def binary_lines(scores: BinaryScores, pred: str, truth: str, mask: str | None,
+                 dtype: np.dtype | None = None) -> list[str]:
+    """Precision, recall, F1 and IoU with the confusion counts behind them; ``dtype``: the
+    prediction's, which says what its foreground is (default: float, above the threshold)."""
     inside = f" inside {escape(mask)}" if mask else ""
+    rule = foreground_rule(np.dtype(dtype or np.float32), scores.threshold)
     return [
         f"[bold]{escape(pred)}[/] against [bold]{escape(truth)}[/]: {scores.voxels:,} voxels "
-        f"scored{inside}, foreground above {scores.threshold:g}",
+        f"scored{inside}, foreground {rule}",
         f"  precision [bold]{_ratio(scores.precision)}[/]  recall "
         f"[bold]{_ratio(scores.recall)}[/]  F1 [bold]{_ratio(scores.f1)}[/]  IoU "
         f"[bold]{_ratio(scores.iou)}[/]",

@@ -12,6 +12,10 @@ processes that leave signals to this one (`emrun.subprocesses`). ``daisy`` hands
 one daisy task over the volume, a block per daisy block; each daisy worker reads the work
 once and scores the blocks daisy hands it until none are left. daisy's own tracking is off
 (a rerun scores everything again: scoring keeps nothing on disk).
+
+SIGTERM or SIGINT (`emrun.evaluate.stops`): local workers are killed at once, as nothing
+they would finish is kept; daisy's are told through a stop file in the work folder and
+stop between blocks (and no block is handed out after it); either way the work folder goes.
 """
 
 from __future__ import annotations
@@ -54,11 +58,15 @@ from emrun.evaluate.blockwise import (
     write_block,
 )
 from emrun.evaluate.contingency import ContingencyTable
+from emrun.evaluate.stops import stopped
 from emrun.subprocesses import (
+    die_with_parent,
     kill_workers,
     killed_by,
     leave_signals_to,
     signals_held,
+    stop_between_blocks,
+    stop_signals,
 )
 
 __all__ = ["Parallel", "score_blocks"]
@@ -133,6 +141,9 @@ def score_blocks(work: Work, parallel: Parallel, on_block: OnBlock | None = None
 
 
 PREFIX = "emrun-evaluate-"
+STOP = "stop"
+"""The file in the work folder that tells daisy's workers (here, or on nodes sharing the
+folder) to stop between blocks: the run was stopped (SIGTERM, SIGINT)."""
 ABANDONED_AFTER_S = 60.0
 """A work folder nobody holds is a killed run's once it is this old (a run just starting
 makes its folder an instant before it holds it)."""
@@ -160,10 +171,11 @@ def _remove_abandoned(parent: Path) -> None:
 
 
 OURS = re.compile(r"work\.pickle|block-\d+\.npz|\.block-\d+\.npz\.\d+\.tmp|daisy-logs|"
-                  r"launched|worker-error|\.worker-error\.[0-9a-f]+\.part")
+                  r"launched|worker-error|\.worker-error\.[0-9a-f]+\.part|stop")
 """What a work folder holds (`emrun.evaluate.blockwise`, daisy's logs, a ``--launch``ed
 worker's start file (`emrun.devices.run_through`), a daisy worker's user error
-(`emrun.devices.leaving_user_errors`)), beside the lock's own files."""
+(`emrun.devices.leaving_user_errors`), the stop file of a stopped daisy run), beside the
+lock's own files."""
 
 
 def _only_ours(folder: Path) -> bool:
@@ -196,6 +208,9 @@ def _run_local(folder: Path, work: Work, workers: int, on_block: OnBlock | None)
         kill_workers(pool)  # the others ignore the pool's SIGTERM: its shutdown waited
         raise UserError("an evaluation worker died (killed, or out of memory: use fewer "
                         "--workers or a smaller --block); run evaluate again") from None
+    except BaseException:  # a stop (`emrun.evaluate.stops`), a worker's user error: the
+        kill_workers(pool)  # blocks in flight are of no use now (shutdown waited for them)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -232,6 +247,7 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
 
     previous = get_log_basedir()
     set_log_basedir(folder / "daisy-logs")  # not the user's working directory
+    stop_file = folder / STOP
     try:
         box = daisy.Roi((0, 0, 0), work.shape)
         block = daisy.Roi((0, 0, 0), work.block)
@@ -242,12 +258,16 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
                 process_function=functools.partial(_start_worker, str(folder), launch),
                 check_function=functools.partial(_stopped, str(folder)),
                 read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
-        with launched_workers(launch, folder):
+        with launched_workers(launch, folder), stop_signals(stop_file.touch) as caught:
             states = daisy.run_blockwise(
                 [task], progress=_Observer(on_block) if on_block else False,
                 block_tracking=False, return_states=True, summary=False)
+    except KeyboardInterrupt:  # daisy ends its run on SIGINT itself, having stopped its
+        raise stopped("SIGINT") from None  # workers: the stop the guard said generically
     finally:
         set_log_basedir(previous)
+    if caught:  # daisy's workers stopped between blocks, and none was handed out after
+        raise stopped(caught[0])
     missing = missing_blocks(folder, work)
     if missing:
         state = states.get("emrun-evaluate")
@@ -264,14 +284,19 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
 
 def _stopped(folder: str, block: Any) -> bool:
     """daisy's check before it hands a block out: none is once a worker has met a user
-    error (an unreadable chunk, say): the run ends with it (`launched_workers`)."""
-    return worker_failed(folder)
+    error (an unreadable chunk, say: the run ends with it, `launched_workers`) or once the
+    run is stopped (SIGTERM, SIGINT: its stop file)."""
+    return worker_failed(folder) or (Path(folder) / STOP).exists()
 
 
 def _start_worker(folder: str, launch: str | None) -> None:
     """daisy's worker function: serve blocks here, or start a server through ``launch``
     (whose worker leaves a user error as this one does, `launched_main`)."""
+    die_with_parent(os.getppid())  # none scores on after the scheduler was killed
     if launch:
+        # A group's SIGTERM or SIGINT is the launched worker's to take (srun passes it on):
+        # this one, waiting for it, died of it with a traceback that daisy printed.
+        stop_between_blocks()
         run_through(launch, "emrun.evaluate.schedule", [folder], Path(folder))
         return
     with leaving_user_errors(Path(folder)):
@@ -279,21 +304,31 @@ def _start_worker(folder: str, launch: str | None) -> None:
 
 
 def serve(folder: str) -> None:
-    """Score the blocks daisy hands out until none are left, or a worker met a user error
+    """Score the blocks daisy hands out until none are left, a worker met a user error
     (left for the scheduler inside the block: daisy logged a block that raised with its
-    whole traceback)."""
+    whole traceback), or the run is stopped: by its stop file, or by SIGTERM or SIGINT to
+    this worker (a group's, or srun's), noted and taken between blocks."""
     daisy = daisy_package()
     from emrun.geometry import Roi
 
     work = load_work(folder)
+    signalled = stop_between_blocks()
     client = daisy.Client()
     while True:
-        with client.acquire_block() as block:
-            if block is None or worker_failed(folder):
+        try:
+            with client.acquire_block() as block:
+                if block is None or signalled or _stopped(folder, block):
+                    return
+                roi = block.write_roi
+                with leaving_user_errors(Path(folder)):
+                    write_block(Path(folder), work, work.index_of(Roi(roi.offset, roi.shape)))
+        except Exception:
+            # On SIGINT daisy ends its run at once, closing the connection under a worker
+            # that asks for a block ('Broken pipe', a traceback and exit 1, which daisy and
+            # --launch reported): once stopped, that is the stop, not a failure.
+            if signalled or (Path(folder) / STOP).exists():
                 return
-            roi = block.write_roi
-            with leaving_user_errors(Path(folder)):
-                write_block(Path(folder), work, work.index_of(Roi(roi.offset, roi.shape)))
+            raise
 
 
 if __name__ == "__main__":  # a worker started through --launch
