@@ -388,3 +388,15 @@ def test_scores_of_tiny_volumes_match_a_hand_computation(tmp_path, seg, truth, e
     scores = json.loads(result.stdout)
     for name, value in expected.items():
         assert scores[name] == pytest.approx(value), name
+
+
+@pytest.mark.parametrize("infinity", [np.inf, -np.inf])
+def test_an_infinite_probability_is_refused_as_a_logit(infinity: float) -> None:
+    """+inf counted as foreground and -inf as background: both passed the [0, 1] check."""
+    from emrun.errors import UserError
+    from emrun.evaluate.binary import foreground
+
+    pred = np.array([[[0.2, 0.9, infinity, np.nan]]], np.float32)
+    with pytest.raises(UserError, match=r"outside \[0, 1\]"):
+        foreground(pred, name="p.zarr/mito")
+    assert foreground(np.array([0.2, 0.9, np.nan], np.float32)).tolist() == [False, True, False]

@@ -76,10 +76,10 @@ def foreground(pred: np.ndarray, threshold: float = 0.5, name: str = "the predic
     if pred.dtype == np.uint8:
         return pred > threshold * 255
     if pred.dtype.kind == "f":
-        finite = pred[np.isfinite(pred)]
-        if finite.size and outside_unit(float(finite.min()), float(finite.max())):
-            raise UserError(f"{name}: the prediction holds values in [{float(finite.min()):.4g}, "
-                            f"{float(finite.max()):.4g}], outside [0, 1]: a float prediction "
+        known = pred[~np.isnan(pred)]  # NaN is background; an infinity is a logit's
+        if known.size and outside_unit(float(known.min()), float(known.max())):
+            raise UserError(f"{name}: the prediction holds values in [{float(known.min()):.4g}, "
+                            f"{float(known.max()):.4g}], outside [0, 1]: a float prediction "
                             "is a probability (apply a sigmoid to logits), or give a bool or "
                             "integer mask")
         return pred > threshold
