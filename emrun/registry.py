@@ -60,6 +60,16 @@ def suggest(word: str, choices: list[str]) -> list[str]:
     return [c for c in choices if c.startswith(word[:4]) or word.startswith(c)][:3]
 
 
+def not_a_name(name: object, kind: str, known: str) -> str | None:
+    """Why ``name`` (a recipe's `type:`) is no name at all, or None: an empty `type:` was
+    "unknown model type 'None'", with a "did you mean" for the word None."""
+    if name is None or (isinstance(name, str) and not name.strip()):
+        return f"the {kind} type is empty; give one of: {known}"
+    if not isinstance(name, str):
+        return f"the {kind} type should be a name, one of: {known} (got {name!r})"
+    return None
+
+
 class Registry(Generic[T]):
     """Names of one kind (models, losses, ...) with their specs and builders.
 
@@ -146,9 +156,11 @@ class Registry(Generic[T]):
         return suggest(str(name), self.names())
 
     def unknown_message(self, name: object) -> str:
+        known = ", ".join(self.names()) or "none"
+        if (empty := not_a_name(name, self.kind, known)) is not None:
+            return empty
         hint = self.suggest(str(name))
         did_you_mean = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
-        known = ", ".join(self.names()) or "none"
         message = f"unknown {self.kind} type {name!r}{did_you_mean} (known: {known})"
         if hint:
             return message

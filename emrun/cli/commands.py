@@ -139,7 +139,8 @@ def train(
         run_dirs.check_free(path, resume)
         check_rank_devices(device, gpus)  # type: ignore[arg-type]
         warn(loaded.cautions())
-        raise typer.Exit(_launch_torchrun(gpus))  # type: ignore[arg-type]
+        raise typer.Exit(_launch_torchrun(gpus, rank_args(  # type: ignore[arg-type]
+            recipe, override or [], path, resume, init_from, device)))
     if os.environ.get("RANK", "0") == "0" and LAUNCHED not in os.environ:  # said once
         warn(loaded.cautions())
     result = Trainer(loaded, path, resume=resume, init_from=init_from, device=device,
@@ -154,24 +155,27 @@ def train(
                f"train.iterations {loaded.recipe.train.iterations}: nothing was trained"])
 
 
-def _launch_torchrun(processes: int) -> int:
-    """Re-run this command, without ``--gpus``, as one rank per GPU under torchrun."""
+def _launch_torchrun(processes: int, args: list[str]) -> int:
+    """Run ``emrun *args`` as one rank per GPU under torchrun."""
     from ..train.launch import launch_ranks
 
-    args = sys.argv[1:]
-    cleaned = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        if arg == "--gpus":
-            skip = True
-            continue
-        if arg.startswith("--gpus="):
-            continue
-        cleaned.append(arg)
-    return launch_ranks(processes, cleaned)
+    return launch_ranks(processes, args)
+
+
+def rank_args(recipe: Path, overrides: list[str], run_dir: Path, resume: bool,
+              init_from: Path | None, device: str | None) -> list[str]:
+    """The ranks' `train` command line, from the parsed arguments: rebuilt from sys.argv,
+    it was the caller's own when `train --gpus` ran in-process (a test's CliRunner, a
+    script calling the app), and the ranks printed help and the launcher reported exit 0.
+    Values go as ``--option=value`` and the recipe after ``--``, so none reads as an option."""
+    args = ["train", *(f"--override={o}" for o in overrides), f"--run-dir={run_dir}"]
+    if resume:
+        args.append("--resume")
+    if init_from is not None:
+        args.append(f"--init-from={init_from}")
+    if device is not None:
+        args.append(f"--device={device}")
+    return [*args, "--", str(recipe)]
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from numbers import Integral
 
 from .augment import UNSTATED, augment_problems
@@ -212,6 +213,12 @@ def cross_checks(recipe: Recipe) -> list[tuple[Path, str]]:
     if chunks and block and any(b % c for b, c in zip(block, chunks, strict=True)):
         problems.append((("infer", "block"), f"block {list(block)} is not a whole number of "
                          f"chunks {list(chunks)}"))
+    if block and (thin := [AXES[a] for a in range(3) if block[a] < stride[a]]):
+        # passed validation, then `emrun infer` refused it on any volume thicker than it
+        problems.append((("infer", "block"), f"block {list(block)} is smaller than one patch "
+                         f"stride {list(stride)} in {_joined(thin)}: `emrun infer` refuses it "
+                         "(blocks and their chunk files for every few voxels); give at least "
+                         "the stride"))
 
     weighted = [src.weight is not None for src in recipe.data.sources.values()]
     if any(weighted) and not all(weighted):
@@ -263,6 +270,7 @@ def cautions(recipe: Recipe) -> list[tuple[Path, str]]:
                       f"reaches its set value, the last step uses "
                       f"{recipe.train.iterations / (warmup + 1):.2g} of it"))
     found += _bookkeeping_cautions(recipe)
+    found += _infer_cautions(recipe)
     found += _intensity_cautions(recipe)
     if recipe.infer.dtype == "uint8":
         signed = [(n, "the signed distance task") for n, t in recipe.tasks.items()
@@ -275,6 +283,40 @@ def cautions(recipe: Recipe) -> list[tuple[Path, str]]:
                           f"uint8 outputs clip to [0, 1], so the negative half of {what} "
                           f"{name!r} (activation {recipe.tasks[name].activation}) is lost; "
                           "use float16"))
+    return found
+
+
+MAX_PATCHES_PER_VOXEL = 64
+"""Patches that predict each voxel, beyond which a stride is probably a slip: the default
+overlap gives about 2.4, an overlap of half the patch 8; `stride: [1, 1, 1]` gave thousands
+(a 20 x 64 x 64 volume took minutes on a CPU, a real one would take years)."""
+
+MIN_CHUNK_VOXELS = 4096
+"""Voxels of an output chunk below which chunks are probably a slip: every chunk is a file
+per task (`chunks: [1, 1, 1]` wrote one per voxel, at a few kilovoxels a second)."""
+
+
+def _infer_cautions(recipe: Recipe) -> list[tuple[Path, str]]:
+    """Strides and chunks `emrun infer` accepts and predicts with, at a cost nobody means."""
+    found: list[tuple[Path, str]] = []
+    patch = recipe.infer_patch()
+    stride = recipe.infer.resolved_stride(patch)
+    per_voxel = math.prod(p / s for p, s in zip(patch, stride, strict=True))
+    if per_voxel > MAX_PATCHES_PER_VOXEL:
+        key = "stride" if recipe.infer.stride is not None else "overlap"
+        found.append((("infer", key),
+                      f"a stride of {list(stride)} for patches of {list(patch)} predicts each "
+                      f"voxel about {per_voxel:,.0f} times (the default overlap: 2.4): "
+                      "inference takes that much longer; a larger stride (or less overlap)"))
+    chunks = recipe.infer.chunks
+    voxels = math.prod(chunks) if chunks is not None else MIN_CHUNK_VOXELS
+    if voxels < MIN_CHUNK_VOXELS:
+        files = 2**30 // voxels
+        found.append((("infer", "chunks"),
+                      f"chunks of {voxels:,} voxel{'s' if voxels > 1 else ''}: each chunk is "
+                      "a file, about "
+                      f"{files:,} per task for a gigavoxel, and writing them is slow; give "
+                      f"chunks of at least {MIN_CHUNK_VOXELS:,} voxels (or leave them out)"))
     return found
 
 

@@ -64,7 +64,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = (), *,
         raise RecipeError([Problem(f"a recipe must be a mapping of sections (name, data, model, "
                                    f"tasks, train), not {_what(located.data)}",
                                    located.mark(()))])
-    base = (Located(copy.deepcopy(located.data), dict(located.values), dict(located.keys))
+    base = (located.copy(copy.deepcopy(located.data))
             if overrides else located)  # the recipe as the file has it, to blame overrides
     applied = [apply_override(located, expr) for expr in overrides]
     try:
@@ -101,10 +101,10 @@ def validate(located: Located) -> Recipe:
         recipe = Recipe.model_validate(located.data)
     except ValidationError as exc:
         errors = exc.errors()  # located and explained only as many as are shown
-        problems = [problem_from_error(err, located) for err in errors[:SHOWN]]
+        problems = [located.hinted(problem_from_error(err, located)) for err in errors[:SHOWN]]
         raise RecipeError(_unique(problems), more=max(0, len(errors) - SHOWN)) from None
     found = [*_booleans_as_numbers(located.data, recipe), *cross_checks(recipe)]
-    problems = [Problem(msg, located.mark(p), p) for p, msg in found]
+    problems = [located.hinted(Problem(msg, located.mark(p), p)) for p, msg in found]
     if problems:
         raise RecipeError(_unique(problems))
     return recipe
@@ -230,7 +230,7 @@ def _merge(base: Located, child: Located) -> Located:
     data = _merge_data(copy.deepcopy(base.data), child.data)
     values = {p: m for p, m in base.values.items() if _exists(data, p)} | child.values
     keys = {p: m for p, m in base.keys.items() if _exists(data, p)} | child.keys
-    return Located(data, values, keys)
+    return Located(data, values, keys, base.hints | child.hints)  # by mark: none go stale
 
 
 def _merge_data(base: Any, child: Any) -> Any:

@@ -18,7 +18,6 @@ gets a hint in any problem about it.
 from __future__ import annotations
 
 import copy
-import re
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from .augment import PRESETS
 from .errors import KeyPath, Mark, Problem, RecipeError, dotted
 from .pydantic_errors import _tags, _type_tags, _unwrap
 from .recipe import Recipe
-from .yamlsource import MAX_NESTING, Located, too_large
+from .yamlsource import MAX_NESTING, STR_TAG, Located, e_number_hint, too_large
 
 Found = set[tuple[KeyPath, str]]
 """The (key path, message) of every problem a recipe has."""
@@ -215,8 +214,6 @@ def _attribute_at(value: Any, path: KeyPath) -> Any:
 
 YAML_BOOLS = frozenset({"yes", "no", "on", "off"})
 """Words YAML 1.1 reads as true or false, which a user may mean as words."""
-E_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-"""A number in e-notation; YAML 1.1 reads it as a string unless it has a '.' (1e3)."""
 
 
 def _hints(text: str) -> dict[KeyPath, str]:
@@ -254,14 +251,8 @@ def _scalar_hint(node: yaml.ScalarNode) -> str | None:
     if node.tag == "tag:yaml.org,2002:bool" and word.lower() in YAML_BOOLS:
         truth = "true" if word.lower() in ("yes", "on") else "false"
         return f"YAML reads {word} as {truth}; write '{word}' in quotes for the word"
-    if node.tag == "tag:yaml.org,2002:str" and node.style is None and E_NUMBER.fullmatch(word):
-        number = float(word)
-        if number.is_integer() and abs(number) < 1e18:
-            return f"YAML reads {word} as a string; write {int(number)}"
-        mantissa, e, exponent = word.lower().partition("e")
-        dotted_ = mantissa if "." in mantissa else f"{mantissa}.0"
-        signed = exponent if exponent[:1] in "+-" else f"+{exponent}"  # YAML 1.1 needs both
-        return f"YAML reads {word} as a string; write {dotted_}{e}{signed}"
+    if node.tag == STR_TAG and not node.style:
+        return e_number_hint(word)
     return None
 
 
@@ -292,7 +283,7 @@ def blame(error: RecipeError, located: Located, base: Located, applied: Sequence
     def problems_after(count: int) -> Found:
         """The problems of ``base`` with the first ``count`` overrides applied."""
         if count not in states:
-            state = Located(copy.deepcopy(base.data), dict(base.values), dict(base.keys))
+            state = base.copy(copy.deepcopy(base.data))
             for override in applied[:count]:
                 apply_override(state, override.expr)
             states[count] = found(state)

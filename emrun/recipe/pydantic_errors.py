@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 
-from ..registry import ALL, suggest
+from ..registry import ALL, not_a_name, suggest
 from .errors import KeyedValueError, KeyPath, Problem
 from .recipe import Recipe
 from .yamlsource import Located
@@ -41,8 +41,10 @@ def problem_from_error(err: ErrorDetails, located: Located) -> Problem:
         if isinstance(parent, list):  # a tuple too short: pydantic calls item N "missing"
             path = path[:-1]
             message = f"should be {_sequence_words(loc[:-1])}, not {len(parent)}"
-    if kind == "union_tag_invalid" and isinstance(_value_at(located.data, path), dict):
-        path = (*path, "type")  # point at the misspelled name itself
+    at = _value_at(located.data, path)
+    if kind in ("union_tag_invalid", "union_tag_not_found") and isinstance(at, dict) \
+            and "type" in at:
+        path = (*path, "type")  # point at the misspelled (or empty) name itself
     key_level = kind in ("extra_forbidden",) or loc[-1:] == ("[key]",)
     return Problem(message, located.mark(path, key=key_level), path)
 
@@ -116,17 +118,27 @@ def _message(err: ErrorDetails, loc: tuple[Any, ...]) -> str:
         allowed = f" (allowed: {', '.join(known)})" if known and not hint else ""
         return f"unknown key {key!r}{did}{allowed}"
     if kind == "union_tag_invalid":
-        tag = ctx.get("tag")
+        # the value as written: pydantic's tag is its str() (an empty `type:` read 'None')
+        tag = value["type"] if isinstance(value, dict) and "type" in value else ctx.get("tag")
         registry = _registry_for(ctx.get("expected_tags", ""))
         if registry is not None:
             return registry.unknown_message(tag)
         options = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
+        what = f"{loc[-1]}" if loc and isinstance(loc[-1], str) else "its"
+        if (empty := not_a_name(tag, what, ", ".join(options))) is not None:
+            return empty
         hint = _close(str(tag), options)
         did = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
         what = f"{loc[-1]} type" if loc and isinstance(loc[-1], str) else "type"
         return f"unknown {what} {tag!r}{did} (known: {', '.join(options)})"
     if kind == "union_tag_not_found" and isinstance(value, dict):
-        names = ", ".join(_union_tags(loc))
+        tags = _union_tags(loc)
+        names = ", ".join(tags)
+        registry = _registry_for(names)
+        # `type:` given as no name (a union's default type applies only where it is absent)
+        if "type" in value and (empty := not_a_name(
+                value["type"], registry.kind if registry else "its", names)) is not None:
+            return empty
         return f"missing `type:` (one of: {names})" if names else "missing `type:`"
     if loc[-1:] == ("[key]",) and kind == "string_pattern_mismatch":
         return f"the name {value!r} {NAME_PATTERNS.get(ctx.get('pattern'), 'is not allowed')}"

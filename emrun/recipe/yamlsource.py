@@ -7,6 +7,7 @@ keys are caught, and syntax errors become located problems.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,20 @@ class Located:
     data: Any
     values: dict[KeyPath, Mark] = field(default_factory=dict)
     keys: dict[KeyPath, Mark] = field(default_factory=dict)
+    hints: dict[Mark, str] = field(default_factory=dict)
+    """By the mark of a plain (unquoted) scalar: what YAML made of it that its author may
+    not have meant (``1e3``, a string), for any problem located at it."""
+
+    def copy(self, data: Any) -> Located:
+        """``data`` with these marks and hints (each table copied)."""
+        return Located(data, dict(self.values), dict(self.keys), dict(self.hints))
+
+    def hinted(self, problem: Problem) -> Problem:
+        """``problem`` with the hint for the scalar it is located at, if that has one."""
+        hint = self.hints.get(problem.mark) if problem.mark is not None else None
+        if hint is None or hint in problem.message:
+            return problem
+        return Problem(f"{problem.message}; {hint}", problem.mark, problem.path)
 
     def mark(self, path: KeyPath, key: bool = False) -> Mark | None:
         """The mark of ``path`` or of its nearest marked ancestor.
@@ -79,6 +94,24 @@ def read_text(path: Path, shown: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise fail(f"is not a UTF-8 text file (invalid byte at offset {exc.start})") from None
+
+
+E_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""A number in e-notation; YAML 1.1 reads it as a string unless it has a '.' (1e3)."""
+
+
+def e_number_hint(word: str) -> str | None:
+    """For a plain scalar that YAML 1.1 read as a string: how to write the number it looks
+    like (None when it does not look like one)."""
+    if not E_NUMBER.fullmatch(word):
+        return None
+    number = float(word)
+    if number.is_integer() and abs(number) < 1e18:
+        return f"YAML reads {word} as a string; write {int(number)}"
+    mantissa, e, exponent = word.lower().partition("e")
+    dotted_ = mantissa if "." in mantissa else f"{mantissa}.0"
+    signed = exponent if exponent[:1] in "+-" else f"+{exponent}"  # YAML 1.1 needs both
+    return f"YAML reads {word} as a string; write {dotted_}{e}{signed}"
 
 
 def _mark(shown: str, node_mark: yaml.Mark) -> Mark:
@@ -201,6 +234,9 @@ def too_large(value: Any) -> str | None:
     return None
 
 
+STR_TAG = "tag:yaml.org,2002:str"
+
+
 class _Converter:
     """Plain data from a node tree, recording the marks of every key path."""
 
@@ -225,8 +261,11 @@ class _Converter:
             raise RecipeError([Problem(f"YAML nested too deeply (more than {MAX_NESTING} levels)",
                                        _mark(shown, node.start_mark))])
         self.seen.add(id(node))
-        self.out.values[path] = _mark(shown, node.start_mark)
+        mark = self.out.values[path] = _mark(shown, node.start_mark)
         if not isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            # plain only (libyaml's style is '', PyYAML's None): '1e3' in quotes is meant
+            if node.tag == STR_TAG and not node.style and (hint := e_number_hint(node.value)):
+                self.out.hints[mark] = hint
             return self.loader.construct_object(node, deep=True)
         self.open.add(id(node))
         try:
