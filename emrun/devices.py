@@ -9,16 +9,18 @@ import os
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+from .subprocesses import STOPPING, stop_between_blocks, stop_signals
 
 if TYPE_CHECKING:
     import torch
@@ -146,17 +148,18 @@ def check_launch(launch: str | None) -> None:
         raise UserError(f"--launch {launch!r}: no command {words[0]!r} on this machine's PATH")
 
 
-def run_launched(launch: str, module: str, *args: str) -> None:
+def run_launched(launch: str, module: str, *args: str, stopped: Sequence[str] = ()) -> None:
     """In a daisy worker: serve blocks through ``launch`` (``srun ... python -m module
     args``). A failure is one line on stderr, which daisy shows, and the command's exit
-    code, instead of a traceback per restart."""
+    code, instead of a traceback per restart; none where the run was ``stopped`` (the
+    signals noted while it ran: the launched worker died of the stop, still starting, say)."""
     command = [*shlex.split(launch), sys.executable, "-m", module, *args]
     try:
         code = subprocess.run(command).returncode
     except OSError as exc:
         print(f"{LAUNCH_FAILED} {launch!r} could not start: {exc}", file=sys.stderr)
         sys.exit(127)
-    if code:
+    if code and not stopped:
         print(f"{LAUNCH_FAILED} {launch!r} exited with code {code}", file=sys.stderr)
         sys.exit(code)
 
@@ -173,16 +176,31 @@ def run_through(launch: str, module: str, args: list[str], folder: Path) -> None
     restarted ten times and then reported with daisy's advice to raise
     ``Task(max_worker_restarts)``: the worker now leaves a file in ``folder`` (shared with
     this node) as it starts, and its absence is said in one line, as a failure."""
-    tokens = Path(folder) / LAUNCHED
-    tokens.mkdir(exist_ok=True)
-    token = tokens / uuid.uuid4().hex
-    run_launched(launch, module, *args, str(token))
-    if not token.exists():
+    with _waiting_for_launched() as signalled:
+        tokens = Path(folder) / LAUNCHED
+        tokens.mkdir(exist_ok=True)
+        token = tokens / uuid.uuid4().hex
+        run_launched(launch, module, *args, str(token), stopped=signalled)
+    if not token.exists() and not signalled:
         print(f"{LAUNCH_FAILED} {launch!r} ended (exit code 0) without running the worker "
               "command given to it; it must run that command and wait for it, as srun does",
               file=sys.stderr)
         sys.exit(1)
     token.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _waiting_for_launched() -> Iterator[list[str]]:
+    """A group's SIGTERM or SIGINT (Ctrl-C) is the launched worker's to take (srun passes
+    it on): the daisy worker only waiting for it died of SIGINT with a KeyboardInterrupt
+    traceback that daisy printed. Inside this they are noted (yielded) and it waits on;
+    the old handlers are back after."""
+    previous = {number: signal.getsignal(number) for number in STOPPING}
+    try:
+        yield stop_between_blocks()
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 def launched_main(serve: Callable[..., None]) -> None:
@@ -322,3 +340,74 @@ def launch_failure(launch: str, detail: str) -> str:
                                                            "no error reported")
     return (f"the workers started through --launch {launch!r} failed ({reason}); finished "
             "blocks are kept: fix the command and run again (with --resume where it has one)")
+
+
+class BlockStops:
+    """When a daisy worker (started here or through ``--launch``) stops taking blocks: daisy
+    has none left, the run was stopped (its ``stop_file``, made by the scheduler or by a
+    worker: `note`), a worker met a user error (`worker_failed` in ``folder``), or this
+    worker was sent SIGTERM or SIGINT (a group's, or srun's), noted between blocks. Made
+    first thing in the worker, so that a signal while it loads (a model, say) is noted."""
+
+    def __init__(self, stop_file: Path, folder: Path) -> None:
+        self.stop_file, self.folder = Path(stop_file), Path(folder)
+        self.signalled = stop_between_blocks()
+
+    def __call__(self) -> bool:
+        if self.signalled:
+            self.note()
+            return True
+        return self.stop_file.exists() or worker_failed(self.folder)
+
+    def note(self) -> None:
+        """Leave the signal's name in the stop file: daisy takes SIGINT itself and may end
+        its run without a word of it (its workers gone), and the scheduler reads it there
+        (`daisy_stops`); the other workers stop between blocks."""
+        if not self.stop_file.exists():
+            with contextlib.suppress(OSError):
+                self.stop_file.write_text(self.signalled[0], encoding="ascii")
+
+    def serve(self, client: Any, process: Callable[[Any], None]) -> None:
+        """Hand ``process`` the blocks ``client`` (a ``daisy.Client``) acquires until this
+        says stop. On SIGINT daisy closes its server at once, under a worker asking for a
+        block ('Broken pipe': a traceback and exit 1, reported after the stop): once
+        stopped, that is the stop; before, it is raised."""
+        while True:
+            try:
+                with client.acquire_block() as block:
+                    if block is None or self():
+                        return
+                    process(block)
+            except Exception:
+                if self():
+                    return
+                raise
+
+
+@contextlib.contextmanager
+def daisy_stops(stop_file: Path) -> Iterator[list[str]]:
+    """Around ``daisy.run_blockwise``: yields the names of the stopping signals, the first
+    the stop's. SIGTERM makes ``stop_file`` (`stop_signals`) and daisy waits for its
+    workers. SIGINT daisy takes itself, unseen by `stop_signals`: it ends its run at once
+    with a KeyboardInterrupt (taken here as SIGINT's stop: it was the generic 'stopped by
+    SIGINT' line), or, where its workers ended first, as if finished, with blocks left
+    (the stop then read from the stop file a signalled worker left, `BlockStops.note`).
+    The caller reads nothing of daisy's run once one is caught."""
+    with stop_signals(Path(stop_file).touch) as caught:
+        try:
+            yield caught
+        except KeyboardInterrupt:
+            caught.append("SIGINT")
+            with contextlib.suppress(OSError):  # launched workers elsewhere stop too
+                Path(stop_file).touch()
+    if not caught and (noted := _noted_stop(Path(stop_file))) is not None:
+        caught.append(noted)
+
+
+def _noted_stop(stop_file: Path) -> str | None:
+    """The signal a worker left in ``stop_file`` (`BlockStops.note`), if any."""
+    try:
+        name = stop_file.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if name in ("SIGTERM", "SIGINT") else None

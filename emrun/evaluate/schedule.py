@@ -37,9 +37,11 @@ from typing import Any
 from emrun import locks
 from emrun.capacity import check_work_folder, work_folder
 from emrun.devices import (
+    BlockStops,
     check_launch,
     cpu_cores,
     daisy_package,
+    daisy_stops,
     launch_failure,
     launched_main,
     launched_workers,
@@ -65,8 +67,6 @@ from emrun.subprocesses import (
     killed_by,
     leave_signals_to,
     signals_held,
-    stop_between_blocks,
-    stop_signals,
 )
 
 __all__ = ["Parallel", "score_blocks"]
@@ -258,12 +258,10 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
                 process_function=functools.partial(_start_worker, str(folder), launch),
                 check_function=functools.partial(_stopped, str(folder)),
                 read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
-        with launched_workers(launch, folder), stop_signals(stop_file.touch) as caught:
+        with launched_workers(launch, folder), daisy_stops(stop_file) as caught:
             states = daisy.run_blockwise(
                 [task], progress=_Observer(on_block) if on_block else False,
                 block_tracking=False, return_states=True, summary=False)
-    except KeyboardInterrupt:  # daisy ends its run on SIGINT itself, having stopped its
-        raise stopped("SIGINT") from None  # workers: the stop the guard said generically
     finally:
         set_log_basedir(previous)
     if caught:  # daisy's workers stopped between blocks, and none was handed out after
@@ -293,10 +291,7 @@ def _start_worker(folder: str, launch: str | None) -> None:
     """daisy's worker function: serve blocks here, or start a server through ``launch``
     (whose worker leaves a user error as this one does, `launched_main`)."""
     die_with_parent(os.getppid())  # none scores on after the scheduler was killed
-    if launch:
-        # A group's SIGTERM or SIGINT is the launched worker's to take (srun passes it on):
-        # this one, waiting for it, died of it with a traceback that daisy printed.
-        stop_between_blocks()
+    if launch:  # the group's SIGTERM or SIGINT is the launched worker's (`run_through`)
         run_through(launch, "emrun.evaluate.schedule", [folder], Path(folder))
         return
     with leaving_user_errors(Path(folder)):
@@ -311,24 +306,15 @@ def serve(folder: str) -> None:
     daisy = daisy_package()
     from emrun.geometry import Roi
 
+    stopping = BlockStops(Path(folder) / STOP, Path(folder))
     work = load_work(folder)
-    signalled = stop_between_blocks()
-    client = daisy.Client()
-    while True:
-        try:
-            with client.acquire_block() as block:
-                if block is None or signalled or _stopped(folder, block):
-                    return
-                roi = block.write_roi
-                with leaving_user_errors(Path(folder)):
-                    write_block(Path(folder), work, work.index_of(Roi(roi.offset, roi.shape)))
-        except Exception:
-            # On SIGINT daisy ends its run at once, closing the connection under a worker
-            # that asks for a block ('Broken pipe', a traceback and exit 1, which daisy and
-            # --launch reported): once stopped, that is the stop, not a failure.
-            if signalled or (Path(folder) / STOP).exists():
-                return
-            raise
+
+    def process(block: Any) -> None:
+        roi = block.write_roi
+        with leaving_user_errors(Path(folder)):
+            write_block(Path(folder), work, work.index_of(Roi(roi.offset, roi.shape)))
+
+    stopping.serve(daisy.Client(), process)
 
 
 if __name__ == "__main__":  # a worker started through --launch

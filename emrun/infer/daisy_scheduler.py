@@ -13,6 +13,12 @@ none left. With ``launch`` (e.g. ``srun --gres=gpu:1 -c 8``) each worker is star
 that command instead, on whatever node it lands, and connects back to this scheduler through
 the ``DAISY_CONTEXT`` environment variable daisy sets (the nodes must share the filesystem
 and the Python environment).
+
+SIGTERM or SIGINT (Ctrl-C) stops the run between blocks, in one line (`Stopped`): the
+scheduler makes a stop file that every worker checks before a block, each worker notes
+the group's signal itself, a worker waiting on ``--launch`` leaves it to the launched one,
+and daisy's own way with SIGINT (its run ended at once) is taken as the same stop
+(`emrun.devices.daisy_stops`, `emrun.devices.BlockStops`).
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from typing import Any
 import torch
 
 from ..devices import (
+    BlockStops,
     WorkerFailed,
     cpu_cores,
     daisy_package,
+    daisy_stops,
     launch_failure,
     launched_main,
     launched_workers,
@@ -41,12 +49,7 @@ from ..devices import (
 )
 from ..errors import UserError
 from ..geometry import Zyx, zyx
-from ..subprocesses import (
-    die_with_parent,
-    killed_by,
-    stop_between_blocks,
-    stop_signals,
-)
+from ..subprocesses import die_with_parent, killed_by
 from .job import Job
 from .plan import best_order
 from .schedule import Progress, Stopped, job_tiling, worker_died
@@ -88,8 +91,7 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
             timeout=UNIT_TIMEOUT_S)
     started = time.perf_counter()
     try:
-        with launched_workers(launch, job_file.parent), \
-                stop_signals(stop_file.touch) as caught:
+        with launched_workers(launch, job_file.parent), daisy_stops(stop_file) as caught:
             states = daisy.run_blockwise([task], progress=on_block is None,
                                          block_tracking=False, return_states=True,
                                          summary=False)
@@ -100,11 +102,11 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
         raise UserError(f"{exc}; {progress.done + progress.skipped} of {len(grid)} blocks "
                         "are done and kept: once that is fixed, continue with --resume"
                         ) from None
-    stop_file.unlink(missing_ok=True)
     progress = marked_progress(job, before)
     progress.seconds = time.perf_counter() - started
-    if caught:  # daisy waited for its workers: their blocks are finished and marked
-        raise Stopped(caught[0], progress)
+    if caught:  # the blocks finished are marked (daisy ends a Ctrl-C'd block unmarked);
+        raise Stopped(caught[0], progress)  # the stop file stays for launched workers
+    stop_file.unlink(missing_ok=True)
     if on_block is not None:
         on_block(progress)
     missing = len(grid) - progress.done - progress.skipped
@@ -163,10 +165,13 @@ def _block_is_done(job_file: str, block: Any) -> bool:
         job.is_done(b) for b in unit_blocks(job, block.write_roi))
 
 
+STOP = "stop"
+
+
 def _stop_file(job: Job) -> Path:
     """Made when the scheduler is stopped (SIGTERM, SIGINT): workers, here or on other
     nodes sharing the filesystem, stop between blocks instead of finishing their unit."""
-    return job.done_dir / "stop"
+    return job.done_dir / STOP
 
 
 def _start_worker(job_file: str, device: str, threads: int, launch: str | None) -> None:
@@ -185,23 +190,21 @@ def serve(job_file: str, device: str, threads: int) -> None:
     or the scheduler is stopped."""
     daisy = daisy_package()
     torch.set_num_threads(threads or cpu_cores())
+    # Ctrl-C or SIGTERM to the group (srun passes them on), noted from here on: one while
+    # the job was read or the model built ended the worker with a KeyboardInterrupt
+    # traceback. The job file lies in its done-marker folder (`Job.save`).
+    folder = Path(job_file).parent
+    stopping = BlockStops(folder / STOP, folder)
     job = _job(job_file)
     worker_id = int(daisy.Context.from_env().get("worker_id", 0))
     worker = BlockWorker(job, worker_device(device, worker_id))
-    stop_file = _stop_file(job)
-    signalled = stop_between_blocks()  # Ctrl-C or SIGTERM to the group (srun passes them on)
 
-    def stopping() -> bool:
-        return bool(signalled) or stop_file.exists() or worker_failed(job.done_dir)
+    def process(block: Any) -> None:
+        blocks = [b for b in unit_blocks(job, block.write_roi) if not job.is_done(b)]
+        with leaving_user_errors(job.done_dir):  # not as a failed unit (a traceback)
+            worker.run_units([blocks], stop=stopping)
 
-    client = daisy.Client()
-    while True:
-        with client.acquire_block() as block:
-            if block is None or stopping():
-                return
-            blocks = [b for b in unit_blocks(job, block.write_roi) if not job.is_done(b)]
-            with leaving_user_errors(job.done_dir):  # not as a failed unit (a traceback)
-                worker.run_units([blocks], stop=stopping)
+    stopping.serve(daisy.Client(), process)
 
 
 def worker_device(device: str, worker_id: int) -> torch.device:

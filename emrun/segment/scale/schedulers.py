@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from ...devices import (
+    BlockStops,
     WorkerFailed,
     daisy_package,
+    daisy_stops,
     launch_failure,
     launched_main,
     launched_workers,
@@ -50,7 +52,6 @@ from ...subprocesses import (
     killed_by,
     leave_signals_to,
     signals_held,
-    stop_between_blocks,
     stop_signals,
 )
 from .job import ScaleJob
@@ -265,15 +266,15 @@ def _run_daisy(job: ScaleJob, step: str, workers: int, launch: str | None) -> No
             read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
     try:
         with launched_workers(launch, Path(job_file).parent), \
-                stop_signals(stop_file.touch) as caught:
+                daisy_stops(stop_file) as caught:
             states = daisy.run_blockwise([task], progress=False, block_tracking=False,
                                          return_states=True, summary=False)
     except WorkerFailed as exc:  # a worker's user error (an unreadable block), said once
         raise UserError(f"{exc}; the {step} blocks finished are kept: once that is fixed, "
                         "run again with --resume") from None
-    stop_file.unlink(missing_ok=True)
-    if caught:  # daisy waited for its workers: their blocks are finished and marked
+    if caught:  # the blocks finished are marked; the stop file stays for launched workers
         raise _stopped(caught[0], step, "the blocks finished are kept")
+    stop_file.unlink(missing_ok=True)
     state = states.get(task.task_id)
     failed = getattr(state, "failed_count", 0) + getattr(state, "orphaned_count", 0)
     if failed:
@@ -354,14 +355,10 @@ def serve(job_file: str, step: str) -> None:
     """Take blocks from the daisy scheduler until none are left or it is stopped."""
     daisy = daisy_package()
     job = ScaleJob.load(job_file)
-    stop_file, folder = _stop_file(job), Path(job_file).parent
-    signalled = stop_between_blocks()  # Ctrl-C or SIGTERM to the group (srun passes them on)
-    client = daisy.Client()
-    while True:
-        with client.acquire_block() as block:
-            if block is None or signalled or stop_file.exists() or worker_failed(folder):
-                return
-            run_block(job_file, step, _index(job, block.write_roi))
+    # Ctrl-C or SIGTERM to the group (srun passes them on) is noted, taken between blocks
+    stopping = BlockStops(_stop_file(job), Path(job_file).parent)
+    stopping.serve(daisy.Client(),
+                   lambda block: run_block(job_file, step, _index(job, block.write_roi)))
 
 
 if __name__ == "__main__":  # a worker started through --launch
