@@ -78,14 +78,19 @@ class MutexSegmenter(Segmenter):
         (0.2 as float32, or a stored 51) then weighs 0 and is never used, as cc counts it
         not above an equal threshold; against the float64 bias it weighed +3e-9 and joined
         what no other edge joined."""
+        return p.astype(np.float64) - self.bias_of(offset)
+
+    def bias_of(self, offset: Offset) -> float:
+        """The channel's ``b_c`` at float32 precision (see `weights`), as a float64."""
         bias = NEAREST_BIAS if is_nearest(offset) else self.spec.bias
-        return p.astype(np.float64) - float(np.float32(bias))
+        return float(np.float32(bias))
 
     def fragments(self, affs: np.ndarray, offsets: Sequence[Offset],
                   mask: np.ndarray | None) -> np.ndarray:
         weights = np.empty(affs.shape, np.float64)
-        for c, offset in enumerate(offsets):
-            weights[c] = self.weights(affs[c], offset)
+        for c, offset in enumerate(offsets):  # `weights`, in place: no float64 temporary
+            weights[c] = affs[c]
+            weights[c] -= self.bias_of(offset)
         if mask is not None:
             for c, offset in enumerate(offsets):
                 pair = edge_slices(mask.shape, offset)
@@ -96,8 +101,9 @@ class MutexSegmenter(Segmenter):
                 weights[c][here][~valid] = 0.0
         # a channel whose offset reaches past the volume has no edge; mwatershed panics on it
         kept = [c for c, o in enumerate(offsets) if edge_slices(affs.shape[1:], o) is not None]
-        if kept:
-            labels = mwatershed.agglom(np.ascontiguousarray(weights[kept]),
+        if kept:  # every channel kept (the rule): weights as they are, not copied
+            chosen = weights if len(kept) == len(offsets) else weights[kept]
+            labels = mwatershed.agglom(np.ascontiguousarray(chosen),
                                        [list(map(int, offsets[c])) for c in kept])
         else:  # no voxel has a neighbour: each is its own segment
             shape = affs.shape[1:]
