@@ -171,10 +171,12 @@ class BlockWorker:
         if raw is None:  # nothing is written: unwritten chunks read as the fill value, 0
             return None
         keep = [t for t in layout.reached(block) if step.unit.get(t, -1) > step.rank]
-        result = self.engine.predict(raw, layout, block, self.job.scale, carried=carried,
-                                     keep=keep, read=self._read_outside)
+        with self.engine.host_threads():  # quantising too: elementwise (`Engine.predict`)
+            result = self.engine.predict(raw, layout, block, self.job.scale, carried=carried,
+                                         keep=keep, read=self._read_outside)
+            values = {n: quantise(t, self.dtype, in_place=True)  # the block's own sums
+                      for n, t in result.values.items()}
         carries.update({(target, block): partial for target, partial in result.carries.items()})
-        values = {n: quantise(t, self.dtype) for n, t in result.values.items()}
         owners = list(result.recomputed)
         recomputed = to_host(torch.stack([result.recomputed[o] for o in owners])) \
             if owners else None
