@@ -119,7 +119,11 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
 
 
 def _check_empty(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or locks.contents(out)):
+    """Refuse an ``out`` that holds anything (a file there is not called a folder)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder; give a new or empty folder "
+                        "(nothing was overwritten)")
+    if out.exists() and locks.contents(out):
         raise UserError(f"{out} already exists and is not empty; choose another --out "
                         "(nothing was overwritten)")
 

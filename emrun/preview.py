@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_output
+from .capacity import pseudo_file_system
 from .data.samples import SampleMaker, batch_rng
 from .errors import UserError
 from .recipe import Recipe
@@ -108,6 +109,9 @@ def _title(recipe: Recipe, samples: int) -> str:
 def write_preview(recipe: Recipe, out: Path, samples: int = 8) -> Path:
     """Draw the first ``samples`` augmented samples of the training stream into a PNG, one
     row each, every sample of a batch (``train.batch_size`` > 1) labelled with its place."""
+    if (kind := pseudo_file_system(out)) is not None:  # before the samples are drawn
+        raise UserError(f"--out {out}: cannot be written: {kind}, not a disk; give a .png "
+                        "file path on a disk")
     import matplotlib
 
     matplotlib.use("Agg")

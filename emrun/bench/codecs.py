@@ -52,13 +52,16 @@ from ..errors import Interrupted, UserError
 from ..geometry import box_of
 from ..io import open_volume
 from ..io.write import compressor
-from .workdir import made_folder, remove_tree
+from .workdir import made_folder, remove_tree, terminated_as_interrupt
 
 RULE = ("the cheapest write (most MB per CPU second through zarr) whose ratio is at least "
         "90 % of emrun's codec's")
 RATIO_TOLERANCE = 0.10
 DEFAULT_CHUNKS = ("C,16,256,256", "C,32,256,256", "C,8,512,512", "1,16,256,256")
 MB = 1e6  # MB/s are decimal megabytes of uncompressed data per second
+MAX_CHUNKS = 10_000
+"""The most chunks a chunk shape may cut the measured region into: each is a file that every
+codec writes and reads back on every pass (1x1x1 chunks of a 8x64x64 region ran for hours)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,19 @@ def parse_chunks(specs: Sequence[str], shape: Sequence[int]) -> list[tuple[int, 
         if tuple(sizes) not in out:
             out.append(tuple(sizes))
     return out
+
+
+def check_chunk_counts(chunk_shapes: Sequence[tuple[int, ...]], region: Sequence[int]) -> None:
+    """Refuse a chunk shape that cuts the region into more than `MAX_CHUNKS` chunks, before
+    anything is read or written."""
+    for chunk_shape in chunk_shapes:
+        count = math.prod(-(-n // c) for n, c in zip(region, chunk_shape, strict=True))
+        if count > MAX_CHUNKS:
+            given = ",".join(str(c) for c in chunk_shape)
+            raise UserError(f"--chunks {given}: cuts the measured region "
+                            f"{'x'.join(str(n) for n in region)} into {count:,} chunks (a file "
+                            f"each, written and read per codec and pass); give larger chunks "
+                            f"(at most {MAX_CHUNKS:,} in the region) or a smaller --max-mb")
 
 
 def default_chunk_specs(ndim: int) -> tuple[str, ...]:
@@ -322,6 +338,7 @@ def bench_codecs(volume: str, *, chunks: Sequence[str] | None = None, passes: in
                         "to compress; give a volume with data")
     shape = region_shape(vol.shape, vol.dtype.itemsize, max_mb)
     chunk_shapes = parse_chunks(chunks or default_chunk_specs(vol.ndim), shape)
+    check_chunk_counts(chunk_shapes, shape)
     known = candidates(vol.dtype)
     if codecs:
         names = {c.name for c in known}
@@ -332,9 +349,10 @@ def bench_codecs(volume: str, *, chunks: Sequence[str] | None = None, passes: in
         known = [c for c in known if c.name in codecs]
     rows: list[dict[str, Any]] = []
     left: list[Path] = []  # a temporary folder that could not be removed
+    signals: list[str] = []
     try:
         data = np.ascontiguousarray(vol.read(box_of(shape)))
-        with made_folder(workdir, "--workdir") as folder:
+        with terminated_as_interrupt() as signals, made_folder(workdir, "--workdir") as folder:
             tmp = Path(tempfile.mkdtemp(prefix="emrun-bench-codecs-", dir=folder))
             stopped = False
             try:
@@ -351,8 +369,8 @@ def bench_codecs(volume: str, *, chunks: Sequence[str] | None = None, passes: in
         total = len(known) * len(chunk_shapes)
         removed = (f"remove {left[0]}, which is still being written" if left
                    else "its temporary arrays were removed")
-        raise Interrupted("SIGINT", f"bench codecs measured {len(rows)} of {total} codec and "
-                          f"chunk pairs; {removed}") from None
+        raise Interrupted((signals or ["SIGINT"])[0], f"bench codecs measured {len(rows)} "
+                          f"of {total} codec and chunk pairs; {removed}") from None
     best = choose(rows)
     current = [r for r in rows if r["emrun_default"]]
     return {

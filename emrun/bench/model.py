@@ -22,6 +22,7 @@ from ..recipe import Recipe
 from ..registry import losses
 from . import bench_device
 from .model_rate import sync
+from .room import check_step_room
 
 
 def _time_steps(recipe: Recipe, device: torch.device, precision: str, compiled: bool,
@@ -65,6 +66,7 @@ def bench_model(recipe: Recipe, *, device: str | None = None, steps: int = 5, wa
                 compile_: bool = True) -> dict[str, Any]:
     """The figures `emrun bench model` reports."""
     dev = bench_device(device)
+    check_step_room(recipe, dev)  # before the first batch is allocated
     model = build_model(recipe)
     facts = model_facts(model, recipe.model, recipe.train.patch)
     voxels = recipe.train.batch_size * math.prod(recipe.train.patch)

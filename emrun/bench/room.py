@@ -87,3 +87,56 @@ def check_room(needs: Needs, device: torch.device, shape: Zyx, tmp: Path) -> Non
     if gpu is not None and needs.device > gpu:
         raise UserError(f"{asked}: a block's accumulators would need {size_text(needs.device)} "
                         f"on {device}; {size_text(gpu)} is free: give a smaller --block")
+
+
+def training_step_bytes(recipe: Recipe, precision: str = "fp32") -> int | None:
+    """Bytes one training step of ``recipe`` holds at least: the activations its forward
+    pass keeps for the backward pass (counted in float32 on PyTorch's meta device, which
+    allocates nothing; half of that under bf16 or fp16 ``precision``), the batch (image,
+    targets and masks, float32) and the weights with their gradients and two optimizer
+    moments. None where the model cannot run on the meta device (a plugin's operator
+    without a meta kernel): then nothing is refused."""
+    batch, patch = recipe.train.batch_size, recipe.train.patch
+    voxels = batch * math.prod(patch)
+    saved: dict[int, torch.Tensor] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved[id(tensor)] = tensor  # held, so an id is never reused while counting
+        return tensor
+
+    try:
+        from ..models import build_model
+
+        with torch.device("meta"):
+            model = build_model(recipe).train()
+            image = torch.empty((batch, recipe.model.input_channels(), *patch))
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            outputs = model(image)
+    except Exception:  # any failure only means: not known
+        return None
+    kept = sum(t.numel() * t.element_size() for t in saved.values())
+    kept = kept if precision == "fp32" else kept // 2  # autocast keeps half-size activations
+    found = outputs.values() if isinstance(outputs, dict) else [outputs]
+    produced = sum(o.numel() * o.element_size() for o in found
+                   if isinstance(o, torch.Tensor) and id(o) not in saved)
+    heads = sum(recipe.head_channels().values())
+    inputs = voxels * (recipe.model.input_channels() + 2 * heads) * 4
+    weights = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+    return kept + produced + inputs + weights
+
+
+def check_step_room(recipe: Recipe, device: torch.device, precision: str = "fp32") -> None:
+    """Refuse, in one line and before anything is allocated, a batch and patch whose training
+    step cannot fit the device's free memory (the host's on a CPU): a batch_size of 100,000
+    was killed by the out-of-memory killer, or ran for hours, instead. ``precision``: the
+    step's (`bench model` times fp32 first; `bench train` the recipe's)."""
+    need = training_step_bytes(recipe, precision)
+    if need is None:
+        return
+    gpu = free_device_memory(device)
+    free = available_memory() if gpu is None else gpu
+    if need > free:
+        raise UserError(f"train.batch_size {recipe.train.batch_size} x train.patch "
+                        f"{list(recipe.train.patch)}: a training step would need at least "
+                        f"{size_text(need)} of memory; {size_text(free)} is free on {device}: "
+                        "lower train.batch_size or train.patch (-o train.batch_size=N)")

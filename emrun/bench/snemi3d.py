@@ -264,6 +264,38 @@ def _table(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def loss_curves(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """The (iteration, loss) points of training and of validation in a run's events.jsonl.
+    The benchmark resumes a run it did not start: a line a kill cut short, a record of an
+    older emrun (other keys, a validation that is not a mapping) or a NaN loss logged as
+    null is passed over; a finished benchmark failed at its last figure over one of them."""
+    steps: list[tuple[int, float]] = []
+    vals: list[tuple[int, float]] = []
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return steps, vals
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or not _is_number(at := record.get("iteration")):
+            continue
+        validation = record.get("validation")
+        for points, source in ((steps, record),
+                               (vals, validation if isinstance(validation, dict) else {})):
+            if _is_number(loss := source.get("loss/total")):
+                points.append((at, loss))
+    return steps, vals
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool: JSON's true is no iteration)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and \
+        bool(np.isfinite(value))
+
+
 def _figures(out: Path, image: np.ndarray, affs: np.ndarray, seg: np.ndarray,
              truth: np.ndarray, run: Path) -> None:
     """input.png, affinities.png, segmentation.png (overlay), training.png (curves)."""
@@ -301,11 +333,7 @@ def _figures(out: Path, image: np.ndarray, affs: np.ndarray, seg: np.ndarray,
         ax.axis("off")
 
     def curves(ax: Any) -> None:
-        events = [json.loads(line) for line in
-                  (run / "events.jsonl").read_text(encoding="utf-8").splitlines() if line]
-        steps = [(e["iteration"], e["loss/total"]) for e in events if "loss/total" in e]
-        vals = [(e["iteration"], e["validation"]["loss/total"]) for e in events
-                if "validation" in e]
+        steps, vals = loss_curves(run / "events.jsonl")
         if steps:
             ax.plot(*zip(*steps, strict=True), label="training loss")
         if vals:

@@ -110,4 +110,23 @@ def _validation_results(out: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a bench snemi3d result ({exc}); run the validation "
                         "benchmark again into an empty --out") from None
+    if (wrong := _wrong_field(needed)) is not None:
+        raise UserError(f"{path}: not a bench snemi3d result ({wrong}); run the validation "
+                        "benchmark again into an empty --out")
     return needed
+
+
+def _wrong_field(needed: dict[str, Any]) -> str | None:
+    """The first field of a results.json (hand-edited, or an older emrun's) that is not of
+    the kind `_final` uses, in words; None when all are: ``"iterations": "2k"`` stopped
+    the final run as emrun's internal error, after the SNEMI3D data was converted."""
+    checks = (("segmenter", isinstance(needed["segmenter"], str)),
+              ("parameter", isinstance(needed["parameter"], str)),
+              ("chosen", isinstance(needed["chosen"], int | float)
+               and not isinstance(needed["chosen"], bool)),
+              ("iterations", isinstance(needed["iterations"], int)
+               and not isinstance(needed["iterations"], bool) and needed["iterations"] >= 1),
+              ("overrides", isinstance(needed["overrides"], list)
+               and all(isinstance(o, str) for o in needed["overrides"])),
+              ("recipe_file", isinstance(needed["recipe_file"], str)))
+    return next((f"{name!r} is {needed[name]!r}" for name, ok in checks if not ok), None)

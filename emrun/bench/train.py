@@ -31,6 +31,7 @@ from ..registry import losses
 from ..train.optim import build_optimizer
 from ..train.trainer import Trainer, configure_backends, seed_everything
 from . import bench_device
+from .room import check_step_room
 
 
 def _batches(loaded: LoadedRecipe, count: int) -> list[dict[str, Any]]:
@@ -123,6 +124,7 @@ def bench_train(loaded: LoadedRecipe, *, device: str | None = None, steps: int =
         "checkpoint_every": warmup + steps, "workers": 0})
     recipe = recipe.model_copy(update={"train": train})
     loaded = LoadedRecipe(recipe, loaded.source, loaded.path, loaded.files)
+    check_step_room(recipe, dev, recipe.train.precision)  # before four batches are made
     batches = _batches(loaded, 4)
     bare = _bare_loop(loaded, batches, dev, steps, warmup)
     emrun, checkpoint_seconds = _trainer_loop(loaded, batches, dev, steps, warmup)

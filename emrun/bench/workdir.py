@@ -18,9 +18,12 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..capacity import work_folder
 
@@ -59,6 +62,29 @@ def _remove_empty(path: Path, top: Path) -> None:
         if path == top or path == path.parent:
             return
         path = path.parent
+
+
+@contextlib.contextmanager
+def terminated_as_interrupt() -> Iterator[list[str]]:
+    """While a benchmark writes its temporary arrays: SIGTERM (`timeout`, `kill`, a
+    cluster's time limit) stops it as Ctrl-C does, so its temporary folder is removed (the
+    default action ended the process at once and left up to hundreds of MB in the system's
+    temporary folder). Yields the names of the signals that stopped it ("SIGTERM"); outside
+    the main thread nothing is installed."""
+    caught: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(number: int, frame: Any) -> None:
+        caught.append(signal.Signals(number).name)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _first_missing(path: Path) -> Path | None:

@@ -56,6 +56,9 @@ def output_format(output: Path, format: str | None) -> str:
     refused (`o.onnx` was written as an emrun package, which no ONNX tool opens)."""
     if format is not None and format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
+    if format is None and output.name.lower() in SUFFIXES:  # ".emrun": hidden, no suffix
+        raise UserError(f"{output}: give the file a name before its suffix (e.g. "
+                        f"model{output.name.lower()})")
     named = SUFFIXES.get(output.suffix.lower())
     if format is None and named is None:
         raise UserError(f"{output}: give --format ({', '.join(FORMATS)}), or name the file "

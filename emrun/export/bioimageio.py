@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, host_out_of_memory
 from ..io.package import package_bytes
 from ..registry import ALL as registries
 from ..synth import synthesize
@@ -84,9 +84,7 @@ def _write_files(trained: Trained, facts: dict[str, Any], folder: Path) -> dict[
     raw = _test_input(trained, low, high)
     gain, offset = _scale(low, high)
     scaled = np.clip(raw * np.float32(gain) + np.float32(offset), 0, 1).astype(np.float32)
-    with torch.no_grad(), _torchscript_quiet():
-        traced = torch.jit.trace(network, torch.from_numpy(scaled), check_trace=False)
-        outputs = [o.numpy() for o in traced(torch.from_numpy(scaled))]
+    traced, outputs = _traced(network, torch.from_numpy(scaled))
     files: dict[str, Any] = {"gain": gain, "offset": offset,
                              "ids": dict(zip(network.tasks, output_names(network.tasks),
                                              strict=True))}
@@ -112,6 +110,23 @@ def _write_files(trained: Trained, facts: dict[str, Any], folder: Path) -> dict[
     files["readme"] = folder / "README.md"
     files["readme"].write_text(_readme(trained, facts), encoding="utf-8")
     return files
+
+
+def _traced(network: ExportedNetwork, example: torch.Tensor) -> tuple[Any, list[np.ndarray]]:
+    """The TorchScript trace of ``network`` and its outputs on ``example``; a network that
+    cannot be traced (a plugin's model with Python-side control flow or outputs TorchScript
+    does not take) is one line, as `emrun export --format onnx` says it, not emrun's bug."""
+    try:
+        with torch.no_grad(), _torchscript_quiet():
+            traced = torch.jit.trace(network, example, check_trace=False)
+            return traced, [o.numpy() for o in traced(example)]
+    except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError) as exc:
+        if host_out_of_memory(exc) is not None:  # the machine's limit, said as such
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"this model cannot be exported to bioimage.io: TorchScript cannot "
+                        f"trace it ({first[:200]}); export it as .emrun or .onnx instead"
+                        ) from None
 
 
 @contextmanager

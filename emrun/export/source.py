@@ -54,8 +54,21 @@ class Trained:
 
 
 def load_trained(source: Path) -> Trained:
-    """Read what ``source`` names; refuses one that carries no recipe or broken weights."""
+    """Read what ``source`` names; refuses one that carries no recipe or broken weights. A
+    run directory whose best.pt is refused says that its last.pt can be exported instead."""
     path = checkpoint_of(Path(source))
+    try:
+        return _load_trained(path)
+    except UserError as exc:
+        other = path.parent / "last.pt"
+        if Path(source).is_dir() and path.name == "best.pt" and other.is_file():
+            raise UserError(f"{exc}; to export the run's newest checkpoint instead: emrun "
+                            f"export {shlex.quote(str(other))} OUTPUT") from None
+        raise
+
+
+def _load_trained(path: Path) -> Trained:
+    """`load_trained` of one checkpoint file or model package."""
     recipe = _carried_recipe(path)
     if is_package(path):
         package = read_package(path)
