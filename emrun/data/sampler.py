@@ -35,8 +35,9 @@ class Crop:
     semantic: dict[str, np.ndarray]
 
 
-def read_crop(source: Source, roi: Roi) -> Crop:
-    """Every volume of ``source`` over ``roi`` (must lie inside the volume)."""
+def read_crop(source: Source, roi: Roi, semantic: frozenset[str] | None = None) -> Crop:
+    """The volumes of ``source`` over ``roi`` (must lie inside the volume): every one, or
+    of its semantic volumes only those named in ``semantic`` (when given)."""
     image = source.image.read(roi)
     if image.ndim == 4:  # a channel axis: the pipeline works on one channel
         image = image[0]
@@ -46,7 +47,8 @@ def read_crop(source: Source, roi: Roi) -> Crop:
         image=image,
         labels=source.labels.read(roi) if source.labels is not None else None,
         mask=source.mask.read(roi) if source.mask is not None else None,
-        semantic={k: v.read(roi) for k, v in source.semantic.items()},
+        semantic={k: v.read(roi) for k, v in source.semantic.items()
+                  if semantic is None or k in semantic},
     )
 
 
@@ -113,9 +115,9 @@ class PatchSampler:
         return self.sources[int(rng.choice(len(self.sources), p=self.weights))]
 
     def draw(self, rng: np.random.Generator, in_shape: Zyx, out_shape: Zyx,
-             source: Source | None = None) -> Crop:
+             source: Source | None = None, semantic: frozenset[str] | None = None) -> Crop:
         """One crop of ``in_shape`` whose centre (``_core``) passes the source's tests,
-        from ``source`` (default: one picked by weight)."""
+        from ``source`` (default: one picked by weight); ``semantic``: see `read_crop`."""
         source = source or self.pick(rng)
         room = source.box.shape - Coordinate(in_shape)
         if min(room) < 0:
@@ -126,7 +128,7 @@ class PatchSampler:
             corner = self._corner(rng, source, in_shape, room)
             if corner is None:
                 continue
-            crop = read_crop(source, Roi(corner, in_shape))
+            crop = read_crop(source, Roi(corner, in_shape), semantic)
             if source.min_labelled > 0 and crop.labels is not None:
                 labels = crop.labels[slices(core)]
                 if np.count_nonzero(labels) < source.min_labelled * labels.size:

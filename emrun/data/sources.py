@@ -67,7 +67,9 @@ class Source:
         they would be trained on (clip keeps NaN: every loss would go NaN, steps skipped).
         Without a recipe scale, float values outside [0, 1] are refused (the default
         would clip them)."""
-        image = (raw.astype(np.float32) - np.float32(self.low)) / np.float32(self.high - self.low)
+        image = raw.astype(np.float32)  # a new array: the same arithmetic, in place
+        image -= np.float32(self.low)
+        image /= np.float32(self.high - self.low)
         if raw.dtype.kind == "f" and not (finite := np.isfinite(image)).all():
             masked_out = mask is not None and mask.shape == image.shape
             bad = ~finite & inside(mask) if masked_out else ~finite
