@@ -410,7 +410,7 @@ def n5_spatial(name: str, ndim: int, attrs: Mapping[str, Any]) -> Any:
                              for v, f in zip(reversed(resolution), factors, strict=True)]
     elif resolution is not None:
         zyx["voxel_size"] = resolution  # not a list: checked below
-    if "voxel_size" in zyx and (problem := size_problem(zyx["voxel_size"], ndim)) is not None:
+    if "voxel_size" in zyx and (problem := _n5_size_problem(zyx["voxel_size"], ndim)) is not None:
         zyx["voxel_size"] = list(reversed(stated_resolution(name, attrs, _size_key(attrs),
                                                             problem)))
     offset = attrs.get("offset")
@@ -421,6 +421,15 @@ def n5_spatial(name: str, ndim: int, attrs: Mapping[str, Any]) -> Any:
     elif offset is not None:
         zyx["offset"] = list(reversed(offset)) if isinstance(offset, list) else offset
     return from_attrs(name, ndim, zyx)
+
+
+def _n5_size_problem(size: Any, ndim: int) -> str | None:
+    """`size_problem`, and a value for each spatial axis at least: N5 lists x, y and z
+    (and, on a dataset with channels, may list them too), where funlib lets leading axes go
+    unsized; tensorstore refused a 3-d dataset's 2 values before emrun read them."""
+    if isinstance(size, list) and len(size) < min(ndim, 3):
+        return f"has length {len(size)} for a {ndim}-d dataset (x, y and z each need one)"
+    return size_problem(size, ndim)
 
 
 def _size_key(attrs: Mapping[str, Any]) -> str:
