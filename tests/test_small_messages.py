@@ -5,17 +5,12 @@ refusal of unreadable voxel-size metadata says to state one."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import math
 import os
 import subprocess
 import sys
-import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from test_remote_volumes import served
 from typer.testing import CliRunner
 
 from emrun import capacity
@@ -224,25 +220,6 @@ def test_an_s3_failure_prints_no_aws_log_lines(tmp_path: Path) -> None:
 # ============================================ 5. a remote store's coarser level, size stated
 
 
-@contextmanager
-def _served(folder: Path) -> Iterator[str]:
-    """``folder`` over HTTP from a thread on this machine; yields its base URL."""
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def _ome_with_bad_scales(tmp_path: Path) -> Path:
     """o.zarr: levels s0 (6 x 10 x 14) and s1 (y and x halved) whose OME scales are no
     sizes (NaN), in nm axes."""
@@ -270,7 +247,7 @@ def test_a_remote_coarser_level_scales_the_stated_size(tmp_path: Path) -> None:
     with pytest.warns(MetadataIgnored), stated_voxel_size(STATED):
         local = open_volume(store)
         assert [level.voxel_size for level in local.levels()] == [STATED, (30.0, 12.0, 12.0)]
-    with _served(tmp_path) as url, pytest.warns(MetadataIgnored), stated_voxel_size(STATED):
+    with served(tmp_path) as url, pytest.warns(MetadataIgnored), stated_voxel_size(STATED):
         remote = open_volume(f"{url}/o.zarr")
         assert remote.voxel_size == STATED
         assert [level.voxel_size for level in remote.levels()] == [STATED, (30.0, 12.0, 12.0)]

@@ -4,17 +4,13 @@ scaled, `view` of N5 at a URL, and what a new user's bad arguments get."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+from test_remote_volumes import served
 from typer.testing import CliRunner
 
 from emrun.bench import segment
@@ -246,25 +242,6 @@ def test_neuroglancer_takes_the_translated_time_position(tmp_path: Path) -> None
 
 
 # ============================================ 4. view: N5 at a URL, read by neuroglancer
-
-
-@contextmanager
-def served(folder: Path) -> Iterator[str]:
-    """A plain HTTP server of ``folder`` (no listings asked for) in a thread."""
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _pyramid(tmp_path: Path, scales: bool) -> Path:
