@@ -18,6 +18,7 @@ import numpy as np
 
 from . import locks
 from .atomic import atomic_output, write_text
+from .capacity import pseudo_file_system
 from .errors import Interrupted, UserError
 from .evaluate import score_volumes
 from .geometry import Roi
@@ -109,6 +110,9 @@ def run_demo(out: Path, console: Any = None, overrides: list[str] | None = None
     returns the metrics. ``out`` is held against other emrun processes meanwhile
     (`emrun.locks`): a second demo into it was refused by its training, as if it had a
     --run-dir to change."""
+    if (kind := pseudo_file_system(out)) is not None:  # not "No such file or directory"
+        raise UserError(f"--out {out}: cannot be written: {kind}, not a disk; give a folder "
+                        "on a disk")
     if (above := file_in_the_way(out)) is not None:
         raise UserError(f"--out {out}: {above} is a file, not a folder; give another --out")
     _check_empty(out)

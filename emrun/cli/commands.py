@@ -221,7 +221,7 @@ def infer(
     from ..infer.cautions import input_cautions
     from ..infer.checkpoint_recipe import recipe_for
     from ..infer.progress import block_progress
-    from ..infer.run import run_inference
+    from ..infer.run import inference_cautions, run_inference
     from ..infer.schedule import Stopped
 
     if tta is not None and tta not in (1, 2, 4, 8, 16):
@@ -232,6 +232,7 @@ def infer(
     input_ = at_level(input_, level)
     checkpoint = _network_file(checkpoint, model)
     loaded = recipe_for(checkpoint, recipe, override or [])
+    warn(inference_cautions(loaded))
     if cautions := input_cautions(loaded.recipe, checkpoint, input_):
         warn(cautions)
     try:
@@ -244,8 +245,7 @@ def infer(
                                      on_block=report)
     except Stopped as stop:
         done = stop.progress.done + stop.progress.skipped
-        raise Interrupted(stop.signal_name, f"{done} of {stop.progress.total} blocks are done "
-                          "and marked; continue with --resume") from None
+        raise Interrupted(stop.signal_name, _stopped_text(done, stop.progress.total)) from None
     empty = (f" ({progress.empty} of them empty: outside the mask or blank input)"
              if progress.empty else "")
     out.print(f"wrote {output}: {progress.done} blocks predicted{empty}, {progress.skipped} "
@@ -258,6 +258,19 @@ def infer(
                   markup=False)
     if (nonfinite := progress.nonfinite_warning()) is not None:
         warn([nonfinite])
+
+
+def _stopped_text(done: int, total: int) -> str:
+    """What an interrupted infer kept (``done`` of ``total`` blocks) and what --resume does
+    next: with every block done (the signal came after the last one) it only finishes the
+    output, and "48 of 48 blocks are done; continue with --resume" read as if blocks
+    remained."""
+    if done < total:
+        return (f"{done} of {total} blocks are done and marked; continue with --resume to "
+                "predict the rest")
+    return (f"all {total} blocks are done and marked, but the output is not "
+            "finished (its pyramid and completion mark); --resume predicts nothing again, "
+            "only finishes it")
 
 
 def _network_file(checkpoint: Path | None, model: Path | None) -> Path:
@@ -319,7 +332,7 @@ def _parse_roi(text: str | None) -> Roi | None:
 def export(
     source: Annotated[Path, typer.Argument(
         help="A run directory (its best.pt, else last.pt), a checkpoint or a model package.")],
-    output: Annotated[Path, typer.Argument(
+    output: Annotated[str, typer.Argument(
         help="File to write: NAME.emrun, NAME.zip (bioimageio) or NAME.onnx.")],
     format_: Annotated[str | None, typer.Option(
         "--format", metavar="emrun|bioimageio|onnx", help="emrun: a model package for "
@@ -329,8 +342,9 @@ def export(
 ) -> None:
     """Write a trained network as one file that travels: weights, recipe, facts, checksums."""
     from ..export import export as run_export
+    from ..export import file_output
 
-    for line in run_export(source, output, format_):
+    for line in run_export(source, file_output(output), format_):
         out.print(line, markup=False)
 
 

@@ -14,9 +14,11 @@ The format modules are imported on use: their libraries are optional and heavy.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
+from ..capacity import pseudo_file_system
 from ..errors import UserError
 
 Format = Literal["emrun", "bioimageio", "onnx"]
@@ -37,6 +39,9 @@ def export(source: Path, output: Path, format: str | None = None) -> list[str]:
         raise UserError(f"{output} exists; export never overwrites a file: remove it or "
                         "choose another name")
     format = output_format(output, format)
+    if (kind := pseudo_file_system(output)) is not None:  # before the network is read
+        raise UserError(f"{output}: cannot be written: {kind}, not a disk; give a file path "
+                        "on a disk")
     trained = load_trained(source)
     if format == "emrun":
         from .package import export_package
@@ -49,6 +54,16 @@ def export(source: Path, output: Path, format: str | None = None) -> list[str]:
     from .onnx import export_onnx
 
     return export_onnx(trained, output)
+
+
+def file_output(text: str) -> Path:
+    """The output file as given on the command line. A trailing slash (``q.emrun/``) says a
+    folder was meant, and a Path drops it: the file ``q.emrun`` was written, which is not
+    what was asked; which file to write in a folder is not to be guessed either."""
+    if text.endswith(("/", os.sep)) and text.rstrip("/" + os.sep):
+        raise UserError(f"{text}: ends with a slash, as a folder does, but export writes "
+                        "one file: give the file's path, without the slash")
+    return Path(text)
 
 
 def output_format(output: Path, format: str | None) -> str:
@@ -70,4 +85,4 @@ def output_format(output: Path, format: str | None) -> str:
     return format or named  # type: ignore[return-value]
 
 
-__all__ = ["FORMATS", "Format", "export", "output_format"]
+__all__ = ["FORMATS", "Format", "export", "file_output", "output_format"]

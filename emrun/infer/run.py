@@ -14,11 +14,26 @@ from typing import Literal
 from ..devices import check_launch, daisy_package
 from ..errors import UserError
 from ..geometry import Roi, Zyx
-from ..recipe import Recipe
+from ..recipe import LoadedRecipe, Problem, Recipe
+from ..recipe.checks import cautions
 from .job import finish_job, prepare_job, release_job
 from .schedule import Progress, check_device, run_local, worker_slots
 
 Scheduler = Literal["local", "daisy"]
+
+TRAINING_ONLY: tuple[tuple[str, ...], ...] = (("train",), ("data", "validation"))
+"""Where the recipe's cautions that concern only training lie (the warm-up, the validation
+cadence, how validation is scaled): a checkpoint's training is over, so infer does not say
+them on every prediction."""
+
+
+def inference_cautions(loaded: LoadedRecipe) -> list[str]:
+    """The recipe's cautions that concern prediction (an absurd ``infer.stride``, tiny
+    ``infer.chunks``, the intensity scale every input is read by), each located and worded
+    as `emrun validate` and `emrun train` print them: infer predicted with them unsaid."""
+    return [str(Problem(message, loaded.mark(path), path))
+            for path, message in cautions(loaded.recipe)
+            if not any(path[:len(key)] == key for key in TRAINING_ONLY)]
 
 
 def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
