@@ -371,17 +371,21 @@ class BlockStops:
         """Hand ``process`` the blocks ``client`` (a ``daisy.Client``) acquires until this
         says stop. On SIGINT daisy closes its server at once, under a worker asking for a
         block ('Broken pipe': a traceback and exit 1, reported after the stop): once
-        stopped, that is the stop; before, it is raised."""
+        stopped, that is the stop; before, it is raised. A block's own failure is raised
+        either way (swallowed after a stop, its traceback was lost and the worker ended 0)."""
         while True:
+            processing = False
             try:
                 with client.acquire_block() as block:
                     if block is None or self():
                         return
+                    processing = True
                     process(block)
+                    processing = False
             except Exception:
-                if self():
-                    return
-                raise
+                if processing or not self():
+                    raise
+                return
 
 
 @contextlib.contextmanager
