@@ -13,7 +13,7 @@ import numpy as np
 
 from ..unionfind import find
 
-__all__ = ["aggregate_pairs", "merge_loop"]
+__all__ = ["aggregate_pairs", "distinct_partners", "merge_loop"]
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -30,6 +30,30 @@ def _sort_small(values: np.ndarray, begin: int, end: int) -> None:  # pragma: no
             values[j + 1] = values[j]
             j -= 1
         values[j + 1] = item
+
+
+@numba.njit(cache=True, nogil=True)
+def distinct_partners(start: np.ndarray, partner: np.ndarray, width: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover
+    """Each bucket's distinct partners, sorted: bucket ``a`` holds ``partner[start[a]:
+    start[a + 1]]`` (ids below ``width``), its distinct ones come back as
+    ``second[first[a]:first[a + 1]]``; found through one scratch slot per id, returned
+    (all -1) for the caller's next pass over the pairs."""
+    slot = np.full(width, -1, np.int64)
+    second = np.empty(partner.shape[0], np.int64)
+    first = np.zeros(width + 1, np.int64)
+    for a in range(width):
+        pairs = first[a]
+        for k in range(start[a], start[a + 1]):
+            if slot[partner[k]] < 0:
+                slot[partner[k]] = 0
+                second[pairs] = partner[k]
+                pairs += 1
+        _sort_small(second, first[a], pairs)
+        for j in range(first[a], pairs):
+            slot[second[j]] = -1
+        first[a + 1] = pairs
+    return second, first, slot
 
 
 @numba.njit(cache=True, nogil=True)
@@ -55,20 +79,7 @@ def aggregate_pairs(lo: np.ndarray, hi: np.ndarray, weight: np.ndarray, count: n
         partner[j] = hi[k]
         order[j] = k
         fill[lo[k]] += 1
-    slot = np.full(width, -1, np.int64)
-    second = np.empty(m, np.int64)
-    first = np.zeros(width + 1, np.int64)
-    for a in range(width):
-        pairs = first[a]
-        for k in range(start[a], start[a + 1]):
-            if slot[partner[k]] < 0:
-                slot[partner[k]] = 0
-                second[pairs] = partner[k]
-                pairs += 1
-        _sort_small(second, first[a], pairs)
-        for j in range(first[a], pairs):
-            slot[second[j]] = -1
-        first[a + 1] = pairs
+    second, first, slot = distinct_partners(start, partner, width)
     n = first[width]
     low = np.empty(n, np.int64)
     total = np.zeros(n, np.float64)

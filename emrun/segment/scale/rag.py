@@ -19,6 +19,7 @@ import numpy as np
 
 from ...geometry import Roi, local_slices
 from ..affinities import Offset, is_nearest
+from ..compiled import distinct_partners
 
 __all__ = ["BINS", "BlockGraph", "block_graph", "dense_ids", "histogram_quantile", "row_quantile"]
 
@@ -119,20 +120,7 @@ def _pair_statistics(dense: np.ndarray, low: np.ndarray, affs: np.ndarray,
                             value[fill[a]] = affs[channels[i], z - low[0], y - low[1],
                                                   x - low[2]]
                             fill[a] += 1
-    v = np.empty(partner.shape[0], np.int64)  # each bucket's distinct partners, sorted
-    first = np.zeros(n + 1, np.int64)  # u's pairs are first[u]:first[u + 1]
-    slot = np.full(n, -1, np.int64)
-    for a in range(n):
-        pairs = first[a]
-        for k in range(start[a], start[a + 1]):
-            if slot[partner[k]] < 0:
-                slot[partner[k]] = 0
-                v[pairs] = partner[k]
-                pairs += 1
-        v[first[a]:pairs] = np.sort(v[first[a]:pairs])
-        for j in range(first[a], pairs):
-            slot[v[j]] = -1
-        first[a + 1] = pairs
+    v, first, slot = distinct_partners(start, partner, n)  # u's pairs: first[u]:first[u + 1]
     m = first[n]
     u = np.empty(m, np.int64)
     total, count = np.zeros(m, np.float64), np.zeros(m, np.int64)
