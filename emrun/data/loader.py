@@ -78,7 +78,9 @@ class TrainBatches(IterableDataset):  # type: ignore[type-arg]
         if info is not None:  # one core per worker: numpy's BLAS would start one thread per
             threadpool_limits(1)  # core in each (LSD targets use matrix products)
         try:
-            maker = SampleMaker(self.recipe)
+            # only a worker keeps freed sample memory: in the trainer (workers 0) it stayed
+            # in the process that also holds the model's tensors
+            maker = SampleMaker(self.recipe, keep_memory=info is not None)
             for index in itertools.count(self.start + worker, workers):
                 yield maker.batch(self.recipe.seed, self.rank, index)
         except UserError as exc:

@@ -28,11 +28,18 @@ def batch_rng(seed: int, rank: int, index: int) -> np.random.Generator:
 
 
 class SampleMaker:
-    """Makes training samples for a recipe; build it inside the process that uses it (which
-    then keeps the memory of one sample's arrays for the next: `keep_freed_memory`)."""
+    """Makes training samples for a recipe; build it inside the process that uses it.
 
-    def __init__(self, recipe: Recipe, sources: list[Source] | None = None) -> None:
-        keep_freed_memory()
+    ``keep_memory``: that process keeps the memory of one sample's arrays for the next
+    (`keep_freed_memory`): right for a process that only makes samples (a loader worker, a
+    benchmark of one), not for the trainer making its own (``workers: 0``), whose heap
+    torch's tensors share: it kept up to 256 MB freed between steps, for no speed that a
+    step's network time leaves measurable."""
+
+    def __init__(self, recipe: Recipe, sources: list[Source] | None = None, *,
+                 keep_memory: bool = True) -> None:
+        if keep_memory:
+            keep_freed_memory()
         self.recipe = recipe
         self.patch = recipe.train.patch
         self.sources = sources if sources is not None else open_sources(recipe.data.sources)
