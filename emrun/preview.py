@@ -96,14 +96,15 @@ def _title(recipe: Recipe, samples: int) -> str:
     """What the grid shows: with several samples a batch, how many batches and whether the
     last is cut short (``--n`` counts samples)."""
     size = recipe.train.batch_size
-    what = f"the first {samples} augmented samples training sees"
+    what = ("the first augmented sample training sees" if samples == 1 else
+            f"the first {samples} augmented samples training sees")
     if size > 1:
         batches, cut = divmod(samples, size)
         whole = f"{batches} whole batch{'es' if batches != 1 else ''}" if batches else ""
         part = f"{cut} of the {size} samples of batch {batches}" if cut else ""
         what += f" (batch_size {size}: {' and '.join(p for p in (whole, part) if p)})"
-    return f"{recipe.name}: {what}\npatch {list(recipe.train.patch)} (grey: excluded from " \
-        "the loss)"
+    patch = " x ".join(str(v) for v in recipe.train.patch)
+    return f"{recipe.name}: {what}\npatch {patch} (grey: excluded from the loss)"
 
 
 def write_preview(recipe: Recipe, out: Path, samples: int = 8) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -15,10 +16,16 @@ if TYPE_CHECKING:
     from .models.facts import ModelFacts
 
 
-def _zyx(values: tuple[float, ...] | tuple[int, ...] | None) -> str:
+def zyx_text(values: Sequence[float] | None) -> str:
+    """Sizes as people read them and every command prints them: 20 x 256 x 256."""
     if values is None:
         return "?"
     return " x ".join(f"{v:g}" for v in values)
+
+
+def _count(n: int, thing: str) -> str:
+    """'1 augmentation', '4 augmentations'."""
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 def flops_text(flops: float) -> str:
@@ -50,14 +57,14 @@ def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | N
                 shape = getattr(src, "shape", None)
                 kind = src.type
                 weight = "auto" if src.weight is None else f"{src.weight:g}"
-                sources.add_row(group, name, kind, _zyx(shape) if shape else "not opened",
-                                "", _zyx(src.voxel_size), weight)
+                sources.add_row(group, name, kind, zyx_text(shape) if shape else "not opened",
+                                "", zyx_text(src.voxel_size), weight)
     else:
         for f in facts:
             weight = "auto" if f.weight is None else f"{f.weight:g}"
-            shape = _zyx(f.shape) + (f" (labelled {_zyx(f.sampled)})" if f.sampled else "")
+            shape = zyx_text(f.shape) + (f" (labelled {zyx_text(f.sampled)})" if f.sampled else "")
             sources.add_row(f.group, f.name, f.kind, shape, f.dtype or "?",
-                            _zyx(f.voxel_size), weight)
+                            zyx_text(f.voxel_size), weight)
     console.print(sources)
 
     model = recipe.model
@@ -65,9 +72,9 @@ def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | N
     console.print(
         f"[bold]model[/] {escape(model.type)}: {escape(model.summary())}; "
         f"{model_facts.params:,} parameters; "
-        f"accepts sizes divisible by {_zyx(model_facts.divisor)}; "
+        f"accepts sizes divisible by {zyx_text(model_facts.divisor)}; "
         f"{flops_text(model_facts.flops_per_voxel)} per output voxel; receptive field "
-        f"{'unknown' if field is None else ' x '.join(str(v) for v in field)}"
+        f"{'unknown' if field is None else zyx_text(field)}"
     )
     tasks = Table(title="tasks", title_justify="left", box=None, pad_edge=False)
     for col in ("task", "target", "channels", "loss", "weight"):
@@ -78,8 +85,8 @@ def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | N
     console.print(tasks)
     train = recipe.train
     console.print(
-        f"[bold]train[/] patch {_zyx(train.patch)}, batch {train.batch_size}, "
+        f"[bold]train[/] patch {zyx_text(train.patch)}, batch {train.batch_size}, "
         f"{train.iterations:,} iterations, {train.optimizer.type} lr {train.optimizer.lr:g}, "
         f"{train.schedule.type} schedule, {train.precision}; "
-        f"{len(recipe.augment)} augmentations"
+        f"{_count(len(recipe.augment), 'augmentation')}"
     )

@@ -93,7 +93,7 @@ Overrides = Annotated[
     typer.Option("--override", "-o", metavar="KEY.PATH=VALUE",
                  help="Override a recipe value (VALUE is YAML); repeatable."),
 ]
-RecipeFile = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
+RecipeFile = Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML file.")]
 Device = Annotated[str | None, typer.Option(
     metavar="cpu|cuda|cuda:N", help="Device (default: cuda when there is one, else cpu).")]
 JsonLine = Annotated[bool, typer.Option(

@@ -81,14 +81,15 @@ def bench_model(
 
     from ..bench.model import bench_model as run_bench
     from ..recipe import load_recipe
-    from ..summary import flops_text
+    from ..summary import flops_text, zyx_text
 
     loaded = load_recipe(recipe, override or [])
     result = run_bench(loaded.recipe, device=device, steps=steps, compile_=compile_)
+    field = result["receptive_field"]
     out.print(f"[bold]{result['recipe']}[/] on {result['device']}: {result['model']}, "
               f"{result['params']:,} parameters, {flops_text(result['flops_per_voxel'])} "
-              f"per voxel, receptive field {result['receptive_field'] or 'unknown'}, patch "
-              f"{result['patch']} x batch {result['batch_size']}")
+              f"per voxel, receptive field {zyx_text(field) if field else 'unknown'}, patch "
+              f"{zyx_text(result['patch'])}, batch {result['batch_size']}")
     out.print(f"  {result['summary']}", markup=False)
     for c in result["configs"]:
         out.print(f"  {c['precision']:<5} {'compiled' if c['compiled'] else 'eager':<8} "
@@ -183,10 +184,10 @@ def bench_segment(
     block: Annotated[tuple[int, int, int], typer.Option(
         metavar="Z Y X", help="Block size of the pipeline.")] = (32, 256, 256),
     workers: Annotated[list[int] | None, typer.Option(
-        min=1, help="Worker counts to run (repeat; default 1 and 2).")] = None,
+        min=1, metavar="N", help="Worker counts to run (repeat; default 1 and 2).")] = None,
     threshold: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Agglomeration threshold, as emrun segment --threshold with "
-        "--scheduler.")] = 0.5,
+        min=0.0, max=1.0, metavar="T",
+        help="Agglomeration threshold, as emrun segment --threshold with --scheduler.")] = 0.5,
     agglomeration: Annotated[str, typer.Option(
         metavar="global|blockwise", help="As emrun segment --agglomeration.")] = "global",
     folder: Annotated[Path | None, typer.Option(
@@ -220,7 +221,8 @@ def bench_data(
     synthetic: Annotated[bool, typer.Option(
         "--synthetic", help="Replace the recipe's sources by synthetic volumes.")] = False,
     workers: Annotated[int | None, typer.Option(
-        min=0, help="Loader worker processes (default: train.workers; 0: in-process).")] = None,
+        min=0, metavar="N",
+        help="Loader worker processes (default: train.workers; 0: in-process).")] = None,
     samples: Annotated[int, typer.Option(min=1, help="Samples to time.")] = 50,
     json_: JsonLine = False,
 ) -> None:
@@ -229,11 +231,13 @@ def bench_data(
 
     from ..bench.data import bench_data as run_bench
     from ..recipe import load_recipe
+    from ..summary import zyx_text
 
     loaded = load_recipe(recipe, override or [])
     workers = loaded.recipe.train.workers if workers is None else workers
     result = run_bench(loaded.recipe, synthetic=synthetic, workers=workers, samples=samples)
-    out.print(f"[bold]{result['recipe']}[/]: patch {result['patch']}, {workers} workers, "
+    loader = "in-process" if workers == 0 else f"{workers} worker{'s' if workers > 1 else ''}"
+    out.print(f"[bold]{result['recipe']}[/]: patch {zyx_text(result['patch'])}, {loader}, "
               f"{result['samples_per_s']:.1f} samples/s ({result['ms_per_sample']:.1f} ms per "
               f"sample); one core: median {result['median_ms_per_sample_one_core']:.1f} ms")
     out.print(f"  read {result['read_ms']:.1f} ms, targets {result['targets_ms']:.1f} ms")
@@ -248,7 +252,8 @@ def bench_data(
 @bench_app.command("codecs")
 @guarded
 def bench_codecs(
-    volume: Annotated[str, typer.Argument(help="Volume to measure, e.g. pred.zarr/affinity.")],
+    volume: Annotated[str, typer.Argument(
+        metavar="VOLUME", help="Volume to measure, e.g. pred.zarr/affinity.")],
     chunks: Annotated[list[str] | None, typer.Option(
         "--chunks", metavar="C,Z,Y,X", help="Chunk shape to try ('C': all channels); "
         "repeatable (default: C,16,256,256 C,32,256,256 C,8,512,512 1,16,256,256).")] = None,

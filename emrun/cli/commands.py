@@ -196,18 +196,20 @@ def infer(
     tta: Annotated[int | None, typer.Option(
         metavar="1|2|4|8|16", help="Flip/transpose variants averaged (default: infer.tta).")]
     = None,
-    mask: Annotated[str | None, typer.Option(help="Predict only blocks where this is non-zero.")]
+    mask: Annotated[str | None, typer.Option(
+        metavar="MASK", help="Predict only blocks where this is non-zero.")]
     = None,
     device: Device = None,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted output.")]
     = False,
     workers: Annotated[int | None, typer.Option(
-        help="Worker processes (default: one per GPU; one on a CPU).")] = None,
+        metavar="N", help="Worker processes (default: one per GPU; one on a CPU).")] = None,
     scheduler: Annotated[str, typer.Option(
         metavar="local|daisy", help="local (worker processes here) or daisy (extra "
         "emrun[daisy]).")] = "local",
     launch: Annotated[str | None, typer.Option(
-        help="daisy only: command that starts each worker, e.g. 'srun --gres=gpu:1'.")] = None,
+        metavar="CMD", help="daisy only: command that starts each worker, e.g. 'srun "
+        "--gres=gpu:1'.")] = None,
     roi: Annotated[str | None, typer.Option(
         metavar="OFFSET/SHAPE", help="Predict only this box of the input, in voxels, e.g. "
         "60,0,0/10,1024,1024 (the input around it still gives context).")] = None,
@@ -248,7 +250,8 @@ def infer(
         raise Interrupted(stop.signal_name, _stopped_text(done, stop.progress.total)) from None
     empty = (f" ({progress.empty} of them empty: outside the mask or blank input)"
              if progress.empty else "")
-    out.print(f"wrote {output}: {progress.done} blocks predicted{empty}, {progress.skipped} "
+    predicted = f"{progress.done} block{'' if progress.done == 1 else 's'} predicted"
+    out.print(f"wrote {output}: {predicted}{empty}, {progress.skipped} "
               f"already done, {progress.voxels / max(progress.seconds, 1e-9) / 1e6:.2f} "
               "Mvoxel/s", markup=False)
     if progress.done and progress.empty == progress.done and not progress.skipped:
@@ -331,8 +334,10 @@ def _parse_roi(text: str | None) -> Roi | None:
 @guarded
 def export(
     source: Annotated[Path, typer.Argument(
+        metavar="SOURCE",
         help="A run directory (its best.pt, else last.pt), a checkpoint or a model package.")],
     output: Annotated[str, typer.Argument(
+        metavar="OUTPUT",
         help="File to write: NAME.emrun, NAME.zip (bioimageio) or NAME.onnx.")],
     format_: Annotated[str | None, typer.Option(
         "--format", metavar="emrun|bioimageio|onnx", help="emrun: a model package for "
@@ -352,8 +357,10 @@ def export(
 @guarded
 def segment(
     affs: Annotated[str, typer.Argument(
+        metavar="AFFS",
         help="Affinities (c, z, y, x), e.g. pred.zarr/affinity; uint8 (255 = 1) or float.")],
-    output: Annotated[Path, typer.Argument(help="Output .zarr folder (created if missing).")],
+    output: Annotated[Path, typer.Argument(
+        metavar="OUT", help="Output .zarr folder (created if missing).")],
     method: Annotated[str | None, typer.Option(
         metavar="mws|waterz|cc", help="mws, waterz (extra emrun[waterz]) or cc. Default: the "
         "segmenter (and its settings) of the recipe an `emrun infer` output records, else "
@@ -368,8 +375,8 @@ def segment(
     min_size: Annotated[int | None, typer.Option(
         min=0, help="Merge segments smaller than this into their best neighbour.")] = None,
     mask: Annotated[str | None, typer.Option(
-        help="Volume, non-zero where to segment; 0 outside in the output (--resume: the "
-             "job's).")] = None,
+        metavar="MASK", help="Volume, non-zero where to segment; 0 outside in the output "
+        "(--resume: the job's).")] = None,
     offsets: Annotated[str | None, typer.Option(
         help="Offsets if AFFS has no 'offsets' attribute: JSON "
              "'[[-1,0,0],[0,-1,0],[0,0,-1]]' or '-1,0,0 0,-1,0 0,0,-1' (--resume: the "
@@ -393,8 +400,8 @@ def segment(
         "annotation).")] = False,
     levels: Levels = None,
     workers: Annotated[int | None, typer.Option(
-        min=1, help="--sweep: values segmented at once in worker processes (default: as "
-                    "many as cores and memory allow); --scheduler: worker processes.")] = None,
+        min=1, metavar="N", help="--sweep: values segmented at once in worker processes "
+        "(default: as many as cores and memory allow); --scheduler: worker processes.")] = None,
     level: LevelChoice = None,
     scheduler: Annotated[str | None, typer.Option(
         metavar="local|daisy", help="Segment at scale, block by block on --workers: fragments "
@@ -474,7 +481,8 @@ def segment(
                       "better", markup=False)
     for item in result.outputs:
         value = next(f"{k} {v:g}" for k, v in item.items() if k not in ("name", "segments"))
-        out.print(f"wrote {output}/{item['name']}: {item['segments']} segments ({result.method} "
+        segments = f"{item['segments']} segment{'' if item['segments'] == 1 else 's'}"
+        out.print(f"wrote {output}/{item['name']}: {segments} ({result.method} "
                   f"{value}, min_size {result.parameters['min_size']}; {result.mode}) in "
                   f"{result.seconds:.1f} s", markup=False)
     if result.mask is not None and result.outputs and \
@@ -499,7 +507,7 @@ def evaluate(
     binary: Annotated[bool, typer.Option(
         "--binary", help="Score a foreground prediction: precision, recall, F1, IoU.")] = False,
     threshold: Annotated[float | None, typer.Option(
-        min=0.0, max=1.0, help="With --binary: foreground above this probability "
+        min=0.0, max=1.0, metavar="T", help="With --binary: foreground above this probability "
         "(uint8 predictions: above threshold x 255; default: 0.5).")] = None,
     min_overlap: Annotated[int | None, typer.Option(
         min=1, help="Voxels an overlap needs to count towards splits and merges (default: "
@@ -512,11 +520,11 @@ def evaluate(
         metavar="local|daisy", help="Score in blocks: local (worker processes here) or daisy "
         "(extra emrun[daisy]; default: one process, streamed).")] = None,
     workers: Annotated[int | None, typer.Option(
-        help="Workers scoring blocks (alone: local worker processes; default: the cores here "
-        "for local, 1 for daisy).")] = None,
+        metavar="N", help="Workers scoring blocks (alone: local worker processes; default: "
+        "the cores here for local, 1 for daisy).")] = None,
     launch: Annotated[str | None, typer.Option(
-        help="daisy only: command that starts each worker, e.g. 'srun -c 4' (workers must "
-        "see the volumes and --work-dir).")] = None,
+        metavar="CMD", help="daisy only: command that starts each worker, e.g. 'srun -c 4' "
+        "(workers must see the volumes and --work-dir).")] = None,
     block: Annotated[tuple[int, int, int] | None, typer.Option(
         metavar="Z Y X", help="Block size in voxels when scoring in blocks (default: whole "
         "storage chunks, about 8 million voxels).")] = None,
@@ -602,11 +610,16 @@ def _check_evaluate_mode(binary: bool, threshold: float | None, min_overlap: int
                         "--binary")
 
 
+LAYER_WORDS = {"image": "image", "channels": "RGB (the first three channels)",
+               "segmentation": "segmentation"}
+"""A layer's kind as the README and `--help` name it: "channels" is the code's word."""
+
+
 @app.command()
 @guarded
 def view(
     paths: Annotated[list[str], typer.Argument(
-        metavar="PATH...", help="OME-Zarr volumes to show, e.g. vol.zarr/image "
+        metavar="PATH...", help="OME-Zarr or N5 volumes to show, e.g. vol.zarr/image "
         "pred.zarr/affinity seg.zarr/segmentation (a layer each; a time series is shown "
         "whole, with neuroglancer's t axis as a slider).")],
     bind: Annotated[str, typer.Option(
@@ -631,7 +644,7 @@ def view(
 
     shown = start_view(paths, bind=bind, port=port, client=client)
     for layer in shown.layers:
-        out.print(f"{layer.name}: {layer.kind} layer from {layer.store}"
+        out.print(f"{layer.name}: {LAYER_WORDS[layer.kind]} layer from {layer.store}"
                   f"{'/' + layer.inner if layer.inner else ''}", markup=False)
         if layer.unfinished is not None:
             warn([f"{layer.name} is unfinished (its blocks not yet written read as zeros): "

@@ -42,10 +42,11 @@ SYNTH_TAKEN = "give another output store, or --overwrite to replace them"
 @data_app.command("convert")
 @guarded
 def data_convert(
-    source: Annotated[str, typer.Argument(help="TIFF file or folder, file.h5/dataset, "
-                                                "vol.zarr/array, .npy; with emrun[remote] "
-                                                "vol.n5/dataset, precomputed, URLs.")],
-    out: Annotated[Path, typer.Argument(help="Output zarr folder (created if missing).")],
+    source: Annotated[str, typer.Argument(
+        metavar="SOURCE", help="TIFF file or folder, file.h5/dataset, vol.zarr/array, .npy; "
+        "with emrun[remote] vol.n5/dataset, precomputed, URLs.")],
+    out: Annotated[Path, typer.Argument(
+        metavar="OUT", help="Output zarr folder (created if missing).")],
     voxel_size: Nm = None,
     chunks: Annotated[tuple[int, int, int] | None, typer.Option(
         metavar="Z Y X", help="Output chunk size in voxels (default: up to 16 x 256 x 256); "
@@ -64,7 +65,8 @@ def data_convert(
         "than 8 bits).")] = None,
     levels: Levels = None,
 ) -> None:
-    """Convert a volume to zarr v3 with OME-Zarr 0.5 metadata, streamed section by section."""
+    """Convert a volume to zarr v3 with OME-Zarr 0.5 metadata and a multiscale pyramid,
+    losslessly, streamed in slabs of whole chunks."""
     from ..io.convert import convert
     from ..io.metadata import STATE_WITH_OPTION, stated_voxel_size
 
@@ -108,7 +110,8 @@ def data_preview(
 @data_app.command("synth")
 @guarded
 def data_synth(
-    out: Annotated[Path, typer.Argument(help="Output zarr folder (created if missing).")],
+    out: Annotated[Path, typer.Argument(
+        metavar="OUT", help="Output zarr folder (created if missing).")],
     shape: Annotated[tuple[int, int, int], typer.Option(
         metavar="Z Y X", help="Volume size in voxels.")] = (64, 256, 256),
     seed: Annotated[int, typer.Option(min=0, help="Generator seed.")] = 0,
