@@ -33,8 +33,9 @@ def parse_device(name: str) -> torch.device:
 
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"--device {name}: {exc}") from None
+    except RuntimeError:  # torch's message lists twenty kinds, most of which emrun refuses
+        raise UserError(f"--device {name}: not a device; emrun runs on cpu, cuda or cuda:N "
+                        "(the GPU of that index)") from None
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name}: emrun runs on cpu or cuda (cuda:N), not "
                         f"{device.type}")

@@ -141,10 +141,9 @@ def test_help_says_what_the_readme_says(command, said):
     assert said in " ".join(result.stdout.split())
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/devices.py: parse_device passes torch's list of "
-                   "twenty device kinds (ipu, opengl, mps ...) through for a typo such as "
-                   "--device gpu, most of which emrun then refuses; say cpu, cuda or cuda:N")
 def test_a_device_typo_names_what_emrun_takes():
+    """`--device gpu` printed torch's list of twenty device kinds (ipu, opengl, mps ...), most
+    of which emrun then refuses."""
     from emrun.devices import parse_device
     from emrun.errors import UserError
 
@@ -153,11 +152,9 @@ def test_a_device_typo_names_what_emrun_takes():
     assert "opengl" not in str(caught.value) and "cuda:N" in str(caught.value)
 
 
-@pytest.mark.xfail(strict=True, reason="emrun/train/trainer.py: check_rank_devices lets "
-                   "`train --gpus 2` on a machine without a visible GPU (and no --device) "
-                   "start 2 CPU ranks without a word, where the README says each process "
-                   "trains on its own GPU; refuse it and name --device cpu")
 def test_gpus_without_a_gpu_is_refused_unless_the_cpu_is_asked_for(monkeypatch):
+    """`train --gpus 2` without a visible GPU and without --device trained two CPU ranks
+    without a word, where the README says each process trains on its own GPU."""
     import torch
 
     from emrun.errors import UserError

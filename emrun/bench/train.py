@@ -35,7 +35,7 @@ from .room import check_step_room
 
 
 def _batches(loaded: LoadedRecipe, count: int) -> list[dict[str, Any]]:
-    maker = SampleMaker(loaded.recipe)
+    maker = SampleMaker(loaded.recipe, keep_memory=False)  # as the trainer's own
     return [to_tensors(maker.batch(loaded.recipe.seed, 0, i)) for i in range(count)]
 
 

@@ -130,7 +130,12 @@ def plain_pointwise_strides(model: nn.Module) -> None:
 
 def check_rank_devices(requested: str | None, processes: int) -> None:
     """Before torchrun starts ``processes`` ranks on this machine: the device each would
-    take, checked here, once (a rank's refusal came back as torchrun's traceback, exit 1)."""
+    take, checked here, once (a rank's refusal came back as torchrun's traceback, exit 1).
+    Without a visible GPU and without ``--device``, the ranks fell back to the CPU without a
+    word (``--gpus 8`` trained eight CPU processes): that is refused unless asked for."""
+    if requested is None and processes > 1 and not torch.cuda.is_available():
+        raise UserError(f"--gpus {processes}: no GPU is visible to torch {torch.__version__}; "
+                        f"give --device cpu to train {processes} processes on the CPU")
     for rank in range(processes):
         _device(requested, distributed.World(rank=rank, local_rank=rank, size=processes))
 
