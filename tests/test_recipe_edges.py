@@ -456,3 +456,17 @@ def test_an_override_of_an_item_of_a_list_the_recipe_lacks_says_so(tmp_path, mon
     stderr = assert_user_error(runner.invoke(app, ["validate", "r.yaml", "--no-data",
                                                    "-o", override]))
     assert stderr == f"error: override -o {override}: {expected}\n"
+
+
+def test_a_missing_recipe_named_like_a_shipped_one_is_pointed_to_it(tmp_path, monkeypatch):
+    """`emrun validate demo` (or recipes/demo.yaml away from a clone) said only "no such
+    file"; a pip install keeps the shipped recipes inside the package, where nobody looks."""
+    from emrun.shipped import RECIPES
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo", "recipes/demo.yaml", "demo.yml"):
+        result = CliRunner().invoke(app, ["validate", name, "--no-data"])
+        assert result.exit_code == 2
+        assert f"the shipped recipe 'demo' is {RECIPES / 'demo.yaml'}" in result.output
+    result = CliRunner().invoke(app, ["validate", "mine.yaml", "--no-data"])
+    assert result.exit_code == 2 and "shipped" not in result.output

@@ -421,7 +421,8 @@ def report_lines(r: dict[str, Any]) -> list[str]:
                  f"{mvox(r['model_voxels_per_s'])}, overlap {r['overlap']:.2f}x, efficiency "
                  f"{r['efficiency']:.2f}"]
     stages = r["stage_seconds"]
-    lines.append(f"{r['blocks']} block{'' if r['blocks'] == 1 else 's'} in {r['engine_seconds']:.2f} s: predicting "
+    blocks = f"{r['blocks']} block{'' if r['blocks'] == 1 else 's'}"
+    lines.append(f"{blocks} in {r['engine_seconds']:.2f} s: predicting "
                  f"{stages['predict']:.2f} s, waiting for reads {stages['wait_read']:.2f} s and "
                  f"writes {stages['wait_write']:.2f} s (reader threads {stages['read']:.2f} s"
                  + (f", of which pinning {stages['pin']:.2f} s" if stages["pin"] else "")

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ..paths import is_link_loop, not_a_file
+from ..shipped import shipped_recipes
 from .errors import KeyPath, Mark, Problem, RecipeError
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -78,7 +79,7 @@ def read_text(path: Path, shown: str) -> str:
     if is_link_loop(path):
         raise fail("is a loop of symbolic links")
     if not path.exists():
-        raise fail("no such file")
+        raise fail("no such file" + _shipped_hint(path))
     if path.is_dir():
         raise fail("is a directory, not a recipe file")
     if (why := not_a_file(path)) is not None:
@@ -94,6 +95,15 @@ def read_text(path: Path, shown: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise fail(f"is not a UTF-8 text file (invalid byte at offset {exc.start})") from None
+
+
+def _shipped_hint(path: Path) -> str:
+    """Where a missing recipe is named like a shipped one (`emrun validate demo`, or
+    `recipes/demo.yaml` away from a clone): the shipped file's path, which a pip install
+    has inside the package and nowhere else."""
+    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    found = {p.stem: p for p in shipped_recipes()}.get(stem)
+    return "" if found is None else f"; the shipped recipe {found.stem!r} is {found}"
 
 
 E_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
