@@ -198,7 +198,8 @@ class MutexWatershed(SegmenterBase):
     validation_values: ClassVar[tuple[float, ...]] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     """Long-range edges repel below the bias (SNEMI3D's best: 0.3)."""
 
-    bias: float = Field(0.5, ge=0, le=1, description="Added to repulsive weights (more splits).")
+    bias: float = Field(0.5, ge=0, le=1, description=(
+        "Long-range edges weigh affinity minus bias: repulsive below it (higher: more splits)."))
     min_size: MinSize = 0
 
 
