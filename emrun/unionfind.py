@@ -1,6 +1,8 @@
 """Union-find for the compiled (numba) loops that need one (Kruskal's algorithm in MALIS; the
 fragments' seeded watershed keeps its own, with seed ids at the roots). Arrays only, so
-numba compiles it into its callers."""
+numba compiles it into its callers. Their on-disk cache (``cache=True``) is checked against
+their own file alone: after an edit here, delete the ``*.nbi``/``*.nbc`` files in the callers'
+``__pycache__`` folders (or touch the callers), or they keep the old code."""
 
 from __future__ import annotations
 

@@ -257,7 +257,9 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
                 "emrun-evaluate", total_roi=box, read_roi=block, write_roi=block,
                 process_function=functools.partial(_start_worker, str(folder), launch),
                 check_function=functools.partial(_stopped, str(folder)),
-                read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
+                read_write_conflict=False, fit="shrink",
+                max_workers=min(workers, len(work.grid)),  # none idle: no more than blocks
+                max_retries=2)
         with launched_workers(launch, folder), daisy_stops(stop_file) as caught:
             states = daisy.run_blockwise(
                 [task], progress=_Observer(on_block) if on_block else False,

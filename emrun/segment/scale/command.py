@@ -366,7 +366,7 @@ def _run_steps(job: ScaleJob, store: GraphStore, request: SegmentRequest, stops:
     whole, at its end). Returns the timings by step."""
     timings: dict[str, Any] = {"block": list(job.block), "blocks": len(job.grid)}
     workers, kind, launch = request.workers or 1, request.scheduler or "local", request.launch
-    with local_pool(kind, workers) as pool:
+    with local_pool(kind, workers, len(job.grid)) as pool:
 
         def step(name: str, pending: list[Zyx]) -> None:
             say(f"{name}: {len(pending)} of {len(job.grid)} blocks to do "
@@ -380,7 +380,7 @@ def _run_steps(job: ScaleJob, store: GraphStore, request: SegmentRequest, stops:
             stops.check(f"the {name} step")
 
         indices = [zyx(i) for i in job.grid.indices()]
-        step("fragments", [i for i in indices if not job.is_done("fragments", i)])
+        step("fragments", job.undone("fragments", indices))
         timings["fragments pyramid"] = _finish_fragments(job, stops)  # every block is in
         stops.check("the fragments step and the fragments' pyramid")
         done = store.done_blocks()
@@ -404,7 +404,7 @@ def _run_steps(job: ScaleJob, store: GraphStore, request: SegmentRequest, stops:
         stops.check("the agglomeration")
         relabel = f"relabel-{lut_key(job)}"
         todo = any(not finished_volume(job, name) for name in job.names)
-        step("relabel", [i for i in indices if todo and not job.is_done(relabel, i)])
+        step("relabel", job.undone(relabel, indices) if todo else [])
     return timings
 
 

@@ -191,6 +191,7 @@ class GraphStore:
         self.seconds = 0.0  # time spent writing, for the benchmark's database share
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_key: tuple[Any, bool] | None = None  # (graph digest, histograms)
+        self._held = 0  # bytes of the rows in ``_cache``
 
     def create(self, digest: str, run: str = "", output: str = "",
                resumed: bool = False) -> None:
@@ -308,6 +309,7 @@ class GraphStore:
     def drop_region_rows(self) -> None:
         """Forget the blocks' rows kept for neighbourhoods (`read_region`)."""
         self._cache.clear()
+        self._held = 0
 
     def _region_rows(self, around: Neighbourhood, histograms: bool
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -323,7 +325,7 @@ class GraphStore:
             key = (conn.execute(sa.select(info.c.value).where(info.c.key == "digest"))
                    .scalar(), histograms)
             if key != self._cache_key:  # another graph (or the histograms now wanted)
-                self._cache.clear()
+                self.drop_region_rows()
                 self._cache_key = key
             missing = [b for b in around.blocks if b not in self._cache]
             if missing:
@@ -333,18 +335,26 @@ class GraphStore:
                     nodes.c.block.in_(missing)).order_by(nodes.c.id), node_fields)
                 edge_rows = _rows(conn, sa.select(*edge_columns).where(
                     edges.c.block.in_(missing)), edge_fields)
-                for block in missing:
-                    self._cache[block] = (node_rows[node_rows["block"] == block],
-                                          edge_rows[edge_rows["block"] == block])
+                self._keep(missing, node_rows, edge_rows)
         for block in around.blocks:
             self._cache.move_to_end(block)
         node_rows = np.concatenate([self._cache[b][0] for b in around.blocks])
         edge_rows = np.concatenate([self._cache[b][1] for b in around.blocks])
-        held = sum(n.nbytes + e.nbytes for n, e in self._cache.values())
-        while held > REGION_CACHE_BYTES and len(self._cache) > len(around.blocks):
+        # The bytes held are counted as blocks come and go: summed over every kept block at
+        # each read, they cost a worker of n blocks O(n^2) (a run of 10^5 blocks: 10^10).
+        while self._held > REGION_CACHE_BYTES and len(self._cache) > len(around.blocks):
             _, (n, e) = self._cache.popitem(last=False)  # least recently used first
-            held -= n.nbytes + e.nbytes
+            self._held -= n.nbytes + e.nbytes
         return _picked(node_rows, edge_rows, around)
+
+    def _keep(self, blocks: list[int], node_rows: np.ndarray, edge_rows: np.ndarray) -> None:
+        """Keep the rows of ``blocks`` (read together) by block: one stable sort by block
+        (the rows keep their order within a block) rather than a pass over all the rows
+        for each block."""
+        for block, nodes_of, edges_of in zip(blocks, _by_block(node_rows, blocks),
+                                             _by_block(edge_rows, blocks), strict=True):
+            self._cache[block] = (nodes_of, edges_of)
+            self._held += nodes_of.nbytes + edges_of.nbytes
 
     def agglomerated_blocks(self, key: str) -> set[int]:
         """The blocks whose levels under ``key`` are in."""
@@ -548,6 +558,19 @@ def _summed_rows(rows: np.ndarray, group: np.ndarray, groups: int
         for j in range(rows.shape[1]):
             out[group[i], j] += rows[i, j]
     return out
+
+
+def _by_block(rows: np.ndarray, blocks: list[int]) -> list[np.ndarray]:
+    """``rows`` split by their ``block`` field, one array for each of ``blocks`` (empty for
+    a block with none), each in the rows' order; copies, so that each block's bytes are
+    its own to count and to free."""
+    order = np.argsort(rows["block"], kind="stable")
+    ordered = rows[order]
+    keys = np.asarray(blocks, np.int64)
+    begin = np.searchsorted(ordered["block"], keys, side="left")
+    end = np.searchsorted(ordered["block"], keys, side="right")
+    return [ordered[b:e].copy() for b, e in zip(begin.tolist(), end.tolist(),
+                                                strict=True)]
 
 
 def _column(rows: np.ndarray, name: str) -> np.ndarray:

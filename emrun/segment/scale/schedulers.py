@@ -64,10 +64,14 @@ Report = Callable[[str, int, int], None]
 
 
 @contextmanager
-def local_pool(scheduler: str, workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """The worker processes every step of a local job shares (started once: each imports
-    emrun); None where blocks run in this process (one worker) or on daisy's workers."""
-    if scheduler != "local" or workers == 1:
+def local_pool(scheduler: str, workers: int, blocks: int) -> Iterator[ProcessPoolExecutor | None]:
+    """The worker processes every step of a local job of ``blocks`` blocks shares (started
+    once: each imports emrun), no more than the blocks (the pool was sized by --workers
+    alone; CPython starts spawned workers as tasks come, but that is its choice, not
+    this bound); None where blocks run in this process (one worker, or a job of one
+    block, which started a worker to import emrun for it) or on daisy's workers."""
+    workers = min(workers, blocks)
+    if scheduler != "local" or workers <= 1:
         yield None
         return
     context = multiprocessing.get_context("spawn")  # no fork of zarr's or torch's threads
@@ -90,7 +94,8 @@ def run_step(job: ScaleJob, step: str, blocks: Sequence[Zyx], *, scheduler: str,
     daisy; returns seconds summed by part (daisy workers keep theirs)."""
     job_file = str(job.job_file)
     if scheduler == "daisy":
-        _run_daisy(job, step, workers, launch)
+        if blocks:  # none to do (a resume): no daisy run that asks each block if it is done
+            _run_daisy(job, step, min(workers, len(blocks)), launch)  # no more than blocks
         if on_block is not None:
             on_block(step, len(blocks), len(blocks))
         return Counter()
