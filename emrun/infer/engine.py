@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -219,7 +220,6 @@ class Engine:
         self.predicted_patches = 0  # forward passes of lattice patches (padding excluded)
         self.tta = tta or recipe.infer.tta
         self.variants: list[Any] = tta_variants(recipe, self.tta)
-        self._passes = 0  # inside `host_threads`: the threads the forward passes may use
         self._buffers: dict[str, torch.Tensor] = {}  # `_buffer`
         self._weights: dict[tuple[Any, ...], torch.Tensor] = {}  # `_weight`
 
@@ -293,17 +293,11 @@ class Engine:
 
     @contextmanager
     def host_threads(self) -> Iterator[None]:
-        """One torch thread inside on a CPU (process-wide, restored after; see `predict`),
-        the thread count before it kept for the forward passes."""
-        if self.device.type != "cpu" or self._passes:
+        """One torch thread inside on a CPU (process-wide, restored after the last user
+        leaves; see `predict` and `_one_thread`); the forward passes still use the count
+        from before (`_pass_threads`)."""
+        with _one_thread(self.device.type == "cpu"):
             yield
-            return
-        self._passes = torch.get_num_threads()
-        try:
-            with _one_thread(True):
-                yield
-        finally:
-            self._passes = 0
 
     def _predict(self, raw: np.ndarray | torch.Tensor, layout: Layout, block: Zyx,
                  scale: tuple[float, float], carried: Mapping[Zyx, torch.Tensor],
@@ -445,7 +439,7 @@ class Engine:
         job, another --workers); one thread per pass makes the outputs independent of both,
         and side by side the passes run as fast or faster (2 cores: demo 1.19 s against
         1.37 s, a SNEMI3D network 16.3 s against 17.0 s)."""
-        threads = self._passes or torch.get_num_threads()
+        threads = _pass_threads()
         if self.device.type != "cpu" or threads == 1 or len(batches) < 2:
             with _one_thread(self.device.type == "cpu"):
                 for group in batches:
@@ -469,8 +463,8 @@ class Engine:
         inner block of a volume has the same one."""
         box = layout.write_box(block)
         begin, end = zyx(box.begin), zyx(box.end)
-        starts = tuple(tuple(s - b for s in layout.starts(a) if s < e and s + p > b)
-                       for a, (b, e, p) in enumerate(zip(begin, end, self.patch, strict=True)))
+        starts = tuple(tuple(s - b for s in layout.covering(a, b, e))
+                       for a, (b, e) in enumerate(zip(begin, end, strict=True)))
         key = (zyx(box.shape), starts)
         weight = self._weights.pop(key, None)
         if weight is None:
@@ -509,18 +503,43 @@ def overlap(start: Zyx, size: Zyx, begin: Zyx, end: Zyx
     return tuple(into), tuple(within)
 
 
+class _SingleThread:
+    """The process-wide count of `_one_thread` users and the thread count from before the
+    first of them. Each restoring what it found was wrong once two overlapped (engines in
+    two threads of one process, Python API use): the second found the first's 1 and left
+    the process at one thread after both were done."""
+
+    lock = threading.Lock()
+    users = 0
+    saved = 0
+
+
 @contextmanager
 def _one_thread(active: bool) -> Iterator[None]:
-    """torch's intra-op threads set to one inside (process-wide), restored after."""
+    """torch's intra-op threads set to one inside (process-wide); the count from before
+    the first of overlapping users is restored when the last one leaves."""
     if not active:
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _SingleThread.lock:
+        if _SingleThread.users == 0:
+            _SingleThread.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _SingleThread.users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        with _SingleThread.lock:
+            _SingleThread.users -= 1
+            if _SingleThread.users == 0:
+                torch.set_num_threads(_SingleThread.saved)
+
+
+def _pass_threads() -> int:
+    """The threads forward passes may run side by side on: the process's count, the one
+    from before `_one_thread` set it to one while that is in force."""
+    with _SingleThread.lock:
+        return _SingleThread.saved if _SingleThread.users else torch.get_num_threads()
 
 
 @dataclass(frozen=True)

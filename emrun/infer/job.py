@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +72,24 @@ class Job:
 
     def digest(self) -> str:
         """The layout's hash, and the ROI's when there is one: done-markers are keyed by it."""
+        return self._digest
+
+    @cached_property
+    def _digest(self) -> str:
+        """`digest`, computed once: every marker's path asked for it, a JSON dump and a
+        hash per block (a resumption's scan of 7,400 markers spent 2 s on it, 4 s with
+        `finish_job`'s; a million-block job minutes)."""
         if self.roi_offset == (0, 0, 0):
             return self.layout.digest()
         return hashlib.sha256(f"{self.layout.digest()}@{self.roi_offset}".encode()
                               ).hexdigest()[:16]
 
-    @property
+    @cached_property
     def done_dir(self) -> Path:
         return self.output / DONE / self.digest()
 
     def marker(self, block: Zyx) -> Path:
-        return self.done_dir / "_".join(str(i) for i in block)
+        return self.done_dir / marker_name(block)
 
     def is_done(self, block: Zyx) -> bool:
         return self.marker(block).exists()
@@ -115,8 +124,14 @@ class Job:
             return ""
 
     def pending(self) -> list[Zyx]:
-        """Blocks without a done-marker, z-major."""
-        return [b for b in self.layout.block_grid() if not self.is_done(b)]
+        """Blocks without a done-marker, z-major: the marker folder is listed once (one
+        look-up per block was a round trip each on a network filesystem)."""
+        try:
+            with os.scandir(self.done_dir) as entries:
+                marked = {entry.name for entry in entries}
+        except FileNotFoundError:
+            marked = set()
+        return [b for b in self.layout.block_grid() if marker_name(b) not in marked]
 
     def to_json(self) -> str:
         return json.dumps({
@@ -142,6 +157,11 @@ class Job:
         path = self.done_dir / JOB_FILE
         path.write_text(self.to_json())
         return path
+
+
+def marker_name(block: Zyx) -> str:
+    """The file name of a block's done-marker (`Job.marker`)."""
+    return "_".join(str(i) for i in block)
 
 
 def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,

@@ -54,9 +54,21 @@ class Layout:
 
     def starts(self, axis: int) -> list[int]:
         """Lattice starts along ``axis`` whose patches are needed to cover the volume."""
+        return list(self.starts_within(axis, -math.inf, math.inf))
+
+    def starts_within(self, axis: int, low: float, high: float) -> range:
+        """The lattice starts ``s`` along ``axis`` with ``low <= s < high``, found by
+        arithmetic: filtering the whole axis's starts for each block cost every block time
+        in proportion to the volume's length (the lattice of a long axis has thousands)."""
         o, p, s, n = self.origin[axis], self.patch[axis], self.stride[axis], self.shape[axis]
         last = max(0, math.ceil((n - o - p) / s))
-        return [o + k * s for k in range(last + 1)]
+        first_k = 0 if low == -math.inf else max(0, -(-(int(low) - o) // s))
+        last_k = last if high == math.inf else min(last, (math.ceil(high) - 1 - o) // s)
+        return range(o + first_k * s, o + max(first_k, last_k + 1) * s, s)
+
+    def covering(self, axis: int, begin: int, end: int) -> range:
+        """The starts along ``axis`` of the patches that reach into [begin, end)."""
+        return self.starts_within(axis, begin - self.patch[axis] + 1, end)
 
     def patch_count(self) -> int:
         """Patches in the lattice: what a job predicts when no patch is predicted twice."""
@@ -85,8 +97,7 @@ class Layout:
         box = self.write_box(block)
         start, stop = box.begin, box.end
         return [zyx(p) for p in itertools.product(*(
-            [s for s in self.starts(a) if s < stop[a] and s + self.patch[a] > start[a]]
-            for a in range(3)))]
+            self.covering(a, start[a], stop[a]) for a in range(3)))]
 
     def read_box(self, block: Zyx) -> Roi:
         """The input the block's patches read (may reach outside the volume: the engine pads
@@ -108,7 +119,8 @@ class Layout:
     def owned_patches(self, block: Zyx) -> list[Zyx]:
         """The patches ``block`` owns, in lattice order."""
         return [zyx(p) for p in itertools.product(*(
-            [s for s in self.starts(a) if max(s, 0) // self.block[a] == block[a]]
+            self.starts_within(a, block[a] * self.block[a] if block[a] else -math.inf,
+                               (block[a] + 1) * self.block[a])
             for a in range(3)))]
 
     def owners(self, block: Zyx) -> list[Zyx]:

@@ -17,7 +17,7 @@ from ..geometry import Roi, Zyx
 from ..recipe import LoadedRecipe, Problem, Recipe
 from ..recipe.checks import cautions
 from .job import finish_job, prepare_job, release_job
-from .schedule import Progress, check_device, run_local, worker_slots
+from .schedule import Progress, check_device, run_local, stop_at_once, worker_slots
 
 Scheduler = Literal["local", "daisy"]
 
@@ -65,7 +65,8 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
                                  on_block=on_block)
         else:
             progress = run_local(job, slots, on_block=on_block)
-        finish_job(job)
+        with stop_at_once(progress):
+            finish_job(job)
     finally:
         release_job(job)
     return progress

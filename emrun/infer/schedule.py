@@ -11,6 +11,7 @@ finished block, so any of them can resume a job another started.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -126,6 +127,45 @@ def _stop_on_signals() -> Iterator[list[str]]:
     finally:
         for number, old in previous.items():
             signal.signal(number, old)
+
+
+@contextlib.contextmanager
+def stop_at_once(progress: Progress) -> Iterator[None]:
+    """After the last block (the pyramid build, the completion mark): SIGTERM or SIGINT
+    raises `Stopped` at once with ``progress``, as a stop between blocks says it (a Ctrl-C
+    there was the generic 'stopped by SIGINT', a SIGTERM ended the process without a word).
+    Nothing is lost: --resume rebuilds the pyramid whole. Outside the main thread nothing
+    is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[str] = []
+
+    def handler(number: int, frame: Any) -> None:
+        caught.append(signal.Signals(number).name)
+        if len(caught) == 1:
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's IO cut short
+            raise Stopped(caught[0], progress)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        _restore(previous)
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    """Put the old handlers back, all of them even where a stop is raised from one of
+    these calls (it is raised once they are back)."""
+    raised: Stopped | None = None
+    for number, old in handlers.items():
+        try:
+            signal.signal(number, old)
+        except Stopped as exc:
+            raised = exc
+            signal.signal(number, old)  # the stop may have come before this one took
+    if raised is not None:
+        raise raised
 
 
 def run_local(job: Job, slots: list[tuple[str, int]],
