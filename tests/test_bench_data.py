@@ -50,7 +50,7 @@ def _one_error_line(result) -> str:
 
 def test_more_workers_than_four_per_core_are_refused_before_anything_runs(write, monkeypatch):
     monkeypatch.setattr(bench, "cpu_cores", lambda: 2)
-    monkeypatch.setattr(bench, "stage_costs", lambda *a: pytest.fail("ran"))
+    monkeypatch.setattr(bench, "stage_costs", lambda *a, **k: pytest.fail("ran"))
     line = _one_error_line(runner.invoke(app, ["bench", "data", str(write(MINIMAL)),
                                                "--workers", "9", *FAST]))
     assert "9 loader workers" in line and "give at most 8" in line
@@ -59,12 +59,12 @@ def test_more_workers_than_four_per_core_are_refused_before_anything_runs(write,
 def test_more_workers_than_the_memory_holds_are_refused(write, monkeypatch):
     monkeypatch.setattr(bench, "cpu_cores", lambda: 64)
     monkeypatch.setattr(bench, "available_memory", lambda: 3 * bench.WORKER_MEMORY)
-    monkeypatch.setattr(bench, "stage_costs", lambda *a: pytest.fail("ran"))
+    monkeypatch.setattr(bench, "stage_costs", lambda *a, **k: pytest.fail("ran"))
     line = _one_error_line(runner.invoke(app, ["bench", "data", str(write(MINIMAL)),
                                                "--workers", "4", *FAST]))
     assert "of memory" in line and "give at most 3" in line
     monkeypatch.setattr(bench, "throughput", lambda *a: (1.0, 0.0))
-    monkeypatch.setattr(bench, "stage_costs", lambda *a: ({}, [1.0]))
+    monkeypatch.setattr(bench, "stage_costs", lambda *a, **k: ({}, [1.0]))
     result = runner.invoke(app, ["bench", "data", str(write(MINIMAL)), "--workers", "3", *FAST])
     assert result.exit_code == 0, result.output
 

@@ -43,15 +43,18 @@ WORKER_MEMORY = 256 * 2**20
 prefetched batches; about 200 MB with small recipes), rounded up."""
 
 
-def stage_costs(recipe: Recipe, samples: int) -> tuple[dict[str, float], list[float]]:
+def stage_costs(recipe: Recipe, samples: int, *, keep_memory: bool = True
+                ) -> tuple[dict[str, float], list[float]]:
     """Mean ms per sample of each stage, and each sample's total ms, in this process on one
-    core (as a loader worker runs)."""
+    core (as a loader worker runs; ``keep_memory``: as a worker keeps freed sample memory,
+    which is process-wide for good, so not before timing the trainer's own loader)."""
     with threadpool_limits(1):
-        return _stage_costs(recipe, samples)
+        return _stage_costs(recipe, samples, keep_memory)
 
 
-def _stage_costs(recipe: Recipe, samples: int) -> tuple[dict[str, float], list[float]]:
-    maker = SampleMaker(recipe)
+def _stage_costs(recipe: Recipe, samples: int, keep_memory: bool
+                 ) -> tuple[dict[str, float], list[float]]:
+    maker = SampleMaker(recipe, keep_memory=keep_memory)
     _warm_sources(maker)
     maker.sample(batch_rng(recipe.seed, 1 << 20, 0))  # warm-up (another rank's stream)
     maker.timings = {}
@@ -210,7 +213,8 @@ def bench_data(recipe: Recipe, *, synthetic: bool, workers: int, samples: int) -
     if synthetic:
         recipe = with_synthetic_sources(recipe)
     try:
-        per_stage, totals = stage_costs(recipe, samples)
+        # workers 0: the trainer makes its samples without kept memory (`SampleMaker`)
+        per_stage, totals = stage_costs(recipe, samples, keep_memory=workers > 0)
         rate, unpack_cost = throughput(recipe, workers, samples)
     except KeyboardInterrupt:
         stop_zarr_io()  # a read cut short goes on in zarr's thread, and is logged at exit

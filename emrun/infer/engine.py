@@ -293,7 +293,7 @@ class Engine:
 
     @contextmanager
     def host_threads(self) -> Iterator[None]:
-        """One torch thread inside on a CPU (process-wide, restored after the last user
+        """One torch thread inside on a CPU (in this thread, restored when its outermost use
         leaves; see `predict` and `_one_thread`); the forward passes still use the count
         from before (`_pass_threads`)."""
         with _one_thread(self.device.type == "cpu"):
@@ -445,7 +445,7 @@ class Engine:
                 for group in batches:
                     yield group, self._forward(self._batch(source, group))
             return
-        with _one_thread(True), ThreadPoolExecutor(threads) as pool:
+        with _one_thread(True), _pass_pool(threads) as pool:
             pending: deque[tuple[list[Zyx], Future[dict[str, torch.Tensor]]]] = deque()
             for group in batches:
                 pending.append((group, pool.submit(self._forward, self._batch(source, group))))
@@ -504,42 +504,87 @@ def overlap(start: Zyx, size: Zyx, begin: Zyx, end: Zyx
 
 
 class _SingleThread:
-    """The process-wide count of `_one_thread` users and the thread count from before the
-    first of them. Each restoring what it found was wrong once two overlapped (engines in
-    two threads of one process, Python API use): the second found the first's 1 and left
-    the process at one thread after both were done."""
+    """Who is inside `_one_thread`. torch's count is a thread's own once that thread has
+    used torch (OpenMP's per-thread setting; a new thread's first use takes the last count
+    set anywhere), so each user thread sets and restores its own (`_ThreadUse`). The
+    process-wide count (``users``, ``saved``: the count from before the first of them)
+    tells a thread whose first use of torch fell inside another user's span, and so read
+    that user's 1, what its count was meant to be. (One count for the whole process, as
+    this was before, left the first of two overlapping threads at one thread for good, and
+    the second at its own count inside.)"""
 
     lock = threading.Lock()
     users = 0
     saved = 0
+    here = threading.local()
+
+
+@dataclass
+class _ThreadUse:
+    """One thread's use of `_one_thread`: how deep it is, and its count from before."""
+
+    depth: int = 0
+    before: int = 1
+
+
+def _thread_use() -> _ThreadUse:
+    """This thread's `_ThreadUse`, made on its first use."""
+    use = getattr(_SingleThread.here, "use", None)
+    if use is None:
+        use = _SingleThread.here.use = _ThreadUse()
+    return use
 
 
 @contextmanager
 def _one_thread(active: bool) -> Iterator[None]:
-    """torch's intra-op threads set to one inside (process-wide); the count from before
-    the first of overlapping users is restored when the last one leaves."""
+    """torch's intra-op threads set to one inside, in this thread; its count from before
+    is restored when its outermost use leaves."""
     if not active:
         yield
         return
-    with _SingleThread.lock:
-        if _SingleThread.users == 0:
-            _SingleThread.saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _SingleThread.users += 1
+    use = _thread_use()  # kept: a generator's exit may run in another thread
+    if use.depth == 0:
+        _enter(use)
+    use.depth += 1
     try:
         yield
     finally:
-        with _SingleThread.lock:
-            _SingleThread.users -= 1
-            if _SingleThread.users == 0:
-                torch.set_num_threads(_SingleThread.saved)
+        use.depth -= 1
+        if use.depth == 0:
+            _leave(use)
+
+
+def _enter(use: _ThreadUse) -> None:
+    """This thread to one torch thread, its count from before kept in ``use``."""
+    with _SingleThread.lock:
+        found = torch.get_num_threads()
+        if _SingleThread.users == 0:
+            _SingleThread.saved = found
+        elif found == 1:  # likely the 1 of a user inside when this thread first used torch
+            found = _SingleThread.saved
+        _SingleThread.users += 1
+        use.before = found
+        torch.set_num_threads(1)
+
+
+def _leave(use: _ThreadUse) -> None:
+    """This thread's count from before back (`_enter`)."""
+    with _SingleThread.lock:
+        _SingleThread.users -= 1
+        torch.set_num_threads(use.before)
 
 
 def _pass_threads() -> int:
-    """The threads forward passes may run side by side on: the process's count, the one
+    """The threads forward passes may run side by side on: this thread's count, the one
     from before `_one_thread` set it to one while that is in force."""
-    with _SingleThread.lock:
-        return _SingleThread.saved if _SingleThread.users else torch.get_num_threads()
+    use = _thread_use()
+    return use.before if use.depth else torch.get_num_threads()
+
+
+def _pass_pool(threads: int) -> ThreadPoolExecutor:
+    """The threads that run forward passes side by side, each set to one thread itself: a
+    new thread would take the last count set anywhere, another user's leaving included."""
+    return ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ class Layout:
         in proportion to the volume's length (the lattice of a long axis has thousands)."""
         o, p, s, n = self.origin[axis], self.patch[axis], self.stride[axis], self.shape[axis]
         last = max(0, math.ceil((n - o - p) / s))
-        first_k = 0 if low == -math.inf else max(0, -(-(int(low) - o) // s))
+        # s >= low for a whole s is s >= ceil(low) (int() cut 2.5 to 2, letting 2 in)
+        first_k = 0 if low == -math.inf else max(0, -(-(math.ceil(low) - o) // s))
         last_k = last if high == math.inf else min(last, (math.ceil(high) - 1 - o) // s)
         return range(o + first_k * s, o + max(first_k, last_k + 1) * s, s)
 

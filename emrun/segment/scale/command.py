@@ -218,6 +218,15 @@ def _run_job(job: ScaleJob, old: ScaleJob | None, request: SegmentRequest, agglo
     return timings
 
 
+def _to_do(pending: int, blocks: int, workers: int, kind: str) -> str:
+    """'3 of 8 blocks to do (local, 2 workers)': the workers that can be busy, no more than
+    the blocks to do (`local_pool` and the daisy runs start no more; it said --workers,
+    'local, 4 workers' for a job of one block done in this process)."""
+    busy = min(workers, pending) if pending else min(workers, blocks)
+    return (f"{pending} of {blocks} block{'' if blocks == 1 else 's'} to do ({kind}, {busy} "
+            f"worker{'' if busy == 1 else 's'})")
+
+
 def _create_tables(job: ScaleJob, store: GraphStore, resumed: bool, stops: MainStops) -> None:
     """`GraphStore.create`, left at once by a stop: a server that does not answer held a
     SIGTERM or Ctrl-C for its connect timeout (a locked SQLite file, for its busy timeout),
@@ -369,8 +378,7 @@ def _run_steps(job: ScaleJob, store: GraphStore, request: SegmentRequest, stops:
     with local_pool(kind, workers, len(job.grid)) as pool:
 
         def step(name: str, pending: list[Zyx]) -> None:
-            say(f"{name}: {len(pending)} of {len(job.grid)} blocks to do "
-                f"({kind}, {workers} worker{'s' if workers > 1 else ''})")
+            say(f"{name}: {_to_do(len(pending), len(job.grid), workers, kind)}")
             started = time.perf_counter()
             parts = run_step(job, name, pending, scheduler=kind, workers=workers,
                              launch=launch, pool=pool, on_block=on_block)
