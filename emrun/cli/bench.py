@@ -16,15 +16,16 @@ from .app import Device, JsonLine, Overrides, RecipeFile, bench_app, guarded, ou
 @guarded
 def bench_snemi3d(
     data: Annotated[Path | None, typer.Option(
-        help="Folder with SNEMI3D's train-input.tif and train-labels.tif (default: "
+        metavar="DIR", help="Folder with SNEMI3D's train-input.tif and train-labels.tif (default: "
         "../shared/data/snemi3d).")] = None,
     iterations: Annotated[int | None, typer.Option(
-        min=1, help="Training iterations (default: the recipe's).")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, run, results.")]
+        min=1, metavar="N", help="Training iterations (default: the recipe's).")] = None,
+    out_dir: Annotated[Path, typer.Option(
+        "--out", metavar="DIR", help="Folder for data, run, results.")]
     = Path("snemi3d-bench"),
     recipe: Annotated[str | None, typer.Option(
-        help="A recipe file, or a shipped recipe's name (default snemi3d_aff; see `emrun "
-        "recipes`); its sources must be named snemi3d and snemi3d_val.")] = None,
+        metavar="NAME", help="A recipe file, or a shipped recipe's name (default snemi3d_aff; "
+        "see `emrun recipes`); its sources must be named snemi3d and snemi3d_val.")] = None,
     override: Overrides = None,
     device: Device = None,
     final: Annotated[bool, typer.Option(
@@ -70,7 +71,8 @@ def bench_model(
     recipe: RecipeFile,
     override: Overrides = None,
     device: Device = None,
-    steps: Annotated[int, typer.Option(min=1, help="Timed steps per configuration.")] = 5,
+    steps: Annotated[int, typer.Option(
+        min=1, metavar="N", help="Timed steps per configuration.")] = 5,
     compile_: Annotated[bool, typer.Option(
         "--compile/--no-compile", help="Also time torch.compile'd configurations.")] = True,
     json_: JsonLine = False,
@@ -106,7 +108,7 @@ def bench_train(
     recipe: RecipeFile,
     override: Overrides = None,
     device: Device = None,
-    steps: Annotated[int, typer.Option(min=1, help="Timed iterations.")] = 30,
+    steps: Annotated[int, typer.Option(min=1, metavar="N", help="Timed iterations.")] = 30,
     json_: JsonLine = False,
 ) -> None:
     """The trainer's time per iteration against a bare PyTorch loop on the same in-memory
@@ -152,7 +154,7 @@ def bench_infer(
         "--compile/--no-compile", help="With --configs: search torch.compile too (default: "
         "on CUDA only; on a CPU it needs a C++ compiler and minutes).")] = None,
     repeats: Annotated[int, typer.Option(
-        min=1, help="Timed forward passes per model-only measurement (twice for the "
+        min=1, metavar="N", help="Timed forward passes per model-only measurement (twice for the "
         "model-alone rate: before and after the engine).")] = 15,
     json_: JsonLine = False,
 ) -> None:
@@ -191,6 +193,7 @@ def bench_segment(
     agglomeration: Annotated[str, typer.Option(
         metavar="global|blockwise", help="As emrun segment --agglomeration.")] = "global",
     folder: Annotated[Path | None, typer.Option(
+        metavar="DIR",
         help="Where to write the temporary volumes (default: the system's temp folder).")
     ] = None,
     json_: JsonLine = False,
@@ -223,7 +226,7 @@ def bench_data(
     workers: Annotated[int | None, typer.Option(
         min=0, metavar="N",
         help="Loader worker processes (default: train.workers; 0: in-process).")] = None,
-    samples: Annotated[int, typer.Option(min=1, help="Samples to time.")] = 50,
+    samples: Annotated[int, typer.Option(min=1, metavar="N", help="Samples to time.")] = 50,
     json_: JsonLine = False,
 ) -> None:
     """Training-data throughput with the recipe's full augmentation stack and targets."""
@@ -260,12 +263,15 @@ def bench_codecs(
     codec: Annotated[list[str] | None, typer.Option(
         "--codec", metavar="NAME",
         help="Measure only this codec (a name from the table); repeatable.")] = None,
-    passes: Annotated[int, typer.Option(min=1, help="Timed passes (median).")] = 3,
+    passes: Annotated[int, typer.Option(min=1, metavar="N", help="Timed passes (median).")
+                      ] = 3,
     sample_mb: Annotated[float, typer.Option(
-        min=0.001, help="MB of whole chunks timed one by one on one thread.")] = 32.0,
+        min=0.001, metavar="MB", help="MB of whole chunks timed one by one on one thread.")] = 32.0,
     max_mb: Annotated[float, typer.Option(
-        min=0.001, help="MB of the volume (its start) written through zarr.")] = 256.0,
+        min=0.001, metavar="MB", help="MB of the volume (its start) written through zarr.")
+    ] = 256.0,
     workdir: Annotated[Path | None, typer.Option(
+        metavar="DIR",
         help="Folder for the temporary arrays (default: the system's temp folder).")] = None,
     json_: JsonLine = False,
 ) -> None:

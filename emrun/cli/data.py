@@ -53,8 +53,9 @@ def data_convert(
         "a 4-d (c, z, y, x) source keeps all channels in each chunk.")
     ] = None,
     name: Annotated[str | None, typer.Option(
-        help="Array name in OUT (default: image with --image; else labels for a segmentation "
-        "or integers wider than 8 bits, mask for booleans, image otherwise).")] = None,
+        metavar="NAME", help="Array name in OUT (default: image with --image; else labels for "
+        "a segmentation or integers wider than 8 bits, mask for booleans, image otherwise).")
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing array of that name.")
     ] = False,
@@ -90,8 +91,10 @@ def data_preview(
     override: Overrides = None,
     synthetic: Annotated[bool, typer.Option(
         "--synthetic", help="Replace the recipe's sources by synthetic volumes.")] = False,
-    n: Annotated[int, typer.Option("--n", min=1, max=64, help="Samples (rows).")] = 8,
-    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("preview.png"),
+    n: Annotated[int, typer.Option(
+        "--n", min=1, max=64, metavar="N", help="Samples (rows).")] = 8,
+    out: Annotated[Path, typer.Option(
+        "--out", metavar="PNG", help="PNG file to write.")] = Path("preview.png"),
 ) -> None:
     """A PNG grid of augmented samples: sections with label boundaries and each target."""
     from ..data.synthetic import with_synthetic_sources
@@ -114,7 +117,7 @@ def data_synth(
         metavar="OUT", help="Output zarr folder (created if missing).")],
     shape: Annotated[tuple[int, int, int], typer.Option(
         metavar="Z Y X", help="Volume size in voxels.")] = (64, 256, 256),
-    seed: Annotated[int, typer.Option(min=0, help="Generator seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, metavar="S", help="Generator seed.")] = 0,
     voxel_size: Nm = (30.0, 6.0, 6.0),
     defects: Annotated[bool, typer.Option(help="Add missing/dim sections and a shift.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing arrays.")] = False,
