@@ -9,7 +9,6 @@ import os
 import resource
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .subprocesses import STOPPING, stop_between_blocks, stop_signals
+from .subprocesses import catching_signals, stop_between_blocks, stop_signals
 
 if TYPE_CHECKING:
     import torch
@@ -190,18 +189,12 @@ def run_through(launch: str, module: str, args: list[str], folder: Path) -> None
     token.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def _waiting_for_launched() -> Iterator[list[str]]:
+def _waiting_for_launched() -> contextlib.AbstractContextManager[list[str]]:
     """A group's SIGTERM or SIGINT (Ctrl-C) is the launched worker's to take (srun passes
     it on): the daisy worker only waiting for it died of SIGINT with a KeyboardInterrupt
     traceback that daisy printed. Inside this they are noted (yielded) and it waits on;
     the old handlers are back after."""
-    previous = {number: signal.getsignal(number) for number in STOPPING}
-    try:
-        yield stop_between_blocks()
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
+    return catching_signals()
 
 
 def launched_main(serve: Callable[..., None]) -> None:

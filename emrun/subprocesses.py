@@ -19,11 +19,13 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 STOPPING = (signal.SIGTERM, signal.SIGINT)
+PUT_BACK_TRIES = 10
+"""How often `catching_signals` tries to put an old handler back while signals keep coming."""
 
 
 @contextlib.contextmanager
@@ -88,6 +90,61 @@ def kill_workers(pool: Any) -> None:
             process.kill()
 
 
+def _nothing(name: str) -> None:
+    """The default of `catching_signals`: the name is noted, nothing more."""
+
+
+@contextlib.contextmanager
+def catching_signals(call: Callable[[str], object] = _nothing, *, first_only: bool = False,
+                     signals: Sequence[int] = STOPPING) -> Iterator[list[str]]:
+    """Inside this, each of ``signals`` (SIGTERM and SIGINT) is noted by name in the list
+    yielded, then ``call(name)`` runs (on the first only with ``first_only``; it may raise
+    the stop, which then comes from wherever the main thread was). Every engine's stop is
+    built on this, so each gets the fiddly part right: all the old handlers are back after,
+    even where a signal that comes while they are put back raises (from ``call`` or from an
+    old handler already back: a pending signal runs its handler before the next one is
+    set, which then was not); the first such exception is raised once all are back. Python
+    runs handlers in the main thread only: outside it nothing is installed, and the list
+    stays empty."""
+    caught: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(number: int, frame: Any) -> None:
+        caught.append(signal.Signals(number).name)
+        if len(caught) == 1 or not first_only:
+            call(caught[-1])
+
+    previous: dict[int, Any] = {}
+    try:
+        for number in signals:  # one at a time: a stop raised midway puts back those set
+            previous[number] = signal.signal(number, handler)
+        yield caught
+    finally:
+        _put_back(previous)
+
+
+def _put_back(handlers: dict[int, Any]) -> None:
+    """Put every old handler back, each even where a signal that came meanwhile raises from
+    a handler while they are put back (KeyboardInterrupt, a stop); the first such exception
+    is raised once all are back."""
+    raised: BaseException | None = None
+    for number, old in handlers.items():
+        # A pending signal is handled once, before the handler is set: the next try sets it
+        # unless yet another came in that instant. Bounded: a handler signal.signal refuses
+        # (None: one not set from Python) is refused every time.
+        for _ in range(PUT_BACK_TRIES):
+            try:
+                signal.signal(number, old)
+                break
+            except BaseException as exc:  # raised below, once all are back
+                if raised is None:
+                    raised = exc
+    if raised is not None:
+        raise raised
+
+
 @contextlib.contextmanager
 def stop_signals(on_stop: Callable[[], None] = lambda: None) -> Iterator[list[str]]:
     """Around a scheduler whose loop runs outside Python (daisy's): SIGTERM (a cluster's
@@ -96,16 +153,18 @@ def stop_signals(on_stop: Callable[[], None] = lambda: None) -> Iterator[list[st
     the workers to stop between blocks. SIGTERM used to end the process on the spot,
     without a word, while daisy's workers went on writing the output after its lock was
     gone. Yields the names of the signals caught; outside the main thread nothing is
-    installed."""
+    installed.
+
+    The handlers are `catching_signals`' (which puts the old ones back), but what it notes
+    and calls would come too late here: a Python handler runs only once the main thread is
+    back in Python, after daisy's loop. The signals are read from the wakeup fd instead,
+    which the C-level handler writes at once, by a watcher thread."""
     caught: list[str] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught
         return
     reader, writer = socket.socketpair()
     writer.setblocking(False)
-
-    def handler(number: int, frame: Any) -> None:
-        pass  # the watcher below has it already, from the wakeup fd
 
     def watch() -> None:
         while data := reader.recv(64):
@@ -123,35 +182,13 @@ def stop_signals(on_stop: Callable[[], None] = lambda: None) -> Iterator[list[st
     # handler alone and was lost (the command went on as if never told to stop).
     old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     try:
-        previous: dict[int, Any] = {}
-        try:
-            for number in STOPPING:
-                previous[number] = signal.signal(number, handler)
+        with catching_signals():  # its own notes are the watcher's too: left unread
             yield caught
-        finally:
-            _put_back(previous)
     finally:
         signal.set_wakeup_fd(old_fd)
         writer.close()
         watcher.join(timeout=5)
         reader.close()
-
-
-def _put_back(handlers: dict[int, Any]) -> None:
-    """Put every old handler back, each even where a signal that came meanwhile raises from
-    a handler while they are put back (KeyboardInterrupt, say); the first such exception is
-    raised once all are back."""
-    raised: BaseException | None = None
-    for number, old in handlers.items():
-        for _ in range(3):  # a pending signal is handled once: the next try sets it
-            try:
-                signal.signal(number, old)
-                break
-            except BaseException as exc:  # raised below, once all are back
-                if raised is None:
-                    raised = exc
-    if raised is not None:
-        raise raised
 
 
 def killed_by(worker_error: str | None) -> int | None:

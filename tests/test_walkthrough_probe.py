@@ -117,12 +117,19 @@ def test_segment_counts_one_segment_as_one(tmp_path):
 def test_view_names_an_affinity_layer_as_the_readme_does(tmp_path, monkeypatch):
     """`emrun view pred.zarr/affinity` said "affinity: channels layer" (the code's word) where
     the README and the help promise an RGB layer of the first three channels."""
-    import signal
+    import contextlib
+
+    from emrun import subprocesses
+
+    @contextlib.contextmanager
+    def stopped_at_once(call, **_):  # type: ignore[no-untyped-def]
+        call("SIGINT")  # Ctrl-C as soon as the link is printed
+        yield ["SIGINT"]
 
     affs = np.zeros((3, 4, 8, 8), np.uint8)
     write_volume(tmp_path / "pred.zarr", "affinity", affs, channel_axis=True, levels=1,
                  attrs={"offsets": [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]})
-    monkeypatch.setattr(signal, "signal", lambda number, handler: handler(number, None))
+    monkeypatch.setattr(subprocesses, "catching_signals", stopped_at_once)
     result = runner.invoke(app, ["view", str(tmp_path / "pred.zarr" / "affinity"),
                                  "--client", "https://neuroglancer.example.org/", "--json"])
     assert result.exit_code == 0, result.output

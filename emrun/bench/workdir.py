@@ -19,13 +19,12 @@ import logging
 import os
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from ..capacity import work_folder
+from ..subprocesses import catching_signals
 
 SETTLE_SECONDS = 10.0
 """How long `remove_tree` keeps retrying while writes already handed to zarr's threads land."""
@@ -64,27 +63,18 @@ def _remove_empty(path: Path, top: Path) -> None:
         path = path.parent
 
 
-@contextlib.contextmanager
-def terminated_as_interrupt() -> Iterator[list[str]]:
+def terminated_as_interrupt() -> contextlib.AbstractContextManager[list[str]]:
     """While a benchmark writes its temporary arrays: SIGTERM (`timeout`, `kill`, a
     cluster's time limit) stops it as Ctrl-C does, so its temporary folder is removed (the
     default action ended the process at once and left up to hundreds of MB in the system's
     temporary folder). Yields the names of the signals that stopped it ("SIGTERM"); outside
     the main thread nothing is installed."""
-    caught: list[str] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
+    return catching_signals(_interrupt, signals=(signal.SIGTERM,))
 
-    def handler(number: int, frame: Any) -> None:
-        caught.append(signal.Signals(number).name)
-        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield caught
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _interrupt(signal_name: str) -> None:
+    """Each SIGTERM's: the KeyboardInterrupt a Ctrl-C raises."""
+    raise KeyboardInterrupt
 
 
 def _first_missing(path: Path) -> Path | None:

@@ -636,10 +636,10 @@ def view(
 ) -> None:
     """Show volumes in neuroglancer: serve them from here and print the link (Ctrl-C stops)."""
     import json
-    import signal
     import threading
     import webbrowser
 
+    from ..subprocesses import catching_signals
     from ..view import view as start_view
 
     shown = start_view(paths, bind=bind, port=port, client=client)
@@ -658,11 +658,10 @@ def view(
     if open_browser:
         webbrowser.open(shown.link)
     stop = threading.Event()
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, lambda *_: stop.set())
-    stop.wait()
-    shown.close()
-    err.print("stopped serving", markup=False)
+    with catching_signals(lambda _: stop.set()):
+        stop.wait()
+        shown.close()
+        err.print("stopped serving", markup=False)
 
 
 @app.command()

@@ -12,15 +12,11 @@ workers wrote on into it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
-from collections.abc import Iterator
-from typing import Any
+from contextlib import AbstractContextManager
 
 from emrun.errors import Interrupted
-from emrun.subprocesses import STOPPING
+from emrun.subprocesses import catching_signals
 
 __all__ = ["stopped", "stopping"]
 
@@ -34,40 +30,16 @@ def stopped(signal_name: str) -> Interrupted:
     return Interrupted(signal_name, MESSAGE)
 
 
-@contextlib.contextmanager
-def stopping() -> Iterator[list[str]]:
+def stopping() -> AbstractContextManager[list[str]]:
     """Inside this, SIGTERM or SIGINT raises `stopped` at once in the main thread (a later
     one while that unwinds is noted, not raised again, so the cleanup runs to its end);
     yields the names of the signals caught. Schedulers whose loop runs outside Python
     (daisy's) take the signals over inside (`emrun.subprocesses.stop_signals`). Outside the
     main thread nothing is installed."""
-    caught: list[str] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-
-    def handler(number: int, frame: Any) -> None:
-        caught.append(signal.Signals(number).name)
-        if len(caught) == 1:
-            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's reads cut short
-            raise stopped(caught[0])
-
-    previous = {number: signal.signal(number, handler) for number in STOPPING}
-    try:
-        yield caught
-    finally:
-        _put_back(previous)
+    return catching_signals(_stop, first_only=True)
 
 
-def _put_back(previous: dict[int, Any]) -> None:
-    """Put the old handlers back, each even where the first signal comes meanwhile and
-    its stop is raised from one of these calls (raised once all are back)."""
-    raised: Interrupted | None = None
-    for number, old in previous.items():
-        try:
-            signal.signal(number, old)
-        except Interrupted as exc:
-            raised = exc
-            signal.signal(number, old)  # the stop may have come before this one took
-    if raised is not None:
-        raise raised
+def _stop(signal_name: str) -> None:
+    """The first signal's: the stop, raised where the main thread is."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's reads cut short
+    raise stopped(signal_name)

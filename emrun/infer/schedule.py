@@ -16,11 +16,9 @@ import math
 import multiprocessing as mp
 import os
 import queue
-import signal
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +28,7 @@ from ..devices import available_memory, cpu_cores, parse_device, require_visible
 from ..errors import UserError
 from ..geometry import Zyx
 from ..recipe import Recipe
-from ..subprocesses import leave_signals_to, signals_held
+from ..subprocesses import catching_signals, leave_signals_to, signals_held
 from .job import Job
 from .plan import Tiling, choose_tiling, units
 from .worker import BlockDone, BlockWorker
@@ -108,64 +106,18 @@ class Stopped(Exception):
         self.progress = progress
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[list[str]]:
-    """While predicting: SIGTERM (a cluster's time limit, `scancel`, `timeout`) and SIGINT
-    are noted, for the workers to see between blocks, instead of killing the process mid-way.
-    Yields the names of the signals caught; outside the main thread nothing is installed."""
-    caught: list[str] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-
-    def handler(number: int, frame: Any) -> None:
-        caught.append(signal.Signals(number).name)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield caught
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
-
-
-@contextlib.contextmanager
-def stop_at_once(progress: Progress) -> Iterator[None]:
+def stop_at_once(progress: Progress) -> contextlib.AbstractContextManager[list[str]]:
     """After the last block (the pyramid build, the completion mark): SIGTERM or SIGINT
     raises `Stopped` at once with ``progress``, as a stop between blocks says it (a Ctrl-C
     there was the generic 'stopped by SIGINT', a SIGTERM ended the process without a word).
     Nothing is lost: --resume rebuilds the pyramid whole. Outside the main thread nothing
     is installed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[str] = []
 
-    def handler(number: int, frame: Any) -> None:
-        caught.append(signal.Signals(number).name)
-        if len(caught) == 1:
-            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's IO cut short
-            raise Stopped(caught[0], progress)
+    def stop(signal_name: str) -> None:
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's IO cut short
+        raise Stopped(signal_name, progress)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        _restore(previous)
-
-
-def _restore(handlers: dict[int, Any]) -> None:
-    """Put the old handlers back, all of them even where a stop is raised from one of
-    these calls (it is raised once they are back)."""
-    raised: Stopped | None = None
-    for number, old in handlers.items():
-        try:
-            signal.signal(number, old)
-        except Stopped as exc:
-            raised = exc
-            signal.signal(number, old)  # the stop may have come before this one took
-    if raised is not None:
-        raise raised
+    return catching_signals(stop, first_only=True)
 
 
 def run_local(job: Job, slots: list[tuple[str, int]],
@@ -187,7 +139,9 @@ def run_local(job: Job, slots: list[tuple[str, int]],
     if 0 < len(groups) < len(slots):  # no more workers than units of work to give them
         slots = [(device, max(1, cpu_cores() // len(groups)))
                  for device, _ in slots[:len(groups)]]
-    with _stop_on_signals() as caught:
+    # SIGTERM (a cluster's time limit, `scancel`, `timeout`) and SIGINT are noted, for the
+    # workers to see between blocks, instead of killing the process mid-way.
+    with catching_signals() as caught:
         def stopping() -> bool:
             return bool(caught)
 

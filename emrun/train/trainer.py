@@ -13,7 +13,6 @@ import contextlib
 import math
 import os
 import resource
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +41,7 @@ from ..models import build_model, weights_mismatch
 from ..recipe import LoadedRecipe, Recipe
 from ..recipe.errors import Problem, RecipeError
 from ..registry import losses, segmenters
+from ..subprocesses import catching_signals
 from . import distributed, run_dir
 from .background import BackgroundScorer, Pending
 from .checkpoint import CheckpointDir, rng_state, set_rng_state
@@ -77,23 +77,23 @@ class TrainResult:
 
 
 class _Signals:
-    """Turns SIGINT/SIGTERM into a flag checked between iterations (checkpoint, then exit)."""
+    """Turns SIGINT/SIGTERM into a flag checked between iterations (checkpoint, then exit):
+    ``received`` is the last signal's name. Outside the main thread nothing is installed."""
 
     def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
+        self._catching = catching_signals()
+        self._caught: list[str] = []
+
+    @property
+    def received(self) -> str | None:
+        return self._caught[-1] if self._caught else None
 
     def __enter__(self) -> _Signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._caught = self._catching.__enter__()
         return self
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._catching.__exit__(*exc)
 
 
 def _device(requested: str | None, world: distributed.World) -> torch.device:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
-import signal
-import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -46,7 +44,7 @@ from ...devices import (
 from ...errors import Interrupted, UserError
 from ...geometry import Zyx, zyx
 from ...subprocesses import (
-    STOPPING,
+    catching_signals,
     die_with_parent,
     kill_workers,
     killed_by,
@@ -128,8 +126,8 @@ class MainStops:
         self.caught: list[str] = []
         self._now: str | None = None  # the stop's message, while work may be cut short
 
-    def handler(self, number: int, frame: Any) -> None:
-        self.caught.append(signal.Signals(number).name)
+    def on_signal(self, signal_name: str) -> None:
+        """Each signal's, once noted in `caught`: the stop, where work may be cut short."""
         if self._now is not None:
             message, self._now = self._now, None
             raise Interrupted(self.caught[0], message)
@@ -183,15 +181,9 @@ def main_stops() -> Iterator[MainStops]:
     """`MainStops` for SIGTERM and SIGINT while inside (the steps' `stop_signals` take them
     during a step, and give them back); outside the main thread none are installed."""
     stops = MainStops()
-    if threading.current_thread() is not threading.main_thread():
+    with catching_signals(stops.on_signal) as caught:
+        stops.caught = caught  # what a signal before this line noted is in it too
         yield stops
-        return
-    previous = {number: signal.signal(number, stops.handler) for number in STOPPING}
-    try:
-        yield stops
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
 
 
 def _stopped(signal_name: str, step: str, kept: str) -> Interrupted:
