@@ -207,3 +207,29 @@ def test_infer_counts_one_block_as_one(tmp_path, monkeypatch):
                                  "vol.zarr/image", "--output", str(tmp_path / "pred.zarr")])
     assert result.exit_code == 0, result.output
     assert "pred.zarr: 1 block predicted, 0 already done" in result.stdout
+
+
+def _commands(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path of the typer app (``("bench", "data")``, ...)."""
+    found: list[tuple[str, ...]] = []
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):  # a group (typer keeps its own copy of click)
+            found += _commands(command, (*prefix, name))
+        else:
+            found.append((*prefix, name))
+    return found
+
+
+def test_no_option_shows_typers_type_placeholder():
+    """`--samples <int range>`, `--folder <path>`, `train --gpus <int range>` (whose help
+    says N): typer's placeholders beside the README's N, DIR, NAME. Every option taking a
+    value names it as the README does."""
+    import typer
+
+    root = typer.main.get_command(app)
+    leaks = []
+    for path in _commands(root):
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "300"})
+        leaks += [f"{' '.join(path)}: {m}" for m in re.findall(r"--[a-z-]+ <[^>]+>",
+                                                                  result.stdout)]
+    assert len(_commands(root)) >= 19 and leaks == []

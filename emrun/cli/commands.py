@@ -70,7 +70,8 @@ def validate(
 @guarded
 def schema(
     output: Annotated[
-        Path, typer.Option("--output", help="Where to write the JSON Schema ('-': print it).")
+        Path, typer.Option("--output", metavar="PATH",
+                           help="Where to write the JSON Schema ('-': print it).")
     ] = Path("schemas/recipe.schema.json"),
 ) -> None:
     """Write the recipe's JSON Schema (for editor completion and checking)."""
@@ -109,15 +110,17 @@ def train(
     recipe: RecipeFile,
     override: Overrides = None,
     run_dir: Annotated[Path | None, typer.Option(
-        "--run-dir", help="Run directory (default: runs/<recipe name>).")] = None,
+        "--run-dir", metavar="DIR", help="Run directory (default: runs/<recipe name>).")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in the run directory from checkpoints/last.pt.")]
     = False,
     init_from: Annotated[Path | None, typer.Option(
-        "--init-from", help="Start from the weights of this checkpoint, model package or "
+        "--init-from", metavar="CKPT|PACKAGE|RUN_DIR",
+        help="Start from the weights of this checkpoint, model package or "
         "run directory (its best.pt, else last.pt) (fine-tuning).")] = None,
     gpus: Annotated[int | None, typer.Option(
-        min=1, help="Launch N processes with torchrun (distributed data parallel).")] = None,
+        min=1, metavar="N",
+        help="Launch N processes with torchrun (distributed data parallel).")] = None,
     device: Device = None,
 ) -> None:
     """Train a recipe: run directory, checkpoints, TensorBoard, events.jsonl, exact resume."""
@@ -181,13 +184,17 @@ def rank_args(recipe: Path, overrides: list[str], run_dir: Path, resume: bool,
 @app.command()
 @guarded
 def infer(
-    input_: Annotated[str, typer.Option("--input", help="Volume to predict, e.g. vol.zarr/image.")],
-    output: Annotated[Path, typer.Option("--output", help="Output .zarr folder.")],
+    input_: Annotated[str, typer.Option(
+        "--input", metavar="IN", help="Volume to predict, e.g. vol.zarr/image.")],
+    output: Annotated[Path, typer.Option(
+        "--output", metavar="OUT.zarr", help="Output .zarr folder.")],
     checkpoint: Annotated[Path | None, typer.Option(
-        "--checkpoint", help="A training checkpoint (.pt) or run directory (its best.pt, "
+        "--checkpoint", metavar="C|RUN_DIR",
+        help="A training checkpoint (.pt) or run directory (its best.pt, "
         "else last.pt); or give --model.")] = None,
     model: Annotated[Path | None, typer.Option(
-        "--model", help="A model package (`emrun export`): weights and recipe in one file.")]
+        "--model", metavar="PACKAGE",
+        help="A model package (`emrun export`): weights and recipe in one file.")]
     = None,
     override: Overrides = None,
     block: Annotated[tuple[int, int, int] | None, typer.Option(
@@ -214,7 +221,8 @@ def infer(
         metavar="OFFSET/SHAPE", help="Predict only this box of the input, in voxels, e.g. "
         "60,0,0/10,1024,1024 (the input around it still gives context).")] = None,
     recipe: Annotated[Path | None, typer.Option(
-        "--recipe", help="Recipe YAML file (default: the one the checkpoint was trained "
+        "--recipe", metavar="R",
+        help="Recipe YAML file (default: the one the checkpoint was trained "
         "with; a recipe whose model or tasks differ from it is refused).")] = None,
     level: LevelChoice = None,
     levels: Levels = None,
@@ -373,12 +381,13 @@ def segment(
         metavar="B", help="mws: long-range edges repel below this affinity (more splits as "
                           "it rises). Repeat (or comma-separate) like --threshold.")] = None,
     min_size: Annotated[int | None, typer.Option(
-        min=0, help="Merge segments smaller than this into their best neighbour.")] = None,
+        min=0, metavar="N", help="Merge segments smaller than this into their best neighbour.")
+    ] = None,
     mask: Annotated[str | None, typer.Option(
         metavar="MASK", help="Volume, non-zero where to segment; 0 outside in the output "
         "(--resume: the job's).")] = None,
     offsets: Annotated[str | None, typer.Option(
-        help="Offsets if AFFS has no 'offsets' attribute: JSON "
+        metavar="O", help="Offsets if AFFS has no 'offsets' attribute: JSON "
              "'[[-1,0,0],[0,-1,0],[0,0,-1]]' or '-1,0,0 0,-1,0 0,0,-1' (--resume: the "
              "job's).")] = None,
     block: Annotated[tuple[int, int, int] | None, typer.Option(
@@ -387,13 +396,14 @@ def segment(
                               "it, at most 32 512 512; --scheduler: 32 256 256, "
                               "--resume: the job's).")] = None,
     name: Annotated[str | None, typer.Option(
-        help="Output volume name in OUT (default: segmentation; --resume without "
+        metavar="NAME", help="Output volume name in OUT (default: segmentation; --resume without "
              "--threshold or --min-size: the job's).")
     ] = None,
     sweep: Annotated[bool, typer.Option(
         "--sweep", help="Try each --threshold/--bias (default 0.1 ... 0.9) against --truth; "
                         "write the best by adapted Rand error.")] = False,
-    truth: Annotated[str | None, typer.Option(help="Ground-truth labels for --sweep.")] = None,
+    truth: Annotated[str | None, typer.Option(
+        metavar="T", help="Ground-truth labels for --sweep.")] = None,
     connected_truth: Annotated[bool, typer.Option(
         "--connected-truth", help="--sweep: score against each truth object's connected "
         "pieces (as emrun evaluate --connected-truth; for a crop of a larger "
@@ -510,7 +520,8 @@ def evaluate(
         min=0.0, max=1.0, metavar="T", help="With --binary: foreground above this probability "
         "(uint8 predictions: above threshold x 255; default: 0.5).")] = None,
     min_overlap: Annotated[int | None, typer.Option(
-        min=1, help="Voxels an overlap needs to count towards splits and merges (default: "
+        min=1, metavar="N",
+        help="Voxels an overlap needs to count towards splits and merges (default: "
         "100; not with --binary).")] = None,
     connected_truth: Annotated[bool, typer.Option(
         "--connected-truth", help="Score each truth object's connected pieces inside the "
@@ -623,8 +634,9 @@ def view(
         "pred.zarr/affinity seg.zarr/segmentation (a layer each; a time series is shown "
         "whole, with neuroglancer's t axis as a slider).")],
     bind: Annotated[str, typer.Option(
+        metavar="ADDR",
         help="Address to serve on (0.0.0.0: reachable from other machines).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535,
+    port: Annotated[int, typer.Option(min=0, max=65535, metavar="P",
                                       help="Port of the data server (0: any free one).")] = 0,
     client: Annotated[str | None, typer.Option(
         metavar="URL", help="A neuroglancer client to link to (e.g. "
@@ -667,7 +679,8 @@ def view(
 @app.command()
 @guarded
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the run and figures.")]
+    out_dir: Annotated[Path, typer.Option(
+        "--out", metavar="DIR", help="Folder for the run and figures.")]
     = Path("emrun-demo"),
     override: Overrides = None,
 ) -> None:
