@@ -253,9 +253,9 @@ def release_job(job: Job) -> None:
 
 
 def finish_job(job: Job) -> bool:
-    """Once every block is done, build each output's pyramid from its level 0 (rebuilt
-    whole, so a job killed while building it and resumed still ends complete); returns
-    whether it was built."""
+    """Once every block is done, build each output's pyramid from its level 0 (a build
+    killed part-way goes on from its finished blocks when the job is resumed, and ends as
+    one uninterrupted build would); returns whether it was built."""
     if job.pending():
         return False
     for name in job.recipe.tasks:

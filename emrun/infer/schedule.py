@@ -110,8 +110,8 @@ def stop_at_once(progress: Progress) -> contextlib.AbstractContextManager[list[s
     """After the last block (the pyramid build, the completion mark): SIGTERM or SIGINT
     raises `Stopped` at once with ``progress``, as a stop between blocks says it (a Ctrl-C
     there was the generic 'stopped by SIGINT', a SIGTERM ended the process without a word).
-    Nothing is lost: --resume rebuilds the pyramid whole. Outside the main thread nothing
-    is installed."""
+    Nothing is lost: --resume goes on with the pyramid's unfinished blocks. Outside the
+    main thread nothing is installed."""
 
     def stop(signal_name: str) -> None:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's IO cut short

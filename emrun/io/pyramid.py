@@ -5,7 +5,11 @@ block: a block is one output block of the coarser level (`BLOCK_ZYX`, whole chun
 which the matching box of the finer level is read, downsampled and written. Blocks are
 independent (chunk-aligned, no two write the same chunk), so `threads` of them run at once
 and memory is bounded by `threads` finer blocks of at most `READ_BYTES` (with the
-downsampling's temporaries, a few times that), whatever the volume's size.
+downsampling's temporaries, about twice that for images), whatever the volume's size: the
+blocks are enumerated one at a time and no more than `threads` are handed to the pool at
+once (`run_bounded`). Each finished block is reported (`done`) so
+that a build cut short resumes at the blocks it had not finished (`Progress`, whose markers
+`emrun.io.write.build_pyramid` keeps in the image group's hidden `.emrun-pyramid` folder).
 
 Each level halves y and x; z is halved too only where its voxel size is at most half of
 y's at the new level (z no coarser than y before the step), so anisotropic EM (30 x 6 x 6
@@ -19,9 +23,17 @@ which never invents an id. Windows cut by the volume's end use the voxels presen
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
+import json
 import math
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import os
+import shutil
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -96,19 +108,31 @@ def downsample(data: np.ndarray, step: Sequence[int], labels: bool) -> np.ndarra
                            out_shape[2], step[2])
     counts = [np.minimum(s, n - np.arange(o) * s) for o, s, n in
               zip(out_shape, step, spatial, strict=True)]  # voxels present per window
-    present = counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
     if data.dtype.kind in "iu" and data.dtype.itemsize == 8:
+        present = counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
         return _wide_integer_mean(split, present).astype(data.dtype)
     # sums of at most 8 values of up to 16 bits are exact in float32
     exact32 = data.dtype.itemsize <= 2 or data.dtype == np.float32
     mean = split.sum(axis=(-5, -3, -1), dtype=np.float32 if exact32 else np.float64)
-    mean /= present
+    _divide_by_counts(mean, counts)
     if data.dtype.kind in "iub":
-        np.floor(mean + 0.5, out=mean)
+        mean += 0.5  # in place: `mean + 0.5` was one more temporary of the block's size
+        np.floor(mean, out=mean)
         if data.dtype.kind != "b":
             info = np.iinfo(data.dtype)
             np.clip(mean, info.min, info.max, out=mean)
     return mean.astype(data.dtype)
+
+
+def _divide_by_counts(mean: np.ndarray, counts: Sequence[np.ndarray]) -> None:
+    """Divide each window's sum by its voxel count, in place, one z plane at a time: the
+    counts of the whole block (an int64 array of the output's size, twice a float32 mean)
+    were the largest temporary of a pyramid block. The arithmetic is that of dividing by
+    the whole array (each plane's counts are the same int64 values)."""
+    plane = counts[1][:, None] * counts[2][None, :]
+    for z, count in enumerate(counts[0]):
+        target = mean[..., z, :, :]
+        target /= plane * count
 
 
 def _wide_integer_mean(split: np.ndarray, present: np.ndarray) -> np.ndarray:
@@ -161,6 +185,19 @@ def _ceil(n: int, f: int) -> int:
     return -(-n // f)
 
 
+def level_block(lead: Sequence[int], itemsize: int, step: Sequence[int],
+                chunks: Sequence[int], block: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The output block of a coarser level in whole chunks of it (`chunks`, z y x): `block`,
+    or `BLOCK_ZYX` with y and x halved until the finer box it reads (`lead` channels of
+    `itemsize` bytes, `step` finer voxels per voxel) is at most `READ_BYTES`."""
+    if block is None:
+        block = list(BLOCK_ZYX)
+        per_voxel = math.prod(lead) * itemsize * math.prod(step)
+        while math.prod(block) * per_voxel > READ_BYTES and block[1] > chunks[1]:
+            block[1:] = [max(1, block[1] // 2), max(1, block[2] // 2)]
+    return tuple(max(c, int(b) // c * c) for b, c in zip(block, chunks, strict=True))
+
+
 def write_level(
     source: zarr.Array,
     target: zarr.Array,
@@ -170,38 +207,173 @@ def write_level(
     block: Sequence[int] | None = None,
     threads: int | None = None,
     read: Callable[[zarr.Array, Roi], np.ndarray] | None = None,
+    skip: Collection[int] = (),
+    done: Callable[[int], None] | None = None,
 ) -> None:
     """Fill `target` with `source` downsampled by `step` (z, y, x), block by block.
 
-    Each block of `target` (`block`, rounded to whole chunks; default: `BLOCK_ZYX` with y
-    and x halved until the finer box is at most `READ_BYTES`) is computed from the box of
-    `source` it covers, read through `read` (default: the array's own indexing); `threads`
-    blocks at a time (default: the cores this process may use, at most 8).
+    Each block of `target` (`level_block`) is computed from the box of `source` it covers,
+    read through `read` (default: the array's own indexing); `threads` blocks at a time
+    (default: the cores this process may use, at most 8). Blocks are numbered in the order
+    of `level_blocks`; those in `skip` are left as they are (a resumed build) and `done`
+    is called with each block's number once its chunks are written.
     """
     lead = tuple(int(n) for n in target.shape[:-3])
     chunks = [int(c) for c in target.chunks[-3:]]
-    if block is None:
-        block = list(BLOCK_ZYX)
-        per_voxel = math.prod(lead) * source.dtype.itemsize * math.prod(step)
-        while math.prod(block) * per_voxel > READ_BYTES and block[1] > chunks[1]:
-            block[1:] = [max(1, block[1] // 2), max(1, block[2] // 2)]
-    whole = [max(c, b // c * c) for b, c in zip(block, chunks, strict=True)]
-    boxes = list(BlockGrid(box_of(target.shape[-3:]), whole).boxes())
+    whole = level_block(lead, source.dtype.itemsize, step, chunks, block)
     reader = read or (lambda array, roi: np.asarray(array[slices(roi)]))
     spatial = box_of(source.shape[-3:])
 
-    def one(box: Roi) -> None:
+    def one(index: int, box: Roi) -> None:
         fine = Roi(tuple(o * s for o, s in zip(box.offset, step, strict=True)),
                    tuple(n * s for n, s in zip(box.shape, step, strict=True))).intersect(spatial)
         full = Roi((0,) * len(lead) + tuple(fine.offset), lead + tuple(fine.shape))
         target[slices(Roi((0,) * len(lead) + tuple(box.offset), lead + tuple(box.shape)))] = (
             downsample(reader(source, full), step, labels))
+        if done is not None:
+            done(index)
 
-    workers = threads or min(8, cpu_cores())
-    if workers == 1 or len(boxes) == 1:
-        for box in boxes:
-            one(box)
+    todo = ((i, box) for i, box in level_blocks(target.shape, whole) if i not in skip)
+    run_bounded(one, todo, threads or min(8, cpu_cores()))
+
+
+def level_blocks(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[int, Roi]]:
+    """The blocks of a level of `shape` (its last three axes) with their numbers, in raster
+    order, one at a time (a list of a large level's boxes was hundreds of MB)."""
+    grid = BlockGrid(box_of(shape[-3:]), block)
+    for number, index in enumerate(itertools.product(*(range(c) for c in grid.counts))):
+        yield number, grid.box(index)
+
+
+def run_bounded(one: Callable[[int, Roi], None], todo: Iterable[tuple[int, Roi]],
+                workers: int) -> None:
+    """Run `one` on each item of `todo`, `workers` at a time, in order, handing the pool no
+    more than `workers` at once: `pool.map` took every block of the level up front, about
+    1.7 kB of queued work each, 1.8 GB for the million blocks of an 8 TB volume's level 1.
+    The first error is raised once the blocks already running are done."""
+    if workers <= 1:
+        for item in todo:
+            one(*item)
         return
     with ThreadPoolExecutor(workers) as pool:
-        for done in pool.map(one, boxes):
-            del done
+        running: set[Future[None]] = set()
+        try:
+            for item in todo:
+                if len(running) >= workers:
+                    _settle(running)
+                running.add(pool.submit(one, *item))
+            while running:
+                _settle(running)
+        finally:
+            for future in running:
+                future.cancel()
+
+
+def _settle(running: set[Future[None]]) -> None:
+    """Wait for one of `running` to end; raise its error, if any."""
+    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+    running.difference_update(finished)
+    for future in finished:
+        future.result()
+
+
+# --- resuming: what a build has finished --------------------------------------------------
+
+
+def files_stamp(folder: Path) -> str:
+    """A digest of what the files under `folder` are: their paths, sizes, modification times
+    (nanoseconds) and inode numbers (zarr writes each chunk as a new file, renamed into
+    place: a chunk written again is another inode, also where the file system's clock is
+    coarse). It tells whether an array was written since the stamp was taken without
+    reading its data: a stat per file, nothing more (a copy of the store has other inodes,
+    so a copied pyramid is built again once). zarr's temporaries (``*.partial``, left by a
+    killed writer) do not count."""
+    entries: list[str] = []
+    for place, _, files in os.walk(folder):
+        relative = os.path.relpath(place, folder)
+        for name in files:
+            if name.endswith(".partial"):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # removed as we walked
+                info = os.stat(os.path.join(place, name))
+                entries.append(f"{relative}/{name}\0{info.st_size}\0{info.st_mtime_ns}"
+                               f"\0{info.st_ino}")
+    digest = hashlib.blake2b(digest_size=16)
+    for entry in sorted(entries):
+        digest.update(entry.encode("utf-8", "surrogateescape") + b"\n")
+    return f"{len(entries)}:{digest.hexdigest()}"
+
+
+class Progress:
+    """What a pyramid build has finished, in a folder of plain files: ``build.json`` (what
+    the build is: the caller's record), ``<level>.done`` for each finished level and
+    ``<level>/<block>`` for each finished block of the level in progress. Markers are
+    written after what they mark, so a build killed at any point finds only finished work
+    marked."""
+
+    RECORD = "build.json"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def record(self) -> dict[str, Any] | None:
+        """The record of the build in progress; None if there is none (or it is unreadable:
+        cut short while written, which `start` never leaves)."""
+        try:
+            found = json.loads((self.folder / self.RECORD).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) else None
+
+    def level_done(self, level: int) -> bool:
+        return (self.folder / f"{level}.done").is_file()
+
+    def blocks(self, level: int) -> set[int]:
+        """The finished blocks of `level` (one listing)."""
+        try:
+            names = os.listdir(self.folder / str(level))
+        except OSError:
+            return set()
+        return {int(name) for name in names if name.isdigit()}
+
+    def start(self, record: dict[str, Any], kept: int, resumed: bool) -> None:
+        """Begin (or go on with) the build `record` describes, keeping levels 1..`kept`
+        (marked finished) and, when `resumed`, the finished blocks of level `kept` + 1. The
+        other markers go first and the record is written atomically after them: no marker
+        outlives the build it belongs to."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for entry in list(self.folder.iterdir()):
+            level = entry.name.split(".")[0]
+            if not level.isdigit() or int(level) <= kept:
+                continue
+            if resumed and entry.name == str(kept + 1):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+        if self.record() != record:
+            _write_atomically(self.folder / self.RECORD, json.dumps(record))
+        for level in range(1, kept + 1):  # kept as complete (a record's stamps vouched)
+            (self.folder / f"{level}.done").touch()
+
+    def marker(self, level: int) -> Callable[[int], None]:
+        """What marks a block of `level` finished (called from the writing threads)."""
+        place = self.folder / str(level)
+        place.mkdir(parents=True, exist_ok=True)
+        return lambda index: (place / str(index)).touch()
+
+    def finish_level(self, level: int) -> None:
+        """Mark `level` finished; its block markers are no longer needed."""
+        (self.folder / f"{level}.done").touch()
+        shutil.rmtree(self.folder / str(level), ignore_errors=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temporary file and a rename: never half written."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)

@@ -78,6 +78,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from emrun import locks
+from emrun.io import PRIVATE_PREFIX
 from emrun.io.layout import LABELS, refresh_root, volume_dir
 from emrun.io.metadata import (
     declared_shift,
@@ -86,7 +87,14 @@ from emrun.io.metadata import (
     image_label_attrs,
     ome_image_attrs,
 )
-from emrun.io.pyramid import level_factors, level_shape, write_level
+from emrun.io.pyramid import (
+    Progress,
+    files_stamp,
+    level_block,
+    level_factors,
+    level_shape,
+    write_level,
+)
 from emrun.io.volume import VolumeError, native_dtype
 from emrun.io.zarr_volume import PARTIAL_SUFFIX
 from emrun.paths import file_in_the_way, is_link_loop
@@ -442,6 +450,14 @@ def restore_replaced(root: Path) -> None:
                     os.rename(entry, target)
 
 
+PYRAMID_PROGRESS = f"{PRIVATE_PREFIX}pyramid"
+"""The hidden folder of an image group where a pyramid build keeps its progress
+(`emrun.io.pyramid.Progress`); no zarr node, gone once the build is complete."""
+
+PYRAMID_RECORD = "emrun-pyramid"
+"""The image group's attribute that says which pyramid was built from which level 0."""
+
+
 def build_pyramid(
     group_path: str | os.PathLike[str],
     levels: int | None = None,
@@ -449,10 +465,24 @@ def build_pyramid(
     label: bool | None = None,
     threads: int | None = None,
 ) -> int:
-    """(Re)build levels 1..N-1 of the image group at `group_path` from its complete level 0,
-    and name them in its OME metadata; returns N. Idempotent: a pyramid cut short (a killed
-    job) is rebuilt whole. `label` None: a group with `image-label` is a label. The store
-    root, when `group_path` is one of its volumes, is refreshed."""
+    """Build levels 1..N-1 of the image group at `group_path` from its complete level 0,
+    and name them in its OME metadata; returns N. `label` None: a group with `image-label`
+    is a label. The store root, when `group_path` is one of its volumes, is refreshed.
+
+    Resumable: a build cut short (a killed job) goes on where it stopped on the next call,
+    keeping its finished levels and the finished blocks of the level in progress, and the
+    result is the same as an uninterrupted build's. What a level is (its factor and step,
+    shape, chunks, dtype, block, labels or not, voxel size and offset) is recorded with the
+    progress, in the group's hidden `PYRAMID_PROGRESS` folder (plain files, no zarr node;
+    removed when the build is complete); a level whose record differs (another --levels,
+    another dtype) is built again, and so is every level after it. Level 0 is identified by
+    `files_stamp` (its files' names, sizes and modification times; zarr writes a chunk as a
+    new file), taken when a build begins: level 0 written again after a partial build, even
+    with the same values, makes the next call start over. A complete pyramid records the
+    stamps of all its levels in the group's `PYRAMID_RECORD` attribute: called again with
+    the same levels, and nothing written since, it is left as it is (only its metadata
+    written again); a level changed since is rebuilt, with the levels after it.
+    """
     folder = Path(group_path)
     group = zarr.open_group(str(folder), mode="r+")
     attrs = dict(group.attrs)
@@ -464,33 +494,139 @@ def build_pyramid(
     factors = level_factors(base.shape[-3:], voxel, levels)
     if label is None:
         label = "image-label" in attrs["ome"]
-    for name in [k for k, _ in group.arrays() if k != LEVEL and k.isdigit()]:
-        del group[name]
-    previous = base
-    for level, factor in enumerate(factors[1:], start=1):
-        shape = level_shape(base.shape, factor)
-        array = group.create_array(
-            name=str(level),
-            shape=shape,
-            dtype=base.dtype,
-            chunks=tuple(min(c, n) for c, n in zip(base.chunks, shape, strict=True)),
-            compressors=[compressor(base.dtype)],
-            dimension_names=list(base.metadata.dimension_names or ()) or None,
-            attributes=funlib_attrs(voxel, offset, channel_axis, factor),
-        )
-        step = tuple(f // p for f, p in zip(factor, factors[level - 1], strict=True))
+    specs = _level_specs(base, factors, label, voxel, offset)
+    progress = Progress(folder / PYRAMID_PROGRESS)
+    base_stamp = files_stamp(folder / LEVEL)
+    kept, done, stamps = _plan(group, folder, attrs, progress, specs, base_stamp)
+    previous = base if kept == 0 else group[str(kept)]
+    for level in range(kept + 1, len(factors)):
+        resumed = level == kept + 1 and bool(done)
+        array = _level_array(group, folder, level, specs[level - 1], base,
+                             funlib_attrs(voxel, offset, channel_axis, factors[level]),
+                             resumed)
         with zarr.config.set({"array.write_empty_chunks": False}):
-            write_level(previous, array, step, label, threads=threads)
+            write_level(previous, array, specs[level - 1]["step"], label, threads=threads,
+                        block=specs[level - 1]["block"], skip=done if resumed else (),
+                        done=progress.marker(level))
+        progress.finish_level(level)
+        stamps.append(files_stamp(folder / str(level)))
         previous = array
     names = [c["label"] for c in attrs["ome"].get("omero", {}).get("channels", [])] or None
     ome = ome_image_attrs(multiscale.get("name", folder.name), ndim, voxel, offset,
                           channel_axis, factors, names, declared_shift(multiscale))["ome"]
-    group.attrs["ome"] = {**attrs["ome"], **ome}
+    group.attrs.update({"ome": {**attrs["ome"], **ome},
+                        PYRAMID_RECORD: {"version": 1, "levels": specs,
+                                         "stamps": [base_stamp, *stamps]}})
+    progress.remove()  # after the record: a kill between the two finds every level done
     if folder.parent.name == LABELS:
         refresh_root(folder.parent.parent)
     elif (folder.parent / "zarr.json").is_file():
         refresh_root(folder.parent)
     return len(factors)
+
+
+def _level_specs(base: zarr.Array, factors: list[tuple[int, int, int]], label: bool,
+                 voxel: Any, offset: Any) -> list[dict[str, Any]]:
+    """What each level 1..N-1 is, as JSON: a level built to another spec is not reused."""
+    specs = []
+    lead = tuple(int(n) for n in base.shape[:-3])
+    for level, factor in enumerate(factors[1:], start=1):
+        shape = level_shape(base.shape, factor)
+        chunks = tuple(min(c, n) for c, n in zip(base.chunks, shape, strict=True))
+        step = tuple(f // p for f, p in zip(factor, factors[level - 1], strict=True))
+        specs.append({
+            "factor": list(factor), "step": list(step), "shape": list(shape),
+            "chunks": list(chunks), "dtype": str(base.dtype), "label": bool(label),
+            "block": list(level_block(lead, base.dtype.itemsize, step, chunks[-3:])),
+            "voxel_size": None if voxel is None else [float(v) for v in voxel],
+            "offset": None if offset is None else [float(v) for v in offset],
+        })
+    return json.loads(json.dumps(specs))  # as read back from a record
+
+
+def _plan(group: zarr.Group, folder: Path, attrs: dict[str, Any], progress: Progress,
+          specs: list[dict[str, Any]], base_stamp: str) -> tuple[int, set[int], list[str]]:
+    """Decide what of an earlier build is kept (`_reusable_levels`), record the build about
+    to run and remove the levels it makes again; returns what `_reusable_levels` does."""
+    kept, done, stamps = _reusable_levels(folder, attrs, progress, specs, base_stamp)
+    if done and _open_level(folder / str(kept + 1), specs[kept]) is None:
+        done = set()  # its array is gone or not as recorded: its blocks are made again
+    if kept < len(specs) or PYRAMID_RECORD not in attrs:
+        if PYRAMID_RECORD in attrs:  # no longer complete: nobody may take it for complete
+            del group.attrs[PYRAMID_RECORD]
+        progress.start({"version": 1, "base": base_stamp, "levels": specs}, kept,
+                       resumed=bool(done))
+    _remove_levels(folder, after=kept + (1 if done else 0))
+    return kept, done, stamps
+
+
+def _reusable_levels(folder: Path, attrs: dict[str, Any], progress: Progress,
+                     specs: list[dict[str, Any]], base_stamp: str
+                     ) -> tuple[int, set[int], list[str]]:
+    """How many levels (1..k) a build may keep, the finished blocks of level k + 1, and the
+    kept levels' stamps when a complete pyramid's record vouches for them ([] otherwise:
+    a build in progress stamps its levels when it completes them)."""
+    record = progress.record()
+    if record is not None and record.get("version") == 1 and record.get("base") == base_stamp:
+        old = record.get("levels") or []
+        kept = 0
+        while (kept < min(len(old), len(specs)) and old[kept] == specs[kept]
+               and progress.level_done(kept + 1)):
+            kept += 1
+        resumable = kept < min(len(old), len(specs)) and old[kept] == specs[kept]
+        stamps = [files_stamp(folder / str(level)) for level in range(1, kept + 1)]
+        return kept, progress.blocks(kept + 1) if resumable else set(), stamps
+    built = attrs.get(PYRAMID_RECORD)
+    if record is not None or not isinstance(built, dict) or built.get("version") != 1:
+        return 0, set(), []
+    old, old_stamps = built.get("levels") or [], built.get("stamps") or []
+    if not old_stamps or old_stamps[0] != base_stamp:
+        return 0, set(), []
+    stamps: list[str] = []
+    while (len(stamps) < min(len(old), len(specs), len(old_stamps) - 1)
+           and old[len(stamps)] == specs[len(stamps)]):
+        stamp = files_stamp(folder / str(len(stamps) + 1))
+        if stamp != old_stamps[len(stamps) + 1]:
+            break
+        stamps.append(stamp)
+    return len(stamps), set(), stamps
+
+
+def _remove_levels(folder: Path, after: int) -> None:
+    """Remove the level arrays (digit-named folders) after level `after`."""
+    for entry in folder.iterdir():
+        if entry.name.isdigit() and int(entry.name) > after and entry.is_dir():
+            shutil.rmtree(entry)
+
+
+def _open_level(path: Path, spec: dict[str, Any]) -> zarr.Array | None:
+    """The level array at `path` if it is there as `spec` says (shape, chunks, dtype)."""
+    try:
+        found = zarr.open_array(str(path), mode="r+")
+    except Exception:  # missing, or its metadata cut short: made again
+        return None
+    if (list(found.shape) == spec["shape"] and list(found.chunks) == spec["chunks"]
+            and str(found.dtype) == spec["dtype"]):
+        return found
+    return None
+
+
+def _level_array(group: zarr.Group, folder: Path, level: int, spec: dict[str, Any],
+                 base: zarr.Array, attributes: dict[str, Any], resumed: bool) -> zarr.Array:
+    """The array of `level`: the one a resumed build began (`resumed`), else a new one."""
+    if resumed and (found := _open_level(folder / str(level), spec)) is not None:
+        return found
+    if (folder / str(level)).exists():
+        shutil.rmtree(folder / str(level))
+    return group.create_array(
+        name=str(level),
+        shape=tuple(spec["shape"]),
+        dtype=base.dtype,
+        chunks=tuple(spec["chunks"]),
+        compressors=[compressor(base.dtype)],
+        dimension_names=list(base.metadata.dimension_names or ()) or None,
+        attributes=attributes,
+    )
 
 
 def _commit(partial: Path, target: Path, overwrite: bool) -> None:

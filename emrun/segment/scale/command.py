@@ -76,8 +76,8 @@ development VM."""
 
 Say = Callable[[str], None]
 
-PYRAMID_CUT = ("the pyramid of {what} was cut short (a resume builds it again whole; the "
-               "volume stays unfinished until then); all else done is kept")
+PYRAMID_CUT = ("the pyramid of {what} was cut short (a resume finishes it from the blocks "
+               "built; the volume stays unfinished until then); all else done is kept")
 
 
 def block_chunks(block: Sequence[int]) -> Zyx:
@@ -420,7 +420,8 @@ def _finish_fragments(job: ScaleJob, stops: MainStops) -> float:
     """Give the fragments the segmentations' pyramid levels (labels: downsampled by mode) and
     mark them finished, unless an earlier run did; returns the seconds. They had level 0
     only: a viewer zoomed out read the whole volume. A stop cuts the pyramid short (a
-    resume builds it again whole: the fragments stay unfinished until it is done)."""
+    resume goes on from its finished blocks: the fragments stay unfinished until it is
+    done)."""
     folder = volume_dir(job.output, FRAGMENTS, True)
     started = time.perf_counter()
     if not finished_volume(job, FRAGMENTS):
