@@ -323,14 +323,21 @@ def test_view_of_a_remote_zarr_says_what_it_shows(tmp_path: Path) -> None:
 
 def test_the_command_prints_a_remote_layer_s_url(tmp_path: Path, monkeypatch) -> None:
     """`emrun view --json` on remote N5: its layer's URL, and the link, then it serves (here
-    stopped at once: the handler it sets for SIGINT is called as it is set)."""
-    import signal
+    stopped at once: a Ctrl-C as soon as it catches signals)."""
+    import contextlib
 
     from n5_writing import n5_dataset
 
+    from emrun import subprocesses
+
+    @contextlib.contextmanager
+    def stopped_at_once(call, **_):  # type: ignore[no-untyped-def]
+        call("SIGINT")
+        yield ["SIGINT"]
+
     n5_dataset(tmp_path / "vol.n5" / "raw", IMAGE)
     with served(tmp_path) as url, monkeypatch.context() as patch:
-        patch.setattr(signal, "signal", lambda number, handler: handler(number, None))
+        patch.setattr(subprocesses, "catching_signals", stopped_at_once)
         result = runner.invoke(app, ["view", f"{url}/vol.n5/raw", "--client", CLIENT,
                                      "--json"])
     assert result.exit_code == 0, result.output
