@@ -21,10 +21,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..geometry import Coordinate, Roi, Zyx, local_slices, zyx
+from ..geometry import Coordinate, Roi, Zyx, zyx
 from ..io import Volume, masks
 from ..io.intensity import default_intensity
 from ..io.package import load_network
@@ -222,6 +223,7 @@ class Engine:
         self.variants: list[Any] = tta_variants(recipe, self.tta)
         self._buffers: dict[str, torch.Tensor] = {}  # `_buffer`
         self._weights: dict[tuple[Any, ...], torch.Tensor] = {}  # `_weight`
+        self._passes: tuple[tuple[int, int], ThreadPoolExecutor] | None = None  # threads, pid
 
     def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Activated predictions for a batch (b, 1, z, y, x), TTA-reduced when enabled."""
@@ -302,38 +304,37 @@ class Engine:
     def _predict(self, raw: np.ndarray | torch.Tensor, layout: Layout, block: Zyx,
                  scale: tuple[float, float], carried: Mapping[Zyx, torch.Tensor],
                  keep: Collection[Zyx], read: PatchReader | None) -> Prediction:
-        read_start = layout.read_box(block).begin
         image = self._image(raw, scale)
-        source = PatchSource(image, read_start, self.patch, read, self._normalise(scale))
-        box = layout.write_box(block)
-        total = torch.zeros((sum(self.channels.values()), *box.shape), device=self.device)
+        source = PatchSource(image, zyx(layout.read_box(block).offset), self.patch, read,
+                             self._normalise(scale))
+        box = layout.write_bounds(block)  # plain ints: `Roi` arithmetic per owner was slow
+        total = torch.zeros((sum(self.channels.values()), *_size(box)), device=self.device)
         carries: dict[Zyx, torch.Tensor] = {}
         nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
         recomputed: dict[Zyx, torch.Tensor] = {}
         for owner in layout.owners(block):
-            own = layout.owned_box(owner)
-            assert own is not None  # an owner owns a patch
+            owned = layout.owned_box(owner)
+            assert owned is not None  # an owner owns a patch
+            own = zyx(owned.offset), zyx(owned.end)
             if owner == block:  # each lattice patch counted once: by its owner
                 partial = self._accumulate(source, layout.batches(block, self.batch_size), own,
                                            nonfinite)
-                carries = {t: partial[(slice(None), *local_slices(common, own.offset))].clone()
-                           for t in keep
-                           if not (common := layout.write_box(t).intersect(own)).empty}
-                common = box.intersect(own)
-                if not common.empty:
-                    total[(slice(None), *local_slices(common, box.offset))] += \
-                        partial[(slice(None), *local_slices(common, own.offset))]
+                carries = {t: partial[_local(common, own[0])].clone() for t in keep
+                           if (common := _common(layout.write_bounds(t), own)) is not None}
+                common = _common(box, own)
+                if common is not None:
+                    total[_local(common, box[0])] += partial[_local(common, own[0])]
                 continue
-            common = box.intersect(own)
-            if common.empty:
+            common = _common(box, own)
+            if common is None:
                 continue
             piece = carried.get(owner)
             if piece is None:  # recompute that owner's batches that reach this block
                 batches = [b for b in layout.batches(owner, self.batch_size)
-                           if any(Roi(p, self.patch).intersects(box) for p in b)]
+                           if any(overlap(p, self.patch, *box) is not None for p in b)]
                 recomputed[owner] = torch.zeros((), dtype=torch.int64, device=self.device)
                 piece = self._accumulate(source, batches, common, inside=recomputed[owner])
-            total[(slice(None), *local_slices(common, box.offset))] += piece
+            total[_local(common, box[0])] += piece
         total /= self._weight(layout, block)
         values, first = {}, 0
         for name, channels in self.channels.items():
@@ -366,7 +367,7 @@ class Engine:
         low, high = scale  # in place on a float copy (never on the caller's array)
         return lambda t: t.to(torch.float32, copy=True).sub_(low).div_(high - low).clamp_(0, 1)
 
-    def _accumulate(self, source: PatchSource, batches: list[list[Zyx]], box: Roi,
+    def _accumulate(self, source: PatchSource, batches: list[list[Zyx]], box: tuple[Zyx, Zyx],
                     nonfinite: torch.Tensor | None = None, inside: torch.Tensor | None = None
                     ) -> torch.Tensor:
         """The sum of window x prediction of the patches in ``batches`` over ``box``, added
@@ -374,9 +375,9 @@ class Engine:
         patches give the same sums in any box). NaN and infinite outputs are summed as 0
         (deterministic, and resumable) and counted: all of each patch's into ``nonfinite``,
         those within ``box`` into ``inside`` (device scalars: no wait for the device per
-        batch)."""
-        acc = self._buffer("acc", (sum(self.channels.values()), *box.shape), zero=True)
-        begin, end = zyx(box.begin), zyx(box.end)
+        batch). ``box``: its begin and end."""
+        acc = self._buffer("acc", (sum(self.channels.values()), *_size(box)), zero=True)
+        begin, end = box
         for group, outputs in self._forwards(source, batches):
             self.predicted_patches += len(group)
             weighted, flags = self._weighted(outputs, len(group))
@@ -445,27 +446,43 @@ class Engine:
                 for group in batches:
                     yield group, self._forward(self._batch(source, group))
             return
-        with _one_thread(True), _pass_pool(threads) as pool:
-            pending: deque[tuple[list[Zyx], Future[dict[str, torch.Tensor]]]] = deque()
-            for group in batches:
-                pending.append((group, pool.submit(self._forward, self._batch(source, group))))
-                if len(pending) >= threads:  # at most one pass per thread waiting
+        pool = self._pass_pool(threads)
+        pending: deque[tuple[list[Zyx], Future[dict[str, torch.Tensor]]]] = deque()
+        with _one_thread(True):
+            try:
+                for group in batches:
+                    pending.append((group, pool.submit(self._forward,
+                                                       self._batch(source, group))))
+                    if len(pending) >= threads:  # at most one pass per thread waiting
+                        group, future = pending.popleft()
+                        yield group, future.result()
+                while pending:
                     group, future = pending.popleft()
                     yield group, future.result()
-            while pending:
-                group, future = pending.popleft()
-                yield group, future.result()
+            finally:  # stopped early: no pass of this block outlives it (as a pool's exit)
+                wait([future for _, future in pending])
+
+    def _pass_pool(self, threads: int) -> ThreadPoolExecutor:
+        """The engine's pool of ``threads`` forward-pass threads (`_pass_pool`), kept from
+        block to block: a pool per block started its threads anew each time, a tenth of the
+        host time per block of a small-block run. Its idle threads end with the engine; a
+        forked process, which has none of them, starts its own."""
+        key = (threads, os.getpid())
+        if self._passes is None or self._passes[0] != key:
+            if self._passes is not None and self._passes[0][1] == key[1]:
+                self._passes[1].shutdown(wait=True)
+            self._passes = (key, _pass_pool(threads))
+        return self._passes[1]
 
     def _weight(self, layout: Layout, block: Zyx) -> torch.Tensor:
         """The sum of the windows of every patch covering the block, in lattice order (not
         to be changed: blocks placed alike on the lattice share it). It depends only on
         where the patches lie in the block, so the last few are kept (``WEIGHTS``): every
         inner block of a volume has the same one."""
-        box = layout.write_box(block)
-        begin, end = zyx(box.begin), zyx(box.end)
+        begin, end = layout.write_bounds(block)
         starts = tuple(tuple(s - b for s in layout.covering(a, b, e))
                        for a, (b, e) in enumerate(zip(begin, end, strict=True)))
-        key = (zyx(box.shape), starts)
+        key = (_size((begin, end)), starts)
         weight = self._weights.pop(key, None)
         if weight is None:
             weight = torch.zeros(key[0], device=self.device)
@@ -501,6 +518,26 @@ def overlap(start: Zyx, size: Zyx, begin: Zyx, end: Zyx
         into.append(slice(low - b, high - b))
         within.append(slice(low - s, high - s))
     return tuple(into), tuple(within)
+
+
+def _common(a: tuple[Zyx, Zyx], b: tuple[Zyx, Zyx]) -> tuple[Zyx, Zyx] | None:
+    """The boxes ``a`` and ``b`` (begin, end) have in common, or None when nothing (as
+    ``Roi.intersect`` and ``Roi.empty``, in plain ints)."""
+    begin = zyx(max(x, y) for x, y in zip(a[0], b[0], strict=True))
+    end = zyx(min(x, y) for x, y in zip(a[1], b[1], strict=True))
+    if any(lo >= hi for lo, hi in zip(begin, end, strict=True)):
+        return None
+    return begin, end
+
+
+def _local(box: tuple[Zyx, Zyx], origin: Zyx) -> tuple[slice, ...]:
+    """Index of ``box`` (begin, end) in a (channel, z, y, x) tensor whose first voxel lies at
+    ``origin``, every channel."""
+    return (slice(None), *(slice(b - o, e - o) for b, e, o in zip(*box, origin, strict=True)))
+
+
+def _size(box: tuple[Zyx, Zyx]) -> Zyx:
+    return zyx(e - b for b, e in zip(*box, strict=True))
 
 
 class _SingleThread:
@@ -608,18 +645,26 @@ class PatchSource:
     may hold patches beyond it)."""
 
     image: torch.Tensor
-    start: Coordinate  # where image[0, 0, 0] lies in the layout
+    start: Zyx  # where image[0, 0, 0] lies in the layout
     size: Zyx  # the patch
     read: PatchReader | None
     normalise: Callable[[torch.Tensor], torch.Tensor]
 
     def get(self, start: Zyx) -> torch.Tensor:
-        box = Roi(start, self.size)
-        if Roi(self.start, self.image.shape).contains(box):
-            return self.image[local_slices(box, self.start)]
+        """The patch at ``start``: a view of the block's input when it lies inside (found
+        with plain ints, once per patch), read otherwise."""
+        index = []
+        for s, n, first, length in zip(start, self.size, self.start, self.image.shape,
+                                       strict=True):
+            low = s - first
+            if low < 0 or low + n > length:
+                break
+            index.append(slice(low, low + n))
+        else:
+            return self.image[tuple(index)]
         if self.read is None:
             raise ValueError(f"patch {list(start)} lies outside the block's input")
-        tensor = torch.from_numpy(np.ascontiguousarray(self.read(box)))
+        tensor = torch.from_numpy(np.ascontiguousarray(self.read(Roi(start, self.size))))
         return self.normalise(tensor.to(self.image.device))
 
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
-from ..geometry import BlockGrid, Coordinate, Roi, Zyx, box_of, zyx
+from ..geometry import BlockGrid, Roi, Zyx, box_of, zyx
 
 SCHEME = 2
 """Bumped when the arithmetic of a block changes: done-markers of another scheme are not
@@ -48,8 +48,9 @@ class Layout:
         if any(s < 1 or s > p for s, p in zip(self.stride, self.patch, strict=True)):
             raise ValueError(f"stride {list(self.stride)} must be in 1..patch {list(self.patch)}")
 
-    @property
+    @cached_property
     def origin(self) -> Zyx:
+        """The first lattice start per axis (kept: every start a block asks for needs it)."""
         return zyx(-((p - s) // 2) for p, s in zip(self.patch, self.stride, strict=True))
 
     def starts(self, axis: int) -> list[int]:
@@ -102,11 +103,18 @@ class Layout:
 
     def read_box(self, block: Zyx) -> Roi:
         """The input the block's patches read (may reach outside the volume: the engine pads
-        it by reflection about the volume's own borders)."""
-        patches = self.patches(block)
-        start = Coordinate(min(p[a] for p in patches) for a in range(3))
-        return Roi(start, Coordinate(max(p[a] for p in patches) for a in range(3))
-                   - start + Coordinate(self.patch))
+        it by reflection about the volume's own borders): from the first covering patch's
+        start to the last one's end, per axis."""
+        begin, end = self.write_bounds(block)
+        starts = [self.covering(a, begin[a], end[a]) for a in range(3)]
+        return Roi([r[0] for r in starts],
+                   [r[-1] - r[0] + p for r, p in zip(starts, self.patch, strict=True)])
+
+    def write_bounds(self, block: Zyx) -> tuple[Zyx, Zyx]:
+        """``write_box``'s begin and end as plain ints (the engine's per-block arithmetic)."""
+        box = self.write_box(block)
+        begin = zyx(box.offset)
+        return begin, zyx(b + n for b, n in zip(begin, box.shape, strict=True))
 
     def owner(self, patch: Zyx) -> Zyx:
         """The block that predicts the patch: the one holding its first voxel."""
@@ -119,14 +127,16 @@ class Layout:
 
     def owned_patches(self, block: Zyx) -> list[Zyx]:
         """The patches ``block`` owns, in lattice order."""
-        return [zyx(p) for p in itertools.product(*(
-            self.starts_within(a, block[a] * self.block[a] if block[a] else -math.inf,
-                               (block[a] + 1) * self.block[a])
-            for a in range(3)))]
+        return [zyx(p) for p in itertools.product(*self._owned_starts(block))]
 
     def owners(self, block: Zyx) -> list[Zyx]:
-        """The blocks whose patches cover ``block``, in block order (``block`` itself last)."""
-        return sorted({self.owner(p) for p in self.patches(block)})
+        """The blocks whose patches cover ``block``, in block order (``block`` itself last).
+        A patch's owner is found axis by axis, so the owners are every combination of each
+        axis's owners of the covering starts (not the owner of every covering patch)."""
+        begin, end = self.write_bounds(block)
+        per_axis = [sorted({max(s, 0) // self.block[a] for s in self.covering(a, begin[a], end[a])})
+                    for a in range(3)]
+        return [zyx(o) for o in itertools.product(*per_axis)]
 
     def reached(self, block: Zyx) -> list[Zyx]:
         """The other blocks the block's own patches cover (all after it, in block order)."""
@@ -139,13 +149,25 @@ class Layout:
 
     def owned_box(self, block: Zyx) -> Roi | None:
         """The voxels the block's own patches cover, clipped to the volume (None: it owns
-        none, as a last block thinner than the stride may)."""
-        owned = self.owned_patches(block)
-        if not owned:
+        none, as a last block thinner than the stride may). Their starts are a range per
+        axis, so the box is its first start to its last start's end (not the bounds of a
+        list of every owned patch)."""
+        starts = self._owned_starts(block)
+        if any(len(r) == 0 for r in starts):
             return None
-        start = Coordinate(min(p[a] for p in owned) for a in range(3))
-        stop = Coordinate(max(p[a] for p in owned) for a in range(3)) + Coordinate(self.patch)
-        return Roi(start, stop - start).intersect(box_of(self.shape))
+        low = [r[0] for r in starts]
+        high = [r[-1] + p for r, p in zip(starts, self.patch, strict=True)]
+        begin = [max(b, 0) for b in low]
+        end = [min(e, n) for e, n in zip(high, self.shape, strict=True)]
+        if any(b >= e for b, e in zip(begin, end, strict=True)):  # outside: as funlib has it
+            return Roi(low, [e - b for b, e in zip(low, high, strict=True)]).intersect(
+                box_of(self.shape))
+        return Roi(begin, [e - b for b, e in zip(begin, end, strict=True)])
+
+    def _owned_starts(self, block: Zyx) -> list[range]:
+        """Per axis, the starts of the patches ``block`` owns."""
+        return [self.starts_within(a, block[a] * self.block[a] if block[a] else -math.inf,
+                                   (block[a] + 1) * self.block[a]) for a in range(3)]
 
     def batches(self, block: Zyx, batch_size: int) -> list[list[Zyx]]:
         """The block's own patches in the batches every worker predicts them in.
