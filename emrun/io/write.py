@@ -552,10 +552,12 @@ def _plan(group: zarr.Group, folder: Path, attrs: dict[str, Any], progress: Prog
     if done and _open_level(folder / str(kept + 1), specs[kept]) is None:
         done = set()  # its array is gone or not as recorded: its blocks are made again
     if kept < len(specs) or PYRAMID_RECORD not in attrs:
-        if PYRAMID_RECORD in attrs:  # no longer complete: nobody may take it for complete
-            del group.attrs[PYRAMID_RECORD]
+        # the progress first: it outranks the record, so a kill between the two keeps the
+        # kept levels (the other way round, it found neither and started over)
         progress.start({"version": 1, "base": base_stamp, "levels": specs}, kept,
                        resumed=bool(done))
+        if PYRAMID_RECORD in attrs:  # no longer complete: nobody may take it for complete
+            del group.attrs[PYRAMID_RECORD]
     _remove_levels(folder, after=kept + (1 if done else 0))
     return kept, done, stamps
 
