@@ -416,7 +416,8 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
             _check_existing(output, name, job.digest())
             continue
         attrs: dict[str, Any] = {"emrun": {**info, "task": name, **unfinished(
-            "emrun infer stopped before its last block; run it again with --resume")}}
+            "emrun infer stopped before it finished (its blocks or its pyramid); run it again "
+            "with --resume")}}
         if isinstance(task.target, AffinityTarget):
             attrs["offsets"] = [list(o) for o in task.target.offsets]
             names = [f"{name} {' '.join(map(str, o))}" for o in task.target.offsets]

@@ -662,7 +662,8 @@ def _prepare_outputs(job: ScaleJob, volume: Volume, agglo: Waterz,
                                            "threshold": threshold, "key": key,
                                            "agglomeration": job.agglomeration,
                                            "mode": "graph"}, **unfinished(
-                "emrun segment stopped before its last block; run it again with --resume")}}
+                "emrun segment stopped before it finished (its blocks or its pyramid); run it "
+                "again with --resume")}}
             create_volume(output, name, job.shape, np.uint64, attrs=attrs, **args)
 
 
