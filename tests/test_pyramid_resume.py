@@ -60,6 +60,11 @@ def _levels(group: Path) -> list[np.ndarray]:
     return [zarr.open_array(str(group / d["path"]))[...] for d in datasets]
 
 
+def _same_bits(got: list[np.ndarray], want: list[np.ndarray]) -> bool:
+    """Every level equal byte for byte, and as many levels."""
+    return all(a.tobytes() == b.tobytes() for a, b in zip(got, want, strict=True))
+
+
 def _counting(monkeypatch: pytest.MonkeyPatch, kill_after: int | None = None) -> list[int]:
     """Count the blocks downsampled; raise `Killed` at block `kill_after` + 1."""
     calls: list[int] = []
@@ -133,7 +138,7 @@ def test_two_cuts_in_a_row_still_end_as_one_build(tmp_path: Path,
         resumed = _counting(patch)
         build_pyramid(group, 4, threads=2)
     assert len(resumed) <= total - done + 2  # two threads: a block in flight may be redone
-    assert all(a.tobytes() == b.tobytes() for a, b in zip(_levels(group), want, strict=True))
+    assert _same_bits(_levels(group), want)
 
 
 @pytest.mark.parametrize("same_values", [True, False])
@@ -152,7 +157,7 @@ def test_level_0_written_again_after_a_partial_build_starts_it_over(
         calls = _counting(patch)
         build_pyramid(group, 4, threads=1)
     assert len(calls) == total  # nothing of the stale levels was reused
-    assert all(a.tobytes() == b.tobytes() for a, b in zip(_levels(group), want, strict=True))
+    assert _same_bits(_levels(group), want)
 
 
 def test_a_complete_pyramid_is_not_built_again_for_nothing(
@@ -169,7 +174,7 @@ def test_a_complete_pyramid_is_not_built_again_for_nothing(
         assert len(_levels(group)) == 3
         assert build_pyramid(group, 4) == 4  # one more: that one alone is built
         assert 0 < len(calls) < total / 2
-    assert all(a.tobytes() == b.tobytes() for a, b in zip(_levels(group), want, strict=True))
+    assert _same_bits(_levels(group), want)
 
 
 def test_a_level_changed_since_its_build_is_rebuilt_with_those_after_it(
@@ -182,7 +187,7 @@ def test_a_level_changed_since_its_build_is_rebuilt_with_those_after_it(
         calls = _counting(patch)
         build_pyramid(group, 4)
     assert 0 < len(calls) < total  # level 1 kept
-    assert all(a.tobytes() == b.tobytes() for a, b in zip(_levels(group), want, strict=True))
+    assert _same_bits(_levels(group), want)
 
 
 def test_a_partial_build_resumed_with_other_levels_keeps_what_matches(
@@ -202,7 +207,7 @@ def test_a_partial_build_resumed_with_other_levels_keeps_what_matches(
     assert calls == []  # levels 1 and 2 were finished
     got = _levels(group)
     assert len(got) == 3 and not (group / "3").exists()
-    assert all(a.tobytes() == b.tobytes() for a, b in zip(got, want, strict=True))
+    assert _same_bits(got, want)
 
 
 def test_a_staged_volume_leaves_no_progress_behind(tmp_path: Path) -> None:

@@ -42,10 +42,8 @@ train:
 
 
 @pytest.fixture
-def recipe(tmp_path: Path) -> Path:
-    path = tmp_path / "longrun.yaml"
-    path.write_text(TINY)
-    return path
+def recipe(write) -> Path:  # type: ignore[no-untyped-def]
+    return write(TINY, "longrun.yaml")
 
 
 def train(recipe: Path, run: Path, *, resume: bool = False, stop_at: int | None = None):
