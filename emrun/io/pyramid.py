@@ -8,8 +8,9 @@ and memory is bounded by `threads` finer blocks of at most `READ_BYTES` (with th
 downsampling's temporaries, about twice that for images), whatever the volume's size: the
 blocks are enumerated one at a time and no more than `threads` are handed to the pool at
 once (`run_bounded`). Each finished block is reported (`done`) so
-that a build cut short resumes at the blocks it had not finished (`Progress`, whose markers
-`emrun.io.write.build_pyramid` keeps in the image group's hidden `.emrun-pyramid` folder).
+that a build cut short resumes at the blocks it had not finished (`Progress`, whose journal
+of finished blocks `emrun.io.write.build_pyramid` keeps in the image group's hidden
+`.emrun-pyramid` folder).
 
 Each level halves y and x; z is halved too only where its voxel size is at most half of
 y's at the new level (z no coarser than y before the step), so anisotropic EM (30 x 6 x 6
@@ -29,6 +30,8 @@ import json
 import math
 import os
 import shutil
+import threading
+import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -328,12 +331,16 @@ def _files_in_order(place: Path, relative: str) -> Iterator[tuple[str, str, os.s
 
 class Progress:
     """What a pyramid build has finished, in a folder of plain files: ``build.json`` (what
-    the build is: the caller's record), ``<level>.done`` for each finished level and
-    ``<level>/<block>`` for each finished block of the level in progress. Markers are
-    written after what they mark, so a build killed at any point finds only finished work
-    marked."""
+    the build is: the caller's record), ``<level>.done`` for each finished level and the
+    journal ``<level>.blocks`` of the level in progress (`BlockJournal`: one line per
+    finished block; a file per block was ~10^6 files in one folder for a large volume, slow
+    on the metadata servers of network file systems). The previous release's layout, a
+    ``<level>/`` folder of one empty file per block, is still read, so that a build it left
+    unfinished resumes with its blocks. Markers are written after what they mark, so a
+    build killed at any point finds only finished work marked."""
 
     RECORD = "build.json"
+    JOURNAL = ".blocks"
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -351,12 +358,10 @@ class Progress:
         return (self.folder / f"{level}.done").is_file()
 
     def blocks(self, level: int) -> set[int]:
-        """The finished blocks of `level` (one listing)."""
-        try:
-            names = os.listdir(self.folder / str(level))
-        except OSError:
-            return set()
-        return {int(name) for name in names if name.isdigit()}
+        """The finished blocks of `level`: its journal's and, left by the previous
+        release, its folder's."""
+        return (read_journal(self.folder / f"{level}{self.JOURNAL}")
+                | _folder_markers(self.folder / str(level)))
 
     def start(self, record: dict[str, Any], kept: int, resumed: bool) -> None:
         """Begin (or go on with) the build `record` describes, keeping levels 1..`kept`
@@ -364,11 +369,10 @@ class Progress:
         other markers go first and the record is written atomically after them: no marker
         outlives the build it belongs to."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        going_on = {str(kept + 1), f"{kept + 1}{self.JOURNAL}"} if resumed else set()
         for entry in list(self.folder.iterdir()):
             level = entry.name.split(".")[0]
-            if not level.isdigit() or int(level) <= kept:
-                continue
-            if resumed and entry.name == str(kept + 1):
+            if not level.isdigit() or int(level) <= kept or entry.name in going_on:
                 continue
             if entry.is_dir():
                 shutil.rmtree(entry)
@@ -379,19 +383,123 @@ class Progress:
         for level in range(1, kept + 1):  # kept as complete (a record's stamps vouched)
             (self.folder / f"{level}.done").touch()
 
-    def marker(self, level: int) -> Callable[[int], None]:
-        """What marks a block of `level` finished (called from the writing threads)."""
-        place = self.folder / str(level)
-        place.mkdir(parents=True, exist_ok=True)
-        return lambda index: (place / str(index)).touch()
+    def journal(self, level: int) -> BlockJournal:
+        """The journal that marks blocks of `level` finished (called from the writing
+        threads); use it in a ``with`` block, which closes it however the level ends."""
+        return BlockJournal(self.folder / f"{level}{self.JOURNAL}")
 
     def finish_level(self, level: int) -> None:
         """Mark `level` finished; its block markers are no longer needed."""
         (self.folder / f"{level}.done").touch()
+        (self.folder / f"{level}{self.JOURNAL}").unlink(missing_ok=True)
         shutil.rmtree(self.folder / str(level), ignore_errors=True)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class BlockJournal:
+    """An append-only file of finished block numbers, one line each: the number in decimal,
+    a space and the CRC-32 of the number's digits in 8 hex digits, then a newline
+    (`journal_line`). Each line goes in one `os.write` on an ``O_APPEND`` descriptor under a
+    lock, so lines of threads never mix. A line is taken only whole and with its check
+    (`read_journal`): a line cut short by a kill, or run together with the next one (a
+    failed write), never reads as another block. A journal whose last line was cut short
+    gets a newline before the next line, so that line stands on its own."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(self._fd).st_size
+            if size and os.pread(self._fd, 1, size - 1) != b"\n":
+                _write_all(self._fd, b"\n")  # the torn line ends here, unread
+        except BaseException:
+            self.close()
+            raise
+
+    def __call__(self, index: int) -> None:
+        """Mark block `index` finished."""
+        line = journal_line(index)
+        with self._lock:
+            if self._fd is None:
+                raise ValueError(f"{self.path}: the journal is closed")
+            _write_all(self._fd, line)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+
+    def __enter__(self) -> BlockJournal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_LONGEST_LINE = 64  # a journal line's length is far below this (20 digits, space, 8 hex)
+
+
+def journal_line(index: int) -> bytes:
+    """A block's line in a `BlockJournal`: ``<index> <crc32 of the digits>`` and a
+    newline."""
+    digits = str(int(index)).encode("ascii")
+    return b"%s %08x\n" % (digits, zlib.crc32(digits))
+
+
+def read_journal(path: Path) -> set[int]:
+    """The blocks a `BlockJournal` marks finished (none if it is absent): its whole lines
+    whose check matches; the rest (a torn last line, what a failed write left) is ignored."""
+    try:
+        return {index for line in _whole_lines(path)
+                if (index := _journal_index(line)) is not None}
+    except FileNotFoundError:
+        return set()
+
+
+def _whole_lines(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The newline-ended lines of `path`, without their newline, read a MB at a time (the
+    file is not held whole); what follows the last newline is not a line. A stretch
+    without newlines longer than any line (zeros a crash left) is not kept as it grows."""
+    with path.open("rb") as file:
+        rest = b""
+        while data := file.read(chunk):
+            lines = (rest + data).split(b"\n")
+            rest = lines.pop()
+            if len(rest) > _LONGEST_LINE:
+                rest = b"-"  # no line, whatever follows it up to the next newline
+            yield from lines
+
+
+def _journal_index(line: bytes) -> int | None:
+    """The block number of a journal line (its newline cut), None if it does not check
+    out: decimal digits without leading zeros, a space, their CRC-32 in 8 hex digits."""
+    digits, _, check = line.partition(b" ")
+    if (len(check) == 8 and digits.isdigit() and (digits[0] != 0x30 or len(digits) == 1)
+            and b"%08x" % zlib.crc32(digits) == check):
+        return int(digits)
+    return None
+
+
+def _folder_markers(place: Path) -> set[int]:
+    """The finished blocks of the previous release's layout: one empty file per block,
+    named by its number, in one folder (one listing)."""
+    try:
+        names = os.listdir(place)
+    except OSError:
+        return set()
+    return {int(name) for name in names if name.isascii() and name.isdigit()}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write `data` at the end of `fd`: one `os.write` (a short write, rare on a regular
+    file, goes on with the rest)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _write_atomically(path: Path, text: str) -> None:

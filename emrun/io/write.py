@@ -504,10 +504,11 @@ def build_pyramid(
         array = _level_array(group, folder, level, specs[level - 1], base,
                              funlib_attrs(voxel, offset, channel_axis, factors[level]),
                              resumed)
-        with zarr.config.set({"array.write_empty_chunks": False}):
+        with (zarr.config.set({"array.write_empty_chunks": False}),
+              progress.journal(level) as mark):  # closed however the level ends
             write_level(previous, array, specs[level - 1]["step"], label, threads=threads,
                         block=specs[level - 1]["block"], skip=done if resumed else (),
-                        done=progress.marker(level))
+                        done=mark)
         progress.finish_level(level)
         stamps.append(files_stamp(folder / str(level)))
         previous = array
