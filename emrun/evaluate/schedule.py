@@ -186,20 +186,21 @@ def _only_ours(folder: Path) -> bool:
 
 
 def _run_local(folder: Path, work: Work, workers: int, on_block: OnBlock | None) -> None:
-    total = len(work.grid)
+    order = work.order()  # a region's blocks together: its chunks decoded once per worker
+    total = len(order)
     workers = min(workers, total)
     if workers == 1:
-        for index in range(total):
+        for done, index in enumerate(order, 1):
             write_block(folder, work, index)
             if on_block is not None:
-                on_block(index + 1, total)
+                on_block(done, total)
         return
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=mp.get_context("spawn"), initializer=leave_signals_to,
         initargs=(os.getpid(),))
     try:
         with signals_held():  # a worker still importing must not die of a group's SIGTERM
-            futures = [pool.submit(_score_here, str(folder), index) for index in range(total)]
+            futures = [pool.submit(_score_here, str(folder), index) for index in order]
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             future.result()  # a worker's UserError (an unreadable chunk, say) is raised here
             if on_block is not None:
