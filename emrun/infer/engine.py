@@ -476,32 +476,60 @@ class Engine:
 
     def _weight(self, layout: Layout, block: Zyx) -> torch.Tensor:
         """The sum of the windows of every patch covering the block, in lattice order (not
-        to be changed: blocks placed alike on the lattice share it). It depends only on
-        where the patches lie in the block, so the last few are kept (``WEIGHTS``): every
-        inner block of a volume has the same one."""
+        to be changed: blocks placed alike on the lattice share it). A voxel's sum depends
+        only on where the lattice's patches lie around it, so it is cut from a sum kept
+        (the last ``WEIGHTS``) over a box placed alike (`_span`): keyed by the block's own
+        starts, a block size that is not a multiple of the stride gave every block another
+        key, and its sum (one add per patch) was computed again for each block."""
         begin, end = layout.write_bounds(block)
-        starts = tuple(tuple(s - b for s in layout.covering(a, b, e))
-                       for a, (b, e) in enumerate(zip(begin, end, strict=True)))
-        key = (_size((begin, end)), starts)
+        spans = [_span(layout, axis, b, e)
+                 for axis, (b, e) in enumerate(zip(begin, end, strict=True))]
+        key = tuple((length, starts) for length, starts, _ in spans)
         weight = self._weights.pop(key, None)
         if weight is None:
-            weight = torch.zeros(key[0], device=self.device)
-            shape = key[0]
-            for start in itertools.product(*starts):
-                place = overlap(zyx(start), self.patch, (0, 0, 0), shape)
-                assert place is not None
-                weight[place[0]] += self.window[place[1]]
+            weight = self._window_sum(zyx(length for length, _, _ in spans),
+                                      [starts for _, starts, _ in spans])
             while len(self._weights) >= WEIGHTS:
                 self._weights.pop(next(iter(self._weights)))
         self._weights[key] = weight  # the most recent last
+        return weight[tuple(slice(cut, cut + e - b)
+                            for (_, _, cut), b, e in zip(spans, begin, end, strict=True))]
+
+    def _window_sum(self, shape: Zyx, starts: list[tuple[int, ...]]) -> torch.Tensor:
+        """The windows of the patches at every combination of ``starts`` (per axis, in a box
+        of ``shape`` whose first voxel is 0) summed over the box, patch by patch in lattice
+        order."""
+        weight = torch.zeros(shape, device=self.device)
+        for start in itertools.product(*starts):
+            place = overlap(zyx(start), self.patch, (0, 0, 0), shape)
+            assert place is not None
+            weight[place[0]] += self.window[place[1]]
         return weight
+
+
+def _span(layout: Layout, axis: int, begin: int, end: int) -> tuple[int, tuple[int, ...], int]:
+    """Along ``axis``, the box a block's weight is cut from: its length, the starts of the
+    patches summed in it (relative to its first voxel) and where the block begins in it.
+    Blocks a whole number of strides long all lie alike (one phase), and where the lattice
+    ends within a patch of the block it is cut there: the block's own span and starts.
+    Elsewhere every lattice start that reaches the block is there, so each voxel's sum
+    depends only on its place between starts: a tile one stride (less a voxel) longer than
+    the block, beginning on a lattice start, with an endless lattice's starts, cut at the
+    block's phase; every such block of this size shares it, whatever its phase."""
+    covering = layout.covering(axis, begin, end)
+    o, p, s = layout.origin[axis], layout.patch[axis], layout.stride[axis]
+    endless = range(o + -(-(begin - p + 1 - o) // s) * s, end, s)
+    if layout.block[axis] % s == 0 or len(covering) != len(endless):
+        return end - begin, tuple(c - begin for c in covering), 0  # one phase, or cut
+    length = end - begin + s - 1
+    return length, tuple(range(-((p - 1) // s) * s, length, s)), (begin - o) % s
 
 
 PatchReader = Callable[[Roi], np.ndarray]
 
 WEIGHTS = 4
 """Blocks' weight sums an engine keeps (`Engine._weight`): along a row of blocks the first,
-the inner and the last differ."""
+the inner (all of them, whatever their phase on the lattice) and the last differ."""
 
 
 def overlap(start: Zyx, size: Zyx, begin: Zyx, end: Zyx
