@@ -52,11 +52,11 @@ from ...subprocesses import (
     signals_held,
     stop_signals,
 )
-from .job import ScaleJob
+from .job import ScaleJob, listed_markers, marker_name
 from .steps import _store, run_block
 from .steps import forget_caches as forget_block_caches
 
-__all__ = ["MainStops", "forget_caches", "local_pool", "main_stops", "run_step"]
+__all__ = ["DoneCheck", "MainStops", "forget_caches", "local_pool", "main_stops", "run_step"]
 
 Report = Callable[[str, int, int], None]
 
@@ -259,7 +259,7 @@ def _run_daisy(job: ScaleJob, step: str, workers: int, launch: str | None) -> No
             f"emrun-segment-{step}", total_roi=daisy.Roi((0, 0, 0), job.shape),
             read_roi=block, write_roi=block,
             process_function=functools.partial(_start_worker, job_file, step, launch),
-            check_function=functools.partial(_block_is_done, job_file, step),
+            check_function=DoneCheck(job, step),
             read_write_conflict=False, fit="shrink", max_workers=workers, max_retries=2)
     try:
         with launched_workers(launch, Path(job_file).parent), \
@@ -292,23 +292,11 @@ def _index(job: ScaleJob, roi: Any) -> Zyx:
     return zyx(int(o) // b for o, b in zip(roi.offset, job.block, strict=True))
 
 
-@functools.cache
-def _graph_done(job_file: str) -> frozenset[int]:
-    job = ScaleJob.load(job_file)
-    return frozenset(_store(job.db).done_blocks())
-
-
-@functools.cache
-def _agglomerated(db: str, key: str) -> frozenset[int]:
-    return frozenset(_store(db).agglomerated_blocks(key))
-
-
 def forget_caches() -> None:
-    """Drop every cache this process keeps for a job's blocks (`steps.forget_caches`) and
-    daisy's done-checks: a new run (or a resumed one) must see what is done now."""
+    """Drop every cache this process keeps for a job's blocks (`steps.forget_caches`): a new
+    run (or a resumed one) must see what is done now. daisy's done-checks keep theirs in
+    their `DoneCheck`, one per step run."""
     forget_block_caches()
-    _graph_done.cache_clear()
-    _agglomerated.cache_clear()
 
 
 def _stop_file(job: ScaleJob) -> Path:
@@ -317,24 +305,56 @@ def _stop_file(job: ScaleJob) -> Path:
     return job.folder / "stop"
 
 
+class DoneCheck:
+    """daisy's check function for one run of ``step``: asked before each block is handed out,
+    a block is done when its marker (or its row in the database) says so, and every block
+    is once the run is stopped (the stop file, or a worker's user error, exists).
+
+    What was done is read once, when the first block is asked about (one listing of the
+    markers, or one query), from the job it is made with: the check parsed the job file,
+    and stat'ed a marker, for every block (daisy's scheduler asks one block at a time).
+    Blocks this run finishes are never asked about again; a run after it makes its own
+    check, so nothing read here outlives the step's run."""
+
+    def __init__(self, job: ScaleJob, step: str) -> None:
+        self.job, self.step = job, step
+        self.folder, self.stop_file = job.folder, _stop_file(job)  # paths made once
+        self._done: frozenset[int] | frozenset[str] | None = None
+
+    def __call__(self, block: Any) -> bool:
+        if self.stop_file.exists() or worker_failed(self.folder):
+            return True
+        index = _index(self.job, block.write_roi)
+        if self.step in ("graph", "agglomerate"):
+            return self.job.block_id(index) in self.done()
+        return marker_name(index) in self.done()
+
+    def done(self) -> frozenset[int] | frozenset[str]:
+        """What was done when first asked: the ids of the blocks in the database (graph,
+        agglomerate), or the names of the markers (the other steps)."""
+        if self._done is None:
+            self._done = self._read_done()
+        return self._done
+
+    def _read_done(self) -> frozenset[int] | frozenset[str]:
+        job = self.job
+        if self.step == "graph":
+            return frozenset(_store(job.db).done_blocks())
+        if self.step == "agglomerate":
+            from .steps import levels_key
+
+            return frozenset(_store(job.db).agglomerated_blocks(levels_key(job)))
+        marker = self.step
+        if self.step == "relabel":
+            from .steps import lut_key
+
+            marker = f"relabel-{lut_key(job)}"
+        return listed_markers(job.folder / marker)
+
+
 def _block_is_done(job_file: str, step: str, block: Any) -> bool:
-    """Asked by daisy before it hands a block out: done when its marker says so, or (none
-    is handed out once the run is stopped) when the stop file exists."""
-    job = ScaleJob.load(job_file)
-    if _stop_file(job).exists() or worker_failed(Path(job_file).parent):
-        return True
-    index = _index(job, block.write_roi)
-    if step == "graph":
-        return job.block_id(index) in _graph_done(job_file)
-    if step == "agglomerate":
-        from .steps import levels_key
-
-        return job.block_id(index) in _agglomerated(job.db, levels_key(job))
-    if step == "relabel":
-        from .steps import lut_key
-
-        return job.is_done(f"relabel-{lut_key(job)}", index)
-    return job.is_done(step, index)
+    """Whether daisy would take ``block`` of ``step`` as done now (`DoneCheck`, asked once)."""
+    return DoneCheck(ScaleJob.load(job_file), step)(block)
 
 
 def _start_worker(job_file: str, step: str, launch: str | None) -> None:

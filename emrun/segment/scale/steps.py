@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +23,7 @@ import numpy as np
 import zarr
 
 from ...atomic import atomic_output
-from ...geometry import Roi, Zyx, grow_within, local_slices, slices, zyx
+from ...geometry import Roi, Zyx, local_slices, slices
 from ...io import Volume, open_volume
 from ...io.completion import UNFINISHED
 from ...io.layout import group_attrs, volume_dir
@@ -70,7 +72,7 @@ def forget_caches() -> None:
     blocks' rows they keep, mapped lookup tables): their keys are paths and URLs, so a job
     run again in the same process (its output deleted and made again, the affinities
     rewritten at the same path) was relabelled through the last run's tables."""
-    for cached in (_volume, _mask_volume, _store, _mapped, _array):
+    for cached in (_volume, _mask_volume, _store, _mapped, _array, _finished):
         cached.cache_clear()
 
 
@@ -112,6 +114,7 @@ def _mask(job: ScaleJob, box: Roi) -> np.ndarray | None:
     return inside(_mask_volume(job.mask, job.affinities).read(box))
 
 
+@functools.lru_cache(maxsize=64)
 def lut_key(job: ScaleJob) -> str:
     """What decides the lookup tables and the segmentations: the graph and the agglomeration
     settings. Relabel markers and table files are keyed by it. The thresholds as a set:
@@ -121,6 +124,7 @@ def lut_key(job: ScaleJob) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=64)
 def levels_key(job: ScaleJob) -> str:
     """What decides the blocks' join levels (and the global agglomeration): the graph, the
     scoring and how it agglomerates. The levels in the database are keyed by it."""
@@ -131,12 +135,14 @@ def levels_key(job: ScaleJob) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=64)
 def lut_file(job: ScaleJob, name: str) -> Path:
     """A threshold's segment of every fragment (in the order of `ids_file`), a .npy file that
     workers map rather than load: a block reads only its own fragments' stretch."""
     return job.folder / "lut" / f"{lut_key(job)}-{name}.npy"
 
 
+@functools.lru_cache(maxsize=64)
 def ids_file(job: ScaleJob) -> Path:
     """Every fragment id, sorted: the rows of the lookup tables."""
     return job.folder / "lut" / f"{job.digest()}-ids.npy"
@@ -165,7 +171,7 @@ def _fragments(job: ScaleJob, index: Zyx) -> dict[str, float]:
     region = job.grid.box(index, context=HALO)
     affs = to_float(_volume(job.affinities).read(region), job.affinities)
     read = time.perf_counter()
-    first = job.block_id(index) * int(np.prod(job.block))
+    first = job.block_id(index) * job.block_voxels
     labels, _ = block_fragments(affs, job.offsets, _mask(job, region), job.fragments, first,
                                 local_slices(box, region.offset))
     work = time.perf_counter()
@@ -179,7 +185,7 @@ def _graph(job: ScaleJob, index: Zyx) -> dict[str, float]:
     store = _store(job.db)
     start = time.perf_counter()
     core = job.box(index)
-    region = graph_region(core, job.offsets, job.grid.total)
+    region = graph_region(core, job.offsets, job.shape)
     labels = np.asarray(fragments_array(job)[slices(region)])
     affs = to_float(_volume(job.affinities).read(core), job.affinities)
     read = time.perf_counter()
@@ -190,36 +196,55 @@ def _graph(job: ScaleJob, index: Zyx) -> dict[str, float]:
     return {"read": read - start, "graph": work - read, "database": store.seconds - before}
 
 
-def graph_region(core: Roi, offsets: Sequence[Offset], total: Roi) -> Roi:
+def graph_region(core: Roi, offsets: Sequence[Offset], shape: Sequence[int]) -> Roi:
     """The core and the one-voxel margin its edges reach, on the sides the nearest-neighbour
     offsets point to only (DeepEM's (-1, 0, 0) ...: the lower faces), so that a block decodes
-    the fewest neighbouring chunks."""
-    begin, end = list(core.begin), list(core.end)
+    the fewest neighbouring chunks; inside the volume of ``shape``."""
+    low, high = _margins(tuple(tuple(int(d) for d in o) for o in offsets))
+    begin = [max(b + m, 0) for b, m in zip(core.offset, low, strict=True)]
+    end = [min(b + n + m, size) for b, n, m, size in zip(core.offset, core.shape, high, shape,
+                                                        strict=True)]
+    return Roi(begin, [e - b for b, e in zip(begin, end, strict=True)])
+
+
+@functools.cache
+def _margins(offsets: tuple[tuple[int, ...], ...]) -> tuple[Zyx, Zyx]:
+    """How far below and above a block its nearest-neighbour edges reach, by axis (a few
+    offsets per job: worked out once, not for every block)."""
+    low, high = [0, 0, 0], [0, 0, 0]
     for offset in offsets:
-        if not is_nearest(offset):
-            continue
-        for axis, d in enumerate(offset):
-            begin[axis] = min(begin[axis], core.begin[axis] + d)
-            end[axis] = max(end[axis], core.end[axis] + d)
-    grown = Roi(begin, [e - b for b, e in zip(begin, end, strict=True)])
-    return grown.intersect(total)
+        if is_nearest(offset):
+            for axis, d in enumerate(offset):
+                low[axis], high[axis] = min(low[axis], d), max(high[axis], d)
+    return (low[0], low[1], low[2]), (high[0], high[1], high[2])
 
 
 def neighbourhood(job: ScaleJob, index: Zyx) -> Neighbourhood:
     """The graph block ``index`` agglomerates: its nodes, those whose centre lies within
-    ``AGGLOMERATION_CONTEXT`` blocks of its faces, and those touching its own."""
-    core = job.box(index)
-    context = [int(np.ceil(b * AGGLOMERATION_CONTEXT)) for b in job.block]
-    region = grow_within(core, context, job.grid.total)
-    reach = [max(-(-c // b), 1) for c, b in zip(context, job.block, strict=True)]
+    ``AGGLOMERATION_CONTEXT`` blocks of its faces, and those touching its own. Plain integer
+    arithmetic: funlib boxes and a grid per block cost more than the rest of the block's
+    bookkeeping."""
+    context, reach = _context(job.block)
+    (z, y, x), (bz, by, bx), (cz, cy, cx) = index, job.block, context
+    nz, ny, nx = job.shape
+    begin = (max(z * bz - cz, 0), max(y * by - cy, 0), max(x * bx - cx, 0))
+    end = (min((z + 1) * bz + cz, nz), min((y + 1) * by + cy, ny), min((x + 1) * bx + cx, nx))
+    counts = job.counts
     ranges = [range(max(i - r, 0), min(i + r, n - 1) + 1)
-              for i, r, n in zip(index, reach, job.grid.counts, strict=True)]
+              for i, r, n in zip(index, reach, counts, strict=True)]
     block = job.block_id(index)
-    first = block * int(np.prod(job.block))
-    return Neighbourhood(block, first + 1, first + int(np.prod(job.block)),
-                         zyx(region.begin), zyx(region.end),
-                         tuple(job.block_id((z, y, x)) for z in ranges[0] for y in ranges[1]
-                               for x in ranges[2]))
+    first = block * job.block_voxels
+    return Neighbourhood(block, first + 1, first + job.block_voxels, begin, end,
+                         tuple((k * counts[1] + j) * counts[2] + i
+                               for k, j, i in itertools.product(*ranges)))
+
+
+@functools.cache
+def _context(block: Zyx) -> tuple[Zyx, Zyx]:
+    """``AGGLOMERATION_CONTEXT`` of a block in voxels, and in blocks (at least one)."""
+    context = [math.ceil(b * AGGLOMERATION_CONTEXT) for b in block]
+    reach = [max(-(-c // b), 1) for c, b in zip(context, block, strict=True)]
+    return (context[0], context[1], context[2]), (reach[0], reach[1], reach[2])
 
 
 def _agglomerate(job: ScaleJob, index: Zyx) -> dict[str, float]:
@@ -252,11 +277,11 @@ def _relabel(job: ScaleJob, index: Zyx) -> dict[str, float]:
     box = job.box(index)
     fragments = np.asarray(fragments_array(job)[slices(box)])
     ids = _mapped(str(ids_file(job)))
-    first = job.block_id(index) * int(np.prod(job.block))  # the block's ids: first + 1 ...
-    bounds = np.array([first + 1, first + int(np.prod(job.block)) + 1], np.uint64)
+    first = job.block_id(index) * job.block_voxels  # the block's ids: first + 1 ...
+    bounds = np.array([first + 1, first + job.block_voxels + 1], np.uint64)
     stretch = slice(*np.searchsorted(ids, bounds).tolist())
     for name in job.names:
-        if finished_volume(job, name):
+        if _finished(job, name):
             continue
         segments = _mapped(str(lut_file(job, name)))[stretch]
         segmentation_array(job, name)[slices(box)] = lookup(fragments, np.asarray(ids[stretch]),
@@ -283,6 +308,14 @@ def lookup(fragments: np.ndarray, ids: np.ndarray, segments: np.ndarray) -> np.n
 @functools.cache
 def _mapped(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
+
+
+@functools.cache
+def _finished(job: ScaleJob, name: str) -> bool:
+    """`finished_volume`, read once per job and process (not from the volume's attributes
+    for every block): the relabel step never finishes a volume, the command does after it,
+    and `forget_caches` drops it before the next job."""
+    return finished_volume(job, name)
 
 
 def agglomerate_graph(job: ScaleJob) -> dict[str, Any]:
