@@ -454,11 +454,9 @@ class Engine:
                     pending.append((group, pool.submit(self._forward,
                                                        self._batch(source, group))))
                     if len(pending) >= threads:  # at most one pass per thread waiting
-                        group, future = pending.popleft()
-                        yield group, future.result()
+                        yield _first_done(pending)
                 while pending:
-                    group, future = pending.popleft()
-                    yield group, future.result()
+                    yield _first_done(pending)
             finally:  # stopped early: no pass of this block outlives it (as a pool's exit)
                 wait([future for _, future in pending])
 
@@ -646,10 +644,46 @@ def _pass_threads() -> int:
     return use.before if use.depth else torch.get_num_threads()
 
 
+def _first_done(pending: deque[tuple[list[Zyx], Future[dict[str, torch.Tensor]]]]
+                ) -> tuple[list[Zyx], dict[str, torch.Tensor]]:
+    """The first pending pass's batch and outputs, taken off ``pending`` only once it has
+    them: a KeyboardInterrupt while waiting for it leaves it there for `Engine._forwards`
+    to wait for (taken off first, it ran on after its block was over)."""
+    group, future = pending[0]
+    outputs = future.result()
+    pending.popleft()
+    return group, outputs
+
+
+def _single_threaded() -> None:
+    """A pass thread set to one torch thread for good. torch takes a thread's count from
+    the count set last anywhere at the thread's first use (a get or any parallel op), even
+    after the thread set its own: a thread that only set 1 took, at its first pass, the
+    count another user had put back meanwhile, and split its passes over that many."""
+    torch.get_num_threads()  # its first use: from here on the count is its own
+    torch.set_num_threads(1)
+
+
+PASS_START_S = 60.0
+"""How long `_pass_pool` waits for its threads to start before it goes on without."""
+
+
 def _pass_pool(threads: int) -> ThreadPoolExecutor:
     """The threads that run forward passes side by side, each set to one thread itself: a
-    new thread would take the last count set anywhere, another user's leaving included."""
-    return ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))
+    new thread would take the last count set anywhere, another user's leaving included.
+    All are started, and set, before it is returned (in the caller's `_one_thread`): one
+    started as a pass was queued could set itself after its block was over, storing 1 as
+    the count every thread started later takes. The start tasks meet at a barrier, so each
+    needs a thread of its own (an idle one would take the next otherwise)."""
+    pool = ThreadPoolExecutor(threads, initializer=_single_threaded)
+    started = threading.Barrier(threads, timeout=PASS_START_S)
+    try:
+        wait([pool.submit(started.wait) for _ in range(threads)])
+    except BaseException:
+        started.abort()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return pool
 
 
 @dataclass(frozen=True)
