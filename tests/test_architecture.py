@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "emrun"
 
 FLOORS: list[set[str]] = [
     {"emrun", "errors", "paths", "atomic", "subprocesses", "stages", "shipped", "unionfind",
-     "components"},
+     "components", "memory"},
     {"capacity", "devices", "geometry", "locks"},
     {"registry", "io", "synth"},
     {"recipe"},

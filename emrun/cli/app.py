@@ -29,6 +29,7 @@ from ..errors import (
     not_a_folder,
     not_allowed,
 )
+from ..memory import limit_malloc_arenas
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -260,6 +261,7 @@ def warn(lines: list[str]) -> None:
 def main() -> None:
     """Console-script entry point: a usage mistake (unknown option or command, a missing
     argument) is one line and exit 2, like every other mistake."""
+    limit_malloc_arenas()  # before any thread starts: see emrun.memory
     try:
         code = app(standalone_mode=False)
     except Exception as exc:
