@@ -10,6 +10,7 @@ and renamed to `NAME` only once complete.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -172,10 +173,10 @@ def convert(
     ) as array:
         itemsize = max(vol.dtype.itemsize, dtype.itemsize)
         chunks = tuple(int(c) for c in array.chunks)
-        blocks = list(slabs(vol.shape, chunks, itemsize, max_slab_bytes))
+        grid = slab_grid(vol.shape, chunks, itemsize, max_slab_bytes)
         with _progress_bar(progress) as bar:
-            task = bar.add_task(f"converting {name}", total=len(blocks))
-            for roi in blocks:
+            task = bar.add_task(f"converting {name}", total=len(grid))
+            for roi in lazy_boxes(grid):
                 data = vol.read(roi)  # one slab: the only pixel data held at a time
                 if data.dtype.kind == "b":
                     data = data.view(np.uint8)
@@ -239,7 +240,14 @@ def write_by_chunk(array: zarr.Array, roi: Roi, data: np.ndarray) -> None:
 def slabs(
     shape: Sequence[int], chunks: Sequence[int], itemsize: int, max_bytes: int = MAX_SLAB_BYTES
 ) -> Iterator[Roi]:
-    """ROIs covering `shape` in z-order: one z-chunk deep, whole sections when they fit.
+    """ROIs covering `shape` in z-order (`slab_grid`'s boxes, one at a time)."""
+    yield from lazy_boxes(slab_grid(shape, chunks, itemsize, max_bytes))
+
+
+def slab_grid(
+    shape: Sequence[int], chunks: Sequence[int], itemsize: int, max_bytes: int = MAX_SLAB_BYTES
+) -> BlockGrid:
+    """The slabs covering `shape`: one z-chunk deep, whole sections when they fit.
 
     The z axis is the third from last (z, y, x or c, z, y, x). A slab larger than
     `max_bytes` is cut along y into bands of whole y-chunks (at least one chunk).
@@ -250,7 +258,15 @@ def slabs(
     row_bytes = max(1, itemsize * depth * others)  # one y row of a slab
     rows = max(band, max_bytes // row_bytes // band * band)
     slab = [*(max(1, n) for n in shape[:z_axis]), depth, rows, max(1, shape[-1])]
-    yield from BlockGrid(box_of(shape), slab).boxes()
+    return BlockGrid(box_of(shape), slab)
+
+
+def lazy_boxes(grid: BlockGrid) -> Iterator[Roi]:
+    """`grid`'s boxes in raster order, made one at a time: `BlockGrid.boxes` lists them all,
+    which kept ~7 objects per slab for the whole conversion (a 1 TB volume has ~250,000
+    slabs: tens of MB held, growing with the volume, not bounded by one slab)."""
+    for index in itertools.product(*(range(n) for n in grid.counts)):
+        yield grid.box(index)
 
 
 def _chosen_voxel_size(vol: Volume, given: Sequence[float] | None) -> Sequence[float] | None:

@@ -1,7 +1,10 @@
 """TIFF volumes: one multi-page file, or a folder of per-section files.
 
 Shape and dtype come from TIFF headers only. Reads touch only the pages (z sections) in
-the ROI. Files are opened per read, so no file offset is shared across a fork. tifffile's
+the ROI. An opened file and its parsed pages are kept per process (`_opened`, a few files,
+each under its own lock), so no file offset is shared across a fork, and a slab's read
+does not parse every page of the file again (a 4096-page file: 45,000 tifffile objects per
+slab, its time growing with the file). tifffile's
 log lines inside these reads are caught, not printed: a file that is cut short is refused
 on opening with emrun's own one-line error instead, judged from the file's own structure
 (its chain of page headers and where each page's data lies), not from tifffile's wording.
@@ -16,6 +19,7 @@ import os
 import re
 import struct
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,7 +74,8 @@ class TiffVolume(Volume):
     page_stack: bool = False  # sections written one by one: one series per page
 
     def _read(self, roi: Roi) -> np.ndarray:
-        with _tifffile_caught(), tifffile.TiffFile(self.path) as tif:
+        tif, lock = _opened(self.path)
+        with lock, _tifffile_caught():
             series = tif.series[0]
             pages = tif.pages if self.page_stack else series.pages
             if (
@@ -86,6 +91,56 @@ class TiffVolume(Volume):
                 return out
             # Pages don't map to z sections (ImageJ hyperstack, single page): read all.
             return np.asarray(series.asarray())[slices(roi)]
+
+
+KEPT_FILES = 4
+"""Opened multi-page TIFFs a process keeps (`_opened`)."""
+
+_kept: OrderedDict[tuple[str, int, int, int], tuple[tifffile.TiffFile, threading.Lock]] = \
+    OrderedDict()
+_kept_lock = threading.Lock()
+
+
+def _opened(path: str) -> tuple[tifffile.TiffFile, threading.Lock]:
+    """``path`` opened with its pages parsed once, for this process (a forked child opens
+    its own) and this version of the file (its modification time and size), and the lock
+    its reads take (a file position is one per handle); the least recently used of more
+    than `KEPT_FILES` is closed."""
+    key = _file_key(path)
+    with _kept_lock:
+        found = _kept.get(key)
+        if found is not None:
+            _kept.move_to_end(key)
+            return found
+    with _tifffile_caught():
+        tif = tifffile.TiffFile(path)
+    tif.pages.cache = True  # each page header parsed once, on first use
+    return _keep(key, tif)
+
+
+def _file_key(path: str) -> tuple[str, int, int, int]:
+    """This process's key for this version of the file at ``path``."""
+    stat = os.stat(path)
+    return os.path.realpath(path), os.getpid(), stat.st_mtime_ns, stat.st_size
+
+
+def _keep(key: tuple[str, int, int, int], tif: tifffile.TiffFile
+          ) -> tuple[tifffile.TiffFile, threading.Lock]:
+    """Keep ``tif`` opened under ``key`` (`_opened`); one opened meanwhile by another thread
+    is kept instead, and ``tif`` closed."""
+    with _kept_lock:
+        found = _kept.get(key)
+        if found is not None:
+            tif.close()
+            _kept.move_to_end(key)
+            return found
+        found = _kept[key] = (tif, threading.Lock())
+        while len(_kept) > KEPT_FILES:
+            (_, pid, _, _), (old, old_lock) = _kept.popitem(last=False)
+            if pid == os.getpid():  # a parent's handle, inherited by a fork, is left alone
+                with old_lock:
+                    old.close()
+        return found
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,26 +169,41 @@ class TiffStackVolume(Volume):
 
 
 def open_tiff(path: str) -> TiffVolume:
-    """Header-only inspection of a TIFF file's first series; a file cut short is refused."""
-    with _tifffile_caught() as said, tifffile.TiffFile(path) as tif:
-        _check_chain(path, tif)  # first: tifffile may misparse a page header cut in two
-        # each page header is parsed once: finding the series parses them, and the check
-        # of where their data ends reads them again from this cache (20,000 pages: ~1 s)
-        tif.pages.cache = True
-        stack = _page_stack(tif)
-        series = tif.series[0] if stack else _first_series(path, tif)
-        _check_whole(path, tif, series, said)
-        _check_axes(path, series)
-        shape = (len(tif.series), *series.shape) if stack else tuple(series.shape)
-        shape = tuple(int(n) for n in shape)
-        return TiffVolume(
-            path=path,
-            dataset=None,
-            shape=shape,
-            dtype=np.dtype(series.dtype),
-            voxel_size=_imagej_voxel_size(path, tif, len(shape)),
-            page_stack=stack,
-        )
+    """Header-only inspection of a TIFF file's first series; a file cut short is refused.
+    The file, its pages parsed, is kept open for the volume's reads (`_opened`)."""
+    key = _file_key(path)
+    with _tifffile_caught() as said:
+        tif = tifffile.TiffFile(path)
+        try:
+            volume = _inspected(path, tif, said)
+        except BaseException:
+            tif.close()
+            raise
+    _keep(key, tif)
+    return volume
+
+
+def _inspected(path: str, tif: tifffile.TiffFile, said: list[str]) -> TiffVolume:
+    """The volume of the opened file ``tif`` at ``path``, checked whole (`open_tiff`);
+    ``said``: tifffile's messages so far."""
+    _check_chain(path, tif)  # first: tifffile may misparse a page header cut in two
+    # each page header is parsed once: finding the series parses them, and the check
+    # of where their data ends reads them again from this cache (20,000 pages: ~1 s)
+    tif.pages.cache = True
+    stack = _page_stack(tif)
+    series = tif.series[0] if stack else _first_series(path, tif)
+    _check_whole(path, tif, series, said)
+    _check_axes(path, series)
+    shape = (len(tif.series), *series.shape) if stack else tuple(series.shape)
+    shape = tuple(int(n) for n in shape)
+    return TiffVolume(
+        path=path,
+        dataset=None,
+        shape=shape,
+        dtype=np.dtype(series.dtype),
+        voxel_size=_imagej_voxel_size(path, tif, len(shape)),
+        page_stack=stack,
+    )
 
 
 def _page_stack(tif: tifffile.TiffFile) -> bool:
