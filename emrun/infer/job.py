@@ -39,7 +39,14 @@ from ..io.one_channel import single_channel
 from ..io.pyramid import level_factors
 from ..io.sample import contents_sample, sample_boxes
 from ..io.window import off_grid, placed_over
-from ..io.write import build_pyramid, create_volume, hold_store, release_store, store_entries
+from ..io.write import (
+    build_pyramid,
+    create_volume,
+    hold_store,
+    release_store,
+    shard_chunks,
+    store_entries,
+)
 from ..paths import is_link_loop
 from ..recipe import Recipe
 from ..recipe.loader import resolved_now
@@ -423,12 +430,27 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
             names = [f"{name} {' '.join(map(str, o))}" for o in task.target.offsets]
         else:
             names = [f"{name} {c}" for c in range(task.channels())]
+        chunks, shards = output_chunks(task.channels(), layout)
         create_volume(output, name, (task.channels(), *layout.shape), recipe.infer.dtype,
-                      chunks=(task.channels(), *layout.chunks), voxel_size=volume.voxel_size,
+                      chunks=chunks, shards=shards, voxel_size=volume.voxel_size,
                       offset=placed, shift_nm=volume.shift_nm, channel_axis=True,
                       channel_names=names, attrs=attrs)
     if not existing:
         zarr.open_group(str(output), mode="r+").attrs["emrun"] = record
+
+
+def output_chunks(channels: int, layout: Layout
+                  ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """(chunks, shards) of a new output array of ``channels``: the layout's chunks are its
+    write unit, a whole number of them per block, so writers never share a file; stored as
+    one shard each, cut into `shard_chunks` (all channels, at most 8 x 128 x 128), so that a
+    later step reading a block and a thin halo decodes the inner chunks the halo touches,
+    not its 26 neighbours' whole chunks (`emrun.io.write`, "Shards"). A layout chunk too
+    small to cut stays an unsharded chunk. An output started before is resumed in its own
+    arrays, sharded or not: the layout's digest does not depend on this."""
+    unit = (channels, *layout.chunks)
+    inner = shard_chunks(unit)
+    return (unit, None) if inner is None else (inner, unit)
 
 
 def _has_entries(output: Path) -> bool:

@@ -38,7 +38,7 @@ class Layout:
     shape: Zyx  # the volume, z, y, x
     patch: Zyx
     stride: Zyx
-    chunks: Zyx  # output chunk (spatial)
+    chunks: Zyx  # output chunk (spatial): the write unit, one file (a shard, job.output_chunks)
     block: Zyx  # write block (spatial), a multiple of chunks
 
     def __post_init__(self) -> None:

@@ -1,9 +1,10 @@
 """Multiscale pyramids: how many levels, what each level's factor is, and building them.
 
 Levels 1..N-1 are written after level 0 is complete, each from the level before it, block by
-block: a block is one output block of the coarser level (`BLOCK_ZYX`, whole chunks), for
-which the matching box of the finer level is read, downsampled and written. Blocks are
-independent (chunk-aligned, no two write the same chunk), so `threads` of them run at once
+block: a block is one output block of the coarser level (`BLOCK_ZYX`, whole chunks: whole
+shards of a sharded level, `write_chunks`), for which the matching box of the finer level is
+read, downsampled and written. Blocks are independent (chunk-aligned, no two write the same
+chunk file), so `threads` of them run at once
 and memory is bounded by `threads` finer blocks of at most `READ_BYTES` (with the
 downsampling's temporaries, about twice that for images), whatever the volume's size: the
 blocks are enumerated one at a time and no more than `threads` are handed to the pool at
@@ -221,7 +222,7 @@ def write_level(
     is called with each block's number once its chunks are written.
     """
     lead = tuple(int(n) for n in target.shape[:-3])
-    chunks = [int(c) for c in target.chunks[-3:]]
+    chunks = list(write_chunks(target)[-3:])
     whole = level_block(lead, source.dtype.itemsize, step, chunks, block)
     reader = read or (lambda array, roi: np.asarray(array[slices(roi)]))
     spatial = box_of(source.shape[-3:])
@@ -237,6 +238,14 @@ def write_level(
 
     todo = ((i, box) for i, box in level_blocks(target.shape, whole) if i not in skip)
     run_bounded(one, todo, threads or min(8, cpu_cores()))
+
+
+def write_chunks(array: zarr.Array) -> tuple[int, ...]:
+    """The unit a writer must own whole: the shard of a sharded array (one file, rewritten
+    whole by a write into any of its inner chunks: two writers of one shard would lose each
+    other's chunks), else the chunk. zarr's ``chunks`` is the inner chunk of a sharded
+    array, the unit a reader decodes. An array-like without ``shards`` has chunks only."""
+    return tuple(int(c) for c in (getattr(array, "shards", None) or array.chunks))
 
 
 def level_blocks(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[int, Roi]]:
