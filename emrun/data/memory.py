@@ -15,10 +15,9 @@ CPU) for a gain lost in the step's time. Elsewhere (not glibc) nothing is change
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
-import platform
+
+from ..memory import glibc_mallopt
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -37,14 +36,9 @@ recipes (about 200 MB at its peak), not more, as each loader worker keeps its ow
 def keep_freed_memory() -> bool:
     """Ask glibc, once per process, to keep freed sample-sized arrays for reuse; whether it
     took the setting (False off glibc)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    mallopt = glibc_mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mmap threshold first: setting it stops glibc moving both thresholds itself
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
