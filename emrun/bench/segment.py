@@ -6,7 +6,9 @@ jittered seed per ``CELL``-sized box of a coarse grid (the seed of a box is a ha
 index, so each block computes its own labels and a one-voxel margin below without seeing
 the others), and the
 affinity of an edge is 0.8 within a cell and 0.2 across, plus Gaussian noise (sigma 0.1)
-from a generator seeded by the block. Generation is not timed.
+from a generator seeded by the block. Generation is not timed. They are stored as `emrun
+infer` stores its outputs (`affinity_layout`: zarr 3 shards of the layout's chunks, cut into
+inner chunks), so a block's halo costs what it costs on infer's outputs.
 
 For each worker count the whole pipeline runs on the same affinities into a fresh output
 with local worker processes, and reports seconds by step, the throughput per core of
@@ -40,12 +42,14 @@ import zarr
 from ..capacity import check_work_folder, free_disk, size_text
 from ..devices import available_memory, cpu_cores
 from ..errors import Interrupted, UserError
-from ..geometry import BlockGrid, Roi, box_of, slices
+from ..geometry import BlockGrid, Roi, box_of, slices, zyx
+from ..infer.job import output_chunks
+from ..infer.plan import Layout, choose_chunks_and_block
 from ..io.write import create_volume, volume_around
 from .workdir import made_folder, remove_tree
 
-__all__ = ["CELL", "bench_segment", "check_size", "make_affinities", "report_lines",
-           "synthetic_cells"]
+__all__ = ["CELL", "affinity_layout", "bench_segment", "check_size", "make_affinities",
+           "report_lines", "synthetic_cells"]
 
 CELL = (16, 48, 48)
 """The coarse grid of cell seeds (z, y, x voxels): one cell per 37,000 voxels, elongated in
@@ -132,11 +136,26 @@ def _affinity_block(path: str, shape: tuple[int, ...], index: tuple[int, ...],
     array[(slice(None), *slices(core))] = np.round(noisy * 255).astype(np.uint8)
 
 
+def affinity_layout(shape: tuple[int, int, int], block: tuple[int, int, int]
+                    ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """(chunks, shards) of the affinities as `emrun infer` with ``--block`` ``block`` would
+    store them (its layout's chunks, each a shard cut into inner chunks: `output_chunks`).
+    Unsharded chunks of the whole block made the segmentation's 2 x 8 x 8 halo decode its 26
+    neighbours' chunks whole, a cost the pipeline on infer's outputs no longer pays. Each
+    shard lies inside one block, so the generating workers never share a file."""
+    chunks, grown = choose_chunks_and_block(zyx(shape), zyx(block), zyx(block), None,
+                                            zyx(block))
+    layout = Layout(zyx(shape), grown, grown, chunks, grown)
+    return output_chunks(len(OFFSETS), layout)
+
+
 def make_affinities(folder: Path, shape: tuple[int, int, int], block: tuple[int, int, int],
                     workers: int) -> str:
-    """The synthetic affinity volume ``folder/affs.zarr/affinity``, written block by block."""
+    """The synthetic affinity volume ``folder/affs.zarr/affinity``, written block by block
+    in the layout infer writes (`affinity_layout`)."""
     store = folder / "affs.zarr"
-    create_volume(store, "affinity", (3, *shape), np.uint8, chunks=(3, *block),
+    chunks, shards = affinity_layout(shape, block)
+    create_volume(store, "affinity", (3, *shape), np.uint8, chunks=chunks, shards=shards,
                   channel_axis=True, attrs={"offsets": [list(o) for o in OFFSETS]})
     path = str(store / "affinity" / "0")
     grid = BlockGrid(box_of(shape), block)
@@ -234,7 +253,9 @@ def bench_segment(shape: tuple[int, int, int], block: tuple[int, int, int],
             base = runs[0]["rate"]
             for run in runs:  # from the rates before rounding: a tiny volume's round to 0
                 run["scaling"] = round(run.pop("rate") / max(base, 1e-12), 3)
+            chunks, shards = affinity_layout(shape, block)
             return {"shape": list(shape), "block": list(block), "threshold": threshold,
+                    "chunks": list(chunks), "shards": None if shards is None else list(shards),
                     "agglomeration": agglomeration,
                     "voxels": voxels, "generate_s": round(generated, 1), "runs": runs,
                     "cores": cpu_cores(), "machine": f"{platform.node()} ({os.cpu_count()} "
@@ -295,9 +316,20 @@ def _millions(count: float) -> str:
     return f"{count / 1e6:,.0f}" if count >= 1e7 else f"{count / 1e6:.3g}"
 
 
+def _layout_text(result: dict[str, Any]) -> str:
+    """The affinities' storage, as infer writes it (a result without it: nothing)."""
+    if "chunks" not in result:
+        return ""
+    chunks = "x".join(map(str, result["chunks"]))
+    if result.get("shards") is None:
+        return f" in unsharded chunks of {chunks}"
+    return f" in shards of {'x'.join(map(str, result['shards']))} (inner chunks {chunks})"
+
+
 def report_lines(result: dict[str, Any]) -> list[str]:
     shape = "x".join(map(str, result["shape"]))
-    lines = [f"segment: {shape} synthetic affinities ({_millions(result['voxels'])} M voxels), "
+    lines = [f"segment: {shape} synthetic affinities ({_millions(result['voxels'])} M voxels)"
+             f"{_layout_text(result)}, "
              f"block {'x'.join(map(str, result['block']))}, threshold {result['threshold']:g}, "
              f"{result['agglomeration']} agglomeration; "
              f"{result['machine']}"]

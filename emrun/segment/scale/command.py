@@ -70,9 +70,12 @@ joins the edges below each threshold (about 100 bytes per edge)."""
 
 DEFAULT_BLOCK = (32, 256, 256)
 """Blocks of 2 M voxels: about 0.3 GB of working memory per worker (1 GB at 32 x 512 x 512),
-and faster per voxel than larger ones (the watershed's union-find outgrows the caches):
-fragments + graph measured 2.50 M voxels/s per core against 2.22 at 32 x 512 x 512 on the
-development VM."""
+and faster per voxel than larger ones (the watershed's union-find outgrows the caches).
+Fragments + graph on affinities stored as `emrun infer` stores them (shards of 32 x 256 x 256,
+inner chunks 8 x 128 x 128), `emrun bench segment --shape 64 1024 1024`, 1 worker, medians
+of 3 on the 2-core development VM under light load from other work: 2.48 M voxels/s per
+core against 2.13 at 32 x 512 x 512; under heavier load 1.95, 1.73, and 1.59 at
+64 x 256 x 256."""
 
 Say = Callable[[str], None]
 
