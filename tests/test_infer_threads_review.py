@@ -9,33 +9,20 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from test_infer_speed_same import Exact, make_recipe
+from test_review_session_scaling import WANTED, threads_set
 
 from emrun.geometry import zyx
 from emrun.infer.array import predict_array
 from emrun.infer.engine import Engine, PatchSource, _pass_pool
 from emrun.infer.plan import Layout
-
-WANTED = 2
-
-
-@contextmanager
-def threads_set(count: int) -> Iterator[None]:
-    """The calling thread (and the count new threads start from) at ``count``, put back."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def fresh_thread_count() -> int:
