@@ -374,10 +374,11 @@ def test_segment_daisy_hands_out_no_block_once_a_worker_met_a_user_error(
 
     job_file = _fake_scale_job(tmp_path, monkeypatch)
     block = SimpleNamespace(write_roi=SimpleNamespace(offset=(0, 0, 0)))
-    assert not schedulers._block_is_done(job_file, "fragments", block)
+    check = schedulers.DoneCheck(schedulers.ScaleJob.load(job_file), "fragments")  # daisy's
+    assert not check(block)
     with devices.leaving_user_errors(tmp_path):
         raise UserError("affinities: reading failed")
-    assert schedulers._block_is_done(job_file, "fragments", block)
+    assert check(block)  # the same check, its done blocks already read
 
 
 def test_segment_daisy_worker_leaves_its_user_error_for_the_scheduler(

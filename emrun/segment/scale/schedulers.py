@@ -352,11 +352,6 @@ class DoneCheck:
         return listed_markers(job.folder / marker)
 
 
-def _block_is_done(job_file: str, step: str, block: Any) -> bool:
-    """Whether daisy would take ``block`` of ``step`` as done now (`DoneCheck`, asked once)."""
-    return DoneCheck(ScaleJob.load(job_file), step)(block)
-
-
 def _start_worker(job_file: str, step: str, launch: str | None) -> None:
     """daisy's worker function: serve blocks here, or start a server through ``launch``."""
     if launch:
