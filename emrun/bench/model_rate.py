@@ -1,6 +1,8 @@
 """The model-only rate `emrun bench infer` compares the engine with, and searches
 configurations on: seconds per forward pass of an engine's model on a batch of patches
-already on the device, at steady state (so neither data movement nor warm-up counts)."""
+already on the device, at steady state (so neither data movement nor warm-up counts), run
+as the engine runs its passes (`Engine.passes`: on a CPU, one pass per thread side by
+side; timing one pass spread over every thread measured another rate than the engine's)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import torch
 
 from ..geometry import Zyx
 from ..infer.engine import Engine
+
+WARMUP_ROUNDS = 3
+"""Untimed rounds first: kernel selection, caches, compilation and the pass threads."""
 
 
 def _model_batch(image: np.ndarray, patch: Zyx, batch_size: int,
@@ -27,21 +32,28 @@ def _model_batch(image: np.ndarray, patch: Zyx, batch_size: int,
     return batch.to(device)
 
 
+def passes_per_round(device: torch.device) -> int:
+    """How many passes the engine runs at once on ``device``: one per torch thread on a
+    CPU (each on one thread), one on a GPU (queued on its stream)."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
 def model_times(engine: Engine, image: np.ndarray, repeats: int) -> list[float]:
-    """Seconds per forward pass alone, on patches of the same volume, at steady state (after
-    a few warm-up passes for kernel selection, caches and compilation)."""
+    """Seconds per forward pass alone, on patches of the same volume, at steady state: per
+    round of as many passes as the engine runs at once, its wall time over its passes."""
     batch = _model_batch(image, engine.patch, engine.batch_size, engine.device)
     if engine.channels_last:  # as the engine feeds it
         batch = batch.contiguous(memory_format=torch.channels_last_3d)
-    for _ in range(3):
-        engine._forward(batch)
+    at_once = passes_per_round(engine.device)
     times = []
-    for _ in range(repeats):
+    for i in range(WARMUP_ROUNDS + repeats):
         sync(engine.device)
         start = time.perf_counter()
-        engine._forward(batch)
+        for _ in engine.passes(range(at_once), lambda _: batch):
+            pass
         sync(engine.device)
-        times.append(time.perf_counter() - start)
+        if i >= WARMUP_ROUNDS:
+            times.append((time.perf_counter() - start) / at_once)
     return times
 
 

@@ -24,12 +24,12 @@ import math
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +46,10 @@ from ..recipe.data import VolumeSource
 from ..recipe.tasks import AffinityTarget, LSDTarget
 from ..registry import blends
 from .plan import Layout
+
+G = TypeVar("G")
+"""What a forward pass's batch is made from (`Engine.passes`): a block's patch starts, or a
+benchmark's ready batch."""
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "none": lambda t: t}
@@ -432,7 +436,14 @@ class Engine:
 
     def _forwards(self, source: PatchSource, batches: list[list[Zyx]]
                   ) -> Iterator[tuple[list[Zyx], dict[str, torch.Tensor]]]:
-        """Each batch's outputs, in batch order.
+        """Each batch's outputs, in batch order (`passes`; a batch's input is assembled as
+        its pass is queued)."""
+        return self.passes(batches, lambda group: self._batch(source, group))
+
+    def passes(self, groups: Sequence[G], make: Callable[[G], torch.Tensor]
+               ) -> Iterator[tuple[G, dict[str, torch.Tensor]]]:
+        """The forward pass of each group's batch (``make(group)``), in group order, run as
+        inference runs them: `emrun bench infer` times the model alone through this too.
 
         On a CPU every forward pass runs on one thread, as many passes at once as the
         process has threads. oneDNN and BLAS split a layer's sums by thread count, so passes
@@ -441,18 +452,17 @@ class Engine:
         and side by side the passes run as fast or faster (2 cores: demo 1.19 s against
         1.37 s, a SNEMI3D network 16.3 s against 17.0 s)."""
         threads = _pass_threads()
-        if self.device.type != "cpu" or threads == 1 or len(batches) < 2:
+        if self.device.type != "cpu" or threads == 1 or len(groups) < 2:
             with _one_thread(self.device.type == "cpu"):
-                for group in batches:
-                    yield group, self._forward(self._batch(source, group))
+                for group in groups:
+                    yield group, self._forward(make(group))
             return
         pool = self._pass_pool(threads)
-        pending: deque[tuple[list[Zyx], Future[dict[str, torch.Tensor]]]] = deque()
+        pending: deque[tuple[G, Future[dict[str, torch.Tensor]]]] = deque()
         with _one_thread(True):
             try:
-                for group in batches:
-                    pending.append((group, pool.submit(self._forward,
-                                                       self._batch(source, group))))
+                for group in groups:
+                    pending.append((group, pool.submit(self._forward, make(group))))
                     if len(pending) >= threads:  # at most one pass per thread waiting
                         yield _first_done(pending)
                 while pending:
@@ -644,10 +654,10 @@ def _pass_threads() -> int:
     return use.before if use.depth else torch.get_num_threads()
 
 
-def _first_done(pending: deque[tuple[list[Zyx], Future[dict[str, torch.Tensor]]]]
-                ) -> tuple[list[Zyx], dict[str, torch.Tensor]]:
+def _first_done(pending: deque[tuple[G, Future[dict[str, torch.Tensor]]]]
+                ) -> tuple[G, dict[str, torch.Tensor]]:
     """The first pending pass's batch and outputs, taken off ``pending`` only once it has
-    them: a KeyboardInterrupt while waiting for it leaves it there for `Engine._forwards`
+    them: a KeyboardInterrupt while waiting for it leaves it there for `Engine.passes`
     to wait for (taken off first, it ran on after its block was over)."""
     group, future = pending[0]
     outputs = future.result()
