@@ -15,6 +15,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# pytest-xdist starts its workers with COLUMNS=80 (and LINES) set; emrun's consoles, made at
+# import, would keep that width for good and cut the tables a test reads (a plain run, and
+# emrun itself, take the width from the terminal, or from COLUMNS when a test sets it).
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
+
 MINIMAL = """\
 name: tiny
 data:
