@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+from .memory import limit_malloc_arenas
 from .subprocesses import catching_signals, stop_between_blocks, stop_signals
 
 if TYPE_CHECKING:
@@ -200,7 +201,10 @@ def _waiting_for_launched() -> contextlib.AbstractContextManager[list[str]]:
 def launched_main(serve: Callable[..., None]) -> None:
     """A worker's ``__main__`` under `run_through`: say it started (the last argument is
     the file to make), then ``serve(*the other arguments)``, leaving a user error for the
-    scheduler (`leaving_user_errors`) in the folder given to `run_through`."""
+    scheduler (`leaving_user_errors`) in the folder given to `run_through`. It caps malloc's
+    arenas first, as the `emrun` command does (`emrun.memory`): started by srun on another
+    node, the cap it inherited counted the launching machine's cores."""
+    limit_malloc_arenas()
     token = Path(sys.argv[-1])
     token.touch()
     with leaving_user_errors(token.parent.parent):  # <folder>/LAUNCHED/<token>

@@ -11,13 +11,20 @@ no measurable change in time (convert, evaluate, `bench infer --no-model`, `benc
 On a larger machine the cap is one arena per core (`default_arenas`): threads beyond the
 cores cannot allocate at once anyway, and a many-core GPU host keeps its allocation
 throughput while shedding glibc's 8 per core.
+
+The worker processes emrun spawns (evaluate and segment pools, infer's local workers, the
+training loader, background validation) never pass through the command's start: the cap
+reaches them through the environment, which glibc reads before Python starts
+(`limit_malloc_arenas` sets `MALLOC_ARENA_MAX`, and `EMRUN_MALLOC_ARENA_MAX` to say the value
+is emrun's own, so that an emrun started from it elsewhere, by srun on a larger node, counts
+its own cores instead of keeping the count of the machine that launched it).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 
 M_ARENA_MAX = -8
 """glibc's mallopt parameter for the most arenas (malloc.h)."""
@@ -26,13 +33,18 @@ MIN_ARENAS = 2
 """The fewest arenas allowed: 2 measured as low as 1 and clearly lower than 4 (2 cores)."""
 
 ENV = "MALLOC_ARENA_MAX"
+OURS = "EMRUN_MALLOC_ARENA_MAX"
+"""Set with `ENV` to the same value when emrun set it (for its child processes)."""
 TUNABLE = "glibc.malloc.arena_max"
 
 
 def user_chose_arenas(environ: Mapping[str, str]) -> bool:
     """Whether the user set the arena limit (`MALLOC_ARENA_MAX` or the GLIBC_TUNABLES
-    entry): theirs stands, also as the way to undo ours (MALLOC_ARENA_MAX=8 per core)."""
-    return ENV in environ or TUNABLE in environ.get("GLIBC_TUNABLES", "")
+    entry): theirs stands, also as the way to undo ours (MALLOC_ARENA_MAX=8 per core). A
+    `MALLOC_ARENA_MAX` that an emrun set for its children (`OURS` alike) is not theirs."""
+    if ENV in environ and environ.get(OURS) != environ[ENV]:
+        return True
+    return TUNABLE in environ.get("GLIBC_TUNABLES", "")
 
 
 def glibc_mallopt() -> Callable[[int, int], int] | None:
@@ -59,19 +71,25 @@ def default_arenas() -> int:
     return max(MIN_ARENAS, cores)
 
 
-def limit_malloc_arenas(arenas: int | None = None, environ: Mapping[str, str] | None = None,
+def limit_malloc_arenas(arenas: int | None = None,
+                        environ: MutableMapping[str, str] | None = None,
                         mallopt: Callable[[int, int], int] | None = None) -> bool:
-    """Cap glibc's malloc arenas at `arenas` (default: `default_arenas`) for this process
-    (and children it forks);
-    returns whether it did. Call it before threads start: glibc fixes its limit once a
-    ninth arena is made. Nothing is done where the user set a limit or the C library is not
-    glibc, and it never fails: a missed limit costs memory, not correctness."""
-    if user_chose_arenas(os.environ if environ is None else environ):
+    """Cap glibc's malloc arenas at `arenas` (default: `default_arenas`) for this process,
+    and through ``environ`` (default: this process's) for the processes it starts; returns
+    whether it did. Call it before threads start: glibc fixes its limit when a thread first
+    needs an arena of its own. Nothing is done where the user set a limit or the C library
+    is not glibc, and it never fails: a missed limit costs memory, not correctness."""
+    environ = os.environ if environ is None else environ
+    if user_chose_arenas(environ):
         return False
     mallopt = mallopt or glibc_mallopt()
     if mallopt is None:
         return False
+    count = arenas or default_arenas()
     try:
-        return bool(mallopt(M_ARENA_MAX, arenas or default_arenas()))
+        done = bool(mallopt(M_ARENA_MAX, count))
     except (OSError, ValueError, TypeError, ctypes.ArgumentError):
         return False
+    if done:
+        environ[ENV] = environ[OURS] = str(count)
+    return done

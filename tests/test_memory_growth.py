@@ -42,6 +42,27 @@ def test_limit_sets_glibc_arena_max_to_one_per_core(monkeypatch) -> None:
     assert mallopt.calls == [(-8, 6)]  # M_ARENA_MAX in glibc's malloc.h
 
 
+def test_the_limit_is_handed_to_child_processes_through_the_environment(monkeypatch) -> None:
+    """Spawned workers never pass through the command's start: glibc reads the cap from
+    the environment they inherit, marked as emrun's own."""
+    monkeypatch.setattr(memory.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    environ: dict[str, str] = {}
+    assert memory.limit_malloc_arenas(environ=environ, mallopt=Recorder())
+    assert environ == {"MALLOC_ARENA_MAX": "3", "EMRUN_MALLOC_ARENA_MAX": "3"}
+
+
+def test_an_emrun_started_from_another_counts_its_own_cores(monkeypatch) -> None:
+    """A daisy worker started by srun on a larger node inherits the launching machine's
+    count, marked as emrun's: it sets its own."""
+    monkeypatch.setattr(memory.os, "sched_getaffinity", lambda pid: set(range(16)),
+                        raising=False)
+    environ = {"MALLOC_ARENA_MAX": "2", "EMRUN_MALLOC_ARENA_MAX": "2"}
+    mallopt = Recorder()
+    assert memory.limit_malloc_arenas(environ=environ, mallopt=mallopt)
+    assert mallopt.calls == [(-8, 16)]
+    assert environ == {"MALLOC_ARENA_MAX": "16", "EMRUN_MALLOC_ARENA_MAX": "16"}
+
+
 def test_one_core_still_gets_two_arenas(monkeypatch) -> None:
     monkeypatch.setattr(memory.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert memory.default_arenas() == memory.MIN_ARENAS == 2
@@ -50,12 +71,14 @@ def test_one_core_still_gets_two_arenas(monkeypatch) -> None:
 @pytest.mark.parametrize("environ", [
     {"MALLOC_ARENA_MAX": "8"},
     {"MALLOC_ARENA_MAX": ""},
+    {"MALLOC_ARENA_MAX": "8", "EMRUN_MALLOC_ARENA_MAX": "2"},  # theirs, set after emrun's
     {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.arena_max=4"},
 ])
 def test_a_users_own_limit_is_left_alone(environ: dict[str, str]) -> None:
     mallopt = Recorder()
+    before = dict(environ)
     assert memory.limit_malloc_arenas(environ=environ, mallopt=mallopt) is False
-    assert mallopt.calls == []
+    assert mallopt.calls == [] and environ == before
 
 
 def test_other_tunables_do_not_count_as_a_limit() -> None:
@@ -95,8 +118,14 @@ def test_the_command_line_limits_arenas_before_its_command(
 ARENAS_AFTER_THREADS = """
 import ctypes, os, sys, tempfile, threading
 from emrun import memory
-if sys.argv[1] == "limit":
+if sys.argv[1] in ("limit", "spawned"):
     assert memory.limit_malloc_arenas(2)
+if sys.argv[1] == "spawned":  # a child started after the limit, as emrun's workers are
+    import subprocess
+    done = subprocess.run([sys.executable, "-c", sys.argv[2], "default"], check=True,
+                          capture_output=True, text=True)
+    print(done.stdout.split()[-1])
+    sys.exit(0)
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.fopen.restype = ctypes.c_void_p
@@ -122,9 +151,10 @@ print(open(path).read().count("<heap nr="))
 
 def arenas_after_threads(mode: str) -> int:
     """How many malloc arenas a fresh process has after 8 threads allocated at once."""
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-    env.pop("GLIBC_TUNABLES", None)
-    done = subprocess.run([sys.executable, "-c", ARENAS_AFTER_THREADS, mode], env=env,
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MALLOC_ARENA_MAX", "EMRUN_MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
+    done = subprocess.run([sys.executable, "-c", ARENAS_AFTER_THREADS, mode,
+                           ARENAS_AFTER_THREADS], env=env,
                           capture_output=True, text=True, timeout=60, check=True)
     return int(done.stdout.split()[-1])
 
@@ -132,6 +162,7 @@ def arenas_after_threads(mode: str) -> int:
 @pytest.mark.skipif(not GLIBC, reason="malloc arenas are glibc's")
 def test_threads_share_two_arenas_once_limited() -> None:
     assert arenas_after_threads("limit") <= 2
+    assert arenas_after_threads("spawned") <= 2  # a process started after the limit too
     assert arenas_after_threads("default") > 2  # the test can see arenas grow
 
 
@@ -209,3 +240,24 @@ def test_reading_one_tiff_section_does_not_walk_every_page(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (page_objects_for_first_section(tmp_path, 64, monkeypatch)
             == page_objects_for_first_section(tmp_path, 8, monkeypatch))
+
+
+def test_a_worker_launched_on_another_node_sets_its_own_cap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daisy worker started through --launch (srun) runs `launched_main`, not the
+    command's start: it inherited the launching machine's count, marked as emrun's, and
+    sets its own machine's."""
+    from emrun.devices import launched_main
+
+    (tmp_path / "launched").mkdir()
+    monkeypatch.setattr(sys, "argv", ["worker", "a", str(tmp_path / "launched" / "token")])
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    monkeypatch.setenv("EMRUN_MALLOC_ARENA_MAX", "2")
+    monkeypatch.setattr(memory.os, "sched_getaffinity", lambda pid: set(range(12)),
+                        raising=False)
+    mallopt = Recorder()
+    monkeypatch.setattr(memory, "glibc_mallopt", lambda: mallopt)
+    seen: list[str] = []
+    launched_main(lambda arg: seen.append(f"{arg} {os.environ['MALLOC_ARENA_MAX']}"))
+    assert seen == ["a 12"]
+    assert mallopt.calls == [(-8, 12)]
