@@ -119,6 +119,41 @@ def test_thin_blocks_are_taken_a_region_at_a_time(volumes):
     assert len(runs) == len(set(runs)) == 8  # each chunk's blocks in one run
 
 
+def test_a_worker_process_decodes_each_region_once_over_its_tasks(volumes, decodes,
+                                                                   tmp_path):
+    """A local worker process loads the saved work once (`load_work`), so the region its
+    first block decoded serves the next blocks of that region, task after task; loaded per
+    task, every block would decode its whole region (8 blocks of a chunk: 8 decodes)."""
+    from emrun.evaluate import schedule
+    from emrun.evaluate.blockwise import save_work
+
+    work = prepare(_opened(volumes, "seg", "truth"), THIN)
+    save_work(tmp_path, work)
+    blockwise.load_work.cache_clear()
+    run = work.runs()[0]
+    for index in run:  # one task per block, as when there are fewer regions than workers
+        schedule._score_here(str(tmp_path), [index])
+    blockwise.load_work.cache_clear()
+    assert len(run) == 8
+    assert sorted(decodes.values()) == [1, 1]  # one chunk of each volume, once
+
+
+def test_workers_are_handed_a_region_s_blocks_together(volumes):
+    """Blocks handed out one by one went to every worker in turn, so each worker decoded
+    every region; `Work.runs` are the tasks: each region's blocks, in order, once."""
+    work = prepare(_opened(volumes, "seg", "truth"), THIN)
+    runs = work.runs()
+    assert [i for run in runs for i in run] == work.order()
+    assert len(runs) == 8 and {len(run) for run in runs} == {8}
+    counts = tuple(work.grid.counts)
+    for run in runs:
+        regions = {tuple(int(i) * b // c for i, b, c in zip(
+            np.unravel_index(n, counts), THIN, CHUNKS, strict=True)) for n in run}
+        assert len(regions) == 1
+    whole = prepare(_opened(volumes, "seg", "truth"), CHUNKS)
+    assert whole.runs() == [[i] for i in range(len(whole.grid))]  # no shared regions
+
+
 def test_blocks_of_whole_chunks_read_the_volumes_as_they_are(volumes):
     """Blocks as thick as the chunks (or thicker) read straight from the volumes, in raster
     order: no region is kept (nor its memory)."""

@@ -150,10 +150,20 @@ class Work:
     def order(self) -> list[int]:
         """Every block's number, the blocks of each region together (raster order within
         and between regions): one worker taking them in turn decodes each region once."""
+        return [index for run in self.runs() for index in run]
+
+    def runs(self) -> list[list[int]]:
+        """`order` cut where the region changes: the blocks to hand one worker together, so
+        that no two workers decode the same region (handed out one by one, every worker
+        took some blocks of each region and decoded it). One block per run where blocks
+        share no region."""
         counts = tuple(self.grid.counts)
         where = np.indices(counts).reshape(3, -1)
         keys = [w * b // r for w, b, r in zip(where, self.block, self.region, strict=True)]
-        return np.lexsort((np.arange(where.shape[1]), *keys[::-1])).tolist()
+        order = np.lexsort((np.arange(where.shape[1]), *keys[::-1]))
+        region = np.stack(keys)[:, order]
+        cuts = np.flatnonzero(np.any(region[:, 1:] != region[:, :-1], axis=0)) + 1
+        return [run.tolist() for run in np.split(order, cuts)]
 
 
 def prepare(volumes: Sequence[Volume], block: Sequence[int] | None = None, *,

@@ -186,25 +186,30 @@ def _only_ours(folder: Path) -> bool:
 
 
 def _run_local(folder: Path, work: Work, workers: int, on_block: OnBlock | None) -> None:
-    order = work.order()  # a region's blocks together: its chunks decoded once per worker
-    total = len(order)
+    runs = work.runs()  # a region's blocks together: its chunks decoded by one worker once
+    total = sum(len(run) for run in runs)
     workers = min(workers, total)
     if workers == 1:
-        for done, index in enumerate(order, 1):
+        for done, index in enumerate((i for run in runs for i in run), 1):
             write_block(folder, work, index)
             if on_block is not None:
                 on_block(done, total)
         return
+    if len(runs) < workers:  # fewer regions than workers: blocks apart, every worker busy
+        runs = [[index] for run in runs for index in run]
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=mp.get_context("spawn"), initializer=leave_signals_to,
         initargs=(os.getpid(),))
     try:
         with signals_held():  # a worker still importing must not die of a group's SIGTERM
-            futures = [pool.submit(_score_here, str(folder), index) for index in order]
-        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            futures = {pool.submit(_score_here, str(folder), run): len(run) for run in runs}
+        done = 0
+        for future in concurrent.futures.as_completed(futures):
             future.result()  # a worker's UserError (an unreadable chunk, say) is raised here
-            if on_block is not None:
-                on_block(done, total)
+            for _ in range(futures[future]):
+                done += 1
+                if on_block is not None:
+                    on_block(done, total)
     except concurrent.futures.process.BrokenProcessPool:  # killed: not a bug in emrun
         kill_workers(pool)  # the others ignore the pool's SIGTERM: its shutdown waited
         raise UserError("an evaluation worker died (killed, or out of memory: use fewer "
@@ -216,8 +221,11 @@ def _run_local(folder: Path, work: Work, workers: int, on_block: OnBlock | None)
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _score_here(folder: str, index: int) -> None:
-    write_block(Path(folder), load_work(folder), index)
+def _score_here(folder: str, run: list[int]) -> None:
+    """Score ``run``'s blocks in turn (one region's: `Work.runs`)."""
+    work = load_work(folder)
+    for index in run:
+        write_block(Path(folder), work, index)
 
 
 
