@@ -118,13 +118,13 @@ def test_the_progress_folder_does_not_grow_with_the_blocks(tmp_path: Path) -> No
     counts = []
     for blocks in (1, 3000):
         progress = Progress(tmp_path / str(blocks))
-        progress.start({"version": 1}, kept=0, resumed=False)
+        progress.start({"version": 1}, stamps=[], resumed=False)
         with progress.journal(1) as mark:
             for index in range(blocks):
                 mark(index)
         counts.append(len(_files(progress.folder)))
         assert progress.blocks(1) == set(range(blocks))
-        progress.finish_level(1)
+        progress.finish_level(1, "1:stamp")
         assert sorted(p.name for p in _files(progress.folder)) == ["1.done", "build.json"]
     assert counts == [2, 2]
 
@@ -133,18 +133,19 @@ def test_start_keeps_only_the_journal_of_the_level_it_goes_on_with(tmp_path: Pat
     """Nothing of an old build outlives it: journals and old-layout folders of the levels
     not kept go; those of the level resumed stay."""
     progress = Progress(tmp_path / "p")
-    progress.start({"version": 1, "n": 1}, kept=0, resumed=False)
+    progress.start({"version": 1, "n": 1}, stamps=[], resumed=False)
     for level in (2, 3):
         with progress.journal(level) as mark:
             mark(5)
         (progress.folder / str(level)).mkdir()
         (progress.folder / str(level) / "6").touch()
-    progress.start({"version": 1, "n": 2}, kept=1, resumed=True)
+    progress.start({"version": 1, "n": 2}, stamps=["1:a"], resumed=True)
     assert progress.blocks(2) == {5, 6} and progress.blocks(3) == set()
     assert not (progress.folder / "3.blocks").exists() and not (progress.folder / "3").exists()
-    progress.start({"version": 1, "n": 3}, kept=1, resumed=False)
+    progress.start({"version": 1, "n": 3}, stamps=["1:a"], resumed=False)
     assert progress.blocks(2) == set()
     assert sorted(p.name for p in _files(progress.folder)) == ["1.done", "build.json"]
+    assert progress.level_stamp(1) == "1:a" and progress.level_stamp(2) is None
 
 
 def _to_old_layout(progress: Path, keep_in_journal: int = 0) -> int:

@@ -363,8 +363,13 @@ class Progress:
             return None
         return found if isinstance(found, dict) else None
 
-    def level_done(self, level: int) -> bool:
-        return (self.folder / f"{level}.done").is_file()
+    def level_stamp(self, level: int) -> str | None:
+        """The `files_stamp` `level` had when it was finished; None if it is not marked
+        finished, "" where the marker holds no stamp (the previous release's: empty)."""
+        try:
+            return (self.folder / f"{level}.done").read_text(encoding="utf-8").strip()
+        except (OSError, ValueError):
+            return None
 
     def blocks(self, level: int) -> set[int]:
         """The finished blocks of `level`: its journal's and, left by the previous
@@ -372,13 +377,15 @@ class Progress:
         return (read_journal(self.folder / f"{level}{self.JOURNAL}")
                 | _folder_markers(self.folder / str(level)))
 
-    def start(self, record: dict[str, Any], kept: int, resumed: bool) -> None:
-        """Begin (or go on with) the build `record` describes, keeping levels 1..`kept`
-        (marked finished) and, when `resumed`, the finished blocks of level `kept` + 1. The
-        other markers go first and the record is written atomically after them: no marker
-        outlives the build it belongs to."""
+    def start(self, record: dict[str, Any], stamps: list[str], resumed: bool) -> None:
+        """Begin (or go on with) the build `record` describes, keeping levels 1..k as
+        finished with their `stamps` (k of them) and, when `resumed`, the finished blocks of
+        level k + 1. The other markers go first and the record is written atomically after
+        them: no marker outlives the build it belongs to."""
+        kept = len(stamps)
         self.folder.mkdir(parents=True, exist_ok=True)
-        going_on = {str(kept + 1), f"{kept + 1}{self.JOURNAL}"} if resumed else set()
+        journal = self.folder / f"{kept + 1}{self.JOURNAL}"
+        going_on = {str(kept + 1), journal.name} if resumed else set()
         for entry in list(self.folder.iterdir()):
             level = entry.name.split(".")[0]
             if not level.isdigit() or int(level) <= kept or entry.name in going_on:
@@ -387,19 +394,23 @@ class Progress:
                 shutil.rmtree(entry)
             else:
                 entry.unlink(missing_ok=True)
+        if journal.is_dir():  # not a journal (`read_journal` read none): one is made there
+            shutil.rmtree(journal)
         if self.record() != record:
             _write_atomically(self.folder / self.RECORD, json.dumps(record))
-        for level in range(1, kept + 1):  # kept as complete (a record's stamps vouched)
-            (self.folder / f"{level}.done").touch()
+        for level, stamp in enumerate(stamps, start=1):  # kept: their stamps vouched
+            if self.level_stamp(level) != stamp:
+                _write_atomically(self.folder / f"{level}.done", stamp)
 
     def journal(self, level: int) -> BlockJournal:
         """The journal that marks blocks of `level` finished (called from the writing
         threads); use it in a ``with`` block, which closes it however the level ends."""
         return BlockJournal(self.folder / f"{level}{self.JOURNAL}")
 
-    def finish_level(self, level: int) -> None:
-        """Mark `level` finished; its block markers are no longer needed."""
-        (self.folder / f"{level}.done").touch()
+    def finish_level(self, level: int, stamp: str) -> None:
+        """Mark `level` finished, with the `files_stamp` it has now (a resumed build keeps it
+        only while it still has that stamp); its block markers are no longer needed."""
+        _write_atomically(self.folder / f"{level}.done", stamp)
         (self.folder / f"{level}{self.JOURNAL}").unlink(missing_ok=True)
         shutil.rmtree(self.folder / str(level), ignore_errors=True)
 
@@ -465,7 +476,7 @@ def read_journal(path: Path) -> set[int]:
     try:
         return {index for line in _whole_lines(path)
                 if (index := _journal_index(line)) is not None}
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):  # a folder there is no journal either
         return set()
 
 

@@ -569,8 +569,8 @@ def build_pyramid(
             write_level(previous, array, specs[level - 1]["step"], label, threads=threads,
                         block=specs[level - 1]["block"], skip=done if resumed else (),
                         done=mark)
-        progress.finish_level(level)
         stamps.append(files_stamp(folder / str(level)))
+        progress.finish_level(level, stamps[-1])
         previous = array
     names = [c["label"] for c in attrs["ome"].get("omero", {}).get("channels", [])] or None
     ome = ome_image_attrs(multiscale.get("name", folder.name), ndim, voxel, offset,
@@ -619,7 +619,7 @@ def _plan(group: zarr.Group, folder: Path, attrs: dict[str, Any], progress: Prog
     if kept < len(specs) or PYRAMID_RECORD not in attrs:
         # the progress first: it outranks the record, so a kill between the two keeps the
         # kept levels (the other way round, it found neither and started over)
-        progress.start({"version": 1, "base": base_stamp, "levels": specs}, kept,
+        progress.start({"version": 1, "base": base_stamp, "levels": specs}, stamps,
                        resumed=bool(done))
         if PYRAMID_RECORD in attrs:  # no longer complete: nobody may take it for complete
             del group.attrs[PYRAMID_RECORD]
@@ -631,17 +631,20 @@ def _reusable_levels(folder: Path, attrs: dict[str, Any], progress: Progress,
                      specs: list[dict[str, Any]], base_stamp: str
                      ) -> tuple[int, set[int], list[str]]:
     """How many levels (1..k) a build may keep, the finished blocks of level k + 1, and the
-    kept levels' stamps when a complete pyramid's record vouches for them ([] otherwise:
-    a build in progress stamps its levels when it completes them)."""
+    kept levels' stamps. A build in progress keeps a finished level while it has the stamp
+    it was finished with (written over or removed since, it is made again, with the levels
+    after it); a complete pyramid, while its record's stamps match."""
     record = progress.record()
     if record is not None and record.get("version") == 1 and record.get("base") == base_stamp:
         old = record.get("levels") or []
-        kept = 0
-        while (kept < min(len(old), len(specs)) and old[kept] == specs[kept]
-               and progress.level_done(kept + 1)):
-            kept += 1
+        stamps = []
+        while len(stamps) < min(len(old), len(specs)) and old[len(stamps)] == specs[len(stamps)]:
+            stamp = _finished_stamp(folder, progress, len(stamps) + 1, specs[len(stamps)])
+            if stamp is None:
+                break
+            stamps.append(stamp)
+        kept = len(stamps)
         resumable = kept < min(len(old), len(specs)) and old[kept] == specs[kept]
-        stamps = [files_stamp(folder / str(level)) for level in range(1, kept + 1)]
         return kept, progress.blocks(kept + 1) if resumable else set(), stamps
     built = attrs.get(PYRAMID_RECORD)
     if record is not None or not isinstance(built, dict) or built.get("version") != 1:
@@ -657,6 +660,20 @@ def _reusable_levels(folder: Path, attrs: dict[str, Any], progress: Progress,
             break
         stamps.append(stamp)
     return len(stamps), set(), stamps
+
+
+def _finished_stamp(folder: Path, progress: Progress, level: int, spec: dict[str, Any]
+                    ) -> str | None:
+    """The stamp of `level` if a build in progress finished it and it is as it was then;
+    None otherwise. A marker without a stamp (the previous release's) is taken while the
+    level opens as `spec` says."""
+    marked = progress.level_stamp(level)
+    if marked is None:
+        return None
+    stamp = files_stamp(folder / str(level))
+    if marked == stamp or (marked == "" and _open_level(folder / str(level), spec) is not None):
+        return stamp
+    return None
 
 
 def _remove_levels(folder: Path, after: int) -> None:
