@@ -24,6 +24,7 @@ from ..errors import DISK_FULL, UserError
 from ..geometry import Coordinate, Roi, Zyx, slices
 from ..io import masks, open_volume
 from ..io.one_channel import single_channel
+from ..io.pyramid import clear_shards
 from ..io.window import placed_over
 from .engine import Engine, load_model, quantise, read_reflected
 from .job import Job, open_output_arrays
@@ -222,6 +223,7 @@ class BlockWorker:
         try:
             if values is not None:
                 for name, array in self.arrays.items():
+                    clear_shards(array, (slice(None), *region))  # a torn one is not read
                     array[(slice(None), *region)] = values.arrays[name].numpy()
             self.job.mark_done(block, nonfinite, empty=values is None)
         except OSError as exc:

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync as zarr_sync
 
 from emrun.devices import cpu_cores
 from emrun.geometry import BlockGrid, Roi, box_of, slices
@@ -231,8 +232,10 @@ def write_level(
         fine = Roi(tuple(o * s for o, s in zip(box.offset, step, strict=True)),
                    tuple(n * s for n, s in zip(box.shape, step, strict=True))).intersect(spatial)
         full = Roi((0,) * len(lead) + tuple(fine.offset), lead + tuple(fine.shape))
-        target[slices(Roi((0,) * len(lead) + tuple(box.offset), lead + tuple(box.shape)))] = (
-            downsample(reader(source, full), step, labels))
+        values = downsample(reader(source, full), step, labels)
+        region = slices(Roi((0,) * len(lead) + tuple(box.offset), lead + tuple(box.shape)))
+        clear_shards(target, region)
+        target[region] = values
         if done is not None:
             done(index)
 
@@ -246,6 +249,28 @@ def write_chunks(array: zarr.Array) -> tuple[int, ...]:
     other's chunks), else the chunk. zarr's ``chunks`` is the inner chunk of a sharded
     array, the unit a reader decodes. An array-like without ``shards`` has chunks only."""
     return tuple(int(c) for c in (getattr(array, "shards", None) or array.chunks))
+
+
+def clear_shards(array: zarr.Array, region: Sequence[slice]) -> None:
+    """Remove the files of the shards of ``array`` that ``region`` (a slice per axis) covers
+    whole, before a writer that owns them (`write_chunks`) writes them again. zarr's
+    sharding codec reads a shard before it writes it, even whole: a shard file cut short (a
+    kill mid-write where zarr writes files in place, a crash) failed its checksum on every
+    later write, so a resumed job could never finish its block; and each shard a resumed
+    block rewrote was read and decoded for nothing. Nothing for an unsharded array (its
+    chunks are written over unread), nor for a shard the region covers only in part."""
+    shards = getattr(array, "shards", None)
+    if not shards:
+        return
+    ranges = []
+    for cut, size, shard in zip(region, array.shape, shards, strict=True):
+        start, stop, _ = cut.indices(size)
+        end = -(-stop // shard) if stop == size else stop // shard  # an edge shard is whole
+        ranges.append(range(-(-start // shard), end))
+    where = array.store_path
+    for coords in itertools.product(*ranges):
+        key = array.metadata.encode_chunk_key(coords)
+        zarr_sync(where.store.delete(f"{where.path}/{key}" if where.path else key))
 
 
 def level_blocks(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[int, Roi]]:
