@@ -293,7 +293,7 @@ class Engine:
         one thread: it is elementwise, so the bits do not depend on it, and its small
         slices were several times slower split over threads (a busy 2-core machine: the
         bench's weight sums took 0.57 s a block against 0.009 s); the forward passes still
-        run side by side on as many threads as the process has (`_forwards`)."""
+        run side by side on as many threads as the process has (`passes`)."""
         with self.host_threads():
             return self._predict(raw, layout, block, scale, carried or {}, keep, read)
 
