@@ -22,7 +22,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -74,39 +74,98 @@ class TiffVolume(Volume):
     page_stack: bool = False  # sections written one by one: one series per page
 
     def _read(self, roi: Roi) -> np.ndarray:
-        tif, lock = _opened(self.path)
-        with lock, _tifffile_caught():
-            series = tif.series[0]
-            pages = tif.pages if self.page_stack else series.pages
-            if (
-                self.ndim >= 3
-                and len(pages) == self.shape[0]
-                and pages[0] is not None
-                and tuple(pages[0].shape) == self.shape[1:]
-            ):
-                rest = slices(roi)[1:]
-                out = np.empty(roi.shape, dtype=self.dtype)
-                for i, index in enumerate(range(roi.begin[0], roi.end[0])):
-                    out[i] = pages[index].asarray()[rest]
-                return out
-            # Pages don't map to z sections (ImageJ hyperstack, single page): read all.
-            return np.asarray(series.asarray())[slices(roi)]
+        while True:
+            opened = _opened(self.path)
+            with opened.lock, _tifffile_caught():
+                if opened.closed:  # let go by another thread meanwhile: taken anew
+                    continue
+                self._check_layout(opened)
+                series = opened.tif.series[0]
+                pages = opened.tif.pages if self.page_stack else series.pages
+                if (
+                    self.ndim >= 3
+                    and len(pages) == self.shape[0]
+                    and pages[0] is not None
+                    and tuple(pages[0].shape) == self.shape[1:]
+                ):
+                    rest = slices(roi)[1:]
+                    out = np.empty(roi.shape, dtype=self.dtype)
+                    for i, index in enumerate(range(roi.begin[0], roi.end[0])):
+                        out[i] = pages[index].asarray()[rest]
+                    return out
+                # Pages don't map to z sections (ImageJ hyperstack, single page): read all.
+                return np.asarray(series.asarray())[slices(roi)]
+
+    def _check_layout(self, opened: _Opened) -> None:
+        """Refuse a file whose shape or dtype changed since the volume was opened (a new
+        version is opened anew): it was read under the old layout, its values cast to the
+        old dtype or an array of another shape returned, without a word."""
+        if opened.layout is None:
+            series = opened.tif.series
+            shape = (len(series), *series[0].shape) if self.page_stack else series[0].shape
+            opened.layout = tuple(int(n) for n in shape), np.dtype(series[0].dtype)
+        shape, dtype = opened.layout
+        if shape != tuple(self.shape) or dtype != self.dtype:
+            raise VolumeError(f"{self}: the file changed since it was opened (now {dtype} "
+                              f"{list(shape)}, opened as {self.dtype} {list(self.shape)}); "
+                              "run the command again to read it as it is now")
 
 
 KEPT_FILES = 4
 """Opened multi-page TIFFs a process keeps (`_opened`)."""
 
-_kept: OrderedDict[tuple[str, int, int, int], tuple[tifffile.TiffFile, threading.Lock]] = \
-    OrderedDict()
+FileKey = tuple[str, int, int, int, int, int, int]
+"""A version of a file in a process: real path, pid, device, inode, size, modification and
+change times (ns). The inode tells a file renamed over the path (an atomic save); the
+change time, one written again in place with its modification time put back (cp -p,
+rsync -a, tar) or on a file system keeping whole seconds."""
+
+
+@dataclass(eq=False)
+class _Opened:
+    """A file opened with its pages parsed once (`_opened`), the lock its reads take (a file
+    position is one per handle), whether it was closed (let go: a reader that got it just
+    before takes it anew) and, once read, its layout (shape, dtype)."""
+
+    tif: tifffile.TiffFile
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+    layout: tuple[tuple[int, ...], np.dtype[Any]] | None = None
+
+    def close(self) -> None:
+        with self.lock:  # after a read in progress
+            self.closed = True
+            self.tif.close()
+
+
+_kept: OrderedDict[FileKey, _Opened] = OrderedDict()
 _kept_lock = threading.Lock()
 
 
-def _opened(path: str) -> tuple[tifffile.TiffFile, threading.Lock]:
-    """``path`` opened with its pages parsed once, for this process (a forked child opens
-    its own) and this version of the file (its modification time and size), and the lock
-    its reads take (a file position is one per handle); the least recently used of more
-    than `KEPT_FILES` is closed."""
-    key = _file_key(path)
+def _after_fork_in_child() -> None:
+    """A forked child starts with no kept files and a free lock: the parent's handles share
+    their file positions with the parent, and a lock a parent's thread held at the fork
+    would never be released in the child."""
+    global _kept_lock
+    _kept_lock = threading.Lock()
+    _kept.clear()  # not closed: the parent's (a child's close would not free them anyway)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _opened(path: str) -> _Opened:
+    """``path`` opened with its pages parsed once, for this process and this version of the
+    file (`FileKey`). The least recently used of more than `KEPT_FILES` is closed, and so
+    is an older version of the same file (deleted or replaced: its space is freed)."""
+    try:
+        key = _file_key(path)
+    except FileNotFoundError:
+        with _kept_lock:
+            gone = _others(os.path.realpath(path), None)
+        _close_all(gone)
+        raise
     with _kept_lock:
         found = _kept.get(key)
         if found is not None:
@@ -118,29 +177,45 @@ def _opened(path: str) -> tuple[tifffile.TiffFile, threading.Lock]:
     return _keep(key, tif)
 
 
-def _file_key(path: str) -> tuple[str, int, int, int]:
+def _file_key(path: str) -> FileKey:
     """This process's key for this version of the file at ``path``."""
     stat = os.stat(path)
-    return os.path.realpath(path), os.getpid(), stat.st_mtime_ns, stat.st_size
+    return (os.path.realpath(path), os.getpid(), stat.st_dev, stat.st_ino, stat.st_size,
+            stat.st_mtime_ns, stat.st_ctime_ns)
 
 
-def _keep(key: tuple[str, int, int, int], tif: tifffile.TiffFile
-          ) -> tuple[tifffile.TiffFile, threading.Lock]:
+def _keep(key: FileKey, tif: tifffile.TiffFile) -> _Opened:
     """Keep ``tif`` opened under ``key`` (`_opened`); one opened meanwhile by another thread
-    is kept instead, and ``tif`` closed."""
+    is kept instead, and ``tif`` closed. What is let go is closed once the cache's lock is
+    released (a close waits for a read in progress)."""
+    spare: tifffile.TiffFile | None = tif
     with _kept_lock:
         found = _kept.get(key)
-        if found is not None:
-            tif.close()
-            _kept.move_to_end(key)
-            return found
-        found = _kept[key] = (tif, threading.Lock())
+        if found is None:
+            found = _kept[key] = _Opened(tif)
+            spare = None
+        _kept.move_to_end(key)
+        gone = _others(key[0], key)
         while len(_kept) > KEPT_FILES:
-            (_, pid, _, _), (old, old_lock) = _kept.popitem(last=False)
-            if pid == os.getpid():  # a parent's handle, inherited by a fork, is left alone
-                with old_lock:
-                    old.close()
-        return found
+            gone.append(_kept.popitem(last=False)[1])
+    if spare is not None:
+        spare.close()
+    _close_all(gone)
+    return found
+
+
+def _others(real: str, keep: FileKey | None) -> list[_Opened]:
+    """Take this process's versions of the file at real path ``real`` other than ``keep``
+    (all where None) out of the cache, for the caller to close once it has released
+    ``_kept_lock``, which it holds."""
+    pid = os.getpid()
+    stale = [k for k in _kept if k[0] == real and k[1] == pid and k != keep]
+    return [_kept.pop(k) for k in stale]
+
+
+def _close_all(files: list[_Opened]) -> None:
+    for opened in files:
+        opened.close()
 
 
 @dataclass(frozen=True, kw_only=True)
