@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import math
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -148,7 +149,7 @@ def run_scaled(request: SegmentRequest, agglo: Waterz, volume: Volume,
             stops = scope.enter_context(main_stops())
         with stops.starting():  # reads and checks: a signal stops the command at once
             job, old = _checked_job(request, agglo, volume, offsets, mask, say)
-            info = _output_info(job, volume)
+            info = _output_info(job, volume, mask)
             _check_outputs(job, info)  # refused before the database or the job's folder
         return _run_job(job, old, request, agglo, volume, info, result, stops, say, on_block)
 
@@ -615,12 +616,14 @@ def _run_token(old: ScaleJob | None) -> str:
     return old.run or f"job-{old.digest()}"
 
 
-def _output_info(job: ScaleJob, volume: Volume) -> dict[str, Any]:
-    """What the output volumes record of the job (and a sample of the affinities)."""
+def _output_info(job: ScaleJob, volume: Volume, mask: Volume | None) -> dict[str, Any]:
+    """What the output volumes record of the job (and samples of the affinities and of the
+    mask: the job's digest holds their paths, not what they hold)."""
     return {"version": __version__, "input": job.affinities,
             "offsets": [list(o) for o in job.offsets], "mask": job.mask,
             "block": list(job.block), "fragments": job.fragments,
-            "input_sample": contents_sample(volume)}
+            "input_sample": contents_sample(volume),
+            "mask_sample": None if mask is None else contents_sample(mask)}
 
 
 def _check_outputs(job: ScaleJob, info: dict[str, Any]) -> None:
@@ -631,16 +634,28 @@ def _check_outputs(job: ScaleJob, info: dict[str, Any]) -> None:
         if made.get("digest") != job.digest():
             raise UserError(f"{volume_dir(output, FRAGMENTS, True)}: already exists and was "
                             "not made by this job; not overwriting it (use another output)")
-        if made.get("input_sample", info["input_sample"]) != info["input_sample"]:
-            raise UserError(f"{job.affinities}: holds other data than when {output} was "
-                            "started (a sample of its voxels differs: it was rewritten since); "
-                            "resume only with the affinities it started from, or use another "
-                            "output")
+        _check_samples(job, made, info)
     for name, threshold in zip(job.names, job.thresholds, strict=True):
-        if volume_dir(output, name, True).exists() and \
-                not _same_volume(job, threshold, _attr(output, name, "segment")):
+        if not volume_dir(output, name, True).exists():
+            continue
+        made = _attr(output, name, "segment")
+        if not _same_volume(job, threshold, made):
             raise UserError(f"{volume_dir(output, name, True)}: already exists (another "
                             "threshold or method); not overwriting it (choose another --name)")
+        _check_samples(job, made, info)  # also where the fragments were removed since
+
+
+def _check_samples(job: ScaleJob, made: dict[str, Any], info: dict[str, Any]) -> None:
+    """Refuse a resume whose affinities or mask hold other data than when the volume that
+    recorded ``made`` was started (a volume started before a sample was recorded has none
+    to compare)."""
+    output = Path(job.output)
+    for key, what, path in (("input_sample", "affinities", job.affinities),
+                            ("mask_sample", "mask", job.mask)):
+        if made.get(key, info[key]) != info[key]:
+            raise UserError(f"{path}: holds other data than when {output} was started (a "
+                            "sample of its voxels differs: it was rewritten since); resume "
+                            f"only with the {what} it started from, or use another output")
 
 
 def _prepare_outputs(job: ScaleJob, volume: Volume, agglo: Waterz,
@@ -653,6 +668,10 @@ def _prepare_outputs(job: ScaleJob, volume: Volume, agglo: Waterz,
             "shift_nm": volume.shift_nm, "label": True}
     _check_outputs(job, info)
     if not volume_dir(output, FRAGMENTS, True).exists():
+        # removed since its blocks were marked (a resume): they are made again, else the
+        # new volume stayed empty and was marked finished; with the same affinities (checked
+        # against the segmentations' samples) they are the graph's fragments
+        shutil.rmtree(job.folder / "fragments", ignore_errors=True)
         create_volume(output, FRAGMENTS, job.shape, np.uint64,
                       attrs={"emrun": {"fragments": {**info, "digest": job.digest()},
                                        **unfinished("emrun segment stopped before its last "
@@ -660,6 +679,9 @@ def _prepare_outputs(job: ScaleJob, volume: Volume, agglo: Waterz,
                       **args)
     for name, threshold in zip(job.names, job.thresholds, strict=True):
         if not volume_dir(output, name, True).exists():
+            # relabelled again (each finished volume is skipped): its blocks' markers were
+            # for the volume that was removed
+            shutil.rmtree(job.folder / f"relabel-{lut_key(job)}", ignore_errors=True)
             key = volume_key(job, threshold)
             attrs = {"emrun": {"segment": {**info, "segmenter": agglo.model_dump(),
                                            "threshold": threshold, "key": key,
