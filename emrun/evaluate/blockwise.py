@@ -86,6 +86,11 @@ class Regions(Volume):
     inner: Volume
     unit: Zyx
     keep: int = 1
+    block: Zyx | None = None
+    """The blocks' size: every block starting in a region reads that same region (a block
+    reaching past its chunk's edge read a larger one, which evicted the region its run's
+    other blocks needed: blocks of 3 x 10 x 12 in chunks of 8 x 32 x 32 decoded a chunk 8
+    times per run)."""
 
     def _read(self, roi: Roi) -> np.ndarray:
         regions = self._regions()
@@ -101,10 +106,18 @@ class Regions(Volume):
         return data[local_slices(roi, region.begin)].copy()
 
     def _region_of(self, roi: Roi) -> Roi:
-        """The box of whole units around ``roi``, within the volume."""
-        begin = [b // u * u for b, u in zip(roi.begin, self.unit, strict=True)]
-        end = [min(-(-e // u) * u, n)
-               for e, u, n in zip(roi.end, self.unit, self.shape, strict=True)]
+        """The box of whole units around ``roi``, within the volume; along an axis cut in
+        units, as far as the last block that starts in ``roi``'s first unit reaches, so that
+        all those blocks (a run: `Work.runs`) read one region."""
+        begin, end = list(roi.begin), list(roi.end)
+        for axis, (u, n) in enumerate(zip(self.unit, self.shape, strict=True)):
+            if u == 1:
+                continue
+            begin[axis] = begin[axis] // u * u
+            if self.block is not None:  # the last block that starts in this unit
+                k = self.block[axis]
+                end[axis] = max(end[axis], (begin[axis] + u - 1) // k * k + k)
+            end[axis] = min(-(-end[axis] // u) * u, n)
         return Roi(begin, [e - b for b, e in zip(begin, end, strict=True)])
 
     def _regions(self) -> OrderedDict[tuple[Zyx, Zyx], tuple[Roi, np.ndarray]]:
@@ -182,7 +195,7 @@ def prepare(volumes: Sequence[Volume], block: Sequence[int] | None = None, *,
                  for b, u, n in zip(chosen, chunk_unit(volumes), shape, strict=True))
     if region != (1, 1, 1):  # blocks thinner than the chunks: each read in regions
         volumes = tuple(Regions(inner=v, path=v.path, dataset=v.dataset, shape=v.shape,
-                                dtype=v.dtype, unit=region,
+                                dtype=v.dtype, unit=region, block=chosen,
                                 keep=FACE_REGIONS if i == 1 and connected_truth else 1)
                         for i, v in enumerate(volumes))
     return Work(volumes, chosen, connected_truth, binary, threshold, region)
