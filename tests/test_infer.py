@@ -35,9 +35,10 @@ def make_recipe(**infer) -> Recipe:
     })
 
 
-def make_inputs(tmp_path, shape=(11, 37, 45)):
-    """A recipe, a checkpoint (c.pt) with lively random weights and a random input volume."""
-    recipe = make_recipe()
+def make_inputs(tmp_path, shape=(11, 37, 45), recipe=None):
+    """A recipe (default `make_recipe`'s), a checkpoint (c.pt) with lively random weights and
+    a random input volume (in.zarr/image)."""
+    recipe = recipe or make_recipe()
     torch.manual_seed(0)
     model = models.build(recipe.model, head_channels=recipe.head_channels())
     for p in model.parameters():

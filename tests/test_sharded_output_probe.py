@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import zarr
-from test_infer import OFFSETS, make_recipe
+from test_infer import OFFSETS, make_inputs, make_recipe
 
 from emrun.geometry import Roi
 from emrun.infer import job as job_module
@@ -30,7 +29,6 @@ from emrun.io import write as write_module
 from emrun.io.pyramid import write_chunks
 from emrun.io.write import build_pyramid, create_volume, shard_chunks, write_volume
 from emrun.recipe import Recipe
-from emrun.registry import models
 
 SHAPE = (16, 80, 80)
 SMALL_INNER = (4, 16, 16)  # stands for INNER_ZYX, so that a small volume's shards are cut
@@ -42,13 +40,7 @@ class Stop(Exception):
 
 def _inputs(tmp: Path, recipe: Recipe, shape: tuple[int, int, int] = SHAPE) -> None:
     """A checkpoint with lively random weights for ``recipe`` and a random uint8 input."""
-    torch.manual_seed(0)
-    model = models.build(recipe.model, head_channels=recipe.head_channels())
-    for p in model.parameters():
-        p.data.normal_(0, 0.3)
-    torch.save({"model": model.state_dict(), "iteration": 1}, tmp / "c.pt")
-    volume = (np.random.default_rng(0).random(shape) * 255).astype(np.uint8)
-    write_volume(tmp / "in.zarr", "image", volume, voxel_size=(30, 6, 6))
+    make_inputs(tmp, shape, recipe)
 
 
 def _infer(tmp: Path, recipe: Recipe, out: str, **options: Any) -> Path:
