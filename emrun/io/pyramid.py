@@ -25,6 +25,7 @@ which never invents an id. Windows cut by the volume's end use the voxels presen
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
@@ -40,7 +41,12 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync as zarr_sync
+
+try:  # zarr's own event loop, which its stores' coroutines are meant to run on
+    from zarr.core.sync import sync as zarr_sync
+except ImportError:  # pragma: no cover - a zarr that moved it: a loop of its own per call
+    def zarr_sync(coroutine: Any) -> Any:
+        return asyncio.run(coroutine)
 
 from emrun.devices import cpu_cores
 from emrun.geometry import BlockGrid, Roi, box_of, slices
