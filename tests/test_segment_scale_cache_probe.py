@@ -7,10 +7,12 @@ bit for bit with a fresh process's run. Synthetic cells made in code."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -63,6 +65,26 @@ def _args(affs: Path, out: Path, *extra: str) -> list[str]:
 def _here(affs: Path, out: Path, *extra: str) -> Any:
     """The job run in this process (one worker: its blocks run here)."""
     return runner.invoke(app, _args(affs, out, *extra))
+
+
+@contextlib.contextmanager
+def _failing_after(monkeypatch: pytest.MonkeyPatch, step: str, blocks: int,
+                   message: str) -> Iterator[None]:
+    """The step function ``step`` of `steps` raising a user's error (``message``) after
+    ``blocks`` blocks, as a block that cannot be read or written does; put back after."""
+    real, calls = getattr(steps, step), []
+
+    def failing(job: ScaleJob, index: Any) -> dict[str, float]:
+        calls.append(index)
+        if len(calls) > blocks:
+            raise UserError(message)
+        return real(job, index)
+
+    monkeypatch.setattr(steps, step, failing)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(steps, step, real)
 
 
 def _ok(result: Any) -> None:
@@ -162,18 +184,9 @@ def test_a_run_failed_midway_here_then_resumed_here_is_a_fresh_processs(affs, tm
     blocks' caches stay filled), resumed in this process at other thresholds: the fresh
     process's volumes."""
     out = tmp_path / "out.zarr"
-    real, calls = steps._relabel, []
-
-    def failing(job: ScaleJob, index: Any) -> dict[str, float]:
-        calls.append(index)
-        if len(calls) > 3:
-            raise UserError("segmentation: writing failed (test)")
-        return real(job, index)
-
-    monkeypatch.setattr(steps, "_relabel", failing)
-    result = _here(affs, out, "--threshold", "0.2,0.5")
+    with _failing_after(monkeypatch, "_relabel", 3, "segmentation: writing failed (test)"):
+        result = _here(affs, out, "--threshold", "0.2,0.5")
     assert result.exit_code == 2, result.output
-    monkeypatch.setattr(steps, "_relabel", real)
     _ok(_here(affs, out, "--threshold", "0.2,0.5", "--resume"))
     _ok(_here(affs, out, "--threshold", "0.5,0.7", "--resume"))
     fresh = tmp_path / "fresh.zarr"
@@ -280,17 +293,8 @@ def test_a_mask_rewritten_before_a_resume_is_refused_as_rewritten_affinities_are
     ('holds other data than when ... was started'); the mask should be too."""
     mask = _write_mask(tmp_path / "mask.zarr", (0, 0, 0))
     out = tmp_path / "out.zarr"
-    real, calls = steps._fragments, []
-
-    def failing(job: ScaleJob, index: Any) -> dict[str, float]:
-        calls.append(index)
-        if len(calls) > 4:
-            raise UserError("affinities: reading failed (test)")
-        return real(job, index)
-
-    monkeypatch.setattr(steps, "_fragments", failing)
-    assert _here(affs, out, "--threshold", "0.5", "--mask", mask).exit_code == 2
-    monkeypatch.setattr(steps, "_fragments", real)
+    with _failing_after(monkeypatch, "_fragments", 4, "affinities: reading failed (test)"):
+        assert _here(affs, out, "--threshold", "0.5", "--mask", mask).exit_code == 2
     _write_mask(tmp_path / "mask.zarr", (4, 24, 24))
     result = _here(affs, out, "--threshold", "0.5", "--resume")
     if result.exit_code == 0:

@@ -191,14 +191,20 @@ def test_pyramid_blocks_are_whole_shards_of_a_sharded_level(
                                rtol=1e-6)
 
 
+def sharded_channels(store: Path, seed: int) -> np.ndarray:
+    """Random 3-channel uint8 data of 16 x 96 x 96 written to ``store``/v in shards of
+    16 x 16 x 16 cut into inner chunks of 8 x 8 x 8 (all channels); returns the data."""
+    data = np.random.default_rng(seed).integers(0, 255, (3, 16, 96, 96), dtype=np.uint8)
+    array = create_volume(store, "v", data.shape, data.dtype, chunks=(3, 8, 8, 8),
+                          shards=(3, 16, 16, 16), channel_axis=True, voxel_size=(30, 6, 6))
+    array[...] = data
+    return data
+
+
 def test_a_sharded_volume_s_pyramid_is_sharded_alike_and_resumes_at_its_blocks(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pyramid, "BLOCK_ZYX", (2, 8, 8))  # rounded up to whole shards
-    data = np.random.default_rng(3).integers(0, 255, (3, 16, 96, 96), dtype=np.uint8)
-    array = create_volume(tmp_path / "p.zarr", "v", data.shape, data.dtype,
-                          chunks=(3, 8, 8, 8), shards=(3, 16, 16, 16), channel_axis=True,
-                          voxel_size=(30, 6, 6))
-    array[...] = data
+    data = sharded_channels(tmp_path / "p.zarr", seed=3)
     plain = create_volume(tmp_path / "q.zarr", "v", data.shape, data.dtype,
                           chunks=(3, 16, 16, 16), channel_axis=True, voxel_size=(30, 6, 6))
     plain[...] = data

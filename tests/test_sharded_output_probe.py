@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import zarr
 from test_infer import OFFSETS, make_inputs, make_recipe
+from test_sharded_output import sharded_channels
 
 from emrun.geometry import Roi
 from emrun.infer import job as job_module
@@ -398,11 +399,7 @@ def test_a_resumed_pyramid_rewrites_a_torn_shard_of_an_unfinished_block(
     1 of 3 x 3 shards here, one block per shard) resumes at its unfinished blocks, and one
     of those holds half a file."""
     monkeypatch.setattr(pyramid, "BLOCK_ZYX", (2, 8, 8))  # rounded up to whole shards
-    data = np.random.default_rng(5).integers(0, 255, (3, 16, 96, 96), dtype=np.uint8)
-    array = create_volume(tmp_path / "p.zarr", "v", data.shape, data.dtype,
-                          chunks=(3, 8, 8, 8), shards=(3, 16, 16, 16), channel_axis=True,
-                          voxel_size=(30, 6, 6))
-    array[...] = data
+    data = sharded_channels(tmp_path / "p.zarr", seed=5)
     calls = [0]
     downsample = pyramid.downsample
 
