@@ -155,11 +155,6 @@ class Work:
     def grid(self) -> BlockGrid:
         return BlockGrid(box_of(self.shape), self.block)
 
-    def index_of(self, roi: Roi) -> int:
-        """The number (raster order) of the block that starts where ``roi`` does."""
-        where = tuple(int(b) // s for b, s in zip(roi.begin, self.block, strict=True))
-        return int(np.ravel_multi_index(where, tuple(self.grid.counts)))
-
     def order(self) -> list[int]:
         """Every block's number, the blocks of each region together (raster order within
         and between regions): one worker taking them in turn decodes each region once."""
@@ -177,6 +172,21 @@ class Work:
         region = np.stack(keys)[:, order]
         cuts = np.flatnonzero(np.any(region[:, 1:] != region[:, :-1], axis=0)) + 1
         return [run.tolist() for run in np.split(order, cuts)]
+
+    @property
+    def run_box(self) -> Zyx:
+        """The box whose blocks make one run (`runs`), on a grid from the volume's origin:
+        the region where blocks share one, else the block (a run of one)."""
+        return zyx(r if r > 1 else b for r, b in zip(self.region, self.block, strict=True))
+
+    def run_at(self, roi: Roi) -> list[int]:
+        """The numbers of the blocks that start inside ``roi`` (a box of the `run_box`
+        grid, perhaps cut at the volume's end): one run, in raster order."""
+        counts = tuple(self.grid.counts)
+        ranges = [np.arange(-(-int(lo) // b), min(-(-int(hi) // b), n))
+                  for lo, hi, b, n in zip(roi.begin, roi.end, self.block, counts, strict=True)]
+        where = np.meshgrid(*ranges, indexing="ij")
+        return np.ravel_multi_index(tuple(w.ravel() for w in where), counts).tolist()
 
 
 def prepare(volumes: Sequence[Volume], block: Sequence[int] | None = None, *,

@@ -9,8 +9,9 @@ the nodes share.
 
 ``local`` runs the blocks in this process with one worker, else in spawned worker
 processes that leave signals to this one (`emrun.subprocesses`). ``daisy`` hands them to
-one daisy task over the volume, a block per daisy block; each daisy worker reads the work
-once and scores the blocks daisy hands it until none are left. daisy's own tracking is off
+one daisy task over the volume, a run of blocks (`Work.runs`: those that read one region
+of chunks, or a single block) per daisy block; each daisy worker reads the work once and
+scores the runs daisy hands it until none are left. daisy's own tracking is off
 (a rerun scores everything again: scoring keeps nothing on disk).
 
 SIGTERM or SIGINT (`emrun.evaluate.stops`): local workers are killed at once, as nothing
@@ -230,10 +231,13 @@ def _score_here(folder: str, run: list[int]) -> None:
 
 
 class _Observer:
-    """daisy's progress, as calls of ``on_block`` for each block finished."""
+    """daisy's progress, as calls of ``on_block`` for each block finished: daisy counts
+    runs (`Work.runs`), told in blocks as the share of runs done (exact where runs are
+    single blocks, and at the end)."""
 
-    def __init__(self, on_block: OnBlock) -> None:
+    def __init__(self, on_block: OnBlock, blocks: int) -> None:
         self.on_block = on_block
+        self.blocks = blocks
         self.done = 0
 
     def on_start(self, states: dict[str, Any]) -> None:
@@ -241,10 +245,11 @@ class _Observer:
 
     def on_progress(self, states: dict[str, Any]) -> None:
         for state in states.values():
-            total = int(state.total_block_count)
-            while self.done < int(state.completed_count):
+            runs = max(1, int(state.total_block_count))
+            reached = self.blocks * int(state.completed_count) // runs
+            while self.done < reached:
                 self.done += 1
-                self.on_block(self.done, total)
+                self.on_block(self.done, self.blocks)
 
     on_finish = on_progress
 
@@ -259,7 +264,7 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
     stop_file = folder / STOP
     try:
         box = daisy.Roi((0, 0, 0), work.shape)
-        block = daisy.Roi((0, 0, 0), work.block)
+        block = daisy.Roi((0, 0, 0), work.run_box)  # a run per daisy block
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             task = daisy.Task(
@@ -267,11 +272,11 @@ def _run_daisy(folder: Path, work: Work, workers: int, launch: str | None,
                 process_function=functools.partial(_start_worker, str(folder), launch),
                 check_function=functools.partial(_stopped, str(folder)),
                 read_write_conflict=False, fit="shrink",
-                max_workers=min(workers, len(work.grid)),  # none idle: no more than blocks
+                max_workers=min(workers, len(work.runs())),  # none idle: no more than runs
                 max_retries=2)
         with launched_workers(launch, folder), daisy_stops(stop_file) as caught:
             states = daisy.run_blockwise(
-                [task], progress=_Observer(on_block) if on_block else False,
+                [task], progress=_Observer(on_block, len(work.grid)) if on_block else False,
                 block_tracking=False, return_states=True, summary=False)
     finally:
         set_log_basedir(previous)
@@ -323,7 +328,10 @@ def serve(folder: str) -> None:
     def process(block: Any) -> None:
         roi = block.write_roi
         with leaving_user_errors(Path(folder)):
-            write_block(Path(folder), work, work.index_of(Roi(roi.offset, roi.shape)))
+            for index in work.run_at(Roi(roi.offset, roi.shape)):
+                if stopping():  # a stop within a run: the scheduler keeps nothing of it
+                    return
+                write_block(Path(folder), work, index)
 
     stopping.serve(daisy.Client(), process)
 
