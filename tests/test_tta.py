@@ -185,16 +185,42 @@ def test_check_offsets():
 
 def test_reduce_semantics():
     nan = math.nan
-    stack = torch.tensor([[0.2, 0.8, 0.5, 1.0], [nan, 0.4, 0.1, nan], [nan, nan, 0.3, nan]])
-    mean = reduce(stack, "mean")
+    stack = torch.tensor([[0.2, 0.8, 0.5, 1.0], [9.0, 0.4, 0.1, 9.0], [9.0, 9.0, 0.3, 9.0]])
+    gaps = torch.tensor([[False] * 4, [True, False, False, True], [True, True, False, True]])
+    mean = reduce(stack, "mean", gaps)
     assert torch.allclose(mean, torch.tensor([0.2, 0.6, 0.3, 1.0]))
-    assert torch.equal(reduce(stack, "min"), torch.tensor([0.2, 0.4, 0.1, 1.0]))
-    all_nan = torch.tensor([[nan, 0.5], [nan, nan]])
-    assert torch.equal(reduce(all_nan, "mean"), torch.tensor([0.0, 0.5]))
-    assert torch.equal(reduce(all_nan, "min"), torch.tensor([0.0, 0.5]))
-    assert torch.equal(reduce(all_nan[:1], "mean"), torch.tensor([0.0, 0.5]))
+    assert torch.equal(reduce(stack, "min", gaps), torch.tensor([0.2, 0.4, 0.1, 1.0]))
+    all_gaps = torch.tensor([[True, False], [True, True]])
+    two = torch.tensor([[nan, 0.5], [nan, nan]])
+    assert torch.equal(reduce(two, "mean", all_gaps), torch.tensor([0.0, 0.5]))
+    assert torch.equal(reduce(two, "min", all_gaps), torch.tensor([0.0, 0.5]))
+    assert torch.equal(reduce(two[:1], "mean", all_gaps[:1]), torch.tensor([0.0, 0.5]))
+    assert torch.allclose(reduce(stack, "mean"), stack.mean(0))  # no gaps
     with pytest.raises(ValueError, match="mean"):
         reduce(stack, "median")
+
+
+def test_reduce_keeps_a_network_s_nan_and_infinity_where_no_variant_has_a_gap():
+    """A diverged network's NaN is a prediction, not a gap: it stays in the result for the
+    engine to count (taken for a gap, every variant's NaN came out as 0.0, unreported)."""
+    nan, inf = math.nan, math.inf
+    stack = torch.tensor([[nan, 0.5, inf, 0.2], [0.3, nan, 0.1, 0.2]])
+    gaps = torch.tensor([[False, False, False, False], [False, False, False, True]])
+    for how in ("mean", "min"):
+        out = reduce(stack, how, gaps)
+        assert torch.isnan(out[:2]).all(), how
+        assert out[3] == 0.2
+    assert reduce(stack, "mean", gaps)[2] == inf
+    assert reduce(stack, "min", gaps)[2] == pytest.approx(0.1)
+
+
+def test_affinity_gaps_are_where_the_inverted_affinities_have_no_prediction():
+    offsets = [(0, 0, -1), (0, -1, 0), (-1, 0, 0), (0, -3, 0), (0, 0, -3), (-4, 0, 0)]
+    y = torch.rand(2, len(offsets), 3, 5, 5)  # (-4, 0, 0) flipped: no voxel has a partner
+    for v in variants(16):
+        gaps = v.affinity_gaps(offsets, y.shape)
+        assert gaps.shape == (len(offsets), 3, 5, 5)
+        assert torch.equal(gaps.expand_as(y), torch.isnan(v.invert_affinity(y, offsets))), v
 
 
 @pytest.mark.parametrize("how", ["mean", "min"])
@@ -212,6 +238,7 @@ def test_full_tta_of_a_perfect_network_is_exact(how: str):
             for v in vs
         ]
     )
-    out = reduce(stack, how)
+    gaps = torch.stack([v.affinity_gaps(offsets, labels.shape) for v in vs])[:, None]
+    out = reduce(stack, how, gaps)
     assert not torch.isnan(out).any()
     assert torch.equal(out[0], true_affinity(labels, offsets))

@@ -240,19 +240,24 @@ class Engine:
             from .tta import reduce
 
             stacks: dict[str, list[torch.Tensor]] = {n: [] for n in self.tasks}
+            gaps: dict[str, list[torch.Tensor]] = {n: [] for n in self.tasks}
             for variant in self.variants:
                 raw = self._model(variant.apply(batch))
                 for name, task in self.tasks.items():
                     out = ACTIVATIONS[task.activation](raw[name].float())
                     if isinstance(task.target, AffinityTarget):
-                        out = variant.invert_affinity(out, task.target.offsets)
+                        offsets = task.target.offsets
+                        gaps[name].append(variant.affinity_gaps(offsets, out.shape, out.device))
+                        out = variant.invert_affinity(out, offsets)
                     elif isinstance(task.target, LSDTarget):
                         out = variant.invert_lsd(out)
                     else:
                         out = variant.invert(out)
                     stacks[name].append(out)
             how = self.recipe.infer.tta_reduce
-            return {n: reduce(torch.stack(s), how.get(n, "mean")) for n, s in stacks.items()}
+            return {n: reduce(torch.stack(s), how.get(n, "mean"),
+                              torch.stack(gaps[n])[:, None] if gaps[n] else None)
+                    for n, s in stacks.items()}
 
     def _model(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.graphs:

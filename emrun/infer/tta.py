@@ -29,7 +29,8 @@ transpose: swap y/x; undo the flips: negate the flipped components). Then
 * ``o' == -o_d``: the value at ``p`` is the affinity between ``p - o_d`` and ``p``, i.e.
   channel ``d`` at voxel ``p - o_d``. So ``out_d[p] = inv_c[p + o_d]``; voxels ``p`` whose
   ``p + o_d`` is outside the patch (a border of width ``|o_d|`` on the low side of each axis
-  where ``o_d`` is negative) have no prediction and are returned as NaN.
+  where ``o_d`` is negative) have no prediction and are returned as NaN
+  (`Variant.affinity_gaps` tells them from the geometry, for :func:`reduce`).
 * anything else: the offset list is not closed under this variant; :func:`check_offsets`
   (call it when the engine is built) raises ValueError naming the offset and the variant.
 """
@@ -200,7 +201,7 @@ class Variant:
         if self.is_identity:
             return inv
         out = torch.empty_like(inv)
-        shape = inv.shape[-3:]
+        shape = tuple(inv.shape[-3:])
         for c, (d, shifted) in enumerate(mapping):
             src, dst = inv[..., c, :, :, :], out[..., d, :, :, :]
             if not shifted:
@@ -208,15 +209,40 @@ class Variant:
                 continue
             # out_d[p] = inv_c[p + o_d]; NaN where p + o_d falls outside the patch.
             dst.fill_(float("nan"))
-            to, frm = [], []
-            for n, s in zip(shape, offs[d], strict=True):
-                if abs(s) >= n:
-                    break
-                to.append(slice(max(0, -s), n - max(0, s)))
-                frm.append(slice(max(0, s), n - max(0, -s)))
-            else:
+            if (moved := _shifted(shape, offs[d])) is not None:
+                to, frm = moved
                 dst[(..., *to)] = src[(..., *frm)]
         return out
+
+    def affinity_gaps(self, offsets: Sequence[Sequence[int]], shape: Sequence[int],
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+        """Where `invert_affinity` has no prediction (the NaN it leaves), told by the
+        geometry alone: a (c, z, y, x) boolean for one channel per offset. `reduce` takes
+        this, not NaN, as missing, so that a network's own NaN is not taken for a gap."""
+        offs = _normalise(offsets)
+        shape = tuple(int(n) for n in shape[-3:])
+        gaps = torch.zeros((len(offs), *shape), dtype=torch.bool, device=device)
+        if self.is_identity:
+            return gaps
+        for d, shifted in self.channel_map(offs):
+            if shifted:
+                gaps[d] = True
+                if (moved := _shifted(shape, offs[d])) is not None:
+                    gaps[(d, *moved[0])] = False
+        return gaps
+
+
+def _shifted(shape: Sequence[int], offset: Offset
+             ) -> tuple[list[slice], list[slice]] | None:
+    """For ``out[p] = src[p + offset]`` within a patch of ``shape``: the slices of ``out``
+    that have a source and those of ``src`` they take (None where none has)."""
+    to, frm = [], []
+    for n, s in zip(shape, offset, strict=True):
+        if abs(s) >= n:
+            return None
+        to.append(slice(max(0, -s), n - max(0, s)))
+        frm.append(slice(max(0, s), n - max(0, -s)))
+    return to, frm
 
 
 _ALL = tuple(
@@ -247,31 +273,35 @@ def check_offsets(offsets: Sequence[Sequence[int]], variants: Sequence[Variant])
         v.channel_map(offsets)
 
 
-def reduce(stack: torch.Tensor, how: str = "mean") -> torch.Tensor:
-    """Combine the variants' outputs, ``stack`` (n, ...) with NaN marking missing values.
+def reduce(stack: torch.Tensor, how: str = "mean", gaps: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """Combine the variants' outputs, ``stack`` (n, ...), leaving out ``gaps`` (a boolean
+    broadcastable to ``stack``, True where a variant has no prediction:
+    `Variant.affinity_gaps`; None: none has gaps).
 
-    ``"mean"``: mean over the non-NaN values; ``"min"``: minimum over them (a conservative
-    choice for affinities: a boundary seen by any variant is kept). Voxels where every
-    variant is NaN become 0.0 (for affinities: "no connection"); this never happens when
-    the identity variant, which is never NaN, is part of the stack."""
+    ``"mean"``: mean over the predictions; ``"min"``: minimum over them (a conservative
+    choice for affinities: a boundary seen by any variant is kept). A network's own NaN or
+    infinity is a prediction and stays in the result (the engine counts and reports it;
+    taken for a gap, a diverged network came out as 0 everywhere, unreported). Voxels where
+    every variant has a gap become 0.0 (for affinities: "no connection"); this never happens
+    when the identity variant, which has none, is part of the stack."""
     if how not in ("mean", "min"):
         raise ValueError(f"TTA reduction must be 'mean' or 'min', got {how!r}")
     if stack.dim() < 1 or stack.shape[0] == 0:
         raise ValueError(f"reduce: expected a non-empty stack (n, ...), got {tuple(stack.shape)}")
     if not stack.is_floating_point():
         stack = stack.to(torch.float32)
-    if stack.shape[0] == 1:
-        return torch.nan_to_num(stack[0], nan=0.0)
-    missing = torch.isnan(stack)
+    zero = torch.zeros((), dtype=stack.dtype, device=stack.device)
+    if gaps is None:
+        return stack.mean(0) if how == "mean" else stack.amin(0)
+    gaps = torch.broadcast_to(gaps.to(stack.device, torch.bool), stack.shape)
+    count = (~gaps).sum(0)
     if how == "mean":
-        count = (~missing).sum(0)
-        total = torch.where(missing, torch.zeros((), dtype=stack.dtype), stack).sum(0)
-        out = total / count.clamp(min=1).to(stack.dtype)
+        out = torch.where(gaps, zero, stack).sum(0) / count.clamp(min=1).to(stack.dtype)
     else:
-        inf = torch.full((), float("inf"), dtype=stack.dtype)
-        out = torch.where(missing, inf, stack).amin(0)
-        count = (~missing).sum(0)
-    return torch.where(count > 0, out, torch.zeros((), dtype=stack.dtype))
+        inf = torch.full((), float("inf"), dtype=stack.dtype, device=stack.device)
+        out = torch.where(gaps, inf, stack).amin(0)
+    return torch.where(count > 0, out, zero)
 
 
 def _normalise(offsets: Sequence[Sequence[int]]) -> tuple[Offset, ...]:
