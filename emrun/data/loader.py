@@ -158,23 +158,26 @@ def tile_corners(box: Roi, patch: tuple[int, ...]) -> list[Zyx]:
 
 def _validation_sample(source: Source, corner: Zyx, patch: Zyx, recipe: Recipe,
                        built: dict[str, Any]) -> dict[str, Any]:
-    """One unaugmented patch; where the box is smaller than the patch, pad and mask out."""
+    """One unaugmented patch; where the box is smaller than the patch, pad and mask out.
+    The targets are made on the crop and padded after: made on padded labels, the pad
+    was an object (label 0) beside the crop's last voxels, whose boundary and distance
+    targets then counted a boundary that is not there."""
     size = zyx(min(p, b) for p, b in zip(patch, source.box.shape, strict=True))
     crop = read_crop(source, Roi(corner, size))
     pad = [(0, p - s) for p, s in zip(patch, size, strict=True)]
     image = source.normalise(crop.image, crop.mask)
     valid = np.ones(size, np.uint8) if crop.mask is None else inside(crop.mask).astype(np.uint8)
-    if any(after for _, after in pad):
-        image = np.pad(image, pad, mode="reflect" if min(size) > 1 else "edge")
-        valid = np.pad(valid, pad)
-    labels = None if crop.labels is None else np.pad(crop.labels, pad)
-    semantic = {k: np.pad(v, pad) for k, v in crop.semantic.items()}
     out: dict[str, Any] = {"image": image[None], "target": {}, "mask": {}}
-    patch_view = Patch(labels, valid, semantic, source.voxel_size)
+    patch_view = Patch(crop.labels, valid, dict(crop.semantic), source.voxel_size)
     for name, target in built.items():
         task = recipe.tasks[name]
         out["target"][name], out["mask"][name] = checked_target(
-            name, task.target.type, task.channels(), tuple(patch), target(patch_view))
+            name, task.target.type, task.channels(), tuple(size), target(patch_view))
+    if any(after for _, after in pad):
+        out["image"] = np.pad(image, pad, mode="reflect" if min(size) > 1 else "edge")[None]
+        for part in ("target", "mask"):  # the pad: no target, masked out
+            out[part] = {name: np.pad(array, [(0, 0), *pad])
+                         for name, array in out[part].items()}
     return out
 
 
