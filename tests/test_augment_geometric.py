@@ -301,6 +301,33 @@ def test_flip_rotate_hits_every_variant_evenly(isotropic: bool, count: int) -> N
     assert min(seen.values()) > 40 * 0.5 and max(seen.values()) < 40 * 1.5
 
 
+@pytest.mark.parametrize(("isotropic", "voxel_size", "count"), [
+    (False, (30.0, 4.0, 6.0), 8),  # y and x differ: flips only, no transpose
+    (False, (30.0, 6.0, 6.0), 16),
+    (True, (30.0, 6.0, 6.0), 16),  # "isotropic" on anisotropic data: y/x only
+    (True, (8.0, 8.0, 8.0), 48),
+    (True, (6.0, 6.0, 8.0), 16),  # z with y only
+])
+def test_flip_rotate_never_swaps_axes_of_different_voxel_sizes(
+        isotropic: bool, voxel_size: tuple[float, float, float], count: int) -> None:
+    """A transposed patch of a source 4 x 6 nm in y/x had another resolution than the data,
+    and its distance and LSD targets, made with the source's voxel size, were wrong."""
+    aug = build(FlipRotate(isotropic=isotropic))
+    shape = (3, 3, 3)
+    cube = np.arange(27, dtype=np.float32).reshape(shape)
+    rng = np.random.default_rng(13)
+    seen: set[bytes] = set()
+    for _ in range(30 * count):
+        out = aug.plan(rng, shape, Context(voxel_size)).apply(Sample(cube, None, None, {}))
+        origin = np.array(np.unravel_index(int(out.image[0, 0, 0]), shape))
+        for out_axis, neighbour in ((0, (1, 0, 0)), (1, (0, 1, 0)), (2, (0, 0, 1))):
+            came = np.array(np.unravel_index(int(out.image[neighbour]), shape))
+            in_axis = int(np.flatnonzero(came != origin)[0])  # the input axis it walks
+            assert voxel_size[in_axis] == voxel_size[out_axis]
+        seen.add(out.image.tobytes())
+    assert len(seen) == count
+
+
 def test_flip_rotate_outputs_are_contiguous() -> None:
     rng = np.random.default_rng(11)
     for seed in range(20):

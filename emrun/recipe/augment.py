@@ -281,11 +281,13 @@ if TYPE_CHECKING:
 
 @augmentations.register("flip_rotate")
 class FlipRotate(AugmentBase):
-    """Random flips of z, y, x and the y/x transpose (16 variants)."""
+    """Random flips of z, y, x and the y/x transpose (16 variants); a source whose y and x
+    voxel sizes differ is not transposed (its patches would have another resolution)."""
 
     type: Literal["flip_rotate"] = "flip_rotate"
     isotropic: bool = Field(
-        False, description="Also transpose z with y and x (for isotropic data only)."
+        False, description="Also transpose z with y and x (for isotropic data only: axes of "
+        "different voxel sizes are never swapped)."
     )
 
     def input_shapes(self, out_shape: Zyx, voxel_size: VoxelSize | None) -> list[Zyx]:

@@ -49,7 +49,8 @@ _ALL_AXES = tuple(itertools.permutations(range(3)))
 @augmentations.implement("flip_rotate")
 class FlipRotateAugment(Augmentation):
     """One of the 16 flip/transpose variants (flip z, y, x; transpose y/x), or of all 48
-    (any axis permutation times any flips) with ``isotropic``, each equally likely.
+    (any axis permutation times any flips) with ``isotropic``, each equally likely; only
+    those that swap axes of the same voxel size, where the source's is known.
 
     The output is ``transpose(flip(input), perm)``, so output axis i is input axis
     ``perm[i]`` and the input shape is the output shape permuted back; a non-cubic patch
@@ -69,8 +70,9 @@ class FlipRotateAugment(Augmentation):
         return (out_shape[0], side, side)
 
     def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
-        index = int(rng.integers(self.variants()))
-        perms = _ALL_AXES if self.spec.isotropic else _IN_PLANE
+        perms = _same_sizes(_ALL_AXES if self.spec.isotropic else _IN_PLANE,
+                            context.voxel_size)
+        index = int(rng.integers(len(perms) * 8))
         perm = perms[index // 8]
         flips = tuple(bool(index >> axis & 1) for axis in range(3))
         in_shape = [0, 0, 0]
@@ -85,6 +87,18 @@ class FlipRotateAugment(Augmentation):
 
         return Step(self.name, zyx(in_shape),
                     lambda sample: sample.map_geometric(transform, transform))
+
+
+def _same_sizes(perms: tuple[tuple[int, ...], ...],
+                voxel_size: tuple[float, float, float] | None) -> tuple[tuple[int, ...], ...]:
+    """The axis orders that move no axis onto one of another voxel size: a y/x transpose of
+    a source 4 x 6 nm in y/x (or z with y and x, ``isotropic``, of a source that is not)
+    made a patch of another resolution than the data's, and its distance and LSD targets,
+    measured with the source's voxel size, wrong. All of them where the size is unknown."""
+    if voxel_size is None:
+        return perms
+    return tuple(p for p in perms if all(voxel_size[a] == voxel_size[b]
+                                         for a, b in zip(p, range(3), strict=True)))
 
 
 # ---------------------------------------------------------------------------------------------
