@@ -61,10 +61,10 @@ def test_evaluation_on_daisy_asks_no_more_workers_than_blocks(tmp_path, monkeypa
     from emrun.io import open_volume
 
     labels = np.arange(1, 1 + 4 * 8 * 8, dtype=np.uint32).reshape(4, 8, 8)
-    write_volume(tmp_path / "v.zarr", "seg", labels)
+    write_volume(tmp_path / "v.zarr", "seg", labels, chunks=(4, 8, 4))
     volume = open_volume(str(tmp_path / "v.zarr/seg"))
     work = prepare([volume, volume], (4, 8, 4))
-    assert len(work.grid) == 2
+    assert len(work.grid) == len(work.runs()) == 2  # a block per chunk: runs of one
     asked: dict[str, Any] = {}
 
     def task(name: str, **options: Any) -> str:

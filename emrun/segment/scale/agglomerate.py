@@ -158,7 +158,7 @@ def _merge_loop(n: int, u: np.ndarray, v: np.ndarray, total: np.ndarray, count: 
     tail = np.full(n, -1, np.int64)
     after = np.full(2 * m, -1, np.int64)
     between = numba.typed.Dict.empty(numba.types.int64, numba.types.int64)
-    heap = [(0.0, 0, 0)]  # (score, version, edge): typed by its first item
+    heap = [(0.0, 0, 0)]  # (score, edge, version): typed by its first item
     heap.pop()
     for e in range(m):
         for end, node in ((2 * e, ends_u[e]), (2 * e + 1, ends_v[e])):
@@ -169,7 +169,7 @@ def _merge_loop(n: int, u: np.ndarray, v: np.ndarray, total: np.ndarray, count: 
                 after[tail[node]] = end
             tail[node] = end
         between[min(ends_u[e], ends_v[e]) * n + max(ends_u[e], ends_v[e])] = e
-        heap.append((_edge_score(e, total, count, hist, quantile), 0, e))
+        heap.append((_edge_score(e, total, count, hist, quantile), e, 0))
     heapq.heapify(heap)
     size = max(n - 1, 0)
     scores = np.empty(size, np.float64)
@@ -181,7 +181,7 @@ def _merge_loop(n: int, u: np.ndarray, v: np.ndarray, total: np.ndarray, count: 
         popped += 1
         if popped % STOP_EVERY == 0 and stop[0] != 0:
             break
-        s, ver, e = heapq.heappop(heap)
+        s, e, ver = heapq.heappop(heap)
         if not alive[e] or ver != version[e]:
             continue
         if s >= top:
@@ -215,7 +215,7 @@ def _merge_loop(n: int, u: np.ndarray, v: np.ndarray, total: np.ndarray, count: 
                     degree[w] -= 1
                     version[g] += 1
                     heapq.heappush(heap, (_edge_score(g, total, count, hist, quantile),
-                                          version[g], g))
+                                          g, version[g]))
             end = following
         head[b] = tail[b] = -1
         scores[done], kept[done], gone[done] = s, a, b

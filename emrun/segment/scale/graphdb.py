@@ -420,17 +420,22 @@ class GraphStore:
         import sqlalchemy as sa
 
         start = time.perf_counter()
+        match = sa.and_(*(markers.c[k] == v for k, v in marker.items()))
         try:
             with self._connection("write to") as conn:
-                match = sa.and_(*(markers.c[k] == v for k, v in marker.items()))
                 if conn.execute(sa.select(*markers.c).where(match)).first() is not None:
                     return False
                 conn.execute(markers.insert(), [marker])
                 for table, rows in inserts:
                     if rows:
                         conn.exec_driver_sql(_insert_sql(conn.dialect, table), rows)
-        except sa.exc.IntegrityError:  # another worker committed this block meanwhile
-            return False
+        except sa.exc.IntegrityError as exc:  # another worker committed this block
+            with self._connection("read") as conn:  # meanwhile, or a row broke a key
+                if conn.execute(sa.select(*markers.c).where(match)).first() is not None:
+                    return False
+            raise RuntimeError(f"the graph of {marker} broke a key of the graph database "
+                               f"({_first_line(exc.orig or exc)}): ids shared with another "
+                               "block's") from None
         finally:
             self.seconds += time.perf_counter() - start
         return True
