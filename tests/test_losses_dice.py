@@ -93,3 +93,16 @@ def test_dice_bce_is_bce_plus_weighted_dice():
 def test_registry_builds_them_from_their_specs():
     assert losses.build(DiceLoss(eps=0.5)) == Dice(eps=0.5)
     assert losses.build(DiceBCELoss(eps=2.0, dice_weight=3.0)) == DiceBCE(eps=2.0, dice_weight=3.0)
+
+
+def test_a_channel_masked_out_wholly_leaves_the_others_loss_alone():
+    """A channel with no valid voxel scored 0 and counted in the mean over channels: with
+    4 channels, masking one shrank the loss of the other three to 3/4 of theirs."""
+    rng = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 3, 5, 5, generator=rng)
+    target = (torch.rand(2, 4, 3, 5, 5, generator=rng) > 0.5).float()
+    mask = torch.ones(2, 4, 3, 5, 5)
+    mask[:, 2] = 0
+    kept = [0, 1, 3]
+    assert Dice()(logits, target, mask).loss.item() == pytest.approx(
+        Dice()(logits[:, kept], target[:, kept], mask[:, kept]).loss.item())

@@ -26,8 +26,9 @@ class Dice:
     """``1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps)`` with ``p = sigmoid(logits)``.
 
     The sums run over the batch and all space of one channel, over valid voxels only; the
-    loss is the mean over channels. ``eps`` keeps a channel with empty target and empty
-    prediction at 0 (rather than 0/0) and smooths the gradient of small objects.
+    loss is the mean over the channels that have a valid voxel. ``eps`` keeps a channel
+    with empty target and empty prediction at 0 (rather than 0/0) and smooths the gradient
+    of small objects.
     """
 
     eps: float = 1.0
@@ -41,7 +42,10 @@ class Dice:
         dims = [d for d in range(logits.dim()) if d != 1]
         overlap = (p * t).sum(dim=dims)
         total = p.sum(dim=dims) + t.sum(dim=dims)
-        loss = (1.0 - (2.0 * overlap + self.eps) / (total + self.eps)).mean()
+        per_channel = 1.0 - (2.0 * overlap + self.eps) / (total + self.eps)
+        scored = valid.any(dim=dims)  # a channel masked out wholly: not
+        # in the mean (it scored 0 and shrank the others' loss by its share)
+        loss = (per_channel * scored).sum() / scored.sum().clamp(min=1)
         return LossResult(loss=loss, valid=valid.sum(dtype=torch.float32).detach())
 
 
