@@ -111,8 +111,11 @@ class TiffVolume(Volume):
                               "run the command again to read it as it is now")
 
 
-KEPT_FILES = 4
-"""Opened multi-page TIFFs a process keeps (`_opened`)."""
+KEPT_FILES = 32
+"""Opened multi-page TIFFs a process keeps (`_opened`): a training mixture reads its
+sources' images, labels and masks in turn, and with more files than this each read parsed
+its file's pages again (4 kept: six 1000-page files read in turn took 4.1 ms a read
+instead of 1.2 ms). One descriptor and the parsed page headers per file."""
 
 FileKey = tuple[str, int, int, int, int, int, int]
 """A version of a file in a process: real path, pid, device, inode, size, modification and
