@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..geometry import BlockGrid, Coordinate, Roi, box_of, local_slices, slices, zyx
-from .affinities import Offset, to_float
+from .affinities import Offset, check_offsets, to_float
 from .base import Segmenter
 from .boxes import crossing
 from .graph import Edges, compact_lut, merge_small
@@ -83,6 +83,7 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
     None. ``on_block(pass, done, total)`` reports progress.
     """
     shape = tuple(int(n) for n in affs.shape[1:])
+    check_offsets(offsets, int(affs.shape[0]), "affinities", shape)
     _check_mask(mask, shape)
     block = zyx(max(1, min(int(b), n)) for b, n in zip(block, shape, strict=True))
     grid = BlockGrid(box_of(shape), block)

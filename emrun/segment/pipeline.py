@@ -140,6 +140,7 @@ def segment_values(affs: np.ndarray, offsets: Sequence[Offset], segmenter: Segme
                    values: Sequence[float], mask: np.ndarray | None = None
                    ) -> Iterator[np.ndarray]:
     """One in-memory segmentation per value of the segmenter's swept parameter."""
+    check_offsets(offsets, affs.shape[0], "affinities", affs.shape[1:])
     affs = to_float(np.asarray(affs))
     mask = region_mask(mask, affs.shape[1:])
     for raw in segmenter.fragments_for(values, affs, offsets, mask):
