@@ -56,10 +56,11 @@ def choose_level(path: str | os.PathLike[str], level: str) -> str:
 
 
 def describe(level: Level) -> str:
-    """"s1 (40,8,8 nm)": a level's name and voxel size as --level takes them."""
+    """"s1 (40,8,8 nm)": a level's name and voxel size as --level takes them (digits
+    enough for `_matches`: 13.3333 was 2.5e-6 from the level's 13.333334, and refused)."""
     if level.voxel_size is None:
         return f"{level.name} (voxel size unknown)"
-    return f"{level.name} ({','.join(f'{v:g}' for v in level.voxel_size[-3:])} nm)"
+    return f"{level.name} ({','.join(f'{v:.10g}' for v in level.voxel_size[-3:])} nm)"
 
 
 def _matches(level: Level, wanted: str | tuple[float, float, float]) -> bool:

@@ -900,14 +900,17 @@ def funlib_attrs(
 ) -> dict[str, Any]:
     """funlib.persistence's attributes for one level array, so `open_ds` (gunpowder, daisy)
     reads the same geometry: `voxel_size` (level 0's, nm, times the level's `factor`),
-    `offset` in nm (the volume's first corner, `corner` in level-0 voxels: one corner for
-    every level, as funlib's boxes have), axis names with "^" marking the channel axis."""
+    `offset` in nm (the volume's first corner, `corner` in level-0 voxels, on the level's
+    own grid: funlib, and emrun opening the level alone, refuse an offset that is not a
+    whole number of the level's voxels; rounded half up as the level's OME translation
+    is read), axis names with "^" marking the channel axis."""
     voxel = [_clean(float(v)) for v in voxel_size] if voxel_size is not None \
         else [1.0, 1.0, 1.0]  # as written: the offset must be a whole number of them
     start = [float(o) for o in corner] if corner is not None else [0.0, 0.0, 0.0]
     return {
         "voxel_size": [_clean(v * f) for v, f in zip(voxel, factor, strict=True)],
-        "offset": [_clean(o * v) for o, v in zip(start, voxel, strict=True)],
+        "offset": [_clean(math.floor(o / f + 0.5) * f * v)
+                   for o, v, f in zip(start, voxel, factor, strict=True)],
         "axis_names": (["c^"] if channel_axis else []) + ["z", "y", "x"],
         "units": ["nm", "nm", "nm"] if voxel_size is not None else ["", "", ""],
     }

@@ -69,7 +69,7 @@ def level_factors(
     would halve a y or x already of 1 voxel, is a VolumeError.
     """
     z, y, x = (int(n) for n in shape[-3:])
-    most = 1 + int(math.log2(max(1, min(y, x))))  # until y or x is one voxel
+    most = 1 + (max(1, min(y, x)) - 1).bit_length()  # until y or x is one voxel (7: 4, 2, 1)
     if levels is not None:
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
             raise VolumeError(f"--levels must be at least 1 (level 0 alone), got {levels!r}")
