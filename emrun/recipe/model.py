@@ -120,6 +120,14 @@ class ModelBase(Spec):
 models.require(ModelBase)
 
 
+def first_one_voxel_level(factors: Sequence[Sequence[int]]) -> int:
+    """The first level that a patch equal to the divisor leaves one voxel: the one after
+    the last factor that is not (1, 1, 1) (the levels below it, reached by (1, 1, 1),
+    have one voxel too)."""
+    return max((i + 1 for i, f in enumerate(factors) if tuple(int(a) for a in f) != (1, 1, 1)),
+               default=0)
+
+
 def total_factor(factors: Sequence[Sequence[int]]) -> tuple[int, int, int]:
     """The product of a U-Net's per-level downsampling factors, per axis: what every input
     size must be a multiple of."""
@@ -270,9 +278,11 @@ class RSUNetBase(ModelBase):
         return f"{self.type} with {len(self.widths)} levels"  # type: ignore[attr-defined]
 
     def deepest_norm_widths(self) -> tuple[int, ...]:
-        """The deepest level's block normalises its input (the level above's width, after
-        pooling) and its own width (pre-activated convs)."""
-        return tuple(int(w) for w in self.widths[-2:])
+        """Each one-voxel level's block normalises its input (the level above's width,
+        after pooling) and its own width (pre-activated convs): the deepest level's, and
+        those of levels above it reached by (1, 1, 1) (`first_one_voxel_level`)."""
+        first = first_one_voxel_level(self.factors())
+        return tuple(int(w) for w in self.widths[max(first - 1, 0):])
 
     def summary(self) -> str:
         """Widths, the pooling and upsampling per level, kernels, norm and activation."""

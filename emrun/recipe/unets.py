@@ -47,6 +47,7 @@ from .model import (
     check_odd,
     check_parameters,
     conv_parameters,
+    first_one_voxel_level,
     kernel_text,
     norm_parameters,
     sampling_text,
@@ -167,8 +168,9 @@ class ResEnc(StagedUNetBase):
         return resenc_receptive_field(self)
 
     def deepest_norm_widths(self) -> tuple[int, ...]:
-        """The strided conv into the deepest level and its blocks normalise their outputs."""
-        return (int(self.widths[-1]),)
+        """The strided conv into each one-voxel level (`first_one_voxel_level`) and its
+        blocks normalise their outputs."""
+        return tuple(int(w) for w in self.widths[first_one_voxel_level(self.factors()):])
 
     def parameter_count(self, head_channels: list[int]) -> int:
         """Exact number of trainable parameters (layout in the module docstring)."""
@@ -226,9 +228,11 @@ class MedNeXt(StagedUNetBase):
         return self
 
     def deepest_norm_widths(self) -> tuple[int, ...]:
-        """The down block into the deepest level normalises its input's width after its
-        strided depthwise conv; the level's blocks their own width."""
-        return tuple(int(w) for w in self.widths[-2:])
+        """The down block into each one-voxel level (`first_one_voxel_level`) normalises
+        its input's width after its strided depthwise conv; the level's blocks their own
+        width."""
+        first = first_one_voxel_level(self.factors())
+        return tuple(int(w) for w in self.widths[max(first - 1, 0):])
 
     def receptive_field(self) -> tuple[int, int, int]:
         """Exact, by interval propagation (``emrun.recipe.receptive_field_unets``)."""
