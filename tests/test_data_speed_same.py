@@ -36,11 +36,13 @@ CANARY = "b79c84d24b9ff3dc"
 
 PINNED = {
     "demo": "c2db70a65f07355f",
-    "snemi3d_lsd": "e4b33303ecba6626",
+    "snemi3d_lsd": "bd84cb3b397bf00f",  # masked centres drawn among those that fit
     "multitask": "83891e2c2883df11",
 }
 """Per recipe: one hash over several samples (float32 image, targets, masks) and two packed
-batches, made by the code before it was sped up."""
+batches, made by the code before it was sped up (snemi3d_lsd's pinned again when a masked
+source's centres came to be drawn among those a patch fits around: other draws, the same
+distribution)."""
 
 
 def _hash(arrays: list[np.ndarray]) -> str:

@@ -51,7 +51,8 @@ def check_data(loaded: LoadedRecipe) -> tuple[list[SourceFacts], list[Problem]]:
         for name, source in getattr(recipe.data, group).items():
             path: KeyPath = ("data", group, name)
             found: list[tuple[KeyPath, str]] = []
-            fact = _check_source(group, name, source, recipe.train.patch, path, found)
+            fact = _check_source(group, name, source, recipe.train.patch, path, found,
+                                 pipeline)
             if group == "sources" and not found and fact.shape is not None:
                 _check_augmented_read(pipeline, recipe.train.patch, source, fact, path, found)
             facts.append(fact)
@@ -154,7 +155,8 @@ def _check_augmented_read(pipeline: Pipeline, patch: tuple[int, int, int], sourc
 
 
 def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, int, int],
-                  path: KeyPath, problems: list[tuple[KeyPath, str]]) -> SourceFacts:
+                  path: KeyPath, problems: list[tuple[KeyPath, str]],
+                  pipeline: Pipeline | None = None) -> SourceFacts:
     if isinstance(source, SyntheticSource):
         return SourceFacts(group, name, "synthetic", source.shape, "uint8", source.voxel_size,
                            source.weight)
@@ -183,9 +185,13 @@ def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, i
     box = None
     if len(problems) == before and len(image.shape) == 3:  # values: only where shapes fit
         box = _data_box(image, source, opened, sampled, path, problems)
-    if box is not None:
-        _check_values(image, source, opened.get((*path, "mask")), box, sampled, path, problems)
     voxel = source.voxel_size or image.voxel_size
+    if box is not None:
+        read = sampled
+        if sampled is not None and pipeline is not None:  # what training reads around a
+            read = pipeline.largest_input(  # centre: the augmentations' largest crop
+                sampled, Context(tuple(voxel[-3:]) if voxel else None))  # type: ignore[arg-type]
+        _check_values(image, source, opened.get((*path, "mask")), box, read, path, problems)
     if source.voxel_size and image.voxel_size and not np.allclose(
         source.voxel_size, image.voxel_size[-3:]
     ):
@@ -252,7 +258,8 @@ def _check_mask(mask: Volume, box: Roi, in_roi: bool, patch: tuple[int, int, int
                 path: KeyPath, problems: list[tuple[KeyPath, str]]) -> None:
     """The sampler centres patches on masked voxels and keeps those that fit in the box:
     a mask whose voxels all lie within half a patch of the box's edges gives no patch, and
-    training would stop at its first batch."""
+    training would stop at its first batch. ``patch``: the largest crop the augmentations
+    read for train.patch (a draw that reads it needs room for it)."""
     from .sampler import MaskIndex
 
     where = "inside its roi" if in_roi else "anywhere"
@@ -260,8 +267,8 @@ def _check_mask(mask: Volume, box: Roi, in_roi: bool, patch: tuple[int, int, int
     if patch is not None and all(b >= p for b, p in zip(box.shape, patch, strict=True)):
         half = Coordinate(p // 2 for p in patch)
         centres = Roi(box.offset + half, box.shape - Coordinate(patch) + 1)
-        fits = (f" that a train.patch {list(patch)} centred on it leaves inside the "
-                f"{'roi' if in_roi else 'volume'}")
+        fits = (f" that a crop of {list(patch)} (train.patch as the augmentations read it) "
+                f"centred on it leaves inside the {'roi' if in_roi else 'volume'}")
     if len(MaskIndex(mask, centres).blocks) == 0:
         problems.append(((*path, "mask"), f"{mask} selects no voxel {where}{fits}: nothing "
                          "could be sampled"))

@@ -56,7 +56,11 @@ class MaskIndex:
     """Masked-voxel counts of the box's blocks that hold any (built once per process).
 
     Drawing a block with probability proportional to its count, then a masked voxel inside
-    it uniformly, draws uniformly over all masked voxels without an index of voxels.
+    it uniformly, draws uniformly over all masked voxels without an index of voxels. Drawn
+    within a box (the centres a patch fits around), only the blocks that meet it take
+    part, and a block the box cuts is kept with the share of its masked voxels inside:
+    still uniform, and a patch nearly the source's size no longer fails most draws (all
+    500 tries, a third of the time, for 25 centres of 12,800 masked voxels).
     """
 
     def __init__(self, mask: Volume, box: Roi) -> None:
@@ -73,19 +77,56 @@ class MaskIndex:
                 found.append((gz, int(gy), int(gx)))
                 counts.append(int(count[gy, gx]))
         self.blocks = np.asarray(found, dtype=np.int32).reshape(-1, 3)
-        self.cumulative = np.cumsum(np.asarray(counts, dtype=np.int64))
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.cumulative = np.cumsum(self.counts)
+        self._within: dict[tuple[Zyx, Zyx], tuple[np.ndarray, np.ndarray]] = {}
 
-    def draw(self, rng: np.random.Generator) -> Zyx | None:
-        """A masked voxel, uniformly over all masked voxels; None when there are none."""
-        if len(self.blocks) == 0:
+    def draw(self, rng: np.random.Generator, within: Roi | None = None) -> Zyx | None:
+        """A masked voxel (inside ``within`` when given), uniformly over all of them; None
+        when there are none, or (within a box) when this try found none: try again."""
+        chosen, cumulative = self._blocks_meeting(within)
+        if len(chosen) == 0:
             return None
-        pick = int(rng.integers(self.cumulative[-1]))
-        block = self.blocks[int(np.searchsorted(self.cumulative, pick, side="right"))]
-        box = self.grid.box(block)
-        region = self.mask.read(box)
+        pick = int(rng.integers(cumulative[-1]))
+        index = int(chosen[int(np.searchsorted(cumulative, pick, side="right"))])
+        box = self.grid.box(self.blocks[index])
+        region = inside(self.mask.read(box))  # NaN in a float mask is outside
+        if within is not None:
+            region &= _inside_box(box, within)
+            kept, count = int(np.count_nonzero(region)), int(self.counts[index])
+            if kept < count and rng.random() * count >= kept:  # drawn for all its count
+                return None
         masked = np.flatnonzero(region)
         local = np.unravel_index(int(masked[int(rng.integers(len(masked)))]), region.shape)
         return zyx(box.offset + Coordinate(local))
+
+    def _blocks_meeting(self, within: Roi | None) -> tuple[np.ndarray, np.ndarray]:
+        """The numbers of the blocks that meet ``within`` (all: None) and their cumulative
+        counts, kept per box (a few shapes of augmented read)."""
+        if within is None:
+            return np.arange(len(self.blocks)), self.cumulative
+        key = (zyx(within.offset), zyx(within.shape))
+        if key not in self._within:
+            block = np.asarray(BLOCK)
+            low = self.blocks * block + np.asarray(self.grid.total.offset)
+            meets = np.all((low < np.asarray(within.end)) & (low + block > np.asarray(
+                within.begin)), axis=1)
+            chosen = np.flatnonzero(meets)
+            if len(self._within) >= KEPT_BOXES:
+                self._within.pop(next(iter(self._within)))
+            self._within[key] = (chosen, np.cumsum(self.counts[chosen]))
+        return self._within[key]
+
+
+KEPT_BOXES = 16
+"""Boxes a `MaskIndex` keeps its blocks for (one per shape of augmented read)."""
+
+
+def _inside_box(box: Roi, within: Roi) -> np.ndarray:
+    """A boolean of ``box``'s shape: which of its voxels lie inside ``within``."""
+    axes = [(np.arange(b, b + n) >= lo) & (np.arange(b, b + n) < hi) for b, n, lo, hi in zip(
+        box.offset, box.shape, within.begin, within.end, strict=True)]
+    return axes[0][:, None, None] & axes[1][None, :, None] & axes[2][None, None, :]
 
 
 def _core(in_shape: Zyx, out_shape: Zyx) -> Roi:
@@ -144,7 +185,9 @@ class PatchSampler:
         box_offset = source.box.offset
         if source.mask is None:
             return zyx(o + int(rng.integers(r + 1)) for o, r in zip(box_offset, room, strict=True))
-        centre = self._mask_index(source).draw(rng)
+        half = Coordinate(s // 2 for s in in_shape)
+        centres = Roi(box_offset + half, room + 1)  # where the patch fits around a centre
+        centre = self._mask_index(source).draw(rng, centres)
         if centre is None:
             return None
         corner = zyx(c - s // 2 for c, s in zip(centre, in_shape, strict=True))
