@@ -463,6 +463,26 @@ def test_a_float_input_outside_zero_one_is_refused_and_another_resolution_cautio
     assert "8x8x8 nm; the network was trained at 30x6x6 nm" in said
 
 
+def test_tta_transposes_of_an_input_with_unequal_y_and_x_voxels_are_cautioned(setup):
+    """TTA 8 and 16 transpose y and x: on voxels of 6 nm in y and 4 nm in x, half the
+    variants showed the network the data at another resolution, without a word."""
+    from emrun.infer.cautions import input_cautions
+
+    recipe, _, volume, tmp = setup
+    write_volume(tmp / "in.zarr", "yx", volume, voxel_size=(30, 6, 5))
+    path = str(tmp / "in.zarr/yx")
+    for tta in (1, 2, 4):
+        assert not any("transposes" in line for line in input_cautions(
+            recipe, tmp / "c.pt", path, tta))
+    for tta in (8, 16):
+        said = [line for line in input_cautions(recipe, tmp / "c.pt", path, tta)
+                if "transposes" in line]
+        assert said == [f"{path} has voxels of 6 nm in y and 5 nm in x; tta {tta} transposes "
+                        "y and x, showing the network half its variants at another "
+                        "resolution: use --tta 4 (flips only)"]
+    assert input_cautions(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), 16) == []
+
+
 def test_eight_bit_values_in_a_wider_integer_input_are_cautioned(setup):
     """A uint16 volume holding 0..255 (8-bit data, a common export) is scaled by 65535, so
     the network, trained on uint8 images, saw an input 257 times too dark, without a word."""

@@ -243,7 +243,7 @@ def infer(
     checkpoint = _network_file(checkpoint, model)
     loaded = recipe_for(checkpoint, recipe, override or [])
     warn(inference_cautions(loaded))
-    if cautions := input_cautions(loaded.recipe, checkpoint, input_):
+    if cautions := input_cautions(loaded.recipe, checkpoint, input_, tta):
         warn(cautions)
     try:
         with block_progress(err) as report:

@@ -1,7 +1,8 @@
 """Warnings about an input the network may not suit: predicted anyway, but said before.
 
-Three mistakes give plausible-looking but poor predictions and nothing else would say so: an
-input at another resolution than the training data, 8-bit values stored in a wider integer
+Four mistakes give plausible-looking but poor predictions and nothing else would say so: an
+input at another resolution than the training data, TTA's y/x transposes of an input whose
+y and x voxel sizes differ, 8-bit values stored in a wider integer
 type (a uint16 volume whose values stop at 255), which the dtype's scale makes nearly
 black, and any integer input whose values span a sliver of its dtype's range (ordinary
 values in an int64 volume), which reaches the network flat.
@@ -22,12 +23,27 @@ from ..recipe import Recipe
 from ..recipe.data import VolumeSource
 
 
-def input_cautions(recipe: Recipe, checkpoint: Path, input_path: str) -> list[str]:
-    """The lines to warn with before predicting ``input_path`` (none when it suits)."""
+def input_cautions(recipe: Recipe, checkpoint: Path, input_path: str,
+                   tta: int | None = None) -> list[str]:
+    """The lines to warn with before predicting ``input_path`` (none when it suits);
+    ``tta``: the run's variant count (default: the recipe's)."""
     volume = single_channel(open_volume(input_path))
     found = [resolution_caution(recipe, volume),
-             scale_caution(recipe, checkpoint, volume) or flat_caution(recipe, volume)]
+             scale_caution(recipe, checkpoint, volume) or flat_caution(recipe, volume),
+             transpose_caution(volume, tta if tta is not None else recipe.infer.tta)]
     return [line for line in found if line is not None]
+
+
+def transpose_caution(volume: Volume, tta: int) -> str | None:
+    """A line when TTA's y/x transposes (tta 8 and 16) meet an input whose y and x voxel
+    sizes differ: those variants show the network the data at another resolution
+    (training's flip_rotate never transposes such a source)."""
+    size = volume.voxel_size
+    if tta < 8 or size is None or len(size) < 2 or size[-1] == size[-2]:
+        return None
+    return (f"{volume} has voxels of {size[-2]:g} nm in y and {size[-1]:g} nm in x; tta "
+            f"{tta} transposes y and x, showing the network half its variants at another "
+            "resolution: use --tta 4 (flips only)")
 
 
 def resolution_caution(recipe: Recipe, volume: Volume) -> str | None:
