@@ -338,14 +338,15 @@ def _check_companion(volume: Volume, image: Volume, key: KeyPath,
     if volume.dtype.kind not in "uib":
         problems.append((key, f"{volume} has dtype {volume.dtype}; {what} must hold integer ids "
                          "(or booleans)"))
+    other_grid = bool(volume.voxel_size and image.voxel_size and not np.allclose(
+        volume.voxel_size[-3:], image.voxel_size[-3:]))
+    if other_grid:  # its offset and shape, in voxels of another size, say nothing more
+        problems.append((key, f"{volume} voxel size {list(volume.voxel_size)} nm disagrees with "
+                         f"the image's {list(image.voxel_size)} nm"))
+        return
     if tuple(volume.shape) != tuple(image.shape):
         problems.append((key, f"{volume} has shape {list(volume.shape)} but the image "
                          f"{image} has {list(image.shape)}{_unplaced(volume, image)}"))
-    if volume.voxel_size and image.voxel_size and not np.allclose(
-        volume.voxel_size[-3:], image.voxel_size[-3:]
-    ):
-        problems.append((key, f"{volume} voxel size {list(volume.voxel_size)} nm disagrees with "
-                         f"the image's {list(image.voxel_size)} nm"))
     _check_placed_alike(volume, image, key, what, problems)
 
 

@@ -56,6 +56,9 @@ class Placed(Volume):
     def _read(self, roi: Roi) -> np.ndarray:
         n = len(self.start)
         spatial = Roi(roi.offset[-n:], roi.shape[-n:])
+        if spatial.empty:  # a read clipped to nothing (past the end): empty, as any volume's
+            lead = tuple(self.inner.shape[:-n])
+            return np.empty((*lead, *(int(s) for s in spatial.shape)), self.inner.dtype)
         if self.extent.contains(spatial):
             return self.inner.read(spatial.shift(-Coordinate(self.start)))
         if self.fill is None or self.inner.ndim != n:
