@@ -48,7 +48,10 @@ class Scoring:
         context = mp.get_context("spawn")
         self._receiver, sender = context.Pipe(duplex=False)
         with signals_held():
-            self._process = context.Process(target=_score, daemon=True,
+            # not a daemon: a daemonic process may not start the sweep's pool (boxes of
+            # 1 M voxels and more), which stopped the run at its first validation; it
+            # still dies with the trainer, and `BackgroundScorer.close` kills it
+            self._process = context.Process(target=_score, daemon=False,
                                             args=(sender, os.getpid(), fn, args))
             self._process.start()
         sender.close()
