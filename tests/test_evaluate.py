@@ -222,7 +222,7 @@ def test_two_dimensional_images_are_scored():
     (np.zeros((2, 3, 4), np.uint32), np.ones((2, 3, 5), np.uint32), None, "has shape [2, 3, 5]"),
     (np.zeros((2, 3, 4), np.float32), np.ones((2, 3, 4), np.uint32), None, "use --binary"),
     (np.zeros((2, 3, 4), bool), np.ones((2, 3, 4), np.uint32), None, "not integer ids"),
-    (np.zeros((1, 2, 3, 4), np.uint32), np.ones((1, 2, 3, 4), np.uint32), None, "4 axes"),
+    (np.zeros((2, 2, 3, 4), np.uint32), np.ones((2, 2, 3, 4), np.uint32), None, "4 axes"),
     (np.zeros(5, np.uint32), np.ones(5, np.uint32), None, "1 axes"),
     (np.zeros((2, 3, 4), np.uint32), np.ones((2, 3, 4), np.uint32), np.ones((2, 3)), "mask"),
     (np.zeros((2, 3, 4), np.uint32), np.zeros((2, 3, 4), np.uint32), None, "no labelled voxel"),

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from emrun.errors import UserError
-from emrun.evaluate.checks import check_inputs
+from emrun.evaluate.checks import EvaluationError, check_inputs, one_channel_dropped
 from emrun.io.intensity import outside_unit
 from emrun.io.masks import inside
 
@@ -153,12 +153,17 @@ def binary_scores(
     pred: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None, threshold: float = 0.5
 ) -> BinaryScores:
     """Score an in-memory foreground prediction against its truth."""
+    pred, truth = one_channel_dropped(pred), one_channel_dropped(truth)
+    mask = None if mask is None else one_channel_dropped(mask)
     named = [("prediction", "pred", pred.shape, pred.dtype),
              ("truth", "truth", truth.shape, truth.dtype)]
     if mask is not None:
         named.append(("mask", "mask", mask.shape, mask.dtype))
     check_inputs(named, binary=True)
-    return scores_from_counts(count_binary(pred, truth, mask, threshold), threshold)
+    counts = count_binary(pred, truth, mask, threshold)
+    if counts == BinaryCounts():  # only an all-0 mask leaves no voxel
+        raise EvaluationError("mask: the mask is 0 everywhere (or NaN); nothing to score")
+    return scores_from_counts(counts, threshold)
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:

@@ -85,3 +85,9 @@ def negative_id_warnings(negative: tuple[int, int], seg: str, truth: str) -> lis
                      "unlabelled); map them to 0 first if they mean unlabelled "
                      f"({negative[1]:,} scored voxels)")
     return lines
+
+
+def one_channel_dropped(array: np.ndarray) -> np.ndarray:
+    """A (1, z, y, x) array as (z, y, x), as volumes on disk are read (`single_channel`):
+    the in-memory scores take what `check_inputs`' message says they take."""
+    return array[0] if array.ndim == 4 and array.shape[0] == 1 else array

@@ -35,9 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from emrun.evaluate.checks import EvaluationError, check_inputs, negative_id_warnings
+from emrun.evaluate.checks import (
+    EvaluationError,
+    check_inputs,
+    negative_id_warnings,
+    one_channel_dropped,
+)
 from emrun.evaluate.contingency import ContingencyTable, count_pairs
 from emrun.evaluate.pieces import connected_pieces
+from emrun.io.masks import inside
 
 MIN_OVERLAP = 100
 EXACT_VOXELS = 3_000_000_000  # up to here sums of squared counts fit int64 exactly
@@ -118,6 +124,8 @@ def score(
     """Score an in-memory segmentation against its truth (voxels where mask is 0 ignored);
     with ``connected_truth``, against the truth's connected pieces (`emrun.evaluate.pieces`).
     ``warn`` takes a line for each volume with negative ids among the scored voxels."""
+    seg, truth = one_channel_dropped(seg), one_channel_dropped(truth)
+    mask = None if mask is None else one_channel_dropped(mask)
     named = [("segmentation", "seg", seg.shape, seg.dtype), ("truth", "truth", truth.shape,
                                                             truth.dtype)]
     if mask is not None:
@@ -127,6 +135,8 @@ def score(
     if connected_truth:
         truth = connected_pieces(truth)
     table = count_pairs(seg, truth, mask, labelled=labelled)
+    if len(table) == 0 and mask is not None and not inside(mask).any():
+        raise EvaluationError("mask: the mask is 0 everywhere (or NaN); nothing to score")
     if warn is not None:
         for line in negative_id_warnings(table.negative, "the segmentation", "the truth"):
             warn(line)
