@@ -611,7 +611,7 @@ class Grayscale(AugmentBase):
         1.0, le=4, description="Largest |log2 gamma|: gamma is drawn from [2^-g, 2^g]."
     )
     mode: Literal["2d", "3d", "mix"] = Field("mix", description="Per section, patch, or either.")
-    partial: bool = Field(False, description="Sometimes apply to one quadrant only.")
+    partial: bool = Field(False, description="Sometimes apply to a quadrant or a half-plane only.")
 
 
 @augmentations.register("box")

@@ -176,9 +176,9 @@ def random_region(rng: np.random.Generator, ny: int, nx: int) -> Region:
 
     cy, cx = cut(ny), cut(nx)
     kind = int(rng.integers(8))
-    top, left = slice(0, cy), slice(0, cx)
-    bottom, right = slice(cy, ny), slice(cx, nx)
-    whole = slice(0, None)
+    whole = slice(0, None)  # an axis of one pixel is not cut (its cut at 1 left nothing)
+    top, bottom = (slice(0, cy), slice(cy, ny)) if ny > 1 else (whole, whole)
+    left, right = (slice(0, cx), slice(cx, nx)) if nx > 1 else (whole, whole)
     return [
         (top, left), (top, right), (bottom, left), (bottom, right),
         (top, whole), (bottom, whole), (whole, left), (whole, right),
