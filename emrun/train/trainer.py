@@ -495,6 +495,7 @@ class Trainer:
         in theirs (with batch norm, a hang), or stepped while the others did not."""
         self.model.train()
         accumulate = self.train.accumulate
+        kept = [b.detach().clone() for b in self.model.buffers()]  # batch norm's statistics
         sums: dict[str, torch.Tensor] = {}
         finite = True
         batch: dict[str, Any] = {}
@@ -515,21 +516,33 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + result.loss.detach() / accumulate
             batch["outputs"] = outputs
         if distributed.any_rank(not finite, self.world, self.device):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
+            return self._skipped(kept)
         self.scaler.unscale_(self.optimizer)
         norm = clip_gradients(self.model, self.train.grad_clip)
         if not self.scaler.is_enabled() and not self._finite_gradients(norm):
-            self.optimizer.zero_grad(set_to_none=True)  # the same on every rank (reduced)
-            return None
+            return self._skipped(kept)  # the same on every rank (reduced)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if scale is not None and self.scaler.get_scale() < scale:  # inf or NaN gradients:
+            return self._skipped(kept)  # the scaler skipped the step (and lowered its scale)
         self.optimizer.zero_grad(set_to_none=True)
         self.last_rate = float(self.optimizer.param_groups[0]["lr"])  # before it moves on
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
         return {"losses": sums, "batch": batch}
+
+    def _skipped(self, kept: list[torch.Tensor]) -> None:
+        """A step skipped (non-finite loss or gradients): no gradient kept, and the buffers
+        put back as they were before its forward passes. Batch norm's running statistics
+        took the batch in (NaN with it), kept NaN by their running average, and the eval
+        mode of validation, best.pt and exports gave NaN while training went on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, before in zip(self.model.buffers(), kept, strict=True):
+                buffer.copy_(before)
+        return None
 
     def _gradients_kept_local(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         """Under DDP, every batch but an iteration's last keeps its gradients on its rank
@@ -543,7 +556,7 @@ class Trainer:
         """Whether the gradients' norm (``clip_gradients``', or computed here) is finite: a
         finite loss can have inf or NaN gradients (an overflow in the backward pass), and
         stepping with them made every weight NaN, saved in the next checkpoint as a good one.
-        (A GradScaler skips such steps itself.)"""
+        (A GradScaler skips such steps itself: `step` tells them by its lowered scale.)"""
         if norm is None:
             norms = [p.grad.norm() for p in self.model.parameters() if p.grad is not None]
             norm = float(torch.stack(norms).norm()) if norms else 0.0
