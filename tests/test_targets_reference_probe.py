@@ -11,6 +11,7 @@ import itertools
 import numpy as np
 import pytest
 from scipy import ndimage
+from test_targets import components_reference
 
 from emrun.data.lsd import local_shape_descriptors
 from emrun.data.targets import Affinity, Boundary, Distance, LocalShapeDescriptors, Patch
@@ -50,20 +51,6 @@ def voxels(shape):
 
 
 # --------------------------------------------------------------------------- references
-
-
-def components_reference(labels):
-    """6-connected pieces of each non-zero id, numbered from 1 (scipy, not cc3d)."""
-    out = np.zeros(labels.shape, np.int64)
-    six = ndimage.generate_binary_structure(3, 1)
-    n = 0
-    for value in np.unique(labels):
-        if value == 0:
-            continue
-        pieces, count = ndimage.label(labels == value, structure=six)
-        out[pieces > 0] = pieces[pieces > 0] + n
-        n += count
-    return out
 
 
 def affinity_reference(labels, valid, offsets, zero):
