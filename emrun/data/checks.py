@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..capacity import size_text
+from ..devices import available_memory
 from ..errors import UserError
 from ..geometry import Coordinate, Roi, box_of
 from ..io import Volume, VolumeError
@@ -22,6 +24,7 @@ from ..recipe.augment import augment_problems
 from ..recipe.checks import nm_target_problems
 from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
 from ..recipe.errors import KeyPath
+from ..synth import peak_memory
 from .augment import Context, Pipeline
 from .sources import open_in_source
 from .targets import Patch
@@ -158,7 +161,12 @@ def _check_source(group: str, name: str, source: SourceBase, patch: tuple[int, i
                   path: KeyPath, problems: list[tuple[KeyPath, str]],
                   pipeline: Pipeline | None = None) -> SourceFacts:
     if isinstance(source, SyntheticSource):
-        return SourceFacts(group, name, "synthetic", source.shape, "uint8", source.voxel_size,
+        need, free = peak_memory(source.shape, source.made_at), available_memory()
+        if need > free:  # training's first read would fail (or swap) after its run folder
+            problems.append(((*path, "shape"), f"generating {list(source.shape)} takes about "
+                             f"{size_text(need)} of memory (it is made whole, in memory), "
+                             f"{size_text(free)} is available; give a smaller shape"))
+        return SourceFacts(group, name, "synthetic", source.shape, "uint8", source.made_at,
                            source.weight)
     assert isinstance(source, VolumeSource)
     image = _open(source.image, (*path, "image"), problems, source.voxel_size)

@@ -133,13 +133,13 @@ def open_synthetic_source(spec: SyntheticSource, name: str = "source") -> Source
     seed."""
     def part(key: str, dtype: str) -> Volume:
         return SyntheticVolume(path=f"synthetic:{name}", dataset=key, shape=spec.shape,
-                               dtype=np.dtype(dtype), voxel_size=spec.voxel_size,
+                               dtype=np.dtype(dtype), voxel_size=spec.made_at,
                                seed=spec.seed, part=key)
 
     return Source(name, part("image", "uint8"), part("labels", "uint32"), None,
                   {"mito": part("mito", "uint32"), "synapse": part("synapse", "uint8")},
                   _box(spec, spec.shape), 0.0, 255.0,
-                  spec.weight, spec.min_labelled, spec.voxel_size)  # type: ignore[arg-type]
+                  spec.weight, spec.min_labelled, spec.made_at)
 
 
 def open_sources(specs: dict[str, SourceBase]) -> list[Source]:

@@ -113,8 +113,17 @@ class SyntheticSource(SourceBase):
     shape: Zyx = Field((64, 256, 256), description="Volume size in voxels, z, y, x.")
     seed: Seed = Field(0, description="Generator seed; the same seed gives the same volume.")
     voxel_size: Nanometres | None = Field(
-        (30.0, 6.0, 6.0), description="Voxel size in nm, z, y, x (ssEM-like by default)."
+        (30.0, 6.0, 6.0), description="Voxel size in nm, z, y, x (ssEM-like by default; null: "
+        "that default too)."
     )
+
+    @property
+    def made_at(self) -> tuple[float, float, float]:
+        """The voxel size the volume is generated at, and reported with: null is the
+        default (it was generated at it, but told no voxel size, and an lsd or distance
+        recipe refused the source)."""
+        size = self.voxel_size if self.voxel_size is not None else (30.0, 6.0, 6.0)
+        return (float(size[0]), float(size[1]), float(size[2]))
 
     @model_validator(mode="after")
     def _generable(self) -> SyntheticSource:
