@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from .checks import cautions, cross_checks
 from .errors import SHOWN, KeyPath, Mark, Problem, RecipeError
 from .overrides import Found, apply_override, blame
-from .pydantic_errors import problem_from_error
+from .pydantic_errors import problem_from_error, relevant_errors
 from .recipe import Recipe
 from .yamlsource import Located, parse, read_text
 
@@ -100,7 +100,7 @@ def validate(located: Located) -> Recipe:
     try:
         recipe = Recipe.model_validate(located.data)
     except ValidationError as exc:
-        errors = exc.errors()  # located and explained only as many as are shown
+        errors = relevant_errors(exc.errors(), located.data)  # as many as are shown located
         problems = [located.hinted(problem_from_error(err, located)) for err in errors[:SHOWN]]
         raise RecipeError(_unique(problems), more=max(0, len(errors) - SHOWN)) from None
     found = [*_booleans_as_numbers(located.data, recipe), *cross_checks(recipe)]

@@ -49,6 +49,29 @@ def problem_from_error(err: ErrorDetails, located: Located) -> Problem:
     return Problem(message, located.mark(path, key=key_level), path)
 
 
+WRONG_FORM = frozenset({"float_type", "int_type", "tuple_type", "list_type", "dict_type",
+                        "string_type", "bool_type", "float_parsing", "int_parsing",
+                        "int_from_float", "model_type", "model_attributes_type"})
+"""Errors that say a value is not of one form of a union (a number where a list is also
+taken): beside an error about the form the value has, they are noise."""
+
+
+def relevant_errors(errors: list[ErrorDetails], data: Any) -> list[ErrorDetails]:
+    """``errors`` without those of union members the value does not have the form of: a
+    value taken as a number or a z, y, x list (``sigma: 0``) got one line per member, the
+    list's 'should be a list of values' beside the number's 'greater than 0'. A wrong-form
+    error goes where another error lies at its key or within it."""
+    paths = [_data_path(data, tuple(err["loc"])) for err in errors]
+    kept = []
+    for i, err in enumerate(errors):
+        if err["type"] in WRONG_FORM and any(
+                j != i and errors[j]["type"] not in WRONG_FORM and other[:len(paths[i])] == paths[i]
+                for j, other in enumerate(paths)):
+            continue
+        kept.append(err)
+    return kept
+
+
 def _key_problem(err: ErrorDetails, loc: tuple[Any, ...], located: Located) -> Problem:
     """A mapping key that is no string: YAML 1.1 reads ``on:`` as true and ``1.5:`` as a
     number. Pydantic's loc names such a key as it likes (true as 1, 1.5 as '1.5'), so the
@@ -86,6 +109,8 @@ def _data_path(data: Any, loc: tuple[Any, ...], missing: bool = False) -> KeyPat
             node = node[step]
         elif i == len(loc) - 1 and missing:
             node = None
+        elif isinstance(node, int | float) and isinstance(step, str):
+            continue  # a union member's tag under a number ('constrained-float', 'tuple[...]')
         elif not isinstance(node, dict | list):
             node = None  # a value that was expanded (e.g. a preset)
         else:
