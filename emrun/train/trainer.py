@@ -587,7 +587,8 @@ class Trainer:
         first = True  # an out-of-memory error in this process's first step is the recipe's
         try:
             with _Signals() as signals:
-                while self.iteration < self.train.iterations and signals.received is None:
+                while self.iteration < self.train.iterations and \
+                        self._stop(signals) is None:
                     try:
                         result = self.step(batches)
                     except torch.OutOfMemoryError as exc:
@@ -637,16 +638,16 @@ class Trainer:
                     pause = time.perf_counter() - paused  # not training: out of the rates
                     window_start += pause
                     logger.exclude(pause)
-                if signals.received is not None:
+                if (stopped := self._stop(signals)) is not None:
                     if (busy := self.scorer.busy) is not None:
                         logger.message(f"the validation of iteration {busy.iteration} was "
                                        "still being scored; it is not recorded")
                     self.scorer.close()
                     self._checkpoint(logger)
-                    logger.message(f"{signals.received}: checkpoint written at iteration "
+                    logger.message(f"{stopped}: checkpoint written at iteration "
                                    f"{self.iteration}; {self.stop_hint}")
                 distributed.finish_together(self.world)
-                return TrainResult(self.iteration, self.run_path, signals.received, self.nonfinite)
+                return TrainResult(self.iteration, self.run_path, stopped, self.nonfinite)
         finally:
             if owned and hasattr(batches, "close"):
                 batches.close()  # stops the loader's workers
@@ -657,6 +658,17 @@ class Trainer:
             finally:
                 distributed.teardown(self.world)
                 locks.release(self.run_path)
+
+    def _stop(self, signals: _Signals) -> str | None:
+        """The stopping signal's name, the same on every rank (None: go on). Under DDP the
+        ranks agree at the same point of each iteration: each left the loop on its own
+        flag, and a group's SIGTERM reaching rank 0 in its logging and rank 1 already in its
+        next step made them call different collectives (a hang, then a crash, and no stop
+        checkpoint). A rank that saw no signal yet takes SIGTERM's name."""
+        received = signals.received
+        if not distributed.any_rank(received is not None, self.world, self.device):
+            return None
+        return received or "SIGTERM"
 
     def _nonfinite_stop(self, in_a_row: int) -> str:
         """Why the run stopped and what is kept: the last good checkpoint, or that there is
