@@ -20,8 +20,9 @@ def failed_start(run: Path) -> None:
     """What a start that failed on its data leaves: its files, no checkpoint."""
     (run / "tensorboard").mkdir(parents=True)
     (run / "checkpoints").mkdir()
-    for name in ("recipe.yaml", "provenance.json", "events.jsonl"):
+    for name in ("recipe.yaml", "events.jsonl"):
         (run / name).write_text("x")
+    (run / "provenance.json").write_text('{"emrun": "0.1.0", "sessions": []}')  # emrun's
 
 
 def test_a_start_without_checkpoint_is_cleared_for_the_next(tmp_path):
@@ -82,7 +83,8 @@ def test_a_run_directory_in_use_by_another_process_is_refused_until_it_ends(tmp_
                               text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
-        (run / "recipe.yaml").write_text("x")  # what the first run has written so far
+        (run / "provenance.json").write_text('{"emrun": "0.1.0"}')  # what the first run
+        (run / "recipe.yaml").write_text("x")  # has written so far
         for resume in (False, True):
             for check in (prepare, check_free):  # check_free: a launcher's, before torchrun
                 with pytest.raises(UserError, match=rf"run is in use by another emrun \(pid "

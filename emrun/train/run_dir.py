@@ -81,7 +81,7 @@ RUN_DIR_ADVICE = "give another --run-dir"
 def _check_place(run_dir: Path, resume: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir}: is a file, not a folder")
-    has_run = (run_dir / "checkpoints").is_dir() or (run_dir / "recipe.yaml").exists()
+    has_run = (run_dir / "checkpoints").is_dir() or _ours(run_dir)
     if resume and not has_run:
         raise UserError(f"{run_dir}: no run to resume here (no checkpoints); drop --resume to "
                         "start a new run")
@@ -99,6 +99,11 @@ def _entries(run_dir: Path, resume: bool) -> list[Path]:
                         f"{', ...' if len(entries) > 3 else ''}): neither empty for a new run "
                         "nor one that already holds a run to --resume; give a new or empty "
                         "--run-dir (nothing was overwritten)")
+    if not _ours(run_dir):  # a user's recipe.yaml or tensorboard/ of the same names
+        shown = ", ".join(sorted(entry.name for entry in entries)[:3])
+        raise UserError(f"--run-dir {run_dir} holds {shown}, but no run of emrun's (its "
+                        "provenance.json): give a new or empty --run-dir, or one holding "
+                        "your recipe elsewhere (nothing was overwritten)")
     if not _failed_start(entries):
         raise UserError(f"{run_dir} already holds a run; use --resume to continue it, or "
                         "--run-dir to start a new one elsewhere (nothing was overwritten)")
@@ -110,6 +115,14 @@ def _failed_start(entries: list[Path]) -> bool:
     checkpoints = [entry for entry in entries if entry.name == "checkpoints"]
     return (all(_start_file(entry.name) for entry in entries)
             and not (checkpoints and checkpoints[0].is_dir() and any(checkpoints[0].iterdir())))
+
+
+def _ours(run_dir: Path) -> bool:
+    """Whether a run of emrun's started here: its provenance.json (written first, before
+    the recipe), naming emrun's version. A folder holding only files of a run's names was
+    taken for a failed start and cleared: a user's own recipe.yaml (``emrun train
+    exp/recipe.yaml --run-dir exp``) or tensorboard/ logs were deleted."""
+    return isinstance(_read_provenance(run_dir / "provenance.json").get("emrun"), str)
 
 
 def _start_file(name: str) -> bool:
@@ -132,7 +145,6 @@ def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path
     ``--init-from`` weights, the absolute path of the file read (a run directory's
     checkpoint, not the directory: `init_weights` reads it back) and the iteration its
     weights were saved at (best.pt and last.pt are replaced as their run goes on)."""
-    write_text(run_dir / "recipe.yaml", recipe_text(recipe))
     this = {**provenance(recipe_path), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "iteration": iteration}
     if init_from is not None:
@@ -145,8 +157,9 @@ def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path
         sessions = [earlier] if earlier else []
     first = {key: value for key, value in (sessions[0] if sessions else this).items()
              if key != "sessions"}
-    write_text(run_dir / "provenance.json",
+    write_text(run_dir / "provenance.json",  # first: it tells the folder is a run's
                json.dumps({**first, "sessions": [*sessions, this]}, indent=2) + "\n")
+    write_text(run_dir / "recipe.yaml", recipe_text(recipe))
 
 
 def init_weights(run_dir: Path) -> Path | None:
