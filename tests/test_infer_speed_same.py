@@ -2,13 +2,13 @@
 padding, patch cuts, blending, quantising, chunk writes) must not change one bit.
 
 The hashes were taken from the engine before that work, and taken again (once) where the
-blending windows came to be scaled per axis before their float32 product (a last-bit
-change of the weights, at most 1.8e-7 relative; a narrow Gaussian had underflowed). The network is an exact stand-in
-(products and sums of dyadic numbers, position-dependent in the patch so misplaced or
-misweighted patches show): a convolution's last bits depend on the CPU's instruction set,
-this one's do not. Each run covers a path of its own: hand-over within a unit and
-recomputation across units, both windows, float32/float16/uint8, TTA, a ROI, a mask with
-skipped and blank blocks, a float input with NaN outside the mask, non-finite network
+blending windows came to be scaled per axis before their float32 product (a last-bit change
+of the weights, at most 1.8e-7 relative; a narrow Gaussian had underflowed). The network is
+an exact stand-in (products and sums of dyadic numbers, position-dependent in the patch so
+misplaced or misweighted patches show): a convolution's last bits depend on the CPU's
+instruction set, this one's do not. Each run covers a path of its own: hand-over within a
+unit and recomputation across units, both windows, float32/float16/uint8, TTA, a ROI, a mask
+with skipped and blank blocks, a float input with NaN outside the mask, non-finite network
 outputs, and the whole-array prediction (`predict_array`).
 """
 

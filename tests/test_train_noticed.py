@@ -393,6 +393,10 @@ def test_a_start_killed_while_writing_a_run_file_is_cleared_like_any_failed_star
 
     run = tmp_path / "run"
     run.mkdir()
+    (run / ".provenance.json.4241.tmp").write_text("{")  # killed in its first file: cleared
+    assert prepare(run, resume=False)
+    locks.release(run)
+    (run / "provenance.json").write_text('{"emrun": "0.1.0", "sessions": []}')
     (run / "events.jsonl").write_text("")
     (run / ".recipe.yaml.4242.tmp").write_text("name: x\n")
     (run / ".events.jsonl.4243.tmp").write_text("")

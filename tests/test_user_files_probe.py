@@ -367,9 +367,6 @@ def test_segment_into_its_affinities_store_adds_and_keeps_them(tmp_path):
 # --------------------------------------------------------------------------- bench snemi3d
 
 
-@pytest.mark.xfail(strict=True, reason="bench snemi3d removes any pred.zarr in --out whose "
-                   "record names another checkpoint (none, for a user's): a user's folder "
-                   "given as --out loses its pred.zarr (snemi3d._run: shutil.rmtree(pred))")
 def test_bench_snemi3d_out_keeps_a_users_pred_zarr(tmp_path, monkeypatch):
     """The benchmark's --out pointed at a user's project folder that holds a pred.zarr of
     their own; training and conversion stubbed (they are not what is probed)."""

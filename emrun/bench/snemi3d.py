@@ -164,6 +164,12 @@ def _run(path: Path, folder: Path, out: Path, iterations: int | None, device: st
         raise UserError("the recipe has no affinity task to segment")
     segmenters.build(recipe.segment)  # a segmenter missing its package fails before training
     run = out / "run"
+    pred = out / "pred.zarr"  # checked before hours of training, not after
+    if pred.exists() and not _ours(started_with(pred).get("checkpoint"),
+                                   run / "checkpoints" / "last.pt"):
+        raise UserError(f"{pred} is no prediction of this benchmark's run {run} (it is "
+                        "replaced when the run trains further): move it, or give another "
+                        "--out (nothing was removed)")
     resume = (run / "checkpoints" / "last.pt").exists()
     stage(f"{'continuing' if resume else 'training'} {recipe.name} on sections 0-"
           f"{TRAIN_SECTIONS - 1} to {recipe.train.iterations} iterations in {run}")
@@ -346,3 +352,9 @@ def _figures(out: Path, image: np.ndarray, affs: np.ndarray, seg: np.ndarray,
     save("segmentation.png", overlay)
     save("training.png", curves, (7, 4))
 
+
+def _ours(recorded: Any, checkpoint: Path) -> bool:
+    """Whether an output's record names this benchmark's checkpoint (its run's last.pt):
+    only such a prediction is the benchmark's to replace; a store of the user's in --out
+    was deleted."""
+    return isinstance(recorded, str) and Path(recorded).resolve() == checkpoint.resolve()

@@ -122,7 +122,10 @@ def _ours(run_dir: Path) -> bool:
     the recipe), naming emrun's version. A folder holding only files of a run's names was
     taken for a failed start and cleared: a user's own recipe.yaml (``emrun train
     exp/recipe.yaml --run-dir exp``) or tensorboard/ logs were deleted."""
-    return isinstance(_read_provenance(run_dir / "provenance.json").get("emrun"), str)
+    if isinstance(_read_provenance(run_dir / "provenance.json").get("emrun"), str):
+        return True  # or a start killed while writing it, its first file
+    return any(_start_file(p.name) and p.name.startswith(".provenance.json.")
+               for p in run_dir.iterdir())
 
 
 def _start_file(name: str) -> bool:
