@@ -124,8 +124,8 @@ def _ours(run_dir: Path) -> bool:
     exp/recipe.yaml --run-dir exp``) or tensorboard/ logs were deleted."""
     if isinstance(_read_provenance(run_dir / "provenance.json").get("emrun"), str):
         return True  # or a start killed while writing it, its first file
-    return any(_start_file(p.name) and p.name.startswith(".provenance.json.")
-               for p in run_dir.iterdir())
+    return run_dir.is_dir() and any(_start_file(p.name) and p.name.startswith(
+        ".provenance.json.") for p in run_dir.iterdir())
 
 
 def _start_file(name: str) -> bool:
