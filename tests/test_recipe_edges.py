@@ -343,7 +343,7 @@ CASES: list[tuple[str, str, int, str]] = [
      "infer.batch_size: input should be greater than 0"),
     ("zero_stride", BASE + "infer:\n  stride: [0, 16, 16]\n", 15,
      "infer.stride.0: input should be greater than 0"),
-    ("negative_overlap", BASE + "infer:\n  overlap: [-1, 0, 0]\n", 14,
+    ("negative_overlap", BASE + "infer:\n  overlap: [-1, 0, 0]\n", 15,
      "overlap must be in [0, 1) per axis"),
     ("tiny_learning_rate", edit("iterations: 100", "iterations: 100\n  optimizer: "
                                 "{type: adamw, lr: 1e-400}"), 14,

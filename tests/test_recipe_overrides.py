@@ -82,8 +82,8 @@ def test_a_problem_of_a_list_or_mapping_an_override_changed_is_blamed_on_it(writ
     assert msg == ("override -o tasks.affinity.target.offsets.0.0=0: "
                    "tasks.affinity.target.offsets: offset 0 is (0, 0, 0); offsets must be non-zero")
     [msg] = problems(path, "train.optimizer.betas.0=1.5")  # a check of the whole optimizer
-    assert msg.startswith("override -o train.optimizer.betas.0=1.5: train.optimizer: betas "
-                          "must be in [0, 1)")
+    assert msg.startswith("override -o train.optimizer.betas.0=1.5: train.optimizer.betas: "
+                          "betas must be in [0, 1)")
     # a check across sections: offsets that the override made too long for its patch
     [msg] = problems(path, "infer.patch=[1, 2, 2]")
     assert msg.startswith("override -o infer.patch=[1, 2, 2]: tasks.affinity.target.offsets: "
@@ -94,7 +94,7 @@ def test_a_problem_of_a_list_or_mapping_an_override_changed_is_blamed_on_it(writ
     assert len(msgs) == 2
     assert any(m.startswith("override -o tasks.affinity.target.offsets.1=[0, 0, 0]: "
                             "tasks.affinity.target.offsets: offset 1 is (0, 0, 0)") for m in msgs)
-    assert any(m.startswith("override -o train.optimizer.betas.1=2: train.optimizer: betas")
+    assert any(m.startswith("override -o train.optimizer.betas.1=2: train.optimizer.betas: ")
                for m in msgs)
 
 
@@ -107,7 +107,8 @@ def test_a_problem_the_file_has_anyway_stays_at_its_line(write):
     # was wrong, so its showing up now is not the override's doing
     assert sorted(msgs) == [
         f"{path}:{schedule}:13: train.schedule.milestones: required key is missing",
-        f"{path}:{optimizer}:14: train.optimizer: betas must be in [0, 1) (got [2.0, 0.9])",
+        f"{path}:{optimizer}:42: train.optimizer.betas: betas must be in [0, 1) (got [2.0, "
+        "0.9])",
     ]
 
 

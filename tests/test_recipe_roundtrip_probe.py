@@ -187,8 +187,6 @@ def test_a_number_in_e_notation_is_read_as_meant_where_a_number_belongs(write):
     assert recipe.train.optimizer.lr == 0.001
 
 
-@pytest.mark.xfail(strict=True, reason="a quoted number where a number literal belongs "
-                   "('8' for infer.tta) is told: did you mean '8'? (got '8')")
 def test_a_quoted_number_for_a_numeric_choice_is_not_told_to_write_itself(write):
     path = write(MINIMAL + "infer:\n  tta: '8'\n")
     [msg] = problems(path)
@@ -342,32 +340,24 @@ def test_a_missing_key_of_a_section_the_child_extends_names_the_child_s_mapping(
     assert msg == f"{child}:3:3: train.schedule.milestones: required key is missing"
 
 
-def _whole_model_check(key: str) -> str:
-    return f"a whole-model check about `{key}` names its mapping's line, not the {key} line"
-
-
-def _located_wrong(key: str):
-    return pytest.mark.xfail(strict=True, reason=_whole_model_check(key))
-
-
 # each case: text added at the end of ROOMY (whose last section is train:), the key the
 # problem is about, its key path, and what the message says
 @pytest.mark.parametrize(("added", "bad", "path", "says"), [
     pytest.param("infer:\n  tta: 1\n  overlap: [0.2, 1.5, 0.2]\n", "overlap", "infer.overlap",
-                 "overlap must be in [0, 1) per axis", marks=_located_wrong("overlap"),
+                 "overlap must be in [0, 1) per axis",
                  id="infer-overlap-range"),
     pytest.param("infer:\n  tta: 1\n  stride: [4, 16, 16]\n  overlap: [0.2, 0.2, 0.2]\n",
                  "overlap", "infer.overlap", "give either stride or overlap, not both",
-                 marks=_located_wrong("overlap"), id="infer-stride-and-overlap"),
+                 id="infer-stride-and-overlap"),
     pytest.param("  optimizer:\n    type: adam\n    betas: [0.9, 1.5]\n", "betas",
                  "train.optimizer.betas", "betas must be in [0, 1)",
-                 marks=_located_wrong("betas"), id="adam-betas"),
+                 id="adam-betas"),
     pytest.param("augment:\n  - type: box\n    size: [9, 3]\n", "size", "augment.0.size",
-                 "the first value must not exceed the second", marks=_located_wrong("size"),
+                 "the first value must not exceed the second",
                  id="box-size"),
     pytest.param("augment:\n  - type: one_of\n    of: [{type: noise}, {type: box}]\n"
                  "    probs: [0.9, 0.9]\n", "probs", "augment.0.probs",
-                 "probs sum to 1.8, more than 1", marks=_located_wrong("probs"),
+                 "probs sum to 1.8, more than 1",
                  id="one-of-probs"),
     pytest.param("infer:\n  tta: 1\nsegment:\n  type: mws\nmodel:\n  type: updown\n"
                  "  widths: [4, 8]\n  kernel: [3, 2, 3]\n", "kernel", "model.kernel",

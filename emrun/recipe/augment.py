@@ -35,6 +35,7 @@ from pydantic import Field, model_validator
 from ..geometry import Zyx
 from ..registry import Spec, augmentations
 from . import shape_sets
+from .errors import KeyedValueError
 from .types import NonNegative, Positive, Probability, Size
 
 VoxelSize = tuple[float, float, float]
@@ -67,7 +68,8 @@ PxRange = tuple[Annotated[int, Field(ge=0, le=10_000)], Annotated[int, Field(ge=
 
 def _ordered(pair: tuple[float, float], what: str) -> None:
     if pair[0] > pair[1]:
-        raise ValueError(f"{what}: the first value must not exceed the second (got {list(pair)})")
+        raise KeyedValueError(what, f"{what}: the first value must not exceed the second (got "
+                                     f"{list(pair)})")
 
 
 @dataclass
@@ -713,11 +715,11 @@ class OneOf(AugmentBase):
     def _check(self) -> OneOf:
         if self.probs is not None:
             if len(self.probs) != len(self.of):
-                raise ValueError(
-                    f"probs has {len(self.probs)} values for {len(self.of)} alternatives"
+                raise KeyedValueError(
+                    "probs", f"probs has {len(self.probs)} values for {len(self.of)} alternatives"
                 )
             if sum(self.probs) > 1 + 1e-9:
-                raise ValueError(f"probs sum to {sum(self.probs):g}, more than 1")
+                raise KeyedValueError("probs", f"probs sum to {sum(self.probs):g}, more than 1")
         return self
 
     def patch_problems(self, patch: tuple[int, int, int]) -> list[str]:

@@ -200,9 +200,11 @@ def _message(err: ErrorDetails, loc: tuple[Any, ...]) -> str:
             message = message[0].lower() + message[1:]
     if kind == "literal_error" and isinstance(value, str):
         expected = str(ctx.get("expected", "")).replace(" or ", ",")
-        options = [o.strip(" '") for o in expected.split(",")]
-        hint = _close(value, options)
-        if hint:
+        quoted = [o.strip() for o in expected.split(",")]
+        options = [o.strip(" '") for o in quoted]
+        if value.strip() in [o for o in quoted if not o.startswith("'")]:  # '8' for 8
+            message += f"; write {value.strip()} without quotes (a number, not text)"
+        elif hint := _close(value, options):
             message += f"; did you mean {' or '.join(repr(h) for h in hint)}?"
     if isinstance(value, str | int | float | bool) and kind != "value_error":
         shown = repr(value)

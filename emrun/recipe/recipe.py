@@ -25,6 +25,7 @@ from ..registry import (
 )
 from . import data, model, tasks, unets  # noqa: F401  (importing registers the built-in specs)
 from .augment import PRESETS, Compose, OneOf
+from .errors import KeyedValueError
 from .run import Bump, MutexWatershed, Precision, Train
 from .tasks import BCELoss
 from .types import Name, NonNegative, Seed, Size, Zyx
@@ -139,9 +140,10 @@ class Infer(Spec):
     @model_validator(mode="after")
     def _check(self) -> Infer:
         if self.stride is not None and self.overlap is not None:
-            raise ValueError("give either stride or overlap, not both")
+            raise KeyedValueError("overlap", "give either stride or overlap, not both")
         if self.overlap is not None and not all(0 <= o < 1 for o in self.overlap):
-            raise ValueError(f"overlap must be in [0, 1) per axis (got {list(self.overlap)})")
+            raise KeyedValueError("overlap", f"overlap must be in [0, 1) per axis (got "
+                                             f"{list(self.overlap)})")
         return self
 
     def resolved_stride(self, patch: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -9,6 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from ..registry import Spec, blends, segmenters
+from .errors import KeyedValueError
 from .types import Count, NonNegative, Positive, PositiveCount, Size, Zyx
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -26,7 +27,7 @@ class Adam(Spec):
     @model_validator(mode="after")
     def _check(self) -> Adam:
         if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be in [0, 1) (got {list(self.betas)})")
+            raise KeyedValueError("betas", f"betas must be in [0, 1) (got {list(self.betas)})")
         return self
 
 
