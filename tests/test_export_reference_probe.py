@@ -446,9 +446,6 @@ def test_a_file_that_appears_during_the_export_is_kept_and_the_export_refused(
 # --------------------------------------------------------------------------- mismatches
 
 
-@pytest.mark.xfail(strict=True, reason="infer --model P -o tasks.* without --recipe exits 0: "
-                   "affinities labelled [0,-5,0],[0,0,-5] where the manifest states [0,-3,0],"
-                   "[0,0,-3], or mito written as logits; with --recipe R the same -o exits 2")
 @pytest.mark.parametrize("override", [
     "tasks.aff.target.offsets=[[-1,0,0],[0,-1,0],[0,0,-1],[0,-5,0],[0,0,-5]]",
     "tasks.mito.activation=none"], ids=["offsets", "activation"])

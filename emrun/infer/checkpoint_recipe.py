@@ -42,27 +42,39 @@ def recipe_for(checkpoint: Path, recipe: Path | None, overrides: Sequence[str]) 
         member = f"its {RECIPE}" if is_package(checkpoint) else "its recipe"
         shown = f"{shown_path(checkpoint)} ({member})"
         try:
-            return load_recipe(checkpoint, overrides, text=saved_text, shown=shown)
+            loaded = load_recipe(checkpoint, overrides, text=saved_text, shown=shown)
         except RecipeError as exc:
             if not _augmentation_only(exc):
                 raise
             print(f"warning: {exc.problems[0]}: predicting needs no augmentation, so the "
                   "checkpoint's are left out here", file=sys.stderr, flush=True)
             saved["augment"] = []
-            return load_recipe(checkpoint, overrides, text=yaml.safe_dump(saved, sort_keys=False),
-                               shown=shown)
+            loaded = load_recipe(checkpoint, overrides,
+                                 text=yaml.safe_dump(saved, sort_keys=False), shown=shown)
+        if overrides and (found := _other_network(loaded, saved)):  # -o tasks.x.activation
+            raise UserError(f"-o {' -o '.join(overrides)} changes the network of "
+                            f"{checkpoint}: {found}. Only what is not the network (infer, "
+                            "segment, ...) may be overridden")
+        return loaded
     loaded = load_recipe(recipe, overrides)
-    if isinstance(saved, dict):
-        current, saved = loaded.recipe.resolved(), resolved_now(saved)  # settings added since
-        differences = [d for section in FIXED
-                       for d in _differences(current.get(section), saved.get(section),
-                                             (section,))]
-        if differences:
-            listed = "; ".join(differences[:SHOWN])
-            more = f" (and {len(differences) - SHOWN} more)" if len(differences) > SHOWN else ""
-            raise UserError(f"--recipe {recipe} describes another network than {checkpoint}: "
-                            f"{listed}{more}. Drop --recipe to use the checkpoint's own")
+    if isinstance(saved, dict) and (found := _other_network(loaded, saved)):
+        raise UserError(f"--recipe {recipe} describes another network than {checkpoint}: "
+                        f"{found}. Drop --recipe to use the checkpoint's own")
     return loaded
+
+
+def _other_network(loaded: LoadedRecipe, saved: dict[str, Any]) -> str | None:
+    """How ``loaded``'s network (its `FIXED` sections) differs from the checkpoint's saved
+    recipe, listed; None when it is the same. An override of the checkpoint's own recipe was
+    not compared: other offsets or activations predicted silently with the checkpoint's
+    weights, and recorded the changed ones."""
+    current, saved = loaded.recipe.resolved(), resolved_now(saved)  # settings added since
+    differences = [d for section in FIXED
+                   for d in _differences(current.get(section), saved.get(section), (section,))]
+    if not differences:
+        return None
+    more = f" (and {len(differences) - SHOWN} more)" if len(differences) > SHOWN else ""
+    return "; ".join(differences[:SHOWN]) + more
 
 
 def check_plugins(checkpoint: Path, used: Any) -> None:
