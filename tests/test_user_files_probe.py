@@ -130,9 +130,6 @@ def test_convert_into_another_tools_plain_zarr_group_adds_and_keeps_the_rest(tmp
         "another tool"
 
 
-@pytest.mark.xfail(strict=True, reason="writing a volume into another tool's OME-Zarr image "
-                   "store rewrites the root's multiscales to emrun's volume: the user's root "
-                   "image (s0, s1) is no longer the store's image (layout.refresh_root)")
 @pytest.mark.parametrize("command", ["synth", "convert"])
 def test_another_tools_ome_zarr_image_keeps_its_root_metadata(tmp_path, image, command):
     store = tmp_path / "theirs.zarr"

@@ -819,6 +819,16 @@ def _check_name(root: Path, name: str) -> None:
                           "zarr's own")
 
 
+def _root_image(doc: dict[str, Any]) -> bool:
+    """Whether a group's zarr.json makes it an OME image whose levels lie at its root
+    (datasets ``s0``, ``s1``): emrun's root names an image below it (``image/0``)."""
+    try:
+        datasets = doc["attributes"]["ome"]["multiscales"][0]["datasets"]
+        return any("/" not in str(d["path"]) for d in datasets)
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
 def _check_store(root: Path, clear: bool = True) -> None:
     """The output must be a *.zarr folder that is missing, empty or a zarr v3 group (its
     `emrun.locks` file and zarr's temporaries aside: a first write killed while zarr wrote
@@ -845,6 +855,10 @@ def _check_store(root: Path, clear: bool = True) -> None:
             raise VolumeError(f"{root}: unreadable zarr.json: {exc}") from exc
         if not isinstance(doc, dict) or doc.get("node_type") != "group":
             raise VolumeError(f"{root}: is a zarr array, not a group; volumes go into a group")
+        if _root_image(doc):
+            raise VolumeError(f"{root}: is an OME-Zarr image itself (its levels at its root, "
+                              "another tool's); emrun adds volumes to a group, and would "
+                              "rename the image the store opens as: give another .zarr path")
         return
     if (root / ".zgroup").exists() or (root / ".zarray").exists():
         raise VolumeError(
