@@ -99,7 +99,8 @@ def _entries(run_dir: Path, resume: bool) -> list[Path]:
                         f"{', ...' if len(entries) > 3 else ''}): neither empty for a new run "
                         "nor one that already holds a run to --resume; give a new or empty "
                         "--run-dir (nothing was overwritten)")
-    if not _ours(run_dir):  # a user's recipe.yaml or tensorboard/ of the same names
+    if not _ours(run_dir) and _failed_start(entries):  # a user's recipe.yaml or
+        # tensorboard/ of a run's names, and no checkpoint (a run's, even copied bare)
         shown = ", ".join(sorted(entry.name for entry in entries)[:3])
         raise UserError(f"--run-dir {run_dir} holds {shown}, but no run of emrun's (its "
                         "provenance.json): give a new or empty --run-dir, or one holding "
