@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 from dataclasses import dataclass
@@ -35,8 +36,17 @@ def setup(device_type: str) -> World:
         return World()
     world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), size)
     if not dist.is_initialized():
+        _import_what_ddp_imports()
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return world
+
+
+def _import_what_ddp_imports() -> None:
+    """Import before the group exists what DDP's constructor imports (torch._dynamo and,
+    through it, torch.distributed.nn.functional): that module's functions take
+    ``group=group.WORLD`` as a default argument, so imported after the group was made they
+    held it for good, and ``teardown`` could not end its threads."""
+    import torch._dynamo  # noqa: F401
 
 
 def finish_together(world: World) -> None:
@@ -49,8 +59,12 @@ def finish_together(world: World) -> None:
 
 
 def teardown(world: World) -> None:
+    """Leave the process group and collect it now (the caller has dropped DDP's wrapper):
+    its threads are joined when its last reference goes, with the GIL released, so a
+    thread still finishing a collective can end it."""
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def parameter_digest(model: nn.Module, buffers: bool = True) -> str:

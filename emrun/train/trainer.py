@@ -656,8 +656,18 @@ class Trainer:
             try:
                 logger.close()  # may raise what a full disk did to its last writes
             finally:
-                distributed.teardown(self.world)
+                self._leave_group()
                 locks.release(self.run_path)
+
+    def _leave_group(self) -> None:
+        """Under DDP, let go of the process group with every reference to it (DDP's
+        wrapper holds one), so that its threads end here rather than at the interpreter's
+        exit, where a gloo thread still letting go of a finished all-reduce's tensors
+        aborted the rank ("terminate called without an active exception") and torchrun
+        failed a finished run."""
+        if isinstance(self.forward_model, nn.parallel.DistributedDataParallel):
+            self.forward_model = self.forward_model.module
+        distributed.teardown(self.world)
 
     def _stop(self, signals: _Signals) -> str | None:
         """The stopping signal's name, the same on every rank (None: go on). Under DDP the
