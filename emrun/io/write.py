@@ -108,7 +108,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from emrun import locks
-from emrun.io import PRIVATE_PREFIX
+from emrun.io import PRIVATE_PREFIX, adding
 from emrun.io.layout import LABELS, refresh_root, volume_dir
 from emrun.io.metadata import (
     declared_shift,
@@ -202,6 +202,9 @@ def write_volumes(
     with held_store(path) as new_store:
         for name, (_, label) in volumes.items():
             _prepare(path, name, label, overwrite, taken)
+        to_add = [(name, label) for name, (_, label) in volumes.items()
+                   if not volume_dir(path, name, label).exists()]
+        adding.start(Path(path), to_add, new_store)  # what a kill leaves is undone by it
         added: list[tuple[str, bool]] = []
         try:
             for name, (array, label) in volumes.items():
@@ -217,7 +220,9 @@ def write_volumes(
                 for name, label in added:
                     shutil.rmtree(volume_dir(path, name, label), ignore_errors=True)
                 refresh_root(path)
+                adding.finish(Path(path))
             raise
+        adding.finish(Path(path))
 
 
 def create_volume(
@@ -425,6 +430,8 @@ def hold_store(path: str | os.PathLike[str], advice: str = STORE_ADVICE) -> bool
     if not outer:  # ours alone now: what a killed writer left is nobody's
         remove_zarr_temporaries(root)
         restore_replaced(root)
+        if adding.undo_killed(root) and _bare(root):
+            new = True  # made by the killed write, and as it was before it: as good as new
     return new
 
 
@@ -442,7 +449,7 @@ def store_entries(folder: Path) -> list[Path]:
     """What a store folder holds that anyone put there on purpose: its entries, without
     the `emrun.locks` file and zarr's temporaries that a killed writer left."""
     return [entry for entry in locks.contents(folder)
-            if not is_zarr_temporary(entry)]
+            if not is_zarr_temporary(entry) and not adding.is_record(entry)]
 
 
 def killed_first_write(folder: Path) -> bool:
@@ -486,9 +493,15 @@ def _remove_if_bare(store: Path) -> None:
     """Remove a store this write made and that holds nothing but group metadata (and its
     lock), so that a failed first write leaves no empty `OUT.zarr` behind; a store holding
     anything else (a volume another process has begun meanwhile) is left alone."""
-    if all(p.is_dir() or p.name == "zarr.json" or locks.is_lock_file(p.name)
-           or is_zarr_temporary(p) for p in store.rglob("*")):
+    if _bare(store):
         shutil.rmtree(store, ignore_errors=True)
+
+
+def _bare(store: Path) -> bool:
+    """Whether ``store`` holds nothing but group metadata, emrun's lock and records, and
+    zarr's temporaries."""
+    return all(p.is_dir() or p.name == "zarr.json" or locks.is_lock_file(p.name)
+               or is_zarr_temporary(p) or adding.is_record(p) for p in store.rglob("*"))
 
 
 def restore_replaced(root: Path) -> None:
