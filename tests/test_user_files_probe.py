@@ -410,6 +410,60 @@ def test_bench_snemi3d_out_keeps_a_users_pred_zarr(tmp_path, monkeypatch):
     assert (out / "pred.zarr").is_dir() and tree_digest(out / "pred.zarr") == before
 
 
+def _bench_out_reaching_training(tmp_path: Path, monkeypatch) -> tuple[Path, Path, type]:
+    """Data files and a stubbed conversion; the returned exception is raised by the stubbed
+    Trainer, i.e. when the benchmark starts training."""
+    from emrun.bench import snemi3d
+    from emrun.bench.snemi3d import FILES
+
+    data = tmp_path / "snemi3d"
+    data.mkdir()
+    for name in FILES.values():
+        (data / name).write_bytes(b"")
+
+    class Training(Exception):
+        pass
+
+    def trainer(*args, **kwargs):
+        raise Training
+
+    monkeypatch.setattr(snemi3d, "converted",
+                        lambda folder, out, stage: (out / "snemi3d.zarr", (70, 1024, 1024)))
+    monkeypatch.setattr(snemi3d, "Trainer", trainer)
+    return data, tmp_path / "project", Training
+
+
+def test_bench_snemi3d_out_keeps_a_users_seg_zarr(tmp_path, monkeypatch):
+    """A segmentation of the user's at --out/seg.zarr was replaced without a word at the
+    end (overwrite=True); now refused before training, untouched."""
+    from emrun.bench import snemi3d
+    from emrun.errors import UserError
+
+    data, out, _ = _bench_out_reaching_training(tmp_path, monkeypatch)
+    labels = np.arange(2 * 4 * 4, dtype=np.uint32).reshape(2, 4, 4)
+    write_volume(out / "seg.zarr", "segmentation", labels, label=True, levels=1)
+    before = tree_digest(out / "seg.zarr")
+    with pytest.raises(UserError, match=r"seg.zarr/labels/segmentation is no segmentation "
+                                        r"of this benchmark"):
+        snemi3d.run_snemi3d(data, out, iterations=1)
+    assert tree_digest(out / "seg.zarr") == before
+
+
+@pytest.mark.parametrize("mark", [{"written_by": "bench snemi3d"}, None])
+def test_bench_snemi3d_goes_on_with_its_own_seg_zarr_or_none(tmp_path, monkeypatch, mark):
+    """Its own segmentation (a run stopped before results.json) is its to replace, and a
+    seg.zarr holding other volumes only is no obstacle."""
+    from emrun.bench import snemi3d
+
+    data, out, training = _bench_out_reaching_training(tmp_path, monkeypatch)
+    labels = np.arange(2 * 4 * 4, dtype=np.uint32).reshape(2, 4, 4)
+    name = "segmentation" if mark is not None else "other"
+    write_volume(out / "seg.zarr", name, labels, label=True, levels=1,
+                 attrs={"emrun": mark} if mark is not None else None)
+    with pytest.raises(training):
+        snemi3d.run_snemi3d(data, out, iterations=1)
+
+
 # ------------------------------------------------------------------------------- evaluate
 
 

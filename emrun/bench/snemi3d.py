@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+import zarr
 
 from .. import locks
 from ..atomic import atomic_output, write_text
@@ -40,6 +41,7 @@ from ..infer.job import started_with
 from ..infer.run import run_inference
 from ..io import open_volume
 from ..io.convert import convert
+from ..io.layout import volume_dir
 from ..io.write import write_volume
 from ..recipe import LoadedRecipe, load_recipe
 from ..recipe.tasks import AffinityTarget
@@ -170,6 +172,8 @@ def _run(path: Path, folder: Path, out: Path, iterations: int | None, device: st
         raise UserError(f"{pred} is no prediction of this benchmark's run {run} (it is "
                         "replaced when the run trains further): move it, or give another "
                         "--out (nothing was removed)")
+    seg_path = out / "seg.zarr"
+    _check_segmentation_is_ours(seg_path)
     resume = (run / "checkpoints" / "last.pt").exists()
     stage(f"{'continuing' if resume else 'training'} {recipe.name} on sections 0-"
           f"{TRAIN_SECTIONS - 1} to {recipe.train.iterations} iterations in {run}")
@@ -208,10 +212,10 @@ def _run(path: Path, folder: Path, out: Path, iterations: int | None, device: st
     result = sweep(affs, target.offsets, recipe.segment, values, truth,
                    on_value=lambda i, row: stage(value_line(parameter, values, i, row)))
     segment_seconds = time.perf_counter() - started
-    seg_path = out / "seg.zarr"
+    _check_segmentation_is_ours(seg_path)  # again: --out is held, but not its files
     write_volume(seg_path, "segmentation", result.segmentation.astype(np.uint64),
                  voxel_size=VOXEL_SIZE, offset=tuple(validation.offset), overwrite=True,
-                 label=True)
+                 label=True, attrs={"emrun": OUR_SEGMENTATION})
     final = score(result.segmentation, truth)
     as_labelled = score(result.segmentation, labels).as_dict()
 
@@ -351,6 +355,26 @@ def _figures(out: Path, image: np.ndarray, affs: np.ndarray, seg: np.ndarray,
     save("affinities.png", affinities)
     save("segmentation.png", overlay)
     save("training.png", curves, (7, 4))
+
+
+OUR_SEGMENTATION = {"written_by": "bench snemi3d"}
+"""The mark on the segmentation this benchmark writes into --out/seg.zarr: only a marked one
+is its to replace (a benchmark stopped after writing it, before results.json)."""
+
+
+def _check_segmentation_is_ours(seg_path: Path) -> None:
+    """Refuse, before training, a ``seg.zarr/labels/segmentation`` in --out that this
+    benchmark did not write: it was replaced without a word (its other volumes are left)."""
+    volume = volume_dir(seg_path, "segmentation", True)
+    if not (volume.exists() or volume.is_symlink()):
+        return
+    try:
+        mark = zarr.open_group(str(volume), mode="r").attrs.get("emrun", {})
+    except Exception:  # not a zarr group: no volume of ours either
+        mark = {}
+    if not isinstance(mark, dict) or mark.get("written_by") != OUR_SEGMENTATION["written_by"]:
+        raise UserError(f"{volume} is no segmentation of this benchmark (it writes its own "
+                        "there): move it, or give another --out (nothing was removed)")
 
 
 def _ours(recorded: Any, checkpoint: Path) -> bool:
