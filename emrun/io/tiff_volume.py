@@ -330,12 +330,18 @@ def _first_series(path: str, tif: tifffile.TiffFile) -> Any:
 
 def _check_axes(path: str, series: Any) -> None:
     """Refuse layouts that would be read as the wrong axes: colour samples last (an RGB
-    export became z, y, x = rows, columns, 3) and ImageJ channels after z (read as c, z)."""
+    export became z, y, x = rows, columns, 3), ImageJ channels after z (read as c, z) and
+    time points of a z stack (read as channels; frames alone, TYX, are read as sections, as
+    Fiji often labels a stack's sections)."""
     axes, shape = str(series.axes), tuple(series.shape)
     if len(axes) > 1 and axes.endswith("S") and shape[-1] > 1:
         raise VolumeError(f"{path}: is a colour TIFF ({shape[-1]} samples per pixel, axes "
                           f"{axes}); EM images have one channel: save it as 8- or 16-bit "
                           "greyscale (Fiji: Image > Type > 8-bit) and convert that")
+    if "T" in axes and "Z" in axes and shape[axes.index("T")] > 1:
+        raise VolumeError(f"{path}: holds {shape[axes.index('T')]} time points of a z stack "
+                          f"(axes {axes}), which would be read as channels; emrun reads one: "
+                          "save a single time point (Fiji: Image > Duplicate, one frame)")
     if "C" in axes and axes.index("C") > 0 and shape[axes.index("C")] > 1:
         raise VolumeError(f"{path}: holds channels after other axes (axes {axes}, shape "
                           f"{list(shape)}); emrun reads channels first (c, z, y, x): save one "

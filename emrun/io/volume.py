@@ -124,7 +124,11 @@ class Volume(ABC):
                 f"{self}: reading {format_roi(box)} failed: {one_line(exc)}"
             ) from exc
         data = np.asarray(data)
-        return data if data.dtype.isnative else data.astype(native_dtype(data.dtype))
+        if not data.dtype.isnative:
+            data = data.astype(native_dtype(data.dtype))
+        return np.ascontiguousarray(data)  # every format C-ordered: a zarr v2 order-F array,
+        # an ilastik (z, y, x, c) HDF5 and a 4-d TIFF's box came back strided, which
+        # torch.from_numpy(...).view refused
 
     def normalise_roi(self, roi: Roi | None) -> Roi:
         """The box over every axis of the volume (leading axes whole), clipped to it."""
