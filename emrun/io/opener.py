@@ -31,13 +31,18 @@ def split_volume_path(spec: str | os.PathLike[str]) -> tuple[str, str | None]:
     """Split "a/vol.zarr/image" into ("a/vol.zarr", "image").
 
     The container ends at the first path component whose name ends in .zarr, .h5, .hdf5 or
-    .hdf; anything after it is the array path inside. Other paths come back whole.
+    .hdf; anything after it is the array path inside. Other paths come back whole, and so
+    does a path to a file that exists below a folder so named (`proj.zarr/exports/stack.tif`
+    was opened as a dataset of `proj.zarr`).
     """
     text = os.fspath(spec)
     if os.sep != "/":
         text = text.replace(os.sep, "/")
     parts = text.split("/")
+    a_file = "://" not in text and os.path.isfile(text)
     for i, part in enumerate(parts):
+        if a_file and os.path.isdir("/".join(parts[: i + 1])):
+            continue  # a folder the file lies in, whatever its name
         if part.lower().endswith(CONTAINER_SUFFIXES):
             inner = [p for p in parts[i + 1 :] if p]
             if DOT_SEGMENTS.intersection(inner):

@@ -260,6 +260,7 @@ class Trainer:
         self.last_rate = float(self.optimizer.param_groups[0]["lr"])  # logged: the rate of
         # the last update made
         self.best: float | None = None
+        self.best_by: str | None = None  # the figure best is of: arand or loss/total
         self.train_seconds = 0.0  # wall time in fit() over every session of this run
         self.devices: list[str] = []  # the devices that trained it, in order of first use
         self._clock: float | None = None
@@ -426,6 +427,7 @@ class Trainer:
         self.nonfinite = int(state.get("nonfinite", 0))
         best = state.get("best")
         self.best = None if best is None else float(best)
+        self.best_by = state.get("best_by")  # absent before it was kept: taken as comparable
         self.train_seconds = float(state.get("train_seconds", 0.0))
         devices = state.get("devices", [])
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
@@ -447,14 +449,20 @@ class Trainer:
         if not path.is_file():
             return saved
         try:
-            recorded = load(path).get("best")
+            best_pt = load(path)
         except CheckpointError as exc:
             self._say(f"{exc}; the next validation's figures replace it")
             return saved
+        recorded, recorded_by = best_pt.get("best"), best_pt.get("best_by")
         if not isinstance(recorded, (int, float)) or isinstance(recorded, bool) or \
                 not math.isfinite(recorded):
             return saved
-        return float(recorded) if saved is None else min(saved, float(recorded))
+        if saved is None:
+            self.best_by = recorded_by
+            return float(recorded)
+        if None not in (recorded_by, self.best_by) and recorded_by != self.best_by:
+            return saved  # best.pt is of another figure: the checkpoint's own kind wins
+        return min(saved, float(recorded))
 
     def state(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this run is."""
@@ -469,6 +477,7 @@ class Trainer:
             "rng": rng_state(),
             "nonfinite": self.nonfinite,
             "best": self.best,
+            "best_by": self.best_by,
             "train_seconds": self.seconds(),
             "devices": self.devices,
             "log_window": {"iterations": self._window_count,
@@ -802,10 +811,16 @@ class Trainer:
         logger.validation(scored.iteration, metrics)
         key = "arand" if "arand" in metrics else "loss/total"  # lower is better for both
         value = metrics.get(key, math.nan)  # none: nothing was counted
-        if math.isfinite(value) and (self.best is None or value < self.best):
-            self.best = value
+        if not math.isfinite(value):
+            return
+        if self.best is not None and self.best_by is not None and key != self.best_by:
+            logger.message(f"best.pt is chosen by {key} from here on (validate_segmentation "
+                           f"changed); its {self.best_by} of {self.best:.4g} is not compared")
+            self.best = None  # an ARAND was compared with a loss, and never chosen
+        if self.best is None or value < self.best:
+            self.best, self.best_by = value, key
             state = scored.state if scored.state is not None else self.state()
-            self.checkpoints.save_best({**state, "best": self.best})
+            self.checkpoints.save_best({**state, "best": self.best, "best_by": key})
 
     def _checkpoint(self, logger: RunLogger) -> None:
         digest = distributed.check_in_sync(self.model, self.world)
