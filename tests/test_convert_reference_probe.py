@@ -719,3 +719,16 @@ def test_tiff_frames_without_z_are_read_as_sections(tmp_path):
     with tifffile.TiffFile(path) as tif:
         assert tif.series[0].axes == "TYX"
     np.testing.assert_array_equal(open_volume(path).read(), data)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_file_below_a_folder_named_like_a_container_opens_as_that_file(tmp_path, suffix):
+    """`proj.zarr/exports/stack.tif` (a plain folder named .zarr) was opened as dataset
+    `exports/stack.tif` of a store `proj.zarr`: 'not a zarr store'."""
+    folder = tmp_path / f"proj{suffix}" / "exports"
+    folder.mkdir(parents=True)
+    data = values((2, 8, 8), "uint8", seed=34)
+    tifffile.imwrite(folder / "stack.tif", data)
+    np.save(folder / "a.npy", data)
+    for name in ("stack.tif", "a.npy"):
+        np.testing.assert_array_equal(open_volume(folder / name).read(), data)
