@@ -23,8 +23,13 @@ from .targets import Patch, semantic_needs
 
 
 def batch_rng(seed: int, rank: int, index: int) -> np.random.Generator:
-    """The random stream of batch ``index`` on ``rank``."""
-    return np.random.default_rng([seed, rank, index])
+    """The random stream of batch ``index`` on ``rank``. numpy splits a seed of 2**32 or
+    more into two 32-bit words and pads short keys with zeros, so seed 2**32's (rank 0,
+    batch 0) was seed 0's (rank 1, batch 0): such a seed's key ends in a 1, which no key of
+    a smaller seed (3 words, zero-padded) does; smaller seeds keep their streams."""
+    if seed < 2**32:
+        return np.random.default_rng([seed, rank, index])
+    return np.random.default_rng([seed, rank, index, 1])
 
 
 class SampleMaker:

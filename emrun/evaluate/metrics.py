@@ -135,8 +135,11 @@ def score(
     if connected_truth:
         truth = connected_pieces(truth)
     table = count_pairs(seg, truth, mask, labelled=labelled)
-    if len(table) == 0 and mask is not None and not inside(mask).any():
-        raise EvaluationError("mask: the mask is 0 everywhere (or NaN); nothing to score")
+    if len(table) == 0 and mask is not None:  # the mask's fault, not the truth's
+        if not inside(mask).any():
+            raise EvaluationError("mask: the mask is 0 everywhere (or NaN); nothing to score")
+        raise EvaluationError("truth: the truth has no labelled voxel inside the mask (it is "
+                              "0 wherever the mask is non-zero); nothing to score")
     if warn is not None:
         for line in negative_id_warnings(table.negative, "the segmentation", "the truth"):
             warn(line)
