@@ -51,7 +51,7 @@ class SourceBase(Spec):
     weight: Positive | None = Field(
         None,
         description="Relative sampling weight in the mixture; default: proportional to the "
-        "number of labelled voxels.",
+        "number of labelled voxels (counted in 8 evenly spaced sections).",
     )
     roi: RoiSpec | None = Field(None, description="Restrict sampling to this box (voxels).")
     voxel_size: Nanometres | None = Field(
