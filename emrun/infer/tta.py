@@ -167,7 +167,10 @@ class Variant:
         swaps the y and x components (mean offset 1-2, variance 4-5, correlations zy and zx
         6-7), and a flip negates the mean offset along it and each correlation it enters
         once, stored about 0.5 (``c`` becomes ``1 - c``). The spatial inverse alone left
-        flipped variants mirrored, and their mean off by up to 0.5."""
+        flipped variants mirrored, and their mean off by up to 0.5. Background (label 0,
+        every channel 0) has no mirror and becomes 1 in those channels: the variants' mean
+        reads about 0.5 there (documented; the network's output does not say which voxels
+        are background)."""
         y = self.invert(y)
         order = list(range(y.shape[-4]))
         if self.transpose:
