@@ -777,7 +777,9 @@ def _kruskal_from_seeds(affs: np.ndarray, offsets, seeds: np.ndarray,
                         mask: np.ndarray) -> np.ndarray:
     """The seeded watershed by its definition, in plain Python: every nearest-neighbour edge
     with both ends in the mask, strongest first (ranked at 16 bits, ties in channel then
-    voxel order), joins two trees unless both hold a seed; a voxel takes its tree's seed."""
+    voxel order), joins two trees unless both hold a seed; a voxel takes its tree's seed.
+    Before the first edge of rank 32768 or less (affinity 0.5 or less), each tree of more
+    than one voxel without a seed gets a new one, in order of its first voxel."""
     shape = seeds.shape
     edges = []
     for c, offset in enumerate(offsets):
@@ -795,7 +797,16 @@ def _kruskal_from_seeds(affs: np.ndarray, offsets, seeds: np.ndarray,
             x = parent[x]
         return x
 
-    for _, _, u, w in sorted(edges):
+    top, seeded_the_strong = max(label), False
+    for minus_rank, _, u, w in sorted(edges):
+        if -minus_rank <= 32768 and not seeded_the_strong:
+            seeded_the_strong = True
+            for v in range(seeds.size):
+                r = root(v)
+                size = sum(root(x) == r for x in range(seeds.size))
+                if label[r] == 0 and size > 1:
+                    top += 1
+                    label[r] = top
         a, b = root(u), root(w)
         if a != b and not (label[a] and label[b]):
             if label[a] == 0:

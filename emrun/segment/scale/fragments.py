@@ -7,7 +7,8 @@ touching a voxel; seeds are the plateaus of maximal distance to the boundary (Eu
 distance transform by `edt`, maxima over a (3, 7, 7) window, labelled by `cc3d`), grown
 along the nearest-neighbour edges in decreasing affinity (a watershed on the edges: the
 minimum spanning forest rooted at the seeds, compiled with numba); every piece of object
-gets a seed, and every voxel inside the mask a fragment.
+gets a seed (a piece of object too thin for one gets its own once the edges above 0.5 are
+in), and every voxel inside the mask a fragment.
 ``mws``: the mutex watershed of the block (every channel, long-range ones included). Both
 see the block with a context around it (``HALO``).
 """
@@ -124,20 +125,25 @@ def _flood(affs: np.ndarray, offsets: Sequence[Offset], seeds: np.ndarray,
 
 RANKS = 65535
 """Affinities are ranked at this resolution (exact for affinities stored as uint8)."""
+STRONG_SLOTS = RANKS - int(FOREGROUND * RANKS + 0.5)
+"""Edges ranked in the slots before this one are above ``FOREGROUND`` (at the ranking's
+resolution: 0.5 itself is not): they join voxels of one object."""
 
 
 @numba.njit(cache=True, nogil=True)
 def _ranked_edges(affs: np.ndarray, channels: np.ndarray, steps: np.ndarray,
-                  inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+                  inside: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:  # pragma: no cover
     """The edges v - (v + step) of each channel with both ends inside, as flat voxel indices
     (u, w) from the strongest affinity down (a counting sort on 16-bit ranks; ties in
-    channel order, then voxel order)."""
+    channel order, then voxel order), and how many of them come first as strong
+    (`STRONG_SLOTS`)."""
     nz, ny, nx = inside.shape
     count = np.zeros(RANKS + 2, np.int64)
     for sweep in range(2):  # the first counts each rank, the second places each edge
         if sweep == 1:
             for k in range(1, RANKS + 2):
                 count[k] += count[k - 1]
+            strong = count[STRONG_SLOTS]  # edges in slots before it
             u = np.empty(count[RANKS + 1], np.int32)
             w = np.empty(count[RANKS + 1], np.int32)
         for i in range(channels.shape[0]):
@@ -158,7 +164,7 @@ def _ranked_edges(affs: np.ndarray, channels: np.ndarray, steps: np.ndarray,
                             u[count[slot]] = v
                             w[count[slot]] = v + shift
                             count[slot] += 1
-    return u, w
+    return u, w, strong
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -180,21 +186,39 @@ def _seeded_forest(affs: np.ndarray, channels: np.ndarray, steps: np.ndarray,
                    seeds: np.ndarray, inside: np.ndarray) -> np.ndarray:  # pragma: no cover
     """Kruskal over the ranked edges, skipping edges between two seeded trees; each voxel's
     tree's seed id, or 0. One int32 per voxel: a parent, or at a root -1 - the seed id, so
-    that the loop touches one array (half the memory of parents and labels apart)."""
-    u, w = _ranked_edges(affs, channels, steps, inside)
+    that the loop touches one array (half the memory of parents and labels apart).
+
+    Once the strong edges (above ``FOREGROUND``) are in, every tree they built without a
+    seed gets one of its own (ids after the largest seed, in order of each tree's first
+    voxel): an
+    object without a voxel whose every edge is strong (two voxels thick, a sliver in z) had
+    no distance seed, and its tree was flooded into a neighbour's across an edge of
+    affinity 0, a fragment across a boundary that no agglomeration undoes."""
+    u, w, strong = _ranked_edges(affs, channels, steps, inside)
     tree = np.empty(seeds.size, np.int32)
     flat = seeds.reshape(-1)
+    top = 0
     for v in range(flat.shape[0]):
         tree[v] = -1 - flat[v]
+        top = max(top, np.int64(flat[v]))
+    joined = np.zeros(seeds.size, np.bool_)  # a root whose tree holds more than itself
     for k in range(u.shape[0]):
+        if k == strong:
+            for v in range(tree.shape[0]):
+                r = _root(tree, v)
+                if tree[r] == -1 and joined[r]:
+                    top += 1
+                    tree[r] = -1 - top
         a = _root(tree, u[k])
         b = _root(tree, w[k])
         if a == b:
             continue
         if tree[a] == -1:  # a holds no seed: it joins b's tree
             tree[a] = b
+            joined[b] = True
         elif tree[b] == -1:
             tree[b] = a
+            joined[a] = True
     out = np.empty(seeds.shape, np.uint64)
     labels = out.reshape(-1)
     for v in range(flat.shape[0]):
