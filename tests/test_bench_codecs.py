@@ -187,9 +187,10 @@ def test_an_interrupt_stops_zarr_s_writes_and_removes_the_temporary_folder(
     started = []
 
     def interrupted(chosen, data, chunks, passes, work):
-        array = zarr.create_array(str(work / "array.zarr"), shape=(32, 32, 32), dtype="u1",
-                                  chunks=(1, 1, 1), compressors=None)
-        writing = array._async_array.setitem(..., np.ones((32, 32, 32), np.uint8))
+        array = zarr.create_array(str(work / "array.zarr"), shape=(16, 16, 16), dtype="u1",
+                                  chunks=(1, 1, 1), compressors=None)  # 4096 writes: their
+        # cancelling ends within remove_tree's wait on a busy 2-core machine (32^3 did not)
+        writing = array._async_array.setitem(..., np.ones((16, 16, 16), np.uint8))
         started.append(asyncio.run_coroutine_threadsafe(writing, zarr_sync._get_loop()))
         while not any((work / "array.zarr").rglob("c")):  # chunks are being written
             time.sleep(0.01)
