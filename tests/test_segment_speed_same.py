@@ -123,16 +123,18 @@ def _labels(out: Path) -> dict[str, str]:
 
 
 AT_SCALE = {  # watershed re-pinned when unseeded trees of strong edges got seeds of their own
-    # (a thin object was flooded into its neighbour; one more fragment in this case)
+    # (a thin object was flooded into its neighbour; one more fragment in this case), and
+    # global's when segments were named by their smallest node before merge_small (as
+    # blockwise names them: one block now gives global's ids, and here its 0.2 volume)
     ("watershed", "global"): {"fragments": "8e315643d686d787",
-                              "segmentation_0.2": "bf46f3a52660f40b",
-                              "segmentation_0.5": "8e889677e1d75f97"},
+                              "segmentation_0.2": "69831b4e2d503776",
+                              "segmentation_0.5": "f0ac316a7f57323a"},
     ("watershed", "blockwise"): {"fragments": "8e315643d686d787",
                                  "segmentation_0.2": "69831b4e2d503776",
                                  "segmentation_0.5": "9bdfff9ca147aa77"},
     ("mws", "global"): {"fragments": "f192abd25d77ae73",
-                        "segmentation_0.2": "f03442eb93cdeeee",
-                        "segmentation_0.5": "7c2d616f0c4ca12a"},
+                        "segmentation_0.2": "c8ada6e56fc8294e",
+                        "segmentation_0.5": "7eb75f371af9e5a1"},
 }
 
 

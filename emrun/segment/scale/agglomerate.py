@@ -76,7 +76,15 @@ def segments_from_levels(graph: GraphData, u: np.ndarray, v: np.ndarray, level: 
 
 
 def _numbered(roots: np.ndarray, graph: GraphData, min_size: int) -> np.ndarray:
-    """Segments 1..K from each node's root, after small segments merge into neighbours."""
+    """Segments 1..K from each node's root, after small segments merge into neighbours.
+    Each segment is first named by its smallest node, whichever node the agglomeration kept
+    as its root: `merge_small` breaks ties by that name, and the global agglomeration (the
+    node a merge kept) and the blockwise one (the smallest node) named a segment apart, so
+    one block gave another result than global where mean affinities tie (uint8)."""
+    if roots.size:
+        smallest = np.full(roots.size, roots.size, np.int64)
+        np.minimum.at(smallest, roots, np.arange(roots.size, dtype=np.int64))
+        roots = smallest[roots]
     if min_size > 1 and roots.size:
         roots = _merge_small(roots, graph, min_size)
     _, segment = np.unique(roots, return_inverse=True)
