@@ -133,6 +133,18 @@ def score_of(values: list[float], scoring: str) -> float:
     return 1.0 - histogram_quantile(values, 0.85)
 
 
+def values_between(region: dict, edges: dict) -> dict[tuple, list[float]]:
+    """The voxel pairs' values between each two touching regions (``region``: node ->
+    frozenset of nodes), keyed by the pair, the region of the smaller node first."""
+    pairs: dict[tuple, list[float]] = {}
+    for (a, b), values in edges.items():
+        ra, rb = region[a], region[b]
+        if ra != rb:
+            key = (ra, rb) if min(ra) < min(rb) else (rb, ra)
+            pairs.setdefault(key, []).extend(values)
+    return pairs
+
+
 def reference_merges(nodes, edges: dict, top: float, scoring: str = "mean"
                      ) -> list[tuple[float, frozenset, frozenset]]:
     """Hierarchical agglomeration by the definition: at each step every pair of touching
@@ -142,12 +154,7 @@ def reference_merges(nodes, edges: dict, top: float, scoring: str = "mean"
     region = {i: frozenset([i]) for i in nodes}
     merges = []
     while True:
-        pairs: dict[tuple, list[float]] = {}
-        for (a, b), values in edges.items():
-            ra, rb = region[a], region[b]
-            if ra != rb:
-                key = (ra, rb) if min(ra) < min(rb) else (rb, ra)
-                pairs.setdefault(key, []).extend(values)
+        pairs = values_between(region, edges)
         scored = sorted((score_of(vals, scoring), min(k[0]), k) for k, vals in pairs.items())
         if not scored or scored[0][0] >= top:
             return merges
@@ -172,12 +179,7 @@ def reference_partitions(nodes, edges: dict, threshold: float, scoring: str) -> 
             continue
         seen.add(state)
         region = {i: r for r in state for i in r}
-        pairs: dict[tuple, list[float]] = {}
-        for (a, b), values in edges.items():
-            ra, rb = region[a], region[b]
-            if ra != rb:
-                key = (ra, rb) if min(ra) < min(rb) else (rb, ra)
-                pairs.setdefault(key, []).extend(values)
+        pairs = values_between(region, edges)
         scores = {k: score_of(vals, scoring) for k, vals in pairs.items()}
         best = min(scores.values(), default=math.inf)
         if best >= threshold:
@@ -223,12 +225,7 @@ def merge_small(partition: frozenset, sizes: dict, edges: dict, min_size: int) -
     the highest mean affinity: segment pairs by decreasing mean affinity (summed over the
     voxel pairs between them), joined while either side is still small."""
     seg_of = {i: s for s in partition for i in s}
-    between: dict[tuple, list[float]] = {}
-    for (a, b), values in edges.items():
-        sa, sb = seg_of[a], seg_of[b]
-        if sa != sb:
-            key = (sa, sb) if min(sa) < min(sb) else (sb, sa)
-            between.setdefault(key, []).extend(values)
+    between = values_between(seg_of, edges)
     order = sorted(between.items(), key=lambda kv: -math.fsum(kv[1]) / len(kv[1]))
     means = [math.fsum(v) / len(v) for _, v in order]
     assert all(x - y > TIE for x, y in itertools.pairwise(means)), "a tie"

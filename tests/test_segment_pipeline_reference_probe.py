@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import zarr
 from scipy import ndimage
+from test_segmenters_reference_probe import UnionFind
+from test_segmenters_reference_probe import edges_of as edges
 from typer.testing import CliRunner
 
 from emrun.cli import app
@@ -64,29 +66,6 @@ def as_uint8(affs: np.ndarray, sigma: float, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     p = np.clip(affs * 0.7 + 0.15 + rng.normal(0, sigma, affs.shape), 0, 1)
     return np.round(p * 255).astype(np.uint8)
-
-
-def edges(shape, offset):
-    for v in itertools.product(*map(range, shape)):
-        w = tuple(a + d for a, d in zip(v, offset, strict=True))
-        if all(0 <= a < n for a, n in zip(w, shape, strict=True)):
-            yield v, w
-
-
-class UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict = {}
-
-    def find(self, a):
-        self.parent.setdefault(a, a)
-        while self.parent[a] != a:
-            a = self.parent[a]
-        return a
-
-    def join(self, a, b):
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
 
 
 def reference_cc(u8: np.ndarray, offsets, threshold, mask=None) -> np.ndarray:
