@@ -223,22 +223,39 @@ def _killed(self: Any, path: Path, state: dict) -> None:
     raise KeyboardInterrupt
 
 
-@pytest.mark.xfail(strict=True, reason="CheckpointDir.newest: after a run resumed from an "
-                   "older checkpoint saved (kept by save's pruning as documented), newest() "
-                   "returns the abandoned branch's higher iter_N.pt instead of last.pt")
-def test_after_a_resumption_from_an_older_checkpoint_newest_is_what_it_wrote(tmp_path):
-    """save() documents 'a run resumed from an older checkpoint never deletes what it just
-    wrote' and keeps the abandoned, higher-numbered files; newest() then prefers them, so
-    the next --resume of the continuing run jumps back onto the abandoned branch."""
-    from emrun.io.checkpoint import load
-    from emrun.train.checkpoint import CheckpointDir
+def test_a_resumption_takes_the_highest_iteration_and_says_last_pt_was_older(
+        recipe, tmp_path, capsys):
+    """newest() cannot tell a kill between iter_N.pt and last.pt from a last.pt copied back
+    by hand to go back: both leave a numbered file above last.pt. It takes the highest
+    iteration (what a kill needs), and the trainer says so, naming how to go back."""
+    import shutil
 
-    directory = CheckpointDir(tmp_path, keep=2)
-    for it in (8, 10):
-        directory.save(it, tiny_state(it))
-    directory.save(6, tiny_state(6))  # a run resumed from an earlier checkpoint
-    assert load(directory.last())["iteration"] == 6
-    assert load(directory.newest())["iteration"] == 6
+    from emrun.io.checkpoint import load
+
+    run = tmp_path / "run"
+    make(recipe, run, "train.iterations=4", "train.checkpoint_every=2",
+         "train.keep_checkpoints=2").fit()
+    checkpoints = run / "checkpoints"
+    (checkpoints / "last.pt").unlink()
+    shutil.copyfile(checkpoints / "iter_0000002.pt", checkpoints / "last.pt")
+    resumed = make(recipe, run, "train.iterations=6", "train.checkpoint_every=2",
+                   "train.keep_checkpoints=2", resume=True)
+    assert resumed.iteration == 4
+    said = capsys.readouterr()
+    text = " ".join((said.out + said.err).split())
+    assert "resuming from iter_0000004.pt (iteration 4), newer than last.pt (iteration 2)" \
+        in text
+    assert "move the later iter_N.pt files out of" in text
+    assert load(checkpoints / "last.pt")["iteration"] == 2  # nothing changed before fit
+
+
+def test_an_ordinary_resumption_says_nothing_about_last_pt(recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    make(recipe, run, "train.iterations=4", "train.checkpoint_every=2").fit()
+    capsys.readouterr()
+    assert make(recipe, run, "train.iterations=6", resume=True).iteration == 4
+    said = capsys.readouterr()
+    assert "newer than last.pt" not in said.out + said.err
 
 
 # -- the trainer's checkpoints -------------------------------------------------------------

@@ -296,7 +296,25 @@ class Trainer:
         state = self._load_to_resume(last)
         run_dir.check_resumable(state.get("recipe", ""), self.recipe, last, self.run_path)
         self._resumed_from = last
+        self._say_when_not_last(last, state)
         return state
+
+    def _say_when_not_last(self, chosen: Path, state: dict[str, Any]) -> None:
+        """Resuming from a numbered checkpoint above last.pt is right after a kill between
+        the two saves, and surprising after last.pt was replaced by hand to go back: say
+        which was taken and how to go back instead."""
+        last = self.checkpoints.last()
+        if last is None or chosen == last:
+            return
+        try:
+            held = int(load(last).get("iteration", -1))
+        except (CheckpointError, TypeError, ValueError):
+            held = -1
+        before = f"iteration {held}" if held >= 0 else "a checkpoint that cannot be read"
+        self._say(f"resuming from {chosen.name} (iteration {state.get('iteration', '?')}), "
+                  f"newer than last.pt ({before}): a run stopped between saving the two "
+                  f"leaves this; to go back to an earlier checkpoint instead, move the later "
+                  f"iter_N.pt files out of {chosen.parent}")
 
     def _start_again(self) -> None:
         """A run stopped before its first checkpoint starts from the beginning: from the
