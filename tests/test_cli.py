@@ -66,6 +66,28 @@ def test_validate_checks_data_unless_no_data(write, tmp_path):
     assert "16 x 64 x 64" in result.output
 
 
+def test_validate_warns_of_negative_label_ids_where_the_recipe_names_them(write, tmp_path):
+    """Training takes -1 as an object: a dataset that means it as "unlabelled" would train
+    boundaries around it. validate still passes (it may be meant), saying so located."""
+    image = tmp_path / "image.npy"
+    np.save(image, np.zeros((16, 64, 64), np.uint8))
+    labels = tmp_path / "labels.npy"
+    ids = np.ones((16, 64, 64), np.int32)
+    ids[15, 3, 4] = -1  # in the last section, which the check samples
+    np.save(labels, ids)
+    text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
+                           f"a: {{image: {image}, labels: {labels}}}")
+    path = write(text)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    assert f"{path}:4:" in said and "data.sources.a.labels" in said
+    assert "holds negative ids (section 15 has -1)" in said
+    np.save(labels, np.abs(ids))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0 and "negative ids" not in result.stderr
+
+
 def test_committed_schema_is_current():
     committed = (ROOT / "schemas" / "recipe.schema.json").read_text(encoding="utf-8")
     assert committed == recipe_schema_text(), "stale schema: run `emrun schema`"

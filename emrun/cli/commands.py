@@ -50,11 +50,12 @@ def validate(
     warn(loaded.cautions())
     facts = None
     if not no_data:
-        from ..data.checks import check_data
+        from ..data.checks import check_data, label_cautions
 
         facts, problems = check_data(loaded)
         if problems:
             raise RecipeError(problems)
+        warn(label_cautions(loaded))
     if print_:
         out.print(yaml.safe_dump(loaded.recipe.resolved(), sort_keys=False), end="", markup=False)
         return
@@ -124,7 +125,7 @@ def train(
     device: Device = None,
 ) -> None:
     """Train a recipe: run directory, checkpoints, TensorBoard, events.jsonl, exact resume."""
-    from ..data.checks import check_data
+    from ..data.checks import check_data, label_cautions
     from ..recipe import RecipeError, load_recipe
     from ..train import run_dir as run_dirs
     from ..train.launch import LAUNCHED
@@ -141,11 +142,11 @@ def train(
     if launching:  # every refusal here, once, before torchrun starts the ranks
         run_dirs.check_free(path, resume)
         check_rank_devices(device, gpus)  # type: ignore[arg-type]
-        warn(loaded.cautions())
+        warn(loaded.cautions() + label_cautions(loaded))
         raise typer.Exit(_launch_torchrun(gpus, rank_args(  # type: ignore[arg-type]
             recipe, override or [], path, resume, init_from, device)))
     if os.environ.get("RANK", "0") == "0" and LAUNCHED not in os.environ:  # said once
-        warn(loaded.cautions())
+        warn(loaded.cautions() + label_cautions(loaded))
     result = Trainer(loaded, path, resume=resume, init_from=init_from, device=device,
                      console=out).fit()
     if result.interrupted:

@@ -1,6 +1,7 @@
 """Open every volume a recipe references and check it can feed training as described.
 
-Reads metadata only (shape, dtype, voxel size), never voxel data, so it is fast on any size.
+Reads metadata (shape, dtype, voxel size) and a few sections of voxel data, so it is fast on
+any size.
 """
 
 from __future__ import annotations
@@ -64,6 +65,40 @@ def check_data(loaded: LoadedRecipe) -> tuple[list[SourceFacts], list[Problem]]:
     problems += [Problem(msg, loaded.mark(p), p) for p, msg in _check_labelled(recipe)]
     problems += [Problem(msg, loaded.mark(p), p) for p, msg in _check_scaled_steps(recipe, facts)]
     return facts, problems
+
+
+def label_cautions(loaded: LoadedRecipe) -> list[str]:
+    """Located warnings for training labels with negative ids in a few sampled sections:
+    training takes each negative id as an object (only 0 is background), while many
+    datasets mean -1 as "unlabelled", which wants a mask instead. Volumes that cannot be
+    opened are `check_data`'s to report."""
+    found = []
+    for group in ("sources", "validation"):
+        for name, source in getattr(loaded.recipe.data, group).items():
+            if not isinstance(source, VolumeSource) or not source.labels:
+                continue
+            key: KeyPath = ("data", group, name, "labels")
+            text = _negative_ids(source.labels, source.voxel_size)
+            if text:
+                found.append(str(Problem(text, loaded.mark(key), key)))
+    return found
+
+
+def _negative_ids(ref: str, voxel_size: Sequence[float] | None) -> str | None:
+    try:
+        labels = open_in_source(ref, voxel_size)
+    except VolumeError:
+        return None
+    if labels.dtype.kind != "i" or len(labels.shape) != 3:
+        return None
+    depth, height, width = (int(n) for n in labels.shape)
+    for z in np.unique(np.linspace(0, depth - 1, 4).round()).astype(int):
+        section = labels.read(Roi((int(z), 0, 0), (1, height, width)))
+        if section.size and section.min() < 0:
+            return (f"{labels} holds negative ids (section {z} has {int(section.min())}): "
+                    "training takes each as an object and only 0 as background; if they "
+                    "mark unlabelled voxels, give the source a mask of the labelled ones")
+    return None
 
 
 def _check_scaled_steps(recipe: Recipe, facts: list[SourceFacts]) -> list[tuple[KeyPath, str]]:
