@@ -78,14 +78,14 @@ def test_a_long_chain_of_warps_and_isotropic_flips_takes_work_linear_in_its_step
 
 def test_a_long_chain_with_a_check_first_judges_it_on_the_shapes_the_chain_reads():
     """The steps are still walked where a check to come needs them: zooming in (scale 2)
-    fourteen times reads less and less (4096 px to 6): a 10 px displacement first is
+    fourteen times reads less and less (4096 px to 8): a 10 px displacement first is
     refused; after nine times (13 px) it is not."""
     zoom_in = {"type": "warp", "rot_max": 0, "shear_max": 0, "scale": [2, 2],
                "stretch_max": 0}
     chain = [zoom_in if i % 2 == 0 else {"type": "flip_rotate"} for i in range(28)]
     first = {"type": "misalign", "displacement": [0, 10]}
     [(path, msg)] = augment_problems(specs(first, *chain), (4, 4096, 4096))
-    assert path == (0,) and "displacement up to 10 px" in msg and "(6x6 in y, x)" in msg
+    assert path == (0,) and "displacement up to 10 px" in msg and "(8x8 in y, x)" in msg
     assert augment_problems(specs(first, *chain[:18]), (4, 4096, 4096)) == []
 
 

@@ -443,8 +443,19 @@ def warp_input_yx(h: int, w: int, angle: float, shear: float, scale: float) -> t
     cos, sin = math.cos(angle), math.sin(angle)
     reach_x = (abs(cos) * half_w + abs(cos * shear - sin) * half_h) / scale
     reach_y = (abs(sin) * half_w + abs(sin * shear + cos) * half_h) / scale
-    return (math.ceil(2 * reach_y - 1e-6) + 1 + 2 * WARP_MARGIN,
-            math.ceil(2 * reach_x - 1e-6) + 1 + 2 * WARP_MARGIN)
+    return warp_read_side(reach_y, h), warp_read_side(reach_x, w)
+
+
+def warp_read_side(reach: float, out: int) -> int:
+    """The side a warp reads along an axis whose mapped corners lie within ``reach`` of the
+    centre, for an output ``out`` long: their span plus ``WARP_MARGIN`` each side, and one
+    more where that makes the read's length odd against an even output (or even against an
+    odd one). Reads and outputs of one parity share a centre on the voxel grid, so a warp
+    near the identity maps voxels onto voxels; otherwise every position fell half-way
+    between two (the image a 2-voxel average, the labels half a voxel off it with a seam
+    where rounding flipped across the patch)."""
+    side = math.ceil(2 * reach - 1e-6) + 1 + 2 * WARP_MARGIN
+    return side + (side - out) % 2
 
 
 class MisalignBase(AugmentBase):

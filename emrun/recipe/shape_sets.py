@@ -179,8 +179,8 @@ def warp_reads(outs: np.ndarray, rotations: np.ndarray,
     coef = table[group]  # (n, draws, 4)
     half_w = ((outs[:, 2] - 1) / 2)[:, None]
     half_h = ((outs[:, 1] - 1) / 2)[:, None]
-    ys = _read(coef[:, :, 0] * half_w + coef[:, :, 1] * half_h, scale, margin)
-    xs = _read(coef[:, :, 2] * half_w + coef[:, :, 3] * half_h, scale, margin)
+    ys = _read(coef[:, :, 0] * half_w + coef[:, :, 1] * half_h, scale, margin, outs[:, 1:2])
+    xs = _read(coef[:, :, 2] * half_w + coef[:, :, 3] * half_h, scale, margin, outs[:, 2:3])
     if ys is None or xs is None:
         return None
     big = np.iinfo(np.int64).max
@@ -198,10 +198,12 @@ def _padded(rows: list[tuple[float, float, float, float]], length: int) -> list[
     return rows + [rows[0]] * (length - len(rows))
 
 
-def _read(weighted: np.ndarray, scale: float, margin: int) -> np.ndarray | None:
-    """The sides read for reaches ``weighted / scale`` (as `augment.warp_input_yx`); None
-    where one does not fit an int64."""
+def _read(weighted: np.ndarray, scale: float, margin: int, out: np.ndarray) -> np.ndarray | None:
+    """The sides read for reaches ``weighted / scale`` and outputs ``out`` long (as
+    `augment.warp_read_side`: of the output's parity); None where one does not fit an
+    int64."""
     sides = np.ceil(2 * (weighted / scale) - 1e-6)
     if not np.all(sides < 2.0 ** 62):
         return None
-    return sides.astype(np.int64) + 1 + 2 * margin
+    sides = sides.astype(np.int64) + 1 + 2 * margin
+    return sides + (sides - out) % 2

@@ -30,6 +30,7 @@ from ...recipe.augment import (
     Misalign,
     MisalignBase,
     MisalignMissing,
+    warp_read_side,
 )
 from ...recipe.augment import Warp as WarpSpec
 from ...registry import augmentations
@@ -128,7 +129,9 @@ class WarpAugment(Augmentation):
     (q > 0.29 everywhere as t <= 0.5: edges towards phi are magnified by up to 1 + t, the
     opposite ones shrunk). A projective map sends the output rectangle to a convex
     quadrilateral, so the input (y, x) size is the bounding box of the mapped corners over all
-    sections plus ``MARGIN`` pixels each side; z is unchanged. The image is interpolated
+    sections plus ``MARGIN`` pixels each side, and one more where needed to give it the
+    output's parity (`warp_read_side`: a warp near the identity maps voxels onto voxels); z
+    is unchanged. The image is interpolated
     bilinearly (``torch.nn.functional.grid_sample``); labels, mask and semantic volumes take
     the source voxel nearest to the same position (integer gather, any integer dtype).
     """
@@ -143,7 +146,7 @@ class WarpAugment(Augmentation):
         half_diagonal = math.hypot(h - 1, w - 1) / 2
         reach = half_diagonal * (1 + s.shear_max) / s.scale[0] / (1 - math.sqrt(2) * s.stretch_max)
         side = math.ceil(2 * reach) + 1 + 2 * MARGIN
-        return (nz, side, side)
+        return (nz, side + (side - h) % 2, side + (side - w) % 2)  # as warp_read_side
 
     def plan(self, rng: np.random.Generator, out_shape: Zyx, context: Context) -> Step:
         s = self.spec
@@ -167,8 +170,7 @@ class WarpAugment(Augmentation):
         q = 1 + persp[0] * corners_u + persp[1] * corners_v
         mapped = matrices @ np.stack([corners_u / q, corners_v / q])  # (n, 2, 4)
         extent_x, extent_y = np.abs(mapped).max(axis=(0, 2))
-        in_h = math.ceil(2 * extent_y - 1e-6) + 1 + 2 * MARGIN
-        in_w = math.ceil(2 * extent_x - 1e-6) + 1 + 2 * MARGIN
+        in_h, in_w = warp_read_side(extent_y, h), warp_read_side(extent_x, w)
         warp = _Warp((nz, h, w), (in_h, in_w), matrices.astype(np.float32), persp)
         return Step(self.name, (nz, in_h, in_w), warp)
 
