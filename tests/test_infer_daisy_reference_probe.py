@@ -290,6 +290,17 @@ def test_a_local_run_stopped_midway_is_finished_by_daisy_with_units_of_one_block
                           device="cpu", resume=True)
     assert again.skipped == GRID and again.done == 0
     same_bits(out, runs.one)
+    # nor for daisy, which then starts no worker (that took seconds for nothing)
+    import daisy
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("daisy started for a finished run")
+
+    monkeypatch.setattr(daisy, "run_blockwise", no_workers)
+    again = run_inference(runs.recipe, runs.checkpoint, runs.input, out, block=BLOCK,
+                          device="cpu", workers=2, scheduler="daisy", resume=True)
+    assert again.skipped == GRID and again.done == 0
+    same_bits(out, runs.one)
 
 
 STOP_SHAPE = (20, 80, 80)  # 125 blocks: enough that Ctrl-C lands midway

@@ -72,6 +72,11 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
     set_log_basedir(job.done_dir / "daisy-logs")  # not the user's working directory
     grid = job.layout.block_grid()
     before = {b for b in grid if job.is_done(b)}
+    if len(before) == len(grid):  # a --resume of a finished run: no worker to start
+        progress = Progress(total=len(grid), skipped=len(grid))
+        if on_block is not None:
+            on_block(progress)
+        return progress
     tiling = job_tiling(job, workers, device)
     unit_voxels = tuple(u * b for u, b in zip(tiling.unit, job.layout.block, strict=True))
     # Local workers share this machine's cores; launched ones use what their node gives them.
