@@ -20,6 +20,22 @@ from emrun.io import open_volume, write_volume
 runner = CliRunner()
 
 
+def test_convert_with_a_voxel_size_keeps_the_place_in_voxels(tmp_path):
+    """--voxel-size restates the grid: a source at voxel offset (10, 2, 3) stays there, its
+    translation in nm being that offset times the new size (as the README says)."""
+    write_volume(tmp_path / "src.zarr", "image", np.zeros((4, 8, 8), np.uint8),
+                 voxel_size=(30, 6, 6), offset=(10, 2, 3))
+    out = tmp_path / "out.zarr"
+    result = runner.invoke(app, ["data", "convert", f"{tmp_path}/src.zarr/image", str(out),
+                                 "--voxel-size", "40", "8", "8"])
+    assert result.exit_code == 0, result.output
+    volume = open_volume(f"{out}/image")
+    assert (volume.voxel_size, tuple(volume.offset)) == ((40.0, 8.0, 8.0), (10, 2, 3))
+    meta = json.loads((out / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    transforms = meta["datasets"][0]["coordinateTransformations"]
+    assert {"type": "translation", "translation": [400.0, 16.0, 24.0]} in transforms
+
+
 def test_convert_tiff_to_ome_zarr_round_trips(tmp_path):
     labels = np.random.default_rng(0).integers(0, 70000, (5, 20, 30)).astype(np.uint32)
     tifffile.imwrite(tmp_path / "labels.tif", labels)
