@@ -294,6 +294,7 @@ def cautions(recipe: Recipe) -> list[tuple[Path, str]]:
     found += _bookkeeping_cautions(recipe)
     found += _infer_cautions(recipe)
     found += _intensity_cautions(recipe)
+    found += _activation_cautions(recipe)
     if recipe.infer.dtype == "uint8":
         signed = [(n, "the signed distance task") for n, t in recipe.tasks.items()
                   if isinstance(t.target, DistanceTarget) and t.target.signed]
@@ -342,6 +343,24 @@ def _infer_cautions(recipe: Recipe) -> list[tuple[Path, str]]:
     return found
 
 
+def _activation_cautions(recipe: Recipe) -> list[tuple[Path, str]]:
+    """A task's activation other than the one its loss trains for: bce (dice, malis) trains
+    logits, which inference must pass through a sigmoid; mse trains the raw output, which a
+    sigmoid or tanh would then distort."""
+    found: list[tuple[Path, str]] = []
+    for name, task in recipe.tasks.items():
+        trained_for = getattr(type(task.loss), "activation", None)
+        if trained_for is None or task.activation == trained_for:
+            continue
+        how = "logits" if trained_for == "sigmoid" else "the raw output"
+        found.append((("tasks", name, "activation"),
+                      f"activation {task.activation} with loss {task.loss.type}, which trains "
+                      f"{how}: `emrun infer` would write {task.activation} of it, not the "
+                      f"target's values; use activation {trained_for} (the default for "
+                      f"{task.loss.type})"))
+    return found
+
+
 def _intensity_cautions(recipe: Recipe) -> list[tuple[Path, str]]:
     """Training scales each source by its own `intensity`, inference by one scale: the
     first one given. Sources that give different ones train fine, and `emrun infer` then
@@ -354,6 +373,13 @@ def _intensity_cautions(recipe: Recipe) -> list[tuple[Path, str]]:
     if not given:
         return found
     (first, scale), *_ = given.items()
+    unscaled = [name for name, source in recipe.data.sources.items() if name not in given]
+    if unscaled:
+        found.append((("data", "sources", unscaled[0]),
+                      f"{', '.join(unscaled)} give{'s' if len(unscaled) == 1 else ''} no "
+                      f"intensity (trained on its dtype's range) while {first} gives "
+                      f"[{scale[0]:g}, {scale[1]:g}], which `emrun infer` scales every input "
+                      "by, this one's kind of data too; give each source its intensity"))
     if len(set(given.values())) > 1:
         others = ", ".join(f"{name} [{low:g}, {high:g}]" for name, (low, high) in given.items()
                            if (low, high) != scale)

@@ -65,8 +65,9 @@ class Task(Spec):
     """One output of the network: its target, loss, weight in the total loss, activation.
 
     A task named after a target type (e.g. `lsd`) may omit `target`; a task that omits
-    `loss` or `activation` gets its target's (bce and sigmoid, or mse and none for the
-    regression targets lsd and distance); see `task_defaults`."""
+    `loss` gets its target's (bce, or mse for the regression targets lsd and distance), and
+    one that omits `activation` its loss's (sigmoid for bce, dice, dice_bce and malis, none
+    for mse, which trains the raw output); see `task_defaults`."""
 
     model_config = ConfigDict(**Spec.model_config, json_schema_extra=_target_optional)
 
@@ -86,7 +87,8 @@ class Task(Spec):
 
 def task_defaults(name: str, task: Any) -> Any:
     """Fill what a task may leave out, before validation: its target, when the task is named
-    after a target type (`lsd: {weight: 0.5}`), and its target's loss and activation.
+    after a target type (`lsd: {weight: 0.5}`), its target's loss, and the activation that
+    loss trains for.
     Anything not a mapping is left to the validator to refuse."""
     if task is None:
         task = {}
@@ -97,6 +99,12 @@ def task_defaults(name: str, task: Any) -> Any:
         task["target"] = {"type": name}
     target = task.get("target")
     kind = target.get("type") if isinstance(target, dict) else getattr(target, "type", None)
+    loss = task.get("loss")
+    named = loss.get("type") if isinstance(loss, dict) else getattr(loss, "type", None)
+    trained_for = getattr(losses.entry(named).spec, "activation", None) \
+        if isinstance(named, str) and named in losses else None
+    if trained_for is not None:  # mse trains the raw output: an affinity task scored with
+        task.setdefault("activation", trained_for)  # it through a sigmoid lay in [0.5, 0.73]
     if isinstance(kind, str) and kind in targets:
         spec = targets.entry(kind).spec
         task.setdefault("loss", {"type": spec.default_loss})  # type: ignore[attr-defined]

@@ -173,6 +173,8 @@ class DistanceTarget(TargetBase):
 class BCELoss(Spec):
     """Masked binary cross-entropy on logits with DeepEM margins and class balancing."""
 
+    activation: ClassVar[str] = "sigmoid"  # what inference applies to what it trains
+
     type: Literal["bce"] = "bce"
     margin0: float = Field(0.0, ge=0, lt=0.5, description="Margin for negatives (target 0).")
     margin1: float = Field(0.0, ge=0, lt=0.5, description="Margin for positives (target 1).")
@@ -188,7 +190,9 @@ class BCELoss(Spec):
 
 @losses.register("mse")
 class MSELoss(Spec):
-    """Masked mean squared error."""
+    """Masked mean squared error of the raw output."""
+
+    activation: ClassVar[str] = "none"  # the raw output is trained towards the target
 
     type: Literal["mse"] = "mse"
 
@@ -200,6 +204,8 @@ class DiceLoss(Spec):
     """Masked soft Dice on sigmoid outputs, for semantic (binary, synapse, boundary) tasks:
     ``1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps)`` over the valid voxels of the batch."""
 
+    activation: ClassVar[str] = "sigmoid"
+
     type: Literal["dice"] = "dice"
     eps: float = Field(1.0, gt=0, le=1e6, description="Smoothing added to both sides of the "
                        "ratio (keeps an empty target and prediction at loss 0).")
@@ -208,6 +214,8 @@ class DiceLoss(Spec):
 @losses.register("dice_bce")
 class DiceBCELoss(Spec):
     """Masked BCE on logits plus `dice_weight` times the soft Dice loss."""
+
+    activation: ClassVar[str] = "sigmoid"
 
     type: Literal["dice_bce"] = "dice_bce"
     eps: float = Field(1.0, gt=0, le=1e6, description="Smoothing of the Dice ratio.")
@@ -221,6 +229,8 @@ class MalisLoss(Spec):
     affinity task (its offsets must include (-1,0,0), (0,-1,0), (0,0,-1)), plus masked BCE
     weighted `long_range` on its other channels. Objects are the connected components of
     the target's positive nearest-neighbour edges inside each patch."""
+
+    activation: ClassVar[str] = "sigmoid"
 
     type: Literal["malis"] = "malis"
     long_range: float = Field(1.0, ge=0, le=1e6, description="Weight of the plain masked "
