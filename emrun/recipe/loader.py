@@ -182,7 +182,7 @@ def _resolve(file: Path, chain: tuple[Path, ...], files: list[Path], referrer: M
         real = file.absolute()
     if real in chain:
         cycle = " -> ".join(shown_path(p) for p in (*chain, real))
-        raise RecipeError([Problem(f"`extends` cycle: {cycle}", referrer)])
+        raise RecipeError([Problem(f"`extends` cycle: {cycle}", referrer, ("extends",))])
     try:
         text = read_text(file, shown) if text is None else text
     except RecipeError as exc:
@@ -205,11 +205,15 @@ def _resolve(file: Path, chain: tuple[Path, ...], files: list[Path], referrer: M
         located.keys.pop(("extends",), None)
         return located
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        bad = next((i for i, b in enumerate(bases) if not isinstance(b, str)), None) \
+            if isinstance(bases, list) else None
         raise RecipeError([Problem("must be a file name or a list of file names",
-                                   mark, ("extends",))])
+                                   located.values.get(("extends", bad), mark), ("extends",))])
     merged = Located({})
-    for base in bases:
+    for i, base in enumerate(bases):
         base_file = file.parent / base
+        # a base's problem is its item's (a block list's first line named another base)
+        mark = located.values.get(("extends", i), located.values.get(("extends",)))
         base_located = _resolve(base_file, (*chain, real), files, mark)
         if not isinstance(base_located.data, dict):
             raise RecipeError([Problem(f"{base!r} is not a mapping of recipe sections", mark,

@@ -305,9 +305,12 @@ class _Converter:
                     _mark(shown, key_node.start_mark), (*path, key))])
             own_keys[key] = key_node
         loader.flatten_mapping(node)  # YAML merge keys (<<): explicit keys come last and win
+        pairs = [(loader.construct_object(k, deep=True), k, v) for k, v in node.value]
+        winner = {key: i for i, (key, _, _) in enumerate(pairs)}
         result: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+        for i, (key, key_node, value_node) in enumerate(pairs):
+            if winner[key] != i:  # a merged value a later key replaces: converting it left
+                continue  # its inner keys' places behind, blamed for what the winner lacks
             self.out.keys[(*path, key)] = _mark(shown, key_node.start_mark)
             result[key] = self.convert(value_node, (*path, key))
         return result
