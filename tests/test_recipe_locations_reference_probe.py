@@ -859,3 +859,19 @@ def test_the_command_line_prints_one_located_line_per_problem_and_exits_2(
             "override -o infer.tta=3: infer.tta: ")[1].splitlines()[0],
     ], key=result.stderr.index)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_boolean_in_a_list_of_numbers_is_said_before_checks_that_read_it_as_one(
+        tmp_path: Path):
+    """`probs: [true, 0.3]` was refused as "probs sum to 1.3" and `displacement: [2, true]`
+    as "(got [2, 1])": each boolean is now named where it is, and nothing else about it."""
+    text = ("name: b\ndata:\n  sources:\n    a: {type: synthetic, shape: [16, 64, 64], "
+            "seed: 1}\naugment:\n  - one_of: {of: [{type: noise}, {type: grayscale}], "
+            "probs: [true, 0.3]}\n  - {type: misalign, displacement: [2, true]}\n"
+            "model: {type: rsunet, widths: [4, 8]}\ntasks:\n  affinity: {}\n"
+            "train: {patch: [4, 16, 16], iterations: 2}\n")
+    problems = load(tmp_path, text)
+    assert located(problems) == {
+        ("r.yaml", 6, 62, ("augment", 0, "one_of", "probs", 0)),
+        ("r.yaml", 7, 40, ("augment", 1, "displacement", 1))}
+    assert {p[4] for p in problems} == {"should be a number, not true"}

@@ -102,6 +102,10 @@ def validate(located: Located) -> Recipe:
     except ValidationError as exc:
         errors = relevant_errors(exc.errors(), located.data)  # as many as are shown located
         problems = [located.hinted(problem_from_error(err, located)) for err in errors[:SHOWN]]
+        mixed = _booleans_among_numbers(located.data)
+        if mixed:  # `probs: [true, 0.3]` said "probs sum to 1.3": say what is wrong instead
+            problems = [located.hinted(Problem(msg, located.mark(p), p)) for p, msg in mixed] + [
+                q for q in problems if not any(q.path == p[:len(q.path)] for p, _ in mixed)]
         raise RecipeError(_unique(problems), more=max(0, len(errors) - SHOWN)) from None
     found = [*_booleans_as_numbers(located.data, recipe), *cross_checks(recipe)]
     problems = [located.hinted(Problem(msg, located.mark(p), p)) for p, msg in found]
@@ -128,6 +132,23 @@ def _booleans_as_numbers(data: Any, recipe: Recipe) -> list[tuple[KeyPath, str]]
             child = _part(value, key)
             if child is not _NONE:
                 stack.append((item, child, (*path, key)))
+    return sorted(found, key=lambda f: [str(k) for k in f[0]])
+
+
+def _booleans_among_numbers(data: Any) -> list[tuple[KeyPath, str]]:
+    """YAML booleans in a list of numbers (`displacement: [2, true]`): never meant, and read
+    as 1 by the checks that run before `_booleans_as_numbers` can say so."""
+    found: list[tuple[KeyPath, str]] = []
+    stack: list[tuple[Any, KeyPath]] = [(data, ())]
+    while stack:
+        raw, path = stack.pop()
+        if isinstance(raw, dict):
+            stack += [(item, (*path, key)) for key, item in raw.items()]
+        elif isinstance(raw, list):
+            if any(_numeric(v) for v in raw):
+                found += [((*path, i), f"should be a number, not {str(v).lower()}")
+                          for i, v in enumerate(raw) if isinstance(v, bool)]
+            stack += [(item, (*path, i)) for i, item in enumerate(raw)]
     return sorted(found, key=lambda f: [str(k) for k in f[0]])
 
 
