@@ -42,7 +42,7 @@ class Progress:
     skipped: int = 0
     total: int = 0
     voxels: int = 0
-    patches: int = 0  # forward-passed; the lattice's count when no patch is predicted twice
+    patches: int = 0  # forward-passed (local workers only: daisy's report through markers)
     empty: int = 0  # of those done, blocks outside the mask or of blank input (no chunk)
     nonfinite: int = 0  # NaN or infinite network outputs, blended as 0 (this run's blocks)
     nonfinite_blocks: int = 0  # blocks with any
