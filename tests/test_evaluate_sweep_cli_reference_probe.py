@@ -158,10 +158,10 @@ def affinities(truth, offsets, rng=None, noise=0.0, lo=0.0, hi=1.0) -> np.ndarra
     return np.clip(affs, 0, 1).astype(np.float32)
 
 
-def write_affs(folder, affs, offsets, name="affinity") -> str:
+def write_affs(folder, affs, offsets, name="affinity", offset=None) -> str:
     data = np.round(affs * 255).astype(np.uint8)
     write_volume(folder / "pred.zarr", name, data, voxel_size=(30, 6, 6), channel_axis=True,
-                 attrs={"offsets": [list(o) for o in offsets]})
+                 offset=offset, attrs={"offsets": [list(o) for o in offsets]})
     return f"{folder / 'pred.zarr'}/{name}"
 
 
@@ -522,11 +522,7 @@ def test_sweep_reads_a_larger_truth_and_mask_by_their_offsets(tmp_path):
     mask[:, 0:2, :] = np.nan
     rng = np.random.default_rng(0)
     affs = affinities(cells(), LONG, rng, noise=0.3, lo=0.3, hi=0.7)
-    data = np.round(affs * 255).astype(np.uint8)
-    write_volume(tmp_path / "pred.zarr", "affinity", data, voxel_size=(30, 6, 6),
-                 offset=(2, 0, 0), channel_axis=True,
-                 attrs={"offsets": [list(o) for o in LONG]})
-    affs_path = f"{tmp_path / 'pred.zarr'}/affinity"
+    affs_path = write_affs(tmp_path, affs, LONG, offset=(2, 0, 0))
     t = put(tmp_path, "t", "truth", whole, voxel_size=(30, 6, 6))
     m = put(tmp_path, "m", "mask", mask, voxel_size=(30, 6, 6))
     box = slice(2, 7)
@@ -596,11 +592,7 @@ def test_sweep_connected_truth_cuts_pieces_joined_only_outside_the_affinities_bo
     whole[2:7, 12:14, 0:8] = 20
     rng = np.random.default_rng(0)
     affs = affinities(whole[2:7, :12], LONG, rng, noise=0.3, lo=0.3, hi=0.7)
-    data = np.round(affs * 255).astype(np.uint8)
-    write_volume(tmp_path / "pred.zarr", "affinity", data, voxel_size=(30, 6, 6),
-                 offset=(2, 0, 0), channel_axis=True,
-                 attrs={"offsets": [list(o) for o in LONG]})
-    affs_path = f"{tmp_path / 'pred.zarr'}/affinity"
+    affs_path = write_affs(tmp_path, affs, LONG, offset=(2, 0, 0))
     t = put(tmp_path, "t", "truth", whole, voxel_size=(30, 6, 6))
     pieces = ref_pieces(whole[2:7, :12])
     assert len(np.unique(pieces[(whole[2:7, :12] == 20)])) == 2
