@@ -349,11 +349,14 @@ def n5_layer_spec(layer: Layer, url: str) -> dict[str, Any]:
                                                          strict=True)}
     if layer.channels:  # the shader reads a channel dimension (c^); else one at a time (c')
         dims["c^" if layer.kind == "channels" else "c'"] = [1, ""]
-    transform: dict[str, Any] = {"outputDimensions": dims}
-    if layer.offset is not None:  # in output units: voxels
-        shift = [*reversed(layer.offset), 0.0][:len(dims)]
-        transform["matrix"] = [[1.0 if col == row else 0.0 for col in range(len(dims))]
-                               + [shift[row]] for row in range(len(dims))]
+    # in output units, voxels; half a voxel less than the offset: neuroglancer puts an N5
+    # voxel's corner where an OME-Zarr voxel has its centre, and emrun reads both offsets
+    # as voxel 0's place (an N5 volume and its converted copy lay half a voxel apart)
+    offset = layer.offset if layer.offset is not None else (0, 0, 0)
+    shift = [*(o - 0.5 for o in reversed(offset)), 0.0][:len(dims)]
+    transform: dict[str, Any] = {"outputDimensions": dims, "matrix": [
+        [1.0 if col == row else 0.0 for col in range(len(dims))] + [shift[row]]
+        for row in range(len(dims))]}
     spec: dict[str, Any] = {"name": layer.name,
                             "source": {"url": f"n5://{url}", "transform": transform},
                             "type": "segmentation" if layer.kind == "segmentation" else "image"}
@@ -366,7 +369,9 @@ def first_time_point_position(layers: list[Layer]) -> dict[str, Any]:
     """Where a state with a time series opens: its first time point (emrun reads and reports
     that one), at the centre of the layers' box, shown in x, y and z. Without it neuroglancer
     opened a series at the middle of its t axis. Nothing for layers without time points
-    (neuroglancer's own default, the centre, is right for them)."""
+    (neuroglancer's own default, the centre, is right for them). neuroglancer centres an
+    OME voxel on its coordinates (voxel k of translation T covers T + k -+ 0.5, t included),
+    so whole numbers are voxel centres: T + 0.5 fell between time points 0 and 1."""
     series = next((layer for layer in layers
                    if layer.time_axis is not None and layer.time_points > 1), None)
     if series is None or series.time_axis is None:
@@ -380,9 +385,9 @@ def first_time_point_position(layers: list[Layer]) -> dict[str, Any]:
     for axis in (2, 1, 0):  # x, y, z: neuroglancer shows the first three dimensions
         nm = series.voxel_size[axis]
         dims["zyx"[axis]] = [nm * 1e-9, "m"]
-        position.append(math.floor((low[axis] + high[axis]) / 2 / nm) + 0.5)  # a voxel's centre
+        position.append(math.floor((low[axis] + high[axis]) / 2 / nm))  # a voxel's centre
     dims[name] = [step, unit]
-    position.append(series.time_origin + 0.5)  # the centre of time point 0, in t's steps
+    position.append(series.time_origin)  # time point 0's centre, in t's steps
     return {"dimensions": dims, "displayDimensions": ["x", "y", "z"], "position": position}
 
 
@@ -398,6 +403,22 @@ def neuroglancer_metadata(raw: bytes) -> bytes | None:
             and meta.get("data_type") == "int64"):
         return None
     meta["data_type"] = "uint64"
+    if isinstance(meta.get("fill_value"), int):
+        meta["fill_value"] %= 1 << 64
+    return json.dumps(meta).encode()
+
+
+def neuroglancer_v2_metadata(raw: bytes) -> bytes | None:
+    """A zarr v2 int64 array's .zarray saying uint64 (None for any other file), as
+    `neuroglancer_metadata` does for v3: OME-Zarr 0.4 labels are v2."""
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return None
+    dtype = meta.get("dtype") if isinstance(meta, dict) else None
+    if not (isinstance(dtype, str) and len(dtype) == 3 and dtype[1:] == "i8"):
+        return None
+    meta["dtype"] = dtype[0] + "u8"
     if isinstance(meta.get("fill_value"), int):
         meta["fill_value"] %= 1 << 64
     return json.dumps(meta).encode()
@@ -445,13 +466,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         return str(target)
 
     def send_head(self) -> Any:
-        """A zarr v3 array's metadata as neuroglancer reads it (`neuroglancer_metadata`), an
-        N5 dataset's (`n5_metadata`), an N5 group's as the layer serves it; any other file
-        as it is."""
+        """A zarr array's metadata as neuroglancer reads it (`neuroglancer_metadata`,
+        `neuroglancer_v2_metadata`), an N5 dataset's (`n5_metadata`), an N5 group's as the
+        layer serves it; any other file as it is."""
         path = self.translate_path(self.path)
         body = self.served.get(path) if path else None
-        rewrite = {"zarr.json": neuroglancer_metadata, "attributes.json": n5_metadata}.get(
-            os.path.basename(path))
+        rewrite = {"zarr.json": neuroglancer_metadata, ".zarray": neuroglancer_v2_metadata,
+                   "attributes.json": n5_metadata}.get(os.path.basename(path))
         if body is None and rewrite is not None and os.path.isfile(path):
             body = rewrite(Path(path).read_bytes())
         if body is None:

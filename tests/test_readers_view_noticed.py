@@ -145,9 +145,9 @@ def test_view_of_a_time_series_opens_at_its_first_time_point(tmp_path: Path,
     assert state["dimensions"]["t"] == [pytest.approx(0.05), "s"]
     assert state["dimensions"]["z"] == [pytest.approx(30e-9), "m"]
     x, y, z, t = state["position"]
-    assert t == 0.5  # the centre of time point 0, in t's steps
-    # the box's centre in voxels: offset + shape / 2, on a voxel's centre
-    assert (x, y, z) == (4 + 5 + 0.5, 3 + 4 + 0.5, 2 + 2 + 0.5)
+    assert t == 0  # the centre of time point 0, in t's steps (neuroglancer centres OME voxels)
+    # the box's centre in voxels: offset + shape / 2, on a voxel's centre (whole numbers)
+    assert (x, y, z) == (4 + 5, 3 + 4, 2 + 2)
 
 
 def test_view_state_with_its_first_time_point_is_one_neuroglancer_reads(
@@ -157,7 +157,7 @@ def test_view_state_with_its_first_time_point_is_one_neuroglancer_reads(
 
     layer = layer_for(_time_series(tmp_path, False), set())
     state = neuroglancer.ViewerState(neuroglancer_state([layer], {layer.name: "http://x/0"}))
-    assert list(state.position) == [9.5, 7.5, 4.5, 0.5]
+    assert list(state.position) == [9, 7, 4, 0]
     assert list(state.dimensions.names) == ["x", "y", "z", "t"]
 
 

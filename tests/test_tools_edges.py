@@ -212,10 +212,10 @@ def _state(path: str) -> dict:
 
 
 @pytest.mark.parametrize(("t_scale", "t_shift", "expected"), [
-    (1.0, 0.0, 0.5),
-    (1.0, 120.0, 120.5),  # t starts at 120 s: its first point is at 120 s, not at 0
-    (2.0, 10.0, 5.5),  # 2 s apart from 10 s: point 0 is step 5 of 2 s, its centre 5.5
-    (0.5, 0.25, 1.0),  # starting half a step in: point 0 covers steps 0.5 to 1.5
+    (1.0, 0.0, 0.0),  # neuroglancer centres an OME voxel on its translation, t's too
+    (1.0, 120.0, 120.0),  # t starts at 120 s: its first point is at 120 s, not at 0
+    (2.0, 10.0, 5.0),  # 2 s apart from 10 s: point 0 is centred on step 5 of 2 s
+    (0.5, 0.25, 0.5),  # starting half a step in: point 0 covers steps 0 to 1
 ])
 def test_view_opens_a_time_series_at_its_first_point_where_its_t_axis_places_it(
         tmp_path: Path, t_scale: float, t_shift: float, expected: float) -> None:
@@ -226,19 +226,19 @@ def test_view_opens_a_time_series_at_its_first_point_where_its_t_axis_places_it(
 
 def test_view_takes_the_multiscale_s_own_t_transforms_and_the_unit(tmp_path: Path) -> None:
     """t in ms: dataset scale 10, shift 20; then the multiscale's scale 2 and shift 100: point
-    0 at (20 x 2 + 100) ms = 140 ms, steps of 20 ms: step 7, centre 7.5."""
+    0 at (20 x 2 + 100) ms = 140 ms, steps of 20 ms: centred on step 7."""
     outer = [{"type": "scale", "scale": [2.0, 1.0, 1.0, 1.0]},
              {"type": "translation", "translation": [100.0, 0.0, 0.0, 0.0]}]
     state = _state(_series(tmp_path, 10.0, 20.0, unit="millisecond", outer=outer))
     assert state["dimensions"]["t"] == [pytest.approx(0.02), "s"]
-    assert state["position"][3] == pytest.approx(7.5)
+    assert state["position"][3] == pytest.approx(7.0)
 
 
 def test_neuroglancer_takes_the_translated_time_position(tmp_path: Path) -> None:
     neuroglancer = pytest.importorskip("neuroglancer")
     state = neuroglancer.ViewerState(_state(_series(tmp_path, 2.0, 10.0)))
     assert list(state.dimensions.names) == ["x", "y", "z", "t"]
-    assert state.position[3] == pytest.approx(5.5)
+    assert state.position[3] == pytest.approx(5.0)
 
 
 # ============================================ 4. view: N5 at a URL, read by neuroglancer
@@ -273,7 +273,7 @@ def test_view_shows_a_remote_n5_dataset_from_its_url(tmp_path: Path) -> None:
             assert layer["source"]["url"] == f"n5://{url}/vol.n5/raw"
             dims = layer["source"]["transform"]["outputDimensions"]
             assert dims["z"] == [pytest.approx(30e-9), "m"]
-            assert layer["source"]["transform"]["matrix"][2][-1] == 2.0  # z offset, voxels
+            assert layer["source"]["transform"]["matrix"][2][-1] == 1.5  # z offset - 0.5
             assert shown.server.prefixes == {}
             assert str(shown.layers[0].store) == f"{url}/vol.n5"
         finally:

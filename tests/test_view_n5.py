@@ -55,7 +55,9 @@ def test_an_n5_pyramid_is_one_n5_layer_served_with_its_levels(tmp_path: Path) ->
         assert list(dims(layer).items()) == [("x", [pytest.approx(4e-9), "m"]),
                                              ("y", [pytest.approx(4e-9), "m"]),
                                              ("z", [pytest.approx(30e-9), "m"])]
-        assert "matrix" not in layer["source"]["transform"]
+        # half a voxel back: neuroglancer centres the OME-Zarr voxels this lines up with
+        assert layer["source"]["transform"]["matrix"] == [
+            [1, 0, 0, -0.5], [0, 1, 0, -0.5], [0, 0, 1, -0.5]]
         status, headers, body = get(f"{url}/attributes.json")
         assert status == 200 and headers["Access-Control-Allow-Origin"] == "*"
         assert json.loads(body)["scales"] == list(FACTORS)
@@ -119,7 +121,7 @@ def test_an_n5_dataset_keeps_its_offset_and_int64_labels_read_as_uint64(
         assert layer["type"] == "segmentation" and layer["name"] == "labels"
         assert layer["source"]["url"] == f"n5://{shown.server.url}/0/volumes/labels"
         assert layer["source"]["transform"]["matrix"] == [
-            [1, 0, 0, 10], [0, 1, 0, 20], [0, 0, 1, 10]]  # voxels, x, y, z
+            [1, 0, 0, 9.5], [0, 1, 0, 19.5], [0, 0, 1, 9.5]]  # voxels, x, y, z, centred
         meta = json.loads(get(f"{shown.server.url}/0/volumes/labels/attributes.json")[2])
         assert meta["dataType"] == "uint64" and meta["offset"] == [40, 80, 300]
     finally:
