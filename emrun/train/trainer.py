@@ -462,7 +462,8 @@ class Trainer:
         """The best validation figure so far: the checkpoint's, or best.pt's when lower. A
         validation scored in the background lands after its iteration's checkpoint, so a run
         killed before its next checkpoint resumed without it and let a worse validation
-        replace best.pt."""
+        replace best.pt. A best.pt of an iteration past the checkpoint is of the attempt the
+        resumption abandons: its figure is on no curve the run keeps, and does not count."""
         path = self.checkpoints.best_path
         if not path.is_file():
             return saved
@@ -474,6 +475,13 @@ class Trainer:
         recorded, recorded_by = best_pt.get("best"), best_pt.get("best_by")
         if not isinstance(recorded, (int, float)) or isinstance(recorded, bool) or \
                 not math.isfinite(recorded):
+            return saved
+        at = best_pt.get("iteration")
+        if isinstance(at, int) and at > self.iteration:  # the stopped attempt's, past this
+            self._say(f"best.pt holds iteration {at} of the attempt stopped after the "  # point
+                      f"checkpoint resumed from ({self.iteration}): events.jsonl is cut back "
+                      "to here, and the resumed run's validations replace it when they beat "
+                      "the figures up to here")
             return saved
         if saved is None:
             self.best_by = recorded_by
