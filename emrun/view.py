@@ -408,6 +408,43 @@ def neuroglancer_metadata(raw: bytes) -> bytes | None:
     return json.dumps(meta).encode()
 
 
+NEUROGLANCER_UNITS = {"nm": "nanometer", "um": "micrometer", "\u00b5m": "micrometer",
+                      "\u03bcm": "micrometer", "micron": "micrometer", "mm": "millimeter",
+                      "cm": "centimeter", "m": "meter", "s": "second", "ms": "millisecond",
+                      "us": "microsecond", "ns": "nanosecond"}
+"""Unit spellings emrun reads in OME axes and neuroglancer refuses ("Unsupported unit"),
+with the OME names it takes."""
+
+
+def neuroglancer_units(raw: bytes) -> bytes | None:
+    """A zarr.json (v3) or .zattrs (v2) whose OME axes spell a unit as neuroglancer does not
+    read it (`NEUROGLANCER_UNITS`), with the unit spelled out (None for any other file):
+    stores written elsewhere with `nm` or `um` opened in emrun and failed in the browser."""
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(meta, dict):
+        return None
+    attrs = meta.get("attributes", {}) if "zarr_format" in meta else meta
+    ome = attrs.get("ome", attrs) if isinstance(attrs, dict) else None
+    multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
+    changed = False
+    for multiscale in multiscales if isinstance(multiscales, list) else []:
+        axes = multiscale.get("axes") if isinstance(multiscale, dict) else None
+        for axis in axes if isinstance(axes, list) else []:
+            unit = axis.get("unit") if isinstance(axis, dict) else None
+            if isinstance(unit, str) and unit in NEUROGLANCER_UNITS:
+                axis["unit"] = NEUROGLANCER_UNITS[unit]
+                changed = True
+    return json.dumps(meta).encode() if changed else None
+
+
+def _zarr_json(raw: bytes) -> bytes | None:
+    """A zarr.json as neuroglancer reads it: an array's int64, a group's OME units."""
+    return neuroglancer_metadata(raw) or neuroglancer_units(raw)
+
+
 def neuroglancer_v2_metadata(raw: bytes) -> bytes | None:
     """A zarr v2 int64 array's .zarray saying uint64 (None for any other file), as
     `neuroglancer_metadata` does for v3: OME-Zarr 0.4 labels are v2."""
@@ -467,11 +504,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def send_head(self) -> Any:
         """A zarr array's metadata as neuroglancer reads it (`neuroglancer_metadata`,
-        `neuroglancer_v2_metadata`), an N5 dataset's (`n5_metadata`), an N5 group's as the
-        layer serves it; any other file as it is."""
+        `neuroglancer_v2_metadata`), an OME group's units (`neuroglancer_units`), an N5
+        dataset's (`n5_metadata`), an N5 group's as the layer serves it; any other file as
+        it is."""
         path = self.translate_path(self.path)
         body = self.served.get(path) if path else None
-        rewrite = {"zarr.json": neuroglancer_metadata, ".zarray": neuroglancer_v2_metadata,
+        rewrite = {"zarr.json": _zarr_json, ".zarray": neuroglancer_v2_metadata,
+                   ".zattrs": neuroglancer_units,
                    "attributes.json": n5_metadata}.get(os.path.basename(path))
         if body is None and rewrite is not None and os.path.isfile(path):
             body = rewrite(Path(path).read_bytes())

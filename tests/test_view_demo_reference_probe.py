@@ -238,6 +238,35 @@ def test_an_int64_v2_segmentation_is_served_as_a_type_neuroglancer_reads(tmp_pat
         shown.close()
 
 
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_short_unit_names_are_served_as_the_ome_names_neuroglancer_reads(tmp_path,
+                                                                        zarr_format):
+    """emrun reads `nm` and `um` in OME axes (stores written elsewhere); neuroglancer refuses
+    them ("Unsupported unit"), so the served group metadata spells them out."""
+    group = zarr.open_group(tmp_path / "u.zarr", mode="w", zarr_format=zarr_format)
+    image = group.create_group("img")
+    image.create_array("0", data=np.zeros((4, 8, 8), np.uint8), chunks=(4, 8, 8))
+    axes = [{"name": "z", "type": "space", "unit": "um"},
+            *({"name": a, "type": "space", "unit": "nm"} for a in "yx")]
+    multiscales = [{"version": "0.4" if zarr_format == 2 else "0.5", "axes": axes,
+                    "datasets": [{"path": "0", "coordinateTransformations": [
+                        {"type": "scale", "scale": [0.03, 6.0, 6.0]}]}]}]
+    if zarr_format == 2:
+        image.attrs["multiscales"] = multiscales
+    else:
+        image.attrs["ome"] = {"version": "0.5", "multiscales": multiscales}
+    shown = view([str(tmp_path / "u.zarr/img")], client=CLIENT)
+    try:
+        assert shown.layers[0].voxel_size == pytest.approx((30.0, 6.0, 6.0))
+        base = shown.state["layers"][0]["source"].removeprefix("zarr://")
+        meta = json.loads(get(f"{base}/{'.zattrs' if zarr_format == 2 else 'zarr.json'}"))
+        attrs = meta if zarr_format == 2 else meta["attributes"]["ome"]
+        units = [axis["unit"] for axis in attrs["multiscales"][0]["axes"]]
+        assert units == ["micrometer", "nanometer", "nanometer"]
+    finally:
+        shown.close()
+
+
 def _time_series(tmp_path: Path, t_scale: float, t_shift: float) -> Path:
     """An OME-Zarr 0.4 series of 4 time points, z, y, x offset 2, 3, 4 voxels."""
     group = zarr.open_group(tmp_path / "t.zarr", mode="w", zarr_format=2)
