@@ -797,11 +797,13 @@ class Trainer:
             for packed in validation_batches(self.recipe):
                 batch = unpack(packed, self.device)
                 outputs = model(batch["image"])
-                for name, fn in self.scorers.items():
-                    result: LossResult = fn(outputs[name], batch["target"][name],
-                                            batch["mask"][name])
-                    sums[name] += float(result.loss) * float(result.valid)
-                    counts[name] += float(result.valid)
+                for name, fn in self.scorers.items():  # tile by tile: class balancing and
+                    for i in range(len(batch["image"])):  # Dice over a batch made the figure
+                        one = slice(i, i + 1)  # depend on train.batch_size
+                        result: LossResult = fn(outputs[name][one], batch["target"][name][one],
+                                                batch["mask"][name][one])
+                        sums[name] += float(result.loss) * float(result.valid)
+                        counts[name] += float(result.valid)
         metrics = validation_losses(sums, counts, self.weights)
         if not self.world.main:
             model.train()
