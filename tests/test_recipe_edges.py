@@ -324,7 +324,7 @@ CASES: list[tuple[str, str, int, str]] = [
     ("augment_nested_typo", BASE + "augment:\n  - {type: compose, of: [{type: one_of, of: "
      "[{type: wrap}]}]}\n", 15, "augment.0.of.0.of.0.type: unknown augmentation type 'wrap'"),
     ("precision_yes", edit("iterations: 100", "iterations: 100\n  precision: yes"), 14,
-     "train.precision: input should be 'fp32', 'bf16' or 'fp16' (got True)"),
+     "train.precision: input should be 'fp32', 'bf16' or 'fp16' (got true)"),
     # huge, negative and zero numbers
     ("huge_float", edit("iterations: 100", "iterations: 1e400"), 13,
      "train.iterations: input should be a valid integer"),

@@ -116,7 +116,7 @@ def test_a_problem_the_file_has_anyway_stays_at_its_line(write):
 
 
 @pytest.mark.parametrize(("override", "hint"), [
-    ("model.norm=no", "(got False); YAML reads no as false; write 'no' in quotes for the word"),
+    ("model.norm=no", "(got false); YAML reads no as false; write 'no' in quotes for the word"),
     ("model.norm=Off", "YAML reads Off as false; write 'Off' in quotes for the word"),
     ("augment=yes", "YAML reads yes as true; write 'yes' in quotes for the word"),
     ("train.iterations=1e3", "(got '1e3'); YAML reads 1e3 as a string; write 1000"),
@@ -138,7 +138,7 @@ def test_no_hint_for_a_value_written_as_meant(write, override: str):
 
 def test_recipe_files_get_no_override_hints(write):
     [msg] = problems(write(MINIMAL.replace("widths: [4, 8]}", "widths: [4, 8], norm: no}")))
-    assert "(got False)" in msg and "YAML reads" not in msg
+    assert "(got false)" in msg and "YAML reads" not in msg
 
 
 # ----------------------------------------------------- the recipe a checkpoint carries

@@ -207,7 +207,7 @@ def _message(err: ErrorDetails, loc: tuple[Any, ...]) -> str:
         elif hint := _close(value, options):
             message += f"; did you mean {' or '.join(repr(h) for h in hint)}?"
     if isinstance(value, str | int | float | bool) and kind != "value_error":
-        shown = repr(value)
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # YAML's words
         if len(shown) > 60:
             shown = shown[:57] + "..."
         message += f" (got {shown})"
