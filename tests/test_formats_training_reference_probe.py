@@ -571,3 +571,31 @@ def test_uint16_big_endian_images_train_as_native_ones(tmp_path, fmt):
     want = samples(recipe_of({"image": str(tmp_path / "ref.zarr/image"),
                               "labels": labels_path}), n=3)
     assert_same(got, want)
+
+
+@pytest.mark.parametrize(("metadata", "expected"), [
+    ({"PhysicalSizeZ": 0.03, "PhysicalSizeY": 0.006, "PhysicalSizeX": 0.004},
+     (30.0, 6.0, 4.0)),  # micrometres: the OME schema's default unit
+    ({"PhysicalSizeZ": 40, "PhysicalSizeZUnit": "nm", "PhysicalSizeY": 12,
+      "PhysicalSizeYUnit": "nm", "PhysicalSizeX": 0.008, "PhysicalSizeXUnit": "µm"},
+     (40.0, 12.0, 8.0)),
+    ({"PhysicalSizeY": 0.006, "PhysicalSizeX": 0.006}, None),  # no z: no voxel size
+])
+def test_an_ome_tiff_states_its_voxel_size(tmp_path, metadata, expected):
+    """Bio-Formats and microscope software write OME-TIFF, not ImageJ's metadata: its
+    PhysicalSize was ignored (the voxel size unknown)."""
+    path = tmp_path / "v.ome.tif"
+    tifffile.imwrite(path, np.zeros((5, 16, 16), np.uint8), ome=True,
+                     metadata={"axes": "ZYX", **metadata})
+    assert open_volume(str(path)).voxel_size == expected
+
+
+def test_an_ome_tiff_size_in_an_unknown_unit_is_refused_naming_it(tmp_path):
+    from emrun.io import VolumeError
+
+    path = tmp_path / "v.ome.tif"
+    tifffile.imwrite(path, np.zeros((5, 16, 16), np.uint8), ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeZ": 3, "PhysicalSizeZUnit": "furlong",
+        "PhysicalSizeY": 6, "PhysicalSizeX": 6})
+    with pytest.raises(VolumeError, match=r"OME-TIFF metadata.*furlong"):
+        open_volume(str(path))

@@ -25,9 +25,10 @@ class OneChannel(Volume):
     def of(cls, volume: Volume) -> OneChannel:
         spatial = volume.voxel_size[-3:] if volume.voxel_size is not None else None
         offset = volume.offset[-3:] if volume.offset is not None else None
-        return cls(inner=volume, path=volume.path, dataset=volume.dataset,
+        shift = volume.shift_nm[-3:] if volume.shift_nm is not None else None  # a coarser
+        return cls(inner=volume, path=volume.path, dataset=volume.dataset,  # level's
                    shape=tuple(volume.shape[1:]), dtype=volume.dtype, voxel_size=spatial,
-                   offset=offset, segmentation=volume.segmentation)
+                   offset=offset, shift_nm=shift, segmentation=volume.segmentation)
 
     def _read(self, roi: Roi) -> np.ndarray:
         return self.inner.read(roi)[0]

@@ -279,7 +279,8 @@ def _inspected(path: str, tif: tifffile.TiffFile, said: list[str]) -> TiffVolume
         dataset=None,
         shape=shape,
         dtype=np.dtype(series.dtype),
-        voxel_size=_imagej_voxel_size(path, tif, len(shape)),
+        voxel_size=_imagej_voxel_size(path, tif, len(shape))
+        or _ome_voxel_size(path, tif, len(shape)),
         page_stack=stack,
     )
 
@@ -534,3 +535,32 @@ def _imagej_voxel_size(path: str, tif: tifffile.TiffFile,
         return unusable_voxel_size(path, "ImageJ metadata", problem)
     factor = UNIT_TO_NM[unit]
     return tuple(round(s * factor, 6) for s in [spacing, *sizes] if s is not None)
+
+
+def _ome_voxel_size(path: str, tif: tifffile.TiffFile, ndim: int) -> tuple[float, ...] | None:
+    """zyx nm from an OME-TIFF's first image (PhysicalSizeZ/Y/X, in their units, micrometres
+    by default as the OME schema has it), only when all three are given; Bio-Formats and
+    most microscope software write this, not ImageJ's. A size or unit that cannot be used
+    gives way to a stated voxel size (`unusable_voxel_size`)."""
+    if ndim != 3 or not tif.is_ome or not tif.ome_metadata:
+        return None
+    try:
+        image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None  # metadata of another shape: no size to report
+    if not all(f"PhysicalSize{axis}" in pixels for axis in "ZYX"):
+        return None
+    sizes = []
+    for axis in "ZYX":
+        value, unit = pixels[f"PhysicalSize{axis}"], str(pixels.get(f"PhysicalSize{axis}Unit",
+                                                                  "\u00b5m"))
+        number = positive_number(value)
+        if unit not in UNIT_TO_NM:
+            return unusable_voxel_size(path, "OME-TIFF metadata", f"PhysicalSize{axis}Unit "
+                                       f"{unit!r} is not a length unit emrun knows")
+        if number is None:
+            return unusable_voxel_size(path, "OME-TIFF metadata", f"PhysicalSize{axis} "
+                                       f"{value!r} is not a positive number")
+        sizes.append(round(number * UNIT_TO_NM[unit], 6))
+    return tuple(sizes)
