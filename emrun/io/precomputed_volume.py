@@ -49,14 +49,27 @@ def open_precomputed(root: str, key: str | None) -> TensorstoreVolume:
 
     view = reader.open(spec, emrun_axes)
     scale = scales[index]
+    voxel_size = _zyx(name, scale, "resolution")
     return opened_volume(
-        view, path=root, dataset=key or None, voxel_size=_zyx(name, scale, "resolution"),
+        view, path=root, dataset=key or None, voxel_size=voxel_size,
         offset=tuple(int(v) for v in reversed(scale.get("voxel_offset") or (0, 0, 0))),
+        shift_nm=_scale_shift(voxel_size, _zyx(f"{root}/{keys[0]}", scales[0], "resolution")),
         attrs={k: v for k, v in info.items() if k != "scales"},
         segmentation=info.get("type") == "segmentation",
         level_list=tuple(Level(k, _zyx(name, s, "resolution"), f"{root}/{k}")
                          for k, s in zip(keys, scales, strict=True)),
     )
+
+
+def _scale_shift(voxel_size: tuple[float, ...], base: tuple[float, ...]
+                 ) -> tuple[float, ...] | None:
+    """The half-voxel shift (nm, z, y, x) of a coarser scale: precomputed scales share their
+    voxels' corners (voxel_offset x resolution), so a scale of voxels f times scale 0's has
+    its voxel 0's centre (f - 1) / 2 scale-0 voxels past scale 0's, as an OME-Zarr level's
+    translation says (outputs made from a coarser scale lay half a voxel off); None at
+    scale 0's resolution."""
+    shift = tuple(float(round((v - b) / 2, 6)) for v, b in zip(voxel_size, base, strict=True))
+    return shift if any(shift) else None
 
 
 def _zyx(name: str, scale: dict[str, Any], key: str) -> tuple[float, ...]:

@@ -13,12 +13,14 @@ where both hold data. Both are one wrapper, `Placed`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from emrun.errors import UserWarned
 from emrun.geometry import Coordinate, Roi, clip, local_slices, zyx
 from emrun.io.volume import Volume
 
@@ -179,6 +181,19 @@ def other_offset(volume: Volume, reference: Volume) -> tuple[list[int], list[int
     return (mine, theirs) if mine != theirs else None
 
 
+def shifts_apart(volume: Volume, reference: Volume) -> tuple[list[float], list[float]] | None:
+    """(``volume``'s, ``reference``'s) sub-voxel shifts (nm, z, y, x; a pyramid level's
+    half-voxel placement, 0 where none is stated) when both are placed on one voxel size
+    and the shifts differ by more than a thousandth of a voxel; None otherwise."""
+    if volume.offset is None or reference.offset is None or reference.voxel_size is None:
+        return None
+    mine = [float(v) for v in (volume.shift_nm or (0.0, 0.0, 0.0))[-3:]]
+    theirs = [float(v) for v in (reference.shift_nm or (0.0, 0.0, 0.0))[-3:]]
+    sizes = [float(v) for v in reference.voxel_size[-3:]]
+    apart = any(abs(a - b) > 1e-3 * s for a, b, s in zip(mine, theirs, sizes, strict=True))
+    return (mine, theirs) if apart else None
+
+
 def off_grid(volume: Volume, reference: Volume, role: str, of: str, hint: str = "") -> str | None:
     """Why ``volume`` (the ``role``: mask, truth) is not on the grid of ``reference`` (named
     ``of``: "the input", "the affinities") where both state a voxel size or an offset, or
@@ -194,4 +209,10 @@ def off_grid(volume: Volume, reference: Volume, role: str, of: str, hint: str = 
                 f"{list(volume.shape[-3:])} but {of} {reference} at {offsets[1]} with shape "
                 f"{list(reference.shape[-3:])}: it does not cover the same box; give a "
                 f"{role} that holds the box of {of}{hint}, or crop both to a common box")
+    if (shifts := shifts_apart(volume, reference)) is not None:  # warned, not refused: many
+        warnings.warn(  # tools write pyramid levels without their half-voxel translation
+            f"{volume}: the {role} lies a fraction of a voxel off the grid of {of} "
+            f"{reference} (sub-voxel shifts {shifts[0]} against {shifts[1]} nm, as pyramid "
+            f"levels written with and without their half-voxel translation have); it is "
+            "read voxel by voxel as if on that grid", UserWarned, stacklevel=2)
     return None
