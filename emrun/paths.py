@@ -53,3 +53,14 @@ def file_in_the_way(path: str | os.PathLike[str]) -> Path | None:
         return None
     above = next((p for p in target.parents if p.exists()), None)
     return above if above is not None and not above.is_dir() else None
+
+
+def suffix_only(path: str | os.PathLike[str]) -> str | None:
+    """Why an output store named ``path`` would be a mistake when it is named only by its
+    suffix (`.zarr`): a hidden folder that listings leave out (the user meant a name before
+    it), as a phrase to follow the path; None otherwise."""
+    out = Path(path)
+    if out.name.lower() != ".zarr":
+        return None
+    return (f"names only the suffix, which makes a hidden folder; give a name before it, e.g. "
+            f"{out.with_name('volume.zarr')}")

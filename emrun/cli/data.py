@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
+from ..paths import suffix_only
 from .app import LevelChoice, Levels, Nm, Overrides, RecipeFile, at_level, data_app, guarded
 
 
@@ -28,11 +29,8 @@ def _check_nm(voxel_size: tuple[float, float, float] | None) -> None:
 
 
 def _check_store_name(out: Path) -> None:
-    """An output named only by its suffix (`.zarr`) would be a hidden folder that listings
-    leave out: the user meant a name before it."""
-    if out.name.lower() == ".zarr":
-        raise UserError(f"{out}: names only the suffix, which makes a hidden folder; give "
-                        f"a name before it, e.g. {out.with_name('volume.zarr')}")
+    if (why := suffix_only(out)) is not None:
+        raise UserError(f"{out}: {why}")
 
 
 SYNTH_TAKEN = "give another output store, or --overwrite to replace them"

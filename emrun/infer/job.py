@@ -47,7 +47,7 @@ from ..io.write import (
     shard_chunks,
     store_entries,
 )
-from ..paths import is_link_loop
+from ..paths import is_link_loop, suffix_only
 from ..recipe import Recipe
 from ..recipe.loader import resolved_now
 from ..recipe.tasks import AffinityTarget
@@ -337,6 +337,8 @@ def level_array(group_path: Path) -> zarr.Array:
 
 
 def _refuse_same(volume: Volume, output: Path) -> None:
+    if (why := suffix_only(output)) is not None:
+        raise UserError(f"--output {output}: {why}")
     if is_link_loop(output):
         raise UserError(f"--output {output} is a loop of symbolic links; give a .zarr folder")
     if "://" not in volume.path:

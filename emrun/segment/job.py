@@ -37,7 +37,7 @@ from ..io.masks import inside
 from ..io.pyramid import level_factors
 from ..io.window import off_grid
 from ..io.write import check_new_volume, held_store
-from ..paths import is_link_loop
+from ..paths import is_link_loop, suffix_only
 from ..recipe.recipe import Recipe
 from ..recipe.run import SegmenterBase
 from ..registry import segmenters
@@ -238,6 +238,8 @@ def check_output(output: Path, names: Sequence[str]) -> None:
     volume (never overwritten), a bad name."""
     if not output.name.lower().endswith(".zarr"):
         raise UserError(f"{output}: the output must be a folder whose name ends in .zarr")
+    if (why := suffix_only(output)) is not None:
+        raise UserError(f"{output}: {why}")
     if is_link_loop(output):
         raise UserError(f"{output} is a loop of symbolic links; give a .zarr folder")
     if output.exists() and not output.is_dir():

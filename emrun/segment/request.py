@@ -12,6 +12,7 @@ from ..devices import check_launch
 from ..errors import UserError
 from ..recipe.run import SegmenterBase
 from ..registry import segmenters
+from .scale.job import FRAGMENTS
 
 __all__ = ["GIVEN_OPTIONS", "SegmentRequest"]
 
@@ -89,6 +90,9 @@ class SegmentRequest:
                 raise UserError(f"--scheduler {self.scheduler!r}: choose local or daisy")
             if self.sweep:
                 raise UserError("--sweep runs in memory; drop --scheduler (sweep a crop)")
+            if self.name == FRAGMENTS:  # taken as the finished output: 0 segments written
+                raise UserError(f"--name {FRAGMENTS}: the graph pipeline keeps its fragments "
+                                "under that name; give another --name")
         elif given := self._pipeline_options():
             raise UserError(f"{', '.join(given)}: only with --scheduler local or daisy (the "
                             "graph pipeline); add --scheduler or drop them")
