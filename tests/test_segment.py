@@ -576,7 +576,7 @@ def test_cli_segments_with_the_recipe_the_affinities_record(tmp_path):
     record_recipe(tmp_path, {"type": "mws", "bias": "x"})  # pydantic's text was four lines
     invalid = invoke(affs_path, tmp_path / "other.zarr")
     assert invalid.exit_code == 2 and len(invalid.stderr.splitlines()) == 1, invalid.stderr
-    assert "(segmenter mws: bias: Input should be a valid number" in invalid.stderr
+    assert "(segmenter mws: bias: input should be a valid number" in invalid.stderr
     assert "errors.pydantic.dev" not in invalid.stderr
 
 
@@ -610,6 +610,8 @@ def bad_cases(tmp_path):
         ([good, out, "--method", "mwz"], "did you mean 'mws'"),
         ([good, out, "--method", "cc", "--bias", "0.3"], "takes --threshold"),
         ([good, out, "--method", "cc", "--threshold", "1.5"], "threshold"),
+        ([good, out, "--method", "cc", "--threshold", "nan"],
+         "threshold: must be a number, not nan"),  # pydantic said "less than 1"
         ([good, out, "--bias", "x"], "takes numbers"),
         ([good, out, "--method", "cc", "--threshold", "0.3,,0.5"], "separated by commas"),
         ([good, out, "--mask", tmp_path / "small.zarr/labels"], "mask"),

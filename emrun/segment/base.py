@@ -11,6 +11,7 @@ merging small segments, compact ids.
 from __future__ import annotations
 
 import functools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,10 +39,19 @@ def respec(spec: Spec, **changes: Any) -> Spec:
 
 
 def spec_problems(exc: ValidationError) -> str:
-    """pydantic's complaints about a segmenter's parameters on one line: 'bias: Input should
-    be a valid number (got 'x')', without its links and layout."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} "
-                     f"(got {e.get('input')!r})" for e in exc.errors())
+    """pydantic's complaints about a segmenter's parameters on one line: 'bias: input should
+    be a valid number (got 'x')', without its links and layout; a NaN is said to be one
+    (pydantic's 'less than 1' for `--threshold nan` read oddly)."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {_complaint(e)}"
+                     for e in exc.errors())
+
+
+def _complaint(error: Any) -> str:
+    value = error.get("input")
+    if isinstance(value, float) and math.isnan(value):
+        return "must be a number, not nan"
+    message = str(error["msg"])
+    return f"{message[:1].lower()}{message[1:]} (got {value!r})"
 
 
 def edge_valid(mask: np.ndarray | None, offset: Offset) -> np.ndarray | None:
