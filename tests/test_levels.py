@@ -83,5 +83,6 @@ def test_level_option_on_the_commands(tmp_path):
                   "--output", str(tmp_path / "pred.zarr")]):
         result = runner.invoke(app, [*args, "--level", "s7"])
         assert result.exit_code == 2, result.output
+        assert "--level s7: " in result.stderr  # the option named
         assert "has no level s7; levels: s0 (40,4,4 nm), s1 (40,8,8 nm)" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1

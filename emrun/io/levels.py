@@ -51,7 +51,7 @@ def choose_level(path: str | os.PathLike[str], level: str) -> str:
     for candidate in levels:
         if isinstance(wanted, str) and _same_number(candidate.name, wanted):
             return candidate.path
-    raise VolumeError(f"{volume} has no level {level}; levels: "
+    raise VolumeError(f"--level {level}: {volume} has no level {level}; levels: "
                       + ", ".join(describe(c) for c in levels))
 
 
