@@ -357,6 +357,8 @@ def test_bench_data_figures_are_its_stage_timings_and_rate(monkeypatch):
     f = data.bench_data(recipe, synthetic=False, workers=0, samples=4)
     per_stage, totals = kept["per_stage"], kept["totals"]
     assert len(totals) == 4 and f["samples"] == 4 and f["workers"] == 0
+    batch = recipe.train.batch_size  # the loader's rate is timed over whole batches
+    assert f["loader_samples"] == max(1, 4 // batch) * batch
     assert f["read_ms"] == round(per_stage["sample"], 3)
     assert f["targets_ms"] == round(per_stage["targets"], 3)
     assert f["per_target_ms"] == {n: round(per_stage[f"target:{n}"], 3) for n in recipe.tasks}

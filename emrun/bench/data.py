@@ -100,6 +100,11 @@ def check_workers(workers: int) -> None:
                         f"{max(0, room // WORKER_MEMORY)}")
 
 
+def loader_batches(recipe: Recipe, samples: int) -> int:
+    """The batches `throughput` times for about ``samples`` samples (at least one)."""
+    return max(1, samples // recipe.train.batch_size)
+
+
 def throughput(recipe: Recipe, workers: int, samples: int) -> tuple[float, float]:
     """Samples per second through the real loader (after every worker has made its first
     batch), and the ms per sample to unpack targets to float on this CPU (on a GPU the
@@ -108,7 +113,7 @@ def throughput(recipe: Recipe, workers: int, samples: int) -> tuple[float, float
         with _loader(recipe, workers) as batches:
             for _ in range(max(workers, 1)):  # warm-up: worker start, volume generation
                 next(batches)  # or opening
-            count = max(1, samples // recipe.train.batch_size)
+            count = loader_batches(recipe, samples)
             received = []
             start = time.perf_counter()
             for _ in range(count):
@@ -228,7 +233,8 @@ def bench_data(recipe: Recipe, *, synthetic: bool, workers: int, samples: int) -
         "channels": {name: task.channels() for name, task in recipe.tasks.items()},
         "synthetic": synthetic,
         "workers": workers,
-        "samples": samples,
+        "samples": samples,  # the stage costs'; the loader's rate is timed over whole batches
+        "loader_samples": loader_batches(recipe, samples) * recipe.train.batch_size,
         "samples_per_s": round(rate, 3),
         "ms_per_sample": round(1e3 / rate, 3),
         "median_ms_per_sample_one_core": round(statistics.median(totals), 3),
