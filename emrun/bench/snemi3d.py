@@ -20,6 +20,7 @@ again with the same ``--out``: conversion is kept, training resumes, inference r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -120,15 +121,18 @@ def budgeted_recipe(path: Path, settings: list[str], iterations: int | None,
                     overrides: list[str], last: Sequence[str] = ()) -> LoadedRecipe:
     """The recipe at ``path`` with ``settings``, ``iterations``, the user's ``overrides`` and
     ``last``, in that order; a short budget that would end inside the recipe's warm-up gets a
-    warm-up of a tenth of it (unless the overrides set the schedule)."""
+    warm-up of a tenth of it (unless the overrides set the schedule). The budget is the
+    iterations the recipe ends with, however given (`--iterations` or `-o
+    train.iterations=`): `--final`, which passes the scored run's, trained with another
+    warm-up than a run budgeted by an override."""
     settings = list(settings)
     if iterations is not None:
         settings.append(f"train.iterations={iterations}")
     loaded = load_recipe(path, [*settings, *overrides, *last])
+    budget = loaded.recipe.train.iterations
     warmup = getattr(loaded.recipe.train.schedule, "warmup", 0)
-    if iterations is not None and warmup > iterations // 10 and not any(
-            o.startswith("train.schedule") for o in overrides):
-        settings.append(f"train.schedule.warmup={iterations // 10}")
+    if warmup > budget // 10 and not any(o.startswith("train.schedule") for o in overrides):
+        settings.append(f"train.schedule.warmup={budget // 10}")
         loaded = load_recipe(path, [*settings, *overrides, *last])
     return loaded
 
@@ -140,7 +144,8 @@ def run_snemi3d(data: Path | None, out: Path, *, iterations: int | None = None,
     ``out`` is held meanwhile (`locks.holding_out`)."""
     path = recipe_file(recipe)
     folder = find_data(data)
-    with locks.holding_out(out):
+    out = Path(os.path.abspath(out))  # the recipe names its volumes under it: `--out rel`
+    with locks.holding_out(out):  # and `--out $PWD/rel` must be one benchmark to resume
         return _run(path, folder, out, iterations, device, overrides, console)
 
 

@@ -14,6 +14,7 @@ A stopped final run continues when the same command runs again.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ def run_final(data: Path | None, out: Path, export: Export, *, device: str | Non
     """Train with the validation run's settings on all sections; ``export`` (emrun.export's,
     handed in by the command: exporting sits beside the benchmarks, not below them) writes
     the package; returns the facts. ``out`` is held meanwhile (`locks.holding_out`)."""
+    out = Path(os.path.abspath(out))  # as the validation run names it (`run_snemi3d`)
     chosen = _validation_results(out)
     with locks.holding_out(out):
         return _final(data, out, export, chosen, device, console)

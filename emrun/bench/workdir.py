@@ -39,6 +39,7 @@ def made_folder(path: str | os.PathLike[str] | None, option: str) -> Iterator[st
     if path is None:
         yield None
         return
+    path = os.path.normpath(path)  # `a/b/../c` made a/b too, which the clean-up never reached
     top = _first_missing(Path(path))
     try:
         folder = work_folder(path, option)
