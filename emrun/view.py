@@ -402,10 +402,7 @@ def neuroglancer_metadata(raw: bytes) -> bytes | None:
     if not (isinstance(meta, dict) and meta.get("node_type") == "array"
             and meta.get("data_type") == "int64"):
         return None
-    meta["data_type"] = "uint64"
-    if isinstance(meta.get("fill_value"), int):
-        meta["fill_value"] %= 1 << 64
-    return json.dumps(meta).encode()
+    return _as_uint64(meta, "data_type", "uint64")
 
 
 NEUROGLANCER_UNITS = {"nm": "nanometer", "um": "micrometer", "\u00b5m": "micrometer",
@@ -455,7 +452,13 @@ def neuroglancer_v2_metadata(raw: bytes) -> bytes | None:
     dtype = meta.get("dtype") if isinstance(meta, dict) else None
     if not (isinstance(dtype, str) and len(dtype) == 3 and dtype[1:] == "i8"):
         return None
-    meta["dtype"] = dtype[0] + "u8"
+    return _as_uint64(meta, "dtype", dtype[0] + "u8")
+
+
+def _as_uint64(meta: dict[str, Any], key: str, uint64: str) -> bytes:
+    """Array metadata saying ``uint64`` under ``key``, its integer fill value taken modulo
+    2**64 (the same eight bytes)."""
+    meta[key] = uint64
     if isinstance(meta.get("fill_value"), int):
         meta["fill_value"] %= 1 << 64
     return json.dumps(meta).encode()

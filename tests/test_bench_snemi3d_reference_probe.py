@@ -298,28 +298,21 @@ def test_rerun_after_a_stop_while_scoring_resumes_without_training_again(bench):
     assert figures["arand"] == pytest.approx(ref["arand"], abs=1e-4)
 
 
-def test_a_foreign_segmentation_in_out_is_refused_before_training(bench):
-    out = bench["tmp"] / "foreign_seg"
-    mine = np.arange(8, dtype=np.uint64).reshape(2, 2, 2)
-    write_volume(out / "seg.zarr", "segmentation", mine, label=True)
+@pytest.mark.parametrize(("store", "name", "mine", "words"), [
+    ("seg.zarr", "segmentation", np.arange(8, dtype=np.uint64).reshape(2, 2, 2),
+     "no segmentation of this benchmark"),
+    ("pred.zarr", "affinity", np.ones((2, 2, 2), dtype=np.float32),
+     "no prediction of this benchmark"),
+], ids=["segmentation", "prediction"])
+def test_a_foreign_volume_in_out_is_refused_before_training(bench, store, name, mine, words):
+    out = bench["tmp"] / f"foreign_{name}"
+    write_volume(out / store, name, mine, label=name == "segmentation")
     args = [*bench["args"]]
     args[args.index("--out") + 1] = str(out)
     result = runner.invoke(app, args)
-    assert result.exit_code == 2 and "no segmentation of this benchmark" in result.stderr
+    assert result.exit_code == 2 and words in result.stderr
     assert not (out / "run").exists()
-    np.testing.assert_array_equal(open_volume(f"{out}/seg.zarr/segmentation").read(), mine)
-
-
-def test_a_foreign_prediction_in_out_is_refused_before_training(bench):
-    out = bench["tmp"] / "foreign_pred"
-    mine = np.ones((2, 2, 2), dtype=np.float32)
-    write_volume(out / "pred.zarr", "affinity", mine)
-    args = [*bench["args"]]
-    args[args.index("--out") + 1] = str(out)
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2 and "no prediction of this benchmark" in result.stderr
-    assert not (out / "run").exists()
-    np.testing.assert_array_equal(open_volume(f"{out}/pred.zarr/affinity").read(), mine)
+    np.testing.assert_array_equal(open_volume(f"{out}/{store}/{name}").read(), mine)
 
 
 def test_more_iterations_on_the_same_out_train_further_and_predict_again(bench):

@@ -192,7 +192,6 @@ def test_newest_against_a_brute_force_over_killed_saves(tmp_path):
     """Every sequence of saves, each possibly killed after its numbered file and before
     last.pt (and the prune): the resumption takes the highest iteration written."""
     from emrun.io.checkpoint import load
-    from emrun.train import checkpoint as module
     from emrun.train.checkpoint import CheckpointDir
 
     rng = random.Random(0)
@@ -205,13 +204,7 @@ def test_newest_against_a_brute_force_over_killed_saves(tmp_path):
             it += rng.randint(1, 4)
             directory = CheckpointDir(root, keep)
             if rng.random() < 0.3:  # killed between the numbered file and last.pt
-                real = module.CheckpointDir._point_last_at
-                module.CheckpointDir._point_last_at = _killed  # type: ignore[method-assign]
-                try:
-                    with pytest.raises(KeyboardInterrupt):
-                        directory.save(it, tiny_state(it))
-                finally:
-                    module.CheckpointDir._point_last_at = real  # type: ignore[method-assign]
+                save_killed_before_last(directory, it)
             else:
                 directory.save(it, tiny_state(it))
             written.append(it)
@@ -221,6 +214,19 @@ def test_newest_against_a_brute_force_over_killed_saves(tmp_path):
 
 def _killed(self: Any, path: Path, state: dict) -> None:
     raise KeyboardInterrupt
+
+
+def save_killed_before_last(directory: Any, it: int) -> None:
+    """``directory.save(it, ...)`` killed between the numbered file and last.pt."""
+    from emrun.train import checkpoint as module
+
+    real = module.CheckpointDir._point_last_at
+    module.CheckpointDir._point_last_at = _killed  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            directory.save(it, tiny_state(it))
+    finally:
+        module.CheckpointDir._point_last_at = real  # type: ignore[method-assign]
 
 
 def test_a_resumption_takes_the_highest_iteration_and_says_last_pt_was_older(
@@ -648,7 +654,6 @@ def test_moving_aside_what_readable_instead_names_resumes_from_the_newest_readab
     the readable checkpoint it named, which is the highest readable iteration left, and no
     readable checkpoint of a higher iteration was among those moved."""
     from emrun.io.checkpoint import CheckpointError, load
-    from emrun.train import checkpoint as module
     from emrun.train.checkpoint import CheckpointDir
 
     def readable(path: Path) -> int | None:
@@ -667,13 +672,7 @@ def test_moving_aside_what_readable_instead_names_resumes_from_the_newest_readab
             it += rng.randint(1, 3)
             directory = CheckpointDir(root, keep)
             if rng.random() < 0.25:
-                real = module.CheckpointDir._point_last_at
-                module.CheckpointDir._point_last_at = _killed  # type: ignore[method-assign]
-                try:
-                    with pytest.raises(KeyboardInterrupt):
-                        directory.save(it, tiny_state(it))
-                finally:
-                    module.CheckpointDir._point_last_at = real  # type: ignore[method-assign]
+                save_killed_before_last(directory, it)
             else:
                 directory.save(it, tiny_state(it))
         files = sorted(root.iterdir())
