@@ -10,6 +10,7 @@ import torch
 
 from emrun.data.loader import (
     tile_corners,
+    tile_owned,
     to_tensors,
     train_batches,
     unpack,
@@ -162,6 +163,34 @@ def test_tile_corners_cover_the_box():
     assert tile_corners(Roi((0, 0, 0), (10, 40, 16)), (4, 16, 16)) == [
         (z, y, 0) for z in (0, 4, 6) for y in (0, 16, 24)]
     assert tile_corners(Roi((5, 0, 0), (3, 16, 16)), (4, 16, 16)) == [(5, 0, 0)]
+
+
+def test_tiles_own_every_voxel_of_the_box_once():
+    box = Roi((2, 0, 5), (10, 40, 16))
+    owned = tile_owned(box, PATCH)
+    assert list(owned) == tile_corners(box, PATCH)
+    counted = np.zeros(box.shape, int)
+    for corner, start in owned.items():
+        begin = [s - o for s, o in zip(start, box.offset, strict=True)]
+        end = [min(c + p, o + b) - o for c, p, o, b in zip(corner, PATCH, box.offset, box.shape,
+                                                           strict=True)]
+        counted[tuple(slice(b, e) for b, e in zip(begin, end, strict=True))] += 1
+    assert (counted == 1).all()
+    assert owned[(8, 24, 5)] == (10, 32, 5)  # the last tiles begin at 8 and 24, overlapping
+
+
+def test_validation_masks_count_each_voxel_once(tmp_path):
+    a = volume(tmp_path, "a")
+    val = {"v": {**a, "roi": {"offset": [0, 0, 0], "shape": [10, 40, 40]}}}
+    r = recipe({"a": a}, val)
+    counted = np.zeros((3, 10, 40, 40))
+    corners = iter(tile_corners(Roi((0, 0, 0), (10, 40, 40)), PATCH))
+    for batch in map(unpack, validation_batches(r)):
+        for mask in batch["mask"]["aff"].numpy():
+            z, y, x = next(corners)
+            counted[:, z:z + 4, y:y + 16, x:x + 16] += mask != 0
+    assert counted.max() == 1  # the tiles at z 6, y/x 24 overlap those before them
+    assert counted[0, 8:].min() == 1  # the last tile in z scores the sections it owns
 
 
 def test_validation_batches_are_deterministic_and_mask_padding(tmp_path):

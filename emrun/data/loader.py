@@ -142,23 +142,39 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
+def _axis_starts(offset: int, size: int, patch: int) -> list[int]:
+    """Patch starts on one axis: every ``patch`` voxels, the last moved back to end at the
+    box end."""
+    if size <= patch:
+        return [offset]
+    starts = list(range(offset, offset + size - patch + 1, patch))
+    if starts[-1] != offset + size - patch:
+        starts.append(offset + size - patch)
+    return starts
+
+
 def tile_corners(box: Roi, patch: tuple[int, ...]) -> list[Zyx]:
     """Corners of patches covering the box; the last patch per axis ends at the box end."""
-    axes = []
-    for o, b, p in zip(box.offset, box.shape, patch, strict=True):
-        if b <= p:
-            axes.append([o])
-            continue
-        starts = list(range(o, o + b - p + 1, p))
-        if starts[-1] != o + b - p:
-            starts.append(o + b - p)
-        axes.append(starts)
+    axes = [_axis_starts(o, b, p) for o, b, p in zip(box.offset, box.shape, patch, strict=True)]
     return [zyx(c) for c in itertools.product(*axes)]
 
 
+def tile_owned(box: Roi, patch: tuple[int, ...]) -> dict[Zyx, Zyx]:
+    """Per corner of `tile_corners`, where the voxels its patch scores begin, per axis: the
+    last patch on an axis, moved back to end at the box end, overlaps the one before, whose
+    voxels it does not score again (a validation loss counted the shared ones twice)."""
+    owned = []
+    for o, b, p in zip(box.offset, box.shape, patch, strict=True):
+        starts = _axis_starts(o, b, p)
+        owned.append({o: o} | {s: max(s, prev + p) for prev, s in itertools.pairwise(starts)})
+    return {corner: zyx(axis[c] for axis, c in zip(owned, corner, strict=True))
+            for corner in tile_corners(box, patch)}
+
+
 def _validation_sample(source: Source, corner: Zyx, patch: Zyx, recipe: Recipe,
-                       built: dict[str, Any]) -> dict[str, Any]:
-    """One unaugmented patch; where the box is smaller than the patch, pad and mask out.
+                       built: dict[str, Any], owned_from: Zyx | None = None) -> dict[str, Any]:
+    """One unaugmented patch; where the box is smaller than the patch, pad and mask out;
+    voxels before ``owned_from`` (scored by an earlier patch: `tile_owned`) are masked out.
     The targets are made on the crop and padded after: made on padded labels, the pad
     was an object (label 0) beside the crop's last voxels, whose boundary and distance
     targets then counted a boundary that is not there."""
@@ -173,12 +189,22 @@ def _validation_sample(source: Source, corner: Zyx, patch: Zyx, recipe: Recipe,
         task = recipe.tasks[name]
         out["target"][name], out["mask"][name] = checked_target(
             name, task.target.type, task.channels(), tuple(size), target(patch_view))
+    if owned_from is not None and owned_from != corner:
+        scored = _inside_from(size, zyx(f - c for f, c in zip(owned_from, corner, strict=True)))
+        out["mask"] = {name: mask * scored for name, mask in out["mask"].items()}
     if any(after for _, after in pad):
         out["image"] = np.pad(image, pad, mode="reflect" if min(size) > 1 else "edge")[None]
         for part in ("target", "mask"):  # the pad: no target, masked out
             out[part] = {name: np.pad(array, [(0, 0), *pad])
                          for name, array in out[part].items()}
     return out
+
+
+def _inside_from(size: Zyx, start: Zyx) -> np.ndarray:
+    """A uint8 of ``size``: 1 at the voxels at or past ``start`` on every axis."""
+    scored = np.zeros(size, np.uint8)
+    scored[tuple(slice(s, None) for s in start)] = 1
+    return scored
 
 
 def unusable_validation_sources(recipe: Recipe) -> list[tuple[str, str]]:
@@ -204,8 +230,8 @@ def validation_batches(recipe: Recipe) -> Iterator[dict[str, Any]]:
     built = {name: targets.build(task.target) for name, task in recipe.tasks.items()}
     batch: list[dict[str, Any]] = []
     for source in open_sources(recipe.data.validation):
-        for corner in tile_corners(source.box, patch):
-            batch.append(_validation_sample(source, corner, patch, recipe, built))
+        for corner, owned_from in tile_owned(source.box, patch).items():
+            batch.append(_validation_sample(source, corner, patch, recipe, built, owned_from))
             if len(batch) == recipe.train.batch_size:
                 yield to_tensors(stack([pack(b) for b in batch]))
                 batch = []
