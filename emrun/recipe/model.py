@@ -145,9 +145,11 @@ def check_odd(key: str, sizes: Sequence[int]) -> None:
 
 
 def check_levels(widths: Sequence[int], downsample: Sequence[Any] | None,
-                 anisotropic_levels: Sequence[int], norm: str, groups: int) -> None:
+                 anisotropic_levels: Sequence[int], norm: str, groups: int,
+                 written: set[str]) -> None:
     """What every U-Net spec checks of its levels: one downsampling factor per level below
-    the top, anisotropic levels that exist, widths that group norm can split."""
+    the top, anisotropic levels that exist, widths that group norm can split (said at
+    ``groups`` when the recipe wrote it, else at ``widths``)."""
     levels = len(widths)
     if downsample is not None and len(downsample) != levels - 1:
         raise KeyedValueError("downsample", "downsample needs one factor per level below the "
@@ -159,8 +161,9 @@ def check_levels(widths: Sequence[int], downsample: Sequence[Any] | None,
     if norm == "group":
         odd = [w for w in widths if w % groups]
         if odd:
-            raise KeyedValueError("widths",
-                                  f"widths {odd} are not divisible by groups={groups}")
+            raise KeyedValueError("groups" if "groups" in written else "widths",
+                                  f"widths {odd} are not divisible by groups={groups}: "
+                                  "change widths, or groups to a divisor of every width")
 
 
 def check_parameters(count: int, written: set[str]) -> None:
@@ -250,7 +253,7 @@ class RSUNetBase(ModelBase):
         for name in ("kernel", "input_kernel"):
             check_odd(name, getattr(self, name))
         check_levels(self.widths, self.downsample, self.anisotropic_levels, self.norm,
-                     self.groups)
+                     self.groups, self.model_fields_set)
         check_parameters(self.parameter_count([]), self.model_fields_set)
         return self
 

@@ -90,7 +90,7 @@ class StagedUNetBase(ModelBase):
             raise KeyedValueError("blocks", f"blocks needs one count per level: {levels} "
                                   f"for {levels} widths (got {len(self.blocks)})")
         check_levels(self.widths, self.downsample, self.anisotropic_levels, self.norm,
-                     self.groups)
+                     self.groups, self.model_fields_set)
         check_parameters(self.parameter_count([]), self.model_fields_set)
         return self
 
