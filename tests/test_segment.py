@@ -609,7 +609,8 @@ def bad_cases(tmp_path):
         ([good, out, "--sweep", "--truth", tmp_path / "small.zarr/labels"], "shape"),
         ([good, out, "--method", "mwz"], "did you mean 'mws'"),
         ([good, out, "--method", "cc", "--bias", "0.3"], "takes --threshold"),
-        ([good, out, "--method", "cc", "--threshold", "1.5"], "threshold"),
+        ([good, out, "--method", "cc", "--threshold", "0.2,1.5"],
+         "--threshold: segmenter cc: threshold: input should be less than 1 (got 1.5)"),
         ([good, out, "--method", "cc", "--threshold", "nan"],
          "threshold: must be a number, not nan"),  # pydantic said "less than 1"
         ([good, out, "--bias", "x"], "takes numbers"),

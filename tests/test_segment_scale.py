@@ -565,7 +565,7 @@ def test_postgresql_kill_9_then_resume(volume, postgres_url):
 @pytest.mark.parametrize(("extra", "message"), [
     (["--db", "postgresql://nobody@127.0.0.1:1/none"], "cannot create the graph tables"),
     (["--db", "mysql://x@y/z"], "give sqlite:///FILE or postgresql://"),
-    (["--threshold", "1.5"], "less than or equal to 1"),
+    (["--threshold", "1.5"], "--threshold: segmenter waterz: thresholds.0: input should be less"),
     (["--method", "mws"], "use --method waterz"),
     (["--fragments", "slic"], "choose watershed or mws"),
     (["--agglomeration", "local"], "choose global or blockwise"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,7 +26,7 @@ from ..registry import Spec
 from .affinities import Offset, edge_slices
 from .graph import Edges
 
-__all__ = ["Segmenter", "edge_valid", "respec", "spec_problems"]
+__all__ = ["Segmenter", "edge_valid", "respec", "said_as", "spec_problems"]
 
 
 def respec(spec: Spec, **changes: Any) -> Spec:
@@ -36,6 +36,15 @@ def respec(spec: Spec, **changes: Any) -> Spec:
         return type(spec).model_validate({**spec.model_dump(), **changes})
     except ValidationError as exc:
         raise UserError(f"segmenter {spec.type}: {spec_problems(exc)}") from None  # type: ignore[attr-defined]
+
+
+def said_as(flag: str, make: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``make(*args, **kwargs)``, its UserError led by the option that gave the value: a
+    flag's value out of range named the segmenter's parameter (``thresholds.0``) alone."""
+    try:
+        return make(*args, **kwargs)
+    except UserError as exc:
+        raise UserError(f"{flag}: {exc}") from None
 
 
 def spec_problems(exc: ValidationError) -> str:

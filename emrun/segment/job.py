@@ -42,7 +42,7 @@ from ..recipe.recipe import Recipe
 from ..recipe.run import SegmenterBase
 from ..registry import segmenters
 from .affinities import Offset, check_offsets, parse_offsets, to_float
-from .base import Segmenter, respec, spec_problems
+from .base import Segmenter, respec, said_as, spec_problems
 from .parallel import MEMORY_SHARE
 from .request import SegmentRequest
 from .scale.job import FOLDER as SCALE_FOLDER
@@ -101,8 +101,8 @@ def make_segmenter(request: SegmentRequest, spec: SegmenterBase | None
         raise UserError(f"--{wrong} does not apply to --method {method}; it takes "
                         f"--{parameter}")
     values = list(request.values.get(parameter, ())) or None
-    for value in values or []:
-        segmenter.with_value(value)  # a value out of range fails here, before any work
+    for value in values or []:  # a value out of range fails here, before any work
+        said_as(f"--{parameter}", segmenter.with_value, value)
     if values and len(values) == 1:
         segmenter, values = segmenter.with_value(values[0]), None
     return segmenter, values

@@ -45,7 +45,7 @@ from ...io.write import CHUNK_ZYX, build_pyramid, create_volume
 from ...recipe.run import SegmenterBase, Waterz
 from ...registry import segmenters
 from ..affinities import Offset, parse_offsets, to_float
-from ..base import respec
+from ..base import respec, said_as
 from ..request import SegmentRequest
 from .abandon import abandonable
 from .fragments import FRAGMENT_METHODS, HALO, MAX_VOXELS
@@ -131,7 +131,8 @@ def waterz_spec(request: SegmentRequest, spec: SegmenterBase | None) -> Waterz:
     if (saved := _plain_resume(request)) is not None:
         changes.update(thresholds=list(saved.thresholds), min_size=saved.min_size)
     if request.values.get("threshold"):
-        changes["thresholds"] = list(request.values["threshold"])
+        changes.pop("thresholds", None)  # the given ones, not the resumed job's
+        base = said_as("--threshold", respec, base, thresholds=list(request.values["threshold"]))
     if request.min_size is not None:
         changes["min_size"] = request.min_size
     return respec(base, **changes) if changes else base  # type: ignore[return-value]
