@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,14 +25,19 @@ BEST_RATIO = 200
 
 
 def size_text(n: float) -> str:
-    """Bytes for people: 340 MB, 1.2 GB, 4.0 TB; beyond 1,000 PB, a power of ten ("7e+28
-    bytes", not "70000000000000.0 PB")."""
-    if n >= 1e18:
+    """Bytes for people, in decimal units: 340 MB, 1.2 GB, 4.0 TB, 800 kB, 12 bytes; the
+    largest unit the size rounds to at least 1 of (999.96 GB is "1.0 TB", not "1000.0 GB";
+    400 kB free read "0 MB"); beyond 1,000 PB, a power of ten ("7e+28 bytes")."""
+    if round(n / 1e15, 1) >= 1000:
         return f"{n:.0e} bytes"
-    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n / 1e6:.0f} MB"
+    for unit, scale, digits in SIZE_UNITS:
+        if (value := round(n / scale, digits)) >= 1:
+            return f"{value:.{digits}f} {unit}"
+    return f"{n:.0f} bytes"
+
+
+SIZE_UNITS = (("PB", 1e15, 1), ("TB", 1e12, 1), ("GB", 1e9, 1), ("MB", 1e6, 0), ("kB", 1e3, 0))
+"""`size_text`'s units, largest first, with the decimals each is shown with."""
 
 
 def free_disk(path: str | os.PathLike[str]) -> int:
@@ -116,7 +122,7 @@ def pseudo_file_system(path: str | os.PathLike[str]) -> str | None:
             return None
     except (OSError, AttributeError):  # no statvfs (Windows) or unreadable: not known
         return None
-    mount, kind = _mount_of(where)
+    mount, kind = _mount_of(Path(os.path.realpath(where)))  # where statvfs looked
     if kind is not None and kind.startswith("fuse"):
         return None
     named = f" ({kind})" if kind else ""
@@ -136,11 +142,17 @@ def _mount_of(path: Path) -> tuple[str | None, str | None]:
         fields = line.split()
         if len(fields) < 3:
             continue
-        point = fields[1].replace("\\040", " ")
+        point = _unescaped(fields[1])
         inside = text == point or text.startswith(point.rstrip("/") + "/")
         if inside and len(point) >= len(best[0] or ""):
             best = (point, fields[2])
     return best
+
+
+def _unescaped(field: str) -> str:
+    """A /proc/self/mounts path with the kernel's octal escapes undone (space, tab, newline,
+    backslash: ``\\040`` ...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 MAX_BLOCKS = 1_000_000  # a teravoxel in default blocks is ~60,000

@@ -22,7 +22,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from ..geometry import BlockGrid, Roi, Zyx, box_of, zyx
 
@@ -230,17 +230,44 @@ def best_order(layout: Layout, unit: Sequence[int]) -> Zyx:
 def _in_flight(layout: Layout, unit: Sequence[int], channels: int, order: Sequence[int]
                ) -> int:
     """Bytes of float32 partial sums a worker holds at most while predicting a unit in
-    ``order``: those waiting for the next plane (slowest axis), row (middle) and block
-    (fastest), each at most a patch deep."""
+    ``order``. A block keeps one sum per later block of its unit that its own patches reach
+    (a target ``d`` blocks on, per axis), from its prediction to the target's: at most
+    ``steps(d) + 1`` owners hold one for the same ``d`` at once, ``steps(d)`` being how many
+    blocks later the target comes in the order, and each sum is at most the widest overlap,
+    per axis, of a block's owned patches with a block ``d`` on (`_reach_overlaps`). Counting
+    one face a patch deep per axis missed the diagonal targets, and the targets beyond the
+    next when blocks are thinner than a patch (a budget's units held up to 16x more)."""
     slow, middle, fast = order
-
-    def face(axis: int) -> int:  # a partial sum handed across ``axis``
-        return layout.patch[axis] * math.prod(b for a, b in enumerate(layout.block) if a != axis)
-
-    voxels = (unit[middle] * unit[fast] * face(slow) if unit[slow] > 1 else 0) \
-        + (unit[fast] * face(middle) if unit[middle] > 1 else 0) \
-        + (face(fast) if unit[fast] > 1 else 0)
+    step = {slow: unit[middle] * unit[fast], middle: unit[fast], fast: 1}
+    reach = [_reach_overlaps(layout, a)[:unit[a]] for a in range(3)]
+    voxels = 0
+    for d in itertools.product(*(range(len(r)) for r in reach)):
+        if any(d):
+            steps = sum(d[a] * step[a] for a in range(3))
+            holders = min(steps + 1, math.prod(unit))
+            voxels += holders * math.prod(reach[a][d[a]] for a in range(3))
     return 4 * channels * voxels
+
+
+@lru_cache(maxsize=64)
+def _reach_overlaps(layout: Layout, axis: int) -> tuple[int, ...]:
+    """Along ``axis``, for k = 0, 1, ...: the most voxels a block's owned patches cover in
+    the block k on (k = 0: the block itself), over every block of the axis; ends at the
+    first k no block's patches reach."""
+    size, n = layout.block[axis], layout.shape[axis]
+    widest: list[int] = []
+    for i in range(layout.grid()[axis]):
+        starts = layout.starts_within(axis, i * size if i else -math.inf, (i + 1) * size)
+        if not starts:
+            continue
+        begin, end = max(starts[0], 0), min(starts[-1] + layout.patch[axis], n)
+        k = 0
+        while (lo := max(begin, (i + k) * size)) < (hi := min(end, (i + k + 1) * size, n)):
+            if k == len(widest):
+                widest.append(0)
+            widest[k] = max(widest[k], hi - lo)
+            k += 1
+    return tuple(widest)
 
 
 def _halve_largest(layout: Layout, unit: list[int]) -> None:
