@@ -157,6 +157,9 @@ def _open(path: Path) -> tuple[int, PermissionError | None, bool]:
         except FileNotFoundError:
             _check_not_dangling(path)
             continue  # its holder released it between our two opens
+        except IsADirectoryError:
+            raise UserError(f"{path} is a folder: emrun keeps its lock file there; remove "
+                            "that folder") from None
         except PermissionError as exc:
             try:
                 return os.open(path, os.O_RDONLY | os.O_CLOEXEC), exc, False
@@ -519,7 +522,10 @@ def check_free(folder: Path, advice: str) -> None:
     path = Path(folder) / LOCK_NAME
     if os.path.realpath(folder) in _held or not path.is_file():
         return
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:  # its holder let it go between the two looks: free
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while another holds it
     except OSError as exc:

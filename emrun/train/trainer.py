@@ -189,12 +189,18 @@ class Trainer:
                       f"{self.init_from.relative_to(init_from).as_posix()} (iteration "
                       f"{self.init_iteration})")
         self._check_validation_sources()
-        checkpoint = self._checkpoint_to_resume()
-        self._build_optimisation()
-        self._start_counters()
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        self._wrap_model()
+        held_before = locks.held(run_path)
+        try:
+            checkpoint = self._checkpoint_to_resume()  # holds the run directory (rank 0)
+            self._build_optimisation()
+            self._start_counters()
+            if checkpoint is not None:
+                self._restore(checkpoint)
+            self._wrap_model()
+        except BaseException:  # a refused resume (the model changed) kept it held, and
+            if not held_before:  # left a lock file in a folder that had none
+                locks.release(run_path)
+            raise
 
     # -- set-up -------------------------------------------------------------------------
 
