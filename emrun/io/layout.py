@@ -87,7 +87,9 @@ def refresh_root(store: str | os.PathLike[str]) -> None:
         labels = [n for n in labels if _level_count(labels_dir / n) == levels]
     label_attrs = group_attrs(labels_dir)
     if label_attrs is not None and "multiscales" not in (label_attrs.get("ome") or {}):
-        _write_attrs(labels_dir, {**label_attrs, "ome": {"version": "0.5", "labels": labels}})
+        listed = {**label_attrs, "ome": {"version": "0.5", "labels": labels}}
+        if listed != label_attrs:  # written only when it changes: every writer refreshes
+            _write_attrs(labels_dir, listed)
     attrs = {k: v for k, v in root_attrs.items() if k != "ome"}
     if primary is not None:
         source = group_attrs(root / primary) or {}

@@ -202,27 +202,37 @@ def write_volumes(
     with held_store(path) as new_store:
         for name, (_, label) in volumes.items():
             _prepare(path, name, label, overwrite, taken)
-        to_add = [(name, label) for name, (_, label) in volumes.items()
-                   if not volume_dir(path, name, label).exists()]
-        adding.start(Path(path), to_add, new_store)  # what a kill leaves is undone by it
-        added: list[tuple[str, bool]] = []
-        try:
+        with adding_all(path, [(name, label) for name, (_, label) in volumes.items()],
+                        new_store):
             for name, (array, label) in volumes.items():
-                existed = volume_dir(path, name, label).exists()
                 write_volume(path, name, array, voxel_size=voxel_size, attrs=attrs,
                              label=label, levels=levels, overwrite=overwrite, taken=taken)
-                if not existed:
-                    added.append((name, label))
-        except BaseException:
-            if new_store:
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                for name, label in added:
-                    shutil.rmtree(volume_dir(path, name, label), ignore_errors=True)
-                refresh_root(path)
-                adding.finish(Path(path))
-            raise
-        adding.finish(Path(path))
+
+
+@contextmanager
+def adding_all(path: str | os.PathLike[str], volumes: list[tuple[str, bool]],
+               new_store: bool) -> Iterator[None]:
+    """All or none of ``volumes`` ([(name, label)]) written in the ``with`` block into the
+    store ``path`` (held by the caller; ``new_store``: made by it): a failure removes those
+    the block added (a store made for them goes with them), and a kill is undone by the
+    store's next writer (`adding`), so a rerun finds their names free. Volumes there before
+    are not the block's: `overwrite` keeps what it already replaced."""
+    root = Path(path)
+    to_add = [(name, label) for name, label in volumes
+              if not volume_dir(root, name, label).exists()]
+    adding.start(root, to_add, new_store)
+    try:
+        yield
+    except BaseException:
+        if new_store:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for name, label in to_add:
+                shutil.rmtree(volume_dir(root, name, label), ignore_errors=True)
+            refresh_root(root)
+            adding.finish(root)
+        raise
+    adding.finish(root)
 
 
 def create_volume(
@@ -430,8 +440,11 @@ def hold_store(path: str | os.PathLike[str], advice: str = STORE_ADVICE) -> bool
     if not outer:  # ours alone now: what a killed writer left is nobody's
         remove_zarr_temporaries(root)
         restore_replaced(root)
-        if adding.undo_killed(root) and _bare(root):
+        killed_adding = adding.undo_killed(root)
+        if (remove_partial_volumes(root) or killed_adding) and _bare(root):
             new = True  # made by the killed write, and as it was before it: as good as new
+        if (root / "zarr.json").is_file():
+            refresh_root(root)  # a kill between a volume's rename and this left it stale
     return new
 
 
@@ -502,6 +515,23 @@ def _bare(store: Path) -> bool:
     zarr's temporaries."""
     return all(p.is_dir() or p.name == "zarr.json" or locks.is_lock_file(p.name)
                or is_zarr_temporary(p) or adding.is_record(p) for p in store.rglob("*"))
+
+
+def remove_partial_volumes(root: Path) -> bool:
+    """Remove the volumes a killed writer left half-written (`NAME.partial`, in the root
+    and its labels group; they only ever exist while their writer holds the store, and no
+    reader opens them): one stayed, a whole level 0 of disk, until a write of that same
+    name. Returns whether there were any. Only the store's lock holder calls it, after
+    `restore_replaced` (a replaced volume set aside is a user's)."""
+    found = False
+    for group in (root, root / LABELS):
+        with contextlib.suppress(OSError):
+            for entry in group.iterdir():
+                if entry.name.endswith(PARTIAL_SUFFIX) and entry.is_dir() and \
+                        not entry.is_symlink() and (entry / "zarr.json").is_file():
+                    shutil.rmtree(entry, ignore_errors=True)
+                    found = True
+    return found
 
 
 def restore_replaced(root: Path) -> None:
@@ -755,10 +785,15 @@ def check_new_volume(path: str | os.PathLike[str], name: str, label: bool,
                      taken: str | None = None) -> None:
     """Refuse now what writing volume ``name`` into ``path`` would refuse at the end (a store
     that is not one, a bad or taken name, a store another emrun is writing), so that a long
-    job does not run to lose its work; ``taken`` as for `write_volumes`."""
-    _prepare(path, name, label, overwrite=False, taken=taken)
+    job does not run to lose its work; ``taken`` as for `write_volumes`. What a killed
+    write of several volumes added is undone first, as its next writer would (`adding`):
+    `segment` with several values, killed after the first, was refused its own rerun."""
     if Path(path).is_dir():
         locks.check_free(Path(path), STORE_ADVICE)
+        if (Path(path) / adding.RECORD).is_file():
+            with held_store(path):
+                pass
+    _prepare(path, name, label, overwrite=False, taken=taken)
 
 
 def _prepare(path: str | os.PathLike[str], name: str, label: bool, overwrite: bool,

@@ -36,7 +36,7 @@ from ..io import Volume, open_volume
 from ..io.masks import inside
 from ..io.pyramid import level_factors
 from ..io.window import off_grid
-from ..io.write import check_new_volume, held_store
+from ..io.write import adding_all, check_new_volume, held_store
 from ..paths import is_link_loop, suffix_only
 from ..recipe.recipe import Recipe
 from ..recipe.run import SegmenterBase
@@ -336,8 +336,9 @@ def run_segment(request: SegmentRequest, *,
     write_args = {"voxel_size": volume.voxel_size, "offset": volume.offset,
                   "shift_nm": volume.shift_nm, "label": True, "levels": request.levels}
 
-    with held_store(output):
-        if sweeping:
+    with held_store(output) as new_store, adding_all(output, [(n, True) for n in names],
+                                                      new_store):  # one value per volume:
+        if sweeping:  # all or none, or a rerun was refused the ones written before a kill
             _sweep(result, volume, offsets, segmenter, values or [], mask, truth, request.workers,
                    output, name, info, write_args, request.connected_truth, say)
         elif blockwise:
