@@ -83,10 +83,17 @@ def served(folder: Path) -> Iterator[str]:
         yield url
 
 
+class QueuedServer(http.server.ThreadingHTTPServer):
+    """tensorstore reads chunks in parallel: the default listen queue of 5 dropped
+    connections, and each read waited about a second for its retry."""
+
+    request_queue_size = 256
+
+
 @contextmanager
 def serving(handler: Any) -> Iterator[str]:
     """A local HTTP server with request ``handler`` in a thread; yields its base URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = QueuedServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

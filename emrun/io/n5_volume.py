@@ -48,10 +48,10 @@ from emrun.io.metadata import (
     unusable_voxel_size,
     whole_voxels,
 )
-from emrun.io.remote_zarr import forbidden
 from emrun.io.tensorstore_volume import (
     MetadataReader,
     TensorstoreVolume,
+    forbidden,
     kvstore,
     opened_volume,
 )

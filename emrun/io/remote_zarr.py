@@ -26,7 +26,13 @@ from emrun.io.metadata import (
     spatial_metadata,
     time_axis,
 )
-from emrun.io.tensorstore_volume import MetadataReader, TensorstoreVolume, kvstore, opened_volume
+from emrun.io.tensorstore_volume import (
+    MetadataReader,
+    TensorstoreVolume,
+    forbidden,
+    kvstore,
+    opened_volume,
+)
 from emrun.io.volume import Level, VolumeError
 
 
@@ -74,20 +80,6 @@ class Probe:
             "path and your access to the bucket")
 
 
-def forbidden(exc: BaseException) -> bool:
-    """Whether a metadata read failed as HTTP 403 / permission denied (tensorstore says
-    'PERMISSION_DENIED: ... [HTTP code 403]')."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        text = str(current)
-        if "PERMISSION_DENIED" in text or "HTTP code 403" in text:
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
 def open_remote_zarr(url: str, dataset: str | None) -> TensorstoreVolume:
     probe = Probe(MetadataReader(url))
     name = f"{url}/{dataset}" if dataset else url
@@ -111,6 +103,10 @@ def open_remote_zarr(url: str, dataset: str | None) -> TensorstoreVolume:
         if not levels:
             raise VolumeError(f"{name} is a zarr group, not an array or an OME-Zarr image; "
                               f"name an array inside it ({name}/NAME)")
+        if not dataset and "/" in levels[0]:  # an emrun store's root names a volume's levels
+            primary = levels[0].rpartition("/")[0]  # by path: the store, not a volume of it
+            raise VolumeError(f"{name}: is a zarr group; name an array inside it ({name}/NAME,"
+                              f" e.g. {name}/{primary}), as for a store on disk")
         group_path, array_name, group_attrs = dataset or "", levels[0], node.attrs
         array_path = f"{group_path}/{array_name}".strip("/")
         probe.refused.clear()  # what the keys of other nodes answered says nothing here
@@ -139,8 +135,11 @@ def open_remote_zarr(url: str, dataset: str | None) -> TensorstoreVolume:
     base = f"{url}/{group_path}".rstrip("/")
     levels = tuple(Level(level, voxel, f"{base}/{level}")
                    for level, voxel in ome_levels(name, ndim, group_attrs, factor))
+    root = node if not dataset else read_node(probe, "")
     return opened_volume(view, path=url, dataset=dataset or None, voxel_size=voxel_size,
                          offset=offset, attrs={**group_attrs, **array.attrs}, level_list=levels,
+                         root_attrs=root.attrs if root is not None and root.kind == "group"
+                         else {},
                          segmentation=is_label_level(group_attrs, array_name),
                          shift_nm=ome_shift(name, ndim, group_attrs, array_name)
                          if array_name else None)

@@ -192,6 +192,7 @@ class TensorstoreVolume(Volume):
     chunk_shape: tuple[int, ...] | None = None
     attrs: dict[str, Any] = field(default_factory=dict, hash=False)
     level_list: tuple[Level, ...] = ()
+    root_attrs: dict[str, Any] = field(default_factory=dict, hash=False)  # the store's top
 
     @cached_property
     def _store(self) -> Any:
@@ -200,7 +201,13 @@ class TensorstoreVolume(Volume):
             return ts.open(self.spec, context=context(ts, READ_RETRIES), read=True).result()
 
     def _read(self, roi: Roi) -> np.ndarray:
-        return np.asarray(self._store[slices(roi)].read().result())
+        try:
+            return np.asarray(self._store[slices(roi)].read().result())
+        except Exception as exc:
+            if forbidden(exc):
+                raise VolumeError(f"{self}: reading {list(roi.offset)} + {list(roi.shape)} "
+                                  f"was refused (HTTP 403): {REFUSED_CHUNK}") from exc
+            raise
 
     @property
     def chunks(self) -> tuple[int, ...] | None:
@@ -209,8 +216,33 @@ class TensorstoreVolume(Volume):
     def attributes(self) -> dict[str, Any]:
         return dict(self.attrs)
 
+    def container_attributes(self) -> dict[str, Any]:
+        return dict(self.root_attrs)
+
     def levels(self) -> list[Level]:
         return list(self.level_list)
+
+
+def forbidden(exc: BaseException) -> bool:
+    """Whether a read failed as HTTP 403 / permission denied (tensorstore says
+    'PERMISSION_DENIED: ... [HTTP code 403]')."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if "PERMISSION_DENIED" in text or "HTTP code 403" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+REFUSED_CHUNK = (
+    "without read permission, or a chunk its writer never wrote (all fill value: zarr leaves "
+    "those out) on an object store that answers 403 for a missing key where listing is not "
+    "allowed, which tensorstore cannot tell from a refusal; give read and list permission "
+    "(s3:ListBucket) for this store")
+"""Why a remote chunk read is refused (a 403 cannot be taken as missing: it may be data)."""
 
 
 def opened_volume(view: Any, metadata: dict[str, Any] | None = None,
