@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import UserError
 from ..geometry import Roi, box_of, slices
 from ..io import Volume, open_volume
-from ..io.intensity import default_intensity
+from ..io.intensity import default_intensity, exact_in_float32, scaled_in_float64
 from ..io.masks import inside
 from ..io.metadata import stated_voxel_size
 from ..io.window import data_box, placed_in
@@ -67,9 +67,12 @@ class Source:
         they would be trained on (clip keeps NaN: every loss would go NaN, steps skipped).
         Without a recipe scale, float values outside [0, 1] are refused (the default
         would clip them)."""
-        image = raw.astype(np.float32)  # a new array: the same arithmetic, in place
-        image -= np.float32(self.low)
-        image /= np.float32(self.high - self.low)
+        if exact_in_float32(raw.dtype):
+            image = raw.astype(np.float32)  # a new array: the same arithmetic, in place
+            image -= np.float32(self.low)
+            image /= np.float32(self.high - self.low)
+        else:
+            image = scaled_in_float64(raw, self.low, self.high)
         if raw.dtype.kind == "f" and not (finite := np.isfinite(image)).all():
             masked_out = mask is not None and mask.shape == image.shape
             bad = ~finite & inside(mask) if masked_out else ~finite

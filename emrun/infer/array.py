@@ -56,13 +56,16 @@ def predict_array(engine: Engine, image: np.ndarray,
 
 
 def predict_box(engine: Engine, volume: Volume, box: Roi,
-                scale: tuple[float, float]) -> ArrayPrediction:
+                scale: tuple[float, float], mask: Volume | None = None) -> ArrayPrediction:
     """`predict_array` of the part ``box`` of a (z, y, x) ``volume``, as `emrun infer --roi`
     predicts it: the patches at the box's faces see the volume around it (reflected only at
-    the volume's own borders), which a copy of the box alone would replace by its mirror."""
+    the volume's own borders), which a copy of the box alone would replace by its mirror.
+    Non-finite voxels outside ``mask`` (of the volume's shape) read as black, as `emrun
+    infer --mask` reads them."""
     shape = zyx(box.shape)
     layout = Layout(shape, engine.patch, engine.stride, shape, shape)
-    raw = engine.read_input(volume, layout, ORIGIN, origin=zyx(box.offset), low=scale[0])
+    raw = engine.read_input(volume, layout, ORIGIN, origin=zyx(box.offset), low=scale[0],
+                            mask=mask)
     if raw is None:
         channels = engine.recipe.head_channels()
         return ArrayPrediction({n: np.zeros((channels[n], *shape), np.float32)

@@ -66,7 +66,7 @@ def scale_caution(recipe: Recipe, checkpoint: Path, volume: Volume) -> str | Non
     """A line when an integer input is scaled by a wider range than the training images
     were and its values (nine sampled boxes) stay within the training range: 8-bit data
     in a uint16 volume, read as intensities of at most 255/65535."""
-    if volume.dtype.kind not in "ui" or _recipe_gives_scale(recipe):
+    if volume.dtype.kind not in "ui" or recipe.given_intensity() is not None:
         return None
     trained = training_scale(recipe, checkpoint)
     low, high = default_intensity(volume.dtype)
@@ -94,7 +94,8 @@ def flat_caution(recipe: Recipe, volume: Volume) -> str | None:
     range it is scaled by: an int32 or int64 volume of ordinary EM values is read as a
     uniform grey (every value near 0.5 for a signed type), which `scale_caution` does not
     see when the values do not fit the training range."""
-    if volume.dtype.kind not in "ui" or volume.dtype.itemsize < 2 or _recipe_gives_scale(recipe):
+    if volume.dtype.kind not in "ui" or volume.dtype.itemsize < 2 or \
+            recipe.given_intensity() is not None:
         return None
     if (sampled := sampled_range(volume)) is None:
         return None
@@ -151,9 +152,3 @@ def training_scale(recipe: Recipe, checkpoint: Path) -> tuple[float, float] | No
             if isinstance(low, int | float) and isinstance(high, int | float):
                 return float(low), float(high)
     return None
-
-
-def _recipe_gives_scale(recipe: Recipe) -> bool:
-    """Whether the recipe states the intensity scale (then it, not a dtype, is used)."""
-    return any(isinstance(s, VolumeSource) and s.intensity is not None
-               for s in recipe.data.sources.values())

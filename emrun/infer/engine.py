@@ -42,7 +42,6 @@ from ..io.intensity import default_intensity
 from ..io.package import load_network
 from ..models import build_model, weights_mismatch
 from ..recipe import Recipe
-from ..recipe.data import VolumeSource
 from ..recipe.tasks import AffinityTarget, LSDTarget
 from ..registry import blends
 from .plan import Layout
@@ -123,12 +122,14 @@ def reflected_source(volume: Volume, box: Roi) -> tuple[Roi, list[np.ndarray]]:
     return Roi(low, high - low), [i - lo for i, lo in zip(index, low, strict=True)]
 
 
+def _exact_in_float32(tensor: torch.Tensor) -> bool:
+    """`emrun.io.intensity.exact_in_float32` of a tensor's dtype."""
+    return tensor.element_size() <= 2 or tensor.dtype == torch.float32
+
+
 def intensity_range(recipe: Recipe, volume: Volume) -> tuple[float, float]:
     """The training sources' intensity scale when they give one, else the dtype's."""
-    for source in recipe.data.sources.values():
-        if isinstance(source, VolumeSource) and source.intensity is not None:
-            return source.intensity.low, source.intensity.high
-    return default_intensity(volume.dtype)
+    return recipe.given_intensity() or default_intensity(volume.dtype)
 
 
 def file_digest(path: Path) -> str:
@@ -357,8 +358,11 @@ class Engine:
         tensor = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(
             np.ascontiguousarray(raw))
         image = self._buffer("image", tuple(tensor.shape))
-        image.copy_(tensor.to(self.device, non_blocking=True))  # as .to(float32) converts
         low, high = scale
+        if not _exact_in_float32(tensor):  # as training scales it (`exact_in_float32`)
+            wide = tensor.to(self.device, torch.float64, non_blocking=True, copy=True)
+            return image.copy_(wide.sub_(low).div_(high - low)).clamp_(0, 1)
+        image.copy_(tensor.to(self.device, non_blocking=True))  # as .to(float32) converts
         return image.sub_(low).div_(high - low).clamp_(0, 1)
 
     def _buffer(self, role: str, shape: tuple[int, ...], zero: bool = False) -> torch.Tensor:
@@ -374,7 +378,13 @@ class Engine:
 
     def _normalise(self, scale: tuple[float, float]) -> Callable[[torch.Tensor], torch.Tensor]:
         low, high = scale  # in place on a float copy (never on the caller's array)
-        return lambda t: t.to(torch.float32, copy=True).sub_(low).div_(high - low).clamp_(0, 1)
+
+        def normalise(t: torch.Tensor) -> torch.Tensor:
+            if not _exact_in_float32(t):  # as training scales it (`exact_in_float32`)
+                return t.to(torch.float64, copy=True).sub_(low).div_(high - low).float(
+                ).clamp_(0, 1)
+            return t.to(torch.float32, copy=True).sub_(low).div_(high - low).clamp_(0, 1)
+        return normalise
 
     def _accumulate(self, source: PatchSource, batches: list[list[Zyx]], box: tuple[Zyx, Zyx],
                     nonfinite: torch.Tensor | None = None, inside: torch.Tensor | None = None

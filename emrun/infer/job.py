@@ -289,8 +289,9 @@ def _check_mask_place(mask: Volume, volume: Volume) -> None:
 def _check_float_scale(recipe: Recipe, volume: Volume, offset: Zyx, shape: Zyx) -> None:
     """A float image is read as intensities in [0, 1] (training refuses others unless its
     source gives `intensity`): one in 0..255 was predicted as if saturated, silently.
-    Checked on nine small boxes of the box to predict."""
-    if volume.dtype.kind != "f" or intensity_range(recipe, volume) != (0.0, 1.0):
+    Checked on nine small boxes of the box to predict. A scale the recipe gives is used
+    as given, clipping what lies outside it as training does (also one of 0..1)."""
+    if volume.dtype.kind != "f" or recipe.given_intensity() is not None:
         return
     for values in sample_boxes(volume, offset, shape):
         finite = values[np.isfinite(values)]

@@ -19,6 +19,20 @@ def default_intensity(dtype: np.dtype) -> tuple[float, float]:
     return 0.0, 1.0
 
 
+def exact_in_float32(dtype: np.dtype) -> bool:
+    """Whether every value of ``dtype`` is a float32 as it is (8- and 16-bit types, float32).
+    A wider one (uint32, int64, float64) is scaled in float64 first, by training and
+    inference alike: cast to float32 before the scale's low end was taken off, values far
+    from 0 lost the digits the scale keeps (2**24 + 1 read as 2**24)."""
+    return np.dtype(dtype).itemsize <= 2 or np.dtype(dtype) == np.float32
+
+
+def scaled_in_float64(raw: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``(raw - low) / (high - low)`` as float32, computed in float64 (not clipped; NaN
+    kept): for the dtypes `exact_in_float32` does not cover."""
+    return ((raw.astype(np.float64) - low) / (high - low)).astype(np.float32)
+
+
 UNIT_SLACK = 1e-3
 """Float rounding around [0, 1] that values meant to lie there (intensities, probabilities)
 may show."""

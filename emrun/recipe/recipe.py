@@ -230,6 +230,14 @@ class Recipe(Spec):
         """Output channels per task, in recipe order."""
         return {name: task.channels() for name, task in self.tasks.items()}
 
+    def given_intensity(self) -> tuple[float, float] | None:
+        """The intensity scale (low, high) the training sources give (the first that gives
+        one), or None: each volume is then scaled by its dtype's default."""
+        for source in self.data.sources.values():
+            if isinstance(source, data.VolumeSource) and source.intensity is not None:
+                return source.intensity.low, source.intensity.high
+        return None
+
     def infer_patch(self) -> tuple[int, int, int]:
         return self.infer.patch or self.train.patch
 

@@ -85,7 +85,7 @@ def predict_validation(recipe: Recipe, model: nn.Module,
         mask = None if source.mask is None else inside(source.mask.read(roi))
         # predicted in the image around it, as `emrun infer --roi` would predict the box
         predicted = predict_box(engine, single_channel(source.image), roi,
-                                (source.low, source.high))
+                                (source.low, source.high), source.mask)  # NaN outside: black
         truth = source.labels.read(roi)
         if recipe.train.validate_connected_truth:
             truth = connected_pieces(truth)
