@@ -28,7 +28,9 @@ def _boundaries(labels: np.ndarray) -> np.ndarray:
 
 def _target_view(target: np.ndarray, mask: np.ndarray, z: int) -> np.ndarray:
     """One 2D picture of a task's target at section z: the mean over its channels, with
-    excluded voxels (mask 0 in every channel) set to NaN (drawn grey)."""
+    excluded voxels (mask 0 in every channel) set to NaN (drawn grey). A mask of one channel
+    stands for every channel (an lsd target's ten share one: the panel showed their sum)."""
+    mask = np.broadcast_to(mask, target.shape)
     counted = mask[:, z].sum(axis=0)
     view = np.where(counted > 0, (target[:, z] * mask[:, z]).sum(axis=0) / np.maximum(counted, 1),
                     np.nan)
@@ -138,7 +140,8 @@ def write_preview(recipe: Recipe, out: Path, samples: int = 8) -> Path:
         for col, name in enumerate(tasks, start=3):
             view = _target_view(sample["target"][name], sample["mask"][name], mid)
             cmap = plt.get_cmap("viridis").with_extremes(bad="0.5")
-            axes[row, col].imshow(np.ma.masked_invalid(view), cmap=cmap, vmin=0, vmax=1,
+            low, high = recipe.tasks[name].target.value_range()  # signed distance: -1..1
+            axes[row, col].imshow(np.ma.masked_invalid(view), cmap=cmap, vmin=low, vmax=high,
                                   interpolation="nearest")
         for col, ax in enumerate(axes[row]):
             ax.set_xticks([])

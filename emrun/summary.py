@@ -17,10 +17,11 @@ if TYPE_CHECKING:
 
 
 def zyx_text(values: Sequence[float] | None) -> str:
-    """Sizes as people read them and every command prints them: 20 x 256 x 256."""
+    """Sizes as people read them and every command prints them: 20 x 256 x 256, 6.5 x 4 x 4;
+    whole numbers in full (an axis of 1,234,567 read '1.23457e+06')."""
     if values is None:
         return "?"
-    return " x ".join(f"{v:g}" for v in values)
+    return " x ".join(str(int(v)) if float(v).is_integer() else f"{v:g}" for v in values)
 
 
 def _count(n: int, thing: str) -> str:
@@ -30,12 +31,16 @@ def _count(n: int, thing: str) -> str:
 
 def flops_text(flops: float) -> str:
     """FLOPs per voxel in three significant figures or more: a small model's 296 FLOP or
-    2,120 FLOP must not read as '0 kFLOP' or '2 kFLOP'."""
-    if flops < 1e3:
+    2,120 FLOP must not read as '0 kFLOP' or '2 kFLOP' (2,004 is '2.00 kFLOP'); the unit
+    is chosen on the rounded figure (999.7 is '1.00 kFLOP', not '1,000 FLOP')."""
+    if round(flops) < 1000:
         return f"{flops:,.0f} FLOP"
-    if flops < 1e5:
-        return f"{flops / 1e3:.3g} kFLOP"
-    return f"{flops / 1e3:,.0f} kFLOP"
+    k = flops / 1e3
+    if round(k, 2) < 10:
+        return f"{k:.2f} kFLOP"
+    if round(k, 1) < 100:
+        return f"{k:.1f} kFLOP"
+    return f"{k:,.0f} kFLOP"
 
 
 def print_summary(console: Console, recipe: Recipe, facts: list[SourceFacts] | None,

@@ -25,6 +25,7 @@ from emrun.models.facts import model_facts
 from emrun.recipe.model import RSUNet, UpDown
 from emrun.recipe.unets import MedNeXt, ResEnc
 from emrun.registry import models
+from emrun.summary import flops_text
 
 runner = CliRunner()
 DEMO = str(ROOT / "recipes" / "demo.yaml")
@@ -179,7 +180,7 @@ def test_validate_shows_three_significant_figures_of_kflop():
     torch.manual_seed(0)
     model = models.build(spec, head_channels={"affinity": 6})
     flops = hook_flops_per_voxel(model, torch.rand((1, 1, 12, 64, 64)))
-    assert f"{flops / 1e3:.3g} kFLOP per output voxel" in model_line(result.output)
+    assert f"{flops_text(flops)} per output voxel" in model_line(result.output)
 
 
 @pytest.mark.parametrize("divisor", [(0, 1, 1), (2, 2), (1, -2, 1), None])
