@@ -445,14 +445,15 @@ def test_a_stopped_run_leaves_no_scorer_behind(tmp_path):
 
 
 def test_a_scorer_that_dies_is_reported_not_waited_for(tmp_path):
+    from emrun.errors import UserError
     from emrun.train.background import BackgroundScorer
 
     scorer = BackgroundScorer()
     scorer.submit(6, {}, None, wait_for, str(tmp_path / "never"))
     os.kill(scorer.busy.scoring._process.pid, signal.SIGKILL)  # as the kernel's OOM killer
     (done,) = scorer.drain()
-    with pytest.raises(RuntimeError, match="died"):
-        done.result()
+    with pytest.raises(UserError, match=r"died .*killed outright: the out-of-memory killer"):
+        done.result()  # the user's to act on (exit 2), not a bug in emrun
 
 
 def test_background_validation_records_what_validation_in_the_trainer_does(recipe, tmp_path):

@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ..errors import UserError
 from ..subprocesses import leave_signals_to, signals_held
 
 Scores = dict[str, float] | None
@@ -35,6 +37,8 @@ def _score(sender: Connection, parent: int, fn: Callable[..., Scores], args: tup
     leave_signals_to(parent)
     try:
         outcome: tuple[str, Any] = ("scores", fn(*args))
+    except MemoryError as exc:  # the machine's, not a bug: said as the trainer says it
+        outcome = ("memory", f"MemoryError: {exc}")
     except BaseException as exc:
         outcome = ("error", f"{type(exc).__name__}: {exc}")
     sender.send(outcome)
@@ -63,17 +67,27 @@ class Scoring:
             not self._process.is_alive()
 
     def get(self) -> Scores:
-        """The scores (waits for them); the helper's error, or its death, as a RuntimeError."""
+        """The scores (waits for them). The helper running out of memory is a MemoryError
+        and its being killed outright (SIGKILL: the out-of-memory killer, as a rule) a
+        UserError, as they would be in the trainer; its other errors and deaths are a
+        RuntimeError."""
         if self._outcome is None:
             try:
                 self._outcome = self._receiver.recv()
             except EOFError:  # it ended without a word: killed
                 self._process.join()
-                self._outcome = ("error", "the process scoring the validation died (exit "
-                                 f"code {self._process.exitcode}; out of memory?)")
+                code = self._process.exitcode
+                self._outcome = ("killed" if code == -signal.SIGKILL else "error",
+                                 f"the process scoring the validation died (exit code {code})")
             self._process.join()
             self._receiver.close()
         kind, value = self._outcome
+        if kind == "memory":
+            raise MemoryError(f"validation scoring: {value}")
+        if kind == "killed":
+            raise UserError(f"{value}, killed outright: the out-of-memory killer, as a rule; "
+                            "free memory, set train.validate_segmentation to false, or give "
+                            "data.validation a smaller box")
         if kind == "error":
             raise RuntimeError(f"validation scoring failed: {value}")
         return value
@@ -127,8 +141,8 @@ class BackgroundScorer:
         if pending is None:
             return []
         if pending.scoring is not None:
-            with contextlib.suppress(RuntimeError):  # result() raises it where the trainer
-                pending.scoring.get()                # records the validation
+            with contextlib.suppress(RuntimeError, MemoryError, UserError):  # result() raises
+                pending.scoring.get()  # them where the trainer records the validation
         return [pending]
 
     @property

@@ -668,7 +668,8 @@ class Trainer:
                     for scored in self.scorer.finished():
                         self._record(logger, scored)
                     if self.train.validate_every and \
-                            self.iteration % self.train.validate_every == 0:
+                            self.iteration % self.train.validate_every == 0 and \
+                            self._stop(signals) is None:  # a stop does not wait for scores
                         self._validate(logger)
                     if self.iteration == self.train.iterations:  # the last checkpoint knows
                         for scored in self.scorer.drain():  # every validation's score
