@@ -773,7 +773,7 @@ OVERRIDDEN = [  # (override, the key path its problem names)
     ("infer.blend.sigma=-1", ("infer", "blend", "sigma")),
     ("tasks.affinity.target.offsets.0.0=0", ("tasks", "affinity", "target", "offsets")),
     ("train.patch.1=4096", ("data", "sources", "vol_a", "shape")),
-    ("model.groups=3", ("model", "widths")),
+    ("model.groups=3", ("model", "groups")),  # the key the override wrote
     ("name=bad name", ("name",)),
 ]
 

@@ -86,8 +86,8 @@ def apply_override(located: Located, expr: str) -> Override:
                     f"{whole} is not in the recipe, so it has no item {parts[i + 1]} to set; "
                     f"set the whole list (-o {whole}=[...])", where)])
             if not last and node.get(step) is None:
-                # made by the override: as the section is by default where it has a `type:`
-                node.pop(step, None)
+                # made by the override: as the section is by default where it has a `type:`;
+                # a key written as null keeps its place (a task's is its head's order)
                 default = _default_type(located.data, (*path, step))
                 node[step] = {} if default is None else {"type": default}
                 _locate(located, (*path, step), where)
