@@ -27,7 +27,7 @@ def line_of(path: Path, text: str) -> int:
 
 @pytest.mark.parametrize(("override", "key"), [
     ("infer.tta=yes", "infer.tta"),  # meant "TTA on": silently 1, no TTA at all
-    ("train.workers=true", "train.workers"),
+    ("train.grad_clip=true", "train.grad_clip"),  # (workers, a strict count, says so too)
     ("train.optimizer.lr=true", "train.optimizer.lr"),
     ("tasks.affinity.weight=no", "tasks.affinity.weight"),  # silently drops the task
     ("augment=[{type: noise, p: on}]", "augment.0.p"),

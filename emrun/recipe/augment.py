@@ -36,7 +36,7 @@ from ..geometry import Zyx
 from ..registry import Spec, augmentations
 from . import shape_sets
 from .errors import KeyedValueError
-from .types import NonNegative, Positive, Probability, Size
+from .types import Flag, NonNegative, Positive, Probability, Size, items_schema
 
 VoxelSize = tuple[float, float, float]
 KeyPath = tuple[str | int, ...]
@@ -287,7 +287,7 @@ class FlipRotate(AugmentBase):
     voxel sizes differ is not transposed (its patches would have another resolution)."""
 
     type: Literal["flip_rotate"] = "flip_rotate"
-    isotropic: bool = Field(
+    isotropic: Flag = Field(
         False, description="Also transpose z with y and x (for isotropic data only: axes of "
         "different voxel sizes are never swapped)."
     )
@@ -540,7 +540,7 @@ class Misalign(MisalignBase):
     mode: Literal["step", "slip", "both"] = Field(
         "both", description="Step, slip, or either with equal chance."
     )
-    interp: bool = Field(
+    interp: Flag = Field(
         False, description="Keep labels in place so the network must infer continuity."
     )
 
@@ -580,7 +580,7 @@ class LostSection(AugmentBase):
 
 class SectionAugment(AugmentBase):
     max_sections: Size = Field(7, le=1000, description="Most sections affected per sample.")
-    partial: bool = Field(False, description="Sometimes affect only part of a section.")
+    partial: Flag = Field(False, description="Sometimes affect only part of a section.")
 
     def patch_problems(self, patch: tuple[int, int, int]) -> list[str]:
         if self.max_sections > patch[0]:
@@ -600,7 +600,7 @@ class MissingSection(SectionAugment):
     """Fills whole or partial sections with a constant or random value."""
 
     type: Literal["missing_section"] = "missing_section"
-    consecutive: bool = Field(False, description="Missing sections come in one run.")
+    consecutive: Flag = Field(False, description="Missing sections come in one run.")
     fill: Literal["constant", "random"] = Field("constant", description="What fills them.")
     value: Probability = Field(0.0, description="The constant fill value (image is in [0, 1]).")
 
@@ -624,7 +624,7 @@ class Grayscale(AugmentBase):
         1.0, le=4, description="Largest |log2 gamma|: gamma is drawn from [2^-g, 2^g]."
     )
     mode: Literal["2d", "3d", "mix"] = Field("mix", description="Per section, patch, or either.")
-    partial: bool = Field(False, description="Sometimes apply to a quadrant or a half-plane only.")
+    partial: Flag = Field(False, description="Sometimes apply to a quadrant or a half-plane only.")
 
 
 @augmentations.register("box")
@@ -633,8 +633,10 @@ class Box(AugmentBase):
 
     type: Literal["box"] = "box"
     density: Probability = Field(0.3, description="Fraction of the patch volume to cover.")
-    size: PxRange = Field((5, 25), description="Range of the box side in pixels (y, x).")
-    z_size: PxRange = Field((1, 5), description="Range of the box depth in sections.")
+    size: PxRange = Field((5, 25), description="Range of the box side in pixels (y, x).",
+                          json_schema_extra=items_schema(minimum=1))
+    z_size: PxRange = Field((1, 5), description="Range of the box depth in sections.",
+                            json_schema_extra=items_schema(minimum=1))
     modes: list[Literal["fill", "noise", "blur"]] = Field(
         ["fill", "noise"], min_length=1, description="Kinds of box, chosen at random."
     )
@@ -694,7 +696,7 @@ class Noise(AugmentBase):
 
     type: Literal["noise"] = "noise"
     sigma_max: float = Field(0.05, ge=0, le=1, description="Largest Gaussian sigma (image units).")
-    poisson: bool = Field(False, description="Also apply Poisson (shot) noise.")
+    poisson: Flag = Field(False, description="Also apply Poisson (shot) noise.")
 
 
 @augmentations.register("contrast_compression")

@@ -54,7 +54,7 @@ from pydantic import Field, model_validator
 from ..registry import Spec, models
 from .errors import KeyedValueError
 from .receptive_field import rsunet_receptive_field
-from .types import Size
+from .types import Size, items_schema
 
 Norm = Literal["batch", "group", "instance", "none"]
 Activation = Literal["relu", "elu", "leaky_relu", "gelu"]
@@ -80,7 +80,8 @@ The largest 3D segmentation network we know of (STU-Net-H) has about 1.4 billion
 kernel bounds alone still allow trillions (8 levels of 4,096 channels)."""
 
 Width = Annotated[int, Field(gt=0, le=MAX_WIDTH, strict=True)]
-KernelSize = Annotated[int, Field(ge=1, le=MAX_KERNEL, strict=True)]
+KernelSize = Annotated[int, Field(ge=1, le=MAX_KERNEL, strict=True,
+                                  json_schema_extra={"not": {"multipleOf": 2}})]  # odd
 Kernel = tuple[KernelSize, KernelSize, KernelSize]
 
 
@@ -233,7 +234,8 @@ class RSUNetBase(ModelBase):
         f"at most {MAX_KERNEL}); levels in `anisotropic_levels` use 1x3x3 instead, whatever "
         "this says.")
     anisotropic_levels: list[int] = Field(
-        [], description="Levels (0 = top) whose blocks use a fixed 1x3x3 kernel instead of "
+        [], json_schema_extra=items_schema(minimum=0),
+        description="Levels (0 = top) whose blocks use a fixed 1x3x3 kernel instead of "
         "`kernel` (always 1x3x3, even when `kernel` is larger in-plane; resenc and mednext "
         "use 1 x kernel_y x kernel_x there instead)."
     )

@@ -28,9 +28,12 @@ from .augment import PRESETS, Compose, OneOf
 from .errors import KeyedValueError
 from .run import Bump, MutexWatershed, Precision, Train
 from .tasks import BCELoss
-from .types import Name, NonNegative, Seed, Size, Zyx
+from .types import Flag, Name, NonNegative, Seed, Size, Zyx, items_schema
 
-Source = sources.spec_union(default="volume")
+DEFAULT_SOURCE_TYPE = "volume"
+"""What a source without `type:` is."""
+
+Source = sources.spec_union(default=DEFAULT_SOURCE_TYPE)
 
 
 class Data(Spec):
@@ -120,7 +123,8 @@ class Infer(Spec):
     patch: Zyx | None = Field(None, description="Patch size, z, y, x; default: train.patch.")
     stride: Zyx | None = Field(None, description="Patch step, z, y, x (excludes `overlap`).")
     overlap: tuple[float, float, float] | None = Field(
-        None, description="Overlap as a fraction of the patch per axis, each in [0, 1); "
+        None, json_schema_extra=items_schema(minimum=0, exclusiveMaximum=1),
+        description="Overlap as a fraction of the patch per axis, each in [0, 1); "
         "default (0.25, 0.25, 0.25) when no stride is given.",
     )
     blend: Blend = Field(  # type: ignore[valid-type]
@@ -137,12 +141,12 @@ class Infer(Spec):
     )
     chunks: Zyx | None = Field(None, description="Output chunk size; default: tiles the block.")
     block: Zyx | None = Field(None, description="Write-block size; default: chosen by the engine.")
-    compile: bool = Field(False, description="Compile the model with torch.compile.")
+    compile: Flag = Field(False, description="Compile the model with torch.compile.")
     compile_mode: Literal["default", "max-autotune", "reduce-overhead"] = Field(
         "default", description="torch.compile's mode when `compile` is true: max-autotune "
         "searches kernels (slow to start), reduce-overhead replays CUDA graphs (the engine's "
         "batches have one fixed shape on a GPU). `emrun bench infer --configs` measures them.")
-    channels_last: bool = Field(
+    channels_last: Flag = Field(
         True, description="Use channels_last_3d memory format (faster on GPUs and on CPUs).")
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from ..registry import Spec, blends, segmenters
 from .errors import KeyedValueError
-from .types import Count, NonNegative, Positive, PositiveCount, Size, Zyx
+from .types import Count, Flag, NonNegative, Positive, PositiveCount, Size, Zyx, items_schema
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -20,7 +20,9 @@ class Adam(Spec):
 
     type: Literal["adam", "adamw"] = "adam"
     lr: Positive = Field(1e-3, le=10, description="Base learning rate.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas, each in [0, 1).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas, each in [0, 1).",
+                                       json_schema_extra=items_schema(minimum=0,
+                                                                      exclusiveMaximum=1))
     eps: Positive = Field(1e-8, le=1, description="Numerical epsilon.")
     weight_decay: NonNegative = Field(0.0, le=1, description="Weight decay.")
 
@@ -37,7 +39,7 @@ class SGD(Spec):
     type: Literal["sgd"] = "sgd"
     lr: Positive = Field(1e-2, le=10, description="Base learning rate.")
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum.")
-    nesterov: bool = Field(False, description="Nesterov momentum.")
+    nesterov: Flag = Field(False, description="Nesterov momentum.")
     weight_decay: NonNegative = Field(0.0, le=1, description="Weight decay.")
 
 
@@ -93,10 +95,10 @@ class Train(Spec):
         description="Learning-rate schedule: constant, step, cosine or poly.",
     )
     precision: Precision = Field("fp32", description="fp32, or bf16/fp16 autocast.")
-    compile: bool = Field(False, description="Compile the model with torch.compile.")
-    channels_last: bool = Field(
+    compile: Flag = Field(False, description="Compile the model with torch.compile.")
+    channels_last: Flag = Field(
         True, description="Use channels_last_3d memory format (faster on GPUs and on CPUs).")
-    deterministic: bool = Field(
+    deterministic: Flag = Field(
         False, description="Deterministic kernels and data order: bitwise-reproducible runs."
     )
     grad_clip: Positive | None = Field(None, description="Clip the gradient norm to this.")
@@ -108,23 +110,24 @@ class Train(Spec):
     checkpoint_every: PositiveCount = Field(1000, description="Iterations between checkpoints.")
     keep_checkpoints: Size = Field(3, le=10_000, description="Numbered checkpoints kept.")
     validate_every: Count = Field(1000, description="Iterations between validations; 0: never.")
-    validate_segmentation: bool = Field(
+    validate_segmentation: Flag = Field(
         True, description="Validation also predicts each labelled validation box (at most "
         "4 M voxels of it, centred in y and x), segments it (the recipe's segmenter, a few "
         "parameter values) and scores adapted Rand error and VOI; best.pt is then chosen by "
         "adapted Rand error instead of the loss.")
-    validate_connected_truth: bool = Field(
+    validate_connected_truth: Flag = Field(
         True, description="Score validation segmentations against each truth object's "
         "connected pieces inside the validated box: a box cut from a larger annotation shows "
         "pieces of one object that join only outside it, which no segmentation of the box "
         "can join (as `emrun evaluate --connected-truth`); false: the labels as they are.")
-    validate_in_background: bool | None = Field(
+    validate_in_background: Flag | None = Field(
         None, description="Segment and score validations in a helper process while training "
         "goes on (the validation boxes are still predicted in the trainer); null: on a GPU "
         "(on a CPU the helper would take the cores training uses).")
     log_every: PositiveCount = Field(50, description="Iterations between log lines.")
     image_every: Count = Field(1000, description="Iterations between TensorBoard images; 0: never.")
-    workers: int = Field(2, ge=0, le=256, description="Data-loader worker processes; 0: none.")
+    workers: int = Field(2, ge=0, le=256, strict=True,
+                         description="Data-loader worker processes; 0: none.")
 
 
 @blends.register("bump")

@@ -4,13 +4,13 @@ channel count."""
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from ..geometry import zyx
 from ..registry import Spec, losses, targets
-from .types import Offset, Positive, Size
+from .types import Flag, Offset, Positive, Size, items_schema
 
 NEAREST = [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]
 """Nearest-neighbour affinity offsets, z, y, x (DeepEM/waterz convention)."""
@@ -36,6 +36,12 @@ class TargetBase(Spec):
 targets.require(TargetBase)
 
 
+def _distinct_nonzero_schema(schema: dict[str, Any]) -> None:
+    """`_nonzero_distinct`, stated to the JSON Schema."""
+    schema["uniqueItems"] = True
+    items_schema(**{"not": {"const": [0, 0, 0]}})(schema)
+
+
 @targets.register("affinity")
 class AffinityTarget(TargetBase):
     """Affinities: 1 where a voxel and the voxel at +offset share a non-zero label, 0 where
@@ -46,6 +52,7 @@ class AffinityTarget(TargetBase):
         default_factory=lambda: list(NEAREST),
         min_length=1,
         max_length=64,
+        json_schema_extra=_distinct_nonzero_schema,
         description="One channel per offset, z, y, x; nearest neighbours are (-1,0,0), "
         "(0,-1,0), (0,0,-1); Lee 2017 adds z 2-4 and xy 3, 9, 27.",
     )
@@ -55,7 +62,7 @@ class AffinityTarget(TargetBase):
         "or `boundary` (membrane: pairs touching it count as 'different', as DeepEM does for "
         "data whose cells are separated by 0-labelled gaps, e.g. SNEMI3D).",
     )
-    relabel: bool = Field(
+    relabel: Flag = Field(
         True,
         description="Relabel connected components inside each patch first, so pieces of one id "
         "that the crop disconnected become different ids.",
@@ -158,7 +165,7 @@ class DistanceTarget(TargetBase):
     default_activation: ClassVar[str] = "none"
 
     type: Literal["distance"] = "distance"
-    signed: bool = Field(
+    signed: Flag = Field(
         False, description="Also give label-0 voxels their (negative) distance to objects."
     )
     clip: Positive = Field(
@@ -183,7 +190,7 @@ class BCELoss(Spec):
         description="`mask`: drop voxels already right by the margin; `inverse`: soften "
         "targets to margin0 / 1 - margin1 instead.",
     )
-    balance: bool = Field(
+    balance: Flag = Field(
         False, description="Weight positives n0/(n0+n1) and negatives n1/(n0+n1) per channel."
     )
 

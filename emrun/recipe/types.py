@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -14,6 +15,9 @@ Size = Annotated[int, Field(gt=0, le=MAX_SIZE, strict=True)]
 Index = Annotated[int, Field(ge=0, le=MAX_SIZE, strict=True)]
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT, strict=True)]
 PositiveCount = Annotated[int, Field(gt=0, le=MAX_COUNT, strict=True)]
+Flag = Annotated[bool, Field(strict=True)]
+"""A yes/no setting: a YAML boolean only (1, 0.0 and 'yes' were read as booleans, which
+the recipe's JSON Schema, and so an editor, refused)."""
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
@@ -35,3 +39,16 @@ Seed = Annotated[int, Field(ge=0, lt=2**63, strict=True)]
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", max_length=64, strict=True)]
 """A name used as a key or an output array name: letters, digits, '_' and '-'."""
+
+
+def items_schema(**keywords: Any) -> Callable[[dict[str, Any]], None]:
+    """A field's `json_schema_extra` adding ``keywords`` to each item of its array (also of
+    an optional one): a check a validator makes item by item, with its own message, stated
+    to the JSON Schema too, so that an editor flags what `emrun validate` refuses."""
+    def extra(schema: dict[str, Any]) -> None:
+        for array in [schema, *schema.get("anyOf", [])]:
+            items = [*array.get("prefixItems", []), *([array["items"]] if "items" in array
+                                                      else [])]
+            for item in items:
+                item.update(keywords)
+    return extra

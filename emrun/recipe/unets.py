@@ -54,7 +54,7 @@ from .model import (
     total_factor,
 )
 from .receptive_field_unets import mednext_receptive_field, resenc_receptive_field
-from .types import Size
+from .types import Size, items_schema
 
 BlockCount = Annotated[int, Field(ge=1, le=16, strict=True)]
 
@@ -77,7 +77,8 @@ class StagedUNetBase(ModelBase):
     kernel: Kernel = Field((3, 3, 3), description="Convolution kernel, z, y, x (odd sizes, "
                            f"at most {MAX_KERNEL}).")
     anisotropic_levels: list[int] = Field(
-        [], description="Levels (0 = top) whose kernels are in-plane: 1 x kernel_y x kernel_x.")
+        [], json_schema_extra=items_schema(minimum=0),
+        description="Levels (0 = top) whose kernels are in-plane: 1 x kernel_y x kernel_x.")
     in_channels: Size = Field(1, le=64, description="Input image channels.")
     norm: Norm = Field("instance", description="Normalisation.")
     groups: Size = Field(8, le=1024, description="Groups for `norm: group`.")
@@ -144,7 +145,8 @@ class ResEnc(StagedUNetBase):
         description="Residual blocks per encoder level, top to bottom. Default: ResEnc M's "
         "1, 3, 4, 6, 6, 6, 6, 6 cut to the levels.")
     anisotropic_levels: list[int] = Field(
-        [0, 1], description="Levels (0 = top) whose kernels are in-plane: 1 x kernel_y x "
+        [0, 1], json_schema_extra=items_schema(minimum=0),
+        description="Levels (0 = top) whose kernels are in-plane: 1 x kernel_y x "
         "kernel_x (default: the two levels still finer in-plane than in z at 30x6x6 nm).")
     activation: Activation = Field("leaky_relu", description="Activation after each norm.")
     upsample: Literal["interp", "transpose"] = Field(
