@@ -551,3 +551,38 @@ def test_only_old_unheld_work_folders_holding_only_an_evaluations_files_are_remo
     left = {p.name for p in tmp_path.iterdir()}
     want = {name for name, (_, _, removed) in cases.items() if not removed}
     assert left == want | {f"{PREFIX}link", f"{PREFIX}file"}
+
+
+def test_a_stop_keeps_a_score_that_is_already_in(recipe, tmp_path, monkeypatch):
+    """Iteration 3's score arrives between the loop's last collection and the stop (here:
+    the loop collects nothing): the stop records it rather than calling it pending."""
+    from emrun.train.background import BackgroundScorer
+
+    run = tmp_path / "run"
+    trainer = make(recipe, run, "true")
+    script(trainer, monkeypatch, TABLE)
+    asked: list[int] = []
+    real_finished = BackgroundScorer.finished
+
+    def finished(self):  # the loop's 3 collections find nothing; the stop's finds it done
+        asked.append(1)
+        if len(asked) <= 3:
+            return []
+        if self.busy is not None and self.busy.scoring is not None:
+            self.busy.scoring.get()  # its scores are in
+        return real_finished(self)
+
+    monkeypatch.setattr(BackgroundScorer, "finished", finished)
+    real, calls = trainer.step, []
+
+    def step(batches):
+        result = real(batches)
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(trainer, "step", step)
+    assert trainer.fit().interrupted == "SIGTERM"
+    assert len(asked) == 4  # the stop asked once more
+    assert [it for it, _ in validations(run)] == [1, 2]  # 2, already in, is kept

@@ -467,3 +467,23 @@ def test_an_adding_record_killed_while_written_names_nothing(tmp_path):
                                        '{"name": ".", "label": false}], "new_store": false}')
     adding.undo_killed(store)  # an edited record names nothing outside a volume
     assert digest(store / "raw") == raw
+
+
+@pytest.mark.parametrize("label", [False, True])
+def test_a_volume_whose_write_was_cut_short_says_so_when_opened(tmp_path, label):
+    """A convert killed mid-write leaves NAME.partial: opening NAME said "no array 'NAME';
+    arrays: (none)", nothing of the cut-short write or what to do."""
+    from emrun.errors import UserError
+    from emrun.io import open_volume
+    from emrun.io.write import write_volume
+
+    store = tmp_path / "k.zarr"
+    write_volume(store, "raw", np.zeros((4, 8, 8), np.uint8), levels=1)
+    partial = (store / "labels" / "ids.partial") if label else (store / "ids.partial")
+    partial.mkdir(parents=True)
+    (partial / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group"}))
+    with pytest.raises(UserError) as caught:
+        open_volume(store / "ids")
+    said = str(caught.value)
+    assert "its write was cut short" in said and str(partial) in said, said
+    assert "run the command that writes it again" in said

@@ -235,6 +235,8 @@ def test_a_bad_path_is_refused_in_one_line_naming_the_override(override, tmp_pat
     ("seed.x=1", "seed is 3, not a mapping"),
     ("tasks.affinity.target.offsets.0.0.0=1", "tasks.affinity.target.offsets.0.0 is -1"),
     ("train.schedule.milestones.0=3", "train.schedule.milestones is not in the recipe"),
+    ("train.patch.\u0661=16", "'\u0661' is not an index"),  # an Arabic-Indic 1: not ASCII
+    ("train.patch.--1=16", "'--1' is not an index"),
 ])
 def test_the_refusal_names_the_key_path_where_the_walk_stopped(override, path_said, tmp_path):
     path = tmp_path / "rich.yaml"

@@ -579,3 +579,16 @@ def test_a_remote_volume_s_container_attributes_are_its_store_root_s(tmp_path: P
     with serving(tmp_path) as url:
         remote = open_volume(f"{url}/p.zarr/affinity")
         assert remote.container_attributes() == local.container_attributes()
+
+
+def test_a_refused_missing_node_names_only_its_own_keys(tmp_path: Path) -> None:
+    """`g/x` under a plain v2 group on a store that answers 403 for missing keys: the
+    refusal lists the keys of `g/x` alone (it listed the labels' and the group's v3 keys
+    too, and said no other key answered while `g/.zgroup` had)."""
+    root = zarr.open_group(tmp_path / "p.zarr", mode="w", zarr_format=2)
+    root.create_group("g")
+    with serving(tmp_path, Refusing) as url, pytest.raises(VolumeError) as caught:
+        open_volume(f"{url}/p.zarr/g/x")
+    said = str(caught.value)
+    assert "permission denied (HTTP 403) reading g/x/zarr.json" in said, said
+    assert "labels/" not in said and "g/zarr.json" not in said.replace("g/x/zarr.json", "")

@@ -84,6 +84,7 @@ def open_remote_zarr(url: str, dataset: str | None) -> TensorstoreVolume:
     probe = Probe(MetadataReader(url))
     name = f"{url}/{dataset}" if dataset else url
     node = read_node(probe, dataset or "")
+    asked = list(probe.refused)  # the keys of the node named (others are probed below)
     if node is None and dataset:  # `STORE/NAME` of a segmentation in STORE/labels/NAME,
         head, _, level = dataset.partition("/")  # and `STORE/NAME/LEVEL` of its levels
         label = _label(probe, head)
@@ -97,6 +98,7 @@ def open_remote_zarr(url: str, dataset: str | None) -> TensorstoreVolume:
             if image is not None and image.kind == "group":
                 _no_level(name, url, head, level, image, "image")
     if node is None:
+        probe.refused[:] = asked  # a label's or the image's keys said nothing of this node
         raise probe.missing(name)
     if node.kind == "group":
         levels = multiscale_levels(node.attrs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -149,6 +150,10 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
         if array is None and rest and head in node and isinstance(node[head], zarr.Group):
             _check_level(path, dataset, head, rest, node[head], "image")
     if array is None or (isinstance(array, zarr.Group) and "labels" in array.attrs.get("ome", {})):
+        if array is None and (cut := _cut_short(Path(path), dataset)) is not None:
+            raise VolumeError(f"{path} has no array {dataset!r}: its write was cut short "
+                              f"(killed?), leaving {cut}; run the command that writes it "
+                              "again")
         raise VolumeError(f"{path} has no array {dataset!r}; arrays: {list_arrays(node)}")
     if isinstance(array, zarr.Group):
         level = multiscale_dataset(dict(array.attrs))
@@ -174,6 +179,16 @@ def _check_level(path: str, dataset: str, head: str, level: str, group: Any,
     raise VolumeError(f"{path}/{dataset}: {kind} {head!r} has no level {level!r} (no array "
                       f"of that name); its levels: {', '.join(levels)} (e.g. "
                       f"{path}/{head}/{levels[0]})")
+
+
+def _cut_short(store: Path, dataset: str) -> Path | None:
+    """The half-written volume (`NAME.partial`, as an image or a segmentation) that a write
+    of ``dataset`` killed outright left in a local store, if any."""
+    for where in (store / f"{dataset}{PARTIAL_SUFFIX}",
+                  store / LABELS / f"{dataset}{PARTIAL_SUFFIX}"):
+        if where.is_dir():
+            return where
+    return None
 
 
 def _label(store: Any, name: str) -> Any:

@@ -74,7 +74,7 @@ def apply_override(located: Located, expr: str) -> Override:
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
-            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+            if not _is_index(part) or not -len(node) <= int(part) < len(node):
                 raise RecipeError([Problem(f"{dotted(tuple(path))} is a list of {len(node)}; "
                                            f"{part!r} is not an index in it", where)])
             step: str | int = int(part) % len(node)
@@ -106,8 +106,10 @@ def apply_override(located: Located, expr: str) -> Override:
 
 def _is_index(part: str) -> bool:
     """Whether a key path part is a list index (recipe keys are names that start with a
-    letter, so a number there can only mean an item of a list)."""
-    return part.lstrip("-").isdigit()
+    letter, so a number there can only mean an item of a list); ASCII digits only (`١`,
+    an Arabic-Indic one, was read as 1)."""
+    digits = part.removeprefix("-")
+    return digits.isascii() and digits.isdigit()
 
 
 def _duplicate_key(text: str) -> str | None:

@@ -681,6 +681,7 @@ class Trainer:
                     window_start += pause
                     logger.exclude(pause)
                 if (stopped := self._stop(signals)) is not None:
+                    self._record_finished(logger)  # a score already in is kept
                     if (busy := self.scorer.busy) is not None:
                         logger.message(f"the validation of iteration {busy.iteration} was "
                                        "still being scored; it is not recorded")
@@ -834,6 +835,16 @@ class Trainer:
             return
         metrics.update(score_validation(self.recipe.segment, inputs) or {})
         self._record(logger, Pending(self.iteration, metrics, None, None))
+
+    def _record_finished(self, logger: RunLogger) -> None:
+        """At a stop: record the validation whose scores are already in; one whose scoring
+        failed is said, not raised, so that the stop checkpoint is still written."""
+        for scored in self.scorer.finished():
+            try:
+                self._record(logger, scored)
+            except (RuntimeError, MemoryError, UserError) as exc:
+                logger.message(f"the validation of iteration {scored.iteration} is not "
+                               f"recorded: {exc}")
 
     def _in_background(self) -> bool:
         chosen = self.train.validate_in_background
