@@ -4,6 +4,7 @@ failures into one line and an exit code (a user's mistake 2, emrun's own 1)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -74,6 +75,21 @@ def reader_gone() -> int | None:
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
     return READER_GONE if gone else None
+
+
+def write_whole(text: str) -> None:
+    """Write ``text`` to stdout to its last byte, or fail: a write larger than a pipe holds
+    came back short when the reader left part-way (`emrun schema --output - | head`), and
+    Python's text stream dropped the rest without a word (exit 0); the next write of what is
+    left raises BrokenPipeError, ended as READER_GONE."""
+    sys.stdout.flush()
+    left = memoryview(text.encode(sys.stdout.encoding or "utf-8"))
+    while left:
+        written = sys.stdout.buffer.write(left)
+        if not written:  # nothing taken (a non-blocking stdout would come back at once)
+            raise BrokenPipeError(errno.EPIPE, "stdout took none of the output")
+        left = left[written:]
+    sys.stdout.buffer.flush()
 
 
 class _Console(Console):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +27,7 @@ from .app import (
     guarded,
     out,
     warn,
+    write_whole,
 )
 
 
@@ -81,7 +81,7 @@ def schema(
     from ..recipe.schema import recipe_schema_text, refuse_foreign_file
 
     if str(output) == "-":
-        sys.stdout.write(recipe_schema_text())
+        write_whole(recipe_schema_text())  # 200 kB: more than a pipe holds
         return
     if output.is_dir():
         raise UserError(f"{output} is a directory; give a file path")
