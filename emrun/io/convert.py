@@ -34,7 +34,7 @@ from emrun.capacity import check_output_fits
 from emrun.geometry import BlockGrid, Roi, box_of, local_slices, slices
 from emrun.io.opener import open_volume
 from emrun.io.volume import Volume, VolumeError
-from emrun.io.write import default_chunks, native_dtype, staged_volume
+from emrun.io.write import STORABLE, default_chunks, native_dtype, staged_volume, storable
 
 MAX_SLAB_BYTES = 1 << 30  # cut slabs along y beyond this (very wide sections)
 
@@ -131,8 +131,8 @@ def convert(
             f"{vol}: is {vol.ndim}-d {list(vol.shape)}; convert takes 3-d (z, y, x) or 4-d "
             "(c, z, y, x) volumes"
         )
-    if vol.dtype.kind not in "biuf":
-        raise VolumeError(f"{vol}: unsupported dtype {vol.dtype}; expected bool, integer or float")
+    if not storable(vol.dtype):
+        raise VolumeError(f"{vol}: unsupported dtype {vol.dtype}; expected {STORABLE}")
     if 0 in vol.shape:
         raise VolumeError(f"{vol}: is empty (shape {list(vol.shape)}); nothing to convert")
     channel_axis = vol.ndim == 4

@@ -143,6 +143,16 @@ def compressor(dtype: Any) -> ZstdCodec | BloscCodec:
     return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 
 
+STORABLE = "bool, integer or float of at most 64 bits"
+"""The dtypes a volume may have (zarr has none wider: a long double was an internal error)."""
+
+
+def storable(dtype: Any) -> bool:
+    """Whether a volume of ``dtype`` can be written (`STORABLE`)."""
+    dt = np.dtype(dtype)
+    return dt.kind in "biuf" and dt.itemsize <= 8
+
+
 def guess_label(dtype: Any, name: str, channel_axis: bool = False) -> bool:
     """Whether a volume is a segmentation when nobody said: integers wider than 8 bits (ids;
     16-bit EM images exist, so say `label=False` for those) or named "labels"."""
@@ -984,8 +994,8 @@ def _spec(
         dt = np.dtype(dtype)
     except TypeError as exc:
         raise VolumeError(f"{target}: unsupported dtype {dtype!r}") from exc
-    if dt.kind not in "biuf":
-        raise VolumeError(f"{target}: unsupported dtype {dt}; expected bool, integer or float")
+    if not storable(dt):
+        raise VolumeError(f"{target}: unsupported dtype {dt}; expected {STORABLE}")
     dt = native_dtype(dt)
     if chunks is None:
         chunks = default_chunks(shape, channel_axis)
