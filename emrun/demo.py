@@ -23,6 +23,7 @@ from .errors import Interrupted, UserError
 from .evaluate import score_volumes
 from .geometry import Roi
 from .infer.run import run_inference
+from .infer.schedule import Stopped
 from .io import open_volume
 from .io.checkpoint import save_atomic
 from .io.write import write_volume
@@ -45,7 +46,12 @@ def _segment_and_score(recipe: Recipe, checkpoint: Path, test: Path, out: Path,
     """Infer, segment and evaluate the test volume with one checkpoint; the scores."""
     pred, seg = out / f"pred_{tag}.zarr", out / f"seg_{tag}.zarr"
     stage(f"predicting the test volume with the {tag} network")
-    progress = run_inference(recipe, checkpoint, f"{test}/image", pred, device="cpu")
+    try:
+        progress = run_inference(recipe, checkpoint, f"{test}/image", pred, device="cpu")
+    except Stopped as stop:  # not infer's --resume: the demo starts afresh
+        raise Interrupted(stop.signal_name, f"stopped while predicting with the {tag} "
+                          "network; the demo does not resume: run it again into an empty "
+                          "--out") from None
     if (nonfinite := progress.nonfinite_warning()) is not None:
         stage(f"warning: {nonfinite}")
     stage(f"segmenting its affinities ({recipe.segment.type}) and scoring them")

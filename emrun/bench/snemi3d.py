@@ -40,6 +40,7 @@ from ..geometry import Roi
 from ..infer.engine import file_digest
 from ..infer.job import started_with
 from ..infer.run import run_inference
+from ..infer.schedule import Stopped
 from ..io import open_volume
 from ..io.convert import convert
 from ..io.layout import volume_dir
@@ -197,8 +198,14 @@ def _run(path: Path, folder: Path, out: Path, iterations: int | None, device: st
         stage(f"{pred} holds another checkpoint's predictions (trained further since): "
               "predicting again")
         shutil.rmtree(pred)  # the benchmark's own intermediate
-    progress = run_inference(recipe, checkpoint, f"{volumes}/image", pred,
-                             device=device, roi=validation, resume=pred.exists())
+    try:
+        progress = run_inference(recipe, checkpoint, f"{volumes}/image", pred,
+                                 device=device, roi=validation, resume=pred.exists())
+    except Stopped as stop:  # its blocks are kept: the same command resumes the prediction
+        raise Interrupted(stop.signal_name, f"stopped while predicting into {pred} "
+                          f"({stop.progress.done + stop.progress.skipped} of "
+                          f"{stop.progress.total} blocks done); run the same command again "
+                          "to continue") from None
     if (nonfinite := progress.nonfinite_warning()) is not None:
         stage(f"warning: {nonfinite}")
     infer_seconds = time.perf_counter() - started

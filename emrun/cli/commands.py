@@ -12,7 +12,7 @@ import typer
 import yaml
 from rich.markup import escape
 
-from ..errors import Interrupted, UserError
+from ..errors import UserError
 from ..geometry import Roi
 from .app import (
     Device,
@@ -233,7 +233,6 @@ def infer(
     from ..infer.checkpoint_recipe import recipe_for
     from ..infer.progress import block_progress
     from ..infer.run import inference_cautions, run_inference
-    from ..infer.schedule import Stopped
 
     if tta is not None and tta not in (1, 2, 4, 8, 16):
         raise UserError(f"--tta must be 1, 2, 4, 8 or 16 (got {tta})")
@@ -246,17 +245,12 @@ def infer(
     warn(inference_cautions(loaded))
     if cautions := input_cautions(loaded.recipe, checkpoint, input_, tta):
         warn(cautions)
-    try:
-        with block_progress(err) as report:
-            progress = run_inference(loaded.recipe, checkpoint, input_, output, block=block,
-                                     device=device, tta=tta, resume=resume, mask_path=mask,
-                                     workers=workers,
-                                     scheduler=scheduler,  # type: ignore[arg-type]
-                                     launch=launch, roi=box, levels=levels,
-                                     on_block=report)
-    except Stopped as stop:
-        done = stop.progress.done + stop.progress.skipped
-        raise Interrupted(stop.signal_name, _stopped_text(done, stop.progress.total)) from None
+    with block_progress(err) as report:  # a stop: `Stopped`, one line saying what is kept
+        progress = run_inference(loaded.recipe, checkpoint, input_, output, block=block,
+                                 device=device, tta=tta, resume=resume, mask_path=mask,
+                                 workers=workers,
+                                 scheduler=scheduler,  # type: ignore[arg-type]
+                                 launch=launch, roi=box, levels=levels, on_block=report)
     empty = (f" ({progress.empty} of them empty: outside the mask or blank input)"
              if progress.empty else "")
     predicted = f"{progress.done} block{'' if progress.done == 1 else 's'} predicted"
@@ -270,19 +264,6 @@ def infer(
                   markup=False)
     if (nonfinite := progress.nonfinite_warning()) is not None:
         warn([nonfinite])
-
-
-def _stopped_text(done: int, total: int) -> str:
-    """What an interrupted infer kept (``done`` of ``total`` blocks) and what --resume does
-    next: with every block done (the signal came after the last one) it only finishes the
-    output, and "48 of 48 blocks are done; continue with --resume" read as if blocks
-    remained."""
-    if done < total:
-        return (f"{done} of {total} blocks are done and marked; continue with --resume to "
-                "predict the rest")
-    return (f"all {total} blocks are done and marked, but the output is not "
-            "finished (its pyramid and completion mark); --resume predicts nothing again, "
-            "only finishes it")
 
 
 def _network_file(checkpoint: Path | None, model: Path | None) -> Path:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..devices import available_memory, cpu_cores, parse_device, require_visible
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ..geometry import Zyx
 from ..recipe import Recipe
 from ..subprocesses import catching_signals, leave_signals_to, signals_held
@@ -96,14 +96,29 @@ ModelFactory = Callable[[Recipe], torch.nn.Module]
 so that spawned workers can receive it); ``emrun bench infer --no-model`` passes a stand-in."""
 
 
-class Stopped(Exception):
+class Stopped(Interrupted):
     """SIGTERM or SIGINT arrived: the blocks in flight were finished and marked, no new one
-    was started. ``progress`` says how far the job got."""
+    was started. ``progress`` says how far the job got; the message, what was kept and
+    what --resume does next. An `Interrupted`: a command that predicts as one of its steps
+    (`demo`) and says nothing of its own stops in one line too, not as an internal error."""
 
     def __init__(self, signal_name: str, progress: Progress) -> None:
-        super().__init__(signal_name)
-        self.signal_name = signal_name
+        super().__init__(signal_name, stopped_text(progress.done + progress.skipped,
+                                                   progress.total))
         self.progress = progress
+
+
+def stopped_text(done: int, total: int) -> str:
+    """What an interrupted inference kept (``done`` of ``total`` blocks) and what --resume
+    does next: with every block done (the signal came after the last one) it only finishes
+    the output, and "48 of 48 blocks are done; continue with --resume" read as if blocks
+    remained."""
+    if done < total:
+        return (f"{done} of {total} blocks are done and marked; continue with --resume to "
+                "predict the rest")
+    return (f"all {total} blocks are done and marked, but the output is not "
+            "finished (its pyramid and completion mark); --resume predicts nothing again, "
+            "only finishes it")
 
 
 def stop_at_once(progress: Progress) -> contextlib.AbstractContextManager[list[str]]:
