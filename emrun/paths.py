@@ -64,3 +64,34 @@ def suffix_only(path: str | os.PathLike[str]) -> str | None:
         return None
     return (f"names only the suffix, which makes a hidden folder; give a name before it, e.g. "
             f"{out.with_name('volume.zarr')}")
+
+
+def missing_folders(path: str | os.PathLike[str]) -> list[Path]:
+    """``path`` and the folders above it that do not exist (nor are links), outermost
+    first: what a ``mkdir -p`` of it makes, so that a command can take them away again."""
+    where = Path(path)
+    return [p for p in (where, *where.parents) if not p.exists() and not p.is_symlink()][::-1]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (`missing_folders`' list) innermost first, each only while empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            continue
+
+
+def make_folder(path: str | os.PathLike[str]) -> Path:
+    """``mkdir -p path`` that leaves no empty folder behind that a ``..`` in it only passed
+    through (`new/../x` made `new`, and left it); returns the folder made, resolved, which
+    is the one to write through (``path`` no longer is where `new` went)."""
+    where = Path(path)
+    blocking = where if where.exists() and not where.is_dir() else file_in_the_way(where)
+    if blocking is not None:  # said as atomic writes say it
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(blocking))
+    made = missing_folders(path)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    target = Path(os.path.realpath(path))
+    remove_empty([f for f in made if Path(os.path.realpath(f)) not in (target, *target.parents)])
+    return target

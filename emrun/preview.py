@@ -15,6 +15,7 @@ from .atomic import atomic_output
 from .capacity import pseudo_file_system
 from .data.samples import SampleMaker, batch_rng
 from .errors import UserError
+from .paths import make_folder
 from .recipe import Recipe
 
 
@@ -151,7 +152,8 @@ def write_preview(recipe: Recipe, out: Path, samples: int = 8) -> Path:
         axes[row, 0].set_ylabel(_row_name(shown, recipe.train.batch_size), fontsize=8)
     fig.suptitle(_title(recipe, samples), fontsize=9)
     refuse_foreign_file(out)
-    with atomic_output(out) as tmp:
+    folder = make_folder(out.parent)  # not `new` of `new/../x.png`
+    with atomic_output(folder / out.name) as tmp:
         fig.savefig(tmp, format="png", dpi=80, metadata={"Software": SOFTWARE})
     plt.close(fig)
     return out

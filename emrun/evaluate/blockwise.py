@@ -30,7 +30,7 @@ import os
 import pickle
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +146,8 @@ class Work:
     region: Zyx = (1, 1, 1)
     """Where blocks share a region (`Regions`): the blocks whose begins lie in the same
     multiples of it per axis."""
+    folder: str = field(default_factory=os.getcwd)
+    """The working folder the volumes were named from (`load_work`)."""
 
     @property
     def shape(self) -> Zyx:
@@ -290,8 +292,13 @@ def save_work(folder: Path, work: Work) -> Path:
 
 @functools.cache
 def load_work(folder: str) -> Work:
-    """The work a run saved in its (private) work folder, read once per worker."""
-    return pickle.loads((Path(folder) / WORK_FILE).read_bytes())
+    """The work a run saved in its (private) work folder, read once per worker, which then
+    works in the folder the volumes were named from: a worker `--launch` started elsewhere
+    (ssh, a batch system's own folder) could not open `seg.zarr` given relatively."""
+    work: Work = pickle.loads((Path(folder) / WORK_FILE).read_bytes())
+    if work.folder != os.getcwd() and os.path.isdir(work.folder):
+        os.chdir(work.folder)
+    return work
 
 
 def missing_blocks(folder: Path, work: Work) -> list[int]:

@@ -120,7 +120,7 @@ def score_blocks(work: Work, parallel: Parallel, on_block: OnBlock | None = None
     _remove_abandoned(Path(parallel.work_dir or tempfile.gettempdir()))
     with tempfile.TemporaryDirectory(prefix=PREFIX, dir=parallel.work_dir) as name, \
             locks.holding(Path(name), "it is another evaluation's work folder"):
-        folder = Path(name)
+        folder = Path(os.path.abspath(name))  # workers may start in another folder
         try:
             save_work(folder, work)
             if parallel.scheduler == "daisy":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..atomic import fsync_dir
 from ..errors import UserError
-from ..paths import file_in_the_way
+from ..paths import file_in_the_way, missing_folders, remove_empty
 
 
 @contextlib.contextmanager
@@ -23,14 +23,13 @@ def staging_folder(output: Path) -> Iterator[Path]:
     rename), removed afterwards whatever happens; the missing folders above ``output`` it
     made are removed too when the export fails, and when they end empty (``..`` in the
     path)."""
-    made = [p for p in (output.parent, *output.parent.parents)
-            if not p.exists() and not p.is_symlink()][::-1]  # outermost first
+    made = missing_folders(output.parent)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial",
                                        dir=output.parent))
     except OSError as exc:
-        _remove(made)
+        remove_empty(made)
         if (blocking := file_in_the_way(output)) is not None:
             raise UserError(f"{output}: cannot write ({blocking} is a file, not a folder)"
                             ) from exc
@@ -39,17 +38,10 @@ def staging_folder(output: Path) -> Iterator[Path]:
         yield folder
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
-        _remove(made)
+        remove_empty(made)
         raise
     shutil.rmtree(folder, ignore_errors=True)
-    _remove(made)  # only empty ones go: those a path such as new/../x.emrun passed through
-
-
-def _remove(folders: list[Path]) -> None:
-    """Remove the folders an export made, innermost first, each only while it is empty."""
-    for folder in reversed(folders):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+    remove_empty(made)  # only empty ones go: those a path such as new/../x.emrun passed through
 
 
 def publish(staged: Path, output: Path) -> None:

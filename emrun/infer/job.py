@@ -226,8 +226,10 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     except ValueError as exc:  # a block that is no whole number of the recipe's chunks
         raise UserError(f"--block / infer.block: {exc}") from None
     check_memory(recipe, layout)
-    job = Job(recipe=recipe, checkpoint=checkpoint.resolve(), input_path=input_path,
-              output=output.resolve(), mask_path=mask_path, layout=layout,
+    job = Job(recipe=recipe, checkpoint=checkpoint.resolve(),  # located: a worker started
+              input_path=volume.location(),  # elsewhere (daisy, --launch) opens them too
+              output=output.resolve(), mask_path=mask.location() if mask_path else None,
+              layout=layout,
               scale=intensity_range(recipe, volume), tta=tta, roi_offset=offset,
               levels=levels)
     if not resume and mask_path is None:  # a mask may leave most of a huge volume out

@@ -541,8 +541,9 @@ def _ome_voxel_size(path: str, tif: tifffile.TiffFile, ndim: int) -> tuple[float
     """zyx nm from an OME-TIFF's first image (PhysicalSizeZ/Y/X, in their units, micrometres
     by default as the OME schema has it), only when all three are given; Bio-Formats and
     most microscope software write this, not ImageJ's. A size or unit that cannot be used
-    gives way to a stated voxel size (`unusable_voxel_size`)."""
-    if ndim != 3 or not tif.is_ome or not tif.ome_metadata:
+    gives way to a stated voxel size (`unusable_voxel_size`). A (c, z, y, x) image has them
+    too: they size z, y and x (a multichannel OME-TIFF's were dropped without a word)."""
+    if ndim not in (3, 4) or not tif.is_ome or not tif.ome_metadata:
         return None
     try:
         image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]

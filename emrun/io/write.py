@@ -128,7 +128,7 @@ from emrun.io.pyramid import (
 )
 from emrun.io.volume import VolumeError, native_dtype
 from emrun.io.zarr_volume import PARTIAL_SUFFIX
-from emrun.paths import file_in_the_way, is_link_loop
+from emrun.paths import file_in_the_way, is_link_loop, missing_folders, remove_empty
 
 LEVEL = "0"  # the full-resolution level; coarser ones are "1", "2", ...
 CHUNK_ZYX = (16, 256, 256)  # default chunk: thin in z (anisotropic EM), wide in y and x
@@ -436,6 +436,7 @@ def hold_store(path: str | os.PathLike[str], advice: str = STORE_ADVICE) -> bool
         raise VolumeError(f"{root}: {above} is a file, not a folder; give another path")
     new = not os.path.lexists(root) or killed_first_write(root)
     made = Path(os.path.realpath(root))  # root itself, unless a link names it
+    missing = missing_folders(made)
     outer = locks.held(root)
     try:
         made.mkdir(parents=True, exist_ok=True)
@@ -445,6 +446,7 @@ def hold_store(path: str | os.PathLike[str], advice: str = STORE_ADVICE) -> bool
             made.mkdir(parents=True, exist_ok=True)
             locks.hold(root, advice)
     except OSError as exc:
+        remove_empty(missing)  # `new/../x.zarr` with no `new`: x.zarr was made, then refused
         raise VolumeError(f"{root}: cannot write a store there ({exc.strerror or exc})"
                           ) from exc
     if not outer:  # ours alone now: what a killed writer left is nobody's

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from ..geometry import Roi
 from ..registry import Spec, sources
 from .errors import KeyedValueError
 from .types import IndexZyx, Name, Nanometres, Positive, Probability, Seed, Zyx
 
-VolumePath = str
+VolumePath = Annotated[str, AfterValidator(os.path.expanduser)]
 """A volume inside a container, as on the command line: ``vol.zarr/image``, ``raw.h5/volumes/raw``,
 ``stack.tif``, a folder of TIFF sections, or ``x.npy``; with the remote extra ``vol.n5/raw``,
 a precomputed folder or a URL. A level of a multiscale image is named in the path
-(``vol.zarr/image/s1``). Relative paths are relative to the working directory."""
+(``vol.zarr/image/s1``). Relative paths are relative to the working directory; a leading
+``~`` is the home folder, as a shell reads it (a recipe is read by none: ``~/data`` was
+refused as missing)."""
 
 SYNTHETIC_SEMANTIC = ("mito", "synapse")
 """Semantic volumes a synthetic source generates alongside image and labels."""

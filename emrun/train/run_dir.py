@@ -49,7 +49,8 @@ def prepare(run_dir: Path, resume: bool) -> bool:
     data and running the same command works."""
     _check_place(run_dir, resume)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)  # as mkdir -p: the run's files
+        # are written through this very path (`new/../run` keeps `new`)
     except OSError as exc:
         raise UserError(f"--run-dir {run_dir}: cannot create it ({exc.strerror or exc})"
                         ) from None
