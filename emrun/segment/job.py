@@ -330,7 +330,7 @@ def run_segment(request: SegmentRequest, *,
                            mode="blockwise" if blockwise else "memory",
                            segmenter_from=segmenter_from, mask=mask_path)
     if values and not sweeping:  # one output per value: the spec's own value was not run
-        result.parameters[segmenter.value_name] = list(values)
+        result.parameters[segmenter.spec.value_field] = list(values)  # waterz: thresholds
     info = {"version": __version__, "input": str(volume), "offsets": [list(o) for o in offsets],
             "mask": mask_path, "segmenter": segmenter.spec.model_dump()}
     write_args = {"voxel_size": volume.voxel_size, "offset": volume.offset,
