@@ -499,7 +499,7 @@ def evaluate(
     binary: Annotated[bool, typer.Option(
         "--binary", help="Score a foreground prediction: precision, recall, F1, IoU.")] = False,
     threshold: Annotated[float | None, typer.Option(
-        min=0.0, max=1.0, metavar="T", help="With --binary: foreground above this probability "
+        metavar="T", help="With --binary: foreground above this probability, in [0, 1] "
         "(uint8 predictions: above threshold x 255; default: 0.5).")] = None,
     min_overlap: Annotated[int | None, typer.Option(
         min=1, metavar="N",
@@ -592,6 +592,8 @@ def evaluate(
 def _check_evaluate_mode(binary: bool, threshold: float | None, min_overlap: int | None,
                          connected_truth: bool) -> None:
     """Options of the other scoring mode would be ignored without a word: refuse them."""
+    if threshold is not None and not 0 <= threshold <= 1:  # NaN too: click said "<= 1"
+        raise UserError(f"--threshold {threshold:g}: a probability in [0, 1]")
     if not binary and threshold is not None:
         raise UserError("--threshold is for foreground predictions: add --binary, or drop "
                         "--threshold to score a segmentation")
