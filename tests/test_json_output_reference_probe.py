@@ -474,3 +474,10 @@ def test_view_line_is_json_and_its_link_holds_its_state(vols):
     assert json.loads(urllib.parse.unquote(fragment)) == line["state"]
     assert [layer["type"] for layer in line["state"]["layers"]] == ["segmentation", "image"]
     assert "data served at" in stderr and "segmentation layer" in stderr
+
+
+def test_evaluate_threshold_nan_is_said_as_not_a_probability(vols):
+    """click's range check read NaN as 'should be less than or equal to 1'."""
+    done = emrun(vols, "evaluate", "v.zarr/prob", "v.zarr/truth", "--binary", "--threshold",
+                 "nan", "--json")
+    assert done.returncode == 2 and "--threshold nan: a probability in [0, 1]" in done.stderr
