@@ -36,15 +36,15 @@ CANARY = "b79c84d24b9ff3dc"
 
 PINNED = {
     "demo": "c2db70a65f07355f",
-    "snemi3d_lsd": "303a8c76f53e7cd7",  # masked centres; warp parity; cut blocks weighed
+    "snemi3d_lsd": "4a92e43ceacb5cbc",  # masked centres; warp parity; cut blocks weighed
     "multitask": "9219de1dbfd852c6",  # warp parity
 }
 """Per recipe: one hash over several samples (float32 image, targets, masks) and two packed
 batches, made by the code before it was sped up (snemi3d_lsd's pinned again when a masked
 source's centres came to be drawn among those a patch fits around: other draws, the same
 distribution; both warped stacks again when a warp's read took the output's parity, one
-voxel larger in half the draws; snemi3d_lsd's again when a block the centres' box cuts came
-to be weighed by its share inside once drawn: other draws, the same distribution)."""
+voxel larger in half the draws; snemi3d_lsd's again when the blocks a centres' box cuts, where
+few, came to be weighed by their share inside: other draws, the same distribution)."""
 
 
 def _hash(arrays: list[np.ndarray]) -> str:

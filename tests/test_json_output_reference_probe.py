@@ -455,7 +455,9 @@ def test_view_line_is_json_and_its_link_holds_its_state(vols):
     proc = subprocess.Popen(
         [sys.executable, "-m", "emrun", "view", "v.zarr/seg", "v.zarr/affs", "--client",
          "https://example.org", "--json"], cwd=vols, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background
+    # job's children start with SIGINT ignored (CI run with `&`): as at a terminal instead
     got: list[str] = []
     reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
     reader.start()

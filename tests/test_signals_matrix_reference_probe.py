@@ -77,6 +77,13 @@ def session_processes(sid: int) -> list[int]:
     return found
 
 
+def sigint_as_at_a_terminal() -> None:
+    """In the child before it starts: SIGINT as a terminal's process has it. A shell's
+    background job (CI run with `&`, nohup) starts with SIGINT ignored, which its children
+    inherit, and Python then installs no KeyboardInterrupt: Ctrl-C tests exited 0."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def signalled(at: str, sig: str, to: str, *args: object, env: dict[str, str] | None = None
               ) -> tuple[int, str]:
     """`emrun ARGS` in its own session, sent ``sig`` (to itself, or to its ``group``) just
@@ -86,7 +93,7 @@ def signalled(at: str, sig: str, to: str, *args: object, env: dict[str, str] | N
     process = subprocess.Popen(
         [sys.executable, "-c", SIGNALLER, module, name, n, sig, to, *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env=env)
+        env=env, preexec_fn=sigint_as_at_a_terminal)
     try:
         _, stderr = process.communicate(timeout=TIMEOUT)
     finally:

@@ -58,11 +58,11 @@ class MaskIndex:
     Drawing a block with probability proportional to its count, then a masked voxel inside
     it uniformly, draws uniformly over all masked voxels without an index of voxels. Drawn
     within a box (the centres a patch fits around), only the blocks that meet it take
-    part, and a block the box cuts is kept with the share of its masked voxels inside, and
-    weighed by that share from its first draw on: still uniform, and a patch nearly the
-    source's size no longer fails most draws (all 500 tries, a third of the time, for 25
-    centres of 12,800 masked voxels; nine times in ten for the one centre of a patch the
-    source's size).
+    part, and a block the box cuts is kept with the share of its masked voxels inside (or,
+    where the box cuts few, weighed by it: `_blocks_meeting`): still uniform, and a patch
+    nearly the source's size no longer fails most draws (all 500 tries, a third of the time,
+    for 25 centres of 12,800 masked voxels; nine times in ten for the one centre of a patch
+    the source's size).
     """
 
     def __init__(self, mask: Volume, box: Roi) -> None:
@@ -97,45 +97,47 @@ class MaskIndex:
         if within is not None:
             region &= _inside_box(box, within)
             kept, weight = int(np.count_nonzero(region)), int(weights[at])
-            if kept < weight:  # a block the box cuts, drawn for all its count the first time
-                self._weigh(within, at, kept)  # its share inside from now on
-                if rng.random() * weight >= kept:
-                    return None
+            if kept < weight and rng.random() * weight >= kept:  # drawn for all its count
+                return None
         masked = np.flatnonzero(region)
         local = np.unravel_index(int(masked[int(rng.integers(len(masked)))]), region.shape)
         return zyx(box.offset + Coordinate(local))
 
     def _blocks_meeting(self, within: Roi | None
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The numbers of the blocks that meet ``within`` (all: None), their weights (their
-        counts; for a block the box cuts, its count inside once drawn: `_weigh`) and
-        cumulative weights, kept per box (a few shapes of augmented read)."""
+        """The numbers of the blocks that meet ``within`` (all: None), their weights and
+        cumulative weights, kept per box (a few shapes of augmented read). A block's weight
+        is its count; where the box cuts few blocks (`EXACT_CUT_BLOCKS`), each of those is
+        weighed by its count inside, read once: a box that cut every block it met (a patch
+        the source's size fits at one centre) kept its block once in 4,096 draws and failed
+        all 500 tries nine times in ten. The weights depend on the box alone, so batch k
+        stays a function of (seed, rank, k) whatever was drawn before (a resumed run)."""
         if within is None:
             return np.arange(len(self.blocks)), self.counts, self.cumulative
-        key = _box_key(within)
+        key = (zyx(within.offset), zyx(within.shape))
         if key not in self._within:
             block = np.asarray(BLOCK)
             low = self.blocks * block + np.asarray(self.grid.total.offset)
-            meets = np.all((low < np.asarray(within.end)) & (low + block > np.asarray(
-                within.begin)), axis=1)
+            high = low + block
+            begin, end = np.asarray(within.begin), np.asarray(within.end)
+            meets = np.all((low < end) & (high > begin), axis=1)
             chosen = np.flatnonzero(meets)
+            weights = self.counts[chosen].copy()
+            cut = np.flatnonzero(~np.all((low[chosen] >= begin) & (high[chosen] <= end), axis=1))
+            if len(cut) <= EXACT_CUT_BLOCKS:
+                for at in cut:
+                    box = self.grid.box(self.blocks[chosen[at]])
+                    weights[at] = np.count_nonzero(inside(self.mask.read(box))
+                                                   & _inside_box(box, within))
             if len(self._within) >= KEPT_BOXES:
                 self._within.pop(next(iter(self._within)))
-            weights = self.counts[chosen].copy()
             self._within[key] = (chosen, weights, np.cumsum(weights))
         return self._within[key]
 
-    def _weigh(self, within: Roi, at: int, kept: int) -> None:
-        """Give the ``at``-th block meeting ``within`` its exact weight there: a box that cut
-        every block it met (a patch the source's size fits at one centre) kept its block
-        once in 4,096 draws and failed all 500 tries nine times in ten."""
-        chosen, weights, _ = self._within[_box_key(within)]
-        weights[at] = kept
-        self._within[_box_key(within)] = (chosen, weights, np.cumsum(weights))
 
-
-def _box_key(box: Roi) -> tuple[Zyx, Zyx]:
-    return zyx(box.offset), zyx(box.shape)
+EXACT_CUT_BLOCKS = 64
+"""Blocks cut by a box that are counted inside it when it is first drawn in (64 reads of
+4x32x32 mask voxels, once per box shape); more are kept by rejection (`MaskIndex.draw`)."""
 
 
 KEPT_BOXES = 16
