@@ -435,13 +435,9 @@ def test_bench_segment_line(tmp_path):
     assert "segment:" in done.stderr
 
 
-@pytest.mark.parametrize("args", [
+@pytest.mark.parametrize("args", [  # the rest of bench's mistakes: tests/test_bench_probe.py
     ["segment", "--agglomeration", "nope"],
-    ["segment", "--shape", "0", "8", "8"],
     ["codecs", "v.zarr/affs", "--sample-mb", "inf"],
-    ["codecs", "v.zarr/affs", "--codec", "no-such-codec", "--max-mb", "0.01"],
-    ["infer", "recipe.yaml", "--compile"],
-    ["data", "no-such-recipe.yaml"],
 ])
 def test_bench_user_errors_leave_stdout_empty(vols, args):
     user_error(emrun(vols, "bench", *args, "--json"))

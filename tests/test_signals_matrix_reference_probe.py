@@ -257,7 +257,6 @@ def test_segment_ctrl_c_and_the_rerun_is_a_straight_runs(tmp_path, infer_referen
 
 
 @pytest.mark.parametrize("workers, at, sig", [
-    (2, "emrun.infer.schedule:Progress.add:4", "SIGINT"),   # the group, workers running
     (1, "emrun.infer.job:build_pyramid:2", "SIGTERM"),      # the second task's pyramid
     (1, "emrun.infer.job:mark_finished:2", "SIGINT"),       # right before the end
 ])
