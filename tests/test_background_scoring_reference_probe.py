@@ -127,6 +127,20 @@ def script(trainer, monkeypatch, table: dict[int, float],
     monkeypatch.setattr(module, "score_validation", scripted)
 
 
+def sigterm_in_step(trainer, monkeypatch, n: int) -> None:
+    """SIGTERM to this process at the end of ``trainer``'s n-th step, as a cluster's."""
+    real, calls = trainer.step, []
+
+    def step(batches):
+        result = real(batches)
+        calls.append(1)
+        if len(calls) == n:
+            signal.raise_signal(signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(trainer, "step", step)
+
+
 def timing(monkeypatch, how: str) -> None:
     """When the helper's scores are collected: ``fast``, each by the next iteration (as a
     scoring shorter than a step); ``slow``, only when the next validation or the end waits
@@ -328,16 +342,7 @@ def test_a_stop_skips_the_validation_of_its_iteration(
         timing(patch, "slow")
         first = make(recipe, run, "true")
         script(first, patch, TABLE)
-        real, calls = first.step, []
-
-        def step(batches):
-            result = real(batches)
-            calls.append(1)
-            if len(calls) == 3:
-                signal.raise_signal(signal.SIGTERM)
-            return result
-
-        patch.setattr(first, "step", step)
+        sigterm_in_step(first, patch, 3)
         from emrun.train.logging import RunLogger
 
         said = RunLogger.message
@@ -418,16 +423,7 @@ def test_a_stop_does_not_wait_for_the_pending_score(recipe, tmp_path, monkeypatc
     run = tmp_path / "run"
     trainer = make(recipe, run, "true", "train.validate_every=2", "train.iterations=5")
     script(trainer, monkeypatch, {**TABLE, 5: 0.5}, {2: ("wait", str(gate))})
-    real, calls = trainer.step, []
-
-    def step(batches):
-        result = real(batches)
-        calls.append(1)
-        if len(calls) == 4:
-            signal.raise_signal(signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(trainer, "step", step)
+    sigterm_in_step(trainer, monkeypatch, 4)
     assert trainer.fit().interrupted == "SIGTERM"
     assert load(run / "checkpoints" / "last.pt")["iteration"] == 4
     assert 2 not in [it for it, _ in validations(run)]
@@ -573,16 +569,7 @@ def test_a_stop_keeps_a_score_that_is_already_in(recipe, tmp_path, monkeypatch):
         return real_finished(self)
 
     monkeypatch.setattr(BackgroundScorer, "finished", finished)
-    real, calls = trainer.step, []
-
-    def step(batches):
-        result = real(batches)
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(trainer, "step", step)
+    sigterm_in_step(trainer, monkeypatch, 3)
     assert trainer.fit().interrupted == "SIGTERM"
     assert len(asked) == 4  # the stop asked once more
     assert [it for it, _ in validations(run)] == [1, 2]  # 2, already in, is kept
