@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from conftest import MINIMAL, ROOT
 from typer.testing import CliRunner
 
 from emrun.cli import app
+from emrun.errors import UserError
 from emrun.io import write_volume
 from emrun.recipe.schema import recipe_schema_text
 
@@ -275,6 +279,55 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_130(tmp_path, monkeypatch):
     assert result.stderr == ("stopped by SIGINT (Ctrl-C): nothing half-written stands under a "
                              "final name; run the command again (with --resume where it has "
                              "one)\n")
+
+
+def test_sigterm_in_a_command_without_its_own_stop_is_one_line_and_exit_143(tmp_path,
+                                                                              monkeypatch):
+    """SIGTERM ended `data convert` (and every command without a stop of its own) on the
+    spot: no line, no clean-up. It is now taken as Ctrl-C is, and SIGTERM's handler is the
+    default again after the command."""
+    import emrun.io.convert
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in this thread at once
+        raise AssertionError("SIGTERM was not taken")
+
+    monkeypatch.setattr(emrun.io.convert, "convert", terminated)
+    np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.uint8))
+    result = runner.invoke(app, ["data", "convert", str(tmp_path / "img.npy"),
+                                 str(tmp_path / "o.zarr")])
+    assert result.exit_code == 143, result.output
+    assert result.stderr == ("stopped by SIGTERM: nothing half-written stands under a final "
+                             "name; run the command again (with --resume where it has one)\n")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_forked_helper_of_a_command_still_dies_of_sigterm(tmp_path, monkeypatch):
+    """A helper forked inside a command inherits its SIGTERM handler: it must die of the
+    signal as it did (pool.terminate() sends it), not raise the command's stop in the copy."""
+    import emrun.io.convert
+
+    def forks(*args, **kwargs):
+        ready, told = os.pipe()
+        child = os.fork()
+        if child == 0:  # (a signal before Python's after-fork set-up is dropped by Python)
+            os.write(told, b"x")
+            time.sleep(30)
+            os._exit(0)
+        os.read(ready, 1)
+        os.close(ready), os.close(told)
+        os.kill(child, signal.SIGTERM)
+        _, status = os.waitpid(child, 0)
+        (tmp_path / "status").write_text(str(os.waitstatus_to_exitcode(status)))
+        raise UserError("the helper ended")
+
+    monkeypatch.setattr(emrun.io.convert, "convert", forks)
+    np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.uint8))
+    result = runner.invoke(app, ["data", "convert", str(tmp_path / "img.npy"),
+                                 str(tmp_path / "o.zarr")])
+    assert result.exit_code == 2, result.output
+    assert (tmp_path / "status").read_text() == str(-signal.SIGTERM)
 
 
 def test_a_segmentation_given_as_the_image_is_refused(write, tmp_path):

@@ -198,16 +198,18 @@ def test_convert_ctrl_c_leaves_nothing_and_the_rerun_is_a_straight_runs(tmp_path
     assert leftovers(out) == []
 
 
-def test_convert_sigterm_ends_it_and_the_rerun_is_a_straight_runs(tmp_path, inputs):
-    """SIGTERM is not among the signals `data convert` takes (README: the stop of train,
-    infer, segment --scheduler, demo and bench snemi3d): it ends as killed outright, and the
-    rerun clears what it left."""
+def test_convert_sigterm_ends_it_in_one_line_and_the_rerun_is_a_straight_runs(tmp_path,
+                                                                               inputs):
+    """SIGTERM to `data convert`, which has no stop of its own (no resume): it ends as
+    Ctrl-C does, its clean-up run and one line said, exit 143 (it was killed on the spot,
+    without a word); the rerun makes the straight run's store."""
     src = inputs["tmp"] / "img.npy"
     ref, out = tmp_path / "ref.zarr", tmp_path / "o.zarr"
     assert emrun("data", "convert", src, ref, *CONVERT)[0] == 0
     code, stderr = signalled("emrun.io.convert:write_by_chunk:3", "SIGTERM", "self",
                              "data", "convert", src, out, *CONVERT)
-    assert code in (-signal.SIGTERM, 143), stderr
+    assert_clean_stop(code, stderr, "SIGTERM")
+    assert "nothing half-written" in stderr
     assert not (out / "image").exists()
     again, said = emrun("data", "convert", src, out, *CONVERT)
     assert again == 0, said
@@ -234,18 +236,21 @@ def test_synth_ctrl_c_in_a_later_volumes_pyramid_and_the_rerun(tmp_path):
 # --- segment --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("at, extra", [
-    ("emrun.io:write_volume:2", ("--threshold", "0.3,0.5,0.7")),  # the second value's write
-    ("emrun.io.write:build_pyramid:2", ("--threshold", "0.3,0.5,0.7")),  # its pyramid
-    ("emrun.segment.blockwise:_report:3", ("--threshold", "0.5", "--block", 4, 32, 32)),
+@pytest.mark.parametrize("at, extra, sig", [
+    ("emrun.io:write_volume:2", ("--threshold", "0.3,0.5,0.7"), "SIGINT"),  # the 2nd value's
+    ("emrun.io.write:build_pyramid:2", ("--threshold", "0.3,0.5,0.7"), "SIGTERM"),  # pyramid
+    ("emrun.segment.blockwise:_report:3", ("--threshold", "0.5", "--block", 4, 32, 32),
+     "SIGTERM"),
 ])
-def test_segment_ctrl_c_and_the_rerun_is_a_straight_runs(tmp_path, infer_reference, at, extra):
+def test_segment_stopped_and_the_rerun_is_a_straight_runs(tmp_path, infer_reference, at,
+                                                          extra, sig):
+    """Ctrl-C or SIGTERM (which segment in memory takes as Ctrl-C) to its process group."""
     args = ("segment", infer_reference / "aff", "--method", "cc", "--levels", 2, *extra)
     ref, out = tmp_path / "ref.zarr", tmp_path / "s.zarr"
     code, said = emrun(*args[:2], ref, *args[2:])
     assert code == 0, said
-    code, stderr = signalled(at, "SIGINT", "group", *args[:2], out, *args[2:])
-    assert_clean_stop(code, stderr, "SIGINT")
+    code, stderr = signalled(at, sig, "group", *args[:2], out, *args[2:])
+    assert_clean_stop(code, stderr, sig)
     assert not any((out / "labels").glob("segmentation*")) if out.exists() else True
     code, said = emrun(*args[:2], out, *args[2:])
     assert code == 0, said

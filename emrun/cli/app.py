@@ -8,6 +8,7 @@ import errno
 import functools
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -31,6 +32,7 @@ from ..errors import (
     not_allowed,
 )
 from ..memory import limit_malloc_arenas
+from ..subprocesses import catching_signals
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -138,13 +140,47 @@ def at_level(path: str, level: str | None) -> str:
 
 
 
+class _Terminated(BaseException):
+    """SIGTERM in a command that has no stop of its own, raised in its main thread as Ctrl-C's
+    KeyboardInterrupt is, so that the command's clean-up runs."""
+
+
+STOPPED_TEXT = ("nothing half-written stands under a final name; run the command again "
+                "(with --resume where it has one)")
+
+
+@contextlib.contextmanager
+def _sigterm_as_stop() -> Iterator[None]:
+    """SIGTERM (a cluster's time limit, `timeout`, `kill`) ends a command that takes no stop
+    of its own (`data convert`, `data synth`, `segment` in memory, `export`, ...) as Ctrl-C
+    does: its clean-up runs and one line says so, exit 143. It ended them on the spot without
+    a word, leaving their partial volumes for the next run to clear. Commands with their own
+    stop (train, infer, ...) put their handler in place of this one while they run; a forked
+    helper that inherits it dies of the signal as before."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield  # an embedding program's own handling stays
+        return
+    owner = os.getpid()
+
+    def stop(_name: str) -> None:
+        if os.getpid() != owner:  # a forked helper: killed as it would have been
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise _Terminated
+
+    with catching_signals(stop, signals=(signal.SIGTERM,)):
+        yield
+
+
 def guarded(fn: F) -> F:
     """Map failures to exit codes: the user's mistakes 2 (message only), ours 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with _text_to_stderr(bool(kwargs.get("json_"))), _user_warnings_as_lines():
+            with _sigterm_as_stop(), _text_to_stderr(bool(kwargs.get("json_"))), \
+                    _user_warnings_as_lines():
                 return fn(*args, **kwargs)
         except UserError as exc:
             from ..train.launch import said_to_launcher
@@ -160,12 +196,12 @@ def guarded(fn: F) -> F:
         except Interrupted as exc:
             err.print(f"stopped by {exc.signal_name}: {exc}", markup=False)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:  # Ctrl-C in a command without its own handling
+        except (KeyboardInterrupt, _Terminated) as exc:  # in a command without its own stop
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's IO cut short
-            err.print("stopped by SIGINT (Ctrl-C): nothing half-written stands under a final "
-                      "name; run the command again (with --resume where it has one)",
-                      markup=False)
-            raise typer.Exit(130) from None
+            sigterm = isinstance(exc, _Terminated)
+            err.print(f"stopped by {'SIGTERM' if sigterm else 'SIGINT (Ctrl-C)'}: "
+                      f"{STOPPED_TEXT}", markup=False)
+            raise typer.Exit(143 if sigterm else 130) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
