@@ -248,27 +248,6 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(recipe, tmp_path, monkey
     assert trainer.iteration == 8 - 2  # two skipped early, then the run stopped
 
 
-def test_two_cpu_processes_stay_in_sync(recipe, tmp_path):
-    """With BatchNorm each rank keeps its own running statistics between DDP's broadcasts:
-    comparing them stopped every such run ("ranks are out of sync") at its first
-    checkpoint; the SNEMI3D recipe has batch norm."""
-    for attempt in range(2):  # gloo's teardown has aborted a rank, rarely, on a loaded host
-        run = tmp_path / f"ddp{attempt}"
-        done = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone",
-             "--nproc_per_node=2", "-m", "emrun", "train", str(recipe), "--run-dir", str(run),
-             "--device", "cpu", "-o", "train.iterations=6", "-o", "model.norm=batch"],
-            capture_output=True, text=True, timeout=300,
-            env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if done.returncode == 0 or "terminate called without an active exception" not in \
-                done.stderr:
-            break
-    assert done.returncode == 0, done.stderr[:3000]
-    assert "ranks in sync" in done.stdout + done.stderr
-    assert "Grad strides do not match" not in done.stderr  # channels_last 1x1x1 weights
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 6
-
-
 def test_segmentation_validation_crop_is_centred_and_bounded():
     from emrun.geometry import Roi
     from emrun.train.seg_validation import central_crop
