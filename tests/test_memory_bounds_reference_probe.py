@@ -460,16 +460,26 @@ def test_check_memory_refuses_exactly_past_its_documented_working_set(
         monkeypatch: pytest.MonkeyPatch, block, batch: int) -> None:
     """The docstring's lower bound, by hand: the window as float64 (8 bytes a voxel), one
     batch of float32 input patches with the first level's activations (two tensors of
-    ``width`` channels) and the outputs, and a block's float32 sums and weights, a patch
-    wider per axis (the block's input reaches that far)."""
+    ``width`` channels) and the outputs, and a block in the middle of the volume: its input
+    as float32, from the first lattice patch reaching into it to the last one's end (the
+    lattice starts half the patches' overlap before voxel 0), and its float32 sums and
+    weights over its own voxels."""
     recipe = make_recipe(batch_size=batch)
-    layout = Layout((64, 256, 256), (4, 16, 16), (2, 12, 12), block, block)
+    shape, size, stride = (64, 256, 256), (4, 16, 16), (2, 12, 12)
+    layout = Layout(shape, size, stride, block, block)
     patch = 4 * 16 * 16
     channels = 4 + 1  # four affinities, one binary
     width = 4
-    need = (8 * patch + batch * 4 * patch * (1 + 2 * width + channels)
-            + 4 * (channels + 1) * math.prod(b + p for b, p in zip(block, (4, 16, 16),
-                                                                     strict=True)))
+    read = 1
+    for n, p, s, b in zip(shape, size, stride, block, strict=True):
+        begin = (n // b // 2) * b  # the middle block, an interior one on every axis here
+        starts = [-((p - s) // 2)]  # the lattice's first start
+        while starts[-1] + p < n:  # until the volume is covered
+            starts.append(starts[-1] + s)
+        covering = [x for x in starts if x + p > begin and x < begin + b]
+        read *= covering[-1] + p - covering[0]
+    need = (8 * patch + batch * 4 * patch * (1 + 2 * width + channels) + 4 * read
+            + 4 * (channels + 1) * math.prod(block))
     monkeypatch.setattr(job_module, "available_memory", lambda: need)
     check_memory(recipe, layout)
     monkeypatch.setattr(job_module, "available_memory", lambda: need - 1)

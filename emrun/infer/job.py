@@ -370,12 +370,19 @@ def check_memory(recipe: Recipe, layout: Layout) -> None:
     """Refuse, before any output exists, a patch, batch or block whose working set cannot
     fit in this machine's memory (a 1000^3 patch ended in a MemoryError and left an output
     that the rerun refused). A lower bound: the blending window (float64), one batch of
-    input patches with its first-level activations, and a block's float32 sums."""
+    input patches with its first-level activations, and a block in the middle of the
+    volume: its input (float32, as far as its patches read) and its float32 sums and
+    weights (its own voxels). The sums were counted over the input's box, a patch wider per
+    axis: 4 to 8 times what a block of about a patch holds, which refused jobs that fit."""
     patch, batch = math.prod(layout.patch), recipe.infer.batch_size
     channels = sum(recipe.head_channels().values())
     width = int((getattr(recipe.model, "widths", None) or [1])[0])
-    block = math.prod(b + p for b, p in zip(layout.block, layout.patch, strict=True))
-    need = patch * 8 + batch * patch * 4 * (1 + 2 * width + channels) + block * 4 * (channels + 1)
+    middle = zyx(n // 2 for n in layout.grid())
+    begin, end = layout.write_bounds(middle)
+    read = math.prod(layout.read_box(middle).shape)
+    block = math.prod(e - b for b, e in zip(begin, end, strict=True))
+    need = (patch * 8 + batch * patch * 4 * (1 + 2 * width + channels) + read * 4
+            + block * 4 * (channels + 1))
     free = available_memory()
     if need > free:
         raise UserError(f"infer.patch {list(layout.patch)}, infer.batch_size {batch} and block "
