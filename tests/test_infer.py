@@ -443,6 +443,35 @@ def test_inputs_that_used_to_crash_or_pass_silently_are_refused(setup):
         assert says in result.stderr and len(errors) == 1, args
 
 
+@pytest.mark.parametrize(("extra", "counted"), [
+    (["--workers", "3"], 3), ([], 1), (["--scheduler", "daisy", "--workers", "2"], 2),
+    (["--scheduler", "daisy", "--workers", "2", "--launch", "env"], 1)])  # elsewhere
+def test_the_memory_check_counts_the_local_cpu_workers(setup, monkeypatch, extra, counted):
+    """Each CPU worker on this machine (local, or daisy's without --launch) holds its own
+    block's working set: `check_memory` is told how many (it counted one whatever --workers
+    said)."""
+    from emrun.infer import job as job_module
+
+    if "daisy" in extra:
+        pytest.importorskip("daisy")
+    recipe, _, _, tmp = setup
+    path = tmp / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe.resolved()))
+    told = []
+
+    def recorded(recipe, layout, workers=1):
+        told.append(workers)
+        raise UserError("checked")
+
+    monkeypatch.setattr(job_module, "check_memory", recorded)
+    result = CliRunner().invoke(app, ["infer", "--recipe", str(path), "--checkpoint",
+                                      str(tmp / "c.pt"), "--input", str(tmp / "in.zarr/image"),
+                                      "--output", str(tmp / "o.zarr"), "--device", "cpu",
+                                      *extra])
+    assert result.exit_code == 2 and "checked" in result.stderr, result.output
+    assert told == [counted]
+
+
 def test_a_float_input_outside_zero_one_is_refused_and_another_resolution_cautioned(setup):
     """A float image in 0..255 was predicted as if saturated (affinities off by up to 204 of
     255); an input at another voxel size than the training's was predicted without a word."""

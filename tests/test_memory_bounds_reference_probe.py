@@ -454,37 +454,60 @@ def test_a_real_run_holds_no_more_than_the_hand_over_budget(split_inputs, tmp_pa
 # --------------------------------------------------------- infer: check_memory
 
 
-@pytest.mark.parametrize(("block", "batch"), [((4, 16, 16), 3), ((8, 32, 32), 1),
-                                              ((16, 64, 64), 7)])
-def test_check_memory_refuses_exactly_past_its_documented_working_set(
-        monkeypatch: pytest.MonkeyPatch, block, batch: int) -> None:
+SHAPE, SIZE, STRIDE = (64, 256, 256), (4, 16, 16), (2, 12, 12)
+
+
+def documented_need(block: tuple[int, int, int], batch: int) -> int:
     """The docstring's lower bound, by hand: the window as float64 (8 bytes a voxel), one
     batch of float32 input patches with the first level's activations (two tensors of
     ``width`` channels) and the outputs, and a block in the middle of the volume: its input
     as float32, from the first lattice patch reaching into it to the last one's end (the
     lattice starts half the patches' overlap before voxel 0), and its float32 sums and
     weights over its own voxels."""
-    recipe = make_recipe(batch_size=batch)
-    shape, size, stride = (64, 256, 256), (4, 16, 16), (2, 12, 12)
-    layout = Layout(shape, size, stride, block, block)
     patch = 4 * 16 * 16
     channels = 4 + 1  # four affinities, one binary
     width = 4
     read = 1
-    for n, p, s, b in zip(shape, size, stride, block, strict=True):
+    for n, p, s, b in zip(SHAPE, SIZE, STRIDE, block, strict=True):
         begin = (n // b // 2) * b  # the middle block, an interior one on every axis here
         starts = [-((p - s) // 2)]  # the lattice's first start
         while starts[-1] + p < n:  # until the volume is covered
             starts.append(starts[-1] + s)
         covering = [x for x in starts if x + p > begin and x < begin + b]
         read *= covering[-1] + p - covering[0]
-    need = (8 * patch + batch * 4 * patch * (1 + 2 * width + channels) + 4 * read
+    return (8 * patch + batch * 4 * patch * (1 + 2 * width + channels) + 4 * read
             + 4 * (channels + 1) * math.prod(block))
+
+
+@pytest.mark.parametrize(("block", "batch"), [((4, 16, 16), 3), ((8, 32, 32), 1),
+                                              ((16, 64, 64), 7)])
+def test_check_memory_refuses_exactly_past_its_documented_working_set(
+        monkeypatch: pytest.MonkeyPatch, block, batch: int) -> None:
+    recipe = make_recipe(batch_size=batch)
+    layout = Layout(SHAPE, SIZE, STRIDE, block, block)
+    need = documented_need(block, batch)
     monkeypatch.setattr(job_module, "available_memory", lambda: need)
     check_memory(recipe, layout)
     monkeypatch.setattr(job_module, "available_memory", lambda: need - 1)
     with pytest.raises(UserError, match=rf"need at least {capacity.size_text(need)} of memory"):
         check_memory(recipe, layout)
+
+
+def test_check_memory_counts_each_local_worker_s_working_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three CPU workers on one machine hold three blocks' working sets; one was counted,
+    and a job that fit one worker's memory ran the machine out of it."""
+    recipe = make_recipe(batch_size=2)
+    layout = Layout(SHAPE, SIZE, STRIDE, (8, 32, 32), (8, 32, 32))
+    one = documented_need((8, 32, 32), 2)
+    need = 3 * one
+    monkeypatch.setattr(job_module, "available_memory", lambda: need)
+    check_memory(recipe, layout, workers=3)
+    monkeypatch.setattr(job_module, "available_memory", lambda: need - 1)
+    said = (rf"need at least {capacity.size_text(need)} of memory "
+            rf"\({capacity.size_text(one)} in each of 3 workers\), .* or fewer --workers\)$")
+    with pytest.raises(UserError, match=said):
+        check_memory(recipe, layout, workers=3)
 
 
 # ----------------------------------------------- infer: host memory bounded by the block

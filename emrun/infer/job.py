@@ -174,12 +174,14 @@ def marker_name(block: Zyx) -> str:
 def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
                 block: Zyx | None = None, tta: int | None = None, resume: bool = False,
                 mask_path: str | None = None, roi: Roi | None = None,
-                levels: int | None = None) -> Job:
+                levels: int | None = None, workers: int = 1) -> Job:
     """Check the inputs, create (or with ``resume`` reopen and check) the outputs.
 
     ``roi`` (offset, shape) predicts only that box of the input; the output has the box's
     shape, and the input around the box still serves as context where it exists.
     ``levels``: the outputs' pyramid levels (`finish_job`; None: the default).
+    ``workers``: the worker processes that will predict on this machine, each holding its
+    own block's working set (`check_memory`).
 
     The output is held against other emrun processes (`emrun.io.write.hold_store`) from
     before its contents are checked until `release_job` or this process's end: a second
@@ -225,7 +227,7 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
         layout = Layout(shape, patch, stride, chunks, block)
     except ValueError as exc:  # a block that is no whole number of the recipe's chunks
         raise UserError(f"--block / infer.block: {exc}") from None
-    check_memory(recipe, layout)
+    check_memory(recipe, layout, workers)
     job = Job(recipe=recipe, checkpoint=checkpoint.resolve(),  # located: a worker started
               input_path=volume.location(),  # elsewhere (daisy, --launch) opens them too
               output=output.resolve(), mask_path=mask.location() if mask_path else None,
@@ -366,14 +368,15 @@ def check_block(block: Zyx, stride: Zyx, shape: Zyx) -> None:
     check_block_count(shape, block, "--block / infer.block")
 
 
-def check_memory(recipe: Recipe, layout: Layout) -> None:
+def check_memory(recipe: Recipe, layout: Layout, workers: int = 1) -> None:
     """Refuse, before any output exists, a patch, batch or block whose working set cannot
     fit in this machine's memory (a 1000^3 patch ended in a MemoryError and left an output
     that the rerun refused). A lower bound: the blending window (float64), one batch of
     input patches with its first-level activations, and a block in the middle of the
     volume: its input (float32, as far as its patches read) and its float32 sums and
     weights (its own voxels). The sums were counted over the input's box, a patch wider per
-    axis: 4 to 8 times what a block of about a patch holds, which refused jobs that fit."""
+    axis: 4 to 8 times what a block of about a patch holds, which refused jobs that fit.
+    Each of ``workers`` processes on this machine holds its own."""
     patch, batch = math.prod(layout.patch), recipe.infer.batch_size
     channels = sum(recipe.head_channels().values())
     width = int((getattr(recipe.model, "widths", None) or [1])[0])
@@ -381,13 +384,16 @@ def check_memory(recipe: Recipe, layout: Layout) -> None:
     begin, end = layout.write_bounds(middle)
     read = math.prod(layout.read_box(middle).shape)
     block = math.prod(e - b for b, e in zip(begin, end, strict=True))
-    need = (patch * 8 + batch * patch * 4 * (1 + 2 * width + channels) + read * 4
-            + block * 4 * (channels + 1))
-    free = available_memory()
+    one = (patch * 8 + batch * patch * 4 * (1 + 2 * width + channels) + read * 4
+           + block * 4 * (channels + 1))
+    need, free = workers * one, available_memory()
     if need > free:
+        each = f" ({size_text(one)} in each of {workers} workers)" if workers > 1 else ""
+        fewer = ", or fewer --workers" if workers > 1 else ""
         raise UserError(f"infer.patch {list(layout.patch)}, infer.batch_size {batch} and block "
-                        f"{list(layout.block)} need at least {size_text(need)} of memory, "
-                        f"{size_text(free)} is available: lower them (or --block)")
+                        f"{list(layout.block)} need at least {size_text(need)} of memory"
+                        f"{each}, {size_text(free)} is available: lower them (or --block"
+                        f"{fewer})")
 
 
 def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:

@@ -54,9 +54,11 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
     # Devices are checked before any output exists; daisy workers resolve theirs where they
     # run (the scheduler's own machine, a login node say, may have no GPU at all).
     slots = worker_slots(device, workers) if scheduler == "local" else []
-    check_device(device, workers)
+    on_cpu = check_device(device, workers).type == "cpu"
+    here = len(slots) if scheduler == "local" else 1 if launch else workers or 1
     job = prepare_job(recipe, checkpoint, input_path, output, block=block, tta=tta,
-                      resume=resume, mask_path=mask_path, roi=roi, levels=levels)
+                      resume=resume, mask_path=mask_path, roi=roi, levels=levels,
+                      workers=here if on_cpu else 1)  # GPUs: in their own memory
     try:
         if scheduler == "daisy":
             from .daisy_scheduler import run_daisy
