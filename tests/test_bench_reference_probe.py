@@ -152,6 +152,7 @@ def segment_runs(tmp_path_factory):
     return shape, block, reports, kept
 
 
+@pytest.mark.slow
 def test_bench_segment_arand_and_counts_are_those_of_the_segmentation_it_made(segment_runs):
     shape, _, reports, kept = segment_runs
     truth = reference_cells(shape)

@@ -195,6 +195,7 @@ def test_bench_data_ends_with_a_json_line(write):
     assert figures["workers"] == 0 and figures["samples_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_multitask_runs_on_synthetic_data_with_stand_in_synapses():
     """--synthetic replaces the sources: the multi-task recipe's synapse task needs a
     'synapse' volume, which synthetic sources now have."""

@@ -329,6 +329,7 @@ def test_a_nan_loss_on_rank_1_skips_the_step_as_one_process_would(ranks):
     assert all(torch.equal(zero["states"][0][k], zero["states"][1][k]) for k in params)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_group_then_resume_gives_the_uninterrupted_weights(ranks, tmp_path):
     """`emrun train --gpus 2 --device cpu`, SIGTERM to its process group after the first log
     line, then `--resume`: bit for bit the weights of the uninterrupted two-rank run. Batch
@@ -394,6 +395,7 @@ print(f"rank {rank}: iteration {result.iteration}, interrupted {result.interrupt
 """
 
 
+@pytest.mark.slow
 def test_a_group_sigterm_between_ranks_steps_stops_both_at_one_iteration(ranks, tmp_path):
     """The same SIGTERM reaches both ranks at once, but not at the same point of the loop:
     rank 1, with nothing to write, is ahead (it was already in its next step, where rank 0's

@@ -276,6 +276,7 @@ def test_cli_daisy_scheduler_without_daisy_says_how_to_install(volumes, monkeypa
     assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_launch_command_that_fails_is_one_error_and_exit_2(volumes, tmp_path):
     """`--launch false` printed a traceback per worker restart and ended as 'a bug in
     emrun' (exit 1); each restart now says the command's exit code in one line, and the run

@@ -245,6 +245,7 @@ def _rdf_files(zf: zipfile.ZipFile, rdf: dict[str, Any]) -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_torchscript_and_onnx_of_the_other_models_match_pytorch(tmp_path, kind):

@@ -306,6 +306,7 @@ def test_a_local_run_stopped_midway_is_finished_by_daisy_with_units_of_one_block
 STOP_SHAPE = (20, 80, 80)  # 125 blocks: enough that Ctrl-C lands midway
 
 
+@pytest.mark.slow
 @needs_daisy
 def test_a_daisy_run_stopped_by_ctrl_c_is_finished_by_the_local_scheduler(tmp_path):
     """`emrun infer --scheduler daisy` stopped by SIGINT to its group (as

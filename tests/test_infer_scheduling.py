@@ -194,6 +194,7 @@ def test_killed_at_any_moment_then_resumed_gives_the_uninterrupted_output(inputs
     same_output(out, straight, recipe)
 
 
+@pytest.mark.slow
 def test_daisy_finishes_a_job_started_locally_and_back(inputs):
     pytest.importorskip("daisy")
     recipe, tmp, straight = inputs
@@ -243,6 +244,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_peak_memory_does_not_grow_with_the_volume(tmp_path):
     """A volume 8x larger (2x per axis) must peak within 10 % of the smaller one's memory:
@@ -320,6 +322,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
 def test_workers_die_with_a_killed_parent(tmp_path):
     """kill -9 of `emrun infer --workers 2` (an OOM kill, a node's watchdog) must not leave
@@ -358,6 +361,7 @@ def sigterm_inputs(tmp_path_factory):
     return recipe, tmp, straight
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_finishes_the_blocks_in_flight_and_exits_143(sigterm_inputs, tmp_path, workers):
     """SLURM's time limit, `scancel` and `timeout` send SIGTERM (to the whole process group):

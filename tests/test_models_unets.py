@@ -253,6 +253,7 @@ train:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["resenc", "mednext"])
 def test_validate_train_infer_tta_export_and_bench(kind, tmp_path):
     recipe = tmp_path / "tiny.yaml"

@@ -348,6 +348,7 @@ class Refuse(Augmentation):
 '''
 
 
+@pytest.mark.slow
 def test_a_user_error_in_a_loader_worker_is_one_line(tmp_path):
     (tmp_path / "refuse_probe_plugin.py").write_text(REFUSING_AUGMENTATION)
     info = tmp_path / "refuse_probe_plugin-0.1.dist-info"

@@ -160,6 +160,7 @@ def emrun_chain(env: dict[str, str], cwd: Path, *commands: list[str]
     return results
 
 
+@pytest.mark.slow
 def test_a_plugin_model_and_segmenter_validate_train_infer_and_sweep(tmp_path, plugin_env):
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(RECIPE)

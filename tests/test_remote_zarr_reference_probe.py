@@ -266,6 +266,7 @@ def numpy_window(data: np.ndarray, roi: Roi) -> np.ndarray:
 # --------------------------------------------------------------------------- values
 
 
+@pytest.mark.slow
 def test_every_voxel_of_every_kind_of_array_reads_as_numpy(stores) -> None:
     folder, url, arrays = stores
     for path, data in arrays.items():

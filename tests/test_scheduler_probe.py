@@ -80,6 +80,7 @@ def _infer_command(tmp: Path, out: Path, *extra: str) -> list[str]:
             "--block", *map(str, BLOCK), "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_daisy_workers_between_blocks_and_says_so(tmp_path, monkeypatch):
     """SIGTERM (a time limit, scancel) ended the daisy scheduler on the spot, without a word
     (exit 143), while its workers went on writing the output, lock released, until their

@@ -425,6 +425,7 @@ def test_a_worker_killed_mid_block_fails_the_run_and_resume_finishes_it(volume):
         assert np.array_equal(level0(out, name), level0(straight, name)), name
 
 
+@pytest.mark.slow
 def test_daisy_workers_started_through_launch_give_what_local_workers_give(volume,
                                                                             monkeypatch):
     pytest.importorskip("daisy")
@@ -536,6 +537,7 @@ def test_postgresql_role_without_rights_is_one_line_and_exit_2(volume, postgres_
     assert not (out / "labels").exists()
 
 
+@pytest.mark.slow
 def test_postgresql_kill_9_then_resume(volume, postgres_url):
     """kill -9 mid-run with the graph in PostgreSQL; resumed, the same as SQLite's run."""
     import sqlalchemy as sa

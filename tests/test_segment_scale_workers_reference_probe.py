@@ -206,6 +206,7 @@ def test_two_workers_give_one_workers_volumes_where_affinities_tie(data, tmp_pat
     _same_volumes(*outs)
 
 
+@pytest.mark.slow
 def test_a_local_run_stopped_and_resumed_on_two_daisy_workers_is_the_local_run(data,
                                                                              monkeypatch):
     """One local worker stops after 9 of the 27 fragments blocks; the job is resumed on daisy

@@ -286,6 +286,7 @@ def test_pyramid_writers_own_whole_shards_of_every_level(
 # --- two worker processes -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_worker_processes_write_neighbouring_edge_shards_as_one_does(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 8 x 48 x 48 over 16 x 80 x 80 (edge shards in y and x), inner chunks cut

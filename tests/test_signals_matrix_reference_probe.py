@@ -312,6 +312,7 @@ def test_evaluate_workers_stopped_leaves_no_work_and_scores_again(tmp_path, infe
 # --- demo -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_stopped_while_it_predicts_says_so_and_exits_143(tmp_path):
     code, stderr = signalled("emrun.infer.schedule:Progress.add:1", "SIGTERM", "group",
                              "demo", "--out", tmp_path / "d", "-o", "train.iterations=1",

@@ -109,6 +109,7 @@ def test_run_directory_layout_and_refusals(recipe, tmp_path):
     assert "Traceback" not in corrupt.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(recipe, tmp_path):
     longer = ["-o", "train.iterations=12"]  # long enough to be killed midway, from outside
     straight = tmp_path / "straight"
@@ -165,6 +166,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(recipe, tmp_path):
     assert 3 <= state["iteration"] < 100000
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_loader_workers(recipe, tmp_path):
     """As a SLURM time limit or GNU timeout sends it: the loader workers get the signal too,
     leave it to the trainer, and the run checkpoints, exits 143 and resumes."""
@@ -435,6 +437,7 @@ def test_a_scorer_that_dies_is_reported_not_waited_for(tmp_path):
         done.result()  # the user's to act on (exit 2), not a bug in emrun
 
 
+@pytest.mark.slow
 def test_background_validation_records_what_validation_in_the_trainer_does(recipe, tmp_path):
     """Same scores for the same iterations, the same best.pt and the same trained weights,
     whether the segmentations are scored by a helper process or by the trainer."""

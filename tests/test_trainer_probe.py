@@ -138,6 +138,7 @@ print(f"rank {os.environ['RANK']}: iteration {result.iteration}, "
 """
 
 
+@pytest.mark.slow
 def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank_and_the_group_ends(recipe,
                                                                                tmp_path):
     """Under DDP the rank whose loss was NaN skipped its backward while the others ran
@@ -464,6 +465,7 @@ def test_pointwise_weights_keep_the_strides_their_gradients_get(recipe, tmp_path
 # -- a user error found in the ranks of --gpus -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_user_error_in_the_ranks_of_gpus_is_said_once_with_exit_2(tmp_path):
     """The ranks' check of a validation source: every rank printed the message, then torchrun
     printed its ChildFailedError traceback and exited 1 (an 'internal' error)."""

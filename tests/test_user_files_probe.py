@@ -210,6 +210,7 @@ def test_synth_killed_between_its_volumes_leaves_no_labels_that_open(tmp_path):
     assert not (out / "labels" / "mito").exists() and not (out / "labels" / "synapse").exists()
 
 
+@pytest.mark.slow
 def test_synth_killed_between_its_volumes_is_finished_by_the_same_command(tmp_path):
     """It left a complete-looking image without labels, and the same command run again was
     refused ('image: already exists'). Now the killed write's record undoes its volumes."""

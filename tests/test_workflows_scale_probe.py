@@ -262,6 +262,7 @@ def _sigterm_after_two_blocks(command: list[str], out: Path, env: dict[str, str]
     return process.returncode, stderr
 
 
+@pytest.mark.slow
 def test_sigterm_stops_scaled_daisy_workers_between_blocks_and_says_so(cells_store, tmp_path):
     pytest.importorskip("daisy")
     out = tmp_path / "daisy.zarr"
@@ -453,6 +454,7 @@ def test_blockwise_evaluate_of_a_masked_scaled_segmentation_in_odd_blocks(networ
     assert streamed["voxels"] == int(((truth != 0) & inside).sum()) > 0
 
 
+@pytest.mark.slow
 def test_daisy_workers_on_postgresql_give_the_local_sqlite_segmentation(
         cells_store, straight, postgres_url):  # noqa: F811
     """The cluster's set-up (daisy workers, the graph in PostgreSQL) and one machine's
