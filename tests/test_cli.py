@@ -245,17 +245,24 @@ def test_validate_reads_values_float_range_and_empty_masks(write, tmp_path):
     assert fixed.exit_code == 0, fixed.output
 
 
-def convert_raising(error: BaseException, tmp_path, monkeypatch):
-    """`emrun data convert` as the user runs it, with the conversion raising ``error``."""
+def convert_doing(action, tmp_path, monkeypatch):
+    """`emrun data convert` as the user runs it, with ``action()`` in place of the
+    conversion."""
     import emrun.io.convert
 
-    def fails(*args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(emrun.io.convert, "convert", fails)
+    monkeypatch.setattr(emrun.io.convert, "convert", lambda *args, **kwargs: action())
     np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.uint8))
     return runner.invoke(app, ["data", "convert", str(tmp_path / "img.npy"),
                                str(tmp_path / "o.zarr")])
+
+
+def convert_raising(error: BaseException, tmp_path, monkeypatch):
+    """`emrun data convert` as the user runs it, with the conversion raising ``error``."""
+
+    def fails():
+        raise error
+
+    return convert_doing(fails, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("error", [
@@ -286,17 +293,12 @@ def test_sigterm_in_a_command_without_its_own_stop_is_one_line_and_exit_143(tmp_
     """SIGTERM ended `data convert` (and every command without a stop of its own) on the
     spot: no line, no clean-up. It is now taken as Ctrl-C is, and SIGTERM's handler is the
     default again after the command."""
-    import emrun.io.convert
-
-    def terminated(*args, **kwargs):
+    def terminated():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises in this thread at once
         raise AssertionError("SIGTERM was not taken")
 
-    monkeypatch.setattr(emrun.io.convert, "convert", terminated)
-    np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.uint8))
-    result = runner.invoke(app, ["data", "convert", str(tmp_path / "img.npy"),
-                                 str(tmp_path / "o.zarr")])
+    result = convert_doing(terminated, tmp_path, monkeypatch)
     assert result.exit_code == 143, result.output
     assert result.stderr == ("stopped by SIGTERM: nothing half-written stands under a final "
                              "name; run the command again (with --resume where it has one)\n")
@@ -306,9 +308,7 @@ def test_sigterm_in_a_command_without_its_own_stop_is_one_line_and_exit_143(tmp_
 def test_a_forked_helper_of_a_command_still_dies_of_sigterm(tmp_path, monkeypatch):
     """A helper forked inside a command inherits its SIGTERM handler: it must die of the
     signal as it did (pool.terminate() sends it), not raise the command's stop in the copy."""
-    import emrun.io.convert
-
-    def forks(*args, **kwargs):
+    def forks():
         ready, told = os.pipe()
         child = os.fork()
         if child == 0:  # (a signal before Python's after-fork set-up is dropped by Python)
@@ -322,10 +322,7 @@ def test_a_forked_helper_of_a_command_still_dies_of_sigterm(tmp_path, monkeypatc
         (tmp_path / "status").write_text(str(os.waitstatus_to_exitcode(status)))
         raise UserError("the helper ended")
 
-    monkeypatch.setattr(emrun.io.convert, "convert", forks)
-    np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.uint8))
-    result = runner.invoke(app, ["data", "convert", str(tmp_path / "img.npy"),
-                                 str(tmp_path / "o.zarr")])
+    result = convert_doing(forks, tmp_path, monkeypatch)
     assert result.exit_code == 2, result.output
     assert (tmp_path / "status").read_text() == str(-signal.SIGTERM)
 
