@@ -650,11 +650,17 @@ def test_segment_and_evaluate_with_a_larger_mask_placed_by_its_offset(root, fmt,
     big[1:1 + SHAPE[0], 2:2 + SHAPE[1], 3:3 + SHAPE[2]] = DATA["mask"]
     start = (OFFSET[0] - 1, OFFSET[1] - 2, OFFSET[2] - 3)
     path = FORMATS[fmt][0](root, "bigmask", big, offset=start)
-    segment(root, path_of(root, "ref", "affs"), f"segbig_{fmt}.zarr", *MODES["cc"], "--mask",
-            path)
-    np.testing.assert_array_equal(segmentation(root, f"segbig_{fmt}.zarr").read(),
-                                  reference_masked)
-    got = scores(path_of(root, "ref", "seg"), path_of(root, "ref", "truth"), "--mask", path)
+    assert_masks_as_the_reference(root, path, f"segbig_{fmt}.zarr", reference_masked,
+                                  reference_scores)
+
+
+def assert_masks_as_the_reference(root, mask: str, out: str, reference_masked,
+                                  reference_scores) -> None:
+    """`segment --mask` and `evaluate --mask` with ``mask`` give the reference mask's
+    segmentation and scores."""
+    segment(root, path_of(root, "ref", "affs"), out, *MODES["cc"], "--mask", mask)
+    np.testing.assert_array_equal(segmentation(root, out).read(), reference_masked)
+    got = scores(path_of(root, "ref", "seg"), path_of(root, "ref", "truth"), "--mask", mask)
     assert got == reference_scores["mask"]
 
 
@@ -667,12 +673,8 @@ def test_a_float_mask_with_nan_outside_in_each_format(root, fmt, reference_maske
     """README: NaN in a float mask is outside, wherever a mask is given."""
     mask = np.where(DATA["mask"] > 0, np.float32(1), np.float32(np.nan)).astype(np.float32)
     path = FORMATS[fmt][0](root, "nanmask", mask)
-    segment(root, path_of(root, "ref", "affs"), f"segnan_{fmt}.zarr", *MODES["cc"], "--mask",
-            path)
-    np.testing.assert_array_equal(segmentation(root, f"segnan_{fmt}.zarr").read(),
-                                  reference_masked)
-    got = scores(path_of(root, "ref", "seg"), path_of(root, "ref", "truth"), "--mask", path)
-    assert got == reference_scores["mask"]
+    assert_masks_as_the_reference(root, path, f"segnan_{fmt}.zarr", reference_masked,
+                                  reference_scores)
 
 
 @pytest.mark.parametrize("fmt", ["hdf5", "npy", "zarr_v2"])
