@@ -234,8 +234,8 @@ def lattice_starts(n: int, patch: int, stride: int) -> list[int]:
 
 def reference_predictions(shape, patch, stride, block, groups) -> int:
     """Forward passes when each patch is predicted by its owner's unit (the owner: the block
-    holding its first voxel in the volume) and once more for each block it reaches in any
-    other unit (README, 'Only patches that straddle a unit border are predicted again')."""
+    holding its first voxel in the volume) and once more for each other unit it reaches
+    (README, 'Only patches that straddle a unit border are predicted again')."""
     unit_of = {tuple(b): u for u, group in enumerate(groups) for b in group}
     total = 0
     for start in itertools.product(*(lattice_starts(n, p, s)
@@ -244,7 +244,7 @@ def reference_predictions(shape, patch, stride, block, groups) -> int:
         reached = itertools.product(*(
             range(max(0, a) // b, (min(n, a + p) - 1) // b + 1)
             for a, p, b, n in zip(start, patch, block, shape, strict=True)))
-        total += 1 + sum(1 for r in reached if unit_of[r] != unit_of[owner])
+        total += 1 + len({unit_of[r] for r in reached} - {unit_of[owner]})
     return total
 
 

@@ -344,10 +344,11 @@ def test_a_daisy_run_stopped_by_ctrl_c_is_finished_by_the_local_scheduler(tmp_pa
 # patches predicted twice at unit borders, and no more
 
 
-def straddling(layout, units) -> tuple[int, int]:
+def straddling(layout, units, per_unit: bool) -> tuple[int, int]:
     """(lattice patches, recomputations): each patch is predicted once by its owner and once
-    more for every block it reaches in a unit other than its owner's, by brute force over
-    the lattice written here."""
+    more for every unit other than its owner's that it reaches (``per_unit``: what the first
+    block there recomputes is handed on to the others), or for every block it reaches in
+    such a unit (nothing handed on), by brute force over the lattice written here."""
     unit_of = {block: i for i, unit in enumerate(units) for block in unit}
     starts = [ref_starts(n, p, s)
               for n, p, s in zip(layout.shape, layout.patch, layout.stride, strict=True)]
@@ -357,27 +358,36 @@ def straddling(layout, units) -> tuple[int, int]:
         owner = tuple(max(s, 0) // b for s, b in zip(start, layout.block, strict=True))
         spans = [range(max(s, 0) // b, (min(s + p, n) - 1) // b + 1) for s, p, n, b in zip(
             start, layout.patch, layout.shape, layout.block, strict=True)]
-        again += sum(unit_of[b] != unit_of[owner] for b in itertools.product(*spans))
+        others = [unit_of[b] for b in itertools.product(*spans) if unit_of[b] != unit_of[owner]]
+        again += len(set(others)) if per_unit else len(others)
     return lattice, again
 
 
-def test_a_patch_straddling_a_unit_border_is_predicted_again_per_block_it_reaches_there(
-        runs, tmp_path):
-    """README: a patch that straddles a unit border is predicted once more for each block it
-    reaches in the other unit (nothing recomputed is handed on). Two units (two workers'
-    tiling), batches of one patch (so no batch-mate is recomputed alongside), one
-    in-process worker: forward passes = lattice + those recomputations, exactly."""
+@pytest.mark.parametrize("room", [0, 1 << 30])
+def test_a_patch_straddling_a_unit_border_is_predicted_again_once_per_unit_it_reaches(
+        runs, tmp_path, room):
+    """README: a patch that straddles a unit border is predicted once more for each other
+    unit it reaches (the block there that recomputes it hands the sum on to the unit's later
+    blocks); with no room for such sums, once more for each block it reaches there. Three
+    units (three workers' tiling), batches of one patch (so no batch-mate is recomputed
+    alongside), one in-process worker: forward passes = lattice + those recomputations,
+    exactly, and the output is the lattice's blend either way."""
     recipe = make_recipe(batch_size=1)
     job = prepare_job(recipe, runs.checkpoint, runs.input, tmp_path / "o.zarr", block=BLOCK)
     try:
-        groups = job_units(job, job.pending(), 2, "cpu")
-        assert len(groups) == 2
+        groups = job_units(job, job.pending(), 3, "cpu")
+        assert len(groups) >= 3
         worker = BlockWorker(job, torch.device("cpu"))
-        worker.run_units(groups)
+        worker.run_units(groups, room=room)
         finish_job(job)
     finally:
         release_job(job)
-    lattice, again = straddling(job.layout, groups)
+    lattice, again = straddling(job.layout, groups, per_unit=room > 0)
     assert lattice == job.layout.patch_count() and again > 0
     assert worker.engine.predicted_patches == lattice + again, (
         worker.engine.predicted_patches, lattice, again)
+    if room:
+        assert again < straddling(job.layout, groups, per_unit=False)[1]
+    for task in TASKS:
+        np.testing.assert_allclose(read(tmp_path / "o.zarr", task), runs.reference[task],
+                                   atol=1e-5, rtol=0, err_msg=task)

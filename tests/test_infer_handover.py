@@ -109,6 +109,27 @@ def test_recomputed_contributions_equal_handed_over_ones_to_the_last_bit(inputs)
                                       read(tmp / "handed.zarr", task))
 
 
+def test_recomputed_sums_handed_on_within_a_unit_are_the_same_bits(inputs):
+    """Units of one z plane each: a block recomputes the plane before's owners and hands
+    those sums on to the later blocks of its plane they reach (fewer forward passes than
+    recomputing them in each), and the output is the same bits as with nothing handed on
+    and as one unit; a block's first owner outside its unit (its first in the order) is
+    the one that recomputes."""
+    recipe, _, _, tmp = inputs
+    whole, job = worker_for(recipe, tmp, "whole.zarr")
+    whole.run(job.pending())
+    counts = {}
+    for room in (0, 1 << 30):
+        worker, job = worker_for(recipe, tmp, f"planes-{room}.zarr")
+        planes = [[b for b in job.pending() if b[0] == z] for z in range(job.layout.grid()[0])]
+        worker.run_units(planes, room=room)
+        counts[room] = worker.engine.predicted_patches
+        for task in recipe.tasks:
+            np.testing.assert_array_equal(read(tmp / f"planes-{room}.zarr", task),
+                                          read(tmp / "whole.zarr", task))
+    assert whole.engine.predicted_patches < counts[1 << 30] < counts[0]
+
+
 def test_workers_split_the_volume_into_units_and_write_the_same_output(inputs):
     recipe, _, _, tmp = inputs
     one = tmp / "one.zarr"
@@ -125,7 +146,9 @@ def test_workers_split_the_volume_into_units_and_write_the_same_output(inputs):
 
 def test_a_masked_owner_still_contributes_to_the_blocks_it_reaches(inputs):
     """The block before a predicted one is masked out: it writes zeros and predicts nothing,
-    so its patches' share of the next block is computed there, the same to the bit."""
+    so its patches' share of the next block is computed there, the same to the bit. That
+    block (0, 0, 1) hands the sum on only to blocks at or after it on every axis: (0, 1, 0)
+    needs patches of (0, 0, 0) that do not reach (0, 0, 1), and recomputes it itself."""
     recipe, _, volume, tmp = inputs
     full = tmp / "full.zarr"
     run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), full, block=BLOCK)
@@ -187,21 +210,23 @@ def test_every_chunk_is_written_once_whatever_the_units(inputs, monkeypatch):
 
 
 def test_partial_sums_held_for_hand_over_stay_within_the_budget(tmp_path, monkeypatch):
-    """A unit is as large as the hand-over budget allows: however large the volume, the
-    partial sums a worker keeps for later blocks never pass it (here 200 kB, on a volume whose
-    whole grid as one unit would hold more)."""
+    """A unit is as large as the hand-over budget allows, and recomputed sums are handed on
+    only in the room it leaves: however large the volume, the partial sums a worker keeps
+    for later blocks never pass it (here 200 kB, on a volume whose whole grid as one unit
+    would hold more)."""
     from emrun.infer import schedule
     from emrun.infer import worker as worker_module
 
     recipe, _, _, tmp = make_inputs(tmp_path, shape=(16, 64, 64))  # 64 blocks, 4 units
     monkeypatch.setattr(schedule, "HANDOVER_BYTES", 200_000)
     monkeypatch.setattr(schedule, "available_memory", lambda: 0)  # the floor decides
-    held = []
+    held, handed = [], []
     predict = worker_module.BlockWorker._predict
 
     def spy(self, step, raw, carries):
         out = predict(self, step, raw, carries)
-        held.append(sum(t.numel() * t.element_size() for t in carries.values()))
+        held.append(sum(t.numel() * t.element_size() for t in carries.sums.values()))
+        handed.append(len(carries.counts))
         return out
 
     monkeypatch.setattr(worker_module.BlockWorker, "_predict", spy)
@@ -209,8 +234,10 @@ def test_partial_sums_held_for_hand_over_stay_within_the_budget(tmp_path, monkey
                       block=(4, 16, 16))
     bounded = schedule.job_units(job, job.pending(), 1)
     assert len(bounded) > 1  # the budget split the grid
-    BlockWorker(job, torch.device("cpu")).run_units(bounded)
-    assert 0 < max(held) <= 200_000
+    room = schedule.recompute_room(job, 1)
+    assert 0 < room < 200_000
+    BlockWorker(job, torch.device("cpu")).run_units(bounded, room=room)
+    assert 0 < max(held) <= 200_000 and max(handed) > 0
     held.clear()
     job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "u.zarr",
                       block=(4, 16, 16))

@@ -415,7 +415,7 @@ def spy_on_held(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     def spy(self, step, raw, carries):
         out = predict(self, step, raw, carries)
-        held.append(sum(t.numel() * t.element_size() for t in carries.values()))
+        held.append(sum(t.numel() * t.element_size() for t in carries.sums.values()))
         return out
 
     monkeypatch.setattr(worker_module.BlockWorker, "_predict", spy)
@@ -447,7 +447,8 @@ def test_a_real_run_holds_no_more_than_the_hand_over_budget(split_inputs, tmp_pa
     job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp_path / "b.zarr",
                       block=(4, 16, 16))
     assert schedule.handover_budget(job) == budget
-    BlockWorker(job, torch.device("cpu")).run_units(schedule.job_units(job, job.pending(), 1))
+    BlockWorker(job, torch.device("cpu")).run_units(schedule.job_units(job, job.pending(), 1),
+                                                     room=schedule.recompute_room(job, 1))
     assert 0 < max(held) <= budget
 
 

@@ -10,10 +10,10 @@ blending, padding, quantising or writing).
 
 Options add: ``no_model`` (a stand-in network that costs almost nothing, so the rate is the
 engine's own: read, blend, quantise, compress, write), the patches predicted against the
-lattice's (patches that straddle unit borders are predicted twice), ``workers`` (the same
-volume through ``schedule.run_local`` with N worker processes) and ``configs`` (the model-only
-rate over batch size, memory format and torch.compile, with the overrides that select the
-best).
+lattice's (a patch that straddles unit borders is predicted once more per other unit),
+``workers`` (the same volume through ``schedule.run_local`` with N worker processes) and
+``configs`` (the model-only rate over batch size, memory format and torch.compile, with the
+overrides that select the best).
 
 This module runs the bench and reports it: it checks the options, generates the volume, times
 the model, the engine, the worker processes and MONAI, and turns the times into the figures
@@ -182,8 +182,9 @@ def _engine_run(job: Job, device: torch.device, model: nn.Module | None
     the model are not timed)."""
     worker = BlockWorker(job, device, model=model)
     units = schedule.job_units(job, job.pending(), 1)
+    room = schedule.recompute_room(job, 1, str(device))
     started = time.perf_counter()
-    worker.run_units(units)
+    worker.run_units(units, room=room)
     return worker, time.perf_counter() - started
 
 

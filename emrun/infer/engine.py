@@ -8,8 +8,9 @@ later blocks they reach, in float32 on the device. The block's value is the sum 
 owners' partial sums in block order, divided by the sum of the windows: an earlier owner's
 partial sum is handed over by the worker when it predicted that owner in the same unit, and
 recomputed here from that owner's batches otherwise (a unit border, a resumed run, a masked
-owner). Multiplications and additions are separate operations on the same operands in the
-same order either way, so hand-over and recomputation agree to the last bit: the output
+owner); a recomputed sum is handed on in turn to the later blocks of the unit it reaches.
+Multiplications and additions are separate operations on the same operands in the same
+order either way, so hand-over and recomputation agree to the last bit: the output
 does not depend on units, resumption or how many workers there are (given the same
 per-patch network output; CPU thread counts change that in the last bits). Only the block's
 write region travels back to the host, quantised on the device. Scheduling, IO overlap and
@@ -285,7 +286,8 @@ class Engine:
 
     def predict(self, raw: np.ndarray | torch.Tensor, layout: Layout, block: Zyx,
                 scale: tuple[float, float], *, carried: Mapping[Zyx, torch.Tensor] | None = None,
-                keep: Collection[Zyx] = (), read: PatchReader | None = None) -> Prediction:
+                keep: Collection[Zyx] = (), hand_on: Mapping[Zyx, Sequence[Zyx]] | None = None,
+                read: PatchReader | None = None) -> Prediction:
         """The blended prediction of the block's write region, on the device, from the input
         ``read_input`` returned.
 
@@ -293,6 +295,11 @@ class Engine:
         comes from ``carried`` (owner -> partial, handed over by whoever predicted that owner
         in this unit) or is recomputed here from that owner's own batches (so it is the same
         to the last bit). Partial sums over the blocks in ``keep`` are returned for hand-over.
+        A recomputed owner's sums over its blocks in ``hand_on`` (owner -> later blocks, each
+        at or after this block on every axis) come back too, from the same forward passes:
+        a patch of that owner reaching such a block also reaches this one, so the batches
+        recomputed here are every batch the later block would recompute, and sums over it
+        are the same bits as its own recomputation would give.
         ``read(box)`` gives input outside ``raw`` (only a recomputed batch needs it).
 
         On a CPU the block's own tensor work (scaling, blending, summing, dividing) runs on
@@ -301,7 +308,8 @@ class Engine:
         bench's weight sums took 0.57 s a block against 0.009 s); the forward passes still
         run side by side on as many threads as the process has (`passes`)."""
         with self.host_threads():
-            return self._predict(raw, layout, block, scale, carried or {}, keep, read)
+            return self._predict(raw, layout, block, scale, carried or {}, keep,
+                                 hand_on or {}, read)
 
     @contextmanager
     def host_threads(self) -> Iterator[None]:
@@ -313,7 +321,8 @@ class Engine:
 
     def _predict(self, raw: np.ndarray | torch.Tensor, layout: Layout, block: Zyx,
                  scale: tuple[float, float], carried: Mapping[Zyx, torch.Tensor],
-                 keep: Collection[Zyx], read: PatchReader | None) -> Prediction:
+                 keep: Collection[Zyx], hand_on: Mapping[Zyx, Sequence[Zyx]],
+                 read: PatchReader | None) -> Prediction:
         image = self._image(raw, scale)
         source = PatchSource(image, zyx(layout.read_box(block).offset), self.patch, read,
                              self._normalise(scale))
@@ -322,6 +331,7 @@ class Engine:
         carries: dict[Zyx, torch.Tensor] = {}
         nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
         recomputed: dict[Zyx, torch.Tensor] = {}
+        handed: dict[tuple[Zyx, Zyx], tuple[torch.Tensor, torch.Tensor]] = {}
         for owner in layout.owners(block):
             owned = layout.owned_box(owner)
             assert owned is not None  # an owner owns a patch
@@ -342,15 +352,42 @@ class Engine:
             if piece is None:  # recompute that owner's batches that reach this block
                 batches = [b for b in layout.batches(owner, self.batch_size)
                            if any(overlap(p, self.patch, *box) is not None for p in b)]
-                recomputed[owner] = torch.zeros((), dtype=torch.int64, device=self.device)
-                piece = self._accumulate(source, batches, common, inside=recomputed[owner])
+                piece = self._recompute(source, batches, owner, common, [
+                    (t, c) for t in hand_on.get(owner, ())
+                    if (c := _common(layout.write_bounds(t), own)) is not None],
+                    recomputed, handed)
             total[_local(common, box[0])] += piece
         total /= self._weight(layout, block)
         values, first = {}, 0
         for name, channels in self.channels.items():
             values[name] = total[first:first + channels]
             first += channels
-        return Prediction(values, carries, nonfinite, recomputed)
+        return Prediction(values, carries, nonfinite, recomputed, handed)
+
+    def _recompute(self, source: PatchSource, batches: list[list[Zyx]], owner: Zyx,
+                   common: tuple[Zyx, Zyx], targets: list[tuple[Zyx, tuple[Zyx, Zyx]]],
+                   recomputed: dict[Zyx, torch.Tensor],
+                   handed: dict[tuple[Zyx, Zyx], tuple[torch.Tensor, torch.Tensor]]
+                   ) -> torch.Tensor:
+        """``owner``'s partial sum over ``common`` (this block's part of its patches) from
+        ``batches``, its count of non-finite outputs there into ``recomputed``, and for each
+        later block in ``targets`` (block, its part of the owner's patches) the sum and
+        count over that part into ``handed``: one pass over the box that holds them all."""
+        def counter() -> torch.Tensor:
+            return torch.zeros((), dtype=torch.int64, device=self.device)
+
+        recomputed[owner] = counter()
+        regions = [(common, recomputed[owner])]
+        if not targets:
+            return self._accumulate(source, batches, common, inside=regions)
+        counts = {t: counter() for t, _ in targets}
+        regions += [(part, counts[t]) for t, part in targets]
+        span = (zyx(min(r[0][a] for r, _ in regions) for a in range(3)),
+                zyx(max(r[1][a] for r, _ in regions) for a in range(3)))
+        acc = self._accumulate(source, batches, span, inside=regions)
+        for t, part in targets:
+            handed[(t, owner)] = acc[_local(part, span[0])].clone(), counts[t]
+        return acc[_local(common, span[0])]
 
     def _image(self, raw: np.ndarray | torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
         """The input on the device, scaled to [0, 1] (a pinned host tensor copies
@@ -387,14 +424,15 @@ class Engine:
         return normalise
 
     def _accumulate(self, source: PatchSource, batches: list[list[Zyx]], box: tuple[Zyx, Zyx],
-                    nonfinite: torch.Tensor | None = None, inside: torch.Tensor | None = None
+                    nonfinite: torch.Tensor | None = None,
+                    inside: Sequence[tuple[tuple[Zyx, Zyx], torch.Tensor]] = ()
                     ) -> torch.Tensor:
         """The sum of window x prediction of the patches in ``batches`` over ``box``, added
         patch by patch in batch order (multiply, then add: no fused rounding, so the same
         patches give the same sums in any box). NaN and infinite outputs are summed as 0
         (deterministic, and resumable) and counted: all of each patch's into ``nonfinite``,
-        those within ``box`` into ``inside`` (device scalars: no wait for the device per
-        batch). ``box``: its begin and end."""
+        and for each (region, counter) of ``inside`` those within the region (device
+        scalars: no wait for the device per batch). Boxes: their begin and end."""
         acc = self._buffer("acc", (sum(self.channels.values()), *_size(box)), zero=True)
         begin, end = box
         for group, outputs in self._forwards(source, batches):
@@ -407,8 +445,10 @@ class Engine:
                 if place is None:
                     continue
                 into, within = place
-                if inside is not None and flags is not None:
-                    inside += torch.count_nonzero(flags[(i, slice(None), *within)])
+                if flags is not None:
+                    for region, counter in inside:
+                        if (part := overlap(start, self.patch, *region)) is not None:
+                            counter += torch.count_nonzero(flags[(i, slice(None), *part[1])])
                 acc[(slice(None), *into)] += weighted[(i, slice(None), *within)]
         return acc
 
@@ -718,12 +758,16 @@ class Prediction:
     patches it owns were NaN or infinite (summed as 0; an int64 scalar on the device, read
     with the values so that no batch waits for it). ``recomputed``: for each other owner
     whose partial sum was recomputed here, the NaN or infinite values of its patches within
-    this block (its own count covers them, unless it was skipped: the worker decides)."""
+    this block (its own count covers them, unless it was skipped: the worker decides).
+    ``handed``: (later block, recomputed owner) -> that owner's partial sum over the later
+    block and its count there, for the worker to hand on (`Engine.predict`'s ``hand_on``)."""
 
     values: dict[str, torch.Tensor]
     carries: dict[Zyx, torch.Tensor]
     nonfinite: torch.Tensor
     recomputed: dict[Zyx, torch.Tensor] = field(default_factory=dict)
+    handed: dict[tuple[Zyx, Zyx], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict)
 
 
 @dataclass(frozen=True)

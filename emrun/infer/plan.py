@@ -220,6 +220,12 @@ def choose_tiling(layout: Layout, channels: int, workers: int, budget: int) -> T
     return Tiling(zyx(unit), best_order(layout, unit))
 
 
+def held_at_most(layout: Layout, tiling: Tiling, channels: int) -> int:
+    """Bytes of float32 partial sums a worker holds at most for later blocks of a unit of
+    ``tiling`` (`_in_flight`)."""
+    return _in_flight(layout, tiling.unit, channels, tiling.order)
+
+
 def best_order(layout: Layout, unit: Sequence[int]) -> Zyx:
     """The axis order (slowest first) that keeps the fewest partial sums waiting: the plane
     across the slowest axis waits longest, so that axis should have the most blocks."""

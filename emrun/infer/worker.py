@@ -28,6 +28,7 @@ from ..io.pyramid import clear_shards
 from ..io.window import placed_over
 from .engine import Engine, load_model, quantise, read_reflected
 from .job import Job, open_output_arrays
+from .plan import Layout
 from .transfer import DeviceQueue, HostArray, pinned, to_host
 
 RawInput = np.ndarray | torch.Tensor | None
@@ -82,18 +83,23 @@ class BlockWorker:
 
     def run_units(self, units: Iterable[Sequence[Zyx]],
                   on_done: Callable[[BlockDone], None] | None = None,
-                  stop: Callable[[], bool] = lambda: False) -> None:
+                  stop: Callable[[], bool] = lambda: False, room: int = 0) -> None:
         """Predict and write each unit's blocks in order; ``on_done`` is called as each block
         is complete. Partial sums are handed from block to block within a unit, never
-        across units (each unit can go to another worker). Once ``stop()`` is true no block
-        is started; those read or predicted already are finished and marked."""
+        across units (each unit can go to another worker). An owner's sum recomputed in a
+        block (the owner lies in another unit, is done or was skipped) is handed on to the
+        later blocks of the unit it reaches while the sums so handed on hold at most
+        ``room`` bytes (what the hand-over budget leaves beside the unit's own sums:
+        `schedule.recompute_room`); beyond that those blocks recompute it again, the same
+        bits. Once ``stop()`` is true no block is started; those read or predicted already
+        are finished and marked."""
         with ThreadPoolExecutor(2, thread_name_prefix="emrun-read") as readers, \
                 ThreadPoolExecutor(WRITES_IN_FLIGHT + 1, thread_name_prefix="emrun-write"
                                    ) as writers:
             reads: deque[tuple[Step, Future[RawInput]]] = deque()
             writes: deque[Future[BlockDone]] = deque()
             todo = _steps(units, stop)
-            carries: dict[tuple[Zyx, Zyx], torch.Tensor] = {}  # (to block, from owner)
+            carries = Carries(room)
             unit: dict[Zyx, int] | None = None
 
             def refill() -> None:
@@ -160,27 +166,28 @@ class BlockWorker:
         return self.engine.read_input(self.volume, layout, block, origin, self.job.scale[0],
                                       mask=self.mask)
 
-    def _predict(self, step: Step, raw: RawInput, carries: dict[tuple[Zyx, Zyx], torch.Tensor]
-                 ) -> Outputs | None:
+    def _predict(self, step: Step, raw: RawInput, carries: Carries) -> Outputs | None:
         """Quantised predictions of the block's write region on their way to the host, or
         None when skipped (masked out or a blank input). Takes the partial sums handed to
         this block from ``carries`` and leaves there those it hands to later blocks of its
         unit."""
         layout, block = self.job.layout, step.block
-        carried = {owner: carries.pop((block, owner)) for owner in layout.owners(block)
-                   if (block, owner) in carries}
+        carried, counts = carries.take(block, layout.owners(block))
         if raw is None:  # nothing is written: unwritten chunks read as the fill value, 0
             return None
         keep = [t for t in layout.reached(block) if step.unit.get(t, -1) > step.rank]
+        hand_on = carries.plan(layout, step, [o for o in layout.owners(block)
+                                              if o != block and o not in carried],
+                               sum(self.engine.channels.values()))
         with self.engine.host_threads():  # quantising too: elementwise (`Engine.predict`)
             result = self.engine.predict(raw, layout, block, self.job.scale, carried=carried,
-                                         keep=keep, read=self._read_outside)
+                                         keep=keep, hand_on=hand_on, read=self._read_outside)
             values = {n: quantise(t, self.dtype, in_place=True)  # the block's own sums
                       for n, t in result.values.items()}
-        carries.update({(target, block): partial for target, partial in result.carries.items()})
-        owners = list(result.recomputed)
-        recomputed = to_host(torch.stack([result.recomputed[o] for o in owners])) \
-            if owners else None
+        carries.keep(block, result.carries, result.handed)
+        counts.update(result.recomputed)  # a handed-on sum's count came with it
+        owners = list(counts)
+        recomputed = to_host(torch.stack([counts[o] for o in owners])) if owners else None
         host = Outputs({n: to_host(t) for n, t in values.items()}, to_host(result.nonfinite),
                        owners, recomputed)
         self._queue.step()  # the previous block's device work is done (this one is queued):
@@ -247,6 +254,74 @@ class Outputs:
     nonfinite: HostArray
     owners: list[Zyx] = field(default_factory=list)
     recomputed: HostArray | None = None
+
+
+class Carries:
+    """The partial sums a worker holds for later blocks of its unit, keyed (to block, from
+    owner): each owner's own (always: the unit's size bounds them), and sums recomputed in
+    a block and handed on, with their counts of non-finite outputs, while those take at
+    most ``room`` bytes."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.sums: dict[tuple[Zyx, Zyx], torch.Tensor] = {}
+        self.counts: dict[tuple[Zyx, Zyx], torch.Tensor] = {}  # of the handed-on sums
+        self.handed_bytes = 0
+
+    def clear(self) -> None:
+        """A new unit: nothing is handed across units."""
+        self.sums.clear()
+        self.counts.clear()
+        self.handed_bytes = 0
+
+    def take(self, block: Zyx, owners: Sequence[Zyx]
+             ) -> tuple[dict[Zyx, torch.Tensor], dict[Zyx, torch.Tensor]]:
+        """The sums handed to ``block`` by owner, and the counts of those recomputed
+        elsewhere in the unit; taken off (a skipped block frees them too)."""
+        sums, counts = {}, {}
+        for owner in owners:
+            key = (block, owner)
+            if key in self.sums:
+                sums[owner] = self.sums.pop(key)
+            if key in self.counts:
+                counts[owner] = self.counts.pop(key)
+                self.handed_bytes -= _bytes(sums[owner])
+        return sums, counts
+
+    def plan(self, layout: Layout, step: Step, recomputed: Sequence[Zyx], channels: int
+             ) -> dict[Zyx, list[Zyx]]:
+        """For each owner ``step``'s block recomputes, the later blocks of its unit to hand
+        that sum on to: those the owner's patches reach at or after this block on every axis
+        (each of the owner's patches that reaches one also reaches this block: the forward
+        passes here are all it needs), not already given it, while the room lasts."""
+        block, room = step.block, self.room - self.handed_bytes
+        targets: dict[Zyx, list[Zyx]] = {}
+        for owner in recomputed:
+            owned = layout.owned_box(owner)
+            if owned is None:
+                continue
+            for target in layout.reached(owner):
+                if target == block or step.unit.get(target, -1) <= step.rank or \
+                        (target, owner) in self.sums or \
+                        any(t < b for t, b in zip(target, block, strict=True)):
+                    continue
+                size = 4 * channels * layout.write_box(target).intersect(owned).size
+                if 0 < size <= room:
+                    room -= size
+                    targets.setdefault(owner, []).append(target)
+        return targets
+
+    def keep(self, block: Zyx, own: dict[Zyx, torch.Tensor],
+             handed: dict[tuple[Zyx, Zyx], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Hold ``block``'s own sums for later blocks and the recomputed ones it hands on."""
+        self.sums.update({(target, block): partial for target, partial in own.items()})
+        for key, (partial, count) in handed.items():
+            self.sums[key], self.counts[key] = partial, count
+            self.handed_bytes += _bytes(partial)
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 @dataclass(frozen=True)
