@@ -130,6 +130,46 @@ def test_recomputed_sums_handed_on_within_a_unit_are_the_same_bits(inputs):
     assert whole.engine.predicted_patches < counts[1 << 30] < counts[0]
 
 
+@pytest.mark.parametrize("block,units_by,masked", [
+    ((2, 12, 12), 0, [(1, 0, 0), (2, 1, 1)]),  # thinner than a patch; planes across z
+    ((4, 16, 16), 2, [(1, 1, 0)]),  # planes across x
+    ((4, 24, 24), 0, [(1, 0, 0)]),  # the first of a plane masked out; some of the patches
+    # of the block before reach only one of the two blocks beside it
+    ((2, 12, 20), None, [(0, 0, 0), (3, 1, 0)]),  # three workers' units
+])
+def test_handing_on_gives_the_bits_of_recomputing_in_every_block(inputs, block, units_by,
+                                                                 masked):
+    """Whatever the units, the block size (blocks thinner than a patch too) and the blocks
+    the mask skips (the one nearest an owner among them, so a later block recomputes and
+    hands on to those at or after it only), the output is the same bits as with every block
+    its own unit, with fewer forward passes."""
+    recipe, _, volume, tmp = inputs
+    mask = np.ones(volume.shape, np.uint8)
+    for index in masked:
+        mask[tuple(slice(i * b, (i + 1) * b) for i, b in zip(index, block, strict=True))] = 0
+    write_volume(tmp / "in.zarr", "mask", mask)
+    passes = {}
+    for room in (0, 1 << 30):
+        job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"),
+                          tmp / f"{room}.zarr", block=block, mask_path=str(tmp / "in.zarr/mask"))
+        worker = BlockWorker(job, torch.device("cpu"))
+        blocks = job.pending()
+        if room == 0:
+            groups = [[b] for b in blocks]
+        elif units_by is None:
+            groups = job_units(job, blocks, 3)
+        else:
+            groups = [[b for b in blocks if b[units_by] == i]
+                      for i in range(job.layout.grid()[units_by])]
+        assert len(groups) > 1
+        worker.run_units(groups, room=room)
+        passes[room] = worker.engine.predicted_patches
+    assert passes[1 << 30] < passes[0]
+    for task in recipe.tasks:
+        np.testing.assert_array_equal(read(tmp / f"{1 << 30}.zarr", task),
+                                      read(tmp / "0.zarr", task))
+
+
 def test_workers_split_the_volume_into_units_and_write_the_same_output(inputs):
     recipe, _, _, tmp = inputs
     one = tmp / "one.zarr"
