@@ -76,6 +76,22 @@ def test_no_model_reports_the_engines_own_rate_duplicates_and_stage_shares(write
     out = result.stderr  # with --json, the text for people is on stderr
     assert "per CPU core" in out and "stand-in" in out and "bound by" in out
     assert "duplicates" in out and "model alone" not in out and "MONAI" not in out
+    # the units, the budget they were chosen for; no device memory on a CPU
+    assert f["units"] == 1 and f["handover_budget_bytes"] >= schedule.HANDOVER_BYTES
+    assert f["device_peak_bytes"] is None and f["device_memory_bytes"] is None
+    assert "1 unit of blocks for a hand-over budget of" in out and "device memory" not in out
+
+
+def test_on_a_gpu_the_memory_line_gives_the_devices_peak(monkeypatch):
+    """The peak is torch's own count since the engine run began; the line says it beside
+    the device's memory (a GPU-only path, checked here with torch's counters stubbed)."""
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 << 30)
+    assert bench.device_peak(torch.device("cuda")) == 3 << 30
+    assert bench.device_peak(torch.device("cpu")) is None
+    line = bench._memory_line({"units": 4, "handover_budget_bytes": 10**10,
+                               "device_peak_bytes": 3 * 10**9, "device_memory_bytes": 8 * 10**10})
+    assert line == ("4 units of blocks for a hand-over budget of 10.0 GB; device memory at "
+                    "most 3.0 GB of 80.0 GB")
 
 
 def test_the_bound_is_what_the_main_thread_spends_most_on():

@@ -29,6 +29,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,17 +176,38 @@ def _monai_rate(engine: Engine, image: np.ndarray) -> float | None:
 # --- the engine: one in-process worker, then N worker processes ------------------------------
 
 
-def _engine_run(job: Job, device: torch.device, model: nn.Module | None
-                ) -> tuple[BlockWorker, float]:
+@dataclass(frozen=True)
+class EngineRun:
+    """`emrun infer`'s worker after a run, its seconds, its units and the hand-over budget
+    they were chosen for, and the device memory it took at most (None on a CPU)."""
+
+    worker: BlockWorker
+    seconds: float
+    units: list[list[Zyx]]
+    budget: int
+    device_peak: int | None
+
+
+def _engine_run(job: Job, device: torch.device, model: nn.Module | None) -> EngineRun:
     """`emrun infer`'s worker over every block, in the units `emrun infer` gives one worker;
     seconds from the first block read to the last written (building the worker and loading
     the model are not timed)."""
     worker = BlockWorker(job, device, model=model)
-    units = schedule.job_units(job, job.pending(), 1)
+    units = schedule.job_units(job, job.pending(), 1, str(device))
     room = schedule.recompute_room(job, 1, str(device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     worker.run_units(units, room=room)
-    return worker, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return EngineRun(worker, seconds, units, schedule.handover_budget(job, str(device)),
+                     device_peak(device))
+
+
+def device_peak(device: torch.device) -> int | None:
+    """Bytes the device held at most since its peak was last reset (None on a CPU): what
+    the model, its batches and the partial sums took beside the hand-over budget."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 class Completions:
@@ -271,7 +293,7 @@ def bench_infer(recipe: Recipe, *, shape: Zyx | None = None, device: str | None 
         save_atomic(root / "model.pt", {"model": model.state_dict(), "iteration": 0})
         job = prepare_job(recipe, root / "model.pt", str(root / "in.zarr/image"),
                           root / "out.zarr", block=block)
-        worker, seconds = _engine_run(job, dev, None if standin is None else standin.to(dev))
+        run = _engine_run(job, dev, None if standin is None else standin.to(dev))
         if engine is not None:  # before the engine and after it: a drifting machine biases
             times += model_times(engine, image, repeats)  # neither
         # one output on disk at a time, as `check_room` counts: the worker runs write theirs
@@ -281,8 +303,7 @@ def bench_infer(recipe: Recipe, *, shape: Zyx | None = None, device: str | None 
                               repeats) if configs else None
     notes = _notes(job.layout, counts, dev, scaling, grid)
     monai_rate = None if engine is None else _monai_if_room(recipe, engine, image, dev, notes)
-    return _figures(recipe, dev, job, worker, seconds, times, monai_rate, scaling, grid,
-                    notes, no_model)
+    return _figures(recipe, dev, job, run, times, monai_rate, scaling, grid, notes, no_model)
 
 
 def _checked(recipe: Recipe, device: torch.device, shape: Zyx | None, block: Zyx | None,
@@ -354,12 +375,13 @@ def _notes(layout: Layout, counts: list[int], device: torch.device,
     return notes
 
 
-def _figures(recipe: Recipe, device: torch.device, job: Job, worker: BlockWorker,
-             seconds: float, times: list[float], monai_rate: float | None,
+def _figures(recipe: Recipe, device: torch.device, job: Job, run: EngineRun,
+             times: list[float], monai_rate: float | None,
              scaling: list[dict[str, Any]] | None, grid: dict[str, Any] | None,
              notes: list[str], no_model: bool) -> dict[str, Any]:
     """The JSON `emrun bench infer --json` prints (model figures None with --no-model)."""
     layout, patch = job.layout, job.layout.patch
+    worker, seconds = run.worker, run.seconds
     voxels = math.prod(layout.shape)
     lattice = layout.patch_count()
     overlap = lattice * math.prod(patch) / voxels
@@ -395,6 +417,11 @@ def _figures(recipe: Recipe, device: torch.device, job: Job, worker: BlockWorker
         "predicted_patches": predicted,
         "lattice_patches": lattice,
         "duplicate_fraction": round(predicted / lattice - 1, 4),
+        "units": len(run.units),
+        "handover_budget_bytes": run.budget,
+        "device_peak_bytes": run.device_peak,
+        "device_memory_bytes": None if run.device_peak is None else
+        torch.cuda.get_device_properties(device).total_memory,
         "monai_voxels_per_s": None if monai_rate is None else round(monai_rate, 1),
         "engine_vs_monai": None if monai_rate is None else round(engine_rate / monai_rate, 3),
         "workers": scaling,
@@ -432,6 +459,7 @@ def report_lines(r: dict[str, Any]) -> list[str]:
     lines.append(f"patches predicted {r['predicted_patches']:,} of {r['lattice_patches']:,} in "
                  f"the lattice: duplicates {100 * r['duplicate_fraction']:+.1f} % (predicted "
                  "more than once)")
+    lines.append(_memory_line(r))
     lines += _scaling_lines(r["workers"]) + _config_lines(r)
     if not r["no_model"]:
         if r["monai_voxels_per_s"] is not None:
@@ -440,6 +468,18 @@ def report_lines(r: dict[str, Any]) -> list[str]:
         elif not any(n.startswith("MONAI") for n in r["notes"]):
             lines.append("MONAI is not installed: no sliding_window_inference comparison")
     return lines + [f"note: {n}" for n in r["notes"]]
+
+
+def _memory_line(r: dict[str, Any]) -> str:
+    """The units and their budget, and on a GPU its peak memory: a peak far below the
+    device's memory says a larger hand-over budget would fit (fewer units, fewer patches
+    predicted again on a volume larger than this one)."""
+    units = f"{r['units']} unit{'' if r['units'] == 1 else 's'}"
+    line = f"{units} of blocks for a hand-over budget of {size_text(r['handover_budget_bytes'])}"
+    if r["device_peak_bytes"] is None:
+        return line
+    return (line + f"; device memory at most {size_text(r['device_peak_bytes'])} of "
+            f"{size_text(r['device_memory_bytes'])}")
 
 
 def _bound_line(r: dict[str, Any]) -> str:

@@ -185,7 +185,8 @@ def job_units(job: Job, blocks: list[Zyx], workers: int, device: str | None = No
 
 
 def job_tiling(job: Job, workers: int, device: str | None = None) -> Tiling:
-    """Units as large as the hand-over budget allows, at least one per worker."""
+    """Units whose partial sums fit the hand-over budget, at least one per worker, that
+    predict the fewest patches again (`choose_tiling`)."""
     channels = sum(job.recipe.head_channels().values())
     return choose_tiling(job.layout, channels, workers,
                          handover_budget(job, device, workers))
