@@ -363,9 +363,9 @@ def straddling(layout, units, per_unit: bool) -> tuple[int, int]:
     return lattice, again
 
 
-@pytest.mark.parametrize("room", [0, 1 << 30])
+@pytest.mark.parametrize("budget", [0, 1 << 30])
 def test_a_patch_straddling_a_unit_border_is_predicted_again_once_per_unit_it_reaches(
-        runs, tmp_path, room):
+        runs, tmp_path, budget):
     """README: a patch that straddles a unit border is predicted once more for each other
     unit it reaches (the block there that recomputes it hands the sum on to the unit's later
     blocks); with no room for such sums, once more for each block it reaches there. Three
@@ -378,15 +378,15 @@ def test_a_patch_straddling_a_unit_border_is_predicted_again_once_per_unit_it_re
         groups = job_units(job, job.pending(), 3, "cpu")
         assert len(groups) >= 3
         worker = BlockWorker(job, torch.device("cpu"))
-        worker.run_units(groups, room=room)
+        worker.run_units(groups, budget=budget)
         finish_job(job)
     finally:
         release_job(job)
-    lattice, again = straddling(job.layout, groups, per_unit=room > 0)
+    lattice, again = straddling(job.layout, groups, per_unit=budget > 0)
     assert lattice == job.layout.patch_count() and again > 0
     assert worker.engine.predicted_patches == lattice + again, (
         worker.engine.predicted_patches, lattice, again)
-    if room:
+    if budget:
         assert again < straddling(job.layout, groups, per_unit=False)[1]
     for task in TASKS:
         np.testing.assert_allclose(read(tmp_path / "o.zarr", task), runs.reference[task],

@@ -119,15 +119,82 @@ def test_recomputed_sums_handed_on_within_a_unit_are_the_same_bits(inputs):
     whole, job = worker_for(recipe, tmp, "whole.zarr")
     whole.run(job.pending())
     counts = {}
-    for room in (0, 1 << 30):
-        worker, job = worker_for(recipe, tmp, f"planes-{room}.zarr")
+    for budget in (0, 1 << 30):
+        worker, job = worker_for(recipe, tmp, f"planes-{budget}.zarr")
         planes = [[b for b in job.pending() if b[0] == z] for z in range(job.layout.grid()[0])]
-        worker.run_units(planes, room=room)
-        counts[room] = worker.engine.predicted_patches
+        worker.run_units(planes, budget=budget)
+        counts[budget] = worker.engine.predicted_patches
         for task in recipe.tasks:
-            np.testing.assert_array_equal(read(tmp / f"planes-{room}.zarr", task),
+            np.testing.assert_array_equal(read(tmp / f"planes-{budget}.zarr", task),
                                           read(tmp / "whole.zarr", task))
     assert whole.engine.predicted_patches < counts[1 << 30] < counts[0]
+
+
+def test_sums_handed_on_give_way_to_the_units_own_within_the_budget(inputs, monkeypatch):
+    """With a budget between what a unit's own sums take and what handing on everything
+    would, the worker never holds more than the budget (handed-on sums are refused or
+    dropped, the one needed last first, when its own need the room), the blocks recompute
+    what was not handed on, and the output is the same bits."""
+    from emrun.infer import worker as worker_module
+
+    recipe, _, _, tmp = inputs
+    peaks: dict[int, list[tuple[int, int]]] = {}
+    keep = worker_module.Carries.keep
+
+    def spy(self, step, own, handed):
+        keep(self, step, own, handed)
+        mine = sum(t.numel() * 4 for k, t in self.sums.items() if k not in self.needed)
+        peaks.setdefault(self.budget, []).append((mine, self.held))
+
+    monkeypatch.setattr(worker_module.Carries, "keep", spy)
+    passes = {}
+
+    def run(budget: int) -> None:
+        worker, job = worker_for(recipe, tmp, f"b{budget}.zarr")
+        planes = [[b for b in job.pending() if b[1] == y] for y in range(job.layout.grid()[1])]
+        worker.run_units(planes, budget=budget)
+        passes[budget] = worker.engine.predicted_patches
+
+    run(0)
+    run(1 << 40)
+    own = max(mine for mine, _ in peaks[1 << 40])
+    every = max(held for _, held in peaks[1 << 40])
+    assert every > own
+    middle = own  # handed-on sums fit only while its own are below their peak
+    run(middle)
+    assert max(held for _, held in peaks[middle]) <= middle
+    assert passes[1 << 40] < passes[middle] < passes[0]
+    for task in recipe.tasks:
+        for budget in (middle, 1 << 40):
+            np.testing.assert_array_equal(read(tmp / f"b{budget}.zarr", task),
+                                          read(tmp / "b0.zarr", task))
+
+
+def test_a_units_own_sums_push_out_the_handed_on_one_needed_last():
+    """`Carries`: handed-on sums are let in only where they fit the budget, and when a
+    block's own sums need the room, the handed-on sum whose block comes last goes first;
+    its count goes with it (that block recomputes both)."""
+    from emrun.infer.worker import Carries, Step
+
+    def sum_of(values: int) -> torch.Tensor:
+        return torch.zeros(values)  # 4 bytes a value
+
+    unit = {(0, 0, i): i for i in range(6)}
+    carries = Carries(budget=400)
+    count = torch.tensor(1)
+    carries.keep(Step((0, 0, 0), unit, 0), {(0, 0, 1): sum_of(20)},
+                 {((0, 0, 3), (9, 9, 9)): (sum_of(20), count),
+                  ((0, 0, 5), (9, 9, 9)): (sum_of(20), count),
+                  ((0, 0, 4), (9, 9, 9)): (sum_of(20), count),
+                  ((0, 0, 2), (9, 9, 9)): (sum_of(30), count)})  # 400 bytes: no room left
+    assert carries.held == 320 and ((0, 0, 2), (9, 9, 9)) not in carries.sums
+    carries.keep(Step((0, 0, 1), unit, 1), {(0, 0, 3): sum_of(30)}, {})  # 120 more: 440
+    assert carries.held == 360 <= 400
+    assert ((0, 0, 5), (9, 9, 9)) not in carries.sums | carries.counts  # needed last
+    assert {((0, 0, 3), (9, 9, 9)), ((0, 0, 4), (9, 9, 9))} <= set(carries.counts)
+    sums, counts = carries.take((0, 0, 3), [(9, 9, 9), (0, 0, 1)])
+    assert set(sums) == {(9, 9, 9), (0, 0, 1)} and set(counts) == {(9, 9, 9)}
+    assert carries.held == 360 - 80 - 120
 
 
 @pytest.mark.parametrize("block,units_by,masked", [
@@ -149,12 +216,12 @@ def test_handing_on_gives_the_bits_of_recomputing_in_every_block(inputs, block, 
         mask[tuple(slice(i * b, (i + 1) * b) for i, b in zip(index, block, strict=True))] = 0
     write_volume(tmp / "in.zarr", "mask", mask)
     passes = {}
-    for room in (0, 1 << 30):
+    for budget in (0, 1 << 30):
         job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"),
-                          tmp / f"{room}.zarr", block=block, mask_path=str(tmp / "in.zarr/mask"))
+                          tmp / f"{budget}.zarr", block=block, mask_path=str(tmp / "in.zarr/mask"))
         worker = BlockWorker(job, torch.device("cpu"))
         blocks = job.pending()
-        if room == 0:
+        if budget == 0:
             groups = [[b] for b in blocks]
         elif units_by is None:
             groups = job_units(job, blocks, 3)
@@ -162,8 +229,8 @@ def test_handing_on_gives_the_bits_of_recomputing_in_every_block(inputs, block, 
             groups = [[b for b in blocks if b[units_by] == i]
                       for i in range(job.layout.grid()[units_by])]
         assert len(groups) > 1
-        worker.run_units(groups, room=room)
-        passes[room] = worker.engine.predicted_patches
+        worker.run_units(groups, budget=budget)
+        passes[budget] = worker.engine.predicted_patches
     assert passes[1 << 30] < passes[0]
     for task in recipe.tasks:
         np.testing.assert_array_equal(read(tmp / f"{1 << 30}.zarr", task),
@@ -251,9 +318,9 @@ def test_every_chunk_is_written_once_whatever_the_units(inputs, monkeypatch):
 
 def test_partial_sums_held_for_hand_over_stay_within_the_budget(tmp_path, monkeypatch):
     """A unit is as large as the hand-over budget allows, and recomputed sums are handed on
-    only in the room it leaves: however large the volume, the partial sums a worker keeps
-    for later blocks never pass it (here 200 kB, on a volume whose whole grid as one unit
-    would hold more)."""
+    only in the room its own sums leave: however large the volume, the partial sums a
+    worker keeps for later blocks never pass it (here 200 kB, on a volume whose whole grid
+    as one unit would hold more)."""
     from emrun.infer import schedule
     from emrun.infer import worker as worker_module
 
@@ -274,9 +341,8 @@ def test_partial_sums_held_for_hand_over_stay_within_the_budget(tmp_path, monkey
                       block=(4, 16, 16))
     bounded = schedule.job_units(job, job.pending(), 1)
     assert len(bounded) > 1  # the budget split the grid
-    room = schedule.recompute_room(job, 1)
-    assert 0 < room < 200_000
-    BlockWorker(job, torch.device("cpu")).run_units(bounded, room=room)
+    assert schedule.handover_budget(job) == 200_000
+    BlockWorker(job, torch.device("cpu")).run_units(bounded, budget=200_000)
     assert 0 < max(held) <= 200_000 and max(handed) > 0
     held.clear()
     job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "u.zarr",

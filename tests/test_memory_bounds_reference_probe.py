@@ -448,7 +448,7 @@ def test_a_real_run_holds_no_more_than_the_hand_over_budget(split_inputs, tmp_pa
                       block=(4, 16, 16))
     assert schedule.handover_budget(job) == budget
     BlockWorker(job, torch.device("cpu")).run_units(schedule.job_units(job, job.pending(), 1),
-                                                     room=schedule.recompute_room(job, 1))
+                                                     budget=budget)
     assert 0 < max(held) <= budget
 
 

@@ -194,14 +194,13 @@ def _engine_run(job: Job, device: torch.device, model: nn.Module | None) -> Engi
     the model are not timed)."""
     worker = BlockWorker(job, device, model=model)
     units = schedule.job_units(job, job.pending(), 1, str(device))
-    room = schedule.recompute_room(job, 1, str(device))
+    budget = schedule.handover_budget(job, str(device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    worker.run_units(units, room=room)
+    worker.run_units(units, budget=budget)
     seconds = time.perf_counter() - started
-    return EngineRun(worker, seconds, units, schedule.handover_budget(job, str(device)),
-                     device_peak(device))
+    return EngineRun(worker, seconds, units, budget, device_peak(device))
 
 
 def device_peak(device: torch.device) -> int | None:

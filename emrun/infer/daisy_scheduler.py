@@ -52,7 +52,7 @@ from ..geometry import Zyx, zyx
 from ..subprocesses import die_with_parent, killed_by
 from .job import Job
 from .plan import best_order
-from .schedule import Progress, Stopped, job_tiling, recompute_room, worker_died
+from .schedule import Progress, Stopped, handover_budget, job_tiling, worker_died
 from .worker import BlockWorker
 
 UNIT_TIMEOUT_S = 30 * 24 * 3600.0
@@ -81,8 +81,8 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
     unit_voxels = tuple(u * b for u, b in zip(tiling.unit, job.layout.block, strict=True))
     # Local workers share this machine's cores; launched ones use what their node gives them.
     threads = 0 if launch else max(1, cpu_cores() // workers)
-    room = recompute_room(job, workers, device)
-    worker = functools.partial(_start_worker, str(job_file), device, threads, room, launch)
+    budget = handover_budget(job, device, workers)
+    worker = functools.partial(_start_worker, str(job_file), device, threads, budget, launch)
     stop_file = _stop_file(job)
     stop_file.unlink(missing_ok=True)  # a stopped run's, not this one's
     with warnings.catch_warnings():
@@ -180,21 +180,21 @@ def _stop_file(job: Job) -> Path:
     return job.done_dir / STOP
 
 
-def _start_worker(job_file: str, device: str, threads: int, room: int, launch: str | None
+def _start_worker(job_file: str, device: str, threads: int, budget: int, launch: str | None
                   ) -> None:
     """daisy's worker function: serve blocks here, or start a server through ``launch``
-    (``room``: `BlockWorker.run_units`'s)."""
+    (``budget``: the hand-over budget the units were chosen for)."""
     if launch:
         run_through(launch, "emrun.infer.daisy_scheduler",
-                    [job_file, device, str(threads), str(room)],
+                    [job_file, device, str(threads), str(budget)],
                     Path(job_file).parent)
         return
     die_with_parent(os.getppid())  # they wrote on after a SIGTERM had killed the scheduler
     with leaving_user_errors(Path(job_file).parent):  # the scheduler says it, once
-        serve(job_file, device, threads, room)
+        serve(job_file, device, threads, budget)
 
 
-def serve(job_file: str, device: str, threads: int, room: int = 0) -> None:
+def serve(job_file: str, device: str, threads: int, budget: int = 0) -> None:
     """Build the model once, then predict the blocks daisy hands out until none are left
     or the scheduler is stopped."""
     daisy = daisy_package()
@@ -211,7 +211,7 @@ def serve(job_file: str, device: str, threads: int, room: int = 0) -> None:
     def process(block: Any) -> None:
         blocks = [b for b in unit_blocks(job, block.write_roi) if not job.is_done(b)]
         with leaving_user_errors(job.done_dir):  # not as a failed unit (a traceback)
-            worker.run_units([blocks], stop=stopping, room=room)
+            worker.run_units([blocks], stop=stopping, budget=budget)
 
     stopping.serve(daisy.Client(), process)
 
@@ -227,5 +227,5 @@ def worker_device(device: str, worker_id: int) -> torch.device:
 
 
 if __name__ == "__main__":  # a worker started through --launch
-    launched_main(lambda job_file, device, threads, room: serve(job_file, device, int(threads),
-                                                                 int(room)))
+    launched_main(lambda job_file, device, threads, budget: serve(
+        job_file, device, int(threads), int(budget)))

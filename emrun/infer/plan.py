@@ -269,12 +269,6 @@ def _held(layout: Layout, unit: Zyx, channels: int) -> int:
                for order in itertools.permutations(range(3)))
 
 
-def held_at_most(layout: Layout, tiling: Tiling, channels: int) -> int:
-    """Bytes of float32 partial sums a worker holds at most for later blocks of a unit of
-    ``tiling`` (`_in_flight`)."""
-    return _in_flight(layout, tiling.unit, channels, tiling.order)
-
-
 def best_order(layout: Layout, unit: Sequence[int]) -> Zyx:
     """The axis order (slowest first) that keeps the fewest partial sums waiting: the plane
     across the slowest axis waits longest, so that axis should have the most blocks."""

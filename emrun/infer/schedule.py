@@ -30,7 +30,7 @@ from ..geometry import Zyx
 from ..recipe import Recipe
 from ..subprocesses import catching_signals, leave_signals_to, signals_held
 from .job import Job
-from .plan import Tiling, choose_tiling, held_at_most, units
+from .plan import Tiling, choose_tiling, units
 from .worker import BlockDone, BlockWorker
 
 
@@ -151,7 +151,7 @@ def run_local(job: Job, slots: list[tuple[str, int]],
             on_block(progress)
 
     groups = job_units(job, pending, len(slots), slots[0][0])
-    room = recompute_room(job, len(slots), slots[0][0])
+    budget = handover_budget(job, slots[0][0], len(slots))
     if 0 < len(groups) < len(slots):  # no more workers than units of work to give them
         slots = [(device, max(1, cpu_cores() // len(groups)))
                  for device, _ in slots[:len(groups)]]
@@ -164,9 +164,9 @@ def run_local(job: Job, slots: list[tuple[str, int]],
         try:
             if len(slots) == 1 and pending:
                 device = torch.device(slots[0][0])
-                _worker(job, device, model).run_units(groups, done, stop=stopping, room=room)
+                _worker(job, device, model).run_units(groups, done, stop=stopping, budget=budget)
             elif pending:
-                _run_processes(job, slots, groups, done, model, stopping, room)
+                _run_processes(job, slots, groups, done, model, stopping, budget)
         except UserError as exc:  # a bad input chunk, say, found midway
             if "--resume" in str(exc):
                 raise
@@ -190,15 +190,6 @@ def job_tiling(job: Job, workers: int, device: str | None = None) -> Tiling:
     channels = sum(job.recipe.head_channels().values())
     return choose_tiling(job.layout, channels, workers,
                          handover_budget(job, device, workers))
-
-
-def recompute_room(job: Job, workers: int, device: str | None = None) -> int:
-    """Bytes a worker may hold in sums it recomputed and hands on within a unit
-    (`BlockWorker.run_units`): what the hand-over budget leaves beside the unit's own."""
-    tiling = job_tiling(job, workers, device)
-    channels = sum(job.recipe.head_channels().values())
-    return max(0, handover_budget(job, device, workers)
-               - held_at_most(job.layout, tiling, channels))
 
 
 HANDOVER_BYTES = 1 << 30
@@ -230,7 +221,7 @@ def _worker(job: Job, device: torch.device, model: ModelFactory | None) -> Block
 
 def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx]],
                    done: Callable[[BlockDone], None], model: ModelFactory | None,
-                   stopping: Callable[[], bool] = lambda: False, room: int = 0) -> None:
+                   stopping: Callable[[], bool] = lambda: False, budget: int = 0) -> None:
     """Spawned workers pull units from a queue and report each finished block; when
     ``stopping`` turns true they are told to finish their blocks in flight and exit."""
     context = mp.get_context("spawn")
@@ -243,7 +234,7 @@ def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx
         tasks.put(None)
     processes = [context.Process(target=_worker_main, daemon=True,
                                  args=(job.to_json(), device, threads, tasks, results, model,
-                                       os.getpid(), stop, room))
+                                       os.getpid(), stop, budget))
                  for device, threads in slots]
     with signals_held():  # a worker still importing must not die of a group's SIGTERM
         for process in processes:
@@ -311,7 +302,7 @@ def worker_died(exitcode: int | None) -> Exception:
 
 def _worker_main(job_json: str, device: str, threads: int, tasks: mp.Queue,
                  results: mp.Queue, model: ModelFactory | None, parent: int,
-                 stop: Any, room: int = 0) -> None:
+                 stop: Any, budget: int = 0) -> None:
     """A worker process: build the model once, then take units until the queue (or the
     parent's stop event: signals are the parent's to handle) says stop."""
     leave_signals_to(parent)
@@ -324,7 +315,7 @@ def _worker_main(job_json: str, device: str, threads: int, tasks: mp.Queue,
     try:
         worker = _worker(Job.from_json(job_json), torch.device(device), model)
         worker.run_units(groups(), lambda block: results.put(("done", block)),
-                         stop=stop.is_set, room=room)
+                         stop=stop.is_set, budget=budget)
         results.put(("exit", None))
     except UserError as exc:
         results.put(("user", str(exc)))

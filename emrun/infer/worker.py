@@ -83,23 +83,23 @@ class BlockWorker:
 
     def run_units(self, units: Iterable[Sequence[Zyx]],
                   on_done: Callable[[BlockDone], None] | None = None,
-                  stop: Callable[[], bool] = lambda: False, room: int = 0) -> None:
+                  stop: Callable[[], bool] = lambda: False, budget: int = 0) -> None:
         """Predict and write each unit's blocks in order; ``on_done`` is called as each block
         is complete. Partial sums are handed from block to block within a unit, never
         across units (each unit can go to another worker). An owner's sum recomputed in a
         block (the owner lies in another unit, is done or was skipped) is handed on to the
-        later blocks of the unit it reaches while the sums so handed on hold at most
-        ``room`` bytes (what the hand-over budget leaves beside the unit's own sums:
-        `schedule.recompute_room`); beyond that those blocks recompute it again, the same
-        bits. Once ``stop()`` is true no block is started; those read or predicted already
-        are finished and marked."""
+        later blocks of the unit it reaches while every sum held fits ``budget`` bytes (the
+        hand-over budget the units were chosen for: `schedule.handover_budget`; see
+        `Carries`); otherwise those blocks recompute it again, to the same bits. Once
+        ``stop()`` is true no block is started; those read or predicted already are
+        finished and marked."""
         with ThreadPoolExecutor(2, thread_name_prefix="emrun-read") as readers, \
                 ThreadPoolExecutor(WRITES_IN_FLIGHT + 1, thread_name_prefix="emrun-write"
                                    ) as writers:
             reads: deque[tuple[Step, Future[RawInput]]] = deque()
             writes: deque[Future[BlockDone]] = deque()
             todo = _steps(units, stop)
-            carries = Carries(room)
+            carries = Carries(budget)
             unit: dict[Zyx, int] | None = None
 
             def refill() -> None:
@@ -184,7 +184,7 @@ class BlockWorker:
                                          keep=keep, hand_on=hand_on, read=self._read_outside)
             values = {n: quantise(t, self.dtype, in_place=True)  # the block's own sums
                       for n, t in result.values.items()}
-        carries.keep(block, result.carries, result.handed)
+        carries.keep(step, result.carries, result.handed)
         counts.update(result.recomputed)  # a handed-on sum's count came with it
         owners = list(counts)
         recomputed = to_host(torch.stack([counts[o] for o in owners])) if owners else None
@@ -258,21 +258,26 @@ class Outputs:
 
 class Carries:
     """The partial sums a worker holds for later blocks of its unit, keyed (to block, from
-    owner): each owner's own (always: the unit's size bounds them), and sums recomputed in
-    a block and handed on, with their counts of non-finite outputs, while those take at
-    most ``room`` bytes."""
+    owner), within ``budget`` bytes in all. An owner's own sums are held whatever they
+    take: the unit's shape bounds them below the budget (`plan.choose_tiling`). Sums a
+    block recomputed and hands on, with their counts of non-finite outputs, take what is
+    left: one is let in only where it fits, and dropped, the one needed last first, when
+    an owner's own sums need the room. A dropped or refused sum is recomputed by its
+    block, to the same bits, so only forward passes depend on what fitted."""
 
-    def __init__(self, room: int) -> None:
-        self.room = room
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
         self.sums: dict[tuple[Zyx, Zyx], torch.Tensor] = {}
         self.counts: dict[tuple[Zyx, Zyx], torch.Tensor] = {}  # of the handed-on sums
-        self.handed_bytes = 0
+        self.needed: dict[tuple[Zyx, Zyx], int] = {}  # handed-on sum -> its block's rank
+        self.held = 0  # bytes of every sum held
 
     def clear(self) -> None:
         """A new unit: nothing is handed across units."""
         self.sums.clear()
         self.counts.clear()
-        self.handed_bytes = 0
+        self.needed.clear()
+        self.held = 0
 
     def take(self, block: Zyx, owners: Sequence[Zyx]
              ) -> tuple[dict[Zyx, torch.Tensor], dict[Zyx, torch.Tensor]]:
@@ -281,11 +286,10 @@ class Carries:
         sums, counts = {}, {}
         for owner in owners:
             key = (block, owner)
-            if key in self.sums:
-                sums[owner] = self.sums.pop(key)
             if key in self.counts:
-                counts[owner] = self.counts.pop(key)
-                self.handed_bytes -= _bytes(sums[owner])
+                counts[owner] = self.counts[key]
+            if key in self.sums:
+                sums[owner] = self._pop(key)
         return sums, counts
 
     def plan(self, layout: Layout, step: Step, recomputed: Sequence[Zyx], channels: int
@@ -293,8 +297,8 @@ class Carries:
         """For each owner ``step``'s block recomputes, the later blocks of its unit to hand
         that sum on to: those the owner's patches reach at or after this block on every axis
         (each of the owner's patches that reaches one also reaches this block: the forward
-        passes here are all it needs), not already given it, while the room lasts."""
-        block, room = step.block, self.room - self.handed_bytes
+        passes here are all it needs), not already given it, while the budget lasts."""
+        block, room = step.block, self.budget - self.held
         targets: dict[Zyx, list[Zyx]] = {}
         for owner in recomputed:
             owned = layout.owned_box(owner)
@@ -311,13 +315,31 @@ class Carries:
                     targets.setdefault(owner, []).append(target)
         return targets
 
-    def keep(self, block: Zyx, own: dict[Zyx, torch.Tensor],
+    def keep(self, step: Step, own: dict[Zyx, torch.Tensor],
              handed: dict[tuple[Zyx, Zyx], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Hold ``block``'s own sums for later blocks and the recomputed ones it hands on."""
-        self.sums.update({(target, block): partial for target, partial in own.items()})
+        """Hold ``step``'s block's own sums for later blocks (dropping handed-on ones to
+        make room), then the recomputed ones it hands on that still fit."""
+        for target, partial in own.items():
+            self._put((target, step.block), partial)
+        while self.held > self.budget and self.needed:
+            self._pop(max(self.needed, key=self.needed.__getitem__))
         for key, (partial, count) in handed.items():
-            self.sums[key], self.counts[key] = partial, count
-            self.handed_bytes += _bytes(partial)
+            if self.held + _bytes(partial) <= self.budget:
+                self._put(key, partial)
+                self.counts[key] = count
+                self.needed[key] = step.unit[key[0]]
+
+    def _put(self, key: tuple[Zyx, Zyx], partial: torch.Tensor) -> None:
+        self.sums[key] = partial
+        self.held += _bytes(partial)
+
+    def _pop(self, key: tuple[Zyx, Zyx]) -> torch.Tensor:
+        """Take a sum off (a handed-on one's count and rank with it)."""
+        partial = self.sums.pop(key)
+        self.held -= _bytes(partial)
+        self.counts.pop(key, None)
+        self.needed.pop(key, None)
+        return partial
 
 
 def _bytes(tensor: torch.Tensor) -> int:
