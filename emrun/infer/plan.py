@@ -208,7 +208,6 @@ def units(layout: Layout, blocks: list[Zyx], tiling: Tiling) -> list[list[Zyx]]:
     return [groups[tile] for tile in sorted(groups, key=tiling.key)]
 
 
-@lru_cache(maxsize=16)
 def choose_tiling(layout: Layout, channels: int, workers: int, budget: int) -> Tiling:
     """The units that predict the fewest patches again at their borders (a patch is
     predicted once more for each other unit it reaches: `unit_spread`) while the partial
@@ -218,8 +217,8 @@ def choose_tiling(layout: Layout, channels: int, workers: int, budget: int) -> T
     shape of whole units is weighed (per axis every length that gives another number of
     units); halving the longest axis until the sums fit, as this did before, kept thin
     columns where slabs repeated fewer patches (a teravolume of the SNEMI3D recipe in a
-    GPU's budget: 51 % of the lattice predicted again, against 41 %). Kept for the
-    job's later calls (a grid of thousands of blocks per axis takes a second)."""
+    GPU's budget: 51 % of the lattice predicted again, against 41 %). A grid of hundreds
+    of blocks per axis takes a second."""
     grid = layout.grid()
     total = math.prod(grid)
     want = min(workers, total)
