@@ -159,6 +159,33 @@ def test_workers_start_with_spawn(tmp_path):
     torch.testing.assert_close(spawned[1], _first(train_batches(r, workers=0), 2)[1])
 
 
+def test_garbage_is_collected_before_forked_workers_start(tmp_path):
+    """An object left in a reference cycle (an onnxruntime session, say) is freed in this
+    process before the loader forks its workers, not in a worker, where freeing it can wait
+    for threads that were not forked (a training run hung in its first batch)."""
+    import gc
+    import os
+    import weakref
+
+    class Held:
+        pass
+
+    r = recipe({"a": volume(tmp_path, "a")})
+    freed: list[int] = []
+    gc.disable()  # nothing but the loader collects
+    try:
+        held = Held()
+        held.me = held
+        weakref.finalize(held, freed.append, os.getpid())
+        del held
+        stream = train_batches(r, workers=1, pin_memory=False)
+        next(stream)
+        stream.close()
+    finally:
+        gc.enable()
+    assert freed == [os.getpid()]
+
+
 def test_tile_corners_cover_the_box():
     assert tile_corners(Roi((0, 0, 0), (10, 40, 16)), (4, 16, 16)) == [
         (z, y, 0) for z in (0, 4, 6) for y in (0, 16, 24)]

@@ -13,6 +13,7 @@ same for any number of workers and a resumed run starts at batch ``start``.
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 import os
 from collections.abc import Iterator
@@ -123,7 +124,15 @@ def train_batches(recipe: Recipe, *, rank: int = 0, start: int = 0,
 def _stream(loader: DataLoader) -> Iterator[dict[str, Any]]:
     """The loader's batches as tensors; closing the stream (the trainer does, however it
     ends) stops the worker processes now, not whenever the iterator is collected: an error
-    kept with its traceback would otherwise keep them alive."""
+    kept with its traceback would otherwise keep them alive.
+
+    Garbage is collected before forked workers start (the default context): a worker that
+    frees an object of a threaded library, left uncollected in a reference cycle, waits
+    for that library's threads, which were not forked with it, for ever (a training run
+    in a process that had checked an ONNX export hung in its first batch: onnxruntime's
+    session)."""
+    if loader.num_workers and loader.multiprocessing_context is None:
+        gc.collect()
     batches = iter(loader)
     try:
         for batch in batches:
