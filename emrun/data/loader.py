@@ -118,20 +118,20 @@ def train_batches(recipe: Recipe, *, rank: int = 0, start: int = 0,
         # a signal to the process group is the trainer's to handle (checkpoint, then exit)
         worker_init_fn=functools.partial(leave_signals_to, os.getpid()) if workers else None,
     )
-    return _stream(loader)
+    return _stream(loader, forks=workers > 0 and context is None)
 
 
-def _stream(loader: DataLoader) -> Iterator[dict[str, Any]]:
+def _stream(loader: DataLoader, forks: bool = False) -> Iterator[dict[str, Any]]:
     """The loader's batches as tensors; closing the stream (the trainer does, however it
     ends) stops the worker processes now, not whenever the iterator is collected: an error
     kept with its traceback would otherwise keep them alive.
 
-    Garbage is collected before forked workers start (the default context): a worker that
+    Garbage is collected before ``forks`` workers start (the default context): a worker that
     frees an object of a threaded library, left uncollected in a reference cycle, waits
     for that library's threads, which were not forked with it, for ever (a training run
     in a process that had checked an ONNX export hung in its first batch: onnxruntime's
     session)."""
-    if loader.num_workers and loader.multiprocessing_context is None:
+    if forks:
         gc.collect()
     batches = iter(loader)
     try:
