@@ -378,8 +378,6 @@ class Engine:
 
         recomputed[owner] = counter()
         regions = [(common, recomputed[owner])]
-        if not targets:
-            return self._accumulate(source, batches, common, inside=regions)
         counts = {t: counter() for t, _ in targets}
         regions += [(part, counts[t]) for t, part in targets]
         span = (zyx(min(r[0][a] for r, _ in regions) for a in range(3)),

@@ -263,9 +263,8 @@ def _unit_lengths(blocks: int) -> list[int]:
 
 
 def _held(layout: Layout, unit: Zyx, channels: int) -> int:
-    """`_in_flight` in the unit's best order (`best_order`)."""
-    return min(_in_flight(layout, unit, channels, order)
-               for order in itertools.permutations(range(3)))
+    """`_in_flight` in the unit's best order."""
+    return _in_flight(layout, unit, channels, best_order(layout, unit))
 
 
 def best_order(layout: Layout, unit: Sequence[int]) -> Zyx:
