@@ -23,6 +23,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
+from typing import NamedTuple
+
+import numpy as np
 
 from ..geometry import BlockGrid, Roi, Zyx, box_of, zyx
 
@@ -217,8 +220,8 @@ def choose_tiling(layout: Layout, channels: int, workers: int, budget: int) -> T
     shape of whole units is weighed (per axis every length that gives another number of
     units); halving the longest axis until the sums fit, as this did before, kept thin
     columns where slabs repeated fewer patches (a teravolume of the SNEMI3D recipe in a
-    GPU's budget: 51 % of the lattice predicted again, against 41 %). A grid of hundreds
-    of blocks per axis takes a second."""
+    GPU's budget: 51 % of the lattice predicted again, against 28 %). A grid of 250
+    blocks per axis takes half a second (`_fits`)."""
     grid = layout.grid()
     total = math.prod(grid)
     want = min(workers, total)
@@ -228,7 +231,8 @@ def choose_tiling(layout: Layout, channels: int, workers: int, budget: int) -> T
     for u0 in lengths[0]:
         fits = len(lengths[2])  # the longest last-axis lengths that fit: fewer as u1 grows
         for u1 in lengths[1]:
-            while fits and _held(layout, (u0, u1, lengths[2][fits - 1]), channels) > budget:
+            while fits and not _fits(layout, (u0, u1, lengths[2][fits - 1]), channels,
+                                     budget):
                 fits -= 1
             for u2 in lengths[2][:fits]:
                 unit = zyx((u0, u1, u2))
@@ -262,9 +266,17 @@ def _unit_lengths(blocks: int) -> list[int]:
     return sorted({-(-blocks // k) for k in range(1, blocks + 1)})
 
 
-def _held(layout: Layout, unit: Zyx, channels: int) -> int:
-    """`_in_flight` in the unit's best order."""
-    return _in_flight(layout, unit, channels, best_order(layout, unit))
+def _fits(layout: Layout, unit: Zyx, channels: int, budget: int) -> bool:
+    """Whether the unit's partial sums fit ``budget`` in its best order. Bounds that take
+    microseconds (`_in_flight_bounds`) settle most units; the exact count, a thousand
+    times dearer, only those between them (a grid of 250 blocks per axis: a second
+    rather than twenty)."""
+    orders = list(itertools.permutations(range(3)))
+    bounds = [_in_flight_bounds(layout, unit, channels, order) for order in orders]
+    if any(high <= budget for _, high in bounds):
+        return True
+    return any(low <= budget and _in_flight(layout, unit, channels, order) <= budget
+               for order, (low, _) in zip(orders, bounds, strict=True))
 
 
 def best_order(layout: Layout, unit: Sequence[int]) -> Zyx:
@@ -278,43 +290,122 @@ def _in_flight(layout: Layout, unit: Sequence[int], channels: int, order: Sequen
                ) -> int:
     """Bytes of float32 partial sums a worker holds at most while predicting a unit in
     ``order``. A block keeps one sum per later block of its unit that its own patches reach
-    (a target ``d`` blocks on, per axis), from its prediction to the target's: at most
-    ``steps(d) + 1`` owners hold one for the same ``d`` at once, ``steps(d)`` being how many
-    blocks later the target comes in the order, and each sum is at most the widest overlap,
-    per axis, of a block's owned patches with a block ``d`` on (`_reach_overlaps`). Counting
-    one face a patch deep per axis missed the diagonal targets, and the targets beyond the
-    next when blocks are thinner than a patch (a budget's units held up to 16x more)."""
+    (a target ``d`` blocks on, per axis), from its prediction to the target's (both
+    counted: the sum taken and the one being made). For each ``d``: the owners whose target
+    is in the unit within the last ``steps(d) + 1`` blocks of the order, weighed by their
+    size (`_weight_up_to`), which is the widest of any block's (`_reach_overlaps`) but for
+    a unit's first block along an axis, which may be the volume's (its own patches start
+    before the volume, so it covers more of itself): exact for the units of a volume whose
+    later blocks are alike. That total is piecewise affine in the step's position, its pieces
+    ending within a reach of the unit's faces, so its largest value is at one of those
+    positions (`_steps_to_weigh`). Counting every owner as holding, and every block's sums
+    as large as the first block's, as this did before, held SNEMI3D's teravolume units to
+    half what a 10 GiB budget allowed."""
     slow, middle, fast = order
-    step = {slow: unit[middle] * unit[fast], middle: unit[fast], fast: 1}
-    reach = [_reach_overlaps(layout, a)[:unit[a]] for a in range(3)]
-    voxels = 0
-    for d in itertools.product(*(range(len(r)) for r in reach)):
+    n = [unit[slow], unit[middle], unit[fast]]
+    overlaps = [_reach_overlaps(layout, a) for a in (slow, middle, fast)]
+    reach = [min(len(o.first), m) for o, m in zip(overlaps, n, strict=True)]
+    k, r, c = np.meshgrid(*(_steps_to_weigh(m, e) for m, e in zip(n, reach, strict=True)),
+                          indexing="ij")
+    here = ((k * n[1] + r) * n[2] + c).ravel()
+    d = np.array([e for e in itertools.product(*map(range, reach)) if any(e)], np.int64)
+    if not len(d):
+        return 0
+    steps = ((d[:, 0] * n[1] + d[:, 1]) * n[2] + d[:, 2])[:, None]
+    weights = [(np.maximum(np.take(o.first, d[:, a]), np.take(o.later, d[:, a]))[:, None],
+                np.take(o.later, d[:, a])[:, None], (n[a] - d[:, a])[:, None])
+               for a, o in enumerate(overlaps)]  # one row per d
+    voxels = _weight_up_to(here, n, weights) - _weight_up_to(here - steps - 1, n, weights)
+    return 4 * channels * int(voxels.sum(axis=0).max())
+
+
+def _in_flight_bounds(layout: Layout, unit: Sequence[int], channels: int,
+                      order: Sequence[int]) -> tuple[int, int]:
+    """Bounds on `_in_flight` from a sum over target offsets ``d`` alone. Above: every one
+    of the ``steps(d) + 1`` blocks before a target holding a sum as large as any block's.
+    Below (0 for a unit too thin to have one): the sums held at a step inside the unit,
+    at least a reach from its faces, where each ``d``'s owners in that window are known
+    in closed form (whole planes, whole rows, then a run along the fastest axis, of the
+    owners whose target is in the unit), each at least a later block's size."""
+    slow, middle, fast = order
+    n = [unit[slow], unit[middle], unit[fast]]
+    overlaps = [_reach_overlaps(layout, a) for a in (slow, middle, fast)]
+    reach = [min(len(o.first), m) for o, m in zip(overlaps, n, strict=True)]
+    inside = all(m >= 2 * e - 1 for m, e in zip(n, reach, strict=True))
+    low = high = 0
+    for d in itertools.product(*map(range, reach)):
         if any(d):
-            steps = sum(d[a] * step[a] for a in range(3))
-            holders = min(steps + 1, math.prod(unit))
-            voxels += holders * math.prod(reach[a][d[a]] for a in range(3))
-    return 4 * channels * voxels
+            steps = (d[0] * n[1] + d[1]) * n[2] + d[2]
+            widest = math.prod(max(o.first[e], o.later[e]) for o, e in zip(overlaps, d,
+                                                                            strict=True))
+            high += min(steps + 1, math.prod(n)) * widest
+            if inside:
+                owners = (d[0] * (n[1] - d[1]) + d[1]) * (n[2] - d[2]) + d[2] + 1
+                low += owners * math.prod(o.later[e] for o, e in zip(overlaps, d,
+                                                                      strict=True))
+    return 4 * channels * low, 4 * channels * high
+
+
+def _steps_to_weigh(length: int, reach: int) -> np.ndarray:
+    """Positions along an axis of ``length`` blocks where the sums held can peak, ``reach``
+    being how many blocks a block's patches cover along it: within ``reach + 2`` of either
+    end (between them the total is affine, so an end is as high)."""
+    near = reach + 2
+    return np.array(sorted(set(range(min(length, near))) |
+                           set(range(max(0, length - near), length))), np.int64)
+
+
+def _weight_up_to(position: np.ndarray, n: Sequence[int],
+                  weights: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The summed sizes of the owners that come at or before ``position`` in a unit of ``n``
+    blocks (slowest axis first), an owner's size being the product over axes of its
+    weight there: per axis (first, later, owners), ``first`` for the unit's first block,
+    ``later`` for the others, of the first ``owners`` blocks (beyond them none has its
+    target in the unit). Weights may be columns (one row per target offset)."""
+    def before(i: np.ndarray | int, axis: int) -> np.ndarray:  # the weight of indices < i
+        first, later, owners = weights[axis]
+        i = np.minimum(i, owners)
+        return (i >= 1) * first + np.maximum(i - 1, 0) * later
+
+    def at(i: np.ndarray, axis: int) -> np.ndarray:
+        first, later, owners = weights[axis]
+        return np.where(i >= owners, 0, np.where(i == 0, first, later))
+
+    plane, rest = np.divmod(position, n[1] * n[2])
+    row, col = np.divmod(rest, n[2])
+    total = before(plane, 0) * before(n[1], 1) * before(n[2], 2) + at(plane, 0) * (
+        before(row, 1) * before(n[2], 2) + at(row, 1) * before(col + 1, 2))
+    return np.where(position < 0, 0, total)
+
+
+class Overlaps(NamedTuple):
+    """Along an axis, for k = 0, 1, ...: the voxels a block's owned patches cover in the
+    block k on (k = 0: the block itself), for the volume's first block (which also owns
+    the patches that start before the volume) and the most for any later one."""
+
+    first: tuple[int, ...]
+    later: tuple[int, ...]
 
 
 @lru_cache(maxsize=64)
-def _reach_overlaps(layout: Layout, axis: int) -> tuple[int, ...]:
-    """Along ``axis``, for k = 0, 1, ...: the most voxels a block's owned patches cover in
-    the block k on (k = 0: the block itself), over every block of the axis; ends at the
-    first k no block's patches reach."""
+def _reach_overlaps(layout: Layout, axis: int) -> Overlaps:
+    """`Overlaps` along ``axis``, both as long as the farthest reach (0 past a block's)."""
     size, n = layout.block[axis], layout.shape[axis]
-    widest: list[int] = []
+    widest: list[list[int]] = [[], []]
     for i in range(layout.grid()[axis]):
         starts = layout.starts_within(axis, i * size if i else -math.inf, (i + 1) * size)
         if not starts:
             continue
         begin, end = max(starts[0], 0), min(starts[-1] + layout.patch[axis], n)
-        k = 0
+        row, k = widest[min(i, 1)], 0
         while (lo := max(begin, (i + k) * size)) < (hi := min(end, (i + k + 1) * size, n)):
-            if k == len(widest):
-                widest.append(0)
-            widest[k] = max(widest[k], hi - lo)
+            if k == len(row):
+                row.append(0)
+            row[k] = max(row[k], hi - lo)
             k += 1
-    return tuple(widest)
+    length = max(map(len, widest))
+    first, later = ([*row, *[0] * (length - len(row))] for row in widest)
+    return Overlaps(tuple(first), tuple(later))
 
 
 def _count(grid: Zyx, unit: Sequence[int]) -> int:
