@@ -36,6 +36,26 @@ def size_text(n: float) -> str:
     return f"{n:.0f} bytes"
 
 
+def parse_size(text: str, flag: str) -> int:
+    """Bytes from a size a person wrote: 20GiB, 500 MB, 1.5TB, 2e9 (bytes); decimal units
+    (kB, MB, GB, TB) and binary ones (KiB, MiB, GiB, TiB), any case but for the ``i``.
+    A malformed or negative size is ``flag``'s mistake."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match and PARSED_UNITS.get(match.group(2).lower())
+    if match is None or unit is None:
+        raise UserError(f"{flag} {text!r}: expected a size such as 20GiB, 500MB or 2e9 "
+                        "(bytes)")
+    size = float(match.group(1)) * unit
+    if not math.isfinite(size):
+        raise UserError(f"{flag} {text!r}: too large")
+    return int(size)
+
+
+PARSED_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+"""`parse_size`'s units, lower-cased."""
+
+
 SIZE_UNITS = (("PB", 1e15, 1), ("TB", 1e12, 1), ("GB", 1e9, 1), ("MB", 1e6, 0), ("kB", 1e3, 0))
 """`size_text`'s units, largest first, with the decimals each is shown with."""
 

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import yaml
 from test_infer import make_inputs, read, reference
 
 from emrun.infer.job import prepare_job
@@ -361,3 +362,64 @@ def test_host_copies_on_a_cpu_are_plain_arrays():
     assert host.ready is None and np.array_equal(host.numpy(), values.numpy())
     array = np.ones((2, 3), np.uint8)
     assert pinned(array, torch.device("cpu")) is array
+
+
+def test_a_users_hand_over_budget_decides_the_units_never_the_output(inputs):
+    """`--handover-memory`: with none, every block is its own unit and the patches at every
+    block border are predicted again; with the default, each patch once. The output is the
+    same bits, and a run resumed with another budget finishes it."""
+    recipe, _, _, tmp = inputs
+    default = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "d.zarr",
+                            block=BLOCK, device="cpu")
+    assert default.patches == prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"),
+                                          tmp / "x.zarr", block=BLOCK).layout.patch_count()
+    none = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "n.zarr",
+                         block=BLOCK, device="cpu", handover=0)
+    assert none.patches > 1.5 * default.patches
+    np.testing.assert_array_equal(read(tmp / "n.zarr"), read(tmp / "d.zarr"))
+    job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "r.zarr",
+                      block=BLOCK, handover=0)
+    assert type(job).from_json(job.to_json()).handover == 0  # workers elsewhere see it
+    from emrun.infer.job import release_job
+
+    BlockWorker(job, torch.device("cpu")).run(job.pending()[:5])
+    release_job(job)
+    resumed = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "r.zarr",
+                            block=BLOCK, device="cpu", resume=True, handover=1 << 30)
+    assert resumed.skipped == 5 and resumed.done == 22
+    np.testing.assert_array_equal(read(tmp / "r.zarr"), read(tmp / "d.zarr"))
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("20GiB", 20 << 30), ("500 MB", 500_000_000), ("1.5tb", 1_500_000_000_000), ("2e9", 2e9),
+    ("0", 0), ("64KiB", 65536), (" 3 gb ", 3_000_000_000)])
+def test_sizes_are_read_in_decimal_and_binary_units(text, size):
+    from emrun.capacity import parse_size
+
+    assert parse_size(text, "--x") == size
+
+
+@pytest.mark.parametrize("text", ["-1GB", "lots", "5 GiBs", "1e999", "GB", ""])
+def test_a_size_that_is_no_size_is_the_flags_mistake(text):
+    from emrun.capacity import parse_size
+    from emrun.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--x "):
+        parse_size(text, "--x")
+
+
+def test_infer_refuses_a_hand_over_budget_beyond_memory_before_any_output(inputs):
+    from typer.testing import CliRunner
+
+    from emrun.cli import app
+
+    recipe, _, _, tmp = inputs
+    (tmp / "r.yaml").write_text(yaml.safe_dump(recipe.resolved()))
+    for size, said in [("1000TiB", "of memory available"), ("plenty", "expected a size")]:
+        result = CliRunner().invoke(app, [
+            "infer", "--recipe", str(tmp / "r.yaml"), "--checkpoint", str(tmp / "c.pt"),
+            "--input", str(tmp / "in.zarr/image"),
+            "--output", str(tmp / "big.zarr"), "--device", "cpu", "--handover-memory", size])
+        assert result.exit_code == 2, result.output
+        assert "--handover-memory" in result.output and said in result.output
+        assert "Traceback" not in result.output and not (tmp / "big.zarr").exists()

@@ -222,7 +222,8 @@ class Completions:
 
 
 def _scaling(recipe: Recipe, root: Path, block: Zyx | None, device: torch.device,
-             counts: list[int], no_model: bool) -> list[dict[str, Any]]:
+             counts: list[int], no_model: bool, handover: int | None = None
+             ) -> list[dict[str, Any]]:
     """Output voxels/s with each count of local workers, each into a fresh output (removed
     after), over the wall time: worker start-up and model loading included, as `emrun infer
     --workers N` costs them on this volume; when the first block was written tells how much
@@ -231,7 +232,7 @@ def _scaling(recipe: Recipe, root: Path, block: Zyx | None, device: torch.device
     for count in counts:
         output = root / f"out-{count}-workers.zarr"
         job = prepare_job(recipe, root / "model.pt", str(root / "in.zarr/image"), output,
-                          block=block)
+                          block=block, handover=handover)
         slots = schedule.worker_slots(str(device), count)
         clock = Completions()
         progress = schedule.run_local(job, slots, on_block=clock.mark,
@@ -276,10 +277,12 @@ def bound_by(seconds: dict[str, float]) -> str:
 def bench_infer(recipe: Recipe, *, shape: Zyx | None = None, device: str | None = None,
                 repeats: int = 15, no_model: bool = False, block: Zyx | None = None,
                 workers: list[str] | None = None, configs: bool = False,
-                compile_: bool | None = None) -> dict[str, Any]:
-    """The figures `emrun bench infer` reports."""
+                compile_: bool | None = None, handover: int | None = None) -> dict[str, Any]:
+    """The figures `emrun bench infer` reports; ``handover``: the hand-over budget, bytes
+    (None: `emrun infer`'s default)."""
     dev = bench_device(device)
     standin, counts, shape = _checked(recipe, dev, shape, block, workers, no_model, configs)
+    schedule.check_handover(handover, str(dev), max(counts, default=1))
     torch.manual_seed(recipe.seed)
     model = build_model(recipe)
     model = model.to(torch.device("cpu") if no_model else dev).eval()
@@ -291,13 +294,14 @@ def bench_infer(recipe: Recipe, *, shape: Zyx | None = None, device: str | None 
         write_volume(root / "in.zarr", "image", image)
         save_atomic(root / "model.pt", {"model": model.state_dict(), "iteration": 0})
         job = prepare_job(recipe, root / "model.pt", str(root / "in.zarr/image"),
-                          root / "out.zarr", block=block)
+                          root / "out.zarr", block=block, handover=handover)
         run = _engine_run(job, dev, None if standin is None else standin.to(dev))
         if engine is not None:  # before the engine and after it: a drifting machine biases
             times += model_times(engine, image, repeats)  # neither
         # one output on disk at a time, as `check_room` counts: the worker runs write theirs
         shutil.rmtree(root / "out.zarr", ignore_errors=True)
-        scaling = _scaling(recipe, root, block, dev, counts, no_model) if counts else None
+        scaling = _scaling(recipe, root, block, dev, counts, no_model, handover) \
+            if counts else None
         grid = search_configs(recipe, model, dev, image, _compile_axis(dev, compile_),
                               repeats) if configs else None
     notes = _notes(job.layout, counts, dev, scaling, grid)

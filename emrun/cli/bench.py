@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..capacity import parse_size
 from ..errors import UserError
 from .app import Device, JsonLine, Overrides, RecipeFile, bench_app, guarded, out
 
@@ -156,6 +157,9 @@ def bench_infer(
     repeats: Annotated[int, typer.Option(
         min=1, metavar="N", help="Timed forward passes per model-only measurement (twice for the "
         "model-alone rate: before and after the engine).")] = 15,
+    handover_memory: Annotated[str | None, typer.Option(
+        metavar="SIZE", help="As emrun infer --handover-memory: the partial sums each worker "
+        "may hold, e.g. 20GiB (default: emrun infer's).")] = None,
     json_: JsonLine = False,
 ) -> None:
     """Engine output voxels/s on a synthetic volume against model-only forward throughput."""
@@ -168,9 +172,11 @@ def bench_infer(
     if compile_ is not None and not configs:  # it chooses what --configs searches, no more
         raise UserError("--compile/--no-compile says whether --configs searches "
                         "torch.compile: add --configs, or drop it")
+    handover = None if handover_memory is None else parse_size(handover_memory,
+                                                               "--handover-memory")
     result = run_bench(load_recipe(recipe, override or []).recipe, shape=shape, device=device,
                        repeats=repeats, no_model=no_model, block=block, workers=workers,
-                       configs=configs, compile_=compile_)
+                       configs=configs, compile_=compile_, handover=handover)
     for line in report_lines(result):
         out.print(line, markup=False)
     if json_:

@@ -12,6 +12,7 @@ import typer
 import yaml
 from rich.markup import escape
 
+from ..capacity import parse_size
 from ..errors import UserError
 from ..geometry import Roi
 from .app import (
@@ -227,6 +228,10 @@ def infer(
         "with; a recipe whose model or tasks differ from it is refused).")] = None,
     level: LevelChoice = None,
     levels: Levels = None,
+    handover_memory: Annotated[str | None, typer.Option(
+        metavar="SIZE", help="Partial sums each worker may hold for later blocks, e.g. 20GiB "
+        "(default: an eighth of its GPU's memory, or of the available memory shared by the "
+        "workers): more repeats fewer patches at unit borders.")] = None,
 ) -> None:
     """Predict a volume blockwise into zarr: one array per task, blended, resumable."""
     from ..infer.cautions import input_cautions
@@ -239,6 +244,8 @@ def infer(
     if scheduler not in ("local", "daisy"):
         raise UserError(f"--scheduler must be local or daisy (got {scheduler!r})")
     box = _parse_roi(roi)
+    handover = None if handover_memory is None else parse_size(handover_memory,
+                                                               "--handover-memory")
     input_ = at_level(input_, level)
     checkpoint = _network_file(checkpoint, model)
     loaded = recipe_for(checkpoint, recipe, override or [])
@@ -250,7 +257,8 @@ def infer(
                                  device=device, tta=tta, resume=resume, mask_path=mask,
                                  workers=workers,
                                  scheduler=scheduler,  # type: ignore[arg-type]
-                                 launch=launch, roi=box, levels=levels, on_block=report)
+                                 launch=launch, roi=box, levels=levels, handover=handover,
+                                 on_block=report)
     empty = (f" ({progress.empty} of them empty: outside the mask or blank input)"
              if progress.empty else "")
     predicted = f"{progress.done} block{'' if progress.done == 1 else 's'} predicted"

@@ -76,6 +76,7 @@ class Job:
     tta: int | None = None
     roi_offset: Zyx = (0, 0, 0)  # where the layout's (0, 0, 0) lies in the input
     levels: int | None = None  # pyramid levels built after the last block (None: default)
+    handover: int | None = None  # bytes each worker may hold for hand-over (None: default)
 
     def digest(self) -> str:
         """The layout's hash, and the ROI's when there is one: done-markers are keyed by it."""
@@ -146,6 +147,7 @@ class Job:
             "input": self.input_path, "output": str(self.output), "mask": self.mask_path,
             "layout": asdict(self.layout), "scale": list(self.scale), "tta": self.tta,
             "roi_offset": list(self.roi_offset), "levels": self.levels,
+            "handover": self.handover,
         })
 
     @classmethod
@@ -157,7 +159,8 @@ class Job:
                    output=Path(data["output"]), mask_path=data["mask"],
                    layout=Layout(**layout),
                    scale=tuple(data["scale"]), tta=data["tta"],  # type: ignore[arg-type]
-                   roi_offset=zyx(data["roi_offset"]), levels=data.get("levels"))
+                   roi_offset=zyx(data["roi_offset"]), levels=data.get("levels"),
+                   handover=data.get("handover"))
 
     def save(self) -> Path:
         """Write the job description next to its done-markers (for remote workers)."""
@@ -174,7 +177,8 @@ def marker_name(block: Zyx) -> str:
 def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
                 block: Zyx | None = None, tta: int | None = None, resume: bool = False,
                 mask_path: str | None = None, roi: Roi | None = None,
-                levels: int | None = None, workers: int = 1) -> Job:
+                levels: int | None = None, workers: int = 1,
+                handover: int | None = None) -> Job:
     """Check the inputs, create (or with ``resume`` reopen and check) the outputs.
 
     ``roi`` (offset, shape) predicts only that box of the input; the output has the box's
@@ -182,6 +186,9 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     ``levels``: the outputs' pyramid levels (`finish_job`; None: the default).
     ``workers``: the worker processes that will predict on this machine, each holding its
     own block's working set (`check_memory`).
+    ``handover``: the bytes of partial sums each worker may hold for later blocks of its
+    unit (None: `schedule.handover_budget`'s default); it decides only how often patches at
+    unit borders are predicted again, never the output, so a resumed run may change it.
 
     The output is held against other emrun processes (`emrun.io.write.hold_store`) from
     before its contents are checked until `release_job` or this process's end: a second
@@ -233,7 +240,7 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
               output=output.resolve(), mask_path=mask.location() if mask_path else None,
               layout=layout,
               scale=intensity_range(recipe, volume), tta=tta, roi_offset=offset,
-              levels=levels)
+              levels=levels, handover=handover)
     if not resume and mask_path is None:  # a mask may leave most of a huge volume out
         channels = sum(recipe.head_channels().values())
         check_output_fits(output, channels * math.prod(shape) * np.dtype(recipe.infer.dtype)

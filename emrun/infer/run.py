@@ -17,7 +17,14 @@ from ..geometry import Roi, Zyx
 from ..recipe import LoadedRecipe, Problem, Recipe
 from ..recipe.checks import cautions
 from .job import finish_job, prepare_job, release_job
-from .schedule import Progress, check_device, run_local, stop_at_once, worker_slots
+from .schedule import (
+    Progress,
+    check_device,
+    check_handover,
+    run_local,
+    stop_at_once,
+    worker_slots,
+)
 
 Scheduler = Literal["local", "daisy"]
 
@@ -41,11 +48,13 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
                   resume: bool = False, mask_path: str | None = None,
                   workers: int | None = None, scheduler: Scheduler = "local",
                   launch: str | None = None, roi: Roi | None = None,
-                  levels: int | None = None,
+                  levels: int | None = None, handover: int | None = None,
                   on_block: Callable[[Progress], None] | None = None) -> Progress:
     """Predict ``input_path`` (or its box ``roi``) into ``output`` (one array
     per task), then build each output's ``levels``-level pyramid; returns the counts.
-    ``output`` is held against other emrun processes meanwhile (`prepare_job`)."""
+    ``handover``: bytes of partial sums each worker may hold (None: the default,
+    `handover_budget`). ``output`` is held against other emrun processes meanwhile
+    (`prepare_job`)."""
     if launch is not None and scheduler != "daisy":
         raise UserError("--launch is for --scheduler daisy (workers started by a command)")
     check_launch(launch)
@@ -56,9 +65,12 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
     slots = worker_slots(device, workers) if scheduler == "local" else []
     on_cpu = check_device(device, workers).type == "cpu"
     here = len(slots) if scheduler == "local" else 1 if launch else workers or 1
+    if not launch:  # launched workers hold theirs on machines this one cannot see
+        check_handover(handover, device, here)
     job = prepare_job(recipe, checkpoint, input_path, output, block=block, tta=tta,
                       resume=resume, mask_path=mask_path, roi=roi, levels=levels,
-                      workers=here if on_cpu else 1)  # GPUs: in their own memory
+                      workers=here if on_cpu else 1,  # GPUs: in their own memory
+                      handover=handover)
     try:
         if scheduler == "daisy":
             from .daisy_scheduler import run_daisy

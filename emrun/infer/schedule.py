@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..capacity import size_text
 from ..devices import available_memory, cpu_cores, parse_device, require_visible
 from ..errors import Interrupted, UserError
 from ..geometry import Zyx
@@ -197,10 +198,13 @@ HANDOVER_BYTES = 1 << 30
 
 
 def handover_budget(job: Job, device: str | None = None, workers: int = 1) -> int:
-    """Bytes of partial sums a worker may keep for later blocks of its unit: an eighth of
-    its GPU's memory, or on a CPU an eighth of the available memory shared by ``workers``;
-    at least ``HANDOVER_BYTES`` and one block's float32 accumulator (held anyway). Units
-    below the volume's size cost duplicates at their borders, so the budget is generous."""
+    """Bytes of partial sums a worker may keep for later blocks of its unit: the job's
+    (`emrun infer --handover-memory`), else an eighth of its GPU's memory, or on a CPU an
+    eighth of the available memory shared by ``workers``; at least ``HANDOVER_BYTES`` and
+    one block's float32 accumulator (held anyway). Units below the volume's size cost
+    duplicates at their borders, so the budget is generous."""
+    if job.handover is not None:
+        return job.handover
     channels = sum(job.recipe.head_channels().values())
     budget = max(HANDOVER_BYTES, 4 * channels * math.prod(job.layout.block))
     dev = torch.device(device) if device and device != "auto" else None
@@ -211,6 +215,24 @@ def handover_budget(job: Job, device: str | None = None, workers: int = 1) -> in
     else:
         budget = max(budget, available_memory() // (8 * max(1, workers)))
     return budget
+
+
+def check_handover(handover: int | None, device: str | None, workers: int) -> None:
+    """Refuse, before any output exists, a hand-over budget the machine cannot hold: on a
+    CPU, ``workers`` times it beyond the available memory; on a GPU, beyond its memory."""
+    if handover is None:
+        return
+    dev = check_device(device, workers)
+    if dev.type == "cuda":
+        if torch.cuda.is_available():
+            memory = torch.cuda.get_device_properties(dev.index or 0).total_memory
+            if handover > memory:
+                raise UserError(f"--handover-memory {size_text(handover)}: more than "
+                                f"{dev}'s {size_text(memory)} of memory")
+    elif handover * workers > (memory := available_memory()):
+        each = f" for each of {workers} workers" if workers > 1 else ""
+        raise UserError(f"--handover-memory {size_text(handover)}{each}: more than the "
+                        f"{size_text(memory)} of memory available")
 
 
 def _worker(job: Job, device: torch.device, model: ModelFactory | None) -> BlockWorker:
