@@ -408,6 +408,34 @@ def test_a_size_that_is_no_size_is_the_flags_mistake(text):
         parse_size(text, "--x")
 
 
+def test_infer_says_how_many_patches_its_units_predict_again_with_the_knob(inputs):
+    """One unit for the whole grid repeats nothing and says nothing; no hand-over room
+    makes every block a unit, which infer says at the start, with its share."""
+    from typer.testing import CliRunner
+
+    from emrun.cli import app
+    from emrun.infer.plan import repeated
+
+    recipe, _, _, tmp = inputs
+    (tmp / "r.yaml").write_text(yaml.safe_dump(recipe.resolved()))
+    said = {}
+    for name, extra in [("quiet", []), ("noted", ["--handover-memory", "0"])]:
+        result = CliRunner().invoke(app, [
+            "infer", "--recipe", str(tmp / "r.yaml"), "--checkpoint", str(tmp / "c.pt"),
+            "--input", str(tmp / "in.zarr/image"), "--output", str(tmp / f"{name}.zarr"),
+            "--device", "cpu", "--block", *map(str, BLOCK), *extra])
+        assert result.exit_code == 0, result.output
+        said[name] = [line for line in result.output.splitlines() if "again" in line]
+    assert said["quiet"] == []
+    job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "x.zarr",
+                      block=BLOCK)
+    share = 100 * repeated(job.layout, (1, 1, 1))
+    assert said["noted"] == [
+        "infer: units of 1 x 1 x 1 blocks (what a hand-over budget of 0 bytes per worker "
+        f"holds) predict {share:.1f} % of the patches again, at their borders (more room "
+        "with --handover-memory: fewer; more workers: more)"]
+
+
 def test_infer_refuses_a_hand_over_budget_beyond_memory_before_any_output(inputs):
     from typer.testing import CliRunner
 

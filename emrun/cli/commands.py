@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import yaml
 from rich.markup import escape
 
-from ..capacity import parse_size
+from ..capacity import parse_size, size_text
 from ..errors import UserError
 from ..geometry import Roi
 from .app import (
@@ -258,7 +259,7 @@ def infer(
                                  workers=workers,
                                  scheduler=scheduler,  # type: ignore[arg-type]
                                  launch=launch, roi=box, levels=levels, handover=handover,
-                                 on_block=report)
+                                 on_block=noting_the_plan(report))
     empty = (f" ({progress.empty} of them empty: outside the mask or blank input)"
              if progress.empty else "")
     predicted = f"{progress.done} block{'' if progress.done == 1 else 's'} predicted"
@@ -272,6 +273,32 @@ def infer(
                   markup=False)
     if (nonfinite := progress.nonfinite_warning()) is not None:
         warn([nonfinite])
+
+
+REPEATS_NOTED = 0.01
+"""The share of patches predicted again at unit borders from which infer says so."""
+
+
+def noting_the_plan(report: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``report``, first saying once how many patches the job's units predict again where
+    that is at least `REPEATS_NOTED` (a teravoxel in a GPU's default budget: a quarter,
+    for hours), with the knob that decides it."""
+    noted = False
+
+    def on_block(progress: Any) -> None:
+        nonlocal noted
+        if not noted and progress.unit is not None:
+            noted = True
+            if progress.repeated >= REPEATS_NOTED:
+                err.print(f"infer: units of {' x '.join(map(str, progress.unit))} blocks "
+                          f"(what a hand-over budget of {size_text(progress.handover)} per "
+                          f"worker holds) predict {100 * progress.repeated:.1f} % of the "
+                          "patches again, at their borders (more room with "
+                          "--handover-memory: fewer; more workers: more)",
+                          markup=False, highlight=False)
+        report(progress)
+
+    return on_block
 
 
 def _network_file(checkpoint: Path | None, model: Path | None) -> Path:

@@ -82,6 +82,10 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
     # Local workers share this machine's cores; launched ones use what their node gives them.
     threads = 0 if launch else max(1, cpu_cores() // workers)
     budget = handover_budget(job, device, workers)
+    if on_block is not None:  # the plan, before any block
+        planned = Progress(total=len(grid), skipped=len(before))
+        planned.plan(job, tiling, budget)
+        on_block(planned)
     worker = functools.partial(_start_worker, str(job_file), device, threads, budget, launch)
     stop_file = _stop_file(job)
     stop_file.unlink(missing_ok=True)  # a stopped run's, not this one's
@@ -110,6 +114,7 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
                         ) from None
     progress = marked_progress(job, before)
     progress.seconds = time.perf_counter() - started
+    progress.plan(job, tiling, budget)
     if caught:  # the blocks finished are marked (daisy ends a Ctrl-C'd block unmarked);
         raise Stopped(caught[0], progress)  # the stop file stays for launched workers
     stop_file.unlink(missing_ok=True)

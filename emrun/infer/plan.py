@@ -260,6 +260,12 @@ def unit_spread(layout: Layout, axis: int, length: int) -> float:
     return reached / len(starts)
 
 
+def repeated(layout: Layout, unit: Sequence[int]) -> float:
+    """The share of the lattice predicted again with units of ``unit`` blocks: once more
+    for each other unit a patch reaches (`unit_spread`)."""
+    return math.prod(unit_spread(layout, a, unit[a]) for a in range(3)) - 1
+
+
 def _unit_lengths(blocks: int) -> list[int]:
     """Unit lengths along an axis of ``blocks`` blocks, ascending: for each number of units
     the shortest length that gives it (longer ones only leave the last unit longer)."""

@@ -31,7 +31,7 @@ from ..geometry import Zyx
 from ..recipe import Recipe
 from ..subprocesses import catching_signals, leave_signals_to, signals_held
 from .job import Job
-from .plan import Tiling, choose_tiling, units
+from .plan import Tiling, choose_tiling, repeated, units
 from .worker import BlockDone, BlockWorker
 
 
@@ -48,6 +48,14 @@ class Progress:
     nonfinite: int = 0  # NaN or infinite network outputs, blended as 0 (this run's blocks)
     nonfinite_blocks: int = 0  # blocks with any
     seconds: float = 0.0
+    unit: Zyx | None = None  # blocks per unit, per axis (None: not planned yet)
+    repeated: float = 0.0  # the share of the lattice the units predict again
+    handover: int = 0  # the hand-over budget the units were chosen for, bytes per worker
+
+    def plan(self, job: Job, tiling: Tiling, budget: int) -> None:
+        """Record the units the blocks are grouped in, and what they cost."""
+        self.unit, self.handover = tiling.unit, budget
+        self.repeated = repeated(job.layout, tiling.unit)
 
     def add(self, block: BlockDone, started: float) -> None:
         self.done += 1
@@ -151,8 +159,12 @@ def run_local(job: Job, slots: list[tuple[str, int]],
         if on_block is not None:
             on_block(progress)
 
-    groups = job_units(job, pending, len(slots), slots[0][0])
+    tiling = job_tiling(job, len(slots), slots[0][0])
+    groups = units(job.layout, pending, tiling)
     budget = handover_budget(job, slots[0][0], len(slots))
+    progress.plan(job, tiling, budget)
+    if on_block is not None:
+        on_block(progress)
     if 0 < len(groups) < len(slots):  # no more workers than units of work to give them
         slots = [(device, max(1, cpu_cores() // len(groups)))
                  for device, _ in slots[:len(groups)]]
