@@ -431,9 +431,25 @@ def test_infer_says_how_many_patches_its_units_predict_again_with_the_knob(input
                       block=BLOCK)
     share = 100 * repeated(job.layout, (1, 1, 1))
     assert said["noted"] == [
-        "infer: units of 1 x 1 x 1 blocks (what a hand-over budget of 0 bytes per worker "
-        f"holds) predict {share:.1f} % of the patches again, at their borders (more room "
-        "with --handover-memory: fewer; more workers: more)"]
+        f"infer: {share:.1f} % of the patches are predicted again, at the borders of units of "
+        "1 x 1 x 1 blocks, the most a hand-over budget of 0 bytes per worker holds "
+        "(--handover-memory gives more room)"]
+
+
+def test_the_plan_says_when_the_workers_not_the_budget_cut_the_units():
+    from emrun.cli.commands import plan_note
+    from emrun.infer.schedule import Progress
+
+    progress = Progress(unit=(3, 1, 3), repeated=0.25, handover=1 << 30, workers=2, alone=0.0)
+    assert plan_note(progress) == (
+        "infer: 25.0 % of the patches are predicted again, at the borders of units of "
+        "3 x 1 x 3 blocks, one or more for each of 2 workers (one worker: none)")
+    progress.alone = 0.005
+    assert plan_note(progress).endswith("(one worker: 0.5 %)")
+    progress.alone = 0.1
+    assert plan_note(progress).endswith(
+        "the most a hand-over budget of 1.1 GB per worker holds (--handover-memory gives more "
+        "room)")
 
 
 def test_infer_refuses_a_hand_over_budget_beyond_memory_before_any_output(inputs):

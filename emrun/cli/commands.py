@@ -282,7 +282,8 @@ REPEATS_NOTED = 0.01
 def noting_the_plan(report: Callable[[Any], None]) -> Callable[[Any], None]:
     """``report``, first saying once how many patches the job's units predict again where
     that is at least `REPEATS_NOTED` (a teravoxel in a GPU's default budget: a quarter,
-    for hours), with the knob that decides it."""
+    for hours), and why: the hand-over budget (with the knob that sets it) or the workers
+    (each takes whole units)."""
     noted = False
 
     def on_block(progress: Any) -> None:
@@ -290,15 +291,22 @@ def noting_the_plan(report: Callable[[Any], None]) -> Callable[[Any], None]:
         if not noted and progress.unit is not None:
             noted = True
             if progress.repeated >= REPEATS_NOTED:
-                err.print(f"infer: units of {' x '.join(map(str, progress.unit))} blocks "
-                          f"(what a hand-over budget of {size_text(progress.handover)} per "
-                          f"worker holds) predict {100 * progress.repeated:.1f} % of the "
-                          "patches again, at their borders (more room with "
-                          "--handover-memory: fewer; more workers: more)",
-                          markup=False, highlight=False)
+                err.print(plan_note(progress), markup=False, highlight=False)
         report(progress)
 
     return on_block
+
+
+def plan_note(progress: Any) -> str:
+    """`noting_the_plan`'s line."""
+    unit = " x ".join(map(str, progress.unit))
+    said = (f"infer: {100 * progress.repeated:.1f} % of the patches are predicted again, at "
+            f"the borders of units of {unit} blocks")
+    if progress.alone >= REPEATS_NOTED:
+        return (f"{said}, the most a hand-over budget of {size_text(progress.handover)} per "
+                "worker holds (--handover-memory gives more room)")
+    alone = "none" if progress.alone == 0 else f"{100 * progress.alone:.1f} %"
+    return f"{said}, one or more for each of {progress.workers} workers (one worker: {alone})"
 
 
 def _network_file(checkpoint: Path | None, model: Path | None) -> Path:

@@ -52,7 +52,7 @@ from ..geometry import Zyx, zyx
 from ..subprocesses import die_with_parent, killed_by
 from .job import Job
 from .plan import best_order
-from .schedule import Progress, Stopped, handover_budget, job_tiling, worker_died
+from .schedule import Progress, Stopped, handover_budget, worker_died
 from .worker import BlockWorker
 
 UNIT_TIMEOUT_S = 30 * 24 * 3600.0
@@ -77,15 +77,14 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
         if on_block is not None:
             on_block(progress)
         return progress
-    tiling = job_tiling(job, workers, device)
+    budget = handover_budget(job, device, workers)
+    planned = Progress(total=len(grid), skipped=len(before))
+    tiling = planned.plan(job, workers, device, budget)
+    if on_block is not None:  # the plan, before any block
+        on_block(planned)
     unit_voxels = tuple(u * b for u, b in zip(tiling.unit, job.layout.block, strict=True))
     # Local workers share this machine's cores; launched ones use what their node gives them.
     threads = 0 if launch else max(1, cpu_cores() // workers)
-    budget = handover_budget(job, device, workers)
-    if on_block is not None:  # the plan, before any block
-        planned = Progress(total=len(grid), skipped=len(before))
-        planned.plan(job, tiling, budget)
-        on_block(planned)
     worker = functools.partial(_start_worker, str(job_file), device, threads, budget, launch)
     stop_file = _stop_file(job)
     stop_file.unlink(missing_ok=True)  # a stopped run's, not this one's
@@ -114,7 +113,8 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
                         ) from None
     progress = marked_progress(job, before)
     progress.seconds = time.perf_counter() - started
-    progress.plan(job, tiling, budget)
+    for name in ("unit", "repeated", "handover", "workers", "alone"):
+        setattr(progress, name, getattr(planned, name))
     if caught:  # the blocks finished are marked (daisy ends a Ctrl-C'd block unmarked);
         raise Stopped(caught[0], progress)  # the stop file stays for launched workers
     stop_file.unlink(missing_ok=True)

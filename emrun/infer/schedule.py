@@ -51,11 +51,18 @@ class Progress:
     unit: Zyx | None = None  # blocks per unit, per axis (None: not planned yet)
     repeated: float = 0.0  # the share of the lattice the units predict again
     handover: int = 0  # the hand-over budget the units were chosen for, bytes per worker
+    workers: int = 1
+    alone: float = 0.0  # `repeated` for the units one worker would get in that budget
 
-    def plan(self, job: Job, tiling: Tiling, budget: int) -> None:
-        """Record the units the blocks are grouped in, and what they cost."""
-        self.unit, self.handover = tiling.unit, budget
+    def plan(self, job: Job, workers: int, device: str | None, budget: int) -> Tiling:
+        """The units ``workers`` workers group the blocks in (`job_tiling`), recorded with
+        what they cost, and what one worker's would."""
+        tiling = job_tiling(job, workers, device)
+        self.unit, self.handover, self.workers = tiling.unit, budget, workers
         self.repeated = repeated(job.layout, tiling.unit)
+        self.alone = self.repeated if workers == 1 else repeated(
+            job.layout, job_tiling(job, 1, device).unit)
+        return tiling
 
     def add(self, block: BlockDone, started: float) -> None:
         self.done += 1
@@ -159,10 +166,8 @@ def run_local(job: Job, slots: list[tuple[str, int]],
         if on_block is not None:
             on_block(progress)
 
-    tiling = job_tiling(job, len(slots), slots[0][0])
-    groups = units(job.layout, pending, tiling)
     budget = handover_budget(job, slots[0][0], len(slots))
-    progress.plan(job, tiling, budget)
+    groups = units(job.layout, pending, progress.plan(job, len(slots), slots[0][0], budget))
     if on_block is not None:
         on_block(progress)
     if 0 < len(groups) < len(slots):  # no more workers than units of work to give them
