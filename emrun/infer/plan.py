@@ -211,6 +211,7 @@ def units(layout: Layout, blocks: list[Zyx], tiling: Tiling) -> list[list[Zyx]]:
     return [groups[tile] for tile in sorted(groups, key=tiling.key)]
 
 
+@lru_cache(maxsize=16)  # a job's plan is asked for by its scheduler and its report
 def choose_tiling(layout: Layout, channels: int, workers: int, budget: int) -> Tiling:
     """The units that predict the fewest patches again at their borders (a patch is
     predicted once more for each other unit it reaches: `unit_spread`) while the partial

@@ -166,8 +166,9 @@ def run_local(job: Job, slots: list[tuple[str, int]],
         if on_block is not None:
             on_block(progress)
 
+    groups = job_units(job, pending, len(slots), slots[0][0])
     budget = handover_budget(job, slots[0][0], len(slots))
-    groups = units(job.layout, pending, progress.plan(job, len(slots), slots[0][0], budget))
+    progress.plan(job, len(slots), slots[0][0], budget)
     if on_block is not None:
         on_block(progress)
     if 0 < len(groups) < len(slots):  # no more workers than units of work to give them
