@@ -276,7 +276,7 @@ def _unit_lengths(blocks: int) -> list[int]:
 def _fits(layout: Layout, unit: Zyx, channels: int, budget: int) -> bool:
     """Whether the unit's partial sums fit ``budget`` in its best order. Bounds that take
     microseconds (`_in_flight_bounds`) settle most units; the exact count, a thousand
-    times dearer, only those between them (a grid of 250 blocks per axis: a second
+    times dearer, only those between them (a grid of 250 blocks per axis: half a second
     rather than twenty)."""
     orders = list(itertools.permutations(range(3)))
     bounds = [_in_flight_bounds(layout, unit, channels, order) for order in orders]
