@@ -467,3 +467,47 @@ def test_infer_refuses_a_hand_over_budget_beyond_memory_before_any_output(inputs
         assert result.exit_code == 2, result.output
         assert "--handover-memory" in result.output and said in result.output
         assert "Traceback" not in result.output and not (tmp / "big.zarr").exists()
+
+
+def test_plan_checks_everything_and_writes_nothing(inputs):
+    """`infer --plan`: the layout, blocks left, units and their repeats as infer would run
+    them, nothing written; a mistake is refused as infer refuses it; on a started output
+    with --resume, the blocks left."""
+    from typer.testing import CliRunner
+
+    from emrun.cli import app
+    from emrun.infer.plan import repeated
+
+    recipe, _, _, tmp = inputs
+    (tmp / "r.yaml").write_text(yaml.safe_dump(recipe.resolved()))
+    base = ["infer", "--recipe", str(tmp / "r.yaml"), "--checkpoint", str(tmp / "c.pt"),
+            "--input", str(tmp / "in.zarr/image"), "--device", "cpu", "--block",
+            *map(str, BLOCK), "--plan"]
+    result = CliRunner().invoke(app, [*base, "--output", str(tmp / "p.zarr"),
+                                      "--handover-memory", "0"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp / "p.zarr").exists()
+    job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "x.zarr",
+                      block=BLOCK, plan_only=True)
+    assert not (tmp / "x.zarr").exists()
+    layout = job.layout
+    lattice = layout.patch_count()
+    again = repeated(layout, (1, 1, 1))
+    lines = result.output.splitlines()
+    assert lines[0] == f"plan for {tmp / 'p.zarr'} (nothing was written or predicted):"
+    assert f"  lattice: {lattice:,} patches of 4 x 16 x 16, stride 2 x 12 x 12" in lines
+    assert "  blocks: 27 of 4 x 16 x 16 (3 x 3 x 3), chunks 4 x 16 x 16; 27 to predict" in lines
+    assert "  units: 27 of 1 x 1 x 1 blocks for 1 worker on cpu, a hand-over budget of 0 " \
+           "bytes per worker" in lines
+    assert lines[-1] == (f"  patches predicted: about {round(lattice * (1 + again)):,}, "
+                         f"{100 * again:.1f} % of them again at unit borders")
+    started = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "s.zarr",
+                            block=BLOCK, device="cpu")
+    assert started.done == 27
+    refused = CliRunner().invoke(app, [*base, "--output", str(tmp / "s.zarr")])
+    assert refused.exit_code == 2 and "already exists; use --resume" in refused.output
+    for marker in sorted(tmp.glob("s.zarr/.emrun-done/*/0_*"))[:4]:
+        marker.unlink()
+    resumed = CliRunner().invoke(app, [*base, "--output", str(tmp / "s.zarr"), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "27 of 4 x 16 x 16 (3 x 3 x 3), chunks 4 x 16 x 16; 4 to predict" in resumed.output

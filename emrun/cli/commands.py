@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 import yaml
 from rich.markup import escape
@@ -233,6 +234,9 @@ def infer(
         metavar="SIZE", help="Partial sums each worker may hold for later blocks, e.g. 20GiB "
         "(default: an eighth of its GPU's memory, or of the available memory shared by the "
         "workers): more repeats fewer patches at unit borders.")] = None,
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="Check everything and print the plan (lattice, blocks, units, patches "
+        "predicted again, output size) without writing or predicting anything.")] = False,
 ) -> None:
     """Predict a volume blockwise into zarr: one array per task, blended, resumable."""
     from ..infer.cautions import input_cautions
@@ -253,6 +257,16 @@ def infer(
     warn(inference_cautions(loaded))
     if cautions := input_cautions(loaded.recipe, checkpoint, input_, tta):
         warn(cautions)
+    if plan:
+        from ..infer.run import plan_inference
+
+        for line in plan_lines(plan_inference(
+                loaded.recipe, checkpoint, input_, output, block=block, device=device, tta=tta,
+                resume=resume, mask_path=mask, workers=workers,
+                scheduler=scheduler,  # type: ignore[arg-type]
+                launch=launch, roi=box, levels=levels, handover=handover)):
+            out.print(line, markup=False, highlight=False)
+        return
     with block_progress(err) as report:  # a stop: `Stopped`, one line saying what is kept
         progress = run_inference(loaded.recipe, checkpoint, input_, output, block=block,
                                  device=device, tta=tta, resume=resume, mask_path=mask,
@@ -273,6 +287,35 @@ def infer(
                   markup=False)
     if (nonfinite := progress.nonfinite_warning()) is not None:
         warn([nonfinite])
+
+
+def plan_lines(plan: Any) -> list[str]:
+    """`emrun infer --plan`'s report of an `InferencePlan`."""
+    job, units = plan.job, plan.units
+    layout, recipe = job.layout, job.recipe
+
+    def dims(values: Any) -> str:
+        return " x ".join(map(str, values))
+
+    channels = sum(recipe.head_channels().values())
+    raw = channels * math.prod(layout.shape) * np.dtype(recipe.infer.dtype).itemsize
+    grid = layout.grid()
+    count = math.prod(-(-g // u) for g, u in zip(grid, units.unit, strict=True))
+    lattice = layout.patch_count()
+    box = f", the box at {dims(job.roi_offset)}" if any(job.roi_offset) else ""
+    return [
+        f"plan for {job.output} (nothing was written or predicted):",
+        f"  input {job.input_path}: {dims(layout.shape)} voxels{box}",
+        f"  output: {channels} channels of {recipe.infer.dtype} "
+        f"({', '.join(recipe.tasks)}), {size_text(raw)} before compression",
+        f"  lattice: {lattice:,} patches of {dims(layout.patch)}, stride {dims(layout.stride)}",
+        f"  blocks: {math.prod(grid):,} of {dims(layout.block)} ({dims(grid)}), chunks "
+        f"{dims(layout.chunks)}; {plan.pending:,} to predict",
+        f"  units: {count:,} of {dims(units.unit)} blocks for {units.workers} worker"
+        f"{'s' if units.workers != 1 else ''} on {plan.device}, a hand-over budget of "
+        f"{size_text(units.handover)} per worker",
+        f"  patches predicted: about {round(lattice * (1 + units.repeated)):,}, "
+        f"{100 * units.repeated:.1f} % of them again at unit borders"]
 
 
 REPEATS_NOTED = 0.01

@@ -178,7 +178,7 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
                 block: Zyx | None = None, tta: int | None = None, resume: bool = False,
                 mask_path: str | None = None, roi: Roi | None = None,
                 levels: int | None = None, workers: int = 1,
-                handover: int | None = None) -> Job:
+                handover: int | None = None, plan_only: bool = False) -> Job:
     """Check the inputs, create (or with ``resume`` reopen and check) the outputs.
 
     ``roi`` (offset, shape) predicts only that box of the input; the output has the box's
@@ -189,6 +189,7 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     ``handover``: the bytes of partial sums each worker may hold for later blocks of its
     unit (None: `schedule.handover_budget`'s default); it decides only how often patches at
     unit borders are predicted again, never the output, so a resumed run may change it.
+    ``plan_only``: every check of the inputs, then the job, with nothing created or held.
 
     The output is held against other emrun processes (`emrun.io.write.hold_store`) from
     before its contents are checked until `release_job` or this process's end: a second
@@ -254,6 +255,9 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     # before the lock (a user's folder gets no lock file), with --resume too: it said to
     # remove a user's folder as if it were an output cut short
     _refuse_foreign(output, list(recipe.tasks))
+    if plan_only:
+        _check_outputs(job, volume, resume)
+        return job
     new = hold_store(output, OUTPUT_ADVICE)
     try:
         _open_outputs(job, volume, resume)
@@ -403,17 +407,14 @@ def check_memory(recipe: Recipe, layout: Layout, workers: int = 1) -> None:
                         f"{fewer})")
 
 
-def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
-    """Create the output arrays, or with ``resume`` check the existing ones match the job."""
-    layout, output, recipe = job.layout, job.output, job.recipe
-    info = {"layout": job.digest(), "patch": list(layout.patch),
-            "stride": list(layout.stride), "block": list(layout.block),
-            "chunks": list(layout.chunks)}
-    if _cut_short(output, list(recipe.tasks)):
-        _start_over(output, list(recipe.tasks))
-    existing = _has_entries(output)
+def _check_outputs(job: Job, volume: Volume, resume: bool) -> bool:
+    """Whether the output exists to be resumed (one cut short while being created does not:
+    it is started over); refuses one this job must not overwrite or cannot resume. Reads
+    only (`prepare_job`'s plan checks with it too)."""
+    output, tasks = job.output, list(job.recipe.tasks)
+    existing = _has_entries(output) and not _cut_short(output, tasks)
     if existing and not resume:
-        _refuse_foreign(output, list(recipe.tasks))
+        _refuse_foreign(output, tasks)
         raise UserError(f"{output} already exists; use --resume to finish it, or another "
                         "--output (nothing was overwritten)")
     if existing:
@@ -429,6 +430,18 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
         _check_same_network(output, started, job.checkpoint)
         _check_same_mask(output, started, job.mask_path)
         _check_same_values(output, started, job)
+    return existing
+
+
+def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
+    """Create the output arrays, or with ``resume`` check the existing ones match the job."""
+    layout, output, recipe = job.layout, job.output, job.recipe
+    info = {"layout": job.digest(), "patch": list(layout.patch),
+            "stride": list(layout.stride), "block": list(layout.block),
+            "chunks": list(layout.chunks)}
+    if _cut_short(output, list(recipe.tasks)):
+        _start_over(output, list(recipe.tasks))
+    existing = _check_outputs(job, volume, resume)
     # everything that reads (the input's sample, the checkpoint's digest) before anything is
     # made: a read that fails then leaves no output without its record
     record = {} if existing else {

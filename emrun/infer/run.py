@@ -8,6 +8,7 @@ optional dependency).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -16,11 +17,12 @@ from ..errors import UserError
 from ..geometry import Roi, Zyx
 from ..recipe import LoadedRecipe, Problem, Recipe
 from ..recipe.checks import cautions
-from .job import finish_job, prepare_job, release_job
+from .job import Job, finish_job, prepare_job, release_job
 from .schedule import (
     Progress,
     check_device,
     check_handover,
+    handover_budget,
     run_local,
     stop_at_once,
     worker_slots,
@@ -55,6 +57,62 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
     ``handover``: bytes of partial sums each worker may hold (None: the default,
     `handover_budget`). ``output`` is held against other emrun processes meanwhile
     (`prepare_job`)."""
+    job, slots = _checked_job(recipe, checkpoint, input_path, output, block=block,
+                              device=device, tta=tta, resume=resume, mask_path=mask_path,
+                              workers=workers, scheduler=scheduler, launch=launch, roi=roi,
+                              levels=levels, handover=handover)
+    try:
+        if scheduler == "daisy":
+            from .daisy_scheduler import run_daisy
+
+            progress = run_daisy(job, device or "auto", workers or 1, launch=launch,
+                                 on_block=on_block)
+        else:
+            progress = run_local(job, slots, on_block=on_block)
+        with stop_at_once(progress):
+            finish_job(job)
+    finally:
+        release_job(job)
+    return progress
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """What `run_inference` would do with the same arguments (`emrun infer --plan`)."""
+
+    job: Job
+    pending: int  # blocks without a done-marker
+    device: str
+    units: Progress  # the units planned (`Progress.plan`), no block done
+
+
+def plan_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
+                   block: Zyx | None = None, device: str | None = None,
+                   tta: int | None = None, resume: bool = False,
+                   mask_path: str | None = None, workers: int | None = None,
+                   scheduler: Scheduler = "local", launch: str | None = None,
+                   roi: Roi | None = None, levels: int | None = None,
+                   handover: int | None = None) -> InferencePlan:
+    """`run_inference`'s checks and plan, with nothing created, held or predicted: the
+    layout, the blocks left, the units and the patches they predict again."""
+    job, slots = _checked_job(recipe, checkpoint, input_path, output, block=block,
+                              device=device, tta=tta, resume=resume, mask_path=mask_path,
+                              workers=workers, scheduler=scheduler, launch=launch, roi=roi,
+                              levels=levels, handover=handover, plan_only=True)
+    where, count = (slots[0][0], len(slots)) if slots else (device or "auto", workers or 1)
+    units = Progress(total=len(job.layout.block_grid()))
+    units.plan(job, count, where, handover_budget(job, where, count))
+    return InferencePlan(job, len(job.pending()), where, units)
+
+
+def _checked_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
+                 block: Zyx | None, device: str | None, tta: int | None, resume: bool,
+                 mask_path: str | None, workers: int | None, scheduler: Scheduler,
+                 launch: str | None, roi: Roi | None, levels: int | None,
+                 handover: int | None, plan_only: bool = False
+                 ) -> tuple[Job, list[tuple[str, int]]]:
+    """The job and the local worker slots (none for daisy), every argument checked before
+    any output exists (`prepare_job`; with ``plan_only`` none is made)."""
     if launch is not None and scheduler != "daisy":
         raise UserError("--launch is for --scheduler daisy (workers started by a command)")
     check_launch(launch)
@@ -70,17 +128,5 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
     job = prepare_job(recipe, checkpoint, input_path, output, block=block, tta=tta,
                       resume=resume, mask_path=mask_path, roi=roi, levels=levels,
                       workers=here if on_cpu else 1,  # GPUs: in their own memory
-                      handover=handover)
-    try:
-        if scheduler == "daisy":
-            from .daisy_scheduler import run_daisy
-
-            progress = run_daisy(job, device or "auto", workers or 1, launch=launch,
-                                 on_block=on_block)
-        else:
-            progress = run_local(job, slots, on_block=on_block)
-        with stop_at_once(progress):
-            finish_job(job)
-    finally:
-        release_job(job)
-    return progress
+                      handover=handover, plan_only=plan_only)
+    return job, slots
