@@ -220,13 +220,17 @@ def handover_budget(job: Job, device: str | None = None, workers: int = 1) -> in
     (`emrun infer --handover-memory`), else an eighth of its GPU's memory, or on a CPU an
     eighth of the available memory shared by ``workers``; at least ``HANDOVER_BYTES`` and
     one block's float32 accumulator (held anyway). Units below the volume's size cost
-    duplicates at their borders, so the budget is generous."""
+    duplicates at their borders, so the budget is generous. No device, or "auto": a GPU
+    where this machine has one (daisy workers launched elsewhere: say --handover-memory);
+    "auto" read as a CPU gave a GPU job the host's budget."""
     if job.handover is not None:
         return job.handover
     channels = sum(job.recipe.head_channels().values())
     budget = max(HANDOVER_BYTES, 4 * channels * math.prod(job.layout.block))
-    dev = torch.device(device) if device and device != "auto" else None
-    if dev is not None and dev.type == "cuda":
+    if device in (None, "auto"):  # as the workers resolve it (daisy's run where this runs)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
         if torch.cuda.is_available():
             memory = torch.cuda.get_device_properties(dev.index or 0).total_memory
             budget = max(budget, memory // 8)
