@@ -396,3 +396,18 @@ def test_a_default_volume_for_workers_takes_any_block_infer_takes(write):
     recipe = load_recipe(write(MINIMAL)).recipe
     shape = bench.default_shape(recipe, (6, 24, 24), 2)
     assert bench.block_count(bench.bench_layout(recipe, shape, (6, 24, 24))) >= 4
+
+
+def test_the_first_block_time_is_a_blocks_not_the_plans():
+    """`run_local` reports its plan before any block: bench's clock of completions (the
+    worker runs' `first_block_seconds`) takes no time for it."""
+    from emrun.bench.infer import Completions
+    from emrun.infer.schedule import Progress
+    from emrun.infer.worker import BlockDone
+
+    clock = Completions()
+    clock.mark(Progress(total=4, unit=(1, 1, 1)))
+    assert clock.times == []
+    clock.mark(Progress(total=4, done=1))
+    clock.mark(BlockDone((0, 0, 1), 10, 2))
+    assert len(clock.times) == 2

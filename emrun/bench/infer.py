@@ -216,8 +216,11 @@ class Completions:
         self.started = time.perf_counter()
         self.times: list[float] = []
 
-    def mark(self, *_: Any) -> None:
-        """A block was written (called with a worker's or ``run_local``'s report)."""
+    def mark(self, report: Any = None, *_: Any) -> None:
+        """A block was written (called with a worker's or ``run_local``'s report; the
+        latter's first, with the plan and no block done, is none)."""
+        if getattr(report, "done", None) == len(self.times):
+            return
         self.times.append(time.perf_counter() - self.started)
 
 
