@@ -333,7 +333,8 @@ def noting_the_plan(report: Callable[[Any], None]) -> Callable[[Any], None]:
         nonlocal noted
         if not noted and progress.unit is not None:
             noted = True
-            if progress.repeated >= REPEATS_NOTED:
+            left = progress.skipped < progress.total  # a finished run's resume: nothing
+            if left and progress.repeated >= REPEATS_NOTED:
                 err.print(plan_note(progress), markup=False, highlight=False)
         report(progress)
 
