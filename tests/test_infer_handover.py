@@ -352,6 +352,38 @@ def test_partial_sums_held_for_hand_over_stay_within_the_budget(tmp_path, monkey
     assert max(held) > 200_000
 
 
+def test_the_sums_alive_while_a_block_runs_stay_within_the_budget(tmp_path, monkeypatch):
+    """Beside the sums held, a block has the ones it took, its own new ones and the
+    recomputed ones it hands on alive until it is done: handed-on sums that filled the
+    budget between blocks took the total past it while the next one ran (here by up to a
+    block's own sums); they now leave room for what the next block makes."""
+    from emrun.infer import schedule
+    from emrun.infer import worker as worker_module
+
+    recipe, _, _, tmp = make_inputs(tmp_path, shape=(16, 64, 64))
+    budget = 200_000
+    monkeypatch.setattr(schedule, "HANDOVER_BYTES", budget)
+    monkeypatch.setattr(schedule, "available_memory", lambda: 0)  # the floor decides
+    alive, handed = [], []
+    keep = worker_module.Carries.keep
+
+    def spy(self, step, own, sums, reserve=0):
+        size = worker_module._bytes
+        alive.append(self.held + self.taken + sum(map(size, own.values())) +
+                     sum(size(s) for s, _ in sums.values()))
+        handed.append(len(self.counts))
+        return keep(self, step, own, sums, reserve)
+
+    monkeypatch.setattr(worker_module.Carries, "keep", spy)
+    job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "b.zarr",
+                      block=(4, 16, 16))
+    units = schedule.job_units(job, job.pending(), 1)
+    assert len(units) > 1
+    BlockWorker(job, torch.device("cpu")).run_units(units, budget=budget)
+    assert max(handed) > 0  # sums were handed on
+    assert 0 < max(alive) <= budget
+
+
 def test_host_copies_on_a_cpu_are_plain_arrays():
     """On a GPU the copy back runs asynchronously into pinned memory (the writer waits for
     it); on a CPU both helpers hand the data through untouched."""

@@ -184,7 +184,8 @@ class BlockWorker:
                                          keep=keep, hand_on=hand_on, read=self._read_outside)
             values = {n: quantise(t, self.dtype, in_place=True)  # the block's own sums
                       for n, t in result.values.items()}
-        carries.keep(step, result.carries, result.handed)
+        carries.keep(step, result.carries, result.handed, sums_made(
+            layout, step.unit, step.following, sum(self.engine.channels.values())))
         counts.update(result.recomputed)  # a handed-on sum's count came with it
         owners = list(counts)
         recomputed = to_host(torch.stack([counts[o] for o in owners])) if owners else None
@@ -271,13 +272,14 @@ class Carries:
         self.counts: dict[tuple[Zyx, Zyx], torch.Tensor] = {}  # of the handed-on sums
         self.needed: dict[tuple[Zyx, Zyx], int] = {}  # handed-on sum -> its block's rank
         self.held = 0  # bytes of every sum held
+        self.taken = 0  # bytes of the sums the block being predicted took (still alive)
 
     def clear(self) -> None:
         """A new unit: nothing is handed across units."""
         self.sums.clear()
         self.counts.clear()
         self.needed.clear()
-        self.held = 0
+        self.held = self.taken = 0
 
     def take(self, block: Zyx, owners: Sequence[Zyx]
              ) -> tuple[dict[Zyx, torch.Tensor], dict[Zyx, torch.Tensor]]:
@@ -290,6 +292,7 @@ class Carries:
                 counts[owner] = self.counts[key]
             if key in self.sums:
                 sums[owner] = self._pop(key)
+        self.taken = sum(map(_bytes, sums.values()))
         return sums, counts
 
     def plan(self, layout: Layout, step: Step, recomputed: Sequence[Zyx], channels: int
@@ -297,8 +300,12 @@ class Carries:
         """For each owner ``step``'s block recomputes, the later blocks of its unit to hand
         that sum on to: those the owner's patches reach at or after this block on every axis
         (each of the owner's patches that reaches one also reaches this block: the forward
-        passes here are all it needs), not already given it, while the budget lasts."""
-        block, room = step.block, self.budget - self.held
+        passes here are all it needs), not already given it, while the budget lasts: beside
+        every sum held, those this block took and those it makes (`sums_made`), all alive
+        until the block is done."""
+        block = step.block
+        room = self.budget - self.held - self.taken - sums_made(layout, step.unit, block,
+                                                                 channels)
         targets: dict[Zyx, list[Zyx]] = {}
         for owner in recomputed:
             owned = layout.owned_box(owner)
@@ -316,15 +323,20 @@ class Carries:
         return targets
 
     def keep(self, step: Step, own: dict[Zyx, torch.Tensor],
-             handed: dict[tuple[Zyx, Zyx], tuple[torch.Tensor, torch.Tensor]]) -> None:
+             handed: dict[tuple[Zyx, Zyx], tuple[torch.Tensor, torch.Tensor]],
+             reserve: int = 0) -> None:
         """Hold ``step``'s block's own sums for later blocks (dropping handed-on ones to
-        make room), then the recomputed ones it hands on that still fit."""
+        make room), then the recomputed ones it hands on that still fit, leaving
+        ``reserve`` bytes free: what the next block will make beside them (its own sums
+        fit with the unit's by the unit's shape, `plan._in_flight`; handed-on ones
+        filling the budget made a block's sums pass it while it ran)."""
+        self.taken = 0
         for target, partial in own.items():
             self._put((target, step.block), partial)
-        while self.held > self.budget and self.needed:
+        while self.held + reserve > self.budget and self.needed:
             self._pop(max(self.needed, key=self.needed.__getitem__))
         for key, (partial, count) in handed.items():
-            if self.held + _bytes(partial) <= self.budget:
+            if self.held + _bytes(partial) + reserve <= self.budget:
                 self._put(key, partial)
                 self.counts[key] = count
                 self.needed[key] = step.unit[key[0]]
@@ -348,11 +360,13 @@ def _bytes(tensor: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class Step:
-    """A block, its unit (block -> rank in the unit) and its own rank there."""
+    """A block, its unit (block -> rank in the unit), its own rank there and the unit's
+    next block (None: the last)."""
 
     block: Zyx
     unit: dict[Zyx, int]
     rank: int
+    following: Zyx | None = None
 
 
 def _steps(units: Iterable[Sequence[Zyx]], stop: Callable[[], bool]) -> Iterator[Step]:
@@ -361,7 +375,18 @@ def _steps(units: Iterable[Sequence[Zyx]], stop: Callable[[], bool]) -> Iterator
         for i, block in enumerate(blocks):
             if stop():
                 return
-            yield Step(block, rank, i)
+            yield Step(block, rank, i, blocks[i + 1] if i + 1 < len(blocks) else None)
+
+
+def sums_made(layout: Layout, unit: dict[Zyx, int], block: Zyx | None, channels: int) -> int:
+    """Bytes of the partial sums ``block`` makes for the later blocks of its unit (0 for
+    None): float32 over each such block's part of its own patches."""
+    owned = None if block is None else layout.owned_box(block)
+    if owned is None:
+        return 0
+    rank = unit[block]
+    return 4 * channels * sum(layout.write_box(t).intersect(owned).size
+                              for t in layout.reached(block) if unit.get(t, -1) > rank)
 
 
 def _report(done: BlockDone, on_done: Callable[[BlockDone], None] | None) -> None:
