@@ -142,8 +142,8 @@ def test_sums_handed_on_give_way_to_the_units_own_within_the_budget(inputs, monk
     peaks: dict[int, list[tuple[int, int]]] = {}
     keep = worker_module.Carries.keep
 
-    def spy(self, step, own, handed):
-        keep(self, step, own, handed)
+    def spy(self, step, own, handed, reserve=0):
+        keep(self, step, own, handed, reserve)
         mine = sum(t.numel() * 4 for k, t in self.sums.items() if k not in self.needed)
         peaks.setdefault(self.budget, []).append((mine, self.held))
 
