@@ -59,6 +59,13 @@ def cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
+def gpu_memory(device: torch.device) -> int:
+    """Bytes of memory of a CUDA device (its index, else the first)."""
+    import torch
+
+    return int(torch.cuda.get_device_properties(device.index or 0).total_memory)
+
+
 def available_memory() -> int:
     """Bytes this process can still allocate: the machine's available memory (Linux
     MemAvailable; else the free physical pages), or less where a container's memory limit

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..devices import available_memory
+from ..devices import available_memory, gpu_memory
 from ..errors import UserError
 from ..geometry import Zyx, zyx
 from ..infer import schedule
@@ -427,7 +427,7 @@ def _figures(recipe: Recipe, device: torch.device, job: Job, run: EngineRun,
         "handover_budget_bytes": run.budget,
         "device_peak_bytes": run.device_peak,
         "device_memory_bytes": None if run.device_peak is None else
-        torch.cuda.get_device_properties(device).total_memory,
+        gpu_memory(device),
         "monai_voxels_per_s": None if monai_rate is None else round(monai_rate, 1),
         "engine_vs_monai": None if monai_rate is None else round(engine_rate / monai_rate, 3),
         "workers": scaling,

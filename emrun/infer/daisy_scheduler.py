@@ -52,7 +52,7 @@ from ..geometry import Zyx, zyx
 from ..subprocesses import die_with_parent, killed_by
 from .job import Job
 from .plan import best_order
-from .schedule import Progress, Stopped, handover_budget, worker_died
+from .schedule import Progress, Stopped, worker_died
 from .worker import BlockWorker
 
 UNIT_TIMEOUT_S = 30 * 24 * 3600.0
@@ -77,9 +77,8 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
         if on_block is not None:
             on_block(progress)
         return progress
-    budget = handover_budget(job, device, workers)
     planned = Progress(total=len(grid), skipped=len(before))
-    tiling = planned.plan(job, workers, device, budget)
+    tiling, budget = planned.plan(job, workers, device), planned.handover
     if on_block is not None:  # the plan, before any block
         on_block(planned)
     unit_voxels = tuple(u * b for u, b in zip(tiling.unit, job.layout.block, strict=True))
@@ -113,8 +112,7 @@ def run_daisy(job: Job, device: str, workers: int, *, launch: str | None = None,
                         ) from None
     progress = marked_progress(job, before)
     progress.seconds = time.perf_counter() - started
-    for name in ("unit", "repeated", "handover", "workers", "alone"):
-        setattr(progress, name, getattr(planned, name))
+    progress.plan(job, workers, device)  # the same plan (the tiling is cached)
     if caught:  # the blocks finished are marked (daisy ends a Ctrl-C'd block unmarked);
         raise Stopped(caught[0], progress)  # the stop file stays for launched workers
     stop_file.unlink(missing_ok=True)

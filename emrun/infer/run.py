@@ -22,7 +22,6 @@ from .schedule import (
     Progress,
     check_device,
     check_handover,
-    handover_budget,
     run_local,
     stop_at_once,
     worker_slots,
@@ -101,7 +100,7 @@ def plan_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pa
                               levels=levels, handover=handover, plan_only=True)
     where, count = (slots[0][0], len(slots)) if slots else (device or "auto", workers or 1)
     units = Progress(total=len(job.layout.block_grid()))
-    units.plan(job, count, where, handover_budget(job, where, count))
+    units.plan(job, count, where)
     return InferencePlan(job, len(job.pending()), where, units)
 
 

@@ -25,7 +25,13 @@ from typing import Any
 import torch
 
 from ..capacity import size_text
-from ..devices import available_memory, cpu_cores, parse_device, require_visible
+from ..devices import (
+    available_memory,
+    cpu_cores,
+    gpu_memory,
+    parse_device,
+    require_visible,
+)
 from ..errors import Interrupted, UserError
 from ..geometry import Zyx
 from ..recipe import Recipe
@@ -54,11 +60,12 @@ class Progress:
     workers: int = 1
     alone: float = 0.0  # `repeated` for the units one worker would get in that budget
 
-    def plan(self, job: Job, workers: int, device: str | None, budget: int) -> Tiling:
+    def plan(self, job: Job, workers: int, device: str | None) -> Tiling:
         """The units ``workers`` workers group the blocks in (`job_tiling`), recorded with
-        what they cost, and what one worker's would."""
+        their hand-over budget, what they cost, and what one worker's would."""
         tiling = job_tiling(job, workers, device)
-        self.unit, self.handover, self.workers = tiling.unit, budget, workers
+        self.unit, self.workers = tiling.unit, workers
+        self.handover = handover_budget(job, device, workers)
         self.repeated = repeated(job.layout, tiling.unit)
         self.alone = self.repeated if workers == 1 else repeated(
             job.layout, job_tiling(job, 1, device).unit)
@@ -167,8 +174,8 @@ def run_local(job: Job, slots: list[tuple[str, int]],
             on_block(progress)
 
     groups = job_units(job, pending, len(slots), slots[0][0])
-    budget = handover_budget(job, slots[0][0], len(slots))
-    progress.plan(job, len(slots), slots[0][0], budget)
+    progress.plan(job, len(slots), slots[0][0])
+    budget = progress.handover
     if on_block is not None:
         on_block(progress)
     if 0 < len(groups) < len(slots):  # no more workers than units of work to give them
@@ -232,8 +239,7 @@ def handover_budget(job: Job, device: str | None = None, workers: int = 1) -> in
     dev = torch.device(device)
     if dev.type == "cuda":
         if torch.cuda.is_available():
-            memory = torch.cuda.get_device_properties(dev.index or 0).total_memory
-            budget = max(budget, memory // 8)
+            budget = max(budget, gpu_memory(dev) // 8)
     else:
         budget = max(budget, available_memory() // (8 * max(1, workers)))
     return budget
@@ -246,11 +252,9 @@ def check_handover(handover: int | None, device: str | None, workers: int) -> No
         return
     dev = check_device(device, workers)
     if dev.type == "cuda":
-        if torch.cuda.is_available():
-            memory = torch.cuda.get_device_properties(dev.index or 0).total_memory
-            if handover > memory:
-                raise UserError(f"--handover-memory {size_text(handover)}: more than "
-                                f"{dev}'s {size_text(memory)} of memory")
+        if torch.cuda.is_available() and handover > (memory := gpu_memory(dev)):
+            raise UserError(f"--handover-memory {size_text(handover)}: more than "
+                            f"{dev}'s {size_text(memory)} of memory")
     elif handover * workers > (memory := available_memory()):
         each = f" for each of {workers} workers" if workers > 1 else ""
         raise UserError(f"--handover-memory {size_text(handover)}{each}: more than the "
