@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 import yaml
 from rich.markup import escape
@@ -291,6 +290,8 @@ def infer(
 
 def plan_lines(plan: Any) -> list[str]:
     """`emrun infer --plan`'s report of an `InferencePlan`."""
+    import numpy as np  # here: the CLI starts without it
+
     job, units = plan.job, plan.units
     layout, recipe = job.layout, job.recipe
 
