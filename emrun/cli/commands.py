@@ -290,7 +290,7 @@ def infer(
 
 def plan_lines(plan: Any) -> list[str]:
     """`emrun infer --plan`'s report of an `InferencePlan`."""
-    import numpy as np  # here: the CLI starts without it
+    from ..infer.job import output_bytes
 
     job, units = plan.job, plan.units
     layout, recipe = job.layout, job.recipe
@@ -299,7 +299,7 @@ def plan_lines(plan: Any) -> list[str]:
         return " x ".join(map(str, values))
 
     channels = sum(recipe.head_channels().values())
-    raw = channels * math.prod(layout.shape) * np.dtype(recipe.infer.dtype).itemsize
+    raw = output_bytes(recipe, layout.shape)
     grid = layout.grid()
     count = math.prod(-(-g // u) for g, u in zip(grid, units.unit, strict=True))
     lattice = layout.patch_count()

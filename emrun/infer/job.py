@@ -169,6 +169,12 @@ class Job:
         return path
 
 
+def output_bytes(recipe: Recipe, shape: Zyx) -> int:
+    """The outputs' bytes before compression: every head's channels over ``shape``."""
+    channels = sum(recipe.head_channels().values())
+    return channels * math.prod(shape) * np.dtype(recipe.infer.dtype).itemsize
+
+
 def marker_name(block: Zyx) -> str:
     """The file name of a block's done-marker (`Job.marker`)."""
     return "_".join(str(i) for i in block)
@@ -244,8 +250,8 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
               levels=levels, handover=handover)
     if not resume and mask_path is None:  # a mask may leave most of a huge volume out
         channels = sum(recipe.head_channels().values())
-        check_output_fits(output, channels * math.prod(shape) * np.dtype(recipe.infer.dtype)
-                          .itemsize, f"predicting {volume} ({channels} x "
+        check_output_fits(output, output_bytes(recipe, shape),
+                          f"predicting {volume} ({channels} x "
                           f"{'x'.join(map(str, shape))} {recipe.infer.dtype})",
                           "check the input's shape, or predict a box of it (--roi) or the "
                           "blocks of a --mask")

@@ -308,10 +308,7 @@ def _in_flight(layout: Layout, unit: Sequence[int], channels: int, order: Sequen
     positions (`_steps_to_weigh`). Counting every owner as holding, and every block's sums
     as large as the first block's, as this did before, held SNEMI3D's teravolume units to
     half what a 10 GiB budget allowed."""
-    slow, middle, fast = order
-    n = [unit[slow], unit[middle], unit[fast]]
-    overlaps = [_reach_overlaps(layout, a) for a in (slow, middle, fast)]
-    reach = [min(len(o.first), m) for o, m in zip(overlaps, n, strict=True)]
+    n, overlaps, reach = _in_order(layout, unit, order)
     k, r, c = np.meshgrid(*(_steps_to_weigh(m, e) for m, e in zip(n, reach, strict=True)),
                           indexing="ij")
     here = ((k * n[1] + r) * n[2] + c).ravel()
@@ -334,10 +331,7 @@ def _in_flight_bounds(layout: Layout, unit: Sequence[int], channels: int,
     at least a reach from its faces, where each ``d``'s owners in that window are known
     in closed form (whole planes, whole rows, then a run along the fastest axis, of the
     owners whose target is in the unit), each at least a later block's size."""
-    slow, middle, fast = order
-    n = [unit[slow], unit[middle], unit[fast]]
-    overlaps = [_reach_overlaps(layout, a) for a in (slow, middle, fast)]
-    reach = [min(len(o.first), m) for o, m in zip(overlaps, n, strict=True)]
+    n, overlaps, reach = _in_order(layout, unit, order)
     inside = all(m >= 2 * e - 1 for m, e in zip(n, reach, strict=True))
     low = high = 0
     for d in itertools.product(*map(range, reach)):
@@ -351,6 +345,15 @@ def _in_flight_bounds(layout: Layout, unit: Sequence[int], channels: int,
                 low += owners * math.prod(o.later[e] for o, e in zip(overlaps, d,
                                                                       strict=True))
     return 4 * channels * low, 4 * channels * high
+
+
+def _in_order(layout: Layout, unit: Sequence[int], order: Sequence[int]
+              ) -> tuple[list[int], list[Overlaps], list[int]]:
+    """Per axis of ``order`` (slowest first): the unit's length, the overlaps of a block's
+    patches (`_reach_overlaps`) and how many blocks they cover in the unit."""
+    n = [unit[a] for a in order]
+    overlaps = [_reach_overlaps(layout, a) for a in order]
+    return n, overlaps, [min(len(o.first), m) for o, m in zip(overlaps, n, strict=True)]
 
 
 def _steps_to_weigh(length: int, reach: int) -> np.ndarray:

@@ -175,7 +175,7 @@ class BlockWorker:
         carried, counts = carries.take(block, layout.owners(block))
         if raw is None:  # nothing is written: unwritten chunks read as the fill value, 0
             return None
-        keep = [t for t in layout.reached(block) if step.unit.get(t, -1) > step.rank]
+        keep = later_reached(layout, step.unit, block)
         hand_on = carries.plan(layout, step, [o for o in layout.owners(block)
                                               if o != block and o not in carried],
                                sum(self.engine.channels.values()))
@@ -378,15 +378,20 @@ def _steps(units: Iterable[Sequence[Zyx]], stop: Callable[[], bool]) -> Iterator
             yield Step(block, rank, i, blocks[i + 1] if i + 1 < len(blocks) else None)
 
 
+def later_reached(layout: Layout, unit: dict[Zyx, int], block: Zyx) -> list[Zyx]:
+    """The later blocks of ``block``'s unit that its own patches reach: those it keeps a
+    partial sum for."""
+    return [t for t in layout.reached(block) if unit.get(t, -1) > unit[block]]
+
+
 def sums_made(layout: Layout, unit: dict[Zyx, int], block: Zyx | None, channels: int) -> int:
     """Bytes of the partial sums ``block`` makes for the later blocks of its unit (0 for
     None): float32 over each such block's part of its own patches."""
     owned = None if block is None else layout.owned_box(block)
     if owned is None:
         return 0
-    rank = unit[block]
     return 4 * channels * sum(layout.write_box(t).intersect(owned).size
-                              for t in layout.reached(block) if unit.get(t, -1) > rank)
+                              for t in later_reached(layout, unit, block))
 
 
 def _report(done: BlockDone, on_done: Callable[[BlockDone], None] | None) -> None:
