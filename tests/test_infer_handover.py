@@ -543,3 +543,11 @@ def test_plan_checks_everything_and_writes_nothing(inputs):
     resumed = CliRunner().invoke(app, [*base, "--output", str(tmp / "s.zarr"), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert "27 of 4 x 16 x 16 (3 x 3 x 3), chunks 4 x 16 x 16; 4 to predict" in resumed.output
+    # daisy with no --device: its workers resolve "auto" where they run; the plan says what
+    # it means here, where the budget was sized
+    daisy = CliRunner().invoke(app, [*[a for a in base if a not in ("--device", "cpu")],
+                                     "--output", str(tmp / "d.zarr"), "--scheduler", "daisy",
+                                     "--workers", "2"])
+    assert daisy.exit_code == 0, daisy.output
+    assert "for 2 workers on auto (cpu on this machine), a hand-over budget of" in daisy.output
+    assert not (tmp / "d.zarr").exists()

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from ..devices import check_launch, daisy_package
 from ..errors import UserError
 from ..geometry import Roi, Zyx
@@ -101,6 +103,8 @@ def plan_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pa
     where, count = (slots[0][0], len(slots)) if slots else (device or "auto", workers or 1)
     units = Progress(total=len(job.layout.block_grid()))
     units.plan(job, count, where)
+    if where == "auto":  # daisy's workers resolve it where they run; the budget, as here
+        where = f"auto ({'cuda' if torch.cuda.is_available() else 'cpu'} on this machine)"
     return InferencePlan(job, len(job.pending()), where, units)
 
 
