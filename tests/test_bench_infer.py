@@ -78,6 +78,7 @@ def test_no_model_reports_the_engines_own_rate_duplicates_and_stage_shares(write
     assert "duplicates" in out and "model alone" not in out and "MONAI" not in out
     # the units, the budget they were chosen for; no device memory on a CPU
     assert f["units"] == 1 and f["handover_budget_bytes"] >= schedule.HANDOVER_BYTES
+    assert f["handover_host_bytes"] == 0
     assert f["device_peak_bytes"] is None and f["device_memory_bytes"] is None
     assert "1 unit of blocks for a hand-over budget of" in out and "device memory" not in out
 
@@ -88,10 +89,14 @@ def test_on_a_gpu_the_memory_line_gives_the_devices_peak(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 << 30)
     assert bench.device_peak(torch.device("cuda")) == 3 << 30
     assert bench.device_peak(torch.device("cpu")) is None
-    line = bench._memory_line({"units": 4, "handover_budget_bytes": 10**10,
-                               "device_peak_bytes": 3 * 10**9, "device_memory_bytes": 8 * 10**10})
-    assert line == ("4 units of blocks for a hand-over budget of 10.0 GB; device memory at "
-                    "most 3.0 GB of 80.0 GB")
+    figures = {"units": 4, "handover_budget_bytes": 10**10, "handover_host_bytes": 0,
+               "device_peak_bytes": 3 * 10**9, "device_memory_bytes": 8 * 10**10}
+    assert bench._memory_line(figures) == (
+        "4 units of blocks for a hand-over budget of 10.0 GB; device memory at most 3.0 GB "
+        "of 80.0 GB")
+    assert bench._memory_line({**figures, "handover_host_bytes": 6 * 10**10}) == (
+        "4 units of blocks for a hand-over budget of 10.0 GB and 60.0 GB of host memory; "
+        "device memory at most 3.0 GB of 80.0 GB")
 
 
 def test_the_bound_is_what_the_main_thread_spends_most_on():
@@ -169,6 +174,20 @@ def test_workers_scale_the_stand_in_over_the_same_volume(write):
         assert row["duplicate_fraction"] == round(row["predicted_patches"] / 8 - 1, 4)
     assert rows[0]["duplicate_fraction"] == 0  # one worker: one unit, each patch once
     assert "local worker processes" in result.stderr and "first block" in result.stderr
+
+
+def test_host_memory_beside_no_device_budget_keeps_one_unit_without_duplicates(write):
+    """`bench infer --handover-host-memory`: as infer's, the units are chosen for both
+    budgets together, and the figures say the host memory beside the budget."""
+    args = ["bench", "infer", str(write(MINIMAL)), "--no-model", *SMALL, *FAST,
+            "--handover-memory", "0"]
+    alone = figures(runner.invoke(app, args))
+    hosted = runner.invoke(app, [*args, "--handover-host-memory", "1GiB"])
+    f = figures(hosted)
+    assert alone["units"] == 8 and alone["duplicate_fraction"] > 0
+    assert f["units"] == 1 and f["duplicate_fraction"] == 0
+    assert f["handover_budget_bytes"] == 0 and f["handover_host_bytes"] == 1 << 30
+    assert "hand-over budget of 0 bytes and 1.1 GB of host memory" in hosted.stderr
 
 
 def test_workers_with_the_model_go_through_run_local(write, monkeypatch):

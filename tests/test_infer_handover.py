@@ -144,7 +144,7 @@ def test_sums_handed_on_give_way_to_the_units_own_within_the_budget(inputs, monk
 
     def spy(self, step, own, handed, reserve=0):
         keep(self, step, own, handed, reserve)
-        mine = sum(t.numel() * 4 for k, t in self.sums.items() if k not in self.needed)
+        mine = sum(t.numel() * 4 for k, t in self.sums.items() if k not in self.counts)
         peaks.setdefault(self.budget, []).append((mine, self.held))
 
     monkeypatch.setattr(worker_module.Carries, "keep", spy)
@@ -422,6 +422,111 @@ def test_a_users_hand_over_budget_decides_the_units_never_the_output(inputs):
     np.testing.assert_array_equal(read(tmp / "r.zarr"), read(tmp / "d.zarr"))
 
 
+def test_sums_beyond_the_devices_share_wait_in_host_memory_and_each_patch_runs_once(
+        inputs, monkeypatch):
+    """`--handover-host-memory`: with no room on the device and host memory beside it, the
+    whole grid is one unit again and each patch is predicted once (without it: every block
+    its own unit); every sum made waits in host memory (the device's share stays empty
+    between blocks) and comes back for its block, to the same bits. A job carries the
+    setting to workers elsewhere."""
+    from emrun.infer import worker as worker_module
+
+    recipe, _, _, tmp = inputs
+    held, away = [], []
+    keep = worker_module.Carries.keep
+
+    def spy(self, step, own, handed, reserve=0):
+        keep(self, step, own, handed, reserve)
+        held.append(self.held)
+        away.append(self.held_away)
+
+    monkeypatch.setattr(worker_module.Carries, "keep", spy)
+    lattice = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "x.zarr",
+                          block=BLOCK).layout.patch_count()
+    device = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "d.zarr",
+                           block=BLOCK, device="cpu", handover=1 << 30)
+    host = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "h.zarr",
+                         block=BLOCK, device="cpu", handover=0, handover_host=1 << 30)
+    none = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "n.zarr",
+                         block=BLOCK, device="cpu", handover=0)
+    assert host.unit == device.unit == (3, 3, 3) and none.unit == (1, 1, 1)
+    assert host.patches == device.patches == lattice < none.patches
+    assert host.handover == 0 and host.handover_host == 1 << 30
+    runs = len(held) // 3  # the spy saw the three runs' blocks in turn
+    assert max(held[runs:2 * runs]) == 0 and max(away[runs:2 * runs]) > 0
+    for task in recipe.tasks:
+        np.testing.assert_array_equal(read(tmp / "h.zarr", task), read(tmp / "d.zarr", task))
+        np.testing.assert_array_equal(read(tmp / "n.zarr", task), read(tmp / "d.zarr", task))
+    job = prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "j.zarr",
+                      block=BLOCK, handover=0, handover_host=5)
+    assert type(job).from_json(job.to_json()).handover_host == 5
+
+
+def test_the_device_share_sends_the_sum_needed_last_to_host_memory_and_drops_when_full():
+    """`Carries` with host memory: over the device's share, the sum whose block comes last
+    goes to host memory where it fits; a handed-on sum fits the host's room when the
+    device has none; with both full, handed-on sums are dropped, needed last first, and an
+    own sum stays (the unit's shape keeps that from happening). Taken sums come back whole,
+    from wherever they waited."""
+    from emrun.infer.worker import Carries, Step
+
+    def sum_of(values: int, fill: float = 0.0) -> torch.Tensor:
+        return torch.full((values,), float(fill))  # 4 bytes a value
+
+    unit = {(0, 0, i): i for i in range(8)}
+    other = (9, 9, 9)
+    count = torch.tensor(1)
+    carries = Carries(budget=200, host_budget=200)
+    carries.keep(Step((0, 0, 0), unit, 0),
+                 {(0, 0, 1): sum_of(10, 1), (0, 0, 3): sum_of(40, 3), (0, 0, 2): sum_of(10, 2)},
+                 {})  # 240 bytes on a share of 200: the one for block 3 (160) goes
+    assert set(carries.sums) == {((0, 0, 1), (0, 0, 0)), ((0, 0, 2), (0, 0, 0))}
+    assert set(carries.away) == {((0, 0, 3), (0, 0, 0))}
+    assert (carries.held, carries.held_away) == (80, 160)
+    carries.keep(Step((0, 0, 1), unit, 1), {},
+                 {((0, 0, 5), other): (sum_of(20, 5), count),  # 80 on the device: 160
+                  ((0, 0, 4), other): (sum_of(10, 4), count),  # 40 on the device: 200
+                  ((0, 0, 6), other): (sum_of(10, 6), count)})  # no room: host, 200
+    assert {((0, 0, 5), other), ((0, 0, 4), other)} <= set(carries.sums)
+    assert ((0, 0, 6), other) in carries.away
+    assert (carries.held, carries.held_away) == (200, 200)
+    carries.keep(Step((0, 0, 2), unit, 2), {(0, 0, 7): sum_of(20, 7)}, {}, reserve=40)
+    # 280 + 40 on a share of 200, the host full: handed-on sums needed last are dropped
+    assert carries.held + 40 <= 200 and carries.held_away <= 200
+    assert ((0, 0, 7), (0, 0, 2)) in carries.sums  # own sums stay
+    assert not {((0, 0, 5), other), ((0, 0, 6), other)} & (
+        set(carries.sums) | set(carries.away) | set(carries.counts) | set(carries.needed))
+    assert ((0, 0, 4), other) in carries.away  # moved into the room its drop made
+    sums, counts = carries.take((0, 0, 3), [(0, 0, 0), other])
+    assert set(sums) == {(0, 0, 0)} and not counts
+    assert torch.equal(sums[(0, 0, 0)], sum_of(40, 3)) and carries.taken == 160
+    assert ((0, 0, 3), (0, 0, 0)) not in carries.away
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_sums_waiting_in_pinned_memory_come_back_to_the_same_bits(inputs):
+    """The GPU path of the host tier: copies to pinned memory and back run beside the
+    device's work; the sums taken, and the whole output, are the same bits."""
+    from emrun.infer.worker import Carries, Step
+
+    unit = {(0, 0, i): i for i in range(3)}
+    made = {(0, 0, i): torch.randn(1000, device="cuda") for i in (1, 2)}
+    carries = Carries(budget=0, host_budget=1 << 20)
+    carries.keep(Step((0, 0, 0), unit, 0), dict(made), {})
+    assert carries.held == 0 and carries.held_away == 8000
+    for i in (1, 2):
+        sums, _ = carries.take((0, 0, i), [(0, 0, 0)])
+        assert sums[(0, 0, 0)].device.type == "cuda"
+        assert torch.equal(sums[(0, 0, 0)], made[(0, 0, i)])
+    recipe, _, _, tmp = inputs
+    for name, budgets in (("d", {"handover": 1 << 30}),
+                          ("h", {"handover": 0, "handover_host": 1 << 30})):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / f"{name}.zarr",
+                      block=BLOCK, device="cuda", **budgets)
+    for task in recipe.tasks:
+        np.testing.assert_array_equal(read(tmp / "h.zarr", task), read(tmp / "d.zarr", task))
+
+
 @pytest.mark.parametrize(("text", "size"), [
     ("20GiB", 20 << 30), ("500 MB", 500_000_000), ("1.5tb", 1_500_000_000_000), ("2e9", 2e9),
     ("0", 0), ("64KiB", 65536), (" 3 gb ", 3_000_000_000)])
@@ -465,7 +570,7 @@ def test_infer_says_how_many_patches_its_units_predict_again_with_the_knob(input
     assert said["noted"] == [
         f"infer: {share:.1f} % of the patches are predicted again, at the borders of units of "
         "1 x 1 x 1 blocks, the most a hand-over budget of 0 bytes per worker holds "
-        "(--handover-memory gives more room)"]
+        "(--handover-memory or --handover-host-memory gives more room)"]
 
 
 def test_the_plan_says_when_the_workers_not_the_budget_cut_the_units():
@@ -480,8 +585,12 @@ def test_the_plan_says_when_the_workers_not_the_budget_cut_the_units():
     assert plan_note(progress).endswith("(one worker: 0.5 %)")
     progress.alone = 0.1
     assert plan_note(progress).endswith(
-        "the most a hand-over budget of 1.1 GB per worker holds (--handover-memory gives more "
-        "room)")
+        "the most a hand-over budget of 1.1 GB per worker holds (--handover-memory or "
+        "--handover-host-memory gives more room)")
+    progress.handover_host = 8 << 30
+    assert plan_note(progress).endswith(
+        "the most a hand-over budget of 1.1 GB per worker and 8.6 GB of host memory holds "
+        "(--handover-memory or --handover-host-memory gives more room)")
 
 
 def test_infer_refuses_a_hand_over_budget_beyond_memory_before_any_output(inputs):
@@ -491,13 +600,16 @@ def test_infer_refuses_a_hand_over_budget_beyond_memory_before_any_output(inputs
 
     recipe, _, _, tmp = inputs
     (tmp / "r.yaml").write_text(yaml.safe_dump(recipe.resolved()))
-    for size, said in [("1000TiB", "of memory available"), ("plenty", "expected a size")]:
+    for flag, size, said in [("--handover-memory", "1000TiB", "of memory available"),
+                             ("--handover-memory", "plenty", "expected a size"),
+                             ("--handover-host-memory", "1000TiB", "of memory available"),
+                             ("--handover-host-memory", "-3GB", "--handover-host-memory")]:
         result = CliRunner().invoke(app, [
             "infer", "--recipe", str(tmp / "r.yaml"), "--checkpoint", str(tmp / "c.pt"),
             "--input", str(tmp / "in.zarr/image"),
-            "--output", str(tmp / "big.zarr"), "--device", "cpu", "--handover-memory", size])
+            "--output", str(tmp / "big.zarr"), "--device", "cpu", flag, size])
         assert result.exit_code == 2, result.output
-        assert "--handover-memory" in result.output and said in result.output
+        assert flag in result.output and said in result.output
         assert "Traceback" not in result.output and not (tmp / "big.zarr").exists()
 
 
@@ -543,6 +655,12 @@ def test_plan_checks_everything_and_writes_nothing(inputs):
     resumed = CliRunner().invoke(app, [*base, "--output", str(tmp / "s.zarr"), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert "27 of 4 x 16 x 16 (3 x 3 x 3), chunks 4 x 16 x 16; 4 to predict" in resumed.output
+    hosted = CliRunner().invoke(app, [*base, "--output", str(tmp / "p.zarr"),
+                                      "--handover-memory", "0", "--handover-host-memory", "1GiB"])
+    assert hosted.exit_code == 0, hosted.output
+    assert "  units: 1 of 3 x 3 x 3 blocks for 1 worker on cpu, a hand-over budget of 0 bytes " \
+           "per worker and 1.1 GB of host memory" in hosted.output.splitlines()
+    assert hosted.output.splitlines()[-1].endswith(", 0.0 % of them again at unit borders")
     # daisy with no --device: its workers resolve "auto" where they run; the plan says what
     # it means here, where the budget was sized
     daisy = CliRunner().invoke(app, [*[a for a in base if a not in ("--device", "cpu")],

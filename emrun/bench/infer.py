@@ -225,8 +225,8 @@ class Completions:
 
 
 def _scaling(recipe: Recipe, root: Path, block: Zyx | None, device: torch.device,
-             counts: list[int], no_model: bool, handover: int | None = None
-             ) -> list[dict[str, Any]]:
+             counts: list[int], no_model: bool, handover: int | None = None,
+             handover_host: int = 0) -> list[dict[str, Any]]:
     """Output voxels/s with each count of local workers, each into a fresh output (removed
     after), over the wall time: worker start-up and model loading included, as `emrun infer
     --workers N` costs them on this volume; when the first block was written tells how much
@@ -235,7 +235,7 @@ def _scaling(recipe: Recipe, root: Path, block: Zyx | None, device: torch.device
     for count in counts:
         output = root / f"out-{count}-workers.zarr"
         job = prepare_job(recipe, root / "model.pt", str(root / "in.zarr/image"), output,
-                          block=block, handover=handover)
+                          block=block, handover=handover, handover_host=handover_host)
         slots = schedule.worker_slots(str(device), count)
         clock = Completions()
         progress = schedule.run_local(job, slots, on_block=clock.mark,
@@ -280,12 +280,13 @@ def bound_by(seconds: dict[str, float]) -> str:
 def bench_infer(recipe: Recipe, *, shape: Zyx | None = None, device: str | None = None,
                 repeats: int = 15, no_model: bool = False, block: Zyx | None = None,
                 workers: list[str] | None = None, configs: bool = False,
-                compile_: bool | None = None, handover: int | None = None) -> dict[str, Any]:
+                compile_: bool | None = None, handover: int | None = None,
+                handover_host: int = 0) -> dict[str, Any]:
     """The figures `emrun bench infer` reports; ``handover``: the hand-over budget, bytes
-    (None: `emrun infer`'s default)."""
+    (None: `emrun infer`'s default), ``handover_host``: host memory beside it."""
     dev = bench_device(device)
     standin, counts, shape = _checked(recipe, dev, shape, block, workers, no_model, configs)
-    schedule.check_handover(handover, str(dev), max(counts, default=1))
+    schedule.check_handover(handover, str(dev), max(counts, default=1), handover_host)
     torch.manual_seed(recipe.seed)
     model = build_model(recipe)
     model = model.to(torch.device("cpu") if no_model else dev).eval()
@@ -297,13 +298,15 @@ def bench_infer(recipe: Recipe, *, shape: Zyx | None = None, device: str | None 
         write_volume(root / "in.zarr", "image", image)
         save_atomic(root / "model.pt", {"model": model.state_dict(), "iteration": 0})
         job = prepare_job(recipe, root / "model.pt", str(root / "in.zarr/image"),
-                          root / "out.zarr", block=block, handover=handover)
+                          root / "out.zarr", block=block, handover=handover,
+                          handover_host=handover_host)
         run = _engine_run(job, dev, None if standin is None else standin.to(dev))
         if engine is not None:  # before the engine and after it: a drifting machine biases
             times += model_times(engine, image, repeats)  # neither
         # one output on disk at a time, as `check_room` counts: the worker runs write theirs
         shutil.rmtree(root / "out.zarr", ignore_errors=True)
-        scaling = _scaling(recipe, root, block, dev, counts, no_model, handover) \
+        scaling = _scaling(recipe, root, block, dev, counts, no_model, handover,
+                           handover_host) \
             if counts else None
         grid = search_configs(recipe, model, dev, image, _compile_axis(dev, compile_),
                               repeats) if configs else None
@@ -425,6 +428,7 @@ def _figures(recipe: Recipe, device: torch.device, job: Job, run: EngineRun,
         "duplicate_fraction": round(predicted / lattice - 1, 4),
         "units": len(run.units),
         "handover_budget_bytes": run.budget,
+        "handover_host_bytes": job.handover_host,
         "device_peak_bytes": run.device_peak,
         "device_memory_bytes": None if run.device_peak is None else
         gpu_memory(device),
@@ -482,6 +486,8 @@ def _memory_line(r: dict[str, Any]) -> str:
     predicted again on a volume larger than this one)."""
     units = f"{r['units']} unit{'' if r['units'] == 1 else 's'}"
     line = f"{units} of blocks for a hand-over budget of {size_text(r['handover_budget_bytes'])}"
+    if r["handover_host_bytes"]:
+        line += f" and {size_text(r['handover_host_bytes'])} of host memory"
     if r["device_peak_bytes"] is None:
         return line
     return (line + f"; device memory at most {size_text(r['device_peak_bytes'])} of "

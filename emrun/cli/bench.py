@@ -160,6 +160,9 @@ def bench_infer(
     handover_memory: Annotated[str | None, typer.Option(
         metavar="SIZE", help="As emrun infer --handover-memory: the partial sums each worker "
         "may hold, e.g. 20GiB (default: emrun infer's).")] = None,
+    handover_host_memory: Annotated[str | None, typer.Option(
+        metavar="SIZE", help="As emrun infer --handover-host-memory: host memory each worker "
+        "may hold partial sums in beyond --handover-memory (default: none).")] = None,
     json_: JsonLine = False,
 ) -> None:
     """Engine output voxels/s on a synthetic volume against model-only forward throughput."""
@@ -174,9 +177,12 @@ def bench_infer(
                         "torch.compile: add --configs, or drop it")
     handover = None if handover_memory is None else parse_size(handover_memory,
                                                                "--handover-memory")
+    host = 0 if handover_host_memory is None else parse_size(handover_host_memory,
+                                                             "--handover-host-memory")
     result = run_bench(load_recipe(recipe, override or []).recipe, shape=shape, device=device,
                        repeats=repeats, no_model=no_model, block=block, workers=workers,
-                       configs=configs, compile_=compile_, handover=handover)
+                       configs=configs, compile_=compile_, handover=handover,
+                       handover_host=host)
     for line in report_lines(result):
         out.print(line, markup=False)
     if json_:

@@ -233,6 +233,11 @@ def infer(
         metavar="SIZE", help="Partial sums each worker may hold for later blocks, e.g. 20GiB "
         "(default: an eighth of its GPU's memory, or of the available memory shared by the "
         "workers): more repeats fewer patches at unit borders.")] = None,
+    handover_host_memory: Annotated[str | None, typer.Option(
+        metavar="SIZE", help="Host memory each worker may hold partial sums in beyond "
+        "--handover-memory, e.g. 64GiB (default: none): on a GPU, pinned and copied back as "
+        "their blocks come; fewer patches repeated on volumes a GPU's share cannot span.")
+    ] = None,
     plan: Annotated[bool, typer.Option(
         "--plan", help="Check everything and print the plan (lattice, blocks, units, patches "
         "predicted again, output size) without writing or predicting anything.")] = False,
@@ -250,6 +255,8 @@ def infer(
     box = _parse_roi(roi)
     handover = None if handover_memory is None else parse_size(handover_memory,
                                                                "--handover-memory")
+    host = 0 if handover_host_memory is None else parse_size(handover_host_memory,
+                                                             "--handover-host-memory")
     input_ = at_level(input_, level)
     checkpoint = _network_file(checkpoint, model)
     loaded = recipe_for(checkpoint, recipe, override or [])
@@ -263,7 +270,8 @@ def infer(
                 loaded.recipe, checkpoint, input_, output, block=block, device=device, tta=tta,
                 resume=resume, mask_path=mask, workers=workers,
                 scheduler=scheduler,  # type: ignore[arg-type]
-                launch=launch, roi=box, levels=levels, handover=handover)):
+                launch=launch, roi=box, levels=levels, handover=handover,
+                handover_host=host)):
             out.print(line, markup=False, highlight=False)
         return
     with block_progress(err) as report:  # a stop: `Stopped`, one line saying what is kept
@@ -272,7 +280,7 @@ def infer(
                                  workers=workers,
                                  scheduler=scheduler,  # type: ignore[arg-type]
                                  launch=launch, roi=box, levels=levels, handover=handover,
-                                 on_block=noting_the_plan(report))
+                                 handover_host=host, on_block=noting_the_plan(report))
     empty = (f" ({progress.empty} of them empty: outside the mask or blank input)"
              if progress.empty else "")
     predicted = f"{progress.done} block{'' if progress.done == 1 else 's'} predicted"
@@ -314,7 +322,7 @@ def plan_lines(plan: Any) -> list[str]:
         f"{dims(layout.chunks)}; {plan.pending:,} to predict",
         f"  units: {count:,} of {dims(units.unit)} blocks for {units.workers} worker"
         f"{'s' if units.workers != 1 else ''} on {plan.device}, a hand-over budget of "
-        f"{size_text(units.handover)} per worker",
+        f"{size_text(units.handover)} per worker{_beside(units.handover_host)}",
         f"  patches predicted: about {round(lattice * (1 + units.repeated)):,}, "
         f"{100 * units.repeated:.1f} % of them again at unit borders"]
 
@@ -349,9 +357,15 @@ def plan_note(progress: Any) -> str:
             f"the borders of units of {unit} blocks")
     if progress.alone >= REPEATS_NOTED:
         return (f"{said}, the most a hand-over budget of {size_text(progress.handover)} per "
-                "worker holds (--handover-memory gives more room)")
+                f"worker{_beside(progress.handover_host)} holds (--handover-memory or "
+                "--handover-host-memory gives more room)")
     alone = "none" if progress.alone == 0 else f"{100 * progress.alone:.1f} %"
     return f"{said}, one or more for each of {progress.workers} workers (one worker: {alone})"
+
+
+def _beside(host: int) -> str:
+    """The host memory a hand-over budget has beside it, said after the budget."""
+    return f" and {size_text(host)} of host memory" if host else ""
 
 
 def _network_file(checkpoint: Path | None, model: Path | None) -> Path:

@@ -77,6 +77,7 @@ class Job:
     roi_offset: Zyx = (0, 0, 0)  # where the layout's (0, 0, 0) lies in the input
     levels: int | None = None  # pyramid levels built after the last block (None: default)
     handover: int | None = None  # bytes each worker may hold for hand-over (None: default)
+    handover_host: int = 0  # and beyond them in host memory (GPU workers: pinned)
 
     def digest(self) -> str:
         """The layout's hash, and the ROI's when there is one: done-markers are keyed by it."""
@@ -147,7 +148,7 @@ class Job:
             "input": self.input_path, "output": str(self.output), "mask": self.mask_path,
             "layout": asdict(self.layout), "scale": list(self.scale), "tta": self.tta,
             "roi_offset": list(self.roi_offset), "levels": self.levels,
-            "handover": self.handover,
+            "handover": self.handover, "handover_host": self.handover_host,
         })
 
     @classmethod
@@ -160,7 +161,8 @@ class Job:
                    layout=Layout(**layout),
                    scale=tuple(data["scale"]), tta=data["tta"],  # type: ignore[arg-type]
                    roi_offset=zyx(data["roi_offset"]), levels=data.get("levels"),
-                   handover=data.get("handover"))
+                   handover=data.get("handover"),
+                   handover_host=data.get("handover_host", 0))
 
     def save(self) -> Path:
         """Write the job description next to its done-markers (for remote workers)."""
@@ -184,7 +186,8 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
                 block: Zyx | None = None, tta: int | None = None, resume: bool = False,
                 mask_path: str | None = None, roi: Roi | None = None,
                 levels: int | None = None, workers: int = 1,
-                handover: int | None = None, plan_only: bool = False) -> Job:
+                handover: int | None = None, handover_host: int = 0,
+                plan_only: bool = False) -> Job:
     """Check the inputs, create (or with ``resume`` reopen and check) the outputs.
 
     ``roi`` (offset, shape) predicts only that box of the input; the output has the box's
@@ -195,6 +198,8 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     ``handover``: the bytes of partial sums each worker may hold for later blocks of its
     unit (None: `schedule.handover_budget`'s default); it decides only how often patches at
     unit borders are predicted again, never the output, so a resumed run may change it.
+    ``handover_host``: the bytes of host memory each worker may hold such sums in beyond
+    ``handover`` (the units are chosen for both together: `Carries`).
     ``plan_only``: every check of the inputs, then the job, with nothing created or held.
 
     The output is held against other emrun processes (`emrun.io.write.hold_store`) from
@@ -247,7 +252,7 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
               output=output.resolve(), mask_path=mask.location() if mask_path else None,
               layout=layout,
               scale=intensity_range(recipe, volume), tta=tta, roi_offset=offset,
-              levels=levels, handover=handover)
+              levels=levels, handover=handover, handover_host=handover_host)
     if not resume and mask_path is None:  # a mask may leave most of a huge volume out
         channels = sum(recipe.head_channels().values())
         check_output_fits(output, output_bytes(recipe, shape),

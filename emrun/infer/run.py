@@ -52,16 +52,18 @@ def run_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pat
                   workers: int | None = None, scheduler: Scheduler = "local",
                   launch: str | None = None, roi: Roi | None = None,
                   levels: int | None = None, handover: int | None = None,
+                  handover_host: int = 0,
                   on_block: Callable[[Progress], None] | None = None) -> Progress:
     """Predict ``input_path`` (or its box ``roi``) into ``output`` (one array
     per task), then build each output's ``levels``-level pyramid; returns the counts.
     ``handover``: bytes of partial sums each worker may hold (None: the default,
-    `handover_budget`). ``output`` is held against other emrun processes meanwhile
-    (`prepare_job`)."""
+    `handover_budget`), ``handover_host``: and beyond them in host memory. ``output`` is
+    held against other emrun processes meanwhile (`prepare_job`)."""
     job, slots = _checked_job(recipe, checkpoint, input_path, output, block=block,
                               device=device, tta=tta, resume=resume, mask_path=mask_path,
                               workers=workers, scheduler=scheduler, launch=launch, roi=roi,
-                              levels=levels, handover=handover)
+                              levels=levels, handover=handover,
+                              handover_host=handover_host)
     try:
         if scheduler == "daisy":
             from .daisy_scheduler import run_daisy
@@ -93,13 +95,14 @@ def plan_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pa
                    mask_path: str | None = None, workers: int | None = None,
                    scheduler: Scheduler = "local", launch: str | None = None,
                    roi: Roi | None = None, levels: int | None = None,
-                   handover: int | None = None) -> InferencePlan:
+                   handover: int | None = None, handover_host: int = 0) -> InferencePlan:
     """`run_inference`'s checks and plan, with nothing created, held or predicted: the
     layout, the blocks left, the units and the patches they predict again."""
     job, slots = _checked_job(recipe, checkpoint, input_path, output, block=block,
                               device=device, tta=tta, resume=resume, mask_path=mask_path,
                               workers=workers, scheduler=scheduler, launch=launch, roi=roi,
-                              levels=levels, handover=handover, plan_only=True)
+                              levels=levels, handover=handover,
+                              handover_host=handover_host, plan_only=True)
     where, count = (slots[0][0], len(slots)) if slots else (device or "auto", workers or 1)
     units = Progress(total=len(job.layout.block_grid()))
     units.plan(job, count, where)
@@ -112,7 +115,7 @@ def _checked_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path
                  block: Zyx | None, device: str | None, tta: int | None, resume: bool,
                  mask_path: str | None, workers: int | None, scheduler: Scheduler,
                  launch: str | None, roi: Roi | None, levels: int | None,
-                 handover: int | None, plan_only: bool = False
+                 handover: int | None, handover_host: int = 0, plan_only: bool = False
                  ) -> tuple[Job, list[tuple[str, int]]]:
     """The job and the local worker slots (none for daisy), every argument checked before
     any output exists (`prepare_job`; with ``plan_only`` none is made)."""
@@ -127,9 +130,9 @@ def _checked_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path
     on_cpu = check_device(device, workers).type == "cpu"
     here = len(slots) if scheduler == "local" else 1 if launch else workers or 1
     if not launch:  # launched workers hold theirs on machines this one cannot see
-        check_handover(handover, device, here)
+        check_handover(handover, device, here, handover_host)
     job = prepare_job(recipe, checkpoint, input_path, output, block=block, tta=tta,
                       resume=resume, mask_path=mask_path, roi=roi, levels=levels,
                       workers=here if on_cpu else 1,  # GPUs: in their own memory
-                      handover=handover, plan_only=plan_only)
+                      handover=handover, handover_host=handover_host, plan_only=plan_only)
     return job, slots

@@ -57,6 +57,7 @@ class Progress:
     unit: Zyx | None = None  # blocks per unit, per axis (None: not planned yet)
     repeated: float = 0.0  # the share of the lattice the units predict again
     handover: int = 0  # the hand-over budget the units were chosen for, bytes per worker
+    handover_host: int = 0  # and the host memory beside it (`Carries`)
     workers: int = 1
     alone: float = 0.0  # `repeated` for the units one worker would get in that budget
 
@@ -66,6 +67,7 @@ class Progress:
         tiling = job_tiling(job, workers, device)
         self.unit, self.workers = tiling.unit, workers
         self.handover = handover_budget(job, device, workers)
+        self.handover_host = job.handover_host
         self.repeated = repeated(job.layout, tiling.unit)
         self.alone = self.repeated if workers == 1 else repeated(
             job.layout, job_tiling(job, 1, device).unit)
@@ -211,11 +213,12 @@ def job_units(job: Job, blocks: list[Zyx], workers: int, device: str | None = No
 
 
 def job_tiling(job: Job, workers: int, device: str | None = None) -> Tiling:
-    """Units whose partial sums fit the hand-over budget, at least one per worker, that
-    predict the fewest patches again (`choose_tiling`)."""
+    """Units whose partial sums fit the hand-over budget (the device's and the host memory
+    beside it: `Carries`), at least one per worker, that predict the fewest patches again
+    (`choose_tiling`)."""
     channels = sum(job.recipe.head_channels().values())
     return choose_tiling(job.layout, channels, workers,
-                         handover_budget(job, device, workers))
+                         handover_budget(job, device, workers) + job.handover_host)
 
 
 HANDOVER_BYTES = 1 << 30
@@ -245,20 +248,30 @@ def handover_budget(job: Job, device: str | None = None, workers: int = 1) -> in
     return budget
 
 
-def check_handover(handover: int | None, device: str | None, workers: int) -> None:
+def check_handover(handover: int | None, device: str | None, workers: int, host: int = 0
+                   ) -> None:
     """Refuse, before any output exists, a hand-over budget the machine cannot hold: on a
-    CPU, ``workers`` times it beyond the available memory; on a GPU, beyond its memory."""
-    if handover is None:
+    GPU, ``handover`` beyond its memory or ``workers`` times ``host`` beyond the host's
+    available memory; on a CPU, where both are host memory, ``workers`` times their sum."""
+    if handover is None and not host:
         return
     dev = check_device(device, workers)
+    each = f" for each of {workers} workers" if workers > 1 else ""
     if dev.type == "cuda":
-        if torch.cuda.is_available() and handover > (memory := gpu_memory(dev)):
+        if handover is not None and torch.cuda.is_available() and \
+                handover > (memory := gpu_memory(dev)):
             raise UserError(f"--handover-memory {size_text(handover)}: more than "
                             f"{dev}'s {size_text(memory)} of memory")
-    elif handover * workers > (memory := available_memory()):
-        each = f" for each of {workers} workers" if workers > 1 else ""
-        raise UserError(f"--handover-memory {size_text(handover)}{each}: more than the "
-                        f"{size_text(memory)} of memory available")
+        if host * workers > (memory := available_memory()):
+            raise UserError(f"--handover-host-memory {size_text(host)}{each}: more than the "
+                            f"{size_text(memory)} of memory available")
+        return
+    wanted = (handover or 0) + host
+    if wanted * workers > (memory := available_memory()):
+        given = " and ".join(f"{flag} {size_text(size)}" for flag, size in (
+            ("--handover-memory", handover or 0), ("--handover-host-memory", host)) if size)
+        raise UserError(f"{given}{each}: more than the {size_text(memory)} of memory "
+                        "available")
 
 
 def _worker(job: Job, device: torch.device, model: ModelFactory | None) -> BlockWorker:

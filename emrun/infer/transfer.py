@@ -51,6 +51,17 @@ def to_host(tensor: torch.Tensor) -> HostArray:
     return HostArray(host, ready)
 
 
+def to_device(array: HostArray, device: torch.device) -> torch.Tensor:
+    """``array`` back on ``device``, copied once its copy to the host is done, without
+    waiting for it (the pinned buffer is not reused before the copy back has read it:
+    torch's pinned-memory cache waits for copies queued from it). On a CPU: as it is."""
+    if device.type != "cuda":
+        return array.tensor
+    if array.ready is not None:
+        torch.cuda.current_stream(device).wait_event(array.ready)
+    return array.tensor.to(device, non_blocking=True)
+
+
 def pinned(array: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
     """``array`` in page-locked memory when it is bound for a GPU (the copy can then run
     asynchronously); as it is otherwise."""

@@ -29,7 +29,7 @@ from ..io.window import placed_over
 from .engine import Engine, load_model, quantise, read_reflected
 from .job import Job, open_output_arrays
 from .plan import Layout
-from .transfer import DeviceQueue, HostArray, pinned, to_host
+from .transfer import DeviceQueue, HostArray, pinned, to_device, to_host
 
 RawInput = np.ndarray | torch.Tensor | None
 
@@ -88,8 +88,9 @@ class BlockWorker:
         is complete. Partial sums are handed from block to block within a unit, never
         across units (each unit can go to another worker). An owner's sum recomputed in a
         block (the owner lies in another unit, is done or was skipped) is handed on to the
-        later blocks of the unit it reaches while every sum held fits ``budget`` bytes (the
-        hand-over budget the units were chosen for: `schedule.handover_budget`; see
+        later blocks of the unit it reaches while every sum held fits ``budget`` bytes on
+        the device (the hand-over budget the units were chosen for with the job's
+        ``handover_host`` bytes of host memory beside it: `schedule.handover_budget`; see
         `Carries`); otherwise those blocks recompute it again, to the same bits. Once
         ``stop()`` is true no block is started; those read or predicted already are
         finished and marked."""
@@ -99,7 +100,7 @@ class BlockWorker:
             reads: deque[tuple[Step, Future[RawInput]]] = deque()
             writes: deque[Future[BlockDone]] = deque()
             todo = _steps(units, stop)
-            carries = Carries(budget)
+            carries = Carries(budget, self.job.handover_host)
             unit: dict[Zyx, int] | None = None
 
             def refill() -> None:
@@ -259,38 +260,47 @@ class Outputs:
 
 class Carries:
     """The partial sums a worker holds for later blocks of its unit, keyed (to block, from
-    owner), within ``budget`` bytes in all. An owner's own sums are held whatever they
-    take: the unit's shape bounds them below the budget (`plan.choose_tiling`). Sums a
-    block recomputed and hands on, with their counts of non-finite outputs, take what is
-    left: one is let in only where it fits, and dropped, the one needed last first, when
-    an owner's own sums need the room. A dropped or refused sum is recomputed by its
-    block, to the same bits, so only forward passes depend on what fitted."""
+    owner): on the device within ``budget`` bytes, and beyond it within ``host_budget``
+    bytes of host memory (`emrun infer --handover-host-memory`: pinned, copied back when
+    their block comes; on a CPU the two are one memory and simply add up). An owner's own
+    sums are held whatever they take: the unit's shape bounds them below the two budgets
+    (`plan.choose_tiling`). Sums a block recomputed and hands on, with their counts of
+    non-finite outputs, take what is left: one is let in only where it fits. When the
+    device's share is full, the sum needed last goes to host memory, or, where that is
+    full too, a handed-on one is dropped, the one needed last first. A dropped or refused
+    sum is recomputed by its block, to the same bits (a copy is exact), so only forward
+    passes depend on what fitted where."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, host_budget: int = 0) -> None:
         self.budget = budget
-        self.sums: dict[tuple[Zyx, Zyx], torch.Tensor] = {}
+        self.host_budget = host_budget
+        self.sums: dict[tuple[Zyx, Zyx], torch.Tensor] = {}  # on the device
+        self.away: dict[tuple[Zyx, Zyx], tuple[HostArray, torch.device]] = {}  # in host
+        # memory, with the device each goes back to
         self.counts: dict[tuple[Zyx, Zyx], torch.Tensor] = {}  # of the handed-on sums
-        self.needed: dict[tuple[Zyx, Zyx], int] = {}  # handed-on sum -> its block's rank
-        self.held = 0  # bytes of every sum held
+        self.needed: dict[tuple[Zyx, Zyx], int] = {}  # sum held -> its block's rank
+        self.held = 0  # bytes of the sums held on the device
+        self.held_away = 0  # and in host memory
         self.taken = 0  # bytes of the sums the block being predicted took (still alive)
 
     def clear(self) -> None:
         """A new unit: nothing is handed across units."""
         self.sums.clear()
+        self.away.clear()
         self.counts.clear()
         self.needed.clear()
-        self.held = self.taken = 0
+        self.held = self.held_away = self.taken = 0
 
     def take(self, block: Zyx, owners: Sequence[Zyx]
              ) -> tuple[dict[Zyx, torch.Tensor], dict[Zyx, torch.Tensor]]:
-        """The sums handed to ``block`` by owner, and the counts of those recomputed
-        elsewhere in the unit; taken off (a skipped block frees them too)."""
+        """The sums handed to ``block`` by owner (on the device), and the counts of those
+        recomputed elsewhere in the unit; taken off (a skipped block frees them too)."""
         sums, counts = {}, {}
         for owner in owners:
             key = (block, owner)
             if key in self.counts:
                 counts[owner] = self.counts[key]
-            if key in self.sums:
+            if key in self.sums or key in self.away:
                 sums[owner] = self._pop(key)
         self.taken = sum(map(_bytes, sums.values()))
         return sums, counts
@@ -300,12 +310,12 @@ class Carries:
         """For each owner ``step``'s block recomputes, the later blocks of its unit to hand
         that sum on to: those the owner's patches reach at or after this block on every axis
         (each of the owner's patches that reaches one also reaches this block: the forward
-        passes here are all it needs), not already given it, while the budget lasts: beside
+        passes here are all it needs), not already given it, while the budgets last: beside
         every sum held, those this block took and those it makes (`sums_made`), all alive
         until the block is done."""
         block = step.block
-        room = self.budget - self.held - self.taken - sums_made(layout, step.unit, block,
-                                                                 channels)
+        room = self.budget + self.host_budget - self.held - self.held_away - self.taken - \
+            sums_made(layout, step.unit, block, channels)
         targets: dict[Zyx, list[Zyx]] = {}
         for owner in recomputed:
             owned = layout.owned_box(owner)
@@ -313,7 +323,7 @@ class Carries:
                 continue
             for target in layout.reached(owner):
                 if target == block or step.unit.get(target, -1) <= step.rank or \
-                        (target, owner) in self.sums or \
+                        (target, owner) in self.sums or (target, owner) in self.away or \
                         any(t < b for t, b in zip(target, block, strict=True)):
                     continue
                 size = 4 * channels * layout.write_box(target).intersect(owned).size
@@ -325,33 +335,71 @@ class Carries:
     def keep(self, step: Step, own: dict[Zyx, torch.Tensor],
              handed: dict[tuple[Zyx, Zyx], tuple[torch.Tensor, torch.Tensor]],
              reserve: int = 0) -> None:
-        """Hold ``step``'s block's own sums for later blocks (dropping handed-on ones to
-        make room), then the recomputed ones it hands on that still fit, leaving
-        ``reserve`` bytes free: what the next block will make beside them (its own sums
-        fit with the unit's by the unit's shape, `plan._in_flight`; handed-on ones
-        filling the budget made a block's sums pass it while it ran)."""
+        """Hold ``step``'s block's own sums for later blocks (making room on the device,
+        `_make_room`), then the recomputed ones it hands on that still fit, on the device
+        or else in host memory, leaving ``reserve`` device bytes free: what the next block
+        will make beside them (its own sums fit with the unit's by the unit's shape,
+        `plan._in_flight`; handed-on ones filling the budget made a block's sums pass it
+        while it ran)."""
         self.taken = 0
         for target, partial in own.items():
-            self._put((target, step.block), partial)
-        while self.held + reserve > self.budget and self.needed:
-            self._pop(max(self.needed, key=self.needed.__getitem__))
+            key = (target, step.block)
+            self._put(key, partial)
+            self.needed[key] = step.unit[target]
+        self._make_room(reserve)
         for key, (partial, count) in handed.items():
-            if self.held + _bytes(partial) + reserve <= self.budget:
+            size = _bytes(partial)
+            if self.held + size + reserve <= self.budget:
                 self._put(key, partial)
-                self.counts[key] = count
-                self.needed[key] = step.unit[key[0]]
+            elif self.held_away + size <= self.host_budget:
+                self._put_away(key, partial)
+            else:
+                continue
+            self.counts[key] = count
+            self.needed[key] = step.unit[key[0]]
+
+    def _make_room(self, reserve: int) -> None:
+        """Bring the device's share down to ``budget - reserve``: the sum needed last goes
+        to host memory where it fits, else the handed-on sum needed last, on the device or
+        in host memory (making room there), is dropped; own sums that fit nowhere stay (the
+        unit's shape keeps that from happening)."""
+        while self.held + reserve > self.budget:
+            room = self.host_budget - self.held_away
+            movable = [k for k in self.sums if _bytes(self.sums[k]) <= room]
+            if movable:
+                key = max(movable, key=self.needed.__getitem__)
+                partial = self.sums.pop(key)
+                self.held -= _bytes(partial)
+                self._put_away(key, partial)
+                continue
+            handed = [k for k in self.counts if k in self.sums or k in self.away]
+            if not handed:
+                return
+            self._drop(max(handed, key=self.needed.__getitem__))
 
     def _put(self, key: tuple[Zyx, Zyx], partial: torch.Tensor) -> None:
         self.sums[key] = partial
         self.held += _bytes(partial)
 
+    def _put_away(self, key: tuple[Zyx, Zyx], partial: torch.Tensor) -> None:
+        """Hold a sum in host memory (its copy runs beside the device's work)."""
+        self.away[key] = to_host(partial), partial.device
+        self.held_away += _bytes(partial)
+
     def _pop(self, key: tuple[Zyx, Zyx]) -> torch.Tensor:
-        """Take a sum off (a handed-on one's count and rank with it)."""
-        partial = self.sums.pop(key)
-        self.held -= _bytes(partial)
+        """Take a sum off, on the device (a handed-on one's count and rank with it)."""
+        partial = to_device(*self.away[key]) if key in self.away else self.sums[key]
+        self._drop(key)
+        return partial
+
+    def _drop(self, key: tuple[Zyx, Zyx]) -> None:
+        """Forget a sum, wherever it waits (a handed-on one's count and rank with it)."""
+        if key in self.away:
+            self.held_away -= _bytes(self.away.pop(key)[0].tensor)
+        else:
+            self.held -= _bytes(self.sums.pop(key))
         self.counts.pop(key, None)
         self.needed.pop(key, None)
-        return partial
 
 
 def _bytes(tensor: torch.Tensor) -> int:
