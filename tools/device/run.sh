@@ -2,7 +2,8 @@
 # The benchmarks a GPU session runs, after its loads are unpacked (tools/device/README.md).
 #   bash tools/device/run.sh MODE [MODE ...]
 # Modes (device minutes are scarce: pick what the open issues need):
-#   engine    issue 15: engine against the model alone and MONAI, 9 and 16 blocks, compiled
+#   engine    issue 15: engine against the model alone and MONAI, 9 and 16 blocks (16 also
+#             with its sums in host memory, and with none handed over), compiled
 #   configs   issue 15: the model-alone configuration search, and the engine alone (--no-model)
 #   train     issue 17: trainer against a bare loop, batch 1 and 4, compiled; loader on 16 cores
 #   snemi     issues 17, 21: bench snemi3d (RECIPE=snemi3d_aff, ITER=3000, DEVICE=cuda;
@@ -71,6 +72,12 @@ SMALL=(-o 'model.widths=[16, 32, 64, 128]' -o infer.batch_size=16)
 mode_engine() {
     step engine_9_blocks bench infer $AFF --device cuda --shape 60 2048 2048 "${SMALL[@]}"
     step engine_16_blocks bench infer $AFF --device cuda --shape 60 3072 3072 "${SMALL[@]}"
+    # the hand-over's two ends: no room on the GPU, every sum waiting in host memory (the
+    # copies' cost), and no room anywhere (each block its own unit: the repeats' cost)
+    step engine_16_host bench infer $AFF --device cuda --shape 60 3072 3072 "${SMALL[@]}" \
+        --handover-memory 0 --handover-host-memory 16GiB
+    step engine_16_none bench infer $AFF --device cuda --shape 60 3072 3072 "${SMALL[@]}" \
+        --handover-memory 0
     step engine_compiled bench infer $AFF --device cuda --shape 60 2048 2048 "${SMALL[@]}" \
         -o infer.compile=true
 }
@@ -136,6 +143,8 @@ mode_segment() {
 mode_quick() {  # the same commands on tiny sizes, on the CPU: catches a broken script here
     local tiny=(-o 'model.widths=[4, 8]' -o infer.batch_size=2)
     step quick_engine bench infer recipes/demo.yaml --device cpu --shape 24 96 96 "${tiny[@]}"
+    step quick_host bench infer recipes/demo.yaml --device cpu --shape 24 96 96 "${tiny[@]}" \
+        --block 12 48 48 --handover-memory 0 --handover-host-memory 1GiB
     step quick_configs bench infer recipes/demo.yaml --device cpu --shape 24 96 96 "${tiny[@]}" \
         --configs --repeats 2
     step quick_alone bench infer recipes/demo.yaml --device cpu --no-model --shape 24 96 96 \
