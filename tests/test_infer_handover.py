@@ -503,6 +503,17 @@ def test_the_device_share_sends_the_sum_needed_last_to_host_memory_and_drops_whe
     assert ((0, 0, 3), (0, 0, 0)) not in carries.away
 
 
+def test_host_memory_counts_the_pinned_buffers_as_torch_rounds_them():
+    """From a GPU a sum waits in pinned memory that torch's cache rounds up to a power of
+    two: the host budget counts that (the sums, at up to twice their size, would pass it)."""
+    from emrun.infer.worker import _away_bytes
+
+    cuda = torch.device("cuda")
+    assert _away_bytes(torch.zeros(5 << 18), cuda) == 8 << 20  # 5 MiB of float32: 8 MiB
+    assert _away_bytes(torch.zeros(1 << 18), cuda) == 1 << 20  # a power of two: itself
+    assert _away_bytes(torch.zeros(5 << 18)) == 5 << 20  # on a CPU: no copy, its size
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_sums_waiting_in_pinned_memory_come_back_to_the_same_bits(inputs):
     """The GPU path of the host tier: copies to pinned memory and back run beside the

@@ -351,7 +351,7 @@ class Carries:
             size = _bytes(partial)
             if self.held + size + reserve <= self.budget:
                 self._put(key, partial)
-            elif self.held_away + size <= self.host_budget:
+            elif self.held_away + _away_bytes(partial) <= self.host_budget:
                 self._put_away(key, partial)
             else:
                 continue
@@ -365,7 +365,7 @@ class Carries:
         unit's shape keeps that from happening)."""
         while self.held + reserve > self.budget:
             room = self.host_budget - self.held_away
-            movable = [k for k in self.sums if _bytes(self.sums[k]) <= room]
+            movable = [k for k in self.sums if _away_bytes(self.sums[k]) <= room]
             if movable:
                 key = max(movable, key=self.needed.__getitem__)
                 partial = self.sums.pop(key)
@@ -384,7 +384,7 @@ class Carries:
     def _put_away(self, key: tuple[Zyx, Zyx], partial: torch.Tensor) -> None:
         """Hold a sum in host memory (its copy runs beside the device's work)."""
         self.away[key] = to_host(partial), partial.device
-        self.held_away += _bytes(partial)
+        self.held_away += _away_bytes(partial)
 
     def _pop(self, key: tuple[Zyx, Zyx]) -> torch.Tensor:
         """Take a sum off, on the device (a handed-on one's count and rank with it)."""
@@ -395,7 +395,8 @@ class Carries:
     def _drop(self, key: tuple[Zyx, Zyx]) -> None:
         """Forget a sum, wherever it waits (a handed-on one's count and rank with it)."""
         if key in self.away:
-            self.held_away -= _bytes(self.away.pop(key)[0].tensor)
+            host, device = self.away.pop(key)
+            self.held_away -= _away_bytes(host.tensor, device)
         else:
             self.held -= _bytes(self.sums.pop(key))
         self.counts.pop(key, None)
@@ -404,6 +405,16 @@ class Carries:
 
 def _bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _away_bytes(tensor: torch.Tensor, device: torch.device | None = None) -> int:
+    """Host memory a sum from ``device`` (``tensor``'s own by default) takes while it
+    waits: on a GPU, pinned memory from torch's cache, which rounds each buffer up to a
+    power of two (a sum of 5 MiB holds 8)."""
+    size = _bytes(tensor)
+    if (device or tensor.device).type != "cuda" or size <= 1:
+        return size
+    return 1 << (size - 1).bit_length()
 
 
 @dataclass(frozen=True)
