@@ -41,7 +41,10 @@ def parse_offsets(value: Any, where: str) -> tuple[Offset, ...]:
         text = value.strip()
         try:
             value = json.loads(text)
-        except ValueError:
+        except ValueError as exc:
+            if text.startswith("["):  # JSON meant: triples split at its commas said nonsense
+                raise UserError(f"{where}: {text!r} is not valid JSON ({exc}); give "
+                                "[[-1,0,0],[0,-1,0],...] or -1,0,0 0,-1,0 ...") from None
             value = [part.split(",") for part in re.split(r"[;\s]+", text) if part]
     if not isinstance(value, list | tuple) or not value:
         raise UserError(f"{where}: offsets must be a non-empty list of z,y,x triples "

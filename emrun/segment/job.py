@@ -176,6 +176,8 @@ def open_affinities(path: str, offsets_text: str | None) -> tuple[Volume, tuple[
     if not (volume.dtype == np.uint8 or volume.dtype.kind in "fb"):
         raise UserError(f"{volume}: dtype {volume.dtype} is not affinities; expected uint8 "
                         "(255 = 1) or float probabilities")
+    if 0 in volume.shape:  # evaluate refuses its empty segmentation: say it here
+        raise UserError(f"{volume} is empty (shape {list(volume.shape)}): nothing to segment")
     if offsets_text is not None:
         offsets = parse_offsets(offsets_text, "--offsets")
     else:

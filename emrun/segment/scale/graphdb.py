@@ -91,8 +91,18 @@ def shown_url(url: str) -> str:
 
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not even a URL: show it as given (it has no password to hide)
-        return url
+    except Exception:  # not even a URL: hide what stands where a password would
+        return _hide_secret(url, url)
+
+
+def _hide_secret(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` (``scheme://user:password@...``, parsed or
+    not) shown as ***: a URL too malformed to parse still carries one, and so may the
+    reason it failed."""
+    _, sep, rest = url.partition("://")
+    userinfo = rest.rpartition("@")[0] if sep else ""
+    secret = userinfo.partition(":")[2]
+    return text.replace(secret, "***") if secret else text
 
 
 @dataclass(frozen=True)
@@ -182,10 +192,15 @@ class GraphStore:
         try:
             self.engine = sa.create_engine(url, connect_args=connect, pool_pre_ping=True)
         except ImportError as exc:
-            raise UserError(f"--db {shown}: the driver is missing ({exc}); pip install "
-                            "'emrun[postgres]'") from None
+            if exc.name in (None, "psycopg"):
+                raise UserError(f"--db {shown}: the driver is missing ({exc}); pip install "
+                                "'emrun[postgres]'") from None
+            raise UserError(f"--db {shown}: the driver {exc.name} is not installed; "
+                            "emrun[postgres] brings psycopg (3): write postgresql://... (or "
+                            f"postgresql+psycopg://...), or install {exc.name}") from None
         except Exception as exc:
-            raise UserError(f"--db {shown}: not a database URL ({_first_line(exc)})") from None
+            reason = _hide_secret(_first_line(exc), url)
+            raise UserError(f"--db {shown}: not a database URL ({reason})") from None
         if scheme == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_settings)
         self.seconds = 0.0  # time spent writing, for the benchmark's database share

@@ -1,0 +1,53 @@
+"""Mistakes in segment's inputs found by probing: each is one clear line, never a secret."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from emrun.errors import UserError
+from emrun.segment.affinities import parse_offsets
+from emrun.segment.job import open_affinities
+from emrun.segment.scale.graphdb import GraphStore
+
+
+@pytest.mark.parametrize("url", ["postgresql://alice:s3cretPW@[::1/x",
+                                 "postgresql://alice:s3cretPW@localhost:abc/x"])
+def test_a_database_url_too_malformed_to_parse_keeps_its_password_hidden(url):
+    """A URL that parses hid its password; one that did not was echoed whole."""
+    with pytest.raises(UserError) as caught:
+        GraphStore(url)
+    said = str(caught.value)
+    assert "s3cretPW" not in said and "alice:***@" in said and "not a database URL" in said
+
+
+def test_a_driver_emrun_does_not_bring_is_named_with_what_it_does_bring():
+    """`postgresql+psycopg2://`: installing emrun[postgres], as the message said, changed
+    nothing (it brings psycopg 3)."""
+    pytest.importorskip("sqlalchemy")
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("psycopg2 is installed here")
+    with pytest.raises(UserError, match=r"the driver psycopg2 is not installed; "
+                                        r"emrun\[postgres\] brings psycopg \(3\)"):
+        GraphStore("postgresql+psycopg2://alice@localhost:1/x")
+
+
+def test_offsets_meant_as_json_are_said_to_be_bad_json():
+    with pytest.raises(UserError, match=r"^--offsets: .* is not valid JSON \(Expecting"):
+        parse_offsets("[[-1,0,0],[0,-1,0],[0,0,-1]", "--offsets")
+    assert parse_offsets("-1,0,0 0,-1,0", "--offsets") == ((-1, 0, 0), (0, -1, 0))
+
+
+def test_empty_affinities_are_refused_not_segmented(tmp_path):
+    """Affinities with no sections were 'segmented' into an empty volume (exit 0), where
+    evaluate refuses the same volume."""
+    store = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
+    store.create_array("affinity", shape=(3, 0, 8, 8), dtype=np.uint8)
+    with pytest.raises(UserError, match=r"is empty \(shape \[3, 0, 8, 8\]\): nothing to "
+                                        r"segment"):
+        open_affinities(str(tmp_path / "a.zarr/affinity"), "-1,0,0 0,-1,0 0,0,-1")
