@@ -128,6 +128,26 @@ def test_a_resume_with_another_mask_or_offsets_is_still_refused(store, tmp_path)
     assert "its fragments were made with another offsets" in result.output
 
 
+def test_a_resume_on_affinities_of_another_channel_count_names_the_jobs_input(store,
+                                                                             tmp_path):
+    """A plain --resume takes the job's offsets; on other affinities with another channel
+    count that blamed the offsets ('give one offset per channel'), and giving them led to
+    the real refusal only then. It names the input the job was started on."""
+    out = tmp_path / "started.zarr"
+    result = _segment(store, out, *SCALE, "--offsets", OFFSETS_TEXT)
+    assert result.exit_code == 0, result.output
+    six = noisy(affinities(cells(SHAPE, n=12, seed=3), (*NEAREST, (-2, 0, 0), (0, -3, 0),
+                                                          (0, 0, -3))), 0.15, seed=1)
+    write_volume(tmp_path / "six.zarr", "affinity", np.round(six * 255).astype(np.uint8),
+                 channel_axis=True)
+    result = runner.invoke(app, ["segment", str(tmp_path / "six.zarr/affinity"), str(out),
+                                 *SCALE, "--resume"])
+    assert result.exit_code == 2, result.output
+    assert re.search(r"6 affinity channels, but the job being resumed was started on "
+                     r".*in\.zarr/affinity with 3; resume with those affinities",
+                     " ".join(result.output.split())), result.output
+
+
 def _saved(output: Path, mask: str | None) -> ScaleJob:
     """A job saved in ``output`` (its job file is all a resume's inputs read)."""
     job = ScaleJob(affinities="in.zarr/affinity", offsets=NEAREST,
@@ -148,9 +168,10 @@ def test_a_resume_takes_only_what_is_not_given_and_a_new_job_nothing(store, tmp_
     _saved(tmp_path / "o.zarr", mask)
     taken = _inputs(tmp_path / "o.zarr")
     assert taken.mask == mask and taken.offsets == "[[-1, 0, 0], [0, -1, 0], [0, 0, -1]]"
+    assert taken.offsets_of == "in.zarr/affinity"  # whose they are, for a mismatch
     given = _inputs(tmp_path / "o.zarr", mask="m.zarr/x", offsets="0,0,-1")
-    assert (given.mask, given.offsets) == ("m.zarr/x", "0,0,-1")
-    assert _inputs(tmp_path / "new.zarr") == (None, None)
+    assert (given.mask, given.offsets, given.offsets_of) == ("m.zarr/x", "0,0,-1", None)
+    assert _inputs(tmp_path / "new.zarr") == (None, None, None)
 
 
 def test_a_jobs_mask_that_no_longer_opens_is_named(tmp_path):

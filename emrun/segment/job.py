@@ -159,9 +159,12 @@ def find_affinities(path: str) -> str | None:
     return f"{path.rstrip('/')}/{found[0]}" if len(found) == 1 else None
 
 
-def open_affinities(path: str, offsets_text: str | None) -> tuple[Volume, tuple[Offset, ...]]:
+def open_affinities(path: str, offsets_text: str | None, offsets_of: str | None = None
+                    ) -> tuple[Volume, tuple[Offset, ...]]:
     """The affinity volume and its offsets, checked. A zarr group holding exactly one
-    volume with offsets (an inference output) stands for that volume."""
+    volume with offsets (an inference output) stands for that volume. ``offsets_of``: the
+    affinities a resumed job was started on, whose offsets ``offsets_text`` are (a channel
+    count that differs says the input changed, not that offsets are missing)."""
     try:
         volume = open_volume(path)
     except UserError:
@@ -187,6 +190,10 @@ def open_affinities(path: str, offsets_text: str | None) -> tuple[Volume, tuple[
                             f"{volume.shape[0]} channels connect; pass --offsets, e.g. "
                             "'[[-1,0,0],[0,-1,0],[0,0,-1]]'")
         offsets = parse_offsets(stored, f"{volume}: attribute 'offsets'")
+    if offsets_of is not None and len(offsets) != volume.shape[0]:
+        raise UserError(f"{volume}: {volume.shape[0]} affinity channels, but the job being "
+                        f"resumed was started on {offsets_of} with {len(offsets)}; resume "
+                        "with those affinities, or use another output")
     check_offsets(offsets, volume.shape[0], str(volume), volume.shape[1:])
     return volume, offsets
 
@@ -422,7 +429,7 @@ def _graph_inputs(request: SegmentRequest, say: Callable[[str], None] | None
     if not request.resume:
         check_output(output, names)
     inputs = resumed_inputs(request)  # a resume's: the job's where not given
-    volume, offsets = open_affinities(request.affinities, inputs.offsets)
+    volume, offsets = open_affinities(request.affinities, inputs.offsets, inputs.offsets_of)
     note_other_offsets(volume, offsets, request.offsets, say or (lambda text: None))
     spatial = volume.shape[1:]
     level_factors(spatial, volume.voxel_size, request.levels)

@@ -286,6 +286,7 @@ class Inputs(NamedTuple):
 
     offsets: str | None
     mask: str | None
+    offsets_of: str | None = None  # the affinities whose job gave ``offsets`` (a resume's)
 
 
 def resumed_inputs(request: SegmentRequest) -> Inputs:
@@ -298,9 +299,10 @@ def resumed_inputs(request: SegmentRequest) -> Inputs:
     saved = saved_job(request.output) if request.resume else None
     if saved is None:
         return Inputs(request.offsets, request.mask)
-    offsets = request.offsets
+    offsets, offsets_of = request.offsets, None
     if offsets is None:
         offsets = json.dumps([list(o) for o in saved.offsets])
+        offsets_of = saved.affinities
     mask = request.mask
     if mask is None and saved.mask is not None:
         mask = carried_mask(saved.mask, saved.output, str(request.output.resolve()))
@@ -310,7 +312,7 @@ def resumed_inputs(request: SegmentRequest) -> Inputs:
             raise UserError(f"--resume takes the job's --mask {mask}, which does not open "
                             f"now: {exc}; its fragments were made with it: put it back "
                             "there, or use another output") from None
-    return Inputs(offsets, mask)
+    return Inputs(offsets, mask, offsets_of)
 
 
 def _within(path: str, folder: str) -> bool:
