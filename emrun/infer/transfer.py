@@ -52,14 +52,25 @@ def to_host(tensor: torch.Tensor) -> HostArray:
 
 
 def to_device(array: HostArray, device: torch.device) -> torch.Tensor:
-    """``array`` back on ``device``, copied once its copy to the host is done, without
-    waiting for it (the pinned buffer is not reused before the copy back has read it:
-    torch's pinned-memory cache waits for copies queued from it). On a CPU: as it is."""
+    """``array`` back on ``device``: copied on the copy stream (after its copy to the host,
+    queued there before), so the copy runs while the device still works on the block
+    queued before (the host runs a block ahead: `DeviceQueue`); the device's own stream
+    waits for it before the work queued after this call.
+    The pinned buffer is not reused before the copy has read it (torch's pinned-memory
+    cache waits for copies queued from it). On a CPU: as it is."""
     if device.type != "cuda":
         return array.tensor
-    if array.ready is not None:
-        torch.cuda.current_stream(device).wait_event(array.ready)
-    return array.tensor.to(device, non_blocking=True)
+    stream = _copy_stream(device)
+    current = torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        if array.ready is not None:
+            stream.wait_event(array.ready)
+        tensor = array.tensor.to(device, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(stream)
+    current.wait_event(copied)
+    tensor.record_stream(current)  # allocated for the copy stream, used and freed on this one
+    return tensor
 
 
 def pinned(array: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
