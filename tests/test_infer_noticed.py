@@ -278,3 +278,26 @@ def test_a_resumption_without_a_block_finishes_in_the_layout_the_output_was_star
     progress = run(resume=True)
     assert (progress.done, progress.skipped) == (0, 4)
     np.testing.assert_array_equal(read(out, "aff"), first)
+
+
+# --- an output started and stopped before its first block, on data since rewritten ----------
+
+
+def test_an_output_with_no_finished_block_says_removing_it_starts_again(tmp_path):
+    """A NaN in the input stops the run before its first block, leaving the output (it is
+    resumable); once the data is fixed, a rerun was refused ('already exists') and a resume
+    too ('started from other data'), with no word that removing it is all it takes."""
+    from emrun.errors import UserError
+    from emrun.infer.run import run_inference
+    from emrun.io import open_volume
+
+    recipe, _, _, tmp = make_inputs(tmp_path, shape=(8, 32, 32))
+    out = tmp / "out.zarr"
+    release_job(prepare_job(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
+                            block=(4, 16, 16)))  # started: nothing predicted yet
+    image = open_volume(str(tmp / "in.zarr/image")).read()
+    write_volume(tmp / "in.zarr", "image", 255 - image, voxel_size=(30, 6, 6), overwrite=True)
+    with pytest.raises(UserError, match=re.escape(
+            f"(it holds no finished block: removing {out} starts it again there)")):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
+                      block=(4, 16, 16), resume=True)

@@ -653,9 +653,12 @@ def _check_same_contents(output: Path, saved: dict[str, Any], volume: Volume, jo
     shape, other voxels): the blocks done would be the old data's predictions."""
     if "input_sample" in saved and saved["input_sample"] != contents_sample(
             volume, job.roi_offset, job.layout.shape):
+        unstarted = len(job.pending()) == len(job.layout.block_grid())
         raise UserError(f"{output} was started from other data than --input {volume} holds "
                         "now (a sample of its voxels differs: it was rewritten since); resume "
-                        "only with the data it started from, or write to a new --output")
+                        "only with the data it started from, or write to a new --output" + (
+                            f" (it holds no finished block: removing {output} starts it "
+                            "again there)" if unstarted else ""))
 
 
 def _check_same_network(output: Path, saved: dict[str, Any], checkpoint: Path) -> None:
