@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -661,11 +662,22 @@ def test_plan_checks_everything_and_writes_nothing(inputs):
     assert started.done == 27
     refused = CliRunner().invoke(app, [*base, "--output", str(tmp / "s.zarr")])
     assert refused.exit_code == 2 and "already exists; use --resume" in refused.output
-    for marker in sorted(tmp.glob("s.zarr/.emrun-done/*/0_*"))[:4]:
+    finished = CliRunner().invoke(app, [*base, "--output", str(tmp / "s.zarr"), "--resume"])
+    assert finished.exit_code == 0, finished.output
+    assert finished.output.splitlines()[-1] == "  patches predicted: none, every block is done"
+    markers = sorted(tmp.glob("s.zarr/.emrun-done/*/0_*"))[:4]
+    for marker in markers:
         marker.unlink()
     resumed = CliRunner().invoke(app, [*base, "--output", str(tmp / "s.zarr"), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert "27 of 4 x 16 x 16 (3 x 3 x 3), chunks 4 x 16 x 16; 4 to predict" in resumed.output
+    owned = sum(len(layout.owned_patches(tuple(map(int, m.name.split("_"))))) for m in markers)
+    assert 0 < owned < lattice  # the blocks left's patches, not the lattice's
+    unit = re.search(r"units: [\d,]+ of ([\d x]+) blocks", resumed.output).group(1)
+    share = repeated(layout, tuple(map(int, unit.split(" x "))))
+    assert resumed.output.splitlines()[-1] == (
+        f"  patches predicted: about {round(owned * (1 + share)):,}, {100 * share:.1f} % of "
+        "them again at unit borders")
     hosted = CliRunner().invoke(app, [*base, "--output", str(tmp / "p.zarr"),
                                       "--handover-memory", "0", "--handover-host-memory", "1GiB"])
     assert hosted.exit_code == 0, hosted.output

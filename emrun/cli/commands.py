@@ -323,8 +323,16 @@ def plan_lines(plan: Any) -> list[str]:
         f"  units: {count:,} of {dims(units.unit)} blocks for {units.workers} worker"
         f"{'s' if units.workers != 1 else ''} on {plan.device}, a hand-over budget of "
         f"{size_text(units.handover)} per worker{_beside(units.handover_host)}",
-        f"  patches predicted: about {round(lattice * (1 + units.repeated)):,}, "
-        f"{100 * units.repeated:.1f} % of them again at unit borders"]
+        _patches_line(plan.pending, plan.owned, units.repeated)]
+
+
+def _patches_line(pending: int, owned: int, repeated: float) -> str:
+    """The plan's patches: those the blocks left own and their share predicted again at
+    unit borders (a resumed output's finished blocks predict none)."""
+    if not pending:
+        return "  patches predicted: none, every block is done"
+    return (f"  patches predicted: about {round(owned * (1 + repeated)):,}, "
+            f"{100 * repeated:.1f} % of them again at unit borders")
 
 
 REPEATS_NOTED = 0.01

@@ -167,6 +167,10 @@ class Layout:
                 box_of(self.shape))
         return Roi(begin, [e - b for b, e in zip(begin, end, strict=True)])
 
+    def owned_count(self, block: Zyx) -> int:
+        """How many patches ``block`` owns (`owned_patches`, without listing them)."""
+        return math.prod(len(r) for r in self._owned_starts(block))
+
     def _owned_starts(self, block: Zyx) -> list[range]:
         """Per axis, the starts of the patches ``block`` owns."""
         return [self.starts_within(a, block[a] * self.block[a] if block[a] else -math.inf,

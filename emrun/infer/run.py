@@ -87,6 +87,7 @@ class InferencePlan:
     pending: int  # blocks without a done-marker
     device: str
     units: Progress  # the units planned (`Progress.plan`), no block done
+    owned: int  # the patches the pending blocks own (the lattice's, on a new output)
 
 
 def plan_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
@@ -108,7 +109,9 @@ def plan_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pa
     units.plan(job, count, where)
     if where == "auto":  # daisy's workers resolve it where they run; the budget, as here
         where = f"auto ({'cuda' if torch.cuda.is_available() else 'cpu'} on this machine)"
-    return InferencePlan(job, len(job.pending()), where, units)
+    pending = job.pending()
+    owned = sum(map(job.layout.owned_count, pending))
+    return InferencePlan(job, len(pending), where, units, owned)
 
 
 def _checked_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
