@@ -301,3 +301,31 @@ def test_an_output_with_no_finished_block_says_removing_it_starts_again(tmp_path
             f"(it holds no finished block: removing {out} starts it again there)")):
         run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
                       block=(4, 16, 16), resume=True)
+
+
+# --- a plain --resume keeps the pyramid a run was started with -----------------------------
+
+
+def test_a_plain_resume_keeps_the_levels_the_output_was_started_with(tmp_path):
+    """A finished output built with --levels, resumed without it, was rebuilt with the
+    default count: its extra levels were deleted without a word."""
+    from emrun.infer.run import run_inference
+
+    recipe, _, _, tmp = make_inputs(tmp_path, shape=(8, 128, 128))
+    out = tmp / "out.zarr"
+
+    def levels() -> list[str]:
+        return sorted(p.name for p in (out / "aff").iterdir() if p.name.isdigit())
+
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(8, 64, 64),
+                  levels=4)
+    assert levels() == ["0", "1", "2", "3"]
+    default = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "d.zarr",
+                            block=(8, 64, 64))
+    assert default.done and len(list((tmp / "d.zarr/aff").glob("[0-9]"))) < 4
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(8, 64, 64),
+                  resume=True)
+    assert levels() == ["0", "1", "2", "3"]
+    run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(8, 64, 64),
+                  resume=True, levels=2)  # asked for: built as asked
+    assert levels() == ["0", "1"]

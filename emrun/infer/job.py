@@ -192,7 +192,8 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
 
     ``roi`` (offset, shape) predicts only that box of the input; the output has the box's
     shape, and the input around the box still serves as context where it exists.
-    ``levels``: the outputs' pyramid levels (`finish_job`; None: the default).
+    ``levels``: the outputs' pyramid levels (`finish_job`; None: the default, or on a
+    resume the levels the output was started with).
     ``workers``: the worker processes that will predict on this machine, each holding its
     own block's working set (`check_memory`).
     ``handover``: the bytes of partial sums each worker may hold for later blocks of its
@@ -235,6 +236,8 @@ def prepare_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path,
     stride = recipe.infer.resolved_stride(patch)
     offset, shape = zyx(box.offset), zyx(box.shape)
     _check_float_scale(recipe, volume, offset, shape)
+    if levels is None and resume:  # the pyramid it was started with: the default would
+        levels = started_with(output).get("levels")  # delete a --levels run's extra ones
     level_factors(shape, volume.voxel_size, levels)  # a bad --levels, before any work
     given = block or recipe.infer.block
     chunks, block = choose_chunks_and_block(shape, patch, stride, recipe.infer.chunks, given)
@@ -463,7 +466,7 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
         "input_sample": contents_sample(volume, job.roi_offset, job.layout.shape),
         "roi_offset": list(job.roi_offset), "output_shape": list(layout.shape),
         "tta": _tta_count(job), "mask": _mask_id(job.mask_path),
-        "scale": list(job.scale), **info}
+        "scale": list(job.scale), "levels": job.levels, **info}
     # where the output lies in the input's space: the input's own offset, plus the ROI's
     placed = tuple(int(o) + r for o, r in zip((volume.offset or (0, 0, 0))[-3:], job.roi_offset,
                                                strict=True))
