@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -156,20 +156,15 @@ def check_launch(launch: str | None) -> None:
         raise UserError(f"--launch {launch!r}: no command {words[0]!r} on this machine's PATH")
 
 
-def run_launched(launch: str, module: str, *args: str, stopped: Sequence[str] = ()) -> None:
+def run_launched(launch: str, module: str, *args: str) -> tuple[int, str | None]:
     """In a daisy worker: serve blocks through ``launch`` (``srun ... python -m module
-    args``). A failure is one line on stderr, which daisy shows, and the command's exit
-    code, instead of a traceback per restart; none where the run was ``stopped`` (the
-    signals noted while it ran: the launched worker died of the stop, still starting, say)."""
+    args``); its exit code, and what to say of a failure (None: it exited 0)."""
     command = [*shlex.split(launch), sys.executable, "-m", module, *args]
     try:
         code = subprocess.run(command).returncode
     except OSError as exc:
-        print(f"{LAUNCH_FAILED} {launch!r} could not start: {exc}", file=sys.stderr)
-        sys.exit(127)
-    if code and not stopped:
-        print(f"{LAUNCH_FAILED} {launch!r} exited with code {code}", file=sys.stderr)
-        sys.exit(code)
+        return 127, f"{LAUNCH_FAILED} {launch!r} could not start: {exc}"
+    return code, f"{LAUNCH_FAILED} {launch!r} exited with code {code}" if code else None
 
 
 LAUNCHED = "launched"
@@ -179,22 +174,52 @@ file: apart, so that `LaunchWatch` lists a handful of files, not a job's million
 
 def run_through(launch: str, module: str, args: list[str], folder: Path) -> None:
     """In a daisy worker: serve blocks through the ``--launch`` command (`run_launched`),
-    which must run ``python -m module args`` and wait for it. One that ended at once without
-    running it (a command that ignores its arguments, a fire-and-forget submit) was
-    restarted ten times and then reported with daisy's advice to raise
-    ``Task(max_worker_restarts)``: the worker now leaves a file in ``folder`` (shared with
-    this node) as it starts, and its absence is said in one line, as a failure."""
+    which must run ``python -m module args`` and wait for it; the worker leaves a file in
+    ``folder`` (shared with this node) as it starts. A command that failed or ended before
+    the worker started (a typo, a fire-and-forget submit, a command that ignores its
+    arguments) is the user's to fix: it is left for the scheduler as a worker's user error
+    (`leaving_user_errors`: one line, exit 2, no more workers started), where daisy
+    restarted it ten times, printing a traceback each. One that failed after the worker
+    started (a node lost, memory) exits with its code, and daisy starts another. Nothing
+    is said where the run was stopped (signals noted while it ran: the launched worker
+    died of the stop, still starting, say)."""
+    if worker_failed(folder):  # another worker's launch failed: the run is ending
+        _take_no_block()
+        return
     with _waiting_for_launched() as signalled:
         tokens = Path(folder) / LAUNCHED
         tokens.mkdir(exist_ok=True)
         token = tokens / uuid.uuid4().hex
-        run_launched(launch, module, *args, str(token), stopped=signalled)
-    if not token.exists() and not signalled:
-        print(f"{LAUNCH_FAILED} {launch!r} ended (exit code 0) without running the worker "
-              "command given to it; it must run that command and wait for it, as srun does",
-              file=sys.stderr)
-        sys.exit(1)
+        code, failure = run_launched(launch, module, *args, str(token))
+    started = token.exists()
     token.unlink(missing_ok=True)
+    if signalled:
+        return
+    if not started:
+        with leaving_user_errors(folder):
+            raise UserError(launch_failure(launch, failure or (
+                f"{LAUNCH_FAILED} {launch!r} ended (exit code 0) without running the worker "
+                "command given to it; it must run that command and wait for it, as srun "
+                "does")))
+        _take_no_block()
+        return
+    if failure is not None:
+        print(failure, file=sys.stderr)
+        sys.exit(code)
+
+
+def _take_no_block() -> None:
+    """Connect to daisy as a worker and end: the scheduler's check function says every block
+    is done once a worker's user error is left (`worker_failed`), so daisy finishes. A
+    daisy worker that ended without a worker connecting was started again, ten times, each
+    with a warning."""
+    if "DAISY_CONTEXT" not in os.environ:  # not started by daisy (a test, say)
+        return
+    client = daisy_package().Client()
+    while True:
+        with client.acquire_block() as block:
+            if block is None:
+                return
 
 
 def _waiting_for_launched() -> contextlib.AbstractContextManager[list[str]]:

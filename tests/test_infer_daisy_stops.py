@@ -18,7 +18,7 @@ import pytest
 import yaml
 from test_infer import make_inputs
 
-from emrun.devices import BlockStops, daisy_stops, run_through
+from emrun.devices import WORKER_ERROR, BlockStops, daisy_stops, run_through
 
 BLOCK = (4, 16, 16)
 
@@ -162,10 +162,30 @@ def test_a_launch_waiter_leaves_the_signal_to_its_worker(tmp_path, capsys):
 
 
 def test_a_launched_worker_failing_without_a_stop_still_fails(tmp_path, capsys):
+    """Once started, a worker that fails is daisy's to start again (a node lost, say): its
+    exit code, and one line."""
+    started = "sh -c 'for a; do t=$a; done; touch \"$t\"; exit 3' --"  # the token: last
     with pytest.raises(SystemExit) as exited:
-        run_through("sh -c 'exit 3' --", "unused", [], tmp_path)
+        run_through(started, "unused", [], tmp_path)
     assert exited.value.code == 3
     assert "exited with code 3" in capsys.readouterr().err
+    assert not (tmp_path / WORKER_ERROR).exists()
+
+
+def test_a_launch_that_fails_before_its_worker_starts_is_left_as_the_users_error(tmp_path,
+                                                                              capsys):
+    """A command that fails before the worker starts (a typo, a refused submit) is the
+    user's: left for the scheduler in one line (no more workers, exit 2), where daisy
+    restarted it ten times, printing a traceback each."""
+    run_through("sh -c 'exit 3' --", "unused", [], tmp_path)
+    assert capsys.readouterr().err == ""
+    said = (tmp_path / WORKER_ERROR).read_text()
+    assert said == ("the workers started through --launch \"sh -c 'exit 3' --\" failed (the "
+                    "--launch command \"sh -c 'exit 3' --\" exited with code 3); finished "
+                    "blocks are kept: fix the command and run again (with --resume where it "
+                    "has one)")
+    run_through("sh -c 'touch launched-again' --", "unused", [], tmp_path)  # another worker
+    assert not (tmp_path / "launched-again").exists()  # is not launched once one failed
 
 
 def _gone_daisy() -> Any:

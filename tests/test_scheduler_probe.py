@@ -174,19 +174,19 @@ def test_segment_without_daisy_says_so_before_making_the_output(tmp_path, monkey
     assert not out.exists()
 
 
-def test_a_launch_command_that_never_runs_the_worker_is_named(tmp_path, capsys):
+def test_a_launch_command_that_never_runs_the_worker_is_named(tmp_path):
     """`--launch true` (or a fire-and-forget submit) ended at once, exit 0, without running
     the worker: daisy restarted it ten times and emrun then passed on daisy's advice to
-    raise Task(max_worker_restarts). Now the worker's daisy process says what happened, in
-    the line `launch_failure` picks, and fails."""
-    from emrun.devices import launch_failure, run_through
+    raise Task(max_worker_restarts). Now the worker's daisy process leaves what happened
+    as the run's user error (one line, exit 2), in `launch_failure`'s words."""
+    from emrun.devices import WORKER_ERROR, run_through
 
-    with pytest.raises(SystemExit) as exit_:
-        run_through("true", "emrun.evaluate.schedule", [str(tmp_path)], tmp_path)
-    assert exit_.value.code == 1
-    said = capsys.readouterr().err
-    assert "without running the worker command" in launch_failure("true", said)
-    assert [p.name for p in tmp_path.iterdir()] == ["launched"]
+    run_through("true", "emrun.evaluate.schedule", [str(tmp_path)], tmp_path)
+    said = (tmp_path / WORKER_ERROR).read_text()
+    assert said.startswith("the workers started through --launch 'true' failed (the --launch "
+                           "command 'true' ended (exit code 0) without running the worker "
+                           "command given to it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["launched", WORKER_ERROR]
     assert list((tmp_path / "launched").iterdir()) == []
 
 
