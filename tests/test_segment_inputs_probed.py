@@ -51,3 +51,12 @@ def test_empty_affinities_are_refused_not_segmented(tmp_path):
     with pytest.raises(UserError, match=r"is empty \(shape \[3, 0, 8, 8\]\): nothing to "
                                         r"segment"):
         open_affinities(str(tmp_path / "a.zarr/affinity"), "-1,0,0 0,-1,0 0,0,-1")
+
+
+def test_a_sqlite_file_given_as_a_folder_or_in_no_folder_is_said_so(tmp_path):
+    """SQLite's own words for both were 'unable to open database file'."""
+    with pytest.raises(UserError, match=rf"{tmp_path} is a folder; give a file in it"):
+        GraphStore(f"sqlite:///{tmp_path}").create("digest")
+    with pytest.raises(UserError, match=rf"the folder {tmp_path / 'none'} does not exist"):
+        GraphStore(f"sqlite:///{tmp_path / 'none' / 'graph.db'}").create("digest")
+    GraphStore(f"sqlite:///{tmp_path / 'graph.db'}").create("digest")  # a file, a folder

@@ -95,6 +95,27 @@ def shown_url(url: str) -> str:
         return _hide_secret(url, url)
 
 
+def _check_sqlite_file(url: str, shown: str) -> None:
+    """Where SQLite could not open its file, a place that cannot hold one, said as such:
+    SQLite only says 'unable to open database file' of a folder given as the file, or of
+    a file in a folder that does not exist."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(url).database
+    except Exception:  # the engine's own parse says what is wrong
+        return
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if path.is_dir():
+        raise UserError(f"--db {shown}: {path} is a folder; give a file in it, e.g. "
+                        f"sqlite:///{path / 'graph.db'}")
+    if not path.parent.is_dir():
+        raise UserError(f"--db {shown}: the folder {path.parent} does not exist; create it, "
+                        "or give a file in a folder that does")
+
+
 def _hide_secret(text: str, url: str) -> str:
     """``text`` with the password of ``url`` (``scheme://user:password@...``, parsed or
     not) shown as ***: a URL too malformed to parse still carries one, and so may the
@@ -465,6 +486,8 @@ class GraphStore:
         except sa.exc.DBAPIError as exc:
             if not _users_fault(exc):
                 raise
+            if self.engine.dialect.name == "sqlite":
+                _check_sqlite_file(self.url, shown_url(self.url))
             raise UserError(f"--db {shown_url(self.url)}: cannot {what} the graph database "
                             f"({_first_line(exc.orig or exc)}){_password_hint(exc)}") from None
 
