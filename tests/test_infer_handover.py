@@ -678,6 +678,14 @@ def test_plan_checks_everything_and_writes_nothing(inputs):
     assert resumed.output.splitlines()[-1] == (
         f"  patches predicted: about {round(owned * (1 + share)):,}, {100 * share:.1f} % of "
         "them again at unit borders")
+    output_line = next(line for line in lines if line.startswith("  output: "))
+    assert output_line.endswith(" free there") and "before compression, " in output_line
+    assert f"  input {job.input_path}: 12 x 40 x 48 voxels" in lines  # no box: no more
+    boxed = CliRunner().invoke(app, [*base, "--output", str(tmp / "p.zarr"),
+                                     "--roi", "2,4,4/8,24,24"])
+    assert boxed.exit_code == 0, boxed.output
+    assert f"  input {job.input_path}: 12 x 40 x 48 voxels, the box of 8 x 24 x 24 at " \
+           "2 x 4 x 4" in boxed.output.splitlines()  # it gave the box's shape as the input's
     hosted = CliRunner().invoke(app, [*base, "--output", str(tmp / "p.zarr"),
                                       "--handover-memory", "0", "--handover-host-memory", "1GiB"])
     assert hosted.exit_code == 0, hosted.output

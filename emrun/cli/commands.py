@@ -298,6 +298,7 @@ def infer(
 
 def plan_lines(plan: Any) -> list[str]:
     """`emrun infer --plan`'s report of an `InferencePlan`."""
+    from ..capacity import free_disk
     from ..infer.job import output_bytes
 
     job, units = plan.job, plan.units
@@ -311,12 +312,14 @@ def plan_lines(plan: Any) -> list[str]:
     grid = layout.grid()
     count = math.prod(-(-g // u) for g, u in zip(grid, units.unit, strict=True))
     lattice = layout.patch_count()
-    box = f", the box at {dims(job.roi_offset)}" if any(job.roi_offset) else ""
+    box = "" if layout.shape == plan.input_shape and not any(job.roi_offset) else \
+        f", the box of {dims(layout.shape)} at {dims(job.roi_offset)}"
     return [
         f"plan for {job.output} (nothing was written or predicted):",
-        f"  input {job.input_path}: {dims(layout.shape)} voxels{box}",
+        f"  input {job.input_path}: {dims(plan.input_shape)} voxels{box}",
         f"  output: {channels} channels of {recipe.infer.dtype} "
-        f"({', '.join(recipe.tasks)}), {size_text(raw)} before compression",
+        f"({', '.join(recipe.tasks)}), {size_text(raw)} before compression, "
+        f"{size_text(free_disk(job.output))} free there",
         f"  lattice: {lattice:,} patches of {dims(layout.patch)}, stride {dims(layout.stride)}",
         f"  blocks: {math.prod(grid):,} of {dims(layout.block)} ({dims(grid)}), chunks "
         f"{dims(layout.chunks)}; {plan.pending:,} to predict",

@@ -16,7 +16,9 @@ import torch
 
 from ..devices import check_launch, daisy_package
 from ..errors import UserError
-from ..geometry import Roi, Zyx
+from ..geometry import Roi, Zyx, zyx
+from ..io import open_volume
+from ..io.one_channel import single_channel
 from ..recipe import LoadedRecipe, Problem, Recipe
 from ..recipe.checks import cautions
 from .job import Job, finish_job, prepare_job, release_job
@@ -88,6 +90,7 @@ class InferencePlan:
     device: str
     units: Progress  # the units planned (`Progress.plan`), no block done
     owned: int  # the patches the pending blocks own (the lattice's, on a new output)
+    input_shape: Zyx  # the input's (the job's layout has the box's: `--roi`)
 
 
 def plan_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
@@ -111,7 +114,8 @@ def plan_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pa
         where = f"auto ({'cuda' if torch.cuda.is_available() else 'cpu'} on this machine)"
     pending = job.pending()
     owned = sum(map(job.layout.owned_count, pending))
-    return InferencePlan(job, len(pending), where, units, owned)
+    shape = zyx(single_channel(open_volume(job.input_path)).shape[-3:])
+    return InferencePlan(job, len(pending), where, units, owned, shape)
 
 
 def _checked_job(recipe: Recipe, checkpoint: Path, input_path: str, output: Path, *,
