@@ -899,8 +899,9 @@ def _check_store(root: Path, clear: bool = True) -> None:
     if is_link_loop(root):
         raise VolumeError(f"{root} is a loop of symbolic links; give a .zarr folder")
     if (holder := volume_around(root)) is not None:
-        raise VolumeError(f"{root}: lies inside the volume {holder}, which replacing it (or "
-                          "its pyramid) would delete; give a path outside it")
+        raise VolumeError(f"{root}: lies inside the volume {holder} (an array, or an image "
+                          "with its levels): replacing that volume, or rebuilding its "
+                          "pyramid, would delete it; give a path outside it")
     if not root.exists():
         if (above := file_in_the_way(root)) is not None:  # found now, not after the work
             raise VolumeError(f"{root}: {above} is a file, not a folder; give another path")
