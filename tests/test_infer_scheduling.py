@@ -143,7 +143,8 @@ def test_a_mask_of_zeros_only_is_said_to_leave_the_output_empty(inputs):
                                       str(tmp / "none.zarr")])
     assert result.exit_code == 0, result.output
     assert "27 of them empty" in result.stdout
-    assert "holds zeros only: --mask is 0 over the whole input" in result.stderr
+    assert "holds zeros only: --mask lets no voxel in (0, or NaN, over the whole input)" \
+        in result.stderr
     write_volume(tmp / "in.zarr", "all", np.ones((12, 40, 48), np.uint8), chunks=BLOCK)
     result = CliRunner().invoke(app, [*args, str(tmp / "in.zarr/all"), "--output",
                                       str(tmp / "all.zarr")])
@@ -156,7 +157,8 @@ def test_a_mask_of_zeros_only_is_said_to_leave_the_output_empty(inputs):
                                       str(tmp / "daisy.zarr"), "--scheduler", "daisy",
                                       "--workers", "1"])
     assert result.exit_code == 0, result.output
-    assert "holds zeros only: --mask is 0 over the whole input" in result.stderr
+    assert "holds zeros only: --mask lets no voxel in (0, or NaN, over the whole input)" \
+        in result.stderr
 
 
 def _recipe_file(recipe, tmp):

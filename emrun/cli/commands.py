@@ -288,7 +288,7 @@ def infer(
               f"already done, {progress.voxels / max(progress.seconds, 1e-9) / 1e6:.2f} "
               "Mvoxel/s", markup=False)
     if progress.done and progress.empty == progress.done and not progress.skipped:
-        why = "--mask is 0 over the whole input" if mask else \
+        why = "--mask lets no voxel in (0, or NaN, over the whole input)" if mask else \
             "the input is blank (all at its intensity scale's low end, 0 when unsigned)"
         err.print(f"warning: {output} holds zeros only: {why}; is it the right volume?",
                   markup=False)
