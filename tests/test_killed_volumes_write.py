@@ -46,7 +46,7 @@ def _killed_at_second_volume(store: Path, overwrite: bool = False) -> None:
     process.start()
     process.join(60)
     assert process.exitcode == 9
-    assert (store / "image" / "zarr.json").is_file()  # the first volume has its name
+    assert (store / "image.partial" / "zarr.json").is_file()  # written, not yet in place
     assert (store / adding.RECORD).is_file()
 
 
@@ -71,15 +71,52 @@ def test_a_kill_into_a_users_store_removes_only_the_volumes_it_added(tmp_path):
     assert "image" not in json.dumps(root["attributes"])  # the root names no removed volume
 
 
-def test_a_volume_replaced_before_the_kill_stays_replaced(tmp_path):
-    """--overwrite keeps what it already replaced (documented); the record names only the
-    volumes the write adds, so a replaced one is not removed."""
+def _old_set(store: Path) -> None:
+    write_volumes(store, {"image": (IMAGE[::-1].copy(), False), "cells": (LABELS + 1, True),
+                          "mito": (LABELS % 3, True)}, voxel_size=(30, 6, 6))
+
+
+def _is_old_set(store: Path) -> bool:
+    return (np.array_equal(open_volume(store / "image").read(), IMAGE[::-1])
+            and np.array_equal(open_volume(store / "labels" / "cells").read(), LABELS + 1)
+            and np.array_equal(open_volume(store / "labels" / "mito").read(), LABELS % 3))
+
+
+def test_a_kill_part_way_through_replacing_leaves_the_old_volumes_all(tmp_path):
+    """--overwrite replaced volumes one by one: a `data synth --overwrite` killed after its
+    image left the new image beside the old labels, of the same shape, which nothing
+    flagged (training would take the wrong truth). The new ones now go into place together
+    at the end, so a kill before leaves the old set whole, and the next writer clears the
+    new ones' partial volumes."""
     store = tmp_path / "s.zarr"
-    write_volume(store, "image", IMAGE[::-1].copy(), voxel_size=(30, 6, 6))
+    _old_set(store)
     _killed_at_second_volume(store, overwrite=True)
     write_module.hold_store(store)
     write_module.release_store(store)
+    assert _is_old_set(store)
+    assert not list(store.rglob("*.partial"))
+
+
+def test_a_failure_part_way_through_replacing_leaves_the_old_volumes_all(tmp_path,
+                                                                          monkeypatch):
+    store = tmp_path / "s.zarr"
+    _old_set(store)
+    real, calls = write_module.write_volume, {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("the disk is full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(write_module, "write_volume", failing)
+    with pytest.raises(OSError, match="the disk is full"):
+        write_volumes(store, _volumes(), voxel_size=(30, 6, 6), overwrite=True)
+    assert _is_old_set(store) and not list(store.rglob("*.partial"))
+    monkeypatch.setattr(write_module, "write_volume", real)
+    write_volumes(store, _volumes(), voxel_size=(30, 6, 6), overwrite=True)
     assert np.array_equal(open_volume(store / "image").read(), IMAGE)
+    assert np.array_equal(open_volume(store / "labels" / "cells").read(), LABELS)
 
 
 def test_a_new_store_undone_is_as_good_as_new(tmp_path):

@@ -266,14 +266,15 @@ def test_synth_killed_while_adding_keeps_the_stores_volumes_and_reruns_exactly(
 def test_a_killed_synths_volumes_are_undone_by_another_command_not_the_users(tmp_path,
                                                                             inputs):
     """The record names only what the killed write added: `data convert` of another volume
-    into the store removes the killed synth's complete image and labels, and nothing of the
-    user's (their files byte for byte)."""
+    into the store removes what the killed synth left (its image, staged), and nothing of
+    the user's (their files byte for byte)."""
     out = tmp_path / "s.zarr"
     assert emrun("data", "convert", inputs["image"], out, "--name", "raw", *CONVERT
                  ).returncode == 0
     raw = digest(out / "raw")
     killed("emrun.io.write:write_volume:2", "data", "synth", out, *SYNTH)
-    assert (out / "image" / "zarr.json").is_file()  # complete, until the next writer
+    assert (out / "image.partial" / "zarr.json").is_file()  # complete, not in place yet
+    assert not (out / "image").exists()  # the synth's volumes go into place together
     assert emrun("data", "convert", inputs["ids"], out, "--name", "seg", *CONVERT
                  ).returncode == 0
     assert digest(out / "raw") == raw

@@ -100,6 +100,7 @@ import re
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +206,10 @@ def write_volumes(
     """Write several in-memory volumes ({name: (array, label)}) into one store, all or none:
     every name is checked before any is written, and a failure part-way removes the ones
     this call added (a store it made goes with them), so a rerun finds its names free.
-    With `overwrite`, volumes already replaced stay replaced. The store is held against
+    With `overwrite`, the volumes replaced are renamed into place together once every new
+    one is written (`committed_together`): replaced one by one, a synth killed or failing
+    part-way left a new image beside the old labels, of the same shape, which nothing
+    flagged; a failure or a kill now leaves the old ones, all. The store is held against
     other emrun processes throughout (`held_store`): two at once mixed their volumes.
     ``taken``: the advice, in the calling command's options, for a name already there (the
     default names no option: `data synth` has no --name, `segment` no --overwrite)."""
@@ -213,10 +217,37 @@ def write_volumes(
         for name, (_, label) in volumes.items():
             _prepare(path, name, label, overwrite, taken)
         with adding_all(path, [(name, label) for name, (_, label) in volumes.items()],
-                        new_store):
+                        new_store), committed_together(path):
             for name, (array, label) in volumes.items():
                 write_volume(path, name, array, voxel_size=voxel_size, attrs=attrs,
                              label=label, levels=levels, overwrite=overwrite, taken=taken)
+
+
+_DEFERRED: ContextVar[list[tuple[Path, Path, bool]] | None] = ContextVar(
+    "emrun_deferred_commits", default=None)
+"""The volumes staged (partial, target, overwrite) inside `committed_together`."""
+
+
+@contextmanager
+def committed_together(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Volumes staged in the ``with`` block (`staged_volume`) stay ``NAME.partial`` until it
+    ends, then are renamed into place one after the other (renames: a kill's window is
+    theirs alone); a failure removes them, and a kill leaves partial volumes, which the
+    store's next writer removes: the volumes there before stay, all of them."""
+    pending: list[tuple[Path, Path, bool]] = []
+    token = _DEFERRED.set(pending)
+    try:
+        yield
+    except BaseException:
+        for partial, _, _ in pending:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        _DEFERRED.reset(token)
+    for partial, target, overwrite in pending:
+        _commit(partial, target, overwrite)
+    if pending:
+        refresh_root(path)
 
 
 @contextmanager
@@ -321,7 +352,8 @@ def write_volume(
     nothing.
 
     Same arguments as `staged_volume`; shape and dtype come from `array`. Returns the
-    written level-0 array, opened for further writes.
+    written level-0 array, opened for further writes (inside `committed_together`, where
+    the volume is not in place yet, the staged one: `write_volumes` takes none).
     """
     data = np.asarray(array)
     label = guess_label(data.dtype, name, channel_axis) if label is None else label
@@ -343,6 +375,8 @@ def write_volume(
         taken=taken,
     ) as staged:
         staged[...] = data
+    if _DEFERRED.get() is not None:  # in place at the end of `committed_together` only
+        return staged
     return zarr.open_array(str(volume_dir(path, name, label) / LEVEL), mode="r+")
 
 
@@ -390,7 +424,10 @@ def staged_volume(
         try:
             yield _create(parent, partial.name, name, spec)
             build_pyramid(partial, levels, label=label)
-            _commit(partial, target, overwrite)
+            if (deferred := _DEFERRED.get()) is not None:  # with the others, at the end
+                deferred.append((partial, target, overwrite))
+            else:
+                _commit(partial, target, overwrite)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
