@@ -464,3 +464,28 @@ def test_an_export_on_a_full_disk_is_one_line_and_leaves_nothing(trained, monkey
     assert stderr.startswith("error: the disk is full")
     assert len(stderr.strip().splitlines()) == 1
     assert not [p for p in trained.iterdir() if out.name in p.name]
+
+
+def test_an_export_killed_outright_leaves_nothing_the_next_one_keeps(trained):
+    """An export killed outright (kill -9) left its hidden staging folder, a model's size,
+    beside the output for good, even after the same export ran again. The next export
+    there removes this machine's whose process is gone; a live export's, or another
+    machine's, stay."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    stale = trained / f".a.emrun.{gone}@{host}.x1y2z3.partial"
+    live = trained / f".a.emrun.{os.getppid()}@{host}.q7r8s9.partial"
+    elsewhere = trained / f".a.emrun.{gone}@not-{host}.k4l5m6.partial"
+    for folder in (stale, live, elsewhere):
+        folder.mkdir()
+        (folder / "a.emrun").write_bytes(b"model" * 100)
+    result = invoke("export", trained / "run", trained / "a.emrun")
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and live.exists() and elsewhere.exists()
+    assert sorted(p.name for p in trained.glob(".a.emrun.*")) == sorted(
+        [live.name, elsewhere.name])  # and its own staging folder is gone too

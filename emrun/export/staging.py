@@ -6,8 +6,11 @@ export published meanwhile."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +29,8 @@ def staging_folder(output: Path) -> Iterator[Path]:
     made = missing_folders(output.parent)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial",
+        _remove_stale(output)
+        folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.{_OWNER}.", suffix=".partial",
                                        dir=output.parent))
     except OSError as exc:
         remove_empty(made)
@@ -42,6 +46,39 @@ def staging_folder(output: Path) -> Iterator[Path]:
         raise
     shutil.rmtree(folder, ignore_errors=True)
     remove_empty(made)  # only empty ones go: those a path such as new/../x.emrun passed through
+
+
+_OWNER = f"{os.getpid()}@{socket.gethostname()}"
+"""Who stages, in the staging folder's name: a folder whose exporter died can be told from
+one still being written."""
+
+
+def _remove_stale(output: Path) -> None:
+    """Remove the staging folders beside ``output`` left by exports killed outright on this
+    machine (their process is gone): a model-sized hidden folder stayed there for good,
+    even after the same export ran again. Another machine's, or a live process's (two
+    exports to one name), are left alone."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.(\d+)@(.+)\.[^.]+\.partial")
+    for folder in output.parent.glob(f".{glob.escape(output.name)}.*.partial"):
+        found = pattern.fullmatch(folder.name)
+        if found is None or found.group(2) != socket.gethostname():
+            continue
+        pid = int(found.group(1))
+        if pid != os.getpid() and not _alive(pid):
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                folder.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 
 def publish(staged: Path, output: Path) -> None:
