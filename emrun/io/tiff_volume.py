@@ -299,11 +299,16 @@ def open_tiff_stack(path: str) -> TiffStackVolume:
     """A folder of sections; the first file sets shape and dtype (checked again on read)."""
     files = tiff_files(path)
     _check_numbering(path, files)
-    with _tifffile_caught(), tifffile.TiffFile(os.path.join(path, files[0])) as tif:
-        series = _first_series(os.path.join(path, files[0]), tif)
-        _check_axes(os.path.join(path, files[0]), series)
-        section = tuple(int(n) for n in series.shape)
-        dtype = np.dtype(series.dtype)
+    first = os.path.join(path, files[0])
+    try:
+        with _tifffile_caught(), tifffile.TiffFile(first) as tif:
+            series = _first_series(first, tif)
+            _check_axes(first, series)
+            section = tuple(int(n) for n in series.shape)
+            dtype = np.dtype(series.dtype)
+    except (tifffile.TiffFileError, OSError, ValueError) as exc:  # named, as later ones are
+        raise VolumeError(f"{path.rstrip('/') or path}: cannot read section {files[0]}: "
+                          f"{one_line(exc)}") from exc
     return TiffStackVolume(
         path=path.rstrip("/") or path,
         dataset=None,
