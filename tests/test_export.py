@@ -489,3 +489,24 @@ def test_an_export_killed_outright_leaves_nothing_the_next_one_keeps(trained):
     assert not stale.exists() and live.exists() and elsewhere.exists()
     assert sorted(p.name for p in trained.glob(".a.emrun.*")) == sorted(
         [live.name, elsewhere.name])  # and its own staging folder is gone too
+
+
+def test_a_file_named_as_a_package_that_is_none_is_said_so(trained):
+    """A truncated package was called 'not an emrun checkpoint', and a zip of other files
+    failed with torch's C++ assertion ('enforce fail at inline_container.cc')."""
+    import zipfile
+
+    assert invoke("export", trained / "run", trained / "m.emrun").exit_code == 0
+    (trained / "cut.emrun").write_bytes((trained / "m.emrun").read_bytes()[:500])
+    with zipfile.ZipFile(trained / "other.zip", "w") as zf:
+        zf.writestr("hello.txt", "hello")
+    cases = {
+        "cut.emrun": "is not a model package (an emrun package or a bioimage.io model): not a "
+                     "whole zip archive",
+        "other.zip": "is a zip archive but no model package: it holds no manifest.json",
+    }
+    for name, said in cases.items():
+        result = invoke("export", trained / name, trained / "x.emrun")
+        assert result.exit_code == 2, result.output
+        assert said in result.output and "enforce fail" not in result.output
+        assert "Traceback" not in result.output and not (trained / "x.emrun").exists()

@@ -249,7 +249,30 @@ def load_network(path: Path) -> dict[str, Any]:
     path = Path(path)
     if is_package(path):
         return read_package(path).as_checkpoint()
+    if (why := _no_package(path)) is not None:
+        raise CheckpointError(why)
     return checkpoint_network(path, load(path))
+
+
+def _no_package(path: Path) -> str | None:
+    """What a file named as a package (``*.emrun``, ``*.zip``) that is none is: torch's
+    reading of it as a checkpoint called a truncated package 'not an emrun checkpoint', and
+    a zip of other files failed with a C++ assertion ('enforce fail at
+    inline_container.cc')."""
+    if path.suffix.lower() not in (".emrun", ".zip") or not path.is_file() or \
+            not_a_file(path) is not None:
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        return (f"{path} is not a model package (an emrun package or a bioimage.io model): "
+                f"not a whole zip archive ({exc}); truncated or corrupt? Copy it again")
+    if any(name.endswith("/data.pkl") for name in names):  # a checkpoint, named .zip
+        return None
+    return (f"{path} is a zip archive but no model package: it holds no {MANIFEST} (an "
+            f"emrun package) and no {' or '.join(BIOIMAGEIO_DESCRIPTIONS)} (a bioimage.io "
+            "model)")
 
 
 def checkpoint_network(path: Path, state: dict[str, Any]) -> dict[str, Any]:
