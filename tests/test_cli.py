@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def test_validate_checks_data_unless_no_data(write, tmp_path):
     assert "has shape [16, 64, 60] but the image" in result.stderr
     assert "nope.npy" in result.stderr  # every problem, not only the first
     assert runner.invoke(app, ["validate", str(path), "--no-data"]).exit_code == 0
-    np.save(labels, np.zeros((16, 64, 64), np.uint32))
+    np.save(labels, np.ones((16, 64, 64), np.uint32))  # all 0: nothing to sample
     result = runner.invoke(app, ["validate", str(path), "-o", "data.sources.a.mask=null"])
     assert result.exit_code == 0, result.output
     assert "16 x 64 x 64" in result.output
@@ -243,6 +244,28 @@ def test_validate_reads_values_float_range_and_empty_masks(write, tmp_path):
     fixed = runner.invoke(app, ["validate", str(write(text)), "-o", "data.sources.a.mask=null",
                                 "-o", "data.sources.a.intensity={low: 0, high: 4}"])
     assert fixed.exit_code == 0, fixed.output
+
+
+def test_labels_with_nothing_labelled_are_refused_before_a_run_folder(write, tmp_path):
+    """All-zero labels weighed by their labelled voxels (no `weight`): validate said ok,
+    and train stopped as its loader was made, naming no file:line, with its run folder
+    made; bench data too. Given a weight, the source is not weighed so (left alone)."""
+    np.save(tmp_path / "image.npy", np.full((16, 64, 64), 100, np.uint8))
+    np.save(tmp_path / "labels.npy", np.zeros((16, 64, 64), np.uint32))
+    text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
+                           f"a: {{image: {tmp_path}/image.npy, labels: {tmp_path}/labels.npy}}")
+    recipe = write(text)
+    said = "data.sources.a.labels: no labelled voxel to sample from (labels 0 everywhere"
+    for args in (["validate", str(recipe)],
+                 ["train", str(recipe), "--run-dir", str(tmp_path / "run"), "--device", "cpu"],
+                 ["bench", "data", str(recipe), "--samples", "1"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert re.search(rf"recipe\.yaml:\d+:\d+: {re.escape(said)}", result.stderr), \
+            result.stderr
+    assert not (tmp_path / "run").exists()
+    weighed = runner.invoke(app, ["validate", str(recipe), "-o", "data.sources.a.weight=1"])
+    assert weighed.exit_code == 0, weighed.output
 
 
 def convert_doing(action, tmp_path, monkeypatch):

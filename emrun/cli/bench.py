@@ -249,6 +249,12 @@ def bench_data(
     from ..summary import zyx_text
 
     loaded = load_recipe(recipe, override or [])
+    if not synthetic:  # the volumes as train checks them, located (one was named bare)
+        from ..data.checks import check_data
+        from ..recipe import RecipeError
+
+        if problems := check_data(loaded)[1]:
+            raise RecipeError(problems)
     workers = loaded.recipe.train.workers if workers is None else workers
     result = run_bench(loaded.recipe, synthetic=synthetic, workers=workers, samples=samples)
     loader = "in-process" if workers == 0 else f"{workers} worker{'s' if workers > 1 else ''}"

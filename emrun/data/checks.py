@@ -27,7 +27,7 @@ from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
 from ..recipe.errors import KeyPath
 from ..synth import peak_memory
 from .augment import Context, Pipeline
-from .sources import open_in_source
+from .sources import mixture_weights, open_in_source, open_sources
 from .targets import Patch
 
 
@@ -64,7 +64,29 @@ def check_data(loaded: LoadedRecipe) -> tuple[list[SourceFacts], list[Problem]]:
     problems += [Problem(msg, loaded.mark(p), p) for p, msg in _check_nm_targets(loaded, facts)]
     problems += [Problem(msg, loaded.mark(p), p) for p, msg in _check_labelled(recipe)]
     problems += [Problem(msg, loaded.mark(p), p) for p, msg in _check_scaled_steps(recipe, facts)]
+    if not problems:  # every volume opens and fits: what the sampler would weigh
+        problems += [Problem(msg, loaded.mark(p), p) for p, msg in _check_sampled(recipe)]
     return facts, problems
+
+
+def _check_sampled(recipe: Recipe) -> list[tuple[KeyPath, str]]:
+    """Sources weighed by their labelled voxels (no `weight`) that hold none (labels 0
+    everywhere, or inside no mask): `validate` said ok, and training stopped as its loader
+    was made, after its run folder, naming no file or line. Asked of the loader's own
+    weighing (`mixture_weights`: a few sections, every one when those hold none); sources
+    given a weight, or synthetic ones, are never weighed so."""
+    specs = recipe.data.sources
+    if not specs or any(not isinstance(s, VolumeSource) or s.weight is not None
+                        for s in specs.values()):
+        return []
+    try:
+        mixture_weights(open_sources(specs))  # type: ignore[arg-type]
+    except UserError:
+        return [(("data", "sources", name, "labels" if source.labels else "mask"),
+                 "no labelled voxel to sample from (labels 0 everywhere sampled, or inside "
+                 "no mask): check the labels and the mask")
+                for name, source in specs.items()]
+    return []
 
 
 def label_cautions(loaded: LoadedRecipe) -> list[str]:
