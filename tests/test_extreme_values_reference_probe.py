@@ -306,7 +306,8 @@ def test_training_on_edge_labels_and_shapes(tmp_path, case):
 def test_training_on_labels_all_zero_is_a_one_line_refusal(tmp_path):
     np.save(tmp_path / "image.npy", np.zeros((8, 32, 32), np.float32))
     np.save(tmp_path / "lab.npy", np.zeros((8, 32, 32), np.uint64))
-    assert_refused(train(tmp_path, recipe_dict(tmp_path, "lab")), "no labelled voxels")
+    assert_refused(train(tmp_path, recipe_dict(tmp_path, "lab")),
+                   "no labelled voxel to sample from")
 
 
 def test_a_volume_of_exactly_one_patch_without_a_mask_trains(tmp_path):

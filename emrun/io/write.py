@@ -246,8 +246,7 @@ def committed_together(path: str | os.PathLike[str]) -> Iterator[None]:
         _DEFERRED.reset(token)
     for partial, target, overwrite in pending:
         _commit(partial, target, overwrite)
-    if pending:
-        refresh_root(path)
+        refresh_root(path)  # one at a time, in order: the root names the first image written
 
 
 @contextmanager
