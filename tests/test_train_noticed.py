@@ -104,6 +104,22 @@ def test_a_resumed_run_logs_each_iteration_once(recipe, tmp_path, monkeypatch):
     assert iterations(run) == [1, 2, 3, 4]
 
 
+def test_an_event_log_that_is_no_file_is_the_users_to_move(recipe, tmp_path):
+    """A folder in events.jsonl's place was an internal error (IsADirectoryError, exit 1);
+    the checkpoints stay as they were."""
+    from emrun.errors import UserError
+
+    run = tmp_path / "run"
+    trainer(recipe, run).fit()
+    (run / EVENTS_FILE).unlink()
+    (run / EVENTS_FILE).mkdir()
+    last = (run / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(UserError, match=r"events\.jsonl: is not a file, so not the run's "
+                                        r"event log"):
+        trainer(recipe, run, "train.iterations=6", resume=True).fit()
+    assert (run / "checkpoints" / "last.pt").read_bytes() == last
+
+
 def test_a_resumption_cuts_events_jsonl_back_to_its_iteration(tmp_path):
     """What a kill left past the checkpoint goes (later records, a validation, a half
     line); the records up to it stay, a validation of that iteration too (it lands after

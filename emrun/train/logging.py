@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
 from ..atomic import atomic_output
+from ..errors import UserError
 
 EVENTS_FILE = "events.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -271,6 +272,9 @@ class RunLogger:
     def _open(self, start: int) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         events_path = self.run_dir / EVENTS_FILE
+        if events_path.exists() and not events_path.is_file():  # was an internal error
+            raise UserError(f"{events_path}: is not a file, so not the run's event log "
+                            f"({EVENTS_FILE}); move it out of the run folder and run again")
         keep_history(events_path, start)
         self._events = events_path.open("a", encoding="utf-8")
         # A resumed run logs from start + 1 on: TensorBoard hides what a crashed run wrote
