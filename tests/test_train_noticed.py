@@ -120,6 +120,18 @@ def test_an_event_log_that_is_no_file_is_the_users_to_move(recipe, tmp_path):
     assert (run / "checkpoints" / "last.pt").read_bytes() == last
 
 
+def test_a_resume_that_trains_nothing_leaves_the_runs_recipe_and_sessions(recipe,
+                                                                         tmp_path):
+    """Resumed with a lower train.iterations, a run trains nothing ('nothing was trained'),
+    yet its recipe.yaml took the lowered value, beside checkpoints at the old one, and its
+    provenance a session that did nothing."""
+    run = tmp_path / "run"
+    trainer(recipe, run).fit()
+    kept = {name: (run / name).read_bytes() for name in ("recipe.yaml", "provenance.json")}
+    assert trainer(recipe, run, "train.iterations=2", resume=True).fit().iteration == 4
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+
+
 def test_a_resumption_cuts_events_jsonl_back_to_its_iteration(tmp_path):
     """What a kill left past the checkpoint goes (later records, a validation, a half
     line); the records up to it stay, a validation of that iteration too (it lands after
