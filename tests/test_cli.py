@@ -268,6 +268,20 @@ def test_labels_with_nothing_labelled_are_refused_before_a_run_folder(write, tmp
     assert weighed.exit_code == 0, weighed.output
 
 
+def test_labels_with_an_extra_axis_are_said_to_need_three(write, tmp_path):
+    """(2, z, y, x) labels were told a volume of a part of the image needs metadata placing
+    it: the extra axis is what is wrong."""
+    np.save(tmp_path / "image.npy", np.full((16, 64, 64), 100, np.uint8))
+    np.save(tmp_path / "labels.npy", np.ones((2, 16, 64, 64), np.uint32))
+    text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
+                           f"a: {{image: {tmp_path}/image.npy, labels: {tmp_path}/labels.npy}}")
+    result = runner.invoke(app, ["validate", str(write(text))])
+    assert result.exit_code == 2
+    assert "labels.npy has shape [2, 16, 64, 64]: labels must be 3D (z, y, x), as the image " \
+           "is" in " ".join(result.stderr.split())
+    assert "placing it" not in result.stderr
+
+
 def convert_doing(action, tmp_path, monkeypatch):
     """`emrun data convert` as the user runs it, with ``action()`` in place of the
     conversion."""

@@ -409,7 +409,10 @@ def _check_companion(volume: Volume, image: Volume, key: KeyPath,
         problems.append((key, f"{volume} voxel size {list(volume.voxel_size)} nm disagrees with "
                          f"the image's {list(image.voxel_size)} nm"))
         return
-    if tuple(volume.shape) != tuple(image.shape):
+    if len(volume.shape) != 3 and len(image.shape) == 3:  # not placing: an extra axis
+        problems.append((key, f"{volume} has shape {list(volume.shape)}: {what} must be 3D "
+                         "(z, y, x), as the image is"))
+    elif tuple(volume.shape) != tuple(image.shape):
         problems.append((key, f"{volume} has shape {list(volume.shape)} but the image "
                          f"{image} has {list(image.shape)}{_unplaced(volume, image)}"))
     _check_placed_alike(volume, image, key, what, problems)
