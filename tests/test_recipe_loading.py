@@ -78,6 +78,26 @@ def test_extends_deep_merges_over_several_levels(write, tmp_path):
     assert "extends" not in recipe.resolved()
 
 
+def test_a_child_source_of_another_type_replaces_a_base_source_of_the_default_one(write,
+                                                                                  tmp_path):
+    """A base source without `type` is a volume source: a child's `type: synthetic` kept
+    its `image` and `labels`, refused as unknown keys of the base's file; written with
+    `type: volume`, the same base was replaced. A child that names the default type, or
+    none, still merges into it."""
+    base = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
+                           "a: {image: x.npy, labels: y.npy}")
+    assert base != MINIMAL
+    write(base, "base.yaml")
+    path = write("extends: base.yaml\ndata: {sources: {a: {type: synthetic, shape: [16, 64, "
+                 "64]}}}\n")
+    source = load_recipe(path).recipe.data.sources["a"]
+    assert source.type == "synthetic" and source.shape == (16, 64, 64)
+    kept = write("extends: base.yaml\ndata: {sources: {a: {type: volume, mask: m.npy}}}\n",
+                 "kept.yaml")
+    source = load_recipe(kept).recipe.data.sources["a"]
+    assert (source.image, source.labels, source.mask) == ("x.npy", "y.npy", "m.npy")
+
+
 def test_errors_in_a_base_point_into_the_base_file(write):
     base = write(MINIMAL.replace("iterations: 10", "iterations: ten"), "base.yaml")
     path = write("extends: base.yaml\nseed: 4\n", "child.yaml")

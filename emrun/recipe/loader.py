@@ -19,7 +19,7 @@ from .checks import cautions, cross_checks
 from .errors import SHOWN, KeyPath, Mark, Problem, RecipeError
 from .overrides import Found, apply_override, blame
 from .pydantic_errors import problem_from_error, relevant_errors
-from .recipe import Recipe
+from .recipe import DEFAULT_SOURCE_TYPE, Recipe
 from .yamlsource import Located, parse, read_text
 
 
@@ -258,19 +258,26 @@ def _merge(base: Located, child: Located) -> Located:
     return Located(data, values, keys, base.hints | child.hints)  # by mark: none go stale
 
 
-def _merge_data(base: Any, child: Any) -> Any:
+def _merge_data(base: Any, child: Any, path: KeyPath = ()) -> Any:
     """Mappings merge key by key, except one whose `type:` the child changes: the base's
     keys belong to the other type (a synthetic source's `shape` on a volume source), and a
     child could not remove them, so the child's mapping replaces it whole."""
-    if isinstance(base, dict) and isinstance(child, dict) and not _retyped(base, child):
+    if isinstance(base, dict) and isinstance(child, dict) and not _retyped(base, child, path):
         for key, value in child.items():
-            base[key] = _merge_data(base[key], value) if key in base else copy.deepcopy(value)
+            base[key] = _merge_data(base[key], value, (*path, key)) if key in base \
+                else copy.deepcopy(value)
         return base
     return copy.deepcopy(child)
 
 
-def _retyped(base: dict[Any, Any], child: dict[Any, Any]) -> bool:
-    return "type" in base and "type" in child and base["type"] != child["type"]
+def _retyped(base: dict[Any, Any], child: dict[Any, Any], path: KeyPath) -> bool:
+    """Whether ``child`` gives another `type:` than ``base`` has, where a source without
+    one is a volume source (a base relying on that kept its `image` under a child's
+    `type: synthetic`, refused as unknown keys of the base's file)."""
+    default = DEFAULT_SOURCE_TYPE if len(path) == 3 and path[0] == "data" and \
+        path[1] in ("sources", "validation") else None
+    kind = base.get("type", default)
+    return kind is not None and "type" in child and kind != child["type"]
 
 
 def _exists(data: Any, path: KeyPath) -> bool:
