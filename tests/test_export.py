@@ -230,6 +230,8 @@ def test_export_takes_a_run_s_best_checkpoint_and_refuses_what_it_cannot_read(tr
         "without checkpoints/best.pt": [trained, trained / "x.emrun"],
         "is a directory": [run, trained],
         "--format must be one of": [run, trained / "x.emrun", "--format", "tflite"],
+        "--format must be one of ": [run, trained / "a.emrun", "--format", "xyz"],  # a.emrun
+        # exists: the bad format was reported as 'exists; export never overwrites'
         "give --format (emrun, bioimageio, onnx), or name the file *.emrun, *.zip, *.onnx": [
             run, trained / "x.out"],
         "a .onnx file is onnx, but --format is emrun; name the file *.emrun or give --format "

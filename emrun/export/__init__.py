@@ -33,6 +33,7 @@ def export(source: Path, output: Path, format: str | None = None) -> list[str]:
     lines that report what was done."""
     from .source import load_trained
 
+    _check_format(format)  # the command's own mistake before the output's state
     if output.is_dir():
         raise UserError(f"{output} is a directory; give the file to write")
     if output.exists() or output.is_symlink():
@@ -66,11 +67,15 @@ def file_output(text: str) -> Path:
     return Path(text)
 
 
+def _check_format(format: str | None) -> None:
+    if format is not None and format not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
+
+
 def output_format(output: Path, format: str | None) -> str:
     """The format asked, else the one the suffix names; a suffix of another format is
     refused (`o.onnx` was written as an emrun package, which no ONNX tool opens)."""
-    if format is not None and format not in FORMATS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
+    _check_format(format)
     if format is None and output.name.lower() in SUFFIXES:  # ".emrun": hidden, no suffix
         raise UserError(f"{output}: give the file a name before its suffix (e.g. "
                         f"model{output.name.lower()})")
