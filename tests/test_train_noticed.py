@@ -132,6 +132,21 @@ def test_a_resume_that_trains_nothing_leaves_the_runs_recipe_and_sessions(recipe
     assert {name: (run / name).read_bytes() for name in kept} == kept
 
 
+def test_an_unreadable_provenance_is_kept_beside_and_said(recipe, tmp_path):
+    """A damaged provenance.json was replaced on resume without a word, its earlier
+    sessions gone."""
+    run = tmp_path / "run"
+    trainer(recipe, run).fit()
+    (run / "provenance.json").write_text("{bad")
+    console = quiet()
+    trainer(recipe, run, "train.iterations=6", resume=True, console=console).fit()
+    assert (run / "provenance.json.damaged").read_text() == "{bad"
+    assert [s["iteration"] for s in json.loads((run / "provenance.json").read_text())[
+        "sessions"]] == [4]
+    said = " ".join(console.file.getvalue().split())
+    assert "provenance.json could not be read: kept as provenance.json.damaged" in said
+
+
 def test_a_resumption_cuts_events_jsonl_back_to_its_iteration(tmp_path):
     """What a kill left past the checkpoint goes (later records, a validation, a half
     line); the records up to it stay, a validation of that iteration too (it lands after

@@ -36,8 +36,11 @@ BOOKKEEPING = frozenset({"name", "description", "train.log_every", "train.image_
 (the data stream does not depend on the worker count): not worth a note."""
 
 
+DAMAGED_PROVENANCE = "provenance.json.damaged"
+"""Where an unreadable provenance.json is kept (`write_recipe_and_provenance`)."""
+
 START_FILES = frozenset({"recipe.yaml", "provenance.json", "events.jsonl", "tensorboard",
-                         "checkpoints"})
+                         "checkpoints", DAMAGED_PROVENANCE})
 """What a run writes before its first checkpoint: a folder holding only these (and no
 checkpoint) is a start that failed, e.g. on its data, with nothing to resume."""
 
@@ -142,14 +145,17 @@ def _start_file(name: str) -> bool:
 
 def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path,
                                 iteration: int = 0, init_from: Path | None = None,
-                                init_iteration: int | None = None) -> None:
+                                init_iteration: int | None = None) -> str | None:
     """The fully resolved recipe and where this run came from: the first session's
     provenance, and under ``sessions`` every session's, with the iteration it started at
     (a resumption added its own; it used to replace the run's start, so a model exported
     from a resumed run named only the last session) and, for a session that began from
     ``--init-from`` weights, the absolute path of the file read (a run directory's
     checkpoint, not the directory: `init_weights` reads it back) and the iteration its
-    weights were saved at (best.pt and last.pt are replaced as their run goes on)."""
+    weights were saved at (best.pt and last.pt are replaced as their run goes on). A
+    provenance.json that cannot be read is kept beside as provenance.json.damaged, not
+    replaced unread (its earlier sessions went without a word); returns the note saying
+    so, else None."""
     this = {**provenance(recipe_path), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "iteration": iteration}
     if init_from is not None:
@@ -157,6 +163,11 @@ def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path
         if init_iteration is not None:
             this["init_from_iteration"] = init_iteration
     earlier = _read_provenance(run_dir / "provenance.json")
+    note = None
+    if not earlier and (run_dir / "provenance.json").is_file():
+        os.replace(run_dir / "provenance.json", run_dir / DAMAGED_PROVENANCE)
+        note = (f"{run_dir / 'provenance.json'} could not be read: kept as "
+                f"{DAMAGED_PROVENANCE}; the run's record of sessions starts again here")
     sessions = earlier.get("sessions")
     if not isinstance(sessions, list):  # none yet, or written before sessions were kept
         sessions = [earlier] if earlier else []
@@ -165,6 +176,7 @@ def write_recipe_and_provenance(run_dir: Path, recipe: Recipe, recipe_path: Path
     write_text(run_dir / "provenance.json",  # first: it tells the folder is a run's
                json.dumps({**first, "sessions": [*sessions, this]}, indent=2) + "\n")
     write_text(run_dir / "recipe.yaml", recipe_text(recipe))
+    return note
 
 
 def init_weights(run_dir: Path) -> Path | None:

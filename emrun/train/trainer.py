@@ -610,9 +610,11 @@ class Trainer:
         finished = self.iteration >= self.train.iterations  # e.g. a resumed, finished run
         if self.world.main and not (finished and self.iteration):  # a session that trains
             # nothing records none: its recipe (a lowered train.iterations) replaced the run's
-            run_dir.write_recipe_and_provenance(self.run_path, self.recipe, self.loaded.path,
-                                              self.iteration, init_from=self.init_from,
-                                              init_iteration=self.init_iteration)
+            damaged = run_dir.write_recipe_and_provenance(
+                self.run_path, self.recipe, self.loaded.path, self.iteration,
+                init_from=self.init_from, init_iteration=self.init_iteration)
+            if damaged is not None:
+                self._say(damaged)
         owned = batches is None  # the stream made here is closed here, however fit ends
         if batches is None:  # a finished run starts no loader workers
             batches = iter(()) if finished else train_batches(
