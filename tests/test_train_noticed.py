@@ -147,6 +147,27 @@ def test_an_unreadable_provenance_is_kept_beside_and_said(recipe, tmp_path):
     assert "provenance.json could not be read: kept as provenance.json.damaged" in said
 
 
+def test_a_resume_with_another_process_count_says_what_changes(recipe, tmp_path):
+    """A `--gpus 2` run resumed with one process went on without a word, though each
+    process's data stream and the effective batch change (a batch_size change is said)."""
+    run = tmp_path / "run"
+    trainer(recipe, run).fit()
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state["processes"] == 1
+    console = quiet()
+    trainer(recipe, run, "train.iterations=5", resume=True, console=console).fit()
+    assert "process" not in console.file.getvalue()  # the same count: nothing to say
+    state = torch.load(last, weights_only=True)
+    state["processes"] = 2  # as a two-process run saves it
+    torch.save(state, last)
+    console = quiet()
+    trainer(recipe, run, "train.iterations=6", resume=True, console=console).fit()
+    said = " ".join(console.file.getvalue().split())
+    assert "resuming at iteration 5 with 1 process where the run had 2: each process's data " \
+           "stream and the effective batch (train.batch_size x processes) differ" in said
+
+
 def test_a_resumption_cuts_events_jsonl_back_to_its_iteration(tmp_path):
     """What a kill left past the checkpoint goes (later records, a validation, a half
     line); the records up to it stay, a validation of that iteration too (it lands after

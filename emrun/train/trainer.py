@@ -457,6 +457,13 @@ class Trainer:
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             raise TypeError(f"devices is {type(devices).__name__}, not a list of names")
         self.devices = list(devices)
+        processes = state.get("processes")  # absent in checkpoints written before it was kept
+        if isinstance(processes, int) and processes != self.world.size:
+            self._say(f"resuming at iteration {self.iteration} with {self.world.size} "
+                      f"process{'es' if self.world.size != 1 else ''} where the run had "
+                      f"{processes}: each process's data stream and the effective batch "
+                      f"(train.batch_size x processes) differ from here on, so the run no "
+                      "longer continues as it began")
         window = state.get("log_window")  # absent in checkpoints written before it was kept
         if window is not None:
             self._window_count = int(window["iterations"])
@@ -512,6 +519,7 @@ class Trainer:
             "best_by": self.best_by,
             "train_seconds": self.seconds(),
             "devices": self.devices,
+            "processes": self.world.size,
             "log_window": {"iterations": self._window_count,
                            "losses": {name: value.detach().cpu()
                                       for name, value in self._window.items()}},
