@@ -261,8 +261,9 @@ class Outputs:
 class Carries:
     """The partial sums a worker holds for later blocks of its unit, keyed (to block, from
     owner): on the device within ``budget`` bytes, and beyond it within ``host_budget``
-    bytes of host memory (`emrun infer --handover-host-memory`: pinned, copied back when
-    their block comes; on a CPU the two are one memory and simply add up). An owner's own
+    bytes of host memory (`emrun infer --handover-host-memory`: pinned, copied back while
+    the block before theirs is predicted, `transfer.to_device`; on a CPU the two are one
+    memory and simply add up). An owner's own
     sums are held whatever they take: the unit's shape bounds them below the two budgets
     (`plan.choose_tiling`). Sums a block recomputed and hands on, with their counts of
     non-finite outputs, take what is left: one is let in only where it fits. When the
