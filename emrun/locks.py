@@ -327,7 +327,7 @@ def _stale(path: Path, holder: str) -> bool:
     pid = int(found.group(1))
     process = PROCESS.search(holder)
     if process is None:
-        return not _alive(pid)  # this process's own pid included: alive, so in doubt
+        return not process_alive(pid)  # this process's own pid included: alive, so in doubt
     boot, namespace, started = process.groups()
     return _gone(pid, (boot, int(namespace), int(started)))
 
@@ -345,7 +345,7 @@ def _gone(pid: int, recorded: Process) -> bool:
         return False
     now = _process_of(pid)
     if now is None:
-        return not _alive(pid)  # no such process; or one /proc hides (another user's)
+        return not process_alive(pid)  # no such process; or one /proc hides (another user's)
     return now[2] != recorded[2]  # the pid is another process's now
 
 
@@ -423,7 +423,8 @@ def _unchanged_for(path: Path, identity: Identity, seconds: float) -> bool:
         time.sleep(min(left, max(seconds / 20, 0.01)))
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..atomic import fsync_dir
 from ..errors import UserError
+from ..locks import process_alive
 from ..paths import file_in_the_way, missing_folders, remove_empty
 
 
@@ -64,21 +65,11 @@ def _remove_stale(output: Path) -> None:
         if found is None or found.group(2) != socket.gethostname():
             continue
         pid = int(found.group(1))
-        if pid != os.getpid() and not _alive(pid):
+        if pid != os.getpid() and not process_alive(pid):
             if folder.is_dir() and not folder.is_symlink():
                 shutil.rmtree(folder, ignore_errors=True)
             else:
                 folder.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: alive
-        return True
-    return True
 
 
 def publish(staged: Path, output: Path) -> None:
