@@ -332,3 +332,33 @@ def test_a_fortran_ordered_npy_reads_in_c_order(tmp_path: Path) -> None:
     np.testing.assert_array_equal(box, IMAGE[1:5, 2:7, 3:9])
     assert box.flags.c_contiguous and box.dtype == np.dtype("uint16")
     torch.from_numpy(volume.read()).view(-1)
+
+
+# --- zarr arrays in a folder with no zarr metadata of its own ---------------------------------
+
+
+def test_a_zarr_array_in_a_folder_without_group_metadata_opens(tmp_path: Path) -> None:
+    """Tools that write arrays one by one leave `vol.zarr/raw` with no `.zgroup` (or
+    `zarr.json`) above it; zarr cannot open the folder, and such a volume was refused as
+    "not a zarr store". It opens as the bare array it is; a name that is not there lists
+    the nodes that are."""
+    import zarr
+
+    for fmt, nested in ((2, "raw"), (3, "em/raw")):
+        store = tmp_path / f"v{fmt}.zarr"
+        array = zarr.open_array(store / nested, mode="w", shape=IMAGE.shape,
+                                chunks=(8, 16, 16), dtype=IMAGE.dtype, zarr_format=fmt)
+        array[:] = IMAGE
+        volume = open_volume(f"{store}/{nested}")
+        assert str(volume) == f"{store}/{nested}" and volume.shape == IMAGE.shape
+        np.testing.assert_array_equal(volume.read(Roi((2, 3, 4), (5, 6, 7))),
+                                      IMAGE[2:7, 3:9, 4:11])
+    with pytest.raises(VolumeError, match=r"v2\.zarr has no array 'labels'; zarr nodes in "
+                                          r"it: .*v2\.zarr/raw"):
+        open_volume(tmp_path / "v2.zarr" / "labels")
+    with pytest.raises(VolumeError, match=r"v2\.zarr has no zarr metadata of its own; name "
+                                          r"a zarr node inside it: .*v2\.zarr/raw"):
+        open_volume(tmp_path / "v2.zarr")
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(VolumeError, match="not a zarr store"):
+        open_volume(tmp_path / "empty.zarr" / "raw")

@@ -115,6 +115,13 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
     try:
         node = zarr.open(path, mode="r")
     except FileNotFoundError:  # zarr's "no group/array found" errors subclass it
+        if dataset and (inner := _inner_node(path, dataset)) is not None:
+            return open_zarr(*inner)
+        if nodes := _nodes_in(path):  # zarr nodes in a folder that is none itself
+            inside = format_names([f"{path}/{node}" for node in nodes])
+            raise VolumeError(f"{path} has no array {dataset!r}; zarr nodes in it: {inside}"
+                              if dataset else f"{path} has no zarr metadata of its own; "
+                              f"name a zarr node inside it: {inside}") from None
         raise VolumeError(
             f"{path}: not a zarr store (no zarr.json, .zarray or .zgroup metadata)"
         ) from None
@@ -166,6 +173,30 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
     parent_path, _, array_name = dataset.rpartition("/")
     parent = node[parent_path] if parent_path else node
     return _volume(path, dataset, array, dict(parent.attrs), array_name, group=parent)
+
+
+def _inner_node(path: str, dataset: str) -> tuple[str, str | None] | None:
+    """The first zarr node inside a local folder without root metadata, as (its path, the
+    rest of `dataset`): a zarr v2 array written at `vol.zarr/raw` with no `.zgroup` above it
+    (tools that write arrays one by one leave it out) opens as the bare array it is."""
+    parts = [p for p in dataset.split("/") if p]
+    for i in range(1, len(parts) + 1):
+        folder = Path(path, *parts[:i])
+        if any((folder / name).is_file() for name in ZARR_METADATA):
+            return f"{path}/{'/'.join(parts[:i])}", "/".join(parts[i:]) or None
+    return None
+
+
+ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup")
+
+
+def _nodes_in(path: str) -> list[str]:
+    """The zarr arrays and groups directly in a local folder that is no zarr node itself."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return []
+    return sorted(child.name for child in folder.iterdir() if child.is_dir() and any(
+        (child / name).is_file() for name in ZARR_METADATA))
 
 
 def _check_level(path: str, dataset: str, head: str, level: str, group: Any,
