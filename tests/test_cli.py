@@ -249,7 +249,8 @@ def test_validate_reads_values_float_range_and_empty_masks(write, tmp_path):
 def test_labels_with_nothing_labelled_are_refused_before_a_run_folder(write, tmp_path):
     """All-zero labels weighed by their labelled voxels (no `weight`): validate said ok,
     and train stopped as its loader was made, naming no file:line, with its run folder
-    made; bench data too. Given a weight, the source is not weighed so (left alone)."""
+    made; bench data too. Given a weight, the source is drawn all the same: a located
+    warning says its samples teach nothing (it trained silently)."""
     np.save(tmp_path / "image.npy", np.full((16, 64, 64), 100, np.uint8))
     np.save(tmp_path / "labels.npy", np.zeros((16, 64, 64), np.uint32))
     text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
@@ -266,6 +267,14 @@ def test_labels_with_nothing_labelled_are_refused_before_a_run_folder(write, tmp
     assert not (tmp_path / "run").exists()
     weighed = runner.invoke(app, ["validate", str(recipe), "-o", "data.sources.a.weight=1"])
     assert weighed.exit_code == 0, weighed.output
+    assert re.search(r"recipe\.yaml:\d+:\d+: data\.sources\.a\.labels: no labelled voxel "
+                     r"\(labels 0 everywhere, or inside no mask\), yet weight 1 draws the "
+                     r"source", " ".join(runner.invoke(app, ["validate", str(write(text.replace(
+                         "labels.npy}", "labels.npy, weight: 1}")))]).stderr.split()))
+    np.save(tmp_path / "labels.npy", np.pad(np.zeros((1, 64, 64), np.uint32), ((0, 15), (0, 0),
+                                            (0, 0)), constant_values=3))
+    labelled = runner.invoke(app, ["validate", str(recipe), "-o", "data.sources.a.weight=1"])
+    assert labelled.exit_code == 0 and "draws the source" not in labelled.stderr
 
 
 def test_labels_with_an_extra_axis_are_said_to_need_three(write, tmp_path):

@@ -27,7 +27,7 @@ from ..recipe.data import SourceBase, SyntheticSource, VolumeSource
 from ..recipe.errors import KeyPath
 from ..synth import peak_memory
 from .augment import Context, Pipeline
-from .sources import mixture_weights, open_in_source, open_sources
+from .sources import labelled_fraction, mixture_weights, open_in_source, open_sources
 from .targets import Patch
 
 
@@ -103,7 +103,30 @@ def label_cautions(loaded: LoadedRecipe) -> list[str]:
             text = _negative_ids(source.labels, source.voxel_size)
             if text:
                 found.append(str(Problem(text, loaded.mark(key), key)))
+    for name, source in loaded.recipe.data.sources.items():
+        text = _weighed_empty(name, source)
+        if text:
+            key = ("data", "sources", name, "labels" if source.labels else "mask")
+            found.append(str(Problem(text, loaded.mark(key), key)))
     return found
+
+
+def _weighed_empty(name: str, source: SourceBase) -> str | None:
+    """A source given a `weight` with no labelled voxel (labels 0 everywhere, or inside no
+    mask): the weight draws it all the same, and every sample from it is masked out of the
+    loss, steps that teach nothing (a source weighed by its labels is refused instead)."""
+    if not isinstance(source, VolumeSource) or source.weight is None or not source.weight \
+            or (source.labels is None and source.mask is None):
+        return None
+    try:
+        opened = open_sources({name: source})
+    except (UserError, VolumeError):
+        return None  # check_data's to report
+    if labelled_fraction(opened[0]):
+        return None
+    return (f"no labelled voxel (labels 0 everywhere, or inside no mask), yet weight "
+            f"{source.weight:g} draws the source: its samples teach nothing; check the labels "
+            "and the mask, or remove the source")
 
 
 def _negative_ids(ref: str, voxel_size: Sequence[float] | None) -> str | None:
