@@ -423,7 +423,18 @@ def test_a_larger_truth_is_read_where_the_segmentation_sits(tmp_path):
     write_volume(tmp_path / "s.zarr", "late", seg, voxel_size=(30, 6, 6), offset=(6, 0, 0))
     outside = runner.invoke(app, ["evaluate", str(tmp_path / "s.zarr/late"),
                                   str(tmp_path / "t.zarr/labels")])
-    assert outside.exit_code == 2 and "offsets do not place it inside" in outside.output
+    assert outside.exit_code == 2
+    assert outside.stderr.strip().endswith(
+        "t.zarr/labels: truth has shape [8, 12, 12] but "
+        f"{tmp_path}/s.zarr/late has shape [3, 12, 12], at offset [0, 0, 0] against [6, 0, 0] "
+        "(voxels): neither box holds the other; crop both to a common box"), outside.stderr
+    np.save(tmp_path / "seg.npy", seg)  # no offset metadata: nothing could place it
+    unplaced = runner.invoke(app, ["evaluate", str(tmp_path / "seg.npy"),
+                                   str(tmp_path / "t.zarr/labels")])
+    assert unplaced.exit_code == 2
+    assert unplaced.stderr.strip().endswith(
+        f"has shape [3, 12, 12]; {tmp_path}/seg.npy states no offset that places one inside "
+        "the other: crop both to the same box, or give them offset metadata"), unplaced.stderr
     write_volume(tmp_path / "s.zarr", "fine", seg, voxel_size=(30, 3, 3), offset=(4, 0, 0))
     other_grid = runner.invoke(app, ["evaluate", str(tmp_path / "s.zarr/fine"),
                                      str(tmp_path / "t.zarr/labels")])

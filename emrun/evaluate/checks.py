@@ -18,13 +18,16 @@ class EvaluationError(UserError):
 
 
 def check_inputs(
-    named: Sequence[tuple[str, str, tuple[int, ...], np.dtype]], binary: bool = False
+    named: Sequence[tuple[str, str, tuple[int, ...], np.dtype]], binary: bool = False,
+    offsets: Sequence[Sequence[int] | None] | None = None,
 ) -> None:
     """Check (role, name, shape, dtype) of seg/pred, truth and optionally mask.
 
     Volumes are 2-d (y, x) or 3-d (z, y, x); a channel axis is refused rather than guessed
     away. Segmentations and their truth need integer ids; with `binary` the prediction
-    may be bool, integer or float (probabilities) and the truth any of these.
+    may be bool, integer or float (probabilities) and the truth any of these. ``offsets``
+    (voxels, None where a volume states none), given for volumes read from files, say where
+    volumes of other shapes lie.
     """
     for role, name, shape, dtype in named:
         if 0 in shape:
@@ -48,7 +51,7 @@ def check_inputs(
                 f"truth need integer labels{hint}"
             )
     (_, first, shape, _), *rest = named
-    for role, name, other, _ in rest:
+    for i, (role, name, other, _) in enumerate(rest, 1):
         if len(other) != len(shape):
             raise EvaluationError(
                 f"{name}: {role} has shape {list(other)} ({len(other)}-d) but {first} has shape "
@@ -58,8 +61,22 @@ def check_inputs(
         if other != shape:
             raise EvaluationError(
                 f"{name}: {role} has shape {list(other)} but {first} has shape {list(shape)}"
-                " (and their offsets do not place it inside)"
+                f"{_apart(name, first, offsets[i], offsets[0]) if offsets else ''}"
             )
+
+
+def _apart(name: str, first: str, mine: Sequence[int] | None,
+           theirs: Sequence[int] | None) -> str:
+    """Where two volumes of other shapes lie, as their offsets say: neither box holds the
+    other, or a volume states no offset that could place it (a message said "their offsets
+    do not place it inside" of volumes with none)."""
+    if mine is not None and theirs is not None:
+        return (f", at offset {list(mine)} against {list(theirs)} (voxels): neither box holds "
+                "the other; crop both to a common box")
+    missing = [n for n, offset in ((name, mine), (first, theirs)) if offset is None]
+    verb = "states" if len(missing) == 1 else "state"
+    return (f"; {' and '.join(missing)} {verb} no offset that places one inside the other: "
+            "crop both to the same box, or give them offset metadata")
 
 
 def _channels_hint(role: str, shape: tuple[int, ...]) -> str:

@@ -150,7 +150,8 @@ def _checked(
     for role, volume in given[1:]:
         _check_placed_alike(role, volume, reference)
     check_inputs([(role, str(v), tuple(v.shape), np.dtype(v.dtype)) for role, v in given],
-                 binary=binary)
+                 binary=binary, offsets=[None if v.offset is None else
+                                         [int(o) for o in v.offset[-3:]] for _, v in given])
     return [v for _, v in given]
 
 
