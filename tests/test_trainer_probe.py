@@ -498,3 +498,71 @@ def test_the_launcher_says_each_ranks_message_once_and_names_a_killed_rank(tmp_p
     assert _failure_code(3, 1) == 1 and capsys.readouterr().err == ""  # the rank said why
     assert _failure_code(3, -9) == 137
     assert "rank 3 was killed by SIGKILL" in capsys.readouterr().err
+
+
+def test_the_launcher_says_the_line_of_the_rank_whose_end_ended_the_run(tmp_path, monkeypatch,
+                                                                      capsys):
+    """When one rank died, torchrun stopped the others and each said its own end first
+    ("stopped by SIGTERM", or a lost connection as a bug in emrun) before the launcher's
+    line naming the rank that died. Launched ranks leave those lines; the launcher says
+    the one of the rank that ended the run, or each distinct one when it was stopped."""
+    from emrun.cli.app import _closing
+    from emrun.train.launch import RANK_ERRORS, _ending_rank, rank_lines
+
+    monkeypatch.setenv(RANK_ERRORS, str(tmp_path))
+    for rank, line in ((0, "internal error: RuntimeError: Connection closed by peer"),
+                       (1, "stopped by SIGTERM: checkpoint kept"),
+                       (2, "stopped by SIGTERM: checkpoint kept")):
+        monkeypatch.setenv("RANK", str(rank))
+        _closing(line)
+    assert capsys.readouterr().err == ""  # left for the launcher, not said by the ranks
+    assert rank_lines(tmp_path) == ("internal error: RuntimeError: Connection closed by peer\n"
+                                    "stopped by SIGTERM: checkpoint kept")
+    assert rank_lines(tmp_path, only=1) == "stopped by SIGTERM: checkpoint kept"
+    assert rank_lines(tmp_path, only=3) == ""
+    # rank 3 killed by SIGKILL: its end, not rank 0's failed collective seen first
+    assert _ending_rank({0: 1, 1: -15, 3: -9}, first=0) == (3, -9)
+    assert _ending_rank({0: 1, 1: -15}, first=0) == (0, 1)  # no kill: the first failure
+    monkeypatch.delenv(RANK_ERRORS)
+    _closing("error: said here")  # outside a launched rank: said by the process itself
+    assert capsys.readouterr().err.strip() == "error: said here"
+
+
+@pytest.mark.slow
+def test_a_rank_killed_by_sigkill_is_the_one_line_said(tmp_path):
+    """`train --gpus 2`, kill -9 of rank 1 after the first log line: one line naming it,
+    exit 137; rank 0's own end (a lost peer, torchrun's SIGTERM) was said before it."""
+    import signal
+    import time
+
+    from emrun.shipped import RECIPES
+
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "emrun", "train", str(RECIPES / "demo.yaml"), "--run-dir",
+         str(run), "--gpus", "2", "--device", "cpu", "-o", "train.log_every=1",
+         "-o", "train.iterations=500", "-o", "train.validate_every=0",
+         "-o", "model.widths=[4, 8]"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    events = run / "events.jsonl"
+    deadline = time.time() + 150
+    while time.time() < deadline and not (events.exists() and '"iteration"' in
+                                           events.read_text()):
+        time.sleep(0.2)
+    ranks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == process.pid:
+                environ = (stat.parent / "environ").read_bytes().split(b"\0")
+                rank = next(v for v in environ if v.startswith(b"RANK="))
+                ranks[int(rank[5:])] = int(stat.parent.name)
+        except (OSError, StopIteration, ValueError, IndexError):
+            continue
+    assert set(ranks) == {0, 1}, (ranks, process.poll())
+    os.kill(ranks[1], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=150)
+    assert process.returncode == 137, stderr[-3000:]
+    assert stderr.strip().splitlines() == [
+        "error: rank 1 was killed by SIGKILL (as the kernel does when memory runs out); its "
+        "checkpoints up to then are kept: continue with --resume"], stderr[-3000:]
