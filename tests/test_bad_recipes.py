@@ -194,6 +194,7 @@ def test_extends_a_binary_file(tmp_path: Path):
     ("train.patch.1=30", "train.patch: y and x must be divisible by 4"),
     ("tasks.aff.weight=0", "tasks: at least one task needs a weight above 0"),
     ("model.norm=off", "(got false); YAML reads off as false; write 'off' in quotes"),
+    ("seed=!!int x", "the value is not valid YAML: a tag (!!...) cannot read '!!int x'"),
 ])
 def test_malformed_overrides(override: str, text: str):
     stderr = assert_user_error(validate(rel(BASE), "-o", override))

@@ -67,6 +67,9 @@ def apply_override(located: Located, expr: str) -> Override:
         mark = getattr(exc, "problem_mark", None)
         at = f" (at character {mark.column + 1} of the value)" if mark and mark.line == 0 else ""
         raise RecipeError([Problem(f"the value is not valid YAML: {problem}{at}", where)]) from None
+    except (ValueError, KeyError, AttributeError, TypeError, OverflowError):
+        raise RecipeError([Problem(f"the value is not valid YAML: a tag (!!...) cannot read "
+                                   f"{text.strip()!r}", where)]) from None
     if (why := too_large(value) or _duplicate_key(text)) is not None:
         raise RecipeError([Problem(why, where)])
     node: Any = located.data

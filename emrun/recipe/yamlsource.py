@@ -245,6 +245,27 @@ def too_large(value: Any) -> str | None:
 
 
 STR_TAG = "tag:yaml.org,2002:str"
+COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+"""The tags of the mappings and lists a recipe holds: another (!!set, !!omap, a
+!!python/object the safe loader would refuse) was dropped without a word."""
+
+
+def tag_text(tag: str) -> str:
+    """A tag as its author wrote it: ``!!int`` for YAML's own."""
+    return tag.replace("tag:yaml.org,2002:", "!!")
+
+
+def construct_scalar(loader: Any, node: yaml.Node, mark: Mark, path: KeyPath) -> Any:
+    """The value of a scalar node; a tag that cannot read its text (``!!int one``,
+    ``!!bool maybe``) is a located problem (PyYAML raised ValueError, KeyError, ...: an
+    internal error)."""
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.YAMLError:
+        raise
+    except (ValueError, KeyError, AttributeError, TypeError, OverflowError):
+        raise RecipeError([Problem(f"invalid YAML: {tag_text(node.tag)} cannot read "
+                                   f"{node.value!r}", mark, path)]) from None
 
 
 class _Converter:
@@ -276,7 +297,10 @@ class _Converter:
             # plain only (libyaml's style is '', PyYAML's None): '1e3' in quotes is meant
             if node.tag == STR_TAG and not node.style and (hint := e_number_hint(node.value)):
                 self.out.hints[mark] = hint
-            return self.loader.construct_object(node, deep=True)
+            return construct_scalar(self.loader, node, mark, path)
+        if node.tag not in COLLECTION_TAGS:
+            raise RecipeError([Problem(f"invalid YAML: {tag_text(node.tag)} is not a tag a "
+                                       "recipe uses; remove it", mark, path)])
         self.open.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode):
@@ -294,7 +318,7 @@ class _Converter:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise RecipeError([Problem("keys must be plain names, not a list or mapping",
                                            _mark(shown, key_node.start_mark), path)])
-            key = loader.construct_object(key_node, deep=True)
+            key = construct_scalar(loader, key_node, _mark(shown, key_node.start_mark), path)
             if not isinstance(key, str | int | float | bool) or key is None:
                 raise RecipeError([Problem(f"keys must be plain names, not {key!r}",
                                            _mark(shown, key_node.start_mark), path)])
