@@ -408,6 +408,30 @@ def test_cli_missing_volume_and_binary_mask_exit_2(tmp_path):
     assert result.exit_code == 2 and "mask is 0 everywhere" in result.stderr
 
 
+def test_a_truth_of_a_sub_box_scores_the_part_of_the_segmentation_it_covers(tmp_path):
+    """Ground truth for a sub-box of the segmented volume, placed by its offset, was
+    refused as lying apart ("neither box holds the other"); the segmentation (and a mask
+    of its size) are read where the truth lies, streamed and in blocks alike."""
+    rng = np.random.default_rng(12)
+    seg = blobs(rng, (8, 12, 12), 6)
+    truth = blobs(rng, (8, 12, 12), 5)[2:6]
+    mask = np.ones((8, 12, 12), np.uint8)
+    mask[:, :, :3] = 0
+    write_volume(tmp_path / "s.zarr", "seg", seg, voxel_size=(30, 6, 6))
+    write_volume(tmp_path / "s.zarr", "mask", mask, voxel_size=(30, 6, 6))
+    write_volume(tmp_path / "t.zarr", "crop", truth, voxel_size=(30, 6, 6), offset=(2, 0, 0))
+    want = score(seg[2:6], truth, mask[2:6]).arand
+    for extra in ([], ["--workers", "1", "--block", "2", "12", "12"]):
+        result = runner.invoke(app, ["evaluate", str(tmp_path / "s.zarr/seg"),
+                                     str(tmp_path / "t.zarr/crop"), "--mask",
+                                     str(tmp_path / "s.zarr/mask"), "--json", *extra])
+        assert result.exit_code == 0, result.output
+        line = json.loads(result.stdout.strip().splitlines()[-1])
+        assert line["arand"] == pytest.approx(want)
+        assert line["seg"].endswith("[2-5, 0-11, 0-11]")
+        assert line["voxels"] == np.count_nonzero((truth != 0) & (mask[2:6] != 0))
+
+
 def test_a_larger_truth_is_read_where_the_segmentation_sits(tmp_path):
     rng = np.random.default_rng(11)
     truth = blobs(rng, (8, 12, 12), 6)

@@ -663,7 +663,9 @@ def evaluate(
         seg_vol = open_volume(seg)
         if binary and threshold is not None:  # ignored by bool and most integer dtypes
             check_threshold_used(str(seg_vol), seg_vol.dtype)
-        truth_vol = covered_part(seg_vol, open_volume(truth))  # a larger truth: the part SEG covers
+        truth_vol = open_volume(truth)
+        seg_vol = covered_part(truth_vol, seg_vol)  # a truth of a sub-box: the part it covers
+        truth_vol = covered_part(seg_vol, truth_vol)  # a larger truth: the part SEG covers
         mask_vol = covered_part(seg_vol, open_volume(mask)) if mask is not None else None
         mask_name = str(mask_vol) if mask_vol is not None else None
         stage = Stages(err)

@@ -145,7 +145,10 @@ def _checked(
 ) -> list[Volume]:
     """The given volumes, after `check_inputs` on their shapes and dtypes."""
     given = [(role, single_channel(v)) for role, v in roles if v is not None]
-    reference = given[0][1]  # truth and mask: the part the segmentation covers, if larger
+    # the segmentation: the part a smaller truth covers (ground truth of a sub-box); truth
+    # and mask: the part the segmentation covers, if larger
+    reference = covered_part(given[1][1], given[0][1]) if len(given) > 1 else given[0][1]
+    given[0] = (given[0][0], reference)
     given = [given[0], *((role, covered_part(reference, v)) for role, v in given[1:])]
     for role, volume in given[1:]:
         _check_placed_alike(role, volume, reference)
