@@ -277,6 +277,26 @@ def test_labels_with_nothing_labelled_are_refused_before_a_run_folder(write, tmp
     assert labelled.exit_code == 0 and "draws the source" not in labelled.stderr
 
 
+def test_a_float_mask_with_nan_outside_is_taken_as_masks_are_everywhere(write, tmp_path):
+    """Masks let in non-zero, not-NaN voxels (io.masks), as the README says; a float mask
+    on a training source was refused as not holding "integer ids"."""
+    np.save(tmp_path / "image.npy", np.full((16, 64, 64), 100, np.uint8))
+    np.save(tmp_path / "labels.npy", np.ones((16, 64, 64), np.uint32))
+    mask = np.ones((16, 64, 64), np.float32)
+    mask[:, :20] = np.nan
+    np.save(tmp_path / "mask.npy", mask)
+    np.save(tmp_path / "odd.npy", mask.astype(np.complex64))
+    text = MINIMAL.replace("a: {type: synthetic, shape: [16, 64, 64], seed: 1}",
+                           f"a: {{image: {tmp_path}/image.npy, labels: {tmp_path}/labels.npy, "
+                           f"mask: {tmp_path}/mask.npy}}")
+    result = runner.invoke(app, ["validate", str(write(text))])
+    assert result.exit_code == 0, result.output
+    odd = runner.invoke(app, ["validate", str(write(text.replace("mask.npy", "odd.npy")))])
+    assert odd.exit_code == 2
+    assert "odd.npy has dtype complex64; a mask must be boolean, integer or float" in \
+        " ".join(odd.stderr.split())
+
+
 def test_labels_with_an_extra_axis_are_said_to_need_three(write, tmp_path):
     """(2, z, y, x) labels were told a volume of a part of the image needs metadata placing
     it: the extra axis is what is wrong."""

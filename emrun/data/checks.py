@@ -423,7 +423,10 @@ def _check_image(image: Volume, source: VolumeSource, key: KeyPath,
 def _check_companion(volume: Volume, image: Volume, key: KeyPath,
                      problems: list[tuple[KeyPath, str]]) -> None:
     what = str(key[-1]) if key[-2] != "semantic" else f"semantic volume {key[-1]!r}"
-    if volume.dtype.kind not in "uib":
+    if what == "mask" and volume.dtype.kind not in "uibf":  # io.masks: non-zero, not NaN
+        problems.append((key, f"{volume} has dtype {volume.dtype}; a mask must be boolean, "
+                         "integer or float (non-zero and not NaN inside)"))
+    elif what != "mask" and volume.dtype.kind not in "uib":
         problems.append((key, f"{volume} has dtype {volume.dtype}; {what} must hold integer ids "
                          "(or booleans)"))
     other_grid = bool(volume.voxel_size and image.voxel_size and not np.allclose(
