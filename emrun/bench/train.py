@@ -41,7 +41,9 @@ def _batches(loaded: LoadedRecipe, count: int) -> list[dict[str, Any]]:
 
 def _bare_loop(loaded: LoadedRecipe, batches: list[dict[str, Any]], device: torch.device,
                steps: int, warmup: int) -> float:
-    """Mean seconds per step of a hand-written loop (after ``warmup`` steps)."""
+    """Mean seconds per step of a hand-written loop (after ``warmup`` steps): one optimizer
+    step over ``train.accumulate`` batches, as the trainer's iteration (one batch per step
+    reported the accumulated micro-batches as the trainer's overhead)."""
     recipe = loaded.recipe
     configure_backends(recipe, device)
     seed_everything(recipe.seed)
@@ -54,17 +56,19 @@ def _bare_loop(loaded: LoadedRecipe, batches: list[dict[str, Any]], device: torc
                 for name, task in recipe.tasks.items()}
     weights = {name: task.weight for name, task in recipe.tasks.items()}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.precision)
+    accumulate = recipe.train.accumulate
     times = []
-    for i, packed in zip(range(warmup + steps), itertools.cycle(batches)):
+    stream = itertools.cycle(batches)
+    for i in range(warmup + steps):
         start = time.perf_counter()
-        batch = unpack(packed, device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            outputs = forward(batch["image"])
-            results = {n: fn(outputs[n], batch["target"][n], batch["mask"][n])
-                       for n, fn in loss_fns.items()}
-        loss = total_loss(results, weights)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for packed in itertools.islice(stream, accumulate):
+            batch = unpack(packed, device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                outputs = forward(batch["image"])
+                results = {n: fn(outputs[n], batch["target"][n], batch["mask"][n])
+                           for n, fn in loss_fns.items()}
+            (total_loss(results, weights) / accumulate).backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -128,7 +132,7 @@ def bench_train(loaded: LoadedRecipe, *, device: str | None = None, steps: int =
     batches = _batches(loaded, 4)
     bare = _bare_loop(loaded, batches, dev, steps, warmup)
     emrun, checkpoint_seconds = _trainer_loop(loaded, batches, dev, steps, warmup)
-    voxels = recipe.train.batch_size * math.prod(recipe.train.patch)
+    voxels = recipe.train.batch_size * math.prod(recipe.train.patch) * recipe.train.accumulate
     return {
         "recipe": recipe.name,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -136,6 +140,7 @@ def bench_train(loaded: LoadedRecipe, *, device: str | None = None, steps: int =
         "compile": recipe.train.compile,
         "patch": list(recipe.train.patch),
         "batch_size": recipe.train.batch_size,
+        "accumulate": recipe.train.accumulate,
         "steps": steps,
         "emrun_step_ms": round(emrun * 1e3, 2),
         "bare_step_ms": round(bare * 1e3, 2),

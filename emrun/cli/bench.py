@@ -122,8 +122,9 @@ def bench_train(
 
     result = run_bench(load_recipe(recipe, override or []), device=device, steps=steps)
     mode = result["precision"] + (", compiled" if result["compile"] else "")
+    each = f" of {result['accumulate']} batches" if result["accumulate"] > 1 else ""
     out.print(f"[bold]{result['recipe']}[/] on {result['device']} ({mode}): "
-              f"emrun {result['emrun_step_ms']:.1f} ms/iteration, bare loop "
+              f"emrun {result['emrun_step_ms']:.1f} ms/iteration{each}, bare loop "
               f"{result['bare_step_ms']:.1f} ms, overhead {100 * result['overhead']:+.1f} % "
               f"(a checkpoint, timed apart: {result['checkpoint_ms']:.0f} ms)")
     if json_:
