@@ -32,7 +32,7 @@ def problem_from_error(err: ErrorDetails, located: Located) -> Problem:
     if isinstance(error, KeyedValueError):  # a whole-model check about one of its keys
         loc = (*loc, error.key)
     kind = err["type"]
-    if kind == "invalid_key" or (kind == "string_type" and loc[-1:] == ("[key]",)):
+    if _is_key_error(err):
         return _key_problem(err, loc, located)
     path = _data_path(located.data, loc, missing=kind == "missing")
     message = _message(err, loc)
@@ -62,14 +62,30 @@ def relevant_errors(errors: list[ErrorDetails], data: Any) -> list[ErrorDetails]
     list's 'should be a list of values' beside the number's 'greater than 0'. A wrong-form
     error goes where another error lies at its key or within it."""
     paths = [_data_path(data, tuple(err["loc"])) for err in errors]
+    # a key YAML read as a number or true (`0x10:`, `yes:`): the name is what is wrong, not
+    # what its value lacks (a task's missing target was said under the key "16", and the
+    # key's own error, taken for a wrong form, was left out)
+    keys = [tuple(err["loc"])[:-1] for err in errors if _is_key_error(err)]  # pydantic's own
     kept = []
     for i, err in enumerate(errors):
+        if _is_key_error(err):
+            kept.append(err)
+            continue
+        if any(tuple(err["loc"])[:len(key)] == key for key in keys):
+            continue
         if err["type"] in WRONG_FORM and any(
                 j != i and errors[j]["type"] not in WRONG_FORM and other[:len(paths[i])] == paths[i]
                 for j, other in enumerate(paths)):
             continue
         kept.append(err)
     return kept
+
+
+def _is_key_error(err: ErrorDetails) -> bool:
+    """Whether pydantic's error is about a mapping key itself (see `_key_problem`)."""
+    loc = tuple(err["loc"])
+    return err["type"] == "invalid_key" or (err["type"] == "string_type" and
+                                            loc[-1:] == ("[key]",))
 
 
 def _key_problem(err: ErrorDetails, loc: tuple[Any, ...], located: Located) -> Problem:
