@@ -60,3 +60,32 @@ def test_a_sqlite_file_given_as_a_folder_or_in_no_folder_is_said_so(tmp_path):
     with pytest.raises(UserError, match=rf"the folder {tmp_path / 'none'} does not exist"):
         GraphStore(f"sqlite:///{tmp_path / 'none' / 'graph.db'}").create("digest")
     GraphStore(f"sqlite:///{tmp_path / 'graph.db'}").create("digest")  # a file, a folder
+
+
+def test_affinities_naming_one_offset_twice_are_refused(tmp_path):
+    """Offsets metadata listing [0, 0, -1] twice segmented (exit 0), in memory and in blocks
+    differently (adapted Rand error 0.5 apart): two channels cannot be one edge."""
+    offsets = "-1,0,0 0,-1,0 0,0,-1 -2,0,0 0,-4,0 0,0,-1"
+    store = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
+    store.create_array("affinity", shape=(6, 4, 8, 8), dtype=np.uint8)
+    with pytest.raises(UserError, match=r"a\.zarr/affinity: offsets .* name \[0, 0, -1\] more "
+                                        r"than once"):
+        open_affinities(str(tmp_path / "a.zarr/affinity"), offsets)
+
+
+def test_values_wrong_in_a_block_name_the_volume(tmp_path):
+    """`segment --block` said "affinities: 1200 NaN or infinite values" where the in-memory
+    and scaled paths name the volume."""
+    from emrun.io import open_volume, write_volume
+    from emrun.recipe.run import MutexWatershed
+    from emrun.registry import segmenters
+    from emrun.segment import segment_into
+
+    affs = np.full((3, 4, 8, 8), 0.9, np.float32)
+    affs[:, 1, 2:4, 2:4] = np.nan
+    write_volume(tmp_path / "a.zarr", "affinity", affs, channel_axis=True, label=False)
+    volume = open_volume(tmp_path / "a.zarr/affinity")
+    out = np.zeros((4, 8, 8), np.uint64)
+    with pytest.raises(UserError, match=rf"^{tmp_path}/a\.zarr/affinity: \d+ NaN"):
+        segment_into(out, volume, ((-1, 0, 0), (0, -1, 0), (0, 0, -1)),
+                     segmenters.build(MutexWatershed()), block=(2, 8, 8))

@@ -71,6 +71,12 @@ def check_offsets(offsets: Sequence[Offset], channels: int, where: str,
     if len(offsets) != channels:
         raise UserError(f"{where}: {channels} affinity channels but {len(offsets)} offsets "
                         f"{[list(o) for o in offsets]}; give one offset per channel")
+    named = [tuple(int(d) for d in o) for o in offsets]
+    repeated = sorted({o for o in named if named.count(o) > 1})
+    if repeated:  # a metadata mistake: two channels cannot both be the same edge
+        raise UserError(f"{where}: offsets {[list(o) for o in offsets]} name "
+                        f"{', '.join(str(list(o)) for o in repeated)} more than once; each "
+                        "channel is the affinity of another offset")
     missing = [axis for axis, chans in enumerate(nearest_axes(offsets))
                if not chans and (shape is None or shape[axis] > 1)]
     if missing:

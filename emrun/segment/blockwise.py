@@ -60,9 +60,11 @@ class _Source:
 
     def __init__(self, affs: Any, mask: Any | None) -> None:
         self.affs, self.mask = affs, mask
+        # a Volume's name for its values' problems (an array is "affinities")
+        self.name = str(affs) if hasattr(affs, "read") else "affinities"
 
     def read(self, box: Roi, with_mask: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        affs = to_float(np.asarray(_read(self.affs, box)))
+        affs = to_float(np.asarray(_read(self.affs, box)), self.name)
         if self.mask is None or not with_mask:
             return affs, None
         return affs, region_mask(_read(self.mask, box), affs.shape[1:])
@@ -83,7 +85,8 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
     None. ``on_block(pass, done, total)`` reports progress.
     """
     shape = tuple(int(n) for n in affs.shape[1:])
-    check_offsets(offsets, int(affs.shape[0]), "affinities", shape)
+    source = _Source(affs, mask)
+    check_offsets(offsets, int(affs.shape[0]), source.name, shape)
     _check_mask(mask, shape)
     block = zyx(max(1, min(int(b), n)) for b, n in zip(block, shape, strict=True))
     grid = BlockGrid(box_of(shape), block)
@@ -92,7 +95,6 @@ def segment_into(out: Any, affs: Any, offsets: Sequence[Offset], segmenter: Segm
         raise UserError(f"segmenter {segmenter.spec.type} runs in memory only; this volume "
                         f"needs {len(blocks)} blocks of {list(block)}: use mws or cc")
     halo = segmenter.halo(offsets) if len(blocks) > 1 else (0, 0, 0)
-    source = _Source(affs, mask)
 
     sizes = [np.zeros(1, np.int64)]
     firsts = [np.full(1, -1, np.int64)]  # each fragment's first voxel in the volume
