@@ -55,7 +55,9 @@ def _segment_and_score(recipe: Recipe, checkpoint: Path, test: Path, out: Path,
     if (nonfinite := progress.nonfinite_warning()) is not None:
         stage(f"warning: {nonfinite}")
     stage(f"segmenting its affinities ({recipe.segment.type}) and scoring them")
-    run_segment(SegmentRequest(f"{pred}/{affinity_task(recipe)}", seg, spec=recipe.segment))
+    first = recipe.segment.model_copy(  # one segmentation (a list of thresholds: the first)
+        update=recipe.segment.value_update(recipe.segment.value()))
+    run_segment(SegmentRequest(f"{pred}/{affinity_task(recipe)}", seg, spec=first))
     scores = score_volumes(open_volume(f"{seg}/segmentation"), open_volume(f"{test}/labels"))
     return {k: round(v, 4) for k, v in scores.as_dict().items()
             if k in ("arand", "voi_split", "voi_merge", "cremi_score")}

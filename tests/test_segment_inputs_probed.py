@@ -89,3 +89,35 @@ def test_values_wrong_in_a_block_name_the_volume(tmp_path):
     with pytest.raises(UserError, match=rf"^{tmp_path}/a\.zarr/affinity: \d+ NaN"):
         segment_into(out, volume, ((-1, 0, 0), (0, -1, 0), (0, 0, -1)),
                      segmenters.build(MutexWatershed()), block=(2, 8, 8))
+
+
+def test_a_recorded_recipes_thresholds_each_get_an_output_in_memory(tmp_path):
+    """An `emrun infer` output whose recipe lists waterz thresholds [0.3, 0.6]: in memory
+    only the first was run, without a word, where the graph pipeline writes one volume
+    each. And --block with that recorded waterz said "--method waterz", never given."""
+    pytest.importorskip("waterz")
+    from typer.testing import CliRunner
+
+    from emrun.cli import app
+    from emrun.io import write_volume
+
+    labels = np.broadcast_to(np.arange(16).reshape(1, 4, 4).repeat(8, 1).repeat(8, 2),
+                             (8, 32, 32)) + 1
+    offsets = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
+    affs = np.stack([np.where(labels == np.roll(labels, 1, axis=a), 0.85, 0.15)
+                     for a in range(3)]).astype(np.float32)
+    write_volume(tmp_path / "rec.zarr", "affinity", affs, channel_axis=True, label=False,
+                 attrs={"offsets": offsets})
+    group = zarr.open_group(str(tmp_path / "rec.zarr"), mode="r+")
+    group.attrs["emrun"] = {**dict(group.attrs.get("emrun", {})), "recipe": {
+        "name": "w", "segment": {"type": "waterz", "thresholds": [0.3, 0.6]}}}
+    runner = CliRunner()
+    done = runner.invoke(app, ["segment", str(tmp_path / "rec.zarr/affinity"),
+                               str(tmp_path / "out.zarr"), "--levels", "1"])
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in (tmp_path / "out.zarr" / "labels").iterdir()
+                  if p.is_dir()) == ["segmentation_0.3", "segmentation_0.6"]
+    blocked = runner.invoke(app, ["segment", str(tmp_path / "rec.zarr/affinity"),
+                                  str(tmp_path / "b.zarr"), "--block", "4", "32", "32"])
+    assert blocked.exit_code == 2
+    assert "error: waterz (the segmenter of the recipe 'w' recorded in " in blocked.stderr

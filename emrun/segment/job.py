@@ -101,6 +101,10 @@ def make_segmenter(request: SegmentRequest, spec: SegmenterBase | None
         raise UserError(f"--{wrong} does not apply to --method {method}; it takes "
                         f"--{parameter}")
     values = list(request.values.get(parameter, ())) or None
+    own = getattr(spec, spec.value_field)
+    if values is None and isinstance(own, list) and len(own) > 1:  # a recipe's thresholds:
+        values = [float(v) for v in own]  # one output each, as --threshold T1,T2 (the first
+        # alone was run, without a word, where the graph pipeline ran each)
     for value in values or []:  # a value out of range fails here, before any work
         said_as(f"--{parameter}", segmenter.with_value, value)
     if values and len(values) == 1:
@@ -326,7 +330,9 @@ def run_segment(request: SegmentRequest, *,
         # no blockwise path: in memory while the machine has room, whatever MEMORY_BYTES says
         room = int(MEMORY_SHARE * available_memory())
         if block is not None:
-            raise UserError(f"--method {method} runs in memory only; drop --block, or use "
+            which = f"--method {method}" if segmenter_from is None else \
+                f"{method} (the segmenter of {segmenter_from})"
+            raise UserError(f"{which} runs in memory only; drop --block, or use "
                             "--method mws or cc")
         if need > room:
             raise UserError(f"--method {method} runs in memory only and this volume needs "
