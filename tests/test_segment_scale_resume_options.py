@@ -80,8 +80,12 @@ def _signalled_at(command: list[str], env: dict[str, str], number: int) -> tuple
 
 def _cli(store: Path, out: Path, *extra: str) -> object:
     """The same job in this process (one worker, so no worker processes start)."""
+    return runner.invoke(app, _cli_args(store, out, *extra))
+
+
+def _cli_args(store: Path, out: Path, *extra: str) -> list[str]:
     command = segment_scaled(store / "in.zarr/affinity", out, *extra, workers=1)
-    return runner.invoke(app, command[command.index("segment"):])
+    return command[command.index("segment"):]
 
 
 def level(out: Path, name: str, index: int = 0) -> np.ndarray:
@@ -215,7 +219,8 @@ def test_an_explicit_default_agglomeration_on_a_resume_is_not_the_jobs(cells_sto
     assert result.exit_code == 0, result.output
     result = _cli(cells_store, out, "--resume", "--agglomeration", "global")
     assert result.exit_code == 2, result.output
-    assert "already exists (another threshold or method)" in result.output
+    assert "already exists, made with agglomeration blockwise (this run: global)" in \
+        " ".join(result.output.split())
 
 
 def test_a_resume_without_fragments_takes_the_jobs(cells_store, tmp_path):
@@ -292,3 +297,25 @@ def test_a_fragments_pyramid_cut_short_is_built_by_the_resume(cells_store, tmp_p
     assert "fragments: 0 of 8 blocks to do" in result.output
     assert open_volume(str(out / "fragments")).shape == probe.SHAPE
     assert level(out, "fragments", 1).shape == level(out, "segmentation", 1).shape
+
+
+def test_a_resume_that_would_change_a_finished_volume_says_what_differs(cells_store, straight,
+                                                                       tmp_path):
+    """--resume --levels 2 on a finished job exited 0 with no level built (and recorded 2
+    levels in the job); a resume with another --agglomeration or --min-size was refused
+    as made with 'another threshold or method'."""
+    import shutil
+
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(straight, out)
+    job = (out / ".emrun-segment" / "job.json").read_text()
+    levels = _cli(cells_store, out, *THRESHOLDS, "--resume", "--levels", "2")
+    assert levels.exit_code == 2
+    assert "labels/fragments: finished with 1 pyramid level; --levels 2 would not change " \
+           "it" in " ".join(levels.stderr.split())
+    assert (out / ".emrun-segment" / "job.json").read_text() == job  # nothing recorded
+    other = _cli(cells_store, out, *THRESHOLDS, "--resume", "--agglomeration", "blockwise")
+    assert other.exit_code == 2
+    assert "segmentation_0.2: already exists, made with agglomeration global (this run: " \
+           "blockwise)" in " ".join(other.stderr.split())
+

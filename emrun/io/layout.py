@@ -83,8 +83,8 @@ def refresh_root(store: str | os.PathLike[str]) -> None:
     candidates = _images(root) + [f"{LABELS}/{n}" for n in labels]
     primary = _primary(root_attrs, candidates)
     if primary is not None:  # OME-Zarr: an image's labels have as many levels as it has
-        levels = _level_count(root / primary)
-        labels = [n for n in labels if _level_count(labels_dir / n) == levels]
+        levels = level_count(root / primary)
+        labels = [n for n in labels if level_count(labels_dir / n) == levels]
     label_attrs = group_attrs(labels_dir)
     if label_attrs is not None and "multiscales" not in (label_attrs.get("ome") or {}):
         listed = {**label_attrs, "ome": {"version": "0.5", "labels": labels}}
@@ -104,7 +104,7 @@ def refresh_root(store: str | os.PathLike[str]) -> None:
         _write_attrs(root, attrs)
 
 
-def _level_count(folder: Path) -> int:
+def level_count(folder: Path) -> int:
     """How many levels an image group's first multiscale names."""
     try:
         return len((group_attrs(folder) or {})["ome"]["multiscales"][0]["datasets"])

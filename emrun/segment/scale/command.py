@@ -38,7 +38,7 @@ from ...errors import UserError
 from ...geometry import Zyx, zyx
 from ...io import Volume, open_volume
 from ...io.completion import mark_finished, unfinished
-from ...io.layout import volume_dir
+from ...io.layout import level_count, volume_dir
 from ...io.opener import split_volume_path
 from ...io.sample import contents_sample, sample_boxes
 from ...io.write import CHUNK_ZYX, build_pyramid, create_volume
@@ -643,9 +643,32 @@ def _check_outputs(job: ScaleJob, info: dict[str, Any]) -> None:
             continue
         made = _attr(output, name, "segment")
         if not _same_volume(job, threshold, made):
-            raise UserError(f"{volume_dir(output, name, True)}: already exists (another "
-                            "threshold or method); not overwriting it (choose another --name)")
+            raise UserError(f"{volume_dir(output, name, True)}: already exists, made with "
+                            f"{_made_otherwise(job, threshold, made)}; not overwriting it "
+                            "(choose another --name)")
         _check_samples(job, made, info)  # also where the fragments were removed since
+    for name in (FRAGMENTS, *job.names):
+        folder = volume_dir(output, name, True)
+        if job.levels is not None and finished_volume(job, name) and \
+                (count := level_count(folder)) != job.levels:
+            raise UserError(f"{folder}: finished with {count} pyramid level"
+                            f"{'s' if count != 1 else ''}; --levels {job.levels} would not "
+                            "change it (a finished volume is left as it is): drop --levels, "
+                            "or segment into another output")
+
+
+def _made_otherwise(job: ScaleJob, threshold: float, made: dict[str, Any]) -> str:
+    """What the volume in the way was made with that this job would not: its threshold,
+    agglomeration, min size or scoring, else another graph (it was always 'another threshold
+    or method', where only --agglomeration or --min-size differed)."""
+    segmenter = made.get("segmenter") if isinstance(made.get("segmenter"), dict) else {}
+    differ = [f"{what} {theirs} (this run: {mine})" for what, theirs, mine in (
+        ("threshold", made.get("threshold"), threshold),
+        ("agglomeration", made.get("agglomeration"), job.agglomeration),
+        ("min size", segmenter.get("min_size"), job.min_size),
+        ("scoring", segmenter.get("scoring"), job.scoring))
+        if theirs is not None and theirs != mine]
+    return ", ".join(differ) if differ else "another region graph (fragments, block or input)"
 
 
 def _check_samples(job: ScaleJob, made: dict[str, Any], info: dict[str, Any]) -> None:
