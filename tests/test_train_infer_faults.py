@@ -24,14 +24,15 @@ from emrun.registry import models
 BLOCK = (4, 16, 16)
 
 
-def make_recipe(*, dtype: str = "uint8", activation: str = "sigmoid") -> Recipe:
+def make_recipe(*, dtype: str = "uint8", activation: str = "sigmoid",
+                precision: str = "fp32") -> Recipe:
     return Recipe.model_validate({
         "name": "faults",
         "data": {"sources": {"a": {"type": "synthetic", "shape": [16, 64, 64]}}},
         "model": {"type": "rsunet", "widths": [4, 8]},
         "tasks": {"aff": {"target": {"type": "affinity"}, "activation": activation}},
         "train": {"patch": [4, 16, 16], "iterations": 1},
-        "infer": {"dtype": dtype, "batch_size": 2, "precision": "fp32"},
+        "infer": {"dtype": dtype, "batch_size": 2, "precision": precision},
     })
 
 
@@ -73,11 +74,12 @@ def _read(out: Path) -> np.ndarray:
 @pytest.mark.parametrize(("changed", "says"), [
     ({"dtype": "float32"}, 'infer.dtype "uint8" and is resumed with "float32"'),
     ({"activation": "none"}, 'tasks.aff.activation "sigmoid" and is resumed with "none"'),
+    ({"precision": "bf16"}, 'infer.precision "fp32" and is resumed with "bf16"'),
 ])
 def test_a_resumption_that_would_write_other_values_is_refused(inputs, changed, says):
     """Resumed with -o infer.dtype=float32, a uint8 output got float values cast to 0 or 1
-    (off by up to 242 of 255); with another activation, logits beside probabilities: both
-    finished with exit 0."""
+    (off by up to 242 of 255); with another activation, logits beside probabilities; with
+    bf16 after fp32, blocks up to 15/255 apart: each finished with exit 0."""
     out = inputs / "o.zarr"
     _interrupted(inputs, out)
     before = _read(out)

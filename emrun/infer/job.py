@@ -681,10 +681,12 @@ def _check_same_network(output: Path, saved: dict[str, Any], checkpoint: Path) -
             "network's predictions to a new --output")
 
 
-VALUE_SETTINGS = (("infer", "dtype"), ("infer", "blend"), ("infer", "tta_reduce"))
+VALUE_SETTINGS = (("infer", "dtype"), ("infer", "blend"), ("infer", "tta_reduce"),
+                  ("infer", "precision"))
 """Recipe settings that change the values a block is written with (not the layout, which
 `_check_existing` compares, nor the speed): a resumption under another one mixed two kinds of
-blocks in one output without a word (float32 values cast into a uint8 array: all 0 or 1)."""
+blocks in one output without a word (float32 values cast into a uint8 array: all 0 or 1;
+fp32 blocks beside bf16 ones, up to 15/255 apart)."""
 TTA_REDUCE = "infer.tta_reduce"
 """How test-time variants are reduced: no value depends on it where none are made (tta 1)."""
 
