@@ -14,7 +14,7 @@ from emrun.errors import UserError
 from emrun.geometry import Roi
 from emrun.infer.engine import reflect_index
 from emrun.infer.plan import Layout
-from emrun.infer.run import run_inference
+from emrun.infer.run import plan_inference, run_inference
 from emrun.io import VolumeError, open_volume
 from emrun.io.write import write_volume
 from emrun.recipe import Recipe
@@ -153,9 +153,11 @@ def test_interrupted_run_resumes_to_the_same_output(setup):
     with pytest.raises(UserError, match="is not an emrun inference output; give a new"):
         run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "mine.zarr",
                       block=(4, 16, 16))
-    with pytest.raises(UserError, match="another block layout"):
-        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(8, 32, 32),
-                      resume=True)
+    for run in (run_inference, plan_inference):  # --plan checks it too (it said all was well)
+        with pytest.raises(UserError, match=r"was written with block \[4, 16, 16\] \(now \[8, "
+                                            r"32, 32\]\).*started with \(--block 4 16 16\)"):
+            run(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(8, 32, 32),
+                resume=True)
     other = {k: v + 1e-3 for k, v in torch.load(tmp / "c.pt")["model"].items()}
     torch.save({"model": other, "iteration": 2}, tmp / "other.pt")
     with pytest.raises(UserError, match="another checkpoint"):  # two networks in one output

@@ -444,6 +444,8 @@ def _check_outputs(job: Job, volume: Volume, resume: bool) -> bool:
         _check_same_network(output, started, job.checkpoint)
         _check_same_mask(output, started, job.mask_path)
         _check_same_values(output, started, job)
+        for name in tasks:  # here, not as the arrays are opened: --plan checks it too
+            _check_existing(output, name, job)
     return existing
 
 
@@ -471,8 +473,7 @@ def _open_outputs(job: Job, volume: Volume, resume: bool) -> None:
     placed = tuple(int(o) + r for o, r in zip((volume.offset or (0, 0, 0))[-3:], job.roi_offset,
                                                strict=True))
     for name, task in recipe.tasks.items():
-        if existing:
-            _check_existing(output, name, job.digest())
+        if existing:  # checked by `_check_outputs`
             continue
         attrs: dict[str, Any] = {"emrun": {**info, "task": name, **unfinished(
             "emrun infer stopped before it finished (its blocks or its pyramid); run it again "
@@ -732,14 +733,25 @@ def _shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _check_existing(output: Path, name: str, digest: str) -> None:
+def _check_existing(output: Path, name: str, job: Job) -> None:
+    """Refuse a task's array that is missing or was written in another block layout, naming
+    the settings that differ (it named two hashes and five settings that might)."""
     try:
         level_array(output / name)
         saved = dict(zarr.open_group(str(output / name), mode="r").attrs).get("emrun", {})
     except (OSError, ValueError, UserError) as exc:  # missing, not zarr, not an image group
         raise UserError(f"{output}: cannot resume, no array for task {name!r} "
                         f"({type(exc).__name__})") from None
-    if saved.get("layout") != digest:
-        raise UserError(f"{output} was written with another block layout "
-                        f"({saved.get('layout')} vs {digest}: patch, stride, block, chunks or "
-                        "ROI differ); resume with the same settings or write a new output")
+    if saved.get("layout") == job.digest():
+        return
+    layout = job.layout
+    differ = [f"{what} {saved[key]} (now {list(now)})" for key, what, now in (
+        ("block", "block", layout.block), ("patch", "infer.patch", layout.patch),
+        ("stride", "a patch stride (infer.overlap)", layout.stride),
+        ("chunks", "chunks", layout.chunks))
+        if key in saved and [int(v) for v in saved[key]] != [int(v) for v in now]]
+    said = "; ".join(differ) if differ else "another block layout"
+    block = f" (--block {' '.join(map(str, saved['block']))})" if "block" in saved and any(
+        d.startswith("block ") for d in differ) else ""
+    raise UserError(f"{output} was written with {said}: resume with the settings it was "
+                    f"started with{block}, or write a new output")
