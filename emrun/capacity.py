@@ -38,7 +38,7 @@ def size_text(n: float) -> str:
 
 def parse_size(text: str, flag: str) -> int:
     """Bytes from a size a person wrote: 20GiB, 500 MB, 1.5TB, 2e9 (bytes); decimal units
-    (kB, MB, GB, TB) and binary ones (KiB, MiB, GiB, TiB), any case but for the ``i``.
+    (kB, MB, GB, TB, PB: `size_text`'s) and binary ones (KiB ... PiB), any case.
     A malformed or negative size is ``flag``'s mistake."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
     unit = match and PARSED_UNITS.get(match.group(2).lower())
@@ -52,7 +52,8 @@ def parse_size(text: str, flag: str) -> int:
 
 
 PARSED_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+                "pb": 10**15, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+                "pib": 2**50}
 """`parse_size`'s units, lower-cased."""
 
 

@@ -541,7 +541,8 @@ def test_on_a_gpu_sums_waiting_in_pinned_memory_come_back_to_the_same_bits(input
 
 @pytest.mark.parametrize(("text", "size"), [
     ("20GiB", 20 << 30), ("500 MB", 500_000_000), ("1.5tb", 1_500_000_000_000), ("2e9", 2e9),
-    ("0", 0), ("64KiB", 65536), (" 3 gb ", 3_000_000_000)])
+    ("0", 0), ("64KiB", 65536), (" 3 gb ", 3_000_000_000), ("1.1 PB", 1_100_000_000_000_000),
+    ("1PiB", 2**50)])  # PB: the unit size_text writes sizes in, read back
 def test_sizes_are_read_in_decimal_and_binary_units(text, size):
     from emrun.capacity import parse_size
 
