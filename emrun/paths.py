@@ -73,6 +73,18 @@ def missing_folders(path: str | os.PathLike[str]) -> list[Path]:
     return [p for p in (where, *where.parents) if not p.exists() and not p.is_symlink()][::-1]
 
 
+def unwritable_folder(path: str | os.PathLike[str]) -> Path | None:
+    """The folder that stops ``path`` (a store to make or write into) from being written:
+    the nearest existing one of it and its parents, when this process may not write it (a
+    plan that only checks says so before a run of hours that would be refused at once);
+    None when it may."""
+    where = Path(os.path.abspath(path))
+    existing = next((p for p in (where, *where.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return None  # a file in the way: the write's own check says so
+    return None if os.access(existing, os.W_OK | os.X_OK) else existing
+
+
 def remove_empty(folders: list[Path]) -> None:
     """Remove ``folders`` (`missing_folders`' list) innermost first, each only while empty."""
     for folder in reversed(folders):

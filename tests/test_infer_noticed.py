@@ -4,7 +4,9 @@ non-finite count of in-memory prediction."""
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -329,3 +331,28 @@ def test_a_plain_resume_keeps_the_levels_the_output_was_started_with(tmp_path):
     run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(8, 64, 64),
                   resume=True, levels=2)  # asked for: built as asked
     assert levels() == ["0", "1"]
+
+
+# --- a plan for an output this user cannot write ------------------------------------------
+
+
+def test_the_plan_refuses_an_output_where_nothing_can_be_written(tmp_path, monkeypatch):
+    """`--plan` said all was well for an output in a read-only folder; the run then stopped
+    at once ('cannot write a store there'). The check asks the file system for this user
+    (root is allowed everything, so the folder's answer is stood in for here)."""
+    from emrun.errors import UserError
+    from emrun.infer.run import plan_inference
+
+    recipe, _, _, tmp = make_inputs(tmp_path, shape=(8, 32, 32))
+    locked = tmp / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **k: False if Path(path) == locked
+                        else real(path, mode, **k))
+    with pytest.raises(UserError, match=re.escape(f"{locked / 'new' / 'o.zarr'}: cannot write a "
+                                                  f"store there ({locked} is not writable")):
+        plan_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"),
+                       locked / "new" / "o.zarr", block=(4, 16, 16))
+    plan = plan_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "o.zarr",
+                          block=(4, 16, 16))
+    assert plan.pending == 8

@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..geometry import Roi, Zyx, zyx
 from ..io import open_volume
 from ..io.one_channel import single_channel
+from ..paths import unwritable_folder
 from ..recipe import LoadedRecipe, Problem, Recipe
 from ..recipe.checks import cautions
 from .job import Job, finish_job, prepare_job, release_job
@@ -107,6 +108,9 @@ def plan_inference(recipe: Recipe, checkpoint: Path, input_path: str, output: Pa
                               workers=workers, scheduler=scheduler, launch=launch, roi=roi,
                               levels=levels, handover=handover,
                               handover_host=handover_host, plan_only=True)
+    if (stopped := unwritable_folder(output)) is not None:  # the run's first write would fail
+        raise UserError(f"{output}: cannot write a store there ({stopped} is not writable by "
+                        "this user)")
     where, count = (slots[0][0], len(slots)) if slots else (device or "auto", workers or 1)
     units = Progress(total=len(job.layout.block_grid()))
     units.plan(job, count, where)
