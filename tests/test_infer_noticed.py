@@ -356,3 +356,55 @@ def test_the_plan_refuses_an_output_where_nothing_can_be_written(tmp_path, monke
     plan = plan_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "o.zarr",
                           block=(4, 16, 16))
     assert plan.pending == 8
+
+
+# --- a signal during a long block is said at once; a second stops now --------------------
+
+
+class SignalsTwice(Lopsided):
+    """Lopsided, sending this process SIGINT at its ``first``th and ``second``th call (as a
+    user's Ctrl-C, twice, during a block)."""
+
+    def __init__(self, first: int, second: int) -> None:
+        super().__init__()
+        self.calls, self.at = 0, (first, second)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.calls in self.at:
+            import signal
+
+            signal.raise_signal(signal.SIGINT)
+        return super().forward(x)
+
+
+def test_a_second_signal_stops_in_the_block_and_the_resume_is_the_straight_run(tmp_path,
+                                                                               capsys):
+    """SIGINT in a block of minutes said nothing until the block ended, and a second was
+    ignored (only kill -9 stopped a block of hours). The first is said at once, the second
+    stops in the block; --resume then gives the uninterrupted output bit for bit."""
+    patch = (4, 8, 8)
+    recipe = probe_recipe(patch, stride=(3, 6, 6))
+    image = np.random.default_rng(7).random((12, 24, 24)).astype(np.float32)
+    write_volume(tmp_path / "in.zarr", "image", image)
+    source, weights = str(tmp_path / "in.zarr/image"), checkpoint(recipe, tmp_path)
+    straight = tmp_path / "straight.zarr"
+    run_job(recipe, tmp_path, source, straight, block=(6, 12, 12))
+    out = tmp_path / "out.zarr"
+    job = prepare_job(recipe, weights, source, out, block=(6, 12, 12))
+    try:
+        with pytest.raises(schedule.Stopped) as stopped:
+            schedule.run_local(job, [("cpu", 1)], model=lambda r: SignalsTwice(3, 5))
+    finally:
+        release_job(job)
+    said = capsys.readouterr().err
+    assert "SIGINT: stopping after the blocks in flight (0 of 8 done); send it again to " \
+           "stop at once" in said
+    assert stopped.value.progress.done == 0  # cut short inside the first block
+    job = prepare_job(recipe, weights, source, out, block=(6, 12, 12), resume=True)
+    try:
+        schedule.run_local(job, [("cpu", 1)], model=make_network)
+    finally:
+        release_job(job)
+    for task in recipe.tasks:
+        np.testing.assert_array_equal(read(out, task), read(straight, task))

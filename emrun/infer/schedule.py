@@ -16,6 +16,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -141,7 +142,8 @@ def stopped_text(done: int, total: int) -> str:
     if done < total:
         return (f"{done} of {total} blocks are done and marked; continue with --resume to "
                 "predict the rest")
-    return (f"all {total} blocks are done and marked, but the output is not "
+    every = "the one block is" if total == 1 else f"all {total} blocks are"
+    return (f"{every} done and marked, but the output is not "
             "finished (its pyramid and completion mark); --resume predicts nothing again, "
             "only finishes it")
 
@@ -184,17 +186,31 @@ def run_local(job: Job, slots: list[tuple[str, int]],
         slots = [(device, max(1, cpu_cores() // len(groups)))
                  for device, _ in slots[:len(groups)]]
     # SIGTERM (a cluster's time limit, `scancel`, `timeout`) and SIGINT are noted, for the
-    # workers to see between blocks, instead of killing the process mid-way.
-    with catching_signals() as caught:
+    # workers to see between blocks, instead of killing the process mid-way; the first is
+    # said at once (a block of minutes said nothing, and looked ignored), a second stops now.
+    in_process = len(slots) == 1
+
+    def on_signal(name: str) -> None:
+        if len(caught) == 1:
+            print(f"{name}: stopping after the blocks in flight "
+                  f"({progress.done + progress.skipped} of {progress.total} done); send it "
+                  "again to stop at once (a block cut short is predicted again on --resume)",
+                  file=sys.stderr, flush=True)
+        elif in_process:  # the block in the main thread is cut short; it has no done-marker
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's IO cut short
+            raise Stopped(caught[0], progress)
+
+    with catching_signals(on_signal) as caught:
         def stopping() -> bool:
             return bool(caught)
 
         try:
-            if len(slots) == 1 and pending:
+            if in_process and pending:
                 device = torch.device(slots[0][0])
                 _worker(job, device, model).run_units(groups, done, stop=stopping, budget=budget)
             elif pending:
-                _run_processes(job, slots, groups, done, model, stopping, budget)
+                _run_processes(job, slots, groups, done, model, stopping, budget,
+                               at_once=lambda: len(caught) > 1)
         except UserError as exc:  # a bad input chunk, say, found midway
             if "--resume" in str(exc):
                 raise
@@ -282,9 +298,11 @@ def _worker(job: Job, device: torch.device, model: ModelFactory | None) -> Block
 
 def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx]],
                    done: Callable[[BlockDone], None], model: ModelFactory | None,
-                   stopping: Callable[[], bool] = lambda: False, budget: int = 0) -> None:
+                   stopping: Callable[[], bool] = lambda: False, budget: int = 0,
+                   at_once: Callable[[], bool] = lambda: False) -> None:
     """Spawned workers pull units from a queue and report each finished block; when
-    ``stopping`` turns true they are told to finish their blocks in flight and exit."""
+    ``stopping`` turns true they are told to finish their blocks in flight and exit, and
+    when ``at_once`` does they are killed (their blocks in flight have no done-marker)."""
     context = mp.get_context("spawn")
     tasks = context.Queue()
     results = context.Queue()
@@ -303,6 +321,8 @@ def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx
     finished = 0
     try:
         while finished < len(processes):
+            if at_once():
+                break  # `_wind_down` kills them: no time to finish
             if stopping():
                 stop.set()  # the workers ignore the signal itself: they finish and exit
             try:
@@ -321,7 +341,7 @@ def _run_processes(job: Job, slots: list[tuple[str, int]], groups: list[list[Zyx
             else:
                 raise RuntimeError(f"an inference worker failed:\n{payload}")
     finally:
-        _wind_down(processes, results, stop)
+        _wind_down(processes, results, stop, 0.0 if at_once() else WIND_DOWN_S)
 
 
 WIND_DOWN_S = 120.0
@@ -329,15 +349,16 @@ WIND_DOWN_S = 120.0
 killed (a worker stuck in a block would otherwise keep the run from ever ending)."""
 
 
-def _wind_down(processes: list[Any], results: Any, stop: Any) -> None:
+def _wind_down(processes: list[Any], results: Any, stop: Any,
+               wait: float = WIND_DOWN_S) -> None:
     """Stop the workers: they finish their blocks in flight and exit. They ignore SIGTERM
     (signals are the parent's), so ``terminate`` never stopped one: after a worker died the
     others went on through every unit left before the run could report it, and a worker
     blocked on a full results queue that nobody read any more never exited at all. So they
     are told through ``stop``, their results are drained while they finish, and one still
-    running after ``WIND_DOWN_S`` is killed (its block has no done-marker: it is redone)."""
+    running after ``wait`` seconds is killed (its block has no done-marker: it is redone)."""
     stop.set()
-    deadline = time.monotonic() + WIND_DOWN_S
+    deadline = time.monotonic() + wait
     while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
         with contextlib.suppress(queue.Empty, OSError, EOFError):
             results.get(timeout=0.1)
