@@ -235,6 +235,9 @@ def _resolve(file: Path, chain: tuple[Path, ...], files: list[Path], referrer: M
         base_file = file.parent / base
         # a base's problem is its item's (a block list's first line named another base)
         mark = located.values.get(("extends", i), located.values.get(("extends",)))
+        if not base.strip():  # it was "'.': is a directory, not a recipe file"
+            raise RecipeError([Problem("an empty file name; name the recipe it extends, or "
+                                       "remove `extends`", mark, ("extends",))])
         base_located = _resolve(base_file, (*chain, real), files, mark)
         if not isinstance(base_located.data, dict):
             raise RecipeError([Problem(f"{base!r} is not a mapping of recipe sections", mark,
