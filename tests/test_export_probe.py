@@ -254,3 +254,13 @@ def test_a_path_through_a_missing_folder_leaves_no_empty_folder(tmp_path):
     result = invoke("export", run, tmp_path / "new" / ".." / "deep" / "p.emrun")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "deep" / "p.emrun").is_file() and not (tmp_path / "new").exists()
+
+
+def test_an_onnx_file_given_as_the_source_is_said_to_be_an_export(tmp_path):
+    """`emrun export x.onnx y.emrun` said "not an emrun checkpoint: not a PyTorch file"."""
+    (tmp_path / "x.onnx").write_bytes(b"\x08\x07onnx-ish")
+    result = runner.invoke(app, ["export", str(tmp_path / "x.onnx"), str(tmp_path / "y.emrun")])
+    assert result.exit_code == 2, result.output
+    assert "x.onnx is an ONNX export: emrun exports from a run directory, a checkpoint or " \
+           "an .emrun package" in " ".join(result.stderr.split())
+    assert not (tmp_path / "y.emrun").exists()
