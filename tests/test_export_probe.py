@@ -264,3 +264,21 @@ def test_an_onnx_file_given_as_the_source_is_said_to_be_an_export(tmp_path):
     assert "x.onnx is an ONNX export: emrun exports from a run directory, a checkpoint or " \
            "an .emrun package" in " ".join(result.stderr.split())
     assert not (tmp_path / "y.emrun").exists()
+
+
+def test_a_full_disk_names_the_package_asked_for_not_its_staging_file(tmp_path, monkeypatch):
+    """The package export named its hidden staging file ('.x.emrun.6061@vm....partial/
+    x.emrun: cannot write') where the user asked for x.emrun."""
+    import errno
+
+    import emrun.io.package
+
+    run = _run(tmp_path, _recipe({"aff": {"target": {"type": "affinity"}}}))
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(emrun.io.package, "write_bytes", full)
+    result = invoke("export", run, tmp_path / "x.emrun")
+    _one_line(result, f"{tmp_path / 'x.emrun'}: cannot write (No space left on device)")
+    assert ".partial" not in result.stderr and not list(tmp_path.glob("*x.emrun*"))

@@ -16,7 +16,7 @@ def export_package(trained: Trained, output: Path) -> list[str]:
     facts = manifest(trained)
     with staging_folder(output) as folder:
         staged = write_package(folder / output.name, facts, trained.recipe_text,
-                               trained.weights, trained.iteration)
+                               trained.weights, trained.iteration, shown=output)
         publish(staged, output)
     tasks = ", ".join(f"{name} ({task['channels']} channels)"
                       for name, task in facts["tasks"].items())

@@ -91,19 +91,22 @@ def package_bytes(manifest: dict[str, Any], recipe: str, weights: dict[str, torc
 
 
 def write_package(path: Path, manifest: dict[str, Any], recipe: str,
-                  weights: dict[str, torch.Tensor], iteration: int) -> Path:
-    """Write the package to ``path`` atomically (temp file beside it, fsync, rename)."""
-    write_atomic(Path(path), package_bytes(manifest, recipe, weights, iteration))
+                  weights: dict[str, torch.Tensor], iteration: int,
+                  shown: Path | None = None) -> Path:
+    """Write the package to ``path`` atomically (temp file beside it, fsync, rename); a
+    failure names ``shown`` (the file the user asked for, when ``path`` stages it)."""
+    write_atomic(Path(path), package_bytes(manifest, recipe, weights, iteration), shown)
     return Path(path)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """``data`` to ``path`` whole or not at all; a failure is one line naming ``path``."""
+def write_atomic(path: Path, data: bytes, shown: Path | None = None) -> None:
+    """``data`` to ``path`` whole or not at all; a failure is one line naming ``shown``
+    (default ``path``)."""
     try:
         write_bytes(path, data)
     except OSError as exc:
-        raise PackageError(f"{path}: cannot write ({exc.strerror or exc}); nothing was "
-                           "written") from exc
+        raise PackageError(f"{shown or path}: cannot write ({exc.strerror or exc}); nothing "
+                           "was written") from exc
 
 
 # --------------------------------------------------------------------------- reading
