@@ -57,10 +57,9 @@ def load_trained(source: Path) -> Trained:
     """Read what ``source`` names; refuses one that carries no recipe or broken weights. A
     run directory whose best.pt is refused says that its last.pt can be exported instead."""
     path = checkpoint_of(Path(source))
-    kind = {".onnx": "an ONNX export", ".zip": "a bioimage.io export"}.get(path.suffix.lower())
-    if kind is not None and not is_package(path):  # it said "not a PyTorch file"
-        raise UserError(f"{path} is {kind}: emrun exports from a run directory, a checkpoint "
-                        "or an .emrun package (the one it was exported from, say)")
+    if path.suffix.lower() == ".onnx" and not is_package(path):  # "not a PyTorch file"
+        raise UserError(f"{path} is an ONNX export: emrun exports from a run directory, a "
+                        "checkpoint or an .emrun package (the one it was exported from, say)")
     try:
         return _load_trained(path)
     except UserError as exc:
