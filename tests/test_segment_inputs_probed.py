@@ -121,3 +121,28 @@ def test_a_recorded_recipes_thresholds_each_get_an_output_in_memory(tmp_path):
                                   str(tmp_path / "b.zarr"), "--block", "4", "32", "32"])
     assert blocked.exit_code == 2
     assert "error: waterz (the segmenter of the recipe 'w' recorded in " in blocked.stderr
+
+
+def test_a_scaled_job_stopped_by_bad_values_says_it_is_kept(tmp_path):
+    """NaN in a block stopped the job with a line about the NaN alone; the output already
+    held the job, and the same command run again was refused ('use --resume'), with no word
+    of it before."""
+    from typer.testing import CliRunner
+
+    from emrun.cli import app
+    from emrun.io import write_volume
+
+    affs = np.full((3, 32, 128, 128), 0.9, np.float32)
+    affs[:, 5:7, 10:20, 10:20] = np.nan  # where the start's sample of the values is not
+    write_volume(tmp_path / "a.zarr", "affinity", affs, channel_axis=True, label=False,
+                 attrs={"offsets": [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]})
+    out = tmp_path / "out.zarr"
+    result = CliRunner().invoke(app, ["segment", str(tmp_path / "a.zarr/affinity"), str(out),
+                                      "--scheduler", "local", "--workers", "1", "--block", "16",
+                                      "64", "64", "--levels", "1"])
+    assert result.exit_code == 2, result.output
+    line = " ".join(result.stderr.split())
+    assert "NaN or infinite values" in line
+    assert f"the fragments blocks finished are kept in {out}: once that is fixed, run again " \
+           "with --resume" in line
+    assert (out / ".emrun-segment").is_dir()

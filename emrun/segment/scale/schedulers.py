@@ -99,7 +99,15 @@ def run_step(job: ScaleJob, step: str, blocks: Sequence[Zyx], *, scheduler: str,
         return Counter()
     seconds: Counter[str] = Counter()
     with stop_signals() as caught:
-        done = _run_local(job_file, step, blocks, pool, workers, seconds, caught, on_block)
+        try:
+            done = _run_local(job_file, step, blocks, pool, workers, seconds, caught, on_block)
+        except UserError as exc:  # a block's (values, a chunk): the job stays, as daisy's
+            if "--resume" in str(exc):
+                raise
+            raise UserError(f"{exc}; the {step} blocks finished are kept in {job.output}: "
+                            "once that is fixed, run again with --resume (or, where the "
+                            f"input was rewritten, remove {job.output} to start over)"
+                            ) from None
     if caught:  # the blocks in flight were finished and marked
         raise _stopped(caught[0], step, f"{done} of the {len(blocks)} blocks it had to do "
                       "are done and kept")
