@@ -362,3 +362,15 @@ def test_a_zarr_array_in_a_folder_without_group_metadata_opens(tmp_path: Path) -
     (tmp_path / "empty.zarr").mkdir()
     with pytest.raises(VolumeError, match="not a zarr store"):
         open_volume(tmp_path / "empty.zarr" / "raw")
+
+
+def test_the_labels_group_named_as_a_volume_is_said_to_be_that(tmp_path: Path) -> None:
+    """`seg.zarr/labels` was 'seg.zarr has no array 'labels'', though the folder is there:
+    it is the store's OME-Zarr labels group, whose segmentations open by their names."""
+    from emrun.io import write_volume
+
+    write_volume(tmp_path / "s.zarr", "seg", IMAGE.astype(np.uint64), label=True)
+    with pytest.raises(VolumeError, match=r"s\.zarr/labels is the store's OME-Zarr labels "
+                                          r"group, not a volume; .*: .*s\.zarr/seg$"):
+        open_volume(f"{tmp_path}/s.zarr/labels")
+    assert open_volume(f"{tmp_path}/s.zarr/seg").shape == IMAGE.shape
