@@ -408,3 +408,34 @@ def test_a_second_signal_stops_in_the_block_and_the_resume_is_the_straight_run(t
         release_job(job)
     for task in recipe.tasks:
         np.testing.assert_array_equal(read(out, task), read(straight, task))
+
+
+# --- a full disk while the pyramid is built --------------------------------------------------
+
+
+def test_a_full_disk_in_the_pyramid_names_the_output_and_the_resume(tmp_path, monkeypatch):
+    """The generic disk-full line named no output and said nothing half-written stands under
+    a final name, where a level in progress does (unlisted, the volume unfinished)."""
+    import errno
+
+    from emrun.errors import UserError
+    from emrun.infer import job as job_module
+    from emrun.infer.run import run_inference
+
+    recipe, _, _, tmp = make_inputs(tmp_path, shape=(8, 64, 64))
+    out = tmp / "out.zarr"
+    real = job_module.build_pyramid
+
+    def full(path, levels=None, **options):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(job_module, "build_pyramid", full)
+    with pytest.raises(UserError, match=re.escape(
+            f"{out / 'aff'}: the disk is full (No space left on device) while building its "
+            "pyramid; every block is done and kept")):
+        run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(8, 32, 32),
+                      levels=2)
+    monkeypatch.setattr(job_module, "build_pyramid", real)
+    resumed = run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out,
+                            block=(8, 32, 32), levels=2, resume=True)
+    assert resumed.done == 0 and (out / "aff" / "1").is_dir()

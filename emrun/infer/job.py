@@ -28,7 +28,7 @@ import zarr
 from .. import __version__
 from ..capacity import check_block_count, check_output_fits, size_text
 from ..devices import available_memory
-from ..errors import UserError
+from ..errors import UserError, disk_full
 from ..geometry import Roi, Zyx, box_of, zyx
 from ..io import PRIVATE_PREFIX, Volume, open_volume
 from ..io.completion import mark_finished, unfinished
@@ -295,7 +295,17 @@ def finish_job(job: Job) -> bool:
     if job.pending():
         return False
     for name in job.recipe.tasks:
-        build_pyramid(job.output / name, job.levels)
+        try:
+            build_pyramid(job.output / name, job.levels)
+        except Exception as exc:  # zarr may raise it chained to its own
+            if (full := disk_full(exc)) is None:
+                raise
+            # the generic line named no output, and said nothing half-written stands under
+            # a final name: a level in progress does (unlisted, its volume unfinished)
+            raise UserError(f"{job.output / name}: the disk is full ({full.strerror or full}) "
+                            "while building its pyramid; every block is done and kept, and the "
+                            "volume stays marked unfinished: free space and run again with "
+                            "--resume, which goes on with the pyramid") from None
         mark_finished(job.output / name)
     return True
 
