@@ -219,3 +219,14 @@ def test_a_divisor_that_differs_by_axis_says_which_axis_needs_which():
     assert said == "z must be divisible by 2, y and x by 4 for rsunet with 3 levels " \
         "(got [3, 30, 32])"
     assert _divisibility((4, 32, 32), (2, 4, 4), "rsunet") is None
+
+
+def test_an_override_changing_a_type_says_which_keys_are_left_from_the_old_one():
+    """`-o data.sources.a.type=volume` on a synthetic source said "unknown key 'shape'"
+    (and 'seed') alone: the keys are the old type's, which the override kept."""
+    stderr = assert_user_error(validate(rel(BASE), "-o", "data.sources.a.type=volume"))
+    lines = [line for line in stderr.splitlines() if "unknown key" in line]
+    assert lines and all(line.endswith(
+        "a key of this mapping before -o changed its type; to replace the whole mapping, "
+        "give -o 'data.sources.a={type: ...}'") for line in lines), stderr
+    assert "required key is missing" in stderr  # the new type's own needs, as before

@@ -282,7 +282,8 @@ def test_an_override_that_changes_a_type_keeps_the_other_keys_and_is_blamed(writ
     path = write(MINIMAL + "segment: {type: mws, bias: 0.5}\n")
     assert user_error(path, "segment.type=cc") == (
         "error: override -o segment.type=cc: segment.bias: unknown key 'bias' (allowed: type, "
-        "threshold, min_size)\n")
+        "threshold, min_size); a key of this mapping before -o changed its type; to replace "
+        "the whole mapping, give -o 'segment={type: ...}'\n")
     assert load_recipe(path, ["segment={type: cc}"]).recipe.segment.type == "cc"
 
 

@@ -99,12 +99,26 @@ def apply_override(located: Located, expr: str) -> Override:
                                        f"{node!r}, not a mapping", where)])
         path.append(step)
         if last:
+            if step == "type" and node.get(step) != value:
+                _hint_siblings(located, node, tuple(path[:-1]), key.rpartition(".")[0].strip())
             node[step] = value
         else:
             node[step] = _expanded(tuple(path), node[step])
             node = node[step]
     _locate(located, tuple(path), where)
     return Override(expr, where, tuple(path), _hints(text))
+
+
+def _hint_siblings(located: Located, mapping: dict[Any, Any], parent: KeyPath,
+                   shown: str) -> None:
+    """A `type` an override changes keeps the mapping's other keys (another type's, most
+    likely): a problem at one of them says so (it said "unknown key 'shape'" alone), and how
+    to set the whole mapping instead, as a base's changed type replaces it (`extends`)."""
+    for name in mapping:
+        mark = located.keys.get((*parent, name))
+        if name != "type" and mark is not None:
+            located.hints[mark] = (f"a key of this mapping before -o changed its type; to "
+                                   f"replace the whole mapping, give -o '{shown}={{type: ...}}'")
 
 
 def _is_index(part: str) -> bool:
