@@ -371,7 +371,7 @@ CASES: list[tuple[str, str, int, str]] = [
     # includes (extends)
     ("extends_a_missing_file", "extends: nothere.yaml\n" + BASE, 1,
      "extends: 'nothere.yaml': no such file"),
-    ("extends_an_empty_name", "extends: ''\n" + BASE, 1, "is a directory, not a recipe file"),
+    ("extends_an_empty_name", "extends: ''\n" + BASE, 1, "extends: an empty file name"),
     ("extends_a_null", "extends: [~]\n" + BASE, 1,
      "extends: must be a file name or a list of file names"),
     # weights and tasks that refer to what is not there
