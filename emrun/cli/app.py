@@ -191,16 +191,16 @@ def guarded(fn: F) -> F:
                 err.print(f"[red]error:[/] {escape(line)}", markup=True)
             raise typer.Exit(2) from None
         except NotImplementedYet as exc:
-            err.print(f"{exc}", markup=False)
+            _closing(f"{exc}")
             raise typer.Exit(1) from None
         except Interrupted as exc:
-            err.print(f"stopped by {exc.signal_name}: {exc}", markup=False)
+            _closing(f"stopped by {exc.signal_name}: {exc}")
             raise typer.Exit(exc.exit_code) from None
         except (KeyboardInterrupt, _Terminated) as exc:  # in a command without its own stop
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's IO cut short
             sigterm = isinstance(exc, _Terminated)
-            err.print(f"stopped by {'SIGTERM' if sigterm else 'SIGINT (Ctrl-C)'}: "
-                      f"{STOPPED_TEXT}", markup=False)
+            _closing(f"stopped by {'SIGTERM' if sigterm else 'SIGINT (Ctrl-C)'}: "
+                     f"{STOPPED_TEXT}")
             raise typer.Exit(143 if sigterm else 130) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -211,31 +211,43 @@ def guarded(fn: F) -> F:
                 _report_disk_full(full)
                 raise typer.Exit(2) from None
             if (file := not_a_folder(exc)) is not None:
-                err.print(f"error: {file.filename}: is a file, not a folder, so nothing can be "
-                          "written under it; give another path", markup=False)
+                _closing(f"error: {file.filename}: is a file, not a folder, so nothing can be "
+                         "written under it; give another path")
                 raise typer.Exit(2) from None
             if (denied := not_allowed(exc)) is not None:
                 where = f" {denied.filename}" if denied.filename else ""
-                err.print(f"error: cannot write or read{where} ({denied.strerror}): choose a "
-                          "place this user may write, or fix its permissions", markup=False)
+                _closing(f"error: cannot write or read{where} ({denied.strerror}): choose a "
+                         "place this user may write, or fix its permissions")
                 raise typer.Exit(2) from None
             if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch
                 _report_out_of_memory(exc)
                 raise typer.Exit(2) from None
             if (short := host_out_of_memory(exc)) is not None:
-                err.print(f"error: this machine ran out of memory ({short}): lower "
-                          "train.batch_size or train.patch (training), infer.batch_size or "
-                          "infer.patch (inference), --block or --shape, or free memory",
-                          markup=False)
+                _closing(f"error: this machine ran out of memory ({short}): lower "
+                         "train.batch_size or train.patch (training), infer.batch_size or "
+                         "infer.patch (inference), --block or --shape, or free memory")
                 raise typer.Exit(2) from None
             if os.environ.get("EMRUN_DEBUG"):
                 traceback.print_exc()
-            err.print(f"internal error: {type(exc).__name__}: {exc}\n"
-                      "This is a bug in emrun; rerun with EMRUN_DEBUG=1 for a traceback "
-                      "and report it.", markup=False)
+            _closing(f"internal error: {type(exc).__name__}: {exc}\n"
+                     "This is a bug in emrun; rerun with EMRUN_DEBUG=1 for a traceback "
+                     "and report it.")
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _closing(text: str) -> None:
+    """A command's closing line on stderr ("error:" in red); in a rank of `train --gpus`,
+    left for the launcher, which says the one that matters (`left_for_launcher`)."""
+    from ..train.launch import left_for_launcher
+
+    if left_for_launcher(text):
+        return
+    if text.startswith("error: "):
+        err.print(f"[red]error:[/] {escape(text[len('error: '):])}", markup=True)
+    else:
+        err.print(text, markup=False)
 
 
 @contextlib.contextmanager
@@ -261,9 +273,9 @@ def _report_disk_full(exc: OSError) -> None:
     """A full disk is the user's to fix: one line, and no noise from zarr's IO tasks that the
     error cut short (asyncio logs them as it shuts down)."""
     where = f" writing {exc.filename}" if exc.filename else ""
-    err.print(f"[red]error:[/] the disk is full ({escape(exc.strerror or 'no space left')})"
-              f"{escape(where)}: free space and run the command again (with --resume where it "
-              "has one); nothing half-written stands under a final name", markup=True)
+    _closing(f"error: the disk is full ({exc.strerror or 'no space left'}){where}: free space "
+             "and run the command again (with --resume where it has one); nothing "
+             "half-written stands under a final name")
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
@@ -271,9 +283,9 @@ def _report_out_of_memory(exc: Exception) -> None:
     """The device's memory is too small for the batch and patch asked for: the user's to
     change (torch's message says what was asked for and what was free)."""
     detail = " ".join(str(exc).split("Including non-PyTorch memory")[0].split())
-    err.print(f"[red]error:[/] the device ran out of memory: {escape(detail)} Lower "
-              "train.batch_size or train.patch (training), or infer.batch_size (inference); "
-              "bf16 precision halves activations", markup=True)
+    _closing(f"error: the device ran out of memory: {detail} Lower train.batch_size or "
+             "train.patch (training), or infer.batch_size (inference); bf16 precision halves "
+             "activations")
 
 
 @contextlib.contextmanager

@@ -47,6 +47,26 @@ def said_to_launcher(message: str) -> bool:
     return True
 
 
+def left_for_launcher(line: str) -> bool:
+    """Whether a rank's closing line (an interruption, an internal or other error: not a
+    user error, see `said_to_launcher`) is left for the launcher, in a rank `launch_ranks`
+    started. When one rank dies, torchrun stops the others and each said its own ending
+    first: "stopped by SIGTERM", or a collective's lost connection as a bug in emrun, before
+    the launcher's line naming the rank that died. The launcher says the line of the rank
+    whose end ended the run, or, stopped itself, each distinct line once."""
+    folder, rank = os.environ.get(RANK_ERRORS), os.environ.get("RANK")
+    if not folder or rank is None or not Path(folder).is_dir():
+        return False
+    part = Path(folder) / f"{LINE_PREFIX}{rank}.part"
+    part.write_text(line)
+    part.replace(part.with_suffix(".txt"))
+    return True
+
+
+LINE_PREFIX = "line-rank-"
+"""The file name before the rank of a closing line a rank left for the launcher."""
+
+
 def said_by_another_rank(message: str) -> bool:
     """In a rank of a hand-started torchrun: claim ``message`` with a marker file in the
     folder torchrun made for this attempt of the run (shared by the ranks of this machine,
@@ -102,11 +122,39 @@ def launch_ranks(processes: int, args: list[str]) -> int:
         except ChildFailedError as exc:
             if said := rank_errors(Path(folder)):
                 raise UserError(said) from None
-            rank, failure = exc.get_first_failure()
-            return _failure_code(rank, failure.exitcode)
+            rank, code = _ending_rank({r: f.exitcode for r, f in exc.failures.items()},
+                                      exc.get_first_failure()[0])
+            if code >= 0 and (line := rank_lines(Path(folder), only=rank)):
+                print(line, flush=True, file=sys.stderr)
+            return _failure_code(rank, code)
         except SignalException as exc:  # Ctrl-C or a kill: the ranks were given it too
+            if lines := rank_lines(Path(folder)):
+                print(lines, flush=True, file=sys.stderr)
             return 128 + int(exc.sigval)
     return 0
+
+
+def _ending_rank(codes: dict[int, int], first: int) -> tuple[int, int]:
+    """(rank, exit code) of the failure that ended a run: a rank killed by a signal torchrun
+    does not send (SIGKILL: the kernel's out-of-memory killer, a user's kill -9), else the
+    first failure. The others' failures follow from it (a lost peer fails their
+    collectives; torchrun then stops them), whichever torchrun happened to see first."""
+    stops = {-signal.SIGTERM, -signal.SIGINT}
+    killed = [rank for rank, code in sorted(codes.items()) if code < 0 and code not in stops]
+    rank = killed[0] if killed else first
+    return rank, codes[rank]
+
+
+def rank_lines(folder: Path, only: int | None = None) -> str:
+    """The closing lines the ranks left (`left_for_launcher`), each distinct one once (only
+    rank ``only``'s when given); "" when none did."""
+    lines: list[str] = []
+    for path in sorted(folder.glob(f"{LINE_PREFIX}*.txt"),
+                       key=lambda p: int(p.stem[len(LINE_PREFIX):])):
+        if (only is None or int(path.stem[len(LINE_PREFIX):]) == only) and \
+                (line := path.read_text().rstrip("\n")) not in lines:
+            lines.append(line)
+    return "\n".join(lines)
 
 
 def rank_errors(folder: Path) -> str:
