@@ -258,8 +258,8 @@ def test_an_export_never_replaces_a_file_that_appeared_while_it_was_written(tmp_
     output = tmp_path / "net.emrun"
     write = package_format.write_package
 
-    def and_another_export_finishes(path, *args):
-        staged = write(path, *args)
+    def and_another_export_finishes(path, *args, **kwargs):
+        staged = write(path, *args, **kwargs)
         output.write_bytes(b"the other export's package")
         return staged
 

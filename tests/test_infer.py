@@ -154,8 +154,9 @@ def test_interrupted_run_resumes_to_the_same_output(setup):
         run_inference(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), tmp / "mine.zarr",
                       block=(4, 16, 16))
     for run in (run_inference, plan_inference):  # --plan checks it too (it said all was well)
-        with pytest.raises(UserError, match=r"was written with block \[4, 16, 16\] \(now \[8, "
-                                            r"32, 32\]\).*started with \(--block 4 16 16\)"):
+        with pytest.raises(UserError, match=r"written with another block layout: block \[4, 16, "
+                                            r"16\] \(now \[8, 32, 32\]\).*started with "
+                                            r"\(--block 4 16 16\)"):
             run(recipe, tmp / "c.pt", str(tmp / "in.zarr/image"), out, block=(8, 32, 32),
                 resume=True)
     other = {k: v + 1e-3 for k, v in torch.load(tmp / "c.pt")["model"].items()}

@@ -370,7 +370,8 @@ def test_the_labels_group_named_as_a_volume_is_said_to_be_that(tmp_path: Path) -
     from emrun.io import write_volume
 
     write_volume(tmp_path / "s.zarr", "seg", IMAGE.astype(np.uint64), label=True)
-    with pytest.raises(VolumeError, match=r"s\.zarr/labels is the store's OME-Zarr labels "
-                                          r"group, not a volume; .*: .*s\.zarr/seg$"):
+    with pytest.raises(VolumeError, match=r"s\.zarr has no array 'labels' \(.*s\.zarr/labels "
+                                          r"is the store's OME-Zarr labels group, whose "
+                                          r"segmentations open by name\); arrays: .*s\.zarr/seg$"):
         open_volume(f"{tmp_path}/s.zarr/labels")
     assert open_volume(f"{tmp_path}/s.zarr/seg").shape == IMAGE.shape

@@ -760,7 +760,7 @@ def _check_existing(output: Path, name: str, job: Job) -> None:
         ("stride", "a patch stride (infer.overlap)", layout.stride),
         ("chunks", "chunks", layout.chunks))
         if key in saved and [int(v) for v in saved[key]] != [int(v) for v in now]]
-    said = "; ".join(differ) if differ else "another block layout"
+    said = "another block layout" + (f": {'; '.join(differ)}" if differ else "")
     block = f" (--block {' '.join(map(str, saved['block']))})" if "block" in saved and any(
         d.startswith("block ") for d in differ) else ""
     raise UserError(f"{output} was written with {said}: resume with the settings it was "

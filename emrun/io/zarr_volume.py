@@ -161,10 +161,10 @@ def open_zarr(path: str, dataset: str | None) -> ZarrVolume:
             raise VolumeError(f"{path} has no array {dataset!r}: its write was cut short "
                               f"(killed?), leaving {cut}; run the command that writes it "
                               "again")
-        if dataset == LABELS and array is not None:  # it said the store had no 'labels'
-            raise VolumeError(f"{path}/{dataset} is the store's OME-Zarr labels group, not a "
-                              f"volume; the volumes in the store (segmentations open by "
-                              f"name): {list_arrays(node, prefix=f'{path}/')}")
+        if dataset == LABELS and array is not None:  # the folder is there: say what it is
+            raise VolumeError(f"{path} has no array {dataset!r} ({path}/{dataset} is the "
+                              "store's OME-Zarr labels group, whose segmentations open by "
+                              f"name); arrays: {list_arrays(node, prefix=f'{path}/')}")
         raise VolumeError(f"{path} has no array {dataset!r}; arrays: {list_arrays(node)}")
     if isinstance(array, zarr.Group):
         level = multiscale_dataset(dict(array.attrs))

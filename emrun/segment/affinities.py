@@ -23,6 +23,7 @@ Offset = tuple[int, int, int]
 
 __all__ = [
     "Offset",
+    "check_distinct_offsets",
     "check_offsets",
     "edge_slices",
     "nearest_axes",
@@ -71,12 +72,6 @@ def check_offsets(offsets: Sequence[Offset], channels: int, where: str,
     if len(offsets) != channels:
         raise UserError(f"{where}: {channels} affinity channels but {len(offsets)} offsets "
                         f"{[list(o) for o in offsets]}; give one offset per channel")
-    named = [tuple(int(d) for d in o) for o in offsets]
-    repeated = sorted({o for o in named if named.count(o) > 1})
-    if repeated:  # a metadata mistake: two channels cannot both be the same edge
-        raise UserError(f"{where}: offsets {[list(o) for o in offsets]} name "
-                        f"{', '.join(str(list(o)) for o in repeated)} more than once; each "
-                        "channel is the affinity of another offset")
     missing = [axis for axis, chans in enumerate(nearest_axes(offsets))
                if not chans and (shape is None or shape[axis] > 1)]
     if missing:
@@ -85,6 +80,18 @@ def check_offsets(offsets: Sequence[Offset], channels: int, where: str,
         raise UserError(f"{where}: no nearest-neighbour affinity along {names} (offsets "
                         f"{[list(o) for o in offsets]}); segmentation needs one along every "
                         f"axis longer than one voxel: add {need}")
+
+
+def check_distinct_offsets(offsets: Sequence[Offset], where: str) -> None:
+    """Refuse a volume whose offsets name one edge twice: a metadata mistake (two channels
+    cannot both be the same edge), which segmented in memory and in blocks differently.
+    The segmenters themselves take repeated channels; this is for a user's volume."""
+    named = [tuple(int(d) for d in o) for o in offsets]
+    repeated = sorted({o for o in named if named.count(o) > 1})
+    if repeated:
+        raise UserError(f"{where}: offsets {[list(o) for o in offsets]} name "
+                        f"{', '.join(str(list(o)) for o in repeated)} more than once; each "
+                        "channel is the affinity of another offset")
 
 
 def _unit(axis: int) -> Offset:

@@ -41,7 +41,13 @@ from ..paths import is_link_loop, suffix_only
 from ..recipe.recipe import Recipe
 from ..recipe.run import SegmenterBase
 from ..registry import segmenters
-from .affinities import Offset, check_offsets, parse_offsets, to_float
+from .affinities import (
+    Offset,
+    check_distinct_offsets,
+    check_offsets,
+    parse_offsets,
+    to_float,
+)
 from .base import Segmenter, respec, said_as, spec_problems
 from .parallel import MEMORY_SHARE
 from .request import SegmentRequest
@@ -199,6 +205,7 @@ def open_affinities(path: str, offsets_text: str | None, offsets_of: str | None 
                         f"resumed was started on {offsets_of} with {len(offsets)}; resume "
                         "with those affinities, or use another output")
     check_offsets(offsets, volume.shape[0], str(volume), volume.shape[1:])
+    check_distinct_offsets(offsets, str(volume))
     return volume, offsets
 
 
