@@ -648,8 +648,8 @@ def evaluate(
     from ..evaluate.binary import check_threshold_used
     from ..evaluate.report import binary_lines, score_lines
     from ..evaluate.stops import stopping
+    from ..evaluate.volumes import on_one_box
     from ..io import open_volume
-    from ..io.window import covered_part
     from ..stages import Stages
 
     _check_evaluate_mode(binary, threshold, min_overlap, connected_truth)
@@ -663,10 +663,8 @@ def evaluate(
         seg_vol = open_volume(seg)
         if binary and threshold is not None:  # ignored by bool and most integer dtypes
             check_threshold_used(str(seg_vol), seg_vol.dtype)
-        truth_vol = open_volume(truth)
-        seg_vol = covered_part(truth_vol, seg_vol)  # a truth of a sub-box: the part it covers
-        truth_vol = covered_part(seg_vol, truth_vol)  # a larger truth: the part SEG covers
-        mask_vol = covered_part(seg_vol, open_volume(mask)) if mask is not None else None
+        seg_vol, truth_vol, mask_vol = on_one_box(
+            seg_vol, open_volume(truth), open_volume(mask) if mask is not None else None)
         mask_name = str(mask_vol) if mask_vol is not None else None
         stage = Stages(err)
 

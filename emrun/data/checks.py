@@ -115,8 +115,8 @@ def _weighed_empty(name: str, source: SourceBase) -> str | None:
     """A source given a `weight` with no labelled voxel (labels 0 everywhere, or inside no
     mask): the weight draws it all the same, and every sample from it is masked out of the
     loss, steps that teach nothing (a source weighed by its labels is refused instead)."""
-    if not isinstance(source, VolumeSource) or source.weight is None or not source.weight \
-            or (source.labels is None and source.mask is None):
+    if not isinstance(source, VolumeSource) or not source.weight or (
+            source.labels is None and source.mask is None):
         return None
     try:
         opened = open_sources({name: source})

@@ -140,16 +140,24 @@ def slabs(volumes: Sequence[Volume], slab_voxels: int = SLAB_VOXELS) -> Iterator
     yield from BlockGrid(box_of(shape), slab).boxes()
 
 
+def on_one_box(seg: Volume, truth: Volume, mask: Volume | None = None
+               ) -> tuple[Volume, Volume, Volume | None]:
+    """The volumes read on one box where their offsets place them: the segmentation where a
+    truth of a sub-box lies (an annotated crop), the truth and the mask where the
+    segmentation lies when they are larger; otherwise unchanged (the shape checks then
+    speak). The command names the volumes by these, and the scores read them."""
+    seg = covered_part(truth, seg)
+    return seg, covered_part(seg, truth), None if mask is None else covered_part(seg, mask)
+
+
 def _checked(
     roles: Sequence[tuple[str, Volume | None]], binary: bool = False
 ) -> list[Volume]:
     """The given volumes, after `check_inputs` on their shapes and dtypes."""
     given = [(role, single_channel(v)) for role, v in roles if v is not None]
-    # the segmentation: the part a smaller truth covers (ground truth of a sub-box); truth
-    # and mask: the part the segmentation covers, if larger
-    reference = covered_part(given[1][1], given[0][1]) if len(given) > 1 else given[0][1]
-    given[0] = (given[0][0], reference)
-    given = [given[0], *((role, covered_part(reference, v)) for role, v in given[1:])]
+    placed = on_one_box(*(v for _, v in given))
+    given = [(role, v) for (role, _), v in zip(given, placed, strict=False)]
+    reference = given[0][1]
     for role, volume in given[1:]:
         _check_placed_alike(role, volume, reference)
     check_inputs([(role, str(v), tuple(v.shape), np.dtype(v.dtype)) for role, v in given],

@@ -35,6 +35,7 @@ from emrun.io.metadata import (
 from emrun.io.volume import (
     MAX_LISTED,
     METADATA_ERRORS,
+    ZARR_MARKERS,
     Level,
     Volume,
     VolumeError,
@@ -185,13 +186,9 @@ def _inner_node(path: str, dataset: str) -> tuple[str, str | None] | None:
     (tools that write arrays one by one leave it out) opens as the bare array it is."""
     parts = [p for p in dataset.split("/") if p]
     for i in range(1, len(parts) + 1):
-        folder = Path(path, *parts[:i])
-        if any((folder / name).is_file() for name in ZARR_METADATA):
+        if _is_node(Path(path, *parts[:i])):
             return f"{path}/{'/'.join(parts[:i])}", "/".join(parts[i:]) or None
     return None
-
-
-ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup")
 
 
 def _nodes_in(path: str) -> list[str]:
@@ -199,8 +196,12 @@ def _nodes_in(path: str) -> list[str]:
     folder = Path(path)
     if not folder.is_dir():
         return []
-    return sorted(child.name for child in folder.iterdir() if child.is_dir() and any(
-        (child / name).is_file() for name in ZARR_METADATA))
+    return sorted(child.name for child in folder.iterdir() if _is_node(child))
+
+
+def _is_node(folder: Path) -> bool:
+    """Whether a local folder holds zarr metadata of its own (v2 or v3)."""
+    return any((folder / marker).is_file() for marker in ZARR_MARKERS)
 
 
 def _check_level(path: str, dataset: str, head: str, level: str, group: Any,
